@@ -1,0 +1,37 @@
+"""Typed errors raised on purpose by the engine.
+
+Every message names the file (or object) and the problem, and says what to do. The CLI maps
+:class:`InputError` (and its subclasses) to exit code 2 and anything else to exit code 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SamEmbedError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InputError(SamEmbedError, ValueError):
+    """Bad file, point, option or geometry given by the user; the CLI exits with 2."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be read or does not fit the architecture (lists the mismatches)."""
+
+
+class ModelNotAvailableError(InputError):
+    """A registered model whose weights are not present on this machine."""
+
+
+class DeviceUnavailableError(InputError):
+    """The requested compute device (e.g. CUDA) is not present."""
+
+
+class Cancelled(SamEmbedError):
+    """Raised when a long operation is cancelled; ``partial`` holds what was finished."""
+
+    def __init__(self, message: str = "cancelled", partial: Any = None) -> None:
+        super().__init__(message)
+        self.partial = partial

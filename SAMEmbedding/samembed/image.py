@@ -1,0 +1,170 @@
+"""The engine's image type: a voxel array plus its physical geometry, in ITK's LPS frame.
+
+Conventions used everywhere in :mod:`samembed`:
+
+* ``array_zyx`` is a numpy array indexed ``[k, j, i]`` (``[j, i]`` for 2D), as SimpleITK's
+  ``GetArrayFromImage`` returns it.
+* ``ijk`` is a continuous voxel index with ``i`` fastest (the x column), in (i, j, k) order.
+* ``spacing_mm``, ``origin_lps_mm`` and ``direction`` follow SimpleITK: physical point
+  ``p_lps_mm = origin + direction @ (spacing * ijk)``.
+* RAS (3D Slicer) is LPS with x and y negated; see :func:`lps_to_ras`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+
+LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+
+
+def lps_to_ras(points_lps_mm: np.ndarray) -> np.ndarray:
+    """Convert (N, 3) LPS mm points to RAS mm (x and y negated). 2D points (N, 2) are negated too."""
+    points = np.asarray(points_lps_mm, dtype=np.float64)
+    return points * LPS_TO_RAS[: points.shape[-1]]
+
+
+ras_to_lps = lps_to_ras  # the flip is its own inverse
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Physical geometry of a regular voxel grid (no voxel data).
+
+    Attributes:
+        shape_zyx: array shape, slowest axis first (k, j, i) or (j, i) in 2D.
+        spacing_mm: voxel size in (i, j, k) order, mm.
+        origin_lps_mm: LPS position of voxel (0, 0, 0) centre, mm.
+        direction: (d, d) direction cosines; column ``a`` is the LPS direction of index axis ``a``.
+    """
+
+    shape_zyx: tuple[int, ...]
+    spacing_mm: np.ndarray
+    origin_lps_mm: np.ndarray
+    direction: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape_zyx", tuple(int(s) for s in self.shape_zyx))
+        object.__setattr__(self, "spacing_mm", np.asarray(self.spacing_mm, dtype=np.float64).copy())
+        object.__setattr__(self, "origin_lps_mm", np.asarray(self.origin_lps_mm, dtype=np.float64).copy())
+        object.__setattr__(
+            self, "direction", np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim).copy()
+        )
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return len(self.shape_zyx)
+
+    @property
+    def size_ijk(self) -> tuple[int, ...]:
+        """Grid size in (i, j, k) order, as SimpleITK's ``GetSize``."""
+        return tuple(reversed(self.shape_zyx))
+
+    @property
+    def ijk_to_lps(self) -> np.ndarray:
+        """Homogeneous (d+1, d+1) matrix mapping a continuous index (i, j, k) to LPS mm."""
+        d = self.ndim
+        m = np.eye(d + 1)
+        m[:d, :d] = self.direction @ np.diag(self.spacing_mm)
+        m[:d, d] = self.origin_lps_mm
+        return m
+
+    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Map continuous indices (N, d) in (i, j, k) order to LPS mm points (N, d)."""
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
+        return ijk @ (self.direction @ np.diag(self.spacing_mm)).T + self.origin_lps_mm
+
+    def lps_to_index(self, points_lps_mm: np.ndarray) -> np.ndarray:
+        """Map LPS mm points (N, d) to continuous indices (N, d) in (i, j, k) order."""
+        points = np.atleast_2d(np.asarray(points_lps_mm, dtype=np.float64))
+        inv = np.linalg.inv(self.direction @ np.diag(self.spacing_mm))
+        return (points - self.origin_lps_mm) @ inv.T
+
+    def contains_index(self, ijk: np.ndarray, margin: float = 0.5) -> np.ndarray:
+        """True per row where a continuous index lies inside the grid, extended by ``margin`` voxels."""
+        ijk = np.atleast_2d(ijk)
+        upper = np.asarray(self.size_ijk, dtype=np.float64) - 1 + margin
+        return np.all((ijk >= -margin) & (ijk <= upper), axis=1)
+
+    def derived(self, stride: tuple[int, ...], shape_zyx: tuple[int, ...]) -> Grid:
+        """Geometry of a map computed from this grid with a per-axis ``stride`` (i, j, k order).
+
+        Output voxel ``n`` covers input voxels ``stride*n .. stride*n + stride - 1`` and is centred at
+        input index ``stride*n + (stride - 1)/2`` (the align_corners=False convention of the SAM code).
+        """
+        stride_arr = np.asarray(stride, dtype=np.float64)
+        offset = (stride_arr - 1.0) / 2.0
+        origin = self.origin_lps_mm + self.direction @ (self.spacing_mm * offset)
+        return Grid(shape_zyx, self.spacing_mm * stride_arr, origin, self.direction)
+
+    def same_as(self, other: Grid, tol: float = 1e-4) -> bool:
+        """True when both grids describe the same voxels (shape, spacing, origin, direction)."""
+        return (
+            self.shape_zyx == other.shape_zyx
+            and np.allclose(self.spacing_mm, other.spacing_mm, atol=tol)
+            and np.allclose(self.origin_lps_mm, other.origin_lps_mm, atol=tol)
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """A scalar image: voxel array (``array_zyx``) and its :class:`Grid`.
+
+    Attributes:
+        array: voxel values, shape ``grid.shape_zyx``.
+        grid: physical geometry (LPS mm).
+        name: a human-readable name used in messages (usually the file path).
+        pixel_spacing_known: False when the file carried no spacing (e.g. PNG), so 1 mm was assumed.
+    """
+
+    array: np.ndarray
+    grid: Grid
+    name: str = "<array>"
+    pixel_spacing_known: bool = True
+    _hash: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return self.grid.ndim
+
+    def content_hash(self) -> str:
+        """SHA-256 over voxel bytes, dtype and geometry: the embedding cache key of this image."""
+        if not self._hash:
+            h = hashlib.sha256()
+            arr = np.ascontiguousarray(self.array)
+            h.update(str(arr.dtype).encode())
+            h.update(str(arr.shape).encode())
+            h.update(arr.tobytes())
+            for v in (self.grid.spacing_mm, self.grid.origin_lps_mm, self.grid.direction):
+                h.update(np.round(v, 6).tobytes())
+            self._hash.append(h.hexdigest())
+        return self._hash[0]
+
+    @staticmethod
+    def from_array(
+        array_zyx: np.ndarray,
+        spacing_mm: tuple[float, ...] | None = None,
+        origin_lps_mm: tuple[float, ...] | None = None,
+        direction: np.ndarray | None = None,
+        name: str = "<array>",
+    ) -> Image:
+        """Build an image from a numpy array (``[k, j, i]`` order) and optional LPS geometry."""
+        arr = np.asarray(array_zyx)
+        if arr.ndim not in (2, 3):
+            raise InputError(f"{name}: expected a 2D or 3D array, got shape {arr.shape}")
+        d = arr.ndim
+        spacing = np.ones(d) if spacing_mm is None else np.asarray(spacing_mm, dtype=np.float64)
+        origin = np.zeros(d) if origin_lps_mm is None else np.asarray(origin_lps_mm, dtype=np.float64)
+        direc = np.eye(d) if direction is None else np.asarray(direction, dtype=np.float64).reshape(d, d)
+        if spacing.shape != (d,) or origin.shape != (d,):
+            raise InputError(f"{name}: spacing and origin must have {d} values for a {d}D array")
+        if np.any(spacing <= 0):
+            raise InputError(f"{name}: spacing must be positive, got {spacing.tolist()}")
+        return Image(arr, Grid(arr.shape, spacing, origin, direc), name, spacing_mm is not None)

@@ -1,0 +1,360 @@
+"""Reading and writing images and point lists; every write is atomic (temp file, then rename).
+
+Images: everything SimpleITK reads (NIfTI, NRRD, MHA, a DICOM series folder, PNG/JPEG as 2D).
+Points: CSV ``label,x,y,z`` (LPS mm unless ``ras=True``), Slicer ``.fcsv`` and ``.mrk.json``
+(their coordinate-system field is honoured on read and written on write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .image import Grid, Image, lps_to_ras
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------------------------
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in (".nii.gz", ".mrk.json", ".seg.nrrd"):
+        if name.endswith(s):
+            return s
+    return path.suffix
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise :class:`InputError` unless ``path`` can be created (its folder exists and is writable)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{path}: output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: output folder {folder} is not writable; choose another --out")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a file name")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffix(path), dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------------
+def image_from_sitk(img, name: str = "<sitk>", spacing_known: bool = True) -> Image:
+    """Convert a ``SimpleITK.Image`` (scalar) to an engine :class:`Image`, keeping its geometry."""
+    import SimpleITK as sitk
+
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        # colour PNG/JPEG: average the channels to a grey image
+        img = sitk.VectorIndexSelectionCast(img, 0, sitk.sitkFloat32) if img.GetNumberOfComponentsPerPixel() == 2 else _rgb_to_grey(img)
+    arr = sitk.GetArrayFromImage(img)
+    d = img.GetDimension()
+    if d == 3 and arr.shape[0] == 1 and name.lower().endswith((".png", ".jpg", ".jpeg")):
+        img = img[:, :, 0]
+        arr = arr[0]
+        d = 2
+    if d not in (2, 3):
+        raise InputError(f"{name}: {d}D images are not supported; expected a 2D or 3D scalar image")
+    grid = Grid(arr.shape, img.GetSpacing(), img.GetOrigin(), np.array(img.GetDirection()).reshape(d, d))
+    return Image(arr, grid, name, spacing_known)
+
+
+def _rgb_to_grey(img):
+    import SimpleITK as sitk
+
+    n = img.GetNumberOfComponentsPerPixel()
+    chans = [sitk.VectorIndexSelectionCast(img, c, sitk.sitkFloat32) for c in range(min(n, 3))]
+    grey = chans[0]
+    for c in chans[1:]:
+        grey = grey + c
+    return grey / float(len(chans))
+
+
+def image_to_sitk(image: Image):
+    """Convert an engine :class:`Image` to a ``SimpleITK.Image`` with the same geometry."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image.array))
+    img.SetSpacing(tuple(float(s) for s in image.grid.spacing_mm))
+    img.SetOrigin(tuple(float(s) for s in image.grid.origin_lps_mm))
+    img.SetDirection(tuple(float(s) for s in image.grid.direction.ravel()))
+    return img
+
+
+def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Image:
+    """Read an image file or a DICOM series folder into an :class:`Image`.
+
+    Args:
+        path: a file SimpleITK reads, or a folder holding one DICOM series.
+        spacing_mm: pixel spacing to assume for 2D files that carry none (PNG/JPEG); otherwise 1 mm is
+            assumed and ``pixel_spacing_known`` is False.
+
+    Raises:
+        InputError: missing, unreadable or corrupt file; an empty or non-finite image.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InputError(f"{path}: folder holds no DICOM series; pass an image file or a DICOM folder")
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            reader.SetFileNames(files)
+            img = reader.Execute()
+        else:
+            img = sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reason"
+        raise InputError(f"{path}: cannot read this image (unreadable or corrupt): {first}") from e
+    name = str(path)
+    is_2d_raster = name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+    image = image_from_sitk(img, name, spacing_known=not is_2d_raster)
+    if is_2d_raster and spacing_mm is not None:
+        grid = image.grid
+        image = Image(image.array, Grid(grid.shape_zyx, np.full(grid.ndim, float(spacing_mm)), grid.origin_lps_mm, grid.direction), name, True)
+    validate_image(image)
+    return image
+
+
+def validate_image(image: Image) -> None:
+    """Raise :class:`InputError` for an empty, constant or non-finite image."""
+    arr = image.array
+    if arr.size == 0 or min(arr.shape) == 0:
+        raise InputError(f"{image.name}: image is empty (shape {arr.shape})")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        n = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise InputError(f"{image.name}: image holds {n} NaN or infinite voxels; fix or mask them before matching")
+    if arr.max() == arr.min():
+        raise InputError(f"{image.name}: image is constant (every voxel is {arr.flat[0]}); nothing to match")
+    if np.any(np.asarray(image.grid.spacing_mm) <= 0):
+        raise InputError(f"{image.name}: non-positive spacing {image.grid.spacing_mm.tolist()}")
+
+
+def write_image(image: Image, path: str | os.PathLike) -> Path:
+    """Write an :class:`Image` atomically in the format given by the file suffix."""
+    import SimpleITK as sitk
+
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image_to_sitk(image), str(tmp), True)
+    return Path(path)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """All image files and DICOM series folders under ``folder`` (recursive), sorted."""
+    folder = Path(folder)
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dcm = [f for f in files if f.lower().endswith(".dcm")]
+        if dcm:
+            found.append(Path(root))
+        for f in files:
+            low = f.lower()
+            if low.endswith(IMAGE_SUFFIXES) and not low.endswith(".dcm"):
+                found.append(Path(root) / f)
+        dirs.sort()
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------
+# points
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PointList:
+    """Named points in LPS mm. ``points_lps_mm`` has shape (N, 3) (z = 0 for 2D images)."""
+
+    labels: list[str]
+    points_lps_mm: np.ndarray
+    descriptions: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.points_lps_mm = np.asarray(self.points_lps_mm, dtype=np.float64).reshape(-1, 3)
+        if len(self.labels) != len(self.points_lps_mm):
+            raise InputError("point labels and coordinates differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _parse_float(value: str, path: Path, row: int) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: row {row}: '{value}' is not a number") from e
+    if not np.isfinite(v):
+        raise InputError(f"{path}: row {row}: coordinate {value} is not finite")
+    return v
+
+
+def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
+    """Read points from CSV (``label,x,y,z``), ``.fcsv`` or ``.mrk.json`` into LPS mm.
+
+    Args:
+        path: the point file.
+        ras: for CSV only, the file's coordinates are RAS (Slicer) instead of LPS (ITK). ``.fcsv``
+            and ``.mrk.json`` carry their own coordinate system, which wins.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: point file not found")
+    name = path.name.lower()
+    try:
+        if name.endswith(".mrk.json") or name.endswith(".json"):
+            return _read_mrk_json(path)
+        if name.endswith(".fcsv"):
+            return _read_fcsv(path)
+        return _read_csv(path, ras)
+    except InputError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+        raise InputError(f"{path}: cannot parse point file: {e}") from e
+
+
+def _read_csv(path: Path, ras: bool) -> PointList:
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
+    if not rows:
+        raise InputError(f"{path}: no points in file")
+    header = [h.strip().lower() for h in rows[0]]
+    if {"x", "y", "z"} <= set(header):
+        ix, iy, iz = header.index("x"), header.index("y"), header.index("z")
+        il = header.index("label") if "label" in header else None
+        body = rows[1:]
+    else:
+        il, ix, iy, iz = 0, 1, 2, 3
+        body = rows
+    labels, pts = [], []
+    for n, r in enumerate(body, start=2):
+        if len(r) <= max(ix, iy, iz):
+            raise InputError(f"{path}: row {n} has {len(r)} columns; expected label,x,y,z")
+        labels.append(r[il].strip() if il is not None else f"P{len(labels) + 1}")
+        pts.append([_parse_float(r[i], path, n) for i in (ix, iy, iz)])
+    if not pts:
+        raise InputError(f"{path}: no points in file")
+    p = np.array(pts)
+    return PointList(labels, lps_to_ras(p) if ras else p)
+
+
+def _read_fcsv(path: Path) -> PointList:
+    coord = "RAS"
+    labels, pts, descs = [], [], []
+    columns = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID"]
+    with path.open(newline="", encoding="utf-8") as fh:
+        for n, r in enumerate(csv.reader(fh), start=1):
+            if not r:
+                continue
+            if r[0].startswith("#"):
+                line = ",".join(r)
+                if "CoordinateSystem" in line:
+                    val = line.split("=", 1)[1].strip().upper()
+                    coord = {"0": "RAS", "1": "LPS"}.get(val, val)
+                if line.startswith("# columns"):
+                    columns = [c.strip() for c in line.split("=", 1)[1].split(",")]
+                continue
+            row = dict(zip(columns, r))
+            pts.append([_parse_float(row[a], path, n) for a in ("x", "y", "z")])
+            labels.append(row.get("label", f"F-{len(labels) + 1}"))
+            descs.append(row.get("desc", ""))
+    if coord not in ("RAS", "LPS"):
+        raise InputError(f"{path}: unknown CoordinateSystem '{coord}'; expected RAS or LPS")
+    if not pts:
+        raise InputError(f"{path}: no points in file")
+    p = np.array(pts)
+    return PointList(labels, lps_to_ras(p) if coord == "RAS" else p, descs)
+
+
+def _read_mrk_json(path: Path) -> PointList:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    markups = data.get("markups") if isinstance(data, dict) else None
+    if not markups:
+        raise InputError(f"{path}: not a Slicer markups file (no 'markups' list)")
+    labels, pts, descs = [], [], []
+    for m in markups:
+        coord = str(m.get("coordinateSystem", "LPS")).upper()
+        if coord not in ("RAS", "LPS"):
+            raise InputError(f"{path}: unknown coordinateSystem '{coord}'; expected RAS or LPS")
+        for n, cp in enumerate(m.get("controlPoints", []), start=1):
+            pos = cp.get("position")
+            if pos is None or len(pos) != 3:
+                continue
+            p = np.array([_parse_float(v, path, n) for v in pos])
+            pts.append(lps_to_ras(p) if coord == "RAS" else p)
+            labels.append(str(cp.get("label", f"P{len(labels) + 1}")))
+            descs.append(str(cp.get("description", "")))
+    if not pts:
+        raise InputError(f"{path}: no control points in file")
+    return PointList(labels, np.array(pts), descs)
+
+
+def write_points(points: PointList, path: str | os.PathLike, ras: bool = False) -> Path:
+    """Write points atomically; the format follows the suffix (.csv, .fcsv, .mrk.json).
+
+    CSV is LPS unless ``ras``; ``.fcsv`` and ``.mrk.json`` are written in LPS when ``ras`` is False
+    and RAS otherwise, with the coordinate-system field set accordingly.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    p = lps_to_ras(points.points_lps_mm) if ras else points.points_lps_mm
+    coord = "RAS" if ras else "LPS"
+    descs = points.descriptions or [""] * len(points)
+    if name.endswith(".json"):
+        cps = [
+            {"id": str(i + 1), "label": lab, "description": d, "position": [float(v) for v in xyz],
+             "positionStatus": "defined"}
+            for i, (lab, d, xyz) in enumerate(zip(points.labels, descs, p))
+        ]
+        doc = {
+            "@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+            "markups": [{"type": "Fiducial", "coordinateSystem": coord, "coordinateUnits": "mm", "controlPoints": cps}],
+        }
+        return write_text_atomic(path, json.dumps(doc, indent=2))
+    if name.endswith(".fcsv"):
+        lines = [
+            "# Markups fiducial file version = 5.6",
+            f"# CoordinateSystem = {coord}",
+            "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID",
+        ]
+        for i, (lab, d, xyz) in enumerate(zip(points.labels, descs, p)):
+            lines.append(f"{i + 1},{xyz[0]:.4f},{xyz[1]:.4f},{xyz[2]:.4f},0,0,0,1,1,1,0,{lab},{d},")
+        return write_text_atomic(path, "\n".join(lines) + "\n")
+    rows = ["label,x,y,z"] + [f"{lab},{xyz[0]:.4f},{xyz[1]:.4f},{xyz[2]:.4f}" for lab, xyz in zip(points.labels, p)]
+    return write_text_atomic(path, "\n".join(rows) + "\n")

@@ -1,0 +1,235 @@
+"""Model registry and checkpoint loading.
+
+A model is a network plus the preprocessing it was trained with. It comes from:
+
+* a name in ``Resources/Models/models.json`` (``default``, ``sam-lite-ct`` ...);
+* a SAMEmbedding checkpoint (``samembed train`` writes them: architecture, preprocessing and training
+  config travel with the weights, so nothing else is needed);
+* an official SAM/SAMv2 mmcv checkpoint (``SAM.pth``, ``SAMv2_iter_20000.pth``), loaded without mmcv;
+* ``random:<arch>``: seeded random weights, for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, InputError, ModelNotAvailableError
+from .networks import EmbeddingNet, build_network
+from .preprocess import PreprocessConfig
+
+KNOWN_OFFICIAL_SHA256 = {
+    "8dfedc38f587b1411fe295ae671b481ba8c92b768ae234ade982f959b70d4874": "SAM.pth (official SAM, ModelScope v1.0.0)",
+    "a094d5eef867504defdc4c8e1d950835c4eb8aaa19de2027bb1a194781e423e3": "SAMv2_iter_20000.pth (official SAMv2 / UAE-S)",
+}
+CHECKPOINT_FORMAT = "samembed-checkpoint-v1"
+OFFICIAL_PREPROCESS = PreprocessConfig(spacing_mm=2.0, fill="zero")
+
+
+@dataclass
+class LoadedModel:
+    """A ready network with its preprocessing and identity.
+
+    Attributes:
+        net: the network, in eval mode.
+        preprocess: how images become its input.
+        model_id: a stable id for caches ("<name>@<sha256 prefix>").
+        sha256: checkpoint file hash (None for random weights).
+        info: free-form facts (source file, known official name, training config).
+    """
+
+    net: EmbeddingNet
+    preprocess: PreprocessConfig
+    model_id: str
+    sha256: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def spec(self):
+        """The network's :class:`~samembed.networks.NetSpec`."""
+        return self.net.spec
+
+
+def models_dir() -> Path:
+    """Folder holding ``models.json``: ``$SAMEMBED_MODELS_DIR`` or the extension's ``Resources/Models``."""
+    env = os.environ.get("SAMEMBED_MODELS_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent.parent / "Resources" / "Models", here.parent / "Resources" / "Models"):
+        if (cand / "models.json").is_file():
+            return cand
+    return here.parent.parent / "Resources" / "Models"
+
+
+def registry() -> dict:
+    """The parsed ``models.json`` (``{"models": [...]}``); empty when absent."""
+    path = models_dir() / "models.json"
+    if not path.is_file():
+        return {"models": []}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _find_entry(name: str) -> dict | None:
+    for m in registry().get("models", []):
+        if m.get("name") == name or name in m.get("aliases", []):
+            return m
+    return None
+
+
+def verify_state_dict(net: torch.nn.Module, state: dict, source: str) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys, if any."""
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"{source}: checkpoint does not fit architecture '{net.spec.arch}'"]
+    for title, keys, fmt in (
+        ("missing keys", missing, lambda k: k),
+        ("unexpected keys", unexpected, lambda k: k),
+        ("shape mismatches", shapes, lambda k: f"{k}: checkpoint {list(got[k])}, expected {list(expected[k])}"),
+    ):
+        if keys:
+            lines.append(f"  {len(keys)} {title}: " + "; ".join(fmt(k) for k in keys[:8]) + (" ..." if len(keys) > 8 else ""))
+    lines.append("  Use a checkpoint made for this architecture (see `samembed info`).")
+    raise CheckpointError("\n".join(lines))
+
+
+def _torch_load(path: Path, sha: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # noqa: BLE001 - try the full unpickler only for a known official file
+        if sha in KNOWN_OFFICIAL_SHA256:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"{path}: cannot read checkpoint: {e}") from e
+        raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or not a PyTorch file): {first}") from first
+
+
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> LoadedModel:
+    """Load a SAMEmbedding or official SAM/SAMv2 checkpoint file, verifying keys and shapes.
+
+    Args:
+        path: the ``.pt`` / ``.pth`` file.
+        arch: expected architecture; a checkpoint of another one raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    sha = sha256_file(path)
+    obj = _torch_load(path, sha)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (top level is {type(obj).__name__}, expected a dict)")
+    info: dict = {"file": str(path)}
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        ck_arch = obj["arch"]
+        if arch is not None and arch != ck_arch:
+            raise CheckpointError(f"{path}: checkpoint holds architecture '{ck_arch}', but '{arch}' was requested")
+        net = build_network(ck_arch, obj.get("net_config"))
+        state = obj["state_dict"]
+        prep = PreprocessConfig.from_dict(obj.get("preprocess", {}))
+        info.update(train_config=obj.get("train_config"), iteration=obj.get("iteration"))
+        name = obj.get("name", path.stem)
+    else:
+        state = obj.get("state_dict", obj)
+        state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+        ck_arch = "sam-official"
+        if arch is not None and arch != ck_arch:
+            raise CheckpointError(f"{path}: looks like an official SAM checkpoint, but '{arch}' was requested")
+        semantic = any(k.startswith("semantic_head.") for k in state)
+        net = build_network("sam-official", {"semantic": semantic})
+        prep = OFFICIAL_PREPROCESS
+        name = "sam-official-v2" if semantic else "sam-official"
+        if sha in KNOWN_OFFICIAL_SHA256:
+            info["official"] = KNOWN_OFFICIAL_SHA256[sha]
+    verify_state_dict(net, state, str(path))
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    return LoadedModel(net, prep, f"{name}@{sha[:12]}", sha, info)
+
+
+def random_model(arch: str = "sam-lite", seed: int = 0, config: dict | None = None) -> LoadedModel:
+    """A network with seeded random weights (for tests and smoke runs; matching is only geometric)."""
+    torch.manual_seed(seed)
+    net = build_network(arch, config)
+    net.eval()
+    prep = OFFICIAL_PREPROCESS if arch == "sam-official" else PreprocessConfig(spacing_mm=2.0, fill="air")
+    if arch == "sam-lite-2d":
+        prep = PreprocessConfig(spacing_mm=1.0, fill="air")
+    return LoadedModel(net, prep, f"random-{arch}-{seed}", None, {"random": True})
+
+
+def load_model(model: str | os.PathLike | LoadedModel = "default") -> LoadedModel:
+    """Resolve a model name (``models.json``), a checkpoint path, or ``random:<arch>``.
+
+    Raises:
+        ModelNotAvailableError: a registered model whose file is missing (the message says what to do).
+        CheckpointError: an unreadable or mismatched checkpoint.
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    text = str(model)
+    if text.startswith("random:"):
+        return random_model(text.split(":", 1)[1] or "sam-lite")
+    entry = _find_entry(text)
+    if entry is not None:
+        if not entry.get("file"):
+            raise ModelNotAvailableError(
+                f"model '{text}' has no weights on this machine ({entry.get('note', 'not shipped')}); "
+                "pass --model PATH to a checkpoint (e.g. an official SAM.pth) or train one with `samembed train`"
+            )
+        path = models_dir() / entry["file"]
+        if not path.is_file():
+            raise ModelNotAvailableError(f"model '{text}': weights file {path} is missing; reinstall or pass --model PATH")
+        loaded = load_checkpoint(path, entry.get("architecture"))
+        if entry.get("sha256") and loaded.sha256 != entry["sha256"]:
+            raise CheckpointError(f"{path}: SHA-256 {loaded.sha256} differs from models.json ({entry['sha256']}); the file is damaged")
+        loaded.info["registry"] = entry
+        return loaded
+    path = Path(text)
+    if path.exists() or path.suffix in (".pt", ".pth"):
+        return load_checkpoint(path)
+    names = ", ".join(m["name"] for m in registry().get("models", []))
+    raise InputError(f"unknown model '{text}': not in models.json ({names or 'empty'}) and not a file")
+
+
+def save_checkpoint(path: str | os.PathLike, net: EmbeddingNet, preprocess: PreprocessConfig, *, name: str,
+                    train_config: dict | None = None, iteration: int | None = None, extra: dict | None = None,
+                    half: bool = False) -> Path:
+    """Write a self-describing SAMEmbedding checkpoint atomically (weights fp16 when ``half``)."""
+    from .io import atomic_path
+
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone() for k, v in net.state_dict().items()}
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        "name": name,
+        "arch": net.spec.arch,
+        "net_config": net.spec.config,
+        "preprocess": preprocess.to_dict(),
+        "train_config": train_config or {},
+        "iteration": iteration,
+        "state_dict": state,
+    }
+    if extra:
+        obj.update(extra)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

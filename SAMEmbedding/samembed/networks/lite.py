@@ -1,0 +1,149 @@
+"""``sam-lite``: a small CPU-friendly SAM network with separate local and global branches.
+
+Design for the CPU (2 cores):
+
+* **Local branch** (fine structure). The 2 mm input is folded into channels (space-to-depth, factor 2,
+  lossless), so no convolution runs at full resolution. A three-level encoder (4, 8, 16 mm) and an FPN
+  top-down path give a ``local_channels`` map at 4 mm (stride 2). Its receptive field is about 60
+  input voxels, so the engine can tile it with a 32-voxel halo and get the untiled result exactly.
+* **Global branch** (coarse body position). The input is average-pooled to 8 mm, and a four-level
+  encoder (8 to 64 mm) with dilated convolutions sees most of the body; an FPN path returns a
+  ``global_channels`` map at 16 mm (stride 8). It runs on the whole volume (cheap at 8 mm).
+
+The same code builds a 2D network (``ndim=2``) for radiographs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import EmbeddingNet, NetSpec
+
+
+def _conv(ndim: int):
+    return nn.Conv3d if ndim == 3 else nn.Conv2d
+
+
+def _bn(ndim: int):
+    return nn.BatchNorm3d if ndim == 3 else nn.BatchNorm2d
+
+
+class ConvBNReLU(nn.Sequential):
+    """k x k (x k) convolution, batch norm, ReLU."""
+
+    def __init__(self, ndim: int, cin: int, cout: int, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__(
+            _conv(ndim)(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+            _bn(ndim)(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+def space_to_depth(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Fold ``factor``-sized blocks of the spatial axes into channels (2D or 3D; sizes must divide)."""
+    if x.dim() == 4:
+        return F.pixel_unshuffle(x, factor)
+    n, c, d, h, w = x.shape
+    f = factor
+    x = x.reshape(n, c, d // f, f, h // f, f, w // f, f)
+    x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(n, c * f**3, d // f, h // f, w // f)
+
+
+def _up_add(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    return fine + F.interpolate(coarse, size=fine.shape[2:], mode="nearest")
+
+
+class SamLite(EmbeddingNet):
+    """Small two-branch SAM network; see the module docstring.
+
+    Args:
+        ndim: 3 for volumes, 2 for radiographs.
+        widths: local encoder channels at 4, 8 and 16 mm.
+        global_widths: global encoder channels at 8, 16, 32 and 64 mm.
+        fpn_channels: channels of both FPN paths.
+        local_channels / global_channels: embedding sizes.
+        input_scale: the preprocessed input (about -50..205) is multiplied by this first.
+    """
+
+    has_separate_global = True
+
+    def __init__(
+        self,
+        ndim: int = 3,
+        widths: tuple[int, int, int] = (32, 64, 128),
+        global_widths: tuple[int, int, int, int] = (32, 64, 128, 128),
+        fpn_channels: int = 32,
+        local_channels: int = 64,
+        global_channels: int = 64,
+        input_scale: float = 0.02,
+    ) -> None:
+        super().__init__()
+        conv = _conv(ndim)
+        w0, w1, w2 = widths
+        self.input_scale = float(input_scale)
+        self.ndim = ndim
+        # local branch
+        self.l_stem = ConvBNReLU(ndim, 2**ndim, w0)
+        self.l_down1 = nn.Sequential(ConvBNReLU(ndim, w0, w1, stride=2), ConvBNReLU(ndim, w1, w1))
+        self.l_down2 = nn.Sequential(ConvBNReLU(ndim, w1, w2, stride=2), ConvBNReLU(ndim, w2, w2))
+        self.l_lat = nn.ModuleList([conv(c, fpn_channels, 1) for c in (w0, w1, w2)])
+        self.l_out = nn.Sequential(ConvBNReLU(ndim, fpn_channels, fpn_channels), conv(fpn_channels, local_channels, 1))
+        # global branch
+        g0, g1, g2, g3 = global_widths
+        self.g_stem = nn.Sequential(ConvBNReLU(ndim, 1, g0), ConvBNReLU(ndim, g0, g0))
+        self.g_down1 = nn.Sequential(ConvBNReLU(ndim, g0, g1, stride=2), ConvBNReLU(ndim, g1, g1))
+        self.g_down2 = nn.Sequential(ConvBNReLU(ndim, g1, g2, stride=2), ConvBNReLU(ndim, g2, g2, dilation=2))
+        self.g_down3 = nn.Sequential(
+            ConvBNReLU(ndim, g2, g3, stride=2), ConvBNReLU(ndim, g3, g3, dilation=2), ConvBNReLU(ndim, g3, g3, dilation=2)
+        )
+        self.g_lat = nn.ModuleList([conv(c, fpn_channels, 1) for c in (g1, g2, g3)])
+        self.g_out = nn.Sequential(ConvBNReLU(ndim, fpn_channels, fpn_channels), conv(fpn_channels, global_channels, 1))
+        self.spec = NetSpec(
+            arch="sam-lite" if ndim == 3 else "sam-lite-2d",
+            ndim=ndim,
+            local_stride=(2,) * ndim,
+            global_stride=(8,) * ndim,
+            local_channels=local_channels,
+            global_channels=global_channels,
+            pad_multiple=(8,) * ndim,
+            tile_multiple=(8,) * ndim,
+            tile_halo=32,
+            tiles_exact=True,
+            config=dict(
+                ndim=ndim, widths=list(widths), global_widths=list(global_widths), fpn_channels=fpn_channels,
+                local_channels=local_channels, global_channels=global_channels, input_scale=input_scale,
+            ),
+        )
+
+    def forward_local(self, x: torch.Tensor) -> torch.Tensor:
+        """Un-normalised local map (stride 2) for input ``x``; spatial sizes must be multiples of 8."""
+        x = space_to_depth(x * self.input_scale, 2)
+        c0 = self.l_stem(x)
+        c1 = self.l_down1(c0)
+        c2 = self.l_down2(c1)
+        p2 = self.l_lat[2](c2)
+        p1 = _up_add(p2, self.l_lat[1](c1))
+        p0 = _up_add(p1, self.l_lat[0](c0))
+        return self.l_out(p0)
+
+    def forward_global(self, x: torch.Tensor) -> torch.Tensor:
+        """Un-normalised global map (stride 8) for input ``x``; spatial sizes must be multiples of 8."""
+        pool = F.avg_pool3d if x.dim() == 5 else F.avg_pool2d
+        return self.forward_global_pooled(pool(x, 4))
+
+    def forward_global_pooled(self, x_pooled: torch.Tensor) -> torch.Tensor:
+        """Global map (stride 2 of its input) from an input already average-pooled by 4 (8 mm)."""
+        g = self.g_stem(x_pooled * self.input_scale)
+        g1 = self.g_down1(g)
+        g2 = self.g_down2(g1)
+        g3 = self.g_down3(g2)
+        p3 = self.g_lat[2](g3)
+        p2 = _up_add(p3, self.g_lat[1](g2))
+        p1 = _up_add(p2, self.g_lat[0](g1))
+        return self.g_out(p1)
+
+    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_local(x), self.forward_global(x)

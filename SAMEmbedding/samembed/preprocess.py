@@ -1,0 +1,180 @@
+"""Preprocessing, as in the official SAM recipe: reorient, resample to the model spacing, map intensities.
+
+The output is the network input array (float32, ``[k, j, i]``) and its exact :class:`~samembed.image.Grid`,
+so any LPS mm point maps to the network grid and back through that grid (oblique directions included).
+
+Steps (official ``tools/utils.py::read_image``, re-expressed for SimpleITK, see
+``shared/reference/sam_official_checkpoint.md`` section 3):
+
+1. Reorient the voxel array to the closest LPS orientation (axis permutations and flips only).
+2. Resample each axis to the model spacing ``t``: size ``ceil(n*s/t)``, corner-aligned (origin moved by
+   ``(t - s)/2`` mm along each axis direction), linear interpolation, ``fill`` outside the image.
+3. Intensity: CT clip to [-1024, 3071] HU, map to [0, 255], subtract 50; MRI and radiographs map the
+   0.2-99.8 percentiles to [0, 255] and subtract 50.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from .errors import InputError
+from .image import Grid, Image
+
+Modality = Literal["ct", "mri", "xray"]
+CT_RANGE_HU = (-1024.0, 3071.0)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes network input.
+
+    Attributes:
+        spacing_mm: isotropic model spacing, mm.
+        fill: value outside the image after resampling: "zero" (0 raw, the official choice) or "air"
+            (-1024 HU for CT, the image minimum otherwise).
+        percentiles: low/high percentiles for MRI and radiograph mapping.
+    """
+
+    spacing_mm: float = 2.0
+    fill: str = "zero"
+    percentiles: tuple[float, float] = (0.2, 99.8)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form, stored in checkpoints and cache keys."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        return PreprocessConfig(
+            spacing_mm=float(d.get("spacing_mm", 2.0)),
+            fill=str(d.get("fill", "zero")),
+            percentiles=tuple(d.get("percentiles", (0.2, 99.8))),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Network input: ``array`` (float32, ``[k, j, i]``) on ``grid`` (model spacing), and the modality used."""
+
+    array: np.ndarray
+    grid: Grid
+    modality: str
+
+
+def detect_modality(image: Image) -> Modality:
+    """Guess the modality: 2D images are radiographs; 3D images whose values reach below -500 are CT (HU)."""
+    if image.ndim == 2:
+        return "xray"
+    lo = float(np.percentile(image.array[:: max(1, image.array.shape[0] // 16)], 0.5))
+    hi = float(image.array.max())
+    return "ct" if lo <= -500.0 and hi >= 100.0 else "mri"
+
+
+def _orient_lps(img):
+    import SimpleITK as sitk
+
+    if img.GetDimension() != 3:
+        return img
+    return sitk.DICOMOrient(img, "LPS")
+
+
+def resample_to_spacing(img, spacing_mm: float, fill_value: float):
+    """Resample a SimpleITK image to isotropic ``spacing_mm`` on a corner-aligned grid (linear)."""
+    import SimpleITK as sitk
+
+    d = img.GetDimension()
+    old_sp = np.array(img.GetSpacing())
+    size = np.array(img.GetSize())
+    new_sp = np.full(d, float(spacing_mm))
+    new_size = [int(np.ceil(n * s / t - 1e-6)) if n > 1 else 1 for n, s, t in zip(size, old_sp, new_sp)]
+    new_sp = np.where(size > 1, new_sp, old_sp)
+    direction = np.array(img.GetDirection()).reshape(d, d)
+    shift = (new_sp - old_sp) / 2.0
+    origin = np.array(img.GetOrigin()) + direction @ shift
+    res = sitk.ResampleImageFilter()
+    res.SetOutputSpacing(tuple(float(v) for v in new_sp))
+    res.SetSize([int(v) for v in new_size])
+    res.SetOutputOrigin(tuple(float(v) for v in origin))
+    res.SetOutputDirection(img.GetDirection())
+    res.SetInterpolator(sitk.sitkLinear)
+    res.SetDefaultPixelValue(float(fill_value))
+    res.SetOutputPixelType(sitk.sitkFloat32)
+    return res.Execute(img)
+
+
+def map_intensity(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.2, 99.8)) -> np.ndarray:
+    """Official intensity mapping to about [-50, 205] (float32); see the module docstring."""
+    a = array.astype(np.float32, copy=False)
+    if modality == "ct":
+        lo, hi = CT_RANGE_HU
+        out = (np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo)) - 50.0
+        return out.astype(np.float32, copy=False)
+    p_lo, p_hi = np.percentile(a, percentiles)
+    p_hi = max(float(p_hi), 1.0) if modality == "mri" else float(p_hi)
+    lo_i, hi_i = (int(p_lo), int(p_hi)) if modality == "mri" else (float(p_lo), float(p_hi))
+    if hi_i <= lo_i:
+        hi_i = lo_i + 1
+    out = (np.clip(a, p_lo, p_hi) - lo_i) * (255.0 / (hi_i - lo_i)) - 50.0
+    return out.astype(np.float32, copy=False)
+
+
+def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto") -> Prepared:
+    """Turn an :class:`Image` into network input at the model spacing.
+
+    Args:
+        image: the input image (not modified).
+        config: model spacing and fill policy.
+        modality: "auto", "ct", "mri" or "xray".
+    """
+    from .io import image_to_sitk
+
+    mod = detect_modality(image) if modality == "auto" else modality
+    if mod not in ("ct", "mri", "xray"):
+        raise InputError(f"{image.name}: unknown modality '{modality}'; use auto, ct, mri or xray")
+    img = _orient_lps(image_to_sitk(image))
+    if config.fill == "air":
+        fill = CT_RANGE_HU[0] if mod == "ct" else float(image.array.min())
+    else:
+        fill = 0.0
+    spacing = config.spacing_mm
+    if not image.pixel_spacing_known and image.ndim == 2:
+        spacing = config.spacing_mm  # pixels treated as mm-sized; --spacing sets the real value
+    res = resample_to_spacing(img, spacing, fill)
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(res)
+    d = res.GetDimension()
+    grid = Grid(arr.shape, res.GetSpacing(), res.GetOrigin(), np.array(res.GetDirection()).reshape(d, d))
+    return Prepared(map_intensity(arr, mod, config.percentiles), grid, mod)
+
+
+def body_mask(prepared: Prepared, threshold_mapped: float | None = None) -> np.ndarray:
+    """Boolean mask (same shape as ``prepared.array``) of the body: above air, closed, largest component.
+
+    For CT the threshold is -500 HU; for other modalities the 5th percentile of the mapped image.
+    """
+    from scipy import ndimage
+
+    a = prepared.array
+    if threshold_mapped is None:
+        if prepared.modality == "ct":
+            threshold_mapped = (-500.0 - CT_RANGE_HU[0]) * 255.0 / (CT_RANGE_HU[1] - CT_RANGE_HU[0]) - 50.0
+        else:
+            threshold_mapped = float(np.percentile(a, 5.0))
+    m = a > threshold_mapped
+    if not m.any():
+        return np.ones_like(m)
+    lab, n = ndimage.label(m)
+    if n > 1:
+        sizes = ndimage.sum(m, lab, index=np.arange(1, n + 1))
+        m = lab == (int(np.argmax(sizes)) + 1)
+    m = ndimage.binary_closing(m, iterations=2)
+    if m.ndim == 3:  # lungs and bowel gas are holes in each axial slice, not in 3D
+        m = np.stack([ndimage.binary_fill_holes(s) for s in m])
+    else:
+        m = ndimage.binary_fill_holes(m)
+    return ndimage.binary_dilation(m, iterations=2)

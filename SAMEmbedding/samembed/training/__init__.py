@@ -1,0 +1,1 @@
+"""Self-supervised training of embedding networks (``samembed train``)."""

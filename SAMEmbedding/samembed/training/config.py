@@ -1,0 +1,119 @@
+"""Training configuration: a dataclass, loaded from YAML or TOML, with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import InputError
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, with SAM's defaults where the paper gives one.
+
+    Distances are mm in the preprocessed volume's frame; sizes are voxels of the view.
+    """
+
+    name: str = "sam-lite-ct"
+    arch: str = "sam-lite"
+    net_config: dict = field(default_factory=dict)
+    objective: str = "sam"
+    # data
+    data: list = field(default_factory=list)
+    exclude: list = field(default_factory=list)
+    cache_dir: str = "cache/train"
+    modality: str = "auto"
+    spacing_mm: float = 2.0
+    fill: str = "air"
+    # optimisation
+    iterations: int = 2000
+    batch_volumes: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int = 50
+    seed: int = 0
+    threads: int = 0
+    time_limit_min: float = 0.0
+    # two-view sampling
+    local_size: int = 64
+    global_size: int = 48
+    scale_range: tuple = (0.8, 1.2)
+    overlap_p: float = 0.8
+    centre_jitter_mm: float = 24.0
+    global_jitter_mm: float = 64.0
+    noise_std: float = 2.0
+    blur_p: float = 0.3
+    blur_sigma: tuple = (0.5, 1.0)
+    contrast: float = 0.0
+    gamma: float = 0.0
+    rotation_deg: float = 0.0
+    # SAM loss
+    tau: float = 0.5
+    anchors: int = 128
+    local_ignore_mm: float = 8.0
+    num_hard: int = 256
+    num_negatives: int = 128
+    global_positive_mm: float = 16.0
+    global_candidates: int = 256
+    global_cross_volume: bool = True
+    global_weight: float = 1.0
+    pruner_threshold: float | None = None
+    # ISImed / Adam / SAL options (see samembed.training.objectives)
+    isimed_crops: int = 32
+    isimed_scale_mm: float = 100.0
+    adam_bank_size: int = 4096
+    adam_levels: int = 3
+    sal_window: int = 2
+    sal_var_weight: float = 1.0
+    # outputs
+    out_dir: str = "runs/sam-lite-ct"
+    checkpoint_every: int = 250
+    half_weights: bool = True
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (stored in checkpoints)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def apply_overrides(self, overrides: list[str]) -> None:
+        """Apply ``key=value`` strings; values are parsed as JSON when possible."""
+        names = {f.name: f for f in fields(self)}
+        for item in overrides:
+            if "=" not in item:
+                raise InputError(f"override '{item}' must look like key=value")
+            key, raw = item.split("=", 1)
+            key = key.strip().replace("-", "_")
+            if key not in names:
+                raise InputError(f"unknown training setting '{key}'; known: {', '.join(sorted(names))}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            setattr(self, key, value)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into :class:`TrainConfig` and apply overrides."""
+    cfg = TrainConfig()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        known = {f.name for f in fields(cfg)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InputError(f"{path}: unknown settings {unknown}")
+        for k, v in raw.items():
+            setattr(cfg, k, v)
+    cfg.apply_overrides(overrides or [])
+    return cfg

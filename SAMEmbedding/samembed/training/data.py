@@ -1,0 +1,117 @@
+"""Training data: find volumes, preprocess them once into a cache folder, and load them back.
+
+Each volume is read (any format the engine reads, DICOM series folders included), preprocessed with the
+model's :class:`~samembed.preprocess.PreprocessConfig`, cropped to the body's bounding box (plus a margin)
+and stored as float16 ``.npy`` with a small JSON sidecar. A corrupt or unreadable volume is reported and
+skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import list_images, read_image
+from ..preprocess import PreprocessConfig, body_mask, preprocess
+
+log = logging.getLogger(__name__)
+
+
+def find_volumes(sources: list[str], exclude: list[str] | None = None, base: Path | None = None) -> list[Path]:
+    """Expand folders (recursive), list files (one path per line) and image paths; drop ``exclude`` globs.
+
+    Relative paths inside a list file are relative to the list file; other relative paths to ``base``.
+    Glob patterns match the file name or the full path.
+    """
+    base = base or Path.cwd()
+    found: list[Path] = []
+    for src in sources:
+        p = Path(src)
+        p = p if p.is_absolute() else base / p
+        if p.is_dir():
+            found.extend(list_images(p))
+        elif p.suffix.lower() in (".txt", ".lst", ".list"):
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    q = Path(line)
+                    found.append(q if q.is_absolute() else p.parent / q)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise InputError(f"{p}: training data path not found")
+    exclude = exclude or []
+    keep = [f for f in found if not any(fnmatch.fnmatch(f.name, pat) or fnmatch.fnmatch(str(f), pat) for pat in exclude)]
+    return sorted(dict.fromkeys(keep))
+
+
+@dataclass
+class CachedVolume:
+    """One preprocessed training volume: ``array`` (float16 ``[k, j, i]``, mapped intensities) and facts."""
+
+    name: str
+    array: np.ndarray
+    spacing_mm: float
+    modality: str
+    body_fraction: float
+
+
+def _cache_key(path: Path, config: PreprocessConfig, modality: str) -> str:
+    st = path.stat() if path.is_file() else None
+    h = hashlib.sha256(json.dumps([str(path.resolve()), st.st_size if st else 0, st.st_mtime_ns if st else 0,
+                                   config.to_dict(), modality], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, modality: str = "auto",
+                  margin_vox: int = 8, progress=None) -> list[Path]:
+    """Preprocess ``paths`` into ``cache_dir`` (skipping those already there); return the ``.npy`` files.
+
+    Unreadable or corrupt volumes are logged and skipped.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    for n, path in enumerate(paths):
+        if progress:
+            progress(n, len(paths), path.name)
+        key = _cache_key(path, config, modality)
+        stem = path.name.split(".")[0]
+        npy = cache_dir / f"{stem}-{key}.npy"
+        if npy.is_file() and npy.with_suffix(".json").is_file():
+            out.append(npy)
+            continue
+        try:
+            image = read_image(path)
+            prep = preprocess(image, config, modality)
+        except InputError as e:
+            log.warning("skipping %s: %s", path, e)
+            continue
+        except Exception as e:  # noqa: BLE001 - a bad volume must never stop training
+            log.warning("skipping %s: unexpected error %s", path, e)
+            continue
+        mask = body_mask(prep)
+        idx = np.argwhere(mask)
+        lo = np.maximum(idx.min(0) - margin_vox, 0)
+        hi = np.minimum(idx.max(0) + margin_vox + 1, mask.shape)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        arr = prep.array[sl].astype(np.float16)
+        np.save(npy, arr)
+        meta = {"source": str(path), "spacing_mm": config.spacing_mm, "modality": prep.modality,
+                "shape": list(arr.shape), "body_fraction": float(mask[sl].mean())}
+        npy.with_suffix(".json").write_text(json.dumps(meta), encoding="utf-8")
+        out.append(npy)
+    return out
+
+
+def load_cached(npy: Path) -> CachedVolume:
+    """Load one cached volume (memory-mapped)."""
+    meta = json.loads(npy.with_suffix(".json").read_text(encoding="utf-8"))
+    arr = np.load(npy, mmap_mode="r")
+    return CachedVolume(npy.stem, arr, float(meta["spacing_mm"]), meta["modality"], float(meta["body_fraction"]))

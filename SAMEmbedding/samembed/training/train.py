@@ -1,0 +1,326 @@
+"""The training loop behind ``samembed train``: SAM two-view contrastive learning on CPU or GPU.
+
+Seeded and deterministic on CPU; checkpoints every N iterations and ``--resume``; progress bar; CSV log
+and loss-curve PNG; DistributedDataParallel under ``torchrun`` (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import save_checkpoint
+from ..networks import build_network
+from ..preprocess import PreprocessConfig
+from .config import TrainConfig
+from .data import find_volumes, load_cached, prepare_cache
+from .losses import local_loss, multi_positive_info_nce
+from .sampling import augment, random_body_point, sample_view
+
+log = logging.getLogger(__name__)
+BODY_THRESHOLD = (-500.0 + 1024.0) * 255.0 / 4095.0 - 50.0  # -500 HU after CT mapping
+
+
+class TwoBranch(nn.Module):
+    """Wraps a network so that one ``forward`` call runs both branches (needed by DDP)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, local_x: torch.Tensor, global_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = F.normalize(self.net.forward_local(local_x), dim=1)
+        glob = F.normalize(self.net.forward_global_pooled(global_x), dim=1)
+        return loc, glob
+
+
+def sample_at(fmap: torch.Tensor, norm_xyz: torch.Tensor) -> torch.Tensor:
+    """Trilinear (bilinear in 2D) samples of ``fmap`` (C, *spatial) at normalised points (N, d) -> (N, C)."""
+    d = fmap.dim() - 1
+    grid = norm_xyz.reshape(1, -1, *([1] * (d - 1)), d)
+    out = F.grid_sample(fmap.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.normalize(out.reshape(fmap.shape[0], -1).T, dim=1)
+
+
+def map_positions_mm(view, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """mm positions (M, d) of every voxel of an output map of ``out_shape`` computed from ``view``."""
+    in_shape = view.image.shape[1:]
+    axes = []
+    for a, (n, m) in enumerate(zip(in_shape, out_shape)):
+        st = n / m
+        axes.append(view.start_mm[a] + view.step_mm[a] * (st * torch.arange(m, dtype=torch.float32) + (st - 1) / 2))
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack(mesh, -1).reshape(-1, len(in_shape))
+
+
+def inside_view(view, points_mm: torch.Tensor, margin_vox: float = 1.0) -> torch.Tensor:
+    """Bool per point: inside the view's extent shrunk by ``margin_vox`` view voxels."""
+    n = torch.tensor(view.image.shape[1:], dtype=torch.float32)
+    idx = (points_mm - view.start_mm) / view.step_mm
+    return ((idx >= margin_vox) & (idx <= n - 1 - margin_vox)).all(1)
+
+
+class Trainer:
+    """Runs SAM training for a :class:`TrainConfig`; see :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig, base_dir: Path | None = None, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.base = base_dir or Path.cwd()
+        self.show_progress = progress
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+        self.out = Path(cfg.out_dir)
+        self.prep = PreprocessConfig(spacing_mm=float(cfg.spacing_mm), fill=cfg.fill)
+
+    # ------------------------------------------------------------------ data
+    def load_data(self) -> None:
+        cfg = self.cfg
+        paths = find_volumes(cfg.data, cfg.exclude, self.base)
+        if not paths:
+            from ..errors import InputError
+
+            raise InputError("no training volumes found; check `data` and `exclude` in the config")
+        cache = Path(cfg.cache_dir)
+        if self.rank == 0:
+            bar = _bar(len(paths), "preprocess", self.show_progress)
+            files = prepare_cache(paths, cache, self.prep, cfg.modality, progress=lambda n, t, name: bar.update(1) if bar else None)
+            if bar:
+                bar.close()
+        if self.world > 1:
+            torch.distributed.barrier()
+        if self.rank != 0:
+            files = prepare_cache(paths, cache, self.prep, cfg.modality)
+        self.volumes = []
+        for f in files:
+            v = load_cached(f)
+            self.volumes.append((v.name, torch.from_numpy(np.array(v.array, dtype=np.float16)), v.spacing_mm))
+        self.sources = [str(p) for p in paths]
+        log.info("training on %d volumes (%d found)", len(self.volumes), len(paths))
+
+    # -------------------------------------------------------------- sampling
+    def _views(self, rng: np.random.Generator, vol: torch.Tensor, sp: float):
+        cfg = self.cfg
+        arr = vol.float()[None, None]
+        d = arr.dim() - 2
+        pool = F.avg_pool3d if d == 3 else F.avg_pool2d
+        pooled = pool(arr, 4, ceil_mode=True)
+        body = random_body_point(vol.numpy(), rng, BODY_THRESHOLD) * sp
+        fill = float(arr.min())
+        centres = [body + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, d)]
+        if rng.random() < cfg.overlap_p:
+            centres.append(body + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, d))
+        else:
+            centres.append(random_body_point(vol.numpy(), rng, BODY_THRESHOLD) * sp)
+        out = []
+        for c in centres:
+            s = float(rng.uniform(*cfg.scale_range))
+            lv = sample_view(arr, c, cfg.local_size, sp * s, sp, fill)
+            gc = c + rng.uniform(-cfg.global_jitter_mm, cfg.global_jitter_mm, d)
+            gv = sample_view(pooled, gc, cfg.global_size, 4 * sp * s, 4 * sp, fill)
+            lv.image = augment(lv.image, rng, cfg.noise_std, cfg.blur_p, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
+            gv.image = augment(gv.image, rng, cfg.noise_std, cfg.blur_p * 0.5, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
+            out.append((lv, gv))
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def sam_loss(self, views, loc, glob, gen: torch.Generator, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        """SAM loss over a batch. ``views[b] = [(localA, globalA), (localB, globalB)]``; maps are stacked
+        as [A0, B0, A1, B1, ...]."""
+        cfg = self.cfg
+        loc_terms, glob_anchor, glob_cands, glob_owner, glob_pos = [], [], [], [], []
+        B = len(views)
+        for b in range(B):
+            (la, ga), (lb, gb) = views[b]
+            ma, mb = loc[2 * b], loc[2 * b + 1]
+            gma, gmb = glob[2 * b], glob[2 * b + 1]
+            pos_a = map_positions_mm(la, ma.shape[1:])
+            jitter = torch.from_numpy(rng.uniform(-0.5, 0.5, pos_a.shape).astype(np.float32)) * la.step_mm
+            cand = pos_a + jitter
+            ok = inside_view(lb, cand)
+            # keep anchors on the body: intensity of view A at the point
+            if ok.any():
+                vals = F.grid_sample(la.image.unsqueeze(0), la.mm_to_norm(cand, ()).reshape(1, -1, *([1] * (cand.shape[1] - 1)), cand.shape[1]),
+                                     align_corners=False).reshape(-1)
+                ok &= vals > BODY_THRESHOLD
+            idx = torch.nonzero(ok).reshape(-1)
+            if len(idx) < 8:
+                continue
+            idx = idx[torch.randperm(len(idx), generator=gen)[: cfg.anchors]]
+            P = cand[idx]
+            a_loc = sample_at(ma, la.mm_to_norm(P, ()))
+            p_loc = sample_at(mb, lb.mm_to_norm(P, ()))
+            a_glob = sample_at(gma, ga.mm_to_norm(P, ()))
+            p_glob = sample_at(gmb, gb.mm_to_norm(P, ()))
+            # local loss, both directions
+            for (m_src_a, a_l, a_g, p_l, view_b, m_b, gv_b, gm_b) in (
+                (ma, a_loc, a_glob, p_loc, lb, mb, gb, gmb),
+                (mb, p_loc, p_glob, a_loc, la, ma, ga, gma),
+            ):
+                qb = map_positions_mm(view_b, m_b.shape[1:])
+                cand_loc = m_b.reshape(m_b.shape[0], -1).T
+                cand_glob = sample_at(gm_b, gv_b.mm_to_norm(qb, ()))
+                dist = torch.cdist(P, qb)
+                loc_terms.append(local_loss(a_l, p_l, a_g, cand_loc, cand_glob, dist, cfg.tau, cfg.local_ignore_mm,
+                                            cfg.num_hard, cfg.num_negatives, gen, cfg.pruner_threshold))
+            # global candidates from view B: the anchors' positions plus random positions in B's global view
+            n_rand = cfg.global_candidates
+            lo = gb.start_mm
+            hi = gb.start_mm + gb.step_mm * (torch.tensor(gb.image.shape[1:], dtype=torch.float32) - 1)
+            R = lo + (hi - lo) * torch.rand((n_rand, len(lo)), generator=gen)
+            Q = torch.cat([P, R])
+            glob_anchor.append((a_glob, P, b))
+            glob_cands.append(torch.cat([p_glob, sample_at(gmb, gb.mm_to_norm(R, ()))]))
+            glob_pos.append(Q)
+            glob_owner.append(torch.full((len(Q),), b))
+        stats = {}
+        if not loc_terms:
+            zero = loc.sum() * 0 + glob.sum() * 0
+            return zero, {"local": 0.0, "global": 0.0}
+        l_local = torch.stack(loc_terms).mean()
+        cands = torch.cat(glob_cands)
+        cpos = torch.cat(glob_pos)
+        owner = torch.cat(glob_owner)
+        g_terms = []
+        for a_glob, P, b in glob_anchor:
+            same = owner == b
+            dist = torch.cdist(P, cpos)
+            positive = same[None] & (dist < cfg.global_positive_mm)
+            valid = torch.ones_like(positive) if cfg.global_cross_volume else same[None].expand_as(positive)
+            g_terms.append(multi_positive_info_nce(a_glob, cands, positive, cfg.tau, valid))
+        l_global = torch.stack(g_terms).mean()
+        stats["local"], stats["global"] = float(l_local.detach()), float(l_global.detach())
+        return l_local + cfg.global_weight * l_global, stats
+
+    # ------------------------------------------------------------------- run
+    def run(self, resume: str | None = None) -> Path:
+        """Train; return the path of the final checkpoint."""
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+        torch.manual_seed(cfg.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        self.load_data()
+        net = build_network(cfg.arch, cfg.net_config).to(self.device)
+        model: nn.Module = TwoBranch(net)
+        if self.world > 1:
+            model = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        start = 0
+        rng = np.random.default_rng([cfg.seed, self.rank])
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        if resume:
+            ck = torch.load(resume, map_location="cpu", weights_only=True)
+            net.load_state_dict(ck["state_dict"])
+            opt.load_state_dict(ck["optimizer"])
+            start = int(ck["iteration"])
+            rng.bit_generator.state = ck["rng_numpy"][self.rank] if isinstance(ck["rng_numpy"], list) else ck["rng_numpy"]
+            gen.set_state(ck["rng_torch"])
+            log.info("resumed from %s at iteration %d", resume, start)
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "train_log.csv"
+        if self.rank == 0 and (not resume or not log_path.exists()):
+            log_path.write_text("iteration,loss,local,global,lr,seconds\n", encoding="utf-8")
+        sched = lambda it: min(1.0, (it + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * min(it, cfg.iterations) / cfg.iterations))  # noqa: E731
+        bar = _bar(cfg.iterations, "train", self.show_progress and self.rank == 0, initial=start)
+        t0 = time.time()
+        net.train()
+        it = start
+        for it in range(start, cfg.iterations):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * sched(it)
+            picks = rng.choice(len(self.volumes), size=min(cfg.batch_volumes, len(self.volumes)), replace=False)
+            views = [self._views(rng, self.volumes[i][1], self.volumes[i][2]) for i in picks]
+            lx = torch.stack([v[0].image for pair in views for v in pair]).to(self.device)
+            gx = torch.stack([v[1].image for pair in views for v in pair]).to(self.device)
+            loc, glob = model(lx, gx)
+            loss, stats = self.compute_loss(views, loc.cpu(), glob.cpu(), gen, rng)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            done = it + 1
+            if self.rank == 0:
+                with log_path.open("a", encoding="utf-8") as fh:
+                    fh.write(f"{done},{float(loss):.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
+                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - t0:.1f}\n")
+                if bar:
+                    bar.set_postfix(loss=f"{float(loss):.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
+                    bar.update(1)
+                if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+                    self._save_resume(net, opt, done, rng, gen)
+            if cfg.time_limit_min and time.time() - t0 > cfg.time_limit_min * 60:
+                log.warning("time limit of %.1f min reached at iteration %d", cfg.time_limit_min, done)
+                if self.rank == 0:
+                    self._save_resume(net, opt, done, rng, gen)
+                break
+        if bar:
+            bar.close()
+        final = self.out / f"{cfg.name}.pt"
+        if self.rank == 0:
+            net.eval()
+            save_checkpoint(final, net, self.prep, name=cfg.name, train_config=cfg.to_dict(), iteration=it + 1,
+                            extra={"training_volumes": [v[0] for v in self.volumes], "wall_seconds": time.time() - t0},
+                            half=cfg.half_weights)
+            plot_loss_curve(log_path, self.out / "loss_curve.png")
+        if self.world > 1:
+            torch.distributed.barrier()
+        return final
+
+    def compute_loss(self, views, loc, glob, gen, rng):
+        """The configured objective (``sam`` or a weighted combination, see :mod:`.objectives`)."""
+        from .objectives import combined_loss
+
+        return combined_loss(self, views, loc, glob, gen, rng)
+
+    def _save_resume(self, net, opt, done, rng, gen) -> None:
+        save_checkpoint(self.out / "last.pt", net, self.prep, name=self.cfg.name, train_config=self.cfg.to_dict(),
+                        iteration=done, extra={"optimizer": opt.state_dict(), "rng_numpy": rng.bit_generator.state,
+                                               "rng_torch": gen.get_state()})
+
+
+def _bar(total: int, desc: str, show: bool, initial: int = 0):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True)
+
+
+def plot_loss_curve(log_csv: Path, png: Path) -> None:
+    """Plot loss (and its local/global parts) against iteration from the CSV log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with log_csv.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    it = np.array([float(r["iteration"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "local", "global"):
+        y = np.array([float(r[key]) for r in rows])
+        k = max(1, len(y) // 50)
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(it[k - 1:], smooth, label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (moving average)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
