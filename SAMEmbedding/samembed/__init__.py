@@ -1,0 +1,31 @@
+"""samembed: SAM (Self-supervised Anatomical eMbedding) engine.
+
+Find the same anatomical point across medical images: every voxel gets a global vector (coarse body
+position) and a local vector (fine structure); a point is matched by the best joint cosine similarity.
+
+Public API::
+
+    from samembed import Matcher
+    result = Matcher(model="default", device="auto").match(source, points_lps_mm, targets)
+
+Importing this package loads no Slicer, Qt or VTK module.
+"""
+
+from .errors import CheckpointError, Cancelled, DeviceUnavailableError, InputError, ModelNotAvailableError, SamEmbedError
+from .image import Grid, Image, lps_to_ras, ras_to_lps
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on first use)
+    if name in ("Matcher", "Match", "MatchResult"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(name)
+
+
+__all__ = [
+    "Cancelled", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchResult",
+    "Matcher", "ModelNotAvailableError", "SamEmbedError", "lps_to_ras", "ras_to_lps", "__version__",
+]

@@ -63,6 +63,7 @@ class Prepared:
     array: np.ndarray
     grid: Grid
     modality: str
+    fill_value: float = -50.0
 
 
 def detect_modality(image: Image) -> Modality:
@@ -149,7 +150,8 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto") -
     arr = sitk.GetArrayFromImage(res)
     d = res.GetDimension()
     grid = Grid(arr.shape, res.GetSpacing(), res.GetOrigin(), np.array(res.GetDirection()).reshape(d, d))
-    return Prepared(map_intensity(arr, mod, config.percentiles), grid, mod)
+    fill_mapped = float(map_intensity(np.array([fill], dtype=np.float32), mod, (0.0, 100.0))[0]) if mod == "ct" else -50.0
+    return Prepared(map_intensity(arr, mod, config.percentiles), grid, mod, fill_mapped)
 
 
 def body_mask(prepared: Prepared, threshold_mapped: float | None = None) -> np.ndarray:

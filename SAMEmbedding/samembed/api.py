@@ -1,0 +1,242 @@
+"""The scripting API: ``Matcher(model, device).match(source, points_lps_mm, targets)``.
+
+>>> from samembed import Matcher
+>>> m = Matcher(model="default", device="auto")                       # doctest: +SKIP
+>>> result = m.match("atlas.nii.gz", [[10.0, -40.0, 80.0]], ["patient.nii.gz"], heatmap=True)  # doctest: +SKIP
+>>> result.matches[0].point_lps_mm, result.matches[0].score          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
+from .errors import Cancelled, InputError
+from .image import Image, lps_to_ras
+from .io import image_from_sitk, read_image, validate_image
+from .matcher import box_mask, heatmap_image, mask_from_image, match_queries, query_vectors
+from .models import LoadedModel, load_model
+from .refine import refine_points
+
+log = logging.getLogger(__name__)
+ImageLike = "str | os.PathLike | Image | SimpleITK.Image"
+
+
+@dataclass
+class Match:
+    """One matched point.
+
+    Attributes:
+        label: the source point's label.
+        target: the target's name (file path or given name); ``target_index`` its position in the list.
+        point_lps_mm: matched position, LPS mm (3 values; z = 0 for 2D).
+        score: SAM similarity at the match, mean of local and global cosine, in [-1, 1].
+        confident: the round trip target -> source lands within ``roundtrip_tolerance_mm`` of the click.
+        roundtrip_mm: that round-trip distance, mm.
+    """
+
+    label: str
+    target: str
+    target_index: int
+    point_lps_mm: np.ndarray
+    score: float
+    confident: bool
+    roundtrip_mm: float
+
+    @property
+    def point_ras_mm(self) -> np.ndarray:
+        """Matched position in RAS mm (Slicer)."""
+        return lps_to_ras(self.point_lps_mm)
+
+
+@dataclass
+class MatchResult:
+    """All matches of a ``Matcher.match`` call, plus heatmaps when asked for and timings (seconds)."""
+
+    matches: list[Match]
+    targets: list[str]
+    heatmaps: dict = field(default_factory=dict)  # (target_index, label) -> Image in the target's geometry
+    timings: dict = field(default_factory=dict)
+
+    def for_target(self, index: int) -> list[Match]:
+        """Matches in target ``index``, in source point order."""
+        return [m for m in self.matches if m.target_index == index]
+
+    def rows(self, ras: bool = False) -> list[dict]:
+        """One dict per match with target, label, x, y, z (LPS, or RAS if ``ras``), score, confident."""
+        out = []
+        for m in self.matches:
+            p = m.point_ras_mm if ras else m.point_lps_mm
+            out.append({"target": m.target, "label": m.label, "x": float(p[0]), "y": float(p[1]), "z": float(p[2]),
+                        "score": m.score, "confident": m.confident})
+        return out
+
+
+def as_image(obj, name: str | None = None, spacing_mm: float | None = None) -> Image:
+    """Parse a path, :class:`Image`, ``SimpleITK.Image`` or numpy array into a validated :class:`Image`."""
+    if isinstance(obj, Image):
+        validate_image(obj)
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return read_image(obj, spacing_mm=spacing_mm)
+    if isinstance(obj, np.ndarray):
+        img = Image.from_array(obj, name=name or "<array>")
+        validate_image(img)
+        return img
+    if type(obj).__name__ == "Image" and hasattr(obj, "GetSpacing"):
+        img = image_from_sitk(obj, name or "<SimpleITK image>")
+        validate_image(img)
+        return img
+    raise InputError(f"cannot use {type(obj).__name__} as an image; pass a path, samembed.Image, SimpleITK.Image or numpy array")
+
+
+def _points_array(points, ndim: int, source: Image) -> np.ndarray:
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim == 1:
+        p = p[None]
+    if p.ndim != 2 or p.shape[1] not in (2, 3) or len(p) == 0:
+        raise InputError(f"points must be an (N, 3) array of LPS mm coordinates, got shape {np.shape(points)}")
+    if p.shape[1] == 2:
+        p = np.hstack([p, np.zeros((len(p), 1))])
+    if not np.all(np.isfinite(p)):
+        raise InputError("points contain NaN or infinite coordinates")
+    return p
+
+
+class Matcher:
+    """Find points of a source image in target images with SAM embeddings.
+
+    Args:
+        model: a model name from ``models.json`` (``"default"``), a checkpoint path, ``"random:sam-lite"``,
+            or a :class:`~samembed.models.LoadedModel`.
+        device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``.
+        cache_bytes: memory cap of the embedding cache.
+        cache_dir: optional on-disk embedding cache folder.
+        modality: ``"auto"``, ``"ct"``, ``"mri"`` or ``"xray"``.
+        search_body: restrict matches to the target's body mask (default True).
+        roundtrip_tolerance_mm: the confidence flag's radius (default: 2 local voxels).
+    """
+
+    def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",
+                 cache_bytes: int = 3 << 30, cache_dir: str | os.PathLike | None = None, modality: str = "auto",
+                 search_body: bool = True, roundtrip_tolerance_mm: float | None = None,
+                 max_tile_voxels: int = 12_000_000) -> None:
+        self.device = resolve_device(device)
+        self.model = load_model(model)
+        self.cache = EmbeddingCache(cache_bytes)
+        self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality)
+        self.search_body = search_body
+        self.roundtrip_tolerance_mm = roundtrip_tolerance_mm
+
+    def embed(self, image, progress: Callable | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
+        """Embeddings of one image (cached)."""
+        return self.embedder.embed(as_image(image), progress, cancel)
+
+    def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None, *,
+              heatmap: bool = False, refine: bool = False, mask=None, box_lps_mm=None,
+              progress: Callable[[int, int, str], None] | None = None, cancel: threading.Event | None = None,
+              target_names: Sequence[str] | None = None) -> MatchResult:
+        """Match source points into every target.
+
+        Args:
+            source: the image the points are in (path, Image, SimpleITK image or array).
+            points_lps_mm: (N, 3) LPS mm points (use :func:`samembed.image.ras_to_lps` for Slicer RAS).
+            targets: images to search.
+            labels: one label per point (default P1, P2, ...).
+            heatmap: also return each point's similarity map resampled to each target's voxel grid.
+            refine: cycle-consistent fixed-point refinement (slower, usually more accurate).
+            mask: restrict the search to non-zero voxels of this image (in the targets' space), or None.
+            box_lps_mm: restrict the search to an LPS box [[x0, y0, z0], [x1, y1, z1]] mm, or None.
+            progress: called as ``progress(done, total, message)`` after each target.
+            cancel: when set, stops between targets and raises :class:`Cancelled` with the partial result.
+
+        Returns:
+            :class:`MatchResult`.
+        """
+        t0 = time.time()
+        src = as_image(source, "source")
+        if not isinstance(targets, (list, tuple)):
+            targets = [targets]
+        if len(targets) == 0:
+            raise InputError("no target images given")
+        pts = _points_array(points_lps_mm, src.ndim, src)
+        labels = list(labels) if labels is not None else [f"P{i + 1}" for i in range(len(pts))]
+        if len(labels) != len(pts):
+            raise InputError(f"{len(labels)} labels for {len(pts)} points")
+        d = src.ndim
+        ijk = src.grid.lps_to_index(pts[:, :d])
+        outside = ~src.grid.contains_index(ijk, margin=0.5)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise InputError(
+                f"{src.name}: point '{labels[i]}' at ({', '.join(f'{v:.1f}' for v in pts[i])}) mm LPS lies outside the image; "
+                "if the coordinates are RAS, pass --ras (or convert with ras_to_lps)")
+        mask_img = as_image(mask, "mask") if mask is not None and not isinstance(mask, Image) else mask
+        src_maps = self.embedder.embed(src, cancel=cancel)
+        result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
+        q = query_vectors(src_maps, pts)
+        src_allowed = src_maps.search_mask(self.search_body)
+        for ti, target in enumerate(targets):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result)
+            t1 = time.time()
+            tgt = as_image(target, target_names[ti] if target_names else f"target{ti}")
+            name = target_names[ti] if target_names else (str(target) if isinstance(target, (str, os.PathLike)) else tgt.name)
+            if tgt.ndim != src.ndim:
+                raise InputError(f"{name}: a {tgt.ndim}D target cannot be matched with the {src.ndim}D source {src.name}; "
+                                 "use images of the same dimension")
+            tmaps = self.embedder.embed(tgt, cancel=cancel)
+            t_embed = time.time() - t1
+            allowed = tmaps.search_mask(self.search_body)
+            if not bool(allowed.any()):
+                allowed = tmaps.valid
+            if mask_img is not None:
+                allowed = allowed & mask_from_image(tmaps, mask_img)
+            if box_lps_mm is not None:
+                allowed = allowed & box_mask(tmaps, box_lps_mm)
+            if not bool(allowed.any()):
+                raise InputError(f"{name}: the search mask/box leaves no voxel to search")
+            raw = match_queries(q, tmaps, allowed, keep_similarity=heatmap)
+            found, scores = raw.points_lps_mm, raw.scores
+            if refine:
+                ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed)
+                found, scores = ref.points_lps_mm, ref.scores
+            back = match_queries(query_vectors(tmaps, found), src_maps, src_allowed)
+            rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
+            tol = self.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
+            for n, lab in enumerate(labels):
+                p3 = np.zeros(3)
+                p3[:d] = found[n, :d]
+                result.matches.append(Match(lab, name, ti, p3, float(scores[n]), bool(rt[n] <= tol), float(rt[n])))
+                if heatmap:
+                    result.heatmaps[(ti, lab)] = heatmap_image(raw.similarity[n], tmaps, f"{lab} in {Path(name).name}")
+            result.targets.append(name)
+            result.timings[f"target{ti}_embed_s"] = t_embed
+            result.timings[f"target{ti}_match_s"] = time.time() - t1 - t_embed
+            if progress:
+                progress(ti + 1, len(targets), name)
+        result.timings["total_s"] = time.time() - t0
+        return result
+
+    def clear_cache(self) -> None:
+        """Drop every in-memory embedding."""
+        self.cache.clear()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of embeddings held in memory."""
+        return self.cache.nbytes
+
+
+def default_device() -> torch.device:
+    """The device ``auto`` resolves to on this machine."""
+    return resolve_device("auto")

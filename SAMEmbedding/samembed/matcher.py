@@ -1,0 +1,139 @@
+"""Point matching with SAM's similarity: sim(v) = (cos_local + cos_global) / 2, over every target voxel.
+
+The score is a mean of two cosines, so it lies in [-1, 1]; real matches are high positive. All queries of
+one target go through one matrix product ``(N, C) @ (C, V)``. The argmax is refined to sub-voxel precision
+by a parabola through the peak and its neighbours along each axis, then mapped to LPS mm through the
+target's local grid (oblique directions included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .embedding import EmbeddingMaps
+from .image import Grid, Image
+
+
+@dataclass
+class RawMatch:
+    """Matches of N query points in one target: LPS mm points (N, 3 or 2), scores (N,), flat voxel indices (N,)."""
+
+    points_lps_mm: np.ndarray
+    scores: np.ndarray
+    flat_index: np.ndarray
+    similarity: torch.Tensor | None = None  # (N, V) when kept for heatmaps
+
+
+def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray) -> torch.Tensor:
+    """Embedding vectors (N, C_l + C_g) at LPS mm points, trilinearly interpolated on the local grid.
+
+    Each half (local, global) is re-normalised, so the dot product with ``maps.features`` divided by 2 is
+    the SAM similarity.
+    """
+    grid = maps.local_grid
+    d = grid.ndim
+    pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
+    ijk = grid.lps_to_index(pts)
+    size = np.asarray(grid.size_ijk, dtype=np.float64)
+    norm = (2 * ijk + 1) / size - 1  # align_corners=False, (x, y, z) order as grid_sample wants
+    C = maps.features.shape[0]
+    vol = maps.features.float().reshape(1, C, *grid.shape_zyx)
+    g = torch.from_numpy(norm.astype(np.float32)).to(vol.device).reshape(1, -1, *([1] * (d - 1)), d)
+    q = F.grid_sample(vol, g, mode="bilinear", padding_mode="border", align_corners=False).reshape(C, -1).T
+    cl = maps.local_channels
+    return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
+
+
+def similarity(queries: torch.Tensor, target: EmbeddingMaps) -> torch.Tensor:
+    """SAM similarity (N, V) of each query with every voxel of ``target``, in [-1, 1]."""
+    feats = target.features
+    return (queries.to(feats.dtype) @ feats).float() / 2.0
+
+
+def _subvoxel(sim_vol: torch.Tensor, flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Continuous (k, j, i) index of each peak, refined by a per-axis parabola (clamped to +-0.5 voxel)."""
+    N = sim_vol.shape[0]
+    idx = np.stack(np.unravel_index(flat.cpu().numpy(), shape), 1).astype(np.float64)  # (N, d) zyx
+    vol = sim_vol.reshape(N, *shape)
+    rows = torch.arange(N)
+    for a in range(len(shape)):
+        base = torch.from_numpy(idx.astype(np.int64))
+        lo, hi = base.clone(), base.clone()
+        lo[:, a] = (lo[:, a] - 1).clamp(min=0)
+        hi[:, a] = (hi[:, a] + 1).clamp(max=shape[a] - 1)
+        s0 = vol[(rows, *base.T)]
+        sm = vol[(rows, *lo.T)]
+        sp = vol[(rows, *hi.T)]
+        ok = torch.isfinite(sm) & torch.isfinite(sp) & (lo[:, a] != base[:, a]) & (hi[:, a] != base[:, a])
+        den = sm - 2 * s0 + sp
+        off = torch.where(ok & (den < 0), 0.5 * (sm - sp) / den.where(den != 0, torch.ones_like(den)), torch.zeros_like(den))
+        idx[:, a] += off.clamp(-0.5, 0.5).cpu().numpy()
+    return idx
+
+
+def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor | None = None,
+                  keep_similarity: bool = False) -> RawMatch:
+    """Best match of each query in ``target``.
+
+    Args:
+        queries: (N, C) from :func:`query_vectors`.
+        allowed: (V,) bool of voxels a match may land on (default: inside the image and the body).
+        keep_similarity: keep the (N, V) similarity for heatmaps.
+    """
+    sim = similarity(queries, target)
+    if allowed is None:
+        allowed = target.search_mask(True)
+        if not bool(allowed.any()):
+            allowed = target.valid
+    masked = sim.masked_fill(~allowed[None], float("-inf"))
+    scores, flat = masked.max(1)
+    grid = target.local_grid
+    zyx = _subvoxel(masked, flat, grid.shape_zyx)
+    ijk = zyx[:, ::-1]
+    pts = grid.index_to_lps(ijk)
+    return RawMatch(pts, scores.cpu().numpy().astype(np.float64), flat.cpu().numpy(), sim if keep_similarity else None)
+
+
+def box_mask(maps: EmbeddingMaps, box_lps_mm: np.ndarray) -> torch.Tensor:
+    """(V,) bool: voxels whose LPS centre lies in the axis-aligned box ``[[x0, y0, z0], [x1, y1, z1]]`` (mm)."""
+    box = np.asarray(box_lps_mm, dtype=np.float64).reshape(2, -1)
+    lo, hi = box.min(0), box.max(0)
+    grid = maps.local_grid
+    idx = np.indices(grid.shape_zyx).reshape(grid.ndim, -1).T[:, ::-1]
+    pts = grid.index_to_lps(idx)
+    inside = np.all((pts >= lo[: grid.ndim]) & (pts <= hi[: grid.ndim]), axis=1)
+    return torch.from_numpy(inside).to(maps.valid.device)
+
+
+def mask_from_image(maps: EmbeddingMaps, mask: Image) -> torch.Tensor:
+    """(V,) bool: voxels whose LPS centre falls on a non-zero voxel of ``mask`` (nearest neighbour)."""
+    grid = maps.local_grid
+    idx = np.indices(grid.shape_zyx).reshape(grid.ndim, -1).T[:, ::-1]
+    m_idx = np.rint(mask.grid.lps_to_index(grid.index_to_lps(idx))).astype(np.int64)
+    inside = mask.grid.contains_index(m_idx, margin=0.0)
+    out = np.zeros(len(idx), dtype=bool)
+    sel = m_idx[inside][:, ::-1]
+    out[inside] = mask.array[tuple(sel.T)] != 0
+    return torch.from_numpy(out).to(maps.valid.device)
+
+
+def heatmap_image(sim_row: torch.Tensor, target: EmbeddingMaps, name: str = "heatmap") -> Image:
+    """Resample one similarity row (V,) from the local grid onto the target image's voxel grid (linear).
+
+    Voxels outside the local grid get -1. The result has exactly the target image's geometry.
+    """
+    import SimpleITK as sitk
+
+    from .io import image_from_sitk, image_to_sitk
+
+    grid: Grid = target.local_grid
+    vol = sim_row.float().reshape(grid.shape_zyx).cpu().numpy()
+    vol = np.where(np.isfinite(vol), vol, -1.0).astype(np.float32)
+    src = image_to_sitk(Image(vol, grid, name))
+    ref = image_to_sitk(Image(np.zeros(target.image_grid.shape_zyx, dtype=np.uint8), target.image_grid))
+    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, -1.0, sitk.sitkFloat32)
+    return image_from_sitk(out, name)
