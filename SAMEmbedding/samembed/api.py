@@ -23,7 +23,7 @@ from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
 from .io import image_from_sitk, read_image, validate_image
-from .matcher import box_mask, heatmap_image, mask_from_image, match_queries, query_vectors
+from .matcher import box_mask, heatmap_image, mask_from_image, match_points
 from .models import LoadedModel, load_model
 from .refine import refine_points
 
@@ -124,13 +124,15 @@ class Matcher:
         modality: ``"auto"``, ``"ct"``, ``"mri"`` or ``"xray"``.
         search_body: restrict matches to the target's body mask (default True).
         roundtrip_tolerance_mm: the confidence flag's radius (default: 2 local voxels).
+        max_tile_voxels: inputs larger than this (model-grid voxels) are embedded in slabs with a halo.
+        cuda_fallback: with ``device="cuda"`` and no CUDA, warn and use the CPU instead of raising.
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",
                  cache_bytes: int = 3 << 30, cache_dir: str | os.PathLike | None = None, modality: str = "auto",
                  search_body: bool = True, roundtrip_tolerance_mm: float | None = None,
-                 max_tile_voxels: int = 12_000_000) -> None:
-        self.device = resolve_device(device)
+                 max_tile_voxels: int = 12_000_000, cuda_fallback: bool = False) -> None:
+        self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
         self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality)
@@ -183,7 +185,6 @@ class Matcher:
         mask_img = as_image(mask, "mask") if mask is not None and not isinstance(mask, Image) else mask
         src_maps = self.embedder.embed(src, cancel=cancel)
         result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
-        q = query_vectors(src_maps, pts)
         src_allowed = src_maps.search_mask(self.search_body)
         for ti, target in enumerate(targets):
             if cancel is not None and cancel.is_set():
@@ -205,12 +206,12 @@ class Matcher:
                 allowed = allowed & box_mask(tmaps, box_lps_mm)
             if not bool(allowed.any()):
                 raise InputError(f"{name}: the search mask/box leaves no voxel to search")
-            raw = match_queries(q, tmaps, allowed, keep_similarity=heatmap)
+            raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap)
             found, scores = raw.points_lps_mm, raw.scores
             if refine:
                 ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed)
                 found, scores = ref.points_lps_mm, ref.scores
-            back = match_queries(query_vectors(tmaps, found), src_maps, src_allowed)
+            back = match_points(tmaps, found, src_maps, src_allowed)
             rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
             tol = self.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
             for n, lab in enumerate(labels):

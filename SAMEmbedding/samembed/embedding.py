@@ -24,14 +24,15 @@ import torch.nn.functional as F
 from .errors import Cancelled, DeviceUnavailableError
 from .image import Grid, Image
 from .models import LoadedModel
-from .preprocess import Prepared, body_mask, preprocess
+from .preprocess import body_mask_array, preprocess
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when present else CPU (with no warning); ``cuda`` without CUDA raises."""
+def resolve_device(device: str | torch.device = "auto", fallback: bool = False) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU. ``cuda`` without CUDA raises :class:`DeviceUnavailableError`,
+    or, with ``fallback=True``, warns and returns the CPU."""
     if isinstance(device, torch.device):
         return device
     name = str(device).lower()
@@ -39,6 +40,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
+            if fallback:
+                import warnings
+
+                warnings.warn("CUDA was requested but is not available; falling back to the CPU", stacklevel=2)
+                return torch.device("cpu")
             raise DeviceUnavailableError("CUDA was requested (--device cuda) but no CUDA device is available; use --device cpu or auto")
         return torch.device(name)
     if name == "cpu":
@@ -250,21 +256,18 @@ class Embedder:
         pad_grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
         local_grid = pad_grid.derived(spec.local_stride, tuple(local.shape[1:]))
         global_grid = pad_grid.derived(spec.global_stride, tuple(glob.shape[1:]))
-        body = self._body_on_local(prep, arr.shape, local_grid)
+        body = self._body_on_local(arr, prep.modality, local_grid)
         return self._assemble(local, glob, local_grid, global_grid, image, key, body)
 
-    def _body_on_local(self, prep: Prepared, padded_shape, local_grid: Grid) -> torch.Tensor:
-        mask = body_mask(prep)
-        m = np.zeros(padded_shape, dtype=bool)
-        m[tuple(slice(0, s) for s in mask.shape)] = mask
-        t = torch.from_numpy(m)[None, None].float()
+    def _body_on_local(self, arr: np.ndarray, modality: str, local_grid: Grid) -> torch.Tensor:
+        """Body mask on the local grid, computed on the input subsampled by the local stride (cheap)."""
         stride = tuple(reversed(self.model.spec.local_stride))
-        pool = F.max_pool3d if t.dim() == 5 else F.max_pool2d
-        pooled = pool(t, kernel_size=stride, stride=stride, ceil_mode=True)[0, 0]
-        out = torch.zeros(local_grid.shape_zyx, dtype=torch.bool)
-        sl = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, pooled.shape))
-        out[sl] = pooled[sl] > 0
-        return out.reshape(-1)
+        sub = arr[tuple(slice(0, None, s) for s in stride)]
+        mask = body_mask_array(sub, modality)
+        out = np.zeros(local_grid.shape_zyx, dtype=bool)
+        sl = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, mask.shape))
+        out[sl] = mask[sl]
+        return torch.from_numpy(out.reshape(-1))
 
     def _assemble(self, local, glob, local_grid: Grid, global_grid: Grid, image: Image, key: str, body: torch.Tensor) -> EmbeddingMaps:
         mode = "trilinear" if local.dim() == 4 else "bilinear"

@@ -28,11 +28,12 @@ class RawMatch:
     similarity: torch.Tensor | None = None  # (N, V) when kept for heatmaps
 
 
-def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray) -> torch.Tensor:
-    """Embedding vectors (N, C_l + C_g) at LPS mm points, trilinearly interpolated on the local grid.
+def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray, mode: str = "nearest") -> torch.Tensor:
+    """Embedding vectors (N, C_l + C_g) at LPS mm points on the local grid.
 
-    Each half (local, global) is re-normalised, so the dot product with ``maps.features`` divided by 2 is
-    the SAM similarity.
+    ``mode="nearest"`` takes the vector of the nearest local voxel (as the official code does; a point
+    then matches itself exactly), ``"bilinear"`` interpolates. Each half (local, global) is re-normalised,
+    so the dot product with ``maps.features`` divided by 2 is the SAM similarity.
     """
     grid = maps.local_grid
     d = grid.ndim
@@ -43,7 +44,7 @@ def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray) -> torch.Tenso
     C = maps.features.shape[0]
     vol = maps.features.float().reshape(1, C, *grid.shape_zyx)
     g = torch.from_numpy(norm.astype(np.float32)).to(vol.device).reshape(1, -1, *([1] * (d - 1)), d)
-    q = F.grid_sample(vol, g, mode="bilinear", padding_mode="border", align_corners=False).reshape(C, -1).T
+    q = F.grid_sample(vol, g, mode=mode, padding_mode="border", align_corners=False).reshape(C, -1).T
     cl = maps.local_channels
     return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
 
@@ -96,6 +97,31 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     ijk = zyx[:, ::-1]
     pts = grid.index_to_lps(ijk)
     return RawMatch(pts, scores.cpu().numpy().astype(np.float64), flat.cpu().numpy(), sim if keep_similarity else None)
+
+
+def nearest_voxel_lps(maps: EmbeddingMaps, points_lps_mm: np.ndarray) -> np.ndarray:
+    """Centres (N, d) LPS mm of the local voxels nearest to ``points_lps_mm`` (clipped to the grid)."""
+    grid = maps.local_grid
+    d = grid.ndim
+    ijk = np.rint(grid.lps_to_index(np.asarray(points_lps_mm, dtype=np.float64)[:, :d]))
+    ijk = np.clip(ijk, 0, np.asarray(grid.size_ijk) - 1)
+    return grid.index_to_lps(ijk)
+
+
+def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: EmbeddingMaps,
+                 allowed: torch.Tensor | None = None, keep_similarity: bool = False) -> RawMatch:
+    """Match LPS mm points of ``source`` into ``target``.
+
+    Each point is matched through its nearest local voxel; the match is then moved by the point's offset
+    from that voxel centre (a locally rigid sub-voxel correction), so a point matched into its own image
+    comes back to itself.
+    """
+    d = source.local_grid.ndim
+    pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
+    centres = nearest_voxel_lps(source, pts)
+    raw = match_queries(query_vectors(source, centres), target, allowed, keep_similarity)
+    raw.points_lps_mm = raw.points_lps_mm + (pts - centres)
+    return raw
 
 
 def box_mask(maps: EmbeddingMaps, box_lps_mm: np.ndarray) -> torch.Tensor:

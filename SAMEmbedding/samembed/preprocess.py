@@ -155,15 +155,20 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto") -
 
 
 def body_mask(prepared: Prepared, threshold_mapped: float | None = None) -> np.ndarray:
-    """Boolean mask (same shape as ``prepared.array``) of the body: above air, closed, largest component.
+    """Boolean mask (same shape as ``prepared.array``) of the body: above air, closed, largest component,
+    holes filled per axial slice (lungs stay inside), dilated by 2 voxels.
 
     For CT the threshold is -500 HU; for other modalities the 5th percentile of the mapped image.
     """
+    return body_mask_array(prepared.array, prepared.modality, threshold_mapped)
+
+
+def body_mask_array(a: np.ndarray, modality: str, threshold_mapped: float | None = None) -> np.ndarray:
+    """:func:`body_mask` on a bare array of mapped intensities (any grid)."""
     from scipy import ndimage
 
-    a = prepared.array
     if threshold_mapped is None:
-        if prepared.modality == "ct":
+        if modality == "ct":
             threshold_mapped = (-500.0 - CT_RANGE_HU[0]) * 255.0 / (CT_RANGE_HU[1] - CT_RANGE_HU[0]) - 50.0
         else:
             threshold_mapped = float(np.percentile(a, 5.0))

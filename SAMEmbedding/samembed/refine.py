@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .embedding import EmbeddingMaps
-from .matcher import match_queries, query_vectors
+from .matcher import match_points
 
 
 @dataclass
@@ -80,10 +80,10 @@ def refine_points(source: EmbeddingMaps, target: EmbeddingMaps, points_lps_mm: n
     used = np.zeros(len(points_lps_mm), dtype=int)
     for n, p in enumerate(np.asarray(points_lps_mm, dtype=np.float64)[:, :d]):
         q0 = _seed_grid(source, p, margin)
-        k1 = match_queries(query_vectors(source, q0), target, tgt_allowed)
-        q1 = match_queries(query_vectors(target, k1.points_lps_mm), source, src_allowed)
-        k2 = match_queries(query_vectors(source, q1.points_lps_mm), target, tgt_allowed)
-        q2 = match_queries(query_vectors(target, k2.points_lps_mm), source, src_allowed)
+        k1 = match_points(source, q0, target, tgt_allowed)
+        q1 = match_points(target, k1.points_lps_mm, source, src_allowed)
+        k2 = match_points(source, q1.points_lps_mm, target, tgt_allowed)
+        q2 = match_points(target, k2.points_lps_mm, source, src_allowed)
         Q, K, s = q2.points_lps_mm, k2.points_lps_mm, q2.scores
         consistent = np.linalg.norm(Q - q1.points_lps_mm, axis=1) <= cycle
         keep = consistent & (s > min_score)

@@ -36,6 +36,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     time_limit_min: float = 0.0
+    schedule_by_time: bool = False
     # two-view sampling
     local_size: int = 64
     global_size: int = 48

@@ -28,7 +28,7 @@ def find_volumes(sources: list[str], exclude: list[str] | None = None, base: Pat
     """Expand folders (recursive), list files (one path per line) and image paths; drop ``exclude`` globs.
 
     Relative paths inside a list file are relative to the list file; other relative paths to ``base``.
-    Glob patterns match the file name or the full path.
+    Glob patterns match the file name; patterns holding a "/" match the full path.
     """
     base = base or Path.cwd()
     found: list[Path] = []
@@ -48,7 +48,8 @@ def find_volumes(sources: list[str], exclude: list[str] | None = None, base: Pat
         else:
             raise InputError(f"{p}: training data path not found")
     exclude = exclude or []
-    keep = [f for f in found if not any(fnmatch.fnmatch(f.name, pat) or fnmatch.fnmatch(str(f), pat) for pat in exclude)]
+    keep = [f for f in found
+            if not any(fnmatch.fnmatch(str(f) if "/" in pat else f.name, pat) for pat in exclude)]
     return sorted(dict.fromkeys(keep))
 
 

@@ -233,7 +233,14 @@ class Trainer:
         log_path = self.out / "train_log.csv"
         if self.rank == 0 and (not resume or not log_path.exists()):
             log_path.write_text("iteration,loss,local,global,lr,seconds\n", encoding="utf-8")
-        sched = lambda it: min(1.0, (it + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * min(it, cfg.iterations) / cfg.iterations))  # noqa: E731
+        def sched(it: int) -> float:
+            """Warm-up then cosine decay over the iterations (or over the time limit, if it comes first and
+            ``schedule_by_time`` is set; that makes the run depend on machine speed)."""
+            frac = min(it, cfg.iterations) / cfg.iterations
+            if cfg.schedule_by_time and cfg.time_limit_min:
+                frac = max(frac, min(1.0, (time.time() - t0) / (cfg.time_limit_min * 60)))
+            return min(1.0, (it + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * frac))
+
         bar = _bar(cfg.iterations, "train", self.show_progress and self.rank == 0, initial=start)
         t0 = time.time()
         net.train()
