@@ -67,12 +67,12 @@ class Prepared:
 
 
 def detect_modality(image: Image) -> Modality:
-    """Guess the modality: 2D images are radiographs; 3D images whose values reach below -500 are CT (HU)."""
+    """Guess the modality: 2D images are radiographs; 3D images whose values reach below -500 are CT (air in HU)."""
     if image.ndim == 2:
         return "xray"
     lo = float(np.percentile(image.array[:: max(1, image.array.shape[0] // 16)], 0.5))
-    hi = float(image.array.max())
-    return "ct" if lo <= -500.0 and hi >= 100.0 else "mri"
+
+    return "ct" if lo <= -500.0 else "mri"  # MRI and PET values are not that negative
 
 
 def _orient_lps(img):

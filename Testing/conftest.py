@@ -1,0 +1,39 @@
+"""Shared pytest fixtures: where the real data lives, and small helpers.
+
+Real-data tests read ``../shared/data`` (relative to the repository root) in place, or the folder named by
+``SAMEMBED_DATA``; they are skipped with a clear message when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SAMEMBED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def data_file(*parts: str) -> Path:
+    """Path of a file under the shared data folder; skips the test when it is missing."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is missing (set SAMEMBED_DATA or place ../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared data folder (skips when absent)."""
+    if not DATA.is_dir():
+        pytest.skip(f"real data not available: {DATA} is missing (set SAMEMBED_DATA or place ../shared/data beside the repo)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return REPO

@@ -1,0 +1,141 @@
+"""I/O: every format keeps its geometry; point files round-trip in LPS and RAS; bad files fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from samembed.errors import InputError
+from samembed.image import Image, lps_to_ras
+from samembed.io import PointList, read_image, read_points, write_image, write_points
+
+
+def an_oblique_image(shape_zyx=(12, 20, 24)) -> Image:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(-1000, 1500, size=shape_zyx).astype(np.int16)
+    a = np.deg2rad(20)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag([1, -1, 1])
+    return Image.from_array(arr, spacing_mm=(0.8, 0.9, 2.5), origin_lps_mm=(-10.0, 20.0, 30.0), direction=rot, name="oblique")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_volume_formats_keep_voxels_and_geometry(tmp_path, suffix):
+    img = an_oblique_image()
+    path = write_image(img, tmp_path / f"vol{suffix}")
+    back = read_image(path)
+    np.testing.assert_array_equal(back.array, img.array)
+    np.testing.assert_allclose(back.grid.spacing_mm, img.grid.spacing_mm, atol=1e-5)
+    np.testing.assert_allclose(back.grid.origin_lps_mm, img.grid.origin_lps_mm, atol=1e-4)
+    np.testing.assert_allclose(back.grid.direction, img.grid.direction, atol=1e-5)
+
+
+def test_a_dicom_series_folder_reads_as_one_volume(tmp_path):
+    img = sitk.GetImageFromArray(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8))
+    img.SetSpacing((0.7, 0.7, 3.0))
+    img.SetOrigin((5.0, -3.0, 100.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.123456"
+    for k in range(4):
+        sl = img[:, :, k]
+        for tag, value in (("0020|000e", series_uid), ("0020|0013", str(k + 1)), ("0008|0060", "CT"),
+                           ("0020|0032", "\\".join(f"{v:.3f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k)))),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0018|0050", "3.0")):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.Execute(sl)
+    back = read_image(tmp_path)
+    assert back.array.shape == (4, 8, 8)
+    np.testing.assert_allclose(back.grid.origin_lps_mm, (5.0, -3.0, 100.0), atol=1e-3)
+    np.testing.assert_allclose(back.grid.spacing_mm[2], 3.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_png_and_jpeg_read_as_2d_images(tmp_path, suffix):
+    arr = (np.add.outer(np.arange(30), np.arange(40)) * 3 % 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"x{suffix}"))
+    img = read_image(tmp_path / f"x{suffix}")
+    assert img.ndim == 2 and img.array.shape == (30, 40)
+    assert not img.pixel_spacing_known
+    img2 = read_image(tmp_path / f"x{suffix}", spacing_mm=0.2)
+    assert img2.pixel_spacing_known and np.allclose(img2.grid.spacing_mm, 0.2)
+
+
+@pytest.mark.parametrize("name", ["pts.csv", "pts.fcsv", "pts.mrk.json"])
+@pytest.mark.parametrize("ras", [False, True])
+def test_point_files_round_trip_in_lps(tmp_path, name, ras):
+    pts = PointList(["a", "b"], np.array([[1.5, -2.25, 3.0], [-10.0, 20.0, -30.5]]))
+    write_points(pts, tmp_path / name, ras=ras)
+    back = read_points(tmp_path / name, ras=ras)
+    assert back.labels == ["a", "b"]
+    np.testing.assert_allclose(back.points_lps_mm, pts.points_lps_mm, atol=1e-3)
+
+
+def test_markups_json_honours_its_coordinate_system(tmp_path):
+    doc = {"markups": [{"type": "Fiducial", "coordinateSystem": "RAS",
+                        "controlPoints": [{"label": "x", "position": [1.0, 2.0, 3.0]}]}]}
+    (tmp_path / "p.mrk.json").write_text(json.dumps(doc))
+    np.testing.assert_allclose(read_points(tmp_path / "p.mrk.json").points_lps_mm, [[-1.0, -2.0, 3.0]])
+
+
+def test_csv_with_ras_flag_negates_x_and_y(tmp_path):
+    (tmp_path / "p.csv").write_text("label,x,y,z\nq,1,2,3\n")
+    np.testing.assert_allclose(read_points(tmp_path / "p.csv", ras=True).points_lps_mm, [[-1, -2, 3]])
+    np.testing.assert_allclose(lps_to_ras(np.array([[1.0, 2.0, 3.0]])), [[-1, -2, 3]])
+
+
+def test_a_missing_image_names_the_file(tmp_path):
+    with pytest.raises(InputError, match="nope.nii.gz: file not found"):
+        read_image(tmp_path / "nope.nii.gz")
+
+
+def test_a_corrupt_image_names_the_file(tmp_path):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08 this is not a nifti file")
+    with pytest.raises(InputError, match="bad.nii.gz: cannot read"):
+        read_image(bad)
+
+
+def test_a_constant_image_is_rejected(tmp_path):
+    path = write_image(Image.from_array(np.zeros((4, 5, 6), np.int16)), tmp_path / "zero.nii.gz")
+    with pytest.raises(InputError, match="constant"):
+        read_image(path)
+
+
+def test_an_image_with_nans_is_rejected(tmp_path):
+    arr = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    arr[1, 2, 3] = np.nan
+    path = write_image(Image.from_array(arr), tmp_path / "nan.nrrd")  # NIfTI reading drops NaNs
+    with pytest.raises(InputError, match="1 NaN"):
+        read_image(path)
+
+
+def test_an_unwritable_output_is_rejected_before_work(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        write_points(PointList(["a"], np.zeros((1, 3))), tmp_path / "no" / "such" / "dir" / "p.csv")
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import samembed.io as sio
+
+    target = tmp_path / "out.csv"
+    target.write_text("old content\n")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sio.Path, "write_text", boom)
+    with pytest.raises(RuntimeError):
+        sio.write_text_atomic(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old content\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_a_point_file_with_a_bad_number_names_the_row(tmp_path):
+    (tmp_path / "p.csv").write_text("label,x,y,z\nq,1,zz,3\n")
+    with pytest.raises(InputError, match="row 2: 'zz' is not a number"):
+        read_points(tmp_path / "p.csv")
