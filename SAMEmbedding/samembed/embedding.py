@@ -293,7 +293,8 @@ class Embedder:
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
             meta = json.loads(d["meta"])
-            return self._assemble(d["local"].to(self.device), d["global"].to(self.device), _grid_from_dict(meta["local_grid"]),
+            dtype = torch.float16 if self.half else torch.float32
+            return self._assemble(d["local"].to(self.device, dtype), d["global"].to(self.device, dtype), _grid_from_dict(meta["local_grid"]),
                                   _grid_from_dict(meta["global_grid"]), image, key, d["body"])
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed, never fatal
             log.warning("ignoring damaged cache entry %s: %s", path, e)

@@ -1,0 +1,83 @@
+"""Embedding engine: tiled equals untiled, caches (memory LRU with a cap, disk), device handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samembed.embedding import EmbeddingCache, Embedder, resolve_device
+from samembed.errors import DeviceUnavailableError
+from samembed.image import Image
+from samembed.models import random_model
+
+
+def a_ct_like_image(shape=(40, 56, 48), seed=0) -> Image:
+    rng = np.random.default_rng(seed)
+    arr = np.full(shape, -1000, np.int16)
+    z, y, x = np.indices(shape)
+    body = ((y - shape[1] / 2) ** 2 / (0.4 * shape[1]) ** 2 + (x - shape[2] / 2) ** 2 / (0.4 * shape[2]) ** 2) < 1
+    arr[body] = rng.normal(40, 30, body.sum()).astype(np.int16)
+    arr[(np.abs(x - shape[2] / 2) < 3) & (np.abs(y - shape[1] * 0.6) < 3)] = 700  # a "spine"
+    return Image.from_array(arr, spacing_mm=(2.0, 2.0, 2.0), origin_lps_mm=(-40.0, -50.0, 10.0), name="ct-like")
+
+
+@pytest.fixture(scope="module")
+def a_model():
+    return random_model("sam-lite", seed=3)
+
+
+def test_tiled_and_untiled_embeddings_agree(a_model):
+    img = a_ct_like_image((72, 48, 40))
+    whole = Embedder(a_model, "cpu", EmbeddingCache(), max_tile_voxels=10**9).embed(img)
+    tiled = Embedder(a_model, "cpu", EmbeddingCache(), max_tile_voxels=48 * 40 * 8).embed(img)  # many slabs
+    assert whole.local.shape == tiled.local.shape
+    torch.testing.assert_close(tiled.local, whole.local, atol=2e-5, rtol=0)
+    torch.testing.assert_close(tiled.features, whole.features, atol=2e-5, rtol=0)
+
+
+def test_the_memory_cache_evicts_least_recently_used_beyond_its_cap(a_model):
+    imgs = [a_ct_like_image(seed=s) for s in range(3)]
+    first = Embedder(a_model, "cpu", EmbeddingCache()).embed(imgs[0])
+    cache = EmbeddingCache(max_bytes=int(first.nbytes * 2.5))
+    emb = Embedder(a_model, "cpu", cache)
+    keys = [emb.embed(im).key for im in imgs]
+    assert len(cache) == 2 and cache.get(keys[0]) is None and cache.get(keys[2]) is not None
+    assert cache.nbytes <= cache.max_bytes
+
+
+def test_the_disk_cache_returns_the_same_embeddings(a_model, tmp_path):
+    img = a_ct_like_image()
+    e1 = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    m1 = e1.embed(img)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    m2 = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
+    torch.testing.assert_close(m2.local, m1.local, atol=2e-3, rtol=0)  # stored as fp16
+    assert m2.local_grid.same_as(m1.local_grid) and torch.equal(m2.body, m1.body)
+
+
+def test_cache_keys_depend_on_content_and_model(a_model):
+    img = a_ct_like_image()
+    other = random_model("sam-lite", seed=4)
+    k1 = Embedder(a_model).key(img)
+    assert k1 == Embedder(a_model).key(a_ct_like_image())
+    assert k1 != Embedder(other).key(img)
+    assert k1 != Embedder(a_model).key(a_ct_like_image(seed=9))
+
+
+def test_cuda_requested_but_absent_errors_or_falls_back_with_a_warning():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceUnavailableError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.warns(UserWarning, match="falling back to the CPU"):
+        assert resolve_device("cuda", fallback=True).type == "cpu"
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_a_2d_image_needs_a_2d_model(a_model):
+    from samembed.errors import InputError
+
+    img2d = Image.from_array(np.random.default_rng(0).random((64, 64)).astype(np.float32), name="xray.png")
+    with pytest.raises(InputError, match="xray.png: a 2D image cannot be embedded by the 3D model"):
+        Embedder(a_model).embed(img2d)

@@ -1,0 +1,131 @@
+"""Networks: the official SAM/SAMv2 layout key by key, checkpoint loading and its errors, sam-lite shapes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samembed.errors import CheckpointError
+from samembed.models import load_checkpoint, load_model, save_checkpoint
+from samembed.networks import build_network
+from samembed.preprocess import PreprocessConfig
+
+SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "sam_official_checkpoint.md"
+
+
+def spec_rows() -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, 'both'|'SAMv2 only') rows of the reference table in section 1.3."""
+    if not SPEC.is_file():
+        pytest.skip(f"reference spec not available: {SPEC}")
+    rows = []
+    for line in SPEC.read_text().splitlines():
+        m = re.match(r"\|\s*\d+\s*\|\s*`([^`]+)`\s*\|\s*([^|]+)\|\s*[\d,]+\s*\|[^|]+\|\s*([^|]+?)\s*\|", line)
+        if m:
+            shape_txt = m.group(2).strip()
+            shape = () if shape_txt.startswith("[]") else tuple(int(v) for v in shape_txt.strip("[] ").split(","))
+            rows.append((m.group(1), shape, m.group(3)))
+    return rows
+
+
+def an_official_checkpoint(path: Path, semantic: bool) -> dict:
+    """An mmcv-style checkpoint generated from the spec: every key and shape, random values, meta and optimizer."""
+    rows = [r for r in spec_rows() if semantic or r[2] == "both"]
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for key, shape, _ in rows:
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(100, dtype=torch.int64)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=g) * 0.05
+    torch.save({"meta": {"mmdet_version": "2.20.0", "iter": 19999, "CLASSES": None},
+                "state_dict": state, "optimizer": {"state": {}, "param_groups": [{"lr": 0.02}]}}, path)
+    return state
+
+
+@pytest.mark.parametrize("semantic,entries,params", [(False, 138, 32_832_960), (True, 146, 33_333_184)])
+def test_official_network_has_exactly_the_spec_keys_and_shapes(semantic, entries, params):
+    rows = [r for r in spec_rows() if semantic or r[2] == "both"]
+    assert len(rows) == entries
+    net = build_network("sam-official", {"semantic": semantic})
+    sd = net.state_dict()
+    assert list(sd) == [k for k, _, _ in rows]  # same names, same order
+    assert all(tuple(sd[k].shape) == shape for k, shape, _ in rows)
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+@pytest.mark.parametrize("semantic", [False, True])
+def test_an_official_checkpoint_loads_without_mmcv(tmp_path, semantic):
+    path = tmp_path / ("SAMv2_iter_20000.pth" if semantic else "SAM.pth")
+    state = an_official_checkpoint(path, semantic)
+    model = load_checkpoint(path)
+    assert model.spec.arch == "sam-official"
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(v, state[k].to(v.dtype)), k
+    x = torch.randn(1, 1, 16, 48, 40)
+    with torch.no_grad():
+        outs = model.net.forward_all(x)
+    assert [tuple(o.shape) for o in outs[:2]] == [(1, 128, 8, 24, 20), (1, 128, 4, 3, 3)]
+    assert len(outs) == (3 if semantic else 2)
+    assert torch.allclose(outs[0].norm(dim=1), torch.ones(1), atol=1e-4)
+    assert "official" not in model.info  # not one of the known SHA-256 values
+
+
+@pytest.mark.parametrize("shape,fine,coarse", [((33, 97, 95), (16, 49, 48), (8, 7, 6)), ((7, 50, 21), (3, 25, 11), (2, 4, 2))])
+def test_official_output_sizes_match_the_worked_examples(shape, fine, coarse):
+    net = build_network("sam-official").eval()
+    with torch.no_grad():
+        loc, glob = net(torch.zeros(1, 1, *shape))
+    assert tuple(loc.shape[2:]) == fine and tuple(glob.shape[2:]) == coarse
+
+
+def test_a_checkpoint_of_another_architecture_lists_the_mismatches(tmp_path):
+    path = tmp_path / "lite_as_official.pth"
+    torch.save({"state_dict": build_network("sam-lite").state_dict()}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert "lite_as_official.pth" in msg and "missing keys" in msg and "unexpected keys" in msg
+
+
+def test_a_shape_mismatch_is_named(tmp_path):
+    path = tmp_path / "bad_shape.pth"
+    state = an_official_checkpoint(path, False)
+    state["neck.fpn_convs.0.conv.weight"] = torch.zeros(64, 128, 3, 3, 3)
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointError, match=r"neck.fpn_convs.0.conv.weight: checkpoint \[64, 128, 3, 3, 3\], expected \[128, 128, 3, 3, 3\]"):
+        load_checkpoint(path)
+
+
+def test_a_corrupt_checkpoint_fails_clearly(tmp_path):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"PK\x03\x04 definitely not a torch file")
+    with pytest.raises(CheckpointError, match="corrupt.pt: cannot read checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_samembed_checkpoint_restores_architecture_and_preprocessing(tmp_path):
+    net = build_network("sam-lite", {"fpn_channels": 16, "local_channels": 32})
+    prep = PreprocessConfig(spacing_mm=3.0, fill="air")
+    path = save_checkpoint(tmp_path / "mine.pt", net, prep, name="mine", half=True)
+    model = load_model(str(path))
+    assert model.preprocess == prep and model.spec.local_channels == 32 and model.model_id.startswith("mine@")
+    with pytest.raises(CheckpointError, match="holds architecture 'sam-lite'"):
+        load_checkpoint(path, arch="sam-official")
+
+
+def test_sam_lite_maps_are_unit_vectors_on_the_documented_grids():
+    net = build_network("sam-lite").eval()
+    with torch.no_grad():
+        loc, glob = net(torch.randn(1, 1, 32, 48, 64) * 50)
+    assert tuple(loc.shape) == (1, 64, 16, 24, 32) and tuple(glob.shape) == (1, 64, 4, 6, 8)
+    np.testing.assert_allclose(loc.norm(dim=1).numpy(), 1.0, atol=1e-5)
+    net2d = build_network("sam-lite-2d").eval()
+    with torch.no_grad():
+        loc2, glob2 = net2d(torch.randn(1, 1, 64, 48))
+    assert tuple(loc2.shape) == (1, 64, 32, 24) and tuple(glob2.shape) == (1, 64, 8, 6)
