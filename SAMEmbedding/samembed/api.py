@@ -131,7 +131,7 @@ class Matcher:
     def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",
                  cache_bytes: int = 3 << 30, cache_dir: str | os.PathLike | None = None, modality: str = "auto",
                  search_body: bool = True, roundtrip_tolerance_mm: float | None = None,
-                 max_tile_voxels: int = 12_000_000, cuda_fallback: bool = False) -> None:
+                 max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False) -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
@@ -158,6 +158,7 @@ class Matcher:
             refine: cycle-consistent fixed-point refinement (slower, usually more accurate).
             mask: restrict the search to non-zero voxels of this image (in the targets' space), or None.
             box_lps_mm: restrict the search to an LPS box [[x0, y0, z0], [x1, y1, z1]] mm, or None.
+                A mask or box replaces the default restriction to the body.
             progress: called as ``progress(done, total, message)`` after each target.
             cancel: when set, stops between targets and raises :class:`Cancelled` with the partial result.
 
@@ -197,7 +198,9 @@ class Matcher:
                                  "use images of the same dimension")
             tmaps = self.embedder.embed(tgt, cancel=cancel)
             t_embed = time.time() - t1
-            allowed = tmaps.search_mask(self.search_body)
+            # an explicit mask or box replaces the default body restriction
+            explicit = mask_img is not None or box_lps_mm is not None
+            allowed = tmaps.search_mask(self.search_body and not explicit)
             if not bool(allowed.any()):
                 allowed = tmaps.valid
             if mask_img is not None:

@@ -157,7 +157,7 @@ class Embedder:
     """
 
     def __init__(self, model: LoadedModel, device: torch.device | str = "cpu", cache: EmbeddingCache | None = None,
-                 cache_dir: str | Path | None = None, max_tile_voxels: int = 12_000_000, modality: str = "auto") -> None:
+                 cache_dir: str | Path | None = None, max_tile_voxels: int = 24_000_000, modality: str = "auto") -> None:
         self.model = model
         self.device = resolve_device(device)
         self.cache = cache if cache is not None else EmbeddingCache()

@@ -96,6 +96,7 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     zyx = _subvoxel(masked, flat, grid.shape_zyx)
     ijk = zyx[:, ::-1]
     pts = grid.index_to_lps(ijk)
+    scores = scores.clamp(-1.0, 1.0)  # float rounding can exceed 1 by ~1e-7
     return RawMatch(pts, scores.cpu().numpy().astype(np.float64), flat.cpu().numpy(), sim if keep_similarity else None)
 
 
@@ -158,7 +159,7 @@ def heatmap_image(sim_row: torch.Tensor, target: EmbeddingMaps, name: str = "hea
 
     grid: Grid = target.local_grid
     vol = sim_row.float().reshape(grid.shape_zyx).cpu().numpy()
-    vol = np.where(np.isfinite(vol), vol, -1.0).astype(np.float32)
+    vol = np.clip(np.where(np.isfinite(vol), vol, -1.0), -1.0, 1.0).astype(np.float32)
     src = image_to_sitk(Image(vol, grid, name))
     ref = image_to_sitk(Image(np.zeros(target.image_grid.shape_zyx, dtype=np.uint8), target.image_grid))
     out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, -1.0, sitk.sitkFloat32)

@@ -59,13 +59,13 @@ def map_positions_mm(view, out_shape: tuple[int, ...]) -> torch.Tensor:
         st = n / m
         axes.append(view.start_mm[a] + view.step_mm[a] * (st * torch.arange(m, dtype=torch.float32) + (st - 1) / 2))
     mesh = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack(mesh, -1).reshape(-1, len(in_shape))
+    return view.to_world(torch.stack(mesh, -1).reshape(-1, len(in_shape)))  # rotated views (2D augmentation)
 
 
 def inside_view(view, points_mm: torch.Tensor, margin_vox: float = 1.0) -> torch.Tensor:
     """Bool per point: inside the view's extent shrunk by ``margin_vox`` view voxels."""
     n = torch.tensor(view.image.shape[1:], dtype=torch.float32)
-    idx = (points_mm - view.start_mm) / view.step_mm
+    idx = (view.to_view(points_mm) - view.start_mm) / view.step_mm
     return ((idx >= margin_vox) & (idx <= n - 1 - margin_vox)).all(1)
 
 
@@ -124,9 +124,10 @@ class Trainer:
         out = []
         for c in centres:
             s = float(rng.uniform(*cfg.scale_range))
-            lv = sample_view(arr, c, cfg.local_size, sp * s, sp, fill)
+            ang = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg)) if cfg.rotation_deg else 0.0
+            lv = sample_view(arr, c, cfg.local_size, sp * s, sp, fill, ang)
             gc = c + rng.uniform(-cfg.global_jitter_mm, cfg.global_jitter_mm, d)
-            gv = sample_view(pooled, gc, cfg.global_size, 4 * sp * s, 4 * sp, fill)
+            gv = sample_view(pooled, gc, cfg.global_size, 4 * sp * s, 4 * sp, fill, ang)
             lv.image = augment(lv.image, rng, cfg.noise_std, cfg.blur_p, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
             gv.image = augment(gv.image, rng, cfg.noise_std, cfg.blur_p * 0.5, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
             out.append((lv, gv))
@@ -176,7 +177,7 @@ class Trainer:
             n_rand = cfg.global_candidates
             lo = gb.start_mm
             hi = gb.start_mm + gb.step_mm * (torch.tensor(gb.image.shape[1:], dtype=torch.float32) - 1)
-            R = lo + (hi - lo) * torch.rand((n_rand, len(lo)), generator=gen)
+            R = gb.to_world(lo + (hi - lo) * torch.rand((n_rand, len(lo)), generator=gen))
             Q = torch.cat([P, R])
             glob_anchor.append((a_glob, P, b))
             glob_cands.append(torch.cat([p_glob, sample_at(gmb, gb.mm_to_norm(R, ()))]))

@@ -1,0 +1,146 @@
+"""Matcher on real CTs: self-matching, a known rigid transform, heatmaps, search restrictions, bad input."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from samembed import Matcher
+from samembed.errors import InputError
+from samembed.io import image_from_sitk, image_to_sitk, read_image
+from samembed.models import registry
+
+from ..conftest import data_file
+
+
+def popi_landmarks() -> np.ndarray:
+    rows = csv.DictReader(data_file("ct", "popi", "landmarks", "popi_landmarks_all_phases.csv").open())
+    return np.array([[float(r["x_lps_mm"]), float(r["y_lps_mm"]), float(r["z_lps_mm"])]
+                     for r in rows if r["phase"] == "00" and r["is_artifact_point"] == "0"])
+
+
+def trained_default_available() -> bool:
+    return any(m.get("name") == "default" and m.get("file") for m in registry().get("models", []))
+
+
+@pytest.fixture(scope="module")
+def a_random_matcher():
+    return Matcher("random:sam-lite", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def popi_ct():
+    return read_image(data_file("ct", "popi", "popi_00_ct.nii.gz"))
+
+
+@pytest.mark.needs_data
+def test_self_matching_returns_each_popi_landmark_within_one_network_voxel(a_random_matcher, popi_ct):
+    pts = popi_landmarks()
+    assert len(pts) == 40
+    res = a_random_matcher.match(popi_ct, pts, [popi_ct])
+    found = np.array([m.point_lps_mm for m in res.matches])
+    err = np.linalg.norm(found - pts, axis=1)
+    voxel = np.linalg.norm(a_random_matcher.embed(popi_ct).local_grid.spacing_mm)  # 4 mm grid diagonal
+    assert err.max() <= voxel, f"max self-match error {err.max():.2f} mm"
+    assert all(-1.0 <= m.score <= 1.0 for m in res.matches)
+    assert all(m.confident for m in res.matches)
+
+
+def a_rigid_copy(image, angle_deg=6.0, translation_mm=(12.0, -8.0, 5.0), spacing_mm=(1.2, 1.2, 2.0)):
+    """Resample ``image`` through a rigid transform T onto a new grid: target(y) = source(T(y)).
+
+    A source point p then sits at T^-1(p) in the target.
+    """
+    src = image_to_sitk(image)
+    t = sitk.Euler3DTransform()
+    centre = src.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in src.GetSize()])
+    t.SetCenter(centre)
+    t.SetRotation(np.deg2rad(2.0), np.deg2rad(-3.0), np.deg2rad(angle_deg))
+    t.SetTranslation(translation_mm)
+    size = [int(round(n * s / ns)) for n, s, ns in zip(src.GetSize(), src.GetSpacing(), spacing_mm)]
+    ref = sitk.Image(size, sitk.sitkInt16)
+    ref.SetSpacing(spacing_mm)
+    ref.SetOrigin(src.GetOrigin())
+    out = sitk.Resample(src, ref, t, sitk.sitkLinear, -1024, sitk.sitkInt16)
+    inv = t.GetInverse()
+    return image_from_sitk(out, "rigid copy"), (lambda pts: np.array([inv.TransformPoint(tuple(p)) for p in pts]))
+
+
+def lidc_structure_points(n=12) -> np.ndarray:
+    """Centroids of the largest automatic labels of LIDC-IDRI-0001 (LPS mm)."""
+    seg = sitk.ReadImage(str(data_file("ct", "lidc", "LIDC-IDRI-0001_seg_auto.nii.gz")))
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(seg)
+    labels = sorted(stats.GetLabels(), key=lambda lab: -stats.GetNumberOfPixels(lab))[:n]
+    return np.array([stats.GetCentroid(lab) for lab in labels])
+
+
+@pytest.mark.needs_data
+@pytest.mark.skipif(not trained_default_available(), reason="the trained default model is not registered yet")
+def test_a_known_rigid_transform_is_recovered_by_the_default_model():
+    src = read_image(data_file("ct", "lidc", "LIDC-IDRI-0001_ct.nii.gz"))
+    tgt, to_target = a_rigid_copy(src)
+    pts = lidc_structure_points()
+    truth = to_target(pts)
+    res = Matcher("default", device="cpu").match(src, pts, [tgt])
+    err = np.linalg.norm(np.array([m.point_lps_mm for m in res.matches]) - truth, axis=1)
+    # measured: see the README benchmark section; the tolerance leaves room for the 4 mm grid
+    assert np.median(err) < 6.0 and err.max() < 20.0, f"errors {np.round(err, 1)}"
+
+
+@pytest.mark.needs_data
+def test_heatmaps_have_the_target_geometry_and_peak_at_the_match(a_random_matcher):
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    tgt = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
+    p = src.grid.index_to_lps([[64, 60, 70]])
+    res = a_random_matcher.match(src, p, [tgt], ["brain"], heatmap=True)
+    hm = res.heatmaps[(0, "brain")]
+    assert hm.grid.same_as(tgt.grid) and hm.array.dtype == np.float32
+    assert -1.0 <= hm.array.min() and hm.array.max() <= 1.0
+    peak = tgt.grid.index_to_lps([np.unravel_index(np.argmax(hm.array), hm.array.shape)[::-1]])[0]
+    assert np.linalg.norm(peak - res.matches[0].point_lps_mm) < 8.0  # within two network voxels
+
+
+@pytest.mark.needs_data
+def test_a_search_box_and_a_mask_restrict_the_match(a_random_matcher):
+    from samembed.image import Image
+
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    p = src.grid.index_to_lps([[64, 60, 70]])
+    centre = src.grid.index_to_lps([[30, 30, 30]])[0]
+    box = np.stack([centre - 20, centre + 20])
+    m = a_random_matcher.match(src, p, [src], box_lps_mm=box).matches[0]
+    assert np.all(m.point_lps_mm >= box[0] - 4) and np.all(m.point_lps_mm <= box[1] + 4)
+    mask = np.zeros(src.array.shape, np.uint8)
+    mask[80:90, 20:40, 20:40] = 1
+    m2 = a_random_matcher.match(src, p, [src], mask=Image(mask, src.grid, "mask")).matches[0]
+    ijk = src.grid.lps_to_index(m2.point_lps_mm[None])[0]
+    assert 18 <= ijk[0] <= 42 and 18 <= ijk[1] <= 42 and 78 <= ijk[2] <= 92
+
+
+@pytest.mark.needs_data
+def test_refinement_returns_points_near_the_plain_match_on_a_self_match(a_random_matcher, popi_ct):
+    pts = popi_landmarks()[:3]
+    res = a_random_matcher.match(popi_ct, pts, [popi_ct], refine=True)
+    err = np.linalg.norm(np.array([m.point_lps_mm for m in res.matches]) - pts, axis=1)
+    assert err.max() < 4.0
+
+
+@pytest.mark.needs_data
+def test_a_point_outside_the_source_is_named_with_its_frame(a_random_matcher):
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    with pytest.raises(InputError, match=r"pt_201_ct.nii.gz: point 'far' at .* mm LPS lies outside the image; if the coordinates are RAS, pass --ras"):
+        a_random_matcher.match(src, [[1e4, 0, 0]], [src], ["far"])
+
+
+def test_a_2d_source_with_a_3d_target_is_rejected():
+    from samembed.image import Image
+
+    rng = np.random.default_rng(0)
+    src = Image.from_array(rng.random((40, 40)).astype(np.float32) * 100, name="xray.png")
+    tgt = Image.from_array((rng.random((16, 40, 40)) * 2000 - 1000).astype(np.int16), name="ct.nii.gz")
+    with pytest.raises(InputError, match="ct.nii.gz: a 3D target cannot be matched with the 2D source xray.png"):
+        Matcher("random:sam-lite-2d", device="cpu").match(src, [[10.0, 10.0, 0.0]], [tgt], target_names=["ct.nii.gz"])
