@@ -1,0 +1,134 @@
+"""The ``samembed`` command end to end, and its exit codes for every bad-input case."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from samembed.cli import main
+
+from ..conftest import data_file
+
+
+@pytest.fixture(scope="module")
+def two_cts():
+    return data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"), data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz")
+
+
+@pytest.fixture()
+def a_points_csv(tmp_path, two_cts):
+    from samembed.io import read_image
+
+    grid = read_image(two_cts[0]).grid
+    pts = grid.index_to_lps([[64, 60, 70], [50, 70, 40]])
+    path = tmp_path / "pts.csv"
+    path.write_text("label,x,y,z\n" + "".join(f"{lab},{p[0]},{p[1]},{p[2]}\n" for lab, p in zip(["A", "B"], pts)))
+    return path, pts
+
+
+@pytest.mark.needs_data
+def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv):
+    pts_path, _ = a_points_csv
+    out = tmp_path / "matches.csv"
+    code = main(["match", str(two_cts[0]), str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                 "--heatmap-dir", str(tmp_path / "hm"), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["label"] for r in rows] == ["A", "B", "A", "B"]
+    assert set(rows[0]) == {"target", "label", "x", "y", "z", "score", "confident"}
+    assert all(-1 <= float(r["score"]) <= 1 for r in rows)
+    assert len(list((tmp_path / "hm").glob("*_heatmap.nii.gz"))) == 4
+
+
+@pytest.mark.needs_data
+def test_match_into_a_folder_writes_one_markups_file_per_target_in_ras(tmp_path, two_cts, a_points_csv):
+    pts_path, pts = a_points_csv
+    ras_csv = tmp_path / "ras.csv"
+    ras_csv.write_text("label,x,y,z\n" + "".join(f"{lab},{-p[0]},{-p[1]},{p[2]}\n" for lab, p in zip(["A", "B"], pts)))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["match", str(two_cts[0]), str(two_cts[0]), "--points", str(ras_csv), "--out", str(out), "--ras",
+                 "--model", "random:sam-lite", "--quiet"]) == 0
+    doc = json.loads((out / "pt_201_ct.mrk.json").read_text())
+    assert doc["markups"][0]["coordinateSystem"] == "RAS"
+    cps = doc["markups"][0]["controlPoints"]
+    got_ras = np.array([c["position"] for c in cps])
+    assert np.linalg.norm(got_ras - pts * [-1, -1, 1], axis=1).max() < 8.0  # self-match, in RAS
+    assert "score=" in cps[0]["description"]
+
+
+@pytest.mark.needs_data
+def test_embed_fills_the_disk_cache(tmp_path, two_cts):
+    assert main(["embed", str(two_cts[0]), "--cache-dir", str(tmp_path / "c"), "--model", "random:sam-lite", "--quiet"]) == 0
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 1
+
+
+def test_info_lists_models_and_device(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "device:" in out and "default" in out
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "samembed.cli", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.needs_data
+def test_bad_inputs_exit_with_2_and_a_message_naming_the_problem(tmp_path, two_cts, a_points_csv):
+    pts_path, _ = a_points_csv
+    src, tgt = map(str, two_cts)
+    common = ["--model", "random:sam-lite", "--quiet"]
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"garbage")
+    outside = tmp_path / "outside.csv"
+    outside.write_text("label,x,y,z\nfar,10000,0,0\n")
+    bad_ckpt = tmp_path / "bad.pt"
+    torch.save({"state_dict": {"foo": torch.zeros(2)}}, bad_ckpt)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    xray = tmp_path / "x.png"
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)), str(xray))
+    cases = {
+        "file not found": ["match", str(tmp_path / "missing.nii.gz"), tgt, "--points", str(pts_path), "--out", str(tmp_path / "o.csv")],
+        "cannot read this image": ["match", src, str(corrupt), "--points", str(pts_path), "--out", str(tmp_path / "o.csv")],
+        "lies outside the image": ["match", src, tgt, "--points", str(outside), "--out", str(tmp_path / "o.csv")],
+        "does not fit architecture": ["match", src, tgt, "--points", str(pts_path), "--out", str(tmp_path / "o.csv"), "--model", str(bad_ckpt)],
+        "cannot be matched with the 3D source": ["match", src, str(xray), "--points", str(pts_path), "--out", str(tmp_path / "o.csv")],
+        "point file not found": ["match", src, tgt, "--points", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o.csv")],
+    }
+    if os.geteuid() != 0:  # root can write anywhere
+        cases["not writable"] = ["match", src, tgt, "--points", str(pts_path), "--out", str(ro / "o.csv")]
+    else:
+        cases["does not exist"] = ["match", src, tgt, "--points", str(pts_path), "--out", str(tmp_path / "no" / "o.csv")]
+    if not torch.cuda.is_available():
+        cases["no CUDA device"] = ["match", src, tgt, "--points", str(pts_path), "--out", str(tmp_path / "o.csv"), "--device", "cuda"]
+    for expected, args in cases.items():
+        extra = ["--quiet"] if "--model" in args else common
+        res = run_cli(*args, *extra)
+        assert res.returncode == 2, f"{expected}: exit {res.returncode}\n{res.stderr}"
+        assert expected in res.stderr and "Traceback" not in res.stderr, f"{expected}: {res.stderr}"
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_the_default_model_without_weights_says_what_to_do(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "models.json").write_text(json.dumps({"models": [{"name": "default", "architecture": "sam-lite", "file": None,
+                                                                 "note": "not trained yet"}]}))
+    monkeypatch.setenv("SAMEMBED_MODELS_DIR", str(models))
+    from samembed.errors import ModelNotAvailableError
+    from samembed.models import load_model
+
+    with pytest.raises(ModelNotAvailableError, match="model 'default' has no weights on this machine .*--model PATH"):
+        load_model("default")
