@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up the environment (see setup_env.sh) and run every test. Real-data tests read ../shared/data
+# (or $SAMEMBED_DATA) and are skipped with a message when it is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+python -m pytest -q -rs Testing "$@"
