@@ -1,0 +1,750 @@
+"""All behaviour of the SAMEmbedding module, on MRML nodes, without a GUI.
+
+:class:`MatchLogic` takes the scene in its constructor and never reaches for ``slicer.app``, ``qt`` or a
+global scene, so it runs inside 3D Slicer and on ``slicer-core`` alike. A match goes in three steps:
+
+1. :meth:`MatchLogic.prepareMatch` (main thread) validates the input and converts MRML volumes and points
+   into engine objects (voxels copied, LPS geometry): a :class:`MatchJob`.
+2. :meth:`MatchJob.run` (any thread) calls the engine, one target at a time; it touches no MRML.
+3. :meth:`MatchLogic.applyTargetResult` and :meth:`MatchLogic.finishJob` (main thread) write the output
+   point lists, the heatmap volume and the results table.
+
+:meth:`MatchLogic.matchPoints` does all three in the calling thread; :meth:`MatchLogic.startMatch` runs
+step 2 on a :class:`~SAMEmbeddingLib.worker.Worker` and steps 3 when the worker is polled.
+
+>>> logic = MatchLogic(slicer.mrmlScene)                                   # doctest: +SKIP
+>>> outputs = logic.matchPoints(sourceVolume, sourcePointList, [targetVolume])   # doctest: +SKIP
+>>> outputs.pointLists[0].GetName()                                        # doctest: +SKIP
+'target matches'
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import vtk
+
+from samembed import Cancelled, Image, InputError
+
+from . import mrml_io
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, float, str], None]
+
+ROLE_ATTRIBUTE = "SAMEmbedding.Role"
+"""Node attribute naming what an output node is: ``matches``, ``heatmap`` or ``results``."""
+POINT_MAP_ATTRIBUTE = "SAMEmbedding.PointMap"
+"""Attribute of a ``matches`` point list: JSON ``{source control point ID: output control point ID}``."""
+SOURCE_REFERENCE = "SAMEmbeddingSourcePoints"
+TARGET_REFERENCE = "SAMEmbeddingTargetVolume"
+
+CONFIDENT_COLOR = (0.20, 0.85, 0.30)
+"""Colour of a confident match (shown as the point list's *selected* colour)."""
+UNCERTAIN_COLOR = (1.00, 0.45, 0.10)
+"""Colour of a match whose round trip misses the source point (the *unselected* colour)."""
+HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeIron", "vtkMRMLPETProceduralColorNodePET-Heat")
+TABLE_COLUMNS = ("label", "target", "R", "A", "S", "score", "confident")
+_SCORE_RE = re.compile(r"score (-?[0-9.]+)")
+
+
+class MatcherProtocol(Protocol):
+    """The engine seam: what :class:`MatchLogic` needs from a ``samembed.Matcher``."""
+
+    def match(self, source, points_lps_mm, targets, labels=None, **kwargs): ...
+
+    def clear_cache(self) -> None: ...
+
+    @property
+    def cache_bytes(self) -> int: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# value objects
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TargetSpec:
+    """One target of a job: node ID and name at preparation time, and its engine image."""
+
+    nodeID: str
+    name: str
+    image: Image
+
+
+@dataclass
+class TargetResult:
+    """Matches of every job point in one target (engine ``Match`` objects, labels = source point IDs)."""
+
+    nodeID: str
+    name: str
+    matches: list
+    heatmaps: dict = field(default_factory=dict)  # source point ID -> samembed.Image on the target's grid
+
+
+@dataclass
+class JobOutcome:
+    """What :meth:`MatchJob.run` returns: finished targets, and whether it stopped on a cancel."""
+
+    results: list[TargetResult]
+    cancelled: bool = False
+
+
+@dataclass
+class MatchRow:
+    """One match as the results table shows it (RAS mm, score in [-1, 1])."""
+
+    label: str
+    target: str
+    pointRAS: np.ndarray
+    score: float
+    confident: bool
+
+
+@dataclass
+class MatchOutputs:
+    """The nodes a match wrote.
+
+    Attributes:
+        pointLists: one ``"<target> matches"`` point list per finished target, in target order.
+        table: the results table of the source point list.
+        heatmaps: target node ID -> similarity volume node (only when a heatmap was asked for).
+        rows: one :class:`MatchRow` per match of this call.
+        cancelled: True when the call stopped on a cancel; the finished targets are kept.
+    """
+
+    pointLists: list = field(default_factory=list)
+    table: Any = None
+    heatmaps: dict = field(default_factory=dict)
+    rows: list[MatchRow] = field(default_factory=list)
+    cancelled: bool = False
+
+
+@dataclass
+class MatchJob:
+    """Everything the engine needs for one match, detached from MRML (safe to run on a worker thread).
+
+    Attributes:
+        sourceVolumeID, sourcePointListID: the input nodes (looked up again when results are applied).
+        pointIDs, labels: source control point IDs (the engine labels) and their display labels.
+        pointsLPS: (N, 3) source points, world LPS mm.
+        sourceImage: the source volume as an engine image.
+        targets: one :class:`TargetSpec` per target volume.
+        heatmapPointID, heatmapTargetID: the point whose similarity map to compute, and in which target.
+        refine: use the engine's cycle-consistent refinement.
+    """
+
+    sourceVolumeID: str
+    sourcePointListID: str
+    pointIDs: list[str]
+    labels: list[str]
+    pointsLPS: np.ndarray
+    sourceImage: Image
+    targets: list[TargetSpec]
+    heatmapPointID: str | None = None
+    heatmapTargetID: str | None = None
+    refine: bool = False
+    showHeatmap: bool = True
+
+    def run(self, matcher: MatcherProtocol, cancel: threading.Event | None = None, progress: ProgressFn | None = None,
+            onTarget: Callable[[TargetResult], None] | None = None) -> JobOutcome:
+        """Match every point into every target, one target at a time; touches no MRML.
+
+        Args:
+            matcher: the engine.
+            cancel: checked before each target and by the engine between tiles; finished targets are kept.
+            progress: called as ``progress(done, total, message)`` before and after each target.
+            onTarget: called with each finished :class:`TargetResult` as soon as it is ready.
+
+        Returns:
+            :class:`JobOutcome` with the finished targets, ``cancelled`` True when stopped early.
+
+        Raises:
+            samembed.SamEmbedError: the engine refused the input or the model (message says why).
+        """
+        outcome = JobOutcome([])
+        total = len(self.targets)
+        for n, target in enumerate(self.targets):
+            if cancel is not None and cancel.is_set():
+                outcome.cancelled = True
+                break
+            if progress:
+                progress(n, total, f"Matching {len(self.pointIDs)} point(s) in {target.name}")
+            try:
+                result = self._matchOne(matcher, target, cancel)
+            except Cancelled:
+                outcome.cancelled = True
+                break
+            outcome.results.append(result)
+            if onTarget:
+                onTarget(result)
+            if progress:
+                progress(n + 1, total, f"Matched in {target.name}")
+        return outcome
+
+    def _matchOne(self, matcher: MatcherProtocol, target: TargetSpec, cancel) -> TargetResult:
+        wantHeatmap = self.heatmapPointID is not None and target.nodeID == self.heatmapTargetID
+        together = wantHeatmap and len(self.pointIDs) == 1
+        res = matcher.match(self.sourceImage, self.pointsLPS, [target.image], labels=self.pointIDs, heatmap=together,
+                            refine=self.refine, cancel=cancel, target_names=[target.name])
+        result = TargetResult(target.nodeID, target.name, list(res.matches))
+        if together:
+            result.heatmaps[self.heatmapPointID] = res.heatmaps[(0, self.heatmapPointID)]
+        elif wantHeatmap:
+            k = self.pointIDs.index(self.heatmapPointID)
+            one = matcher.match(self.sourceImage, self.pointsLPS[k:k + 1], [target.image], labels=[self.heatmapPointID],
+                                heatmap=True, refine=self.refine, cancel=cancel, target_names=[target.name])
+            result.heatmaps[self.heatmapPointID] = one.heatmaps[(0, self.heatmapPointID)]
+        return result
+
+
+# ----------------------------------------------------------------------------------------------
+# the logic
+# ----------------------------------------------------------------------------------------------
+class MatchLogic:
+    """Landmark matching on a MRML scene.
+
+    Args:
+        scene: the ``vtkMRMLScene`` whose nodes are read and written.
+        matcher: the engine (a ``samembed.Matcher``); default: built on first use from ``model`` and ``device``.
+        model: ``"default"``, a registered model name, a checkpoint path, or ``"random:sam-lite"`` (tests).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        cacheBytes: memory cap of the engine's embedding cache.
+
+    Inputs are never modified: volumes are read (voxels copied), the source point list only read.
+    Bad input raises ``samembed.InputError`` (a ``ValueError``) whose message names the node and the fix.
+    """
+
+    def __init__(self, scene, matcher: MatcherProtocol | None = None, model: str = "default", device: str = "auto",
+                 cacheBytes: int = 3 << 30) -> None:
+        self.scene = scene
+        self._matcher = matcher
+        self._matcherLock = threading.Lock()
+        self._model = str(model)
+        self._device = str(device)
+        self.cacheBytes = int(cacheBytes)
+        self.heatmapOpacity = 0.5
+        self._images: dict[str, tuple[tuple, Image]] = {}
+
+    # -- model and engine --------------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def setModel(self, model: str, device: str | None = None) -> None:
+        """Choose the model (and device); the engine is rebuilt on next use when either changed."""
+        device = self._device if device is None else str(device)
+        if str(model) != self._model or device != self._device:
+            with self._matcherLock:
+                self._model, self._device = str(model), device
+                self._matcher = None
+
+    def getMatcher(self) -> MatcherProtocol:
+        """The engine, built on first use (loads the model; raises ``InputError`` subclasses for a bad one)."""
+        with self._matcherLock:
+            if self._matcher is None:
+                from samembed import Matcher  # imports torch: only after the dependency check
+
+                started = time.time()
+                self._matcher = Matcher(model=self._model, device=self._device, cache_bytes=self.cacheBytes)
+                log.info("SAMEmbedding: model '%s' loaded on %s in %.1f s", self._model, self._device, time.time() - started)
+            return self._matcher
+
+    def loadModel(self) -> str:
+        """Build the engine now (to surface a model error early); return a short description of the model."""
+        matcher = self.getMatcher()
+        model = getattr(matcher, "model", None)
+        return getattr(model, "model_id", self._model)
+
+    def clearCache(self) -> None:
+        """Forget every embedding and every converted volume."""
+        self._images.clear()
+        if self._matcher is not None:
+            self._matcher.clear_cache()
+
+    def cacheBytesInUse(self) -> int:
+        """Memory held by cached embeddings and converted volumes, bytes."""
+        embeddings = int(self._matcher.cache_bytes) if self._matcher is not None else 0
+        return embeddings + sum(image.array.nbytes for _, image in self._images.values())
+
+    # -- input ------------------------------------------------------------------------------
+    def imageForVolume(self, volumeNode) -> Image:
+        """Engine image of a volume, cached per node ID and image modification time."""
+        mrml_io.check_volume_node(volumeNode)
+        key = mrml_io.volume_cache_key(volumeNode)
+        cached = self._images.get(volumeNode.GetID())
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        image = mrml_io.image_from_volume_node(volumeNode)
+        self._images[volumeNode.GetID()] = (key, image)
+        for nodeID in [i for i in self._images if self.scene.GetNodeByID(i) is None]:
+            del self._images[nodeID]
+        return image
+
+    def canMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence) -> tuple[bool, str]:
+        """``(True, "")`` when :meth:`matchPoints` would accept these inputs, else ``(False, reason)``."""
+        try:
+            self._validate(sourceVolume, sourcePointList, list(targetVolumes or []), None)
+        except InputError as e:
+            return False, str(e)
+        return True, ""
+
+    def _validate(self, sourceVolume, sourcePointList, targetVolumes: list, pointIndices):
+        mrml_io.check_volume_node(sourceVolume, "source volume")
+        if not targetVolumes:
+            raise InputError("no target volume selected; check at least one target volume")
+        for target in targetVolumes:
+            mrml_io.check_volume_node(target, "target volume")
+        mrml_io.check_point_list(sourcePointList)
+        if pointIndices is None:
+            pointIndices = mrml_io.defined_point_indices(sourcePointList)
+        if not pointIndices:
+            raise InputError(f"point list '{sourcePointList.GetName()}' has no placed points; place a landmark on the source")
+        ids, labels, pointsRAS = mrml_io.points_from_markups(sourcePointList, list(pointIndices))
+        inside = mrml_io.ras_inside_volume(sourceVolume, pointsRAS)
+        if not inside.all():
+            i = int(np.argmin(inside))
+            r, a, s = pointsRAS[i]
+            raise InputError(f"point '{labels[i]}' at R {r:.1f}, A {a:.1f}, S {s:.1f} mm lies outside the source volume "
+                             f"'{sourceVolume.GetName()}'; move it into the volume or choose the volume it was placed on")
+        sourceDim = mrml_io.volume_dimension(sourceVolume)
+        for target in targetVolumes:
+            targetDim = mrml_io.volume_dimension(target)
+            if targetDim != sourceDim:
+                raise InputError(f"target '{target.GetName()}' is {targetDim}D but source '{sourceVolume.GetName()}' is "
+                                 f"{sourceDim}D; match images of the same dimension")
+        return ids, labels, pointsRAS
+
+    def prepareMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
+                     heatmapPointIndex: int | None = None, heatmapTarget=None, refine: bool = False,
+                     showHeatmap: bool = True) -> MatchJob:
+        """Validate the input and detach it from MRML (main thread). See :meth:`matchPoints` for the arguments.
+
+        Raises:
+            samembed.InputError: what is wrong and how to fix it.
+        """
+        targets = []
+        for node in targetVolumes or []:
+            if node is not None and all(node.GetID() != t.GetID() for t in targets):
+                targets.append(node)
+        if not targets and targetVolumes:
+            targets = [None]
+        ids, labels, pointsRAS = self._validate(sourceVolume, sourcePointList, targets,
+                                                None if pointIndices is None else list(pointIndices))
+        heatmapPointID = heatmapTargetID = None
+        if heatmapPointIndex is not None:
+            heatmapPointID = sourcePointList.GetNthControlPointID(int(heatmapPointIndex))
+            if heatmapPointID not in ids:
+                raise InputError(f"heatmap point {heatmapPointIndex} is not among the points being matched")
+            heatmapTarget = targets[0] if heatmapTarget is None else heatmapTarget
+            if all(heatmapTarget.GetID() != t.GetID() for t in targets):
+                raise InputError(f"heatmap target '{heatmapTarget.GetName()}' is not among the target volumes")
+            heatmapTargetID = heatmapTarget.GetID()
+        return MatchJob(
+            sourceVolumeID=sourceVolume.GetID(), sourcePointListID=sourcePointList.GetID(), pointIDs=ids, labels=labels,
+            pointsLPS=mrml_io.ras_to_lps(pointsRAS), sourceImage=self.imageForVolume(sourceVolume),
+            targets=[TargetSpec(t.GetID(), t.GetName(), self.imageForVolume(t)) for t in targets],
+            heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID, refine=bool(refine), showHeatmap=showHeatmap)
+
+    # -- the console API ---------------------------------------------------------------------
+    def matchPoints(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
+                    *, heatmapPointIndex: int | None = None, heatmapTarget=None, refine: bool = False,
+                    showHeatmap: bool = True, cancel: threading.Event | None = None,
+                    progress: ProgressFn | None = None) -> MatchOutputs:
+        """Match source landmarks into every target volume. Can be used without the GUI.
+
+        For each target, a point list ``"<target> matches"`` gets one control point per source point, with the
+        source point's label, the score and confidence in its description, and its colour showing confidence
+        (green: confident, orange: not). Running again updates the same nodes.
+
+        Args:
+            sourceVolume: ``vtkMRMLScalarVolumeNode`` the landmarks were placed on.
+            sourcePointList: ``vtkMRMLMarkupsFiducialNode`` holding the landmarks (RAS); it is only read.
+            targetVolumes: volumes to find the landmarks in (the source itself is allowed).
+            pointIndices: control point indices to match (default: every placed point: "propagate all").
+            heatmapPointIndex: also compute this point's similarity map in ``heatmapTarget``.
+            heatmapTarget: the target for the heatmap (default: the first target).
+            refine: the engine's cycle-consistent refinement (slower, usually more accurate).
+            showHeatmap: show the heatmap as the foreground layer over its target in every slice view.
+            cancel: set it (from another thread or ``progress``) to stop between targets; finished ones are kept.
+            progress: ``progress(done, total, message)``, counted in targets.
+
+        Returns:
+            :class:`MatchOutputs` (point lists, results table, heatmaps, rows, cancelled flag).
+
+        Raises:
+            samembed.InputError: bad input (no source, no target, a point outside the source, 2D vs 3D, a bad
+                model or checkpoint); nothing is written then.
+        """
+        started = time.time()
+        job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, heatmapPointIndex,
+                                heatmapTarget, refine, showHeatmap)
+        outputs = MatchOutputs()
+        outcome = job.run(self.getMatcher(), cancel, progress, onTarget=lambda r: self.applyTargetResult(job, r, outputs))
+        outputs = self.finishJob(job, outcome, outputs)
+        log.info("SAMEmbedding: matched %d point(s) in %d of %d target(s) in %.1f s%s", len(job.pointIDs),
+                 len(outcome.results), len(job.targets), time.time() - started, " (cancelled)" if outcome.cancelled else "")
+        return outputs
+
+    def propagateAll(self, sourceVolume, sourcePointList, targetVolumes: Sequence, **kwargs) -> MatchOutputs:
+        """Match every placed point of ``sourcePointList`` into every target (see :meth:`matchPoints`)."""
+        return self.matchPoints(sourceVolume, sourcePointList, targetVolumes, None, **kwargs)
+
+    def computeHeatmap(self, sourceVolume, sourcePointList, pointIndex: int, targetVolume, show: bool = True):
+        """Similarity map of one source point in one target, as a scalar volume on the target's voxel grid."""
+        outputs = self.matchPoints(sourceVolume, sourcePointList, [targetVolume], [pointIndex],
+                                   heatmapPointIndex=pointIndex, heatmapTarget=targetVolume, showHeatmap=show)
+        return outputs.heatmaps[targetVolume.GetID()]
+
+    def startMatch(self, worker, sourceVolume, sourcePointList, targetVolumes: Sequence,
+                   pointIndices: Sequence[int] | None = None, *, onFinished: Callable[[MatchOutputs], None] | None = None,
+                   onError: Callable[[BaseException], None] | None = None, onProgress: ProgressFn | None = None,
+                   **kwargs):
+        """Like :meth:`matchPoints`, with the engine work on ``worker``; returns its ``Task`` (``task.cancel()``).
+
+        Input is validated here, so bad input raises at once. Each finished target is written when the worker
+        is next polled; ``onFinished(outputs)`` follows the last one (also after a cancel).
+        """
+        job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, **kwargs)
+        outputs = MatchOutputs()
+
+        def work(task):
+            matcher = self.getMatcher()
+            return job.run(matcher, task.cancelEvent, task.progress,
+                           onTarget=lambda r: task.callInMainThread(self.applyTargetResult, job, r, outputs))
+
+        def done(outcome):
+            result = self.finishJob(job, outcome if outcome is not None else JobOutcome([], True), outputs)
+            if onFinished:
+                onFinished(result)
+
+        return worker.submit(work, onDone=done, onError=onError, onProgress=onProgress,
+                             name=f"match {len(job.pointIDs)} point(s)")
+
+    # -- output -----------------------------------------------------------------------------
+    def applyTargetResult(self, job: MatchJob, result: TargetResult, outputs: MatchOutputs | None = None):
+        """Write one target's matches (and heatmap) into MRML; main thread. Returns the output point list."""
+        sourceList = self.scene.GetNodeByID(job.sourcePointListID)
+        target = self.scene.GetNodeByID(result.nodeID)
+        if sourceList is None or target is None:
+            log.warning("SAMEmbedding: %s was removed during matching; its results are dropped", result.name)
+            return None
+        outNode = self.outputPointList(sourceList, target, create=True)
+        pointMap = _pointMap(outNode)
+        labelOf = dict(zip(job.pointIDs, job.labels))
+        spec = next(t for t in job.targets if t.nodeID == result.nodeID)
+        z2d = mrml_io.volume_ijk_to_ras(target)[2, 3] if spec.image.ndim == 2 else None  # a 2D match has z = 0
+        wasModifying = outNode.StartModify()
+        try:
+            for match in result.matches:
+                pointID = match.label
+                if sourceList.GetNthControlPointIndexByID(pointID) < 0:
+                    continue  # the source point was deleted meanwhile
+                label = sourceList.GetNthControlPointLabel(sourceList.GetNthControlPointIndexByID(pointID))
+                ras = np.array(match.point_ras_mm, dtype=np.float64)
+                if z2d is not None:
+                    ras[2] = z2d
+                index = outNode.GetNthControlPointIndexByID(pointMap.get(pointID, ""))
+                if index < 0:
+                    index = outNode.AddControlPoint(vtk.vtkVector3d(*ras), label or labelOf.get(pointID, ""))
+                    pointMap[pointID] = outNode.GetNthControlPointID(index)
+                else:
+                    outNode.SetNthControlPointPositionWorld(index, *ras)
+                outNode.SetNthControlPointLabel(index, label)
+                outNode.SetNthControlPointDescription(index, _describe(match))
+                outNode.SetNthControlPointSelected(index, bool(match.confident))
+                if outputs is not None:
+                    outputs.rows.append(MatchRow(label, target.GetName(), ras, float(match.score), bool(match.confident)))
+            outNode.SetAttribute(POINT_MAP_ATTRIBUTE, json.dumps(pointMap))
+        finally:
+            outNode.EndModify(wasModifying)
+        for pointID, image in result.heatmaps.items():
+            index = sourceList.GetNthControlPointIndexByID(pointID)
+            label = sourceList.GetNthControlPointLabel(index) if index >= 0 else labelOf.get(pointID, "")
+            heatmap = self.heatmapNode(target, create=True)
+            mrml_io.update_volume_node_from_image(heatmap, image, reference_node=target)
+            heatmap.SetName(f"{label} similarity in {target.GetName()}")
+            self._setUpHeatmapDisplay(heatmap, image)
+            if outputs is not None:
+                outputs.heatmaps[target.GetID()] = heatmap
+        if outputs is not None and all(n.GetID() != outNode.GetID() for n in outputs.pointLists):
+            outputs.pointLists.append(outNode)
+        return outNode
+
+    def finishJob(self, job: MatchJob, outcome: JobOutcome, outputs: MatchOutputs) -> MatchOutputs:
+        """Update the results table and show the heatmap after a job (main thread)."""
+        outputs.cancelled = bool(outcome.cancelled)
+        sourceList = self.scene.GetNodeByID(job.sourcePointListID)
+        if sourceList is not None:
+            outputs.table = self.updateResultsTable(sourceList)
+        if job.showHeatmap and job.heatmapTargetID in outputs.heatmaps:
+            target = self.scene.GetNodeByID(job.heatmapTargetID)
+            if target is not None:
+                self.showHeatmap(outputs.heatmaps[job.heatmapTargetID], target)
+        return outputs
+
+    def outputPointList(self, sourcePointList, targetVolume, create: bool = False):
+        """The ``"<target> matches"`` point list of a source list and target (created when asked)."""
+        for node in self._nodesWithRole("vtkMRMLMarkupsFiducialNode", "matches"):
+            if (node.GetNodeReferenceID(SOURCE_REFERENCE) == sourcePointList.GetID()
+                    and node.GetNodeReferenceID(TARGET_REFERENCE) == targetVolume.GetID()):
+                return node
+        if not create:
+            return None
+        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{targetVolume.GetName()} matches")
+        node.SetAttribute(ROLE_ATTRIBUTE, "matches")
+        node.SetNodeReferenceID(SOURCE_REFERENCE, sourcePointList.GetID())
+        node.SetNodeReferenceID(TARGET_REFERENCE, targetVolume.GetID())
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetSelectedColor(*CONFIDENT_COLOR)
+            display.SetColor(*UNCERTAIN_COLOR)
+        return node
+
+    def outputPointLists(self, sourcePointList) -> list:
+        """Every ``matches`` point list made from ``sourcePointList``."""
+        return [n for n in self._nodesWithRole("vtkMRMLMarkupsFiducialNode", "matches")
+                if n.GetNodeReferenceID(SOURCE_REFERENCE) == sourcePointList.GetID()]
+
+    def removeMatchesOfDeletedPoints(self, sourcePointList) -> int:
+        """Remove matches whose source control point no longer exists; return how many were removed."""
+        removed = 0
+        for outNode in self.outputPointLists(sourcePointList):
+            pointMap = _pointMap(outNode)
+            for pointID in [p for p in pointMap if sourcePointList.GetNthControlPointIndexByID(p) < 0]:
+                index = outNode.GetNthControlPointIndexByID(pointMap.pop(pointID))
+                if index >= 0:
+                    outNode.RemoveNthControlPoint(index)
+                    removed += 1
+            outNode.SetAttribute(POINT_MAP_ATTRIBUTE, json.dumps(pointMap))
+        if removed:
+            self.updateResultsTable(sourcePointList)
+        return removed
+
+    def resultRows(self, sourcePointList) -> list[MatchRow]:
+        """Every match of ``sourcePointList``, in source point order then target order, read from the output nodes."""
+        rows = []
+        outNodes = self.outputPointLists(sourcePointList)
+        for sourceIndex in range(sourcePointList.GetNumberOfControlPoints()):
+            pointID = sourcePointList.GetNthControlPointID(sourceIndex)
+            for outNode in outNodes:
+                index = outNode.GetNthControlPointIndexByID(_pointMap(outNode).get(pointID, ""))
+                if index < 0:
+                    continue
+                target = outNode.GetNodeReference(TARGET_REFERENCE)
+                position = [0.0, 0.0, 0.0]
+                outNode.GetNthControlPointPositionWorld(index, position)
+                found = _SCORE_RE.search(outNode.GetNthControlPointDescription(index) or "")
+                rows.append(MatchRow(outNode.GetNthControlPointLabel(index), target.GetName() if target else "",
+                                     np.array(position), float(found.group(1)) if found else math.nan,
+                                     bool(outNode.GetNthControlPointSelected(index))))
+        return rows
+
+    def resultsTable(self, sourcePointList, create: bool = False):
+        """The results table node of a source point list (created when asked)."""
+        for node in self._nodesWithRole("vtkMRMLTableNode", "results"):
+            if node.GetNodeReferenceID(SOURCE_REFERENCE) == sourcePointList.GetID():
+                return node
+        if not create:
+            return None
+        node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{sourcePointList.GetName()} SAM results")
+        node.SetAttribute(ROLE_ATTRIBUTE, "results")
+        node.SetNodeReferenceID(SOURCE_REFERENCE, sourcePointList.GetID())
+        return node
+
+    def updateResultsTable(self, sourcePointList):
+        """Rebuild the results table (label, target, R, A, S, score, confident) from the output point lists."""
+        tableNode = self.resultsTable(sourcePointList, create=True)
+        table = vtk.vtkTable()
+        columns = {}
+        for name in TABLE_COLUMNS:
+            column = vtk.vtkStringArray() if name in ("label", "target") else (
+                vtk.vtkIntArray() if name == "confident" else vtk.vtkDoubleArray())
+            column.SetName(name)
+            table.AddColumn(column)
+            columns[name] = column
+        for row in self.resultRows(sourcePointList):
+            columns["label"].InsertNextValue(row.label)
+            columns["target"].InsertNextValue(row.target)
+            for axis, value in zip("RAS", row.pointRAS):
+                columns[axis].InsertNextValue(float(value))
+            columns["score"].InsertNextValue(row.score)
+            columns["confident"].InsertNextValue(int(row.confident))
+        tableNode.SetAndObserveTable(table)
+        return tableNode
+
+    # -- heatmap ----------------------------------------------------------------------------
+    def heatmapNode(self, targetVolume, create: bool = False):
+        """The similarity volume shown over ``targetVolume`` (one per target, reused; created when asked)."""
+        for node in self._nodesWithRole("vtkMRMLScalarVolumeNode", "heatmap"):
+            if node.GetNodeReferenceID(TARGET_REFERENCE) == targetVolume.GetID():
+                return node
+        if not create:
+            return None
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"similarity in {targetVolume.GetName()}")
+        node.SetAttribute(ROLE_ATTRIBUTE, "heatmap")
+        node.SetNodeReferenceID(TARGET_REFERENCE, targetVolume.GetID())
+        return node
+
+    def heatColorNodeID(self) -> str:
+        """Slicer's Iron colour table (or PET-Heat); a private Iron table when the scene has neither."""
+        for nodeID in HEAT_COLOR_NODE_IDS:
+            if self.scene.GetNodeByID(nodeID) is not None:
+                return nodeID
+        for node in self._nodesWithRole("vtkMRMLColorTableNode", "heat colours"):
+            return node.GetID()
+        node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", "SAMEmbedding heat")
+        node.SetTypeToIron()
+        node.SetAttribute(ROLE_ATTRIBUTE, "heat colours")
+        node.SetHideFromEditors(True)
+        return node.GetID()
+
+    def _setUpHeatmapDisplay(self, heatmap, image: Image) -> None:
+        display = heatmap.GetDisplayNode()
+        if display is None:
+            display = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+            heatmap.SetAndObserveDisplayNodeID(display.GetID())
+        display.SetAndObserveColorNodeID(self.heatColorNodeID())
+        values = np.asarray(image.array, dtype=np.float64)
+        values = values[values > -1.0]
+        top = float(values.max()) if values.size else 1.0
+        low = float(np.percentile(values, 90)) if values.size else 0.0
+        low = min(low, top - 1e-3)
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(low, top)
+        display.SetApplyThreshold(True)  # below the 90th percentile: transparent over the target
+        display.SetThreshold(low, max(top, 1.0))
+
+    def showHeatmap(self, heatmapNode, targetVolume, opacity: float | None = None) -> None:
+        """Show the target as background and the heatmap as foreground in every slice view."""
+        if opacity is not None:
+            self.heatmapOpacity = float(opacity)
+        for composite in self._nodes("vtkMRMLSliceCompositeNode"):
+            composite.SetBackgroundVolumeID(targetVolume.GetID())
+            composite.SetForegroundVolumeID(heatmapNode.GetID())
+            composite.SetForegroundOpacity(self.heatmapOpacity)
+
+    def setHeatmapOpacity(self, opacity: float) -> None:
+        """Change the foreground opacity wherever a heatmap is shown."""
+        self.heatmapOpacity = float(opacity)
+        heatmapIDs = {n.GetID() for n in self._nodesWithRole("vtkMRMLScalarVolumeNode", "heatmap")}
+        for composite in self._nodes("vtkMRMLSliceCompositeNode"):
+            if composite.GetForegroundVolumeID() in heatmapIDs:
+                composite.SetForegroundOpacity(self.heatmapOpacity)
+
+    def hideHeatmap(self) -> None:
+        """Remove heatmaps from the foreground layer of every slice view."""
+        heatmapIDs = {n.GetID() for n in self._nodesWithRole("vtkMRMLScalarVolumeNode", "heatmap")}
+        for composite in self._nodes("vtkMRMLSliceCompositeNode"):
+            if composite.GetForegroundVolumeID() in heatmapIDs:
+                composite.SetForegroundVolumeID(None)
+
+    # -- navigation and export ---------------------------------------------------------------
+    def jumpToPoint(self, pointRAS) -> None:
+        """Centre every slice view on a world RAS point."""
+        r, a, s = (float(v) for v in pointRAS)
+        for sliceNode in self._nodes("vtkMRMLSliceNode"):
+            sliceNode.JumpSliceByCentering(r, a, s)
+
+    def matchPosition(self, sourcePointList, pointIndex: int, targetVolume):
+        """World RAS position of a source point's match in a target, or None when not matched yet."""
+        outNode = self.outputPointList(sourcePointList, targetVolume)
+        if outNode is None or not 0 <= pointIndex < sourcePointList.GetNumberOfControlPoints():
+            return None
+        index = outNode.GetNthControlPointIndexByID(_pointMap(outNode).get(sourcePointList.GetNthControlPointID(pointIndex), ""))
+        if index < 0:
+            return None
+        position = [0.0, 0.0, 0.0]
+        outNode.GetNthControlPointPositionWorld(index, position)
+        return np.array(position)
+
+    def exportResults(self, sourcePointList, path) -> list[Path]:
+        """Write the matches of ``sourcePointList`` to ``path`` (atomically).
+
+        ``.csv``: the results table (label, target, R, A, S in RAS mm, score, confident), all targets in one file.
+        ``.mrk.json`` / ``.fcsv``: Slicer markups files (LPS, as Slicer writes them); one file per target, named
+        ``<stem>_<target><suffix>`` when there are several targets.
+
+        Returns:
+            the files written.
+
+        Raises:
+            samembed.InputError: nothing to export, an unknown suffix, or a folder that does not exist.
+        """
+        from samembed.io import atomic_path, write_text_atomic
+
+        path = Path(path)
+        name = path.name.lower()
+        outNodes = self.outputPointLists(sourcePointList) if sourcePointList is not None else []
+        if not outNodes:
+            raise InputError("there are no matches to export; match some landmarks first")
+        if name.endswith(".csv"):
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, lineterminator="\n")
+            writer.writerow(TABLE_COLUMNS)
+            for row in self.resultRows(sourcePointList):
+                writer.writerow([row.label, row.target, *(f"{v:.4f}" for v in row.pointRAS), f"{row.score:.4f}",
+                                 int(row.confident)])
+            return [write_text_atomic(path, buffer.getvalue())]
+        if name.endswith(".mrk.json"):
+            suffix, storageClass = ".mrk.json", "vtkMRMLMarkupsJsonStorageNode"
+        elif name.endswith(".fcsv"):
+            suffix, storageClass = ".fcsv", "vtkMRMLMarkupsFiducialStorageNode"
+        else:
+            raise InputError(f"{path}: unknown export format; use .mrk.json, .fcsv or .csv")
+        import slicer
+
+        stem = path.name[: -len(suffix)]
+        written = []
+        for outNode in outNodes:
+            target = outNode.GetNodeReference(TARGET_REFERENCE)
+            fileName = path.name if len(outNodes) == 1 else f"{stem}_{_safeName(target.GetName() if target else outNode.GetName())}{suffix}"
+            destination = path.with_name(fileName)
+            storage = getattr(slicer, storageClass)()
+            with atomic_path(destination) as tmp:
+                storage.SetFileName(str(tmp))
+                if not storage.WriteData(outNode):
+                    raise InputError(f"{destination}: writing failed")
+            written.append(destination)
+        return written
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _nodes(self, className: str) -> list:
+        collection = self.scene.GetNodesByClass(className)
+        return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+
+    def _nodesWithRole(self, className: str, role: str) -> list:
+        return [n for n in self._nodes(className) if n.GetAttribute(ROLE_ATTRIBUTE) == role]
+
+
+def _pointMap(outNode) -> dict:
+    text = outNode.GetAttribute(POINT_MAP_ATTRIBUTE)
+    try:
+        return dict(json.loads(text)) if text else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _describe(match) -> str:
+    verdict = "confident" if match.confident else "not confident"
+    return f"score {match.score:.3f}, {verdict} (round trip {match.roundtrip_mm:.1f} mm)"
+
+
+def _safeName(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "target"

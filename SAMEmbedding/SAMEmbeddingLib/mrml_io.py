@@ -1,0 +1,274 @@
+"""The one adapter between MRML nodes and the ``samembed`` engine.
+
+Frames, as everywhere in this extension:
+
+* MRML stores positions in RAS mm (x grows towards the patient's Right, y towards Anterior, z towards
+  Superior); the engine works in LPS mm (ITK). The two differ by the sign of x and y, so
+  ``ijk_to_lps = diag(-1, -1, 1, 1) @ ijk_to_ras``.
+* ``array_zyx`` is the voxel array indexed ``[k, j, i]``; VTK stores ``i`` fastest, so the flat scalar
+  array reshapes directly to ``(dims_k, dims_j, dims_i)``.
+* Volumes and point lists under a *linear* parent transform are read in world coordinates: the volume's
+  geometry becomes ``transform_to_world @ ijk_to_ras``, which may be oblique or flipped; the engine
+  handles any orthonormal direction. Non-linear transforms are refused with a message saying to harden
+  them.
+
+Nothing here touches ``qt``, ``slicer.app`` or a global scene; only MRML node classes and VTK, so it runs
+on ``slicer-core`` as well as inside 3D Slicer. Nothing here modifies an input node.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+from samembed import Grid, Image, InputError
+
+RAS_TO_LPS_44 = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""Homogeneous matrix that flips RAS to LPS (and back: it is its own inverse)."""
+
+_ORTHO_TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# matrices
+# ----------------------------------------------------------------------------------------------
+def array_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    """4x4 numpy array with the values of a ``vtkMatrix4x4``."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def vtk_matrix_from_array(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    """A new ``vtkMatrix4x4`` holding a 4x4 numpy array."""
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def node_to_world(node) -> np.ndarray:
+    """4x4 RAS matrix from the node's local frame to world (identity when it has no parent transform).
+
+    Raises:
+        InputError: the node sits under a non-linear transform.
+    """
+    transform = node.GetParentTransformNode() if node is not None else None
+    if transform is None:
+        return np.eye(4)
+    if not transform.IsTransformToWorldLinear():
+        raise InputError(f"'{node.GetName()}' is under the non-linear transform '{transform.GetName()}'; "
+                         "harden the transform (Data module, right-click, Harden transform) or remove it")
+    matrix = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(matrix)
+    return array_from_vtk_matrix(matrix)
+
+
+def volume_ijk_to_ras(node) -> np.ndarray:
+    """4x4 matrix mapping the volume's voxel index (i, j, k) to world RAS mm (parent transform included)."""
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return node_to_world(node) @ array_from_vtk_matrix(matrix)
+
+
+def volume_ijk_to_lps(node) -> np.ndarray:
+    """4x4 matrix mapping voxel index (i, j, k) to world LPS mm."""
+    return RAS_TO_LPS_44 @ volume_ijk_to_ras(node)
+
+
+# ----------------------------------------------------------------------------------------------
+# volumes
+# ----------------------------------------------------------------------------------------------
+def _node_label(node) -> str:
+    return f"'{node.GetName()}'" if node is not None else "(none)"
+
+
+def check_volume_node(node, role: str = "volume") -> None:
+    """Raise :class:`InputError` unless ``node`` is a scalar volume node that holds voxels."""
+    if node is None:
+        raise InputError(f"no {role} selected; select a volume")
+    if not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError(f"{role} {_node_label(node)} is a {node.GetClassName()}, not a scalar volume")
+    image_data = node.GetImageData()
+    if image_data is None or image_data.GetPointData() is None or image_data.GetPointData().GetScalars() is None:
+        raise InputError(f"{role} {_node_label(node)} holds no voxels; load the image again")
+    if min(image_data.GetDimensions()) < 1 or image_data.GetNumberOfPoints() == 0:
+        raise InputError(f"{role} {_node_label(node)} is empty")
+
+
+def volume_dimension(node) -> int:
+    """2 for a single-slice volume (a radiograph), else 3. Call :func:`check_volume_node` first."""
+    return 2 if node.GetImageData().GetDimensions()[2] == 1 else 3
+
+
+def _voxels_zyx(node) -> np.ndarray:
+    image_data = node.GetImageData()
+    dims_ijk = image_data.GetDimensions()
+    scalars = image_data.GetPointData().GetScalars()
+    flat = numpy_support.vtk_to_numpy(scalars)
+    n_comp = scalars.GetNumberOfComponents()
+    shape_zyx = (dims_ijk[2], dims_ijk[1], dims_ijk[0])
+    if n_comp == 1:
+        return np.array(flat, copy=True).reshape(shape_zyx)  # a copy: the worker thread never sees VTK memory
+    if n_comp in (3, 4):  # colour radiograph: mean of R, G, B
+        return flat.reshape(*shape_zyx, n_comp)[..., :3].astype(np.float32).mean(axis=-1)
+    raise InputError(f"volume {_node_label(node)} has {n_comp} components per voxel; use a scalar (grey) image")
+
+
+def grid_from_ijk_to_lps(ijk_to_lps: np.ndarray, shape_zyx: tuple[int, ...], name: str = "volume") -> Grid:
+    """Engine :class:`Grid` of a 3D voxel grid from its 4x4 index-to-LPS matrix.
+
+    Raises:
+        InputError: the matrix is sheared or singular (not spacing times an orthonormal direction).
+    """
+    linear = ijk_to_lps[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(linear)):
+        raise InputError(f"{name}: voxel spacing must be positive, got {spacing.tolist()}")
+    direction = linear / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=_ORTHO_TOL):
+        raise InputError(f"{name}: the image axes are not orthogonal (sheared geometry, possibly from a parent "
+                         "transform); harden or remove the transform")
+    return Grid(shape_zyx, spacing, ijk_to_lps[:3, 3], direction)
+
+
+def image_from_volume_node(node, name: str | None = None) -> Image:
+    """Engine image (voxels copied, LPS geometry) of a MRML scalar volume node.
+
+    A single-slice volume becomes a 2D image when its slice is axial (i and j in the x-y plane), as a
+    radiograph loaded into Slicer is; other single slices are refused.
+
+    Args:
+        node: a ``vtkMRMLScalarVolumeNode`` (or subclass). Under a linear transform, the world geometry is used.
+        name: name used in engine messages (default: the node name).
+
+    Raises:
+        InputError: no node, no voxels, a non-scalar volume, a sheared or non-linear geometry.
+    """
+    check_volume_node(node)
+    name = name or node.GetName()
+    array_zyx = _voxels_zyx(node)
+    grid3 = grid_from_ijk_to_lps(volume_ijk_to_lps(node), array_zyx.shape, name)
+    if volume_dimension(node) == 3:
+        return Image(array_zyx, grid3, name)
+    direction = grid3.direction
+    if not (np.allclose(direction[2, :2], 0.0, atol=_ORTHO_TOL) and np.allclose(abs(direction[2, 2]), 1.0, atol=_ORTHO_TOL)):
+        raise InputError(f"{name}: a single-slice volume must lie in the axial (x-y) plane to be matched as a 2D image")
+    grid2 = Grid(array_zyx.shape[1:], grid3.spacing_mm[:2], grid3.origin_lps_mm[:2], direction[:2, :2])
+    return Image(array_zyx[0], grid2, name)
+
+
+def volume_cache_key(node) -> tuple:
+    """What identifies a volume's content for caching: node ID, image modification times, world geometry."""
+    image_data = node.GetImageData()
+    scalars = image_data.GetPointData().GetScalars() if image_data is not None else None
+    return (
+        node.GetID(),
+        image_data.GetMTime() if image_data is not None else 0,
+        scalars.GetMTime() if scalars is not None else 0,
+        tuple(np.round(volume_ijk_to_ras(node).ravel(), 9)),
+    )
+
+
+def ras_inside_volume(node, points_ras_mm: np.ndarray, margin_voxels: float = 0.5) -> np.ndarray:
+    """(N,) bool: world RAS points that fall inside the volume's voxel grid (extended by ``margin_voxels``)."""
+    points = np.atleast_2d(np.asarray(points_ras_mm, dtype=np.float64))
+    ras_to_ijk = np.linalg.inv(volume_ijk_to_ras(node))
+    ijk = (np.c_[points, np.ones(len(points))] @ ras_to_ijk.T)[:, :3]
+    dims = np.asarray(node.GetImageData().GetDimensions(), dtype=np.float64)
+    if dims[2] == 1:  # a single slice: in-plane test only
+        ijk[:, 2] = 0.0
+    return np.all((ijk >= -margin_voxels) & (ijk <= dims - 1 + margin_voxels), axis=1)
+
+
+def update_volume_node_from_image(node, image: Image, reference_node=None) -> None:
+    """Write an engine image's voxels into ``node`` (float32 kept as is).
+
+    The geometry is copied from ``reference_node`` when given (its IJK-to-RAS matrix and parent transform,
+    for a map computed on that node's voxel grid), else derived from the image's LPS grid.
+
+    Raises:
+        InputError: the image's voxel grid differs from ``reference_node``'s.
+    """
+    array_zyx = np.ascontiguousarray(image.array)
+    if array_zyx.ndim == 2:
+        array_zyx = array_zyx[None]
+    dims_ijk = (array_zyx.shape[2], array_zyx.shape[1], array_zyx.shape[0])
+    if reference_node is not None and tuple(reference_node.GetImageData().GetDimensions()) != dims_ijk:
+        raise InputError(f"map of size {dims_ijk} does not fit the voxel grid of '{reference_node.GetName()}' "
+                         f"{tuple(reference_node.GetImageData().GetDimensions())}")
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(*dims_ijk)
+    vtk_array = numpy_support.numpy_to_vtk(array_zyx.ravel(), deep=True)
+    vtk_array.SetName("ImageScalars")
+    image_data.GetPointData().SetScalars(vtk_array)
+    if reference_node is not None:
+        matrix = vtk.vtkMatrix4x4()
+        reference_node.GetIJKToRASMatrix(matrix)
+        node.SetIJKToRASMatrix(matrix)
+        node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+    else:
+        grid = image.grid
+        ijk_to_lps = np.eye(4)
+        d = grid.ndim
+        ijk_to_lps[:d, :d] = grid.direction @ np.diag(grid.spacing_mm)
+        ijk_to_lps[:d, 3] = grid.origin_lps_mm
+        node.SetIJKToRASMatrix(vtk_matrix_from_array(RAS_TO_LPS_44 @ ijk_to_lps))
+    node.SetAndObserveImageData(image_data)
+
+
+# ----------------------------------------------------------------------------------------------
+# point lists
+# ----------------------------------------------------------------------------------------------
+def check_point_list(node, role: str = "source point list") -> None:
+    """Raise :class:`InputError` unless ``node`` is a markups node with at least one placed point."""
+    if node is None:
+        raise InputError(f"no {role} selected; place landmarks on the source volume first")
+    if not node.IsA("vtkMRMLMarkupsNode"):
+        raise InputError(f"{role} {_node_label(node)} is a {node.GetClassName()}, not a markups point list")
+    if node.GetParentTransformNode() is not None:
+        node_to_world(node)  # raises for a non-linear transform
+
+
+def defined_point_indices(node) -> list[int]:
+    """Indices of control points whose position is defined (placed, not still being placed or skipped)."""
+    return [i for i in range(node.GetNumberOfControlPoints())
+            if node.GetNthControlPointPositionStatus(i) == node.PositionDefined]
+
+
+def points_from_markups(node, indices: list[int] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """Control points of a markups node, in world RAS mm.
+
+    Args:
+        node: a markups node (point list).
+        indices: control point indices to read (default: every defined point).
+
+    Returns:
+        ``(ids, labels, points_ras_mm)``: control point IDs and labels, and an (N, 3) array.
+
+    Raises:
+        InputError: an index is out of range or its point is not placed.
+    """
+    if indices is None:
+        indices = defined_point_indices(node)
+    ids, labels, points = [], [], []
+    n = node.GetNumberOfControlPoints()
+    for index in indices:
+        if not 0 <= index < n:
+            raise InputError(f"point list {_node_label(node)} has no control point {index} (it has {n})")
+        if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
+            raise InputError(f"point '{node.GetNthControlPointLabel(index)}' of {_node_label(node)} is not placed yet")
+        position = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(index, position)
+        ids.append(node.GetNthControlPointID(index))
+        labels.append(node.GetNthControlPointLabel(index))
+        points.append(position)
+    return ids, labels, np.asarray(points, dtype=np.float64).reshape(-1, 3)
+
+
+def ras_to_lps(points_ras_mm: np.ndarray) -> np.ndarray:
+    """(N, 3) RAS mm to LPS mm (x and y negated)."""
+    return np.asarray(points_ras_mm, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+
+
+lps_to_ras = ras_to_lps  # the flip is its own inverse

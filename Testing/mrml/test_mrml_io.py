@@ -1,0 +1,212 @@
+"""MRML volumes and point lists become engine images and points with the right geometry (RAS <-> LPS).
+
+The reference is independent of our adapter: Slicer's own reader and writer (``vtkMRMLVolumeArchetypeStorageNode``,
+which converts between RAS and the file's LPS) and SimpleITK through ``samembed.io.read_image``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mrml_helpers import (SMALL_CT, add_points, add_volume, ijk_to_ras, load_volume, rotation, set_ijk_to_ras, slicer,
+                      voxels, vtk)
+
+from samembed import InputError
+from samembed.io import read_image
+from SAMEmbeddingLib import mrml_io
+
+pytestmark = pytest.mark.needs_data
+
+
+def _write_with_slicer(node, path) -> None:
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(False)
+    assert storage.WriteData(node), f"Slicer could not write {path}"
+
+
+def _ras_of_index(node, ijk: np.ndarray) -> np.ndarray:
+    return (np.c_[ijk, np.ones(len(ijk))] @ ijk_to_ras(node).T)[:, :3]
+
+
+def test_a_ct_read_by_slicer_converts_to_the_image_simpleitk_reads(a_scene):
+    node = load_volume(a_scene, SMALL_CT, "ct")
+    assert not np.allclose(ijk_to_ras(node), np.eye(4)), "the fixture should have a non-identity IJK to RAS"
+
+    image = mrml_io.image_from_volume_node(node)
+    reference = read_image(SMALL_CT)
+
+    assert image.array.shape == reference.array.shape == (20, 512, 512)
+    np.testing.assert_array_equal(image.array, reference.array)
+    assert image.grid.same_as(reference.grid, tol=1e-5), (image.grid, reference.grid)
+
+
+@pytest.mark.parametrize("kind", ["oblique", "flipped"])
+def test_an_oblique_or_flipped_volume_converts_to_the_geometry_slicer_writes(a_scene, a_small_ct, tmp_path, kind):
+    matrix = ijk_to_ras(a_small_ct)
+    if kind == "oblique":
+        matrix = rotation("S", 20.0) @ rotation("R", 10.0) @ rotation("A", -7.0) @ matrix
+    else:  # i axis reversed: a negative determinant
+        matrix = matrix @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    node = add_volume(a_scene, voxels(a_small_ct), matrix, kind)
+    _write_with_slicer(node, tmp_path / f"{kind}.nrrd")
+
+    image = mrml_io.image_from_volume_node(node)
+    written = read_image(tmp_path / f"{kind}.nrrd")
+
+    np.testing.assert_array_equal(image.array, written.array)
+    assert image.grid.same_as(written.grid, tol=1e-4), (image.grid, written.grid)
+
+
+def test_every_voxel_maps_to_the_ras_point_slicer_gives_it(an_oblique_ct):
+    image = mrml_io.image_from_volume_node(an_oblique_ct)
+    ijk = np.random.default_rng(0).uniform(0, 19, size=(50, 3))
+
+    lps = image.grid.index_to_lps(ijk)
+
+    np.testing.assert_allclose(mrml_io.lps_to_ras(lps), _ras_of_index(an_oblique_ct, ijk), atol=1e-6)
+
+
+def test_a_volume_under_a_linear_transform_is_read_in_world_coordinates(a_scene, a_small_ct):
+    transform = slicer.vtkMRMLLinearTransformNode()
+    a_scene.AddNode(transform)
+    to_parent = rotation("A", 30.0)
+    to_parent[:3, 3] = [10.0, -20.0, 5.0]
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, to_parent[r, c])
+    transform.SetMatrixTransformToParent(m)
+    a_small_ct.SetAndObserveTransformNodeID(transform.GetID())
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+
+    ijk = np.array([[0.0, 0.0, 0.0], [127.0, 5.0, 19.0]])
+    expected = (np.c_[_ras_of_index(a_small_ct, ijk), np.ones(2)] @ to_parent.T)[:, :3]
+    np.testing.assert_allclose(mrml_io.lps_to_ras(image.grid.index_to_lps(ijk)), expected, atol=1e-6)
+
+
+def test_a_volume_under_a_non_linear_transform_is_refused_with_a_fix(a_scene, a_small_ct):
+    transform = slicer.vtkMRMLTransformNode()
+    transform.SetName("warp")
+    a_scene.AddNode(transform)
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    for p in ([0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100], [50, 50, 50]):
+        source.InsertNextPoint(*p)
+        target.InsertNextPoint(p[0] + 3, p[1], p[2] + (5 if p == [50, 50, 50] else 0))
+    tps = vtk.vtkThinPlateSplineTransform()
+    tps.SetSourceLandmarks(source)
+    tps.SetTargetLandmarks(target)
+    tps.SetBasisToR()
+    transform.SetAndObserveTransformToParent(tps)
+    a_small_ct.SetAndObserveTransformNodeID(transform.GetID())
+
+    with pytest.raises(InputError, match="non-linear transform 'warp'.*harden"):
+        mrml_io.image_from_volume_node(a_small_ct)
+
+
+def test_converting_a_volume_leaves_it_unchanged(a_small_ct):
+    before_voxels, before_matrix = voxels(a_small_ct), ijk_to_ras(a_small_ct)
+    before_mtime = a_small_ct.GetImageData().GetMTime()
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    image.array[...] = 0  # the engine image owns a copy
+
+    np.testing.assert_array_equal(voxels(a_small_ct), before_voxels)
+    np.testing.assert_array_equal(ijk_to_ras(a_small_ct), before_matrix)
+    assert a_small_ct.GetImageData().GetMTime() == before_mtime
+
+
+def test_points_are_read_in_world_ras_with_their_ids_and_labels(a_scene, a_small_ct):
+    points = add_points(a_scene, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], ["apex", "base"])
+
+    ids, labels, ras = mrml_io.points_from_markups(points)
+
+    assert labels == ["apex", "base"]
+    assert ids == [points.GetNthControlPointID(0), points.GetNthControlPointID(1)]
+    np.testing.assert_allclose(ras, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    np.testing.assert_allclose(mrml_io.ras_to_lps(ras), [[-1.0, -2.0, 3.0], [-4.0, -5.0, 6.0]])
+
+
+def test_points_inside_and_outside_the_volume_are_told_apart(a_small_ct):
+    inside = _ras_of_index(a_small_ct, np.array([[64.0, 64.0, 10.0], [0.0, 0.0, 0.0], [127.4, 127.4, 19.4]]))
+    outside = _ras_of_index(a_small_ct, np.array([[-2.0, 64.0, 10.0], [64.0, 64.0, 25.0]]))
+
+    assert mrml_io.ras_inside_volume(a_small_ct, inside).all()
+    assert not mrml_io.ras_inside_volume(a_small_ct, outside).any()
+
+
+def test_a_map_on_a_target_grid_gets_exactly_the_target_geometry(a_scene, an_oblique_ct):
+    target_image = mrml_io.image_from_volume_node(an_oblique_ct)
+    from samembed import Image
+
+    heat = Image(np.random.default_rng(1).random(target_image.array.shape).astype(np.float32), target_image.grid, "heat")
+    node = slicer.vtkMRMLScalarVolumeNode()
+    a_scene.AddNode(node)
+
+    mrml_io.update_volume_node_from_image(node, heat, reference_node=an_oblique_ct)
+
+    assert node.GetImageData().GetDimensions() == an_oblique_ct.GetImageData().GetDimensions()
+    np.testing.assert_array_equal(ijk_to_ras(node), ijk_to_ras(an_oblique_ct))
+    np.testing.assert_array_equal(voxels(node), heat.array)
+
+
+def test_a_map_of_the_wrong_size_is_refused(a_scene, a_small_ct):
+    from samembed import Image
+
+    node = slicer.vtkMRMLScalarVolumeNode()
+    a_scene.AddNode(node)
+    with pytest.raises(InputError, match="does not fit the voxel grid of 'small CT'"):
+        mrml_io.update_volume_node_from_image(node, Image.from_array(np.zeros((3, 4, 5), np.float32)), a_small_ct)
+
+
+def test_a_single_axial_slice_becomes_a_2d_image(a_scene, a_small_ct):
+    matrix = ijk_to_ras(a_small_ct)
+    node = add_volume(a_scene, voxels(a_small_ct)[10:11], matrix, "slice")
+
+    image = mrml_io.image_from_volume_node(node)
+
+    assert image.ndim == 2 and image.array.shape == (128, 128)
+    np.testing.assert_allclose(image.grid.index_to_lps([[3.0, 4.0]]), mrml_io.ras_to_lps(_ras_of_index(node, np.array([[3.0, 4.0, 0.0]])))[:, :2])
+
+
+def test_a_single_slice_that_is_not_axial_is_refused(a_scene, a_small_ct):
+    matrix = rotation("R", 90.0) @ ijk_to_ras(a_small_ct)
+    node = add_volume(a_scene, voxels(a_small_ct)[10:11], matrix, "coronal slice")
+
+    with pytest.raises(InputError, match="axial"):
+        mrml_io.image_from_volume_node(node)
+
+
+def test_a_sheared_geometry_is_refused(a_scene, a_small_ct):
+    matrix = ijk_to_ras(a_small_ct)
+    matrix[0, 1] = 0.5  # j axis leans into R
+    node = add_volume(a_scene, voxels(a_small_ct), matrix, "sheared")
+
+    with pytest.raises(InputError, match="not orthogonal"):
+        mrml_io.image_from_volume_node(node)
+
+
+def test_a_volume_without_voxels_is_refused(a_scene):
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName("empty")
+    a_scene.AddNode(node)
+
+    with pytest.raises(InputError, match="'empty' holds no voxels"):
+        mrml_io.image_from_volume_node(node)
+    with pytest.raises(InputError, match="no volume selected"):
+        mrml_io.image_from_volume_node(None)
+
+
+def test_the_cache_key_changes_when_voxels_or_geometry_change(a_small_ct):
+    key = mrml_io.volume_cache_key(a_small_ct)
+    assert mrml_io.volume_cache_key(a_small_ct) == key
+
+    a_small_ct.GetImageData().Modified()
+    key2 = mrml_io.volume_cache_key(a_small_ct)
+    assert key2 != key
+
+    matrix = ijk_to_ras(a_small_ct)
+    matrix[0, 3] += 1.0
+    set_ijk_to_ras(a_small_ct, matrix)
+    assert mrml_io.volume_cache_key(a_small_ct) != key2
