@@ -69,6 +69,32 @@ def inside_view(view, points_mm: torch.Tensor, margin_vox: float = 1.0) -> torch
     return ((idx >= margin_vox) & (idx <= n - 1 - margin_vox)).all(1)
 
 
+def pair_points(trainer, views, loc, glob, b: int, gen: torch.Generator, rng: np.random.Generator):
+    """Anchor points of view pair ``b``: positions P (N, d) mm on the body inside both local views, and the
+    local and global embeddings there in view A and view B: ``(P, a_loc, p_loc, a_glob, p_glob)``; None
+    when the views do not overlap enough (fewer than 8 points)."""
+    cfg = trainer.cfg
+    (la, ga), (lb, gb) = views[b]
+    ma, mb = loc[2 * b], loc[2 * b + 1]
+    gma, gmb = glob[2 * b], glob[2 * b + 1]
+    pos_a = map_positions_mm(la, ma.shape[1:])
+    jitter = torch.from_numpy(rng.uniform(-0.5, 0.5, pos_a.shape).astype(np.float32)) * la.step_mm
+    cand = pos_a + jitter
+    ok = inside_view(lb, cand)
+    if ok.any():  # keep anchors on the body: intensity of view A at the point
+        d = cand.shape[1]
+        grid = la.mm_to_norm(cand, ()).reshape(1, -1, *([1] * (d - 1)), d)
+        vals = F.grid_sample(la.image.unsqueeze(0), grid, align_corners=False).reshape(-1)
+        ok &= vals > BODY_THRESHOLD
+    idx = torch.nonzero(ok).reshape(-1)
+    if len(idx) < 8:
+        return None
+    idx = idx[torch.randperm(len(idx), generator=gen)[: cfg.anchors]]
+    P = cand[idx]
+    return (P, sample_at(ma, la.mm_to_norm(P, ())), sample_at(mb, lb.mm_to_norm(P, ())),
+            sample_at(gma, ga.mm_to_norm(P, ())), sample_at(gmb, gb.mm_to_norm(P, ())))
+
+
 class Trainer:
     """Runs SAM training for a :class:`TrainConfig`; see :meth:`run`."""
 
@@ -141,27 +167,13 @@ class Trainer:
         loc_terms, glob_anchor, glob_cands, glob_owner, glob_pos = [], [], [], [], []
         B = len(views)
         for b in range(B):
+            pp = pair_points(self, views, loc, glob, b, gen, rng)
+            if pp is None:
+                continue
+            P, a_loc, p_loc, a_glob, p_glob = pp
             (la, ga), (lb, gb) = views[b]
             ma, mb = loc[2 * b], loc[2 * b + 1]
             gma, gmb = glob[2 * b], glob[2 * b + 1]
-            pos_a = map_positions_mm(la, ma.shape[1:])
-            jitter = torch.from_numpy(rng.uniform(-0.5, 0.5, pos_a.shape).astype(np.float32)) * la.step_mm
-            cand = pos_a + jitter
-            ok = inside_view(lb, cand)
-            # keep anchors on the body: intensity of view A at the point
-            if ok.any():
-                vals = F.grid_sample(la.image.unsqueeze(0), la.mm_to_norm(cand, ()).reshape(1, -1, *([1] * (cand.shape[1] - 1)), cand.shape[1]),
-                                     align_corners=False).reshape(-1)
-                ok &= vals > BODY_THRESHOLD
-            idx = torch.nonzero(ok).reshape(-1)
-            if len(idx) < 8:
-                continue
-            idx = idx[torch.randperm(len(idx), generator=gen)[: cfg.anchors]]
-            P = cand[idx]
-            a_loc = sample_at(ma, la.mm_to_norm(P, ()))
-            p_loc = sample_at(mb, lb.mm_to_norm(P, ()))
-            a_glob = sample_at(gma, ga.mm_to_norm(P, ()))
-            p_glob = sample_at(gmb, gb.mm_to_norm(P, ()))
             # local loss, both directions
             for (m_src_a, a_l, a_g, p_l, view_b, m_b, gv_b, gm_b) in (
                 (ma, a_loc, a_glob, p_loc, lb, mb, gb, gmb),
@@ -254,6 +266,7 @@ class Trainer:
             lx = torch.stack([v[0].image for pair in views for v in pair]).to(self.device)
             gx = torch.stack([v[1].image for pair in views for v in pair]).to(self.device)
             loc, glob = model(lx, gx)
+            self._iteration = it
             loss, stats = self.compute_loss(views, loc.cpu(), glob.cpu(), gen, rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -262,10 +275,10 @@ class Trainer:
             done = it + 1
             if self.rank == 0:
                 with log_path.open("a", encoding="utf-8") as fh:
-                    fh.write(f"{done},{float(loss):.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
+                    fh.write(f"{done},{loss.item():.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
                              f"{opt.param_groups[0]['lr']:.6g},{time.time() - t0:.1f}\n")
                 if bar:
-                    bar.set_postfix(loss=f"{float(loss):.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
+                    bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
                     bar.update(1)
                 if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                     self._save_resume(net, opt, done, rng, gen)

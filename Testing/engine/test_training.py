@@ -1,0 +1,200 @@
+"""Training: losses computed by hand, gradient directions, every objective runs, resume, determinism, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samembed.errors import InputError
+from samembed.training.config import load_config
+from samembed.training.losses import info_nce, mine_hard_negatives, multi_positive_info_nce
+from samembed.training.objectives import (isimed_loss, kd_parts, parse_objective, pruned_info_nce, sal_alignment,
+                                          variance_hinge)
+
+from ..conftest import data_file
+
+
+def unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+# ------------------------------------------------------------------------------- hand-computed cases
+def test_info_nce_matches_a_hand_computation():
+    a, p = unit([1, 0]), unit([1, 0])
+    negs = unit([0, 1], [-1, 0]).unsqueeze(0)
+    expected = -math.log(math.exp(1 / 0.5) / (math.exp(1 / 0.5) + math.exp(0) + math.exp(-1 / 0.5)))
+    assert info_nce(a, p, negs, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_positive_info_nce_matches_a_hand_computation():
+    a = unit([1, 0])
+    cands = unit([1, 0], [0.6, 0.8], [0, 1])
+    pos = torch.tensor([[True, True, False]])
+    s = torch.tensor([1.0, 0.6, 0.0]) / 0.5
+    expected = -(torch.logsumexp(s[:2], 0) - torch.logsumexp(s, 0)).item()
+    assert multi_positive_info_nce(a, cands, pos, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hard_negative_mining_skips_the_ignore_radius_and_takes_the_most_similar():
+    sim = torch.tensor([[0.99, 0.9, 0.1, 0.8, 0.2]])
+    dist = torch.tensor([[0.0, 3.0, 50.0, 40.0, 60.0]])
+    idx = mine_hard_negatives(sim, dist, ignore_radius_mm=5.0, num_hard=2, num_keep=2)
+    assert sorted(idx[0].tolist()) == [3, 4]  # 0 and 1 are inside the radius; 3 (0.8) and 4 (0.2) hardest
+
+
+def test_isimed_loss_is_zero_when_embedding_distances_equal_scaled_physical_distances():
+    pos_a = torch.tensor([[0.0, 0.0, 0.0]])
+    pos_b = torch.tensor([[0.0, 0.0, 50.0], [0.0, 0.0, 100.0]])
+    ea = unit([1, 0])
+    # distances 0.5 and 1.0 for a scale of 100 mm: chord lengths of angles 2*asin(d/2)
+    eb = torch.stack([torch.tensor([math.cos(2 * math.asin(d / 2)), math.sin(2 * math.asin(d / 2))]) for d in (0.5, 1.0)])
+    assert isimed_loss(ea, eb, pos_a, pos_b, 100.0).item() == pytest.approx(0.0, abs=1e-10)
+    assert isimed_loss(ea, ea.expand(2, 2), pos_a, pos_b, 100.0).item() == pytest.approx((0.25 + 1.0) / 2, rel=1e-5)
+
+
+def test_the_purposive_pruner_drops_bank_negatives_at_or_above_the_threshold():
+    a, p = unit([1, 0]), unit([1, 0])
+    bank = unit([1, 0.1], [0, 1])  # first is ~0.995 similar: a false negative
+    pruned_loss, frac = pruned_info_nce(a, p, bank, 0.5, threshold=0.8)
+    full_loss, _ = pruned_info_nce(a, p, bank, 0.5, threshold=None)
+    expected = -math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
+    assert frac == pytest.approx(0.5) and pruned_loss.item() == pytest.approx(expected, rel=1e-6)
+    assert full_loss.item() > pruned_loss.item()
+
+
+def test_the_anatomy_decomposer_splits_into_equal_parts_on_alternating_axes():
+    pts = torch.tensor([[z, y, 0.0] for z in range(4) for y in range(4)])
+    parts = kd_parts(pts, 2)
+    assert len(parts.unique()) == 4 and all((parts == p).sum() == 4 for p in parts.unique())
+    assert parts[(pts[:, 0] < 2) & (pts[:, 1] < 2)].unique().numel() == 1
+
+
+def test_sal_alignment_finds_a_shifted_copy_inside_the_window():
+    f0 = F.normalize(torch.randn(8, 6, 6, generator=torch.Generator().manual_seed(0)), dim=0)
+    f1 = torch.roll(f0, shifts=1, dims=2)  # shifted one pixel in x
+    assert sal_alignment(f0, f1, window=1).item() < 0.2  # most pixels find their copy
+    assert sal_alignment(f0, f1, window=0).item() > sal_alignment(f0, f1, window=1).item()
+
+
+def test_the_variance_term_penalises_collapse_and_not_spread_features():
+    collapsed = torch.ones(4, 100)
+    spread = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
+    assert variance_hinge(collapsed).item() == pytest.approx(0.1 - math.sqrt(1e-6), abs=1e-6)
+    assert variance_hinge(spread).item() == 0.0
+
+
+# ------------------------------------------------------------------------------- gradient directions
+def test_a_gradient_step_on_info_nce_pulls_the_anchor_toward_its_positive():
+    a = torch.tensor([[1.0, 0.3]], requires_grad=True)
+    p, negs = unit([0, 1]), unit([1, 0]).unsqueeze(0)
+    before = (F.normalize(a, dim=1) * p).sum().item()
+    info_nce(F.normalize(a, dim=1), p, negs, 0.5).backward()
+    with torch.no_grad():
+        a2 = a - 0.1 * a.grad
+    assert (F.normalize(a2, dim=1) * p).sum().item() > before
+
+
+def test_a_gradient_step_on_isimed_moves_embeddings_apart_when_points_are_far():
+    ea = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    eb = unit([1, 0.05])
+    isimed_loss(F.normalize(ea, dim=1), eb, torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 100.0]]), 100.0).backward()
+    with torch.no_grad():
+        ea2 = F.normalize(ea - 0.5 * ea.grad, dim=1)
+    assert torch.dist(ea2, eb) > torch.dist(F.normalize(ea.detach(), dim=1), eb)
+
+
+def test_objective_strings_are_parsed_and_checked():
+    assert parse_objective("sam+isimed:0.5") == [("sam", 1.0), ("isimed", 0.5)]
+    with pytest.raises(InputError, match="unknown objective 'simclr'"):
+        parse_objective("sam+simclr")
+
+
+# ------------------------------------------------------------------------------- runs on real data
+def tiny_config(tmp_path: Path, objective: str, **extra):
+    data_file("ct", "totalsegmentator", "ts_dicom_example_ct.nii.gz")
+    root = data_file("ct", "totalsegmentator")
+    overrides = [f"data=[\"{root}\"]", 'exclude=["*_seg_*"]', f"cache_dir=\"{tmp_path / 'cache'}\"",
+                 f"out_dir=\"{tmp_path / 'run'}\"", "iterations=3", "checkpoint_every=2", "local_size=32", "global_size=24",
+                 "batch_volumes=2", "anchors=32", "num_hard=64", "num_negatives=32", "global_candidates=32",
+                 f"objective=\"{objective}\"", "threads=1", 'net_config={"widths": [8, 16, 16], "global_widths": [8, 16, 16, 16], "fpn_channels": 8, "local_channels": 16, "global_channels": 16}']
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides)
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("objective", ["sam", "isimed", "adam", "sal", "sam+isimed:0.5", "sam+sal:0.5"])
+def test_every_objective_trains_and_writes_a_usable_checkpoint(tmp_path, objective):
+    from samembed.models import load_model
+    from samembed.training.train import Trainer
+
+    cfg = tiny_config(tmp_path, objective)
+    final = Trainer(cfg, progress=False).run()
+    model = load_model(str(final))
+    assert model.model_id.startswith("sam-lite-ct@")
+    log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    assert len(log) == 4 and all(np.isfinite(float(r.split(",")[1])) for r in log[1:])
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+
+
+@pytest.mark.needs_data
+def test_training_is_deterministic_and_resumes_where_it_stopped(tmp_path):
+    from samembed.training.train import Trainer
+
+    a = Trainer(tiny_config(tmp_path / "a", "sam"), progress=False)
+    a.run()
+    b = Trainer(tiny_config(tmp_path / "b", "sam"), progress=False)
+    b.run()
+    la = (tmp_path / "a" / "run" / "train_log.csv").read_text().splitlines()
+    lb = (tmp_path / "b" / "run" / "train_log.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in la] == [r.split(",")[1] for r in lb]  # same losses
+    # resume from the iteration-2 checkpoint: iteration 3 reproduces the uninterrupted run
+    c = Trainer(tiny_config(tmp_path / "c", "sam"), progress=False)
+    c.cfg.out_dir = str(tmp_path / "c" / "run")
+    (tmp_path / "c" / "run").mkdir(parents=True)
+    import shutil
+
+    shutil.copy(tmp_path / "a" / "run" / "last.pt", tmp_path / "c" / "resume.pt")
+    ck = torch.load(tmp_path / "c" / "resume.pt", weights_only=True)
+    assert ck["iteration"] == 3
+    c.cfg.iterations = 4
+    c.run(resume=str(tmp_path / "c" / "resume.pt"))
+    lc = (tmp_path / "c" / "run" / "train_log.csv").read_text().splitlines()
+    assert lc[-1].split(",")[0] == "4"
+
+
+@pytest.mark.needs_data
+def test_a_corrupt_volume_is_skipped_not_fatal(tmp_path):
+    from samembed.training.data import find_volumes, prepare_cache
+    from samembed.preprocess import PreprocessConfig
+
+    good = data_file("ct", "totalsegmentator", "ts_dicom_example_ct.nii.gz")
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not an image")
+    files = prepare_cache(find_volumes([str(good), str(bad)]), tmp_path / "cache", PreprocessConfig(fill="air"))
+    assert len(files) == 1
+
+
+@pytest.mark.needs_data
+@pytest.mark.slow
+def test_distributed_training_with_two_cpu_processes(tmp_path):
+    cfg = tiny_config(tmp_path, "sam")
+    import yaml
+
+    cfg_path = tmp_path / "ddp.yaml"
+    d = cfg.to_dict()
+    d["iterations"] = 2
+    cfg_path.write_text(yaml.safe_dump(d))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "samembed.cli", "train", "--config", str(cfg_path), "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "sam-lite-ct.pt").is_file()
