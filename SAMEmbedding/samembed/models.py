@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from .errors import CheckpointError, InputError, ModelNotAvailableError
 from .networks import EmbeddingNet, build_network
 from .preprocess import PreprocessConfig
 
+log = logging.getLogger(__name__)
 KNOWN_OFFICIAL_SHA256 = {
     "8dfedc38f587b1411fe295ae671b481ba8c92b768ae234ade982f959b70d4874": "SAM.pth (official SAM, ModelScope v1.0.0)",
     "a094d5eef867504defdc4c8e1d950835c4eb8aaa19de2027bb1a194781e423e3": "SAMv2_iter_20000.pth (official SAMv2 / UAE-S)",
@@ -160,6 +162,9 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> LoadedM
         name = "sam-official-v2" if semantic else "sam-official"
         if sha in KNOWN_OFFICIAL_SHA256:
             info["official"] = KNOWN_OFFICIAL_SHA256[sha]
+            log.info("%s: SHA-256 %s matches the released %s", path, sha, KNOWN_OFFICIAL_SHA256[sha])
+        else:
+            log.info("%s: official SAM layout, SHA-256 %s (not one of the released files)", path, sha)
     verify_state_dict(net, state, str(path))
     net.load_state_dict(state, strict=True)
     net.eval()
