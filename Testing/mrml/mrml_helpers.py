@@ -24,7 +24,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 vtk = pytest.importorskip("vtk")
 from vtk.util import numpy_support  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("SAMEMBED_DATA", REPO.parent / "shared" / "data"))
 SMALL_CT = DATA / "ct" / "totalsegmentator" / "ts_dicom_example_ct.nii.gz"
 OTHER_CT = DATA / "ct" / "lidc" / "LIDC-IDRI-0002_ct_2mm.nii.gz"
 
@@ -32,7 +32,7 @@ OTHER_CT = DATA / "ct" / "lidc" / "LIDC-IDRI-0002_ct_2mm.nii.gz"
 def require(path: Path) -> Path:
     """Skip the calling test unless ``path`` (in ../shared/data) exists."""
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is missing (tests read ../shared/data beside the repository)")
+        pytest.skip(f"real data not available: {path} is missing (set SAMEMBED_DATA or place ../shared/data beside the repo)")
     return path
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mrml_helpers import (SMALL_CT, add_points, add_volume, ijk_to_ras, load_volume, rotation, set_ijk_to_ras, slicer,
+from .mrml_helpers import (SMALL_CT, add_points, add_volume, ijk_to_ras, load_volume, rotation, set_ijk_to_ras, slicer,
                       voxels, vtk)
 
 from samembed import InputError

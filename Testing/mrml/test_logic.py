@@ -1,0 +1,444 @@
+"""MatchLogic on a real MRML scene with real CT volumes and the real engine (seeded random weights).
+
+Random weights match nothing anatomically, so accuracy is only asserted where it follows from geometry:
+a point matched into its own volume, into a translated copy and into a copy stored with a flipped axis
+(the same voxels reach the network, so the match must move exactly with the geometry). Anatomical
+accuracy on an oblique copy runs only when a trained default model is registered.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+
+import numpy as np
+import pytest
+
+from samembed import CheckpointError, InputError, ModelNotAvailableError
+from SAMEmbeddingLib.logic import CONFIDENT_COLOR, UNCERTAIN_COLOR, MatchLogic
+from SAMEmbeddingLib.worker import Worker
+
+from .mrml_helpers import (add_points, add_volume, control_points, ijk_to_ras, set_ijk_to_ras, slicer,
+                           trained_model_available, voxels)
+
+pytestmark = pytest.mark.needs_data
+
+LOCAL_SPACING_MM = 4.0  # sam-lite: 2 mm input, local map at stride 2
+
+
+def _ras(node, ijk) -> np.ndarray:
+    return (ijk_to_ras(node) @ np.r_[np.asarray(ijk, dtype=float), 1.0])[:3]
+
+
+@pytest.fixture
+def two_landmarks(a_scene, a_small_ct):
+    """Two landmarks inside the small CT (a vertebral-body-ish point and a soft-tissue point)."""
+    return add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"],
+                      name="landmarks")
+
+
+def _copy(a_scene, node, matrix, name):
+    return add_volume(a_scene, voxels(node), matrix, name)
+
+
+def _snapshot(volume, points):
+    labels, pts = control_points(points)
+    return (voxels(volume), ijk_to_ras(volume), volume.GetImageData().GetMTime(), labels, pts,
+            points.GetNumberOfControlPoints(), [points.GetNthControlPointDescription(i) for i in range(points.GetNumberOfControlPoints())])
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------------
+def test_self_match_returns_the_clicked_point(a_logic, a_small_ct, two_landmarks):
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+
+    labels, matched = control_points(outputs.pointLists[0])
+    _, clicked = control_points(two_landmarks)
+    assert labels == ["L1", "L2"]
+    # sub-voxel peak on a 4 mm local grid: within half a local-voxel diagonal
+    assert np.all(np.linalg.norm(matched - clicked, axis=1) <= LOCAL_SPACING_MM * np.sqrt(3) / 2), matched - clicked
+    assert all(row.score > 0.95 for row in outputs.rows)
+
+
+def test_matching_writes_one_point_list_per_target_with_the_source_labels(a_scene, a_logic, a_small_ct, two_landmarks):
+    copy = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "copy CT")
+
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, copy])
+
+    assert [n.GetName() for n in outputs.pointLists] == ["small CT matches", "copy CT matches"]
+    for node in outputs.pointLists:
+        assert node.IsA("vtkMRMLMarkupsFiducialNode")
+        assert [node.GetNthControlPointLabel(i) for i in range(2)] == ["L1", "L2"]
+        for i in range(2):
+            description = node.GetNthControlPointDescription(i)
+            assert description.startswith("score ") and "confident" in description
+            assert bool(node.GetNthControlPointSelected(i)) == ("not confident" not in description)
+        display = node.GetDisplayNode()
+        assert display.GetSelectedColor() == pytest.approx(CONFIDENT_COLOR)
+        assert display.GetColor() == pytest.approx(UNCERTAIN_COLOR)
+    assert len(outputs.rows) == 4
+    assert outputs.cancelled is False
+
+
+def test_a_translated_copy_returns_the_translated_point(a_scene, a_logic, a_small_ct, two_landmarks):
+    shift = np.array([37.5, -12.0, 8.0])
+    moved = ijk_to_ras(a_small_ct)
+    moved[:3, 3] += shift
+    copy = _copy(a_scene, a_small_ct, moved, "shifted CT")
+
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, copy])
+
+    _, in_self = control_points(outputs.pointLists[0])
+    _, in_copy = control_points(outputs.pointLists[1])
+    np.testing.assert_allclose(in_copy, in_self + shift, atol=1e-3)
+
+
+def test_a_copy_stored_with_a_flipped_axis_returns_the_same_physical_point(a_scene, a_logic, a_small_ct, two_landmarks):
+    # reverse the i axis of the voxel array and of the geometry: same image in space, det(IJK to RAS) < 0
+    flipped = ijk_to_ras(a_small_ct) @ np.array([[-1.0, 0, 0, 127.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    copy = add_volume(a_scene, voxels(a_small_ct)[:, :, ::-1], flipped, "flipped CT")
+    assert np.linalg.det(ijk_to_ras(copy)[:3, :3]) * np.linalg.det(ijk_to_ras(a_small_ct)[:3, :3]) < 0
+
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, copy])
+
+    _, in_self = control_points(outputs.pointLists[0])
+    _, in_copy = control_points(outputs.pointLists[1])
+    np.testing.assert_allclose(in_copy, in_self, atol=1e-3)
+
+
+def test_an_oblique_volume_self_matches_in_its_own_frame(a_logic, an_oblique_ct, a_scene):
+    points = add_points(a_scene, [_ras(an_oblique_ct, (64, 70, 10))], ["P"])
+
+    outputs = a_logic.matchPoints(an_oblique_ct, points, [an_oblique_ct])
+
+    _, matched = control_points(outputs.pointLists[0])
+    assert np.linalg.norm(matched[0] - _ras(an_oblique_ct, (64, 70, 10))) <= LOCAL_SPACING_MM * np.sqrt(3) / 2
+
+
+@pytest.mark.slow
+def test_a_rotated_copy_returns_the_rotated_point_with_a_trained_model(a_scene, a_small_ct, an_oblique_ct, two_landmarks):
+    if not trained_model_available():
+        pytest.skip("no trained 'default' model registered in models.json: anatomical accuracy is not testable")
+    transform = np.array([float(v) for v in an_oblique_ct.GetAttribute("test.transform").split()]).reshape(4, 4)
+    logic = MatchLogic(a_scene, model="default", device="cpu")
+
+    outputs = logic.matchPoints(a_small_ct, two_landmarks, [an_oblique_ct])
+
+    _, matched = control_points(outputs.pointLists[0])
+    _, clicked = control_points(two_landmarks)
+    expected = (np.c_[clicked, np.ones(len(clicked))] @ transform.T)[:, :3]
+    errors = np.linalg.norm(matched - expected, axis=1)
+    assert np.all(errors <= 2 * LOCAL_SPACING_MM), errors  # measured tolerance: two local voxels
+
+
+def test_rematching_a_moved_point_updates_its_match_in_place(a_logic, a_small_ct, two_landmarks):
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+    out = outputs.pointLists[0]
+    first = control_points(out)[1][1].copy()
+
+    two_landmarks.SetNthControlPointPositionWorld(1, *_ras(a_small_ct, (90, 40, 12)))
+    again = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct], [1])
+
+    assert again.pointLists[0].GetID() == out.GetID()
+    labels, pts = control_points(out)
+    assert labels == ["L1", "L2"]
+    assert np.linalg.norm(pts[1] - first) > 10.0
+    assert np.linalg.norm(pts[1] - _ras(a_small_ct, (90, 40, 12))) <= LOCAL_SPACING_MM * np.sqrt(3) / 2
+
+
+def test_a_renamed_source_point_renames_its_matches(a_logic, a_small_ct, two_landmarks):
+    a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+    two_landmarks.SetNthControlPointLabel(0, "carina")
+
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct], [0])
+
+    assert control_points(outputs.pointLists[0])[0] == ["carina", "L2"]
+
+
+def test_deleting_a_source_point_removes_its_matches(a_logic, a_small_ct, two_landmarks):
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+    two_landmarks.RemoveNthControlPoint(0)
+
+    removed = a_logic.removeMatchesOfDeletedPoints(two_landmarks)
+
+    assert removed == 1
+    assert control_points(outputs.pointLists[0])[0] == ["L2"]
+    assert outputs.table.GetNumberOfRows() == 1
+
+
+def test_the_results_table_lists_label_target_ras_score_confident(a_logic, a_small_ct, two_landmarks):
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+
+    table = outputs.table
+    names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert names == ["label", "target", "R", "A", "S", "score", "confident"]
+    assert table.GetNumberOfRows() == 2
+    _, matched = control_points(outputs.pointLists[0])
+    for r in range(2):
+        assert table.GetCellText(r, 0) == f"L{r + 1}"
+        assert table.GetCellText(r, 1) == "small CT"
+        ras = [float(table.GetCellText(r, c)) for c in (2, 3, 4)]
+        np.testing.assert_allclose(ras, matched[r], atol=1e-3)
+        assert -1.0 <= float(table.GetCellText(r, 5)) <= 1.0
+        assert table.GetCellText(r, 6) in ("0", "1")
+
+
+def test_inputs_are_unchanged_by_matching(a_scene, a_logic, a_small_ct, two_landmarks):
+    target = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "target")
+    before_source = _snapshot(a_small_ct, two_landmarks)
+    before_target = voxels(target), ijk_to_ras(target), target.GetImageData().GetMTime()
+    attributes = list(two_landmarks.GetAttributeNames() or [])
+
+    a_logic.matchPoints(a_small_ct, two_landmarks, [target], heatmapPointIndex=0)
+
+    after_source = _snapshot(a_small_ct, two_landmarks)
+    np.testing.assert_array_equal(after_source[0], before_source[0])
+    np.testing.assert_array_equal(after_source[1], before_source[1])
+    assert after_source[2] == before_source[2]
+    assert after_source[3] == before_source[3]
+    np.testing.assert_array_equal(after_source[4], before_source[4])
+    assert after_source[5:] == before_source[5:]
+    np.testing.assert_array_equal(voxels(target), before_target[0])
+    np.testing.assert_array_equal(ijk_to_ras(target), before_target[1])
+    assert target.GetImageData().GetMTime() == before_target[2]
+    assert list(two_landmarks.GetAttributeNames() or []) == attributes
+
+
+# ----------------------------------------------------------------------------------------------
+# heatmap, navigation
+# ----------------------------------------------------------------------------------------------
+def test_the_heatmap_has_the_target_geometry_and_a_heat_colour_table(a_scene, a_logic, a_small_ct, an_oblique_ct):
+    points = add_points(a_scene, [_ras(an_oblique_ct, (64, 70, 10))], ["P"])
+
+    heatmap = a_logic.computeHeatmap(an_oblique_ct, points, 0, an_oblique_ct)
+
+    assert heatmap.GetImageData().GetDimensions() == an_oblique_ct.GetImageData().GetDimensions()
+    np.testing.assert_array_equal(ijk_to_ras(heatmap), ijk_to_ras(an_oblique_ct))
+    values = voxels(heatmap)
+    assert values.dtype == np.float32 and values.min() >= -1.0 and values.max() <= 1.0 + 1e-5
+    peak = np.unravel_index(np.argmax(values), values.shape)  # (k, j, i)
+    assert np.linalg.norm(_ras(an_oblique_ct, peak[::-1]) - _ras(an_oblique_ct, (64, 70, 10))) <= 2 * LOCAL_SPACING_MM
+    assert heatmap.GetName() == "P similarity in oblique CT"
+    assert heatmap.GetDisplayNode().GetColorNodeID() in ("vtkMRMLColorTableNodeIron", "vtkMRMLPETProceduralColorNodePET-Heat")
+    composite = a_scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == heatmap.GetID()
+    assert composite.GetBackgroundVolumeID() == an_oblique_ct.GetID()
+
+    a_logic.setHeatmapOpacity(0.3)
+    assert composite.GetForegroundOpacity() == pytest.approx(0.3)
+    a_logic.hideHeatmap()
+    assert composite.GetForegroundVolumeID() is None
+
+
+def test_a_second_heatmap_in_the_same_target_reuses_its_node(a_scene, a_logic, a_small_ct, two_landmarks):
+    first = a_logic.computeHeatmap(a_small_ct, two_landmarks, 0, a_small_ct)
+    second = a_logic.computeHeatmap(a_small_ct, two_landmarks, 1, a_small_ct)
+
+    assert first.GetID() == second.GetID()
+    assert second.GetName() == "L2 similarity in small CT"
+    assert a_scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 2
+
+
+def test_jump_to_match_centres_the_slice_views_on_it(a_scene, a_logic, a_small_ct, two_landmarks):
+    a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+    match = a_logic.matchPosition(two_landmarks, 1, a_small_ct)
+
+    a_logic.jumpToPoint(match)
+
+    slice_node = a_scene.GetFirstNodeByClass("vtkMRMLSliceNode")
+    centre = [slice_node.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
+    np.testing.assert_allclose(centre, match, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# propagate all, cancel, worker
+# ----------------------------------------------------------------------------------------------
+def test_propagate_all_with_a_cancel_keeps_the_finished_targets(a_scene, a_logic, a_small_ct, two_landmarks):
+    targets = [a_small_ct] + [_copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), f"T{n}") for n in (2, 3)]
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done, total, message):
+        seen.append((done, total))
+        if done == 1:
+            cancel.set()  # the user presses Cancel once the first target is done
+
+    outputs = a_logic.propagateAll(a_small_ct, two_landmarks, targets, cancel=cancel, progress=progress)
+
+    assert outputs.cancelled is True
+    assert [n.GetName() for n in outputs.pointLists] == ["small CT matches"]
+    assert control_points(outputs.pointLists[0])[0] == ["L1", "L2"]
+    assert a_logic.outputPointList(two_landmarks, targets[1]) is None
+    assert outputs.table.GetNumberOfRows() == 2
+    assert (1, 3) in seen
+
+
+def test_the_worker_runs_the_engine_and_touches_mrml_only_when_polled(a_scene, a_logic, a_small_ct, two_landmarks):
+    worker = Worker()
+    finished = []
+    try:
+        task = a_logic.startMatch(worker, a_small_ct, two_landmarks, [a_small_ct], onFinished=finished.append)
+        while task.state in ("queued", "running"):
+            threading.Event().wait(0.02)
+        assert a_logic.outputPointList(two_landmarks, a_small_ct) is None, "MRML was written off the main thread"
+        assert worker.waitForIdle(timeout=120)
+    finally:
+        worker.shutdown()
+    assert len(finished) == 1 and not finished[0].cancelled
+    assert control_points(finished[0].pointLists[0])[0] == ["L1", "L2"]
+
+
+def test_cancelling_on_the_worker_keeps_the_finished_targets(a_scene, a_logic, a_small_ct, two_landmarks):
+    targets = [a_small_ct] + [_copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), f"W{n}") for n in (2, 3)]
+    worker = Worker()
+    finished, progress = [], []
+    try:
+        holder = {}
+
+        def onProgress(done, total, message):
+            progress.append(done)
+            if done >= 1:
+                holder["task"].cancel()
+
+        holder["task"] = a_logic.startMatch(worker, a_small_ct, two_landmarks, targets, onFinished=finished.append,
+                                            onProgress=onProgress)
+        assert worker.waitForIdle(timeout=120)
+    finally:
+        worker.shutdown()
+    outputs = finished[0]
+    assert outputs.cancelled
+    assert 1 <= len(outputs.pointLists) < 3
+    assert outputs.pointLists[0].GetName() == "small CT matches"
+
+
+def test_a_worker_error_is_delivered_to_on_error(a_scene, a_small_ct, two_landmarks):
+    logic = MatchLogic(a_scene, model="no-such-model")
+    worker = Worker()
+    errors = []
+    try:
+        logic.startMatch(worker, a_small_ct, two_landmarks, [a_small_ct], onError=errors.append)
+        assert worker.waitForIdle(timeout=120)
+    finally:
+        worker.shutdown()
+    assert len(errors) == 1 and isinstance(errors[0], InputError)
+    assert "unknown model 'no-such-model'" in str(errors[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+def _bad_inputs(scene, ct, points):
+    outside = add_points(scene, [_ras(ct, (64, 70, 10)), _ras(ct, (64, 70, 40))], ["in", "far"], name="outside")
+    empty = slicer.vtkMRMLMarkupsFiducialNode()
+    empty.SetName("empty list")
+    scene.AddNode(empty)
+    slice2d = add_volume(scene, voxels(ct)[10:11], ijk_to_ras(ct), "radiograph")
+    no_voxels = slicer.vtkMRMLScalarVolumeNode()
+    no_voxels.SetName("unloaded")
+    scene.AddNode(no_voxels)
+    return {
+        "no source volume": ((None, points, [ct]), "no source volume selected"),
+        "no target volume": ((ct, points, []), "no target volume selected"),
+        "a target without voxels": ((ct, points, [no_voxels]), "'unloaded' holds no voxels"),
+        "no point list": ((ct, None, [ct]), "no source point list selected"),
+        "no placed point": ((ct, empty, [ct]), "'empty list' has no placed points"),
+        "a point outside the source": ((ct, outside, [ct]), r"point 'far' at R .* lies outside the source volume 'small CT'"),
+        "a 2D target for a 3D source": ((ct, points, [slice2d]), "target 'radiograph' is 2D but source 'small CT' is 3D"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no source volume", "no target volume", "a target without voxels", "no point list",
+                                  "no placed point", "a point outside the source", "a 2D target for a 3D source"])
+def test_bad_input_raises_a_clear_error_and_writes_nothing(a_scene, a_logic, a_small_ct, two_landmarks, case):
+    args, message = _bad_inputs(a_scene, a_small_ct, two_landmarks)[case]
+    nodes_before = a_scene.GetNumberOfNodes()
+
+    ok, reason = a_logic.canMatch(*args)
+    with pytest.raises(InputError, match=message):
+        a_logic.matchPoints(*args)
+
+    assert not ok and reason
+    assert a_scene.GetNumberOfNodes() == nodes_before
+
+
+@pytest.mark.parametrize("model, error, message", [
+    ("no-such-model", InputError, "unknown model 'no-such-model'"),
+    ("/nonexistent/weights.pt", CheckpointError, "checkpoint file not found"),
+    ("sam-official", ModelNotAvailableError, "has no weights on this machine"),
+])
+def test_a_model_error_raises_a_clear_error_and_writes_nothing(a_scene, a_small_ct, two_landmarks, model, error, message):
+    logic = MatchLogic(a_scene, model=model, device="cpu")
+    nodes_before = a_scene.GetNumberOfNodes()
+
+    with pytest.raises(error, match=message):
+        logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+
+    assert a_scene.GetNumberOfNodes() == nodes_before
+
+
+def test_can_match_says_yes_to_good_input(a_logic, a_small_ct, two_landmarks):
+    assert a_logic.canMatch(a_small_ct, two_landmarks, [a_small_ct]) == (True, "")
+
+
+# ----------------------------------------------------------------------------------------------
+# export, cache
+# ----------------------------------------------------------------------------------------------
+def test_export_writes_mrk_json_fcsv_and_csv_that_read_back(a_scene, a_logic, a_small_ct, two_landmarks, tmp_path):
+    copy = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "copy")
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, copy])
+    _, matched = control_points(outputs.pointLists[0])
+
+    json_files = a_logic.exportResults(two_landmarks, tmp_path / "matches.mrk.json")
+    fcsv_files = a_logic.exportResults(two_landmarks, tmp_path / "matches.fcsv")
+    (csv_file,) = a_logic.exportResults(two_landmarks, tmp_path / "matches.csv")
+
+    assert [p.name for p in json_files] == ["matches_small_CT.mrk.json", "matches_copy.mrk.json"]
+    assert [p.name for p in fcsv_files] == ["matches_small_CT.fcsv", "matches_copy.fcsv"]
+    for path, storage_class in ((json_files[0], slicer.vtkMRMLMarkupsJsonStorageNode),
+                                (fcsv_files[0], slicer.vtkMRMLMarkupsFiducialStorageNode)):
+        back = slicer.vtkMRMLMarkupsFiducialNode()
+        a_scene.AddNode(back)
+        storage = storage_class()
+        storage.SetFileName(str(path))
+        assert storage.ReadData(back)
+        labels, pts = control_points(back)
+        assert labels == ["L1", "L2"]
+        np.testing.assert_allclose(pts, matched, atol=1e-3)
+    rows = list(csv.DictReader(csv_file.open()))
+    assert list(rows[0]) == ["label", "target", "R", "A", "S", "score", "confident"]
+    assert [(r["label"], r["target"]) for r in rows] == [("L1", "small CT"), ("L1", "copy"), ("L2", "small CT"), ("L2", "copy")]
+    assert [float(rows[0][a]) for a in "RAS"] == pytest.approx(matched[0], abs=1e-3)
+    assert not list(tmp_path.glob(".*tmp*")), "a temporary file was left behind"
+
+
+def test_export_with_nothing_matched_or_an_unknown_suffix_is_refused(a_logic, a_small_ct, two_landmarks, tmp_path):
+    with pytest.raises(InputError, match="no matches to export"):
+        a_logic.exportResults(two_landmarks, tmp_path / "m.csv")
+    a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+    with pytest.raises(InputError, match="unknown export format"):
+        a_logic.exportResults(two_landmarks, tmp_path / "m.xlsx")
+    with pytest.raises(InputError, match="does not exist"):
+        a_logic.exportResults(two_landmarks, tmp_path / "missing" / "m.csv")
+
+
+def test_volumes_are_converted_once_per_node_and_modification_time(a_logic, a_small_ct):
+    first = a_logic.imageForVolume(a_small_ct)
+    assert a_logic.imageForVolume(a_small_ct) is first
+
+    matrix = ijk_to_ras(a_small_ct)
+    matrix[2, 3] += 2.0
+    set_ijk_to_ras(a_small_ct, matrix)
+    moved = a_logic.imageForVolume(a_small_ct)
+    assert moved is not first
+    a_small_ct.GetImageData().Modified()
+    assert a_logic.imageForVolume(a_small_ct) is not moved
+
+
+def test_clear_cache_empties_embeddings_and_volumes(a_logic, a_small_ct, two_landmarks):
+    a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+    assert a_logic.cacheBytesInUse() > 0
+
+    a_logic.clearCache()
+
+    assert a_logic.cacheBytesInUse() == 0
