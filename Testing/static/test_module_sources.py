@@ -1,0 +1,74 @@
+"""The module compiles, imports nothing third-party at file scope, and the layers import in one direction."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from .static_helpers import MODULE_DIR, MODULE_FILE
+
+SLICER_PLATFORM = {"slicer", "vtk", "qt", "ctk", "__future__"}
+LIB_FILES = sorted((MODULE_DIR / "SAMEmbeddingLib").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", [MODULE_FILE, *LIB_FILES], ids=lambda p: p.name)
+def test_the_module_file_compiles(path):
+    compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
+def _file_scope_imports(tree: ast.Module):
+    """Import statements run when the file is imported: top level, also inside top-level if/try blocks."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                for child in getattr(node, field, []):
+                    stack.extend(child.body if isinstance(child, ast.ExceptHandler) else [child])
+
+
+def test_the_module_file_imports_no_third_party_package_at_file_scope():
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    allowed = set(sys.stdlib_module_names) | SLICER_PLATFORM
+    roots = []
+    for node in _file_scope_imports(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        roots += [n.split(".")[0] for n in names if not (isinstance(node, ast.ImportFrom) and node.level)]
+    bad = sorted(set(roots) - allowed)
+    assert roots, "no file-scope import found: the check would be empty"
+    assert not bad, f"SAMEmbedding.py imports {bad} at file scope; import them inside functions after ensureDependencies()"
+
+
+@pytest.mark.parametrize("path", LIB_FILES, ids=lambda p: p.name)
+def test_the_library_never_uses_qt_the_application_or_the_global_scene(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert all(a.name.split(".")[0] not in ("qt", "ctk") for a in node.names), f"{path.name} imports qt"
+        if isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] not in ("qt", "ctk"), f"{path.name} imports qt"
+            assert not (node.module == "slicer" and {a.name for a in node.names} & {"app", "mrmlScene", "util"})
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
+            assert node.attr not in ("app", "mrmlScene", "util", "modules"), f"{path.name} uses slicer.{node.attr}"
+
+
+def _fresh_modules(code: str) -> set[str]:
+    probe = f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=MODULE_DIR, capture_output=True, text=True, check=True)
+    return set(result.stdout.split())
+
+
+def test_importing_samembed_loads_no_slicer_qt_vtk_or_torch():
+    loaded = _fresh_modules("import samembed")
+    assert not {"slicer", "qt", "vtk", "vtkmodules", "torch"} & loaded
+
+
+def test_importing_the_logic_loads_no_qt_and_no_torch():
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    loaded = _fresh_modules("import SAMEmbeddingLib.logic, SAMEmbeddingLib.worker")
+    assert "qt" not in loaded and "torch" not in loaded
