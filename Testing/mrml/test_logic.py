@@ -442,3 +442,40 @@ def test_clear_cache_empties_embeddings_and_volumes(a_logic, a_small_ct, two_lan
     a_logic.clearCache()
 
     assert a_logic.cacheBytesInUse() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 2D: radiographs are single-slice volumes in Slicer
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def a_2d_matcher():
+    from samembed import Matcher
+
+    return Matcher(model="random:sam-lite-2d", device="cpu", cache_bytes=1 << 28)
+
+
+def _radiograph(scene, name, origin_ras):
+    from samembed.io import read_image
+
+    from .mrml_helpers import DATA, require
+
+    image = read_image(require(DATA / "xray" / "hand_dha37" / "images" / "3143.jpg"))
+    block = image.array[300:492, 200:392].astype(np.int16)[None]  # 192 x 192 pixels, 1 mm assumed
+    matrix = np.diag([-1.0, -1.0, 1.0, 1.0])  # how Slicer places an LPS-identity 2D image in RAS
+    matrix[:3, 3] = origin_ras
+    return add_volume(scene, block, matrix, name)
+
+
+def test_a_radiograph_matches_in_2d_and_its_match_lies_on_the_target_slice(a_scene, a_2d_matcher):
+    logic = MatchLogic(a_scene, matcher=a_2d_matcher)
+    source = _radiograph(a_scene, "hand", [10.0, 20.0, 0.0])
+    shifted = _radiograph(a_scene, "hand shifted", [-15.0, 32.0, 7.5])
+    points = add_points(a_scene, [_ras(source, (96, 80, 0)), _ras(source, (60, 130, 0))], ["MCP", "tip"])
+
+    outputs = logic.matchPoints(source, points, [source, shifted])
+
+    _, in_self = control_points(outputs.pointLists[0])
+    _, in_shifted = control_points(outputs.pointLists[1])
+    _, clicked = control_points(points)
+    assert np.all(np.linalg.norm(in_self - clicked, axis=1) <= 2.0 * np.sqrt(2) / 2 + 1e-6)  # 2 mm local grid
+    np.testing.assert_allclose(in_shifted, in_self + np.array([-25.0, 12.0, 7.5]), atol=1e-3)
