@@ -481,6 +481,7 @@ class SAMEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.showHeatmap and self._currentPointIndex is not None and (pointIndices is None or self._currentPointIndex in pointIndices):
             heatmapIndex = self._currentPointIndex
         heatmapTarget = self._heatmapTarget()
+        self.logic.setHeatmapOpacity(p.heatmapOpacity)
         single = pointIndices is not None and len(pointIndices) == 1
         try:
             task = self.logic.startMatch(
