@@ -702,21 +702,21 @@ class MatchLogic:
                 writer.writerow([row.label, row.target, *(f"{v:.4f}" for v in row.pointRAS), f"{row.score:.4f}",
                                  int(row.confident)])
             return [write_text_atomic(path, buffer.getvalue())]
+        from slicer import vtkMRMLMarkupsFiducialStorageNode, vtkMRMLMarkupsJsonStorageNode
+
         if name.endswith(".mrk.json"):
-            suffix, storageClass = ".mrk.json", "vtkMRMLMarkupsJsonStorageNode"
+            suffix, storageClass = ".mrk.json", vtkMRMLMarkupsJsonStorageNode
         elif name.endswith(".fcsv"):
-            suffix, storageClass = ".fcsv", "vtkMRMLMarkupsFiducialStorageNode"
+            suffix, storageClass = ".fcsv", vtkMRMLMarkupsFiducialStorageNode
         else:
             raise InputError(f"{path}: unknown export format; use .mrk.json, .fcsv or .csv")
-        import slicer
-
         stem = path.name[: -len(suffix)]
         written = []
         for outNode in outNodes:
             target = outNode.GetNodeReference(TARGET_REFERENCE)
             fileName = path.name if len(outNodes) == 1 else f"{stem}_{_safeName(target.GetName() if target else outNode.GetName())}{suffix}"
             destination = path.with_name(fileName)
-            storage = getattr(slicer, storageClass)()
+            storage = storageClass()  # Slicer's own writer: LPS, labels and descriptions as Slicer saves them
             with atomic_path(destination) as tmp:
                 storage.SetFileName(str(tmp))
                 if not storage.WriteData(outNode):
