@@ -1,0 +1,218 @@
+"""2D radiographs end to end: reading, the CLI and the API on real hand radiographs, 2D training, the
+``hand_oneshot`` split, metrics and 2D elastix baseline.
+
+Hand pixels are taken as 0.2 mm (stored half-resolution JPEGs of scans assumed at 0.1 mm per pixel), so stored
+pixel (x, y) is the LPS point (0.2 x, 0.2 y, 0) mm.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from samembed import Matcher
+from samembed.cli import main
+from samembed.errors import InputError
+from samembed.evaluation import hand_oneshot as ho
+from samembed.image import Image
+from samembed.io import read_image
+
+from ..conftest import REPO, data_file
+
+HAND_MODEL = REPO / "Resources" / "Models" / "sam-lite-2d-hand.pt"
+
+
+@pytest.fixture(scope="module")
+def hand_cases() -> dict:
+    data_file("xray", "hand_dha37", "landmarks_37.csv")
+    return {c.image_id: c for c in ho.load_hand_dataset(data_file())}
+
+
+@pytest.fixture(scope="module")
+def a_template_and_a_heldout_hand(hand_cases):
+    train, held = ho.hand_split(list(hand_cases))
+    return hand_cases[ho.pick_templates(train)[0]], hand_cases[held[0]]
+
+
+@pytest.fixture(scope="module")
+def a_hand_matcher():
+    if not HAND_MODEL.is_file():
+        pytest.skip(f"{HAND_MODEL} is missing (train it: see Resources/Models/sam-lite-2d-hand.yaml)")
+    torch.set_num_threads(1)
+    return Matcher(HAND_MODEL, device="cpu", modality="xray")
+
+
+# ------------------------------------------------------------------------------------------ real hands
+@pytest.mark.needs_data
+def test_cli_matches_hand_landmarks_from_a_jpeg_template_into_a_jpeg_target(tmp_path, a_template_and_a_heldout_hand):
+    if not HAND_MODEL.is_file():
+        pytest.skip(f"{HAND_MODEL} is missing")
+    template, target = a_template_and_a_heldout_hand
+    pts = template.points_lps_mm()
+    csv_in = tmp_path / "pts.csv"
+    csv_in.write_text("label,x,y,z\n" + "".join(f"L{i + 1},{p[0]},{p[1]},{p[2]}\n" for i, p in enumerate(pts)))
+    out = tmp_path / "out.csv"
+    code = main(["match", str(template.path), str(target.path), "--points", str(csv_in), "--out", str(out),
+                 "--spacing", "0.2", "--model", str(HAND_MODEL), "--modality", "xray", "--device", "cpu", "--quiet"])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["label"] for r in rows] == [f"L{i + 1}" for i in range(37)]
+    found = np.array([[float(r["x"]), float(r["y"]), float(r["z"])] for r in rows])
+    assert np.all(found[:, 2] == 0.0)
+    err_mm = ho.errors_orig_px(ho.lps_mm_to_px(found), target) * ho.ORIG_PX_MM
+    assert np.median(err_mm) < 5.0, f"median error {np.median(err_mm):.1f} mm (assumed 0.1 mm per original pixel)"
+
+
+@pytest.mark.needs_data
+def test_api_self_match_of_a_hand_returns_each_landmark_within_one_local_voxel(a_hand_matcher, hand_cases):
+    case = next(iter(hand_cases.values()))
+    img = read_image(case.path, spacing_mm=0.2)
+    res = a_hand_matcher.match(img, case.points_lps_mm(), [img])
+    found = np.array([m.point_lps_mm for m in res.matches])
+    voxel_mm = 2 * a_hand_matcher.model.preprocess.spacing_mm  # local stride 2
+    err = np.linalg.norm(found - case.points_lps_mm(), axis=1)
+    assert err.max() <= voxel_mm, f"max self-match error {err.max():.2f} mm > {voxel_mm} mm"
+    assert np.median(err) < 0.25 * voxel_mm
+
+
+@pytest.mark.needs_data
+def test_a_2d_nifti_carries_its_own_spacing_and_matches_like_the_jpeg_with_spacing(tmp_path, a_hand_matcher, hand_cases):
+    case = next(iter(hand_cases.values()))
+    sitk_img = sitk.ReadImage(str(case.path))
+    sitk_img.SetSpacing((0.2, 0.2))
+    nii = tmp_path / "hand.nii.gz"
+    sitk.WriteImage(sitk_img, str(nii))
+    png = tmp_path / "hand.png"
+    sitk.WriteImage(sitk.ReadImage(str(case.path)), str(png))
+    from_nii = read_image(nii, spacing_mm=5.0)  # a file's own spacing wins over the option
+    assert from_nii.ndim == 2 and from_nii.pixel_spacing_known and np.allclose(from_nii.grid.spacing_mm, 0.2)
+    assert not read_image(png).pixel_spacing_known
+    pts = case.points_lps_mm()[:5]
+    a = a_hand_matcher.match(from_nii, pts, [from_nii])
+    b = a_hand_matcher.match(read_image(png, spacing_mm=0.2), pts, [read_image(case.path, spacing_mm=0.2)])
+    pa = np.array([m.point_lps_mm for m in a.matches])
+    pb = np.array([m.point_lps_mm for m in b.matches])
+    assert np.allclose(pa, pb, atol=0.5)  # png vs jpeg decode of the same pixels
+
+
+def test_a_2d_source_with_a_3d_target_fails_with_a_clear_input_error():
+    rng = np.random.default_rng(0)
+    src = Image.from_array((rng.random((64, 48)) * 255).astype(np.uint8), spacing_mm=(0.2, 0.2), name="hand.png")
+    tgt = Image.from_array((rng.random((8, 64, 48)) * 255).astype(np.uint8), name="volume.nii.gz")
+    with pytest.raises(InputError, match=r"volume.nii.gz: a 3D target cannot be matched with the 2D source hand.png; "
+                                         r"use images of the same dimension"):
+        Matcher("random:sam-lite-2d", device="cpu").match(src, [[4.0, 4.0, 0.0]], [tgt], target_names=["volume.nii.gz"])
+
+
+# ------------------------------------------------------------------------------------------ split and metrics
+def test_the_split_is_seeded_disjoint_and_complete():
+    ids = [str(3000 + i) for i in range(133)]
+    train, held = ho.hand_split(ids, n_train=100, seed=0)
+    assert len(train) == 100 and len(held) == 33
+    assert not set(train) & set(held) and set(train) | set(held) == set(ids)
+    assert (train, held) == ho.hand_split(list(reversed(ids)), n_train=100, seed=0)
+    assert held != ho.hand_split(ids, n_train=100, seed=1)[1]
+    assert ho.pick_templates(train, 5)[0] == ho.pick_templates(train, 1)[0]
+    assert set(ho.pick_templates(train, 5)) <= set(train)
+    with pytest.raises(InputError):
+        ho.hand_split(ids, n_train=133)
+
+
+@pytest.mark.needs_data
+def test_the_real_split_holds_out_33_hands_never_used_for_training(hand_cases):
+    train, held = ho.hand_split(list(hand_cases))
+    assert len(hand_cases) == 133 and len(train) == 100 and len(held) == 33
+    assert ho.pick_templates(train, 5)[0] in train
+    if HAND_MODEL.is_file():
+        used = torch.load(HAND_MODEL, map_location="cpu", weights_only=True).get("training_volumes", [])
+        stems = {name.split("-")[0] for name in used}
+        assert stems and stems <= set(train), "the shipped model saw a held-out hand"
+
+
+def test_errors_are_in_original_pixels_and_mm_on_a_hand_computed_case():
+    case = ho.HandCase("x", REPO, landmarks_px=np.array([[10.0, 10.0], [20.0, 20.0]]),
+                       landmarks_orig_px=np.array([[20.0, 21.0], [40.0, 42.0]]), orig_per_stored=np.array([2.0, 2.1]))
+    pred_px = np.array([[13.0, 10.0], [20.0, 40.0]])  # 3 stored px right (6 orig px); 20 stored px down (42 orig px)
+    err = ho.errors_orig_px(pred_px, case)
+    assert np.allclose(err, [6.0, 42.0])
+    s = ho.summarise_errors(np.array([6.0, 42.0, np.nan]))
+    assert s["n"] == 3 and s["failed"] == 1
+    assert s["mean_px"] == 24.0 and s["mean_mm"] == 2.4 and s["median_mm"] == 2.4
+    assert s["within_2mm_pct"] == pytest.approx(100 / 3, abs=1e-3)  # 0.6 mm of 3 (the failure is a miss)
+    assert s["within_10mm_pct"] == pytest.approx(200 / 3, abs=1e-3)
+    assert np.allclose(ho.px_to_lps_mm(np.array([[10.0, 5.0]])), [[2.0, 1.0, 0.0]])
+    assert np.allclose(ho.lps_mm_to_px(np.array([[2.0, 1.0, 0.0]])), [[10.0, 5.0]])
+
+
+def test_multi_template_combination_takes_the_best_score_or_the_median():
+    preds = np.array([[[0.0, 0.0], [5.0, 5.0]], [[1.0, 0.0], [50.0, 5.0]], [[2.0, 0.0], [6.0, 5.0]]])
+    scores = np.array([[0.2, 0.9], [0.8, 0.1], [0.5, 0.5]])
+    assert np.allclose(ho.combine_templates(preds, scores, "best"), [[1.0, 0.0], [5.0, 5.0]])
+    assert np.allclose(ho.combine_templates(preds, scores, "median"), [[1.0, 0.0], [6.0, 5.0]])
+
+
+@pytest.mark.slow  # importing itk-elastix alone takes about 20 s of CPU
+def test_2d_elastix_transfer_recovers_a_known_shift():
+    pytest.importorskip("itk")
+    yy, xx = np.mgrid[0:96, 0:80].astype(np.float32)
+    blob = lambda cy, cx: np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 60.0)  # noqa: E731
+    fixed_arr = 100 * blob(40, 30) + 60 * blob(60, 55) + 5
+    moving_arr = 100 * blob(44, 33) + 60 * blob(64, 58) + 5  # everything moved by (+3, +4) px = (0.6, 0.8) mm
+    fixed, moving = sitk.GetImageFromArray(fixed_arr), sitk.GetImageFromArray(moving_arr)
+    for im in (fixed, moving):
+        im.SetSpacing((0.2, 0.2))
+    pts = ho.px_to_lps_mm(np.array([[30.0, 40.0], [55.0, 60.0]]))
+    moved, seconds = ho.transfer_points_elastix_2d(fixed, moving, pts, "affine", iterations=100)
+    assert moved.shape == (2, 3) and seconds > 0
+    assert np.allclose(moved[:, :2] - pts[:, :2], [[0.6, 0.8], [0.6, 0.8]], atol=0.15)
+    with pytest.raises(InputError):
+        ho.transfer_points_elastix_2d(sitk.Image(4, 4, 4, sitk.sitkFloat32), moving, pts)
+
+
+# ------------------------------------------------------------------------------------------ 2D training
+def test_a_rotated_training_view_samples_the_volume_where_its_positions_say():
+    import torch.nn.functional as F
+
+    from samembed.training.sampling import sample_view
+    from samembed.training.train import inside_view, map_positions_mm
+
+    yy, xx = np.mgrid[0:120, 0:100]
+    vol = torch.tensor(np.sin(yy / 7.0) + np.cos(xx / 5.0) + 0.01 * yy, dtype=torch.float32)[None, None]
+    view = sample_view(vol, np.array([30.0, 25.0]), 24, 0.7, 0.5, 0.0, angle_deg=12.0)
+    pos = map_positions_mm(view, (24, 24))
+    shape = torch.tensor(vol.shape[2:], dtype=torch.float32)
+    direct = F.grid_sample(vol, ((pos / 0.5 + 0.5) / shape * 2 - 1).flip(-1).reshape(1, 24, 24, 2), align_corners=False)
+    assert torch.allclose(direct[0, 0], view.image[0], atol=1e-5)
+    assert inside_view(view, pos, -0.01).all() and not inside_view(view, pos + 100.0).any()
+    back = F.grid_sample(view.image[None], view.mm_to_norm(pos[:5], ()).reshape(1, -1, 1, 2), align_corners=False)
+    assert torch.allclose(back.reshape(-1), view.image[0].reshape(-1)[:5], atol=1e-4)
+
+
+def test_2d_training_runs_on_a_folder_of_radiographs_with_xray_augmentations(tmp_path):
+    from samembed.models import load_checkpoint
+    from samembed.training.config import TrainConfig
+    from samembed.training.train import Trainer
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    yy, xx = np.mgrid[0:160, 0:128]
+    for n in range(3):
+        arr = 40 + 120 * (((xx // (16 + n)) + (yy // 20)) % 2) + rng.normal(0, 5, xx.shape)
+        img = sitk.GetImageFromArray(np.clip(arr, 0, 255).astype(np.uint8))
+        img.SetSpacing((0.5, 0.5))
+        sitk.WriteImage(img, str(folder / f"xr{n}.nii.gz"))
+    cfg = TrainConfig(name="tiny-2d", arch="sam-lite-2d", data=[str(folder)], cache_dir=str(tmp_path / "cache"),
+                      modality="xray", spacing_mm=1.0, iterations=2, batch_volumes=2, local_size=32, global_size=24,
+                      scale_range=(0.8, 1.25), rotation_deg=15.0, contrast=0.2, gamma=0.3, centre_jitter_mm=8.0,
+                      global_jitter_mm=16.0, local_ignore_mm=2.0, global_positive_mm=6.0, anchors=32, num_hard=32,
+                      num_negatives=32, global_candidates=32, threads=1, out_dir=str(tmp_path / "run"), checkpoint_every=10)
+    final = Trainer(cfg, progress=False).run()
+    model = load_checkpoint(final)
+    assert model.spec.ndim == 2 and model.preprocess.spacing_mm == 1.0
+    rows = list(csv.DictReader((tmp_path / "run" / "train_log.csv").open()))
+    assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
