@@ -126,18 +126,22 @@ class Matcher:
         roundtrip_tolerance_mm: the confidence flag's radius (default: 2 local voxels).
         max_tile_voxels: inputs larger than this (model-grid voxels) are embedded in slabs with a halo.
         cuda_fallback: with ``device="cuda"`` and no CUDA, warn and use the CPU instead of raising.
+        global_window_mm: coarse-to-fine search: take the joint argmax only within +- this many mm of the best
+            global match (None: the official single joint argmax over the whole target).
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",
                  cache_bytes: int = 3 << 30, cache_dir: str | os.PathLike | None = None, modality: str = "auto",
                  search_body: bool = True, roundtrip_tolerance_mm: float | None = None,
-                 max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False) -> None:
+                 max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
+                 global_window_mm: float | None = None) -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
         self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality)
         self.search_body = search_body
         self.roundtrip_tolerance_mm = roundtrip_tolerance_mm
+        self.global_window_mm = global_window_mm
 
     def embed(self, image, progress: Callable | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
         """Embeddings of one image (cached)."""
@@ -209,12 +213,12 @@ class Matcher:
                 allowed = allowed & box_mask(tmaps, box_lps_mm)
             if not bool(allowed.any()):
                 raise InputError(f"{name}: the search mask/box leaves no voxel to search")
-            raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap)
+            raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=self.global_window_mm)
             found, scores = raw.points_lps_mm, raw.scores
             if refine:
                 ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed)
                 found, scores = ref.points_lps_mm, ref.scores
-            back = match_points(tmaps, found, src_maps, src_allowed)
+            back = match_points(tmaps, found, src_maps, src_allowed, window_mm=self.global_window_mm)
             rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
             tol = self.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
             for n, lab in enumerate(labels):

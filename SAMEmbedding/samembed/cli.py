@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -52,7 +51,8 @@ def _make_matcher(args):
         if not torch.cuda.is_available():
             log.info("no CUDA device: running on the CPU")
     return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None),
-                   modality=getattr(args, "modality", "auto"), search_body=not getattr(args, "no_body_mask", False))
+                   modality=getattr(args, "modality", "auto"), search_body=not getattr(args, "no_body_mask", False),
+                   global_window_mm=getattr(args, "global_window", None))
 
 
 def _cmd_match(args) -> int:
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
     m.add_argument("--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"), help="search box, LPS mm")
     m.add_argument("--no-body-mask", action="store_true", help="search the whole target, not only the body")
+    m.add_argument("--global-window", type=float, metavar="MM",
+                   help="coarse-to-fine: joint argmax only within +-MM of the best global match")
     _add_common(m)
     m.set_defaults(func=_cmd_match)
 

@@ -76,21 +76,39 @@ def _subvoxel(sim_vol: torch.Tensor, flat: torch.Tensor, shape: tuple[int, ...])
     return idx
 
 
+def _global_window(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float) -> torch.Tensor:
+    """(N, V) bool: voxels within a box of +-``window_mm`` around each query's best *global* match."""
+    cl = target.local_channels
+    feats = target.features
+    g = (queries[:, cl:].to(feats.dtype) @ feats[cl:]).float().masked_fill(~allowed[None], float("-inf"))
+    centre = g.argmax(1)  # (N,)
+    shape = target.local_grid.shape_zyx
+    idx = torch.stack(torch.unravel_index(torch.arange(len(allowed), device=allowed.device), shape), 1)  # (V, d) zyx
+    c = idx[centre]  # (N, d)
+    radius = torch.as_tensor(window_mm / target.local_grid.spacing_mm[::-1].copy(), device=idx.device)
+    return ((idx[None].float() - c[:, None].float()).abs() <= radius).all(-1)
+
+
 def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor | None = None,
-                  keep_similarity: bool = False) -> RawMatch:
+                  keep_similarity: bool = False, window_mm: float | None = None) -> RawMatch:
     """Best match of each query in ``target``.
 
     Args:
         queries: (N, C) from :func:`query_vectors`.
         allowed: (V,) bool of voxels a match may land on (default: inside the image and the body).
         keep_similarity: keep the (N, V) similarity for heatmaps.
+        window_mm: coarse-to-fine search: first find each query's best global match, then take the best
+            joint similarity only within +-``window_mm`` of it (None: the official single joint argmax).
     """
     sim = similarity(queries, target)
     if allowed is None:
         allowed = target.search_mask(True)
         if not bool(allowed.any()):
             allowed = target.valid
-    masked = sim.masked_fill(~allowed[None], float("-inf"))
+    if window_mm:
+        masked = sim.masked_fill(~(allowed[None] & _global_window(queries, target, allowed, window_mm)), float("-inf"))
+    else:
+        masked = sim.masked_fill(~allowed[None], float("-inf"))
     scores, flat = masked.max(1)
     grid = target.local_grid
     zyx = _subvoxel(masked, flat, grid.shape_zyx)
@@ -110,7 +128,8 @@ def nearest_voxel_lps(maps: EmbeddingMaps, points_lps_mm: np.ndarray) -> np.ndar
 
 
 def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: EmbeddingMaps,
-                 allowed: torch.Tensor | None = None, keep_similarity: bool = False) -> RawMatch:
+                 allowed: torch.Tensor | None = None, keep_similarity: bool = False,
+                 window_mm: float | None = None) -> RawMatch:
     """Match LPS mm points of ``source`` into ``target``.
 
     Each point is matched through its nearest local voxel; the match is then moved by the point's offset
@@ -120,7 +139,7 @@ def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: Embed
     d = source.local_grid.ndim
     pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
     centres = nearest_voxel_lps(source, pts)
-    raw = match_queries(query_vectors(source, centres), target, allowed, keep_similarity)
+    raw = match_queries(query_vectors(source, centres), target, allowed, keep_similarity, window_mm)
     raw.points_lps_mm = raw.points_lps_mm + (pts - centres)
     return raw
 
