@@ -144,3 +144,12 @@ def test_a_2d_source_with_a_3d_target_is_rejected():
     tgt = Image.from_array((rng.random((16, 40, 40)) * 2000 - 1000).astype(np.int16), name="ct.nii.gz")
     with pytest.raises(InputError, match="ct.nii.gz: a 3D target cannot be matched with the 2D source xray.png"):
         Matcher("random:sam-lite-2d", device="cpu").match(src, [[10.0, 10.0, 0.0]], [tgt], target_names=["ct.nii.gz"])
+
+
+@pytest.mark.needs_data
+def test_the_global_window_search_keeps_a_self_match_and_stays_inside_the_window():
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    pts = src.grid.index_to_lps([[64, 60, 70], [50, 70, 40], [70, 55, 90]])
+    m = Matcher("random:sam-lite", device="cpu", global_window_mm=30.0)
+    found = np.array([x.point_lps_mm for x in m.match(src, pts, [src]).matches])
+    assert np.linalg.norm(found - pts, axis=1).max() < 8.0
