@@ -53,12 +53,13 @@ def cmake_sets(path: Path) -> dict[str, list[str]]:
 
 
 def project_files(*roots: str) -> set[str]:
-    """Files under ``roots`` (repo-relative, POSIX) that belong to the project: tracked or new, not ignored.
+    """Files under ``roots`` (repo-relative, POSIX) that belong to the project.
 
-    Uses git when the repository is a git checkout, else walks the folders (skipping caches).
+    In a git checkout: the tracked files, i.e. what a fresh clone (CI, a release build) holds; a new file counts
+    once it is added. Elsewhere (an unpacked source archive): every file under the folders, skipping caches.
     """
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *roots],
+        listed = subprocess.run(["git", "ls-files", "--cached", "--", *roots],
                                 cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n")
         return {p for p in listed if p and (REPO / p).is_file()}
     except (OSError, subprocess.CalledProcessError):
