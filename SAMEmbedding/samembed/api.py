@@ -157,13 +157,15 @@ class Matcher:
             source: the image the points are in (path, Image, SimpleITK image or array).
             points_lps_mm: (N, 3) LPS mm points (use :func:`samembed.image.ras_to_lps` for Slicer RAS).
             targets: images to search.
-            labels: one label per point (default P1, P2, ...).
+            labels: one label per point (default P1, P2, ...); they must be unique when ``heatmap`` is set,
+                because heatmaps are keyed by ``(target_index, label)``.
             heatmap: also return each point's similarity map resampled to each target's voxel grid.
             refine: cycle-consistent fixed-point refinement (slower, usually more accurate).
             mask: restrict the search to non-zero voxels of this image (in the targets' space), or None.
             box_lps_mm: restrict the search to an LPS box [[x0, y0, z0], [x1, y1, z1]] mm, or None.
                 A mask or box replaces the default restriction to the body.
-            progress: called as ``progress(done, total, message)`` after each target.
+            progress: called as ``progress(done, total, message)`` before embedding each target
+                ("embedding <name>") and after matching it ("<name>").
             cancel: when set, stops between targets and raises :class:`Cancelled` with the partial result.
 
         Returns:
@@ -179,6 +181,8 @@ class Matcher:
         labels = list(labels) if labels is not None else [f"P{i + 1}" for i in range(len(pts))]
         if len(labels) != len(pts):
             raise InputError(f"{len(labels)} labels for {len(pts)} points")
+        if heatmap and len(set(labels)) != len(labels):
+            raise InputError("point labels must be unique when heatmaps are requested (heatmaps are keyed by label)")
         d = src.ndim
         ijk = src.grid.lps_to_index(pts[:, :d])
         outside = ~src.grid.contains_index(ijk, margin=0.5)
@@ -200,6 +204,8 @@ class Matcher:
             if tgt.ndim != src.ndim:
                 raise InputError(f"{name}: a {tgt.ndim}D target cannot be matched with the {src.ndim}D source {src.name}; "
                                  "use images of the same dimension")
+            if progress:
+                progress(ti, len(targets), f"embedding {name}")
             tmaps = self.embedder.embed(tgt, cancel=cancel)
             t_embed = time.time() - t1
             # an explicit mask or box replaces the default body restriction

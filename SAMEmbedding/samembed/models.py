@@ -23,6 +23,7 @@ import torch
 from .errors import CheckpointError, InputError, ModelNotAvailableError
 from .networks import EmbeddingNet, build_network
 from .preprocess import PreprocessConfig
+from .registry import models_dir, registry  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 KNOWN_OFFICIAL_SHA256 = {
@@ -55,26 +56,6 @@ class LoadedModel:
     def spec(self):
         """The network's :class:`~samembed.networks.NetSpec`."""
         return self.net.spec
-
-
-def models_dir() -> Path:
-    """Folder holding ``models.json``: ``$SAMEMBED_MODELS_DIR`` or the extension's ``Resources/Models``."""
-    env = os.environ.get("SAMEMBED_MODELS_DIR")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent.parent / "Resources" / "Models", here.parent / "Resources" / "Models"):
-        if (cand / "models.json").is_file():
-            return cand
-    return here.parent.parent / "Resources" / "Models"
-
-
-def registry() -> dict:
-    """The parsed ``models.json`` (``{"models": [...]}``); empty when absent."""
-    path = models_dir() / "models.json"
-    if not path.is_file():
-        return {"models": []}
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def sha256_file(path: str | os.PathLike) -> str:
