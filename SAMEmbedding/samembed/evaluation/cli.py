@@ -1,0 +1,107 @@
+"""``samembed evaluate`` and ``samembed make-suites``: sub-commands added to the main CLI by :func:`add_parsers`.
+
+Examples::
+
+    samembed make-suites --out cache/suites
+    samembed evaluate cache/suites/*/cases.json --methods sam,sam-refine,centre,elastix-affine,elastix-bspline \\
+        --model default --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from .runner import METHODS
+
+log = logging.getLogger(__name__)
+
+
+def _cmd_make_suites(args: argparse.Namespace) -> int:
+    from .suites import build_suites
+
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    try:
+        written = build_suites(args.out, suites, data=args.data, seed=args.seed, force=args.force)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for suite, path in written.items():
+        print(f"{suite}: {path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .cases import read_cases
+    from .runner import environment_info, parse_methods, run_cases, write_report
+
+    try:
+        methods = parse_methods(args.methods)
+        cases = []
+        for path in args.cases:
+            got = read_cases(path)
+            cases += got[: args.limit] if args.limit else got
+        if not cases:
+            raise InputError("the case files hold no cases")
+        if args.elastix_threads is not None and args.elastix_threads < 1:
+            raise InputError(f"--elastix-threads must be >= 1, got {args.elastix_threads}")
+        results = run_cases(cases, methods, model=args.model, device=args.device, elastix_threads=args.elastix_threads)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model_id = args.model if any(m.startswith("sam") for m in methods) else None
+    report = write_report(results, args.out, stem=args.stem,
+                          info=environment_info(model_id, args.elastix_threads) | {"cases": ", ".join(map(str, args.cases))})
+    print(report.read_text(encoding="utf-8"))
+    print(f"wrote {report}")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    """Add ``evaluate`` and ``make-suites`` to an ``argparse`` sub-parser collection.
+
+    Each sets ``func(args) -> int`` (0 ok, 2 bad input).
+
+    >>> import argparse
+    >>> p = argparse.ArgumentParser(); add_parsers(p.add_subparsers(dest="command"))
+    >>> p.parse_args(["make-suites", "--out", "x"]).suites
+    'popi_synthetic,openkbp_inter,lidc_synthetic'
+    """
+    e = subparsers.add_parser("evaluate", help="landmark benchmark: run methods on case files, write tables and plots",
+                              description="Run point-transfer methods on benchmark case files (JSON or CSV) and write a "
+                                          "markdown table, per-point CSV and error-CDF PNGs per suite.")
+    e.add_argument("cases", nargs="+", help="case files (.json or .csv)")
+    e.add_argument("--methods", default="sam,sam-refine,centre,elastix-affine,elastix-bspline",
+                   help=f"comma-separated, from: {', '.join(METHODS)}")
+    e.add_argument("--model", default="default", help="SAMEmbedding model name, checkpoint path or random:sam-lite")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--stem", default="landmarks", help="output file name stem (default: landmarks)")
+    e.add_argument("--limit", type=int, default=None, help="use at most N cases per case file")
+    e.add_argument("--elastix-threads", type=int, default=None, help="elastix threads (default: ITK's)")
+    e.set_defaults(func=_cmd_evaluate)
+
+    m = subparsers.add_parser("make-suites", help="build the benchmark suites from ../shared/data",
+                              description="Write benchmark images and case files (deterministic, seeded).")
+    m.add_argument("--out", required=True, help="output folder, e.g. cache/suites (not committed)")
+    m.add_argument("--suites", default="popi_synthetic,openkbp_inter,lidc_synthetic", help="comma-separated suite names")
+    m.add_argument("--data", default=None, help="shared data folder (default: $SAMEMBED_DATA or ../shared/data)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    m.set_defaults(func=_cmd_make_suites)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m samembed.evaluation.cli``) until the main CLI includes these commands."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    p = argparse.ArgumentParser(prog="samembed")
+    add_parsers(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
