@@ -89,23 +89,45 @@ def _global_window(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
     return ((idx[None].float() - c[:, None].float()).abs() <= radius).all(-1)
 
 
+def _window_around(target: EmbeddingMaps, centres_lps_mm: np.ndarray, window_mm: float) -> torch.Tensor:
+    """(N, V) bool: voxels within a box of +-``window_mm`` (along the grid axes) around each LPS centre."""
+    grid = target.local_grid
+    c = torch.from_numpy(grid.lps_to_index(centres_lps_mm[:, : grid.ndim])[:, ::-1].copy()).float()  # zyx
+    idx = torch.stack(torch.unravel_index(torch.arange(int(np.prod(grid.shape_zyx))), grid.shape_zyx), 1).float()
+    radius = torch.as_tensor(window_mm / grid.spacing_mm[::-1].copy()).float()
+    return ((idx[None] - c[:, None]).abs() <= radius).all(-1).to(target.valid.device)
+
+
 def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor | None = None,
-                  keep_similarity: bool = False, window_mm: float | None = None) -> RawMatch:
+                  keep_similarity: bool = False, window_mm: float | None = None,
+                  window_centres_lps_mm: np.ndarray | None = None) -> RawMatch:
     """Best match of each query in ``target``.
 
     Args:
         queries: (N, C) from :func:`query_vectors`.
         allowed: (V,) bool of voxels a match may land on (default: inside the image and the body).
         keep_similarity: keep the (N, V) similarity for heatmaps.
-        window_mm: coarse-to-fine search: first find each query's best global match, then take the best
-            joint similarity only within +-``window_mm`` of it (None: the official single joint argmax).
+        window_mm: coarse-to-fine search: take the best joint similarity only within +-``window_mm`` of each
+            query's best global match, or of ``window_centres_lps_mm`` (N, d) when given (e.g. predicted by
+            :func:`affine_prior`). None: the official single joint argmax.
     """
-    sim = similarity(queries, target)
     if allowed is None:
         allowed = target.search_mask(True)
         if not bool(allowed.any()):
             allowed = target.valid
-    if window_mm:
+    chunk = 64
+    if not keep_similarity and len(queries) > chunk:  # bound memory: (chunk, V) similarities at a time
+        parts = [match_queries(queries[i:i + chunk], target, allowed, False, window_mm,
+                               None if window_centres_lps_mm is None else window_centres_lps_mm[i:i + chunk])
+                 for i in range(0, len(queries), chunk)]
+        return RawMatch(np.concatenate([r.points_lps_mm for r in parts]), np.concatenate([r.scores for r in parts]),
+                        np.concatenate([r.flat_index for r in parts]))
+    sim = similarity(queries, target)
+    if window_mm and window_centres_lps_mm is not None:
+        win = allowed[None] & _window_around(target, window_centres_lps_mm, window_mm)
+        win = torch.where(win.any(1, keepdim=True), win, allowed[None].expand_as(win))  # empty window: search all
+        masked = sim.masked_fill(~win, float("-inf"))
+    elif window_mm:
         masked = sim.masked_fill(~(allowed[None] & _global_window(queries, target, allowed, window_mm)), float("-inf"))
     else:
         masked = sim.masked_fill(~allowed[None], float("-inf"))
@@ -129,7 +151,7 @@ def nearest_voxel_lps(maps: EmbeddingMaps, points_lps_mm: np.ndarray) -> np.ndar
 
 def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: EmbeddingMaps,
                  allowed: torch.Tensor | None = None, keep_similarity: bool = False,
-                 window_mm: float | None = None) -> RawMatch:
+                 window_mm: float | None = None, prior: np.ndarray | None = None) -> RawMatch:
     """Match LPS mm points of ``source`` into ``target``.
 
     Each point is matched through its nearest local voxel; the match is then moved by the point's offset
@@ -139,9 +161,61 @@ def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: Embed
     d = source.local_grid.ndim
     pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
     centres = nearest_voxel_lps(source, pts)
-    raw = match_queries(query_vectors(source, centres), target, allowed, keep_similarity, window_mm)
+    win_centres = apply_affine(prior, pts) if prior is not None else None
+    raw = match_queries(query_vectors(source, centres), target, allowed, keep_similarity, window_mm, win_centres)
     raw.points_lps_mm = raw.points_lps_mm + (pts - centres)
     return raw
+
+
+def apply_affine(matrix: np.ndarray, points_lps_mm: np.ndarray) -> np.ndarray:
+    """Apply a homogeneous (d+1, d+1) affine to (N, d) points."""
+    d = matrix.shape[0] - 1
+    p = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
+    return p @ matrix[:d, :d].T + matrix[:d, d]
+
+
+def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 500, inlier_mm: float = 20.0,
+                 iterations: int = 1000, seed: int = 0) -> tuple[np.ndarray, float]:
+    """A robust source->target affine (LPS mm) from many global-embedding correspondences (as in SAME).
+
+    ``samples`` body voxels of the source are matched into the target's body by their *global* embedding only;
+    RANSAC (minimal sets of d+1 pairs, ``inlier_mm`` threshold) then a least-squares fit on the inliers gives
+    the affine. Returns the (d+1, d+1) matrix and the inlier fraction. Queries can then be searched in a
+    window around their affine-predicted position, which removes gross mismatches between subjects.
+    """
+    rng = np.random.default_rng(seed)
+    grid = source.local_grid
+    d = grid.ndim
+    cand = torch.nonzero(source.search_mask(True)).reshape(-1).cpu().numpy()
+    if len(cand) < d + 2:
+        return np.eye(d + 1), 0.0
+    pick = rng.choice(cand, size=min(samples, len(cand)), replace=False)
+    idx = np.stack(np.unravel_index(pick, grid.shape_zyx), 1)[:, ::-1].astype(np.float64)
+    src_pts = grid.index_to_lps(idx)
+    cl = source.local_channels
+    q = source.features[:, torch.from_numpy(pick)].T.float()
+    q[:, :cl] = 0  # global only
+    q = torch.cat([q[:, :cl], F.normalize(q[:, cl:], dim=1)], 1)
+    allowed = target.search_mask(True)
+    raw = match_queries(q, target, allowed if bool(allowed.any()) else target.valid)
+    dst = raw.points_lps_mm
+    X = np.hstack([src_pts, np.ones((len(src_pts), 1))])
+    best, best_in = None, np.zeros(len(X), bool)
+    for _ in range(iterations):
+        s = rng.choice(len(X), size=d + 1, replace=False)
+        try:
+            A = np.linalg.solve(X[s], dst[s])  # (d+1, d)
+        except np.linalg.LinAlgError:
+            continue
+        inl = np.linalg.norm(X @ A - dst, axis=1) < inlier_mm
+        if inl.sum() > best_in.sum():
+            best, best_in = A, inl
+    if best is None or best_in.sum() < d + 2:
+        return np.eye(d + 1), 0.0
+    A = np.linalg.lstsq(X[best_in], dst[best_in], rcond=None)[0]
+    M = np.eye(d + 1)
+    M[:d, :] = A.T
+    return M, float(best_in.mean())
 
 
 def box_mask(maps: EmbeddingMaps, box_lps_mm: np.ndarray) -> torch.Tensor:
