@@ -22,7 +22,7 @@ def spec_rows() -> list[tuple[str, tuple[int, ...], str]]:
     if not SPEC.is_file():
         pytest.skip(f"reference spec not available: {SPEC}")
     rows = []
-    for line in SPEC.read_text().splitlines():
+    for line in SPEC.read_text(encoding="utf-8").splitlines():
         m = re.match(r"\|\s*\d+\s*\|\s*`([^`]+)`\s*\|\s*([^|]+)\|\s*[\d,]+\s*\|[^|]+\|\s*([^|]+?)\s*\|", line)
         if m:
             shape_txt = m.group(2).strip()

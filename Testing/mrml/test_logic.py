@@ -289,17 +289,29 @@ def test_the_worker_runs_the_engine_and_touches_mrml_only_when_polled(a_scene, a
     assert control_points(finished[0].pointLists[0])[0] == ["L1", "L2"]
 
 
-def test_cancelling_on_the_worker_keeps_the_finished_targets(a_scene, a_logic, a_small_ct, two_landmarks):
+def test_cancelling_on_the_worker_keeps_the_finished_targets(a_scene, a_logic, a_small_ct, two_landmarks, monkeypatch):
     targets = [a_small_ct] + [_copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), f"W{n}") for n in (2, 3)]
     worker = Worker()
     finished, progress = [], []
+    real = a_logic.getMatcher()
+    holder = {}
+
+    class CancelAfterFirstTarget:
+        """Cancels from the worker thread once the first target is matched (no race with polling)."""
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def match(self, *args, **kwargs):
+            result = real.match(*args, **kwargs)
+            holder["task"].cancel()
+            return result
+
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: CancelAfterFirstTarget())
     try:
-        holder = {}
 
         def onProgress(done, total, message):
             progress.append(done)
-            if done >= 1:
-                holder["task"].cancel()
 
         holder["task"] = a_logic.startMatch(worker, a_small_ct, two_landmarks, targets, onFinished=finished.append,
                                             onProgress=onProgress)
