@@ -48,7 +48,7 @@ out = {"read_s": t_read, "embed_s": t_embed, "input_shape": list(img.array.shape
        "cache_mb": maps.nbytes / 1e6}
 # warm-cache query latency (source = target = this image)
 rng = np.random.default_rng(0)
-idx = np.argwhere(maps.body.reshape(maps.local_grid.shape_zyx).numpy())
+idx = np.argwhere(maps.search_mask(True).reshape(maps.local_grid.shape_zyx).numpy())
 for n in (1, 10, 100):
     pick = idx[rng.choice(len(idx), n)][:, ::-1]
     pts = maps.local_grid.index_to_lps(pick.astype(float))
