@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--elastix-iterations", type=int, default=250, help="iterations per pyramid level and stage")
     r.add_argument("--grid-mm", type=float, default=10.0, help="final B-spline control-point spacing, mm")
     r.add_argument("--refine", action="store_true", help="also run SAM with cycle-consistent refinement")
+    r.add_argument("--consistency", type=float, nargs=2, default=[15.0, 20.0], metavar=("INLIER_MM", "WINDOW_MM"),
+                   help="the *-consistent methods: robust affine of SAM's matches, outliers re-searched in a window")
+    r.add_argument("--no-consistency", action="store_true", help="skip the *-consistent methods")
+    r.add_argument("--elastix-cache", default=str(REPO / "runs" / "hand_dha37" / "elastix-cache"),
+                   help="reuse elastix results stored here (they do not depend on the SAM model); '' to disable")
     r.add_argument("--max-targets", type=int, help="evaluate only the first N held-out images (quick check)")
     r.add_argument("--threads", type=int, default=1, help="torch and elastix threads")
     r.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -66,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         report = ho.run_benchmark(args.model, data_root=args.data, n_train=args.n_train, seed=args.seed,
                                   templates=args.templates, elastix=not args.no_elastix,
                                   elastix_iterations=args.elastix_iterations, elastix_threads=args.threads,
-                                  grid_spacing_mm=args.grid_mm, refine=args.refine, max_targets=args.max_targets,
+                                  grid_spacing_mm=args.grid_mm, refine=args.refine,
+                                  consistency=None if args.no_consistency else tuple(args.consistency),
+                                  max_targets=args.max_targets,
+                                  elastix_cache=args.elastix_cache or None,
                                   out_dir=args.out, stem=args.stem)
     except SamEmbedError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -155,6 +155,18 @@ def test_multi_template_combination_takes_the_best_score_or_the_median():
     assert np.allclose(ho.combine_templates(preds, scores, "median"), [[1.0, 0.0], [6.0, 5.0]])
 
 
+def test_the_consistency_step_finds_the_affine_through_sam_matches_despite_gross_outliers():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 150, (37, 2))
+    A_true = np.array([[0.95, -0.1, 12.0], [0.12, 1.05, -7.0]])
+    dst = ho.apply_affine_2d(A_true, src) + rng.normal(0, 1.0, src.shape)
+    wrong = [0, 5, 9, 20, 33, 36]
+    dst[wrong] += rng.uniform(40, 80, (len(wrong), 2))  # matches on the wrong finger
+    A, inliers = ho.ransac_affine_2d(src, dst, threshold=8.0)
+    assert np.allclose(A, A_true, atol=0.1 * np.abs(A_true).max())
+    assert set(np.flatnonzero(~inliers)) == set(wrong)
+
+
 @pytest.mark.slow  # importing itk-elastix alone takes about 20 s of CPU
 def test_2d_elastix_transfer_recovers_a_known_shift():
     pytest.importorskip("itk")

@@ -249,6 +249,84 @@ def combine_templates(preds_px: np.ndarray, scores: np.ndarray, how: str) -> np.
     raise InputError(f"unknown template combination '{how}'; use best or median")
 
 
+def fit_affine_2d(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares 2D affine (2, 3) with ``dst ~ A[:, :2] @ src + A[:, 2]``; src, dst (N, 2), N >= 3."""
+    X = np.hstack([np.asarray(src, dtype=np.float64), np.ones((len(src), 1))])
+    return np.linalg.lstsq(X, np.asarray(dst, dtype=np.float64), rcond=None)[0].T
+
+
+def apply_affine_2d(A: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a (2, 3) affine to (N, 2) points."""
+    return np.asarray(points, dtype=np.float64) @ A[:, :2].T + A[:, 2]
+
+
+def ransac_affine_2d(src: np.ndarray, dst: np.ndarray, threshold: float, iterations: int = 500,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Robust 2D affine from point pairs (seeded RANSAC over triples, then a least-squares refit on the inliers).
+
+    Args:
+        src, dst: (N, 2) corresponding points (same unit as ``threshold``, e.g. mm).
+        threshold: a pair is an inlier when the affine maps ``src`` within this distance of ``dst``.
+
+    Returns:
+        ``(A (2, 3), inliers (N,) bool)``.
+
+    >>> src = np.array([[0, 0], [10, 0], [0, 10], [10, 10], [5, 5]], dtype=float)
+    >>> dst = src * 2 + 1; dst[4] = [40, 40]
+    >>> A, ok = ransac_affine_2d(src, dst, 1.0)
+    >>> (np.round(A, 6) + 0.0).tolist(), ok.tolist()
+    ([[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]], [True, True, True, True, False])
+    """
+    src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    best = np.zeros(len(src), dtype=bool)
+    best_err = np.inf
+    for _ in range(iterations):
+        idx = rng.choice(len(src), 3, replace=False)
+        if abs(np.linalg.det(np.hstack([src[idx], np.ones((3, 1))]))) < 1e-9:
+            continue
+        A = fit_affine_2d(src[idx], dst[idx])
+        err = np.linalg.norm(apply_affine_2d(A, src) - dst, axis=1)
+        ok = err < threshold
+        total = float(np.minimum(err, threshold).sum())
+        if ok.sum() > best.sum() or (ok.sum() == best.sum() and total < best_err):
+            best, best_err = ok, total
+    if best.sum() < 3:
+        return fit_affine_2d(src, dst), np.ones(len(src), dtype=bool)
+    A = fit_affine_2d(src[best], dst[best])
+    return A, np.linalg.norm(apply_affine_2d(A, src) - dst, axis=1) < threshold
+
+
+def consistent_rematch(matcher, template, target, points_lps_mm: np.ndarray, found_lps_mm: np.ndarray,
+                       scores: np.ndarray, *, inlier_mm: float = 10.0, window_mm: float = 15.0,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Geometric consistency for one template/target pair: fit a robust affine template -> target to SAM's own
+    matches (:func:`ransac_affine_2d`); every match farther than ``inlier_mm`` from its affine prediction is
+    searched again by SAM inside a +-``window_mm`` box around that prediction (``Matcher.match(box_lps_mm=...)``).
+
+    Args:
+        matcher: a :class:`samembed.Matcher` (embeddings of both images are reused from its cache).
+        template, target: 2D :class:`samembed.Image` objects.
+        points_lps_mm: (N, 3) template points; found_lps_mm: (N, 3) their plain SAM matches; scores: (N,).
+
+    Returns:
+        ``(points (N, 3) LPS mm, scores (N,), rematched (N,) bool)``.
+    """
+    A, inl = ransac_affine_2d(points_lps_mm[:, :2], found_lps_mm[:, :2], inlier_mm, seed=seed)
+    out, sc = found_lps_mm.copy(), np.asarray(scores, dtype=np.float64).copy()
+    redo = np.flatnonzero(~inl)
+    pred = apply_affine_2d(A, points_lps_mm[:, :2])
+    for i in redo:
+        c = pred[i]
+        box = [[c[0] - window_mm, c[1] - window_mm, -1.0], [c[0] + window_mm, c[1] + window_mm, 1.0]]
+        try:
+            r = matcher.match(template, points_lps_mm[i:i + 1], [target], [f"L{i + 1}"], box_lps_mm=box)
+        except InputError:  # the box lies outside the target: keep the plain match
+            continue
+        out[i], sc[i] = r.matches[0].point_lps_mm, r.matches[0].score
+    return out, sc, ~inl
+
+
 # ----------------------------------------------------------------------------------------------
 # 2D elastix baseline
 # ----------------------------------------------------------------------------------------------
@@ -365,73 +443,102 @@ def _read_stored(case: HandCase):
     return read_image(case.path, spacing_mm=STORED_PX_MM)
 
 
+CONSISTENCY_DEFAULT = (15.0, 20.0)  # (inlier_mm, window_mm), chosen on 20 training images only (see the model card)
+
+
 def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, *, refine: bool = False,
-            device: str = "cpu", progress=None) -> tuple[list[MethodResult], dict]:
+            consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT, device: str = "cpu",
+            progress=None) -> tuple[list[MethodResult], dict]:
     """Match every template's 37 landmarks into every target with SAM.
 
     Args:
         cases: image id -> :class:`HandCase`.
-        template_ids: the templates; the first gives the one-template result ``sam``.
+        template_ids: the templates; the first gives the one-template results.
         target_ids: held-out targets.
         model: model name, checkpoint path or :class:`~samembed.models.LoadedModel`.
         refine: use the cycle-consistent refinement (``Matcher.match(refine=True)``).
+        consistency: ``(inlier_mm, window_mm)`` of :func:`consistent_rematch`, giving extra ``*-consistent``
+            methods; None to skip.
         progress: optional ``progress(done, total, message)``.
 
     Returns:
-        ``([sam, sam-multi-best, sam-multi-median] (the last two only for several templates), timing facts)``.
-        Per-target seconds are the target's embedding plus its matching from each template used; template
-        embeddings are reported separately in the timing facts.
+        ``(methods, timing facts)``. Methods: ``sam`` (one template, plain SAM), ``sam-consistent``, and for
+        several templates ``sam-multi<k>-best`` / ``-median`` (plain and consistent). Per-target seconds are the
+        target's embedding plus its matching (and re-matching) from each template used; template embeddings are
+        reported separately in the timing facts.
     """
     from ..api import Matcher
 
     matcher = Matcher(model=model, device=device, modality="xray")
     labels = [f"L{i}" for i in range(1, N_LANDMARKS + 1)]
     targets = [_read_stored(cases[t]) for t in target_ids]
-    k = len(template_ids)
-    preds = np.zeros((k, len(target_ids), N_LANDMARKS, 2))
-    scores = np.zeros((k, len(target_ids), N_LANDMARKS))
-    embed_s = np.zeros(len(target_ids))
-    match_s = np.zeros((k, len(target_ids)))
-    template_embed_s = []
+    k, nt = len(template_ids), len(target_ids)
+    variants = ["plain"] + (["consistent"] if consistency else [])
+    preds = {v: np.zeros((k, nt, N_LANDMARKS, 2)) for v in variants}
+    scores = {v: np.zeros((k, nt, N_LANDMARKS)) for v in variants}
+    secs = {v: np.zeros((k, nt)) for v in variants}
+    embed_s = np.zeros(nt)
+    template_embed_s, rematched = [], 0
     for ti, tid in enumerate(template_ids):
         case = cases[tid]
-        res = matcher.match(_read_stored(case), case.points_lps_mm(), targets, labels, refine=refine,
-                            target_names=list(target_ids))
+        tmpl = _read_stored(case)
+        pts = case.points_lps_mm()
+        res = matcher.match(tmpl, pts, targets, labels, refine=refine, target_names=list(target_ids))
         template_embed_s.append(float(res.timings["source_embed_s"]))
-        for n in range(len(target_ids)):
+        for n in range(nt):
             ms = res.for_target(n)
-            preds[ti, n] = lps_mm_to_px(np.array([m.point_lps_mm for m in ms]))
-            scores[ti, n] = [m.score for m in ms]
+            found = np.array([m.point_lps_mm for m in ms])
+            sc = np.array([m.score for m in ms])
             if ti == 0:
                 embed_s[n] = res.timings[f"target{n}_embed_s"]
-            match_s[ti, n] = res.timings[f"target{n}_match_s"]
+            preds["plain"][ti, n], scores["plain"][ti, n] = lps_mm_to_px(found), sc
+            secs["plain"][ti, n] = res.timings[f"target{n}_match_s"]
+            if consistency:
+                t0 = time.perf_counter()
+                cf, cs, redo = consistent_rematch(matcher, tmpl, targets[n], pts, found, sc,
+                                                  inlier_mm=consistency[0], window_mm=consistency[1])
+                rematched += int(redo.sum())
+                preds["consistent"][ti, n], scores["consistent"][ti, n] = lps_mm_to_px(cf), cs
+                secs["consistent"][ti, n] = secs["plain"][ti, n] + time.perf_counter() - t0
         if progress:
             progress(ti + 1, k, f"template {tid}")
-        log.info("SAM: template %s matched into %d targets", tid, len(target_ids))
+        log.info("SAM: template %s matched into %d targets", tid, nt)
     suffix = "-refine" if refine else ""
-    one = MethodResult(f"sam{suffix}")
-    for n, t in enumerate(target_ids):
-        one.pred_px[t], one.scores[t], one.seconds[t] = preds[0, n], scores[0, n], float(embed_s[n] + match_s[0, n])
-    out = [one]
+    out = []
+    for v in variants:
+        tag = suffix + ("-consistent" if v == "consistent" else "")
+        one = MethodResult(f"sam{tag}")
+        for n, t in enumerate(target_ids):
+            one.pred_px[t], one.scores[t] = preds[v][0, n], scores[v][0, n]
+            one.seconds[t] = float(embed_s[n] + secs[v][0, n])
+        out.append(one)
     if k > 1:
-        for how in ("best", "median"):
-            r = MethodResult(f"sam-multi{k}-{how}{suffix}")
-            for n, t in enumerate(target_ids):
-                r.pred_px[t] = combine_templates(preds[:, n], scores[:, n], how)
-                r.scores[t] = scores[:, n].max(0) if how == "best" else np.median(scores[:, n], 0)
-                r.seconds[t] = float(embed_s[n] + match_s[:, n].sum())
-            out.append(r)
+        for v in variants:
+            tag = suffix + ("-consistent" if v == "consistent" else "")
+            for how in ("best", "median"):
+                r = MethodResult(f"sam-multi{k}-{how}{tag}")
+                for n, t in enumerate(target_ids):
+                    r.pred_px[t] = combine_templates(preds[v][:, n], scores[v][:, n], how)
+                    r.scores[t] = scores[v][:, n].max(0) if how == "best" else np.median(scores[v][:, n], 0)
+                    r.seconds[t] = float(embed_s[n] + secs[v][:, n].sum())
+                out.append(r)
     facts = {"template_embed_s": template_embed_s, "target_embed_s_mean": float(embed_s.mean()),
-             "match_s_mean_per_template": float(match_s.mean()), "model_id": matcher.model.model_id,
-             "model_spacing_mm": matcher.model.preprocess.spacing_mm}
+             "match_s_mean_per_template": float(secs["plain"].mean()), "model_id": matcher.model.model_id,
+             "model_spacing_mm": matcher.model.preprocess.spacing_mm,
+             "consistency": None if not consistency else {"inlier_mm": consistency[0], "window_mm": consistency[1],
+                                                          "rematched_points": rematched,
+                                                          "of_points": k * nt * N_LANDMARKS}}
     return out, facts
 
 
 def run_elastix(cases: dict, template_id: str, target_ids: list[str], modes: tuple[str, ...] = ("affine", "bspline"), *,
-                threads: int = 1, iterations: int = 250, grid_spacing_mm: float = 10.0, progress=None) -> list[MethodResult]:
+                threads: int = 1, iterations: int = 250, grid_spacing_mm: float = 10.0, cache_dir: str | os.PathLike | None = None,
+                progress=None) -> list[MethodResult]:
     """2D elastix baselines from one template into every target (see :func:`transfer_points_elastix_2d`).
 
-    A registration that raises is recorded as NaN predictions (counted as failures), never fatal.
+    A registration that raises is recorded as NaN predictions (counted as failures), never fatal. With
+    ``cache_dir``, each (template, target, mode, settings) result and its measured time are stored there as JSON
+    and reused (the baseline does not depend on the SAM model).
     """
     import SimpleITK as sitk
 
@@ -448,6 +555,12 @@ def run_elastix(cases: dict, template_id: str, target_ids: list[str], modes: tup
     for mode in modes:
         r = MethodResult(f"elastix-{mode}")
         for n, t in enumerate(target_ids):
+            key = Path(cache_dir) / f"{template_id}_{t}_{mode}_it{iterations}_grid{grid_spacing_mm:g}_th{threads}.json" if cache_dir else None
+            if key is not None and key.is_file():
+                d = json.loads(key.read_text(encoding="utf-8"))
+                r.pred_px[t], r.seconds[t] = np.array(d["pred_px"], dtype=np.float64), float(d["seconds"])
+                r.scores[t] = np.full(N_LANDMARKS, np.nan)
+                continue
             try:
                 p, s = transfer_points_elastix_2d(fixed, read(cases[t]), tmpl.points_lps_mm(), mode, threads=threads,
                                                   iterations=iterations, grid_spacing_mm=grid_spacing_mm)
@@ -457,6 +570,11 @@ def run_elastix(cases: dict, template_id: str, target_ids: list[str], modes: tup
                 r.pred_px[t], s = np.full((N_LANDMARKS, 2), np.nan), float("nan")
             r.scores[t] = np.full(N_LANDMARKS, np.nan)
             r.seconds[t] = float(s)
+            if key is not None and np.isfinite(s):
+                from ..io import write_text_atomic
+
+                key.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(key, json.dumps({"pred_px": r.pred_px[t].tolist(), "seconds": s}))
             if progress:
                 progress(n + 1, len(target_ids), f"elastix-{mode} {t}")
         log.info("elastix %s: %d targets", mode, len(target_ids))
@@ -501,7 +619,9 @@ def markdown_table(summary: dict) -> str:
 
 def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train: int = 100, seed: int = 0,
                   templates: int = 5, elastix: bool = True, elastix_iterations: int = 250, elastix_threads: int = 1,
-                  grid_spacing_mm: float = 10.0, refine: bool = False, max_targets: int | None = None,
+                  grid_spacing_mm: float = 10.0, refine: bool = False,
+                  consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT, max_targets: int | None = None,
+                  elastix_cache: str | os.PathLike | None = None,
                   out_dir: str | os.PathLike | None = None, stem: str = "hand_oneshot", progress=None) -> dict:
     """Run the whole ``hand_oneshot`` suite and (optionally) write its results.
 
@@ -512,7 +632,9 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
         templates: templates of the multi-template variant (1 = one-template only).
         elastix: also run the 2D elastix affine and affine + B-spline baselines (same template).
         refine: also run SAM with ``refine=True``.
+        consistency: ``(inlier_mm, window_mm)`` for the ``*-consistent`` methods (:func:`consistent_rematch`), or None.
         max_targets: evaluate only the first targets (for quick checks).
+        elastix_cache: folder to store and reuse elastix results (see :func:`run_elastix`).
         out_dir: write ``<stem>.json``, ``<stem>.md``, ``<stem>_points.csv`` there.
 
     Returns:
@@ -524,12 +646,12 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
     train, held = hand_split(list(cases), n_train, seed)
     targets = held[:max_targets] if max_targets else held
     tmpl = pick_templates(train, max(1, templates), seed)
-    results, facts = run_sam(cases, tmpl, targets, model, progress=progress)
+    results, facts = run_sam(cases, tmpl, targets, model, consistency=consistency, progress=progress)
     if refine:
-        results += run_sam(cases, tmpl[:1], targets, model, refine=True, progress=progress)[0]
+        results += run_sam(cases, tmpl[:1], targets, model, refine=True, consistency=None, progress=progress)[0]
     if elastix:
         results += run_elastix(cases, tmpl[0], targets, threads=elastix_threads, iterations=elastix_iterations,
-                               grid_spacing_mm=grid_spacing_mm, progress=progress)
+                               grid_spacing_mm=grid_spacing_mm, cache_dir=elastix_cache, progress=progress)
     summary, rows = evaluate(results, cases)
     import torch
 
@@ -560,6 +682,10 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
               f"SAM model {facts['model_id']} at {facts['model_spacing_mm']} mm; torch threads {report['torch_threads']}; "
               f"elastix threads {elastix_threads}. Time per image: SAM = target embedding + matching (template embedding "
               f"{np.mean(facts['template_embed_s']):.2f} s once per template); elastix = registration + point transfer.", "",
+              "`*-consistent`: a robust (RANSAC) affine fitted to SAM's own 37 matches; matches farther than "
+              f"{(consistency or (0, 0))[0]:g} mm from it are searched again by SAM within +-{(consistency or (0, 0))[1]:g} mm of "
+              "the affine's prediction. `multi<k>-best`: per landmark the template with the highest SAM score; "
+              "`-median`: coordinate-wise median of the k predictions.", "",
               markdown_table(summary), ""]
         write_text_atomic(out / f"{stem}.md", "\n".join(md))
         keys = list(rows[0]) if rows else []
