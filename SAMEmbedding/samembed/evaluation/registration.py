@@ -9,14 +9,18 @@ from the FIXED frame into the MOVING frame. To carry source points into the targ
 elastix settings (kept modest for CPU; see :func:`elastix_parameter_maps`):
 
 * images are clipped to [-1024, 3071] HU and shifted by +1024 so intensities are non-negative (mutual
-  information does not care; the centre-of-gravity initialiser needs positive mass), and cropped to the
-  bounding box of voxels above -500 HU plus 10 mm (the B-spline grid then covers the body, not the air);
-* initialisation: ``AutomaticTransformInitialization`` by ``CenterOfGravity`` (origins of different
+  information does not care; the optional centre-of-gravity initialiser needs positive mass); the fixed image is
+  cropped to the bounding box of voxels above -500 HU plus 10 mm (the B-spline grid then covers the body,
+  not the air); at least 5 % of the samples must map inside the moving image (elastix default 25 %);
+* initialisation: ``AutomaticTransformInitialization`` by ``GeometricalCenter`` (origins of different
   subjects are arbitrary, so no initialisation would start hundreds of mm away);
-* affine: Mattes mutual information, adaptive stochastic gradient descent, 4 resolutions of a
-  down-sampling (recursive) pyramid, 250 iterations per resolution, 2048 random samples;
+* linear stages: a similarity transform, then an affine one; each Mattes mutual information, adaptive
+  stochastic gradient descent, 4 resolutions of a down-sampling (recursive) pyramid, 250 iterations per
+  resolution, 2048 random samples. On the first 12 openkbp_inter pairs (different fields of view) the
+  mean centroid error of "affine only, centre-of-gravity start" was 36.6 mm, "affine, geometric-centre
+  start" 27.4 mm and "similarity then affine, geometric-centre start" 24.7 mm (image-centre alignment 37.4);
 * B-spline (after the affine, composed with it): Mattes MI, 3 resolutions, final control-point spacing
-  10 mm (grid schedule 4, 2, 1), 250 iterations per resolution, 4096 random samples. No bending-energy
+  max(10 mm, 4 source voxels) (grid schedule 4, 2, 1), 250 iterations per resolution, 4096 random samples. No bending-energy
   penalty by default: on a small synthetic volume it made the stage 7 times slower (``bending_weight`` adds it);
 * ASGD step sizes come from the ``DisplacementDistribution`` estimate: elastix's default ("Original")
   measures Jacobians of every B-spline parameter and had not finished its first B-spline level after 20
@@ -32,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,16 +121,23 @@ def transfer_points_centre(source, target, points_lps_mm) -> tuple[np.ndarray, f
 
 def elastix_parameter_maps(mode: str, *, iterations: int = 250, resolutions: int | None = None,
                            samples: int | None = None, grid_spacing_mm: float = 10.0,
-                           initialisation: str = "CenterOfGravity", bending_weight: float = 0.0) -> list[dict]:
+                           min_grid_voxels: float = 4.0, fixed_spacing_mm: Sequence[float] | None = None,
+                           initialisation: str = "GeometricalCenter", similarity_stage: bool = True,
+                           bending_weight: float = 0.0) -> list[dict]:
     """The elastix parameter maps used by :func:`transfer_points_elastix`, as plain dicts.
 
     Args:
-        mode: ``"affine"`` (one affine stage) or ``"bspline"`` (affine, then B-spline).
+        mode: ``"affine"`` (similarity then affine) or ``"bspline"`` (the same, then B-spline).
         iterations: maximum ASGD iterations per resolution and stage.
         resolutions: pyramid levels (default 4 for the affine, 3 for the B-spline stage).
         samples: random spatial samples per iteration (default 2048 affine, 4096 B-spline).
-        grid_spacing_mm: final B-spline control-point spacing, mm.
-        initialisation: ``"CenterOfGravity"``, ``"GeometricalCenter"`` or ``"none"``.
+        grid_spacing_mm: final B-spline control-point spacing, mm, at least ``min_grid_voxels`` times the
+            largest fixed-image voxel size (``fixed_spacing_mm``, mm, when given).
+        min_grid_voxels: see ``grid_spacing_mm``. On a 5.4 mm OpenKBP CT under a known rigid motion a 10 mm
+            grid left 1-3 mm errors at the organ centroids (0.3 mm after the affine stage); 25 mm left 0.5-1.4 mm.
+        fixed_spacing_mm: the fixed (source) image's voxel size, mm.
+        initialisation: ``"GeometricalCenter"``, ``"CenterOfGravity"`` or ``"none"`` (first stage only).
+        similarity_stage: run a similarity (rotation, translation, isotropic scale) stage before the affine.
         bending_weight: weight of a bending-energy penalty in the B-spline stage (0: none; MI has weight 1).
 
     Returns:
@@ -148,6 +160,7 @@ def elastix_parameter_maps(mode: str, *, iterations: int = 250, resolutions: int
         "NumberOfSamplesForExactGradient": "4096",
         "MaximumNumberOfSamplingAttempts": "8",
         "CheckNumberOfSamples": "true",
+        "RequiredRatioOfValidSamples": "0.05",  # subjects with different fields of view overlap partly
         "MaximumNumberOfIterations": str(int(iterations)),
         "WriteResultImage": "false",
         "WriteIterationInfo": "false",
@@ -165,12 +178,20 @@ def elastix_parameter_maps(mode: str, *, iterations: int = 250, resolutions: int
         "NumberOfResolutions": str(resolutions or 4),
         "NumberOfSpatialSamples": str(samples or 2048),
     })
+    linear = [affine]
+    if similarity_stage:
+        similarity = dict(affine)
+        similarity["Transform"] = "SimilarityTransform"
+        linear = [similarity, affine]
     if initialisation.lower() != "none":
-        affine["AutomaticTransformInitialization"] = "true"
-        affine["AutomaticTransformInitializationMethod"] = initialisation
+        linear[0]["AutomaticTransformInitialization"] = "true"
+        linear[0]["AutomaticTransformInitializationMethod"] = initialisation
     if mode == "affine":
-        return [affine]
+        return linear
     n_res = resolutions or 3
+    final_grid_mm = float(grid_spacing_mm)
+    if fixed_spacing_mm is not None:
+        final_grid_mm = max(final_grid_mm, min_grid_voxels * float(max(fixed_spacing_mm)))
     bspline = dict(common)
     bspline.update({
         "Registration": "MultiResolutionRegistration",
@@ -178,7 +199,7 @@ def elastix_parameter_maps(mode: str, *, iterations: int = 250, resolutions: int
         "Metric": "AdvancedMattesMutualInformation",
         "NumberOfHistogramBins": "32",
         "NumberOfResolutions": str(n_res),
-        "FinalGridSpacingInPhysicalUnits": f"{grid_spacing_mm:.3f}",
+        "FinalGridSpacingInPhysicalUnits": f"{final_grid_mm:.3f}",
         "GridSpacingSchedule": [str(2.0 ** (n_res - 1 - r)) for r in range(n_res)],
         "NumberOfSpatialSamples": str(samples or 4096),
     })
@@ -186,7 +207,7 @@ def elastix_parameter_maps(mode: str, *, iterations: int = 250, resolutions: int
         bspline.update({"Registration": "MultiMetricMultiResolutionRegistration",
                         "Metric": ["AdvancedMattesMutualInformation", "TransformBendingEnergyPenalty"],
                         "Metric0Weight": "1.0", "Metric1Weight": f"{bending_weight:g}"})
-    return [affine, bspline]
+    return [*linear, bspline]
 
 
 def crop_to_body(image, threshold_hu: float = -500.0, margin_mm: float = 10.0):
@@ -229,6 +250,22 @@ def _to_itk(image, itk):
     return out
 
 
+_ITK_READY = False
+
+
+def _itk():
+    """Import itk and load the elastix wrappers once, so the first timed registration does not pay for it."""
+    global _ITK_READY
+    import itk
+
+    if not _ITK_READY:
+        itk.ParameterObject.New()
+        _ = itk.ElastixRegistrationMethod[itk.Image[itk.F, 3], itk.Image[itk.F, 3]]
+        itk.image_from_array(np.zeros((2, 2, 2), np.float32))
+        _ITK_READY = True
+    return itk
+
+
 def _threads(threads: int | None) -> int | None:
     if threads is not None:
         return int(threads)
@@ -243,14 +280,16 @@ def register_elastix(source, target, mode: str = "bspline", *, threads: int | No
         A callable mapping (N, 3) source LPS mm points to (N, 3) target LPS mm points, and the
         registration wall time in seconds (image conversion included, file reading excluded).
     """
-    import itk
-
+    itk = _itk()
     src, tgt = _read_sitk(source), _read_sitk(target)
     if src.GetDimension() != 3 or tgt.GetDimension() != 3:
         raise InputError("elastix baselines support 3D images only")
     t0 = time.perf_counter()
-    fixed, moving = _to_itk(crop_to_body(src), itk), _to_itk(crop_to_body(tgt), itk)
+    # crop only the fixed image (it defines the sampled domain and the B-spline grid); a cropped moving
+    # image made 3 of 12 OpenKBP pairs stop with "too many samples map outside moving image buffer"
+    fixed, moving = _to_itk(crop_to_body(src), itk), _to_itk(tgt, itk)
     params = itk.ParameterObject.New()
+    map_options.setdefault("fixed_spacing_mm", src.GetSpacing())
     for m in elastix_parameter_maps(mode, **map_options):
         params.AddParameterMap({k: (v if isinstance(v, list) else [v]) for k, v in m.items()})
     reg = itk.ElastixRegistrationMethod.New(fixed, moving)

@@ -14,7 +14,9 @@ Methods (names used on the command line and in the tables):
     itk-elastix registration (fixed = source, moving = target) and point transfer through the result
     transform; B-spline runs an affine stage first (:mod:`.registration`). Time = registration + transfer.
 
-Image reading is excluded from every method's time.
+Image reading is excluded from every method's time. The pairs CSV also holds ``process_cpu_s``: the CPU
+time of the whole method call (reading, and for SAMEmbedding any first-time embedding, included), a
+check on wall times measured on a shared machine.
 
 >>> from samembed.evaluation.cases import read_cases
 >>> results = run_cases(read_cases("cache/suites/openkbp_inter/cases.json")[:1], ["centre"])  # doctest: +SKIP

@@ -9,8 +9,8 @@ Three suites, each written as ``<out>/<suite>/cases.json`` plus any generated im
     source space (``phi(landmark_P) = landmark_00``), the target image is ``T(y) = S(phi(y))``. The 40
     real landmarks (point 41, an artifact marker, is excluded) are the queries; the truth of source
     landmark ``i`` is the point ``y`` with ``phi(y) = landmark_00_i``: ``landmark_P_i`` up to the
-    discretisation of the field (the builder solves for it exactly; the correction is < 0.1 mm and stored
-    in the case's ``meta``).
+    discretisation of the field (8 mm grid, linear interpolation). The builder solves for ``y`` exactly;
+    the correction is at most 0.4 mm (seed 0) and stored in the case's ``meta``.
 ``openkbp_inter``
     Seeded pairs of different OpenKBP validation patients; queries are the centroids of the organs
     contoured in both (each in its own CT's LPS frame). Origins are arbitrary, so anatomy is not aligned.
