@@ -76,26 +76,28 @@ def _subvoxel(sim_vol: torch.Tensor, flat: torch.Tensor, shape: tuple[int, ...])
     return idx
 
 
+def _box_window(target: EmbeddingMaps, centres_zyx: torch.Tensor, window_mm: float) -> torch.Tensor:
+    """(N, V) bool: voxels within a box of +-``window_mm`` (along the grid axes) around each centre, given as
+    continuous (k, j, i) indices of the local grid."""
+    grid = target.local_grid
+    idx = torch.stack(torch.unravel_index(torch.arange(int(np.prod(grid.shape_zyx))), grid.shape_zyx), 1).float()
+    radius = torch.as_tensor(window_mm / grid.spacing_mm[::-1].copy()).float()
+    return ((idx[None] - centres_zyx.float().cpu()[:, None]).abs() <= radius).all(-1).to(target.valid.device)
+
+
 def _global_window(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float) -> torch.Tensor:
     """(N, V) bool: voxels within a box of +-``window_mm`` around each query's best *global* match."""
     cl = target.local_channels
     feats = target.features
     g = (queries[:, cl:].to(feats.dtype) @ feats[cl:]).float().masked_fill(~allowed[None], float("-inf"))
-    centre = g.argmax(1)  # (N,)
-    shape = target.local_grid.shape_zyx
-    idx = torch.stack(torch.unravel_index(torch.arange(len(allowed), device=allowed.device), shape), 1)  # (V, d) zyx
-    c = idx[centre]  # (N, d)
-    radius = torch.as_tensor(window_mm / target.local_grid.spacing_mm[::-1].copy(), device=idx.device)
-    return ((idx[None].float() - c[:, None].float()).abs() <= radius).all(-1)
+    centres = torch.stack(torch.unravel_index(g.argmax(1).cpu(), target.local_grid.shape_zyx), 1)  # (N, d) zyx
+    return _box_window(target, centres, window_mm)
 
 
 def _window_around(target: EmbeddingMaps, centres_lps_mm: np.ndarray, window_mm: float) -> torch.Tensor:
     """(N, V) bool: voxels within a box of +-``window_mm`` (along the grid axes) around each LPS centre."""
     grid = target.local_grid
-    c = torch.from_numpy(grid.lps_to_index(centres_lps_mm[:, : grid.ndim])[:, ::-1].copy()).float()  # zyx
-    idx = torch.stack(torch.unravel_index(torch.arange(int(np.prod(grid.shape_zyx))), grid.shape_zyx), 1).float()
-    radius = torch.as_tensor(window_mm / grid.spacing_mm[::-1].copy()).float()
-    return ((idx[None] - c[:, None]).abs() <= radius).all(-1).to(target.valid.device)
+    return _box_window(target, torch.from_numpy(grid.lps_to_index(centres_lps_mm[:, : grid.ndim])[:, ::-1].copy()), window_mm)
 
 
 def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor | None = None,
