@@ -37,6 +37,7 @@ class TrainConfig:
     threads: int = 0
     time_limit_min: float = 0.0
     schedule_by_time: bool = False
+    time_clock: str = "wall"  # "wall" or "cpu" (process CPU time: equal compute when runs share a machine)
     # two-view sampling
     local_size: int = 64
     global_size: int = 48
@@ -117,4 +118,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         for k, v in raw.items():
             setattr(cfg, k, v)
     cfg.apply_overrides(overrides or [])
+    if cfg.time_clock not in ("wall", "cpu"):
+        raise InputError(f"{path or 'config'}: time_clock must be 'wall' or 'cpu', not {cfg.time_clock!r}")
     return cfg

@@ -245,17 +245,19 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "train_log.csv"
         if self.rank == 0 and (not resume or not log_path.exists()):
-            log_path.write_text("iteration,loss,local,global,lr,seconds\n", encoding="utf-8")
+            log_path.write_text("iteration,loss,local,global,lr,seconds,cpu_seconds\n", encoding="utf-8")
         def sched(it: int) -> float:
             """Warm-up then cosine decay over the iterations (or over the time limit, if it comes first and
             ``schedule_by_time`` is set; that makes the run depend on machine speed)."""
             frac = min(it, cfg.iterations) / cfg.iterations
             if cfg.schedule_by_time and cfg.time_limit_min:
-                frac = max(frac, min(1.0, (time.time() - t0) / (cfg.time_limit_min * 60)))
+                frac = max(frac, min(1.0, (clock() - t0) / (cfg.time_limit_min * 60)))
             return min(1.0, (it + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * frac))
 
         bar = _bar(cfg.iterations, "train", self.show_progress and self.rank == 0, initial=start)
-        t0 = time.time()
+        # "cpu" budgets process CPU time (all threads), so runs that share a machine get equal compute
+        clock = time.process_time if cfg.time_clock == "cpu" else time.time
+        t0, wall0 = clock(), time.time()
         net.train()
         it = start
         for it in range(start, cfg.iterations):
@@ -276,14 +278,14 @@ class Trainer:
             if self.rank == 0:
                 with log_path.open("a", encoding="utf-8") as fh:
                     fh.write(f"{done},{loss.item():.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
-                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - t0:.1f}\n")
+                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{time.process_time():.1f}\n")
                 if bar:
                     bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
                     bar.update(1)
                 if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                     self._save_resume(net, opt, done, rng, gen)
-            if cfg.time_limit_min and time.time() - t0 > cfg.time_limit_min * 60:
-                log.warning("time limit of %.1f min reached at iteration %d", cfg.time_limit_min, done)
+            if cfg.time_limit_min and clock() - t0 > cfg.time_limit_min * 60:
+                log.warning("time limit of %.1f min (%s clock) reached at iteration %d", cfg.time_limit_min, cfg.time_clock, done)
                 if self.rank == 0:
                     self._save_resume(net, opt, done, rng, gen)
                 break
@@ -293,7 +295,8 @@ class Trainer:
         if self.rank == 0:
             net.eval()
             save_checkpoint(final, net, self.prep, name=cfg.name, train_config=cfg.to_dict(), iteration=it + 1,
-                            extra={"training_volumes": [v[0] for v in self.volumes], "wall_seconds": time.time() - t0},
+                            extra={"training_volumes": [v[0] for v in self.volumes], "wall_seconds": time.time() - wall0,
+                                   "cpu_seconds": time.process_time()},
                             half=cfg.half_weights)
             plot_loss_curve(log_path, self.out / "loss_curve.png")
         if self.world > 1:
