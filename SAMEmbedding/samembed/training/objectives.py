@@ -145,8 +145,9 @@ def _adam(trainer, views, loc, glob, gen, rng):
 
     cfg = trainer.cfg
     bank = getattr(trainer, "_adam_bank", torch.zeros((0, loc.shape[1])))
-    it = getattr(trainer, "_iteration", 0)
-    level = 1 + min(cfg.adam_levels - 1, int(cfg.adam_levels * it / max(1, cfg.iterations)))
+    # coarse-to-fine curriculum over the run (by iterations, or by the time budget when scheduled by time)
+    progress = getattr(trainer, "_progress", getattr(trainer, "_iteration", 0) / max(1, cfg.iterations))
+    level = 1 + min(cfg.adam_levels - 1, int(cfg.adam_levels * progress))
     thr = cfg.pruner_threshold if cfg.pruner_threshold is not None else 0.8
     anchors, positives = [], []
     for b in range(len(views)):

@@ -252,6 +252,7 @@ class Trainer:
             frac = min(it, cfg.iterations) / cfg.iterations
             if cfg.schedule_by_time and cfg.time_limit_min:
                 frac = max(frac, min(1.0, (clock() - t0) / (cfg.time_limit_min * 60)))
+            self._progress = frac  # fraction of the run done; curricula (Adam's levels) follow it
             return min(1.0, (it + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * frac))
 
         bar = _bar(cfg.iterations, "train", self.show_progress and self.rank == 0, initial=start)
