@@ -23,6 +23,7 @@ import vtk
 from vtk.util import numpy_support
 
 from samembed import Grid, Image, InputError
+from samembed.image import single_slice_to_2d
 
 RAS_TO_LPS_44 = np.diag([-1.0, -1.0, 1.0, 1.0])
 """Homogeneous matrix that flips RAS to LPS (and back: it is its own inverse)."""
@@ -151,11 +152,7 @@ def image_from_volume_node(node, name: str | None = None) -> Image:
     grid3 = grid_from_ijk_to_lps(volume_ijk_to_lps(node), array_zyx.shape, name)
     if volume_dimension(node) == 3:
         return Image(array_zyx, grid3, name)
-    direction = grid3.direction
-    if not (np.allclose(direction[2, :2], 0.0, atol=_ORTHO_TOL) and np.allclose(abs(direction[2, 2]), 1.0, atol=_ORTHO_TOL)):
-        raise InputError(f"{name}: a single-slice volume must lie in the axial (x-y) plane to be matched as a 2D image")
-    grid2 = Grid(array_zyx.shape[1:], grid3.spacing_mm[:2], grid3.origin_lps_mm[:2], direction[:2, :2])
-    return Image(array_zyx[0], grid2, name)
+    return single_slice_to_2d(array_zyx, grid3, name, tol=_ORTHO_TOL)
 
 
 def volume_cache_key(node) -> tuple:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .consistency import consistent_matches
 from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
@@ -42,6 +43,7 @@ class Match:
         score: SAM similarity at the match, mean of local and global cosine, in [-1, 1].
         confident: the round trip target -> source lands within ``roundtrip_tolerance_mm`` of the click.
         roundtrip_mm: that round-trip distance, mm.
+        rematched: the consistency step searched this point again (it disagreed with the other matches).
     """
 
     label: str
@@ -51,6 +53,7 @@ class Match:
     score: float
     confident: bool
     roundtrip_mm: float
+    rematched: bool = False
 
     @property
     def point_ras_mm(self) -> np.ndarray:
@@ -128,13 +131,18 @@ class Matcher:
         cuda_fallback: with ``device="cuda"`` and no CUDA, warn and use the CPU instead of raising.
         global_window_mm: coarse-to-fine search: take the joint argmax only within +- this many mm of the best
             global match (None: the official single joint argmax over the whole target).
+        spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
+        consistency_inlier_mm, consistency_window_mm: settings of ``match(consistency=True)`` (see
+            :mod:`samembed.consistency`): matches farther than ``consistency_inlier_mm`` from the robust affine
+            of all matches are searched again within +- ``consistency_window_mm`` of the affine's prediction.
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",
                  cache_bytes: int = 3 << 30, cache_dir: str | os.PathLike | None = None, modality: str = "auto",
                  search_body: bool = True, roundtrip_tolerance_mm: float | None = None,
                  max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
-                 global_window_mm: float | None = None) -> None:
+                 global_window_mm: float | None = None, spacing_mm: float | None = None,
+                 consistency_inlier_mm: float = 15.0, consistency_window_mm: float = 20.0) -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
@@ -142,13 +150,16 @@ class Matcher:
         self.search_body = search_body
         self.roundtrip_tolerance_mm = roundtrip_tolerance_mm
         self.global_window_mm = global_window_mm
+        self.spacing_mm = spacing_mm
+        self.consistency_inlier_mm = consistency_inlier_mm
+        self.consistency_window_mm = consistency_window_mm
 
     def embed(self, image, progress: Callable | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
         """Embeddings of one image (cached)."""
-        return self.embedder.embed(as_image(image), progress, cancel)
+        return self.embedder.embed(as_image(image, spacing_mm=self.spacing_mm), progress, cancel)
 
     def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None, *,
-              heatmap: bool = False, refine: bool = False, mask=None, box_lps_mm=None,
+              heatmap: bool = False, refine: bool = False, consistency: bool = False, mask=None, box_lps_mm=None,
               progress: Callable[[int, int, str], None] | None = None, cancel: threading.Event | None = None,
               target_names: Sequence[str] | None = None) -> MatchResult:
         """Match source points into every target.
@@ -161,6 +172,9 @@ class Matcher:
                 because heatmaps are keyed by ``(target_index, label)``.
             heatmap: also return each point's similarity map resampled to each target's voxel grid.
             refine: cycle-consistent fixed-point refinement (slower, usually more accurate).
+            consistency: re-search the matches that disagree with a robust affine fitted to all matches of the
+                target (needs at least 2 (d + 1) points; see :mod:`samembed.consistency`). Cheap; it removes
+                gross mismatches when many landmarks are matched at once, e.g. a radiograph's landmark set.
             mask: restrict the search to non-zero voxels of this image (in the targets' space), or None.
             box_lps_mm: restrict the search to an LPS box [[x0, y0, z0], [x1, y1, z1]] mm, or None.
                 A mask or box replaces the default restriction to the body.
@@ -172,7 +186,7 @@ class Matcher:
             :class:`MatchResult`.
         """
         t0 = time.time()
-        src = as_image(source, "source")
+        src = as_image(source, "source", self.spacing_mm)
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
         if len(targets) == 0:
@@ -199,7 +213,7 @@ class Matcher:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result)
             t1 = time.time()
-            tgt = as_image(target, target_names[ti] if target_names else f"target{ti}")
+            tgt = as_image(target, target_names[ti] if target_names else f"target{ti}", self.spacing_mm)
             name = target_names[ti] if target_names else (str(target) if isinstance(target, (str, os.PathLike)) else tgt.name)
             if tgt.ndim != src.ndim:
                 raise InputError(f"{name}: a {tgt.ndim}D target cannot be matched with the {src.ndim}D source {src.name}; "
@@ -221,6 +235,11 @@ class Matcher:
                 raise InputError(f"{name}: the search mask/box leaves no voxel to search")
             raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=self.global_window_mm)
             found, scores = raw.points_lps_mm, raw.scores
+            rematched = np.zeros(len(pts), dtype=bool)
+            if consistency:
+                con = consistent_matches(src_maps, pts, tmaps, found, scores, allowed,
+                                         inlier_mm=self.consistency_inlier_mm, window_mm=self.consistency_window_mm)
+                found, scores, rematched = con.points_lps_mm, con.scores, con.rematched
             if refine:
                 ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed)
                 found, scores = ref.points_lps_mm, ref.scores
@@ -230,7 +249,8 @@ class Matcher:
             for n, lab in enumerate(labels):
                 p3 = np.zeros(3)
                 p3[:d] = found[n, :d]
-                result.matches.append(Match(lab, name, ti, p3, float(scores[n]), bool(rt[n] <= tol), float(rt[n])))
+                result.matches.append(Match(lab, name, ti, p3, float(scores[n]), bool(rt[n] <= tol), float(rt[n]),
+                                            bool(rematched[n])))
                 if heatmap:
                     result.heatmaps[(ti, lab)] = heatmap_image(raw.similarity[n], tmaps, f"{lab} in {Path(name).name}")
             result.targets.append(name)

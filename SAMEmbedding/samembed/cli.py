@@ -77,7 +77,7 @@ def _cmd_match(args) -> int:
     bar = _Progress(len(targets), "matching", not args.quiet)
     try:
         res = matcher.match(source, points.points_lps_mm, targets, points.labels, heatmap=bool(args.heatmap_dir),
-                            refine=args.refine, mask=args.mask, box_lps_mm=box, progress=bar.update,
+                            refine=args.refine, consistency=args.consistency, mask=args.mask, box_lps_mm=box, progress=bar.update,
                             target_names=[str(t) for t in args.targets])
     finally:
         bar.close()
@@ -86,7 +86,8 @@ def _cmd_match(args) -> int:
             ms = res.for_target(ti)
             stem = Path(name).name.split(".")[0]
             pl = PointList([m.label for m in ms], [m.point_lps_mm for m in ms],
-                           [f"score={m.score:.3f}; confident={str(m.confident).lower()}" for m in ms])
+                           [f"score={m.score:.3f}; confident={str(m.confident).lower()}"
+                            + ("; rematched=true" if m.rematched else "") for m in ms])
             write_points(pl, out / f"{stem}.mrk.json", ras=args.ras)
     else:
         lines = ["target,label,x,y,z,score,confident"]
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="CSV file, or a folder for one .mrk.json per target")
     m.add_argument("--heatmap-dir", help="write each point's similarity map per target (target geometry)")
     m.add_argument("--refine", action="store_true", help="cycle-consistent fixed-point refinement (slower)")
+    m.add_argument("--consistency", action="store_true",
+                   help="re-search matches that disagree with a robust affine of all matches (many landmarks, e.g. 2D)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
     m.add_argument("--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"), help="search box, LPS mm")

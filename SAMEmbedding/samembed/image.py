@@ -168,3 +168,25 @@ class Image:
         if np.any(spacing <= 0):
             raise InputError(f"{name}: spacing must be positive, got {spacing.tolist()}")
         return Image(arr, Grid(arr.shape, spacing, origin, direc), name, spacing_mm is not None)
+
+
+def single_slice_to_2d(array_zyx: np.ndarray, grid: Grid, name: str = "<array>", spacing_known: bool = True,
+                       tol: float = 1e-4) -> Image:
+    """A 2D :class:`Image` from a 3D array with one slice (``shape_zyx[0] == 1``), as a radiograph stored as
+    DICOM or NIfTI, or loaded into Slicer, usually is.
+
+    The slice must be axial (i and j in the LPS x-y plane); the in-plane spacing, x-y origin and direction
+    are kept and the slice's z position is dropped (2D points have z = 0).
+
+    Raises:
+        InputError: the array has more than one slice, or the slice is not axial.
+    """
+    arr = np.asarray(array_zyx)
+    if arr.ndim != 3 or arr.shape[0] != 1 or grid.ndim != 3:
+        raise InputError(f"{name}: expected a single-slice 3D image, got shape {arr.shape}")
+    d = grid.direction
+    if not (np.allclose(d[2, :2], 0.0, atol=tol) and np.allclose(abs(d[2, 2]), 1.0, atol=tol)):
+        raise InputError(f"{name}: a single-slice image must lie in the axial (x-y) plane to be matched as a 2D "
+                         f"image; its direction is {np.round(d, 4).tolist()}")
+    grid2 = Grid(arr.shape[1:], grid.spacing_mm[:2], grid.origin_lps_mm[:2], d[:2, :2])
+    return Image(arr[0], grid2, name, spacing_known)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .image import Grid, Image, lps_to_ras
+from .image import Grid, Image, lps_to_ras, single_slice_to_2d
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff")
 
@@ -82,13 +82,12 @@ def image_from_sitk(img, name: str = "<sitk>", spacing_known: bool = True) -> Im
         img = sitk.VectorIndexSelectionCast(img, 0, sitk.sitkFloat32) if img.GetNumberOfComponentsPerPixel() == 2 else _rgb_to_grey(img)
     arr = sitk.GetArrayFromImage(img)
     d = img.GetDimension()
-    if d == 3 and arr.shape[0] == 1 and name.lower().endswith((".png", ".jpg", ".jpeg")):
-        img = img[:, :, 0]
-        arr = arr[0]
-        d = 2
     if d not in (2, 3):
         raise InputError(f"{name}: {d}D images are not supported; expected a 2D or 3D scalar image")
     grid = Grid(arr.shape, img.GetSpacing(), img.GetOrigin(), np.array(img.GetDirection()).reshape(d, d))
+    if d == 3 and arr.shape[0] == 1:
+        # one slice (a radiograph as DICOM or NIfTI, a PNG read as 3D): a 2D image
+        return single_slice_to_2d(arr, grid, name, spacing_known)
     return Image(arr, grid, name, spacing_known)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .affine import apply_affine, ransac_affine
 from .embedding import EmbeddingMaps
 from .image import Grid, Image
 
@@ -169,13 +170,6 @@ def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: Embed
     return raw
 
 
-def apply_affine(matrix: np.ndarray, points_lps_mm: np.ndarray) -> np.ndarray:
-    """Apply a homogeneous (d+1, d+1) affine to (N, d) points."""
-    d = matrix.shape[0] - 1
-    p = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
-    return p @ matrix[:d, :d].T + matrix[:d, d]
-
-
 def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 500, inlier_mm: float = 20.0,
                  iterations: int = 1000, seed: int = 0) -> tuple[np.ndarray, float]:
     """A robust source->target affine (LPS mm) from many global-embedding correspondences (as in SAME).
@@ -201,23 +195,13 @@ def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     allowed = target.search_mask(True)
     raw = match_queries(q, target, allowed if bool(allowed.any()) else target.valid)
     dst = raw.points_lps_mm
-    X = np.hstack([src_pts, np.ones((len(src_pts), 1))])
-    best, best_in = None, np.zeros(len(X), bool)
-    for _ in range(iterations):
-        s = rng.choice(len(X), size=d + 1, replace=False)
-        try:
-            A = np.linalg.solve(X[s], dst[s])  # (d+1, d)
-        except np.linalg.LinAlgError:
-            continue
-        inl = np.linalg.norm(X @ A - dst, axis=1) < inlier_mm
-        if inl.sum() > best_in.sum():
-            best, best_in = A, inl
-    if best is None or best_in.sum() < d + 2:
+    try:
+        M, inl = ransac_affine(src_pts, dst, inlier_mm, iterations=iterations, seed=seed)
+    except ValueError:
         return np.eye(d + 1), 0.0
-    A = np.linalg.lstsq(X[best_in], dst[best_in], rcond=None)[0]
-    M = np.eye(d + 1)
-    M[:d, :] = A.T
-    return M, float(best_in.mean())
+    if inl.sum() < d + 2:
+        return np.eye(d + 1), 0.0
+    return M, float(inl.mean())
 
 
 def box_mask(maps: EmbeddingMaps, box_lps_mm: np.ndarray) -> torch.Tensor:

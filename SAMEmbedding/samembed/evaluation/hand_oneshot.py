@@ -249,84 +249,6 @@ def combine_templates(preds_px: np.ndarray, scores: np.ndarray, how: str) -> np.
     raise InputError(f"unknown template combination '{how}'; use best or median")
 
 
-def fit_affine_2d(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares 2D affine (2, 3) with ``dst ~ A[:, :2] @ src + A[:, 2]``; src, dst (N, 2), N >= 3."""
-    X = np.hstack([np.asarray(src, dtype=np.float64), np.ones((len(src), 1))])
-    return np.linalg.lstsq(X, np.asarray(dst, dtype=np.float64), rcond=None)[0].T
-
-
-def apply_affine_2d(A: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a (2, 3) affine to (N, 2) points."""
-    return np.asarray(points, dtype=np.float64) @ A[:, :2].T + A[:, 2]
-
-
-def ransac_affine_2d(src: np.ndarray, dst: np.ndarray, threshold: float, iterations: int = 500,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Robust 2D affine from point pairs (seeded RANSAC over triples, then a least-squares refit on the inliers).
-
-    Args:
-        src, dst: (N, 2) corresponding points (same unit as ``threshold``, e.g. mm).
-        threshold: a pair is an inlier when the affine maps ``src`` within this distance of ``dst``.
-
-    Returns:
-        ``(A (2, 3), inliers (N,) bool)``.
-
-    >>> src = np.array([[0, 0], [10, 0], [0, 10], [10, 10], [5, 5]], dtype=float)
-    >>> dst = src * 2 + 1; dst[4] = [40, 40]
-    >>> A, ok = ransac_affine_2d(src, dst, 1.0)
-    >>> (np.round(A, 6) + 0.0).tolist(), ok.tolist()
-    ([[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]], [True, True, True, True, False])
-    """
-    src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    best = np.zeros(len(src), dtype=bool)
-    best_err = np.inf
-    for _ in range(iterations):
-        idx = rng.choice(len(src), 3, replace=False)
-        if abs(np.linalg.det(np.hstack([src[idx], np.ones((3, 1))]))) < 1e-9:
-            continue
-        A = fit_affine_2d(src[idx], dst[idx])
-        err = np.linalg.norm(apply_affine_2d(A, src) - dst, axis=1)
-        ok = err < threshold
-        total = float(np.minimum(err, threshold).sum())
-        if ok.sum() > best.sum() or (ok.sum() == best.sum() and total < best_err):
-            best, best_err = ok, total
-    if best.sum() < 3:
-        return fit_affine_2d(src, dst), np.ones(len(src), dtype=bool)
-    A = fit_affine_2d(src[best], dst[best])
-    return A, np.linalg.norm(apply_affine_2d(A, src) - dst, axis=1) < threshold
-
-
-def consistent_rematch(matcher, template, target, points_lps_mm: np.ndarray, found_lps_mm: np.ndarray,
-                       scores: np.ndarray, *, inlier_mm: float = 10.0, window_mm: float = 15.0,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Geometric consistency for one template/target pair: fit a robust affine template -> target to SAM's own
-    matches (:func:`ransac_affine_2d`); every match farther than ``inlier_mm`` from its affine prediction is
-    searched again by SAM inside a +-``window_mm`` box around that prediction (``Matcher.match(box_lps_mm=...)``).
-
-    Args:
-        matcher: a :class:`samembed.Matcher` (embeddings of both images are reused from its cache).
-        template, target: 2D :class:`samembed.Image` objects.
-        points_lps_mm: (N, 3) template points; found_lps_mm: (N, 3) their plain SAM matches; scores: (N,).
-
-    Returns:
-        ``(points (N, 3) LPS mm, scores (N,), rematched (N,) bool)``.
-    """
-    A, inl = ransac_affine_2d(points_lps_mm[:, :2], found_lps_mm[:, :2], inlier_mm, seed=seed)
-    out, sc = found_lps_mm.copy(), np.asarray(scores, dtype=np.float64).copy()
-    redo = np.flatnonzero(~inl)
-    pred = apply_affine_2d(A, points_lps_mm[:, :2])
-    for i in redo:
-        c = pred[i]
-        box = [[c[0] - window_mm, c[1] - window_mm, -1.0], [c[0] + window_mm, c[1] + window_mm, 1.0]]
-        try:
-            r = matcher.match(template, points_lps_mm[i:i + 1], [target], [f"L{i + 1}"], box_lps_mm=box)
-        except InputError:  # the box lies outside the target: keep the plain match
-            continue
-        out[i], sc[i] = r.matches[0].point_lps_mm, r.matches[0].score
-    return out, sc, ~inl
-
-
 # ----------------------------------------------------------------------------------------------
 # 2D elastix baseline
 # ----------------------------------------------------------------------------------------------
@@ -457,8 +379,8 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         target_ids: held-out targets.
         model: model name, checkpoint path or :class:`~samembed.models.LoadedModel`.
         refine: use the cycle-consistent refinement (``Matcher.match(refine=True)``).
-        consistency: ``(inlier_mm, window_mm)`` of :func:`consistent_rematch`, giving extra ``*-consistent``
-            methods; None to skip.
+        consistency: ``(inlier_mm, window_mm)`` of ``Matcher.match(consistency=True)``, giving extra
+            ``*-consistent`` methods; None to skip.
         progress: optional ``progress(done, total, message)``.
 
     Returns:
@@ -469,7 +391,9 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
     """
     from ..api import Matcher
 
-    matcher = Matcher(model=model, device=device, modality="xray")
+    inlier_mm, window_mm = consistency or (15.0, 20.0)
+    matcher = Matcher(model=model, device=device, modality="xray", consistency_inlier_mm=inlier_mm,
+                      consistency_window_mm=window_mm)
     labels = [f"L{i}" for i in range(1, N_LANDMARKS + 1)]
     targets = [_read_stored(cases[t]) for t in target_ids]
     k, nt = len(template_ids), len(target_ids)
@@ -483,23 +407,19 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         case = cases[tid]
         tmpl = _read_stored(case)
         pts = case.points_lps_mm()
-        res = matcher.match(tmpl, pts, targets, labels, refine=refine, target_names=list(target_ids))
-        template_embed_s.append(float(res.timings["source_embed_s"]))
-        for n in range(nt):
-            ms = res.for_target(n)
-            found = np.array([m.point_lps_mm for m in ms])
-            sc = np.array([m.score for m in ms])
-            if ti == 0:
-                embed_s[n] = res.timings[f"target{n}_embed_s"]
-            preds["plain"][ti, n], scores["plain"][ti, n] = lps_mm_to_px(found), sc
-            secs["plain"][ti, n] = res.timings[f"target{n}_match_s"]
-            if consistency:
-                t0 = time.perf_counter()
-                cf, cs, redo = consistent_rematch(matcher, tmpl, targets[n], pts, found, sc,
-                                                  inlier_mm=consistency[0], window_mm=consistency[1])
-                rematched += int(redo.sum())
-                preds["consistent"][ti, n], scores["consistent"][ti, n] = lps_mm_to_px(cf), cs
-                secs["consistent"][ti, n] = secs["plain"][ti, n] + time.perf_counter() - t0
+        for v in variants:  # embeddings are cached after the first variant
+            res = matcher.match(tmpl, pts, targets, labels, refine=refine, consistency=v == "consistent",
+                                target_names=list(target_ids))
+            if v == "plain":
+                template_embed_s.append(float(res.timings["source_embed_s"]))
+            for n in range(nt):
+                ms = res.for_target(n)
+                if ti == 0 and v == "plain":
+                    embed_s[n] = res.timings[f"target{n}_embed_s"]
+                preds[v][ti, n] = lps_mm_to_px(np.array([m.point_lps_mm for m in ms]))
+                scores[v][ti, n] = [m.score for m in ms]
+                secs[v][ti, n] = res.timings[f"target{n}_match_s"]
+                rematched += sum(m.rematched for m in ms)
         if progress:
             progress(ti + 1, k, f"template {tid}")
         log.info("SAM: template %s matched into %d targets", tid, nt)
@@ -632,7 +552,7 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
         templates: templates of the multi-template variant (1 = one-template only).
         elastix: also run the 2D elastix affine and affine + B-spline baselines (same template).
         refine: also run SAM with ``refine=True``.
-        consistency: ``(inlier_mm, window_mm)`` for the ``*-consistent`` methods (:func:`consistent_rematch`), or None.
+        consistency: ``(inlier_mm, window_mm)`` for the ``*-consistent`` methods (``Matcher.match(consistency=True)``), or None.
         max_targets: evaluate only the first targets (for quick checks).
         elastix_cache: folder to store and reuse elastix results (see :func:`run_elastix`).
         out_dir: write ``<stem>.json``, ``<stem>.md``, ``<stem>_points.csv`` there.

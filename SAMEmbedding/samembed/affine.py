@@ -1,0 +1,72 @@
+"""Affine maps between point sets, in mm: least-squares fit, application and a robust (RANSAC) fit.
+
+A (d + 1, d + 1) homogeneous matrix ``M`` maps a point ``p`` (d values, LPS mm) to ``M[:d, :d] @ p + M[:d, d]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fit_affine(src_mm: np.ndarray, dst_mm: np.ndarray) -> np.ndarray:
+    """Least-squares affine (d + 1, d + 1) with ``dst ~ M[:d, :d] @ src + M[:d, d]``; src, dst (N, d), N >= d + 1.
+
+    >>> src = np.array([[0, 0], [1, 0], [0, 1]], dtype=float)
+    >>> fit_affine(src, src * 3 + [1, 2]).round(6).tolist()
+    [[3.0, 0.0, 1.0], [0.0, 3.0, 2.0], [0.0, 0.0, 1.0]]
+    """
+    src_mm, dst_mm = np.asarray(src_mm, dtype=np.float64), np.asarray(dst_mm, dtype=np.float64)
+    d = src_mm.shape[1]
+    X = np.hstack([src_mm, np.ones((len(src_mm), 1))])
+    M = np.eye(d + 1)
+    M[:d] = np.linalg.lstsq(X, dst_mm, rcond=None)[0].T
+    return M
+
+
+def apply_affine(matrix: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
+    """Apply a homogeneous (d + 1, d + 1) affine to (N, >= d) points; returns (N, d)."""
+    d = matrix.shape[0] - 1
+    p = np.asarray(points_mm, dtype=np.float64)[:, :d]
+    return p @ matrix[:d, :d].T + matrix[:d, d]
+
+
+def ransac_affine(src_mm: np.ndarray, dst_mm: np.ndarray, inlier_mm: float, iterations: int = 500,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Robust affine from point pairs: seeded RANSAC over minimal sets of d + 1 pairs (most inliers, ties broken
+    by the smaller truncated error), then a least-squares refit on the inliers.
+
+    Args:
+        src_mm, dst_mm: (N, d) corresponding points, mm.
+        inlier_mm: a pair is an inlier when the affine maps ``src`` within this distance of ``dst``.
+
+    Returns:
+        ``(M (d + 1, d + 1), inliers (N,) bool)``. With fewer than d + 1 consistent pairs, the least-squares
+        affine of all pairs and all-True.
+
+    >>> src = np.array([[0, 0], [10, 0], [0, 10], [10, 10], [5, 5]], dtype=float)
+    >>> dst = src * 2 + 1; dst[4] = [40, 40]
+    >>> M, ok = ransac_affine(src, dst, 1.0)
+    >>> (np.round(M[:2], 6) + 0.0).tolist(), ok.tolist()
+    ([[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]], [True, True, True, True, False])
+    """
+    src_mm, dst_mm = np.asarray(src_mm, dtype=np.float64), np.asarray(dst_mm, dtype=np.float64)
+    n, d = src_mm.shape
+    if n < d + 1:
+        raise ValueError(f"an affine in {d}D needs at least {d + 1} point pairs, got {n}")
+    rng = np.random.default_rng(seed)
+    X = np.hstack([src_mm, np.ones((n, 1))])
+    best = np.zeros(n, dtype=bool)
+    best_err = np.inf
+    for _ in range(iterations):
+        idx = rng.choice(n, d + 1, replace=False)
+        if abs(np.linalg.det(X[idx])) < 1e-9:
+            continue
+        err = np.linalg.norm(apply_affine(fit_affine(src_mm[idx], dst_mm[idx]), src_mm) - dst_mm, axis=1)
+        ok = err < inlier_mm
+        total = float(np.minimum(err, inlier_mm).sum())
+        if ok.sum() > best.sum() or (ok.sum() == best.sum() and total < best_err):
+            best, best_err = ok, total
+    if best.sum() < d + 1:
+        return fit_affine(src_mm, dst_mm), np.ones(n, dtype=bool)
+    M = fit_affine(src_mm[best], dst_mm[best])
+    return M, np.linalg.norm(apply_affine(M, src_mm) - dst_mm, axis=1) < inlier_mm
