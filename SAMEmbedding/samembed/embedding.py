@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,11 +78,32 @@ class EmbeddingMaps:
     model_id: str
     key: str
     image_name: str = ""
+    _compact: dict = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the tensors, bytes."""
-        return sum(t.element_size() * t.nelement() for t in (self.local, self.global_, self.features, self.valid, self.body))
+        """Memory held by the tensors (and the compact copies of :meth:`compact_features`), bytes."""
+        tensors = [self.local, self.global_, self.features, self.valid, self.body]
+        tensors += [t for pair in self._compact.values() for t in pair]
+        return sum(t.element_size() * t.nelement() for t in tensors)
+
+    def compact_features(self, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flat indices (M,), features (C, M))`` of the voxels in ``allowed`` (V,) bool.
+
+        A query then costs a product with the searched voxels only (the body is often under half the grid).
+        The copy for the most recent mask is kept (a second one for a second mask), so repeated queries with
+        the default search mask reuse it.
+        """
+        mask = allowed.to(torch.bool).cpu().numpy()
+        key = (int(mask.sum()), hash(np.packbits(mask).tobytes()))
+        hit = self._compact.get(key)
+        if hit is None:
+            idx = torch.from_numpy(np.flatnonzero(mask)).to(self.features.device)
+            hit = (idx, self.features[:, idx].contiguous())
+            while len(self._compact) >= 2:
+                self._compact.pop(next(iter(self._compact)))
+            self._compact[key] = hit
+        return hit
 
     @property
     def local_channels(self) -> int:

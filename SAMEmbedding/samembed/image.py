@@ -128,6 +128,7 @@ class Image:
     name: str = "<array>"
     pixel_spacing_known: bool = True
     _hash: list = field(default_factory=list, repr=False, compare=False)
+    _validated: list = field(default_factory=list, repr=False, compare=False)  # memo of io.validate_image
 
     @property
     def ndim(self) -> int:

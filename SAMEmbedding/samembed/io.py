@@ -156,7 +156,13 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
 
 
 def validate_image(image: Image) -> None:
-    """Raise :class:`InputError` for an empty, constant or non-finite image."""
+    """Raise :class:`InputError` for an empty, constant or non-finite image.
+
+    The check reads every voxel once; an image that passed is remembered (like its content hash), so
+    repeated queries on the same :class:`Image` object do not pay for it again.
+    """
+    if image._validated:
+        return
     arr = image.array
     if arr.size == 0 or min(arr.shape) == 0:
         raise InputError(f"{image.name}: image is empty (shape {arr.shape})")
@@ -167,6 +173,7 @@ def validate_image(image: Image) -> None:
         raise InputError(f"{image.name}: image is constant (every voxel is {arr.flat[0]}); nothing to match")
     if np.any(np.asarray(image.grid.spacing_mm) <= 0):
         raise InputError(f"{image.name}: non-positive spacing {image.grid.spacing_mm.tolist()}")
+    image._validated.append(True)
 
 
 def write_image(image: Image, path: str | os.PathLike) -> Path:

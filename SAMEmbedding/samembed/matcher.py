@@ -56,25 +56,36 @@ def similarity(queries: torch.Tensor, target: EmbeddingMaps) -> torch.Tensor:
     return (queries.to(feats.dtype) @ feats).float() / 2.0
 
 
-def _subvoxel(sim_vol: torch.Tensor, flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
-    """Continuous (k, j, i) index of each peak, refined by a per-axis parabola (clamped to +-0.5 voxel)."""
-    N = sim_vol.shape[0]
+def _subvoxel(value_at, flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Continuous (k, j, i) index of each peak, refined by a per-axis parabola (clamped to +-0.5 voxel).
+
+    ``value_at(rows, flat_indices)`` returns the (masked, -inf outside the search) similarity of query
+    ``rows[n]`` at voxel ``flat_indices[n]``.
+    """
+    N = len(flat)
     idx = np.stack(np.unravel_index(flat.cpu().numpy(), shape), 1).astype(np.float64)  # (N, d) zyx
-    vol = sim_vol.reshape(N, *shape)
     rows = torch.arange(N)
+    base = torch.from_numpy(idx.astype(np.int64))
+    s0 = value_at(rows, flat.cpu())
     for a in range(len(shape)):
-        base = torch.from_numpy(idx.astype(np.int64))
         lo, hi = base.clone(), base.clone()
         lo[:, a] = (lo[:, a] - 1).clamp(min=0)
         hi[:, a] = (hi[:, a] + 1).clamp(max=shape[a] - 1)
-        s0 = vol[(rows, *base.T)]
-        sm = vol[(rows, *lo.T)]
-        sp = vol[(rows, *hi.T)]
+        sm = value_at(rows, _ravel(lo, shape))
+        sp = value_at(rows, _ravel(hi, shape))
         ok = torch.isfinite(sm) & torch.isfinite(sp) & (lo[:, a] != base[:, a]) & (hi[:, a] != base[:, a])
         den = sm - 2 * s0 + sp
         off = torch.where(ok & (den < 0), 0.5 * (sm - sp) / den.where(den != 0, torch.ones_like(den)), torch.zeros_like(den))
         idx[:, a] += off.clamp(-0.5, 0.5).cpu().numpy()
     return idx
+
+
+def _ravel(zyx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Flat C-order index of (N, d) integer (k, j, i) indices."""
+    flat = torch.zeros(len(zyx), dtype=torch.int64)
+    for a, n in enumerate(shape):
+        flat = flat * n + zyx[:, a]
+    return flat
 
 
 def _box_window(target: EmbeddingMaps, centres_zyx: torch.Tensor, window_mm: float) -> torch.Tensor:
@@ -125,18 +136,35 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
                  for i in range(0, len(queries), chunk)]
         return RawMatch(np.concatenate([r.points_lps_mm for r in parts]), np.concatenate([r.scores for r in parts]),
                         np.concatenate([r.flat_index for r in parts]))
-    sim = similarity(queries, target)
-    if window_mm and window_centres_lps_mm is not None:
-        win = allowed[None] & _window_around(target, window_centres_lps_mm, window_mm)
-        win = torch.where(win.any(1, keepdim=True), win, allowed[None].expand_as(win))  # empty window: search all
-        masked = sim.masked_fill(~win, float("-inf"))
-    elif window_mm:
-        masked = sim.masked_fill(~(allowed[None] & _global_window(queries, target, allowed, window_mm)), float("-inf"))
-    else:
-        masked = sim.masked_fill(~allowed[None], float("-inf"))
-    scores, flat = masked.max(1)
     grid = target.local_grid
-    zyx = _subvoxel(masked, flat, grid.shape_zyx)
+    if not keep_similarity and not window_mm:
+        # the common case: only the searched voxels' features take part in the product (a cached compact copy)
+        idx, feats = target.compact_features(allowed)
+        if len(idx) == 0:
+            raise ValueError("no voxel to search in the target")
+        q = queries.to(feats.dtype)
+        scores, j = (q @ feats).float().div_(2.0).max(1)
+        flat = idx[j]
+        full, ok = target.features, allowed
+
+        def value_at(rows, flat_idx):
+            v = (q[rows] * full[:, flat_idx.to(full.device)].T.to(q.dtype)).sum(1).float() / 2.0
+            return v.masked_fill(~ok[flat_idx.to(ok.device)], float("-inf")).cpu()
+    else:
+        sim = similarity(queries, target)
+        if window_mm and window_centres_lps_mm is not None:
+            win = allowed[None] & _window_around(target, window_centres_lps_mm, window_mm)
+            win = torch.where(win.any(1, keepdim=True), win, allowed[None].expand_as(win))  # empty window: search all
+            masked = sim.masked_fill(~win, float("-inf"))
+        elif window_mm:
+            masked = sim.masked_fill(~(allowed[None] & _global_window(queries, target, allowed, window_mm)), float("-inf"))
+        else:
+            masked = sim.masked_fill(~allowed[None], float("-inf"))
+        scores, flat = masked.max(1)
+
+        def value_at(rows, flat_idx):
+            return masked[rows, flat_idx.to(masked.device)].cpu()
+    zyx = _subvoxel(value_at, flat, grid.shape_zyx)
     ijk = zyx[:, ::-1]
     pts = grid.index_to_lps(ijk)
     scores = scores.clamp(-1.0, 1.0)  # float rounding can exceed 1 by ~1e-7

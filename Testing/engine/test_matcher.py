@@ -153,3 +153,27 @@ def test_the_global_window_search_keeps_a_self_match_and_stays_inside_the_window
     m = Matcher("random:sam-lite", device="cpu", global_window_mm=30.0)
     found = np.array([x.point_lps_mm for x in m.match(src, pts, [src]).matches])
     assert np.linalg.norm(found - pts, axis=1).max() < 8.0
+
+
+@pytest.mark.needs_data
+def test_the_compact_search_equals_the_full_product_and_accounts_its_memory(a_random_matcher):
+    """The fast path (a product with the searched voxels only) gives the same points and scores as the full one."""
+    import torch
+
+    from samembed.matcher import match_queries, query_vectors
+
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    tgt = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
+    smaps, tmaps = a_random_matcher.embed(src), a_random_matcher.embed(tgt)
+    rng = np.random.default_rng(1)
+    idx = np.argwhere(smaps.search_mask(True).reshape(smaps.local_grid.shape_zyx).numpy())[:, ::-1]
+    q = query_vectors(smaps, smaps.local_grid.index_to_lps(idx[rng.choice(len(idx), 70)].astype(float)))
+    allowed = tmaps.search_mask(True)
+    before = tmaps.nbytes
+    fast = match_queries(q, tmaps, allowed)  # 70 queries: two chunks through the compact copy
+    full = match_queries(q, tmaps, allowed, keep_similarity=True)
+    assert np.array_equal(fast.flat_index, full.flat_index)
+    assert np.allclose(fast.scores, full.scores, atol=1e-5)
+    assert np.allclose(fast.points_lps_mm, full.points_lps_mm, atol=0.01)  # float rounding in the sub-voxel fit
+    assert allowed[torch.from_numpy(fast.flat_index)].all()
+    assert tmaps.nbytes > before  # the compact copy is counted in the cache's memory
