@@ -231,14 +231,26 @@ def test_2d_training_runs_on_a_folder_of_radiographs_with_xray_augmentations(tmp
     for n in range(3):
         arr = 40 + 120 * (((xx // (16 + n)) + (yy // 20)) % 2) + rng.normal(0, 5, xx.shape)
         img = sitk.GetImageFromArray(np.clip(arr, 0, 255).astype(np.uint8))
-        img.SetSpacing((0.5, 0.5))
-        sitk.WriteImage(img, str(folder / f"xr{n}.nii.gz"))
+        if n < 2:  # PNGs carry no spacing: pixel_spacing_mm gives it
+            sitk.WriteImage(img, str(folder / f"xr{n}.png"))
+        else:
+            img.SetSpacing((0.5, 0.5))
+            sitk.WriteImage(img, str(folder / f"xr{n}.nii.gz"))
     cfg = TrainConfig(name="tiny-2d", arch="sam-lite-2d", data=[str(folder)], cache_dir=str(tmp_path / "cache"),
                       modality="xray", spacing_mm=1.0, iterations=2, batch_volumes=2, local_size=32, global_size=24,
                       scale_range=(0.8, 1.25), rotation_deg=15.0, contrast=0.2, gamma=0.3, centre_jitter_mm=8.0,
                       global_jitter_mm=16.0, local_ignore_mm=2.0, global_positive_mm=6.0, anchors=32, num_hard=32,
-                      num_negatives=32, global_candidates=32, threads=1, out_dir=str(tmp_path / "run"), checkpoint_every=10)
-    final = Trainer(cfg, progress=False).run()
+                      num_negatives=32, global_candidates=32, threads=1, out_dir=str(tmp_path / "run"), checkpoint_every=10,
+                      pixel_spacing_mm=0.5)
+    trainer = Trainer(cfg, progress=False)
+    trainer.load_data()
+    # every image, PNG or NIfTI, is 160 x 128 pixels of 0.5 mm: about 80 x 64 voxels on the 1 mm grid
+    assert len(trainer.volumes) == 3
+    for name, vol, spacing, threshold in trainer.volumes:
+        assert vol.shape[0] <= 80 + 2 * 8 and vol.shape[1] <= 64 + 2 * 8, (name, vol.shape)
+        # radiographs have no physical intensity scale: the body threshold is the volume's own 5th percentile
+        assert threshold == pytest.approx(float(np.percentile(vol.float().numpy(), 5.0)), abs=0.5)
+    final = trainer.run()
     model = load_checkpoint(final)
     assert model.spec.ndim == 2 and model.preprocess.spacing_mm == 1.0
     rows = list(csv.DictReader((tmp_path / "run" / "train_log.csv").open()))

@@ -26,6 +26,7 @@ class TrainConfig:
     cache_dir: str = "cache/train"
     modality: str = "auto"
     spacing_mm: float = 2.0
+    pixel_spacing_mm: float | None = None  # assumed for 2D files that carry no spacing (PNG/JPEG), mm
     fill: str = "air"
     # optimisation
     iterations: int = 2000

@@ -64,16 +64,20 @@ class CachedVolume:
     body_fraction: float
 
 
-def _cache_key(path: Path, config: PreprocessConfig, modality: str) -> str:
+def _cache_key(path: Path, config: PreprocessConfig, modality: str, pixel_spacing_mm: float | None = None) -> str:
     st = path.stat() if path.is_file() else None
-    h = hashlib.sha256(json.dumps([str(path.resolve()), st.st_size if st else 0, st.st_mtime_ns if st else 0,
-                                   config.to_dict(), modality], sort_keys=True).encode())
+    facts = [str(path.resolve()), st.st_size if st else 0, st.st_mtime_ns if st else 0, config.to_dict(), modality]
+    if pixel_spacing_mm is not None:
+        facts.append(float(pixel_spacing_mm))
+    h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
 def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, modality: str = "auto",
-                  margin_vox: int = 8, progress=None) -> list[Path]:
+                  margin_vox: int = 8, progress=None, pixel_spacing_mm: float | None = None) -> list[Path]:
     """Preprocess ``paths`` into ``cache_dir`` (skipping those already there); return the ``.npy`` files.
+
+    ``pixel_spacing_mm`` is the spacing assumed for 2D files that carry none (PNG/JPEG radiographs).
 
     Unreadable or corrupt volumes are logged and skipped.
     """
@@ -82,14 +86,14 @@ def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, 
     for n, path in enumerate(paths):
         if progress:
             progress(n, len(paths), path.name)
-        key = _cache_key(path, config, modality)
+        key = _cache_key(path, config, modality, pixel_spacing_mm)
         stem = path.name.split(".")[0]
         npy = cache_dir / f"{stem}-{key}.npy"
         if npy.is_file() and npy.with_suffix(".json").is_file():
             out.append(npy)
             continue
         try:
-            image = read_image(path)
+            image = read_image(path, spacing_mm=pixel_spacing_mm)
             prep = preprocess(image, config, modality)
         except InputError as e:
             log.warning("skipping %s: %s", path, e)

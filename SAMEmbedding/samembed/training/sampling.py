@@ -25,6 +25,7 @@ class View:
     step_mm: torch.Tensor  # (d,) voxel step, zyx order
     rotation: torch.Tensor | None = None  # (d, d) view axes -> volume axes (zyx), about ``centre_mm``; None = identity
     centre_mm: torch.Tensor | None = None  # (d,) centre of the rotation, volume mm (zyx)
+    body_threshold: float | None = None  # mapped intensity above which a voxel is body (None: the CT value)
 
     def to_world(self, points_view_mm: torch.Tensor) -> torch.Tensor:
         """Map points (N, d) from the view's axis-aligned frame (where voxel ``n`` sits at

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 BODY_THRESHOLD = (-500.0 + 1024.0) * 255.0 / 4095.0 - 50.0  # -500 HU after CT mapping
 
 
+def body_threshold(mapped: np.ndarray, modality: str) -> float:
+    """Mapped intensity above which a training voxel counts as body: -500 HU for CT; for MRI and radiographs
+    (no physical scale) the 5th percentile of the volume, as :func:`samembed.preprocess.body_mask` uses."""
+    if modality == "ct":
+        return BODY_THRESHOLD
+    return float(np.percentile(np.asarray(mapped, dtype=np.float32), 5.0))
+
+
 class TwoBranch(nn.Module):
     """Wraps a network so that one ``forward`` call runs both branches (needed by DDP)."""
 
@@ -85,7 +93,7 @@ def pair_points(trainer, views, loc, glob, b: int, gen: torch.Generator, rng: np
         d = cand.shape[1]
         grid = la.mm_to_norm(cand, ()).reshape(1, -1, *([1] * (d - 1)), d)
         vals = F.grid_sample(la.image.unsqueeze(0), grid, align_corners=False).reshape(-1)
-        ok &= vals > BODY_THRESHOLD
+        ok &= vals > (BODY_THRESHOLD if la.body_threshold is None else la.body_threshold)
     idx = torch.nonzero(ok).reshape(-1)
     if len(idx) < 8:
         return None
@@ -119,39 +127,42 @@ class Trainer:
         cache = Path(cfg.cache_dir)
         if self.rank == 0:
             bar = _bar(len(paths), "preprocess", self.show_progress)
-            files = prepare_cache(paths, cache, self.prep, cfg.modality, progress=lambda n, t, name: bar.update(1) if bar else None)
+            files = prepare_cache(paths, cache, self.prep, cfg.modality, progress=lambda n, t, name: bar.update(1) if bar else None,
+                                  pixel_spacing_mm=cfg.pixel_spacing_mm)
             if bar:
                 bar.close()
         if self.world > 1:
             torch.distributed.barrier()
         if self.rank != 0:
-            files = prepare_cache(paths, cache, self.prep, cfg.modality)
+            files = prepare_cache(paths, cache, self.prep, cfg.modality, pixel_spacing_mm=cfg.pixel_spacing_mm)
         self.volumes = []
         for f in files:
             v = load_cached(f)
-            self.volumes.append((v.name, torch.from_numpy(np.array(v.array, dtype=np.float16)), v.spacing_mm))
+            self.volumes.append((v.name, torch.from_numpy(np.array(v.array, dtype=np.float16)), v.spacing_mm,
+                                 body_threshold(v.array, v.modality)))
         self.sources = [str(p) for p in paths]
         log.info("training on %d volumes (%d found)", len(self.volumes), len(paths))
 
     # -------------------------------------------------------------- sampling
-    def _views(self, rng: np.random.Generator, vol: torch.Tensor, sp: float):
+    def _views(self, rng: np.random.Generator, vol: torch.Tensor, sp: float, threshold: float = BODY_THRESHOLD):
         cfg = self.cfg
         arr = vol.float()[None, None]
         d = arr.dim() - 2
         pool = F.avg_pool3d if d == 3 else F.avg_pool2d
         pooled = pool(arr, 4, ceil_mode=True)
-        body = random_body_point(vol.numpy(), rng, BODY_THRESHOLD) * sp
+        body = random_body_point(vol.numpy(), rng, threshold) * sp
         fill = float(arr.min())
         centres = [body + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, d)]
         if rng.random() < cfg.overlap_p:
             centres.append(body + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, d))
         else:
-            centres.append(random_body_point(vol.numpy(), rng, BODY_THRESHOLD) * sp)
+            centres.append(random_body_point(vol.numpy(), rng, threshold) * sp)
         out = []
         for c in centres:
             s = float(rng.uniform(*cfg.scale_range))
             ang = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg)) if cfg.rotation_deg else 0.0
             lv = sample_view(arr, c, cfg.local_size, sp * s, sp, fill, ang)
+            lv.body_threshold = threshold  # anchors are kept where view A is above it (pair_points)
             gc = c + rng.uniform(-cfg.global_jitter_mm, cfg.global_jitter_mm, d)
             gv = sample_view(pooled, gc, cfg.global_size, 4 * sp * s, 4 * sp, fill, ang)
             lv.image = augment(lv.image, rng, cfg.noise_std, cfg.blur_p, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
@@ -225,7 +236,8 @@ class Trainer:
             torch.distributed.init_process_group(backend)
         torch.manual_seed(cfg.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
-        self.load_data()
+        if not getattr(self, "volumes", None):
+            self.load_data()
         net = build_network(cfg.arch, cfg.net_config).to(self.device)
         model: nn.Module = TwoBranch(net)
         if self.world > 1:
@@ -265,7 +277,7 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * sched(it)
             picks = rng.choice(len(self.volumes), size=min(cfg.batch_volumes, len(self.volumes)), replace=False)
-            views = [self._views(rng, self.volumes[i][1], self.volumes[i][2]) for i in picks]
+            views = [self._views(rng, *self.volumes[i][1:]) for i in picks]
             lx = torch.stack([v[0].image for pair in views for v in pair]).to(self.device)
             gx = torch.stack([v[1].image for pair in views for v in pair]).to(self.device)
             loc, glob = model(lx, gx)
