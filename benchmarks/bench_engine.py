@@ -4,6 +4,9 @@ Usage (from the repository root, with ../shared/data beside it)::
 
     python benchmarks/bench_engine.py [--models default,sam-official] [--threads 2] [--out benchmarks/results/engine.md]
 
+Cost growth: LIDC-0001 cropped to 0.5 and 0.75 of its extent per axis and padded with air to 1.25 (same voxel
+size), so the model grid grows with the volume.
+
 Each measurement runs in a fresh subprocess so that peak RSS is that of one embedding. ``sam-official``
 uses random weights (the architecture's cost does not depend on the weights). Prints a markdown table and
 writes it to ``--out``. Targets for sam-lite on 2 cores: embed <= 5 s, peak RSS <= 4 GB, <= 50 ms per query
@@ -34,10 +37,14 @@ model, path, scale = sys.argv[1], sys.argv[2], float(sys.argv[3])
 t0 = time.perf_counter()
 img = as_image(path)
 if scale != 1.0:
+    # the physical extent changes by `scale` per axis at the same voxel size: a central crop (< 1) or air
+    # padding around the volume (> 1), so the model grid, and the cost, grow with the scale
     s = image_to_sitk(img)
-    size = [max(1, int(round(n * scale))) for n in s.GetSize()]
-    sp = [o * n / m for o, n, m in zip(s.GetSpacing(), s.GetSize(), size)]
-    s = sitk.Resample(s, size, sitk.Transform(), sitk.sitkLinear, s.GetOrigin(), sp, s.GetDirection(), -1024, s.GetPixelID())
+    n0 = np.array(s.GetSize())
+    size = [max(1, int(round(n * scale))) for n in n0]
+    shift = np.array(s.GetDirection()).reshape(3, 3) @ (np.array(s.GetSpacing()) * (n0 - np.array(size)) / 2.0)
+    s = sitk.Resample(s, size, sitk.Transform(), sitk.sitkLinear, tuple(np.array(s.GetOrigin()) + shift), s.GetSpacing(),
+                      s.GetDirection(), -1024, s.GetPixelID())
     img = image_from_sitk(s, path)
 t_read = time.perf_counter() - t0
 m = Matcher(model, device="cpu")
@@ -87,7 +94,9 @@ def main() -> int:
     rows = []
     for model in args.models.split(","):
         for name, path, scale in (("LIDC-0001 512x512x133", lidc, 1.0), ("POPI 482x360x141", popi, 1.0),
-                                  ("LIDC-0001 x0.5 per axis", lidc, 0.5), ("LIDC-0001 x1.5 per axis", lidc, 1.5)):
+                                  ("LIDC-0001 central crop, extent x0.5 per axis", lidc, 0.5),
+                                  ("LIDC-0001 central crop, extent x0.75 per axis", lidc, 0.75),
+                                  ("LIDC-0001 air-padded, extent x1.25 per axis", lidc, 1.25)):
             t = time.perf_counter()
             r = run_case(model, path, scale, args.threads)
             r.update(model=model, case=name, wall_s=time.perf_counter() - t)
@@ -95,10 +104,10 @@ def main() -> int:
             print(json.dumps(r), flush=True)
     lines = [f"Engine benchmark, CPU, {args.threads} threads ({time.strftime('%Y-%m-%d')}); command: "
              f"`python benchmarks/bench_engine.py --models {args.models} --threads {args.threads}`", "",
-             "| model | volume | model-grid input (z,y,x) | embed s | peak RSS GB | cache MB | 1 query ms | 10 queries ms/query | 100 queries ms/query |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | volume | input voxels (z,y,x) | local grid (z,y,x) | embed s | peak RSS GB | cache MB | 1 query ms | 10 queries ms/query | 100 queries ms/query |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['case']} | {r['local_shape']} (local grid) | {r['embed_s']:.2f} | {r['peak_rss_gb']:.2f} | "
+        lines.append(f"| {r['model']} | {r['case']} | {r['input_shape']} | {r['local_shape']} | {r['embed_s']:.2f} | {r['peak_rss_gb']:.2f} | "
                      f"{r['cache_mb']:.0f} | {r['query_1_ms']:.0f} | {r['query_10_ms'] / 10:.1f} | {r['query_100_ms'] / 100:.1f} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
