@@ -163,6 +163,7 @@ class SAMEmbeddingParameterNode:
     model - "default", a registered model name, a checkpoint path (wired by hand: the list is dynamic).
     device - auto, cpu or cuda.
     refine - cycle-consistent refinement of each match.
+    consistency - re-search matches that disagree with the rest of the landmark set (propagate all).
     jumpToMatch - centre the slice views on the newest match.
     showHeatmap - show the similarity map of the selected point.
     heatmapOpacity - foreground opacity of the heatmap.
@@ -175,6 +176,7 @@ class SAMEmbeddingParameterNode:
     model: str = "default"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     refine: bool = False
+    consistency: bool = False
     jumpToMatch: bool = True
     showHeatmap: bool = False
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -487,6 +489,7 @@ class SAMEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             task = self.logic.startMatch(
                 self.worker, p.sourceVolume, p.sourcePoints, list(p.targetVolumes), pointIndices,
                 heatmapPointIndex=heatmapIndex, heatmapTarget=heatmapTarget, refine=p.refine,
+                consistency=p.consistency,
                 onFinished=lambda outputs: self._onMatchFinished(outputs, pointIndices[0] if single else None),
                 onError=self._onMatchError, onProgress=self._onProgress)
         except ValueError as e:  # samembed.InputError: bad input, said plainly

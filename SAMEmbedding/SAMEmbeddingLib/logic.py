@@ -143,6 +143,7 @@ class MatchJob:
         targets: one :class:`TargetSpec` per target volume.
         heatmapPointID, heatmapTargetID: the point whose similarity map to compute, and in which target.
         refine: use the engine's cycle-consistent refinement.
+        consistency: re-search matches that disagree with a robust affine of all matches (many landmarks).
     """
 
     sourceVolumeID: str
@@ -155,6 +156,7 @@ class MatchJob:
     heatmapPointID: str | None = None
     heatmapTargetID: str | None = None
     refine: bool = False
+    consistency: bool = False
     showHeatmap: bool = True
 
     def run(self, matcher: MatcherProtocol, cancel: threading.Event | None = None, progress: ProgressFn | None = None,
@@ -197,7 +199,7 @@ class MatchJob:
         wantHeatmap = self.heatmapPointID is not None and target.nodeID == self.heatmapTargetID
         together = wantHeatmap and len(self.pointIDs) == 1
         res = matcher.match(self.sourceImage, self.pointsLPS, [target.image], labels=self.pointIDs, heatmap=together,
-                            refine=self.refine, cancel=cancel, target_names=[target.name])
+                            refine=self.refine, consistency=self.consistency, cancel=cancel, target_names=[target.name])
         result = TargetResult(target.nodeID, target.name, list(res.matches))
         if together:
             result.heatmaps[self.heatmapPointID] = res.heatmaps[(0, self.heatmapPointID)]
@@ -332,7 +334,7 @@ class MatchLogic:
 
     def prepareMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
                      heatmapPointIndex: int | None = None, heatmapTarget=None, refine: bool = False,
-                     showHeatmap: bool = True) -> MatchJob:
+                     showHeatmap: bool = True, consistency: bool = False) -> MatchJob:
         """Validate the input and detach it from MRML (main thread). See :meth:`matchPoints` for the arguments.
 
         Raises:
@@ -359,12 +361,13 @@ class MatchLogic:
             sourceVolumeID=sourceVolume.GetID(), sourcePointListID=sourcePointList.GetID(), pointIDs=ids, labels=labels,
             pointsLPS=mrml_io.ras_to_lps(pointsRAS), sourceImage=self.imageForVolume(sourceVolume),
             targets=[TargetSpec(t.GetID(), t.GetName(), self.imageForVolume(t)) for t in targets],
-            heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID, refine=bool(refine), showHeatmap=showHeatmap)
+            heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID, refine=bool(refine), showHeatmap=showHeatmap,
+            consistency=bool(consistency))
 
     # -- the console API ---------------------------------------------------------------------
     def matchPoints(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
                     *, heatmapPointIndex: int | None = None, heatmapTarget=None, refine: bool = False,
-                    showHeatmap: bool = True, cancel: threading.Event | None = None,
+                    consistency: bool = False, showHeatmap: bool = True, cancel: threading.Event | None = None,
                     progress: ProgressFn | None = None) -> MatchOutputs:
         """Match source landmarks into every target volume. Can be used without the GUI.
 
@@ -380,6 +383,8 @@ class MatchLogic:
             heatmapPointIndex: also compute this point's similarity map in ``heatmapTarget``.
             heatmapTarget: the target for the heatmap (default: the first target).
             refine: the engine's cycle-consistent refinement (slower, usually more accurate).
+            consistency: re-search the matches that disagree with a robust affine fitted to all matches of a
+                target (needs 6 points in 2D, 8 in 3D; it removes gross mismatches of landmark sets).
             showHeatmap: show the heatmap as the foreground layer over its target in every slice view.
             cancel: set it (from another thread or ``progress``) to stop between targets; finished ones are kept.
             progress: ``progress(done, total, message)``, counted in targets.
@@ -393,7 +398,7 @@ class MatchLogic:
         """
         started = time.time()
         job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, heatmapPointIndex,
-                                heatmapTarget, refine, showHeatmap)
+                                heatmapTarget, refine, showHeatmap, consistency)
         outputs = MatchOutputs()
         outcome = job.run(self.getMatcher(), cancel, progress, onTarget=lambda r: self.applyTargetResult(job, r, outputs))
         outputs = self.finishJob(job, outcome, outputs)
@@ -500,16 +505,11 @@ class MatchLogic:
 
     def outputPointList(self, sourcePointList, targetVolume, create: bool = False):
         """The ``"<target> matches"`` point list of a source list and target (created when asked)."""
-        for node in self._nodesWithRole("vtkMRMLMarkupsFiducialNode", "matches"):
-            if (node.GetNodeReferenceID(SOURCE_REFERENCE) == sourcePointList.GetID()
-                    and node.GetNodeReferenceID(TARGET_REFERENCE) == targetVolume.GetID()):
-                return node
-        if not create:
-            return None
-        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{targetVolume.GetName()} matches")
-        node.SetAttribute(ROLE_ATTRIBUTE, "matches")
-        node.SetNodeReferenceID(SOURCE_REFERENCE, sourcePointList.GetID())
-        node.SetNodeReferenceID(TARGET_REFERENCE, targetVolume.GetID())
+        refs = {SOURCE_REFERENCE: sourcePointList.GetID(), TARGET_REFERENCE: targetVolume.GetID()}
+        node, created = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "matches", refs, create,
+                                           f"{targetVolume.GetName()} matches")
+        if not created:
+            return node
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         if display is not None:
@@ -558,15 +558,8 @@ class MatchLogic:
 
     def resultsTable(self, sourcePointList, create: bool = False):
         """The results table node of a source point list (created when asked)."""
-        for node in self._nodesWithRole("vtkMRMLTableNode", "results"):
-            if node.GetNodeReferenceID(SOURCE_REFERENCE) == sourcePointList.GetID():
-                return node
-        if not create:
-            return None
-        node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{sourcePointList.GetName()} SAM results")
-        node.SetAttribute(ROLE_ATTRIBUTE, "results")
-        node.SetNodeReferenceID(SOURCE_REFERENCE, sourcePointList.GetID())
-        return node
+        return self._findOrCreate("vtkMRMLTableNode", "results", {SOURCE_REFERENCE: sourcePointList.GetID()}, create,
+                                  f"{sourcePointList.GetName()} SAM results")[0]
 
     def updateResultsTable(self, sourcePointList):
         """Rebuild the results table (label, target, R, A, S, score, confident) from the output point lists."""
@@ -592,15 +585,23 @@ class MatchLogic:
     # -- heatmap ----------------------------------------------------------------------------
     def heatmapNode(self, targetVolume, create: bool = False):
         """The similarity volume shown over ``targetVolume`` (one per target, reused; created when asked)."""
-        for node in self._nodesWithRole("vtkMRMLScalarVolumeNode", "heatmap"):
-            if node.GetNodeReferenceID(TARGET_REFERENCE) == targetVolume.GetID():
-                return node
+        return self._findOrCreate("vtkMRMLScalarVolumeNode", "heatmap", {TARGET_REFERENCE: targetVolume.GetID()}, create,
+                                  f"similarity in {targetVolume.GetName()}")[0]
+
+    def _findOrCreate(self, className: str, role: str, references: dict, create: bool, name: str):
+        """``(node, created)``: the output node of ``className`` with ``role`` whose node references equal
+        ``references`` ({reference role: node ID}); a new one (role and references set) when none exists and
+        ``create``, else ``(None, False)``."""
+        for node in self._nodesWithRole(className, role):
+            if all(node.GetNodeReferenceID(ref) == nodeID for ref, nodeID in references.items()):
+                return node, False
         if not create:
-            return None
-        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"similarity in {targetVolume.GetName()}")
-        node.SetAttribute(ROLE_ATTRIBUTE, "heatmap")
-        node.SetNodeReferenceID(TARGET_REFERENCE, targetVolume.GetID())
-        return node
+            return None, False
+        node = self.scene.AddNewNodeByClass(className, name)
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+        for ref, nodeID in references.items():
+            node.SetNodeReferenceID(ref, nodeID)
+        return node, True
 
     def heatColorNodeID(self) -> str:
         """Slicer's Iron colour table (or PET-Heat); a private Iron table when the scene has neither."""
@@ -743,7 +744,10 @@ def _pointMap(outNode) -> dict:
 
 def _describe(match) -> str:
     verdict = "confident" if match.confident else "not confident"
-    return f"score {match.score:.3f}, {verdict} (round trip {match.roundtrip_mm:.1f} mm)"
+    text = f"score {match.score:.3f}, {verdict} (round trip {match.roundtrip_mm:.1f} mm)"
+    if getattr(match, "rematched", False):
+        text += "; re-searched by the consistency check"
+    return text
 
 
 def _safeName(name: str) -> str:

@@ -24,7 +24,7 @@ from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
 from .io import image_from_sitk, read_image, validate_image
-from .matcher import box_mask, heatmap_image, mask_from_image, match_points
+from .matcher import affine_prior, box_mask, heatmap_image, mask_from_image, match_points
 from .models import LoadedModel, load_model
 from .refine import refine_points
 
@@ -131,6 +131,9 @@ class Matcher:
         cuda_fallback: with ``device="cuda"`` and no CUDA, warn and use the CPU instead of raising.
         global_window_mm: coarse-to-fine search: take the joint argmax only within +- this many mm of the best
             global match (None: the official single joint argmax over the whole target).
+        prior_window_mm: search each point only within +- this many mm of where a robust affine, fitted to
+            global-embedding matches of many body voxels (:func:`~samembed.matcher.affine_prior`, as in SAME),
+            puts it; the affine is fitted once per source/target pair. None (default): no prior.
         spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
         consistency_inlier_mm, consistency_window_mm: settings of ``match(consistency=True)`` (see
             :mod:`samembed.consistency`): matches farther than ``consistency_inlier_mm`` from the robust affine
@@ -142,7 +145,8 @@ class Matcher:
                  search_body: bool = True, roundtrip_tolerance_mm: float | None = None,
                  max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
                  global_window_mm: float | None = None, spacing_mm: float | None = None,
-                 consistency_inlier_mm: float = 15.0, consistency_window_mm: float = 20.0) -> None:
+                 consistency_inlier_mm: float = 15.0, consistency_window_mm: float = 20.0,
+                 prior_window_mm: float | None = None) -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
@@ -151,6 +155,8 @@ class Matcher:
         self.roundtrip_tolerance_mm = roundtrip_tolerance_mm
         self.global_window_mm = global_window_mm
         self.spacing_mm = spacing_mm
+        self.prior_window_mm = prior_window_mm
+        self._priors: dict = {}
         self.consistency_inlier_mm = consistency_inlier_mm
         self.consistency_window_mm = consistency_window_mm
 
@@ -233,7 +239,12 @@ class Matcher:
                 allowed = allowed & box_mask(tmaps, box_lps_mm)
             if not bool(allowed.any()):
                 raise InputError(f"{name}: the search mask/box leaves no voxel to search")
-            raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=self.global_window_mm)
+            prior = self._prior(src_maps, tmaps) if self.prior_window_mm else None
+            if prior is not None:
+                raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=self.prior_window_mm,
+                                   prior=prior)
+            else:
+                raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=self.global_window_mm)
             found, scores = raw.points_lps_mm, raw.scores
             rematched = np.zeros(len(pts), dtype=bool)
             if consistency:
@@ -260,6 +271,17 @@ class Matcher:
                 progress(ti + 1, len(targets), name)
         result.timings["total_s"] = time.time() - t0
         return result
+
+    def _prior(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps) -> np.ndarray | None:
+        """The source -> target affine prior (cached per pair), or None when too few voxels agree on one."""
+        key = (src_maps.key, tmaps.key)
+        if key not in self._priors:
+            M, inliers = affine_prior(src_maps, tmaps)
+            log.info("affine prior %s -> %s: %.0f %% inliers", src_maps.image_name, tmaps.image_name, 100 * inliers)
+            self._priors[key] = M if inliers >= 0.2 else None
+            while len(self._priors) > 256:
+                self._priors.pop(next(iter(self._priors)))
+        return self._priors[key]
 
     def clear_cache(self) -> None:
         """Drop every in-memory embedding."""

@@ -491,3 +491,41 @@ def test_a_radiograph_matches_in_2d_and_its_match_lies_on_the_target_slice(a_sce
     _, clicked = control_points(points)
     assert np.all(np.linalg.norm(in_self - clicked, axis=1) <= 2.0 * np.sqrt(2) / 2 + 1e-6)  # 2 mm local grid
     np.testing.assert_allclose(in_shifted, in_self + np.array([-25.0, 12.0, 7.5]), atol=1e-3)
+
+
+def test_the_consistency_check_reaches_the_engine_and_marks_the_re_searched_matches(a_scene):
+    """37 hand landmarks from a template radiograph into another hand, with the trained 2D model: the logic's
+    matches equal the engine's ``match(consistency=True)`` and the re-searched ones say so."""
+    import SimpleITK as sitk
+
+    from samembed import Matcher
+    from samembed.evaluation import hand_oneshot as ho
+
+    from .mrml_helpers import DATA, REPO, require
+
+    model = REPO / "Resources" / "Models" / "sam-lite-2d-hand.pt"
+    if not model.is_file():
+        pytest.skip(f"{model} is missing")
+    require(DATA / "xray" / "hand_dha37" / "landmarks_37.csv")
+    cases = {c.image_id: c for c in ho.load_hand_dataset(DATA / "xray" / "hand_dha37")}
+    train, held = ho.hand_split(list(cases))
+    template, target = cases[ho.pick_templates(train)[0]], cases[held[1]]
+    matcher = Matcher(model=model, device="cpu", modality="xray")
+    nodes = []
+    for case in (template, target):  # 0.2 mm pixels, LPS-identity placement, as Slicer loads a NIfTI of it
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case.path))).astype(np.int16)[None]
+        nodes.append(add_volume(a_scene, arr, np.diag([-0.2, -0.2, 1.0, 1.0]), f"hand {case.image_id}"))
+    pts_lps = template.points_lps_mm()
+    points = add_points(a_scene, pts_lps * [-1, -1, 1], [f"L{i + 1}" for i in range(len(pts_lps))])
+    logic = MatchLogic(a_scene, matcher=matcher)
+
+    outputs = logic.matchPoints(nodes[0], points, [nodes[1]], consistency=True)
+
+    engine = matcher.match(ho._read_stored(template), pts_lps, [ho._read_stored(target)], consistency=True)
+    _, got_ras = control_points(outputs.pointLists[0])
+    want_ras = np.array([m.point_lps_mm for m in engine.matches]) * [-1, -1, 1]
+    np.testing.assert_allclose(got_ras[:, :2], want_ras[:, :2], atol=1e-3)
+    redo = [m.rematched for m in engine.matches]
+    assert any(redo), "this pair needs at least one re-searched match to test the description"
+    descriptions = [outputs.pointLists[0].GetNthControlPointDescription(i) for i in range(len(redo))]
+    assert all(("re-searched" in d) == r for d, r in zip(descriptions, redo))
