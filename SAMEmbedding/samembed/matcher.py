@@ -112,6 +112,67 @@ def _window_around(target: EmbeddingMaps, centres_lps_mm: np.ndarray, window_mm:
     return _box_window(target, torch.from_numpy(grid.lps_to_index(centres_lps_mm[:, : grid.ndim])[:, ::-1].copy()), window_mm)
 
 
+def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float | None,
+                   window_centres_lps_mm: np.ndarray | None):
+    """The argmax of :func:`match_queries` without the (N, V) similarity: over the compact copy of the
+    allowed voxels' features, or, with a window, over each query's box of the feature volume only.
+
+    Returns ``(scores (N,), flat indices (N,), value_at)`` where ``value_at(rows, flat)`` gives the searched
+    similarity (-inf outside the search) for the sub-voxel fit.
+    """
+    grid = target.local_grid
+    shape = grid.shape_zyx
+    idx, feats = target.compact_features(allowed)
+    if len(idx) == 0:
+        raise ValueError("no voxel to search in the target")
+    q = queries.to(feats.dtype)
+    full = target.features
+    N = len(q)
+    if not window_mm:
+        scores, j = (q @ feats).float().div_(2.0).max(1)
+        flat = idx[j].cpu()
+        lo = hi = None
+    else:
+        if window_centres_lps_mm is None:  # around each query's best *global* match
+            cl = target.local_channels
+            centres = np.stack(np.unravel_index(idx[(q[:, cl:] @ feats[cl:]).argmax(1)].cpu().numpy(), shape), 1).astype(np.float64)
+        else:
+            centres = grid.lps_to_index(np.asarray(window_centres_lps_mm, dtype=np.float64)[:, : grid.ndim])[:, ::-1]
+        radius = window_mm / grid.spacing_mm[::-1]
+        size = np.asarray(shape)
+        lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
+        hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
+        fvol = full.reshape(full.shape[0], *shape)
+        avol = allowed.reshape(shape)
+        scores = torch.empty(N)
+        flat = torch.empty(N, dtype=torch.int64)
+        for n in range(N):
+            box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[n], hi[n]))
+            ok = avol[box].reshape(-1) if np.all(hi[n] >= lo[n]) and np.all(centres[n] + radius >= 0) \
+                and np.all(centres[n] - radius <= size - 1) else None
+            if ok is None or not bool(ok.any()):  # empty window: search all allowed voxels
+                s_all, j = (q[n:n + 1] @ feats).float().div_(2.0).max(1)
+                scores[n], flat[n] = s_all[0], idx[j[0]]
+                lo[n], hi[n] = 0, size - 1
+                continue
+            sim = (q[n] @ fvol[(slice(None), *box)].reshape(full.shape[0], -1).to(q.dtype)).float().div_(2.0)
+            k = int(sim.masked_fill(~ok, float("-inf")).argmax())
+            scores[n] = sim[k]
+            local = np.unravel_index(k, tuple(int(b - a + 1) for a, b in zip(lo[n], hi[n])))
+            flat[n] = int(np.ravel_multi_index(tuple(int(a + b) for a, b in zip(lo[n], local)), shape))
+
+    def value_at(rows, flat_idx):
+        v = (q[rows] * full[:, flat_idx.to(full.device)].T.to(q.dtype)).sum(1).float() / 2.0
+        v = v.masked_fill(~allowed[flat_idx.to(allowed.device)].to(v.device), float("-inf"))
+        if lo is not None:  # outside the query's window
+            zyx = torch.from_numpy(np.stack(np.unravel_index(flat_idx.numpy(), shape), 1))
+            inside = ((zyx >= torch.from_numpy(lo[rows.numpy()])) & (zyx <= torch.from_numpy(hi[rows.numpy()]))).all(1)
+            v = v.masked_fill(~inside.to(v.device), float("-inf"))
+        return v.cpu()
+
+    return scores, flat, value_at
+
+
 def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor | None = None,
                   keep_similarity: bool = False, window_mm: float | None = None,
                   window_centres_lps_mm: np.ndarray | None = None) -> RawMatch:
@@ -137,19 +198,9 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
         return RawMatch(np.concatenate([r.points_lps_mm for r in parts]), np.concatenate([r.scores for r in parts]),
                         np.concatenate([r.flat_index for r in parts]))
     grid = target.local_grid
-    if not keep_similarity and not window_mm:
-        # the common case: only the searched voxels' features take part in the product (a cached compact copy)
-        idx, feats = target.compact_features(allowed)
-        if len(idx) == 0:
-            raise ValueError("no voxel to search in the target")
-        q = queries.to(feats.dtype)
-        scores, j = (q @ feats).float().div_(2.0).max(1)
-        flat = idx[j]
-        full, ok = target.features, allowed
-
-        def value_at(rows, flat_idx):
-            v = (q[rows] * full[:, flat_idx.to(full.device)].T.to(q.dtype)).sum(1).float() / 2.0
-            return v.masked_fill(~ok[flat_idx.to(ok.device)], float("-inf")).cpu()
+    if not keep_similarity:
+        # only the searched voxels take part: a cached compact copy of their features, or each query's window
+        scores, flat, value_at = _sparse_search(queries, target, allowed, window_mm, window_centres_lps_mm)
     else:
         sim = similarity(queries, target)
         if window_mm and window_centres_lps_mm is not None:
