@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .consistency import consistent_matches
+from .defaults import DEFAULT_PRIOR_WINDOW_MM
 from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
@@ -133,7 +134,8 @@ class Matcher:
             global match (None: the official single joint argmax over the whole target).
         prior_window_mm: search each point only within +- this many mm of where a robust affine, fitted to
             global-embedding matches of many body voxels (:func:`~samembed.matcher.affine_prior`, as in SAME),
-            puts it; the affine is fitted once per source/target pair. None (default): no prior.
+            puts it; the affine is fitted once per source/target pair, and the whole target is searched when
+            fewer than 20 % of the voxels agree on one. None: no prior (SAM's single argmax over the target).
         spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
         consistency_inlier_mm, consistency_window_mm: settings of ``match(consistency=True)`` (see
             :mod:`samembed.consistency`): matches farther than ``consistency_inlier_mm`` from the robust affine
@@ -146,7 +148,7 @@ class Matcher:
                  max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
                  global_window_mm: float | None = None, spacing_mm: float | None = None,
                  consistency_inlier_mm: float = 15.0, consistency_window_mm: float = 20.0,
-                 prior_window_mm: float | None = None) -> None:
+                 prior_window_mm: float | None = DEFAULT_PRIOR_WINDOW_MM) -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)

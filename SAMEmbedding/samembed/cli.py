@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from .defaults import DEFAULT_PRIOR_WINDOW_MM
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
 
 log = logging.getLogger("samembed")
@@ -52,7 +53,8 @@ def _make_matcher(args):
             log.info("no CUDA device: running on the CPU")
     return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None),
                    modality=getattr(args, "modality", "auto"), search_body=not getattr(args, "no_body_mask", False),
-                   global_window_mm=getattr(args, "global_window", None))
+                   global_window_mm=getattr(args, "global_window", None),
+                   prior_window_mm=getattr(args, "prior_window", DEFAULT_PRIOR_WINDOW_MM) or None)
 
 
 def _cmd_match(args) -> int:
@@ -192,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
     m.add_argument("--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"), help="search box, LPS mm")
     m.add_argument("--no-body-mask", action="store_true", help="search the whole target, not only the body")
+    m.add_argument("--prior-window", type=float, metavar="MM", default=DEFAULT_PRIOR_WINDOW_MM,
+                   help="search each point within +-MM of where a robust affine of global-embedding matches puts it "
+                        f"(default {DEFAULT_PRIOR_WINDOW_MM:g}; 0: search the whole target)")
     m.add_argument("--global-window", type=float, metavar="MM",
-                   help="coarse-to-fine: joint argmax only within +-MM of the best global match")
+                   help="with --prior-window 0: joint argmax only within +-MM of the best global match")
     _add_common(m)
     m.set_defaults(func=_cmd_match)
 

@@ -46,7 +46,7 @@ def test_consistency_repairs_gross_hand_mismatches_and_keeps_the_agreeing_matche
     cases = {c.image_id: c for c in ho.load_hand_dataset(data_file())}
     train, held = ho.hand_split(list(cases))
     template = cases[ho.pick_templates(train)[0]]
-    matcher = Matcher(HAND_MODEL, device="cpu", modality="xray")
+    matcher = Matcher(HAND_MODEL, device="cpu", modality="xray", prior_window_mm=None)  # the step on its own
     tmpl = ho._read_stored(template)
     targets = [ho._read_stored(cases[t]) for t in held[:8]]
     pts = template.points_lps_mm()

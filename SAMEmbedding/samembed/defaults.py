@@ -1,0 +1,4 @@
+"""Default settings shared by the API, the CLI and the Slicer module (torch-free, so the CLI starts fast)."""
+
+#: half-size (mm) of the affine-prior search window of ``Matcher(prior_window_mm=...)`` and ``--prior-window``
+DEFAULT_PRIOR_WINDOW_MM = 50.0
