@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="shared data folder (default $SAMEMBED_DATA or ../shared/data)")
     p.add_argument("--threads", type=int, default=None, help="torch and elastix threads (default: library defaults)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="on-disk embedding cache for SAMEmbedding (not committed)")
+    p.add_argument("--prior-window", type=float, default=None,
+                   help="SAMEmbedding affine-prior window, mm (default: the Matcher default; 0: none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         for suite in suites:
             got = read_cases(case_files[suite])
             cases += got[: args.limit] if args.limit else got
-        results = run_cases(cases, methods, model=args.model, device=args.device, elastix_threads=args.threads)
+        options = {} if args.prior_window is None else {"prior_window_mm": args.prior_window or None}
+        results = run_cases(cases, methods, model=args.model, device=args.device, elastix_threads=args.threads,
+                            cache_dir=args.cache_dir, matcher_options=options)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

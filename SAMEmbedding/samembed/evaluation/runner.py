@@ -74,12 +74,15 @@ class SamMethod:
     Args:
         model: model name, checkpoint path or ``random:<arch>`` (see :class:`samembed.Matcher`).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        cache_dir: on-disk embedding cache (embeddings are computed once across runs), or None.
+        matcher_options: further ``Matcher`` settings, e.g. ``{"prior_window_mm": None}``.
     """
 
-    def __init__(self, model: str = "default", device: str = "cpu") -> None:
+    def __init__(self, model: str = "default", device: str = "cpu", cache_dir: str | None = None,
+                 matcher_options: dict | None = None) -> None:
         from ..api import Matcher
 
-        self.matcher = Matcher(model=model, device=device)
+        self.matcher = Matcher(model=model, device=device, cache_dir=cache_dir, **(matcher_options or {}))
         self.model_id = self.matcher.model.model_id
         self.embed_seconds: dict[str, float] = {}
 
@@ -116,7 +119,8 @@ def _failed(case: Case, method: str, message: str, seconds: float = float("nan")
 
 def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "default", device: str = "cpu",
               elastix_threads: int | None = None, elastix_options: dict | None = None,
-              progress: Callable[[int, int, str], None] | None = None) -> list[PairResult]:
+              progress: Callable[[int, int, str], None] | None = None, cache_dir: str | None = None,
+              matcher_options: dict | None = None) -> list[PairResult]:
     """Run every method on every case.
 
     A method failing on one pair (e.g. a query outside the image, a registration error) is recorded as a
@@ -130,6 +134,7 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
         elastix_threads: threads for elastix (None: ``$SAMEMBED_ELASTIX_THREADS`` or ITK's default).
         elastix_options: extra keyword arguments for :func:`~.registration.elastix_parameter_maps`.
         progress: called as ``progress(done, total, message)`` after each (case, method).
+        cache_dir, matcher_options: see :class:`SamMethod`.
 
     Returns:
         One :class:`PairResult` per (case, method), case-major.
@@ -140,7 +145,7 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
     from .registration import transfer_points_centre, transfer_points_elastix
 
     methods = parse_methods(methods)
-    sam = SamMethod(model, device) if any(m.startswith("sam") for m in methods) else None
+    sam = SamMethod(model, device, cache_dir, matcher_options) if any(m.startswith("sam") for m in methods) else None
     results: list[PairResult] = []
     total, done = len(cases) * len(methods), 0
     for case in cases:
