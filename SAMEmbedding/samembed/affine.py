@@ -12,7 +12,7 @@ def fit_affine(src_mm: np.ndarray, dst_mm: np.ndarray) -> np.ndarray:
     """Least-squares affine (d + 1, d + 1) with ``dst ~ M[:d, :d] @ src + M[:d, d]``; src, dst (N, d), N >= d + 1.
 
     >>> src = np.array([[0, 0], [1, 0], [0, 1]], dtype=float)
-    >>> fit_affine(src, src * 3 + [1, 2]).round(6).tolist()
+    >>> (fit_affine(src, src * 3 + [1, 2]).round(6) + 0.0).tolist()
     [[3.0, 0.0, 1.0], [0.0, 3.0, 2.0], [0.0, 0.0, 1.0]]
     """
     src_mm, dst_mm = np.asarray(src_mm, dtype=np.float64), np.asarray(dst_mm, dtype=np.float64)
@@ -55,17 +55,17 @@ def ransac_affine(src_mm: np.ndarray, dst_mm: np.ndarray, inlier_mm: float, iter
         raise ValueError(f"an affine in {d}D needs at least {d + 1} point pairs, got {n}")
     rng = np.random.default_rng(seed)
     X = np.hstack([src_mm, np.ones((n, 1))])
+    sets = np.array([rng.choice(n, d + 1, replace=False) for _ in range(iterations)]).reshape(iterations, d + 1)
+    sets = sets[np.abs(np.linalg.det(X[sets])) >= 1e-9]  # degenerate minimal sets fit no affine
     best = np.zeros(n, dtype=bool)
-    best_err = np.inf
-    for _ in range(iterations):
-        idx = rng.choice(n, d + 1, replace=False)
-        if abs(np.linalg.det(X[idx])) < 1e-9:
-            continue
-        err = np.linalg.norm(apply_affine(fit_affine(src_mm[idx], dst_mm[idx]), src_mm) - dst_mm, axis=1)
+    if len(sets):
+        # all hypotheses at once: (I, d+1, d) affines, (I, N) errors
+        A = np.linalg.solve(X[sets], dst_mm[sets])
+        err = np.linalg.norm(np.einsum("nk,ikd->ind", X, A) - dst_mm[None], axis=2)
         ok = err < inlier_mm
-        total = float(np.minimum(err, inlier_mm).sum())
-        if ok.sum() > best.sum() or (ok.sum() == best.sum() and total < best_err):
-            best, best_err = ok, total
+        count, total = ok.sum(1), np.minimum(err, inlier_mm).sum(1)
+        # most inliers, then the smallest truncated error, then the first drawn
+        best = ok[np.lexsort((np.arange(len(sets)), total, -count))[0]]
     if best.sum() < d + 1:
         return fit_affine(src_mm, dst_mm), np.ones(n, dtype=bool)
     M = fit_affine(src_mm[best], dst_mm[best])

@@ -286,8 +286,13 @@ class Matcher:
         return self._priors[key]
 
     def clear_cache(self) -> None:
-        """Drop every in-memory embedding."""
+        """Drop every in-memory embedding (and the affine priors fitted between them)."""
         self.cache.clear()
+        self.clear_priors()
+
+    def clear_priors(self) -> None:
+        """Forget the affine priors fitted per source/target pair (e.g. to time a match from scratch)."""
+        self._priors.clear()
 
     @property
     def cache_bytes(self) -> int:

@@ -407,7 +407,8 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         case = cases[tid]
         tmpl = _read_stored(case)
         pts = case.points_lps_mm()
-        for v in variants:  # embeddings are cached after the first variant
+        for v in variants:  # embeddings are cached after the first variant; priors are fitted again for each
+            matcher.clear_priors()
             res = matcher.match(tmpl, pts, targets, labels, refine=refine, consistency=v == "consistent",
                                 target_names=list(target_ids))
             if v == "plain":
