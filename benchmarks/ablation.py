@@ -7,7 +7,7 @@ time* (``time_clock: cpu``, one thread), so runs that share a machine still get 
 schedule follows the same budget. Checkpoints go to ``runs/ablation/<variant>/`` (not committed); a variant whose
 checkpoint exists is not retrained.
 
-Evaluation is the ``sam`` method (no refinement) of the landmark benchmark on every case of ``popi_synthetic``,
+Evaluation is the ``sam`` method (Matcher defaults, no refinement) of the landmark benchmark on every case of ``popi_synthetic``,
 ``openkbp_inter`` and ``lidc_synthetic``. The table goes to ``benchmarks/results/ablation.md``.
 
 Usage (from the repository root, ../shared/data beside it)::
@@ -136,7 +136,8 @@ def write_table(scores: dict, suites: list[str], cpu_minutes: float, path: Path,
         f"- date: {dt.datetime.now():%Y-%m-%d %H:%M}",
         f"- budget: {cpu_minutes:g} min of process CPU time per objective, one thread, same data, network, "
         "sampling and 2 mm grid as the default CT model (`Resources/Models/sam-lite-ct-v2.yaml`)",
-        "- evaluation: `sam` method (no refinement), every case of each suite; errors in mm",
+        "- evaluation: `sam` method with the Matcher's defaults (affine-prior window, no refinement), every case "
+        "of each suite; errors in mm",
         f"- command: `{command}`", "",
     ]
     head = "| objective | iterations | CPU min | wall min |"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .consistency import consistent_matches
-from .defaults import DEFAULT_PRIOR_WINDOW_MM
+from .defaults import DEFAULT_PRIOR_WINDOW_MM, DEFAULT_REFINE_WINDOW_MM
 from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
@@ -136,6 +136,8 @@ class Matcher:
             global-embedding matches of many body voxels (:func:`~samembed.matcher.affine_prior`, as in SAME),
             puts it; the affine is fitted once per source/target pair, and the whole target is searched when
             fewer than 20 % of the voxels agree on one. None: no prior (SAM's single argmax over the target).
+        refine_window_mm: ``match(refine=True)`` searches each seed within +- this many mm of where the plain
+            match puts it (a local refinement); None: whole volumes (slow).
         spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
         consistency_inlier_mm, consistency_window_mm: settings of ``match(consistency=True)`` (see
             :mod:`samembed.consistency`): matches farther than ``consistency_inlier_mm`` from the robust affine
@@ -148,7 +150,8 @@ class Matcher:
                  max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
                  global_window_mm: float | None = None, spacing_mm: float | None = None,
                  consistency_inlier_mm: float = 15.0, consistency_window_mm: float = 20.0,
-                 prior_window_mm: float | None = DEFAULT_PRIOR_WINDOW_MM) -> None:
+                 prior_window_mm: float | None = DEFAULT_PRIOR_WINDOW_MM,
+                 refine_window_mm: float | None = DEFAULT_REFINE_WINDOW_MM) -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
@@ -158,6 +161,7 @@ class Matcher:
         self.global_window_mm = global_window_mm
         self.spacing_mm = spacing_mm
         self.prior_window_mm = prior_window_mm
+        self.refine_window_mm = refine_window_mm
         self._priors: dict = {}
         self.consistency_inlier_mm = consistency_inlier_mm
         self.consistency_window_mm = consistency_window_mm
@@ -254,7 +258,8 @@ class Matcher:
                                          inlier_mm=self.consistency_inlier_mm, window_mm=self.consistency_window_mm)
                 found, scores, rematched = con.points_lps_mm, con.scores, con.rematched
             if refine:
-                ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed)
+                ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed,
+                                    window_mm=self.refine_window_mm)
                 found, scores = ref.points_lps_mm, ref.scores
             back = match_points(tmaps, found, src_maps, src_allowed, window_mm=self.global_window_mm)
             rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--points", required=True, help="CSV (label,x,y,z), .fcsv or .mrk.json")
     m.add_argument("--out", required=True, help="CSV file, or a folder for one .mrk.json per target")
     m.add_argument("--heatmap-dir", help="write each point's similarity map per target (target geometry)")
-    m.add_argument("--refine", action="store_true", help="cycle-consistent fixed-point refinement (slower)")
+    m.add_argument("--refine", action="store_true", help="cycle-consistent fixed-point refinement in a +-20 mm box around each match (a few s per target)")
     m.add_argument("--consistency", action="store_true",
                    help="re-search matches that disagree with a robust affine of all matches (many landmarks, e.g. 2D)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")

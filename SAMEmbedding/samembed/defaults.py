@@ -2,3 +2,6 @@
 
 #: half-size (mm) of the affine-prior search window of ``Matcher(prior_window_mm=...)`` and ``--prior-window``
 DEFAULT_PRIOR_WINDOW_MM = 50.0
+
+#: half-size (mm) of the local search boxes of ``match(refine=True)`` (see :mod:`samembed.refine`)
+DEFAULT_REFINE_WINDOW_MM = 20.0

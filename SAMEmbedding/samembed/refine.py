@@ -10,6 +10,10 @@ For a click ``p`` in the source (reference section 4.4):
 5. transfer the click: mean over kept pairs of ``K - A (Q - p)``.
 
 When fewer than ``min_pairs`` pairs survive, the plain match is returned.
+
+With ``window_mm``, it is a *local* refinement: every forward match of a seed is searched within +-``window_mm``
+of the plain match shifted by the seed's offset from the click, and every backward match within +-``window_mm``
+of where it started, so each of the four passes costs a few small boxes instead of whole volumes.
 """
 
 from __future__ import annotations
@@ -66,12 +70,14 @@ def _seed_grid(source: EmbeddingMaps, p: np.ndarray, margin: int) -> np.ndarray:
 
 def refine_points(source: EmbeddingMaps, target: EmbeddingMaps, points_lps_mm: np.ndarray, plain: np.ndarray,
                   plain_scores: np.ndarray, margin: int = 2, cycle_mm: float | None = None, min_score: float = -1.0,
-                  min_pairs: int = 4, src_allowed: torch.Tensor | None = None, tgt_allowed: torch.Tensor | None = None) -> Refined:
+                  min_pairs: int = 4, src_allowed: torch.Tensor | None = None, tgt_allowed: torch.Tensor | None = None,
+                  window_mm: float | None = None) -> Refined:
     """Refine matches of ``points_lps_mm`` (N, d) from ``source`` into ``target`` (see module docstring).
 
     Args:
         plain, plain_scores: the unrefined matches, used when refinement has too few pairs.
         cycle_mm: cycle-consistency radius (default: 1.5 x the source local voxel size).
+        window_mm: half-size of the local search boxes (see the module docstring); None: whole volumes.
     """
     d = source.local_grid.ndim
     cycle = float(cycle_mm) if cycle_mm is not None else 1.5 * float(np.mean(source.local_grid.spacing_mm))
@@ -80,10 +86,15 @@ def refine_points(source: EmbeddingMaps, target: EmbeddingMaps, points_lps_mm: n
     used = np.zeros(len(points_lps_mm), dtype=int)
     for n, p in enumerate(np.asarray(points_lps_mm, dtype=np.float64)[:, :d]):
         q0 = _seed_grid(source, p, margin)
-        k1 = match_points(source, q0, target, tgt_allowed)
-        q1 = match_points(target, k1.points_lps_mm, source, src_allowed)
-        k2 = match_points(source, q1.points_lps_mm, target, tgt_allowed)
-        q2 = match_points(target, k2.points_lps_mm, source, src_allowed)
+        fwd = bwd = None
+        if window_mm:  # translations by the plain match's displacement, as window centres
+            fwd, bwd = np.eye(d + 1), np.eye(d + 1)
+            fwd[:d, d] = plain[n, :d] - p
+            bwd[:d, d] = p - plain[n, :d]
+        k1 = match_points(source, q0, target, tgt_allowed, window_mm=window_mm, prior=fwd)
+        q1 = match_points(target, k1.points_lps_mm, source, src_allowed, window_mm=window_mm, prior=bwd)
+        k2 = match_points(source, q1.points_lps_mm, target, tgt_allowed, window_mm=window_mm, prior=fwd)
+        q2 = match_points(target, k2.points_lps_mm, source, src_allowed, window_mm=window_mm, prior=bwd)
         Q, K, s = q2.points_lps_mm, k2.points_lps_mm, q2.scores
         consistent = np.linalg.norm(Q - q1.points_lps_mm, axis=1) <= cycle
         keep = consistent & (s > min_score)
