@@ -90,6 +90,14 @@ def test_a_known_rigid_transform_is_recovered_by_the_default_model():
     err = np.linalg.norm(np.array([m.point_lps_mm for m in res.matches]) - truth, axis=1)
     # measured with the shipped default model (2026-11-22): median 1.9 mm, 10 of 12 within 10 mm, max 23.7 mm
     assert np.median(err) < 4.0 and np.sum(err < 10.0) >= 9, f"errors {np.round(err, 1)}"
+    # the affine prior (global-embedding matches of 500 body voxels + RANSAC) is close to the true motion
+    from samembed.affine import apply_affine
+    from samembed.matcher import affine_prior
+
+    prior, inliers = affine_prior(matcher.embed(src), matcher.embed(tgt))
+    err_prior = np.linalg.norm(apply_affine(prior, pts) - truth, axis=1)
+    # measured: 93 % inliers, every landmark within 6.0 mm
+    assert inliers >= 0.5 and err_prior.max() < 10.0, f"inliers {inliers:.2f}, errors {np.round(err_prior, 1)}"
     # the local refinement (+-20 mm boxes), measured: median 1.2 mm, 11 of 12 within 10 mm, max 22.2 mm
     res = matcher.match(src, pts, [tgt], refine=True)
     err_refined = np.linalg.norm(np.array([m.point_lps_mm for m in res.matches]) - truth, axis=1)
