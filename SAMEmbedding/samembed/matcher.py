@@ -268,12 +268,24 @@ def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     idx = np.stack(np.unravel_index(pick, grid.shape_zyx), 1)[:, ::-1].astype(np.float64)
     src_pts = grid.index_to_lps(idx)
     cl = source.local_channels
-    q = source.features[:, torch.from_numpy(pick)].T.float()
-    q[:, :cl] = 0  # global only
-    q = torch.cat([q[:, :cl], F.normalize(q[:, cl:], dim=1)], 1)
+    q = F.normalize(source.features[cl:, torch.from_numpy(pick)].T.float(), dim=1)  # global vectors only
+    # the global map is smooth at its own (coarser) resolution: every other local voxel along each axis is
+    # enough as a candidate, which makes the search 2^d times cheaper
+    tgrid = target.local_grid
     allowed = target.search_mask(True)
-    raw = match_queries(q, target, allowed if bool(allowed.any()) else target.valid)
-    dst = raw.points_lps_mm
+    if not bool(allowed.any()):
+        allowed = target.valid
+    on_lattice = np.ones(tgrid.shape_zyx, dtype=bool)
+    for a in range(d):
+        sl = [slice(None)] * d
+        sl[a] = slice(1, None, 2)
+        on_lattice[tuple(sl)] = False
+    cand_t = torch.nonzero(allowed.cpu() & torch.from_numpy(on_lattice.reshape(-1))).reshape(-1)
+    if len(cand_t) == 0:
+        return np.eye(d + 1), 0.0
+    feats = target.features[cl:, cand_t.to(target.features.device)].float()
+    best = cand_t[(q.to(feats.device) @ feats).argmax(1).cpu()].numpy()
+    dst = tgrid.index_to_lps(np.stack(np.unravel_index(best, tgrid.shape_zyx), 1)[:, ::-1].astype(np.float64))
     try:
         M, inl = ransac_affine(src_pts, dst, inlier_mm, iterations=iterations, seed=seed)
     except ValueError:
