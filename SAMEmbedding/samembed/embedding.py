@@ -206,6 +206,8 @@ class Embedder:
         if maps is None:
             maps = self._compute(image, key, progress, cancel)
             self._save_disk(maps)
+        # the searched voxels' features, copied once here so that the first query is as fast as the next
+        maps.compact_features(maps.search_mask(True))
         self.cache.put(key, maps)
         return maps
 
