@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ablation.md"))
     p.add_argument("--runs", default=str(RUNS), help="where the trained variants go (not committed)")
     p.add_argument("--skip-training", action="store_true", help="only evaluate existing checkpoints")
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="write the table from scores saved by earlier (e.g. parallel) runs instead of evaluating")
     args = p.parse_args(argv)
     RUNS = Path(args.runs).resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -188,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.jobs))
-    scores = evaluate(variants, suites, Path(args.suite_dir))
+    if args.from_json:
+        scores = {}
+        for f in args.from_json:
+            scores.update(json.loads(Path(f).read_text(encoding="utf-8")))
+        scores = {v: scores[v] for v in VARIANTS if v in scores}
+        suites = [s for s in suites if all(s in per for per in scores.values())]
+    else:
+        scores = evaluate(variants, suites, Path(args.suite_dir))
     command = "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_table(scores, suites, args.cpu_minutes, Path(args.out), command))
     return 0

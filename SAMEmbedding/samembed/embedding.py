@@ -133,7 +133,9 @@ class EmbeddingCache:
         with self._lock:
             self._items[key] = maps
             self._items.move_to_end(key)
-            while len(self._items) > 1 and self.nbytes > self.max_bytes:
+            # the two most recent (a source and its target) always stay, even above the cap: evicting one of
+            # them would recompute it on every match of the pair
+            while len(self._items) > 2 and self.nbytes > self.max_bytes:
                 self._items.popitem(last=False)
 
     def clear(self) -> None:

@@ -44,6 +44,11 @@ def test_the_memory_cache_evicts_least_recently_used_beyond_its_cap(a_model):
     keys = [emb.embed(im).key for im in imgs]
     assert len(cache) == 2 and cache.get(keys[0]) is None and cache.get(keys[2]) is not None
     assert cache.nbytes <= cache.max_bytes
+    # a cap below two images still keeps the last two (a source and its target), and only those
+    small = EmbeddingCache(max_bytes=int(first.nbytes * 0.5))
+    emb = Embedder(a_model, "cpu", small)
+    keys = [emb.embed(im).key for im in imgs]
+    assert len(small) == 2 and small.get(keys[0]) is None and small.get(keys[1]) is not None
 
 
 def test_the_disk_cache_returns_the_same_embeddings(a_model, tmp_path):
