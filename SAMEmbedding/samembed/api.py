@@ -42,7 +42,8 @@ class Match:
         target: the target's name (file path or given name); ``target_index`` its position in the list.
         point_lps_mm: matched position, LPS mm (3 values; z = 0 for 2D).
         score: SAM similarity at the match, mean of local and global cosine, in [-1, 1].
-        confident: the round trip target -> source lands within ``roundtrip_tolerance_mm`` of the click.
+        confident: the round trip target -> source (searched the same way: with the prior window, inside the
+            inverse affine's window) lands within ``roundtrip_tolerance_mm`` of the click.
         roundtrip_mm: that round-trip distance, mm.
         rematched: the consistency step searched this point again (it disagreed with the other matches).
     """
@@ -261,7 +262,12 @@ class Matcher:
                 ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed,
                                     window_mm=self.refine_window_mm)
                 found, scores = ref.points_lps_mm, ref.scores
-            back = match_points(tmaps, found, src_maps, src_allowed, window_mm=self.global_window_mm)
+            # the round trip matches back the same way: with the prior, inside the inverse affine's window
+            if prior is not None:
+                back = match_points(tmaps, found, src_maps, src_allowed, window_mm=self.prior_window_mm,
+                                    prior=np.linalg.inv(prior))
+            else:
+                back = match_points(tmaps, found, src_maps, src_allowed, window_mm=self.global_window_mm)
             rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
             tol = self.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
             for n, lab in enumerate(labels):
