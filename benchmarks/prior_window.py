@@ -3,7 +3,7 @@
 global match, and windows around the affine prior's prediction (30, 50, 80 mm).
 
 This is the run that made the 50 mm affine-prior window the Matcher's default. 50 mm was taken as the middle
-of the three sizes, not the best one (30 mm was 0.8 mm better here); ``popi_synthetic``, ``lidc_synthetic`` and
+of the three sizes, not the best one (30 mm was 0.8-1.0 mm better here); ``popi_synthetic``, ``lidc_synthetic`` and
 ``hand_oneshot`` were not looked at for the choice. Output: one line per pair with running means, then the
 mean, median and per-structure means per variant (``benchmarks/results/prior_window_openkbp.log``).
 
