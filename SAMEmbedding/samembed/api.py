@@ -246,12 +246,10 @@ class Matcher:
                 allowed = allowed & box_mask(tmaps, box_lps_mm)
             if not bool(allowed.any()):
                 raise InputError(f"{name}: the search mask/box leaves no voxel to search")
+            # the window goes around the affine prior's prediction, else (no prior) around the best global match
             prior = self._prior(src_maps, tmaps) if self.prior_window_mm else None
-            if prior is not None:
-                raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=self.prior_window_mm,
-                                   prior=prior)
-            else:
-                raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=self.global_window_mm)
+            window_mm = self.prior_window_mm if prior is not None else self.global_window_mm
+            raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=window_mm, prior=prior)
             found, scores = raw.points_lps_mm, raw.scores
             rematched = np.zeros(len(pts), dtype=bool)
             if consistency:
@@ -263,11 +261,8 @@ class Matcher:
                                     window_mm=self.refine_window_mm)
                 found, scores = ref.points_lps_mm, ref.scores
             # the round trip matches back the same way: with the prior, inside the inverse affine's window
-            if prior is not None:
-                back = match_points(tmaps, found, src_maps, src_allowed, window_mm=self.prior_window_mm,
-                                    prior=np.linalg.inv(prior))
-            else:
-                back = match_points(tmaps, found, src_maps, src_allowed, window_mm=self.global_window_mm)
+            back = match_points(tmaps, found, src_maps, src_allowed, window_mm=window_mm,
+                                prior=None if prior is None else np.linalg.inv(prior))
             rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
             tol = self.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
             for n, lab in enumerate(labels):

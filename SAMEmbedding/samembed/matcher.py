@@ -88,28 +88,35 @@ def _ravel(zyx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return flat
 
 
-def _box_window(target: EmbeddingMaps, centres_zyx: torch.Tensor, window_mm: float) -> torch.Tensor:
-    """(N, V) bool: voxels within a box of +-``window_mm`` (along the grid axes) around each centre, given as
-    continuous (k, j, i) indices of the local grid."""
+def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float,
+                  window_centres_lps_mm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's search box on the local grid: +-``window_mm`` (along the grid axes) around its best *global*
+    match among the allowed voxels, or around ``window_centres_lps_mm`` (N, d) when given.
+
+    Returns ``(lo, hi, whole)``: inclusive (N, d) integer (k, j, i) corners, and (N,) bool marking the queries
+    whose window holds no allowed voxel (outside the grid, or off the body); those search the whole grid.
+    """
     grid = target.local_grid
-    idx = torch.stack(torch.unravel_index(torch.arange(int(np.prod(grid.shape_zyx))), grid.shape_zyx), 1).float()
-    radius = torch.as_tensor(window_mm / grid.spacing_mm[::-1].copy()).float()
-    return ((idx[None] - centres_zyx.float().cpu()[:, None]).abs() <= radius).all(-1).to(target.valid.device)
-
-
-def _global_window(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float) -> torch.Tensor:
-    """(N, V) bool: voxels within a box of +-``window_mm`` around each query's best *global* match."""
-    cl = target.local_channels
-    feats = target.features
-    g = (queries[:, cl:].to(feats.dtype) @ feats[cl:]).float().masked_fill(~allowed[None], float("-inf"))
-    centres = torch.stack(torch.unravel_index(g.argmax(1).cpu(), target.local_grid.shape_zyx), 1)  # (N, d) zyx
-    return _box_window(target, centres, window_mm)
-
-
-def _window_around(target: EmbeddingMaps, centres_lps_mm: np.ndarray, window_mm: float) -> torch.Tensor:
-    """(N, V) bool: voxels within a box of +-``window_mm`` (along the grid axes) around each LPS centre."""
-    grid = target.local_grid
-    return _box_window(target, torch.from_numpy(grid.lps_to_index(centres_lps_mm[:, : grid.ndim])[:, ::-1].copy()), window_mm)
+    shape = grid.shape_zyx
+    if window_centres_lps_mm is None:
+        idx, feats = target.compact_features(allowed)
+        cl = target.local_channels
+        best = idx[(queries[:, cl:].to(feats.dtype) @ feats[cl:]).argmax(1)].cpu().numpy()
+        centres = np.stack(np.unravel_index(best, shape), 1).astype(np.float64)
+    else:
+        centres = grid.lps_to_index(np.asarray(window_centres_lps_mm, dtype=np.float64)[:, : grid.ndim])[:, ::-1]
+    radius = window_mm / grid.spacing_mm[::-1]
+    size = np.asarray(shape)
+    lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
+    hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
+    avol = allowed.reshape(shape)
+    whole = np.zeros(len(centres), dtype=bool)
+    for n in range(len(centres)):
+        inside_grid = np.all(hi[n] >= lo[n]) and np.all(centres[n] + radius >= 0) and np.all(centres[n] - radius <= size - 1)
+        box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[n], hi[n]))
+        whole[n] = not (inside_grid and bool(avol[box].any()))
+    lo[whole], hi[whole] = 0, size - 1
+    return lo, hi, whole
 
 
 def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float | None,
@@ -120,43 +127,32 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
     Returns ``(scores (N,), flat indices (N,), value_at)`` where ``value_at(rows, flat)`` gives the searched
     similarity (-inf outside the search) for the sub-voxel fit.
     """
-    grid = target.local_grid
-    shape = grid.shape_zyx
+    shape = target.local_grid.shape_zyx
     idx, feats = target.compact_features(allowed)
     if len(idx) == 0:
         raise ValueError("no voxel to search in the target")
     q = queries.to(feats.dtype)
     full = target.features
     N = len(q)
-    if not window_mm:
+    lo = hi = None
+    if window_mm:
+        lo, hi, whole = _window_boxes(q, target, allowed, window_mm, window_centres_lps_mm)
+    if not window_mm or whole.all():
         scores, j = (q @ feats).float().div_(2.0).max(1)
         flat = idx[j].cpu()
-        lo = hi = None
     else:
-        if window_centres_lps_mm is None:  # around each query's best *global* match
-            cl = target.local_channels
-            centres = np.stack(np.unravel_index(idx[(q[:, cl:] @ feats[cl:]).argmax(1)].cpu().numpy(), shape), 1).astype(np.float64)
-        else:
-            centres = grid.lps_to_index(np.asarray(window_centres_lps_mm, dtype=np.float64)[:, : grid.ndim])[:, ::-1]
-        radius = window_mm / grid.spacing_mm[::-1]
-        size = np.asarray(shape)
-        lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
-        hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
         fvol = full.reshape(full.shape[0], *shape)
         avol = allowed.reshape(shape)
         scores = torch.empty(N)
         flat = torch.empty(N, dtype=torch.int64)
         for n in range(N):
-            box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[n], hi[n]))
-            ok = avol[box].reshape(-1) if np.all(hi[n] >= lo[n]) and np.all(centres[n] + radius >= 0) \
-                and np.all(centres[n] - radius <= size - 1) else None
-            if ok is None or not bool(ok.any()):  # empty window: search all allowed voxels
+            if whole[n]:  # the whole grid: the compact copy is the cheaper way to search it
                 s_all, j = (q[n:n + 1] @ feats).float().div_(2.0).max(1)
                 scores[n], flat[n] = s_all[0], idx[j[0]]
-                lo[n], hi[n] = 0, size - 1
                 continue
+            box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[n], hi[n]))
             sim = (q[n] @ fvol[(slice(None), *box)].reshape(full.shape[0], -1).to(q.dtype)).float().div_(2.0)
-            k = int(sim.masked_fill(~ok, float("-inf")).argmax())
+            k = int(sim.masked_fill(~avol[box].reshape(-1), float("-inf")).argmax())
             scores[n] = sim[k]
             local = np.unravel_index(k, tuple(int(b - a + 1) for a, b in zip(lo[n], hi[n])))
             flat[n] = int(np.ravel_multi_index(tuple(int(a + b) for a, b in zip(lo[n], local)), shape))
@@ -203,14 +199,13 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
         scores, flat, value_at = _sparse_search(queries, target, allowed, window_mm, window_centres_lps_mm)
     else:
         sim = similarity(queries, target)
-        if window_mm and window_centres_lps_mm is not None:
-            win = allowed[None] & _window_around(target, window_centres_lps_mm, window_mm)
-            win = torch.where(win.any(1, keepdim=True), win, allowed[None].expand_as(win))  # empty window: search all
-            masked = sim.masked_fill(~win, float("-inf"))
-        elif window_mm:
-            masked = sim.masked_fill(~(allowed[None] & _global_window(queries, target, allowed, window_mm)), float("-inf"))
-        else:
-            masked = sim.masked_fill(~allowed[None], float("-inf"))
+        searched = allowed[None]
+        if window_mm:  # the same boxes as the sparse search, as (N, V) masks
+            lo, hi, _ = _window_boxes(queries, target, allowed, window_mm, window_centres_lps_mm)
+            zyx = torch.stack(torch.unravel_index(torch.arange(sim.shape[1]), grid.shape_zyx), 1)  # (V, d)
+            inside = ((zyx[None] >= torch.from_numpy(lo)[:, None]) & (zyx[None] <= torch.from_numpy(hi)[:, None])).all(-1)
+            searched = searched & inside.to(allowed.device)
+        masked = sim.masked_fill(~searched, float("-inf"))
         scores, flat = masked.max(1)
 
         def value_at(rows, flat_idx):
