@@ -164,6 +164,7 @@ class SAMEmbeddingParameterNode:
     device - auto, cpu or cuda.
     refine - cycle-consistent refinement of each match.
     consistency - re-search matches that disagree with the rest of the landmark set (propagate all).
+    polish - sub-voxel polish of each match with the image intensities.
     jumpToMatch - centre the slice views on the newest match.
     showHeatmap - show the similarity map of the selected point.
     heatmapOpacity - foreground opacity of the heatmap.
@@ -177,6 +178,7 @@ class SAMEmbeddingParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     refine: bool = False
     consistency: bool = False
+    polish: bool = True
     jumpToMatch: bool = True
     showHeatmap: bool = False
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
@@ -489,7 +491,7 @@ class SAMEmbeddingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             task = self.logic.startMatch(
                 self.worker, p.sourceVolume, p.sourcePoints, list(p.targetVolumes), pointIndices,
                 heatmapPointIndex=heatmapIndex, heatmapTarget=heatmapTarget, refine=p.refine,
-                consistency=p.consistency,
+                consistency=p.consistency, polish=p.polish,
                 onFinished=lambda outputs: self._onMatchFinished(outputs, pointIndices[0] if single else None),
                 onError=self._onMatchError, onProgress=self._onProgress)
         except ValueError as e:  # samembed.InputError: bad input, said plainly

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--refine", action="store_true", help="also run SAM with cycle-consistent refinement")
     r.add_argument("--consistency", type=float, nargs=2, default=[15.0, 20.0], metavar=("INLIER_MM", "WINDOW_MM"),
                    help="the *-consistent methods: robust affine of SAM's matches, outliers re-searched in a window")
+    r.add_argument("--polish", action="store_true", help="also run the SAM methods with the intensity polish")
     r.add_argument("--no-consistency", action="store_true", help="skip the *-consistent methods")
     r.add_argument("--elastix-cache", default=str(REPO / "runs" / "hand_dha37" / "elastix-cache"),
                    help="reuse elastix results stored here (they do not depend on the SAM model); '' to disable")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                                   elastix_iterations=args.elastix_iterations, elastix_threads=args.threads,
                                   grid_spacing_mm=args.grid_mm, refine=args.refine,
                                   consistency=None if args.no_consistency else tuple(args.consistency),
-                                  max_targets=args.max_targets,
+                                  polish=args.polish, max_targets=args.max_targets,
                                   elastix_cache=args.elastix_cache or None,
                                   out_dir=args.out, stem=args.stem)
     except SamEmbedError as e:

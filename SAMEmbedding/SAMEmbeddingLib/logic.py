@@ -37,6 +37,7 @@ import numpy as np
 import vtk
 
 from samembed import Cancelled, Image, InputError
+from samembed.defaults import DEFAULT_POLISH
 
 from . import mrml_io
 
@@ -144,6 +145,7 @@ class MatchJob:
         heatmapPointID, heatmapTargetID: the point whose similarity map to compute, and in which target.
         refine: use the engine's cycle-consistent refinement.
         consistency: re-search matches that disagree with a robust affine of all matches (many landmarks).
+        polish: the engine's sub-voxel intensity polish of each match.
     """
 
     sourceVolumeID: str
@@ -158,6 +160,7 @@ class MatchJob:
     refine: bool = False
     consistency: bool = False
     showHeatmap: bool = True
+    polish: bool = DEFAULT_POLISH
 
     def run(self, matcher: MatcherProtocol, cancel: threading.Event | None = None, progress: ProgressFn | None = None,
             onTarget: Callable[[TargetResult], None] | None = None) -> JobOutcome:
@@ -199,7 +202,8 @@ class MatchJob:
         wantHeatmap = self.heatmapPointID is not None and target.nodeID == self.heatmapTargetID
         together = wantHeatmap and len(self.pointIDs) == 1
         res = matcher.match(self.sourceImage, self.pointsLPS, [target.image], labels=self.pointIDs, heatmap=together,
-                            refine=self.refine, consistency=self.consistency, cancel=cancel, target_names=[target.name])
+                            refine=self.refine, consistency=self.consistency, polish=self.polish, cancel=cancel,
+                            target_names=[target.name])
         result = TargetResult(target.nodeID, target.name, list(res.matches))
         if together:
             result.heatmaps[self.heatmapPointID] = res.heatmaps[(0, self.heatmapPointID)]
@@ -334,7 +338,7 @@ class MatchLogic:
 
     def prepareMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
                      heatmapPointIndex: int | None = None, heatmapTarget=None, refine: bool = False,
-                     showHeatmap: bool = True, consistency: bool = False) -> MatchJob:
+                     showHeatmap: bool = True, consistency: bool = False, polish: bool = DEFAULT_POLISH) -> MatchJob:
         """Validate the input and detach it from MRML (main thread). See :meth:`matchPoints` for the arguments.
 
         Raises:
@@ -362,12 +366,13 @@ class MatchLogic:
             pointsLPS=mrml_io.ras_to_lps(pointsRAS), sourceImage=self.imageForVolume(sourceVolume),
             targets=[TargetSpec(t.GetID(), t.GetName(), self.imageForVolume(t)) for t in targets],
             heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID, refine=bool(refine), showHeatmap=showHeatmap,
-            consistency=bool(consistency))
+            consistency=bool(consistency), polish=bool(polish))
 
     # -- the console API ---------------------------------------------------------------------
     def matchPoints(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
                     *, heatmapPointIndex: int | None = None, heatmapTarget=None, refine: bool = False,
-                    consistency: bool = False, showHeatmap: bool = True, cancel: threading.Event | None = None,
+                    consistency: bool = False, polish: bool = DEFAULT_POLISH, showHeatmap: bool = True,
+                    cancel: threading.Event | None = None,
                     progress: ProgressFn | None = None) -> MatchOutputs:
         """Match source landmarks into every target volume. Can be used without the GUI.
 
@@ -385,6 +390,8 @@ class MatchLogic:
             refine: the engine's cycle-consistent refinement (slower, usually more accurate).
             consistency: re-search the matches that disagree with a robust affine fitted to all matches of a
                 target (needs 6 points in 2D, 8 in 3D; it removes gross mismatches of landmark sets).
+            polish: move each match to the best normalised cross-correlation of the original voxels nearby
+                (sub-voxel; on by default; a match stays put where nothing correlates, e.g. across modalities).
             showHeatmap: show the heatmap as the foreground layer over its target in every slice view.
             cancel: set it (from another thread or ``progress``) to stop between targets; finished ones are kept.
             progress: ``progress(done, total, message)``, counted in targets.
@@ -398,7 +405,7 @@ class MatchLogic:
         """
         started = time.time()
         job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, heatmapPointIndex,
-                                heatmapTarget, refine, showHeatmap, consistency)
+                                heatmapTarget, refine, showHeatmap, consistency, polish)
         outputs = MatchOutputs()
         outcome = job.run(self.getMatcher(), cancel, progress, onTarget=lambda r: self.applyTargetResult(job, r, outputs))
         outputs = self.finishJob(job, outcome, outputs)
@@ -747,6 +754,8 @@ def _describe(match) -> str:
     text = f"score {match.score:.3f}, {verdict} (round trip {match.roundtrip_mm:.1f} mm)"
     if getattr(match, "rematched", False):
         text += "; re-searched by the consistency check"
+    if getattr(match, "polished", False):
+        text += f"; polished by intensity (NCC {match.ncc:.2f})"
     return text
 
 

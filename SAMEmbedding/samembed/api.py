@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .affine import apply_affine
 from .consistency import consistent_matches
-from .defaults import DEFAULT_PRIOR_WINDOW_MM, DEFAULT_REFINE_WINDOW_MM
+from .defaults import DEFAULT_POLISH, DEFAULT_PRIOR_WINDOW_MM, DEFAULT_REFINE_WINDOW_MM
 from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
+from .intensity import DEFAULT_LEVELS, polish_points
 from .io import image_from_sitk, read_image, validate_image
 from .matcher import affine_prior, box_mask, heatmap_image, mask_from_image, match_points
 from .models import LoadedModel, load_model
@@ -46,6 +48,8 @@ class Match:
             inverse affine's window) lands within ``roundtrip_tolerance_mm`` of the click.
         roundtrip_mm: that round-trip distance, mm.
         rematched: the consistency step searched this point again (it disagreed with the other matches).
+        polished: the intensity polish (``match(polish=True)``) moved this match; ``ncc`` is the normalised
+            cross-correlation of its source and target patches there (NaN when the polish did not run).
     """
 
     label: str
@@ -56,6 +60,8 @@ class Match:
     confident: bool
     roundtrip_mm: float
     rematched: bool = False
+    polished: bool = False
+    ncc: float = float("nan")
 
     @property
     def point_ras_mm(self) -> np.ndarray:
@@ -139,6 +145,7 @@ class Matcher:
             fewer than 20 % of the voxels agree on one. None: no prior (SAM's single argmax over the target).
         refine_window_mm: ``match(refine=True)`` searches each seed within +- this many mm of where the plain
             match puts it (a local refinement); None: whole volumes (slow).
+        polish_min_ncc, polish_levels: settings of ``match(polish=True)`` (see :func:`samembed.intensity.polish_points`).
         spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
         consistency_inlier_mm, consistency_window_mm: settings of ``match(consistency=True)`` (see
             :mod:`samembed.consistency`): matches farther than ``consistency_inlier_mm`` from the robust affine
@@ -152,7 +159,8 @@ class Matcher:
                  global_window_mm: float | None = None, spacing_mm: float | None = None,
                  consistency_inlier_mm: float = 15.0, consistency_window_mm: float = 20.0,
                  prior_window_mm: float | None = DEFAULT_PRIOR_WINDOW_MM,
-                 refine_window_mm: float | None = DEFAULT_REFINE_WINDOW_MM) -> None:
+                 refine_window_mm: float | None = DEFAULT_REFINE_WINDOW_MM, polish_min_ncc: float = 0.5,
+                 polish_levels: tuple[tuple[float, float, float], ...] = DEFAULT_LEVELS) -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
@@ -166,13 +174,16 @@ class Matcher:
         self._priors: dict = {}
         self.consistency_inlier_mm = consistency_inlier_mm
         self.consistency_window_mm = consistency_window_mm
+        self.polish_min_ncc = polish_min_ncc
+        self.polish_levels = polish_levels
 
     def embed(self, image, progress: Callable | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
         """Embeddings of one image (cached)."""
         return self.embedder.embed(as_image(image, spacing_mm=self.spacing_mm), progress, cancel)
 
     def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None, *,
-              heatmap: bool = False, refine: bool = False, consistency: bool = False, mask=None, box_lps_mm=None,
+              heatmap: bool = False, refine: bool = False, consistency: bool = False, polish: bool = DEFAULT_POLISH,
+              mask=None, box_lps_mm=None,
               progress: Callable[[int, int, str], None] | None = None, cancel: threading.Event | None = None,
               target_names: Sequence[str] | None = None) -> MatchResult:
         """Match source points into every target.
@@ -188,6 +199,12 @@ class Matcher:
             consistency: re-search the matches that disagree with a robust affine fitted to all matches of the
                 target (needs at least 2 (d + 1) points; see :mod:`samembed.consistency`). Cheap; it removes
                 gross mismatches when many landmarks are matched at once, e.g. a radiograph's landmark set.
+            polish: sub-voxel intensity refinement, last (see :mod:`samembed.intensity`): each match moves to the
+                best normalised cross-correlation of the source point's neighbourhood nearby, searched from the
+                match and from the affine prior's prediction; a match stays where it is when no patch nearby
+                correlates at least ``polish_min_ncc``. Uses the original voxels, so it is finer than the maps'
+                grid; it helps most when source and target show the same structures (the same patient, a similar
+                radiograph), and cannot help across modalities.
             mask: restrict the search to non-zero voxels of this image (in the targets' space), or None.
             box_lps_mm: restrict the search to an LPS box [[x0, y0, z0], [x1, y1, z1]] mm, or None.
                 A mask or box replaces the default restriction to the body.
@@ -247,9 +264,11 @@ class Matcher:
             if not bool(allowed.any()):
                 raise InputError(f"{name}: the search mask/box leaves no voxel to search")
             # the window goes around the affine prior's prediction, else (no prior) around the best global match
-            prior = self._prior(src_maps, tmaps) if self.prior_window_mm else None
-            window_mm = self.prior_window_mm if prior is not None else self.global_window_mm
-            raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=window_mm, prior=prior)
+            prior = self._prior(src_maps, tmaps) if self.prior_window_mm or polish else None
+            window_mm = self.prior_window_mm if prior is not None and self.prior_window_mm else self.global_window_mm
+            search_prior = prior if self.prior_window_mm else None
+            raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=window_mm,
+                               prior=search_prior)
             found, scores = raw.points_lps_mm, raw.scores
             rematched = np.zeros(len(pts), dtype=bool)
             if consistency:
@@ -260,16 +279,22 @@ class Matcher:
                 ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed,
                                     window_mm=self.refine_window_mm)
                 found, scores = ref.points_lps_mm, ref.scores
+            polished, ncc = np.zeros(len(pts), dtype=bool), np.full(len(pts), np.nan)
+            if polish:
+                pol = polish_points(src, tgt, pts, found, None if prior is None else prior[:d, :d],
+                                    levels=self.polish_levels, min_ncc=self.polish_min_ncc,
+                                    alternatives=[] if prior is None else [apply_affine(prior, pts[:, :d])])
+                found, polished, ncc = pol.points_lps_mm, pol.moved, pol.ncc
             # the round trip matches back the same way: with the prior, inside the inverse affine's window
             back = match_points(tmaps, found, src_maps, src_allowed, window_mm=window_mm,
-                                prior=None if prior is None else np.linalg.inv(prior))
+                                prior=None if search_prior is None else np.linalg.inv(search_prior))
             rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
             tol = self.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
             for n, lab in enumerate(labels):
                 p3 = np.zeros(3)
                 p3[:d] = found[n, :d]
                 result.matches.append(Match(lab, name, ti, p3, float(scores[n]), bool(rt[n] <= tol), float(rt[n]),
-                                            bool(rematched[n])))
+                                            bool(rematched[n]), bool(polished[n]), float(ncc[n])))
                 if heatmap:
                     result.heatmaps[(ti, lab)] = heatmap_image(raw.similarity[n], tmaps, f"{lab} in {Path(name).name}")
             result.targets.append(name)

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .defaults import DEFAULT_PRIOR_WINDOW_MM
+from .defaults import DEFAULT_POLISH, DEFAULT_PRIOR_WINDOW_MM
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
 
 log = logging.getLogger("samembed")
@@ -79,7 +79,7 @@ def _cmd_match(args) -> int:
     bar = _Progress(len(targets), "matching", not args.quiet)
     try:
         res = matcher.match(source, points.points_lps_mm, targets, points.labels, heatmap=bool(args.heatmap_dir),
-                            refine=args.refine, consistency=args.consistency, mask=args.mask, box_lps_mm=box, progress=bar.update,
+                            refine=args.refine, consistency=args.consistency, polish=args.polish, mask=args.mask, box_lps_mm=box, progress=bar.update,
                             target_names=[str(t) for t in args.targets])
     finally:
         bar.close()
@@ -89,7 +89,8 @@ def _cmd_match(args) -> int:
             stem = Path(name).name.split(".")[0]
             pl = PointList([m.label for m in ms], [m.point_lps_mm for m in ms],
                            [f"score={m.score:.3f}; confident={str(m.confident).lower()}"
-                            + ("; rematched=true" if m.rematched else "") for m in ms])
+                            + ("; rematched=true" if m.rematched else "")
+                            + (f"; polished=true; ncc={m.ncc:.3f}" if m.polished else "") for m in ms])
             write_points(pl, out / f"{stem}.mrk.json", ras=args.ras)
     else:
         lines = ["target,label,x,y,z,score,confident"]
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--refine", action="store_true", help="cycle-consistent fixed-point refinement in a +-20 mm box around each match (a few s per target)")
     m.add_argument("--consistency", action="store_true",
                    help="re-search matches that disagree with a robust affine of all matches (many landmarks, e.g. 2D)")
+    m.add_argument("--polish", action=argparse.BooleanOptionalAction, default=DEFAULT_POLISH,
+                   help="sub-voxel polish of each match by normalised cross-correlation of the original voxels around "
+                        f"it (default: {'on' if DEFAULT_POLISH else 'off'}; no effect where nothing correlates, e.g. "
+                        "across modalities)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
     m.add_argument("--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"), help="search box, LPS mm")

@@ -5,3 +5,6 @@ DEFAULT_PRIOR_WINDOW_MM = 50.0
 
 #: half-size (mm) of the local search boxes of ``match(refine=True)`` (see :mod:`samembed.refine`)
 DEFAULT_REFINE_WINDOW_MM = 20.0
+
+#: whether ``match`` polishes matches with image intensities by default (see :mod:`samembed.intensity`)
+DEFAULT_POLISH = True

@@ -493,7 +493,7 @@ def test_a_radiograph_matches_in_2d_and_its_match_lies_on_the_target_slice(a_sce
     np.testing.assert_allclose(in_shifted, in_self + np.array([-25.0, 12.0, 7.5]), atol=1e-3)
 
 
-def test_the_consistency_check_reaches_the_engine_and_marks_the_re_searched_matches(a_scene):
+def test_the_consistency_check_and_the_polish_reach_the_engine_and_mark_the_matches(a_scene):
     """37 hand landmarks from a template radiograph into another hand, with the trained 2D model: the logic's
     matches equal the engine's ``match(consistency=True)`` and the re-searched ones say so."""
     import SimpleITK as sitk
@@ -529,3 +529,13 @@ def test_the_consistency_check_reaches_the_engine_and_marks_the_re_searched_matc
     assert any(redo), "this pair needs at least one re-searched match to test the description"
     descriptions = [outputs.pointLists[0].GetNthControlPointDescription(i) for i in range(len(redo))]
     assert all(("re-searched" in d) == r for d, r in zip(descriptions, redo))
+    # the intensity polish is on by default in both; its moves are marked, and polish=False reaches the engine
+    polished = [m.polished for m in engine.matches]
+    assert any(polished)
+    assert all(("polished by intensity" in d) == p for d, p in zip(descriptions, polished))
+    outputs = logic.matchPoints(nodes[0], points, [nodes[1]], consistency=True, polish=False)
+    engine = matcher.match(ho._read_stored(template), pts_lps, [ho._read_stored(target)], consistency=True, polish=False)
+    _, got_ras = control_points(outputs.pointLists[0])
+    np.testing.assert_allclose(got_ras[:, :2], (np.array([m.point_lps_mm for m in engine.matches]) * [-1, -1, 1])[:, :2],
+                               atol=1e-3)
+    assert not any("polished" in outputs.pointLists[0].GetNthControlPointDescription(i) for i in range(len(redo)))

@@ -369,7 +369,7 @@ CONSISTENCY_DEFAULT = (15.0, 20.0)  # (inlier_mm, window_mm), chosen on 20 train
 
 
 def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, *, refine: bool = False,
-            consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT, device: str = "cpu",
+            consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT, polish: bool = False, device: str = "cpu",
             progress=None) -> tuple[list[MethodResult], dict]:
     """Match every template's 37 landmarks into every target with SAM.
 
@@ -381,6 +381,7 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         refine: use the cycle-consistent refinement (``Matcher.match(refine=True)``).
         consistency: ``(inlier_mm, window_mm)`` of ``Matcher.match(consistency=True)``, giving extra
             ``*-consistent`` methods; None to skip.
+        polish: also run every variant with ``Matcher.match(polish=True)`` (``*-polish`` methods).
         progress: optional ``progress(done, total, message)``.
 
     Returns:
@@ -397,7 +398,8 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
     labels = [f"L{i}" for i in range(1, N_LANDMARKS + 1)]
     targets = [_read_stored(cases[t]) for t in target_ids]
     k, nt = len(template_ids), len(target_ids)
-    variants = ["plain"] + (["consistent"] if consistency else [])
+    base = ["plain"] + (["consistent"] if consistency else [])
+    variants = base + ([f"{v}-polish" for v in base] if polish else [])
     preds = {v: np.zeros((k, nt, N_LANDMARKS, 2)) for v in variants}
     scores = {v: np.zeros((k, nt, N_LANDMARKS)) for v in variants}
     secs = {v: np.zeros((k, nt)) for v in variants}
@@ -409,8 +411,8 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         pts = case.points_lps_mm()
         for v in variants:  # embeddings are cached after the first variant; priors are fitted again for each
             matcher.clear_priors()
-            res = matcher.match(tmpl, pts, targets, labels, refine=refine, consistency=v == "consistent",
-                                target_names=list(target_ids))
+            res = matcher.match(tmpl, pts, targets, labels, refine=refine, consistency=v.startswith("consistent"),
+                                polish=v.endswith("-polish"), target_names=list(target_ids))
             if v == "plain":
                 template_embed_s.append(float(res.timings["source_embed_s"]))
             for n in range(nt):
@@ -420,14 +422,15 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
                 preds[v][ti, n] = lps_mm_to_px(np.array([m.point_lps_mm for m in ms]))
                 scores[v][ti, n] = [m.score for m in ms]
                 secs[v][ti, n] = res.timings[f"target{n}_match_s"]
-                rematched += sum(m.rematched for m in ms)
+                if v == "consistent":
+                    rematched += sum(m.rematched for m in ms)
         if progress:
             progress(ti + 1, k, f"template {tid}")
         log.info("SAM: template %s matched into %d targets", tid, nt)
     suffix = "-refine" if refine else ""
     out = []
     for v in variants:
-        tag = suffix + ("-consistent" if v == "consistent" else "")
+        tag = suffix + ("-consistent" if v.startswith("consistent") else "") + ("-polish" if v.endswith("-polish") else "")
         one = MethodResult(f"sam{tag}")
         for n, t in enumerate(target_ids):
             one.pred_px[t], one.scores[t] = preds[v][0, n], scores[v][0, n]
@@ -435,7 +438,7 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         out.append(one)
     if k > 1:
         for v in variants:
-            tag = suffix + ("-consistent" if v == "consistent" else "")
+            tag = suffix + ("-consistent" if v.startswith("consistent") else "") + ("-polish" if v.endswith("-polish") else "")
             for how in ("best", "median"):
                 r = MethodResult(f"sam-multi{k}-{how}{tag}")
                 for n, t in enumerate(target_ids):
@@ -541,7 +544,8 @@ def markdown_table(summary: dict) -> str:
 def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train: int = 100, seed: int = 0,
                   templates: int = 5, elastix: bool = True, elastix_iterations: int = 250, elastix_threads: int = 1,
                   grid_spacing_mm: float = 10.0, refine: bool = False,
-                  consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT, max_targets: int | None = None,
+                  consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT, polish: bool = False,
+                  max_targets: int | None = None,
                   elastix_cache: str | os.PathLike | None = None,
                   out_dir: str | os.PathLike | None = None, stem: str = "hand_oneshot", progress=None) -> dict:
     """Run the whole ``hand_oneshot`` suite and (optionally) write its results.
@@ -554,6 +558,7 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
         elastix: also run the 2D elastix affine and affine + B-spline baselines (same template).
         refine: also run SAM with ``refine=True``.
         consistency: ``(inlier_mm, window_mm)`` for the ``*-consistent`` methods (``Matcher.match(consistency=True)``), or None.
+        polish: also run the SAM methods with the intensity polish (``*-polish``).
         max_targets: evaluate only the first targets (for quick checks).
         elastix_cache: folder to store and reuse elastix results (see :func:`run_elastix`).
         out_dir: write ``<stem>.json``, ``<stem>.md``, ``<stem>_points.csv`` there.
@@ -567,7 +572,7 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
     train, held = hand_split(list(cases), n_train, seed)
     targets = held[:max_targets] if max_targets else held
     tmpl = pick_templates(train, max(1, templates), seed)
-    results, facts = run_sam(cases, tmpl, targets, model, consistency=consistency, progress=progress)
+    results, facts = run_sam(cases, tmpl, targets, model, consistency=consistency, polish=polish, progress=progress)
     if refine:
         results += run_sam(cases, tmpl[:1], targets, model, refine=True, consistency=None, progress=progress)[0]
     if elastix:

@@ -3,11 +3,15 @@
 Methods (names used on the command line and in the tables):
 
 ``sam``
-    SAMEmbedding ``Matcher.match`` (no refinement). Time per pair = the match call with both images'
-    embeddings already cached (all queries of the pair); ``with_embedding_s`` adds the first-time embedding
+    SAMEmbedding ``Matcher.match`` (no refinement, no polish). Time per pair = the match call with both images'
+    embeddings already cached (all queries of the pair, the affine prior's fit included); ``with_embedding_s`` adds the first-time embedding
     time of the source and the target (what a first pair costs).
 ``sam-refine``
     the same with ``refine=True``.
+``sam-polish``
+    the same with ``polish=True`` (sub-voxel intensity polish, :mod:`samembed.intensity`).
+``sam-refine-polish``
+    both.
 ``centre``
     translate by the difference of the image-grid centres (:func:`~.registration.transfer_points_centre`).
 ``elastix-affine`` / ``elastix-bspline``
@@ -43,7 +47,8 @@ from .suites import COMPACT_STRUCTURES, OPENKBP_STRUCTURES
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sam", "sam-refine", "centre", "elastix-affine", "elastix-bspline")
+SAM_METHODS = ("sam", "sam-refine", "sam-polish", "sam-refine-polish")
+METHODS = (*SAM_METHODS, "centre", "elastix-affine", "elastix-bspline")
 SUITE_NOTES = {
     "popi_synthetic": "POPI phase 00 warped by a thin-plate spline through the real 00→50 and 00→20 landmark motion "
                       "(+ intensity perturbation); 40 expert landmarks with exact ground truth.",
@@ -91,15 +96,17 @@ class SamMethod:
         self.matcher.embed(image)
         self.embed_seconds.setdefault(key, time.perf_counter() - t0)  # the first call computes
 
-    def run(self, case: Case, refine: bool, method: str) -> PairResult:
+    def run(self, case: Case, refine: bool, method: str, polish: bool = False) -> PairResult:
         """Match the case's queries; predictions and times (see the module docstring)."""
         from ..io import read_image
 
         src, tgt = read_image(case.source), read_image(case.target)
         self._embed(src, str(case.source))
         self._embed(tgt, str(case.target))
+        self.matcher.clear_priors()  # every method pays for its own affine prior, whatever ran before
         t0 = time.perf_counter()
-        res = self.matcher.match(src, case.query_points_lps_mm, [tgt], labels=case.labels, refine=refine)
+        res = self.matcher.match(src, case.query_points_lps_mm, [tgt], labels=case.labels, refine=refine,
+                                 polish=polish)
         cached = time.perf_counter() - t0
         pred = np.array([m.point_lps_mm for m in res.matches], dtype=np.float64)
         scores = np.array([m.score for m in res.matches], dtype=np.float64)
@@ -152,8 +159,8 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
         for method in methods:
             cpu0 = time.process_time()
             try:
-                if method in ("sam", "sam-refine"):
-                    r = sam.run(case, method == "sam-refine", method)
+                if method in SAM_METHODS:
+                    r = sam.run(case, "refine" in method, method, polish="polish" in method)
                 elif method == "centre":
                     pred, sec = transfer_points_centre(case.source, case.target, case.query_points_lps_mm)
                     r = PairResult(case.suite, case.case_id, method, case.labels, case.query_points_lps_mm,
@@ -204,7 +211,7 @@ def target_checks(results: Sequence[PairResult]) -> list[str]:
     methods = set(methods_in_order(results))
     if "elastix-bspline" not in methods:
         return lines
-    for sam in [m for m in ("sam", "sam-refine") if m in methods]:
+    for sam in [m for m in SAM_METHODS if m in methods]:
         if "openkbp_inter" in suites:
             for name, labels in (("all structures", None), ("compact organs", COMPACT_STRUCTURES)):
                 a, b = _mean_error(results, "openkbp_inter", sam, labels), _mean_error(results, "openkbp_inter", "elastix-bspline", labels)

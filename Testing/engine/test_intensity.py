@@ -1,0 +1,137 @@
+"""The intensity polish (samembed.intensity): exact NCC, sub-voxel recovery of known motions on real CT and
+radiographs, the second start, and leaving matches alone when nothing correlates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from samembed.image import Image
+from samembed.intensity import ncc_map, polish_points, sample_lattice
+from samembed.io import image_from_sitk, image_to_sitk, read_image
+
+from ..conftest import data_file
+from .test_matcher import lidc_structure_points
+
+
+def brute_force_ncc(block: np.ndarray, template: np.ndarray) -> np.ndarray:
+    out_shape = tuple(b - t + 1 for b, t in zip(block.shape, template.shape))
+    out = np.zeros(out_shape)
+    t = template - template.mean()
+    for idx in np.ndindex(*out_shape):
+        w = block[tuple(slice(i, i + n) for i, n in zip(idx, template.shape))]
+        w = w - w.mean()
+        out[idx] = (w * t).sum() / np.sqrt((w * w).sum() * (t * t).sum())
+    return out
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_the_ncc_map_equals_a_brute_force_computation(d):
+    rng = np.random.default_rng(d)
+    block = rng.normal(100.0, 30.0, (9,) * d)  # an offset and scale like CT values
+    template = rng.normal(size=(5,) * d)
+    got = ncc_map(torch.from_numpy(block).float(), torch.from_numpy(template).float()).numpy()
+    np.testing.assert_allclose(got, brute_force_ncc(block, template), atol=1e-4)
+
+
+def test_lattice_sampling_follows_the_image_geometry():
+    # a 2 mm grid, flipped along x, with a linear ramp in LPS x: sampled values follow the LPS position
+    arr = np.tile(np.arange(20, dtype=np.float32), (10, 12, 1))  # value = i
+    img = Image.from_array(arr, spacing_mm=(2.0, 1.0, 1.0), origin_lps_mm=(40.0, 0.0, 0.0),
+                           direction=np.diag([-1.0, 1.0, 1.0]))  # x_lps = 40 - 2 i  ->  value = (40 - x) / 2
+    values, inside = sample_lattice(img, np.array([20.0, 5.0, 4.0]), np.eye(3) * 0.5, 2)
+    expected_x = 20.0 + 0.5 * np.arange(-2, 3)
+    np.testing.assert_allclose(values[2, 2].numpy(), (40.0 - expected_x) / 2.0, atol=1e-5)  # last axis = lattice x
+    assert inside == 1.0
+    _, inside = sample_lattice(img, np.array([-1.0, 5.0, 4.0]), np.eye(3), 2)  # x = -3 .. 1 mm; the image ends at x = 1 mm
+    assert inside == pytest.approx(1 / 5)
+
+
+def an_affine_copy(image, matrix, translation_mm):
+    """target(y) = source(A y + t) on the source grid; a source point p sits at A^-1 (p - t) in the target."""
+    src = image_to_sitk(image)
+    t = sitk.AffineTransform(3)
+    centre = np.array(src.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in src.GetSize()]))
+    t.SetCenter(centre.tolist())
+    t.SetMatrix(np.asarray(matrix).ravel().tolist())
+    t.SetTranslation(list(translation_mm))
+    out = sitk.Resample(src, src, t, sitk.sitkBSpline, -1024, sitk.sitkFloat32)
+    inv = t.GetInverse()
+    return image_from_sitk(out, "affine copy"), (lambda pts: np.array([inv.TransformPoint(tuple(p)) for p in pts]))
+
+
+@pytest.fixture(scope="module")
+def lidc_ct():
+    return read_image(data_file("ct", "lidc", "LIDC-IDRI-0001_ct.nii.gz"))
+
+
+@pytest.mark.needs_data
+def test_polish_recovers_a_known_sub_voxel_motion_on_real_ct_from_coarse_starts(lidc_ct):
+    # 2 degrees, 3 % scale and a non-integer shift; starts off by up to 4 mm per axis, as a 4 mm map leaves them
+    rot = np.array([[np.cos(0.035), -np.sin(0.035), 0.0], [np.sin(0.035), np.cos(0.035), 0.0], [0.0, 0.0, 1.0]])
+    A = rot * 1.03
+    tgt, to_target = an_affine_copy(lidc_ct, A, (3.3, -2.7, 1.45))
+    pts = lidc_structure_points(12)
+    truth = to_target(pts)
+    rng = np.random.default_rng(0)
+    starts = truth + rng.uniform(-4.0, 4.0, truth.shape)
+    out = polish_points(lidc_ct, tgt, pts, starts, linear=np.linalg.inv(A))
+    err0 = np.linalg.norm(starts - truth, axis=1)
+    err = np.linalg.norm(out.points_lps_mm - truth, axis=1)
+    # measured (2026-11-22): starts mean 4.1 mm; polished median 0.16, max 0.26 mm, all 12 moved
+    assert out.moved.sum() >= 10, f"moved {out.moved}, ncc {np.round(out.ncc, 2)}"
+    assert np.median(err[out.moved]) < 0.5 and np.median(err) < np.median(err0) / 4, f"errors {np.round(err, 2)}"
+
+
+@pytest.mark.needs_data
+def test_a_second_start_rescues_a_match_outside_the_search_and_is_chosen_by_ncc(lidc_ct):
+    tgt, to_target = an_affine_copy(lidc_ct, np.eye(3), (0.0, 0.0, 0.0))
+    pts = lidc_structure_points(6)
+    truth = to_target(pts)
+    far = truth + np.array([25.0, -20.0, 0.0])  # a gross mismatch, beyond every level's search
+    near = truth + np.array([2.0, 1.5, -2.5])
+    alone = polish_points(lidc_ct, tgt, pts, far)
+    both = polish_points(lidc_ct, tgt, pts, far, alternatives=[near])
+    assert np.linalg.norm(alone.points_lps_mm - truth, axis=1).min() > 5.0
+    assert np.linalg.norm(both.points_lps_mm - truth, axis=1).max() < 0.5
+    assert np.all(both.ncc > 0.95)
+
+
+@pytest.mark.needs_data
+def test_nothing_moves_when_no_patch_correlates(lidc_ct):
+    rng = np.random.default_rng(1)
+    noise = Image(rng.normal(0.0, 100.0, lidc_ct.array.shape).astype(np.float32), lidc_ct.grid, "noise")
+    pts = lidc_structure_points(6)
+    out = polish_points(lidc_ct, noise, pts, pts)
+    assert not out.moved.any() and np.all(out.ncc < 0.5)
+    np.testing.assert_array_equal(out.points_lps_mm, pts)
+    # a point whose template lies mostly outside the source is left alone too
+    corner = lidc_ct.grid.index_to_lps(np.zeros((1, 3)))
+    out = polish_points(lidc_ct, lidc_ct, corner, corner + 3.0)
+    assert not out.moved[0] and np.isnan(out.ncc[0])
+
+
+@pytest.mark.needs_data
+def test_polish_in_2d_on_a_real_radiograph():
+    img = read_image(data_file("xray", "hand_dha37", "images", "3150.jpg"), spacing_mm=0.2)
+    assert img.ndim == 2
+    sitk_img = image_to_sitk(img)
+    t = sitk.Euler2DTransform()
+    t.SetCenter(sitk_img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in sitk_img.GetSize()]))
+    t.SetAngle(np.deg2rad(4.0))
+    t.SetTranslation((1.3, -0.7))
+    tgt = image_from_sitk(sitk.Resample(sitk.Cast(sitk_img, sitk.sitkFloat32), sitk_img, t, sitk.sitkBSpline, 0.0), "moved")
+    inv = t.GetInverse()
+    rng = np.random.default_rng(2)
+    size_mm = np.array(img.grid.size_ijk) * 0.2
+    pts = img.grid.origin_lps_mm + rng.uniform(0.3, 0.7, (20, 2)) * size_mm  # central points
+    truth = np.array([inv.TransformPoint(tuple(p)) for p in pts])
+    starts = truth + rng.uniform(-3.0, 3.0, truth.shape)
+    c, s = np.cos(np.deg2rad(4.0)), np.sin(np.deg2rad(4.0))
+    out = polish_points(img, tgt, pts, starts, linear=np.array([[c, s], [-s, c]]))
+    err = np.linalg.norm(out.points_lps_mm - truth, axis=1)
+    moved = out.moved
+    assert moved.sum() >= 10, f"moved {moved.sum()} of 20, ncc {np.round(out.ncc, 2)}"
+    assert np.median(err[moved]) < 0.3, f"errors {np.round(err, 2)}"
