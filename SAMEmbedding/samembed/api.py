@@ -27,7 +27,7 @@ from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
 from .intensity import DEFAULT_LEVELS, polish_points
 from .io import image_from_sitk, read_image, validate_image
-from .matcher import affine_prior, box_mask, heatmap_image, mask_from_image, match_points
+from .matcher import affine_prior, allowed_at, box_mask, heatmap_image, mask_from_image, match_points
 from .models import LoadedModel, load_model
 from .refine import refine_points
 
@@ -202,7 +202,8 @@ class Matcher:
             polish: sub-voxel intensity refinement, last (see :mod:`samembed.intensity`): each match moves to the
                 best normalised cross-correlation of the source point's neighbourhood nearby, searched from the
                 match and from the affine prior's prediction; a match stays where it is when no patch nearby
-                correlates at least ``polish_min_ncc``. Uses the original voxels, so it is finer than the maps'
+                correlates at least ``polish_min_ncc`` or when the polished point would leave the searched region
+                (body, ``mask``, ``box_lps_mm``). Uses the original voxels, so it is finer than the maps'
                 grid; it helps most when source and target show the same structures (the same patient, a similar
                 radiograph), and cannot help across modalities.
             mask: restrict the search to non-zero voxels of this image (in the targets' space), or None.
@@ -284,7 +285,10 @@ class Matcher:
                 pol = polish_points(src, tgt, pts, found, None if prior is None else prior[:d, :d],
                                     levels=self.polish_levels, min_ncc=self.polish_min_ncc,
                                     alternatives=[] if prior is None else [apply_affine(prior, pts[:, :d])])
-                found, polished, ncc = pol.points_lps_mm, pol.moved, pol.ncc
+                # a polished point must stay where the search was allowed (body, mask, box); else it keeps its match
+                keep = pol.moved & allowed_at(tmaps, allowed, pol.points_lps_mm)
+                found = np.where(keep[:, None], pol.points_lps_mm, found[:, :d])
+                polished, ncc = keep, pol.ncc
             # the round trip matches back the same way: with the prior, inside the inverse affine's window
             back = match_points(tmaps, found, src_maps, src_allowed, window_mm=window_mm,
                                 prior=None if search_prior is None else np.linalg.inv(search_prior))

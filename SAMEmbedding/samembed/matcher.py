@@ -226,6 +226,19 @@ def nearest_voxel_lps(maps: EmbeddingMaps, points_lps_mm: np.ndarray) -> np.ndar
     return grid.index_to_lps(ijk)
 
 
+def allowed_at(maps: EmbeddingMaps, allowed: torch.Tensor, points_lps_mm: np.ndarray) -> np.ndarray:
+    """(N,) bool: the local voxel nearest to each LPS mm point is in ``allowed`` (False outside the grid)."""
+    grid = maps.local_grid
+    d = grid.ndim
+    ijk = np.rint(grid.lps_to_index(np.asarray(points_lps_mm, dtype=np.float64)[:, :d])).astype(np.int64)
+    inside = grid.contains_index(ijk, margin=0.0)
+    out = np.zeros(len(ijk), dtype=bool)
+    if inside.any():
+        flat = _ravel(torch.from_numpy(ijk[inside][:, ::-1].copy()), grid.shape_zyx)
+        out[inside] = allowed.cpu()[flat].numpy()
+    return out
+
+
 def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: EmbeddingMaps,
                  allowed: torch.Tensor | None = None, keep_similarity: bool = False,
                  window_mm: float | None = None, prior: np.ndarray | None = None) -> RawMatch:
