@@ -136,7 +136,7 @@ def write_table(scores: dict, suites: list[str], cpu_minutes: float, path: Path,
         f"- date: {dt.datetime.now():%Y-%m-%d %H:%M}",
         f"- budget: {cpu_minutes:g} min of process CPU time per objective, one thread, same data, network, "
         "sampling and 2 mm grid as the default CT model (`Resources/Models/sam-lite-ct-v2.yaml`)",
-        "- evaluation: `sam` method with the Matcher's defaults (affine-prior window, no refinement), every case "
+        "- evaluation: `sam` method (affine-prior window, no refinement, no polish), every case "
         "of each suite; errors in mm",
         f"- command: `{command}`", "",
     ]
