@@ -162,7 +162,8 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
         min_ncc: below this final peak NCC the point keeps its input match.
         min_inside: skip a start whose template or search block lies less than this fraction inside its image.
         alternatives: further (N, d) start positions (e.g. an affine's prediction); every start is searched and
-            the one with the highest final NCC wins. Starts that meet after the first level are searched once.
+            the one with the highest final NCC wins. A start within half the first level's search radius of an
+            earlier start, or that meets one after the first level, is not searched again.
 
     Returns:
         :class:`Polished`.
@@ -187,8 +188,12 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
 
         best_c, best_peak = None, -np.inf
         seen: list[np.ndarray] = []
-        for st in starts:
+        first_search_mm = levels[0][2]
+        for si, st in enumerate(starts):
             c, peak = st[n].copy(), np.nan
+            # a start within half the first search radius of an earlier one is covered by that one's search
+            if any(np.linalg.norm(c - o[n]) < 0.5 * first_search_mm for o in starts[:si]):
+                continue
             for li, (step, patch_mm, search_mm) in enumerate(levels):
                 h = max(1, int(round(patch_mm / step)))
                 s = max(1, int(round(search_mm / step)))
