@@ -68,89 +68,144 @@ def _lattice_offsets(half: int, d: int) -> torch.Tensor:
     return torch.stack(mesh[::-1], dim=-1)  # last entry = array axis 0 = slowest = lattice axis d-1
 
 
+class LatticeSampler:
+    """Samples one image (linear interpolation) on many small lattices at once.
+
+    The voxels the lattices reach are copied once to a float32 block (grown when a later call reaches further), so
+    a whole batch of points costs one ``grid_sample`` call, not one copy and call per point.
+    """
+
+    def __init__(self, image: Image):
+        self.image = image
+        grid = image.grid
+        self._index_per_mm = np.linalg.inv(grid.direction @ np.diag(grid.spacing_mm))
+        self._size = np.asarray(grid.size_ijk)
+        self._lo: np.ndarray | None = None
+        self._hi: np.ndarray | None = None
+        self._block: torch.Tensor | None = None
+
+    def _cover(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Make sure the float32 block holds index range ``lo .. hi`` (i, j, k order, inclusive, clipped)."""
+        lo = np.clip(lo, 0, self._size - 1)
+        hi = np.clip(hi, 0, self._size - 1)
+        if self._block is not None and np.all(lo >= self._lo) and np.all(hi <= self._hi):
+            return
+        if self._block is not None:
+            lo, hi = np.minimum(lo, self._lo), np.maximum(hi, self._hi)
+        d = len(lo)
+        crop = self.image.array[tuple(slice(lo[a], hi[a] + 1) for a in reversed(range(d)))]
+        self._block = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
+        self._lo, self._hi = lo, hi
+
+    def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Sample at ``centre + axes @ v`` for integer ``v`` in ``[-half, half]^d``, for every centre.
+
+        Args:
+            centres_lps_mm: (N, d) lattice centres.
+            axes_lps_mm: (d, d); column ``a`` is the LPS step (mm) of lattice axis ``a`` (shared by all lattices).
+            half: lattice half-size in steps.
+
+        Returns:
+            ``(values, inside)``: float32 ``(N,) + (2 half + 1,) * d`` (slowest lattice axis first) and the (N,)
+            fraction of each lattice's points inside the image (outside points take the nearest border value).
+        """
+        grid = self.image.grid
+        d = grid.ndim
+        n = 2 * half + 1
+        ijk0 = grid.lps_to_index(np.asarray(centres_lps_mm, dtype=np.float64)[:, :d])  # (N, d)
+        M = self._index_per_mm @ np.asarray(axes_lps_mm, dtype=np.float64)
+        reach = np.abs(M).sum(1) * half  # each lattice's extent from its centre along each index axis
+        self._cover(np.floor(ijk0.min(0) - reach).astype(int) - 1, np.ceil(ijk0.max(0) + reach).astype(int) + 1)
+        offsets = _lattice_offsets(half, d) @ torch.from_numpy(M.T.astype(np.float32))  # (n,)*d + (d,), index units
+        # a lattice is convex: when its corners are inside the image, all of it is; count points only for the rest
+        inside = np.ones(len(ijk0))
+        corners = np.array(np.meshgrid(*([[-half, half]] * d), indexing="ij")).reshape(d, -1).T @ M.T  # (2^d, d)
+        at_edge = ~self.image.grid.contains_index((ijk0[:, None] + corners).reshape(-1, d)).reshape(len(ijk0), -1).all(1)
+        if at_edge.any():
+            ijk = torch.from_numpy(ijk0[at_edge].astype(np.float32)).view((-1,) + (1,) * d + (d,)) + offsets
+            upper = torch.from_numpy((self._size - 0.5).astype(np.float32))
+            inside[at_edge] = ((ijk >= -0.5) & (ijk <= upper)).all(-1).flatten(1).float().mean(1).numpy()
+        # grid_sample's normalised coordinates in the block, (i, j, k) = its (x, y, z)
+        scale = 2.0 / np.maximum(self._hi - self._lo, 1)
+        g0 = torch.from_numpy(((ijk0 - self._lo) * scale - 1.0).astype(np.float32))
+        g = g0.view((-1,) + (1,) * d + (d,)) + offsets * torch.from_numpy(scale.astype(np.float32))
+        g = g.reshape((1, -1) + (n,) * (d - 1) + (d,))
+        out = F.grid_sample(self._block, g, mode="bilinear", padding_mode="border", align_corners=True)
+        return out.reshape((-1,) + (n,) * d), inside
+
+
 def sample_lattice(image: Image, centre_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int) -> tuple[torch.Tensor, float]:
     """Sample ``image`` (linear interpolation) at ``centre + axes @ v`` for integer ``v`` in ``[-half, half]^d``.
 
-    Args:
-        centre_lps_mm: (d,) lattice centre.
-        axes_lps_mm: (d, d); column ``a`` is the LPS step (mm) of lattice axis ``a``.
-        half: lattice half-size in steps.
-
-    Returns:
-        ``(values, inside)``: a float32 tensor of shape ``(2 half + 1,) * d`` (slowest lattice axis first) and the
-        fraction of lattice points inside the image (outside points take the nearest border value).
+    One lattice of :meth:`LatticeSampler.sample`: ``centre_lps_mm`` is (d,), ``axes_lps_mm`` (d, d) with column
+    ``a`` the LPS step (mm) of lattice axis ``a``. Returns the ``(2 half + 1,) * d`` values and the fraction of
+    lattice points inside the image.
     """
-    grid = image.grid
-    d = grid.ndim
-    offsets = _lattice_offsets(half, d)
-    # lattice -> continuous index (i, j, k): ijk = ijk0 + M v
-    ijk0 = grid.lps_to_index(np.asarray(centre_lps_mm, dtype=np.float64)[None, :d])[0]
-    M = np.linalg.inv(grid.direction @ np.diag(grid.spacing_mm)) @ np.asarray(axes_lps_mm, dtype=np.float64)
-    reach = np.abs(M).sum(1) * half  # the lattice's extent from its centre along each index axis
-    size = np.asarray(grid.size_ijk)
-    lo = np.clip(np.floor(ijk0 - reach).astype(int) - 1, 0, size - 1)
-    hi = np.clip(np.ceil(ijk0 + reach).astype(int) + 1, 0, size - 1)
-    crop = image.array[tuple(slice(lo[a], hi[a] + 1) for a in reversed(range(d)))]
-    vol = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
-    ijk = torch.from_numpy(ijk0.astype(np.float32)) + offsets @ torch.from_numpy(M.T.astype(np.float32))
-    upper = torch.from_numpy((size - 0.5).astype(np.float32))
-    inside = float(((ijk >= -0.5) & (ijk <= upper)).all(-1).float().mean())
-    lo_t = torch.from_numpy(lo.astype(np.float32))
-    scale = torch.from_numpy((2.0 / np.maximum(hi - lo, 1)).astype(np.float32))
-    g = ((ijk - lo_t) * scale - 1.0)[None]  # (i, j, k) order, as grid_sample's (x, y, z)
-    out = F.grid_sample(vol, g, mode="bilinear", padding_mode="border", align_corners=True)
-    return out[0, 0], inside
+    values, inside = LatticeSampler(image).sample(np.asarray(centre_lps_mm, dtype=np.float64)[None], axes_lps_mm, half)
+    return values[0], float(inside[0])
 
 
 def _box_mean(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Mean of ``x`` over every window of ``shape`` ('valid'), by cumulative sums (one pass per axis)."""
-    for a, k in enumerate(shape):
+    """Mean of ``x`` over every window of ``shape`` on its trailing axes ('valid'), by cumulative sums."""
+    first = x.ndim - len(shape)
+    for a, k in enumerate(shape, start=first):
         c = torch.cumsum(F.pad(x.movedim(a, -1), (1, 0)), dim=-1)
         x = (c[..., k:] - c[..., :-k]).movedim(-1, a)
     return x / float(np.prod(shape))
 
 
-def ncc_map(block: torch.Tensor, template: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Normalised cross-correlation of ``template`` at every shift that keeps it inside ``block`` ('valid').
+def ncc_maps(blocks: torch.Tensor, templates: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Normalised cross-correlation of each template at every shift that keeps it inside its block ('valid').
 
-    Both are d-dimensional (2 or 3) float tensors; the result has shape ``block.shape - template.shape + 1``,
-    values in [-1, 1]. A flat template or window gives 0.
+    ``blocks`` is (N, B1, .., Bd) and ``templates`` (N, T1, .., Td), d = 2 or 3, float; the result is
+    (N, B1 - T1 + 1, ..), values in [-1, 1]. A flat template or window gives 0.
     """
-    conv = F.conv3d if template.ndim == 3 else F.conv2d
-    t = template - template.mean()
-    t_std = t.pow(2).mean().sqrt()
-    block = block.double()  # window variances by cumulative sums need the precision
-    mean = _box_mean(block, tuple(template.shape))
-    b_std = (_box_mean(block * block, tuple(template.shape)) - mean * mean).clamp_min(0).sqrt().float()
-    cross = conv(block.float()[None, None], t[None, None])[0, 0] / template.numel()
+    n, d = templates.shape[0], templates.ndim - 1
+    conv = F.conv3d if d == 3 else F.conv2d
+    axes = tuple(range(1, d + 1))
+    t = templates - templates.mean(dim=axes, keepdim=True)
+    t_std = t.pow(2).mean(dim=axes, keepdim=True).sqrt()
+    shape = tuple(templates.shape[1:])
+    wide = blocks.double()  # window variances by cumulative sums need the precision
+    mean = _box_mean(wide, shape)
+    b_std = (_box_mean(wide * wide, shape) - mean * mean).clamp_min(0).sqrt().float()
+    cross = conv(blocks.float()[None], t[:, None], groups=n)[0] / float(np.prod(shape))
     return cross / (t_std * b_std + eps)
 
 
-def _peak_offset(ncc: torch.Tensor, subvoxel: bool) -> tuple[np.ndarray, float]:
-    """(d,) lattice offset of the NCC peak from the map centre (lattice axis order 0..d-1) and the peak value."""
-    d = ncc.ndim
-    flat = int(torch.argmax(ncc))
-    idx = np.array(np.unravel_index(flat, tuple(ncc.shape)))  # array order: slowest first
-    peak = float(ncc.reshape(-1)[flat])
-    centre = (np.array(ncc.shape) - 1) / 2.0
-    off = idx - centre
+def ncc_map(block: torch.Tensor, template: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`ncc_maps` for one d-dimensional ``block`` and ``template``."""
+    return ncc_maps(block[None], template[None], eps)[0]
+
+
+def _peak_offsets(ncc: torch.Tensor, subvoxel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, d) lattice offsets of each NCC map's peak from the map centre (lattice axis order 0..d-1) and the (N,)
+    peak values; with ``subvoxel`` a parabola through the peak and its two neighbours per axis refines it."""
+    maps = ncc.numpy()
+    n, shape = maps.shape[0], maps.shape[1:]
+    flat = maps.reshape(n, -1)
+    arg = flat.argmax(1)
+    peak = flat[np.arange(n), arg]
+    idx = np.stack(np.unravel_index(arg, shape), axis=1)  # (N, d), array order: slowest first
+    off = idx - (np.array(shape) - 1) / 2.0
     if subvoxel:
-        for a in range(d):
-            if 0 < idx[a] < ncc.shape[a] - 1:
-                lo, hi = idx.copy(), idx.copy()
-                lo[a] -= 1
-                hi[a] += 1
-                f0, fm, fp = peak, float(ncc[tuple(lo)]), float(ncc[tuple(hi)])
-                denom = fm - 2 * f0 + fp
-                if denom < 0:
-                    off[a] += float(np.clip(0.5 * (fm - fp) / denom, -0.5, 0.5))
-    return off[::-1], peak  # lattice axis order (0 = fastest)
+        rows = np.arange(n)
+        for a in range(len(shape)):
+            lo, hi = idx.copy(), idx.copy()
+            lo[:, a] = np.maximum(lo[:, a] - 1, 0)
+            hi[:, a] = np.minimum(hi[:, a] + 1, shape[a] - 1)
+            fm, fp = maps[(rows, *lo.T)], maps[(rows, *hi.T)]
+            denom = fm - 2 * peak + fp
+            ok = (idx[:, a] > 0) & (idx[:, a] < shape[a] - 1) & (denom < 0)
+            step = np.clip(0.5 * (fm - fp) / np.where(ok, denom, -1.0), -0.5, 0.5)
+            off[:, a] += np.where(ok, step, 0.0)
+    return off[:, ::-1], peak  # lattice axis order (0 = fastest)
 
 
 def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, matches_lps_mm: np.ndarray,
                   linear: np.ndarray | None = None, levels: tuple[tuple[float, float, float], ...] = DEFAULT_LEVELS,
                   min_ncc: float = 0.5, min_inside: float = 0.5,
-                  alternatives: Sequence[np.ndarray] = ()) -> Polished:
+                  alternatives: Sequence[np.ndarray] = (), batch: int = 128) -> Polished:
     """Move each match to the best intensity match of its source point nearby (see the module docstring).
 
     Args:
@@ -164,6 +219,7 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
         alternatives: further (N, d) start positions (e.g. an affine's prediction); every start is searched and
             the one with the highest final NCC wins. A start within half the first level's search radius of an
             earlier start, or that meets one after the first level, is not searched again.
+        batch: points processed together (memory grows with it).
 
     Returns:
         :class:`Polished`.
@@ -173,48 +229,65 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
     pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
     start = np.asarray(matches_lps_mm, dtype=np.float64)[:, :d]
     starts = [start] + [np.asarray(alt, dtype=np.float64)[:, :d] for alt in alternatives]
+    n_pts = len(pts)
+    if n_pts == 0:
+        return Polished(start.copy(), np.full(0, np.nan), np.zeros(0, dtype=bool))
+    best = start.copy()
+    best_peak = np.full(n_pts, -np.inf)
+    src_sampler, tgt_sampler = LatticeSampler(source), LatticeSampler(target)
+    templates: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # level -> (templates, usable) for all points
+
+    def templates_at(li: int, h: int, step: float) -> tuple[torch.Tensor, np.ndarray]:
+        if li not in templates:
+            parts, usable = [], []
+            for b in range(0, n_pts, batch):
+                t, inside = src_sampler.sample(pts[b:b + batch], np.eye(d) * step, h)
+                spread = t.flatten(1).std(1).numpy()
+                flat = spread <= 1e-6 * (1 + t.flatten(1).abs().amax(1).numpy())
+                parts.append(t)
+                usable.append((inside >= min_inside) & ~flat)
+            templates[li] = (torch.cat(parts), np.concatenate(usable))
+        return templates[li]
+
+    seen: list[np.ndarray] = []  # per start: where it stood after the first level (NaN where it did not run)
+    for si, st in enumerate(starts):
+        c = st.copy()
+        peak = np.full(n_pts, np.nan)
+        # a start within half the first search radius of an earlier one is covered by that one's search
+        active = np.ones(n_pts, dtype=bool)
+        for other in starts[:si]:
+            active &= np.linalg.norm(st - other, axis=1) >= 0.5 * levels[0][2]
+        for li, (step, patch_mm, search_mm) in enumerate(levels):
+            h = max(1, int(round(patch_mm / step)))
+            s = max(1, int(round(search_mm / step)))
+            all_templates, usable = templates_at(li, h, step)
+            axes_tgt = L @ (np.eye(d) * step)
+            for b in range(0, n_pts, batch):
+                idx = np.flatnonzero(active[b:b + batch]) + b
+                if len(idx) == 0:
+                    continue
+                blocks, in_tgt = tgt_sampler.sample(c[idx], axes_tgt, h + s)
+                ok = usable[idx] & (in_tgt >= min_inside)
+                active[idx[~ok]] = False
+                peak[idx[~ok]] = np.nan
+                if not ok.any():
+                    continue
+                run = idx[ok]
+                off, p = _peak_offsets(ncc_maps(blocks[torch.from_numpy(ok)], all_templates[run]),
+                                       subvoxel=li == len(levels) - 1)
+                c[run] += off @ axes_tgt.T
+                peak[run] = p
+            if li == 0:  # starts that meet after the coarse level would give the same result
+                for earlier in seen:
+                    met = active & (np.linalg.norm(c - earlier, axis=1) < 0.5 * step)
+                    active[met] = False
+                    peak[met] = np.nan
+                seen.append(np.where(active[:, None], c, np.nan))
+        better = np.isfinite(peak) & (peak > best_peak)
+        best[better] = c[better]
+        best_peak[better] = peak[better]
+    ran = np.isfinite(best_peak)
+    moved = ran & (best_peak >= min_ncc)
     out = start.copy()
-    ncc_out = np.full(len(pts), np.nan)
-    moved = np.zeros(len(pts), dtype=bool)
-    for n in range(len(pts)):
-        templates: dict[int, torch.Tensor | None] = {}
-
-        def template_at(li: int, h: int, step: float) -> torch.Tensor | None:
-            if li not in templates:
-                t, inside = sample_lattice(source, pts[n], np.eye(d) * step, h)
-                flat = float(t.std()) <= 1e-6 * (1 + float(t.abs().max()))
-                templates[li] = None if inside < min_inside or flat else t
-            return templates[li]
-
-        best_c, best_peak = None, -np.inf
-        seen: list[np.ndarray] = []
-        first_search_mm = levels[0][2]
-        for si, st in enumerate(starts):
-            c, peak = st[n].copy(), np.nan
-            # a start within half the first search radius of an earlier one is covered by that one's search
-            if any(np.linalg.norm(c - o[n]) < 0.5 * first_search_mm for o in starts[:si]):
-                continue
-            for li, (step, patch_mm, search_mm) in enumerate(levels):
-                h = max(1, int(round(patch_mm / step)))
-                s = max(1, int(round(search_mm / step)))
-                template = template_at(li, h, step)
-                axes_tgt = L @ (np.eye(d) * step)
-                block, in_tgt = sample_lattice(target, c, axes_tgt, h + s)
-                if template is None or in_tgt < min_inside:
-                    peak = np.nan
-                    break
-                off, peak = _peak_offset(ncc_map(block, template), subvoxel=li == len(levels) - 1)
-                c = c + axes_tgt @ off
-                if li == 0:  # starts that meet after the coarse level would give the same result
-                    if any(np.linalg.norm(c - o) < 0.5 * step for o in seen):
-                        peak = np.nan
-                        break
-                    seen.append(c.copy())
-            if np.isfinite(peak) and peak > best_peak:
-                best_c, best_peak = c, peak
-        if best_c is not None:
-            ncc_out[n] = best_peak
-            if best_peak >= min_ncc:
-                out[n] = best_c
-                moved[n] = True
-    return Polished(out, ncc_out, moved)
+    out[moved] = best[moved]
+    return Polished(out, np.where(ran, best_peak, np.nan), moved)

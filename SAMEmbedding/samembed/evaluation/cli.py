@@ -3,7 +3,7 @@
 Examples::
 
     samembed make-suites --out cache/suites
-    samembed evaluate cache/suites/*/cases.json --methods sam,sam-refine,centre,elastix-affine,elastix-bspline \\
+    samembed evaluate cache/suites/*/cases.json --methods sam,sam-polish,sam-refine,centre,elastix-affine,elastix-bspline \\
         --model default --out results/
 """
 
@@ -73,7 +73,7 @@ def add_parsers(subparsers) -> None:
                               description="Run point-transfer methods on benchmark case files (JSON or CSV) and write a "
                                           "markdown table, per-point CSV and error-CDF PNGs per suite.")
     e.add_argument("cases", nargs="+", help="case files (.json or .csv)")
-    e.add_argument("--methods", default="sam,sam-refine,centre,elastix-affine,elastix-bspline",
+    e.add_argument("--methods", default="sam,sam-polish,sam-refine,centre,elastix-affine,elastix-bspline",
                    help=f"comma-separated, from: {', '.join(METHODS)}")
     e.add_argument("--model", default="default", help="SAMEmbedding model name, checkpoint path or random:sam-lite")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto")
