@@ -71,31 +71,35 @@ def _lattice_offsets(half: int, d: int) -> torch.Tensor:
 class LatticeSampler:
     """Samples one image (linear interpolation) on many small lattices at once.
 
-    The voxels the lattices reach are copied once to a float32 block (grown when a later call reaches further), so
-    a whole batch of points costs one ``grid_sample`` call, not one copy and call per point.
+    The image is converted to float32 only where lattices reach, chunk by chunk (``chunk`` voxels a side), into
+    one volume-sized buffer whose untouched pages are never written, so a batch of points costs one
+    ``grid_sample`` call and no copy of the whole volume.
     """
 
-    def __init__(self, image: Image):
+    def __init__(self, image: Image, chunk: int = 32):
         self.image = image
         grid = image.grid
         self._index_per_mm = np.linalg.inv(grid.direction @ np.diag(grid.spacing_mm))
         self._size = np.asarray(grid.size_ijk)
-        self._lo: np.ndarray | None = None
-        self._hi: np.ndarray | None = None
-        self._block: torch.Tensor | None = None
+        self._chunk = chunk
+        self._volume: torch.Tensor | None = None  # (1, 1) + image shape, filled chunk by chunk
+        self._filled = np.zeros(tuple(-(-n // chunk) for n in grid.shape_zyx), dtype=bool)
 
     def _cover(self, lo: np.ndarray, hi: np.ndarray) -> None:
-        """Make sure the float32 block holds index range ``lo .. hi`` (i, j, k order, inclusive, clipped)."""
-        lo = np.clip(lo, 0, self._size - 1)
-        hi = np.clip(hi, 0, self._size - 1)
-        if self._block is not None and np.all(lo >= self._lo) and np.all(hi <= self._hi):
-            return
-        if self._block is not None:
-            lo, hi = np.minimum(lo, self._lo), np.maximum(hi, self._hi)
-        d = len(lo)
-        crop = self.image.array[tuple(slice(lo[a], hi[a] + 1) for a in reversed(range(d)))]
-        self._block = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
-        self._lo, self._hi = lo, hi
+        """Make sure the buffer holds the image in every box ``lo[n] .. hi[n]`` ((N, d) voxel indices in (i, j, k)
+        order, inclusive; clipped to the image)."""
+        if self._volume is None:
+            self._volume = torch.empty((1, 1) + self.image.array.shape, dtype=torch.float32)
+        c_lo = np.clip(lo, 0, self._size - 1)[:, ::-1] // self._chunk  # chunk indices, array order
+        c_hi = np.clip(hi, 0, self._size - 1)[:, ::-1] // self._chunk
+        need = np.zeros_like(self._filled)
+        for a, b in zip(c_lo, c_hi):
+            need[tuple(slice(x, y + 1) for x, y in zip(a, b))] = True
+        buffer = self._volume[0, 0].numpy()
+        for c in np.argwhere(need & ~self._filled):
+            box = tuple(slice(x * self._chunk, (x + 1) * self._chunk) for x in c)
+            buffer[box] = self.image.array[box]
+        self._filled |= need
 
     def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int) -> tuple[torch.Tensor, np.ndarray]:
         """Sample at ``centre + axes @ v`` for integer ``v`` in ``[-half, half]^d``, for every centre.
@@ -115,7 +119,7 @@ class LatticeSampler:
         ijk0 = grid.lps_to_index(np.asarray(centres_lps_mm, dtype=np.float64)[:, :d])  # (N, d)
         M = self._index_per_mm @ np.asarray(axes_lps_mm, dtype=np.float64)
         reach = np.abs(M).sum(1) * half  # each lattice's extent from its centre along each index axis
-        self._cover(np.floor(ijk0.min(0) - reach).astype(int) - 1, np.ceil(ijk0.max(0) + reach).astype(int) + 1)
+        self._cover(np.floor(ijk0 - reach).astype(int) - 1, np.ceil(ijk0 + reach).astype(int) + 1)
         offsets = _lattice_offsets(half, d) @ torch.from_numpy(M.T.astype(np.float32))  # (n,)*d + (d,), index units
         # a lattice is convex: when its corners are inside the image, all of it is; count points only for the rest
         inside = np.ones(len(ijk0))
@@ -125,12 +129,12 @@ class LatticeSampler:
             ijk = torch.from_numpy(ijk0[at_edge].astype(np.float32)).view((-1,) + (1,) * d + (d,)) + offsets
             upper = torch.from_numpy((self._size - 0.5).astype(np.float32))
             inside[at_edge] = ((ijk >= -0.5) & (ijk <= upper)).all(-1).flatten(1).float().mean(1).numpy()
-        # grid_sample's normalised coordinates in the block, (i, j, k) = its (x, y, z)
-        scale = 2.0 / np.maximum(self._hi - self._lo, 1)
-        g0 = torch.from_numpy(((ijk0 - self._lo) * scale - 1.0).astype(np.float32))
+        # grid_sample's normalised coordinates (align_corners: -1 and 1 are the first and last voxel centres)
+        scale = 2.0 / np.maximum(self._size - 1, 1)
+        g0 = torch.from_numpy((ijk0 * scale - 1.0).astype(np.float32))
         g = g0.view((-1,) + (1,) * d + (d,)) + offsets * torch.from_numpy(scale.astype(np.float32))
-        g = g.reshape((1, -1) + (n,) * (d - 1) + (d,))
-        out = F.grid_sample(self._block, g, mode="bilinear", padding_mode="border", align_corners=True)
+        g = g.reshape((1, -1) + (n,) * (d - 1) + (d,))  # (i, j, k) = grid_sample's (x, y, z)
+        out = F.grid_sample(self._volume, g, mode="bilinear", padding_mode="border", align_corners=True)
         return out.reshape((-1,) + (n,) * d), inside
 
 
