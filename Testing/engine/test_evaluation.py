@@ -306,3 +306,21 @@ def test_missing_data_folder_gives_an_input_error_naming_the_variable(tmp_path):
     with pytest.raises(InputError, match="SAMEMBED_DATA"):
         suites.build_openkbp_inter(tmp_path, data=tmp_path / "nowhere")
     assert cases_mod.CSV_COLUMNS[0] == "suite"
+
+
+def test_target_checks_judge_error_and_speed_and_show_a_slow_suite():
+    from samembed.evaluation.runner import target_checks
+
+    def result(suite, method, error_mm, seconds):
+        truth = np.zeros((1, 3))
+        return metrics.PairResult(suite, "c", method, ["Brainstem"], truth, truth,
+                                  truth + [error_mm, 0.0, 0.0], seconds)
+
+    results = [result("openkbp_inter", "sam", 10.0, 0.1), result("openkbp_inter", "elastix-bspline", 12.0, 10.0),
+               result("popi_synthetic", "sam", 1.0, 1.0), result("popi_synthetic", "elastix-bspline", 0.5, 10.0)]
+    lines = "\n".join(target_checks(results))
+    assert "openkbp_inter, all structures: sam 10.0 mm vs elastix-bspline 12.0 mm → met" in lines
+    assert "popi_synthetic: sam 1.0 mm vs 1.5 × elastix-bspline = 0.8 mm → NOT met" in lines
+    # 10 s vs 0.55 s over all pairs is 18 x; popi alone is 10 x, openkbp 100 x
+    assert "18 × faster over all pairs (target ≥ 20 ×) → NOT met" in lines
+    assert "openkbp_inter 100 ×, popi_synthetic 10 × (below 20 ×)" in lines
