@@ -124,11 +124,10 @@ class LatticeSampler:
         # a lattice is convex: when its corners are inside the image, all of it is; count points only for the rest
         inside = np.ones(len(ijk0))
         corners = np.array(np.meshgrid(*([[-half, half]] * d), indexing="ij")).reshape(d, -1).T @ M.T  # (2^d, d)
-        at_edge = ~self.image.grid.contains_index((ijk0[:, None] + corners).reshape(-1, d)).reshape(len(ijk0), -1).all(1)
+        at_edge = ~grid.contains_index((ijk0[:, None] + corners).reshape(-1, d)).reshape(len(ijk0), -1).all(1)
         if at_edge.any():
-            ijk = torch.from_numpy(ijk0[at_edge].astype(np.float32)).view((-1,) + (1,) * d + (d,)) + offsets
-            upper = torch.from_numpy((self._size - 0.5).astype(np.float32))
-            inside[at_edge] = ((ijk >= -0.5) & (ijk <= upper)).all(-1).flatten(1).float().mean(1).numpy()
+            ijk = ijk0[at_edge][:, None] + offsets.reshape(-1, d).numpy()  # (E, n^d, d)
+            inside[at_edge] = grid.contains_index(ijk.reshape(-1, d)).reshape(len(ijk), -1).mean(1)
         # grid_sample's normalised coordinates (align_corners: -1 and 1 are the first and last voxel centres)
         scale = 2.0 / np.maximum(self._size - 1, 1)
         g0 = torch.from_numpy((ijk0 * scale - 1.0).astype(np.float32))
