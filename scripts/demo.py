@@ -86,13 +86,13 @@ def main() -> int:
     ap.add_argument("--model", default="default", help="model name, checkpoint path or random:sam-lite")
     ap.add_argument("--out", default=str(REPO / "demo_output"))
     ap.add_argument("--refine", action="store_true")
-    ap.add_argument("--polish", action=argparse.BooleanOptionalAction, default=True,
-                    help="sub-voxel intensity polish of each match (default on)")
+    ap.add_argument("--polish", action=argparse.BooleanOptionalAction, default=None,
+                    help="sub-voxel intensity polish of each match (default: samembed.MatchOptions' default, on)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from samembed import Matcher
+    from samembed import Matcher, MatchOptions
     from samembed.errors import SamEmbedError
     from samembed.io import read_image
 
@@ -110,14 +110,17 @@ def main() -> int:
     t_prep = time.perf_counter() - t0
     try:
         matcher = Matcher(args.model, device="auto")
+        options = MatchOptions(refine=args.refine)
+        if args.polish is not None:
+            options = options.replace(polish=args.polish)
         source, target = read_image(source_path), read_image(target_path)
         t1 = time.perf_counter()
-        res = matcher.match(source, pts, [target], labels, heatmap=False, refine=args.refine, polish=args.polish)
+        res = matcher.match(source, pts, [target], labels, options)
         t_first = time.perf_counter() - t1
         t2 = time.perf_counter()
-        res = matcher.match(source, pts, [target], labels, heatmap=False, refine=args.refine, polish=args.polish)
+        res = matcher.match(source, pts, [target], labels, options)
         t_warm = time.perf_counter() - t2
-        hm = matcher.match(source, pts[:1], [target], labels[:1], heatmap=True).heatmaps[(0, labels[0])]
+        hm = matcher.match(source, pts[:1], [target], labels[:1], options.replace(heatmap=True)).heatmaps[(0, labels[0])]
     except SamEmbedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -136,7 +139,7 @@ def main() -> int:
               f"within 5 mm {100 * np.mean(e <= 5):.0f}%, within 10 mm {100 * np.mean(e <= 10):.0f}% "
               f"(true motion: mean {disp.mean():.1f} mm)")
     print(f"polished by intensity: {sum(m.polished for m in res.matches)} of {len(res.matches)} matches"
-          + ("" if args.polish else " (--no-polish)"))
+          + ("" if options.polish else " (--no-polish)"))
     print(f"timings: data {t_prep:.1f} s, first match incl. embedding {t_first:.1f} s, "
           f"warm match of {len(pts)} points {t_warm * 1000:.0f} ms ({matcher.model.model_id}, {matcher.device})")
     png = out / f"heatmap_{labels[0]}.png"

@@ -6,13 +6,15 @@ position) and a local vector (fine structure); a point is matched by the best jo
 Public API::
 
     from samembed import Matcher
-    result = Matcher(model="default", device="auto").match(source, points_lps_mm, targets)
+    result = Matcher(model="default", device="auto").match(source, points_lps_mm, targets,
+                                                          options=MatchOptions(refine=False, polish=True))
 
 Importing this package loads no Slicer, Qt or VTK module.
 """
 
 from .errors import CheckpointError, Cancelled, DeviceUnavailableError, InputError, ModelNotAvailableError, SamEmbedError
 from .image import Grid, Image, lps_to_ras, ras_to_lps
+from .options import MatchOptions
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,6 @@ def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on fir
 
 
 __all__ = [
-    "Cancelled", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchResult",
-    "Matcher", "ModelNotAvailableError", "SamEmbedError", "lps_to_ras", "ras_to_lps", "__version__",
+    "Cancelled", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchOptions",
+    "MatchResult", "Matcher", "ModelNotAvailableError", "SamEmbedError", "lps_to_ras", "ras_to_lps", "__version__",
 ]

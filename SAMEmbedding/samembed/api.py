@@ -1,8 +1,9 @@
-"""The scripting API: ``Matcher(model, device).match(source, points_lps_mm, targets)``.
+"""The scripting API: ``Matcher(model, device).match(source, points_lps_mm, targets, options=MatchOptions())``.
 
->>> from samembed import Matcher
+>>> from samembed import Matcher, MatchOptions
 >>> m = Matcher(model="default", device="auto")                       # doctest: +SKIP
->>> result = m.match("atlas.nii.gz", [[10.0, -40.0, 80.0]], ["patient.nii.gz"], heatmap=True)  # doctest: +SKIP
+>>> result = m.match("atlas.nii.gz", [[10.0, -40.0, 80.0]], ["patient.nii.gz"],
+...                  options=MatchOptions(heatmap=True))               # doctest: +SKIP
 >>> result.matches[0].point_lps_mm, result.matches[0].score          # doctest: +SKIP
 """
 
@@ -12,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,17 +22,18 @@ import torch
 
 from .affine import apply_affine
 from .consistency import consistent_matches
-from .defaults import DEFAULT_POLISH, DEFAULT_PRIOR_WINDOW_MM, DEFAULT_REFINE_WINDOW_MM
 from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
-from .intensity import DEFAULT_LEVELS, polish_points
+from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
 from .matcher import affine_prior, allowed_at, box_mask, heatmap_image, mask_from_image, match_points
 from .models import LoadedModel, load_model
+from .options import MatchOptions, ProgressFn
 from .refine import refine_points
 
 log = logging.getLogger(__name__)
+DEFAULT_OPTIONS = MatchOptions()
 ImageLike = "str | os.PathLike | Image | SimpleITK.Image"
 
 
@@ -123,8 +125,34 @@ def _points_array(points, ndim: int, source: Image) -> np.ndarray:
     return p
 
 
+@dataclass
+class _Inputs:
+    """A validated ``match`` call: the source image, its points (N, 3) LPS mm and their labels."""
+
+    source: Image
+    points_lps_mm: np.ndarray
+    labels: list[str]
+    targets: list
+    names: list[str | None]
+    mask: Image | None
+
+
+@dataclass
+class _Region:
+    """Where a target is searched: the allowed local voxels (V,) and how (window around the affine prior)."""
+
+    allowed: torch.Tensor
+    prior: np.ndarray | None  # source -> target affine, (d+1, d+1), or None when untrustworthy
+    window_mm: float | None  # half-size of each point's search window (None: the whole region)
+    search_prior: np.ndarray | None  # the prior the window is centred on (None: around the best global match)
+
+
 class Matcher:
     """Find points of a source image in target images with SAM embeddings.
+
+    The Matcher holds what is expensive to build (the model, the device, the embedding cache and the affine
+    priors fitted per image pair); every search setting is a :class:`~samembed.options.MatchOptions` value
+    passed per call, so one Matcher serves calls with different settings.
 
     Args:
         model: a model name from ``models.json`` (``"default"``), a checkpoint path, ``"random:sam-lite"``,
@@ -133,181 +161,180 @@ class Matcher:
         cache_bytes: memory cap of the embedding cache.
         cache_dir: optional on-disk embedding cache folder.
         modality: ``"auto"``, ``"ct"``, ``"mri"`` or ``"xray"``.
-        search_body: restrict matches to the target's body mask (default True).
-        roundtrip_tolerance_mm: the confidence flag's radius (default: 2 local voxels).
         max_tile_voxels: inputs larger than this (model-grid voxels) are embedded in slabs with a halo.
         cuda_fallback: with ``device="cuda"`` and no CUDA, warn and use the CPU instead of raising.
-        global_window_mm: coarse-to-fine search: take the joint argmax only within +- this many mm of the best
-            global match (None: the official single joint argmax over the whole target).
-        prior_window_mm: search each point only within +- this many mm of where a robust affine, fitted to
-            global-embedding matches of many body voxels (:func:`~samembed.matcher.affine_prior`, as in SAME),
-            puts it; the affine is fitted once per source/target pair, and the whole target is searched when
-            fewer than 20 % of the voxels agree on one. None: no prior (SAM's single argmax over the target).
-        refine_window_mm: ``match(refine=True)`` searches each seed within +- this many mm of where the plain
-            match puts it (a local refinement); None: whole volumes (slow).
-        polish_min_ncc, polish_levels: settings of ``match(polish=True)`` (see :func:`samembed.intensity.polish_points`).
         spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
-        consistency_inlier_mm, consistency_window_mm: settings of ``match(consistency=True)`` (see
-            :mod:`samembed.consistency`): matches farther than ``consistency_inlier_mm`` from the robust affine
-            of all matches are searched again within +- ``consistency_window_mm`` of the affine's prediction.
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",
                  cache_bytes: int = 3 << 30, cache_dir: str | os.PathLike | None = None, modality: str = "auto",
-                 search_body: bool = True, roundtrip_tolerance_mm: float | None = None,
                  max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
-                 global_window_mm: float | None = None, spacing_mm: float | None = None,
-                 consistency_inlier_mm: float = 15.0, consistency_window_mm: float = 20.0,
-                 prior_window_mm: float | None = DEFAULT_PRIOR_WINDOW_MM,
-                 refine_window_mm: float | None = DEFAULT_REFINE_WINDOW_MM, polish_min_ncc: float = 0.5,
-                 polish_levels: tuple[tuple[float, float, float], ...] = DEFAULT_LEVELS) -> None:
+                 spacing_mm: float | None = None) -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
         self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality)
-        self.search_body = search_body
-        self.roundtrip_tolerance_mm = roundtrip_tolerance_mm
-        self.global_window_mm = global_window_mm
         self.spacing_mm = spacing_mm
-        self.prior_window_mm = prior_window_mm
-        self.refine_window_mm = refine_window_mm
         self._priors: dict = {}
-        self.consistency_inlier_mm = consistency_inlier_mm
-        self.consistency_window_mm = consistency_window_mm
-        self.polish_min_ncc = polish_min_ncc
-        self.polish_levels = polish_levels
 
-    def embed(self, image, progress: Callable | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
+    def embed(self, image, progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
         """Embeddings of one image (cached)."""
         return self.embedder.embed(as_image(image, spacing_mm=self.spacing_mm), progress, cancel)
 
-    def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None, *,
-              heatmap: bool = False, refine: bool = False, consistency: bool = False, polish: bool = DEFAULT_POLISH,
-              mask=None, box_lps_mm=None,
-              progress: Callable[[int, int, str], None] | None = None, cancel: threading.Event | None = None,
-              target_names: Sequence[str] | None = None) -> MatchResult:
+    def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None,
+              options: MatchOptions = DEFAULT_OPTIONS, *, mask=None, progress: ProgressFn | None = None,
+              cancel: threading.Event | None = None, target_names: Sequence[str] | None = None) -> MatchResult:
         """Match source points into every target.
 
         Args:
             source: the image the points are in (path, Image, SimpleITK image or array).
             points_lps_mm: (N, 3) LPS mm points (use :func:`samembed.image.ras_to_lps` for Slicer RAS).
             targets: images to search.
-            labels: one label per point (default P1, P2, ...); they must be unique when ``heatmap`` is set,
-                because heatmaps are keyed by ``(target_index, label)``.
-            heatmap: also return each point's similarity map resampled to each target's voxel grid.
-            refine: cycle-consistent fixed-point refinement (slower, usually more accurate).
-            consistency: re-search the matches that disagree with a robust affine fitted to all matches of the
-                target (needs at least 2 (d + 1) points; see :mod:`samembed.consistency`). Cheap; it removes
-                gross mismatches when many landmarks are matched at once, e.g. a radiograph's landmark set.
-            polish: sub-voxel intensity refinement, last (see :mod:`samembed.intensity`): each match moves to the
-                best normalised cross-correlation of the source point's neighbourhood nearby, searched from the
-                match and from the affine prior's prediction; a match stays where it is when no patch nearby
-                correlates at least ``polish_min_ncc`` or when the polished point would leave the searched region
-                (body, ``mask``, ``box_lps_mm``). Uses the original voxels, so it is finer than the maps'
-                grid; it helps most when source and target show the same structures (the same patient, a similar
-                radiograph), and cannot help across modalities.
-            mask: restrict the search to non-zero voxels of this image (in the targets' space), or None.
-            box_lps_mm: restrict the search to an LPS box [[x0, y0, z0], [x1, y1, z1]] mm, or None.
-                A mask or box replaces the default restriction to the body.
-            progress: called as ``progress(done, total, message)`` before embedding each target
+            labels: one label per point (default P1, P2, ...); they must be unique when ``options.heatmap`` is
+                set, because heatmaps are keyed by ``(target_index, label)``.
+            options: how to search, check and polish (:class:`~samembed.options.MatchOptions`; its fields
+                document each step: the affine-prior window, ``refine``, ``consistency``, ``polish``, the body
+                restriction, a search box, heatmaps).
+            mask: restrict the search to non-zero voxels of this image (in the targets' space), or None. A mask
+                or ``options.box_lps_mm`` replaces the default restriction to the body.
+            progress: ``progress(done, total, phase)`` counted in targets: before embedding each target
                 ("embedding <name>") and after matching it ("<name>").
             cancel: when set, stops between targets and raises :class:`Cancelled` with the partial result.
 
         Returns:
             :class:`MatchResult`.
         """
+        if not isinstance(options, MatchOptions):
+            raise InputError(f"options must be a samembed.MatchOptions, not {type(options).__name__}")
         t0 = time.time()
+        inputs = self._inputs(source, points_lps_mm, targets, labels, options, mask, target_names)
+        src_maps = self.embedder.embed(inputs.source, cancel=cancel)
+        result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
+        for ti, target in enumerate(inputs.targets):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled after {ti} of {len(inputs.targets)} targets", partial=result)
+            t1 = time.time()
+            tgt, name = self._target(inputs, ti, target)
+            if progress:
+                progress(ti, len(inputs.targets), f"embedding {name}")
+            tmaps = self.embedder.embed(tgt, cancel=cancel)
+            t_embed = time.time() - t1
+            region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
+            matches, heatmaps = self._match_target(inputs, src_maps, tgt, tmaps, region, options, ti, name)
+            result.matches.extend(matches)
+            result.heatmaps.update(heatmaps)
+            result.targets.append(name)
+            result.timings[f"target{ti}_embed_s"] = t_embed
+            result.timings[f"target{ti}_match_s"] = time.time() - t1 - t_embed
+            if progress:
+                progress(ti + 1, len(inputs.targets), name)
+        result.timings["total_s"] = time.time() - t0
+        return result
+
+    # ------------------------------------------------------------------------------------ the stages
+    def _inputs(self, source, points_lps_mm, targets, labels, options: MatchOptions, mask,
+                target_names) -> _Inputs:
+        """Stage 1: read and check the source, its points and labels, the targets' list and the mask."""
         src = as_image(source, "source", self.spacing_mm)
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
         if len(targets) == 0:
             raise InputError("no target images given")
+        if target_names is not None and len(target_names) != len(targets):
+            raise InputError(f"{len(target_names)} target names for {len(targets)} targets")
         pts = _points_array(points_lps_mm, src.ndim, src)
         labels = list(labels) if labels is not None else [f"P{i + 1}" for i in range(len(pts))]
         if len(labels) != len(pts):
             raise InputError(f"{len(labels)} labels for {len(pts)} points")
-        if heatmap and len(set(labels)) != len(labels):
+        if options.heatmap and len(set(labels)) != len(labels):
             raise InputError("point labels must be unique when heatmaps are requested (heatmaps are keyed by label)")
         d = src.ndim
-        ijk = src.grid.lps_to_index(pts[:, :d])
-        outside = ~src.grid.contains_index(ijk, margin=0.5)
+        outside = ~src.grid.contains_index(src.grid.lps_to_index(pts[:, :d]), margin=0.5)
         if outside.any():
             i = int(np.argmax(outside))
             raise InputError(
                 f"{src.name}: point '{labels[i]}' at ({', '.join(f'{v:.1f}' for v in pts[i])}) mm LPS lies outside the image; "
                 "if the coordinates are RAS, pass --ras (or convert with ras_to_lps)")
         mask_img = as_image(mask, "mask") if mask is not None and not isinstance(mask, Image) else mask
-        src_maps = self.embedder.embed(src, cancel=cancel)
-        result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
-        src_allowed = src_maps.search_mask(self.search_body)
-        for ti, target in enumerate(targets):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result)
-            t1 = time.time()
-            tgt = as_image(target, target_names[ti] if target_names else f"target{ti}", self.spacing_mm)
-            name = target_names[ti] if target_names else (str(target) if isinstance(target, (str, os.PathLike)) else tgt.name)
-            if tgt.ndim != src.ndim:
-                raise InputError(f"{name}: a {tgt.ndim}D target cannot be matched with the {src.ndim}D source {src.name}; "
-                                 "use images of the same dimension")
-            if progress:
-                progress(ti, len(targets), f"embedding {name}")
-            tmaps = self.embedder.embed(tgt, cancel=cancel)
-            t_embed = time.time() - t1
-            # an explicit mask or box replaces the default body restriction
-            explicit = mask_img is not None or box_lps_mm is not None
-            allowed = tmaps.search_mask(self.search_body and not explicit)
-            if not bool(allowed.any()):
-                allowed = tmaps.valid
-            if mask_img is not None:
-                allowed = allowed & mask_from_image(tmaps, mask_img)
-            if box_lps_mm is not None:
-                allowed = allowed & box_mask(tmaps, box_lps_mm)
-            if not bool(allowed.any()):
-                raise InputError(f"{name}: the search mask/box leaves no voxel to search")
-            # the window goes around the affine prior's prediction, else (no prior) around the best global match
-            prior = self._prior(src_maps, tmaps) if self.prior_window_mm or polish else None
-            window_mm = self.prior_window_mm if prior is not None and self.prior_window_mm else self.global_window_mm
-            search_prior = prior if self.prior_window_mm else None
-            raw = match_points(src_maps, pts, tmaps, allowed, keep_similarity=heatmap, window_mm=window_mm,
-                               prior=search_prior)
-            found, scores = raw.points_lps_mm, raw.scores
-            rematched = np.zeros(len(pts), dtype=bool)
-            if consistency:
-                con = consistent_matches(src_maps, pts, tmaps, found, scores, allowed,
-                                         inlier_mm=self.consistency_inlier_mm, window_mm=self.consistency_window_mm)
-                found, scores, rematched = con.points_lps_mm, con.scores, con.rematched
-            if refine:
-                ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=allowed,
-                                    window_mm=self.refine_window_mm)
-                found, scores = ref.points_lps_mm, ref.scores
-            polished, ncc = np.zeros(len(pts), dtype=bool), np.full(len(pts), np.nan)
-            if polish:
-                pol = polish_points(src, tgt, pts, found, None if prior is None else prior[:d, :d],
-                                    levels=self.polish_levels, min_ncc=self.polish_min_ncc,
-                                    alternatives=[] if prior is None else [apply_affine(prior, pts[:, :d])])
-                # a polished point must stay where the search was allowed (body, mask, box); else it keeps its match
-                keep = pol.moved & allowed_at(tmaps, allowed, pol.points_lps_mm)
-                found = np.where(keep[:, None], pol.points_lps_mm, found[:, :d])
-                polished, ncc = keep, pol.ncc
-            # the round trip matches back the same way: with the prior, inside the inverse affine's window
-            back = match_points(tmaps, found, src_maps, src_allowed, window_mm=window_mm,
-                                prior=None if search_prior is None else np.linalg.inv(search_prior))
-            rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
-            tol = self.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
-            for n, lab in enumerate(labels):
-                p3 = np.zeros(3)
-                p3[:d] = found[n, :d]
-                result.matches.append(Match(lab, name, ti, p3, float(scores[n]), bool(rt[n] <= tol), float(rt[n]),
-                                            bool(rematched[n]), bool(polished[n]), float(ncc[n])))
-                if heatmap:
-                    result.heatmaps[(ti, lab)] = heatmap_image(raw.similarity[n], tmaps, f"{lab} in {Path(name).name}")
-            result.targets.append(name)
-            result.timings[f"target{ti}_embed_s"] = t_embed
-            result.timings[f"target{ti}_match_s"] = time.time() - t1 - t_embed
-            if progress:
-                progress(ti + 1, len(targets), name)
-        result.timings["total_s"] = time.time() - t0
-        return result
+        names = list(target_names) if target_names is not None else [None] * len(targets)
+        return _Inputs(src, pts, labels, list(targets), names, mask_img)
+
+    def _target(self, inputs: _Inputs, ti: int, target) -> tuple[Image, str]:
+        """The ``ti``-th target as an image, and its name (given name, else its path, else the image's name)."""
+        given = inputs.names[ti]
+        tgt = as_image(target, given or f"target{ti}", self.spacing_mm)
+        name = given or (str(target) if isinstance(target, (str, os.PathLike)) else tgt.name)
+        if tgt.ndim != inputs.source.ndim:
+            raise InputError(f"{name}: a {tgt.ndim}D target cannot be matched with the {inputs.source.ndim}D source "
+                             f"{inputs.source.name}; use images of the same dimension")
+        return tgt, name
+
+    def _search_region(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps, options: MatchOptions,
+                       mask: Image | None, name: str) -> _Region:
+        """Stage 2: the voxels a match may land on, and the search window (around the affine prior)."""
+        explicit = mask is not None or options.box_lps_mm is not None  # replaces the default body restriction
+        allowed = tmaps.search_mask(options.search_body and not explicit)
+        if mask is not None:
+            allowed = allowed & mask_from_image(tmaps, mask)
+        if options.box_lps_mm is not None:
+            allowed = allowed & box_mask(tmaps, options.window_box)
+        if not bool(allowed.any()):
+            raise InputError(f"{name}: the search mask/box leaves no voxel to search")
+        # the window goes around the affine prior's prediction, else (no prior) around the best global match
+        prior = self._prior(src_maps, tmaps) if options.prior_window_mm or options.polish else None
+        if prior is not None and options.prior_window_mm:
+            return _Region(allowed, prior, options.prior_window_mm, prior)
+        return _Region(allowed, prior, options.global_window_mm or None, None)
+
+    def _match_target(self, inputs: _Inputs, src_maps: EmbeddingMaps, tgt: Image, tmaps: EmbeddingMaps,
+                      region: _Region, options: MatchOptions, ti: int, name: str) -> tuple[list[Match], dict]:
+        """Stage 3: search, then the optional consistency, refinement and polish steps, then the round trip."""
+        pts, d = inputs.points_lps_mm, inputs.source.ndim
+        src_allowed = src_maps.search_mask(options.search_body)
+        raw = match_points(src_maps, pts, tmaps, region.allowed, keep_similarity=options.heatmap,
+                           window_mm=region.window_mm, prior=region.search_prior)
+        found, scores = raw.points_lps_mm, raw.scores
+        n = len(pts)
+        rematched = np.zeros(n, dtype=bool)
+        if options.consistency:
+            con = consistent_matches(src_maps, pts, tmaps, found, scores, region.allowed,
+                                     inlier_mm=options.consistency_inlier_mm, window_mm=options.consistency_window_mm)
+            found, scores, rematched = con.points_lps_mm, con.scores, con.rematched
+        if options.refine:
+            ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=region.allowed,
+                                window_mm=options.refine_window_mm or None)
+            found, scores = ref.points_lps_mm, ref.scores
+        polished, ncc = np.zeros(n, dtype=bool), np.full(n, np.nan)
+        if options.polish:
+            prior = region.prior
+            pol = polish_points(inputs.source, tgt, pts, found, None if prior is None else prior[:d, :d],
+                                levels=options.polish_levels, min_ncc=options.polish_min_ncc,
+                                alternatives=[] if prior is None else [apply_affine(prior, pts[:, :d])])
+            # a polished point must stay where the search was allowed (body, mask, box); else it keeps its match
+            keep = pol.moved & allowed_at(tmaps, region.allowed, pol.points_lps_mm)
+            found = np.where(keep[:, None], pol.points_lps_mm, found[:, :d])
+            polished, ncc = keep, pol.ncc
+        # the round trip matches back the same way: with the prior, inside the inverse affine's window
+        back = match_points(tmaps, found, src_maps, src_allowed, window_mm=region.window_mm,
+                            prior=None if region.search_prior is None else np.linalg.inv(region.search_prior))
+        rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
+        tol = options.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
+        return self._outputs(inputs, raw, tmaps, found, scores, rt, tol, rematched, polished, ncc, ti, name)
+
+    @staticmethod
+    def _outputs(inputs: _Inputs, raw, tmaps: EmbeddingMaps, found, scores, rt, tol, rematched, polished, ncc,
+                 ti: int, name: str) -> tuple[list[Match], dict]:
+        """Stage 4: one :class:`Match` per point (3D LPS mm), and the heatmaps when they were kept."""
+        d = inputs.source.ndim
+        matches, heatmaps = [], {}
+        for n, lab in enumerate(inputs.labels):
+            p3 = np.zeros(3)
+            p3[:d] = found[n, :d]
+            matches.append(Match(lab, name, ti, p3, float(scores[n]), bool(rt[n] <= tol), float(rt[n]),
+                                 bool(rematched[n]), bool(polished[n]), float(ncc[n])))
+            if raw.similarity is not None:
+                heatmaps[(ti, lab)] = heatmap_image(raw.similarity[n], tmaps, f"{lab} in {Path(name).name}")
+        return matches, heatmaps
 
     def _prior(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps) -> np.ndarray | None:
         """The source -> target affine prior (cached per pair), or None when too few voxels agree on one."""

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-from .defaults import DEFAULT_POLISH, DEFAULT_PRIOR_WINDOW_MM
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
 
 log = logging.getLogger("samembed")
@@ -52,16 +51,61 @@ def _make_matcher(args):
         if not torch.cuda.is_available():
             log.info("no CUDA device: running on the CPU")
     return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None),
-                   modality=getattr(args, "modality", "auto"), search_body=not getattr(args, "no_body_mask", False),
-                   global_window_mm=getattr(args, "global_window", None),
-                   prior_window_mm=getattr(args, "prior_window", DEFAULT_PRIOR_WINDOW_MM) or None)
+                   modality=getattr(args, "modality", "auto"), spacing_mm=getattr(args, "spacing", None))
+
+
+#: ``samembed match`` flags -> :class:`~samembed.options.MatchOptions` fields (the help and the default of each
+#: come from the dataclass, so every option is reachable and each default is declared once)
+_OPTION_FLAGS: dict[str, tuple[str, dict]] = {
+    "prior_window_mm": ("--prior-window", {"type": float, "metavar": "MM"}),
+    "global_window_mm": ("--global-window", {"type": float, "metavar": "MM"}),
+    "search_body": ("--body-mask", {"action": argparse.BooleanOptionalAction}),
+    "box_lps_mm": ("--box", {"type": float, "nargs": 6, "metavar": ("X0", "Y0", "Z0", "X1", "Y1", "Z1")}),
+    "refine": ("--refine", {"action": argparse.BooleanOptionalAction}),
+    "refine_window_mm": ("--refine-window", {"type": float, "metavar": "MM"}),
+    "consistency": ("--consistency", {"action": argparse.BooleanOptionalAction}),
+    "consistency_inlier_mm": ("--consistency-inlier", {"type": float, "metavar": "MM"}),
+    "consistency_window_mm": ("--consistency-window", {"type": float, "metavar": "MM"}),
+    "polish": ("--polish", {"action": argparse.BooleanOptionalAction}),
+    "polish_min_ncc": ("--polish-min-ncc", {"type": float, "metavar": "NCC"}),
+    "polish_levels": ("--polish-levels", {"type": lambda text: _parse_levels(text), "metavar": "S,T,W;..."}),
+    "roundtrip_tolerance_mm": ("--roundtrip-tolerance", {"type": float, "metavar": "MM"}),
+}
+
+
+def _parse_levels(text: str) -> tuple:
+    """``"2,16,8;1,10,2"`` -> ((2, 16, 8), (1, 10, 2))."""
+    try:
+        return tuple(tuple(float(v) for v in level.split(",")) for level in text.split(";") if level.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give levels as step,template,search;... in mm") from None
+
+
+def _add_match_options(p: argparse.ArgumentParser) -> None:
+    from .options import MatchOptions
+
+    g = p.add_argument_group("search options (see samembed.MatchOptions)")
+    for name, (flag, kw) in _OPTION_FLAGS.items():
+        g.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=MatchOptions.help(name), **kw)
+
+
+def match_options_from_args(args, **extra):
+    """The :class:`~samembed.options.MatchOptions` of parsed ``match`` flags (unset flags keep the defaults)."""
+    from .options import MatchOptions
+
+    values = {name: getattr(args, name) for name in _OPTION_FLAGS if hasattr(args, name)}
+    values.update(extra)
+    return MatchOptions.from_mapping(values)
 
 
 def _cmd_match(args) -> int:
     from .api import as_image
     from .io import PointList, check_writable, read_points, write_image, write_points, write_text_atomic
 
+    options = match_options_from_args(args, heatmap=bool(args.heatmap_dir))  # bad options: before any file is made
     points = read_points(args.points, ras=args.ras)
+    source = as_image(args.source, spacing_mm=args.spacing)
+    targets = [as_image(t, spacing_mm=args.spacing) for t in args.targets]
     out = Path(args.out)
     folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
     if folder_out:
@@ -70,17 +114,11 @@ def _cmd_match(args) -> int:
         check_writable(out)
     if args.heatmap_dir:
         Path(args.heatmap_dir).mkdir(parents=True, exist_ok=True)
-    box = None
-    if args.box:
-        box = [args.box[:3], args.box[3:]]
-    source = as_image(args.source, spacing_mm=args.spacing)
-    targets = [as_image(t, spacing_mm=args.spacing) for t in args.targets]
     matcher = _make_matcher(args)
     bar = _Progress(len(targets), "matching", not args.quiet)
     try:
-        res = matcher.match(source, points.points_lps_mm, targets, points.labels, heatmap=bool(args.heatmap_dir),
-                            refine=args.refine, consistency=args.consistency, polish=args.polish, mask=args.mask, box_lps_mm=box, progress=bar.update,
-                            target_names=[str(t) for t in args.targets])
+        res = matcher.match(source, points.points_lps_mm, targets, points.labels, options, mask=args.mask,
+                            progress=bar.update, target_names=[str(t) for t in args.targets])
     finally:
         bar.close()
     if folder_out:
@@ -188,22 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--points", required=True, help="CSV (label,x,y,z), .fcsv or .mrk.json")
     m.add_argument("--out", required=True, help="CSV file, or a folder for one .mrk.json per target")
     m.add_argument("--heatmap-dir", help="write each point's similarity map per target (target geometry)")
-    m.add_argument("--refine", action="store_true", help="cycle-consistent fixed-point refinement in a +-20 mm box around each match (a few s per target)")
-    m.add_argument("--consistency", action="store_true",
-                   help="re-search matches that disagree with a robust affine of all matches (many landmarks, e.g. 2D)")
-    m.add_argument("--polish", action=argparse.BooleanOptionalAction, default=DEFAULT_POLISH,
-                   help="sub-voxel polish of each match by normalised cross-correlation of the original voxels around "
-                        f"it (default: {'on' if DEFAULT_POLISH else 'off'}; no effect where nothing correlates, e.g. "
-                        "across modalities)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
-    m.add_argument("--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"), help="search box, LPS mm")
-    m.add_argument("--no-body-mask", action="store_true", help="search the whole target, not only the body")
-    m.add_argument("--prior-window", type=float, metavar="MM", default=DEFAULT_PRIOR_WINDOW_MM,
-                   help="search each point within +-MM of where a robust affine of global-embedding matches puts it "
-                        f"(default {DEFAULT_PRIOR_WINDOW_MM:g}; 0: search the whole target)")
-    m.add_argument("--global-window", type=float, metavar="MM",
-                   help="with --prior-window 0: joint argmax only within +-MM of the best global match")
+    _add_match_options(m)
     _add_common(m)
     m.set_defaults(func=_cmd_match)
 
@@ -222,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", nargs="+", help="folders (recursive), list files or images")
     t.add_argument("--out", help="output folder")
     t.add_argument("--iterations", type=int)
-    t.add_argument("--resume", help="checkpoint (last.pt) to resume from")
+    t.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                   help="continue a run: from CHECKPOINT, or (no value) from the run folder's last.pt when it exists, "
+                        "else start anew (from the config's init_from weights, if set)")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled, DeviceUnavailableError
+from .options import ProgressFn
 from .image import Grid, Image
 from .models import LoadedModel
 from .preprocess import body_mask_array, preprocess
 
 log = logging.getLogger(__name__)
-ProgressFn = Callable[[float, str], None]
 
 
 def resolve_device(device: str | torch.device = "auto", fallback: bool = False) -> torch.device:
@@ -110,8 +110,15 @@ class EmbeddingMaps:
         return int(self.local.shape[0])
 
     def search_mask(self, use_body: bool = True) -> torch.Tensor:
-        """Voxels a match may land on: inside the image, and inside the body when ``use_body``."""
-        return self.valid & self.body if use_body else self.valid
+        """Voxels a match may land on: inside the image, and inside the body when ``use_body``.
+
+        This is the one place of the rule "the body, else every valid voxel": an image in which no body was
+        found (all voxels below the body threshold) is searched everywhere inside it.
+        """
+        if not use_body:
+            return self.valid
+        inside = self.valid & self.body
+        return inside if bool(inside.any()) else self.valid
 
 
 class EmbeddingCache:
@@ -249,7 +256,7 @@ class Embedder:
                     local_parts.append(loc[:, :, (z0 - a) // sl: (z0 - a) // sl + (z1 - z0) // sl])
                     glob_parts.append(gl[:, :, (z0 - a) // sg: (z0 - a) // sg + -(-(z1 - z0) // sg)])
                 if progress:
-                    progress((n + 1) / len(starts), "embedding tiles")
+                    progress(n + 1, len(starts), "embedding tiles")
             local = F.normalize(torch.cat(local_parts, 2), dim=1)
             if net.has_separate_global:
                 glob = F.normalize(net.forward_global(x), dim=1)
@@ -265,7 +272,7 @@ class Embedder:
             raise InputError(f"{image.name}: a {image.ndim}D image cannot be embedded by the {spec.ndim}D model "
                              f"'{self.model.model_id}'; choose a {image.ndim}D model")
         if progress:
-            progress(0.0, "preprocessing")
+            progress(0, 1, "preprocessing")
         prep = preprocess(image, self.model.preprocess, self.modality)
         multiple_zyx = tuple(reversed(spec.pad_multiple))
         arr = _pad_to_multiple(prep.array, multiple_zyx, prep.fill_value)
@@ -275,7 +282,7 @@ class Embedder:
         if cancel is not None and cancel.is_set():
             raise Cancelled("embedding cancelled")
         if progress:
-            progress(0.1, "embedding")
+            progress(0, 1, "embedding")
         local, glob = self._forward(x, progress, cancel)
         local, glob = local[0], glob[0]
         pad_grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)

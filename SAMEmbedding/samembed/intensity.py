@@ -38,10 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .options import DEFAULT_POLISH_LEVELS
+
 from .image import Image
 
 #: default coarse-to-fine levels: (lattice step, template half-size, search half-size), all mm
-DEFAULT_LEVELS: tuple[tuple[float, float, float], ...] = ((2.0, 16.0, 8.0), (1.0, 10.0, 2.0), (0.5, 6.0, 1.0))
+DEFAULT_LEVELS = DEFAULT_POLISH_LEVELS  # declared with the other match settings in samembed.options
 
 
 @dataclass

@@ -184,8 +184,6 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     """
     if allowed is None:
         allowed = target.search_mask(True)
-        if not bool(allowed.any()):
-            allowed = target.valid
     chunk = 64
     if not keep_similarity and len(queries) > chunk:  # bound memory: (chunk, V) similarities at a time
         parts = [match_queries(queries[i:i + chunk], target, allowed, False, window_mm,
@@ -281,8 +279,6 @@ def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     # enough as a candidate, which makes the search 2^d times cheaper
     tgrid = target.local_grid
     allowed = target.search_mask(True)
-    if not bool(allowed.any()):
-        allowed = target.valid
     on_lattice = np.ones(tgrid.shape_zyx, dtype=bool)
     for a in range(d):
         sl = [slice(None)] * d

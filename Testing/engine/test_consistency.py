@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samembed import Matcher
+from samembed import Matcher, MatchOptions
 from samembed.affine import apply_affine, fit_affine, ransac_affine
 from samembed.evaluation import hand_oneshot as ho
 
@@ -46,12 +46,12 @@ def test_consistency_repairs_gross_hand_mismatches_and_keeps_the_agreeing_matche
     cases = {c.image_id: c for c in ho.load_hand_dataset(data_file())}
     train, held = ho.hand_split(list(cases))
     template = cases[ho.pick_templates(train)[0]]
-    matcher = Matcher(HAND_MODEL, device="cpu", modality="xray", prior_window_mm=None)  # the step on its own
+    matcher = Matcher(HAND_MODEL, device="cpu", modality="xray")  # the step on its own
     tmpl = ho._read_stored(template)
     targets = [ho._read_stored(cases[t]) for t in held[:8]]
     pts = template.points_lps_mm()
-    plain = matcher.match(tmpl, pts, targets)
-    cons = matcher.match(tmpl, pts, targets, consistency=True)
+    plain = matcher.match(tmpl, pts, targets, options=MatchOptions(prior_window_mm=0))
+    cons = matcher.match(tmpl, pts, targets, options=MatchOptions(prior_window_mm=0, consistency=True))
     gross_before = gross_after = 0
     for n, t in enumerate(held[:8]):
         truth = cases[t].points_lps_mm()

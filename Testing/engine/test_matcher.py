@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from samembed import Matcher
+from samembed import Matcher, MatchOptions
 from samembed.errors import InputError
 from samembed.io import image_from_sitk, image_to_sitk, read_image
 from samembed.models import registry
@@ -86,7 +86,7 @@ def test_a_known_rigid_transform_is_recovered_by_the_default_model():
     pts = lidc_structure_points()
     truth = to_target(pts)
     matcher = Matcher("default", device="cpu")
-    res = matcher.match(src, pts, [tgt], polish=False)
+    res = matcher.match(src, pts, [tgt], options=MatchOptions(polish=False))
     err = np.linalg.norm(np.array([m.point_lps_mm for m in res.matches]) - truth, axis=1)
     assert not any(m.polished for m in res.matches) and all(np.isnan(m.ncc) for m in res.matches)
     # measured with the shipped default model (2026-11-22): median 1.9 mm, 10 of 12 within 10 mm, max 23.7 mm
@@ -100,7 +100,7 @@ def test_a_known_rigid_transform_is_recovered_by_the_default_model():
     # measured: 93 % inliers, every landmark within 6.0 mm
     assert inliers >= 0.5 and err_prior.max() < 10.0, f"inliers {inliers:.2f}, errors {np.round(err_prior, 1)}"
     # the local refinement (+-20 mm boxes), measured: median 1.2 mm, 11 of 12 within 10 mm, max 22.2 mm
-    res = matcher.match(src, pts, [tgt], refine=True, polish=False)
+    res = matcher.match(src, pts, [tgt], options=MatchOptions(refine=True, polish=False))
     err_refined = np.linalg.norm(np.array([m.point_lps_mm for m in res.matches]) - truth, axis=1)
     assert np.median(err_refined) < 2.0 and np.sum(err_refined < 10.0) >= 10, f"errors {np.round(err_refined, 1)}"
     # the intensity polish (the default), searched from each match and from the prior's prediction;
@@ -117,7 +117,7 @@ def test_heatmaps_have_the_target_geometry_and_peak_at_the_match(a_random_matche
     src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
     tgt = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
     p = src.grid.index_to_lps([[64, 60, 70]])
-    res = a_random_matcher.match(src, p, [tgt], ["brain"], heatmap=True)
+    res = a_random_matcher.match(src, p, [tgt], ["brain"], MatchOptions(heatmap=True))
     hm = res.heatmaps[(0, "brain")]
     assert hm.grid.same_as(tgt.grid) and hm.array.dtype == np.float32
     assert -1.0 <= hm.array.min() and hm.array.max() <= 1.0
@@ -133,7 +133,7 @@ def test_a_search_box_and_a_mask_restrict_the_match(a_random_matcher):
     p = src.grid.index_to_lps([[64, 60, 70]])
     centre = src.grid.index_to_lps([[30, 30, 30]])[0]
     box = np.stack([centre - 20, centre + 20])
-    m = a_random_matcher.match(src, p, [src], box_lps_mm=box).matches[0]
+    m = a_random_matcher.match(src, p, [src], options=MatchOptions(box_lps_mm=box)).matches[0]
     assert np.all(m.point_lps_mm >= box[0] - 4) and np.all(m.point_lps_mm <= box[1] + 4)
     mask = np.zeros(src.array.shape, np.uint8)
     mask[80:90, 20:40, 20:40] = 1
@@ -145,7 +145,7 @@ def test_a_search_box_and_a_mask_restrict_the_match(a_random_matcher):
 @pytest.mark.needs_data
 def test_refinement_returns_points_near_the_plain_match_on_a_self_match(a_random_matcher, popi_ct):
     pts = popi_landmarks()[:3]
-    res = a_random_matcher.match(popi_ct, pts, [popi_ct], refine=True)
+    res = a_random_matcher.match(popi_ct, pts, [popi_ct], options=MatchOptions(refine=True))
     err = np.linalg.norm(np.array([m.point_lps_mm for m in res.matches]) - pts, axis=1)
     assert err.max() < 4.0
 
@@ -171,8 +171,9 @@ def test_a_2d_source_with_a_3d_target_is_rejected():
 def test_the_global_window_search_keeps_a_self_match_and_stays_inside_the_window():
     src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
     pts = src.grid.index_to_lps([[64, 60, 70], [50, 70, 40], [70, 55, 90]])
-    m = Matcher("random:sam-lite", device="cpu", global_window_mm=30.0)
-    found = np.array([x.point_lps_mm for x in m.match(src, pts, [src]).matches])
+    m = Matcher("random:sam-lite", device="cpu")
+    opts = MatchOptions(prior_window_mm=0, global_window_mm=30.0)
+    found = np.array([x.point_lps_mm for x in m.match(src, pts, [src], options=opts).matches])
     assert np.linalg.norm(found - pts, axis=1).max() < 8.0
 
 

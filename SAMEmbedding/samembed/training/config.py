@@ -73,6 +73,12 @@ class TrainConfig:
     # outputs
     out_dir: str = "runs/sam-lite-ct"
     checkpoint_every: int = 250
+    #: keep a weights-only copy ``snapshots/it_NNNNNN.pt`` every this many iterations (0: none), so that a
+    #: curve of error against training time can be measured afterwards (``benchmarks/training_curve.py``)
+    snapshot_every: int = 0
+    #: start from these weights (a checkpoint path, or a model name such as ``default``) when the run does
+    #: not resume: a lost run folder restarts from the shipped model, not from scratch
+    init_from: str | None = None
     half_weights: bool = True
 
     def to_dict(self) -> dict:

@@ -246,6 +246,8 @@ class Trainer:
         start = 0
         rng = np.random.default_rng([cfg.seed, self.rank])
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        resume = self._resolve_resume(resume)
+        cpu_before = 0.0  # CPU seconds spent by earlier processes of this run (resumed chunks)
         if resume:
             ck = torch.load(resume, map_location="cpu", weights_only=True)
             net.load_state_dict(ck["state_dict"])
@@ -253,7 +255,11 @@ class Trainer:
             start = int(ck["iteration"])
             rng.bit_generator.state = ck["rng_numpy"][self.rank] if isinstance(ck["rng_numpy"], list) else ck["rng_numpy"]
             gen.set_state(ck["rng_torch"])
-            log.info("resumed from %s at iteration %d", resume, start)
+            cpu_before = float(ck.get("cpu_seconds_total", 0.0))
+            log.info("resumed from %s at iteration %d (%.2f CPU-hours so far)", resume, start, cpu_before / 3600)
+        elif cfg.init_from:
+            self._init_weights(net, cfg.init_from)
+        self._cpu_before = cpu_before
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "train_log.csv"
         if self.rank == 0 and (not resume or not log_path.exists()):
@@ -291,12 +297,16 @@ class Trainer:
             if self.rank == 0:
                 with log_path.open("a", encoding="utf-8") as fh:
                     fh.write(f"{done},{loss.item():.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
-                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{time.process_time():.1f}\n")
+                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{cpu_before + time.process_time():.1f}\n")
                 if bar:
                     bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
                     bar.update(1)
                 if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                     self._save_resume(net, opt, done, rng, gen)
+                if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+                    save_checkpoint(self.out / "snapshots" / f"it_{done:06d}.pt", net, self.prep, name=cfg.name,
+                                    train_config=cfg.to_dict(), iteration=done,
+                                    extra={"cpu_seconds_total": cpu_before + time.process_time()}, half=True)
             if cfg.time_limit_min and clock() - t0 > cfg.time_limit_min * 60:
                 log.warning("time limit of %.1f min (%s clock) reached at iteration %d", cfg.time_limit_min, cfg.time_clock, done)
                 if self.rank == 0:
@@ -309,7 +319,8 @@ class Trainer:
             net.eval()
             save_checkpoint(final, net, self.prep, name=cfg.name, train_config=cfg.to_dict(), iteration=it + 1,
                             extra={"training_volumes": [v[0] for v in self.volumes], "wall_seconds": time.time() - wall0,
-                                   "cpu_seconds": time.process_time()},
+                                   "cpu_seconds": time.process_time(),
+                                   "cpu_seconds_total": self._cpu_before + time.process_time()},
                             half=cfg.half_weights)
             plot_loss_curve(log_path, self.out / "loss_curve.png")
         if self.world > 1:
@@ -325,7 +336,33 @@ class Trainer:
     def _save_resume(self, net, opt, done, rng, gen) -> None:
         save_checkpoint(self.out / "last.pt", net, self.prep, name=self.cfg.name, train_config=self.cfg.to_dict(),
                         iteration=done, extra={"optimizer": opt.state_dict(), "rng_numpy": rng.bit_generator.state,
-                                               "rng_torch": gen.get_state()})
+                                               "rng_torch": gen.get_state(),
+                                               "cpu_seconds_total": self._cpu_before + time.process_time()})
+
+    def _resolve_resume(self, resume: str | None) -> str | None:
+        """``"auto"``: the run folder's ``last.pt`` when it exists, else None (a fresh start, or ``init_from``)."""
+        if resume != "auto":
+            if resume and not Path(resume).is_file():
+                from ..errors import InputError
+
+                raise InputError(f"{resume}: no checkpoint to resume from (use --resume auto to start fresh when "
+                                 "the run folder has none)")
+            return resume
+        last = self.out / "last.pt"
+        if last.is_file():
+            return str(last)
+        log.info("%s has no last.pt: starting a new run%s", self.out,
+                 f" from {self.cfg.init_from}" if self.cfg.init_from else "")
+        return None
+
+    def _init_weights(self, net: nn.Module, source: str) -> None:
+        """Load the network weights of a checkpoint path or registered model name (same architecture)."""
+        from ..models import load_model
+
+        loaded = load_model(source)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.net.state_dict().items()}
+        net.load_state_dict(state)
+        log.info("initialised the weights from %s", source)
 
 
 def _bar(total: int, desc: str, show: bool, initial: int = 0):

@@ -1,0 +1,163 @@
+"""Match settings as one typed, frozen value: :class:`MatchOptions`.
+
+Every setting of a ``Matcher.match`` call lives here, with its default declared once. The CLI builds one
+from its flags (:meth:`MatchOptions.from_mapping`), the Slicer module maps its parameter node onto one, the
+benchmarks pass one. The module is torch-free, so the command line can show its defaults quickly.
+
+>>> from samembed.options import MatchOptions
+>>> MatchOptions().prior_window_mm, MatchOptions().polish
+(50.0, True)
+>>> MatchOptions(refine=True).replace(polish=False).polish
+False
+>>> MatchOptions(prior_window_mm=-5)
+Traceback (most recent call last):
+...
+samembed.errors.InputError: prior_window_mm must be a finite number >= 0 (mm), not -5
+>>> MatchOptions.from_mapping({"polish": False, "speed": 2})  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+samembed.errors.InputError: unknown match option 'speed'; known: box_lps_mm, consistency, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import InputError
+
+#: ``progress(done, total, phase)``: ``done`` of ``total`` units of work in the named phase (one type for the
+#: embedder, the API, the Slicer logic and the CLI).
+ProgressFn = Callable[[float, float, str], None]
+
+#: the intensity polish's coarse-to-fine levels: (lattice step, template half-size, search half-size), mm
+DEFAULT_POLISH_LEVELS: tuple[tuple[float, float, float], ...] = ((2.0, 16.0, 8.0), (1.0, 10.0, 2.0), (0.5, 6.0, 1.0))
+
+
+def _doc(text: str) -> dict:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    """How ``Matcher.match`` searches, checks and polishes (all distances in mm).
+
+    Each field's ``metadata["doc"]`` is the one-line help the CLI and the Slicer module show.
+    """
+
+    prior_window_mm: float = field(default=50.0, metadata=_doc(
+        "search each point within +-MM of where a robust affine of global-embedding matches puts it "
+        "(0: search the whole target, SAM's single argmax)"))
+    global_window_mm: float = field(default=0.0, metadata=_doc(
+        "without a prior window: take the joint argmax only within +-MM of the best global match (0: off)"))
+    search_body: bool = field(default=True, metadata=_doc(
+        "restrict matches to the target's body (replaced by an explicit mask or box)"))
+    box_lps_mm: tuple[float, ...] | None = field(default=None, metadata=_doc(
+        "search only inside this LPS box (x0, y0, z0, x1, y1, z1), mm"))
+    refine: bool = field(default=False, metadata=_doc(
+        "cycle-consistent fixed-point refinement around each match (a few s per target)"))
+    refine_window_mm: float = field(default=20.0, metadata=_doc(
+        "half-size of the refinement's local search boxes (0: whole volumes, slow)"))
+    consistency: bool = field(default=False, metadata=_doc(
+        "re-search matches that disagree with a robust affine of all matches of a target (many landmarks)"))
+    consistency_inlier_mm: float = field(default=15.0, metadata=_doc(
+        "a match farther than this from the consistency affine's prediction is searched again"))
+    consistency_window_mm: float = field(default=20.0, metadata=_doc(
+        "half-size of the consistency step's search window around the affine's prediction"))
+    polish: bool = field(default=True, metadata=_doc(
+        "sub-voxel polish of each match by normalised cross-correlation of the original voxels around it "
+        "(no effect where nothing correlates, e.g. across modalities)"))
+    polish_min_ncc: float = field(default=0.5, metadata=_doc(
+        "a polished position is kept only where the patches correlate at least this much (-1..1)"))
+    polish_levels: tuple[tuple[float, float, float], ...] = field(default=DEFAULT_POLISH_LEVELS, metadata=_doc(
+        "polish levels, coarse to fine: (lattice step, template half-size, search half-size) mm each"))
+    roundtrip_tolerance_mm: float = field(default=0.0, metadata=_doc(
+        "a match is confident when its round trip lands within this distance of the click "
+        "(0: two local voxels of the model)"))
+    heatmap: bool = field(default=False, metadata=_doc(
+        "also return each point's similarity map in each target's geometry"))
+
+    def __post_init__(self) -> None:
+        for name in ("prior_window_mm", "global_window_mm", "refine_window_mm", "consistency_inlier_mm",
+                     "consistency_window_mm", "roundtrip_tolerance_mm"):
+            _check_distance(name, getattr(self, name))
+        for name in ("search_body", "refine", "consistency", "polish", "heatmap"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        v = self.polish_min_ncc
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1.0 <= v <= 1.0:
+            raise InputError(f"polish_min_ncc must be a number in [-1, 1], not {v!r}")
+        levels = tuple(tuple(float(x) for x in lv) for lv in self.polish_levels)
+        if not levels or any(len(lv) != 3 or not all(math.isfinite(x) and x > 0 for x in lv) for lv in levels):
+            raise InputError(f"polish_levels must be (step, template, search) mm triples > 0, not {self.polish_levels!r}")
+        object.__setattr__(self, "polish_levels", levels)
+        if self.box_lps_mm is not None:
+            try:
+                box = tuple(float(x) for x in _flatten(self.box_lps_mm))
+            except (TypeError, ValueError):
+                box = ()
+            if len(box) not in (4, 6) or not all(math.isfinite(x) for x in box):
+                raise InputError(f"box_lps_mm must be 6 finite numbers x0 y0 z0 x1 y1 z1 (mm), not {self.box_lps_mm!r}")
+            object.__setattr__(self, "box_lps_mm", box)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def window_box(self) -> list[list[float]] | None:
+        """The search box as ``[[x0, y0, z0], [x1, y1, z1]]`` LPS mm (or 2D corners), or None."""
+        if self.box_lps_mm is None:
+            return None
+        h = len(self.box_lps_mm) // 2
+        return [list(self.box_lps_mm[:h]), list(self.box_lps_mm[h:])]
+
+    def replace(self, **changes: Any) -> MatchOptions:
+        """A copy with some settings changed; an unknown name is an :class:`InputError`."""
+        _check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists for tuples), e.g. for ``run.json`` or a parameter node."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> MatchOptions:
+        """Options from a mapping of field names (unknown names are an :class:`InputError`)."""
+        _check_names(values)
+        return cls(**dict(values))
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The one-line help text of a field, with its default."""
+        f = {f.name: f for f in fields(cls)}[name]
+        return f"{f.metadata['doc']} (default: {_plain(f.default)})"
+
+
+def _check_distance(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if not ok:
+        raise InputError(f"{name} must be a finite number >= 0 (mm), not {value!r}")
+
+
+def _check_names(values: Mapping[str, Any]) -> None:
+    known = sorted(f.name for f in fields(MatchOptions))
+    for key in values:
+        if key not in known:
+            raise InputError(f"unknown match option {key!r}; known: {', '.join(known)}")
+
+
+def _flatten(value: Any) -> list:
+    out: list = []
+    for v in value:
+        if hasattr(v, "__iter__") and not isinstance(v, str):  # lists, tuples, numpy rows
+            out.extend(_flatten(v))
+        else:
+            out.append(v)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
