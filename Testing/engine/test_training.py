@@ -198,3 +198,50 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "sam-lite-ct.pt").is_file()
+
+
+@pytest.mark.needs_data
+def test_an_interrupted_run_resumed_with_auto_follows_the_uninterrupted_schedule(tmp_path, monkeypatch):
+    from samembed.training.train import Trainer
+
+    Trainer(tiny_config(tmp_path / "a", "sam", iterations=4, warmup=2), progress=False).run()
+    b_cfg = tiny_config(tmp_path / "b", "sam", iterations=4, warmup=2)
+    real = Trainer.compute_loss
+
+    def interrupted(self, *args):  # the session ends during iteration 3 (after the iteration-2 checkpoint)
+        if self._iteration == 2:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(Trainer, "compute_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(b_cfg, progress=False).run(resume="auto")
+    monkeypatch.setattr(Trainer, "compute_loss", real)
+    Trainer(tiny_config(tmp_path / "b", "sam", iterations=4, warmup=2), progress=False).run(resume="auto")
+
+    def rows(run):  # iteration, loss, learning rate
+        lines = (tmp_path / run / "run" / "train_log.csv").read_text().splitlines()[1:]
+        return [(r.split(",")[0], r.split(",")[1], r.split(",")[4]) for r in lines]
+
+    assert rows("b") == rows("a")
+    assert [r[0] for r in rows("b")] == ["1", "2", "3", "4"]
+    cpu = [float(r.split(",")[6]) for r in (tmp_path / "b" / "run" / "train_log.csv").read_text().splitlines()[1:]]
+    assert cpu == sorted(cpu)  # CPU time adds up across the two processes of the run
+
+
+@pytest.mark.needs_data
+def test_a_new_run_starts_from_init_from_weights_and_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
+    from samembed.models import load_model
+    from samembed.training.train import Trainer
+
+    a = Trainer(tiny_config(tmp_path / "a", "sam"), progress=False).run()
+    # lr 0: the parameters stay where they started, so they equal the init_from checkpoint's (norm layers'
+    # running statistics still move in training mode, so only parameters are compared)
+    b = Trainer(tiny_config(tmp_path / "b", "sam", iterations=1, lr=0.0, init_from=f'"{a}"'), progress=False).run(resume="auto")
+    wa, wb = dict(load_model(str(a)).net.named_parameters()), dict(load_model(str(b)).net.named_parameters())
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = Trainer(tiny_config(tmp_path / "c", "sam", iterations=1, lr=0.0), progress=False).run(resume="auto")
+    wc = dict(load_model(str(c)).net.named_parameters())
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    with pytest.raises(InputError, match="no checkpoint to resume from"):
+        Trainer(tiny_config(tmp_path / "d", "sam"), progress=False).run(resume=str(tmp_path / "missing.pt"))
