@@ -27,8 +27,8 @@ from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
-from .matcher import affine_prior, allowed_at, box_mask, heatmap_image, mask_from_image, match_points
-from .models import LoadedModel, load_model
+from .matcher import affine_prior, allowed_at, box_mask, heatmap_image, mask_from_image, match_points, scores_at
+from .models import LoadedModel, default_model_for, load_model
 from .options import MatchOptions, ProgressFn
 from .refine import refine_points
 
@@ -176,10 +176,25 @@ class Matcher:
         self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality)
         self.spacing_mm = spacing_mm
         self._priors: dict = {}
+        # "default" means the registered default of each image dimension (models.json `default_for_dim`)
+        self._per_dim = str(model) == "default"
+        self._embedders = {self.model.net.spec.ndim: self.embedder}
+
+    def embedder_for(self, ndim: int) -> Embedder:
+        """The embedder for ``ndim``-D images: the Matcher's model, or with ``model="default"`` the registered
+        default model of that dimension (loaded on first use; it shares the embedding cache)."""
+        if ndim not in self._embedders and self._per_dim:
+            name = default_model_for(ndim)
+            if name is not None:
+                e = self.embedder
+                self._embedders[ndim] = Embedder(load_model(name), self.device, self.cache, e.cache_dir,
+                                                 e.max_tile_voxels, e.modality)
+        return self._embedders.get(ndim, self.embedder)
 
     def embed(self, image, progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
         """Embeddings of one image (cached)."""
-        return self.embedder.embed(as_image(image, spacing_mm=self.spacing_mm), progress, cancel)
+        img = as_image(image, spacing_mm=self.spacing_mm)
+        return self.embedder_for(img.ndim).embed(img, progress, cancel)
 
     def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None,
               options: MatchOptions = DEFAULT_OPTIONS, *, mask=None, progress: ProgressFn | None = None,
@@ -208,7 +223,8 @@ class Matcher:
             raise InputError(f"options must be a samembed.MatchOptions, not {type(options).__name__}")
         t0 = time.time()
         inputs = self._inputs(source, points_lps_mm, targets, labels, options, mask, target_names)
-        src_maps = self.embedder.embed(inputs.source, cancel=cancel)
+        embedder = self.embedder_for(inputs.source.ndim)
+        src_maps = embedder.embed(inputs.source, cancel=cancel)
         result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
         for ti, target in enumerate(inputs.targets):
             if cancel is not None and cancel.is_set():
@@ -217,7 +233,7 @@ class Matcher:
             tgt, name = self._target(inputs, ti, target)
             if progress:
                 progress(ti, len(inputs.targets), f"embedding {name}")
-            tmaps = self.embedder.embed(tgt, cancel=cancel)
+            tmaps = embedder.embed(tgt, cancel=cancel)
             t_embed = time.time() - t1
             region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
             matches, heatmaps = self._match_target(inputs, src_maps, tgt, tmaps, region, options, ti, name)
@@ -314,6 +330,7 @@ class Matcher:
             keep = pol.moved & allowed_at(tmaps, region.allowed, pol.points_lps_mm)
             found = np.where(keep[:, None], pol.points_lps_mm, found[:, :d])
             polished, ncc = keep, pol.ncc
+        scores = scores_at(src_maps, pts, tmaps, found)  # the similarity where each match ended (= its heatmap)
         # the round trip matches back the same way: with the prior, inside the inverse affine's window
         back = match_points(tmaps, found, src_maps, src_allowed, window_mm=region.window_mm,
                             prior=None if region.search_prior is None else np.linalg.inv(region.search_prior))

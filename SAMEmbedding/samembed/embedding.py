@@ -269,8 +269,13 @@ class Embedder:
         if image.ndim != spec.ndim:
             from .errors import InputError
 
+            from .models import models_for
+
+            fits = models_for(image.ndim)
+            hint = (f"choose a {image.ndim}D model: " + ", ".join(f"--model {n}" for n in fits) if fits
+                    else f"no {image.ndim}D model is registered on this machine; train one with `samembed train`")
             raise InputError(f"{image.name}: a {image.ndim}D image cannot be embedded by the {spec.ndim}D model "
-                             f"'{self.model.model_id}'; choose a {image.ndim}D model")
+                             f"'{self.model.model_id}'; {hint}")
         if progress:
             progress(0, 1, "preprocessing")
         prep = preprocess(image, self.model.preprocess, self.modality)

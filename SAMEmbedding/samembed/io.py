@@ -249,9 +249,9 @@ def _parse_float(value: str, path: Path, row: int) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: row {row}: '{value}' is not a number") from e
+        raise InputError(f"{path}: line {row}: '{value}' is not a number") from e
     if not np.isfinite(v):
-        raise InputError(f"{path}: row {row}: coordinate {value} is not finite")
+        raise InputError(f"{path}: line {row}: coordinate {value} is not finite")
     return v
 
 
@@ -280,24 +280,32 @@ def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
 
 
 def _read_csv(path: Path, ras: bool) -> PointList:
+    """``label,x,y,z`` (3D) or ``label,x,y`` (2D, z = 0), with or without a header row; rows are numbered as
+    the file's lines, so an error names the line to fix."""
     with path.open(newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
+        rows = [(n, r) for n, r in enumerate(csv.reader(fh), start=1) if r and not r[0].lstrip().startswith("#")]
     if not rows:
         raise InputError(f"{path}: no points in file")
-    header = [h.strip().lower() for h in rows[0]]
-    if {"x", "y", "z"} <= set(header):
-        ix, iy, iz = header.index("x"), header.index("y"), header.index("z")
+    header = [h.strip().lower() for h in rows[0][1]]
+    if {"x", "y"} <= set(header):
+        cols = [header.index(a) for a in ("x", "y", "z") if a in header]
         il = header.index("label") if "label" in header else None
         body = rows[1:]
     else:
-        il, ix, iy, iz = 0, 1, 2, 3
+        width = len(rows[0][1])
+        if width not in (3, 4):
+            raise InputError(f"{path}: line {rows[0][0]} has {width} columns; expected label,x,y,z (3D) or "
+                             "label,x,y (2D), optionally under a header row naming them")
+        il, cols = 0, list(range(1, width))
         body = rows
+    expected = "label,x,y,z" if len(cols) == 3 else "label,x,y"
     labels, pts = [], []
-    for n, r in enumerate(body, start=2):
-        if len(r) <= max(ix, iy, iz):
-            raise InputError(f"{path}: row {n} has {len(r)} columns; expected label,x,y,z")
+    for n, r in body:
+        if len(r) <= max(cols):
+            raise InputError(f"{path}: line {n} has {len(r)} columns; expected {expected}")
         labels.append(r[il].strip() if il is not None else f"P{len(labels) + 1}")
-        pts.append([_parse_float(r[i], path, n) for i in (ix, iy, iz)])
+        xyz = [_parse_float(r[i], path, n) for i in cols]
+        pts.append(xyz + [0.0] * (3 - len(xyz)))
     if not pts:
         raise InputError(f"{path}: no points in file")
     p = np.array(pts)

@@ -322,9 +322,31 @@ def mask_from_image(maps: EmbeddingMaps, mask: Image) -> torch.Tensor:
     return torch.from_numpy(out).to(maps.valid.device)
 
 
-def heatmap_image(sim_row: torch.Tensor, target: EmbeddingMaps, name: str = "heatmap") -> Image:
-    """Resample one similarity row (V,) from the local grid onto the target image's voxel grid (linear).
+def scores_at(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: EmbeddingMaps,
+              found_lps_mm: np.ndarray) -> np.ndarray:
+    """SAM similarity (N,) of each source point with the target where its match ended: at the local voxel that
+    the match's *image* voxel falls in, which is exactly the value :func:`heatmap_image` shows there.
 
+    So a reported score and the heatmap agree at the match, whatever moved it (sub-voxel fit, polish).
+    """
+    d = source.local_grid.ndim
+    q = query_vectors(source, nearest_voxel_lps(source, np.asarray(points_lps_mm, dtype=np.float64)[:, :d]))
+    img_grid = target.image_grid
+    ijk = np.rint(img_grid.lps_to_index(np.asarray(found_lps_mm, dtype=np.float64)[:, :d]))
+    ijk = np.clip(ijk, 0, np.asarray(img_grid.size_ijk) - 1)
+    # ITK's nearest-neighbour rule (round half up), as the heatmap's resampling uses it
+    loc = np.floor(target.local_grid.lps_to_index(img_grid.index_to_lps(ijk)) + 0.5).astype(np.int64)
+    loc = np.clip(loc, 0, np.asarray(target.local_grid.size_ijk) - 1)
+    flat = _ravel(torch.from_numpy(loc[:, ::-1].copy()), target.local_grid.shape_zyx)
+    feats = target.features[:, flat.to(target.features.device)].T.to(q.dtype)
+    return ((q * feats).sum(1).float() / 2.0).clamp(-1.0, 1.0).cpu().numpy().astype(np.float64)
+
+
+def heatmap_image(sim_row: torch.Tensor, target: EmbeddingMaps, name: str = "heatmap") -> Image:
+    """Put one similarity row (V,) of the local grid onto the target image's voxel grid.
+
+    Each image voxel gets the similarity of the local voxel its centre falls in (nearest neighbour: the map
+    keeps its true peak values, and its value at a match equals the match's score, see :func:`scores_at`).
     Voxels outside the local grid get -1. The result has exactly the target image's geometry.
     """
     import SimpleITK as sitk
@@ -336,5 +358,5 @@ def heatmap_image(sim_row: torch.Tensor, target: EmbeddingMaps, name: str = "hea
     vol = np.clip(np.where(np.isfinite(vol), vol, -1.0), -1.0, 1.0).astype(np.float32)
     src = image_to_sitk(Image(vol, grid, name))
     ref = image_to_sitk(Image(np.zeros(target.image_grid.shape_zyx, dtype=np.uint8), target.image_grid))
-    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, -1.0, sitk.sitkFloat32)
+    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor, -1.0, sitk.sitkFloat32)
     return image_from_sitk(out, name)

@@ -74,6 +74,25 @@ def _find_entry(name: str) -> dict | None:
     return None
 
 
+def model_dim(entry: dict) -> int:
+    """Image dimension (2 or 3) a registered model embeds (its ``dim``, else from its architecture)."""
+    return int(entry.get("dim") or (2 if str(entry.get("architecture", "")).endswith("-2d") else 3))
+
+
+def default_model_for(dim: int) -> str | None:
+    """Name of the registered model that ``"default"`` means for ``dim``-D images (``default_for_dim``)."""
+    for m in registry().get("models", []):
+        if m.get("default_for_dim") == dim:
+            return m["name"]
+    return None
+
+
+def models_for(dim: int) -> list[str]:
+    """Names of the registered models, with weights on this machine, that embed ``dim``-D images."""
+    return [m["name"] for m in registry().get("models", [])
+            if model_dim(m) == dim and m.get("file") and (models_dir() / m["file"]).is_file()]
+
+
 def verify_state_dict(net: torch.nn.Module, state: dict, source: str) -> None:
     """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys, if any."""
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}

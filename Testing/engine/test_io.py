@@ -137,5 +137,5 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_a_point_file_with_a_bad_number_names_the_row(tmp_path):
     (tmp_path / "p.csv").write_text("label,x,y,z\nq,1,zz,3\n")
-    with pytest.raises(InputError, match="row 2: 'zz' is not a number"):
+    with pytest.raises(InputError, match="line 2: .zz. is not a number"):
         read_points(tmp_path / "p.csv")

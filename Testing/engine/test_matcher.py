@@ -16,6 +16,11 @@ from samembed.models import registry
 from ..conftest import data_file
 
 
+def has_trained_default() -> bool:
+    entry = next((m for m in registry().get("models", []) if m["name"] == "default"), None)
+    return bool(entry and entry.get("file"))
+
+
 def popi_landmarks() -> np.ndarray:
     rows = csv.DictReader(data_file("ct", "popi", "landmarks", "popi_landmarks_all_phases.csv").open())
     return np.array([[float(r["x_lps_mm"]), float(r["y_lps_mm"]), float(r["z_lps_mm"])]
@@ -117,12 +122,29 @@ def test_heatmaps_have_the_target_geometry_and_peak_at_the_match(a_random_matche
     src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
     tgt = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
     p = src.grid.index_to_lps([[64, 60, 70]])
-    res = a_random_matcher.match(src, p, [tgt], ["brain"], MatchOptions(heatmap=True))
+    res = a_random_matcher.match(src, p, [tgt], ["brain"], MatchOptions(heatmap=True, polish=False))
     hm = res.heatmaps[(0, "brain")]
     assert hm.grid.same_as(tgt.grid) and hm.array.dtype == np.float32
     assert -1.0 <= hm.array.min() and hm.array.max() <= 1.0
     peak = tgt.grid.index_to_lps([np.unravel_index(np.argmax(hm.array), hm.array.shape)[::-1]])[0]
     assert np.linalg.norm(peak - res.matches[0].point_lps_mm) < 8.0  # within two network voxels
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("polish", [False, True])
+def test_the_heatmap_at_each_match_equals_its_reported_score(polish):
+    if not has_trained_default():
+        pytest.skip("no trained default model registered")
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    tgt = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
+    p = src.grid.index_to_lps([[64, 60, 70], [50, 70, 40], [70, 55, 90], [64, 64, 64]])
+    labels = ["a", "b", "c", "d"]
+    res = Matcher("default", device="cpu").match(src, p, [tgt], labels, MatchOptions(heatmap=True, polish=polish))
+    for m in res.matches:
+        hm = res.heatmaps[(0, m.label)]
+        ijk = np.floor(hm.grid.lps_to_index(m.point_lps_mm[None])[0] + 0.5).astype(int)
+        assert hm.array[tuple(ijk[::-1])] == pytest.approx(m.score, abs=1e-5)
+    assert polish or all(not m.polished for m in res.matches)
 
 
 @pytest.mark.needs_data
