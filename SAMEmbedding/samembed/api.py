@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,8 +212,8 @@ class Matcher:
                 restriction, a search box, heatmaps).
             mask: restrict the search to non-zero voxels of this image (in the targets' space), or None. A mask
                 or ``options.box_lps_mm`` replaces the default restriction to the body.
-            progress: ``progress(done, total, phase)`` counted in targets: before embedding each target
-                ("embedding <name>") and after matching it ("<name>").
+            progress: ``progress(done, total, phase)`` counted in targets, with the phase named: "embedding
+                source", "embedding target k/N", "matching k/N", "polishing k/N", "matched k/N".
             cancel: when set, stops between targets and raises :class:`Cancelled` with the partial result.
 
         Returns:
@@ -224,6 +224,9 @@ class Matcher:
         t0 = time.time()
         inputs = self._inputs(source, points_lps_mm, targets, labels, options, mask, target_names)
         embedder = self.embedder_for(inputs.source.ndim)
+        n_targets = len(inputs.targets)
+        if progress:
+            progress(0, n_targets, f"embedding source {Path(inputs.source.name).name}")
         src_maps = embedder.embed(inputs.source, cancel=cancel)
         result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
         for ti, target in enumerate(inputs.targets):
@@ -232,18 +235,22 @@ class Matcher:
             t1 = time.time()
             tgt, name = self._target(inputs, ti, target)
             if progress:
-                progress(ti, len(inputs.targets), f"embedding {name}")
+                progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
             tmaps = embedder.embed(tgt, cancel=cancel)
             t_embed = time.time() - t1
             region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
-            matches, heatmaps = self._match_target(inputs, src_maps, tgt, tmaps, region, options, ti, name)
+            def phase(step: str, ti: int = ti) -> None:
+                if progress:
+                    progress(ti, n_targets, f"{step} {ti + 1}/{n_targets}")
+
+            matches, heatmaps = self._match_target(inputs, src_maps, tgt, tmaps, region, options, ti, name, phase)
             result.matches.extend(matches)
             result.heatmaps.update(heatmaps)
             result.targets.append(name)
             result.timings[f"target{ti}_embed_s"] = t_embed
             result.timings[f"target{ti}_match_s"] = time.time() - t1 - t_embed
             if progress:
-                progress(ti + 1, len(inputs.targets), name)
+                progress(ti + 1, n_targets, f"matched {ti + 1}/{n_targets} {Path(name).name}")
         result.timings["total_s"] = time.time() - t0
         return result
 
@@ -303,8 +310,10 @@ class Matcher:
         return _Region(allowed, prior, options.global_window_mm or None, None)
 
     def _match_target(self, inputs: _Inputs, src_maps: EmbeddingMaps, tgt: Image, tmaps: EmbeddingMaps,
-                      region: _Region, options: MatchOptions, ti: int, name: str) -> tuple[list[Match], dict]:
+                      region: _Region, options: MatchOptions, ti: int, name: str,
+                      phase: Callable[[str], None]) -> tuple[list[Match], dict]:
         """Stage 3: search, then the optional consistency, refinement and polish steps, then the round trip."""
+        phase("matching")
         pts, d = inputs.points_lps_mm, inputs.source.ndim
         src_allowed = src_maps.search_mask(options.search_body)
         raw = match_points(src_maps, pts, tmaps, region.allowed, keep_similarity=options.heatmap,
@@ -322,6 +331,7 @@ class Matcher:
             found, scores = ref.points_lps_mm, ref.scores
         polished, ncc = np.zeros(n, dtype=bool), np.full(n, np.nan)
         if options.polish:
+            phase("polishing")
             prior = region.prior
             pol = polish_points(inputs.source, tgt, pts, found, None if prior is None else prior[:d, :d],
                                 levels=options.polish_levels, min_ncc=options.polish_min_ncc,
@@ -358,7 +368,7 @@ class Matcher:
         key = (src_maps.key, tmaps.key)
         if key not in self._priors:
             M, inliers = affine_prior(src_maps, tmaps)
-            log.info("affine prior %s -> %s: %.0f %% inliers", src_maps.image_name, tmaps.image_name, 100 * inliers)
+            log.debug("affine prior %s -> %s: %.0f %% inliers", src_maps.image_name, tmaps.image_name, 100 * inliers)
             self._priors[key] = M if inliers >= 0.2 else None
             while len(self._priors) > 256:
                 self._priors.pop(next(iter(self._priors)))

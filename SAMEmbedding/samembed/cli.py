@@ -17,23 +17,30 @@ log = logging.getLogger("samembed")
 
 
 class _Progress:
-    """A tqdm bar that appears only for work longer than about a second."""
+    """One tqdm bar whose description names the current phase (reading, embedding source, embedding target k/N,
+    matching, polishing, writing); it counts ``total`` units (targets, images) and is silent with ``--quiet``."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
-        self.total, self.desc, self.enabled = total, desc, enabled
+    def __init__(self, total: int, phase: str, enabled: bool = True) -> None:
         self.bar = None
-        self.t0 = time.time()
-
-    def update(self, done: int, total: int, message: str = "") -> None:
-        if not self.enabled:
-            return
-        if self.bar is None and time.time() - self.t0 > 1.0:
+        if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=self.desc, dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=phase, dynamic_ncols=True, file=sys.stderr, leave=False,
+                            bar_format="{desc}: {n:g}/{total_fmt} {bar} [{elapsed}<{remaining}]")
+
+    def phase(self, phase: str) -> None:
+        """Name the phase now running (shown at once)."""
         if self.bar is not None:
+            self.bar.set_description_str(phase)
+            self.bar.refresh()
+
+    def update(self, done: float, total: float, phase: str = "") -> None:
+        """A :data:`samembed.options.ProgressFn`: ``done`` of ``total`` in the named phase."""
+        if self.bar is not None:
+            self.bar.total = total
             self.bar.n = done
-            self.bar.set_postfix_str(Path(message).name if message else "")
+            if phase:
+                self.bar.set_description_str(phase)
             self.bar.refresh()
 
     def close(self) -> None:
@@ -95,32 +102,52 @@ def match_options_from_args(args, **extra):
 
     values = {name: getattr(args, name) for name in _OPTION_FLAGS if hasattr(args, name)}
     values.update(extra)
-    return MatchOptions.from_mapping(values)
+    try:
+        return MatchOptions.from_mapping(values)
+    except InputError as e:  # name the flag the user typed
+        name = str(e).split(" ", 1)[0]
+        raise InputError(f"{_OPTION_FLAGS[name][0]}: {e}" if name in _OPTION_FLAGS else str(e)) from None
 
 
 def _cmd_match(args) -> int:
     from .api import as_image
-    from .io import PointList, check_writable, read_points, write_image, write_points, write_text_atomic
+    from .io import check_writable, read_points
 
     options = match_options_from_args(args, heatmap=bool(args.heatmap_dir))  # bad options: before any file is made
-    points = read_points(args.points, ras=args.ras)
-    source = as_image(args.source, spacing_mm=args.spacing)
-    targets = [as_image(t, spacing_mm=args.spacing) for t in args.targets]
-    out = Path(args.out)
-    folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
-    if folder_out:
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        check_writable(out)
-    if args.heatmap_dir:
-        Path(args.heatmap_dir).mkdir(parents=True, exist_ok=True)
-    matcher = _make_matcher(args)
-    bar = _Progress(len(targets), "matching", not args.quiet)
+    bar = _Progress(len(args.targets), "reading", not args.quiet)
     try:
+        points = read_points(args.points, ras=args.ras)
+        source = as_image(args.source, spacing_mm=args.spacing)
+        targets = [as_image(t, spacing_mm=args.spacing) for t in args.targets]
+        out = Path(args.out)
+        folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
+        if folder_out:
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            check_writable(out)
+        if args.heatmap_dir:
+            Path(args.heatmap_dir).mkdir(parents=True, exist_ok=True)
+        bar.phase("loading the model")
+        matcher = _make_matcher(args)
         res = matcher.match(source, points.points_lps_mm, targets, points.labels, options, mask=args.mask,
                             progress=bar.update, target_names=[str(t) for t in args.targets])
+        bar.phase("writing")
+        _write_match_outputs(args, res, out, folder_out)
     finally:
         bar.close()
+    if not args.quiet:
+        for r in res.rows(ras=args.ras):
+            frame = "RAS" if args.ras else "LPS"
+            print(f"{Path(r['target']).name}\t{r['label']}\t({r['x']:.1f}, {r['y']:.1f}, {r['z']:.1f}) mm {frame}\t"
+                  f"score {r['score']:.3f}\t{'confident' if r['confident'] else 'NOT confident'}")
+        print(f"wrote {out} in {res.timings['total_s']:.1f} s")
+    return 0
+
+
+def _write_match_outputs(args, res, out: Path, folder_out: bool) -> None:
+    """The ``.mrk.json`` per target (folder) or one CSV, and the heatmaps."""
+    from .io import PointList, write_image, write_points, write_text_atomic
+
     if folder_out:
         for ti, name in enumerate(res.targets):
             ms = res.for_target(ti)
@@ -140,13 +167,6 @@ def _cmd_match(args) -> int:
             stem = Path(res.targets[ti]).name.split(".")[0]
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
             write_image(img, Path(args.heatmap_dir) / f"{stem}_{safe}_heatmap.nii.gz")
-    if not args.quiet:
-        for r in res.rows(ras=args.ras):
-            frame = "RAS" if args.ras else "LPS"
-            print(f"{Path(r['target']).name}\t{r['label']}\t({r['x']:.1f}, {r['y']:.1f}, {r['z']:.1f}) mm {frame}\t"
-                  f"score {r['score']:.3f}\t{'confident' if r['confident'] else 'NOT confident'}")
-        print(f"wrote {out} in {res.timings['total_s']:.1f} s")
-    return 0
 
 
 def _cmd_embed(args) -> int:
@@ -157,14 +177,19 @@ def _cmd_embed(args) -> int:
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     matcher = _make_matcher(args)
     bar = _Progress(len(args.images), "embedding", not args.quiet)
-    for n, path in enumerate(args.images):
-        t0 = time.time()
-        maps = matcher.embed(as_image(path, spacing_mm=args.spacing))
-        bar.update(n + 1, len(args.images), str(path))
-        if not args.quiet:
-            print(f"{path}: local {tuple(maps.local.shape)}, global {tuple(maps.global_.shape)}, {time.time() - t0:.1f} s")
-        matcher.clear_cache()
-    bar.close()
+    try:
+        for n, path in enumerate(args.images):
+            t0 = time.time()
+            bar.update(n, len(args.images), f"reading {Path(path).name}")
+            image = as_image(path, spacing_mm=args.spacing)
+            label = f"embedding {n + 1}/{len(args.images)} {Path(path).name}"
+            maps = matcher.embed(image, progress=lambda done, total, phase: bar.phase(f"{label}: {phase} {done:g}/{total:g}"))
+            bar.update(n + 1, len(args.images), label)
+            log.info("%s: local %s, global %s, %.1f s", path, tuple(maps.local.shape), tuple(maps.global_.shape),
+                     time.time() - t0)
+            matcher.clear_cache()
+    finally:
+        bar.close()
     return 0
 
 
@@ -211,13 +236,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="on-disk embedding cache folder")
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "xray"])
     p.add_argument("--spacing", type=float, help="pixel spacing (mm) for 2D files that carry none (PNG/JPEG)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or informational log lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``samembed`` command."""
     p = argparse.ArgumentParser(prog="samembed", description="SAM anatomical embeddings: match points across medical images.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug log lines (and tracebacks of internal errors)")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("match", help="match points from a source image into target images")
@@ -243,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="self-supervised training (SAM and related objectives)")
     t.add_argument("--config", help="YAML or TOML config file")
     t.add_argument("--arch", choices=["sam-lite", "sam-lite-2d", "sam-official"])
-    t.add_argument("--objective", help="sam, or a weighted sum such as sam+isimed:0.5")
+    from .training.config import OBJECTIVE_HELP
+
+    t.add_argument("--objective", help="sam (default), or a weighted sum such as sam+isimed:0.5; the objectives: "
+                   + "; ".join(f"{k}: {v}" for k, v in OBJECTIVE_HELP.items()))
     t.add_argument("--data", nargs="+", help="folders (recursive), list files or images")
     t.add_argument("--out", help="output folder")
     t.add_argument("--iterations", type=int)
@@ -266,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    quiet = getattr(args, "quiet", False)
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
     except DeviceUnavailableError as e:

@@ -205,7 +205,7 @@ def test_a_rotated_training_view_samples_the_volume_where_its_positions_say():
     import torch.nn.functional as F
 
     from samembed.training.sampling import sample_view
-    from samembed.training.train import inside_view, map_positions_mm
+    from samembed.training.pairs import inside_view, map_positions_mm
 
     yy, xx = np.mgrid[0:120, 0:100]
     vol = torch.tensor(np.sin(yy / 7.0) + np.cos(xx / 5.0) + 0.01 * yy, dtype=torch.float32)[None, None]

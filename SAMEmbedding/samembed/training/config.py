@@ -9,6 +9,15 @@ from pathlib import Path
 from ..errors import InputError
 
 
+#: the training objectives (``--objective``), one line each; combine with ``+`` and weight with ``:w``
+OBJECTIVE_HELP: dict[str, str] = {
+    "sam": "SAM: local InfoNCE with hard negatives + global InfoNCE on two views of one scan (the default)",
+    "isimed": "ISImed: distances between embeddings regress the points' physical distances",
+    "adam": "Adam/Eve: anatomy decomposer parts contrasted coarse to fine, with a purposive pruner",
+    "sal": "alignment learning: neighbouring slices aligned in a window, a positional loss and a variance term",
+}
+
+
 @dataclass
 class TrainConfig:
     """Every training setting, with SAM's defaults where the paper gives one.

@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from .config import OBJECTIVE_HELP
 from .losses import info_nce
+from .pairs import pair_points, sample_at
 
-OBJECTIVES = ("sam", "isimed", "adam", "sal")
+OBJECTIVES = tuple(OBJECTIVE_HELP)
 
 
 def parse_objective(text: str) -> list[tuple[str, float]]:
@@ -122,7 +124,6 @@ def variance_hinge(features: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
 # objectives on a training batch
 # ---------------------------------------------------------------------------------------------------
 def _isimed(trainer, views, loc, glob, gen, rng):
-    from .train import sample_at
 
     cfg = trainer.cfg
     terms = []
@@ -141,7 +142,6 @@ def _isimed(trainer, views, loc, glob, gen, rng):
 
 
 def _adam(trainer, views, loc, glob, gen, rng):
-    from .train import pair_points
 
     cfg = trainer.cfg
     bank = getattr(trainer, "_adam_bank", torch.zeros((0, loc.shape[1])))

@@ -1,0 +1,205 @@
+"""What a new user met (issue 17): file modes, 2D defaults, option validation, quiet output, help texts."""
+
+from __future__ import annotations
+
+import csv
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from samembed.cli import main
+from samembed.errors import InputError
+from samembed.io import read_points, write_text_atomic
+from samembed.options import MatchOptions
+
+from ..conftest import REPO, data_file
+
+
+@pytest.fixture()
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ------------------------------------------------------------------------------------- permissions
+def test_an_atomically_written_file_follows_the_umask_not_owner_only(tmp_path, umask_027):
+    path = write_text_atomic(tmp_path / "out.csv", "a\n")
+    assert mode(path) == 0o640
+    os.umask(0o022)
+    path = write_text_atomic(tmp_path / "out2.csv", "a\n")
+    assert mode(path) == 0o644
+
+
+@pytest.mark.needs_data
+def test_every_file_samembed_match_writes_is_readable_by_the_group(tmp_path, umask_027):
+    ct = data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")
+    pts = tmp_path / "p.csv"
+    pts.write_text("label,x,y,z\nA,0,0,0\n")
+    from samembed.io import read_image
+
+    centre = read_image(ct).grid.index_to_lps([[64, 64, 64]])[0]
+    pts.write_text(f"label,x,y,z\nA,{centre[0]},{centre[1]},{centre[2]}\n")
+    out, hm, cache = tmp_path / "res", tmp_path / "hm", tmp_path / "cache"
+    code = main(["match", str(ct), str(ct), "--points", str(pts), "--out", f"{out}/", "--heatmap-dir", str(hm),
+                 "--cache-dir", str(cache), "--model", "random:sam-lite", "--device", "cpu", "--quiet", "--no-polish"])
+    assert code == 0
+    written = [p for d in (out, hm, cache) for p in Path(d).rglob("*") if p.is_file()]
+    assert len(written) >= 3 and {p.suffix for p in written} >= {".json", ".gz"}
+    assert all(mode(p) == 0o640 for p in written), {p.name: oct(mode(p)) for p in written}
+
+
+# --------------------------------------------------------------------------------------- points files
+def test_a_2d_points_csv_is_accepted_with_or_without_a_header(tmp_path):
+    (tmp_path / "h.csv").write_text("label,x,y\nA,1.5,2\nB,3,4\n")
+    (tmp_path / "n.csv").write_text("A,1.5,2\nB,3,4\n")
+    for name in ("h.csv", "n.csv"):
+        pl = read_points(tmp_path / name)
+        assert pl.labels == ["A", "B"]
+        np.testing.assert_allclose(pl.points_lps_mm, [[1.5, 2, 0], [3, 4, 0]])
+
+
+def test_a_csv_without_a_header_names_the_file_line_of_a_bad_value(tmp_path):
+    (tmp_path / "p.csv").write_text("A,1,zz,3\n")
+    with pytest.raises(InputError, match=r"p.csv: line 1: 'zz' is not a number"):
+        read_points(tmp_path / "p.csv")
+    (tmp_path / "q.csv").write_text("# my points\nlabel,x,y,z\nA,1,2,3\nB,1,2\n")
+    with pytest.raises(InputError, match=r"q.csv: line 4 has 3 columns; expected label,x,y,z"):
+        read_points(tmp_path / "q.csv")
+
+
+# ------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("value", [-5.0, float("nan"), float("inf")])
+def test_a_negative_or_nan_window_is_a_clear_input_error(value):
+    with pytest.raises(InputError, match="prior_window_mm must be a finite number >= 0"):
+        MatchOptions(prior_window_mm=value)
+
+
+def test_unknown_or_mistyped_options_are_clear_input_errors():
+    with pytest.raises(InputError, match="unknown match option 'polsh'; known: .*polish"):
+        MatchOptions.from_mapping({"polsh": False})
+    with pytest.raises(InputError, match="unknown match option"):
+        MatchOptions().replace(window=3)
+    with pytest.raises(InputError, match="polish must be true or false"):
+        MatchOptions(polish="yes")
+    with pytest.raises(InputError, match="polish_min_ncc must be a number in"):
+        MatchOptions(polish_min_ncc=2.0)
+    with pytest.raises(InputError, match="box_lps_mm must be 6 finite numbers"):
+        MatchOptions(box_lps_mm=(0, 0, 0, 1, 1))
+    with pytest.raises(InputError, match="polish_levels must be"):
+        MatchOptions(polish_levels=((1.0, 2.0),))
+
+
+def test_match_options_are_frozen_and_round_trip_through_a_mapping():
+    o = MatchOptions(refine=True, box_lps_mm=[[0, 0, 0], [10, 10, 10]])
+    with pytest.raises(AttributeError):
+        o.refine = False  # type: ignore[misc]
+    assert o.box_lps_mm == (0.0, 0.0, 0.0, 10.0, 10.0, 10.0)
+    assert MatchOptions.from_mapping(o.to_dict()) == o
+
+
+@pytest.mark.parametrize("flag", [["--prior-window", "-5"], ["--prior-window", "nan"], ["--polish-min-ncc", "3"]])
+def test_bad_match_flags_exit_2_before_any_output_folder_is_made(tmp_path, flag, capsys):
+    out, hm = tmp_path / "out", tmp_path / "hm"
+    code = main(["match", "a.nii.gz", "b.nii.gz", "--points", "p.csv", "--out", f"{out}/", "--heatmap-dir", str(hm), *flag])
+    assert code == 2
+    assert flag[0] in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_files_leave_no_output_folder_behind(tmp_path, capsys):
+    out, hm = tmp_path / "out", tmp_path / "hm"
+    (tmp_path / "p.csv").write_text("label,x,y,z\nA,1,2,3\n")
+    code = main(["match", str(tmp_path / "missing.nii.gz"), str(tmp_path / "missing2.nii.gz"), "--points",
+                 str(tmp_path / "p.csv"), "--out", f"{out}/", "--heatmap-dir", str(hm)])
+    assert code == 2 and "missing.nii.gz" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
+def test_every_match_option_is_reachable_from_the_cli():
+    from samembed.cli import _OPTION_FLAGS, build_parser, match_options_from_args
+
+    names = {f for f in MatchOptions.__dataclass_fields__ if f != "heatmap"}  # heatmap: --heatmap-dir
+    assert set(_OPTION_FLAGS) == names
+    args = build_parser().parse_args([
+        "match", "s", "t", "--points", "p", "--out", "o", "--prior-window", "30", "--global-window", "10",
+        "--no-body-mask", "--box", "0", "0", "0", "9", "9", "9", "--refine", "--refine-window", "12", "--consistency",
+        "--consistency-inlier", "11", "--consistency-window", "13", "--no-polish", "--polish-min-ncc", "0.7",
+        "--polish-levels", "2,16,8;1,8,2", "--roundtrip-tolerance", "6"])
+    o = match_options_from_args(args)
+    assert o == MatchOptions(prior_window_mm=30, global_window_mm=10, search_body=False, box_lps_mm=(0, 0, 0, 9, 9, 9),
+                             refine=True, refine_window_mm=12, consistency=True, consistency_inlier_mm=11,
+                             consistency_window_mm=13, polish=False, polish_min_ncc=0.7,
+                             polish_levels=((2, 16, 8), (1, 8, 2)), roundtrip_tolerance_mm=6)
+    defaults = match_options_from_args(build_parser().parse_args(["match", "s", "t", "--points", "p", "--out", "o"]))
+    assert defaults == MatchOptions()
+
+
+# ------------------------------------------------------------------------------------- help and logs
+def test_train_help_lists_every_objective_and_the_help_does_not_import_torch():
+    code = ("import sys; from samembed.cli import build_parser; import contextlib, io\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):\n"
+            "    build_parser().parse_args(['train', '--help'])\n"
+            "print(buf.getvalue()); print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for name in ("sam:", "isimed:", "adam:", "sal:"):
+        assert name in out.replace("\n", " ")
+    assert "TORCH False" in out
+
+
+@pytest.mark.needs_data
+def test_quiet_prints_nothing_and_default_names_the_phases(tmp_path):
+    ct = data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")
+    from samembed.io import read_image
+
+    c = read_image(ct).grid.index_to_lps([[64, 64, 64]])[0]
+    (tmp_path / "p.csv").write_text(f"label,x,y,z\nA,{c[0]},{c[1]},{c[2]}\n")
+    cmd = [sys.executable, "-m", "samembed.cli", "match", str(ct), str(ct), "--points", str(tmp_path / "p.csv"),
+           "--model", "random:sam-lite", "--device", "cpu", "--no-polish"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "SAMEmbedding"), os.environ.get("PYTHONPATH", "")]))
+    quiet = subprocess.run([*cmd, "--out", str(tmp_path / "q.csv"), "-q"], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
+    loud = subprocess.run([*cmd, "--out", str(tmp_path / "l.csv")], capture_output=True, text=True, env=env)
+    assert loud.returncode == 0
+    for phase in ("reading", "embedding source", "embedding target 1/1", "matching 1/1", "writing"):
+        assert phase in loud.stderr, loud.stderr
+    assert "wrote" in loud.stdout
+
+
+# ------------------------------------------------------------------------------------- 2D defaults
+@pytest.mark.needs_data
+def test_the_default_model_resolves_to_the_2d_model_for_radiographs(tmp_path):
+    hand = REPO / "Resources" / "Models" / "sam-lite-2d-hand.pt"
+    if not hand.is_file():
+        pytest.skip(f"{hand} is missing")
+    folder = data_file("xray", "hand_dha37")
+    jpgs = sorted(folder.rglob("*.jpg"))[:2]
+    if len(jpgs) < 2:
+        pytest.skip(f"no hand radiographs under {folder}")
+    (tmp_path / "p.csv").write_text("label,x,y\nA,60,80\nB,100,120\n")
+    out = tmp_path / "o.csv"
+    code = main(["match", str(jpgs[0]), str(jpgs[1]), "--points", str(tmp_path / "p.csv"), "--out", str(out),
+                 "--spacing", "0.2", "--device", "cpu", "--quiet"])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["label"] for r in rows] == ["A", "B"] and all(float(r["z"]) == 0.0 for r in rows)
+
+
+def test_a_model_of_the_wrong_dimension_names_the_models_that_fit():
+    from samembed import Matcher
+    from samembed.image import Image
+
+    rng = np.random.default_rng(0)
+    img = Image.from_array((rng.random((64, 64)) * 1000).astype(np.int16), name="xray.png")
+    with pytest.raises(InputError, match=r"xray.png: a 2D image cannot be embedded by the 3D model .*--model sam-lite-2d-hand"):
+        Matcher("random:sam-lite", device="cpu").match(img, [[10.0, 10.0, 0.0]], [img])
