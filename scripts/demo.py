@@ -35,21 +35,48 @@ def popi_pair(out_dir: Path):
     return case.source, case.target, case.labels, case.query_points_lps_mm, case.truth_points_lps_mm
 
 
-def download_samples(out_dir: Path) -> list[Path]:
-    """Download the two Slicer sample CTs (once), verifying their SHA-256."""
+#: where the samples come from; SAMEMBED_SAMPLES_URL points elsewhere (a mirror, or a test server)
+SAMPLES_URL = os.environ.get("SAMEMBED_SAMPLES_URL", "https://github.com/Slicer/SlicerTestingData/releases/download/SHA256")
+
+
+class DemoError(Exception):
+    """A problem the demo explains in one message (no traceback)."""
+
+
+def download_samples(out_dir: Path, samples: dict[str, str] | None = None, base_url: str | None = None,
+                     timeout_s: float = 30.0) -> list[Path]:
+    """Download the sample CTs into ``out_dir`` (created; once), verifying each file's SHA-256.
+
+    Raises:
+        DemoError: the network cannot be reached (the message says how to run the demo without it), or a
+            download does not match its checksum (nothing is kept).
+    """
+    samples = SLICER_SAMPLES if samples is None else samples
+    base_url = (base_url or SAMPLES_URL).rstrip("/")
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, sha in SLICER_SAMPLES.items():
+    for name, sha in samples.items():
         path = out_dir / name
         if not path.is_file():
-            url = f"https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/{sha}"
+            url = f"{base_url}/{sha}"
             print(f"downloading {name} from {url}")
-            tmp = path.with_suffix(".part")
-            urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
+            tmp = path.with_name(path.name + ".part")
+            try:
+                with urllib.request.urlopen(url, timeout=timeout_s) as resp, tmp.open("wb") as fh:  # noqa: S310
+                    while chunk := resp.read(1 << 20):
+                        fh.write(chunk)
+            except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts are OSErrors
+                tmp.unlink(missing_ok=True)
+                raise DemoError(
+                    f"cannot download the demo CT {name} from {url} ({getattr(e, 'reason', e)}).\n"
+                    f"The demo needs either the shared data folder ({DATA}; set SAMEMBED_DATA to use another place) "
+                    f"or a network connection to fetch two public 3D Slicer sample CTs. Without either, put the "
+                    f"files by hand into {out_dir} (SHA-256 {', '.join(samples.values())}).") from None
             digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
             if digest != sha:
                 tmp.unlink()
-                raise SystemExit(f"{name}: SHA-256 {digest} does not match {sha}; download refused")
-            tmp.rename(path)
+                raise DemoError(f"{name}: the download's SHA-256 {digest} does not match {sha}; it was refused and deleted")
+            tmp.replace(path)
         paths.append(path)
     return paths
 
@@ -102,7 +129,11 @@ def main() -> int:
         print(f"POPI phase 00 -> deformed copy (real 00->50 breathing motion): {len(pts)} landmarks")
     else:
         print(f"{DATA} not found: using two public 3D Slicer sample CTs instead")
-        source_path, target_path = download_samples(out / "samples")
+        try:
+            source_path, target_path = download_samples(out / "samples")
+        except DemoError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         src = read_image(source_path)
         centre = src.grid.index_to_lps([[(n - 1) / 2 for n in src.grid.size_ijk]])[0]
         pts = centre + np.array([[0, 0, 0], [40, 0, 0], [-40, 0, 0], [0, 40, 0], [0, 0, 40]], dtype=float)
