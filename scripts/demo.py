@@ -81,33 +81,6 @@ def download_samples(out_dir: Path, samples: dict[str, str] | None = None, base_
     return paths
 
 
-def heatmap_png(target, heatmap, point_lps_mm, truth_lps_mm, path: Path, title: str) -> None:
-    """Axial slice of the target through the match, with the similarity heatmap on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = int(round(target.grid.lps_to_index(point_lps_mm[None])[0][2]))
-    k = int(np.clip(k, 0, target.array.shape[0] - 1))
-    sp = target.grid.spacing_mm
-    extent = (0, target.array.shape[2] * sp[0], target.array.shape[1] * sp[1], 0)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.imshow(np.clip(target.array[k], -1000, 400), cmap="gray", extent=extent)
-    hm = ax.imshow(np.ma.masked_less(heatmap.array[k], 0.3), cmap="inferno", alpha=0.55, vmin=0.3, vmax=1.0, extent=extent)
-    for p, style, lab in ((point_lps_mm, "c+", "match"), (truth_lps_mm, "gx", "truth")):
-        if p is not None:
-            ijk = target.grid.lps_to_index(p[None])[0]
-            ax.plot(ijk[0] * sp[0], ijk[1] * sp[1], style, ms=14, mew=2, label=lab)
-    ax.legend(loc="lower right")
-    ax.set_title(title)
-    ax.set_xlabel("mm")
-    fig.colorbar(hm, ax=ax, label="SAM similarity (mean cosine, -1..1)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="model name, checkpoint path or random:sam-lite")
@@ -173,9 +146,12 @@ def main() -> int:
           + ("" if options.polish else " (--no-polish)"))
     print(f"timings: data {t_prep:.1f} s, first match incl. embedding {t_first:.1f} s, "
           f"warm match of {len(pts)} points {t_warm * 1000:.0f} ms ({matcher.model.model_id}, {matcher.device})")
+    from samembed.figures import save_match_figure
+
     png = out / f"heatmap_{labels[0]}.png"
-    heatmap_png(target, hm, res.matches[0].point_lps_mm, None if truth is None else truth[0], png,
-                f"{labels[0]}: similarity in the target (score {res.matches[0].score:.2f})")
+    first = res.matches[0]
+    save_match_figure(png, source, pts[0], target, first.point_lps_mm, hm, truth_lps_mm=None if truth is None else truth[0],
+                      title=f"{labels[0]}: score {first.score:.2f} ({'confident' if first.confident else 'NOT confident'})")
     print(f"heatmap: {png}")
     return 0
 

@@ -1,0 +1,117 @@
+"""Pictures a clinician reads at a glance: a source point beside its match, with the similarity heatmap.
+
+:func:`match_figure` draws two axial crops through the points (the source around the clicked point, the
+target around its match), each labelled with its orientation (R/L, A/P from the image's direction cosines)
+and its slice position (z, LPS mm). The heatmap is coloured over its robust range inside the body only, and
+low similarity is transparent, so the hot spot stands out instead of washing over the slice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .image import Image
+
+#: LPS axis letters: the patient direction of +x, +y, +z, and of their opposites
+_POSITIVE, _NEGATIVE = "LPS", "RAI"
+
+
+def axis_letters(direction_column: np.ndarray) -> tuple[str, str]:
+    """(letter at the low-index end, letter at the high-index end) of an image axis whose direction (LPS) is
+    ``direction_column``: e.g. +x -> ("R", "L")."""
+    a = int(np.argmax(np.abs(direction_column)))
+    if direction_column[a] >= 0:
+        return _NEGATIVE[a], _POSITIVE[a]
+    return _POSITIVE[a], _NEGATIVE[a]
+
+
+def _crop(image: Image, point_lps_mm: np.ndarray, half_mm: float):
+    """The axial slice through the point, cropped to +-half_mm: (2D array, extent (mm), slice index, in-plane ij)."""
+    ijk = image.grid.lps_to_index(np.asarray(point_lps_mm, dtype=np.float64)[None, :3])[0]
+    k = int(np.clip(np.floor(ijk[2] + 0.5), 0, image.array.shape[0] - 1))
+    sp = np.asarray(image.grid.spacing_mm, dtype=np.float64)
+    r = np.ceil(half_mm / sp[:2]).astype(int)
+    i0, i1 = max(0, int(ijk[0]) - r[0]), min(image.array.shape[2], int(ijk[0]) + r[0] + 1)
+    j0, j1 = max(0, int(ijk[1]) - r[1]), min(image.array.shape[1], int(ijk[1]) + r[1] + 1)
+    extent = ((i0 - 0.5) * sp[0], (i1 - 0.5) * sp[0], (j1 - 0.5) * sp[1], (j0 - 0.5) * sp[1])
+    return (slice(j0, j1), slice(i0, i1)), k, extent, ijk[:2] * sp[:2]
+
+
+def robust_range(heatmap: np.ndarray, body: np.ndarray) -> tuple[float, float]:
+    """Colour range of a similarity map: from its 90th percentile inside the body to its maximum there."""
+    inside = heatmap[body] if body.any() else heatmap.reshape(-1)
+    hi = float(inside.max())
+    lo = float(np.percentile(inside, 90))
+    return (lo, hi) if hi > lo else (hi - 1e-3, hi)
+
+
+def match_figure(source: Image, point_lps_mm, target: Image, match_lps_mm, heatmap: Image | None = None, *,
+                 truth_lps_mm=None, title: str = "", half_mm: float = 60.0, body_hu: float = -500.0):
+    """A matplotlib Figure: the source crop with its point beside the target crop with the match and the map.
+
+    Args:
+        source, target: the images (3D, LPS mm).
+        point_lps_mm: the clicked point in the source; match_lps_mm: its match in the target.
+        heatmap: the point's similarity map in the target's geometry (from ``MatchOptions(heatmap=True)``).
+        truth_lps_mm: the true position in the target, when known (drawn as a green cross).
+        half_mm: half-size of each crop, mm.
+        body_hu: intensities above this count as body for the heatmap's colour range (CT: -500 HU).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
+    panels = ((axes[0], source, point_lps_mm, None, "source"), (axes[1], target, match_lps_mm, heatmap, "target"))
+    colour_bar = None
+    for ax, img, p, hm, name in panels:
+        (rows, cols), k, extent, _ = _crop(img, np.asarray(p, dtype=np.float64), half_mm)
+        sl = img.array[k][rows, cols].astype(np.float32)
+        ax.imshow(np.clip(sl, -1000, 600), cmap="gray", extent=extent, interpolation="nearest")
+        if hm is not None:
+            hsl = hm.array[k][rows, cols]
+            lo, hi = robust_range(hm.array[k], img.array[k] > body_hu)
+            norm = Normalize(lo, hi, clip=True)
+            rgba = plt.get_cmap("inferno")(norm(hsl))
+            rgba[..., 3] = 0.75 * np.clip((hsl - lo) / max(hi - lo, 1e-6), 0, 1)  # low similarity: transparent
+            ax.imshow(rgba, extent=extent, interpolation="nearest")
+            colour_bar = plt.cm.ScalarMappable(norm=norm, cmap="inferno")
+        ij = img.grid.lps_to_index(np.asarray(p, dtype=np.float64)[None, :3])[0][:2] * np.asarray(img.grid.spacing_mm)[:2]
+        ax.plot(ij[0], ij[1], "c+", ms=16, mew=2, label="click" if name == "source" else "match")
+        if name == "target" and truth_lps_mm is not None:
+            t = img.grid.lps_to_index(np.asarray(truth_lps_mm, dtype=np.float64)[None, :3])[0][:2] * np.asarray(img.grid.spacing_mm)[:2]
+            ax.plot(t[0], t[1], "gx", ms=12, mew=2, label="truth")
+        d = np.asarray(img.grid.direction).reshape(3, 3)
+        (left, right), (top, bottom) = axis_letters(d[:, 0]), axis_letters(d[:, 1])
+        for text, xy in ((left, (0.02, 0.5)), (right, (0.98, 0.5)), (top, (0.5, 0.97)), (bottom, (0.5, 0.03))):
+            ax.text(*xy, text, transform=ax.transAxes, color="yellow", fontsize=13, fontweight="bold",
+                    ha="center", va="center")
+        z_mm = float(img.grid.index_to_lps(np.array([[0.0, 0.0, float(k)]]))[0][2])
+        ax.set_title(f"{name}: {Path(img.name).name}\naxial slice z = {z_mm:.1f} mm (LPS)", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(loc="lower right", fontsize=8)
+    if colour_bar is not None:
+        fig.colorbar(colour_bar, ax=axes[1], fraction=0.046, pad=0.02,
+                     label="SAM similarity (colour: the map's top 10 % inside the body)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_match_figure(path: str | Path, *args, **kwargs) -> Path:
+    """:func:`match_figure` written to a PNG (atomically, following the umask)."""
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    fig = match_figure(*args, **kwargs)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
