@@ -229,14 +229,20 @@ class MatchLogic:
         model: ``"default"``, a registered model name, a checkpoint path, or ``"random:sam-lite"`` (tests).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         cacheBytes: memory cap of the engine's embedding cache.
+        engine: ``"here"``: the engine runs in this process (the console, tests); ``"process"``: in a persistent
+            child process (:class:`~SAMEmbeddingLib.engine_process.EngineProcess`; what the module panel uses),
+            started on first use and restarted after a crash.
 
     Inputs are never modified: volumes are read (voxels copied), the source point list only read.
     Bad input raises ``samembed.InputError`` (a ``ValueError``) whose message names the node and the fix.
     """
 
     def __init__(self, scene, matcher: MatcherProtocol | None = None, model: str = "default", device: str = "auto",
-                 cacheBytes: int = 3 << 30) -> None:
+                 cacheBytes: int = 3 << 30, engine: str = "here") -> None:
+        if engine not in ("here", "process"):
+            raise InputError(f"engine must be 'here' or 'process', not {engine!r}")
         self.scene = scene
+        self.engine = engine
         self._matcher = matcher
         self._matcherLock = threading.Lock()
         self._model = str(model)
@@ -260,11 +266,27 @@ class MatchLogic:
         if str(model) != self._model or device != self._device:
             with self._matcherLock:
                 self._model, self._device = str(model), device
+                self._closeEngine()
                 self._matcher = None
+
+    def close(self) -> None:
+        """Stop the engine process, if one runs (the engine is built again on next use)."""
+        with self._matcherLock:
+            self._closeEngine()
+            self._matcher = None
+
+    def _closeEngine(self) -> None:
+        close = getattr(self._matcher, "close", None)
+        if close is not None and self.engine == "process":
+            close()
 
     def getMatcher(self) -> MatcherProtocol:
         """The engine, built on first use (loads the model; raises ``InputError`` subclasses for a bad one)."""
         with self._matcherLock:
+            if self._matcher is None and self.engine == "process":
+                from .engine_process import EngineProcess  # started on its first request
+
+                self._matcher = EngineProcess(self._model, self._device, self.cacheBytes)
             if self._matcher is None:
                 from samembed import Matcher  # imports torch: only after the dependency check
 
@@ -307,10 +329,21 @@ class MatchLogic:
     def canMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence) -> tuple[bool, str]:
         """``(True, "")`` when :meth:`matchPoints` would accept these inputs, else ``(False, reason)``."""
         try:
-            self._validate(sourceVolume, sourcePointList, list(targetVolumes or []), None)
+            self._validate(sourceVolume, sourcePointList, self.liveTargets(targetVolumes), None)
         except InputError as e:
             return False, str(e)
         return True, ""
+
+    def liveTargets(self, targetVolumes: Sequence | None) -> list:
+        """The target volumes still in this scene, each once, in order (a deleted target leaves a None or a node
+        outside the scene in a parameter node's list; the others are still matched)."""
+        targets = []
+        for node in targetVolumes or []:
+            if node is None or self.scene.GetNodeByID(node.GetID()) is not node:
+                continue
+            if all(node.GetID() != t.GetID() for t in targets):
+                targets.append(node)
+        return targets
 
     def _validate(self, sourceVolume, sourcePointList, targetVolumes: list, pointIndices):
         mrml_io.check_volume_node(sourceVolume, "source volume")
@@ -347,12 +380,7 @@ class MatchLogic:
             samembed.InputError: what is wrong and how to fix it.
         """
         options = _checkOptions(options)
-        targets = []
-        for node in targetVolumes or []:
-            if node is not None and all(node.GetID() != t.GetID() for t in targets):
-                targets.append(node)
-        if not targets and targetVolumes:
-            targets = [None]
+        targets = self.liveTargets(targetVolumes)
         ids, labels, pointsRAS = self._validate(sourceVolume, sourcePointList, targets,
                                                 None if pointIndices is None else list(pointIndices))
         heatmapPointID = heatmapTargetID = None
@@ -612,9 +640,16 @@ class MatchLogic:
 
     # -- heatmap ----------------------------------------------------------------------------
     def heatmapNode(self, targetVolume, create: bool = False):
-        """The similarity volume shown over ``targetVolume`` (one per target, reused; created when asked)."""
-        return self._findOrCreate("vtkMRMLScalarVolumeNode", "heatmap", {TARGET_REFERENCE: targetVolume.GetID()}, create,
-                                  f"similarity in {targetVolume.GetName()}")[0]
+        """The similarity volume shown over ``targetVolume`` (one per target, reused; created when asked).
+
+        It is hidden from editors, so the module's volume selectors (and other modules' node selectors) do not
+        offer it as a source or target; it stays in the slice views' layers.
+        """
+        node, created = self._findOrCreate("vtkMRMLScalarVolumeNode", "heatmap", {TARGET_REFERENCE: targetVolume.GetID()},
+                                           create, f"similarity in {targetVolume.GetName()}")
+        if created:
+            node.SetHideFromEditors(True)
+        return node
 
     def _findOrCreate(self, className: str, role: str, references: dict, create: bool, name: str):
         """``(node, created)``: the output node of ``className`` with ``role`` whose node references equal
