@@ -115,6 +115,8 @@ class MatchRow:
     confident: bool
     targetID: str = ""
     roundtripMm: float = math.nan
+    pointID: str = ""
+    """The source control point's ID."""
 
 
 @dataclass
@@ -268,6 +270,15 @@ class MatchLogic:
                 self._model, self._device = str(model), device
                 self._closeEngine()
                 self._matcher = None
+
+    def useEngineProcess(self, enabled: bool = True) -> None:
+        """Run the engine in a persistent child process (``enabled``) or in this process; see ``engine``."""
+        engine = "process" if enabled else "here"
+        if engine != self.engine:
+            with self._matcherLock:
+                self._closeEngine()
+                self._matcher = None
+                self.engine = engine
 
     def close(self) -> None:
         """Stop the engine process, if one runs (the engine is built again on next use)."""
@@ -522,7 +533,7 @@ class MatchLogic:
                 outNode.SetNthControlPointSelected(index, bool(match.confident))
                 if outputs is not None:
                     outputs.rows.append(MatchRow(label, target.GetName(), ras, float(match.score), bool(match.confident),
-                                                 target.GetID(), float(match.roundtrip_mm)))
+                                                 target.GetID(), float(match.roundtrip_mm), pointID))
             _writeMatchRecords(outNode, records)
         finally:
             outNode.EndModify(wasModifying)
@@ -609,7 +620,7 @@ class MatchLogic:
                 rows.append(MatchRow(outNode.GetNthControlPointLabel(index), target.GetName() if target else "",
                                      np.array(position), _float(record.get("score")),
                                      bool(outNode.GetNthControlPointSelected(index)) if confident is None else bool(confident),
-                                     target.GetID() if target else "", _float(record.get("roundtripMm"))))
+                                     target.GetID() if target else "", _float(record.get("roundtripMm")), pointID))
         return rows
 
     def resultsTable(self, sourcePointList, create: bool = False):

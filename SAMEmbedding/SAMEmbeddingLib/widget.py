@@ -1,8 +1,12 @@
-"""The Qt widget of the SAMEmbedding module: forwards each user action to the logic.
+"""The Qt widget of the SAMEmbedding module: binds the panel to a :class:`~SAMEmbeddingLib.controller.MatchController`.
 
-This is the only file of ``SAMEmbeddingLib`` that uses ``qt``, ``slicer.app`` and the global scene; it runs only
-inside 3D Slicer. ``SAMEmbedding.SAMEmbeddingWidget`` (the module file) builds a :class:`MatchWidget` in its
-``setup`` and forwards ``enter``, ``exit`` and ``cleanup``.
+This is the only file of ``SAMEmbeddingLib`` that uses ``qt``, ``slicer.app``, ``slicer.util`` and the global scene;
+it runs only inside 3D Slicer. ``SAMEmbedding.SAMEmbeddingWidget`` (the module file) builds a :class:`MatchWidget`
+in its ``setup`` and forwards ``enter``, ``exit`` and ``cleanup``.
+
+The widget keeps no point bookkeeping: the controller observes the landmark list and fires the matches, decides
+when the heatmap is computed, and finds a result row's target. The engine runs in a persistent child process
+(``MatchLogic(engine="process")``), so Slicer stays responsive while a volume is embedded.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from slicer.util import VTKObservationMixin
 
 SETTINGS_KEY = "SAMEmbedding"
 IMPORT_CHECKPOINT_ITEM = "Import checkpoint from file..."
+POLL_INTERVAL_MS = 50
 
 
 def moduleResourcePath(*parts: str) -> str:
@@ -32,68 +37,69 @@ def moduleResourcePath(*parts: str) -> str:
 
 
 class MatchWidget(VTKObservationMixin):
-    """The GUI body: forwards each action to the logic; engine work runs on one persistent worker.
+    """The GUI body: binds the panel's widgets to the parameter node and to a ``MatchController``.
 
     Args:
         layout: the module panel's layout, which receives the widgets of ``SAMEmbedding.ui``.
-        logic: the module's ``SAMEmbeddingLogic``.
+        logic: the module's ``SAMEmbeddingLogic`` (its ``core`` is switched to the engine process).
         isEntered: True while the module is shown (a closed scene is re-initialised only then).
     """
 
     def __init__(self, layout, logic, isEntered: Callable[[], bool]) -> None:
+        from SAMEmbeddingLib.controller import MatchController
+        from SAMEmbeddingLib.worker import Worker
+
         VTKObservationMixin.__init__(self)
         self.layout = layout
         self.logic = logic
         self._isEntered = isEntered
-        self.worker = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._observedPoints = None
-        self._currentPointIndex = None
-        self._propagateTask = None
-        self._pollTimer = None
         self._updatingGui = False
 
-    # -- life cycle ---------------------------------------------------------------------------
-        self._setup()
-
-    def _setup(self) -> None:
         uiWidget = slicer.util.loadUI(moduleResourcePath("UI", "SAMEmbedding.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
-        from SAMEmbeddingLib.worker import Worker
-
+        self.logic.core.useEngineProcess()
         self.worker = Worker()
+        self.controller = MatchController(self.logic.core, self.worker, prepareEngine=self._prepareEngine,
+                                          onStatus=self._setStatus, onProgress=self._onProgress,
+                                          onFinished=self._onMatchFinished, onError=self._onMatchError)
         self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(50)
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._poll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
-        self.ui.placeButton.connect("toggled(bool)", self.onPlaceToggled)
+        place = self.ui.placeWidget
+        place.buttonsVisible = False
+        place.placeButton().show()
+        place.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         self.ui.targetVolumesSelector.connect("checkedNodesChanged()", self.onTargetsChecked)
         self.ui.modelComboBox.connect("activated(int)", self.onModelActivated)
         self.ui.modelFolderButton.connect("clicked()", self.onOpenModelFolder)
         self.ui.propagateButton.connect("clicked()", self.onPropagateAll)
-        self.ui.cancelButton.connect("clicked()", self.onCancel)
+        self.ui.cancelButton.connect("clicked()", self.controller.cancel)
         self.ui.exportButton.connect("clicked()", self.onExport)
         self.ui.clearCacheButton.connect("clicked()", self.onClearCache)
-        self.ui.showHeatmapCheckBox.connect("toggled(bool)", self.onShowHeatmapToggled)
-        self.ui.heatmapOpacitySlider.connect("valueChanged(double)", self.onHeatmapOpacityChanged)
+        self.ui.heatmapOpacitySlider.connect("valueChanged(double)", self.logic.core.setHeatmapOpacity)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
+        # showHeatmap is bound by the parameter node only: the controller reacts to its change (not to a restore)
 
         self._fillModelComboBox()
         self.initializeParameterNode()
 
+    # -- life cycle ---------------------------------------------------------------------------
     def cleanup(self) -> None:
         self.removeObservers()
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self.worker is not None:
-            self.worker.shutdown()
+        self._pollTimer.stop()
+        self.controller.cleanup()
+        self.worker.shutdown()
+        self.logic.core.close()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -103,50 +109,67 @@ class MatchWidget(VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-        self.ui.placeButton.checked = False
+        self.ui.placeWidget.setPlaceModeEnabled(False)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self.worker is not None:
-            self.worker.cancelAll()
-        self._observePoints(None)
+        self.controller.cleanup()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self._isEntered():
             self.initializeParameterNode()
 
+    def onNodeRemoved(self, caller, event) -> None:
+        """A deleted target leaves the parameter node's list (no selector signal says so)."""
+        p = self._parameterNode
+        if p is None or self._updatingGui:
+            return
+        live = self.logic.core.liveTargets(list(p.targetVolumes))
+        if len(live) != len(list(p.targetVolumes)):
+            p.targetVolumes = live
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.sourceVolume:
+        p = self._parameterNode
+        if not p.sourceVolume:
             firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolume:
-                self._parameterNode.sourceVolume = firstVolume
+                p.sourceVolume = firstVolume
+        if not p.sourcePoints:
+            points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", _("SAM landmarks"))
+            points.CreateDefaultDisplayNodes()
+            p.sourcePoints = points
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
+        self.controller.setParameters(inputParameterNode)  # a restored scene starts no match
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-        self._onParameterNodeModified()
+        self._updateGui()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         if self._updatingGui:
             return
+        self.controller.parametersModified()
+        self._updateGui()
+
+    def _updateGui(self) -> None:
         self._updatingGui = True
         try:
             p = self._parameterNode
-            self._observePoints(p.sourcePoints if p else None)
             if p:
-                checked = {n.GetID() for n in p.targetVolumes if n}
+                checked = {n.GetID() for n in self.controller.targets()}
                 for i in range(self.ui.targetVolumesSelector.nodeCount()):
                     node = self.ui.targetVolumesSelector.nodeFromIndex(i)
                     state = qt.Qt.Checked if node.GetID() in checked else qt.Qt.Unchecked
                     if self.ui.targetVolumesSelector.checkState(node) != state:
                         self.ui.targetVolumesSelector.setCheckState(node, state)
                 self._selectModelInComboBox(p.model)
+                self.ui.placeWidget.setCurrentNode(p.sourcePoints)
                 table = self.logic.core.resultsTable(p.sourcePoints) if p.sourcePoints else None
                 self.ui.resultsTableView.setMRMLTableNode(table)
             self._checkCanApply()
@@ -155,14 +178,11 @@ class MatchWidget(VTKObservationMixin):
 
     def _checkCanApply(self) -> None:
         p = self._parameterNode
-        busy = self.worker is not None and self.worker.busy
-        if p is None:
-            ok, reason = False, _("No parameter node")
-        else:
-            ok, reason = self.logic.canMatch(p.sourceVolume, p.sourcePoints, list(p.targetVolumes))
+        ok, reason = self.controller.canMatch()
+        busy = self.controller.busy
         self.ui.propagateButton.enabled = ok and not busy
         self.ui.propagateButton.toolTip = _("Match every landmark into every target.") if ok else reason
-        self.ui.placeButton.enabled = p is not None and p.sourceVolume is not None
+        self.ui.placeWidget.enabled = bool(p and p.sourceVolume and p.sourcePoints)
         self.ui.exportButton.enabled = bool(p and p.sourcePoints and self.logic.core.outputPointLists(p.sourcePoints))
 
     # -- inputs ------------------------------------------------------------------------------
@@ -178,54 +198,6 @@ class MatchWidget(VTKObservationMixin):
                 self._parameterNode.heatmapTarget = nodes[0]
         finally:
             self._updatingGui = False
-        self._checkCanApply()
-
-    def onPlaceToggled(self, checked: bool) -> None:
-        """Put the landmark list in place mode on the source volume (creating the list if needed)."""
-        p = self._parameterNode
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
-        if not checked:
-            interaction.SwitchToViewTransformMode()
-            return
-        if p.sourcePoints is None:
-            points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SAM landmarks")
-            points.CreateDefaultDisplayNodes()
-            p.sourcePoints = points
-        if p.sourceVolume is not None:
-            slicer.util.setSliceViewerLayers(background=p.sourceVolume, foreground=None)
-        selection = slicer.app.applicationLogic().GetSelectionNode()
-        selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
-        selection.SetActivePlaceNodeID(p.sourcePoints.GetID())
-        interaction.SetPlaceModePersistence(1)
-        interaction.SetCurrentInteractionMode(interaction.Place)
-
-    def _observePoints(self, points) -> None:
-        if points is self._observedPoints:
-            return
-        if self._observedPoints is not None:
-            for event, method in self._pointEvents():
-                self.removeObserver(self._observedPoints, event, method)
-        self._observedPoints = points
-        self._currentPointIndex = None
-        if points is not None:
-            for event, method in self._pointEvents():
-                self.addObserver(points, event, method)
-
-    def _pointEvents(self):
-        return [(slicer.vtkMRMLMarkupsFiducialNode.PointPositionDefinedEvent, self.onPointPlaced),
-                (slicer.vtkMRMLMarkupsFiducialNode.PointEndInteractionEvent, self.onPointMoved),
-                (slicer.vtkMRMLMarkupsFiducialNode.PointRemovedEvent, self.onPointRemoved)]
-
-    @vtk.calldata_type(vtk.VTK_INT)
-    def onPointPlaced(self, caller, event, index) -> None:
-        self._matchPoint(index)
-
-    @vtk.calldata_type(vtk.VTK_INT)
-    def onPointMoved(self, caller, event, index) -> None:
-        self._matchPoint(index)
-
-    def onPointRemoved(self, caller, event) -> None:
-        self.logic.core.removeMatchesOfDeletedPoints(caller)
         self._checkCanApply()
 
     # -- model -------------------------------------------------------------------------------
@@ -289,135 +261,55 @@ class MatchWidget(VTKObservationMixin):
 
     # -- matching ----------------------------------------------------------------------------
     def _prepareEngine(self) -> bool:
-        """Dependencies and model settings before engine work; False (after telling why) when not possible."""
+        """Dependencies before engine work; False (after telling why) when they are missing."""
         try:
             self.logic.ensureDependencies()
         except Exception as e:  # noqa: BLE001 - shown to the user
             slicer.util.errorDisplay(str(e))
             return False
-        self.logic.setModel(self._parameterNode.model, self._parameterNode.device)
+        self._pollTimer.start()
         return True
 
-    def _matchPoint(self, index: int) -> None:
-        """Match one placed or moved landmark into every target (in the background)."""
-        p = self._parameterNode
-        self._currentPointIndex = index
-        ok, reason = self.logic.canMatch(p.sourceVolume, p.sourcePoints, list(p.targetVolumes))
-        if not ok:
-            self.ui.statusLabel.text = reason
-            return
-        self._startMatch([index], progressBar=False)
-
     def onPropagateAll(self) -> None:
-        self._startMatch(None, progressBar=True)
-
-    def _startMatch(self, pointIndices, progressBar: bool) -> None:
-        p = self._parameterNode
-        if not self._prepareEngine():
-            return
-        heatmapIndex = None
-        if p.showHeatmap and self._currentPointIndex is not None and (pointIndices is None or self._currentPointIndex in pointIndices):
-            heatmapIndex = self._currentPointIndex
-        heatmapTarget = self._heatmapTarget()
-        self.logic.core.setHeatmapOpacity(p.heatmapOpacity)
-        single = pointIndices is not None and len(pointIndices) == 1
         try:
-            options = self.logic.matchOptions(p).replace(heatmap=heatmapIndex is not None)
-            task = self.logic.startMatch(
-                self.worker, p.sourceVolume, p.sourcePoints, list(p.targetVolumes), pointIndices, options,
-                heatmapPointIndex=heatmapIndex, heatmapTarget=heatmapTarget,
-                onFinished=lambda outputs: self._onMatchFinished(outputs, pointIndices[0] if single else None),
-                onError=self._onMatchError, onProgress=self._onProgress)
-        except ValueError as e:  # samembed.InputError: bad input, said plainly
+            task = self.controller.propagateAll()
+        except ValueError as e:  # samembed.InputError: bad input or settings, said plainly
             slicer.util.errorDisplay(str(e))
             return
-        if progressBar:
-            self._propagateTask = task
+        if task is not None:
             self.ui.progressBar.value = 0
             self.ui.progressBar.visible = True
             self.ui.cancelButton.visible = True
-        self.ui.statusLabel.text = _("Matching...")
-        self._pollTimer.start()
         self._checkCanApply()
-
-    def _heatmapTarget(self):
-        """The chosen heatmap target when it is one of the checked targets, else None (the logic uses the first)."""
-        p = self._parameterNode
-        chosen = p.heatmapTarget
-        if chosen is not None and chosen.GetID() in {n.GetID() for n in p.targetVolumes if n}:
-            return chosen
-        return None
 
     def _poll(self) -> None:
-        self.worker.poll()
-        if not self.worker.busy:
+        self.controller.poll()
+        if not self.controller.busy:
             self._pollTimer.stop()
-            self._setIdle()
+            self.ui.progressBar.visible = False
+            self.ui.cancelButton.visible = False
+            self._updateCacheLabel()
+            self._checkCanApply()
 
-    def _setIdle(self) -> None:
-        self._propagateTask = None
-        self.ui.progressBar.visible = False
-        self.ui.cancelButton.visible = False
-        self._updateCacheLabel()
-        self._checkCanApply()
+    def _setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
 
-    def _onProgress(self, done, total, message) -> None:
-        self.ui.statusLabel.text = message
+    def _onProgress(self, done: float, total: float, phase: str) -> None:
+        self.ui.statusLabel.text = phase
         if total:
             self.ui.progressBar.value = int(100 * done / total)
 
-    def _onMatchFinished(self, outputs, pointIndex) -> None:
-        p = self._parameterNode
+    def _onMatchFinished(self, outputs) -> None:
         if outputs.table is not None:
             self.ui.resultsTableView.setMRMLTableNode(outputs.table)
-        confident = sum(row.confident for row in outputs.rows)
-        self.ui.statusLabel.text = _("{n} match(es), {c} confident{cancelled}").format(
-            n=len(outputs.rows), c=confident, cancelled=_(" (cancelled: finished targets kept)") if outputs.cancelled else "")
-        if p is not None and p.jumpToMatch and pointIndex is not None and p.targetVolumes:
-            target = self._heatmapTarget() or p.targetVolumes[0]
-            position = self.logic.core.matchPosition(p.sourcePoints, pointIndex, target)
-            if position is not None:
-                self.logic.core.jumpToPoint(position)
 
     def _onMatchError(self, error) -> None:
-        self.ui.statusLabel.text = _("Matching failed")
         details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         slicer.util.errorDisplay(_("Matching failed: {}").format(error), detailedText=details)
 
-    def onCancel(self) -> None:
-        if self._propagateTask is not None:
-            self._propagateTask.cancel()
-            self.ui.statusLabel.text = _("Cancelling after the current target...")
-
-    # -- heatmap, results, cache -------------------------------------------------------------
-    def onShowHeatmapToggled(self, checked: bool) -> None:
-        if not checked:
-            self.logic.core.hideHeatmap()
-            return
-        p = self._parameterNode
-        index = self._currentPointIndex
-        if index is None and p and p.sourcePoints and p.sourcePoints.GetNumberOfControlPoints():
-            index = p.sourcePoints.GetNumberOfControlPoints() - 1
-        if index is not None:
-            self._matchPoint(index)
-
-    def onHeatmapOpacityChanged(self, value: float) -> None:
-        self.logic.core.setHeatmapOpacity(value)
-
+    # -- results, cache ----------------------------------------------------------------------
     def onResultClicked(self, modelIndex) -> None:
-        table = self.ui.resultsTableView.mrmlTableNode()
-        p = self._parameterNode
-        if table is None or p is None or p.sourcePoints is None:
-            return
-        label = table.GetCellText(modelIndex.row(), 0)
-        target = slicer.mrmlScene.GetFirstNodeByName(table.GetCellText(modelIndex.row(), 1))
-        for index in range(p.sourcePoints.GetNumberOfControlPoints()):
-            if p.sourcePoints.GetNthControlPointLabel(index) == label:
-                self._currentPointIndex = index
-                position = self.logic.core.matchPosition(p.sourcePoints, index, target) if target else None
-                if position is not None:
-                    self.logic.core.jumpToPoint(position)
-                return
+        self.controller.selectResultRow(modelIndex.row())
 
     def onExport(self) -> None:
         p = self._parameterNode
