@@ -59,8 +59,8 @@ POLL_S = 0.05
 """How often a waiting call checks for cancel and for a dead child, seconds."""
 START_TIMEOUT_S = 120.0
 """How long the child may take to start and connect, seconds."""
-SHORT_REQUEST_TIMEOUT_S = 2.0
-"""How long ``clear_cache`` and ``cache_bytes`` wait behind a running match before giving up, seconds."""
+SHORT_REQUEST_TIMEOUT_S = 0.5
+"""How long ``clear_cache`` and ``cache_bytes`` wait for a child still finishing a cancelled match, seconds."""
 
 
 class EngineProcessError(RuntimeError):
@@ -152,8 +152,13 @@ class EngineProcess:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of embeddings the child holds (the last known value while it is busy; 0 when none runs)."""
-        with self._lock:
+        """Bytes of embeddings the child holds (the last known value while it is busy; 0 when none runs).
+
+        Never blocks the caller (the GUI) behind a running match.
+        """
+        if not self._lock.acquire(timeout=0.1):
+            return self._cacheBytes
+        try:
             if self._alive():
                 value = self._shortRequest("stats")
                 if value is not None:
@@ -161,6 +166,8 @@ class EngineProcess:
             else:
                 self._cacheBytes = 0
             return self._cacheBytes
+        finally:
+            self._lock.release()
 
     # -- life cycle --------------------------------------------------------------------------
     @property
@@ -198,7 +205,8 @@ class EngineProcess:
         started = time.monotonic()
         try:
             proc = subprocess.Popen([python, "-m", "SAMEmbeddingLib.engine_process"], stdin=subprocess.PIPE,
-                                    stdout=logFile, stderr=subprocess.STDOUT, env=env, cwd=str(MODULE_DIR))
+                                    stdout=logFile, stderr=subprocess.STDOUT, env=env, cwd=str(MODULE_DIR),
+                                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # no console on Windows
         except OSError as e:
             listener.close()
             logFile.close()

@@ -14,7 +14,8 @@ Two fields are stored in a form Slicer can edit:
 >>> parsePolishLevels("2 16 8, 1 10 2")
 ((2.0, 16.0, 8.0), (1.0, 10.0, 2.0))
 
-Only ``samembed.options`` is imported (no torch, no VTK), so the module file may import this at file scope.
+Only ``samembed``'s torch-free top level is imported (its options and errors, numpy; no torch, no VTK), so the
+module file may import this at file scope.
 """
 
 from __future__ import annotations
