@@ -36,19 +36,21 @@ from typing import Any, Protocol
 import numpy as np
 import vtk
 
-from samembed import Cancelled, Image, InputError
-from samembed.defaults import DEFAULT_POLISH
+from samembed import Cancelled, Image, InputError, MatchOptions
+from samembed.options import ProgressFn
 
 from . import mrml_io
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, float, str], None]
-
 ROLE_ATTRIBUTE = "SAMEmbedding.Role"
 """Node attribute naming what an output node is: ``matches``, ``heatmap`` or ``results``."""
-POINT_MAP_ATTRIBUTE = "SAMEmbedding.PointMap"
-"""Attribute of a ``matches`` point list: JSON ``{source control point ID: output control point ID}``."""
+MATCHES_ATTRIBUTE = "SAMEmbedding.Matches"
+"""Attribute of a ``matches`` point list holding the numbers of each match as data (saved with the scene):
+JSON ``{source control point ID: {"pointID": output control point ID, "score": cosine in [-1, 1], "confident":
+bool, "roundtripMm": mm, "rematched": bool, "polished": bool, "ncc": NCC in [-1, 1] or null}}``."""
+LEGACY_POINT_MAP_ATTRIBUTE = "SAMEmbedding.PointMap"
+"""Scenes saved before the numbers were stored: ``{source control point ID: output control point ID}`` only."""
 SOURCE_REFERENCE = "SAMEmbeddingSourcePoints"
 TARGET_REFERENCE = "SAMEmbeddingTargetVolume"
 
@@ -58,13 +60,13 @@ UNCERTAIN_COLOR = (1.00, 0.45, 0.10)
 """Colour of a match whose round trip misses the source point (the *unselected* colour)."""
 HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeIron", "vtkMRMLPETProceduralColorNodePET-Heat")
 TABLE_COLUMNS = ("label", "target", "R", "A", "S", "score", "confident")
-_SCORE_RE = re.compile(r"score (-?[0-9.]+)")
 
 
 class MatcherProtocol(Protocol):
     """The engine seam: what :class:`MatchLogic` needs from a ``samembed.Matcher``."""
 
-    def match(self, source, points_lps_mm, targets, labels=None, **kwargs): ...
+    def match(self, source, points_lps_mm, targets, labels=None, options: MatchOptions = ..., *, mask=None,
+              progress: ProgressFn | None = None, cancel: threading.Event | None = None, target_names=None): ...
 
     def clear_cache(self) -> None: ...
 
@@ -111,6 +113,10 @@ class MatchRow:
     pointRAS: np.ndarray
     score: float
     confident: bool
+    targetID: str = ""
+    roundtripMm: float = math.nan
+    pointID: str = ""
+    """The source control point's ID."""
 
 
 @dataclass
@@ -142,10 +148,10 @@ class MatchJob:
         pointsLPS: (N, 3) source points, world LPS mm.
         sourceImage: the source volume as an engine image.
         targets: one :class:`TargetSpec` per target volume.
-        heatmapPointID, heatmapTargetID: the point whose similarity map to compute, and in which target.
-        refine: use the engine's cycle-consistent refinement.
-        consistency: re-search matches that disagree with a robust affine of all matches (many landmarks).
-        polish: the engine's sub-voxel intensity polish of each match.
+        options: the engine's search settings (:class:`samembed.MatchOptions`); ``options.heatmap`` is applied
+            to one point in one target only: ``heatmapPointID`` in ``heatmapTargetID``.
+        heatmapPointID, heatmapTargetID: the point whose similarity map to compute, and in which target (both
+            None when ``options.heatmap`` is off).
     """
 
     sourceVolumeID: str
@@ -155,21 +161,18 @@ class MatchJob:
     pointsLPS: np.ndarray
     sourceImage: Image
     targets: list[TargetSpec]
+    options: MatchOptions = field(default_factory=MatchOptions)
     heatmapPointID: str | None = None
     heatmapTargetID: str | None = None
-    refine: bool = False
-    consistency: bool = False
-    showHeatmap: bool = True
-    polish: bool = DEFAULT_POLISH
 
     def run(self, matcher: MatcherProtocol, cancel: threading.Event | None = None, progress: ProgressFn | None = None,
             onTarget: Callable[[TargetResult], None] | None = None) -> JobOutcome:
         """Match every point into every target, one target at a time; touches no MRML.
 
         Args:
-            matcher: the engine.
+            matcher: the engine (a ``samembed.Matcher`` or the engine process's proxy).
             cancel: checked before each target and by the engine between tiles; finished targets are kept.
-            progress: called as ``progress(done, total, message)`` before and after each target.
+            progress: ``progress(done, total, phase)`` counted in targets, before and after each target.
             onTarget: called with each finished :class:`TargetResult` as soon as it is ready.
 
         Returns:
@@ -201,16 +204,17 @@ class MatchJob:
     def _matchOne(self, matcher: MatcherProtocol, target: TargetSpec, cancel) -> TargetResult:
         wantHeatmap = self.heatmapPointID is not None and target.nodeID == self.heatmapTargetID
         together = wantHeatmap and len(self.pointIDs) == 1
-        res = matcher.match(self.sourceImage, self.pointsLPS, [target.image], labels=self.pointIDs, heatmap=together,
-                            refine=self.refine, consistency=self.consistency, polish=self.polish, cancel=cancel,
-                            target_names=[target.name])
+        res = matcher.match(self.sourceImage, self.pointsLPS, [target.image], self.pointIDs,
+                            options=self.options.replace(heatmap=together), cancel=cancel, target_names=[target.name])
         result = TargetResult(target.nodeID, target.name, list(res.matches))
         if together:
             result.heatmaps[self.heatmapPointID] = res.heatmaps[(0, self.heatmapPointID)]
         elif wantHeatmap:
+            # the similarity map comes from the search itself: the later steps (refine, polish ...) do not change it
             k = self.pointIDs.index(self.heatmapPointID)
-            one = matcher.match(self.sourceImage, self.pointsLPS[k:k + 1], [target.image], labels=[self.heatmapPointID],
-                                heatmap=True, refine=self.refine, cancel=cancel, target_names=[target.name])
+            heatmapOnly = self.options.replace(heatmap=True, refine=False, consistency=False, polish=False)
+            one = matcher.match(self.sourceImage, self.pointsLPS[k:k + 1], [target.image], [self.heatmapPointID],
+                                options=heatmapOnly, cancel=cancel, target_names=[target.name])
             result.heatmaps[self.heatmapPointID] = one.heatmaps[(0, self.heatmapPointID)]
         return result
 
@@ -227,14 +231,20 @@ class MatchLogic:
         model: ``"default"``, a registered model name, a checkpoint path, or ``"random:sam-lite"`` (tests).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         cacheBytes: memory cap of the engine's embedding cache.
+        engine: ``"here"``: the engine runs in this process (the console, tests); ``"process"``: in a persistent
+            child process (:class:`~SAMEmbeddingLib.engine_process.EngineProcess`; what the module panel uses),
+            started on first use and restarted after a crash.
 
     Inputs are never modified: volumes are read (voxels copied), the source point list only read.
     Bad input raises ``samembed.InputError`` (a ``ValueError``) whose message names the node and the fix.
     """
 
     def __init__(self, scene, matcher: MatcherProtocol | None = None, model: str = "default", device: str = "auto",
-                 cacheBytes: int = 3 << 30) -> None:
+                 cacheBytes: int = 3 << 30, engine: str = "here") -> None:
+        if engine not in ("here", "process"):
+            raise InputError(f"engine must be 'here' or 'process', not {engine!r}")
         self.scene = scene
+        self.engine = engine
         self._matcher = matcher
         self._matcherLock = threading.Lock()
         self._model = str(model)
@@ -258,11 +268,36 @@ class MatchLogic:
         if str(model) != self._model or device != self._device:
             with self._matcherLock:
                 self._model, self._device = str(model), device
+                self._closeEngine()
                 self._matcher = None
+
+    def useEngineProcess(self, enabled: bool = True) -> None:
+        """Run the engine in a persistent child process (``enabled``) or in this process; see ``engine``."""
+        engine = "process" if enabled else "here"
+        if engine != self.engine:
+            with self._matcherLock:
+                self._closeEngine()
+                self._matcher = None
+                self.engine = engine
+
+    def close(self) -> None:
+        """Stop the engine process, if one runs (the engine is built again on next use)."""
+        with self._matcherLock:
+            self._closeEngine()
+            self._matcher = None
+
+    def _closeEngine(self) -> None:
+        close = getattr(self._matcher, "close", None)
+        if close is not None and self.engine == "process":
+            close()
 
     def getMatcher(self) -> MatcherProtocol:
         """The engine, built on first use (loads the model; raises ``InputError`` subclasses for a bad one)."""
         with self._matcherLock:
+            if self._matcher is None and self.engine == "process":
+                from .engine_process import EngineProcess  # started on its first request
+
+                self._matcher = EngineProcess(self._model, self._device, self.cacheBytes)
             if self._matcher is None:
                 from samembed import Matcher  # imports torch: only after the dependency check
 
@@ -305,10 +340,21 @@ class MatchLogic:
     def canMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence) -> tuple[bool, str]:
         """``(True, "")`` when :meth:`matchPoints` would accept these inputs, else ``(False, reason)``."""
         try:
-            self._validate(sourceVolume, sourcePointList, list(targetVolumes or []), None)
+            self._validate(sourceVolume, sourcePointList, self.liveTargets(targetVolumes), None)
         except InputError as e:
             return False, str(e)
         return True, ""
+
+    def liveTargets(self, targetVolumes: Sequence | None) -> list:
+        """The target volumes still in this scene, each once, in order (a deleted target leaves a None or a node
+        outside the scene in a parameter node's list; the others are still matched)."""
+        targets = []
+        for node in targetVolumes or []:
+            if node is None or self.scene.GetNodeByID(node.GetID()) is not node:
+                continue
+            if all(node.GetID() != t.GetID() for t in targets):
+                targets.append(node)
+        return targets
 
     def _validate(self, sourceVolume, sourcePointList, targetVolumes: list, pointIndices):
         mrml_io.check_volume_node(sourceVolume, "source volume")
@@ -337,24 +383,20 @@ class MatchLogic:
         return ids, labels, pointsRAS
 
     def prepareMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
-                     heatmapPointIndex: int | None = None, heatmapTarget=None, refine: bool = False,
-                     showHeatmap: bool = True, consistency: bool = False, polish: bool = DEFAULT_POLISH) -> MatchJob:
-        """Validate the input and detach it from MRML (main thread). See :meth:`matchPoints` for the arguments.
+                     options: MatchOptions | None = None, *, heatmapPointIndex: int | None = None,
+                     heatmapTarget=None) -> MatchJob:
+        """Validate the input and detach it from MRML (main thread). The arguments are those of :meth:`matchPoints`.
 
         Raises:
             samembed.InputError: what is wrong and how to fix it.
         """
-        targets = []
-        for node in targetVolumes or []:
-            if node is not None and all(node.GetID() != t.GetID() for t in targets):
-                targets.append(node)
-        if not targets and targetVolumes:
-            targets = [None]
+        options = _checkOptions(options)
+        targets = self.liveTargets(targetVolumes)
         ids, labels, pointsRAS = self._validate(sourceVolume, sourcePointList, targets,
                                                 None if pointIndices is None else list(pointIndices))
         heatmapPointID = heatmapTargetID = None
-        if heatmapPointIndex is not None:
-            heatmapPointID = sourcePointList.GetNthControlPointID(int(heatmapPointIndex))
+        if options.heatmap:
+            heatmapPointID = ids[-1] if heatmapPointIndex is None else sourcePointList.GetNthControlPointID(int(heatmapPointIndex))
             if heatmapPointID not in ids:
                 raise InputError(f"heatmap point {heatmapPointIndex} is not among the points being matched")
             heatmapTarget = targets[0] if heatmapTarget is None else heatmapTarget
@@ -364,48 +406,43 @@ class MatchLogic:
         return MatchJob(
             sourceVolumeID=sourceVolume.GetID(), sourcePointListID=sourcePointList.GetID(), pointIDs=ids, labels=labels,
             pointsLPS=mrml_io.ras_to_lps(pointsRAS), sourceImage=self.imageForVolume(sourceVolume),
-            targets=[TargetSpec(t.GetID(), t.GetName(), self.imageForVolume(t)) for t in targets],
-            heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID, refine=bool(refine), showHeatmap=showHeatmap,
-            consistency=bool(consistency), polish=bool(polish))
+            targets=[TargetSpec(t.GetID(), t.GetName(), self.imageForVolume(t)) for t in targets], options=options,
+            heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID)
 
     # -- the console API ---------------------------------------------------------------------
     def matchPoints(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
-                    *, heatmapPointIndex: int | None = None, heatmapTarget=None, refine: bool = False,
-                    consistency: bool = False, polish: bool = DEFAULT_POLISH, showHeatmap: bool = True,
-                    cancel: threading.Event | None = None,
-                    progress: ProgressFn | None = None) -> MatchOutputs:
+                    options: MatchOptions | None = None, *, heatmapPointIndex: int | None = None, heatmapTarget=None,
+                    cancel: threading.Event | None = None, progress: ProgressFn | None = None) -> MatchOutputs:
         """Match source landmarks into every target volume. Can be used without the GUI.
 
         For each target, a point list ``"<target> matches"`` gets one control point per source point, with the
-        source point's label, the score and confidence in its description, and its colour showing confidence
-        (green: confident, orange: not). Running again updates the same nodes.
+        source point's label, a readable description (score, confidence, round trip) and its colour showing
+        confidence (green: confident, orange: not). The numbers are stored as data: :meth:`resultRows` and the
+        results table read them. Running again updates the same nodes.
 
         Args:
             sourceVolume: ``vtkMRMLScalarVolumeNode`` the landmarks were placed on.
             sourcePointList: ``vtkMRMLMarkupsFiducialNode`` holding the landmarks (RAS); it is only read.
             targetVolumes: volumes to find the landmarks in (the source itself is allowed).
             pointIndices: control point indices to match (default: every placed point: "propagate all").
-            heatmapPointIndex: also compute this point's similarity map in ``heatmapTarget``.
-            heatmapTarget: the target for the heatmap (default: the first target).
-            refine: the engine's cycle-consistent refinement (slower, usually more accurate).
-            consistency: re-search the matches that disagree with a robust affine fitted to all matches of a
-                target (needs 6 points in 2D, 8 in 3D; it removes gross mismatches of landmark sets).
-            polish: move each match to the best normalised cross-correlation of the original voxels nearby
-                (sub-voxel; on by default; a match stays put where nothing correlates, e.g. across modalities).
-            showHeatmap: show the heatmap as the foreground layer over its target in every slice view.
+            options: how the engine searches, checks and polishes (``samembed.MatchOptions``; default: its
+                defaults). With ``options.heatmap`` the similarity map of one point in one target is computed and
+                shown as the foreground layer of every slice view.
+            heatmapPointIndex: the point of the heatmap (default: the last point matched).
+            heatmapTarget: the target of the heatmap (default: the first target).
             cancel: set it (from another thread or ``progress``) to stop between targets; finished ones are kept.
-            progress: ``progress(done, total, message)``, counted in targets.
+            progress: ``progress(done, total, phase)``, counted in targets.
 
         Returns:
             :class:`MatchOutputs` (point lists, results table, heatmaps, rows, cancelled flag).
 
         Raises:
             samembed.InputError: bad input (no source, no target, a point outside the source, 2D vs 3D, a bad
-                model or checkpoint); nothing is written then.
+                model or checkpoint, bad options); nothing is written then.
         """
         started = time.time()
-        job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, heatmapPointIndex,
-                                heatmapTarget, refine, showHeatmap, consistency, polish)
+        job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, options,
+                                heatmapPointIndex=heatmapPointIndex, heatmapTarget=heatmapTarget)
         outputs = MatchOutputs()
         outcome = job.run(self.getMatcher(), cancel, progress, onTarget=lambda r: self.applyTargetResult(job, r, outputs))
         outputs = self.finishJob(job, outcome, outputs)
@@ -413,26 +450,40 @@ class MatchLogic:
                  len(outcome.results), len(job.targets), time.time() - started, " (cancelled)" if outcome.cancelled else "")
         return outputs
 
-    def propagateAll(self, sourceVolume, sourcePointList, targetVolumes: Sequence, **kwargs) -> MatchOutputs:
-        """Match every placed point of ``sourcePointList`` into every target (see :meth:`matchPoints`)."""
-        return self.matchPoints(sourceVolume, sourcePointList, targetVolumes, None, **kwargs)
+    def propagateAll(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
+                     options: MatchOptions | None = None, **kwargs) -> MatchOutputs:
+        """Match every placed point of ``sourcePointList`` into every target: :meth:`matchPoints` with
+        ``pointIndices=None`` (a given ``pointIndices`` must be None; the signature is shared)."""
+        if pointIndices is not None:
+            raise InputError("propagateAll matches every placed point; use matchPoints for a subset")
+        return self.matchPoints(sourceVolume, sourcePointList, targetVolumes, None, options, **kwargs)
 
-    def computeHeatmap(self, sourceVolume, sourcePointList, pointIndex: int, targetVolume, show: bool = True):
-        """Similarity map of one source point in one target, as a scalar volume on the target's voxel grid."""
-        outputs = self.matchPoints(sourceVolume, sourcePointList, [targetVolume], [pointIndex],
-                                   heatmapPointIndex=pointIndex, heatmapTarget=targetVolume, showHeatmap=show)
+    def computeHeatmap(self, sourceVolume, sourcePointList, pointIndex: int, targetVolume,
+                       options: MatchOptions | None = None, show: bool = True):
+        """Similarity map of one source point in one target, as a scalar volume on the target's voxel grid.
+
+        The point is matched too (its match is written as by :meth:`matchPoints`). ``show``: leave the map shown
+        as the foreground layer of every slice view.
+        """
+        options = _checkOptions(options).replace(heatmap=True)
+        outputs = self.matchPoints(sourceVolume, sourcePointList, [targetVolume], [pointIndex], options,
+                                   heatmapPointIndex=pointIndex, heatmapTarget=targetVolume)
+        if not show:
+            self.hideHeatmap()
         return outputs.heatmaps[targetVolume.GetID()]
 
     def startMatch(self, worker, sourceVolume, sourcePointList, targetVolumes: Sequence,
-                   pointIndices: Sequence[int] | None = None, *, onFinished: Callable[[MatchOutputs], None] | None = None,
-                   onError: Callable[[BaseException], None] | None = None, onProgress: ProgressFn | None = None,
-                   **kwargs):
+                   pointIndices: Sequence[int] | None = None, options: MatchOptions | None = None, *,
+                   heatmapPointIndex: int | None = None, heatmapTarget=None,
+                   onFinished: Callable[[MatchOutputs], None] | None = None,
+                   onError: Callable[[BaseException], None] | None = None, onProgress: ProgressFn | None = None):
         """Like :meth:`matchPoints`, with the engine work on ``worker``; returns its ``Task`` (``task.cancel()``).
 
         Input is validated here, so bad input raises at once. Each finished target is written when the worker
         is next polled; ``onFinished(outputs)`` follows the last one (also after a cancel).
         """
-        job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, **kwargs)
+        job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, options,
+                                heatmapPointIndex=heatmapPointIndex, heatmapTarget=heatmapTarget)
         outputs = MatchOutputs()
 
         def work(task):
@@ -457,7 +508,7 @@ class MatchLogic:
             log.warning("SAMEmbedding: %s was removed during matching; its results are dropped", result.name)
             return None
         outNode = self.outputPointList(sourceList, target, create=True)
-        pointMap = _pointMap(outNode)
+        records = _matchRecords(outNode)
         labelOf = dict(zip(job.pointIDs, job.labels))
         spec = next(t for t in job.targets if t.nodeID == result.nodeID)
         z2d = mrml_io.volume_ijk_to_ras(target)[2, 3] if spec.image.ndim == 2 else None  # a 2D match has z = 0
@@ -471,18 +522,19 @@ class MatchLogic:
                 ras = np.array(match.point_ras_mm, dtype=np.float64)
                 if z2d is not None:
                     ras[2] = z2d
-                index = outNode.GetNthControlPointIndexByID(pointMap.get(pointID, ""))
+                index = outNode.GetNthControlPointIndexByID(records.get(pointID, {}).get("pointID", ""))
                 if index < 0:
                     index = outNode.AddControlPoint(vtk.vtkVector3d(*ras), label or labelOf.get(pointID, ""))
-                    pointMap[pointID] = outNode.GetNthControlPointID(index)
                 else:
                     outNode.SetNthControlPointPositionWorld(index, *ras)
+                records[pointID] = _record(outNode.GetNthControlPointID(index), match)
                 outNode.SetNthControlPointLabel(index, label)
                 outNode.SetNthControlPointDescription(index, _describe(match))
                 outNode.SetNthControlPointSelected(index, bool(match.confident))
                 if outputs is not None:
-                    outputs.rows.append(MatchRow(label, target.GetName(), ras, float(match.score), bool(match.confident)))
-            outNode.SetAttribute(POINT_MAP_ATTRIBUTE, json.dumps(pointMap))
+                    outputs.rows.append(MatchRow(label, target.GetName(), ras, float(match.score), bool(match.confident),
+                                                 target.GetID(), float(match.roundtrip_mm), pointID))
+            _writeMatchRecords(outNode, records)
         finally:
             outNode.EndModify(wasModifying)
         for pointID, image in result.heatmaps.items():
@@ -504,7 +556,7 @@ class MatchLogic:
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)
         if sourceList is not None:
             outputs.table = self.updateResultsTable(sourceList)
-        if job.showHeatmap and job.heatmapTargetID in outputs.heatmaps:
+        if job.heatmapTargetID in outputs.heatmaps:
             target = self.scene.GetNodeByID(job.heatmapTargetID)
             if target is not None:
                 self.showHeatmap(outputs.heatmaps[job.heatmapTargetID], target)
@@ -533,34 +585,42 @@ class MatchLogic:
         """Remove matches whose source control point no longer exists; return how many were removed."""
         removed = 0
         for outNode in self.outputPointLists(sourcePointList):
-            pointMap = _pointMap(outNode)
-            for pointID in [p for p in pointMap if sourcePointList.GetNthControlPointIndexByID(p) < 0]:
-                index = outNode.GetNthControlPointIndexByID(pointMap.pop(pointID))
+            records = _matchRecords(outNode)
+            gone = [p for p in records if sourcePointList.GetNthControlPointIndexByID(p) < 0]
+            for pointID in gone:
+                index = outNode.GetNthControlPointIndexByID(records.pop(pointID)["pointID"])
                 if index >= 0:
                     outNode.RemoveNthControlPoint(index)
                     removed += 1
-            outNode.SetAttribute(POINT_MAP_ATTRIBUTE, json.dumps(pointMap))
+            if gone:
+                _writeMatchRecords(outNode, records)
         if removed:
             self.updateResultsTable(sourcePointList)
         return removed
 
     def resultRows(self, sourcePointList) -> list[MatchRow]:
-        """Every match of ``sourcePointList``, in source point order then target order, read from the output nodes."""
+        """Every match of ``sourcePointList``, in source point order then target order.
+
+        Positions are read from the output point lists (the user may have moved a match by hand), the numbers from
+        their :data:`MATCHES_ATTRIBUTE` data (NaN for a scene saved before they were stored).
+        """
         rows = []
-        outNodes = self.outputPointLists(sourcePointList)
+        outputs = [(n, _matchRecords(n)) for n in self.outputPointLists(sourcePointList)]
         for sourceIndex in range(sourcePointList.GetNumberOfControlPoints()):
             pointID = sourcePointList.GetNthControlPointID(sourceIndex)
-            for outNode in outNodes:
-                index = outNode.GetNthControlPointIndexByID(_pointMap(outNode).get(pointID, ""))
+            for outNode, records in outputs:
+                record = records.get(pointID)
+                index = outNode.GetNthControlPointIndexByID(record["pointID"]) if record else -1
                 if index < 0:
                     continue
                 target = outNode.GetNodeReference(TARGET_REFERENCE)
                 position = [0.0, 0.0, 0.0]
                 outNode.GetNthControlPointPositionWorld(index, position)
-                found = _SCORE_RE.search(outNode.GetNthControlPointDescription(index) or "")
+                confident = record.get("confident")
                 rows.append(MatchRow(outNode.GetNthControlPointLabel(index), target.GetName() if target else "",
-                                     np.array(position), float(found.group(1)) if found else math.nan,
-                                     bool(outNode.GetNthControlPointSelected(index))))
+                                     np.array(position), _float(record.get("score")),
+                                     bool(outNode.GetNthControlPointSelected(index)) if confident is None else bool(confident),
+                                     target.GetID() if target else "", _float(record.get("roundtripMm")), pointID))
         return rows
 
     def resultsTable(self, sourcePointList, create: bool = False):
@@ -591,9 +651,16 @@ class MatchLogic:
 
     # -- heatmap ----------------------------------------------------------------------------
     def heatmapNode(self, targetVolume, create: bool = False):
-        """The similarity volume shown over ``targetVolume`` (one per target, reused; created when asked)."""
-        return self._findOrCreate("vtkMRMLScalarVolumeNode", "heatmap", {TARGET_REFERENCE: targetVolume.GetID()}, create,
-                                  f"similarity in {targetVolume.GetName()}")[0]
+        """The similarity volume shown over ``targetVolume`` (one per target, reused; created when asked).
+
+        It is hidden from editors, so the module's volume selectors (and other modules' node selectors) do not
+        offer it as a source or target; it stays in the slice views' layers.
+        """
+        node, created = self._findOrCreate("vtkMRMLScalarVolumeNode", "heatmap", {TARGET_REFERENCE: targetVolume.GetID()},
+                                           create, f"similarity in {targetVolume.GetName()}")
+        if created:
+            node.SetHideFromEditors(True)
+        return node
 
     def _findOrCreate(self, className: str, role: str, references: dict, create: bool, name: str):
         """``(node, created)``: the output node of ``className`` with ``role`` whose node references equal
@@ -675,7 +742,8 @@ class MatchLogic:
         outNode = self.outputPointList(sourcePointList, targetVolume)
         if outNode is None or not 0 <= pointIndex < sourcePointList.GetNumberOfControlPoints():
             return None
-        index = outNode.GetNthControlPointIndexByID(_pointMap(outNode).get(sourcePointList.GetNthControlPointID(pointIndex), ""))
+        record = _matchRecords(outNode).get(sourcePointList.GetNthControlPointID(pointIndex), {})
+        index = outNode.GetNthControlPointIndexByID(record.get("pointID", ""))
         if index < 0:
             return None
         position = [0.0, 0.0, 0.0]
@@ -741,12 +809,48 @@ class MatchLogic:
         return [n for n in self._nodes(className) if n.GetAttribute(ROLE_ATTRIBUTE) == role]
 
 
-def _pointMap(outNode) -> dict:
-    text = outNode.GetAttribute(POINT_MAP_ATTRIBUTE)
+def _checkOptions(options: MatchOptions | None) -> MatchOptions:
+    if options is None:
+        return MatchOptions()
+    if not isinstance(options, MatchOptions):
+        raise InputError(f"options must be a samembed.MatchOptions, not {type(options).__name__}; "
+                         "build one with MatchOptions(polish=False, ...)")
+    return options
+
+
+def _matchRecords(outNode) -> dict[str, dict]:
+    """The :data:`MATCHES_ATTRIBUTE` data of an output point list (legacy point maps give IDs only)."""
+    text = outNode.GetAttribute(MATCHES_ATTRIBUTE)
     try:
-        return dict(json.loads(text)) if text else {}
-    except (TypeError, ValueError):
+        if text:
+            return {str(k): dict(v) for k, v in json.loads(text).items()}
+        legacy = outNode.GetAttribute(LEGACY_POINT_MAP_ATTRIBUTE)
+        return {str(k): {"pointID": str(v)} for k, v in json.loads(legacy).items()} if legacy else {}
+    except (TypeError, ValueError, AttributeError):
+        log.warning("SAMEmbedding: unreadable match data on '%s'; it is rebuilt on the next match", outNode.GetName())
         return {}
+
+
+def _writeMatchRecords(outNode, records: dict[str, dict]) -> None:
+    outNode.SetAttribute(MATCHES_ATTRIBUTE, json.dumps(records, allow_nan=False))
+    if outNode.GetAttribute(LEGACY_POINT_MAP_ATTRIBUTE) is not None:
+        outNode.RemoveAttribute(LEGACY_POINT_MAP_ATTRIBUTE)
+
+
+def _finiteOrNone(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _float(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _record(outPointID: str, match) -> dict:
+    """The stored numbers of one match (see :data:`MATCHES_ATTRIBUTE`)."""
+    return {"pointID": outPointID, "score": _finiteOrNone(match.score), "confident": bool(match.confident),
+            "roundtripMm": _finiteOrNone(match.roundtrip_mm), "rematched": bool(getattr(match, "rematched", False)),
+            "polished": bool(getattr(match, "polished", False)), "ncc": _finiteOrNone(getattr(match, "ncc", math.nan))}
 
 
 def _describe(match) -> str:

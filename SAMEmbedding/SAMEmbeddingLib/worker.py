@@ -7,6 +7,11 @@ a finished target, the result, an error) is queued, and :meth:`Worker.poll` runs
 thread that calls it. In Slicer a ``qt.QTimer`` on the main thread calls ``poll``; on the Python console
 or in a test, :meth:`Worker.waitForIdle` does.
 
+Inside Slicer the engine itself runs in a child process (``MatchLogic(engine="process")``,
+:mod:`~SAMEmbeddingLib.engine_process`): Slicer's Python has no thread support while Qt idles, so this thread
+then only waits on the child's pipe and forwards its answers; with ``engine="here"`` (plain Python, tests) the
+thread runs the engine itself. The interface is the same either way.
+
 >>> worker = Worker()
 >>> task = worker.submit(lambda task: 6 * 7, onDone=print)
 >>> worker.waitForIdle()   # runs the callbacks here: prints 42
@@ -23,6 +28,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from samembed.options import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +65,10 @@ class Task:
     def cancelled(self) -> bool:
         return self.cancelEvent.is_set()
 
-    def progress(self, done: float, total: float, message: str = "") -> None:
+    def progress(self, done: float, total: float, phase: str = "") -> None:
         """Report progress from the worker thread (delivered on the polling thread)."""
         if self._onProgress is not None:
-            self._worker.callInMainThread(self._onProgress, done, total, message)
+            self._worker.callInMainThread(self._onProgress, done, total, phase)
 
     def callInMainThread(self, fn: Callable, *args) -> None:
         """Queue ``fn(*args)`` to run on the polling thread (where MRML may be touched)."""
@@ -114,10 +121,10 @@ class Worker:
     # -- submitting --------------------------------------------------------------------------
     def submit(self, fn: Callable[[Task], Any], onDone: Callable[[Any], None] | None = None,
                onError: Callable[[BaseException], None] | None = None,
-               onProgress: Callable[[float, float, str], None] | None = None, name: str = "job") -> Task:
+               onProgress: ProgressFn | None = None, name: str = "job") -> Task:
         """Queue ``fn(task)`` for the worker thread and return its :class:`Task`.
 
-        ``onDone(result)``, ``onError(exception)`` and ``onProgress(done, total, message)`` run on the
+        ``onDone(result)``, ``onError(exception)`` and ``onProgress(done, total, phase)`` run on the
         thread that calls :meth:`poll`. A job cancelled before it started calls ``onDone(None)``.
         """
         task = Task(self, fn, onDone, onError, onProgress, name)

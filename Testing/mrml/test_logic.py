@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from samembed import CheckpointError, InputError, ModelNotAvailableError
+from samembed import CheckpointError, InputError, MatchOptions, ModelNotAvailableError
 from SAMEmbeddingLib.logic import CONFIDENT_COLOR, UNCERTAIN_COLOR, MatchLogic
 from SAMEmbeddingLib.worker import Worker
 
@@ -190,7 +190,7 @@ def test_inputs_are_unchanged_by_matching(a_scene, a_logic, a_small_ct, two_land
     before_target = voxels(target), ijk_to_ras(target), target.GetImageData().GetMTime()
     attributes = list(two_landmarks.GetAttributeNames() or [])
 
-    a_logic.matchPoints(a_small_ct, two_landmarks, [target], heatmapPointIndex=0)
+    a_logic.matchPoints(a_small_ct, two_landmarks, [target], options=MatchOptions(heatmap=True), heatmapPointIndex=0)
 
     after_source = _snapshot(a_small_ct, two_landmarks)
     np.testing.assert_array_equal(after_source[0], before_source[0])
@@ -519,9 +519,10 @@ def test_the_consistency_check_and_the_polish_reach_the_engine_and_mark_the_matc
     points = add_points(a_scene, pts_lps * [-1, -1, 1], [f"L{i + 1}" for i in range(len(pts_lps))])
     logic = MatchLogic(a_scene, matcher=matcher)
 
-    outputs = logic.matchPoints(nodes[0], points, [nodes[1]], consistency=True)
+    outputs = logic.matchPoints(nodes[0], points, [nodes[1]], options=MatchOptions(consistency=True))
 
-    engine = matcher.match(ho._read_stored(template), pts_lps, [ho._read_stored(target)], consistency=True)
+    engine = matcher.match(ho._read_stored(template), pts_lps, [ho._read_stored(target)],
+                           options=MatchOptions(consistency=True))
     _, got_ras = control_points(outputs.pointLists[0])
     want_ras = np.array([m.point_lps_mm for m in engine.matches]) * [-1, -1, 1]
     np.testing.assert_allclose(got_ras[:, :2], want_ras[:, :2], atol=1e-3)
@@ -533,9 +534,26 @@ def test_the_consistency_check_and_the_polish_reach_the_engine_and_mark_the_matc
     polished = [m.polished for m in engine.matches]
     assert any(polished)
     assert all(("polished by intensity" in d) == p for d, p in zip(descriptions, polished))
-    outputs = logic.matchPoints(nodes[0], points, [nodes[1]], consistency=True, polish=False)
-    engine = matcher.match(ho._read_stored(template), pts_lps, [ho._read_stored(target)], consistency=True, polish=False)
+    outputs = logic.matchPoints(nodes[0], points, [nodes[1]], options=MatchOptions(consistency=True, polish=False))
+    engine = matcher.match(ho._read_stored(template), pts_lps, [ho._read_stored(target)],
+                           options=MatchOptions(consistency=True, polish=False))
     _, got_ras = control_points(outputs.pointLists[0])
     np.testing.assert_allclose(got_ras[:, :2], (np.array([m.point_lps_mm for m in engine.matches]) * [-1, -1, 1])[:, :2],
                                atol=1e-3)
     assert not any("polished" in outputs.pointLists[0].GetNthControlPointDescription(i) for i in range(len(redo)))
+
+
+# ----------------------------------------------------------------------------------------------
+# scores as data
+# ----------------------------------------------------------------------------------------------
+def test_scores_and_confidence_are_stored_as_data_not_read_back_from_the_description(a_logic, a_small_ct, two_landmarks):
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+    out = outputs.pointLists[0]
+    for i in range(out.GetNumberOfControlPoints()):
+        out.SetNthControlPointDescription(i, "edited by the user")
+
+    rows = a_logic.resultRows(two_landmarks)
+
+    assert [r.score for r in rows] == pytest.approx([r.score for r in outputs.rows])
+    assert [r.confident for r in rows] == [r.confident for r in outputs.rows]
+    assert all(r.targetID == a_small_ct.GetID() and r.roundtripMm >= 0 for r in rows)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "SAMEmbedding"
 MODULE_FILE = MODULE_DIR / "SAMEmbedding.py"
 UI_FILE = REPO / "Resources" / "UI" / "SAMEmbedding.ui"
+if str(MODULE_DIR) not in sys.path:  # SAMEmbeddingLib.parameters (torch-free) names the parameter node's fields
+    sys.path.insert(0, str(MODULE_DIR))
 
 
 def _cmake_tokens(text: str):

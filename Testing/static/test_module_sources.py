@@ -12,6 +12,10 @@ from .static_helpers import MODULE_DIR, MODULE_FILE
 
 SLICER_PLATFORM = {"slicer", "vtk", "qt", "ctk", "__future__"}
 LIB_FILES = sorted((MODULE_DIR / "SAMEmbeddingLib").glob("*.py"))
+WIDGET_FILE = MODULE_DIR / "SAMEmbeddingLib" / "widget.py"
+"""The one library file that is Qt: the module panel's body. Every other library file runs on slicer-core."""
+FILE_SCOPE_FIRST_PARTY = {"SAMEmbeddingLib.parameters"}
+"""First-party modules the module file may import at file scope: they load no torch (checked below)."""
 
 
 @pytest.mark.parametrize("path", [MODULE_FILE, *LIB_FILES], ids=lambda p: p.name)
@@ -38,13 +42,14 @@ def test_the_module_file_imports_no_third_party_package_at_file_scope():
     roots = []
     for node in _file_scope_imports(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        names = [n for n in names if n not in FILE_SCOPE_FIRST_PARTY]
         roots += [n.split(".")[0] for n in names if not (isinstance(node, ast.ImportFrom) and node.level)]
     bad = sorted(set(roots) - allowed)
     assert roots, "no file-scope import found: the check would be empty"
     assert not bad, f"SAMEmbedding.py imports {bad} at file scope; import them inside functions after ensureDependencies()"
 
 
-@pytest.mark.parametrize("path", LIB_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in LIB_FILES if p != WIDGET_FILE], ids=lambda p: p.name)
 def test_the_library_never_uses_qt_the_application_or_the_global_scene(path):
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
@@ -72,3 +77,28 @@ def test_importing_the_logic_loads_no_qt_and_no_torch():
     pytest.importorskip("slicer", reason="slicer-core is not installed")
     loaded = _fresh_modules("import SAMEmbeddingLib.logic, SAMEmbeddingLib.worker")
     assert "qt" not in loaded and "torch" not in loaded
+
+
+@pytest.mark.parametrize("path", [p for p in LIB_FILES if p != WIDGET_FILE], ids=lambda p: p.name)
+def test_only_the_module_panel_imports_the_widget(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert not (node.module or "").endswith("widget"), f"{path.name} imports the Qt widget"
+
+
+def test_the_file_scope_first_party_imports_load_no_torch_and_no_vtk():
+    loaded = _fresh_modules("; ".join(f"import {m}" for m in sorted(FILE_SCOPE_FIRST_PARTY)))
+    assert not {"torch", "vtk", "vtkmodules", "qt", "slicer"} & loaded
+
+
+def test_the_module_file_keeps_metadata_parameter_node_panel_logic_and_test_and_the_panel_is_thin():
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {"SAMEmbedding", "SAMEmbeddingParameterNode", "SAMEmbeddingWidget", "SAMEmbeddingLogic",
+            "SAMEmbeddingTest"} <= set(classes)
+    panel = classes["SAMEmbeddingWidget"]
+    assert panel.end_lineno - panel.lineno < 60, "the widget body belongs in SAMEmbeddingLib/widget.py"
+    logic = classes["SAMEmbeddingLogic"]
+    assert "__getattr__" not in {f.name for f in logic.body if isinstance(f, ast.FunctionDef)}, \
+        "give SAMEmbeddingLogic explicit console methods instead of a forwarder"

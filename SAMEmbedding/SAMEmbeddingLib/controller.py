@@ -1,0 +1,298 @@
+"""What the module panel does with points and settings, without Qt: :class:`MatchController`.
+
+The controller observes the source point list as Slicer changes it and fires the matches the user expects; the
+Qt widget only binds buttons and labels to it (so these tests cover what users do), and the web viewer can use it
+too. It runs on slicer-core.
+
+How Slicer reports point changes (read from Slicer's markups sources), and what the controller does:
+
+* a point placed: ``PointPositionDefinedEvent`` with the point's index as call data -> that point is matched;
+* points added, pasted or restored by undo inside ``StartModify``/``EndModify``: ``PointPositionDefinedEvent``
+  once, with *no* call data, at ``EndModify`` -> every point whose position is new or changed is matched;
+* a point dragged: ``PointEndInteractionEvent`` with no call data, the node attribute ``Markups.MovingMarkupIndex``
+  naming the point (empty when the whole list was moved) -> that point (or every moved point) is matched again;
+* a point deleted: ``PointRemovedEvent`` (index, or no call data when batched) -> its matches are removed.
+
+The controller remembers the position each point was last matched at, so a click that does not move a point and
+a scene restored with points and settings start no match.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import vtk
+
+from samembed.options import ProgressFn
+
+from . import mrml_io
+from .parameters import matchOptionsFromParameters
+
+log = logging.getLogger(__name__)
+
+MOVING_INDEX_ATTRIBUTE = "Markups.MovingMarkupIndex"
+"""Set by Slicer's markups widget on the point list while a point is dragged (empty: the whole list moved)."""
+
+
+class MatchController:
+    """Keeps one source point list matched into the checked targets, on a worker.
+
+    Args:
+        logic: a :class:`~SAMEmbeddingLib.logic.MatchLogic`.
+        worker: a :class:`~SAMEmbeddingLib.worker.Worker` (with ``logic.engine == "process"`` its thread only waits
+            for the engine process).
+        prepareEngine: called before engine work (e.g. to check dependencies and tell the user); False stops.
+        onStatus: ``onStatus(text)``: a line for the user (what is happening, why nothing can be matched).
+        onProgress: ``progress(done, total, phase)`` of "propagate all" (counted in targets).
+        onFinished: ``onFinished(outputs)`` after each match, on the polling thread.
+        onError: ``onError(exception)`` when a match failed (bad model, dead engine process ...).
+
+    The parameters (:meth:`setParameters`) are the module's parameter node or any object with its fields.
+    """
+
+    def __init__(self, logic, worker, *, prepareEngine: Callable[[], bool] | None = None,
+                 onStatus: Callable[[str], None] | None = None, onProgress: ProgressFn | None = None,
+                 onFinished: Callable | None = None, onError: Callable[[BaseException], None] | None = None) -> None:
+        self.logic = logic
+        self.worker = worker
+        self.parameters = None
+        self.pointList = None
+        self.currentPointIndex: int | None = None
+        """The point last placed, moved or chosen in the results: the heatmap's point."""
+        self.propagateTask = None
+        self._prepareEngine = prepareEngine or (lambda: True)
+        self._onStatus = onStatus or (lambda text: None)
+        self._onProgress = onProgress
+        self._onFinished = onFinished
+        self._onError = onError
+        self._observations: list[tuple[object, int]] = []
+        self._matchedAt: dict[str, tuple[float, float, float]] = {}
+        self._showHeatmap = False
+
+    # -- settings ----------------------------------------------------------------------------
+    def setParameters(self, parameters) -> None:
+        """Use these parameters (a restored or new scene); starts no match."""
+        self.parameters = parameters
+        self._showHeatmap = bool(parameters.showHeatmap) if parameters is not None else False
+        self.setPointList(parameters.sourcePoints if parameters is not None else None)
+
+    def parametersModified(self) -> None:
+        """React to changed parameters: a new point list is observed; switching the heatmap on computes it for the
+        current point, switching it off hides it."""
+        p = self.parameters
+        if p is None:
+            return
+        if p.sourcePoints is not self.pointList:
+            self.setPointList(p.sourcePoints)
+        show = bool(p.showHeatmap)
+        if show == self._showHeatmap:
+            return
+        self._showHeatmap = show
+        if not show:
+            self.logic.hideHeatmap()
+            return
+        index = self.currentPointIndex
+        if index is None and self.pointList is not None:
+            defined = mrml_io.defined_point_indices(self.pointList)
+            index = defined[-1] if defined else None
+        if index is not None:
+            self.currentPointIndex = index
+            self.matchPoints([index])
+
+    def targets(self) -> list:
+        """The checked target volumes that still exist."""
+        p = self.parameters
+        return self.logic.liveTargets(list(p.targetVolumes) if p is not None else [])
+
+    def heatmapTarget(self):
+        """The chosen heatmap target when it is checked, else the first checked target (None: no target)."""
+        targets = self.targets()
+        chosen = self.parameters.heatmapTarget if self.parameters is not None else None
+        if chosen is not None and any(chosen.GetID() == t.GetID() for t in targets):
+            return chosen
+        return targets[0] if targets else None
+
+    def canMatch(self) -> tuple[bool, str]:
+        """``(True, "")`` when "propagate all" can run, else ``(False, reason)``."""
+        p = self.parameters
+        if p is None:
+            return False, "no parameter node"
+        return self.logic.canMatch(p.sourceVolume, p.sourcePoints, self.targets())
+
+    # -- the point list ----------------------------------------------------------------------
+    def setPointList(self, pointList) -> None:
+        """Observe ``pointList`` (None: none); its current points count as matched where they are."""
+        for node, tag in self._observations:
+            node.RemoveObserver(tag)
+        self._observations = []
+        self.pointList = pointList
+        self.currentPointIndex = None
+        self._matchedAt = {}
+        if pointList is None:
+            return
+        for event, handler in ((pointList.PointPositionDefinedEvent, self.onPointPositionDefined),
+                               (pointList.PointEndInteractionEvent, self.onPointEndInteraction),
+                               (pointList.PointRemovedEvent, self.onPointRemoved)):
+            self._observations.append((pointList, pointList.AddObserver(event, handler)))
+        self._matchedAt = self._positions(mrml_io.defined_point_indices(pointList))
+
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPointPositionDefined(self, caller, event, callData=None) -> None:
+        """A point was placed (call data: its index), or points were added in a batch (no call data)."""
+        if callData is not None and 0 <= int(callData) < caller.GetNumberOfControlPoints():
+            indices = [int(callData)]
+        else:
+            indices = self._changedPoints(mrml_io.defined_point_indices(caller))
+        self._pointsChanged(indices)
+
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPointEndInteraction(self, caller, event, callData=None) -> None:
+        """A drag ended (never with call data): the moved point is named by ``Markups.MovingMarkupIndex``; when
+        that is empty the whole list moved."""
+        text = caller.GetAttribute(MOVING_INDEX_ATTRIBUTE) or ""
+        defined = mrml_io.defined_point_indices(caller)
+        try:
+            candidates = [int(text)] if int(text) in defined else defined
+        except ValueError:
+            candidates = defined
+        self._pointsChanged(self._changedPoints(candidates))
+
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onPointRemoved(self, caller, event, callData=None) -> None:
+        """Points were deleted (one with its index, or several in a batch without): their matches go too."""
+        present = {caller.GetNthControlPointID(i) for i in range(caller.GetNumberOfControlPoints())}
+        self._matchedAt = {k: v for k, v in self._matchedAt.items() if k in present}
+        if self.currentPointIndex is not None and self.currentPointIndex >= caller.GetNumberOfControlPoints():
+            self.currentPointIndex = None
+        self.logic.removeMatchesOfDeletedPoints(caller)
+
+    def _positions(self, indices: list[int]) -> dict[str, tuple[float, float, float]]:
+        out = {}
+        for index in indices:
+            position = [0.0, 0.0, 0.0]
+            self.pointList.GetNthControlPointPositionWorld(index, position)
+            out[self.pointList.GetNthControlPointID(index)] = tuple(position)
+        return out
+
+    def _changedPoints(self, indices: list[int]) -> list[int]:
+        """Those of ``indices`` whose position differs from where they were last matched (or new ones)."""
+        now = self._positions(indices)
+        changed = []
+        for index in indices:
+            pointID = self.pointList.GetNthControlPointID(index)
+            before = self._matchedAt.get(pointID)
+            if before is None or not np.allclose(before, now[pointID], atol=1e-6):
+                changed.append(index)
+        return changed
+
+    def _pointsChanged(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        self.currentPointIndex = indices[-1]
+        try:
+            self.matchPoints(indices)
+        except Exception as e:  # noqa: BLE001 - an observer must not raise into VTK; the user is told
+            log.exception("SAMEmbedding: matching after a point change failed")
+            self._report(e)
+
+    # -- matching ----------------------------------------------------------------------------
+    def matchPoints(self, pointIndices: list[int] | None) -> object | None:
+        """Match these points (None: all) into every live target on the worker; returns the task, or None when
+        the input is not ready (the reason goes to ``onStatus``)."""
+        p = self.parameters
+        ok, reason = self.canMatch()
+        if not ok:
+            self._onStatus(reason)
+            return None
+        if pointIndices is not None:
+            defined = set(mrml_io.defined_point_indices(p.sourcePoints))
+            pointIndices = [i for i in pointIndices if i in defined]
+            if not pointIndices:
+                return None
+        if not self._prepareEngine():
+            return None
+        self.logic.setModel(p.model, p.device)
+        heatmapIndex = None
+        if p.showHeatmap and self.currentPointIndex is not None and (
+                pointIndices is None or self.currentPointIndex in pointIndices):
+            heatmapIndex = self.currentPointIndex
+        options = matchOptionsFromParameters(p).replace(heatmap=heatmapIndex is not None)
+        self.logic.setHeatmapOpacity(p.heatmapOpacity)
+        single = pointIndices[0] if pointIndices is not None and len(pointIndices) == 1 else None
+        task = self.logic.startMatch(
+            self.worker, p.sourceVolume, p.sourcePoints, self.targets(), pointIndices, options,
+            heatmapPointIndex=heatmapIndex, heatmapTarget=self.heatmapTarget() if heatmapIndex is not None else None,
+            onFinished=lambda outputs: self._finished(outputs, single), onError=self._report,
+            onProgress=self._onProgress if pointIndices is None else None)
+        indices = pointIndices if pointIndices is not None else mrml_io.defined_point_indices(p.sourcePoints)
+        self._matchedAt.update(self._positions(indices))
+        self._onStatus("Matching...")
+        return task
+
+    def propagateAll(self) -> object | None:
+        """Match every placed point into every target (cancellable with :meth:`cancel`)."""
+        self.propagateTask = self.matchPoints(None)
+        return self.propagateTask
+
+    def cancel(self) -> None:
+        """Stop "propagate all" (finished targets are kept)."""
+        if self.propagateTask is not None:
+            self.propagateTask.cancel()
+            self._onStatus("Cancelling...")
+
+    @property
+    def busy(self) -> bool:
+        return self.worker.busy
+
+    def poll(self) -> None:
+        """Deliver the worker's results (call from the main thread's timer)."""
+        self.worker.poll()
+        if not self.worker.busy:
+            self.propagateTask = None
+
+    def _finished(self, outputs, pointIndex: int | None) -> None:
+        confident = sum(row.confident for row in outputs.rows)
+        note = " (cancelled: finished targets kept)" if outputs.cancelled else ""
+        self._onStatus(f"{len(outputs.rows)} match(es), {confident} confident{note}")
+        p = self.parameters
+        if p is not None and p.jumpToMatch and pointIndex is not None and p.sourcePoints is not None:
+            target = self.heatmapTarget()
+            position = self.logic.matchPosition(p.sourcePoints, pointIndex, target) if target else None
+            if position is not None:
+                self.logic.jumpToPoint(position)
+        if self._onFinished is not None:
+            self._onFinished(outputs)
+
+    def _report(self, error: BaseException) -> None:
+        self._onStatus(f"Matching failed: {error}")
+        if self._onError is not None:
+            self._onError(error)
+
+    # -- results -----------------------------------------------------------------------------
+    def selectResultRow(self, row: int):
+        """Make the source point of results-table row ``row`` current and centre the views on its match.
+
+        The row's target is found by node ID (names may repeat). Returns the target node, or None.
+        """
+        p = self.parameters
+        if p is None or p.sourcePoints is None:
+            return None
+        rows = self.logic.resultRows(p.sourcePoints)
+        if not 0 <= row < len(rows):
+            return None
+        target = self.logic.scene.GetNodeByID(rows[row].targetID)
+        index = p.sourcePoints.GetNthControlPointIndexByID(rows[row].pointID)
+        if target is None or index < 0:
+            return None
+        self.currentPointIndex = index
+        position = self.logic.matchPosition(p.sourcePoints, index, target)
+        if position is not None:
+            self.logic.jumpToPoint(position)
+        return target
+
+    def cleanup(self) -> None:
+        """Stop observing and cancel pending work."""
+        self.setPointList(None)
+        self.worker.cancelAll()

@@ -1,0 +1,443 @@
+"""The engine in a persistent child process: :class:`EngineProcess`, a ``samembed.Matcher`` seen through a pipe.
+
+Slicer's Python runs without thread support while Qt idles, so a Python worker thread computing embeddings would
+advance only in the gaps of the GUI's poll timer. Here the computation runs in a separate Python process
+(``PythonSlicer`` inside Slicer, ``sys.executable`` elsewhere) that lives as long as the module: it keeps the model
+and the embedding cache warm across clicks. :class:`EngineProcess` has the interface of ``samembed.Matcher`` that
+``MatchLogic`` uses (``match``, ``clear_cache``, ``cache_bytes``), so the logic and its worker thread do not know
+whether the engine is in this process or in the child; the worker thread only waits on the pipe.
+
+Protocol (``multiprocessing.connection`` over a localhost socket with a random key; every message is a pickled
+tuple ``(kind, requestID, payload)``):
+
+* parent -> child: ``("image", key, (grid, name, spacing_known, npy_path))`` once per volume content (the voxels go
+  through a temporary ``.npy`` file, the geometry is pickled as float64: exact); ``("forget", key, None)``;
+  ``("match", id, {...})``; ``("cancel", id, None)``; ``("clear", id, None)``; ``("stats", id, None)``;
+  ``("stop", 0, None)``.
+* child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, ResultValue)``;
+  ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
+
+A cancel returns at once: the parent stops waiting and raises ``samembed.Cancelled``; the child stops at the
+engine's next check and its late answer is dropped. If the child dies, the waiting call raises
+:class:`EngineProcessError` (with the end of the child's log) and the next call starts a new child.
+
+>>> engine = EngineProcess(model="random:sam-lite", device="cpu")          # doctest: +SKIP
+>>> result = engine.match(sourceImage, [[0.0, 0.0, 0.0]], [targetImage])   # doctest: +SKIP
+>>> engine.close()                                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import os
+import queue
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+
+import numpy as np
+
+from samembed import Cancelled, Image, InputError, MatchOptions
+from samembed.options import ProgressFn
+
+from .engine_types import ResultValue
+
+log = logging.getLogger(__name__)
+
+MODULE_DIR = Path(__file__).resolve().parents[1]
+"""The folder holding ``SAMEmbeddingLib`` and ``samembed`` (put on the child's ``PYTHONPATH``)."""
+POLL_S = 0.05
+"""How often a waiting call checks for cancel and for a dead child, seconds."""
+START_TIMEOUT_S = 120.0
+"""How long the child may take to start and connect, seconds."""
+SHORT_REQUEST_TIMEOUT_S = 0.5
+"""How long ``clear_cache`` and ``cache_bytes`` wait for a child still finishing a cancelled match, seconds."""
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process could not start or stopped unexpectedly; the next call starts a new one."""
+
+
+def pythonExecutable() -> str:
+    """The Python interpreter for the child: ``PythonSlicer`` inside Slicer, else ``sys.executable``.
+
+    Inside Slicer ``sys.executable`` is the Slicer application itself; Slicer puts ``PythonSlicer`` on ``PATH``
+    (``bin`` beside the application), as ``slicer.util`` expects when it runs Python scripts.
+    """
+    exe = sys.executable or ""
+    if os.path.basename(exe).lower().startswith("python"):
+        return exe
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    for name in ("PythonSlicer", "PythonSlicer.exe"):
+        candidate = os.path.join(os.path.dirname(exe), name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise EngineProcessError(f"cannot find PythonSlicer (next to {exe} or on PATH) to run the engine process; "
+                             "reinstall Slicer, or match in this process (MatchLogic(..., engine='thread'))")
+
+
+class EngineProcess:
+    """A ``samembed.Matcher`` in a persistent child process (started on first use, restarted after a crash).
+
+    Args:
+        model, device, cacheBytes: as for ``samembed.Matcher(model, device, cache_bytes)``.
+        maxImages: volumes the child keeps (least recently used are forgotten; they are sent again when needed).
+        python: the interpreter to run the child with (default: :func:`pythonExecutable`).
+
+    Thread-safe: calls are serialised; ``match`` may run on a worker thread while the main thread asks for
+    ``cache_bytes``.
+    """
+
+    def __init__(self, model: str = "default", device: str = "auto", cacheBytes: int = 3 << 30, maxImages: int = 8,
+                 python: str | None = None) -> None:
+        self.model, self.device, self.cacheBytes = str(model), str(device), int(cacheBytes)
+        self.maxImages = int(maxImages)
+        self.python = python
+        self.imagesSent = 0
+        """Volumes sent to the child so far (each content once while the child keeps it)."""
+        self.starts = 0
+        """Children started so far."""
+        self._lock = threading.RLock()
+        self._proc: subprocess.Popen | None = None
+        self._conn = None
+        self._sent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._ids = itertools.count(1)
+        self._tmp = Path(tempfile.mkdtemp(prefix="SAMEmbedding-engine-"))
+        self._logPath = self._tmp / "engine.log"
+        self._cacheBytes = 0
+
+    # -- the Matcher interface ---------------------------------------------------------------
+    def match(self, source, points_lps_mm, targets, labels=None, options: MatchOptions | None = None, *, mask=None,
+              progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+              target_names=None) -> ResultValue:
+        """``samembed.Matcher.match`` in the child (``source``/``targets``: ``samembed.Image``; no ``mask``).
+
+        Raises:
+            samembed.Cancelled: ``cancel`` was set (returns within ``POLL_S``; the child stops on its own).
+            EngineProcessError: the child died or could not start (the next call starts a new one).
+            samembed.InputError and others: raised by the engine in the child, as they are.
+        """
+        if mask is not None:
+            raise InputError("the engine process takes no mask; use options.box_lps_mm or match in this process")
+        images = [source, *(targets if isinstance(targets, (list, tuple)) else [targets])]
+        if not all(isinstance(i, Image) for i in images):
+            raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
+        with self._lock:
+            self._ensureStarted()
+            keys = [self._ensureImage(image) for image in images]
+            requestID = next(self._ids)
+            self._send(("match", requestID, {
+                "source": keys[0], "points": np.asarray(points_lps_mm, dtype=np.float64), "targets": keys[1:],
+                "labels": None if labels is None else list(labels), "options": options or MatchOptions(),
+                "target_names": None if target_names is None else list(target_names)}))
+            return self._await(requestID, progress, cancel)
+
+    def clear_cache(self) -> None:
+        """Forget the child's embeddings (nothing to do when no child runs)."""
+        with self._lock:
+            if self._alive():
+                self._shortRequest("clear")
+            self._cacheBytes = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of embeddings the child holds (the last known value while it is busy; 0 when none runs).
+
+        Never blocks the caller (the GUI) behind a running match.
+        """
+        if not self._lock.acquire(timeout=0.1):
+            return self._cacheBytes
+        try:
+            if self._alive():
+                value = self._shortRequest("stats")
+                if value is not None:
+                    self._cacheBytes = int(value)
+            else:
+                self._cacheBytes = 0
+            return self._cacheBytes
+        finally:
+            self._lock.release()
+
+    # -- life cycle --------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """Process ID of the running child, or None."""
+        return self._proc.pid if self._alive() else None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the child (asks, then kills after ``timeout`` s) and remove the temporary files."""
+        with self._lock:
+            self._stop(timeout)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __del__(self) -> None:
+        try:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None and self._conn is not None
+
+    def _ensureStarted(self) -> None:
+        if self._alive():
+            return
+        self._stop(0.0)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        authkey = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), *filter(None, [env.get("PYTHONPATH")])])
+        logFile = open(self._logPath, "ab")  # noqa: SIM115 - the child writes it; closed with the child
+        python = self.python or pythonExecutable()
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen([python, "-m", "SAMEmbeddingLib.engine_process"], stdin=subprocess.PIPE,
+                                    stdout=logFile, stderr=subprocess.STDOUT, env=env, cwd=str(MODULE_DIR),
+                                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # no console on Windows
+        except OSError as e:
+            listener.close()
+            logFile.close()
+            raise EngineProcessError(f"cannot start the engine process with {python}: {e}") from e
+        hello = {"address": list(listener.address), "authkey": authkey.hex(), "model": self.model,
+                 "device": self.device, "cache_bytes": self.cacheBytes}
+        proc.stdin.write((json.dumps(hello) + "\n").encode())
+        proc.stdin.close()
+        accepted: dict = {}
+        thread = threading.Thread(target=lambda: accepted.setdefault("conn", listener.accept()), daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(POLL_S)
+            if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
+                proc.kill()
+                logFile.close()
+                raise EngineProcessError(f"the engine process did not start (exit code {proc.poll()}); "
+                                         f"its log says:\n{self._logTail()}")
+        listener.close()
+        self._proc, self._conn, self._logFile = proc, accepted["conn"], logFile
+        self._sent.clear()
+        self.starts += 1
+        log.info("SAMEmbedding: engine process %d started with %s in %.1f s", proc.pid, python,
+                 time.monotonic() - started)
+
+    def _stop(self, timeout: float) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        self._sent.clear()
+        if conn is not None:
+            try:
+                conn.send(("stop", 0, None))
+            except OSError:
+                pass
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if conn is not None:
+            conn.close()
+        if getattr(self, "_logFile", None) is not None:
+            self._logFile.close()
+            self._logFile = None
+
+    # -- requests ----------------------------------------------------------------------------
+    def _send(self, message) -> None:
+        try:
+            self._conn.send(message)
+        except (OSError, EOFError, AttributeError) as e:
+            self._died(e)
+
+    def _ensureImage(self, image: Image) -> str:
+        """Send ``image`` unless the child holds its content (keyed by the engine's content hash)."""
+        key = image.content_hash()
+        if key in self._sent:
+            self._sent.move_to_end(key)
+            return key
+        path = self._tmp / f"{key[:24]}-{next(self._ids)}.npy"
+        np.save(path, np.ascontiguousarray(image.array))  # the child loads and deletes it
+        self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path))))
+        self.imagesSent += 1
+        self._sent[key] = None
+        while len(self._sent) > self.maxImages:
+            old, _ = self._sent.popitem(last=False)
+            self._send(("forget", old, None))
+        return key
+
+    def _receive(self, timeout: float):
+        """The next message, or None after ``timeout`` s; raises :class:`EngineProcessError` when the child died."""
+        try:
+            if not self._conn.poll(timeout):
+                if self._proc.poll() is not None:
+                    self._died(None)
+                return None
+            return self._conn.recv()
+        except (OSError, EOFError) as e:
+            self._died(e)
+
+    def _await(self, requestID: int, progress: ProgressFn | None, cancel: threading.Event | None):
+        while True:
+            if cancel is not None and cancel.is_set():
+                self._send(("cancel", requestID, None))
+                raise Cancelled("cancelled; the engine process stops at its next check")
+            message = self._receive(POLL_S)
+            if message is None:
+                continue
+            kind, answerTo, payload = message
+            if answerTo != requestID:
+                continue  # the late answer of a cancelled or timed-out request
+            if kind == "progress":
+                if progress is not None:
+                    progress(*payload)
+            elif kind == "result":
+                return payload
+            elif kind == "cancelled":
+                raise Cancelled("cancelled")
+            elif kind == "error":
+                raise payload
+            else:
+                raise EngineProcessError(f"unexpected answer {kind!r} from the engine process")
+
+    def _shortRequest(self, kind: str):
+        """Ask the child something quick; None when it is busy for longer than ``SHORT_REQUEST_TIMEOUT_S``."""
+        requestID = next(self._ids)
+        self._send((kind, requestID, None))
+        end = time.monotonic() + SHORT_REQUEST_TIMEOUT_S
+        while time.monotonic() < end:
+            message = self._receive(POLL_S)
+            if message is not None and message[1] == requestID:
+                if message[0] == "error":
+                    raise message[2]
+                return message[2]
+        return None
+
+    def _died(self, cause: BaseException | None):
+        code = self._proc.poll() if self._proc is not None else None
+        self._stop(0.0)
+        raise EngineProcessError(
+            f"the SAMEmbedding engine process stopped unexpectedly (exit code {code}); it is started again on the "
+            f"next match. The end of its log ({self._logPath}):\n{self._logTail()}") from cause
+
+    def _logTail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self._logPath.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+# ----------------------------------------------------------------------------------------------
+# the child
+# ----------------------------------------------------------------------------------------------
+def _picklable(error: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any exception must reach the parent
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def serve(conn, model: str, device: str, cacheBytes: int) -> None:
+    """Answer requests on ``conn`` until told to stop or the parent goes away (runs in the child)."""
+    from samembed import Grid, Matcher  # noqa: F401 - Grid: unpickling the geometry
+
+    requests: queue.Queue = queue.Queue()
+    cancelled: set[int] = set()
+    current = {"id": None, "event": threading.Event()}
+    lock = threading.Lock()
+
+    def read() -> None:  # a thread: cancel must arrive while a match runs
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the parent is gone
+            kind, requestID, _ = message
+            if kind == "cancel":
+                with lock:
+                    cancelled.add(requestID)
+                    if current["id"] == requestID:
+                        current["event"].set()
+            else:
+                requests.put(message)
+            if kind == "stop":
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    matcher = None
+    images: dict[str, Image] = {}
+    while True:
+        kind, requestID, payload = requests.get()
+        if kind == "stop":
+            return
+        try:
+            if kind == "image":
+                grid, name, spacingKnown, path = payload
+                array = np.load(path)
+                os.remove(path)
+                images[requestID] = Image(array, grid, name, spacingKnown)
+                continue
+            if kind == "forget":
+                images.pop(requestID, None)
+                continue
+            if kind == "clear":
+                if matcher is not None:
+                    matcher.clear_cache()
+                conn.send(("ok", requestID, None))
+                continue
+            if kind == "stats":
+                conn.send(("ok", requestID, matcher.cache_bytes if matcher is not None else 0))
+                continue
+            if kind != "match":
+                raise RuntimeError(f"unknown request {kind!r}")  # builtin: __main__ classes do not unpickle
+            with lock:
+                if requestID in cancelled:
+                    conn.send(("cancelled", requestID, None))
+                    continue
+                current["id"], current["event"] = requestID, threading.Event()
+                cancel = current["event"]
+            if matcher is None:
+                matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
+
+            def progress(done, total, phase, requestID=requestID):
+                conn.send(("progress", requestID, (done, total, phase)))
+
+            result = matcher.match(images[payload["source"]], payload["points"],
+                                   [images[k] for k in payload["targets"]], payload["labels"],
+                                   options=payload["options"], progress=progress, cancel=cancel,
+                                   target_names=payload["target_names"])
+            conn.send(("result", requestID, ResultValue.of(result)))
+        except Cancelled:
+            conn.send(("cancelled", requestID, None))
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
+            log.exception("request %s failed", kind)
+            conn.send(("error", requestID, _picklable(e)))
+        finally:
+            with lock:
+                current["id"] = None
+
+
+def main() -> None:
+    """Entry point of the child: read the connection details from stdin, connect, serve."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hello = json.loads(sys.stdin.readline())
+    conn = Client(tuple(hello["address"]), authkey=bytes.fromhex(hello["authkey"]))
+    log.info("engine process %d serving model %s on %s", os.getpid(), hello["model"], hello["device"])
+    serve(conn, hello["model"], hello["device"], int(hello["cache_bytes"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The point-list controller, driven by point events fired exactly as Slicer fires them, on real MRML.
+
+Slicer (``vtkSlicerMarkupsWidget``, ``vtkMRMLMarkupsNode``) reports a placed point with ``PointPositionDefinedEvent``
+and its index; a batch of points (undo, paste, ``StartModify``/``EndModify``) with one ``PointPositionDefinedEvent``
+without call data; the end of a drag with ``PointEndInteractionEvent`` without call data while the node attribute
+``Markups.MovingMarkupIndex`` names the point (empty: the whole list moved). Here MRML itself fires the first two
+(``AddControlPoint`` and ``EndModify`` do); the drag's end is fired as the markups widget does.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from SAMEmbeddingLib.controller import MOVING_INDEX_ATTRIBUTE, MatchController
+from SAMEmbeddingLib.logic import MatchLogic
+from SAMEmbeddingLib.parameters import OPTION_PARAMETERS, optionDefault
+from SAMEmbeddingLib.worker import Worker
+
+from .mrml_helpers import add_points, add_volume, control_points, ijk_to_ras, slicer, vtk, voxels
+
+pytestmark = pytest.mark.needs_data
+
+
+def _ras(node, ijk) -> np.ndarray:
+    return (ijk_to_ras(node) @ np.r_[np.asarray(ijk, dtype=float), 1.0])[:3]
+
+
+def _parameters(source, points, targets, **changes) -> SimpleNamespace:
+    """What the module's parameter node holds (its fields and defaults)."""
+    values = {parameter: optionDefault(option) for option, parameter in OPTION_PARAMETERS.items()}
+    values.update(sourceVolume=source, sourcePoints=points, targetVolumes=list(targets), heatmapTarget=None,
+                  model="random:sam-lite", device="cpu", jumpToMatch=True, heatmapOpacity=0.5, polish=False)
+    values.update(changes)
+    return SimpleNamespace(**values)
+
+
+class Harness:
+    """A controller on a logic whose ``startMatch`` calls are recorded (point indices of each)."""
+
+    def __init__(self, scene, matcher):
+        self.logic = MatchLogic(scene, matcher=matcher)
+        self.worker = Worker()
+        self.calls, self.errors, self.status = [], [], []
+        real = self.logic.startMatch
+
+        def recording(worker, source, points, targets, pointIndices=None, options=None, **kwargs):
+            self.calls.append(None if pointIndices is None else list(pointIndices))
+            return real(worker, source, points, targets, pointIndices, options, **kwargs)
+
+        self.logic.startMatch = recording
+        self.controller = MatchController(self.logic, self.worker, onError=self.errors.append,
+                                          onStatus=self.status.append)
+
+    def settle(self):
+        assert self.worker.waitForIdle(timeout=120)
+        calls, self.calls = self.calls, []
+        return calls
+
+
+@pytest.fixture
+def harness(a_scene, a_matcher):
+    h = Harness(a_scene, a_matcher)
+    yield h
+    h.controller.cleanup()
+    h.worker.shutdown()
+
+
+@pytest.fixture
+def a_copy(a_scene, a_small_ct):
+    return add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "copy CT")
+
+
+@pytest.fixture
+def no_vtk_errors(capfd):
+    """VTK prints an observer's exception instead of raising it: fail on any traceback it printed."""
+    yield
+    err = capfd.readouterr().err
+    assert not re.search(r"Traceback|^\w*(Error|Exception)\b", err, re.MULTILINE), err
+
+
+def _matched(logic, points, target):
+    node = logic.outputPointList(points, target)
+    return control_points(node) if node is not None else ([], np.zeros((0, 3)))
+
+
+def test_a_placed_point_is_matched(a_scene, harness, a_small_ct, no_vtk_errors):
+    points = slicer.vtkMRMLMarkupsFiducialNode()
+    a_scene.AddNode(points)
+    harness.controller.setParameters(_parameters(a_small_ct, points, [a_small_ct]))
+
+    points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (64, 70, 10))), "L1")  # PointPositionDefined(0)
+
+    assert harness.settle() == [[0]]
+    assert _matched(harness.logic, points, a_small_ct)[0] == ["L1"]
+    assert harness.controller.currentPointIndex == 0
+
+
+def test_points_added_in_a_batch_are_matched_together(a_scene, harness, a_small_ct, no_vtk_errors):
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    harness.controller.setParameters(_parameters(a_small_ct, points, [a_small_ct]))
+
+    wasModifying = points.StartModify()  # as undo or paste: one PointPositionDefinedEvent without call data
+    points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (40, 90, 6))), "L2")
+    points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (90, 40, 12))), "L3")
+    points.EndModify(wasModifying)
+
+    assert harness.settle() == [[1, 2]]  # L1 was there before: not matched again
+    assert _matched(harness.logic, points, a_small_ct)[0] == ["L2", "L3"]
+
+
+def test_dragging_one_point_rematches_it_and_the_whole_list_rematches_all(a_scene, harness, a_small_ct, no_vtk_errors):
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"])
+    harness.controller.setParameters(_parameters(a_small_ct, points, [a_small_ct]))
+    harness.controller.propagateAll()
+    assert harness.settle() == [None]
+    before = _matched(harness.logic, points, a_small_ct)[1]
+
+    # drag L2: positions change while dragging, then the end of the interaction names the point
+    points.SetNthControlPointPositionWorld(1, *_ras(a_small_ct, (90, 40, 12)))
+    points.SetAttribute(MOVING_INDEX_ATTRIBUTE, "1")
+    points.InvokeEvent(points.PointEndInteractionEvent)
+    points.SetAttribute(MOVING_INDEX_ATTRIBUTE, "")
+    assert harness.settle() == [[1]]
+    after = _matched(harness.logic, points, a_small_ct)[1]
+    np.testing.assert_allclose(after[0], before[0])
+    assert np.linalg.norm(after[1] - _ras(a_small_ct, (90, 40, 12))) < 4.0
+
+    # a click on a point that does not move it: nothing to match
+    points.SetAttribute(MOVING_INDEX_ATTRIBUTE, "0")
+    points.InvokeEvent(points.PointEndInteractionEvent)
+    points.SetAttribute(MOVING_INDEX_ATTRIBUTE, "")
+    assert harness.settle() == []
+
+    # the whole list moved (translate handle): the attribute is empty, every point is matched again
+    wasModifying = points.StartModify()
+    for i in range(2):
+        position = [0.0, 0.0, 0.0]
+        points.GetNthControlPointPositionWorld(i, position)
+        points.SetNthControlPointPositionWorld(i, position[0] + 4.0, position[1], position[2])
+    points.EndModify(wasModifying)
+    points.InvokeEvent(points.PointEndInteractionEvent)
+    assert harness.settle() == [[0, 1]]
+    assert harness.errors == []
+
+
+def test_a_deleted_point_loses_its_matches(a_scene, harness, a_small_ct, no_vtk_errors):
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"])
+    harness.controller.setParameters(_parameters(a_small_ct, points, [a_small_ct]))
+    harness.controller.propagateAll()
+    harness.settle()
+
+    points.RemoveNthControlPoint(0)
+
+    assert _matched(harness.logic, points, a_small_ct)[0] == ["L2"]
+    assert harness.settle() == []
+
+
+def test_deleting_a_checked_target_leaves_matching_working_with_the_others(a_scene, harness, a_small_ct, a_copy,
+                                                                          no_vtk_errors):
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    parameters = _parameters(a_small_ct, points, [a_copy, a_small_ct])
+    harness.controller.setParameters(parameters)
+
+    a_scene.RemoveNode(a_copy)  # the parameter node's list keeps a stale entry (or a None) until a checkbox changes
+    parameters.targetVolumes.append(None)
+    assert harness.controller.canMatch() == (True, "")
+    points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (40, 90, 6))), "L2")
+
+    assert harness.settle() == [[1]]
+    assert harness.errors == []
+    assert _matched(harness.logic, points, a_small_ct)[0] == ["L2"]
+
+
+def test_restoring_a_scene_with_the_heatmap_on_starts_no_match(a_scene, harness, a_small_ct, tmp_path, no_vtk_errors):
+    saved = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"])
+    storage = slicer.vtkMRMLMarkupsJsonStorageNode()
+    storage.SetFileName(str(tmp_path / "landmarks.mrk.json"))
+    assert storage.WriteData(saved)
+    restored = slicer.vtkMRMLMarkupsFiducialNode()
+    a_scene.AddNode(restored)
+    assert storage.ReadData(restored)  # the scene is read first, then the module gets its parameter node
+
+    parameters = _parameters(a_small_ct, restored, [a_small_ct], showHeatmap=True)
+    harness.controller.setParameters(parameters)
+    harness.controller.parametersModified()  # the parameter node reports its restored values
+
+    assert harness.settle() == []
+    assert not harness.worker.busy
+    # switching the heatmap off and on by hand computes it for the last point
+    parameters.showHeatmap = False
+    harness.controller.parametersModified()
+    parameters.showHeatmap = True
+    harness.controller.parametersModified()
+    assert harness.settle() == [[1]]
+    heatmap = harness.logic.heatmapNode(a_small_ct)
+    assert heatmap is not None and heatmap.GetHideFromEditors(), "selectors must not offer the heatmap volume"
+
+
+def test_a_result_row_finds_its_target_by_id_when_names_repeat(a_scene, harness, a_small_ct, no_vtk_errors):
+    first = add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "CT")
+    second = add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "CT")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    harness.controller.setParameters(_parameters(a_small_ct, points, [first, second], jumpToMatch=False))
+    harness.controller.propagateAll()
+    harness.settle()
+
+    assert harness.controller.selectResultRow(1) is second
+    assert harness.controller.selectResultRow(0) is first
+    assert harness.controller.currentPointIndex == 0

@@ -1,0 +1,140 @@
+"""The engine in a persistent child process, through the logic and the worker: warm cache, crash, cancel.
+
+The child runs ``samembed.Matcher`` with seeded random weights (``random:sam-lite``) on small real CT blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from samembed import InputError
+from SAMEmbeddingLib.engine_process import EngineProcess, EngineProcessError
+from SAMEmbeddingLib.logic import MatchLogic
+from SAMEmbeddingLib.worker import Worker
+
+from .mrml_helpers import add_points, add_volume, control_points, ijk_to_ras, voxels
+
+pytestmark = pytest.mark.needs_data
+
+
+def _ras(node, ijk) -> np.ndarray:
+    return (ijk_to_ras(node) @ np.r_[np.asarray(ijk, dtype=float), 1.0])[:3]
+
+
+def _shifted_copy(scene, node, shift_ras, name):
+    matrix = ijk_to_ras(node)
+    matrix[:3, 3] += shift_ras
+    return add_volume(scene, voxels(node), matrix, name)
+
+
+@pytest.fixture
+def a_process_logic(a_scene):
+    logic = MatchLogic(a_scene, model="random:sam-lite", device="cpu", cacheBytes=1 << 30, engine="process")
+    yield logic
+    logic.close()
+
+
+@pytest.fixture
+def a_worker():
+    worker = Worker()
+    yield worker
+    worker.shutdown()
+
+
+def _wait_for(condition, worker, timeout=120.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        worker.poll()
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_the_second_click_into_the_same_volumes_is_ten_times_faster(a_scene, a_process_logic, a_small_ct):
+    target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+
+    started = time.monotonic()
+    a_process_logic.matchPoints(a_small_ct, points, [target], [0])
+    first = time.monotonic() - started
+    points.AddControlPoint(*_ras(a_small_ct, (40, 90, 6)), "L2")
+    started = time.monotonic()
+    outputs = a_process_logic.matchPoints(a_small_ct, points, [target], [1])
+    second = time.monotonic() - started
+
+    engine = a_process_logic.getMatcher()
+    assert isinstance(engine, EngineProcess) and engine.starts == 1
+    assert engine.imagesSent == 2, "each volume is sent once per node and modification time"
+    assert first >= 10 * second, (first, second)
+    # the process gives the same answer as the engine here: a shifted copy moves the match by the shift
+    _, matched = control_points(outputs.pointLists[0])
+    assert matched.shape == (2, 3)
+    assert a_process_logic.cacheBytesInUse() > 0
+
+
+def test_the_same_match_in_the_process_and_here(a_scene, a_process_logic, a_matcher, a_small_ct):
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"])
+    here = MatchLogic(a_scene, matcher=a_matcher)
+
+    _, in_process = control_points(a_process_logic.matchPoints(a_small_ct, points, [a_small_ct]).pointLists[0])
+    rows_process = [r.score for r in a_process_logic.resultRows(points)]
+    _, in_here = control_points(here.matchPoints(a_small_ct, points, [a_small_ct]).pointLists[0])
+
+    np.testing.assert_allclose(in_process, in_here, atol=1e-6)
+    assert rows_process == pytest.approx([r.score for r in here.resultRows(points)])
+
+
+def test_killing_the_process_mid_match_gives_a_clear_error_and_the_next_match_works(
+        a_scene, a_process_logic, a_worker, a_small_ct):
+    target = _shifted_copy(a_scene, a_small_ct, [0.0, 25.0, 0.0], "target")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    errors, finished = [], []
+
+    a_process_logic.startMatch(a_worker, a_small_ct, points, [target], onError=errors.append,
+                               onFinished=finished.append)
+    engine = a_process_logic.getMatcher()
+    _wait_for(lambda: engine.pid is not None, a_worker)  # started for this match: the request is on its way
+    os.kill(engine.pid, signal.SIGKILL)
+    assert a_worker.waitForIdle(timeout=60)
+
+    assert len(errors) == 1 and isinstance(errors[0], EngineProcessError), errors
+    assert "engine process stopped unexpectedly" in str(errors[0]) and "started again on the next match" in str(errors[0])
+    a_process_logic.startMatch(a_worker, a_small_ct, points, [target], onError=errors.append,
+                               onFinished=finished.append)
+    assert a_worker.waitForIdle(timeout=120)
+    assert len(errors) == 1 and len(finished) == 1 and not finished[0].cancelled
+    assert control_points(finished[0].pointLists[0])[0] == ["L1"]
+    assert a_process_logic.getMatcher().starts == 2
+
+
+def test_a_cancel_returns_within_one_second_and_the_next_match_works(a_scene, a_process_logic, a_worker, a_small_ct):
+    targets = [_shifted_copy(a_scene, a_small_ct, [10.0 * n, 0.0, 0.0], f"T{n}") for n in (1, 2, 3)]
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    progress, finished = [], []
+
+    task = a_process_logic.startMatch(a_worker, a_small_ct, points, targets, onProgress=lambda *a: progress.append(a),
+                                      onFinished=finished.append)
+    _wait_for(lambda: progress, a_worker)  # the first target is being matched in the child
+    started = time.monotonic()
+    task.cancel()
+    assert a_worker.waitForIdle(timeout=5)
+    assert time.monotonic() - started < 1.0
+
+    assert finished[0].cancelled and len(finished[0].pointLists) < 3
+    a_process_logic.startMatch(a_worker, a_small_ct, points, targets[:1], onFinished=finished.append)
+    assert a_worker.waitForIdle(timeout=120)
+    assert not finished[1].cancelled and len(finished[1].pointLists) == 1
+
+
+def test_an_engine_error_in_the_process_arrives_as_the_same_error(a_scene, a_small_ct):
+    logic = MatchLogic(a_scene, model="no-such-model", device="cpu", engine="process")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    try:
+        with pytest.raises(InputError, match="unknown model 'no-such-model'"):
+            logic.matchPoints(a_small_ct, points, [a_small_ct])
+    finally:
+        logic.close()
