@@ -45,12 +45,14 @@ class Match:
         label: the source point's label.
         target: the target's name (file path or given name); ``target_index`` its position in the list.
         point_lps_mm: matched position, LPS mm (3 values; z = 0 for 2D).
-        score: SAM similarity at the match, mean of local and global cosine, in [-1, 1].
+        score: SAM similarity where the match ended (mean of local and global cosine, in [-1, 1]); it equals the
+            heatmap's value there.
         confident: the round trip target -> source (searched the same way: with the prior window, inside the
-            inverse affine's window) lands within ``roundtrip_tolerance_mm`` of the click.
+            inverse affine's window, and polished back when the match was polished) lands within
+            ``MatchOptions.roundtrip_tolerance_mm`` of the click.
         roundtrip_mm: that round-trip distance, mm.
         rematched: the consistency step searched this point again (it disagreed with the other matches).
-        polished: the intensity polish (``match(polish=True)``) moved this match; ``ncc`` is the normalised
+        polished: the intensity polish (``MatchOptions(polish=True)``) moved this match; ``ncc`` is the normalised
             cross-correlation of its source and target patches there (NaN when the polish did not run).
     """
 
@@ -344,7 +346,19 @@ class Matcher:
         # the round trip matches back the same way: with the prior, inside the inverse affine's window
         back = match_points(tmaps, found, src_maps, src_allowed, window_mm=region.window_mm,
                             prior=None if region.search_prior is None else np.linalg.inv(region.search_prior))
-        rt = np.linalg.norm(back.points_lps_mm[:, :d] - pts[:, :d], axis=1)
+        back_pts = back.points_lps_mm[:, :d]
+        if options.polish and polished.any():
+            # a polished match is judged by a polished round trip: the confidence comes from the final point,
+            # not from SAM's coarser grid (else exact polished matches are flagged for a 4 mm grid step)
+            inv = None if region.prior is None else np.linalg.inv(region.prior)
+            sel = np.flatnonzero(polished)
+            pol_back = polish_points(tgt, inputs.source, found[sel, :d], back_pts[sel],
+                                     None if inv is None else inv[:d, :d], levels=options.polish_levels,
+                                     min_ncc=options.polish_min_ncc,
+                                     alternatives=[] if inv is None else [apply_affine(inv, found[sel, :d])])
+            back_pts = back_pts.copy()
+            back_pts[sel] = np.where(pol_back.moved[:, None], pol_back.points_lps_mm[:, :d], back_pts[sel])
+        rt = np.linalg.norm(back_pts - pts[:, :d], axis=1)
         tol = options.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
         return self._outputs(inputs, raw, tmaps, found, scores, rt, tol, rematched, polished, ncc, ti, name)
 

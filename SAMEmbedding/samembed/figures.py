@@ -48,7 +48,7 @@ def robust_range(heatmap: np.ndarray, body: np.ndarray) -> tuple[float, float]:
 
 
 def match_figure(source: Image, point_lps_mm, target: Image, match_lps_mm, heatmap: Image | None = None, *,
-                 truth_lps_mm=None, title: str = "", half_mm: float = 60.0, body_hu: float = -500.0):
+                 truth_lps_mm=None, title: str = "", half_mm: float = 60.0, body_hu: float = -950.0):
     """A matplotlib Figure: the source crop with its point beside the target crop with the match and the map.
 
     Args:
@@ -57,7 +57,7 @@ def match_figure(source: Image, point_lps_mm, target: Image, match_lps_mm, heatm
         heatmap: the point's similarity map in the target's geometry (from ``MatchOptions(heatmap=True)``).
         truth_lps_mm: the true position in the target, when known (drawn as a green cross).
         half_mm: half-size of each crop, mm.
-        body_hu: intensities above this count as body for the heatmap's colour range (CT: -500 HU).
+        body_hu: intensities above this count as body (lungs included) for the heatmap's colour range.
     """
     import matplotlib
 

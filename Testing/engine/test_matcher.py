@@ -115,6 +115,10 @@ def test_a_known_rigid_transform_is_recovered_by_the_default_model():
     polished = np.array([m.polished for m in res.matches])
     assert polished.sum() >= 10 and all(m.ncc >= 0.5 for m in res.matches if m.polished)
     assert np.median(err_polished) < 0.5 and np.sum(err_polished < 2.0) >= 10, f"errors {np.round(err_polished, 2)}"
+    # confidence comes from the final point: a polished match within 2 mm of the truth comes back (polished)
+    # to its click, so it is confident
+    exact = [m for m, e in zip(res.matches, err_polished) if m.polished and e < 2.0]
+    assert exact and all(m.confident for m in exact), [(round(m.roundtrip_mm, 2), m.confident) for m in exact]
 
 
 @pytest.mark.needs_data
