@@ -22,7 +22,7 @@ Image reading is excluded from every method's time. The pairs CSV also holds ``p
 time of the whole method call (reading, and for SAMEmbedding any first-time embedding, included), a
 check on wall times measured on a shared machine.
 
->>> from samembed.evaluation.cases import read_cases
+>>> from samembed_bench.cases import read_cases
 >>> results = run_cases(read_cases("cache/suites/openkbp_inter/cases.json")[:1], ["centre"])  # doctest: +SKIP
 >>> write_report(results, "out")                                                            # doctest: +SKIP
 """
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, SamEmbedError
+from samembed.errors import InputError, SamEmbedError
 from .cases import Case
 from .metrics import (PairResult, methods_in_order, per_label_table, plot_error_cdf, summarise, suite_table,
                       write_pair_csv, write_point_csv)
@@ -85,7 +85,7 @@ class SamMethod:
 
     def __init__(self, model: str = "default", device: str = "cpu", cache_dir: str | None = None,
                  matcher_options: dict | None = None) -> None:
-        from ..api import Matcher
+        from samembed.api import Matcher
 
         self.matcher = Matcher(model=model, device=device, cache_dir=cache_dir, **(matcher_options or {}))
         self.model_id = self.matcher.model.model_id
@@ -98,7 +98,7 @@ class SamMethod:
 
     def run(self, case: Case, refine: bool, method: str, polish: bool = False) -> PairResult:
         """Match the case's queries; predictions and times (see the module docstring)."""
-        from ..io import read_image
+        from samembed.io import read_image
 
         src, tgt = read_image(case.source), read_image(case.target)
         self._embed(src, str(case.source))
@@ -265,7 +265,7 @@ def write_report(results: Sequence[PairResult], out_dir: str | os.PathLike, stem
     Returns:
         The markdown file's path.
     """
-    from ..io import write_text_atomic
+    from samembed.io import write_text_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from samembed.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ class MethodResult:
 
 
 def _read_stored(case: HandCase):
-    from ..io import read_image
+    from samembed.io import read_image
 
     return read_image(case.path, spacing_mm=STORED_PX_MM)
 
@@ -390,7 +390,7 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         target's embedding plus its matching (and re-matching) from each template used; template embeddings are
         reported separately in the timing facts.
     """
-    from ..api import Matcher
+    from samembed.api import Matcher
 
     inlier_mm, window_mm = consistency or (15.0, 20.0)
     matcher = Matcher(model=model, device=device, modality="xray", consistency_inlier_mm=inlier_mm,
@@ -495,7 +495,7 @@ def run_elastix(cases: dict, template_id: str, target_ids: list[str], modes: tup
             r.scores[t] = np.full(N_LANDMARKS, np.nan)
             r.seconds[t] = float(s)
             if key is not None and np.isfinite(s):
-                from ..io import write_text_atomic
+                from samembed.io import write_text_atomic
 
                 key.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(key, json.dumps({"pred_px": r.pred_px[t].tolist(), "seconds": s}))
@@ -600,7 +600,7 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        from ..io import write_text_atomic
+        from samembed.io import write_text_atomic
 
         write_text_atomic(out / f"{stem}.json", json.dumps(report, indent=1))
         md = [f"# hand_oneshot: one-template landmark matching on {len(targets)} held-out hand radiographs", "",

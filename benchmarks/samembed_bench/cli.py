@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from ..errors import InputError
+from samembed.errors import InputError
 from .runner import METHODS
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def add_parsers(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m samembed.evaluation.cli``) until the main CLI includes these commands."""
+    """Stand-alone entry point (``python -m samembed_bench.cli``) until the main CLI includes these commands."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     p = argparse.ArgumentParser(prog="samembed")
     add_parsers(p.add_subparsers(dest="command", required=True))
