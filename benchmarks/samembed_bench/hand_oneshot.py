@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from samembed.errors import InputError
+from samembed.options import MatchOptions
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +369,26 @@ def _read_stored(case: HandCase):
 CONSISTENCY_DEFAULT = (15.0, 20.0)  # (inlier_mm, window_mm), chosen on 20 training images only (see the model card)
 
 
+def sam_options(variant: str, *, refine: bool = False,
+                consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT) -> MatchOptions:
+    """The one :class:`~samembed.options.MatchOptions` value a SAM variant of :func:`run_sam` matches with.
+
+    Args:
+        variant: ``"plain"``, ``"consistent"``, ``"plain-polish"`` or ``"consistent-polish"``.
+        refine: the cycle-consistent refinement (the ``-refine`` methods).
+        consistency: ``(inlier_mm, window_mm)`` of the consistency step (used by the ``consistent`` variants).
+
+    >>> o = sam_options("consistent-polish")
+    >>> o.consistency, o.polish, o.refine, o.consistency_inlier_mm
+    (True, True, False, 15.0)
+    """
+    if variant not in ("plain", "consistent", "plain-polish", "consistent-polish"):
+        raise InputError(f"unknown SAM variant {variant!r}; choose plain, consistent, plain-polish or consistent-polish")
+    inlier_mm, window_mm = consistency or CONSISTENCY_DEFAULT
+    return MatchOptions(refine=refine, consistency=variant.startswith("consistent"), polish=variant.endswith("-polish"),
+                        consistency_inlier_mm=inlier_mm, consistency_window_mm=window_mm)
+
+
 def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, *, refine: bool = False,
             consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT, polish: bool = False, device: str = "cpu",
             progress=None) -> tuple[list[MethodResult], dict]:
@@ -378,10 +399,11 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         template_ids: the templates; the first gives the one-template results.
         target_ids: held-out targets.
         model: model name, checkpoint path or :class:`~samembed.models.LoadedModel`.
-        refine: use the cycle-consistent refinement (``Matcher.match(refine=True)``).
-        consistency: ``(inlier_mm, window_mm)`` of ``Matcher.match(consistency=True)``, giving extra
+        refine: use the cycle-consistent refinement (``MatchOptions(refine=True)``).
+        consistency: ``(inlier_mm, window_mm)`` of ``MatchOptions(consistency=True)``, giving extra
             ``*-consistent`` methods; None to skip.
-        polish: also run every variant with ``Matcher.match(polish=True)`` (``*-polish`` methods).
+        polish: also run every variant with ``MatchOptions(polish=True)`` (``*-polish`` methods).
+        Each variant matches with one :func:`sam_options` value.
         progress: optional ``progress(done, total, message)``.
 
     Returns:
@@ -392,9 +414,7 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
     """
     from samembed.api import Matcher
 
-    inlier_mm, window_mm = consistency or (15.0, 20.0)
-    matcher = Matcher(model=model, device=device, modality="xray", consistency_inlier_mm=inlier_mm,
-                      consistency_window_mm=window_mm)
+    matcher = Matcher(model=model, device=device, modality="xray")
     labels = [f"L{i}" for i in range(1, N_LANDMARKS + 1)]
     targets = [_read_stored(cases[t]) for t in target_ids]
     k, nt = len(template_ids), len(target_ids)
@@ -411,8 +431,8 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         pts = case.points_lps_mm()
         for v in variants:  # embeddings are cached after the first variant; priors are fitted again for each
             matcher.clear_priors()
-            res = matcher.match(tmpl, pts, targets, labels, refine=refine, consistency=v.startswith("consistent"),
-                                polish=v.endswith("-polish"), target_names=list(target_ids))
+            res = matcher.match(tmpl, pts, targets, labels, sam_options(v, refine=refine, consistency=consistency),
+                                target_names=list(target_ids))
             if v == "plain":
                 template_embed_s.append(float(res.timings["source_embed_s"]))
             for n in range(nt):
@@ -557,7 +577,7 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
         templates: templates of the multi-template variant (1 = one-template only).
         elastix: also run the 2D elastix affine and affine + B-spline baselines (same template).
         refine: also run SAM with ``refine=True``.
-        consistency: ``(inlier_mm, window_mm)`` for the ``*-consistent`` methods (``Matcher.match(consistency=True)``), or None.
+        consistency: ``(inlier_mm, window_mm)`` for the ``*-consistent`` methods (``MatchOptions(consistency=True)``), or None.
         polish: also run the SAM methods with the intensity polish (``*-polish``).
         max_targets: evaluate only the first targets (for quick checks).
         elastix_cache: folder to store and reuse elastix results (see :func:`run_elastix`).
