@@ -302,6 +302,16 @@ def test_evaluate_writes_tables_csv_and_cdf_and_rejects_bad_input(tmp_path, a_bl
     assert "unknown suite" in capsys.readouterr().err
 
 
+def test_the_default_data_folder_is_beside_the_repository(monkeypatch):
+    from samembed_bench import hand_oneshot
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.delenv("SAMEMBED_DATA", raising=False)
+    assert suites.repo_root() == repo and (repo / "SAMEmbedding").is_dir()
+    assert suites.data_root() == (repo.parent / "shared" / "data").resolve()
+    assert hand_oneshot.default_data_root().resolve() == (repo.parent / "shared" / "data").resolve()
+
+
 def test_missing_data_folder_gives_an_input_error_naming_the_variable(tmp_path):
     with pytest.raises(InputError, match="SAMEMBED_DATA"):
         suites.build_openkbp_inter(tmp_path, data=tmp_path / "nowhere")

@@ -102,7 +102,7 @@ def default_data_root() -> Path:
     env = os.environ.get("SAMEMBED_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    return REPO.parent / "shared" / "data"
 
 
 def px_to_lps_mm(points_px: np.ndarray, spacing_mm: float = STORED_PX_MM) -> np.ndarray:

@@ -54,8 +54,9 @@ AIR_HU = -1024.0
 # data location
 # ----------------------------------------------------------------------------------------------
 def repo_root() -> Path:
-    """The repository root (the folder holding ``SAMEmbedding/``), from this file's location."""
-    return Path(__file__).resolve().parents[3]
+    """The repository root (the folder holding ``SAMEmbedding/`` and ``benchmarks/``), from this file's location
+    (``<repo>/benchmarks/samembed_bench/suites.py``; an editable install keeps it in the checkout)."""
+    return Path(__file__).resolve().parents[2]
 
 
 def data_root(path: str | os.PathLike | None = None) -> Path:
