@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         methods = parse_methods(args.methods)
+        # the base settings of the sam* methods (each method then fixes refine and polish: runner.method_options)
+        options = MatchOptions() if args.prior_window is None else MatchOptions(prior_window_mm=args.prior_window)
         suites = [s.strip() for s in args.suites.split(",") if s.strip()]
         if args.threads:
             import torch
@@ -62,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         for suite in suites:
             got = read_cases(case_files[suite])
             cases += got[: args.limit] if args.limit else got
-        # the base settings of the sam* methods (each method then fixes refine and polish: runner.method_options)
-        options = MatchOptions() if args.prior_window is None else MatchOptions(prior_window_mm=args.prior_window)
         results = run_cases(cases, methods, model=args.model, device=args.device, elastix_threads=args.threads,
                             cache_dir=args.cache_dir, options=options)
     except InputError as e:
