@@ -7,7 +7,7 @@ time* (``time_clock: cpu``, one thread), so runs that share a machine still get 
 schedule follows the same budget. Checkpoints go to ``runs/ablation/<variant>/`` (not committed); a variant whose
 checkpoint exists is not retrained.
 
-Evaluation is the ``sam`` method (Matcher defaults, no refinement) of the landmark benchmark on every case of ``popi_synthetic``,
+Evaluation is the ``sam`` method (``MatchOptions`` defaults, no refinement, no polish) of the landmark benchmark on every case of ``popi_synthetic``,
 ``openkbp_inter`` and ``lidc_synthetic``. The table goes to ``benchmarks/results/ablation.md``.
 
 Usage (from the repository root, ../shared/data beside it)::
@@ -33,10 +33,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
-from samembed.evaluation.cases import read_cases  # noqa: E402
-from samembed.evaluation.metrics import summarise  # noqa: E402
-from samembed.evaluation.runner import run_cases  # noqa: E402
-from samembed.evaluation.suites import SUITE_NAMES, build_suites  # noqa: E402
+from samembed.options import MatchOptions  # noqa: E402
+from samembed_bench.cases import read_cases  # noqa: E402
+from samembed_bench.metrics import summarise  # noqa: E402
+from samembed_bench.runner import run_cases  # noqa: E402
+from samembed_bench.suites import SUITE_NAMES, build_suites  # noqa: E402
 
 log = logging.getLogger("ablation")
 
@@ -53,6 +54,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 
 RUNS = REPO / "runs" / "ablation"
+
+#: the base match settings of the evaluation: the defaults (the ``sam`` method then turns refine and polish off)
+EVAL_OPTIONS = MatchOptions()
 
 
 def _run_dir(variant: str) -> Path:
@@ -118,7 +122,7 @@ def evaluate(variants: list[str], suites: list[str], suite_dir: Path) -> dict:
             log.error("%s has no checkpoint; skipped", v)
             continue
         t0 = time.time()
-        results = run_cases(cases, ["sam"], model=str(_checkpoint(v)))
+        results = run_cases(cases, ["sam"], model=str(_checkpoint(v)), options=EVAL_OPTIONS)
         out[v] = {}
         for s in suites:
             rs = [r for r in results if r.suite == s]

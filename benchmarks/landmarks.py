@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
 from samembed.errors import InputError  # noqa: E402
-from samembed.evaluation.cases import read_cases  # noqa: E402
-from samembed.evaluation.runner import METHODS, environment_info, parse_methods, run_cases, write_report  # noqa: E402
-from samembed.evaluation.suites import SUITE_NAMES, build_suites  # noqa: E402
+from samembed.options import MatchOptions  # noqa: E402
+from samembed_bench.cases import read_cases  # noqa: E402
+from samembed_bench.runner import METHODS, environment_info, parse_methods, run_cases, write_report  # noqa: E402
+from samembed_bench.suites import SUITE_NAMES, build_suites  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="on-disk embedding cache for SAMEmbedding (not committed)")
     p.add_argument("--prior-window", type=float, default=None,
-                   help="SAMEmbedding affine-prior window, mm (default: the Matcher default; 0: none)")
+                   help="SAMEmbedding affine-prior window, mm (default: the MatchOptions default; 0: none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
     try:
         methods = parse_methods(args.methods)
+        # the base settings of the sam* methods (each method then fixes refine and polish: runner.method_options)
+        options = MatchOptions() if args.prior_window is None else MatchOptions(prior_window_mm=args.prior_window)
         suites = [s.strip() for s in args.suites.split(",") if s.strip()]
         if args.threads:
             import torch
@@ -61,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         for suite in suites:
             got = read_cases(case_files[suite])
             cases += got[: args.limit] if args.limit else got
-        options = {} if args.prior_window is None else {"prior_window_mm": args.prior_window or None}
         results = run_cases(cases, methods, model=args.model, device=args.device, elastix_threads=args.threads,
-                            cache_dir=args.cache_dir, matcher_options=options)
+                            cache_dir=args.cache_dir, options=options)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,13 +24,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
-from samembed import Matcher  # noqa: E402
-from samembed.evaluation.cases import read_cases  # noqa: E402
-from samembed.evaluation.suites import build_suites  # noqa: E402
+from samembed import Matcher, MatchOptions  # noqa: E402
 from samembed.io import read_image  # noqa: E402
+from samembed_bench.cases import read_cases  # noqa: E402
+from samembed_bench.suites import build_suites  # noqa: E402
 
-VARIANTS = {"plain": {"prior_window_mm": None}, "gw40": {"prior_window_mm": None, "global_window_mm": 40.0},
-            "prior30": {"prior_window_mm": 30.0}, "prior50": {"prior_window_mm": 50.0}, "prior80": {"prior_window_mm": 80.0}}
+#: variant -> its match settings (the rest: MatchOptions defaults); prior_window_mm=0 searches without the prior
+VARIANTS: dict[str, MatchOptions] = {
+    "plain": MatchOptions(prior_window_mm=0.0),
+    "gw40": MatchOptions(prior_window_mm=0.0, global_window_mm=40.0),
+    "prior30": MatchOptions(prior_window_mm=30.0),
+    "prior50": MatchOptions(prior_window_mm=50.0),
+    "prior80": MatchOptions(prior_window_mm=80.0),
+}
 
 
 def main() -> int:
@@ -41,18 +47,13 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
     cases = read_cases(build_suites(args.suite_dir, ["openkbp_inter"])["openkbp_inter"])
-    base = Matcher(args.model, device="cpu", cache_dir=args.cache_dir, cache_bytes=6 << 30)
-    matchers = {}
-    for name, options in VARIANTS.items():
-        m = Matcher(base.model, device="cpu", **options)
-        m.cache, m.embedder = base.cache, base.embedder  # one embedding per image for all variants
-        matchers[name] = m
+    matcher = Matcher(args.model, device="cpu", cache_dir=args.cache_dir, cache_bytes=6 << 30)  # one embedding per image
     errors = {k: [] for k in VARIANTS}
     labels: list[str] = []
     for c in cases:
         src, tgt = read_image(c.source), read_image(c.target)
-        for name, m in matchers.items():
-            r = m.match(src, c.query_points_lps_mm, [tgt], labels=c.labels)
+        for name, options in VARIANTS.items():
+            r = matcher.match(src, c.query_points_lps_mm, [tgt], labels=c.labels, options=options)
             pred = np.array([x.point_lps_mm for x in r.matches])
             errors[name] += list(np.linalg.norm(pred - c.truth_points_lps_mm, axis=1))
         labels += list(c.labels)

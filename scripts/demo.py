@@ -29,7 +29,7 @@ SLICER_SAMPLES = {  # 3D Slicer SampleData (SlicerTestingData release assets add
 
 def popi_pair(out_dir: Path):
     """POPI phase 00 CT, its deformed copy (00 -> 50 motion), the 40 source landmarks and their true targets."""
-    from samembed.evaluation.suites import build_popi_synthetic
+    from samembed_bench.suites import build_popi_synthetic
 
     case = build_popi_synthetic(out_dir, DATA, seed=0, phases=("50",))[0]
     return case.source, case.target, case.labels, case.query_points_lps_mm, case.truth_points_lps_mm

@@ -13,3 +13,5 @@ fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# the benchmark package (samembed evaluate / make-suites, the hand benchmark); after the engine it depends on
+python -m pip install -q -e benchmarks

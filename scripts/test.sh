@@ -7,6 +7,6 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-# the tests, plus the engine docstrings' examples (doctests)
+# the tests, plus the docstrings' examples (doctests) of the engine and of the benchmark package
 python -m pytest -q -rs Testing "$@"
-python -m pytest -q --doctest-modules SAMEmbedding/samembed
+python -m pytest -q --doctest-modules SAMEmbedding/samembed benchmarks/samembed_bench

@@ -1,4 +1,5 @@
-"""The ``samembed`` command line: ``match``, ``embed``, ``info``, ``train``, ``evaluate``, ``make-suites``.
+"""The ``samembed`` command line: ``match``, ``embed``, ``info``, ``train``; ``evaluate`` and ``make-suites`` when the
+benchmark package ``samembed_bench`` is installed (``pip install -e benchmarks``; else they say so and exit 2).
 
 Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 internal error.
 """
@@ -239,6 +240,55 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or informational log lines")
 
 
+# ------------------------------------------------------------------------------------------ benchmark commands
+#: the separate benchmark package (``benchmarks/samembed_bench``, not part of the engine or the Slicer extension)
+BENCH_PACKAGE = "samembed_bench"
+
+#: sub-commands that package adds, with their one-line help (shown whether or not it is installed)
+BENCH_COMMANDS: dict[str, str] = {
+    "evaluate": "landmark benchmark: run methods on case files, write tables and plots",
+    "make-suites": "build the benchmark suites from ../shared/data",
+}
+
+
+def _bench_cli():
+    """The benchmark package's CLI module (``samembed_bench.cli``), or None when the package is not installed.
+
+    Loaded by name inside this function: the engine has no import of the benchmark package. Only the package's
+    own absence counts as "not installed"; any other import error inside it propagates.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(f"{BENCH_PACKAGE}.cli")
+    except ModuleNotFoundError as e:
+        if e.name in (BENCH_PACKAGE, f"{BENCH_PACKAGE}.cli"):
+            return None
+        raise
+
+
+def _bench_missing(args) -> int:
+    """``func`` of a benchmark sub-command when the benchmark package is missing: say how to install it, exit 2."""
+    print(f"error: 'samembed {args.command}' needs the benchmark package {BENCH_PACKAGE}, which is not installed; "
+          "from a source checkout of SAMEmbedding run: pip install -e benchmarks", file=sys.stderr)
+    return 2
+
+
+def _add_bench_commands(sub) -> None:
+    """``evaluate`` and ``make-suites``: the benchmark package's parsers when it is installed, else stand-ins that
+    show in ``--help`` and exit 2 with the install command when run."""
+    bench = _bench_cli()
+    if bench is not None:
+        bench.add_parsers(sub)
+        return
+    for name, text in BENCH_COMMANDS.items():
+        # no option prefix: every argument (--out, --help, ...) lands in the catch-all, so any call gets the message
+        b = sub.add_parser(name, help=f"{text} (needs {BENCH_PACKAGE}: pip install -e benchmarks)",
+                           prefix_chars="\0", add_help=False)
+        b.add_argument("arguments", nargs="*")
+        b.set_defaults(func=_bench_missing)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``samembed`` command."""
     p = argparse.ArgumentParser(prog="samembed", description="SAM anatomical embeddings: match points across medical images.")
@@ -282,12 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
-    try:
-        from .evaluation.cli import add_parsers
-    except ImportError:  # evaluation tools not installed
-        pass
-    else:
-        add_parsers(sub)
+    _add_bench_commands(sub)
     return p
 
 

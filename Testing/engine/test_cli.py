@@ -132,3 +132,37 @@ def test_the_default_model_without_weights_says_what_to_do(tmp_path, monkeypatch
 
     with pytest.raises(ModelNotAvailableError, match="model 'default' has no weights on this machine .*--model PATH"):
         load_model("default")
+
+
+# ------------------------------------------------------------------------------------------ benchmark commands
+#: run the CLI in a fresh interpreter where the benchmark package cannot be imported (as in a bare engine install)
+WITHOUT_BENCH = ("import sys\nsys.modules['samembed_bench'] = None  # import samembed_bench now fails\n"
+                 "from samembed.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+
+
+def run_cli_without_bench(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", WITHOUT_BENCH, *args], capture_output=True, text=True, env=env)
+
+
+def test_without_the_benchmark_package_its_commands_are_listed_and_say_how_to_install_it(tmp_path):
+    res = run_cli_without_bench("--help")
+    assert res.returncode == 0, res.stderr
+    assert "evaluate" in res.stdout and "make-suites" in res.stdout
+    for args in (["evaluate", str(tmp_path / "cases.json"), "--out", str(tmp_path / "out")],
+                 ["make-suites", "--out", str(tmp_path / "suites")], ["evaluate"], ["evaluate", "--help"]):
+        res = run_cli_without_bench(*args)
+        assert res.returncode == 2, f"{args}: exit {res.returncode}\n{res.stderr}"
+        assert f"'samembed {args[0]}' needs the benchmark package samembed_bench" in res.stderr, res.stderr
+        assert "pip install -e benchmarks" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "suites").exists()
+
+
+def test_with_the_benchmark_package_its_commands_are_the_real_ones():
+    pytest.importorskip("samembed_bench", reason="the benchmark package is not installed (pip install -e benchmarks)")
+    from samembed.cli import BENCH_COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(BENCH_COMMANDS) <= set(sub.choices)
+    assert sub.choices["evaluate"].parse_args(["c.json", "--out", "o"]).methods.startswith("sam")
+    assert sub.choices["make-suites"].parse_args(["--out", "o"]).func.__module__ == "samembed_bench.cli"

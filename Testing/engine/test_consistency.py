@@ -7,7 +7,7 @@ import pytest
 
 from samembed import Matcher, MatchOptions
 from samembed.affine import apply_affine, fit_affine, ransac_affine
-from samembed.evaluation import hand_oneshot as ho
+from samembed_bench import hand_oneshot as ho
 
 from ..conftest import REPO, data_file
 

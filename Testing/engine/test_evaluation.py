@@ -1,4 +1,4 @@
-"""Tests of the landmark benchmark (``samembed.evaluation``): case files, metrics, suite ground truth,
+"""Tests of the landmark benchmark (``samembed_bench``): case files, metrics, suite ground truth,
 point-transfer direction of the baselines, and the ``evaluate`` / ``make-suites`` commands.
 
 Real-data tests read ``../shared/data`` (or ``$SAMEMBED_DATA``) and skip with a message when it is absent.
@@ -18,11 +18,11 @@ import pytest
 sitk = pytest.importorskip("SimpleITK")
 
 from samembed.errors import InputError  # noqa: E402
-from samembed.evaluation import cases as cases_mod  # noqa: E402
-from samembed.evaluation import metrics, suites  # noqa: E402
-from samembed.evaluation.cases import Case, read_cases, write_cases  # noqa: E402
-from samembed.evaluation.cli import add_parsers  # noqa: E402
-from samembed.evaluation.registration import transfer_points_centre  # noqa: E402
+from samembed_bench import cases as cases_mod  # noqa: E402
+from samembed_bench import metrics, suites  # noqa: E402
+from samembed_bench.cases import Case, read_cases, write_cases  # noqa: E402
+from samembed_bench.cli import add_parsers  # noqa: E402
+from samembed_bench.registration import transfer_points_centre  # noqa: E402
 
 DATA = suites.data_root()
 
@@ -161,7 +161,7 @@ def test_centre_alignment_moves_points_by_the_grid_centre_offset(a_blob_pair):
 
 def test_elastix_affine_carries_source_points_onto_their_translated_position(a_blob_pair):
     pytest.importorskip("itk")
-    from samembed.evaluation.registration import transfer_points_elastix
+    from samembed_bench.registration import transfer_points_elastix
 
     sp, tp, query, truth = a_blob_pair
     moved, seconds = transfer_points_elastix(sp, tp, query, "affine", threads=1, iterations=120, resolutions=3)
@@ -175,7 +175,7 @@ def test_elastix_affine_carries_source_points_onto_their_translated_position(a_b
 def test_elastix_affine_and_bspline_recover_a_known_rigid_motion_of_a_real_ct(tmp_path):
     """A real OpenKBP CT (down-sampled) under a known rotation + translation; truth = A^-1(query)."""
     pytest.importorskip("itk")
-    from samembed.evaluation.registration import image_centre_lps_mm, transfer_points_elastix
+    from samembed_bench.registration import image_centre_lps_mm, transfer_points_elastix
 
     full = sitk.ReadImage(str(DATA / "ct/openkbp/ct/pt_201_ct.nii.gz"))
     src = sitk.Shrink(full, [2, 2, 2])
@@ -302,6 +302,16 @@ def test_evaluate_writes_tables_csv_and_cdf_and_rejects_bad_input(tmp_path, a_bl
     assert "unknown suite" in capsys.readouterr().err
 
 
+def test_the_default_data_folder_is_beside_the_repository(monkeypatch):
+    from samembed_bench import hand_oneshot
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.delenv("SAMEMBED_DATA", raising=False)
+    assert suites.repo_root() == repo and (repo / "SAMEmbedding").is_dir()
+    assert suites.data_root() == (repo.parent / "shared" / "data").resolve()
+    assert hand_oneshot.default_data_root().resolve() == (repo.parent / "shared" / "data").resolve()
+
+
 def test_missing_data_folder_gives_an_input_error_naming_the_variable(tmp_path):
     with pytest.raises(InputError, match="SAMEMBED_DATA"):
         suites.build_openkbp_inter(tmp_path, data=tmp_path / "nowhere")
@@ -309,7 +319,7 @@ def test_missing_data_folder_gives_an_input_error_naming_the_variable(tmp_path):
 
 
 def test_target_checks_judge_error_and_speed_and_show_a_slow_suite():
-    from samembed.evaluation.runner import target_checks
+    from samembed_bench.runner import target_checks
 
     def result(suite, method, error_mm, seconds):
         truth = np.zeros((1, 3))

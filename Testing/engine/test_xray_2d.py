@@ -17,9 +17,9 @@ import torch
 from samembed import Matcher
 from samembed.cli import main
 from samembed.errors import InputError
-from samembed.evaluation import hand_oneshot as ho
 from samembed.image import Image
 from samembed.io import read_image
+from samembed_bench import hand_oneshot as ho
 
 from ..conftest import REPO, data_file
 

@@ -58,3 +58,9 @@ def test_the_extension_icon_is_a_128_pixel_png():
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (128, 128)
+
+
+def test_the_benchmark_package_does_not_ship():
+    """``benchmarks/samembed_bench`` (suites, elastix baselines, the hand benchmark) stays out of the extension."""
+    shipped = [p for p in _listed() if p.startswith("benchmarks/") or "samembed_bench" in p or "/evaluation/" in p]
+    assert not shipped, f"SAMEmbedding/CMakeLists.txt ships benchmark code: {shipped}"

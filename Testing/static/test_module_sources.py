@@ -16,6 +16,8 @@ WIDGET_FILE = MODULE_DIR / "SAMEmbeddingLib" / "widget.py"
 """The one library file that is Qt: the module panel's body. Every other library file runs on slicer-core."""
 FILE_SCOPE_FIRST_PARTY = {"SAMEmbeddingLib.parameters"}
 """First-party modules the module file may import at file scope: they load no torch (checked below)."""
+ENGINE_FILES = sorted((MODULE_DIR / "samembed").rglob("*.py"))
+BENCH_PACKAGE = "samembed_bench"
 
 
 @pytest.mark.parametrize("path", [MODULE_FILE, *LIB_FILES], ids=lambda p: p.name)
@@ -102,3 +104,39 @@ def test_the_module_file_keeps_metadata_parameter_node_panel_logic_and_test_and_
     logic = classes["SAMEmbeddingLogic"]
     assert "__getattr__" not in {f.name for f in logic.body if isinstance(f, ast.FunctionDef)}, \
         "give SAMEmbeddingLogic explicit console methods instead of a forwarder"
+
+
+def _module_scope_nodes(tree: ast.Module):
+    """Every node run when the file is imported: all of it except the bodies of functions (and lambdas)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def test_no_engine_module_imports_the_benchmark_package():
+    """The engine ships without ``samembed_bench``: no import statement of it anywhere in ``samembed``, and no
+    dynamic import at module scope (``samembed.cli`` loads it by name inside a function, only when present)."""
+    assert len(ENGINE_FILES) > 10, "the engine's sources were not found: the check would be empty"
+    assert not (MODULE_DIR / "samembed" / "evaluation").exists(), "the benchmark code lives in benchmarks/samembed_bench"
+    bad = []
+    for path in ENGINE_FILES:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        name = path.relative_to(MODULE_DIR).as_posix()
+        for node in ast.walk(tree):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            bad += [f"{name}:{node.lineno} imports {m}" for m in modules if m.split(".")[0] == BENCH_PACKAGE]
+        for node in _module_scope_nodes(tree):
+            func = getattr(node, "func", None) if isinstance(node, ast.Call) else None
+            called = getattr(func, "attr", None) or getattr(func, "id", None)
+            if called in ("import_module", "__import__"):
+                bad.append(f"{name}:{node.lineno} imports a module by name at module scope")
+    assert not bad, f"the engine must not import the benchmark package {BENCH_PACKAGE}: {bad}"
+
+
+def test_importing_the_engine_and_its_cli_loads_no_benchmark_code():
+    loaded = _fresh_modules("import samembed, samembed.cli, samembed.api")
+    assert not {m for m in loaded if m.split(".")[0] == BENCH_PACKAGE or m.startswith("samembed.evaluation")}

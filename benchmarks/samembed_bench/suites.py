@@ -22,7 +22,7 @@ Three suites, each written as ``<out>/<suite>/cases.json`` plus any generated im
 
 All randomness is seeded; rebuilding with the same seed gives the same cases and images.
 
->>> from samembed.evaluation.suites import build_suites
+>>> from samembed_bench.suites import build_suites
 >>> build_suites("cache/suites", ["openkbp_inter"])  # doctest: +SKIP
 {'openkbp_inter': PosixPath('cache/suites/openkbp_inter/cases.json')}
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from samembed.errors import InputError
 from .cases import Case, read_cases, write_cases
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ AIR_HU = -1024.0
 # data location
 # ----------------------------------------------------------------------------------------------
 def repo_root() -> Path:
-    """The repository root (the folder holding ``SAMEmbedding/``), from this file's location."""
-    return Path(__file__).resolve().parents[3]
+    """The repository root (the folder holding ``SAMEmbedding/`` and ``benchmarks/``), from this file's location
+    (``<repo>/benchmarks/samembed_bench/suites.py``; an editable install keeps it in the checkout)."""
+    return Path(__file__).resolve().parents[2]
 
 
 def data_root(path: str | os.PathLike | None = None) -> Path:
@@ -171,7 +172,7 @@ def warp_image(source, transform, rng: np.random.Generator | None, default_hu: f
 def _write_image(image, path: Path) -> Path:
     import SimpleITK as sitk
 
-    from ..io import atomic_path
+    from samembed.io import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -488,7 +489,7 @@ def build_suites(out_root: str | os.PathLike, suites: Sequence[str] = SUITE_NAME
     Raises:
         InputError: an unknown suite name or missing data.
     """
-    from ..io import write_text_atomic
+    from samembed.io import write_text_atomic
 
     unknown = [s for s in suites if s not in BUILDERS]
     if unknown:

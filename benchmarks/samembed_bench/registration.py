@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from samembed.errors import InputError
 
 log = logging.getLogger(__name__)
 

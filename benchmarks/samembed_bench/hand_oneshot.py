@@ -1,5 +1,16 @@
 """The ``hand_oneshot`` benchmark: one labelled hand radiograph, its 37 landmarks carried to held-out hands.
 
+Usage (from the repository root, with ../shared/data beside it; ``python benchmarks/hand_oneshot.py`` is the same)::
+
+    # 1. the training images of the seeded split, as NIfTI with 0.2 mm pixels, into runs/ (git-ignored)
+    python -m samembed_bench.hand_oneshot prepare
+    # 2. train the 2D model (about 30 min on one CPU thread)
+    samembed train --config Resources/Models/sam-lite-2d-hand.yaml
+    # 3. evaluate SAM (one and several templates) against 2D elastix affine and affine + B-spline
+    python -m samembed_bench.hand_oneshot run --model Resources/Models/sam-lite-2d-hand.pt --out benchmarks/results
+
+Everything runs on one thread (torch and elastix) so the times compare (``--threads``).
+
 Data: ``xray/hand_dha37`` under the shared data folder (133 left-hand radiographs of children, one per
 subject, stored at half resolution as JPEG; ``landmarks_37.csv`` gives each landmark in original and in
 stored pixels). Nothing here writes into the data folder.
@@ -29,19 +40,25 @@ Methods compared in one run (see :func:`run_benchmark`):
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from samembed.errors import InputError
+from samembed.options import MatchOptions
 
 log = logging.getLogger(__name__)
+
+#: the source checkout this package lives in (for the command line's default paths)
+REPO = Path(__file__).resolve().parents[2]
 
 DATASET = Path("xray") / "hand_dha37"
 ORIG_PX_MM = 0.1  # assumed mm per original pixel (not given by the data set; see the module docstring)
@@ -85,7 +102,7 @@ def default_data_root() -> Path:
     env = os.environ.get("SAMEMBED_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    return REPO.parent / "shared" / "data"
 
 
 def px_to_lps_mm(points_px: np.ndarray, spacing_mm: float = STORED_PX_MM) -> np.ndarray:
@@ -360,12 +377,32 @@ class MethodResult:
 
 
 def _read_stored(case: HandCase):
-    from ..io import read_image
+    from samembed.io import read_image
 
     return read_image(case.path, spacing_mm=STORED_PX_MM)
 
 
 CONSISTENCY_DEFAULT = (15.0, 20.0)  # (inlier_mm, window_mm), chosen on 20 training images only (see the model card)
+
+
+def sam_options(variant: str, *, refine: bool = False,
+                consistency: tuple[float, float] | None = CONSISTENCY_DEFAULT) -> MatchOptions:
+    """The one :class:`~samembed.options.MatchOptions` value a SAM variant of :func:`run_sam` matches with.
+
+    Args:
+        variant: ``"plain"``, ``"consistent"``, ``"plain-polish"`` or ``"consistent-polish"``.
+        refine: the cycle-consistent refinement (the ``-refine`` methods).
+        consistency: ``(inlier_mm, window_mm)`` of the consistency step (used by the ``consistent`` variants).
+
+    >>> o = sam_options("consistent-polish")
+    >>> o.consistency, o.polish, o.refine, o.consistency_inlier_mm
+    (True, True, False, 15.0)
+    """
+    if variant not in ("plain", "consistent", "plain-polish", "consistent-polish"):
+        raise InputError(f"unknown SAM variant {variant!r}; choose plain, consistent, plain-polish or consistent-polish")
+    inlier_mm, window_mm = consistency or CONSISTENCY_DEFAULT
+    return MatchOptions(refine=refine, consistency=variant.startswith("consistent"), polish=variant.endswith("-polish"),
+                        consistency_inlier_mm=inlier_mm, consistency_window_mm=window_mm)
 
 
 def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, *, refine: bool = False,
@@ -378,10 +415,11 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         template_ids: the templates; the first gives the one-template results.
         target_ids: held-out targets.
         model: model name, checkpoint path or :class:`~samembed.models.LoadedModel`.
-        refine: use the cycle-consistent refinement (``Matcher.match(refine=True)``).
-        consistency: ``(inlier_mm, window_mm)`` of ``Matcher.match(consistency=True)``, giving extra
+        refine: use the cycle-consistent refinement (``MatchOptions(refine=True)``).
+        consistency: ``(inlier_mm, window_mm)`` of ``MatchOptions(consistency=True)``, giving extra
             ``*-consistent`` methods; None to skip.
-        polish: also run every variant with ``Matcher.match(polish=True)`` (``*-polish`` methods).
+        polish: also run every variant with ``MatchOptions(polish=True)`` (``*-polish`` methods).
+        Each variant matches with one :func:`sam_options` value.
         progress: optional ``progress(done, total, message)``.
 
     Returns:
@@ -390,11 +428,9 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         target's embedding plus its matching (and re-matching) from each template used; template embeddings are
         reported separately in the timing facts.
     """
-    from ..api import Matcher
+    from samembed.api import Matcher
 
-    inlier_mm, window_mm = consistency or (15.0, 20.0)
-    matcher = Matcher(model=model, device=device, modality="xray", consistency_inlier_mm=inlier_mm,
-                      consistency_window_mm=window_mm)
+    matcher = Matcher(model=model, device=device, modality="xray")
     labels = [f"L{i}" for i in range(1, N_LANDMARKS + 1)]
     targets = [_read_stored(cases[t]) for t in target_ids]
     k, nt = len(template_ids), len(target_ids)
@@ -411,8 +447,8 @@ def run_sam(cases: dict, template_ids: list[str], target_ids: list[str], model, 
         pts = case.points_lps_mm()
         for v in variants:  # embeddings are cached after the first variant; priors are fitted again for each
             matcher.clear_priors()
-            res = matcher.match(tmpl, pts, targets, labels, refine=refine, consistency=v.startswith("consistent"),
-                                polish=v.endswith("-polish"), target_names=list(target_ids))
+            res = matcher.match(tmpl, pts, targets, labels, sam_options(v, refine=refine, consistency=consistency),
+                                target_names=list(target_ids))
             if v == "plain":
                 template_embed_s.append(float(res.timings["source_embed_s"]))
             for n in range(nt):
@@ -495,7 +531,7 @@ def run_elastix(cases: dict, template_id: str, target_ids: list[str], modes: tup
             r.scores[t] = np.full(N_LANDMARKS, np.nan)
             r.seconds[t] = float(s)
             if key is not None and np.isfinite(s):
-                from ..io import write_text_atomic
+                from samembed.io import write_text_atomic
 
                 key.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(key, json.dumps({"pred_px": r.pred_px[t].tolist(), "seconds": s}))
@@ -557,7 +593,7 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
         templates: templates of the multi-template variant (1 = one-template only).
         elastix: also run the 2D elastix affine and affine + B-spline baselines (same template).
         refine: also run SAM with ``refine=True``.
-        consistency: ``(inlier_mm, window_mm)`` for the ``*-consistent`` methods (``Matcher.match(consistency=True)``), or None.
+        consistency: ``(inlier_mm, window_mm)`` for the ``*-consistent`` methods (``MatchOptions(consistency=True)``), or None.
         polish: also run the SAM methods with the intensity polish (``*-polish``).
         max_targets: evaluate only the first targets (for quick checks).
         elastix_cache: folder to store and reuse elastix results (see :func:`run_elastix`).
@@ -600,7 +636,7 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        from ..io import write_text_atomic
+        from samembed.io import write_text_atomic
 
         write_text_atomic(out / f"{stem}.json", json.dumps(report, indent=1))
         md = [f"# hand_oneshot: one-template landmark matching on {len(targets)} held-out hand radiographs", "",
@@ -618,3 +654,75 @@ def run_benchmark(model, *, data_root: str | os.PathLike | None = None, n_train:
         lines = [",".join(keys)] + [",".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) for r in rows]
         write_text_atomic(out / f"{stem}_points.csv", "\n".join(lines) + "\n")
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hand_oneshot`` command line (``prepare`` and ``run``); default paths are in the source checkout."""
+    p = argparse.ArgumentParser(prog="hand_oneshot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="shared data folder (default $SAMEMBED_DATA or ../shared/data)")
+    p.add_argument("--seed", type=int, default=0, help="split and template seed")
+    p.add_argument("--n-train", type=int, default=100, help="training images in the split (rest held out)")
+    sub = p.add_subparsers(dest="command", required=True)
+    pr = sub.add_parser("prepare", help="write the training images as NIfTI with pixel spacing into runs/")
+    pr.add_argument("--out", default=str(REPO / "runs" / "hand_dha37" / "train-0.2mm"))
+    r = sub.add_parser("run", help="run the benchmark")
+    r.add_argument("--model", default=str(REPO / "Resources" / "Models" / "sam-lite-2d-hand.pt"))
+    r.add_argument("--templates", type=int, default=5, help="templates of the multi-template variant")
+    r.add_argument("--no-elastix", action="store_true", help="skip the elastix baselines")
+    r.add_argument("--elastix-iterations", type=int, default=250, help="iterations per pyramid level and stage")
+    r.add_argument("--grid-mm", type=float, default=10.0, help="final B-spline control-point spacing, mm")
+    r.add_argument("--refine", action="store_true", help="also run SAM with cycle-consistent refinement")
+    r.add_argument("--consistency", type=float, nargs=2, default=list(CONSISTENCY_DEFAULT), metavar=("INLIER_MM", "WINDOW_MM"),
+                   help="the *-consistent methods: robust affine of SAM's matches, outliers re-searched in a window")
+    r.add_argument("--polish", action="store_true", help="also run the SAM methods with the intensity polish")
+    r.add_argument("--no-consistency", action="store_true", help="skip the *-consistent methods")
+    r.add_argument("--elastix-cache", default=str(REPO / "runs" / "hand_dha37" / "elastix-cache"),
+                   help="reuse elastix results stored here (they do not depend on the SAM model); '' to disable")
+    r.add_argument("--max-targets", type=int, help="evaluate only the first N held-out images (quick check)")
+    r.add_argument("--threads", type=int, default=1, help="torch and elastix threads")
+    r.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    r.add_argument("--stem", default="hand_oneshot", help="output file stem")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2: bad input, e.g. the data set is missing)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", str(getattr(args, "threads", 1)))
+
+    from samembed.errors import SamEmbedError
+
+    try:
+        cases = load_hand_dataset(args.data)
+        if args.command == "prepare":
+            train, held = hand_split([c.image_id for c in cases], args.n_train, args.seed)
+            keep = set(train)
+            paths = write_training_images([c for c in cases if c.image_id in keep], args.out)
+            print(f"{len(paths)} training images ({len(held)} held out, never written) in {args.out}")
+            return 0
+        import torch
+
+        torch.set_num_threads(args.threads)
+        report = run_benchmark(args.model, data_root=args.data, n_train=args.n_train, seed=args.seed,
+                               templates=args.templates, elastix=not args.no_elastix,
+                               elastix_iterations=args.elastix_iterations, elastix_threads=args.threads,
+                               grid_spacing_mm=args.grid_mm, refine=args.refine,
+                               consistency=None if args.no_consistency else tuple(args.consistency),
+                               polish=args.polish, max_targets=args.max_targets,
+                               elastix_cache=args.elastix_cache or None,
+                               out_dir=args.out, stem=args.stem)
+    except SamEmbedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(report["methods"]))
+    print(f"(template {report['one_template']}; {len(report['split']['targets_evaluated'])} targets; "
+          f"{report['wall_seconds']:.0f} s; written to {args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,15 +3,16 @@
 Methods (names used on the command line and in the tables):
 
 ``sam``
-    SAMEmbedding ``Matcher.match`` (no refinement, no polish). Time per pair = the match call with both images'
-    embeddings already cached (all queries of the pair, the affine prior's fit included); ``with_embedding_s`` adds the first-time embedding
-    time of the source and the target (what a first pair costs).
+    SAMEmbedding ``Matcher.match`` with ``MatchOptions(refine=False, polish=False)`` (the other settings: the base
+    options given to :func:`run_cases`, by default ``MatchOptions()``). Time per pair = the match call with both
+    images' embeddings already cached (all queries of the pair, the affine prior's fit included);
+    ``with_embedding_s`` adds the first-time embedding time of the source and the target (what a first pair costs).
 ``sam-refine``
     the same with ``refine=True``.
 ``sam-polish``
     the same with ``polish=True`` (sub-voxel intensity polish, :mod:`samembed.intensity`).
 ``sam-refine-polish``
-    both.
+    both. Each method's options: :func:`method_options`.
 ``centre``
     translate by the difference of the image-grid centres (:func:`~.registration.transfer_points_centre`).
 ``elastix-affine`` / ``elastix-bspline``
@@ -22,7 +23,7 @@ Image reading is excluded from every method's time. The pairs CSV also holds ``p
 time of the whole method call (reading, and for SAMEmbedding any first-time embedding, included), a
 check on wall times measured on a shared machine.
 
->>> from samembed.evaluation.cases import read_cases
+>>> from samembed_bench.cases import read_cases
 >>> results = run_cases(read_cases("cache/suites/openkbp_inter/cases.json")[:1], ["centre"])  # doctest: +SKIP
 >>> write_report(results, "out")                                                            # doctest: +SKIP
 """
@@ -39,7 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, SamEmbedError
+from samembed.errors import InputError, SamEmbedError
+from samembed.options import MatchOptions
+
 from .cases import Case
 from .metrics import (PairResult, methods_in_order, per_label_table, plot_error_cdf, summarise, suite_table,
                       write_pair_csv, write_point_csv)
@@ -47,7 +50,14 @@ from .suites import COMPACT_STRUCTURES, OPENKBP_STRUCTURES
 
 log = logging.getLogger(__name__)
 
-SAM_METHODS = ("sam", "sam-refine", "sam-polish", "sam-refine-polish")
+#: each SAMEmbedding method as the :class:`~samembed.options.MatchOptions` settings it fixes (see :func:`method_options`)
+SAM_METHOD_SETTINGS: dict[str, dict[str, bool]] = {
+    "sam": {"refine": False, "polish": False},
+    "sam-refine": {"refine": True, "polish": False},
+    "sam-polish": {"refine": False, "polish": True},
+    "sam-refine-polish": {"refine": True, "polish": True},
+}
+SAM_METHODS = tuple(SAM_METHOD_SETTINGS)
 METHODS = (*SAM_METHODS, "centre", "elastix-affine", "elastix-bspline")
 SUITE_NOTES = {
     "popi_synthetic": "POPI phase 00 warped by a thin-plate spline through the real 00→50 and 00→20 landmark motion "
@@ -73,6 +83,23 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def method_options(method: str, base: MatchOptions | None = None) -> MatchOptions:
+    """The one :class:`~samembed.options.MatchOptions` value a SAMEmbedding method matches with.
+
+    Args:
+        method: a name from :data:`SAM_METHODS`.
+        base: the settings the method does not fix (search window, consistency, ...); default ``MatchOptions()``.
+
+    >>> method_options("sam-polish").polish, method_options("sam").polish
+    (True, False)
+    >>> method_options("sam", MatchOptions(prior_window_mm=0)).prior_window_mm
+    0
+    """
+    if method not in SAM_METHOD_SETTINGS:
+        raise InputError(f"{method!r} is not a SAMEmbedding method; choose from {', '.join(SAM_METHODS)}")
+    return (base or MatchOptions()).replace(**SAM_METHOD_SETTINGS[method])
+
+
 class SamMethod:
     """SAMEmbedding as a benchmark method, with embedding-time bookkeeping.
 
@@ -80,14 +107,16 @@ class SamMethod:
         model: model name, checkpoint path or ``random:<arch>`` (see :class:`samembed.Matcher`).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         cache_dir: on-disk embedding cache (embeddings are computed once across runs), or None.
-        matcher_options: further ``Matcher`` settings, e.g. ``{"prior_window_mm": None}``.
+        options: the base match settings of every method (see :func:`method_options`), e.g.
+            ``MatchOptions(prior_window_mm=0)``; default ``MatchOptions()``.
     """
 
     def __init__(self, model: str = "default", device: str = "cpu", cache_dir: str | None = None,
-                 matcher_options: dict | None = None) -> None:
-        from ..api import Matcher
+                 options: MatchOptions | None = None) -> None:
+        from samembed.api import Matcher
 
-        self.matcher = Matcher(model=model, device=device, cache_dir=cache_dir, **(matcher_options or {}))
+        self.matcher = Matcher(model=model, device=device, cache_dir=cache_dir)
+        self.options = options or MatchOptions()
         self.model_id = self.matcher.model.model_id
         self.embed_seconds: dict[str, float] = {}
 
@@ -96,17 +125,18 @@ class SamMethod:
         self.matcher.embed(image)
         self.embed_seconds.setdefault(key, time.perf_counter() - t0)  # the first call computes
 
-    def run(self, case: Case, refine: bool, method: str, polish: bool = False) -> PairResult:
-        """Match the case's queries; predictions and times (see the module docstring)."""
-        from ..io import read_image
+    def run(self, case: Case, method: str) -> PairResult:
+        """Match the case's queries with ``method`` (from :data:`SAM_METHODS`); predictions and times (see the
+        module docstring)."""
+        options = method_options(method, self.options)
+        from samembed.io import read_image
 
         src, tgt = read_image(case.source), read_image(case.target)
         self._embed(src, str(case.source))
         self._embed(tgt, str(case.target))
         self.matcher.clear_priors()  # every method pays for its own affine prior, whatever ran before
         t0 = time.perf_counter()
-        res = self.matcher.match(src, case.query_points_lps_mm, [tgt], labels=case.labels, refine=refine,
-                                 polish=polish)
+        res = self.matcher.match(src, case.query_points_lps_mm, [tgt], labels=case.labels, options=options)
         cached = time.perf_counter() - t0
         pred = np.array([m.point_lps_mm for m in res.matches], dtype=np.float64)
         scores = np.array([m.score for m in res.matches], dtype=np.float64)
@@ -127,7 +157,7 @@ def _failed(case: Case, method: str, message: str, seconds: float = float("nan")
 def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "default", device: str = "cpu",
               elastix_threads: int | None = None, elastix_options: dict | None = None,
               progress: Callable[[int, int, str], None] | None = None, cache_dir: str | None = None,
-              matcher_options: dict | None = None) -> list[PairResult]:
+              options: MatchOptions | None = None) -> list[PairResult]:
     """Run every method on every case.
 
     A method failing on one pair (e.g. a query outside the image, a registration error) is recorded as a
@@ -141,7 +171,7 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
         elastix_threads: threads for elastix (None: ``$SAMEMBED_ELASTIX_THREADS`` or ITK's default).
         elastix_options: extra keyword arguments for :func:`~.registration.elastix_parameter_maps`.
         progress: called as ``progress(done, total, message)`` after each (case, method).
-        cache_dir, matcher_options: see :class:`SamMethod`.
+        cache_dir, options: see :class:`SamMethod` (``options``: the base settings of the SAMEmbedding methods).
 
     Returns:
         One :class:`PairResult` per (case, method), case-major.
@@ -152,7 +182,7 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
     from .registration import transfer_points_centre, transfer_points_elastix
 
     methods = parse_methods(methods)
-    sam = SamMethod(model, device, cache_dir, matcher_options) if any(m.startswith("sam") for m in methods) else None
+    sam = SamMethod(model, device, cache_dir, options) if any(m.startswith("sam") for m in methods) else None
     results: list[PairResult] = []
     total, done = len(cases) * len(methods), 0
     for case in cases:
@@ -160,7 +190,7 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
             cpu0 = time.process_time()
             try:
                 if method in SAM_METHODS:
-                    r = sam.run(case, "refine" in method, method, polish="polish" in method)
+                    r = sam.run(case, method)
                 elif method == "centre":
                     pred, sec = transfer_points_centre(case.source, case.target, case.query_points_lps_mm)
                     r = PairResult(case.suite, case.case_id, method, case.labels, case.query_points_lps_mm,
@@ -265,7 +295,7 @@ def write_report(results: Sequence[PairResult], out_dir: str | os.PathLike, stem
     Returns:
         The markdown file's path.
     """
-    from ..io import write_text_atomic
+    from samembed.io import write_text_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

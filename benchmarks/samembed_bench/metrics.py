@@ -178,7 +178,7 @@ def per_label_table(results: Sequence[PairResult], suite: str | None = None,
 
 def write_point_csv(results: Sequence[PairResult], path: str | os.PathLike) -> Path:
     """Write one row per (case, method, point) with query, truth, prediction (LPS mm), error (mm), score."""
-    from ..io import write_text_atomic
+    from samembed.io import write_text_atomic
     import io
 
     buf = io.StringIO()
@@ -197,7 +197,7 @@ def write_point_csv(results: Sequence[PairResult], path: str | os.PathLike) -> P
 
 def write_pair_csv(results: Sequence[PairResult], path: str | os.PathLike) -> Path:
     """Write one row per (case, method): mean error (mm), seconds, named timings, error message."""
-    from ..io import write_text_atomic
+    from samembed.io import write_text_atomic
     import io
 
     keys = sorted({k for r in results for k in r.timings})

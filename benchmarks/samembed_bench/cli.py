@@ -1,4 +1,5 @@
-"""``samembed evaluate`` and ``samembed make-suites``: sub-commands added to the main CLI by :func:`add_parsers`.
+"""``samembed evaluate`` and ``samembed make-suites``: sub-commands the engine's ``samembed`` command adds through
+:func:`add_parsers` when this package is installed (also ``python -m samembed_bench.cli``).
 
 Examples::
 
@@ -13,7 +14,9 @@ import argparse
 import logging
 import sys
 
-from ..errors import InputError
+from samembed.cli import BENCH_COMMANDS
+from samembed.errors import InputError
+
 from .runner import METHODS
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ def add_parsers(subparsers) -> None:
     >>> p.parse_args(["make-suites", "--out", "x"]).suites
     'popi_synthetic,openkbp_inter,lidc_synthetic'
     """
-    e = subparsers.add_parser("evaluate", help="landmark benchmark: run methods on case files, write tables and plots",
+    e = subparsers.add_parser("evaluate", help=BENCH_COMMANDS["evaluate"],
                               description="Run point-transfer methods on benchmark case files (JSON or CSV) and write a "
                                           "markdown table, per-point CSV and error-CDF PNGs per suite.")
     e.add_argument("cases", nargs="+", help="case files (.json or .csv)")
@@ -83,7 +86,7 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--elastix-threads", type=int, default=None, help="elastix threads (default: ITK's)")
     e.set_defaults(func=_cmd_evaluate)
 
-    m = subparsers.add_parser("make-suites", help="build the benchmark suites from ../shared/data",
+    m = subparsers.add_parser("make-suites", help=BENCH_COMMANDS["make-suites"],
                               description="Write benchmark images and case files (deterministic, seeded).")
     m.add_argument("--out", required=True, help="output folder, e.g. cache/suites (not committed)")
     m.add_argument("--suites", default="popi_synthetic,openkbp_inter,lidc_synthetic", help="comma-separated suite names")
@@ -94,7 +97,7 @@ def add_parsers(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m samembed.evaluation.cli``) until the main CLI includes these commands."""
+    """Stand-alone entry point (``python -m samembed_bench.cli``): the same commands as ``samembed evaluate`` / ``make-suites``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     p = argparse.ArgumentParser(prog="samembed")
     add_parsers(p.add_subparsers(dest="command", required=True))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from samembed.errors import InputError
 
 CSV_COLUMNS = ["suite", "case_id", "source", "target", "label",
                "query_x_lps_mm", "query_y_lps_mm", "query_z_lps_mm",
@@ -182,7 +182,7 @@ def write_cases(cases: list[Case], path: str | os.PathLike, relative: bool = Tru
     Returns:
         The path written.
     """
-    from ..io import write_text_atomic
+    from samembed.io import write_text_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
