@@ -499,7 +499,7 @@ def test_the_consistency_check_and_the_polish_reach_the_engine_and_mark_the_matc
     import SimpleITK as sitk
 
     from samembed import Matcher
-    from samembed.evaluation import hand_oneshot as ho
+    from samembed_bench import hand_oneshot as ho
 
     from .mrml_helpers import DATA, REPO, require
 
