@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on first use)
-    if name in ("Matcher", "Match", "MatchResult"):
+    if name in ("Matcher", "Match", "MatchResult", "Atlas"):
         from . import api
 
         return getattr(api, name)
@@ -28,6 +28,6 @@ def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on fir
 
 
 __all__ = [
-    "Cancelled", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchOptions",
+    "Atlas", "Cancelled", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchOptions",
     "MatchResult", "Matcher", "ModelNotAvailableError", "SamEmbedError", "lps_to_ras", "ras_to_lps", "__version__",
 ]

@@ -28,12 +28,14 @@ from .image import Image, lps_to_ras
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
 from .matcher import affine_prior, allowed_at, box_mask, heatmap_image, mask_from_image, match_points, scores_at
+from .fusion import FusionOptions, fuse_points
 from .models import LoadedModel, default_model_for, load_model
 from .options import MatchOptions, ProgressFn
 from .refine import refine_points
 
 log = logging.getLogger(__name__)
 DEFAULT_OPTIONS = MatchOptions()
+DEFAULT_FUSION = FusionOptions()
 ImageLike = "str | os.PathLike | Image | SimpleITK.Image"
 
 
@@ -52,6 +54,9 @@ class Match:
             ``MatchOptions.roundtrip_tolerance_mm`` of the click.
         roundtrip_mm: that round-trip distance, mm.
         rematched: the consistency step searched this point again (it disagreed with the other matches).
+        atlases, agreeing, spread_mm, rejected: for a fused match (:meth:`Matcher.match_atlases`), how many atlases
+            predicted it, how many agreed, the spread (RMS distance, mm) of the agreeing predictions around the
+            fused point, and the names of the rejected atlases; 1, 1, 0 and () for a plain match.
         polished: the intensity polish (``MatchOptions(polish=True)``) moved this match; ``ncc`` is the normalised
             cross-correlation of its source and target patches there (NaN when the polish did not run).
     """
@@ -66,6 +71,10 @@ class Match:
     rematched: bool = False
     polished: bool = False
     ncc: float = float("nan")
+    atlases: int = 1
+    agreeing: int = 1
+    spread_mm: float = 0.0
+    rejected: tuple[str, ...] = ()
 
     @property
     def point_ras_mm(self) -> np.ndarray:
@@ -94,6 +103,21 @@ class MatchResult:
             out.append({"target": m.target, "label": m.label, "x": float(p[0]), "y": float(p[1]), "z": float(p[2]),
                         "score": m.score, "confident": m.confident})
         return out
+
+
+@dataclass(frozen=True)
+class Atlas:
+    """An annotated scan for :meth:`Matcher.match_atlases`: the image, its landmarks (N, 3) LPS mm, their labels,
+    and a name for messages and results (its file path by default)."""
+
+    image: object
+    points_lps_mm: np.ndarray
+    labels: tuple[str, ...]
+    name: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return self.name or (str(self.image) if isinstance(self.image, (str, os.PathLike)) else "atlas")
 
 
 def as_image(obj, name: str | None = None, spacing_mm: float | None = None) -> Image:
@@ -253,6 +277,69 @@ class Matcher:
             result.timings[f"target{ti}_match_s"] = time.time() - t1 - t_embed
             if progress:
                 progress(ti + 1, n_targets, f"matched {ti + 1}/{n_targets} {Path(name).name}")
+        result.timings["total_s"] = time.time() - t0
+        return result
+
+    def match_atlases(self, atlases: Sequence[Atlas], targets: Sequence, options: MatchOptions = DEFAULT_OPTIONS, *,
+                      fusion: FusionOptions = DEFAULT_FUSION, progress: ProgressFn | None = None,
+                      cancel: threading.Event | None = None, target_names: Sequence[str] | None = None) -> MatchResult:
+        """Match the landmarks of several atlases into every target and fuse them per landmark and target.
+
+        Each atlas is matched like :meth:`match`; the predictions of one landmark are fused robustly
+        (:func:`samembed.fusion.fuse_points`: score-weighted geometric median after rejecting the atlases that
+        disagree). Every fused :class:`Match` says how many atlases agreed, their spread (mm) and which were
+        rejected. With one atlas the result is exactly :meth:`match`'s.
+
+        Raises:
+            InputError: no atlas, atlases whose label sets differ (the message names the atlas file), or
+                heatmaps asked for with several atlases (a heatmap belongs to one atlas's point).
+        """
+        atlases = list(atlases)
+        if not atlases:
+            raise InputError("no atlas given: pass at least one (image, points, labels)")
+        ref = atlases[0]
+        for a in atlases:
+            if len(set(a.labels)) != len(a.labels):
+                raise InputError(f"{a.display_name}: landmark labels repeat; each atlas needs unique labels")
+            if set(a.labels) != set(ref.labels):
+                missing, extra = sorted(set(ref.labels) - set(a.labels)), sorted(set(a.labels) - set(ref.labels))
+                raise InputError(f"{a.display_name}: its landmarks differ from those of {ref.display_name} (missing "
+                                 f"{missing or 'none'}, extra {extra or 'none'}); every atlas must carry the same labels")
+        if len(atlases) == 1:
+            return self.match(ref.image, ref.points_lps_mm, targets, list(ref.labels), options, progress=progress,
+                              cancel=cancel, target_names=target_names)
+        if options.heatmap:
+            raise InputError("heatmaps are not available when several atlases are fused; match one atlas for them")
+        if not isinstance(targets, (list, tuple)):
+            targets = [targets]
+        t0 = time.time()
+        result = MatchResult([], [], timings={})
+        for ti, target in enumerate(targets):  # targets outside: each is embedded once, the atlases stay cached
+            per_atlas = []
+            for ai, a in enumerate(atlases):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result)
+                if progress:
+                    progress(ti, len(targets), f"atlas {ai + 1}/{len(atlases)} into target {ti + 1}/{len(targets)}")
+                names = None if target_names is None else [target_names[ti]]
+                per_atlas.append(self.match(a.image, a.points_lps_mm, [target], list(a.labels), options,
+                                            cancel=cancel, target_names=names))
+            name = per_atlas[0].targets[0]
+            result.targets.append(name)
+            for label in ref.labels:
+                ms = [next(m for m in r.matches if m.label == label) for r in per_atlas]
+                f = fuse_points(np.array([m.point_lps_mm for m in ms]), np.array([m.score for m in ms]), fusion)
+                agree = [m for m, ok in zip(ms, f.agreeing) if ok]
+                result.matches.append(Match(
+                    label, name, ti, f.point_lps_mm, f.score,
+                    confident=2 * len(agree) > len(ms) and any(m.confident for m in agree),
+                    roundtrip_mm=float(np.median([m.roundtrip_mm for m in agree])),
+                    rematched=any(m.rematched for m in agree), polished=any(m.polished for m in agree),
+                    ncc=float(np.nanmax([m.ncc for m in agree])) if any(np.isfinite(m.ncc) for m in agree) else float("nan"),
+                    atlases=len(ms), agreeing=len(agree), spread_mm=f.spread_mm,
+                    rejected=tuple(a.display_name for a, ok in zip(atlases, f.agreeing) if not ok)))
+            if progress:
+                progress(ti + 1, len(targets), f"fused {ti + 1}/{len(targets)} {Path(name).name}")
         result.timings["total_s"] = time.time() - t0
         return result
 

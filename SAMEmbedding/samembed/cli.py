@@ -110,16 +110,46 @@ def match_options_from_args(args, **extra):
         raise InputError(f"{_OPTION_FLAGS[name][0]}: {e}" if name in _OPTION_FLAGS else str(e)) from None
 
 
+def _atlas_pairs(args) -> list[tuple[str, str]]:
+    """(image, points) of every ``--atlas IMAGE POINTS`` and every row of ``--atlases MANIFEST.csv``."""
+    import csv
+
+    pairs = [tuple(a) for a in (args.atlas or [])]
+    if args.atlases:
+        manifest = Path(args.atlases)
+        if not manifest.is_file():
+            raise InputError(f"{manifest}: atlas manifest not found")
+        with manifest.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or not {"image", "points"} <= set(rows[0]):
+            raise InputError(f"{manifest}: an atlas manifest is a CSV with the columns image,points")
+        base = manifest.parent
+        pairs += [(str(base / r["image"]), str(base / r["points"])) for r in rows]
+    return pairs
+
+
 def _cmd_match(args) -> int:
-    from .api import as_image
+    from .api import Atlas, as_image
     from .io import check_writable, read_points
 
     options = match_options_from_args(args, heatmap=bool(args.heatmap_dir))  # bad options: before any file is made
-    bar = _Progress(len(args.targets), "reading", not args.quiet)
+    pairs = _atlas_pairs(args)
+    if pairs and args.points:
+        raise InputError("--points belongs to a single source image; with --atlas each atlas names its own points")
+    if not pairs and (len(args.images) < 2 or not args.points):
+        raise InputError("give SOURCE TARGET... --points FILE, or --atlas IMAGE POINTS [--atlas ...] TARGET...")
+    target_paths = args.images if pairs else args.images[1:]
+    bar = _Progress(len(target_paths), "reading", not args.quiet)
     try:
-        points = read_points(args.points, ras=args.ras)
-        source = as_image(args.source, spacing_mm=args.spacing)
-        targets = [as_image(t, spacing_mm=args.spacing) for t in args.targets]
+        if pairs:
+            atlases = []
+            for image, pts_file in pairs:
+                pl = read_points(pts_file, ras=args.ras)
+                atlases.append(Atlas(as_image(image, spacing_mm=args.spacing), pl.points_lps_mm, tuple(pl.labels), image))
+        else:
+            points = read_points(args.points, ras=args.ras)
+            source = as_image(args.images[0], spacing_mm=args.spacing)
+        targets = [as_image(t, spacing_mm=args.spacing) for t in target_paths]
         out = Path(args.out)
         folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
         if folder_out:
@@ -130,10 +160,14 @@ def _cmd_match(args) -> int:
             Path(args.heatmap_dir).mkdir(parents=True, exist_ok=True)
         bar.phase("loading the model")
         matcher = _make_matcher(args)
-        res = matcher.match(source, points.points_lps_mm, targets, points.labels, options, mask=args.mask,
-                            progress=bar.update, target_names=[str(t) for t in args.targets])
+        names = [str(t) for t in target_paths]
+        if pairs:
+            res = matcher.match_atlases(atlases, targets, options, progress=bar.update, target_names=names)
+        else:
+            res = matcher.match(source, points.points_lps_mm, targets, points.labels, options, mask=args.mask,
+                                progress=bar.update, target_names=names)
         bar.phase("writing")
-        _write_match_outputs(args, res, out, folder_out)
+        _write_match_outputs(args, res, out, folder_out, fused=len(pairs) > 1)
     finally:
         bar.close()
     if not args.quiet:
@@ -145,23 +179,34 @@ def _cmd_match(args) -> int:
     return 0
 
 
-def _write_match_outputs(args, res, out: Path, folder_out: bool) -> None:
-    """The ``.mrk.json`` per target (folder) or one CSV, and the heatmaps."""
+def _describe(m, fused: bool) -> str:
+    """A match's ``.mrk.json`` description: readable, and parseable as ``key=value`` pairs."""
+    text = f"score={m.score:.3f}; confident={str(m.confident).lower()}"
+    text += "; rematched=true" if m.rematched else ""
+    text += f"; polished=true; ncc={m.ncc:.3f}" if m.polished else ""
+    if fused:
+        text += f"; atlases={m.atlases}; agreeing={m.agreeing}; spread_mm={m.spread_mm:.1f}"
+        text += f"; rejected={'|'.join(Path(r).name for r in m.rejected)}" if m.rejected else ""
+    return text
+
+
+def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = False) -> None:
+    """The ``.mrk.json`` per target (folder) or one CSV, and the heatmaps. Fused matches carry how many atlases
+    agreed and their spread (mm)."""
     from .io import PointList, write_image, write_points, write_text_atomic
 
     if folder_out:
         for ti, name in enumerate(res.targets):
             ms = res.for_target(ti)
             stem = Path(name).name.split(".")[0]
-            pl = PointList([m.label for m in ms], [m.point_lps_mm for m in ms],
-                           [f"score={m.score:.3f}; confident={str(m.confident).lower()}"
-                            + ("; rematched=true" if m.rematched else "")
-                            + (f"; polished=true; ncc={m.ncc:.3f}" if m.polished else "") for m in ms])
+            pl = PointList([m.label for m in ms], [m.point_lps_mm for m in ms], [_describe(m, fused) for m in ms])
             write_points(pl, out / f"{stem}.mrk.json", ras=args.ras)
     else:
-        lines = ["target,label,x,y,z,score,confident"]
-        for r in res.rows(ras=args.ras):
-            lines.append(f"{r['target']},{r['label']},{r['x']:.3f},{r['y']:.3f},{r['z']:.3f},{r['score']:.4f},{str(r['confident']).lower()}")
+        lines = ["target,label,x,y,z,score,confident" + (",atlases,agreeing,spread_mm" if fused else "")]
+        for r, m in zip(res.rows(ras=args.ras), res.matches):
+            line = (f"{r['target']},{r['label']},{r['x']:.3f},{r['y']:.3f},{r['z']:.3f},{r['score']:.4f},"
+                    f"{str(r['confident']).lower()}")
+            lines.append(line + (f",{m.atlases},{m.agreeing},{m.spread_mm:.2f}" if fused else ""))
         write_text_atomic(out, "\n".join(lines) + "\n")
     if args.heatmap_dir:
         for (ti, label), img in res.heatmaps.items():
@@ -295,10 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug log lines (and tracebacks of internal errors)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("match", help="match points from a source image into target images")
-    m.add_argument("source")
-    m.add_argument("targets", nargs="+", metavar="TARGET")
-    m.add_argument("--points", required=True, help="CSV (label,x,y,z), .fcsv or .mrk.json")
+    m = sub.add_parser("match", help="match points from a source image (or several atlases) into target images",
+                       usage="samembed match SOURCE TARGET... --points FILE --out OUT [options]\n"
+                             "       samembed match --atlas IMAGE POINTS [--atlas IMAGE POINTS ...] TARGET... --out OUT")
+    m.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="SOURCE then TARGET...; with --atlas/--atlases every IMAGE is a target")
+    m.add_argument("--points", help="the source's points: CSV (label,x,y,z or label,x,y), .fcsv or .mrk.json")
+    m.add_argument("--atlas", nargs=2, action="append", metavar=("IMAGE", "POINTS"),
+                   help="an annotated atlas (repeat it): each landmark's predictions from all atlases are fused per "
+                        "target (score-weighted geometric median; atlases that disagree are rejected, see the output)")
+    m.add_argument("--atlases", metavar="MANIFEST.csv", help="atlases listed in a CSV with the columns image,points")
     m.add_argument("--out", required=True, help="CSV file, or a folder for one .mrk.json per target")
     m.add_argument("--heatmap-dir", help="write each point's similarity map per target (target geometry)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")
