@@ -193,7 +193,7 @@ def _describe(m, fused: bool) -> str:
 def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = False) -> None:
     """The ``.mrk.json`` per target (folder) or one CSV, and the heatmaps. Fused matches carry how many atlases
     agreed and their spread (mm)."""
-    from .io import PointList, write_image, write_points, write_text_atomic
+    from .io import PointList, write_heatmap, write_points, write_text_atomic
 
     if folder_out:
         for ti, name in enumerate(res.targets):
@@ -212,7 +212,7 @@ def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = F
         for (ti, label), img in res.heatmaps.items():
             stem = Path(res.targets[ti]).name.split(".")[0]
             safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-            write_image(img, Path(args.heatmap_dir) / f"{stem}_{safe}_heatmap.nii.gz")
+            write_heatmap(img, Path(args.heatmap_dir) / f"{stem}_{safe}_heatmap.nii.gz")
 
 
 def _cmd_embed(args) -> int:

@@ -203,3 +203,23 @@ def test_a_model_of_the_wrong_dimension_names_the_models_that_fit():
     img = Image.from_array((rng.random((64, 64)) * 1000).astype(np.int16), name="xray.png")
     with pytest.raises(InputError, match=r"xray.png: a 2D image cannot be embedded by the 3D model .*--model sam-lite-2d-hand"):
         Matcher("random:sam-lite", device="cpu").match(img, [[10.0, 10.0, 0.0]], [img])
+
+
+# ------------------------------------------------------------------------------------------ heatmaps
+@pytest.mark.needs_data
+def test_heatmap_files_are_compact_and_read_the_reported_score_at_the_match(tmp_path):
+    from samembed.io import read_image
+
+    ct = data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")
+    c = read_image(ct).grid.index_to_lps([[64, 64, 64], [50, 70, 40]])
+    (tmp_path / "p.csv").write_text("label,x,y,z\n" + "".join(f"P{i},{p[0]},{p[1]},{p[2]}\n" for i, p in enumerate(c)))
+    out, hm = tmp_path / "o.csv", tmp_path / "hm"
+    assert main(["match", str(ct), str(ct), "--points", str(tmp_path / "p.csv"), "--out", str(out), "--heatmap-dir",
+                 str(hm), "--model", "random:sam-lite", "--device", "cpu", "-q"]) == 0
+    for row in csv.DictReader(out.open()):
+        path = hm / f"pt_201_ct_{row['label']}_heatmap.nii.gz"
+        assert path.stat().st_size < 3_000_000  # a 128^3 float map: 6.8 MB before rounding to 2^-12
+        img = read_image(path)
+        p = np.array([float(row["x"]), float(row["y"]), float(row["z"])])
+        ijk = np.floor(img.grid.lps_to_index(p[None])[0] + 0.5).astype(int)
+        assert abs(float(img.array[tuple(ijk[::-1])]) - float(row["score"])) < 3e-4
