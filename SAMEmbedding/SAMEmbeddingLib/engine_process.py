@@ -143,6 +143,24 @@ class EngineProcess:
                 "target_names": None if target_names is None else list(target_names)}))
             return self._await(requestID, progress, cancel)
 
+    def match_atlases(self, atlases, targets, options: MatchOptions | None = None, *,
+                      progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+                      target_names=None) -> ResultValue:
+        """``samembed.Matcher.match_atlases`` in the child (atlas and target images: ``samembed.Image``)."""
+        targets = list(targets if isinstance(targets, (list, tuple)) else [targets])
+        if not all(isinstance(i, Image) for i in [*(a.image for a in atlases), *targets]):
+            raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
+        with self._lock:
+            self._ensureStarted()
+            atlasKeys = [(self._ensureImage(a.image), np.asarray(a.points_lps_mm, dtype=np.float64), tuple(a.labels),
+                          a.name) for a in atlases]
+            targetKeys = [self._ensureImage(t) for t in targets]
+            requestID = next(self._ids)
+            self._send(("match_atlases", requestID, {
+                "atlases": atlasKeys, "targets": targetKeys, "options": options or MatchOptions(),
+                "target_names": None if target_names is None else list(target_names)}))
+            return self._await(requestID, progress, cancel)
+
     def clear_cache(self) -> None:
         """Forget the child's embeddings (nothing to do when no child runs)."""
         with self._lock:
@@ -352,7 +370,7 @@ def _picklable(error: BaseException) -> BaseException:
 
 def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     """Answer requests on ``conn`` until told to stop or the parent goes away (runs in the child)."""
-    from samembed import Grid, Matcher  # noqa: F401 - Grid: unpickling the geometry
+    from samembed import Atlas, Grid, Matcher  # noqa: F401 - Grid: unpickling the geometry
 
     requests: queue.Queue = queue.Queue()
     cancelled: set[int] = set()
@@ -401,7 +419,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             if kind == "stats":
                 conn.send(("ok", requestID, matcher.cache_bytes if matcher is not None else 0))
                 continue
-            if kind != "match":
+            if kind not in ("match", "match_atlases"):
                 raise RuntimeError(f"unknown request {kind!r}")  # builtin: __main__ classes do not unpickle
             with lock:
                 if requestID in cancelled:
@@ -415,10 +433,15 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             def progress(done, total, phase, requestID=requestID):
                 conn.send(("progress", requestID, (done, total, phase)))
 
-            result = matcher.match(images[payload["source"]], payload["points"],
-                                   [images[k] for k in payload["targets"]], payload["labels"],
-                                   options=payload["options"], progress=progress, cancel=cancel,
-                                   target_names=payload["target_names"])
+            if kind == "match_atlases":
+                atlases = [Atlas(images[key], points, labels, name) for key, points, labels, name in payload["atlases"]]
+                result = matcher.match_atlases(atlases, [images[k] for k in payload["targets"]], payload["options"],
+                                               progress=progress, cancel=cancel, target_names=payload["target_names"])
+            else:
+                result = matcher.match(images[payload["source"]], payload["points"],
+                                       [images[k] for k in payload["targets"]], payload["labels"],
+                                       options=payload["options"], progress=progress, cancel=cancel,
+                                       target_names=payload["target_names"])
             conn.send(("result", requestID, ResultValue.of(result)))
         except Cancelled:
             conn.send(("cancelled", requestID, None))

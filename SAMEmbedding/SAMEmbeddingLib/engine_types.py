@@ -28,6 +28,10 @@ class MatchValue:
     rematched: bool = False
     polished: bool = False
     ncc: float = float("nan")
+    atlases: int = 1
+    agreeing: int = 1
+    spread_mm: float = 0.0
+    rejected: tuple = ()
 
     @property
     def point_ras_mm(self) -> np.ndarray:
@@ -39,7 +43,9 @@ class MatchValue:
         """A copy of a ``samembed.Match`` (or anything with its attributes)."""
         return cls(str(match.label), str(match.target), int(match.target_index), np.asarray(match.point_lps_mm, float),
                    float(match.score), bool(match.confident), float(match.roundtrip_mm), bool(match.rematched),
-                   bool(match.polished), float(match.ncc))
+                   bool(match.polished), float(match.ncc), int(getattr(match, "atlases", 1)),
+                   int(getattr(match, "agreeing", 1)), float(getattr(match, "spread_mm", 0.0)),
+                   tuple(getattr(match, "rejected", ())))
 
 
 @dataclass

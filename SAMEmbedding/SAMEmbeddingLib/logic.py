@@ -68,6 +68,9 @@ class MatcherProtocol(Protocol):
     def match(self, source, points_lps_mm, targets, labels=None, options: MatchOptions = ..., *, mask=None,
               progress: ProgressFn | None = None, cancel: threading.Event | None = None, target_names=None): ...
 
+    def match_atlases(self, atlases, targets, options: MatchOptions = ..., *, progress: ProgressFn | None = None,
+                      cancel: threading.Event | None = None, target_names=None): ...
+
     def clear_cache(self) -> None: ...
 
     @property
@@ -449,6 +452,71 @@ class MatchLogic:
         log.info("SAMEmbedding: matched %d point(s) in %d of %d target(s) in %.1f s%s", len(job.pointIDs),
                  len(outcome.results), len(job.targets), time.time() - started, " (cancelled)" if outcome.cancelled else "")
         return outputs
+
+    def matchAtlases(self, atlases: Sequence, targetVolumes: Sequence, options: MatchOptions | None = None, *,
+                     cancel: threading.Event | None = None, progress: ProgressFn | None = None) -> list:
+        """Fuse the landmarks of several atlases into every target (multi-atlas fusion). Can be used without the GUI.
+
+        Each atlas is a ``(volume node, point list node)`` pair whose point labels name the landmarks (every atlas
+        must carry the same labels). The engine matches every atlas and fuses each landmark's predictions per
+        target (``samembed.Matcher.match_atlases``: a score-weighted geometric median after rejecting atlases that
+        disagree). For each target a point list ``"<target> fused matches"`` gets one control point per landmark;
+        its description says how many atlases agreed and their spread (mm), and the numbers are stored as data
+        (:data:`MATCHES_ATTRIBUTE`, keyed by label). Inputs are only read; running again updates the same nodes.
+
+        Returns:
+            The fused point lists, one per target, in the targets' order.
+
+        Raises:
+            samembed.InputError: bad input (as :meth:`matchPoints`), atlases with different labels (named), or
+                heatmaps asked for (a heatmap belongs to one atlas's point).
+        """
+        from samembed import Atlas
+
+        options = _checkOptions(options)
+        if options.heatmap:
+            raise InputError("heatmaps are not available when several atlases are fused; match one atlas for them")
+        if not atlases:
+            raise InputError("no atlas given: pass (volume, point list) pairs")
+        targets = self.liveTargets(targetVolumes)
+        engineAtlases = []
+        for volume, pointList in atlases:
+            _, labels, pointsRAS = self._validate(volume, pointList, targets, None)
+            engineAtlases.append(Atlas(self.imageForVolume(volume), mrml_io.ras_to_lps(pointsRAS), tuple(labels),
+                                       f"{volume.GetName()} / {pointList.GetName()}"))
+        result = self.getMatcher().match_atlases(engineAtlases, [self.imageForVolume(t) for t in targets], options,
+                                                 progress=progress, cancel=cancel,
+                                                 target_names=[t.GetName() for t in targets])
+        first = atlases[0][1]
+        nodes = []
+        for ti, target in enumerate(targets):
+            refs = {SOURCE_REFERENCE: first.GetID(), TARGET_REFERENCE: target.GetID()}
+            node, created = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "fused", refs, True,
+                                               f"{target.GetName()} fused matches")
+            if created:
+                node.CreateDefaultDisplayNodes()
+                display = node.GetDisplayNode()
+                if display is not None:
+                    display.SetSelectedColor(*CONFIDENT_COLOR)
+                    display.SetColor(*UNCERTAIN_COLOR)
+            wasModifying = node.StartModify()
+            try:
+                node.RemoveAllControlPoints()
+                records = {}
+                for m in (m for m in result.matches if m.target_index == ti):
+                    index = node.AddControlPoint(vtk.vtkVector3d(*np.asarray(m.point_ras_mm, dtype=np.float64)), m.label)
+                    node.SetNthControlPointDescription(
+                        index, _describe(m) + f"; {m.agreeing} of {m.atlases} atlases agree (spread {m.spread_mm:.1f} mm)"
+                        + (f"; rejected: {', '.join(m.rejected)}" if m.rejected else ""))
+                    node.SetNthControlPointSelected(index, bool(m.confident))
+                    records[m.label] = {**_record(node.GetNthControlPointID(index), m), "atlases": int(m.atlases),
+                                        "agreeing": int(m.agreeing), "spreadMm": _finiteOrNone(m.spread_mm),
+                                        "rejected": list(m.rejected)}
+                _writeMatchRecords(node, records)
+            finally:
+                node.EndModify(wasModifying)
+            nodes.append(node)
+        return nodes
 
     def propagateAll(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
                      options: MatchOptions | None = None, **kwargs) -> MatchOutputs:

@@ -14,13 +14,14 @@ Importing this package loads no Slicer, Qt or VTK module.
 
 from .errors import CheckpointError, Cancelled, DeviceUnavailableError, InputError, ModelNotAvailableError, SamEmbedError
 from .image import Grid, Image, lps_to_ras, ras_to_lps
+from .fusion import Atlas, FusionOptions
 from .options import MatchOptions
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on first use)
-    if name in ("Matcher", "Match", "MatchResult", "Atlas"):
+    if name in ("Matcher", "Match", "MatchResult"):
         from . import api
 
         return getattr(api, name)
@@ -28,6 +29,6 @@ def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on fir
 
 
 __all__ = [
-    "Atlas", "Cancelled", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchOptions",
+    "Atlas", "Cancelled", "FusionOptions", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchOptions",
     "MatchResult", "Matcher", "ModelNotAvailableError", "SamEmbedError", "lps_to_ras", "ras_to_lps", "__version__",
 ]

@@ -28,7 +28,7 @@ from .image import Image, lps_to_ras
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
 from .matcher import affine_prior, allowed_at, box_mask, heatmap_image, mask_from_image, match_points, scores_at
-from .fusion import FusionOptions, fuse_points
+from .fusion import Atlas, FusionOptions, fuse_points
 from .models import LoadedModel, default_model_for, load_model
 from .options import MatchOptions, ProgressFn
 from .refine import refine_points
@@ -103,21 +103,6 @@ class MatchResult:
             out.append({"target": m.target, "label": m.label, "x": float(p[0]), "y": float(p[1]), "z": float(p[2]),
                         "score": m.score, "confident": m.confident})
         return out
-
-
-@dataclass(frozen=True)
-class Atlas:
-    """An annotated scan for :meth:`Matcher.match_atlases`: the image, its landmarks (N, 3) LPS mm, their labels,
-    and a name for messages and results (its file path by default)."""
-
-    image: object
-    points_lps_mm: np.ndarray
-    labels: tuple[str, ...]
-    name: str = ""
-
-    @property
-    def display_name(self) -> str:
-        return self.name or (str(self.image) if isinstance(self.image, (str, os.PathLike)) else "atlas")
 
 
 def as_image(obj, name: str | None = None, spacing_mm: float | None = None) -> Image:

@@ -15,11 +15,27 @@ rejected, and the spread (mm) of the agreeing ones.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Atlas:
+    """An annotated scan for :meth:`Matcher.match_atlases`: the image, its landmarks (N, 3) LPS mm, their labels,
+    and a name for messages and results (its file path by default)."""
+
+    image: object
+    points_lps_mm: np.ndarray
+    labels: tuple[str, ...]
+    name: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return self.name or (str(self.image) if isinstance(self.image, (str, os.PathLike)) else "atlas")
 
 
 @dataclass(frozen=True)

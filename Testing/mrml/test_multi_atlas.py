@@ -1,0 +1,63 @@
+"""Several atlases (volume + point list pairs) fused into a target through the Slicer logic, in this process and
+in the engine process: the outlier atlas is rejected and named, the inputs are untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from samembed import InputError, MatchOptions
+from SAMEmbeddingLib.logic import MatchLogic
+
+from .mrml_helpers import add_points, control_points, ijk_to_ras
+
+pytestmark = pytest.mark.needs_data
+
+FAST = MatchOptions(polish=False)
+
+
+def _atlases(scene, ct):
+    pts = np.array([(ijk_to_ras(ct) @ np.r_[ijk, 1.0])[:3] for ijk in ([64.0, 64, 10], [40, 80, 8], [90, 50, 12])])
+    good = [add_points(scene, pts, ["A", "B", "C"], name=f"atlas {i}") for i in range(3)]
+    wrong = add_points(scene, pts + [0.0, 40.0, 0.0], ["A", "B", "C"], name="wrong atlas")
+    return pts, [(ct, p) for p in good] + [(ct, wrong)]
+
+
+def _check(nodes, ct, pts, logic):
+    assert len(nodes) == 1 and nodes[0].GetName() == f"{ct.GetName()} fused matches"
+    labels, ras = control_points(nodes[0])
+    assert labels == ["A", "B", "C"]
+    plain = logic.getMatcher().match(logic.imageForVolume(ct), np.c_[-pts[:, :2], pts[:, 2]],
+                                     [logic.imageForVolume(ct)], ["A", "B", "C"], FAST)
+    np.testing.assert_allclose(ras, [m.point_ras_mm for m in plain.matches], atol=1e-6)
+    for i in range(3):
+        text = nodes[0].GetNthControlPointDescription(i)
+        assert "3 of 4 atlases agree" in text and "wrong atlas" in text
+
+
+def test_the_logic_fuses_atlases_and_rejects_the_outlier(a_scene, a_logic, a_small_ct):
+    pts, atlases = _atlases(a_scene, a_small_ct)
+    before = [control_points(p)[1].copy() for _, p in atlases]
+    nodes = a_logic.matchAtlases(atlases, [a_small_ct], FAST)
+    _check(nodes, a_small_ct, pts, a_logic)
+    assert all(np.array_equal(b, control_points(p)[1]) for b, (_, p) in zip(before, atlases))  # inputs untouched
+    again = a_logic.matchAtlases(atlases, [a_small_ct], FAST)  # the same node is updated
+    assert again[0].GetID() == nodes[0].GetID() and control_points(again[0])[0] == ["A", "B", "C"]
+
+
+def test_atlases_with_other_labels_are_refused_with_their_names(a_scene, a_logic, a_small_ct):
+    pts, atlases = _atlases(a_scene, a_small_ct)
+    other = add_points(a_scene, pts, ["A", "B", "D"], name="odd atlas")
+    with pytest.raises(InputError, match="odd atlas.*missing \\['C'\\].*extra \\['D'\\]"):
+        a_logic.matchAtlases([*atlases, (a_small_ct, other)], [a_small_ct], FAST)
+
+
+def test_the_engine_process_fuses_the_same_way(a_scene, a_small_ct):
+    logic = MatchLogic(a_scene, model="random:sam-lite", device="cpu", cacheBytes=1 << 30, engine="process")
+    try:
+        pts, atlases = _atlases(a_scene, a_small_ct)
+        here = MatchLogic(a_scene, model="random:sam-lite", device="cpu")
+        nodes = logic.matchAtlases(atlases, [a_small_ct], FAST)
+        _check(nodes, a_small_ct, pts, here)
+    finally:
+        logic.close()
