@@ -114,7 +114,7 @@ def test_a_click_in_the_source_view_places_a_landmark_whose_match_is_where_the_e
     pixels = _pixels(_views(page)[1])
     near = np.linalg.norm(pixels - colour, axis=-1) < 40
     assert near.sum() > 20, f"no {'green' if confident else 'orange'} point in the target view"
-    page.screenshot(path=str(REPO / "Docs" / "web.png"))
+    page.screenshot(path=str(REPO / "docs" / "web.png"))
 
 
 def test_the_heatmap_switch_changes_the_target_view(a_page):
