@@ -221,7 +221,7 @@ class WebApp:
     def export(self):
         try:
             _, content = self.session.export(self.state.export_format)
-        except InputError as e:
+        except InputError:
             self._guard(lambda: (_ for _ in ()).throw(e))
             return None
         return self.server.protocol.addAttachment(content)

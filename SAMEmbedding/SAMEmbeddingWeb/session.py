@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from samembed import InputError
-
 from SAMEmbeddingLib import mrml_io
 from SAMEmbeddingLib.controller import MatchController
 from SAMEmbeddingLib.logic import ROLE_ATTRIBUTE, MatchLogic

@@ -274,7 +274,6 @@ def _cmd_web(args) -> int:
         sys.path.insert(0, str(here))
     try:
         import trame_slicer  # noqa: F401
-
         from SAMEmbeddingWeb.app import WebOptions, run
     except ImportError as e:
         print(f"error: 'samembed web' needs the web extra ({e}); from a source checkout of SAMEmbedding run: "
