@@ -219,12 +219,8 @@ class WebApp:
         self._guard(lambda: self.session.select_row(int(index)))
 
     def export(self):
-        try:
-            _, content = self.session.export(self.state.export_format)
-        except InputError:
-            self._guard(lambda: (_ for _ in ()).throw(e))
-            return None
-        return self.server.protocol.addAttachment(content)
+        exported = self._guard(lambda: self.session.export(self.state.export_format))
+        return self.server.protocol.addAttachment(exported[1]) if exported else None
 
     # -- server ------------------------------------------------------------------------------
     async def _poll_forever(self) -> None:
