@@ -2,6 +2,7 @@
 # Create .venv (if missing) and install SAMEmbedding with the CPU build of PyTorch.
 # torch is pinned to 2.13.0: that CPU wheel is what `pip install torch==2.13.0` finds on our machines;
 # an unpinned torch would pull a multi-GB CUDA build.
+# The web extra (samembed web: trame-slicer) pins slicer-core 5.11.0.6, and the MRML tests run on that pin too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,6 +13,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,web]"
 # the benchmark package (samembed evaluate / make-suites, the hand benchmark); after the engine it depends on
 python -m pip install -q -e benchmarks
+# the browser tests (Testing/web) drive Debian's Chromium
+bash scripts/install_chromium.sh

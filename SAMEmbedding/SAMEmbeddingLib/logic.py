@@ -234,6 +234,7 @@ class MatchLogic:
         model: ``"default"``, a registered model name, a checkpoint path, or ``"random:sam-lite"`` (tests).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         cacheBytes: memory cap of the engine's embedding cache.
+        cacheDir: a folder for the engine's on-disk embedding cache (``engine="here"`` only; default: none).
         engine: ``"here"``: the engine runs in this process (the console, tests); ``"process"``: in a persistent
             child process (:class:`~SAMEmbeddingLib.engine_process.EngineProcess`; what the module panel uses),
             started on first use and restarted after a crash.
@@ -243,7 +244,7 @@ class MatchLogic:
     """
 
     def __init__(self, scene, matcher: MatcherProtocol | None = None, model: str = "default", device: str = "auto",
-                 cacheBytes: int = 3 << 30, engine: str = "here") -> None:
+                 cacheBytes: int = 3 << 30, engine: str = "here", cacheDir: str | None = None) -> None:
         if engine not in ("here", "process"):
             raise InputError(f"engine must be 'here' or 'process', not {engine!r}")
         self.scene = scene
@@ -253,6 +254,7 @@ class MatchLogic:
         self._model = str(model)
         self._device = str(device)
         self.cacheBytes = int(cacheBytes)
+        self.cacheDir = cacheDir
         self.heatmapOpacity = 0.5
         self._images: dict[str, tuple[tuple, Image]] = {}
 
@@ -305,7 +307,8 @@ class MatchLogic:
                 from samembed import Matcher  # imports torch: only after the dependency check
 
                 started = time.time()
-                self._matcher = Matcher(model=self._model, device=self._device, cache_bytes=self.cacheBytes)
+                self._matcher = Matcher(model=self._model, device=self._device, cache_bytes=self.cacheBytes,
+                                        cache_dir=self.cacheDir)
                 log.info("SAMEmbedding: model '%s' loaded on %s in %.1f s", self._model, self._device, time.time() - started)
             return self._matcher
 

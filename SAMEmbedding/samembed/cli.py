@@ -312,6 +312,23 @@ def _bench_cli():
         raise
 
 
+def _cmd_web(args) -> int:
+    """``samembed web``: imports trame only here; the web viewer lives beside the engine (SAMEmbeddingWeb)."""
+    here = Path(__file__).resolve().parents[1]  # SAMEmbedding/: SAMEmbeddingLib and SAMEmbeddingWeb live here
+    if (here / "SAMEmbeddingWeb").is_dir() and str(here) not in sys.path:
+        sys.path.insert(0, str(here))
+    try:
+        import trame_slicer  # noqa: F401
+        from SAMEmbeddingWeb.app import WebOptions, run
+    except ImportError as e:
+        print(f"error: 'samembed web' needs the web extra ({e}); from a source checkout of SAMEmbedding run: "
+              "pip install -e '.[web]'", file=sys.stderr)
+        return 2
+    return run(WebOptions(images=args.images, host=args.host, port=args.port, base_path=args.base_path,
+                          data_root=args.data_root, max_upload_mb=args.max_upload_mb, model=args.model,
+                          device=args.device, cache_dir=args.cache_dir))
+
+
 def _bench_missing(args) -> int:
     """``func`` of a benchmark sub-command when the benchmark package is missing: say how to install it, exit 2."""
     print(f"error: 'samembed {args.command}' needs the benchmark package {BENCH_PACKAGE}, which is not installed; "
@@ -382,6 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    w = sub.add_parser("web", help="the matching viewer in a browser (needs the web extra: pip install -e '.[web]')")
+    w.add_argument("images", nargs="*", metavar="IMAGE", help="volumes to open: the first is the source")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (off loopback an access token is required)")
+    w.add_argument("--port", type=int, default=8080, help="port (0: a free one)")
+    w.add_argument("--base-path", default="/", help="path prefix of the printed URL behind a reverse proxy")
+    w.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="folders the page may open by path (repeatable; default: the folders of IMAGE)")
+    w.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted, MB")
+    w.add_argument("--model", default="default")
+    w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    w.add_argument("--cache-dir", help="on-disk embedding cache folder")
+    w.set_defaults(func=_cmd_web)
 
     _add_bench_commands(sub)
     return p

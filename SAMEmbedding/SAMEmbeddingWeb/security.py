@@ -1,0 +1,135 @@
+"""What keeps the web viewer from opening the server's disk to whoever reaches it. Pure Python (no trame).
+
+* :class:`DataRoot`: paths typed in the page are resolved (``..`` and symlinks) and must lie under one of the
+  data-root folders.
+* :class:`UploadFolder`: uploads have a size limit and go to a private temporary folder (mode 0700), deleted at
+  exit.
+* :func:`new_token` and :func:`token_middleware`: off the loopback address every HTTP and websocket request
+  needs the access token (``?token=...`` once, then a cookie), as Jupyter does; without it the answer is 403.
+
+>>> root = DataRoot(["/tmp"])
+>>> root.resolve("/tmp/../etc/passwd")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+samembed.errors.InputError: /tmp/../etc/passwd: outside the data folders this server may read (/tmp); ...
+"""
+
+from __future__ import annotations
+
+import atexit
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from samembed import InputError
+
+TOKEN_COOKIE = "samembed_token"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def new_token() -> str:
+    """A random access token (32 bytes of entropy, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+class DataRoot:
+    """The folders whose files the page may open by path.
+
+    Args:
+        folders: the allowed folders; each is resolved (symlinks followed) once here.
+    """
+
+    def __init__(self, folders: Iterable[str | os.PathLike]) -> None:
+        self.folders = [Path(f).expanduser().resolve() for f in folders]
+
+    def resolve(self, text: str | os.PathLike) -> Path:
+        """The real path of ``text`` (relative paths are taken from the first data folder) when it lies under a
+        data folder.
+
+        Raises:
+            samembed.InputError: the path leaves the data folders (after resolving ``..`` and symlinks), or no
+                data folder was given.
+        """
+        if not self.folders:
+            raise InputError("this server reads no folder by path (start it with --data-root DIR); upload files instead")
+        raw = Path(str(text).strip()).expanduser()
+        candidate = raw if raw.is_absolute() else self.folders[0] / raw
+        real = candidate.resolve()  # follows every symlink and removes '..'
+        if not any(real == folder or folder in real.parents for folder in self.folders):
+            allowed = ", ".join(str(f) for f in self.folders)
+            raise InputError(f"{text}: outside the data folders this server may read ({allowed}); "
+                             "choose a file under them or upload it")
+        if not real.exists():
+            raise InputError(f"{text}: no such file or folder")
+        return real
+
+
+class UploadFolder:
+    """A private temporary folder for uploaded files, with a size limit, removed at exit.
+
+    Args:
+        max_bytes: the largest upload accepted, bytes.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.path = Path(tempfile.mkdtemp(prefix="samembed-web-"))  # mode 0700: other users cannot read it
+        atexit.register(self.cleanup)
+
+    def check_size(self, name: str, size: int) -> None:
+        """Raise ``InputError`` when ``size`` bytes exceed the limit (before anything is written)."""
+        if size > self.max_bytes:
+            raise InputError(f"{name}: {size / 1e6:.1f} MB is larger than this server's upload limit of "
+                             f"{self.max_bytes / 1e6:.1f} MB (--max-upload-mb)")
+
+    def save(self, name: str, content: bytes) -> Path:
+        """Write one uploaded file (its name stripped of folders and odd characters); returns its path."""
+        self.check_size(name, len(content))
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).name).lstrip(".") or "upload"
+        folder = Path(tempfile.mkdtemp(dir=self.path))  # one folder per upload: equal names do not collide
+        path = folder / safe
+        path.write_bytes(content)
+        return path
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def token_middleware(token: str):
+    """An aiohttp middleware answering 403 to every request that does not carry ``token``.
+
+    The token comes as the query parameter ``token`` (the URL printed at start) or as the cookie set on the first
+    request that had it, so the page's websocket, scripts and images need no change.
+    """
+    from aiohttp import web
+
+    def carries(value: str | None) -> bool:
+        return bool(value) and hmac.compare_digest(str(value), token)
+
+    @web.middleware
+    async def check_token(request, handler):
+        from_query = carries(request.query.get("token"))
+        if not (from_query or carries(request.cookies.get(TOKEN_COOKIE))):
+            return web.Response(status=403, text="403: this SAMEmbedding server needs its access token; "
+                                                 "open the URL printed when it started (…?token=…)\n")
+        response = await handler(request)
+        if from_query and not getattr(response, "prepared", False):
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+        return response
+
+    return check_token

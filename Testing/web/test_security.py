@@ -1,0 +1,80 @@
+"""Security of the web viewer: data-root confinement (symlinks, ``..``), upload limits, the access token."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+from samembed import InputError
+
+from .conftest import WebServer
+
+
+@pytest.fixture
+def a_data_root(tmp_path):
+    from SAMEmbeddingWeb.security import DataRoot
+
+    inside = tmp_path / "data"
+    inside.mkdir()
+    (inside / "ct.nii.gz").write_bytes(b"x")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    os.symlink(outside, inside / "link.nii.gz")
+    return DataRoot([inside]), inside
+
+
+def test_a_data_root_resolves_a_file_inside_it(a_data_root):
+    root, inside = a_data_root
+    assert root.resolve(inside / "ct.nii.gz") == (inside / "ct.nii.gz").resolve()
+    assert root.resolve("ct.nii.gz") == (inside / "ct.nii.gz").resolve()
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "link.nii.gz", "/etc/passwd"])
+def test_a_data_root_refuses_a_path_that_leaves_it(a_data_root, name):
+    root, _ = a_data_root
+    with pytest.raises(InputError, match="outside the data folders"):
+        root.resolve(name)
+
+
+def test_an_upload_folder_refuses_a_file_over_its_limit_and_is_removed_at_cleanup():
+    from SAMEmbeddingWeb.security import UploadFolder
+
+    uploads = UploadFolder(max_bytes=10)
+    assert oct(uploads.path.stat().st_mode & 0o777) == "0o700"
+    with pytest.raises(InputError, match="upload limit"):
+        uploads.save("big.nrrd", b"x" * 11)
+    saved = uploads.save("../../evil name.nrrd", b"x")
+    assert saved.parent.parent == uploads.path and saved.name == "evil_name.nrrd"
+    uploads.cleanup()
+    assert not uploads.path.exists()
+
+
+def test_a_server_off_loopback_answers_403_without_its_token():
+    server = WebServer("--host", "0.0.0.0")
+    try:
+        assert "?token=" in server.url
+        base = f"http://127.0.0.1:{server.port}/"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base, timeout=10)
+        assert refused.value.code == 403
+        with pytest.raises(urllib.error.HTTPError) as wrong:
+            urllib.request.urlopen(base + "?token=wrong", timeout=10)
+        assert wrong.value.code == 403
+        token = server.url.split("?token=")[1]
+        with urllib.request.urlopen(f"{base}?token={token}", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.stop()
+
+
+def test_a_server_on_loopback_needs_no_token():
+    server = WebServer()
+    try:
+        assert "token" not in server.url
+        with urllib.request.urlopen(server.url, timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.stop()
