@@ -42,6 +42,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", help="the shared data folder (default ../shared/data)")
     ap.add_argument("--no-polish", action="store_true", help="match without the intensity polish")
+    ap.add_argument("--refine", action="store_true", help="match with the local cycle-consistent refinement")
+    ap.add_argument("--stem", default="multi_atlas", help="report file name stem")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     import torch
@@ -52,7 +54,7 @@ def main() -> int:
     patients = sorted(p for p in cents if (root / f"ct/openkbp/ct/{p}_ct.nii.gz").is_file())
     rng = np.random.default_rng([args.seed, 14])
     order = [patients[i] for i in rng.permutation(len(patients))]
-    options = MatchOptions(polish=not args.no_polish)
+    options = MatchOptions(polish=not args.no_polish, refine=args.refine)
     matcher = Matcher(args.model, device="cpu")
     rows, t0 = [], time.time()
     for target in order[: args.targets]:
@@ -85,8 +87,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     methods = sorted({r["method"] for r in rows}, key=lambda m: m != "one atlas")
     report = {"command": "python benchmarks/multi_atlas.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "no_polish")
-        + (" --no-polish" if args.no_polish else ""), "seconds": seconds, "results": {}}
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, True))
+        + (" --no-polish" if args.no_polish else "") + (" --refine" if args.refine else ""), "seconds": seconds,
+        "results": {}}
     lines = ["# Multi-atlas fusion, OpenKBP organ centroids between different patients", "",
              f"Command: `{report['command']}` ({seconds / 60:.1f} min; 2-core CPU shared with other jobs).", "",
              "| method | structures | n | mean mm | median mm | P90 mm | within 10 mm |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -102,9 +105,9 @@ def main() -> int:
         f"{method}: " + ", ".join(
             f"{st} {np.mean([r['error_mm'] for r in rows if r['method'] == method and r['structure'] == st]):.1f}"
             for st in sorted({r['structure'] for r in rows})) for method in methods), ""]
-    (out / "multi_atlas.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "multi_atlas.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    with (out / "multi_atlas_rows.csv").open("w", newline="", encoding="utf-8") as fh:
+    (out / f"{args.stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / f"{args.stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    with (out / f"{args.stem}_rows.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
         w.writeheader()
         w.writerows(rows)
