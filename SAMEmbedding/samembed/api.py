@@ -311,22 +311,31 @@ class Matcher:
                                             cancel=cancel, target_names=names))
             name = per_atlas[0].targets[0]
             result.targets.append(name)
-            for label in ref.labels:
-                ms = [next(m for m in r.matches if m.label == label) for r in per_atlas]
-                f = fuse_points(np.array([m.point_lps_mm for m in ms]), np.array([m.score for m in ms]), fusion)
-                agree = [m for m, ok in zip(ms, f.agreeing) if ok]
-                result.matches.append(Match(
-                    label, name, ti, f.point_lps_mm, f.score,
-                    confident=2 * len(agree) > len(ms) and any(m.confident for m in agree),
-                    roundtrip_mm=float(np.median([m.roundtrip_mm for m in agree])),
-                    rematched=any(m.rematched for m in agree), polished=any(m.polished for m in agree),
-                    ncc=float(np.nanmax([m.ncc for m in agree])) if any(np.isfinite(m.ncc) for m in agree) else float("nan"),
-                    atlases=len(ms), agreeing=len(agree), spread_mm=f.spread_mm,
-                    rejected=tuple(a.display_name for a, ok in zip(atlases, f.agreeing) if not ok)))
+            result.matches.extend(self._fused(atlases, per_atlas, fusion, ti, name))
             if progress:
                 progress(ti + 1, len(targets), f"fused {ti + 1}/{len(targets)} {Path(name).name}")
         result.timings["total_s"] = time.time() - t0
         return result
+
+    @staticmethod
+    def _fused(atlases: list[Atlas], per_atlas: list[MatchResult], fusion: FusionOptions, ti: int,
+               name: str) -> list[Match]:
+        """One fused :class:`Match` per landmark of target ``ti`` from every atlas's match of it. It is confident when
+        most atlases agree and one of those was; its round trip is their median."""
+        fused = []
+        for label in atlases[0].labels:
+            ms = [next(m for m in r.matches if m.label == label) for r in per_atlas]
+            f = fuse_points(np.array([m.point_lps_mm for m in ms]), np.array([m.score for m in ms]), fusion)
+            agree = [m for m, ok in zip(ms, f.agreeing) if ok]
+            ncc = [m.ncc for m in agree if np.isfinite(m.ncc)]
+            fused.append(Match(
+                label, name, ti, f.point_lps_mm, f.score,
+                confident=2 * len(agree) > len(ms) and any(m.confident for m in agree),
+                roundtrip_mm=float(np.median([m.roundtrip_mm for m in agree])),
+                rematched=any(m.rematched for m in agree), polished=any(m.polished for m in agree),
+                ncc=float(max(ncc)) if ncc else float("nan"), atlases=len(ms), agreeing=len(agree),
+                spread_mm=f.spread_mm, rejected=tuple(a.display_name for a, ok in zip(atlases, f.agreeing) if not ok)))
+        return fused
 
     # ------------------------------------------------------------------------------------ the stages
     def _inputs(self, source, points_lps_mm, targets, labels, options: MatchOptions, mask,
