@@ -1,6 +1,7 @@
-"""The ``samembed`` command line: ``match``, ``embed``, ``info``, ``train``, ``evaluate``, ``make-suites``.
+"""The ``samembed`` command line: ``match``, ``embed``, ``info``, ``train``, ``propagate``, ``evaluate``, ``make-suites``.
 
-Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 internal error.
+Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 internal error
+(``propagate``: 3 when some scans failed, listed in failures.csv).
 """
 
 from __future__ import annotations
@@ -253,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    from .propagate.cli import add_parser as add_propagate_parser  # dask is imported only when it runs
+
+    add_propagate_parser(sub)
 
     try:
         from .evaluation.cli import add_parsers
