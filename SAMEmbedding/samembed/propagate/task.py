@@ -76,9 +76,16 @@ def _atlas(eng: _Engine, job: ScanJob):
         from ..embedding import Embedder
 
         m = eng.matcher
+        eng.atlases.clear()  # one run's atlas at a time: a long-lived worker must not collect every run's atlas
         image = as_image(job.atlas_image, spacing_mm=m.spacing_mm)
         disk = Embedder(m.model, m.device, m.cache, job.cache_dir, m.embedder.max_tile_voxels, m.embedder.modality)
         on_disk = disk._disk_path(disk.key(image)).is_file()
+        if not on_disk:
+            m.cache.clear()  # an in-memory copy (e.g. of an earlier run) would keep it from reaching the folder
+            disk.embed(image)  # computed once, stored in the cache folder
+            m.cache.clear()
+        # every worker matches with the float16 maps read from the folder, so results do not depend on where a
+        # scan ran (the worker that computed them would otherwise hold float32 maps)
         maps = disk.embed(image)
         eng.stats["atlas_loaded" if on_disk else "atlas_computed"] += 1
         eng.atlases[key] = (image, maps)
