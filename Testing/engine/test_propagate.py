@@ -259,7 +259,8 @@ def test_a_corrupt_or_2d_scan_lands_in_failures_and_the_others_finish(setup, cli
     lines = [good[0].path, str(broken), good[1].path] + ([str(hand)] if hand else [])
     manifest.write_text("path\n" + "\n".join(lines) + "\n")
     out = root / "failures"
-    summary = propagate(setup["atlas"], manifest, out, OPTIONS, _settings(setup), client=client)
+    # this run joins the cluster by its address, as `--scheduler tcp://HOST:PORT` does
+    summary = propagate(setup["atlas"], manifest, out, OPTIONS, _settings(setup, scheduler=client.scheduler.address))
     assert summary.finished == 2 and summary.failed == len(lines) - 2
     failures = list(csv.DictReader((out / "failures.csv").open()))
     by_scan = {f["scan"]: f for f in failures}

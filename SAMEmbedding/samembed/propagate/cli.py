@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -50,6 +51,9 @@ def run_command(args) -> int:
     from .settings import Atlas, PropagateSettings
 
     require_dask()
+    if not getattr(args, "verbose", False):  # Dask's own INFO lines would drown the progress bar
+        for name in ("distributed", "tornado"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     options = match_options_from_args(args)
     atlases = [Atlas(image, points, ras=args.ras) for image, points in args.atlas]
     settings = PropagateSettings(
