@@ -205,7 +205,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         run_info["cluster"] = {"scheduler": c.scheduler.address, "workers": workers}
         t_prep = time.time()
         prep = c.submit(prepare_atlas, job, pure=False, key=f"samembed-atlas-{uuid.uuid4().hex}").result()
-        say(f"atlas embedded in {time.time() - t_prep:.1f} s into {cache_dir} ({prep['model_id']})")
+        run_info["phases_s"] = {"start": t_prep - t0, "prepare_atlas": time.time() - t_prep}
+        say(f"atlas ready in {time.time() - t_prep:.1f} s in {cache_dir} ({prep['model_id']})")
         fp = fingerprint(prep, {"labels": list(points.labels), "points_lps_mm": run_info["atlas"]["points_lps_mm"]},
                          options, settings)
         todo, skipped, stale = store.plan(scan_list, fp)
@@ -221,6 +222,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         futures = {c.submit(match_scan, s, job, key=f"samembed-match-{s.id}-{token}", pure=False): s for s in todo}
         bar = _Bar(len(todo), settings.progress)
         finished = failed = 0
+        t_scans, write_s = time.time(), 0.0
         interrupted = False
         try:
             for fut in as_completed(futures):
@@ -234,7 +236,10 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                     continue
                 except Exception as e:  # noqa: BLE001 - e.g. a task that could not be deserialised
                     rec = failure(scan, f"{type(e).__name__}: {e}")
+                t_write = time.time()
                 rec = store.add(rec, fp, ras=settings.ras)
+                write_s += time.time() - t_write
+                run_info["phases_s"].update(scans=time.time() - t_scans, client_writes=write_s)
                 ok = rec["status"] == "ok"
                 finished += ok
                 failed += not ok
@@ -259,7 +264,10 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     if settings.report:
         from .report import write_report
 
+        t_report = time.time()
         summary.report = write_report(out, settings.report_thumbnails)
+        run_info["phases_s"]["report"] = time.time() - t_report
+        store.write_run(run_info)
     say(f"{summary.finished} scans matched, {summary.failed} failed, {summary.skipped} skipped (finished before) "
         f"in {summary.elapsed_s:.0f} s; results in {out}")
     return summary
