@@ -52,7 +52,7 @@ def run_once(model: str, workers: int, atlas, scans, root: Path) -> dict:
     wall = time.time() - t0
     run = json.loads((out / "run.json").read_text())
     recs = [r for r in ResultStore(out).load().values() if r["status"] == "ok"]
-    mean = {k: sum(r["timings"][k] for r in recs) / len(recs) for k in ("read_s", "embed_s", "match_s", "thumbnails_s", "total_s")}
+    mean = {k: sum(r["timings"][k] for r in recs) / len(recs) for k in ("read_s", "embed_s", "match_s", "thumbnails_s", "total_s", "cpu_s")}
     ph = run["phases_s"]
     busy = sum(r["timings"]["total_s"] for r in recs)
     per_scan_out = (_folder_bytes(out / "scans") + _folder_bytes(out / "thumbs")) / max(len(recs), 1)
@@ -89,12 +89,14 @@ def markdown(results: list[dict], args, n_scans: int) -> str:
                      f"{r['scan_phase_s']:.1f} | {r['report_s']:.1f} | {r['wall_s']:.1f} | {100 * r['efficiency']:.0f} % | "
                      f"{r['peak_rss_gb']:.2f} |")
     lines += ["", "Where one scan's time goes (mean task time on a worker, seconds):", "",
-              "| workers | read | embed | match (search + polish + round trip) | thumbnails | task total | client writes ms/scan |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "| workers | read | embed | match (search + polish + round trip) | thumbnails | task total | task CPU | client writes ms/scan |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         m = r["mean"]
         lines.append(f"| {r['workers']} | {m['read_s']:.2f} | {m['embed_s']:.2f} | {m['match_s']:.2f} | {m['thumbnails_s']:.2f} | "
-                     f"{m['total_s']:.2f} | {r['client_write_ms']:.0f} |")
+                     f"{m['total_s']:.2f} | {m['cpu_s']:.2f} | {r['client_write_ms']:.0f} |")
+    lines += ["", "Task CPU is the worker process's CPU time per scan (one thread): unlike the wall times it hardly "
+              "depends on how many other jobs share the cores, so it is the per-scan cost to plan with."]
     r0 = results[-1]
     lines += ["", f"Output: {r0['out_kb_per_scan']:.0f} kB per scan (`.mrk.json`, record, 7 thumbnails); atlas embedding in "
               f"the cache folder {r0['cache_mb']:.0f} MB; report {r0['report_mb']:.2f} MB for {r0['scans']} scans."]

@@ -12,6 +12,7 @@ cannot be read, has the wrong dimension or runs out of memory comes back as a fa
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,9 @@ class _Engine:
 
 
 _ENGINE: dict[str, _Engine] = {}  # one per worker process: {"engine": _Engine}
+#: tasks of one process run one at a time: a worker started with several threads shares one Matcher and its
+#: caches, so extra threads would only contend for them (start workers with one thread each and more processes)
+_LOCK = threading.Lock()
 
 
 def _engine(job: ScanJob) -> _Engine:
@@ -121,8 +125,9 @@ def prepare_atlas(job: ScanJob) -> dict:
     """
     t0 = time.time()
     os.makedirs(job.cache_dir, exist_ok=True)
-    eng = _engine(job)
-    image, maps = _atlas(eng, job)
+    with _LOCK:
+        eng = _engine(job)
+        image, maps = _atlas(eng, job)
     d = image.ndim
     outside = ~image.grid.contains_index(image.grid.lps_to_index(np.asarray(job.points_lps_mm)[:, :d]), margin=0.5)
     if outside.any():
@@ -155,7 +160,12 @@ def match_scan(scan: Scan, job: ScanJob) -> dict:
 
     Never raises for a bad scan: the record then has ``status="failed"`` and the ``reason``.
     """
-    t0 = time.time()
+    with _LOCK:
+        return _match_scan(scan, job)
+
+
+def _match_scan(scan: Scan, job: ScanJob) -> dict:
+    t0, cpu0 = time.time(), time.process_time()
     try:
         from ..api import as_image
 
@@ -187,7 +197,7 @@ def match_scan(scan: Scan, job: ScanJob) -> dict:
     eng.stats["scans"] += 1
     timings = {"read_s": t_read, "embed_s": res.timings.get("target0_embed_s", 0.0),
                "match_s": res.timings.get("target0_match_s", 0.0), "thumbnails_s": t_thumbs,
-               "total_s": time.time() - t0}
+               "total_s": time.time() - t0, "cpu_s": time.process_time() - cpu0}
     return {"scan": scan.id, "path": scan.path, "status": "ok", "matches": matches, "thumbnails": thumbs,
             "timings": timings, "worker": _where(), "stats": dict(eng.stats)}
 
