@@ -71,15 +71,15 @@ def markdown(results: list[dict], args, n_scans: int) -> str:
     """The results as the markdown report."""
     one = {r["workers"]: r for r in results}
     lines = [
-        f"Propagation benchmark, CPU, {time.strftime('%Y-%m-%d')}; command: "
-        f"`OMP_NUM_THREADS=1 python benchmarks/propagate.py --model {args.model} --scans {n_scans} --workers {args.workers}`",
+        (f"Propagation benchmark, CPU, {time.strftime('%Y-%m-%d')}; command: "
+         f"`OMP_NUM_THREADS=1 python benchmarks/propagate.py --model {args.model} --scans {n_scans} --workers {args.workers}`"),
         "",
-        f"Machine: {os.cpu_count()} cores, **shared with a training run and other developers' jobs while this ran** "
+        (f"Machine: {os.cpu_count()} cores, **shared with a training run and other developers' jobs while this ran** "
         f"(load average at the start {os.getloadavg()[0]:.1f}), so absolute times are pessimistic and noisy; "
         f"python {platform.python_version()}, torch {results[0]['versions'].get('torch')}, dask "
         f"{results[0]['versions'].get('dask')}. Model `{results[0]['model_id']}`; atlas OpenKBP pt_201 with 7 organ "
         f"centroids; {n_scans} OpenKBP CTs (128^3, ~4 x 4 x 2.5 mm, embedded on the model's 2 mm grid); default "
-        "match options (prior window, polish), thumbnails and report on. Local cluster: N worker processes, 1 thread each.",
+        "match options (prior window, polish), thumbnails and report on. Local cluster: N worker processes, 1 thread each."),
         "",
         "| workers | scans | scans/min (scan phase) | cluster start s | atlas s | scan phase s | report s | total s | worker efficiency | peak RSS per worker GB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -95,14 +95,14 @@ def markdown(results: list[dict], args, n_scans: int) -> str:
         m = r["mean"]
         lines.append(f"| {r['workers']} | {m['read_s']:.2f} | {m['embed_s']:.2f} | {m['match_s']:.2f} | {m['thumbnails_s']:.2f} | "
                      f"{m['total_s']:.2f} | {m['cpu_s']:.2f} | {r['client_write_ms']:.0f} |")
-    lines += ["", "Task CPU is the worker process's CPU time per scan (one thread): unlike the wall times it hardly "
-              "depends on how many other jobs share the cores, so it is the per-scan cost to plan with."]
+    lines += ["", ("Task CPU is the worker process's CPU time per scan (one thread): unlike the wall times it hardly "
+                   "depends on how many other jobs share the cores, so it is the per-scan cost to plan with.")]
     r0 = results[-1]
-    lines += ["", f"Output: {r0['out_kb_per_scan']:.0f} kB per scan (`.mrk.json`, record, 7 thumbnails); atlas embedding in "
-              f"the cache folder {r0['cache_mb']:.0f} MB; report {r0['report_mb']:.2f} MB for {r0['scans']} scans."]
+    lines += ["", (f"Output: {r0['out_kb_per_scan']:.0f} kB per scan (`.mrk.json`, record, 7 thumbnails); atlas embedding "
+                   f"in the cache folder {r0['cache_mb']:.0f} MB; report {r0['report_mb']:.2f} MB for {r0['scans']} scans.")]
     if 1 in one and 2 in one:
-        lines += ["", f"Speed-up 1 -> 2 workers in the scan phase: {one[2]['scans_per_min'] / one[1]['scans_per_min']:.2f} x "
-                  "(2 cores, each worker one thread)."]
+        speedup = one[2]["scans_per_min"] / one[1]["scans_per_min"]
+        lines += ["", f"Speed-up 1 -> 2 workers in the scan phase: {speedup:.2f} x (2 cores, each worker one thread)."]
     return "\n".join(lines) + "\n"
 
 

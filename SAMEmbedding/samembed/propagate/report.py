@@ -39,7 +39,7 @@ def _score_plot(rows: list[dict]) -> bytes:
     rt = [min(r["roundtrip_mm"], 200.0) for r in rows]
     b.scatter([r["score"] for r in rows], rt, s=8, c=["#3a7" if r["confident"] else "#d54" for r in rows])
     b.set_xlabel("score")
-    b.set_ylabel("round-trip distance, mm (capped at 200)")
+    b.set_ylabel("round trip, mm (max 200)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

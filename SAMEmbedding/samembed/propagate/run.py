@@ -30,6 +30,9 @@ from .settings import Atlas, PropagateSettings
 
 log = logging.getLogger(__name__)
 
+DEFAULT_OPTIONS = MatchOptions()
+DEFAULT_SETTINGS = PropagateSettings()
+
 #: ``on_result(record, client)``: called on the client after each scan's files are written (tests, GUIs)
 ResultHook = Callable[[dict, Any], None]
 
@@ -144,7 +147,7 @@ class _Bar:
 
 
 def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Scan], out_dir: str | Path,
-              options: MatchOptions = MatchOptions(), settings: PropagateSettings = PropagateSettings(), *,
+              options: MatchOptions = DEFAULT_OPTIONS, settings: PropagateSettings = DEFAULT_SETTINGS, *,
               client=None, cancel: threading.Event | None = None, on_result: ResultHook | None = None,
               echo: Callable[[str], None] | None = None) -> PropagateSummary:
     """Carry an atlas's landmarks to many scans on Dask; write per-scan files, tables, ``run.json`` and a report.
