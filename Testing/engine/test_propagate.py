@@ -330,3 +330,24 @@ def test_help_and_the_engine_import_without_dask(repo_root):
     env = dict(os.environ, PYTHONPATH=str(repo_root / "SAMEmbedding") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_manifest_ids_relative_paths_and_duplicates(tmp_path):
+    from samembed.errors import InputError
+    from samembed.propagate import read_scans
+    from samembed.propagate.task import _reason
+
+    (tmp_path / "a").mkdir()
+    for name in ("a/x_ct.nii.gz", "y.nrrd"):
+        (tmp_path / name).write_bytes(b"")
+    man = tmp_path / "m.csv"
+    man.write_text("id,path\n,a/x_ct.nii.gz\nscan two,y.nrrd\n")
+    scans = read_scans(man)
+    got = [(s.id, Path(s.path).relative_to(tmp_path).as_posix()) for s in scans]
+    assert got == [("x_ct", "a/x_ct.nii.gz"), ("scan_two", "y.nrrd")]
+    man.write_text("path\na/x_ct.nii.gz\na/../a/x_ct.nii.gz\n")
+    with pytest.raises(InputError, match="listed twice"):
+        read_scans(man)
+    with pytest.raises(InputError, match="not found"):
+        read_scans(tmp_path / "missing.csv")
+    assert "out of memory" in _reason(MemoryError()) and "fewer --workers" in _reason(MemoryError())

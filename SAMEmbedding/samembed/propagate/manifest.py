@@ -70,7 +70,7 @@ def read_scans(source: str | os.PathLike) -> list[Scan]:
 def _read_manifest(path: Path) -> list[Scan]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.reader(fh) if r and r[0].strip() and not r[0].startswith("#")]
+            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the scan manifest: {e}") from e
     if not rows:
