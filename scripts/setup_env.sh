@@ -13,7 +13,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,web]"
+python -m pip install -q -e ".[test,web,dataset]"  # web: samembed web; dataset: Dask + Jinja2 for propagate
 # the benchmark package (samembed evaluate / make-suites, the hand benchmark); after the engine it depends on
 python -m pip install -q -e benchmarks
 # the browser tests (Testing/web) drive Debian's Chromium

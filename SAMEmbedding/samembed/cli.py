@@ -1,7 +1,9 @@
-"""The ``samembed`` command line: ``match``, ``embed``, ``info``, ``train``; ``evaluate`` and ``make-suites`` when the
-benchmark package ``samembed_bench`` is installed (``pip install -e benchmarks``; else they say so and exit 2).
+"""The ``samembed`` command line: ``match``, ``embed``, ``info``, ``train``, ``propagate``, ``web``; ``evaluate`` and
+``make-suites`` when the benchmark package ``samembed_bench`` is installed (``pip install -e benchmarks``; else they
+say so and exit 2).
 
-Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 internal error.
+Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 internal error
+(``propagate``: 3 when some scans failed, listed in failures.csv).
 """
 
 from __future__ import annotations
@@ -413,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--cache-dir", help="on-disk embedding cache folder")
     w.set_defaults(func=_cmd_web)
 
+    from .propagate.cli import add_parser as add_propagate_parser  # dask is imported only when it runs
+
+    add_propagate_parser(sub)
     _add_bench_commands(sub)
     return p
 

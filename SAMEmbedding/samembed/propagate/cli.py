@@ -1,0 +1,68 @@
+"""``samembed propagate``: the command-line glue around :func:`samembed.propagate.run.propagate`.
+
+``add_parser(sub)`` is called from ``samembed.cli.build_parser``; it imports neither Dask nor torch, so
+``samembed --help`` stays fast. Dask is imported when the command runs (with a clear message if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``propagate`` sub-command to ``samembed``'s sub-parsers."""
+    from ..cli import _add_common, _add_match_options
+
+    p = sub.add_parser(
+        "propagate", help="carry an atlas's landmarks to many scans on Dask (resumable, with a review report)",
+        description="Match the landmarks of an annotated atlas into every scan of a manifest or folder, on a local "
+                    "Dask cluster or an existing one. Writes OUT/scans/<id>.mrk.json, OUT/matches.csv, "
+                    "OUT/failures.csv, OUT/run.json and OUT/report.html.")
+    p.add_argument("--atlas", nargs=2, action="append", required=True, metavar=("IMAGE", "POINTS"),
+                   help="the atlas image and its landmarks (CSV label,x,y,z LPS mm, .fcsv or .mrk.json); "
+                        "one atlas for now (multi-atlas fusion is not available yet)")
+    p.add_argument("--scans", required=True, metavar="MANIFEST.csv|FOLDER",
+                   help="a CSV with a 'path' column (optional 'id'; relative paths are relative to the CSV) or a folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=2, metavar="N",
+                       help="local worker processes, one thread each (default: 2)")
+    where.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                       help="join this Dask scheduler instead (tls:// uses Dask's distributed.comm.tls settings)")
+    p.add_argument("--resume", action="store_true", help="continue a run in OUT: skip scans finished with the same settings")
+    p.add_argument("--ras", action="store_true", help="CSV atlas points are RAS (Slicer); .mrk.json outputs in RAS")
+    p.add_argument("--memory-limit", default="auto", metavar="SIZE", help="per local worker, e.g. 6GB (default: auto)")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
+    p.add_argument("--no-thumbnails", dest="thumbnails", action="store_false", help="no landmark thumbnails")
+    p.add_argument("--report-thumbnails", type=int, default=3000, metavar="N",
+                   help="embed at most N landmark thumbnails in the report, least confident first (default: 3000)")
+    _add_match_options(p)
+    _add_common(p)
+    p.set_defaults(func=run_command)
+    return p
+
+
+def run_command(args) -> int:
+    """Run ``samembed propagate`` from parsed arguments; returns the exit code."""
+    from ..cli import match_options_from_args
+    from .run import propagate, require_dask
+    from .settings import Atlas, PropagateSettings
+
+    require_dask()
+    if not getattr(args, "verbose", False):  # Dask's own INFO lines would drown the progress bar
+        for name in ("distributed", "tornado"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    options = match_options_from_args(args)
+    atlases = [Atlas(image, points, ras=args.ras) for image, points in args.atlas]
+    settings = PropagateSettings(
+        model=args.model, device=args.device, modality=args.modality, spacing_mm=args.spacing,
+        workers=args.workers, scheduler=args.scheduler, memory_limit=args.memory_limit, cache_dir=args.cache_dir,
+        resume=args.resume, ras=args.ras, report=args.report, thumbnails=args.thumbnails,
+        report_thumbnails=args.report_thumbnails, progress=not args.quiet)
+    echo = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+    summary = propagate(atlases, args.scans, args.out, options, settings, echo=echo)
+    if not args.quiet and summary.report:
+        print(f"report: {summary.report}")
+    return 0 if summary.failed == 0 else 3

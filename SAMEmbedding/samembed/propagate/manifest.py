@@ -1,0 +1,106 @@
+"""The scans of a run: a manifest CSV or a folder, read into :class:`Scan` items with unique ids.
+
+A manifest is a CSV with a ``path`` column (relative paths are relative to the CSV's folder) and an optional
+``id`` column; without a header, the first column is the path. A folder is searched recursively for images
+(``samembed.io.list_images``: NIfTI, NRRD, MHA, DICOM series folders, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One scan to carry the landmarks to: ``id`` names its output files, ``path`` is where it is read from."""
+
+    id: str
+    path: str
+
+
+def scan_id(path: str | os.PathLike) -> str:
+    """A file-name-safe id from a path: its name without the image suffix (``pt_1_ct.nii.gz`` -> ``pt_1_ct``)."""
+    name = Path(path).name
+    low = name.lower()
+    for s in _SUFFIXES:
+        if low.endswith(s):
+            name = name[: -len(s)]
+            break
+    return safe_id(name)
+
+
+def safe_id(text: str) -> str:
+    """``text`` with every character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``_``."""
+    out = re.sub(r"[^A-Za-z0-9._-]", "_", text.strip()).strip(".")
+    return out or "scan"
+
+
+def read_scans(source: str | os.PathLike) -> list[Scan]:
+    """The scans named by a manifest CSV or found in a folder, in order, each with a unique id.
+
+    Raises:
+        InputError: the manifest or folder is missing or empty, a row has no path, or two scans have the same
+            id (give an ``id`` column).
+    """
+    source = Path(source)
+    if source.is_dir():
+        from ..io import list_images
+
+        paths = list_images(source)
+        if not paths:
+            raise InputError(f"{source}: no images found in this folder (NIfTI, NRRD, MHA, DICOM, ...); check --scans")
+        ids = [scan_id(p) for p in paths]
+        if len(set(ids)) != len(ids):  # same file name in several sub-folders: use the relative path
+            ids = [safe_id(str(p.relative_to(source)).replace(os.sep, "__")) for p in paths]
+            ids = [scan_id(i) for i in ids]
+        return _unique([Scan(i, str(p.resolve())) for i, p in zip(ids, paths)], source)
+    if not source.is_file():
+        raise InputError(f"{source}: scan manifest or folder not found; pass a CSV with a 'path' column or a folder")
+    return _read_manifest(source)
+
+
+def _read_manifest(path: Path) -> list[Scan]:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the scan manifest: {e}") from e
+    if not rows:
+        raise InputError(f"{path}: the scan manifest lists no scans")
+    header = [h.strip().lower() for h in rows[0]]
+    if "path" in header:
+        ip, iid = header.index("path"), (header.index("id") if "id" in header else None)
+        body = rows[1:]
+    else:
+        ip, iid, body = 0, None, rows
+    scans = []
+    for n, r in enumerate(body, start=2 if "path" in header else 1):
+        if len(r) <= ip or not r[ip].strip():
+            raise InputError(f"{path}: row {n} has no path")
+        p = Path(r[ip].strip()).expanduser()
+        p = p if p.is_absolute() else path.parent / p
+        given = r[iid].strip() if iid is not None and len(r) > iid else ""
+        scans.append(Scan(safe_id(given) if given else scan_id(p), str(p.resolve())))
+    if not scans:
+        raise InputError(f"{path}: the scan manifest lists no scans")
+    return _unique(scans, path)
+
+
+def _unique(scans: list[Scan], where: Path) -> list[Scan]:
+    seen: dict[str, str] = {}
+    for s in scans:
+        if s.id in seen:
+            if seen[s.id] == s.path:
+                raise InputError(f"{where}: {s.path} is listed twice; list each scan once")
+            raise InputError(f"{where}: scans {seen[s.id]} and {s.path} would share the id '{s.id}'; "
+                             "give the manifest an 'id' column with unique names")
+        seen[s.id] = s.path
+    return scans

@@ -1,0 +1,152 @@
+"""The output folder of a run: per-scan files written as each scan arrives, the combined tables, ``run.json``,
+and what ``--resume`` may skip.
+
+Layout of ``OUT``::
+
+    run.json                 settings, versions, model hash, fingerprint, counts, status
+    matches.csv              one row per scan and landmark (LPS mm), in manifest order
+    failures.csv             scan, path, reason
+    scans/<id>.mrk.json      the landmarks on that scan (Slicer markups)
+    scans/<id>.json          the scan's record: fingerprint, matches, timings (written last: it marks the scan done)
+    thumbs/<id>/<label>.png  axial | coronal crops around each landmark
+    report.html              the review report
+    cache/                   the atlas embedding (the workers load it from here)
+
+Every file is written atomically (a temporary file renamed into place), so an interrupted run leaves either
+the old or the new version of a file, never half of one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from ..io import PointList, write_points, write_text_atomic
+from .manifest import Scan, safe_id
+
+log = logging.getLogger(__name__)
+
+MATCH_COLUMNS = ("scan", "path", "label", "x", "y", "z", "score", "confident", "roundtrip_mm", "rematched",
+                 "polished", "ncc")
+
+
+class ResultStore:
+    """Reads and writes one run's output folder (see the module docstring for the layout)."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out = Path(out_dir)
+        self.scans_dir = self.out / "scans"
+        self.thumbs_dir = self.out / "thumbs"
+        self.records: dict[str, dict] = {}
+        self._tables_written = 0.0
+
+    # ------------------------------------------------------------------------------------------ reading
+    def has_results(self) -> bool:
+        """Whether the folder already holds scan records (of this or another run)."""
+        return self.scans_dir.is_dir() and any(self.scans_dir.glob("*.json"))
+
+    def load(self) -> dict[str, dict]:
+        """Every readable scan record in the folder, by scan id (damaged ones are ignored: redone on resume)."""
+        out = {}
+        for path in sorted(self.scans_dir.glob("*.json")) if self.scans_dir.is_dir() else []:
+            if path.name.endswith(".mrk.json"):
+                continue
+            try:
+                rec = json.loads(path.read_text(encoding="utf-8"))
+                out[rec["scan"]] = rec
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("%s: unreadable scan record (%s); the scan is done again", path, e)
+        return out
+
+    def plan(self, scans: list[Scan], fingerprint: str) -> tuple[list[Scan], int, int]:
+        """Which scans still need matching: ``(todo, skipped, stale)``.
+
+        A scan is skipped when its record says it finished (status ok) with the same fingerprint and path;
+        a failed scan is tried again; ``stale`` counts records made with other settings (redone).
+        """
+        old = self.load()
+        todo, skipped, stale = [], 0, 0
+        for s in scans:
+            rec = old.get(s.id)
+            if rec and rec.get("status") == "ok" and rec.get("fingerprint") == fingerprint and rec.get("path") == s.path:
+                self.records[s.id] = rec
+                skipped += 1
+                continue
+            if rec and rec.get("status") == "ok":
+                stale += 1
+            todo.append(s)
+        return todo, skipped, stale
+
+    # ------------------------------------------------------------------------------------------ writing
+    def add(self, record: dict, fingerprint: str, ras: bool = False) -> dict:
+        """Write one scan's files now: thumbnails, ``.mrk.json``, then its record (which marks it done)."""
+        record = dict(record)
+        record["fingerprint"] = fingerprint
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        sid = record["scan"]
+        self.scans_dir.mkdir(parents=True, exist_ok=True)
+        thumbs = record.pop("thumbnails", None) or {}
+        if record["status"] == "ok":
+            names = {}
+            if thumbs:
+                folder = self.thumbs_dir / sid
+                folder.mkdir(parents=True, exist_ok=True)
+                for label, png in thumbs.items():
+                    path = folder / f"{safe_id(label)}.png"
+                    from ..io import atomic_path
+
+                    with atomic_path(path) as tmp:
+                        tmp.write_bytes(png)
+                    names[label] = str(path.relative_to(self.out))
+            for m in record["matches"]:
+                m["thumbnail"] = names.get(m["label"])
+            ms = record["matches"]
+            pl = PointList([m["label"] for m in ms], [[m["x"], m["y"], m["z"]] for m in ms],
+                           [f"score={m['score']:.3f}; confident={str(m['confident']).lower()}; "
+                            f"roundtrip_mm={m['roundtrip_mm']:.1f}" + ("; rematched=true" if m["rematched"] else "")
+                            + (f"; polished=true; ncc={m['ncc']:.3f}" if m["polished"] else "") for m in ms])
+            write_points(pl, self.scans_dir / f"{sid}.mrk.json", ras=ras)
+        write_text_atomic(self.scans_dir / f"{sid}.json", json.dumps(record, indent=1))
+        self.records[sid] = record
+        return record
+
+    def write_tables(self, scans: list[Scan], force: bool = True, every_s: float = 0.0) -> None:
+        """Rewrite ``matches.csv`` and ``failures.csv`` (manifest order) atomically; unless ``force``, at most
+        every ``every_s`` seconds."""
+        if not force and time.time() - self._tables_written < every_s:
+            return
+        self._tables_written = time.time()
+        mbuf, fbuf = io.StringIO(), io.StringIO()
+        mw, fw = csv.writer(mbuf, lineterminator="\n"), csv.writer(fbuf, lineterminator="\n")
+        mw.writerow(MATCH_COLUMNS)
+        fw.writerow(("scan", "path", "reason"))
+        for s in scans:
+            rec = self.records.get(s.id)
+            if rec is None:
+                continue
+            if rec["status"] != "ok":
+                fw.writerow((s.id, s.path, rec.get("reason", "")))
+                continue
+            for m in rec["matches"]:
+                mw.writerow((s.id, s.path, m["label"], f"{m['x']:.4f}", f"{m['y']:.4f}", f"{m['z']:.4f}",
+                             f"{m['score']:.5f}", str(m["confident"]).lower(), f"{m['roundtrip_mm']:.3f}",
+                             str(m["rematched"]).lower(), str(m["polished"]).lower(), f"{m['ncc']:.4f}"))
+        write_text_atomic(self.out / "matches.csv", mbuf.getvalue())
+        write_text_atomic(self.out / "failures.csv", fbuf.getvalue())
+
+    def write_run(self, info: dict) -> Path:
+        """Write ``run.json`` atomically."""
+        return write_text_atomic(self.out / "run.json", json.dumps(info, indent=2, default=str))
+
+    def read_run(self) -> dict:
+        """The folder's ``run.json``."""
+        path = self.out / "run.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: cannot read the run description ({e}); is {self.out} a propagate output folder?") from e

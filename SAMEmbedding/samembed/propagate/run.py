@@ -1,0 +1,309 @@
+"""Run a propagation on Dask: :func:`propagate` (the Python API behind ``samembed propagate``).
+
+The client (this process) starts or joins the cluster, asks one worker to embed the atlas into the cache
+folder, submits one task per scan, and writes each scan's files as soon as its result arrives
+(``distributed.as_completed``); a lost worker's tasks are rescheduled by Dask, a scan that fails is recorded in
+``failures.csv``, and an interruption (Ctrl-C, a ``cancel`` event) keeps every finished scan for ``resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, InputError, SamEmbedError
+from ..options import MatchOptions
+from .manifest import Scan, read_scans
+from .results import ResultStore
+from .settings import Atlas, PropagateSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIONS = MatchOptions()
+DEFAULT_SETTINGS = PropagateSettings()
+
+#: ``on_result(record, client)``: called on the client after each scan's files are written (tests, GUIs)
+ResultHook = Callable[[dict, Any], None]
+
+
+class MissingDependencyError(SamEmbedError):
+    """An optional dependency (Dask, Jinja2) is not installed."""
+
+
+def require_dask() -> None:
+    """Raise :class:`MissingDependencyError` with the install command when Dask distributed is missing."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            "samembed propagate runs on Dask distributed, which is not installed; "
+            "install it with: pip install 'samembed[dataset]'  (or: pip install \"dask[distributed]\" jinja2)") from e
+
+
+@dataclass
+class PropagateSummary:
+    """What a run did. Times in seconds; ``skipped`` scans were finished by an earlier run with the same settings,
+    ``stale`` ones were finished with other settings and redone."""
+
+    out_dir: Path
+    total: int
+    finished: int
+    failed: int
+    skipped: int
+    stale: int
+    elapsed_s: float
+    interrupted: bool = False
+    report: Path | None = None
+    workers: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def _one_atlas(atlases: Sequence[Atlas] | Atlas) -> Atlas:
+    """The atlas of a run. The seam for multi-atlas fusion: until it exists, exactly one atlas."""
+    if isinstance(atlases, Atlas):
+        return atlases
+    atlases = list(atlases)
+    if not atlases:
+        raise InputError("no atlas given; pass --atlas IMAGE POINTS")
+    if len(atlases) > 1:
+        raise InputError(f"{len(atlases)} atlases given, but multi-atlas fusion is not available yet; "
+                         "pass one --atlas IMAGE POINTS (run once per atlas to compare them)")
+    return atlases[0]
+
+
+def fingerprint(prep: dict, job_points: dict, options: MatchOptions, settings: PropagateSettings) -> str:
+    """SHA-256 of everything that changes a scan's result: model (id and hash), atlas embedding and points,
+    match options and the result-relevant engine settings. Scans finished with the same fingerprint are skipped
+    on resume."""
+    doc = {"model_id": prep["model_id"], "model_sha256": prep["model_sha256"], "atlas_key": prep["atlas_key"],
+           "atlas_content_sha256": prep["atlas_content_sha256"], "points": job_points, "options": options.to_dict(),
+           "engine": settings.result_fields()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _client(settings: PropagateSettings, client=None) -> Iterator[Any]:
+    """The Dask client: the one given, one joined to ``settings.scheduler`` (with Dask's security config), or a
+    local cluster of ``settings.workers`` processes with one thread each, bound to 127.0.0.1."""
+    if client is not None:
+        yield client
+        return
+    from distributed import Client, LocalCluster
+    from distributed.security import Security
+
+    if settings.scheduler:
+        try:
+            c = Client(settings.scheduler, security=Security(), timeout="30s")
+        except (OSError, TimeoutError) as e:
+            raise InputError(f"cannot reach the Dask scheduler at {settings.scheduler}: {e}; "
+                             "check the address, and for tls:// Dask's distributed.comm.tls settings") from e
+        try:
+            yield c
+        finally:
+            c.close()
+        return
+    cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address="127.0.0.1:0", memory_limit=settings.memory_limit, silence_logs=logging.ERROR)
+    c = Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close(timeout=20)
+
+
+class _Bar:
+    """tqdm bar on stderr: scans done, failures, scans per minute, ETA."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar, self.t0, self.done, self.failed = None, time.time(), 0, 0
+        if enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="propagate", unit="scan", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, ok: bool) -> None:
+        self.done += 1
+        self.failed += not ok
+        if self.bar is not None:
+            per_min = 60.0 * self.done / max(time.time() - self.t0, 1e-6)
+            self.bar.set_postfix_str(f"{self.failed} failed, {per_min:.1f} scans/min", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Scan], out_dir: str | Path,
+              options: MatchOptions = DEFAULT_OPTIONS, settings: PropagateSettings = DEFAULT_SETTINGS, *,
+              client=None, cancel: threading.Event | None = None, on_result: ResultHook | None = None,
+              echo: Callable[[str], None] | None = None) -> PropagateSummary:
+    """Carry an atlas's landmarks to many scans on Dask; write per-scan files, tables, ``run.json`` and a report.
+
+    Args:
+        atlases: one :class:`Atlas` (image + point file); several are refused until multi-atlas fusion exists.
+        scans: a manifest CSV (``path`` column, optional ``id``), a folder of images, or a list of :class:`Scan`.
+        out_dir: the output folder (created); see :mod:`samembed.propagate.results` for its layout.
+        options: how each scan is matched (the same :class:`~samembed.options.MatchOptions` as ``Matcher.match``).
+        settings: model, cluster, output and resume settings (:class:`PropagateSettings`).
+        client: an existing ``distributed.Client`` to run on (then ``settings.workers``/``scheduler`` are unused).
+        cancel: when set, the run stops after the scan in hand, keeps what finished, and raises
+            :class:`~samembed.errors.Cancelled` whose ``partial`` is the :class:`PropagateSummary`.
+        on_result: called with each scan's record (and the client) after its files are written.
+        echo: where one-line messages go (resume counts, summary); default: the log.
+
+    Returns:
+        :class:`PropagateSummary`.
+
+    Raises:
+        InputError: bad atlas, points, manifest or output folder (an existing run without ``resume``).
+        MissingDependencyError: Dask distributed is not installed.
+        KeyboardInterrupt, Cancelled: after keeping everything finished.
+    """
+    require_dask()
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    from ..io import read_points
+    from .task import ScanJob, failure, match_scan, prepare_atlas
+
+    say = echo or log.info
+    t0 = time.time()
+    atlas = _one_atlas(atlases)
+    if not isinstance(options, MatchOptions):
+        raise InputError(f"options must be a samembed.MatchOptions, not {type(options).__name__}")
+    if options.heatmap:
+        raise InputError("propagate does not write heatmaps; use samembed match --heatmap-dir for a few scans")
+    scan_list = list(scans) if isinstance(scans, (list, tuple)) else read_scans(scans)
+    points = read_points(atlas.points, ras=atlas.ras)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out)
+    if store.has_results() and not settings.resume:
+        raise InputError(f"{out} already holds the results of a run; pass --resume to continue it, "
+                         "or choose another --out")
+    cache_dir = str(Path(settings.cache_dir or out / "cache").resolve())
+    job = ScanJob(atlas.image, tuple(points.labels), tuple(tuple(float(v) for v in p) for p in points.points_lps_mm),
+                  options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm)
+    run_info: dict[str, Any] = {
+        "status": "starting", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "out_dir": str(out.resolve()),
+        "atlas": {"image": atlas.image, "points": atlas.points, "labels": list(points.labels),
+                  "points_lps_mm": [list(p) for p in job.points_lps_mm]},
+        "scans": len(scan_list), "options": options.to_dict(), "settings": settings.to_dict(), "cache_dir": cache_dir,
+    }
+    with _client(settings, client) as c:
+        workers = len(c.scheduler_info().get("workers", {}))
+        run_info["cluster"] = {"scheduler": c.scheduler.address, "workers": workers}
+        t_prep = time.time()
+        prep = c.submit(prepare_atlas, job, pure=False, key=f"samembed-atlas-{uuid.uuid4().hex}").result()
+        run_info["phases_s"] = {"start": t_prep - t0, "prepare_atlas": time.time() - t_prep}
+        say(f"atlas ready in {time.time() - t_prep:.1f} s in {cache_dir} ({prep['model_id']})")
+        fp = fingerprint(prep, {"labels": list(points.labels), "points_lps_mm": run_info["atlas"]["points_lps_mm"]},
+                         options, settings)
+        todo, skipped, stale = store.plan(scan_list, fp)
+        if settings.resume:
+            say(f"resume: skipping {skipped} of {len(scan_list)} scans already finished with these settings; "
+                f"{len(todo)} to do" + (f" ({stale} finished with other settings are redone)" if stale else ""))
+        run_info.update(status="running", fingerprint=fp, model={"id": prep["model_id"], "sha256": prep["model_sha256"]},
+                        atlas_embedding_key=prep["atlas_key"], versions={"workers": prep["versions"],
+                                                                         "client": _client_versions()},
+                        resumed_skipped=skipped, stale=stale)
+        store.write_run(run_info)
+        token = uuid.uuid4().hex[:8]
+        futures = {c.submit(match_scan, s, job, key=f"samembed-match-{s.id}-{token}", pure=False): s for s in todo}
+        bar = _Bar(len(todo), settings.progress)
+        finished = failed = 0
+        t_scans, write_s = time.time(), 0.0
+        interrupted = False
+        try:
+            for fut in as_completed(futures):
+                scan = futures[fut]
+                try:
+                    rec = fut.result()
+                except KilledWorker as e:
+                    rec = failure(scan, f"the worker process died each time it matched this scan ({e}); "
+                                        "usually out of memory: give workers more memory or use fewer --workers")
+                except CancelledError:
+                    continue
+                except Exception as e:  # noqa: BLE001 - e.g. a task that could not be deserialised
+                    rec = failure(scan, f"{type(e).__name__}: {e}")
+                t_write = time.time()
+                rec = store.add(rec, fp, ras=settings.ras)
+                write_s += time.time() - t_write
+                run_info["phases_s"].update(scans=time.time() - t_scans, client_writes=write_s)
+                ok = rec["status"] == "ok"
+                finished += ok
+                failed += not ok
+                bar.update(ok)
+                store.write_tables(scan_list, force=False, every_s=settings.csv_every_s)
+                if on_result is not None:
+                    on_result(rec, c)
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"cancelled after {finished + failed} of {len(todo)} scans")
+        except (KeyboardInterrupt, Cancelled) as e:
+            interrupted = True
+            for fut in futures:
+                fut.cancel()
+            summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, True, workers)
+            say(f"interrupted: {summary.finished + summary.skipped} scans kept in {out}; rerun with --resume to finish")
+            if isinstance(e, Cancelled):
+                e.partial = summary
+            raise
+        finally:
+            bar.close()
+    summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, interrupted, workers)
+    if settings.report:
+        from .report import write_report
+
+        t_report = time.time()
+        summary.report = write_report(out, settings.report_thumbnails)
+        run_info["phases_s"]["report"] = time.time() - t_report
+        store.write_run(run_info)
+    say(f"{summary.finished} scans matched, {summary.failed} failed, {summary.skipped} skipped (finished before) "
+        f"in {summary.elapsed_s:.0f} s; results in {out}")
+    return summary
+
+
+def _finish(store: ResultStore, scans: list[Scan], run_info: dict, out: Path, t0: float, finished: int, failed: int,
+            skipped: int, stale: int, interrupted: bool, workers: int) -> PropagateSummary:
+    """Write the tables and ``run.json``; the summary, with the mean per-scan times of this run's scans."""
+    store.write_tables(scans)
+    elapsed = time.time() - t0
+    keys = ("read_s", "embed_s", "match_s", "thumbnails_s", "total_s")
+    recent = [r for r in store.records.values() if r.get("status") == "ok" and r.get("finished", "") >= run_info["started"]]
+    timings = {k: sum(r["timings"].get(k, 0.0) for r in recent) / len(recent) for k in keys} if recent else {}
+    n_failed = sum(1 for s in scans if store.records.get(s.id, {}).get("status") == "failed")
+    run_info.update(status="interrupted" if interrupted else "finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    elapsed_s=elapsed, matched_this_run=finished, failed_this_run=failed,
+                    done=sum(1 for s in scans if store.records.get(s.id, {}).get("status") == "ok"), failed=n_failed,
+                    mean_scan_timings_s=timings)
+    store.write_run(run_info)
+    return PropagateSummary(out, len(scans), finished, failed, skipped, stale, elapsed, interrupted, None, workers, timings)
+
+
+def _client_versions() -> dict:
+    import platform
+
+    from .. import __version__
+
+    out = {"samembed": __version__, "python": platform.python_version()}
+    try:
+        import dask
+        import distributed
+
+        out.update(dask=dask.__version__, distributed=distributed.__version__)
+    except ImportError:
+        pass
+    return out

@@ -1,0 +1,230 @@
+"""What runs on a Dask worker: embed the atlas once, then match one scan per task.
+
+Each worker process keeps one :class:`~samembed.api.Matcher` (model loaded) and the atlas embedding across
+tasks in a module-level slot keyed by the engine settings. The atlas embedding reaches the workers through
+the on-disk embedding cache folder: :func:`prepare_atlas` computes it once and stores it there; every worker
+then loads it from that folder instead of recomputing it. Scan embeddings are never written to disk.
+
+The functions here return plain dicts (a *record* per scan) and never raise for a bad scan: a scan that
+cannot be read, has the wrong dimension or runs out of memory comes back as a failure record with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..options import MatchOptions
+from .manifest import Scan
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    """Everything a worker needs besides the scan (small, pickled with each task).
+
+    ``points_lps_mm`` is a tuple of (x, y, z) LPS mm triples; ``engine`` the worker Matcher's settings
+    (:meth:`PropagateSettings.engine_key`); ``cache_dir`` the folder carrying the atlas embedding.
+    """
+
+    atlas_image: str
+    labels: tuple[str, ...]
+    points_lps_mm: tuple[tuple[float, float, float], ...]
+    options: MatchOptions
+    engine: tuple
+    cache_dir: str
+    thumbnails: bool = True
+    thumbnail_mm: float = 80.0
+
+
+@dataclass
+class _Engine:
+    """A worker's Matcher, the atlas embeddings it holds, and counters the tests and the benchmark read."""
+
+    key: tuple
+    matcher: Any
+    atlases: dict = field(default_factory=dict)  # (atlas path, cache dir) -> (Image, EmbeddingMaps)
+    stats: dict = field(default_factory=lambda: {"model_loads": 1, "atlas_loaded": 0, "atlas_computed": 0, "scans": 0})
+
+
+_ENGINE: dict[str, _Engine] = {}  # one per worker process: {"engine": _Engine}
+#: tasks of one process run one at a time: a worker started with several threads shares one Matcher and its
+#: caches, so extra threads would only contend for them (start workers with one thread each and more processes)
+_LOCK = threading.Lock()
+
+
+def _engine(job: ScanJob) -> _Engine:
+    """This process's engine for ``job.engine`` (built on first use; a different key replaces it)."""
+    eng = _ENGINE.get("engine")
+    if eng is None or eng.key != job.engine:
+        _ENGINE.clear()  # free the previous model and embeddings before loading another
+        from ..api import Matcher
+
+        model, device, modality, max_tile_voxels, spacing_mm, cache_bytes = job.engine
+        matcher = Matcher(model=model, device=device, cache_bytes=cache_bytes, cache_dir=None, modality=modality,
+                          max_tile_voxels=max_tile_voxels, spacing_mm=spacing_mm)
+        eng = _ENGINE["engine"] = _Engine(job.engine, matcher)
+    return eng
+
+
+def _atlas(eng: _Engine, job: ScanJob):
+    """The atlas image and its embedding, loaded from the cache folder (computed and stored there if absent)."""
+    key = (job.atlas_image, job.cache_dir)
+    if key not in eng.atlases:
+        from ..api import as_image
+        from ..embedding import Embedder
+
+        m = eng.matcher
+        eng.atlases.clear()  # one run's atlas at a time: a long-lived worker must not collect every run's atlas
+        image = as_image(job.atlas_image, spacing_mm=m.spacing_mm)
+        disk = Embedder(m.model, m.device, m.cache, job.cache_dir, m.embedder.max_tile_voxels, m.embedder.modality)
+        on_disk = disk._disk_path(disk.key(image)).is_file()
+        if not on_disk:
+            m.cache.clear()  # an in-memory copy (e.g. of an earlier run) would keep it from reaching the folder
+            disk.embed(image)  # computed once, stored in the cache folder
+            m.cache.clear()
+        # every worker matches with the float16 maps read from the folder, so results do not depend on where a
+        # scan ran (the worker that computed them would otherwise hold float32 maps)
+        maps = disk.embed(image)
+        eng.stats["atlas_loaded" if on_disk else "atlas_computed"] += 1
+        eng.atlases[key] = (image, maps)
+    return eng.atlases[key]
+
+
+def versions() -> dict[str, str]:
+    """Versions of what computes the results, as seen by this process."""
+    import platform
+
+    import SimpleITK as sitk
+    import torch
+
+    from .. import __version__
+
+    out = {"samembed": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "SimpleITK": sitk.Version.VersionString()}
+    try:
+        import dask
+        import distributed
+
+        out.update(dask=dask.__version__, distributed=distributed.__version__)
+    except ImportError:
+        pass
+    return out
+
+
+def prepare_atlas(job: ScanJob) -> dict:
+    """Load the model and compute the atlas embedding into the cache folder (once per run).
+
+    Returns the model's id and SHA-256 (None for random weights), the atlas embedding's cache key, the versions
+    on the worker and the time taken (s).
+    """
+    t0 = time.time()
+    os.makedirs(job.cache_dir, exist_ok=True)
+    with _LOCK:
+        eng = _engine(job)
+        image, maps = _atlas(eng, job)
+    d = image.ndim
+    outside = ~image.grid.contains_index(image.grid.lps_to_index(np.asarray(job.points_lps_mm)[:, :d]), margin=0.5)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise InputError(f"{job.atlas_image}: atlas point '{job.labels[i]}' at {job.points_lps_mm[i]} mm LPS lies outside "
+                         "the image; if the point file is RAS, pass --ras")
+    model = eng.matcher.model
+    return {"model_id": model.model_id, "model_sha256": model.sha256, "atlas_key": maps.key,
+            "atlas_content_sha256": image.content_hash(), "atlas_ndim": d, "versions": versions(),
+            "prepare_s": time.time() - t0, "stats": dict(eng.stats)}
+
+
+def failure(scan: Scan, reason: str, **extra: Any) -> dict:
+    """The record of a scan that could not be matched."""
+    return {"scan": scan.id, "path": scan.path, "status": "failed", "reason": reason, **extra}
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        return (f"out of memory ({type(e).__name__}: {text[:200]}); give each worker more memory (fewer --workers, "
+                "--memory-limit) or lower max_tile_voxels")
+    if isinstance(e, InputError):
+        return text
+    return f"{type(e).__name__}: {text}"
+
+
+def match_scan(scan: Scan, job: ScanJob) -> dict:
+    """Match the atlas points into one scan; a record with the matches, thumbnails (PNG bytes) and timings (s).
+
+    Never raises for a bad scan: the record then has ``status="failed"`` and the ``reason``.
+    """
+    with _LOCK:
+        return _match_scan(scan, job)
+
+
+def _match_scan(scan: Scan, job: ScanJob) -> dict:
+    t0, cpu0 = time.time(), time.process_time()
+    try:
+        from ..api import as_image
+
+        eng = _engine(job)
+        atlas_image, _ = _atlas(eng, job)
+        m = eng.matcher
+        t_read = time.time()
+        target = as_image(scan.path, spacing_mm=m.spacing_mm)
+        t_read = time.time() - t_read
+        res = m.match(atlas_image, np.asarray(job.points_lps_mm), [target], list(job.labels), job.options,
+                      target_names=[scan.path])
+        t_thumbs = time.time()
+        thumbs = {}
+        matches = []
+        for mt in res.matches:
+            matches.append({"label": mt.label, "x": float(mt.point_lps_mm[0]), "y": float(mt.point_lps_mm[1]),
+                            "z": float(mt.point_lps_mm[2]), "score": float(mt.score), "confident": bool(mt.confident),
+                            "roundtrip_mm": float(mt.roundtrip_mm), "rematched": bool(mt.rematched),
+                            "polished": bool(mt.polished), "ncc": float(mt.ncc)})
+            if job.thumbnails:
+                from .thumbnails import landmark_png
+
+                thumbs[mt.label] = landmark_png(target, mt.point_lps_mm, job.thumbnail_mm)
+        t_thumbs = time.time() - t_thumbs
+    except Exception as e:  # noqa: BLE001 - every failure of one scan is recorded, the run goes on
+        return failure(scan, _reason(e), timings={"total_s": time.time() - t0}, worker=_where())
+    finally:
+        _release(job)
+    eng.stats["scans"] += 1
+    timings = {"read_s": t_read, "embed_s": res.timings.get("target0_embed_s", 0.0),
+               "match_s": res.timings.get("target0_match_s", 0.0), "thumbnails_s": t_thumbs,
+               "total_s": time.time() - t0, "cpu_s": time.process_time() - cpu0}
+    return {"scan": scan.id, "path": scan.path, "status": "ok", "matches": matches, "thumbnails": thumbs,
+            "timings": timings, "worker": _where(), "stats": dict(eng.stats)}
+
+
+def _release(job: ScanJob) -> None:
+    """Drop the scan's embedding (and priors) but keep the atlas embedding in memory for the next task."""
+    eng = _ENGINE.get("engine")
+    if eng is None:
+        return
+    eng.matcher.clear_cache()
+    for _, maps in eng.atlases.values():
+        eng.matcher.cache.put(maps.key, maps)
+
+
+def _where() -> dict:
+    """This worker's process id, address (when on Dask) and resident memory (bytes)."""
+    out: dict[str, Any] = {"pid": os.getpid()}
+    try:
+        import psutil
+
+        out["rss_bytes"] = int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        from distributed import get_worker
+
+        out["address"] = get_worker().address
+    except (ImportError, ValueError):
+        pass
+    return out

@@ -1,0 +1,76 @@
+"""Small review pictures of a landmark on its scan: an axial and a coronal crop side by side, point marked.
+
+Rendered on the workers (where the scan is already in memory) as PNG bytes; numpy, scipy and matplotlib's
+PNG writer only (no figure, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from ..image import Image
+
+#: thumbnail panel size, pixels
+PANEL_PX = 96
+_RED = np.array([1.0, 0.15, 0.1])
+
+
+def _plane(image: Image, centre_lps: np.ndarray, u: np.ndarray, v: np.ndarray, width_mm: float) -> np.ndarray:
+    """Intensities on a square of ``width_mm`` around ``centre_lps`` spanned by unit vectors ``u`` (columns) and
+    ``v`` (rows), linearly interpolated; NaN outside the image."""
+    from scipy.ndimage import map_coordinates
+
+    step = width_mm / PANEL_PX
+    t = (np.arange(PANEL_PX) - (PANEL_PX - 1) / 2) * step
+    pts = centre_lps[None, None, :] + t[None, :, None] * u + t[:, None, None] * v  # (rows, cols, 3)
+    d = image.ndim
+    idx = image.grid.lps_to_index(pts.reshape(-1, 3)[:, :d])  # (n, d) in (i, j, k) order
+    coords = idx[:, ::-1].T  # array order (k, j, i)
+    vals = map_coordinates(image.array.astype(np.float32), coords, order=1, mode="constant", cval=np.nan)
+    return vals.reshape(PANEL_PX, PANEL_PX)
+
+
+def _grey(values: np.ndarray, ct: bool) -> np.ndarray:
+    """Intensities -> [0, 1] grey: a soft-tissue/bone window for CT, the 1-99 % range otherwise."""
+    finite = values[np.isfinite(values)]
+    if ct:
+        lo, hi = -400.0, 600.0
+    elif finite.size:
+        lo, hi = np.percentile(finite, [1, 99])
+    else:
+        lo, hi = 0.0, 1.0
+    g = np.clip((np.nan_to_num(values, nan=lo) - lo) / max(hi - lo, 1e-6), 0, 1)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def _mark(rgb: np.ndarray) -> np.ndarray:
+    """A red cross-hair with an open centre at the panel's middle."""
+    c, gap, arm = PANEL_PX // 2, 3, 10
+    for a in range(gap, arm):
+        for y, x in ((c, c - a), (c, c + a), (c - a, c), (c + a, c)):
+            rgb[y, x] = _RED
+    return rgb
+
+
+def landmark_png(image: Image, point_lps_mm, width_mm: float = 80.0) -> bytes:
+    """PNG bytes: axial (left; patient left to the right, anterior up) and coronal (right; superior up) crops of
+    ``width_mm`` around ``point_lps_mm`` (LPS mm), the point marked; one panel for 2D images."""
+    from matplotlib.image import imsave
+
+    p = np.zeros(3)
+    p[: len(point_lps_mm)] = np.asarray(point_lps_mm, dtype=float)[:3]
+    finite = image.array[np.isfinite(image.array)] if image.array.dtype.kind == "f" else image.array
+    ct = image.ndim == 3 and finite.size > 0 and float(np.min(finite)) < -500
+    x, y, z = np.eye(3)
+    if image.ndim == 2:
+        panels = [_plane(image, p, x, y, width_mm)]
+    else:
+        panels = [_plane(image, p, x, y, width_mm), _plane(image, p, x, -z, width_mm)]
+    rgbs = [_mark(_grey(v, ct)) for v in panels]
+    sep = np.ones((PANEL_PX, 3, 3))
+    out = rgbs[0] if len(rgbs) == 1 else np.concatenate([rgbs[0], sep, rgbs[1]], axis=1)
+    buf = io.BytesIO()
+    imsave(buf, out, format="png")
+    return buf.getvalue()

@@ -1,0 +1,353 @@
+"""``samembed propagate``: landmark sets carried to many real scans on a local Dask cluster.
+
+One module-scoped LocalCluster of 2 worker processes (1 thread each) serves every run here. The model is the
+sam-lite network with seeded random weights and a 4 mm input grid, saved as a checkpoint (so that the run
+records a model hash), which keeps each of the ten 128^3 OpenKBP CTs to a few seconds.
+Skipped with a message when ../shared/data (or dask) is absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from samembed.errors import Cancelled
+from samembed.options import MatchOptions
+
+from ..conftest import DATA
+
+pytestmark = pytest.mark.needs_data
+
+OPENKBP = DATA / "ct" / "openkbp"
+ATLAS_ID = "pt_201"
+SCAN_IDS = [f"pt_{n}" for n in range(202, 212)]  # ten scans of other patients
+OPTIONS = MatchOptions()
+
+
+def _require_data() -> None:
+    missing = [p for p in (OPENKBP / "oar_centroids.csv", OPENKBP / "ct" / f"{ATLAS_ID}_ct.nii.gz") if not p.exists()]
+    if missing:
+        pytest.skip(f"real data not available: {missing[0]} is missing (set SAMEMBED_DATA or place ../shared/data beside the repo)")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The checkpoint, the atlas (image + its 7 organ centroids) and the ten scans."""
+    _require_data()
+    pytest.importorskip("distributed", reason="dask[distributed] not installed (pip install 'samembed[dataset]')")
+    import torch
+    from samembed.models import save_checkpoint
+    from samembed.networks import build_network
+    from samembed.preprocess import PreprocessConfig
+    from samembed.propagate import Atlas, Scan
+
+    root = tmp_path_factory.mktemp("propagate")
+    torch.manual_seed(0)
+    net = build_network("sam-lite", None)
+    net.eval()
+    model = save_checkpoint(root / "sam-lite-random-4mm.pt", net, PreprocessConfig(spacing_mm=4.0, fill="air"),
+                            name="sam-lite-random-4mm")
+    rows = [r for r in csv.DictReader((OPENKBP / "oar_centroids.csv").open()) if r["patient"] == ATLAS_ID]
+    points = root / "atlas.csv"
+    points.write_text("label,x,y,z\n" + "".join(f"{r['structure']},{r['x_mm']},{r['y_mm']},{r['z_mm']}\n" for r in rows))
+    scans = [Scan(f"{sid}_ct", str(OPENKBP / "ct" / f"{sid}_ct.nii.gz")) for sid in SCAN_IDS]
+    scans = [s for s in scans if Path(s.path).exists()]
+    assert len(scans) >= 8
+    manifest = root / "scans.csv"
+    manifest.write_text("path\n" + "".join(f"{s.path}\n" for s in scans))
+    return {"root": root, "model": str(model), "atlas": Atlas(str(OPENKBP / "ct" / f"{ATLAS_ID}_ct.nii.gz"), str(points)),
+            "labels": [r["structure"] for r in rows], "scans": scans, "manifest": manifest}
+
+
+@pytest.fixture(scope="module")
+def client(setup):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+        yield c
+
+
+def _settings(setup, **kw):
+    from samembed.propagate import PropagateSettings
+
+    # one cache folder for every run here: the atlas is embedded by the first run only
+    return PropagateSettings(model=setup["model"], device="cpu", progress=False, cache_dir=str(setup["root"] / "cache"),
+                             **kw)
+
+
+def _rows(out: Path) -> list[dict]:
+    return list(csv.DictReader((out / "matches.csv").open()))
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, client):
+    """One uninterrupted run over the ten scans: the reference of the other tests."""
+    from samembed.propagate import propagate
+
+    out = setup["root"] / "full"
+    summary = propagate(setup["atlas"], setup["manifest"], out, OPTIONS, _settings(setup), client=client)
+    return out, summary
+
+
+_REFERENCE = """
+import json, sys
+from samembed.api import Matcher
+from samembed.io import read_points
+model, atlas, points, cache, out = sys.argv[1:6]
+pts = read_points(points)
+res = Matcher(model=model, device="cpu", cache_dir=cache).match(atlas, pts.points_lps_mm, sys.argv[6:], pts.labels)
+json.dump([{"target_index": m.target_index, "label": m.label, "x": float(m.point_lps_mm[0]),
+            "y": float(m.point_lps_mm[1]), "z": float(m.point_lps_mm[2]), "score": m.score, "confident": m.confident,
+            "roundtrip_mm": m.roundtrip_mm, "rematched": m.rematched, "polished": m.polished} for m in res.matches],
+          open(out, "w"))
+"""
+
+
+def _single_process_match(setup, cache_dir: Path, paths: list[str]) -> list[dict]:
+    """``Matcher.match`` of the atlas points into ``paths`` in one fresh process with one thread per library."""
+    import json
+
+    out = setup["root"] / "reference.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _REFERENCE, setup["model"], setup["atlas"].image, setup["atlas"].points,
+                           str(cache_dir), str(out), *paths], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text())
+
+
+def test_two_workers_equal_a_single_process_match(setup, full_run):
+    from samembed.propagate.results import ResultStore
+
+    out, summary = full_run
+    scans = setup["scans"]
+    assert (summary.finished, summary.failed, summary.skipped) == (len(scans), 0, 0)
+    rows = _rows(out)
+    assert len(rows) == len(scans) * len(setup["labels"])
+    # one process running Matcher.match over all scans, with the thread settings of a Dask worker (numpy's BLAS
+    # threads change the last bits of the affine fits), the same model and the atlas embedding from the same
+    # cache folder (as the workers read it)
+    ref = _single_process_match(setup, setup["root"] / "cache", [s.path for s in scans])
+    records = ResultStore(out).load()
+    for m in ref:
+        got = {g["label"]: g for g in records[scans[m["target_index"]].id]["matches"]}[m["label"]]
+        assert [got[k] for k in ("x", "y", "z", "score", "confident", "roundtrip_mm", "rematched", "polished")] == \
+            [m[k] for k in ("x", "y", "z", "score", "confident", "roundtrip_mm", "rematched", "polished")]
+    # one .mrk.json per scan; the atlas embedded once (by one worker), then loaded from the cache folder;
+    # each worker process loaded its model once and kept it across scans
+    assert sorted(p.name for p in (out / "scans").glob("*.mrk.json")) == sorted(f"{s.id}.mrk.json" for s in scans)
+    last = {}
+    for rec in records.values():
+        pid = rec["worker"]["pid"]
+        if rec["stats"]["scans"] >= last.get(pid, {"scans": 0})["scans"]:
+            last[pid] = rec["stats"]
+    assert len(last) == 2 and all(s["model_loads"] == 1 for s in last.values())
+    assert sum(s["atlas_computed"] for s in last.values()) == 1
+    assert sum(s["scans"] for s in last.values()) == len(scans)
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["model"]["sha256"] and len(run["fingerprint"]) == 64
+    assert run["options"] == OPTIONS.to_dict() and "torch" in run["versions"]["workers"]
+
+
+class _Report(HTMLParser):
+    """Section ids, the images inside each scan section, the in-page links, and any external resource."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids, self.links, self.external, self.section, self.images = set(), [], [], None, {}
+        self.plot = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        if tag == "section":
+            self.section = a.get("id")
+            self.images[self.section] = []
+        if tag == "a" and a.get("href", "").startswith("#"):
+            self.links.append(a["href"][1:])
+        for key in ("src", "href"):
+            if a.get(key, "").startswith(("http:", "https:", "//")):
+                self.external.append(a[key])
+        if tag == "img":
+            if a.get("id") == "summary-plot":
+                self.plot = a["src"].startswith("data:image/png;base64,")
+            elif self.section:
+                self.images[self.section].append(a)
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self.section = None
+
+
+def test_report_renders_and_every_scan_links_to_its_thumbnails(setup, full_run):
+    import base64
+
+    out, summary = full_run
+    assert summary.report == out / "report.html"
+    page = _Report()
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
+    assert page.plot and not page.external
+    rows = _rows(out)
+    for s in setup["scans"]:
+        assert f"scan-{s.id}" in page.links, f"no link to {s.id}'s thumbnails"
+        imgs = page.images[f"scan-{s.id}"]
+        assert sorted(i["data-label"] for i in imgs) == sorted(setup["labels"])
+        for i in imgs:
+            assert i["src"].startswith("data:image/png;base64,")
+            assert base64.b64decode(i["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(page.links) <= page.ids
+    # the table lists every landmark, least confident first
+    text = (out / "report.html").read_text(encoding="utf-8")
+    table = text[text.index('id="landmarks"'):text.index("<h2>Scans")]
+    assert table.count("<tr class=") == len(rows)
+    assert table.index("not-confident") < table.index('"confident"') if "not-confident" in table else True
+
+
+def test_a_killed_worker_loses_and_duplicates_nothing(setup, client, full_run):
+    from samembed.propagate import propagate
+
+    out = setup["root"] / "killed"
+    killed = []
+
+    def kill_a_busy_worker(record, c):
+        """After the first result, SIGKILL a worker process that is matching a scan (as the OOM killer would)."""
+        if killed:
+            return
+        busy = [w for w, keys in c.processing().items() if keys]
+        if busy:
+            pid = c.run(os.getpid, workers=[busy[0]])[busy[0]]
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+    scans = setup["scans"][:6]
+    summary = propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup), client=client,
+                        on_result=kill_a_busy_worker)
+    assert killed, "no worker was busy to kill"
+    assert (summary.finished, summary.failed) == (len(scans), 0)
+    rows = _rows(out)
+    assert len({(r["scan"], r["label"]) for r in rows}) == len(rows)  # nothing duplicated
+    ref = [r for r in _rows(full_run[0]) if r["scan"] in {s.id for s in scans}]
+    assert rows == ref  # nothing lost, same numbers
+    from samembed.propagate.results import ResultStore
+
+    pids = {rec["worker"]["pid"] for rec in ResultStore(out).load().values()}
+    assert pids - {killed[0]}  # the scans after the kill were finished by the other (or the restarted) worker
+
+
+def test_a_corrupt_or_2d_scan_lands_in_failures_and_the_others_finish(setup, client, full_run):
+    from samembed.propagate import propagate
+
+    root = setup["root"]
+    broken = root / "broken_ct.nii.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00 this is not a NIfTI file" * 10)
+    hand = next((DATA / "xray" / "hand_dha37" / "images").glob("*.jpg"), None)
+    good = setup["scans"][:2]
+    manifest = root / "with_bad.csv"
+    lines = [good[0].path, str(broken), good[1].path] + ([str(hand)] if hand else [])
+    manifest.write_text("path\n" + "\n".join(lines) + "\n")
+    out = root / "failures"
+    # this run joins the cluster by its address, as `--scheduler tcp://HOST:PORT` does
+    summary = propagate(setup["atlas"], manifest, out, OPTIONS, _settings(setup, scheduler=client.scheduler.address))
+    assert summary.finished == 2 and summary.failed == len(lines) - 2
+    failures = list(csv.DictReader((out / "failures.csv").open()))
+    by_scan = {f["scan"]: f for f in failures}
+    assert str(broken) in by_scan["broken_ct"]["reason"] and "cannot read" in by_scan["broken_ct"]["reason"]
+    if hand:
+        assert "2D target cannot be matched with the 3D source" in by_scan[hand.stem]["reason"]
+    assert [r for r in _rows(out)] == [r for r in _rows(full_run[0]) if r["scan"] in {g.id for g in good}]
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_run):
+    from samembed.propagate import propagate
+    from samembed.propagate.results import ResultStore
+
+    scans = setup["scans"][:6]
+    out = setup["root"] / "resumed"
+    stop = threading.Event()
+    seen = []
+
+    def stop_after_three(record, c):
+        seen.append(record["scan"])
+        if len(seen) == 3:
+            stop.set()
+
+    with pytest.raises(Cancelled) as info:
+        propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup), client=client, cancel=stop,
+                  on_result=stop_after_three)
+    assert info.value.partial.finished == 3
+    before = {sid: rec["finished"] for sid, rec in ResultStore(out).load().items()}
+    assert sorted(before) == sorted(seen)
+    # without --resume, the folder is refused
+    from samembed.errors import InputError
+
+    with pytest.raises(InputError, match="--resume"):
+        propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup), client=client)
+    messages = []
+    summary = propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup, resume=True), client=client,
+                        echo=messages.append)
+    assert (summary.skipped, summary.finished, summary.failed) == (3, 3, 0)
+    assert any("skipping 3 of 6" in m for m in messages)
+    after = ResultStore(out).load()
+    assert all(after[sid]["finished"] == t for sid, t in before.items())  # not recomputed
+    ref = [r for r in _rows(full_run[0]) if r["scan"] in {s.id for s in scans}]
+    assert _rows(out) == ref
+    # other match settings: nothing is skipped
+    summary = propagate(setup["atlas"], scans[:1], out, OPTIONS.replace(polish=False), _settings(setup, resume=True),
+                        client=client)
+    assert (summary.skipped, summary.stale, summary.finished) == (0, 1, 1)
+
+
+def test_the_command_line_refuses_several_atlases_and_explains_missing_dask(setup, tmp_path, capsys, monkeypatch):
+    from samembed.cli import main
+
+    a = setup["atlas"]
+    argv = ["propagate", "--atlas", a.image, a.points, "--atlas", a.image, a.points, "--scans", str(setup["manifest"]),
+            "--out", str(tmp_path / "out"), "--model", setup["model"]]
+    assert main(argv) == 2
+    assert "multi-atlas fusion is not available yet" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask were not installed
+    assert main(argv[:1] + argv[4:]) == 1
+    assert "pip install 'samembed[dataset]'" in capsys.readouterr().err
+
+
+def test_help_and_the_engine_import_without_dask(repo_root):
+    code = ("import sys; sys.modules['dask'] = None; sys.modules['distributed'] = None\n"
+            "from samembed.cli import build_parser\n"
+            "try:\n    build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'jinja2', 'matplotlib') if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "import samembed.api, samembed.propagate, samembed.propagate.report\n")
+    env = dict(os.environ, PYTHONPATH=str(repo_root / "SAMEmbedding") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_manifest_ids_relative_paths_and_duplicates(tmp_path):
+    from samembed.errors import InputError
+    from samembed.propagate import read_scans
+    from samembed.propagate.task import _reason
+
+    (tmp_path / "a").mkdir()
+    for name in ("a/x_ct.nii.gz", "y.nrrd"):
+        (tmp_path / name).write_bytes(b"")
+    man = tmp_path / "m.csv"
+    man.write_text("id,path\n,a/x_ct.nii.gz\nscan two,y.nrrd\n")
+    scans = read_scans(man)
+    got = [(s.id, Path(s.path).relative_to(tmp_path).as_posix()) for s in scans]
+    assert got == [("x_ct", "a/x_ct.nii.gz"), ("scan_two", "y.nrrd")]
+    man.write_text("path\na/x_ct.nii.gz\na/../a/x_ct.nii.gz\n")
+    with pytest.raises(InputError, match="listed twice"):
+        read_scans(man)
+    with pytest.raises(InputError, match="not found"):
+        read_scans(tmp_path / "missing.csv")
+    assert "out of memory" in _reason(MemoryError()) and "fewer --workers" in _reason(MemoryError())
