@@ -9,6 +9,7 @@ Skipped with a message when ../shared/data (or dask) is absent.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -307,14 +308,39 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_r
     assert (summary.skipped, summary.stale, summary.finished) == (0, 1, 1)
 
 
-def test_the_command_line_refuses_several_atlases_and_explains_missing_dask(setup, tmp_path, capsys, monkeypatch):
+def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(setup, client, full_run, tmp_path):
+    from samembed.propagate import Atlas, propagate
+
+    a = setup["atlas"]
+    rows = list(csv.DictReader(Path(a.points).open()))
+    shifted = tmp_path / "shifted.csv"  # the same landmarks placed 60 mm off: an atlas that disagrees
+    shifted.write_text("label,x,y,z\n" + "".join(f"{r['label']},{r['x']},{float(r['y']) + 60.0},{r['z']}\n" for r in rows))
+    atlases = [a, Atlas(a.image, a.points), Atlas(a.image, str(shifted))]
+    out = tmp_path / "fused"
+    summary = propagate(atlases, setup["scans"][:2], out, OPTIONS, _settings(setup), client=client)
+    assert summary.finished == 2 and summary.failed == 0
+    fused = _rows(out)
+    single = {(r["scan"], r["label"]): r for r in _rows(full_run[0])}
+    assert len(fused) == 2 * len(setup["labels"])
+    for r in fused:  # two identical atlases agree; the shifted one is rejected; the point is the single atlas's
+        assert (r["atlases"], r["agreeing"]) == ("3", "2") and float(r["spread_mm"]) < 1e-3
+        ref = single[(r["scan"], r["label"])]
+        assert max(abs(float(r[k]) - float(ref[k])) for k in "xyz") < 1e-3
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["more_atlases"]) == 2
+
+
+def test_the_command_line_names_an_atlas_with_other_labels_and_explains_missing_dask(setup, tmp_path, capsys, monkeypatch):
     from samembed.cli import main
 
     a = setup["atlas"]
-    argv = ["propagate", "--atlas", a.image, a.points, "--atlas", a.image, a.points, "--scans", str(setup["manifest"]),
+    other = tmp_path / "other.csv"
+    other.write_text("label,x,y,z\nSomething,0,0,0\n")
+    argv = ["propagate", "--atlas", a.image, a.points, "--atlas", a.image, str(other), "--scans", str(setup["manifest"]),
             "--out", str(tmp_path / "out"), "--model", setup["model"]]
     assert main(argv) == 2
-    assert "multi-atlas fusion is not available yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(other) in err and "every atlas must carry the same labels" in err
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask were not installed
     assert main(argv[:1] + argv[4:]) == 1
     assert "pip install 'samembed[dataset]'" in capsys.readouterr().err

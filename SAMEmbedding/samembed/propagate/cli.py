@@ -21,8 +21,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "Dask cluster or an existing one. Writes OUT/scans/<id>.mrk.json, OUT/matches.csv, "
                     "OUT/failures.csv, OUT/run.json and OUT/report.html.")
     p.add_argument("--atlas", nargs=2, action="append", required=True, metavar=("IMAGE", "POINTS"),
-                   help="the atlas image and its landmarks (CSV label,x,y,z LPS mm, .fcsv or .mrk.json); "
-                        "one atlas for now (multi-atlas fusion is not available yet)")
+                   help="an atlas image and its landmarks (CSV label,x,y,z LPS mm, .fcsv or .mrk.json); repeat it for "
+                        "several atlases: each landmark is then fused per scan (agreeing atlases and spread in the output)")
     p.add_argument("--scans", required=True, metavar="MANIFEST.csv|FOLDER",
                    help="a CSV with a 'path' column (optional 'id'; relative paths are relative to the CSV) or a folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -32,7 +32,7 @@ from .manifest import Scan, safe_id
 log = logging.getLogger(__name__)
 
 MATCH_COLUMNS = ("scan", "path", "label", "x", "y", "z", "score", "confident", "roundtrip_mm", "rematched",
-                 "polished", "ncc")
+                 "polished", "ncc", "atlases", "agreeing", "spread_mm")
 
 
 class ResultStore:
@@ -109,7 +109,9 @@ class ResultStore:
             pl = PointList([m["label"] for m in ms], [[m["x"], m["y"], m["z"]] for m in ms],
                            [f"score={m['score']:.3f}; confident={str(m['confident']).lower()}; "
                             f"roundtrip_mm={m['roundtrip_mm']:.1f}" + ("; rematched=true" if m["rematched"] else "")
-                            + (f"; polished=true; ncc={m['ncc']:.3f}" if m["polished"] else "") for m in ms])
+                            + (f"; polished=true; ncc={m['ncc']:.3f}" if m["polished"] else "")
+                            + (f"; atlases={m['atlases']}; agreeing={m['agreeing']}; spread_mm={m['spread_mm']:.1f}"
+                               if m.get("atlases", 1) > 1 else "") for m in ms])
             write_points(pl, self.scans_dir / f"{sid}.mrk.json", ras=ras)
         write_text_atomic(self.scans_dir / f"{sid}.json", json.dumps(record, indent=1))
         self.records[sid] = record
@@ -135,7 +137,8 @@ class ResultStore:
             for m in rec["matches"]:
                 mw.writerow((s.id, s.path, m["label"], f"{m['x']:.4f}", f"{m['y']:.4f}", f"{m['z']:.4f}",
                              f"{m['score']:.5f}", str(m["confident"]).lower(), f"{m['roundtrip_mm']:.3f}",
-                             str(m["rematched"]).lower(), str(m["polished"]).lower(), f"{m['ncc']:.4f}"))
+                             str(m["rematched"]).lower(), str(m["polished"]).lower(), f"{m['ncc']:.4f}",
+                             m.get("atlases", 1), m.get("agreeing", 1), f"{m.get('spread_mm', 0.0):.3f}"))
         write_text_atomic(self.out / "matches.csv", mbuf.getvalue())
         write_text_atomic(self.out / "failures.csv", fbuf.getvalue())
 

@@ -69,17 +69,30 @@ class PropagateSummary:
     timings: dict = field(default_factory=dict)
 
 
-def _one_atlas(atlases: Sequence[Atlas] | Atlas) -> Atlas:
-    """The atlas of a run. The seam for multi-atlas fusion: until it exists, exactly one atlas."""
+def _atlas_list(atlases: Sequence[Atlas] | Atlas) -> list[Atlas]:
+    """The atlases of a run (one, or several whose landmarks are fused per scan)."""
     if isinstance(atlases, Atlas):
-        return atlases
+        return [atlases]
     atlases = list(atlases)
     if not atlases:
         raise InputError("no atlas given; pass --atlas IMAGE POINTS")
-    if len(atlases) > 1:
-        raise InputError(f"{len(atlases)} atlases given, but multi-atlas fusion is not available yet; "
-                         "pass one --atlas IMAGE POINTS (run once per atlas to compare them)")
-    return atlases[0]
+    return atlases
+
+
+def _read_atlas_points(atlases: list[Atlas]) -> list:
+    """Each atlas's point list; every atlas must carry the same labels (else the error names the point file)."""
+    from ..io import read_points
+
+    lists = [read_points(a.points, ras=a.ras) for a in atlases]
+    ref = set(lists[0].labels)
+    for a, pl in zip(atlases, lists):
+        if len(set(pl.labels)) != len(pl.labels):
+            raise InputError(f"{a.points}: landmark labels repeat; each atlas needs unique labels")
+        if set(pl.labels) != ref:
+            missing, extra = sorted(ref - set(pl.labels)), sorted(set(pl.labels) - ref)
+            raise InputError(f"{a.points}: its landmarks differ from those of {atlases[0].points} (missing "
+                             f"{missing or 'none'}, extra {extra or 'none'}); every atlas must carry the same labels")
+    return lists
 
 
 def fingerprint(prep: dict, job_points: dict, options: MatchOptions, settings: PropagateSettings) -> str:
@@ -153,7 +166,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     """Carry an atlas's landmarks to many scans on Dask; write per-scan files, tables, ``run.json`` and a report.
 
     Args:
-        atlases: one :class:`Atlas` (image + point file); several are refused until multi-atlas fusion exists.
+        atlases: one :class:`Atlas` (image + point file), or several: each landmark is then fused per scan over
+            them (``Matcher.match_atlases``); every atlas must carry the same labels.
         scans: a manifest CSV (``path`` column, optional ``id``), a folder of images, or a list of :class:`Scan`.
         out_dir: the output folder (created); see :mod:`samembed.propagate.results` for its layout.
         options: how each scan is matched (the same :class:`~samembed.options.MatchOptions` as ``Matcher.match``).
@@ -181,13 +195,15 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
 
     say = echo or log.info
     t0 = time.time()
-    atlas = _one_atlas(atlases)
+    atlas_list = _atlas_list(atlases)
+    atlas = atlas_list[0]
     if not isinstance(options, MatchOptions):
         raise InputError(f"options must be a samembed.MatchOptions, not {type(options).__name__}")
     if options.heatmap:
         raise InputError("propagate does not write heatmaps; use samembed match --heatmap-dir for a few scans")
     scan_list = list(scans) if isinstance(scans, (list, tuple)) else read_scans(scans)
-    points = read_points(atlas.points, ras=atlas.ras)
+    point_lists = _read_atlas_points(atlas_list)
+    points = point_lists[0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out)
@@ -196,11 +212,16 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                          "or choose another --out")
     cache_dir = str(Path(settings.cache_dir or out / "cache").resolve())
     job = ScanJob(atlas.image, tuple(points.labels), tuple(tuple(float(v) for v in p) for p in points.points_lps_mm),
-                  options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm)
+                  options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm,
+                  tuple((a.image, tuple(pl.labels), tuple(tuple(float(v) for v in p) for p in pl.points_lps_mm))
+                        for a, pl in zip(atlas_list[1:], point_lists[1:])))
     run_info: dict[str, Any] = {
         "status": "starting", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "out_dir": str(out.resolve()),
         "atlas": {"image": atlas.image, "points": atlas.points, "labels": list(points.labels),
                   "points_lps_mm": [list(p) for p in job.points_lps_mm]},
+        "more_atlases": [{"image": a.image, "points": a.points, "labels": list(labels),
+                          "points_lps_mm": [list(p) for p in pts]}
+                         for a, (_, labels, pts) in zip(atlas_list[1:], job.more_atlases)],
         "scans": len(scan_list), "options": options.to_dict(), "settings": settings.to_dict(), "cache_dir": cache_dir,
     }
     with _client(settings, client) as c:
@@ -210,8 +231,10 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         prep = c.submit(prepare_atlas, job, pure=False, key=f"samembed-atlas-{uuid.uuid4().hex}").result()
         run_info["phases_s"] = {"start": t_prep - t0, "prepare_atlas": time.time() - t_prep}
         say(f"atlas ready in {time.time() - t_prep:.1f} s in {cache_dir} ({prep['model_id']})")
-        fp = fingerprint(prep, {"labels": list(points.labels), "points_lps_mm": run_info["atlas"]["points_lps_mm"]},
-                         options, settings)
+        job_points = {"labels": list(points.labels), "points_lps_mm": run_info["atlas"]["points_lps_mm"]}
+        if job.more_atlases:
+            job_points["more_atlases"] = run_info["more_atlases"]
+        fp = fingerprint(prep, job_points, options, settings)
         todo, skipped, stale = store.plan(scan_list, fp)
         if settings.resume:
             say(f"resume: skipping {skipped} of {len(scan_list)} scans already finished with these settings; "

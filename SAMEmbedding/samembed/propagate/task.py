@@ -40,6 +40,13 @@ class ScanJob:
     cache_dir: str
     thumbnails: bool = True
     thumbnail_mm: float = 80.0
+    #: further atlases (image path, labels, points) fused with the first one (``Matcher.match_atlases``)
+    more_atlases: tuple[tuple[str, tuple[str, ...], tuple[tuple[float, float, float], ...]], ...] = ()
+
+    @property
+    def all_atlases(self) -> list[tuple[str, tuple[str, ...], tuple[tuple[float, float, float], ...]]]:
+        """Every atlas of the run as (image path, labels, points LPS mm), the first one first."""
+        return [(self.atlas_image, self.labels, self.points_lps_mm), *self.more_atlases]
 
 
 @dataclass
@@ -72,16 +79,20 @@ def _engine(job: ScanJob) -> _Engine:
     return eng
 
 
-def _atlas(eng: _Engine, job: ScanJob):
-    """The atlas image and its embedding, loaded from the cache folder (computed and stored there if absent)."""
-    key = (job.atlas_image, job.cache_dir)
+def _atlas(eng: _Engine, job: ScanJob, path: str | None = None):
+    """An atlas image of the run (the first by default) and its embedding, loaded from the cache folder (computed
+    and stored there if absent)."""
+    path = job.atlas_image if path is None else path
+    key = (path, job.cache_dir)
     if key not in eng.atlases:
         from ..api import as_image
         from ..embedding import Embedder
 
         m = eng.matcher
-        eng.atlases.clear()  # one run's atlas at a time: a long-lived worker must not collect every run's atlas
-        image = as_image(job.atlas_image, spacing_mm=m.spacing_mm)
+        wanted = {(a[0], job.cache_dir) for a in job.all_atlases}
+        for old in [k for k in eng.atlases if k not in wanted]:  # one run's atlases at a time: a long-lived
+            del eng.atlases[old]  # worker must not collect every run's atlases
+        image = as_image(path, spacing_mm=m.spacing_mm)
         disk = Embedder(m.model, m.device, m.cache, job.cache_dir, m.embedder.max_tile_voxels, m.embedder.modality)
         on_disk = disk._disk_path(disk.key(image)).is_file()
         if not on_disk:
@@ -125,18 +136,22 @@ def prepare_atlas(job: ScanJob) -> dict:
     """
     t0 = time.time()
     os.makedirs(job.cache_dir, exist_ok=True)
-    with _LOCK:
-        eng = _engine(job)
-        image, maps = _atlas(eng, job)
-    d = image.ndim
-    outside = ~image.grid.contains_index(image.grid.lps_to_index(np.asarray(job.points_lps_mm)[:, :d]), margin=0.5)
-    if outside.any():
-        i = int(np.argmax(outside))
-        raise InputError(f"{job.atlas_image}: atlas point '{job.labels[i]}' at {job.points_lps_mm[i]} mm LPS lies outside "
-                         "the image; if the point file is RAS, pass --ras")
+    keys, hashes = [], []
+    for path, labels, points in job.all_atlases:
+        with _LOCK:
+            eng = _engine(job)
+            image, maps = _atlas(eng, job, path)
+        d = image.ndim
+        outside = ~image.grid.contains_index(image.grid.lps_to_index(np.asarray(points)[:, :d]), margin=0.5)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise InputError(f"{path}: atlas point '{labels[i]}' at {points[i]} mm LPS lies outside "
+                             "the image; if the point file is RAS, pass --ras")
+        keys.append(maps.key)
+        hashes.append(image.content_hash())
     model = eng.matcher.model
-    return {"model_id": model.model_id, "model_sha256": model.sha256, "atlas_key": maps.key,
-            "atlas_content_sha256": image.content_hash(), "atlas_ndim": d, "versions": versions(),
+    return {"model_id": model.model_id, "model_sha256": model.sha256, "atlas_key": "+".join(keys),
+            "atlas_content_sha256": "+".join(hashes), "atlas_ndim": d, "versions": versions(),
             "prepare_s": time.time() - t0, "stats": dict(eng.stats)}
 
 
@@ -170,13 +185,20 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
         from ..api import as_image
 
         eng = _engine(job)
-        atlas_image, _ = _atlas(eng, job)
+        images = [_atlas(eng, job, path)[0] for path, _, _ in job.all_atlases]
         m = eng.matcher
         t_read = time.time()
         target = as_image(scan.path, spacing_mm=m.spacing_mm)
         t_read = time.time() - t_read
-        res = m.match(atlas_image, np.asarray(job.points_lps_mm), [target], list(job.labels), job.options,
-                      target_names=[scan.path])
+        if job.more_atlases:  # several atlases: each landmark fused over them
+            from ..fusion import Atlas
+
+            atlases = [Atlas(img, np.asarray(pts), labels, path)
+                       for img, (path, labels, pts) in zip(images, job.all_atlases)]
+            res = m.match_atlases(atlases, [target], job.options, target_names=[scan.path])
+        else:
+            res = m.match(images[0], np.asarray(job.points_lps_mm), [target], list(job.labels), job.options,
+                          target_names=[scan.path])
         t_thumbs = time.time()
         thumbs = {}
         matches = []
@@ -184,7 +206,9 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
             matches.append({"label": mt.label, "x": float(mt.point_lps_mm[0]), "y": float(mt.point_lps_mm[1]),
                             "z": float(mt.point_lps_mm[2]), "score": float(mt.score), "confident": bool(mt.confident),
                             "roundtrip_mm": float(mt.roundtrip_mm), "rematched": bool(mt.rematched),
-                            "polished": bool(mt.polished), "ncc": float(mt.ncc)})
+                            "polished": bool(mt.polished), "ncc": float(mt.ncc), "atlases": int(mt.atlases),
+                            "agreeing": int(mt.agreeing), "spread_mm": float(mt.spread_mm),
+                            "rejected": list(mt.rejected)})
             if job.thumbnails:
                 from .thumbnails import landmark_png
 
