@@ -86,7 +86,7 @@ def train_all(variants: list[str], config: Path, cpu_minutes: float, jobs: int) 
         while todo and len(running) < jobs:
             v = todo.pop(0)
             _run_dir(v).mkdir(parents=True, exist_ok=True)
-            fh = open(_run_dir(v) / "train.log", "w", encoding="utf-8")
+            fh = open(_run_dir(v) / "train.log", "w", encoding="utf-8")  # noqa: SIM115 - the training process writes it
             cmd = train_command(v, config, cpu_minutes)
             log.info("training %s: %s", v, " ".join(cmd))
             running.append((v, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT), fh))

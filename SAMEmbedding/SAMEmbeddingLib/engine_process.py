@@ -29,6 +29,7 @@ engine's next check and its late answer is dropped. If the child dies, the waiti
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -255,10 +256,8 @@ class EngineProcess:
         self._proc = self._conn = None
         self._sent.clear()
         if conn is not None:
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(("stop", 0, None))
-            except OSError:
-                pass
         if proc is not None:
             try:
                 proc.wait(timeout)

@@ -48,7 +48,7 @@ def an_official_checkpoint(path: Path, semantic: bool) -> dict:
     return state
 
 
-@pytest.mark.parametrize("semantic,entries,params", [(False, 138, 32_832_960), (True, 146, 33_333_184)])
+@pytest.mark.parametrize(("semantic", "entries", "params"), [(False, 138, 32_832_960), (True, 146, 33_333_184)])
 def test_official_network_has_exactly_the_spec_keys_and_shapes(semantic, entries, params):
     rows = [r for r in spec_rows() if semantic or r[2] == "both"]
     assert len(rows) == entries
@@ -76,7 +76,7 @@ def test_an_official_checkpoint_loads_without_mmcv(tmp_path, semantic):
     assert "official" not in model.info  # not one of the known SHA-256 values
 
 
-@pytest.mark.parametrize("shape,fine,coarse", [((33, 97, 95), (16, 49, 48), (8, 7, 6)), ((7, 50, 21), (3, 25, 11), (2, 4, 2))])
+@pytest.mark.parametrize(("shape", "fine", "coarse"), [((33, 97, 95), (16, 49, 48), (8, 7, 6)), ((7, 50, 21), (3, 25, 11), (2, 4, 2))])
 def test_official_output_sizes_match_the_worked_examples(shape, fine, coarse):
     net = build_network("sam-official").eval()
     with torch.no_grad():

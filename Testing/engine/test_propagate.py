@@ -312,7 +312,7 @@ def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(
     from samembed.propagate import Atlas, propagate
 
     a = setup["atlas"]
-    rows = list(csv.DictReader(Path(a.points).open()))
+    rows = list(csv.DictReader(Path(a.points).read_text().splitlines()))
     shifted = tmp_path / "shifted.csv"  # the same landmarks placed 60 mm off: an atlas that disagrees
     shifted.write_text("label,x,y,z\n" + "".join(f"{r['label']},{r['x']},{float(r['y']) + 60.0},{r['z']}\n" for r in rows))
     atlases = [a, Atlas(a.image, a.points), Atlas(a.image, str(shifted))]

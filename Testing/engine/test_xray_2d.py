@@ -246,7 +246,7 @@ def test_2d_training_runs_on_a_folder_of_radiographs_with_xray_augmentations(tmp
     trainer.load_data()
     # every image, PNG or NIfTI, is 160 x 128 pixels of 0.5 mm: about 80 x 64 voxels on the 1 mm grid
     assert len(trainer.volumes) == 3
-    for name, vol, spacing, threshold in trainer.volumes:
+    for name, vol, _spacing, threshold in trainer.volumes:
         assert vol.shape[0] <= 80 + 2 * 8 and vol.shape[1] <= 64 + 2 * 8, (name, vol.shape)
         # radiographs have no physical intensity scale: the body threshold is the volume's own 5th percentile
         assert threshold == pytest.approx(float(np.percentile(vol.float().numpy(), 5.0)), abs=0.5)

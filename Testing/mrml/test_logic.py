@@ -374,7 +374,7 @@ def test_bad_input_raises_a_clear_error_and_writes_nothing(a_scene, a_logic, a_s
     assert a_scene.GetNumberOfNodes() == nodes_before
 
 
-@pytest.mark.parametrize("model, error, message", [
+@pytest.mark.parametrize(("model", "error", "message"), [
     ("no-such-model", InputError, "unknown model 'no-such-model'"),
     ("/nonexistent/weights.pt", CheckpointError, "checkpoint file not found"),
     ("sam-official", ModelNotAvailableError, "has no weights on this machine"),

@@ -56,7 +56,7 @@ def test_every_option_is_reachable_from_the_parameter_node(a_scene):
     assert changed == {f.name for f in fields(MatchOptions)}
 
 
-@pytest.mark.parametrize("parameter, value, message", [
+@pytest.mark.parametrize(("parameter", "value", "message"), [
     ("priorWindowMm", -1.0, "prior_window_mm must be a finite number >= 0"),
     ("polishLevels", "2 16 x", "polish levels '2 16 x'"),
     ("polishLevels", "2 16", "polish_levels must be"),

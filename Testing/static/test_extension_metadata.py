@@ -32,7 +32,7 @@ def catalog() -> dict:
     return json.loads((REPO / "SAMEmbedding.json").read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("s4ext_key, cmake_key", [
+@pytest.mark.parametrize(("s4ext_key", "cmake_key"), [
     ("homepage", "EXTENSION_HOMEPAGE"), ("category", "EXTENSION_CATEGORY"), ("contributors", "EXTENSION_CONTRIBUTORS"),
     ("description", "EXTENSION_DESCRIPTION"), ("iconurl", "EXTENSION_ICONURL"), ("status", "EXTENSION_STATUS"),
     ("screenshoturls", "EXTENSION_SCREENSHOTURLS"), ("depends", "EXTENSION_DEPENDS"), ("enabled", "EXTENSION_ENABLED"),

@@ -47,7 +47,7 @@ class WebServer:
         self.port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    PYTHONPATH=os.pathsep.join([str(REPO / "SAMEmbedding"), os.environ.get("PYTHONPATH", "")]))
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="samembed-web-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="samembed-web-", suffix=".log", delete=False)  # noqa: SIM115 - the server writes it while it runs
         self.process = subprocess.Popen([sys.executable, "-m", "samembed.cli", "web", *args, "--port", str(self.port)],
                                         stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         end = time.monotonic() + timeout

@@ -413,7 +413,7 @@ def build_lidc_synthetic(out_dir: str | os.PathLike, data: str | os.PathLike | N
         path = _write_image(image, out_dir / "images" / f"lidc_0001_warp{n}.nii.gz")
         src_mask = body_mask(source)
 
-        def accept(points: np.ndarray, phi=phi) -> np.ndarray:
+        def accept(points: np.ndarray, phi=phi, src_mask=src_mask) -> np.ndarray:
             q = transform_points(phi, points)
             ok = _inside(source, q, 15.0)
             idx = np.array([source.TransformPhysicalPointToIndex(tuple(p)) if o else (0, 0, 0) for p, o in zip(q, ok)])

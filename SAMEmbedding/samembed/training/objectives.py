@@ -127,7 +127,7 @@ def _isimed(trainer, views, loc, glob, gen, rng):
 
     cfg = trainer.cfg
     terms = []
-    for b, ((la, ga), (lb, gb)) in enumerate(views):
+    for b, ((_, ga), (_, gb)) in enumerate(views):
         n = cfg.isimed_crops
         pts = []
         for gv in (ga, gb):
@@ -174,7 +174,7 @@ def _adam(trainer, views, loc, glob, gen, rng):
 def _sal(trainer, views, loc, glob, gen, rng):
     cfg = trainer.cfg
     terms, var_terms, pos_terms = [], [], []
-    for b, ((la, ga), _) in enumerate(views):
+    for b, ((_, ga), _) in enumerate(views):
         fmap = loc[2 * b]  # (C, Z, Y, X) unit vectors
         if fmap.dim() != 4 or fmap.shape[1] < 2:
             continue

@@ -134,7 +134,7 @@ class Trainer:
             ma, mb = loc[2 * b], loc[2 * b + 1]
             gma, gmb = glob[2 * b], glob[2 * b + 1]
             # local loss, both directions
-            for (m_src_a, a_l, a_g, p_l, view_b, m_b, gv_b, gm_b) in (
+            for (_m_src, a_l, a_g, p_l, view_b, m_b, gv_b, gm_b) in (
                 (ma, a_loc, a_glob, p_loc, lb, mb, gb, gmb),
                 (mb, p_loc, p_glob, a_loc, la, ma, ga, gma),
             ):
