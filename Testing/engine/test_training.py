@@ -204,7 +204,9 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
 def test_an_interrupted_run_resumed_with_auto_follows_the_uninterrupted_schedule(tmp_path, monkeypatch):
     from samembed.training.train import Trainer
 
-    Trainer(tiny_config(tmp_path / "a", "sam", iterations=4, warmup=2), progress=False).run()
+    Trainer(tiny_config(tmp_path / "a", "sam", iterations=4, warmup=2, snapshot_every=2), progress=False).run()
+    snaps = sorted(p.name for p in (tmp_path / "a" / "run" / "snapshots").iterdir())
+    assert snaps == ["it_000002.pt", "it_000004.pt"]  # weights-only copies for the error-vs-training-time curve
     b_cfg = tiny_config(tmp_path / "b", "sam", iterations=4, warmup=2)
     real = Trainer.compute_loss
 

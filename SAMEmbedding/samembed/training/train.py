@@ -252,6 +252,7 @@ class Trainer:
                 if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                     self._save_resume(net, opt, done, rng, gen)
                 if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+                    (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
                     save_checkpoint(self.out / "snapshots" / f"it_{done:06d}.pt", net, self.prep, name=cfg.name,
                                     train_config=cfg.to_dict(), iteration=done,
                                     extra={"cpu_seconds_total": cpu_before + time.process_time()}, half=True)
