@@ -229,7 +229,7 @@ class Matcher:
         n_targets = len(inputs.targets)
         if progress:
             progress(0, n_targets, f"embedding source {Path(inputs.source.name).name}")
-        src_maps = embedder.embed(inputs.source, cancel=cancel)
+        src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need them
         result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
         for ti, target in enumerate(inputs.targets):
             if cancel is not None and cancel.is_set():
@@ -238,7 +238,7 @@ class Matcher:
             tgt, name = self._target(inputs, ti, target)
             if progress:
                 progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
-            tmaps = embedder.embed(tgt, cancel=cancel)
+            tmaps = embedder.embed(tgt, cancel=cancel, on_demand=True)
             t_embed = time.time() - t1
             region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
             def phase(step: str, ti: int = ti) -> None:
@@ -296,7 +296,12 @@ class Matcher:
 
     def _search_region(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps, options: MatchOptions,
                        mask: Image | None, name: str) -> _Region:
-        """Stage 2: the voxels a match may land on, and the search window (around the affine prior)."""
+        """Stage 2: the voxels a match may land on, and the search window (around the affine prior).
+
+        The maps may be on demand (global map only): the prior needs only global vectors, and each search then
+        computes the local tiles it reads: the query windows around the prior's predictions, or, without a
+        trustworthy prior (or with ``prior_window_mm=0``), every allowed voxel (the whole-volume fallback).
+        """
         explicit = mask is not None or options.box_lps_mm is not None  # replaces the default body restriction
         allowed = tmaps.search_mask(options.search_body and not explicit)
         if mask is not None:
@@ -360,6 +365,9 @@ class Matcher:
             back_pts[sel] = np.where(pol_back.moved[:, None], pol_back.points_lps_mm[:, :d], back_pts[sel])
         rt = np.linalg.norm(back_pts - pts[:, :d], axis=1)
         tol = options.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
+        embedder = self.embedder_for(d)
+        for maps in (src_maps, tmaps):  # the tiles computed for this target, for later calls and processes
+            embedder.settle(maps)
         return self._outputs(inputs, raw, tmaps, found, scores, rt, tol, rematched, polished, ncc, ti, name)
 
     @staticmethod
