@@ -8,7 +8,8 @@ input voxels, equals the whole-volume map there. The engine therefore embeds the
 (coarse and cheap) and the local map only in the boxes that the searches touch, block by block.
 
 Units: boxes are inclusive ``(k, j, i)`` = ``zyx`` index corners on the local grid unless named ``input``; the
-input grid is the network's (model spacing, padded to ``pad_multiple``).
+input grid is the network's (model spacing, padded to ``pad_multiple``). The disk-cache helpers import no torch, so
+``samembed cache info`` stays quick.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 #: the first bytes of a disk cache entry, and its format version
 MAGIC = b"SAMEMB2\n"
@@ -31,6 +35,8 @@ ENTRY_SUFFIX = ".samemb"
 def _linear_taps(n_in: int, n_out: int, dst: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch's ``align_corners=False`` linear interpolation taps for output indices ``dst`` along one axis:
     ``(i0, i1, w0, w1)`` with ``out[dst] = w0 * in[i0] + w1 * in[i1]`` (float32 weights, as ``F.interpolate``)."""
+    import torch
+
     scale = np.float32(n_in) / np.float32(n_out)
     src = np.maximum(scale * (dst.astype(np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
     i0 = np.minimum(src.astype(np.int64), n_in - 1)
@@ -49,6 +55,8 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
     box equals the same voxels of the whole map bit for bit, and :func:`upsample_at` too. It agrees with
     ``F.interpolate(..., mode="trilinear", align_corners=False)`` to float rounding (about 1e-6).
     """
+    import torch
+
     out = glob.float()
     for a in reversed(range(len(out_shape))):
         i0, i1, w0, w1 = _linear_taps(glob.shape[1 + a], out_shape[a], np.arange(lo[a], hi[a] + 1))
@@ -62,6 +70,8 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
 def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray) -> torch.Tensor:
     """:func:`upsample_box` at single output voxels ``zyx`` (M, d): (C, M) float32, not normalised, with the
     same arithmetic (same operations in the same order), so the values are identical."""
+    import torch
+
     d = len(out_shape)
     g = glob.float()
     taps = [_linear_taps(glob.shape[1 + a], out_shape[a], zyx[:, a]) for a in range(d)]
