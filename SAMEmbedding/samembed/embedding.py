@@ -325,8 +325,11 @@ class TileComputer:
         up = normalize_channels(upsample_box(maps.global_.cpu(), shape, lo, hi))
         box = tuple(slice(int(p), int(q) + 1) for p, q in zip(lo, hi))
         fvol = maps.features.view(maps.features.shape[0], *shape)
-        fvol[(slice(0, maps.n_local), *box)] = loc.to(maps.features.dtype)
-        fvol[(slice(maps.n_local, None), *box)] = up.to(fvol.device, maps.features.dtype)
+        done = maps.ready.view(shape)[box]
+        new = torch.cat([loc.to(maps.features.dtype), up.to(fvol.device, maps.features.dtype)], 0)
+        if bool(done.any()):  # voxels computed before keep their values, so a result never changes within a session
+            new = torch.where(done.to(fvol.device), fvol[(slice(None), *box)], new)
+        fvol[(slice(None), *box)] = new
         maps.ready.view(shape)[box] = True
         self.tiles_computed += 1
         self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))

@@ -41,14 +41,16 @@ def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray, mode: str = "n
     pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
     ijk = grid.lps_to_index(pts)
     size = np.asarray(grid.size_ijk, dtype=np.float64)
-    if not maps.complete:  # on demand: the voxels the sampling reads (the nearest, or the interpolation's corners)
-        lo = np.clip(np.floor(ijk), 0, size - 1)[:, ::-1]
-        maps.ensure(lo, np.clip(lo + 1, 0, size[::-1] - 1))
     cl = maps.local_channels
     if mode == "nearest":  # the nearest voxel's vector (what grid_sample returns), gathered without a volume pass
         near = np.clip(np.rint(ijk), 0, size - 1).astype(np.int64)[:, ::-1]
-        q = maps.features[:, _ravel(torch.from_numpy(near.copy()), grid.shape_zyx).to(maps.features.device)].float().T
+        flat = _ravel(torch.from_numpy(near.copy()), grid.shape_zyx)
+        maps.ensure_flat(flat)  # on demand: the tiles holding these voxels
+        q = maps.features[:, flat.to(maps.features.device)].float().T
         return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
+    if not maps.complete:  # on demand: the interpolation's corners
+        lo = np.clip(np.floor(ijk), 0, size - 1)[:, ::-1]
+        maps.ensure(lo, np.clip(lo + 1, 0, size[::-1] - 1))
     norm = (2 * ijk + 1) / size - 1  # align_corners=False, (x, y, z) order as grid_sample wants
     C = maps.features.shape[0]
     vol = maps.features.float().reshape(1, C, *grid.shape_zyx)
