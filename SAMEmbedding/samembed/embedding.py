@@ -317,19 +317,22 @@ class TileComputer:
         xin = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
         with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
             loc = net.forward_local(xin)
-        crop = tuple(slice((s - p) // sl, (s - p) // sl + -(-(e - s) // sl)) for s, e, p in zip(start, stop, a))
-        loc = F.normalize(loc[(0, slice(None), *crop)].float(), dim=0)
+            crop = tuple(slice((s - p) // sl, (s - p) // sl + -(-(e - s) // sl)) for s, e, p in zip(start, stop, a))
+            loc = normalize_channels(loc[(0, slice(None), *crop)].float())  # in place: no second copy of the tile
         shape = maps.local_grid.shape_zyx
         lo = np.array([s // sl for s in start])
         hi = lo + np.array(loc.shape[1:]) - 1
         up = normalize_channels(upsample_box(maps.global_.cpu(), shape, lo, hi))
         box = tuple(slice(int(p), int(q) + 1) for p, q in zip(lo, hi))
         fvol = maps.features.view(maps.features.shape[0], *shape)
-        done = maps.ready.view(shape)[box]
-        new = torch.cat([loc.to(maps.features.dtype), up.to(fvol.device, maps.features.dtype)], 0)
-        if bool(done.any()):  # voxels computed before keep their values, so a result never changes within a session
-            new = torch.where(done.to(fvol.device), fvol[(slice(None), *box)], new)
-        fvol[(slice(None), *box)] = new
+        done = maps.ready.view(shape)[box].to(fvol.device)
+        for rows, part in ((slice(0, maps.n_local), loc), (slice(maps.n_local, None), up)):
+            part = part.to(fvol.device, maps.features.dtype)
+            if bool(done.any()):  # voxels computed before keep their values: a result never changes within a session
+                part = torch.where(done, fvol[(rows, *box)], part)
+            fvol[(rows, *box)] = part
+            del part
+        del loc, up
         maps.ready.view(shape)[box] = True
         self.tiles_computed += 1
         self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))

@@ -129,6 +129,18 @@ def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     return lo, hi, whole
 
 
+def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive (N, d) local-grid (k, j, i) corners of +-``window_mm`` boxes around LPS mm points (clipped to the
+    grid), e.g. to embed on demand the tiles a windowed search around those points will read."""
+    grid = maps.local_grid
+    centres = grid.lps_to_index(np.asarray(points_lps_mm, dtype=np.float64)[:, : grid.ndim])[:, ::-1]
+    radius = window_mm / grid.spacing_mm[::-1]
+    size = np.asarray(grid.shape_zyx)
+    lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
+    hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
+    return lo, hi
+
+
 def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float | None,
                    window_centres_lps_mm: np.ndarray | None):
     """The argmax of :func:`match_queries` without the (N, V) similarity: over the compact copy of the
