@@ -254,7 +254,12 @@ def run(argv: list[str]) -> int:
     if kbp:
         cents = read_openkbp_centroids(data_root())
         src_pat = kbp[0].meta["source_patient"]
-        targets = [c for c in kbp if c.meta["target_patient"] != src_pat]
+        targets = []
+        for c in kbp + read_cases(Path(args.suites) / "openkbp_inter" / "cases.json"):  # 5 distinct other patients
+            if len(targets) == args.openkbp_pairs:
+                break
+            if c.meta["target_patient"] != src_pat and all(c.meta["target_patient"] != t.meta["target_patient"] for t in targets):
+                targets.append(c)
         labels = sorted(cents[src_pat])
         pts_csv = work / "atlas_points.csv"
         _write_points(pts_csv, labels, [cents[src_pat][s] for s in labels])

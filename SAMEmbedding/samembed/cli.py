@@ -58,7 +58,9 @@ def _make_matcher(args):
 
         if not torch.cuda.is_available():
             log.info("no CUDA device: running on the CPU")
-    return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None),
+    # one command matches each target once: 1 GB of embeddings in memory (the source and the current target always
+    # stay) keeps a long target list within the memory of a single pair
+    return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None), cache_bytes=1 << 30,
                    modality=getattr(args, "modality", "auto"), spacing_mm=getattr(args, "spacing", None))
 
 

@@ -52,6 +52,9 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
     raise DeviceUnavailableError(f"unknown device '{device}'; use auto, cpu or cuda")
 
 
+_FILL_LOCK = threading.RLock()
+
+
 @dataclass(eq=False)
 class EmbeddingMaps:
     """Embeddings of one image; the local map may be computed only where searches need it (on demand).
@@ -95,7 +98,7 @@ class EmbeddingMaps:
     @property
     def nbytes(self) -> int:
         """Memory held by the computed features, the global map, masks and compact copies, bytes."""
-        frac = 1.0 if self.ready is None else float(self.ready.float().mean())
+        frac = 1.0 if self.ready is None else _touched_fraction(self.ready)
         tensors = [self.global_, self.valid, self.body]
         tensors += [t for pair in self._compact.values() for t in pair]
         feat = self.features.element_size() * self.features.nelement() * frac
@@ -150,13 +153,19 @@ class EmbeddingMaps:
     def _fill(self, missing_zyx: np.ndarray) -> None:
         if not missing_zyx.any():
             return
-        if self.tiles is None:
-            raise RuntimeError(f"{self.image_name}: features missing and no way to compute them; embed the image again")
-        self.tiles.fill(self, missing_zyx)
-        self.dirty = True
-        if bool(self.ready.all()):
-            self.ready = None
-            self.tiles = None  # drop the network input once everything is computed
+        with _FILL_LOCK:  # one filler at a time (a Slicer worker and the main thread may share maps)
+            if self.ready is None:
+                return
+            missing_zyx &= ~self.ready.reshape(missing_zyx.shape).numpy()
+            if not missing_zyx.any():
+                return
+            if self.tiles is None:
+                raise RuntimeError(f"{self.image_name}: features missing and no way to compute them; embed it again")
+            self.tiles.fill(self, missing_zyx)
+            self.dirty = True
+            if bool(self.ready.all()):
+                self.ready = None
+                self.tiles = None  # drop the network input once everything is computed
 
     def global_at(self, flat: torch.Tensor) -> torch.Tensor:
         """(C_g, M) upsampled, normalised global vectors at flat local voxels (no local tile needed)."""
@@ -200,6 +209,15 @@ class EmbeddingMaps:
             return self.valid
         inside = self.valid & self.body
         return inside if bool(inside.any()) else self.valid
+
+
+def _touched_fraction(ready: torch.Tensor, page_voxels: int = 1024) -> float:
+    """Fraction of the feature buffer's memory pages that hold a computed voxel: each channel row is laid out over
+    the flat grid, so a tile makes every 4 KB page (1024 float32 voxels) it touches resident, in every row."""
+    n = len(ready)
+    pad = (-n) % page_voxels
+    flat = torch.cat([ready, torch.zeros(pad, dtype=torch.bool)]) if pad else ready
+    return float(flat.reshape(-1, page_voxels).any(1).float().mean())
 
 
 class EmbeddingCache:

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 #: the first bytes of a disk cache entry, and its format version
 MAGIC = b"SAMEMB2\n"
-ENTRY_SUFFIX = ".samemb"
+#: entries end in ``.pt`` as the older torch-pickled entries did (``samembed cache`` and tools that glob ``*.pt`` find
+#: both); an older entry fails the magic check and is recomputed in the new format
+ENTRY_SUFFIX = ".samemb.pt"
 
 
 # ---------------------------------------------------------------------------------------------- upsampling
@@ -193,7 +195,7 @@ def read_entry(path: Path) -> tuple[dict, list[np.ndarray]]:
 def cache_info(cache_dir: str | Path) -> dict:
     """Entries and bytes in a cache folder (``samembed cache info``)."""
     folder = Path(cache_dir)
-    files = sorted(folder.glob(f"*{ENTRY_SUFFIX}")) + sorted(folder.glob("*.pt"))
+    files = sorted(folder.glob("*.pt"))  # current entries (ENTRY_SUFFIX) and the older format
     return {"folder": str(folder), "entries": len(files), "bytes": sum(f.stat().st_size for f in files),
             "files": [(f.name, f.stat().st_size) for f in files]}
 
