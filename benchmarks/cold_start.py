@@ -171,7 +171,6 @@ def elastix_child(argv: list[str]) -> int:
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     import numpy as np
-
     from samembed_bench.registration import _itk, transfer_points_elastix
 
     t0 = time.perf_counter()
@@ -192,7 +191,7 @@ def _write_points(path: Path, labels, points) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _read_found(path: Path) -> tuple[list[str], list[str], "np.ndarray"]:
+def _read_found(path: Path) -> tuple[list[str], list[str], object]:
     import csv
 
     import numpy as np
@@ -205,7 +204,6 @@ def _read_found(path: Path) -> tuple[list[str], list[str], "np.ndarray"]:
 def run(argv: list[str]) -> int:
     """The side-by-side benchmark; writes the markdown report."""
     import numpy as np
-
     from samembed_bench.cases import read_cases
     from samembed_bench.suites import build_suites, data_root, read_openkbp_centroids
 

@@ -22,12 +22,21 @@ import torch
 
 from .affine import apply_affine
 from .consistency import consistent_matches
-from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
+from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
-from .matcher import affine_prior, allowed_at, box_mask, boxes_around, heatmap_image, mask_from_image, match_points, scores_at
+from .matcher import (
+    affine_prior,
+    allowed_at,
+    box_mask,
+    boxes_around,
+    heatmap_image,
+    mask_from_image,
+    match_points,
+    scores_at,
+)
 from .models import LoadedModel, default_model_for, load_model
 from .options import MatchOptions, ProgressFn
 from .refine import refine_points

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled, DeviceUnavailableError
-from .options import ProgressFn
 from .image import Grid, Image
 from .models import LoadedModel
+from .options import ProgressFn
 from .preprocess import body_mask_array, preprocess
 
 log = logging.getLogger(__name__)
@@ -466,7 +466,6 @@ class Embedder:
         spec = self.model.spec
         if image.ndim != spec.ndim:
             from .errors import InputError
-
             from .models import models_for
 
             fits = models_for(image.ndim)
@@ -514,7 +513,7 @@ class Embedder:
         body = self._body_on_local(arr, modality, local_grid)
         maps = self._assemble(glob, local_grid, global_grid, image, key, body)
         if local is not None:  # the whole map, computed with the global one
-            from .tiles import normalize_channels, upsample_box
+            from .tiles import upsample_box
 
             shape = local_grid.shape_zyx
             maps.features[: maps.n_local] = local.reshape(maps.n_local, -1).to(maps.features.dtype)

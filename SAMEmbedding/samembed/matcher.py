@@ -298,7 +298,6 @@ def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     pick = rng.choice(cand, size=min(samples, len(cand)), replace=False)
     idx = np.stack(np.unravel_index(pick, grid.shape_zyx), 1)[:, ::-1].astype(np.float64)
     src_pts = grid.index_to_lps(idx)
-    cl = source.local_channels
     q = F.normalize(source.global_at(torch.from_numpy(pick)).T.float(), dim=1)  # global vectors only (no local tile)
     # the global map is smooth at its own (coarser) resolution: every other local voxel along each axis is
     # enough as a candidate, which makes the search 2^d times cheaper

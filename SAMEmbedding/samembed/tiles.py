@@ -57,7 +57,6 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
     box equals the same voxels of the whole map bit for bit, and :func:`upsample_at` too. It agrees with
     ``F.interpolate(..., mode="trilinear", align_corners=False)`` to float rounding (about 1e-6).
     """
-    import torch
 
     out = glob.float()
     for a in reversed(range(len(out_shape))):
@@ -72,7 +71,6 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
 def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray) -> torch.Tensor:
     """:func:`upsample_box` at single output voxels ``zyx`` (M, d): (C, M) float32, not normalised, with the
     same arithmetic (same operations in the same order), so the values are identical."""
-    import torch
 
     d = len(out_shape)
     g = glob.float()
