@@ -312,9 +312,9 @@ class TileComputer:
         plan = plan_tiles(missing_zyx, spec.local_stride[-1], step, halo, tuple(x.shape[2:]))
         boxes = [((0,) * (x.dim() - 2), tuple(x.shape[2:]))] if plan.whole else plan.boxes_input
         for start, stop in boxes:
-            self._box(maps, start, stop, step, halo)
+            self._box(maps, start, stop, step, halo, missing_zyx)
 
-    def _box(self, maps: EmbeddingMaps, start, stop, step: int, halo: int) -> None:
+    def _box(self, maps: EmbeddingMaps, start, stop, step: int, halo: int, missing_zyx: np.ndarray) -> None:
         """Embed the input box ``[start, stop)`` (slabs along z when it exceeds ``max_tile_voxels``)."""
         x = self.input()
         shape_in = tuple(x.shape[2:])
@@ -322,9 +322,12 @@ class TileComputer:
         core = max(step, (self.embedder.max_tile_voxels // max(area, 1)) // step * step - 2 * halo)
         for z0 in range(start[0], stop[0], core):
             z1 = min(stop[0], z0 + core)
-            self._tile(maps, (z0, *start[1:]), (z1, *stop[1:]), halo)
+            self._tile(maps, (z0, *start[1:]), (z1, *stop[1:]), halo, missing_zyx)
 
-    def _tile(self, maps: EmbeddingMaps, start, stop, halo: int) -> None:
+    def _tile(self, maps: EmbeddingMaps, start, stop, halo: int, missing_zyx: np.ndarray) -> None:
+        """Embed the input box ``[start, stop)`` and store the grid lines (along the last axis) of its local box that
+        hold a ``missing_zyx`` voxel: a large tile asked for a sparse set (the body in a wide field of view) then
+        makes only those lines' memory pages resident."""
         from .tiles import normalize_channels, upsample_box
 
         net, spec, emb = self.embedder.model.net, self.embedder.model.spec, self.embedder
@@ -344,6 +347,23 @@ class TileComputer:
         box = tuple(slice(int(p), int(q) + 1) for p, q in zip(lo, hi))
         fvol = maps.features.view(maps.features.shape[0], *shape)
         done = maps.ready.view(shape)[box].to(fvol.device)
+        lines = missing_zyx[box].any(-1)
+        if not lines.all():  # store the wanted lines only
+            sel = [torch.from_numpy(v) for v in np.nonzero(lines)]
+            dst = [v + int(o) for v, o in zip(sel, lo[:-1])]
+            xs = box[-1]
+            d = done[(*sel, slice(None))]
+            for rows, part in ((slice(0, maps.n_local), loc), (slice(maps.n_local, None), up)):
+                vals = part[(slice(None), *sel, slice(None))].to(fvol.device, maps.features.dtype)
+                if bool(d.any()):
+                    vals = torch.where(d, fvol[(rows, *dst, xs)], vals)
+                fvol[(rows, *dst, xs)] = vals
+                del vals
+            del loc, up
+            maps.ready.view(shape)[(*dst, xs)] = True
+            self.tiles_computed += 1
+            self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
+            return
         for rows, part in ((slice(0, maps.n_local), loc), (slice(maps.n_local, None), up)):
             part = part.to(fvol.device, maps.features.dtype)
             if bool(done.any()):  # voxels computed before keep their values: a result never changes within a session
