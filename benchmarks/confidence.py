@@ -33,7 +33,8 @@ def rates(rows: list[dict], wrong_mm: float) -> dict:
     def share(a, b):
         return float(np.sum(a & b) / np.sum(b)) if np.sum(b) else float("nan")
 
-    return {"points": int(len(err)), "confident": int(conf.sum()), "right": int(right.sum()),
+    return {"points": int(len(err)), "mean_error_mm": float(err.mean()), "median_error_mm": float(np.median(err)),
+            "confident": int(conf.sum()), "right": int(right.sum()),
             "precision": share(right, conf), "recall": share(conf, right), "wrong_caught": share(~conf, ~right)}
 
 
@@ -69,9 +70,11 @@ def main() -> int:
     lines = [f"# Confidence flag against the error (a match is wrong above {args.wrong_mm:g} mm)", "",
              f"Command: `{report['command']}` ({report['minutes']:.1f} min, 2-core CPU shared with other jobs); engine "
              "defaults (prior window, polish, polished round trip).", "",
-             "| suite | points | confident | right | precision | recall | wrong caught |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| suite | points | mean / median error mm | confident | right | precision | recall | wrong caught |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in [*report["suites"].items(), ("all", report["all"])]:
-        lines.append(f"| {name} | {r['points']} | {r['confident']} | {r['right']} | {100 * r['precision']:.0f} % | "
+        lines.append(f"| {name} | {r['points']} | {r['mean_error_mm']:.1f} / {r['median_error_mm']:.1f} | "
+                     f"{r['confident']} | {r['right']} | {100 * r['precision']:.0f} % | "
                      f"{100 * r['recall']:.0f} % | {100 * r['wrong_caught']:.0f} % |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

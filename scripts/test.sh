@@ -7,6 +7,8 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# lint first (pyproject.toml [tool.ruff.lint]: pycodestyle, pyflakes, isort, bugbear, pyupgrade, pytest, simplify)
+python -m ruff check .
 # the tests, plus the docstrings' examples (doctests) of the engine and of the benchmark package
 python -m pytest -q -rs Testing "$@"
 python -m pytest -q --doctest-modules SAMEmbedding/samembed benchmarks/samembed_bench

@@ -22,13 +22,22 @@ import torch
 
 from .affine import apply_affine
 from .consistency import consistent_matches
-from .embedding import EmbeddingCache, EmbeddingMaps, Embedder, resolve_device
+from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
 from .errors import Cancelled, InputError
 from .image import Image, lps_to_ras
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
-from .matcher import affine_prior, allowed_at, box_mask, heatmap_image, mask_from_image, match_points, scores_at
 from .fusion import Atlas, FusionOptions, fuse_points
+from .matcher import (
+    affine_prior,
+    allowed_at,
+    box_mask,
+    boxes_around,
+    heatmap_image,
+    mask_from_image,
+    match_points,
+    scores_at,
+)
 from .models import LoadedModel, default_model_for, load_model
 from .options import MatchOptions, ProgressFn
 from .refine import refine_points
@@ -238,7 +247,7 @@ class Matcher:
         n_targets = len(inputs.targets)
         if progress:
             progress(0, n_targets, f"embedding source {Path(inputs.source.name).name}")
-        src_maps = embedder.embed(inputs.source, cancel=cancel)
+        src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need them
         result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
         for ti, target in enumerate(inputs.targets):
             if cancel is not None and cancel.is_set():
@@ -247,7 +256,7 @@ class Matcher:
             tgt, name = self._target(inputs, ti, target)
             if progress:
                 progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
-            tmaps = embedder.embed(tgt, cancel=cancel)
+            tmaps = embedder.embed(tgt, cancel=cancel, on_demand=True)
             t_embed = time.time() - t1
             region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
             def phase(step: str, ti: int = ti) -> None:
@@ -377,7 +386,12 @@ class Matcher:
 
     def _search_region(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps, options: MatchOptions,
                        mask: Image | None, name: str) -> _Region:
-        """Stage 2: the voxels a match may land on, and the search window (around the affine prior)."""
+        """Stage 2: the voxels a match may land on, and the search window (around the affine prior).
+
+        The maps may be on demand (global map only): the prior needs only global vectors, and each search then
+        computes the local tiles it reads: the query windows around the prior's predictions, or, without a
+        trustworthy prior (or with ``prior_window_mm=0``), every allowed voxel (the whole-volume fallback).
+        """
         explicit = mask is not None or options.box_lps_mm is not None  # replaces the default body restriction
         allowed = tmaps.search_mask(options.search_body and not explicit)
         if mask is not None:
@@ -399,6 +413,10 @@ class Matcher:
         phase("matching")
         pts, d = inputs.points_lps_mm, inputs.source.ndim
         src_allowed = src_maps.search_mask(options.search_body)
+        if region.search_prior is not None and not src_maps.complete:
+            # the round trip searches the source around each match's inverse-prior image, which is near the click
+            # when the match is right: embedding those tiles with the clicks' own, in one pass, saves halos
+            src_maps.ensure(*boxes_around(src_maps, pts, region.window_mm), need=src_allowed)
         raw = match_points(src_maps, pts, tmaps, region.allowed, keep_similarity=options.heatmap,
                            window_mm=region.window_mm, prior=region.search_prior)
         found, scores = raw.points_lps_mm, raw.scores
@@ -441,6 +459,9 @@ class Matcher:
             back_pts[sel] = np.where(pol_back.moved[:, None], pol_back.points_lps_mm[:, :d], back_pts[sel])
         rt = np.linalg.norm(back_pts - pts[:, :d], axis=1)
         tol = options.roundtrip_tolerance_mm or 2.0 * float(np.mean(src_maps.local_grid.spacing_mm))
+        embedder = self.embedder_for(d)
+        for maps in (src_maps, tmaps):  # the tiles computed for this target, for later calls and processes
+            embedder.settle(maps)
         return self._outputs(inputs, raw, tmaps, found, scores, rt, tol, rematched, polished, ncc, ti, name)
 
     @staticmethod

@@ -60,7 +60,9 @@ def _make_matcher(args):
 
         if not torch.cuda.is_available():
             log.info("no CUDA device: running on the CPU")
-    return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None),
+    # one command matches each target once: 1 GB of embeddings in memory (the source and the current target always
+    # stay) keeps a long target list within the memory of a single pair
+    return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None), cache_bytes=1 << 30,
                    modality=getattr(args, "modality", "auto"), spacing_mm=getattr(args, "spacing", None))
 
 
@@ -241,6 +243,22 @@ def _cmd_embed(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    """``samembed cache info|clear --cache-dir DIR``: what the embedding cache holds, or empty it."""
+    from .tiles import cache_clear, cache_info
+
+    if not Path(args.cache_dir).is_dir():
+        raise InputError(f"{args.cache_dir}: no such cache folder (give the --cache-dir used with match or embed)")
+    if args.action == "clear":
+        print(f"removed {cache_clear(args.cache_dir)} entries from {args.cache_dir}")
+        return 0
+    info = cache_info(args.cache_dir)
+    for name, size in info["files"]:
+        print(f"{size / 1e6:8.1f} MB  {name}")
+    print(f"{info['entries']} entries, {info['bytes'] / 1e6:.1f} MB in {info['folder']}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     import platform
 
@@ -381,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("images", nargs="+", metavar="IMAGE")
     _add_common(e)
     e.set_defaults(func=_cmd_embed)
+
+    c = sub.add_parser("cache", help="show or clear an embedding cache folder")
+    c.add_argument("action", choices=["info", "clear"])
+    c.add_argument("--cache-dir", required=True, help="the folder given to match/embed --cache-dir")
+    c.set_defaults(func=_cmd_cache)
 
     i = sub.add_parser("info", help="models, device and versions")
     i.set_defaults(func=_cmd_info)

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled, DeviceUnavailableError
-from .options import ProgressFn
 from .image import Grid, Image
 from .models import LoadedModel
+from .options import ProgressFn
 from .preprocess import body_mask_array, preprocess
 
 log = logging.getLogger(__name__)
@@ -52,22 +52,27 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
     raise DeviceUnavailableError(f"unknown device '{device}'; use auto, cpu or cuda")
 
 
+_FILL_LOCK = threading.RLock()
+
+
 @dataclass(eq=False)
 class EmbeddingMaps:
-    """Embeddings of one image.
+    """Embeddings of one image; the local map may be computed only where searches need it (on demand).
 
     Attributes:
-        local: (C_l, *shape) unit vectors on ``local_grid``.
-        global_: (C_g, *gshape) unit vectors on ``global_grid``.
-        features: (C_l + C_g, V) local and upsampled global vectors per local voxel (float32 on CPU).
+        global_: (C_g, *gshape) unit vectors on ``global_grid`` (always the whole volume).
+        features: (C_l + C_g, V) local and upsampled global vectors per local voxel (float32 on CPU). On-demand maps
+            hold the buffer for the whole grid, but only voxels in ``ready`` are filled (pages never written take no
+            memory): call :meth:`ensure` / :meth:`ensure_flat` / :meth:`ensure_all` before reading others.
         valid: (V,) voxel centre lies inside the source image.
         body: (V,) voxel lies in the body mask (all True when no mask applies).
         local_grid, global_grid: LPS geometry of the maps.
         image_grid: geometry of the original image.
         model_id, key: identity of the model and the cache key.
+        n_local: channels of the local map (the first rows of ``features``).
+        ready: (V,) bool, voxels whose features are computed; None when all are.
     """
 
-    local: torch.Tensor
     global_: torch.Tensor
     features: torch.Tensor
     valid: torch.Tensor
@@ -77,27 +82,112 @@ class EmbeddingMaps:
     image_grid: Grid
     model_id: str
     key: str
+    n_local: int
     image_name: str = ""
+    ready: torch.Tensor | None = None
+    tiles: object | None = field(default=None, repr=False)  # a TileComputer filling ``features`` on demand
     _compact: dict = field(default_factory=dict, repr=False)
+    dirty: bool = field(default=False, repr=False)  # tiles computed since the last disk write
+
+    @property
+    def local(self) -> torch.Tensor:
+        """(C_l, *shape) local unit vectors: a view of the first rows of ``features`` (all voxels computed)."""
+        self.ensure_all()
+        return self.features[: self.n_local].reshape(self.n_local, *self.local_grid.shape_zyx)
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the tensors (and the compact copies of :meth:`compact_features`), bytes."""
-        tensors = [self.local, self.global_, self.features, self.valid, self.body]
+        """Memory held by the computed features, the global map, masks and compact copies, bytes."""
+        frac = 1.0 if self.ready is None else _touched_fraction(self.ready)
+        tensors = [self.global_, self.valid, self.body]
         tensors += [t for pair in self._compact.values() for t in pair]
-        return sum(t.element_size() * t.nelement() for t in tensors)
+        feat = self.features.element_size() * self.features.nelement() * frac
+        return int(feat) + sum(t.element_size() * t.nelement() for t in tensors)
+
+    # ----------------------------------------------------------------------------- on-demand filling
+    @property
+    def complete(self) -> bool:
+        """Every voxel's features are computed."""
+        return self.ready is None
+
+    def ensure(self, lo_zyx: np.ndarray, hi_zyx: np.ndarray, need: torch.Tensor | None = None) -> None:
+        """Compute the features of the inclusive local-grid boxes ``lo_zyx..hi_zyx`` ((N, d) or (d,) each).
+
+        Args:
+            need: (V,) bool; only these voxels of the boxes must be computed (e.g. the search mask). None: all.
+        """
+        if self.ready is None:
+            return
+        shape = self.local_grid.shape_zyx
+        lo = np.atleast_2d(np.asarray(lo_zyx, dtype=np.int64))
+        hi = np.atleast_2d(np.asarray(hi_zyx, dtype=np.int64))
+        missing = np.zeros(shape, dtype=bool)
+        ready = self.ready.reshape(shape).numpy()
+        needv = None if need is None else need.reshape(shape).cpu().numpy()
+        for a, b in zip(lo, hi):
+            box = tuple(slice(int(max(0, x)), int(min(s - 1, y)) + 1) for x, y, s in zip(a, b, shape))
+            m = ~ready[box]
+            if needv is not None:
+                m &= needv[box]
+            missing[box] |= m
+        self._fill(missing)
+
+    def ensure_flat(self, flat: np.ndarray | torch.Tensor) -> None:
+        """Compute the features at flat local-grid voxel indices."""
+        if self.ready is None:
+            return
+        flat = np.asarray(flat.cpu() if isinstance(flat, torch.Tensor) else flat, dtype=np.int64).reshape(-1)
+        todo = flat[~self.ready.numpy()[flat]]
+        if len(todo):
+            missing = np.zeros(self.local_grid.shape_zyx, dtype=bool)
+            missing.reshape(-1)[todo] = True
+            self._fill(missing)
+
+    def ensure_all(self, need: torch.Tensor | None = None) -> None:
+        """Compute every voxel's features (only those in ``need`` (V,) bool when given)."""
+        if self.ready is None:
+            return
+        missing = ~self.ready.numpy() if need is None else (~self.ready & need.cpu()).numpy()
+        self._fill(missing.reshape(self.local_grid.shape_zyx))
+
+    def _fill(self, missing_zyx: np.ndarray) -> None:
+        if not missing_zyx.any():
+            return
+        with _FILL_LOCK:  # one filler at a time (a Slicer worker and the main thread may share maps)
+            if self.ready is None:
+                return
+            missing_zyx &= ~self.ready.reshape(missing_zyx.shape).numpy()
+            if not missing_zyx.any():
+                return
+            if self.tiles is None:
+                raise RuntimeError(f"{self.image_name}: features missing and no way to compute them; embed it again")
+            self.tiles.fill(self, missing_zyx)
+            self.dirty = True
+            if bool(self.ready.all()):
+                self.ready = None
+                self.tiles = None  # drop the network input once everything is computed
+
+    def global_at(self, flat: torch.Tensor) -> torch.Tensor:
+        """(C_g, M) upsampled, normalised global vectors at flat local voxels (no local tile needed)."""
+        from .tiles import upsample_at
+
+        if self.ready is None or bool(self.ready[flat].all()):
+            return self.features[self.n_local:, flat.to(self.features.device)].float()
+        zyx = np.stack(np.unravel_index(flat.cpu().numpy(), self.local_grid.shape_zyx), 1)
+        return F.normalize(upsample_at(self.global_.cpu(), self.local_grid.shape_zyx, zyx), dim=0)
 
     def compact_features(self, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(flat indices (M,), features (C, M))`` of the voxels in ``allowed`` (V,) bool.
 
         A query then costs a product with the searched voxels only (the body is often under half the grid).
         The copy for the most recent mask is kept (a second one for a second mask), so repeated queries with
-        the default search mask reuse it.
+        the default search mask reuse it. On-demand maps compute the allowed voxels first.
         """
         mask = allowed.to(torch.bool).cpu().numpy()
         key = (int(mask.sum()), hash(np.packbits(mask).tobytes()))
         hit = self._compact.get(key)
         if hit is None:
+            self.ensure_all(allowed)
             idx = torch.from_numpy(np.flatnonzero(mask)).to(self.features.device)
             hit = (idx, self.features[:, idx].contiguous())
             while len(self._compact) >= 2:
@@ -107,7 +197,7 @@ class EmbeddingMaps:
 
     @property
     def local_channels(self) -> int:
-        return int(self.local.shape[0])
+        return int(self.n_local)
 
     def search_mask(self, use_body: bool = True) -> torch.Tensor:
         """Voxels a match may land on: inside the image, and inside the body when ``use_body``.
@@ -119,6 +209,15 @@ class EmbeddingMaps:
             return self.valid
         inside = self.valid & self.body
         return inside if bool(inside.any()) else self.valid
+
+
+def _touched_fraction(ready: torch.Tensor, page_voxels: int = 1024) -> float:
+    """Fraction of the feature buffer's memory pages that hold a computed voxel: each channel row is laid out over
+    the flat grid, so a tile makes every 4 KB page (1024 float32 voxels) it touches resident, in every row."""
+    n = len(ready)
+    pad = (-n) % page_voxels
+    flat = torch.cat([ready, torch.zeros(pad, dtype=torch.bool)]) if pad else ready
+    return float(flat.reshape(-1, page_voxels).any(1).float().mean())
 
 
 class EmbeddingCache:
@@ -174,14 +273,122 @@ def _grid_from_dict(d: dict) -> Grid:
     return Grid(tuple(d["shape_zyx"]), d["spacing_mm"], d["origin_lps_mm"], np.array(d["direction"]))
 
 
+class TileComputer:
+    """Fills the features of on-demand :class:`EmbeddingMaps` tile by tile from the network input.
+
+    Each tile is an input box starting on a multiple of ``tile_multiple``, embedded with ``tile_halo`` input voxels
+    of context per side (clipped at the volume's edge, as the whole-volume run pads there too), so its local map
+    equals the whole-volume map; the global half of the features is upsampled on the tile's box only
+    (:func:`samembed.tiles.upsample_box`, bit-identical to the whole-volume upsampling).
+
+    Args:
+        embedder: the :class:`Embedder` (network, device, tile size cap).
+        prepare: returns the padded network input (zyx float32); called once, on the first tile needed (a map
+            loaded from the disk cache needs no preprocessing until a search leaves its stored voxels).
+    """
+
+    def __init__(self, embedder: Embedder, prepare: Callable[[], np.ndarray]) -> None:
+        self.embedder = embedder
+        self._prepare = prepare
+        self._x: torch.Tensor | None = None
+        self.tiles_computed = 0
+        self.input_voxels = 0  # input voxels run through the local branch, halos included
+
+    def input(self) -> torch.Tensor:
+        """The network input (1, 1, *shape_zyx), prepared once."""
+        if self._x is None:
+            x = torch.from_numpy(np.ascontiguousarray(self._prepare()))[None, None].to(self.embedder.device)
+            self._x = x.half() if self.embedder.half else x
+        return self._x
+
+    def fill(self, maps: EmbeddingMaps, missing_zyx: np.ndarray) -> None:
+        """Compute the tiles covering ``missing_zyx`` (local grid, bool) and write them into ``maps``."""
+        from .tiles import plan_tiles
+
+        spec = self.embedder.model.spec
+        x = self.input()
+        step = spec.tile_multiple[-1]
+        halo = int(np.ceil(spec.tile_halo / step) * step)
+        plan = plan_tiles(missing_zyx, spec.local_stride[-1], step, halo, tuple(x.shape[2:]))
+        boxes = [((0,) * (x.dim() - 2), tuple(x.shape[2:]))] if plan.whole else plan.boxes_input
+        for start, stop in boxes:
+            self._box(maps, start, stop, step, halo, missing_zyx)
+
+    def _box(self, maps: EmbeddingMaps, start, stop, step: int, halo: int, missing_zyx: np.ndarray) -> None:
+        """Embed the input box ``[start, stop)`` (slabs along z when it exceeds ``max_tile_voxels``)."""
+        x = self.input()
+        shape_in = tuple(x.shape[2:])
+        area = int(np.prod([min(s, b + halo) - max(0, a - halo) for a, b, s in zip(start[1:], stop[1:], shape_in[1:])]))
+        core = max(step, (self.embedder.max_tile_voxels // max(area, 1)) // step * step - 2 * halo)
+        for z0 in range(start[0], stop[0], core):
+            z1 = min(stop[0], z0 + core)
+            self._tile(maps, (z0, *start[1:]), (z1, *stop[1:]), halo, missing_zyx)
+
+    def _tile(self, maps: EmbeddingMaps, start, stop, halo: int, missing_zyx: np.ndarray) -> None:
+        """Embed the input box ``[start, stop)`` and store the grid lines (along the last axis) of its local box that
+        hold a ``missing_zyx`` voxel: a large tile asked for a sparse set (the body in a wide field of view) then
+        makes only those lines' memory pages resident."""
+        from .tiles import normalize_channels, upsample_box
+
+        net, spec, emb = self.embedder.model.net, self.embedder.model.spec, self.embedder
+        x = self.input()
+        sl = spec.local_stride[-1]
+        a = [max(0, s - halo) for s in start]
+        b = [min(n, e + halo) for e, n in zip(stop, x.shape[2:])]
+        xin = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
+        with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
+            loc = net.forward_local(xin)
+            crop = tuple(slice((s - p) // sl, (s - p) // sl + -(-(e - s) // sl)) for s, e, p in zip(start, stop, a))
+            loc = normalize_channels(loc[(0, slice(None), *crop)].float())  # in place: no second copy of the tile
+        shape = maps.local_grid.shape_zyx
+        lo = np.array([s // sl for s in start])
+        hi = lo + np.array(loc.shape[1:]) - 1
+        up = normalize_channels(upsample_box(maps.global_.cpu(), shape, lo, hi))
+        box = tuple(slice(int(p), int(q) + 1) for p, q in zip(lo, hi))
+        fvol = maps.features.view(maps.features.shape[0], *shape)
+        done = maps.ready.view(shape)[box].to(fvol.device)
+        lines = missing_zyx[box].any(-1)
+        if not lines.all():  # store the wanted lines only
+            sel = [torch.from_numpy(v) for v in np.nonzero(lines)]
+            dst = [v + int(o) for v, o in zip(sel, lo[:-1])]
+            xs = box[-1]
+            d = done[(*sel, slice(None))]
+            for rows, part in ((slice(0, maps.n_local), loc), (slice(maps.n_local, None), up)):
+                vals = part[(slice(None), *sel, slice(None))].to(fvol.device, maps.features.dtype)
+                if bool(d.any()):
+                    vals = torch.where(d, fvol[(rows, *dst, xs)], vals)
+                fvol[(rows, *dst, xs)] = vals
+                del vals
+            del loc, up
+            maps.ready.view(shape)[(*dst, xs)] = True
+            self.tiles_computed += 1
+            self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
+            return
+        for rows, part in ((slice(0, maps.n_local), loc), (slice(maps.n_local, None), up)):
+            part = part.to(fvol.device, maps.features.dtype)
+            if bool(done.any()):  # voxels computed before keep their values: a result never changes within a session
+                part = torch.where(done, fvol[(rows, *box)], part)
+            fvol[(rows, *box)] = part
+            del part
+        del loc, up
+        maps.ready.view(shape)[box] = True
+        self.tiles_computed += 1
+        self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
+
+
 class Embedder:
     """Computes and caches embeddings of images for one model.
+
+    Networks with a separate global branch (``sam-lite``) are embedded on demand: :meth:`embed` with
+    ``on_demand=True`` computes the global map for the whole volume and leaves the local map to the tiles that
+    searches ask for (:meth:`EmbeddingMaps.ensure`); without it, every voxel is computed (the same tiles, all of
+    them). Other networks are always embedded whole.
 
     Args:
         model: the loaded model.
         device: a torch device (see :func:`resolve_device`).
         cache: in-memory LRU cache (shared between embedders is fine; keys include the model).
-        cache_dir: optional folder for the on-disk cache.
+        cache_dir: optional folder for the on-disk cache (half precision, body voxels only, checksummed).
         max_tile_voxels: input voxels above which the local branch is run in slabs with a halo.
         modality: "auto", "ct", "mri" or "xray".
     """
@@ -197,6 +404,12 @@ class Embedder:
         self.model.net.to(self.device)
         self.half = self.device.type == "cuda"
 
+    @property
+    def on_demand_capable(self) -> bool:
+        """The network's local branch can be tiled exactly apart from its global branch."""
+        net = self.model.net
+        return bool(net.has_separate_global and net.spec.tiles_exact)
+
     def key(self, image: Image) -> str:
         """Cache key: image content hash + model id + preprocessing + modality."""
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
@@ -205,23 +418,39 @@ class Embedder:
         h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}".encode()).hexdigest()
         return h[:32]
 
-    def embed(self, image: Image, progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
-        """Embeddings of ``image`` (from the cache when present)."""
+    def embed(self, image: Image, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+              on_demand: bool = False) -> EmbeddingMaps:
+        """Embeddings of ``image`` (from the memory cache, else the disk cache, else computed).
+
+        Args:
+            on_demand: compute the local map only where :meth:`EmbeddingMaps.ensure` asks for it (the caller
+                ensures what it reads); False: every voxel is computed before returning.
+        """
         key = self.key(image)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        maps = self._load_disk(key, image)
+        maps = self.cache.get(key)
         if maps is None:
-            maps = self._compute(image, key, progress, cancel)
-            self._save_disk(maps)
-        # the searched voxels' features, copied once here so that the first query is as fast as the next
-        maps.compact_features(maps.search_mask(True))
-        self.cache.put(key, maps)
+            maps = self._load_disk(key, image)
+            if maps is None:
+                maps = self._compute(image, key, progress, cancel, on_demand and self.on_demand_capable)
+            self.cache.put(key, maps)
+        if not on_demand:
+            if progress and not maps.complete:
+                progress(0, 1, "embedding")
+            maps.ensure_all()
+            # the searched voxels' features, copied once here so that the first query is as fast as the next
+            maps.compact_features(maps.search_mask(True))
+            self.settle(maps)
         return maps
+
+    def settle(self, maps: EmbeddingMaps) -> None:
+        """After tiles were computed: write them to the disk cache, and re-apply the memory cache's cap (the maps
+        grew)."""
+        self.save(maps)
+        self.cache.put(maps.key, maps)
 
     # ------------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, progress: ProgressFn | None, cancel: threading.Event | None):
+        """Both maps of a network without a separate global branch, in slabs with a halo when large."""
         net = self.model.net
         spec = net.spec
         dtype = torch.float16 if self.half else torch.float32
@@ -231,13 +460,10 @@ class Embedder:
                 local, glob = net(x)
                 return local.to(dtype), glob.to(dtype)
             # slabs along z (array axis 0) with a halo
-            mz = spec.tile_multiple[-1]
-            if not net.has_separate_global:
-                mz = max(mz, spec.global_stride[-1])
+            mz = max(spec.tile_multiple[-1], spec.global_stride[-1])
             halo = int(np.ceil(spec.tile_halo / mz) * mz)
             per_slice = int(np.prod(x.shape[3:]))
             core = max(mz, (self.max_tile_voxels // per_slice) // mz * mz - 2 * halo)
-            core = max(core, mz)
             Z = x.shape[2]
             sl, sg = spec.local_stride[-1], spec.global_stride[-1]
             local_parts, glob_parts = [], []
@@ -247,28 +473,19 @@ class Embedder:
                     raise Cancelled("embedding cancelled")
                 z1 = min(Z, z0 + core)
                 a, b = max(0, z0 - halo), min(Z, z1 + halo)
-                xin = x[:, :, a:b]
-                if net.has_separate_global:
-                    loc = net.forward_local(xin)
-                    local_parts.append(loc[:, :, (z0 - a) // sl: (z0 - a) // sl + -(-(z1 - z0) // sl)])
-                else:
-                    loc, gl = net.forward_maps(xin)
-                    local_parts.append(loc[:, :, (z0 - a) // sl: (z0 - a) // sl + (z1 - z0) // sl])
-                    glob_parts.append(gl[:, :, (z0 - a) // sg: (z0 - a) // sg + -(-(z1 - z0) // sg)])
+                loc, gl = net.forward_maps(x[:, :, a:b])
+                local_parts.append(loc[:, :, (z0 - a) // sl: (z0 - a) // sl + (z1 - z0) // sl])
+                glob_parts.append(gl[:, :, (z0 - a) // sg: (z0 - a) // sg + -(-(z1 - z0) // sg)])
                 if progress:
                     progress(n + 1, len(starts), "embedding tiles")
             local = F.normalize(torch.cat(local_parts, 2), dim=1)
-            if net.has_separate_global:
-                glob = F.normalize(net.forward_global(x), dim=1)
-            else:
-                glob = F.normalize(torch.cat(glob_parts, 2), dim=1)
+            glob = F.normalize(torch.cat(glob_parts, 2), dim=1)
             return local.to(dtype), glob.to(dtype)
 
-    def _compute(self, image: Image, key: str, progress, cancel) -> EmbeddingMaps:
+    def _check_dim(self, image: Image) -> None:
         spec = self.model.spec
         if image.ndim != spec.ndim:
             from .errors import InputError
-
             from .models import models_for
 
             fits = models_for(image.ndim)
@@ -276,11 +493,24 @@ class Embedder:
                     else f"no {image.ndim}D model is registered on this machine; train one with `samembed train`")
             raise InputError(f"{image.name}: a {image.ndim}D image cannot be embedded by the {spec.ndim}D model "
                              f"'{self.model.model_id}'; {hint}")
+
+    def _prepare(self, image: Image) -> tuple[np.ndarray, Grid, str]:
+        """Padded network input (zyx float32), its grid and the modality used."""
+        spec = self.model.spec
+        prep = preprocess(image, self.model.preprocess, self.modality)
+        arr = _pad_to_multiple(prep.array, tuple(reversed(spec.pad_multiple)), prep.fill_value)
+        grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
+        return arr, grid, prep.modality
+
+    def _compute(self, image: Image, key: str, progress, cancel, on_demand: bool) -> EmbeddingMaps:
+        """Preprocess and embed the global map; a network without a separate global branch also gets its whole
+        local map here, while sam-lite's local tiles are left to :meth:`EmbeddingMaps.ensure` (all of them at once
+        when the caller did not ask for ``on_demand``)."""
+        spec = self.model.spec
+        self._check_dim(image)
         if progress:
             progress(0, 1, "preprocessing")
-        prep = preprocess(image, self.model.preprocess, self.modality)
-        multiple_zyx = tuple(reversed(spec.pad_multiple))
-        arr = _pad_to_multiple(prep.array, multiple_zyx, prep.fill_value)
+        arr, pad_grid, modality = self._prepare(image)
         x = torch.from_numpy(np.ascontiguousarray(arr))[None, None].to(self.device)
         if self.half:
             x = x.half()
@@ -288,13 +518,31 @@ class Embedder:
             raise Cancelled("embedding cancelled")
         if progress:
             progress(0, 1, "embedding")
-        local, glob = self._forward(x, progress, cancel)
-        local, glob = local[0], glob[0]
-        pad_grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
-        local_grid = pad_grid.derived(spec.local_stride, tuple(local.shape[1:]))
+        net = self.model.net
+        local = None
+        if self.on_demand_capable:
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
+                glob = F.normalize(net.forward_global(x), dim=1)[0]
+            lshape = tuple(-(-n // s) for n, s in zip(arr.shape, reversed(spec.local_stride)))
+        else:
+            local, glob = self._forward(x, progress, cancel)
+            local, glob = local[0], glob[0]
+            lshape = tuple(local.shape[1:])
+        local_grid = pad_grid.derived(spec.local_stride, lshape)
         global_grid = pad_grid.derived(spec.global_stride, tuple(glob.shape[1:]))
-        body = self._body_on_local(arr, prep.modality, local_grid)
-        return self._assemble(local, glob, local_grid, global_grid, image, key, body)
+        body = self._body_on_local(arr, modality, local_grid)
+        maps = self._assemble(glob, local_grid, global_grid, image, key, body)
+        if local is not None:  # the whole map, computed with the global one
+            from .tiles import upsample_box
+
+            shape = local_grid.shape_zyx
+            maps.features[: maps.n_local] = local.reshape(maps.n_local, -1).to(maps.features.dtype)
+            up = upsample_box(glob.cpu(), shape, np.zeros(len(shape), int), np.asarray(shape) - 1)
+            maps.features[maps.n_local:] = F.normalize(up, dim=0).reshape(up.shape[0], -1).to(maps.features.device, maps.features.dtype)
+            maps.ready = None
+        else:
+            maps.tiles = TileComputer(self, lambda a=arr: a)
+        return maps
 
     def _body_on_local(self, arr: np.ndarray, modality: str, local_grid: Grid) -> torch.Tensor:
         """Body mask on the local grid, computed on the input subsampled by the local stride (cheap)."""
@@ -306,46 +554,76 @@ class Embedder:
         out[sl] = mask[sl]
         return torch.from_numpy(out.reshape(-1))
 
-    def _assemble(self, local, glob, local_grid: Grid, global_grid: Grid, image: Image, key: str, body: torch.Tensor) -> EmbeddingMaps:
-        mode = "trilinear" if local.dim() == 4 else "bilinear"
-        up = F.interpolate(glob[None].float(), size=tuple(local.shape[1:]), mode=mode, align_corners=False)[0]
-        up = F.normalize(up, dim=0)
+    def _assemble(self, glob: torch.Tensor, local_grid: Grid, global_grid: Grid, image: Image, key: str,
+                  body: torch.Tensor) -> EmbeddingMaps:
+        """Maps with an empty feature buffer (no voxel ready): its pages take memory only once tiles fill them."""
+        spec = self.model.spec
         feat_dtype = torch.float16 if self.half else torch.float32
-        features = torch.cat([local.float(), up], 0).reshape(local.shape[0] + up.shape[0], -1).to(feat_dtype).contiguous()
+        n_vox = int(np.prod(local_grid.shape_zyx))
+        features = torch.empty((spec.local_channels + glob.shape[0], n_vox), dtype=feat_dtype, device=self.device)
         # voxel centres inside the original image
         idx = np.indices(local_grid.shape_zyx).reshape(local_grid.ndim, -1).T[:, ::-1]  # C order, columns (i, j, k)
         inside = image.grid.contains_index(image.grid.lps_to_index(local_grid.index_to_lps(idx)), margin=0.5)
         valid = torch.from_numpy(inside).to(features.device)
-        return EmbeddingMaps(local, glob, features, valid, body.to(features.device), local_grid, global_grid, image.grid,
-                             self.model.model_id, key, image.name)
+        return EmbeddingMaps(glob.float() if not self.half else glob, features, valid, body.to(features.device),
+                             local_grid, global_grid, image.grid, self.model.model_id, key, spec.local_channels,
+                             image.name, ready=torch.zeros(n_vox, dtype=torch.bool))
 
-    # ------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------ disk cache
     def _disk_path(self, key: str) -> Path | None:
-        return self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        from .tiles import ENTRY_SUFFIX
+
+        return self.cache_dir / f"{key}{ENTRY_SUFFIX}" if self.cache_dir else None
 
     def _load_disk(self, key: str, image: Image) -> EmbeddingMaps | None:
+        """On-demand maps from a disk entry (its stored voxels ready, the rest computed when needed), or None
+        when there is no entry or it is damaged (truncated, corrupt, another model: it is then recomputed)."""
+        from .tiles import DamagedEntry, normalize_channels, read_entry, upsample_at
+
         path = self._disk_path(key)
         if path is None or not path.is_file():
             return None
         try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-            meta = json.loads(d["meta"])
-            dtype = torch.float16 if self.half else torch.float32
-            return self._assemble(d["local"].to(self.device, dtype), d["global"].to(self.device, dtype), _grid_from_dict(meta["local_grid"]),
-                                  _grid_from_dict(meta["global_grid"]), image, key, d["body"])
+            meta, (glob16, body_bits, stored_bits, local16) = read_entry(path)
+            if meta.get("key") != key or meta.get("model_id") != self.model.model_id:
+                raise DamagedEntry(f"{path}: written for another image or model")
+            local_grid, global_grid = _grid_from_dict(meta["local_grid"]), _grid_from_dict(meta["global_grid"])
+            n_vox = int(np.prod(local_grid.shape_zyx))
+            body = torch.from_numpy(np.unpackbits(body_bits, count=n_vox).astype(bool))
+            stored = np.flatnonzero(np.unpackbits(stored_bits, count=n_vox))
+            glob = torch.from_numpy(glob16).float()
+            maps = self._assemble(glob.to(self.device), local_grid, global_grid, image, key, body)
+            if len(stored):
+                cl = maps.n_local
+                maps.features[:cl, torch.from_numpy(stored)] = torch.from_numpy(local16).to(maps.features.dtype)
+                zyx = np.stack(np.unravel_index(stored, local_grid.shape_zyx), 1)
+                up = normalize_channels(upsample_at(glob, local_grid.shape_zyx, zyx))
+                maps.features[cl:, torch.from_numpy(stored)] = up.to(maps.features.dtype)
+                maps.ready[torch.from_numpy(stored)] = True
+            maps.tiles = TileComputer(self, lambda: self._prepare(image)[0])
+            if bool(maps.ready.all()):
+                maps.ready, maps.tiles = None, None
+            return maps
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed, never fatal
-            log.warning("ignoring damaged cache entry %s: %s", path, e)
+            log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
             return None
 
-    def _save_disk(self, maps: EmbeddingMaps) -> None:
-        path = self._disk_path(maps.key)
-        if path is None:
-            return
-        from .io import atomic_path
+    def save(self, maps: EmbeddingMaps) -> None:
+        """Write ``maps`` to the disk cache (when there is one and tiles were computed since the last write):
+        the global map and the computed body voxels' local vectors, half precision, with a checksum."""
+        from .tiles import write_entry
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._disk_path(maps.key)
+        if path is None or (not maps.dirty and path.is_file()):
+            return
+        body = maps.body.cpu().numpy()
+        stored = body if maps.ready is None else body & maps.ready.numpy()
+        idx = torch.from_numpy(np.flatnonzero(stored))
+        local16 = maps.features[: maps.n_local, idx.to(maps.features.device)].cpu().half().numpy()
         meta = {"local_grid": _grid_to_dict(maps.local_grid), "global_grid": _grid_to_dict(maps.global_grid),
-                "model_id": maps.model_id, "image": maps.image_name}
-        with atomic_path(path) as tmp:
-            torch.save({"local": maps.local.cpu().half(), "global": maps.global_.cpu().half(), "body": maps.body.cpu(),
-                        "meta": json.dumps(meta)}, tmp)
+                "model_id": maps.model_id, "key": maps.key, "image": maps.image_name}
+        try:
+            write_entry(path, meta, [maps.global_.cpu().half().numpy(), np.packbits(body), np.packbits(stored), local16])
+            maps.dirty = False
+        except OSError as e:  # a full or read-only disk costs speed later, not this match
+            log.warning("could not write the embedding cache entry %s: %s", path, e)

@@ -41,17 +41,27 @@ def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray, mode: str = "n
     pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
     ijk = grid.lps_to_index(pts)
     size = np.asarray(grid.size_ijk, dtype=np.float64)
+    cl = maps.local_channels
+    if mode == "nearest":  # the nearest voxel's vector (what grid_sample returns), gathered without a volume pass
+        near = np.clip(np.rint(ijk), 0, size - 1).astype(np.int64)[:, ::-1]
+        flat = _ravel(torch.from_numpy(near.copy()), grid.shape_zyx)
+        maps.ensure_flat(flat)  # on demand: the tiles holding these voxels
+        q = maps.features[:, flat.to(maps.features.device)].float().T
+        return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
+    if not maps.complete:  # on demand: the interpolation's corners
+        lo = np.clip(np.floor(ijk), 0, size - 1)[:, ::-1]
+        maps.ensure(lo, np.clip(lo + 1, 0, size[::-1] - 1))
     norm = (2 * ijk + 1) / size - 1  # align_corners=False, (x, y, z) order as grid_sample wants
     C = maps.features.shape[0]
     vol = maps.features.float().reshape(1, C, *grid.shape_zyx)
     g = torch.from_numpy(norm.astype(np.float32)).to(vol.device).reshape(1, -1, *([1] * (d - 1)), d)
     q = F.grid_sample(vol, g, mode=mode, padding_mode="border", align_corners=False).reshape(C, -1).T
-    cl = maps.local_channels
     return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
 
 
 def similarity(queries: torch.Tensor, target: EmbeddingMaps) -> torch.Tensor:
     """SAM similarity (N, V) of each query with every voxel of ``target``, in [-1, 1]."""
+    target.ensure_all()
     feats = target.features
     return (queries.to(feats.dtype) @ feats).float() / 2.0
 
@@ -119,6 +129,18 @@ def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     return lo, hi, whole
 
 
+def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive (N, d) local-grid (k, j, i) corners of +-``window_mm`` boxes around LPS mm points (clipped to the
+    grid), e.g. to embed on demand the tiles a windowed search around those points will read."""
+    grid = maps.local_grid
+    centres = grid.lps_to_index(np.asarray(points_lps_mm, dtype=np.float64)[:, : grid.ndim])[:, ::-1]
+    radius = window_mm / grid.spacing_mm[::-1]
+    size = np.asarray(grid.shape_zyx)
+    lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
+    hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
+    return lo, hi
+
+
 def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float | None,
                    window_centres_lps_mm: np.ndarray | None):
     """The argmax of :func:`match_queries` without the (N, V) similarity: over the compact copy of the
@@ -128,15 +150,18 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
     similarity (-inf outside the search) for the sub-voxel fit.
     """
     shape = target.local_grid.shape_zyx
-    idx, feats = target.compact_features(allowed)
-    if len(idx) == 0:
+    if not bool(allowed.any()):
         raise ValueError("no voxel to search in the target")
-    q = queries.to(feats.dtype)
     full = target.features
+    q = queries.to(full.dtype)
     N = len(q)
     lo = hi = None
     if window_mm:
         lo, hi, whole = _window_boxes(q, target, allowed, window_mm, window_centres_lps_mm)
+        # on demand: the local map is computed in each query's window only (the searched voxels)
+        target.ensure(lo[~whole], hi[~whole], need=allowed)
+    if not window_mm or whole.any():  # the whole grid: the compact copy of the allowed voxels is the cheaper way
+        idx, feats = target.compact_features(allowed)
     if not window_mm or whole.all():
         scores, j = (q @ feats).float().div_(2.0).max(1)
         flat = idx[j].cpu()
@@ -273,8 +298,7 @@ def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     pick = rng.choice(cand, size=min(samples, len(cand)), replace=False)
     idx = np.stack(np.unravel_index(pick, grid.shape_zyx), 1)[:, ::-1].astype(np.float64)
     src_pts = grid.index_to_lps(idx)
-    cl = source.local_channels
-    q = F.normalize(source.features[cl:, torch.from_numpy(pick)].T.float(), dim=1)  # global vectors only
+    q = F.normalize(source.global_at(torch.from_numpy(pick)).T.float(), dim=1)  # global vectors only (no local tile)
     # the global map is smooth at its own (coarser) resolution: every other local voxel along each axis is
     # enough as a candidate, which makes the search 2^d times cheaper
     tgrid = target.local_grid
@@ -287,7 +311,7 @@ def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     cand_t = torch.nonzero(allowed.cpu() & torch.from_numpy(on_lattice.reshape(-1))).reshape(-1)
     if len(cand_t) == 0:
         return np.eye(d + 1), 0.0
-    feats = target.features[cl:, cand_t.to(target.features.device)].float()
+    feats = target.global_at(cand_t).to(target.features.device)
     best = cand_t[(q.to(feats.device) @ feats).argmax(1).cpu()].numpy()
     dst = tgrid.index_to_lps(np.stack(np.unravel_index(best, tgrid.shape_zyx), 1)[:, ::-1].astype(np.float64))
     try:
@@ -338,6 +362,7 @@ def scores_at(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: Embeddin
     loc = np.floor(target.local_grid.lps_to_index(img_grid.index_to_lps(ijk)) + 0.5).astype(np.int64)
     loc = np.clip(loc, 0, np.asarray(target.local_grid.size_ijk) - 1)
     flat = _ravel(torch.from_numpy(loc[:, ::-1].copy()), target.local_grid.shape_zyx)
+    target.ensure_flat(flat)
     feats = target.features[:, flat.to(target.features.device)].T.to(q.dtype)
     return ((q * feats).sum(1).float() / 2.0).clamp(-1.0, 1.0).cpu().numpy().astype(np.float64)
 

@@ -55,7 +55,7 @@ def test_the_disk_cache_returns_the_same_embeddings(a_model, tmp_path):
     img = a_ct_like_image()
     e1 = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
     m1 = e1.embed(img)
-    assert len(list(tmp_path.glob("*.pt"))) == 1
+    assert len(list(tmp_path.glob("*.samemb.pt"))) == 1
     m2 = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
     torch.testing.assert_close(m2.local, m1.local, atol=2e-3, rtol=0)  # stored as fp16
     assert m2.local_grid.same_as(m1.local_grid) and torch.equal(m2.body, m1.body)

@@ -1,0 +1,206 @@
+"""On-demand local embedding: which tiles of the local map a search needs, the global map's upsampling on any box
+or voxel set, and the disk format of a (partly) embedded image.
+
+The local branch of a network with a separate global branch (``sam-lite``) has a bounded receptive field, so its
+map on a box of the input, computed with ``NetSpec.tile_halo`` input voxels of context on each side (clipped at the
+volume's edge, where the whole-volume run pads with zeros too) and starting on a multiple of ``tile_multiple``
+input voxels, equals the whole-volume map there. The engine therefore embeds the global map for the whole volume
+(coarse and cheap) and the local map only in the boxes that the searches touch, block by block.
+
+Units: boxes are inclusive ``(k, j, i)`` = ``zyx`` index corners on the local grid unless named ``input``; the
+input grid is the network's (model spacing, padded to ``pad_multiple``). The disk-cache helpers import no torch, so
+``samembed cache info`` stays quick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+#: the first bytes of a disk cache entry, and its format version
+MAGIC = b"SAMEMB2\n"
+#: entries end in ``.pt`` as the older torch-pickled entries did (``samembed cache`` and tools that glob ``*.pt`` find
+#: both); an older entry fails the magic check and is recomputed in the new format
+ENTRY_SUFFIX = ".samemb.pt"
+
+
+# ---------------------------------------------------------------------------------------------- upsampling
+def _linear_taps(n_in: int, n_out: int, dst: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch's ``align_corners=False`` linear interpolation taps for output indices ``dst`` along one axis:
+    ``(i0, i1, w0, w1)`` with ``out[dst] = w0 * in[i0] + w1 * in[i1]`` (float32 weights, as ``F.interpolate``)."""
+    import torch
+
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (dst.astype(np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0.0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    w0 = (np.float32(1.0) - w1).astype(np.float32)
+    return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy(w0), torch.from_numpy(w1)
+
+
+def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+    """The global map ``glob`` (C, *gshape) linearly upsampled to ``out_shape`` (align_corners=False), on the
+    inclusive box ``lo..hi`` of the output only: (C, *box), float32, not normalised.
+
+    Separable, the last axis first (while the map is still coarse) and the first axis last (whose selection copies
+    whole contiguous planes), so every output voxel is computed by the same operations whatever box it is in: a
+    box equals the same voxels of the whole map bit for bit, and :func:`upsample_at` too. It agrees with
+    ``F.interpolate(..., mode="trilinear", align_corners=False)`` to float rounding (about 1e-6).
+    """
+
+    out = glob.float()
+    for a in reversed(range(len(out_shape))):
+        i0, i1, w0, w1 = _linear_taps(glob.shape[1 + a], out_shape[a], np.arange(lo[a], hi[a] + 1))
+        shape = [1] * out.dim()
+        shape[1 + a] = -1
+        first = out.index_select(1 + a, i0).mul_(w0.reshape(shape))
+        out = first.add_(out.index_select(1 + a, i1).mul_(w1.reshape(shape)))
+    return out
+
+
+def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray) -> torch.Tensor:
+    """:func:`upsample_box` at single output voxels ``zyx`` (M, d): (C, M) float32, not normalised, with the
+    same arithmetic (same operations in the same order), so the values are identical."""
+
+    d = len(out_shape)
+    g = glob.float()
+    taps = [_linear_taps(glob.shape[1 + a], out_shape[a], zyx[:, a]) for a in range(d)]
+    corners: dict[tuple[int, ...], torch.Tensor] = {}
+    for bits in np.ndindex(*(2,) * d):
+        corners[bits] = g[(slice(None), *(taps[a][bits[a]] for a in range(d)))]
+    for a in reversed(range(d)):  # reduce the last axis first, as the box code does
+        _, _, w0, w1 = taps[a]
+        corners = {bits[:-1]: v * w0 + corners[(*bits[:-1], 1)] * w1 for bits, v in corners.items() if bits[-1] == 0}
+    return corners[()]
+
+
+def normalize_channels(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, dim=0)`` in place (the same arithmetic, no second full-size copy)."""
+    return x.div_(x.norm(dim=0, keepdim=True).clamp_min_(eps))
+
+
+# ---------------------------------------------------------------------------------------------- tile planning
+@dataclass(frozen=True)
+class TilePlan:
+    """Input-grid boxes ``[start, stop)`` (zyx, multiples of the tile step or the volume's end) to embed."""
+
+    boxes_input: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    whole: bool  # cheaper to embed the whole volume than the boxes with their halos
+
+
+def plan_tiles(missing_zyx: np.ndarray, local_stride: int, step_input: int, halo_input: int,
+               input_shape: tuple[int, ...], whole_fraction: float = 0.6) -> TilePlan:
+    """Group missing local voxels into few input boxes.
+
+    Args:
+        missing_zyx: (local grid shape) bool, local voxels to compute.
+        local_stride: input voxels per local voxel (same on every axis).
+        step_input: tile starts are multiples of this (input voxels).
+        halo_input: context embedded around each box (input voxels).
+        input_shape: the padded input's shape (zyx).
+        whole_fraction: embed the whole volume when the boxes with their halos cover more than this fraction of it.
+    """
+    from scipy import ndimage
+
+    block = max(1, step_input // local_stride)  # local voxels per block along each axis
+    nb = tuple(-(-s // block) for s in missing_zyx.shape)
+    pad = [(0, n * block - s) for n, s in zip(nb, missing_zyx.shape)]
+    blocks = np.pad(missing_zyx, pad).reshape(*sum(((n, block) for n in nb), ())).any(axis=tuple(range(1, 2 * len(nb), 2)))
+    if not blocks.any():
+        return TilePlan([], False)
+    # blocks closer than a halo are embedded together (their halos would overlap)
+    reach = max(1, -(-halo_input // step_input))
+    joined = ndimage.binary_dilation(blocks, iterations=reach) if reach else blocks
+    lab, n = ndimage.label(joined, structure=np.ones((3,) * blocks.ndim))
+    boxes, cost = [], 0
+    for sl in ndimage.find_objects(lab):
+        sub = blocks[sl] & (lab[sl] > 0)
+        nz = np.argwhere(sub)
+        lo_b = nz.min(0) + [s.start for s in sl]
+        hi_b = nz.max(0) + [s.start for s in sl] + 1
+        start = tuple(int(v * step_input) for v in lo_b)
+        stop = tuple(int(min(v * step_input, s)) for v, s in zip(hi_b, input_shape))
+        boxes.append((start, stop))
+        cost += int(np.prod([min(s, b + halo_input) - max(0, a - halo_input) for a, b, s in zip(start, stop, input_shape)]))
+    return TilePlan(boxes, cost > whole_fraction * float(np.prod(input_shape)))
+
+
+# ---------------------------------------------------------------------------------------------- disk entries
+def write_entry(path: Path, header: dict, arrays: list[np.ndarray]) -> int:
+    """Write a cache entry: magic, header length, JSON header (with the payload's size and SHA-256), payload.
+
+    The payload is the raw bytes of ``arrays`` in order; returns the bytes written.
+    """
+    from .io import atomic_path
+
+    payload = [np.ascontiguousarray(a).tobytes() for a in arrays]
+    h = hashlib.sha256()
+    for p in payload:
+        h.update(p)
+    header = {**header, "payload_bytes": sum(len(p) for p in payload), "sha256": h.hexdigest(),
+              "arrays": [[str(a.dtype), list(a.shape)] for a in arrays]}
+    head = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + struct.pack("<Q", len(head)) + head)
+        for p in payload:
+            f.write(p)
+    return len(MAGIC) + 8 + len(head) + header["payload_bytes"]
+
+
+class DamagedEntry(ValueError):
+    """A cache entry that is truncated, corrupt or of another format (it is recomputed, never trusted)."""
+
+
+def read_entry(path: Path) -> tuple[dict, list[np.ndarray]]:
+    """Read and verify a cache entry written by :func:`write_entry`.
+
+    Raises:
+        DamagedEntry: wrong magic, truncated file, size or SHA-256 mismatch.
+    """
+    data = path.read_bytes()
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
+        raise DamagedEntry(f"{path}: not a samembed cache entry (or an older format)")
+    (n,) = struct.unpack("<Q", data[len(MAGIC): len(MAGIC) + 8])
+    start = len(MAGIC) + 8 + n
+    try:
+        header = json.loads(data[len(MAGIC) + 8: start])
+    except ValueError as e:
+        raise DamagedEntry(f"{path}: unreadable header ({e})") from None
+    payload = memoryview(data)[start:]
+    if len(payload) != header.get("payload_bytes"):
+        raise DamagedEntry(f"{path}: {len(payload)} payload bytes, the header says {header.get('payload_bytes')} (truncated?)")
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise DamagedEntry(f"{path}: checksum mismatch (corrupt)")
+    arrays, off = [], 0
+    for dtype, shape in header["arrays"]:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        arrays.append(np.frombuffer(payload[off: off + nbytes], dtype=dtype).reshape(shape).copy())
+        off += nbytes
+    return header, arrays
+
+
+def cache_info(cache_dir: str | Path) -> dict:
+    """Entries and bytes in a cache folder (``samembed cache info``)."""
+    folder = Path(cache_dir)
+    files = sorted(folder.glob("*.pt"))  # current entries (ENTRY_SUFFIX) and the older format
+    return {"folder": str(folder), "entries": len(files), "bytes": sum(f.stat().st_size for f in files),
+            "files": [(f.name, f.stat().st_size) for f in files]}
+
+
+def cache_clear(cache_dir: str | Path) -> int:
+    """Delete every cache entry (current and older ``.pt`` format) in the folder; returns how many."""
+    info = cache_info(cache_dir)
+    for name, _ in info["files"]:
+        (Path(cache_dir) / name).unlink(missing_ok=True)
+    return info["entries"]

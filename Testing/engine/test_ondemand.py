@@ -1,0 +1,155 @@
+"""On-demand local embedding on real CT pairs: it finds what whole-volume embedding finds, its tiles are reused,
+and a damaged disk entry is recomputed, never trusted.
+
+The reference is the same Matcher code with both images embedded whole first (``Matcher.embed``, which the match
+then takes from the memory cache); the on-demand run is a fresh Matcher, whose ``match`` embeds the global maps
+and only the local tiles its searches read. Points: organ centroids, points whose local voxel sits on a tile-block
+border (block = 4 local voxels), and points near the image's first and last slices.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from samembed import Matcher, MatchOptions
+from samembed.io import read_image
+from samembed.tiles import ENTRY_SUFFIX
+
+from ..conftest import data_file
+
+PAIRS = {
+    "openkbp": ("openkbp/ct/pt_215_ct.nii.gz", "openkbp/ct/pt_232_ct.nii.gz"),
+    "lidc": ("lidc/LIDC-IDRI-0002_ct_2mm.nii.gz", "lidc/LIDC-IDRI-0003_ct_2mm.nii.gz"),
+}
+PURE = MatchOptions(polish=False)  # the SAM search alone: the matched voxel and its sub-voxel fit
+
+
+def centroids(patient: str) -> np.ndarray:
+    rows = csv.DictReader(data_file("ct", "openkbp", "oar_centroids.csv").open())
+    return np.array([[float(r["x_mm"]), float(r["y_mm"]), float(r["z_mm"])] for r in rows if r["patient"] == patient])
+
+
+def border_and_edge_points(maps, n_border: int = 3, seed: int = 0) -> np.ndarray:
+    """LPS mm centres of body voxels on tile-block borders (indices 0 or 3 mod 4 on every axis), and of body
+    voxels on the second and second-to-last valid slices (near the image edge)."""
+    shape = maps.local_grid.shape_zyx
+    ok = (maps.valid & maps.body).reshape(shape).numpy()
+    zyx = np.argwhere(ok)
+    rng = np.random.default_rng(seed)
+    on_border = zyx[np.all(np.isin(zyx % 4, (0, 3)), axis=1)]
+    picks = [on_border[rng.choice(len(on_border), n_border, replace=False)]]
+    zs = np.unique(zyx[:, 0])
+    for z in (zs[1], zs[-2]):
+        row = zyx[zyx[:, 0] == z]
+        picks.append(row[[len(row) // 2]])
+    sel = np.concatenate(picks)
+    return maps.local_grid.index_to_lps(sel[:, ::-1].astype(np.float64))
+
+
+@pytest.fixture(scope="module")
+def whole_cache(tmp_path_factory):
+    """The whole-volume reference's disk cache folder (its entries are whole images' body voxels)."""
+    return tmp_path_factory.mktemp("whole-cache")
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def pair(request, whole_cache):
+    """(name, source, target, points, whole-volume matcher) of a real CT pair."""
+    src_rel, tgt_rel = PAIRS[request.param]
+    src = read_image(data_file("ct", *src_rel.split("/")))
+    tgt = read_image(data_file("ct", *tgt_rel.split("/")))
+    whole = Matcher("default", device="cpu", cache_dir=whole_cache / request.param)
+    smaps = whole.embed(src)
+    whole.embed(tgt)
+    pts = border_and_edge_points(smaps)
+    if request.param == "openkbp":
+        pts = np.concatenate([centroids("pt_215"), pts])
+    return request.param, src, tgt, pts, whole
+
+
+def cached(matcher: Matcher, image):
+    """The maps ``matcher`` holds in memory for ``image`` (as its last match left them)."""
+    emb = matcher.embedder_for(image.ndim)
+    return emb.cache.get(emb.key(image))
+
+
+def _same(a, b, tol_score: float = 1e-5) -> None:
+    pa = np.array([m.point_lps_mm for m in a.matches])
+    pb = np.array([m.point_lps_mm for m in b.matches])
+    np.testing.assert_allclose(pa, pb, atol=1e-4, rtol=0)  # the same voxel and the same sub-voxel fit
+    np.testing.assert_allclose([m.score for m in a.matches], [m.score for m in b.matches], atol=tol_score, rtol=0)
+    assert [m.confident for m in a.matches] == [m.confident for m in b.matches]
+
+
+@pytest.mark.needs_data
+def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(pair):
+    name, src, tgt, pts, whole = pair
+    od = Matcher("default", device="cpu")
+    miss = od.match(src, pts, [tgt], options=PURE)
+    _same(whole.match(src, pts, [tgt], options=PURE), miss)
+    # a tile-cache hit: nothing recomputed, the same result
+    tiles = cached(od, tgt).tiles
+    computed = None if tiles is None else tiles.tiles_computed
+    _same(miss, od.match(src, pts, [tgt], options=PURE), tol_score=0.0)
+    if tiles is not None:
+        assert tiles.tiles_computed == computed, "the second match recomputed tiles"
+    _same(whole.match(src, pts, [tgt]), od.match(src, pts, [tgt]))  # with the polish (the default)
+    tmaps = cached(od, tgt)
+    if name == "openkbp":  # organs a few cm apart: their windows cover part of the target only
+        assert not tmaps.complete, f"{name}: a few points should not need the whole target's local map"
+    ref = whole.embed(tgt)
+    ready = tmaps.ready if tmaps.ready is not None else slice(None)
+    diff = (tmaps.features[:, ready] - ref.features[:, ready]).abs().max()
+    assert float(diff) <= 1e-5, f"{name}: tile features differ from the whole-volume map by {float(diff):.2g}"
+
+
+@pytest.mark.needs_data
+def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_cache, tmp_path, caplog):
+    name, src, tgt, pts, _ = pair
+    if name != "openkbp":
+        pytest.skip("one pair is enough for the disk format")
+    # a whole 128^3 CT (the reference embedded both images whole): body voxels only, half precision
+    sizes = [p.stat().st_size for p in (whole_cache / name).glob(f"*{ENTRY_SUFFIX}")]
+    assert len(sizes) == 2 and max(sizes) <= 40e6, sizes
+    # on-demand tiles are written too
+    first_dir = tmp_path / "first"
+    fresh = Matcher("default", device="cpu", cache_dir=first_dir).match(src, pts, [tgt], options=PURE)
+    entries = sorted(first_dir.glob(f"*{ENTRY_SUFFIX}"))
+    assert len(entries) == 2
+    for damage in ("corrupt", "truncated"):
+        folder = tmp_path / damage
+        folder.mkdir()
+        for path in entries:
+            data = path.read_bytes()
+            data = data[: len(data) // 2] if damage == "truncated" else data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
+            (folder / path.name).write_bytes(data)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+            again = Matcher("default", device="cpu", cache_dir=folder).match(src, pts, [tgt], options=PURE)
+        assert sum("damaged cache entry" in r.getMessage() for r in caplog.records) == 2, damage
+        _same(fresh, again, tol_score=0.0)  # recomputed in full precision: exactly the fresh result
+    # an intact entry is used: the stored voxels need no preprocessing; half precision moves little
+    m2 = Matcher("default", device="cpu", cache_dir=first_dir)
+    loaded_src = m2.embedder.embed(src, on_demand=True)
+    assert not loaded_src.complete and int(loaded_src.ready.sum()) > 0
+    assert loaded_src.tiles._x is None, "a disk hit needs no preprocessing until a search leaves the stored voxels"
+    loaded = m2.match(src, pts, [tgt], options=PURE)
+    pa = np.array([x.point_lps_mm for x in fresh.matches])
+    pb = np.array([x.point_lps_mm for x in loaded.matches])
+    assert np.median(np.linalg.norm(pa - pb, axis=1)) < 1.0
+    np.testing.assert_allclose([x.score for x in fresh.matches], [x.score for x in loaded.matches], atol=1e-2)
+
+
+def test_the_help_and_cache_info_do_not_import_torch(tmp_path):
+    code = ("import sys\nfrom samembed.cli import main, build_parser\n"
+            "try:\n    build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"main(['cache', 'info', '--cache-dir', {str(tmp_path)!r}])\n"
+            "print('TORCH', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "TORCH False" in out

@@ -1,0 +1,359 @@
+"""Cold-start benchmark: ``samembed match`` in a fresh process with no cache, against elastix, stage by stage.
+
+Each measurement runs in its own child process (``python benchmarks/cold_start.py child ...``) so that imports,
+model loading and every embedding are paid for, as a new user pays for them. The child runs the real command
+line (``samembed.cli.main(["match", ...])``) with light wrappers around the engine's stage functions that record
+each stage's *exclusive* wall time (a stage called inside another is not counted twice), and reports the peak RSS
+(``resource.getrusage``, the process's maximum resident set).
+
+Usage (from the repository root, with ``SAMEmbedding`` and ``benchmarks`` on ``PYTHONPATH``)::
+
+    python benchmarks/cold_start.py run --suites cache/suites --out benchmarks/results/cold_start.md
+    python benchmarks/cold_start.py child SRC TGT --points P.csv --out O.csv --json stages.json [-- match flags]
+
+Stages (seconds): imports (the engine and torch), model (loading the checkpoint), reading, preprocessing, body
+(body masks), global map, local map, assemble (upsampled global + local features), prior (affine prior), search,
+polish, scores, round trip (search back and polish back), writing, other (the remainder of the process wall time:
+interpreter start, argument parsing, bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+#: (module, attribute path, stage name); a stage called inside another is counted in the inner one only
+STAGES = (
+    ("samembed.api", "read_image", "reading"),
+    ("samembed.api", "load_model", "model"),
+    ("samembed.embedding", "preprocess", "preprocessing"),
+    ("samembed.embedding", "Embedder._body_on_local", "body"),
+    ("samembed.networks.lite", "SamLite.forward_global", "global map"),
+    ("samembed.networks.lite", "SamLite.forward_local", "local map"),
+    ("samembed.embedding", "Embedder._assemble", "assemble"),
+    ("samembed.tiles", "upsample_box", "assemble"),
+    ("samembed.tiles", "upsample_at", "assemble"),
+    ("samembed.embedding", "Embedder.save", "writing"),
+    ("samembed.api", "Matcher._prior", "prior"),
+    ("samembed.api", "match_points", "search|round trip"),
+    ("samembed.api", "polish_points", "polish|round trip"),
+    ("samembed.api", "scores_at", "scores"),
+    ("samembed.cli", "_write_match_outputs", "writing"),
+)
+ORDER = ("imports", "model", "reading", "preprocessing", "body", "global map", "local map", "assemble", "prior",
+         "search", "polish", "scores", "round trip", "writing", "other")
+
+
+class StageClock:
+    """Exclusive wall time per stage: a stack of running stages, each charged for its own time only."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._stack: list[list] = []  # [name, start, child seconds]
+
+    def wrap(self, fn, name: str):
+        """``fn`` timed as stage ``name``; ``"a|b"`` alternates a, b, a, b... over the calls (search, then the
+        round trip's search back, per target)."""
+        names = name.split("|")
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            n = self.calls.get(name, 0)
+            self.calls[name] = n + 1
+            stage = names[n % len(names)]
+            self._stack.append([stage, time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                st, t0, child = self._stack.pop()
+                dt = time.perf_counter() - t0
+                self.seconds[st] = self.seconds.get(st, 0.0) + dt - child
+                if self._stack:
+                    self._stack[-1][2] += dt
+
+        return timed
+
+    def install(self) -> None:
+        """Wrap every function of :data:`STAGES` that exists in this version of the engine."""
+        import importlib
+
+        for module, attr, name in STAGES:
+            mod = importlib.import_module(module)
+            owner, parts = mod, attr.split(".")
+            for p in parts[:-1]:
+                owner = getattr(owner, p, None)
+            if owner is None or not hasattr(owner, parts[-1]):
+                continue
+            fn = getattr(owner, parts[-1])
+            setattr(owner, parts[-1], self.wrap(fn, name))
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process, GB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def child(argv: list[str]) -> int:
+    """Run one ``samembed match`` with stage timing; write ``{"stages": {...}, "peak_rss_gb", "wall_s"}``."""
+    p = argparse.ArgumentParser(prog="cold_start.py child")
+    p.add_argument("--json", required=True, help="where to write the stage times")
+    p.add_argument("--whole", action="store_true", help="embed every voxel (the engine before on-demand tiles)")
+    args, rest = p.parse_known_args(argv)
+    t0 = time.perf_counter()
+    import torch  # noqa: F401 - the import cost is a stage of its own
+
+    import samembed.api  # noqa: F401
+    import samembed.cli as cli
+
+    t_imports = time.perf_counter() - t0
+    clock = StageClock()
+    clock.install()
+    if args.whole:
+        from samembed.embedding import Embedder
+
+        embed = Embedder.embed
+        Embedder.embed = lambda self, image, progress=None, cancel=None, on_demand=False: embed(self, image, progress, cancel)
+    marks: list[float] = []  # when each target's turn starts, and when writing starts
+    from samembed.api import Matcher
+
+    target = Matcher._target
+
+    def _target(self, *a, **k):
+        marks.append(time.perf_counter())
+        return target(self, *a, **k)
+
+    Matcher._target = _target
+    write = cli._write_match_outputs
+
+    def _write(*a, **k):
+        marks.append(time.perf_counter())
+        return write(*a, **k)
+
+    cli._write_match_outputs = _write
+    rc = cli.main(["match", *rest, "--quiet", "--device", "cpu"])
+    wall = time.perf_counter() - T_START
+    stages = {"imports": t_imports, **clock.seconds}
+    stages["other"] = wall - sum(stages.values())
+    per_target = [b - a for a, b in zip(marks[:-1], marks[1:])]
+    Path(args.json).write_text(json.dumps({"stages": stages, "peak_rss_gb": peak_rss_gb(), "wall_s": wall, "rc": rc,
+                                           "per_target_s": per_target}, indent=1))
+    return rc
+
+
+def run_child(source: str, targets: list[str], points_csv: str, out_csv: str, extra: list[str] = ()) -> dict:
+    """One cold ``samembed match`` in a fresh process; its stage times, peak RSS and the process wall time."""
+    js = Path(out_csv).with_suffix(".stages.json")
+    cmd = [sys.executable, __file__, "child", "--json", str(js), *extra, source, *targets, "--points", points_csv,
+           "--out", out_csv]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    out = json.loads(js.read_text())
+    out["process_s"] = time.perf_counter() - t0
+    return out
+
+
+def elastix_child(argv: list[str]) -> int:
+    """One cold elastix affine + B-spline registration and point transfer (a fresh process: imports, reading)."""
+    p = argparse.ArgumentParser(prog="cold_start.py elastix")
+    p.add_argument("source")
+    p.add_argument("target")
+    p.add_argument("--points", required=True)
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    import numpy as np
+    from samembed_bench.registration import _itk, transfer_points_elastix
+
+    t0 = time.perf_counter()
+    _itk()
+    t_imports = time.perf_counter() - T_START
+    pts = np.loadtxt(args.points, delimiter=",", skiprows=1, usecols=(1, 2, 3), ndmin=2)
+    moved, reg_s = transfer_points_elastix(args.source, args.target, pts, mode="bspline")
+    wall = time.perf_counter() - T_START
+    Path(args.json).write_text(json.dumps({"registration_s": reg_s, "imports_s": t_imports, "wall_s": wall,
+                                           "reading_s": wall - t_imports - reg_s, "peak_rss_gb": peak_rss_gb(),
+                                           "points_lps_mm": moved.tolist()}, indent=1))
+    del t0
+    return 0
+
+
+def _write_points(path: Path, labels, points) -> None:
+    lines = ["label,x,y,z"] + [f"{lab},{p[0]:.4f},{p[1]:.4f},{p[2]:.4f}" for lab, p in zip(labels, points)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _read_found(path: Path) -> tuple[list[str], list[str], object]:
+    import csv
+
+    import numpy as np
+
+    rows = list(csv.DictReader(path.open()))
+    return ([r["target"] for r in rows], [r["label"] for r in rows],
+            np.array([[float(r["x"]), float(r["y"]), float(r["z"])] for r in rows]))
+
+
+def run(argv: list[str]) -> int:
+    """The side-by-side benchmark; writes the markdown report."""
+    import numpy as np
+    from samembed_bench.cases import read_cases
+    from samembed_bench.suites import build_suites, data_root, read_openkbp_centroids
+
+    p = argparse.ArgumentParser(prog="cold_start.py run")
+    p.add_argument("--suites", default="cache/suites", help="suite folder (built when missing)")
+    p.add_argument("--work", default="cache/cold_start", help="scratch folder for points, outputs, stage files")
+    p.add_argument("--out", default="benchmarks/results/cold_start.md")
+    p.add_argument("--openkbp-pairs", type=int, default=5)
+    p.add_argument("--no-elastix", action="store_true")
+    args = p.parse_args(argv)
+    os.environ.setdefault("SAMEMBED_ELASTIX_THREADS", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    build_suites(args.suites, ["lidc_synthetic", "openkbp_inter"])
+    cases = read_cases(Path(args.suites) / "lidc_synthetic" / "cases.json")[:1]
+    cases += read_cases(Path(args.suites) / "openkbp_inter" / "cases.json")[: args.openkbp_pairs]
+    rows = []
+    for case in cases:
+        tag = f"{case.suite}_{case.case_id}"
+        pts_csv = work / f"{tag}_points.csv"
+        _write_points(pts_csv, case.labels, case.query_points_lps_mm)
+        row = {"case": tag, "suite": case.suite, "n": len(case.labels)}
+        for mode, extra in (("ondemand", []), ("whole", ["--whole"])):
+            out = work / f"{tag}_{mode}.csv"
+            r = run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), extra)
+            _, _, found = _read_found(out)
+            row[mode] = r
+            row[f"{mode}_err"] = float(np.mean(np.linalg.norm(found - case.truth_points_lps_mm, axis=1)))
+            print(f"{tag} {mode}: {r['process_s']:.1f} s, {r['peak_rss_gb']:.2f} GB, error {row[f'{mode}_err']:.2f} mm",
+                  flush=True)
+        if not args.no_elastix:
+            js = work / f"{tag}_elastix.json"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "elastix", str(case.source), str(case.target), "--points",
+                            str(pts_csv), "--json", str(js)], check=True)
+            e = json.loads(js.read_text())
+            e["process_s"] = time.perf_counter() - t0
+            row["elastix"] = e
+            row["elastix_err"] = float(np.mean(np.linalg.norm(np.array(e["points_lps_mm"]) - case.truth_points_lps_mm, axis=1)))
+            print(f"{tag} elastix: {e['process_s']:.1f} s, {e['peak_rss_gb']:.2f} GB, error {row['elastix_err']:.2f} mm",
+                  flush=True)
+        rows.append(row)
+    # one atlas into many: the first OpenKBP case's source into the five targets, one process, each target cold
+    kbp = [c for c in cases if c.suite == "openkbp_inter"]
+    atlas = None
+    if kbp:
+        cents = read_openkbp_centroids(data_root())
+        src_pat = kbp[0].meta["source_patient"]
+        targets = []
+        for c in kbp + read_cases(Path(args.suites) / "openkbp_inter" / "cases.json"):  # 5 distinct other patients
+            if len(targets) == args.openkbp_pairs:
+                break
+            if c.meta["target_patient"] != src_pat and all(c.meta["target_patient"] != t.meta["target_patient"] for t in targets):
+                targets.append(c)
+        labels = sorted(cents[src_pat])
+        pts_csv = work / "atlas_points.csv"
+        _write_points(pts_csv, labels, [cents[src_pat][s] for s in labels])
+        out = work / "atlas_ondemand.csv"
+        r = run_child(str(kbp[0].source), [str(c.target) for c in targets], str(pts_csv), str(out))
+        tnames, tlabels, found = _read_found(out)
+        errs = []
+        for t, lab, f in zip(tnames, tlabels, found):
+            pat = next(c.meta["target_patient"] for c in targets if str(c.target) == t)
+            if lab in cents[pat]:
+                errs.append(float(np.linalg.norm(f - cents[pat][lab])))
+        atlas = {"source": src_pat, "targets": [c.meta["target_patient"] for c in targets], "run": r,
+                 "mean_err": float(np.mean(errs)), "n_points": len(errs)}
+        print(f"atlas: {r['process_s']:.1f} s, per target {r['per_target_s']}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    (work / "cold_start.json").write_text(json.dumps({"rows": rows, "atlas": atlas}, indent=1, default=str))
+    Path(args.out).write_text(report(rows, atlas))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _fmt_stages(stages: dict) -> str:
+    return ", ".join(f"{k} {stages[k]:.2f}" for k in ORDER if k in stages and stages[k] >= 0.005)
+
+
+def report(rows: list[dict], atlas: dict | None) -> str:
+    """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios."""
+    import platform
+
+    import numpy as np
+
+    load = os.getloadavg()
+    lines = [
+        "# Cold start: `samembed match` (fresh process, no cache) against elastix affine + B-spline",
+        "",
+        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores **shared with a training run and other developers** "
+        f"(load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end); every number is wall time on a loaded "
+        "machine and only the ratios measured side by side are meaningful. SAM: torch, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', '?')}, model `default` (sam-lite-ct). elastix: "
+        f"{os.environ.get('SAMEMBED_ELASTIX_THREADS', 'default')} thread(s), `samembed_bench.registration` settings "
+        "(similarity + affine, then B-spline). Command: `python benchmarks/cold_start.py run`.",
+        "",
+        "`process s` is the fresh process's wall time (interpreter start, imports, reading, everything); "
+        "`whole` is the same engine forced to embed every voxel (the cold path before on-demand tiles); "
+        "elastix `registration s` excludes its imports and file reading, `process s` includes them.",
+        "",
+        "| pair | points | SAM on-demand process s | peak RSS GB | SAM whole process s | peak RSS GB | elastix process s "
+        "(registration s) | peak RSS GB | ratio elastix/SAM (process) | mean error SAM on-demand / whole / elastix mm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        od, wh, el = r["ondemand"], r["whole"], r.get("elastix")
+        el_s = f"{el['process_s']:.1f} ({el['registration_s']:.1f})" if el else "-"
+        ratio = f"{el['process_s'] / od['process_s']:.1f}x" if el else "-"
+        lines.append(f"| {r['case']} | {r['n']} | {od['process_s']:.1f} | {od['peak_rss_gb']:.2f} | {wh['process_s']:.1f} | "
+                     f"{wh['peak_rss_gb']:.2f} | {el_s} | {el['peak_rss_gb']:.2f} | {ratio} | "
+                     f"{r['ondemand_err']:.2f} / {r['whole_err']:.2f} / {r.get('elastix_err', float('nan')):.2f} |"
+                     if el else
+                     f"| {r['case']} | {r['n']} | {od['process_s']:.1f} | {od['peak_rss_gb']:.2f} | {wh['process_s']:.1f} | "
+                     f"{wh['peak_rss_gb']:.2f} | - | - | - | {r['ondemand_err']:.2f} / {r['whole_err']:.2f} / - |")
+    lines += ["", "Stage times of the on-demand runs (exclusive seconds; `other` = interpreter start and bookkeeping):", ""]
+    for r in rows:
+        lines.append(f"- {r['case']}: {_fmt_stages(r['ondemand']['stages'])}")
+    lines += ["", "Stage times of the whole-volume runs:", ""]
+    for r in rows:
+        lines.append(f"- {r['case']}: {_fmt_stages(r['whole']['stages'])}")
+    for suite in sorted({r["suite"] for r in rows}):
+        sub = [r for r in rows if r["suite"] == suite]
+        d = np.mean([r["ondemand_err"] for r in sub]) - np.mean([r["whole_err"] for r in sub])
+        lines.append(f"\nAccuracy, {suite}: mean error on-demand minus whole-volume = {d:+.3f} mm.")
+    if atlas:
+        r = atlas["run"]
+        per = r["per_target_s"][:-1] if len(r["per_target_s"]) > len(atlas["targets"]) else r["per_target_s"]
+        el = [x["elastix"]["registration_s"] for x in rows if x["suite"] == "openkbp_inter" and x.get("elastix")]
+        lines += ["", "## One atlas into many", "",
+                  f"Source {atlas['source']} (all its organ centroids) into {len(atlas['targets'])} OpenKBP targets "
+                  f"({', '.join(atlas['targets'])}) in one fresh process: {r['process_s']:.1f} s in all, "
+                  f"peak RSS {r['peak_rss_gb']:.2f} GB; time per target after the first target started (each target "
+                  f"cold, the source's tiles reused): {', '.join(f'{x:.1f}' for x in per)} s, mean {np.mean(per):.1f} s; "
+                  f"mean centroid error {atlas['mean_err']:.1f} mm over {atlas['n_points']} points."]
+        if el:
+            lines.append(f"elastix B-spline registration per OpenKBP pair (imports and reading excluded): mean "
+                         f"{np.mean(el):.1f} s, so **{np.mean(el) / np.mean(per):.1f}x** per target.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "child":
+        return child(argv[1:])
+    if argv and argv[0] == "elastix":
+        return elastix_child(argv[1:])
+    if argv and argv[0] == "run":
+        return run(argv[1:])
+    raise SystemExit("usage: cold_start.py run [--out MD] | child ... | elastix ...")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
