@@ -13,15 +13,18 @@ import logging
 import os
 from typing import Annotated
 
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 
 # first-party and torch-free (samembed's options and numpy): the parameter node's defaults come from MatchOptions
 from SAMEmbeddingLib.parameters import matchOptionsFromParameters, optionDefault
@@ -236,7 +239,6 @@ class SAMEmbeddingWidget(ScriptedLoadableModuleWidget):
         """Reload the library modules too (Developer mode "Reload")."""
         import importlib
 
-        import SAMEmbeddingLib
 
         if self.body is not None:
             self.body.cleanup()

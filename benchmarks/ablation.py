@@ -33,11 +33,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
-from samembed.options import MatchOptions  # noqa: E402
 from samembed_bench.cases import read_cases  # noqa: E402
 from samembed_bench.metrics import summarise  # noqa: E402
 from samembed_bench.runner import run_cases  # noqa: E402
 from samembed_bench.suites import SUITE_NAMES, build_suites  # noqa: E402
+
+from samembed.options import MatchOptions  # noqa: E402
 
 log = logging.getLogger("ablation")
 

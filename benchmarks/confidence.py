@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from samembed import Matcher, MatchOptions
 from samembed_bench.cases import read_cases
 from samembed_bench.suites import SUITE_NAMES, build_suites
+
+from samembed import Matcher, MatchOptions
 
 
 def rates(rows: list[dict], wrong_mm: float) -> dict:

@@ -24,11 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
-from samembed.errors import InputError  # noqa: E402
-from samembed.options import MatchOptions  # noqa: E402
 from samembed_bench.cases import read_cases  # noqa: E402
 from samembed_bench.runner import METHODS, environment_info, parse_methods, run_cases, write_report  # noqa: E402
 from samembed_bench.suites import SUITE_NAMES, build_suites  # noqa: E402
+
+from samembed.errors import InputError  # noqa: E402
+from samembed.options import MatchOptions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

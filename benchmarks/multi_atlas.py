@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from samembed_bench.suites import COMPACT_STRUCTURES, data_root, read_openkbp_centroids
 
 from samembed import Atlas, Matcher, MatchOptions
-from samembed_bench.suites import COMPACT_STRUCTURES, data_root, read_openkbp_centroids
 
 
 def summary(errors: list[float]) -> dict:

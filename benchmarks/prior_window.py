@@ -24,10 +24,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
-from samembed import Matcher, MatchOptions  # noqa: E402
-from samembed.io import read_image  # noqa: E402
 from samembed_bench.cases import read_cases  # noqa: E402
 from samembed_bench.suites import build_suites  # noqa: E402
+
+from samembed import Matcher, MatchOptions  # noqa: E402
+from samembed.io import read_image  # noqa: E402
 
 #: variant -> its match settings (the rest: MatchOptions defaults); prior_window_mm=0 searches without the prior
 VARIANTS: dict[str, MatchOptions] = {

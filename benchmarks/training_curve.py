@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from samembed_bench.suites import COMPACT_STRUCTURES, build_openkbp_inter
 
 from samembed import Matcher, MatchOptions
-from samembed_bench.suites import COMPACT_STRUCTURES, build_openkbp_inter
 
 
 def evaluate(model: str, cases, options: MatchOptions) -> dict:

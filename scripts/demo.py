@@ -9,7 +9,6 @@ points are matched between them (no ground truth, so no errors are printed).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import os
 import sys

@@ -21,7 +21,6 @@ module file may import this at file scope.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields
 from typing import Any
 
 from samembed import InputError, MatchOptions

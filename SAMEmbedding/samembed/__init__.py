@@ -12,9 +12,16 @@ Public API::
 Importing this package loads no Slicer, Qt or VTK module.
 """
 
-from .errors import CheckpointError, Cancelled, DeviceUnavailableError, InputError, ModelNotAvailableError, SamEmbedError
-from .image import Grid, Image, lps_to_ras, ras_to_lps
+from .errors import (
+    Cancelled,
+    CheckpointError,
+    DeviceUnavailableError,
+    InputError,
+    ModelNotAvailableError,
+    SamEmbedError,
+)
 from .fusion import Atlas, FusionOptions
+from .image import Grid, Image, lps_to_ras, ras_to_lps
 from .options import MatchOptions
 
 __version__ = "0.1.0"

@@ -24,10 +24,10 @@ from .affine import apply_affine
 from .consistency import consistent_matches
 from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
 from .errors import Cancelled, InputError
+from .fusion import Atlas, FusionOptions, fuse_points
 from .image import Image, lps_to_ras
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
-from .fusion import Atlas, FusionOptions, fuse_points
 from .matcher import (
     affine_prior,
     allowed_at,

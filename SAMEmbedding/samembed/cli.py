@@ -233,7 +233,8 @@ def _cmd_embed(args) -> int:
             bar.update(n, len(args.images), f"reading {Path(path).name}")
             image = as_image(path, spacing_mm=args.spacing)
             label = f"embedding {n + 1}/{len(args.images)} {Path(path).name}"
-            maps = matcher.embed(image, progress=lambda done, total, phase: bar.phase(f"{label}: {phase} {done:g}/{total:g}"))
+            maps = matcher.embed(image, progress=lambda done, total, phase, label=label: bar.phase(
+                f"{label}: {phase} {done:g}/{total:g}"))
             bar.update(n + 1, len(args.images), label)
             log.info("%s: local %s, global %s, %.1f s", path, tuple(maps.local.shape), tuple(maps.global_.shape),
                      time.time() - t0)

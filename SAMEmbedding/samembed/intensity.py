@@ -38,9 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .options import DEFAULT_POLISH_LEVELS
-
 from .image import Image
+from .options import DEFAULT_POLISH_LEVELS
 
 #: default coarse-to-fine levels: (lattice step, template half-size, search half-size), all mm
 DEFAULT_LEVELS = DEFAULT_POLISH_LEVELS  # declared with the other match settings in samembed.options

@@ -12,7 +12,6 @@ A model is a network plus the preprocessing it was trained with. It comes from:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field

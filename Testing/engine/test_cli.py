@@ -22,7 +22,7 @@ def two_cts():
     return data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"), data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz")
 
 
-@pytest.fixture()
+@pytest.fixture
 def a_points_csv(tmp_path, two_cts):
     from samembed.io import read_image
 

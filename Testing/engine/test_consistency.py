@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from samembed_bench import hand_oneshot as ho
 
 from samembed import Matcher, MatchOptions
 from samembed.affine import apply_affine, fit_affine, ransac_affine
-from samembed_bench import hand_oneshot as ho
 
 from ..conftest import REPO, data_file
 

@@ -23,7 +23,7 @@ def demo():
     return module
 
 
-@pytest.fixture()
+@pytest.fixture
 def a_served_nrrd(tmp_path):
     """A small real NRRD served under its SHA-256, as the Slicer testing-data release serves its files."""
     import SimpleITK as sitk

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from samembed.embedding import EmbeddingCache, Embedder, resolve_device
+from samembed.embedding import Embedder, EmbeddingCache, resolve_device
 from samembed.errors import DeviceUnavailableError
 from samembed.image import Image
 from samembed.models import random_model

@@ -17,12 +17,13 @@ import pytest
 
 sitk = pytest.importorskip("SimpleITK")
 
-from samembed.errors import InputError  # noqa: E402
 from samembed_bench import cases as cases_mod  # noqa: E402
 from samembed_bench import metrics, suites  # noqa: E402
 from samembed_bench.cases import Case, read_cases, write_cases  # noqa: E402
 from samembed_bench.cli import add_parsers  # noqa: E402
 from samembed_bench.registration import transfer_points_centre  # noqa: E402
+
+from samembed.errors import InputError  # noqa: E402
 
 DATA = suites.data_root()
 

@@ -129,7 +129,7 @@ def test_heatmaps_have_the_target_geometry_and_peak_at_the_match(a_random_matche
     res = a_random_matcher.match(src, p, [tgt], ["brain"], MatchOptions(heatmap=True, polish=False))
     hm = res.heatmaps[(0, "brain")]
     assert hm.grid.same_as(tgt.grid) and hm.array.dtype == np.float32
-    assert -1.0 <= hm.array.min() and hm.array.max() <= 1.0
+    assert hm.array.min() >= -1.0 and hm.array.max() <= 1.0
     peak = tgt.grid.index_to_lps([np.unravel_index(np.argmax(hm.array), hm.array.shape)[::-1]])[0]
     assert np.linalg.norm(peak - res.matches[0].point_lps_mm) < 8.0  # within two network voxels
 

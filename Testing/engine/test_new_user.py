@@ -20,7 +20,7 @@ from samembed.options import MatchOptions
 from ..conftest import REPO, data_file
 
 
-@pytest.fixture()
+@pytest.fixture
 def umask_027():
     old = os.umask(0o027)
     yield 0o027

@@ -19,6 +19,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+
 from samembed.errors import Cancelled
 from samembed.options import MatchOptions
 
@@ -44,6 +45,7 @@ def setup(tmp_path_factory):
     _require_data()
     pytest.importorskip("distributed", reason="dask[distributed] not installed (pip install 'samembed[dataset]')")
     import torch
+
     from samembed.models import save_checkpoint
     from samembed.networks import build_network
     from samembed.preprocess import PreprocessConfig

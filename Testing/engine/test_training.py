@@ -16,8 +16,14 @@ import torch.nn.functional as F
 from samembed.errors import InputError
 from samembed.training.config import load_config
 from samembed.training.losses import info_nce, mine_hard_negatives, multi_positive_info_nce
-from samembed.training.objectives import (isimed_loss, kd_parts, parse_objective, pruned_info_nce, sal_alignment,
-                                          variance_hinge)
+from samembed.training.objectives import (
+    isimed_loss,
+    kd_parts,
+    parse_objective,
+    pruned_info_nce,
+    sal_alignment,
+    variance_hinge,
+)
 
 from ..conftest import data_file
 
@@ -172,8 +178,8 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(tmp_path):
 
 @pytest.mark.needs_data
 def test_a_corrupt_volume_is_skipped_not_fatal(tmp_path):
-    from samembed.training.data import find_volumes, prepare_cache
     from samembed.preprocess import PreprocessConfig
+    from samembed.training.data import find_volumes, prepare_cache
 
     good = data_file("ct", "totalsegmentator", "ts_dicom_example_ct.nii.gz")
     bad = tmp_path / "broken.nii.gz"

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from samembed_bench import hand_oneshot as ho
 
 from samembed import Matcher
 from samembed.cli import main
 from samembed.errors import InputError
 from samembed.image import Image
 from samembed.io import read_image
-from samembed_bench import hand_oneshot as ho
 
 from ..conftest import REPO, data_file
 
@@ -204,8 +204,8 @@ def test_2d_elastix_transfer_recovers_a_known_shift():
 def test_a_rotated_training_view_samples_the_volume_where_its_positions_say():
     import torch.nn.functional as F
 
-    from samembed.training.sampling import sample_view
     from samembed.training.pairs import inside_view, map_positions_mm
+    from samembed.training.sampling import sample_view
 
     yy, xx = np.mgrid[0:120, 0:100]
     vol = torch.tensor(np.sin(yy / 7.0) + np.cos(xx / 5.0) + 0.01 * yy, dtype=torch.float32)[None, None]

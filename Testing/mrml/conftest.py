@@ -9,6 +9,7 @@ small block (about 125 x 125 x 40 mm) before matching. Tests that need ``../shar
 from __future__ import annotations
 
 import pytest
+
 from .mrml_helpers import SMALL_CT, about_centre, add_volume, crop, ijk_to_ras, load_volume, rotation, slicer, voxels
 
 

@@ -20,7 +20,7 @@ from SAMEmbeddingLib.logic import MatchLogic
 from SAMEmbeddingLib.parameters import OPTION_PARAMETERS, optionDefault
 from SAMEmbeddingLib.worker import Worker
 
-from .mrml_helpers import add_points, add_volume, control_points, ijk_to_ras, slicer, vtk, voxels
+from .mrml_helpers import add_points, add_volume, control_points, ijk_to_ras, slicer, voxels, vtk
 
 pytestmark = pytest.mark.needs_data
 

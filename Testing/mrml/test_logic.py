@@ -18,8 +18,16 @@ from samembed import CheckpointError, InputError, MatchOptions, ModelNotAvailabl
 from SAMEmbeddingLib.logic import CONFIDENT_COLOR, UNCERTAIN_COLOR, MatchLogic
 from SAMEmbeddingLib.worker import Worker
 
-from .mrml_helpers import (add_points, add_volume, control_points, ijk_to_ras, set_ijk_to_ras, slicer,
-                           trained_model_available, voxels)
+from .mrml_helpers import (
+    add_points,
+    add_volume,
+    control_points,
+    ijk_to_ras,
+    set_ijk_to_ras,
+    slicer,
+    trained_model_available,
+    voxels,
+)
 
 pytestmark = pytest.mark.needs_data
 
@@ -497,9 +505,9 @@ def test_the_consistency_check_and_the_polish_reach_the_engine_and_mark_the_matc
     """37 hand landmarks from a template radiograph into another hand, with the trained 2D model: the logic's
     matches equal the engine's ``match(consistency=True)`` and the re-searched ones say so."""
     import SimpleITK as sitk
+    from samembed_bench import hand_oneshot as ho
 
     from samembed import Matcher
-    from samembed_bench import hand_oneshot as ho
 
     from .mrml_helpers import DATA, REPO, require
 

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from .mrml_helpers import (SMALL_CT, add_points, add_volume, ijk_to_ras, load_volume, rotation, set_ijk_to_ras, slicer,
-                      voxels, vtk)
 
 from samembed import InputError
 from samembed.io import read_image
 from SAMEmbeddingLib import mrml_io
+
+from .mrml_helpers import (
+    SMALL_CT,
+    add_points,
+    add_volume,
+    ijk_to_ras,
+    load_volume,
+    rotation,
+    set_ijk_to_ras,
+    slicer,
+    voxels,
+    vtk,
+)
 
 pytestmark = pytest.mark.needs_data
 

@@ -178,8 +178,9 @@ def per_label_table(results: Sequence[PairResult], suite: str | None = None,
 
 def write_point_csv(results: Sequence[PairResult], path: str | os.PathLike) -> Path:
     """Write one row per (case, method, point) with query, truth, prediction (LPS mm), error (mm), score."""
-    from samembed.io import write_text_atomic
     import io
+
+    from samembed.io import write_text_atomic
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -197,8 +198,9 @@ def write_point_csv(results: Sequence[PairResult], path: str | os.PathLike) -> P
 
 def write_pair_csv(results: Sequence[PairResult], path: str | os.PathLike) -> Path:
     """Write one row per (case, method): mean error (mm), seconds, named timings, error message."""
-    from samembed.io import write_text_atomic
     import io
+
+    from samembed.io import write_text_atomic
 
     keys = sorted({k for r in results for k in r.timings})
     buf = io.StringIO()

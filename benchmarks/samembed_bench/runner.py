@@ -44,8 +44,16 @@ from samembed.errors import InputError, SamEmbedError
 from samembed.options import MatchOptions
 
 from .cases import Case
-from .metrics import (PairResult, methods_in_order, per_label_table, plot_error_cdf, summarise, suite_table,
-                      write_pair_csv, write_point_csv)
+from .metrics import (
+    PairResult,
+    methods_in_order,
+    per_label_table,
+    plot_error_cdf,
+    suite_table,
+    summarise,
+    write_pair_csv,
+    write_point_csv,
+)
 from .suites import COMPACT_STRUCTURES, OPENKBP_STRUCTURES
 
 log = logging.getLogger(__name__)

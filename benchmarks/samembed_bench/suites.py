@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from samembed.errors import InputError
+
 from .cases import Case, read_cases, write_cases
 
 log = logging.getLogger(__name__)

@@ -190,7 +190,6 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
-    from ..io import read_points
     from .task import ScanJob, failure, match_scan, prepare_atlas
 
     say = echo or log.info

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..errors import InputError
 
-
 #: the training objectives (``--objective``), one line each; combine with ``+`` and weight with ``:w``
 OBJECTIVE_HELP: dict[str, str] = {
     "sam": "SAM: local InfoNCE with hard negatives + global InfoNCE on two views of one scan (the default)",

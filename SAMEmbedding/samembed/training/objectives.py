@@ -26,13 +26,11 @@ so every one of them yields dense local + global embedding maps that the matcher
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 from .config import OBJECTIVE_HELP
-from .losses import info_nce
 from .pairs import pair_points, sample_at
 
 OBJECTIVES = tuple(OBJECTIVE_HELP)
