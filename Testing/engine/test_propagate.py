@@ -270,6 +270,35 @@ def test_a_corrupt_or_2d_scan_lands_in_failures_and_the_others_finish(setup, cli
     assert [r for r in _rows(out)] == [r for r in _rows(full_run[0]) if r["scan"] in {g.id for g in good}]
 
 
+def test_joining_a_tls_cluster_uses_dasks_own_security_settings(setup, full_run, tmp_path):
+    """`--scheduler tls://...` with Dask's TLS settings (here set through dask.config, as a config file would)."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    import dask
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    from samembed.propagate import propagate
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    tls = {"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": str(cert),
+           **{f"distributed.comm.tls.{who}.{what}": str(path) for who in ("scheduler", "worker", "client")
+              for what, path in (("cert", cert), ("key", key))}}
+    with dask.config.set(tls), LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                            protocol="tls://", dashboard_address=None, security=Security()) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://")
+        summary = propagate(setup["atlas"], setup["scans"][:1], tmp_path / "out", OPTIONS,
+                            _settings(setup, scheduler=address))
+    assert summary.finished == 1 and summary.failed == 0
+    ref = [r for r in _rows(full_run[0]) if r["scan"] == setup["scans"][0].id]
+    assert _rows(tmp_path / "out") == ref
+
+
 def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_run):
     from samembed.propagate import propagate
     from samembed.propagate.results import ResultStore
