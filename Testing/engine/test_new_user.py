@@ -167,9 +167,10 @@ def test_quiet_prints_nothing_and_default_names_the_phases(tmp_path):
     cmd = [sys.executable, "-m", "samembed.cli", "match", str(ct), str(ct), "--points", str(tmp_path / "p.csv"),
            "--model", "random:sam-lite", "--device", "cpu", "--no-polish"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "SAMEmbedding"), os.environ.get("PYTHONPATH", "")]))
-    quiet = subprocess.run([*cmd, "--out", str(tmp_path / "q.csv"), "-q"], capture_output=True, text=True, env=env)
+    run = {"capture_output": True, "text": True, "encoding": "utf-8", "errors": "replace", "env": env}
+    quiet = subprocess.run([*cmd, "--out", str(tmp_path / "q.csv"), "-q"], **run)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet.stderr
-    loud = subprocess.run([*cmd, "--out", str(tmp_path / "l.csv")], capture_output=True, text=True, env=env)
+    loud = subprocess.run([*cmd, "--out", str(tmp_path / "l.csv")], **run)
     assert loud.returncode == 0
     for phase in ("reading", "embedding source", "embedding target 1/1", "matching 1/1", "writing"):
         assert phase in loud.stderr, loud.stderr
