@@ -173,3 +173,35 @@ def test_a_path_outside_the_data_root_is_refused(a_page, path):
     page.locator("#path-text").fill(path)
     page.locator("#open-path").click()
     assert "outside the data folders" in _wait_status(page, "outside the data folders")
+
+
+def test_the_orientation_switch_changes_the_views(a_page):
+    page = a_page
+    source_view = _views(page)[0]
+    before = _pixels(source_view)
+    page.locator("#orientation-coronal").click()
+    time.sleep(2.0)
+    coronal = _pixels(_views(page)[0])
+    assert coronal.shape != before.shape or (np.abs(coronal - before).sum(axis=-1) > 30).mean() > 0.05
+    page.locator("#orientation-axial").click()
+    time.sleep(2.0)
+
+
+def test_a_landmark_file_adds_its_points_and_propagate_all_matches_every_landmark(a_page, tmp_path):
+    from samembed.io import read_image
+
+    page = a_page
+    grid = read_image(data_file(*SOURCE)).grid
+    points = grid.index_to_lps([[60, 66, 60], [70, 58, 64]])
+    csv_file = tmp_path / "more.csv"
+    csv_file.write_text("label,x,y,z\n" + "".join(f"F{i + 1},{p[0]},{p[1]},{p[2]}\n" for i, p in enumerate(points)))
+    before = page.locator(".landmark").count()
+    page.locator("#upload-landmarks").set_input_files(str(csv_file))
+    page.wait_for_function(f"document.querySelectorAll('.landmark').length >= {before + 2}", timeout=30_000)
+    page.locator("#propagate").click()
+    page.wait_for_function(f"document.querySelectorAll('.result-row').length >= {before + 2}", timeout=MATCH_TIMEOUT_MS)
+    page.wait_for_function("!document.querySelector('#cancel') || document.querySelector('#cancel').offsetParent === null",
+                           timeout=MATCH_TIMEOUT_MS)
+    labels = {r.get_attribute("data-label") or r.inner_text().split()[0] for r in page.locator(".result-row").all()}
+    assert {"F1", "F2"} <= labels, labels
+
