@@ -33,7 +33,7 @@ TORCH_REQUIREMENT = ">=2.0,<2.15"
 """torch versions the engine is tested with (installed through the PyTorch extension)."""
 PYTHON_REQUIREMENTS = ["numpy>=1.22", "SimpleITK>=2.2"]
 """Other packages matching needs; Slicer bundles both, so this is a check that rarely installs anything."""
-LIBRARY_MODULES = ("parameters", "engine_types", "mrml_io", "worker", "engine_process", "logic", "controller", "widget")
+LIBRARY_MODULES = ("parameters", "mrml_io", "worker", "engine_process", "logic", "controller", "widget")
 """SAMEmbeddingLib modules, in reload order (a module after those it imports)."""
 
 

@@ -14,7 +14,7 @@ tuple ``(kind, requestID, payload)``):
   through a temporary ``.npy`` file, the geometry is pickled as float64: exact); ``("forget", key, None)``;
   ``("match", id, {...})``; ``("cancel", id, None)``; ``("clear", id, None)``; ``("stats", id, None)``;
   ``("stop", 0, None)``.
-* child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, ResultValue)``;
+* child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)``;
   ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
 
 A cancel returns at once: the parent stops waiting and raises ``samembed.Cancelled``; the child stops at the
@@ -47,10 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from samembed import Cancelled, Image, InputError, MatchOptions
+from samembed import Cancelled, Image, InputError, MatchOptions, MatchResult
 from samembed.options import ProgressFn
-
-from .engine_types import ResultValue
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +119,7 @@ class EngineProcess:
     # -- the Matcher interface ---------------------------------------------------------------
     def match(self, source, points_lps_mm, targets, labels=None, options: MatchOptions | None = None, *, mask=None,
               progress: ProgressFn | None = None, cancel: threading.Event | None = None,
-              target_names=None) -> ResultValue:
+              target_names=None) -> MatchResult:
         """``samembed.Matcher.match`` in the child (``source``/``targets``: ``samembed.Image``; no ``mask``).
 
         Raises:
@@ -146,7 +144,7 @@ class EngineProcess:
 
     def match_atlases(self, atlases, targets, options: MatchOptions | None = None, *,
                       progress: ProgressFn | None = None, cancel: threading.Event | None = None,
-                      target_names=None) -> ResultValue:
+                      target_names=None) -> MatchResult:
         """``samembed.Matcher.match_atlases`` in the child (atlas and target images: ``samembed.Image``)."""
         targets = list(targets if isinstance(targets, (list, tuple)) else [targets])
         if not all(isinstance(i, Image) for i in [*(a.image for a in atlases), *targets]):
@@ -441,7 +439,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                                        [images[k] for k in payload["targets"]], payload["labels"],
                                        options=payload["options"], progress=progress, cancel=cancel,
                                        target_names=payload["target_names"])
-            conn.send(("result", requestID, ResultValue.of(result)))
+            conn.send(("result", requestID, result))  # samembed.result: torch-free to unpickle
         except Cancelled:
             conn.send(("cancelled", requestID, None))
         except Exception as e:  # noqa: BLE001 - every failure goes back to the caller

@@ -23,12 +23,13 @@ from .errors import (
 from .fusion import Atlas, FusionOptions
 from .image import Grid, Image, lps_to_ras, ras_to_lps
 from .options import MatchOptions
+from .result import Match, MatchResult
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on first use)
-    if name in ("Matcher", "Match", "MatchResult"):
+    if name == "Matcher":
         from . import api
 
         return getattr(api, name)

@@ -77,13 +77,13 @@ class RecordingMatcher:
 
     def match(self, source, points_lps_mm, targets, labels=None, options=None, *, mask=None, progress=None,
               cancel=None, target_names=None):
-        from SAMEmbeddingLib.engine_types import MatchValue, ResultValue
+        from samembed import Match, MatchResult
 
         self.options.append(options)
-        matches = [MatchValue(label, target_names[0], 0, np.asarray(p, dtype=float), 1.0, True, 0.0)
+        matches = [Match(label, target_names[0], 0, np.asarray(p, dtype=float), 1.0, True, 0.0)
                    for label, p in zip(labels, points_lps_mm)]
         heatmaps = {(0, label): targets[0] for label in labels} if options.heatmap else {}
-        return ResultValue(matches, list(target_names), heatmaps)
+        return MatchResult(matches, list(target_names), heatmaps)
 
     def clear_cache(self):
         pass

@@ -1,0 +1,79 @@
+"""What a match returns: :class:`Match` (one point) and :class:`MatchResult` (one ``Matcher.match`` call).
+
+Torch-free (numpy and :mod:`samembed.image` only), so a result can be pickled to and read by a process that never
+loads torch, such as Slicer's main process reading the engine process's answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .image import lps_to_ras
+
+
+@dataclass
+class Match:
+    """One matched point.
+
+    Attributes:
+        label: the source point's label.
+        target: the target's name (file path or given name); ``target_index`` its position in the list.
+        point_lps_mm: matched position, LPS mm (3 values; z = 0 for 2D).
+        score: SAM similarity where the match ended (mean of local and global cosine, in [-1, 1]); it equals the
+            heatmap's value there.
+        confident: the round trip target -> source (searched the same way: with the prior window, inside the
+            inverse affine's window, and polished back when the match was polished) lands within
+            ``MatchOptions.roundtrip_tolerance_mm`` of the click.
+        roundtrip_mm: that round-trip distance, mm.
+        rematched: the consistency step searched this point again (it disagreed with the other matches).
+        atlases, agreeing, spread_mm, rejected: for a fused match (:meth:`Matcher.match_atlases`), how many atlases
+            predicted it, how many agreed, the spread (RMS distance, mm) of the agreeing predictions around the
+            fused point, and the names of the rejected atlases; 1, 1, 0 and () for a plain match.
+        polished: the intensity polish (``MatchOptions(polish=True)``) moved this match; ``ncc`` is the normalised
+            cross-correlation of its source and target patches there (NaN when the polish did not run).
+    """
+
+    label: str
+    target: str
+    target_index: int
+    point_lps_mm: np.ndarray
+    score: float
+    confident: bool
+    roundtrip_mm: float
+    rematched: bool = False
+    polished: bool = False
+    ncc: float = float("nan")
+    atlases: int = 1
+    agreeing: int = 1
+    spread_mm: float = 0.0
+    rejected: tuple[str, ...] = ()
+
+    @property
+    def point_ras_mm(self) -> np.ndarray:
+        """Matched position in RAS mm (Slicer)."""
+        return lps_to_ras(self.point_lps_mm)
+
+
+@dataclass
+class MatchResult:
+    """All matches of a ``Matcher.match`` call, plus heatmaps when asked for and timings (seconds)."""
+
+    matches: list[Match]
+    targets: list[str]
+    heatmaps: dict = field(default_factory=dict)  # (target_index, label) -> Image in the target's geometry
+    timings: dict = field(default_factory=dict)
+
+    def for_target(self, index: int) -> list[Match]:
+        """Matches in target ``index``, in source point order."""
+        return [m for m in self.matches if m.target_index == index]
+
+    def rows(self, ras: bool = False) -> list[dict]:
+        """One dict per match with target, label, x, y, z (LPS, or RAS if ``ras``), score, confident."""
+        out = []
+        for m in self.matches:
+            p = m.point_ras_mm if ras else m.point_lps_mm
+            out.append({"target": m.target, "label": m.label, "x": float(p[0]), "y": float(p[1]), "z": float(p[2]),
+                        "score": m.score, "confident": m.confident})
+        return out
