@@ -24,7 +24,7 @@ from .affine import apply_affine
 from .consistency import consistent_matches
 from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
 from .errors import Cancelled, InputError
-from .fusion import Atlas, FusionOptions, fuse_points
+from .fusion import Atlas, FusionOptions, check_same_labels, fuse_points
 from .image import Image
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
@@ -227,13 +227,7 @@ class Matcher:
         if not atlases:
             raise InputError("no atlas given: pass at least one (image, points, labels)")
         ref = atlases[0]
-        for a in atlases:
-            if len(set(a.labels)) != len(a.labels):
-                raise InputError(f"{a.display_name}: landmark labels repeat; each atlas needs unique labels")
-            if set(a.labels) != set(ref.labels):
-                missing, extra = sorted(set(ref.labels) - set(a.labels)), sorted(set(a.labels) - set(ref.labels))
-                raise InputError(f"{a.display_name}: its landmarks differ from those of {ref.display_name} (missing "
-                                 f"{missing or 'none'}, extra {extra or 'none'}); every atlas must carry the same labels")
+        check_same_labels([(a.display_name, a.labels) for a in atlases])
         if len(atlases) == 1:
             return self.match(ref.image, ref.points_lps_mm, targets, list(ref.labels), options, progress=progress,
                               cancel=cancel, target_names=target_names)

@@ -16,6 +16,7 @@ rejected, and the spread (mm) of the agreeing ones.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,19 @@ class Atlas:
     @property
     def display_name(self) -> str:
         return self.name or (str(self.image) if isinstance(self.image, (str, os.PathLike)) else "atlas")
+
+
+def check_same_labels(named_labels: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Raise :class:`InputError` naming the atlas (first of each pair) whose labels repeat or differ from the
+    first atlas's: every atlas must carry the same landmarks."""
+    ref_name, ref = named_labels[0][0], set(named_labels[0][1])
+    for name, labels in named_labels:
+        if len(set(labels)) != len(labels):
+            raise InputError(f"{name}: landmark labels repeat; each atlas needs unique labels")
+        if set(labels) != ref:
+            missing, extra = sorted(ref - set(labels)), sorted(set(labels) - ref)
+            raise InputError(f"{name}: its landmarks differ from those of {ref_name} (missing {missing or 'none'}, "
+                             f"extra {extra or 'none'}); every atlas must carry the same labels")
 
 
 @dataclass(frozen=True)

@@ -81,17 +81,11 @@ def _atlas_list(atlases: Sequence[Atlas] | Atlas) -> list[Atlas]:
 
 def _read_atlas_points(atlases: list[Atlas]) -> list:
     """Each atlas's point list; every atlas must carry the same labels (else the error names the point file)."""
+    from ..fusion import check_same_labels
     from ..io import read_points
 
     lists = [read_points(a.points, ras=a.ras) for a in atlases]
-    ref = set(lists[0].labels)
-    for a, pl in zip(atlases, lists):
-        if len(set(pl.labels)) != len(pl.labels):
-            raise InputError(f"{a.points}: landmark labels repeat; each atlas needs unique labels")
-        if set(pl.labels) != ref:
-            missing, extra = sorted(ref - set(pl.labels)), sorted(set(pl.labels) - ref)
-            raise InputError(f"{a.points}: its landmarks differ from those of {atlases[0].points} (missing "
-                             f"{missing or 'none'}, extra {extra or 'none'}); every atlas must carry the same labels")
+    check_same_labels([(a.points, pl.labels) for a, pl in zip(atlases, lists)])
     return lists
 
 
