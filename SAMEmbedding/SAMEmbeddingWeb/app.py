@@ -176,12 +176,7 @@ class WebApp:
     def open_path(self) -> None:
         def action():
             path = self.data_root.resolve(self.state.path_text)
-            if path.name.lower().endswith(LANDMARK_SUFFIXES):
-                n = self.session.load_landmarks(path)
-                self.session._status(f"Loaded {n} landmark(s) from {path.name}")
-            else:
-                nodes = self.session.load_volume(path)
-                self.session._status(f"Loaded {', '.join(n.GetName() for n in nodes)}")
+            self._load(path, path.name, landmarks=path.name.lower().endswith(LANDMARK_SUFFIXES))
 
         self._guard(action)
 
@@ -193,14 +188,18 @@ class WebApp:
                 f = ClientFile(raw)
                 self.uploads.check_size(f.name, int(raw.get("size") or 0))
                 path = self.uploads.save(f.name, f.content)
-                if kind == "landmarks":
-                    n = self.session.load_landmarks(path)
-                    self.session._status(f"Loaded {n} landmark(s) from {f.name}")
-                else:
-                    nodes = self.session.load_volume(path)
-                    self.session._status(f"Loaded {', '.join(n.GetName() for n in nodes)}")
+                self._load(path, f.name, landmarks=kind == "landmarks")
 
         self._guard(action)
+
+    def _load(self, path, name: str, landmarks: bool) -> None:
+        """Load a landmark file onto the source or a volume, and say what was loaded."""
+        if landmarks:
+            n = self.session.load_landmarks(path)
+            self.session._status(f"Loaded {n} landmark(s) from {name}")
+        else:
+            nodes = self.session.load_volume(path)
+            self.session._status(f"Loaded {', '.join(n.GetName() for n in nodes)}")
 
     def refuse_upload(self, name: str, size: int) -> None:
         """The page found a file over the limit before sending it: say so."""
