@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import vtk
 
+from samembed import InputError
 from samembed.options import ProgressFn
 
 from . import mrml_io
@@ -48,13 +49,18 @@ class MatchController:
         onProgress: ``progress(done, total, phase)`` of "propagate all" (counted in targets).
         onFinished: ``onFinished(outputs)`` after each match, on the polling thread.
         onError: ``onError(exception)`` when a match failed (bad model, dead engine process ...).
+        prepareAhead: when the source and targets are chosen (and whenever they change), prepare them on the
+            worker (:meth:`prepareVolumes`), so that the first click only searches.
+        engineReady: whether the engine can run without asking the user anything (e.g. its packages are
+            installed); preparing ahead waits for it, a click still goes through ``prepareEngine``.
 
     The parameters (:meth:`setParameters`) are the module's parameter node or any object with its fields.
     """
 
     def __init__(self, logic, worker, *, prepareEngine: Callable[[], bool] | None = None,
                  onStatus: Callable[[str], None] | None = None, onProgress: ProgressFn | None = None,
-                 onFinished: Callable | None = None, onError: Callable[[BaseException], None] | None = None) -> None:
+                 onFinished: Callable | None = None, onError: Callable[[BaseException], None] | None = None,
+                 prepareAhead: bool = True, engineReady: Callable[[], bool] | None = None) -> None:
         self.logic = logic
         self.worker = worker
         self.parameters = None
@@ -70,6 +76,11 @@ class MatchController:
         self._observations: list[tuple[object, int]] = []
         self._matchedAt: dict[str, tuple[float, float, float]] = {}
         self._showHeatmap = False
+        self.prepareAhead = prepareAhead
+        self._engineReady = engineReady or (lambda: True)
+        self.prepareTask = None
+        """The latest "prepare volumes" task (None: none started)."""
+        self._preparedFor: tuple | None = None
 
     # -- settings ----------------------------------------------------------------------------
     def setParameters(self, parameters) -> None:
@@ -86,6 +97,8 @@ class MatchController:
             return
         if p.sourcePoints is not self.pointList:
             self.setPointList(p.sourcePoints)
+        if self.prepareAhead:
+            self.prepareVolumes()
         show = bool(p.showHeatmap)
         if show == self._showHeatmap:
             return
@@ -120,6 +133,52 @@ class MatchController:
         if p is None:
             return False, "no parameter node"
         return self.logic.canMatch(p.sourceVolume, p.sourcePoints, self.targets())
+
+    # -- preparing ahead of the first click -----------------------------------------------------
+    def _preparationKey(self) -> tuple | None:
+        p = self.parameters
+        if p is None or p.sourceVolume is None:
+            return None
+        targets = self.targets()
+        if not targets:
+            return None
+        return p.sourceVolume.GetID(), tuple(t.GetID() for t in targets), str(p.model), str(p.device)
+
+    def prepareVolumes(self) -> object | None:
+        """Prepare the chosen source and targets on the worker (``MatchLogic.startPrepare``: preprocessing, global
+        maps, affine priors), once per choice of volumes, model and device. A click during it waits for it and
+        then only searches. Returns the task, or None when there is nothing new to prepare or the input is not
+        ready (a click will say why)."""
+        key = self._preparationKey()
+        if key is None or key == self._preparedFor or not self._engineReady():
+            return None
+        if self.prepareTask is not None:
+            self.prepareTask.cancel()  # the volumes it prepares were replaced
+        p = self.parameters
+        try:
+            self.logic.setModel(p.model, p.device)
+            task = self.logic.startPrepare(self.worker, p.sourceVolume, self.targets(),
+                                           onFinished=self._prepared, onError=self._prepareFailed)
+        except InputError as e:
+            log.info("SAMEmbedding: not preparing the volumes: %s", e)
+            return None
+        self._preparedFor = key
+        self.prepareTask = task
+        self._onStatus(f"Preparing {1 + len(key[1])} volume(s) for matching...")
+        return task
+
+    def _othersPending(self) -> bool:
+        return any(t is not self.prepareTask for t in self.worker.pendingTasks)
+
+    def _prepared(self, timings: dict | None) -> None:
+        if timings is not None and not self._othersPending():
+            self._onStatus(f"Ready: volumes prepared in {timings['total_s']:.1f} s; place a landmark on the source")
+
+    def _prepareFailed(self, error: BaseException) -> None:
+        self._preparedFor = None  # a later change (or a click) tries again, and says what is wrong
+        log.warning("SAMEmbedding: preparing the volumes failed: %s", error)
+        if not self._othersPending():
+            self._onStatus(f"Could not prepare the volumes: {error}")
 
     # -- the point list ----------------------------------------------------------------------
     def setPointList(self, pointList) -> None:

@@ -12,10 +12,10 @@ tuple ``(kind, requestID, payload)``):
 
 * parent -> child: ``("image", key, (grid, name, spacing_known, npy_path))`` once per volume content (the voxels go
   through a temporary ``.npy`` file, the geometry is pickled as float64: exact); ``("forget", key, None)``;
-  ``("match", id, {...})``; ``("cancel", id, None)``; ``("clear", id, None)``; ``("stats", id, None)``;
-  ``("stop", 0, None)``.
-* child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)``;
-  ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
+  ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("cancel", id, None)``;
+  ``("clear", id, None)``; ``("stats", id, None)``; ``("stop", 0, None)``.
+* child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)`` (for
+  ``prepare``: its timings dict); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
 
 A cancel returns at once: the parent stops waiting and raises ``samembed.Cancelled``; the child stops at the
 engine's next check and its late answer is dropped. If the child dies, the waiting call raises
@@ -158,6 +158,20 @@ class EngineProcess:
             self._send(("match_atlases", requestID, {
                 "atlases": atlasKeys, "targets": targetKeys, "options": options or MatchOptions(),
                 "target_names": None if target_names is None else list(target_names)}))
+            return self._await(requestID, progress, cancel)
+
+    def prepare(self, source, targets, *, progress: ProgressFn | None = None,
+                cancel: threading.Event | None = None) -> dict:
+        """``samembed.Matcher.prepare`` in the child (``source``/``targets``: ``samembed.Image``): the first match
+        of these volumes then starts at the search."""
+        images = [source, *(targets if isinstance(targets, (list, tuple)) else [targets])]
+        if not all(isinstance(i, Image) for i in images):
+            raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
+        with self._lock:
+            self._ensureStarted()
+            keys = [self._ensureImage(image) for image in images]
+            requestID = next(self._ids)
+            self._send(("prepare", requestID, {"source": keys[0], "targets": keys[1:]}))
             return self._await(requestID, progress, cancel)
 
     def clear_cache(self) -> None:
@@ -416,7 +430,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             if kind == "stats":
                 conn.send(("ok", requestID, matcher.cache_bytes if matcher is not None else 0))
                 continue
-            if kind not in ("match", "match_atlases"):
+            if kind not in ("match", "match_atlases", "prepare"):
                 raise RuntimeError(f"unknown request {kind!r}")  # builtin: __main__ classes do not unpickle
             with lock:
                 if requestID in cancelled:
@@ -430,7 +444,10 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             def progress(done, total, phase, requestID=requestID):
                 conn.send(("progress", requestID, (done, total, phase)))
 
-            if kind == "match_atlases":
+            if kind == "prepare":
+                result = matcher.prepare(images[payload["source"]], [images[k] for k in payload["targets"]],
+                                         progress=progress, cancel=cancel)
+            elif kind == "match_atlases":
                 atlases = [Atlas(images[key], points, labels, name) for key, points, labels, name in payload["atlases"]]
                 result = matcher.match_atlases(atlases, [images[k] for k in payload["targets"]], payload["options"],
                                                progress=progress, cancel=cancel, target_names=payload["target_names"])

@@ -71,6 +71,9 @@ class MatcherProtocol(Protocol):
     def match_atlases(self, atlases, targets, options: MatchOptions = ..., *, progress: ProgressFn | None = None,
                       cancel: threading.Event | None = None, target_names=None): ...
 
+    def prepare(self, source, targets, *, progress: ProgressFn | None = None,
+                cancel: threading.Event | None = None) -> dict: ...
+
     def clear_cache(self) -> None: ...
 
     @property
@@ -414,6 +417,47 @@ class MatchLogic:
             pointsLPS=mrml_io.ras_to_lps(pointsRAS), sourceImage=self.imageForVolume(sourceVolume),
             targets=[TargetSpec(t.GetID(), t.GetName(), self.imageForVolume(t)) for t in targets], options=options,
             heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID)
+
+    # -- preparing: the first click's head start ---------------------------------------------
+    def _imagesToPrepare(self, sourceVolume, targetVolumes: Sequence) -> tuple[Image, list[Image]]:
+        """The source and the live targets as engine images (main thread); bad volumes raise ``InputError``."""
+        mrml_io.check_volume_node(sourceVolume, "source volume")
+        targets = self.liveTargets(targetVolumes)
+        if not targets:
+            raise InputError("no target volume selected; check at least one target volume")
+        sourceDim = mrml_io.volume_dimension(sourceVolume)
+        for target in targets:
+            mrml_io.check_volume_node(target, "target volume")
+            if mrml_io.volume_dimension(target) != sourceDim:
+                raise InputError(f"target '{target.GetName()}' is {mrml_io.volume_dimension(target)}D but source "
+                                 f"'{sourceVolume.GetName()}' is {sourceDim}D; match images of the same dimension")
+        return self.imageForVolume(sourceVolume), [self.imageForVolume(t) for t in targets]
+
+    def prepareVolumes(self, sourceVolume, targetVolumes: Sequence, *, cancel: threading.Event | None = None,
+                       progress: ProgressFn | None = None) -> dict[str, float]:
+        """Do now what the first match of these volumes needs (``samembed.Matcher.prepare``: preprocessing, global
+        maps, affine priors), so that the first click only searches. Writes no node.
+
+        Returns:
+            the engine's seconds per step (``embed_s``, ``prior_s``, ``total_s``).
+        """
+        source, targets = self._imagesToPrepare(sourceVolume, targetVolumes)
+        return self.getMatcher().prepare(source, targets, progress=progress, cancel=cancel)
+
+    def startPrepare(self, worker, sourceVolume, targetVolumes: Sequence, *,
+                     onFinished: Callable[[dict | None], None] | None = None,
+                     onError: Callable[[BaseException], None] | None = None):
+        """:meth:`prepareVolumes` on ``worker``; returns its ``Task``. A match submitted later waits for it and
+        starts at the search. ``onFinished(timings)`` gets None when the task was cancelled."""
+        source, targets = self._imagesToPrepare(sourceVolume, targetVolumes)
+
+        def work(task):
+            try:
+                return self.getMatcher().prepare(source, targets, progress=task.progress, cancel=task.cancelEvent)
+            except Cancelled:
+                return None
+
+        return worker.submit(work, onDone=onFinished, onError=onError, name=f"prepare {1 + len(targets)} volume(s)")
 
     # -- the console API ---------------------------------------------------------------------
     def matchPoints(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,

@@ -11,6 +11,7 @@ when the heatmap is computed, and finds a result row's target. The engine runs i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import traceback
 from collections.abc import Callable
@@ -66,7 +67,8 @@ class MatchWidget(VTKObservationMixin):
         self.worker = Worker()
         self.controller = MatchController(self.logic.core, self.worker, prepareEngine=self._prepareEngine,
                                           onStatus=self._setStatus, onProgress=self._onProgress,
-                                          onFinished=self._onMatchFinished, onError=self._onMatchError)
+                                          onFinished=self._onMatchFinished, onError=self._onMatchError,
+                                          engineReady=self._engineReady)
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._poll)
@@ -266,6 +268,13 @@ class MatchWidget(VTKObservationMixin):
             self.logic.ensureDependencies()
         except Exception as e:  # noqa: BLE001 - shown to the user
             slicer.util.errorDisplay(str(e))
+            return False
+        self._pollTimer.start()
+        return True
+
+    def _engineReady(self) -> bool:
+        """The engine's packages are installed (no question to ask): volumes may be prepared ahead of a click."""
+        if importlib.util.find_spec("torch") is None:
             return False
         self._pollTimer.start()
         return True

@@ -151,6 +151,59 @@ class Matcher:
         img = as_image(image, spacing_mm=self.spacing_mm)
         return self.embedder_for(img.ndim).embed(img, progress, cancel)
 
+    def prepare(self, source, targets: Sequence, *, progress: ProgressFn | None = None,
+                cancel: threading.Event | None = None) -> dict[str, float]:
+        """Do now what every match of ``source`` into ``targets`` needs first, so that the first click is fast.
+
+        Each image is read, preprocessed and given its global map and body mask, and the affine prior of each
+        source/target pair is fitted. The local map stays on demand (a click computes only the tiles its search
+        reads), except where no trustworthy prior was found: every search in that target (and the round trip in
+        the source) then covers the whole body, so those local maps are computed here, whatever the click. All of
+        it is cached: a later :meth:`match` of these images starts at the search. Calling it again costs nothing.
+        A GUI calls it when the user chooses the volumes, before the first click.
+
+        Args:
+            source: the image points will be clicked in (path, Image, SimpleITK image or array).
+            targets: the images they will be matched into.
+            progress: ``progress(done, total, phase)`` counted in images.
+            cancel: when set, stops between images and raises :class:`Cancelled`.
+
+        Returns:
+            seconds spent per step: ``embed_s`` (reading, preprocessing, global maps), ``prior_s``, ``whole_s``
+            (local maps of pairs without a trustworthy prior), ``total_s``.
+        """
+        t0 = time.time()
+        if not isinstance(targets, (list, tuple)):
+            targets = [targets]
+        src = as_image(source, "source", self.spacing_mm)
+        images = [src] + [as_image(t, f"target{i}", self.spacing_mm) for i, t in enumerate(targets)]
+        maps = []
+        for i, image in enumerate(images):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"preparing cancelled after {i} of {len(images)} images")
+            if progress:
+                progress(i, len(images), f"preparing {Path(image.name).name}")
+            if image.ndim != src.ndim:
+                raise InputError(f"{image.name}: a {image.ndim}D target cannot be matched with the {src.ndim}D "
+                                 f"source {src.name}; use images of the same dimension")
+            maps.append(self.embedder_for(image.ndim).embed(image, cancel=cancel, on_demand=True))
+        t1 = time.time()
+        whole = [tmaps for tmaps in maps[1:] if self._prior(maps[0], tmaps) is None]
+        t2 = time.time()
+        if whole:  # searched over the whole body (and the round trip over the source's): needed by any click
+            embedder = self.embedder_for(src.ndim)
+            for n, m in enumerate([maps[0], *whole]):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("preparing cancelled")
+                if progress:
+                    progress(len(images) - 1, len(images), f"embedding {Path(m.image_name).name} whole (no "
+                             f"reliable affine prior) {n + 1}/{len(whole) + 1}")
+                m.compact_features(m.search_mask(True))
+                embedder.settle(m)
+        if progress:
+            progress(len(images), len(images), "prepared")
+        return {"embed_s": t1 - t0, "prior_s": t2 - t1, "whole_s": time.time() - t2, "total_s": time.time() - t0}
+
     def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None,
               options: MatchOptions = DEFAULT_OPTIONS, *, mask=None, progress: ProgressFn | None = None,
               cancel: threading.Event | None = None, target_names: Sequence[str] | None = None) -> MatchResult:

@@ -17,7 +17,7 @@ import pytest
 
 from SAMEmbeddingLib.controller import MOVING_INDEX_ATTRIBUTE, MatchController
 from SAMEmbeddingLib.logic import MatchLogic
-from SAMEmbeddingLib.parameters import OPTION_PARAMETERS, optionDefault
+from SAMEmbeddingLib.parameters import OPTION_PARAMETERS, matchOptionsFromParameters, optionDefault
 from SAMEmbeddingLib.worker import Worker
 
 from .mrml_helpers import add_points, add_volume, control_points, ijk_to_ras, slicer, voxels, vtk
@@ -211,3 +211,42 @@ def test_a_result_row_finds_its_target_by_id_when_names_repeat(a_scene, harness,
     assert harness.controller.selectResultRow(1) is second
     assert harness.controller.selectResultRow(0) is first
     assert harness.controller.currentPointIndex == 0
+
+
+def test_choosing_the_volumes_prepares_them_once_and_the_click_after_it_matches_the_same(a_scene, a_small_ct,
+                                                                                        no_vtk_errors):
+    from samembed import Matcher
+
+    moved = ijk_to_ras(a_small_ct)
+    moved[:3, 3] += [30.0, 0.0, 0.0]
+    target = add_volume(a_scene, voxels(a_small_ct), moved, "shifted CT")
+
+    h = Harness(a_scene, None)  # the logic builds its own engine for the parameters' model: an empty cache
+    points = slicer.vtkMRMLMarkupsFiducialNode()
+    a_scene.AddNode(points)
+    parameters = _parameters(a_small_ct, points, [])
+    h.controller.setParameters(parameters)
+    h.controller.parametersModified()  # no target yet: nothing to prepare
+    assert h.controller.prepareTask is None
+
+    parameters.targetVolumes = [target]  # the user checks a target
+    h.controller.parametersModified()
+    task = h.controller.prepareTask
+    assert task is not None and h.status[-1].startswith("Preparing 2 volume(s)")
+    assert h.settle() == [] and task.state == "done" and h.errors == []
+    assert h.status[-1].startswith("Ready: volumes prepared")
+    matcher = h.logic.getMatcher()
+    for node in (a_small_ct, target):
+        image = h.logic.imageForVolume(node)
+        assert matcher.cache.get(matcher.embedder.key(image)) is not None, f"{node.GetName()} was not prepared"
+    h.controller.parametersModified()  # the same choice again: nothing new to prepare
+    assert h.controller.prepareTask is task
+
+    points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (64, 70, 10))), "L1")  # the first click
+    assert h.settle() == [[0]]
+    prepared = _matched(h.logic, points, target)[1]
+    cold = MatchLogic(a_scene, matcher=Matcher(model="random:sam-lite", device="cpu")).matchPoints(
+        a_small_ct, points, [target], options=matchOptionsFromParameters(parameters))
+    np.testing.assert_allclose(prepared, control_points(cold.pointLists[0])[1], atol=1e-4)
+    h.controller.cleanup()
+    h.worker.shutdown()

@@ -54,28 +54,27 @@ def _wait_for(condition, worker, timeout=120.0):
         time.sleep(0.01)
 
 
-def test_the_second_click_into_the_same_volumes_is_ten_times_faster(a_scene, a_process_logic, a_small_ct):
+def test_the_second_click_reuses_the_process_its_volumes_and_their_embeddings(a_scene, a_process_logic, a_small_ct):
+    """The second click's speed comes from reuse, checked here without a clock (timing targets live in
+    benchmarks/first_click.py): one process, each volume sent once, and a nearby correction computes at most a
+    little more of the embeddings already in the process."""
     target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
 
-    started = time.monotonic()
     a_process_logic.matchPoints(a_small_ct, points, [target], [0])
-    first = time.monotonic() - started
+    first_bytes = a_process_logic.cacheBytesInUse()
     # the second click lands near the first, as a correction does: the volumes are in the process and the
     # embedding tiles around the click are cached there (a click far away computes its own tiles on demand)
     points.AddControlPoint(*_ras(a_small_ct, (61, 73, 10)), "L2")
-    started = time.monotonic()
     outputs = a_process_logic.matchPoints(a_small_ct, points, [target], [1])
-    second = time.monotonic() - started
 
     engine = a_process_logic.getMatcher()
     assert isinstance(engine, EngineProcess) and engine.starts == 1
     assert engine.imagesSent == 2, "each volume is sent once per node and modification time"
-    assert first >= 10 * second, (first, second)
-    # the process gives the same answer as the engine here: a shifted copy moves the match by the shift
+    grown = a_process_logic.cacheBytesInUse() - first_bytes
+    assert 0 <= grown <= 0.25 * first_bytes, f"the nearby click computed {grown} new bytes over {first_bytes}"
     _, matched = control_points(outputs.pointLists[0])
     assert matched.shape == (2, 3)
-    assert a_process_logic.cacheBytesInUse() > 0
 
 
 def test_the_same_match_in_the_process_and_here(a_scene, a_process_logic, a_matcher, a_small_ct):
