@@ -510,6 +510,8 @@ class MatchLogic:
         disagree). For each target a point list ``"<target> fused matches"`` gets one control point per landmark;
         its description says how many atlases agreed and their spread (mm), and the numbers are stored as data
         (:data:`MATCHES_ATTRIBUTE`, keyed by label). Inputs are only read; running again updates the same nodes.
+        Without ``options``, the between-patients preset (``MatchOptions.preset("between-patients")``): atlases
+        are other people's annotated scans.
 
         Returns:
             The fused point lists, one per target, in the targets' order.
@@ -520,7 +522,7 @@ class MatchLogic:
         """
         from samembed import Atlas
 
-        options = _checkOptions(options)
+        options = _checkOptions(MatchOptions.preset("between-patients") if options is None else options)
         if options.heatmap:
             raise InputError("heatmaps are not available when several atlases are fused; match one atlas for them")
         if not atlases:

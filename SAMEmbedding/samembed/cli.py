@@ -93,22 +93,28 @@ def _parse_levels(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"{text!r}: give levels as step,template,search;... in mm") from None
 
 
-def _add_match_options(p: argparse.ArgumentParser) -> None:
-    from .options import MatchOptions
+def _add_match_options(p: argparse.ArgumentParser, default_preset: str = "same-patient") -> None:
+    from .options import PRESETS, MatchOptions
 
     g = p.add_argument_group("search options (see samembed.MatchOptions)")
+    g.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="starting point of the options below, which change it: same-patient (the defaults listed "
+                        "below) or between-patients (--refine --no-polish: OpenKBP organs between patients 14.6 "
+                        "instead of 16.8 mm on compact organs, benchmarks/results/landmarks_polish.md) (default: "
+                        f"{default_preset})")
     for name, (flag, kw) in _OPTION_FLAGS.items():
         g.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=MatchOptions.help(name), **kw)
 
 
-def match_options_from_args(args, **extra):
-    """The :class:`~samembed.options.MatchOptions` of parsed ``match`` flags (unset flags keep the defaults)."""
+def match_options_from_args(args, default_preset: str = "same-patient", **extra):
+    """The :class:`~samembed.options.MatchOptions` of parsed ``match`` flags: the ``--preset`` (else
+    ``default_preset``) changed by the flags given (unset flags keep the preset's values)."""
     from .options import MatchOptions
 
     values = {name: getattr(args, name) for name in _OPTION_FLAGS if hasattr(args, name)}
     values.update(extra)
     try:
-        return MatchOptions.from_mapping(values)
+        return MatchOptions.preset(getattr(args, "preset", None) or default_preset).replace(**values)
     except InputError as e:  # name the flag the user typed
         name = str(e).split(" ", 1)[0]
         raise InputError(f"{_OPTION_FLAGS[name][0]}: {e}" if name in _OPTION_FLAGS else str(e)) from None
@@ -132,11 +138,18 @@ def _atlas_pairs(args) -> list[tuple[str, str]]:
     return pairs
 
 
+def match_command_options(args):
+    """The options of ``samembed match``: with ``--atlas``/``--atlases`` the between-patients preset (atlases are
+    other people's annotated scans), else the same-patient one, then ``--preset`` and the flags given."""
+    default = "between-patients" if args.atlas or args.atlases else "same-patient"
+    return match_options_from_args(args, default, heatmap=bool(args.heatmap_dir))
+
+
 def _cmd_match(args) -> int:
     from .api import Atlas, as_image
     from .io import check_writable, read_points
 
-    options = match_options_from_args(args, heatmap=bool(args.heatmap_dir))  # bad options: before any file is made
+    options = match_command_options(args)  # bad options: before any file is made
     pairs = _atlas_pairs(args)
     if pairs and args.points:
         raise InputError("--points belongs to a single source image; with --atlas each atlas names its own points")
@@ -392,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--heatmap-dir", help="write each point's similarity map per target (target geometry)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
-    _add_match_options(m)
+    _add_match_options(m, "same-patient; between-patients with --atlas/--atlases")
     _add_common(m)
     m.set_defaults(func=_cmd_match)
 

@@ -166,3 +166,20 @@ def test_with_the_benchmark_package_its_commands_are_the_real_ones():
     assert set(BENCH_COMMANDS) <= set(sub.choices)
     assert sub.choices["evaluate"].parse_args(["c.json", "--out", "o"]).methods.startswith("sam")
     assert sub.choices["make-suites"].parse_args(["--out", "o"]).func.__module__ == "samembed_bench.cli"
+
+
+@pytest.mark.parametrize(("argv", "refine", "polish"), [
+    (["s.nii", "t.nii", "--points", "p.csv"], False, True),  # one source: the same-patient defaults
+    (["--atlas", "a.nii", "a.csv", "t.nii"], True, False),  # atlases are other people: between patients
+    (["--atlases", "m.csv", "t.nii", "--polish"], True, True),  # a flag changes the preset it starts from
+    (["s.nii", "t.nii", "--points", "p.csv", "--preset", "between-patients"], True, False),
+    (["--atlas", "a.nii", "a.csv", "t.nii", "--preset", "same-patient"], False, True),
+])
+def test_the_preset_follows_the_kind_of_match_and_the_flags_change_it(argv, refine, polish):
+    from samembed.cli import build_parser, match_command_options
+    from samembed.options import MatchOptions
+
+    args = build_parser().parse_args(["match", *argv, "--out", "o.csv"])
+    options = match_command_options(args)
+    assert (options.refine, options.polish) == (refine, polish)
+    assert options.replace(refine=False, polish=True) == MatchOptions()  # nothing else differs from the defaults

@@ -38,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-thumbnails", dest="thumbnails", action="store_false", help="no landmark thumbnails")
     p.add_argument("--report-thumbnails", type=int, default=3000, metavar="N",
                    help="embed at most N landmark thumbnails in the report, least confident first (default: 3000)")
-    _add_match_options(p)
+    _add_match_options(p, "between-patients: atlases are other people's scans")
     _add_common(p)
     p.set_defaults(func=run_command)
     return p
@@ -54,7 +54,7 @@ def run_command(args) -> int:
     if not getattr(args, "verbose", False):  # Dask's own INFO lines would drown the progress bar
         for name in ("distributed", "tornado"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    options = match_options_from_args(args)
+    options = match_options_from_args(args, "between-patients")
     atlases = [Atlas(image, points, ras=args.ras) for image, points in args.atlas]
     settings = PropagateSettings(
         model=args.model, device=args.device, modality=args.modality, spacing_mm=args.spacing,
