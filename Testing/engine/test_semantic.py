@@ -224,3 +224,14 @@ def test_the_semantic_objective_without_label_rules_is_an_input_error(tmp_path, 
 
     with pytest.raises(InputError, match="semantic_labels"):
         Trainer(tiny_config(tmp_path, cache, semantic_labels="[]"), progress=False).load_data()
+
+
+@pytest.mark.needs_data
+def test_label_maps_are_found_for_a_cache_written_by_a_run_that_named_the_images_differently(trainer, tmp_path, cache):
+    from samembed.training.train import Trainer
+
+    root = data_file("ct", "openkbp", "ct")
+    other = [str(root / ".." / "ct" / f"{p}_ct.nii.gz") for p in TRAIN_PATIENTS]  # same files, another spelling
+    t = Trainer(tiny_config(tmp_path, cache, data=json.dumps(other)), progress=False)
+    t.load_data()
+    assert len(t.semantic_sampler.volumes) == 3

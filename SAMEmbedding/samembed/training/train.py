@@ -107,10 +107,12 @@ class Trainer:
         cfg = self.cfg
         if not cfg.semantic_labels:
             raise InputError("the semantic objective needs label maps: set semantic_labels in the config")
-        maps = find_label_maps(paths, cfg.semantic_labels, cfg.exclude, self.base)
+        maps = {img.resolve(): found for img, found in find_label_maps(paths, cfg.semantic_labels, cfg.exclude,
+                                                                        self.base).items()}
         labelled = []
         for index, f in enumerate(files):
-            src = Path(json.loads(f.with_suffix(".json").read_text(encoding="utf-8"))["source"])
+            # the sidecar names the source as the run that cached it saw it (another base folder, perhaps)
+            src = Path(json.loads(f.with_suffix(".json").read_text(encoding="utf-8"))["source"]).resolve()
             if src not in maps:
                 continue
             label_path, rule = maps[src]
