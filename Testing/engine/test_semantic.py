@@ -216,6 +216,9 @@ def test_a_tiny_sam_semantic_run_trains_checkpoints_and_resumes_on_the_uninterru
     assert [r[0] for r in rows("b")] == ["1", "2", "3", "4"]
     assert rows("b") == rows("a")  # the semantic pairs drawn after the resume are the same ones
     assert all(np.isfinite(float(r[1])) for r in rows("a"))
+    with (tmp_path / "a" / "run" / "train_log.csv").open(encoding="utf-8") as fh:
+        log = list(csv.DictReader(fh))
+    assert all(float(r["semantic_local"]) > 0 and float(r["semantic_global"]) > 0 for r in log)  # its own columns
 
 
 @pytest.mark.needs_data

@@ -273,8 +273,11 @@ class Trainer:
         self._cpu_before = cpu_before
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "train_log.csv"
+        # the semantic objective's two parts get columns of their own (at the end: readers of the others are unchanged)
+        extra = ["semantic_local", "semantic_global"] if getattr(self, "semantic_sampler", None) else []
         if self.rank == 0 and (not resume or not log_path.exists()):
-            log_path.write_text("iteration,loss,local,global,lr,seconds,cpu_seconds\n", encoding="utf-8")
+            log_path.write_text(",".join(["iteration,loss,local,global,lr,seconds,cpu_seconds", *extra]) + "\n",
+                                encoding="utf-8")
         def sched(it: int) -> float:
             """Warm-up then cosine decay over the iterations (or over the time limit, if it comes first and
             ``schedule_by_time`` is set; that makes the run depend on machine speed)."""
@@ -312,7 +315,8 @@ class Trainer:
             if self.rank == 0:
                 with log_path.open("a", encoding="utf-8") as fh:
                     fh.write(f"{done},{loss.item():.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
-                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{cpu_before + time.process_time():.1f}\n")
+                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{cpu_before + time.process_time():.1f}"
+                             + "".join(f",{stats.get(k, 0):.5f}" for k in extra) + "\n")
                 if bar:
                     bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
                     bar.update(1)
