@@ -152,7 +152,7 @@ def test_train_help_lists_every_objective_and_the_help_does_not_import_torch():
             "    build_parser().parse_args(['train', '--help'])\n"
             "print(buf.getvalue()); print('TORCH', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for name in ("sam:", "isimed:", "adam:", "sal:"):
+    for name in ("sam:", "isimed:", "adam:", "sal:", "semantic:"):
         assert name in out.replace("\n", " ")
     assert "TORCH False" in out
 

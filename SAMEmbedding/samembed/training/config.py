@@ -14,6 +14,7 @@ OBJECTIVE_HELP: dict[str, str] = {
     "isimed": "ISImed: distances between embeddings regress the points' physical distances",
     "adam": "Adam/Eve: anatomy decomposer parts contrasted coarse to fine, with a purposive pruner",
     "sal": "alignment learning: neighbouring slices aligned in a window, a positional loss and a variance term",
+    "semantic": "cross-patient positives from organ label maps (semantic_labels): point-level on local, organ-level on global",
 }
 
 
@@ -78,6 +79,15 @@ class TrainConfig:
     adam_levels: int = 3
     sal_window: int = 2
     sal_var_weight: float = 1.0
+    # semantic objective: organ label maps give positives across patients (see samembed.training.semantic)
+    semantic_labels: list = field(default_factory=list)  # rules {images: regex, labels: path template, names: {value: name}}
+    semantic_pairs: int = 1
+    semantic_anchors: int = 128
+    semantic_candidates: int = 512
+    semantic_background: int = 128
+    semantic_positive_mm: float = 6.0
+    semantic_ignore_mm: float = 16.0
+    semantic_global_weight: float = 0.5
     # outputs
     out_dir: str = "runs/sam-lite-ct"
     checkpoint_every: int = 250

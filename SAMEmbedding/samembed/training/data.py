@@ -73,6 +73,15 @@ def _cache_key(path: Path, config: PreprocessConfig, modality: str, pixel_spacin
     return h.hexdigest()[:16]
 
 
+def body_crop(mask: np.ndarray, margin_vox: int = 8) -> tuple[slice, ...]:
+    """The slices that cut a preprocessed volume to its body's bounding box plus ``margin_vox`` voxels (what
+    the training cache stores; label maps are cut with the same slices, see :mod:`.labels`)."""
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - margin_vox, 0)
+    hi = np.minimum(idx.max(0) + margin_vox + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, modality: str = "auto",
                   margin_vox: int = 8, progress=None, pixel_spacing_mm: float | None = None) -> list[Path]:
     """Preprocess ``paths`` into ``cache_dir`` (skipping those already there); return the ``.npy`` files.
@@ -102,14 +111,12 @@ def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, 
             log.warning("skipping %s: unexpected error %s", path, e)
             continue
         mask = body_mask(prep)
-        idx = np.argwhere(mask)
-        lo = np.maximum(idx.min(0) - margin_vox, 0)
-        hi = np.minimum(idx.max(0) + margin_vox + 1, mask.shape)
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        sl = body_crop(mask, margin_vox)
         arr = prep.array[sl].astype(np.float16)
         np.save(npy, arr)
         meta = {"source": str(path), "spacing_mm": config.spacing_mm, "modality": prep.modality,
-                "shape": list(arr.shape), "body_fraction": float(mask[sl].mean())}
+                "shape": list(arr.shape), "body_fraction": float(mask[sl].mean()),
+                "crop_start": [s.start for s in sl]}
         npy.with_suffix(".json").write_text(json.dumps(meta), encoding="utf-8")
         out.append(npy)
     return out

@@ -22,6 +22,9 @@ so every one of them yields dense local + global embedding maps that the matcher
   loss makes ``1 - cos`` of the slices' mean global embeddings grow with their distance; alignment alone
   collapses to a constant feature, so a variance term (hinge on the per-channel standard deviation,
   weight ``sal_var_weight``) keeps features spread.
+* ``semantic`` - positives across patients from organ label maps (``semantic_labels``): point-level on the
+  local embedding, organ-level on the global one (:mod:`.semantic`). Volumes without a label map take only
+  the other terms.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .config import OBJECTIVE_HELP
 from .pairs import pair_points, sample_at
+from .semantic import semantic_objective
 
 OBJECTIVES = tuple(OBJECTIVE_HELP)
 
@@ -208,6 +212,8 @@ def combined_loss(trainer, views, loc, glob, gen, rng):
             loss, s = _isimed(trainer, views, loc, glob, gen, rng)
         elif name == "adam":
             loss, s = _adam(trainer, views, loc, glob, gen, rng)
+        elif name == "semantic":
+            loss, s = semantic_objective(trainer, views, loc, glob, gen, rng)
         else:
             loss, s = _sal(trainer, views, loc, glob, gen, rng)
         stats.update(s)

@@ -24,8 +24,10 @@ from ..preprocess import PreprocessConfig
 from .config import TrainConfig
 from .data import find_volumes, load_cached, prepare_cache
 from .losses import local_loss, multi_positive_info_nce
+from .objectives import parse_objective
 from .pairs import BODY_THRESHOLD, inside_view, map_positions_mm, pair_points, sample_at  # noqa: F401 (re-exported)
 from .sampling import augment, random_body_point, sample_view
+from .semantic import SemanticBatch
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,42 @@ class Trainer:
                                  body_threshold(v.array, v.modality)))
         self.sources = [str(p) for p in paths]
         log.info("training on %d volumes (%d found)", len(self.volumes), len(paths))
+        if any(name == "semantic" for name, _ in parse_objective(cfg.objective)):
+            self._load_labels(paths, files)
+
+    def _load_labels(self, paths: list[Path], files: list[Path]) -> None:
+        """Label maps of the training volumes (the ``semantic`` objective): found by ``semantic_labels``
+        among the training images only (never an excluded one), cached on each volume's grid."""
+        import json
+
+        from ..errors import InputError
+        from .labels import cache_labels, find_label_maps, load_labels
+        from .semantic import SemanticSampler, SemanticSettings
+
+        cfg = self.cfg
+        if not cfg.semantic_labels:
+            raise InputError("the semantic objective needs label maps: set semantic_labels in the config")
+        maps = {img.resolve(): found for img, found in find_label_maps(paths, cfg.semantic_labels, cfg.exclude,
+                                                                        self.base).items()}
+        labelled = []
+        for index, f in enumerate(files):
+            # the sidecar names the source as the run that cached it saw it (another base folder, perhaps)
+            src = Path(json.loads(f.with_suffix(".json").read_text(encoding="utf-8"))["source"]).resolve()
+            if src not in maps:
+                continue
+            label_path, rule = maps[src]
+            if self.rank == 0:
+                npy = cache_labels(f, label_path, self.prep, cfg.modality, cfg.pixel_spacing_mm)
+            if self.world > 1:
+                torch.distributed.barrier()
+            if self.rank != 0:
+                npy = cache_labels(f, label_path, self.prep, cfg.modality, cfg.pixel_spacing_mm)
+            if npy is not None:
+                labelled.append(load_labels(npy, rule, index, self.volumes[index][2], cfg.seed))
+        self.semantic_settings = SemanticSettings.from_config(cfg)
+        self.semantic_sampler = SemanticSampler(labelled)
+        self.labelled_sources = sorted(str(p) for p in maps)
+        log.info("semantic objective: %d labelled volumes, %d organs", len(labelled), len(self.semantic_sampler.organ_id))
 
     # -------------------------------------------------------------- sampling
     def _views(self, rng: np.random.Generator, vol: torch.Tensor, sp: float, threshold: float = BODY_THRESHOLD):
@@ -105,18 +143,43 @@ class Trainer:
             centres.append(body + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, d))
         else:
             centres.append(random_body_point(vol.numpy(), rng, threshold) * sp)
-        out = []
-        for c in centres:
-            s = float(rng.uniform(*cfg.scale_range))
-            ang = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg)) if cfg.rotation_deg else 0.0
-            lv = sample_view(arr, c, cfg.local_size, sp * s, sp, fill, ang)
-            lv.body_threshold = threshold  # anchors are kept where view A is above it (pair_points)
-            gc = c + rng.uniform(-cfg.global_jitter_mm, cfg.global_jitter_mm, d)
-            gv = sample_view(pooled, gc, cfg.global_size, 4 * sp * s, 4 * sp, fill, ang)
-            lv.image = augment(lv.image, rng, cfg.noise_std, cfg.blur_p, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
-            gv.image = augment(gv.image, rng, cfg.noise_std, cfg.blur_p * 0.5, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
-            out.append((lv, gv))
-        return out
+        return [self._view_at(rng, arr, pooled, c, sp, fill, threshold) for c in centres]
+
+    def _view_at(self, rng: np.random.Generator, arr: torch.Tensor, pooled: torch.Tensor, c: np.ndarray, sp: float,
+                 fill: float, threshold: float):
+        """One (local, global) view centred at ``c`` (mm): random scale and rotation, global jitter, augmentation."""
+        cfg = self.cfg
+        d = arr.dim() - 2
+        s = float(rng.uniform(*cfg.scale_range))
+        ang = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg)) if cfg.rotation_deg else 0.0
+        lv = sample_view(arr, c, cfg.local_size, sp * s, sp, fill, ang)
+        lv.body_threshold = threshold  # anchors are kept where view A is above it (pair_points)
+        gc = c + rng.uniform(-cfg.global_jitter_mm, cfg.global_jitter_mm, d)
+        gv = sample_view(pooled, gc, cfg.global_size, 4 * sp * s, 4 * sp, fill, ang)
+        lv.image = augment(lv.image, rng, cfg.noise_std, cfg.blur_p, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
+        gv.image = augment(gv.image, rng, cfg.noise_std, cfg.blur_p * 0.5, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
+        return lv, gv
+
+    def _semantic_views(self, rng: np.random.Generator) -> tuple[list, list]:
+        """The semantic objective's pairs of patients for one iteration: (draws, views), views as in
+        :meth:`_views` (empty without the objective)."""
+        sampler = getattr(self, "semantic_sampler", None)
+        if sampler is None:
+            return [], []
+        cfg = self.cfg
+        draws, views = [], []
+        for _ in range(self.semantic_settings.pairs):
+            draw = sampler.draw(rng)
+            pair = []
+            for index, centre in ((draw.a, draw.centre_a_mm), (draw.b, draw.centre_b_mm)):
+                _, vol, sp, threshold = self.volumes[index]
+                arr = vol.float()[None, None]
+                pool = F.avg_pool3d if arr.dim() == 5 else F.avg_pool2d
+                c = centre + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, arr.dim() - 2)
+                pair.append(self._view_at(rng, arr, pool(arr, 4, ceil_mode=True), c, sp, float(arr.min()), threshold))
+            draws.append(draw)
+            views.append(pair)
+        return draws, views
 
     # ------------------------------------------------------------------ loss
     def sam_loss(self, views, loc, glob, gen: torch.Generator, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
@@ -210,8 +273,11 @@ class Trainer:
         self._cpu_before = cpu_before
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "train_log.csv"
+        # the semantic objective's two parts get columns of their own (at the end: readers of the others are unchanged)
+        extra = ["semantic_local", "semantic_global"] if getattr(self, "semantic_sampler", None) else []
         if self.rank == 0 and (not resume or not log_path.exists()):
-            log_path.write_text("iteration,loss,local,global,lr,seconds,cpu_seconds\n", encoding="utf-8")
+            log_path.write_text(",".join(["iteration,loss,local,global,lr,seconds,cpu_seconds", *extra]) + "\n",
+                                encoding="utf-8")
         def sched(it: int) -> float:
             """Warm-up then cosine decay over the iterations (or over the time limit, if it comes first and
             ``schedule_by_time`` is set; that makes the run depend on machine speed)."""
@@ -232,11 +298,15 @@ class Trainer:
                 g["lr"] = cfg.lr * sched(it)
             picks = rng.choice(len(self.volumes), size=min(cfg.batch_volumes, len(self.volumes)), replace=False)
             views = [self._views(rng, *self.volumes[i][1:]) for i in picks]
-            lx = torch.stack([v[0].image for pair in views for v in pair]).to(self.device)
-            gx = torch.stack([v[1].image for pair in views for v in pair]).to(self.device)
+            draws, sem_views = self._semantic_views(rng)  # extra views of the semantic objective, same forward pass
+            lx = torch.stack([v[0].image for pair in views + sem_views for v in pair]).to(self.device)
+            gx = torch.stack([v[1].image for pair in views + sem_views for v in pair]).to(self.device)
             loc, glob = model(lx, gx)
+            loc, glob = loc.cpu(), glob.cpu()
+            n = 2 * len(views)
             self._iteration = it
-            loss, stats = self.compute_loss(views, loc.cpu(), glob.cpu(), gen, rng)
+            self._semantic_batch = SemanticBatch(draws, sem_views, loc[n:], glob[n:]) if sem_views else None
+            loss, stats = self.compute_loss(views, loc[:n], glob[:n], gen, rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -245,7 +315,8 @@ class Trainer:
             if self.rank == 0:
                 with log_path.open("a", encoding="utf-8") as fh:
                     fh.write(f"{done},{loss.item():.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
-                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{cpu_before + time.process_time():.1f}\n")
+                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{cpu_before + time.process_time():.1f}"
+                             + "".join(f",{stats.get(k, 0):.5f}" for k in extra) + "\n")
                 if bar:
                     bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
                     bar.update(1)
