@@ -41,11 +41,13 @@ class WebOptions:
     """Required off loopback; generated when None."""
 
 
-def _registered_models() -> list[str]:
+def _registered_models(chosen: str = "default") -> list[str]:
+    """The registered models with shipped weights, ``default`` first, and the one chosen on the command line."""
     from samembed.registry import registry
 
     names = [m["name"] for m in registry().get("models", []) if m.get("name") and m.get("file")]
-    return names if "default" in names else ["default", *names]
+    names = names if "default" in names else ["default", *names]
+    return names if chosen in names else [*names, chosen]
 
 
 class WebApp:
@@ -102,8 +104,10 @@ class WebApp:
             "show_heatmap": False, "heatmap_opacity": 0.5, "heatmap_range": None,
             "rows": [], "landmarks": [], "status": "Load a source and a target volume, then place landmarks.",
             "status_error": False, "busy": False, "progress": 0, "progress_text": "",
-            "models": _registered_models(), "model": self.options.model, "devices": ["auto", "cpu", "cuda"],
-            "device": self.options.device, "export_formats": list(EXPORT_FORMATS), "export_format": ".mrk.json",
+            "models": _registered_models(self.options.model), "model": self.options.model,
+            "devices": ["auto", "cpu", "cuda"], "device": self.options.device, "engine": "",
+            "source_centre": None, "target_centre": None, "window_level": None,
+            "export_formats": list(EXPORT_FORMATS), "export_format": ".mrk.json",
             "export_name": "SAM matches.mrk.json", "max_upload_bytes": self.uploads.max_bytes,
         })
         s.change("source_id")(self._on_source)
@@ -157,6 +161,9 @@ class WebApp:
             self.state.progress_text = phase
             self.state.heatmap_range = sess.heatmap_range()
             self.state.placing = sess.placing
+            self.state.model, self.state.device = p.model, p.device  # a refused choice goes back
+            self.state.engine = sess.engine()
+            self.state.update(sess.view_state())
             self._update_export_name()
 
     def _guard(self, action):
@@ -193,13 +200,13 @@ class WebApp:
         self._guard(action)
 
     def _load(self, path, name: str, landmarks: bool) -> None:
-        """Load a landmark file onto the source or a volume, and say what was loaded."""
+        """Load a landmark file onto the source or a volume; the status line says what was loaded (or, for a
+        volume, why it cannot be matched: the session's message is kept)."""
         if landmarks:
             n = self.session.load_landmarks(path)
             self.session._status(f"Loaded {n} landmark(s) from {name}")
         else:
-            nodes = self.session.load_volume(path)
-            self.session._status(f"Loaded {', '.join(n.GetName() for n in nodes)}")
+            self.session.load_volume(path, name)
 
     def refuse_upload(self, name: str, size: int) -> None:
         """The page found a file over the limit before sending it: say so."""
@@ -228,6 +235,12 @@ class WebApp:
                 self.session.poll()
                 if self.session.take_changes() or self.state.busy != self.session.busy:
                     self.push()
+                else:  # the views moved (scrolled, panned, window/level dragged): only their numbers
+                    view = self.session.view_state()
+                    changed = {k: v for k, v in view.items() if self.state[k] != v}
+                    if changed:
+                        with self.state:
+                            self.state.update(changed)
             except Exception:  # noqa: BLE001 - the loop must survive a failing callback
                 log.exception("SAMEmbedding web: polling failed")
             await asyncio.sleep(POLL_SECONDS)
