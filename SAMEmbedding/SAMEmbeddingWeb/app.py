@@ -248,6 +248,7 @@ class WebApp:
     def _on_bind(self, wslink_server) -> None:
         if not is_loopback(self.options.host):
             wslink_server.app.middlewares.append(token_middleware(self.options.token))
+        serve_under_base_path(wslink_server.app, wslink_server.config, self.options.base_path)
 
     def _on_ready(self, **_) -> None:
         asyncio.get_event_loop().create_task(self._poll_forever())
@@ -256,7 +257,7 @@ class WebApp:
     def url(self) -> str:
         host = self.options.host
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
-        base = "/" + self.options.base_path.strip("/") + "/" if self.options.base_path.strip("/") else "/"
+        base = base_prefix(self.options.base_path) + "/"
         url = f"http://{shown}:{self.server.port}{base}"
         if not is_loopback(host):
             url += f"?token={self.options.token}"
@@ -269,6 +270,48 @@ class WebApp:
     def close(self) -> None:
         self.session.close()
         self.uploads.cleanup()
+
+
+def base_prefix(base_path: str) -> str:
+    """``"/sam/"`` -> ``"/sam"``; ``"/"`` or ``""`` -> ``""``."""
+    parts = [p for p in str(base_path or "").split("/") if p]
+    return "/" + "/".join(parts) if parts else ""
+
+
+def serve_under_base_path(aio_app, config: dict, base_path: str) -> None:
+    """Serve the page, its files and its websocket under ``base_path`` as well as at the root.
+
+    Behind a reverse proxy that passes ``/sam/...`` on unchanged, the server itself must answer ``/sam/``,
+    ``/sam/index.html``, ``/sam/assets/...`` and the websocket ``/sam/ws``; behind one that strips the prefix, the
+    root routes answer. The page needs nothing else: trame's page loads its files by relative URLs and opens its
+    websocket at ``<the page's folder>/ws``.
+
+    Args:
+        aio_app: wslink's ``aiohttp.web.Application`` (before it starts: its static routes are added at start).
+        config: wslink's server configuration (``"ws"``: websocket routes, ``"static"``: URL -> folder).
+        base_path: e.g. ``"/sam/"``; ``"/"`` adds nothing.
+    """
+    from aiohttp import web
+
+    prefix = base_prefix(base_path)
+    if not prefix:
+        return
+    ws_paths = {"/" + str(route).strip("/") for route in config.get("ws", {})}
+    routes = []
+    for route in list(aio_app.router.routes()):
+        path = route.resource.canonical if route.resource is not None else None
+        if route.method == "GET" and path in ws_paths:
+            routes.append(web.get(prefix + path, route.handler))
+
+    async def to_index(request):
+        query = f"?{request.query_string}" if request.query_string else ""
+        raise web.HTTPFound(f"{prefix}/index.html{query}")
+
+    routes += [web.get(prefix, to_index), web.get(prefix + "/", to_index)]
+    for route, folder in sorted(config.get("static", {}).items(), reverse=True):  # longer URLs first
+        sub = "/" + str(route).strip("/")
+        routes.append(web.static(prefix + ("" if sub == "/" else sub), folder, append_version=True))
+    aio_app.add_routes(routes)
 
 
 def run(options: WebOptions) -> int:
