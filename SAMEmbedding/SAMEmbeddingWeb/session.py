@@ -189,17 +189,27 @@ class MatchSession:
         return loaded
 
     def _dimension_problem(self, node, name: str) -> str | None:
-        """Why ``node`` cannot join the loaded source (a 2D image and a 3D one), or None."""
+        """Why ``node`` is not loaded, or None.
+
+        The viewer is for 3D volumes: a 2D image (one slice) is loaded only as the source of a session whose
+        model is 2D (``sam-lite-2d-hand`` chosen first), or beside a 2D source; a 3D volume never beside a 2D
+        source.
+        """
         source = self.parameters.sourceVolume
-        if source is None or source is node or source.GetImageData() is None:
-            return None
-        dim, source_dim = mrml_io.volume_dimension(node), mrml_io.volume_dimension(source)
-        if dim == source_dim:
-            return None
+        dim = mrml_io.volume_dimension(node)
         size = "x".join(str(n) for n in node.GetImageData().GetDimensions()[:dim])
         what = f"a 2D image ({size} pixels, one slice)" if dim == 2 else f"a 3D volume ({size} voxels)"
+        if source is None or source is node or source.GetImageData() is None:
+            if dim == 2 and _model_dimension(self.parameters.model) != 2:
+                return (f"{name} is {what} and the model '{self.parameters.model}' matches 3D volumes here: it was "
+                        f"not loaded; open 3D volumes (CT, MR), choose the model 'sam-lite-2d-hand' before opening "
+                        f"2D images, or {MATCH_2D_HINT}.")
+            return None
+        source_dim = mrml_io.volume_dimension(source)
+        if dim == source_dim:
+            return None
         todo = (f"open 3D volumes here, or {MATCH_2D_HINT}" if dim == 2
-                else "open 2D images of the same kind, or remove the 2D source first")
+                else "this session matches 2D images: start another 'samembed web' for 3D volumes")
         return f"{name} is {what} but the source '{source.GetName()}' is {source_dim}D: it was not loaded; {todo}."
 
     def set_source(self, node) -> None:
@@ -241,11 +251,10 @@ class MatchSession:
         model = p.model if model is None else model
         model_dim = _model_dimension(model)
         if model_dim is not None and model_dim != source_dim:
-            fits = "'default' (it follows the image)" + (" or 'sam-lite-2d-hand'" if source_dim == 2 else "")
-            todo = f"choose the model {fits}" + (f", or {MATCH_2D_HINT}" if source_dim == 2 else
-                                                   ", or open 2D images to match them with it")
+            fits = ("'sam-lite-2d-hand' or 'default' (it follows the image)" if source_dim == 2
+                    else "a 3D model ('default' follows the image)")
             return (f"the model '{model}' is for {model_dim}D images but the source '{source.GetName()}' is "
-                    f"{source_dim}D; {todo}")
+                    f"{source_dim}D; choose {fits}")
         return None
 
     def _check_dimensions(self) -> None:
@@ -533,6 +542,10 @@ def _check_device(device: str) -> None:
         raise InputError(f"device '{device}' is not available on this server ({why}); choose 'cpu' or 'auto'") from e
 
 
+FILE_KINDS = (((".jpg", ".jpeg"), "JPEG"), ((".png",), "PNG"), ((".tif", ".tiff"), "TIFF"), ((".bmp",), "BMP"),
+              ((".nii", ".nii.gz"), "NIfTI"), ((".nrrd", ".nhdr"), "NRRD"), ((".mha", ".mhd"), "MetaImage"))
+
+
 def _unreadable(path, name: str, error: Exception | None = None) -> str:
     """Why this file cannot be opened, and what to do: a 2D image SimpleITK reads (JPEG, PNG ...) is named so."""
     try:
@@ -544,8 +557,8 @@ def _unreadable(path, name: str, error: Exception | None = None) -> str:
         size = list(reader.GetSize())
     except Exception:  # noqa: BLE001 - not an image SimpleITK knows either
         size = None
-    kind = {"jpg": "JPEG", "jpeg": "JPEG", "tif": "TIFF"}.get(Path(name).suffix.lower().lstrip("."),
-                                                           Path(name).suffix.lstrip(".").upper() or "image")
+    lower = str(name).lower()
+    kind = next((k for ends, k in FILE_KINDS if lower.endswith(ends)), Path(name).suffix.lstrip(".").upper() or "image")
     if size is not None and (len(size) == 2 or size[2:] == [1]):
         return (f"{name} is a 2D image ({kind}, {size[0]}x{size[1]} pixels); this viewer matches 3D volumes (NIfTI, "
                 f"NRRD, MHA, DICOM) and cannot open it: {MATCH_2D_HINT}")

@@ -352,7 +352,7 @@ def test_the_model_and_device_choices_do_what_they_say(a_page):
     # a 2D model for 3D volumes: refused with what to do; the choice goes back, nothing matched is lost
     _choose(page, "model-select", "sam-lite-2d-hand")
     text = _wait_status(page, "for 2D images")
-    assert "choose the model 'default'" in text and page.locator("#status").get_attribute("data-error") == "true"
+    assert "choose a 3D model" in text and page.locator("#status").get_attribute("data-error") == "true"
     _until(lambda: _shown(page, "model-select") == "sam-lite-ct", 5, "the model choice to go back")
     assert len(_rows(page)) == len(rows_before)
 
