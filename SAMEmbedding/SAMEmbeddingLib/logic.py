@@ -315,6 +315,17 @@ class MatchLogic:
                 log.info("SAMEmbedding: model '%s' loaded on %s in %.1f s", self._model, self._device, time.time() - started)
             return self._matcher
 
+    def engineDescription(self) -> str | None:
+        """What the engine built last runs: ``"<model id> on <device>"`` (None before the first match, or after a
+        model or device change until the next one)."""
+        matcher = self._matcher
+        if matcher is None:
+            return None
+        model = getattr(matcher, "model", None)
+        modelID = getattr(model, "model_id", None) or self._model
+        device = getattr(matcher, "device", None) or self._device
+        return f"{modelID} on {device}"
+
     def loadModel(self) -> str:
         """Build the engine now (to surface a model error early); return a short description of the model."""
         matcher = self.getMatcher()

@@ -41,11 +41,13 @@ class WebOptions:
     """Required off loopback; generated when None."""
 
 
-def _registered_models() -> list[str]:
+def _registered_models(chosen: str = "default") -> list[str]:
+    """The registered models with shipped weights, ``default`` first, and the one chosen on the command line."""
     from samembed.registry import registry
 
     names = [m["name"] for m in registry().get("models", []) if m.get("name") and m.get("file")]
-    return names if "default" in names else ["default", *names]
+    names = names if "default" in names else ["default", *names]
+    return names if chosen in names else [*names, chosen]
 
 
 class WebApp:
@@ -102,8 +104,10 @@ class WebApp:
             "show_heatmap": False, "heatmap_opacity": 0.5, "heatmap_range": None,
             "rows": [], "landmarks": [], "status": "Load a source and a target volume, then place landmarks.",
             "status_error": False, "busy": False, "progress": 0, "progress_text": "",
-            "models": _registered_models(), "model": self.options.model, "devices": ["auto", "cpu", "cuda"],
-            "device": self.options.device, "export_formats": list(EXPORT_FORMATS), "export_format": ".mrk.json",
+            "models": _registered_models(self.options.model), "model": self.options.model,
+            "devices": ["auto", "cpu", "cuda"], "device": self.options.device, "engine": "",
+            "source_centre": None, "target_centre": None, "window_level": None,
+            "export_formats": list(EXPORT_FORMATS), "export_format": ".mrk.json",
             "export_name": "SAM matches.mrk.json", "max_upload_bytes": self.uploads.max_bytes,
         })
         s.change("source_id")(self._on_source)
@@ -157,6 +161,9 @@ class WebApp:
             self.state.progress_text = phase
             self.state.heatmap_range = sess.heatmap_range()
             self.state.placing = sess.placing
+            self.state.model, self.state.device = p.model, p.device  # a refused choice goes back
+            self.state.engine = sess.engine()
+            self.state.update(sess.view_state())
             self._update_export_name()
 
     def _guard(self, action):
@@ -193,13 +200,13 @@ class WebApp:
         self._guard(action)
 
     def _load(self, path, name: str, landmarks: bool) -> None:
-        """Load a landmark file onto the source or a volume, and say what was loaded."""
+        """Load a landmark file onto the source or a volume; the status line says what was loaded (or, for a
+        volume, why it cannot be matched: the session's message is kept)."""
         if landmarks:
             n = self.session.load_landmarks(path)
             self.session._status(f"Loaded {n} landmark(s) from {name}")
         else:
-            nodes = self.session.load_volume(path)
-            self.session._status(f"Loaded {', '.join(n.GetName() for n in nodes)}")
+            self.session.load_volume(path, name)
 
     def refuse_upload(self, name: str, size: int) -> None:
         """The page found a file over the limit before sending it: say so."""
@@ -228,6 +235,12 @@ class WebApp:
                 self.session.poll()
                 if self.session.take_changes() or self.state.busy != self.session.busy:
                     self.push()
+                else:  # the views moved (scrolled, panned, window/level dragged): only their numbers
+                    view = self.session.view_state()
+                    changed = {k: v for k, v in view.items() if self.state[k] != v}
+                    if changed:
+                        with self.state:
+                            self.state.update(changed)
             except Exception:  # noqa: BLE001 - the loop must survive a failing callback
                 log.exception("SAMEmbedding web: polling failed")
             await asyncio.sleep(POLL_SECONDS)
@@ -235,6 +248,7 @@ class WebApp:
     def _on_bind(self, wslink_server) -> None:
         if not is_loopback(self.options.host):
             wslink_server.app.middlewares.append(token_middleware(self.options.token))
+        serve_under_base_path(wslink_server.app, wslink_server.config, self.options.base_path)
 
     def _on_ready(self, **_) -> None:
         asyncio.get_event_loop().create_task(self._poll_forever())
@@ -243,7 +257,7 @@ class WebApp:
     def url(self) -> str:
         host = self.options.host
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
-        base = "/" + self.options.base_path.strip("/") + "/" if self.options.base_path.strip("/") else "/"
+        base = base_prefix(self.options.base_path) + "/"
         url = f"http://{shown}:{self.server.port}{base}"
         if not is_loopback(host):
             url += f"?token={self.options.token}"
@@ -256,6 +270,48 @@ class WebApp:
     def close(self) -> None:
         self.session.close()
         self.uploads.cleanup()
+
+
+def base_prefix(base_path: str) -> str:
+    """``"/sam/"`` -> ``"/sam"``; ``"/"`` or ``""`` -> ``""``."""
+    parts = [p for p in str(base_path or "").split("/") if p]
+    return "/" + "/".join(parts) if parts else ""
+
+
+def serve_under_base_path(aio_app, config: dict, base_path: str) -> None:
+    """Serve the page, its files and its websocket under ``base_path`` as well as at the root.
+
+    Behind a reverse proxy that passes ``/sam/...`` on unchanged, the server itself must answer ``/sam/``,
+    ``/sam/index.html``, ``/sam/assets/...`` and the websocket ``/sam/ws``; behind one that strips the prefix, the
+    root routes answer. The page needs nothing else: trame's page loads its files by relative URLs and opens its
+    websocket at ``<the page's folder>/ws``.
+
+    Args:
+        aio_app: wslink's ``aiohttp.web.Application`` (before it starts: its static routes are added at start).
+        config: wslink's server configuration (``"ws"``: websocket routes, ``"static"``: URL -> folder).
+        base_path: e.g. ``"/sam/"``; ``"/"`` adds nothing.
+    """
+    from aiohttp import web
+
+    prefix = base_prefix(base_path)
+    if not prefix:
+        return
+    ws_paths = {"/" + str(route).strip("/") for route in config.get("ws", {})}
+    routes = []
+    for route in list(aio_app.router.routes()):
+        path = route.resource.canonical if route.resource is not None else None
+        if route.method == "GET" and path in ws_paths:
+            routes.append(web.get(prefix + path, route.handler))
+
+    async def to_index(request):
+        query = f"?{request.query_string}" if request.query_string else ""
+        raise web.HTTPFound(f"{prefix}/index.html{query}")
+
+    routes += [web.get(prefix, to_index), web.get(prefix + "/", to_index)]
+    for route, folder in sorted(config.get("static", {}).items(), reverse=True):  # longer URLs first
+        sub = "/" + str(route).strip("/")
+        routes.append(web.static(prefix + ("" if sub == "/" else sub), folder, append_version=True))
+    aio_app.add_routes(routes)
 
 
 def run(options: WebOptions) -> int:

@@ -40,6 +40,9 @@ WINDOW_LEVEL_PRESETS: dict[str, tuple[float, float]] = {
 
 EXPORT_FORMATS = (".mrk.json", ".fcsv", ".csv")
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
+MATCH_2D_HINT = ("match 2D images (radiographs) with the 2D model on the command line: samembed match "
+                 "--model sam-lite-2d-hand SOURCE.png TARGET.png --points POINTS.csv --out OUT")
+"""What to do with a 2D image this viewer of 3D volumes cannot take."""
 
 
 class WebParameters:
@@ -142,26 +145,72 @@ class MatchSession:
         nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
         return [n for n in nodes if n.GetAttribute(ROLE_ATTRIBUTE) is None]
 
-    def load_volume(self, path: Path):
-        """Load one image file or DICOM folder; the first loaded becomes the source, the next ones targets.
+    def load_volume(self, path: Path, name: str | None = None):
+        """Load one image file or DICOM folder; the first loaded becomes the source, the next ones targets. The
+        status line says what was loaded, or (as an error) why it cannot be matched.
+
+        A volume whose dimension differs from the source's (a 2D image beside a 3D source) is not kept: it could
+        never be matched, and as a target it would stop every match.
+
+        Args:
+            path: the file or folder.
+            name: what to call it in messages (an upload's own name; default: the file name).
 
         Raises:
-            samembed.InputError: the file is not an image Slicer can read.
+            samembed.InputError: the file is not an image this viewer can read (a 2D JPEG or PNG: what to do
+                instead), or no image in it can be matched with the source.
         """
+        name = name or Path(path).name
         try:
             nodes = list(self._load_volumes([str(path)]) or [])
         except Exception as e:  # noqa: BLE001 - any reader failure is the same message for the user
-            raise InputError(f"{Path(path).name}: not an image this viewer can read (NIfTI, NRRD, MHA, DICOM): {e}") from e
+            raise InputError(_unreadable(path, name, e)) from e
         nodes = [n for n in nodes if n is not None and n.GetImageData() is not None]
         if not nodes:
-            raise InputError(f"{Path(path).name}: not an image this viewer can read (NIfTI, NRRD, MHA or a DICOM folder)")
+            raise InputError(_unreadable(path, name))
+        loaded, refused = [], []
         for node in nodes:
+            problem = self._dimension_problem(node, name)
+            if problem is not None:
+                refused.append(problem)
+                _remove_volume(self.scene, node)
+                continue
+            loaded.append(node)
             if self.parameters.sourceVolume is None:
                 self.set_source(node)
             else:
                 self.set_targets([*self.parameters.targetVolumes, node])
         self.changed = True
-        return nodes
+        if not loaded:
+            raise InputError(" ".join(refused))
+        self._status(f"Loaded {', '.join(n.GetName() for n in loaded)}" + (f"; {' '.join(refused)}" if refused else ""),
+                     bool(refused))
+        self._check_dimensions()  # the model may not fit the image: that message wins
+        return loaded
+
+    def _dimension_problem(self, node, name: str) -> str | None:
+        """Why ``node`` is not loaded, or None.
+
+        The viewer is for 3D volumes: a 2D image (one slice) is loaded only as the source of a session whose
+        model is 2D (``sam-lite-2d-hand`` chosen first), or beside a 2D source; a 3D volume never beside a 2D
+        source.
+        """
+        source = self.parameters.sourceVolume
+        dim = mrml_io.volume_dimension(node)
+        size = "x".join(str(n) for n in node.GetImageData().GetDimensions()[:dim])
+        what = f"a 2D image ({size} pixels, one slice)" if dim == 2 else f"a 3D volume ({size} voxels)"
+        if source is None or source is node or source.GetImageData() is None:
+            if dim == 2 and _model_dimension(self.parameters.model) != 2:
+                return (f"{name} is {what} and the model '{self.parameters.model}' matches 3D volumes here: it was "
+                        f"not loaded; open 3D volumes (CT, MR), choose the model 'sam-lite-2d-hand' before opening "
+                        f"2D images, or {MATCH_2D_HINT}.")
+            return None
+        source_dim = mrml_io.volume_dimension(source)
+        if dim == source_dim:
+            return None
+        todo = (f"open 3D volumes here, or {MATCH_2D_HINT}" if dim == 2
+                else "this session matches 2D images: start another 'samembed web' for 3D volumes")
+        return f"{name} is {what} but the source '{source.GetName()}' is {source_dim}D: it was not loaded; {todo}."
 
     def set_source(self, node) -> None:
         self.parameters.sourceVolume = node
@@ -187,17 +236,32 @@ class MatchSession:
             self.arrange_views(fit=True)
             self.changed = True
 
+    def dimension_problem(self, model: str | None = None) -> str | None:
+        """Why the chosen images cannot be matched with ``model`` (default: the chosen one) because of their
+        dimension (a 2D target of a 3D source, a 3D model for a 2D image ...), or None."""
+        p = self.parameters
+        source = p.sourceVolume
+        if source is None or source.GetImageData() is None:
+            return None
+        source_dim = mrml_io.volume_dimension(source)
+        for target in p.targetVolumes:
+            if target is not None and target.GetImageData() is not None and mrml_io.volume_dimension(target) != source_dim:
+                return (f"target '{target.GetName()}' is {mrml_io.volume_dimension(target)}D but the source "
+                        f"'{source.GetName()}' is {source_dim}D; choose targets of the same dimension")
+        model = p.model if model is None else model
+        model_dim = _model_dimension(model)
+        if model_dim is not None and model_dim != source_dim:
+            fits = ("'sam-lite-2d-hand' or 'default' (it follows the image)" if source_dim == 2
+                    else "a 3D model ('default' follows the image)")
+            return (f"the model '{model}' is for {model_dim}D images but the source '{source.GetName()}' is "
+                    f"{source_dim}D; choose {fits}")
+        return None
+
     def _check_dimensions(self) -> None:
-        """Say at once when a 2D image meets a 3D one, or the model's dimension (matching would refuse it)."""
-        ok, reason = self.controller.canMatch()
-        if not ok and "dimension" in reason:
-            self._status(reason, True)
-        model_dim = _model_dimension(self.parameters.model)
-        source = self.parameters.sourceVolume
-        if source is not None and model_dim is not None and mrml_io.volume_dimension(source) != model_dim:
-            self._status(f"'{source.GetName()}' is a {mrml_io.volume_dimension(source)}D image but the model "
-                         f"'{self.parameters.model}' is {model_dim}D; choose a {mrml_io.volume_dimension(source)}D model "
-                         "or a 3D volume", True)
+        """Say at once (as an error) when the images' or the model's dimensions do not fit: matching would refuse."""
+        problem = self.dimension_problem()
+        if problem is not None:
+            self._status(problem, True)
 
     def load_landmarks(self, path: Path) -> int:
         """Add the points of a ``.mrk.json``, ``.fcsv`` or CSV (label,x,y,z LPS) file to the source landmarks (in
@@ -257,10 +321,38 @@ class MatchSession:
                 self.changed = True
 
     def set_model(self, model: str, device: str) -> None:
-        """Use this model and device from the next match on (the engine is rebuilt then)."""
-        self.parameters.model, self.parameters.device = str(model), str(device)
-        self._check_dimensions()
+        """Use this model and device: a new model matches every matched landmark again (as "propagate all": with
+        progress, cancellable); a new device is used from the next match on (the engine is rebuilt then).
+
+        Raises:
+            samembed.InputError: the device is not available here (CUDA), or the model does not fit the loaded
+                images' dimension; the previous choice is kept, nothing matched is lost.
+        """
+        p = self.parameters
+        model, device = str(model), str(device)
+        if (model, device) == (p.model, p.device):
+            return
+        if device != p.device:
+            _check_device(device)
+        if model != p.model:
+            problem = self.dimension_problem(model)
+            if problem is not None:
+                raise InputError(problem)
+        new_model = model != p.model
+        p.model, p.device = model, device
         self.changed = True
+        rematch = new_model and self.logic.resultRows(self.points) and self.controller.canMatch()[0]
+        if rematch and self.propagate_all() is not None:
+            self._status(f"Model '{model}' on '{device}': matching every landmark again")
+            return
+        self._status(f"Model '{model}' on device '{device}': used from the next match")
+
+    def engine(self) -> str:
+        """What the last match ran on: ``"model 'name' (model id on device)"``, or what the next one will use."""
+        running = self.logic.engineDescription()
+        if running is None:
+            return f"next match: model '{self.parameters.model}' on '{self.parameters.device}'"
+        return f"last match: model '{self.logic.model}' ({running})"
 
     # -- heatmap -----------------------------------------------------------------------------
     def set_heatmap(self, show: bool) -> None:
@@ -333,6 +425,18 @@ class MatchSession:
             if display is not None:
                 display.AutoWindowLevelOff()
                 display.SetWindowLevel(window, level)
+
+    def view_state(self) -> dict:
+        """What the page shows about the views: the RAS point (mm) at each view's centre and the source's window
+        and level (rounded, so that it changes only when the views do)."""
+        out: dict = {}
+        for key, view in (("source_centre", self.source_view), ("target_centre", self.target_view)):
+            slice_node = view.get_view_node()
+            out[key] = None if slice_node is None else [round(float(v), 2) for v in _view_centre_ras(slice_node)]
+        source = self.parameters.sourceVolume
+        display = source.GetDisplayNode() if source is not None else None
+        out["window_level"] = None if display is None else [round(display.GetWindow(), 1), round(display.GetLevel(), 1)]
+        return out
 
     @staticmethod
     def _centre(view, position_ras) -> None:
@@ -407,6 +511,62 @@ def _show_only_in(node, views) -> None:
     display = node.GetDisplayNode() if node is not None else None
     if display is not None:
         display.SetViewNodeIDs([v.get_view_node_id() for v in views] or ["none"])
+
+
+def _remove_volume(scene, node) -> None:
+    """Take a volume and its display and storage nodes out of the scene."""
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None:
+            scene.RemoveNode(helper)
+
+
+def _view_centre_ras(slice_node) -> np.ndarray:
+    """The RAS point (mm) at the centre of a slice view."""
+    xy_to_ras = slice_node.GetXYToRAS()
+    width, height, _ = slice_node.GetDimensions()
+    centre = [width / 2.0, height / 2.0, 0.0, 1.0]
+    return np.array([sum(xy_to_ras.GetElement(i, j) * centre[j] for j in range(4)) for i in range(3)])
+
+
+def _check_device(device: str) -> None:
+    """Raise ``InputError`` when ``device`` cannot run here (CUDA without a CUDA device)."""
+    from samembed.embedding import resolve_device  # imports torch (the engine runs in this process anyway)
+
+    try:
+        resolve_device(device)
+    except InputError as e:
+        why = "PyTorch sees no CUDA device here" if device.startswith("cuda") else str(e)
+        raise InputError(f"device '{device}' is not available on this server ({why}); choose 'cpu' or 'auto'") from e
+
+
+FILE_KINDS = (((".jpg", ".jpeg"), "JPEG"), ((".png",), "PNG"), ((".tif", ".tiff"), "TIFF"), ((".bmp",), "BMP"),
+              ((".nii", ".nii.gz"), "NIfTI"), ((".nrrd", ".nhdr"), "NRRD"), ((".mha", ".mhd"), "MetaImage"))
+
+
+def _unreadable(path, name: str, error: Exception | None = None) -> str:
+    """Why this file cannot be opened, and what to do: a 2D image SimpleITK reads (JPEG, PNG ...) is named so."""
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = list(reader.GetSize())
+    except Exception:  # noqa: BLE001 - not an image SimpleITK knows either
+        size = None
+    lower = str(name).lower()
+    kind = next((k for ends, k in FILE_KINDS if lower.endswith(ends)), Path(name).suffix.lstrip(".").upper() or "image")
+    if size is not None and (len(size) == 2 or size[2:] == [1]):
+        return (f"{name} is a 2D image ({kind}, {size[0]}x{size[1]} pixels); this viewer matches 3D volumes (NIfTI, "
+                f"NRRD, MHA, DICOM) and cannot open it: {MATCH_2D_HINT}")
+    if size is not None:
+        return (f"{name}: this viewer cannot read {kind} files; convert it to NIfTI or NRRD "
+                f"(e.g. SimpleITK.WriteImage(SimpleITK.ReadImage(path), 'image.nii.gz')) and open that")
+    detail = f": {error}" if error is not None and str(error) else ""
+    return f"{name}: not an image this viewer can read (NIfTI, NRRD, MHA or a DICOM folder){detail}"
 
 
 def _model_dimension(model: str) -> int | None:

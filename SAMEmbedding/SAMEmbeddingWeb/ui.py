@@ -45,6 +45,8 @@ def build_ui(app: WebApp):
             for preset in app.state.wl_presets:
                 v.VBtn(preset, density="compact", variant="outlined", classes="mx-1",
                        id=f"wl-{preset.replace(' ', '-')}", click=(app.window_level, f"['{preset}']"))
+            html.Span("{{ window_level ? `W ${window_level[0]} L ${window_level[1]}` : '' }}", classes="text-caption ml-2",
+                      id="window-level", raw_attrs=[':data-wl="JSON.stringify(window_level)"'])
 
         with layout.drawer as drawer:
             drawer.width = 380
@@ -74,7 +76,7 @@ def build_ui(app: WebApp):
                     v.VBtn("Cancel", click=app.cancel, v_show="busy", density="compact", color="warning", id="cancel")
                 v.VProgressLinear(v_show="busy", model_value=("progress",), height=8, color="primary",
                                   indeterminate=("progress <= 0",), id="progress")
-                html.Div("{{ progress_text }}", v_show="busy", classes="text-caption")
+                html.Div("{{ progress_text }}", v_show="busy", classes="text-caption", id="progress-text")
                 html.Div("Heatmap", classes="text-subtitle-2 mt-2")
                 v.VSwitch(v_model=("show_heatmap",), label="Similarity heatmap over the target",
                           color="primary", density="compact", hide_details=True, id="heatmap-switch")
@@ -92,6 +94,7 @@ def build_ui(app: WebApp):
                               hide_details=True, id="model-select")
                     v.VSelect(label="Device", v_model=("device",), items=("devices",), density="compact",
                               hide_details=True, style="max-width: 110px", id="device-select")
+                html.Div("{{ engine }}", classes="text-caption", id="engine")
                 html.Div("Export", classes="text-subtitle-2 mt-2")
                 with html.Div(classes="d-flex", style="gap: 4px"):
                     v.VSelect(v_model=("export_format",), items=("export_formats",), density="compact",
@@ -105,7 +108,13 @@ def build_ui(app: WebApp):
                          variant="tonal", classes="ma-1", id="status", style="flex: 0 0 auto", raw_attrs=[':data-error="status_error"'])
                 with html.Div(classes="d-flex", style="flex: 1 1 auto; min-height: 300px"):
                     app.layout_manager.initialize_layout_grid(layout)
-                with html.Div(style="max-height: 30vh; overflow-y: auto", classes="px-2"):
+                with html.Div(classes="d-flex text-caption px-2", style="flex: 0 0 auto"):
+                    for key, name in (("source_centre", "Source"), ("target_centre", "Target")):
+                        html.Div(f"{{{{ {key} ? `{name} view centre: R ${{{key}[0].toFixed(1)}}, "
+                                 f"A ${{{key}[1].toFixed(1)}}, S ${{{key}[2].toFixed(1)}} mm` : '' }}}}",
+                                 style="flex: 1 1 0", id=key.replace("_", "-"),
+                                 raw_attrs=[f':data-ras="JSON.stringify({key})"'])
+                with html.Div(style="flex: 0 0 24vh; overflow-y: auto", classes="px-2"):  # fixed: views keep their size
                     with v.VTable(density="compact", id="results"):
                         with html.Thead(), html.Tr():
                             for name in ("label", "target", "position (RAS mm)", "score", "confident"):

@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("images", nargs="*", metavar="IMAGE", help="volumes to open: the first is the source")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (off loopback an access token is required)")
     w.add_argument("--port", type=int, default=8080, help="port (0: a free one)")
-    w.add_argument("--base-path", default="/", help="path prefix of the printed URL behind a reverse proxy")
+    w.add_argument("--base-path", default="/", help="URL prefix to serve under as well as /, for a reverse proxy "
+                                                      "(e.g. /sam/: the page is at http://host:port/sam/)")
     w.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="folders the page may open by path (repeatable; default: the folders of IMAGE)")
     w.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted, MB")

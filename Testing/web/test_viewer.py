@@ -1,12 +1,17 @@
-"""The viewer in a real browser: click a landmark on a real CT, see its match, the heatmap, export; bad input.
+"""The viewer in a real browser: click a landmark on a real CT, see its match, drag it, the heatmap, export, the
+results table, window/level, model and device, propagate and cancel; bad input (2D images among them).
 
 One server (two 128^3 head-and-neck CTs from ../shared/data) serves the tests of this file in order; its first
 match embeds both volumes (about a minute and a half on one CPU thread), the later steps reuse the embeddings.
+It is started with ``--model sam-lite-ct`` (the name of the shipped CT model that ``default`` means for 3D
+images), so that the page can switch to ``default`` and back (same weights: the embeddings on disk are reused).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -37,7 +42,7 @@ def cache_dir(tmp_path_factory) -> Path:
 def a_server(cache_dir):
     source, target = data_file(*SOURCE), data_file(*TARGET)
     server = WebServer(str(source), str(target), "--data-root", str(source.parent), "--max-upload-mb", "1",
-                       "--device", "cpu", "--cache-dir", str(cache_dir))
+                       "--device", "cpu", "--cache-dir", str(cache_dir), "--model", "sam-lite-ct")
     yield server
     server.stop()
 
@@ -78,35 +83,94 @@ def _wait_status(page, text: str, timeout_ms: int = 20_000) -> str:
     return _status(page)
 
 
+def _wait_idle(page, timeout_ms: int = MATCH_TIMEOUT_MS) -> None:
+    """Until no match runs (the Cancel button is hidden)."""
+    page.wait_for_function("!document.querySelector('#cancel') || document.querySelector('#cancel').offsetParent === null",
+                           timeout=timeout_ms)
+
+
+def _ras(locator) -> np.ndarray:
+    return np.array(json.loads(locator.get_attribute("data-ras")), dtype=float)
+
+
+def _landmarks(page) -> dict[str, np.ndarray]:
+    """The source landmarks shown in the page: label -> RAS."""
+    return {lm.inner_text().strip(): _ras(lm) for lm in page.locator(".landmark").all()}
+
+
+def _rows(page) -> list[tuple[str, str, np.ndarray]]:
+    """The results table: (label, target, RAS) per row."""
+    return [(r.locator("td").nth(0).inner_text().strip(), r.get_attribute("data-target"), _ras(r))
+            for r in page.locator(".result-row").all()]
+
+
+def _until(condition, timeout_s: float, what: str):
+    """Poll ``condition()`` until it returns something true (or an array); fail with ``what`` on timeout."""
+    end = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if isinstance(value, np.ndarray) or (value is not None and bool(value)):
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.25)
+
+
+def _choose(page, select_id: str, item: str) -> None:
+    """Pick ``item`` in a Vuetify select of the page, as a user does (open its menu, click the item)."""
+    page.locator(f".v-select:has(#{select_id})").click()
+    page.locator(".v-overlay--active .v-list-item", has_text=item).first.click()
+    page.wait_for_selector(".v-overlay--active .v-list-item", state="detached", timeout=5_000)
+
+
+def _shown(page, select_id: str) -> str:
+    return page.locator(f".v-select:has(#{select_id}) .v-select__selection").first.inner_text().strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _matcher(cache_dir: Path):
+    from samembed import Matcher
+
+    return Matcher("default", device="cpu", cache_dir=cache_dir)
+
+
+def _engine_match(cache_dir: Path, source_ras: np.ndarray):
+    """The engine API's match of one source point (RAS) in the target, same files and (default) options as the page."""
+    from samembed import MatchOptions
+    from samembed.io import read_image
+
+    source_lps = np.asarray(source_ras, dtype=float) * np.array([-1.0, -1.0, 1.0])
+    result = _matcher(cache_dir).match(read_image(data_file(*SOURCE)), source_lps[None],
+                                       [read_image(data_file(*TARGET))], ["P"], options=MatchOptions())
+    return result.matches[0]
+
+
+def _click_point(page) -> tuple[float, float]:
+    """Where the first test clicks (and its landmark stays until dragged): page pixels in the source view."""
+    box = _views(page)[0].bounding_box()
+    return box["x"] + box["width"] / 2 + CLICK_OFFSET_PX[0], box["y"] + box["height"] / 2 + CLICK_OFFSET_PX[1]
+
+
 def test_a_click_in_the_source_view_places_a_landmark_whose_match_is_where_the_engine_puts_it(a_page, cache_dir):
     page = a_page
     page.locator("#place-switch").check()
-    source_view, target_view = _views(page)
-    box = source_view.bounding_box()
-    x, y = box["x"] + box["width"] / 2 + CLICK_OFFSET_PX[0], box["y"] + box["height"] / 2 + CLICK_OFFSET_PX[1]
+    x, y = _click_point(page)
     page.mouse.move(x, y)
     page.mouse.click(x, y)
     page.wait_for_selector(".landmark", timeout=20_000)
     page.wait_for_selector(".result-row", timeout=MATCH_TIMEOUT_MS)
-    page.wait_for_function("!document.querySelector('#cancel') || document.querySelector('#cancel').offsetParent === null",
-                           timeout=MATCH_TIMEOUT_MS)
-    source_ras = np.array(json.loads(page.locator(".landmark").first.get_attribute("data-ras")))
+    _wait_idle(page)
+    source_ras = _ras(page.locator(".landmark").first)
     row = page.locator(".result-row").first
-    match_ras = np.array(json.loads(row.get_attribute("data-ras")))
+    match_ras = _ras(row)
     assert row.get_attribute("data-target") == "pt_202_ct.nii.gz"
 
     # the engine's API, on the same files with the same (default) options, for the clicked point
-    from samembed import Matcher, MatchOptions
-    from samembed.io import read_image
-
-    matcher = Matcher("default", device="cpu", cache_dir=cache_dir)
-    source_lps = source_ras * np.array([-1.0, -1.0, 1.0])
-    result = matcher.match(read_image(data_file(*SOURCE)), source_lps[None], [read_image(data_file(*TARGET))],
-                           ["P"], options=MatchOptions())
-    expected_ras = np.asarray(result.matches[0].point_ras_mm)
+    expected = _engine_match(cache_dir, source_ras)
+    expected_ras = np.asarray(expected.point_ras_mm)
     assert np.allclose(match_ras, expected_ras, atol=0.5), (match_ras, expected_ras)
     confident = row.inner_text().strip().endswith("yes")
-    assert confident == bool(result.matches[0].confident)
+    assert confident == bool(expected.confident)
 
     # the target view shows the match in its colour (green confident, orange not)
     time.sleep(1.0)
@@ -115,6 +179,34 @@ def test_a_click_in_the_source_view_places_a_landmark_whose_match_is_where_the_e
     near = np.linalg.norm(pixels - colour, axis=-1) < 40
     assert near.sum() > 20, f"no {'green' if confident else 'orange'} point in the target view"
     page.screenshot(path=str(REPO / "docs" / "web.png"))
+
+
+def test_dragging_the_landmark_matches_it_again_where_the_engine_puts_its_new_position(a_page, cache_dir):
+    page = a_page
+    page.locator("#place-switch").uncheck()  # dragging, not placing
+    (label, source_before), = _landmarks(page).items()
+    (_, _, match_before), = _rows(page)
+    x, y = _click_point(page)
+    page.mouse.move(x + 3, y + 3)
+    page.mouse.move(x, y)  # hovering picks the point: the view's cursor becomes a pointer
+    page.wait_for_function("window.trame.state.get('Source_active_view_cursor') === 'pointer'", timeout=10_000)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(x + 2.5 * step, y + 1.5 * step)
+        time.sleep(0.05)
+    page.mouse.up()
+
+    source_after = _until(lambda: (lambda p: p if np.linalg.norm(p - source_before) > 5 else None)(
+        _landmarks(page)[label]), 20, "the dragged landmark to move")
+    _until(lambda: not np.allclose(_rows(page)[0][2], match_before, atol=1e-3), MATCH_TIMEOUT_MS / 1000,
+           "the match to change")
+    _wait_idle(page)
+    assert page.locator(".landmark").count() == 1 and page.locator(".result-row").count() == 1  # moved, not added
+    (_, target, match_after), = _rows(page)
+    assert target == "pt_202_ct.nii.gz"
+    expected = np.asarray(_engine_match(cache_dir, source_after).point_ras_mm)
+    assert np.allclose(match_after, expected, atol=0.5), (match_after, expected)
+    assert not np.allclose(match_after, match_before, atol=0.5)
 
 
 def test_the_heatmap_switch_changes_the_target_view(a_page):
@@ -187,6 +279,25 @@ def test_the_orientation_switch_changes_the_views(a_page):
     time.sleep(2.0)
 
 
+def test_the_window_level_presets_set_the_volumes_window_and_level_and_change_the_views(a_page):
+    from SAMEmbeddingWeb.session import WINDOW_LEVEL_PRESETS
+
+    page = a_page
+    shots = {}
+    for preset, (window, level) in WINDOW_LEVEL_PRESETS.items():
+        page.locator(f"#wl-{preset.replace(' ', '-')}").click()
+        page.wait_for_function(f"(wl => wl && wl[0] == {window} && wl[1] == {level})"
+                               "(JSON.parse(document.querySelector('#window-level').dataset.wl))", timeout=10_000)
+        time.sleep(1.5)
+        shots[preset] = [_pixels(view) for view in _views(page)]
+    names = list(shots)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for view, (before, after) in zip(("source", "target"), zip(shots[a], shots[b])):
+                changed = (np.abs(after - before).sum(axis=-1) > 30).mean()
+                assert changed > 0.02, f"{a} -> {b}: only {changed:.2%} of the {view} view changed"
+
+
 def test_a_landmark_file_adds_its_points_and_propagate_all_matches_every_landmark(a_page, tmp_path):
     from samembed.io import read_image
 
@@ -205,3 +316,134 @@ def test_a_landmark_file_adds_its_points_and_propagate_all_matches_every_landmar
     labels = {r.get_attribute("data-label") or r.inner_text().split()[0] for r in page.locator(".result-row").all()}
     assert {"F1", "F2"} <= labels, labels
 
+
+
+def test_a_click_on_a_result_row_centres_the_views_on_that_match_and_its_landmark(a_page):
+    page = a_page
+    rows, landmarks = _rows(page), _landmarks(page)
+    assert len(rows) >= 3
+    # two rows far apart, clicked in turn: each click must bring the views to its own points
+    first = min(range(len(rows)), key=lambda i: rows[i][2][2])
+    second = max(range(len(rows)), key=lambda i: np.linalg.norm(rows[i][2] - rows[first][2]))
+    assert np.linalg.norm(rows[second][2] - rows[first][2]) > 5
+    for index in (first, second, first):
+        label, _, match_ras = rows[index]
+        page.locator(".result-row").nth(index).click()
+        _until(lambda match_ras=match_ras, source_ras=landmarks[label]:
+               np.allclose(_ras(page.locator("#target-centre")), match_ras, atol=0.6)
+               and np.allclose(_ras(page.locator("#source-centre")), source_ras, atol=0.6), 10,
+               f"the views to centre on {label} at {landmarks[label]} and its match at {match_ras}")
+    time.sleep(1.0)  # and the view shows it: the match's colour at the target view's centre
+    view = _views(page)[1]
+    pixels = _pixels(view)
+    h, w = pixels.shape[:2]
+    centre = pixels[h // 2 - 8:h // 2 + 9, w // 2 - 8:w // 2 + 9]
+    near = (np.linalg.norm(centre - CONFIDENT_RGB, axis=-1) < 40) | (np.linalg.norm(centre - UNCERTAIN_RGB, axis=-1) < 40)
+    assert near.sum() > 5, "no match point drawn at the target view's centre"
+
+
+def test_the_model_and_device_choices_do_what_they_say(a_page):
+    import torch
+
+    page = a_page
+    rows_before = _rows(page)
+    assert _shown(page, "model-select") == "sam-lite-ct" and _shown(page, "device-select") == "cpu"
+
+    # a 2D model for 3D volumes: refused with what to do; the choice goes back, nothing matched is lost
+    _choose(page, "model-select", "sam-lite-2d-hand")
+    text = _wait_status(page, "for 2D images")
+    assert "choose a 3D model" in text and page.locator("#status").get_attribute("data-error") == "true"
+    _until(lambda: _shown(page, "model-select") == "sam-lite-ct", 5, "the model choice to go back")
+    assert len(_rows(page)) == len(rows_before)
+
+    # CUDA where there is none: refused the same way
+    if not torch.cuda.is_available():
+        _choose(page, "device-select", "cuda")
+        assert "choose 'cpu' or 'auto'" in _wait_status(page, "not available on this server")
+        _until(lambda: _shown(page, "device-select") == "cpu", 5, "the device choice to go back")
+
+    # another device: kept, and used from the next match on
+    _choose(page, "device-select", "auto")
+    assert "used from the next match" in _wait_status(page, "Model 'sam-lite-ct' on device 'auto'")
+    assert _shown(page, "device-select") == "auto"
+
+    # another model: every landmark is matched again with it (on the chosen device), the table keeps its rows
+    _choose(page, "model-select", "default")
+    _wait_status(page, "match(es)", timeout_ms=MATCH_TIMEOUT_MS)
+    _wait_idle(page)
+    engine = page.locator("#engine").inner_text()
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert "model 'default'" in engine and f"on {expected_device}" in engine, engine
+    assert _shown(page, "model-select") == "default" and _shown(page, "device-select") == "auto"
+    rows_after = _rows(page)
+    assert [(label, target) for label, target, _ in rows_after] == [(label, target) for label, target, _ in rows_before]
+    for (_, _, before), (_, _, after) in zip(rows_before, rows_after):
+        assert np.allclose(before, after, atol=0.5)  # the same weights under another name
+
+
+def test_propagate_all_shows_its_progress_and_cancel_keeps_the_finished_targets(a_page, a_server):
+    page = a_page
+    landmarks = _landmarks(page)
+    more = ["pt_203_ct.nii.gz", "pt_204_ct.nii.gz", "pt_206_ct.nii.gz"]
+    for name in more:
+        data_file(*SOURCE[:-1], name)
+        page.locator("#path-text").fill(name)
+        page.locator("#open-path").click()
+        _wait_status(page, f"Loaded {name}")
+    page.locator("#propagate").click()
+    # the progress bar shows the targets done (one of four after the first, already embedded target)
+    page.wait_for_function("document.querySelector('#progress').offsetParent !== null && "
+                           "Number(document.querySelector('#progress').getAttribute('aria-valuenow')) >= 25",
+                           timeout=MATCH_TIMEOUT_MS)
+    assert "pt_20" in page.locator("#progress-text").inner_text()
+    page.locator("#cancel").click()
+    _wait_status(page, "cancelled: finished targets kept", timeout_ms=MATCH_TIMEOUT_MS)
+    _wait_idle(page)
+
+    rows = _rows(page)
+    by_target: dict[str, set] = {}
+    for label, target, _ in rows:
+        by_target.setdefault(target, set()).add(label)
+    assert by_target.get(TARGET[-1]) == set(landmarks), by_target  # the finished target keeps every landmark
+    assert any(name not in by_target for name in more), f"nothing was cancelled: {sorted(by_target)}"
+    for name, labels in by_target.items():
+        assert labels == set(landmarks), (name, labels)  # a target is matched whole or not at all
+    with urllib.request.urlopen(a_server.url, timeout=10) as response:
+        assert response.status == 200
+    axial_centre = _ras(page.locator("#source-centre"))
+    page.locator("#orientation-coronal").click()  # and the page still talks to the server both ways
+    _until(lambda: not np.allclose(_ras(page.locator("#source-centre")), axial_centre, atol=0.5), 10,
+           "the coronal view's centre")
+    coronal_centre = _ras(page.locator("#source-centre"))
+    page.locator("#orientation-axial").click()
+    _until(lambda: not np.allclose(_ras(page.locator("#source-centre")), coronal_centre, atol=0.5), 10,
+           "the axial view again")
+
+
+def _one_slice_nifti(path: Path) -> Path:
+    import SimpleITK as sitk
+
+    volume = sitk.ReadImage(str(data_file(*SOURCE)))
+    z = volume.GetSize()[2] // 2
+    sitk.WriteImage(volume[:, :, z:z + 1], str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["one-slice NIfTI", "JPEG radiograph"])
+def test_a_2d_image_beside_3d_volumes_gets_a_message_saying_what_to_do(a_page, a_server, tmp_path, kind):
+    page = a_page
+    rows_before, volumes_before = _rows(page), page.evaluate("window.trame.state.get('volumes').length")
+    if kind == "JPEG radiograph":
+        upload = tmp_path / "hand.jpg"
+        shutil.copy(data_file("xray", "hand_dha37", "images", "3143.jpg"), upload)
+    else:
+        upload = _one_slice_nifti(tmp_path / "slice.nii.gz")
+    page.locator("#upload-volume").set_input_files(str(upload))
+    text = _wait_status(page, f"{upload.name} is a 2D image", timeout_ms=30_000)
+    assert "samembed match --model sam-lite-2d-hand" in text, text
+    assert page.locator("#status").get_attribute("data-error") == "true"
+    # not loaded: no new volume, no new target; nothing matched is lost; the server goes on
+    assert page.evaluate("window.trame.state.get('volumes').length") == volumes_before
+    assert len(_rows(page)) == len(rows_before)
+    with urllib.request.urlopen(a_server.url, timeout=10) as response:
+        assert response.status == 200
