@@ -9,8 +9,8 @@ default model, CPU, no embedding cache on disk. Two ways, each in its own fresh 
 * ``cold``: the click arrives with nothing prepared: the engine process starts, imports torch, loads the model,
   receives the volumes, embeds what the search needs and matches (what every click cost before this benchmark);
 * ``prepared``: the module prepares the volumes when they are chosen (``MatchController`` calls
-  ``MatchLogic.startPrepare``: engine start, preprocessing, global maps, affine priors, and whole local maps where
-  no prior is trustworthy); then the click. Both numbers are reported: the preparation runs while the user looks
+  ``MatchLogic.startPrepare``: engine start, preprocessing, global maps, affine priors, the source's local map, and
+  the whole local maps of targets without a trustworthy prior); then the click. Both numbers are reported: the preparation runs while the user looks
   at the scans, the click is what the user waits for.
 
 The click is the source patient's left-parotid centroid (``oar_centroids.csv``); its matches are compared with the
@@ -110,6 +110,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--out", default="benchmarks/results/first_click.md")
     p.add_argument("--work", default="cache/first_click")
     p.add_argument("--note", default="", help="a line about the machine's state (e.g. what else ran)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the engine (default 0: torch's own choice, every core, as in the module)")
     args = p.parse_args(argv)
     if not (OPENKBP / "oar_centroids.csv").exists():
         raise SystemExit(f"real data not available: {OPENKBP} is missing (place ../shared/data beside the repo)")
@@ -122,7 +124,9 @@ def run(argv: list[str]) -> int:
         row = {"source": source, "targets": targets}
         for mode in ("cold", "prepared"):
             js = work / f"{source}_{mode}.json"
-            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+            if args.threads:
+                env["OMP_NUM_THREADS"] = str(args.threads)
             subprocess.run([sys.executable, __file__, "child", "--mode", mode, "--json", str(js), source, *targets],
                            check=True, env=env)
             row[mode] = json.loads(js.read_text())
@@ -133,13 +137,13 @@ def run(argv: list[str]) -> int:
         want = np.array([truth[(t, CLICK_ORGAN)] for t in targets]) * [-1, -1, 1]
         row["errors_mm"] = [float(e) for e in np.linalg.norm(got["cold"] - want, axis=1)]
         results.append(row)
-    Path(args.out).write_text(report(results, load_start, os.getloadavg(), args.note))
+    Path(args.out).write_text(report(results, load_start, os.getloadavg(), args.note, args.threads))
     (work / "first_click.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
     return 0
 
 
-def report(results: list[dict], load_start, load_end, note: str) -> str:
+def report(results: list[dict], load_start, load_end, note: str, threads: int) -> str:
     """The markdown report."""
     import numpy as np
 
@@ -151,9 +155,10 @@ def report(results: list[dict], load_start, load_end, note: str) -> str:
         "",
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, load average {load_start[0]:.1f} at the start and "
         f"{load_end[0]:.1f} at the end. {note}".rstrip(),
-        f"Engine: `MatchLogic(engine=\"process\")` as in the module panel, model `default`, CPU, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', '1')}, no disk cache; every run in a fresh process. "
-        "Command: `python benchmarks/first_click.py run`.",
+        "Engine: `MatchLogic(engine=\"process\")` as in the module panel, model `default`, CPU, "
+        + (f"{threads} torch thread(s)" if threads else "torch's default threads (every core, as in the module)")
+        + ", no disk cache; every run in a fresh process. Command: `python benchmarks/first_click.py run"
+        + (f" --threads {threads}" if threads else "") + "`.",
         "",
         "`cold`: from the click to the matches in MRML with nothing prepared (engine process start, imports, model, "
         "volumes, embedding, search). `prepared`: the module prepared the volumes when they were chosen (`prepare s`, "
@@ -178,9 +183,11 @@ def report(results: list[dict], load_start, load_end, note: str) -> str:
         + ("**met** after preparing ahead" if met else f"**missed** (worst prepared click {max(warm):.1f} s)")
         + (f"; a cold click (nothing prepared) takes {np.mean(cold):.1f} s." if np.mean(cold) > TARGET_S else "."),
         "",
-        "The `whole` part of preparing is the whole-body local map of a pair whose affine prior is not trustworthy "
-        "(under 20 % of global correspondences agree): every search of that pair covers the whole body, whatever "
-        "the click.",
+        "The `whole` part of preparing is the source's local map over its body (every click reads it and every "
+        "round trip searches it) and the whole-body local map of each target whose affine prior is not "
+        "trustworthy (under 20 % of global correspondences agree: every search there covers the whole body, "
+        "whatever the click). A click made while the volumes are still being prepared waits for the rest of the "
+        "preparation.",
     ]
     return "\n".join(lines) + "\n"
 

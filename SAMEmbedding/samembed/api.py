@@ -156,11 +156,12 @@ class Matcher:
         """Do now what every match of ``source`` into ``targets`` needs first, so that the first click is fast.
 
         Each image is read, preprocessed and given its global map and body mask, and the affine prior of each
-        source/target pair is fitted. The local map stays on demand (a click computes only the tiles its search
-        reads), except where no trustworthy prior was found: every search in that target (and the round trip in
-        the source) then covers the whole body, so those local maps are computed here, whatever the click. All of
-        it is cached: a later :meth:`match` of these images starts at the search. Calling it again costs nothing.
-        A GUI calls it when the user chooses the volumes, before the first click.
+        source/target pair is fitted. The source's local map is computed for its whole body: every click reads it
+        around the clicked point and every round trip searches it. A target's local map stays on demand (a click
+        computes only the tiles its search window needs), except where no trustworthy prior was found: every
+        search in that target then covers its whole body, so its local map is computed here, whatever the click.
+        All of it is cached: a later :meth:`match` of these images starts at the search. Calling it again costs
+        nothing. A GUI calls it when the user chooses the volumes, before the first click.
 
         Args:
             source: the image points will be clicked in (path, Image, SimpleITK image or array).
@@ -170,7 +171,7 @@ class Matcher:
 
         Returns:
             seconds spent per step: ``embed_s`` (reading, preprocessing, global maps), ``prior_s``, ``whole_s``
-            (local maps of pairs without a trustworthy prior), ``total_s``.
+            (the source's local map, and the targets' without a trustworthy prior), ``total_s``.
         """
         t0 = time.time()
         if not isinstance(targets, (list, tuple)):
@@ -188,18 +189,17 @@ class Matcher:
                                  f"source {src.name}; use images of the same dimension")
             maps.append(self.embedder_for(image.ndim).embed(image, cancel=cancel, on_demand=True))
         t1 = time.time()
-        whole = [tmaps for tmaps in maps[1:] if self._prior(maps[0], tmaps) is None]
+        whole = [maps[0]] + [tmaps for tmaps in maps[1:] if self._prior(maps[0], tmaps) is None]
         t2 = time.time()
-        if whole:  # searched over the whole body (and the round trip over the source's): needed by any click
-            embedder = self.embedder_for(src.ndim)
-            for n, m in enumerate([maps[0], *whole]):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("preparing cancelled")
-                if progress:
-                    progress(len(images) - 1, len(images), f"embedding {Path(m.image_name).name} whole (no "
-                             f"reliable affine prior) {n + 1}/{len(whole) + 1}")
-                m.compact_features(m.search_mask(True))
-                embedder.settle(m)
+        embedder = self.embedder_for(src.ndim)
+        for n, m in enumerate(whole):  # read by any click: the source, and targets searched over their whole body
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("preparing cancelled")
+            if progress:
+                why = "the source" if n == 0 else "no reliable affine prior"
+                progress(len(images) - 1, len(images), f"embedding {Path(m.image_name).name} whole ({why})")
+            m.compact_features(m.search_mask(True))
+            embedder.settle(m)
         if progress:
             progress(len(images), len(images), "prepared")
         return {"embed_s": t1 - t0, "prior_s": t2 - t1, "whole_s": time.time() - t2, "total_s": time.time() - t0}
