@@ -52,6 +52,18 @@ def centroids() -> dict[tuple[str, str], list[float]]:
                 for r in csv.DictReader(f)}
 
 
+def peak_rss_gb(pid: int | None) -> float:
+    """Peak resident set size (GB) of process ``pid`` (the engine process; None: this process)."""
+    if pid is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
 def child(argv: list[str]) -> int:
     """One first click in this fresh process; writes ``{"prepare_s", "click_s", "points_ras", ...}`` as JSON."""
     p = argparse.ArgumentParser(prog="first_click.py child")
@@ -96,9 +108,11 @@ def child(argv: list[str]) -> int:
     click_s = time.perf_counter() - t1
     rows = [{"target": r.target, "ras": [float(v) for v in r.pointRAS], "score": r.score, "confident": r.confident}
             for r in outputs.rows]
+    engine_rss_gb = peak_rss_gb(getattr(logic.getMatcher(), "pid", None))
     logic.close()
     Path(args.json).write_text(json.dumps({"prepare_s": prepare_s, "prepare_steps": prepare_steps,
-                                           "click_s": click_s, "rows": rows}, indent=1))
+                                           "click_s": click_s, "rows": rows, "engine_peak_rss_gb": engine_rss_gb},
+                                          indent=1))
     return 0
 
 
@@ -165,15 +179,18 @@ def report(results: list[dict], load_start, load_end, note: str, threads: int) -
         "while the user looks at the scans); `click s` is then what the user waits for. Target: the first click "
         f"<= {TARGET_S:.0f} s.",
         "",
-        "| source -> targets | cold click s | prepare s (embed / prior / whole) | prepared click s | same matches | "
+        "| source -> targets | cold click s | prepare s (embed / prior / whole) | targets without prior | "
+        "prepared click s | engine peak RSS GB (cold / prepared) | same matches | "
         f"click error mm ({CLICK_ORGAN} centroid) |",
-        "|---|---:|---:|---:|---|---|",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results:
         st = r["prepared"]["prepare_steps"]
         steps = " / ".join(f"{st.get(k, 0.0):.1f}" for k in ("embed_s", "prior_s", "whole_s"))
+        rss = " / ".join(f"{r[m]['engine_peak_rss_gb']:.2f}" for m in ("cold", "prepared"))
         lines.append(f"| {r['source']} -> {', '.join(r['targets'])} | {r['cold']['click_s']:.1f} | "
-                     f"{r['prepared']['prepare_s']:.1f} ({steps}) | {r['prepared']['click_s']:.1f} | "
+                     f"{r['prepared']['prepare_s']:.1f} ({steps}) | {st.get('targets_without_prior', 0):.0f} | "
+                     f"{r['prepared']['click_s']:.1f} | {rss} | "
                      f"{'yes' if r['same'] else '**no**'} | {', '.join(f'{e:.1f}' for e in r['errors_mm'])} |")
     met = max(warm) <= TARGET_S
     lines += [

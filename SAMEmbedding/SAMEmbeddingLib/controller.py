@@ -25,11 +25,11 @@ from collections.abc import Callable
 import numpy as np
 import vtk
 
-from samembed import InputError
 from samembed.options import ProgressFn
 
 from . import mrml_io
 from .parameters import matchOptionsFromParameters
+from .worker import Task
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,13 @@ class MatchController:
         self.prepareTask = None
         """The latest "prepare volumes" task (None: none started)."""
         self._preparedFor: tuple | None = None
+        self._generation = 0
+        """Counts preparations started: a finished one that is not the latest is ignored."""
 
     # -- settings ----------------------------------------------------------------------------
     def setParameters(self, parameters) -> None:
         """Use these parameters (a restored or new scene); starts no match."""
+        self.forgetPrepared()
         self.parameters = parameters
         self._showHeatmap = bool(parameters.showHeatmap) if parameters is not None else False
         self.setPointList(parameters.sourcePoints if parameters is not None else None)
@@ -136,45 +139,75 @@ class MatchController:
 
     # -- preparing ahead of the first click -----------------------------------------------------
     def _preparationKey(self) -> tuple | None:
+        """What a preparation is for: the source, the live targets (node ID and content modification time of
+        each), the model and the device; None when there is nothing to prepare."""
         p = self.parameters
         if p is None or p.sourceVolume is None:
             return None
         targets = self.targets()
         if not targets:
             return None
-        return p.sourceVolume.GetID(), tuple(t.GetID() for t in targets), str(p.model), str(p.device)
+        volumes = tuple(mrml_io.volume_cache_key(node) for node in [p.sourceVolume, *targets])
+        return volumes, str(p.model), str(p.device)
 
-    def prepareVolumes(self) -> object | None:
+    def forgetPrepared(self) -> None:
+        """Forget what was prepared (the engine's cache was cleared, or the scene changed): the next change of
+        the chosen volumes, or :meth:`prepareVolumes`, prepares them again."""
+        if self.prepareTask is not None:
+            self.prepareTask.cancel()
+        self._generation += 1  # whatever the cancelled task reports is ignored
+        self.prepareTask = None
+        self._preparedFor = None
+
+    def prepareVolumes(self) -> Task | None:
         """Prepare the chosen source and targets on the worker (``MatchLogic.startPrepare``: preprocessing, global
-        maps, affine priors), once per choice of volumes, model and device. A click during it waits for it and
-        then only searches. Returns the task, or None when there is nothing new to prepare or the input is not
-        ready (a click will say why)."""
+        maps, affine priors, the source's local map, and the whole local map of targets without a trustworthy
+        prior), once per choice of volumes, model and device. A click during it waits for it and then only
+        searches. Returns the worker's task, or None when there is nothing new to prepare, the engine cannot run
+        without asking the user, a model change would have to wait for running work, or the input is not ready
+        (a click will say why)."""
         key = self._preparationKey()
         if key is None or key == self._preparedFor or not self._engineReady():
             return None
+        p = self.parameters
+        if (str(p.model), str(p.device)) != (self.logic.model, self.logic.device) and self.worker.busy:
+            return None  # switching engines now would wait for the running work on this (main) thread
         if self.prepareTask is not None:
             self.prepareTask.cancel()  # the volumes it prepares were replaced
-        p = self.parameters
+        quiet = self._othersPending()  # another job's status line stays until it ends
         try:
             self.logic.setModel(p.model, p.device)
-            task = self.logic.startPrepare(self.worker, p.sourceVolume, self.targets(),
-                                           onFinished=self._prepared, onError=self._prepareFailed)
-        except InputError as e:
+            self._generation += 1
+            generation = self._generation
+            task = self.logic.startPrepare(
+                self.worker, p.sourceVolume, self.targets(),
+                onFinished=lambda timings: self._prepared(generation, timings),
+                onError=lambda error: self._prepareFailed(generation, error))
+        except Exception as e:  # noqa: BLE001 - a parameter observer must not raise; the user is told
             log.info("SAMEmbedding: not preparing the volumes: %s", e)
+            if not quiet:
+                self._onStatus(f"Cannot prepare the volumes yet: {e}")
             return None
         self._preparedFor = key
         self.prepareTask = task
-        self._onStatus(f"Preparing {1 + len(key[1])} volume(s) for matching...")
+        if not quiet:
+            self._onStatus(f"Preparing {len(key[0])} volume(s) for matching...")
         return task
 
     def _othersPending(self) -> bool:
         return any(t is not self.prepareTask for t in self.worker.pendingTasks)
 
-    def _prepared(self, timings: dict | None) -> None:
-        if timings is not None and not self._othersPending():
+    def _prepared(self, generation: int, timings: dict | None) -> None:
+        if generation != self._generation:
+            return  # replaced by a newer preparation
+        if timings is None:  # cancelled (scene closed, cache cleared): not prepared after all
+            self._preparedFor = None
+        elif not self._othersPending():
             self._onStatus(f"Ready: volumes prepared in {timings['total_s']:.1f} s; place a landmark on the source")
 
-    def _prepareFailed(self, error: BaseException) -> None:
+    def _prepareFailed(self, generation: int, error: BaseException) -> None:
+        if generation != self._generation:
+            return  # replaced by a newer preparation
         self._preparedFor = None  # a later change (or a click) tries again, and says what is wrong
         log.warning("SAMEmbedding: preparing the volumes failed: %s", error)
         if not self._othersPending():
@@ -353,5 +386,6 @@ class MatchController:
 
     def cleanup(self) -> None:
         """Stop observing and cancel pending work."""
+        self.forgetPrepared()
         self.setPointList(None)
         self.worker.cancelAll()

@@ -130,48 +130,52 @@ class EngineProcess:
         if mask is not None:
             raise InputError("the engine process takes no mask; use options.box_lps_mm or match in this process")
         images = [source, *(targets if isinstance(targets, (list, tuple)) else [targets])]
-        if not all(isinstance(i, Image) for i in images):
-            raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
-        with self._lock:
-            self._ensureStarted()
-            keys = [self._ensureImage(image) for image in images]
-            requestID = next(self._ids)
-            self._send(("match", requestID, {
-                "source": keys[0], "points": np.asarray(points_lps_mm, dtype=np.float64), "targets": keys[1:],
-                "labels": None if labels is None else list(labels), "options": options or MatchOptions(),
-                "target_names": None if target_names is None else list(target_names)}))
-            return self._await(requestID, progress, cancel)
+        return self._request("match", images, lambda keys: {
+            "source": keys[0], "points": np.asarray(points_lps_mm, dtype=np.float64), "targets": keys[1:],
+            "labels": None if labels is None else list(labels), "options": options or MatchOptions(),
+            "target_names": None if target_names is None else list(target_names)}, progress, cancel)
 
     def match_atlases(self, atlases, targets, options: MatchOptions | None = None, *,
                       progress: ProgressFn | None = None, cancel: threading.Event | None = None,
                       target_names=None) -> MatchResult:
         """``samembed.Matcher.match_atlases`` in the child (atlas and target images: ``samembed.Image``)."""
+        atlases = list(atlases)
         targets = list(targets if isinstance(targets, (list, tuple)) else [targets])
-        if not all(isinstance(i, Image) for i in [*(a.image for a in atlases), *targets]):
-            raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
-        with self._lock:
-            self._ensureStarted()
-            atlasKeys = [(self._ensureImage(a.image), np.asarray(a.points_lps_mm, dtype=np.float64), tuple(a.labels),
-                          a.name) for a in atlases]
-            targetKeys = [self._ensureImage(t) for t in targets]
-            requestID = next(self._ids)
-            self._send(("match_atlases", requestID, {
-                "atlases": atlasKeys, "targets": targetKeys, "options": options or MatchOptions(),
-                "target_names": None if target_names is None else list(target_names)}))
-            return self._await(requestID, progress, cancel)
+
+        def payload(keys: list[str]) -> dict:
+            return {"atlases": [(key, np.asarray(a.points_lps_mm, dtype=np.float64), tuple(a.labels), a.name)
+                                for key, a in zip(keys, atlases)],
+                    "targets": keys[len(atlases):], "options": options or MatchOptions(),
+                    "target_names": None if target_names is None else list(target_names)}
+
+        return self._request("match_atlases", [*(a.image for a in atlases), *targets], payload, progress, cancel)
 
     def prepare(self, source, targets, *, progress: ProgressFn | None = None,
                 cancel: threading.Event | None = None) -> dict:
-        """``samembed.Matcher.prepare`` in the child (``source``/``targets``: ``samembed.Image``): the first match
-        of these volumes then starts at the search."""
+        """``samembed.Matcher.prepare`` in the child: the first match of these volumes then starts at the search.
+
+        Args:
+            source, targets: ``samembed.Image`` volumes (as ``MatchLogic.imageForVolume`` makes).
+            progress, cancel: as for :meth:`match`.
+
+        Returns:
+            what ``Matcher.prepare`` returns (seconds per step, targets without a trustworthy prior).
+        """
         images = [source, *(targets if isinstance(targets, (list, tuple)) else [targets])]
+        return self._request("prepare", images, lambda keys: {"source": keys[0], "targets": keys[1:]}, progress,
+                             cancel)
+
+    def _request(self, kind: str, images: list, payload, progress: ProgressFn | None,
+                 cancel: threading.Event | None):
+        """Send ``images`` (each once) and the request ``kind`` whose body is ``payload(image keys)``; wait for the
+        answer (see :meth:`_await`)."""
         if not all(isinstance(i, Image) for i in images):
             raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
         with self._lock:
             self._ensureStarted()
             keys = [self._ensureImage(image) for image in images]
             requestID = next(self._ids)
-            self._send(("prepare", requestID, {"source": keys[0], "targets": keys[1:]}))
+            self._send((kind, requestID, payload(keys)))
             return self._await(requestID, progress, cancel)
 
     def clear_cache(self) -> None:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import vtk
@@ -40,6 +40,9 @@ from samembed import Cancelled, Image, InputError, MatchOptions
 from samembed.options import ProgressFn
 
 from . import mrml_io
+
+if TYPE_CHECKING:
+    from .worker import Task, Worker
 
 log = logging.getLogger(__name__)
 
@@ -394,12 +397,7 @@ class MatchLogic:
             r, a, s = pointsRAS[i]
             raise InputError(f"point '{labels[i]}' at R {r:.1f}, A {a:.1f}, S {s:.1f} mm lies outside the source volume "
                              f"'{sourceVolume.GetName()}'; move it into the volume or choose the volume it was placed on")
-        sourceDim = mrml_io.volume_dimension(sourceVolume)
-        for target in targetVolumes:
-            targetDim = mrml_io.volume_dimension(target)
-            if targetDim != sourceDim:
-                raise InputError(f"target '{target.GetName()}' is {targetDim}D but source '{sourceVolume.GetName()}' is "
-                                 f"{sourceDim}D; match images of the same dimension")
+        _checkSameDimension(sourceVolume, targetVolumes)
         return ids, labels, pointsRAS
 
     def prepareMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
@@ -436,12 +434,9 @@ class MatchLogic:
         targets = self.liveTargets(targetVolumes)
         if not targets:
             raise InputError("no target volume selected; check at least one target volume")
-        sourceDim = mrml_io.volume_dimension(sourceVolume)
         for target in targets:
             mrml_io.check_volume_node(target, "target volume")
-            if mrml_io.volume_dimension(target) != sourceDim:
-                raise InputError(f"target '{target.GetName()}' is {mrml_io.volume_dimension(target)}D but source "
-                                 f"'{sourceVolume.GetName()}' is {sourceDim}D; match images of the same dimension")
+        _checkSameDimension(sourceVolume, targets)
         return self.imageForVolume(sourceVolume), [self.imageForVolume(t) for t in targets]
 
     def prepareVolumes(self, sourceVolume, targetVolumes: Sequence, *, cancel: threading.Event | None = None,
@@ -450,14 +445,15 @@ class MatchLogic:
         maps, affine priors), so that the first click only searches. Writes no node.
 
         Returns:
-            the engine's seconds per step (``embed_s``, ``prior_s``, ``total_s``).
+            what ``samembed.Matcher.prepare`` returns: seconds per step (``embed_s``, ``prior_s``, ``whole_s``,
+            ``total_s``) and ``targets_without_prior``.
         """
         source, targets = self._imagesToPrepare(sourceVolume, targetVolumes)
         return self.getMatcher().prepare(source, targets, progress=progress, cancel=cancel)
 
-    def startPrepare(self, worker, sourceVolume, targetVolumes: Sequence, *,
+    def startPrepare(self, worker: Worker, sourceVolume, targetVolumes: Sequence, *,
                      onFinished: Callable[[dict | None], None] | None = None,
-                     onError: Callable[[BaseException], None] | None = None):
+                     onError: Callable[[BaseException], None] | None = None) -> Task:
         """:meth:`prepareVolumes` on ``worker``; returns its ``Task``. A match submitted later waits for it and
         starts at the search. ``onFinished(timings)`` gets None when the task was cancelled."""
         source, targets = self._imagesToPrepare(sourceVolume, targetVolumes)
@@ -935,6 +931,16 @@ class MatchLogic:
 
     def _nodesWithRole(self, className: str, role: str) -> list:
         return [n for n in self._nodes(className) if n.GetAttribute(ROLE_ATTRIBUTE) == role]
+
+
+def _checkSameDimension(sourceVolume, targetVolumes: Sequence) -> None:
+    """Raise ``InputError`` naming the first target whose dimension (2D or 3D) differs from the source's."""
+    sourceDim = mrml_io.volume_dimension(sourceVolume)
+    for target in targetVolumes:
+        targetDim = mrml_io.volume_dimension(target)
+        if targetDim != sourceDim:
+            raise InputError(f"target '{target.GetName()}' is {targetDim}D but source '{sourceVolume.GetName()}' is "
+                             f"{sourceDim}D; match images of the same dimension")
 
 
 def _checkOptions(options: MatchOptions | None) -> MatchOptions:

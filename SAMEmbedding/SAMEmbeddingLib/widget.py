@@ -68,7 +68,7 @@ class MatchWidget(VTKObservationMixin):
         self.controller = MatchController(self.logic.core, self.worker, prepareEngine=self._prepareEngine,
                                           onStatus=self._setStatus, onProgress=self._onProgress,
                                           onFinished=self._onMatchFinished, onError=self._onMatchError,
-                                          engineReady=self._engineReady)
+                                          engineReady=self._readyToPrepare)
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._poll)
@@ -200,6 +200,7 @@ class MatchWidget(VTKObservationMixin):
                 self._parameterNode.heatmapTarget = nodes[0]
         finally:
             self._updatingGui = False
+        self.controller.parametersModified()  # the observer skipped it (GUI update): prepare the chosen volumes
         self._checkCanApply()
 
     # -- model -------------------------------------------------------------------------------
@@ -272,8 +273,9 @@ class MatchWidget(VTKObservationMixin):
         self._pollTimer.start()
         return True
 
-    def _engineReady(self) -> bool:
-        """The engine's packages are installed (no question to ask): volumes may be prepared ahead of a click."""
+    def _readyToPrepare(self) -> bool:
+        """Whether volumes may be prepared ahead of a click: the engine's packages are installed (no question to
+        ask). When they are, the poll timer is started, as for a match: it delivers the preparation's result."""
         if importlib.util.find_spec("torch") is None:
             return False
         self._pollTimer.start()
@@ -333,6 +335,7 @@ class MatchWidget(VTKObservationMixin):
 
     def onClearCache(self) -> None:
         self.logic.clearCache()
+        self.controller.forgetPrepared()
         self._updateCacheLabel()
 
     def _updateCacheLabel(self) -> None:

@@ -216,6 +216,7 @@ class MatchSession:
         self.parameters.sourceVolume = node
         self.parameters.targetVolumes = [t for t in self.parameters.targetVolumes if t is not node]
         self._check_dimensions()
+        self.controller.prepareVolumes()  # ahead of the first click, as the Slicer module does
         self.arrange_views(fit=True)
         self.changed = True
 
@@ -226,6 +227,7 @@ class MatchSession:
             self.shown_target = self.parameters.targetVolumes[0] if self.parameters.targetVolumes else None
         self.parameters.heatmapTarget = self.shown_target
         self._check_dimensions()
+        self.controller.prepareVolumes()  # ahead of the first click, as the Slicer module does
         self.arrange_views(fit=True)
         self.changed = True
 

@@ -171,7 +171,8 @@ class Matcher:
 
         Returns:
             seconds spent per step: ``embed_s`` (reading, preprocessing, global maps), ``prior_s``, ``whole_s``
-            (the source's local map, and the targets' without a trustworthy prior), ``total_s``.
+            (the source's local map, and the targets' without a trustworthy prior), ``total_s``; and
+            ``targets_without_prior``, how many targets had no trustworthy affine prior.
         """
         t0 = time.time()
         if not isinstance(targets, (list, tuple)):
@@ -198,11 +199,15 @@ class Matcher:
             if progress:
                 why = "the source" if n == 0 else "no reliable affine prior"
                 progress(len(images) - 1, len(images), f"embedding {Path(m.image_name).name} whole ({why})")
-            m.compact_features(m.search_mask(True))
-            embedder.settle(m)
+            try:
+                m.ensure_all(m.search_mask(True), cancel=cancel)
+            finally:
+                embedder.settle(m)  # also the tiles finished before a cancel
+            m.compact_features(m.search_mask(True))  # the searches' copy, made once here
         if progress:
             progress(len(images), len(images), "prepared")
-        return {"embed_s": t1 - t0, "prior_s": t2 - t1, "whole_s": time.time() - t2, "total_s": time.time() - t0}
+        return {"embed_s": t1 - t0, "prior_s": t2 - t1, "whole_s": time.time() - t2, "total_s": time.time() - t0,
+                "targets_without_prior": float(len(whole) - 1)}
 
     def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None,
               options: MatchOptions = DEFAULT_OPTIONS, *, mask=None, progress: ProgressFn | None = None,

@@ -93,7 +93,9 @@ def _parse_levels(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"{text!r}: give levels as step,template,search;... in mm") from None
 
 
-def _add_match_options(p: argparse.ArgumentParser, default_preset: str = "same-patient") -> None:
+def _add_match_options(p: argparse.ArgumentParser, preset_help: str = "same-patient") -> None:
+    """The search flags (one per :class:`~samembed.options.MatchOptions` field) and ``--preset``, whose default
+    for this command ``preset_help`` describes."""
     from .options import PRESETS, MatchOptions
 
     g = p.add_argument_group("search options (see samembed.MatchOptions)")
@@ -101,7 +103,7 @@ def _add_match_options(p: argparse.ArgumentParser, default_preset: str = "same-p
                    help="starting point of the options below, which change it: same-patient (the defaults listed "
                         "below) or between-patients (--refine --no-polish: OpenKBP organs between patients 14.6 "
                         "instead of 16.8 mm on compact organs, benchmarks/results/landmarks_polish.md) (default: "
-                        f"{default_preset})")
+                        f"{preset_help})")
     for name, (flag, kw) in _OPTION_FLAGS.items():
         g.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=MatchOptions.help(name), **kw)
 

@@ -143,14 +143,18 @@ class EmbeddingMaps:
             missing.reshape(-1)[todo] = True
             self._fill(missing)
 
-    def ensure_all(self, need: torch.Tensor | None = None) -> None:
-        """Compute every voxel's features (only those in ``need`` (V,) bool when given)."""
+    def ensure_all(self, need: torch.Tensor | None = None, cancel: threading.Event | None = None) -> None:
+        """Compute every voxel's features (only those in ``need`` (V,) bool when given).
+
+        Args:
+            cancel: checked between tiles; when set, raises :class:`Cancelled` (the tiles computed so far are kept).
+        """
         if self.ready is None:
             return
         missing = ~self.ready.numpy() if need is None else (~self.ready & need.cpu()).numpy()
-        self._fill(missing.reshape(self.local_grid.shape_zyx))
+        self._fill(missing.reshape(self.local_grid.shape_zyx), cancel)
 
-    def _fill(self, missing_zyx: np.ndarray) -> None:
+    def _fill(self, missing_zyx: np.ndarray, cancel: threading.Event | None = None) -> None:
         if not missing_zyx.any():
             return
         with _FILL_LOCK:  # one filler at a time (a Slicer worker and the main thread may share maps)
@@ -161,8 +165,10 @@ class EmbeddingMaps:
                 return
             if self.tiles is None:
                 raise RuntimeError(f"{self.image_name}: features missing and no way to compute them; embed it again")
-            self.tiles.fill(self, missing_zyx)
-            self.dirty = True
+            try:
+                self.tiles.fill(self, missing_zyx, cancel)
+            finally:
+                self.dirty = True  # also after a cancel: the tiles computed so far are kept and saved
             if bool(self.ready.all()):
                 self.ready = None
                 self.tiles = None  # drop the network input once everything is computed
@@ -301,8 +307,9 @@ class TileComputer:
             self._x = x.half() if self.embedder.half else x
         return self._x
 
-    def fill(self, maps: EmbeddingMaps, missing_zyx: np.ndarray) -> None:
-        """Compute the tiles covering ``missing_zyx`` (local grid, bool) and write them into ``maps``."""
+    def fill(self, maps: EmbeddingMaps, missing_zyx: np.ndarray, cancel: threading.Event | None = None) -> None:
+        """Compute the tiles covering ``missing_zyx`` (local grid, bool) and write them into ``maps``; ``cancel``
+        is checked before each tile (raises :class:`Cancelled`; every finished tile is kept)."""
         from .tiles import plan_tiles
 
         spec = self.embedder.model.spec
@@ -312,15 +319,18 @@ class TileComputer:
         plan = plan_tiles(missing_zyx, spec.local_stride[-1], step, halo, tuple(x.shape[2:]))
         boxes = [((0,) * (x.dim() - 2), tuple(x.shape[2:]))] if plan.whole else plan.boxes_input
         for start, stop in boxes:
-            self._box(maps, start, stop, step, halo, missing_zyx)
+            self._box(maps, start, stop, step, halo, missing_zyx, cancel)
 
-    def _box(self, maps: EmbeddingMaps, start, stop, step: int, halo: int, missing_zyx: np.ndarray) -> None:
+    def _box(self, maps: EmbeddingMaps, start, stop, step: int, halo: int, missing_zyx: np.ndarray,
+             cancel: threading.Event | None = None) -> None:
         """Embed the input box ``[start, stop)`` (slabs along z when it exceeds ``max_tile_voxels``)."""
         x = self.input()
         shape_in = tuple(x.shape[2:])
         area = int(np.prod([min(s, b + halo) - max(0, a - halo) for a, b, s in zip(start[1:], stop[1:], shape_in[1:])]))
         core = max(step, (self.embedder.max_tile_voxels // max(area, 1)) // step * step - 2 * halo)
         for z0 in range(start[0], stop[0], core):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{maps.image_name}: embedding cancelled")
             z1 = min(stop[0], z0 + core)
             self._tile(maps, (z0, *start[1:]), (z1, *stop[1:]), halo, missing_zyx)
 

@@ -157,7 +157,8 @@ class MatchOptions:
     def help(cls, name: str) -> str:
         """The one-line help text of a field, with its default."""
         f = {f.name: f for f in fields(cls)}[name]
-        return f"{f.metadata['doc']} (default: {_plain(f.default)})"
+        presets = "".join(f"; {preset}: {_plain(values[name])}" for preset, values in PRESETS.items() if name in values)
+        return f"{f.metadata['doc']} (default: {_plain(f.default)}{presets})"
 
 
 def _check_distance(name: str, value: Any) -> None:

@@ -183,3 +183,15 @@ def test_the_preset_follows_the_kind_of_match_and_the_flags_change_it(argv, refi
     options = match_command_options(args)
     assert (options.refine, options.polish) == (refine, polish)
     assert options.replace(refine=False, polish=True) == MatchOptions()  # nothing else differs from the defaults
+
+
+@pytest.mark.parametrize(("extra", "refine", "polish"), [([], True, False), (["--preset", "same-patient"], False, True),
+                                                         (["--no-refine"], False, False)])
+def test_propagate_starts_from_the_between_patients_preset(extra, refine, polish):
+    from samembed.cli import build_parser
+    from samembed.propagate.cli import propagate_command_options
+
+    args = build_parser().parse_args(["propagate", "--atlas", "a.nii", "a.csv", "--scans", "s.csv", "--out", "o",
+                                      *extra])
+    options = propagate_command_options(args)
+    assert (options.refine, options.polish) == (refine, polish)

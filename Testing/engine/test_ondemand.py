@@ -162,7 +162,8 @@ def test_prepare_computes_global_maps_priors_and_the_source_only_and_the_match_a
         pytest.skip("one pair is enough: prepare runs the same embedding code as a match")
     prepared = Matcher("default", device="cpu")
     timings = prepared.prepare(src, [tgt])
-    assert set(timings) == {"embed_s", "prior_s", "whole_s", "total_s"}
+    assert set(timings) == {"embed_s", "prior_s", "whole_s", "total_s", "targets_without_prior"}
+    assert timings["targets_without_prior"] == 0
     smaps, tmaps = cached(prepared, src), cached(prepared, tgt)
     assert smaps is not None and tmaps is not None, "prepare embedded neither image"
     body = smaps.search_mask(True)
@@ -171,7 +172,10 @@ def test_prepare_computes_global_maps_priors_and_the_source_only_and_the_match_a
         "prepare computed target tiles although the prior is trustworthy (a click computes its own window)"
     assert len(prepared._priors) == 1 and next(iter(prepared._priors.values())) is not None, \
         "the pair's affine prior was not fitted (this pair has a trustworthy one)"
-    tiles = cached(prepared, tgt).tiles
-    prepared.prepare(src, [tgt])  # again: everything is cached, nothing is computed
-    assert cached(prepared, tgt).tiles is tiles and tiles.tiles_computed == 0 and len(prepared._priors) == 1
+    copies = list(smaps._compact.values())
+    assert copies, "the source's searched features were not copied for the searches"
+    prepared.prepare(src, [tgt])  # again: everything is cached, nothing is computed or copied again
+    assert cached(prepared, src) is smaps and cached(prepared, tgt) is tmaps and len(prepared._priors) == 1
+    assert all(a[1] is b[1] for a, b in zip(copies, smaps._compact.values())), "the source was embedded again"
+    assert not bool(tmaps.ready.any())
     _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]))  # scores <= 1e-5

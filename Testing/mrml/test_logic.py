@@ -26,6 +26,7 @@ from .mrml_helpers import (
     control_points,
     ijk_to_ras,
     load_volume,
+    require,
     set_ijk_to_ras,
     slicer,
     trained_model_available,
@@ -589,6 +590,7 @@ def _first_click(logic, source, click, targets, prepare: bool) -> tuple[float, f
     return prepare_s, time.perf_counter() - started, outputs
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not trained_model_available(), reason="no default model registered (Resources/Models/models.json)")
 def test_first_click_into_three_targets_from_cold_is_measured_and_preparing_ahead_changes_no_match(a_scene, capsys):
     """The first click of a session, a source and 3 targets, default model, nothing cached: its time is measured
@@ -597,7 +599,7 @@ def test_first_click_into_three_targets_from_cold_is_measured_and_preparing_ahea
     ct = DATA / "ct" / "openkbp" / "ct"
     source = load_volume(a_scene, ct / f"{FIRST_CLICK_SOURCE}_ct.nii.gz", FIRST_CLICK_SOURCE)
     targets = [load_volume(a_scene, ct / f"{p}_ct.nii.gz", p) for p in FIRST_CLICK_TARGETS]
-    rows = csv.DictReader((DATA / "ct" / "openkbp" / "oar_centroids.csv").open())
+    rows = csv.DictReader(require(DATA / "ct" / "openkbp" / "oar_centroids.csv").open())
     parotid = next(r for r in rows if r["patient"] == FIRST_CLICK_SOURCE and r["structure"] == "LeftParotid")
     click = add_points(a_scene, [[-float(parotid["x_mm"]), -float(parotid["y_mm"]), float(parotid["z_mm"])]],
                        ["LeftParotid"], name="click")

@@ -44,9 +44,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def propagate_command_options(args):
+    """The options of ``samembed propagate``: the between-patients preset (atlases are other people's annotated
+    scans), then ``--preset`` and the flags given."""
+    from ..cli import match_options_from_args
+
+    return match_options_from_args(args, "between-patients")
+
+
 def run_command(args) -> int:
     """Run ``samembed propagate`` from parsed arguments; returns the exit code."""
-    from ..cli import match_options_from_args
     from .run import propagate, require_dask
     from .settings import Atlas, PropagateSettings
 
@@ -54,7 +61,7 @@ def run_command(args) -> int:
     if not getattr(args, "verbose", False):  # Dask's own INFO lines would drown the progress bar
         for name in ("distributed", "tornado"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    options = match_options_from_args(args, "between-patients")
+    options = propagate_command_options(args)
     atlases = [Atlas(image, points, ras=args.ras) for image, points in args.atlas]
     settings = PropagateSettings(
         model=args.model, device=args.device, modality=args.modality, spacing_mm=args.spacing,
