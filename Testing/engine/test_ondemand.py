@@ -13,11 +13,12 @@ import csv
 import logging
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 
-from samembed import Matcher, MatchOptions
+from samembed import Cancelled, Matcher, MatchOptions
 from samembed.io import read_image
 from samembed.tiles import ENTRY_SUFFIX
 
@@ -179,3 +180,25 @@ def test_prepare_computes_global_maps_priors_and_the_source_only_and_the_match_a
     assert all(a[1] is b[1] for a, b in zip(copies, smaps._compact.values())), "the source was embedded again"
     assert not bool(tmaps.ready.any())
     _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]))  # scores <= 1e-5
+
+
+@pytest.mark.needs_data
+def test_a_prepare_cancelled_while_embedding_the_source_whole_stops_and_leaves_correct_maps(pair):
+    name, src, tgt, pts, _ = pair
+    if name != "openkbp":
+        pytest.skip("one pair is enough")
+    cancel, phases = threading.Event(), []
+
+    def progress(done, total, phase):
+        phases.append(phase)
+        if "whole" in phase:
+            cancel.set()  # as the GUI does when the user picks other volumes mid-way
+
+    prepared = Matcher("default", device="cpu", max_tile_voxels=2_000_000)  # several tiles: a cancel point between
+    with pytest.raises(Cancelled):
+        prepared.prepare(src, [tgt], progress=progress, cancel=cancel)
+    smaps = cached(prepared, src)
+    assert any("whole (the source)" in p for p in phases)
+    assert smaps.ready is not None and not bool(smaps.ready[smaps.search_mask(True)].all()), \
+        "the cancel came too late to stop anything"
+    _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]))
