@@ -9,7 +9,8 @@ training, so the next decision (train longer, change the objective) is taken fro
     python benchmarks/training_curve.py runs/sam-lite-ct-v3 --start Resources/Models/sam-lite-ct.pt --start-cpu-hours 1.25
 
 Results are appended to ``RUN/curve.json`` (a snapshot already evaluated is not evaluated again) and drawn to
-``RUN/curve.png``; ``--out DIR`` also copies both there.
+``RUN/curve.png``; ``--compare OTHER_RUN ...`` draws other runs' curves on the same axes; ``--out DIR`` also copies
+both files there.
 """
 
 from __future__ import annotations
@@ -43,17 +44,21 @@ def evaluate(model: str, cases, options: MatchOptions) -> dict:
             "compact_mean_mm": float(c.mean()) if len(c) else float("nan"), "points": int(len(e))}
 
 
-def plot(curve: list[dict], png: Path) -> None:
+def plot(curve: list[dict], png: Path, others: dict[str, list[dict]] | None = None, name: str = "") -> None:
+    """Error against CPU-hours: this run's curve, and ``others`` (run name -> curve) drawn dashed beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted(curve, key=lambda r: r["cpu_hours"])
-    h = [r["cpu_hours"] for r in pts]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(h, [r["mean_mm"] for r in pts], "o-", label="all structures, mean")
-    ax.plot(h, [r["compact_mean_mm"] for r in pts], "s-", label="compact organs, mean")
+    for n, (run, rows) in enumerate([(name, curve), *sorted((others or {}).items())]):
+        pts = sorted(rows, key=lambda r: r["cpu_hours"])
+        h = [r["cpu_hours"] for r in pts]
+        tag, style = (f"{run}: " if others else ""), ("-" if n == 0 else "--")
+        ax.plot(h, [r["mean_mm"] for r in pts], "o" + style, color=f"C{2 * n}", label=f"{tag}all structures, mean")
+        ax.plot(h, [r["compact_mean_mm"] for r in pts], "s" + style, color=f"C{2 * n + 1}",
+                label=f"{tag}compact organs, mean")
     ax.axhline(10.0, color="grey", ls="--", lw=1, label="target: compact organs <= 10 mm (one atlas)")
     ax.set_xlabel("training, CPU-hours (cumulative, 1 thread)")
     ax.set_ylabel("error, mm (openkbp_inter dev pairs)")
@@ -73,6 +78,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", help="the shared data folder (default ../shared/data)")
     ap.add_argument("--out", help="also copy curve.json and curve.png here")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="RUN",
+                    help="other run folders whose curve.json is drawn beside this run's (same axes, dashed)")
     args = ap.parse_args()
     import torch
 
@@ -98,7 +105,9 @@ def main() -> int:
         curve_file.write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
         print(f"{Path(model).name}: {hours:.2f} CPU-h, mean {row['mean_mm']:.1f} mm, compact {row['compact_mean_mm']:.1f} mm, "
               f"within 10 mm {100 * row['within_10mm']:.0f} %", flush=True)
-    plot(curve, run / "curve.png")
+    others = {Path(o).name: json.loads((Path(o) / "curve.json").read_text()) for o in args.compare
+              if (Path(o) / "curve.json").is_file()}
+    plot(curve, run / "curve.png", others, run.name)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for name in ("curve.json", "curve.png"):
