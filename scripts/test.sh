@@ -10,5 +10,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # lint first (pyproject.toml [tool.ruff.lint]: pycodestyle, pyflakes, isort, bugbear, pyupgrade, pytest, simplify)
 python -m ruff check .
 # the tests, plus the docstrings' examples (doctests) of the engine and of the benchmark package
-python -m pytest -q -rs Testing "$@"
+python -m pytest -q -rs --durations=15 Testing "$@"   # the 15 slowest tests: where CI time goes
 python -m pytest -q --doctest-modules SAMEmbedding/samembed benchmarks/samembed_bench
