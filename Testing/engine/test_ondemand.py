@@ -111,10 +111,9 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)  # one pair is enough for the disk format
 def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_cache, tmp_path, caplog):
     name, src, tgt, pts, _ = pair
-    if name != "openkbp":
-        pytest.skip("one pair is enough for the disk format")
     # a whole 128^3 CT (the reference embedded both images whole): body voxels only, half precision
     sizes = [p.stat().st_size for p in (whole_cache / name).glob(f"*{ENTRY_SUFFIX}")]
     assert len(sizes) == 2 and max(sizes) <= 40e6, sizes
@@ -157,10 +156,9 @@ def test_the_help_and_cache_info_do_not_import_torch(tmp_path):
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)  # a pair with a trustworthy prior; one is enough
 def test_prepare_computes_global_maps_priors_and_the_source_only_and_the_match_after_it_is_unchanged(pair):
     name, src, tgt, pts, _ = pair
-    if name != "openkbp":
-        pytest.skip("one pair is enough: prepare runs the same embedding code as a match")
     prepared = Matcher("default", device="cpu")
     timings = prepared.prepare(src, [tgt])
     assert set(timings) == {"embed_s", "prior_s", "whole_s", "total_s", "targets_without_prior"}
@@ -183,10 +181,9 @@ def test_prepare_computes_global_maps_priors_and_the_source_only_and_the_match_a
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)  # one pair is enough
 def test_a_prepare_cancelled_while_embedding_the_source_whole_stops_and_leaves_correct_maps(pair):
     name, src, tgt, pts, _ = pair
-    if name != "openkbp":
-        pytest.skip("one pair is enough")
     cancel, phases = threading.Event(), []
 
     def progress(done, total, phase):
@@ -194,7 +191,7 @@ def test_a_prepare_cancelled_while_embedding_the_source_whole_stops_and_leaves_c
         if "whole" in phase:
             cancel.set()  # as the GUI does when the user picks other volumes mid-way
 
-    prepared = Matcher("default", device="cpu", max_tile_voxels=2_000_000)  # several tiles: a cancel point between
+    prepared = Matcher("default", device="cpu")  # a cancel point before each tile of the whole map
     with pytest.raises(Cancelled):
         prepared.prepare(src, [tgt], progress=progress, cancel=cancel)
     smaps = cached(prepared, src)
