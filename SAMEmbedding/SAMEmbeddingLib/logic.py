@@ -379,12 +379,17 @@ class MatchLogic:
                 targets.append(node)
         return targets
 
-    def _validate(self, sourceVolume, sourcePointList, targetVolumes: list, pointIndices):
+    @staticmethod
+    def _validateVolumes(sourceVolume, targetVolumes: list) -> None:
+        """The source and at least one target are volumes with voxels (``InputError`` says which is not)."""
         mrml_io.check_volume_node(sourceVolume, "source volume")
         if not targetVolumes:
             raise InputError("no target volume selected; check at least one target volume")
         for target in targetVolumes:
             mrml_io.check_volume_node(target, "target volume")
+
+    def _validate(self, sourceVolume, sourcePointList, targetVolumes: list, pointIndices):
+        self._validateVolumes(sourceVolume, targetVolumes)
         mrml_io.check_point_list(sourcePointList)
         if pointIndices is None:
             pointIndices = mrml_io.defined_point_indices(sourcePointList)
@@ -430,12 +435,8 @@ class MatchLogic:
     # -- preparing: the first click's head start ---------------------------------------------
     def _imagesToPrepare(self, sourceVolume, targetVolumes: Sequence) -> tuple[Image, list[Image]]:
         """The source and the live targets as engine images (main thread); bad volumes raise ``InputError``."""
-        mrml_io.check_volume_node(sourceVolume, "source volume")
         targets = self.liveTargets(targetVolumes)
-        if not targets:
-            raise InputError("no target volume selected; check at least one target volume")
-        for target in targets:
-            mrml_io.check_volume_node(target, "target volume")
+        self._validateVolumes(sourceVolume, targets)
         _checkSameDimension(sourceVolume, targets)
         return self.imageForVolume(sourceVolume), [self.imageForVolume(t) for t in targets]
 

@@ -185,9 +185,7 @@ class Matcher:
                 raise Cancelled(f"preparing cancelled after {i} of {len(images)} images")
             if progress:
                 progress(i, len(images), f"preparing {Path(image.name).name}")
-            if image.ndim != src.ndim:
-                raise InputError(f"{image.name}: a {image.ndim}D target cannot be matched with the {src.ndim}D "
-                                 f"source {src.name}; use images of the same dimension")
+            _check_same_dimension(src, image, image.name)
             maps.append(self.embedder_for(image.ndim).embed(image, cancel=cancel, on_demand=True))
         t1 = time.time()
         whole = [maps[0]] + [tmaps for tmaps in maps[1:] if self._prior(maps[0], tmaps) is None]
@@ -199,11 +197,12 @@ class Matcher:
             if progress:
                 why = "the source" if n == 0 else "no reliable affine prior"
                 progress(len(images) - 1, len(images), f"embedding {Path(m.image_name).name} whole ({why})")
+            searched = m.search_mask(True)
             try:
-                m.ensure_all(m.search_mask(True), cancel=cancel)
+                m.ensure_all(searched, cancel=cancel)
             finally:
                 embedder.settle(m)  # also the tiles finished before a cancel
-            m.compact_features(m.search_mask(True))  # the searches' copy, made once here
+            m.compact_features(searched)  # the searches' copy, made once here
         if progress:
             progress(len(images), len(images), "prepared")
         return {"embed_s": t1 - t0, "prior_s": t2 - t1, "whole_s": time.time() - t2, "total_s": time.time() - t0,
@@ -366,9 +365,7 @@ class Matcher:
         given = inputs.names[ti]
         tgt = as_image(target, given or f"target{ti}", self.spacing_mm)
         name = given or (str(target) if isinstance(target, (str, os.PathLike)) else tgt.name)
-        if tgt.ndim != inputs.source.ndim:
-            raise InputError(f"{name}: a {tgt.ndim}D target cannot be matched with the {inputs.source.ndim}D source "
-                             f"{inputs.source.name}; use images of the same dimension")
+        _check_same_dimension(inputs.source, tgt, name)
         return tgt, name
 
     def _search_region(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps, options: MatchOptions,
@@ -490,6 +487,13 @@ class Matcher:
     def cache_bytes(self) -> int:
         """Bytes of embeddings held in memory."""
         return self.cache.nbytes
+
+
+def _check_same_dimension(source: Image, target: Image, name: str) -> None:
+    """Raise :class:`InputError` naming ``name`` when ``target`` is 2D and ``source`` 3D, or the reverse."""
+    if target.ndim != source.ndim:
+        raise InputError(f"{name}: a {target.ndim}D target cannot be matched with the {source.ndim}D source "
+                         f"{source.name}; use images of the same dimension")
 
 
 def default_device() -> torch.device:
