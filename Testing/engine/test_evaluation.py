@@ -335,3 +335,34 @@ def test_target_checks_judge_error_and_speed_and_show_a_slow_suite():
     # 10 s vs 0.55 s over all pairs is 18 x; popi alone is 10 x, openkbp 100 x
     assert "18 × faster over all pairs (target ≥ 20 ×) → NOT met" in lines
     assert "openkbp_inter 100 ×, popi_synthetic 10 × (below 20 ×)" in lines
+
+
+def _gate_cases() -> list[Case]:
+    organs = ["Brainstem", "Mandible", "SpinalCord"]
+    pts = np.zeros((3, 3))
+    return [Case("openkbp_inter", f"p{n}", "a.nii.gz", "b.nii.gz", organs, pts, pts) for n in range(4)] + [
+        Case("popi_synthetic", "w0", "a.nii.gz", "b.nii.gz", ["L1", "L2"], pts[:2], pts[:2])]
+
+
+def test_the_model_gate_ships_only_a_candidate_better_between_patients_and_not_worse_on_the_same_patient():
+    from samembed_bench.gate import compare, verdict
+
+    cases = _gate_cases()
+    shipped = {**{f"openkbp_inter/p{n}": [12.0, 14.0, 30.0] for n in range(4)}, "popi_synthetic/w0": [1.0, 1.2]}
+    better = {**{f"openkbp_inter/p{n}": [9.0, 11.0, 29.0] for n in range(4)}, "popi_synthetic/w0": [1.05, 1.2]}
+    rows = compare(cases, shipped, better)
+    by = {(r["suite"], r["group"]): r for r in rows}
+    assert by["openkbp_inter", "compact organs"]["points"] == 8  # the spinal cord is left out of the compact group
+    assert by["openkbp_inter", "compact organs"]["diff_mean"] == pytest.approx(-3.0)
+    lo, hi = by["openkbp_inter", "compact organs"]["diff_ci"]
+    assert lo <= -3.0 <= hi
+    assert verdict(rows)[0]
+
+    # the same candidate, 0.3 mm worse on the same-patient suite (limit: 1.1 + 0.1 mm): refused, and said why
+    worse_popi = {**better, "popi_synthetic/w0": [1.4, 1.4]}
+    ok, reasons = verdict(compare(cases, shipped, worse_popi))
+    assert not ok and any("popi_synthetic" in r and "over" in r for r in reasons)
+
+    # better on the compact organs but worse on all structures together: refused
+    mixed = {**better, **{f"openkbp_inter/p{n}": [9.0, 11.0, 40.0] for n in range(4)}}
+    assert not verdict(compare(cases, shipped, mixed))[0]

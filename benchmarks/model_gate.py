@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Ship gate for a new default CT model: a candidate against the shipped model on every case of the dev suites.
+
+Issue 14 ships a new default only when it beats the current one on the dev suites and loses on none. This
+benchmark runs both models with the settings a user gets for each suite and writes one side-by-side report:
+
+- ``openkbp_inter`` (organ centroids between different patients) with the ``between-patients`` preset; judged on
+  the compact organs (brainstem, parotids, mandible) and on all structures;
+- ``popi_synthetic`` and ``lidc_synthetic`` (same patient, warped) with the ``same-patient`` preset.
+
+Verdict, written into the report:
+
+- *beats*: on ``openkbp_inter`` both the compact-organ mean and the all-structures mean are lower;
+- *loses on none*: on every suite the candidate's mean is at most the shipped mean + max(0.1 mm, 5 %).
+
+The paired difference (candidate - shipped, per point) is given with a 95 % bootstrap interval, so a win that is
+within noise shows as such. Results per (model, suite, case) are cached in ``--cache`` (a model id carries its
+weights' hash), so the shipped model's side is computed once.
+
+    OMP_NUM_THREADS=1 python benchmarks/model_gate.py runs/sam-lite-ct-v3-semantic/snapshots/it_001000.pt
+
+The hand radiographs are matched by the separate 2D model, which a CT candidate does not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SAMEmbedding"))
+
+from samembed_bench.cases import read_cases  # noqa: E402
+from samembed_bench.gate import SUITE_PRESETS, compare, model_errors, verdict  # noqa: E402
+from samembed_bench.suites import build_suites  # noqa: E402
+
+from samembed.errors import InputError  # noqa: E402
+
+
+def report(rows: list[dict], ok: bool, reasons: list[str], models: tuple[str, str], command: str) -> str:
+    """The markdown report."""
+    lines = [f"# Model gate: `{models[1]}` against the shipped `{models[0]}`", "",
+             f"- date: {dt.datetime.now():%Y-%m-%d %H:%M}", f"- command: `{command}`",
+             "- settings per suite: " + ", ".join(f"{s} `{SUITE_PRESETS[s]}`" for s in dict.fromkeys(r["suite"] for r in rows)),
+             f"- verdict: **{'ship' if ok else 'do not ship'}**", *[f"  - {r}" for r in reasons], "",
+             "| suite | structures | points | shipped mean mm | candidate mean mm | shipped median | candidate median "
+             "| shipped ≤ 10 mm | candidate ≤ 10 mm | paired diff mm (95 % CI) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lo, hi = r["diff_ci"]
+        lines.append(f"| {r['suite']} | {r['group']} | {r['points']} | {r['shipped_mean']:.2f} | "
+                     f"{r['candidate_mean']:.2f} | {r['shipped_median']:.2f} | {r['candidate_median']:.2f} | "
+                     f"{100 * r['shipped_within_10']:.0f} % | {100 * r['candidate_within_10']:.0f} % | "
+                     f"{r['diff_mean']:+.2f} ({lo:+.2f} .. {hi:+.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("candidate", help="candidate checkpoint (.pt) or model name")
+    ap.add_argument("--shipped", default="default", help="the model to beat (default: the shipped default)")
+    ap.add_argument("--suites", default=",".join(SUITE_PRESETS), help="comma-separated dev suites")
+    ap.add_argument("--limit", type=int, default=None, help="at most N cases per suite (a quick look, not a gate)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data", help="the shared data folder (default ../shared/data)")
+    ap.add_argument("--suite-dir", default=str(REPO / "cache" / "suites"))
+    ap.add_argument("--cache", default=str(REPO / "cache" / "gate"), help="per-model results (not committed)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--stem", default=None, help="report name (default: gate_<candidate name>)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+        unknown = [s for s in suites if s not in SUITE_PRESETS]
+        if unknown:
+            raise InputError(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITE_PRESETS)}")
+        files = build_suites(args.suite_dir, suites, data=args.data)
+        cases = [c for s in suites for c in read_cases(files[s])[: args.limit]]
+        cache = Path(args.cache)
+        cache.mkdir(parents=True, exist_ok=True)
+        base_id, base = model_errors(args.shipped, cases, cache)
+        cand_id, cand = model_errors(args.candidate, cases, cache)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = compare(cases, base, cand)
+    ok, reasons = verdict(rows)
+    command = "python benchmarks/model_gate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(rows, ok, reasons, (base_id, cand_id), command)
+    if args.limit:
+        text = text.replace("- verdict:", f"- only the first {args.limit} cases per suite: not a gate\n- verdict:")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.stem or f"gate_{Path(args.candidate).stem}"
+    path = out / f"{stem}.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    print(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The ship gate of a new default CT model (issue 14): run two models on the dev suites and compare them.
+
+``benchmarks/model_gate.py`` is the command; this module holds the parts: per-case errors (cached per model id),
+the side-by-side comparison with a paired bootstrap interval, and the verdict.
+
+- *beats*: on ``openkbp_inter`` (between patients, ``between-patients`` preset) both the compact-organ mean and the
+  all-structures mean are lower;
+- *loses on none*: on every same-patient suite (``same-patient`` preset) the candidate's mean is at most the
+  shipped mean + max(0.1 mm, 5 %).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from samembed import Matcher, MatchOptions
+
+from .cases import Case
+from .suites import COMPACT_STRUCTURES
+
+log = logging.getLogger(__name__)
+
+#: the preset a user gets on each dev suite
+SUITE_PRESETS = {"openkbp_inter": "between-patients", "popi_synthetic": "same-patient",
+                 "lidc_synthetic": "same-patient"}
+TOLERANCE_MM, TOLERANCE_REL = 0.1, 0.05
+
+
+def case_errors(matcher: Matcher, case: Case, options: MatchOptions) -> list[float]:
+    """Per-query error (mm) of one case."""
+    res = matcher.match(str(case.source), case.query_points_lps_mm, [str(case.target)], list(case.labels), options)
+    pred = np.array([m.point_lps_mm for m in res.matches], dtype=np.float64)
+    return np.linalg.norm(pred - case.truth_points_lps_mm, axis=1).tolist()
+
+
+def model_errors(model: str, cases: list[Case], cache: Path) -> tuple[str, dict[str, list[float]]]:
+    """Errors (mm) per case key for one model, reading and extending the cache file of its model id."""
+    matcher = Matcher(model, device="cpu")
+    model_id = matcher.model.model_id
+    path = cache / f"{model_id.replace('/', '_')}.json"
+    done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    for n, case in enumerate(cases, 1):
+        key = f"{case.suite}/{case.case_id}/{SUITE_PRESETS[case.suite]}"
+        if key not in done:
+            done[key] = case_errors(matcher, case, MatchOptions.preset(SUITE_PRESETS[case.suite]))
+            matcher.clear_cache()
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done), encoding="utf-8")
+            tmp.replace(path)
+        log.info("%s [%d/%d] %s: mean %.1f mm", model_id, n, len(cases), key, float(np.mean(done[key])))
+    return model_id, {f"{c.suite}/{c.case_id}": done[f"{c.suite}/{c.case_id}/{SUITE_PRESETS[c.suite]}"]
+                      for c in cases}
+
+
+def bootstrap_ci(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the mean of ``diff``."""
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def compare(cases: list[Case], base: dict[str, list[float]], cand: dict[str, list[float]]) -> list[dict]:
+    """One row per (suite, structure group): both models' mean / median / share within 10 mm and the paired
+    difference with its bootstrap interval."""
+    rows = []
+    for suite in dict.fromkeys(c.suite for c in cases):
+        groups = [("all", None)] + ([("compact organs", COMPACT_STRUCTURES)] if suite == "openkbp_inter" else [])
+        for group, labels in groups:
+            b, c = [], []
+            for case in (k for k in cases if k.suite == suite):
+                key = f"{case.suite}/{case.case_id}"
+                keep = [labels is None or lab in labels for lab in case.labels]
+                b += [e for e, k in zip(base[key], keep) if k]
+                c += [e for e, k in zip(cand[key], keep) if k]
+            b, c = np.array(b), np.array(c)
+            lo, hi = bootstrap_ci(c - b)
+            rows.append({"suite": suite, "group": group, "points": len(b),
+                         "shipped_mean": float(b.mean()), "candidate_mean": float(c.mean()),
+                         "shipped_median": float(np.median(b)), "candidate_median": float(np.median(c)),
+                         "shipped_within_10": float(np.mean(b <= 10)), "candidate_within_10": float(np.mean(c <= 10)),
+                         "diff_mean": float((c - b).mean()), "diff_ci": (lo, hi)})
+    return rows
+
+
+def verdict(rows: list[dict]) -> tuple[bool, list[str]]:
+    """Whether the candidate may ship, and the reasons (see the module docstring)."""
+    reasons, ok = [], True
+    for r in rows:
+        if r["suite"] == "openkbp_inter":
+            better = r["candidate_mean"] < r["shipped_mean"]
+            ok &= better
+            reasons.append(f"openkbp_inter {r['group']}: {r['candidate_mean']:.2f} vs {r['shipped_mean']:.2f} mm "
+                           f"({'lower' if better else 'not lower'})")
+        elif r["group"] == "all":
+            limit = r["shipped_mean"] + max(TOLERANCE_MM, TOLERANCE_REL * r["shipped_mean"])
+            fine = r["candidate_mean"] <= limit
+            ok &= fine
+            reasons.append(f"{r['suite']}: {r['candidate_mean']:.2f} vs {r['shipped_mean']:.2f} mm "
+                           f"({'within' if fine else 'over'} the {limit:.2f} mm limit)")
+    return ok, reasons
+
+
