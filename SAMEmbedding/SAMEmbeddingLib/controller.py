@@ -336,7 +336,14 @@ class MatchController:
 
     @property
     def busy(self) -> bool:
+        """The worker has work or undelivered results (keep polling while this holds)."""
         return self.worker.busy
+
+    @property
+    def matching(self) -> bool:
+        """A match or "propagate all" is queued or running. Preparing ahead does not count: a user's job started
+        during it is queued behind it (and then only searches), so buttons stay enabled."""
+        return self._othersPending()
 
     def poll(self) -> None:
         """Deliver the worker's results (call from the main thread's timer)."""

@@ -181,8 +181,7 @@ class MatchWidget(VTKObservationMixin):
     def _checkCanApply(self) -> None:
         p = self._parameterNode
         ok, reason = self.controller.canMatch()
-        busy = self.controller.busy
-        self.ui.propagateButton.enabled = ok and not busy
+        self.ui.propagateButton.enabled = ok and not self.controller.matching
         self.ui.propagateButton.toolTip = _("Match every landmark into every target.") if ok else reason
         self.ui.placeWidget.enabled = bool(p and p.sourceVolume and p.sourcePoints)
         self.ui.exportButton.enabled = bool(p and p.sourcePoints and self.logic.core.outputPointLists(p.sourcePoints))
@@ -295,12 +294,13 @@ class MatchWidget(VTKObservationMixin):
 
     def _poll(self) -> None:
         self.controller.poll()
-        if not self.controller.busy:
-            self._pollTimer.stop()
+        if not self.controller.matching:  # preparing ahead may go on: the user's buttons are back
             self.ui.progressBar.visible = False
             self.ui.cancelButton.visible = False
-            self._updateCacheLabel()
             self._checkCanApply()
+        if not self.controller.busy:
+            self._pollTimer.stop()
+            self._updateCacheLabel()
 
     def _setStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text

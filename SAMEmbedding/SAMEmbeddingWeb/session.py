@@ -312,7 +312,8 @@ class MatchSession:
 
     @property
     def busy(self) -> bool:
-        return self.controller.busy
+        """A match or "propagate all" is queued or running (preparing the volumes ahead does not count)."""
+        return self.controller.matching
 
     def poll(self) -> None:
         """Deliver the worker's results into MRML (call from the server's event loop)."""

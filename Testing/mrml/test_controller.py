@@ -233,6 +233,8 @@ def test_choosing_the_volumes_prepares_them_once_and_the_click_after_it_matches_
     h.controller.parametersModified()
     task = h.controller.prepareTask
     assert task is not None and h.status[-1].startswith("Preparing 2 volume(s)")
+    # preparing keeps the worker busy (polling goes on) but is no user's job: "propagate all" stays enabled
+    assert h.controller.busy and not h.controller.matching
     assert h.settle() == [] and task.state == "done" and h.errors == []
     assert h.status[-1].startswith("Ready: volumes prepared")
     matcher = h.logic.getMatcher()
@@ -243,7 +245,9 @@ def test_choosing_the_volumes_prepares_them_once_and_the_click_after_it_matches_
     assert h.controller.prepareTask is task
 
     points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (64, 70, 10))), "L1")  # the first click
+    assert h.controller.matching
     assert h.settle() == [[0]]
+    assert not h.controller.matching and not h.controller.busy
     prepared = _matched(h.logic, points, target)[1]
     cold = MatchLogic(a_scene, matcher=Matcher(model="random:sam-lite", device="cpu")).matchPoints(
         a_small_ct, points, [target], options=matchOptionsFromParameters(parameters))
