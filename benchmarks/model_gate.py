@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
 from samembed_bench.cases import read_cases  # noqa: E402
-from samembed_bench.gate import SUITE_PRESETS, compare, model_errors, verdict  # noqa: E402
+from samembed_bench.gate import SUITE_PRESETS, compare, model_offsets, verdict  # noqa: E402
 from samembed_bench.suites import build_suites  # noqa: E402
 
 from samembed.errors import InputError  # noqa: E402
@@ -55,6 +55,10 @@ def report(rows: list[dict], ok: bool, reasons: list[str], models: tuple[str, st
                      f"{r['candidate_mean']:.2f} | {r['shipped_median']:.2f} | {r['candidate_median']:.2f} | "
                      f"{100 * r['shipped_within_10']:.0f} % | {100 * r['candidate_within_10']:.0f} % | "
                      f"{r['diff_mean']:+.2f} ({lo:+.2f} .. {hi:+.2f}) |")
+    lines += ["", "Mean absolute offset from the truth along each axis, mm (L-R / A-P / S-I), shipped → candidate:", ""]
+    lines += [f"- {r['suite']}, {r['group']}: " + ", ".join(
+        f"{axis} {s:.1f} → {c:.1f}" for axis, s, c in zip(("L-R", "A-P", "S-I"), r["shipped_axes"], r["candidate_axes"]))
+        for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -84,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for s in suites for c in read_cases(files[s])[: args.limit]]
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)
-        base_id, base = model_errors(args.shipped, cases, cache)
-        cand_id, cand = model_errors(args.candidate, cases, cache)
+        base_id, base = model_offsets(args.shipped, cases, cache)
+        cand_id, cand = model_offsets(args.candidate, cases, cache)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

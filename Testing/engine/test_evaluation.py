@@ -344,25 +344,36 @@ def _gate_cases() -> list[Case]:
         Case("popi_synthetic", "w0", "a.nii.gz", "b.nii.gz", ["L1", "L2"], pts[:2], pts[:2])]
 
 
+def _offsets(openkbp_errors_mm, popi_errors_mm) -> dict[str, np.ndarray]:
+    """Match offsets from the truth along S-I only, with these errors (mm), per case key."""
+    out = {}
+    if openkbp_errors_mm is not None:
+        out.update({f"openkbp_inter/p{n}": np.array([[0.0, 0.0, e] for e in openkbp_errors_mm]) for n in range(4)})
+    if popi_errors_mm is not None:
+        out["popi_synthetic/w0"] = np.array([[0.0, 0.0, e] for e in popi_errors_mm])
+    return out
+
+
 def test_the_model_gate_ships_only_a_candidate_better_between_patients_and_not_worse_on_the_same_patient():
     from samembed_bench.gate import compare, verdict
 
     cases = _gate_cases()
-    shipped = {**{f"openkbp_inter/p{n}": [12.0, 14.0, 30.0] for n in range(4)}, "popi_synthetic/w0": [1.0, 1.2]}
-    better = {**{f"openkbp_inter/p{n}": [9.0, 11.0, 29.0] for n in range(4)}, "popi_synthetic/w0": [1.05, 1.2]}
+    shipped = _offsets([12.0, 14.0, 30.0], [1.0, 1.2])
+    better = _offsets([9.0, 11.0, 29.0], [1.05, 1.2])
     rows = compare(cases, shipped, better)
     by = {(r["suite"], r["group"]): r for r in rows}
     assert by["openkbp_inter", "compact organs"]["points"] == 8  # the spinal cord is left out of the compact group
     assert by["openkbp_inter", "compact organs"]["diff_mean"] == pytest.approx(-3.0)
     lo, hi = by["openkbp_inter", "compact organs"]["diff_ci"]
     assert lo <= -3.0 <= hi
+    assert by["openkbp_inter", "compact organs"]["candidate_axes"] == pytest.approx([0.0, 0.0, 10.0])  # all S-I
     assert verdict(rows)[0]
 
     # the same candidate, 0.3 mm worse on the same-patient suite (limit: 1.1 + 0.1 mm): refused, and said why
-    worse_popi = {**better, "popi_synthetic/w0": [1.4, 1.4]}
+    worse_popi = {**better, **_offsets(None, [1.4, 1.4])}
     ok, reasons = verdict(compare(cases, shipped, worse_popi))
     assert not ok and any("popi_synthetic" in r and "over" in r for r in reasons)
 
     # better on the compact organs but worse on all structures together: refused
-    mixed = {**better, **{f"openkbp_inter/p{n}": [9.0, 11.0, 40.0] for n in range(4)}}
+    mixed = {**better, **_offsets([9.0, 11.0, 40.0], None)}
     assert not verdict(compare(cases, shipped, mixed))[0]

@@ -30,15 +30,16 @@ SUITE_PRESETS = {"openkbp_inter": "between-patients", "popi_synthetic": "same-pa
 TOLERANCE_MM, TOLERANCE_REL = 0.1, 0.05
 
 
-def case_errors(matcher: Matcher, case: Case, options: MatchOptions) -> list[float]:
-    """Per-query error (mm) of one case."""
+def case_offsets(matcher: Matcher, case: Case, options: MatchOptions) -> list[list[float]]:
+    """Per-query offset of the match from the truth, (N, 3) LPS mm (its norm is the error)."""
     res = matcher.match(str(case.source), case.query_points_lps_mm, [str(case.target)], list(case.labels), options)
     pred = np.array([m.point_lps_mm for m in res.matches], dtype=np.float64)
-    return np.linalg.norm(pred - case.truth_points_lps_mm, axis=1).tolist()
+    return np.round(pred - case.truth_points_lps_mm, 4).tolist()
 
 
-def model_errors(model: str, cases: list[Case], cache: Path) -> tuple[str, dict[str, list[float]]]:
-    """Errors (mm) per case key for one model, reading and extending the cache file of its model id."""
+def model_offsets(model: str, cases: list[Case], cache: Path) -> tuple[str, dict[str, np.ndarray]]:
+    """Offsets (N, 3) LPS mm of the matches from the truth per case key (``suite/case_id``) for one model,
+    reading and extending the cache file of its model id (written after every case: a stopped run loses little)."""
     matcher = Matcher(model, device="cpu")
     model_id = matcher.model.model_id
     path = cache / f"{model_id.replace('/', '_')}.json"
@@ -46,13 +47,14 @@ def model_errors(model: str, cases: list[Case], cache: Path) -> tuple[str, dict[
     for n, case in enumerate(cases, 1):
         key = f"{case.suite}/{case.case_id}/{SUITE_PRESETS[case.suite]}"
         if key not in done:
-            done[key] = case_errors(matcher, case, MatchOptions.preset(SUITE_PRESETS[case.suite]))
+            done[key] = case_offsets(matcher, case, MatchOptions.preset(SUITE_PRESETS[case.suite]))
             matcher.clear_cache()
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(done), encoding="utf-8")
             tmp.replace(path)
-        log.info("%s [%d/%d] %s: mean %.1f mm", model_id, n, len(cases), key, float(np.mean(done[key])))
-    return model_id, {f"{c.suite}/{c.case_id}": done[f"{c.suite}/{c.case_id}/{SUITE_PRESETS[c.suite]}"]
+        log.info("%s [%d/%d] %s: mean %.1f mm", model_id, n, len(cases), key,
+                 float(np.linalg.norm(done[key], axis=1).mean()))
+    return model_id, {f"{c.suite}/{c.case_id}": np.asarray(done[f"{c.suite}/{c.case_id}/{SUITE_PRESETS[c.suite]}"])
                       for c in cases}
 
 
@@ -63,26 +65,29 @@ def bootstrap_ci(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[fl
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def compare(cases: list[Case], base: dict[str, list[float]], cand: dict[str, list[float]]) -> list[dict]:
-    """One row per (suite, structure group): both models' mean / median / share within 10 mm and the paired
-    difference with its bootstrap interval."""
+def compare(cases: list[Case], base: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> list[dict]:
+    """One row per (suite, structure group): both models' mean / median / share within 10 mm, the paired
+    difference of the errors with its bootstrap interval, and the mean absolute offset along each LPS axis (mm).
+
+    ``base`` and ``cand`` map ``suite/case_id`` to the (N, 3) LPS mm offsets of the matches from the truth."""
     rows = []
     for suite in dict.fromkeys(c.suite for c in cases):
         groups = [("all", None)] + ([("compact organs", COMPACT_STRUCTURES)] if suite == "openkbp_inter" else [])
         for group, labels in groups:
             b, c = [], []
             for case in (k for k in cases if k.suite == suite):
-                key = f"{case.suite}/{case.case_id}"
-                keep = [labels is None or lab in labels for lab in case.labels]
-                b += [e for e, k in zip(base[key], keep) if k]
-                c += [e for e, k in zip(cand[key], keep) if k]
-            b, c = np.array(b), np.array(c)
-            lo, hi = bootstrap_ci(c - b)
-            rows.append({"suite": suite, "group": group, "points": len(b),
-                         "shipped_mean": float(b.mean()), "candidate_mean": float(c.mean()),
-                         "shipped_median": float(np.median(b)), "candidate_median": float(np.median(c)),
-                         "shipped_within_10": float(np.mean(b <= 10)), "candidate_within_10": float(np.mean(c <= 10)),
-                         "diff_mean": float((c - b).mean()), "diff_ci": (lo, hi)})
+                keep = np.array([labels is None or lab in labels for lab in case.labels])
+                b.append(np.asarray(base[case.key], dtype=np.float64).reshape(-1, 3)[keep])
+                c.append(np.asarray(cand[case.key], dtype=np.float64).reshape(-1, 3)[keep])
+            bo, co = np.concatenate(b), np.concatenate(c)
+            be, ce = np.linalg.norm(bo, axis=1), np.linalg.norm(co, axis=1)
+            lo, hi = bootstrap_ci(ce - be)
+            rows.append({"suite": suite, "group": group, "points": len(be),
+                         "shipped_mean": float(be.mean()), "candidate_mean": float(ce.mean()),
+                         "shipped_median": float(np.median(be)), "candidate_median": float(np.median(ce)),
+                         "shipped_within_10": float(np.mean(be <= 10)), "candidate_within_10": float(np.mean(ce <= 10)),
+                         "diff_mean": float((ce - be).mean()), "diff_ci": (lo, hi),
+                         "shipped_axes": np.abs(bo).mean(0).tolist(), "candidate_axes": np.abs(co).mean(0).tolist()})
     return rows
 
 
