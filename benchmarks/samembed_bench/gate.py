@@ -1,7 +1,8 @@
 """The ship gate of a new default CT model (issue 14): run two models on the dev suites and compare them.
 
-``benchmarks/model_gate.py`` is the command; this module holds the parts: per-case errors (cached per model id),
-the side-by-side comparison with a paired bootstrap interval, and the verdict.
+``benchmarks/model_gate.py`` is the command; this module holds the parts: per-case match offsets from
+the truth (cached per model id; a case is keyed by suite, case id and preset), the side-by-side comparison with a
+paired bootstrap interval, and the verdict.
 
 - *beats*: on ``openkbp_inter`` (between patients, ``between-patients`` preset) both the compact-organ mean and the
   all-structures mean are lower;
