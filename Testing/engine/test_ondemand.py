@@ -80,10 +80,15 @@ def cached(matcher: Matcher, image):
     return emb.cache.get(emb.key(image))
 
 
-def _same(a, b, tol_score: float = 1e-5) -> None:
+#: how far a polished match may move (mm) when the SAM match it starts from differs by float rounding
+POLISHED_MM = 1e-3
+
+
+def _same(a, b, tol_score: float = 1e-5, tol_mm: float = 1e-4) -> None:
+    """The same matched voxel and sub-voxel fit (within ``tol_mm``), scores within ``tol_score``."""
     pa = np.array([m.point_lps_mm for m in a.matches])
     pb = np.array([m.point_lps_mm for m in b.matches])
-    np.testing.assert_allclose(pa, pb, atol=1e-4, rtol=0)  # the same voxel and the same sub-voxel fit
+    np.testing.assert_allclose(pa, pb, atol=tol_mm, rtol=0)
     np.testing.assert_allclose([m.score for m in a.matches], [m.score for m in b.matches], atol=tol_score, rtol=0)
     assert [m.confident for m in a.matches] == [m.confident for m in b.matches]
 
@@ -100,7 +105,9 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
     _same(miss, od.match(src, pts, [tgt], options=PURE), tol_score=0.0)
     if tiles is not None:
         assert tiles.tiles_computed == computed, "the second match recomputed tiles"
-    _same(whole.match(src, pts, [tgt]), od.match(src, pts, [tgt]))  # with the polish (the default)
+    # with the polish (the default): its NCC optimum on the original voxels moves by ~1e-4 mm when its start moves
+    # by float rounding (on-demand tiles and the whole map differ by ~1e-7), so 1e-3 mm (1/2000 of a voxel) here
+    _same(whole.match(src, pts, [tgt]), od.match(src, pts, [tgt]), tol_mm=POLISHED_MM)
     tmaps = cached(od, tgt)
     if name == "openkbp":  # organs a few cm apart: their windows cover part of the target only
         assert not tmaps.complete, f"{name}: a few points should not need the whole target's local map"
@@ -177,7 +184,8 @@ def test_prepare_computes_global_maps_priors_and_the_source_only_and_the_match_a
     assert cached(prepared, src) is smaps and cached(prepared, tgt) is tmaps and len(prepared._priors) == 1
     assert all(a[1] is b[1] for a, b in zip(copies, smaps._compact.values())), "the source was embedded again"
     assert not bool(tmaps.ready.any())
-    _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]))  # scores <= 1e-5
+    _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]),  # scores <= 1e-5
+          tol_mm=POLISHED_MM)  # the default polishes (see the on-demand test)
 
 
 @pytest.mark.needs_data
@@ -198,4 +206,4 @@ def test_a_prepare_cancelled_while_embedding_the_source_whole_stops_and_leaves_c
     assert any("whole (the source)" in p for p in phases)
     assert smaps.ready is not None and not bool(smaps.ready[smaps.search_mask(True)].all()), \
         "the cancel came too late to stop anything"
-    _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]))
+    _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]), tol_mm=POLISHED_MM)
