@@ -38,6 +38,7 @@ from samembed_bench.gate import SUITE_PRESETS, compare, model_offsets, verdict  
 from samembed_bench.suites import build_suites  # noqa: E402
 
 from samembed.errors import InputError  # noqa: E402
+from samembed.io import write_text_atomic  # noqa: E402
 
 
 def report(rows: list[dict], ok: bool, reasons: list[str], models: tuple[str, str], command: str) -> str:
@@ -101,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         text = text.replace("- verdict:", f"- only the first {args.limit} cases per suite: not a gate\n- verdict:")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.stem or f"gate_{Path(args.candidate).stem}"
-    path = out / f"{stem}.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    path = write_text_atomic(out / f"{args.stem or f'gate_{Path(args.candidate).stem}'}.md", text)
     print(text)
     print(f"wrote {path}")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from samembed import Matcher, MatchOptions
+from samembed.io import write_text_atomic
 
 from .cases import Case
 from .suites import COMPACT_STRUCTURES
@@ -38,6 +39,11 @@ def case_offsets(matcher: Matcher, case: Case, options: MatchOptions) -> list[li
     return np.round(pred - case.truth_points_lps_mm, 4).tolist()
 
 
+def _cache_key(case: Case) -> str:
+    """A case's key in a model's cache file: ``suite/case_id/preset``."""
+    return f"{case.key}/{SUITE_PRESETS[case.suite]}"
+
+
 def model_offsets(model: str, cases: list[Case], cache: Path) -> tuple[str, dict[str, np.ndarray]]:
     """Offsets (N, 3) LPS mm of the matches from the truth per case key (``suite/case_id``) for one model,
     reading and extending the cache file of its model id (written after every case: a stopped run loses little)."""
@@ -46,17 +52,14 @@ def model_offsets(model: str, cases: list[Case], cache: Path) -> tuple[str, dict
     path = cache / f"{model_id.replace('/', '_')}.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     for n, case in enumerate(cases, 1):
-        key = f"{case.suite}/{case.case_id}/{SUITE_PRESETS[case.suite]}"
+        key = _cache_key(case)
         if key not in done:
             done[key] = case_offsets(matcher, case, MatchOptions.preset(SUITE_PRESETS[case.suite]))
             matcher.clear_cache()
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done), encoding="utf-8")
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(done))
         log.info("%s [%d/%d] %s: mean %.1f mm", model_id, n, len(cases), key,
                  float(np.linalg.norm(done[key], axis=1).mean()))
-    return model_id, {f"{c.suite}/{c.case_id}": np.asarray(done[f"{c.suite}/{c.case_id}/{SUITE_PRESETS[c.suite]}"])
-                      for c in cases}
+    return model_id, {c.key: np.asarray(done[_cache_key(c)]) for c in cases}
 
 
 def bootstrap_ci(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -108,5 +111,3 @@ def verdict(rows: list[dict]) -> tuple[bool, list[str]]:
             reasons.append(f"{r['suite']}: {r['candidate_mean']:.2f} vs {r['shipped_mean']:.2f} mm "
                            f"({'within' if fine else 'over'} the {limit:.2f} mm limit)")
     return ok, reasons
-
-
