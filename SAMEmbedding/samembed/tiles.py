@@ -85,8 +85,14 @@ def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray)
 
 
 def normalize_channels(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``F.normalize(x, dim=0)`` in place (the same arithmetic, no second full-size copy)."""
-    return x.div_(x.norm(dim=0, keepdim=True).clamp_min_(eps))
+    """``F.normalize(x, dim=0)`` in place (equal to float rounding, about 1e-7), without a second full-size copy.
+
+    The squared norm is summed channel by channel (one contiguous pass each), several times faster on the CPU than
+    ``norm(dim=0)``, whose reduction runs across the channels' strides."""
+    sq = x[0] * x[0]
+    for c in range(1, x.shape[0]):
+        sq.addcmul_(x[c], x[c])
+    return x.div_(sq.sqrt_().clamp_min_(eps).unsqueeze(0))
 
 
 # ---------------------------------------------------------------------------------------------- tile planning
@@ -100,7 +106,11 @@ class TilePlan:
 
 def plan_tiles(missing_zyx: np.ndarray, local_stride: int, step_input: int, halo_input: int,
                input_shape: tuple[int, ...], whole_fraction: float = 0.6) -> TilePlan:
-    """Group missing local voxels into few input boxes.
+    """Cover the missing local voxels with few input boxes of least total cost (input voxels, halos included).
+
+    The missing voxels are grouped into blocks of ``step_input`` input voxels. One box around all of them is split
+    in two, along the axis and at the gap that lowers the summed cost most, and each part again, while a split
+    pays: a cluster of searches in one region shares one box (and its halo), distant ones get their own.
 
     Args:
         missing_zyx: (local grid shape) bool, local voxels to compute.
@@ -110,29 +120,42 @@ def plan_tiles(missing_zyx: np.ndarray, local_stride: int, step_input: int, halo
         input_shape: the padded input's shape (zyx).
         whole_fraction: embed the whole volume when the boxes with their halos cover more than this fraction of it.
     """
-    from scipy import ndimage
-
     block = max(1, step_input // local_stride)  # local voxels per block along each axis
     nb = tuple(-(-s // block) for s in missing_zyx.shape)
     pad = [(0, n * block - s) for n, s in zip(nb, missing_zyx.shape)]
     blocks = np.pad(missing_zyx, pad).reshape(*sum(((n, block) for n in nb), ())).any(axis=tuple(range(1, 2 * len(nb), 2)))
     if not blocks.any():
         return TilePlan([], False)
-    # blocks closer than a halo are embedded together (their halos would overlap)
-    reach = max(1, -(-halo_input // step_input))
-    joined = ndimage.binary_dilation(blocks, iterations=reach) if reach else blocks
-    lab, n = ndimage.label(joined, structure=np.ones((3,) * blocks.ndim))
-    boxes, cost = [], 0
-    for sl in ndimage.find_objects(lab):
-        sub = blocks[sl] & (lab[sl] > 0)
-        nz = np.argwhere(sub)
-        lo_b = nz.min(0) + [s.start for s in sl]
-        hi_b = nz.max(0) + [s.start for s in sl] + 1
+    shape = np.asarray(input_shape)
+
+    def box_of(lo_b: np.ndarray, hi_b: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
         start = tuple(int(v * step_input) for v in lo_b)
-        stop = tuple(int(min(v * step_input, s)) for v, s in zip(hi_b, input_shape))
-        boxes.append((start, stop))
-        cost += int(np.prod([min(s, b + halo_input) - max(0, a - halo_input) for a, b, s in zip(start, stop, input_shape)]))
-    return TilePlan(boxes, cost > whole_fraction * float(np.prod(input_shape)))
+        stop = tuple(int(min((v + 1) * step_input, s)) for v, s in zip(hi_b, input_shape))
+        return start, stop
+
+    def cost(lo_b: np.ndarray, hi_b: np.ndarray) -> int:
+        start, stop = box_of(lo_b, hi_b)
+        return int(np.prod([min(s, e + halo_input) - max(0, a - halo_input) for a, e, s in zip(start, stop, shape)]))
+
+    boxes, total = [], 0
+    todo = [np.argwhere(blocks)]
+    while todo:
+        pts = todo.pop()
+        lo_b, hi_b = pts.min(0), pts.max(0)
+        best, split = cost(lo_b, hi_b), None
+        for a in range(pts.shape[1]):
+            for t in np.unique(pts[:, a])[:-1]:
+                left = pts[:, a] <= t
+                c = cost(pts[left].min(0), pts[left].max(0)) + cost(pts[~left].min(0), pts[~left].max(0))
+                if c < best:
+                    best, split = c, (a, t)
+        if split is None:
+            boxes.append(box_of(lo_b, hi_b))
+            total += best
+        else:
+            left = pts[:, split[0]] <= split[1]
+            todo += [pts[left], pts[~left]]
+    return TilePlan(boxes, total > whole_fraction * float(np.prod(input_shape)))
 
 
 # ---------------------------------------------------------------------------------------------- disk entries

@@ -20,7 +20,7 @@ import pytest
 
 from samembed import Cancelled, Matcher, MatchOptions
 from samembed.io import read_image
-from samembed.tiles import ENTRY_SUFFIX
+from samembed.tiles import ENTRY_SUFFIX, plan_tiles
 
 from ..conftest import data_file
 
@@ -91,6 +91,44 @@ def _same(a, b, tol_score: float = 1e-5, tol_mm: float = 1e-4) -> None:
     np.testing.assert_allclose(pa, pb, atol=tol_mm, rtol=0)
     np.testing.assert_allclose([m.score for m in a.matches], [m.score for m in b.matches], atol=tol_score, rtol=0)
     assert [m.confident for m in a.matches] == [m.confident for m in b.matches]
+
+
+def _covered(plan, missing: np.ndarray, stride: int) -> np.ndarray:
+    """Local voxels inside the plan's input boxes."""
+    out = np.zeros_like(missing)
+    for start, stop in plan.boxes_input:
+        out[tuple(slice(a // stride, -(-b // stride)) for a, b in zip(start, stop))] = True
+    return out
+
+
+def _cost(boxes, halo: int, shape) -> int:
+    return sum(int(np.prod([min(s, b + halo) - max(0, a - halo) for a, b, s in zip(start, stop, shape)]))
+               for start, stop in boxes)
+
+
+def test_the_tile_plan_covers_every_missing_voxel_and_splits_distant_searches():
+    stride, step, halo = 2, 8, 32
+    shape_in = (160, 240, 240)
+    local = tuple(s // stride for s in shape_in)
+    missing = np.zeros(local, dtype=bool)
+    missing[10:14, 10:16, 10:14] = True  # two windows far apart along two axes ...
+    missing[60:70, 100:110, 95:112] = True
+    missing[62, 104, 100] = True
+    plan = plan_tiles(missing, stride, step, halo, shape_in)
+    assert not plan.whole
+    assert (_covered(plan, missing, stride) | ~missing).all(), "a missing voxel lies outside every box"
+    assert len(plan.boxes_input) == 2, plan.boxes_input
+    one = [(tuple(int(v) * stride // step * step for v in np.argwhere(missing).min(0)),
+            tuple(min(s, (int(v) * stride // step + 1) * step) for v, s in zip(np.argwhere(missing).max(0), shape_in)))]
+    assert _cost(plan.boxes_input, halo, shape_in) < _cost(one, halo, shape_in) / 2
+    # ... and two windows closer than their halos share one box (two halos would cost more)
+    near = np.zeros(local, dtype=bool)
+    near[20:24, 20:24, 20:24] = True
+    near[20:24, 20:24, 30:34] = True
+    plan = plan_tiles(near, stride, step, halo, shape_in)
+    assert len(plan.boxes_input) == 1 and (_covered(plan, near, stride) | ~near).all()
+    assert plan_tiles(np.zeros(local, dtype=bool), stride, step, halo, shape_in).boxes_input == []
+    assert plan_tiles(np.ones(local, dtype=bool), stride, step, halo, shape_in).whole
 
 
 @pytest.mark.needs_data
