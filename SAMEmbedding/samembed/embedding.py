@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .errors import Cancelled, DeviceUnavailableError
 from .image import Grid, Image
 from .models import LoadedModel
+from .networks.base import inference_copy
 from .options import ProgressFn
 from .preprocess import body_mask_array, preprocess
 
@@ -53,6 +54,9 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
 
 
 _FILL_LOCK = threading.RLock()
+#: part of every cache key: bumped when the engine's arithmetic changes (v2: batch norms folded into the
+#: convolutions, channel norms summed channel by channel), so a map never mixes tiles of two versions
+NUMERICS = "2"
 
 
 @dataclass(eq=False)
@@ -340,7 +344,7 @@ class TileComputer:
         makes only those lines' memory pages resident."""
         from .tiles import normalize_channels, upsample_box
 
-        net, spec, emb = self.embedder.model.net, self.embedder.model.spec, self.embedder
+        net, spec, emb = self.embedder.net, self.embedder.model.spec, self.embedder
         x = self.input()
         sl = spec.local_stride[-1]
         a = [max(0, s - halo) for s in start]
@@ -412,12 +416,14 @@ class Embedder:
         self.max_tile_voxels = int(max_tile_voxels)
         self.modality = modality
         self.model.net.to(self.device)
+        #: the network that embeds: the model's, with batch norms folded into the convolutions
+        self.net = inference_copy(self.model.net).to(self.device)
         self.half = self.device.type == "cuda"
 
     @property
     def on_demand_capable(self) -> bool:
         """The network's local branch can be tiled exactly apart from its global branch."""
-        net = self.model.net
+        net = self.net
         return bool(net.has_separate_global and net.spec.tiles_exact)
 
     def key(self, image: Image) -> str:
@@ -425,7 +431,8 @@ class Embedder:
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
         import hashlib
 
-        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}".encode()).hexdigest()
+        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}".encode())
+        h = h.hexdigest()
         return h[:32]
 
     def embed(self, image: Image, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
@@ -461,7 +468,7 @@ class Embedder:
     # ------------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, progress: ProgressFn | None, cancel: threading.Event | None):
         """Both maps of a network without a separate global branch, in slabs with a halo when large."""
-        net = self.model.net
+        net = self.net
         spec = net.spec
         dtype = torch.float16 if self.half else torch.float32
         n_vox = int(np.prod(x.shape[2:]))
@@ -528,7 +535,7 @@ class Embedder:
             raise Cancelled("embedding cancelled")
         if progress:
             progress(0, 1, "embedding")
-        net = self.model.net
+        net = self.net
         local = None
         if self.on_demand_capable:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
