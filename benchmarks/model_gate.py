@@ -19,6 +19,9 @@ weights' hash), so the shipped model's side is computed once.
 
     OMP_NUM_THREADS=1 python benchmarks/model_gate.py runs/sam-lite-ct-v3-semantic/snapshots/it_001000.pt
 
+A default *setting* is gated the same way: ``--set KEY=VALUE`` changes a match option for the candidate only,
+on top of each suite's preset (``python benchmarks/model_gate.py default --set prior_window_mm=30``).
+
 The hand radiographs are matched by the separate 2D model, which a CT candidate does not change.
 """
 
@@ -34,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
 from samembed_bench.cases import read_cases  # noqa: E402
-from samembed_bench.gate import SUITE_PRESETS, compare, model_offsets, verdict  # noqa: E402
+from samembed_bench.gate import SUITE_PRESETS, compare, model_offsets, options_tag, verdict  # noqa: E402
 from samembed_bench.suites import build_suites  # noqa: E402
 
 from samembed.errors import InputError  # noqa: E402
@@ -63,6 +66,26 @@ def report(rows: list[dict], ok: bool, reasons: list[str], models: tuple[str, st
     return "\n".join(lines) + "\n"
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings as match-option overrides (VALUE as JSON when it parses, else as text), checked
+    against :class:`samembed.MatchOptions`."""
+    import json
+
+    from samembed import MatchOptions
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. prior_window_mm=30")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    MatchOptions().replace(**out)  # unknown names and bad values fail here, before any case runs
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("candidate", help="candidate checkpoint (.pt) or model name")
@@ -75,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=str(REPO / "cache" / "gate"), help="per-model results (not committed)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--stem", default=None, help="report name (default: gate_<candidate name>)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a match option changed for the candidate only (repeatable), e.g. prior_window_mm=30")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
 
     torch.set_num_threads(args.threads)
     try:
+        overrides = parse_overrides(args.set)
         suites = [s.strip() for s in args.suites.split(",") if s.strip()]
         unknown = [s for s in suites if s not in SUITE_PRESETS]
         if unknown:
@@ -90,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)
         base_id, base = model_offsets(args.shipped, cases, cache)
-        cand_id, cand = model_offsets(args.candidate, cases, cache)
+        cand_id, cand = model_offsets(args.candidate, cases, cache, overrides)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -102,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         text = text.replace("- verdict:", f"- only the first {args.limit} cases per suite: not a gate\n- verdict:")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = write_text_atomic(out / f"{args.stem or f'gate_{Path(args.candidate).stem}'}.md", text)
+    path = write_text_atomic(out / f"{args.stem or f'gate_{Path(args.candidate).stem}{options_tag(overrides)}'}.md", text)
     print(text)
     print(f"wrote {path}")
     return 0

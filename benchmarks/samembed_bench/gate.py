@@ -44,17 +44,30 @@ def _cache_key(case: Case) -> str:
     return f"{case.key}/{SUITE_PRESETS[case.suite]}"
 
 
-def model_offsets(model: str, cases: list[Case], cache: Path) -> tuple[str, dict[str, np.ndarray]]:
+def options_tag(overrides: dict | None) -> str:
+    """The cache-file suffix of match-option overrides (empty for the presets as shipped)."""
+    return "".join(f"__{k}={v}" for k, v in sorted((overrides or {}).items()))
+
+
+def model_offsets(model: str, cases: list[Case], cache: Path,
+                  overrides: dict | None = None) -> tuple[str, dict[str, np.ndarray]]:
     """Offsets (N, 3) LPS mm of the matches from the truth per case key (``suite/case_id``) for one model,
-    reading and extending the cache file of its model id (written after every case: a stopped run loses little)."""
+    reading and extending the cache file of its model id (written after every case: a stopped run loses little).
+
+    Args:
+        overrides: match options changed on top of each suite's preset (e.g. ``{"prior_window_mm": 30.0}``), to
+            measure a default setting as the gate measures a model; they are part of the cache file's name and of
+            the returned id.
+    """
     matcher = Matcher(model, device="cpu")
-    model_id = matcher.model.model_id
+    model_id = matcher.model.model_id + options_tag(overrides)
     path = cache / f"{model_id.replace('/', '_')}.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     for n, case in enumerate(cases, 1):
         key = _cache_key(case)
         if key not in done:
-            done[key] = case_offsets(matcher, case, MatchOptions.preset(SUITE_PRESETS[case.suite]))
+            options = MatchOptions.preset(SUITE_PRESETS[case.suite]).replace(**(overrides or {}))
+            done[key] = case_offsets(matcher, case, options)
             matcher.clear_cache()
             write_text_atomic(path, json.dumps(done))
         log.info("%s [%d/%d] %s: mean %.1f mm", model_id, n, len(cases), key,
