@@ -129,3 +129,20 @@ def test_sam_lite_maps_are_unit_vectors_on_the_documented_grids():
     with torch.no_grad():
         loc2, glob2 = net2d(torch.randn(1, 1, 64, 48))
     assert tuple(loc2.shape) == (1, 64, 32, 24) and tuple(glob2.shape) == (1, 64, 8, 6)
+
+
+def test_the_inference_copy_folds_batch_norms_and_embeds_as_the_trained_network():
+    from samembed.networks.base import inference_copy
+
+    net = load_model("default").net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = inference_copy(net)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    assert n_bn > 0 and not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 48, 56, 40) * 60
+    with torch.inference_mode():
+        for a, b in zip(net(x), fused(x)):
+            assert float((a - b).abs().max()) <= 1e-5
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the trainable network was changed"
