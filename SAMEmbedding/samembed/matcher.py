@@ -211,6 +211,9 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
         allowed = target.search_mask(True)
     chunk = 64
     if not keep_similarity and len(queries) > chunk:  # bound memory: (chunk, V) similarities at a time
+        if window_mm and not target.complete:  # on demand: every chunk's windows in one pass (halos shared)
+            lo, hi, whole = _window_boxes(queries, target, allowed, window_mm, window_centres_lps_mm)
+            target.ensure(lo[~whole], hi[~whole], need=allowed)
         parts = [match_queries(queries[i:i + chunk], target, allowed, False, window_mm,
                                None if window_centres_lps_mm is None else window_centres_lps_mm[i:i + chunk])
                  for i in range(0, len(queries), chunk)]
@@ -264,17 +267,26 @@ def allowed_at(maps: EmbeddingMaps, allowed: torch.Tensor, points_lps_mm: np.nda
 
 def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: EmbeddingMaps,
                  allowed: torch.Tensor | None = None, keep_similarity: bool = False,
-                 window_mm: float | None = None, prior: np.ndarray | None = None) -> RawMatch:
+                 window_mm: float | None = None, prior: np.ndarray | None = None,
+                 shift_mm: np.ndarray | None = None) -> RawMatch:
     """Match LPS mm points of ``source`` into ``target``.
 
     Each point is matched through its nearest local voxel; the match is then moved by the point's offset
     from that voxel centre (a locally rigid sub-voxel correction), so a point matched into its own image
     comes back to itself.
+
+    Args:
+        window_mm: search each point within +-``window_mm`` of its window centre (see :func:`match_queries`).
+        prior: (d+1, d+1) affine: the window centres are the points mapped by it.
+        shift_mm: (N, d): the window centres are the points moved by these offsets (one translation per point),
+            instead of ``prior``.
     """
     d = source.local_grid.ndim
     pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
     centres = nearest_voxel_lps(source, pts)
     win_centres = apply_affine(prior, pts) if prior is not None else None
+    if shift_mm is not None:
+        win_centres = pts + np.asarray(shift_mm, dtype=np.float64)[:, :d]
     raw = match_queries(query_vectors(source, centres), target, allowed, keep_similarity, window_mm, win_centres)
     raw.points_lps_mm = raw.points_lps_mm + (pts - centres)
     return raw

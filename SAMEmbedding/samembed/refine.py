@@ -84,19 +84,26 @@ def refine_points(source: EmbeddingMaps, target: EmbeddingMaps, points_lps_mm: n
     out_pts = plain[:, :d].copy()
     out_scores = plain_scores.copy()
     used = np.zeros(len(points_lps_mm), dtype=int)
-    for n, p in enumerate(np.asarray(points_lps_mm, dtype=np.float64)[:, :d]):
-        q0 = _seed_grid(source, p, margin)
-        fwd = bwd = None
-        if window_mm:  # translations by the plain match's displacement, as window centres
-            fwd, bwd = np.eye(d + 1), np.eye(d + 1)
-            fwd[:d, d] = plain[n, :d] - p
-            bwd[:d, d] = p - plain[n, :d]
-        k1 = match_points(source, q0, target, tgt_allowed, window_mm=window_mm, prior=fwd)
-        q1 = match_points(target, k1.points_lps_mm, source, src_allowed, window_mm=window_mm, prior=bwd)
-        k2 = match_points(source, q1.points_lps_mm, target, tgt_allowed, window_mm=window_mm, prior=fwd)
-        q2 = match_points(target, k2.points_lps_mm, source, src_allowed, window_mm=window_mm, prior=bwd)
-        Q, K, s = q2.points_lps_mm, k2.points_lps_mm, q2.scores
-        consistent = np.linalg.norm(Q - q1.points_lps_mm, axis=1) <= cycle
+    pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
+    if not len(pts):
+        return Refined(out_pts, out_scores, used)
+    # the four passes run for every point's seeds at once (each query is matched alone, so the result is the
+    # same as point by point): on demand, each pass embeds the tiles of all its windows in one go, halos shared
+    seeds = [_seed_grid(source, p, margin) for p in pts]
+    owner = np.concatenate([np.full(len(q), n) for n, q in enumerate(seeds)])
+    q0 = np.concatenate(seeds)
+    fwd = bwd = None
+    if window_mm:  # translations by the plain match's displacement, as window centres
+        fwd = (plain[:, :d] - pts)[owner]
+        bwd = -fwd
+    k1 = match_points(source, q0, target, tgt_allowed, window_mm=window_mm, shift_mm=fwd)
+    q1 = match_points(target, k1.points_lps_mm, source, src_allowed, window_mm=window_mm, shift_mm=bwd)
+    k2 = match_points(source, q1.points_lps_mm, target, tgt_allowed, window_mm=window_mm, shift_mm=fwd)
+    q2 = match_points(target, k2.points_lps_mm, source, src_allowed, window_mm=window_mm, shift_mm=bwd)
+    for n, p in enumerate(pts):
+        mine = owner == n
+        Q, K, s = q2.points_lps_mm[mine], k2.points_lps_mm[mine], q2.scores[mine]
+        consistent = np.linalg.norm(Q - q1.points_lps_mm[mine], axis=1) <= cycle
         keep = consistent & (s > min_score)
         if keep.sum() < min_pairs:
             continue

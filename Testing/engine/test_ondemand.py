@@ -245,3 +245,31 @@ def test_a_prepare_cancelled_while_embedding_the_source_whole_stops_and_leaves_c
     assert smaps.ready is not None and not bool(smaps.ready[smaps.search_mask(True)].all()), \
         "the cancel came too late to stop anything"
     _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]), tol_mm=POLISHED_MM)
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)
+def test_the_refinement_of_all_points_at_once_equals_point_by_point_and_embeds_in_few_passes(pair):
+    from samembed.refine import refine_points
+
+    _, src, tgt, pts, _ = pair
+    clicks = pts[:4]
+    plain = Matcher("default", device="cpu").match(src, clicks, [tgt], options=PURE)
+    emb = Matcher("default", device="cpu").embedder_for(3)  # fresh maps: no local tile computed yet
+    smaps, tmaps = emb.embed(src, on_demand=True), emb.embed(tgt, on_demand=True)
+    found = np.array([m.point_lps_mm for m in plain.matches])
+    scores = np.array([m.score for m in plain.matches])
+    fills = {"n": 0}
+    real_fill = tmaps.tiles.fill
+
+    def counting_fill(*a, **k):
+        fills["n"] += 1
+        return real_fill(*a, **k)
+
+    tmaps.tiles.fill = counting_fill
+    together = refine_points(smaps, tmaps, clicks, found, scores, window_mm=20.0)
+    assert fills["n"] <= 2, f"{fills['n']} target fills for 4 points' four passes (one per forward pass expected)"
+    for n in range(len(clicks)):
+        alone = refine_points(smaps, tmaps, clicks[n:n + 1], found[n:n + 1], scores[n:n + 1], window_mm=20.0)
+        np.testing.assert_array_equal(alone.points_lps_mm[0], together.points_lps_mm[n])
+        assert alone.pairs_used[0] == together.pairs_used[n] > 0
