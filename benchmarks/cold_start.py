@@ -296,7 +296,7 @@ def report(rows: list[dict], atlas: dict | None) -> str:
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores **shared with a training run and other developers** "
         f"(load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end); every number is wall time on a loaded "
         "machine and only the ratios measured side by side are meaningful. SAM: torch, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', '?')}, model `default` (sam-lite-ct). elastix: "
+        f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `default` (sam-lite-ct). elastix: "
         f"{os.environ.get('SAMEMBED_ELASTIX_THREADS', 'default')} thread(s), `samembed_bench.registration` settings "
         "(similarity + affine, then B-spline). Command: `python benchmarks/cold_start.py run`.",
         "",
