@@ -91,6 +91,7 @@ class EmbeddingMaps:
     ready: torch.Tensor | None = None
     tiles: object | None = field(default=None, repr=False)  # a TileComputer filling ``features`` on demand
     _compact: dict = field(default_factory=dict, repr=False)
+    _table: tuple | None = field(default=None, repr=False)  # (mask key, summed-volume table), see allowed_table
     dirty: bool = field(default=False, repr=False)  # tiles computed since the last disk write
 
     @property
@@ -185,6 +186,19 @@ class EmbeddingMaps:
             return self.features[self.n_local:, flat.to(self.features.device)].float()
         zyx = np.stack(np.unravel_index(flat.cpu().numpy(), self.local_grid.shape_zyx), 1)
         return F.normalize(upsample_at(self.global_.cpu(), self.local_grid.shape_zyx, zyx), dim=0)
+
+    def allowed_table(self, allowed: torch.Tensor) -> np.ndarray:
+        """The summed-volume table of a search mask (V,) bool: its cumulative sum over every axis of the local grid,
+        zero-padded in front (int64), so that any box's count of allowed voxels takes 2^d lookups. The table of the
+        most recent mask is kept."""
+        mask = allowed.to(torch.bool).cpu().numpy()
+        key = (int(mask.sum()), hash(np.packbits(mask).tobytes()))
+        if self._table is None or self._table[0] != key:
+            t = np.pad(mask.reshape(self.local_grid.shape_zyx).astype(np.int64), [(1, 0)] * self.local_grid.ndim)
+            for a in range(t.ndim):
+                np.cumsum(t, axis=a, out=t)
+            self._table = (key, t)
+        return self._table[1]
 
     def compact_features(self, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(flat indices (M,), features (C, M))`` of the voxels in ``allowed`` (V,) bool.

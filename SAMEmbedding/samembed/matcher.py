@@ -119,12 +119,8 @@ def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     size = np.asarray(shape)
     lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
     hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
-    avol = allowed.reshape(shape)
-    whole = np.zeros(len(centres), dtype=bool)
-    for n in range(len(centres)):
-        inside_grid = np.all(hi[n] >= lo[n]) and np.all(centres[n] + radius >= 0) and np.all(centres[n] - radius <= size - 1)
-        box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[n], hi[n]))
-        whole[n] = not (inside_grid and bool(avol[box].any()))
+    inside_grid = np.all(hi >= lo, axis=1) & np.all(centres + radius >= 0, axis=1) & np.all(centres - radius <= size - 1, axis=1)
+    whole = ~(inside_grid & (_box_counts(target.allowed_table(allowed), lo, hi) > 0))
     lo[whole], hi[whole] = 0, size - 1
     return lo, hi, whole
 
@@ -139,6 +135,37 @@ def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: floa
     lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
     hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
     return lo, hi
+
+
+def _box_counts(table: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Voxels counted in each inclusive box ``lo[n]..hi[n]`` (zyx), from a summed-volume ``table`` (the cumulative
+    sum over every axis, zero-padded in front: ``table[1 + k, 1 + j, 1 + i]`` counts the voxels up to (k, j, i))."""
+    d = lo.shape[1]
+    total = np.zeros(len(lo), dtype=np.int64)
+    for corner in np.ndindex(*(2,) * d):  # inclusion-exclusion over the box's 2^d corners
+        idx = tuple(np.where(c, hi[:, a] + 1, lo[:, a]) for a, c in enumerate(corner))
+        total += (-1) ** (d - sum(corner)) * table[idx]
+    return total
+
+
+def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, overlap: float = 2.0) -> list[np.ndarray]:
+    """Consecutive ``rows`` in groups whose union box (of the inclusive boxes ``lo..hi``) holds at most ``overlap``
+    times the voxels of their boxes together: searched with one copy of the union, the group costs no more than
+    its boxes one by one. Far-apart windows (organs of one head) stay alone."""
+    groups: list[list[int]] = []
+    ulo = uhi = None
+    total = 0
+    for n in rows:
+        vol = int(np.prod(hi[n] - lo[n] + 1))
+        if groups:
+            nlo, nhi = np.minimum(ulo, lo[n]), np.maximum(uhi, hi[n])
+            if np.prod(nhi - nlo + 1) <= overlap * (total + vol):
+                groups[-1].append(int(n))
+                ulo, uhi, total = nlo, nhi, total + vol
+                continue
+        groups.append([int(n)])
+        ulo, uhi, total = lo[n].copy(), hi[n].copy(), vol
+    return [np.asarray(g, dtype=np.int64) for g in groups]
 
 
 def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float | None,
@@ -170,17 +197,26 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
         avol = allowed.reshape(shape)
         scores = torch.empty(N)
         flat = torch.empty(N, dtype=torch.int64)
-        for n in range(N):
-            if whole[n]:  # the whole grid: the compact copy is the cheaper way to search it
-                s_all, j = (q[n:n + 1] @ feats).float().div_(2.0).max(1)
-                scores[n], flat[n] = s_all[0], idx[j[0]]
-                continue
-            box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[n], hi[n]))
-            sim = (q[n] @ fvol[(slice(None), *box)].reshape(full.shape[0], -1).to(q.dtype)).float().div_(2.0)
-            k = int(sim.masked_fill(~avol[box].reshape(-1), float("-inf")).argmax())
-            scores[n] = sim[k]
-            local = np.unravel_index(k, tuple(int(b - a + 1) for a, b in zip(lo[n], hi[n])))
-            flat[n] = int(np.ravel_multi_index(tuple(int(a + b) for a, b in zip(lo[n], local)), shape))
+        for n in np.flatnonzero(whole):  # the whole grid: the compact copy is the cheaper way to search it
+            s_all, j = (q[n:n + 1] @ feats).float().div_(2.0).max(1)
+            scores[n], flat[n] = s_all[0], idx[j[0]]
+        for group in _window_groups(lo, hi, np.flatnonzero(~whole)):
+            # the group's windows overlap (e.g. the refinement's seeds around one click): one copy of their
+            # union's features and one product, each query then masked to its own window
+            ulo, uhi = lo[group].min(0), hi[group].max(0)
+            ushape = tuple(int(v) for v in uhi - ulo + 1)
+            box = tuple(slice(int(a), int(b) + 1) for a, b in zip(ulo, uhi))
+            sub = fvol[(slice(None), *box)].reshape(full.shape[0], -1).to(q.dtype)
+            sim = (q[torch.from_numpy(group)] @ sub).float().div_(2.0)  # (g, U)
+            inside = avol[box].reshape(1, *ushape).to(sim.device)
+            for a, size in enumerate(ushape):  # within each query's window along every axis
+                ar = torch.arange(size)
+                along = (ar >= torch.from_numpy(lo[group, a] - ulo[a])[:, None]) & (ar <= torch.from_numpy(hi[group, a] - ulo[a])[:, None])
+                inside = inside & along.reshape(len(group), *[size if b == a else 1 for b in range(len(ushape))]).to(sim.device)
+            k = sim.masked_fill_(~inside.reshape(len(group), -1), float("-inf")).argmax(1)
+            scores[torch.from_numpy(group)] = sim.gather(1, k[:, None])[:, 0].cpu()
+            zyx = np.stack(np.unravel_index(k.cpu().numpy(), ushape), 1) + ulo
+            flat[torch.from_numpy(group)] = torch.from_numpy(np.ravel_multi_index(tuple(zyx.T), shape))
 
     def value_at(rows, flat_idx):
         v = (q[rows] * full[:, flat_idx.to(full.device)].T.to(q.dtype)).sum(1).float() / 2.0

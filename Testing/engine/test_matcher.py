@@ -239,3 +239,21 @@ def test_the_compact_search_equals_the_full_product_and_accounts_its_memory(a_ra
         assert same.mean() >= 0.95, kw
         assert np.allclose(fast.scores, full.scores, atol=1e-5)
         assert np.abs(fast.points_lps_mm[same] - full.points_lps_mm[same]).max() < 0.25
+
+
+def test_window_counts_and_groups_used_by_the_windowed_search():
+    from samembed.matcher import _box_counts, _window_groups
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((9, 11, 13)) < 0.3
+    table = np.pad(mask.astype(np.int64), [(1, 0)] * 3)
+    for a in range(3):
+        table = np.cumsum(table, axis=a)
+    lo = rng.integers(0, 6, size=(40, 3))
+    hi = lo + rng.integers(0, 4, size=(40, 3))
+    want = [mask[a[0]:b[0] + 1, a[1]:b[1] + 1, a[2]:b[2] + 1].sum() for a, b in zip(lo, hi)]
+    assert _box_counts(table, lo, hi).tolist() == want
+    # overlapping windows (a click's refinement seeds) share one copy; a far window stays alone
+    lo = np.array([[10, 10, 10], [11, 10, 10], [10, 12, 11], [60, 60, 60]])
+    hi = lo + 10
+    assert [g.tolist() for g in _window_groups(lo, hi, np.arange(4))] == [[0, 1, 2], [3]]
