@@ -29,7 +29,6 @@ from .image import Image
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
 from .matcher import (
-    affine_prior,
     allowed_at,
     box_mask,
     boxes_around,
@@ -37,6 +36,7 @@ from .matcher import (
     mask_from_image,
     match_points,
     scores_at,
+    search_prior,
 )
 from .models import LoadedModel, default_model_for, load_model
 from .options import MatchOptions, ProgressFn
@@ -467,9 +467,9 @@ class Matcher:
         """The source -> target affine prior (cached per pair), or None when too few voxels agree on one."""
         key = (src_maps.key, tmaps.key)
         if key not in self._priors:
-            M, inliers = affine_prior(src_maps, tmaps)
-            log.debug("affine prior %s -> %s: %.0f %% inliers", src_maps.image_name, tmaps.image_name, 100 * inliers)
-            self._priors[key] = M if inliers >= 0.2 else None
+            M, kind, inliers = search_prior(src_maps, tmaps)
+            log.debug("%s prior %s -> %s: %.0f %% inliers", kind, src_maps.image_name, tmaps.image_name, 100 * inliers)
+            self._priors[key] = M
             while len(self._priors) > 256:
                 self._priors.pop(next(iter(self._priors)))
         return self._priors[key]

@@ -328,21 +328,22 @@ def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: Embed
     return raw
 
 
-def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 500, inlier_mm: float = 20.0,
-                 iterations: int = 1000, seed: int = 0) -> tuple[np.ndarray, float]:
-    """A robust source->target affine (LPS mm) from many global-embedding correspondences (as in SAME).
+#: a prior is trusted when at least this share of the global correspondences agrees on the affine ...
+MIN_AFFINE_INLIERS = 0.2
+#: ... or, failing that, on one translation (found even when few agree: one pair per hypothesis)
+MIN_TRANSLATION_INLIERS = 0.05
 
-    ``samples`` body voxels of the source are matched into the target's body by their *global* embedding only;
-    RANSAC (minimal sets of d+1 pairs, ``inlier_mm`` threshold) then a least-squares fit on the inliers gives
-    the affine. Returns the (d+1, d+1) matrix and the inlier fraction. Queries can then be searched in a
-    window around their affine-predicted position, which removes gross mismatches between subjects.
-    """
+
+def global_pairs(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 500,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``samples`` body voxels of the source (LPS mm, (M, d)) and their best matches in the target's body by the
+    *global* embedding only (LPS mm, (M, d)); empty arrays when either body is too small."""
     rng = np.random.default_rng(seed)
     grid = source.local_grid
     d = grid.ndim
     cand = torch.nonzero(source.search_mask(True)).reshape(-1).cpu().numpy()
     if len(cand) < d + 2:
-        return np.eye(d + 1), 0.0
+        return np.zeros((0, d)), np.zeros((0, d))
     pick = rng.choice(cand, size=min(samples, len(cand)), replace=False)
     idx = np.stack(np.unravel_index(pick, grid.shape_zyx), 1)[:, ::-1].astype(np.float64)
     src_pts = grid.index_to_lps(idx)
@@ -358,16 +359,72 @@ def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
         on_lattice[tuple(sl)] = False
     cand_t = torch.nonzero(allowed.cpu() & torch.from_numpy(on_lattice.reshape(-1))).reshape(-1)
     if len(cand_t) == 0:
-        return np.eye(d + 1), 0.0
+        return np.zeros((0, d)), np.zeros((0, d))
     feats = target.global_at(cand_t).to(target.features.device)
     best = cand_t[(q.to(feats.device) @ feats).argmax(1).cpu()].numpy()
     dst = tgrid.index_to_lps(np.stack(np.unravel_index(best, tgrid.shape_zyx), 1)[:, ::-1].astype(np.float64))
+    return src_pts, dst
+
+
+def affine_prior(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 500, inlier_mm: float = 20.0,
+                 iterations: int = 1000, seed: int = 0) -> tuple[np.ndarray, float]:
+    """A robust source->target affine (LPS mm) from many global-embedding correspondences (as in SAME).
+
+    ``samples`` body voxels of the source are matched into the target's body by their *global* embedding only
+    (:func:`global_pairs`); RANSAC (minimal sets of d+1 pairs, ``inlier_mm`` threshold) then a least-squares fit on
+    the inliers gives the affine. Returns the (d+1, d+1) matrix and the inlier fraction. Queries can then be
+    searched in a window around their affine-predicted position, which removes gross mismatches between subjects.
+    """
+    return _affine_of(*global_pairs(source, target, samples, seed), source.local_grid.ndim, inlier_mm, iterations, seed)
+
+
+def _affine_of(src_pts: np.ndarray, dst: np.ndarray, d: int, inlier_mm: float, iterations: int,
+               seed: int) -> tuple[np.ndarray, float]:
+    if len(src_pts) < d + 2:
+        return np.eye(d + 1), 0.0
     try:
         M, inl = ransac_affine(src_pts, dst, inlier_mm, iterations=iterations, seed=seed)
     except ValueError:
         return np.eye(d + 1), 0.0
     if inl.sum() < d + 2:
         return np.eye(d + 1), 0.0
+    return M, float(inl.mean())
+
+
+def search_prior(source: EmbeddingMaps, target: EmbeddingMaps, inlier_mm: float = 20.0,
+                 seed: int = 0) -> tuple[np.ndarray | None, str, float]:
+    """The prior a search window is centred on: ``(matrix or None, kind, inlier fraction)``.
+
+    The affine of :func:`affine_prior` when at least :data:`MIN_AFFINE_INLIERS` of the global correspondences agree
+    on it (kind ``"affine"``). Otherwise RANSAC's minimal sets of d + 1 pairs rarely hold only inliers, so the
+    translation that most pairs agree on is tried (:func:`translation_consensus`, kind ``"translation"``; e.g. a
+    head-only scan against one of the head and chest, where 6 % of the pairs agree); when fewer than
+    :data:`MIN_TRANSLATION_INLIERS` agree on it either, there is no prior (None, ``"none"``) and searches cover the
+    whole body.
+    """
+    d = source.local_grid.ndim
+    src_pts, dst = global_pairs(source, target, seed=seed)
+    M, frac = _affine_of(src_pts, dst, d, inlier_mm, 1000, seed)
+    if frac >= MIN_AFFINE_INLIERS:
+        return M, "affine", frac
+    if len(src_pts) >= d + 2:
+        T, tfrac = translation_consensus(src_pts, dst, inlier_mm)
+        if tfrac >= MIN_TRANSLATION_INLIERS:
+            return T, "translation", tfrac
+    return None, "none", frac
+
+
+def translation_consensus(src_lps_mm: np.ndarray, dst_lps_mm: np.ndarray, inlier_mm: float) -> tuple[np.ndarray, float]:
+    """The translation most correspondence pairs agree on (each pair's own translation tried as a hypothesis;
+    inliers within ``inlier_mm``), refined as the mean over its inliers: ``(d+1, d+1)`` matrix, inlier fraction."""
+    t = np.asarray(dst_lps_mm, dtype=np.float64) - np.asarray(src_lps_mm, dtype=np.float64)
+    d = t.shape[1]
+    close = np.linalg.norm(t[:, None] - t[None], axis=2) <= inlier_mm
+    best = int(close.sum(1).argmax())
+    inl = close[best]
+    inl = np.linalg.norm(t - t[inl].mean(0), axis=1) <= inlier_mm  # once more around the inliers' mean
+    M = np.eye(d + 1)
+    M[:d, d] = t[inl].mean(0)
     return M, float(inl.mean())
 
 
