@@ -44,6 +44,21 @@ def _cache_key(case: Case) -> str:
     return f"{case.key}/{SUITE_PRESETS[case.suite]}"
 
 
+def engine_id() -> str:
+    """A hash of the engine's matching code (``samembed`` outside ``training``): part of every cache file's name, so a
+    change to the engine never mixes with results of the one before it."""
+    import hashlib
+
+    import samembed
+
+    root = Path(samembed.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        if "training" not in f.relative_to(root).parts:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def options_tag(overrides: dict | None) -> str:
     """The cache-file suffix of match-option overrides (empty for the presets as shipped)."""
     return "".join(f"__{k}={v}" for k, v in sorted((overrides or {}).items()))
@@ -52,7 +67,8 @@ def options_tag(overrides: dict | None) -> str:
 def model_offsets(model: str, cases: list[Case], cache: Path,
                   overrides: dict | None = None) -> tuple[str, dict[str, np.ndarray]]:
     """Offsets (N, 3) LPS mm of the matches from the truth per case key (``suite/case_id``) for one model,
-    reading and extending the cache file of its model id (written after every case: a stopped run loses little).
+    reading and extending the cache file of its model id and the engine (:func:`engine_id`), written after every case:
+    a stopped run loses little.
 
     Args:
         overrides: match options changed on top of each suite's preset (e.g. ``{"prior_window_mm": 30.0}``), to
@@ -61,7 +77,7 @@ def model_offsets(model: str, cases: list[Case], cache: Path,
     """
     matcher = Matcher(model, device="cpu")
     model_id = matcher.model.model_id + options_tag(overrides)
-    path = cache / f"{model_id.replace('/', '_')}.json"
+    path = cache / f"{model_id.replace('/', '_')}__engine-{engine_id()}.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     for n, case in enumerate(cases, 1):
         key = _cache_key(case)
