@@ -168,28 +168,25 @@ def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, overlap: fl
     return [np.asarray(g, dtype=np.int64) for g in groups]
 
 
-def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, window_mm: float | None,
-                   window_centres_lps_mm: np.ndarray | None):
+def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor,
+                   windows: tuple[np.ndarray, np.ndarray, np.ndarray] | None):
     """The argmax of :func:`match_queries` without the (N, V) similarity: over the compact copy of the
-    allowed voxels' features, or, with a window, over each query's box of the feature volume only.
+    allowed voxels' features, or, with ``windows`` (``lo, hi, whole`` of :func:`_window_boxes`, their local tiles
+    computed), over each query's box of the feature volume only.
 
     Returns ``(scores (N,), flat indices (N,), value_at)`` where ``value_at(rows, flat)`` gives the searched
     similarity (-inf outside the search) for the sub-voxel fit.
     """
     shape = target.local_grid.shape_zyx
-    if not bool(allowed.any()):
-        raise ValueError("no voxel to search in the target")
     full = target.features
     q = queries.to(full.dtype)
     N = len(q)
     lo = hi = None
-    if window_mm:
-        lo, hi, whole = _window_boxes(q, target, allowed, window_mm, window_centres_lps_mm)
-        # on demand: the local map is computed in each query's window only (the searched voxels)
-        target.ensure(lo[~whole], hi[~whole], need=allowed)
-    if not window_mm or whole.any():  # the whole grid: the compact copy of the allowed voxels is the cheaper way
+    if windows is not None:
+        lo, hi, whole = windows
+    if windows is None or whole.any():  # the whole grid: the compact copy of the allowed voxels is the cheaper way
         idx, feats = target.compact_features(allowed)
-    if not window_mm or whole.all():
+    if windows is None or whole.all():
         scores, j = (q @ feats).float().div_(2.0).max(1)
         flat = idx[j].cpu()
     else:
@@ -245,25 +242,31 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     """
     if allowed is None:
         allowed = target.search_mask(True)
-    chunk = 64
-    if not keep_similarity and len(queries) > chunk:  # bound memory: (chunk, V) similarities at a time
-        if window_mm and not target.complete:  # on demand: every chunk's windows in one pass (halos shared)
-            lo, hi, whole = _window_boxes(queries, target, allowed, window_mm, window_centres_lps_mm)
-            target.ensure(lo[~whole], hi[~whole], need=allowed)
-        parts = [match_queries(queries[i:i + chunk], target, allowed, False, window_mm,
-                               None if window_centres_lps_mm is None else window_centres_lps_mm[i:i + chunk])
-                 for i in range(0, len(queries), chunk)]
-        return RawMatch(np.concatenate([r.points_lps_mm for r in parts]), np.concatenate([r.scores for r in parts]),
-                        np.concatenate([r.flat_index for r in parts]))
+    if not keep_similarity and not bool(allowed.any()):
+        raise ValueError("no voxel to search in the target")
     grid = target.local_grid
+    windows = _window_boxes(queries, target, allowed, window_mm, window_centres_lps_mm) if window_mm else None
     if not keep_similarity:
-        # only the searched voxels take part: a cached compact copy of their features, or each query's window
-        scores, flat, value_at = _sparse_search(queries, target, allowed, window_mm, window_centres_lps_mm)
+        if windows is not None:  # on demand: the local map of every query's window, in one pass (halos shared)
+            lo, hi, whole = windows
+            target.ensure(lo[~whole], hi[~whole], need=allowed)
+        # only the searched voxels take part: a cached compact copy of their features, or each query's window;
+        # (chunk, V) similarities at a time bound the memory
+        chunk = 64
+        parts = []
+        for i in range(0, max(len(queries), 1), chunk):  # one (empty) chunk for no query, as for a few
+            sel = slice(i, i + chunk)
+            scores, flat, value_at = _sparse_search(queries[sel], target, allowed,
+                                                    None if windows is None else tuple(w[sel] for w in windows))
+            parts.append((scores, flat, _subvoxel(value_at, flat, grid.shape_zyx)))
+        scores = torch.cat([p[0] for p in parts])
+        flat = torch.cat([p[1] for p in parts])
+        zyx = np.concatenate([p[2] for p in parts])
     else:
         sim = similarity(queries, target)
         searched = allowed[None]
-        if window_mm:  # the same boxes as the sparse search, as (N, V) masks
-            lo, hi, _ = _window_boxes(queries, target, allowed, window_mm, window_centres_lps_mm)
+        if windows is not None:  # the same boxes as the sparse search, as (N, V) masks
+            lo, hi, _ = windows
             zyx = torch.stack(torch.unravel_index(torch.arange(sim.shape[1]), grid.shape_zyx), 1)  # (V, d)
             inside = ((zyx[None] >= torch.from_numpy(lo)[:, None]) & (zyx[None] <= torch.from_numpy(hi)[:, None])).all(-1)
             searched = searched & inside.to(allowed.device)
@@ -272,7 +275,7 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
 
         def value_at(rows, flat_idx):
             return masked[rows, flat_idx.to(masked.device)].cpu()
-    zyx = _subvoxel(value_at, flat, grid.shape_zyx)
+        zyx = _subvoxel(value_at, flat, grid.shape_zyx)
     ijk = zyx[:, ::-1]
     pts = grid.index_to_lps(ijk)
     scores = scores.clamp(-1.0, 1.0)  # float rounding can exceed 1 by ~1e-7
