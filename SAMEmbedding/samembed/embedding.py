@@ -192,7 +192,7 @@ class EmbeddingMaps:
         zero-padded in front (int64), so that any box's count of allowed voxels takes 2^d lookups. The table of the
         most recent mask is kept."""
         mask = allowed.to(torch.bool).cpu().numpy()
-        key = (int(mask.sum()), hash(np.packbits(mask).tobytes()))
+        key = _mask_key(mask)
         if self._table is None or self._table[0] != key:
             t = np.pad(mask.reshape(self.local_grid.shape_zyx).astype(np.int64), [(1, 0)] * self.local_grid.ndim)
             for a in range(t.ndim):
@@ -208,7 +208,7 @@ class EmbeddingMaps:
         the default search mask reuse it. On-demand maps compute the allowed voxels first.
         """
         mask = allowed.to(torch.bool).cpu().numpy()
-        key = (int(mask.sum()), hash(np.packbits(mask).tobytes()))
+        key = _mask_key(mask)
         hit = self._compact.get(key)
         if hit is None:
             self.ensure_all(allowed)
@@ -233,6 +233,11 @@ class EmbeddingMaps:
             return self.valid
         inside = self.valid & self.body
         return inside if bool(inside.any()) else self.valid
+
+
+def _mask_key(mask: np.ndarray) -> tuple[int, int]:
+    """A cheap identity of a (V,) bool search mask, for the copies kept per mask."""
+    return int(mask.sum()), hash(np.packbits(mask).tobytes())
 
 
 def _touched_fraction(ready: torch.Tensor, page_voxels: int = 1024) -> float:
