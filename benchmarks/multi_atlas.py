@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from samembed_bench.suites import COMPACT_STRUCTURES, TUBULAR_STRUCTURES, data_root, read_openkbp_centroids
+from samembed_bench.suites import STRUCTURE_GROUPS, data_root, read_openkbp_centroids
 
 from samembed import Atlas, Matcher, MatchOptions
 
@@ -97,10 +97,6 @@ def main() -> int:
     return 0
 
 
-GROUPS = (("all", None), ("compact organs", COMPACT_STRUCTURES),
-          ("all but tubular", None))  # the issue's target set: every structure but the spinal cord and oesophagus
-
-
 def write_report(rows: list[dict], command: str, seconds: float, out: Path, stem: str, write_rows: bool) -> None:
     """The markdown and JSON reports (and the rows' CSV when ``write_rows``)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -112,9 +108,8 @@ def write_report(rows: list[dict], command: str, seconds: float, out: Path, stem
              "were contoured (issue 14 reports them but leaves them out of its targets).", "",
              "| method | structures | n | mean mm | median mm | P90 mm | within 10 mm |", "|---|---|---:|---:|---:|---:|---:|"]
     for method in methods:
-        for name, keep in GROUPS:
-            errs = [float(r["error_mm"]) for r in rows if r["method"] == method and (
-                r["structure"] not in TUBULAR_STRUCTURES if name == "all but tubular" else keep is None or r["structure"] in keep)]
+        for name, wanted in STRUCTURE_GROUPS:
+            errs = [float(r["error_mm"]) for r in rows if r["method"] == method and wanted(r["structure"])]
             s = summary(errs)
             report["results"][f"{method} / {name}"] = s
             if s["n"]:

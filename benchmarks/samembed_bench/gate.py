@@ -22,7 +22,7 @@ from samembed import Matcher, MatchOptions
 from samembed.io import write_text_atomic
 
 from .cases import Case
-from .suites import COMPACT_STRUCTURES, TUBULAR_STRUCTURES
+from .suites import STRUCTURE_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,8 @@ def compare(cases: list[Case], base: dict[str, np.ndarray], cand: dict[str, np.n
     ``base`` and ``cand`` map ``suite/case_id`` to the (N, 3) LPS mm offsets of the matches from the truth."""
     rows = []
     for suite in dict.fromkeys(c.suite for c in cases):
-        groups = [("all", lambda lab: True)]
-        if suite == "openkbp_inter":  # the issue's target sets: compact organs, and every structure but tubular ones
-            groups += [("compact organs", lambda lab: lab in COMPACT_STRUCTURES),
-                       ("all but tubular", lambda lab: lab not in TUBULAR_STRUCTURES)]
+        # the organ groups on openkbp_inter; every point on the other suites
+        groups = STRUCTURE_GROUPS if suite == "openkbp_inter" else STRUCTURE_GROUPS[:1]
         for group, wanted in groups:
             b, c = [], []
             for case in (k for k in cases if k.suite == suite):

@@ -51,6 +51,10 @@ COMPACT_STRUCTURES = ("Brainstem", "RightParotid", "LeftParotid", "Mandible")
 #: contoured over a length that varies with the field of view: no well-defined centroid (issue 14 reports them but
 #: leaves them out of its targets)
 TUBULAR_STRUCTURES = ("SpinalCord", "Esophagus")
+#: how OpenKBP organ-centroid errors are reported: every structure, the compact organs, and issue 14's target set
+#: (every structure but the tubular ones), each as (name, predicate on the structure name)
+STRUCTURE_GROUPS = (("all", lambda s: True), ("compact organs", lambda s: s in COMPACT_STRUCTURES),
+                    ("all but tubular", lambda s: s not in TUBULAR_STRUCTURES))
 AIR_HU = -1024.0
 
 
