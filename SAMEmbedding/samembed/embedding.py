@@ -55,8 +55,9 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
 
 _FILL_LOCK = threading.RLock()
 #: part of every cache key: bumped when the engine's arithmetic changes (v2: batch norms folded into the
-#: convolutions, channel norms summed channel by channel), so a map never mixes tiles of two versions
-NUMERICS = "2"
+#: convolutions, channel norms summed channel by channel; v3: each layer of a tile computed only where the layers
+#: after it need it), so a map never mixes tiles of two versions
+NUMERICS = "3"
 
 
 @dataclass(eq=False)
@@ -370,9 +371,8 @@ class TileComputer:
         b = [min(n, e + halo) for e, n in zip(stop, x.shape[2:])]
         xin = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
         with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
-            loc = net.forward_local(xin)
-            crop = tuple(slice((s - p) // sl, (s - p) // sl + -(-(e - s) // sl)) for s, e, p in zip(start, stop, a))
-            loc = normalize_channels(loc[(0, slice(None), *crop)].float())  # in place: no second copy of the tile
+            loc = net.forward_local_core(xin, tuple(s - p for s, p in zip(start, a)), tuple(q - e for e, q in zip(stop, b)))
+            loc = normalize_channels(loc[0].float())  # in place: no second copy of the tile
         shape = maps.local_grid.shape_zyx
         lo = np.array([s // sl for s in start])
         hi = lo + np.array(loc.shape[1:]) - 1

@@ -146,3 +146,34 @@ def test_the_inference_copy_folds_batch_norms_and_embeds_as_the_trained_network(
             assert float((a - b).abs().max()) <= 1e-5
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the trainable network was changed"
+
+
+@pytest.mark.parametrize("model_name", ["default", "sam-lite-2d-hand"])
+def test_the_core_of_a_tile_is_the_whole_map_there_and_the_output_layer_runs_on_the_core_only(model_name):
+    """``forward_local_core`` crops each layer to what the next ones read; the core must equal the whole map's
+    voxels, for tiles inside the volume and tiles clipped at its edges (less context on one side)."""
+    from samembed.networks.base import inference_copy
+
+    net = inference_copy(load_model(model_name).net)  # both ship with the repository
+    nd = net.spec.ndim
+    n = (88, 96, 80)[:nd] if nd == 3 else (200, 168)
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, *n) * 60
+    halo, stride = net.spec.tile_halo, net.spec.local_stride[0]
+    cases = [((40,) * nd, (56,) * nd), ((0,) * nd, (16,) * nd), (tuple(s - 24 for s in n), n),
+             ((8,) + (32,) * (nd - 1), (24,) + tuple(s - 8 for s in n[1:]))]
+    out_sizes = []
+    net.l_out[0].register_forward_hook(lambda m, i, o: out_sizes.append(tuple(o.shape[2:])))
+    with torch.inference_mode():
+        whole = net.forward_local(x)
+        for start, stop in cases:
+            a = [max(0, s - halo) for s in start]
+            b = [min(m, e + halo) for e, m in zip(stop, n)]
+            tile = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
+            core = net.forward_local_core(tile, tuple(s - p for s, p in zip(start, a)), tuple(q - e for e, q in zip(stop, b)))
+            ref = whole[(slice(None), slice(None), *(slice(s // stride, e // stride) for s, e in zip(start, stop)))]
+            assert core.shape == ref.shape, (start, stop)
+            assert float((core - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (start, stop)
+            # the output convolution ran on the core and one voxel around it, not on the tile with its halo
+            ran = out_sizes[-1]
+            assert all(r <= (e - s) // stride + 2 for r, s, e in zip(ran, start, stop)), (ran, start, stop)

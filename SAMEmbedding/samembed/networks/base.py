@@ -65,6 +65,20 @@ class EmbeddingNet(nn.Module):
         local, glob = self.forward_maps(x)
         return nn.functional.normalize(local, dim=1), nn.functional.normalize(glob, dim=1)
 
+    def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...]) -> torch.Tensor:
+        """Un-normalised local map of the core of an input tile (networks with ``has_separate_global``).
+
+        ``x`` (N, C, *spatial) is a tile of the network input: its core, with ``context_lo`` / ``context_hi`` input
+        voxels of context before / after it on each spatial axis (``tile_halo``, or less where the tile meets the
+        volume's edge). Returns the local map of the core only, (N, C, *core / local_stride). This default runs
+        :meth:`forward_local` on the whole tile and crops; a network may compute each layer only where the layers
+        after it need it, with the same result.
+        """
+        loc = self.forward_local(x)
+        stride = self.spec.local_stride
+        crop = tuple(slice(lo // s, (n - hi) // s) for lo, hi, n, s in zip(context_lo, context_hi, x.shape[2:], stride))
+        return loc[(slice(None), slice(None), *crop)]
+
 
 def inference_copy(net: EmbeddingNet) -> EmbeddingNet:
     """A copy of ``net`` for embedding only: in eval mode, each convolution directly followed by a batch norm in an

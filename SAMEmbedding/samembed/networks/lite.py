@@ -129,6 +129,44 @@ class SamLite(EmbeddingNet):
         p0 = _up_add(p1, self.l_lat[0](c0))
         return self.l_out(p0)
 
+    def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...]) -> torch.Tensor:
+        """:meth:`forward_local` of the core of a tile only, each layer computed only where the layers after it
+        need it (see :meth:`EmbeddingNet.forward_local_core` for the arguments).
+
+        A tile's context (up to 32 input voxels per side) is what the encoder's deepest path needs; the decoder
+        needs far less. Each map is cropped to the context its consumers read, in input voxels beyond the core:
+        the 4 mm encoder output to 28 (what the 8 mm stage reads), the 8 mm output to 24, the 16 mm output to 8, and
+        the lateral maps to 8 / 4 / 2 for the top-down path, so the output convolution runs on the core plus one
+        4 mm voxel instead of the whole tile. Each kept value is computed from the same inputs as in
+        :meth:`forward_local`, so the core is the same (up to float rounding); crops keep every map on its stride's
+        grid. Context must be a multiple of 8 input voxels per side, or reach the volume's edge, where the
+        zero padding is the whole-volume run's own. For a ±50 mm window this is about half the work of the
+        whole tile.
+        """
+        ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
+        nd = x.dim() - 2
+
+        def crop(t: torch.Tensor, unit: int, have: int, keep: int) -> torch.Tensor:
+            # t holds min(context, have) input voxels of context per side, unit input voxels per voxel
+            sl = []
+            for ax in range(nd):
+                drop = [(min(c[ax], have) - min(c[ax], keep)) // unit for c in ctx]
+                sl.append(slice(drop[0], t.shape[2 + ax] - drop[1]))
+            return t[(slice(None), slice(None), *sl)]
+
+        def up(t: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(t, scale_factor=2.0, mode="nearest")
+
+        big = 1 << 30
+        c0 = self.l_stem(space_to_depth(x * self.input_scale, 2))  # 4 mm, the whole tile
+        c1 = self.l_down1(crop(c0, 2, big, 28))  # 8 mm, 28 voxels of context
+        c2 = self.l_down2(crop(c1, 4, 28, 24))  # 16 mm, 24
+        p2 = self.l_lat[2](crop(c2, 8, 24, 8))
+        p1 = self.l_lat[1](crop(c1, 4, 28, 4)) + crop(up(p2), 4, 8, 4)
+        p0 = self.l_lat[0](crop(c0, 2, big, 2)) + crop(up(p1), 2, 4, 2)
+        out = self.l_out[0](p0)
+        return self.l_out[1](crop(out, 2, 2, 0))
+
     def forward_global(self, x: torch.Tensor) -> torch.Tensor:
         """Un-normalised global map (stride 8) for input ``x``; spatial sizes must be multiples of 8."""
         pool = F.avg_pool3d if x.dim() == 5 else F.avg_pool2d
