@@ -39,6 +39,7 @@ STAGES = (
     ("samembed.embedding", "Embedder._body_on_local", "body"),
     ("samembed.networks.lite", "SamLite.forward_global", "global map"),
     ("samembed.networks.lite", "SamLite.forward_local", "local map"),
+    ("samembed.networks.lite", "SamLite.forward_local_core", "local map"),
     ("samembed.embedding", "Embedder._assemble", "assemble"),
     ("samembed.tiles", "upsample_box", "assemble"),
     ("samembed.tiles", "upsample_at", "assemble"),

@@ -598,9 +598,7 @@ class Embedder:
         n_vox = int(np.prod(local_grid.shape_zyx))
         features = torch.empty((spec.local_channels + glob.shape[0], n_vox), dtype=feat_dtype, device=self.device)
         # voxel centres inside the original image
-        idx = np.indices(local_grid.shape_zyx).reshape(local_grid.ndim, -1).T[:, ::-1]  # C order, columns (i, j, k)
-        inside = image.grid.contains_index(image.grid.lps_to_index(local_grid.index_to_lps(idx)), margin=0.5)
-        valid = torch.from_numpy(inside).to(features.device)
+        valid = torch.from_numpy(local_grid.centres_inside(image.grid, margin=0.5).reshape(-1)).to(features.device)
         return EmbeddingMaps(glob.float() if not self.half else glob, features, valid, body.to(features.device),
                              local_grid, global_grid, image.grid, self.model.model_id, key, spec.local_channels,
                              image.name, ready=torch.zeros(n_vox, dtype=torch.bool))

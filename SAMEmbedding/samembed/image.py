@@ -91,6 +91,33 @@ class Grid:
         upper = np.asarray(self.size_ijk, dtype=np.float64) - 1 + margin
         return np.all((ijk >= -margin) & (ijk <= upper), axis=1)
 
+    def centres_inside(self, other: Grid, margin: float = 0.5) -> np.ndarray:
+        """(``shape_zyx``) bool: whether each voxel centre of this grid lies inside ``other``, extended by
+        ``margin`` voxels of ``other`` (as :meth:`contains_index`).
+
+        When each axis of this grid runs along one axis of ``other`` (the same directions up to permutations and
+        flips, as after preprocessing), the test is separable: one line of voxels per axis is mapped, with the same
+        arithmetic as mapping every voxel, and the result is the product of the per-axis tests. Other geometries
+        map every voxel centre.
+        """
+        d = self.ndim
+        to_lps = self.direction @ np.diag(self.spacing_mm)
+        to_other = np.linalg.inv(other.direction @ np.diag(other.spacing_mm))
+        if np.count_nonzero(to_lps) == d and np.count_nonzero(to_other) == d:
+            upper = np.asarray(other.size_ijk, dtype=np.float64) - 1 + margin
+            axis_in_other = np.argmax(np.abs(to_other @ to_lps), axis=0)  # other's axis along each of ours (ijk)
+            out = np.ones(self.shape_zyx, dtype=bool)
+            for a, n in enumerate(self.size_ijk):
+                line = np.zeros((n, d))
+                line[:, a] = np.arange(n)
+                v = other.lps_to_index(self.index_to_lps(line))[:, axis_in_other[a]]
+                shape = [1] * d
+                shape[d - 1 - a] = n
+                out &= ((v >= -margin) & (v <= upper[axis_in_other[a]])).reshape(shape)
+            return out
+        idx = np.indices(self.shape_zyx).reshape(d, -1).T[:, ::-1]  # C order, columns (i, j, k)
+        return other.contains_index(other.lps_to_index(self.index_to_lps(idx)), margin).reshape(self.shape_zyx)
+
     def derived(self, stride: tuple[int, ...], shape_zyx: tuple[int, ...]) -> Grid:
         """Geometry of a map computed from this grid with a per-axis ``stride`` (i, j, k order).
 

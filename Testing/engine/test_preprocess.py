@@ -59,3 +59,23 @@ def test_derived_grids_place_output_voxels_at_block_centres():
     d = g.derived((2, 2, 2), (4, 4, 4))
     np.testing.assert_allclose(d.origin_lps_mm, [1.0, 1.0, 1.0])
     np.testing.assert_allclose(d.spacing_mm, [4.0, 4.0, 4.0])
+
+
+@pytest.mark.parametrize("direction", [np.diag([-1.0, -1.0, 1.0]),  # stored RAS, as many NIfTI files
+                                       np.array([[0.0, 0, 1], [1, 0, 0], [0, -1, 0]]),  # permuted and flipped
+                                       None])  # oblique: every voxel is mapped
+def test_the_voxels_inside_the_image_are_the_same_whether_mapped_per_axis_or_voxel_by_voxel(direction):
+    if direction is None:
+        a = np.deg2rad(25)
+        direction = np.array([[np.cos(a), 0, np.sin(a)], [0, -1, 0], [-np.sin(a), 0, np.cos(a)]])
+    img = Image.from_array(np.zeros((23, 30, 41), np.float32) - 1000, spacing_mm=(0.9, 1.3, 2.5),
+                           origin_lps_mm=(-5, 7, 11), direction=direction)
+    prep = preprocess(img, PreprocessConfig(spacing_mm=2.0), modality="ct")
+    # the engine's local grid: stride 2, padded beyond the image so that some centres fall outside it
+    local = prep.grid.derived((2, 2, 2), tuple(s // 2 + 3 for s in prep.array.shape))
+    idx = np.indices(local.shape_zyx).reshape(3, -1).T[:, ::-1]
+    dense = img.grid.contains_index(img.grid.lps_to_index(local.index_to_lps(idx)), margin=0.5)
+    got = local.centres_inside(img.grid, margin=0.5)
+    assert got.shape == local.shape_zyx
+    assert 0 < dense.sum() < dense.size  # both inside and outside voxels are tested
+    np.testing.assert_array_equal(got.reshape(-1), dense)
