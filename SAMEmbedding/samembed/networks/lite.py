@@ -56,6 +56,21 @@ def _up_add(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     return fine + F.interpolate(coarse, size=fine.shape[2:], mode="nearest")
 
 
+def _pointwise(conv: nn.Module, t: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+    """A 1 x 1 (x 1) convolution as one matrix product over the channels.
+
+    On a channels-last map this reads the voxels' channel vectors in place (the CPU's convolution path is slow for
+    1 x 1 kernels in that layout). ``channels_first``: the result is laid out (N, C, *spatial), contiguous.
+    """
+    w = conv.weight.reshape(conv.weight.shape[0], -1)
+    if channels_first and t.shape[0] == 1:
+        flat = t.movedim(1, -1).reshape(-1, t.shape[1])  # (voxels, C_in)
+        y = w @ flat.T if conv.bias is None else torch.addmm(conv.bias[:, None], w, flat.T)
+        return y.reshape(1, w.shape[0], *t.shape[2:])
+    y = F.linear(t.movedim(1, -1), w, conv.bias).movedim(-1, 1)
+    return y.contiguous() if channels_first else y
+
+
 class SamLite(EmbeddingNet):
     """Small two-branch SAM network; see the module docstring.
 
@@ -161,11 +176,18 @@ class SamLite(EmbeddingNet):
         c0 = self.l_stem(space_to_depth(x * self.input_scale, 2))  # 4 mm, the whole tile
         c1 = self.l_down1(crop(c0, 2, big, 28))  # 8 mm, 28 voxels of context
         c2 = self.l_down2(crop(c1, 4, 28, 24))  # 16 mm, 24
-        p2 = self.l_lat[2](crop(c2, 8, 24, 8))
-        p1 = self.l_lat[1](crop(c1, 4, 28, 4)) + crop(up(p2), 4, 8, 4)
-        p0 = self.l_lat[0](crop(c0, 2, big, 2)) + crop(up(p1), 2, 4, 2)
+        p2 = _pointwise(self.l_lat[2], crop(c2, 8, 24, 8))
+        p1 = _pointwise(self.l_lat[1], crop(c1, 4, 28, 4)) + crop(up(p2), 4, 8, 4)
+        p0 = _pointwise(self.l_lat[0], crop(c0, 2, big, 2)) + crop(up(p1), 2, 4, 2)
         out = self.l_out[0](p0)
-        return self.l_out[1](crop(out, 2, 2, 0))
+        return _pointwise(self.l_out[1], crop(out, 2, 2, 0), channels_first=True)
+
+    def for_inference(self) -> SamLite:
+        """Lay the weights out channels-last (in place; returns self), the faster layout for the CPU's 3 x 3
+        convolutions (about 2x for the local encoder); :meth:`forward_local_core` does its 1 x 1 convolutions as
+        matrix products, which suit that layout, and returns a channels-first map."""
+        fmt = torch.channels_last_3d if self.ndim == 3 else torch.channels_last
+        return self.to(memory_format=fmt)
 
     def forward_global(self, x: torch.Tensor) -> torch.Tensor:
         """Un-normalised global map (stride 8) for input ``x``; spatial sizes must be multiples of 8."""
