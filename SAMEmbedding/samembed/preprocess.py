@@ -107,13 +107,22 @@ def resample_to_spacing(img, spacing_mm: float, fill_value: float):
     return res.Execute(img)
 
 
-def map_intensity(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.2, 99.8)) -> np.ndarray:
-    """Official intensity mapping to about [-50, 205] (float32); see the module docstring."""
+def map_intensity(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.2, 99.8),
+                  out_in_place: bool = False) -> np.ndarray:
+    """Official intensity mapping to about [-50, 205] (float32); see the module docstring.
+
+    ``out_in_place``: a float32 ``array`` may be overwritten with the result (CT), saving a volume-sized buffer;
+    the caller's array must be its own (as a fresh resampling output is).
+    """
     a = array.astype(np.float32, copy=False)
     if modality == "ct":
         lo, hi = CT_RANGE_HU
-        out = (np.clip(a, lo, hi) - lo) * (255.0 / (hi - lo)) - 50.0
-        return out.astype(np.float32, copy=False)
+        # (clip(a) - lo) * (255 / (hi - lo)) - 50, in float32, in one buffer: the same values as the expression
+        out = np.clip(a, lo, hi, out=a if out_in_place else None)
+        out -= np.float32(lo)
+        out *= np.float32(255.0 / (hi - lo))
+        out -= np.float32(50.0)
+        return out
     p_lo, p_hi = np.percentile(a, percentiles)
     p_hi = max(float(p_hi), 1.0) if modality == "mri" else float(p_hi)
     lo_i, hi_i = (int(p_lo), int(p_hi)) if modality == "mri" else (float(p_lo), float(p_hi))
@@ -151,7 +160,8 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto") -
     d = res.GetDimension()
     grid = Grid(arr.shape, res.GetSpacing(), res.GetOrigin(), np.array(res.GetDirection()).reshape(d, d))
     fill_mapped = float(map_intensity(np.array([fill], dtype=np.float32), mod, (0.0, 100.0))[0]) if mod == "ct" else -50.0
-    return Prepared(map_intensity(arr, mod, config.percentiles), grid, mod, fill_mapped)
+    # arr is the resampler's own copy, so it may be mapped in place
+    return Prepared(map_intensity(arr, mod, config.percentiles, out_in_place=True), grid, mod, fill_mapped)
 
 
 def body_mask(prepared: Prepared, threshold_mapped: float | None = None) -> np.ndarray:
@@ -177,11 +187,32 @@ def body_mask_array(a: np.ndarray, modality: str, threshold_mapped: float | None
         return np.ones_like(m)
     lab, n = ndimage.label(m)
     if n > 1:
-        sizes = ndimage.sum(m, lab, index=np.arange(1, n + 1))
+        sizes = np.bincount(lab.reshape(-1), minlength=n + 1)[1:]  # voxels per component
         m = lab == (int(np.argmax(sizes)) + 1)
     m = ndimage.binary_closing(m, iterations=2)
-    if m.ndim == 3:  # lungs and bowel gas are holes in each axial slice, not in 3D
-        m = np.stack([ndimage.binary_fill_holes(s) for s in m])
-    else:
-        m = ndimage.binary_fill_holes(m)
+    m = fill_holes_per_slice(m)  # lungs and bowel gas are holes in each axial slice, not in 3D
     return ndimage.binary_dilation(m, iterations=2)
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` of each slice along the first axis (the whole mask in 2D): background
+    regions (4-connected within the slice) that do not reach the slice's border become foreground.
+
+    All slices are labelled in one pass, with a structure that connects voxels within a slice only; this equals
+    filling slice by slice, without a dilation to convergence per slice.
+    """
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim == 2:
+        return fill_holes_per_slice(m[None])[0]
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    lab, n = ndimage.label(~m, structure=structure)
+    if n == 0:
+        return m.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        outside[edge] = True
+    outside[0] = True  # label 0 is the foreground itself
+    return m | ~outside[lab]

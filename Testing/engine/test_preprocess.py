@@ -79,3 +79,23 @@ def test_the_voxels_inside_the_image_are_the_same_whether_mapped_per_axis_or_vox
     assert got.shape == local.shape_zyx
     assert 0 < dense.sum() < dense.size  # both inside and outside voxels are tested
     np.testing.assert_array_equal(got.reshape(-1), dense)
+
+
+def test_holes_filled_slice_by_slice_in_one_labelling_equal_scipys_fill_per_slice():
+    """The body mask's hole filling (lungs, bowel gas) on a real head-and-neck CT and a chest CT."""
+    from scipy import ndimage
+
+    from samembed.io import read_image
+    from samembed.preprocess import fill_holes_per_slice
+
+    from ..conftest import data_file
+
+    for path in (data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"), data_file("ct", "lidc", "LIDC-IDRI-0001_ct.nii.gz")):
+        prep = preprocess(read_image(path), PreprocessConfig(spacing_mm=2.0), modality="ct")
+        for above in (-500.0, 100.0):  # the body, and bone (many small holes, open and closed)
+            m = prep.array[::2, ::2, ::2] > (above + 1024.0) * 255.0 / 4095.0 - 50.0
+            expected = np.stack([ndimage.binary_fill_holes(s) for s in m])
+            got = fill_holes_per_slice(m)
+            assert (expected & ~m).any(), f"{path.name}: no hole to fill"
+            np.testing.assert_array_equal(got, expected, err_msg=f"{path.name}, above {above} HU")
+    np.testing.assert_array_equal(fill_holes_per_slice(m[40]), ndimage.binary_fill_holes(m[40]))  # 2D
