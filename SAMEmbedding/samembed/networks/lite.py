@@ -150,9 +150,9 @@ class SamLite(EmbeddingNet):
 
         A tile's context (up to 32 input voxels per side) is what the encoder's deepest path needs; the decoder
         needs far less. Each map is cropped to the context its consumers read, in input voxels beyond the core:
-        the 4 mm encoder output to 28 (what the 8 mm stage reads), the 8 mm output to 24, the 16 mm output to 8, and
-        the lateral maps to 8 / 4 / 2 for the top-down path, so the output convolution runs on the core plus one
-        4 mm voxel instead of the whole tile. Each kept value is computed from the same inputs as in
+        the input to 28, the 8 mm stage's first output to 24, the 16 mm stage's first output to 16, and the
+        lateral maps to 8 / 4 / 2 for the top-down path, so the output convolution runs on the core plus one 4 mm
+        voxel instead of the whole tile. Each kept value is computed from the same inputs as in
         :meth:`forward_local`, so the core is the same (up to float rounding); crops keep every map on its stride's
         grid. Context must be a multiple of 8 input voxels per side, or reach the volume's edge, where the
         zero padding is the whole-volume run's own. For a ±50 mm window this is about half the work of the
@@ -172,13 +172,17 @@ class SamLite(EmbeddingNet):
         def up(t: torch.Tensor) -> torch.Tensor:
             return F.interpolate(t, scale_factor=2.0, mode="nearest")
 
+        # context kept per map (input voxels); each map is exact up to a few voxels inside its crop, and every
+        # crop keeps a multiple of the next stride-2 convolution's step, so the maps stay on the whole map's grid
         big = 1 << 30
-        c0 = self.l_stem(space_to_depth(x * self.input_scale, 2))  # 4 mm, the whole tile
-        c1 = self.l_down1(crop(c0, 2, big, 28))  # 8 mm, 28 voxels of context
-        c2 = self.l_down2(crop(c1, 4, 28, 24))  # 16 mm, 24
-        p2 = _pointwise(self.l_lat[2], crop(c2, 8, 24, 8))
-        p1 = _pointwise(self.l_lat[1], crop(c1, 4, 28, 4)) + crop(up(p2), 4, 8, 4)
-        p0 = _pointwise(self.l_lat[0], crop(c0, 2, big, 2)) + crop(up(p1), 2, 4, 2)
+        c0 = self.l_stem(space_to_depth(crop(x, 1, big, 28) * self.input_scale, 2))  # 4 mm, 28 (exact from 26)
+        d1 = self.l_down1[0](c0)  # 8 mm, 28 (exact from 24)
+        c1 = self.l_down1[1](crop(d1, 4, 28, 24))  # 24 (exact from 20)
+        d2 = self.l_down2[0](c1)  # 16 mm, 24 (exact from 16)
+        c2 = self.l_down2[1](crop(d2, 8, 24, 16))  # 16 (exact from 8)
+        p2 = _pointwise(self.l_lat[2], crop(c2, 8, 16, 8))
+        p1 = _pointwise(self.l_lat[1], crop(c1, 4, 24, 4)) + crop(up(p2), 4, 8, 4)
+        p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(up(p1), 2, 4, 2)
         out = self.l_out[0](p0)
         return _pointwise(self.l_out[1], crop(out, 2, 2, 0), channels_first=True)
 
