@@ -92,7 +92,6 @@ def inference_copy(net: EmbeddingNet) -> EmbeddingNet:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     out = copy.deepcopy(net).eval()
-    out = out.for_inference() if hasattr(out, "for_inference") else out
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     for module in out.modules():
@@ -103,4 +102,4 @@ def inference_copy(net: EmbeddingNet) -> EmbeddingNet:
             if isinstance(conv, convs) and isinstance(norm, norms) and norm.track_running_stats:
                 module[i] = fuse_conv_bn_eval(conv, norm)
                 module[i + 1] = nn.Identity()
-    return out
+    return out.for_inference() if hasattr(out, "for_inference") else out  # after folding: the new weights too
