@@ -174,9 +174,13 @@ def body_mask(prepared: Prepared, threshold_mapped: float | None = None) -> np.n
 
 
 def body_mask_array(a: np.ndarray, modality: str, threshold_mapped: float | None = None) -> np.ndarray:
-    """:func:`body_mask` on a bare array of mapped intensities (any grid)."""
-    from scipy import ndimage
+    """:func:`body_mask` on a bare array of mapped intensities (any grid, 2D or 3D).
 
+    The same mask as ``scipy.ndimage``'s ``label`` (largest component), ``binary_closing(iterations=2)``,
+    per-slice ``binary_fill_holes`` and ``binary_dilation(iterations=2)`` with their default (face) structures,
+    without importing scipy (about 0.4 s of a cold process): components come from SimpleITK, which reads the images
+    anyway, and the morphology is a few shifted boolean operations.
+    """
     if threshold_mapped is None:
         if modality == "ct":
             threshold_mapped = (-500.0 - CT_RANGE_HU[0]) * 255.0 / (CT_RANGE_HU[1] - CT_RANGE_HU[0]) - 50.0
@@ -185,30 +189,71 @@ def body_mask_array(a: np.ndarray, modality: str, threshold_mapped: float | None
     m = a > threshold_mapped
     if not m.any():
         return np.ones_like(m)
-    lab, n = ndimage.label(m)
+    lab, n = label_faces(m)
     if n > 1:
         sizes = np.bincount(lab.reshape(-1), minlength=n + 1)[1:]  # voxels per component
         m = lab == (int(np.argmax(sizes)) + 1)
-    m = ndimage.binary_closing(m, iterations=2)
+    m = erode_faces(dilate_faces(m, 2), 2)  # closing
     m = fill_holes_per_slice(m)  # lungs and bowel gas are holes in each axial slice, not in 3D
-    return ndimage.binary_dilation(m, iterations=2)
+    return dilate_faces(m, 2)
+
+
+def label_faces(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of a boolean array, voxels joined through faces (``scipy.ndimage.label``'s default):
+    ``(labels, count)``, labels 1..count (uint32), 0 outside the mask."""
+    import SimpleITK as sitk
+
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8)), False)
+    lab = sitk.GetArrayFromImage(cc)
+    return lab, int(lab.max(initial=0))
+
+
+def _face_step(m: np.ndarray, erode: bool) -> np.ndarray:
+    """One step of a face-structure dilation (or erosion, where the outside of the array counts as False, as
+    scipy's ``border_value=0``)."""
+    combine = np.logical_and if erode else np.logical_or
+    out = m.copy()
+    for ax in range(m.ndim):
+        lo, hi, first, last = ([slice(None)] * m.ndim for _ in range(4))
+        lo[ax], hi[ax], first[ax], last[ax] = slice(0, -1), slice(1, None), 0, -1
+        combine(out[tuple(hi)], m[tuple(lo)], out=out[tuple(hi)])  # the neighbour before
+        combine(out[tuple(lo)], m[tuple(hi)], out=out[tuple(lo)])  # the neighbour after
+        if erode:
+            out[tuple(first)] = False
+            out[tuple(last)] = False
+    return out
+
+
+def dilate_faces(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``scipy.ndimage.binary_dilation(mask, iterations=...)`` with the face (cross) structure."""
+    m = np.asarray(mask, dtype=bool)
+    for _ in range(iterations):
+        m = _face_step(m, erode=False)
+    return m
+
+
+def erode_faces(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``scipy.ndimage.binary_erosion(mask, iterations=...)`` with the face (cross) structure, outside = False."""
+    m = np.asarray(mask, dtype=bool)
+    for _ in range(iterations):
+        m = _face_step(m, erode=True)
+    return m
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes`` of each slice along the first axis (the whole mask in 2D): background
-    regions (4-connected within the slice) that do not reach the slice's border become foreground.
+    regions (joined through faces within the slice) that do not reach the slice's border become foreground.
 
-    All slices are labelled in one pass, with a structure that connects voxels within a slice only; this equals
-    filling slice by slice, without a dilation to convergence per slice.
+    The slices' backgrounds are labelled in one pass, with an empty plane between consecutive slices so that no
+    region joins two slices; this equals filling slice by slice.
     """
-    from scipy import ndimage
-
     m = np.asarray(mask, dtype=bool)
     if m.ndim == 2:
         return fill_holes_per_slice(m[None])[0]
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
-    lab, n = ndimage.label(~m, structure=structure)
+    bg = np.zeros((2 * m.shape[0] - 1, *m.shape[1:]), dtype=bool)
+    bg[0::2] = ~m
+    lab, n = label_faces(bg)
+    lab = lab[0::2]
     if n == 0:
         return m.copy()
     outside = np.zeros(n + 1, dtype=bool)

@@ -81,21 +81,45 @@ def test_the_voxels_inside_the_image_are_the_same_whether_mapped_per_axis_or_vox
     np.testing.assert_array_equal(got.reshape(-1), dense)
 
 
-def test_holes_filled_slice_by_slice_in_one_labelling_equal_scipys_fill_per_slice():
-    """The body mask's hole filling (lungs, bowel gas) on a real head-and-neck CT and a chest CT."""
+def scipy_body_mask(a: np.ndarray, threshold: float) -> np.ndarray:
+    """The body mask as it was written with scipy.ndimage (the reference for the engine's scipy-free one)."""
+    from scipy import ndimage
+
+    m = a > threshold
+    lab, n = ndimage.label(m)
+    if n > 1:
+        m = lab == (int(np.argmax(ndimage.sum(m, lab, index=np.arange(1, n + 1)))) + 1)
+    m = ndimage.binary_closing(m, iterations=2)
+    m = np.stack([ndimage.binary_fill_holes(s) for s in m]) if m.ndim == 3 else ndimage.binary_fill_holes(m)
+    return ndimage.binary_dilation(m, iterations=2)
+
+
+def test_the_body_mask_and_its_steps_equal_scipy_ndimage_on_real_scans(data_dir):
+    """Face-connected components, closing, per-slice hole filling and dilation, without scipy, on a head-and-neck
+    CT, a chest CT (lungs are holes) and a hand radiograph (2D), at the engine's body-mask grid (every 2nd voxel)."""
     from scipy import ndimage
 
     from samembed.io import read_image
-    from samembed.preprocess import fill_holes_per_slice
+    from samembed.preprocess import body_mask_array, dilate_faces, erode_faces, fill_holes_per_slice, label_faces
 
     from ..conftest import data_file
 
-    for path in (data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"), data_file("ct", "lidc", "LIDC-IDRI-0001_ct.nii.gz")):
-        prep = preprocess(read_image(path), PreprocessConfig(spacing_mm=2.0), modality="ct")
-        for above in (-500.0, 100.0):  # the body, and bone (many small holes, open and closed)
-            m = prep.array[::2, ::2, ::2] > (above + 1024.0) * 255.0 / 4095.0 - 50.0
-            expected = np.stack([ndimage.binary_fill_holes(s) for s in m])
-            got = fill_holes_per_slice(m)
-            assert (expected & ~m).any(), f"{path.name}: no hole to fill"
-            np.testing.assert_array_equal(got, expected, err_msg=f"{path.name}, above {above} HU")
-    np.testing.assert_array_equal(fill_holes_per_slice(m[40]), ndimage.binary_fill_holes(m[40]))  # 2D
+    hands = sorted((data_dir / "xray" / "hand_dha37" / "images").glob("*.jpg"))
+    paths = [data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"), data_file("ct", "lidc", "LIDC-IDRI-0001_ct.nii.gz")]
+    for path in paths + hands[:1]:
+        image = read_image(path)
+        prep = preprocess(image, PreprocessConfig(spacing_mm=2.0 if image.ndim == 3 else 0.5))
+        a = prep.array[(slice(None, None, 2),) * prep.array.ndim]
+        threshold = (-500.0 + 1024.0) * 255.0 / 4095.0 - 50.0 if prep.modality == "ct" else float(np.percentile(a, 5.0))
+        np.testing.assert_array_equal(body_mask_array(a, prep.modality), scipy_body_mask(a, threshold), err_msg=path.name)
+        for above in (threshold, 100.0):  # the body; bone (many small parts and holes)
+            m = a > above
+            lab, n = label_faces(m)
+            ref_lab, ref_n = ndimage.label(m)
+            assert n == ref_n and np.array_equal(lab > 0, ref_lab > 0), path.name
+            assert sorted(np.bincount(lab.ravel())[1:]) == sorted(np.bincount(ref_lab.ravel())[1:]), path.name
+            np.testing.assert_array_equal(dilate_faces(m, 2), ndimage.binary_dilation(m, iterations=2))
+            np.testing.assert_array_equal(erode_faces(m, 2), ndimage.binary_erosion(m, iterations=2))
+            filled = np.stack([ndimage.binary_fill_holes(s) for s in m]) if m.ndim == 3 else ndimage.binary_fill_holes(m)
+            assert (filled & ~m).any(), f"{path.name}: no hole to fill"
+            np.testing.assert_array_equal(fill_holes_per_slice(m), filled, err_msg=path.name)
