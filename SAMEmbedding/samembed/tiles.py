@@ -58,13 +58,23 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
     ``F.interpolate(..., mode="trilinear", align_corners=False)`` to float rounding (about 1e-6).
     """
 
+    import torch
+
     out = glob.float()
-    for a in reversed(range(len(out_shape))):
+    for a in reversed(range(1, len(out_shape))):
         i0, i1, w0, w1 = _linear_taps(glob.shape[1 + a], out_shape[a], np.arange(lo[a], hi[a] + 1))
         shape = [1] * out.dim()
         shape[1 + a] = -1
         first = out.index_select(1 + a, i0).mul_(w0.reshape(shape))
         out = first.add_(out.index_select(1 + a, i1).mul_(w1.reshape(shape)))
+    # the first axis, whose output is the full box: plane by plane, with the same products and sum as above, so
+    # that only one plane's temporary exists at a time (the box is written once instead of through two copies)
+    i0, i1, w0, w1 = _linear_taps(glob.shape[1], out_shape[0], np.arange(lo[0], hi[0] + 1))
+    src = out
+    out = torch.empty((src.shape[0], len(i0), *src.shape[2:]), dtype=src.dtype)
+    for z in range(len(i0)):
+        plane = torch.mul(src[:, int(i0[z])], w0[z], out=out[:, z])
+        plane.add_(src[:, int(i1[z])] * w1[z])
     return out
 
 

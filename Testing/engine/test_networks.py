@@ -139,6 +139,11 @@ def test_the_inference_copy_folds_batch_norms_and_embeds_as_the_trained_network(
     fused = inference_copy(net)
     n_bn = sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     assert n_bn > 0 and not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+    # every convolution takes oneDNN, whatever PyTorch's routing would pick for its size
+    from samembed.networks.lite import OneDnnConv3d
+
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(type(m) is OneDnnConv3d for m in convs)
     torch.manual_seed(0)
     x = torch.randn(1, 1, 48, 56, 40) * 60
     with torch.inference_mode():
