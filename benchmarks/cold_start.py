@@ -215,6 +215,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--openkbp-pairs", type=int, default=5)
     p.add_argument("--no-elastix", action="store_true")
     args = p.parse_args(argv)
+    load_at_start = os.getloadavg()[0]
     os.environ.setdefault("SAMEMBED_ELASTIX_THREADS", "1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -274,8 +275,9 @@ def run(argv: list[str]) -> int:
                  "mean_err": float(np.mean(errs)), "n_points": len(errs)}
         print(f"atlas: {r['process_s']:.1f} s, per target {r['per_target_s']}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    (work / "cold_start.json").write_text(json.dumps({"rows": rows, "atlas": atlas}, indent=1, default=str))
-    Path(args.out).write_text(report(rows, atlas))
+    (work / "cold_start.json").write_text(json.dumps({"rows": rows, "atlas": atlas, "load_at_start": load_at_start},
+                                                     indent=1, default=str))
+    Path(args.out).write_text(report(rows, atlas, load_at_start))
     print(f"wrote {args.out}")
     return 0
 
@@ -284,19 +286,20 @@ def _fmt_stages(stages: dict) -> str:
     return ", ".join(f"{k} {stages[k]:.2f}" for k in ORDER if k in stages and stages[k] >= 0.005)
 
 
-def report(rows: list[dict], atlas: dict | None) -> str:
+def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = None) -> str:
     """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios."""
     import platform
 
     import numpy as np
 
     load = os.getloadavg()
+    start = f"{load_at_start:.1f} at the start, " if load_at_start is not None else ""
     lines = [
         "# Cold start: `samembed match` (fresh process, no cache) against elastix affine + B-spline",
         "",
-        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores **shared with a training run and other developers** "
-        f"(load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end); every number is wall time on a loaded "
-        "machine and only the ratios measured side by side are meaningful. SAM: torch, OMP_NUM_THREADS="
+        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores (1-minute load average {start}{load[0]:.1f} at the "
+        "end; the run's own processes count in it). Every number is wall time; on a shared VM absolute times vary "
+        "from run to run, so the ratios, measured side by side, are the meaningful numbers. SAM: torch, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `default` (sam-lite-ct). elastix: "
         f"{os.environ.get('SAMEMBED_ELASTIX_THREADS', 'default')} thread(s), `samembed_bench.registration` settings "
         "(similarity + affine, then B-spline). Command: `python benchmarks/cold_start.py run`.",
@@ -353,7 +356,16 @@ def main(argv: list[str] | None = None) -> int:
         return elastix_child(argv[1:])
     if argv and argv[0] == "run":
         return run(argv[1:])
-    raise SystemExit("usage: cold_start.py run [--out MD] | child ... | elastix ...")
+    if argv and argv[0] == "report":  # render the report again from a run's JSON
+        p = argparse.ArgumentParser(prog="cold_start.py report")
+        p.add_argument("json", help="the run's cold_start.json (in its --work folder)")
+        p.add_argument("--out", default="benchmarks/results/cold_start.md")
+        args = p.parse_args(argv[1:])
+        data = json.loads(Path(args.json).read_text())
+        Path(args.out).write_text(report(data["rows"], data.get("atlas"), data.get("load_at_start")))
+        print(f"wrote {args.out}")
+        return 0
+    raise SystemExit("usage: cold_start.py run [--out MD] | report JSON [--out MD] | child ... | elastix ...")
 
 
 if __name__ == "__main__":
