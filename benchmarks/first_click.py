@@ -201,10 +201,10 @@ def report(results: list[dict], load_start, load_end, note: str, threads: int) -
         + (f"; a cold click (nothing prepared) takes {np.mean(cold):.1f} s." if np.mean(cold) > TARGET_S else "."),
         "",
         "The `whole` part of preparing is the source's local map over its body (every click reads it and every "
-        "round trip searches it) and the whole-body local map of each target whose affine prior is not "
-        "trustworthy (under 20 % of global correspondences agree: every search there covers the whole body, "
-        "whatever the click). A click made while the volumes are still being prepared waits for the rest of the "
-        "preparation.",
+        "round trip searches it) and the whole-body local map of each target without a trustworthy search prior "
+        "(neither an affine on which 20 % of the global correspondences agree nor a translation on which 5 % "
+        "agree: every search there covers the whole body, whatever the click). A click made while the volumes are "
+        "still being prepared waits for the rest of the preparation.",
     ]
     return "\n".join(lines) + "\n"
 
