@@ -30,6 +30,8 @@ template has no contrast. All positions are LPS mm; steps, patch and search half
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -78,29 +80,39 @@ class LatticeSampler:
     """
 
     def __init__(self, image: Image, chunk: int = 32):
-        self.image = image
+        self._image = weakref.ref(image)  # weak: the sampler cache (sampler_for) must not keep its image alive
         grid = image.grid
         self._index_per_mm = np.linalg.inv(grid.direction @ np.diag(grid.spacing_mm))
         self._size = np.asarray(grid.size_ijk)
         self._chunk = chunk
         self._volume: torch.Tensor | None = None  # (1, 1) + image shape, filled chunk by chunk
         self._filled = np.zeros(tuple(-(-n // chunk) for n in grid.shape_zyx), dtype=bool)
+        self._lock = threading.Lock()
+
+    @property
+    def image(self) -> Image:
+        """The sampled image (held by the caller while it samples)."""
+        image = self._image()
+        if image is None:
+            raise RuntimeError("the image of this sampler no longer exists")
+        return image
 
     def _cover(self, lo: np.ndarray, hi: np.ndarray) -> None:
         """Make sure the buffer holds the image in every box ``lo[n] .. hi[n]`` ((N, d) voxel indices in (i, j, k)
         order, inclusive; clipped to the image)."""
-        if self._volume is None:
-            self._volume = torch.empty((1, 1) + self.image.array.shape, dtype=torch.float32)
         c_lo = np.clip(lo, 0, self._size - 1)[:, ::-1] // self._chunk  # chunk indices, array order
         c_hi = np.clip(hi, 0, self._size - 1)[:, ::-1] // self._chunk
         need = np.zeros_like(self._filled)
         for a, b in zip(c_lo, c_hi):
             need[tuple(slice(x, y + 1) for x, y in zip(a, b))] = True
-        buffer = self._volume[0, 0].numpy()
-        for c in np.argwhere(need & ~self._filled):
-            box = tuple(slice(x * self._chunk, (x + 1) * self._chunk) for x in c)
-            buffer[box] = self.image.array[box]
-        self._filled |= need
+        with self._lock:  # a shared sampler (sampler_for) may serve two threads
+            if self._volume is None:
+                self._volume = torch.empty((1, 1) + self.image.array.shape, dtype=torch.float32)
+            buffer = self._volume[0, 0].numpy()
+            for c in np.argwhere(need & ~self._filled):
+                box = tuple(slice(x * self._chunk, (x + 1) * self._chunk) for x in c)
+                buffer[box] = self.image.array[box]
+            self._filled |= need
 
     def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int) -> tuple[torch.Tensor, np.ndarray]:
         """Sample at ``centre + axes @ v`` for integer ``v`` in ``[-half, half]^d``, for every centre.
@@ -136,6 +148,21 @@ class LatticeSampler:
         g = g.reshape((1, -1) + (n,) * (d - 1) + (d,))  # (i, j, k) = grid_sample's (x, y, z)
         out = F.grid_sample(self._volume, g, mode="bilinear", padding_mode="border", align_corners=True)
         return out.reshape((-1,) + (n,) * d), inside
+
+
+_SAMPLERS: weakref.WeakKeyDictionary[Image, LatticeSampler] = weakref.WeakKeyDictionary()
+_SAMPLERS_LOCK = threading.Lock()
+
+
+def sampler_for(image: Image) -> LatticeSampler:
+    """The :class:`LatticeSampler` of ``image``, kept while the image lives: later polishes of the same scans (the
+    next click, the round trip's polish back) reuse the float32 chunks already converted. Its memory is the
+    chunks that lattices reached (at most one float32 copy of the image) and goes with the image."""
+    with _SAMPLERS_LOCK:
+        sampler = _SAMPLERS.get(image)
+        if sampler is None:
+            sampler = _SAMPLERS[image] = LatticeSampler(image)
+        return sampler
 
 
 def sample_lattice(image: Image, centre_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int) -> tuple[torch.Tensor, float]:
@@ -238,7 +265,7 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
         return Polished(start.copy(), np.full(0, np.nan), np.zeros(0, dtype=bool))
     best = start.copy()
     best_peak = np.full(n_pts, -np.inf)
-    src_sampler, tgt_sampler = LatticeSampler(source), LatticeSampler(target)
+    src_sampler, tgt_sampler = sampler_for(source), sampler_for(target)
     templates: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # level -> (templates, usable) for all points
 
     def templates_at(li: int, h: int, step: float) -> tuple[torch.Tensor, np.ndarray]:

@@ -160,3 +160,30 @@ def test_batched_lattice_sampling_equals_trilinear_interpolation_across_chunks_a
         np.testing.assert_allclose(values[n].numpy().reshape(-1), expected, atol=1e-4)
         assert inside[n] == pytest.approx(np.mean(img.grid.contains_index(ijk)))
     assert inside[-1] < 0.5 and inside[-2] < 0.5 and np.all(inside[:-2] > 0.5)
+
+
+@pytest.mark.needs_data
+def test_polishes_of_one_image_share_its_sampler_and_give_the_same_points_as_a_fresh_one(lidc_ct):
+    """The converted float32 chunks are kept per image (``sampler_for``) and go with the image; a polish that
+    reuses them moves the points exactly as one that converts everything again."""
+    import gc
+    import weakref
+
+    from samembed import intensity
+
+    tgt, to_target = an_affine_copy(lidc_ct, np.eye(3) * 1.02, (1.3, -0.7, 0.45))
+    pts = lidc_structure_points(6)
+    starts = to_target(pts) + 2.0
+    first = polish_points(lidc_ct, tgt, pts, starts)  # fills both images' samplers
+    sampler = intensity.sampler_for(tgt)
+    assert sampler is intensity.sampler_for(tgt) and sampler is not intensity.sampler_for(lidc_ct)
+    assert sampler._filled.any(), "the first polish left no converted chunk to reuse"
+    again = polish_points(lidc_ct, tgt, pts, starts)  # reuses them
+    np.testing.assert_array_equal(again.points_lps_mm, first.points_lps_mm)
+    np.testing.assert_array_equal(again.ncc, first.ncc)
+    intensity._SAMPLERS.pop(tgt)  # a fresh sampler for the target: the same result
+    np.testing.assert_array_equal(polish_points(lidc_ct, tgt, pts, starts).points_lps_mm, first.points_lps_mm)
+    gone = weakref.ref(intensity.sampler_for(tgt))
+    del tgt, sampler
+    gc.collect()
+    assert gone() is None, "the sampler outlived its image"
