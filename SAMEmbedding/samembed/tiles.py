@@ -130,6 +130,10 @@ def plan_tiles(missing_zyx: np.ndarray, local_stride: int, step_input: int, halo
         input_shape: the padded input's shape (zyx).
         whole_fraction: embed the whole volume when the boxes with their halos cover more than this fraction of it.
     """
+    # any covering costs at least the missing voxels' own input voxels: past the threshold, the plan is the whole
+    # volume whatever the split (the same decision as below, without the search; ensure_all on a body mask)
+    if float(np.count_nonzero(missing_zyx)) * local_stride ** missing_zyx.ndim > whole_fraction * float(np.prod(input_shape)):
+        return TilePlan([], True)
     block = max(1, step_input // local_stride)  # local voxels per block along each axis
     nb = tuple(-(-s // block) for s in missing_zyx.shape)
     pad = [(0, n * block - s) for n, s in zip(nb, missing_zyx.shape)]
