@@ -71,7 +71,7 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
     # that only one plane's temporary exists at a time (the box is written once instead of through two copies)
     i0, i1, w0, w1 = _linear_taps(glob.shape[1], out_shape[0], np.arange(lo[0], hi[0] + 1))
     src = out
-    out = torch.empty((src.shape[0], len(i0), *src.shape[2:]), dtype=src.dtype)
+    out = torch.empty((src.shape[0], len(i0), *src.shape[2:]), dtype=src.dtype, device=src.device)
     for z in range(len(i0)):
         plane = torch.mul(src[:, int(i0[z])], w0[z], out=out[:, z])
         plane.add_(src[:, int(i1[z])] * w1[z])

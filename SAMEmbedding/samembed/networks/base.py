@@ -76,7 +76,8 @@ class EmbeddingNet(nn.Module):
         """
         loc = self.forward_local(x)
         stride = self.spec.local_stride
-        crop = tuple(slice(lo // s, (n - hi) // s) for lo, hi, n, s in zip(context_lo, context_hi, x.shape[2:], stride))
+        crop = tuple(slice(lo // s, lo // s + -(-(n - lo - hi) // s))
+                     for lo, hi, n, s in zip(context_lo, context_hi, x.shape[2:], stride))
         return loc[(slice(None), slice(None), *crop)]
 
 

@@ -70,7 +70,7 @@ class OneDnnConv3d(nn.Conv3d):
     """
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _onednn_applies(x) and self.padding_mode == "zeros":
+        if _onednn_applies(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
 
@@ -79,17 +79,20 @@ class OneDnnConv2d(nn.Conv2d):
     """:class:`OneDnnConv3d` for 2D networks."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _onednn_applies(x) and self.padding_mode == "zeros":
+        if _onednn_applies(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
 
 
 def _onednn_copy(conv: nn.Module) -> nn.Module:
     cls = OneDnnConv3d if isinstance(conv, nn.Conv3d) else OneDnnConv2d
-    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-              dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    # skip_init: no random initialisation (no work, and torch's random state is left alone); the weights are copied
+    new = torch.nn.utils.skip_init(cls, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                   padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                                   bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                                   device=conv.weight.device, dtype=conv.weight.dtype)
     new.load_state_dict(conv.state_dict())
-    return new.to(conv.weight.device, conv.weight.dtype).train(conv.training)
+    return new.train(conv.training)
 
 
 def _pointwise(conv: nn.Module, t: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
@@ -190,8 +193,9 @@ class SamLite(EmbeddingNet):
         lateral maps to 8 / 4 / 2 for the top-down path, so the output convolution runs on the core plus one 4 mm
         voxel instead of the whole tile. Each kept value is computed from the same inputs as in
         :meth:`forward_local`, so the core is the same (up to float rounding); crops keep every map on its stride's
-        grid. Context must be a multiple of 8 input voxels per side, or reach the volume's edge, where the
-        zero padding is the whole-volume run's own. For a ±50 mm window this is about half the work of the
+        grid. The core must start and end on multiples of 8 input voxels, and each side's context must be the full
+        ``tile_halo`` (32) or more, or less only where the tile reaches the volume's edge, whose zero padding is the
+        whole-volume run's own. For a ±50 mm window this is about half the work of the
         whole tile.
         """
         ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
