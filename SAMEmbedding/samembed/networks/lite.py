@@ -84,17 +84,6 @@ class OneDnnConv2d(nn.Conv2d):
         return super()._conv_forward(x, weight, bias)
 
 
-def _onednn_copy(conv: nn.Module) -> nn.Module:
-    cls = OneDnnConv3d if isinstance(conv, nn.Conv3d) else OneDnnConv2d
-    # skip_init: no random initialisation (no work, and torch's random state is left alone); the weights are copied
-    new = torch.nn.utils.skip_init(cls, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                                   padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                                   bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                                   device=conv.weight.device, dtype=conv.weight.dtype)
-    new.load_state_dict(conv.state_dict())
-    return new.train(conv.training)
-
-
 def _pointwise(conv: nn.Module, t: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
     """A 1 x 1 (x 1) convolution as one matrix product over the channels.
 
@@ -231,10 +220,12 @@ class SamLite(EmbeddingNet):
         and the weights are laid out channels-last, the faster layout for oneDNN's 3 x 3 convolutions on the CPU
         (about 2x for the local encoder). :meth:`forward_local_core` does its 1 x 1 convolutions as matrix products,
         which suit that layout, and returns a channels-first map."""
-        for parent in list(self.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) in (nn.Conv3d, nn.Conv2d):
-                    setattr(parent, name, _onednn_copy(child))
+        for module in self.modules():
+            # the subclasses only route the forward call: the module itself (weights, settings) stays as it is
+            if type(module) is nn.Conv3d:
+                module.__class__ = OneDnnConv3d
+            elif type(module) is nn.Conv2d:
+                module.__class__ = OneDnnConv2d
         fmt = torch.channels_last_3d if self.ndim == 3 else torch.channels_last
         return self.to(memory_format=fmt)
 
