@@ -394,7 +394,7 @@ def _affine_of(src_pts: np.ndarray, dst: np.ndarray, d: int, inlier_mm: float, i
     return M, float(inl.mean())
 
 
-def search_prior(source: EmbeddingMaps, target: EmbeddingMaps, inlier_mm: float = 20.0,
+def search_prior(source: EmbeddingMaps, target: EmbeddingMaps, inlier_mm: float = 20.0, iterations: int = 1000,
                  seed: int = 0) -> tuple[np.ndarray | None, str, float]:
     """The prior a search window is centred on: ``(matrix or None, kind, inlier fraction)``.
 
@@ -407,7 +407,7 @@ def search_prior(source: EmbeddingMaps, target: EmbeddingMaps, inlier_mm: float 
     """
     d = source.local_grid.ndim
     src_pts, dst = global_pairs(source, target, seed=seed)
-    M, frac = _affine_of(src_pts, dst, d, inlier_mm, 1000, seed)
+    M, frac = _affine_of(src_pts, dst, d, inlier_mm, iterations, seed)
     if frac >= MIN_AFFINE_INLIERS:
         return M, "affine", frac
     if len(src_pts) >= d + 2:

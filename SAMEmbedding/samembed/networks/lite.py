@@ -61,12 +61,13 @@ def _onednn_applies(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.enabled and not (torch.is_grad_enabled() and x.requires_grad))
 
 
-class OneDnnConv3d(nn.Conv3d):
-    """``nn.Conv3d`` that always runs oneDNN on a float32 CPU input, for inference.
+class _OneDnnRoute:
+    """Mixin for ``nn.Conv2d`` / ``nn.Conv3d``: always run oneDNN on a float32 CPU input, for inference.
 
     PyTorch sends a single image to its slow native kernel when batch x channels x the first two spatial sizes is at
     most 20480 (a 32-channel map of 20 x 32 x ... voxels, the global branch's 16 mm level of a head-and-neck CT),
     and 1 x 1 kernels when it runs one thread; those run 5-10x slower than in oneDNN. Same result to float rounding.
+    Other inputs (CUDA, half precision, autograd) take the convolution's own path.
     """
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -75,13 +76,12 @@ class OneDnnConv3d(nn.Conv3d):
         return super()._conv_forward(x, weight, bias)
 
 
-class OneDnnConv2d(nn.Conv2d):
-    """:class:`OneDnnConv3d` for 2D networks."""
+class OneDnnConv3d(_OneDnnRoute, nn.Conv3d):
+    """``nn.Conv3d`` routed to oneDNN (see :class:`_OneDnnRoute`)."""
 
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _onednn_applies(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
-        return super()._conv_forward(x, weight, bias)
+
+class OneDnnConv2d(_OneDnnRoute, nn.Conv2d):
+    """``nn.Conv2d`` routed to oneDNN (see :class:`_OneDnnRoute`)."""
 
 
 def _pointwise(conv: nn.Module, t: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
@@ -184,7 +184,7 @@ class SamLite(EmbeddingNet):
         :meth:`forward_local`, so the core is the same (up to float rounding); crops keep every map on its stride's
         grid. The core must start and end on multiples of 8 input voxels, and each side's context must be the full
         ``tile_halo`` (32) or more, or less only where the tile reaches the volume's edge, whose zero padding is the
-        whole-volume run's own. For a ±50 mm window this is about half the work of the
+        whole-volume run's own. For a ±50 mm window's tile (a 48³ core) the layers do about half the work of the
         whole tile.
         """
         ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
