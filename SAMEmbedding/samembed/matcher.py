@@ -168,6 +168,26 @@ def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, overlap: fl
     return [np.asarray(g, dtype=np.int64) for g in groups]
 
 
+def _box_products(q: torch.Tensor, fvol: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+    """(g, U) float32 products of the queries ``q`` (g, C) with the feature volume ``fvol`` (C, *shape) over the
+    voxels of ``box`` (slices, C order, steps of 1), one plane of the first axis at a time: each plane is gathered
+    into one reused buffer that stays in the cache, instead of gathering the whole box first (a window union of 5
+    organs is about 80 MB of features, whose strided gather took twice as long as this). A box of whole planes is
+    a view of the volume and needs no gathering. Each product column is the same arithmetic as in one product over
+    the gathered box."""
+    C = fvol.shape[0]
+    if all(s.start == 0 and s.stop == n for s, n in zip(box[1:], fvol.shape[2:])):  # whole planes: a view, no copy
+        return (q @ fvol[:, box[0]].reshape(C, -1).to(q.device)).float()
+    plane = tuple(s.stop - s.start for s in box[1:])
+    n_plane = int(np.prod(plane))
+    out = torch.empty((len(q), box[0].stop - box[0].start, n_plane), dtype=torch.float32, device=q.device)
+    buf = torch.empty((C, *plane), dtype=q.dtype, device=fvol.device)
+    for i, z in enumerate(range(box[0].start, box[0].stop)):
+        buf.copy_(fvol[(slice(None), z, *box[1:])])
+        out[:, i] = (q @ buf.view(C, n_plane).to(q.device)).float()
+    return out.view(len(q), -1)
+
+
 def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor,
                    windows: tuple[np.ndarray, np.ndarray, np.ndarray] | None):
     """The argmax of :func:`match_queries` without the (N, V) similarity: over the compact copy of the
@@ -203,8 +223,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             ulo, uhi = lo[group].min(0), hi[group].max(0)
             ushape = tuple(int(v) for v in uhi - ulo + 1)
             box = tuple(slice(int(a), int(b) + 1) for a, b in zip(ulo, uhi))
-            sub = fvol[(slice(None), *box)].reshape(full.shape[0], -1).to(q.dtype)
-            sim = (q[torch.from_numpy(group)] @ sub).float().div_(2.0)  # (g, U)
+            sim = _box_products(q[torch.from_numpy(group)], fvol, box).div_(2.0)  # (g, U)
             inside = avol[box].reshape(1, *ushape).to(sim.device)
             for a, size in enumerate(ushape):  # within each query's window along every axis
                 ar = torch.arange(size)
