@@ -48,18 +48,9 @@ def _linear_taps(n_in: int, n_out: int, dst: np.ndarray) -> tuple[torch.Tensor, 
     return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy(w0), torch.from_numpy(w1)
 
 
-def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
-    """The global map ``glob`` (C, *gshape) linearly upsampled to ``out_shape`` (align_corners=False), on the
-    inclusive box ``lo..hi`` of the output only: (C, *box), float32, not normalised.
-
-    Separable, the last axis first (while the map is still coarse) and the first axis last (whose selection copies
-    whole contiguous planes), so every output voxel is computed by the same operations whatever box it is in: a
-    box equals the same voxels of the whole map bit for bit, and :func:`upsample_at` too. It agrees with
-    ``F.interpolate(..., mode="trilinear", align_corners=False)`` to float rounding (about 1e-6).
-    """
-
-    import torch
-
+def _upsample_trailing(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+    """The first step of :func:`upsample_box`: every axis but the first, the last axis first (while the map is
+    still coarse): (C, g0, *box[1:]) float32."""
     out = glob.float()
     for a in reversed(range(1, len(out_shape))):
         i0, i1, w0, w1 = _linear_taps(glob.shape[1 + a], out_shape[a], np.arange(lo[a], hi[a] + 1))
@@ -67,15 +58,59 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
         shape[1 + a] = -1
         first = out.index_select(1 + a, i0).mul_(w0.reshape(shape))
         out = first.add_(out.index_select(1 + a, i1).mul_(w1.reshape(shape)))
+    return out
+
+
+def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+    """The global map ``glob`` (C, *gshape) linearly upsampled to ``out_shape`` (align_corners=False), on the
+    inclusive box ``lo..hi`` of the output only: (C, *box), float32, not normalised.
+
+    Separable, the last axis first (while the map is still coarse) and the first axis last (whose selection copies
+    whole contiguous planes), so every output voxel is computed by the same operations whatever box it is in: a
+    box equals the same voxels of the whole map bit for bit, and :func:`upsample_at` and :func:`upsample_lines`
+    too. It agrees with ``F.interpolate(..., mode="trilinear", align_corners=False)`` to float rounding (about
+    1e-6).
+    """
+    import torch
+
+    src = _upsample_trailing(glob, out_shape, lo, hi)
     # the first axis, whose output is the full box: plane by plane, with the same products and sum as above, so
     # that only one plane's temporary exists at a time (the box is written once instead of through two copies)
     i0, i1, w0, w1 = _linear_taps(glob.shape[1], out_shape[0], np.arange(lo[0], hi[0] + 1))
-    src = out
     out = torch.empty((src.shape[0], len(i0), *src.shape[2:]), dtype=src.dtype, device=src.device)
     for z in range(len(i0)):
         plane = torch.mul(src[:, int(i0[z])], w0[z], out=out[:, z])
         plane.add_(src[:, int(i1[z])] * w1[z])
     return out
+
+
+def upsample_lines(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray,
+                   lines: tuple[np.ndarray, ...]) -> torch.Tensor:
+    """:func:`upsample_box` on some grid lines of the box only: ``lines`` holds, per axis but the last, the
+    box-relative index of each line (L,) (``np.nonzero`` of a (box[:-1]) mask); returns (C, L, box[-1]) float32,
+    bit for bit the same lines of :func:`upsample_box`. A tile asked for a sparse set of voxels (the body in a
+    wide field of view, the corners of search windows) then upsamples only the lines it stores.
+
+    The last axis is upsampled over the box on the coarse map, as in :func:`upsample_box`; the other axes are then
+    reduced line by line from the 2^(d-1) coarse lines around each, last axis first, with the same products and
+    sums as the box's passes."""
+    d = len(out_shape)
+    taps = [_linear_taps(glob.shape[1 + a], out_shape[a], np.asarray(lines[a], dtype=np.int64) + int(lo[a]))
+            for a in range(d - 1)]
+    # the coarse lines the box reaches (the taps then index into that part)
+    first = [int(t[0].min()) if len(t[0]) else 0 for t in taps]
+    last = [int(t[1].max()) + 1 if len(t[1]) else 1 for t in taps]
+    taps = [(i0 - f, i1 - f, w0, w1) for (i0, i1, w0, w1), f in zip(taps, first)]
+    g = glob.float()[(slice(None), *(slice(f, e) for f, e in zip(first, last)))]
+    i0, i1, w0, w1 = _linear_taps(glob.shape[d], out_shape[-1], np.arange(lo[-1], hi[-1] + 1))
+    rows = g.index_select(d, i0).mul_(w0).add_(g.index_select(d, i1).mul_(w1))  # (C, *coarse part[:-1], X)
+    corners = {bits: rows[(slice(None), *(taps[a][bits[a]] for a in range(d - 1)))]  # (C, L, X) each
+               for bits in np.ndindex(*(2,) * (d - 1))}
+    for a in reversed(range(d - 1)):
+        _, _, w0a, w1a = taps[a]
+        corners = {bits[:-1]: v.mul_(w0a[:, None]).add_(corners[(*bits[:-1], 1)].mul_(w1a[:, None]))
+                   for bits, v in corners.items() if bits[-1] == 0}
+    return corners[()]
 
 
 def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray) -> torch.Tensor:

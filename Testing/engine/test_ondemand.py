@@ -131,6 +131,39 @@ def test_the_tile_plan_covers_every_missing_voxel_and_splits_distant_searches():
     assert plan_tiles(np.ones(local, dtype=bool), stride, step, halo, shape_in).whole
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize(("shape", "gshape"), [((37, 45, 29), (10, 12, 8)), ((37, 45), (10, 12))])
+def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole_map_would(fraction, shape, gshape):
+    """A sparse tile's global vectors, upsampled line by line, and a window's products, taken plane by plane, are
+    the whole map's and the one product's values bit for bit (a result never depends on how it was computed)."""
+    import torch
+
+    from samembed.matcher import _box_products
+    from samembed.tiles import normalize_channels, upsample_at, upsample_box, upsample_lines
+
+    rng = np.random.default_rng(len(shape))
+    glob = torch.from_numpy(rng.normal(size=(6, *gshape)).astype(np.float32))
+    lo = np.array([3, 4, 2][: len(shape)])
+    hi = np.array(shape) - np.array([5, 1, 3][: len(shape)])
+    whole = upsample_box(glob, shape, np.zeros(len(shape), int), np.array(shape) - 1)
+    box = upsample_box(glob, shape, lo, hi)
+    inner = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
+    assert torch.equal(box, whole[(slice(None), *inner)])
+    held = np.nonzero(rng.random(tuple(hi[:-1] - lo[:-1] + 1)) < fraction)
+    sel = tuple(torch.from_numpy(v) for v in held)
+    lines = upsample_lines(glob, shape, lo, hi, held)
+    assert lines.shape == (6, len(held[0]), hi[-1] - lo[-1] + 1)
+    assert torch.equal(lines, box[(slice(None), *sel, slice(None))])
+    assert torch.equal(normalize_channels(lines.clone()), normalize_channels(box.clone())[(slice(None), *sel, slice(None))])
+    if len(held[0]):
+        zyx = np.stack([v + o for v, o in zip(held, lo[:-1])] + [np.full(len(held[0]), lo[-1] + 1)], 1)
+        assert torch.equal(upsample_at(glob, shape, zyx), lines[:, :, 1])
+    q = torch.from_numpy(rng.normal(size=(3, 6)).astype(np.float32))
+    for b in (inner, (inner[0], *(slice(0, n) for n in shape[1:]))):  # a window; whole planes (a view)
+        want = (q @ whole[(slice(None), *b)].reshape(6, -1)).float()
+        assert torch.equal(_box_products(q, whole, b), want)
+
+
 @pytest.mark.needs_data
 def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(pair):
     name, src, tgt, pts, whole = pair
