@@ -73,14 +73,27 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
     """
     import torch
 
-    src = _upsample_trailing(glob, out_shape, lo, hi)
     # the first axis, whose output is the full box: plane by plane, with the same products and sum as above, so
-    # that only one plane's temporary exists at a time (the box is written once instead of through two copies)
+    # that only one plane's temporary exists at a time (the box is written once instead of through two copies);
+    # each coarse plane the box reaches is upsampled along the other axes when first needed, so the temporaries
+    # are a few planes, which stay in the cache
     i0, i1, w0, w1 = _linear_taps(glob.shape[1], out_shape[0], np.arange(lo[0], hi[0] + 1))
-    out = torch.empty((src.shape[0], len(i0), *src.shape[2:]), dtype=src.dtype, device=src.device)
+    coarse: dict[int, torch.Tensor] = {}
+
+    def plane_of(k: int, behind: int) -> torch.Tensor:
+        if k not in coarse:
+            for old in [j for j in coarse if j < behind]:  # the output planes still to come do not read these
+                del coarse[old]
+            coarse[k] = _upsample_trailing(glob[:, k:k + 1], out_shape, lo, hi)[:, 0]
+        return coarse[k]
+
+    out = None
     for z in range(len(i0)):
-        plane = torch.mul(src[:, int(i0[z])], w0[z], out=out[:, z])
-        plane.add_(src[:, int(i1[z])] * w1[z])
+        a, b = plane_of(int(i0[z]), int(i0[z])), plane_of(int(i1[z]), int(i0[z]))
+        if out is None:
+            out = torch.empty((a.shape[0], len(i0), *a.shape[1:]), dtype=a.dtype, device=a.device)
+        plane = torch.mul(a, w0[z], out=out[:, z])
+        plane.add_(b * w1[z])
     return out
 
 
