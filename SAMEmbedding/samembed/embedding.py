@@ -371,15 +371,23 @@ class TileComputer:
         a = [max(0, s - halo) for s in start]
         b = [min(n, e + halo) for e, n in zip(stop, x.shape[2:])]
         xin = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
-        with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
-            loc = net.forward_local_core(xin, tuple(s - p for s, p in zip(start, a)), tuple(q - e for e, q in zip(stop, b)))[0]
+        ctx = (tuple(s - p for s, p in zip(start, a)), tuple(q - e for e, q in zip(stop, b)))
         shape = maps.local_grid.shape_zyx
         lo = np.array([s // sl for s in start])
-        hi = lo + np.array(loc.shape[1:]) - 1
+        hi = lo + np.array([-(-(e - s) // sl) for s, e in zip(start, stop)]) - 1
         box = tuple(slice(int(p), int(q) + 1) for p, q in zip(lo, hi))
         fvol = maps.features.view(maps.features.shape[0], *shape)
         done = maps.ready.view(shape)[box].to(fvol.device)
         lines = missing_zyx[box].any(-1)
+        whole_planes = all(int(p) == 0 and int(q) == n - 1 for p, q, n in zip(lo[1:], hi[1:], shape[1:]))
+        if (whole_planes and float(lines.mean()) >= 0.75 and not emb.half and maps.features.dtype == torch.float32
+                and maps.features.device.type == "cpu" and emb.device.type == "cpu"):
+            self._tile_in_place(maps, xin, ctx, lo, hi, box, done)
+            self.tiles_computed += 1
+            self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
+            return
+        with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
+            loc = net.forward_local_core(xin, *ctx)[0]
         with torch.inference_mode():  # the tile is an inference tensor: normalised in place in that mode
             if lines.all():  # every line: the whole box, through views
                 dst = box
@@ -407,6 +415,32 @@ class TileComputer:
         maps.ready.view(shape)[dst] = True
         self.tiles_computed += 1
         self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
+
+    def _tile_in_place(self, maps: EmbeddingMaps, xin: torch.Tensor, ctx, lo: np.ndarray, hi: np.ndarray,
+                       box: tuple[slice, ...], done: torch.Tensor) -> None:
+        """:meth:`_tile` for a box of whole planes (every line but the first axis's range: a whole volume, a slab)
+        of which most lines are wanted: the network's output layer writes straight into the feature rows, the
+        global vectors are upsampled into theirs, and both are normalised there; no tile-sized temporaries and no
+        copies (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is stored; the values are those of
+        :meth:`_tile`'s other paths, bit for bit."""
+        from .tiles import normalize_channels, upsample_box
+
+        shape = maps.local_grid.shape_zyx
+        plane = int(np.prod(shape[1:]))
+        rows = slice(int(lo[0]) * plane, (int(hi[0]) + 1) * plane)
+        n_local = maps.n_local
+        keep = maps.features.view(maps.features.shape[0], *shape)[(slice(None), *box)][:, done] if bool(done.any()) else None
+        local = maps.features[:n_local, rows]  # (C_l, voxels of the box): unit stride along the voxels
+        glob = maps.features[n_local:, rows]
+        box_shape = tuple(int(q - p + 1) for p, q in zip(lo, hi))
+        with torch.inference_mode():
+            self.embedder.net.forward_local_core(xin, *ctx, out=local)
+            normalize_channels(local.view(n_local, *box_shape))
+            up = upsample_box(maps.global_.cpu(), shape, lo, hi, out=glob.view(glob.shape[0], *box_shape))
+            normalize_channels(up)
+        if keep is not None:  # voxels computed before keep their values: a result never changes within a session
+            maps.features.view(maps.features.shape[0], *shape)[(slice(None), *box)][:, done] = keep
+        maps.ready.view(shape)[box] = True
 
 
 class Embedder:
@@ -473,8 +507,8 @@ class Embedder:
             if progress and not maps.complete:
                 progress(0, 1, "embedding")
             maps.ensure_all()
-            # the searched voxels' features, copied once here so that the first query is as fast as the next
-            maps.compact_features(maps.search_mask(True))
+            # the compact copy of the searched voxels' features is left to the first search over the whole grid
+            # (a windowed search never reads it; it would hold up to a second copy of the body's features)
             self.settle(maps)
         return maps
 

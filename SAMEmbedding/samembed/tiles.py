@@ -61,9 +61,11 @@ def _upsample_trailing(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.nd
     return out
 
 
-def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """The global map ``glob`` (C, *gshape) linearly upsampled to ``out_shape`` (align_corners=False), on the
-    inclusive box ``lo..hi`` of the output only: (C, *box), float32, not normalised.
+    inclusive box ``lo..hi`` of the output only: (C, *box), float32, not normalised; written into ``out`` (C, *box)
+    when given (e.g. a view of an embedding's feature rows).
 
     Separable, the last axis first (while the map is still coarse) and the first axis last (whose selection copies
     whole contiguous planes), so every output voxel is computed by the same operations whatever box it is in: a
@@ -87,7 +89,6 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
             coarse[k] = _upsample_trailing(glob[:, k:k + 1], out_shape, lo, hi)[:, 0]
         return coarse[k]
 
-    out = None
     for z in range(len(i0)):
         a, b = plane_of(int(i0[z]), int(i0[z])), plane_of(int(i1[z]), int(i0[z]))
         if out is None:

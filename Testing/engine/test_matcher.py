@@ -225,7 +225,7 @@ def test_the_compact_search_equals_the_full_product_and_accounts_its_memory(a_ra
     # at most 0.14 mm, on a 4 mm grid
     assert np.abs(fast.points_lps_mm - full.points_lps_mm).max() < 0.25
     assert allowed[torch.from_numpy(fast.flat_index)].all()
-    _, compact = tmaps.compact_features(allowed)  # built with the embedding; counted in the cache's memory
+    _, compact = tmaps.compact_features(allowed)  # built by the first whole-grid search; counted in the cache's memory
     assert tmaps.nbytes >= (compact.nelement() + tmaps.features.nelement()) * compact.element_size()
     # windowed searches (around the best global match, or around given centres, some off the grid) likewise
     centres = fast.points_lps_mm + rng.normal(0, 20, fast.points_lps_mm.shape)

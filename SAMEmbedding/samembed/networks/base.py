@@ -65,7 +65,8 @@ class EmbeddingNet(nn.Module):
         local, glob = self.forward_maps(x)
         return nn.functional.normalize(local, dim=1), nn.functional.normalize(glob, dim=1)
 
-    def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...]) -> torch.Tensor:
+    def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...],
+                           out: torch.Tensor | None = None) -> torch.Tensor:
         """Un-normalised local map of the core of an input tile (networks with ``has_separate_global``).
 
         ``x`` (N, C, *spatial) is a tile of the network input: its core, with ``context_lo`` / ``context_hi`` input
@@ -73,12 +74,20 @@ class EmbeddingNet(nn.Module):
         volume's edge). Returns the local map of the core only, (N, C, *core / local_stride). This default runs
         :meth:`forward_local` on the whole tile and crops; a network may compute each layer only where the layers
         after it need it, with the same result.
+
+        ``out``: for one image (N = 1), a (C, V) float32 matrix (unit stride along V, any stride between rows, e.g.
+        rows of an embedding's feature buffer) that receives the map, V = the core's local voxels in C order; the
+        result is then a view of it.
         """
         loc = self.forward_local(x)
         stride = self.spec.local_stride
         crop = tuple(slice(lo // s, lo // s + -(-(n - lo - hi) // s))
                      for lo, hi, n, s in zip(context_lo, context_hi, x.shape[2:], stride))
-        return loc[(slice(None), slice(None), *crop)]
+        loc = loc[(slice(None), slice(None), *crop)]
+        if out is None:
+            return loc
+        out.copy_(loc.reshape(out.shape))
+        return out.view(loc.shape)
 
 
 def inference_copy(net: EmbeddingNet) -> EmbeddingNet:

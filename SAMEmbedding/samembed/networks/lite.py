@@ -84,17 +84,28 @@ class OneDnnConv2d(_OneDnnRoute, nn.Conv2d):
     """``nn.Conv2d`` routed to oneDNN (see :class:`_OneDnnRoute`)."""
 
 
-def _pointwise(conv: nn.Module, t: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+def _pointwise(conv: nn.Module, t: torch.Tensor, channels_first: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """A 1 x 1 (x 1) convolution as one matrix product over the channels.
 
     On a channels-last map this reads the voxels' channel vectors in place (the CPU's convolution path is slow for
-    1 x 1 kernels in that layout). ``channels_first``: the result is laid out (N, C, *spatial), contiguous.
+    1 x 1 kernels in that layout). ``channels_first``: the result is laid out (N, C, *spatial), contiguous, or, for
+    one image, written into ``out``, a (C, voxels) matrix with unit stride along the voxels (see
+    :meth:`EmbeddingNet.forward_local_core`).
     """
     w = conv.weight.reshape(conv.weight.shape[0], -1)
     if channels_first and t.shape[0] == 1:
         flat = t.movedim(1, -1).reshape(-1, t.shape[1])  # (voxels, C_in)
+        if out is not None:  # the same product, written in place (e.g. into an embedding's feature rows)
+            if conv.bias is None:
+                torch.mm(w, flat.T, out=out)
+            else:
+                torch.addmm(conv.bias[:, None], w, flat.T, out=out)
+            return out.view(1, w.shape[0], *t.shape[2:])
         y = w @ flat.T if conv.bias is None else torch.addmm(conv.bias[:, None], w, flat.T)
         return y.reshape(1, w.shape[0], *t.shape[2:])
+    if out is not None:
+        raise ValueError("_pointwise: out= needs channels_first and one image")
     y = F.linear(t.movedim(1, -1), w, conv.bias).movedim(-1, 1)
     return y.contiguous() if channels_first else y
 
@@ -172,9 +183,11 @@ class SamLite(EmbeddingNet):
         p0 = _up_add(p1, self.l_lat[0](c0))
         return self.l_out(p0)
 
-    def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...]) -> torch.Tensor:
+    def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...],
+                           out: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`forward_local` of the core of a tile only, each layer computed only where the layers after it
-        need it (see :meth:`EmbeddingNet.forward_local_core` for the arguments).
+        need it (see :meth:`EmbeddingNet.forward_local_core` for the arguments; ``out`` receives the output layer's
+        product directly).
 
         A tile's context (up to 32 input voxels per side) is what the encoder's deepest path needs; the decoder
         needs far less. Each map is cropped to the context its consumers read, in input voxels beyond the core:
@@ -212,8 +225,8 @@ class SamLite(EmbeddingNet):
         p2 = _pointwise(self.l_lat[2], crop(c2, 8, 16, 8))
         p1 = _pointwise(self.l_lat[1], crop(c1, 4, 24, 4)) + crop(up(p2), 4, 8, 4)
         p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(up(p1), 2, 4, 2)
-        out = self.l_out[0](p0)
-        return _pointwise(self.l_out[1], crop(out, 2, 2, 0), channels_first=True)
+        top = self.l_out[0](p0)
+        return _pointwise(self.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
 
     def for_inference(self) -> SamLite:
         """Set up for embedding (in place; returns self): every convolution becomes a :class:`OneDnnConv3d` (or 2D),
