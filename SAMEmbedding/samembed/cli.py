@@ -9,10 +9,13 @@ Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
 
@@ -462,9 +465,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: commands after which :func:`run` ends the process at once: each has written (atomically) and closed everything
+#: when it returns, and starts no process or server of its own (``propagate`` runs a Dask cluster, ``web`` a server,
+#: ``train`` long jobs: those shut the interpreter down normally)
+FAST_EXIT_COMMANDS = frozenset({"match", "embed", "cache", "info"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    return _main(build_parser().parse_args(argv))
+
+
+def run() -> NoReturn:
+    """The ``samembed`` command: :func:`main` on ``sys.argv``, then the exit.
+
+    After the commands of :data:`FAST_EXIT_COMMANDS` the process ends through :func:`exit_now`: with torch loaded,
+    the interpreter's normal shutdown takes about 0.5 s on a 2-core machine (measured: ``import torch`` then exit),
+    a tenth of a cold ``samembed match``, after its results are written."""
+    args = build_parser().parse_args()
+    code = _main(args)
+    if args.command in FAST_EXIT_COMMANDS:
+        exit_now(code)
+    sys.exit(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with exit ``code`` once the log, stdout and stderr are flushed, skipping the interpreter's
+    shutdown (module teardown and the C++ destructors of the libraries it loaded). Only for a process whose work is
+    done: files written and closed, no thread or child process still working."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more to flush
+            stream.flush()
+    os._exit(int(code))
+
+
+def _main(args: argparse.Namespace) -> int:
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
@@ -490,4 +526,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

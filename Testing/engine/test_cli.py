@@ -82,6 +82,24 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.needs_data
+def test_the_command_ends_a_match_at_once_with_its_outputs_written_and_its_lines_flushed(tmp_path, two_cts, a_points_csv):
+    """``samembed`` (``samembed.cli:run``) skips the interpreter's shutdown after a match (about 0.5 s with torch
+    loaded): the exit code, the output file and the printed line must all be there, with stdout a pipe."""
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("samembed") == "samembed.cli:run", scripts.get("samembed")
+    pts_path, _ = a_points_csv
+    out = tmp_path / "m.csv"
+    res = run_cli("match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                  "--model", "random:sam-lite", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {out}" in res.stdout, res.stdout
+    assert [r["label"] for r in csv.DictReader(out.open())] == ["A", "B"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name], "a temporary file was left behind"
+
+
+@pytest.mark.needs_data
 def test_bad_inputs_exit_with_2_and_a_message_naming_the_problem(tmp_path, two_cts, a_points_csv):
     pts_path, _ = a_points_csv
     src, tgt = map(str, two_cts)
