@@ -12,10 +12,11 @@ tuple ``(kind, requestID, payload)``):
 
 * parent -> child: ``("image", key, (grid, name, spacing_known, npy_path))`` once per volume content (the voxels go
   through a temporary ``.npy`` file, the geometry is pickled as float64: exact); ``("forget", key, None)``;
-  ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("cancel", id, None)``;
+  ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
+  (load the model now); ``("cancel", id, None)``;
   ``("clear", id, None)``; ``("stats", id, None)``; ``("stop", 0, None)``.
 * child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)`` (for
-  ``prepare``: its timings dict); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
+  ``prepare``: its timings dict; for ``warm``: None); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
 
 A cancel returns at once: the parent stops waiting and raises ``samembed.Cancelled``; the child stops at the
 engine's next check and its late answer is dropped. If the child dies, the waiting call raises
@@ -164,6 +165,16 @@ class EngineProcess:
         images = [source, *(targets if isinstance(targets, (list, tuple)) else [targets])]
         return self._request("prepare", images, lambda keys: {"source": keys[0], "targets": keys[1:]}, progress,
                              cancel)
+
+    def warm_up(self, cancel: threading.Event | None = None) -> None:
+        """Start the child now (it imports torch) and have it load its model, so that the first match waits for
+        neither (the module calls it when it is entered, on its worker). Nothing happens when the child runs and
+        has its model."""
+        with self._lock:
+            self._ensureStarted()
+            requestID = next(self._ids)
+            self._send(("warm", requestID, None))
+            self._await(requestID, None, cancel)
 
     def _request(self, kind: str, images: list, payload, progress: ProgressFn | None,
                  cancel: threading.Event | None):
@@ -433,6 +444,11 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 continue
             if kind == "stats":
                 conn.send(("ok", requestID, matcher.cache_bytes if matcher is not None else 0))
+                continue
+            if kind == "warm":  # load the model now (the imports were done before connecting)
+                if matcher is None:
+                    matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
+                conn.send(("result", requestID, None))
                 continue
             if kind not in ("match", "match_atlases", "prepare"):
                 raise RuntimeError(f"unknown request {kind!r}")  # builtin: __main__ classes do not unpickle

@@ -329,6 +329,24 @@ class MatchLogic:
         device = getattr(matcher, "device", None) or self._device
         return f"{modelID} on {device}"
 
+    def startEngine(self, cancel: threading.Event | None = None) -> None:
+        """Build the engine now and load its model: with ``engine="process"`` the child process starts (importing
+        torch takes 1.5-2 s of a 2-core machine) while the user is still choosing volumes, so that neither the
+        preparation nor a first click waits for it. Blocks until the engine is ready: call it on a worker."""
+        matcher = self.getMatcher()
+        warm = getattr(matcher, "warm_up", None)
+        if warm is not None:
+            warm(cancel=cancel)
+
+    def startEngineOn(self, worker: Worker) -> Task:
+        """:meth:`startEngine` on ``worker`` (what the module does when it is entered); returns its ``Task``. A match
+        or preparation submitted later runs after it. A failure is logged only: nobody asked for anything yet, and
+        the first match reports it (and starts the engine again)."""
+        def failed(error: BaseException) -> None:
+            log.warning("SAMEmbedding: the engine did not start ahead of use: %s", error)
+
+        return worker.submit(lambda task: self.startEngine(task.cancelEvent), onError=failed, name="start the engine")
+
     def loadModel(self) -> str:
         """Build the engine now (to surface a model error early); return a short description of the model."""
         matcher = self.getMatcher()

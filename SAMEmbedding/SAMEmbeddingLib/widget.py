@@ -105,6 +105,8 @@ class MatchWidget(VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self._readyToPrepare():  # its packages are installed: start the engine while the user chooses volumes
+            self.logic.core.startEngineOn(self.worker)
 
     def exit(self) -> None:
         if self._parameterNode:

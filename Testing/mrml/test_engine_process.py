@@ -77,6 +77,26 @@ def test_the_second_click_reuses_the_process_its_volumes_and_their_embeddings(a_
     assert matched.shape == (2, 3)
 
 
+def test_the_engine_started_ahead_is_the_one_the_first_click_uses(a_scene, a_process_logic, a_worker, a_small_ct):
+    """The module starts the engine when it is entered (``startEngineOn``): the child is running with its model
+    before any volume is chosen, and the first click uses that child instead of starting another."""
+    task = a_process_logic.startEngineOn(a_worker)
+    _wait_for(task.finished.is_set, a_worker)
+    assert task.state == "done", task.error
+    engine = a_process_logic.getMatcher()
+    assert isinstance(engine, EngineProcess) and engine.starts == 1 and engine.pid is not None
+    assert engine.imagesSent == 0, "starting the engine sent no volume"
+    pid = engine.pid
+    a_process_logic.startEngine()  # again (the module entered a second time): nothing new
+    assert engine.starts == 1 and engine.pid == pid
+    target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    outputs = a_process_logic.matchPoints(a_small_ct, points, [target], [0])
+    assert engine.starts == 1 and engine.pid == pid, "the first click started another engine"
+    _, matched = control_points(outputs.pointLists[0])
+    assert matched.shape == (1, 3)
+
+
 def test_the_same_match_in_the_process_and_here(a_scene, a_process_logic, a_matcher, a_small_ct):
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"])
     here = MatchLogic(a_scene, matcher=a_matcher)
