@@ -180,13 +180,15 @@ class EmbeddingMaps:
                 self.tiles = None  # drop the network input once everything is computed
 
     def global_at(self, flat: torch.Tensor) -> torch.Tensor:
-        """(C_g, M) upsampled, normalised global vectors at flat local voxels (no local tile needed)."""
-        from .tiles import upsample_at
+        """(C_g, M) upsampled, normalised global vectors at flat local voxels (no local tile needed): on the CPU the
+        same values, bit for bit, whether the voxels' tiles are computed or not (the same upsampling and
+        normalisation as a tile's), so a search prior does not depend on which tiles earlier searches computed."""
+        from .tiles import normalize_channels, upsample_at
 
         if self.ready is None or bool(self.ready[flat].all()):
             return self.features[self.n_local:, flat.to(self.features.device)].float()
         zyx = np.stack(np.unravel_index(flat.cpu().numpy(), self.local_grid.shape_zyx), 1)
-        return F.normalize(upsample_at(self.global_.cpu(), self.local_grid.shape_zyx, zyx), dim=0)
+        return normalize_channels(upsample_at(self.global_.cpu(), self.local_grid.shape_zyx, zyx))
 
     def allowed_table(self, allowed: torch.Tensor) -> np.ndarray:
         """The summed-volume table of a search mask (V,) bool: its cumulative sum over every axis of the local grid,

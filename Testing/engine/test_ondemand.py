@@ -131,6 +131,25 @@ def test_the_tile_plan_covers_every_missing_voxel_and_splits_distant_searches():
     assert plan_tiles(np.ones(local, dtype=bool), stride, step, halo, shape_in).whole
 
 
+@pytest.mark.needs_data
+def test_global_vectors_are_the_same_before_and_after_their_tiles_are_computed():
+    """The search prior reads global vectors of voxels whose tiles may or may not be computed yet: both ways must
+    give the same values bit for bit, else a prior (and a match) depends on what earlier searches computed."""
+    import torch
+
+    from samembed.api import as_image
+
+    m = Matcher("random:sam-lite", device="cpu")
+    maps = m.embedder.embed(as_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")), on_demand=True)
+    body = torch.nonzero(maps.search_mask(True)).reshape(-1)
+    flat = body[torch.randperm(len(body), generator=torch.Generator().manual_seed(0))[:200]]
+    before = maps.global_at(flat)
+    assert not bool(maps.ready[flat].any())
+    maps.ensure_flat(flat)
+    assert maps.ready is None or bool(maps.ready[flat].all())
+    assert torch.equal(maps.global_at(flat), before)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize(("shape", "gshape"), [((37, 45, 29), (10, 12, 8)), ((37, 45), (10, 12))])
 def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole_map_would(fraction, shape, gshape):
