@@ -364,12 +364,13 @@ class TileComputer:
         """Embed the input box ``[start, stop)`` and store the grid lines (along the last axis) of its local box that
         hold a ``missing_zyx`` voxel: a large tile asked for a sparse set (the body in a wide field of view, the
         corners of search windows) then makes only those lines' memory pages resident, and its global vectors are
-        upsampled and both halves normalised on those lines only."""
-        from .tiles import normalize_channels, upsample_box, upsample_lines
+        upsampled and both halves normalised on those lines only. A tile of whole planes of which at least half
+        the lines are wanted is computed in place instead (:meth:`_tile_in_place`)."""
+        from .tiles import spans_whole_planes
 
-        net, spec, emb = self.embedder.net, self.embedder.model.spec, self.embedder
+        emb = self.embedder
         x = self.input()
-        sl = spec.local_stride[-1]
+        sl = emb.model.spec.local_stride[-1]
         a = [max(0, s - halo) for s in start]
         b = [min(n, e + halo) for e, n in zip(stop, x.shape[2:])]
         xin = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
@@ -378,18 +379,28 @@ class TileComputer:
         lo = np.array([s // sl for s in start])
         hi = lo + np.array([-(-(e - s) // sl) for s, e in zip(start, stop)]) - 1
         box = tuple(slice(int(p), int(q) + 1) for p, q in zip(lo, hi))
-        fvol = maps.features.view(maps.features.shape[0], *shape)
-        done = maps.ready.view(shape)[box].to(fvol.device)
+        done = maps.ready.view(shape)[box].to(maps.features.device)
         lines = missing_zyx[box].any(-1)
-        whole_planes = all(int(p) == 0 and int(q) == n - 1 for p, q, n in zip(lo[1:], hi[1:], shape[1:]))
-        if (whole_planes and float(lines.mean()) >= 0.5 and not emb.half and maps.features.dtype == torch.float32
+        wanted = float(lines.mean())  # the share of the box's lines to store
+        if (spans_whole_planes(box, shape) and wanted >= 0.5 and not emb.half and maps.features.dtype == torch.float32
                 and maps.features.device.type == "cpu" and emb.device.type == "cpu"):
             self._tile_in_place(maps, xin, ctx, lo, hi, box, done)
-            self.tiles_computed += 1
-            self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
-            return
+        else:
+            self._tile_stored(maps, xin, ctx, lo, hi, box, done, lines, wanted)
+        self.tiles_computed += 1
+        self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
+
+    def _tile_stored(self, maps: EmbeddingMaps, xin: torch.Tensor, ctx, lo: np.ndarray, hi: np.ndarray,
+                     box: tuple[slice, ...], done: torch.Tensor, lines: np.ndarray, wanted: float) -> None:
+        """:meth:`_tile` through the tile's own buffers: the whole box (every line wanted) or its wanted ``lines``
+        gathered, then stored into the feature rows (voxels computed before keep their values)."""
+        from .tiles import normalize_channels, upsample_box, upsample_lines
+
+        emb = self.embedder
+        shape = maps.local_grid.shape_zyx
+        fvol = maps.features.view(maps.features.shape[0], *shape)
         with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
-            loc = net.forward_local_core(xin, *ctx)[0]
+            loc = emb.net.forward_local_core(xin, *ctx)[0]
         with torch.inference_mode():  # the tile is an inference tensor: normalised in place in that mode
             if lines.all():  # every line: the whole box, through views
                 dst = box
@@ -400,7 +411,7 @@ class TileComputer:
                 sel = tuple(torch.from_numpy(v) for v in held)
                 dst = (*(v + int(o) for v, o in zip(sel, lo[:-1])), box[-1])
                 done = done[(*sel, slice(None))]
-                if lines.mean() <= 0.4:  # few lines: upsampled one by one (measured: faster below about 45 %)
+                if wanted <= 0.4:  # few lines: upsampled one by one (measured: faster below about 45 %)
                     up = upsample_lines(maps.global_.cpu(), shape, lo, hi, held)
                 else:
                     up = upsample_box(maps.global_.cpu(), shape, lo, hi)[(slice(None), *sel, slice(None))]
@@ -415,8 +426,6 @@ class TileComputer:
             del part
         del parts
         maps.ready.view(shape)[dst] = True
-        self.tiles_computed += 1
-        self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
 
     def _tile_in_place(self, maps: EmbeddingMaps, xin: torch.Tensor, ctx, lo: np.ndarray, hi: np.ndarray,
                        box: tuple[slice, ...], done: torch.Tensor) -> None:
@@ -425,14 +434,15 @@ class TileComputer:
         global vectors are upsampled into theirs, and both are normalised there; no tile-sized temporaries and no
         copies (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is stored: with at least half of them
         wanted, the unwanted ones hold no more memory than the temporaries they spare (a whole LIDC tile for 50
-        points: 2/3 of the lines). The values are those of :meth:`_tile`'s other paths, bit for bit."""
+        points: 2/3 of the lines). The values are those of :meth:`_tile_stored`, bit for bit."""
         from .tiles import normalize_channels, upsample_box
 
         shape = maps.local_grid.shape_zyx
         plane = int(np.prod(shape[1:]))
         rows = slice(int(lo[0]) * plane, (int(hi[0]) + 1) * plane)
         n_local = maps.n_local
-        keep = maps.features.view(maps.features.shape[0], *shape)[(slice(None), *box)][:, done] if bool(done.any()) else None
+        fbox = maps.features.view(maps.features.shape[0], *shape)[(slice(None), *box)]
+        keep = fbox[:, done] if bool(done.any()) else None
         local = maps.features[:n_local, rows]  # (C_l, voxels of the box): unit stride along the voxels
         glob = maps.features[n_local:, rows]
         box_shape = tuple(int(q - p + 1) for p, q in zip(lo, hi))
@@ -442,7 +452,7 @@ class TileComputer:
             up = upsample_box(maps.global_.cpu(), shape, lo, hi, out=glob.view(glob.shape[0], *box_shape))
             normalize_channels(up)
         if keep is not None:  # voxels computed before keep their values: a result never changes within a session
-            maps.features.view(maps.features.shape[0], *shape)[(slice(None), *box)][:, done] = keep
+            fbox[:, done] = keep
         maps.ready.view(shape)[box] = True
 
 

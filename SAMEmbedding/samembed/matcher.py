@@ -175,8 +175,10 @@ def _box_products(q: torch.Tensor, fvol: torch.Tensor, box: tuple[slice, ...]) -
     organs is about 80 MB of features, whose strided gather took twice as long as this). A box of whole planes is
     a view of the volume and needs no gathering. Each product column is the same arithmetic as in one product over
     the gathered box."""
+    from .tiles import spans_whole_planes
+
     C = fvol.shape[0]
-    if all(s.start == 0 and s.stop == n for s, n in zip(box[1:], fvol.shape[2:])):  # whole planes: a view, no copy
+    if spans_whole_planes(box, fvol.shape[1:]):  # a view, no copy
         return (q @ fvol[:, box[0]].reshape(C, -1).to(q.device)).float()
     plane = tuple(s.stop - s.start for s in box[1:])
     n_plane = int(np.prod(plane))

@@ -48,16 +48,27 @@ def _linear_taps(n_in: int, n_out: int, dst: np.ndarray) -> tuple[torch.Tensor, 
     return torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy(w0), torch.from_numpy(w1)
 
 
+def spans_whole_planes(box: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
+    """Whether ``box`` (slices of steps of 1, C order) covers every axis but the first whole: its voxels are then
+    one contiguous run of whole planes, a view of a C-order volume (no gathering)."""
+    return all(s.start == 0 and s.stop == n for s, n in zip(box[1:], shape[1:]))
+
+
+def _lerp_along(t: torch.Tensor, dim: int, taps) -> torch.Tensor:
+    """``t`` linearly resampled along ``dim`` with :func:`_linear_taps`' ``(i0, i1, w0, w1)``: the one operation
+    order (gather, weight, gather, weight, add) every upsampling here shares, so their values agree bit for bit."""
+    i0, i1, w0, w1 = taps
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t.index_select(dim, i0).mul_(w0.reshape(shape)).add_(t.index_select(dim, i1).mul_(w1.reshape(shape)))
+
+
 def _upsample_trailing(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
     """The first step of :func:`upsample_box`: every axis but the first, the last axis first (while the map is
     still coarse): (C, g0, *box[1:]) float32."""
     out = glob.float()
     for a in reversed(range(1, len(out_shape))):
-        i0, i1, w0, w1 = _linear_taps(glob.shape[1 + a], out_shape[a], np.arange(lo[a], hi[a] + 1))
-        shape = [1] * out.dim()
-        shape[1 + a] = -1
-        first = out.index_select(1 + a, i0).mul_(w0.reshape(shape))
-        out = first.add_(out.index_select(1 + a, i1).mul_(w1.reshape(shape)))
+        out = _lerp_along(out, 1 + a, _linear_taps(glob.shape[1 + a], out_shape[a], np.arange(lo[a], hi[a] + 1)))
     return out
 
 
@@ -116,8 +127,7 @@ def upsample_lines(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarra
     last = [int(t[1].max()) + 1 if len(t[1]) else 1 for t in taps]
     taps = [(i0 - f, i1 - f, w0, w1) for (i0, i1, w0, w1), f in zip(taps, first)]
     g = glob.float()[(slice(None), *(slice(f, e) for f, e in zip(first, last)))]
-    i0, i1, w0, w1 = _linear_taps(glob.shape[d], out_shape[-1], np.arange(lo[-1], hi[-1] + 1))
-    rows = g.index_select(d, i0).mul_(w0).add_(g.index_select(d, i1).mul_(w1))  # (C, *coarse part[:-1], X)
+    rows = _lerp_along(g, d, _linear_taps(glob.shape[d], out_shape[-1], np.arange(lo[-1], hi[-1] + 1)))  # (C, .., X)
     corners = {bits: rows[(slice(None), *(taps[a][bits[a]] for a in range(d - 1)))]  # (C, L, X) each
                for bits in np.ndindex(*(2,) * (d - 1))}
     for a in reversed(range(d - 1)):

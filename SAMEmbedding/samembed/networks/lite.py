@@ -96,14 +96,9 @@ def _pointwise(conv: nn.Module, t: torch.Tensor, channels_first: bool = False,
     w = conv.weight.reshape(conv.weight.shape[0], -1)
     if channels_first and t.shape[0] == 1:
         flat = t.movedim(1, -1).reshape(-1, t.shape[1])  # (voxels, C_in)
-        if out is not None:  # the same product, written in place (e.g. into an embedding's feature rows)
-            if conv.bias is None:
-                torch.mm(w, flat.T, out=out)
-            else:
-                torch.addmm(conv.bias[:, None], w, flat.T, out=out)
-            return out.view(1, w.shape[0], *t.shape[2:])
-        y = w @ flat.T if conv.bias is None else torch.addmm(conv.bias[:, None], w, flat.T)
-        return y.reshape(1, w.shape[0], *t.shape[2:])
+        # out=None: a new matrix; else the same product written in place (e.g. an embedding's feature rows)
+        y = torch.mm(w, flat.T, out=out) if conv.bias is None else torch.addmm(conv.bias[:, None], w, flat.T, out=out)
+        return y.view(1, w.shape[0], *t.shape[2:])
     if out is not None:
         raise ValueError("_pointwise: out= needs channels_first and one image")
     y = F.linear(t.movedim(1, -1), w, conv.bias).movedim(-1, 1)
