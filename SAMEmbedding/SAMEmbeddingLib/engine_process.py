@@ -170,11 +170,7 @@ class EngineProcess:
         """Start the child now (it imports torch) and have it load its model, so that the first match waits for
         neither (the module calls it when it is entered, on its worker). Nothing happens when the child runs and
         has its model."""
-        with self._lock:
-            self._ensureStarted()
-            requestID = next(self._ids)
-            self._send(("warm", requestID, None))
-            self._await(requestID, None, cancel)
+        self._request("warm", [], lambda keys: None, None, cancel)
 
     def _request(self, kind: str, images: list, payload, progress: ProgressFn | None,
                  cancel: threading.Event | None):
@@ -423,6 +419,12 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     threading.Thread(target=read, daemon=True).start()
     matcher = None
     images: dict[str, Image] = {}
+
+    def loaded() -> Matcher:  # the engine, its model loaded on the first request that needs it
+        nonlocal matcher
+        if matcher is None:
+            matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
+        return matcher
     while True:
         kind, requestID, payload = requests.get()
         if kind == "stop":
@@ -446,8 +448,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 conn.send(("ok", requestID, matcher.cache_bytes if matcher is not None else 0))
                 continue
             if kind == "warm":  # load the model now (the imports were done before connecting)
-                if matcher is None:
-                    matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
+                loaded()
                 conn.send(("result", requestID, None))
                 continue
             if kind not in ("match", "match_atlases", "prepare"):
@@ -458,8 +459,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                     continue
                 current["id"], current["event"] = requestID, threading.Event()
                 cancel = current["event"]
-            if matcher is None:
-                matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
+            loaded()
 
             def progress(done, total, phase, requestID=requestID):
                 conn.send(("progress", requestID, (done, total, phase)))
