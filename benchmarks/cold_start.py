@@ -41,6 +41,7 @@ STAGES = (
     ("samembed.networks.lite", "SamLite.forward_global", "global map"),
     ("samembed.networks.lite", "SamLite.forward_local", "local map"),
     ("samembed.networks.lite", "SamLite.forward_local_core", "local map"),
+    ("samembed.networks.int8", "SamLiteInt8.forward_local_core", "local map"),
     ("samembed.embedding", "Embedder._assemble", "assemble"),
     ("samembed.tiles", "upsample_box", "assemble"),
     ("samembed.tiles", "upsample_at", "assemble"),

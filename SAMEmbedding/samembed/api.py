@@ -119,16 +119,18 @@ class Matcher:
         max_tile_voxels: inputs larger than this (model-grid voxels) are embedded in slabs with a halo.
         cuda_fallback: with ``device="cuda"`` and no CUDA, warn and use the CPU instead of raising.
         spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
+        precision: the network's arithmetic: ``"auto"`` (int8 convolutions on the CPU when the model has an int8
+            calibration, else float32), ``"fp32"`` or ``"int8"`` (see :func:`samembed.embedding.resolve_precision`).
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",
                  cache_bytes: int = 3 << 30, cache_dir: str | os.PathLike | None = None, modality: str = "auto",
                  max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
-                 spacing_mm: float | None = None) -> None:
+                 spacing_mm: float | None = None, precision: str = "auto") -> None:
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
-        self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality)
+        self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality, precision)
         self.spacing_mm = spacing_mm
         self._priors: dict = {}
         # "default" means the registered default of each image dimension (models.json `default_for_dim`)
@@ -142,8 +144,11 @@ class Matcher:
             name = default_model_for(ndim)
             if name is not None:
                 e = self.embedder
-                self._embedders[ndim] = Embedder(load_model(name), self.device, self.cache, e.cache_dir,
-                                                 e.max_tile_voxels, e.modality)
+                model = load_model(name)
+                # an explicit int8 stays int8 where the model can run it; elsewhere the model's own choice
+                precision = e.precision if e.precision == "fp32" else "auto"
+                self._embedders[ndim] = Embedder(model, self.device, self.cache, e.cache_dir, e.max_tile_voxels,
+                                                 e.modality, precision)
         return self._embedders.get(ndim, self.embedder)
 
     def embed(self, image, progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:

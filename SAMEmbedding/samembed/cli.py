@@ -66,7 +66,8 @@ def _make_matcher(args):
     # one command matches each target once: 1 GB of embeddings in memory (the source and the current target always
     # stay) keeps a long target list within the memory of a single pair
     return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None), cache_bytes=1 << 30,
-                   modality=getattr(args, "modality", "auto"), spacing_mm=getattr(args, "spacing", None))
+                   modality=getattr(args, "modality", "auto"), spacing_mm=getattr(args, "spacing", None),
+                   precision=getattr(args, "precision", "auto"))
 
 
 #: ``samembed match`` flags -> :class:`~samembed.options.MatchOptions` fields (the help and the default of each
@@ -315,9 +316,16 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
+                   help="the network's arithmetic: int8 convolutions on the CPU (3-4x faster; needs the model's "
+                        "calibration, see `samembed quantize`), fp32, or auto (int8 on the CPU when calibrated)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model name (see `samembed info`), checkpoint path, or random:<arch>")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_precision(p)
     p.add_argument("--cache-dir", help="on-disk embedding cache folder")
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "xray"])
     p.add_argument("--spacing", type=float, help="pixel spacing (mm) for 2D files that carry none (PNG/JPEG)")
@@ -349,6 +357,28 @@ def _bench_cli():
         if e.name in (BENCH_PACKAGE, f"{BENCH_PACKAGE}.cli"):
             return None
         raise
+
+
+def _cmd_quantize(args) -> int:
+    from .models import load_model
+    from .quantize import QuantizeSettings, calibrate_model, qparams_path, sample_images
+    from .training.config import load_config
+
+    cfg = load_config(args.config, [])
+    settings = QuantizeSettings(images=args.images, seed=args.seed, exclude=tuple(args.exclude))
+    images = sample_images(list(cfg.data), list(cfg.exclude), settings, Path.cwd())
+    model = load_model(args.model)
+    if not model.info.get("file"):
+        raise InputError(f"model '{args.model}' has no weights file to calibrate")
+    out = Path(args.out) if args.out else qparams_path(model.info["file"])
+    bar = _Progress(len(images), "calibrating", not args.quiet)
+    try:
+        calibrate_model(model, images, settings, out, progress=bar.update)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"wrote {out}: int8 scales of {model.model_id} from {len(images)} training images")
+    return 0
 
 
 def _cmd_web(args) -> int:
@@ -444,6 +474,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=_cmd_train)
 
+    from .quantize import QuantizeSettings  # numpy only: --help stays free of torch
+
+    qz = sub.add_parser("quantize", help="calibrate a sam-lite model's int8 form on a sample of its training images")
+    qz.add_argument("--config", required=True, help="the model's training config (its data and exclude lists)")
+    qz.add_argument("--model", default="default", help="model name or checkpoint path (a .pt file)")
+    qz.add_argument("--images", type=int, default=QuantizeSettings.images, help="training images to sample")
+    qz.add_argument("--seed", type=int, default=QuantizeSettings.seed)
+    qz.add_argument("--exclude", nargs="*", default=[], metavar="GLOB",
+                    help="file-name globs to leave out beside the config's (e.g. the images an evaluation uses)")
+    qz.add_argument("--out", help="output JSON (default: <weights stem>.int8.json beside the weights, which the "
+                                  "engine reads)")
+    qz.add_argument("-q", "--quiet", action="store_true")
+    qz.set_defaults(func=_cmd_quantize)
+
     w = sub.add_parser("web", help="the matching viewer in a browser (needs the web extra: pip install -e '.[web]')")
     w.add_argument("images", nargs="*", metavar="IMAGE", help="volumes to open: the first is the source")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (off loopback an access token is required)")
@@ -455,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted, MB")
     w.add_argument("--model", default="default")
     w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_precision(w)
     w.add_argument("--cache-dir", help="on-disk embedding cache folder")
     w.set_defaults(func=_cmd_web)
 

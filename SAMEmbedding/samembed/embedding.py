@@ -53,6 +53,33 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
     raise DeviceUnavailableError(f"unknown device '{device}'; use auto, cpu or cuda")
 
 
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def resolve_precision(precision: str, model: LoadedModel, device: torch.device) -> str:
+    """The arithmetic an embedder uses: "fp32" (float32 on the CPU, half precision on CUDA) or "int8" (int8
+    convolutions on the CPU, :mod:`samembed.networks.int8`; needs the model's calibration, ``samembed quantize``).
+    "auto" is int8 on the CPU when the model has a calibration, else fp32.
+
+    Raises:
+        InputError: an unknown name, or int8 where it cannot run (CUDA, no calibration, not a sam-lite model).
+    """
+    from .errors import InputError
+
+    name = str(precision).lower()
+    if name not in PRECISIONS:
+        raise InputError(f"unknown precision '{precision}'; use {', '.join(PRECISIONS)}")
+    can = device.type == "cpu" and model.int8 is not None and model.spec.arch == "sam-lite"
+    if name == "int8" and not can:
+        why = ("int8 runs on the CPU only; use --device cpu" if device.type != "cpu" else
+               f"{model.model_id} is not a 3D sam-lite model" if model.spec.arch != "sam-lite" else
+               f"{model.model_id} has no int8 calibration beside its weights; run `samembed quantize --model ...`")
+        raise InputError(f"precision int8: {why}, or use --precision fp32")
+    if name == "auto":
+        return "int8" if can else "fp32"
+    return name
+
+
 _FILL_LOCK = threading.RLock()
 #: part of every cache key: bumped when the engine's arithmetic changes (v2: batch norms folded into the
 #: convolutions, channel norms summed channel by channel; v3: each layer of a tile computed only where the layers
@@ -471,10 +498,12 @@ class Embedder:
         cache_dir: optional folder for the on-disk cache (half precision, body voxels only, checksummed).
         max_tile_voxels: input voxels above which the local branch is run in slabs with a halo.
         modality: "auto", "ct", "mri" or "xray".
+        precision: the network's arithmetic (see :func:`resolve_precision`): "auto", "fp32" or "int8".
     """
 
     def __init__(self, model: LoadedModel, device: torch.device | str = "cpu", cache: EmbeddingCache | None = None,
-                 cache_dir: str | Path | None = None, max_tile_voxels: int = 24_000_000, modality: str = "auto") -> None:
+                 cache_dir: str | Path | None = None, max_tile_voxels: int = 24_000_000, modality: str = "auto",
+                 precision: str = "auto") -> None:
         self.model = model
         self.device = resolve_device(device)
         self.cache = cache if cache is not None else EmbeddingCache()
@@ -485,6 +514,11 @@ class Embedder:
         #: the network that embeds: the model's, with batch norms folded into the convolutions
         self.net = inference_copy(self.model.net).to(self.device)
         self.half = self.device.type == "cuda"
+        self.precision = resolve_precision(precision, model, self.device)
+        if self.precision == "int8":
+            from .networks.int8 import SamLiteInt8
+
+            self.net = SamLiteInt8(self.net, model.int8)
 
     @property
     def on_demand_capable(self) -> bool:
@@ -497,7 +531,7 @@ class Embedder:
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
         import hashlib
 
-        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}".encode())
+        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{self.precision}".encode())
         h = h.hexdigest()
         return h[:32]
 

@@ -12,6 +12,7 @@ A model is a network plus the preprocessing it was trained with. It comes from:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class LoadedModel:
         model_id: a stable id for caches ("<name>@<sha256 prefix>").
         sha256: checkpoint file hash (None for random weights).
         info: free-form facts (source file, known official name, training config).
+        int8: the int8 form's activation scales (map name -> (scale, zero point)) when the weights have a
+            calibration beside them (``samembed quantize``), else None.
     """
 
     net: EmbeddingNet
@@ -50,6 +53,7 @@ class LoadedModel:
     model_id: str
     sha256: str | None = None
     info: dict = field(default_factory=dict)
+    int8: dict | None = None
 
     @property
     def spec(self):
@@ -167,7 +171,28 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> LoadedM
     verify_state_dict(net, state, str(path))
     net.load_state_dict(state, strict=True)
     net.eval()
-    return LoadedModel(net, prep, f"{name}@{sha[:12]}", sha, info)
+    return LoadedModel(net, prep, f"{name}@{sha[:12]}", sha, info, _read_int8(path, sha))
+
+
+def _read_int8(weights: Path, sha: str) -> dict | None:
+    """The int8 calibration beside ``weights`` (``<stem>.int8.json``), when it was made for these weights."""
+    from .quantize import qparams_path
+
+    path = qparams_path(weights)
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        qp = {str(k): (float(v[0]), int(v[1])) for k, v in d["qparams"].items()}
+        made_for = d.get("meta", {}).get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        log.warning("%s: unreadable int8 calibration (%s); embedding in float32. Run `samembed quantize` again", path, exc)
+        return None
+    if made_for != sha:
+        log.warning("%s: int8 calibration made for other weights (SHA-256 %s); embedding in float32. "
+                    "Run `samembed quantize` for these weights", path, str(made_for)[:12])
+        return None
+    return qp
 
 
 def random_model(arch: str = "sam-lite", seed: int = 0, config: dict | None = None) -> LoadedModel:

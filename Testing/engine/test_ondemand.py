@@ -184,9 +184,15 @@ def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole
 
 
 @pytest.mark.needs_data
-def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(pair):
+@pytest.mark.parametrize("precision", ["auto", "fp32"])  # auto: the shipped model's int8 local branch on the CPU
+def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(pair, precision, tmp_path):
     name, src, tgt, pts, whole = pair
-    od = Matcher("default", device="cpu")
+    if precision != "auto":
+        whole = Matcher("default", device="cpu", cache_dir=tmp_path, precision=precision)
+        whole.embed(src)
+        whole.embed(tgt)
+    od = Matcher("default", device="cpu", precision=precision)
+    assert od.embedder.precision == ("int8" if precision == "auto" else precision)
     miss = od.match(src, pts, [tgt], options=PURE)
     _same(whole.match(src, pts, [tgt], options=PURE), miss)
     # a tile-cache hit: nothing recomputed, the same result

@@ -56,6 +56,26 @@ def _up_add(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
     return fine + F.interpolate(coarse, size=fine.shape[2:], mode="nearest")
 
 
+def _up2(t: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(t, scale_factor=2.0, mode="nearest")
+
+
+def core_cropper(context_lo: tuple[int, ...], context_hi: tuple[int, ...]):
+    """The crop of :meth:`SamLite.forward_local_core`: ``crop(t, unit, have, keep)`` cuts a map ``t`` that holds
+    min(context, ``have``) input voxels of context per side, ``unit`` input voxels per map voxel, down to
+    min(context, ``keep``)."""
+    ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
+
+    def crop(t: torch.Tensor, unit: int, have: int, keep: int) -> torch.Tensor:
+        sl = []
+        for ax in range(t.dim() - 2):
+            drop = [(min(c[ax], have) - min(c[ax], keep)) // unit for c in ctx]
+            sl.append(slice(drop[0], t.shape[2 + ax] - drop[1]))
+        return t[(slice(None), slice(None), *sl)]
+
+    return crop
+
+
 def _onednn_applies(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and not (torch.is_grad_enabled() and x.requires_grad))
@@ -195,20 +215,7 @@ class SamLite(EmbeddingNet):
         whole-volume run's own. For a ±50 mm window's tile (a 48³ core) the layers do about half the work of the
         whole tile.
         """
-        ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
-        nd = x.dim() - 2
-
-        def crop(t: torch.Tensor, unit: int, have: int, keep: int) -> torch.Tensor:
-            # t holds min(context, have) input voxels of context per side, unit input voxels per voxel
-            sl = []
-            for ax in range(nd):
-                drop = [(min(c[ax], have) - min(c[ax], keep)) // unit for c in ctx]
-                sl.append(slice(drop[0], t.shape[2 + ax] - drop[1]))
-            return t[(slice(None), slice(None), *sl)]
-
-        def up(t: torch.Tensor) -> torch.Tensor:
-            return F.interpolate(t, scale_factor=2.0, mode="nearest")
-
+        crop = core_cropper(context_lo, context_hi)
         # context kept per map (input voxels); each map is exact up to a few voxels inside its crop, and every
         # crop keeps a multiple of the next stride-2 convolution's step, so the maps stay on the whole map's grid
         big = 1 << 30
@@ -218,8 +225,8 @@ class SamLite(EmbeddingNet):
         d2 = self.l_down2[0](c1)  # 16 mm, 24 (exact from 16)
         c2 = self.l_down2[1](crop(d2, 8, 24, 16))  # 16 (exact from 8)
         p2 = _pointwise(self.l_lat[2], crop(c2, 8, 16, 8))
-        p1 = _pointwise(self.l_lat[1], crop(c1, 4, 24, 4)) + crop(up(p2), 4, 8, 4)
-        p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(up(p1), 2, 4, 2)
+        p1 = _pointwise(self.l_lat[1], crop(c1, 4, 24, 4)) + crop(_up2(p2), 4, 8, 4)
+        p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(_up2(p1), 2, 4, 2)
         top = self.l_out[0](p0)
         return _pointwise(self.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
 

@@ -93,7 +93,8 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None):
         for old in [k for k in eng.atlases if k not in wanted]:  # one run's atlases at a time: a long-lived
             del eng.atlases[old]  # worker must not collect every run's atlases
         image = as_image(path, spacing_mm=m.spacing_mm)
-        disk = Embedder(m.model, m.device, m.cache, job.cache_dir, m.embedder.max_tile_voxels, m.embedder.modality)
+        disk = Embedder(m.model, m.device, m.cache, job.cache_dir, m.embedder.max_tile_voxels, m.embedder.modality,
+                        m.embedder.precision)
         on_disk = disk._disk_path(disk.key(image)).is_file()
         if not on_disk:
             m.cache.clear()  # an in-memory copy (e.g. of an earlier run) would keep it from reaching the folder

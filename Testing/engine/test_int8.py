@@ -1,0 +1,125 @@
+"""The int8 local branch (``--precision int8``, the CPU default for a calibrated model): it stays close to float32 on
+real CT, its tiles are as exact as float32's, its calibration is tied to its weights, and the precision choice says
+what to do when int8 cannot run.
+
+The whole-volume against on-demand equality of the int8 path is ``test_ondemand.py``'s (the default model runs int8
+there); this file compares int8 with float32 and checks the calibration's life cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from samembed import Matcher
+from samembed.embedding import Embedder, resolve_precision
+from samembed.errors import InputError
+from samembed.io import read_image
+from samembed.models import load_checkpoint, load_model, random_model
+from samembed.quantize import qparams_path
+
+from ..conftest import data_file
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return read_image(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz"))
+
+
+def _local_vectors(matcher: Matcher, image, lo, hi) -> torch.Tensor:
+    maps = matcher.embed(image)
+    maps.ensure(np.asarray(lo), np.asarray(hi))
+    shape = maps.local_grid.shape_zyx
+    box = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+    return maps.features[: maps.n_local].reshape(maps.n_local, *shape)[(slice(None), *box)].reshape(maps.n_local, -1)
+
+
+@pytest.mark.needs_data
+def test_the_shipped_model_runs_int8_on_the_cpu_close_to_float32(ct):
+    """Local vectors of a head-and-neck CT's centre, int8 against float32: cosine similarity about 0.9996 (quantisation
+    noise; the ship gate measures the matches); the global vectors are float32's, bit for bit."""
+    i8 = Matcher("default", device="cpu")
+    f32 = Matcher("default", device="cpu", precision="fp32")
+    assert i8.embedder.precision == "int8" and f32.embedder.precision == "fp32"
+    assert i8.embedder.key(ct) != f32.embedder.key(ct), "int8 and float32 maps must not share cache entries"
+    shape = np.array(i8.embed(ct).local_grid.shape_zyx)
+    lo, hi = shape // 2 - 8, shape // 2 + 7
+    a, b = _local_vectors(i8, ct, lo, hi), _local_vectors(f32, ct, lo, hi)
+    cos = (a * b).sum(0)  # unit vectors
+    assert float(cos.mean()) > 0.999 and float(cos.min()) > 0.98, (float(cos.mean()), float(cos.min()))
+    assert float(cos.min()) < 1.0 - 1e-6, "int8 gave float32's values: the int8 path did not run"
+    assert torch.equal(i8.embed(ct).global_, f32.embed(ct).global_)
+
+
+@pytest.mark.needs_data
+def test_an_int8_tile_equals_the_same_voxels_of_a_larger_tile(ct):
+    """Integer arithmetic with fixed scales: a voxel's vector does not depend on the tile it was computed in."""
+    m = Matcher("default", device="cpu")
+    shape = np.array(m.embed(ct).local_grid.shape_zyx)
+    lo, hi = shape // 2 - 4, shape // 2 + 3
+    small = _local_vectors(m, ct, lo, hi)
+    big = Matcher("default", device="cpu")  # a fresh map: the box below is computed as part of a larger tile
+    inner = _local_vectors(big, ct, lo - 12, hi + 12).reshape(-1, *(hi - lo + 25))[:, 12:-12, 12:-12, 12:-12]
+    assert float((small - inner.reshape(small.shape)).abs().max()) <= 1e-6
+
+
+def test_precision_choices_say_what_to_do_when_int8_cannot_run():
+    model = random_model("sam-lite")  # no calibration
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", model, cpu) == "fp32"
+    with pytest.raises(InputError, match="samembed quantize"):
+        resolve_precision("int8", model, cpu)
+    with pytest.raises(InputError, match="CPU only"):
+        resolve_precision("int8", load_model("default"), torch.device("cuda"))
+    with pytest.raises(InputError, match="unknown precision 'int4'"):
+        Matcher(model, device="cpu", precision="int4")
+
+
+def test_a_calibration_made_for_other_weights_is_ignored_with_a_warning(tmp_path, caplog):
+    shipped = load_model("default")
+    weights = tmp_path / "copy.pt"
+    shutil.copy(shipped.info["file"], weights)
+    shutil.copy(qparams_path(shipped.info["file"]), qparams_path(weights))
+    assert load_checkpoint(weights).int8 == shipped.int8  # the same weights: the calibration applies
+    other = json.loads(qparams_path(weights).read_text())
+    other["meta"]["sha256"] = "0" * 64
+    qparams_path(weights).write_text(json.dumps(other))
+    with caplog.at_level(logging.WARNING):
+        assert load_checkpoint(weights).int8 is None
+    assert "made for other weights" in caplog.text and "samembed quantize" in caplog.text
+    qparams_path(weights).write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert load_checkpoint(weights).int8 is None
+    assert "unreadable int8 calibration" in caplog.text
+    assert Embedder(load_checkpoint(weights), "cpu").precision == "fp32"
+
+
+@pytest.mark.needs_data
+def test_samembed_quantize_calibrates_a_checkpoint_that_then_runs_int8(tmp_path, capsys):
+    """The command a model card names: a sample of the config's images, the scales beside the weights, and the
+    engine picking them up (int8 by default on the CPU, a match that runs)."""
+    from samembed.cli import main
+    from samembed.models import save_checkpoint
+    from samembed.preprocess import PreprocessConfig
+
+    images = [data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz") for n in (100, 101, 215)]
+    weights = save_checkpoint(tmp_path / "tiny.pt", random_model("sam-lite").net, PreprocessConfig(fill="air"),
+                              name="tiny")
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data: [{images[0]}, {images[1]}, {images[2]}]\nexclude: ['pt_215_ct.nii.gz']\n")
+    assert main(["quantize", "--config", str(config), "--model", str(weights), "--images", "5", "-q"]) == 0
+    meta = json.loads(qparams_path(weights).read_text())["meta"]
+    assert meta["images"] == ["pt_100_ct.nii.gz", "pt_101_ct.nii.gz"], "the excluded image was used"
+    assert meta["sha256"] == load_checkpoint(weights).sha256
+    m = Matcher(str(weights), device="cpu")
+    assert m.embedder.precision == "int8"
+    ct = read_image(images[2])
+    centre = ct.grid.index_to_lps(np.array([[64.0, 64.0, 64.0]]))
+    assert np.isfinite(m.match(ct, centre, [ct]).matches[0].point_lps_mm).all()
+    assert main(["quantize", "--config", str(tmp_path / "missing.yaml"), "--model", str(weights), "-q"]) != 0
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
