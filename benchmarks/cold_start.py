@@ -35,6 +35,7 @@ T_START = time.perf_counter()
 #: (module, attribute path, stage name); a stage called inside another is counted in the inner one only
 STAGES = (
     ("samembed.api", "read_image", "reading"),
+    ("samembed.prefetch", "Prefetch.take", "prefetch wait"),
     ("samembed.api", "load_model", "model"),
     ("samembed.embedding", "preprocess", "preprocessing"),
     ("samembed.embedding", "Embedder._body_on_local", "body"),
@@ -52,7 +53,7 @@ STAGES = (
     ("samembed.api", "scores_at", "scores"),
     ("samembed.cli", "_write_match_outputs", "writing"),
 )
-ORDER = ("imports", "model", "reading", "preprocessing", "body", "global map", "local map", "assemble", "prior",
+ORDER = ("imports", "model", "reading", "prefetch wait", "preprocessing", "body", "global map", "local map", "assemble", "prior",
          "search", "polish", "scores", "round trip", "writing", "other")
 
 
@@ -111,12 +112,19 @@ def child(argv: list[str]) -> NoReturn:
     p = argparse.ArgumentParser(prog="cold_start.py child")
     p.add_argument("--json", required=True, help="where to write the stage times")
     p.add_argument("--whole", action="store_true", help="embed every voxel (the engine before on-demand tiles)")
+    p.add_argument("--no-prefetch", action="store_true", help="read and preprocess in the main process only")
     args, rest = p.parse_known_args(argv)
+    import samembed.cli as cli  # torch-free
+
+    # as the command does before it imports torch: the first images are read and preprocessed in a second process
+    # (samembed.prefetch) while the import runs; the command's own call then hands this one over
+    match_args = cli.build_parser().parse_args(["match", *rest, "--quiet", "--device", "cpu"])
+    prefetch = None if args.no_prefetch else cli._start_prefetch(match_args, match_args.images)
+    cli._start_prefetch = lambda a, paths: prefetch
     t0 = time.perf_counter()
     import torch  # noqa: F401 - the import cost is a stage of its own
 
     import samembed.api  # noqa: F401
-    import samembed.cli as cli
 
     t_imports = time.perf_counter() - t0
     clock = StageClock()

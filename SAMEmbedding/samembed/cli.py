@@ -152,9 +152,6 @@ def match_command_options(args):
 
 
 def _cmd_match(args) -> int:
-    from .api import Atlas, as_image
-    from .io import check_writable, read_points
-
     options = match_command_options(args)  # bad options: before any file is made
     pairs = _atlas_pairs(args)
     if pairs and args.points:
@@ -162,17 +159,45 @@ def _cmd_match(args) -> int:
     if not pairs and (len(args.images) < 2 or not args.points):
         raise InputError("give SOURCE TARGET... --points FILE, or --atlas IMAGE POINTS [--atlas ...] TARGET...")
     target_paths = args.images if pairs else args.images[1:]
+    prefetch = _start_prefetch(args, [pairs[0][0], *target_paths] if pairs else args.images)
+    try:
+        return _match(args, options, pairs, target_paths, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+
+
+def _start_prefetch(args, paths: list[str]):
+    """Read and preprocess the first images in a second process while torch loads (:mod:`samembed.prefetch`):
+    for a registered model on the CPU, before anything imports torch."""
+    from . import prefetch
+    from .registry import registered_preprocess
+
+    if args.device == "cuda":
+        return None
+    return prefetch.start(paths, registered_preprocess(args.model), getattr(args, "modality", "auto"),
+                          getattr(args, "spacing", None))
+
+
+def _match(args, options, pairs, target_paths, prefetch) -> int:
+    from .api import Atlas, as_image
+    from .io import check_writable, read_points
+
+    def read(path: str):  # the image the prefetch read, else the file
+        image = None if prefetch is None else prefetch.image(path)
+        return as_image(path if image is None else image, spacing_mm=args.spacing)
+
     bar = _Progress(len(target_paths), "reading", not args.quiet)
     try:
         if pairs:
             atlases = []
             for image, pts_file in pairs:
                 pl = read_points(pts_file, ras=args.ras)
-                atlases.append(Atlas(as_image(image, spacing_mm=args.spacing), pl.points_lps_mm, tuple(pl.labels), image))
+                atlases.append(Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), image))
         else:
             points = read_points(args.points, ras=args.ras)
-            source = as_image(args.images[0], spacing_mm=args.spacing)
-        targets = [as_image(t, spacing_mm=args.spacing) for t in target_paths]
+            source = read(args.images[0])
+        targets = [read(t) for t in target_paths]
         out = Path(args.out)
         folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
         if folder_out:
@@ -183,6 +208,7 @@ def _cmd_match(args) -> int:
             Path(args.heatmap_dir).mkdir(parents=True, exist_ok=True)
         bar.phase("loading the model")
         matcher = _make_matcher(args)
+        matcher.embedder.prefetch = prefetch
         names = [str(t) for t in target_paths]
         if pairs:
             res = matcher.match_atlases(atlases, targets, options, progress=bar.update, target_names=names)

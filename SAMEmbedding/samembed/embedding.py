@@ -515,6 +515,8 @@ class Embedder:
         self.net = inference_copy(self.model.net).to(self.device)
         self.half = self.device.type == "cuda"
         self.precision = resolve_precision(precision, model, self.device)
+        #: inputs preprocessed ahead in another process (:mod:`samembed.prefetch`, set by ``samembed match``)
+        self.prefetch = None
         if self.precision == "int8":
             from .networks.int8 import SamLiteInt8
 
@@ -614,7 +616,12 @@ class Embedder:
     def _prepare(self, image: Image) -> tuple[np.ndarray, Grid, str]:
         """Padded network input (zyx float32), its grid and the modality used."""
         spec = self.model.spec
-        prep = preprocess(image, self.model.preprocess, self.modality)
+        prep = None if self.prefetch is None else self.prefetch.take(image.content_hash(), self.model.preprocess,
+                                                                      self.modality)
+        if prep is None:
+            prep = preprocess(image, self.model.preprocess, self.modality)
+        else:
+            log.debug("%s: preprocessed ahead by the prefetch process", image.name)
         arr = _pad_to_multiple(prep.array, tuple(reversed(spec.pad_multiple)), prep.fill_value)
         grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
         return arr, grid, prep.modality

@@ -23,7 +23,7 @@ import torch
 from .errors import CheckpointError, InputError, ModelNotAvailableError
 from .networks import EmbeddingNet, build_network
 from .preprocess import PreprocessConfig
-from .registry import models_dir, registry  # noqa: F401 - re-exported
+from .registry import find_entry, models_dir, registry  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 KNOWN_OFFICIAL_SHA256 = {
@@ -71,10 +71,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _find_entry(name: str) -> dict | None:
-    for m in registry().get("models", []):
-        if m.get("name") == name or name in m.get("aliases", []):
-            return m
-    return None
+    return find_entry(name)
 
 
 def model_dim(entry: dict) -> int:

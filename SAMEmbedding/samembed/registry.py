@@ -25,3 +25,18 @@ def registry() -> dict:
     if not path.is_file():
         return {"models": []}
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def find_entry(name: str) -> dict | None:
+    """The ``models.json`` entry called ``name`` (its name or an alias), or None."""
+    for m in registry().get("models", []):
+        if m.get("name") == name or name in m.get("aliases", []):
+            return m
+    return None
+
+
+def registered_preprocess(name: str) -> dict | None:
+    """The preprocessing settings a registered model declares in ``models.json`` (``preprocess``), known without
+    loading its weights (the engine checks them against the weights' own); None when not declared."""
+    entry = find_entry(str(name))
+    return None if entry is None else entry.get("preprocess")

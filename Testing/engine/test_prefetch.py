@@ -1,0 +1,78 @@
+"""``samembed match`` reads and preprocesses its first images in a second process while torch loads
+(:mod:`samembed.prefetch`): the inputs it hands over are the engine's own, a mismatch or a failure falls back to the
+engine, and the command's output is the same with or without it."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from samembed import prefetch
+from samembed.cli import main
+from samembed.io import read_image
+from samembed.preprocess import PreprocessConfig, preprocess
+from samembed.registry import registered_preprocess
+
+from ..conftest import data_file
+
+
+def _start(paths, config: dict) -> prefetch.Prefetch:
+    """A prefetch started here, where torch is already imported (the command starts it before)."""
+    return prefetch.Prefetch(prefetch.PrefetchRequest(tuple(str(x) for x in paths), config))
+
+
+@pytest.mark.needs_data
+def test_a_prefetched_input_is_the_engines_own_and_is_handed_out_once():
+    path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    config = registered_preprocess("default")
+    assert config is not None, "models.json must declare the default model's preprocessing"
+    p = _start([path], config)
+    try:
+        image = p.image(str(path))
+        assert image is not None and image.content_hash() == read_image(path).content_hash()
+        cfg = PreprocessConfig.from_dict(config)
+        assert p.take(image.content_hash(), PreprocessConfig(spacing_mm=3.0), "auto") is None  # other settings
+        got = p.take(image.content_hash(), cfg, "auto")
+        ref = preprocess(read_image(path), cfg, "auto")
+        assert np.array_equal(got.array, ref.array) and got.grid.shape_zyx == ref.grid.shape_zyx
+        assert got.modality == ref.modality and got.fill_value == ref.fill_value
+        assert p.take(image.content_hash(), cfg, "auto") is None, "handed out twice"
+    finally:
+        p.close()
+
+
+def test_an_unreadable_image_is_left_to_the_command_which_names_it(tmp_path, capsys):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not an image")
+    p = _start([bad], registered_preprocess("default"))
+    try:
+        assert p.image(str(bad)) is None
+    finally:
+        p.close()
+    pts = tmp_path / "p.csv"
+    pts.write_text("label,x,y,z\na,0,0,0\n")
+    assert main(["match", str(bad), str(bad), "--points", str(pts), "--out", str(tmp_path / "o.csv"), "-q"]) != 0
+    assert "broken.nii.gz" in capsys.readouterr().err
+
+
+@pytest.mark.needs_data
+def test_the_command_with_its_prefetch_writes_what_it_writes_without(tmp_path):
+    """A fresh interpreter (torch not yet imported: the command prefetches) against this process (torch imported:
+    no prefetch), the same pair and points."""
+    src = data_file("ct", "openkbp", "ct", "pt_239_ct.nii.gz")
+    tgt = data_file("ct", "openkbp", "ct", "pt_231_ct.nii.gz")
+    rows = [r for r in csv.DictReader(data_file("ct", "openkbp", "oar_centroids.csv").open()) if r["patient"] == "pt_239"]
+    pts = tmp_path / "p.csv"
+    pts.write_text("label,x,y,z\n" + "".join(f"{r['structure']},{r['x_mm']},{r['y_mm']},{r['z_mm']}\n" for r in rows[:3]))
+    args = ["match", str(src), str(tgt), "--points", str(pts), "--device", "cpu", "-q"]
+    code = ("import sys; from samembed import cli, prefetch; assert prefetch.available(); "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    fresh = subprocess.run([sys.executable, "-c", code, "-v", *args, "--out", str(tmp_path / "fresh.csv")],
+                           check=True, capture_output=True, text=True)
+    assert fresh.stderr.count("preprocessed ahead by the prefetch process") == 2, fresh.stderr[-2000:]
+    assert main([*args, "--out", str(tmp_path / "here.csv")]) == 0
+    assert (tmp_path / "fresh.csv").read_text() == (tmp_path / "here.csv").read_text()
