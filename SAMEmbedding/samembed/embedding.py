@@ -619,7 +619,7 @@ class Embedder:
         prep = None if self.prefetch is None else self.prefetch.take(image.content_hash(), self.model.preprocess,
                                                                       self.modality)
         if prep is None:
-            prep = preprocess(image, self.model.preprocess, self.modality)
+            prep = preprocess(image, self.model.preprocess, self.modality, tuple(reversed(spec.pad_multiple)))
         else:
             log.debug("%s: preprocessed ahead by the prefetch process", image.name)
         arr = _pad_to_multiple(prep.array, tuple(reversed(spec.pad_multiple)), prep.fill_value)

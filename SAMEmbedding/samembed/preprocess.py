@@ -83,8 +83,12 @@ def _orient_lps(img):
     return sitk.DICOMOrient(img, "LPS")
 
 
-def resample_to_spacing(img, spacing_mm: float, fill_value: float):
-    """Resample a SimpleITK image to isotropic ``spacing_mm`` on a corner-aligned grid (linear)."""
+def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_xyz: tuple[int, ...] | None = None):
+    """Resample a SimpleITK image to isotropic ``spacing_mm`` on a corner-aligned grid (linear).
+
+    ``pad_multiple_xyz``: the output grid extends (at its far end) to a multiple of these sizes; the voxels added lie
+    outside the image and take ``fill_value``, as any voxel beyond the image does.
+    """
     import SimpleITK as sitk
 
     d = img.GetDimension()
@@ -92,6 +96,8 @@ def resample_to_spacing(img, spacing_mm: float, fill_value: float):
     size = np.array(img.GetSize())
     new_sp = np.full(d, float(spacing_mm))
     new_size = [int(np.ceil(n * s / t - 1e-6)) if n > 1 else 1 for n, s, t in zip(size, old_sp, new_sp)]
+    if pad_multiple_xyz is not None:
+        new_size = [n + (-n) % int(m) for n, m in zip(new_size, pad_multiple_xyz)]
     new_sp = np.where(size > 1, new_sp, old_sp)
     direction = np.array(img.GetDirection()).reshape(d, d)
     shift = (new_sp - old_sp) / 2.0
@@ -132,13 +138,17 @@ def map_intensity(array: np.ndarray, modality: str, percentiles: tuple[float, fl
     return out.astype(np.float32, copy=False)
 
 
-def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto") -> Prepared:
+def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
+               pad_multiple_zyx: tuple[int, ...] | None = None) -> Prepared:
     """Turn an :class:`Image` into network input at the model spacing.
 
     Args:
         image: the input image (not modified).
         config: model spacing and fill policy.
         modality: "auto", "ct", "mri" or "xray".
+        pad_multiple_zyx: for CT, the array comes padded (at its far end, with the fill value) to a multiple of
+            these sizes, by the resampling itself (no second copy of the volume); other modalities, whose mapping
+            depends on the whole image's percentiles, come unpadded.
     """
     from .io import image_to_sitk
 
@@ -153,7 +163,8 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto") -
     spacing = config.spacing_mm
     if not image.pixel_spacing_known and image.ndim == 2:
         spacing = config.spacing_mm  # pixels treated as mm-sized; --spacing sets the real value
-    res = resample_to_spacing(img, spacing, fill)
+    pad = tuple(reversed(pad_multiple_zyx)) if pad_multiple_zyx is not None and mod == "ct" else None
+    res = resample_to_spacing(img, spacing, fill, pad)
     import SimpleITK as sitk
 
     arr = sitk.GetArrayFromImage(res)
