@@ -142,15 +142,22 @@ def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray)
     same arithmetic (same operations in the same order), so the values are identical."""
 
     d = len(out_shape)
-    g = glob.float()
+    # channels last: each corner gathers whole channel vectors (contiguous rows) instead of one value per channel
+    rows = glob.float().movedim(0, -1).reshape(-1, glob.shape[0]).contiguous()  # (coarse voxels, C)
     taps = [_linear_taps(glob.shape[1 + a], out_shape[a], zyx[:, a]) for a in range(d)]
     corners: dict[tuple[int, ...], torch.Tensor] = {}
     for bits in np.ndindex(*(2,) * d):
-        corners[bits] = g[(slice(None), *(taps[a][bits[a]] for a in range(d)))]
+        flat = taps[0][bits[0]]
+        for a in range(1, d):
+            flat = flat * glob.shape[1 + a] + taps[a][bits[a]]
+        corners[bits] = rows.index_select(0, flat)  # (M, C)
     for a in reversed(range(d)):  # reduce the last axis first, as the box code does
         _, _, w0, w1 = taps[a]
-        corners = {bits[:-1]: v * w0 + corners[(*bits[:-1], 1)] * w1 for bits, v in corners.items() if bits[-1] == 0}
-    return corners[()]
+        w0, w1 = w0[:, None], w1[:, None]
+        # in place on the gathered copies: the products and the sum of the box code, without temporaries
+        corners = {bits[:-1]: v.mul_(w0).add_(corners[(*bits[:-1], 1)].mul_(w1))
+                   for bits, v in corners.items() if bits[-1] == 0}
+    return corners[()].T.contiguous()
 
 
 def normalize_channels(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
