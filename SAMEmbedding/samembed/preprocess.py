@@ -167,12 +167,14 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
     res = resample_to_spacing(img, spacing, fill, pad)
     import SimpleITK as sitk
 
-    arr = sitk.GetArrayFromImage(res)
+    view = sitk.GetArrayViewFromImage(res)  # read-only, valid while ``res`` lives: mapped into a new array below
     d = res.GetDimension()
-    grid = Grid(arr.shape, res.GetSpacing(), res.GetOrigin(), np.array(res.GetDirection()).reshape(d, d))
+    grid = Grid(view.shape, res.GetSpacing(), res.GetOrigin(), np.array(res.GetDirection()).reshape(d, d))
     fill_mapped = float(map_intensity(np.array([fill], dtype=np.float32), mod, (0.0, 100.0))[0]) if mod == "ct" else -50.0
-    # arr is the resampler's own copy, so it may be mapped in place
-    return Prepared(map_intensity(arr, mod, config.percentiles, out_in_place=True), grid, mod, fill_mapped)
+    # the mapping's first step writes a new array, the next ones work in it: one volume-sized copy in all
+    out = map_intensity(view, mod, config.percentiles)
+    del view, res
+    return Prepared(out, grid, mod, fill_mapped)
 
 
 def body_mask(prepared: Prepared, threshold_mapped: float | None = None) -> np.ndarray:
