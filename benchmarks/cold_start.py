@@ -317,9 +317,12 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores (1-minute load average {start}{load[0]:.1f} at the "
         "end; the run's own processes count in it). Every number is wall time; on a shared VM absolute times vary "
         "from run to run, so the ratios, measured side by side, are the meaningful numbers. SAM: torch, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `default` (sam-lite-ct). elastix: "
+        f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `default` (sam-lite-ct, its int8 local branch: "
+        "`--precision auto`), and, as `samembed match` does, a second process that reads and preprocesses the source "
+        "and the first target while torch loads (`samembed.prefetch`, one ITK thread). elastix: "
         f"{os.environ.get('SAMEMBED_ELASTIX_THREADS', 'default')} thread(s), `samembed_bench.registration` settings "
-        "(similarity + affine, then B-spline). Command: `python benchmarks/cold_start.py run`.",
+        "(similarity + affine, then B-spline). ITK's own filters (reading, SAM's resampling) use ITK's default "
+        "threads on both sides. Command: `python benchmarks/cold_start.py run`.",
         "",
         "`process s` is the fresh process's wall time (interpreter start, imports, reading, everything); "
         "`whole` is the same engine forced to embed every voxel (the cold path before on-demand tiles); "
