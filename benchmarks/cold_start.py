@@ -36,6 +36,7 @@ T_START = time.perf_counter()
 STAGES = (
     ("samembed.api", "read_image", "reading"),
     ("samembed.prefetch", "Prefetch.take", "prefetch wait"),
+    ("samembed.prefetch", "Prefetch.image", "prefetch wait"),
     ("samembed.api", "load_model", "model"),
     ("samembed.embedding", "preprocess", "preprocessing"),
     ("samembed.embedding", "Embedder._body_on_local", "body"),

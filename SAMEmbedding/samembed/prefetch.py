@@ -54,13 +54,20 @@ def _child(request: PrefetchRequest, conn) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one core here, the other for the import
 
     config = PreprocessConfig.from_dict(request.preprocess)
-    for path in request.paths:
+    images = []
+    for path in request.paths:  # every image first: the command reads them all before it embeds one
         try:
             image = read_image(path, spacing_mm=request.spacing_mm)
-            conn.send(("image", path, image))
-            conn.send(("input", image.content_hash(), preprocess(image, config, request.modality)))
         except Exception:  # noqa: BLE001 - the command reads it again and reports the error itself
             conn.send(("failed", path, None))
+            continue
+        conn.send(("image", path, image))
+        images.append(image)
+    for image in images:
+        try:
+            conn.send(("input", image.content_hash(), preprocess(image, config, request.modality)))
+        except Exception:  # noqa: BLE001 - the engine preprocesses it again and reports the error itself
+            log.debug("prefetch: %s not preprocessed", image.name)
     conn.close()
 
 

@@ -65,7 +65,7 @@ def options_tag(overrides: dict | None) -> str:
 
 
 def model_offsets(model: str, cases: list[Case], cache: Path,
-                  overrides: dict | None = None) -> tuple[str, dict[str, np.ndarray]]:
+                  overrides: dict | None = None, precision: str = "auto") -> tuple[str, dict[str, np.ndarray]]:
     """Offsets (N, 3) LPS mm of the matches from the truth per case key (``suite/case_id``) for one model,
     reading and extending the cache file of its model id and the engine (:func:`engine_id`), written after every case:
     a stopped run loses little.
@@ -74,9 +74,10 @@ def model_offsets(model: str, cases: list[Case], cache: Path,
         overrides: match options changed on top of each suite's preset (e.g. ``{"prior_window_mm": 30.0}``), to
             measure a default setting as the gate measures a model; they are part of the cache file's name and of
             the returned id.
+        precision: the engine's arithmetic (``Matcher(precision=...)``); any but "auto" is part of the id too.
     """
-    matcher = Matcher(model, device="cpu")
-    model_id = matcher.model.model_id + options_tag(overrides)
+    matcher = Matcher(model, device="cpu", precision=precision)
+    model_id = matcher.model.model_id + options_tag(overrides) + ("" if precision == "auto" else f"__{precision}")
     path = cache / f"{model_id.replace('/', '_')}__engine-{engine_id()}.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     for n, case in enumerate(cases, 1):

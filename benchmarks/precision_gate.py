@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""The int8 local branch against float32, on every ship-gate case (issue 13).
+
+Runs the shipped model with each suite's preset twice, ``Matcher(precision="fp32")`` and ``precision="int8"``
+(:mod:`samembed.networks.int8`, the CPU default when the model has its calibration), one thread, and writes the
+paired comparison per suite and organ group, the largest per-point change and each run's time. Per-case results are
+cached in ``cache/precision_gate/`` (not committed; a stopped run resumes)::
+
+    OMP_NUM_THREADS=1 python benchmarks/precision_gate.py --out benchmarks/results/precision_int8.md
+
+The rule (issue 13): accuracy unchanged, the same errors within 0.1 mm mean per suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SAMEmbedding"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from samembed_bench.cases import read_cases  # noqa: E402
+from samembed_bench.gate import SUITE_PRESETS, compare, model_offsets  # noqa: E402
+from samembed_bench.suites import STRUCTURE_GROUPS, build_suites  # noqa: E402
+
+from samembed.io import write_text_atomic  # noqa: E402
+
+TOLERANCE_MM = 0.1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="precision_gate.py")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "precision_int8.md"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(1)
+    files = build_suites(str(REPO / "cache" / "suites"), list(SUITE_PRESETS))
+    cases = [c for s in SUITE_PRESETS for c in read_cases(files[s])]
+    runs, seconds = {}, {}
+    for precision in ("fp32", "int8"):
+        folder = REPO / "cache" / "precision_gate"
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        runs[precision] = model_offsets("default", cases, folder, precision=precision)[1]
+        seconds[precision] = time.perf_counter() - t0
+    rows = compare(cases, runs["fp32"], runs["int8"])
+    lines = ["# The int8 local branch against float32 on the ship-gate cases", "",
+             "The shipped model (`default`), each suite's preset, one thread; `Matcher(precision=\"fp32\")` against "
+             "`precision=\"int8\"` (the CPU default with the model's calibration, `Resources/Models/sam-lite-ct.int8.json`). "
+             "Command: `OMP_NUM_THREADS=1 python benchmarks/precision_gate.py`. Rule (issue 13): the same errors "
+             f"within {TOLERANCE_MM} mm mean per suite.", "",
+             "| suite | points | fp32 mean mm | int8 mean mm | paired difference mm (95 % interval) | within 10 mm fp32 / int8 "
+             "| largest per-point change mm | verdict |",
+             "|---|---:|---:|---:|---|---|---:|---|"]
+    ok_all = True
+    for r in rows:
+        suite_cases = [c for c in cases if c.suite == r["suite"]]
+        a = np.concatenate([np.linalg.norm(runs["fp32"][c.key], axis=1) for c in suite_cases])
+        b = np.concatenate([np.linalg.norm(runs["int8"][c.key], axis=1) for c in suite_cases])
+        whole_suite = r["group"] == STRUCTURE_GROUPS[0][0]  # the rule reads each suite's "all" row
+        ok = abs(r["diff_mean"]) <= TOLERANCE_MM if whole_suite else None
+        ok_all &= ok is not False
+        lo, hi = r["diff_ci"]
+        lines.append(f"| {r['suite']} ({r['group']}) | {r['points']} | {r['shipped_mean']:.3f} | {r['candidate_mean']:.3f} "
+                     f"| {r['diff_mean']:+.3f} ({lo:+.3f} .. {hi:+.3f}) | {100 * r['shipped_within_10']:.0f} / "
+                     f"{100 * r['candidate_within_10']:.0f} % | {np.abs(a - b).max():.2f} | "
+                     f"{'' if ok is None else 'same within 0.1 mm' if ok else 'CHANGED'} |")
+    lines += ["", f"Time for the {len(cases)} cases (one thread, cached cases excluded when the run resumed): "
+              f"fp32 {seconds['fp32']:.0f} s, int8 {seconds['int8']:.0f} s.", "",
+              f"Verdict: {'accuracy unchanged' if ok_all else 'accuracy CHANGED'} by the rule above."]
+    write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if ok_all else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
