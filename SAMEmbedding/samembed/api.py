@@ -145,7 +145,8 @@ class Matcher:
             if name is not None:
                 e = self.embedder
                 model = load_model(name)
-                # an explicit int8 stays int8 where the model can run it; elsewhere the model's own choice
+                # float32 carries over; otherwise each model runs as its own calibration allows ("auto"), so asking
+                # for int8 with the CT model does not refuse the radiograph model, which has no calibration
                 precision = e.precision if e.precision == "fp32" else "auto"
                 self._embedders[ndim] = Embedder(model, self.device, self.cache, e.cache_dir, e.max_tile_voxels,
                                                  e.modality, precision)

@@ -305,20 +305,6 @@ def _cmd_cache(args) -> int:
     return 0
 
 
-def _int8_calibrated(entry: dict) -> bool:
-    """A registered model has an int8 calibration made for its weights (``samembed quantize``)."""
-    import json
-
-    from .quantize import qparams_path
-    from .registry import models_dir
-
-    path = qparams_path(models_dir() / entry["file"])
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["meta"]["sha256"] == entry.get("sha256")
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def _cmd_info(args) -> int:
     import platform
 
@@ -326,7 +312,7 @@ def _cmd_info(args) -> int:
     import torch
 
     from . import __version__
-    from .models import models_dir, registry
+    from .models import models_dir, read_int8_calibration, registry
 
     print(f"samembed {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"SimpleITK {sitk.Version.VersionString()}")
@@ -336,7 +322,8 @@ def _cmd_info(args) -> int:
     print(f"models ({models_dir() / 'models.json'}):")
     for m in registry().get("models", []):
         avail = "available" if m.get("file") and (models_dir() / m["file"]).is_file() else "not on this machine"
-        int8 = "  int8 on the CPU (calibrated)" if avail == "available" and _int8_calibrated(m) else ""
+        calibrated = avail == "available" and read_int8_calibration(models_dir() / m["file"], m.get("sha256"))
+        int8 = "  int8 on the CPU (calibrated)" if calibrated else ""
         print(f"  {m['name']:<18} {m.get('architecture', '?'):<14} {m.get('spacing_mm', '?')} mm  {avail}{int8}"
               + (f"  - {m.get('note')}" if avail != "available" and m.get("note") else ""))
     print("  random:<arch>      seeded random weights for smoke tests (sam-lite, sam-lite-2d, sam-official)")

@@ -615,14 +615,14 @@ class Embedder:
 
     def _prepare(self, image: Image) -> tuple[np.ndarray, Grid, str]:
         """Padded network input (zyx float32), its grid and the modality used."""
-        spec = self.model.spec
+        pad = tuple(reversed(self.model.spec.pad_multiple))
         prep = None if self.prefetch is None else self.prefetch.take(image.content_hash(), self.model.preprocess,
                                                                       self.modality)
         if prep is None:
-            prep = preprocess(image, self.model.preprocess, self.modality, tuple(reversed(spec.pad_multiple)))
+            prep = preprocess(image, self.model.preprocess, self.modality, pad)  # CT comes padded (no copy below)
         else:
             log.debug("%s: preprocessed ahead by the prefetch process", image.name)
-        arr = _pad_to_multiple(prep.array, tuple(reversed(spec.pad_multiple)), prep.fill_value)
+        arr = _pad_to_multiple(prep.array, pad, prep.fill_value)
         grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
         return arr, grid, prep.modality
 

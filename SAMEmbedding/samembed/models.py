@@ -70,10 +70,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _find_entry(name: str) -> dict | None:
-    return find_entry(name)
-
-
 def model_dim(entry: dict) -> int:
     """Image dimension (2 or 3) a registered model embeds (its ``dim``, else from its architecture)."""
     return int(entry.get("dim") or (2 if str(entry.get("architecture", "")).endswith("-2d") else 3))
@@ -168,11 +164,13 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> LoadedM
     verify_state_dict(net, state, str(path))
     net.load_state_dict(state, strict=True)
     net.eval()
-    return LoadedModel(net, prep, f"{name}@{sha[:12]}", sha, info, _read_int8(path, sha))
+    return LoadedModel(net, prep, f"{name}@{sha[:12]}", sha, info, read_int8_calibration(path, sha))
 
 
-def _read_int8(weights: Path, sha: str) -> dict | None:
-    """The int8 calibration beside ``weights`` (``<stem>.int8.json``), when it was made for these weights."""
+def read_int8_calibration(weights: str | os.PathLike, sha: str | None) -> dict | None:
+    """The int8 calibration beside ``weights`` (``<stem>.int8.json``) when it was made for the weights of SHA-256
+    ``sha``: map name -> (scale, zero point); else None (a missing file silently, a damaged or foreign one with a
+    warning that says what to do)."""
     from .quantize import qparams_path
 
     path = qparams_path(weights)
@@ -215,7 +213,7 @@ def load_model(model: str | os.PathLike | LoadedModel = "default") -> LoadedMode
     text = str(model)
     if text.startswith("random:"):
         return random_model(text.split(":", 1)[1] or "sam-lite")
-    entry = _find_entry(text)
+    entry = find_entry(text)
     if entry is not None:
         if not entry.get("file"):
             raise ModelNotAvailableError(

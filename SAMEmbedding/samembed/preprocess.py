@@ -113,18 +113,14 @@ def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_
     return res.Execute(img)
 
 
-def map_intensity(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.2, 99.8),
-                  out_in_place: bool = False) -> np.ndarray:
-    """Official intensity mapping to about [-50, 205] (float32); see the module docstring.
-
-    ``out_in_place``: a float32 ``array`` may be overwritten with the result (CT), saving a volume-sized buffer;
-    the caller's array must be its own (as a fresh resampling output is).
-    """
+def map_intensity(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.2, 99.8)) -> np.ndarray:
+    """Official intensity mapping to about [-50, 205] (float32, a new array; ``array`` is only read); see the
+    module docstring."""
     a = array.astype(np.float32, copy=False)
     if modality == "ct":
         lo, hi = CT_RANGE_HU
-        # (clip(a) - lo) * (255 / (hi - lo)) - 50, in float32, in one buffer: the same values as the expression
-        out = np.clip(a, lo, hi, out=a if out_in_place else None)
+        # (clip(a) - lo) * (255 / (hi - lo)) - 50, in float32, in one new buffer: the same values as the expression
+        out = np.clip(a, lo, hi)
         out -= np.float32(lo)
         out *= np.float32(255.0 / (hi - lo))
         out -= np.float32(50.0)

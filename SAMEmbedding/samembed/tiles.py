@@ -63,6 +63,18 @@ def _lerp_along(t: torch.Tensor, dim: int, taps) -> torch.Tensor:
     return t.index_select(dim, i0).mul_(w0.reshape(shape)).add_(t.index_select(dim, i1).mul_(w1.reshape(shape)))
 
 
+def _reduce_corners(corners: dict[tuple[int, ...], torch.Tensor], taps) -> torch.Tensor:
+    """Weight and sum gathered corners (``{bits: (M, ...)}``, one bit per axis of ``taps``, each tensor its own copy)
+    into the interpolated values (M, ...): the last axis first, as the box code does, with its products and sum
+    (:func:`_lerp_along`'s order), in place on the copies."""
+    for a in reversed(range(len(taps))):
+        _, _, w0, w1 = taps[a]
+        w0, w1 = w0[:, None], w1[:, None]
+        corners = {bits[:-1]: v.mul_(w0).add_(corners[(*bits[:-1], 1)].mul_(w1))
+                   for bits, v in corners.items() if bits[-1] == 0}
+    return corners[()]
+
+
 def _upsample_trailing(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
     """The first step of :func:`upsample_box`: every axis but the first, the last axis first (while the map is
     still coarse): (C, g0, *box[1:]) float32."""
@@ -130,11 +142,7 @@ def upsample_lines(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarra
     rows = _lerp_along(g, d, _linear_taps(glob.shape[d], out_shape[-1], np.arange(lo[-1], hi[-1] + 1)))  # (C, .., X)
     corners = {bits: rows[(slice(None), *(taps[a][bits[a]] for a in range(d - 1)))]  # (C, L, X) each
                for bits in np.ndindex(*(2,) * (d - 1))}
-    for a in reversed(range(d - 1)):
-        _, _, w0a, w1a = taps[a]
-        corners = {bits[:-1]: v.mul_(w0a[:, None]).add_(corners[(*bits[:-1], 1)].mul_(w1a[:, None]))
-                   for bits, v in corners.items() if bits[-1] == 0}
-    return corners[()]
+    return _reduce_corners(corners, taps)
 
 
 def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray) -> torch.Tensor:
@@ -151,13 +159,7 @@ def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray)
         for a in range(1, d):
             flat = flat * glob.shape[1 + a] + taps[a][bits[a]]
         corners[bits] = rows.index_select(0, flat)  # (M, C)
-    for a in reversed(range(d)):  # reduce the last axis first, as the box code does
-        _, _, w0, w1 = taps[a]
-        w0, w1 = w0[:, None], w1[:, None]
-        # in place on the gathered copies: the products and the sum of the box code, without temporaries
-        corners = {bits[:-1]: v.mul_(w0).add_(corners[(*bits[:-1], 1)].mul_(w1))
-                   for bits, v in corners.items() if bits[-1] == 0}
-    return corners[()].T.contiguous()
+    return _reduce_corners(corners, taps).T.contiguous()
 
 
 def normalize_channels(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
