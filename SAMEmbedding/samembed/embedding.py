@@ -617,7 +617,7 @@ class Embedder:
         """Padded network input (zyx float32), its grid and the modality used."""
         pad = tuple(reversed(self.model.spec.pad_multiple))
         prep = None if self.prefetch is None else self.prefetch.take(image.content_hash(), self.model.preprocess,
-                                                                      self.modality)
+                                                                      self.modality, pad)
         if prep is None:
             prep = preprocess(image, self.model.preprocess, self.modality, pad)  # CT comes padded (no copy below)
         else:

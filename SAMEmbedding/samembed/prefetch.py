@@ -31,12 +31,14 @@ MAX_IMAGES = 2
 @dataclass(frozen=True)
 class PrefetchRequest:
     """What the child does: read ``paths`` and preprocess them with ``preprocess`` (a
-    :class:`~samembed.preprocess.PreprocessConfig` as a dict) for ``modality``; ``spacing_mm`` as ``as_image``'s."""
+    :class:`~samembed.preprocess.PreprocessConfig` as a dict) for ``modality``, padding CT to multiples of
+    ``pad_multiple_zyx`` (the network's, as the engine pads); ``spacing_mm`` as ``as_image``'s."""
 
     paths: tuple[str, ...]
     preprocess: dict
     modality: str = "auto"
     spacing_mm: float | None = None
+    pad_multiple_zyx: tuple[int, ...] | None = None
 
 
 def available() -> bool:
@@ -65,7 +67,8 @@ def _child(request: PrefetchRequest, conn) -> None:
         images.append(image)
     for image in images:
         try:
-            conn.send(("input", image.content_hash(), preprocess(image, config, request.modality)))
+            prep = preprocess(image, config, request.modality, request.pad_multiple_zyx)
+            conn.send(("input", image.content_hash(), prep))
         except Exception:  # noqa: BLE001 - the engine preprocesses it again and reports the error itself
             log.debug("prefetch: %s not preprocessed", image.name)
     conn.close()
@@ -118,13 +121,17 @@ class Prefetch:
             self._cond.wait_for(lambda: path in self._settled or self._done)
             return self._images.pop(path, None)
 
-    def take(self, content_hash: str, config, modality: str):
+    def take(self, content_hash: str, config, modality: str, pad_multiple_zyx: tuple[int, ...] | None = None):
         """The prefetched :class:`~samembed.preprocess.Prepared` input of the image with ``content_hash``, when it
-        was made with the :class:`~samembed.preprocess.PreprocessConfig` ``config`` and ``modality`` (else None).
-        Waits for the child while it may still deliver it; each result is handed out once."""
+        was made with the :class:`~samembed.preprocess.PreprocessConfig` ``config``, ``modality`` and CT padding
+        multiple ``pad_multiple_zyx`` (else None). Waits for the child while it may still deliver it; each result is
+        handed out once."""
         from .preprocess import PreprocessConfig
 
-        if PreprocessConfig.from_dict(self.request.preprocess) != config or modality != self.request.modality:
+        req = self.request
+        same_pad = (None if req.pad_multiple_zyx is None else tuple(req.pad_multiple_zyx)) == (
+            None if pad_multiple_zyx is None else tuple(pad_multiple_zyx))
+        if PreprocessConfig.from_dict(req.preprocess) != config or modality != req.modality or not same_pad:
             return None
         with self._cond:
             self._cond.wait_for(lambda: content_hash in self._results or self._done)
@@ -142,14 +149,15 @@ class Prefetch:
 
 
 def start(paths: Sequence[str], preprocess: dict | None, modality: str = "auto",
-          spacing_mm: float | None = None) -> Prefetch | None:
+          spacing_mm: float | None = None, pad_multiple_zyx: Sequence[int] | None = None) -> Prefetch | None:
     """Start prefetching the first :data:`MAX_IMAGES` of ``paths`` (None when it cannot help: see :func:`available`,
     or the model's preprocessing is not known without loading it, ``preprocess=None``)."""
     if preprocess is None or not paths or not available():
         return None
+    pad = None if pad_multiple_zyx is None else tuple(int(m) for m in pad_multiple_zyx)
     try:
         return Prefetch(PrefetchRequest(tuple(str(p) for p in paths[:MAX_IMAGES]), dict(preprocess), modality,
-                                        spacing_mm))
+                                        spacing_mm, pad))
     except OSError as exc:  # no process could be started: the engine reads the images itself
         log.debug("prefetch not started: %s", exc)
         return None

@@ -40,3 +40,12 @@ def registered_preprocess(name: str) -> dict | None:
     loading its weights (the engine checks them against the weights' own); None when not declared."""
     entry = find_entry(str(name))
     return None if entry is None else entry.get("preprocess")
+
+
+def registered_pad_multiple_zyx(name: str) -> tuple[int, ...] | None:
+    """The input size multiple (z, y, x) a registered model's network pads to, as ``models.json`` declares it
+    (``pad_multiple_xyz``, the network spec's ``pad_multiple``), known without importing torch; None when not
+    declared. A prefetched input made with another multiple is not used (:meth:`samembed.prefetch.Prefetch.take`)."""
+    entry = find_entry(str(name))
+    pad = None if entry is None else entry.get("pad_multiple_xyz")
+    return None if pad is None else tuple(int(m) for m in reversed(pad))

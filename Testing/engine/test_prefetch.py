@@ -15,34 +15,47 @@ from samembed import prefetch
 from samembed.cli import main
 from samembed.io import read_image
 from samembed.preprocess import PreprocessConfig, preprocess
-from samembed.registry import registered_preprocess
+from samembed.registry import registered_pad_multiple_zyx, registered_preprocess
 
 from ..conftest import data_file
 
 
-def _start(paths, config: dict) -> prefetch.Prefetch:
+def _start(paths, config: dict, pad_multiple_zyx=None) -> prefetch.Prefetch:
     """A prefetch started here, where torch is already imported (the command starts it before)."""
-    return prefetch.Prefetch(prefetch.PrefetchRequest(tuple(str(x) for x in paths), config))
+    return prefetch.Prefetch(prefetch.PrefetchRequest(tuple(str(x) for x in paths), config,
+                                                      pad_multiple_zyx=pad_multiple_zyx))
 
 
 @pytest.mark.needs_data
 def test_a_prefetched_input_is_the_engines_own_and_is_handed_out_once():
     path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
     config = registered_preprocess("default")
+    pad = registered_pad_multiple_zyx("default")
     assert config is not None, "models.json must declare the default model's preprocessing"
-    p = _start([path], config)
+    assert pad is not None, "models.json must declare the default model's padding multiple"
+    p = _start([path], config, pad)
     try:
         image = p.image(str(path))
         assert image is not None and image.content_hash() == read_image(path).content_hash()
         cfg = PreprocessConfig.from_dict(config)
-        assert p.take(image.content_hash(), PreprocessConfig(spacing_mm=3.0), "auto") is None  # other settings
-        got = p.take(image.content_hash(), cfg, "auto")
-        ref = preprocess(read_image(path), cfg, "auto")
+        assert p.take(image.content_hash(), PreprocessConfig(spacing_mm=3.0), "auto", pad) is None  # other settings
+        assert p.take(image.content_hash(), cfg, "auto", (16, 16, 16)) is None  # another padding multiple
+        got = p.take(image.content_hash(), cfg, "auto", pad)
+        ref = preprocess(read_image(path), cfg, "auto", pad)
+        assert all(n % m == 0 for n, m in zip(got.array.shape, pad)), "CT comes padded to the network's multiple"
         assert np.array_equal(got.array, ref.array) and got.grid.shape_zyx == ref.grid.shape_zyx
         assert got.modality == ref.modality and got.fill_value == ref.fill_value
-        assert p.take(image.content_hash(), cfg, "auto") is None, "handed out twice"
+        assert p.take(image.content_hash(), cfg, "auto", pad) is None, "handed out twice"
     finally:
         p.close()
+
+
+def test_the_registered_padding_multiple_is_the_networks_own():
+    """The command prefetches with ``models.json``'s multiple before the weights load; the engine pads to its network's
+    (a mismatch would waste the prefetch: the engine would preprocess the image again)."""
+    from samembed.api import load_model
+
+    assert registered_pad_multiple_zyx("default") == tuple(reversed(load_model("default").spec.pad_multiple))
 
 
 def test_an_unreadable_image_is_left_to_the_command_which_names_it(tmp_path, capsys):
