@@ -11,7 +11,8 @@ Usage (from the repository root, with ``SAMEmbedding`` and ``benchmarks`` on ``P
     python benchmarks/cold_start.py run --suites cache/suites --out benchmarks/results/cold_start.md
     python benchmarks/cold_start.py child SRC TGT --points P.csv --out O.csv --json stages.json [-- match flags]
 
-Stages (seconds): imports (the engine and torch), model (loading the checkpoint), reading, preprocessing, body
+Stages (seconds): imports (the engine and torch), model (loading the checkpoint), reading, preprocessing (with any
+padding of a prefetched input), hashing (the images' content hashes, the cache keys), body
 (body masks), global map, local map, assemble (upsampled global + local features), prior (affine prior), search,
 polish, scores, round trip (search back and polish back), writing, other (the remainder of the process wall time:
 interpreter start, argument parsing, bookkeeping).
@@ -39,6 +40,8 @@ STAGES = (
     ("samembed.prefetch", "Prefetch.image", "prefetch wait"),
     ("samembed.api", "load_model", "model"),
     ("samembed.embedding", "preprocess", "preprocessing"),
+    ("samembed.embedding", "_pad_to_multiple", "preprocessing"),
+    ("samembed.image", "Image.content_hash", "hashing"),
     ("samembed.embedding", "Embedder._body_on_local", "body"),
     ("samembed.networks.lite", "SamLite.forward_global", "global map"),
     ("samembed.networks.lite", "SamLite.forward_local", "local map"),
@@ -54,7 +57,7 @@ STAGES = (
     ("samembed.api", "scores_at", "scores"),
     ("samembed.cli", "_write_match_outputs", "writing"),
 )
-ORDER = ("imports", "model", "reading", "prefetch wait", "preprocessing", "body", "global map", "local map", "assemble", "prior",
+ORDER = ("imports", "model", "reading", "prefetch wait", "preprocessing", "hashing", "body", "global map", "local map", "assemble", "prior",
          "search", "polish", "scores", "round trip", "writing", "other")
 
 

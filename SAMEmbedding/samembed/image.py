@@ -169,7 +169,7 @@ class Image:
             arr = np.ascontiguousarray(self.array)
             h.update(str(arr.dtype).encode())
             h.update(str(arr.shape).encode())
-            h.update(arr.tobytes())
+            h.update(arr.reshape(-1).view(np.uint8))  # the voxel bytes in place (tobytes() would copy the volume)
             for v in (self.grid.spacing_mm, self.grid.origin_lps_mm, self.grid.direction):
                 h.update(np.round(v, 6).tobytes())
             self._hash.append(h.hexdigest())

@@ -139,3 +139,23 @@ def test_a_point_file_with_a_bad_number_names_the_row(tmp_path):
     (tmp_path / "p.csv").write_text("label,x,y,z\nq,1,zz,3\n")
     with pytest.raises(InputError, match="line 2: .zz. is not a number"):
         read_points(tmp_path / "p.csv")
+
+
+def test_the_content_hash_is_the_documented_digest_and_follows_the_voxels():
+    """The embedding caches (memory and disk) are keyed by it: SHA-256 over dtype, shape, the voxel bytes and the
+    rounded geometry. A disk entry written by an earlier version stays valid only while this digest does."""
+    import hashlib
+
+    img = an_oblique_image()
+    h = hashlib.sha256()
+    for part in (str(img.array.dtype).encode(), str(img.array.shape).encode(), img.array.tobytes()):
+        h.update(part)
+    for v in (img.grid.spacing_mm, img.grid.origin_lps_mm, img.grid.direction):
+        h.update(np.round(v, 6).tobytes())
+    assert img.content_hash() == h.hexdigest()
+    other = img.array.copy()
+    other[3, 4, 5] += 1
+    assert Image(other, img.grid, name="changed").content_hash() != img.content_hash()
+    transposed = Image.from_array(np.asfortranarray(img.array), spacing_mm=(0.8, 0.9, 2.5), origin_lps_mm=(-10.0, 20.0, 30.0),
+                                  direction=img.grid.direction)
+    assert transposed.content_hash() == img.content_hash(), "the memory layout is not part of the content"
