@@ -47,6 +47,7 @@ STAGES = (
     ("samembed.networks.lite", "SamLite.forward_local", "local map"),
     ("samembed.networks.lite", "SamLite.forward_local_core", "local map"),
     ("samembed.networks.int8", "SamLiteInt8.forward_local_core", "local map"),
+    ("samembed.networks.int8", "SamLiteInt8.forward_global", "global map"),
     ("samembed.embedding", "Embedder._assemble", "assemble"),
     ("samembed.tiles", "upsample_box", "assemble"),
     ("samembed.tiles", "upsample_at", "assemble"),
@@ -305,6 +306,12 @@ def _fmt_stages(run: dict) -> str:
     return ", ".join(f"{k} {stages[k]:.2f}" for k in (*ORDER, "start and exit") if k in stages and stages[k] >= 0.005)
 
 
+def _native_bf16() -> bool:
+    from samembed.networks.int8 import native_bf16
+
+    return native_bf16()
+
+
 def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = None) -> str:
     """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios."""
     import platform
@@ -321,8 +328,8 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores (1-minute load average {start}{load[0]:.1f} at the "
         "end; the run's own processes count in it). Every number is wall time; on a shared VM absolute times vary "
         "from run to run, so the ratios, measured side by side, are the meaningful numbers. SAM: torch, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `default` (sam-lite-ct, its int8 local branch: "
-        "`--precision auto`), and, as `samembed match` does, a second process that reads and preprocesses the source "
+        f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `default` (sam-lite-ct, `--precision auto`: its int8 local "
+        f"branch, {'and its global branch in bfloat16, which this CPU has natively' if _native_bf16() else 'and its global branch in float32 (this CPU has no native bfloat16)'}), and, as `samembed match` does, a second process that reads and preprocesses the source "
         "and the first target while torch loads (`samembed.prefetch`, one ITK thread). elastix: "
         f"{os.environ.get('SAMEMBED_ELASTIX_THREADS', 'default')} thread(s), `samembed_bench.registration` settings "
         "(similarity + affine, then B-spline). ITK's own filters (reading, SAM's resampling) use ITK's default "

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""The int8 local branch against float32, on every ship-gate case (issue 13).
+"""A faster precision against float32, on every ship-gate case (issue 13).
 
-Runs the shipped model with each suite's preset twice, ``Matcher(precision="fp32")`` and ``precision="int8"``
-(:mod:`samembed.networks.int8`, the CPU default when the model has its calibration), one thread, and writes the
-paired comparison per suite and organ group, the largest per-point change and each run's time. Per-case results are
-cached in ``cache/precision_gate/`` (not committed; a stopped run resumes)::
+Runs the shipped model with each suite's preset twice, ``Matcher(precision="fp32")`` and the candidate,
+``precision="int8"`` (the int8 local branch, :mod:`samembed.networks.int8`) or ``"int8-bf16"`` (also the global
+branch in bfloat16; the CPU default where the CPU has native bfloat16), one thread, and writes the paired comparison
+per suite and organ group, the largest per-point change and each run's time. Per-case results are cached in
+``cache/precision_gate/`` (not committed; a stopped run resumes)::
 
-    OMP_NUM_THREADS=1 python benchmarks/precision_gate.py --out benchmarks/results/precision_int8.md
+    OMP_NUM_THREADS=1 python benchmarks/precision_gate.py --candidate int8 --out benchmarks/results/precision_int8.md
+    OMP_NUM_THREADS=1 python benchmarks/precision_gate.py --candidate int8-bf16
 
 The rule (issue 13): accuracy unchanged, the same errors within 0.1 mm mean per suite.
 """
@@ -37,33 +39,39 @@ TOLERANCE_MM = 0.1
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="precision_gate.py")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "precision_int8.md"))
+    p.add_argument("--candidate", default="int8-bf16", choices=["int8", "int8-bf16"])
+    p.add_argument("--out", help="default: benchmarks/results/precision_<candidate>.md")
     args = p.parse_args(argv)
+    cand = args.candidate
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"precision_{cand.replace('-', '_')}.md")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
     files = build_suites(str(REPO / "cache" / "suites"), list(SUITE_PRESETS))
     cases = [c for s in SUITE_PRESETS for c in read_cases(files[s])]
     runs, seconds = {}, {}
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", cand):
         folder = REPO / "cache" / "precision_gate"
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         runs[precision] = model_offsets("default", cases, folder, precision=precision)[1]
         seconds[precision] = time.perf_counter() - t0
-    rows = compare(cases, runs["fp32"], runs["int8"])
-    lines = ["# The int8 local branch against float32 on the ship-gate cases", "",
+    rows = compare(cases, runs["fp32"], runs[cand])
+    what = ("the int8 local branch" if cand == "int8" else
+            "the int8 local branch with the global branch in bfloat16")
+    lines = [f"# {what[0].upper() + what[1:]} against float32 on the ship-gate cases", "",
              "The shipped model (`default`), each suite's preset, one thread; `Matcher(precision=\"fp32\")` against "
-             "`precision=\"int8\"` (the CPU default with the model's calibration, `Resources/Models/sam-lite-ct.int8.json`). "
-             "Command: `OMP_NUM_THREADS=1 python benchmarks/precision_gate.py`. Rule (issue 13): the same errors "
-             f"within {TOLERANCE_MM} mm mean per suite.", "",
-             "| suite | points | fp32 mean mm | int8 mean mm | paired difference mm (95 % interval) | within 10 mm fp32 / int8 "
+             f"`precision=\"{cand}\"` ({what}; int8 needs the model's calibration, "
+             "`Resources/Models/sam-lite-ct.int8.json`, bfloat16 a CPU with native bfloat16; `auto` picks the fastest "
+             f"that runs). Command: `OMP_NUM_THREADS=1 python benchmarks/precision_gate.py --candidate {cand}`. "
+             f"Rule (issue 13): the same errors within {TOLERANCE_MM} mm mean per suite.", "",
+             f"| suite | points | fp32 mean mm | {cand} mean mm | paired difference mm (95 % interval) | within 10 mm fp32 / {cand} "
              "| largest per-point change mm (whole suite) | verdict |",
              "|---|---:|---:|---:|---|---|---:|---|"]
     ok_all = True
     for r in rows:
         suite_cases = [c for c in cases if c.suite == r["suite"]]
         a = np.concatenate([np.linalg.norm(runs["fp32"][c.key], axis=1) for c in suite_cases])
-        b = np.concatenate([np.linalg.norm(runs["int8"][c.key], axis=1) for c in suite_cases])
+        b = np.concatenate([np.linalg.norm(runs[cand][c.key], axis=1) for c in suite_cases])
         whole_suite = r["group"] == STRUCTURE_GROUPS[0][0]  # the rule reads each suite's "all" row
         ok = abs(r["diff_mean"]) <= TOLERANCE_MM if whole_suite else None
         ok_all &= ok is not False
@@ -73,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * r['candidate_within_10']:.0f} % | {f'{np.abs(a - b).max():.2f}' if whole_suite else ''} | "
                      f"{'' if ok is None else 'same within 0.1 mm' if ok else 'CHANGED'} |")
     lines += ["", f"Time for the {len(cases)} cases (one thread; a resumed run counts only the cases it computed): "
-              f"fp32 {seconds['fp32']:.0f} s, int8 {seconds['int8']:.0f} s. Each case also reads, resamples, "
-              "embeds the global maps (float32 in both), fits the prior, polishes and (between patients) refines, so "
-              "the local branch is a small part of it; `benchmarks/cold_start.py` times the stages.", "",
+              f"fp32 {seconds['fp32']:.0f} s, {cand} {seconds[cand]:.0f} s. Each case also reads, resamples, "
+              "fits the prior, polishes and (between patients) refines, so the network is a small part of it; "
+              "`benchmarks/cold_start.py` times the stages.", "",
               f"Verdict: {'accuracy unchanged' if ok_all else 'accuracy CHANGED'} by the rule above."]
-    write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
+    write_text_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if ok_all else 1
 

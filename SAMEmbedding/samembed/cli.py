@@ -313,12 +313,14 @@ def _cmd_info(args) -> int:
 
     from . import __version__
     from .models import models_dir, read_int8_calibration, registry
+    from .networks.int8 import native_bf16
 
     print(f"samembed {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"SimpleITK {sitk.Version.VersionString()}")
     cuda = torch.cuda.is_available()
     print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}; threads {torch.get_num_threads()}; "
-          f"CPU instructions {torch.backends.cpu.get_cpu_capability()}")
+          f"CPU instructions {torch.backends.cpu.get_cpu_capability()}, "
+          f"{'native bfloat16 (int8-bf16, the default of calibrated models)' if native_bf16() else 'no native bfloat16'}")
     print(f"models ({models_dir() / 'models.json'}):")
     for m in registry().get("models", []):
         avail = "available" if m.get("file") and (models_dir() / m["file"]).is_file() else "not on this machine"
@@ -346,9 +348,11 @@ def _cmd_train(args) -> int:
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
-                   help="the network's arithmetic: int8 convolutions on the CPU (3-4x faster; needs the model's "
-                        "calibration, see `samembed quantize`), fp32, or auto (int8 on the CPU when calibrated)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "int8-bf16"],
+                   help="the network's arithmetic: int8 local convolutions on the CPU (3-4x faster; needs the "
+                        "model's calibration, see `samembed quantize`), int8-bf16 (also the global branch in "
+                        "bfloat16, 2x faster; needs a CPU with native bfloat16), fp32, or auto (the fastest of "
+                        "these that the model and CPU allow)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

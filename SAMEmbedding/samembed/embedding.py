@@ -53,16 +53,18 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
     raise DeviceUnavailableError(f"unknown device '{device}'; use auto, cpu or cuda")
 
 
-PRECISIONS = ("auto", "fp32", "int8")
+PRECISIONS = ("auto", "fp32", "int8", "int8-bf16")
 
 
 def resolve_precision(precision: str, model: LoadedModel, device: torch.device) -> str:
-    """The arithmetic an embedder uses: "fp32" (float32 on the CPU, half precision on CUDA) or "int8" (int8
-    convolutions on the CPU, :mod:`samembed.networks.int8`; needs the model's calibration, ``samembed quantize``).
-    "auto" is int8 on the CPU when the model has a calibration, else fp32.
+    """The arithmetic an embedder uses: "fp32" (float32 on the CPU, half precision on CUDA), "int8" (the local
+    branch's convolutions in int8 on the CPU, :mod:`samembed.networks.int8`; needs the model's calibration,
+    ``samembed quantize``) or "int8-bf16" (int8, and the global branch in bfloat16; needs a CPU with native bfloat16,
+    :func:`samembed.networks.int8.native_bf16`). "auto" is the fastest of these that this model and CPU allow.
 
     Raises:
-        InputError: an unknown name, or int8 where it cannot run (CUDA, no calibration, not a sam-lite model).
+        InputError: an unknown name, or a precision that cannot run here (CUDA, no calibration, not a sam-lite model,
+            no native bfloat16).
     """
     from .errors import InputError
 
@@ -70,13 +72,19 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
     if name not in PRECISIONS:
         raise InputError(f"unknown precision '{precision}'; use {', '.join(PRECISIONS)}")
     can = device.type == "cpu" and model.int8 is not None and model.spec.arch == "sam-lite"
-    if name == "int8" and not can:
+    if name.startswith("int8") and not can:
         why = ("int8 runs on the CPU only; use --device cpu" if device.type != "cpu" else
                f"{model.model_id} is not a 3D sam-lite model" if model.spec.arch != "sam-lite" else
                f"{model.model_id} has no int8 calibration beside its weights; run `samembed quantize --model ...`")
-        raise InputError(f"precision int8: {why}, or use --precision fp32")
+        raise InputError(f"precision {name}: {why}, or use --precision fp32")
+    if name in ("auto", "int8-bf16"):
+        from .networks.int8 import native_bf16
+
+        if name == "int8-bf16" and not native_bf16():
+            raise InputError("precision int8-bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX); "
+                             "use --precision int8")
     if name == "auto":
-        return "int8" if can else "fp32"
+        return ("int8-bf16" if native_bf16() else "int8") if can else "fp32"
     return name
 
 
@@ -498,7 +506,7 @@ class Embedder:
         cache_dir: optional folder for the on-disk cache (half precision, body voxels only, checksummed).
         max_tile_voxels: input voxels above which the local branch is run in slabs with a halo.
         modality: "auto", "ct", "mri" or "xray".
-        precision: the network's arithmetic (see :func:`resolve_precision`): "auto", "fp32" or "int8".
+        precision: the network's arithmetic (see :func:`resolve_precision`): "auto", "fp32", "int8" or "int8-bf16".
     """
 
     def __init__(self, model: LoadedModel, device: torch.device | str = "cpu", cache: EmbeddingCache | None = None,
@@ -517,10 +525,10 @@ class Embedder:
         self.precision = resolve_precision(precision, model, self.device)
         #: inputs preprocessed ahead in another process (:mod:`samembed.prefetch`, set by ``samembed match``)
         self.prefetch = None
-        if self.precision == "int8":
+        if self.precision.startswith("int8"):
             from .networks.int8 import SamLiteInt8
 
-            self.net = SamLiteInt8(self.net, model.int8)
+            self.net = SamLiteInt8(self.net, model.int8, global_bf16=self.precision == "int8-bf16")
 
     @property
     def on_demand_capable(self) -> bool:

@@ -74,6 +74,9 @@ def test_info_lists_models_and_device(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "device:" in out and "default" in out
+    from samembed.networks.int8 import native_bf16
+
+    assert ("native bfloat16 (int8-bf16" in out) == native_bf16()
     default = next(line for line in out.splitlines() if line.strip().startswith("default "))
     assert "int8 on the CPU (calibrated)" in default  # the shipped CT model has its calibration
     hand = next(line for line in out.splitlines() if line.strip().startswith("sam-lite-2d-hand "))

@@ -1,6 +1,7 @@
-"""The int8 local branch (``--precision int8``, the CPU default for a calibrated model): it stays close to float32 on
-real CT, its tiles are as exact as float32's, its calibration is tied to its weights, and the precision choice says
-what to do when int8 cannot run.
+"""The int8 local branch (``--precision int8``, the CPU default for a calibrated model) and the bfloat16 global branch
+(``int8-bf16``, the default where the CPU has native bfloat16): they stay close to float32 on real CT, int8 tiles are
+as exact as float32's, the calibration is tied to its weights, and the precision choice says what to do when a
+precision cannot run.
 
 The whole-volume against on-demand equality of the int8 path is ``test_ondemand.py``'s (the default model runs int8
 there); this file compares int8 with float32 and checks the calibration's life cycle.
@@ -43,7 +44,7 @@ def _local_vectors(matcher: Matcher, image, lo, hi) -> torch.Tensor:
 def test_the_shipped_model_runs_int8_on_the_cpu_close_to_float32(ct):
     """Local vectors of a head-and-neck CT's centre, int8 against float32: cosine similarity about 0.9996 (quantisation
     noise; the ship gate measures the matches); the global vectors are float32's, bit for bit."""
-    i8 = Matcher("default", device="cpu")
+    i8 = Matcher("default", device="cpu", precision="int8")
     f32 = Matcher("default", device="cpu", precision="fp32")
     assert i8.embedder.precision == "int8" and f32.embedder.precision == "fp32"
     assert i8.embedder.key(ct) != f32.embedder.key(ct), "int8 and float32 maps must not share cache entries"
@@ -54,6 +55,29 @@ def test_the_shipped_model_runs_int8_on_the_cpu_close_to_float32(ct):
     assert float(cos.mean()) > 0.999 and float(cos.min()) > 0.98, (float(cos.mean()), float(cos.min()))
     assert float(cos.min()) < 1.0 - 1e-6, "int8 gave float32's values: the int8 path did not run"
     assert torch.equal(i8.embed(ct).global_, f32.embed(ct).global_)
+
+
+@pytest.mark.needs_data
+def test_the_bfloat16_global_branch_stays_close_to_float32_and_is_the_default_where_the_cpu_has_it(ct):
+    """Global vectors of a whole head-and-neck CT, bfloat16 against float32: cosine similarity at least 0.9995 (the
+    ship gate measures the matches); the local vectors are int8's, bit for bit."""
+    from samembed.networks.int8 import native_bf16
+
+    auto = Matcher("default", device="cpu")
+    assert auto.embedder.precision == ("int8-bf16" if native_bf16() else "int8")
+    if not native_bf16():
+        pytest.skip("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): int8-bf16 cannot run here")
+    bf = Matcher("default", device="cpu", precision="int8-bf16")
+    i8 = Matcher("default", device="cpu", precision="int8")
+    assert bf.embedder.key(ct) != i8.embedder.key(ct), "the two precisions must not share cache entries"
+    a, b = bf.embed(ct).global_, i8.embed(ct).global_
+    assert a.dtype == b.dtype == torch.float32
+    cos = (torch.nn.functional.normalize(a, dim=0) * torch.nn.functional.normalize(b, dim=0)).sum(0)
+    assert float(cos.min()) > 0.9995, float(cos.min())
+    assert float(cos.min()) < 1.0 - 1e-7, "bfloat16 gave float32's values: the bfloat16 path did not run"
+    shape = np.array(bf.embed(ct).local_grid.shape_zyx)
+    lo, hi = shape // 2 - 4, shape // 2 + 3
+    assert torch.equal(_local_vectors(bf, ct, lo, hi), _local_vectors(i8, ct, lo, hi))
 
 
 @pytest.mark.needs_data
@@ -78,6 +102,18 @@ def test_precision_choices_say_what_to_do_when_int8_cannot_run():
         resolve_precision("int8", load_model("default"), torch.device("cuda"))
     with pytest.raises(InputError, match="unknown precision 'int4'"):
         Matcher(model, device="cpu", precision="int4")
+    with pytest.raises(InputError, match="samembed quantize"):
+        resolve_precision("int8-bf16", model, cpu)
+
+
+def test_without_native_bfloat16_auto_is_int8_and_int8_bf16_says_what_to_use(monkeypatch):
+    from samembed.networks import int8
+
+    monkeypatch.setattr(int8, "native_bf16", lambda: False)
+    model, cpu = load_model("default"), torch.device("cpu")
+    assert resolve_precision("auto", model, cpu) == "int8"
+    with pytest.raises(InputError, match="no native bfloat16.*--precision int8"):
+        resolve_precision("int8-bf16", model, cpu)
 
 
 def test_a_calibration_made_for_other_weights_is_ignored_with_a_warning(tmp_path, caplog):
@@ -117,7 +153,7 @@ def test_samembed_quantize_calibrates_a_checkpoint_that_then_runs_int8(tmp_path,
     assert meta["images"] == ["pt_100_ct.nii.gz", "pt_101_ct.nii.gz"], "the excluded image was used"
     assert meta["sha256"] == load_checkpoint(weights).sha256
     m = Matcher(str(weights), device="cpu")
-    assert m.embedder.precision == "int8"
+    assert m.embedder.precision.startswith("int8")  # int8-bf16 where the CPU has native bfloat16
     ct = read_image(images[2])
     centre = ct.grid.index_to_lps(np.array([[64.0, 64.0, 64.0]]))
     assert np.isfinite(m.match(ct, centre, [ct]).matches[0].point_lps_mm).all()

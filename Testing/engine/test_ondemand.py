@@ -17,8 +17,10 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from samembed import Cancelled, Matcher, MatchOptions
+from samembed.embedding import resolve_precision
 from samembed.io import read_image
 from samembed.tiles import ENTRY_SUFFIX, plan_tiles
 
@@ -184,7 +186,7 @@ def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole
 
 
 @pytest.mark.needs_data
-@pytest.mark.parametrize("precision", ["auto", "fp32"])  # auto: the shipped model's int8 local branch on the CPU
+@pytest.mark.parametrize("precision", ["auto", "fp32"])  # auto: the shipped model's int8 (and bfloat16) on the CPU
 def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(pair, precision, tmp_path):
     name, src, tgt, pts, whole = pair
     if precision != "auto":
@@ -192,7 +194,8 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
         whole.embed(src)
         whole.embed(tgt)
     od = Matcher("default", device="cpu", precision=precision)
-    assert od.embedder.precision == ("int8" if precision == "auto" else precision)
+    assert od.embedder.precision == (resolve_precision("auto", od.model, torch.device("cpu")) if precision == "auto"
+                                     else precision)
     miss = od.match(src, pts, [tgt], options=PURE)
     _same(whole.match(src, pts, [tgt], options=PURE), miss)
     # a tile-cache hit: nothing recomputed, the same result

@@ -77,12 +77,12 @@ def core_cropper(context_lo: tuple[int, ...], context_hi: tuple[int, ...]):
 
 
 def _onednn_applies(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 class _OneDnnRoute:
-    """Mixin for ``nn.Conv2d`` / ``nn.Conv3d``: always run oneDNN on a float32 CPU input, for inference.
+    """Mixin for ``nn.Conv2d`` / ``nn.Conv3d``: always run oneDNN on a float32 (or bfloat16) CPU input, for inference.
 
     PyTorch sends a single image to its slow native kernel when batch x channels x the first two spatial sizes is at
     most 20480 (a 32-channel map of 20 x 32 x ... voxels, the global branch's 16 mm level of a head-and-neck CT),
