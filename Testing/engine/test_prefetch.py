@@ -5,6 +5,7 @@ engine, and the command's output is the same with or without it."""
 from __future__ import annotations
 
 import csv
+import mmap
 import subprocess
 import sys
 
@@ -44,10 +45,29 @@ def test_a_prefetched_input_is_the_engines_own_and_is_handed_out_once():
         ref = preprocess(read_image(path), cfg, "auto", pad)
         assert all(n % m == 0 for n, m in zip(got.array.shape, pad)), "CT comes padded to the network's multiple"
         assert np.array_equal(got.array, ref.array) and got.grid.shape_zyx == ref.grid.shape_zyx
+        # the voxels came through the shared region, not the pipe (see the module docstring)
+        assert isinstance(got.array.base, mmap.mmap) and isinstance(image.array.base, mmap.mmap)
         assert got.modality == ref.modality and got.fill_value == ref.fill_value
         assert p.take(image.content_hash(), cfg, "auto", pad) is None, "handed out twice"
     finally:
         p.close()
+
+
+@pytest.mark.needs_data
+def test_arrays_too_large_for_the_shared_region_go_through_the_pipe(monkeypatch):
+    path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    monkeypatch.setattr(prefetch, "ARENA_BYTES", 1 << 20)  # 1 MiB: neither the image nor its input fits
+    config, pad = registered_preprocess("default"), registered_pad_multiple_zyx("default")
+    p = _start([path], config, pad)
+    try:
+        image = p.image(str(path))
+        got = p.take(image.content_hash(), PreprocessConfig.from_dict(config), "auto", pad)
+    finally:
+        p.close()
+    assert not isinstance(image.array.base, mmap.mmap) and not isinstance(got.array.base, mmap.mmap)
+    ref = read_image(path)
+    assert np.array_equal(image.array, ref.array)
+    assert np.array_equal(got.array, preprocess(ref, PreprocessConfig.from_dict(config), "auto", pad).array)
 
 
 def test_the_registered_padding_multiple_is_the_networks_own():
