@@ -171,12 +171,13 @@ def _start_prefetch(args, paths: list[str]):
     """Read and preprocess the first images in a second process while torch loads (:mod:`samembed.prefetch`):
     for a registered model on the CPU, before anything imports torch."""
     from . import prefetch
-    from .registry import registered_pad_multiple_zyx, registered_preprocess
+    from .registry import registered_local_stride_zyx, registered_pad_multiple_zyx, registered_preprocess
 
     if args.device == "cuda":
         return None
     return prefetch.start(paths, registered_preprocess(args.model), getattr(args, "modality", "auto"),
-                          getattr(args, "spacing", None), registered_pad_multiple_zyx(args.model))
+                          getattr(args, "spacing", None), registered_pad_multiple_zyx(args.model),
+                          registered_local_stride_zyx(args.model))
 
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:

@@ -662,7 +662,11 @@ class Embedder:
             lshape = tuple(local.shape[1:])
         local_grid = pad_grid.derived(spec.local_stride, lshape)
         global_grid = pad_grid.derived(spec.global_stride, tuple(glob.shape[1:]))
-        body = self._body_on_local(arr, modality, local_grid)
+        stride = tuple(reversed(spec.local_stride))
+        made = None if self.prefetch is None else self.prefetch.body(image.content_hash(), stride)
+        if made is not None:
+            log.debug("%s: body mask made ahead by the prefetch process", image.name)
+        body = self._body_on_local(arr, modality, local_grid, made)
         maps = self._assemble(glob, local_grid, global_grid, image, key, body)
         if local is not None:  # the whole map, computed with the global one
             from .tiles import upsample_box
@@ -676,11 +680,13 @@ class Embedder:
             maps.tiles = TileComputer(self, lambda a=arr: a)
         return maps
 
-    def _body_on_local(self, arr: np.ndarray, modality: str, local_grid: Grid) -> torch.Tensor:
-        """Body mask on the local grid, computed on the input subsampled by the local stride (cheap)."""
-        stride = tuple(reversed(self.model.spec.local_stride))
-        sub = arr[tuple(slice(0, None, s) for s in stride)]
-        mask = body_mask_array(sub, modality)
+    def _body_on_local(self, arr: np.ndarray, modality: str, local_grid: Grid,
+                       mask: np.ndarray | None = None) -> torch.Tensor:
+        """Body mask on the local grid, computed on the input subsampled by the local stride (cheap); ``mask``:
+        that mask, made ahead (by the prefetch process)."""
+        if mask is None:
+            stride = tuple(reversed(self.model.spec.local_stride))
+            mask = body_mask_array(arr[tuple(slice(0, None, s) for s in stride)], modality)
         out = np.zeros(local_grid.shape_zyx, dtype=bool)
         sl = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, mask.shape))
         out[sl] = mask[sl]

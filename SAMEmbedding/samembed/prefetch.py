@@ -42,13 +42,16 @@ MAX_IMAGES = 2
 class PrefetchRequest:
     """What the child does: read ``paths`` and preprocess them with ``preprocess`` (a
     :class:`~samembed.preprocess.PreprocessConfig` as a dict) for ``modality``, padding CT to multiples of
-    ``pad_multiple_zyx`` (the network's, as the engine pads); ``spacing_mm`` as ``as_image``'s."""
+    ``pad_multiple_zyx`` (the network's, as the engine pads), and make each input's body mask on the grid of stride
+    ``body_stride_zyx`` (the local map's, as the engine does; None: the engine makes it); ``spacing_mm`` as
+    ``as_image``'s."""
 
     paths: tuple[str, ...]
     preprocess: dict
     modality: str = "auto"
     spacing_mm: float | None = None
     pad_multiple_zyx: tuple[int, ...] | None = None
+    body_stride_zyx: tuple[int, ...] | None = None
 
 
 #: the shared region's size: a quarter of the RAM, at most 4 GiB (address space only: pages exist once written)
@@ -101,7 +104,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
     import SimpleITK as sitk
 
     from .io import read_image
-    from .preprocess import PreprocessConfig, preprocess
+    from .preprocess import PreprocessConfig, body_mask_array, preprocess
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one core here, the other for the import
 
@@ -119,7 +122,11 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
     for image in images:
         try:
             prep = preprocess(image, config, request.modality, request.pad_multiple_zyx)
-            conn.send(("input", image.content_hash(), _pack(arena, prep)))
+            body = None
+            if request.body_stride_zyx is not None:  # as Embedder._body_on_local makes it
+                body = body_mask_array(prep.array[tuple(slice(0, None, s) for s in request.body_stride_zyx)],
+                                       prep.modality)
+            conn.send(("input", image.content_hash(), (_pack(arena, prep), body)))
         except Exception:  # noqa: BLE001 - the engine preprocesses it again and reports the error itself
             log.debug("prefetch: %s not preprocessed", image.name)
     conn.close()
@@ -143,6 +150,7 @@ class Prefetch:
         child_conn.close()
         self._results: dict[str, object] = {}
         self._images: dict[str, object] = {}
+        self._bodies: dict[str, object] = {}  # content hash -> body mask of an input handed out by take()
         self._settled: set[str] = set()  # paths whose image arrived or failed
         self._done = False
         self._cond = threading.Condition()
@@ -160,7 +168,7 @@ class Prefetch:
                 if kind == "image":
                     self._images[key] = _unpack(self._arena, value)
                 elif kind == "input":
-                    self._results[key] = _unpack(self._arena, value)
+                    self._results[key] = (_unpack(self._arena, value[0]), value[1])
                 if kind in ("image", "failed"):
                     self._settled.add(key)
                 self._cond.notify_all()
@@ -192,7 +200,20 @@ class Prefetch:
             return None
         with self._cond:
             self._cond.wait_for(lambda: content_hash in self._results or self._done)
-            return self._results.pop(content_hash, None)
+            prep, body = self._results.pop(content_hash, (None, None))
+            if body is not None:
+                self._bodies[content_hash] = body
+            return prep
+
+    def body(self, content_hash: str, stride_zyx: tuple[int, ...]):
+        """The body mask (bool, zyx) the child made for the input :meth:`take` handed out for ``content_hash``, on
+        the grid of stride ``stride_zyx`` (:func:`samembed.preprocess.body_mask_array` of the input subsampled by
+        it), or None (another stride, or none made). Handed out once."""
+        req = self.request.body_stride_zyx
+        if req is None or tuple(req) != tuple(stride_zyx):
+            return None
+        with self._cond:
+            return self._bodies.pop(content_hash, None)
 
     def close(self) -> None:
         """Stop the child (if still running) and drop what was not taken."""
@@ -203,18 +224,21 @@ class Prefetch:
         self._conn.close()
         with self._cond:
             self._results.clear()
+            self._bodies.clear()
 
 
 def start(paths: Sequence[str], preprocess: dict | None, modality: str = "auto",
-          spacing_mm: float | None = None, pad_multiple_zyx: Sequence[int] | None = None) -> Prefetch | None:
+          spacing_mm: float | None = None, pad_multiple_zyx: Sequence[int] | None = None,
+          body_stride_zyx: Sequence[int] | None = None) -> Prefetch | None:
     """Start prefetching the first :data:`MAX_IMAGES` of ``paths`` (None when it cannot help: see :func:`available`,
     or the model's preprocessing is not known without loading it, ``preprocess=None``)."""
     if preprocess is None or not paths or not available():
         return None
     pad = None if pad_multiple_zyx is None else tuple(int(m) for m in pad_multiple_zyx)
+    stride = None if body_stride_zyx is None else tuple(int(m) for m in body_stride_zyx)
     try:
         return Prefetch(PrefetchRequest(tuple(str(p) for p in paths[:MAX_IMAGES]), dict(preprocess), modality,
-                                        spacing_mm, pad))
+                                        spacing_mm, pad, stride))
     except OSError as exc:  # no process could be started: the engine reads the images itself
         log.debug("prefetch not started: %s", exc)
         return None

@@ -15,16 +15,16 @@ import pytest
 from samembed import prefetch
 from samembed.cli import main
 from samembed.io import read_image
-from samembed.preprocess import PreprocessConfig, preprocess
-from samembed.registry import registered_pad_multiple_zyx, registered_preprocess
+from samembed.preprocess import PreprocessConfig, body_mask_array, preprocess
+from samembed.registry import registered_local_stride_zyx, registered_pad_multiple_zyx, registered_preprocess
 
 from ..conftest import data_file
 
 
-def _start(paths, config: dict, pad_multiple_zyx=None) -> prefetch.Prefetch:
+def _start(paths, config: dict, pad_multiple_zyx=None, body_stride_zyx=None) -> prefetch.Prefetch:
     """A prefetch started here, where torch is already imported (the command starts it before)."""
     return prefetch.Prefetch(prefetch.PrefetchRequest(tuple(str(x) for x in paths), config,
-                                                      pad_multiple_zyx=pad_multiple_zyx))
+                                                      pad_multiple_zyx=pad_multiple_zyx, body_stride_zyx=body_stride_zyx))
 
 
 @pytest.mark.needs_data
@@ -34,7 +34,8 @@ def test_a_prefetched_input_is_the_engines_own_and_is_handed_out_once():
     pad = registered_pad_multiple_zyx("default")
     assert config is not None, "models.json must declare the default model's preprocessing"
     assert pad is not None, "models.json must declare the default model's padding multiple"
-    p = _start([path], config, pad)
+    stride = registered_local_stride_zyx("default")
+    p = _start([path], config, pad, stride)
     try:
         image = p.image(str(path))
         assert image is not None and image.content_hash() == read_image(path).content_hash()
@@ -47,6 +48,11 @@ def test_a_prefetched_input_is_the_engines_own_and_is_handed_out_once():
         assert np.array_equal(got.array, ref.array) and got.grid.shape_zyx == ref.grid.shape_zyx
         # the voxels came through the shared region, not the pipe (see the module docstring)
         assert isinstance(got.array.base, mmap.mmap) and isinstance(image.array.base, mmap.mmap)
+        # its body mask, made as the engine makes it on the local grid, for that stride only, once
+        assert p.body(image.content_hash(), (4, 4, 4)) is None
+        body = p.body(image.content_hash(), stride)
+        assert np.array_equal(body, body_mask_array(ref.array[::stride[0], ::stride[1], ::stride[2]], ref.modality))
+        assert p.body(image.content_hash(), stride) is None, "handed out twice"
         assert got.modality == ref.modality and got.fill_value == ref.fill_value
         assert p.take(image.content_hash(), cfg, "auto", pad) is None, "handed out twice"
     finally:
@@ -70,12 +76,14 @@ def test_arrays_too_large_for_the_shared_region_go_through_the_pipe(monkeypatch)
     assert np.array_equal(got.array, preprocess(ref, PreprocessConfig.from_dict(config), "auto", pad).array)
 
 
-def test_the_registered_padding_multiple_is_the_networks_own():
+def test_the_registered_padding_multiple_and_local_stride_are_the_networks_own():
     """The command prefetches with ``models.json``'s multiple before the weights load; the engine pads to its network's
     (a mismatch would waste the prefetch: the engine would preprocess the image again)."""
     from samembed.api import load_model
 
-    assert registered_pad_multiple_zyx("default") == tuple(reversed(load_model("default").spec.pad_multiple))
+    spec = load_model("default").spec
+    assert registered_pad_multiple_zyx("default") == tuple(reversed(spec.pad_multiple))
+    assert registered_local_stride_zyx("default") == tuple(reversed(spec.local_stride))
 
 
 def test_an_unreadable_image_is_left_to_the_command_which_names_it(tmp_path, capsys):
@@ -107,5 +115,6 @@ def test_the_command_with_its_prefetch_writes_what_it_writes_without(tmp_path):
     fresh = subprocess.run([sys.executable, "-c", code, "-v", *args, "--out", str(tmp_path / "fresh.csv")],
                            check=True, capture_output=True, text=True)
     assert fresh.stderr.count("preprocessed ahead by the prefetch process") == 2, fresh.stderr[-2000:]
+    assert fresh.stderr.count("body mask made ahead by the prefetch process") == 2, fresh.stderr[-2000:]
     assert main([*args, "--out", str(tmp_path / "here.csv")]) == 0
     assert (tmp_path / "fresh.csv").read_text() == (tmp_path / "here.csv").read_text()
