@@ -115,6 +115,11 @@ def test_a_samembed_checkpoint_restores_architecture_and_preprocessing(tmp_path)
     path = save_checkpoint(tmp_path / "mine.pt", net, prep, name="mine", half=True)
     model = load_model(str(path))
     assert model.preprocess == prep and model.spec.local_channels == 32 and model.model_id.startswith("mine@")
+    # built without initialisation, every tensor is the checkpoint's (stored in half precision), as float32
+    saved = net.state_dict()
+    for k, v in model.net.state_dict().items():
+        assert not v.is_meta and v.dtype == saved[k].dtype, k
+        assert torch.equal(v, saved[k].half().to(v.dtype) if v.is_floating_point() else saved[k]), k
     with pytest.raises(CheckpointError, match="holds architecture 'sam-lite'"):
         load_checkpoint(path, arch="sam-official")
 
