@@ -25,7 +25,6 @@ vectors about 0.9996); the ship gate measures the matches (see the model card).
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import sys
@@ -41,6 +40,8 @@ from .lite import SamLite, _pointwise, _up2, _up_add, core_cropper, space_to_dep
 #: the maps held in 8 bits: the outputs of the local encoder's 3 x 3 convolutions but the last (whose output, like the
 #: output convolution's, is float32) and the FPN sum that the output convolution reads
 LOCAL_POINTS = ("c0", "d1", "c1", "d2", "p0")
+#: the modules of :class:`SamLite`'s global branch (what :meth:`SamLite.forward_global_pooled` runs)
+GLOBAL_MODULES = ("g_stem", "g_down1", "g_down2", "g_down3", "g_lat", "g_out")
 #: the fraction of a map's calibration values below its scale's top (the rest clip): a high percentile keeps the
 #: resolution of the bulk of the values while a few outliers saturate
 CALIBRATION_QUANTILE = 0.99999
@@ -100,8 +101,10 @@ class SamLiteInt8(nn.Module):
     """Inference-only int8 form of a folded :class:`SamLite` (see the module docstring).
 
     Args:
-        net: the float32 network, batch norms folded (:func:`samembed.networks.base.inference_copy`).
+        net: the float32 network, batch norms folded (:func:`samembed.networks.base.inference_copy`); the wrapper's
+            own: with ``global_bf16`` its global branch is converted to bfloat16 in place.
         qparams: map name -> (scale, zero point), from :func:`calibrate`.
+        global_bf16: run the global branch in bfloat16 (see the module docstring).
     """
 
     has_separate_global = True
@@ -124,8 +127,11 @@ class SamLiteInt8(nn.Module):
             "d2": _QConv(n.l_down2[0][0], qp["c1"], True), "c2": _QConv(n.l_down2[1][0], qp["d2"], True),
             "top": _QConv(n.l_out[0][0], qp["p0"], True),
         }
-        #: the global branch in bfloat16 (a copy of the network; its local half is unused), or None: float32
-        self.net_bf16 = copy.deepcopy(net).to(torch.bfloat16) if global_bf16 else None
+        #: the global branch runs in bfloat16: its modules of ``net`` (this wrapper's own copy) are converted in place
+        self.global_bf16 = bool(global_bf16)
+        if self.global_bf16:
+            for name in GLOBAL_MODULES:
+                getattr(net, name).to(torch.bfloat16)
 
     def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...],
                            out: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,10 +154,10 @@ class SamLiteInt8(nn.Module):
     def forward_global(self, x: torch.Tensor) -> torch.Tensor:
         """The global map, float32: from the float32 network, or with ``global_bf16`` from its bfloat16 copy on the
         input pooled in float32 (see the module docstring)."""
-        if self.net_bf16 is None or x.device.type != "cpu":
+        if not self.global_bf16:
             return self.net.forward_global(x)
         pool = torch.nn.functional.avg_pool3d if x.dim() == 5 else torch.nn.functional.avg_pool2d
-        return self.net_bf16.forward_global_pooled(pool(x.float(), 4).to(torch.bfloat16)).float()
+        return self.net.forward_global_pooled(pool(x.float(), 4).to(torch.bfloat16)).float()
 
 
 @functools.cache
