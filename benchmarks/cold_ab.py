@@ -1,0 +1,107 @@
+"""Two engines side by side on cold ``samembed match`` runs: this checkout against an earlier commit.
+
+The VM's speed drifts by 30-50 % within an hour, so two runs of ``cold_start.py`` an hour apart cannot say what a
+change gained. This script checks the earlier commit out beside the repository (``git worktree``, in
+``cache/cold_ab/``), then runs the cold-start child of each engine (``cold_start.py child``: a fresh process, no
+cache, one torch thread, the command's own prefetch) on the same pairs, alternating base and head, ``--reps``
+times, and reports each engine's median process time per pair and their ratio. Both engines load the model of their
+own checkout. Elastix is not run (``cold_start.py`` compares with it).
+
+Usage (from the repository root)::
+
+    python benchmarks/cold_ab.py --base 4994e21 --out benchmarks/results/cold_ab.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _worktree(rev: str, folder: Path) -> Path:
+    """A checkout of ``rev`` at ``folder`` (made once; reused while it holds that commit)."""
+    want = subprocess.run(["git", "-C", str(REPO), "rev-parse", rev], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    if folder.exists():
+        have = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        if have == want:
+            return folder
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], check=True)
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), want], check=True,
+                   capture_output=True)
+    return folder
+
+
+def _cold(root: Path, source: str, target: str, points: str, out: Path) -> float:
+    """Wall seconds of one cold match by the engine of checkout ``root``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}"}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
+                    str(out.with_suffix(".json")), source, target, "--points", points, "--out", str(out)],
+                   check=True, env=env, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO / "SAMEmbedding"))
+    import numpy as np
+    from cold_start import _read_found, _write_points
+    from samembed_bench.cases import read_cases
+    from samembed_bench.suites import build_suites
+
+    p = argparse.ArgumentParser(prog="cold_ab.py")
+    p.add_argument("--base", required=True, help="the earlier commit (any git revision)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--openkbp-pairs", type=int, default=3)
+    p.add_argument("--suites", default=str(REPO / "cache" / "suites"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
+    args = p.parse_args(argv)
+    work = REPO / "cache" / "cold_ab"
+    work.mkdir(parents=True, exist_ok=True)
+    base = _worktree(args.base, work / "base")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    build_suites(args.suites, ["lidc_synthetic", "openkbp_inter"])
+    cases = read_cases(Path(args.suites) / "lidc_synthetic" / "cases.json")[:1]
+    cases += read_cases(Path(args.suites) / "openkbp_inter" / "cases.json")[: args.openkbp_pairs]
+    rows = []
+    for case in cases:
+        tag = f"{case.suite}_{case.case_id}"
+        pts = work / f"{tag}_points.csv"
+        _write_points(pts, case.labels, case.query_points_lps_mm)
+        times: dict[str, list[float]] = {"base": [], "head": []}
+        for _ in range(args.reps):
+            for name, root in (("base", base), ("head", REPO)):
+                times[name].append(_cold(root, str(case.source), str(case.target), str(pts), work / f"{tag}_{name}.csv"))
+        moved = float(np.linalg.norm(_read_found(work / f"{tag}_base.csv")[2] - _read_found(work / f"{tag}_head.csv")[2],
+                                     axis=1).max())
+        b, h = statistics.median(times["base"]), statistics.median(times["head"])
+        rows.append(f"| {tag} | {len(case.labels)} | {b:.2f} ({min(times['base']):.2f}-{max(times['base']):.2f}) | "
+                    f"{h:.2f} ({min(times['head']):.2f}-{max(times['head']):.2f}) | {b / h:.2f}x | {moved:.2f} |")
+        print(rows[-1], flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    text = "\n".join([
+        f"# Cold `samembed match`: `{args.base}` against `{head}`, side by side", "",
+        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, 1-minute load average {load:.1f} at the end. "
+        f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
+        f"the two engines alternate, {args.reps} runs each per pair; median (range) wall seconds. Command: "
+        f"`python benchmarks/cold_ab.py --base {args.base}`.", "",
+        "| pair | points | base s | head s | speed-up | largest move of a match, base to head, mm |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows, ""])
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
