@@ -54,8 +54,16 @@ class PrefetchRequest:
     body_stride_zyx: tuple[int, ...] | None = None
 
 
-#: the shared region's size: a quarter of the RAM, at most 4 GiB (address space only: pages exist once written)
-ARENA_BYTES = min(4 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4) if hasattr(os, "sysconf") else 0
+def _arena_bytes() -> int:
+    """A quarter of the RAM, at most 4 GiB (0 where the RAM cannot be read: no shared region)."""
+    try:
+        return min(4 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+#: the shared region's size (address space only: a page exists once the child writes it)
+ARENA_BYTES = _arena_bytes()
 
 
 class _Arena:
