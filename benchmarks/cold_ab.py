@@ -44,10 +44,13 @@ def _cold(root: Path, source: str, target: str, points: str, out: Path) -> float
     """Wall seconds of one cold match by the engine of checkout ``root``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}"}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
-                    str(out.with_suffix(".json")), source, target, "--points", points, "--out", str(out)],
-                   check=True, env=env, capture_output=True)
-    return time.perf_counter() - t0
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
+                           str(out.with_suffix(".json")), source, target, "--points", points, "--out", str(out)],
+                          env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"cold run of {root} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         pts = work / f"{tag}_points.csv"
         _write_points(pts, case.labels, case.query_points_lps_mm)
         times: dict[str, list[float]] = {"base": [], "head": []}
-        for _ in range(args.reps):
-            for name, root in (("base", base), ("head", REPO)):
+        for rep in range(args.reps):  # ABBA...: neither engine always runs first (the page cache, the VM's drift)
+            for name, root in (("base", base), ("head", REPO))[:: 1 if rep % 2 == 0 else -1]:
                 times[name].append(_cold(root, str(case.source), str(case.target), str(pts), work / f"{tag}_{name}.csv"))
         moved = float(np.linalg.norm(_read_found(work / f"{tag}_base.csv")[2] - _read_found(work / f"{tag}_head.csv")[2],
                                      axis=1).max())
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Cold `samembed match`: `{args.base}` against `{head}`, side by side", "",
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, 1-minute load average {load:.1f} at the end. "
         f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
-        f"the two engines alternate, {args.reps} runs each per pair; median (range) wall seconds. Command: "
+        f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base}`.", "",
         "| pair | points | base s | head s | speed-up | largest move of a match, base to head, mm |",
         "|---|---:|---:|---:|---:|---:|",

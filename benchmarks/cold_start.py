@@ -40,7 +40,7 @@ STAGES = (
     ("samembed.prefetch", "Prefetch.image", "prefetch wait"),
     ("samembed.api", "load_model", "model"),
     ("samembed.embedding", "preprocess", "preprocessing"),
-    ("samembed.embedding", "_pad_to_multiple", "preprocessing"),
+    ("samembed.embedding", "pad_to_multiple", "preprocessing"),
     ("samembed.image", "Image.content_hash", "hashing"),
     ("samembed.embedding", "Embedder._body_on_local", "body"),
     ("samembed.networks.lite", "SamLite.forward_global", "global map"),

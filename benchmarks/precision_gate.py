@@ -39,10 +39,15 @@ TOLERANCE_MM = 0.1
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="precision_gate.py")
-    p.add_argument("--candidate", default="int8-bf16", choices=["int8", "int8-bf16"])
+    p.add_argument("--candidate", choices=["int8", "int8-bf16"],
+                   help="default: what --precision auto runs on this CPU (int8-bf16 with native bfloat16, else int8)")
     p.add_argument("--out", help="default: benchmarks/results/precision_<candidate>.md")
     args = p.parse_args(argv)
-    cand = args.candidate
+    from samembed.networks.int8 import native_bf16
+
+    cand = args.candidate or ("int8-bf16" if native_bf16() else "int8")
+    if cand == "int8-bf16" and not native_bf16():
+        p.error("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): int8-bf16 cannot run here; use --candidate int8")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"precision_{cand.replace('-', '_')}.md")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)

@@ -26,7 +26,7 @@ from .image import Grid, Image
 from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import ProgressFn
-from .preprocess import body_mask_array, preprocess
+from .preprocess import body_mask_array, pad_to_multiple, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -324,13 +324,6 @@ class EmbeddingCache:
         return len(self._items)
 
 
-def _pad_to_multiple(arr: np.ndarray, multiple_zyx: tuple[int, ...], value: float) -> np.ndarray:
-    pads = [(0, (-n) % m) for n, m in zip(arr.shape, multiple_zyx)]
-    if not any(p[1] for p in pads):
-        return arr
-    return np.pad(arr, pads, mode="constant", constant_values=value)
-
-
 def _grid_to_dict(g: Grid) -> dict:
     return {"shape_zyx": list(g.shape_zyx), "spacing_mm": g.spacing_mm.tolist(), "origin_lps_mm": g.origin_lps_mm.tolist(),
             "direction": g.direction.ravel().tolist()}
@@ -621,8 +614,9 @@ class Embedder:
             raise InputError(f"{image.name}: a {image.ndim}D image cannot be embedded by the {spec.ndim}D model "
                              f"'{self.model.model_id}'; {hint}")
 
-    def _prepare(self, image: Image) -> tuple[np.ndarray, Grid, str]:
-        """Padded network input (zyx float32), its grid and the modality used."""
+    def _prepare(self, image: Image) -> tuple[np.ndarray, Grid, str, np.ndarray | None]:
+        """Padded network input (zyx float32), its grid, the modality used, and its body mask on the local grid
+        when the prefetch process made it with the input (else None: :meth:`_body_on_local` makes it)."""
         pad = tuple(reversed(self.model.spec.pad_multiple))
         prep = None if self.prefetch is None else self.prefetch.take(image.content_hash(), self.model.preprocess,
                                                                       self.modality, pad)
@@ -630,9 +624,11 @@ class Embedder:
             prep = preprocess(image, self.model.preprocess, self.modality, pad)  # CT comes padded (no copy below)
         else:
             log.debug("%s: preprocessed ahead by the prefetch process", image.name)
-        arr = _pad_to_multiple(prep.array, pad, prep.fill_value)
+        arr = pad_to_multiple(prep.array, pad, prep.fill_value)
         grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
-        return arr, grid, prep.modality
+        stride = tuple(reversed(self.model.spec.local_stride))
+        body = prep.body if prep.body_stride_zyx is not None and tuple(prep.body_stride_zyx) == stride else None
+        return arr, grid, prep.modality, body
 
     def _compute(self, image: Image, key: str, progress, cancel, on_demand: bool) -> EmbeddingMaps:
         """Preprocess and embed the global map; a network without a separate global branch also gets its whole
@@ -642,7 +638,7 @@ class Embedder:
         self._check_dim(image)
         if progress:
             progress(0, 1, "preprocessing")
-        arr, pad_grid, modality = self._prepare(image)
+        arr, pad_grid, modality, body_made = self._prepare(image)
         x = torch.from_numpy(np.ascontiguousarray(arr))[None, None].to(self.device)
         if self.half:
             x = x.half()
@@ -662,11 +658,7 @@ class Embedder:
             lshape = tuple(local.shape[1:])
         local_grid = pad_grid.derived(spec.local_stride, lshape)
         global_grid = pad_grid.derived(spec.global_stride, tuple(glob.shape[1:]))
-        stride = tuple(reversed(spec.local_stride))
-        made = None if self.prefetch is None else self.prefetch.body(image.content_hash(), stride)
-        if made is not None:
-            log.debug("%s: body mask made ahead by the prefetch process", image.name)
-        body = self._body_on_local(arr, modality, local_grid, made)
+        body = self._body_on_local(arr, modality, local_grid, body_made, image.name)
         maps = self._assemble(glob, local_grid, global_grid, image, key, body)
         if local is not None:  # the whole map, computed with the global one
             from .tiles import upsample_box
@@ -680,13 +672,16 @@ class Embedder:
             maps.tiles = TileComputer(self, lambda a=arr: a)
         return maps
 
-    def _body_on_local(self, arr: np.ndarray, modality: str, local_grid: Grid,
-                       mask: np.ndarray | None = None) -> torch.Tensor:
-        """Body mask on the local grid, computed on the input subsampled by the local stride (cheap); ``mask``:
-        that mask, made ahead (by the prefetch process)."""
-        if mask is None:
-            stride = tuple(reversed(self.model.spec.local_stride))
-            mask = body_mask_array(arr[tuple(slice(0, None, s) for s in stride)], modality)
+    def _body_on_local(self, arr: np.ndarray, modality: str, local_grid: Grid, mask: np.ndarray | None = None,
+                       name: str = "") -> torch.Tensor:
+        """Body mask on the local grid, computed on the input ``arr`` subsampled by the local stride (cheap); ``mask``:
+        that mask, made ahead with the input (by the prefetch process), used when its shape is the subsample's."""
+        stride = tuple(reversed(self.model.spec.local_stride))
+        sub = arr[tuple(slice(0, None, s) for s in stride)]
+        if mask is not None and mask.shape == sub.shape:
+            log.debug("%s: body mask made ahead by the prefetch process", name)
+        else:
+            mask = body_mask_array(sub, modality)
         out = np.zeros(local_grid.shape_zyx, dtype=bool)
         sl = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, mask.shape))
         out[sl] = mask[sl]

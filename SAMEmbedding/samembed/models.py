@@ -114,6 +114,9 @@ def _assign_state(net: torch.nn.Module, state: dict, source: str) -> None:
     """Give ``net``, built on the meta device (shapes only, no memory, no random initialisation: about 0.1 s of a
     cold start), the checkpoint's tensors, each in the dtype the network declares."""
     declared = net.state_dict()
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{source}: checkpoint entries that are not tensors: {', '.join(odd[:5])}")
     state = {k: v.to(declared[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     net.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta]

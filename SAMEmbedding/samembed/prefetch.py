@@ -43,8 +43,8 @@ class PrefetchRequest:
     """What the child does: read ``paths`` and preprocess them with ``preprocess`` (a
     :class:`~samembed.preprocess.PreprocessConfig` as a dict) for ``modality``, padding CT to multiples of
     ``pad_multiple_zyx`` (the network's, as the engine pads), and make each input's body mask on the grid of stride
-    ``body_stride_zyx`` (the local map's, as the engine does; None: the engine makes it); ``spacing_mm`` as
-    ``as_image``'s."""
+    ``body_stride_zyx`` (the local map's, as the engine does, on the input padded to that multiple; carried by the
+    :class:`~samembed.preprocess.Prepared`; None: the engine makes it); ``spacing_mm`` as ``as_image``'s."""
 
     paths: tuple[str, ...]
     preprocess: dict
@@ -55,9 +55,11 @@ class PrefetchRequest:
 
 
 def _arena_bytes() -> int:
-    """A quarter of the RAM, at most 4 GiB (0 where the RAM cannot be read: no shared region)."""
+    """An eighth of the RAM, at most 1 GiB (a pair of 512 x 512 x 400 CTs and their inputs); 0 where the RAM cannot
+    be read: no shared region. Where the kernel commits shared memory up front (``vm.overcommit_memory=2``) the whole
+    region counts, so it stays small."""
     try:
-        return min(4 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+        return min(1 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
     except (AttributeError, ValueError, OSError):
         return 0
 
@@ -69,7 +71,9 @@ ARENA_BYTES = _arena_bytes()
 class _Arena:
     """An anonymous shared memory region, mapped before the fork: the child copies arrays into it one after
     another (:meth:`put`) and the parent views them in place (:meth:`view`), no copy and no pipe. The region lives
-    as long as an array viewing it (each holds a reference); a page exists once the child writes it."""
+    as long as an array viewing it (each holds a reference); a page exists once the child writes it. The child
+    writes an array before it sends where it lies and never writes there again. A process forked later would share
+    the region too (not copy on write); ``samembed match`` forks none."""
 
     def __init__(self, nbytes: int) -> None:
         self.buf = mmap.mmap(-1, nbytes)  # MAP_SHARED | MAP_ANONYMOUS: the child's writes are the parent's pages
@@ -112,7 +116,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
     import SimpleITK as sitk
 
     from .io import read_image
-    from .preprocess import PreprocessConfig, body_mask_array, preprocess
+    from .preprocess import PreprocessConfig, body_mask_array, pad_to_multiple, preprocess
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one core here, the other for the import
 
@@ -129,12 +133,13 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
         images.append(image)
     for image in images:
         try:
-            prep = preprocess(image, config, request.modality, request.pad_multiple_zyx)
-            body = None
-            if request.body_stride_zyx is not None:  # as Embedder._body_on_local makes it
-                body = body_mask_array(prep.array[tuple(slice(0, None, s) for s in request.body_stride_zyx)],
-                                       prep.modality)
-            conn.send(("input", image.content_hash(), (_pack(arena, prep), body)))
+            pad, stride = request.pad_multiple_zyx, request.body_stride_zyx
+            prep = preprocess(image, config, request.modality, pad)
+            if stride is not None and pad is not None:  # as Embedder._body_on_local makes it, on the padded input
+                arr = pad_to_multiple(prep.array, pad, prep.fill_value)  # CT comes padded: itself
+                body = body_mask_array(arr[tuple(slice(0, None, s) for s in stride)], prep.modality)
+                prep = dataclasses.replace(prep, body=body, body_stride_zyx=tuple(stride))
+            conn.send(("input", image.content_hash(), _pack(arena, prep)))
         except Exception:  # noqa: BLE001 - the engine preprocesses it again and reports the error itself
             log.debug("prefetch: %s not preprocessed", image.name)
     conn.close()
@@ -158,7 +163,6 @@ class Prefetch:
         child_conn.close()
         self._results: dict[str, object] = {}
         self._images: dict[str, object] = {}
-        self._bodies: dict[str, object] = {}  # content hash -> body mask of an input handed out by take()
         self._settled: set[str] = set()  # paths whose image arrived or failed
         self._done = False
         self._cond = threading.Condition()
@@ -167,22 +171,26 @@ class Prefetch:
         self._receiver.start()
 
     def _receive(self) -> None:
-        while True:
-            try:
-                kind, key, value = self._conn.recv()
-            except (EOFError, OSError):  # the child finished (or died: the engine reads the rest itself)
-                break
+        try:
+            while True:
+                try:
+                    kind, key, value = self._conn.recv()
+                except (EOFError, OSError):  # the child finished (or died: the engine reads the rest itself)
+                    break
+                with self._cond:
+                    if kind == "image":
+                        self._images[key] = _unpack(self._arena, value)
+                    elif kind == "input":
+                        self._results[key] = _unpack(self._arena, value)
+                    if kind in ("image", "failed"):
+                        self._settled.add(key)
+                    self._cond.notify_all()
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the engine must not wait for more
+            log.debug("prefetch: receiving stopped: %s", exc)
+        finally:
             with self._cond:
-                if kind == "image":
-                    self._images[key] = _unpack(self._arena, value)
-                elif kind == "input":
-                    self._results[key] = (_unpack(self._arena, value[0]), value[1])
-                if kind in ("image", "failed"):
-                    self._settled.add(key)
+                self._done = True
                 self._cond.notify_all()
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
 
     def image(self, path: str):
         """The :class:`~samembed.image.Image` the child read from ``path`` (handed out once), or None when it did not
@@ -208,20 +216,7 @@ class Prefetch:
             return None
         with self._cond:
             self._cond.wait_for(lambda: content_hash in self._results or self._done)
-            prep, body = self._results.pop(content_hash, (None, None))
-            if body is not None:
-                self._bodies[content_hash] = body
-            return prep
-
-    def body(self, content_hash: str, stride_zyx: tuple[int, ...]):
-        """The body mask (bool, zyx) the child made for the input :meth:`take` handed out for ``content_hash``, on
-        the grid of stride ``stride_zyx`` (:func:`samembed.preprocess.body_mask_array` of the input subsampled by
-        it), or None (another stride, or none made). Handed out once."""
-        req = self.request.body_stride_zyx
-        if req is None or tuple(req) != tuple(stride_zyx):
-            return None
-        with self._cond:
-            return self._bodies.pop(content_hash, None)
+            return self._results.pop(content_hash, None)
 
     def close(self) -> None:
         """Stop the child (if still running) and drop what was not taken."""
@@ -232,7 +227,7 @@ class Prefetch:
         self._conn.close()
         with self._cond:
             self._results.clear()
-            self._bodies.clear()
+            self._images.clear()
 
 
 def start(paths: Sequence[str], preprocess: dict | None, modality: str = "auto",

@@ -58,12 +58,26 @@ class PreprocessConfig:
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """Network input: ``array`` (float32, ``[k, j, i]``) on ``grid`` (model spacing), and the modality used."""
+    """Network input: ``array`` (float32, ``[k, j, i]``) on ``grid`` (model spacing), and the modality used.
+
+    ``body``: the body mask (bool, zyx) of the network input (``array`` padded to the network's multiple), made ahead
+    on its grid of stride ``body_stride_zyx`` (:func:`body_mask_array` of the padded input subsampled by it), or
+    None (the engine makes it)."""
 
     array: np.ndarray
     grid: Grid
     modality: str
     fill_value: float = -50.0
+    body: np.ndarray | None = None
+    body_stride_zyx: tuple[int, ...] | None = None
+
+
+def pad_to_multiple(arr: np.ndarray, multiple_zyx: tuple[int, ...], value: float) -> np.ndarray:
+    """``arr`` padded at its far end with ``value`` to a multiple of ``multiple_zyx`` per axis (itself when it is)."""
+    pads = [(0, (-n) % m) for n, m in zip(arr.shape, multiple_zyx)]
+    if not any(p[1] for p in pads):
+        return arr
+    return np.pad(arr, pads, mode="constant", constant_values=value)
 
 
 def detect_modality(image: Image) -> Modality:

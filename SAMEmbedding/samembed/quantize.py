@@ -87,7 +87,7 @@ def calibrate_model(model, images: list[Path], settings: QuantizeSettings, out: 
         for n, path in enumerate(images):
             if progress:
                 progress(n, len(images), f"calibrating on {path.name}")
-            arr, _, _ = emb._prepare(read_image(path))
+            arr = emb._prepare(read_image(path))[0]
             yield torch.from_numpy(np.ascontiguousarray(arr))[None, None]
 
     qp = calibrate(emb.net, inputs(), settings.quantile)

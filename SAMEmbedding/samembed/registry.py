@@ -54,7 +54,7 @@ def registered_pad_multiple_zyx(name: str) -> tuple[int, ...] | None:
 def registered_local_stride_zyx(name: str) -> tuple[int, ...] | None:
     """The local map's stride (z, y, x) in input voxels of a registered model, as ``models.json`` declares it
     (``local_stride_xyz``, the network spec's ``local_stride``), known without importing torch; None when not
-    declared. The body mask lives on that grid (:meth:`samembed.prefetch.Prefetch.body`)."""
+    declared. The body mask lives on that grid (the prefetch process makes it there, :mod:`samembed.prefetch`)."""
     entry = find_entry(str(name))
     stride = None if entry is None else entry.get("local_stride_xyz")
     return None if stride is None else tuple(int(m) for m in reversed(stride))

@@ -17,10 +17,8 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from samembed import Cancelled, Matcher, MatchOptions
-from samembed.embedding import resolve_precision
 from samembed.io import read_image
 from samembed.tiles import ENTRY_SUFFIX, plan_tiles
 
@@ -194,8 +192,9 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
         whole.embed(src)
         whole.embed(tgt)
     od = Matcher("default", device="cpu", precision=precision)
-    assert od.embedder.precision == (resolve_precision("auto", od.model, torch.device("cpu")) if precision == "auto"
-                                     else precision)
+    from samembed.networks.int8 import native_bf16
+
+    assert od.embedder.precision == (("int8-bf16" if native_bf16() else "int8") if precision == "auto" else precision)
     miss = od.match(src, pts, [tgt], options=PURE)
     _same(whole.match(src, pts, [tgt], options=PURE), miss)
     # a tile-cache hit: nothing recomputed, the same result

@@ -5,12 +5,14 @@ engine, and the command's output is the same with or without it."""
 from __future__ import annotations
 
 import csv
+import logging
 import mmap
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from samembed import prefetch
 from samembed.cli import main
@@ -48,11 +50,9 @@ def test_a_prefetched_input_is_the_engines_own_and_is_handed_out_once():
         assert np.array_equal(got.array, ref.array) and got.grid.shape_zyx == ref.grid.shape_zyx
         # the voxels came through the shared region, not the pipe (see the module docstring)
         assert isinstance(got.array.base, mmap.mmap) and isinstance(image.array.base, mmap.mmap)
-        # its body mask, made as the engine makes it on the local grid, for that stride only, once
-        assert p.body(image.content_hash(), (4, 4, 4)) is None
-        body = p.body(image.content_hash(), stride)
-        assert np.array_equal(body, body_mask_array(ref.array[::stride[0], ::stride[1], ::stride[2]], ref.modality))
-        assert p.body(image.content_hash(), stride) is None, "handed out twice"
+        # its body mask, made as the engine makes it on the local grid, with the input
+        assert got.body_stride_zyx == stride
+        assert np.array_equal(got.body, body_mask_array(ref.array[::stride[0], ::stride[1], ::stride[2]], ref.modality))
         assert got.modality == ref.modality and got.fill_value == ref.fill_value
         assert p.take(image.content_hash(), cfg, "auto", pad) is None, "handed out twice"
     finally:
@@ -74,6 +74,32 @@ def test_arrays_too_large_for_the_shared_region_go_through_the_pipe(monkeypatch)
     ref = read_image(path)
     assert np.array_equal(image.array, ref.array)
     assert np.array_equal(got.array, preprocess(ref, PreprocessConfig.from_dict(config), "auto", pad).array)
+
+
+@pytest.mark.needs_data
+def test_an_input_the_engine_pads_itself_gets_the_engines_own_body_mask(caplog):
+    """Only CT comes padded from the resampling; the engine pads other modalities afterwards, and their body threshold
+    (a percentile) sees the padding. A CT embedded as MRI (percentile mapping, percentile threshold): the maps made
+    from the prefetched input and body mask equal the engine's own."""
+    from samembed import Matcher
+
+    path = data_file("ct", "openkbp", "ct", "pt_239_ct.nii.gz")
+    request = prefetch.PrefetchRequest((str(path),), registered_preprocess("default"), "mri",
+                                       pad_multiple_zyx=registered_pad_multiple_zyx("default"),
+                                       body_stride_zyx=registered_local_stride_zyx("default"))
+    p = prefetch.Prefetch(request)
+    try:
+        image = p.image(str(path))
+        ahead = Matcher("default", device="cpu", modality="mri")
+        ahead.embedder.prefetch = p
+        with caplog.at_level(logging.DEBUG, logger="samembed.embedding"):
+            a = ahead.embedder.embed(image, on_demand=True)
+    finally:
+        p.close()
+    assert "preprocessed ahead by the prefetch process" in caplog.text
+    assert "body mask made ahead by the prefetch process" in caplog.text
+    b = Matcher("default", device="cpu", modality="mri").embedder.embed(read_image(path), on_demand=True)
+    assert torch.equal(a.body, b.body) and torch.equal(a.global_, b.global_)
 
 
 def test_the_registered_padding_multiple_and_local_stride_are_the_networks_own():

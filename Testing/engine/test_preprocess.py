@@ -129,7 +129,7 @@ def test_the_body_mask_and_its_steps_equal_scipy_ndimage_on_real_scans(data_dir)
 def test_a_ct_padded_by_its_resampling_equals_the_padded_resampled_ct(fill):
     """The engine pads CT inputs to the network's multiple in the resampling itself (no second copy): the added
     voxels lie beyond the image, so they take the fill value, exactly as padding after resampling gives them."""
-    from samembed.embedding import _pad_to_multiple
+    from samembed.preprocess import pad_to_multiple
 
     rng = np.random.default_rng(0)
     arr = rng.integers(-1100, 3200, size=(37, 41, 29)).astype(np.int16)  # beyond the clip range on both sides
@@ -138,7 +138,7 @@ def test_a_ct_padded_by_its_resampling_equals_the_padded_resampled_ct(fill):
     plain = preprocess(img, cfg, "ct")
     padded = preprocess(img, cfg, "ct", pad_multiple_zyx=(8, 8, 8))
     assert padded.array.shape == tuple(-(-n // 8) * 8 for n in plain.array.shape) != plain.array.shape
-    np.testing.assert_array_equal(padded.array, _pad_to_multiple(plain.array, (8, 8, 8), plain.fill_value))
+    np.testing.assert_array_equal(padded.array, pad_to_multiple(plain.array, (8, 8, 8), plain.fill_value))
     assert padded.grid.shape_zyx == padded.array.shape
     np.testing.assert_array_equal(padded.grid.origin_lps_mm, plain.grid.origin_lps_mm)
     mri = preprocess(img, cfg, "mri", pad_multiple_zyx=(8, 8, 8))  # percentiles of the image only: not padded

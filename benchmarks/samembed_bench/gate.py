@@ -74,10 +74,14 @@ def model_offsets(model: str, cases: list[Case], cache: Path,
         overrides: match options changed on top of each suite's preset (e.g. ``{"prior_window_mm": 30.0}``), to
             measure a default setting as the gate measures a model; they are part of the cache file's name and of
             the returned id.
-        precision: the engine's arithmetic (``Matcher(precision=...)``); any but "auto" is part of the id too.
+        precision: the engine's arithmetic (``Matcher(precision=...)``); what it resolves to is part of the id
+            (but for "int8", the arithmetic of the gate runs before bfloat16, whose ids carry no suffix).
     """
     matcher = Matcher(model, device="cpu", precision=precision)
-    model_id = matcher.model.model_id + options_tag(overrides) + ("" if precision == "auto" else f"__{precision}")
+    # the arithmetic actually used: "auto" resolves per CPU (int8 or int8-bf16), and runs on two CPUs must not mix
+    resolved = matcher.embedder.precision
+    model_id = matcher.model.model_id + options_tag(overrides) + ("" if precision == "auto" and resolved == "int8"
+                                                                  else f"__{resolved}")
     path = cache / f"{model_id.replace('/', '_')}__engine-{engine_id()}.json"
     done = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     for n, case in enumerate(cases, 1):
