@@ -205,13 +205,14 @@ class Prefetch:
     def take(self, content_hash: str, config, modality: str, pad_multiple_zyx: tuple[int, ...] | None = None):
         """The prefetched :class:`~samembed.preprocess.Prepared` input of the image with ``content_hash``, when it
         was made with the :class:`~samembed.preprocess.PreprocessConfig` ``config``, ``modality`` and CT padding
-        multiple ``pad_multiple_zyx`` (else None). Waits for the child while it may still deliver it; each result is
+        multiple ``pad_multiple_zyx``, or with no multiple at all (else None). Waits for the child while it may still deliver it; each result is
         handed out once."""
         from .preprocess import PreprocessConfig
 
         req = self.request
-        same_pad = (None if req.pad_multiple_zyx is None else tuple(req.pad_multiple_zyx)) == (
-            None if pad_multiple_zyx is None else tuple(pad_multiple_zyx))
+        # an input made without a multiple is the engine's before it pads (it pads it then, to the same values)
+        same_pad = req.pad_multiple_zyx is None or (pad_multiple_zyx is not None
+                                                    and tuple(req.pad_multiple_zyx) == tuple(pad_multiple_zyx))
         if PreprocessConfig.from_dict(req.preprocess) != config or modality != req.modality or not same_pad:
             return None
         with self._cond:

@@ -64,13 +64,14 @@ def test_arrays_too_large_for_the_shared_region_go_through_the_pipe(monkeypatch)
     path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
     monkeypatch.setattr(prefetch, "ARENA_BYTES", 1 << 20)  # 1 MiB: neither the image nor its input fits
     config, pad = registered_preprocess("default"), registered_pad_multiple_zyx("default")
-    p = _start([path], config, pad)
+    p = _start([path], config, pad, registered_local_stride_zyx("default"))
     try:
         image = p.image(str(path))
         got = p.take(image.content_hash(), PreprocessConfig.from_dict(config), "auto", pad)
     finally:
         p.close()
     assert not isinstance(image.array.base, mmap.mmap) and not isinstance(got.array.base, mmap.mmap)
+    assert got.body is not None, "the body mask travels with its input through the pipe too"
     ref = read_image(path)
     assert np.array_equal(image.array, ref.array)
     assert np.array_equal(got.array, preprocess(ref, PreprocessConfig.from_dict(config), "auto", pad).array)
