@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "benchmarks"))
     sys.path.insert(0, str(REPO / "SAMEmbedding"))
     import numpy as np
-    from cold_start import _read_found, _write_points
-    from samembed_bench.cases import read_cases
-    from samembed_bench.suites import build_suites
+    from cold_start import _read_found, case_points, cold_cases
 
     p = argparse.ArgumentParser(prog="cold_ab.py")
     p.add_argument("--base", required=True, help="the earlier commit (any git revision)")
@@ -73,14 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     base = _worktree(args.base, work / "base")
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
                           text=True).stdout.strip()
-    build_suites(args.suites, ["lidc_synthetic", "openkbp_inter"])
-    cases = read_cases(Path(args.suites) / "lidc_synthetic" / "cases.json")[:1]
-    cases += read_cases(Path(args.suites) / "openkbp_inter" / "cases.json")[: args.openkbp_pairs]
     rows = []
-    for case in cases:
-        tag = f"{case.suite}_{case.case_id}"
-        pts = work / f"{tag}_points.csv"
-        _write_points(pts, case.labels, case.query_points_lps_mm)
+    for case in cold_cases(args.suites, args.openkbp_pairs):
+        tag, pts = case_points(work, case)
         times: dict[str, list[float]] = {"base": [], "head": []}
         for rep in range(args.reps):  # ABBA...: neither engine always runs first (the page cache, the VM's drift)
             for name, root in (("base", base), ("head", REPO))[:: 1 if rep % 2 == 0 else -1]:

@@ -219,11 +219,30 @@ def _read_found(path: Path) -> tuple[list[str], list[str], object]:
             np.array([[float(r["x"]), float(r["y"]), float(r["z"])] for r in rows]))
 
 
+def cold_cases(suites: str, openkbp_pairs: int) -> list:
+    """The benchmark's pairs: the first ``lidc_synthetic`` case and the first ``openkbp_pairs`` ``openkbp_inter``
+    ones (the suites are built under ``suites`` when missing)."""
+    from samembed_bench.cases import read_cases
+    from samembed_bench.suites import build_suites
+
+    build_suites(suites, ["lidc_synthetic", "openkbp_inter"])
+    cases = read_cases(Path(suites) / "lidc_synthetic" / "cases.json")[:1]
+    return cases + read_cases(Path(suites) / "openkbp_inter" / "cases.json")[:openkbp_pairs]
+
+
+def case_points(work: Path, case) -> tuple[str, Path]:
+    """A case's tag and its query points written to ``work/<tag>_points.csv`` (the ``--points`` file)."""
+    tag = f"{case.suite}_{case.case_id}"
+    path = work / f"{tag}_points.csv"
+    _write_points(path, case.labels, case.query_points_lps_mm)
+    return tag, path
+
+
 def run(argv: list[str]) -> int:
     """The side-by-side benchmark; writes the markdown report."""
     import numpy as np
     from samembed_bench.cases import read_cases
-    from samembed_bench.suites import build_suites, data_root, read_openkbp_centroids
+    from samembed_bench.suites import data_root, read_openkbp_centroids
 
     p = argparse.ArgumentParser(prog="cold_start.py run")
     p.add_argument("--suites", default="cache/suites", help="suite folder (built when missing)")
@@ -235,14 +254,10 @@ def run(argv: list[str]) -> int:
     load_at_start = os.getloadavg()[0]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    build_suites(args.suites, ["lidc_synthetic", "openkbp_inter"])
-    cases = read_cases(Path(args.suites) / "lidc_synthetic" / "cases.json")[:1]
-    cases += read_cases(Path(args.suites) / "openkbp_inter" / "cases.json")[: args.openkbp_pairs]
+    cases = cold_cases(args.suites, args.openkbp_pairs)
     rows = []
     for case in cases:
-        tag = f"{case.suite}_{case.case_id}"
-        pts_csv = work / f"{tag}_points.csv"
-        _write_points(pts_csv, case.labels, case.query_points_lps_mm)
+        tag, pts_csv = case_points(work, case)
         row = {"case": tag, "suite": case.suite, "n": len(case.labels)}
         for mode, extra in (("ondemand", []), ("whole", ["--whole"])):
             out = work / f"{tag}_{mode}.csv"

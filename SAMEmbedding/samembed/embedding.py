@@ -26,7 +26,7 @@ from .image import Grid, Image
 from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import ProgressFn
-from .preprocess import body_mask_array, pad_to_multiple, preprocess
+from .preprocess import body_mask_on_grid, pad_to_multiple, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -524,6 +524,11 @@ class Embedder:
             self.net = SamLiteInt8(self.net, model.int8, global_bf16=self.precision == "int8-bf16")
 
     @property
+    def local_stride_zyx(self) -> tuple[int, ...]:
+        """The local map's stride in input voxels, (z, y, x): the grid of the body mask."""
+        return tuple(int(s) for s in reversed(self.model.spec.local_stride))
+
+    @property
     def on_demand_capable(self) -> bool:
         """The network's local branch can be tiled exactly apart from its global branch."""
         net = self.net
@@ -626,8 +631,8 @@ class Embedder:
             log.debug("%s: preprocessed ahead by the prefetch process", image.name)
         arr = pad_to_multiple(prep.array, pad, prep.fill_value)
         grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
-        stride = tuple(reversed(self.model.spec.local_stride))
-        body = prep.body if prep.body_stride_zyx is not None and tuple(prep.body_stride_zyx) == stride else None
+        made = prep.body_stride_zyx is not None and tuple(prep.body_stride_zyx) == self.local_stride_zyx
+        body = prep.body if made else None
         return arr, grid, prep.modality, body
 
     def _compute(self, image: Image, key: str, progress, cancel, on_demand: bool) -> EmbeddingMaps:
@@ -676,12 +681,11 @@ class Embedder:
                        name: str = "") -> torch.Tensor:
         """Body mask on the local grid, computed on the input ``arr`` subsampled by the local stride (cheap); ``mask``:
         that mask, made ahead with the input (by the prefetch process), used when its shape is the subsample's."""
-        stride = tuple(reversed(self.model.spec.local_stride))
-        sub = arr[tuple(slice(0, None, s) for s in stride)]
-        if mask is not None and mask.shape == sub.shape:
+        stride = self.local_stride_zyx
+        if mask is not None and mask.shape == tuple(-(-n // s) for n, s in zip(arr.shape, stride)):
             log.debug("%s: body mask made ahead by the prefetch process", name)
         else:
-            mask = body_mask_array(sub, modality)
+            mask = body_mask_on_grid(arr, stride, modality)
         out = np.zeros(local_grid.shape_zyx, dtype=bool)
         sl = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, mask.shape))
         out[sl] = mask[sl]

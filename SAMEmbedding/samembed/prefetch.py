@@ -116,7 +116,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
     import SimpleITK as sitk
 
     from .io import read_image
-    from .preprocess import PreprocessConfig, body_mask_array, pad_to_multiple, preprocess
+    from .preprocess import PreprocessConfig, body_mask_on_grid, pad_to_multiple, preprocess
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one core here, the other for the import
 
@@ -137,7 +137,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
             prep = preprocess(image, config, request.modality, pad)
             if stride is not None and pad is not None:  # as Embedder._body_on_local makes it, on the padded input
                 arr = pad_to_multiple(prep.array, pad, prep.fill_value)  # CT comes padded: itself
-                body = body_mask_array(arr[tuple(slice(0, None, s) for s in stride)], prep.modality)
+                body = body_mask_on_grid(arr, stride, prep.modality)
                 prep = dataclasses.replace(prep, body=body, body_stride_zyx=tuple(stride))
             conn.send(("input", image.content_hash(), _pack(arena, prep)))
         except Exception:  # noqa: BLE001 - the engine preprocesses it again and reports the error itself

@@ -196,6 +196,12 @@ def body_mask(prepared: Prepared, threshold_mapped: float | None = None) -> np.n
     return body_mask_array(prepared.array, prepared.modality, threshold_mapped)
 
 
+def body_mask_on_grid(a: np.ndarray, stride_zyx: tuple[int, ...], modality: str) -> np.ndarray:
+    """:func:`body_mask_array` of the network input ``a`` subsampled by ``stride_zyx`` (the local map's grid): how the
+    engine makes its body mask, and the prefetch process ahead of it."""
+    return body_mask_array(a[tuple(slice(0, None, s) for s in stride_zyx)], modality)
+
+
 def body_mask_array(a: np.ndarray, modality: str, threshold_mapped: float | None = None) -> np.ndarray:
     """:func:`body_mask` on a bare array of mapped intensities (any grid, 2D or 3D).
 

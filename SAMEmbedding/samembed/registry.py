@@ -42,19 +42,22 @@ def registered_preprocess(name: str) -> dict | None:
     return None if entry is None else entry.get("preprocess")
 
 
+def _registered_zyx(name: str, key_xyz: str) -> tuple[int, ...] | None:
+    """A per-axis entry ``key_xyz`` of a registered model (x, y, z in ``models.json``) as (z, y, x), or None."""
+    entry = find_entry(str(name))
+    value = None if entry is None else entry.get(key_xyz)
+    return None if value is None else tuple(int(m) for m in reversed(value))
+
+
 def registered_pad_multiple_zyx(name: str) -> tuple[int, ...] | None:
     """The input size multiple (z, y, x) a registered model's network pads to, as ``models.json`` declares it
     (``pad_multiple_xyz``, the network spec's ``pad_multiple``), known without importing torch; None when not
     declared. A prefetched input made with another multiple is not used (:meth:`samembed.prefetch.Prefetch.take`)."""
-    entry = find_entry(str(name))
-    pad = None if entry is None else entry.get("pad_multiple_xyz")
-    return None if pad is None else tuple(int(m) for m in reversed(pad))
+    return _registered_zyx(name, "pad_multiple_xyz")
 
 
 def registered_local_stride_zyx(name: str) -> tuple[int, ...] | None:
     """The local map's stride (z, y, x) in input voxels of a registered model, as ``models.json`` declares it
     (``local_stride_xyz``, the network spec's ``local_stride``), known without importing torch; None when not
     declared. The body mask lives on that grid (the prefetch process makes it there, :mod:`samembed.prefetch`)."""
-    entry = find_entry(str(name))
-    stride = None if entry is None else entry.get("local_stride_xyz")
-    return None if stride is None else tuple(int(m) for m in reversed(stride))
+    return _registered_zyx(name, "local_stride_xyz")

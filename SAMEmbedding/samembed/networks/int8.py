@@ -217,11 +217,6 @@ def calibrate(net: SamLite, inputs: Iterable[torch.Tensor], quantile: float = CA
 
 
 def save_qparams(path: str | Path, qparams: dict[str, tuple[float, int]], meta: dict) -> None:
-    """Write the calibration next to a model (JSON: ``qparams`` and ``meta``, e.g. the calibration images)."""
+    """Write the calibration next to a model (JSON: ``qparams`` and ``meta``, e.g. the calibration images); the
+    engine reads it with :func:`samembed.models.read_int8_calibration`."""
     Path(path).write_text(json.dumps({"qparams": {k: list(v) for k, v in qparams.items()}, "meta": meta}, indent=1))
-
-
-def load_qparams(path: str | Path) -> dict[str, tuple[float, int]]:
-    """Read :func:`save_qparams`' file."""
-    d = json.loads(Path(path).read_text())
-    return {k: (float(v[0]), int(v[1])) for k, v in d["qparams"].items()}
