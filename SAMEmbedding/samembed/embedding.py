@@ -4,7 +4,8 @@
 returns :class:`EmbeddingMaps`: the local map, the global map, their LPS grids, and a ready
 ``features`` matrix ``(C_local + C_global, V)`` where the global map has been upsampled to the local grid
 (trilinear, align_corners=False) and re-normalised, as in the official matcher. The matcher only needs
-one matrix product per target.
+one matrix product per target. The matrix is stored voxel-major (``vectors``, (V, C): each voxel's vector in one
+run of memory), so a tile makes resident only its own voxels' pages and a gather of voxels copies whole rows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import ProgressFn
 from .preprocess import body_mask_on_grid, pad_to_multiple, preprocess
+from .tiles import channel_major, new_feature_rows
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +103,11 @@ class EmbeddingMaps:
 
     Attributes:
         global_: (C_g, *gshape) unit vectors on ``global_grid`` (always the whole volume).
-        features: (C_l + C_g, V) local and upsampled global vectors per local voxel (float32 on CPU). On-demand maps
+        features: (C_l + C_g, V) local and upsampled global vectors per local voxel (float32 on CPU): the transposed
+            view of the voxel-major buffer :attr:`vectors` (V, C) (stride 1 along the channels). On-demand maps
             hold the buffer for the whole grid, but only voxels in ``ready`` are filled (pages never written take no
-            memory): call :meth:`ensure` / :meth:`ensure_flat` / :meth:`ensure_all` before reading others.
+            memory): call :meth:`ensure` / :meth:`ensure_flat` / :meth:`ensure_all` before reading others. Gather
+            voxels through :attr:`vectors` (whole rows), not through columns of ``features``.
         valid: (V,) voxel centre lies inside the source image.
         body: (V,) voxel lies in the body mask (all True when no mask applies).
         local_grid, global_grid: LPS geometry of the maps.
@@ -131,6 +135,11 @@ class EmbeddingMaps:
     dirty: bool = field(default=False, repr=False)  # tiles computed since the last disk write
 
     @property
+    def vectors(self) -> torch.Tensor:
+        """(V, C_l + C_g) the features voxel by voxel: each row one voxel's local then global vector (a view)."""
+        return self.features.T
+
+    @property
     def local(self) -> torch.Tensor:
         """(C_l, *shape) local unit vectors: a view of the first rows of ``features`` (all voxels computed)."""
         self.ensure_all()
@@ -139,7 +148,8 @@ class EmbeddingMaps:
     @property
     def nbytes(self) -> int:
         """Memory held by the computed features, the global map, masks and compact copies, bytes."""
-        frac = 1.0 if self.ready is None else _touched_fraction(self.ready)
+        row_bytes = self.features.element_size() * self.features.shape[0]
+        frac = 1.0 if self.ready is None else _touched_fraction(self.ready, 4096 // row_bytes)
         tensors = [self.global_, self.valid, self.body]
         tensors += [t for pair in self._compact.values() for t in pair]
         feat = self.features.element_size() * self.features.nelement() * frac
@@ -221,7 +231,8 @@ class EmbeddingMaps:
         from .tiles import normalize_channels, upsample_at
 
         if self.ready is None or bool(self.ready[flat].all()):
-            return self.features[self.n_local:, flat.to(self.features.device)].float()
+            # channel-major (C_g, M), contiguous, as upsample_at returns them: the products over them are the same
+            return channel_major(self.vectors[:, self.n_local:], flat).float()
         zyx = np.stack(np.unravel_index(flat.cpu().numpy(), self.local_grid.shape_zyx), 1)
         return normalize_channels(upsample_at(self.global_.cpu(), self.local_grid.shape_zyx, zyx))
 
@@ -251,7 +262,7 @@ class EmbeddingMaps:
         if hit is None:
             self.ensure_all(allowed)
             idx = torch.from_numpy(np.flatnonzero(mask)).to(self.features.device)
-            hit = (idx, self.features[:, idx].contiguous())
+            hit = (idx, channel_major(self.vectors, idx))  # (C, M): rows gathered and transposed block by block
             while len(self._compact) >= 2:
                 self._compact.pop(next(iter(self._compact)))
             self._compact[key] = hit
@@ -278,9 +289,10 @@ def _mask_key(mask: np.ndarray) -> tuple[int, int]:
     return int(mask.sum()), hash(np.packbits(mask).tobytes())
 
 
-def _touched_fraction(ready: torch.Tensor, page_voxels: int = 1024) -> float:
-    """Fraction of the feature buffer's memory pages that hold a computed voxel: each channel row is laid out over
-    the flat grid, so a tile makes every 4 KB page (1024 float32 voxels) it touches resident, in every row."""
+def _touched_fraction(ready: torch.Tensor, page_voxels: int) -> float:
+    """Fraction of the feature buffer's 4 KB memory pages that hold a computed voxel (``page_voxels`` voxels'
+    vectors to a page)."""
+    page_voxels = max(1, int(page_voxels))
     n = len(ready)
     pad = (-n) % page_voxels
     flat = torch.cat([ready, torch.zeros(pad, dtype=torch.bool)]) if pad else ready
@@ -407,38 +419,35 @@ class TileComputer:
         lo = np.array([s // sl for s in start])
         hi = lo + np.array([-(-(e - s) // sl) for s, e in zip(start, stop)]) - 1
         box = tuple(slice(int(p), int(q) + 1) for p, q in zip(lo, hi))
-        done = maps.ready.view(shape)[box].to(maps.features.device)
         lines = missing_zyx[box].any(-1)
         wanted = float(lines.mean())  # the share of the box's lines to store
         if (spans_whole_planes(box, shape) and wanted >= 0.5 and not emb.half and maps.features.dtype == torch.float32
                 and maps.features.device.type == "cpu" and emb.device.type == "cpu"):
-            self._tile_in_place(maps, xin, ctx, lo, hi, box, done)
+            self._tile_in_place(maps, xin, ctx, lo, hi, box)
         else:
-            self._tile_stored(maps, xin, ctx, lo, hi, box, done, lines, wanted)
+            self._tile_stored(maps, xin, ctx, lo, hi, lines, wanted)
         self.tiles_computed += 1
         self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
 
     def _tile_stored(self, maps: EmbeddingMaps, xin: torch.Tensor, ctx, lo: np.ndarray, hi: np.ndarray,
-                     box: tuple[slice, ...], done: torch.Tensor, lines: np.ndarray, wanted: float) -> None:
+                     lines: np.ndarray, wanted: float) -> None:
         """:meth:`_tile` through the tile's own buffers: the whole box (every line wanted) or its wanted ``lines``
-        gathered, then stored into the feature rows (voxels computed before keep their values)."""
-        from .tiles import normalize_channels, upsample_box, upsample_lines
+        gathered, then written into the voxels' feature rows (voxels computed before keep their values)."""
+        from .tiles import normalize_channels, upsample_box, upsample_lines, write_rows
 
         emb = self.embedder
         shape = maps.local_grid.shape_zyx
-        fvol = maps.features.view(maps.features.shape[0], *shape)
         with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
             loc = emb.net.forward_local_core(xin, *ctx)[0]
+        nx = int(hi[-1] - lo[-1] + 1)
         with torch.inference_mode():  # the tile is an inference tensor: normalised in place in that mode
-            if lines.all():  # every line: the whole box, through views
-                dst = box
+            if lines.all():  # every line: the whole box
+                held = np.nonzero(np.ones(lines.shape, dtype=bool))
                 parts = (normalize_channels(loc.float()),  # in place: no second copy of the tile
                          normalize_channels(upsample_box(maps.global_.cpu(), shape, lo, hi)))
             else:  # the wanted lines only, gathered (a voxel's vector is the same either way, bit for bit)
                 held = np.nonzero(lines)
                 sel = tuple(torch.from_numpy(v) for v in held)
-                dst = (*(v + int(o) for v, o in zip(sel, lo[:-1])), box[-1])
-                done = done[(*sel, slice(None))]
                 if wanted <= 0.4:  # few lines: upsampled one by one (measured: faster below about 45 %)
                     up = upsample_lines(maps.global_.cpu(), shape, lo, hi, held)
                 else:
@@ -446,41 +455,48 @@ class TileComputer:
                 parts = (normalize_channels(loc[(slice(None), *sel, slice(None))].float()), normalize_channels(up))
                 del up
         del loc
-        for rows, part in zip((slice(0, maps.n_local), slice(maps.n_local, None)), parts):
-            part = part.to(fvol.device, maps.features.dtype)
-            if bool(done.any()):  # voxels computed before keep their values: a result never changes within a session
-                part = torch.where(done, fvol[(rows, *dst)], part)
-            fvol[(rows, *dst)] = part
-            del part
+        # the flat voxel index of each stored value, in the parts' order (line by line, x fastest)
+        starts = np.ravel_multi_index(tuple(v + int(o) for v, o in zip(held, lo[:-1])) + (np.full(len(held[0]), lo[-1]),),
+                                      shape)
+        flat = torch.from_numpy((starts[:, None] + np.arange(nx)).reshape(-1))
+        parts = [p.reshape(p.shape[0], -1) for p in parts]
+        new = ~maps.ready[flat]
+        if not bool(new.all()):  # voxels computed before keep their values: a result never changes within a session
+            flat, parts = flat[new], [p[:, new] for p in parts]
+        write_rows(maps.vectors, parts, flat)
         del parts
-        maps.ready.view(shape)[dst] = True
+        maps.ready[flat] = True
 
     def _tile_in_place(self, maps: EmbeddingMaps, xin: torch.Tensor, ctx, lo: np.ndarray, hi: np.ndarray,
-                       box: tuple[slice, ...], done: torch.Tensor) -> None:
+                       box: tuple[slice, ...]) -> None:
         """:meth:`_tile` for a box of whole planes (every line but the first axis's range: a whole volume, a slab)
-        of which most lines are wanted: the network's output layer writes straight into the feature rows, the
-        global vectors are upsampled into theirs, and both are normalised there; no tile-sized temporaries and no
-        copies (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is stored: with at least half of them
-        wanted, the unwanted ones hold no more memory than the temporaries they spare (a whole LIDC tile for 50
-        points: 2/3 of the lines). The values are those of :meth:`_tile_stored`, bit for bit."""
-        from .tiles import normalize_channels, upsample_box
+        of which most lines are wanted: the network's output layer writes straight into the voxels' feature rows
+        and they are normalised there; the global vectors are upsampled a few planes at a time. No tile-sized
+        temporaries and no copies of the tile (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is
+        stored: with at least half of them wanted, the unwanted ones hold no more memory than the temporaries they
+        spare (a whole LIDC tile for 50 points: 2/3 of the lines). The values are those of :meth:`_tile_stored`,
+        bit for bit."""
+        from .tiles import normalize_channels, normalize_rows, upsample_box, write_rows
 
         shape = maps.local_grid.shape_zyx
         plane = int(np.prod(shape[1:]))
-        rows = slice(int(lo[0]) * plane, (int(hi[0]) + 1) * plane)
         n_local = maps.n_local
-        fbox = maps.features.view(maps.features.shape[0], *shape)[(slice(None), *box)]
-        keep = fbox[:, done] if bool(done.any()) else None
-        local = maps.features[:n_local, rows]  # (C_l, voxels of the box): unit stride along the voxels
-        glob = maps.features[n_local:, rows]
-        box_shape = tuple(int(q - p + 1) for p, q in zip(lo, hi))
+        rows = maps.vectors[int(lo[0]) * plane:(int(hi[0]) + 1) * plane]  # (voxels of the box, C), the box's rows
+        done = maps.ready.view(shape)[box].reshape(-1).to(rows.device)  # the box's voxels, in the rows' order
+        keep = rows[done] if bool(done.any()) else None  # a copy
         with torch.inference_mode():
-            self.embedder.net.forward_local_core(xin, *ctx, out=local)
-            normalize_channels(local.view(n_local, *box_shape))
-            up = upsample_box(maps.global_.cpu(), shape, lo, hi, out=glob.view(glob.shape[0], *box_shape))
-            normalize_channels(up)
+            # (C_l, voxels) with unit stride along the channels: the output product writes the rows in place
+            self.embedder.net.forward_local_core(xin, *ctx, out=rows[:, :n_local].T)
+            normalize_rows(rows[:, :n_local])
+            glob = maps.global_.cpu()
+            slab = max(1, (16 << 20) // max(1, plane * glob.shape[0] * 4))  # planes of upsampled vectors at a time
+            for z0 in range(int(lo[0]), int(hi[0]) + 1, slab):
+                z1 = min(int(hi[0]), z0 + slab - 1)
+                up = upsample_box(glob, shape, np.array([z0, *lo[1:]]), np.array([z1, *hi[1:]]))
+                part = normalize_channels(up).reshape(up.shape[0], -1)
+                write_rows(rows[(z0 - int(lo[0])) * plane:(z1 - int(lo[0]) + 1) * plane, n_local:], [part])
         if keep is not None:  # voxels computed before keep their values: a result never changes within a session
-            fbox[:, done] = keep
+            rows[done] = keep
         maps.ready.view(shape)[box] = True
 
 
@@ -666,12 +682,13 @@ class Embedder:
         body = self._body_on_local(arr, modality, local_grid, body_made, image.name)
         maps = self._assemble(glob, local_grid, global_grid, image, key, body)
         if local is not None:  # the whole map, computed with the global one
-            from .tiles import upsample_box
+            from .tiles import upsample_box, write_rows
 
             shape = local_grid.shape_zyx
-            maps.features[: maps.n_local] = local.reshape(maps.n_local, -1).to(maps.features.dtype)
+            write_rows(maps.vectors[:, : maps.n_local], [local.reshape(maps.n_local, -1)])
+            del local
             up = upsample_box(glob.cpu(), shape, np.zeros(len(shape), int), np.asarray(shape) - 1)
-            maps.features[maps.n_local:] = F.normalize(up, dim=0).reshape(up.shape[0], -1).to(maps.features.device, maps.features.dtype)
+            write_rows(maps.vectors[:, maps.n_local:], [F.normalize(up, dim=0).reshape(up.shape[0], -1)])
             maps.ready = None
         else:
             maps.tiles = TileComputer(self, lambda a=arr: a)
@@ -697,7 +714,7 @@ class Embedder:
         spec = self.model.spec
         feat_dtype = torch.float16 if self.half else torch.float32
         n_vox = int(np.prod(local_grid.shape_zyx))
-        features = torch.empty((spec.local_channels + glob.shape[0], n_vox), dtype=feat_dtype, device=self.device)
+        features = new_feature_rows(n_vox, spec.local_channels + glob.shape[0], feat_dtype, self.device).T
         # voxel centres inside the original image
         valid = torch.from_numpy(local_grid.centres_inside(image.grid, margin=0.5).reshape(-1)).to(features.device)
         return EmbeddingMaps(glob.float() if not self.half else glob, features, valid, body.to(features.device),
@@ -713,7 +730,7 @@ class Embedder:
     def _load_disk(self, key: str, image: Image) -> EmbeddingMaps | None:
         """On-demand maps from a disk entry (its stored voxels ready, the rest computed when needed), or None
         when there is no entry or it is damaged (truncated, corrupt, another model: it is then recomputed)."""
-        from .tiles import DamagedEntry, normalize_channels, read_entry, upsample_at
+        from .tiles import DamagedEntry, normalize_channels, read_entry, upsample_at, write_rows
 
         path = self._disk_path(key)
         if path is None or not path.is_file():
@@ -729,11 +746,9 @@ class Embedder:
             glob = torch.from_numpy(glob16).float()
             maps = self._assemble(glob.to(self.device), local_grid, global_grid, image, key, body)
             if len(stored):
-                cl = maps.n_local
-                maps.features[:cl, torch.from_numpy(stored)] = torch.from_numpy(local16).to(maps.features.dtype)
                 zyx = np.stack(np.unravel_index(stored, local_grid.shape_zyx), 1)
                 up = normalize_channels(upsample_at(glob, local_grid.shape_zyx, zyx))
-                maps.features[cl:, torch.from_numpy(stored)] = up.to(maps.features.dtype)
+                write_rows(maps.vectors, [torch.from_numpy(local16), up], torch.from_numpy(stored))
                 maps.ready[torch.from_numpy(stored)] = True
             maps.tiles = TileComputer(self, lambda: self._prepare(image)[0])
             if bool(maps.ready.all()):
@@ -754,7 +769,7 @@ class Embedder:
         body = maps.body.cpu().numpy()
         stored = body if maps.ready is None else body & maps.ready.numpy()
         idx = torch.from_numpy(np.flatnonzero(stored))
-        local16 = maps.features[: maps.n_local, idx.to(maps.features.device)].cpu().half().numpy()
+        local16 = channel_major(maps.vectors[:, : maps.n_local], idx, torch.float16).numpy()  # (C_l, stored)
         meta = {"local_grid": _grid_to_dict(maps.local_grid), "global_grid": _grid_to_dict(maps.global_grid),
                 "model_id": maps.model_id, "key": maps.key, "image": maps.image_name}
         try:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .affine import apply_affine, ransac_affine
 from .embedding import EmbeddingMaps
 from .image import Grid, Image
+from .tiles import channel_major
 
 
 @dataclass
@@ -46,7 +47,7 @@ def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray, mode: str = "n
         near = np.clip(np.rint(ijk), 0, size - 1).astype(np.int64)[:, ::-1]
         flat = _ravel(torch.from_numpy(near.copy()), grid.shape_zyx)
         maps.ensure_flat(flat)  # on demand: the tiles holding these voxels
-        q = maps.features[:, flat.to(maps.features.device)].float().T
+        q = channel_major(maps.vectors, flat).float().T  # (N, C) view of (C, N), normalised as before
         return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
     if not maps.complete:  # on demand: the interpolation's corners
         lo = np.clip(np.floor(ijk), 0, size - 1)[:, ::-1]
@@ -168,24 +169,21 @@ def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, overlap: fl
     return [np.asarray(g, dtype=np.int64) for g in groups]
 
 
-def _box_products(q: torch.Tensor, fvol: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
-    """(g, U) float32 products of the queries ``q`` (g, C) with the feature volume ``fvol`` (C, *shape) over the
-    voxels of ``box`` (slices, C order, steps of 1), one plane of the first axis at a time: each plane is gathered
-    into one reused buffer that stays in the cache, instead of gathering the whole box first (a window union of 5
-    organs is about 80 MB of features, whose strided gather took twice as long as this). A box of whole planes is
-    a view of the volume and needs no gathering. Each product column is the same arithmetic as in one product over
-    the gathered box."""
-    from .tiles import spans_whole_planes
-
-    C = fvol.shape[0]
-    if spans_whole_planes(box, fvol.shape[1:]):  # a view, no copy
-        return (q @ fvol[:, box[0]].reshape(C, -1).to(q.device)).float()
+def _box_products(q: torch.Tensor, vvol: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+    """(g, U) float32 products of the queries ``q`` (g, C) with the voxel-major feature volume ``vvol`` (*shape, C)
+    over the voxels of ``box`` (slices, C order, steps of 1), one plane of the first axis at a time: each plane's
+    rows are gathered channel-major into one reused buffer that stays in the cache, instead of gathering the whole
+    box first (a window union of 5 organs is about 80 MB of features, whose gather took twice as long as this).
+    The products take the same form as over the compact copy (queries times a channel-major matrix); each column
+    equals one product over the gathered box to float rounding (the BLAS kernel's blocking depends on the matrix
+    sizes)."""
+    C = vvol.shape[-1]
     plane = tuple(s.stop - s.start for s in box[1:])
     n_plane = int(np.prod(plane))
     out = torch.empty((len(q), box[0].stop - box[0].start, n_plane), dtype=torch.float32, device=q.device)
-    buf = torch.empty((C, *plane), dtype=q.dtype, device=fvol.device)
+    buf = torch.empty((C, *plane), dtype=q.dtype, device=vvol.device)
     for i, z in enumerate(range(box[0].start, box[0].stop)):
-        buf.copy_(fvol[(slice(None), z, *box[1:])])
+        buf.copy_(vvol[(z, *box[1:])].movedim(-1, 0))  # one plane's rows, transposed in the cache
         out[:, i] = (q @ buf.view(C, n_plane).to(q.device)).float()
     return out.view(len(q), -1)
 
@@ -212,7 +210,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
         scores, j = (q @ feats).float().div_(2.0).max(1)
         flat = idx[j].cpu()
     else:
-        fvol = full.reshape(full.shape[0], *shape)
+        vvol = target.vectors.reshape(*shape, full.shape[0])
         avol = allowed.reshape(shape)
         scores = torch.empty(N)
         flat = torch.empty(N, dtype=torch.int64)
@@ -225,7 +223,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             ulo, uhi = lo[group].min(0), hi[group].max(0)
             ushape = tuple(int(v) for v in uhi - ulo + 1)
             box = tuple(slice(int(a), int(b) + 1) for a, b in zip(ulo, uhi))
-            sim = _box_products(q[torch.from_numpy(group)], fvol, box).div_(2.0)  # (g, U)
+            sim = _box_products(q[torch.from_numpy(group)], vvol, box).div_(2.0)  # (g, U)
             inside = avol[box].reshape(1, *ushape).to(sim.device)
             for a, size in enumerate(ushape):  # within each query's window along every axis
                 ar = torch.arange(size)
@@ -237,7 +235,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             flat[torch.from_numpy(group)] = torch.from_numpy(np.ravel_multi_index(tuple(zyx.T), shape))
 
     def value_at(rows, flat_idx):
-        v = (q[rows] * full[:, flat_idx.to(full.device)].T.to(q.dtype)).sum(1).float() / 2.0
+        v = (q[rows] * target.vectors[flat_idx.to(full.device)].to(q.dtype)).sum(1).float() / 2.0
         v = v.masked_fill(~allowed[flat_idx.to(allowed.device)].to(v.device), float("-inf"))
         if lo is not None:  # outside the query's window
             zyx = torch.from_numpy(np.stack(np.unravel_index(flat_idx.numpy(), shape), 1))
@@ -492,7 +490,7 @@ def scores_at(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: Embeddin
     loc = np.clip(loc, 0, np.asarray(target.local_grid.size_ijk) - 1)
     flat = _ravel(torch.from_numpy(loc[:, ::-1].copy()), target.local_grid.shape_zyx)
     target.ensure_flat(flat)
-    feats = target.features[:, flat.to(target.features.device)].T.to(q.dtype)
+    feats = target.vectors[flat.to(target.features.device)].to(q.dtype)
     return ((q * feats).sum(1).float() / 2.0).clamp(-1.0, 1.0).cpu().numpy().astype(np.float64)
 
 

@@ -153,8 +153,9 @@ def test_global_vectors_are_the_same_before_and_after_their_tiles_are_computed()
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize(("shape", "gshape"), [((37, 45, 29), (10, 12, 8)), ((37, 45), (10, 12))])
 def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole_map_would(fraction, shape, gshape):
-    """A sparse tile's global vectors, upsampled line by line, and a window's products, taken plane by plane, are
-    the whole map's and the one product's values bit for bit (a result never depends on how it was computed)."""
+    """A sparse tile's global vectors, upsampled line by line, are the whole map's bit for bit (a voxel's vector
+    never depends on how it was computed), and a window's products, taken plane by plane, are the one product's
+    to float rounding."""
     import torch
 
     from samembed.matcher import _box_products
@@ -178,9 +179,37 @@ def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole
         zyx = np.stack([v + o for v, o in zip(held, lo[:-1])] + [np.full(len(held[0]), lo[-1] + 1)], 1)
         assert torch.equal(upsample_at(glob, shape, zyx), lines[:, :, 1])
     q = torch.from_numpy(rng.normal(size=(3, 6)).astype(np.float32))
+    rows = whole.movedim(0, -1).contiguous()  # voxel-major, as the feature buffer is
     for b in (inner, (inner[0], *(slice(0, n) for n in shape[1:]))):  # a window; whole planes (a view)
-        want = (q @ whole[(slice(None), *b)].reshape(6, -1)).float()
-        assert torch.equal(_box_products(q, whole, b), want)
+        want = (q @ rows[b].reshape(-1, 6).T).float()  # one product over the gathered box's rows
+        # the BLAS kernel's blocking depends on the matrix sizes, so a plane's product may round differently
+        torch.testing.assert_close(_box_products(q, rows, b), want, atol=1e-6, rtol=0)
+
+
+def test_voxel_major_rows_take_channel_major_values_bit_for_bit_and_give_them_back():
+    """The feature buffer is voxel-major; maps come out of the network channel-major. Writing them into rows (at
+    flat indices or in order), reading rows back channel-major and normalising rows change no value, across
+    several transpose blocks."""
+    import torch
+
+    from samembed.tiles import channel_major, new_feature_rows, normalize_channels, normalize_rows, write_rows
+
+    rng = np.random.default_rng(3)
+    local = torch.from_numpy(rng.normal(size=(6, 50)).astype(np.float32))
+    glob = torch.from_numpy(rng.normal(size=(4, 50)).astype(np.float32))
+    rows = new_feature_rows(200, 10, torch.float32, "cpu")
+    assert rows.shape == (200, 10) and rows.is_contiguous()  # one voxel's vector per row, contiguous
+    flat = torch.from_numpy(rng.choice(200, size=50, replace=False))
+    write_rows(rows, [local, glob], flat, block=7)
+    both = torch.cat([local, glob])
+    assert torch.equal(rows[flat], both.T)
+    assert torch.equal(channel_major(rows, flat, block=7), both)
+    assert channel_major(rows, flat, torch.float16).dtype == torch.float16
+    ordered = new_feature_rows(50, 10, torch.float32, "cpu")
+    write_rows(ordered[:, :6], [local], block=7)  # in order, into some of the channels
+    write_rows(ordered[:, 6:], [glob], block=7)
+    assert torch.equal(channel_major(ordered, block=7), both)
+    assert torch.equal(normalize_rows(ordered[:, :6], block=7), normalize_channels(local.clone()).T)
 
 
 @pytest.mark.needs_data
