@@ -15,6 +15,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -40,8 +41,8 @@ def _worktree(rev: str, folder: Path) -> Path:
     return folder
 
 
-def _cold(root: Path, source: str, target: str, points: str, out: Path) -> float:
-    """Wall seconds of one cold match by the engine of checkout ``root``."""
+def _cold(root: Path, source: str, target: str, points: str, out: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one cold match by the engine of checkout ``root``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}"}
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
@@ -50,7 +51,7 @@ def _cold(root: Path, source: str, target: str, points: str, out: Path) -> float
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"cold run of {root} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, float(json.loads(out.with_suffix(".json").read_text())["peak_rss_gb"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,18 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     base = _worktree(args.base, work / "base")
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
                           text=True).stdout.strip()
+    if subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], check=True,
+                      capture_output=True, text=True).stdout.strip():
+        head += " with uncommitted changes"
     rows = []
     for case in cold_cases(args.suites, args.openkbp_pairs):
         tag, pts = case_points(work, case)
         times: dict[str, list[float]] = {"base": [], "head": []}
+        rss: dict[str, list[float]] = {"base": [], "head": []}
         for rep in range(args.reps):  # ABBA...: neither engine always runs first (the page cache, the VM's drift)
             for name, root in (("base", base), ("head", REPO))[:: 1 if rep % 2 == 0 else -1]:
-                times[name].append(_cold(root, str(case.source), str(case.target), str(pts), work / f"{tag}_{name}.csv"))
+                seconds, peak = _cold(root, str(case.source), str(case.target), str(pts), work / f"{tag}_{name}.csv")
+                times[name].append(seconds)
+                rss[name].append(peak)
         moved = float(np.linalg.norm(_read_found(work / f"{tag}_base.csv")[2] - _read_found(work / f"{tag}_head.csv")[2],
                                      axis=1).max())
         b, h = statistics.median(times["base"]), statistics.median(times["head"])
         rows.append(f"| {tag} | {len(case.labels)} | {b:.2f} ({min(times['base']):.2f}-{max(times['base']):.2f}) | "
-                    f"{h:.2f} ({min(times['head']):.2f}-{max(times['head']):.2f}) | {b / h:.2f}x | {moved:.2f} |")
+                    f"{h:.2f} ({min(times['head']):.2f}-{max(times['head']):.2f}) | {b / h:.2f}x | "
+                    f"{statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | {moved:.2f} |")
         print(rows[-1], flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = "\n".join([
@@ -91,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base}`.", "",
-        "| pair | points | base s | head s | speed-up | largest move of a match, base to head, mm |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| pair | points | base s | head s | speed-up | peak RSS GB, base / head | largest move of a match, base to head, mm |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows, ""])
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

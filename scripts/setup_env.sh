@@ -16,5 +16,8 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test,web,dataset]"  # web: samembed web; dataset: Dask + Jinja2 for propagate
 # the benchmark package (samembed evaluate / make-suites, the hand benchmark); after the engine it depends on
 python -m pip install -q -e benchmarks
+# byte-compile the editable packages as pip does for an installed one: where PYTHONDONTWRITEBYTECODE is set, every
+# `samembed` process would otherwise compile the engine's sources again (about 0.07 s of a cold match)
+python -m compileall -q SAMEmbedding/samembed benchmarks/samembed_bench >/dev/null
 # the browser tests (Testing/web) drive Debian's Chromium
 bash scripts/install_chromium.sh

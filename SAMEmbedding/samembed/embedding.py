@@ -474,8 +474,9 @@ class TileComputer:
         and they are normalised there; the global vectors are upsampled a few planes at a time. No tile-sized
         temporaries and no copies of the tile (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is
         stored: with at least half of them wanted, the unwanted ones hold no more memory than the temporaries they
-        spare (a whole LIDC tile for 50 points: 2/3 of the lines). The values are those of :meth:`_tile_stored`,
-        bit for bit."""
+        spare (a whole LIDC tile for 50 points: 2/3 of the lines). The values are those of :meth:`_tile_stored`
+        to float rounding: the global vectors bit for bit, the local ones normalised along their rows
+        (:func:`~samembed.tiles.normalize_rows`, within 1 ulp of the channel-by-channel sum)."""
         from .tiles import normalize_channels, normalize_rows, upsample_box, write_rows
 
         shape = maps.local_grid.shape_zyx

@@ -172,19 +172,24 @@ def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, overlap: fl
 def _box_products(q: torch.Tensor, vvol: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
     """(g, U) float32 products of the queries ``q`` (g, C) with the voxel-major feature volume ``vvol`` (*shape, C)
     over the voxels of ``box`` (slices, C order, steps of 1), one plane of the first axis at a time: each plane's
-    rows are gathered channel-major into one reused buffer that stays in the cache, instead of gathering the whole
-    box first (a window union of 5 organs is about 80 MB of features, whose gather took twice as long as this).
-    The products take the same form as over the compact copy (queries times a channel-major matrix); each column
+    rows are gathered into one reused buffer that stays in the cache (whole rows: no transposes), instead of
+    gathering the whole box first (a window union of 5 organs is about 80 MB of features, whose gather took twice
+    as long as this). A box of whole planes is a view of the volume's rows and needs no gathering. Each column
     equals one product over the gathered box to float rounding (the BLAS kernel's blocking depends on the matrix
     sizes)."""
+    from .tiles import spans_whole_planes
+
     C = vvol.shape[-1]
+    if spans_whole_planes(box, vvol.shape[:-1]):  # a view, no copy
+        return (vvol[box[0]].reshape(-1, C) @ q.T.to(vvol.device)).T.float().to(q.device)
     plane = tuple(s.stop - s.start for s in box[1:])
     n_plane = int(np.prod(plane))
     out = torch.empty((len(q), box[0].stop - box[0].start, n_plane), dtype=torch.float32, device=q.device)
-    buf = torch.empty((C, *plane), dtype=q.dtype, device=vvol.device)
+    buf = torch.empty((*plane, C), dtype=q.dtype, device=vvol.device)
+    qt = q.T.to(vvol.device)
     for i, z in enumerate(range(box[0].start, box[0].stop)):
-        buf.copy_(vvol[(z, *box[1:])].movedim(-1, 0))  # one plane's rows, transposed in the cache
-        out[:, i] = (q @ buf.view(C, n_plane).to(q.device)).float()
+        buf.copy_(vvol[(z, *box[1:])])  # the plane's rows: runs of whole voxel vectors
+        out[:, i] = (buf.view(n_plane, C) @ qt).T.float().to(q.device)
     return out.view(len(q), -1)
 
 
