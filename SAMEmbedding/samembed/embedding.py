@@ -262,7 +262,7 @@ class EmbeddingMaps:
         if hit is None:
             self.ensure_all(allowed)
             idx = torch.from_numpy(np.flatnonzero(mask)).to(self.features.device)
-            hit = (idx, channel_major(self.vectors, idx))  # (C, M): rows gathered and transposed block by block
+            hit = (idx, self.vectors.index_select(0, idx).T)  # whole rows gathered; (C, M), a view of (M, C)
             while len(self._compact) >= 2:
                 self._compact.pop(next(iter(self._compact)))
             self._compact[key] = hit
@@ -490,7 +490,7 @@ class TileComputer:
             self.embedder.net.forward_local_core(xin, *ctx, out=rows[:, :n_local].T)
             normalize_rows(rows[:, :n_local])
             glob = maps.global_.cpu()
-            slab = max(1, (16 << 20) // max(1, plane * glob.shape[0] * 4))  # planes of upsampled vectors at a time
+            slab = max(1, (64 << 20) // max(1, plane * glob.shape[0] * 4))  # planes of upsampled vectors at a time
             for z0 in range(int(lo[0]), int(hi[0]) + 1, slab):
                 z1 = min(int(hi[0]), z0 + slab - 1)
                 up = upsample_box(glob, shape, np.array([z0, *lo[1:]]), np.array([z1, *hi[1:]]))

@@ -141,14 +141,21 @@ class SamLiteInt8(nn.Module):
         big = 1 << 30
         xq = _quant(crop(x, 1, big, 28), (1.0, 50))  # the intensities rounded to integers: 16 HU steps of CT
         c0 = q["c0"](space_to_depth(xq, 2).contiguous(memory_format=torch.channels_last_3d), qp["c0"])  # 4 mm
+        del xq  # each map is dropped once read: the output layer runs with the fewest maps alive
         d1 = q["d1"](c0, qp["d1"])
         c1 = q["c1"](crop(d1, 4, 28, 24), qp["c1"])
+        del d1
         d2 = q["d2"](c1, qp["d2"])
         c2 = q["c2"](crop(d2, 8, 24, 16), None)
+        del d2
         p2 = _pointwise(n.l_lat[2], crop(c2, 8, 16, 8))
+        del c2
         p1 = _pointwise(n.l_lat[1], _deq(crop(c1, 4, 24, 4), qp["c1"])) + crop(_up2(p2), 4, 8, 4)
+        del c1, p2
         p0 = _pointwise(n.l_lat[0], _deq(crop(c0, 2, 28, 2), qp["c0"])) + crop(_up2(p1), 2, 4, 2)
+        del c0, p1
         top = q["top"](_quant(p0, qp["p0"]), None)
+        del p0
         return _pointwise(n.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
 
     def forward_global(self, x: torch.Tensor) -> torch.Tensor:

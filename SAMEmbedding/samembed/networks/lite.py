@@ -110,8 +110,8 @@ def _pointwise(conv: nn.Module, t: torch.Tensor, channels_first: bool = False,
 
     On a channels-last map this reads the voxels' channel vectors in place (the CPU's convolution path is slow for
     1 x 1 kernels in that layout). ``channels_first``: the result is laid out (N, C, *spatial), contiguous, or, for
-    one image, written into ``out``, a (C, voxels) matrix with unit stride along the voxels (see
-    :meth:`EmbeddingNet.forward_local_core`).
+    one image, written into ``out``, a (C, voxels) matrix (e.g. the transposed view of an embedding's voxel-major
+    feature rows, see :meth:`EmbeddingNet.forward_local_core`).
     """
     w = conv.weight.reshape(conv.weight.shape[0], -1)
     if channels_first and t.shape[0] == 1:
@@ -224,10 +224,15 @@ class SamLite(EmbeddingNet):
         c1 = self.l_down1[1](crop(d1, 4, 28, 24))  # 24 (exact from 20)
         d2 = self.l_down2[0](c1)  # 16 mm, 24 (exact from 16)
         c2 = self.l_down2[1](crop(d2, 8, 24, 16))  # 16 (exact from 8)
+        del d1, d2  # each map is dropped once read: the output layer runs with the fewest maps alive
         p2 = _pointwise(self.l_lat[2], crop(c2, 8, 16, 8))
+        del c2
         p1 = _pointwise(self.l_lat[1], crop(c1, 4, 24, 4)) + crop(_up2(p2), 4, 8, 4)
+        del c1, p2
         p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(_up2(p1), 2, 4, 2)
+        del c0, p1
         top = self.l_out[0](p0)
+        del p0
         return _pointwise(self.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
 
     def for_inference(self) -> SamLite:
