@@ -1,17 +1,22 @@
-"""Reading and preprocessing the first images in a second process while the network library loads.
+"""Reading and preprocessing the images in a second process while the network library loads and the matching goes.
 
 A fresh ``samembed match`` spends its first 1.3-2 s importing torch, on one core, before it can read a voxel. On a
 machine with a second core, :func:`start` forks a child first (before torch is imported) that reads the source and
-the first target and preprocesses them exactly as the engine would (:func:`samembed.preprocess.preprocess`, the same
-code), and sends each result back through a pipe. The engine takes a prefetched input only for an image with the
-same content hash, the same preprocessing settings and the same modality (:meth:`Prefetch.take`); anything else,
-including an image the child could not read, is preprocessed by the engine as usual (and its error reported there).
+the targets, then preprocesses them in the order the engine embeds them, exactly as the engine would
+(:func:`samembed.preprocess.preprocess`, the same code), and sends each result back through a pipe. The source and
+the first target are always prefetched; the later targets of a long list (one atlas into many scans) are
+prefetched while the engine matches the first ones, as long as they fit in the shared region (below): memory
+stays bounded, and the engine reads and preprocesses the rest itself. The engine takes a prefetched input only for
+an image with the same content hash, the same preprocessing settings and the same modality (:meth:`Prefetch.take`);
+anything else, including an image the child could not read, is preprocessed by the engine as usual (and its error
+reported there).
 
 The voxels do not go through the pipe. The parent maps one anonymous shared memory region before it forks
 (:class:`_Arena`); the child copies each array into it and sends only where it lies. A pipe moves 64 KB per read,
 and the thread that reads it needs the GIL for each read while the main thread imports torch: measured, a 70 MB
-array took 0.26 s through a pipe to an idle process and 5.8 s to a busy one. An array that does not fit in the
-region still goes through the pipe.
+array took 0.26 s through a pipe to an idle process and 5.8 s to a busy one. An array of the source or the first
+target that does not fit in the region still goes through the pipe; the later targets' images take at most half
+of the region, so that the first pair's inputs, made after every image is read, find room.
 
 Used by the ``samembed match`` command only (Linux, ``fork``): a library call or the Slicer module reads its images
 itself. This module imports no torch.
@@ -33,9 +38,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: images prefetched at most: the source and the first target (a long target list is read as the matching goes, so
-#: that memory holds one pair's inputs, not every target's)
-MAX_IMAGES = 2
+#: images always prefetched: the source and the first target (their arrays go through the pipe when the shared
+#: region is full); the later ones are prefetched only while they fit in the region
+FIRST_IMAGES = 2
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,12 @@ class _Arena:
         self.buf = mmap.mmap(-1, nbytes)  # MAP_SHARED | MAP_ANONYMOUS: the child's writes are the parent's pages
         self.offset = 0
 
-    def put(self, arr: np.ndarray) -> tuple | None:
-        """Copy ``arr`` into the region (in the child); where it lies, or None when it does not fit."""
+    def put(self, arr: np.ndarray, limit: int | None = None) -> tuple | None:
+        """Copy ``arr`` into the region (in the child); where it lies, or None when it does not fit (below ``limit``
+        bytes of the region, when given)."""
         start = -(-self.offset // 64) * 64
-        if start + arr.nbytes > len(self.buf):
+        end = len(self.buf) if limit is None else min(limit, len(self.buf))
+        if start + arr.nbytes > end:
             return None
         np.ndarray(arr.shape, arr.dtype, buffer=self.buf, offset=start)[...] = arr
         self.offset = start + arr.nbytes
@@ -94,10 +101,10 @@ class _Arena:
         return np.ndarray(shape, np.dtype(dtype), buffer=self.buf, offset=start)
 
 
-def _pack(arena: _Arena | None, obj):
+def _pack(arena: _Arena | None, obj, limit: int | None = None):
     """An :class:`~samembed.image.Image` or :class:`~samembed.preprocess.Prepared` for the pipe: its array in the
-    shared region (the pipe carries the rest), or the whole object when it does not fit."""
-    where = None if arena is None else arena.put(obj.array)
+    shared region (the pipe carries the rest), or the whole object when it does not fit (below ``limit``)."""
+    where = None if arena is None else arena.put(obj.array, limit)
     return (obj, None) if where is None else (dataclasses.replace(obj, array=np.empty(0, obj.array.dtype)), where)
 
 
@@ -122,16 +129,28 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
 
     config = PreprocessConfig.from_dict(request.preprocess)
     images = []
-    for path in request.paths:  # every image first: the command reads them all before it embeds one
+    full = False  # the later images' share of the region is used up: the rest are left to the engine
+    half = None if arena is None else len(arena.buf) // 2
+    for i, path in enumerate(request.paths):  # every image first: the command reads them all before it embeds one
+        later = i >= FIRST_IMAGES
+        if later and (full or arena is None):
+            conn.send(("skipped", path, None))
+            continue
         try:
             image = read_image(path, spacing_mm=request.spacing_mm)
         except Exception:  # noqa: BLE001 - the command reads it again and reports the error itself
             conn.send(("failed", path, None))
             continue
         image.content_hash()  # the cache key's hash travels with the image: the parent need not compute it
-        conn.send(("image", path, _pack(arena, image)))
-        images.append(image)
-    for image in images:
+        packed = _pack(arena, image, half if later else None)
+        if later and packed[1] is None:  # a later image that does not fit: never through the pipe
+            full = True
+            conn.send(("skipped", path, None))
+            continue
+        conn.send(("image", path, packed))
+        images.append((later, image))
+    for later, image in images:
+        made = False
         try:
             pad, stride = request.pad_multiple_zyx, request.body_stride_zyx
             prep = preprocess(image, config, request.modality, pad)
@@ -139,9 +158,14 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
                 arr = pad_to_multiple(prep.array, pad, prep.fill_value)  # CT comes padded: itself
                 body = body_mask_on_grid(arr, stride, prep.modality)
                 prep = dataclasses.replace(prep, body=body, body_stride_zyx=tuple(stride))
-            conn.send(("input", image.content_hash(), _pack(arena, prep)))
+            packed = _pack(arena, prep)
+            if not later or packed[1] is not None:
+                conn.send(("input", image.content_hash(), packed))
+                made = True
         except Exception:  # noqa: BLE001 - the engine preprocesses it again and reports the error itself
             log.debug("prefetch: %s not preprocessed", image.name)
+        if not made:  # the engine need not wait for it
+            conn.send(("no input", image.content_hash(), None))
     conn.close()
 
 
@@ -163,7 +187,9 @@ class Prefetch:
         child_conn.close()
         self._results: dict[str, object] = {}
         self._images: dict[str, object] = {}
-        self._settled: set[str] = set()  # paths whose image arrived or failed
+        self._settled: set[str] = set()  # paths whose image arrived, failed or was skipped
+        self._coming: set[str] = set()  # content hashes of the images read: their inputs may still come
+        self._no_input: set[str] = set()  # content hashes whose input will not come
         self._done = False
         self._cond = threading.Condition()
         # a thread empties the pipe as results come, so the child never waits for the main thread (busy importing)
@@ -179,10 +205,13 @@ class Prefetch:
                     break
                 with self._cond:
                     if kind == "image":
-                        self._images[key] = _unpack(self._arena, value)
+                        image = self._images[key] = _unpack(self._arena, value)
+                        self._coming.add(image.content_hash())  # the child's hash, carried with the image
                     elif kind == "input":
                         self._results[key] = _unpack(self._arena, value)
-                    if kind in ("image", "failed"):
+                    elif kind == "no input":
+                        self._no_input.add(key)
+                    if kind in ("image", "failed", "skipped"):
                         self._settled.add(key)
                     self._cond.notify_all()
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the engine must not wait for more
@@ -215,8 +244,11 @@ class Prefetch:
                                                     and tuple(req.pad_multiple_zyx) == tuple(pad_multiple_zyx))
         if PreprocessConfig.from_dict(req.preprocess) != config or modality != req.modality or not same_pad:
             return None
-        with self._cond:
-            self._cond.wait_for(lambda: content_hash in self._results or self._done)
+        paths = set(req.paths)
+        with self._cond:  # wait while the child may still make it: an image it read and has not given up on
+            self._cond.wait_for(lambda: content_hash in self._results or self._done or content_hash in self._no_input
+                                or (self._settled >= paths and content_hash not in self._coming))
+            self._coming.discard(content_hash)  # handed out (or never coming): a second call need not wait
             return self._results.pop(content_hash, None)
 
     def close(self) -> None:
@@ -234,14 +266,15 @@ class Prefetch:
 def start(paths: Sequence[str], preprocess: dict | None, modality: str = "auto",
           spacing_mm: float | None = None, pad_multiple_zyx: Sequence[int] | None = None,
           body_stride_zyx: Sequence[int] | None = None) -> Prefetch | None:
-    """Start prefetching the first :data:`MAX_IMAGES` of ``paths`` (None when it cannot help: see :func:`available`,
-    or the model's preprocessing is not known without loading it, ``preprocess=None``)."""
+    """Start prefetching ``paths`` in the order given (the source, then the targets; see the module docstring), or
+    None when it cannot help (see :func:`available`) or the model's preprocessing is not known without loading it
+    (``preprocess=None``)."""
     if preprocess is None or not paths or not available():
         return None
     pad = None if pad_multiple_zyx is None else tuple(int(m) for m in pad_multiple_zyx)
     stride = None if body_stride_zyx is None else tuple(int(m) for m in body_stride_zyx)
     try:
-        return Prefetch(PrefetchRequest(tuple(str(p) for p in paths[:MAX_IMAGES]), dict(preprocess), modality,
+        return Prefetch(PrefetchRequest(tuple(str(p) for p in paths), dict(preprocess), modality,
                                         spacing_mm, pad, stride))
     except OSError as exc:  # no process could be started: the engine reads the images itself
         log.debug("prefetch not started: %s", exc)

@@ -78,6 +78,35 @@ def test_arrays_too_large_for_the_shared_region_go_through_the_pipe(monkeypatch)
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("arena_bytes", [None, 1 << 20])  # the default region; 1 MiB, where no image fits
+def test_later_targets_are_prefetched_while_they_fit_in_the_shared_region_and_left_to_the_engine_after(
+        monkeypatch, arena_bytes):
+    """One atlas into several targets: the targets after the first are read and preprocessed ahead too, through the
+    shared region only; what does not fit there is left to the engine, which then need not wait for it."""
+    if arena_bytes is not None:
+        monkeypatch.setattr(prefetch, "ARENA_BYTES", arena_bytes)
+    paths = [data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz") for p in ("pt_215", "pt_232", "pt_202", "pt_231")]
+    config, pad = registered_preprocess("default"), registered_pad_multiple_zyx("default")
+    cfg = PreprocessConfig.from_dict(config)
+    p = _start(paths, config, pad, registered_local_stride_zyx("default"))
+    try:
+        for i, path in enumerate(paths):
+            image = p.image(str(path))
+            later_left = arena_bytes is not None and i >= prefetch.FIRST_IMAGES
+            assert (image is None) == later_left, f"image {i}: prefetched {image is not None}"
+            ref = read_image(path)
+            got = p.take(ref.content_hash(), cfg, "auto", pad)
+            if later_left:
+                assert got is None  # the engine preprocesses it itself
+            else:
+                assert np.array_equal(image.array, ref.array)
+                assert np.array_equal(got.array, preprocess(ref, cfg, "auto", pad).array)
+                assert isinstance(got.array.base, mmap.mmap) == (arena_bytes is None)
+    finally:
+        p.close()
+
+
+@pytest.mark.needs_data
 def test_an_input_the_engine_pads_itself_gets_the_engines_own_body_mask(caplog):
     """Only CT comes padded from the resampling; the engine pads other modalities afterwards, and their body threshold
     (a percentile) sees the padding. A CT embedded as MRI (percentile mapping, percentile threshold): the maps made
@@ -130,18 +159,19 @@ def test_an_unreadable_image_is_left_to_the_command_which_names_it(tmp_path, cap
 @pytest.mark.needs_data
 def test_the_command_with_its_prefetch_writes_what_it_writes_without(tmp_path):
     """A fresh interpreter (torch not yet imported: the command prefetches) against this process (torch imported:
-    no prefetch), the same pair and points."""
+    no prefetch), the same source, three targets (the later two read ahead while the first is matched) and points."""
     src = data_file("ct", "openkbp", "ct", "pt_239_ct.nii.gz")
     tgt = data_file("ct", "openkbp", "ct", "pt_231_ct.nii.gz")
+    more = [data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz") for p in ("pt_202", "pt_236")]  # read ahead too
     rows = [r for r in csv.DictReader(data_file("ct", "openkbp", "oar_centroids.csv").open()) if r["patient"] == "pt_239"]
     pts = tmp_path / "p.csv"
     pts.write_text("label,x,y,z\n" + "".join(f"{r['structure']},{r['x_mm']},{r['y_mm']},{r['z_mm']}\n" for r in rows[:3]))
-    args = ["match", str(src), str(tgt), "--points", str(pts), "--device", "cpu", "-q"]
+    args = ["match", str(src), str(tgt), *map(str, more), "--points", str(pts), "--device", "cpu", "-q"]
     code = ("import sys; from samembed import cli, prefetch; assert prefetch.available(); "
             "sys.exit(cli.main(sys.argv[1:]))")
     fresh = subprocess.run([sys.executable, "-c", code, "-v", *args, "--out", str(tmp_path / "fresh.csv")],
                            check=True, capture_output=True, text=True)
-    assert fresh.stderr.count("preprocessed ahead by the prefetch process") == 2, fresh.stderr[-2000:]
-    assert fresh.stderr.count("body mask made ahead by the prefetch process") == 2, fresh.stderr[-2000:]
+    assert fresh.stderr.count("preprocessed ahead by the prefetch process") == 4, fresh.stderr[-2000:]
+    assert fresh.stderr.count("body mask made ahead by the prefetch process") == 4, fresh.stderr[-2000:]
     assert main([*args, "--out", str(tmp_path / "here.csv")]) == 0
     assert (tmp_path / "fresh.csv").read_text() == (tmp_path / "here.csv").read_text()
