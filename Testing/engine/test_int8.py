@@ -92,6 +92,27 @@ def test_an_int8_tile_equals_the_same_voxels_of_a_larger_tile(ct):
     assert float((small - inner.reshape(small.shape)).abs().max()) <= 1e-6
 
 
+@pytest.mark.needs_data
+@pytest.mark.parametrize("z_core", [(0, 48), (48, 96)])  # at the volume's first plane (zero padding); inside it
+def test_the_int8_output_block_in_slabs_writes_the_whole_blocks_values_into_the_feature_rows(ct, z_core):
+    """A whole-plane tile writes its output straight into the voxel-major feature rows, its last two layers a few
+    planes at a time (the 3 x 3 x 3 output map is never held whole): the values are the whole map's, bit for bit."""
+    m = Matcher("default", device="cpu", precision="int8")
+    net = m.embedder.net
+    x = torch.from_numpy(np.ascontiguousarray(m.embedder._prepare(ct)[0]))[None, None]
+    core = [z_core, (64, 112), (64, 112)]
+    lo = [max(0, a - 32) for a, _ in core]
+    hi = [min(n, b + 32) for (_, b), n in zip(core, x.shape[2:])]
+    xin = x[(slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
+    ctx = (tuple(a - p for (a, _), p in zip(core, lo)), tuple(q - b for (_, b), q in zip(core, hi)))
+    with torch.inference_mode():
+        want = net.forward_local_core(xin, *ctx)[0]  # the whole output block at once
+        rows = torch.full((want[0].numel(), want.shape[0] + 5), float("nan"))  # voxel-major, other channels beside
+        net.forward_local_core(xin, *ctx, out=rows[:, : want.shape[0]].T)
+    assert torch.equal(rows[:, : want.shape[0]].T.reshape(want.shape), want)
+    assert bool(rows[:, want.shape[0]:].isnan().all()), "the slabs wrote outside their channels"
+
+
 def test_precision_choices_say_what_to_do_when_int8_cannot_run():
     model = random_model("sam-lite")  # no calibration
     cpu = torch.device("cpu")

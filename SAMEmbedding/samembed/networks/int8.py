@@ -25,6 +25,7 @@ vectors about 0.9996); the ship gate measures the matches (see the model card).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import sys
@@ -127,6 +128,13 @@ class SamLiteInt8(nn.Module):
             "d2": _QConv(n.l_down2[0][0], qp["c1"], True), "c2": _QConv(n.l_down2[1][0], qp["d2"], True),
             "top": _QConv(n.l_out[0][0], qp["p0"], True),
         }
+        #: the output block's 3 x 3 convolution without padding along the first axis, for slabs that carry their
+        #: own neighbouring planes (:meth:`_output_in_slabs`); volumes only
+        self.q_top_slab = None
+        if n.l_out[0][0].weight.dim() == 5:
+            conv = copy.copy(n.l_out[0][0])
+            conv.padding = (0, *conv.padding[1:])
+            self.q_top_slab = _QConv(conv, qp["p0"], True)
         #: the global branch runs in bfloat16: its modules of ``net`` (this wrapper's own copy) are converted in place
         self.global_bf16 = bool(global_bf16)
         if self.global_bf16:
@@ -154,9 +162,40 @@ class SamLiteInt8(nn.Module):
         del c1, p2
         p0 = _pointwise(n.l_lat[0], _deq(crop(c0, 2, 28, 2), qp["c0"])) + crop(_up2(p1), 2, 4, 2)
         del c0, p1
-        top = q["top"](_quant(p0, qp["p0"]), None)
+        p0q = _quant(p0, qp["p0"])
         del p0
+        if out is not None and self.q_top_slab is not None:
+            return self._output_in_slabs(p0q, context_lo, context_hi, out)
+        top = q["top"](p0q, None)
+        del p0q
         return _pointwise(n.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
+
+    def _output_in_slabs(self, p0q: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...],
+                         out: torch.Tensor, planes: int = 8) -> torch.Tensor:
+        """The output block (3 x 3 x 3 convolution, then the 1 x 1 one) written into ``out`` ``planes`` planes of
+        the first axis at a time, each slab's convolution fed its neighbouring planes (or the zero point at the map's
+        ends, as the whole map's padding): the 3 x 3 x 3 output map (float32, the size of the local map) is never
+        held whole while ``out``, an embedding's feature rows, becomes resident. The integer convolution of a slab
+        is the whole map's on those planes, so the values are the same, bit for bit (tested)."""
+        n = self.net
+        ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
+        # crop(top, 2, 2, 0) of forward_local_core: per axis, the map voxels dropped at each end
+        drop = [[(min(c[ax], 2) - min(c[ax], 0)) // 2 for c in ctx] for ax in range(p0q.dim() - 2)]
+        nz = p0q.shape[2]
+        z_lo, z_hi = drop[0][0], nz - drop[0][1]
+        keep_yx = tuple(slice(d[0], size - d[1]) for d, size in zip(drop[1:], p0q.shape[3:]))
+        per = int(np.prod([s.stop - s.start for s in keep_yx]))
+        zp = self.qp["p0"][1]
+        for a in range(z_lo, z_hi, planes):
+            b = min(z_hi, a + planes)
+            src = p0q[:, :, max(0, a - 1):min(nz, b + 1)]
+            pad = (int(a == 0), int(b == nz))  # the whole map's zero padding (the zero point) at its ends
+            if any(pad):
+                src = torch.nn.functional.pad(src, (0, 0, 0, 0, *pad), value=zp)
+            top = self.q_top_slab(src.contiguous(memory_format=torch.channels_last_3d), None)  # (1, C, b - a, Y, X)
+            _pointwise(n.l_out[1], top[(slice(None), slice(None), slice(None), *keep_yx)], channels_first=True,
+                       out=out[:, (a - z_lo) * per:(b - z_lo) * per])
+        return out.view(1, out.shape[0], z_hi - z_lo, *(s.stop - s.start for s in keep_yx))
 
     def forward_global(self, x: torch.Tensor) -> torch.Tensor:
         """The global map, float32: from the float32 network, or with ``global_bf16`` from its bfloat16 copy on the
