@@ -441,10 +441,11 @@ class TileComputer:
             loc = emb.net.forward_local_core(xin, *ctx)[0]
         nx = int(hi[-1] - lo[-1] + 1)
         with torch.inference_mode():  # the tile is an inference tensor: normalised in place in that mode
+            # the local vectors are normalised along their rows on the way into the buffer (write_rows), as a
+            # whole-plane tile normalises them there: a voxel's vector does not depend on the path that made it
             if lines.all():  # every line: the whole box
                 held = np.nonzero(np.ones(lines.shape, dtype=bool))
-                parts = (normalize_channels(loc.float()),  # in place: no second copy of the tile
-                         normalize_channels(upsample_box(maps.global_.cpu(), shape, lo, hi)))
+                parts = (loc.float(), normalize_channels(upsample_box(maps.global_.cpu(), shape, lo, hi)))
             else:  # the wanted lines only, gathered (a voxel's vector is the same either way, bit for bit)
                 held = np.nonzero(lines)
                 sel = tuple(torch.from_numpy(v) for v in held)
@@ -452,7 +453,7 @@ class TileComputer:
                     up = upsample_lines(maps.global_.cpu(), shape, lo, hi, held)
                 else:
                     up = upsample_box(maps.global_.cpu(), shape, lo, hi)[(slice(None), *sel, slice(None))]
-                parts = (normalize_channels(loc[(slice(None), *sel, slice(None))].float()), normalize_channels(up))
+                parts = (loc[(slice(None), *sel, slice(None))].float(), normalize_channels(up))
                 del up
         del loc
         # the flat voxel index of each stored value, in the parts' order (line by line, x fastest)
@@ -463,7 +464,7 @@ class TileComputer:
         new = ~maps.ready[flat]
         if not bool(new.all()):  # voxels computed before keep their values: a result never changes within a session
             flat, parts = flat[new], [p[:, new] for p in parts]
-        write_rows(maps.vectors, parts, flat)
+        write_rows(maps.vectors, parts, flat, unit=slice(0, maps.n_local))
         del parts
         maps.ready[flat] = True
 
@@ -475,8 +476,7 @@ class TileComputer:
         temporaries and no copies of the tile (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is
         stored: with at least half of them wanted, the unwanted ones hold no more memory than the temporaries they
         spare (a whole LIDC tile for 50 points: 2/3 of the lines). The values are those of :meth:`_tile_stored`
-        to float rounding: the global vectors bit for bit, the local ones normalised along their rows
-        (:func:`~samembed.tiles.normalize_rows`, within 1 ulp of the channel-by-channel sum)."""
+        bit for bit (the local vectors normalised along their rows in both, :func:`~samembed.tiles.normalize_rows`)."""
         from .tiles import normalize_channels, normalize_rows, upsample_box, write_rows
 
         shape = maps.local_grid.shape_zyx

@@ -148,6 +148,8 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
             conn.send(("skipped", path, None))
             continue
         conn.send(("image", path, packed))
+        if packed[1] is not None:  # preprocessed from the shared copy: the child's own is freed (one copy held)
+            image = dataclasses.replace(image, array=arena.view(packed[1]))
         images.append((later, image))
     for later, image in images:
         made = False

@@ -213,6 +213,10 @@ def test_voxel_major_rows_take_channel_major_values_bit_for_bit_and_give_them_ba
     torch.testing.assert_close(unit, normalize_channels(local.clone()).T, atol=2e-7, rtol=0)  # 1 ulp at most
     some = local.T[10:17].contiguous()
     assert torch.equal(normalize_rows(some), unit[10:17])  # a row's values do not depend on the other rows
+    # normalised on the way in (a stored tile's local half): the values of rows normalised where they land
+    normed = new_feature_rows(200, 10, torch.float32, "cpu")
+    write_rows(normed, [local, glob], flat, block=7, unit=slice(0, 6))
+    assert torch.equal(normed[flat][:, :6], unit) and torch.equal(normed[flat][:, 6:], glob.T)
 
 
 @pytest.mark.needs_data
