@@ -770,7 +770,7 @@ class Embedder:
         body = maps.body.cpu().numpy()
         stored = body if maps.ready is None else body & maps.ready.numpy()
         idx = torch.from_numpy(np.flatnonzero(stored))
-        local16 = channel_major(maps.vectors[:, : maps.n_local], idx, torch.float16).numpy()  # (C_l, stored)
+        local16 = channel_major(maps.vectors[:, : maps.n_local], idx, torch.float16).cpu().numpy()  # (C_l, stored)
         meta = {"local_grid": _grid_to_dict(maps.local_grid), "global_grid": _grid_to_dict(maps.global_grid),
                 "model_id": maps.model_id, "key": maps.key, "image": maps.image_name}
         try:

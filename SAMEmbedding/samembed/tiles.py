@@ -220,11 +220,11 @@ def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor 
 def channel_major(rows: torch.Tensor, index: torch.Tensor | None = None, dtype: torch.dtype | None = None,
                   block: int = ROW_BLOCK) -> torch.Tensor:
     """(C, n) contiguous copy of the voxel-major ``rows`` (n, C), or of its rows ``index`` (n,), in ``dtype``
-    (default: the rows'), on the CPU, block by block (see :func:`write_rows`): no full-size temporary."""
+    (default: the rows'), on the rows' device, block by block (see :func:`write_rows`): no full-size temporary."""
     import torch
 
     n = rows.shape[0] if index is None else len(index)
-    out = torch.empty((rows.shape[1], n), dtype=dtype or rows.dtype)
+    out = torch.empty((rows.shape[1], n), dtype=dtype or rows.dtype, device=rows.device)
     for i in range(0, n, block):
         blk = rows[i:i + block] if index is None else rows[index[i:i + block].to(rows.device)]
         out[:, i:i + block].copy_(blk.T)
