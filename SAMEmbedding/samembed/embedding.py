@@ -457,8 +457,8 @@ class TileComputer:
                 del up
         del loc
         # the flat voxel index of each stored value, in the parts' order (line by line, x fastest)
-        starts = np.ravel_multi_index(tuple(v + int(o) for v, o in zip(held, lo[:-1])) + (np.full(len(held[0]), lo[-1]),),
-                                      shape)
+        line_zyx = (*(v + int(o) for v, o in zip(held, lo[:-1])), np.full(len(held[0]), lo[-1]))
+        starts = np.ravel_multi_index(line_zyx, shape)  # each stored line's first voxel
         flat = torch.from_numpy((starts[:, None] + np.arange(nx)).reshape(-1))
         parts = [p.reshape(p.shape[0], -1) for p in parts]
         new = ~maps.ready[flat]

@@ -236,8 +236,8 @@ class Prefetch:
     def take(self, content_hash: str, config, modality: str, pad_multiple_zyx: tuple[int, ...] | None = None):
         """The prefetched :class:`~samembed.preprocess.Prepared` input of the image with ``content_hash``, when it
         was made with the :class:`~samembed.preprocess.PreprocessConfig` ``config``, ``modality`` and CT padding
-        multiple ``pad_multiple_zyx``, or with no multiple at all (else None). Waits for the child while it may still deliver it; each result is
-        handed out once."""
+        multiple ``pad_multiple_zyx``, or with no multiple at all (else None). Waits for the child while it may still
+        deliver it; each result is handed out once."""
         from .preprocess import PreprocessConfig
 
         req = self.request

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lite import SamLite, _pointwise, _up2, _up_add, core_cropper, space_to_depth
+from .lite import CoreCrop, SamLite, _pointwise, _up2, _up_add, core_cropper, space_to_depth
 
 #: the maps held in 8 bits: the outputs of the local encoder's 3 x 3 convolutions but the last (whose output, like the
 #: output convolution's, is float32) and the FPN sum that the output convolution reads
@@ -165,25 +165,21 @@ class SamLiteInt8(nn.Module):
         p0q = _quant(p0, qp["p0"])
         del p0
         if out is not None and self.q_top_slab is not None:
-            return self._output_in_slabs(p0q, context_lo, context_hi, out)
+            return self._output_in_slabs(p0q, crop, out)
         top = q["top"](p0q, None)
         del p0q
         return _pointwise(n.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
 
-    def _output_in_slabs(self, p0q: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...],
-                         out: torch.Tensor, planes: int = 8) -> torch.Tensor:
+    def _output_in_slabs(self, p0q: torch.Tensor, crop: CoreCrop, out: torch.Tensor, planes: int = 8) -> torch.Tensor:
         """The output block (3 x 3 x 3 convolution, then the 1 x 1 one) written into ``out`` ``planes`` planes of
         the first axis at a time, each slab's convolution fed its neighbouring planes (or the zero point at the map's
         ends, as the whole map's padding): the 3 x 3 x 3 output map (float32, the size of the local map) is never
         held whole while ``out``, an embedding's feature rows, becomes resident. The integer convolution of a slab
         is the whole map's on those planes, so the values are the same, bit for bit (tested)."""
         n = self.net
-        ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
-        # crop(top, 2, 2, 0) of forward_local_core: per axis, the map voxels dropped at each end
-        drop = [[(min(c[ax], 2) - min(c[ax], 0)) // 2 for c in ctx] for ax in range(p0q.dim() - 2)]
-        nz = p0q.shape[2]
-        z_lo, z_hi = drop[0][0], nz - drop[0][1]
-        keep_yx = tuple(slice(d[0], size - d[1]) for d, size in zip(drop[1:], p0q.shape[3:]))
+        # what crop(top, 2, 2, 0) of forward_local_core keeps of the output block's map (p0q's shape)
+        keep_z, *keep_yx = crop.slices(tuple(p0q.shape[2:]), 2, 2, 0)
+        nz, z_lo, z_hi = p0q.shape[2], keep_z.start, keep_z.stop
         per = int(np.prod([s.stop - s.start for s in keep_yx]))
         zp = self.qp["p0"][1]
         for a in range(z_lo, z_hi, planes):

@@ -60,20 +60,30 @@ def _up2(t: torch.Tensor) -> torch.Tensor:
     return F.interpolate(t, scale_factor=2.0, mode="nearest")
 
 
-def core_cropper(context_lo: tuple[int, ...], context_hi: tuple[int, ...]):
-    """The crop of :meth:`SamLite.forward_local_core`: ``crop(t, unit, have, keep)`` cuts a map ``t`` that holds
-    min(context, ``have``) input voxels of context per side, ``unit`` input voxels per map voxel, down to
-    min(context, ``keep``)."""
-    ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
+class CoreCrop:
+    """The crop of :meth:`SamLite.forward_local_core` for a tile with ``context_lo`` / ``context_hi`` input voxels of
+    context per side: ``crop(t, unit, have, keep)`` cuts a map ``t`` that holds min(context, ``have``) input voxels
+    of context per side, ``unit`` input voxels per map voxel, down to min(context, ``keep``); :meth:`slices` gives
+    the kept range of each spatial axis without cutting."""
 
-    def crop(t: torch.Tensor, unit: int, have: int, keep: int) -> torch.Tensor:
-        sl = []
-        for ax in range(t.dim() - 2):
-            drop = [(min(c[ax], have) - min(c[ax], keep)) // unit for c in ctx]
-            sl.append(slice(drop[0], t.shape[2 + ax] - drop[1]))
-        return t[(slice(None), slice(None), *sl)]
+    def __init__(self, context_lo: tuple[int, ...], context_hi: tuple[int, ...]) -> None:
+        self.ctx = (tuple(int(v) for v in context_lo), tuple(int(v) for v in context_hi))
 
-    return crop
+    def slices(self, shape: tuple[int, ...], unit: int, have: int, keep: int) -> tuple[slice, ...]:
+        """The kept range of each axis of a map of spatial ``shape``."""
+        out = []
+        for ax, size in enumerate(shape):
+            drop = [(min(c[ax], have) - min(c[ax], keep)) // unit for c in self.ctx]
+            out.append(slice(drop[0], size - drop[1]))
+        return tuple(out)
+
+    def __call__(self, t: torch.Tensor, unit: int, have: int, keep: int) -> torch.Tensor:
+        return t[(slice(None), slice(None), *self.slices(tuple(t.shape[2:]), unit, have, keep))]
+
+
+def core_cropper(context_lo: tuple[int, ...], context_hi: tuple[int, ...]) -> CoreCrop:
+    """The crop of :meth:`SamLite.forward_local_core` for a tile's context (see :class:`CoreCrop`)."""
+    return CoreCrop(context_lo, context_hi)
 
 
 def _onednn_applies(x: torch.Tensor) -> bool:
