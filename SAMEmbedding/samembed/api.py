@@ -31,6 +31,7 @@ from .io import image_from_sitk, read_image, validate_image
 from .matcher import (
     allowed_at,
     box_mask,
+    boxes_around,
     heatmap_image,
     mask_from_image,
     match_points,
@@ -403,6 +404,10 @@ class Matcher:
         phase("matching")
         pts, d = inputs.points_lps_mm, inputs.source.ndim
         src_allowed = src_maps.search_mask(options.search_body)
+        if region.search_prior is not None and not src_maps.complete:
+            # the round trip searches the source around each match's inverse-prior image, which is near the click
+            # when the match is right: embedding those tiles with the clicks' own, in one pass, saves halos
+            src_maps.ensure(*boxes_around(src_maps, pts, region.window_mm), need=src_allowed)
         raw = match_points(src_maps, pts, tmaps, region.allowed, keep_similarity=options.heatmap,
                            window_mm=region.window_mm, prior=region.search_prior)
         found, scores = raw.points_lps_mm, raw.scores

@@ -169,17 +169,10 @@ class EmbeddingMaps:
         """
         if self.ready is None:
             return
-        self._fill(self.missing_in(lo_zyx, hi_zyx, need))
-
-    def missing_in(self, lo_zyx: np.ndarray, hi_zyx: np.ndarray, need: torch.Tensor | None = None) -> np.ndarray:
-        """(local grid shape) bool: the voxels of the inclusive boxes ``lo_zyx..hi_zyx`` ((N, d) or (d,) each) whose
-        features are not computed yet (only those in ``need`` (V,) bool when given)."""
         shape = self.local_grid.shape_zyx
-        missing = np.zeros(shape, dtype=bool)
-        if self.ready is None:
-            return missing
         lo = np.atleast_2d(np.asarray(lo_zyx, dtype=np.int64))
         hi = np.atleast_2d(np.asarray(hi_zyx, dtype=np.int64))
+        missing = np.zeros(shape, dtype=bool)
         ready = self.ready.reshape(shape).numpy()
         needv = None if need is None else need.reshape(shape).cpu().numpy()
         for a, b in zip(lo, hi):
@@ -188,16 +181,7 @@ class EmbeddingMaps:
             if needv is not None:
                 m &= needv[box]
             missing[box] |= m
-        return missing
-
-    def fill_cost(self, missing_zyx: np.ndarray) -> tuple[int, bool]:
-        """``(input voxels, whole)``: the input voxels (halos included) that computing ``missing_zyx`` (local grid,
-        bool) would run through the local branch (0 when nothing is missing), and whether that is the whole volume."""
-        if self.ready is None or not missing_zyx.any():
-            return 0, False
-        if self.tiles is None:
-            raise RuntimeError(f"{self.image_name}: features missing and no way to compute them; embed it again")
-        return self.tiles.cost(missing_zyx)
+        self._fill(missing)
 
     def ensure_flat(self, flat: np.ndarray | torch.Tensor) -> None:
         """Compute the features at flat local-grid voxel indices."""
@@ -389,35 +373,17 @@ class TileComputer:
             self._x = x.half() if self.embedder.half else x
         return self._x
 
-    def _plan(self, missing_zyx: np.ndarray):
-        """``(plan, step, halo)``: the tile plan covering ``missing_zyx`` (:func:`samembed.tiles.plan_tiles`)."""
-        from .tiles import plan_tiles
-
-        spec = self.embedder.model.spec
-        step = spec.tile_multiple[-1]
-        halo = int(np.ceil(spec.tile_halo / step) * step)
-        return plan_tiles(missing_zyx, spec.local_stride[-1], step, halo, tuple(self.input().shape[2:])), step, halo
-
-    def cost(self, missing_zyx: np.ndarray) -> tuple[int, bool]:
-        """``(input voxels, whole)``: what :meth:`fill` would run through the local branch for ``missing_zyx``, halos
-        included, and whether its plan is the whole volume."""
-        plan, _, halo = self._plan(missing_zyx)
-        shape = tuple(self.input().shape[2:])
-        if plan.whole:
-            return int(np.prod(shape)), True
-        return sum(int(np.prod([min(n, b + halo) - max(0, a - halo) for a, b, n in zip(start, stop, shape)]))
-                   for start, stop in plan.boxes_input), False
-
     def fill(self, maps: EmbeddingMaps, missing_zyx: np.ndarray, cancel: threading.Event | None = None) -> None:
         """Compute the tiles covering ``missing_zyx`` (local grid, bool) and write them into ``maps``; ``cancel``
         is checked before each tile (raises :class:`Cancelled`; every finished tile is kept)."""
+        from .tiles import plan_tiles
+
+        spec = self.embedder.model.spec
         x = self.input()
-        plan, step, halo = self._plan(missing_zyx)
+        step = spec.tile_multiple[-1]
+        halo = int(np.ceil(spec.tile_halo / step) * step)
+        plan = plan_tiles(missing_zyx, spec.local_stride[-1], step, halo, tuple(x.shape[2:]))
         boxes = [((0,) * (x.dim() - 2), tuple(x.shape[2:]))] if plan.whole else plan.boxes_input
-        if plan.whole:  # every voxel is run through the network: keep every searchable one (later searches need no
-            # second whole run; e.g. 50 clicks spread over a chest, then their round trip's windows)
-            searchable = maps.search_mask(True).reshape(missing_zyx.shape).cpu().numpy()
-            missing_zyx = missing_zyx | (searchable & ~maps.ready.reshape(missing_zyx.shape).numpy())
         for start, stop in boxes:
             self._box(maps, start, stop, step, halo, missing_zyx, cancel)
 

@@ -196,9 +196,8 @@ def _box_products(q: torch.Tensor, vvol: torch.Tensor, box: tuple[slice, ...]) -
 def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor,
                    windows: tuple[np.ndarray, np.ndarray, np.ndarray] | None):
     """The argmax of :func:`match_queries` without the (N, V) similarity: over the compact copy of the
-    allowed voxels' features, or, with ``windows`` (``lo, hi, whole`` of :func:`_window_boxes`, their candidates'
-    local tiles computed, :func:`ensure_candidates`), over each query's box of the feature volume only (on-demand
-    maps: its computed voxels, which hold every voxel that can win).
+    allowed voxels' features, or, with ``windows`` (``lo, hi, whole`` of :func:`_window_boxes`, their local tiles
+    computed), over each query's box of the feature volume only.
 
     Returns ``(scores (N,), flat indices (N,), value_at)`` where ``value_at(rows, flat)`` gives the searched
     similarity (-inf outside the search) for the sub-voxel fit.
@@ -218,7 +217,6 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
     else:
         vvol = target.vectors.reshape(*shape, full.shape[0])
         avol = allowed.reshape(shape)
-        rvol = None if target.ready is None else target.ready.reshape(shape).to(allowed.device)
         scores = torch.empty(N)
         flat = torch.empty(N, dtype=torch.int64)
         for n in np.flatnonzero(whole):  # the whole grid: the compact copy is the cheaper way to search it
@@ -231,8 +229,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             ushape = tuple(int(v) for v in uhi - ulo + 1)
             box = tuple(slice(int(a), int(b) + 1) for a, b in zip(ulo, uhi))
             sim = _box_products(q[torch.from_numpy(group)], vvol, box).div_(2.0)  # (g, U)
-            inside = avol[box] if rvol is None else avol[box] & rvol[box]  # on demand: skipped voxels cannot win
-            inside = inside.reshape(1, *ushape).to(sim.device)
+            inside = avol[box].reshape(1, *ushape).to(sim.device)
             for a, size in enumerate(ushape):  # within each query's window along every axis
                 ar = torch.arange(size)
                 along = (ar >= torch.from_numpy(lo[group, a] - ulo[a])[:, None]) & (ar <= torch.from_numpy(hi[group, a] - ulo[a])[:, None])
@@ -243,87 +240,15 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             flat[torch.from_numpy(group)] = torch.from_numpy(np.ravel_multi_index(tuple(zyx.T), shape))
 
     def value_at(rows, flat_idx):
-        searched = allowed[flat_idx.to(allowed.device)].cpu()
-        if lo is not None:  # and inside the query's window
-            zyx = torch.from_numpy(np.stack(np.unravel_index(flat_idx.numpy(), shape), 1))
-            searched &= ((zyx >= torch.from_numpy(lo[rows.numpy()])) & (zyx <= torch.from_numpy(hi[rows.numpy()]))).all(1)
-        target.ensure_flat(flat_idx[searched])  # on demand: a peak's neighbour that its window's bound skipped
         v = (q[rows] * target.vectors[flat_idx.to(full.device)].to(q.dtype)).sum(1).float() / 2.0
-        return v.masked_fill(~searched.to(v.device), float("-inf")).cpu()
+        v = v.masked_fill(~allowed[flat_idx.to(allowed.device)].to(v.device), float("-inf"))
+        if lo is not None:  # outside the query's window
+            zyx = torch.from_numpy(np.stack(np.unravel_index(flat_idx.numpy(), shape), 1))
+            inside = ((zyx >= torch.from_numpy(lo[rows.numpy()])) & (zyx <= torch.from_numpy(hi[rows.numpy()]))).all(1)
+            v = v.masked_fill(~inside.to(v.device), float("-inf"))
+        return v.cpu()
 
     return scores, flat, value_at
-
-
-#: the first pass of :func:`ensure_candidates`: the box around a window's voxels whose global cosine lies within this
-#: of the window's best. A match's local cosine is often 0.8-0.95 between patients: then the first pass holds every
-#: voxel that can win, and a second pass (with halos of its own) is rarely needed
-FIRST_GLOBAL_MARGIN = 0.35
-#: similarity a skipped voxel's bound stays below a found score, over float rounding (about 1e-7)
-BOUND_SLACK = 1e-4
-#: :func:`ensure_candidates` computes the whole windows when its first pass would cost at least this share of them
-#: (a second pass would cost more halos than the first one saves; small windows, such as the refinement's)
-WHOLE_WINDOWS_SHARE = 0.85
-
-
-def ensure_candidates(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor, lo: np.ndarray,
-                      hi: np.ndarray, rows: np.ndarray) -> None:
-    """Compute the local tiles of the voxels that can win each windowed search, not those of the whole windows.
-
-    SAM's similarity of a voxel is (cos_l + cos_g) / 2 and a cosine is at most 1, so a voxel whose global cosine
-    lies below 2 s - 1 cannot beat a score s found in the same window. The global vectors are known everywhere (no
-    tile needed), so each query's window is ranked by them. A first pass computes, per query, the box around the
-    voxels within :data:`FIRST_GLOBAL_MARGIN` of the window's best global cosine (a box, not the voxels: its tile
-    computes the box's core anyway, and a peak's neighbours are then there for the sub-voxel fit); the best score
-    found there sets the bound, and a second pass computes any voxel that the bound does not exclude. The argmax over
-    the computed voxels is then the whole window's, exactly: a skipped voxel's bound stays :data:`BOUND_SLACK` below a
-    found score (tested against whole-volume embedding on real CT pairs).
-
-    The halo each tile needs (about 64 mm of context) makes small tiles dear: between patients this computes about a
-    fifth fewer input voxels than the whole windows (``benchmarks/cold_start.py``); same-patient matches with high
-    scores gain more.
-
-    Args:
-        queries: (N, C) from :func:`query_vectors`.
-        allowed: (V,) bool, the voxels a match may land on.
-        lo, hi: (N, d) inclusive window corners (k, j, i) on the target's local grid (:func:`_window_boxes`).
-        rows: the queries to do (those searched within their windows).
-    """
-    if target.complete or len(rows) == 0:
-        return
-    windows = target.missing_in(lo[rows], hi[rows], allowed)
-    full, whole = target.fill_cost(windows)
-    if whole or full == 0:  # windows over most of the volume (many points): it is embedded whole either way
-        target.ensure_flat(np.flatnonzero(windows))
-        return
-    shape = target.local_grid.shape_zyx
-    cl = target.local_channels
-    amask = allowed.cpu().numpy().reshape(shape)
-    flats, cgs = [], []
-    for n in rows:
-        box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[n], hi[n]))
-        flat = np.ravel_multi_index(tuple((np.argwhere(amask[box]) + lo[n]).T), shape)
-        g = target.global_at(torch.from_numpy(flat))  # (C_g, M) unit vectors: the values a tile will hold
-        flats.append(flat)
-        cgs.append((queries[n:n + 1, cl:].float().to(g.device) @ g)[0].cpu().numpy())
-    thr = np.array([cg.max() - FIRST_GLOBAL_MARGIN for cg in cgs])
-    picks = [flat[cg >= t] for flat, cg, t in zip(flats, cgs, thr)]
-    corners = [np.stack(np.unravel_index(pick, shape), 1) for pick in picks]
-    first = target.missing_in(np.array([c.min(0) for c in corners]), np.array([c.max(0) for c in corners]), allowed)
-    if target.fill_cost(first)[0] >= WHOLE_WINDOWS_SHARE * full:
-        target.ensure_flat(np.flatnonzero(windows))  # small windows: their halos cost most; one pass
-        return
-    target.ensure_flat(np.flatnonzero(first))  # one pass for every query: nearby windows share their halos
-    while True:
-        lower = thr.copy()
-        for i, (n, pick) in enumerate(zip(rows, picks)):
-            v = target.vectors[torch.from_numpy(pick).to(target.features.device)]
-            best = float((v.to(queries.dtype) @ queries[n].to(v.device)).max()) / 2.0
-            lower[i] = min(thr[i], 2.0 * best - 1.0 - BOUND_SLACK)
-        if np.array_equal(lower, thr):  # every voxel above each bound is computed
-            return
-        thr = lower
-        picks = [flat[cg >= t] for flat, cg, t in zip(flats, cgs, thr)]
-        target.ensure_flat(np.concatenate(picks))
 
 
 def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor | None = None,
@@ -346,9 +271,9 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     grid = target.local_grid
     windows = _window_boxes(queries, target, allowed, window_mm, window_centres_lps_mm) if window_mm else None
     if not keep_similarity:
-        if windows is not None and not target.complete:  # on demand: the windows' voxels that can still win
+        if windows is not None:  # on demand: the local map of every query's window, in one pass (halos shared)
             lo, hi, whole = windows
-            ensure_candidates(queries, target, allowed, lo, hi, np.flatnonzero(~whole))
+            target.ensure(lo[~whole], hi[~whole], need=allowed)
         # only the searched voxels take part: a cached compact copy of their features, or each query's window;
         # (chunk, V) similarities at a time bound the memory
         chunk = 64

@@ -252,45 +252,6 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
 
 
 @pytest.mark.needs_data
-@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)  # windows over part of the target: some voxels are skipped
-def test_a_windowed_search_embeds_fewer_voxels_than_its_windows_and_none_it_skipped_could_win(pair):
-    from samembed.matcher import apply_affine, boxes_around, match_points, search_prior
-
-    name, src, tgt, pts, whole = pair
-    pts = pts[:5]  # the organ centroids, a few cm apart (all points' windows together cover most of the head)
-    emb = Matcher("default", device="cpu").embedder_for(3)
-    smaps, tmaps = emb.embed(src, on_demand=True), emb.embed(tgt, on_demand=True)
-    prior, _, _ = search_prior(smaps, tmaps)
-    assert prior is not None, f"{name}: this pair has a trustworthy prior"
-    allowed = tmaps.search_mask(True)
-    lo, hi = boxes_around(tmaps, apply_affine(prior, pts), 50.0)
-    windows = tmaps.missing_in(lo, hi, allowed)
-    found = match_points(smaps, pts, tmaps, allowed, window_mm=50.0, prior=prior)
-    ref_s, ref_t = whole.embed(src), whole.embed(tgt)  # every voxel computed
-    ref = match_points(ref_s, pts, ref_t, ref_t.search_mask(True), window_mm=50.0, prior=prior)
-    np.testing.assert_array_equal(found.flat_index, ref.flat_index)
-    np.testing.assert_allclose(found.scores, ref.scores, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(found.points_lps_mm, ref.points_lps_mm, atol=1e-4, rtol=0)
-    skipped = windows.reshape(-1) & ~tmaps.ready.numpy()
-    assert skipped.sum() > 0.25 * windows.sum(), f"{name}: {skipped.sum()} of {windows.sum()} window voxels skipped"
-    # no skipped voxel of a point's own window could beat its match: (cos_l + cos_g) / 2 <= (1 + cos_g) / 2
-    cl = tmaps.local_channels
-    for n in range(len(pts)):
-        box = np.zeros(tmaps.local_grid.shape_zyx, dtype=bool)
-        box[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo[n], hi[n]))] = True
-        flat = np.flatnonzero(box.reshape(-1) & skipped)
-        if len(flat):
-            cos_g = ref_t.vectors[flat, cl:] @ _query(ref_s, pts[n:n + 1])[0, cl:]
-            assert float(((1 + cos_g) / 2).max()) < found.scores[n], f"{name}: point {n} skipped a voxel that could win"
-
-
-def _query(maps, points_lps_mm):
-    from samembed.matcher import nearest_voxel_lps, query_vectors
-
-    return query_vectors(maps, nearest_voxel_lps(maps, points_lps_mm))
-
-
-@pytest.mark.needs_data
 @pytest.mark.parametrize("pair", ["openkbp"], indirect=True)  # one pair is enough for the disk format
 def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_cache, tmp_path, caplog):
     name, src, tgt, pts, _ = pair
