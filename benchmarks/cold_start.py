@@ -171,11 +171,20 @@ def run_child(source: str, targets: list[str], points_csv: str, out_csv: str, ex
     js = Path(out_csv).with_suffix(".stages.json")
     cmd = [sys.executable, __file__, "child", "--json", str(js), *extra, source, *targets, "--points", points_csv,
            "--out", out_csv]
-    t0 = time.perf_counter()
+    t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     out = json.loads(js.read_text())
     out["process_s"] = time.perf_counter() - t0
+    out.update(cpu_use(use0))
     return out
+
+
+def cpu_use(before: resource.struct_rusage) -> dict:
+    """CPU seconds (user, system) and page faults (minor: first touches of memory) of the child processes waited for
+    since ``before`` (a ``getrusage(RUSAGE_CHILDREN)``), their own children included (SAM's prefetch process)."""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
+            "minor_faults": after.ru_minflt - before.ru_minflt}
 
 
 def elastix_child(argv: list[str]) -> NoReturn:
@@ -269,11 +278,12 @@ def run(argv: list[str]) -> int:
                   flush=True)
         if not args.no_elastix:
             js = work / f"{tag}_elastix.json"
-            t0 = time.perf_counter()
+            t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             subprocess.run([sys.executable, __file__, "elastix", str(case.source), str(case.target), "--points",
                             str(pts_csv), "--json", str(js)], check=True)
             e = json.loads(js.read_text())
             e["process_s"] = time.perf_counter() - t0
+            e.update(cpu_use(use0))
             row["elastix"] = e
             row["elastix_err"] = float(np.mean(np.linalg.norm(np.array(e["points_lps_mm"]) - case.truth_points_lps_mm, axis=1)))
             print(f"{tag} elastix: {e['process_s']:.1f} s, {e['peak_rss_gb']:.2f} GB, error {row['elastix_err']:.2f} mm",
@@ -380,6 +390,17 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
     lines += ["", "Stage times of the whole-volume runs:", ""]
     for r in rows:
         lines.append(f"- {r['case']}: {_fmt_stages(r['whole'])}")
+    if all("sys_s" in r["ondemand"] for r in rows):
+        lines += ["", "CPU time of each process, its children included (user s + system s), and its minor page faults "
+                  "(first touches of a 4 KB page, each made and zeroed by the kernel: system time). On this VM a page "
+                  "the guest has not touched before costs the host about 10 us to back (measured: 2.9 s for the first "
+                  "GB a fresh process touched, 0.1 s for the next), so system time grows with the memory a run "
+                  "touches and with how recently the VM used it; it is most of the drift between runs:", ""]
+        for r in rows:
+            cells = [f"{name} {x['user_s']:.1f} + {x['sys_s']:.1f} s, {x['minor_faults'] / 1e3:.0f} k faults"
+                     for name, x in (("on-demand", r["ondemand"]), ("whole", r["whole"]), ("elastix", r.get("elastix")))
+                     if x and "sys_s" in x]
+            lines.append(f"- {r['case']}: {'; '.join(cells)}")
     for suite in sorted({r["suite"] for r in rows}):
         sub = [r for r in rows if r["suite"] == suite]
         d = np.mean([r["ondemand_err"] for r in sub]) - np.mean([r["whole_err"] for r in sub])
