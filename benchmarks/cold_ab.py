@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,17 +42,20 @@ def _worktree(rev: str, folder: Path) -> Path:
     return folder
 
 
-def _cold(root: Path, source: str, target: str, points: str, out: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one cold match by the engine of checkout ``root``."""
+def _cold(root: Path, source: str, target: str, points: str, out: Path) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS (GB) and minor page faults (the process and its prefetch process: first touches of
+    memory, a steadier measure than the time on a VM whose memory costs vary) of one cold match by the engine of
+    checkout ``root``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}"}
-    t0 = time.perf_counter()
+    t0, faults0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
                            str(out.with_suffix(".json")), source, target, "--points", points, "--out", str(out)],
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults0
     if done.returncode != 0:
         raise SystemExit(f"cold run of {root} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds, float(json.loads(out.with_suffix(".json").read_text())["peak_rss_gb"])
+    return seconds, float(json.loads(out.with_suffix(".json").read_text())["peak_rss_gb"]), faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,17 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         tag, pts = case_points(work, case)
         times: dict[str, list[float]] = {"base": [], "head": []}
         rss: dict[str, list[float]] = {"base": [], "head": []}
+        faults: dict[str, list[int]] = {"base": [], "head": []}
         for rep in range(args.reps):  # ABBA...: neither engine always runs first (the page cache, the VM's drift)
             for name, root in (("base", base), ("head", REPO))[:: 1 if rep % 2 == 0 else -1]:
-                seconds, peak = _cold(root, str(case.source), str(case.target), str(pts), work / f"{tag}_{name}.csv")
+                seconds, peak, n = _cold(root, str(case.source), str(case.target), str(pts), work / f"{tag}_{name}.csv")
                 times[name].append(seconds)
                 rss[name].append(peak)
+                faults[name].append(n)
         moved = float(np.linalg.norm(_read_found(work / f"{tag}_base.csv")[2] - _read_found(work / f"{tag}_head.csv")[2],
                                      axis=1).max())
         b, h = statistics.median(times["base"]), statistics.median(times["head"])
         rows.append(f"| {tag} | {len(case.labels)} | {b:.2f} ({min(times['base']):.2f}-{max(times['base']):.2f}) | "
                     f"{h:.2f} ({min(times['head']):.2f}-{max(times['head']):.2f}) | {b / h:.2f}x | "
-                    f"{statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | {moved:.2f} |")
+                    f"{statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | "
+                    f"{statistics.median(faults['base']) / 1e3:.0f} / {statistics.median(faults['head']) / 1e3:.0f} | {moved:.2f} |")
         print(rows[-1], flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = "\n".join([
@@ -99,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base}`.", "",
-        "| pair | points | base s | head s | speed-up | peak RSS GB, base / head | largest move of a match, base to head, mm |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
+        "largest move of a match, base to head, mm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows, ""])
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
