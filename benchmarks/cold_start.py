@@ -405,10 +405,11 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         lines.append(f"- {r['case']}: {_fmt_stages(r['whole'])}")
     if all("sys_s" in r["ondemand"] for r in rows):
         lines += ["", "CPU time of each process, its children included (user s + system s), and its minor page faults "
-                  "(first touches of a 4 KB page, each made and zeroed by the kernel: system time). On this VM a page "
-                  "the guest has not touched before costs the host about 10 us to back (measured: 2.9 s for the first "
-                  "GB a fresh process touched, 0.1 s for the next), so system time grows with the memory a run "
-                  "touches and with how recently the VM used it; it is most of the drift between runs:", ""]
+                  "(first touches of a 4 KB page, each made and zeroed by the kernel: system time). This VM hands "
+                  "memory that has been free for about two seconds back to its host, and touching such a page again "
+                  "costs about 10 us (measured in a fresh process: its first GB 1.0-3.5 s, a GB freed and touched "
+                  "again within a second 0.05-0.15 s), so system time grows with the memory a run touches and with "
+                  "how recently the VM used it; it is most of the drift between runs:", ""]
         for r in rows:
             cells = [f"{name} {x['user_s']:.1f} + {x['sys_s']:.1f} s, {x['minor_faults'] / 1e3:.0f} k faults"
                      for name, x in (("on-demand", r["ondemand"]), ("whole", r["whole"]), ("elastix", r.get("elastix")))
