@@ -47,12 +47,14 @@ def _cold(root: Path, source: str, target: str, points: str, out: Path) -> tuple
     memory, a steadier measure than the time on a VM whose memory costs vary) of one cold match by the engine of
     checkout ``root``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}"}
-    t0, faults0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
+    from cold_start import cpu_use
+
+    t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
                            str(out.with_suffix(".json")), source, target, "--points", points, "--out", str(out)],
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults0
+    faults = cpu_use(use0)["minor_faults"]
     if done.returncode != 0:
         raise SystemExit(f"cold run of {root} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return seconds, float(json.loads(out.with_suffix(".json").read_text())["peak_rss_gb"]), faults

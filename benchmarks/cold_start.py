@@ -179,6 +179,14 @@ def run_child(source: str, targets: list[str], points_csv: str, out_csv: str, ex
     return out
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median process time among ``runs`` (of :func:`run_child`), with every run's process time added as
+    ``process_s_runs``."""
+    r = sorted(runs, key=lambda x: x["process_s"])[len(runs) // 2]
+    r["process_s_runs"] = [x["process_s"] for x in runs]
+    return r
+
+
 def cpu_use(before: resource.struct_rusage) -> dict:
     """CPU seconds (user, system) and page faults (minor: first touches of memory) of the child processes waited for
     since ``before`` (a ``getrusage(RUSAGE_CHILDREN)``), their own children included (SAM's prefetch process)."""
@@ -274,10 +282,8 @@ def run(argv: list[str]) -> int:
             out = work / f"{tag}_{mode}.csv"
             # the default path `--reps` times (this VM's speed drifts between runs): the median run is reported,
             # with the range of all; the whole-volume path once
-            runs = [run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), extra)
-                    for _ in range(args.reps if mode == "ondemand" else 1)]
-            r = sorted(runs, key=lambda x: x["process_s"])[len(runs) // 2]
-            r["process_s_runs"] = [x["process_s"] for x in runs]
+            r = median_run([run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), extra)
+                            for _ in range(args.reps if mode == "ondemand" else 1)])
             _, _, found = _read_found(out)
             row[mode] = r
             row[f"{mode}_err"] = float(np.mean(np.linalg.norm(found - case.truth_points_lps_mm, axis=1)))
@@ -314,8 +320,7 @@ def run(argv: list[str]) -> int:
         out = work / "atlas_ondemand.csv"
         runs = [run_child(str(kbp[0].source), [str(c.target) for c in targets], str(pts_csv), str(out))
                 for _ in range(args.reps)]
-        r = sorted(runs, key=lambda x: x["process_s"])[len(runs) // 2]  # the median run
-        r["process_s_runs"] = [x["process_s"] for x in runs]
+        r = median_run(runs)
         r["per_target_mean_runs"] = [float(np.mean(x["per_target_s"][:len(targets)])) for x in runs]
         tnames, tlabels, found = _read_found(out)
         errs = []
