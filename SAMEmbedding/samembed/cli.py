@@ -471,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "target (score-weighted geometric median; atlases that disagree are rejected, see the output)")
     m.add_argument("--atlases", metavar="MANIFEST.csv", help="atlases listed in a CSV with the columns image,points")
     m.add_argument("--out", required=True, help="CSV file, or a folder for one .mrk.json per target")
-    m.add_argument("--heatmap-dir", help="write each point's similarity map per target (target geometry)")
+    m.add_argument("--heatmap-dir", help="write each point's similarity map per target (target geometry; -1 outside the "
+                   "voxels searched: the body, or --mask / --box)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
     _add_match_options(m, "same-patient; between-patients with --atlas/--atlases")

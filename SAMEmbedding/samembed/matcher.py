@@ -60,11 +60,22 @@ def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray, mode: str = "n
     return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
 
 
-def similarity(queries: torch.Tensor, target: EmbeddingMaps) -> torch.Tensor:
-    """SAM similarity (N, V) of each query with every voxel of ``target``, in [-1, 1]."""
-    target.ensure_all()
-    feats = target.features
-    return (queries.to(feats.dtype) @ feats).float() / 2.0
+def similarity(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """SAM similarity (N, V) of each query with every voxel of ``target``, in [-1, 1].
+
+    Args:
+        allowed: (V,) bool, e.g. the search mask: only these voxels are computed (on demand, only their tiles are
+            embedded: a head-and-neck CT's body is about a tenth of its grid) and every other voxel is -inf.
+            None: every voxel (the whole local map is embedded).
+    """
+    if allowed is None:
+        target.ensure_all()
+        feats = target.features
+        return (queries.to(feats.dtype) @ feats).float() / 2.0
+    idx, feats = target.compact_features(allowed)  # the same copy (and products) as the search over the mask
+    sim = torch.full((len(queries), target.features.shape[1]), float("-inf"), device=feats.device)
+    sim[:, idx] = (queries.to(feats.dtype) @ feats).float() / 2.0
+    return sim
 
 
 def _subvoxel(value_at, flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
@@ -259,7 +270,8 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     Args:
         queries: (N, C) from :func:`query_vectors`.
         allowed: (V,) bool of voxels a match may land on (default: inside the image and the body).
-        keep_similarity: keep the (N, V) similarity for heatmaps.
+        keep_similarity: keep the (N, V) similarity for heatmaps: over the ``allowed`` voxels (the prior's window
+            does not limit it), -inf elsewhere.
         window_mm: coarse-to-fine search: take the best joint similarity only within +-``window_mm`` of each
             query's best global match, or of ``window_centres_lps_mm`` (N, d) when given (e.g. predicted by
             :func:`affine_prior`). None: the official single joint argmax.
@@ -287,7 +299,7 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
         flat = torch.cat([p[1] for p in parts])
         zyx = np.concatenate([p[2] for p in parts])
     else:
-        sim = similarity(queries, target)
+        sim = similarity(queries, target, allowed)  # -inf outside the search mask (a heatmap shows -1 there)
         searched = allowed[None]
         if windows is not None:  # the same boxes as the sparse search, as (N, V) masks
             lo, hi, _ = windows
@@ -504,7 +516,8 @@ def heatmap_image(sim_row: torch.Tensor, target: EmbeddingMaps, name: str = "hea
 
     Each image voxel gets the similarity of the local voxel its centre falls in (nearest neighbour: the map
     keeps its true peak values, and its value at a match equals the match's score, see :func:`scores_at`).
-    Voxels outside the local grid get -1. The result has exactly the target image's geometry.
+    Voxels outside the local grid, and voxels whose similarity was not computed (-inf or NaN in ``sim_row``: outside
+    the search mask), get -1. The result has exactly the target image's geometry.
     """
     import SimpleITK as sitk
 

@@ -93,7 +93,8 @@ class MatchOptions:
         "a match is confident when its round trip lands within this distance of the click "
         "(0: two local voxels of the model)"))
     heatmap: bool = field(default=False, metadata=_doc(
-        "also return each point's similarity map in each target's geometry"))
+        "also return each point's similarity map in each target's geometry, over the voxels a match may land on "
+        "(the body, or the mask or box given; not limited to the prior's window); -1 elsewhere"))
 
     def __post_init__(self) -> None:
         for name in ("prior_window_mm", "global_window_mm", "refine_window_mm", "consistency_inlier_mm",

@@ -252,6 +252,30 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)
+def test_a_heatmap_covers_the_search_mask_with_the_whole_maps_values_and_embeds_no_air(pair):
+    """A heatmap over the search mask (the body) holds the whole-volume map's similarities; every other voxel is -1,
+    and the target's local map is not embedded there (a head-and-neck CT's body is about a tenth of its grid)."""
+    from samembed.matcher import heatmap_image, nearest_voxel_lps, query_vectors, similarity
+
+    _, src, tgt, pts, whole = pair
+    labels = ["a", "b"]
+    od = Matcher("default", device="cpu")
+    res = od.match(src, pts[:2], [tgt], labels, PURE.replace(heatmap=True))
+    tmaps = cached(od, tgt)
+    allowed = tmaps.search_mask(True)
+    assert not tmaps.complete and bool(tmaps.ready[allowed].all())
+    assert float(tmaps.ready.float().mean()) < 0.5, "the heatmap embedded most of the grid"
+    ref_src, ref_tgt = whole.embed(src), whole.embed(tgt)
+    full = similarity(query_vectors(ref_src, nearest_voxel_lps(ref_src, pts[:2])), ref_tgt)  # every voxel
+    for n, lab in enumerate(labels):
+        hm = res.heatmaps[(0, lab)].array
+        want = heatmap_image(full[n].masked_fill(~allowed, float("-inf")), ref_tgt).array
+        np.testing.assert_allclose(hm, want, atol=1e-5, rtol=0)
+        assert float((hm > -1).mean()) < 0.5 and float(hm.max()) > 0.5
+
+
+@pytest.mark.needs_data
 @pytest.mark.parametrize("pair", ["openkbp"], indirect=True)  # one pair is enough for the disk format
 def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_cache, tmp_path, caplog):
     name, src, tgt, pts, _ = pair
