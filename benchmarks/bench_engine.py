@@ -67,7 +67,9 @@ for n in (1, 10, 100):
     for _ in range(reps):
         m.match(img, pts, [img], options=options)
     out[f"query_{n}_ms"] = (time.perf_counter() - t2) / reps * 1000
-out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+# VmHWM starts afresh at exec (ru_maxrss would keep the forked parent's peak)
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+out["peak_rss_gb"] = (hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024**2
 print("RESULT " + json.dumps(out))
 """
 

@@ -56,15 +56,11 @@ def centroids() -> dict[tuple[str, str], list[float]]:
 
 
 def peak_rss_gb(pid: int | None) -> float:
-    """Peak resident set size (GB) of process ``pid`` (the engine process; None: this process)."""
-    if pid is None:
-        import resource
+    """Peak resident set size (GB) of process ``pid`` (the engine process; None: this process): its ``VmHWM``
+    (:func:`cold_start.peak_rss_gb`)."""
+    from cold_start import peak_rss_gb as peak
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024**2
-    return float("nan")
+    return peak("self" if pid is None else pid)
 
 
 def child(argv: list[str]) -> int:
