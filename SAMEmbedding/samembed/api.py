@@ -25,6 +25,7 @@ from .consistency import consistent_matches
 from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
 from .errors import Cancelled, InputError
 from .fusion import Atlas, FusionOptions, check_same_labels, fuse_points
+from .heatmap import Heatmaps
 from .image import Image
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
@@ -32,7 +33,6 @@ from .matcher import (
     allowed_at,
     box_mask,
     boxes_around,
-    heatmap_image,
     mask_from_image,
     match_points,
     scores_at,
@@ -457,17 +457,19 @@ class Matcher:
 
     @staticmethod
     def _outputs(inputs: _Inputs, raw, tmaps: EmbeddingMaps, found, scores, rt, tol, rematched, polished, ncc,
-                 ti: int, name: str) -> tuple[list[Match], dict]:
-        """Stage 4: one :class:`Match` per point (3D LPS mm), and the heatmaps when they were kept."""
+                 ti: int, name: str) -> tuple[list[Match], Heatmaps]:
+        """Stage 4: one :class:`Match` per point (3D LPS mm), and the heatmaps when they were kept (each point's
+        similarities on the model's grid; the image in the target's geometry is made when read)."""
         d = inputs.source.ndim
-        matches, heatmaps = [], {}
+        matches, heatmaps = [], Heatmaps()
         for n, lab in enumerate(inputs.labels):
             p3 = np.zeros(3)
             p3[:d] = found[n, :d]
             matches.append(Match(lab, name, ti, p3, float(scores[n]), bool(rt[n] <= tol), float(rt[n]),
                                  bool(rematched[n]), bool(polished[n]), float(ncc[n])))
-            if raw.similarity is not None:
-                heatmaps[(ti, lab)] = heatmap_image(raw.similarity[n], tmaps, f"{lab} in {Path(name).name}")
+        if raw.similarity is not None:
+            heatmaps.add(ti, list(inputs.labels), raw.similarity.float().cpu().numpy(), tmaps.local_grid,
+                         tmaps.image_grid, [f"{lab} in {Path(name).name}" for lab in inputs.labels])
         return matches, heatmaps
 
     def _prior(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps) -> np.ndarray | None:

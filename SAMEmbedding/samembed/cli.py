@@ -259,10 +259,22 @@ def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = F
             lines.append(line + (f",{m.atlases},{m.agreeing},{m.spread_mm:.2f}" if fused else ""))
         write_text_atomic(out, "\n".join(lines) + "\n")
     if args.heatmap_dir:
-        for (ti, label), img in res.heatmaps.items():
-            stem = Path(res.targets[ti]).name.split(".")[0]
-            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-            write_heatmap(img, Path(args.heatmap_dir) / f"{stem}_{safe}_heatmap.nii.gz")
+        from concurrent.futures import ThreadPoolExecutor
+
+        # each heatmap is made when read (samembed.heatmap.Heatmaps) and written while the next one is made: the
+        # compression runs outside the GIL, and at most `workers` written maps are held besides the one being made
+        workers = max(1, min(2, os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers, thread_name_prefix="samembed-heatmap") as pool:
+            pending = []
+            for (ti, label), img in res.heatmaps.items():
+                stem = Path(res.targets[ti]).name.split(".")[0]
+                safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+                pending.append(pool.submit(write_heatmap, img, Path(args.heatmap_dir) / f"{stem}_{safe}_heatmap.nii.gz"))
+                del img
+                if len(pending) >= workers:
+                    pending.pop(0).result()  # raises the writer's error, if any
+            for job in pending:
+                job.result()
 
 
 def _cmd_embed(args) -> int:

@@ -216,8 +216,10 @@ HEATMAP_STEP = 2.0**-12
 
 def write_heatmap(image: Image, path: str | os.PathLike) -> Path:
     """Write a similarity map (compressed NIfTI/NRRD) with its values rounded to :data:`HEATMAP_STEP`."""
-    rounded = np.round(np.asarray(image.array, dtype=np.float32) / HEATMAP_STEP) * HEATMAP_STEP
-    return write_image(Image(rounded.astype(np.float32), image.grid, image.name), path)
+    rounded = np.divide(image.array, np.float32(HEATMAP_STEP), dtype=np.float32)  # a new array: the input is kept
+    np.round(rounded, out=rounded)
+    rounded *= np.float32(HEATMAP_STEP)
+    return write_image(Image(rounded, image.grid, image.name), path)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .affine import apply_affine, ransac_affine
 from .embedding import EmbeddingMaps
-from .image import Grid, Image
+from .image import Image
 from .tiles import channel_major
 
 
@@ -512,21 +512,10 @@ def scores_at(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: Embeddin
 
 
 def heatmap_image(sim_row: torch.Tensor, target: EmbeddingMaps, name: str = "heatmap") -> Image:
-    """Put one similarity row (V,) of the local grid onto the target image's voxel grid.
+    """Put one similarity row (V,) of the local grid onto the target image's voxel grid
+    (:func:`samembed.heatmap.heatmap_on_grid`: nearest neighbour, so the map keeps its true peak values and its value
+    at a match equals the match's score, see :func:`scores_at`; -1 outside the local grid and where the similarity
+    was not computed, -inf or NaN: outside the search mask). The result has exactly the target image's geometry."""
+    from .heatmap import heatmap_on_grid
 
-    Each image voxel gets the similarity of the local voxel its centre falls in (nearest neighbour: the map
-    keeps its true peak values, and its value at a match equals the match's score, see :func:`scores_at`).
-    Voxels outside the local grid, and voxels whose similarity was not computed (-inf or NaN in ``sim_row``: outside
-    the search mask), get -1. The result has exactly the target image's geometry.
-    """
-    import SimpleITK as sitk
-
-    from .io import image_from_sitk, image_to_sitk
-
-    grid: Grid = target.local_grid
-    vol = sim_row.float().reshape(grid.shape_zyx).cpu().numpy()
-    vol = np.clip(np.where(np.isfinite(vol), vol, -1.0), -1.0, 1.0).astype(np.float32)
-    src = image_to_sitk(Image(vol, grid, name))
-    ref = image_to_sitk(Image(np.zeros(target.image_grid.shape_zyx, dtype=np.uint8), target.image_grid))
-    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor, -1.0, sitk.sitkFloat32)
-    return image_from_sitk(out, name)
+    return heatmap_on_grid(sim_row.float().cpu().numpy(), target.local_grid, target.image_grid, name)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .heatmap import Heatmaps
 from .image import lps_to_ras
 
 
@@ -62,7 +63,7 @@ class MatchResult:
 
     matches: list[Match]
     targets: list[str]
-    heatmaps: dict = field(default_factory=dict)  # (target_index, label) -> Image in the target's geometry
+    heatmaps: Heatmaps = field(default_factory=Heatmaps)  # (target_index, label) -> Image, made when read
     timings: dict = field(default_factory=dict)
 
     def for_target(self, index: int) -> list[Match]:

@@ -135,6 +135,30 @@ def test_heatmaps_have_the_target_geometry_and_peak_at_the_match(a_random_matche
 
 
 @pytest.mark.needs_data
+def test_heatmaps_hold_model_grid_rows_and_make_each_image_when_read(a_random_matcher):
+    """A result keeps each point's similarities on the model's grid only (a 4 mm row per point, not a map of the
+    target's size per point); reading a heatmap makes the full-size image, the same each time and after pickling
+    (Slicer's main process reads results from the engine process)."""
+    import pickle
+
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    tgt = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
+    p = src.grid.index_to_lps([[64, 60, 70], [50, 70, 40], [70, 55, 90]])
+    res = a_random_matcher.match(src, p, [tgt], ["a", "b", "c"], MatchOptions(heatmap=True, polish=False))
+    tmaps = a_random_matcher.embed(tgt)
+    held = {id(rows): rows.rows.nbytes for rows, _, _ in res.heatmaps._where.values()}
+    assert sum(held.values()) == 3 * tmaps.features.shape[1] * 4  # one float32 row per point, on the model's grid
+    assert sorted(res.heatmaps) == [(0, "a"), (0, "b"), (0, "c")] and len(res.heatmaps) == 3
+    again = pickle.loads(pickle.dumps(res))
+    for key in res.heatmaps:
+        first, second, unpickled = res.heatmaps[key], res.heatmaps[key], again.heatmaps[key]
+        assert first.array is not second.array, "made when read, not held"
+        assert first.grid.same_as(tgt.grid) and first.name == f"{key[1]} in pt_202_ct.nii.gz"
+        np.testing.assert_array_equal(first.array, second.array)
+        np.testing.assert_array_equal(first.array, unpickled.array)
+
+
+@pytest.mark.needs_data
 @pytest.mark.parametrize("polish", [False, True])
 def test_the_heatmap_at_each_match_equals_its_reported_score(polish):
     if not has_trained_default():

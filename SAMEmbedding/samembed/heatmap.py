@@ -1,0 +1,112 @@
+"""Heatmaps: a point's similarity map on the model's grid, put onto the target image's own voxel grid.
+
+A heatmap in the target's geometry is as large as the target (a 512 x 512 x 133 chest CT: 140 MB of float32), so a
+match keeps only each point's similarities on the model's grid (4 mm: about 5 MB for that CT) and
+:class:`Heatmaps` makes the full-size image when it is read, through a lookup of the model voxel under each image
+voxel made once per target. Writing the heatmaps of 50 points then holds one of them at a time, not 50 (that CT's
+50 heatmaps took a peak RSS of 9.1 GB when they were all made first).
+
+Torch-free (numpy, SimpleITK, :mod:`samembed.image`): a :class:`~samembed.result.MatchResult` with heatmaps pickles
+to, and is read in, a process that never loads torch (Slicer's main process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .image import Grid, Image
+
+
+def voxel_lookup(model_grid: Grid, image_grid: Grid) -> np.ndarray:
+    """For each voxel of ``image_grid`` (its shape, int32), the flat index of the ``model_grid`` voxel its centre falls
+    in (nearest neighbour, SimpleITK's resampling), or the model grid's voxel count V where it falls outside.
+
+    Made once per target: a heatmap is then ``values[lookup]`` (with a V-th value of -1), one gather instead of a
+    resampling per point."""
+    import SimpleITK as sitk
+
+    from .io import image_to_sitk
+
+    n = int(np.prod(model_grid.shape_zyx))
+    flat = np.arange(n, dtype=np.int32).reshape(model_grid.shape_zyx)
+    src = image_to_sitk(Image(flat, model_grid, "voxel index"))
+    g = image_grid
+    out = sitk.Resample(src, [int(s) for s in g.size_ijk], sitk.Transform(), sitk.sitkNearestNeighbor,
+                        [float(v) for v in g.origin_lps_mm], [float(v) for v in g.spacing_mm],
+                        [float(v) for v in g.direction.ravel()], float(n), sitk.sitkInt32)
+    return sitk.GetArrayFromImage(out)
+
+
+def heatmap_from_lookup(values: np.ndarray, lookup: np.ndarray, image_grid: Grid, name: str = "heatmap") -> Image:
+    """One similarity map ``values`` (V,) on the model grid, on ``image_grid`` through its :func:`voxel_lookup`.
+
+    Each image voxel gets the value of the model voxel its centre falls in (nearest neighbour: the map keeps its true
+    peak values, and its value at a match equals the match's score). Image voxels outside the model grid, and model
+    voxels whose similarity was not computed (-inf or NaN: outside the search mask), get -1. Float32, in [-1, 1].
+    """
+    v = np.asarray(values, dtype=np.float32).reshape(-1)
+    table = np.empty(len(v) + 1, dtype=np.float32)
+    table[:-1] = np.clip(np.where(np.isfinite(v), v, np.float32(-1.0)), -1.0, 1.0)
+    table[-1] = -1.0  # outside the model grid
+    return Image(np.take(table, lookup), image_grid, name)
+
+
+def heatmap_on_grid(values_zyx: np.ndarray, model_grid: Grid, image_grid: Grid, name: str = "heatmap") -> Image:
+    """One similarity map ``values_zyx`` (the shape of ``model_grid``) on ``image_grid``'s voxels
+    (:func:`heatmap_from_lookup` through a new :func:`voxel_lookup`)."""
+    return heatmap_from_lookup(values_zyx, voxel_lookup(model_grid, image_grid), image_grid, name)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The similarity rows (N, V) of one target's points on its model grid, and that target's geometry."""
+
+    rows: np.ndarray
+    model_grid: Grid
+    image_grid: Grid
+
+
+class Heatmaps(Mapping):
+    """``(target_index, label) -> Image`` in the target's geometry (:func:`heatmap_on_grid`), made when read.
+
+    Holds each point's similarities on the model's grid, and the voxel lookup of the target read last (one int32 per
+    voxel of its image); every read makes the full-size image again, so keep it when reading it twice.
+    ``dict(heatmaps)`` makes all of them at once.
+    """
+
+    def __init__(self) -> None:
+        self._where: dict[tuple[int, str], tuple[_Rows, int, str]] = {}
+        self._lookup: tuple[_Rows, np.ndarray] | None = None  # the last target's voxel_lookup (the size of its image)
+
+    def __getstate__(self) -> dict:
+        return {"_where": self._where, "_lookup": None}  # the lookup is made again where it is needed
+
+    def add(self, target_index: int, labels: list[str], rows: np.ndarray, model_grid: Grid, image_grid: Grid,
+            names: list[str]) -> None:
+        """The heatmaps of one target: point ``n`` (``labels[n]``, image name ``names[n]``) has the similarities
+        ``rows[n]`` (V,) on ``model_grid`` (-inf where not computed)."""
+        held = _Rows(np.asarray(rows, dtype=np.float32), model_grid, image_grid)
+        for n, (label, name) in enumerate(zip(labels, names)):
+            self._where[(int(target_index), label)] = (held, n, name)
+
+    def update(self, other: Heatmaps) -> None:
+        """Add the heatmaps of ``other`` (another target's)."""
+        self._where.update(other._where)
+
+    def __getitem__(self, key: tuple[int, str]) -> Image:
+        held, n, name = self._where[key]
+        if self._lookup is None or self._lookup[0] is not held:  # one target's lookup at a time (read in order)
+            self._lookup = (held, voxel_lookup(held.model_grid, held.image_grid))
+        return heatmap_from_lookup(held.rows[n], self._lookup[1], held.image_grid, name)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __repr__(self) -> str:
+        return f"Heatmaps({len(self)} made when read: {list(self._where)[:4]}{' ...' if len(self) > 4 else ''})"
