@@ -4,7 +4,7 @@ Each measurement runs in its own child process (``python benchmarks/cold_start.p
 model loading and every embedding are paid for, as a new user pays for them. The child runs the real command
 line (``samembed.cli.main(["match", ...])``, then the command's own exit) with light wrappers around the engine's stage functions that record
 each stage's *exclusive* wall time (a stage called inside another is not counted twice), and reports the peak RSS
-(``resource.getrusage``, the process's maximum resident set).
+(the process's ``VmHWM``, see :func:`peak_rss_gb`).
 
 Usage (from the repository root, with ``SAMEmbedding`` and ``benchmarks`` on ``PYTHONPATH``)::
 
@@ -298,6 +298,17 @@ def run(argv: list[str]) -> int:
             row[f"{mode}_err"] = float(np.mean(np.linalg.norm(found - case.truth_points_lps_mm, axis=1)))
             print(f"{tag} {mode}: {r['process_s']:.1f} s, {r['peak_rss_gb']:.2f} GB, error {row[f'{mode}_err']:.2f} mm",
                   flush=True)
+        # the other paths of the command, once each: heatmaps of every point (over the search mask), and the fallback
+        # without a prior window (every body voxel of both images embedded and searched)
+        for mode, extra in (("heatmaps", ["--heatmap-dir", str(work / f"{tag}_heatmaps")]),
+                            ("fallback", ["--prior-window", "0"])):
+            out = work / f"{tag}_{mode}.csv"
+            r = run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), extra)
+            _, _, found = _read_found(out)
+            row[mode] = r
+            row[f"{mode}_err"] = float(np.mean(np.linalg.norm(found - case.truth_points_lps_mm, axis=1)))
+            print(f"{tag} {mode}: {r['process_s']:.1f} s, {r['peak_rss_gb']:.2f} GB, error {row[f'{mode}_err']:.2f} mm",
+                  flush=True)
         if not args.no_elastix:
             js = work / f"{tag}_elastix.json"
             t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -409,6 +420,17 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
                      if el else
                      f"| {r['case']} | {r['n']} | {od_s} | {od['peak_rss_gb']:.2f} | {wh['process_s']:.1f} | "
                      f"{wh['peak_rss_gb']:.2f} | - | - | - | - | {r['ondemand_err']:.2f} / {r['whole_err']:.2f} / - |")
+    if all("heatmaps" in r and "fallback" in r for r in rows):
+        lines += ["", "The command's other paths, one fresh process each (no cache): `--heatmap-dir` (a heatmap per point, "
+                  "over the target's search mask; the searches as the default path's), and `--prior-window 0` (no "
+                  "window: every body voxel of both images embedded and searched, as when no prior can be trusted):",
+                  "", "| pair | heatmaps process s | peak RSS GB | CPU user + sys s | no window process s | peak RSS GB | "
+                  "CPU user + sys s | mean error no window mm |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            h, f = r["heatmaps"], r["fallback"]
+            cpu = [f"{x['user_s']:.1f} + {x['sys_s']:.1f}" if "sys_s" in x else "-" for x in (h, f)]
+            lines.append(f"| {r['case']} | {h['process_s']:.1f} | {h['peak_rss_gb']:.2f} | {cpu[0]} | "
+                         f"{f['process_s']:.1f} | {f['peak_rss_gb']:.2f} | {cpu[1]} | {r['fallback_err']:.2f} |")
     lines += ["", "Stage times of the on-demand runs (exclusive seconds; `other` = argument parsing and bookkeeping "
               "inside the process; `start and exit` = the interpreter's start before the child's clock and the "
               "process's exit after it, as the `samembed` command exits):", ""]
