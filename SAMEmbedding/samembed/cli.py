@@ -291,10 +291,11 @@ def _cmd_embed(args) -> int:
             bar.update(n, len(args.images), f"reading {Path(path).name}")
             image = as_image(path, spacing_mm=args.spacing)
             label = f"embedding {n + 1}/{len(args.images)} {Path(path).name}"
-            maps = matcher.embed(image, progress=lambda done, total, phase, label=label: bar.phase(
-                f"{label}: {phase} {done:g}/{total:g}"))
+            # what a cache entry holds: the global map and the body's local vectors (the air is never embedded)
+            maps = matcher.embedder_for(image.ndim).embed_body(image, progress=lambda done, total, phase, label=label:
+                                                               bar.phase(f"{label}: {phase} {done:g}/{total:g}"))
             bar.update(n + 1, len(args.images), label)
-            log.info("%s: local %s, global %s, %.1f s", path, tuple(maps.local.shape), tuple(maps.global_.shape),
+            log.info("%s: local %s, global %s, %.1f s", path, maps.local_grid.shape_zyx, tuple(maps.global_.shape),
                      time.time() - t0)
             matcher.clear_cache()
     finally:
@@ -491,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(m)
     m.set_defaults(func=_cmd_match)
 
-    e = sub.add_parser("embed", help="pre-compute embeddings into a cache folder")
+    e = sub.add_parser("embed", help="pre-compute embeddings into a cache folder (each image's global map and its body's "
+                       "local map)")
     e.add_argument("images", nargs="+", metavar="IMAGE")
     _add_common(e)
     e.set_defaults(func=_cmd_embed)

@@ -584,6 +584,21 @@ class Embedder:
             self.settle(maps)
         return maps
 
+    def embed_body(self, image: Image, progress: ProgressFn | None = None,
+                   cancel: threading.Event | None = None) -> EmbeddingMaps:
+        """Embeddings of ``image`` with the local map computed over its body only, written to the disk cache: what a
+        cache entry holds (the global map and the body's local vectors). The air around the body, about nine tenths
+        of a head-and-neck CT's grid, is never embedded; a later search computes any other voxel it reads on demand.
+        (A network without a separate global branch embeds every voxel.)"""
+        maps = self.embed(image, progress, cancel, on_demand=True)
+        if progress and not maps.complete:
+            progress(0, 1, "embedding the body")
+        try:
+            maps.ensure_all(maps.body, cancel)
+        finally:
+            self.settle(maps)  # also the tiles finished before a cancel
+        return maps
+
     def settle(self, maps: EmbeddingMaps) -> None:
         """After tiles were computed: write them to the disk cache, and re-apply the memory cache's cap (the maps
         grew)."""

@@ -276,6 +276,28 @@ def test_a_heatmap_covers_the_search_mask_with_the_whole_maps_values_and_embeds_
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)
+def test_embedding_the_body_for_the_cache_leaves_the_air_and_gives_the_whole_maps_values(pair, tmp_path):
+    """``Embedder.embed_body`` (``samembed embed``): the body's local vectors as the whole-volume map has them, the
+    air around it never run through the network, and a cache entry holding exactly the body."""
+    from samembed.tiles import ENTRY_SUFFIX, read_entry
+
+    _, _, tgt, _, whole = pair
+    emb = Matcher("default", device="cpu", cache_dir=tmp_path).embedder_for(3)
+    maps = emb.embed_body(tgt)
+    body = maps.body
+    assert not maps.complete and bool(maps.ready[body].all())
+    assert float(maps.ready.float().mean()) < 0.5, "most of a head-and-neck grid is air"
+    assert maps.tiles.input_voxels < maps.tiles.input().numel(), "no more network input than one whole volume"
+    ref = whole.embed(tgt)
+    diff = (maps.vectors[body] - ref.vectors[body]).abs().max()
+    assert float(diff) <= 1e-5, f"body vectors differ from the whole-volume map by {float(diff):.2g}"
+    (entry,) = tmp_path.glob(f"*{ENTRY_SUFFIX}")
+    _, (_, body_bits, stored_bits, _) = read_entry(entry)
+    assert np.array_equal(stored_bits, body_bits)
+
+
+@pytest.mark.needs_data
 @pytest.mark.parametrize("pair", ["openkbp"], indirect=True)  # one pair is enough for the disk format
 def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_cache, tmp_path, caplog):
     name, src, tgt, pts, _ = pair
