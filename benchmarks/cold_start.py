@@ -111,13 +111,16 @@ def peak_rss_gb(pid: int | str = "self") -> float:
     """Peak resident set size of process ``pid`` (default: this one), GB: the kernel's high-water mark of its memory
     (``VmHWM``), which starts afresh at ``exec``. Not ``getrusage``'s ``ru_maxrss``: that keeps the peak of the
     forked copy of the parent before ``exec``, so a child of a parent that had grown to 1.2 GB (building the suites)
-    reported 1.23 GB for every cold pair. Where ``/proc`` is missing: ``ru_maxrss`` of this process."""
+    reported 1.23 GB for every cold pair. Where ``/proc`` cannot tell: ``ru_maxrss`` for this process, NaN for
+    another (one that has ended, say)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024**2  # kB
     except OSError:
         pass
+    if pid != "self":
+        return float("nan")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
@@ -287,23 +290,16 @@ def run(argv: list[str]) -> int:
     for case in cases:
         tag, pts_csv = case_points(work, case)
         row = {"case": tag, "suite": case.suite, "n": len(case.labels)}
-        for mode, extra in (("ondemand", []), ("whole", ["--whole"])):
-            out = work / f"{tag}_{mode}.csv"
-            # the default path `--reps` times (this VM's speed drifts between runs): the median run is reported,
-            # with the range of all; the whole-volume path once
-            r = median_run([run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), extra)
-                            for _ in range(args.reps if mode == "ondemand" else 1)])
-            _, _, found = _read_found(out)
-            row[mode] = r
-            row[f"{mode}_err"] = float(np.mean(np.linalg.norm(found - case.truth_points_lps_mm, axis=1)))
-            print(f"{tag} {mode}: {r['process_s']:.1f} s, {r['peak_rss_gb']:.2f} GB, error {row[f'{mode}_err']:.2f} mm",
-                  flush=True)
-        # the other paths of the command, once each: heatmaps of every point (over the search mask), and the fallback
-        # without a prior window (every body voxel of both images embedded and searched)
-        for mode, extra in (("heatmaps", ["--heatmap-dir", str(work / f"{tag}_heatmaps")]),
+        # the default path `--reps` times (this VM's speed drifts between runs): the median run is reported, with
+        # the range of all; once each: the whole-volume path, and the command's other paths, heatmaps of every point
+        # (over the search mask) and the fallback without a prior window (every body voxel of both images embedded
+        # and searched)
+        for mode, extra in (("ondemand", []), ("whole", ["--whole"]),
+                            ("heatmaps", ["--heatmap-dir", str(work / f"{tag}_heatmaps")]),
                             ("fallback", ["--prior-window", "0"])):
             out = work / f"{tag}_{mode}.csv"
-            r = run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), extra)
+            r = median_run([run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), extra)
+                            for _ in range(args.reps if mode == "ondemand" else 1)])
             _, _, found = _read_found(out)
             row[mode] = r
             row[f"{mode}_err"] = float(np.mean(np.linalg.norm(found - case.truth_points_lps_mm, axis=1)))
