@@ -18,6 +18,14 @@ tuple ``(kind, requestID, payload)``):
 * child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)`` (for
   ``prepare``: its timings dict; for ``warm``: None); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
 
+The child imports torch on its first request that needs the engine (``warm``, which the module sends when it is
+entered, or a match). Before that, it forks a second process (``samembed.prefetch``, as ``samembed match`` does) that
+reads and preprocesses the volumes of the first ``match``, ``match_atlases`` or ``prepare`` request, and those sent
+ahead of it (:meth:`EngineProcess.sendVolumes`: the module sends every target of a click before matching them one by
+one): on a click that starts the engine, while torch loads; on one after the module started it, all but the first
+volume, while the child embeds the first. A volume's ``.npy`` file is read when a request first needs it. Later
+volumes are preprocessed by the engine itself.
+
 A cancel returns at once: the parent stops waiting and raises ``samembed.Cancelled``; the child stops at the
 engine's next check and its late answer is dropped. If the child dies, the waiting call raises
 :class:`EngineProcessError` (with the end of the child's log) and the next call starts a new child.
@@ -50,6 +58,7 @@ import numpy as np
 
 from samembed import Cancelled, Image, InputError, MatchOptions, MatchResult
 from samembed.options import ProgressFn
+from samembed.prefetch import ArrayFile
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +174,18 @@ class EngineProcess:
         images = [source, *(targets if isinstance(targets, (list, tuple)) else [targets])]
         return self._request("prepare", images, lambda keys: {"source": keys[0], "targets": keys[1:]}, progress,
                              cancel)
+
+    def sendVolumes(self, images: list) -> None:
+        """Send these volumes (``samembed.Image``, the source first) to the child now, each once, before the requests
+        that use them: a child that has still to load torch reads and preprocesses them meanwhile, in a second process
+        (``samembed.prefetch``), the later targets of a one-target-at-a-time job included. At most ``maxImages`` of
+        them, so that none pushes out another (the source above all)."""
+        if not all(isinstance(i, Image) for i in images):
+            raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
+        with self._lock:
+            self._ensureStarted()
+            for image in images[:self.maxImages]:
+                self._ensureImage(image)
 
     def warm_up(self, cancel: threading.Event | None = None) -> None:
         """Start the child now (it imports torch) and have it load its model, so that the first match waits for
@@ -392,8 +413,10 @@ def _picklable(error: BaseException) -> BaseException:
 
 def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     """Answer requests on ``conn`` until told to stop or the parent goes away (runs in the child)."""
-    from samembed import Atlas, Grid, Matcher  # noqa: F401 - Grid: unpickling the geometry
+    from samembed import Atlas, Grid  # noqa: F401 - Grid: unpickling the geometry (torch loads with the Matcher)
 
+    # forked before torch is imported and before the reader thread starts; it waits for the first request's volumes
+    prefetch = _startPrefetch(model, device)
     requests: queue.Queue = queue.Queue()
     cancelled: set[int] = set()
     current = {"id": None, "event": threading.Event()}
@@ -419,25 +442,52 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     threading.Thread(target=read, daemon=True).start()
     matcher = None
     images: dict[str, Image] = {}
+    unread: dict[str, ArrayFile] = {}  # volumes received and not read yet: their voxels are still in their files
+    prefetchGiven = False
+    given: set[str] = set()  # the files of the volumes given to the prefetch
 
-    def loaded() -> Matcher:  # the engine, its model loaded on the first request that needs it
+    def loaded():  # the engine (a samembed.Matcher), torch imported and the model loaded on the first request
         nonlocal matcher
         if matcher is None:
+            from samembed import Matcher
+
             matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
+            matcher.embedder.prefetch = prefetch
         return matcher
+
+    def image(key: str) -> Image:  # a volume, read from its file when first needed (or as the prefetch read it)
+        if key not in images:
+            source = unread.pop(key)
+            read = None if prefetch is None else prefetch.image(source.path)
+            images[key] = read if read is not None else source.read()
+            os.remove(source.path)
+        return images[key]
+
+    def releasePrefetch() -> None:  # once every volume given to it was read by a request: the engine does the rest
+        nonlocal prefetch
+        if prefetch is not None and prefetchGiven and not given & {v.path for v in unread.values()}:
+            log.info("%d volumes read and %d preprocessed ahead by the prefetch process",
+                     prefetch.images_read, prefetch.inputs_made)
+            prefetch.close()
+            prefetch = None
+            if matcher is not None:
+                matcher.embedder.prefetch = None
+
     while True:
         kind, requestID, payload = requests.get()
         if kind == "stop":
+            if prefetch is not None:
+                prefetch.close()
             return
         try:
             if kind == "image":
                 grid, name, spacingKnown, path = payload
-                array = np.load(path)
-                os.remove(path)
-                images[requestID] = Image(array, grid, name, spacingKnown)
+                unread[requestID] = ArrayFile(path, grid, name, spacingKnown)
                 continue
             if kind == "forget":
                 images.pop(requestID, None)
+                if requestID in unread:
+                    os.remove(unread.pop(requestID).path)
                 continue
             if kind == "clear":
                 if matcher is not None:
@@ -447,7 +497,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             if kind == "stats":
                 conn.send(("ok", requestID, matcher.cache_bytes if matcher is not None else 0))
                 continue
-            if kind == "warm":  # load the model now (the imports were done before connecting)
+            if kind == "warm":  # import torch and load the model now (the module asks when it is entered)
                 loaded()
                 conn.send(("result", requestID, None))
                 continue
@@ -459,23 +509,34 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                     continue
                 current["id"], current["event"] = requestID, threading.Event()
                 cancel = current["event"]
+            if prefetch is not None and not prefetchGiven:  # the first request's volumes, then any other sent
+                # ahead (sendVolumes): preprocessed in the process started with this one while this one imports
+                # torch; when the module started the engine ahead (torch loaded), all but the first, which this
+                # process preprocesses itself (on every core) while the other preprocesses the next
+                ordered = _imageKeys(kind, payload)
+                keys = [k for k in ordered if k in unread] + [k for k in unread if k not in ordered]
+                volumes = [unread[k] for k in keys if matcher is None or k != ordered[0]]
+                given = {v.path for v in volumes}
+                prefetch.give(volumes)
+                prefetchGiven = True
             loaded()
 
             def progress(done, total, phase, requestID=requestID):
                 conn.send(("progress", requestID, (done, total, phase)))
 
             if kind == "prepare":
-                result = matcher.prepare(images[payload["source"]], [images[k] for k in payload["targets"]],
+                result = matcher.prepare(image(payload["source"]), [image(k) for k in payload["targets"]],
                                          progress=progress, cancel=cancel)
             elif kind == "match_atlases":
-                atlases = [Atlas(images[key], points, labels, name) for key, points, labels, name in payload["atlases"]]
-                result = matcher.match_atlases(atlases, [images[k] for k in payload["targets"]], payload["options"],
+                atlases = [Atlas(image(key), points, labels, name) for key, points, labels, name in payload["atlases"]]
+                result = matcher.match_atlases(atlases, [image(k) for k in payload["targets"]], payload["options"],
                                                progress=progress, cancel=cancel, target_names=payload["target_names"])
             else:
-                result = matcher.match(images[payload["source"]], payload["points"],
-                                       [images[k] for k in payload["targets"]], payload["labels"],
+                result = matcher.match(image(payload["source"]), payload["points"],
+                                       [image(k) for k in payload["targets"]], payload["labels"],
                                        options=payload["options"], progress=progress, cancel=cancel,
                                        target_names=payload["target_names"])
+            releasePrefetch()  # before the answer: its log line is written when the caller gets the result
             conn.send(("result", requestID, result))  # samembed.result: torch-free to unpickle
         except Cancelled:
             conn.send(("cancelled", requestID, None))
@@ -485,6 +546,28 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
         finally:
             with lock:
                 current["id"] = None
+            releasePrefetch()
+
+
+def _imageKeys(kind: str, payload: dict) -> list[str]:
+    """The volumes of a ``match``, ``match_atlases`` or ``prepare`` request, in the order the engine embeds them."""
+    if kind == "match_atlases":
+        return [key for key, *_ in payload["atlases"]] + list(payload["targets"])
+    return [payload["source"], *payload["targets"]]
+
+
+def _startPrefetch(model: str, device: str):
+    """A second process, started before this one imports torch, that will read and preprocess the volumes of the
+    first match or prepare request (``samembed.prefetch.start_waiting``, as ``samembed match`` prefetches its
+    images), or None where that cannot help (torch already imported, one core, not Linux, CUDA, or a model whose
+    preprocessing is not known before it is loaded)."""
+    from samembed import prefetch
+    from samembed.registry import registered_local_stride_zyx, registered_pad_multiple_zyx, registered_preprocess
+
+    if device == "cuda":
+        return None
+    return prefetch.start_waiting(registered_preprocess(model), "auto", None, registered_pad_multiple_zyx(model),
+                                  registered_local_stride_zyx(model))
 
 
 def main() -> None:

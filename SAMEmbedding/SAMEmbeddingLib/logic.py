@@ -192,6 +192,9 @@ class MatchJob:
         """
         outcome = JobOutcome([])
         total = len(self.targets)
+        sendVolumes = getattr(matcher, "sendVolumes", None)
+        if sendVolumes is not None:  # the engine process: every volume now, the later targets preprocessed ahead
+            sendVolumes([self.sourceImage, *(t.image for t in self.targets)])
         for n, target in enumerate(self.targets):
             if cancel is not None and cancel.is_set():
                 outcome.cancelled = True

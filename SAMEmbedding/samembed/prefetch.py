@@ -18,8 +18,9 @@ array took 0.26 s through a pipe to an idle process and 5.8 s to a busy one. An 
 target that does not fit in the region still goes through the pipe; the later targets' images take at most half
 of the region, so that the first pair's inputs, made after every image is read, find room.
 
-Used by the ``samembed match`` command only (Linux, ``fork``): a library call or the Slicer module reads its images
-itself. This module imports no torch.
+Used by the ``samembed match`` command, and by the Slicer module's engine process for the volumes of its first
+request (:class:`ArrayFile`: voxels saved by the module, with their geometry), when that request starts the engine
+and torch has still to load (Linux, ``fork``). A library call reads its images itself. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -44,14 +45,36 @@ FIRST_IMAGES = 2
 
 
 @dataclass(frozen=True)
+class ArrayFile:
+    """An image given as a ``.npy`` file of its voxels (zyx) and its geometry, as the Slicer module's engine process
+    receives its volumes; read as the engine process reads it (:meth:`read`). The file is only read, never removed."""
+
+    path: str
+    grid: object  # samembed.image.Grid
+    name: str
+    spacing_known: bool = True
+
+    def read(self):
+        """The :class:`~samembed.image.Image`."""
+        from .image import Image
+
+        return Image(np.load(self.path), self.grid, self.name, self.spacing_known)
+
+
+def source_key(source: str | ArrayFile) -> str:
+    """What :meth:`Prefetch.image` knows an image by: its path (a file's, or an :class:`ArrayFile`'s ``.npy``)."""
+    return source.path if isinstance(source, ArrayFile) else str(source)
+
+
+@dataclass(frozen=True)
 class PrefetchRequest:
-    """What the child does: read ``paths`` and preprocess them with ``preprocess`` (a
+    """What the child does: read ``paths`` (files, or :class:`ArrayFile` volumes) and preprocess them with ``preprocess`` (a
     :class:`~samembed.preprocess.PreprocessConfig` as a dict) for ``modality``, padding CT to multiples of
     ``pad_multiple_zyx`` (the network's, as the engine pads), and make each input's body mask on the grid of stride
     ``body_stride_zyx`` (the local map's, as the engine does, on the input padded to that multiple; carried by the
     :class:`~samembed.preprocess.Prepared`; None: the engine makes it); ``spacing_mm`` as ``as_image``'s."""
 
-    paths: tuple[str, ...]
+    paths: tuple[str | ArrayFile, ...]
     preprocess: dict
     modality: str = "auto"
     spacing_mm: float | None = None
@@ -119,7 +142,9 @@ def available() -> bool:
             and (os.cpu_count() or 1) > 1 and "torch" not in sys.modules)
 
 
-def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
+def _child(request: PrefetchRequest, conn, arena: _Arena | None, later=None, later_parent=None) -> None:
+    if later_parent is not None:  # the parent's end, inherited by the fork: closed, so that its death ends recv()
+        later_parent.close()
     import SimpleITK as sitk
 
     from .io import read_image
@@ -127,17 +152,30 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one core here, the other for the import
 
+    if later is not None:  # started ahead (start_waiting): the images come when the engine's first request does
+        try:
+            paths = later.recv()
+        except (EOFError, OSError):
+            paths = None
+        if not paths:
+            conn.close()
+            return
+        request = dataclasses.replace(request, paths=tuple(paths))
     config = PreprocessConfig.from_dict(request.preprocess)
     images = []
     full = False  # the later images' share of the region is used up: the rest are left to the engine
     half = None if arena is None else len(arena.buf) // 2
-    for i, path in enumerate(request.paths):  # every image first: the command reads them all before it embeds one
+    for i, source in enumerate(request.paths):  # every image first: the command reads them all before it embeds one
         later = i >= FIRST_IMAGES
+        path = source_key(source)
         if later and (full or arena is None):
             conn.send(("skipped", path, None))
             continue
         try:
-            image = read_image(path, spacing_mm=request.spacing_mm)
+            if isinstance(source, ArrayFile):
+                image = source.read()
+            else:
+                image = read_image(source, spacing_mm=request.spacing_mm)
         except Exception:  # noqa: BLE001 - the command reads it again and reports the error itself
             conn.send(("failed", path, None))
             continue
@@ -174,25 +212,31 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None) -> None:
 class Prefetch:
     """A running prefetch (see the module docstring); :meth:`take` hands out its results."""
 
-    def __init__(self, request: PrefetchRequest) -> None:
+    def __init__(self, request: PrefetchRequest, waiting: bool = False) -> None:
         ctx = multiprocessing.get_context("fork")
         self.request = request
+        # waiting: the child is started now (before torch is imported) and told its images later (:meth:`give`)
+        self._later, later_child = ctx.Pipe(duplex=False)[::-1] if waiting else (None, None)
         try:
             self._arena = _Arena(ARENA_BYTES) if ARENA_BYTES > 0 else None
         except (OSError, ValueError) as exc:  # no shared memory here: the arrays go through the pipe
             log.debug("prefetch: no shared region (%s)", exc)
             self._arena = None
         self._conn, child_conn = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_child, args=(request, child_conn, self._arena), daemon=True,
-                                 name="samembed-prefetch")
+        self._proc = ctx.Process(target=_child, args=(request, child_conn, self._arena, later_child, self._later),
+                                 daemon=True, name="samembed-prefetch")
         self._proc.start()
         child_conn.close()
+        if later_child is not None:
+            later_child.close()
         self._results: dict[str, object] = {}
         self._images: dict[str, object] = {}
         self._settled: set[str] = set()  # paths whose image arrived, failed or was skipped
         self._coming: set[str] = set()  # content hashes of the images read: their inputs may still come
         self._no_input: set[str] = set()  # content hashes whose input will not come
         self._done = False
+        self.images_read = 0  # images handed out by image(), and inputs by take() (what the engine did not do itself)
+        self.inputs_made = 0
         self._cond = threading.Condition()
         # a thread empties the pipe as results come, so the child never waits for the main thread (busy importing)
         self._receiver = threading.Thread(target=self._receive, daemon=True, name="samembed-prefetch-receiver")
@@ -223,15 +267,31 @@ class Prefetch:
                 self._done = True
                 self._cond.notify_all()
 
+    def give(self, paths: Sequence[str | ArrayFile]) -> None:
+        """Tell a prefetch started by :func:`start_waiting` its images (the source, then the targets), once."""
+        if self._later is None:
+            raise RuntimeError("this prefetch was given its images when it started")
+        sources = tuple(p if isinstance(p, ArrayFile) else str(p) for p in paths)
+        with self._cond:
+            self.request = dataclasses.replace(self.request, paths=sources)
+        try:
+            self._later.send(sources)
+        except OSError as exc:  # the child is gone: nothing will come, and the engine reads the images itself
+            log.debug("prefetch: the child took no images: %s", exc)
+        self._later.close()
+        self._later = None
+
     def image(self, path: str):
         """The :class:`~samembed.image.Image` the child read from ``path`` (handed out once), or None when it did not
         (not prefetched, or it failed: the caller reads the file and reports the error)."""
         path = str(path)
-        if path not in self.request.paths:
+        if path not in {source_key(s) for s in self.request.paths}:
             return None
         with self._cond:
             self._cond.wait_for(lambda: path in self._settled or self._done)
-            return self._images.pop(path, None)
+            image = self._images.pop(path, None)
+            self.images_read += image is not None
+            return image
 
     def take(self, content_hash: str, config, modality: str, pad_multiple_zyx: tuple[int, ...] | None = None):
         """The prefetched :class:`~samembed.preprocess.Prepared` input of the image with ``content_hash``, when it
@@ -246,15 +306,20 @@ class Prefetch:
                                                     and tuple(req.pad_multiple_zyx) == tuple(pad_multiple_zyx))
         if PreprocessConfig.from_dict(req.preprocess) != config or modality != req.modality or not same_pad:
             return None
-        paths = set(req.paths)
+        paths = {source_key(s) for s in req.paths}
         with self._cond:  # wait while the child may still make it: an image it read and has not given up on
             self._cond.wait_for(lambda: content_hash in self._results or self._done or content_hash in self._no_input
                                 or (self._settled >= paths and content_hash not in self._coming))
             self._coming.discard(content_hash)  # handed out (or never coming): a second call need not wait
-            return self._results.pop(content_hash, None)
+            prepared = self._results.pop(content_hash, None)
+            self.inputs_made += prepared is not None
+            return prepared
 
     def close(self) -> None:
         """Stop the child (if still running) and drop what was not taken."""
+        if self._later is not None:  # never given its images: it waits for none
+            self._later.close()
+            self._later = None
         if self._proc.is_alive():
             self._proc.terminate()
         self._proc.join(timeout=5)
@@ -265,7 +330,7 @@ class Prefetch:
             self._images.clear()
 
 
-def start(paths: Sequence[str], preprocess: dict | None, modality: str = "auto",
+def start(paths: Sequence[str | ArrayFile], preprocess: dict | None, modality: str = "auto",
           spacing_mm: float | None = None, pad_multiple_zyx: Sequence[int] | None = None,
           body_stride_zyx: Sequence[int] | None = None) -> Prefetch | None:
     """Start prefetching ``paths`` in the order given (the source, then the targets; see the module docstring), or
@@ -276,8 +341,25 @@ def start(paths: Sequence[str], preprocess: dict | None, modality: str = "auto",
     pad = None if pad_multiple_zyx is None else tuple(int(m) for m in pad_multiple_zyx)
     stride = None if body_stride_zyx is None else tuple(int(m) for m in body_stride_zyx)
     try:
-        return Prefetch(PrefetchRequest(tuple(str(p) for p in paths), dict(preprocess), modality,
-                                        spacing_mm, pad, stride))
+        sources = tuple(p if isinstance(p, ArrayFile) else str(p) for p in paths)
+        return Prefetch(PrefetchRequest(sources, dict(preprocess), modality, spacing_mm, pad, stride))
     except OSError as exc:  # no process could be started: the engine reads the images itself
+        log.debug("prefetch not started: %s", exc)
+        return None
+
+
+def start_waiting(preprocess: dict | None, modality: str = "auto", spacing_mm: float | None = None,
+                  pad_multiple_zyx: Sequence[int] | None = None,
+                  body_stride_zyx: Sequence[int] | None = None) -> Prefetch | None:
+    """Start the prefetch process now, before torch is imported, and tell it its images later
+    (:meth:`Prefetch.give`): for a process that learns its images after it must start loading torch (the Slicer
+    module's engine process). None where it cannot help (see :func:`start`)."""
+    if preprocess is None or not available():
+        return None
+    pad = None if pad_multiple_zyx is None else tuple(int(m) for m in pad_multiple_zyx)
+    stride = None if body_stride_zyx is None else tuple(int(m) for m in body_stride_zyx)
+    try:
+        return Prefetch(PrefetchRequest((), dict(preprocess), modality, spacing_mm, pad, stride), waiting=True)
+    except OSError as exc:
         log.debug("prefetch not started: %s", exc)
         return None

@@ -9,6 +9,7 @@ import logging
 import mmap
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -175,3 +176,63 @@ def test_the_command_with_its_prefetch_writes_what_it_writes_without(tmp_path):
     assert fresh.stderr.count("body mask made ahead by the prefetch process") == 4, fresh.stderr[-2000:]
     assert main([*args, "--out", str(tmp_path / "here.csv")]) == 0
     assert (tmp_path / "fresh.csv").read_text() == (tmp_path / "here.csv").read_text()
+
+
+@pytest.mark.needs_data
+def test_a_prefetch_started_before_its_images_are_known_reads_volume_files_as_the_engine_process_does(tmp_path):
+    """The Slicer module's engine process forks its prefetch before torch loads and before it knows its first
+    request's volumes (``start_waiting``), which come as ``.npy`` files with their geometry (``ArrayFile``). Until
+    they are given, asking for one waits for nothing; then the image and the input are the engine's own, once each,
+    and the file stays for the engine process (which removes it)."""
+    path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    ref = read_image(path)
+    npy = tmp_path / "pt_215.npy"
+    np.save(npy, ref.array)
+    config, pad, stride = (registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+                           registered_local_stride_zyx("default"))
+    cfg = PreprocessConfig.from_dict(config)
+    # here torch is imported, so start_waiting would refuse (prefetch.available): the same object, started directly
+    p = prefetch.Prefetch(prefetch.PrefetchRequest((), config, pad_multiple_zyx=pad, body_stride_zyx=stride),
+                          waiting=True)
+    try:
+        t0 = time.perf_counter()
+        assert p.image(str(npy)) is None and p.take(ref.content_hash(), cfg, "auto", pad) is None
+        assert time.perf_counter() - t0 < 1.0, "asked before the images were given, it waited for them"
+        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True)])
+        with pytest.raises(RuntimeError, match="given its images"):
+            p.give([str(path)])
+        image = p.image(str(npy))
+        assert image.name == "pt_215" and image.content_hash() == ref.content_hash()
+        assert np.array_equal(image.array, ref.array) and isinstance(image.array.base, mmap.mmap)
+        got = p.take(ref.content_hash(), cfg, "auto", pad)
+        assert np.array_equal(got.array, preprocess(ref, cfg, "auto", pad).array) and got.body_stride_zyx == stride
+        assert p.take(ref.content_hash(), cfg, "auto", pad) is None, "handed out twice"
+        assert (p.images_read, p.inputs_made) == (1, 1)
+    finally:
+        p.close()
+    assert npy.exists(), "the prefetch removed the engine process's file"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended and not yet reaped, does not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def test_a_waiting_prefetch_ends_with_the_process_that_started_it(tmp_path):
+    """An engine process that dies (killed, or its parent gone) before its first request must not leave its waiting
+    prefetch behind."""
+    code = ("import os; from samembed import prefetch; from samembed.registry import registered_preprocess; "
+            "p = prefetch.start_waiting(registered_preprocess('default')); "
+            "print(p._proc.pid if p is not None else 'none', flush=True); os._exit(0)")
+    with open(tmp_path / "out.txt", "w") as f:  # a file, not a pipe: a prefetch left behind would hold a pipe open
+        subprocess.run([sys.executable, "-c", code], check=True, stdout=f, timeout=120)
+    out = (tmp_path / "out.txt").read_text().split()[0]
+    if out == "none":
+        pytest.skip("no prefetch on this machine (one core, or no fork)")
+    pid, end = int(out), time.monotonic() + 10.0
+    while _running(pid):
+        assert time.monotonic() < end, f"the prefetch process {pid} outlived the process that started it"
+        time.sleep(0.05)

@@ -17,7 +17,7 @@ from SAMEmbeddingLib.engine_process import EngineProcess, EngineProcessError
 from SAMEmbeddingLib.logic import MatchLogic
 from SAMEmbeddingLib.worker import Worker
 
-from .mrml_helpers import add_points, add_volume, control_points, ijk_to_ras, voxels
+from .mrml_helpers import DATA, add_points, add_volume, control_points, ijk_to_ras, load_volume, require, voxels
 
 pytestmark = pytest.mark.needs_data
 
@@ -107,6 +107,41 @@ def test_the_same_match_in_the_process_and_here(a_scene, a_process_logic, a_matc
 
     np.testing.assert_allclose(in_process, in_here, atol=1e-6)
     assert rows_process == pytest.approx([r.score for r in here.resultRows(points)])
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["cold", "started"])
+def test_the_first_clicks_volumes_are_preprocessed_in_a_second_process_and_match_as_here(a_scene, started):
+    """The engine process forks its prefetch before it imports torch. A click that starts the engine: that second
+    process reads and preprocesses every volume of the click while torch loads. A click after the module started
+    the engine (torch loaded): every volume but the source, which the engine preprocesses itself meanwhile. Its log
+    says so (the time is measured by benchmarks/first_click.py); the matches are those of the engine in this
+    process."""
+    import csv
+
+    ct = DATA / "ct" / "openkbp" / "ct"
+    source = load_volume(a_scene, ct / "pt_239_ct.nii.gz", "pt_239")
+    targets = [load_volume(a_scene, ct / f"{p}_ct.nii.gz", p) for p in ("pt_231", "pt_206")]
+    rows = csv.DictReader(require(DATA / "ct" / "openkbp" / "oar_centroids.csv").open())
+    cents = [r for r in rows if r["patient"] == "pt_239"][:2]
+    points = add_points(a_scene, [[-float(r["x_mm"]), -float(r["y_mm"]), float(r["z_mm"])] for r in cents],
+                        [r["structure"] for r in cents])
+    logic = MatchLogic(a_scene, model="default", device="cpu", engine="process")
+    try:
+        if started:
+            logic.startEngine()
+        out_process = logic.matchPoints(source, points, targets)
+        log = logic.getMatcher()._logTail(40)
+        rows_process = logic.resultRows(points)
+    finally:
+        logic.close()
+    # the second target's volume too (sent ahead: the logic matches one target per request)
+    ahead = 2 if started else 3
+    assert f"{ahead} volumes read and {ahead} preprocessed ahead by the prefetch process" in log, log
+    here = MatchLogic(a_scene, model="default", device="cpu")
+    out_here = here.matchPoints(source, points, targets)
+    for a, b in zip(out_process.pointLists, out_here.pointLists, strict=True):
+        np.testing.assert_allclose(control_points(a)[1], control_points(b)[1], atol=1e-4)
+    assert [r.score for r in rows_process] == pytest.approx([r.score for r in here.resultRows(points)], abs=1e-5)
 
 
 def test_killing_the_process_mid_match_gives_a_clear_error_and_the_next_match_works(
