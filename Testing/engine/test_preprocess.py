@@ -143,3 +143,31 @@ def test_a_ct_padded_by_its_resampling_equals_the_padded_resampled_ct(fill):
     np.testing.assert_array_equal(padded.grid.origin_lps_mm, plain.grid.origin_lps_mm)
     mri = preprocess(img, cfg, "mri", pad_multiple_zyx=(8, 8, 8))  # percentiles of the image only: not padded
     assert mri.array.shape == plain.array.shape
+
+
+def test_a_ct_is_mapped_in_its_resampled_buffer_with_the_values_of_a_new_array_and_the_buffer_outlives_the_image():
+    """CT intensities are mapped in the resampling's own output (no second volume-sized array): the values are
+    those of the mapping into a new array, bit for bit; the array is writable, holds its SimpleITK image alive (its
+    memory stays valid once the preprocessing's own references are gone and memory is reused), and the input image
+    is not modified."""
+    import gc
+
+    import SimpleITK as sitk
+
+    from samembed.io import image_to_sitk
+    from samembed.preprocess import resample_to_spacing
+
+    rng = np.random.default_rng(1)
+    arr = rng.integers(-1500, 3500, size=(23, 31, 27)).astype(np.int16)  # beyond the clip range on both sides
+    img = Image.from_array(arr, spacing_mm=(0.8, 1.1, 2.5), name="ct")
+    before = img.array.copy()
+    for fill in ("air", "zero"):
+        prep = preprocess(img, PreprocessConfig(fill=fill), "ct", pad_multiple_zyx=(8, 8, 8))
+        gc.collect()
+        churn = [np.full(1 << 16, 7.0) for _ in range(64)]  # reuse freed memory: a dangling buffer would show it
+        del churn
+        value = -1024.0 if fill == "air" else 0.0
+        ref = sitk.GetArrayFromImage(resample_to_spacing(image_to_sitk(img), 2.0, value, (8, 8, 8)))
+        np.testing.assert_array_equal(prep.array, map_intensity(ref, "ct"))
+        assert prep.array.dtype == np.float32 and prep.array.flags.writeable
+        np.testing.assert_array_equal(img.array, before)
