@@ -216,6 +216,11 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         else:
             res = matcher.match(source, points.points_lps_mm, targets, points.labels, options, mask=args.mask,
                                 progress=bar.update, target_names=names)
+        # writing needs none of the engine's embeddings, images and prefetched arrays: freed before the heatmaps,
+        # each as large as its target, are made (LIDC-0001 with 50 heatmaps: 2.9 -> 2.0 GB peak)
+        matcher = targets = source = atlases = None
+        if prefetch is not None:
+            prefetch.close()
         bar.phase("writing")
         _write_match_outputs(args, res, out, folder_out, fused=len(pairs) > 1)
     finally:
@@ -269,7 +274,8 @@ def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = F
             for (ti, label), img in res.heatmaps.items():
                 stem = Path(res.targets[ti]).name.split(".")[0]
                 safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-                pending.append(pool.submit(write_heatmap, img, Path(args.heatmap_dir) / f"{stem}_{safe}_heatmap.nii.gz"))
+                path = Path(args.heatmap_dir) / f"{stem}_{safe}_heatmap.nii.gz"
+                pending.append(pool.submit(write_heatmap, img, path, in_place=True))  # made for this write
                 del img
                 if len(pending) >= workers:
                     pending.pop(0).result()  # raises the writer's error, if any

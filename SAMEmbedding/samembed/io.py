@@ -214,9 +214,12 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
 HEATMAP_STEP = 2.0**-12
 
 
-def write_heatmap(image: Image, path: str | os.PathLike) -> Path:
-    """Write a similarity map (compressed NIfTI/NRRD) with its values rounded to :data:`HEATMAP_STEP`."""
-    rounded = np.divide(image.array, np.float32(HEATMAP_STEP), dtype=np.float32)  # a new array: the input is kept
+def write_heatmap(image: Image, path: str | os.PathLike, in_place: bool = False) -> Path:
+    """Write a similarity map (compressed NIfTI/NRRD) with its values rounded to :data:`HEATMAP_STEP`: in a new
+    array (``image`` is kept), or, with ``in_place``, in ``image``'s own float32 array (one image-sized array less)."""
+    own = in_place and image.array.dtype == np.float32 and image.array.flags.writeable
+    # the same values either way: one division, rounding and product, in float32
+    rounded = np.divide(image.array, np.float32(HEATMAP_STEP), dtype=np.float32, out=image.array if own else None)
     np.round(rounded, out=rounded)
     rounded *= np.float32(HEATMAP_STEP)
     return write_image(Image(rounded, image.grid, image.name), path)

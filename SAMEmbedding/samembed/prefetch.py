@@ -328,6 +328,7 @@ class Prefetch:
         with self._cond:
             self._results.clear()
             self._images.clear()
+        self._arena = None  # its pages go when no array handed out views them any more
 
 
 def start(paths: Sequence[str | ArrayFile], preprocess: dict | None, modality: str = "auto",

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,45 @@ def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv):
     assert set(rows[0]) == {"target", "label", "x", "y", "z", "score", "confident"}
     assert all(-1 <= float(r["score"]) <= 1 for r in rows)
     assert len(list((tmp_path / "hm").glob("*_heatmap.nii.gz"))) == 4
+
+
+@pytest.mark.needs_data
+def test_the_heatmaps_are_written_after_the_engine_and_its_images_are_freed_and_as_they_were_before(
+        tmp_path, two_cts, a_points_csv, monkeypatch):
+    """Each heatmap is as large as its target, so the command frees the engine (its embeddings) and the images
+    before it makes them: when the first one is written no embedding, engine or image of the match is alive. A
+    heatmap rounded in place (the command's) is the same file as one rounded in a new array, and only the
+    in-place call changes the array it is given."""
+    import gc
+
+    from samembed import io
+    from samembed.embedding import EmbeddingMaps
+    from samembed.image import Image
+
+    pts_path, _ = a_points_csv
+    seen = []
+    write = io.write_heatmap
+
+    def spy(image, path, in_place=False):
+        gc.collect()
+        alive = [getattr(o, "name", type(o).__name__) for o in gc.get_objects()  # (other heatmaps may be in flight)
+                 if type(o) is EmbeddingMaps or type(o).__name__ == "Matcher"  # type(): no proxy's __class__
+                 or (type(o) is Image and Path(o.name).name in {c.name for c in two_cts})]
+        seen.append((alive, in_place))
+        kept = image.array.copy()
+        apart = tmp_path / "apart" / Path(path).name  # the same name: the compressed file may carry it
+        apart.parent.mkdir(exist_ok=True)
+        write(Image(kept.copy(), image.grid, image.name), apart)  # rounded in a new array: its input kept
+        out = write(image, path, in_place=in_place)
+        assert apart.read_bytes() == Path(path).read_bytes()
+        assert in_place != np.array_equal(image.array, kept)  # only the in-place call rounded the given array
+        return out
+
+    monkeypatch.setattr(io, "write_heatmap", spy)
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(tmp_path / "m.csv"),
+                 "--heatmap-dir", str(tmp_path / "hm"), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 0 and len(seen) == 2
+    assert all(alive == [] and in_place for alive, in_place in seen), seen
 
 
 @pytest.mark.needs_data
