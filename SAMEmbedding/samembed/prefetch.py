@@ -25,6 +25,7 @@ and torch has still to load (Linux, ``fork``). A library call reads its images i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import mmap
@@ -145,6 +146,8 @@ def available() -> bool:
 def _child(request: PrefetchRequest, conn, arena: _Arena | None, later=None, later_parent=None) -> None:
     if later_parent is not None:  # the parent's end, inherited by the fork: closed, so that its death ends recv()
         later_parent.close()
+    with contextlib.suppress(OSError):  # the engine's threads first where they share a core with this process
+        os.nice(10)  # (which works ahead of them)
     import SimpleITK as sitk
 
     from .io import read_image
