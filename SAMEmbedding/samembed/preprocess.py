@@ -161,7 +161,7 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
             these sizes, by the resampling itself (no second copy of the volume); other modalities, whose mapping
             depends on the whole image's percentiles, come unpadded.
     """
-    from .io import image_to_sitk
+    from .io import image_to_sitk, sitk_voxels
 
     mod = detect_modality(image) if modality == "auto" else modality
     if mod not in ("ct", "mri", "xray"):
@@ -182,26 +182,9 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
     fill_mapped = float(map_intensity(np.array([fill], dtype=np.float32), mod, (0.0, 100.0))[0]) if mod == "ct" else -50.0
     # CT is mapped in the resampled image's own buffer (a volume-sized array less to make: on a VM whose fresh memory
     # costs about 10 us per 4 KB page, 0.05-0.1 s of a 40 MB input); the other mappings write a new array
-    out = map_intensity(_writable_voxels(res), mod, config.percentiles, in_place=True)
+    out = map_intensity(sitk_voxels(res), mod, config.percentiles, in_place=True)
     del res
     return Prepared(out, grid, mod, fill_mapped)
-
-
-class _ImageVoxels:
-    """A SimpleITK image's voxel buffer exposed through NumPy's array interface, writable, keeping the image alive
-    (an array made from it holds it as its base). SimpleITK's own view is read-only and does not keep the image."""
-
-    def __init__(self, image) -> None:
-        import SimpleITK as sitk
-
-        view = sitk.GetArrayViewFromImage(image)  # makes the buffer the image's own (MakeUnique)
-        self._image = image
-        self.__array_interface__ = {**view.__array_interface__, "data": (view.__array_interface__["data"][0], False)}
-
-
-def _writable_voxels(image) -> np.ndarray:
-    """The voxels of a SimpleITK image (zyx), a writable array in the image's own memory (no copy)."""
-    return np.asarray(_ImageVoxels(image))
 
 
 def body_mask(prepared: Prepared, threshold_mapped: float | None = None) -> np.ndarray:

@@ -159,3 +159,25 @@ def test_the_content_hash_is_the_documented_digest_and_follows_the_voxels():
     transposed = Image.from_array(np.asfortranarray(img.array), spacing_mm=(0.8, 0.9, 2.5), origin_lps_mm=(-10.0, 20.0, 30.0),
                                   direction=img.grid.direction)
     assert transposed.content_hash() == img.content_hash(), "the memory layout is not part of the content"
+
+
+def test_a_read_image_holds_the_readers_voxels_without_a_copy_and_a_given_one_is_copied(tmp_path):
+    """Reading takes the reader's own voxel buffer (no second volume-sized array): the values are
+    ``GetArrayFromImage``'s, the array stays valid after everything else is freed, and it is the image's alone. A
+    SimpleITK image given by the caller is copied: changing it later never reaches the engine's image."""
+    import gc
+
+    from samembed.io import image_from_sitk
+
+    img = an_oblique_image((20, 30, 26))
+    path = write_image(img, tmp_path / "vol.nii.gz")
+    back = read_image(path)
+    gc.collect()
+    churn = [np.full(1 << 16, 3.0) for _ in range(64)]  # reuse freed memory: a dangling buffer would show it
+    del churn
+    np.testing.assert_array_equal(back.array, sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+    assert back.array.flags.writeable and type(back.array.base).__name__ == "_SitkVoxels"  # the reader's buffer
+    given = sitk.ReadImage(str(path))
+    mine = image_from_sitk(given, "given")
+    given[0, 0, 0] = 1234
+    assert mine.array[0, 0, 0] == img.array[0, 0, 0] != 1234
