@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -125,6 +126,7 @@ class EngineProcess:
         self._tmp = Path(tempfile.mkdtemp(prefix="SAMEmbedding-engine-"))
         self._logPath = self._tmp / "engine.log"
         self._cacheBytes = 0
+        self._firstRequestSent = False
 
     # -- the Matcher interface ---------------------------------------------------------------
     def match(self, source, points_lps_mm, targets, labels=None, options: MatchOptions | None = None, *, mask=None,
@@ -175,16 +177,24 @@ class EngineProcess:
         return self._request("prepare", images, lambda keys: {"source": keys[0], "targets": keys[1:]}, progress,
                              cancel)
 
-    def sendVolumes(self, images: list) -> None:
+    def sendVolumes(self, images: list, cancel: threading.Event | None = None) -> None:
         """Send these volumes (``samembed.Image``, the source first) to the child now, each once, before the requests
-        that use them: a child that has still to load torch reads and preprocesses them meanwhile, in a second process
-        (``samembed.prefetch``), the later targets of a one-target-at-a-time job included. At most ``maxImages`` of
-        them, so that none pushes out another (the source above all)."""
+        that use them, when the child's prefetch can take them (its first match or prepare request is still to come,
+        on a machine and model where it prefetches, see :func:`_startPrefetch`): it reads and preprocesses them in a
+        second process (``samembed.prefetch``), the later targets of a one-target-at-a-time job included. At most
+        ``maxImages`` of them, so that none pushes out another (the source above all); ``cancel`` is checked between
+        them. Otherwise nothing is sent ahead: each request sends its own volumes."""
         if not all(isinstance(i, Image) for i in images):
             raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
         with self._lock:
+            if self._alive() and self._firstRequestSent:
+                return
             self._ensureStarted()
+            if not _prefetches(self.model, self.device):
+                return
             for image in images[:self.maxImages]:
+                if cancel is not None and cancel.is_set():
+                    return
                 self._ensureImage(image)
 
     def warm_up(self, cancel: threading.Event | None = None) -> None:
@@ -203,6 +213,7 @@ class EngineProcess:
             self._ensureStarted()
             keys = [self._ensureImage(image) for image in images]
             requestID = next(self._ids)
+            self._firstRequestSent |= kind in ("match", "match_atlases", "prepare")
             self._send((kind, requestID, payload(keys)))
             return self._await(requestID, progress, cancel)
 
@@ -291,6 +302,7 @@ class EngineProcess:
         listener.close()
         self._proc, self._conn, self._logFile = proc, accepted["conn"], logFile
         self._sent.clear()
+        self._firstRequestSent = False  # this child's prefetch waits for the volumes of its first such request
         self.starts += 1
         log.info("SAMEmbedding: engine process %d started with %s in %.1f s", proc.pid, python,
                  time.monotonic() - started)
@@ -313,6 +325,9 @@ class EngineProcess:
         if getattr(self, "_logFile", None) is not None:
             self._logFile.close()
             self._logFile = None
+        for left in self._tmp.glob("*.npy"):  # volumes the child never read: all are sent again to the next child
+            with contextlib.suppress(OSError):
+                left.unlink()
 
     # -- requests ----------------------------------------------------------------------------
     def _send(self, message) -> None:
@@ -416,7 +431,11 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     from samembed import Atlas, Grid  # noqa: F401 - Grid: unpickling the geometry (torch loads with the Matcher)
 
     # forked before torch is imported and before the reader thread starts; it waits for the first request's volumes
-    prefetch = _startPrefetch(model, device)
+    try:
+        prefetch = _startPrefetch(model, device)
+    except Exception:  # noqa: BLE001 - without a prefetch the engine preprocesses its volumes itself
+        log.exception("no prefetch process")
+        prefetch = None
     requests: queue.Queue = queue.Queue()
     cancelled: set[int] = set()
     current = {"id": None, "event": threading.Event()}
@@ -457,21 +476,31 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
 
     def image(key: str) -> Image:  # a volume, read from its file when first needed (or as the prefetch read it)
         if key not in images:
-            source = unread.pop(key)
-            read = None if prefetch is None else prefetch.image(source.path)
-            images[key] = read if read is not None else source.read()
-            os.remove(source.path)
+            source = unread[key]
+            try:
+                read = None if prefetch is None else prefetch.image(source.path)
+                images[key] = read if read is not None else source.read()
+            finally:  # read or not (a broken file is reported), the file goes: the parent sends it again if need be
+                del unread[key]
+                with contextlib.suppress(OSError):
+                    os.remove(source.path)
         return images[key]
 
-    def releasePrefetch() -> None:  # once every volume given to it was read by a request: the engine does the rest
+    def releasePrefetch(force: bool = False) -> None:
+        # once every volume given to it was read by a request (or, ``force``, when a request failed or was
+        # cancelled: the volumes it holds may never be asked for), the engine does the rest itself
         nonlocal prefetch
-        if prefetch is not None and prefetchGiven and not given & {v.path for v in unread.values()}:
-            log.info("%d volumes read and %d preprocessed ahead by the prefetch process",
-                     prefetch.images_read, prefetch.inputs_made)
+        if prefetch is None or not prefetchGiven or (given & {v.path for v in unread.values()} and not force):
+            return
+        log.info("%d volumes read and %d preprocessed ahead by the prefetch process",
+                 prefetch.images_read, prefetch.inputs_made)
+        try:
             prefetch.close()
-            prefetch = None
-            if matcher is not None:
-                matcher.embedder.prefetch = None
+        except Exception:  # noqa: BLE001 - a prefetch that cannot be closed is dropped all the same
+            log.exception("closing the prefetch process")
+        prefetch = None
+        if matcher is not None:
+            matcher.embedder.prefetch = None
 
     while True:
         kind, requestID, payload = requests.get()
@@ -513,9 +542,11 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 # ahead (sendVolumes): preprocessed in the process started with this one while this one imports
                 # torch; when the module started the engine ahead (torch loaded), all but the first, which this
                 # process preprocesses itself (on every core) while the other preprocesses the next
-                ordered = _imageKeys(kind, payload)
+                ordered = list(dict.fromkeys(_imageKeys(kind, payload)))  # a volume twice (source = target): once
                 keys = [k for k in ordered if k in unread] + [k for k in unread if k not in ordered]
-                volumes = [unread[k] for k in keys if matcher is None or k != ordered[0]]
+                # each with its hash (the parent's key): the engine does not wait for one that was not given
+                volumes = [dataclasses.replace(unread[k], content_hash=k) for k in keys
+                           if matcher is None or k != ordered[0]]
                 given = {v.path for v in volumes}
                 prefetch.give(volumes)
                 prefetchGiven = True
@@ -539,9 +570,11 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             releasePrefetch()  # before the answer: its log line is written when the caller gets the result
             conn.send(("result", requestID, result))  # samembed.result: torch-free to unpickle
         except Cancelled:
+            releasePrefetch(force=True)
             conn.send(("cancelled", requestID, None))
         except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
             log.exception("request %s failed", kind)
+            releasePrefetch(force=True)
             conn.send(("error", requestID, _picklable(e)))
         finally:
             with lock:
@@ -554,6 +587,18 @@ def _imageKeys(kind: str, payload: dict) -> list[str]:
     if kind == "match_atlases":
         return [key for key, *_ in payload["atlases"]] + list(payload["targets"])
     return [payload["source"], *payload["targets"]]
+
+
+def _prefetches(model: str, device: str) -> bool:
+    """Whether an engine process for ``model`` on ``device`` starts a prefetch (:func:`_startPrefetch`); torch-free,
+    so the parent can ask before it sends volumes ahead."""
+    from samembed.registry import registered_preprocess
+
+    try:
+        return (sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1 and device != "cuda"
+                and registered_preprocess(model) is not None)
+    except Exception:  # noqa: BLE001 - a registry that cannot be read: no prefetch, and the engine reports the model
+        return False
 
 
 def _startPrefetch(model: str, device: str):

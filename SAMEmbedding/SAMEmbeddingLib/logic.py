@@ -194,7 +194,7 @@ class MatchJob:
         total = len(self.targets)
         sendVolumes = getattr(matcher, "sendVolumes", None)
         if sendVolumes is not None:  # the engine process: every volume now, the later targets preprocessed ahead
-            sendVolumes([self.sourceImage, *(t.image for t in self.targets)])
+            sendVolumes([self.sourceImage, *(t.image for t in self.targets)], cancel=cancel)
         for n, target in enumerate(self.targets):
             if cancel is not None and cancel.is_set():
                 outcome.cancelled = True

@@ -112,7 +112,8 @@ class _SitkVoxels:
 def sitk_voxels(img) -> np.ndarray:
     """The voxels of a ``SimpleITK.Image`` (zyx, components last), a writable array in the image's own memory: the
     values of ``GetArrayFromImage`` without its copy (a volume-sized array less to make; on a VM whose fresh memory
-    costs about 10 us per 4 KB page, 0.05-0.2 s of a CT). The image stays alive as long as the array."""
+    costs about 10 us per 4 KB page, 0.05-0.2 s of a CT). The image stays alive as long as the array, and a write
+    to the array is a write to the image: use it on an image that is nobody else's."""
     return np.asarray(_SitkVoxels(img))
 
 

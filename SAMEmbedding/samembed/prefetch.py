@@ -48,12 +48,15 @@ FIRST_IMAGES = 2
 @dataclass(frozen=True)
 class ArrayFile:
     """An image given as a ``.npy`` file of its voxels (zyx) and its geometry, as the Slicer module's engine process
-    receives its volumes; read as the engine process reads it (:meth:`read`). The file is only read, never removed."""
+    receives its volumes; read as the engine process reads it (:meth:`read`). The file is only read, never removed.
+    ``content_hash``: the image's (:meth:`~samembed.image.Image.content_hash`), when the sender knows it: an input
+    asked for with another hash is then known not to come, and nobody waits for it."""
 
     path: str
     grid: object  # samembed.image.Grid
     name: str
     spacing_known: bool = True
+    content_hash: str | None = None
 
     def read(self):
         """The :class:`~samembed.image.Image`."""
@@ -143,7 +146,7 @@ def available() -> bool:
             and (os.cpu_count() or 1) > 1 and "torch" not in sys.modules)
 
 
-def _child(request: PrefetchRequest, conn, arena: _Arena | None, later=None, later_parent=None) -> None:
+def _child(request: PrefetchRequest, conn, arena: _Arena | None, given=None, later_parent=None) -> None:
     if later_parent is not None:  # the parent's end, inherited by the fork: closed, so that its death ends recv()
         later_parent.close()
     with contextlib.suppress(OSError):  # the engine's threads first where they share a core with this process
@@ -155,9 +158,9 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, later=None, lat
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one core here, the other for the import
 
-    if later is not None:  # started ahead (start_waiting): the images come when the engine's first request does
+    if given is not None:  # started ahead (start_waiting): the images come when the engine's first request does
         try:
-            paths = later.recv()
+            paths = given.recv()
         except (EOFError, OSError):
             paths = None
         if not paths:
@@ -309,6 +312,9 @@ class Prefetch:
                                                     and tuple(req.pad_multiple_zyx) == tuple(pad_multiple_zyx))
         if PreprocessConfig.from_dict(req.preprocess) != config or modality != req.modality or not same_pad:
             return None
+        known = [s.content_hash for s in req.paths if isinstance(s, ArrayFile)]
+        if len(known) == len(req.paths) and None not in known and content_hash not in known:
+            return None  # not one of its images (their hashes came with them): nothing to wait for
         paths = {source_key(s) for s in req.paths}
         with self._cond:  # wait while the child may still make it: an image it read and has not given up on
             self._cond.wait_for(lambda: content_hash in self._results or self._done or content_hash in self._no_input

@@ -199,7 +199,9 @@ def test_a_prefetch_started_before_its_images_are_known_reads_volume_files_as_th
         t0 = time.perf_counter()
         assert p.image(str(npy)) is None and p.take(ref.content_hash(), cfg, "auto", pad) is None
         assert time.perf_counter() - t0 < 1.0, "asked before the images were given, it waited for them"
-        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True)])
+        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True, ref.content_hash())])
+        t0 = time.perf_counter()  # another image's input: known not to come (the given hashes), so not waited for
+        assert p.take("0" * 64, cfg, "auto", pad) is None and time.perf_counter() - t0 < 0.2
         with pytest.raises(RuntimeError, match="given its images"):
             p.give([str(path)])
         image = p.image(str(npy))

@@ -170,4 +170,5 @@ def test_a_ct_is_mapped_in_its_resampled_buffer_with_the_values_of_a_new_array_a
         ref = sitk.GetArrayFromImage(resample_to_spacing(image_to_sitk(img), 2.0, value, (8, 8, 8)))
         np.testing.assert_array_equal(prep.array, map_intensity(ref, "ct"))
         assert prep.array.dtype == np.float32 and prep.array.flags.writeable
+        assert type(prep.array.base).__name__ == "_SitkVoxels", "mapped in a new array, not the resampled buffer"
         np.testing.assert_array_equal(img.array, before)

@@ -97,6 +97,30 @@ def test_the_engine_started_ahead_is_the_one_the_first_click_uses(a_scene, a_pro
     assert matched.shape == (1, 3)
 
 
+def test_volumes_are_sent_ahead_only_while_a_prefetch_can_take_them(a_scene, a_process_logic, a_small_ct):
+    """The logic sends a click's volumes ahead for the engine process's prefetch, which exists only for a registered
+    model (its preprocessing known before torch loads) and only until the first match: otherwise every request
+    sends its own volumes, one at a time (none written to disk ahead of need)."""
+    from samembed import Image
+
+    engine = a_process_logic.getMatcher()
+    image = a_process_logic.imageForVolume(a_small_ct)
+    other = Image(image.array + 1, image.grid, "other")
+    engine.sendVolumes([image, other])  # random:sam-lite: not registered, no prefetch in the child
+    assert engine.starts == 1 and engine.imagesSent == 0
+    ahead = EngineProcess(model="default", device="cpu")
+    try:
+        ahead.sendVolumes([image, other])  # a registered model, before the first match: sent
+        assert ahead.imagesSent == 2
+        centre = image.grid.index_to_lps([[(n - 1) / 2 for n in image.grid.size_ijk]])
+        ahead.match(image, centre, [image])
+        third = Image(image.array + 2, image.grid, "third")
+        ahead.sendVolumes([third])  # after it: the prefetch is gone, nothing sent ahead
+        assert ahead.imagesSent == 2
+    finally:
+        ahead.close()
+
+
 def test_the_same_match_in_the_process_and_here(a_scene, a_process_logic, a_matcher, a_small_ct):
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"])
     here = MatchLogic(a_scene, matcher=a_matcher)
@@ -132,6 +156,7 @@ def test_the_first_clicks_volumes_are_preprocessed_in_a_second_process_and_match
         out_process = logic.matchPoints(source, points, targets)
         log = logic.getMatcher()._logTail(40)
         rows_process = logic.resultRows(points)
+        assert not list(logic.getMatcher()._tmp.glob("*.npy")), "a volume file was left behind"
     finally:
         logic.close()
     # the second target's volume too (sent ahead: the logic matches one target per request)
