@@ -592,11 +592,11 @@ def _imageKeys(kind: str, payload: dict) -> list[str]:
 def _prefetches(model: str, device: str) -> bool:
     """Whether an engine process for ``model`` on ``device`` starts a prefetch (:func:`_startPrefetch`); torch-free,
     so the parent can ask before it sends volumes ahead."""
+    from samembed.prefetch import can_fork_ahead
     from samembed.registry import registered_preprocess
 
     try:
-        return (sys.platform.startswith("linux") and (os.cpu_count() or 1) > 1 and device != "cuda"
-                and registered_preprocess(model) is not None)
+        return can_fork_ahead() and device != "cuda" and registered_preprocess(model) is not None
     except Exception:  # noqa: BLE001 - a registry that cannot be read: no prefetch, and the engine reports the model
         return False
 
@@ -609,7 +609,7 @@ def _startPrefetch(model: str, device: str):
     from samembed import prefetch
     from samembed.registry import registered_local_stride_zyx, registered_pad_multiple_zyx, registered_preprocess
 
-    if device == "cuda":
+    if not _prefetches(model, device):
         return None
     return prefetch.start_waiting(registered_preprocess(model), "auto", None, registered_pad_multiple_zyx(model),
                                   registered_local_stride_zyx(model))

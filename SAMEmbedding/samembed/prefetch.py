@@ -140,10 +140,21 @@ def _unpack(arena: _Arena | None, packed):
     return obj if where is None else dataclasses.replace(obj, array=arena.view(where))
 
 
-def available() -> bool:
-    """Prefetching can help here: Linux with ``fork``, more than one core, and torch not imported yet."""
+def can_fork_ahead() -> bool:
+    """This machine can prefetch at all: Linux with ``fork``, more than one core (torch aside, see :func:`available`).
+    """
     return (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
-            and (os.cpu_count() or 1) > 1 and "torch" not in sys.modules)
+            and (os.cpu_count() or 1) > 1)
+
+
+def available() -> bool:
+    """Prefetching can help here: :func:`can_fork_ahead`, and torch not imported yet."""
+    return can_fork_ahead() and "torch" not in sys.modules
+
+
+def _sources(paths: Sequence[str | os.PathLike | ArrayFile]) -> tuple[str | ArrayFile, ...]:
+    """Paths as the child takes them: file paths as strings, :class:`ArrayFile` volumes as they are."""
+    return tuple(p if isinstance(p, ArrayFile) else str(p) for p in paths)
 
 
 def _child(request: PrefetchRequest, conn, arena: _Arena | None, given=None, later_parent=None) -> None:
@@ -277,7 +288,7 @@ class Prefetch:
         """Tell a prefetch started by :func:`start_waiting` its images (the source, then the targets), once."""
         if self._later is None:
             raise RuntimeError("this prefetch was given its images when it started")
-        sources = tuple(p if isinstance(p, ArrayFile) else str(p) for p in paths)
+        sources = _sources(paths)
         with self._cond:
             self.request = dataclasses.replace(self.request, paths=sources)
         try:
@@ -346,16 +357,9 @@ def start(paths: Sequence[str | ArrayFile], preprocess: dict | None, modality: s
     """Start prefetching ``paths`` in the order given (the source, then the targets; see the module docstring), or
     None when it cannot help (see :func:`available`) or the model's preprocessing is not known without loading it
     (``preprocess=None``)."""
-    if preprocess is None or not paths or not available():
+    if not paths:
         return None
-    pad = None if pad_multiple_zyx is None else tuple(int(m) for m in pad_multiple_zyx)
-    stride = None if body_stride_zyx is None else tuple(int(m) for m in body_stride_zyx)
-    try:
-        sources = tuple(p if isinstance(p, ArrayFile) else str(p) for p in paths)
-        return Prefetch(PrefetchRequest(sources, dict(preprocess), modality, spacing_mm, pad, stride))
-    except OSError as exc:  # no process could be started: the engine reads the images itself
-        log.debug("prefetch not started: %s", exc)
-        return None
+    return _launch(_sources(paths), preprocess, modality, spacing_mm, pad_multiple_zyx, body_stride_zyx, False)
 
 
 def start_waiting(preprocess: dict | None, modality: str = "auto", spacing_mm: float | None = None,
@@ -364,12 +368,19 @@ def start_waiting(preprocess: dict | None, modality: str = "auto", spacing_mm: f
     """Start the prefetch process now, before torch is imported, and tell it its images later
     (:meth:`Prefetch.give`): for a process that learns its images after it must start loading torch (the Slicer
     module's engine process). None where it cannot help (see :func:`start`)."""
+    return _launch((), preprocess, modality, spacing_mm, pad_multiple_zyx, body_stride_zyx, True)
+
+
+def _launch(sources: tuple[str | ArrayFile, ...], preprocess: dict | None, modality: str, spacing_mm: float | None,
+            pad_multiple_zyx: Sequence[int] | None, body_stride_zyx: Sequence[int] | None,
+            waiting: bool) -> Prefetch | None:
+    """:func:`start` and :func:`start_waiting`: the :class:`Prefetch`, or None where it cannot help."""
     if preprocess is None or not available():
         return None
     pad = None if pad_multiple_zyx is None else tuple(int(m) for m in pad_multiple_zyx)
     stride = None if body_stride_zyx is None else tuple(int(m) for m in body_stride_zyx)
     try:
-        return Prefetch(PrefetchRequest((), dict(preprocess), modality, spacing_mm, pad, stride), waiting=True)
-    except OSError as exc:
+        return Prefetch(PrefetchRequest(sources, dict(preprocess), modality, spacing_mm, pad, stride), waiting=waiting)
+    except OSError as exc:  # no process could be started: the engine reads the images itself
         log.debug("prefetch not started: %s", exc)
         return None
