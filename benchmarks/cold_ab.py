@@ -42,7 +42,7 @@ def _worktree(rev: str, folder: Path) -> Path:
     return folder
 
 
-def _cold(root: Path, source: str, target: str, points: str, out: Path) -> tuple[float, float, int]:
+def _cold(root: Path, source: str, target: str | list[str], points: str, out: Path) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (GB) and minor page faults (the process and its prefetch process: first touches of
     memory, a steadier measure than the time on a VM whose memory costs vary) of one cold match by the engine of
     checkout ``root``."""
@@ -51,7 +51,8 @@ def _cold(root: Path, source: str, target: str, points: str, out: Path) -> tuple
 
     t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
-                           str(out.with_suffix(".json")), source, target, "--points", points, "--out", str(out)],
+                           str(out.with_suffix(".json")), source, *([target] if isinstance(target, str) else target), "--points", points,
+                           "--out", str(out)],
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     faults = cpu_use(use0)["minor_faults"]
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--openkbp-pairs", type=int, default=3)
     p.add_argument("--suites", default=str(REPO / "cache" / "suites"))
+    p.add_argument("--atlas", type=int, default=0, metavar="N",
+                   help="also one atlas into N cold targets in one process (cold_start.py's atlas case): the mean "
+                        "time per target of each engine")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
     args = p.parse_args(argv)
     work = REPO / "cache" / "cold_ab"
@@ -101,6 +105,29 @@ def main(argv: list[str] | None = None) -> int:
                     f"{statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | "
                     f"{statistics.median(faults['base']) / 1e3:.0f} / {statistics.median(faults['head']) / 1e3:.0f} | {moved:.2f} |")
         print(rows[-1], flush=True)
+    atlas_rows = []
+    if args.atlas:
+        from cold_start import atlas_case
+
+        kbp = [c for c in cold_cases(args.suites, 1) if c.suite == "openkbp_inter"]
+        src_pat, targets, pts = atlas_case(args.suites, kbp, args.atlas, work)
+        per: dict[str, list[float]] = {"base": [], "head": []}
+        times = {"base": [], "head": []}
+        for rep in range(args.reps):
+            for name, root in (("base", base), ("head", REPO))[:: 1 if rep % 2 == 0 else -1]:
+                out = work / f"atlas_{name}.csv"
+                seconds, _, _ = _cold(root, str(kbp[0].source), [str(c.target) for c in targets], str(pts), out)
+                marks = json.loads(out.with_suffix(".json").read_text())["per_target_s"][:len(targets)]
+                times[name].append(seconds)
+                per[name].append(float(np.mean(marks)))
+        moved = float(np.linalg.norm(_read_found(work / "atlas_base.csv")[2] - _read_found(work / "atlas_head.csv")[2],
+                                     axis=1).max())
+        b, h = statistics.median(per["base"]), statistics.median(per["head"])
+        atlas_rows.append(f"| {src_pat} into {', '.join(c.meta['target_patient'] for c in targets)} | "
+                          f"{statistics.median(times['base']):.2f} / {statistics.median(times['head']):.2f} | "
+                          f"{b:.2f} ({min(per['base']):.2f}-{max(per['base']):.2f}) | "
+                          f"{h:.2f} ({min(per['head']):.2f}-{max(per['head']):.2f}) | {b / h:.2f}x | {moved:.2f} |")
+        print(atlas_rows[-1], flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = "\n".join([
         f"# Cold `samembed match`: `{args.base}` against `{head}`, side by side", "",
@@ -112,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         "largest move of a match, base to head, mm |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows, ""])
+    if atlas_rows:
+        text += "\n".join([
+            "", "One atlas into many, one fresh process per run (each target cold, the source's tiles reused); the mean "
+            "time per target of each run, median (range) over the runs:", "",
+            "| atlas into targets | process s, base / head | base s per target | head s per target | speed-up | "
+            "largest move of a match, base to head, mm |",
+            "|---|---:|---:|---:|---:|---:|", *atlas_rows, ""])
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0

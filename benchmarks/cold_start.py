@@ -267,10 +267,30 @@ def case_points(work: Path, case) -> tuple[str, Path]:
     return tag, path
 
 
+def atlas_case(suites: str, kbp: list, n_targets: int, work: Path) -> tuple[str, list, Path]:
+    """One atlas into many: the source patient of the first OpenKBP case ``kbp[0]``, ``n_targets`` distinct other
+    patients (that case's target first) as cold targets, and the source's organ centroids written to
+    ``work/atlas_points.csv``. Returns ``(source patient, target cases, points file)``."""
+    from samembed_bench.cases import read_cases
+    from samembed_bench.suites import data_root, read_openkbp_centroids
+
+    cents = read_openkbp_centroids(data_root())
+    src_pat = kbp[0].meta["source_patient"]
+    targets = []
+    for c in kbp + read_cases(Path(suites) / "openkbp_inter" / "cases.json"):  # distinct other patients
+        if len(targets) == n_targets:
+            break
+        if c.meta["target_patient"] != src_pat and all(c.meta["target_patient"] != t.meta["target_patient"] for t in targets):
+            targets.append(c)
+    labels = sorted(cents[src_pat])
+    pts_csv = work / "atlas_points.csv"
+    _write_points(pts_csv, labels, [cents[src_pat][s] for s in labels])
+    return src_pat, targets, pts_csv
+
+
 def run(argv: list[str]) -> int:
     """The side-by-side benchmark; writes the markdown report."""
     import numpy as np
-    from samembed_bench.cases import read_cases
     from samembed_bench.suites import data_root, read_openkbp_centroids
 
     p = argparse.ArgumentParser(prog="cold_start.py run")
@@ -323,16 +343,7 @@ def run(argv: list[str]) -> int:
     atlas = None
     if kbp:
         cents = read_openkbp_centroids(data_root())
-        src_pat = kbp[0].meta["source_patient"]
-        targets = []
-        for c in kbp + read_cases(Path(args.suites) / "openkbp_inter" / "cases.json"):  # 5 distinct other patients
-            if len(targets) == args.openkbp_pairs:
-                break
-            if c.meta["target_patient"] != src_pat and all(c.meta["target_patient"] != t.meta["target_patient"] for t in targets):
-                targets.append(c)
-        labels = sorted(cents[src_pat])
-        pts_csv = work / "atlas_points.csv"
-        _write_points(pts_csv, labels, [cents[src_pat][s] for s in labels])
+        src_pat, targets, pts_csv = atlas_case(args.suites, kbp, args.openkbp_pairs, work)
         out = work / "atlas_ondemand.csv"
         runs = [run_child(str(kbp[0].source), [str(c.target) for c in targets], str(pts_csv), str(out))
                 for _ in range(args.reps)]

@@ -131,8 +131,9 @@ class EmbeddingMaps:
     ready: torch.Tensor | None = None
     tiles: object | None = field(default=None, repr=False)  # a TileComputer filling ``features`` on demand
     _compact: dict = field(default_factory=dict, repr=False)
-    _table: tuple | None = field(default=None, repr=False)  # (mask key, summed-volume table), see allowed_table
     dirty: bool = field(default=False, repr=False)  # tiles computed since the last disk write
+    _fills: int = field(default=0, repr=False)  # fills run (``ready`` changes only in them or before any read)
+    _touched: tuple | None = field(default=None, repr=False)  # (fills, touched fraction), see nbytes
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -149,7 +150,12 @@ class EmbeddingMaps:
     def nbytes(self) -> int:
         """Memory held by the computed features, the global map, masks and compact copies, bytes."""
         row_bytes = self.features.element_size() * self.features.shape[0]
-        frac = 1.0 if self.ready is None else _touched_fraction(self.ready, 4096 // row_bytes)
+        if self.ready is None:
+            frac = 1.0
+        else:  # the memory cache asks on every put, for every item: counted again only after a fill
+            if self._touched is None or self._touched[0] != self._fills:
+                self._touched = (self._fills, _touched_fraction(self.ready, 4096 // row_bytes))
+            frac = self._touched[1]
         tensors = [self.global_, self.valid, self.body]
         tensors += [t for pair in self._compact.values() for t in pair]
         feat = self.features.element_size() * self.features.nelement() * frac
@@ -220,6 +226,7 @@ class EmbeddingMaps:
                 self.tiles.fill(self, missing_zyx, cancel)
             finally:
                 self.dirty = True  # also after a cancel: the tiles computed so far are kept and saved
+                self._fills += 1
             if bool(self.ready.all()):
                 self.ready = None
                 self.tiles = None  # drop the network input once everything is computed
@@ -235,19 +242,6 @@ class EmbeddingMaps:
             return channel_major(self.vectors[:, self.n_local:], flat).float()
         zyx = np.stack(np.unravel_index(flat.cpu().numpy(), self.local_grid.shape_zyx), 1)
         return normalize_channels(upsample_at(self.global_.cpu(), self.local_grid.shape_zyx, zyx))
-
-    def allowed_table(self, allowed: torch.Tensor) -> np.ndarray:
-        """The summed-volume table of a search mask (V,) bool: its cumulative sum over every axis of the local grid,
-        zero-padded in front (int64), so that any box's count of allowed voxels takes 2^d lookups. The table of the
-        most recent mask is kept."""
-        mask = allowed.to(torch.bool).cpu().numpy()
-        key = _mask_key(mask)
-        if self._table is None or self._table[0] != key:
-            t = np.pad(mask.reshape(self.local_grid.shape_zyx).astype(np.int64), [(1, 0)] * self.local_grid.ndim)
-            for a in range(t.ndim):
-                np.cumsum(t, axis=a, out=t)
-            self._table = (key, t)
-        return self._table[1]
 
     def compact_features(self, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(flat indices (M,), features (C, M))`` of the voxels in ``allowed`` (V,) bool.

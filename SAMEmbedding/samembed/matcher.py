@@ -132,7 +132,11 @@ def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
     hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
     inside_grid = np.all(hi >= lo, axis=1) & np.all(centres + radius >= 0, axis=1) & np.all(centres - radius <= size - 1, axis=1)
-    whole = ~(inside_grid & (_box_counts(target.allowed_table(allowed), lo, hi) > 0))
+    ok = allowed.to(torch.bool).reshape(shape).cpu().numpy()
+    # a slice per window: a few windows read far less than a summed-volume table of the grid would write
+    holds = np.array([bool(ok[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo_n, hi_n))].any())
+                      for lo_n, hi_n in zip(lo, hi)], dtype=bool)
+    whole = ~(inside_grid & holds)
     lo[whole], hi[whole] = 0, size - 1
     return lo, hi, whole
 
@@ -147,17 +151,6 @@ def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: floa
     lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
     hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
     return lo, hi
-
-
-def _box_counts(table: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Voxels counted in each inclusive box ``lo[n]..hi[n]`` (zyx), from a summed-volume ``table`` (the cumulative
-    sum over every axis, zero-padded in front: ``table[1 + k, 1 + j, 1 + i]`` counts the voxels up to (k, j, i))."""
-    d = lo.shape[1]
-    total = np.zeros(len(lo), dtype=np.int64)
-    for corner in np.ndindex(*(2,) * d):  # inclusion-exclusion over the box's 2^d corners
-        idx = tuple(np.where(c, hi[:, a] + 1, lo[:, a]) for a, c in enumerate(corner))
-        total += (-1) ** (d - sum(corner)) * table[idx]
-    return total
 
 
 def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, overlap: float = 2.0) -> list[np.ndarray]:
@@ -390,13 +383,10 @@ def global_pairs(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     # the global map is smooth at its own (coarser) resolution: every other local voxel along each axis is
     # enough as a candidate, which makes the search 2^d times cheaper
     tgrid = target.local_grid
-    allowed = target.search_mask(True)
-    on_lattice = np.ones(tgrid.shape_zyx, dtype=bool)
-    for a in range(d):
-        sl = [slice(None)] * d
-        sl[a] = slice(1, None, 2)
-        on_lattice[tuple(sl)] = False
-    cand_t = torch.nonzero(allowed.cpu() & torch.from_numpy(on_lattice.reshape(-1))).reshape(-1)
+    allowed = target.search_mask(True).cpu().reshape(tgrid.shape_zyx)
+    # the allowed voxels at even indices on every axis, as flat indices of the whole grid (in increasing order)
+    lattice = torch.nonzero(allowed[(slice(None, None, 2),) * d]) * 2
+    cand_t = torch.from_numpy(np.ravel_multi_index(tuple(lattice.T.numpy()), tgrid.shape_zyx)).reshape(-1)
     if len(cand_t) == 0:
         return np.zeros((0, d)), np.zeros((0, d))
     feats = target.global_at(cand_t).to(target.features.device)

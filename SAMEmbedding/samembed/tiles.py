@@ -283,24 +283,35 @@ def plan_tiles(missing_zyx: np.ndarray, local_stride: int, step_input: int, halo
         stop = tuple(int(min((v + 1) * step_input, s)) for v, s in zip(hi_b, input_shape))
         return start, stop
 
-    def cost(lo_b: np.ndarray, hi_b: np.ndarray) -> int:
-        start, stop = box_of(lo_b, hi_b)
-        return int(np.prod([min(s, e + halo_input) - max(0, a - halo_input) for a, e, s in zip(start, stop, shape)]))
+    def costs(lo_b: np.ndarray, hi_b: np.ndarray) -> np.ndarray:
+        """Input voxels, halos included, of the boxes over blocks ``lo_b..hi_b`` ((K, d) each)."""
+        start, stop = lo_b * step_input, np.minimum((hi_b + 1) * step_input, shape)
+        return np.prod(np.minimum(shape, stop + halo_input) - np.maximum(0, start - halo_input), axis=-1)
+
+    def best_split(pts: np.ndarray) -> tuple[int, tuple[int, int] | None]:
+        """The least summed cost of splitting ``pts`` in two at a gap along one axis (``pts[:, a] <= t`` left), and
+        that split (None when no split beats one box). Ties go to the lower axis, then the lower ``t``."""
+        best, split = int(costs(pts.min(0), pts.max(0))), None
+        for a in range(pts.shape[1]):
+            p = pts[np.argsort(pts[:, a], kind="stable")]
+            last = np.flatnonzero(np.diff(p[:, a]) > 0)  # the last point of each value of axis a but the highest
+            if not len(last):
+                continue
+            left = costs(np.minimum.accumulate(p, 0)[last], np.maximum.accumulate(p, 0)[last])
+            right = costs(np.minimum.accumulate(p[::-1], 0)[::-1][last + 1], np.maximum.accumulate(p[::-1], 0)[::-1][last + 1])
+            c = left + right
+            k = int(np.argmin(c))
+            if c[k] < best:
+                best, split = int(c[k]), (a, int(p[last[k], a]))
+        return best, split
 
     boxes, total = [], 0
     todo = [np.argwhere(blocks)]
     while todo:
         pts = todo.pop()
-        lo_b, hi_b = pts.min(0), pts.max(0)
-        best, split = cost(lo_b, hi_b), None
-        for a in range(pts.shape[1]):
-            for t in np.unique(pts[:, a])[:-1]:
-                left = pts[:, a] <= t
-                c = cost(pts[left].min(0), pts[left].max(0)) + cost(pts[~left].min(0), pts[~left].max(0))
-                if c < best:
-                    best, split = c, (a, t)
+        best, split = best_split(pts)
         if split is None:
-            boxes.append(box_of(lo_b, hi_b))
+            boxes.append(box_of(pts.min(0), pts.max(0)))
             total += best
         else:
             left = pts[:, split[0]] <= split[1]

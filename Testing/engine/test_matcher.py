@@ -265,18 +265,33 @@ def test_the_compact_search_equals_the_full_product_and_accounts_its_memory(a_ra
         assert np.abs(fast.points_lps_mm[same] - full.points_lps_mm[same]).max() < 0.25
 
 
-def test_window_counts_and_groups_used_by_the_windowed_search():
-    from samembed.matcher import _box_counts, _window_groups
+def test_window_boxes_and_groups_used_by_the_windowed_search():
+    """A window that holds no allowed voxel (off the body, or off the grid) is searched over the whole grid; the
+    others keep their boxes, clipped to the grid."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from samembed.image import Grid
+    from samembed.matcher import _window_boxes, _window_groups
 
     rng = np.random.default_rng(0)
-    mask = rng.random((9, 11, 13)) < 0.3
-    table = np.pad(mask.astype(np.int64), [(1, 0)] * 3)
-    for a in range(3):
-        table = np.cumsum(table, axis=a)
-    lo = rng.integers(0, 6, size=(40, 3))
-    hi = lo + rng.integers(0, 4, size=(40, 3))
-    want = [mask[a[0]:b[0] + 1, a[1]:b[1] + 1, a[2]:b[2] + 1].sum() for a, b in zip(lo, hi)]
-    assert _box_counts(table, lo, hi).tolist() == want
+    shape = (9, 11, 13)
+    mask = rng.random(shape) < 0.05
+    grid = Grid(shape, [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], np.eye(3))
+    centres_ijk = rng.uniform(-3, 15, size=(200, 3))  # some windows reach off the grid, some lie wholly off it
+    lo, hi, whole = _window_boxes(torch.zeros(200, 4), SimpleNamespace(local_grid=grid), torch.from_numpy(mask.reshape(-1)),
+                                  1.5, grid.index_to_lps(centres_ijk))
+    size = np.array(shape)
+    for n, c in enumerate(centres_ijk[:, ::-1]):
+        a, b = np.ceil(c - 1.5 - 1e-9).astype(int), np.floor(c + 1.5 + 1e-9).astype(int)
+        inside = bool(np.all(b >= 0) and np.all(a <= size - 1))
+        a, b = np.clip(a, 0, size - 1), np.clip(b, 0, size - 1)
+        holds = inside and bool(mask[a[0]:b[0] + 1, a[1]:b[1] + 1, a[2]:b[2] + 1].any())
+        assert whole[n] == (not holds), n
+        want = (np.zeros(3), size - 1) if whole[n] else (a, b)
+        assert lo[n].tolist() == list(want[0]) and hi[n].tolist() == list(want[1]), n
+    assert 10 < whole.sum() < 190  # both kinds were tried
     # overlapping windows (a click's refinement seeds) share one copy; a far window stays alone
     lo = np.array([[10, 10, 10], [11, 10, 10], [10, 12, 11], [60, 60, 60]])
     hi = lo + 10

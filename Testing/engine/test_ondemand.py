@@ -131,6 +131,58 @@ def test_the_tile_plan_covers_every_missing_voxel_and_splits_distant_searches():
     assert plan_tiles(np.ones(local, dtype=bool), stride, step, halo, shape_in).whole
 
 
+def _greedy_plan_reference(missing, stride: int, step: int, halo: int, shape_in) -> list:
+    """The tile plan's boxes by the rule plan_tiles documents, one candidate split at a time: split the blocks'
+    bounding box at the gap (axis, then threshold, in increasing order; the first of equal costs) that lowers the
+    summed cost most, while a split pays."""
+    block = step // stride
+    nb = tuple(-(-s // block) for s in missing.shape)
+    padded = np.pad(missing, [(0, n * block - s) for n, s in zip(nb, missing.shape)])
+    blocks = padded.reshape(*sum(((n, block) for n in nb), ())).any(axis=tuple(range(1, 2 * len(nb), 2)))
+
+    def box(lo, hi):
+        return (tuple(int(v * step) for v in lo), tuple(int(min((v + 1) * step, s)) for v, s in zip(hi, shape_in)))
+
+    def cost(pts):
+        start, stop = box(pts.min(0), pts.max(0))
+        return int(np.prod([min(s, e + halo) - max(0, a - halo) for a, e, s in zip(start, stop, shape_in)]))
+
+    out, todo = [], [np.argwhere(blocks)]
+    while todo:
+        pts = todo.pop()
+        best, split = cost(pts), None
+        for a in range(pts.shape[1]):
+            for t in np.unique(pts[:, a])[:-1]:
+                left = pts[:, a] <= t
+                c = cost(pts[left]) + cost(pts[~left])
+                if c < best:
+                    best, split = c, (a, t)
+        if split is None:
+            out.append(box(pts.min(0), pts.max(0)))
+        else:
+            left = pts[:, split[0]] <= split[1]
+            todo += [pts[left], pts[~left]]
+    return out
+
+
+def test_the_tile_plan_splits_as_one_split_at_a_time_would():
+    """plan_tiles scores every split of an axis at once (running minima and maxima): its boxes are those of trying
+    the splits one by one, on scattered and clustered searches in 2D and 3D."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        d = 2 if trial % 4 == 0 else 3
+        stride, step, halo = 2, int(rng.choice([4, 8])), int(rng.choice([8, 32]))
+        shape_in = tuple(int(v) for v in rng.integers(40, 160, d))
+        missing = np.zeros(tuple(s // stride for s in shape_in), dtype=bool)
+        if trial % 5 == 0:  # scattered voxels
+            missing[:] = rng.random(missing.shape) < 0.002
+        for _ in range(int(rng.integers(1, 8))):  # search windows
+            c, r = [int(rng.integers(0, s)) for s in missing.shape], [int(rng.integers(0, 10)) for _ in range(d)]
+            missing[tuple(slice(max(0, a - b), a + b + 1) for a, b in zip(c, r))] = True
+        plan = plan_tiles(missing, stride, step, halo, shape_in, whole_fraction=2.0)  # never the whole volume
+        assert plan.boxes_input == _greedy_plan_reference(missing, stride, step, halo, shape_in), trial
+
+
 @pytest.mark.needs_data
 def test_global_vectors_are_the_same_before_and_after_their_tiles_are_computed():
     """The search prior reads global vectors of voxels whose tiles may or may not be computed yet: both ways must
@@ -145,9 +197,13 @@ def test_global_vectors_are_the_same_before_and_after_their_tiles_are_computed()
     flat = body[torch.randperm(len(body), generator=torch.Generator().manual_seed(0))[:200]]
     before = maps.global_at(flat)
     assert not bool(maps.ready[flat].any())
+    held = maps.nbytes
+    assert maps.nbytes == held  # asked again with no tile computed: the same (the memory cache asks on every put)
     maps.ensure_flat(flat)
     assert maps.ready is None or bool(maps.ready[flat].all())
     assert torch.equal(maps.global_at(flat), before)
+    # the memory the maps report grows with their tiles, so the memory cache's cap sees them
+    assert maps.nbytes > held
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5])
