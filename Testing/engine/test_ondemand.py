@@ -471,3 +471,19 @@ def test_the_refinement_of_all_points_at_once_equals_point_by_point_and_embeds_i
         alone = refine_points(smaps, tmaps, clicks[n:n + 1], found[n:n + 1], scores[n:n + 1], window_mm=20.0)
         np.testing.assert_array_equal(alone.points_lps_mm[0], together.points_lps_mm[n])
         assert alone.pairs_used[0] == together.pairs_used[n] > 0
+
+
+@pytest.mark.needs_data
+def test_a_pairs_round_trip_finds_the_source_tiles_embedded_with_the_clicks():
+    """The source is embedded once around the clicks, with a margin for the round trip's windows (around each
+    match's inverse-prior image): between two patients' organ centroids no second pass over the source is needed,
+    whose boxes would each pay a full halo for a thin slab of voxels."""
+    from samembed.api import ROUND_TRIP_MARGIN_MM
+
+    assert ROUND_TRIP_MARGIN_MM > 0
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz"))
+    tgt = read_image(data_file("ct", "openkbp", "ct", "pt_232_ct.nii.gz"))
+    m = Matcher("default", device="cpu")
+    m.match(src, centroids("pt_215"), [tgt])
+    smaps = cached(m, src)
+    assert not smaps.complete and smaps._fills == 1, f"the source was filled in {smaps._fills} passes"
