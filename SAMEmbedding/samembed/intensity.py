@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -71,6 +72,10 @@ def _lattice_offsets(half: int, d: int) -> torch.Tensor:
     return torch.stack(mesh[::-1], dim=-1)  # last entry = array axis 0 = slowest = lattice axis d-1
 
 
+#: lattice samplings a :class:`LatticeSampler` keeps for ``sample(keep=True)`` (the polish's levels of one click set)
+KEPT_LATTICES = 8
+
+
 class LatticeSampler:
     """Samples one image (linear interpolation) on many small lattices at once.
 
@@ -88,6 +93,7 @@ class LatticeSampler:
         self._volume: torch.Tensor | None = None  # (1, 1) + image shape, filled chunk by chunk
         self._filled = np.zeros(tuple(-(-n // chunk) for n in grid.shape_zyx), dtype=bool)
         self._lock = threading.Lock()
+        self._kept: OrderedDict[bytes, tuple[torch.Tensor, np.ndarray]] = OrderedDict()  # see sample(keep=True)
 
     @property
     def image(self) -> Image:
@@ -114,18 +120,36 @@ class LatticeSampler:
                 buffer[box] = self.image.array[box]
             self._filled |= need
 
-    def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int) -> tuple[torch.Tensor, np.ndarray]:
+    def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int,
+               keep: bool = False) -> tuple[torch.Tensor, np.ndarray]:
         """Sample at ``centre + axes @ v`` for integer ``v`` in ``[-half, half]^d``, for every centre.
 
         Args:
             centres_lps_mm: (N, d) lattice centres.
             axes_lps_mm: (d, d); column ``a`` is the LPS step (mm) of lattice axis ``a`` (shared by all lattices).
             half: lattice half-size in steps.
+            keep: keep the result for the same call again (the last :data:`KEPT_LATTICES` such calls), e.g. the
+                source's templates at the clicks, the same for every target of an atlas. Do not modify it.
 
         Returns:
             ``(values, inside)``: float32 ``(N,) + (2 half + 1,) * d`` (slowest lattice axis first) and the (N,)
             fraction of each lattice's points inside the image (outside points take the nearest border value).
         """
+        if keep:
+            centres = np.ascontiguousarray(centres_lps_mm, dtype=np.float64)
+            key = b"".join([centres.tobytes(), np.ascontiguousarray(axes_lps_mm, dtype=np.float64).tobytes(),
+                            str((centres.shape, int(half))).encode()])
+            with self._lock:
+                hit = self._kept.get(key)
+                if hit is not None:
+                    self._kept.move_to_end(key)
+                    return hit
+            got = self.sample(centres, axes_lps_mm, half)
+            with self._lock:
+                self._kept[key] = got
+                while len(self._kept) > KEPT_LATTICES:
+                    self._kept.popitem(last=False)
+            return got
         grid = self.image.grid
         d = grid.ndim
         n = 2 * half + 1
@@ -272,7 +296,8 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
         if li not in templates:
             parts, usable = [], []
             for b in range(0, n_pts, batch):
-                t, inside = src_sampler.sample(pts[b:b + batch], np.eye(d) * step, h)
+                # the source's templates do not depend on the target: kept for the next target of the same clicks
+                t, inside = src_sampler.sample(pts[b:b + batch], np.eye(d) * step, h, keep=True)
                 spread = t.flatten(1).std(1).numpy()
                 flat = spread <= 1e-6 * (1 + t.flatten(1).abs().amax(1).numpy())
                 parts.append(t)

@@ -160,6 +160,14 @@ def test_batched_lattice_sampling_equals_trilinear_interpolation_across_chunks_a
         np.testing.assert_allclose(values[n].numpy().reshape(-1), expected, atol=1e-4)
         assert inside[n] == pytest.approx(np.mean(img.grid.contains_index(ijk)))
     assert inside[-1] < 0.5 and inside[-2] < 0.5 and np.all(inside[:-2] > 0.5)
+    # a sampling kept for the next polish of the same clicks (the source's templates): the same values, sampled once
+    sampler = LatticeSampler(img, chunk=16)
+    kept = sampler.sample(centres, axes, 2, keep=True)
+    assert torch.equal(kept[0], values) and np.array_equal(kept[1], inside)
+    assert sampler.sample(centres, axes, 2, keep=True)[0] is kept[0]
+    moved = sampler.sample(centres + 0.25, axes, 2, keep=True)[0]
+    assert moved is not kept[0] and not torch.equal(moved, values)
+    assert sampler.sample(centres, axes, 3, keep=True)[0].shape[1:] == (7, 7, 7)
 
 
 @pytest.mark.needs_data
