@@ -5,11 +5,12 @@ change gained. This script checks the earlier commit out beside the repository (
 ``cache/cold_ab/``), then runs the cold-start child of each engine (``cold_start.py child``: a fresh process, no
 cache, one torch thread, the command's own prefetch) on the same pairs, alternating base and head, ``--reps``
 times, and reports each engine's median process time per pair and their ratio. Both engines load the model of their
-own checkout. Elastix is not run (``cold_start.py`` compares with it).
+own checkout. Elastix is not run (``cold_start.py`` compares with it). With ``--atlas N`` it also times one atlas
+into N cold targets in one process (``cold_start.py``'s atlas case), whose per-target time the pairs do not show.
 
 Usage (from the repository root)::
 
-    python benchmarks/cold_ab.py --base 4994e21 --out benchmarks/results/cold_ab.md
+    python benchmarks/cold_ab.py --base 4994e21 --atlas 5 --out benchmarks/results/cold_ab.md
 """
 
 from __future__ import annotations
