@@ -106,8 +106,10 @@ class _Region:
 #: within the window around each match's inverse-prior image, which lies about as far from the click as the match
 #: from its prior prediction (a few mm within a patient, 5-20 mm between patients). Voxels a first pass leaves out
 #: cost a second pass, whose every box pays a full halo (32 input voxels of context per side) for a thin slab.
-#: Only the cost depends on it (a voxel's vector is the same whichever tile computed it): over 9 real CT pairs
-#: 91.8 -> 81.5 M input voxels through the local branch, one atlas into 5 targets 38.6 -> 29.9 M, the same matches.
+#: Only the cost depends on it with the CPU's int8 local branch (the default: a voxel's vector is the same, bit for
+#: bit, whichever tile computed it; in float32, tiles of other extents agree to about 1e-7, as on-demand and whole
+#: maps do): over 9 real CT pairs 91.8 -> 81.5 M input voxels through the local branch, one atlas into 5 targets
+#: 38.6 -> 29.9 M, the same matches.
 ROUND_TRIP_MARGIN_MM = 10.0
 
 
@@ -436,7 +438,8 @@ class Matcher:
             prior = region.prior
             pol = polish_points(inputs.source, tgt, pts, found, None if prior is None else prior[:d, :d],
                                 levels=options.polish_levels, min_ncc=options.polish_min_ncc,
-                                alternatives=[] if prior is None else [apply_affine(prior, pts[:, :d])])
+                                alternatives=[] if prior is None else [apply_affine(prior, pts[:, :d])],
+                                keep_templates=True)  # the clicks' templates serve the next target too
             # a polished point must stay where the search was allowed (body, mask, box); else it keeps its match
             keep = pol.moved & allowed_at(tmaps, region.allowed, pol.points_lps_mm)
             found = np.where(keep[:, None], pol.points_lps_mm, found[:, :d])

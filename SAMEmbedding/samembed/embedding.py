@@ -150,11 +150,13 @@ class EmbeddingMaps:
     def nbytes(self) -> int:
         """Memory held by the computed features, the global map, masks and compact copies, bytes."""
         row_bytes = self.features.element_size() * self.features.shape[0]
-        if self.ready is None:
+        ready = self.ready  # read once: a fill in another thread may set it to None
+        if ready is None:
             frac = 1.0
         else:  # the memory cache asks on every put, for every item: counted again only after a fill
-            if self._touched is None or self._touched[0] != self._fills:
-                self._touched = (self._fills, _touched_fraction(self.ready, 4096 // row_bytes))
+            fills = self._fills
+            if self._touched is None or self._touched[0] != fills:
+                self._touched = (fills, _touched_fraction(ready, 4096 // row_bytes))
             frac = self._touched[1]
         tensors = [self.global_, self.valid, self.body]
         tensors += [t for pair in self._compact.values() for t in pair]

@@ -33,9 +33,10 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -72,8 +73,10 @@ def _lattice_offsets(half: int, d: int) -> torch.Tensor:
     return torch.stack(mesh[::-1], dim=-1)  # last entry = array axis 0 = slowest = lattice axis d-1
 
 
-#: lattice samplings a :class:`LatticeSampler` keeps for ``sample(keep=True)`` (the polish's levels of one click set)
-KEPT_LATTICES = 8
+#: results a :class:`LatticeSampler` keeps (:meth:`LatticeSampler.kept`): the polish's templates, one per level of a
+#: set of clicks (three levels by default)
+KEPT_SAMPLINGS = 8
+T = TypeVar("T")
 
 
 class LatticeSampler:
@@ -93,7 +96,23 @@ class LatticeSampler:
         self._volume: torch.Tensor | None = None  # (1, 1) + image shape, filled chunk by chunk
         self._filled = np.zeros(tuple(-(-n // chunk) for n in grid.shape_zyx), dtype=bool)
         self._lock = threading.Lock()
-        self._kept: OrderedDict[bytes, tuple[torch.Tensor, np.ndarray]] = OrderedDict()  # see sample(keep=True)
+        self._kept: OrderedDict[bytes, object] = OrderedDict()  # see kept()
+
+    def kept(self, key: bytes, make: Callable[[], T]) -> T:
+        """``make()``, kept under ``key`` for the next call with that key (the last :data:`KEPT_SAMPLINGS` keys),
+        e.g. the polish's templates of one set of clicks, the same for every target of an atlas. What it returns is
+        shared between the calls: read it, do not modify it."""
+        with self._lock:
+            hit = self._kept.get(key)
+            if hit is not None:
+                self._kept.move_to_end(key)
+                return hit
+        got = make()  # outside the lock: make() samples, and sampling takes the lock
+        with self._lock:
+            self._kept[key] = got
+            while len(self._kept) > KEPT_SAMPLINGS:
+                self._kept.popitem(last=False)
+        return got
 
     @property
     def image(self) -> Image:
@@ -120,36 +139,18 @@ class LatticeSampler:
                 buffer[box] = self.image.array[box]
             self._filled |= need
 
-    def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int,
-               keep: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int) -> tuple[torch.Tensor, np.ndarray]:
         """Sample at ``centre + axes @ v`` for integer ``v`` in ``[-half, half]^d``, for every centre.
 
         Args:
             centres_lps_mm: (N, d) lattice centres.
             axes_lps_mm: (d, d); column ``a`` is the LPS step (mm) of lattice axis ``a`` (shared by all lattices).
             half: lattice half-size in steps.
-            keep: keep the result for the same call again (the last :data:`KEPT_LATTICES` such calls), e.g. the
-                source's templates at the clicks, the same for every target of an atlas. Do not modify it.
 
         Returns:
             ``(values, inside)``: float32 ``(N,) + (2 half + 1,) * d`` (slowest lattice axis first) and the (N,)
             fraction of each lattice's points inside the image (outside points take the nearest border value).
         """
-        if keep:
-            centres = np.ascontiguousarray(centres_lps_mm, dtype=np.float64)
-            key = b"".join([centres.tobytes(), np.ascontiguousarray(axes_lps_mm, dtype=np.float64).tobytes(),
-                            str((centres.shape, int(half))).encode()])
-            with self._lock:
-                hit = self._kept.get(key)
-                if hit is not None:
-                    self._kept.move_to_end(key)
-                    return hit
-            got = self.sample(centres, axes_lps_mm, half)
-            with self._lock:
-                self._kept[key] = got
-                while len(self._kept) > KEPT_LATTICES:
-                    self._kept.popitem(last=False)
-            return got
         grid = self.image.grid
         d = grid.ndim
         n = 2 * half + 1
@@ -260,7 +261,7 @@ def _peak_offsets(ncc: torch.Tensor, subvoxel: bool) -> tuple[np.ndarray, np.nda
 def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, matches_lps_mm: np.ndarray,
                   linear: np.ndarray | None = None, levels: tuple[tuple[float, float, float], ...] = DEFAULT_LEVELS,
                   min_ncc: float = 0.5, min_inside: float = 0.5,
-                  alternatives: Sequence[np.ndarray] = (), batch: int = 128) -> Polished:
+                  alternatives: Sequence[np.ndarray] = (), batch: int = 128, keep_templates: bool = False) -> Polished:
     """Move each match to the best intensity match of its source point nearby (see the module docstring).
 
     Args:
@@ -275,6 +276,8 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
             the one with the highest final NCC wins. A start within half the first level's search radius of an
             earlier start, or that meets one after the first level, is not searched again.
         batch: points processed together (memory grows with it).
+        keep_templates: keep the source's templates at ``points_lps_mm`` for the next polish of the same points in
+            another target (one atlas into many); they do not depend on the target.
 
     Returns:
         :class:`Polished`.
@@ -293,16 +296,24 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
     templates: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # level -> (templates, usable) for all points
 
     def templates_at(li: int, h: int, step: float) -> tuple[torch.Tensor, np.ndarray]:
-        if li not in templates:
+        def make() -> tuple[torch.Tensor, np.ndarray]:
             parts, usable = [], []
             for b in range(0, n_pts, batch):
-                # the source's templates do not depend on the target: kept for the next target of the same clicks
-                t, inside = src_sampler.sample(pts[b:b + batch], np.eye(d) * step, h, keep=True)
+                t, inside = src_sampler.sample(pts[b:b + batch], np.eye(d) * step, h)
                 spread = t.flatten(1).std(1).numpy()
                 flat = spread <= 1e-6 * (1 + t.flatten(1).abs().amax(1).numpy())
                 parts.append(t)
                 usable.append((inside >= min_inside) & ~flat)
-            templates[li] = (torch.cat(parts), np.concatenate(usable))
+            ok = np.concatenate(usable)
+            ok.setflags(write=False)  # may be kept and shared (keep_templates): read only
+            return torch.cat(parts), ok
+
+        if li not in templates:
+            if keep_templates:  # the source's templates do not depend on the target
+                key = b"".join([np.ascontiguousarray(pts).tobytes(), str((pts.shape, step, h, min_inside)).encode()])
+                templates[li] = src_sampler.kept(key, make)
+            else:
+                templates[li] = make()
         return templates[li]
 
     seen: list[np.ndarray] = []  # per start: where it stood after the first level (NaN where it did not run)

@@ -160,14 +160,6 @@ def test_batched_lattice_sampling_equals_trilinear_interpolation_across_chunks_a
         np.testing.assert_allclose(values[n].numpy().reshape(-1), expected, atol=1e-4)
         assert inside[n] == pytest.approx(np.mean(img.grid.contains_index(ijk)))
     assert inside[-1] < 0.5 and inside[-2] < 0.5 and np.all(inside[:-2] > 0.5)
-    # a sampling kept for the next polish of the same clicks (the source's templates): the same values, sampled once
-    sampler = LatticeSampler(img, chunk=16)
-    kept = sampler.sample(centres, axes, 2, keep=True)
-    assert torch.equal(kept[0], values) and np.array_equal(kept[1], inside)
-    assert sampler.sample(centres, axes, 2, keep=True)[0] is kept[0]
-    moved = sampler.sample(centres + 0.25, axes, 2, keep=True)[0]
-    assert moved is not kept[0] and not torch.equal(moved, values)
-    assert sampler.sample(centres, axes, 3, keep=True)[0].shape[1:] == (7, 7, 7)
 
 
 @pytest.mark.needs_data
@@ -195,3 +187,47 @@ def test_polishes_of_one_image_share_its_sampler_and_give_the_same_points_as_a_f
     del tgt, sampler
     gc.collect()
     assert gone() is None, "the sampler outlived its image"
+
+
+def test_the_sources_templates_are_kept_for_the_next_target_and_the_polish_is_unchanged():
+    """One atlas into many: the source's templates at the clicks do not depend on the target, so a polish with
+    ``keep_templates`` samples them once per set of clicks (all levels, any number of points), and its points are
+    those of a polish that samples them again."""
+    from samembed import intensity
+    from samembed.intensity import KEPT_SAMPLINGS, LatticeSampler
+
+    rng = np.random.default_rng(5)
+    smooth = torch.nn.functional.avg_pool3d(torch.from_numpy(rng.normal(size=(1, 1, 48, 56, 64))).float(), 5, 1, 2)
+    src = Image.from_array(smooth[0, 0].numpy() * 100.0, spacing_mm=(1.0, 1.0, 1.0))
+    targets = [Image.from_array(np.roll(src.array, k, axis=2), spacing_mm=(1.0, 1.0, 1.0)) for k in (1, 2)]
+    pts = src.grid.index_to_lps(np.column_stack([rng.uniform(12, 52, 300), rng.uniform(12, 44, 300),
+                                                 rng.uniform(12, 36, 300)]))  # 3 batches of 128 points
+    levels = ((2.0, 6.0, 4.0), (1.0, 3.0, 2.0))
+    sampled = []
+    sample = LatticeSampler.sample
+
+    def counting(self, *a, **k):
+        sampled.append(self.image is src)
+        return sample(self, *a, **k)
+
+    LatticeSampler.sample = counting
+    try:
+        kept = []
+        for tgt in targets:
+            sampled.clear()
+            kept.append(polish_points(src, tgt, pts, pts + [0.5, 0.0, 0.0], levels=levels, keep_templates=True))
+            assert sum(sampled) == (6 if tgt is targets[0] else 0), "the source was sampled again"
+        fresh = polish_points(src, targets[1], pts, pts + [0.5, 0.0, 0.0], levels=levels)
+    finally:
+        LatticeSampler.sample = sample
+    np.testing.assert_array_equal(kept[1].points_lps_mm, fresh.points_lps_mm)
+    np.testing.assert_array_equal(kept[1].ncc, fresh.ncc)
+    # the sampler keeps its last KEPT_SAMPLINGS results, and what it keeps is read only
+    sampler = intensity.sampler_for(src)
+    made = []
+    for i in range(KEPT_SAMPLINGS + 1):
+        sampler.kept(str(i).encode(), lambda i=i: made.append(i) or i)
+    assert sampler.kept(b"1", lambda: made.append("again")) == 1 and "again" not in made
+    sampler.kept(b"0", lambda: made.append("0 again"))
+    assert "0 again" in made  # the oldest went first
+
