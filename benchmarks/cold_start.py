@@ -361,8 +361,8 @@ def run(argv: list[str]) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     (work / "cold_start.json").write_text(json.dumps({"rows": rows, "atlas": atlas, "load_at_start": load_at_start},
                                                      indent=1, default=str))
-    Path(args.out).write_text(report(rows, atlas, load_at_start))
-    print(f"wrote {args.out}")
+    Path(args.out).write_text(report(rows, atlas, load_at_start, plot=_plot_path(args.out).name))
+    print(f"wrote {args.out} and {plot_stages(rows, _plot_path(args.out))}")
     return 0
 
 
@@ -374,14 +374,69 @@ def _fmt_stages(run: dict) -> str:
     return ", ".join(f"{k} {stages[k]:.2f}" for k in (*ORDER, "start and exit") if k in stages and stages[k] >= 0.005)
 
 
+def plot_stages(rows: list[dict], path: Path) -> Path:
+    """A bar per process, split by stage (seconds): each pair's cold SAM run (its median run's exclusive stage
+    times, and the process's start and exit) above elastix's process (its imports and reading, then the
+    registration). Written to ``path`` (PNG); returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"torch import": ("imports",), "model": ("model",),
+              "reading and preprocessing": ("reading", "prefetch wait", "preprocessing", "hashing", "body"),
+              "global maps": ("global map",), "local tiles": ("local map", "assemble"),
+              "prior, search, polish, round trip": ("prior", "search", "polish", "scores", "round trip"),
+              "writing, bookkeeping, start and exit": ("writing", "other", "start and exit"),
+              "elastix: imports and reading": (), "elastix: registration": ()}
+    colours = dict(zip(groups, plt.get_cmap("tab10").colors))
+    labels, bars = [], []
+    for r in rows:
+        if not r.get("ondemand"):
+            continue
+        run = r["ondemand"]
+        st = dict(run["stages"])
+        st["start and exit"] = max(0.0, run.get("process_s", run["wall_s"]) - run["wall_s"])
+        name = r["case"].replace("openkbp_inter_", "").replace("lidc_synthetic_", "")
+        labels.append(f"{name}\nSAM ({r['n']} points)")
+        bars.append({g: sum(max(0.0, st.get(k, 0.0)) for k in ks) for g, ks in groups.items() if ks})
+        if r.get("elastix"):
+            e = r["elastix"]
+            labels.append("elastix")
+            bars.append({"elastix: imports and reading": e["process_s"] - e["registration_s"],
+                         "elastix: registration": e["registration_s"]})
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(bars) + 1.6))
+    y = list(range(len(bars)))[::-1]
+    for g in groups:
+        left = [sum(b.get(h, 0.0) for h in list(groups)[:list(groups).index(g)]) for b in bars]
+        ax.barh(y, [b.get(g, 0.0) for b in bars], left=left, color=colours[g], label=g, height=0.7)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel("wall seconds, fresh process, no cache (1 thread each)")
+    ax.set_title("Cold samembed match against elastix affine + B-spline, by stage")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _native_bf16() -> bool:
     from samembed.networks.int8 import native_bf16
 
     return native_bf16()
 
 
-def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = None) -> str:
-    """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios."""
+def _plot_path(report_md: str | Path) -> Path:
+    """The stage plot beside a report: ``cold_start.md`` -> ``cold_start_stages.png``."""
+    report_md = Path(report_md)
+    return report_md.with_name(report_md.stem + "_stages.png")
+
+
+def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = None, plot: str | None = None) -> str:
+    """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios;
+    ``plot`` names the stage plot beside it (:func:`plot_stages`)."""
     import platform
 
     import numpy as np
@@ -438,6 +493,8 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
             cpu = [f"{x['user_s']:.1f} + {x['sys_s']:.1f}" if "sys_s" in x else "-" for x in (h, f)]
             lines.append(f"| {r['case']} | {h['process_s']:.1f} | {h['peak_rss_gb']:.2f} | {cpu[0]} | "
                          f"{f['process_s']:.1f} | {f['peak_rss_gb']:.2f} | {cpu[1]} | {r['fallback_err']:.2f} |")
+    if plot:
+        lines += ["", f"![Each process's wall time by stage: cold SAM above elastix, per pair]({plot})"]
     lines += ["", "Stage times of the on-demand runs (exclusive seconds; `other` = argument parsing and bookkeeping "
               "inside the process; `start and exit` = the interpreter's start before the child's clock and the "
               "process's exit after it, as the `samembed` command exits):", ""]
@@ -496,8 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", default="benchmarks/results/cold_start.md")
         args = p.parse_args(argv[1:])
         data = json.loads(Path(args.json).read_text())
-        Path(args.out).write_text(report(data["rows"], data.get("atlas"), data.get("load_at_start")))
-        print(f"wrote {args.out}")
+        Path(args.out).write_text(report(data["rows"], data.get("atlas"), data.get("load_at_start"),
+                                         plot=_plot_path(args.out).name))
+        print(f"wrote {args.out} and {plot_stages(data['rows'], _plot_path(args.out))}")
         return 0
     raise SystemExit("usage: cold_start.py run [--out MD] | report JSON [--out MD] | child ... | elastix ...")
 
