@@ -24,9 +24,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def _worktree(rev: str, folder: Path) -> Path:
@@ -62,11 +65,36 @@ def _cold(root: Path, source: str, target: str | list[str], points: str, out: Pa
     return seconds, float(json.loads(out.with_suffix(".json").read_text())["peak_rss_gb"]), faults
 
 
+def _alternating(reps: int, base: Path, run_one: Callable[[str, Path], T]) -> dict[str, list[T]]:
+    """``run_one(name, checkout)`` of the base and the head engine ``reps`` times each, alternating (base, head, head,
+    base, ...): neither engine always runs first (the page cache, the VM's drift). Each engine's results in order."""
+    out: dict[str, list[T]] = {"base": [], "head": []}
+    for rep in range(reps):
+        for name, root in (("base", base), ("head", REPO))[:: 1 if rep % 2 == 0 else -1]:
+            out[name].append(run_one(name, root))
+    return out
+
+
+def _median_range(values: list[float]) -> str:
+    """``median (min-max)`` of seconds, for the report's cells."""
+    import statistics
+
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _largest_move(a: Path, b: Path) -> float:
+    """The largest distance (mm) between the same match in two output CSVs of ``samembed match``."""
+    import numpy as np
+    from cold_start import _read_found
+
+    return float(np.linalg.norm(_read_found(a)[2] - _read_found(b)[2], axis=1).max())
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "benchmarks"))
     sys.path.insert(0, str(REPO / "SAMEmbedding"))
     import numpy as np
-    from cold_start import _read_found, case_points, cold_cases
+    from cold_start import case_points, cold_cases
 
     p = argparse.ArgumentParser(prog="cold_ab.py")
     p.add_argument("--base", required=True, help="the earlier commit (any git revision)")
@@ -89,20 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for case in cold_cases(args.suites, args.openkbp_pairs):
         tag, pts = case_points(work, case)
-        times: dict[str, list[float]] = {"base": [], "head": []}
-        rss: dict[str, list[float]] = {"base": [], "head": []}
-        faults: dict[str, list[int]] = {"base": [], "head": []}
-        for rep in range(args.reps):  # ABBA...: neither engine always runs first (the page cache, the VM's drift)
-            for name, root in (("base", base), ("head", REPO))[:: 1 if rep % 2 == 0 else -1]:
-                seconds, peak, n = _cold(root, str(case.source), str(case.target), str(pts), work / f"{tag}_{name}.csv")
-                times[name].append(seconds)
-                rss[name].append(peak)
-                faults[name].append(n)
-        moved = float(np.linalg.norm(_read_found(work / f"{tag}_base.csv")[2] - _read_found(work / f"{tag}_head.csv")[2],
-                                     axis=1).max())
+        runs = _alternating(args.reps, base, lambda name, root, c=case, p=pts, t=tag: _cold(
+            root, str(c.source), str(c.target), str(p), work / f"{t}_{name}.csv"))
+        times = {k: [r[0] for r in v] for k, v in runs.items()}
+        rss = {k: [r[1] for r in v] for k, v in runs.items()}
+        faults = {k: [r[2] for r in v] for k, v in runs.items()}
+        moved = _largest_move(work / f"{tag}_base.csv", work / f"{tag}_head.csv")
         b, h = statistics.median(times["base"]), statistics.median(times["head"])
-        rows.append(f"| {tag} | {len(case.labels)} | {b:.2f} ({min(times['base']):.2f}-{max(times['base']):.2f}) | "
-                    f"{h:.2f} ({min(times['head']):.2f}-{max(times['head']):.2f}) | {b / h:.2f}x | "
+        rows.append(f"| {tag} | {len(case.labels)} | {_median_range(times['base'])} | {_median_range(times['head'])} | "
+                    f"{b / h:.2f}x | "
                     f"{statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | "
                     f"{statistics.median(faults['base']) / 1e3:.0f} / {statistics.median(faults['head']) / 1e3:.0f} | {moved:.2f} |")
         print(rows[-1], flush=True)
@@ -112,22 +135,21 @@ def main(argv: list[str] | None = None) -> int:
 
         kbp = [c for c in cold_cases(args.suites, 1) if c.suite == "openkbp_inter"]
         src_pat, targets, pts = atlas_case(args.suites, kbp, args.atlas, work)
-        per: dict[str, list[float]] = {"base": [], "head": []}
-        times = {"base": [], "head": []}
-        for rep in range(args.reps):
-            for name, root in (("base", base), ("head", REPO))[:: 1 if rep % 2 == 0 else -1]:
-                out = work / f"atlas_{name}.csv"
-                seconds, _, _ = _cold(root, str(kbp[0].source), [str(c.target) for c in targets], str(pts), out)
-                marks = json.loads(out.with_suffix(".json").read_text())["per_target_s"][:len(targets)]
-                times[name].append(seconds)
-                per[name].append(float(np.mean(marks)))
-        moved = float(np.linalg.norm(_read_found(work / "atlas_base.csv")[2] - _read_found(work / "atlas_head.csv")[2],
-                                     axis=1).max())
+
+        def atlas_run(name: str, root: Path) -> tuple[float, float]:
+            out = work / f"atlas_{name}.csv"
+            seconds, _, _ = _cold(root, str(kbp[0].source), [str(c.target) for c in targets], str(pts), out)
+            marks = json.loads(out.with_suffix(".json").read_text())["per_target_s"][:len(targets)]
+            return seconds, float(np.mean(marks))
+
+        runs = _alternating(args.reps, base, atlas_run)
+        times = {k: [r[0] for r in v] for k, v in runs.items()}
+        per = {k: [r[1] for r in v] for k, v in runs.items()}
+        moved = _largest_move(work / "atlas_base.csv", work / "atlas_head.csv")
         b, h = statistics.median(per["base"]), statistics.median(per["head"])
         atlas_rows.append(f"| {src_pat} into {', '.join(c.meta['target_patient'] for c in targets)} | "
                           f"{statistics.median(times['base']):.2f} / {statistics.median(times['head']):.2f} | "
-                          f"{b:.2f} ({min(per['base']):.2f}-{max(per['base']):.2f}) | "
-                          f"{h:.2f} ({min(per['head']):.2f}-{max(per['head']):.2f}) | {b / h:.2f}x | {moved:.2f} |")
+                          f"{_median_range(per['base'])} | {_median_range(per['head'])} | {b / h:.2f}x | {moved:.2f} |")
         print(atlas_rows[-1], flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = "\n".join([
@@ -135,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, 1-minute load average {load:.1f} at the end. "
         f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
-        f"`python benchmarks/cold_ab.py --base {args.base}`.", "",
+        f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
+        + (f" --atlas {args.atlas}" if args.atlas else "") + "`.", "",
         "| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
         "largest move of a match, base to head, mm |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
