@@ -56,6 +56,7 @@ def test_the_heatmaps_are_written_after_the_engine_and_its_images_are_freed_and_
     heatmap rounded in place (the command's) is the same file as one rounded in a new array, and only the
     in-place call changes the array it is given."""
     import gc
+    import inspect
 
     from samembed import io
     from samembed.embedding import EmbeddingMaps
@@ -67,11 +68,30 @@ def test_the_heatmaps_are_written_after_the_engine_and_its_images_are_freed_and_
     gc.collect()
     before = {id(o) for o in gc.get_objects() if type(o) is EmbeddingMaps or type(o).__name__ == "Matcher"}  # others'
 
+    def holders(obj, objects: list) -> list[str]:
+        """What refers to ``obj`` (frames by their function, dicts by their owners): the report of a failure."""
+        me = inspect.currentframe()
+        out = []
+        for r in gc.get_referrers(obj):
+            if r is objects or r is me or (inspect.isframe(r) and r.f_code is spy.__code__):
+                continue
+            if inspect.isframe(r):
+                out.append(f"frame {r.f_code.co_name} ({Path(r.f_code.co_filename).name}:{r.f_lineno})")
+            elif isinstance(r, dict):
+                owners = [type(x).__name__ for x in gc.get_referrers(r) if x is not objects and not inspect.isframe(x)]
+                out.append(f"dict of {owners[:3]}")
+            else:
+                out.append(type(r).__name__)
+        return out
+
     def spy(image, path, in_place=False):
         gc.collect()
-        alive = [getattr(o, "name", type(o).__name__) for o in gc.get_objects()  # (other heatmaps may be in flight)
+        objects = gc.get_objects()
+        found = [o for o in objects  # (other heatmaps may be in flight)
                  if ((type(o) is EmbeddingMaps or type(o).__name__ == "Matcher") and id(o) not in before)  # type():
                  or (type(o) is Image and Path(o.name).name in {c.name for c in two_cts})]  # no proxy's __class__
+        alive = [(getattr(o, "name", type(o).__name__), holders(o, objects)) for o in found]
+        del found, objects
         seen.append((alive, in_place))
         kept = image.array.copy()
         apart = tmp_path / "apart" / Path(path).name  # the same name: the compressed file may carry it
@@ -86,7 +106,7 @@ def test_the_heatmaps_are_written_after_the_engine_and_its_images_are_freed_and_
     code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(tmp_path / "m.csv"),
                  "--heatmap-dir", str(tmp_path / "hm"), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
     assert code == 0 and len(seen) == 2
-    assert all(alive == [] and in_place for alive, in_place in seen), seen
+    assert all(alive == [] and in_place for alive, in_place in seen), seen  # what is alive, and what holds it
 
 
 @pytest.mark.needs_data
