@@ -221,6 +221,12 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         matcher = targets = source = atlases = None
         if prefetch is not None:
             prefetch.close()
+        if args.heatmap_dir:
+            import gc
+
+            # on-demand maps and their embedder refer to each other (maps -> tiles -> embedder -> its cache -> maps):
+            # freed here, not whenever the next full collection happens to run
+            gc.collect()
         bar.phase("writing")
         _write_match_outputs(args, res, out, folder_out, fused=len(pairs) > 1)
     finally:

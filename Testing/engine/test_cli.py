@@ -57,6 +57,7 @@ def test_the_heatmaps_are_written_after_the_engine_and_its_images_are_freed_and_
     in-place call changes the array it is given."""
     import gc
     import inspect
+    import threading
 
     from samembed import io
     from samembed.embedding import EmbeddingMaps
@@ -68,30 +69,37 @@ def test_the_heatmaps_are_written_after_the_engine_and_its_images_are_freed_and_
     gc.collect()
     before = {id(o) for o in gc.get_objects() if type(o) is EmbeddingMaps or type(o).__name__ == "Matcher"}  # others'
 
-    def holders(obj, objects: list) -> list[str]:
-        """What refers to ``obj`` (frames by their function, dicts by their owners): the report of a failure."""
+    def holders(obj, ours: tuple) -> list[str]:
+        """What refers to ``obj`` (frames by their function, dicts by their owners), but the scan's own lists
+        ``ours``: the report of a failure."""
         me = inspect.currentframe()
         out = []
         for r in gc.get_referrers(obj):
-            if r is objects or r is me or (inspect.isframe(r) and r.f_code is spy.__code__):
+            if any(r is o for o in ours) or r is me or (inspect.isframe(r) and r.f_code is spy.__code__):
                 continue
             if inspect.isframe(r):
                 out.append(f"frame {r.f_code.co_name} ({Path(r.f_code.co_filename).name}:{r.f_lineno})")
             elif isinstance(r, dict):
-                owners = [type(x).__name__ for x in gc.get_referrers(r) if x is not objects and not inspect.isframe(x)]
+                owners = [type(x).__name__ for x in gc.get_referrers(r)
+                          if not any(x is o for o in ours) and not inspect.isframe(x)]
                 out.append(f"dict of {owners[:3]}")
             else:
                 out.append(type(r).__name__)
         return out
 
+    scanning = threading.Lock()
+
     def spy(image, path, in_place=False):
-        gc.collect()
-        objects = gc.get_objects()
-        found = [o for o in objects  # (other heatmaps may be in flight)
-                 if ((type(o) is EmbeddingMaps or type(o).__name__ == "Matcher") and id(o) not in before)  # type():
-                 or (type(o) is Image and Path(o.name).name in {c.name for c in two_cts})]  # no proxy's __class__
-        alive = [(getattr(o, "name", type(o).__name__), holders(o, objects)) for o in found]
-        del found, objects
+        # one writer thread at a time: a gc.collect() called while another thread collects returns at once, and a
+        # scan's list then holds that collection's garbage alive, so that the other thread sees it too
+        with scanning:
+            gc.collect()
+            objects = gc.get_objects()
+            found = [o for o in objects  # (other heatmaps may be in flight)
+                     if ((type(o) is EmbeddingMaps or type(o).__name__ == "Matcher") and id(o) not in before)  # type():
+                     or (type(o) is Image and Path(o.name).name in {c.name for c in two_cts})]  # no proxy's __class__
+            alive = [(getattr(o, "name", type(o).__name__), holders(o, (objects, found))) for o in found]
+            del found, objects
         seen.append((alive, in_place))
         kept = image.array.copy()
         apart = tmp_path / "apart" / Path(path).name  # the same name: the compressed file may carry it
