@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         from cold_start import atlas_case
 
         kbp = [c for c in cold_cases(args.suites, 1) if c.suite == "openkbp_inter"]
-        src_pat, targets, pts = atlas_case(args.suites, kbp, args.atlas, work)
+        src_pat, targets, pts, _ = atlas_case(args.suites, kbp, args.atlas, work)
 
         def atlas_run(name: str, root: Path) -> tuple[float, float]:
             out = work / f"atlas_{name}.csv"

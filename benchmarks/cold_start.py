@@ -267,10 +267,10 @@ def case_points(work: Path, case) -> tuple[str, Path]:
     return tag, path
 
 
-def atlas_case(suites: str, kbp: list, n_targets: int, work: Path) -> tuple[str, list, Path]:
+def atlas_case(suites: str, kbp: list, n_targets: int, work: Path) -> tuple[str, list, Path, dict]:
     """One atlas into many: the source patient of the first OpenKBP case ``kbp[0]``, ``n_targets`` distinct other
     patients (that case's target first) as cold targets, and the source's organ centroids written to
-    ``work/atlas_points.csv``. Returns ``(source patient, target cases, points file)``."""
+    ``work/atlas_points.csv``. Returns ``(source patient, target cases, points file, every patient's centroids)``."""
     from samembed_bench.cases import read_cases
     from samembed_bench.suites import data_root, read_openkbp_centroids
 
@@ -285,13 +285,12 @@ def atlas_case(suites: str, kbp: list, n_targets: int, work: Path) -> tuple[str,
     labels = sorted(cents[src_pat])
     pts_csv = work / "atlas_points.csv"
     _write_points(pts_csv, labels, [cents[src_pat][s] for s in labels])
-    return src_pat, targets, pts_csv
+    return src_pat, targets, pts_csv, cents
 
 
 def run(argv: list[str]) -> int:
     """The side-by-side benchmark; writes the markdown report."""
     import numpy as np
-    from samembed_bench.suites import data_root, read_openkbp_centroids
 
     p = argparse.ArgumentParser(prog="cold_start.py run")
     p.add_argument("--suites", default="cache/suites", help="suite folder (built when missing)")
@@ -342,8 +341,7 @@ def run(argv: list[str]) -> int:
     kbp = [c for c in cases if c.suite == "openkbp_inter"]
     atlas = None
     if kbp:
-        cents = read_openkbp_centroids(data_root())
-        src_pat, targets, pts_csv = atlas_case(args.suites, kbp, args.openkbp_pairs, work)
+        src_pat, targets, pts_csv, cents = atlas_case(args.suites, kbp, args.openkbp_pairs, work)
         out = work / "atlas_ondemand.csv"
         runs = [run_child(str(kbp[0].source), [str(c.target) for c in targets], str(pts_csv), str(out))
                 for _ in range(args.reps)]
