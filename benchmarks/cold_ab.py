@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     work = REPO / "cache" / "cold_ab"
     work.mkdir(parents=True, exist_ok=True)
     base = _worktree(args.base, work / "base")
+    from cold_start import byte_compile
+
+    for root in (REPO, base):  # neither engine compiles its sources in the timed processes
+        byte_compile(root)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
                           text=True).stdout.strip()
     if subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], check=True,

@@ -131,6 +131,9 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not (OPENKBP / "oar_centroids.csv").exists():
         raise SystemExit(f"real data not available: {OPENKBP} is missing (place ../shared/data beside the repo)")
+    from cold_start import byte_compile
+
+    byte_compile(REPO)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     truth = centroids()

@@ -18,6 +18,6 @@ python -m pip install -q -e ".[test,web,dataset]"  # web: samembed web; dataset:
 python -m pip install -q -e benchmarks
 # byte-compile the editable packages as pip does for an installed one: where PYTHONDONTWRITEBYTECODE is set, every
 # `samembed` process would otherwise compile the engine's sources again (about 0.07 s of a cold match)
-python -m compileall -q SAMEmbedding/samembed benchmarks/samembed_bench >/dev/null
+python -m compileall -q SAMEmbedding/samembed SAMEmbedding/SAMEmbeddingLib benchmarks/samembed_bench >/dev/null
 # the browser tests (Testing/web) drive Debian's Chromium
 bash scripts/install_chromium.sh

@@ -97,14 +97,8 @@ def _orient_lps(img):
     return sitk.DICOMOrient(img, "LPS")
 
 
-def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_xyz: tuple[int, ...] | None = None):
-    """Resample a SimpleITK image to isotropic ``spacing_mm`` on a corner-aligned grid (linear).
-
-    ``pad_multiple_xyz``: the output grid extends (at its far end) to a multiple of these sizes; the voxels added lie
-    outside the image and take ``fill_value``, as any voxel beyond the image does.
-    """
-    import SimpleITK as sitk
-
+def _resampled_geometry(img, spacing_mm: float, pad_multiple_xyz: tuple[int, ...] | None):
+    """The output grid of :func:`resample_to_spacing`: (size xyz, spacing xyz mm, origin LPS mm)."""
     d = img.GetDimension()
     old_sp = np.array(img.GetSpacing())
     size = np.array(img.GetSize())
@@ -116,6 +110,19 @@ def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_
     direction = np.array(img.GetDirection()).reshape(d, d)
     shift = (new_sp - old_sp) / 2.0
     origin = np.array(img.GetOrigin()) + direction @ shift
+    return new_size, new_sp, origin
+
+
+def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_xyz: tuple[int, ...] | None = None):
+    """Resample a SimpleITK image to isotropic ``spacing_mm`` on a corner-aligned grid (linear), with SimpleITK.
+
+    ``pad_multiple_xyz``: the output grid extends (at its far end) to a multiple of these sizes; the voxels added lie
+    outside the image and take ``fill_value``, as any voxel beyond the image does. :func:`preprocess` computes the
+    same voxels per axis (:func:`resample_per_axis`); this is the reference it is tested against.
+    """
+    import SimpleITK as sitk
+
+    new_size, new_sp, origin = _resampled_geometry(img, spacing_mm, pad_multiple_xyz)
     res = sitk.ResampleImageFilter()
     res.SetOutputSpacing(tuple(float(v) for v in new_sp))
     res.SetSize([int(v) for v in new_size])
@@ -125,6 +132,88 @@ def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_
     res.SetDefaultPixelValue(float(fill_value))
     res.SetOutputPixelType(sitk.sitkFloat32)
     return res.Execute(img)
+
+
+def _axis_samples(n_in: int, n_out: int, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where each of ``n_out`` corner-aligned output samples falls on an axis of ``n_in`` input voxels, ``ratio`` =
+    output / input spacing: (lower neighbour, upper neighbour, weight of the upper one, inside the image), with
+    SimpleITK's linear interpolator's rules (neighbours clamped to the image; a sample is inside when its continuous
+    index lies in [-0.5, n_in - 0.5))."""
+    c = (np.arange(n_out, dtype=np.float64) + 0.5) * ratio - 0.5
+    f = np.floor(c)
+    lower = np.clip(f, 0, n_in - 1).astype(np.intp)
+    upper = np.clip(f + 1, 0, n_in - 1).astype(np.intp)
+    return lower, upper, c - f, (c >= -0.5) & (c < n_in - 0.5)
+
+
+def resample_per_axis(img, spacing_mm: float, fill_value: float,
+                      pad_multiple_xyz: tuple[int, ...] | None = None) -> tuple[np.ndarray, Grid]:
+    """:func:`resample_to_spacing`'s voxels (float32, zyx) and grid, computed one axis at a time.
+
+    The output grid shares the input's direction, so each output axis samples one input axis: trilinear interpolation
+    is then a linear interpolation along x, then y, then z, in float64 as SimpleITK's interpolator computes it. The
+    values equal SimpleITK's to the last bit but for a few voxels in a million, which differ in the last bit of their
+    float32 (SimpleITK reaches each sample's position through physical space, in double). It takes 0.06-0.12 s for
+    an OpenKBP CT at 2 mm, where SimpleITK's resampling takes 0.25-0.5 s on one thread: the cold path preprocesses
+    every image, and a second process does it while the engine imports torch. Memory: the output and two
+    interpolated input slices, no volume-sized temporary. Scalar 2D or 3D images.
+    """
+    import SimpleITK as sitk
+
+    d = img.GetDimension()
+    if img.GetNumberOfComponentsPerPixel() != 1 or d not in (2, 3):
+        raise InputError(f"per-axis resampling takes scalar 2D or 3D images, not {d}D with "
+                         f"{img.GetNumberOfComponentsPerPixel()} components")
+    new_size, new_sp, origin = _resampled_geometry(img, spacing_mm, pad_multiple_xyz)
+    voxels = sitk.GetArrayViewFromImage(img)  # zyx, the image's own memory (only read)
+    if d == 2:
+        voxels = voxels[None]
+    ratios = [float(t) / float(s) for t, s in zip(new_sp, img.GetSpacing())]
+    size_zyx = [int(n) for n in reversed(new_size)]
+    if d == 2:
+        size_zyx, ratios = [1, *size_zyx], [*ratios, 1.0]
+    (z0, z1, wz, in_z), (y0, y1, wy, in_y), (x0, x1, wx, in_x) = (
+        _axis_samples(n, m, r) for n, m, r in zip(voxels.shape, size_zyx, reversed(ratios)))
+    wy = wy[:, None]
+    planes: dict[int, np.ndarray] = {}  # the last two input slices interpolated in x and y (float64)
+
+    def plane(k: int) -> np.ndarray:
+        p = planes.get(k)
+        if p is None:
+            s = voxels[k]
+            lo = s[:, x0].astype(np.float64)
+            p = s[:, x1].astype(np.float64)
+            p -= lo
+            p *= wx
+            p += lo  # along x
+            lo = p[y0]
+            p = p[y1]
+            p -= lo
+            p *= wy
+            p += lo  # along y
+            if len(planes) == 2:
+                del planes[next(iter(planes))]
+            planes[k] = p
+        return p
+
+    out = np.empty(size_zyx, np.float32)
+    blend = np.empty(size_zyx[1:], np.float64)
+    for k in range(size_zyx[0]):
+        if not in_z[k]:
+            out[k] = fill_value
+            continue
+        lo = plane(int(z0[k]))
+        np.subtract(plane(int(z1[k])), lo, out=blend)
+        blend *= wz[k]
+        blend += lo  # along z
+        out[k] = blend
+    out[:, ~in_y, :] = fill_value
+    out[:, :, ~in_x] = fill_value
+    if d == 2:
+        out = out[0]
+    grid = Grid(tuple(size_zyx[-d:]), tuple(float(v) for v in new_sp), tuple(float(v) for v in origin),
+                np.array(img.GetDirection()).reshape(d, d))
+    return out, grid
 
 
 def map_intensity(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.2, 99.8),
@@ -161,7 +250,7 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
             these sizes, by the resampling itself (no second copy of the volume); other modalities, whose mapping
             depends on the whole image's percentiles, come unpadded.
     """
-    from .io import image_to_sitk, sitk_voxels
+    from .io import image_to_sitk
 
     mod = detect_modality(image) if modality == "auto" else modality
     if mod not in ("ct", "mri", "xray"):
@@ -175,15 +264,11 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
     if not image.pixel_spacing_known and image.ndim == 2:
         spacing = config.spacing_mm  # pixels treated as mm-sized; --spacing sets the real value
     pad = tuple(reversed(pad_multiple_zyx)) if pad_multiple_zyx is not None and mod == "ct" else None
-    res = resample_to_spacing(img, spacing, fill, pad)
-    d = res.GetDimension()
-    grid = Grid(tuple(reversed(res.GetSize())), res.GetSpacing(), res.GetOrigin(),
-                np.array(res.GetDirection()).reshape(d, d))
+    voxels, grid = resample_per_axis(img, spacing, fill, pad)
     fill_mapped = float(map_intensity(np.array([fill], dtype=np.float32), mod, (0.0, 100.0))[0]) if mod == "ct" else -50.0
-    # CT is mapped in the resampled image's own buffer (a volume-sized array less to make: on a VM whose fresh memory
+    # CT is mapped in the resampled array itself (a volume-sized array less to make: on a VM whose fresh memory
     # costs about 10 us per 4 KB page, 0.05-0.1 s of a 40 MB input); the other mappings write a new array
-    out = map_intensity(sitk_voxels(res), mod, config.percentiles, in_place=True)
-    del res
+    out = map_intensity(voxels, mod, config.percentiles, in_place=True)
     return Prepared(out, grid, mod, fill_mapped)
 
 
