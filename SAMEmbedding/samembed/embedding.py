@@ -93,8 +93,9 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
 _FILL_LOCK = threading.RLock()
 #: part of every cache key: bumped when the engine's arithmetic changes (v2: batch norms folded into the
 #: convolutions, channel norms summed channel by channel; v3: each layer of a tile computed only where the layers
-#: after it need it), so a map never mixes tiles of two versions
-NUMERICS = "3"
+#: after it need it; v4: the input resampled one axis at a time, which differs from SimpleITK's in the last bit of a
+#: few voxels per million), so a map never mixes tiles of two versions
+NUMERICS = "4"
 
 
 @dataclass(eq=False)
