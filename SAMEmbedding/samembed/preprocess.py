@@ -117,8 +117,8 @@ def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_
     """Resample a SimpleITK image to isotropic ``spacing_mm`` on a corner-aligned grid (linear), with SimpleITK.
 
     ``pad_multiple_xyz``: the output grid extends (at its far end) to a multiple of these sizes; the voxels added lie
-    outside the image and take ``fill_value``, as any voxel beyond the image does. :func:`preprocess` computes the
-    same voxels per axis (:func:`resample_per_axis`); this is the reference it is tested against.
+    outside the image and take ``fill_value``, as any voxel beyond the image does. :func:`preprocess` uses it for 2D
+    images and computes the same voxels per axis for 3D ones (:func:`resample_per_axis`), tested against it.
     """
     import SimpleITK as sitk
 
@@ -134,16 +134,31 @@ def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_
     return res.Execute(img)
 
 
+#: a sample within this many voxels of the image's edge (its continuous index at -0.5 or n - 0.5) lies on it
+EDGE_TOLERANCE_VOXELS = 1e-6
+
+
 def _axis_samples(n_in: int, n_out: int, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Where each of ``n_out`` corner-aligned output samples falls on an axis of ``n_in`` input voxels, ``ratio`` =
-    output / input spacing: (lower neighbour, upper neighbour, weight of the upper one, inside the image), with
-    SimpleITK's linear interpolator's rules (neighbours clamped to the image; a sample is inside when its continuous
-    index lies in [-0.5, n_in - 0.5))."""
+    output / input spacing: (lower neighbour, upper neighbour, weight of the upper one, inside the image).
+
+    As SimpleITK's linear interpolator: neighbours are clamped to the image, and a sample is inside when its
+    continuous index lies in [-0.5, n_in - 0.5). A sample exactly on the far edge (``n_in - 0.5``, within
+    :data:`EDGE_TOLERANCE_VOXELS`; e.g. 3 mm slices, an odd count, a 2 mm grid) is outside, always. SimpleITK
+    decides it by its double rounding (it reaches each sample through physical space, and along x incrementally along
+    each row), so it fills it for some origins and interpolates the edge voxel for others.
+    """
     c = (np.arange(n_out, dtype=np.float64) + 0.5) * ratio - 0.5
     f = np.floor(c)
     lower = np.clip(f, 0, n_in - 1).astype(np.intp)
     upper = np.clip(f + 1, 0, n_in - 1).astype(np.intp)
-    return lower, upper, c - f, (c >= -0.5) & (c < n_in - 0.5)
+    tol = EDGE_TOLERANCE_VOXELS
+    return lower, upper, c - f, (c >= -0.5 - tol) & (c < n_in - 0.5 - tol)
+
+
+#: output elements per block of rows interpolated at once (float64: 8 MB), so that a large radiograph or slice
+#: needs no temporaries of its own size
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def resample_per_axis(img, spacing_mm: float, fill_value: float,
@@ -152,11 +167,13 @@ def resample_per_axis(img, spacing_mm: float, fill_value: float,
 
     The output grid shares the input's direction, so each output axis samples one input axis: trilinear interpolation
     is then a linear interpolation along x, then y, then z, in float64 as SimpleITK's interpolator computes it. The
-    values equal SimpleITK's to the last bit but for a few voxels in a million, which differ in the last bit of their
-    float32 (SimpleITK reaches each sample's position through physical space, in double). It takes 0.06-0.12 s for
-    an OpenKBP CT at 2 mm, where SimpleITK's resampling takes 0.25-0.5 s on one thread: the cold path preprocesses
-    every image, and a second process does it while the engine imports torch. Memory: the output and two
-    interpolated input slices, no volume-sized temporary. Scalar 2D or 3D images.
+    values are SimpleITK's to the last bit but for a few voxels per million, which differ in the last bit of their
+    float32 (SimpleITK reaches each sample's position through physical space, in double), and but for samples exactly
+    on the image's far edge, which take the fill value here, and the fill value or the edge voxel's there, by the
+    rounding of the image's origin (see :func:`_axis_samples`). It takes 0.06-0.12 s for an OpenKBP CT at 2 mm, where SimpleITK's
+    resampling takes 0.25-0.5 s on one thread: the cold path preprocesses every image, and a second process does it
+    while the engine imports torch. Memory: the output, two interpolated input slices (3D) and blocks of rows of at
+    most 8 MB. Scalar 2D or 3D images.
     """
     import SimpleITK as sitk
 
@@ -174,41 +191,56 @@ def resample_per_axis(img, spacing_mm: float, fill_value: float,
         size_zyx, ratios = [1, *size_zyx], [*ratios, 1.0]
     (z0, z1, wz, in_z), (y0, y1, wy, in_y), (x0, x1, wx, in_x) = (
         _axis_samples(n, m, r) for n, m, r in zip(voxels.shape, size_zyx, reversed(ratios)))
-    wy = wy[:, None]
-    planes: dict[int, np.ndarray] = {}  # the last two input slices interpolated in x and y (float64)
+    # output rows per block, so that a block's rows of input (more of them where y is downsampled) stay within it
+    rows = max(1, int(_BLOCK_ELEMENTS // (size_zyx[2] * max(1.0, ratios[1]))))
 
-    def plane(k: int) -> np.ndarray:
-        p = planes.get(k)
-        if p is None:
-            s = voxels[k]
-            lo = s[:, x0].astype(np.float64)
-            p = s[:, x1].astype(np.float64)
-            p -= lo
-            p *= wx
-            p += lo  # along x
-            lo = p[y0]
-            p = p[y1]
-            p -= lo
-            p *= wy
-            p += lo  # along y
-            if len(planes) == 2:
-                del planes[next(iter(planes))]
-            planes[k] = p
-        return p
+    def interpolate_slice(k: int, into: np.ndarray) -> np.ndarray:
+        """Input slice ``k`` interpolated along x, then y, into ``into`` (output rows x columns), block by block."""
+        s = voxels[k]
+        for a in range(0, size_zyx[1], rows):
+            b = min(size_zyx[1], a + rows)
+            first, last = int(y0[a]), int(y1[b - 1])  # the input rows this block reads
+            part = s[first:last + 1]
+            lo = part[:, x0].astype(np.float64)
+            along_x = part[:, x1].astype(np.float64)
+            along_x -= lo
+            along_x *= wx
+            along_x += lo
+            lo = along_x[y0[a:b] - first]
+            hi = along_x[y1[a:b] - first]
+            hi -= lo
+            hi *= wy[a:b, None]
+            hi += lo
+            into[a:b] = hi
+        return into
 
     out = np.empty(size_zyx, np.float32)
-    blend = np.empty(size_zyx[1:], np.float64)
-    for k in range(size_zyx[0]):
-        if not in_z[k]:
-            out[k] = fill_value
-            continue
-        lo = plane(int(z0[k]))
-        np.subtract(plane(int(z1[k])), lo, out=blend)
-        blend *= wz[k]
-        blend += lo  # along z
-        out[k] = blend
+    if size_zyx[0] == 1 and voxels.shape[0] == 1 and in_z[0]:  # 2D, or one slice onto one: no blend along z
+        interpolate_slice(0, out[0])
+    else:
+        planes: dict[int, np.ndarray] = {}  # the last two input slices interpolated in x and y (float64)
+
+        def plane(k: int) -> np.ndarray:
+            if k not in planes:
+                if len(planes) == 2:
+                    del planes[next(iter(planes))]
+                planes[k] = interpolate_slice(k, np.empty(size_zyx[1:], np.float64))
+            return planes[k]
+
+        blend = np.empty(size_zyx[1:], np.float64)
+        for k in range(size_zyx[0]):
+            if not in_z[k]:
+                out[k] = fill_value
+                continue
+            lo = plane(int(z0[k]))
+            np.subtract(plane(int(z1[k])), lo, out=blend)
+            blend *= wz[k]
+            blend += lo  # along z
+            out[k] = blend
     out[:, ~in_y, :] = fill_value
     out[:, :, ~in_x] = fill_value
+    if not in_z.all():
+        out[~in_z] = fill_value
     if d == 2:
         out = out[0]
     grid = Grid(tuple(size_zyx[-d:]), tuple(float(v) for v in new_sp), tuple(float(v) for v in origin),
@@ -250,7 +282,7 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
             these sizes, by the resampling itself (no second copy of the volume); other modalities, whose mapping
             depends on the whole image's percentiles, come unpadded.
     """
-    from .io import image_to_sitk
+    from .io import image_to_sitk, sitk_voxels
 
     mod = detect_modality(image) if modality == "auto" else modality
     if mod not in ("ct", "mri", "xray"):
@@ -264,7 +296,13 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
     if not image.pixel_spacing_known and image.ndim == 2:
         spacing = config.spacing_mm  # pixels treated as mm-sized; --spacing sets the real value
     pad = tuple(reversed(pad_multiple_zyx)) if pad_multiple_zyx is not None and mod == "ct" else None
-    voxels, grid = resample_per_axis(img, spacing, fill, pad)
+    if img.GetDimension() == 2:  # radiographs: SimpleITK (on its threads) is faster there, 0.05 s against 0.1 s
+        res = resample_to_spacing(img, spacing, fill, pad)
+        grid = Grid(tuple(reversed(res.GetSize())), res.GetSpacing(), res.GetOrigin(),
+                    np.array(res.GetDirection()).reshape(2, 2))
+        voxels = sitk_voxels(res)  # SimpleITK's own buffer, no copy
+    else:
+        voxels, grid = resample_per_axis(img, spacing, fill, pad)
     fill_mapped = float(map_intensity(np.array([fill], dtype=np.float32), mod, (0.0, 100.0))[0]) if mod == "ct" else -50.0
     # CT is mapped in the resampled array itself (a volume-sized array less to make: on a VM whose fresh memory
     # costs about 10 us per 4 KB page, 0.05-0.1 s of a 40 MB input); the other mappings write a new array

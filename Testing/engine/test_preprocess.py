@@ -177,26 +177,28 @@ def test_a_ct_is_mapped_in_its_resampled_array_with_the_values_of_a_new_array(mo
 
 def _resampling_cases(data_dir):
     """(name, SimpleITK image oriented as preprocess orients it): real CTs at their own spacings (up- and
-    downsampled to 2 mm), a radiograph, and small synthetic volumes with odd spacings, an oblique flipped
-    direction, samples exactly on the image's far edge (outside, as SimpleITK has them on a straight grid; on an
-    oblique grid its double rounding decides them either way, so that case avoids them) and a single slice."""
+    downsampled to 2 mm), a radiograph, and small synthetic volumes of several pixel types with odd spacings, an
+    oblique flipped direction, samples exactly on the far edge of z and y (at the origin 0 SimpleITK fills them, as
+    the per-axis resampling does) and a single slice."""
     from samembed.io import image_to_sitk, read_image
     from samembed.preprocess import _orient_lps
 
     paths = [data_dir / "ct" / "openkbp" / "ct" / "pt_202_ct.nii.gz", data_dir / "ct" / "lidc" / "LIDC-IDRI-0001_ct.nii.gz",
              data_dir / "ct" / "popi" / "popi_00_ct.nii.gz", data_dir / "xray" / "hand_dha37" / "images" / "3187.jpg"]
     for path in paths:
-        if path.exists():
-            yield path.name, _orient_lps(image_to_sitk(read_image(path)))
+        assert path.exists(), f"{path} is missing from the shared data"
+        yield path.name, _orient_lps(image_to_sitk(read_image(path)))
     rng = np.random.default_rng(7)
     a, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    for shape, spacing, direction in (((17, 29, 23), (0.7, 1.3, 3.1), np.eye(3)),
-                                      ((9, 14, 11), (2.9, 0.45, 1.1), a @ np.diag([1.0, -1.0, 1.0])),
-                                      ((9, 6, 5), (1.0, 1.0, 1.0), np.eye(3)),  # odd sizes: samples on the far edge
-                                      ((1, 40, 37), (0.9, 0.9, 5.0), np.eye(3))):
-        arr = rng.integers(-1200, 2500, size=shape).astype(np.int16)
-        img = Image(arr, Grid(shape, spacing, (-12.5, 40.0, 3.25), direction), "synthetic")
-        yield f"synthetic {shape} at {spacing}", _orient_lps(image_to_sitk(img))
+    for shape, spacing, direction, dtype, high in (
+            ((17, 29, 23), (0.7, 1.3, 3.1), np.eye(3), np.int16, 2500),
+            ((9, 14, 11), (2.9, 0.45, 1.1), a @ np.diag([1.0, -1.0, 1.0]), np.int32, 2_000_000_000),
+            ((9, 6, 5), (1.0, 1.0, 1.0), np.eye(3), np.uint16, 65535),  # odd sizes: samples exactly on the far edge
+            ((1, 40, 37), (0.9, 0.9, 5.0), np.eye(3), np.float64, 1e6),
+            ((3, 12, 10), (0.3, 0.35, 2.5), np.eye(3), np.uint8, 255)):
+        arr = rng.integers(0 if np.dtype(dtype).kind == "u" else -1200, high, size=shape).astype(dtype)
+        img = Image(arr, Grid(shape, spacing, (0.0, 0.0, 0.0), direction), "synthetic")
+        yield f"synthetic {np.dtype(dtype).name} {shape} at {spacing}", _orient_lps(image_to_sitk(img))
 
 
 def test_the_per_axis_resampling_gives_simpleitks_voxels_and_grid(data_dir):
@@ -223,6 +225,55 @@ def test_the_per_axis_resampling_gives_simpleitks_voxels_and_grid(data_dir):
             assert differ.sum() <= max(2, out.size // 100_000), f"{name} at {spacing} mm: {differ.sum()} voxels differ"
             np.testing.assert_allclose(out[differ], ref[differ], rtol=1e-6, atol=1e-6, err_msg=name)
             assert pad is None or (ref == -3.5).any(), f"{name}: no voxel outside the image to compare"
+
+
+@pytest.mark.parametrize(("shape", "spacing", "rounds_inside"), [
+    ((7, 64, 64), (0.9765625, 0.9765625, 3.0), (-277.7, 13.3, 250.9)),  # the last slice
+    ((40, 37), (3.0, 2.5), (5.5, -7.25))])  # a radiograph's last column
+def test_a_sample_exactly_on_the_far_edge_is_filled_whatever_the_origin(shape, spacing, rounds_inside):
+    """An output sample exactly on the image's far edge (3 mm spacing, an odd count, a 2 mm grid) is filled, for
+    every origin. SimpleITK decides it by its double rounding (through physical space, and incrementally along each
+    row): the last slice here is filled for most origins and interpolated for some, the radiograph's last column
+    interpolated for all; every other voxel is SimpleITK's for every origin."""
+    import SimpleITK as sitk
+
+    from samembed.io import image_to_sitk
+    from samembed.preprocess import resample_per_axis, resample_to_spacing
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 65535, size=shape).astype(np.uint16)
+    d = len(shape)
+    edge = (-1,) if d == 3 else (slice(None), -1)  # the sample on the edge: the last z slice, or the last x column
+    rounded_inside = 0
+    # origin 0, one where SimpleITK's rounding puts the edge sample inside, and random ones
+    for origin in [(0.0,) * d, rounds_inside] + [tuple(rng.uniform(-300, 300, d)) for _ in range(30)]:
+        img = image_to_sitk(Image(arr, Grid(shape, spacing, origin, np.eye(d)), "edge"))
+        ref = sitk.GetArrayFromImage(resample_to_spacing(img, 2.0, -3.5))
+        out, _ = resample_per_axis(img, 2.0, -3.5)
+        assert (out[edge] == -3.5).all(), f"origin {origin}: the edge sample is not filled"
+        inner = np.ones(out.shape, bool)
+        inner[edge] = False
+        np.testing.assert_allclose(out[inner], ref[inner], rtol=1e-6, err_msg=f"origin {origin}")
+        rounded_inside += int((ref[edge] != -3.5).any())
+    assert rounded_inside, "SimpleITK filled the edge sample for every origin: the case shows no difference to test"
+
+
+def test_an_mri_and_a_radiograph_are_preprocessed_as_from_simpleitks_resampling():
+    """The percentile mappings (MRI, radiographs) read the whole resampled image: ``preprocess`` gives what
+    SimpleITK's resampling mapped the same way gives, so no fill or value moved by the per-axis resampling shifts
+    them."""
+    import SimpleITK as sitk
+
+    from samembed.io import image_to_sitk
+    from samembed.preprocess import _orient_lps, resample_to_spacing
+
+    rng = np.random.default_rng(5)
+    for modality, shape, spacing in (("mri", (23, 40, 33), (0.9, 1.1, 3.3)), ("xray", (70, 55), (0.7, 0.45))):
+        arr = rng.gamma(2.0, 300.0, size=shape).astype(np.float32)
+        img = Image(arr, Grid(shape, spacing, (-8.5, 3.0, 11.0)[: len(shape)], np.eye(len(shape))), modality)
+        prep = preprocess(img, PreprocessConfig(fill="zero"), modality)
+        ref = sitk.GetArrayFromImage(resample_to_spacing(_orient_lps(image_to_sitk(img)), 2.0, 0.0))
+        np.testing.assert_allclose(prep.array, map_intensity(ref, modality), rtol=1e-6, atol=1e-5)
 
 
 def test_per_axis_resampling_refuses_what_it_cannot_take():
