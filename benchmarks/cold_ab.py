@@ -7,10 +7,13 @@ cache, one torch thread, the command's own prefetch) on the same pairs, alternat
 times, and reports each engine's median process time per pair and their ratio. Both engines load the model of their
 own checkout. Elastix is not run (``cold_start.py`` compares with it). With ``--atlas N`` it also times one atlas
 into N cold targets in one process (``cold_start.py``'s atlas case), whose per-target time the pairs do not show.
+With ``--first-click`` it also times the Slicer module's first click (``first_click.py child``, its first case), from
+cold and with the engine started, where preprocessing is waited for; ``--no-pairs`` skips the pairs.
 
 Usage (from the repository root)::
 
     python benchmarks/cold_ab.py --base 4994e21 --atlas 5 --out benchmarks/results/cold_ab.md
+    python benchmarks/cold_ab.py --base 4994e21 --no-pairs --first-click --reps 5 --out cache/cold_ab/click.md
 """
 
 from __future__ import annotations
@@ -90,6 +93,23 @@ def _largest_move(a: Path, b: Path) -> float:
     return float(np.linalg.norm(_read_found(a)[2] - _read_found(b)[2], axis=1).max())
 
 
+def _click(root: Path, mode: str, out: Path) -> tuple[float, list[list[float]]]:
+    """Seconds and matched points (RAS mm) of one first click through the Slicer module's logic by the engine of
+    checkout ``root`` (``first_click.py child --mode MODE``, its first case: a source and 3 targets; torch's default
+    threads, as in the module)."""
+    from first_click import CASES, DATA
+
+    source, targets = CASES[0]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHONPATH=f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}", SAMEMBED_DATA=str(DATA))
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "first_click.py"), "child", "--mode", mode,
+                           "--json", str(out), source, *targets], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"first click by {root} failed:\n{done.stderr[-2000:]}")
+    d = json.loads(out.read_text())
+    return d["click_s"], [r["ras"] for r in d["rows"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "benchmarks"))
     sys.path.insert(0, str(REPO / "SAMEmbedding"))
@@ -104,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atlas", type=int, default=0, metavar="N",
                    help="also one atlas into N cold targets in one process (cold_start.py's atlas case): the mean "
                         "time per target of each engine")
+    p.add_argument("--no-pairs", action="store_true", help="skip the cold pairs (e.g. for --first-click alone)")
+    p.add_argument("--first-click", action="store_true",
+                   help="also the Slicer module's first click (first_click.py's first case, a source and 3 targets), "
+                        "from cold and with the engine started, each engine --reps times")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
     args = p.parse_args(argv)
     work = REPO / "cache" / "cold_ab"
@@ -119,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                       capture_output=True, text=True).stdout.strip():
         head += " with uncommitted changes"
     rows = []
-    for case in cold_cases(args.suites, args.openkbp_pairs):
+    for case in [] if args.no_pairs else cold_cases(args.suites, args.openkbp_pairs):
         tag, pts = case_points(work, case)
         runs = _alternating(args.reps, base, lambda name, root, c=case, p=pts, t=tag: _cold(
             root, str(c.source), str(c.target), str(p), work / f"{t}_{name}.csv"))
@@ -155,6 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                           f"{statistics.median(times['base']):.2f} / {statistics.median(times['head']):.2f} | "
                           f"{_median_range(per['base'])} | {_median_range(per['head'])} | {b / h:.2f}x | {moved:.2f} |")
         print(atlas_rows[-1], flush=True)
+    click_rows = []
+    if args.first_click:
+        for mode in ("cold", "started"):
+            runs = _alternating(args.reps, base, lambda name, root, m=mode: _click(root, m, work / f"click_{m}_{name}.json"))
+            times = {k: [r[0] for r in v] for k, v in runs.items()}
+            first = np.array(runs["base"][0][1])
+            moved = max(float(np.linalg.norm(np.array(r[1]) - first, axis=1).max()) for v in runs.values() for r in v)
+            b, h = statistics.median(times["base"]), statistics.median(times["head"])
+            click_rows.append(f"| {'a click that starts the engine' if mode == 'cold' else 'the engine started, nothing prepared'} | "
+                              f"{_median_range(times['base'])} | {_median_range(times['head'])} | {b / h:.2f}x | {moved:.2f} |")
+            print(click_rows[-1], flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = "\n".join([
         f"# Cold `samembed match`: `{args.base}` against `{head}`, side by side", "",
@@ -162,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
-        + (f" --atlas {args.atlas}" if args.atlas else "") + "`.", "",
-        "| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
-        "largest move of a match, base to head, mm |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        *rows, ""])
+        + (f" --atlas {args.atlas}" if args.atlas else "") + (" --no-pairs" if args.no_pairs else "")
+        + (" --first-click" if args.first_click else "") + "`.", "",
+        *(["| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
+           "largest move of a match, base to head, mm |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""] if rows else [])])
     if atlas_rows:
         text += "\n".join([
             "", "One atlas into many, one fresh process per run (each target cold, the source's tiles reused); the mean "
@@ -174,6 +209,16 @@ def main(argv: list[str] | None = None) -> int:
             "| atlas into targets | process s, base / head | base s per target | head s per target | speed-up | "
             "largest move of a match, base to head, mm |",
             "|---|---:|---:|---:|---:|---:|", *atlas_rows, ""])
+    if click_rows:
+        from first_click import CASES
+
+        source, targets = CASES[0]
+        text += "\n".join([
+            "", f"The Slicer module's first click (`first_click.py child`: {source} into {', '.join(targets)}, the "
+            "module's logic with its engine process, torch's default threads), each engine alternating as above; "
+            "median (range) seconds from the click to the matches in MRML:", "",
+            "| way | base s | head s | speed-up | largest move of a match over all runs, mm |",
+            "|---|---:|---:|---:|---:|", *click_rows, ""])
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0
