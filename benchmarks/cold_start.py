@@ -201,11 +201,12 @@ def run_child(source: str, targets: list[str], points_csv: str, out_csv: str, ex
     return out
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run of median process time among ``runs`` (of :func:`run_child`), with every run's process time added as
-    ``process_s_runs``."""
-    r = sorted(runs, key=lambda x: x["process_s"])[len(runs) // 2]
-    r["process_s_runs"] = [x["process_s"] for x in runs]
+def median_run(runs: list[dict], key: str = "process_s", *also: str) -> dict:
+    """The run of median ``runs[i][key]`` (default: process time, :func:`run_child`'s runs), with every run's value of
+    ``key`` and of each of ``also`` added as ``<name>_runs``."""
+    r = sorted(runs, key=lambda x: x[key])[len(runs) // 2]
+    for name in (key, *also):
+        r[f"{name}_runs"] = [x[name] for x in runs]
     return r
 
 

@@ -157,8 +157,10 @@ def run(argv: list[str]) -> int:
                 runs[mode].append(json.loads(js.read_text()))
                 print(f"{source} -> {', '.join(targets)} {mode}: prepare {runs[mode][-1]['prepare_s']:.1f} s, "
                       f"click {runs[mode][-1]['click_s']:.1f} s", flush=True)
-        for mode in modes:
-            row[mode] = median_click(runs[mode])
+        from cold_start import median_run
+
+        for mode in modes:  # the run of median click time, with every run's click and preparation times
+            row[mode] = median_run(runs[mode], "click_s", "prepare_s")
         got = [np.array([r["ras"] for r in run["rows"]]) for m in modes for run in runs[m]]
         row["same"] = all(bool(np.allclose(got[0], g, atol=1e-3)) for g in got[1:])
         want = np.array([truth[(t, CLICK_ORGAN)] for t in targets]) * [-1, -1, 1]
@@ -168,15 +170,6 @@ def run(argv: list[str]) -> int:
     (work / "first_click.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
     return 0
-
-
-def median_click(runs: list[dict]) -> dict:
-    """The run of median click time among ``runs`` (child results), with every run's click and preparation times
-    added as ``click_s_runs`` and ``prepare_s_runs``."""
-    r = dict(sorted(runs, key=lambda x: x["click_s"])[len(runs) // 2])
-    r["click_s_runs"] = [x["click_s"] for x in runs]
-    r["prepare_s_runs"] = [x["prepare_s"] for x in runs]
-    return r
 
 
 def _spread(run: dict, key: str = "click_s") -> str:
@@ -190,10 +183,12 @@ def report(results: list[dict], load_start, load_end, note: str, threads: int, r
     import numpy as np
 
     cold = [r["cold"]["click_s"] for r in results]
-    cold_worst = max(max(r["cold"].get("click_s_runs", [r["cold"]["click_s"]])) for r in results)
     started = [r["started"]["click_s"] for r in results if "started" in r]
-    started_worst = max((max(r["started"].get("click_s_runs", [r["started"]["click_s"]])) for r in results
-                         if "started" in r), default=0.0)
+
+    def worst(mode: str) -> float:  # the slowest click of every run of ``mode``
+        return max((max(r[mode].get("click_s_runs", [r[mode]["click_s"]])) for r in results if mode in r), default=0.0)
+
+    cold_worst, started_worst = worst("cold"), worst("started")
     warm = [r["prepared"]["click_s"] for r in results]
     prep = [r["prepared"]["prepare_s"] for r in results]
     lines = [

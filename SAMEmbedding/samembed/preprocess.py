@@ -239,8 +239,6 @@ def resample_per_axis(img, spacing_mm: float, fill_value: float,
             out[k] = blend
     out[:, ~in_y, :] = fill_value
     out[:, :, ~in_x] = fill_value
-    if not in_z.all():
-        out[~in_z] = fill_value
     if d == 2:
         out = out[0]
     grid = Grid(tuple(size_zyx[-d:]), tuple(float(v) for v in new_sp), tuple(float(v) for v in origin),
