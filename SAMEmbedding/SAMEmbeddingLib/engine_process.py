@@ -618,6 +618,9 @@ def _startPrefetch(model: str, device: str):
 def main() -> None:
     """Entry point of the child: read the connection details from stdin, connect, serve."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from samembed.allocator import keep_freed_memory
+
+    keep_freed_memory()  # the engine's own process: freed memory is kept for the next tile (samembed.allocator)
     hello = json.loads(sys.stdin.readline())
     conn = Client(tuple(hello["address"]), authkey=bytes.fromhex(hello["authkey"]))
     log.info("engine process %d serving model %s on %s", os.getpid(), hello["model"], hello["device"])

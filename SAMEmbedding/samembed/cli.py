@@ -587,7 +587,13 @@ def run() -> NoReturn:
 
     After the commands of :data:`FAST_EXIT_COMMANDS` the process ends through :func:`exit_now`: with torch loaded,
     the interpreter's normal shutdown takes about 0.5 s on a 2-core machine (measured: ``import torch`` then exit),
-    a tenth of a cold ``samembed match``, after its results are written."""
+    a tenth of a cold ``samembed match``, after its results are written.
+
+    The process is the engine's own, so its allocator keeps freed memory for the next tile
+    (:func:`samembed.allocator.keep_freed_memory`), from the start: the prefetch process it forks keeps it too."""
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()
     args = build_parser().parse_args()
     code = _main(args)
     if args.command in FAST_EXIT_COMMANDS:
