@@ -159,8 +159,11 @@ def child(argv: list[str]) -> NoReturn:
 
     target = Matcher._target
 
+    snapshots: list[dict] = []  # the stage times at each mark: each target's own stage times are their differences
+
     def _target(self, *a, **k):
         marks.append(time.perf_counter())
+        snapshots.append(dict(clock.seconds))
         return target(self, *a, **k)
 
     Matcher._target = _target
@@ -168,6 +171,7 @@ def child(argv: list[str]) -> NoReturn:
 
     def _write(*a, **k):
         marks.append(time.perf_counter())
+        snapshots.append(dict(clock.seconds))
         return write(*a, **k)
 
     cli._write_match_outputs = _write
@@ -176,8 +180,12 @@ def child(argv: list[str]) -> NoReturn:
     stages = {"imports": t_imports, **clock.seconds}
     stages["other"] = wall - sum(stages.values())
     per_target = [b - a for a, b in zip(marks[:-1], marks[1:])]
+    # each target's exclusive stage times, from its start to the next target's (or writing's)
+    per_target_stages = [{k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
+                         for a, b in zip(snapshots[:-1], snapshots[1:])]
     Path(args.json).write_text(json.dumps({"stages": stages, "peak_rss_gb": peak_rss_gb(), "wall_s": wall, "rc": rc,
-                                           "per_target_s": per_target}, indent=1))
+                                           "per_target_s": per_target, "per_target_stages": per_target_stages},
+                                          indent=1))
     cli.exit_now(rc)  # as the `samembed` command ends a match (samembed.cli.run)
 
 
@@ -379,6 +387,18 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+#: the stages that are the network's own convolutions
+NETWORK_STAGES = ("global map", "local map")
+
+
+def floor_s(run: dict) -> float:
+    """What a cold run's process would take with nothing but its start and exit, torch's import and the network's
+    convolutions (seconds): the least an engine with this network and torch can take for it."""
+    st = run["stages"]
+    start_exit = run["process_s"] - run["wall_s"] if "process_s" in run and "wall_s" in run else 0.0
+    return start_exit + st.get("imports", 0.0) + sum(st.get(k, 0.0) for k in NETWORK_STAGES)
+
+
 def _fmt_stages(run: dict) -> str:
     """A run's stage times, and its process's start and exit (process wall time minus the child's own)."""
     stages = dict(run["stages"])
@@ -495,6 +515,23 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
                      if el else
                      f"| {r['case']} | {r['n']} | {od_s} | {od['peak_rss_gb']:.2f} | {wh['process_s']:.1f} | "
                      f"{wh['peak_rss_gb']:.2f} | - | - | - | - | {r['ondemand_err']:.2f} / {r['whole_err']:.2f} / - |")
+    if any(r.get("elastix") for r in rows):
+        lines += ["", "What torch's import and the network alone take of each cold pair: `floor s` = the process's start "
+                  "and exit, torch's import, and the global and local maps (the network's own convolutions, in their "
+                  "stage times above), the time an engine with this network and torch would take if everything else "
+                  "(reading, preprocessing, storing tiles, the prior, search, polish, round trip, writing) took none; "
+                  "`ratio ceiling` = elastix's process time over it, the most such an engine could reach:", "",
+                  "| pair | SAM process s | floor s (start and exit + torch import + global map + local map) | "
+                  "floor share of the process | ratio now (process) | ratio ceiling (process) | ratio ceiling "
+                  "(registration only) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            od, el = r["ondemand"], r.get("elastix")
+            if not el:
+                continue
+            f = floor_s(od)
+            lines.append(f"| {r['case']} | {od['process_s']:.2f} | {f:.2f} | {f / od['process_s']:.0%} | "
+                         f"{el['process_s'] / od['process_s']:.1f}x | {el['process_s'] / f:.1f}x | "
+                         f"{el['registration_s'] / f:.1f}x |")
     if all("heatmaps" in r and "fallback" in r for r in rows):
         lines += ["", "The command's other paths, one fresh process each (no cache): `--heatmap-dir` (a heatmap per point, "
                   "over the target's search mask; the searches as the default path's), and `--prior-window 0` (no "
@@ -548,6 +585,13 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         if el:
             lines.append(f"elastix B-spline registration per OpenKBP pair (imports and reading excluded): mean "
                          f"{np.mean(el):.1f} s, so **{np.mean(el) / np.mean(per):.1f}x** per target.")
+        net = [sum(t.get(k, 0.0) for k in NETWORK_STAGES) for t in r.get("per_target_stages", [])[1:]]
+        if net:  # the targets after the first: the source's maps are made in the first one's turn
+            ceiling = f", so at most **{np.mean(el) / np.mean(net):.1f}x** per target" if el else ""
+            lines.append(f"The network alone (the target's global map and the local maps its searches need: "
+                         f"{' + '.join(NETWORK_STAGES)}) took {', '.join(f'{x:.2f}' for x in net)} s of the targets "
+                         f"after the first (mean {np.mean(net):.2f} s){ceiling} for an engine with this network even "
+                         f"if everything else took no time.")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ import pytest
 
 ENGINE = str(Path(__file__).resolve().parents[2] / "SAMEmbedding")
 
-#: a fresh process allocates with the C library's malloc (as torch's CPU tensors are), fills and frees a 48 MB block
+#: a fresh process allocates with the C library's malloc, fills and frees a 48 MB block
 #: (above glibc's largest dynamic mmap threshold, 32 MB: by default it is mapped and unmapped each time), then does it
 #: again and counts the second fill's page faults
 REUSE = """
