@@ -392,8 +392,10 @@ NETWORK_STAGES = ("global map", "local map")
 
 
 def floor_s(run: dict) -> float:
-    """What a cold run's process would take with nothing but its start and exit, torch's import and the network's
-    convolutions (seconds): the least an engine with this network and torch can take for it."""
+    """What a cold run's process would take with nothing but its start and exit, the ``imports`` stage (torch's
+    import, with the engine's own modules: about 0.01 s of it) and the network's convolutions on the tiles this
+    engine's schedule computes (seconds): a floor for this pipeline with this network and torch (checkpoint loading,
+    0.04 s, left out too)."""
     st = run["stages"]
     start_exit = run["process_s"] - run["wall_s"] if "process_s" in run and "wall_s" in run else 0.0
     return start_exit + st.get("imports", 0.0) + sum(st.get(k, 0.0) for k in NETWORK_STAGES)
@@ -517,10 +519,12 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
                      f"{wh['peak_rss_gb']:.2f} | - | - | - | - | {r['ondemand_err']:.2f} / {r['whole_err']:.2f} / - |")
     if any(r.get("elastix") for r in rows):
         lines += ["", "What torch's import and the network alone take of each cold pair: `floor s` = the process's start "
-                  "and exit, torch's import, and the global and local maps (the network's own convolutions, in their "
-                  "stage times above), the time an engine with this network and torch would take if everything else "
-                  "(reading, preprocessing, storing tiles, the prior, search, polish, round trip, writing) took none; "
-                  "`ratio ceiling` = elastix's process time over it, the most such an engine could reach:", "",
+                  "and exit, the imports (torch's, with the engine's own modules: about 0.01 s of it), and the global "
+                  "and local maps (the network's own convolutions on the tiles this engine computes, in their stage "
+                  "times above), the time this pipeline with this network and torch would take if everything else "
+                  "(model loading, reading, preprocessing, storing tiles, the prior, search, polish, round trip, "
+                  "writing) took none; `ratio ceiling` = elastix's process time over it, the most such an engine "
+                  "could reach:", "",
                   "| pair | SAM process s | floor s (start and exit + torch import + global map + local map) | "
                   "floor share of the process | ratio now (process) | ratio ceiling (process) | ratio ceiling "
                   "(registration only) |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -585,13 +589,17 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         if el:
             lines.append(f"elastix B-spline registration per OpenKBP pair (imports and reading excluded): mean "
                          f"{np.mean(el):.1f} s, so **{np.mean(el) / np.mean(per):.1f}x** per target.")
+        # the targets after the first: the source's local tiles (its clicks' and round trips' boxes) are made in the
+        # first one's turn (its global map before it)
         net = [sum(t.get(k, 0.0) for k in NETWORK_STAGES) for t in r.get("per_target_stages", [])[1:]]
-        if net:  # the targets after the first: the source's maps are made in the first one's turn
-            ceiling = f", so at most **{np.mean(el) / np.mean(net):.1f}x** per target" if el else ""
+        later = per[1:len(net) + 1]
+        if net and later and np.mean(net) > 0:
+            ratios = (f": now {np.mean(el) / np.mean(later):.1f}x per target over these targets (mean "
+                      f"{np.mean(later):.2f} s), and at most **{np.mean(el) / np.mean(net):.1f}x**") if el else ""
             lines.append(f"The network alone (the target's global map and the local maps its searches need: "
                          f"{' + '.join(NETWORK_STAGES)}) took {', '.join(f'{x:.2f}' for x in net)} s of the targets "
-                         f"after the first (mean {np.mean(net):.2f} s){ceiling} for an engine with this network even "
-                         f"if everything else took no time.")
+                         f"after the first (mean {np.mean(net):.2f} s){ratios} for an engine with this network and "
+                         f"tile schedule even if everything else took no time.")
     return "\n".join(lines) + "\n"
 
 

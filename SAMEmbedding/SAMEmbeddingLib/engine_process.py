@@ -429,6 +429,7 @@ def _picklable(error: BaseException) -> BaseException:
 def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     """Answer requests on ``conn`` until told to stop or the parent goes away (runs in the child)."""
     from samembed import Atlas, Grid  # noqa: F401 - Grid: unpickling the geometry (torch loads with the Matcher)
+    from samembed.allocator import release_free_memory
 
     # forked before torch is imported and before the reader thread starts; it waits for the first request's volumes
     try:
@@ -580,6 +581,8 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             with lock:
                 current["id"] = None
             releasePrefetch()
+            if requests.empty():  # idle: what the request freed goes back to the OS (samembed.allocator)
+                release_free_memory()
 
 
 def _imageKeys(kind: str, payload: dict) -> list[str]:
@@ -620,7 +623,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from samembed.allocator import keep_freed_memory
 
-    keep_freed_memory()  # the engine's own process: freed memory is kept for the next tile (samembed.allocator)
+    # the engine's own process: freed memory is kept for the next tile, and returned when a request ends with no other
+    # waiting (serve; samembed.allocator)
+    keep_freed_memory()
     hello = json.loads(sys.stdin.readline())
     conn = Client(tuple(hello["address"]), authkey=bytes.fromhex(hello["authkey"]))
     log.info("engine process %d serving model %s on %s", os.getpid(), hello["model"], hello["device"])

@@ -13,8 +13,10 @@ local network's own faults in a pair 52 k -> 6 k): pairs 180-185 k faults and 0.
 time unchanged, 1.06x-1.26x faster; one atlas into 5 targets 620 k -> 390 k faults, 1.11x; peak RSS +0.03-0.1 GB;
 the same results (``benchmarks/results/cold_ab.md``).
 
-It is a process-wide setting, so the engine applies it only in processes of its own: the ``samembed`` command and
-the Slicer module's engine process. A script may call it too. This module imports no torch.
+It is a process-wide setting, so the engine applies it only in processes of its own: the ``samembed match`` and
+``samembed embed`` commands, and the Slicer module's engine process, which returns what is free to the OS after each
+request (:func:`release_free_memory`), so that it holds no more than its cache while idle. A script may call them
+too. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -32,19 +34,26 @@ M_MMAP_THRESHOLD = -3
 #: allocations below this come from the heap and are reused after they are freed, bytes (the features of a whole
 #: volume, hundreds of MB, are still mapped on their own and unmapped when freed)
 MMAP_THRESHOLD_BYTES = 64 << 20
+#: the largest mmap threshold every glibc accepts on 64-bit systems (``mallopt(3)``; glibc before 2.35 or so refuses
+#: more), bytes: the fallback where :data:`MMAP_THRESHOLD_BYTES` is refused
+MMAP_THRESHOLD_MAX_BYTES = 32 << 20
 #: free memory the heap keeps at its top instead of returning it to the OS, bytes
 TRIM_THRESHOLD_BYTES = 256 << 20
+_INT_MAX = 2**31 - 1  # mallopt takes an int
 
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (which has ``mallopt``), else None (musl, macOS, Windows)."""
+    """The C library when it is glibc (which has ``mallopt`` and ``malloc_trim``), else None (musl, macOS, Windows)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)  # the symbols this process has loaded, the C library's among them (no search)
         libc.gnu_get_libc_version  # noqa: B018 - glibc only
         libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+        libc.malloc_trim.restype = ctypes.c_int
         return libc
     except (OSError, AttributeError):
         return None
@@ -53,15 +62,35 @@ def _glibc() -> ctypes.CDLL | None:
 def keep_freed_memory(mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES,
                       trim_threshold_bytes: int = TRIM_THRESHOLD_BYTES) -> bool:
     """Have this process's allocator keep freed memory for reuse (see the module docstring): allocations below
-    ``mmap_threshold_bytes`` from the heap, up to ``trim_threshold_bytes`` of free memory kept at the heap's top.
+    ``mmap_threshold_bytes`` from the heap (or below :data:`MMAP_THRESHOLD_MAX_BYTES` where this glibc refuses more),
+    up to ``trim_threshold_bytes`` of free memory kept at the heap's top.
 
-    Returns whether the setting took effect (False where the C library is not glibc: nothing changes there). Applies
-    to this process and to processes it forks afterwards, not to processes it starts otherwise."""
+    Returns whether the setting took effect. Where the C library is not glibc, or it refuses both thresholds, nothing
+    changes: the trim threshold is set only with the mmap threshold, since setting it alone would stop glibc from
+    raising its mmap threshold by itself. Applies to this process and to processes it forks afterwards, not to
+    processes it starts otherwise.
+
+    Raises:
+        ValueError: a threshold outside 0..2^31 - 1 bytes (``mallopt`` takes an int).
+    """
+    for name, value in (("mmap_threshold_bytes", mmap_threshold_bytes), ("trim_threshold_bytes", trim_threshold_bytes)):
+        if not 0 <= int(value) <= _INT_MAX:
+            raise ValueError(f"{name}={value}: must be 0..{_INT_MAX} bytes")
     libc = _glibc()
     if libc is None:
         return False
-    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold_bytes)))
-    ok = bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold_bytes))) and ok
+    ok = any(bool(libc.mallopt(M_MMAP_THRESHOLD, v))
+             for v in (int(mmap_threshold_bytes), min(int(mmap_threshold_bytes), MMAP_THRESHOLD_MAX_BYTES)))
     if not ok:
-        log.debug("mallopt refused the thresholds (%d, %d bytes)", mmap_threshold_bytes, trim_threshold_bytes)
-    return ok
+        log.info("this C library refuses an mmap threshold of %d bytes: freed memory is returned as before",
+                 mmap_threshold_bytes)
+        return False
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold_bytes)))
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free memory to the OS now (glibc's ``malloc_trim(0)``; False elsewhere or when nothing was
+    returned): for a long-lived process that kept freed memory (:func:`keep_freed_memory`) and goes idle, so that
+    what one request freed does not stay resident until the next."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

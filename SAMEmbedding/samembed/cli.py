@@ -575,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: when it returns, and starts no process or server of its own (``propagate`` runs a Dask cluster, ``web`` a server,
 #: ``train`` long jobs: those shut the interpreter down normally)
 FAST_EXIT_COMMANDS = frozenset({"match", "embed", "cache", "info"})
+#: commands whose process keeps freed memory for later tiles (:func:`samembed.allocator.keep_freed_memory`): they
+#: embed, then end; the long-lived ones (``web``, ``train``, ``propagate``) keep the C library's own policy
+KEEP_FREED_COMMANDS = frozenset({"match", "embed"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -589,12 +592,14 @@ def run() -> NoReturn:
     the interpreter's normal shutdown takes about 0.5 s on a 2-core machine (measured: ``import torch`` then exit),
     a tenth of a cold ``samembed match``, after its results are written.
 
-    The process is the engine's own, so its allocator keeps freed memory for the next tile
-    (:func:`samembed.allocator.keep_freed_memory`), from the start: the prefetch process it forks keeps it too."""
-    from .allocator import keep_freed_memory
-
-    keep_freed_memory()
+    For the commands of :data:`KEEP_FREED_COMMANDS` the process is the engine's own, short-lived one, so its
+    allocator keeps freed memory for the next tile (:func:`samembed.allocator.keep_freed_memory`), from before the
+    command's first allocation: the prefetch process it forks keeps it too."""
     args = build_parser().parse_args()
+    if args.command in KEEP_FREED_COMMANDS:
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()
     code = _main(args)
     if args.command in FAST_EXIT_COMMANDS:
         exit_now(code)
