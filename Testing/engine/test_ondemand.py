@@ -184,6 +184,24 @@ def test_the_tile_plan_splits_as_one_split_at_a_time_would():
 
 
 @pytest.mark.needs_data
+def test_the_prior_s_global_pairs_taken_in_chunks_are_those_of_the_whole_product(monkeypatch):
+    """:func:`samembed.matcher.global_pairs` takes each source sample's best target candidate a chunk of samples at a
+    time (no (samples, candidates) product held whole): the pairs must be those of one product over every sample."""
+    import samembed.matcher as matcher_module
+    from samembed.api import as_image
+
+    m = Matcher("random:sam-lite", device="cpu")
+    src, tgt = (m.embedder.embed(as_image(data_file("ct", "openkbp", "ct", f"pt_{p}_ct.nii.gz")), on_demand=True)
+                for p in ("215", "232"))
+    chunked = matcher_module.global_pairs(src, tgt)
+    assert len(chunked[0]) > 2 * matcher_module.PRIOR_CHUNK  # several chunks
+    monkeypatch.setattr(matcher_module, "PRIOR_CHUNK", 1 << 30)  # one chunk: the whole product
+    whole = matcher_module.global_pairs(src, tgt)
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
+
+
+@pytest.mark.needs_data
 def test_global_vectors_are_the_same_before_and_after_their_tiles_are_computed():
     """The search prior reads global vectors of voxels whose tiles may or may not be computed yet: both ways must
     give the same values bit for bit, else a prior (and a match) depends on what earlier searches computed."""
