@@ -426,6 +426,11 @@ def _picklable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+#: requests after which the idle engine hands its free memory back to the OS: those that embed, load or drop maps (not
+#: the volumes sent ahead of a match, nor the questions about the cache)
+_FREES_MEMORY = frozenset({"warm", "clear", "prepare", "match", "match_atlases"})
+
+
 def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     """Answer requests on ``conn`` until told to stop or the parent goes away (runs in the child)."""
     from samembed import Atlas, Grid  # noqa: F401 - Grid: unpickling the geometry (torch loads with the Matcher)
@@ -581,7 +586,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             with lock:
                 current["id"] = None
             releasePrefetch()
-            if requests.empty():  # idle: what the request freed goes back to the OS (samembed.allocator)
+            if kind in _FREES_MEMORY and requests.empty():  # idle: what it freed goes back to the OS (samembed.allocator)
                 release_free_memory()
 
 
