@@ -154,24 +154,26 @@ def child(argv: list[str]) -> NoReturn:
 
         embed = Embedder.embed
         Embedder.embed = lambda self, image, progress=None, cancel=None, on_demand=False: embed(self, image, progress, cancel)
-    marks: list[float] = []  # when each target's turn starts, and when writing starts
+    # when each target's turn starts, and when writing starts, with the stage times so far: each target's own time
+    # and stage times are the differences between consecutive marks
+    marks: list[tuple[float, dict]] = []
+
+    def mark() -> None:
+        marks.append((time.perf_counter(), dict(clock.seconds)))
+
     from samembed.api import Matcher
 
     target = Matcher._target
 
-    snapshots: list[dict] = []  # the stage times at each mark: each target's own stage times are their differences
-
     def _target(self, *a, **k):
-        marks.append(time.perf_counter())
-        snapshots.append(dict(clock.seconds))
+        mark()
         return target(self, *a, **k)
 
     Matcher._target = _target
     write = cli._write_match_outputs
 
     def _write(*a, **k):
-        marks.append(time.perf_counter())
-        snapshots.append(dict(clock.seconds))
+        mark()
         return write(*a, **k)
 
     cli._write_match_outputs = _write
@@ -179,10 +181,10 @@ def child(argv: list[str]) -> NoReturn:
     wall = time.perf_counter() - T_START
     stages = {"imports": t_imports, **clock.seconds}
     stages["other"] = wall - sum(stages.values())
-    per_target = [b - a for a, b in zip(marks[:-1], marks[1:])]
+    per_target = [tb - ta for (ta, _), (tb, _) in zip(marks[:-1], marks[1:])]
     # each target's exclusive stage times, from its start to the next target's (or writing's)
     per_target_stages = [{k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
-                         for a, b in zip(snapshots[:-1], snapshots[1:])]
+                         for (_, a), (_, b) in zip(marks[:-1], marks[1:])]
     Path(args.json).write_text(json.dumps({"stages": stages, "peak_rss_gb": peak_rss_gb(), "wall_s": wall, "rc": rc,
                                            "per_target_s": per_target, "per_target_stages": per_target_stages},
                                           indent=1))
