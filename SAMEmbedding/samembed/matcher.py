@@ -141,6 +141,25 @@ def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     return lo, hi, whole
 
 
+def box_masks(lo_zyx: np.ndarray, hi_zyx: np.ndarray, shape_zyx: tuple[int, ...]) -> torch.Tensor:
+    """(N, V) bool: voxel ``v`` of a grid of ``shape_zyx`` lies in the inclusive box ``lo_zyx[n]..hi_zyx[n]`` ((N, d)
+    integer (k, j, i) corners, as from :func:`_window_boxes`).
+
+    Built axis by axis from (N, size) ranges and broadcast: no (V, d) voxel coordinates and no (N, V, d) comparisons
+    (50 windows on LIDC-0001's local grid: 0.05 s against 0.86 s and 0.2 GB of temporaries), and no
+    ``torch.unravel_index``, whose first call in a process imports sympy (0.3-0.6 s)."""
+    lo = torch.from_numpy(np.asarray(lo_zyx, dtype=np.int64).reshape(-1, len(shape_zyx)))
+    hi = torch.from_numpy(np.asarray(hi_zyx, dtype=np.int64).reshape(-1, len(shape_zyx)))
+    n, d = lo.shape
+    out = None
+    for a, size in enumerate(shape_zyx):
+        at = torch.arange(int(size))
+        on_axis = (at[None] >= lo[:, a, None]) & (at[None] <= hi[:, a, None])  # (N, size)
+        on_axis = on_axis.view(n, *(1,) * a, int(size), *(1,) * (d - a - 1))
+        out = on_axis if out is None else out & on_axis
+    return out.reshape(n, int(np.prod(shape_zyx)))
+
+
 def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive (N, d) local-grid (k, j, i) corners of +-``window_mm`` boxes around LPS mm points (clipped to the
     grid), e.g. to embed on demand the tiles a windowed search around those points will read."""
@@ -296,9 +315,7 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
         searched = allowed[None]
         if windows is not None:  # the same boxes as the sparse search, as (N, V) masks
             lo, hi, _ = windows
-            zyx = torch.stack(torch.unravel_index(torch.arange(sim.shape[1]), grid.shape_zyx), 1)  # (V, d)
-            inside = ((zyx[None] >= torch.from_numpy(lo)[:, None]) & (zyx[None] <= torch.from_numpy(hi)[:, None])).all(-1)
-            searched = searched & inside.to(allowed.device)
+            searched = searched & box_masks(lo, hi, grid.shape_zyx).to(allowed.device)
         masked = sim.masked_fill(~searched, float("-inf"))
         scores, flat = masked.max(1)
 

@@ -298,6 +298,59 @@ def test_window_boxes_and_groups_used_by_the_windowed_search():
     assert [g.tolist() for g in _window_groups(lo, hi, np.arange(4))] == [[0, 1, 2], [3]]
 
 
+@pytest.mark.parametrize("shape", [(9, 11, 13), (7, 5)])
+def test_box_masks_mark_the_voxels_of_each_window(shape):
+    """The windows of a heatmap search as (N, V) masks: exactly the voxels whose (k, j, i) lie in each inclusive
+    box, for boxes inside the grid, on its edges, of one voxel and of the whole grid; and none for no window."""
+    import torch
+
+    from samembed.matcher import box_masks
+
+    rng = np.random.default_rng(0)
+    size = np.array(shape)
+    lo = rng.integers(0, size, size=(40, len(shape)))
+    hi = np.minimum(lo + rng.integers(0, 4, size=lo.shape), size - 1)
+    lo[0], hi[0] = 0, size - 1  # the whole grid
+    lo[1] = hi[1] = size - 1  # one corner voxel
+    zyx = np.indices(shape).reshape(len(shape), -1).T  # (V, d)
+    want = ((zyx[None] >= lo[:, None]) & (zyx[None] <= hi[:, None])).all(-1)
+    got = box_masks(lo, hi, shape)
+    assert got.dtype == torch.bool and got.shape == want.shape
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert got[0].all() and int(got[1].sum()) == 1 and bool(got[1, -1])
+    assert tuple(box_masks(lo[:0], hi[:0], shape).shape) == (0, int(np.prod(shape)))
+
+
+@pytest.mark.needs_data
+def test_a_windowed_heatmap_search_does_not_import_sympy():
+    """The windowed search that keeps its similarities (a heatmap) builds its window masks without
+    ``torch.unravel_index``, whose first call imports sympy (0.3-0.6 s, in every Slicer engine process's first
+    heatmap and every ``samembed match --heatmap-dir``). Run in a fresh interpreter: other tests may import sympy."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import numpy as np
+from samembed import Matcher
+from samembed.io import read_image
+from samembed.matcher import match_queries, query_vectors
+m = Matcher("random:sam-lite", device="cpu")
+src = read_image({str(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))!r})
+tgt = read_image({str(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))!r})
+smaps, tmaps = m.embed(src), m.embed(tgt)
+q = query_vectors(smaps, src.grid.index_to_lps(np.array([[64.0, 60.0, 70.0], [50.0, 70.0, 40.0]])))
+res = match_queries(q, tmaps, tmaps.search_mask(True), keep_similarity=True, window_mm=30.0)
+assert res.similarity is not None and np.isfinite(res.scores).all()
+print("sympy" in sys.modules)
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False", "the heatmap search imported sympy"
+
+
 def test_a_translation_consensus_is_found_where_few_pairs_agree():
     from samembed.matcher import translation_consensus
 
