@@ -8,12 +8,15 @@ times, and reports each engine's median process time per pair and their ratio. B
 own checkout. Elastix is not run (``cold_start.py`` compares with it). With ``--atlas N`` it also times one atlas
 into N cold targets in one process (``cold_start.py``'s atlas case), whose per-target time the pairs do not show.
 With ``--first-click`` it also times the Slicer module's first click (``first_click.py child``, its first case), from
-cold and with the engine started, where preprocessing is waited for; ``--no-pairs`` skips the pairs.
+cold and with the engine started, where preprocessing is waited for; ``--no-pairs`` skips the pairs. With
+``--heatmaps`` it also times the pairs with ``--heatmap-dir`` (a heatmap per point, written in the target's
+geometry) and compares the two engines' heatmap files voxel by voxel.
 
 Usage (from the repository root)::
 
     python benchmarks/cold_ab.py --base 4994e21 --atlas 5 --out benchmarks/results/cold_ab.md
     python benchmarks/cold_ab.py --base 4994e21 --no-pairs --first-click --reps 5 --out cache/cold_ab/click.md
+    python benchmarks/cold_ab.py --base 2b21666 --no-pairs --heatmaps --out cache/cold_ab/heatmaps.md
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,17 +53,18 @@ def _worktree(rev: str, folder: Path) -> Path:
     return folder
 
 
-def _cold(root: Path, source: str, target: str | list[str], points: str, out: Path) -> tuple[float, float, int]:
+def _cold(root: Path, source: str, target: str | list[str], points: str, out: Path,
+          extra: tuple[str, ...] = ()) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (GB) and minor page faults (the process and its prefetch process: first touches of
     memory, a steadier measure than the time on a VM whose memory costs vary) of one cold match by the engine of
-    checkout ``root``."""
+    checkout ``root``; ``extra``: further ``samembed match`` arguments (e.g. ``--heatmap-dir DIR``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}"}
     from cold_start import cpu_use
 
     t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
                            str(out.with_suffix(".json")), source, *([target] if isinstance(target, str) else target), "--points", points,
-                           "--out", str(out)],
+                           "--out", str(out), *extra],
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     faults = cpu_use(use0)["minor_faults"]
@@ -91,6 +96,24 @@ def _largest_move(a: Path, b: Path) -> float:
     from cold_start import _read_found
 
     return float(np.linalg.norm(_read_found(a)[2] - _read_found(b)[2], axis=1).max())
+
+
+def _heatmaps_differ(a: Path, b: Path) -> float:
+    """The largest difference between the same heatmap in two ``--heatmap-dir`` folders (their files by name; inf
+    when the folders hold different names or a heatmap's geometry differs)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()) or not names:
+        return float("inf")
+    worst = 0.0
+    for name in names:
+        x, y = sitk.ReadImage(str(a / name)), sitk.ReadImage(str(b / name))
+        if (x.GetSize(), x.GetSpacing(), x.GetOrigin(), x.GetDirection()) != (y.GetSize(), y.GetSpacing(), y.GetOrigin(), y.GetDirection()):
+            return float("inf")
+        worst = max(worst, float(np.abs(sitk.GetArrayViewFromImage(x) - sitk.GetArrayViewFromImage(y)).max()))
+    return worst
 
 
 def _click(root: Path, mode: str, out: Path) -> tuple[float, list[list[float]]]:
@@ -128,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-click", action="store_true",
                    help="also the Slicer module's first click (first_click.py's first case, a source and 3 targets), "
                         "from cold and with the engine started, each engine --reps times")
+    p.add_argument("--heatmaps", action="store_true",
+                   help="also the pairs with --heatmap-dir (a heatmap per point in the target's geometry), each engine "
+                        "--reps times; the two engines' heatmap files compared voxel by voxel")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
     args = p.parse_args(argv)
     work = REPO / "cache" / "cold_ab"
@@ -157,6 +183,26 @@ def main(argv: list[str] | None = None) -> int:
                     f"{statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | "
                     f"{statistics.median(faults['base']) / 1e3:.0f} / {statistics.median(faults['head']) / 1e3:.0f} | {moved:.2f} |")
         print(rows[-1], flush=True)
+    heatmap_rows = []
+    for case in cold_cases(args.suites, args.openkbp_pairs) if args.heatmaps else []:
+        tag, pts = case_points(work, case)
+
+        def heatmap_run(name: str, root: Path, c=case, p=pts, t=tag) -> tuple[float, float, int]:
+            folder = work / f"{t}_{name}_heatmaps"
+            shutil.rmtree(folder, ignore_errors=True)
+            return _cold(root, str(c.source), str(c.target), str(p), work / f"{t}_{name}_heatmaps.csv",
+                         ("--heatmap-dir", str(folder)))
+
+        runs = _alternating(args.reps, base, heatmap_run)
+        times = {k: [r[0] for r in v] for k, v in runs.items()}
+        rss = {k: [r[1] for r in v] for k, v in runs.items()}
+        moved = _largest_move(work / f"{tag}_base_heatmaps.csv", work / f"{tag}_head_heatmaps.csv")
+        differ = _heatmaps_differ(work / f"{tag}_base_heatmaps", work / f"{tag}_head_heatmaps")
+        b, h = statistics.median(times["base"]), statistics.median(times["head"])
+        heatmap_rows.append(f"| {tag} | {len(case.labels)} | {_median_range(times['base'])} | {_median_range(times['head'])} | "
+                            f"{b / h:.2f}x | {statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | "
+                            f"{moved:.2f} | {differ:.2g} |")
+        print(heatmap_rows[-1], flush=True)
     atlas_rows = []
     if args.atlas:
         from cold_start import atlas_case
@@ -198,10 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
         + (f" --atlas {args.atlas}" if args.atlas else "") + (" --no-pairs" if args.no_pairs else "")
-        + (" --first-click" if args.first_click else "") + "`.", "",
+        + (" --first-click" if args.first_click else "") + (" --heatmaps" if args.heatmaps else "") + "`.", "",
         *(["| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
            "largest move of a match, base to head, mm |",
            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""] if rows else [])])
+    if heatmap_rows:
+        text += "\n".join([
+            "", "The same pairs with `--heatmap-dir` (a heatmap per point, over the target's search mask, written in "
+            "the target's geometry), each engine alternating as above:", "",
+            "| pair | points | base s | head s | speed-up | peak RSS GB, base / head | "
+            "largest move of a match, base to head, mm | largest heatmap difference, base to head |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *heatmap_rows, ""])
     if atlas_rows:
         text += "\n".join([
             "", "One atlas into many, one fresh process per run (each target cold, the source's tiles reused); the mean "
