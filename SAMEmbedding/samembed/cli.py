@@ -324,10 +324,21 @@ def _cmd_cache(args) -> int:
     if args.action == "clear":
         print(f"removed {cache_clear(args.cache_dir)} entries from {args.cache_dir}")
         return 0
+    import time
+
     info = cache_info(args.cache_dir)
-    for name, size in info["files"]:
-        print(f"{size / 1e6:8.1f} MB  {name}")
-    print(f"{info['entries']} entries, {info['bytes'] / 1e6:.1f} MB in {info['folder']}")
+    for e in info["details"]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["modified"]))
+        if "damaged" in e:
+            what = f"damaged, recomputed when next used: {e['damaged']}"
+        else:
+            grid = "x".join(str(v) for v in e["grid_zyx"])
+            spacing = "x".join(f"{v:g}" for v in e["spacing_zyx_mm"])
+            stored = "" if e["stored_voxels"] is None else f", {e['stored_voxels']:,} voxels stored"
+            what = f"{e['image']}  {e['model']}  local grid {grid} (zyx) at {spacing} mm{stored}"
+        print(f"{e['bytes'] / 1e6:8.1f} MB  {when}  {what}  [{e['file']}]")
+    n = info["entries"]
+    print(f"{n} {'entry' if n == 1 else 'entries'}, {info['bytes'] / 1e6:.1f} MB in {info['folder']}")
     return 0
 
 

@@ -374,12 +374,71 @@ def read_entry(path: Path) -> tuple[dict, list[np.ndarray]]:
     return header, arrays
 
 
+#: a header longer than this is not a cache entry's (the real ones take about 1 KB)
+MAX_HEADER_BYTES = 1 << 20
+
+
+def read_entry_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a cache entry written by :func:`write_entry` and the payload's offset in the file (bytes),
+    without reading or verifying the payload (:func:`read_entry` verifies it before an entry is used).
+
+    Raises:
+        DamagedEntry: not an entry of this format, or its header is cut short or unreadable.
+    """
+    with open(path, "rb") as f:
+        lead = f.read(len(MAGIC) + 8)
+        if not lead.startswith(MAGIC) or len(lead) < len(MAGIC) + 8:
+            raise DamagedEntry(f"{path}: not a samembed cache entry (or an older format)")
+        (n,) = struct.unpack("<Q", lead[len(MAGIC):])
+        if n > MAX_HEADER_BYTES:
+            raise DamagedEntry(f"{path}: a header of {n} bytes (corrupt)")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise DamagedEntry(f"{path}: the header is cut short (truncated?)")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise DamagedEntry(f"{path}: unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise DamagedEntry(f"{path}: unreadable header (not an object)")
+    return header, len(MAGIC) + 8 + n
+
+
+def _entry_summary(path: Path) -> dict:
+    """What ``samembed cache info`` says of one entry: the image and model it holds, its local grid (shape and
+    spacing in z, y, x order) and how many of that grid's voxels it stores, or why it will be recomputed (a header
+    that is not an entry's, or a file shorter or longer than its header says; its checksum is verified only when the
+    entry is used)."""
+    try:
+        h, offset = read_entry_header(path)
+        if path.stat().st_size != offset + int(h["payload_bytes"]):
+            raise DamagedEntry(f"{path}: {path.stat().st_size - offset} payload bytes, the header says "
+                               f"{h['payload_bytes']} (truncated?)")
+        grid = h["local_grid"]
+        arrays = h["arrays"]
+        return {"image": str(h.get("image") or "?"), "model": str(h.get("model_id") or "?"),
+                "grid_zyx": [int(v) for v in grid["shape_zyx"]],
+                "spacing_zyx_mm": [float(v) for v in reversed(grid["spacing_mm"])],
+                "stored_voxels": int(arrays[3][1][1]) if len(arrays) > 3 and len(arrays[3][1]) == 2 else None}
+    except DamagedEntry as e:
+        return {"damaged": str(e).removeprefix(f"{path}: ")}
+    except (KeyError, IndexError, TypeError, ValueError):
+        return {"damaged": "a header without the entry's grid (another version?)"}
+
+
 def cache_info(cache_dir: str | Path) -> dict:
-    """Entries and bytes in a cache folder (``samembed cache info``)."""
+    """Entries and bytes in a cache folder (``samembed cache info``): per entry its file name, size (bytes),
+    modification time (seconds since the epoch: when it was last written) and :func:`_entry_summary`'s fields. Only
+    the headers are read: a corrupt payload of the right size shows when the entry is next used (and is recomputed
+    then)."""
     folder = Path(cache_dir)
     files = sorted(folder.glob("*.pt"))  # current entries (ENTRY_SUFFIX) and the older format
-    return {"folder": str(folder), "entries": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "files": [(f.name, f.stat().st_size) for f in files]}
+    entries = []
+    for f in files:
+        st = f.stat()
+        entries.append({"file": f.name, "bytes": st.st_size, "modified": st.st_mtime, **_entry_summary(f)})
+    return {"folder": str(folder), "entries": len(files), "bytes": sum(e["bytes"] for e in entries),
+            "files": [(e["file"], e["bytes"]) for e in entries], "details": entries}
 
 
 def cache_clear(cache_dir: str | Path) -> int:

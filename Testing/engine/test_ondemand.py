@@ -383,6 +383,8 @@ def test_embedding_the_body_for_the_cache_leaves_the_air_and_gives_the_whole_map
 @pytest.mark.needs_data
 @pytest.mark.parametrize("pair", ["openkbp"], indirect=True)  # one pair is enough for the disk format
 def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_cache, tmp_path, caplog):
+    from samembed.tiles import cache_info
+
     name, src, tgt, pts, _ = pair
     # a whole 128^3 CT (the reference embedded both images whole): body voxels only, half precision
     sizes = [p.stat().st_size for p in (whole_cache / name).glob(f"*{ENTRY_SUFFIX}")]
@@ -399,11 +401,24 @@ def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_c
             data = path.read_bytes()
             data = data[: len(data) // 2] if damage == "truncated" else data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
             (folder / path.name).write_bytes(data)
+        # `samembed cache info` reads the headers only: a truncated entry is named damaged there; a corrupt payload
+        # of the right size shows when the entry is used (below)
+        assert all(("damaged" in e) == (damage == "truncated") for e in cache_info(folder)["details"]), damage
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
             again = Matcher("default", device="cpu", cache_dir=folder).match(src, pts, [tgt], options=PURE)
         assert sum("damaged cache entry" in r.getMessage() for r in caplog.records) == 2, damage
         _same(fresh, again, tol_score=0.0)  # recomputed in full precision: exactly the fresh result
+    # `samembed cache info`: what each intact entry holds
+    m = Matcher("default", device="cpu")
+    held = {e["image"]: e for e in cache_info(first_dir)["details"]}
+    assert set(held) == {src.name, tgt.name}, held
+    for image in (src, tgt):
+        e, maps = held[image.name], m.embedder.embed(image, on_demand=True)
+        assert "damaged" not in e and e["model"] == maps.model_id
+        assert e["grid_zyx"] == list(maps.local_grid.shape_zyx)
+        assert e["spacing_zyx_mm"] == pytest.approx(list(maps.local_grid.spacing_mm[::-1]))
+        assert 0 < e["stored_voxels"] < int(np.prod(maps.local_grid.shape_zyx))
     # an intact entry is used: the stored voxels need no preprocessing; half precision moves little
     m2 = Matcher("default", device="cpu", cache_dir=first_dir)
     loaded_src = m2.embedder.embed(src, on_demand=True)
@@ -414,6 +429,35 @@ def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_c
     pb = np.array([x.point_lps_mm for x in loaded.matches])
     assert np.median(np.linalg.norm(pa - pb, axis=1)) < 1.0
     np.testing.assert_allclose([x.score for x in fresh.matches], [x.score for x in loaded.matches], atol=1e-2)
+
+
+def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, capsys):
+    """``samembed cache info``: per entry its size, time, image, model, local grid and stored voxels, from the header
+    alone; entries cut short, shorter than their header says, or not entries at all are named damaged (they are
+    recomputed when used); the count agrees in number."""
+    from samembed.cli import main
+    from samembed.tiles import ENTRY_SUFFIX, write_entry
+
+    grid = {"shape_zyx": [10, 20, 30], "spacing_mm": [4.0, 3.0, 2.0], "origin_lps_mm": [0.0, 0.0, 0.0],
+            "direction": np.eye(3).ravel().tolist()}
+    header = {"local_grid": grid, "global_grid": grid, "model_id": "sam-lite-ct@0123", "key": "k", "image": "pt_1.nii.gz"}
+    arrays = [np.zeros((64, 3, 5, 8), np.float16), np.packbits(np.ones(6000, bool)), np.packbits(np.ones(6000, bool)),
+              np.zeros((64, 1234), np.float16)]
+    good = tmp_path / f"a{ENTRY_SUFFIX}"
+    write_entry(good, header, arrays)
+    (tmp_path / f"b{ENTRY_SUFFIX}").write_bytes(good.read_bytes()[:-10])  # its payload cut short
+    (tmp_path / f"c{ENTRY_SUFFIX}").write_bytes(good.read_bytes()[:20])  # its header cut short
+    (tmp_path / "d.pt").write_bytes(b"not an entry")
+    assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("4 entries,"), lines
+    assert "pt_1.nii.gz  sam-lite-ct@0123  local grid 10x20x30 (zyx) at 2x3x4 mm, 1,234 voxels stored" in lines[0]
+    assert lines[0].endswith(f"[a{ENTRY_SUFFIX}]")
+    assert "damaged" in lines[1] and "truncated" in lines[1] and "damaged" in lines[2] and "damaged" in lines[3]
+    for f in ("b", "c", "d"):
+        (tmp_path / f"{f}{ENTRY_SUFFIX if f != 'd' else '.pt'}").unlink()
+    assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("1 entry,")
 
 
 def test_the_help_and_cache_info_do_not_import_torch(tmp_path):
