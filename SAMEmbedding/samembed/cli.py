@@ -322,7 +322,8 @@ def _cmd_cache(args) -> int:
     if not Path(args.cache_dir).is_dir():
         raise InputError(f"{args.cache_dir}: no such cache folder (give the --cache-dir used with match or embed)")
     if args.action == "clear":
-        print(f"removed {cache_clear(args.cache_dir)} entries from {args.cache_dir}")
+        n = cache_clear(args.cache_dir)
+        print(f"removed {n} {'entry' if n == 1 else 'entries'} from {args.cache_dir}")
         return 0
     import time
 

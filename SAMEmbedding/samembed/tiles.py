@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ MAGIC = b"SAMEMB2\n"
 #: entries end in ``.pt`` as the older torch-pickled entries did (``samembed cache`` and tools that glob ``*.pt`` find
 #: both); an older entry fails the magic check and is recomputed in the new format
 ENTRY_SUFFIX = ".samemb.pt"
+#: the name of an entry of the older, torch-pickled format: its 32-hex-digit key and ``.pt``
+OLDER_ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.pt")
 
 
 # ---------------------------------------------------------------------------------------------- upsampling
@@ -409,6 +412,8 @@ def _entry_summary(path: Path) -> dict:
     spacing in z, y, x order) and how many of that grid's voxels it stores, or why it will be recomputed (a header
     that is not an entry's, or a file shorter or longer than its header says; its checksum is verified only when the
     entry is used)."""
+    if OLDER_ENTRY_NAME.fullmatch(path.name):
+        return {"damaged": "an older format"}
     try:
         h, offset = read_entry_header(path)
         if path.stat().st_size != offset + int(h["payload_bytes"]):
@@ -426,13 +431,22 @@ def _entry_summary(path: Path) -> dict:
         return {"damaged": "a header without the entry's grid (another version?)"}
 
 
+def entry_files(cache_dir: str | Path) -> list[Path]:
+    """The cache entries in the folder ``cache_dir``, sorted: files named ``*.samemb.pt`` (:data:`ENTRY_SUFFIX`) and
+    older entries named by their key (:data:`OLDER_ENTRY_NAME`). Any other file, a checkpoint ``model.pt`` kept in the
+    same folder say, is not an entry: never listed, never removed."""
+    folder = Path(cache_dir)
+    return sorted(p for p in folder.iterdir()
+                  if (p.name.endswith(ENTRY_SUFFIX) or OLDER_ENTRY_NAME.fullmatch(p.name)) and p.is_file())
+
+
 def cache_info(cache_dir: str | Path) -> dict:
     """Entries and bytes in a cache folder (``samembed cache info``): per entry its file name, size (bytes),
     modification time (seconds since the epoch: when it was last written) and :func:`_entry_summary`'s fields. Only
     the headers are read: a corrupt payload of the right size shows when the entry is next used (and is recomputed
     then)."""
     folder = Path(cache_dir)
-    files = sorted(folder.glob("*.pt"))  # current entries (ENTRY_SUFFIX) and the older format
+    files = entry_files(folder)
     entries = []
     for f in files:
         st = f.stat()
@@ -442,7 +456,8 @@ def cache_info(cache_dir: str | Path) -> dict:
 
 
 def cache_clear(cache_dir: str | Path) -> int:
-    """Delete every cache entry (current and older ``.pt`` format) in the folder; returns how many."""
+    """Delete every cache entry (:func:`entry_files`: current and older format, nothing else) in the folder; returns
+    how many."""
     info = cache_info(cache_dir)
     for name, _ in info["files"]:
         (Path(cache_dir) / name).unlink(missing_ok=True)

@@ -433,8 +433,9 @@ def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_c
 
 def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, capsys):
     """``samembed cache info``: per entry its size, time, image, model, local grid and stored voxels, from the header
-    alone; entries cut short, shorter than their header says, or not entries at all are named damaged (they are
-    recomputed when used); the count agrees in number."""
+    alone; entries cut short, shorter than their header says, not entries at all or of the older format are named
+    (they are recomputed when used); the count agrees in number. Files that are not entries (a checkpoint kept in
+    the folder) are neither listed nor removed by ``samembed cache clear``."""
     from samembed.cli import main
     from samembed.tiles import ENTRY_SUFFIX, write_entry
 
@@ -447,17 +448,28 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     write_entry(good, header, arrays)
     (tmp_path / f"b{ENTRY_SUFFIX}").write_bytes(good.read_bytes()[:-10])  # its payload cut short
     (tmp_path / f"c{ENTRY_SUFFIX}").write_bytes(good.read_bytes()[:20])  # its header cut short
-    (tmp_path / "d.pt").write_bytes(b"not an entry")
+    (tmp_path / f"d{ENTRY_SUFFIX}").write_bytes(b"not an entry")
+    older = tmp_path / f"{'0' * 31}f.pt"  # an entry of the older, torch-pickled format: named by its key
+    older.write_bytes(b"older")
+    # not entries: never listed, never removed (a checkpoint kept beside the cache, say)
+    foreign = [tmp_path / "model.pt", tmp_path / "notes.txt", tmp_path / f"{'0' * 31}g.pt"]
+    for f in foreign:
+        f.write_bytes(b"someone's file")
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and lines[-1].startswith("4 entries,"), lines
-    assert "pt_1.nii.gz  sam-lite-ct@0123  local grid 10x20x30 (zyx) at 2x3x4 mm, 1,234 voxels stored" in lines[0]
-    assert lines[0].endswith(f"[a{ENTRY_SUFFIX}]")
-    assert "damaged" in lines[1] and "truncated" in lines[1] and "damaged" in lines[2] and "damaged" in lines[3]
+    assert len(lines) == 6 and lines[-1].startswith("5 entries,"), lines
+    assert lines[0].endswith(f"[{older.name}]") and "older format" in lines[0]
+    assert "pt_1.nii.gz  sam-lite-ct@0123  local grid 10x20x30 (zyx) at 2x3x4 mm, 1,234 voxels stored" in lines[1]
+    assert lines[1].endswith(f"[a{ENTRY_SUFFIX}]")
+    assert "truncated" in lines[2] and all("damaged" in line for line in lines[2:5]), lines
     for f in ("b", "c", "d"):
-        (tmp_path / f"{f}{ENTRY_SUFFIX if f != 'd' else '.pt'}").unlink()
+        (tmp_path / f"{f}{ENTRY_SUFFIX}").unlink()
+    older.unlink()
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("1 entry,")
+    assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
+    assert "removed 1 entry from" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in foreign)
 
 
 def test_the_help_and_cache_info_do_not_import_torch(tmp_path):
