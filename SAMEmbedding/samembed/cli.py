@@ -253,15 +253,17 @@ def _describe(m, fused: bool) -> str:
 
 def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = False) -> None:
     """The ``.mrk.json`` per target (folder) or one CSV, and the heatmaps. Fused matches carry how many atlases
-    agreed and their spread (mm)."""
+    agreed and their spread (mm). Each target's files are named by :func:`samembed.names.target_ids`: unique, so
+    targets of the same file name in different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
     from .io import PointList, write_heatmap, write_points, write_text_atomic
+    from .names import target_ids
 
+    ids = target_ids(res.targets)
     if folder_out:
-        for ti, name in enumerate(res.targets):
+        for ti in range(len(res.targets)):
             ms = res.for_target(ti)
-            stem = Path(name).name.split(".")[0]
             pl = PointList([m.label for m in ms], [m.point_lps_mm for m in ms], [_describe(m, fused) for m in ms])
-            write_points(pl, out / f"{stem}.mrk.json", ras=args.ras)
+            write_points(pl, out / f"{ids[ti]}.mrk.json", ras=args.ras)
     else:
         lines = ["target,label,x,y,z,score,confident" + (",atlases,agreeing,spread_mm" if fused else "")]
         for r, m in zip(res.rows(ras=args.ras), res.matches):
@@ -278,9 +280,8 @@ def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = F
         with ThreadPoolExecutor(workers, thread_name_prefix="samembed-heatmap") as pool:
             pending = []
             for (ti, label), img in res.heatmaps.items():
-                stem = Path(res.targets[ti]).name.split(".")[0]
                 safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-                path = Path(args.heatmap_dir) / f"{stem}_{safe}_heatmap.nii.gz"
+                path = Path(args.heatmap_dir) / f"{ids[ti]}_{safe}_heatmap.nii.gz"
                 pending.append(pool.submit(write_heatmap, img, path, in_place=True))  # made for this write
                 del img
                 if len(pending) >= workers:

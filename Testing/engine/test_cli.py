@@ -135,6 +135,38 @@ def test_match_into_a_folder_writes_one_markups_file_per_target_in_ras(tmp_path,
 
 
 @pytest.mark.needs_data
+def test_targets_of_the_same_file_name_keep_their_own_output_files(tmp_path, two_cts, a_points_csv):
+    """Scans laid out as ``<patient>/ct.nii.gz``: each target's ``.mrk.json`` and heatmaps are named by its folder,
+    not written over one another; the same target given twice gets a second set of files."""
+    pts_path, _ = a_points_csv
+    targets = []
+    for patient, ct in zip(("pa", "pb"), two_cts):
+        (tmp_path / "scans" / patient).mkdir(parents=True)
+        targets.append(tmp_path / "scans" / patient / "ct.nii.gz")
+        targets[-1].symlink_to(ct)  # read in place
+    out, hm = tmp_path / "out", tmp_path / "hm"
+    out.mkdir()
+    assert main(["match", str(two_cts[0]), *map(str, targets), str(targets[0]), "--points", str(pts_path),
+                 "--out", str(out), "--heatmap-dir", str(hm), "--model", "random:sam-lite", "--device", "cpu",
+                 "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["pa__ct.mrk.json", "pa__ct_2.mrk.json", "pb__ct.mrk.json"]
+    assert sorted(p.name for p in hm.iterdir()) == sorted(f"{t}_{lab}_heatmap.nii.gz" for t in ("pa__ct", "pa__ct_2", "pb__ct")
+                                                         for lab in ("A", "B"))
+    first, second = (json.loads((out / f"pa__ct{s}.mrk.json").read_text()) for s in ("", "_2"))
+    assert first == second  # the same target twice: the same matches
+    assert json.loads((out / "pb__ct.mrk.json").read_text()) != first
+
+
+def test_target_ids_are_file_names_made_unique_by_their_folders():
+    from samembed.names import target_ids
+
+    assert target_ids(["/d/pt_1_ct.nii.gz", "/d/pt_2.nrrd", "/e/series"]) == ["pt_1_ct", "pt_2", "series"]
+    assert target_ids(["/s/a/ct.nii.gz", "/s/b/ct.nii.gz", "/s/b/c/other.mha"]) == ["a__ct", "b__ct", "b__c__other"]
+    assert target_ids(["/s/a/ct.nii.gz", "/s/a/ct.nii.gz", "/s/a/ct.nii.gz"]) == ["ct", "ct_2", "ct_3"]
+    assert target_ids(["p.1.nii.gz", "p.2.nii.gz", "my scan (2).nii"]) == ["p.1", "p.2", "my_scan__2_"]
+
+
+@pytest.mark.needs_data
 def test_embed_fills_the_disk_cache_with_the_body_as_a_whole_embedding_gives_it(tmp_path, two_cts):
     import torch
 

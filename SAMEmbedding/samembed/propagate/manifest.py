@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from ..names import safe_id, scan_id
 
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm")
+__all__ = ["Scan", "read_scans", "safe_id", "scan_id"]
 
 
 @dataclass(frozen=True)
@@ -24,23 +24,6 @@ class Scan:
 
     id: str
     path: str
-
-
-def scan_id(path: str | os.PathLike) -> str:
-    """A file-name-safe id from a path: its name without the image suffix (``pt_1_ct.nii.gz`` -> ``pt_1_ct``)."""
-    name = Path(path).name
-    low = name.lower()
-    for s in _SUFFIXES:
-        if low.endswith(s):
-            name = name[: -len(s)]
-            break
-    return safe_id(name)
-
-
-def safe_id(text: str) -> str:
-    """``text`` with every character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``_``."""
-    out = re.sub(r"[^A-Za-z0-9._-]", "_", text.strip()).strip(".")
-    return out or "scan"
 
 
 def read_scans(source: str | os.PathLike) -> list[Scan]:

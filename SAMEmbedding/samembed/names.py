@@ -1,0 +1,54 @@
+"""File-name-safe ids of scans and labels, unique within one run: what names each output file of a run.
+
+``samembed match`` names each target's ``.mrk.json`` and heatmaps after :func:`target_ids`, and ``samembed
+propagate`` each scan's files after :func:`scan_id` (see :mod:`samembed.propagate.manifest`). Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+#: image suffixes stripped from a file name to make its id, longest first (``.nii.gz`` before ``.gz``-less ``.nii``)
+IMAGE_NAME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
+                       ".dcm")
+
+
+def safe_id(text: str) -> str:
+    """``text`` with every character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``_``."""
+    out = re.sub(r"[^A-Za-z0-9._-]", "_", text.strip()).strip(".")
+    return out or "scan"
+
+
+def scan_id(path: str | os.PathLike) -> str:
+    """A file-name-safe id from a path: its name without the image suffix (``pt_1_ct.nii.gz`` -> ``pt_1_ct``)."""
+    name = Path(path).name
+    low = name.lower()
+    for s in IMAGE_NAME_SUFFIXES:
+        if low.endswith(s):
+            name = name[: -len(s)]
+            break
+    return safe_id(name)
+
+
+def target_ids(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """One file-name-safe id per path, unique within ``paths``, to name each target's output files.
+
+    Each id is :func:`scan_id` of the path's file name. Where two paths share that (``a/ct.nii.gz`` and
+    ``b/ct.nii.gz``, a common layout), every id is instead the path relative to the folder the paths share, its
+    parts joined by ``__`` (``a__ct``, ``b__ct``). The same file given twice keeps its id once and gets ``_2``,
+    ``_3``, ... after that, so no output overwrites another.
+    """
+    ids = [scan_id(p) for p in paths]
+    if len(set(ids)) != len(ids):
+        full = [Path(os.path.abspath(p)) for p in paths]
+        common = Path(os.path.commonpath([str(p.parent) for p in full]))
+        ids = [scan_id(safe_id(str(p.relative_to(common)).replace(os.sep, "__"))) for p in full]
+    seen: dict[str, int] = {}
+    out = []
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+        out.append(i if seen[i] == 1 else f"{i}_{seen[i]}")
+    return out
