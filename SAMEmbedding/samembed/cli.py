@@ -256,7 +256,7 @@ def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = F
     agreed and their spread (mm). Each target's files are named by :func:`samembed.names.target_ids`: unique, so
     targets of the same file name in different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
     from .io import PointList, write_heatmap, write_points, write_text_atomic
-    from .names import target_ids
+    from .names import label_ids, target_ids
 
     ids = target_ids(res.targets)
     if folder_out:
@@ -279,9 +279,9 @@ def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = F
         workers = max(1, min(2, os.cpu_count() or 1))
         with ThreadPoolExecutor(workers, thread_name_prefix="samembed-heatmap") as pool:
             pending = []
+            safe = label_ids([label for _, label in res.heatmaps])
             for (ti, label), img in res.heatmaps.items():
-                safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-                path = Path(args.heatmap_dir) / f"{ids[ti]}_{safe}_heatmap.nii.gz"
+                path = Path(args.heatmap_dir) / f"{ids[ti]}_{safe[label]}_heatmap.nii.gz"
                 pending.append(pool.submit(write_heatmap, img, path, in_place=True))  # made for this write
                 del img
                 if len(pending) >= workers:

@@ -1,6 +1,7 @@
 """File-name-safe ids of scans and labels, unique within one run: what names each output file of a run.
 
-``samembed match`` names each target's ``.mrk.json`` and heatmaps after :func:`target_ids`, and ``samembed
+``samembed match`` names each target's ``.mrk.json`` and heatmaps after :func:`target_ids` (and each heatmap after its
+point's :func:`label_ids`), and ``samembed
 propagate`` each scan's files after :func:`scan_id` (see :mod:`samembed.propagate.manifest`). Torch-free.
 """
 
@@ -31,6 +32,25 @@ def scan_id(path: str | os.PathLike) -> str:
             name = name[: -len(s)]
             break
     return safe_id(name)
+
+
+def label_ids(labels: Sequence[str]) -> dict[str, str]:
+    """Each label's part of a file name (heatmaps): every character but letters, digits, ``-`` and ``_`` as ``_``,
+    unique among ``labels`` (labels that differ only there, ``A B`` and ``A_B``, get ``_2``, ``_3``, ... in their
+    order)."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for label in labels:
+        if label in out:
+            continue
+        base = "".join(c if c.isalnum() or c in "-_" else "_" for c in label) or "point"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        out[label] = name
+        taken.add(name)
+    return out
 
 
 def target_ids(paths: Sequence[str | os.PathLike]) -> list[str]:

@@ -166,6 +166,13 @@ def test_target_ids_are_file_names_made_unique_by_their_folders():
     assert target_ids(["p.1.nii.gz", "p.2.nii.gz", "my scan (2).nii"]) == ["p.1", "p.2", "my_scan__2_"]
 
 
+def test_label_ids_name_each_label_s_heatmap_once():
+    from samembed.names import label_ids
+
+    assert label_ids(["A B", "A_B", "A/B", "C1.5", "ok", "A B", ""]) == {
+        "A B": "A_B", "A_B": "A_B_2", "A/B": "A_B_3", "C1.5": "C1_5", "ok": "ok", "": "point"}
+
+
 @pytest.mark.needs_data
 def test_embed_fills_the_disk_cache_with_the_body_as_a_whole_embedding_gives_it(tmp_path, two_cts):
     import torch
