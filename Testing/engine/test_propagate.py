@@ -408,3 +408,18 @@ def test_manifest_ids_relative_paths_and_duplicates(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_scans(tmp_path / "missing.csv")
     assert "out of memory" in _reason(MemoryError()) and "fewer --workers" in _reason(MemoryError())
+
+
+def test_thumbnails_of_labels_that_differ_only_in_unsafe_characters_keep_their_own_files(tmp_path):
+    """``A B`` and ``A_B`` both sanitise to ``A_B``: each gets its own thumbnail file, and each match links its own."""
+    from samembed.propagate.results import ResultStore
+
+    store = ResultStore(tmp_path)
+    match = {"x": 1.0, "y": 2.0, "z": 3.0, "score": 0.9, "confident": True, "roundtrip_mm": 1.0, "rematched": False,
+             "polished": False, "ncc": 0.0}
+    record = {"scan": "s1", "status": "ok", "matches": [{**match, "label": "A B"}, {**match, "label": "A_B"}],
+              "thumbnails": {"A B": b"first", "A_B": b"second"}}
+    done = store.add(record, "fingerprint")
+    links = {m["label"]: m["thumbnail"] for m in done["matches"]}
+    assert links["A B"] != links["A_B"]
+    assert (tmp_path / links["A B"]).read_bytes() == b"first" and (tmp_path / links["A_B"]).read_bytes() == b"second"

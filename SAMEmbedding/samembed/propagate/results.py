@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..io import PointList, write_points, write_text_atomic
-from .manifest import Scan, safe_id
+from ..names import label_ids
+from .manifest import Scan
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ class ResultStore:
             if thumbs:
                 folder = self.thumbs_dir / sid
                 folder.mkdir(parents=True, exist_ok=True)
+                files = label_ids(list(thumbs))  # labels that differ only in characters a file name cannot hold
                 for label, png in thumbs.items():
-                    path = folder / f"{safe_id(label)}.png"
+                    path = folder / f"{files[label]}.png"
                     from ..io import atomic_path
 
                     with atomic_path(path) as tmp:
