@@ -901,7 +901,8 @@ class MatchLogic:
 
         ``.csv``: the results table (label, target, R, A, S in RAS mm, score, confident), all targets in one file.
         ``.mrk.json`` / ``.fcsv``: Slicer markups files (LPS, as Slicer writes them); one file per target, named
-        ``<stem>_<target><suffix>`` when there are several targets.
+        ``<stem>_<target><suffix>`` when there are several targets (``_2``, ``_3``, ... after a target name that
+        another target's file already has).
 
         Returns:
             the files written.
@@ -910,6 +911,7 @@ class MatchLogic:
             samembed.InputError: nothing to export, an unknown suffix, or a folder that does not exist.
         """
         from samembed.io import atomic_path, write_text_atomic
+        from samembed.names import deduplicated
 
         path = Path(path)
         name = path.name.lower()
@@ -933,10 +935,13 @@ class MatchLogic:
         else:
             raise InputError(f"{path}: unknown export format; use .mrk.json, .fcsv or .csv")
         stem = path.name[: -len(suffix)]
+        targets = [outNode.GetNodeReference(TARGET_REFERENCE) for outNode in outNodes]
+        # targets of the same name (or names that differ only in characters a file name cannot hold) keep their own
+        # files: _2, _3, ...
+        names = deduplicated([_safeName(t.GetName() if t else n.GetName()) for t, n in zip(targets, outNodes)])
         written = []
-        for outNode in outNodes:
-            target = outNode.GetNodeReference(TARGET_REFERENCE)
-            fileName = path.name if len(outNodes) == 1 else f"{stem}_{_safeName(target.GetName() if target else outNode.GetName())}{suffix}"
+        for outNode, targetName in zip(outNodes, names):
+            fileName = path.name if len(outNodes) == 1 else f"{stem}_{targetName}{suffix}"
             destination = path.with_name(fileName)
             storage = storageClass()  # Slicer's own writer: LPS, labels and descriptions as Slicer saves them
             with atomic_path(destination) as tmp:

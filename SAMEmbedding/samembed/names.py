@@ -34,23 +34,28 @@ def scan_id(path: str | os.PathLike) -> str:
     return safe_id(name)
 
 
-def label_ids(labels: Sequence[str]) -> dict[str, str]:
-    """Each label's part of a file name (heatmaps): every character but letters, digits, ``-`` and ``_`` as ``_``,
-    unique among ``labels`` (labels that differ only there, ``A B`` and ``A_B``, get ``_2``, ``_3``, ... in their
-    order)."""
-    out: dict[str, str] = {}
+def deduplicated(names: Sequence[str]) -> list[str]:
+    """``names`` in order, each repeat given ``_2``, ``_3``, ... (skipping any name already taken), so that no two
+    are equal: file names that will not overwrite one another."""
     taken: set[str] = set()
-    for label in labels:
-        if label in out:
-            continue
-        base = "".join(c if c.isalnum() or c in "-_" else "_" for c in label) or "point"
+    out = []
+    for base in names:
         name, k = base, 1
         while name in taken:
             k += 1
             name = f"{base}_{k}"
-        out[label] = name
+        out.append(name)
         taken.add(name)
     return out
+
+
+def label_ids(labels: Sequence[str]) -> dict[str, str]:
+    """Each label's part of a file name (heatmaps): every character but letters, digits, ``-`` and ``_`` as ``_``,
+    unique among ``labels`` (labels that differ only there, ``A B`` and ``A_B``, get ``_2``, ``_3``, ... in their
+    order)."""
+    distinct = list(dict.fromkeys(labels))
+    names = ["".join(c if c.isalnum() or c in "-_" else "_" for c in label) or "point" for label in distinct]
+    return dict(zip(distinct, deduplicated(names)))
 
 
 def target_ids(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -66,9 +71,4 @@ def target_ids(paths: Sequence[str | os.PathLike]) -> list[str]:
         full = [Path(os.path.abspath(p)) for p in paths]
         common = Path(os.path.commonpath([str(p.parent) for p in full]))
         ids = [scan_id(safe_id(str(p.relative_to(common)).replace(os.sep, "__"))) for p in full]
-    seen: dict[str, int] = {}
-    out = []
-    for i in ids:
-        seen[i] = seen.get(i, 0) + 1
-        out.append(i if seen[i] == 1 else f"{i}_{seen[i]}")
-    return out
+    return deduplicated(ids)

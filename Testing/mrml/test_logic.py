@@ -436,6 +436,22 @@ def test_export_writes_mrk_json_fcsv_and_csv_that_read_back(a_scene, a_logic, a_
     assert not list(tmp_path.glob(".*tmp*")), "a temporary file was left behind"
 
 
+def test_export_keeps_a_file_per_target_when_targets_share_a_name(a_scene, a_logic, a_small_ct, two_landmarks, tmp_path):
+    """Two target volumes of one name (Slicer allows it): each gets its own markups file, none written over."""
+    twin = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "small CT")  # the source's own name
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, twin])
+    files = a_logic.exportResults(two_landmarks, tmp_path / "matches.mrk.json")
+    assert [p.name for p in files] == ["matches_small_CT.mrk.json", "matches_small_CT_2.mrk.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+    for path, out in zip(files, outputs.pointLists):
+        back = slicer.vtkMRMLMarkupsFiducialNode()
+        a_scene.AddNode(back)
+        storage = slicer.vtkMRMLMarkupsJsonStorageNode()
+        storage.SetFileName(str(path))
+        assert storage.ReadData(back)
+        np.testing.assert_allclose(control_points(back)[1], control_points(out)[1], atol=1e-3)
+
+
 def test_export_with_nothing_matched_or_an_unknown_suffix_is_refused(a_logic, a_small_ct, two_landmarks, tmp_path):
     with pytest.raises(InputError, match="no matches to export"):
         a_logic.exportResults(two_landmarks, tmp_path / "m.csv")
