@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -183,24 +184,37 @@ def _start_prefetch(args, paths: list[str]):
 def _match(args, options, pairs, target_paths, prefetch) -> int:
     from .api import Atlas, as_image
     from .io import check_writable, read_points
+    from .names import target_ids
 
     def read(path: str):  # the image the prefetch read, else the file
         image = None if prefetch is None else prefetch.image(path)
         return as_image(path if image is None else image, spacing_mm=args.spacing)
 
-    bar = _Progress(len(target_paths), "reading", not args.quiet)
+    t0 = time.time()
+    n = len(target_paths)
+    bar = _Progress(n, "reading", not args.quiet)
+    done: list = []  # each finished target's MatchResult, in order
+    out = Path(args.out)
+    folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
+    ids = target_ids(target_paths)
+    fused = len(pairs) > 1
+    written = False
     try:
         if pairs:
             atlases = []
             for image, pts_file in pairs:
                 pl = read_points(pts_file, ras=args.ras)
                 atlases.append(Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), image))
+            labels = list(atlases[0].labels)
         else:
             points = read_points(args.points, ras=args.ras)
             source = read(args.images[0])
+            labels = list(points.labels)
+        heatmaps = _heatmap_names(ids, labels) if args.heatmap_dir else {}
+        _refuse_overwriting_inputs(args, pairs, target_paths,
+                                   [*([out / f"{i}.mrk.json" for i in ids] if folder_out else [out]),
+                                    *(Path(args.heatmap_dir) / name for name in heatmaps.values())])
         targets = [read(t) for t in target_paths]
-        out = Path(args.out)
-        folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
         if folder_out:
             out.mkdir(parents=True, exist_ok=True)
         else:
@@ -210,34 +224,86 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         matcher.embedder.prefetch = prefetch
-        names = [str(t) for t in target_paths]
-        if pairs:
-            res = matcher.match_atlases(atlases, targets, options, progress=bar.update, target_names=names)
-        else:
-            res = matcher.match(source, points.points_lps_mm, targets, points.labels, options, mask=args.mask,
-                                progress=bar.update, target_names=names)
+        for ti, name in enumerate(map(str, target_paths)):
+            # one target at a time (the source's maps and the atlases stay cached): each finished target's markups
+            # file is written at once, and a failure or an interrupt keeps the targets finished before it
+            def progress(d: float, total: float, phase: str, ti: int = ti) -> None:
+                if ti == 0 or not phase.startswith("embedding source"):
+                    bar.update(ti + d / max(total, 1), n, re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
+
+            # the image is handed over, not kept here: it is no longer needed once matched
+            one, targets[ti] = [targets[ti]], None
+            if pairs:
+                r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
+            else:
+                r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
+                                  progress=progress, target_names=[name])
+            one = None
+            done.append(r)
+            if folder_out:
+                _write_markups(args, r, out / f"{ids[ti]}.mrk.json", fused)
         # writing needs none of the engine's embeddings, images and prefetched arrays: freed before the heatmaps,
         # each as large as its target, are made (LIDC-0001 with 50 heatmaps: 2.9 -> 2.0 GB peak)
         matcher = targets = source = atlases = None
-        if prefetch is not None:
-            prefetch.close()
-        if args.heatmap_dir:
-            import gc
-
-            # on-demand maps and their embedder refer to each other (maps -> tiles -> embedder -> its cache -> maps):
-            # freed here, not whenever the next full collection happens to run
-            gc.collect()
         bar.phase("writing")
-        _write_match_outputs(args, res, out, folder_out, fused=len(pairs) > 1)
+        _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch)
+        written = True
     finally:
+        if not written and done:  # failed or interrupted: what was finished is kept
+            matcher = targets = source = atlases = None
+            try:
+                _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch)
+                log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s", len(done),
+                          n, out, f" and {args.heatmap_dir}" if args.heatmap_dir else "")
+            except Exception as e:  # noqa: BLE001 - the original error is the one to report
+                log.error("could not write the %d finished targets: %s", len(done), e)
         bar.close()
     if not args.quiet:
-        for r in res.rows(ras=args.ras):
-            frame = "RAS" if args.ras else "LPS"
-            print(f"{Path(r['target']).name}\t{r['label']}\t({r['x']:.1f}, {r['y']:.1f}, {r['z']:.1f}) mm {frame}\t"
-                  f"score {r['score']:.3f}\t{'confident' if r['confident'] else 'NOT confident'}")
-        print(f"wrote {out} in {res.timings['total_s']:.1f} s")
+        for r in done:
+            for row in r.rows(ras=args.ras):
+                frame = "RAS" if args.ras else "LPS"
+                print(f"{Path(row['target']).name}\t{row['label']}\t({row['x']:.1f}, {row['y']:.1f}, {row['z']:.1f}) "
+                      f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'}")
+        print(f"wrote {out} in {time.time() - t0:.1f} s")
     return 0
+
+
+def _heatmap_names(ids: list[str], labels: list[str]) -> dict[tuple[int, str], str]:
+    """The heatmap file name of every (target index, label): ``<target id>_<label>_heatmap.nii.gz``
+    (:func:`samembed.names.label_ids`), made unique where a target id and a label run together the same way
+    (``case`` + ``L_R``, ``case_L`` + ``R``)."""
+    from .names import deduplicated, label_ids
+
+    safe = label_ids(labels)
+    keys = [(ti, lab) for ti in range(len(ids)) for lab in dict.fromkeys(labels)]
+    names = deduplicated([f"{ids[ti]}_{safe[lab]}" for ti, lab in keys])
+    return {k: f"{name}_heatmap.nii.gz" for k, name in zip(keys, names)}
+
+
+def _refuse_overwriting_inputs(args, pairs, target_paths, outputs: list[Path]) -> None:
+    """Raise :class:`InputError` before anything is computed when an output would land on an input (an image, the
+    points, a mask, an atlas or its points, the atlas manifest): e.g. ``--out data/`` where an atlas's
+    ``.mrk.json`` lies beside its image."""
+    inputs = [*args.images, *target_paths, args.points, args.mask, getattr(args, "atlases", None),
+              *(p for pair in pairs for p in pair)]
+    known = {}
+    for p in inputs:
+        if p:
+            known.setdefault(os.path.realpath(p), p)
+    for o in outputs:
+        hit = known.get(os.path.realpath(o))
+        if hit is not None:
+            flag = "--heatmap-dir" if args.heatmap_dir and Path(o).parent == Path(args.heatmap_dir) else "--out"
+            raise InputError(f"{o}: writing it would overwrite the input {hit}; choose another {flag}")
+
+
+def _write_markups(args, r, path: Path, fused: bool) -> None:
+    """One target's matches as a ``.mrk.json``."""
+    from .io import PointList, write_points
+
+    ms = r.matches
+    write_points(PointList([m.label for m in ms], [m.point_lps_mm for m in ms], [_describe(m, fused) for m in ms]),
+                 path, ras=args.ras)
 
 
 def _describe(m, fused: bool) -> str:
@@ -251,43 +317,47 @@ def _describe(m, fused: bool) -> str:
     return text
 
 
-def _write_match_outputs(args, res, out: Path, folder_out: bool, fused: bool = False) -> None:
-    """The ``.mrk.json`` per target (folder) or one CSV, and the heatmaps. Fused matches carry how many atlases
-    agreed and their spread (mm). Each target's files are named by :func:`samembed.names.target_ids`: unique, so
-    targets of the same file name in different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
-    from .io import PointList, write_heatmap, write_points, write_text_atomic
-    from .names import label_ids, target_ids
+def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_names: dict[tuple[int, str], str],
+                         fused: bool = False, prefetch=None) -> None:
+    """The outputs of the finished targets ``done`` (a MatchResult each, in order) not written yet: the CSV (all
+    their rows; the ``.mrk.json`` per target was written as each finished) and the heatmaps, named by
+    ``heatmap_names`` (:func:`_heatmap_names`). Fused matches carry how many atlases agreed and their spread (mm).
+    Each target's files are named by :func:`samembed.names.target_ids`: unique, so targets of the same file name in
+    different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
+    from .io import write_heatmap, write_text_atomic
 
-    ids = target_ids(res.targets)
-    if folder_out:
-        for ti in range(len(res.targets)):
-            ms = res.for_target(ti)
-            pl = PointList([m.label for m in ms], [m.point_lps_mm for m in ms], [_describe(m, fused) for m in ms])
-            write_points(pl, out / f"{ids[ti]}.mrk.json", ras=args.ras)
-    else:
+    if prefetch is not None:
+        prefetch.close()
+    if not folder_out:
         lines = ["target,label,x,y,z,score,confident" + (",atlases,agreeing,spread_mm" if fused else "")]
-        for r, m in zip(res.rows(ras=args.ras), res.matches):
-            line = (f"{r['target']},{r['label']},{r['x']:.3f},{r['y']:.3f},{r['z']:.3f},{r['score']:.4f},"
-                    f"{str(r['confident']).lower()}")
-            lines.append(line + (f",{m.atlases},{m.agreeing},{m.spread_mm:.2f}" if fused else ""))
+        for res in done:
+            for r, m in zip(res.rows(ras=args.ras), res.matches):
+                line = (f"{r['target']},{r['label']},{r['x']:.3f},{r['y']:.3f},{r['z']:.3f},{r['score']:.4f},"
+                        f"{str(r['confident']).lower()}")
+                lines.append(line + (f",{m.atlases},{m.agreeing},{m.spread_mm:.2f}" if fused else ""))
         write_text_atomic(out, "\n".join(lines) + "\n")
-    if args.heatmap_dir:
-        from concurrent.futures import ThreadPoolExecutor
+    if not args.heatmap_dir or not any(len(res.heatmaps) for res in done):
+        return
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
 
-        # each heatmap is made when read (samembed.heatmap.Heatmaps) and written while the next one is made: the
-        # compression runs outside the GIL, and at most `workers` written maps are held besides the one being made
-        workers = max(1, min(2, os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers, thread_name_prefix="samembed-heatmap") as pool:
-            pending = []
-            safe = label_ids([label for _, label in res.heatmaps])
-            for (ti, label), img in res.heatmaps.items():
-                path = Path(args.heatmap_dir) / f"{ids[ti]}_{safe[label]}_heatmap.nii.gz"
+    # on-demand maps and their embedder refer to each other (maps -> tiles -> embedder -> its cache -> maps): freed
+    # here, not whenever the next full collection happens to run
+    gc.collect()
+    # each heatmap is made when read (samembed.heatmap.Heatmaps) and written while the next one is made: the
+    # compression runs outside the GIL, and at most `workers` written maps are held besides the one being made
+    workers = max(1, min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="samembed-heatmap") as pool:
+        pending = []
+        for ti, res in enumerate(done):
+            for (_, label), img in res.heatmaps.items():
+                path = Path(args.heatmap_dir) / heatmap_names[(ti, label)]
                 pending.append(pool.submit(write_heatmap, img, path, in_place=True))  # made for this write
                 del img
                 if len(pending) >= workers:
                     pending.pop(0).result()  # raises the writer's error, if any
-            for job in pending:
-                job.result()
+        for job in pending:
+            job.result()
 
 
 def _cmd_embed(args) -> int:

@@ -647,6 +647,17 @@ class Embedder:
                     else f"no {image.ndim}D model is registered on this machine; train one with `samembed train`")
             raise InputError(f"{image.name}: a {image.ndim}D image cannot be embedded by the {spec.ndim}D model "
                              f"'{self.model.model_id}'; {hint}")
+        # one cell of the global map along every axis: a smaller image holds nothing the network can place
+        need_mm = max(spec.global_stride) * float(self.model.preprocess.spacing_mm)
+        extent_mm = np.asarray(image.grid.size_ijk, dtype=float) * np.asarray(image.grid.spacing_mm, dtype=float)
+        if (extent_mm < need_mm).any():
+            from .errors import InputError
+
+            size = " x ".join(str(int(v)) for v in image.grid.size_ijk)
+            mm = " x ".join(f"{v:.4g}" for v in extent_mm)
+            raise InputError(f"{image.name}: {size} voxels ({mm} mm) is too small for the model "
+                             f"'{self.model.model_id}', which needs at least {need_mm:g} mm along each axis; "
+                             "give the whole scan, not a crop of a few voxels")
 
     def _prepare(self, image: Image) -> tuple[np.ndarray, Grid, str, np.ndarray | None]:
         """Padded network input (zyx float32), its grid, the modality used, and its body mask on the local grid

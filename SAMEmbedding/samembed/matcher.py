@@ -441,9 +441,23 @@ def _affine_of(src_pts: np.ndarray, dst: np.ndarray, d: int, inlier_mm: float, i
         M, inl = ransac_affine(src_pts, dst, inlier_mm, iterations=iterations, seed=seed)
     except ValueError:
         return np.eye(d + 1), 0.0
-    if inl.sum() < d + 2:
+    if inl.sum() < d + 2 or not plausible_affine(M, d):
         return np.eye(d + 1), 0.0
     return M, float(inl.mean())
+
+
+#: the volume (area) ratio an affine between two scans of a body may have: anything outside folds space flat or
+#: blows it up, and is no prior (e.g. a fit to the few voxels of a tiny image)
+AFFINE_VOLUME_RATIO = (1e-3, 1e3)
+
+
+def plausible_affine(M: np.ndarray, d: int) -> bool:
+    """``M`` ((d+1, d+1)) is finite and its linear part changes volumes by a ratio within
+    :data:`AFFINE_VOLUME_RATIO` (so it is invertible, as a search window's inverse needs)."""
+    if not np.isfinite(M).all():
+        return False
+    det = abs(float(np.linalg.det(M[:d, :d])))
+    return AFFINE_VOLUME_RATIO[0] <= det <= AFFINE_VOLUME_RATIO[1]
 
 
 def search_prior(source: EmbeddingMaps, target: EmbeddingMaps, inlier_mm: float = 20.0, iterations: int = 1000,

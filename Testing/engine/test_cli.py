@@ -157,6 +157,110 @@ def test_targets_of_the_same_file_name_keep_their_own_output_files(tmp_path, two
     assert json.loads((out / "pb__ct.mrk.json").read_text()) != first
 
 
+@pytest.mark.needs_data
+def test_outputs_that_would_land_on_an_input_are_refused_before_any_work(tmp_path, two_cts, capsys):
+    """``--out`` naming the points file or an image, and ``--out FOLDER/`` where an atlas's ``.mrk.json`` lies beside
+    its image (a glob of the folder's images includes the atlas): refused, every input byte kept."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for ct in two_cts:
+        (data / ct.name).symlink_to(ct)  # read in place
+    grid_pts = "label,x,y,z\nA,248.8,288.6,172.3\n"
+    pts = data / "pt_201_ct.csv"
+    pts.write_text(grid_pts)
+    shutil.copy(pts, data / "atlas_points.csv")
+    from samembed.io import PointList, write_points
+
+    atlas_mrk = data / "pt_201_ct.mrk.json"
+    write_points(PointList(["A"], [[248.8, 288.6, 172.3]]), atlas_mrk)
+    before = {p.name: p.read_bytes() for p in data.iterdir() if not p.is_symlink()}
+    images = [str(data / ct.name) for ct in two_cts]
+    stat_before = [(os.stat(i).st_size, os.stat(i).st_mtime_ns) for i in images]
+    rnd = ["--model", "random:sam-lite", "--device", "cpu", "--quiet"]
+    for out, hit in ((pts, pts), (data / "pt_202_ct.nii.gz", data / "pt_202_ct.nii.gz")):
+        assert main(["match", *images, "--points", str(pts), "--out", str(out), *rnd]) == 2
+        err = capsys.readouterr().err
+        assert f"would overwrite the input {hit}" in err and "choose another --out" in err, err
+    assert main(["match", "--atlas", images[0], str(atlas_mrk), *images, "--out", f"{data}/", *rnd]) == 2
+    assert f"would overwrite the input {atlas_mrk}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in data.iterdir() if not p.is_symlink()} == before
+    assert [(os.stat(i).st_size, os.stat(i).st_mtime_ns) for i in images] == stat_before
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("out_kind", ["folder", "csv"])
+def test_a_batch_that_fails_or_is_interrupted_keeps_the_targets_it_finished(tmp_path, two_cts, a_points_csv, out_kind,
+                                                                         monkeypatch, capsys, caplog):
+    """A target that cannot be matched (a crop of a few voxels) stops the run with an error naming it; an interrupt
+    stops it too. Either way the targets finished before are written, markups, CSV rows and heatmaps."""
+    import SimpleITK as sitk
+
+    from samembed.api import Matcher
+
+    pts_path, _ = a_points_csv
+    tiny = tmp_path / "tiny.nii.gz"
+    img = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 100, (2, 3, 3)).astype(np.int16))
+    img.SetSpacing((1.0, 1.0, 2.5))
+    sitk.WriteImage(img, str(tiny))
+    out = tmp_path / "out" / ("" if out_kind == "folder" else "m.csv")
+    out.parent.mkdir(exist_ok=True)
+    args = ["match", str(two_cts[0]), str(two_cts[1]), str(tiny), str(two_cts[0]), "--points", str(pts_path),
+            "--out", str(out) + ("/" if out_kind == "folder" else ""), "--heatmap-dir", str(tmp_path / "hm"),
+            "--model", "random:sam-lite", "--device", "cpu", "--quiet"]
+
+    def kept() -> list[str]:
+        if out_kind == "folder":
+            return sorted(p.name for p in (tmp_path / "out").iterdir())
+        return sorted({r["target"] for r in csv.DictReader(out.open())})
+
+    assert main(args) == 2
+    assert f"{tiny}: 3 x 3 x 2 voxels (3 x 3 x 5 mm) is too small" in capsys.readouterr().err
+    assert "kept the matches of the 1 of 3" in caplog.text
+    caplog.clear()
+    assert kept() == (["pt_202_ct.mrk.json"] if out_kind == "folder" else [str(two_cts[1])])
+    assert sorted(p.name for p in (tmp_path / "hm").iterdir()) == ["pt_202_ct_A_heatmap.nii.gz", "pt_202_ct_B_heatmap.nii.gz"]
+
+    calls = []
+    match = Matcher.match
+
+    def interrupted_at_the_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return match(self, *a, **k)
+
+    monkeypatch.setattr(Matcher, "match", interrupted_at_the_second)
+    for p in [*(tmp_path / "out").iterdir(), *(tmp_path / "hm").iterdir()]:
+        p.unlink()
+    args[3] = str(two_cts[0])  # no tiny target: the interrupt stops it
+    assert main(args) == 130
+    assert "interrupted" in capsys.readouterr().err and "kept the matches of the 1 of 3" in caplog.text
+    assert kept() == (["pt_202_ct.mrk.json"] if out_kind == "folder" else [str(two_cts[1])])
+
+
+def test_heatmap_names_stay_apart_where_a_target_id_and_a_label_run_together():
+    from samembed.cli import _heatmap_names
+
+    names = _heatmap_names(["case", "case_L"], ["L_R", "R"])
+    assert names[(0, "L_R")] == "case_L_R_heatmap.nii.gz" and names[(1, "R")] == "case_L_R_2_heatmap.nii.gz"
+    assert len(set(names.values())) == 4
+
+
+def test_a_degenerate_affine_is_no_prior():
+    from samembed.matcher import plausible_affine
+
+    M = np.eye(4)
+    assert plausible_affine(M, 3) and plausible_affine(np.diag([2.0, 0.5, 1.5, 1.0]), 3)
+    flat = M.copy()
+    flat[2, :3] = flat[1, :3]  # two rows alike: space folded flat
+    assert not plausible_affine(flat, 3)
+    assert not plausible_affine(np.diag([20.0, 20.0, 20.0, 1.0]), 3)  # 8000x the volume
+    assert not plausible_affine(np.full((4, 4), np.nan), 3)
+    assert plausible_affine(np.diag([0.5, 2.0, 1.0]), 2)
+
+
 def test_target_ids_are_file_names_made_unique_by_their_folders():
     from samembed.names import target_ids
 
