@@ -151,6 +151,21 @@ def test_every_objective_trains_and_writes_a_usable_checkpoint(tmp_path, objecti
 
 
 @pytest.mark.needs_data
+def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(tmp_path):
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_log.csv").write_text("iteration,loss\n1,0.5\n")
+    (run / "last.pt").write_bytes(b"an earlier run's checkpoint")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(InputError, match="already holds a training run .*train_log.csv, last.pt.*--resume"):
+        Trainer(tiny_config(tmp_path, "sam"), progress=False).run()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.needs_data
 def test_training_is_deterministic_and_resumes_where_it_stopped(tmp_path):
     from samembed.training.train import Trainer
 

@@ -240,6 +240,8 @@ class Trainer:
     def run(self, resume: str | None = None) -> Path:
         """Train; return the path of the final checkpoint."""
         cfg = self.cfg
+        if resume is None:  # before any data is prepared: a run folder in use is named at once
+            self._refuse_replacing_a_run()
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -358,6 +360,17 @@ class Trainer:
                         iteration=done, extra={"optimizer": opt.state_dict(), "rng_numpy": rng.bit_generator.state,
                                                "rng_torch": gen.get_state(),
                                                "cpu_seconds_total": self._cpu_before + time.process_time()})
+
+    def _refuse_replacing_a_run(self) -> None:
+        """A new run (no ``--resume``) into a folder that holds another run's log or checkpoints would replace them:
+        raise :class:`~samembed.errors.InputError` naming what is there, before anything is written."""
+        held = [p.name for p in (self.out / "train_log.csv", self.out / "last.pt", self.out / f"{self.cfg.name}.pt",
+                                 self.out / "snapshots") if p.exists()]
+        if held:
+            from ..errors import InputError
+
+            raise InputError(f"{self.out}: already holds a training run ({', '.join(held)}); pass --resume to "
+                             "continue it, or give another --out (nothing was changed)")
 
     def _resolve_resume(self, resume: str | None) -> str | None:
         """``"auto"``: the run folder's ``last.pt`` when it exists, else None (a fresh start, or ``init_from``)."""
