@@ -513,6 +513,9 @@ def _cmd_quantize(args) -> int:
     if not model.info.get("file"):
         raise InputError(f"model '{args.model}' has no weights file to calibrate")
     out = Path(args.out) if args.out else qparams_path(model.info["file"])
+    if os.path.realpath(out) == os.path.realpath(model.info["file"]) or out.suffix.lower() in (".pt", ".pth"):
+        raise InputError(f"{out}: --out names the model's weights (or a checkpoint); the calibration is a JSON file, "
+                         f"by default {qparams_path(model.info['file'])}")
     bar = _Progress(len(images), "calibrating", not args.quiet)
     try:
         calibrate_model(model, images, settings, out, progress=bar.update)

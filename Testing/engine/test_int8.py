@@ -180,3 +180,9 @@ def test_samembed_quantize_calibrates_a_checkpoint_that_then_runs_int8(tmp_path,
     assert np.isfinite(m.match(ct, centre, [ct]).matches[0].point_lps_mm).all()
     assert main(["quantize", "--config", str(tmp_path / "missing.yaml"), "--model", str(weights), "-q"]) != 0
     assert "missing.yaml: config file not found" in capsys.readouterr().err
+    # --out on the weights themselves (or on any checkpoint name) is refused: they stay as they were
+    kept = weights.read_bytes()
+    for out in (weights, tmp_path / "other.pt"):
+        assert main(["quantize", "--config", str(config), "--model", str(weights), "--out", str(out), "-q"]) == 2
+        assert "names the model's weights" in capsys.readouterr().err
+    assert weights.read_bytes() == kept and not (tmp_path / "other.pt").exists()

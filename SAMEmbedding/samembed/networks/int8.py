@@ -260,5 +260,7 @@ def calibrate(net: SamLite, inputs: Iterable[torch.Tensor], quantile: float = CA
 
 def save_qparams(path: str | Path, qparams: dict[str, tuple[float, int]], meta: dict) -> None:
     """Write the calibration next to a model (JSON: ``qparams`` and ``meta``, e.g. the calibration images); the
-    engine reads it with :func:`samembed.models.read_int8_calibration`."""
-    Path(path).write_text(json.dumps({"qparams": {k: list(v) for k, v in qparams.items()}, "meta": meta}, indent=1))
+    engine reads it with :func:`samembed.models.read_int8_calibration`. Written atomically."""
+    from ..io import write_text_atomic
+
+    write_text_atomic(path, json.dumps({"qparams": {k: list(v) for k, v in qparams.items()}, "meta": meta}, indent=1))
