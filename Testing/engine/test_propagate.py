@@ -423,3 +423,31 @@ def test_thumbnails_of_labels_that_differ_only_in_unsafe_characters_keep_their_o
     links = {m["label"]: m["thumbnail"] for m in done["matches"]}
     assert links["A B"] != links["A_B"]
     assert (tmp_path / links["A B"]).read_bytes() == b"first" and (tmp_path / links["A_B"]).read_bytes() == b"second"
+
+
+def test_the_scans_folder_skips_the_run_s_own_output_folder(tmp_path):
+    """``--scans data --out data/results``: the run's thumbnails (PNG) are not read as scans on the next run."""
+    from samembed.propagate import read_scans
+
+    (tmp_path / "results" / "thumbs" / "a").mkdir(parents=True)
+    for name in ("a.nii.gz", "b.nrrd", "results/thumbs/a/L1.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert [s.id for s in read_scans(tmp_path)] == ["a", "b", "L1"]
+    assert [s.id for s in read_scans(tmp_path, exclude=(tmp_path / "results",))] == ["a", "b"]
+
+
+@pytest.mark.needs_data
+def test_a_new_run_into_a_folder_holding_run_files_is_refused_and_changes_nothing(setup, tmp_path):
+    """An output folder holding a run's tables or report (of another run, or the user's own files of those names)
+    is refused without --resume, before any scan is matched."""
+    from samembed.errors import InputError
+    from samembed.propagate import propagate
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "matches.csv").write_text("mine\n")
+    (out / "report.html").write_text("<p>mine</p>")
+    with pytest.raises(InputError, match=r"already holds the results of a run \(matches.csv, report.html\)"):
+        propagate(setup["atlas"], setup["manifest"], out, MatchOptions(), _settings(setup))
+    assert sorted(p.name for p in out.iterdir()) == ["matches.csv", "report.html"]
+    assert (out / "matches.csv").read_text() == "mine\n"

@@ -26,8 +26,11 @@ class Scan:
     path: str
 
 
-def read_scans(source: str | os.PathLike) -> list[Scan]:
+def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...] = ()) -> list[Scan]:
     """The scans named by a manifest CSV or found in a folder, in order, each with a unique id.
+
+    ``exclude``: folders whose images a folder search skips (the run's own output folder, when it lies inside the
+    scans folder: its thumbnails are PNG images).
 
     Raises:
         InputError: the manifest or folder is missing or empty, a row has no path, or two scans have the same
@@ -37,7 +40,9 @@ def read_scans(source: str | os.PathLike) -> list[Scan]:
     if source.is_dir():
         from ..io import list_images
 
-        paths = list_images(source)
+        skip = [Path(os.path.realpath(e)) for e in exclude]
+        paths = [p for p in list_images(source)
+                 if not any(Path(os.path.realpath(p)).is_relative_to(e) for e in skip)]
         if not paths:
             raise InputError(f"{source}: no images found in this folder (NIfTI, NRRD, MHA, DICOM, ...); check --scans")
         ids = [scan_id(p) for p in paths]

@@ -51,6 +51,15 @@ class ResultStore:
         """Whether the folder already holds scan records (of this or another run)."""
         return self.scans_dir.is_dir() and any(self.scans_dir.glob("*.json"))
 
+    #: the files of a run at the folder's top, which a run writes over
+    RUN_FILES = ("run.json", "matches.csv", "failures.csv", "report.html")
+
+    def files_in_the_way(self) -> list[str]:
+        """The files a new run would write over: scan records (``scans/``) and :data:`RUN_FILES` found in the
+        folder (of another run, or the user's own)."""
+        held = ["scans/"] if self.has_results() else []
+        return held + [name for name in self.RUN_FILES if (self.out / name).exists()]
+
     def load(self) -> dict[str, dict]:
         """Every readable scan record in the folder, by scan id (damaged ones are ignored: redone on resume)."""
         out = {}

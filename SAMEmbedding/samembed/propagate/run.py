@@ -194,15 +194,17 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         raise InputError(f"options must be a samembed.MatchOptions, not {type(options).__name__}")
     if options.heatmap:
         raise InputError("propagate does not write heatmaps; use samembed match --heatmap-dir for a few scans")
-    scan_list = list(scans) if isinstance(scans, (list, tuple)) else read_scans(scans)
+    # a scans folder that holds the output folder: its thumbnails are not scans
+    scan_list = list(scans) if isinstance(scans, (list, tuple)) else read_scans(scans, exclude=(out_dir,))
     point_lists = _read_atlas_points(atlas_list)
     points = point_lists[0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out)
-    if store.has_results() and not settings.resume:
-        raise InputError(f"{out} already holds the results of a run; pass --resume to continue it, "
-                         "or choose another --out")
+    in_the_way = store.files_in_the_way()
+    if in_the_way and not settings.resume:
+        raise InputError(f"{out} already holds the results of a run ({', '.join(in_the_way)}); pass --resume to "
+                         "continue it, or choose another --out (nothing was changed)")
     cache_dir = str(Path(settings.cache_dir or out / "cache").resolve())
     job = ScanJob(atlas.image, tuple(points.labels), tuple(tuple(float(v) for v in p) for p in points.points_lps_mm),
                   options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm,
