@@ -94,6 +94,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """``np.save`` of ``array`` to ``path`` atomically (a process killed or a disk filled mid-write leaves no
+    cut-short ``.npy`` under the name, which a later ``np.load`` would take for whole); returns the path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+    return Path(path)
+
+
 # ----------------------------------------------------------------------------------------------
 # images
 # ----------------------------------------------------------------------------------------------

@@ -181,3 +181,26 @@ def test_a_read_image_holds_the_readers_voxels_without_a_copy_and_a_given_one_is
     mine = image_from_sitk(given, "given")
     given[0, 0, 0] = 1234
     assert mine.array[0, 0, 0] == img.array[0, 0, 0] != 1234
+
+
+def test_save_npy_atomic_leaves_no_cut_short_file(tmp_path, monkeypatch):
+    """A write that fails midway (a full disk, a kill) leaves neither the name nor a temporary behind; a whole one
+    loads back."""
+    import numpy as np
+
+    from samembed.io import save_npy_atomic
+
+    path = tmp_path / "v.npy"
+    arr = np.arange(1000, dtype=np.float16).reshape(10, 100)
+    assert save_npy_atomic(path, arr) == path
+    np.testing.assert_array_equal(np.load(path), arr)
+
+    def cut_short(f, a):
+        f.write(b"\x93NUMPY" + b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", cut_short)
+    other = tmp_path / "w.npy"
+    with pytest.raises(OSError, match="No space"):
+        save_npy_atomic(other, arr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy"]

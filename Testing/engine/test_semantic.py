@@ -230,6 +230,25 @@ def test_the_semantic_objective_without_label_rules_is_an_input_error(tmp_path, 
 
 
 @pytest.mark.needs_data
+def test_a_label_map_cut_short_in_the_cache_is_made_again_not_reused(trainer, cache, caplog):
+    """A cached label map that a killed run (or a full disk) left cut short is made again, to the same values, where
+    ``np.load`` of it failed in every later run; the maps are written atomically, so no new one is left so."""
+    from samembed.training.labels import cache_labels
+
+    maps = sorted(cache.rglob("*.labels-*.npy"))
+    assert maps, "the trainer cached no label map"
+    path = maps[0]
+    whole = np.load(path)
+    ct_npy = path.with_name(path.name.split(".labels-")[0] + ".npy")
+    source = Path(json.loads(ct_npy.with_suffix(".json").read_text())["source"])
+    ((_, (label_path, _)),) = find_label_maps([source], trainer.cfg.semantic_labels, trainer.cfg.exclude, REPO).items()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        again = cache_labels(ct_npy, label_path, trainer.prep, trainer.cfg.modality, trainer.cfg.pixel_spacing_mm)
+    assert again == path and "is damaged: made again" in caplog.text
+    np.testing.assert_array_equal(np.load(path), whole)
+
+
 def test_label_maps_are_found_for_a_cache_written_by_a_run_that_named_the_images_differently(trainer, tmp_path, cache):
     from samembed.training.train import Trainer
 

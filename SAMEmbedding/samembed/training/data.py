@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import list_images, read_image
+from ..io import list_images, read_image, save_npy_atomic, write_text_atomic
 from ..preprocess import PreprocessConfig, body_mask, preprocess
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,11 @@ def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, 
         mask = body_mask(prep)
         sl = body_crop(mask, margin_vox)
         arr = prep.array[sl].astype(np.float16)
-        np.save(npy, arr)
+        save_npy_atomic(npy, arr)  # then its sidecar: both present means both whole
         meta = {"source": str(path), "spacing_mm": config.spacing_mm, "modality": prep.modality,
                 "shape": list(arr.shape), "body_fraction": float(mask[sl].mean()),
                 "crop_start": [s.start for s in sl]}
-        npy.with_suffix(".json").write_text(json.dumps(meta), encoding="utf-8")
+        write_text_atomic(npy.with_suffix(".json"), json.dumps(meta))
         out.append(npy)
     return out
 

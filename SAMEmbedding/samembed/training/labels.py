@@ -131,16 +131,20 @@ def cache_labels(ct_npy: Path, label_path: Path, config, modality: str = "auto",
     (``crop_start``) or, for caches written before it was stored, found again the same way.
     """
     out = _label_cache_path(ct_npy, label_path)
-    if out.is_file():
-        return out
-    import SimpleITK as sitk
-
-    from ..io import read_image
-    from ..preprocess import body_mask, preprocess
-    from .data import body_crop
-
     meta = json.loads(ct_npy.with_suffix(".json").read_text(encoding="utf-8"))
     shape = tuple(int(s) for s in meta["shape"])
+    if out.is_file():
+        try:  # a map cut short (written before these were atomic, or damaged since) is made again
+            if np.load(out, mmap_mode="r").shape == shape:
+                return out
+        except (ValueError, OSError):
+            pass
+        log.warning("label cache %s is damaged: made again", out)
+    import SimpleITK as sitk
+
+    from ..io import read_image, save_npy_atomic
+    from ..preprocess import body_mask, preprocess
+    from .data import body_crop
     try:
         prep = preprocess(read_image(meta["source"], spacing_mm=pixel_spacing_mm), config, modality)
         start = meta.get("crop_start") or [s.start for s in body_crop(body_mask(prep))]
@@ -158,7 +162,7 @@ def cache_labels(ct_npy: Path, label_path: Path, config, modality: str = "auto",
     if arr.shape != shape:
         log.warning("label map %s not used: cropped to %s, its volume is %s", label_path, arr.shape, shape)
         return None
-    np.save(out, arr.astype(np.uint8 if arr.max() < 256 else np.int16))
+    save_npy_atomic(out, arr.astype(np.uint8 if arr.max() < 256 else np.int16))
     return out
 
 

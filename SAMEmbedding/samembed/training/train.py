@@ -429,5 +429,8 @@ def plot_loss_curve(log_csv: Path, png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    from ..io import atomic_path
+
+    with atomic_path(png) as tmp:  # its suffix is the picture's: matplotlib picks the format from it
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
