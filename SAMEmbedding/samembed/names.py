@@ -36,16 +36,17 @@ def scan_id(path: str | os.PathLike) -> str:
 
 def deduplicated(names: Sequence[str]) -> list[str]:
     """``names`` in order, each repeat given ``_2``, ``_3``, ... (skipping any name already taken), so that no two
-    are equal: file names that will not overwrite one another."""
+    are equal, nor equal but for case (``CT``, ``ct``: one file on the case-insensitive disks of macOS and Windows):
+    file names that will not overwrite one another."""
     taken: set[str] = set()
     out = []
     for base in names:
         name, k = base, 1
-        while name in taken:
+        while name.casefold() in taken:
             k += 1
             name = f"{base}_{k}"
         out.append(name)
-        taken.add(name)
+        taken.add(name.casefold())
     return out
 
 

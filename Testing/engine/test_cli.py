@@ -275,6 +275,7 @@ def test_label_ids_name_each_label_s_heatmap_once():
 
     assert label_ids(["A B", "A_B", "A/B", "C1.5", "ok", "A B", ""]) == {
         "A B": "A_B", "A_B": "A_B_2", "A/B": "A_B_3", "C1.5": "C1_5", "ok": "ok", "": "point"}
+    assert label_ids(["L1", "l1"]) == {"L1": "L1", "l1": "l1_2"}  # one file on a case-insensitive disk otherwise
 
 
 @pytest.mark.needs_data
