@@ -407,6 +407,8 @@ def test_manifest_ids_relative_paths_and_duplicates(tmp_path):
         read_scans(man)
     with pytest.raises(InputError, match="not found"):
         read_scans(tmp_path / "missing.csv")
+    with pytest.raises(InputError, match="an image, where --scans takes a manifest CSV"):
+        read_scans(tmp_path / "y.nrrd")
     assert "out of memory" in _reason(MemoryError()) and "fewer --workers" in _reason(MemoryError())
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..names import safe_id, scan_id
+from ..names import IMAGE_NAME_SUFFIXES, safe_id, scan_id
 
 __all__ = ["Scan", "read_scans", "safe_id", "scan_id"]
 
@@ -56,6 +56,9 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
 
 
 def _read_manifest(path: Path) -> list[Scan]:
+    if path.name.lower().endswith(IMAGE_NAME_SUFFIXES):
+        raise InputError(f"{path}: an image, where --scans takes a manifest CSV (a 'path' column) or a folder of "
+                         "images; put the image in a folder, or list it in a CSV")
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             rows = [r for r in csv.reader(fh) if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
