@@ -40,18 +40,22 @@ def voxel_lookup(model_grid: Grid, image_grid: Grid) -> np.ndarray:
     return sitk.GetArrayFromImage(out)
 
 
-def heatmap_from_lookup(values: np.ndarray, lookup: np.ndarray, image_grid: Grid, name: str = "heatmap") -> Image:
+def heatmap_from_lookup(values: np.ndarray, lookup: np.ndarray, image_grid: Grid, name: str = "heatmap",
+                        out: np.ndarray | None = None) -> Image:
     """One similarity map ``values`` (V,) on the model grid, on ``image_grid`` through its :func:`voxel_lookup`.
 
     Each image voxel gets the value of the model voxel its centre falls in (nearest neighbour: the map keeps its true
     peak values, and its value at a match equals the match's score). Image voxels outside the model grid, and model
     voxels whose similarity was not computed (-inf or NaN: outside the search mask), get -1. Float32, in [-1, 1].
+
+    ``out``: a float32 array of ``lookup``'s shape to write the map into (e.g. a reused file buffer), instead of a
+    new one.
     """
     v = np.asarray(values, dtype=np.float32).reshape(-1)
     table = np.empty(len(v) + 1, dtype=np.float32)
     table[:-1] = np.clip(np.where(np.isfinite(v), v, np.float32(-1.0)), -1.0, 1.0)
     table[-1] = -1.0  # outside the model grid
-    return Image(np.take(table, lookup), image_grid, name)
+    return Image(np.take(table, lookup, out=out), image_grid, name)
 
 
 def heatmap_on_grid(values_zyx: np.ndarray, model_grid: Grid, image_grid: Grid, name: str = "heatmap") -> Image:
@@ -97,10 +101,19 @@ class Heatmaps(Mapping):
         self._where.update(other._where)
 
     def __getitem__(self, key: tuple[int, str]) -> Image:
+        return self.make(key)
+
+    def image_grid(self, key: tuple[int, str]) -> Grid:
+        """The voxel grid of the heatmap ``key``: its target's."""
+        return self._where[key][0].image_grid
+
+    def make(self, key: tuple[int, str], out: np.ndarray | None = None) -> Image:
+        """The heatmap ``key`` as an image, made now; ``out``: a float32 array of its grid's shape (zyx) to make it
+        in (see :func:`heatmap_from_lookup`)."""
         held, n, name = self._where[key]
         if self._lookup is None or self._lookup[0] is not held:  # one target's lookup at a time (read in order)
             self._lookup = (held, voxel_lookup(held.model_grid, held.image_grid))
-        return heatmap_from_lookup(held.rows[n], self._lookup[1], held.image_grid, name)
+        return heatmap_from_lookup(held.rows[n], self._lookup[1], held.image_grid, name, out)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         return iter(self._where)

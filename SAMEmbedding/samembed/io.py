@@ -233,12 +233,44 @@ def validate_image(image: Image) -> None:
 
 
 def write_image(image: Image, path: str | os.PathLike) -> Path:
-    """Write an :class:`Image` atomically in the format given by the file suffix."""
+    """Write an :class:`Image` atomically in the format given by the file suffix. An image whose voxels are a
+    ``SimpleITK.Image``'s own buffer (:func:`new_sitk_buffer`) is written from it, without a copy."""
     import SimpleITK as sitk
 
+    own = _backing_sitk(image)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image_to_sitk(image), str(tmp), True)
+        sitk.WriteImage(own if own is not None else image_to_sitk(image), str(tmp), True)
     return Path(path)
+
+
+def new_sitk_buffer(grid: Grid, dtype=np.float32) -> tuple[object, np.ndarray]:
+    """A new ``SimpleITK.Image`` of ``grid``'s geometry and its voxels as a writable array (zyx) in its own memory
+    (:func:`sitk_voxels`): fill the array, and :func:`write_image` of an :class:`Image` of it writes the image
+    without copying it; the pair can be filled and written again (e.g. one heatmap after another)."""
+    import SimpleITK as sitk
+
+    pixel = {np.dtype(np.float32): sitk.sitkFloat32}[np.dtype(dtype)]
+    img = sitk.Image([int(s) for s in grid.size_ijk], pixel)
+    img.SetSpacing(tuple(float(s) for s in grid.spacing_mm))
+    img.SetOrigin(tuple(float(s) for s in grid.origin_lps_mm))
+    img.SetDirection(tuple(float(s) for s in grid.direction.ravel()))
+    return img, sitk_voxels(img)
+
+
+def _backing_sitk(image: Image):
+    """The ``SimpleITK.Image`` whose whole buffer ``image``'s array is (made by :func:`new_sitk_buffer`, with the
+    image's geometry), else None."""
+    arr = image.array
+    base = arr.base if isinstance(arr, np.ndarray) else None
+    if not isinstance(base, _SitkVoxels) or not arr.flags.c_contiguous:
+        return None
+    img = base._image
+    same = (tuple(int(v) for v in img.GetSize()) == tuple(int(v) for v in image.grid.size_ijk)
+            and np.allclose(img.GetSpacing(), image.grid.spacing_mm) and np.allclose(img.GetOrigin(), image.grid.origin_lps_mm)
+            and np.allclose(img.GetDirection(), image.grid.direction.ravel())
+            and arr.__array_interface__["data"][0] == base.__array_interface__["data"][0]
+            and arr.shape == tuple(base.__array_interface__["shape"]))
+    return img if same else None
 
 
 #: heatmap files store similarities on multiples of this step (2^-12, about 0.00024: finer than the three decimals
