@@ -204,3 +204,31 @@ def test_save_npy_atomic_leaves_no_cut_short_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         save_npy_atomic(other, arr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy"]
+
+
+def test_an_image_in_a_simpleitk_buffer_is_written_as_a_copy_of_it_would_be(tmp_path):
+    """``new_sitk_buffer``: an image made in a SimpleITK image's own buffer writes the same file as the same voxels
+    in a plain array, filled and written twice; a part of the buffer (another grid) is written as any array."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from samembed.image import Grid, Image
+    from samembed.io import new_sitk_buffer, write_image
+
+    grid = Grid((4, 5, 6), [0.7, 0.8, 2.5], [10.0, -20.0, 30.0], np.eye(3)[[1, 0, 2]])
+    img, voxels = new_sitk_buffer(grid)
+    rng = np.random.default_rng(0)
+    for n in range(2):
+        values = rng.random((4, 5, 6), dtype=np.float32)
+        voxels[...] = values
+        write_image(Image(voxels, grid, "buf"), tmp_path / f"buf{n}.nii.gz")
+        write_image(Image(values.copy(), grid, "plain"), tmp_path / f"plain{n}.nii.gz")
+        a, b = sitk.ReadImage(str(tmp_path / f"buf{n}.nii.gz")), sitk.ReadImage(str(tmp_path / f"plain{n}.nii.gz"))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(a), values)
+        assert (a.GetSize(), a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == \
+               (b.GetSize(), b.GetSpacing(), b.GetOrigin(), b.GetDirection())
+    part = Grid((2, 5, 6), [0.7, 0.8, 2.5], [10.0, -20.0, 35.0], np.eye(3)[[1, 0, 2]])
+    write_image(Image(voxels[2:], part, "part"), tmp_path / "part.nii.gz")
+    c = sitk.ReadImage(str(tmp_path / "part.nii.gz"))
+    assert c.GetSize() == (6, 5, 2) and c.GetOrigin() == (10.0, -20.0, 35.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(c), values[2:])

@@ -156,6 +156,11 @@ def test_heatmaps_hold_model_grid_rows_and_make_each_image_when_read(a_random_ma
         assert first.grid.same_as(tgt.grid) and first.name == f"{key[1]} in pt_202_ct.nii.gz"
         np.testing.assert_array_equal(first.array, second.array)
         np.testing.assert_array_equal(first.array, unpickled.array)
+        # made in a given buffer (the heatmap files' reused one): the same values, in that buffer
+        buf = np.full_like(first.array, 7.0)
+        made = res.heatmaps.make(key, out=buf)
+        assert made.array is buf and res.heatmaps.image_grid(key).same_as(tgt.grid)
+        np.testing.assert_array_equal(buf, first.array)
 
 
 @pytest.mark.needs_data
