@@ -252,12 +252,9 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             ushape = tuple(int(v) for v in uhi - ulo + 1)
             box = tuple(slice(int(a), int(b) + 1) for a, b in zip(ulo, uhi))
             sim = _box_products(q[torch.from_numpy(group)], vvol, box).div_(2.0)  # (g, U)
-            inside = avol[box].reshape(1, *ushape).to(sim.device)
-            for a, size in enumerate(ushape):  # within each query's window along every axis
-                ar = torch.arange(size)
-                along = (ar >= torch.from_numpy(lo[group, a] - ulo[a])[:, None]) & (ar <= torch.from_numpy(hi[group, a] - ulo[a])[:, None])
-                inside = inside & along.reshape(len(group), *[size if b == a else 1 for b in range(len(ushape))]).to(sim.device)
-            k = sim.masked_fill_(~inside.reshape(len(group), -1), float("-inf")).argmax(1)
+            # the allowed voxels of the union, within each query's own window (its box within the union's)
+            inside = avol[box].reshape(1, -1).to(sim.device) & box_masks(lo[group] - ulo, hi[group] - ulo, ushape).to(sim.device)
+            k = sim.masked_fill_(~inside, float("-inf")).argmax(1)
             scores[torch.from_numpy(group)] = sim.gather(1, k[:, None])[:, 0].cpu()
             zyx = np.stack(np.unravel_index(k.cpu().numpy(), ushape), 1) + ulo
             flat[torch.from_numpy(group)] = torch.from_numpy(np.ravel_multi_index(tuple(zyx.T), shape))
