@@ -355,18 +355,10 @@ def read_entry(path: Path) -> tuple[dict, list[np.ndarray]]:
     Raises:
         DamagedEntry: wrong magic, truncated file, size or SHA-256 mismatch.
     """
+    header, start = read_entry_header(path)
     data = path.read_bytes()
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
-        raise DamagedEntry(f"{path}: not a samembed cache entry (or an older format)")
-    (n,) = struct.unpack("<Q", data[len(MAGIC): len(MAGIC) + 8])
-    start = len(MAGIC) + 8 + n
-    try:
-        header = json.loads(data[len(MAGIC) + 8: start])
-    except ValueError as e:
-        raise DamagedEntry(f"{path}: unreadable header ({e})") from None
+    _check_payload_size(path, header, len(data) - start)
     payload = memoryview(data)[start:]
-    if len(payload) != header.get("payload_bytes"):
-        raise DamagedEntry(f"{path}: {len(payload)} payload bytes, the header says {header.get('payload_bytes')} (truncated?)")
     if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
         raise DamagedEntry(f"{path}: checksum mismatch (corrupt)")
     arrays, off = [], 0
@@ -407,18 +399,23 @@ def read_entry_header(path: Path) -> tuple[dict, int]:
     return header, len(MAGIC) + 8 + n
 
 
-def _entry_summary(path: Path) -> dict:
-    """What ``samembed cache info`` says of one entry: the image and model it holds, its local grid (shape and
-    spacing in z, y, x order) and how many of that grid's voxels it stores, or why it will be recomputed (a header
-    that is not an entry's, or a file shorter or longer than its header says; its checksum is verified only when the
-    entry is used)."""
+def _check_payload_size(path: Path, header: dict, payload_bytes: int) -> None:
+    """Raise :class:`DamagedEntry` unless the entry holds as many payload bytes as its header says."""
+    if payload_bytes != header.get("payload_bytes"):
+        raise DamagedEntry(f"{path}: {payload_bytes} payload bytes, the header says {header.get('payload_bytes')} "
+                           "(truncated?)")
+
+
+def _entry_summary(path: Path, size: int) -> dict:
+    """What ``samembed cache info`` says of one entry of ``size`` bytes: the image and model it holds, its local grid
+    (shape and spacing in z, y, x order) and how many of that grid's voxels it stores, or why it will be recomputed
+    (a header that is not an entry's, or a file shorter or longer than its header says; its checksum is verified only
+    when the entry is used)."""
     if OLDER_ENTRY_NAME.fullmatch(path.name):
         return {"damaged": "an older format"}
     try:
         h, offset = read_entry_header(path)
-        if path.stat().st_size != offset + int(h["payload_bytes"]):
-            raise DamagedEntry(f"{path}: {path.stat().st_size - offset} payload bytes, the header says "
-                               f"{h['payload_bytes']} (truncated?)")
+        _check_payload_size(path, h, size - offset)
         grid = h["local_grid"]
         arrays = h["arrays"]
         return {"image": str(h.get("image") or "?"), "model": str(h.get("model_id") or "?"),
@@ -450,7 +447,7 @@ def cache_info(cache_dir: str | Path) -> dict:
     entries = []
     for f in files:
         st = f.stat()
-        entries.append({"file": f.name, "bytes": st.st_size, "modified": st.st_mtime, **_entry_summary(f)})
+        entries.append({"file": f.name, "bytes": st.st_size, "modified": st.st_mtime, **_entry_summary(f, st.st_size)})
     return {"folder": str(folder), "entries": len(files), "bytes": sum(e["bytes"] for e in entries),
             "files": [(e["file"], e["bytes"]) for e in entries], "details": entries}
 
@@ -458,7 +455,7 @@ def cache_info(cache_dir: str | Path) -> dict:
 def cache_clear(cache_dir: str | Path) -> int:
     """Delete every cache entry (:func:`entry_files`: current and older format, nothing else) in the folder; returns
     how many."""
-    info = cache_info(cache_dir)
-    for name, _ in info["files"]:
-        (Path(cache_dir) / name).unlink(missing_ok=True)
-    return info["entries"]
+    files = entry_files(cache_dir)  # no header needs reading to delete them
+    for f in files:
+        f.unlink(missing_ok=True)
+    return len(files)
