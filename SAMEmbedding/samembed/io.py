@@ -162,10 +162,14 @@ def image_to_sitk(image: Image):
     """Convert an engine :class:`Image` to a ``SimpleITK.Image`` with the same geometry."""
     import SimpleITK as sitk
 
-    img = sitk.GetImageFromArray(np.ascontiguousarray(image.array))
-    img.SetSpacing(tuple(float(s) for s in image.grid.spacing_mm))
-    img.SetOrigin(tuple(float(s) for s in image.grid.origin_lps_mm))
-    img.SetDirection(tuple(float(s) for s in image.grid.direction.ravel()))
+    return set_sitk_geometry(sitk.GetImageFromArray(np.ascontiguousarray(image.array)), image.grid)
+
+
+def set_sitk_geometry(img, grid: Grid):
+    """Give the ``SimpleITK.Image`` ``img`` the spacing, origin and direction of ``grid`` (in place); returns it."""
+    img.SetSpacing(tuple(float(s) for s in grid.spacing_mm))
+    img.SetOrigin(tuple(float(s) for s in grid.origin_lps_mm))
+    img.SetDirection(tuple(float(s) for s in grid.direction.ravel()))
     return img
 
 
@@ -250,10 +254,7 @@ def new_sitk_buffer(grid: Grid, dtype=np.float32) -> tuple[object, np.ndarray]:
     import SimpleITK as sitk
 
     pixel = {np.dtype(np.float32): sitk.sitkFloat32}[np.dtype(dtype)]
-    img = sitk.Image([int(s) for s in grid.size_ijk], pixel)
-    img.SetSpacing(tuple(float(s) for s in grid.spacing_mm))
-    img.SetOrigin(tuple(float(s) for s in grid.origin_lps_mm))
-    img.SetDirection(tuple(float(s) for s in grid.direction.ravel()))
+    img = set_sitk_geometry(sitk.Image([int(s) for s in grid.size_ijk], pixel), grid)
     return img, sitk_voxels(img)
 
 

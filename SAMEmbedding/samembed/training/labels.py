@@ -142,16 +142,13 @@ def cache_labels(ct_npy: Path, label_path: Path, config, modality: str = "auto",
         log.warning("label cache %s is damaged: made again", out)
     import SimpleITK as sitk
 
-    from ..io import read_image, save_npy_atomic
+    from ..io import read_image, save_npy_atomic, set_sitk_geometry
     from ..preprocess import body_mask, preprocess
     from .data import body_crop
     try:
         prep = preprocess(read_image(meta["source"], spacing_mm=pixel_spacing_mm), config, modality)
         start = meta.get("crop_start") or [s.start for s in body_crop(body_mask(prep))]
-        ref = sitk.Image([int(s) for s in prep.grid.size_ijk], sitk.sitkUInt8)
-        ref.SetSpacing(tuple(float(s) for s in prep.grid.spacing_mm))
-        ref.SetOrigin(tuple(float(s) for s in prep.grid.origin_lps_mm))
-        ref.SetDirection(tuple(float(s) for s in prep.grid.direction.ravel()))
+        ref = set_sitk_geometry(sitk.Image([int(s) for s in prep.grid.size_ijk], sitk.sitkUInt8), prep.grid)
         lab = sitk.ReadImage(str(label_path))
         res = sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, lab.GetPixelID())
         arr = sitk.GetArrayFromImage(res)
