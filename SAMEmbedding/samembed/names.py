@@ -70,6 +70,11 @@ def target_ids(paths: Sequence[str | os.PathLike]) -> list[str]:
     ids = [scan_id(p) for p in paths]
     if len(set(ids)) != len(ids):
         full = [Path(os.path.abspath(p)) for p in paths]
-        common = Path(os.path.commonpath([str(p.parent) for p in full]))
-        ids = [scan_id(safe_id(str(p.relative_to(common)).replace(os.sep, "__"))) for p in full]
+        ids = relative_ids(full, Path(os.path.commonpath([str(p.parent) for p in full])))
     return deduplicated(ids)
+
+
+def relative_ids(paths: Sequence[Path], root: Path) -> list[str]:
+    """Each path's id from its path below ``root``, the parts joined by ``__`` (``root/a/ct.nii.gz`` -> ``a__ct``):
+    for files that share a name in different folders."""
+    return [scan_id(safe_id(str(p.relative_to(root)).replace(os.sep, "__"))) for p in paths]

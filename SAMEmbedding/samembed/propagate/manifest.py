@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..names import IMAGE_NAME_SUFFIXES, safe_id, scan_id
+from ..names import IMAGE_NAME_SUFFIXES, relative_ids, safe_id, scan_id
 
 __all__ = ["Scan", "read_scans", "safe_id", "scan_id"]
 
@@ -47,8 +47,7 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
             raise InputError(f"{source}: no images found in this folder (NIfTI, NRRD, MHA, DICOM, ...); check --scans")
         ids = [scan_id(p) for p in paths]
         if len(set(ids)) != len(ids):  # same file name in several sub-folders: use the relative path
-            ids = [safe_id(str(p.relative_to(source)).replace(os.sep, "__")) for p in paths]
-            ids = [scan_id(i) for i in ids]
+            ids = relative_ids(paths, source)
         return _unique([Scan(i, str(p.resolve())) for i, p in zip(ids, paths)], source)
     if not source.is_file():
         raise InputError(f"{source}: scan manifest or folder not found; pass a CSV with a 'path' column or a folder")
