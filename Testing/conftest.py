@@ -37,3 +37,15 @@ def data_dir() -> Path:
 def repo_root() -> Path:
     """The repository root."""
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def _locale_kept():
+    """Every test leaves the process's locale as it found it. ITK's DICOM writer (GDCM) sets it to "C" and leaves
+    it so, which makes Python's default text encoding ASCII for every later test of the process (a CLI test that
+    decodes a progress bar's UTF-8 failed after the DICOM tests, depending on the order)."""
+    import locale
+
+    kept = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, kept)
