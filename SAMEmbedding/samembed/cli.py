@@ -23,27 +23,57 @@ from .errors import DeviceUnavailableError, InputError, SamEmbedError
 log = logging.getLogger("samembed")
 
 
-class _Progress:
-    """One tqdm bar whose description names the current phase (reading, embedding source, embedding target k/N,
-    matching, polishing, writing); it counts ``total`` units (targets, images) and is silent with ``--quiet``."""
+#: when progress goes to a file or a pipe: the seconds between two lines of a phase whose counts alone move
+PROGRESS_LINE_S = 10.0
+_DIGITS = re.compile(r"\d+(?:\.\d+)?")
 
-    def __init__(self, total: int, phase: str, enabled: bool = True) -> None:
+
+class _Progress:
+    """Progress that names the current phase (reading, embedding source, embedding target k/N, matching, polishing,
+    writing), counting ``total`` units (targets, images); silent with ``--quiet``.
+
+    On a terminal it is one tqdm bar. When stderr is a file or a pipe (a log, a batch job, CI), where a redrawn bar
+    would leave a run of carriage returns, each new phase is one line instead, with the seconds since the start:
+    ``  2.1 s  embedding target 1/5 pt_232_ct.nii.gz``. A phase whose counts alone move (tiles 3/40, 4/40, ...) gets
+    a line when it starts and then at most one every :data:`PROGRESS_LINE_S` seconds."""
+
+    def __init__(self, total: int, phase: str, enabled: bool = True, started_s: float | None = None) -> None:
         self.bar = None
-        if enabled:
+        self.lines = enabled and not _is_terminal(sys.stderr)
+        #: the lines' clock starts at ``started_s`` (``time.perf_counter()``, e.g. the command's start), else now
+        self._t0 = time.perf_counter() if started_s is None else started_s
+        self._last_at = time.perf_counter()
+        self._last = ""
+        if self.lines:
+            self._line(phase)
+        elif enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=phase, dynamic_ncols=True, file=sys.stderr, leave=False,
                             bar_format="{desc}: {n:g}/{total_fmt} {bar} [{elapsed}<{remaining}]")
 
+    def _line(self, phase: str) -> None:
+        if not phase or phase == self._last:
+            return
+        now = time.perf_counter()
+        if _DIGITS.sub("#", phase) == _DIGITS.sub("#", self._last) and now - self._last_at < PROGRESS_LINE_S:
+            return  # only its counts moved
+        self._last, self._last_at = phase, now
+        print(f"{now - self._t0:5.1f} s  {phase}", file=sys.stderr, flush=True)
+
     def phase(self, phase: str) -> None:
         """Name the phase now running (shown at once)."""
-        if self.bar is not None:
+        if self.lines:
+            self._line(phase)
+        elif self.bar is not None:
             self.bar.set_description_str(phase)
             self.bar.refresh()
 
     def update(self, done: float, total: float, phase: str = "") -> None:
         """A :data:`samembed.options.ProgressFn`: ``done`` of ``total`` in the named phase."""
-        if self.bar is not None:
+        if self.lines:
+            self._line(phase)
+        elif self.bar is not None:
             self.bar.total = total
             self.bar.n = done
             if phase:
@@ -53,6 +83,14 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    """``stream`` is an interactive terminal (False for a file, a pipe, or a stream without a descriptor)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _make_matcher(args):
@@ -182,7 +220,10 @@ def _start_prefetch(args, paths: list[str]):
 
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
-    from .api import Atlas, as_image
+    t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
+    n = len(target_paths)
+    bar = _Progress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
+    from .api import Atlas, as_image  # torch
     from .io import check_writable, read_points
     from .names import target_ids
 
@@ -190,9 +231,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         image = None if prefetch is None else prefetch.image(path)
         return as_image(path if image is None else image, spacing_mm=args.spacing)
 
-    t0 = time.time()
-    n = len(target_paths)
-    bar = _Progress(n, "reading", not args.quiet)
+    bar.phase("reading")
     done: list = []  # each finished target's MatchResult, in order
     out = Path(args.out)
     folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
@@ -265,7 +304,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 frame = "RAS" if args.ras else "LPS"
                 print(f"{Path(row['target']).name}\t{row['label']}\t({row['x']:.1f}, {row['y']:.1f}, {row['z']:.1f}) "
                       f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'}")
-        print(f"wrote {out} in {time.time() - t0:.1f} s")
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -720,6 +759,7 @@ def _main(args: argparse.Namespace) -> int:
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    args.started_s = time.perf_counter()  # what a command reports as its time starts here, before torch loads
     try:
         return int(args.func(args) or 0)
     except DeviceUnavailableError as e:

@@ -448,3 +448,42 @@ def test_propagate_starts_from_the_between_patients_preset(extra, refine, polish
                                       *extra])
     options = propagate_command_options(args)
     assert (options.refine, options.polish) == (refine, polish)
+
+
+class _Stream(__import__("io").StringIO):
+    """A stderr stand-in that says whether it is a terminal."""
+
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+def test_progress_to_a_file_is_one_line_per_phase_and_to_a_terminal_a_bar(monkeypatch):
+    from samembed import cli
+
+    def show(terminal: bool, every_s: float) -> str:
+        stream = _Stream(terminal)
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(cli, "PROGRESS_LINE_S", every_s)
+        bar = cli._Progress(2, "reading")
+        bar.phase("reading")  # the same phase again: no new line
+        for k in range(1, 4):  # only the counts move
+            bar.update(0, 2, f"embedding tiles {k}/3")
+        bar.update(1, 2, "matching 1/2")
+        bar.close()
+        return stream.getvalue()
+
+    text = show(terminal=False, every_s=10.0)
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert [line.split(" s  ", 1)[1] for line in lines] == ["reading", "embedding tiles 1/3", "matching 1/2"], text
+    times = [float(line.split(" s  ", 1)[0]) for line in lines]
+    assert times == sorted(times) and times[0] >= 0
+    # with no interval between lines, a phase whose counts move gets a line for each
+    assert show(terminal=False, every_s=0.0).count("embedding tiles") == 3
+    # on a terminal: one redrawn bar
+    bar = show(terminal=True, every_s=10.0)
+    assert "\r" in bar and "matching 1/2" in bar and " s  reading" not in bar

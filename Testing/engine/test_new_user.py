@@ -175,6 +175,15 @@ def test_quiet_prints_nothing_and_default_names_the_phases(tmp_path):
     for phase in ("reading", "embedding source", "embedding target 1/1", "matching 1/1", "writing"):
         assert phase in loud.stderr, loud.stderr
     assert "wrote" in loud.stdout
+    # stderr is a pipe here, as in a log or a batch job: one line per phase with the seconds since the command
+    # started (torch's import first), not a redrawn bar; the time the command reports counts from its start too
+    assert "\r" not in loud.stderr
+    phases = [line for line in loud.stderr.splitlines() if " s  " in line]
+    assert phases[0].split(" s  ", 1)[1] == "loading torch", loud.stderr
+    times = [float(line.split(" s  ", 1)[0]) for line in phases]
+    assert times == sorted(times), loud.stderr
+    reported = float(loud.stdout.rsplit(" in ", 1)[1].split(" s")[0])
+    assert reported >= times[-1] > 0, (loud.stdout, loud.stderr)
 
 
 # ------------------------------------------------------------------------------------- 2D defaults
