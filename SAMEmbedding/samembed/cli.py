@@ -19,78 +19,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
+from .progress import PhaseProgress
 
 log = logging.getLogger("samembed")
-
-
-#: when progress goes to a file or a pipe: the seconds between two lines of a phase whose counts alone move
-PROGRESS_LINE_S = 10.0
-_DIGITS = re.compile(r"\d+(?:\.\d+)?")
-
-
-class _Progress:
-    """Progress that names the current phase (reading, embedding source, embedding target k/N, matching, polishing,
-    writing), counting ``total`` units (targets, images); silent with ``--quiet``.
-
-    On a terminal it is one tqdm bar. When stderr is a file or a pipe (a log, a batch job, CI), where a redrawn bar
-    would leave a run of carriage returns, each new phase is one line instead, with the seconds since the start:
-    ``  2.1 s  embedding target 1/5 pt_232_ct.nii.gz``. A phase whose counts alone move (tiles 3/40, 4/40, ...) gets
-    a line when it starts and then at most one every :data:`PROGRESS_LINE_S` seconds."""
-
-    def __init__(self, total: int, phase: str, enabled: bool = True, started_s: float | None = None) -> None:
-        self.bar = None
-        self.lines = enabled and not _is_terminal(sys.stderr)
-        #: the lines' clock starts at ``started_s`` (``time.perf_counter()``, e.g. the command's start), else now
-        self._t0 = time.perf_counter() if started_s is None else started_s
-        self._last_at = time.perf_counter()
-        self._last = ""
-        if self.lines:
-            self._line(phase)
-        elif enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=phase, dynamic_ncols=True, file=sys.stderr, leave=False,
-                            bar_format="{desc}: {n:g}/{total_fmt} {bar} [{elapsed}<{remaining}]")
-
-    def _line(self, phase: str) -> None:
-        if not phase or phase == self._last:
-            return
-        now = time.perf_counter()
-        if _DIGITS.sub("#", phase) == _DIGITS.sub("#", self._last) and now - self._last_at < PROGRESS_LINE_S:
-            return  # only its counts moved
-        self._last, self._last_at = phase, now
-        print(f"{now - self._t0:5.1f} s  {phase}", file=sys.stderr, flush=True)
-
-    def phase(self, phase: str) -> None:
-        """Name the phase now running (shown at once)."""
-        if self.lines:
-            self._line(phase)
-        elif self.bar is not None:
-            self.bar.set_description_str(phase)
-            self.bar.refresh()
-
-    def update(self, done: float, total: float, phase: str = "") -> None:
-        """A :data:`samembed.options.ProgressFn`: ``done`` of ``total`` in the named phase."""
-        if self.lines:
-            self._line(phase)
-        elif self.bar is not None:
-            self.bar.total = total
-            self.bar.n = done
-            if phase:
-                self.bar.set_description_str(phase)
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _is_terminal(stream) -> bool:
-    """``stream`` is an interactive terminal (False for a file, a pipe, or a stream without a descriptor)."""
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
 
 
 def _make_matcher(args):
@@ -222,7 +153,7 @@ def _start_prefetch(args, paths: list[str]):
 def _match(args, options, pairs, target_paths, prefetch) -> int:
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
     n = len(target_paths)
-    bar = _Progress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
+    bar = PhaseProgress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
     from .api import Atlas, as_image  # torch
     from .io import check_writable, read_points
     from .names import target_ids
@@ -419,7 +350,7 @@ def _cmd_embed(args) -> int:
         raise InputError("samembed embed needs --cache-dir DIR to store the embeddings")
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     matcher = _make_matcher(args)
-    bar = _Progress(len(args.images), "embedding", not args.quiet)
+    bar = PhaseProgress(len(args.images), "embedding", not args.quiet)
     try:
         for n, path in enumerate(args.images):
             t0 = time.time()
@@ -568,7 +499,7 @@ def _cmd_quantize(args) -> int:
     if os.path.realpath(out) == os.path.realpath(model.info["file"]) or out.suffix.lower() in (".pt", ".pth"):
         raise InputError(f"{out}: --out names the model's weights (or a checkpoint); the calibration is a JSON file, "
                          f"by default {qparams_path(model.info['file'])}")
-    bar = _Progress(len(images), "calibrating", not args.quiet)
+    bar = PhaseProgress(len(images), "calibrating", not args.quiet)
     try:
         calibrate_model(model, images, settings, out, progress=bar.update)
     finally:

@@ -450,6 +450,7 @@ def test_propagate_starts_from_the_between_patients_preset(extra, refine, polish
     assert (options.refine, options.polish) == (refine, polish)
 
 
+
 class _Stream(__import__("io").StringIO):
     """A stderr stand-in that says whether it is a terminal."""
 
@@ -462,15 +463,15 @@ class _Stream(__import__("io").StringIO):
 
 
 def test_progress_to_a_file_is_one_line_per_phase_and_to_a_terminal_a_bar(monkeypatch):
-    from samembed import cli
+    from samembed import progress
 
     def show(terminal: bool, every_s: float) -> str:
         stream = _Stream(terminal)
         monkeypatch.setattr(sys, "stderr", stream)
-        monkeypatch.setattr(cli, "PROGRESS_LINE_S", every_s)
-        bar = cli._Progress(2, "reading")
+        monkeypatch.setattr(progress, "PROGRESS_LINE_S", every_s)
+        bar = progress.PhaseProgress(2, "reading")
         bar.phase("reading")  # the same phase again: no new line
-        for k in range(1, 4):  # only the counts move
+        for k in range(1, 4):  # only the numbers move
             bar.update(0, 2, f"embedding tiles {k}/3")
         bar.update(1, 2, "matching 1/2")
         bar.close()
@@ -482,8 +483,34 @@ def test_progress_to_a_file_is_one_line_per_phase_and_to_a_terminal_a_bar(monkey
     assert [line.split(" s  ", 1)[1] for line in lines] == ["reading", "embedding tiles 1/3", "matching 1/2"], text
     times = [float(line.split(" s  ", 1)[0]) for line in lines]
     assert times == sorted(times) and times[0] >= 0
-    # with no interval between lines, a phase whose counts move gets a line for each
+    # with no interval between lines, a phase whose numbers move gets a line for each
     assert show(terminal=False, every_s=0.0).count("embedding tiles") == 3
     # on a terminal: one redrawn bar
     bar = show(terminal=True, every_s=10.0)
     assert "\r" in bar and "matching 1/2" in bar and " s  reading" not in bar
+
+
+def test_a_count_to_a_file_is_a_line_now_and_then_and_at_the_end(monkeypatch):
+    """``samembed train`` and ``propagate`` under nohup or in a batch job: lines, not a redrawn bar."""
+    from samembed import progress
+
+    def count(terminal: bool, every_s: float) -> str:
+        stream = _Stream(terminal)
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(progress, "PROGRESS_LINE_S", every_s)
+        bar = progress.CountProgress(5, "train", initial=1)
+        for _ in range(4):
+            bar.set_postfix(loss="0.412")
+            bar.update(1)
+        bar.close()
+        return stream.getvalue()
+
+    text = count(terminal=False, every_s=10.0)
+    assert "\r" not in text
+    lines = [line.split(" s  ", 1)[1] for line in text.splitlines()]
+    assert len(lines) == 2, text  # the start and the end: nothing in between within 10 s
+    assert lines[0].startswith("train 1/5 (20 %)") and lines[1].startswith("train 5/5 (100 %)"), text
+    assert lines[1].endswith("it/s, loss=0.412"), text
+    assert len(count(terminal=False, every_s=0.0).splitlines()) == 6  # start, each of the 4 updates, the end
+    bar = count(terminal=True, every_s=10.0)
+    assert "\r" in bar and "5/5" in bar and " s  train" not in bar

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -131,14 +130,15 @@ def _client(settings: PropagateSettings, client=None) -> Iterator[Any]:
 
 
 class _Bar:
-    """tqdm bar on stderr: scans done, failures, scans per minute, ETA."""
+    """Progress on stderr: scans done, failures, scans per minute (a bar with the ETA on a terminal, a line every few
+    seconds in a log: :class:`~samembed.progress.CountProgress`)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar, self.t0, self.done, self.failed = None, time.time(), 0, 0
         if enabled and total:
-            from tqdm import tqdm
+            from ..progress import CountProgress
 
-            self.bar = tqdm(total=total, desc="propagate", unit="scan", dynamic_ncols=True, file=sys.stderr)
+            self.bar = CountProgress(total, "propagate", unit="scan")
 
     def update(self, ok: bool) -> None:
         self.done += 1

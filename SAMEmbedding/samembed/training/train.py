@@ -399,11 +399,12 @@ class Trainer:
 
 
 def _bar(total: int, desc: str, show: bool, initial: int = 0):
+    """A count on stderr: a bar on a terminal, a line every few seconds in a log (:class:`~samembed.progress.CountProgress`)."""
     if not show:
         return None
-    from tqdm import tqdm
+    from ..progress import CountProgress
 
-    return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True)
+    return CountProgress(total, desc, initial=initial)
 
 
 def plot_loss_curve(log_csv: Path, png: Path) -> None:
