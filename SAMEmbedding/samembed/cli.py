@@ -154,9 +154,13 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
     n = len(target_paths)
     bar = PhaseProgress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
-    from .api import Atlas, as_image  # torch
-    from .io import check_writable, read_points
-    from .names import target_ids
+    try:
+        from .api import Atlas, as_image  # torch
+        from .io import check_writable, read_points
+        from .names import target_ids
+    except BaseException:  # an interrupt while torch loads: the bar goes before the message
+        bar.close()
+        raise
 
     def read(path: str):  # the image the prefetch read, else the file
         image = None if prefetch is None else prefetch.image(path)
@@ -350,7 +354,7 @@ def _cmd_embed(args) -> int:
         raise InputError("samembed embed needs --cache-dir DIR to store the embeddings")
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     matcher = _make_matcher(args)
-    bar = PhaseProgress(len(args.images), "embedding", not args.quiet)
+    bar = PhaseProgress(len(args.images), "embedding", not args.quiet, started_s=getattr(args, "started_s", None))
     try:
         for n, path in enumerate(args.images):
             t0 = time.time()
@@ -499,7 +503,7 @@ def _cmd_quantize(args) -> int:
     if os.path.realpath(out) == os.path.realpath(model.info["file"]) or out.suffix.lower() in (".pt", ".pth"):
         raise InputError(f"{out}: --out names the model's weights (or a checkpoint); the calibration is a JSON file, "
                          f"by default {qparams_path(model.info['file'])}")
-    bar = PhaseProgress(len(images), "calibrating", not args.quiet)
+    bar = PhaseProgress(len(images), "calibrating", not args.quiet, started_s=getattr(args, "started_s", None))
     try:
         calibrate_model(model, images, settings, out, progress=bar.update)
     finally:

@@ -6,7 +6,7 @@ every :data:`PROGRESS_LINE_S` seconds and at the end (:class:`CountProgress`), e
 start::
 
       1.5 s  embedding target 1/2 pt_232_ct.nii.gz
-     30.1 s  train 120/600 (20 %), 4.0 it/s, loss=0.412
+     30.1 s  train 120/600 (20 %), 3.98 it/s, loss=0.412
 
 Torch-free (``samembed --help`` imports it); tqdm is imported only for a terminal.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from typing import TextIO
 
 #: when progress goes to a file or a pipe: the most seconds between two lines of a count, or of a phase whose
 #: numbers alone move (tiles 3/40, 4/40, ...)
@@ -23,7 +24,7 @@ PROGRESS_LINE_S = 10.0
 _DIGITS = re.compile(r"\d+(?:\.\d+)?")
 
 
-def is_terminal(stream) -> bool:
+def is_terminal(stream: TextIO | object) -> bool:
     """``stream`` is an interactive terminal (False for a file, a pipe, or a stream without a descriptor)."""
     try:
         return bool(stream.isatty())
@@ -92,6 +93,7 @@ class PhaseProgress:
             self.bar.refresh()
 
     def close(self) -> None:
+        """Clear the bar (a terminal); lines stay as written."""
         if self.bar is not None:
             self.bar.close()
 
@@ -101,7 +103,8 @@ class CountProgress:
     ``set_postfix``, ``set_postfix_str`` and ``close``.
 
     On a terminal it is a tqdm bar. Elsewhere it is a line when the count starts, then at most one every
-    :data:`PROGRESS_LINE_S` seconds, and one at the end: ``  30.1 s  train 120/600 (20 %), 4.0 it/s, loss=0.412``.
+    :data:`PROGRESS_LINE_S` seconds, and one at the end: ``  30.1 s  train 120/600 (20 %), 3.98 it/s, loss=0.412``
+    (the rate counts this run's units per second of wall time).
 
     Args:
         total: the units to count.
@@ -116,7 +119,9 @@ class CountProgress:
         self.postfix = ""
         self._t0 = self._last_at = time.perf_counter()
         self.bar = None
-        if is_terminal(sys.stderr):
+        #: plain lines (stderr is not a terminal) rather than a bar
+        self.lines = not is_terminal(sys.stderr)
+        if not self.lines:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True, file=sys.stderr)
@@ -132,6 +137,7 @@ class CountProgress:
         _line(self._t0, f"{self.desc} {self.n}/{self.total}{share}{rate}{note}")
 
     def update(self, n: int = 1) -> None:
+        """``n`` more units done."""
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
@@ -139,14 +145,17 @@ class CountProgress:
             self._line()
 
     def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        """The note after the count (the next line or redraw shows it; ``refresh`` redraws a bar at once)."""
         self.postfix = s
         if self.bar is not None:
             self.bar.set_postfix_str(s, refresh=refresh)
 
-    def set_postfix(self, **values: object) -> None:
-        self.set_postfix_str(", ".join(f"{k}={v}" for k, v in values.items()))
+    def set_postfix(self, refresh: bool = True, **values: object) -> None:
+        """The note as ``key=value`` pairs, as tqdm's."""
+        self.set_postfix_str(", ".join(f"{k}={v}" for k, v in values.items()), refresh=refresh)
 
     def close(self) -> None:
+        """End the count: close the bar, or write the last line."""
         if self.bar is not None:
             self.bar.close()
         else:

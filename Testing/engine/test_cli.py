@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -450,8 +451,7 @@ def test_propagate_starts_from_the_between_patients_preset(extra, refine, polish
     assert (options.refine, options.polish) == (refine, polish)
 
 
-
-class _Stream(__import__("io").StringIO):
+class _Stream(io.StringIO):
     """A stderr stand-in that says whether it is a terminal."""
 
     def __init__(self, terminal: bool) -> None:

@@ -145,7 +145,9 @@ class _Bar:
         self.failed += not ok
         if self.bar is not None:
             per_min = 60.0 * self.done / max(time.time() - self.t0, 1e-6)
-            self.bar.set_postfix_str(f"{self.failed} failed, {per_min:.1f} scans/min", refresh=False)
+            # a log's lines give the rate themselves (scan/s)
+            rate = "" if self.bar.lines else f", {per_min:.1f} scans/min"
+            self.bar.set_postfix_str(f"{self.failed} failed{rate}", refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

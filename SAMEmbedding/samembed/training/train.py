@@ -21,6 +21,7 @@ from torch import nn
 from ..models import save_checkpoint
 from ..networks import build_network
 from ..preprocess import PreprocessConfig
+from ..progress import CountProgress
 from .config import TrainConfig
 from .data import find_volumes, load_cached, prepare_cache
 from .losses import local_loss, multi_positive_info_nce
@@ -398,12 +399,10 @@ class Trainer:
         log.info("initialised the weights from %s", source)
 
 
-def _bar(total: int, desc: str, show: bool, initial: int = 0):
+def _bar(total: int, desc: str, show: bool, initial: int = 0) -> CountProgress | None:
     """A count on stderr: a bar on a terminal, a line every few seconds in a log (:class:`~samembed.progress.CountProgress`)."""
     if not show:
         return None
-    from ..progress import CountProgress
-
     return CountProgress(total, desc, initial=initial)
 
 
