@@ -151,13 +151,31 @@ def _start_prefetch(args, paths: list[str]):
 
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
+    from .io import read_points
+    from .names import target_ids
+
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
     n = len(target_paths)
+    out = Path(args.out)
+    folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
+    ids = target_ids(target_paths)
+    fused = len(pairs) > 1
+    # what can be wrong with the inputs and outputs is found before torch loads (1-2 s)
+    if pairs:
+        atlas_points = [read_points(pts_file, ras=args.ras) for _, pts_file in pairs]
+        labels = list(atlas_points[0].labels)
+    else:
+        points = read_points(args.points, ras=args.ras)
+        labels = list(points.labels)
+    _require_images([pairs[0][0] if pairs else args.images[0], *(a for a, _ in pairs[1:]), *target_paths])
+    heatmaps = _heatmap_names(ids, labels) if args.heatmap_dir else {}
+    _refuse_overwriting_inputs(args, pairs, target_paths,
+                               [*([out / f"{i}.mrk.json" for i in ids] if folder_out else [out]),
+                                *(Path(args.heatmap_dir) / name for name in heatmaps.values())])
+    _prepare_outputs(args, out, folder_out)
     bar = PhaseProgress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
     try:
         from .api import Atlas, as_image  # torch
-        from .io import check_writable, read_points
-        from .names import target_ids
     except BaseException:  # an interrupt while torch loads: the bar goes before the message
         bar.close()
         raise
@@ -167,34 +185,16 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         return as_image(path if image is None else image, spacing_mm=args.spacing)
 
     bar.phase("reading")
-    done: list = []  # each finished target's MatchResult, in order
-    out = Path(args.out)
-    folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
-    ids = target_ids(target_paths)
-    fused = len(pairs) > 1
-    written = False
+    done: list = []  # each finished target's MatchResult whose files are written, in order
+    written = writing = False
+    wrote: set[str] = set()  # what the final writing has finished ("csv")
     try:
         if pairs:
-            atlases = []
-            for image, pts_file in pairs:
-                pl = read_points(pts_file, ras=args.ras)
-                atlases.append(Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), image))
-            labels = list(atlases[0].labels)
+            atlases = [Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), image)
+                       for (image, _), pl in zip(pairs, atlas_points)]
         else:
-            points = read_points(args.points, ras=args.ras)
             source = read(args.images[0])
-            labels = list(points.labels)
-        heatmaps = _heatmap_names(ids, labels) if args.heatmap_dir else {}
-        _refuse_overwriting_inputs(args, pairs, target_paths,
-                                   [*([out / f"{i}.mrk.json" for i in ids] if folder_out else [out]),
-                                    *(Path(args.heatmap_dir) / name for name in heatmaps.values())])
         targets = [read(t) for t in target_paths]
-        if folder_out:
-            out.mkdir(parents=True, exist_ok=True)
-        else:
-            check_writable(out)
-        if args.heatmap_dir:
-            Path(args.heatmap_dir).mkdir(parents=True, exist_ok=True)
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         matcher.embedder.prefetch = prefetch
@@ -214,17 +214,18 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
                                   progress=progress, target_names=[name])
             one = None
-            done.append(r)
             if folder_out:
                 _write_markups(args, r, out / f"{ids[ti]}.mrk.json", fused)
+            done.append(r)
         # writing needs none of the engine's embeddings, images and prefetched arrays: freed before the heatmaps,
         # each as large as its target, are made (LIDC-0001 with 50 heatmaps: 2.9 -> 2.0 GB peak)
         matcher = targets = source = atlases = None
         bar.phase("writing")
-        _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch)
+        writing = True
+        _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch, wrote)
         written = True
     finally:
-        if not written and done:  # failed or interrupted: what was finished is kept
+        if not written and done and not writing:  # failed or interrupted while matching: what was finished is kept
             matcher = targets = source = atlases = None
             try:
                 _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch)
@@ -232,6 +233,10 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                           n, out, f" and {args.heatmap_dir}" if args.heatmap_dir else "")
             except Exception as e:  # noqa: BLE001 - the original error is the one to report
                 log.error("could not write the %d finished targets: %s", len(done), e)
+        elif not written and writing:  # stopped while writing: not started again (an interrupt means stop)
+            kept = folder_out or "csv" in wrote
+            log.error("stopped while writing: %s", f"the matches are in {out}; not every heatmap was written" if kept
+                      else "the matches were not written")
         bar.close()
     if not args.quiet:
         for r in done:
@@ -241,6 +246,35 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                       f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'}")
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _require_images(paths: list[str]) -> None:
+    """Raise :class:`InputError` for an image path that does not exist (before torch loads; a file that exists but
+    is no image is found when it is read)."""
+    for path in paths:
+        if not Path(path).exists():
+            raise InputError(f"{path}: file not found")
+
+
+def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
+    """Make the output folders (``--out FOLDER/``, ``--heatmap-dir``) and check that every output can be written,
+    before anything is computed; :class:`InputError` names the flag, the path and the problem."""
+    from .io import check_writable
+
+    folders = [("--heatmap-dir", Path(args.heatmap_dir))] if args.heatmap_dir else []
+    if folder_out:
+        folders.insert(0, ("--out", out))
+    else:
+        check_writable(out)
+    for flag, folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{flag} {folder}: is a file, expected a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{flag} {folder}: cannot create the folder ({e.strerror or e}); choose another {flag}") from e
+        if not os.access(folder, os.W_OK):
+            raise InputError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
 
 
 def _heatmap_names(ids: list[str], labels: list[str]) -> dict[tuple[int, str], str]:
@@ -293,7 +327,7 @@ def _describe(m, fused: bool) -> str:
 
 
 def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_names: dict[tuple[int, str], str],
-                         fused: bool = False, prefetch=None) -> None:
+                         fused: bool = False, prefetch=None, wrote: set[str] | None = None) -> None:
     """The outputs of the finished targets ``done`` (a MatchResult each, in order) not written yet: the CSV (all
     their rows; the ``.mrk.json`` per target was written as each finished) and the heatmaps, named by
     ``heatmap_names`` (:func:`_heatmap_names`). Fused matches carry how many atlases agreed and their spread (mm).
@@ -311,6 +345,8 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
                         f"{str(r['confident']).lower()}")
                 lines.append(line + (f",{m.atlases},{m.agreeing},{m.spread_mm:.2f}" if fused else ""))
         write_text_atomic(out, "\n".join(lines) + "\n")
+        if wrote is not None:
+            wrote.add("csv")
     if not args.heatmap_dir or not any(len(res.heatmaps) for res in done):
         return
     import gc
@@ -348,14 +384,20 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
 
 
 def _cmd_embed(args) -> int:
-    from .api import as_image
-
     if not args.cache_dir:
         raise InputError("samembed embed needs --cache-dir DIR to store the embeddings")
-    Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
-    matcher = _make_matcher(args)
-    bar = PhaseProgress(len(args.images), "embedding", not args.quiet, started_s=getattr(args, "started_s", None))
+    _require_images(args.images)  # before the cache folder is made and torch loads
+    cache = Path(args.cache_dir)
+    if cache.exists() and not cache.is_dir():
+        raise InputError(f"--cache-dir {cache}: is a file, expected a folder")
+    cache.mkdir(parents=True, exist_ok=True)
+    bar = PhaseProgress(len(args.images), "loading torch" if "torch" not in sys.modules else "loading the model",
+                        not args.quiet, started_s=getattr(args, "started_s", None))
     try:
+        from .api import as_image  # torch
+
+        bar.phase("loading the model")
+        matcher = _make_matcher(args)
         for n, path in enumerate(args.images):
             t0 = time.time()
             bar.update(n, len(args.images), f"reading {Path(path).name}")
@@ -709,6 +751,9 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused a read or a write (permissions, a full disk, ...)
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if getattr(args, "verbose", False):
             raise

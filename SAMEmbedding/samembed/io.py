@@ -43,7 +43,7 @@ def check_writable(path: str | os.PathLike) -> Path:
     if not folder.is_dir():
         raise InputError(f"{path}: output folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: output folder {folder} is not writable; choose another --out")
+        raise InputError(f"{path}: output folder {folder} is not writable; choose another folder")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a file name")
     return path
@@ -345,6 +345,8 @@ def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
             and ``.mrk.json`` carry their own coordinate system, which wins.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a point file (.csv, .fcsv or .mrk.json)")
     if not path.is_file():
         raise InputError(f"{path}: point file not found")
     name = path.name.lower()

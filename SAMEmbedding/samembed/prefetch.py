@@ -31,6 +31,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -158,6 +159,9 @@ def _sources(paths: Sequence[str | os.PathLike | ArrayFile]) -> tuple[str | Arra
 
 
 def _child(request: PrefetchRequest, conn, arena: _Arena | None, given=None, later_parent=None) -> None:
+    # Ctrl-C reaches the whole process group: the engine stops this process itself (Prefetch.close), so the
+    # interrupt is the engine's to report, not a traceback of this process's
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if later_parent is not None:  # the parent's end, inherited by the fork: closed, so that its death ends recv()
         later_parent.close()
     with contextlib.suppress(OSError):  # the engine's threads first where they share a core with this process

@@ -60,9 +60,13 @@ class PhaseProgress:
             self._line(phase)
         elif enabled:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, desc=phase, dynamic_ncols=True, file=sys.stderr, leave=False,
                             bar_format="{desc}: {n:g}/{total_fmt} {bar} [{elapsed}<{remaining}]")
+            # log lines while the bar is shown go above it, not onto its line
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def _line(self, phase: str) -> None:
         if not phase or phase == self._last:
@@ -96,6 +100,8 @@ class PhaseProgress:
         """Clear the bar (a terminal); lines stay as written."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+            self._redirect.__exit__(None, None, None)
 
 
 class CountProgress:

@@ -241,6 +241,82 @@ def test_a_batch_that_fails_or_is_interrupted_keeps_the_targets_it_finished(tmp_
     assert kept() == (["pt_202_ct.mrk.json"] if out_kind == "folder" else [str(two_cts[1])])
 
 
+@pytest.mark.needs_data
+def test_an_interrupt_while_writing_stops_the_writing_and_keeps_what_was_written(tmp_path, two_cts, a_points_csv,
+                                                                                 monkeypatch, capsys, caplog):
+    """Ctrl-C while the outputs are written means stop: the writing is not started again (it used to be, all
+    heatmaps included), and the CSV written before the interrupt stays."""
+    from samembed import cli
+
+    pts_path, _ = a_points_csv
+    out = tmp_path / "m.csv"
+    calls = []
+    write = cli._write_match_outputs
+
+    def interrupted_after_the_csv(args, done, out_, folder_out, heatmaps, fused=False, prefetch=None, wrote=None):
+        calls.append(1)
+        write(args, done, out_, folder_out, heatmaps, fused, prefetch, wrote)
+        raise KeyboardInterrupt  # as the last heatmap is written
+
+    monkeypatch.setattr(cli, "_write_match_outputs", interrupted_after_the_csv)
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                 "--heatmap-dir", str(tmp_path / "hm"), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert len(calls) == 1, "the writing was started again after the interrupt"
+    assert "stopped while writing: the matches are in" in caplog.text
+    assert len(list(csv.DictReader(out.open()))) == 2
+
+
+@pytest.mark.needs_data
+def test_bad_output_places_are_refused_before_torch_loads(tmp_path, two_cts, a_points_csv):
+    """An output that cannot be written is found before torch loads and before anything is computed: exit 2, one
+    line naming the flag and the path (it used to be an 'internal error' after the whole match)."""
+    pts_path, _ = a_points_csv
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    cases = [(["--out", str(tmp_path / "m.csv"), "--heatmap-dir", str(tmp_path / "a_file")],
+              f"--heatmap-dir {tmp_path / 'a_file'}: is a file, expected a folder"),
+             (["--out", str(tmp_path / "a_file") + "/"], f"--out {tmp_path / 'a_file'}: is a file, expected a folder"),
+             (["--out", str(tmp_path / "m.csv"), "--points", str(tmp_path / "a_folder")],
+              f"{tmp_path / 'a_folder'}: is a folder, expected a point file"),
+             (["--out", str(tmp_path / "m.csv")], "nosuch.nii.gz: file not found")]
+    code = ("import sys, samembed.cli as c; code = c.main(sys.argv[1:]); "
+            "print('TORCH', 'torch' in sys.modules, file=sys.stderr); sys.exit(code)")
+    for extra, expected in cases:
+        images = [str(two_cts[0]), str(tmp_path / "nosuch.nii.gz") if "nosuch" in expected else str(two_cts[1])]
+        argv = ["match", *images, "--points", str(pts_path), *extra, "--model", "random:sam-lite", "--device", "cpu"]
+        res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, (expected, res.stderr)
+        assert expected in res.stderr and "TORCH False" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_embed_of_a_missing_image_makes_no_cache_folder(tmp_path, capsys):
+    assert main(["embed", str(tmp_path / "nosuch.nii.gz"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "nosuch.nii.gz: file not found" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_the_prefetch_process_leaves_ctrl_c_to_the_engine():
+    """Ctrl-C reaches the whole process group; the prefetch child ignores it (the engine stops it), so an early
+    interrupt prints the engine's one line, not the child's traceback."""
+    code = ("import os, signal, time\n"
+            "from samembed import prefetch\n"
+            "from samembed.registry import registered_preprocess\n"
+            "p = prefetch.start_waiting(registered_preprocess('default'))\n"
+            "if p is None:\n"
+            "    print('UNAVAILABLE')\n"
+            "else:\n"
+            "    time.sleep(0.5)\n"
+            "    os.kill(p._proc.pid, signal.SIGINT)\n"
+            "    time.sleep(0.5)\n"
+            "    print('ALIVE' if p._proc.is_alive() else f'EXIT {p._proc.exitcode}')\n"
+            "    p.close()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if "UNAVAILABLE" in res.stdout:
+        pytest.skip("no prefetch process on this machine (one core, or not Linux)")
+    assert res.returncode == 0 and "ALIVE" in res.stdout, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "KeyboardInterrupt" not in res.stderr, res.stderr
+
+
 def test_heatmap_names_stay_apart_where_a_target_id_and_a_label_run_together():
     from samembed.cli import _heatmap_names
 
