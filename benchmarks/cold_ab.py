@@ -116,6 +116,13 @@ def _heatmaps_differ(a: Path, b: Path) -> float:
     return worst
 
 
+def _section(intro: str, header: str, rows: list[str]) -> str:
+    """A section of the report: a paragraph, then a table of ``rows`` under ``header`` (first column left-aligned,
+    the numbers right-aligned)."""
+    columns = header.count("|") - 1
+    return "\n".join(["", intro, "", header, "|---|" + "---:|" * (columns - 1), *rows, ""])
+
+
 def _click(root: Path, mode: str, out: Path) -> tuple[float, list[list[float]]]:
     """Seconds and matched points (RAS mm) of one first click through the Slicer module's logic by the engine of
     checkout ``root`` (``first_click.py child --mode MODE``, its first case: a source and 3 targets; torch's default
@@ -249,29 +256,24 @@ def main(argv: list[str] | None = None) -> int:
            "largest move of a match, base to head, mm |",
            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""] if rows else [])])
     if heatmap_rows:
-        text += "\n".join([
-            "", "The same pairs with `--heatmap-dir` (a heatmap per point, over the target's search mask, written in "
-            "the target's geometry), each engine alternating as above:", "",
-            "| pair | points | base s | head s | speed-up | peak RSS GB, base / head | "
-            "largest move of a match, base to head, mm | largest heatmap difference, base to head |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|", *heatmap_rows, ""])
+        text += _section("The same pairs with `--heatmap-dir` (a heatmap per point, over the target's search mask, "
+                         "written in the target's geometry), each engine alternating as above:",
+                         "| pair | points | base s | head s | speed-up | peak RSS GB, base / head | "
+                         "largest move of a match, base to head, mm | largest heatmap difference, base to head |",
+                         heatmap_rows)
     if atlas_rows:
-        text += "\n".join([
-            "", "One atlas into many, one fresh process per run (each target cold, the source's tiles reused); the mean "
-            "time per target of each run, median (range) over the runs:", "",
-            "| atlas into targets | process s, base / head | base s per target | head s per target | speed-up | "
-            "largest move of a match, base to head, mm |",
-            "|---|---:|---:|---:|---:|---:|", *atlas_rows, ""])
+        text += _section("One atlas into many, one fresh process per run (each target cold, the source's tiles "
+                         "reused); the mean time per target of each run, median (range) over the runs:",
+                         "| atlas into targets | process s, base / head | base s per target | head s per target | "
+                         "speed-up | largest move of a match, base to head, mm |", atlas_rows)
     if click_rows:
         from first_click import CASES
 
         source, targets = CASES[0]
-        text += "\n".join([
-            "", f"The Slicer module's first click (`first_click.py child`: {source} into {', '.join(targets)}, the "
-            "module's logic with its engine process, torch's default threads), each engine alternating as above; "
-            "median (range) seconds from the click to the matches in MRML:", "",
-            "| way | base s | head s | speed-up | largest move of a match over all runs, mm |",
-            "|---|---:|---:|---:|---:|", *click_rows, ""])
+        text += _section(f"The Slicer module's first click (`first_click.py child`: {source} into {', '.join(targets)}, "
+                         "the module's logic with its engine process, torch's default threads), each engine alternating "
+                         "as above; median (range) seconds from the click to the matches in MRML:",
+                         "| way | base s | head s | speed-up | largest move of a match over all runs, mm |", click_rows)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0

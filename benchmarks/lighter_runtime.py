@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 PATIENTS = ("pt_215", "pt_232", "pt_202")
 CORE = 48  # input voxels: the core of a ±50 mm search window's tile (SamLite.forward_local_core)
 HALO = 32
+TILE = CORE + 2 * HALO  # the tile's input voxels per axis
 
 
 def import_seconds(modules: tuple[str, ...], reps: int) -> dict[str, list[float]]:
@@ -133,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         arr = pad_to_multiple(prep.array, (8, 8, 8), prep.fill_value)
         x = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
         if not sessions:
-            size = CORE + 2 * HALO
             for name in ("forward_global", "forward_local_core"):
                 path = tmp / f"{name}.onnx"
                 # the global branch for any volume; the local one for the tile's shape (its crops are traced)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 # convolutions (the same arithmetic) for the exporter
                 pointwise, lite._pointwise = lite._pointwise, lambda conv, t, channels_first=False, out=None: conv(t)
                 try:
-                    torch.onnx.export(Branch(plain, name), (x[..., :size, :size, :size].contiguous(),), str(path),
+                    torch.onnx.export(Branch(plain, name), (x[..., :TILE, :TILE, :TILE].contiguous(),), str(path),
                                       input_names=["x"], output_names=["y"], dynamic_axes=dyn, dynamo=False)
                 finally:
                     lite._pointwise = pointwise
@@ -157,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         rows_g.append((pat, tuple(arr.shape), t_eng, cos_eng, t_f32, t_ort, cos_ort))
 
         # one tile at the volume's centre: a CORE-voxel core (a multiple of 8) with its full halo on every side
-        size = CORE + 2 * HALO
-        lo = [max(0, (n - size) // 16 * 8) for n in arr.shape]
-        tile = x[(..., *(slice(a, a + size) for a in lo))].contiguous()
+        lo = [max(0, (n - TILE) // 16 * 8) for n in arr.shape]
+        tile = x[(..., *(slice(a, a + TILE) for a in lo))].contiguous()
         ctx = (HALO,) * 3
         with torch.inference_mode():
             t_int8, _ = best_of(args.reps, engine.net.forward_local_core, tile, ctx, ctx)
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
         qs = ort.InferenceSession(str(qpath), so, providers=["CPUExecutionProvider"])
         t_oq, _ = best_of(args.reps, qs.run, None, feed)
-        rows_l.append((pat, size, t_int8, t_lf32, t_ol, t_oq))
+        rows_l.append((pat, TILE, t_int8, t_lf32, t_ol, t_oq))
 
     med = {m: statistics.median(v) for m, v in imports.items()}
     saved = med["torch"] - med["onnxruntime"]  # onnxruntime imports numpy itself

@@ -425,8 +425,6 @@ def _cmd_cache(args) -> int:
         n = cache_clear(args.cache_dir)
         print(f"removed {n} {'entry' if n == 1 else 'entries'} from {args.cache_dir}")
         return 0
-    import time
-
     info = cache_info(args.cache_dir)
     for e in info["details"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["modified"]))
