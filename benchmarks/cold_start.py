@@ -133,8 +133,10 @@ def child(argv: list[str]) -> NoReturn:
     args, rest = p.parse_known_args(argv)
     import samembed.cli as cli  # torch-free
     from samembed.allocator import keep_freed_memory
+    from samembed.collector import pause_collection
 
     keep_freed_memory()  # as the `samembed` command starts (samembed.cli.run)
+    pause_collection()
 
     # as the command does before it imports torch: the first images are read and preprocessed in a second process
     # (samembed.prefetch) while the import runs; the command's own call then hands this one over

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from .collector import freeze_imported, pause_collection
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
 from .progress import PhaseProgress
 
@@ -179,6 +180,9 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     except BaseException:  # an interrupt while torch loads: the bar goes before the message
         bar.close()
         raise
+    # torch's objects out of the collector's scans; not the engine's, made next: its maps and embedder form cycles
+    # that a collection must still free
+    freeze_imported()
 
     def read(path: str):  # the image the prefetch read, else the file
         image = None if prefetch is None else prefetch.image(path)
@@ -396,6 +400,7 @@ def _cmd_embed(args) -> int:
     try:
         from .api import as_image  # torch
 
+        freeze_imported()  # torch's objects out of the collector's scans (samembed.collector)
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         for n, path in enumerate(args.images):
@@ -688,8 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: when it returns, and starts no process or server of its own (``propagate`` runs a Dask cluster, ``web`` a server,
 #: ``train`` long jobs: those shut the interpreter down normally)
 FAST_EXIT_COMMANDS = frozenset({"match", "embed", "cache", "info"})
-#: commands whose process keeps freed memory for later tiles (:func:`samembed.allocator.keep_freed_memory`): they
-#: embed, then end; the long-lived ones (``web``, ``train``, ``propagate``) keep the C library's own policy
+#: commands whose process keeps freed memory for later tiles (:func:`samembed.allocator.keep_freed_memory`) and
+#: leaves torch's objects out of the garbage collector's scans (:mod:`samembed.collector`): they
+#: embed, then end; the long-lived ones (``web``, ``train``, ``propagate``) keep the C library's and Python's own policy
 KEEP_FREED_COMMANDS = frozenset({"match", "embed"})
 
 
@@ -707,12 +713,14 @@ def run() -> NoReturn:
 
     For the commands of :data:`KEEP_FREED_COMMANDS` the process is the engine's own, short-lived one, so its
     allocator keeps freed memory for the next tile (:func:`samembed.allocator.keep_freed_memory`), from before the
-    command's first allocation: the prefetch process it forks keeps it too."""
+    command's first allocation: the prefetch process it forks keeps it too. Its cyclic garbage collector is paused
+    until torch is loaded, whose objects it then no longer scans (:mod:`samembed.collector`)."""
     args = build_parser().parse_args()
     if args.command in KEEP_FREED_COMMANDS:
         from .allocator import keep_freed_memory
 
         keep_freed_memory()
+        pause_collection()  # until torch is loaded (samembed.collector)
     code = _main(args)
     if args.command in FAST_EXIT_COMMANDS:
         exit_now(code)

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .collector import resume_after_fork
+
 log = logging.getLogger(__name__)
 
 #: images always prefetched: the source and the first target (their arrays go through the pipe when the shared
@@ -162,6 +164,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, given=None, lat
     # Ctrl-C reaches the whole process group: the engine stops this process itself (Prefetch.close), so the
     # interrupt is the engine's to report, not a traceback of this process's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    resume_after_fork()  # the engine's paused collector is its own (samembed.collector)
     if later_parent is not None:  # the parent's end, inherited by the fork: closed, so that its death ends recv()
         later_parent.close()
     with contextlib.suppress(OSError):  # the engine's threads first where they share a core with this process
