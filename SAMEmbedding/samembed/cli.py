@@ -503,7 +503,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="on-disk embedding cache folder")
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "xray"])
     p.add_argument("--spacing", type=float, help="pixel spacing (mm) for 2D files that carry none (PNG/JPEG)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, summary or informational log lines")
+    add_log_flags(p)
+
+
+#: the help of ``-q`` and ``-v``, before the command or after it
+QUIET_HELP = "no progress bar, summary or informational log lines"
+VERBOSE_HELP = "debug log lines (and tracebacks of internal errors)"
+
+
+def add_log_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
+    """``-v`` (and with ``quiet``, ``-q``) on a command's own parser, so that either goes before the command or after
+    it (``samembed -v match ...`` or ``samembed match ... -v``). Their defaults are the main parser's: a flag given
+    before the command stays set when the command does not give it again."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
 
 
 # ------------------------------------------------------------------------------------------ benchmark commands
@@ -600,7 +614,8 @@ def _add_bench_commands(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``samembed`` command."""
     p = argparse.ArgumentParser(prog="samembed", description="SAM anatomical embeddings: match points across medical images.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug log lines (and tracebacks of internal errors)")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("match", help="match points from a source image (or several atlases) into target images",
@@ -631,9 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="show or clear an embedding cache folder")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("--cache-dir", required=True, help="the folder given to match/embed --cache-dir")
+    add_log_flags(c, quiet=False)
     c.set_defaults(func=_cmd_cache)
 
     i = sub.add_parser("info", help="models, device and versions")
+    add_log_flags(i, quiet=False)
     i.set_defaults(func=_cmd_info)
 
     t = sub.add_parser("train", help="self-supervised training (SAM and related objectives)")
@@ -650,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run: from CHECKPOINT, or (no value) from the run folder's last.pt when it exists, "
                         "else start anew (from the config's init_from weights, if set)")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings")
-    t.add_argument("--quiet", action="store_true")
+    add_log_flags(t)
     t.set_defaults(func=_cmd_train)
 
     from .quantize import QuantizeSettings  # numpy only: --help stays free of torch
@@ -664,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="file-name globs to leave out beside the config's (e.g. the images an evaluation uses)")
     qz.add_argument("--out", help="output JSON (default: <weights stem>.int8.json beside the weights, which the "
                                   "engine reads)")
-    qz.add_argument("-q", "--quiet", action="store_true")
+    add_log_flags(qz)
     qz.set_defaults(func=_cmd_quantize)
 
     w = sub.add_parser("web", help="the matching viewer in a browser (needs the web extra: pip install -e '.[web]')")
@@ -680,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _add_precision(w)
     w.add_argument("--cache-dir", help="on-disk embedding cache folder")
+    add_log_flags(w, quiet=False)
     w.set_defaults(func=_cmd_web)
 
     from .propagate.cli import add_parser as add_propagate_parser  # dask is imported only when it runs

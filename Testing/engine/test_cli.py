@@ -527,6 +527,27 @@ def test_propagate_starts_from_the_between_patients_preset(extra, refine, polish
     assert (options.refine, options.polish) == (refine, polish)
 
 
+@pytest.mark.parametrize(("argv", "verbose", "quiet"), [
+    (["match", "s.nii", "t.nii", "--points", "p.csv", "--out", "o.csv"], False, False),
+    (["-v", "match", "s.nii", "t.nii", "--points", "p.csv", "--out", "o.csv"], True, False),
+    (["match", "s.nii", "t.nii", "--points", "p.csv", "--out", "o.csv", "-v"], True, False),
+    (["-q", "match", "s.nii", "t.nii", "--points", "p.csv", "--out", "o.csv"], False, True),
+    (["match", "s.nii", "t.nii", "--points", "p.csv", "--out", "o.csv", "--quiet"], False, True),
+    (["-v", "match", "s.nii", "t.nii", "--points", "p.csv", "--out", "o.csv", "-q"], True, True),
+    (["embed", "a.nii", "--cache-dir", "c", "-v"], True, False),
+    (["-q", "propagate", "--atlas", "a.nii", "a.csv", "--scans", "s.csv", "--out", "o"], False, True),
+    (["train", "--config", "c.yaml", "-q"], False, True),
+    (["quantize", "--config", "c.yaml", "-v"], True, False),
+    (["cache", "info", "--cache-dir", "c", "-v"], True, False),
+    (["info", "-v"], True, False),
+])
+def test_verbose_and_quiet_go_before_the_command_or_after_it(argv, verbose, quiet):
+    from samembed.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.verbose, args.quiet) == (verbose, quiet)
+
+
 class _Stream(io.StringIO):
     """A stderr stand-in that says whether it is a terminal."""
 
