@@ -271,14 +271,20 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
     else:
         check_writable(out)
     for flag, folder in folders:
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"{flag} {folder}: is a file, expected a folder")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"{flag} {folder}: cannot create the folder ({e.strerror or e}); choose another {flag}") from e
-        if not os.access(folder, os.W_OK):
-            raise InputError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
+        _output_folder(flag, folder)
+
+
+def _output_folder(flag: str, folder: Path) -> None:
+    """Make the output folder ``folder`` of option ``flag`` (with its parents) unless it exists, before anything is
+    computed; :class:`InputError` names the flag, the path and the problem (a file, not creatable, not writable)."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{flag} {folder}: is a file, expected a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{flag} {folder}: cannot create the folder ({e.strerror or e}); choose another {flag}") from e
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
 
 
 def _heatmap_names(ids: list[str], labels: list[str]) -> dict[tuple[int, str], str]:
@@ -391,10 +397,7 @@ def _cmd_embed(args) -> int:
     if not args.cache_dir:
         raise InputError("samembed embed needs --cache-dir DIR to store the embeddings")
     _require_images(args.images)  # before the cache folder is made and torch loads
-    cache = Path(args.cache_dir)
-    if cache.exists() and not cache.is_dir():
-        raise InputError(f"--cache-dir {cache}: is a file, expected a folder")
-    cache.mkdir(parents=True, exist_ok=True)
+    _output_folder("--cache-dir", Path(args.cache_dir))
     bar = PhaseProgress(len(args.images), "loading torch" if "torch" not in sys.modules else "loading the model",
                         not args.quiet, started_s=getattr(args, "started_s", None))
     try:

@@ -295,6 +295,21 @@ def test_embed_of_a_missing_image_makes_no_cache_folder(tmp_path, capsys):
     assert "nosuch.nii.gz: file not found" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
+@pytest.mark.needs_data
+def test_a_cache_folder_that_cannot_be_made_is_refused_before_torch_loads(tmp_path, two_cts):
+    (tmp_path / "a_file").write_text("x")
+    code = ("import sys, samembed.cli as c; code = c.main(sys.argv[1:]); "
+            "print('TORCH', 'torch' in sys.modules, file=sys.stderr); sys.exit(code)")
+    for cache, expected in [(tmp_path / "a_file", "is a file, expected a folder"),
+                            (tmp_path / "a_file" / "c", "cannot create the folder")]:
+        res = subprocess.run([sys.executable, "-c", code, "embed", str(two_cts[0]), "--cache-dir", str(cache),
+                              "--model", "random:sam-lite", "--device", "cpu"], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 2, res.stderr
+        assert f"--cache-dir {cache}: {expected}" in res.stderr and "TORCH False" in res.stderr, res.stderr
+    assert "choose another --cache-dir" in res.stderr  # the folder that cannot be made says what to do
+
+
 def test_the_prefetch_process_leaves_ctrl_c_to_the_engine():
     """Ctrl-C reaches the whole process group; the prefetch child ignores it (the engine stops it), so an early
     interrupt prints the engine's one line, not the child's traceback."""
