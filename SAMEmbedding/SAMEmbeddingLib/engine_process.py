@@ -474,15 +474,17 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     def loaded():  # the engine (a samembed.Matcher), torch imported and the model loaded on the first request
         nonlocal matcher
         if matcher is None:
-            from samembed.collector import freeze_imported
+            from samembed.collector import freeze_imported, pause_collection
 
             started = time.monotonic()
+            pause_collection()  # no collection while torch loads (samembed.collector)
             try:
                 from samembed import Matcher  # torch
-            finally:  # loaded or not, the collector runs again; what torch's import made, it no longer scans (not
+            finally:  # loaded or not, the collector runs again; what was tracked so far, it no longer scans (not
                 frozen = freeze_imported()  # the engine's objects, made next: their cycles must still be freed)
-            log.info("torch loaded in %.1f s; %d objects of its import left out of the garbage collector's scans",
-                     time.monotonic() - started, frozen)
+            if frozen:
+                log.info("torch loaded in %.1f s; the %d objects tracked so far left out of the garbage collector's "
+                         "scans", time.monotonic() - started, frozen)
             matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
             matcher.embedder.prefetch = prefetch
         return matcher
@@ -634,13 +636,11 @@ def main() -> None:
     """Entry point of the child: read the connection details from stdin, connect, serve."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from samembed.allocator import keep_freed_memory
-    from samembed.collector import pause_collection
 
     # the engine's own process: freed memory is kept for the next tile, and returned when a request ends with no other
-    # waiting (serve; samembed.allocator); the garbage collector waits until torch is loaded, then leaves its objects
-    # out of its scans (samembed.collector)
+    # waiting (serve; samembed.allocator); the garbage collector pauses while torch loads, then leaves what was
+    # tracked until then out of its scans (serve's loaded; samembed.collector)
     keep_freed_memory()
-    pause_collection()
     hello = json.loads(sys.stdin.readline())
     conn = Client(tuple(hello["address"]), authkey=bytes.fromhex(hello["authkey"]))
     log.info("engine process %d serving model %s on %s", os.getpid(), hello["model"], hello["device"])

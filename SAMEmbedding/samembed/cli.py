@@ -514,13 +514,12 @@ QUIET_HELP = "no progress bar, summary or informational log lines"
 VERBOSE_HELP = "debug log lines (and tracebacks of internal errors)"
 
 
-def add_log_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
-    """``-v`` (and with ``quiet``, ``-q``) on a command's own parser, so that either goes before the command or after
-    it (``samembed -v match ...`` or ``samembed match ... -v``). Their defaults are the main parser's: a flag given
+def add_log_flags(p: argparse.ArgumentParser) -> None:
+    """``-v`` and ``-q`` on a command's own parser, so that either goes before the command or after it
+    (``samembed -v match ...`` or ``samembed match ... -v``). Their defaults are the main parser's: a flag given
     before the command stays set when the command does not give it again."""
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
-    if quiet:
-        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
 
 
 # ------------------------------------------------------------------------------------------ benchmark commands
@@ -605,6 +604,8 @@ def _add_bench_commands(sub) -> None:
     bench = _bench_cli()
     if bench is not None:
         bench.add_parsers(sub)
+        for name in BENCH_COMMANDS:  # -v and -q after these commands too
+            add_log_flags(sub.choices[name])
         return
     for name, text in BENCH_COMMANDS.items():
         # no option prefix: every argument (--out, --help, ...) lands in the catch-all, so any call gets the message
@@ -649,11 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="show or clear an embedding cache folder")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("--cache-dir", required=True, help="the folder given to match/embed --cache-dir")
-    add_log_flags(c, quiet=False)
+    add_log_flags(c)
     c.set_defaults(func=_cmd_cache)
 
     i = sub.add_parser("info", help="models, device and versions")
-    add_log_flags(i, quiet=False)
+    add_log_flags(i)
     i.set_defaults(func=_cmd_info)
 
     t = sub.add_parser("train", help="self-supervised training (SAM and related objectives)")
@@ -700,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _add_precision(w)
     w.add_argument("--cache-dir", help="on-disk embedding cache folder")
-    add_log_flags(w, quiet=False)
+    add_log_flags(w)
     w.set_defaults(func=_cmd_web)
 
     from .propagate.cli import add_parser as add_propagate_parser  # dask is imported only when it runs

@@ -3,19 +3,22 @@ of its scans.
 
 Importing torch creates about 170 k objects that the collector tracks, and they live as long as the process. Each
 full collection walks all of them: on a cold ``samembed match`` of two head-and-neck CTs, three full collections took
-0.03, 0.05 and 0.10 s (two during torch's import, one in the match), and the collector 0.18-0.23 s in all, on every
-path measured (a pair, a chest CT pair, one atlas into five targets). Each collection found at most a few hundred
-unreachable objects. With :func:`pause_collection` at the process's start and :func:`freeze_imported` right after
-torch's import (:func:`gc.freeze`: the objects tracked so far go to a permanent generation, which no collection
-scans), the collector takes 0.005 s in the same runs.
+0.03, 0.05 and 0.10 s (two during torch's import, one in the match), and the collector 0.22-0.31 s in all on every
+path measured (a pair, one atlas into five targets, a chest CT pair with 50 heatmaps). Each collection found at most
+a few hundred unreachable objects. With :func:`pause_collection` before torch's import and :func:`freeze_imported`
+right after it (:func:`gc.freeze`: the objects tracked so far go to a permanent generation, which no collection
+scans), the collector takes 0.007-0.009 s in the same runs.
 
 Garbage that is not a cycle is freed by reference counting as before. Objects made after the freeze are collected as
 usual, which matters: the engine's on-demand maps and their embedder refer to each other, and a cycle that passes
 through a frozen object is never freed. So the freeze comes before the engine (the :class:`~samembed.api.Matcher`,
-its model and maps) is made, and what it keeps for good is what torch's import made.
+its model and maps) is made. What it keeps for good is what the process made until then: torch's modules, the
+command's arguments and point lists, and the cycles that became garbage during the pause (about 7 k small objects,
+under 1 MB, once per process; collecting them first would cost the full collection this module saves).
 
 Like :mod:`samembed.allocator`, it is a process-wide setting. The engine applies it only in processes of its own: the
-``samembed match`` and ``samembed embed`` commands and the Slicer module's engine process. Without
+``samembed match`` and ``samembed embed`` commands (from their start) and the Slicer module's engine process (around
+its import of torch, so that an engine that has not loaded torch yet collects as usual). Without
 :func:`pause_collection` in the same process, :func:`freeze_imported` does nothing, so a script that calls the
 commands' functions keeps its own collector as it is. This module imports no torch.
 """
@@ -28,8 +31,8 @@ _paused = False
 
 
 def pause_collection() -> None:
-    """Stop the cyclic collector until :func:`freeze_imported`; call it first in a process of the engine's own, before
-    torch is imported. Nothing when the collector is already off (the process's owner turned it off)."""
+    """Stop the cyclic collector until :func:`freeze_imported`, in a process of the engine's own, before torch is
+    imported. Nothing when the collector is already off (the process's owner turned it off)."""
     global _paused
     if gc.isenabled():
         gc.disable()

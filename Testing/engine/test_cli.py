@@ -555,12 +555,24 @@ def test_propagate_starts_from_the_between_patients_preset(extra, refine, polish
     (["quantize", "--config", "c.yaml", "-v"], True, False),
     (["cache", "info", "--cache-dir", "c", "-v"], True, False),
     (["info", "-v"], True, False),
+    (["info", "-q"], False, True),
+    (["cache", "clear", "--cache-dir", "c", "-q"], False, True),
+    (["-v", "web", "-q"], True, True),
 ])
 def test_verbose_and_quiet_go_before_the_command_or_after_it(argv, verbose, quiet):
     from samembed.cli import build_parser
 
     args = build_parser().parse_args(argv)
     assert (args.verbose, args.quiet) == (verbose, quiet)
+
+
+def test_the_benchmark_commands_take_verbose_and_quiet_after_them_too():
+    from samembed.cli import _bench_cli, build_parser
+
+    if _bench_cli() is None:
+        pytest.skip("the benchmark package (samembed_bench) is not installed")
+    args = build_parser().parse_args(["make-suites", "--out", "o", "-v", "-q"])
+    assert (args.verbose, args.quiet) == (True, True)
 
 
 class _Stream(io.StringIO):

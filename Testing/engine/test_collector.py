@@ -97,7 +97,8 @@ def noted(*a, **k):
     scanned = {{id(o) for o in gc.get_objects()}}
     seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count(), scanned=len(scanned),
                 torch="torch" in sys.modules, engine_scanned=id(engine[0]) in scanned,
-                maps_scanned=id(engine[0].embedder) in scanned)
+                embedder_scanned=id(engine[0].embedder) in scanned,
+                maps_scanned=[type(o).__name__ for o in gc.get_objects()].count("EmbeddingMaps"))
     return write(*a, **k)
 cli._make_matcher, cli._write_match_outputs, cli.exit_now = made, noted, lambda code: None
 sys.argv = ["samembed", "match", {str(ct)!r}, {str(ct)!r}, "--points", {str(tmp_path / "p.csv")!r},
@@ -113,4 +114,4 @@ print(json.dumps(seen))
     assert r["frozen"] > 50_000  # torch's objects (about 170 k with 2.13)
     assert r["scanned"] < r["frozen"] / 2  # a full collection in the match walks only what came after the import
     # the engine is made after the freeze: the cycles of its maps and embedder are freed by a collection
-    assert r["engine_scanned"] and r["maps_scanned"]
+    assert r["engine_scanned"] and r["embedder_scanned"] and r["maps_scanned"] >= 1
