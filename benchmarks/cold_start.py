@@ -132,11 +132,8 @@ def child(argv: list[str]) -> NoReturn:
     p.add_argument("--no-prefetch", action="store_true", help="read and preprocess in the main process only")
     args, rest = p.parse_known_args(argv)
     import samembed.cli as cli  # torch-free
-    from samembed.allocator import keep_freed_memory
-    from samembed.collector import pause_collection
 
-    keep_freed_memory()  # as the `samembed` command starts (samembed.cli.run)
-    pause_collection()
+    cli.engine_process_settings()  # as the `samembed` command starts (samembed.cli.run)
 
     # as the command does before it imports torch: the first images are read and preprocessed in a second process
     # (samembed.prefetch) while the import runs; the command's own call then hands this one over

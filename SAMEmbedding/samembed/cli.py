@@ -733,20 +733,28 @@ def run() -> NoReturn:
     the interpreter's normal shutdown takes about 0.5 s on a 2-core machine (measured: ``import torch`` then exit),
     a tenth of a cold ``samembed match``, after its results are written.
 
-    For the commands of :data:`KEEP_FREED_COMMANDS` the process is the engine's own, short-lived one, so its
-    allocator keeps freed memory for the next tile (:func:`samembed.allocator.keep_freed_memory`), from before the
-    command's first allocation: the prefetch process it forks keeps it too. Its cyclic garbage collector is paused
-    until torch is loaded, whose objects it then no longer scans (:mod:`samembed.collector`)."""
+    For the commands of :data:`KEEP_FREED_COMMANDS` the process is the engine's own, short-lived one: it gets
+    :func:`engine_process_settings` (freed memory kept for the next tile, the garbage collector paused until torch is
+    loaded) before the command's first allocation; the prefetch process it forks keeps the allocator's setting
+    too."""
     args = build_parser().parse_args()
     if args.command in KEEP_FREED_COMMANDS:
-        from .allocator import keep_freed_memory
-
-        keep_freed_memory()
-        pause_collection()  # until torch is loaded (samembed.collector)
+        engine_process_settings()
     code = _main(args)
     if args.command in FAST_EXIT_COMMANDS:
         exit_now(code)
     sys.exit(code)
+
+
+def engine_process_settings() -> None:
+    """The process-wide settings of a process that embeds, then ends (the commands of :data:`KEEP_FREED_COMMANDS`,
+    applied by :func:`run` before the command's first allocation): freed memory kept for the next tile
+    (:func:`samembed.allocator.keep_freed_memory`), and the garbage collector paused until torch is loaded
+    (:mod:`samembed.collector`). A benchmark that runs a command's function in a process of its own calls it too."""
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()
+    pause_collection()
 
 
 def exit_now(code: int) -> NoReturn:
