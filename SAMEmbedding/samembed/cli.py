@@ -168,7 +168,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     else:
         points = read_points(args.points, ras=args.ras)
         labels = list(points.labels)
-    _require_images([pairs[0][0] if pairs else args.images[0], *(a for a, _ in pairs[1:]), *target_paths])
+    _require_images([*([image for image, _ in pairs] or args.images[:1]), *target_paths])  # atlases or the source
     heatmaps = _heatmap_names(ids, labels) if args.heatmap_dir else {}
     _refuse_overwriting_inputs(args, pairs, target_paths,
                                [*([out / f"{i}.mrk.json" for i in ids] if folder_out else [out]),
