@@ -67,8 +67,9 @@ class StageClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.faults: dict[str, int] = {}  # minor page faults (first touches of memory), exclusive as the seconds
         self.calls: dict[str, int] = {}
-        self._stack: list[list] = []  # [name, start, child seconds]
+        self._stack: list[list] = []  # [name, start, child seconds, start faults, child faults]
 
     def wrap(self, fn, name: str):
         """``fn`` timed as stage ``name``; ``"a|b"`` alternates a, b, a, b... over the calls (search, then the
@@ -80,15 +81,17 @@ class StageClock:
             n = self.calls.get(name, 0)
             self.calls[name] = n + 1
             stage = names[n % len(names)]
-            self._stack.append([stage, time.perf_counter(), 0.0])
+            self._stack.append([stage, time.perf_counter(), 0.0, _minor_faults(), 0])
             try:
                 return fn(*args, **kwargs)
             finally:
-                st, t0, child = self._stack.pop()
-                dt = time.perf_counter() - t0
+                st, t0, child, f0, child_f = self._stack.pop()
+                dt, df = time.perf_counter() - t0, _minor_faults() - f0
                 self.seconds[st] = self.seconds.get(st, 0.0) + dt - child
+                self.faults[st] = self.faults.get(st, 0) + df - child_f
                 if self._stack:
                     self._stack[-1][2] += dt
+                    self._stack[-1][4] += df
 
         return timed
 
@@ -105,6 +108,11 @@ class StageClock:
                 continue
             fn = getattr(owner, parts[-1])
             setattr(owner, parts[-1], self.wrap(fn, name))
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (its first touches of memory pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def peak_rss_gb(pid: int | str = "self") -> float:
@@ -140,12 +148,12 @@ def child(argv: list[str]) -> NoReturn:
     match_args = cli.build_parser().parse_args(["match", *rest, "--quiet", "--device", "cpu"])
     prefetch = None if args.no_prefetch else cli._start_prefetch(match_args, match_args.images)
     cli._start_prefetch = lambda a, paths: prefetch
-    t0 = time.perf_counter()
+    t0, f0 = time.perf_counter(), _minor_faults()
     import torch  # noqa: F401 - the import cost is a stage of its own
 
     import samembed.api  # noqa: F401
 
-    t_imports = time.perf_counter() - t0
+    t_imports, f_imports = time.perf_counter() - t0, _minor_faults() - f0
     clock = StageClock()
     clock.install()
     if args.whole:
@@ -180,11 +188,14 @@ def child(argv: list[str]) -> NoReturn:
     wall = time.perf_counter() - T_START
     stages = {"imports": t_imports, **clock.seconds}
     stages["other"] = wall - sum(stages.values())
+    faults = {"imports": f_imports, **clock.faults}
+    faults["other"] = _minor_faults() - sum(faults.values())
     per_target = [tb - ta for (ta, _), (tb, _) in zip(marks[:-1], marks[1:])]
     # each target's exclusive stage times, from its start to the next target's (or writing's)
     per_target_stages = [{k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
                          for (_, a), (_, b) in zip(marks[:-1], marks[1:])]
-    Path(args.json).write_text(json.dumps({"stages": stages, "peak_rss_gb": peak_rss_gb(), "wall_s": wall, "rc": rc,
+    Path(args.json).write_text(json.dumps({"stages": stages, "stage_faults": faults, "peak_rss_gb": peak_rss_gb(),
+                                           "wall_s": wall, "rc": rc,
                                            "per_target_s": per_target, "per_target_stages": per_target_stages},
                                           indent=1))
     cli.exit_now(rc)  # as the `samembed` command ends a match (samembed.cli.run)
