@@ -474,17 +474,18 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     def loaded():  # the engine (a samembed.Matcher), torch imported and the model loaded on the first request
         nonlocal matcher
         if matcher is None:
-            from samembed.collector import freeze_imported, pause_collection
+            from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
 
             started = time.monotonic()
-            pause_collection()  # no collection while torch loads (samembed.collector)
+            before_torch_import()  # no collection while torch loads, and no meta kernels (samembed.torch_import)
             try:
                 from samembed import Matcher  # torch
             finally:  # loaded or not, the collector runs again; what was tracked so far, it no longer scans (not
-                frozen = freeze_imported()  # the engine's objects, made next: their cycles must still be freed)
+                frozen = after_torch_import()  # the engine's objects, made next: their cycles must still be freed)
             if frozen:
-                log.info("torch loaded in %.1f s; the %d objects tracked so far left out of the garbage collector's "
-                         "scans", time.monotonic() - started, frozen)
+                log.info("torch loaded in %.1f s%s; the %d objects tracked so far left out of the garbage collector's "
+                         "scans", time.monotonic() - started,
+                         " without its Python meta kernels" if meta_kernels_skipped() else "", frozen)
             matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
             matcher.embedder.prefetch = prefetch
         return matcher

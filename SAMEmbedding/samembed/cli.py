@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from .collector import freeze_imported, pause_collection
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
 from .progress import PhaseProgress
+from .torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
 
 log = logging.getLogger("samembed")
 
@@ -180,9 +180,9 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     except BaseException:  # an interrupt while torch loads: the bar goes before the message
         bar.close()
         raise
-    # torch's objects out of the collector's scans; not the engine's, made next: its maps and embedder form cycles
-    # that a collection must still free
-    freeze_imported()
+    finally:  # torch's meta kernels' placeholder away, and torch's objects out of the collector's scans; not the
+        after_torch_import()  # engine's, made next: its maps and embedder form cycles a collection must still free
+    log.debug("torch loaded%s", " without its Python meta kernels" if meta_kernels_skipped() else "")
 
     def read(path: str):  # the image the prefetch read, else the file
         image = None if prefetch is None else prefetch.image(path)
@@ -403,7 +403,7 @@ def _cmd_embed(args) -> int:
     try:
         from .api import as_image  # torch
 
-        freeze_imported()  # torch's objects out of the collector's scans (samembed.collector)
+        after_torch_import()  # as in _match (samembed.torch_import)
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         for n, path in enumerate(args.images):
@@ -749,12 +749,14 @@ def run() -> NoReturn:
 def engine_process_settings() -> None:
     """The process-wide settings of a process that embeds, then ends (the commands of :data:`KEEP_FREED_COMMANDS`,
     applied by :func:`run` before the command's first allocation): freed memory kept for the next tile
-    (:func:`samembed.allocator.keep_freed_memory`), and the garbage collector paused until torch is loaded
-    (:mod:`samembed.collector`). A benchmark that runs a command's function in a process of its own calls it too."""
+    (:func:`samembed.allocator.keep_freed_memory`), and torch's coming import prepared
+    (:func:`samembed.torch_import.before_torch_import`: the garbage collector paused until torch is loaded, torch's
+    Python meta kernels left out). The command calls :func:`~samembed.torch_import.after_torch_import` once torch is
+    loaded. A benchmark that runs a command's function in a process of its own calls both too."""
     from .allocator import keep_freed_memory
 
     keep_freed_memory()
-    pause_collection()
+    before_torch_import()
 
 
 def exit_now(code: int) -> NoReturn:

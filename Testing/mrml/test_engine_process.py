@@ -88,10 +88,12 @@ def test_the_engine_started_ahead_is_the_one_the_first_click_uses(a_scene, a_pro
     assert engine.imagesSent == 0, "starting the engine sent no volume"
     pid = engine.pid
     # the engine process paused its garbage collector while torch loaded, and left the objects tracked until then
-    # out of its later scans (samembed.collector), as the samembed command does
+    # out of its later scans (samembed.collector), and it left torch's Python meta kernels out of the import
+    # (samembed.torch_import), as the samembed command does
     loaded = [line for line in engine._logPath.read_text().splitlines() if "left out of the garbage" in line]
     assert len(loaded) == 1, engine._logPath.read_text()
     assert int(loaded[0].split("; the ")[-1].split()[0]) > 50_000, loaded[0]
+    assert "without its Python meta kernels" in loaded[0], loaded[0]
     a_process_logic.startEngine()  # again (the module entered a second time): nothing new
     assert engine.starts == 1 and engine.pid == pid
     target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")

@@ -1,0 +1,183 @@
+"""The engine's processes import torch without its Python meta kernels (samembed.torch_import): the kernels stay out
+until something asks for them, every architecture still builds on the meta device, and the command's matches are
+the same as with torch imported whole. Each case runs in a fresh interpreter: torch's import happens once per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import REPO, data_file
+
+ENGINE = str(REPO / "SAMEmbedding")
+META = "torch._meta_registrations"
+
+
+def _fresh(code: str, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter with the engine importable; the JSON it prints last."""
+    run_env = {k: v for k, v in os.environ.items() if k != "SAMEMBED_FULL_TORCH_IMPORT"}
+    out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ENGINE!r})\n{code}"], check=True,
+                         capture_output=True, text=True, env={**run_env, **env}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+#: a convolution on meta tensors: torch runs it through a Python meta kernel, which only the skipped module registers
+META_CONV = """
+def meta_conv_runs():
+    x = torch.empty(1, 2, 8, 8, device="meta")
+    try:
+        torch.nn.functional.conv2d(x, torch.empty(3, 2, 3, 3, device="meta"))
+        return True
+    except NotImplementedError:
+        return False
+"""
+
+
+def test_the_meta_kernels_stay_out_until_imported_then_they_work():
+    r = _fresh(f"""
+import json, sys
+from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
+skips = before_torch_import()
+import torch
+after_torch_import()
+{META_CONV}
+state = {{"skips": skips, "skipped": meta_kernels_skipped(), "prims": "torch._prims" in sys.modules,
+          "module": {META!r} in sys.modules, "attribute": hasattr(torch, "_meta_registrations"),
+          "conv": meta_conv_runs()}}
+import torch._meta_registrations  # what torch._decomp, fake tensors and torch.compile do themselves
+state.update(conv_after=meta_conv_runs(), skipped_after=meta_kernels_skipped(),
+             real=hasattr(torch._meta_registrations, "meta_index_Tensor"))
+print(json.dumps(state))
+""")
+    # torch's import left the module out, and with it torch._prims (the bulk of what it costs)
+    assert r["skips"] and r["skipped"] and not r["prims"]
+    # no placeholder is left behind: a later import loads the real module
+    assert not r["module"] and not r["attribute"]
+    assert r["conv"] is False  # the control: this meta kernel is the skipped module's
+    assert r["conv_after"] is True and r["real"] is True and r["skipped_after"] is False
+
+
+def test_asking_the_placeholder_for_anything_loads_the_real_module():
+    # while torch loads, anything that looks into the module gets the real one (and its kernels are registered)
+    r = _fresh(f"""
+import json, sys
+from samembed.torch_import import after_torch_import, before_torch_import
+before_torch_import()
+import torch
+found = torch._meta_registrations.meta_index_Tensor  # asked before after_torch_import takes the placeholder away
+after_torch_import()
+{META_CONV}
+print(json.dumps({{"found": callable(found), "conv": meta_conv_runs(), "attribute_is_module":
+                  torch._meta_registrations is sys.modules[{META!r}]}}))
+""")
+    assert r == {"found": True, "conv": True, "attribute_is_module": True}
+
+
+@pytest.mark.parametrize("case", ["full import asked for", "torch already imported"])
+def test_torch_is_imported_whole_when_asked_or_when_it_already_is(case):
+    env = {"SAMEMBED_FULL_TORCH_IMPORT": "1"} if case == "full import asked for" else {}
+    first = "import torch\n" if case == "torch already imported" else ""
+    r = _fresh(f"""
+import json, sys
+{first}from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
+skips = before_torch_import()
+import torch
+after_torch_import()
+{META_CONV}
+print(json.dumps({{"skips": skips, "skipped": meta_kernels_skipped(), "conv": meta_conv_runs()}}))
+""", **env)
+    assert r == {"skips": False, "skipped": False, "conv": True}
+
+
+def test_every_architecture_builds_on_the_meta_device_without_the_meta_kernels():
+    # load_model builds the network on the meta device (no random initialisation), then assigns the checkpoint's
+    # weights: that needs only C++ meta kernels, for every architecture, with or without the semantic head
+    code = """
+import json
+from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
+before_torch_import()
+import torch
+after_torch_import()
+from samembed.networks import build_network
+shapes = {}
+for arch, config in (("sam-lite", None), ("sam-lite-2d", None), ("sam-official", {"semantic": False}),
+                     ("sam-official", {"semantic": True})):
+    with torch.device("meta"):
+        net = build_network(arch, config)
+    shapes[f"{arch} {config}"] = {k: [list(v.shape), str(v.dtype), v.device.type] for k, v in net.state_dict().items()}
+print(json.dumps({"skipped": meta_kernels_skipped(), "shapes": shapes}))
+"""
+    lean, whole = _fresh(code), _fresh(code, SAMEMBED_FULL_TORCH_IMPORT="1")
+    assert lean["skipped"] is True and whole["skipped"] is False
+    assert lean["shapes"] == whole["shapes"] and len(lean["shapes"]) == 4
+    assert all(len(s) > 10 for s in lean["shapes"].values())
+
+
+def _points_inside(image: Path, csv_path: Path, fractions: list[tuple[float, ...]], spacing_mm: float | None = None
+                   ) -> Path:
+    """Write a points file (LPS mm) at ``fractions`` of ``image``'s extent along each axis (xyz), with ``spacing_mm``
+    instead of the file's own spacing when given (as ``--spacing``)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image))
+    reader.ReadImageInformation()
+    size = reader.GetSize()
+    rows = ["label,x,y,z"]
+    for n, frac in enumerate(fractions):
+        index = [f * (s - 1) for f, s in zip(frac, size)]
+        if spacing_mm is None:
+            img = sitk.Image([1] * len(size), sitk.sitkUInt8)
+            img.SetOrigin(reader.GetOrigin()), img.SetSpacing(reader.GetSpacing()), img.SetDirection(reader.GetDirection())
+            xyz = list(img.TransformContinuousIndexToPhysicalPoint(index))
+        else:
+            xyz = [i * spacing_mm for i in index]
+        rows.append(",".join([f"P{n}", *(f"{v:.2f}" for v in (xyz + [0.0] * 3)[:3])]))
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path
+
+
+def _match(args: list[str], out: Path, **env: str) -> subprocess.CompletedProcess:
+    """``samembed match ... --out out -v`` as the command runs (``samembed.cli:run``), one torch thread."""
+    run_env = {k: v for k, v in os.environ.items() if k != "SAMEMBED_FULL_TORCH_IMPORT"}
+    res = subprocess.run([sys.executable, "-m", "samembed.cli", "match", *args, "--out", str(out), "--device", "cpu",
+                          "-v"], capture_output=True, text=True, env={**run_env, "OMP_NUM_THREADS": "1", **env})
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+@pytest.mark.needs_data
+def test_the_command_matches_a_real_ct_pair_as_with_torch_imported_whole(tmp_path):
+    """The shipped CT model (its int8 local branch where this CPU runs it): the same output file bytes."""
+    src = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    tgt = data_file("ct", "openkbp", "ct", "pt_232_ct.nii.gz")
+    pts = _points_inside(src, tmp_path / "points.csv", [(0.5, 0.5, 0.5), (0.4, 0.55, 0.6), (0.6, 0.45, 0.45)])
+    lean = _match([str(src), str(tgt), "--points", str(pts)], tmp_path / "lean.csv")
+    whole = _match([str(src), str(tgt), "--points", str(pts)], tmp_path / "whole.csv", SAMEMBED_FULL_TORCH_IMPORT="1")
+    assert "torch loaded without its Python meta kernels" in lean.stderr, lean.stderr
+    assert "torch loaded without" not in whole.stderr and "torch loaded" in whole.stderr, whole.stderr
+    assert (tmp_path / "lean.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+
+
+@pytest.mark.needs_data
+def test_the_command_matches_real_radiographs_as_with_torch_imported_whole(tmp_path):
+    """The shipped 2D hand model, template hand into another hand: the same output file bytes."""
+    model = REPO / "Resources" / "Models" / "sam-lite-2d-hand.pt"
+    if not model.is_file():
+        pytest.skip(f"{model} is missing")
+    folder = data_file("xray", "hand_dha37")
+    images = sorted(p for p in folder.rglob("*.jpg"))[:2]
+    if len(images) < 2:
+        pytest.skip(f"fewer than 2 radiographs (.jpg) under {folder}")
+    pts = _points_inside(images[0], tmp_path / "points.csv", [(0.5, 0.5), (0.4, 0.6)], spacing_mm=0.2)
+    common = [str(images[0]), str(images[1]), "--points", str(pts), "--spacing", "0.2", "--model", str(model),
+              "--modality", "xray"]
+    lean = _match(common, tmp_path / "lean.csv")
+    _match(common, tmp_path / "whole.csv", SAMEMBED_FULL_TORCH_IMPORT="1")
+    assert "torch loaded without its Python meta kernels" in lean.stderr, lean.stderr
+    assert (tmp_path / "lean.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
