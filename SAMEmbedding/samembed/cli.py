@@ -228,6 +228,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         writing = True
         _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch, wrote)
         written = True
+        log.debug("torch's Python meta kernels: %s", "never loaded" if meta_kernels_skipped() else "loaded")
     finally:
         if not written and done and not writing:  # failed or interrupted while matching: what was finished is kept
             matcher = targets = source = atlases = None
@@ -401,9 +402,10 @@ def _cmd_embed(args) -> int:
     bar = PhaseProgress(len(args.images), "loading torch" if "torch" not in sys.modules else "loading the model",
                         not args.quiet, started_s=getattr(args, "started_s", None))
     try:
-        from .api import as_image  # torch
-
-        after_torch_import()  # as in _match (samembed.torch_import)
+        try:
+            from .api import as_image  # torch
+        finally:
+            after_torch_import()  # as in _match (samembed.torch_import)
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         for n, path in enumerate(args.images):
@@ -715,9 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: when it returns, and starts no process or server of its own (``propagate`` runs a Dask cluster, ``web`` a server,
 #: ``train`` long jobs: those shut the interpreter down normally)
 FAST_EXIT_COMMANDS = frozenset({"match", "embed", "cache", "info"})
-#: commands whose process keeps freed memory for later tiles (:func:`samembed.allocator.keep_freed_memory`) and
-#: leaves torch's objects out of the garbage collector's scans (:mod:`samembed.collector`): they
-#: embed, then end; the long-lived ones (``web``, ``train``, ``propagate``) keep the C library's and Python's own policy
+#: commands whose process keeps freed memory for later tiles (:func:`samembed.allocator.keep_freed_memory`), leaves
+#: torch's objects out of the garbage collector's scans (:mod:`samembed.collector`) and imports torch without its
+#: Python meta kernels until something needs them (:mod:`samembed.torch_import`): they embed, then end; the long-lived ones (``web``, ``train``, ``propagate``) keep the C library's and Python's own policy
 KEEP_FREED_COMMANDS = frozenset({"match", "embed"})
 
 
@@ -735,7 +737,7 @@ def run() -> NoReturn:
 
     For the commands of :data:`KEEP_FREED_COMMANDS` the process is the engine's own, short-lived one: it gets
     :func:`engine_process_settings` (freed memory kept for the next tile, the garbage collector paused until torch is
-    loaded) before the command's first allocation; the prefetch process it forks keeps the allocator's setting
+    loaded, torch's Python meta kernels left out until needed) before the command's first allocation; the prefetch process it forks keeps the allocator's setting
     too."""
     args = build_parser().parse_args()
     if args.command in KEEP_FREED_COMMANDS:
@@ -751,8 +753,9 @@ def engine_process_settings() -> None:
     applied by :func:`run` before the command's first allocation): freed memory kept for the next tile
     (:func:`samembed.allocator.keep_freed_memory`), and torch's coming import prepared
     (:func:`samembed.torch_import.before_torch_import`: the garbage collector paused until torch is loaded, torch's
-    Python meta kernels left out). The command calls :func:`~samembed.torch_import.after_torch_import` once torch is
-    loaded. A benchmark that runs a command's function in a process of its own calls both too."""
+    Python meta kernels left out until needed). The command calls
+    :func:`~samembed.torch_import.after_torch_import` once torch is loaded. A benchmark that runs a command's function
+    in a process of its own calls this too, before it imports torch."""
     from .allocator import keep_freed_memory
 
     keep_freed_memory()

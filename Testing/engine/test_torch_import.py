@@ -47,23 +47,60 @@ import torch
 after_torch_import()
 {META_CONV}
 state = {{"skips": skips, "skipped": meta_kernels_skipped(), "prims": "torch._prims" in sys.modules,
-          "module": {META!r} in sys.modules, "attribute": hasattr(torch, "_meta_registrations"),
-          "conv": meta_conv_runs()}}
-import torch._meta_registrations  # what torch._decomp, fake tensors and torch.compile do themselves
+          "module": {META!r} in sys.modules, "conv": meta_conv_runs()}}
+import torch._meta_registrations
 state.update(conv_after=meta_conv_runs(), skipped_after=meta_kernels_skipped(),
              real=hasattr(torch._meta_registrations, "meta_index_Tensor"))
 print(json.dumps(state))
 """)
     # torch's import left the module out, and with it torch._prims (the bulk of what it costs)
     assert r["skips"] and r["skipped"] and not r["prims"]
-    # no placeholder is left behind: a later import loads the real module
-    assert not r["module"] and not r["attribute"]
+    assert not r["module"]  # no placeholder left in sys.modules: an import loads the real module
     assert r["conv"] is False  # the control: this meta kernel is the skipped module's
     assert r["conv_after"] is True and r["real"] is True and r["skipped_after"] is False
 
 
-def test_asking_the_placeholder_for_anything_loads_the_real_module():
-    # while torch loads, anything that looks into the module gets the real one (and its kernels are registered)
+#: what needs the meta kernels and imports them only through torch's own import: each must work in a process that
+#: left them out (a whole import's order of imports; the other order ends in circular imports)
+NEEDS_META_KERNELS = {
+    "torch._decomp": "import torch._decomp.decompositions",
+    "torch._refs": "import torch._refs",
+    "torch._dynamo": "import torch._dynamo",
+    "torch.compile": "assert torch.compile(lambda x: x * 2, backend='eager')(torch.ones(2)).tolist() == [2.0, 2.0]",
+    "fake tensors": "from torch._subclasses.fake_tensor import FakeTensorMode\nwith FakeTensorMode():\n"
+                    "    assert torch.empty(2, 3).sum(0).shape == (3,)",
+    "torch.broadcast_shapes (reads the torch._refs attribute)":
+        "assert torch.broadcast_shapes((2, 1), (1, 3)) == (2, 3)",
+}
+
+
+@pytest.mark.parametrize(("use", "when"), [
+    *((use, "after the engine's import") for use in NEEDS_META_KERNELS),
+    # between torch's import and after_torch_import (the engine's own modules loading), imports work too; torch's
+    # attributes of the left-out modules are placed only by after_torch_import
+    *((use, "during the engine's import") for use in NEEDS_META_KERNELS if "attribute" not in use)])
+def test_what_needs_the_meta_kernels_loads_them_first_and_works(use, when):
+    code = NEEDS_META_KERNELS[use]
+    before, after = (code, "") if when == "during the engine's import" else ("", code)
+    r = _fresh(f"""
+import json, sys
+from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
+before_torch_import()
+import torch
+{before}
+after_torch_import()
+skipped = meta_kernels_skipped()
+{after}
+{META_CONV}
+print(json.dumps({{"skipped_before_use": skipped, "conv": meta_conv_runs(), "skipped": meta_kernels_skipped(),
+                  "hooks_left": sum(type(h).__name__ == "_MetaKernelsFirst" for h in sys.meta_path)}}))
+""")
+    assert r["skipped_before_use"] is (when == "after the engine's import")
+    assert r == {**r, "conv": True, "skipped": False, "hooks_left": 0}
+
+
+def test_asking_a_placeholder_for_anything_loads_the_real_module():
+    # the meta kernels' placeholder while torch loads, and torch._refs's after: each gives the real module's values
     r = _fresh(f"""
 import json, sys
 from samembed.torch_import import after_torch_import, before_torch_import
@@ -73,9 +110,27 @@ found = torch._meta_registrations.meta_index_Tensor  # asked before after_torch_
 after_torch_import()
 {META_CONV}
 print(json.dumps({{"found": callable(found), "conv": meta_conv_runs(), "attribute_is_module":
-                  torch._meta_registrations is sys.modules[{META!r}]}}))
+                  torch._meta_registrations is sys.modules[{META!r}], "refs": type(torch._refs).__name__}}))
 """)
-    assert r == {"found": True, "conv": True, "attribute_is_module": True}
+    assert r == {"found": True, "conv": True, "attribute_is_module": True, "refs": "module"}
+
+
+def test_the_modules_the_engine_imports_while_matching_leave_the_meta_kernels_out():
+    r = _fresh("""
+import json, sys
+from samembed.torch_import import LIGHT_MODULES, after_torch_import, before_torch_import, meta_kernels_skipped
+before_torch_import()
+import torch
+after_torch_import()
+new = [m for m in LIGHT_MODULES if m not in sys.modules]
+import importlib
+for m in sorted(LIGHT_MODULES):
+    importlib.import_module(m)
+import torch.utils.data  # loaded by torch's own import: no new module, nothing loads
+print(json.dumps({"new": new, "skipped": meta_kernels_skipped()}))
+""")
+    assert r["new"], "these modules were already loaded: the check below checks nothing"
+    assert r["skipped"] is True
 
 
 @pytest.mark.parametrize("case", ["full import asked for", "torch already imported"])
@@ -157,11 +212,19 @@ def test_the_command_matches_a_real_ct_pair_as_with_torch_imported_whole(tmp_pat
     src = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
     tgt = data_file("ct", "openkbp", "ct", "pt_232_ct.nii.gz")
     pts = _points_inside(src, tmp_path / "points.csv", [(0.5, 0.5, 0.5), (0.4, 0.55, 0.6), (0.6, 0.45, 0.45)])
-    lean = _match([str(src), str(tgt), "--points", str(pts)], tmp_path / "lean.csv")
-    whole = _match([str(src), str(tgt), "--points", str(pts)], tmp_path / "whole.csv", SAMEMBED_FULL_TORCH_IMPORT="1")
+    lean = _match([str(src), str(tgt), "--points", str(pts), "--heatmap-dir", str(tmp_path / "lean_heatmaps")],
+                  tmp_path / "lean.csv")
+    whole = _match([str(src), str(tgt), "--points", str(pts), "--heatmap-dir", str(tmp_path / "whole_heatmaps")],
+                   tmp_path / "whole.csv", SAMEMBED_FULL_TORCH_IMPORT="1")
     assert "torch loaded without its Python meta kernels" in lean.stderr, lean.stderr
+    # and nothing the match did needed them: they were never loaded (else the import's saving would be lost)
+    assert "torch's Python meta kernels: never loaded" in lean.stderr, lean.stderr
     assert "torch loaded without" not in whole.stderr and "torch loaded" in whole.stderr, whole.stderr
     assert (tmp_path / "lean.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    heatmaps = sorted(p.name for p in (tmp_path / "lean_heatmaps").iterdir())
+    assert len(heatmaps) == 3 and heatmaps == sorted(p.name for p in (tmp_path / "whole_heatmaps").iterdir())
+    for name in heatmaps:
+        assert (tmp_path / "lean_heatmaps" / name).read_bytes() == (tmp_path / "whole_heatmaps" / name).read_bytes()
 
 
 @pytest.mark.needs_data
