@@ -36,11 +36,14 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import logging
 import os
 import sys
 import types
 
 from .collector import freeze_imported, pause_collection
+
+log = logging.getLogger(__name__)
 
 #: torch's module of Python meta kernels, which the engine's processes import only when something needs it
 META_KERNELS_MODULE = "torch._meta_registrations"
@@ -60,6 +63,7 @@ class _DeferredModule(types.ModuleType):
     def __getattr__(self, attr: str):
         if attr.startswith("__") and attr.endswith("__"):  # the import system's own questions: no reason to load
             raise AttributeError(attr)
+        log.info("loading torch's Python meta kernels for %s.%s (left out of torch's import)", self.__name__, attr)
         load_meta_kernels()
         return getattr(importlib.import_module(self.__name__), attr)
 
@@ -81,6 +85,7 @@ class _MetaKernelsFirst(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.machinery.ModuleSpec(name, self)  # this loader: the meta kernels first (create_module)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec):
+        log.info("loading torch's Python meta kernels for %s (left out of torch's import)", spec.name)
         load_meta_kernels()  # which may import the module asked for on the way
         module = importlib.import_module(spec.name)  # the real module (the hook is gone)
         self._real_specs[spec.name] = module.__spec__

@@ -100,6 +100,8 @@ def test_the_engine_started_ahead_is_the_one_the_first_click_uses(a_scene, a_pro
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
     outputs = a_process_logic.matchPoints(a_small_ct, points, [target], [0])
     assert engine.starts == 1 and engine.pid == pid, "the first click started another engine"
+    # the click needed none of torch's meta kernels (samembed.torch_import logs when something does)
+    assert "meta kernels for" not in engine._logPath.read_text(), engine._logPath.read_text()
     _, matched = control_points(outputs.pointLists[0])
     assert matched.shape == (1, 3)
 
