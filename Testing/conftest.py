@@ -25,6 +25,26 @@ def data_file(*parts: str) -> Path:
     return path
 
 
+#: the shipped 2D model for radiographs
+HAND_MODEL = REPO / "Resources" / "Models" / "sam-lite-2d-hand.pt"
+
+
+def hand_model() -> Path:
+    """:data:`HAND_MODEL`; skips the test when it is missing."""
+    if not HAND_MODEL.is_file():
+        pytest.skip(f"{HAND_MODEL} is missing (train it: see Resources/Models/sam-lite-2d-hand.yaml)")
+    return HAND_MODEL
+
+
+def hand_radiographs(n: int = 2) -> list[Path]:
+    """The first ``n`` hand radiographs (.jpg, by name) of the shared data; skips the test when there are fewer."""
+    folder = data_file("xray", "hand_dha37")
+    images = sorted(folder.rglob("*.jpg"))[:n]
+    if len(images) < n:
+        pytest.skip(f"fewer than {n} hand radiographs (.jpg) under {folder}")
+    return images
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared data folder (skips when absent)."""

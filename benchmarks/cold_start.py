@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NoReturn
 
 T_START = time.perf_counter()
+F_START = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # the page faults counted from the same moment
 
 #: (module, attribute path, stage name); a stage called inside another is counted in the inner one only
 STAGES = (
@@ -189,7 +190,7 @@ def child(argv: list[str]) -> NoReturn:
     stages = {"imports": t_imports, **clock.seconds}
     stages["other"] = wall - sum(stages.values())
     faults = {"imports": f_imports, **clock.faults}
-    faults["other"] = _minor_faults() - sum(faults.values())
+    faults["other"] = _minor_faults() - F_START - sum(faults.values())
     per_target = [tb - ta for (ta, _), (tb, _) in zip(marks[:-1], marks[1:])]
     # each target's exclusive stage times, from its start to the next target's (or writing's)
     per_target_stages = [{k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}

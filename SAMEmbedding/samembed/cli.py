@@ -719,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
 FAST_EXIT_COMMANDS = frozenset({"match", "embed", "cache", "info"})
 #: commands whose process keeps freed memory for later tiles (:func:`samembed.allocator.keep_freed_memory`), leaves
 #: torch's objects out of the garbage collector's scans (:mod:`samembed.collector`) and imports torch without its
-#: Python meta kernels until something needs them (:mod:`samembed.torch_import`): they embed, then end; the long-lived ones (``web``, ``train``, ``propagate``) keep the C library's and Python's own policy
+#: Python meta kernels until something needs them (:mod:`samembed.torch_import`): they embed, then end; the
+#: long-lived ones (``web``, ``train``, ``propagate``) keep the C library's, Python's and torch's own ways
 KEEP_FREED_COMMANDS = frozenset({"match", "embed"})
 
 
@@ -737,8 +738,8 @@ def run() -> NoReturn:
 
     For the commands of :data:`KEEP_FREED_COMMANDS` the process is the engine's own, short-lived one: it gets
     :func:`engine_process_settings` (freed memory kept for the next tile, the garbage collector paused until torch is
-    loaded, torch's Python meta kernels left out until needed) before the command's first allocation; the prefetch process it forks keeps the allocator's setting
-    too."""
+    loaded, torch's Python meta kernels left out until needed) before the command's first allocation; the prefetch
+    process it forks keeps the allocator's setting too."""
     args = build_parser().parse_args()
     if args.command in KEEP_FREED_COMMANDS:
         engine_process_settings()

@@ -17,7 +17,7 @@ from samembed.errors import InputError
 from samembed.io import read_points, write_text_atomic
 from samembed.options import MatchOptions
 
-from ..conftest import REPO, data_file
+from ..conftest import REPO, data_file, hand_model, hand_radiographs
 
 
 @pytest.fixture
@@ -189,13 +189,8 @@ def test_quiet_prints_nothing_and_default_names_the_phases(tmp_path):
 # ------------------------------------------------------------------------------------- 2D defaults
 @pytest.mark.needs_data
 def test_the_default_model_resolves_to_the_2d_model_for_radiographs(tmp_path):
-    hand = REPO / "Resources" / "Models" / "sam-lite-2d-hand.pt"
-    if not hand.is_file():
-        pytest.skip(f"{hand} is missing")
-    folder = data_file("xray", "hand_dha37")
-    jpgs = sorted(folder.rglob("*.jpg"))[:2]
-    if len(jpgs) < 2:
-        pytest.skip(f"no hand radiographs under {folder}")
+    hand_model()  # the default model for radiographs is this file
+    jpgs = hand_radiographs(2)
     (tmp_path / "p.csv").write_text("label,x,y\nA,60,80\nB,100,120\n")
     out = tmp_path / "o.csv"
     code = main(["match", str(jpgs[0]), str(jpgs[1]), "--points", str(tmp_path / "p.csv"), "--out", str(out),

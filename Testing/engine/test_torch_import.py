@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import REPO, data_file
+from ..conftest import REPO, data_file, hand_model, hand_radiographs
 
 ENGINE = str(REPO / "SAMEmbedding")
 META = "torch._meta_registrations"
@@ -230,13 +230,7 @@ def test_the_command_matches_a_real_ct_pair_as_with_torch_imported_whole(tmp_pat
 @pytest.mark.needs_data
 def test_the_command_matches_real_radiographs_as_with_torch_imported_whole(tmp_path):
     """The shipped 2D hand model, template hand into another hand: the same output file bytes."""
-    model = REPO / "Resources" / "Models" / "sam-lite-2d-hand.pt"
-    if not model.is_file():
-        pytest.skip(f"{model} is missing")
-    folder = data_file("xray", "hand_dha37")
-    images = sorted(p for p in folder.rglob("*.jpg"))[:2]
-    if len(images) < 2:
-        pytest.skip(f"fewer than 2 radiographs (.jpg) under {folder}")
+    model, images = hand_model(), hand_radiographs(2)
     pts = _points_inside(images[0], tmp_path / "points.csv", [(0.5, 0.5), (0.4, 0.6)], spacing_mm=0.2)
     common = [str(images[0]), str(images[1]), "--points", str(pts), "--spacing", "0.2", "--model", str(model),
               "--modality", "xray"]
