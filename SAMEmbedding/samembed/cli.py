@@ -34,10 +34,9 @@ def _make_matcher(args):
 
         if not torch.cuda.is_available():
             log.info("no CUDA device: running on the CPU")
-    # one command matches each target once: no embeddings are kept in memory beyond the source and the current
-    # target (which always stay), so a long target list needs the memory of a single pair, and the feature buffer
-    # of a target done serves a later target with its pages resident (samembed.row_pool)
-    return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None), cache_bytes=0,
+    # one command matches each target once: 1 GB of embeddings in memory (the source and the current target always
+    # stay) keeps a long target list within the memory of a single pair
+    return Matcher(model=args.model, device=device, cache_dir=getattr(args, "cache_dir", None), cache_bytes=1 << 30,
                    modality=getattr(args, "modality", "auto"), spacing_mm=getattr(args, "spacing", None),
                    precision=getattr(args, "precision", "auto"))
 
@@ -759,10 +758,8 @@ def engine_process_settings() -> None:
     :func:`~samembed.torch_import.after_torch_import` once torch is loaded. A benchmark that runs a command's function
     in a process of its own calls this too, before it imports torch."""
     from .allocator import keep_freed_memory
-    from .row_pool import keep_freed_rows
 
     keep_freed_memory()
-    keep_freed_rows()
     before_torch_import()
 
 

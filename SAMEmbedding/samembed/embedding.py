@@ -28,7 +28,6 @@ from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import ProgressFn
 from .preprocess import body_mask_on_grid, pad_to_multiple, preprocess
-from .row_pool import give_back_when_freed
 from .tiles import channel_major, new_feature_rows
 
 log = logging.getLogger(__name__)
@@ -739,15 +738,12 @@ class Embedder:
         spec = self.model.spec
         feat_dtype = torch.float16 if self.half else torch.float32
         n_vox = int(np.prod(local_grid.shape_zyx))
-        rows = new_feature_rows(n_vox, spec.local_channels + glob.shape[0], feat_dtype, self.device)
-        features = rows.T
+        features = new_feature_rows(n_vox, spec.local_channels + glob.shape[0], feat_dtype, self.device).T
         # voxel centres inside the original image
         valid = torch.from_numpy(local_grid.centres_inside(image.grid, margin=0.5).reshape(-1)).to(features.device)
-        maps = EmbeddingMaps(glob.float() if not self.half else glob, features, valid, body.to(features.device),
+        return EmbeddingMaps(glob.float() if not self.half else glob, features, valid, body.to(features.device),
                              local_grid, global_grid, image.grid, self.model.model_id, key, spec.local_channels,
                              image.name, ready=torch.zeros(n_vox, dtype=torch.bool))
-        give_back_when_freed(maps, rows)  # in a process that keeps freed buffers (samembed.row_pool)
-        return maps
 
     # ------------------------------------------------------------------------------------------ disk cache
     def _disk_path(self, key: str) -> Path | None:

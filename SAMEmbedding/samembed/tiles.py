@@ -188,11 +188,10 @@ def new_feature_rows(n_voxels: int, channels: int, dtype: torch.dtype, device: t
     A tile stored into it makes resident only its own voxels' pages. In a channel-major (C, V) buffer every
     channel row is a separate V-long run, so one grid line of a tile touches a 4 KB page in each of the C rows
     (measured on a head-and-neck CT's search windows: 3.2x the page faults, and the stores took 0.84 s of a 2.4 s
-    cold match, against 0.2 s). In a process that keeps the buffers of freed maps (:mod:`samembed.row_pool`), it is
-    a view of such a buffer when one fits, whose pages are resident already."""
-    from .row_pool import take
+    cold match, against 0.2 s)."""
+    import torch
 
-    return take(int(n_voxels) * int(channels), dtype, device).view(int(n_voxels), int(channels))
+    return torch.empty((int(n_voxels), int(channels)), dtype=dtype, device=device)
 
 
 def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor | None = None,
