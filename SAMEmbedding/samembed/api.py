@@ -73,6 +73,9 @@ def _points_array(points, ndim: int, source: Image) -> np.ndarray:
         p = p[None]
     if p.ndim != 2 or p.shape[1] not in (2, 3) or len(p) == 0:
         raise InputError(f"points must be an (N, 3) array of LPS mm coordinates, got shape {np.shape(points)}")
+    if p.shape[1] < ndim:  # z = 0 would be a plane of the scan, silently: say so
+        raise InputError(f"points have {p.shape[1]} coordinates (x, y), but {source.name} is a {ndim}D image; "
+                         f"give ({len(p)}, {ndim}) LPS mm points")
     if p.shape[1] == 2:
         p = np.hstack([p, np.zeros((len(p), 1))])
     if not np.all(np.isfinite(p)):

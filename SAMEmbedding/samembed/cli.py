@@ -152,7 +152,7 @@ def _start_prefetch(args, paths: list[str]):
 
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
-    from .io import read_points
+    from .io import check_point_dims, read_points
     from .names import target_ids
 
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
@@ -196,8 +196,11 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         if pairs:
             atlases = [Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), image)
                        for (image, _), pl in zip(pairs, atlas_points)]
+            for a, (_, pts_file), pl in zip(atlases, pairs, atlas_points):
+                check_point_dims(pl, pts_file, a.image.ndim, a.display_name)
         else:
             source = read(args.images[0])
+            check_point_dims(points, args.points, source.ndim, args.images[0])
         targets = [read(t) for t in target_paths]
         bar.phase("loading the model")
         matcher = _make_matcher(args)

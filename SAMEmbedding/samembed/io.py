@@ -311,19 +311,31 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class PointList:
-    """Named points in LPS mm. ``points_lps_mm`` has shape (N, 3) (z = 0 for 2D images)."""
+    """Named points in LPS mm. ``points_lps_mm`` has shape (N, 3) (z = 0 for 2D images); ``dims`` is how many
+    coordinates the file gave per point (2 for a ``label,x,y`` CSV, else 3): see :func:`check_point_dims`."""
 
     labels: list[str]
     points_lps_mm: np.ndarray
     descriptions: list[str] | None = None
+    dims: int = 3
 
     def __post_init__(self) -> None:
         self.points_lps_mm = np.asarray(self.points_lps_mm, dtype=np.float64).reshape(-1, 3)
         if len(self.labels) != len(self.points_lps_mm):
             raise InputError("point labels and coordinates differ in length")
+        if self.dims not in (2, 3):
+            raise InputError(f"points have 2 or 3 coordinates, not {self.dims}")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def check_point_dims(points: PointList, points_file: str | os.PathLike, image_ndim: int, image_name: str) -> None:
+    """Raise :class:`InputError` when the point file gave fewer coordinates per point than the image has axes: a
+    ``label,x,y`` CSV for a 3D scan would otherwise put every point on the plane z = 0, and match it there."""
+    if points.dims < image_ndim:
+        raise InputError(f"{points_file}: its points have {points.dims} coordinates (label,x,y), but {image_name} is a "
+                         f"{image_ndim}D image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras)")
 
 
 def _parse_float(value: str, path: Path, row: int) -> float:
@@ -392,7 +404,7 @@ def _read_csv(path: Path, ras: bool) -> PointList:
     if not pts:
         raise InputError(f"{path}: no points in file")
     p = np.array(pts)
-    return PointList(labels, lps_to_ras(p) if ras else p)
+    return PointList(labels, lps_to_ras(p) if ras else p, dims=len(cols))
 
 
 def _read_fcsv(path: Path) -> PointList:

@@ -9,6 +9,7 @@ Skipped with a message when ../shared/data (or dask) is absent.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -453,3 +454,18 @@ def test_a_new_run_into_a_folder_holding_run_files_is_refused_and_changes_nothin
         propagate(setup["atlas"], setup["manifest"], out, MatchOptions(), _settings(setup))
     assert sorted(p.name for p in out.iterdir()) == ["matches.csv", "report.html"]
     assert (out / "matches.csv").read_text() == "mine\n"
+
+
+def test_an_atlas_point_file_of_x_y_only_for_a_ct_is_refused_before_the_atlas_is_embedded(setup, client, tmp_path):
+    """A ``label,x,y`` file would put every atlas point on the plane z = 0: the run stops with an error that names
+    the atlas, before its embedding is computed."""
+    from samembed.errors import InputError
+    from samembed.propagate import Atlas, propagate
+
+    xy = tmp_path / "xy.csv"
+    xy.write_text("label,x,y\n" + "".join(f"{lab},250,250\n" for lab in setup["labels"]))
+    atlas = Atlas(setup["atlas"].image, str(xy))
+    settings = dataclasses.replace(_settings(setup), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(InputError, match=r"its atlas points have 2 coordinates \(label,x,y\), but it is a 3D image"):
+        propagate(atlas, setup["manifest"], tmp_path / "out", OPTIONS, settings, client=client)
+    assert not any((tmp_path / "cache").glob("*.pt"))  # nothing embedded

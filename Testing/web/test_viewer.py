@@ -321,6 +321,19 @@ def test_a_landmark_file_adds_its_points_and_propagate_all_matches_every_landmar
 
 
 
+def test_a_landmark_file_of_x_y_only_is_refused_with_a_message_and_adds_nothing(a_page, tmp_path):
+    """Every volume of the viewer is 3D: a ``label,x,y`` file would put its points on the plane z = 0."""
+    page = a_page
+    xy = tmp_path / "flat.csv"
+    xy.write_text("label,x,y\nQ1,250,250\n")
+    before = page.locator(".landmark").count()
+    page.locator("#upload-landmarks").set_input_files(str(xy))
+    text = _wait_status(page, "its points have 2 coordinates")
+    assert "give each point's z too" in text, text
+    assert page.locator("#status").get_attribute("data-error") == "true"
+    assert page.locator(".landmark").count() == before
+
+
 def test_a_click_on_a_result_row_centres_the_views_on_that_match_and_its_landmark(a_page):
     page = a_page
     rows, landmarks = _rows(page), _landmarks(page)

@@ -42,6 +42,9 @@ class ScanJob:
     thumbnail_mm: float = 80.0
     #: further atlases (image path, labels, points) fused with the first one (``Matcher.match_atlases``)
     more_atlases: tuple[tuple[str, tuple[str, ...], tuple[tuple[float, float, float], ...]], ...] = ()
+    #: coordinates per point that each atlas's point file gave (:attr:`all_atlases` order; 2 for a ``label,x,y``
+    #: CSV): a 3D atlas refuses 2 (empty: not checked)
+    point_dims: tuple[int, ...] = ()
 
     @property
     def all_atlases(self) -> list[tuple[str, tuple[str, ...], tuple[tuple[float, float, float], ...]]]:
@@ -138,7 +141,14 @@ def prepare_atlas(job: ScanJob) -> dict:
     t0 = time.time()
     os.makedirs(job.cache_dir, exist_ok=True)
     keys, hashes = [], []
-    for path, labels, points in job.all_atlases:
+    for i, (path, labels, points) in enumerate(job.all_atlases):
+        if i < len(job.point_dims) and job.point_dims[i] < 3:  # x, y only: a 2D image, or said before embedding
+            from ..io import read_image
+
+            d = read_image(path).ndim
+            if job.point_dims[i] < d:
+                raise InputError(f"{path}: its atlas points have {job.point_dims[i]} coordinates (label,x,y), but it "
+                                 f"is a {d}D image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras)")
         with _LOCK:
             eng = _engine(job)
             image, maps = _atlas(eng, job, path)

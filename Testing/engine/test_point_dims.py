@@ -1,0 +1,70 @@
+"""Points with fewer coordinates than the image has axes are refused with an error that names the point file, never
+put on the plane z = 0 and matched there; x, y points still serve a 2D image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from samembed.cli import main
+from samembed.errors import InputError
+from samembed.io import check_point_dims, read_points
+
+from ..conftest import data_file, hand_model, hand_radiographs
+
+
+@pytest.mark.parametrize(("text", "dims"), [
+    ("label,x,y\nA,1,2\n", 2), ("label,x,y,z\nA,1,2,3\n", 3), ("A,1,2\n", 2), ("A,1,2,3\n", 3),
+    ("x,y,label\n1,2,A\n", 2)], ids=["xy", "xyz", "xy-no-header", "xyz-no-header", "xy-other-order"])
+def test_a_csv_point_list_knows_how_many_coordinates_its_file_gave(tmp_path, text, dims):
+    path = tmp_path / "p.csv"
+    path.write_text(text)
+    points = read_points(path)
+    assert points.dims == dims and points.points_lps_mm.shape == (1, 3)
+    check_point_dims(points, path, 2, "radiograph.png")  # x, y is enough for a 2D image
+    if dims == 2:
+        with pytest.raises(InputError, match=rf"{path}: its points have 2 coordinates \(label,x,y\), but ct.nii.gz is "
+                                             r"a 3D image; give each point's z too"):
+            check_point_dims(points, path, 3, "ct.nii.gz")
+    else:
+        check_point_dims(points, path, 3, "ct.nii.gz")
+
+
+@pytest.mark.needs_data
+def test_the_command_refuses_an_xy_point_file_for_a_ct_and_writes_nothing(tmp_path, capsys):
+    ct = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    xy = tmp_path / "xy.csv"
+    xy.write_text("label,x,y\nA,250,250\n")  # a plane z = 0 point that lies inside this CT
+    out = tmp_path / "out.csv"
+    code = main(["match", str(ct), str(ct), "--points", str(xy), "--out", str(out), "--model", "random:sam-lite",
+                 "--device", "cpu", "--quiet"])
+    assert code == 2
+    assert f"{xy}: its points have 2 coordinates (label,x,y), but {ct} is a 3D image" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.needs_data
+def test_the_command_refuses_an_xy_atlas_point_file_for_a_ct(tmp_path, capsys):
+    ct = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    xyz, xy = tmp_path / "xyz.csv", tmp_path / "xy.csv"
+    xyz.write_text("label,x,y,z\nA,250,250,150\n")
+    xy.write_text("label,x,y\nA,250,250\n")
+    code = main(["match", "--atlas", str(ct), str(xyz), "--atlas", str(ct), str(xy), str(ct), "--out",
+                 str(tmp_path / "out.csv"), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 2
+    assert f"{xy}: its points have 2 coordinates (label,x,y)" in capsys.readouterr().err
+
+
+@pytest.mark.needs_data
+def test_the_api_refuses_xy_points_for_a_ct_and_takes_them_for_a_radiograph():
+    from samembed import Matcher
+
+    ct = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    m = Matcher("random:sam-lite", device="cpu")
+    with pytest.raises(InputError, match=r"points have 2 coordinates \(x, y\), but .*pt_215_ct.nii.gz is a 3D image; "
+                                         r"give \(1, 3\) LPS mm points"):
+        m.match(ct, np.array([[250.0, 250.0]]), [ct])
+    images = hand_radiographs(1)
+    hand = Matcher(str(hand_model()), device="cpu", spacing_mm=0.2)
+    res = hand.match(images[0], np.array([[40.0, 60.0]]), images)
+    assert len(res.matches) == 1 and res.matches[0].point_lps_mm[2] == 0.0
