@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -21,6 +22,8 @@ import numpy as np
 
 from .errors import InputError
 from .image import Grid, Image, lps_to_ras, single_slice_to_2d
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff")
 
@@ -374,17 +377,46 @@ def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
         raise InputError(f"{path}: cannot parse point file: {e}") from e
 
 
+#: header names of a CSV point file's label column, the first found is used (else its one column besides x, y, z)
+LABEL_COLUMNS = ("label", "name", "id", "landmark")
+
+
+def _csv_delimiter(text: str) -> str:
+    """The separator of a CSV point file: ``;`` when its first row holds at least two (as spreadsheets write CSV
+    where the comma is the decimal separator), else ``,``, or a tab when the row holds tabs and no comma."""
+    first = next((line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
+    if first.count(";") >= 2:
+        return ";"
+    return "\t" if "," not in first and "\t" in first else ","
+
+
+def _label_column(header: list[str], coords: list[int]) -> int | None:
+    """Index of the label column of a CSV header (lower case, stripped), or None (labels P1, P2, ... then)."""
+    for name in LABEL_COLUMNS:
+        if name in header:
+            return header.index(name)
+    others = [i for i in range(len(header)) if i not in coords]
+    return others[0] if len(others) == 1 else None
+
+
 def _read_csv(path: Path, ras: bool) -> PointList:
     """``label,x,y,z`` (3D) or ``label,x,y`` (2D, z = 0), with or without a header row; rows are numbered as
-    the file's lines, so an error names the line to fix."""
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = [(n, r) for n, r in enumerate(csv.reader(fh), start=1) if r and not r[0].lstrip().startswith("#")]
+    the file's lines, so an error names the line to fix. A header names the label column ``label``, ``name``, ``id``
+    or ``landmark`` (or it is the one column besides x, y, z); a byte-order mark (spreadsheets' "CSV UTF-8") is
+    skipped, and a file separated by ``;`` (with decimal commas or points) or tabs is read as such."""
+    text = path.read_text(encoding="utf-8-sig")
+    delimiter = _csv_delimiter(text)
+    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    rows = [(n, r) for n, r in enumerate(reader, start=1) if r and not r[0].lstrip().startswith("#")]
     if not rows:
         raise InputError(f"{path}: no points in file")
     header = [h.strip().lower() for h in rows[0][1]]
     if {"x", "y"} <= set(header):
         cols = [header.index(a) for a in ("x", "y", "z") if a in header]
-        il = header.index("label") if "label" in header else None
+        il = _label_column(header, cols)
+        if il is None:
+            log.warning("%s: no label column (%s) in its header: the points are labelled P1, P2, ...", path,
+                        ", ".join(LABEL_COLUMNS))
         body = rows[1:]
     else:
         width = len(rows[0][1])
@@ -399,7 +431,8 @@ def _read_csv(path: Path, ras: bool) -> PointList:
         if len(r) <= max(cols):
             raise InputError(f"{path}: line {n} has {len(r)} columns; expected {expected}")
         labels.append(r[il].strip() if il is not None else f"P{len(labels) + 1}")
-        xyz = [_parse_float(r[i], path, n) for i in cols]
+        # with ";" between values, a spreadsheet writes decimal commas
+        xyz = [_parse_float(r[i].replace(",", ".") if delimiter == ";" else r[i], path, n) for i in cols]
         pts.append(xyz + [0.0] * (3 - len(xyz)))
     if not pts:
         raise InputError(f"{path}: no points in file")

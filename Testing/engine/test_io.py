@@ -141,6 +141,30 @@ def test_a_point_file_with_a_bad_number_names_the_row(tmp_path):
         read_points(tmp_path / "p.csv")
 
 
+@pytest.mark.parametrize(("raw", "labels", "xyz"), [
+    (b"\xef\xbb\xbflabel,x,y,z\nA,1,2,3\n", ["A"], [1, 2, 3]),  # a spreadsheet's "CSV UTF-8": byte-order mark
+    (b"name,x,y,z\nLeftEye,1,2,3\n", ["LeftEye"], [1, 2, 3]),
+    (b"x,y,z,id\n1,2,3,L7\n", ["L7"], [1, 2, 3]),
+    (b"structure,x,y,z\nMandible,1,2,3\n", ["Mandible"], [1, 2, 3]),  # the one column besides x, y, z
+    (b"label;x;y;z\nA;1,5;-2,25;3\n", ["A"], [1.5, -2.25, 3]),  # ";" with decimal commas
+    (b"A;1.5;2;3\n", ["A"], [1.5, 2, 3]),
+    (b"label\tx\ty\tz\nT\t1\t2\t3\n", ["T"], [1, 2, 3]),
+], ids=["bom", "name", "id-last", "one-other-column", "semicolon-decimal-comma", "semicolon-no-header", "tab"])
+def test_point_files_as_spreadsheets_write_them_keep_their_labels_and_values(tmp_path, raw, labels, xyz):
+    path = tmp_path / "p.csv"
+    path.write_bytes(raw)
+    points = read_points(path)
+    assert points.labels == labels
+    np.testing.assert_array_equal(points.points_lps_mm, [xyz])
+
+
+def test_a_header_without_a_label_column_numbers_the_points_and_says_so(tmp_path, caplog):
+    path = tmp_path / "p.csv"
+    path.write_text("patient,structure,x,y,z\np1,Mandible,1,2,3\np1,Larynx,4,5,6\n")
+    assert read_points(path).labels == ["P1", "P2"]
+    assert f"{path}: no label column (label, name, id, landmark)" in caplog.text
+
+
 def test_the_content_hash_is_the_documented_digest_and_follows_the_voxels():
     """The embedding caches (memory and disk) are keyed by it: SHA-256 over dtype, shape, the voxel bytes and the
     rounded geometry. A disk entry written by an earlier version stays valid only while this digest does."""
