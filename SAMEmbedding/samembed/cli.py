@@ -152,7 +152,7 @@ def _start_prefetch(args, paths: list[str]):
 
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
-    from .io import check_point_dims, read_points
+    from .io import MARKUPS_SUFFIXES, check_point_dims, read_points
     from .names import target_ids
 
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
@@ -162,6 +162,10 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     ids = target_ids(target_paths)
     fused = len(pairs) > 1
     # what can be wrong with the inputs and outputs is found before torch loads (1-2 s)
+    if not folder_out and out.name.lower().endswith(MARKUPS_SUFFIXES) and n != 1:
+        raise InputError(f"--out {out}: a {out.name.split('.', 1)[-1]} file holds the points of one target, and there "
+                         f"are {n}; give a folder (--out {out.parent / 'matches'}/) for one .mrk.json per target, or "
+                         "a .csv file for all of them")
     if pairs:
         atlas_points = [read_points(pts_file, ras=args.ras) for _, pts_file in pairs]
         labels = list(atlas_points[0].labels)
@@ -347,18 +351,23 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
     ``heatmap_names`` (:func:`_heatmap_names`). Fused matches carry how many atlases agreed and their spread (mm).
     Each target's files are named by :func:`samembed.names.target_ids`: unique, so targets of the same file name in
     different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
-    from .io import write_heatmap, write_text_atomic
+    from .io import MARKUPS_SUFFIXES, csv_text, write_heatmap, write_text_atomic
 
     if prefetch is not None:
         prefetch.close()
-    if not folder_out:
-        lines = ["target,label,x,y,z,score,confident" + (",atlases,agreeing,spread_mm" if fused else "")]
+    if not folder_out and out.name.lower().endswith(MARKUPS_SUFFIXES):  # one target's markups (checked in _match)
+        _write_markups(args, done[0], out, fused)
+        if wrote is not None:
+            wrote.add("csv")
+    elif not folder_out:
+        rows = [["target", "label", "x", "y", "z", "score", "confident"]
+                + (["atlases", "agreeing", "spread_mm"] if fused else [])]
         for res in done:
             for r, m in zip(res.rows(ras=args.ras), res.matches):
-                line = (f"{r['target']},{r['label']},{r['x']:.3f},{r['y']:.3f},{r['z']:.3f},{r['score']:.4f},"
-                        f"{str(r['confident']).lower()}")
-                lines.append(line + (f",{m.atlases},{m.agreeing},{m.spread_mm:.2f}" if fused else ""))
-        write_text_atomic(out, "\n".join(lines) + "\n")
+                rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
+                             f"{r['score']:.4f}", str(r["confident"]).lower()]
+                            + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}"] if fused else []))
+        write_text_atomic(out, csv_text(rows))
         if wrote is not None:
             wrote.add("csv")
     if not args.heatmap_dir or not any(len(res.heatmaps) for res in done):
@@ -637,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an annotated atlas (repeat it): each landmark's predictions from all atlases are fused per "
                         "target (score-weighted geometric median; atlases that disagree are rejected, see the output)")
     m.add_argument("--atlases", metavar="MANIFEST.csv", help="atlases listed in a CSV with the columns image,points")
-    m.add_argument("--out", required=True, help="CSV file, or a folder for one .mrk.json per target")
+    m.add_argument("--out", required=True, help="CSV file (for one target also a .mrk.json or .fcsv file), or a folder "
+                   "for one .mrk.json per target")
     m.add_argument("--heatmap-dir", help="write each point's similarity map per target (target geometry; -1 outside the "
                    "voxels searched: the body, or --mask / --box)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")

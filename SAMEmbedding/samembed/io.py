@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -491,6 +492,18 @@ def _read_mrk_json(path: Path) -> PointList:
     return PointList(labels, np.array(pts), descs)
 
 
+def csv_text(rows: list[list[str]]) -> str:
+    """``rows`` of strings as CSV text, one line each (``\\n``): a value holding a comma, a quote or a line break is
+    quoted, as spreadsheets and Slicer read it (a label such as ``Parotid, left`` stays one column)."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+#: suffixes of the point files that hold one set of markups (:func:`write_points` writes them as Slicer does)
+MARKUPS_SUFFIXES = (".mrk.json", ".json", ".fcsv")
+
+
 def write_points(points: PointList, path: str | os.PathLike, ras: bool = False) -> Path:
     """Write points atomically; the format follows the suffix (.csv, .fcsv, .mrk.json).
 
@@ -519,8 +532,8 @@ def write_points(points: PointList, path: str | os.PathLike, ras: bool = False) 
             f"# CoordinateSystem = {coord}",
             "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID",
         ]
-        for i, (lab, d, xyz) in enumerate(zip(points.labels, descs, p)):
-            lines.append(f"{i + 1},{xyz[0]:.4f},{xyz[1]:.4f},{xyz[2]:.4f},0,0,0,1,1,1,0,{lab},{d},")
-        return write_text_atomic(path, "\n".join(lines) + "\n")
-    rows = ["label,x,y,z"] + [f"{lab},{xyz[0]:.4f},{xyz[1]:.4f},{xyz[2]:.4f}" for lab, xyz in zip(points.labels, p)]
-    return write_text_atomic(path, "\n".join(rows) + "\n")
+        rows = [[str(i + 1), f"{xyz[0]:.4f}", f"{xyz[1]:.4f}", f"{xyz[2]:.4f}", "0", "0", "0", "1", "1", "1", "0", lab,
+                 d, ""] for i, (lab, d, xyz) in enumerate(zip(points.labels, descs, p))]
+        return write_text_atomic(path, "\n".join(lines) + "\n" + csv_text(rows))
+    rows = [[lab, f"{xyz[0]:.4f}", f"{xyz[1]:.4f}", f"{xyz[2]:.4f}"] for lab, xyz in zip(points.labels, p)]
+    return write_text_atomic(path, csv_text([["label", "x", "y", "z"], *rows]))

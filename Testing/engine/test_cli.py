@@ -638,3 +638,32 @@ def test_a_count_to_a_file_is_a_line_now_and_then_and_at_the_end(monkeypatch):
     assert len(count(terminal=False, every_s=0.0).splitlines()) == 6  # start, each of the 4 updates, the end
     bar = count(terminal=True, every_s=10.0)
     assert "\r" in bar and "5/5" in bar and " s  train" not in bar
+
+
+@pytest.mark.needs_data
+def test_labels_with_commas_stay_one_column_and_one_target_can_go_to_a_markups_file(tmp_path, two_cts, capsys):
+    from samembed.io import read_image, read_points
+
+    pts = read_image(two_cts[0]).grid.index_to_lps([[64, 60, 70], [50, 70, 40]])
+    labels = ["Parotid, left", 'the "7th" rib']
+    src = tmp_path / "pts.csv"
+    with src.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["label", "x", "y", "z"], *([lab, *map(str, p)] for lab, p in zip(labels, pts))])
+    rnd = ["--model", "random:sam-lite", "--device", "cpu", "--quiet"]
+    out_csv, out_mrk, out_fcsv = tmp_path / "m.csv", tmp_path / "m.mrk.json", tmp_path / "m.fcsv"
+    for out in (out_csv, out_mrk, out_fcsv):
+        assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(src), "--out", str(out), *rnd]) == 0
+    rows = list(csv.reader(out_csv.open()))
+    assert all(len(r) == 7 for r in rows) and [r[1] for r in rows[1:]] == labels
+    found = np.array([[float(v) for v in r[2:5]] for r in rows[1:]])
+    for out in (out_mrk, out_fcsv):  # the same matches, as Slicer markups
+        back = read_points(out)
+        assert back.labels == labels
+        np.testing.assert_allclose(back.points_lps_mm, found, atol=1e-3)
+        assert back.descriptions[0].startswith("score=")
+    # several targets cannot share one markups file: refused before anything is computed, nothing written
+    many = tmp_path / "many.mrk.json"
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), str(two_cts[0]), "--points", str(src), "--out", str(many),
+                 *rnd]) == 2
+    assert "a mrk.json file holds the points of one target, and there are 2; give a folder" in capsys.readouterr().err
+    assert not many.exists()

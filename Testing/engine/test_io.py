@@ -67,11 +67,16 @@ def test_png_and_jpeg_read_as_2d_images(tmp_path, suffix):
 @pytest.mark.parametrize("name", ["pts.csv", "pts.fcsv", "pts.mrk.json"])
 @pytest.mark.parametrize("ras", [False, True])
 def test_point_files_round_trip_in_lps(tmp_path, name, ras):
-    pts = PointList(["a", "b"], np.array([[1.5, -2.25, 3.0], [-10.0, 20.0, -30.5]]))
+    # labels with a comma, a quote or a non-ASCII letter stay one value (quoted in CSV and .fcsv, as Slicer writes)
+    labels = ["a", "Parotid, left", 'the "7th" rib', "Übung"]
+    pts = PointList(labels, np.array([[1.5, -2.25, 3.0], [-10.0, 20.0, -30.5], [0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]),
+                    descriptions=["", "score=0.9; a, b", "", ""])
     write_points(pts, tmp_path / name, ras=ras)
     back = read_points(tmp_path / name, ras=ras)
-    assert back.labels == ["a", "b"]
+    assert back.labels == labels
     np.testing.assert_allclose(back.points_lps_mm, pts.points_lps_mm, atol=1e-3)
+    if not name.endswith(".csv"):
+        assert back.descriptions[1] == "score=0.9; a, b"
 
 
 def test_markups_json_honours_its_coordinate_system(tmp_path):
