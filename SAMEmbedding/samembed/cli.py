@@ -438,9 +438,17 @@ def _cmd_embed(args) -> int:
 
 
 def _cmd_cache(args) -> int:
-    """``samembed cache info|clear --cache-dir DIR``: what the embedding cache holds, or empty it."""
+    """``samembed cache info|clear FOLDER`` (or ``--cache-dir FOLDER``): what the embedding cache holds, or empty
+    it."""
     from .tiles import cache_clear, cache_info
 
+    given = [f for f in (args.folder, args.cache_dir) if f]
+    if not given:
+        raise InputError(f"which cache folder? samembed cache {args.action} FOLDER (the --cache-dir given to match or "
+                         "embed)")
+    if len(given) == 2 and Path(given[0]).resolve() != Path(given[1]).resolve():
+        raise InputError(f"two cache folders given, {given[0]} and --cache-dir {given[1]}; give one")
+    args.cache_dir = given[0]
     if not Path(args.cache_dir).is_dir():
         raise InputError(f"{args.cache_dir}: no such cache folder (give the --cache-dir used with match or embed)")
     if args.action == "clear":
@@ -664,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache", help="show or clear an embedding cache folder")
     c.add_argument("action", choices=["info", "clear"])
-    c.add_argument("--cache-dir", required=True, help="the folder given to match/embed --cache-dir")
+    c.add_argument("folder", nargs="?", help="the cache folder (the --cache-dir given to match or embed)")
+    c.add_argument("--cache-dir", help="the cache folder, as match and embed take it (instead of FOLDER)")
     add_log_flags(c)
     c.set_defaults(func=_cmd_cache)
 

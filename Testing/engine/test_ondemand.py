@@ -465,8 +465,12 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     for f in ("b", "c", "d"):
         (tmp_path / f"{f}{ENTRY_SUFFIX}").unlink()
     older.unlink()
-    assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
+    assert main(["cache", "info", str(tmp_path)]) == 0  # the folder as an argument, as --cache-dir
     assert capsys.readouterr().out.splitlines()[-1].startswith("1 entry,")
+    assert main(["cache", "info"]) == 2
+    assert "which cache folder? samembed cache info FOLDER" in capsys.readouterr().err
+    assert main(["cache", "info", str(tmp_path), "--cache-dir", str(tmp_path / "other")]) == 2
+    assert "two cache folders given" in capsys.readouterr().err
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
     assert "removed 1 entry from" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in foreign)
