@@ -101,11 +101,12 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None):
         on_disk = disk._disk_path(disk.key(image)).is_file()
         if not on_disk:
             m.cache.clear()  # an in-memory copy (e.g. of an earlier run) would keep it from reaching the folder
-            disk.embed(image)  # computed once, stored in the cache folder
+            disk.embed_body(image)  # what an entry holds (the global map, the body's local map): computed once
             m.cache.clear()
         # every worker matches with the float16 maps read from the folder, so results do not depend on where a
-        # scan ran (the worker that computed them would otherwise hold float32 maps)
-        maps = disk.embed(image)
+        # scan ran (the worker that computed them would otherwise hold float32 maps); a voxel the folder does not
+        # hold (outside the body) is computed when a search reads it, the same on every worker (tiles are exact)
+        maps = disk.embed(image, on_demand=True)
         eng.stats["atlas_loaded" if on_disk else "atlas_computed"] += 1
         eng.atlases[key] = (image, maps)
     return eng.atlases[key]
