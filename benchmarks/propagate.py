@@ -67,15 +67,15 @@ def run_once(model: str, workers: int, atlas, scans, root: Path) -> dict:
     }
 
 
-def markdown(results: list[dict], args, n_scans: int) -> str:
-    """The results as the markdown report."""
+def markdown(results: list[dict], args, n_scans: int, load_at_start: float | None = None) -> str:
+    """The results as the markdown report (``load_at_start``: the 1-minute load average before the first run)."""
     one = {r["workers"]: r for r in results}
     lines = [
         (f"Propagation benchmark, CPU, {time.strftime('%Y-%m-%d')}; command: "
          f"`OMP_NUM_THREADS=1 python benchmarks/propagate.py --model {args.model} --scans {n_scans} --workers {args.workers}`"),
         "",
-        (f"Machine: {os.cpu_count()} cores, **shared with a training run and other developers' jobs while this ran** "
-        f"(load average at the start {os.getloadavg()[0]:.1f}), so absolute times are pessimistic and noisy; "
+        (f"Machine: {os.cpu_count()} cores, 1-minute load average {'' if load_at_start is None else f'{load_at_start:.1f} at the start and '}"
+         f"{os.getloadavg()[0]:.1f} at the end (the runs' own processes count in it); "
         f"python {platform.python_version()}, torch {results[0]['versions'].get('torch')}, dask "
         f"{results[0]['versions'].get('dask')}. Model `{results[0]['model_id']}`; atlas OpenKBP pt_201 with 7 organ "
         f"centroids; {n_scans} OpenKBP CTs (128^3, ~4 x 4 x 2.5 mm, embedded on the model's 2 mm grid); default "
@@ -118,6 +118,7 @@ def main() -> int:
         return 0
     from samembed.propagate import Atlas, Scan
 
+    load_at_start = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="propagate-bench-"))
     try:
         rows = [r for r in csv.DictReader((OPENKBP / "oar_centroids.csv").open()) if r["patient"] == "pt_201"]
@@ -132,7 +133,7 @@ def main() -> int:
             r = run_once(args.model, w, atlas, scans, root)
             print(json.dumps({k: v for k, v in r.items() if k != "versions"}, default=float), flush=True)
             results.append(r)
-        text = markdown(results, args, len(scans))
+        text = markdown(results, args, len(scans), load_at_start)
         Path(args.out).write_text(text)
         print(text)
     finally:
