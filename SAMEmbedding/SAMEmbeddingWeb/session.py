@@ -268,13 +268,12 @@ class MatchSession:
     def load_landmarks(self, path: Path) -> int:
         """Add the points of a ``.mrk.json``, ``.fcsv`` or CSV (label,x,y,z LPS) file to the source landmarks (in
         one batch: the controller then matches them all). Returns how many were added."""
-        from samembed.io import check_point_dims, read_points
+        from samembed.io import read_points
 
         points = read_points(path)
-        source = self.parameters.sourceVolume
-        data = None if source is None else source.GetImageData()
-        if data is not None:  # a volume of one slice is a 2D image (a radiograph): x, y suffice there
-            check_point_dims(points, path, 3 if min(data.GetDimensions()) > 1 else 2, source.GetName())
+        if points.dims < 3:  # every volume of the viewer is 3D: x, y alone would put the points on the plane z = 0
+            raise InputError(f"{Path(path).name}: its points have {points.dims} coordinates (label,x,y); the viewer's "
+                             "volumes are 3D: give each point's z too (label,x,y,z in LPS mm)")
         ras = np.asarray(points.points_lps_mm, dtype=float) * np.array([-1.0, -1.0, 1.0])
         node = self.points
         was = node.StartModify()

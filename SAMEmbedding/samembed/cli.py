@@ -162,8 +162,9 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     ids = target_ids(target_paths)
     fused = len(pairs) > 1
     # what can be wrong with the inputs and outputs is found before torch loads (1-2 s)
-    if not folder_out and out.name.lower().endswith(MARKUPS_SUFFIXES) and n != 1:
-        raise InputError(f"--out {out}: a {out.name.split('.', 1)[-1]} file holds the points of one target, and there "
+    suffix = next((x for x in MARKUPS_SUFFIXES if out.name.lower().endswith(x)), None)
+    if not folder_out and suffix and n != 1:
+        raise InputError(f"--out {out}: a {suffix} file holds the points of one target, and there "
                          f"are {n}; give a folder (--out {out.parent / 'matches'}/) for one .mrk.json per target, or "
                          "a .csv file for all of them")
     if pairs:

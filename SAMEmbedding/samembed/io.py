@@ -378,47 +378,75 @@ def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
         raise InputError(f"{path}: cannot parse point file: {e}") from e
 
 
-#: header names of a CSV point file's label column, the first found is used (else its one column besides x, y, z)
-LABEL_COLUMNS = ("label", "name", "id", "landmark")
+#: header names of a CSV point file's label column, the first found is used (else a column of names besides x, y, z)
+LABEL_COLUMNS = ("label", "name", "landmark", "id")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_comment(row: list[str]) -> bool:
+    """A row that starts with ``#`` and is not a point (a label such as ``#1 tumour`` followed by numbers is)."""
+    return row[0].lstrip().startswith("#") and not (len(row) >= 3 and all(_is_number(v) for v in row[1:3]))
+
+
+def _row_fits(fields: list[str], decimal_comma: bool) -> bool:
+    """``fields`` look like a point file's first row: a header naming x and y, or a label and 2 or 3 numbers."""
+    if {"x", "y"} <= {f.strip().lower() for f in fields}:
+        return True
+    return len(fields) in (3, 4) and all(_is_number(f.replace(",", ".") if decimal_comma else f) for f in fields[1:])
 
 
 def _csv_delimiter(text: str) -> str:
-    """The separator of a CSV point file: ``;`` when its first row holds at least two (as spreadsheets write CSV
-    where the comma is the decimal separator), else ``,``, or a tab when the row holds tabs and no comma."""
-    first = next((line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
-    if first.count(";") >= 2:
-        return ";"
-    return "\t" if "," not in first and "\t" in first else ","
+    """The separator of a CSV point file: the first of ``,``, ``;`` (as spreadsheets write CSV where the comma is
+    the decimal separator, with decimal commas) and a tab that makes its first row a header naming x and y or a
+    label and 2 or 3 numbers; ``,`` when none does (the error then names the row)."""
+    first = next((line for line in text.splitlines() if line.strip() and not _is_comment(next(csv.reader([line])))), "")
+    for delimiter in (",", ";", "\t"):
+        if _row_fits(next(csv.reader([first], delimiter=delimiter), []), delimiter == ";"):
+            return delimiter
+    return ","
 
 
-def _label_column(header: list[str], coords: list[int]) -> int | None:
-    """Index of the label column of a CSV header (lower case, stripped), or None (labels P1, P2, ... then)."""
+def _label_column(header: list[str], coords: list[int], body: list[list[str]]) -> int | None:
+    """Index of the label column of a CSV header (lower case, stripped), or None (labels P1, P2, ... then): a column
+    named as in :data:`LABEL_COLUMNS`, else the one other named column whose values are names (not all numbers) and
+    unique (``structure``, ``organ``, ...; not a score, nor a spreadsheet's unnamed row numbers)."""
     for name in LABEL_COLUMNS:
         if name in header:
             return header.index(name)
-    others = [i for i in range(len(header)) if i not in coords]
-    return others[0] if len(others) == 1 else None
+    others = [i for i, h in enumerate(header) if i not in coords and h]
+    if len(others) != 1:
+        return None
+    values = [r[others[0]].strip() for r in body if len(r) > others[0]]
+    names = len(set(values)) == len(values) and not all(_is_number(v) for v in values)
+    return others[0] if names else None
 
 
 def _read_csv(path: Path, ras: bool) -> PointList:
     """``label,x,y,z`` (3D) or ``label,x,y`` (2D, z = 0), with or without a header row; rows are numbered as
-    the file's lines, so an error names the line to fix. A header names the label column ``label``, ``name``, ``id``
-    or ``landmark`` (or it is the one column besides x, y, z); a byte-order mark (spreadsheets' "CSV UTF-8") is
-    skipped, and a file separated by ``;`` (with decimal commas or points) or tabs is read as such."""
+    the file's lines, so an error names the line to fix. A header names the label column ``label``, ``name``,
+    ``landmark`` or ``id`` (or it is the one other column, of unique names); a byte-order mark (spreadsheets' "CSV
+    UTF-8") is skipped, and a file separated by ``;`` (with decimal commas or points) or tabs is read as such."""
     text = path.read_text(encoding="utf-8-sig")
     delimiter = _csv_delimiter(text)
-    reader = csv.reader(text.splitlines(), delimiter=delimiter)
-    rows = [(n, r) for n, r in enumerate(reader, start=1) if r and not r[0].lstrip().startswith("#")]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)  # quoted line breaks stay in their value
+    rows = [(n, r) for n, r in enumerate(reader, start=1) if r and not _is_comment(r)]
     if not rows:
         raise InputError(f"{path}: no points in file")
     header = [h.strip().lower() for h in rows[0][1]]
     if {"x", "y"} <= set(header):
         cols = [header.index(a) for a in ("x", "y", "z") if a in header]
-        il = _label_column(header, cols)
-        if il is None:
-            log.warning("%s: no label column (%s) in its header: the points are labelled P1, P2, ...", path,
-                        ", ".join(LABEL_COLUMNS))
         body = rows[1:]
+        il = _label_column(header, cols, [r for _, r in body])
+        if il is None:
+            log.warning("%s: no label column (%s, or one other column of unique names) in its header: the points are "
+                        "labelled P1, P2, ...", path, ", ".join(LABEL_COLUMNS))
     else:
         width = len(rows[0][1])
         if width not in (3, 4):
@@ -445,7 +473,7 @@ def _read_fcsv(path: Path) -> PointList:
     coord = "RAS"
     labels, pts, descs = [], [], []
     columns = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID"]
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         for n, r in enumerate(csv.reader(fh), start=1):
             if not r:
                 continue
@@ -470,7 +498,7 @@ def _read_fcsv(path: Path) -> PointList:
 
 
 def _read_mrk_json(path: Path) -> PointList:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding="utf-8-sig"))
     markups = data.get("markups") if isinstance(data, dict) else None
     if not markups:
         raise InputError(f"{path}: not a Slicer markups file (no 'markups' list)")

@@ -662,8 +662,8 @@ def test_labels_with_commas_stay_one_column_and_one_target_can_go_to_a_markups_f
         np.testing.assert_allclose(back.points_lps_mm, found, atol=1e-3)
         assert back.descriptions[0].startswith("score=")
     # several targets cannot share one markups file: refused before anything is computed, nothing written
-    many = tmp_path / "many.mrk.json"
+    many = tmp_path / "many.v2.mrk.json"  # the suffix named is the whole .mrk.json
     assert main(["match", str(two_cts[0]), str(two_cts[1]), str(two_cts[0]), "--points", str(src), "--out", str(many),
                  *rnd]) == 2
-    assert "a mrk.json file holds the points of one target, and there are 2; give a folder" in capsys.readouterr().err
+    assert "a .mrk.json file holds the points of one target, and there are 2; give a folder" in capsys.readouterr().err
     assert not many.exists()

@@ -154,7 +154,12 @@ def test_a_point_file_with_a_bad_number_names_the_row(tmp_path):
     (b"label;x;y;z\nA;1,5;-2,25;3\n", ["A"], [1.5, -2.25, 3]),  # ";" with decimal commas
     (b"A;1.5;2;3\n", ["A"], [1.5, 2, 3]),
     (b"label\tx\ty\tz\nT\t1\t2\t3\n", ["T"], [1, 2, 3]),
-], ids=["bom", "name", "id-last", "one-other-column", "semicolon-decimal-comma", "semicolon-no-header", "tab"])
+    (b"id,landmark,x,y,z\n1,Mandible,1,2,3\n", ["Mandible"], [1, 2, 3]),  # a name before a number
+    (b"Parotid;left;ant,1,2,3\n", ["Parotid;left;ant"], [1, 2, 3]),  # ";" inside a label of a comma file
+    (b'label,x,y,z\n"a\nb",1,2,3\n', ["a\nb"], [1, 2, 3]),  # a quoted line break stays in its label
+    (b"label,x,y,z\n# a comment\n#1 tumour,1,2,3\n", ["#1 tumour"], [1, 2, 3]),  # a label, not a comment
+], ids=["bom", "name", "id-last", "one-other-column", "semicolon-decimal-comma", "semicolon-no-header", "tab",
+        "landmark-before-id", "semicolon-in-label", "quoted-line-break", "hash-label"])
 def test_point_files_as_spreadsheets_write_them_keep_their_labels_and_values(tmp_path, raw, labels, xyz):
     path = tmp_path / "p.csv"
     path.write_bytes(raw)
@@ -163,11 +168,24 @@ def test_point_files_as_spreadsheets_write_them_keep_their_labels_and_values(tmp
     np.testing.assert_array_equal(points.points_lps_mm, [xyz])
 
 
-def test_a_header_without_a_label_column_numbers_the_points_and_says_so(tmp_path, caplog):
+@pytest.mark.parametrize("text", [
+    "patient,structure,x,y,z\np1,Mandible,1,2,3\np1,Larynx,4,5,6\n",  # two other columns: which one?
+    "x,y,z,score\n1,2,3,0.9\n4,5,6,0.9\n",  # numbers, not names
+    ",x,y,z\n0,1,2,3\n1,4,5,6\n",  # a spreadsheet's unnamed row numbers
+], ids=["two-columns", "scores", "row-numbers"])
+def test_a_header_without_a_label_column_numbers_the_points_and_says_so(tmp_path, caplog, text):
     path = tmp_path / "p.csv"
-    path.write_text("patient,structure,x,y,z\np1,Mandible,1,2,3\np1,Larynx,4,5,6\n")
+    path.write_text(text)
     assert read_points(path).labels == ["P1", "P2"]
-    assert f"{path}: no label column (label, name, id, landmark)" in caplog.text
+    assert f"{path}: no label column (label, name, landmark, id, or one other column of unique names)" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["pts.fcsv", "pts.mrk.json"])
+def test_slicer_point_files_with_a_byte_order_mark_are_read(tmp_path, name):
+    write_points(PointList(["a"], np.array([[1.0, 2.0, 3.0]])), tmp_path / name)
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+    back = read_points(tmp_path / name)
+    assert back.labels == ["a"] and back.points_lps_mm.tolist() == [[1.0, 2.0, 3.0]]
 
 
 def test_the_content_hash_is_the_documented_digest_and_follows_the_voxels():

@@ -19,6 +19,7 @@ import threading
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from samembed.errors import Cancelled
@@ -456,16 +457,54 @@ def test_a_new_run_into_a_folder_holding_run_files_is_refused_and_changes_nothin
     assert (out / "matches.csv").read_text() == "mine\n"
 
 
-def test_an_atlas_point_file_of_x_y_only_for_a_ct_is_refused_before_the_atlas_is_embedded(setup, client, tmp_path):
+def test_an_atlas_point_file_of_x_y_only_for_a_ct_is_refused_before_any_atlas_is_embedded(setup, client, tmp_path):
     """A ``label,x,y`` file would put every atlas point on the plane z = 0: the run stops with an error that names
-    the atlas, before its embedding is computed."""
+    the atlas, before any atlas's embedding is computed (here the second atlas's file is the flat one)."""
     from samembed.errors import InputError
     from samembed.propagate import Atlas, propagate
 
     xy = tmp_path / "xy.csv"
     xy.write_text("label,x,y\n" + "".join(f"{lab},250,250\n" for lab in setup["labels"]))
-    atlas = Atlas(setup["atlas"].image, str(xy))
+    second = Atlas(str(OPENKBP / "ct" / "pt_202_ct.nii.gz"), str(xy))
     settings = dataclasses.replace(_settings(setup), cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(InputError, match=r"its atlas points have 2 coordinates \(label,x,y\), but it is a 3D image"):
-        propagate(atlas, setup["manifest"], tmp_path / "out", OPTIONS, settings, client=client)
+    with pytest.raises(InputError, match=r"pt_202_ct.nii.gz: its atlas points have 2 coordinates \(label,x,y\), but "
+                                         r"it is a 3D image"):
+        propagate([setup["atlas"], second], setup["manifest"], tmp_path / "out", OPTIONS, settings, client=client)
     assert not any((tmp_path / "cache").glob("*.pt"))  # nothing embedded
+
+
+def test_an_atlas_entry_left_partial_in_the_cache_folder_is_completed_before_the_scans(setup, client, tmp_path):
+    """A ``samembed match --cache-dir`` stores only the atlas voxels its searches read (or a stopped run, the tiles it
+    finished): a run on that folder first completes the atlas's body in it, so that every worker reads the same
+    stored voxels as after a fresh run, and its matches are a fresh run's."""
+    from samembed.api import Matcher, as_image
+    from samembed.propagate import propagate
+    from samembed.tiles import ENTRY_SUFFIX, read_entry
+
+    cache = tmp_path / "cache"
+    embedder = Matcher(model=setup["model"], device="cpu", cache_dir=str(cache)).embedder
+    maps = embedder.embed(as_image(setup["atlas"].image), on_demand=True)
+    centre = np.array(maps.local_grid.shape_zyx) // 2
+    maps.ensure(centre - 4, centre + 4, need=maps.body)  # a search's few tiles, stored as a match stores them
+    embedder.settle(maps)
+
+    def atlas_entry() -> tuple[np.ndarray, np.ndarray]:
+        """The atlas entry's body and stored voxels, (V,) bool each."""
+        entries = [read_entry(e) for e in cache.glob(f"*{ENTRY_SUFFIX}")]
+        (meta, (_, body_bits, stored_bits, _)), = [e for e in entries if e[0]["image"] == setup["atlas"].image]
+        n = int(np.prod(meta["local_grid"]["shape_zyx"]))
+        return np.unpackbits(body_bits, count=n).astype(bool), np.unpackbits(stored_bits, count=n).astype(bool)
+
+    body, stored = atlas_entry()
+    assert stored.sum() < body.sum()  # partial: the match's searches only
+    scans = setup["scans"][:2]
+    settings = dataclasses.replace(_settings(setup), cache_dir=str(cache))
+    propagate(setup["atlas"], scans, tmp_path / "out", OPTIONS, settings, client=client)
+    body, stored = atlas_entry()
+    assert (stored == body).all()  # the whole body, no more
+    fresh = dataclasses.replace(_settings(setup), cache_dir=str(tmp_path / "fresh"))
+    propagate(setup["atlas"], scans, tmp_path / "out_fresh", OPTIONS, fresh, client=client)
+    def by_scan(out: Path) -> list[dict]:
+        return sorted(_rows(out), key=lambda r: (r["scan"], r["label"]))
+
+    assert by_scan(tmp_path / "out") == by_scan(tmp_path / "out_fresh")

@@ -82,9 +82,11 @@ def _engine(job: ScanJob) -> _Engine:
     return eng
 
 
-def _atlas(eng: _Engine, job: ScanJob, path: str | None = None):
+def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: bool = False):
     """An atlas image of the run (the first by default) and its embedding, loaded from the cache folder (computed
-    and stored there if absent)."""
+    and stored there if absent). ``complete_entry`` (the run's preparation, before any scan): also when the folder
+    holds an entry, make sure it holds the whole body (an entry that a ``samembed match --cache-dir`` or a stopped
+    run left partial is completed, a damaged one recomputed), so that every worker reads the same voxels."""
     path = job.atlas_image if path is None else path
     key = (path, job.cache_dir)
     if key not in eng.atlases:
@@ -99,9 +101,10 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None):
         disk = Embedder(m.model, m.device, m.cache, job.cache_dir, m.embedder.max_tile_voxels, m.embedder.modality,
                         m.embedder.precision)
         on_disk = disk._disk_path(disk.key(image)).is_file()
-        if not on_disk:
+        if complete_entry or not on_disk:
             m.cache.clear()  # an in-memory copy (e.g. of an earlier run) would keep it from reaching the folder
-            disk.embed_body(image)  # what an entry holds (the global map, the body's local map): computed once
+            # what an entry holds (the global map, the body's local map): computed once, or the missing part of it
+            disk.embed_body(image)
             m.cache.clear()
         # every worker matches with the float16 maps read from the folder, so results do not depend on where a
         # scan ran (the worker that computed them would otherwise hold float32 maps); a voxel the folder does not
@@ -142,17 +145,18 @@ def prepare_atlas(job: ScanJob) -> dict:
     t0 = time.time()
     os.makedirs(job.cache_dir, exist_ok=True)
     keys, hashes = [], []
-    for i, (path, labels, points) in enumerate(job.all_atlases):
-        if i < len(job.point_dims) and job.point_dims[i] < 3:  # x, y only: a 2D image, or said before embedding
+    for (path, _, _), dims in zip(job.all_atlases, job.point_dims):  # every atlas before any is embedded
+        if dims < 3:  # x, y only: right for a 2D image only
             from ..io import read_image
 
             d = read_image(path).ndim
-            if job.point_dims[i] < d:
-                raise InputError(f"{path}: its atlas points have {job.point_dims[i]} coordinates (label,x,y), but it "
-                                 f"is a {d}D image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras)")
+            if dims < d:
+                raise InputError(f"{path}: its atlas points have {dims} coordinates (label,x,y), but it is a {d}D "
+                                 "image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras)")
+    for path, labels, points in job.all_atlases:
         with _LOCK:
             eng = _engine(job)
-            image, maps = _atlas(eng, job, path)
+            image, maps = _atlas(eng, job, path, complete_entry=True)
         d = image.ndim
         outside = ~image.grid.contains_index(image.grid.lps_to_index(np.asarray(points)[:, :d]), margin=0.5)
         if outside.any():
