@@ -124,6 +124,16 @@ def _assign_state(net: torch.nn.Module, state: dict, source: str) -> None:
         raise CheckpointError(f"{source}: the network kept tensors without values: {', '.join(left[:5])}")
 
 
+def _torch_file_kind(path: Path) -> str | None:
+    """``"zip"`` (``torch.save``'s format), ``"pickle"`` (the legacy format) or None (neither: not a checkpoint)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return "zip"
+    with open(path, "rb") as fh:
+        return "pickle" if fh.read(1) == b"\x80" else None  # a pickle of protocol 2 or later
+
+
 def _torch_load(path: Path, sha: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -133,7 +143,19 @@ def _torch_load(path: Path, sha: str):
                 return torch.load(path, map_location="cpu", weights_only=False)
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{path}: cannot read checkpoint: {e}") from e
-        raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or not a PyTorch file): {first}") from first
+        if _torch_file_kind(path) is None:
+            raise CheckpointError(f"{path}: cannot read checkpoint: not a PyTorch file (corrupt, cut short or another "
+                                  "kind of file); give a .pt or .pth file written by torch.save") from first
+        if "weights only load failed" in str(first).lower():
+            # torch's own message advises weights_only=False, which would run whatever code the file carries
+            raise CheckpointError(
+                f"{path}: cannot read checkpoint: it holds Python objects besides tensors and plain values, and "
+                "unpickling those can run code from the file, so samembed reads such files only when they are a known "
+                "official SAM release (by SHA-256). If you trust the file, save its weights alone, "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt'), and pass that") from first
+        lines = [line for line in str(first).strip().splitlines() if line.strip()]
+        raise CheckpointError(f"{path}: cannot read checkpoint (corrupt or not a PyTorch file): "
+                              f"{lines[-1] if lines else type(first).__name__}") from first
 
 
 def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> LoadedModel:

@@ -107,6 +107,25 @@ def test_a_corrupt_checkpoint_fails_clearly(tmp_path):
     path.write_bytes(b"PK\x03\x04 definitely not a torch file")
     with pytest.raises(CheckpointError, match="corrupt.pt: cannot read checkpoint"):
         load_checkpoint(path)
+    path.write_text("not a model at all\n")  # another kind of file: said so, without torch's unpickling advice
+    with pytest.raises(CheckpointError, match=r"corrupt.pt: cannot read checkpoint: not a PyTorch file") as err:
+        load_checkpoint(path)
+    assert "weights_only" not in str(err.value)
+
+
+class TrainingNotes:
+    """An object of a class of its own, as training scripts pickle into checkpoints (only torch's full unpickler,
+    which imports and runs code named in the file, reads it)."""
+
+
+def test_a_checkpoint_of_python_objects_is_refused_without_running_them(tmp_path):
+    """A pickle with objects beyond tensors needs torch's full unpickler, which runs code from the file: refused for
+    a file that is not a known official release, with what to do instead, never loaded that way."""
+    path = tmp_path / "objects.pt"
+    torch.save({"state_dict": {}, "extra": TrainingNotes()}, path)
+    with pytest.raises(CheckpointError, match=r"objects.pt: cannot read checkpoint: it holds Python objects besides "
+                                              r"tensors .* save its weights alone"):
+        load_checkpoint(path)
 
 
 def test_a_samembed_checkpoint_restores_architecture_and_preprocessing(tmp_path):
