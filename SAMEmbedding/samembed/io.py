@@ -502,21 +502,25 @@ def _read_mrk_json(path: Path) -> PointList:
     markups = data.get("markups") if isinstance(data, dict) else None
     if not markups:
         raise InputError(f"{path}: not a Slicer markups file (no 'markups' list)")
-    labels, pts, descs = [], [], []
+    labels, pts, descs, unplaced = [], [], [], []
     for m in markups:
         coord = str(m.get("coordinateSystem", "LPS")).upper()
         if coord not in ("RAS", "LPS"):
             raise InputError(f"{path}: unknown coordinateSystem '{coord}'; expected RAS or LPS")
         for n, cp in enumerate(m.get("controlPoints", []), start=1):
             pos = cp.get("position")
-            if pos is None or len(pos) != 3:
+            # a point not placed yet (Slicer's "undefined", "preview" or "missing"): its position means nothing
+            if pos is None or len(pos) != 3 or str(cp.get("positionStatus", "defined")).lower() != "defined":
+                unplaced.append(str(cp.get("label", f"#{n}")))
                 continue
             p = np.array([_parse_float(v, path, n) for v in pos])
             pts.append(lps_to_ras(p) if coord == "RAS" else p)
             labels.append(str(cp.get("label", f"P{len(labels) + 1}")))
             descs.append(str(cp.get("description", "")))
+    if unplaced:
+        log.warning("%s: %d control point(s) not placed, left out: %s", path, len(unplaced), ", ".join(unplaced[:10]))
     if not pts:
-        raise InputError(f"{path}: no control points in file")
+        raise InputError(f"{path}: no placed control points in file" + (f" ({len(unplaced)} not placed)" if unplaced else ""))
     return PointList(labels, np.array(pts), descs)
 
 

@@ -180,6 +180,23 @@ def test_a_header_without_a_label_column_numbers_the_points_and_says_so(tmp_path
     assert f"{path}: no label column (label, name, landmark, id, or one other column of unique names)" in caplog.text
 
 
+def test_control_points_not_placed_in_a_markups_file_are_left_out_and_named(tmp_path, caplog):
+    """Slicer saves the points of a list that are not placed yet (a template's names) with a status other than
+    "defined" and a meaningless position: they are not points to match."""
+    cps = [{"label": "A", "position": [1.0, 2.0, 3.0], "positionStatus": "defined"},
+           {"label": "B", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"},
+           {"label": "C", "position": [4.0, 5.0, 6.0]},  # no status (older files): placed
+           {"label": "D", "position": [7.0, 8.0, 9.0], "positionStatus": "preview"}]
+    path = tmp_path / "p.mrk.json"
+    path.write_text(json.dumps({"markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "controlPoints": cps}]}))
+    points = read_points(path)
+    assert points.labels == ["A", "C"] and points.points_lps_mm.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert "2 control point(s) not placed, left out: B, D" in caplog.text
+    path.write_text(json.dumps({"markups": [{"type": "Fiducial", "controlPoints": cps[1:2]}]}))
+    with pytest.raises(InputError, match=r"p.mrk.json: no placed control points in file \(1 not placed\)"):
+        read_points(path)
+
+
 @pytest.mark.parametrize("name", ["pts.fcsv", "pts.mrk.json"])
 def test_slicer_point_files_with_a_byte_order_mark_are_read(tmp_path, name):
     write_points(PointList(["a"], np.array([[1.0, 2.0, 3.0]])), tmp_path / name)
