@@ -630,5 +630,6 @@ def test_first_click_into_three_targets_from_cold_is_measured_and_preparing_ahea
         np.testing.assert_allclose(a.pointRAS, b.pointRAS, atol=1e-4)
         assert a.score == pytest.approx(b.score, abs=1e-5) and a.confident == b.confident
     with capsys.disabled():
-        print(f"\n[first click, 1 landmark into 3 OpenKBP targets, default model, CPU] cold {cold_s:.1f} s; "
+        print(f"\n[first click, 1 landmark into 3 OpenKBP targets, default model, CPU, in this test process (no engine "
+              f"process, no prefetch; the module's own path is timed by benchmarks/first_click.py)] cold {cold_s:.1f} s; "
               f"prepared ahead {prepare_s:.1f} s, then the click {warm_s:.1f} s")
