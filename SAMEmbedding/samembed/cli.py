@@ -152,7 +152,7 @@ def _start_prefetch(args, paths: list[str]):
 
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
-    from .io import MARKUPS_SUFFIXES, check_point_dims, read_points
+    from .io import check_point_dims, markups_suffix, read_points
     from .names import target_ids
 
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
@@ -162,7 +162,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     ids = target_ids(target_paths)
     fused = len(pairs) > 1
     # what can be wrong with the inputs and outputs is found before torch loads (1-2 s)
-    suffix = next((x for x in MARKUPS_SUFFIXES if out.name.lower().endswith(x)), None)
+    suffix = markups_suffix(out)
     if not folder_out and suffix and n != 1:
         raise InputError(f"--out {out}: a {suffix} file holds the points of one target, and there "
                          f"are {n}; give a folder (--out {out.parent / 'matches'}/) for one .mrk.json per target, or "
@@ -352,23 +352,22 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
     ``heatmap_names`` (:func:`_heatmap_names`). Fused matches carry how many atlases agreed and their spread (mm).
     Each target's files are named by :func:`samembed.names.target_ids`: unique, so targets of the same file name in
     different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
-    from .io import MARKUPS_SUFFIXES, csv_text, write_heatmap, write_text_atomic
+    from .io import csv_text, markups_suffix, write_heatmap, write_text_atomic
 
     if prefetch is not None:
         prefetch.close()
-    if not folder_out and out.name.lower().endswith(MARKUPS_SUFFIXES):  # one target's markups (checked in _match)
-        _write_markups(args, done[0], out, fused)
-        if wrote is not None:
-            wrote.add("csv")
-    elif not folder_out:
-        rows = [["target", "label", "x", "y", "z", "score", "confident"]
-                + (["atlases", "agreeing", "spread_mm"] if fused else [])]
-        for res in done:
-            for r, m in zip(res.rows(ras=args.ras), res.matches):
-                rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
-                             f"{r['score']:.4f}", str(r["confident"]).lower()]
-                            + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}"] if fused else []))
-        write_text_atomic(out, csv_text(rows))
+    if not folder_out:
+        if markups_suffix(out):  # one target's markups (_match refuses several)
+            _write_markups(args, done[0], out, fused)
+        else:
+            rows = [["target", "label", "x", "y", "z", "score", "confident"]
+                    + (["atlases", "agreeing", "spread_mm"] if fused else [])]
+            for res in done:
+                for r, m in zip(res.rows(ras=args.ras), res.matches):
+                    rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
+                                 f"{r['score']:.4f}", str(r["confident"]).lower()]
+                                + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}"] if fused else []))
+            write_text_atomic(out, csv_text(rows))
         if wrote is not None:
             wrote.add("csv")
     if not args.heatmap_dir or not any(len(res.heatmaps) for res in done):
@@ -449,14 +448,14 @@ def _cmd_cache(args) -> int:
                          "embed)")
     if len(given) == 2 and Path(given[0]).resolve() != Path(given[1]).resolve():
         raise InputError(f"two cache folders given, {given[0]} and --cache-dir {given[1]}; give one")
-    args.cache_dir = given[0]
-    if not Path(args.cache_dir).is_dir():
-        raise InputError(f"{args.cache_dir}: no such cache folder (give the --cache-dir used with match or embed)")
+    folder = given[0]
+    if not Path(folder).is_dir():
+        raise InputError(f"{folder}: no such cache folder (give the --cache-dir used with match or embed)")
     if args.action == "clear":
-        n = cache_clear(args.cache_dir)
-        print(f"removed {n} {'entry' if n == 1 else 'entries'} from {args.cache_dir}")
+        n = cache_clear(folder)
+        print(f"removed {n} {'entry' if n == 1 else 'entries'} from {folder}")
         return 0
-    info = cache_info(args.cache_dir)
+    info = cache_info(folder)
     for e in info["details"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["modified"]))
         if "damaged" in e:

@@ -536,6 +536,13 @@ def csv_text(rows: list[list[str]]) -> str:
 MARKUPS_SUFFIXES = (".mrk.json", ".json", ".fcsv")
 
 
+def markups_suffix(path: str | os.PathLike) -> str | None:
+    """The suffix of :data:`MARKUPS_SUFFIXES` that ``path`` ends with (the longest: ``.mrk.json`` before ``.json``),
+    or None for any other file (a CSV)."""
+    name = Path(path).name.lower()
+    return next((s for s in MARKUPS_SUFFIXES if name.endswith(s)), None)
+
+
 def write_points(points: PointList, path: str | os.PathLike, ras: bool = False) -> Path:
     """Write points atomically; the format follows the suffix (.csv, .fcsv, .mrk.json).
 

@@ -124,14 +124,15 @@ def _assign_state(net: torch.nn.Module, state: dict, source: str) -> None:
         raise CheckpointError(f"{source}: the network kept tensors without values: {', '.join(left[:5])}")
 
 
-def _torch_file_kind(path: Path) -> str | None:
-    """``"zip"`` (``torch.save``'s format), ``"pickle"`` (the legacy format) or None (neither: not a checkpoint)."""
+def _is_torch_file(path: Path) -> bool:
+    """``path`` is in one of ``torch.save``'s formats: a zip archive, or (the legacy format) a pickle of protocol 2
+    or later."""
     import zipfile
 
     if zipfile.is_zipfile(path):
-        return "zip"
+        return True
     with open(path, "rb") as fh:
-        return "pickle" if fh.read(1) == b"\x80" else None  # a pickle of protocol 2 or later
+        return fh.read(1) == b"\x80"
 
 
 def _torch_load(path: Path, sha: str):
@@ -143,7 +144,7 @@ def _torch_load(path: Path, sha: str):
                 return torch.load(path, map_location="cpu", weights_only=False)
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{path}: cannot read checkpoint: {e}") from e
-        if _torch_file_kind(path) is None:
+        if not _is_torch_file(path):
             raise CheckpointError(f"{path}: cannot read checkpoint: not a PyTorch file (corrupt, cut short or another "
                                   "kind of file); give a .pt or .pth file written by torch.save") from first
         if "weights only load failed" in str(first).lower():
