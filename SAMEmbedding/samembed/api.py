@@ -261,7 +261,6 @@ class Matcher:
         if progress:
             progress(0, n_targets, f"embedding source {Path(inputs.source.name).name}")
         src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need them
-        self._embed_click_windows(src_maps, inputs.points_lps_mm, options)
         result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
         for ti, target in enumerate(inputs.targets):
             if cancel is not None and cancel.is_set():
@@ -412,19 +411,6 @@ class Matcher:
             return _Region(allowed, prior, options.prior_window_mm, prior)
         return _Region(allowed, prior, options.global_window_mm or None, None)
 
-    @staticmethod
-    def _embed_click_windows(src_maps: EmbeddingMaps, points_lps_mm: np.ndarray, options: MatchOptions) -> None:
-        """The source's local tiles around the clicks that every search with a prior window reads: the clicks' own
-        voxels and, for the round trip, which searches the source around each match's inverse-prior image (near the
-        click when the match is right), their window and :data:`ROUND_TRIP_MARGIN_MM` more, in one pass (which
-        saves halos). They depend on the clicks and the window only, so :meth:`match` computes them before it takes
-        the first target, while the prefetch process may still be reading and preprocessing it."""
-        if not options.prior_window_mm or src_maps.complete:
-            return
-        need = src_maps.search_mask(options.search_body)
-        src_maps.ensure(*boxes_around(src_maps, points_lps_mm, options.prior_window_mm + ROUND_TRIP_MARGIN_MM),
-                        need=need)
-
     def _match_target(self, inputs: _Inputs, src_maps: EmbeddingMaps, tgt: Image, tmaps: EmbeddingMaps,
                       region: _Region, options: MatchOptions, ti: int, name: str,
                       phase: Callable[[str], None]) -> tuple[list[Match], dict]:
@@ -432,8 +418,10 @@ class Matcher:
         phase("matching")
         pts, d = inputs.points_lps_mm, inputs.source.ndim
         src_allowed = src_maps.search_mask(options.search_body)
-        if region.search_prior is not None:  # done by match() before the first target (a no-op then)
-            self._embed_click_windows(src_maps, pts, options)
+        if region.search_prior is not None and not src_maps.complete:
+            # the round trip searches the source around each match's inverse-prior image, which is near the click
+            # when the match is right: embedding those tiles with the clicks' own, in one pass, saves halos
+            src_maps.ensure(*boxes_around(src_maps, pts, region.window_mm + ROUND_TRIP_MARGIN_MM), need=src_allowed)
         raw = match_points(src_maps, pts, tmaps, region.allowed, keep_similarity=options.heatmap,
                            window_mm=region.window_mm, prior=region.search_prior)
         found, scores = raw.points_lps_mm, raw.scores
