@@ -201,8 +201,10 @@ def _box_mean(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Mean of ``x`` over every window of ``shape`` on its trailing axes ('valid'), by cumulative sums."""
     first = x.ndim - len(shape)
     for a, k in enumerate(shape, start=first):
-        c = torch.cumsum(F.pad(x.movedim(a, -1), (1, 0)), dim=-1)
-        x = (c[..., k:] - c[..., :-k]).movedim(-1, a)
+        c = torch.cumsum(x, dim=a)  # c[j] = x[0] + .. + x[j]
+        n = c.shape[a] - k + 1
+        x = c.narrow(a, k - 1, n).clone()  # the window ending at j + k - 1 ...
+        x.narrow(a, 1, n - 1).sub_(c.narrow(a, 0, n - 1))  # ... less the sum before it (none for the first)
     return x / float(np.prod(shape))
 
 
