@@ -220,7 +220,8 @@ def resample_per_axis(img, spacing_mm: float, fill_value: float,
     rounding of the image's origin (see :func:`_axis_samples`). It takes 0.06-0.12 s for an OpenKBP CT at 2 mm, where SimpleITK's
     resampling takes 0.25-0.5 s on one thread: the cold path preprocesses every image, and a second process does it
     while the engine imports torch. Memory: the output, two interpolated input slices (3D) and blocks of rows of at
-    most 8 MB. Scalar 2D or 3D images.
+    most 8 MB. ``img``: a scalar 2D or 3D SimpleITK image, or a samembed :class:`Image` (its array read in place,
+    whatever its strides, e.g. the view of :func:`oriented_lps`).
     """
     if isinstance(img, Image):  # its array in place, any strides (e.g. the flipped view of oriented_lps)
         g = img.grid
