@@ -289,8 +289,8 @@ def test_per_axis_resampling_refuses_what_it_cannot_take():
 
 
 def _directions():
-    """Index-axis directions (columns) of the kinds scanners write: LPS, RAS (NIfTI's usual), sagittal and coronal
-    acquisitions (axes permuted and flipped), tilted by a few degrees, and one too oblique to orient in numpy."""
+    """Index-axis directions (columns) of the kinds scanners write: LPS, RAS, sagittal and coronal acquisitions
+    (axes permuted and flipped), and two of them tilted by 7 and 20 degrees."""
     def tilt(deg: float, axis: int) -> np.ndarray:
         c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
         r = np.eye(3)
@@ -352,8 +352,8 @@ def test_a_grid_too_oblique_is_oriented_by_simpleitk():
 
 @pytest.mark.needs_data
 def test_real_cts_oriented_in_numpy_give_the_input_through_simpleitk(data_dir):
-    """The shared CTs (NIfTI, stored RAS or LPS) preprocessed with numpy orientation equal the input through
-    SimpleITK's DICOMOrient, voxel for voxel."""
+    """Two shared CTs (their grids along the LPS axes, as SimpleITK reads them) preprocessed with numpy orientation
+    equal the input through SimpleITK's DICOMOrient, voxel for voxel."""
     import SimpleITK as sitk
 
     import samembed.preprocess as pp
