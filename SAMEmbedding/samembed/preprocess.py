@@ -125,7 +125,7 @@ def oriented_lps(image: Image) -> Image | None:
     size = np.asarray(g.size_ijk)
     first = np.zeros(3)  # the input index of the voxel that comes first
     first[perm] = np.where(sign < 0, size[perm] - 1, 0)
-    origin = g.origin_lps_mm + (D @ np.diag(g.spacing_mm)) @ first
+    origin = g.index_to_lps(first)[0]
     arr = image.array
     if perm.tolist() != [0, 1, 2]:  # array axis 2 - a holds index axis a
         arr = np.ascontiguousarray(np.transpose(arr, [2 - int(perm[2 - k]) for k in range(3)]))
