@@ -537,6 +537,16 @@ class Embedder:
 
             self.net = SamLiteInt8(self.net, model.int8, global_bf16=self.precision == "int8-bf16")
 
+    def storing_in(self, cache_dir: str | Path | None) -> Embedder:
+        """This embedder with another on-disk cache folder: the same network (no second copy of it), precision,
+        settings and in-memory cache; e.g. a worker's embedder reading and writing a run's atlas folder."""
+        import copy
+
+        other = copy.copy(self)
+        other.cache_dir = Path(cache_dir) if cache_dir else None
+        other.prefetch = None
+        return other
+
     @property
     def local_stride_zyx(self) -> tuple[int, ...]:
         """The local map's stride in input voxels, (z, y, x): the grid of the body mask."""

@@ -337,8 +337,13 @@ class PointList:
 def check_point_dims(points: PointList, points_file: str | os.PathLike, image_ndim: int, image_name: str) -> None:
     """Raise :class:`InputError` when the point file gave fewer coordinates per point than the image has axes: a
     ``label,x,y`` CSV for a 3D scan would otherwise put every point on the plane z = 0, and match it there."""
-    if points.dims < image_ndim:
-        raise InputError(f"{points_file}: its points have {points.dims} coordinates (label,x,y), but {image_name} is a "
+    refuse_missing_z(points.dims, points_file, image_ndim, image_name)
+
+
+def refuse_missing_z(dims: int, points_file: str | os.PathLike, image_ndim: int, image_name: str | os.PathLike) -> None:
+    """:func:`check_point_dims` for a file whose points have ``dims`` coordinates each (an atlas of a run)."""
+    if dims < image_ndim:
+        raise InputError(f"{points_file}: its points have {dims} coordinates (label,x,y), but {image_name} is a "
                          f"{image_ndim}D image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras)")
 
 

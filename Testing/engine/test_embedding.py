@@ -61,6 +61,21 @@ def test_the_disk_cache_returns_the_same_embeddings(a_model, tmp_path):
     assert m2.local_grid.same_as(m1.local_grid) and torch.equal(m2.body, m1.body)
 
 
+def test_an_embedder_storing_in_a_folder_shares_its_network_and_stores_there_only(a_model, tmp_path):
+    """``storing_in`` (a propagate worker's embedder for the run's atlas folder) keeps one copy of the network and
+    writes the folder's entries; the embedder it came from still writes nowhere, and both give the same maps."""
+    img = a_ct_like_image()
+    emb = Embedder(a_model, "cpu", EmbeddingCache())
+    disk = emb.storing_in(tmp_path)
+    assert disk.net is emb.net and disk.cache is emb.cache and emb.cache_dir is None
+    stored = disk.embed(img)
+    assert len(list(tmp_path.glob("*.samemb.pt"))) == 1
+    emb.cache.clear()
+    again = emb.embed(img)
+    assert len(list(tmp_path.glob("*.samemb.pt"))) == 1
+    torch.testing.assert_close(again.features, stored.features, atol=0, rtol=0)
+
+
 def test_cache_keys_depend_on_content_and_model(a_model):
     img = a_ct_like_image()
     other = random_model("sam-lite", seed=4)

@@ -177,10 +177,10 @@ def test_polishes_of_one_image_share_its_sampler_and_give_the_same_points_as_a_f
     tgt, to_target = an_affine_copy(lidc_ct, np.eye(3) * 1.02, (1.3, -0.7, 0.45))
     pts = lidc_structure_points(6)
     starts = to_target(pts) + 2.0
-    first = polish_points(lidc_ct, tgt, pts, starts)  # fills both images' samplers
+    first = polish_points(lidc_ct, tgt, pts, starts)  # makes both images' samplers (kept per image)
     sampler = intensity.sampler_for(tgt)
     assert sampler is intensity.sampler_for(tgt) and sampler is not intensity.sampler_for(lidc_ct)
-    again = polish_points(lidc_ct, tgt, pts, starts)  # reuses them
+    again = polish_points(lidc_ct, tgt, pts, starts)  # the same samplers, and the source's kept templates
     np.testing.assert_array_equal(again.points_lps_mm, first.points_lps_mm)
     np.testing.assert_array_equal(again.ncc, first.ncc)
     intensity._SAMPLERS.pop(tgt)  # a fresh sampler for the target: the same result

@@ -212,7 +212,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                   options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm,
                   tuple((a.image, tuple(pl.labels), tuple(tuple(float(v) for v in p) for p in pl.points_lps_mm))
                         for a, pl in zip(atlas_list[1:], point_lists[1:])),
-                  point_dims=tuple(pl.dims for pl in point_lists))
+                  point_dims=tuple(pl.dims for pl in point_lists), point_files=tuple(str(a.points) for a in atlas_list))
     run_info: dict[str, Any] = {
         "status": "starting", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "out_dir": str(out.resolve()),
         "atlas": {"image": atlas.image, "points": atlas.points, "labels": list(points.labels),

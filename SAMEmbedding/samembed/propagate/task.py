@@ -45,6 +45,8 @@ class ScanJob:
     #: coordinates per point that each atlas's point file gave (:attr:`all_atlases` order; 2 for a ``label,x,y``
     #: CSV): a 3D atlas refuses 2 (empty: not checked)
     point_dims: tuple[int, ...] = ()
+    #: each atlas's point file (:attr:`all_atlases` order), named when it is refused
+    point_files: tuple[str, ...] = ()
 
     @property
     def all_atlases(self) -> list[tuple[str, tuple[str, ...], tuple[tuple[float, float, float], ...]]]:
@@ -91,24 +93,21 @@ def _engine(job: ScanJob) -> _Engine:
     return eng
 
 
-def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: bool = False):
+def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: bool = False, image=None):
     """An atlas image of the run (the first by default) and its embedding, loaded from the cache folder (computed
     and stored there if absent). ``complete_entry`` (the run's preparation, before any scan): also when the folder
     holds an entry, make sure it holds the whole body (an entry that a ``samembed match --cache-dir`` or a stopped
-    run left partial is completed, a damaged one recomputed), so that every worker reads the same voxels."""
+    run left partial is completed, a damaged one recomputed), so that every worker reads the same voxels.
+    ``image``: the atlas image already read (:func:`_read_atlas`), else it is read here."""
     path = job.atlas_image if path is None else path
     key = (path, job.cache_dir)
     if key not in eng.atlases:
-        from ..api import as_image
-        from ..embedding import Embedder
-
         m = eng.matcher
         wanted = {(a[0], job.cache_dir) for a in job.all_atlases}
         for old in [k for k in eng.atlases if k not in wanted]:  # one run's atlases at a time: a long-lived
             del eng.atlases[old]  # worker must not collect every run's atlases
-        image = as_image(path, spacing_mm=m.spacing_mm)
-        disk = Embedder(m.model, m.device, m.cache, job.cache_dir, m.embedder.max_tile_voxels, m.embedder.modality,
-                        m.embedder.precision)
+        image = _read_atlas(eng, path) if image is None else image
+        disk = m.embedder.storing_in(job.cache_dir)  # the worker's network, with the run's folder
         on_disk = disk._disk_path(disk.key(image)).is_file()
         if complete_entry or not on_disk:
             m.cache.clear()  # an in-memory copy (e.g. of an earlier run) would keep it from reaching the folder
@@ -122,6 +121,13 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: 
         eng.stats["atlas_loaded" if on_disk else "atlas_computed"] += 1
         eng.atlases[key] = (image, maps)
     return eng.atlases[key]
+
+
+def _read_atlas(eng: _Engine, path: str):
+    """The atlas image at ``path``, read as the worker's matcher reads images."""
+    from ..api import as_image
+
+    return as_image(path, spacing_mm=eng.matcher.spacing_mm)
 
 
 def versions() -> dict[str, str]:
@@ -154,18 +160,20 @@ def prepare_atlas(job: ScanJob) -> dict:
     t0 = time.time()
     os.makedirs(job.cache_dir, exist_ok=True)
     keys, hashes = [], []
-    for (path, _, _), dims in zip(job.all_atlases, job.point_dims):  # every atlas before any is embedded
+    with _LOCK:
+        eng = _engine(job)
+    read: dict[str, Any] = {}  # atlases read for the check below, embedded next without reading them again
+    files = job.point_files or tuple(path for path, _, _ in job.all_atlases)
+    for (path, _, _), dims, points_file in zip(job.all_atlases, job.point_dims, files):  # before any is embedded
         if dims < 3:  # x, y only: right for a 2D image only
-            from ..io import read_image
+            from ..io import refuse_missing_z
 
-            d = read_image(path).ndim
-            if dims < d:
-                raise InputError(f"{path}: its atlas points have {dims} coordinates (label,x,y), but it is a {d}D "
-                                 "image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras)")
+            read[path] = _read_atlas(eng, path)
+            refuse_missing_z(dims, points_file, read[path].ndim, path)
     for path, labels, points in job.all_atlases:
         with _LOCK:
             eng = _engine(job)
-            image, maps = _atlas(eng, job, path, complete_entry=True)
+            image, maps = _atlas(eng, job, path, complete_entry=True, image=read.pop(path, None))
         d = image.ndim
         outside = ~image.grid.contains_index(image.grid.lps_to_index(np.asarray(points)[:, :d]), margin=0.5)
         if outside.any():
