@@ -106,7 +106,7 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: 
         wanted = {(a[0], job.cache_dir) for a in job.all_atlases}
         for old in [k for k in eng.atlases if k not in wanted]:  # one run's atlases at a time: a long-lived
             del eng.atlases[old]  # worker must not collect every run's atlases
-        image = _read_atlas(eng, path) if image is None else image
+        image = _read_atlas(job, path) if image is None else image
         disk = m.embedder.storing_in(job.cache_dir)  # the worker's network, with the run's folder
         on_disk = disk._disk_path(disk.key(image)).is_file()
         if complete_entry or not on_disk:
@@ -123,11 +123,13 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: 
     return eng.atlases[key]
 
 
-def _read_atlas(eng: _Engine, path: str):
-    """The atlas image at ``path``, read as the worker's matcher reads images."""
+def _read_atlas(job: ScanJob, path: str):
+    """The atlas image at ``path``, read as the worker's matcher reads images (with the run's ``spacing_mm``), without
+    building the matcher: a refused atlas is found before the model loads."""
     from ..api import as_image
 
-    return as_image(path, spacing_mm=eng.matcher.spacing_mm)
+    *_, spacing_mm, _ = job.engine  # as _engine unpacks it
+    return as_image(path, spacing_mm=spacing_mm)
 
 
 def versions() -> dict[str, str]:
@@ -160,15 +162,13 @@ def prepare_atlas(job: ScanJob) -> dict:
     t0 = time.time()
     os.makedirs(job.cache_dir, exist_ok=True)
     keys, hashes = [], []
-    with _LOCK:
-        eng = _engine(job)
     read: dict[str, Any] = {}  # atlases read for the check below, embedded next without reading them again
     files = job.point_files or tuple(path for path, _, _ in job.all_atlases)
     for (path, _, _), dims, points_file in zip(job.all_atlases, job.point_dims, files):  # before any is embedded
         if dims < 3:  # x, y only: right for a 2D image only
             from ..io import refuse_missing_z
 
-            read[path] = _read_atlas(eng, path)
+            read[path] = _read_atlas(job, path)
             refuse_missing_z(dims, points_file, read[path].ndim, path)
     for path, labels, points in job.all_atlases:
         with _LOCK:
