@@ -335,7 +335,10 @@ def run(argv: list[str]) -> int:
     p.add_argument("--no-elastix", action="store_true")
     p.add_argument("--reps", type=int, default=3, help="cold runs of the default (on-demand) path per pair; the median "
                    "is reported")
+    p.add_argument("--model", default="default", help="SAM's model (`samembed match --model`); the command reads and "
+                   "preprocesses in a second process while torch loads only for a model registered in models.json")
     args = p.parse_args(argv)
+    model = [] if args.model == "default" else ["--model", args.model]
     byte_compile()
     load_at_start = os.getloadavg()[0]
     work = Path(args.work)
@@ -353,7 +356,7 @@ def run(argv: list[str]) -> int:
                             ("heatmaps", ["--heatmap-dir", str(work / f"{tag}_heatmaps")]),
                             ("fallback", ["--prior-window", "0"])):
             out = work / f"{tag}_{mode}.csv"
-            r = median_run([run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), extra)
+            r = median_run([run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), [*model, *extra])
                             for _ in range(args.reps if mode == "ondemand" else 1)])
             _, _, found = _read_found(out)
             row[mode] = r
@@ -379,7 +382,7 @@ def run(argv: list[str]) -> int:
     if kbp:
         src_pat, targets, pts_csv, cents = atlas_case(args.suites, kbp, args.openkbp_pairs, work)
         out = work / "atlas_ondemand.csv"
-        runs = [run_child(str(kbp[0].source), [str(c.target) for c in targets], str(pts_csv), str(out))
+        runs = [run_child(str(kbp[0].source), [str(c.target) for c in targets], str(pts_csv), str(out), model)
                 for _ in range(args.reps)]
         r = median_run(runs)
         r["per_target_mean_runs"] = [float(np.mean(x["per_target_s"][:len(targets)])) for x in runs]
@@ -393,9 +396,9 @@ def run(argv: list[str]) -> int:
                  "mean_err": float(np.mean(errs)), "n_points": len(errs)}
         print(f"atlas: {r['process_s']:.1f} s, per target {r['per_target_s']}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    (work / "cold_start.json").write_text(json.dumps({"rows": rows, "atlas": atlas, "load_at_start": load_at_start},
-                                                     indent=1, default=str))
-    Path(args.out).write_text(report(rows, atlas, load_at_start, plot=_plot_path(args.out).name))
+    (work / "cold_start.json").write_text(json.dumps({"rows": rows, "atlas": atlas, "load_at_start": load_at_start,
+                                                      "model": args.model}, indent=1, default=str))
+    Path(args.out).write_text(report(rows, atlas, load_at_start, plot=_plot_path(args.out).name, model=args.model))
     print(f"wrote {args.out} and {plot_stages(rows, _plot_path(args.out))}")
     return 0
 
@@ -482,9 +485,10 @@ def _plot_path(report_md: str | Path) -> Path:
     return report_md.with_name(report_md.stem + "_stages.png")
 
 
-def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = None, plot: str | None = None) -> str:
+def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = None, plot: str | None = None,
+           model: str = "default") -> str:
     """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios;
-    ``plot`` names the stage plot beside it (:func:`plot_stages`)."""
+    ``plot`` names the stage plot beside it (:func:`plot_stages`); ``model`` is SAM's (``--model``)."""
     import platform
 
     import numpy as np
@@ -499,12 +503,13 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores (1-minute load average {start}{load[0]:.1f} at the "
         "end; the run's own processes count in it). Every number is wall time; on a shared VM absolute times vary "
         "from run to run, so the ratios, measured side by side, are the meaningful numbers. SAM: torch, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `default` (sam-lite-ct, `--precision auto`: its int8 local "
+        f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `{model}` ({'sam-lite-ct, ' if model == 'default' else ''}`--precision auto`: its int8 local "
         f"branch, {'and its global branch in bfloat16, which this CPU has natively' if _native_bf16() else 'and its global branch in float32 (this CPU has no native bfloat16)'}), and, as `samembed match` does, a second process that reads and preprocesses the source "
         "and the first target while torch loads (`samembed.prefetch`, one ITK thread). elastix: "
         f"{os.environ.get('SAMEMBED_ELASTIX_THREADS', 'default')} thread(s), `samembed_bench.registration` settings "
         "(similarity + affine, then B-spline). ITK's own filters (reading, SAM's resampling) use ITK's default "
-        "threads on both sides. Command: `python benchmarks/cold_start.py run`.",
+        "threads on both sides. Command: `python benchmarks/cold_start.py run"
+        f"{'' if model == 'default' else f' --model {model}'}`.",
         "",
         "`process s` is the fresh process's wall time (interpreter start, imports, reading, everything); "
         "`whole` is the same engine forced to embed every voxel (the cold path before on-demand tiles); "
@@ -632,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv[1:])
         data = json.loads(Path(args.json).read_text())
         Path(args.out).write_text(report(data["rows"], data.get("atlas"), data.get("load_at_start"),
-                                         plot=_plot_path(args.out).name))
+                                         plot=_plot_path(args.out).name, model=data.get("model", "default")))
         print(f"wrote {args.out} and {plot_stages(data['rows'], _plot_path(args.out))}")
         return 0
     raise SystemExit("usage: cold_start.py run [--out MD] | report JSON [--out MD] | child ... | elastix ...")

@@ -15,6 +15,7 @@ OBJECTIVE_HELP: dict[str, str] = {
     "adam": "Adam/Eve: anatomy decomposer parts contrasted coarse to fine, with a purposive pruner",
     "sal": "alignment learning: neighbouring slices aligned in a window, a positional loss and a variance term",
     "semantic": "cross-patient positives from organ label maps (semantic_labels): point-level on local, organ-level on global",
+    "distill": "learn a trained model's embeddings (distill_teacher) voxel by voxel: a narrower, faster network",
 }
 
 
@@ -88,6 +89,9 @@ class TrainConfig:
     semantic_positive_mm: float = 6.0
     semantic_ignore_mm: float = 16.0
     semantic_global_weight: float = 0.5
+    # distill objective: a trained model's embeddings as targets (see samembed.training.distill)
+    distill_teacher: str = "default"
+    distill_global_weight: float = 1.0
     # outputs
     out_dir: str = "runs/sam-lite-ct"
     checkpoint_every: int = 250

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .config import OBJECTIVE_HELP
+from .distill import distill_objective
 from .pairs import pair_points, sample_at
 from .semantic import semantic_objective
 
@@ -214,6 +215,8 @@ def combined_loss(trainer, views, loc, glob, gen, rng):
             loss, s = _adam(trainer, views, loc, glob, gen, rng)
         elif name == "semantic":
             loss, s = semantic_objective(trainer, views, loc, glob, gen, rng)
+        elif name == "distill":
+            loss, s = distill_objective(trainer, views, loc, glob, gen, rng)
         else:
             loss, s = _sal(trainer, views, loc, glob, gen, rng)
         stats.update(s)

@@ -390,13 +390,31 @@ class Trainer:
         return None
 
     def _init_weights(self, net: nn.Module, source: str) -> None:
-        """Load the network weights of a checkpoint path or registered model name (same architecture)."""
+        """Load the network weights of a checkpoint path or registered model name: of the same architecture, or,
+        for a narrower ``net_config`` of ``sam-lite``, its most used channels (:mod:`.slim`)."""
         from ..models import load_model
 
         loaded = load_model(source)
         state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.net.state_dict().items()}
+        ours = net.state_dict()
+        if state.keys() == ours.keys() and any(v.shape != ours[k].shape for k, v in state.items()):
+            from .slim import slim_state_dict
+
+            state = slim_state_dict(loaded.net.float(), net)
+            log.info("initialised the weights from %s, slimmed to this network's widths", source)
+        else:
+            log.info("initialised the weights from %s", source)
         net.load_state_dict(state)
-        log.info("initialised the weights from %s", source)
+
+    def distill_teacher(self) -> nn.Module:
+        """The distill objective's teacher network (loaded once, frozen; see :mod:`.distill`)."""
+        if getattr(self, "_teacher", None) is None:
+            from .distill import DistillSettings, load_teacher
+
+            self.distill_settings = DistillSettings.from_config(self.cfg)
+            self._teacher = load_teacher(self.distill_settings, build_network(self.cfg.arch, self.cfg.net_config),
+                                         self.prep).to(self.device)
+        return self._teacher
 
 
 def _bar(total: int, desc: str, show: bool, initial: int = 0) -> CountProgress | None:

@@ -1,0 +1,134 @@
+"""A narrower network learned from a trained one: slimming its weights, and the distill objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samembed.errors import InputError
+from samembed.networks import build_network
+from samembed.training.distill import DistillSettings, cosine_gap, load_teacher, teacher_maps
+from samembed.training.slim import slim_state_dict
+
+from .test_training import tiny_config
+
+TINY = {"widths": [8, 16, 16], "global_widths": [8, 16, 16, 16], "fpn_channels": 8, "local_channels": 16,
+        "global_channels": 16}
+NARROW = {**TINY, "widths": [4, 8, 8], "global_widths": [4, 8, 8, 8], "fpn_channels": 4}
+
+
+def _random_net(config: dict, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = build_network("sam-lite", config)
+    with torch.no_grad():  # batch norms with distinct scales and statistics, as after training
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.weight.uniform_(-2, 2)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def _ct_like(shape=(1, 1, 32, 32, 32), seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) * 200 - 50  # the preprocessed CT range, about -50..205
+
+
+def test_slimming_to_the_same_widths_gives_the_shipped_network_itself():
+    from samembed.models import load_model
+
+    teacher = load_model("default").net.float().eval()
+    copy = build_network("sam-lite", teacher.spec.config).eval()
+    copy.load_state_dict(slim_state_dict(teacher, copy))
+    x = _ct_like()
+    with torch.no_grad():
+        assert torch.equal(copy.forward_local(x), teacher.forward_local(x))
+        pooled = F.avg_pool3d(x, 4)
+        assert torch.equal(copy.forward_global_pooled(pooled), teacher.forward_global_pooled(pooled))
+
+
+def test_slimming_keeps_the_channels_with_the_largest_batch_norm_scale_and_what_the_fpn_reader_weighs_most():
+    source = _random_net(TINY, 0)
+    with torch.no_grad():
+        source.l_stem[1].weight.copy_(torch.tensor([0.1, -3.0, 0.2, 2.5, 0.0, 1.5, -0.3, 4.0]))
+        # the local FPN's reader: input channels 6, 1, 3, 0 weigh most
+        w = source.l_out[0][0].weight
+        w.mul_(0.01)
+        for c, s in ((6, 5.0), (1, 4.0), (3, 3.0), (0, 2.0)):
+            w[:, c] = s
+    narrow = build_network("sam-lite", NARROW)
+    state = slim_state_dict(source, narrow)
+    stem = [1, 3, 5, 7]  # |gamma| 3.0, 2.5, 1.5, 4.0, in the source's order
+    assert torch.equal(state["l_stem.0.weight"], source.l_stem[0].weight[stem])
+    assert torch.equal(state["l_stem.1.running_var"], source.l_stem[1].running_var[stem])
+    kept_d1 = torch.sort(torch.topk(source.l_down1[0][1].weight.abs(), 8).indices).values
+    assert torch.equal(state["l_down1.0.0.weight"], source.l_down1[0][0].weight[kept_d1][:, stem])
+    fpn = [0, 1, 3, 6]
+    assert torch.equal(state["l_lat.0.weight"], source.l_lat[0].weight[fpn][:, stem])
+    assert torch.equal(state["l_lat.0.bias"], source.l_lat[0].bias[fpn])
+    # the embedding's own channels are all kept: the output layer only follows its input's choice
+    assert state["l_out.1.weight"].shape == (16, 4, 1, 1, 1)
+    narrow.load_state_dict(state)  # every weight of the narrower network, of its shape
+
+
+def test_slimming_refuses_what_it_cannot_cut():
+    source = _random_net(TINY, 0)
+    with pytest.raises(InputError, match="cannot widen channel group 'l0' from 8 to 16"):
+        slim_state_dict(source, build_network("sam-lite", {**TINY, "widths": [16, 16, 16]}))
+    with pytest.raises(InputError, match="keeps the output local channels \\(16\\); the new network has 8"):
+        slim_state_dict(source, build_network("sam-lite", {**NARROW, "local_channels": 8}))
+    with pytest.raises(InputError, match="one sam-lite architecture"):
+        slim_state_dict(source, build_network("sam-lite-2d", NARROW))
+
+
+def test_the_distill_gap_is_zero_on_the_teachers_own_maps_and_training_on_it_closes_it():
+    teacher = _random_net(TINY, 0)
+    x = _ct_like((2, 1, 32, 32, 32))
+    g = F.avg_pool3d(_ct_like((2, 1, 64, 64, 64), 1), 4)
+    t_loc, t_glob = teacher_maps(teacher, x, g)
+    assert cosine_gap(t_loc, t_loc).item() == pytest.approx(0.0, abs=1e-6)
+    assert cosine_gap(t_loc, -t_loc).item() == pytest.approx(2.0, abs=1e-6)
+    student = build_network("sam-lite", NARROW)
+    student.load_state_dict(slim_state_dict(teacher, student))
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+
+    def gap() -> torch.Tensor:
+        return (cosine_gap(F.normalize(student.forward_local(x), dim=1), t_loc)
+                + cosine_gap(F.normalize(student.forward_global_pooled(g), dim=1), t_glob))
+
+    first = gap().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = gap()
+        loss.backward()
+        opt.step()
+    assert gap().item() < 0.5 * first
+
+
+def test_a_teacher_whose_maps_differ_from_the_students_is_refused():
+    student = build_network("sam-lite", NARROW)  # 16-channel embeddings; the shipped model gives 64
+    with pytest.raises(InputError, match="distill_teacher 'default': its embedding sizes \\(local, global\\) "
+                                         "\\(64, 64\\) differ from the student's \\(16, 16\\)"):
+        load_teacher(DistillSettings("default"), student, None)
+
+
+@pytest.mark.needs_data
+def test_a_distill_run_starts_from_the_teachers_slimmed_weights_and_logs_its_gap(tmp_path):
+    from samembed.models import load_model
+    from samembed.training.train import Trainer
+
+    teacher_pt = Trainer(tiny_config(tmp_path / "teacher", "sam"), progress=False).run()
+    net_config = '{"widths": [4, 8, 8], "global_widths": [4, 8, 8, 8], "fpn_channels": 4, "local_channels": 16, "global_channels": 16}'
+    cfg = tiny_config(tmp_path / "student", "distill", iterations=2, lr=0.0, init_from=f'"{teacher_pt}"',
+                      distill_teacher=f'"{teacher_pt}"', net_config=net_config)
+    student_pt = Trainer(cfg, progress=False).run()
+    student = load_model(str(student_pt)).net
+    expected = slim_state_dict(load_model(str(teacher_pt)).net.float(), build_network("sam-lite", NARROW))
+    # lr 0: the parameters are the slimmed teacher's (batch norm statistics move in training mode)
+    params = dict(student.named_parameters())
+    assert all(torch.equal(params[k].float(), expected[k].half().float()) for k in params)
+    rows = (tmp_path / "student" / "run" / "train_log.csv").read_text().splitlines()[1:]
+    gaps = [float(r.split(",")[1]) for r in rows]
+    assert len(gaps) == 2 and all(0.0 < v < 4.0 for v in gaps)
