@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from samembed.errors import InputError
 from samembed.networks import build_network
-from samembed.training.distill import DistillSettings, cosine_gap, load_teacher, teacher_maps
+from samembed.training.distill import DistillSettings, cosine_gap, load_teacher, relational_gap, teacher_maps
 from samembed.training.slim import slim_state_dict
 
 from .test_training import tiny_config
@@ -105,6 +105,46 @@ def test_the_distill_gap_is_zero_on_the_teachers_own_maps_and_training_on_it_clo
         loss.backward()
         opt.step()
     assert gap().item() < 0.5 * first
+
+
+def test_the_relational_gap_is_zero_for_the_teachers_similarities_and_grows_when_the_ranking_changes():
+    g = torch.Generator().manual_seed(0)
+    anchors = F.normalize(torch.randn(8, 5, generator=g), dim=0)
+    cands = F.normalize(torch.randn(8, 40, generator=g), dim=0)
+    assert relational_gap(anchors, cands, anchors, cands, 0.05).item() == pytest.approx(0.0, abs=1e-5)
+    # a rotation of both sets keeps every similarity: still no gap
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    assert relational_gap(q @ anchors, q @ cands, anchors, cands, 0.05).item() == pytest.approx(0.0, abs=1e-4)
+    # the candidates shuffled: the anchors now prefer other candidates
+    shuffled = cands[:, torch.randperm(40, generator=g)]
+    assert relational_gap(anchors, shuffled, anchors, cands, 0.05).item() > 1.0
+
+
+def test_a_distill_batch_with_the_relational_term_gives_its_parts():
+    from types import SimpleNamespace
+
+    from samembed.training.distill import distill_objective
+
+    teacher = _random_net(TINY, 0)
+    student = build_network("sam-lite", NARROW)
+    student.load_state_dict(slim_state_dict(teacher, student))
+
+    def view(seed, size):
+        return SimpleNamespace(image=_ct_like((1, size, size, size), seed), body_threshold=None)
+
+    views = [[(view(0, 32), view(1, 16)), (view(2, 32), view(3, 16))]]
+    lx = torch.stack([v[0].image for pair in views for v in pair])
+    gx = torch.stack([v[1].image for pair in views for v in pair])
+    loc, glob = F.normalize(student.forward_local(lx), dim=1), F.normalize(student.forward_global_pooled(gx), dim=1)
+    trainer = SimpleNamespace(distill_teacher=lambda: teacher,
+                              distill_settings=DistillSettings(relational_weight=0.5, anchors=16))
+    loss, stats = distill_objective(trainer, views, loc, glob, torch.Generator().manual_seed(0), None)
+    assert stats["relational_local"] > 0 and stats["relational_global"] > 0
+    expected = (stats["distill_local"] + 0.5 * stats["relational_local"]
+                + stats["distill_global"] + 0.5 * stats["relational_global"])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert student.l_stem[0].weight.grad.abs().sum() > 0
 
 
 def test_a_teacher_whose_maps_differ_from_the_students_is_refused():

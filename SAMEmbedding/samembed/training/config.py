@@ -92,6 +92,9 @@ class TrainConfig:
     # distill objective: a trained model's embeddings as targets (see samembed.training.distill)
     distill_teacher: str = "default"
     distill_global_weight: float = 1.0
+    distill_relational_weight: float = 0.0
+    distill_tau: float = 0.05
+    distill_anchors: int = 256
     # outputs
     out_dir: str = "runs/sam-lite-ct"
     checkpoint_every: int = 250

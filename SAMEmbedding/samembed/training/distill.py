@@ -11,6 +11,12 @@ checkpoint, frozen, in eval mode) embeds the same local and global inputs; the l
 Both networks must share the preprocessing, the maps' strides and the embedding sizes, so that the matcher can
 use the student's vectors as it used the teacher's.
 
+The matcher ranks candidates by cosine similarity, so a small gap can still reorder them. With
+``distill_relational_weight`` > 0 a relational term is added on each map: for ``distill_anchors`` body voxels of
+each view, the softmax over their similarities (temperature ``distill_tau``) with every voxel of the pair's other
+view (the same scan), and of a view of the batch's next scan (another patient), is the student's distribution of
+where the anchor matches; its KL divergence from the teacher's is the loss (:func:`relational_gap`).
+
 Combine with SAM's own terms (``distill+sam:0.1``) to keep the contrastive objective in view. Start the student
 from the teacher's weights cut to its widths (``init_from``, see :mod:`.slim`).
 """
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .pairs import BODY_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -32,16 +39,24 @@ class DistillSettings:
 
     Attributes:
         teacher: the model whose embeddings are learned: a registered name (``default``) or a checkpoint path.
-        global_weight: weight of the global map's term (the local map's weighs 1).
+        global_weight: weight of the global maps' terms (the local maps' weigh 1).
+        relational_weight: weight of the relational term (:func:`relational_gap`), per map, beside the cosine gap.
+        tau: the relational term's temperature (on cosine similarities).
+        anchors: the relational term's anchor voxels per view and map (on the body where the view shows it).
     """
 
     teacher: str = "default"
     global_weight: float = 1.0
+    relational_weight: float = 0.0
+    tau: float = 0.05
+    anchors: int = 256
 
     @classmethod
     def from_config(cls, cfg) -> DistillSettings:
         """The settings of a :class:`~samembed.training.config.TrainConfig`."""
-        return cls(teacher=str(cfg.distill_teacher), global_weight=float(cfg.distill_global_weight))
+        return cls(teacher=str(cfg.distill_teacher), global_weight=float(cfg.distill_global_weight),
+                   relational_weight=float(cfg.distill_relational_weight), tau=float(cfg.distill_tau),
+                   anchors=int(cfg.distill_anchors))
 
 
 def load_teacher(settings: DistillSettings, student: nn.Module, preprocess) -> nn.Module:
@@ -77,6 +92,50 @@ def cosine_gap(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return 1.0 - (student * teacher).sum(dim=1).mean()
 
 
+def relational_gap(student_a: torch.Tensor, student_b: torch.Tensor, teacher_a: torch.Tensor, teacher_b: torch.Tensor,
+                   tau: float) -> torch.Tensor:
+    """How differently the student ranks candidates for its anchors than the teacher: for each anchor (a column of
+    the ``*_a`` (C, M) unit vectors), the softmax over its cosine similarities / ``tau`` with every candidate (the
+    columns of ``*_b``, (C, N)) is the distribution the matcher's search picks from; the result is the mean over
+    anchors of KL(teacher || student). 0 when the student's similarities equal the teacher's."""
+    log_s = F.log_softmax(student_a.T @ student_b / tau, dim=1)
+    log_t = F.log_softmax(teacher_a.T @ teacher_b / tau, dim=1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+def _anchor_columns(body: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    """Up to ``count`` random voxel indices of a flattened map, on the body (``body``: bool per voxel) when at least
+    ``count`` voxels are."""
+    where = torch.nonzero(body.reshape(-1)).reshape(-1) if int(body.sum()) >= count else torch.arange(body.numel())
+    return where[torch.randperm(len(where), generator=gen)[:count]]
+
+
+def _relational(student: torch.Tensor, teacher: torch.Tensor, body: torch.Tensor, settings: DistillSettings,
+                gen: torch.Generator) -> torch.Tensor:
+    """:func:`relational_gap` over the view pairs of a batch of maps ([A0, B0, A1, ...], (2P, C, *spatial)): the
+    anchors of each view against every voxel of the other view of its pair (the same scan) and, with more than one
+    pair, of the next pair's view of the same rank (another scan: how the teacher relates two patients)."""
+    terms = []
+    n = student.shape[0]
+    for a in range(n):
+        partners = [a + 1 if a % 2 == 0 else a - 1] + ([(a + 2) % n] if n > 2 else [])
+        idx = _anchor_columns(body[a], settings.anchors, gen)
+        s_a, t_a = student[a].flatten(1)[:, idx], teacher[a].flatten(1)[:, idx]
+        for b in partners:
+            terms.append(relational_gap(s_a, student[b].flatten(1), t_a, teacher[b].flatten(1), settings.tau))
+    return torch.stack(terms).mean()
+
+
+def _body(images: torch.Tensor, map_shape: tuple[int, ...], views) -> torch.Tensor:
+    """Bool per map voxel: the view's mean intensity over the voxel's input block is above the body threshold of its
+    volume (``views``: the local views, which carry it; CT's when they do not)."""
+    pool = F.adaptive_avg_pool3d if images.dim() == 5 else F.adaptive_avg_pool2d
+    pooled = pool(images, map_shape)[:, 0]
+    thresholds = torch.tensor([BODY_THRESHOLD if getattr(v, "body_threshold", None) is None else v.body_threshold
+                               for v in views], dtype=pooled.dtype)
+    return pooled > thresholds.reshape(-1, *([1] * (pooled.dim() - 1)))
+
+
 def teacher_maps(teacher: nn.Module, local_x: torch.Tensor, global_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's unit-vector local and global maps of a batch (as :class:`~samembed.training.train.TwoBranch`)."""
     with torch.no_grad():
@@ -94,9 +153,18 @@ def distill_objective(trainer, views, loc, glob, gen, rng):
     if t_loc.shape != loc.shape or t_glob.shape != glob.shape:
         raise InputError(f"distill: the teacher's maps {tuple(t_loc.shape)} / {tuple(t_glob.shape)} differ from the "
                          f"student's {tuple(loc.shape)} / {tuple(glob.shape)}")
-    weight = trainer.distill_settings.global_weight
-    l_loc = cosine_gap(loc, t_loc.to(loc.device))
-    l_glob = cosine_gap(glob, t_glob.to(glob.device))
-    loss = l_loc + weight * l_glob
-    return loss, {"distill_local": float(l_loc.detach()), "distill_global": float(l_glob.detach()),
-                  "local": float(l_loc.detach()), "global": float(l_glob.detach())}
+    settings = trainer.distill_settings
+    t_loc, t_glob = t_loc.to(loc.device), t_glob.to(glob.device)
+    l_loc = cosine_gap(loc, t_loc)
+    l_glob = cosine_gap(glob, t_glob)
+    stats = {"distill_local": float(l_loc.detach()), "distill_global": float(l_glob.detach())}
+    if settings.relational_weight:
+        local_views = [v[0] for pair in views for v in pair]
+        r_loc = _relational(loc, t_loc, _body(lx.cpu(), tuple(loc.shape[2:]), local_views).to(loc.device), settings, gen)
+        r_glob = _relational(glob, t_glob, _body(gx.cpu(), tuple(glob.shape[2:]), local_views).to(glob.device),
+                             settings, gen)
+        l_loc = l_loc + settings.relational_weight * r_loc
+        l_glob = l_glob + settings.relational_weight * r_glob
+        stats.update(relational_local=float(r_loc.detach()), relational_global=float(r_glob.detach()))
+    loss = l_loc + settings.global_weight * l_glob
+    return loss, {**stats, "local": float(l_loc.detach()), "global": float(l_glob.detach())}
