@@ -140,7 +140,7 @@ def _cmd_match(args) -> int:
 
 def _start_prefetch(args, paths: list[str]):
     """Read and preprocess the images in a second process while torch loads (:mod:`samembed.prefetch`):
-    for a registered model on the CPU, before anything imports torch."""
+    for a registered model or a checkpoint of ``samembed train`` on the CPU, before anything imports torch."""
     from . import prefetch
     from .registry import registered_local_stride_zyx, registered_pad_multiple_zyx, registered_preprocess
 

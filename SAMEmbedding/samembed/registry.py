@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
+
+#: the input size multiple and the local map's stride (x, y, z) of this engine's own architectures: what the
+#: prefetch needs to know of a checkpoint that ``models.json`` does not list (the networks' specs say the same; tested)
+ARCH_GRIDS_XYZ: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "sam-lite": ((8, 8, 8), (2, 2, 2)),
+    "sam-lite-2d": ((8, 8), (2, 2)),
+}
 
 
 def models_dir() -> Path:
@@ -35,17 +45,78 @@ def find_entry(name: str) -> dict | None:
     return None
 
 
-def registered_preprocess(name: str) -> dict | None:
-    """The preprocessing settings a registered model declares in ``models.json`` (``preprocess``), known without
-    loading its weights (the engine checks them against the weights' own); None when not declared."""
+class _TorchLeftOut:
+    """Stands for every torch object (tensor, storage, dtype) of a checkpoint read by :func:`checkpoint_header`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __call__(self, *args, **kwargs) -> _TorchLeftOut:
+        return self
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Unpickles a torch checkpoint's ``data.pkl`` with no torch and no code: torch's classes and functions become
+    :class:`_TorchLeftOut`, tensor data is not read, and any other class refuses (so nothing runs)."""
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch" or module.startswith("torch."):
+            return _TorchLeftOut
+        raise pickle.UnpicklingError(f"{module}.{name} is not read from a checkpoint's header")
+
+    def persistent_load(self, pid):
+        return None
+
+
+def checkpoint_header(path: str | os.PathLike) -> dict | None:
+    """The plain facts a SAMEmbedding checkpoint (``samembed train``'s, a torch zip file) stores beside its weights:
+    ``name``, ``arch``, ``net_config``, ``preprocess``..., read without importing torch (its tensors are left out).
+    None for anything else (a missing file, another format, an official checkpoint without those facts)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
+            if pkl is None:
+                return None
+            with z.open(pkl) as fh:
+                obj = _HeaderUnpickler(fh).load()
+    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("preprocess"), dict) or obj.get("arch") not in ARCH_GRIDS_XYZ:
+        return None
+    return {k: v for k, v in obj.items() if k not in ("state_dict", "optimizer", "rng_torch")}
+
+
+def model_facts(name: str) -> dict | None:
+    """What the prefetch needs of a model before torch loads: the ``models.json`` entry of a registered model, or,
+    for a SAMEmbedding checkpoint path, its header's ``preprocess`` with its architecture's ``pad_multiple_xyz`` and
+    ``local_stride_xyz``; None when neither says."""
     entry = find_entry(str(name))
-    return None if entry is None else entry.get("preprocess")
+    if entry is not None:
+        return entry
+    path = Path(str(name))
+    if path.suffix.lower() not in (".pt", ".pth") or not path.is_file():
+        return None
+    header = checkpoint_header(path)
+    if header is None:
+        return None
+    pad, stride = ARCH_GRIDS_XYZ[header["arch"]]
+    return {"preprocess": header["preprocess"], "pad_multiple_xyz": list(pad), "local_stride_xyz": list(stride)}
+
+
+def registered_preprocess(name: str) -> dict | None:
+    """The preprocessing settings a model declares without loading its weights (the engine checks them against the
+    weights' own): ``models.json``'s ``preprocess`` for a registered model, a SAMEmbedding checkpoint's own
+    (:func:`model_facts`); None when not declared."""
+    facts = model_facts(name)
+    return None if facts is None else facts.get("preprocess")
 
 
 def _registered_zyx(name: str, key_xyz: str) -> tuple[int, ...] | None:
-    """A per-axis entry ``key_xyz`` of a registered model (x, y, z in ``models.json``) as (z, y, x), or None."""
-    entry = find_entry(str(name))
-    value = None if entry is None else entry.get(key_xyz)
+    """A per-axis fact ``key_xyz`` of a model (x, y, z, :func:`model_facts`) as (z, y, x), or None."""
+    facts = model_facts(name)
+    value = None if facts is None else facts.get(key_xyz)
     return None if value is None else tuple(int(m) for m in reversed(value))
 
 

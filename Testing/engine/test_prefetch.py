@@ -144,6 +144,43 @@ def test_the_registered_padding_multiple_and_local_stride_are_the_networks_own()
     assert registered_local_stride_zyx("default") == tuple(reversed(spec.local_stride))
 
 
+def test_a_checkpoints_own_facts_are_read_without_torch_and_equal_what_loading_it_gives(tmp_path):
+    """A checkpoint path (``--model runs/mine/mine.pt``) is prefetched too: its preprocessing comes from its own
+    header, read with no torch, and its architecture's multiple and stride are its network's."""
+    from samembed.models import load_model, save_checkpoint
+    from samembed.networks import build_network
+    from samembed.registry import ARCH_GRIDS_XYZ, checkpoint_header, model_facts
+
+    for arch, (pad_xyz, stride_xyz) in ARCH_GRIDS_XYZ.items():
+        spec = build_network(arch, {}).spec
+        assert (tuple(reversed(spec.pad_multiple)), tuple(reversed(spec.local_stride))) == (pad_xyz, stride_xyz)
+    net = build_network("sam-lite", {"widths": [4, 8, 8], "global_widths": [4, 8, 8, 8], "fpn_channels": 4})
+    path = save_checkpoint(tmp_path / "mine.pt", net, PreprocessConfig(spacing_mm=3.0, fill="zero"), name="mine",
+                           extra={"rng_torch": torch.zeros(3, dtype=torch.uint8)})
+    loaded = load_model(str(path))
+    assert PreprocessConfig.from_dict(registered_preprocess(str(path))) == loaded.preprocess
+    assert registered_pad_multiple_zyx(str(path)) == tuple(reversed(loaded.spec.pad_multiple))
+    assert registered_local_stride_zyx(str(path)) == tuple(reversed(loaded.spec.local_stride))
+    assert checkpoint_header(path)["net_config"] == loaded.spec.config
+    # without torch, in a fresh interpreter
+    code = ("import sys; from samembed.registry import registered_preprocess as r; "
+            f"print(r({str(path)!r})['spacing_mm'], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["3.0", "False"]
+    # anything else is not read: a state dict alone, another file, a pickle that would run code
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+
+    class Runs:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"arch": "sam-lite", "preprocess": {"spacing_mm": 2.0}, "x": Runs()}, tmp_path / "evil.pt")
+    for name in ("weights.pt", "notes.pt", "evil.pt", "missing.pt"):
+        assert model_facts(str(tmp_path / name)) is None and registered_preprocess(str(tmp_path / name)) is None
+    assert not (tmp_path / "ran").exists()
+
+
 def test_an_unreadable_image_is_left_to_the_command_which_names_it(tmp_path, capsys):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not an image")
