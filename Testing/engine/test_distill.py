@@ -132,7 +132,9 @@ def test_a_distill_batch_with_the_relational_term_gives_its_parts():
     def view(seed, size):
         return SimpleNamespace(image=_ct_like((1, size, size, size), seed), body_threshold=None)
 
-    views = [[(view(0, 32), view(1, 16)), (view(2, 32), view(3, 16))]]
+    # two scans: each view's anchors against its pair's other view and against the other scan's view of its rank
+    views = [[(view(0, 32), view(1, 16)), (view(2, 32), view(3, 16))],
+             [(view(4, 32), view(5, 16)), (view(6, 32), view(7, 16))]]
     lx = torch.stack([v[0].image for pair in views for v in pair])
     gx = torch.stack([v[1].image for pair in views for v in pair])
     loc, glob = F.normalize(student.forward_local(lx), dim=1), F.normalize(student.forward_global_pooled(gx), dim=1)
