@@ -335,8 +335,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--no-elastix", action="store_true")
     p.add_argument("--reps", type=int, default=3, help="cold runs of the default (on-demand) path per pair; the median "
                    "is reported")
-    p.add_argument("--model", default="default", help="SAM's model (`samembed match --model`); the command reads and "
-                   "preprocesses in a second process while torch loads only for a model registered in models.json")
+    p.add_argument("--model", default="default", help="SAM's model (`samembed match --model`: a registered name or a "
+                   "checkpoint; `--precision auto` runs its local branch in int8 only with a calibration beside it)")
     args = p.parse_args(argv)
     model = [] if args.model == "default" else ["--model", args.model]
     byte_compile()

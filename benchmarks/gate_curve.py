@@ -53,7 +53,7 @@ def calibrate(snapshot: Path, config: str, exclude: list[str]) -> None:
 def point(rows: list[dict], snapshot: Path | None) -> dict:
     """One curve point: the candidate's mean per series, CPU-hours and iteration from the snapshot's header."""
     means = {name: next(r["candidate_mean"] for r in rows if (r["suite"], r["group"]) == (s, g)) for s, g, name in SERIES}
-    header = checkpoint_header(snapshot) if snapshot is not None else {}
+    header = (checkpoint_header(snapshot) if snapshot is not None else None) or {}
     ok, reasons = verdict(rows)
     return {"snapshot": str(snapshot) if snapshot else None, "iteration": header.get("iteration"),
             "cpu_hours": float(header.get("cpu_seconds_total", 0.0)) / 3600, "means": means, "ship": ok,

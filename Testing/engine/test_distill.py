@@ -120,33 +120,50 @@ def test_the_relational_gap_is_zero_for_the_teachers_similarities_and_grows_when
     assert relational_gap(anchors, shuffled, anchors, cands, 0.05).item() > 1.0
 
 
-def test_a_distill_batch_with_the_relational_term_gives_its_parts():
+def test_a_distill_batch_with_the_relational_term_gives_its_parts_and_pairs_the_right_views(monkeypatch):
     from types import SimpleNamespace
 
-    from samembed.training.distill import distill_objective
+    from samembed.training import distill
 
     teacher = _random_net(TINY, 0)
-    student = build_network("sam-lite", NARROW)
-    student.load_state_dict(slim_state_dict(teacher, student))
 
     def view(seed, size):
         return SimpleNamespace(image=_ct_like((1, size, size, size), seed), body_threshold=None)
 
-    # two scans: each view's anchors against its pair's other view and against the other scan's view of its rank
+    # two scans, two views each, ordered [A0, B0, A1, B1]
     views = [[(view(0, 32), view(1, 16)), (view(2, 32), view(3, 16))],
              [(view(4, 32), view(5, 16)), (view(6, 32), view(7, 16))]]
     lx = torch.stack([v[0].image for pair in views for v in pair])
     gx = torch.stack([v[1].image for pair in views for v in pair])
-    loc, glob = F.normalize(student.forward_local(lx), dim=1), F.normalize(student.forward_global_pooled(gx), dim=1)
+    t_loc, t_glob = teacher_maps(teacher, lx, gx)
+    # the "student" gives the teacher's maps but for view B0 (index 1), whose vectors are others
+    g = torch.Generator().manual_seed(1)
+    loc, glob = t_loc.clone(), t_glob.clone()
+    loc[1] = F.normalize(torch.randn(loc[1].shape, generator=g), dim=0)
+    glob[1] = F.normalize(torch.randn(glob[1].shape, generator=g), dim=0)
+    loc.requires_grad_(True)
+    gaps = []
+    real = distill.relational_gap
+
+    def recorded(*args, **kwargs):
+        gaps.append(real(*args, **kwargs).item())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "relational_gap", recorded)
     trainer = SimpleNamespace(distill_teacher=lambda: teacher,
                               distill_settings=DistillSettings(relational_weight=0.5, anchors=16))
-    loss, stats = distill_objective(trainer, views, loc, glob, torch.Generator().manual_seed(0), None)
+    loss, stats = distill.distill_objective(trainer, views, loc, glob, torch.Generator().manual_seed(0), None)
+    # per map, each view's anchors against its scan's other view and the next scan's view of its rank:
+    # (0,1) (0,2) (1,0) (1,3) (2,3) (2,0) (3,2) (3,1); only the four that involve view 1 differ from the teacher's
+    for per_map in (gaps[:8], gaps[8:]):
+        assert [v > 1e-4 for v in per_map] == [True, False, True, True, False, False, False, True]
     assert stats["relational_local"] > 0 and stats["relational_global"] > 0
     expected = (stats["distill_local"] + 0.5 * stats["relational_local"]
                 + stats["distill_global"] + 0.5 * stats["relational_global"])
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["local"] == pytest.approx(stats["distill_local"] + 0.5 * stats["relational_local"], rel=1e-5)
     loss.backward()
-    assert student.l_stem[0].weight.grad.abs().sum() > 0
+    assert loc.grad[1].abs().sum() > 0
 
 
 def test_a_teacher_whose_maps_differ_from_the_students_is_refused():

@@ -24,13 +24,20 @@ from the teacher's weights cut to its widths (``init_from``, see :mod:`.slim`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..preprocess import PreprocessConfig
 from .pairs import BODY_THRESHOLD
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .train import Trainer
 
 
 @dataclass(frozen=True)
@@ -52,19 +59,19 @@ class DistillSettings:
     anchors: int = 256
 
     @classmethod
-    def from_config(cls, cfg) -> DistillSettings:
+    def from_config(cls, cfg: TrainConfig) -> DistillSettings:
         """The settings of a :class:`~samembed.training.config.TrainConfig`."""
         return cls(teacher=str(cfg.distill_teacher), global_weight=float(cfg.distill_global_weight),
                    relational_weight=float(cfg.distill_relational_weight), tau=float(cfg.distill_tau),
                    anchors=int(cfg.distill_anchors))
 
 
-def load_teacher(settings: DistillSettings, student: nn.Module, preprocess) -> nn.Module:
+def load_teacher(settings: DistillSettings, student: nn.Module, preprocess: PreprocessConfig | None) -> nn.Module:
     """The teacher network, float32, frozen, in eval mode.
 
     Raises:
-        InputError: its preprocessing, strides or embedding sizes differ from the student's (the matcher could not
-            use the student's vectors in place of the teacher's).
+        InputError: its preprocessing (spacing, fill, percentiles), strides or embedding sizes differ from the
+            student's (the matcher could not use the student's vectors in place of the teacher's).
     """
     from ..models import load_model
 
@@ -80,10 +87,9 @@ def load_teacher(settings: DistillSettings, student: nn.Module, preprocess) -> n
         if theirs != ours:
             raise InputError(f"distill_teacher '{settings.teacher}': its {what} (local, global) {theirs} differ from "
                              f"the student's {ours}; distillation needs the same maps")
-    if preprocess is not None and (loaded.preprocess.spacing_mm, loaded.preprocess.fill) != (preprocess.spacing_mm, preprocess.fill):
-        raise InputError(f"distill_teacher '{settings.teacher}': it reads images at {loaded.preprocess.spacing_mm} mm "
-                         f"with fill '{loaded.preprocess.fill}', the student at {preprocess.spacing_mm} mm with fill "
-                         f"'{preprocess.fill}'; set spacing_mm and fill to the teacher's")
+    if preprocess is not None and loaded.preprocess != preprocess:
+        raise InputError(f"distill_teacher '{settings.teacher}': it reads images with {loaded.preprocess.to_dict()}, "
+                         f"the student with {preprocess.to_dict()}; set spacing_mm and fill to the teacher's")
     return net
 
 
@@ -143,8 +149,11 @@ def teacher_maps(teacher: nn.Module, local_x: torch.Tensor, global_x: torch.Tens
                 F.normalize(teacher.forward_global_pooled(global_x), dim=1))
 
 
-def distill_objective(trainer, views, loc, glob, gen, rng):
-    """The loss on one batch: ``views`` as SAM's, ``loc`` / ``glob`` the student's maps of them ([A0, B0, A1, ...])."""
+def distill_objective(trainer: Trainer, views: list, loc: torch.Tensor, glob: torch.Tensor, gen: torch.Generator,
+                      rng: np.random.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss on one batch: ``views`` as SAM's, ``loc`` / ``glob`` the student's unit-vector maps of them
+    ([A0, B0, A1, ...]); with the loss, its parts (``distill_*``, ``relational_*``) and ``local`` / ``global`` (each
+    map's total) for the log."""
     teacher = trainer.distill_teacher()
     device = next(teacher.parameters()).device
     lx = torch.stack([v[0].image for pair in views for v in pair]).to(device)

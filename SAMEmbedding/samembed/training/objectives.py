@@ -219,7 +219,8 @@ def combined_loss(trainer, views, loc, glob, gen, rng):
             loss, s = distill_objective(trainer, views, loc, glob, gen, rng)
         else:
             loss, s = _sal(trainer, views, loc, glob, gen, rng)
-        stats.update(s)
+        # the log's local / global columns: SAM's parts when SAM is used, else the first objective's that gives them
+        stats.update(s if name == "sam" else {k: v for k, v in s.items() if k not in stats or k not in ("local", "global")})
         total = weight * loss if total is None else total + weight * loss
     stats.setdefault("local", float(total.detach()))
     stats.setdefault("global", 0.0)

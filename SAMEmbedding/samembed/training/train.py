@@ -278,6 +278,9 @@ class Trainer:
         log_path = self.out / "train_log.csv"
         # the semantic objective's two parts get columns of their own (at the end: readers of the others are unchanged)
         extra = ["semantic_local", "semantic_global"] if getattr(self, "semantic_sampler", None) else []
+        if any(name == "distill" for name, _ in parse_objective(cfg.objective)):
+            extra += ["distill_local", "distill_global"]
+            extra += ["relational_local", "relational_global"] if cfg.distill_relational_weight else []
         if self.rank == 0 and (not resume or not log_path.exists()):
             log_path.write_text(",".join(["iteration,loss,local,global,lr,seconds,cpu_seconds", *extra]) + "\n",
                                 encoding="utf-8")
