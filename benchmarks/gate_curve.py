@@ -50,13 +50,14 @@ def calibrate(snapshot: Path, config: str, exclude: list[str]) -> None:
                    env={**__import__("os").environ, "PYTHONPATH": str(REPO / "SAMEmbedding")})
 
 
-def point(rows: list[dict], snapshot: Path | None) -> dict:
-    """One curve point: the candidate's mean per series, CPU-hours and iteration from the snapshot's header."""
+def point(rows: list[dict], snapshot: Path | None, hours_before: float = 0.0) -> dict:
+    """One curve point: the candidate's mean per series, CPU-hours (``hours_before`` plus the snapshot's own, from
+    its header) and iteration."""
     means = {name: next(r["candidate_mean"] for r in rows if (r["suite"], r["group"]) == (s, g)) for s, g, name in SERIES}
     header = (checkpoint_header(snapshot) if snapshot is not None else None) or {}
     ok, reasons = verdict(rows)
     return {"snapshot": str(snapshot) if snapshot else None, "iteration": header.get("iteration"),
-            "cpu_hours": float(header.get("cpu_seconds_total", 0.0)) / 3600, "means": means, "ship": ok,
+            "cpu_hours": hours_before + float(header.get("cpu_seconds_total", 0.0)) / 3600, "means": means, "ship": ok,
             "reasons": reasons}
 
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="the run's training config (its data, for the int8 calibration)")
     ap.add_argument("--exclude", nargs="*", default=["LIDC-IDRI-0001*"],
                     help="calibration images to leave out (default: the lidc_synthetic cases' image)")
+    ap.add_argument("--cpu-hours-before", type=float, default=0.0,
+                    help="CPU-hours of training before the run (a run started from another run's snapshot)")
     ap.add_argument("--shipped", default="default")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--suite-dir", default=str(REPO / "cache" / "suites"))
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     for snap in snapshots:
         calibrate(snap, args.config, args.exclude)
         _, cand = model_offsets(str(snap), cases, cache)
-        points.append(point(compare(cases, base, cand), snap))
+        points.append(point(compare(cases, base, cand), snap, args.cpu_hours_before))
         print(f"{snap.name}: " + ", ".join(f"{k} {v:.2f} mm" for k, v in points[-1]["means"].items()), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
