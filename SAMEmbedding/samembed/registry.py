@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import collections
+import functools
+import io
 import json
 import os
 import pickle
 import zipfile
 from pathlib import Path
 
-#: the input size multiple and the local map's stride (x, y, z) of this engine's own architectures: what the
-#: prefetch needs to know of a checkpoint that ``models.json`` does not list (the networks' specs say the same; tested)
+#: the input size multiple and the local map's stride (x, y, z), both in input voxels, of this engine's own
+#: architectures: what the prefetch needs to know of a checkpoint that ``models.json`` does not list (the networks'
+#: specs say the same; tested)
 ARCH_GRIDS_XYZ: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "sam-lite": ((8, 8, 8), (2, 2, 2)),
     "sam-lite-2d": ((8, 8), (2, 2)),
@@ -46,7 +49,7 @@ def find_entry(name: str) -> dict | None:
 
 
 class _TorchLeftOut:
-    """Stands for every torch object (tensor, storage, dtype) of a checkpoint read by :func:`checkpoint_header`."""
+    """Stands for a torch object (tensor, storage, dtype) of a checkpoint read by :func:`checkpoint_header`."""
 
     def __init__(self, *args, **kwargs) -> None:
         pass
@@ -55,54 +58,86 @@ class _TorchLeftOut:
         return self
 
 
-class _HeaderUnpickler(pickle.Unpickler):
-    """Unpickles a torch checkpoint's ``data.pkl`` with no torch and no code: torch's classes and functions become
-    :class:`_TorchLeftOut`, tensor data is not read, and any other class refuses (so nothing runs)."""
+#: the most a checkpoint's pickle (its structure, not its tensors' data) may take to be read for its header, bytes
+HEADER_PICKLE_LIMIT = 16 * 1024**2
 
-    def find_class(self, module: str, name: str):
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Unpickles a torch checkpoint's ``data.pkl`` with no torch and no code: each torch class or function named in
+    it becomes a new subclass of :class:`_TorchLeftOut` (so nothing the file does to one reaches another read),
+    tensor data is not read, and any other class refuses (so nothing runs)."""
+
+    def find_class(self, module: str, name: str) -> type:
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         if module == "torch" or module.startswith("torch."):
-            return _TorchLeftOut
+            return type("_TorchLeftOut", (_TorchLeftOut,), {})
         raise pickle.UnpicklingError(f"{module}.{name} is not read from a checkpoint's header")
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: object) -> None:
         return None
+
+
+def _plain(value: object) -> bool:
+    """A number, text, or a list of them: what a checkpoint's preprocessing settings hold."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (bool, int, float, str)) or value is None
 
 
 def checkpoint_header(path: str | os.PathLike) -> dict | None:
     """The plain facts a SAMEmbedding checkpoint (``samembed train``'s, a torch zip file) stores beside its weights:
     ``name``, ``arch``, ``net_config``, ``preprocess``..., read without importing torch (its tensors are left out).
-    None for anything else (a missing file, another format, an official checkpoint without those facts)."""
+    None for anything else: a missing or unreadable file, another format, an official checkpoint without those
+    facts, a pickle over :data:`HEADER_PICKLE_LIMIT`, or one that names anything but torch's own objects."""
     try:
         with zipfile.ZipFile(path) as z:
             pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1), None)
             if pkl is None:
                 return None
             with z.open(pkl) as fh:
-                obj = _HeaderUnpickler(fh).load()
-    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError):
+                data = fh.read(HEADER_PICKLE_LIMIT + 1)
+        if len(data) > HEADER_PICKLE_LIMIT:
+            return None
+        obj = _HeaderUnpickler(io.BytesIO(data)).load()
+        prep = obj.get("preprocess") if isinstance(obj, dict) else None
+        arch = obj.get("arch") if isinstance(obj, dict) else None
+        if (not isinstance(prep, dict) or not all(isinstance(k, str) and _plain(v) for k, v in prep.items())
+                or not isinstance(arch, str) or arch not in ARCH_GRIDS_XYZ):
+            return None
+        return {k: v for k, v in obj.items() if k not in ("state_dict", "optimizer", "rng_torch")}
+    except Exception:  # noqa: BLE001 - whatever is wrong with the file, it has no header to read
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("preprocess"), dict) or obj.get("arch") not in ARCH_GRIDS_XYZ:
-        return None
-    return {k: v for k, v in obj.items() if k not in ("state_dict", "optimizer", "rng_torch")}
 
 
-def model_facts(name: str) -> dict | None:
+@functools.lru_cache(maxsize=16)
+def _checkpoint_facts(path: str, mtime_ns: int, size: int) -> dict | None:
+    """:func:`model_facts` of a checkpoint file, read once per version of the file."""
+    header = checkpoint_header(path)
+    if header is None:
+        return None
+    pad, stride = ARCH_GRIDS_XYZ[header["arch"]]
+    return {"preprocess": header["preprocess"], "pad_multiple_xyz": list(pad), "local_stride_xyz": list(stride)}
+
+
+def model_facts(name: str | os.PathLike) -> dict | None:
     """What the prefetch needs of a model before torch loads: the ``models.json`` entry of a registered model, or,
     for a SAMEmbedding checkpoint path, its header's ``preprocess`` with its architecture's ``pad_multiple_xyz`` and
     ``local_stride_xyz``; None when neither says."""
     entry = find_entry(str(name))
     if entry is not None:
         return entry
-    path = Path(str(name))
-    if path.suffix.lower() not in (".pt", ".pth") or not path.is_file():
+    path = Path(name)
+    if path.suffix.lower() not in (".pt", ".pth"):
         return None
-    header = checkpoint_header(path)
-    if header is None:
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
         return None
-    pad, stride = ARCH_GRIDS_XYZ[header["arch"]]
-    return {"preprocess": header["preprocess"], "pad_multiple_xyz": list(pad), "local_stride_xyz": list(stride)}
+    if not path.is_file():
+        return None
+    facts = _checkpoint_facts(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    return None if facts is None else {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in facts.items()}
 
 
 def registered_preprocess(name: str) -> dict | None:

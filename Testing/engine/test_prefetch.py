@@ -181,6 +181,49 @@ def test_a_checkpoints_own_facts_are_read_without_torch_and_equal_what_loading_i
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_checkpoint_header_that_is_odd_gives_no_facts_and_spoils_no_later_read(tmp_path, monkeypatch):
+    """Whatever a file named like a checkpoint holds, the command only loses its prefetch (the model's loading then
+    names the problem); nothing one file does reaches the next read."""
+    import pickle
+    import zipfile
+
+    from samembed import registry
+    from samembed.models import save_checkpoint
+    from samembed.networks import build_network
+
+    def archive(name: str, payload: bytes, compression=zipfile.ZIP_STORED) -> str:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", compression=compression) as z:
+            z.writestr("archive/data.pkl", payload)
+        return str(path)
+
+    good = save_checkpoint(tmp_path / "good.pt", build_network("sam-lite", {"widths": [4, 8, 8],
+                                                                            "global_widths": [4, 8, 8, 8],
+                                                                            "fpn_channels": 4}),
+                           PreprocessConfig(spacing_mm=3.0), name="good")
+    odd = {
+        "a list for the architecture": pickle.dumps({"arch": ["sam-lite"], "preprocess": {"spacing_mm": 2.0}}),
+        "a torch object in the settings": (b"\x80\x02}q\x00(X\x04\x00\x00\x00archq\x01X\x08\x00\x00\x00sam-liteq\x02"
+                                           b"X\n\x00\x00\x00preprocessq\x03}q\x04X\n\x00\x00\x00spacing_mmq\x05"
+                                           b"ctorch\nfloat32\nq\x06su."),
+        # GLOBAL torch X, then BUILD with a state that rewrites the class it got
+        "a class rewritten": b"\x80\x02ctorch\nX\nN}X\x08\x00\x00\x00__init__K\x05s\x86b.",
+        "not a pickle": b"garbage",
+    }
+    for what, payload in odd.items():
+        assert registry.checkpoint_header(archive("odd.pt", payload)) is None, what
+        assert registry.checkpoint_header(good)["name"] == "good", f"after {what}"
+    monkeypatch.setattr(registry, "HEADER_PICKLE_LIMIT", 10)
+    assert registry.checkpoint_header(good) is None  # a pickle over the limit is not read
+    monkeypatch.undo()
+    corrupt = tmp_path / "corrupt.pt"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = bytes(64)
+    corrupt.write_bytes(bytes(data))
+    assert registry.model_facts(str(corrupt)) is None or registry.model_facts(str(corrupt))["preprocess"]
+    assert registry.model_facts(str(tmp_path)) is None and registry.model_facts(str(tmp_path / ("x" * 300 + ".pt"))) is None
+
+
 def test_an_unreadable_image_is_left_to_the_command_which_names_it(tmp_path, capsys):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not an image")
