@@ -1,8 +1,8 @@
 """The ``distill`` objective: a network learns to give the embeddings of a trained one (its teacher).
 
-The cold path's floor is the network (issue 13, ``benchmarks/results/cold_start.md``): a narrower network runs
-3-4x faster, but trained from scratch it would need the CPU-hours the shipped model took, with no promise of
-the same matches. Distillation asks the narrower network for the shipped model's own vectors instead: every
+The cold path's floor is the network (issue 13, ``benchmarks/results/cold_start.md``): with every width halved,
+``sam-lite``'s maps run 2-3x faster (``benchmarks/results/cold_start_half.md``), but trained from scratch such a
+network would need the CPU-hours the shipped model took, with no promise of the same matches. Distillation asks the narrower network for the shipped model's own vectors instead: every
 voxel of both maps is a target, so each iteration gives far more signal than SAM's sampled anchors.
 
 On each of SAM's view pairs (same sampling and augmentation), the teacher (``distill_teacher``, a model name or
@@ -17,8 +17,10 @@ each view, the softmax over their similarities (temperature ``distill_tau``) wit
 view (the same scan), and of a view of the batch's next scan (another patient), is the student's distribution of
 where the anchor matches; its KL divergence from the teacher's is the loss (:func:`relational_gap`).
 
-Combine with SAM's own terms (``distill+sam:0.1``) to keep the contrastive objective in view. Start the student
-from the teacher's weights cut to its widths (``init_from``, see :mod:`.slim`).
+Combine it with the other objectives, e.g. the teacher's own organ-mask term (``distill+semantic:0.2``,
+``Resources/Models/sam-lite-ct-half-semantic.yaml``), which is what brought the half-width student close to the
+teacher between patients. Start the student from the teacher's weights cut to its widths (``init_from``, see
+:mod:`.slim`).
 """
 
 from __future__ import annotations
