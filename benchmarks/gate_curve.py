@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def calibrate(snapshot: Path, config: str, exclude: list[str]) -> None:
         return
     subprocess.run([sys.executable, "-m", "samembed.cli", "quantize", "--config", config, "--model", str(snapshot),
                     "--exclude", *exclude, "--quiet"], check=True, cwd=REPO,
-                   env={**__import__("os").environ, "PYTHONPATH": str(REPO / "SAMEmbedding")})
+                   env={**os.environ, "PYTHONPATH": str(REPO / "SAMEmbedding")})
 
 
 def point(rows: list[dict], snapshot: Path | None, hours_before: float = 0.0) -> dict:

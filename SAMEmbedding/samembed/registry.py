@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import stat
 import zipfile
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def model_facts(name: str | os.PathLike) -> dict | None:
         st = path.stat()
     except (OSError, ValueError):
         return None
-    if not path.is_file():
+    if not stat.S_ISREG(st.st_mode):
         return None
     facts = _checkpoint_facts(str(path.resolve()), st.st_mtime_ns, st.st_size)
     return None if facts is None else {k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in facts.items()}

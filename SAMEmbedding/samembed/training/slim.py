@@ -57,7 +57,11 @@ _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 def _kept_channels(source: dict[str, torch.Tensor], group: str, size: int) -> torch.Tensor:
     """Indices (ascending) of the ``size`` channels of ``group`` that the slimmed network keeps."""
     producers = [(conv, bn) for conv, bn, _, out in SAM_LITE_LAYERS if out == group]
-    have = int(source[f"{producers[0][0]}.weight"].shape[0])
+    if producers:
+        have = int(source[f"{producers[0][0]}.weight"].shape[0])
+    else:  # the network's input: made by no layer, read by one
+        reader = next(conv for conv, _, src, _ in SAM_LITE_LAYERS if src == group)
+        have = int(source[f"{reader}.weight"].shape[1])
     if group.startswith(("input_", "output_")) or size == have:
         if size != have:
             raise InputError(f"slimming keeps the {group.replace('_', ' ')} channels ({have}); the new network has {size}")
@@ -84,22 +88,12 @@ def slim_state_dict(source: nn.Module, target: nn.Module) -> dict[str, torch.Ten
         raise InputError(f"slimming needs two networks of one sam-lite architecture, not {sorted(map(str, archs))}")
     src = source.state_dict()
     want = target.state_dict()
-    groups = {g for _, _, a, b in SAM_LITE_LAYERS for g in (a, b)}
     sizes: dict[str, int] = {}
     for conv, _, group_in, group_out in SAM_LITE_LAYERS:
         shape = want[f"{conv}.weight"].shape
         sizes.setdefault(group_out, int(shape[0]))
         sizes.setdefault(group_in, int(shape[1]))
-    keep: dict[str, torch.Tensor] = {}
-    for group in sorted(groups):
-        if group.startswith("input_"):  # read by one layer, produced by none
-            reader = next(conv for conv, _, a, _ in SAM_LITE_LAYERS if a == group)
-            have = int(src[f"{reader}.weight"].shape[1])
-            if have != sizes[group]:
-                raise InputError(f"slimming keeps the input channels ({have}); the new network has {sizes[group]}")
-            keep[group] = torch.arange(have)
-        else:
-            keep[group] = _kept_channels(src, group, sizes[group])
+    keep = {group: _kept_channels(src, group, sizes[group]) for group in sorted(sizes)}
     out: dict[str, torch.Tensor] = {}
     for conv, bn, group_in, group_out in SAM_LITE_LAYERS:
         o, i = keep[group_out], keep[group_in]
