@@ -10,6 +10,7 @@ run of memory), so a tile makes resident only its own voxels' pages and a gather
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -342,6 +343,62 @@ def _grid_from_dict(d: dict) -> Grid:
     return Grid(tuple(d["shape_zyx"]), d["spacing_mm"], d["origin_lps_mm"], np.array(d["direction"]))
 
 
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How an :class:`Embedder` makes the network input of an image (:func:`prepare_input`): the model's
+    preprocessing, the modality asked for, the padding multiple (z, y, x) the network needs, the local map's stride
+    (z, y, x; the grid of the body mask) and the prefetch process whose inputs to take first (None: none)."""
+
+    preprocess: object  # samembed.preprocess.PreprocessConfig
+    modality: str
+    pad_multiple_zyx: tuple[int, ...]
+    local_stride_zyx: tuple[int, ...]
+    prefetch: object | None = None  # samembed.prefetch.Prefetch
+
+
+def prepare_input(settings: PrepareSettings, image: Image) -> tuple[np.ndarray, Grid, str, np.ndarray | None]:
+    """Padded network input (zyx float32), its grid, the modality used, and its body mask on the local grid when
+    the prefetch process made it with the input (else None: the embedder makes it)."""
+    pad = settings.pad_multiple_zyx
+    prefetch = settings.prefetch
+    prep = None if prefetch is None else prefetch.take(image.content_hash(), settings.preprocess, settings.modality, pad)
+    if prep is None:
+        prep = preprocess(image, settings.preprocess, settings.modality, pad)  # CT comes padded (no copy below)
+    else:
+        log.debug("%s: preprocessed ahead by the prefetch process", image.name)
+    arr = pad_to_multiple(prep.array, pad, prep.fill_value)
+    grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
+    made = prep.body_stride_zyx is not None and tuple(prep.body_stride_zyx) == tuple(settings.local_stride_zyx)
+    body = prep.body if made else None
+    return arr, grid, prep.modality, body
+
+
+def _prepared_input(settings: PrepareSettings, image: Image) -> np.ndarray:
+    """The padded network input alone (a :class:`TileComputer`'s ``prepare``)."""
+    return prepare_input(settings, image)[0]
+
+
+def _given(arr: np.ndarray) -> np.ndarray:
+    """``arr`` itself (the ``prepare`` of a tile computer whose input is made already)."""
+    return arr
+
+
+@dataclass(frozen=True)
+class TileNetwork:
+    """What a :class:`TileComputer` needs of its :class:`Embedder` to embed tiles: the network that embeds (batch
+    norms folded, maybe int8), its spec, the device, half precision (CUDA) and the tile size cap (input voxels).
+
+    The tile computer holds this, not the embedder: an embedder's cache holds the maps, the maps hold their tile
+    computer, and a tile computer that held the embedder would close a reference cycle, so that a dropped matcher's
+    maps (hundreds of MB to GBs) would stay in memory until Python's cyclic garbage collector happened to run."""
+
+    net: torch.nn.Module
+    spec: object  # samembed.networks.base.NetSpec
+    device: torch.device
+    half: bool
+    max_tile_voxels: int
+
+
 class TileComputer:
     """Fills the features of on-demand :class:`EmbeddingMaps` tile by tile from the network input.
 
@@ -351,13 +408,14 @@ class TileComputer:
     (:func:`samembed.tiles.upsample_box`, bit-identical to the whole-volume upsampling).
 
     Args:
-        embedder: the :class:`Embedder` (network, device, tile size cap).
+        network: the :class:`TileNetwork` of the :class:`Embedder` that made the maps (:attr:`Embedder.tile_network`).
         prepare: returns the padded network input (zyx float32); called once, on the first tile needed (a map
-            loaded from the disk cache needs no preprocessing until a search leaves its stored voxels).
+            loaded from the disk cache needs no preprocessing until a search leaves its stored voxels). It must not
+            hold the embedder either (see :class:`TileNetwork`).
     """
 
-    def __init__(self, embedder: Embedder, prepare: Callable[[], np.ndarray]) -> None:
-        self.embedder = embedder
+    def __init__(self, network: TileNetwork, prepare: Callable[[], np.ndarray]) -> None:
+        self.network = network
         self._prepare = prepare
         self._x: torch.Tensor | None = None
         self.tiles_computed = 0
@@ -366,8 +424,8 @@ class TileComputer:
     def input(self) -> torch.Tensor:
         """The network input (1, 1, *shape_zyx), prepared once."""
         if self._x is None:
-            x = torch.from_numpy(np.ascontiguousarray(self._prepare()))[None, None].to(self.embedder.device)
-            self._x = x.half() if self.embedder.half else x
+            x = torch.from_numpy(np.ascontiguousarray(self._prepare()))[None, None].to(self.network.device)
+            self._x = x.half() if self.network.half else x
         return self._x
 
     def fill(self, maps: EmbeddingMaps, missing_zyx: np.ndarray, cancel: threading.Event | None = None) -> None:
@@ -375,7 +433,7 @@ class TileComputer:
         is checked before each tile (raises :class:`Cancelled`; every finished tile is kept)."""
         from .tiles import plan_tiles
 
-        spec = self.embedder.model.spec
+        spec = self.network.spec
         x = self.input()
         step = spec.tile_multiple[-1]
         halo = int(np.ceil(spec.tile_halo / step) * step)
@@ -390,7 +448,7 @@ class TileComputer:
         x = self.input()
         shape_in = tuple(x.shape[2:])
         area = int(np.prod([min(s, b + halo) - max(0, a - halo) for a, b, s in zip(start[1:], stop[1:], shape_in[1:])]))
-        core = max(step, (self.embedder.max_tile_voxels // max(area, 1)) // step * step - 2 * halo)
+        core = max(step, (self.network.max_tile_voxels // max(area, 1)) // step * step - 2 * halo)
         for z0 in range(start[0], stop[0], core):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"{maps.image_name}: embedding cancelled")
@@ -405,9 +463,9 @@ class TileComputer:
         the lines are wanted is computed in place instead (:meth:`_tile_in_place`)."""
         from .tiles import spans_whole_planes
 
-        emb = self.embedder
+        emb = self.network
         x = self.input()
-        sl = emb.model.spec.local_stride[-1]
+        sl = emb.spec.local_stride[-1]
         a = [max(0, s - halo) for s in start]
         b = [min(n, e + halo) for e, n in zip(stop, x.shape[2:])]
         xin = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
@@ -432,7 +490,7 @@ class TileComputer:
         gathered, then written into the voxels' feature rows (voxels computed before keep their values)."""
         from .tiles import normalize_channels, upsample_box, upsample_lines, write_rows
 
-        emb = self.embedder
+        emb = self.network
         shape = maps.local_grid.shape_zyx
         with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
             loc = emb.net.forward_local_core(xin, *ctx)[0]
@@ -484,7 +542,7 @@ class TileComputer:
         keep = rows[done] if bool(done.any()) else None  # a copy
         with torch.inference_mode():
             # (C_l, voxels) with unit stride along the channels: the output product writes the rows in place
-            self.embedder.net.forward_local_core(xin, *ctx, out=rows[:, :n_local].T)
+            self.network.net.forward_local_core(xin, *ctx, out=rows[:, :n_local].T)
             normalize_rows(rows[:, :n_local])
             glob = maps.global_.cpu()
             slab = max(1, (64 << 20) // max(1, plane * glob.shape[0] * 4))  # planes of upsampled vectors at a time
@@ -557,6 +615,17 @@ class Embedder:
         """The network's local branch can be tiled exactly apart from its global branch."""
         net = self.net
         return bool(net.has_separate_global and net.spec.tiles_exact)
+
+    @property
+    def tile_network(self) -> TileNetwork:
+        """What this embedder's on-demand maps embed their tiles with (see :class:`TileNetwork`)."""
+        return TileNetwork(self.net, self.model.spec, self.device, self.half, self.max_tile_voxels)
+
+    @property
+    def prepare_settings(self) -> PrepareSettings:
+        """How this embedder makes a network input from an image (see :func:`prepare_input`)."""
+        return PrepareSettings(self.model.preprocess, self.modality, tuple(reversed(self.model.spec.pad_multiple)),
+                               self.local_stride_zyx, self.prefetch)
 
     def key(self, image: Image) -> str:
         """Cache key: image content hash + model id + preprocessing + modality."""
@@ -670,20 +739,8 @@ class Embedder:
                              "give the whole scan, not a crop of a few voxels")
 
     def _prepare(self, image: Image) -> tuple[np.ndarray, Grid, str, np.ndarray | None]:
-        """Padded network input (zyx float32), its grid, the modality used, and its body mask on the local grid
-        when the prefetch process made it with the input (else None: :meth:`_body_on_local` makes it)."""
-        pad = tuple(reversed(self.model.spec.pad_multiple))
-        prep = None if self.prefetch is None else self.prefetch.take(image.content_hash(), self.model.preprocess,
-                                                                      self.modality, pad)
-        if prep is None:
-            prep = preprocess(image, self.model.preprocess, self.modality, pad)  # CT comes padded (no copy below)
-        else:
-            log.debug("%s: preprocessed ahead by the prefetch process", image.name)
-        arr = pad_to_multiple(prep.array, pad, prep.fill_value)
-        grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
-        made = prep.body_stride_zyx is not None and tuple(prep.body_stride_zyx) == self.local_stride_zyx
-        body = prep.body if made else None
-        return arr, grid, prep.modality, body
+        """:func:`prepare_input` with this embedder's :attr:`prepare_settings`."""
+        return prepare_input(self.prepare_settings, image)
 
     def _compute(self, image: Image, key: str, progress, cancel, on_demand: bool) -> EmbeddingMaps:
         """Preprocess and embed the global map; a network without a separate global branch also gets its whole
@@ -725,7 +782,7 @@ class Embedder:
             write_rows(maps.vectors[:, maps.n_local:], [F.normalize(up, dim=0).reshape(up.shape[0], -1)])
             maps.ready = None
         else:
-            maps.tiles = TileComputer(self, lambda a=arr: a)
+            maps.tiles = TileComputer(self.tile_network, functools.partial(_given, arr))
         return maps
 
     def _body_on_local(self, arr: np.ndarray, modality: str, local_grid: Grid, mask: np.ndarray | None = None,
@@ -784,7 +841,7 @@ class Embedder:
                 up = normalize_channels(upsample_at(glob, local_grid.shape_zyx, zyx))
                 write_rows(maps.vectors, [torch.from_numpy(local16), up], torch.from_numpy(stored))
                 maps.ready[torch.from_numpy(stored)] = True
-            maps.tiles = TileComputer(self, lambda: self._prepare(image)[0])
+            maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))
             if bool(maps.ready.all()):
                 maps.ready, maps.tiles = None, None
             return maps

@@ -579,3 +579,36 @@ def test_a_pairs_round_trip_finds_the_source_tiles_embedded_with_the_clicks(monk
     without = m.match(src, centroids("pt_215"), [tgt])
     assert cached(m, src)._fills == 2  # the round trip's second pass, which the margin saves
     _same(without, with_margin, tol_mm=POLISHED_MM)
+
+
+@pytest.mark.needs_data
+def test_a_dropped_matchers_maps_are_freed_at_once_not_by_the_cyclic_collector(tmp_path):
+    """A matcher's cache holds its maps, and on-demand maps hold what embeds their tiles: were that the embedder
+    (which holds the cache), the maps would sit in a reference cycle, and a dropped matcher's maps (hundreds of MB per
+    CT) would stay in memory until Python's cyclic collector happened to run. Checked with the collector off, for
+    maps embedded here and for maps read back from a disk entry (whose tiles are made from the image later)."""
+    import gc
+    import weakref
+
+    src, tgt = (read_image(data_file("ct", p)) for p in PAIRS["openkbp"])
+    pts = centroids("pt_215")[:2]
+
+    def run(cache_dir):
+        m = Matcher(model="default", device="cpu", cache_dir=cache_dir)
+        m.match(src, pts, [tgt], options=PURE)
+        maps = list(m.cache._items.values())
+        assert len(maps) == 2 and all(mp.tiles is not None for mp in maps), "on-demand maps with tiles left to make"
+        return [weakref.ref(mp) for mp in maps]
+
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for cache_dir in (None, tmp_path, tmp_path):  # embedded, embedded and stored, read back from the disk entry
+            refs = run(cache_dir)
+            alive = [r().image_name for r in refs if r() is not None]
+            assert not alive, f"maps of {alive} outlived their matcher (a reference cycle), cache_dir={cache_dir}"
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert any(tmp_path.glob(f"*{ENTRY_SUFFIX}"))
