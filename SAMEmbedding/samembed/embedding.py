@@ -463,9 +463,9 @@ class TileComputer:
         the lines are wanted is computed in place instead (:meth:`_tile_in_place`)."""
         from .tiles import spans_whole_planes
 
-        emb = self.network
+        tn = self.network
         x = self.input()
-        sl = emb.spec.local_stride[-1]
+        sl = tn.spec.local_stride[-1]
         a = [max(0, s - halo) for s in start]
         b = [min(n, e + halo) for e, n in zip(stop, x.shape[2:])]
         xin = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
@@ -476,8 +476,8 @@ class TileComputer:
         box = tuple(slice(int(p), int(q) + 1) for p, q in zip(lo, hi))
         lines = missing_zyx[box].any(-1)
         wanted = float(lines.mean())  # the share of the box's lines to store
-        if (spans_whole_planes(box, shape) and wanted >= 0.5 and not emb.half and maps.features.dtype == torch.float32
-                and maps.features.device.type == "cpu" and emb.device.type == "cpu"):
+        if (spans_whole_planes(box, shape) and wanted >= 0.5 and not tn.half and maps.features.dtype == torch.float32
+                and maps.features.device.type == "cpu" and tn.device.type == "cpu"):
             self._tile_in_place(maps, xin, ctx, lo, hi, box)
         else:
             self._tile_stored(maps, xin, ctx, lo, hi, lines, wanted)
@@ -490,10 +490,10 @@ class TileComputer:
         gathered, then written into the voxels' feature rows (voxels computed before keep their values)."""
         from .tiles import normalize_channels, upsample_box, upsample_lines, write_rows
 
-        emb = self.network
+        tn = self.network
         shape = maps.local_grid.shape_zyx
-        with torch.inference_mode(), torch.autocast(emb.device.type, dtype=torch.float16, enabled=emb.half):
-            loc = emb.net.forward_local_core(xin, *ctx)[0]
+        with torch.inference_mode(), torch.autocast(tn.device.type, dtype=torch.float16, enabled=tn.half):
+            loc = tn.net.forward_local_core(xin, *ctx)[0]
         nx = int(hi[-1] - lo[-1] + 1)
         with torch.inference_mode():  # the tile is an inference tensor: normalised in place in that mode
             # the local vectors are normalised along their rows on the way into the buffer (write_rows), as a
