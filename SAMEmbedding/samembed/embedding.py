@@ -378,11 +378,6 @@ def _prepared_input(settings: PrepareSettings, image: Image) -> np.ndarray:
     return prepare_input(settings, image)[0]
 
 
-def _given(arr: np.ndarray) -> np.ndarray:
-    """``arr`` itself (the ``prepare`` of a tile computer whose input is made already)."""
-    return arr
-
-
 @dataclass(frozen=True)
 class TileNetwork:
     """What a :class:`TileComputer` needs of its :class:`Embedder` to embed tiles: the network that embeds (batch
@@ -782,7 +777,7 @@ class Embedder:
             write_rows(maps.vectors[:, maps.n_local:], [F.normalize(up, dim=0).reshape(up.shape[0], -1)])
             maps.ready = None
         else:
-            maps.tiles = TileComputer(self.tile_network, functools.partial(_given, arr))
+            maps.tiles = TileComputer(self.tile_network, lambda a=arr: a)  # holds the input, not the embedder
         return maps
 
     def _body_on_local(self, arr: np.ndarray, modality: str, local_grid: Grid, mask: np.ndarray | None = None,
