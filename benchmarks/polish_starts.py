@@ -42,10 +42,10 @@ from samembed.io import write_text_atomic  # noqa: E402
 
 
 def peaks_in_window(matcher, src_maps, tgt_maps, points_lps_mm: np.ndarray, k: int, radius_mm: float,
-                    window_mm: float) -> tuple[list[np.ndarray], np.ndarray]:
+                    window_mm: float) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """SAM's k best peaks (LPS mm, each (N, 3), the best first, with the click's sub-voxel offset) inside each click's
-    ±``window_mm`` box around the affine prior's prediction, each at least ``radius_mm`` from the earlier ones; and
-    the prior's predictions (N, 3)."""
+    ±``window_mm`` box around the affine prior's prediction, each at least ``radius_mm`` from the earlier ones; the
+    prior ((d + 1, d + 1) affine, LPS mm); and its predictions of the clicks (N, 3)."""
     import torch
 
     from samembed.affine import apply_affine
@@ -68,13 +68,12 @@ def peaks_in_window(matcher, src_maps, tgt_maps, points_lps_mm: np.ndarray, k: i
         peaks.append(voxels_lps[best].double().numpy() + (points_lps_mm - centres))
         row = row.masked_fill(torch.cdist(voxels_lps[best], voxels_lps) < radius_mm, float("-inf"))
     peaks[0] = raw.points_lps_mm[:, :3]  # the best: SAM's own sub-voxel match, as the engine polishes it
-    return peaks, prior
+    return peaks, prior, predicted
 
 
 def run(model: str, suite_dir: Path, suites: list[str], ks: list[int], radius_mm: float) -> list[dict]:
     """One row per (suite, case, variant): the errors after the polish."""
     from samembed import Matcher, MatchOptions
-    from samembed.affine import apply_affine
     from samembed.intensity import polish_points
     from samembed.io import read_image
 
@@ -86,8 +85,7 @@ def run(model: str, suite_dir: Path, suites: list[str], ks: list[int], radius_mm
             src, tgt = read_image(str(case.source)), read_image(str(case.target))
             s_maps, t_maps = matcher.embed(src), matcher.embed(tgt)
             pts = np.asarray(case.query_points_lps_mm, dtype=np.float64)[:, :3]
-            peaks, prior = peaks_in_window(matcher, s_maps, t_maps, pts, max(ks), radius_mm, window)
-            predicted = apply_affine(prior, pts)
+            peaks, prior, predicted = peaks_in_window(matcher, s_maps, t_maps, pts, max(ks), radius_mm, window)
             for k in [1, *ks]:
                 pol = polish_points(src, tgt, pts, peaks[0], prior[:3, :3], alternatives=[predicted, *peaks[1:k]])
                 out = np.where(pol.moved[:, None], pol.points_lps_mm, peaks[0])
