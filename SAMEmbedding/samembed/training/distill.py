@@ -2,8 +2,9 @@
 
 The cold path's floor is the network (issue 13, ``benchmarks/results/cold_start.md``): with every width halved,
 ``sam-lite``'s maps run 2-3x faster (``benchmarks/results/cold_start_half.md``), but trained from scratch such a
-network would need the CPU-hours the shipped model took, with no promise of the same matches. Distillation asks the narrower network for the shipped model's own vectors instead: every
-voxel of both maps is a target, so each iteration gives far more signal than SAM's sampled anchors.
+network would need the CPU-hours the shipped model took, with no promise of the same matches. Distillation asks the
+narrower network for the shipped model's own vectors instead: every voxel of both maps is a target, so each
+iteration gives far more signal than SAM's sampled anchors.
 
 On each of SAM's view pairs (same sampling and augmentation), the teacher (``distill_teacher``, a model name or
 checkpoint, frozen, in eval mode) embeds the same local and global inputs; the loss is the mean over voxels of
