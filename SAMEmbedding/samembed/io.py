@@ -400,9 +400,22 @@ def _is_comment(row: list[str]) -> bool:
     return row[0].lstrip().startswith("#") and not (len(row) >= 3 and all(_is_number(v) for v in row[1:3]))
 
 
+#: a CSV header's coordinate columns, by the frame its names give: x, y, z (the frame ``--ras`` says, LPS by default),
+#: or the axes' own letters: L, P, S (LPS, ITK) and R, A, S (RAS, Slicer), which also say the frame
+HEADER_AXES = {"xyz": ("x", "y", "z"), "LPS": ("l", "p", "s"), "RAS": ("r", "a", "s")}
+
+
+def _header_axes(header: list[str]) -> str | None:
+    """The key of :data:`HEADER_AXES` whose first two names a CSV header row (lower case, stripped) holds, or None
+    (the row is not a header)."""
+    names = set(header)
+    return next((k for k, (a, b, _) in HEADER_AXES.items() if {a, b} <= names), None)
+
+
 def _row_fits(fields: list[str], decimal_comma: bool) -> bool:
-    """``fields`` look like a point file's first row: a header naming x and y, or a label and 2 or 3 numbers."""
-    if {"x", "y"} <= {f.strip().lower() for f in fields}:
+    """``fields`` look like a point file's first row: a header naming x and y (or L and P, or R and A), or a label
+    and 2 or 3 numbers."""
+    if _header_axes([f.strip().lower() for f in fields]) is not None:
         return True
     return len(fields) in (3, 4) and all(_is_number(f.replace(",", ".") if decimal_comma else f) for f in fields[1:])
 
@@ -437,7 +450,9 @@ def _read_csv(path: Path, ras: bool) -> PointList:
     """``label,x,y,z`` (3D) or ``label,x,y`` (2D, z = 0), with or without a header row; rows are numbered as
     the file's lines, so an error names the line to fix. A header names the label column ``label``, ``name``,
     ``landmark`` or ``id`` (or it is the one other column, of unique names); a byte-order mark (spreadsheets' "CSV
-    UTF-8") is skipped, and a file separated by ``;`` (with decimal commas or points) or tabs is read as such."""
+    UTF-8") is skipped, and a file separated by ``;`` (with decimal commas or points) or tabs is read as such.
+    A header may name the coordinates by the axes' letters instead of x, y, z: ``L,P,S`` (LPS) or ``R,A,S`` (RAS);
+    that header, not ``ras``, then gives the frame, and a ``ras`` that contradicts it is an error."""
     text = path.read_text(encoding="utf-8-sig")
     delimiter = _csv_delimiter(text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)  # quoted line breaks stay in their value
@@ -445,8 +460,14 @@ def _read_csv(path: Path, ras: bool) -> PointList:
     if not rows:
         raise InputError(f"{path}: no points in file")
     header = [h.strip().lower() for h in rows[0][1]]
-    if {"x", "y"} <= set(header):
-        cols = [header.index(a) for a in ("x", "y", "z") if a in header]
+    axes = _header_axes(header)
+    if axes is not None:
+        if axes != "xyz":
+            if ras and axes == "LPS":
+                raise InputError(f"{path}: its header names L, P, S columns (LPS coordinates), but RAS coordinates "
+                                 "were asked for (--ras); leave out --ras, or name the columns R, A, S or x, y, z")
+            ras = axes == "RAS"
+        cols = [header.index(a) for a in HEADER_AXES[axes] if a in header]
         body = rows[1:]
         il = _label_column(header, cols, [r for _, r in body])
         if il is None:
@@ -454,9 +475,14 @@ def _read_csv(path: Path, ras: bool) -> PointList:
                         "labelled P1, P2, ...", path, ", ".join(LABEL_COLUMNS))
     else:
         width = len(rows[0][1])
+        if len(rows) > 1 and not any(_is_number(v.replace(",", ".") if delimiter == ";" else v) for v in rows[0][1][1:]):
+            raise InputError(f"{path}: line {rows[0][0]} looks like a header ({', '.join(rows[0][1])}) but names no "
+                             "coordinate columns; name them x,y,z (the frame of --ras, LPS by default), or L,P,S or "
+                             "R,A,S (which also give the frame)")
         if width not in (3, 4):
             raise InputError(f"{path}: line {rows[0][0]} has {width} columns; expected label,x,y,z (3D) or "
-                             "label,x,y (2D), optionally under a header row naming them")
+                             "label,x,y (2D), optionally under a header row naming them (x,y,z; or L,P,S or R,A,S, "
+                             "which also give the frame)")
         il, cols = 0, list(range(1, width))
         body = rows
     expected = "label,x,y,z" if len(cols) == 3 else "label,x,y"

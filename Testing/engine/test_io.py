@@ -296,3 +296,30 @@ def test_an_image_in_a_simpleitk_buffer_is_written_as_a_copy_of_it_would_be(tmp_
     c = sitk.ReadImage(str(tmp_path / "part.nii.gz"))
     assert c.GetSize() == (6, 5, 2) and c.GetOrigin() == (10.0, -20.0, 35.0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(c), values[2:])
+
+
+@pytest.mark.parametrize(("header", "ras_flag", "lps"), [
+    ("label,L,P,S", False, [1, 2, 3]),  # the axes' letters give the frame: LPS
+    ("label,R,A,S", False, [-1, -2, 3]),  # RAS (Slicer), with or without --ras
+    ("label,R,A,S", True, [-1, -2, 3]),
+    ("name;l;p;s", False, [1, 2, 3]),  # any case, any separator
+    ("label,x,y,z", True, [-1, -2, 3]),  # x, y, z: the frame --ras says
+], ids=["lps", "ras", "ras-and-flag", "lower-semicolon", "xyz-ras-flag"])
+def test_a_header_naming_the_axes_gives_the_frame_of_the_coordinates(tmp_path, header, ras_flag, lps):
+    path = tmp_path / "p.csv"
+    sep = ";" if ";" in header else ","
+    path.write_text(f"{header}\nA{sep}1{sep}2{sep}3\n")
+    points = read_points(path, ras=ras_flag)
+    assert points.labels == ["A"]
+    np.testing.assert_array_equal(points.points_lps_mm, [lps])
+
+
+def test_a_header_that_contradicts_ras_or_names_no_coordinates_is_refused_with_what_to_write(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("label,L,P,S\nA,1,2,3\n")
+    with pytest.raises(InputError, match=r"p.csv: its header names L, P, S columns .* leave out --ras"):
+        read_points(path, ras=True)
+    path.write_text("label,X (mm),Y (mm),Z (mm)\nA,1,2,3\n")
+    with pytest.raises(InputError, match=r"p.csv: line 1 looks like a header .* names no coordinate columns; name "
+                                         r"them x,y,z"):
+        read_points(path)
