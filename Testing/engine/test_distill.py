@@ -49,6 +49,29 @@ def test_slimming_to_the_same_widths_gives_the_shipped_network_itself():
         assert torch.equal(copy.forward_global_pooled(pooled), teacher.forward_global_pooled(pooled))
 
 
+def test_a_light_local_branch_under_the_teachers_own_global_branch_keeps_the_global_maps_and_checkpoints(tmp_path):
+    """``global_fpn_channels``: a network whose local branch is slimmed while its global branch keeps the teacher's
+    widths (and FPN width) gets the teacher's global maps exactly from slimming, and its checkpoint rebuilds it."""
+    from samembed.models import load_model, save_checkpoint
+
+    teacher = load_model("default").net.float().eval()
+    config = {**teacher.spec.config, "widths": [16, 32, 64], "fpn_channels": 16,
+              "global_fpn_channels": teacher.spec.config["fpn_channels"]}
+    light = build_network("sam-lite", config).eval()
+    light.load_state_dict(slim_state_dict(teacher, light))
+    assert light.l_out[1].weight.shape[1] == 16 and light.g_out[1].weight.shape[1] == 32
+    x = _ct_like()
+    with torch.no_grad():
+        pooled = F.avg_pool3d(x, 4)
+        assert torch.equal(light.forward_global_pooled(pooled), teacher.forward_global_pooled(pooled))
+        assert light.forward_local(x).shape == teacher.forward_local(x).shape
+    path = save_checkpoint(tmp_path / "light.pt", light, load_model("default").preprocess, name="light", half=False)
+    again = load_model(str(path)).net
+    assert again.spec.config["global_fpn_channels"] == 32 and again.g_lat[0].weight.shape[0] == 32
+    # a network without it keeps the config it had (checkpoints of the networks before it are unchanged)
+    assert "global_fpn_channels" not in build_network("sam-lite", {"fpn_channels": 16}).spec.config
+
+
 def test_slimming_keeps_the_channels_with_the_largest_batch_norm_scale_and_what_the_fpn_reader_weighs_most():
     source = _random_net(TINY, 0)
     with torch.no_grad():

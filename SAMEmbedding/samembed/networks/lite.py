@@ -142,8 +142,10 @@ class SamLite(EmbeddingNet):
         ndim: 3 for volumes, 2 for radiographs.
         widths: local encoder channels at 4, 8 and 16 mm.
         global_widths: global encoder channels at 8, 16, 32 and 64 mm.
-        fpn_channels: channels of both FPN paths.
+        fpn_channels: channels of the local FPN path, and of the global one unless ``global_fpn_channels`` is given.
         local_channels / global_channels: embedding sizes.
+        global_fpn_channels: channels of the global FPN path (None: ``fpn_channels``); a network whose branches
+            differ in width (a light local branch under a full global one) sets it.
         input_scale: the preprocessed input (about -50..205) is multiplied by this first.
     """
 
@@ -158,6 +160,7 @@ class SamLite(EmbeddingNet):
         local_channels: int = 64,
         global_channels: int = 64,
         input_scale: float = 0.02,
+        global_fpn_channels: int | None = None,
     ) -> None:
         super().__init__()
         conv = _conv(ndim)
@@ -172,14 +175,15 @@ class SamLite(EmbeddingNet):
         self.l_out = nn.Sequential(ConvBNReLU(ndim, fpn_channels, fpn_channels), conv(fpn_channels, local_channels, 1))
         # global branch
         g0, g1, g2, g3 = global_widths
+        gf = fpn_channels if global_fpn_channels is None else int(global_fpn_channels)
         self.g_stem = nn.Sequential(ConvBNReLU(ndim, 1, g0), ConvBNReLU(ndim, g0, g0))
         self.g_down1 = nn.Sequential(ConvBNReLU(ndim, g0, g1, stride=2), ConvBNReLU(ndim, g1, g1))
         self.g_down2 = nn.Sequential(ConvBNReLU(ndim, g1, g2, stride=2), ConvBNReLU(ndim, g2, g2, dilation=2))
         self.g_down3 = nn.Sequential(
             ConvBNReLU(ndim, g2, g3, stride=2), ConvBNReLU(ndim, g3, g3, dilation=2), ConvBNReLU(ndim, g3, g3, dilation=2)
         )
-        self.g_lat = nn.ModuleList([conv(c, fpn_channels, 1) for c in (g1, g2, g3)])
-        self.g_out = nn.Sequential(ConvBNReLU(ndim, fpn_channels, fpn_channels), conv(fpn_channels, global_channels, 1))
+        self.g_lat = nn.ModuleList([conv(c, gf, 1) for c in (g1, g2, g3)])
+        self.g_out = nn.Sequential(ConvBNReLU(ndim, gf, gf), conv(gf, global_channels, 1))
         self.spec = NetSpec(
             arch="sam-lite" if ndim == 3 else "sam-lite-2d",
             ndim=ndim,
@@ -196,6 +200,8 @@ class SamLite(EmbeddingNet):
                 local_channels=local_channels, global_channels=global_channels, input_scale=input_scale,
             ),
         )
+        if global_fpn_channels is not None:  # only then: the configs of the networks before it stay as they were
+            self.spec.config["global_fpn_channels"] = gf
 
     def forward_local(self, x: torch.Tensor) -> torch.Tensor:
         """Un-normalised local map (stride 2) for input ``x``; spatial sizes must be multiples of 8."""
