@@ -214,3 +214,36 @@ def test_a_distill_run_starts_from_the_teachers_slimmed_weights_and_logs_its_gap
     rows = (tmp_path / "student" / "run" / "train_log.csv").read_text().splitlines()[1:]
     gaps = [float(r.split(",")[1]) for r in rows]
     assert len(gaps) == 2 and all(0.0 < v < 4.0 for v in gaps)
+
+
+@pytest.mark.needs_data
+def test_a_light_local_branch_learns_under_a_frozen_global_branch_taken_from_another_model(tmp_path):
+    """``init_from`` gives the local branch, ``init_global_from`` the global one (a full-width branch, as the teacher
+    has it), and ``freeze_global`` keeps that branch's weights and batch-norm statistics while the local one learns."""
+    from samembed.models import load_model, save_checkpoint
+    from samembed.training.config import load_config
+    from samembed.training.train import Trainer
+
+    teacher_pt = Trainer(tiny_config(tmp_path / "teacher", "sam"), progress=False).run()
+    narrow = _random_net(NARROW, seed=3)
+    narrow_pt = save_checkpoint(tmp_path / "narrow.pt", narrow, load_model(str(teacher_pt)).preprocess, name="narrow",
+                                half=False)
+    net_config = ('{"widths": [4, 8, 8], "global_widths": [8, 16, 16, 16], "fpn_channels": 4, '
+                  '"global_fpn_channels": 8, "local_channels": 16, "global_channels": 16}')
+    cfg = tiny_config(tmp_path / "student", "distill", iterations=2, lr=0.01, init_from=f'"{narrow_pt}"',
+                      init_global_from=f'"{teacher_pt}"', freeze_global="true", distill_teacher=f'"{teacher_pt}"',
+                      net_config=net_config, half_weights="false")
+    student = load_model(str(Trainer(cfg, progress=False).run())).net.float()
+    teacher = load_model(str(teacher_pt)).net.float()
+    theirs, start, ours = teacher.state_dict(), narrow.state_dict(), student.state_dict()
+    glob = [k for k in ours if k.startswith("g_")]
+    assert glob and all(torch.equal(ours[k], theirs[k].half().float() if theirs[k].is_floating_point() else theirs[k])
+                        for k in glob if not k.endswith("num_batches_tracked"))
+    local = [k for k in ours if k.startswith("l_") and k.endswith(".weight")]
+    assert any(not torch.equal(ours[k], start[k]) for k in local), "the local branch did not learn"
+    rows = (tmp_path / "student" / "run" / "train_log.csv").read_text().splitlines()
+    column = rows[0].split(",").index("distill_global")
+    assert [float(r.split(",")[column]) for r in rows[1:]] == [0.0, 0.0]
+    # a frozen branch needs starting weights
+    with pytest.raises(InputError, match="freeze_global keeps the global branch's starting weights, but none are given"):
+        load_config(None, ["freeze_global=true"])

@@ -104,6 +104,12 @@ class TrainConfig:
     #: start from these weights (a checkpoint path, or a model name such as ``default``) when the run does
     #: not resume: a lost run folder restarts from the shipped model, not from scratch
     init_from: str | None = None
+    #: the global branch's weights from this model instead (a checkpoint path or a model name; ``sam-lite`` only):
+    #: a light local branch (from ``init_from``) under a trained full-width global branch (``global_fpn_channels``)
+    init_global_from: str | None = None
+    #: the global branch keeps the weights it starts with (``init_global_from`` or ``init_from``) and its batch-norm
+    #: statistics; only the local branch learns (the distill objective's global terms are then left out)
+    freeze_global: bool = False
     half_weights: bool = True
 
     def to_dict(self) -> dict:
@@ -152,4 +158,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg.apply_overrides(overrides or [])
     if cfg.time_clock not in ("wall", "cpu"):
         raise InputError(f"{path or 'config'}: time_clock must be 'wall' or 'cpu', not {cfg.time_clock!r}")
+    if cfg.freeze_global and not (cfg.init_from or cfg.init_global_from):
+        raise InputError(f"{path or 'config'}: freeze_global keeps the global branch's starting weights, but none are "
+                         "given: set init_global_from (or init_from) to a trained model")
+    if cfg.init_global_from and not cfg.init_from:
+        raise InputError(f"{path or 'config'}: init_global_from gives the global branch only; set init_from for the "
+                         "local branch (a model name or checkpoint)")
     return cfg

@@ -167,14 +167,16 @@ def distill_objective(trainer: Trainer, views: list, loc: torch.Tensor, glob: to
                          f"student's {tuple(loc.shape)} / {tuple(glob.shape)}")
     settings = trainer.distill_settings
     t_loc, t_glob = t_loc.to(loc.device), t_glob.to(glob.device)
+    # a frozen global branch (freeze_global) learns nothing from its terms: they are left out (logged as 0)
+    frozen = bool(getattr(getattr(trainer, "cfg", None), "freeze_global", False))
     l_loc = cosine_gap(loc, t_loc)
-    l_glob = cosine_gap(glob, t_glob)
+    l_glob = torch.zeros((), device=glob.device) if frozen else cosine_gap(glob, t_glob)
     stats = {"distill_local": float(l_loc.detach()), "distill_global": float(l_glob.detach())}
     if settings.relational_weight:
         local_views = [v[0] for pair in views for v in pair]
         r_loc = _relational(loc, t_loc, _body(lx.cpu(), tuple(loc.shape[2:]), local_views).to(loc.device), settings, gen)
-        r_glob = _relational(glob, t_glob, _body(gx.cpu(), tuple(glob.shape[2:]), local_views).to(glob.device),
-                             settings, gen)
+        r_glob = torch.zeros((), device=glob.device) if frozen else _relational(
+            glob, t_glob, _body(gx.cpu(), tuple(glob.shape[2:]), local_views).to(glob.device), settings, gen)
         l_loc = l_loc + settings.relational_weight * r_loc
         l_glob = l_glob + settings.relational_weight * r_glob
         stats.update(relational_local=float(r_loc.detach()), relational_global=float(r_glob.detach()))

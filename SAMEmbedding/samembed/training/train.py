@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..models import save_checkpoint
 from ..networks import build_network
 from ..preprocess import PreprocessConfig
@@ -31,6 +32,9 @@ from .sampling import augment, random_body_point, sample_view
 from .semantic import SemanticBatch
 
 log = logging.getLogger(__name__)
+
+#: weight-name prefixes of ``sam-lite``'s two branches (``init_global_from``, ``freeze_global``)
+LOCAL_PREFIX, GLOBAL_PREFIX = "l_", "g_"
 
 
 def body_threshold(mapped: np.ndarray, modality: str) -> float:
@@ -72,8 +76,6 @@ class Trainer:
         cfg = self.cfg
         paths = find_volumes(cfg.data, cfg.exclude, self.base)
         if not paths:
-            from ..errors import InputError
-
             raise InputError("no training volumes found; check `data` and `exclude` in the config")
         cache = Path(cfg.cache_dir)
         if self.rank == 0:
@@ -101,7 +103,6 @@ class Trainer:
         among the training images only (never an excluded one), cached on each volume's grid."""
         import json
 
-        from ..errors import InputError
         from .labels import cache_labels, find_label_maps, load_labels
         from .semantic import SemanticSampler, SemanticSettings
 
@@ -256,7 +257,12 @@ class Trainer:
         model: nn.Module = TwoBranch(net)
         if self.world > 1:
             model = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.freeze_global:  # the global branch learns nothing: no gradients, no optimiser state for it
+            for name, p in net.named_parameters():
+                if name.startswith(GLOBAL_PREFIX):
+                    p.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                                weight_decay=cfg.weight_decay)
         start = 0
         rng = np.random.default_rng([cfg.seed, self.rank])
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
@@ -272,7 +278,11 @@ class Trainer:
             cpu_before = float(ck.get("cpu_seconds_total", 0.0))
             log.info("resumed from %s at iteration %d (%.2f CPU-hours so far)", resume, start, cpu_before / 3600)
         elif cfg.init_from:
-            self._init_weights(net, cfg.init_from)
+            if cfg.init_global_from:
+                self._init_weights(net, cfg.init_from, branch=LOCAL_PREFIX)
+                self._init_weights(net, cfg.init_global_from, branch=GLOBAL_PREFIX)
+            else:
+                self._init_weights(net, cfg.init_from)
         self._cpu_before = cpu_before
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "train_log.csv"
@@ -298,6 +308,10 @@ class Trainer:
         clock = time.process_time if cfg.time_clock == "cpu" else time.time
         t0, wall0 = clock(), time.time()
         net.train()
+        if cfg.freeze_global:  # its batch norms keep their statistics too
+            for name, module in net.named_children():
+                if name.startswith(GLOBAL_PREFIX):
+                    module.eval()
         it = start
         for it in range(start, cfg.iterations):
             for g in opt.param_groups:
@@ -371,8 +385,6 @@ class Trainer:
         held = [p.name for p in (self.out / "train_log.csv", self.out / "last.pt", self.out / f"{self.cfg.name}.pt",
                                  self.out / "snapshots") if p.exists()]
         if held:
-            from ..errors import InputError
-
             raise InputError(f"{self.out}: already holds a training run ({', '.join(held)}); pass --resume to "
                              "continue it, or give another --out (nothing was changed)")
 
@@ -380,9 +392,7 @@ class Trainer:
         """``"auto"``: the run folder's ``last.pt`` when it exists, else None (a fresh start, or ``init_from``)."""
         if resume != "auto":
             if resume and not Path(resume).is_file():
-                from ..errors import InputError
-
-                raise InputError(f"{resume}: no checkpoint to resume from (use --resume auto to start fresh when "
+                    raise InputError(f"{resume}: no checkpoint to resume from (use --resume auto to start fresh when "
                                  "the run folder has none)")
             return resume
         last = self.out / "last.pt"
@@ -392,22 +402,31 @@ class Trainer:
                  f" from {self.cfg.init_from}" if self.cfg.init_from else "")
         return None
 
-    def _init_weights(self, net: nn.Module, source: str) -> None:
+    def _init_weights(self, net: nn.Module, source: str, branch: str = "") -> None:
         """Load the network weights of a checkpoint path or registered model name: of the same architecture, or,
-        for a narrower ``net_config`` of ``sam-lite``, its most used channels (:mod:`.slim`)."""
+        for a narrower ``net_config`` of ``sam-lite``, its most used channels (:mod:`.slim`). With ``branch`` (a
+        weight-name prefix, :data:`LOCAL_PREFIX` or :data:`GLOBAL_PREFIX`), that branch's weights only."""
         from ..models import load_model
 
         loaded = load_model(source)
         state = {k: v.float() if v.is_floating_point() else v for k, v in loaded.net.state_dict().items()}
         ours = net.state_dict()
-        if state.keys() == ours.keys() and any(v.shape != ours[k].shape for k, v in state.items()):
+        mine = [k for k in ours if k.startswith(branch)]
+        what = f"the {'local' if branch == LOCAL_PREFIX else 'global'} branch's weights" if branch else "the weights"
+        if set(mine) <= state.keys() and any(state[k].shape != ours[k].shape for k in mine):
             from .slim import slim_state_dict
 
             state = slim_state_dict(loaded.net.float(), net)
-            log.info("initialised the weights from %s, slimmed to this network's widths", source)
+            log.info("initialised %s from %s, slimmed to this network's widths", what, source)
         else:
-            log.info("initialised the weights from %s", source)
-        net.load_state_dict(state)
+            log.info("initialised %s from %s", what, source)
+        if branch:
+            missing = [k for k in mine if k not in state]
+            if missing:
+                raise InputError(f"{source}: has no weights {', '.join(missing[:3])} for {what}")
+            net.load_state_dict({**ours, **{k: state[k] for k in mine}})
+        else:
+            net.load_state_dict(state)
 
     def distill_teacher(self) -> nn.Module:
         """The distill objective's teacher network (loaded once, frozen; see :mod:`.distill`)."""
