@@ -177,13 +177,13 @@ def test_the_inference_copy_folds_batch_norms_and_embeds_as_the_trained_network(
     assert all(torch.equal(before[k], after[k]) for k in before), "the trainable network was changed"
 
 
-@pytest.mark.parametrize("model_name", ["default", "sam-lite-2d-hand"])
+@pytest.mark.parametrize("model_name", ["default", "sam-lite-ct-fast", "sam-lite-2d-hand"])
 def test_the_core_of_a_tile_is_the_whole_map_there_and_the_output_layer_runs_on_the_core_only(model_name):
     """``forward_local_core`` crops each layer to what the next ones read; the core must equal the whole map's
     voxels, for tiles inside the volume and tiles clipped at its edges (less context on one side)."""
     from samembed.networks.base import inference_copy
 
-    net = inference_copy(load_model(model_name).net)  # both ship with the repository
+    net = inference_copy(load_model(model_name).net)  # all ship with the repository
     nd = net.spec.ndim
     n = (88, 96, 80)[:nd] if nd == 3 else (200, 168)
     torch.manual_seed(0)

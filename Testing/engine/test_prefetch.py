@@ -20,7 +20,7 @@ from samembed import prefetch
 from samembed.cli import main
 from samembed.io import read_image
 from samembed.preprocess import PreprocessConfig, body_mask_array, preprocess
-from samembed.registry import registered_local_stride_zyx, registered_pad_multiple_zyx, registered_preprocess
+from samembed.registry import registered_local_stride_zyx, registered_pad_multiple_zyx, registered_preprocess, registry
 
 from ..conftest import data_file
 
@@ -134,14 +134,22 @@ def test_an_input_the_engine_pads_itself_gets_the_engines_own_body_mask(caplog):
     assert torch.equal(a.body, b.body) and torch.equal(a.global_, b.global_)
 
 
-def test_the_registered_padding_multiple_and_local_stride_are_the_networks_own():
-    """The command prefetches with ``models.json``'s multiple before the weights load; the engine pads to its network's
-    (a mismatch would waste the prefetch: the engine would preprocess the image again)."""
+@pytest.mark.parametrize("name", [m["name"] for m in registry().get("models", []) if m.get("file")])
+def test_the_registered_padding_multiple_local_stride_and_preprocessing_are_the_networks_own(name):
+    """The command prefetches with ``models.json``'s multiple and preprocessing before the weights load; the engine
+    pads to its network's (a mismatch would waste the prefetch: the engine would preprocess the image again). Every
+    registered model with weights; its int8 calibration, where it has one, was made for these weights."""
     from samembed.api import load_model
 
-    spec = load_model("default").spec
-    assert registered_pad_multiple_zyx("default") == tuple(reversed(spec.pad_multiple))
-    assert registered_local_stride_zyx("default") == tuple(reversed(spec.local_stride))
+    model = load_model(name)  # checks the file's SHA-256 against models.json
+    spec = model.spec
+    grids = registered_pad_multiple_zyx(name), registered_local_stride_zyx(name)
+    if grids == (None, None) and spec.ndim == 2:  # an entry without its grids is not prefetched (the hand model)
+        return
+    assert grids == (tuple(reversed(spec.pad_multiple)), tuple(reversed(spec.local_stride)))
+    assert PreprocessConfig.from_dict(registered_preprocess(name)) == model.preprocess
+    if spec.arch == "sam-lite":
+        assert model.int8 is not None, f"{name}: no int8 calibration made for its weights beside them"
 
 
 def test_a_checkpoints_own_facts_are_read_without_torch_and_equal_what_loading_it_gives(tmp_path):
