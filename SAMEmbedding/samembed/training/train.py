@@ -392,7 +392,7 @@ class Trainer:
         """``"auto"``: the run folder's ``last.pt`` when it exists, else None (a fresh start, or ``init_from``)."""
         if resume != "auto":
             if resume and not Path(resume).is_file():
-                    raise InputError(f"{resume}: no checkpoint to resume from (use --resume auto to start fresh when "
+                raise InputError(f"{resume}: no checkpoint to resume from (use --resume auto to start fresh when "
                                  "the run folder has none)")
             return resume
         last = self.out / "last.pt"
