@@ -68,6 +68,7 @@ def child(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="first_click.py child")
     p.add_argument("--mode", choices=("cold", "started", "prepared"), required=True)
     p.add_argument("--engine", choices=("process", "here"), default="process")
+    p.add_argument("--model", default="default")
     p.add_argument("--json", required=True)
     p.add_argument("source")
     p.add_argument("targets", nargs=3)
@@ -97,7 +98,7 @@ def child(argv: list[str]) -> int:
     from SAMEmbeddingLib.logic import MatchLogic  # the module's logic (no torch here with engine="process")
 
     t0 = time.perf_counter()
-    logic = MatchLogic(scene, model="default", device="cpu", engine=args.engine)
+    logic = MatchLogic(scene, model=args.model, device="cpu", engine=args.engine)
     prepare_s, prepare_steps = 0.0, {}
     if args.mode == "started":  # the module was entered before the volumes were chosen: its engine is running
         logic.startEngine()
@@ -128,6 +129,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--note", default="", help="a line about the machine's state (e.g. what else ran)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of the engine (default 0: torch's own choice, every core, as in the module)")
+    p.add_argument("--model", default="default", help="the module's model (a registered name, e.g. fast)")
     p.add_argument("--reps", type=int, default=3,
                    help="runs of each way per case, interleaved (this VM's speed drifts and a run now and then is "
                         "much slower): the run of median click time is reported, with the range of all")
@@ -152,8 +154,8 @@ def run(argv: list[str]) -> int:
         for _ in range(args.reps):
             for mode in modes:
                 js = work / f"{source}_{mode}.json"
-                subprocess.run([sys.executable, __file__, "child", "--mode", mode, "--json", str(js), source,
-                                *targets], check=True, env=env)
+                subprocess.run([sys.executable, __file__, "child", "--mode", mode, "--model", args.model, "--json",
+                                str(js), source, *targets], check=True, env=env)
                 runs[mode].append(json.loads(js.read_text()))
                 print(f"{source} -> {', '.join(targets)} {mode}: prepare {runs[mode][-1]['prepare_s']:.1f} s, "
                       f"click {runs[mode][-1]['click_s']:.1f} s", flush=True)
@@ -166,7 +168,8 @@ def run(argv: list[str]) -> int:
         want = np.array([truth[(t, CLICK_ORGAN)] for t in targets]) * [-1, -1, 1]
         row["errors_mm"] = [float(e) for e in np.linalg.norm(got[0] - want, axis=1)]
         results.append(row)
-    Path(args.out).write_text(report(results, load_start, os.getloadavg(), args.note, args.threads, args.reps))
+    Path(args.out).write_text(report(results, load_start, os.getloadavg(), args.note, args.threads, args.reps,
+                                     args.model))
     (work / "first_click.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
     return 0
@@ -178,7 +181,8 @@ def _spread(run: dict, key: str = "click_s") -> str:
     return f"{run[key]:.1f}" + (f" ({min(every):.1f}-{max(every):.1f})" if len(every) > 1 else "")
 
 
-def report(results: list[dict], load_start, load_end, note: str, threads: int, reps: int = 1) -> str:
+def report(results: list[dict], load_start, load_end, note: str, threads: int, reps: int = 1,
+           model: str = "default") -> str:
     """The markdown report."""
     import numpy as np
 
@@ -196,7 +200,7 @@ def report(results: list[dict], load_start, load_end, note: str, threads: int, r
         "",
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, load average {load_start[0]:.1f} at the start and "
         f"{load_end[0]:.1f} at the end. {note}".rstrip(),
-        "Engine: `MatchLogic(engine=\"process\")` as in the module panel, model `default`, CPU, "
+        f"Engine: `MatchLogic(engine=\"process\")` as in the module panel, model `{model}`, CPU, "
         + (f"{threads} torch thread(s)" if threads else "torch's default threads (every core, as in the module)")
         + ", no disk cache; every run in a fresh process"
         + (f", each way {reps} times per case, interleaved: the run of median click time, with the range of all in "
