@@ -9,7 +9,8 @@ bash scripts/setup_env.sh
 # Two pytest workers (pytest-xdist) of one thread each: many tests spend their time in Python, in reading and in
 # child processes rather than in torch's threads, so two single-thread workers use two cores better than one
 # two-thread process (CI on a 2-core machine: 9.7 min of tests against 16.6). `--dist loadfile` keeps each test
-# file, and its module-scope fixtures (embedded real CT pairs), in one worker. Each worker peaks at about 5 GB.
+# file, and its module-scope fixtures (embedded real CT pairs), in one worker. (The single process peaked at 5.1 GB;
+# two workers' memory was not measured, and these machines have 24 GB.)
 # SAMEMBED_TEST_WORKERS=0 runs the tests in this process, as pytest alone does.
 WORKERS=${SAMEMBED_TEST_WORKERS:-2}
 if [ "$WORKERS" -gt 0 ]; then

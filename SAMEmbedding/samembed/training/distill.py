@@ -53,6 +53,8 @@ class DistillSettings:
         relational_weight: weight of the relational term (:func:`relational_gap`), per map, beside the cosine gap.
         tau: the relational term's temperature (on cosine similarities).
         anchors: the relational term's anchor voxels per view and map (on the body where the view shows it).
+        global_frozen: the student's global branch does not learn (``freeze_global``): the global terms are left
+            out (logged as 0).
     """
 
     teacher: str = "default"
@@ -60,13 +62,14 @@ class DistillSettings:
     relational_weight: float = 0.0
     tau: float = 0.05
     anchors: int = 256
+    global_frozen: bool = False
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> DistillSettings:
         """The settings of a :class:`~samembed.training.config.TrainConfig`."""
         return cls(teacher=str(cfg.distill_teacher), global_weight=float(cfg.distill_global_weight),
                    relational_weight=float(cfg.distill_relational_weight), tau=float(cfg.distill_tau),
-                   anchors=int(cfg.distill_anchors))
+                   anchors=int(cfg.distill_anchors), global_frozen=bool(cfg.freeze_global))
 
 
 def load_teacher(settings: DistillSettings, student: nn.Module, preprocess: PreprocessConfig | None) -> nn.Module:
@@ -167,8 +170,7 @@ def distill_objective(trainer: Trainer, views: list, loc: torch.Tensor, glob: to
                          f"student's {tuple(loc.shape)} / {tuple(glob.shape)}")
     settings = trainer.distill_settings
     t_loc, t_glob = t_loc.to(loc.device), t_glob.to(glob.device)
-    # a frozen global branch (freeze_global) learns nothing from its terms: they are left out (logged as 0)
-    frozen = bool(getattr(getattr(trainer, "cfg", None), "freeze_global", False))
+    frozen = settings.global_frozen  # a frozen global branch learns nothing from its terms
     l_loc = cosine_gap(loc, t_loc)
     l_glob = torch.zeros((), device=glob.device) if frozen else cosine_gap(glob, t_glob)
     stats = {"distill_local": float(l_loc.detach()), "distill_global": float(l_glob.detach())}
