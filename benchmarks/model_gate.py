@@ -22,6 +22,11 @@ weights' hash), so the shipped model's side is computed once.
 A default *setting* is gated the same way: ``--set KEY=VALUE`` changes a match option for the candidate only,
 on top of each suite's preset (``python benchmarks/model_gate.py default --set prior_window_mm=30``).
 
+An *engine* change is gated with ``--base-engine REV``: the candidate model matched by the engine of commit ``REV``
+(checked out beside the repository with ``git worktree``, in ``cache/gate_base/``, and run there in a process of its
+own) against the same model matched by this checkout's engine. Its verdict is issue 13's: every suite's mean error
+within 0.1 mm of the base engine's (``python benchmarks/model_gate.py default --base-engine 72a40e4``).
+
 The hand radiographs are matched by the separate 2D model, which a CT candidate does not change.
 """
 
@@ -37,11 +42,45 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
 from samembed_bench.cases import read_cases  # noqa: E402
-from samembed_bench.gate import SUITE_PRESETS, compare, model_offsets, options_tag, verdict  # noqa: E402
+from samembed_bench.gate import (  # noqa: E402
+    SUITE_PRESETS,
+    compare,
+    engine_id,
+    engine_verdict,
+    model_offsets,
+    options_tag,
+    verdict,
+)
 from samembed_bench.suites import build_suites  # noqa: E402
 
 from samembed.errors import InputError  # noqa: E402
 from samembed.io import write_text_atomic  # noqa: E402
+
+
+def base_engine_offsets(rev: str, model: str, model_id: str, args: argparse.Namespace) -> tuple[str, dict]:
+    """The offsets of ``model`` (whose id, with its arithmetic, is ``model_id``) matched by the engine of commit
+    ``rev`` (see the module docstring): the commit's ``model_gate.py`` runs in a checkout of it, in a process of its
+    own, writing the shared ``--cache``; returns ``(the model id with the commit, offsets per case key)``."""
+    import json
+    import os
+    import subprocess
+
+    import numpy as np
+    from cold_ab import _worktree
+
+    folder = _worktree(rev, REPO / "cache" / "gate_base")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(folder / d) for d in ("SAMEmbedding", "benchmarks"))}
+    cmd = [sys.executable, str(folder / "benchmarks" / "model_gate.py"), model, "--shipped", model, "--suites",
+           args.suites, "--threads", str(args.threads), "--suite-dir", args.suite_dir, "--cache", args.cache,
+           "--out", str(REPO / "cache" / "gate_base_reports"), *(["--data", args.data] if args.data else []),
+           *(["--limit", str(args.limit)] if args.limit else [])]
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    path = Path(args.cache) / f"{model_id.replace('/', '_')}__engine-{engine_id(folder / 'SAMEmbedding' / 'samembed')}.json"
+    if not path.is_file():
+        raise InputError(f"the engine of {rev} wrote no results for {model_id} into {args.cache} (another model "
+                         "file or arithmetic there?)")
+    done = json.loads(path.read_text(encoding="utf-8"))
+    return f"{model_id} (engine of {rev})", {k.rsplit("/", 1)[0]: np.asarray(v) for k, v in done.items()}
 
 
 def report(rows: list[dict], ok: bool, reasons: list[str], models: tuple[str, str], command: str) -> str:
@@ -100,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stem", default=None, help="report name (default: gate_<candidate name>)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a match option changed for the candidate only (repeatable), e.g. prior_window_mm=30")
+    ap.add_argument("--base-engine", metavar="REV", help="gate this checkout's engine against commit REV's, both "
+                    "matching the candidate model (see the module docstring)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
@@ -115,13 +156,20 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for s in suites for c in read_cases(files[s])[: args.limit]]
         cache = Path(args.cache)
         cache.mkdir(parents=True, exist_ok=True)
-        base_id, base = model_offsets(args.shipped, cases, cache)
+        if args.base_engine and overrides:
+            raise InputError("--base-engine gates the engine with each suite's preset; leave out --set")
+        if not args.base_engine:
+            base_id, base = model_offsets(args.shipped, cases, cache)
         cand_id, cand = model_offsets(args.candidate, cases, cache, overrides)
+        if args.base_engine:
+            base_id, base = base_engine_offsets(args.base_engine, args.candidate, cand_id, args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = compare(cases, base, cand)
-    ok, reasons = verdict(rows)
+    ok, reasons = engine_verdict(rows) if args.base_engine else verdict(rows)
+    if args.base_engine:
+        cand_id += " (this engine)"
     command = "python benchmarks/model_gate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(rows, ok, reasons, (base_id, cand_id), command)
     if args.limit:

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from samembed.embedding import Embedder, EmbeddingCache, resolve_device
+from samembed.embedding import GLOBAL_MARGIN_MM, Embedder, EmbeddingCache, global_box, resolve_device
 from samembed.errors import DeviceUnavailableError
 from samembed.image import Image
-from samembed.models import random_model
+from samembed.io import read_image
+from samembed.models import load_model, random_model
+
+from ..conftest import data_file
 
 
 def a_ct_like_image(shape=(40, 56, 48), seed=0) -> Image:
@@ -101,3 +104,41 @@ def test_a_2d_image_needs_a_2d_model(a_model):
     img2d = Image.from_array(np.random.default_rng(0).random((64, 64)).astype(np.float32), name="xray.png")
     with pytest.raises(InputError, match="xray.png: a 2D image cannot be embedded by the 3D model"):
         Embedder(a_model).embed(img2d)
+
+
+def test_the_global_box_is_the_body_box_grown_by_the_margin_on_the_global_grid():
+    body = np.zeros((20, 30, 30), dtype=bool)  # local grid, 2 input voxels per voxel: input 40 x 60 x 60
+    body[5:9, 10:14, 12:20] = True  # input voxels z 10..18, y 20..28, x 24..40
+    box = global_box(body, (2, 2, 2), (8, 8, 8), 4, (40, 60, 60))
+    # grown by 4 input voxels, widened to multiples of 8, clipped to the input
+    assert box == (slice(0, 24), slice(16, 32), slice(16, 48))
+    assert global_box(np.zeros_like(body), (2, 2, 2), (8, 8, 8), 4, (40, 60, 60)) is None  # no body: whole input
+    assert global_box(np.ones_like(body), (2, 2, 2), (8, 8, 8), 4, (40, 60, 60)) is None  # the box is the input
+
+
+def test_a_head_and_neck_cts_global_map_is_computed_over_the_body_box_and_covers_every_body_voxel():
+    """A head-and-neck CT's wide field of view: the global map is the network's map of the body's box (the same
+    values), zero vectors beyond it, and every body voxel's global vector, which interpolates its neighbours, is a
+    unit vector read inside the box."""
+    image = read_image(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz"))
+    embedder = Embedder(load_model("default"), "cpu", EmbeddingCache())
+    maps = embedder.embed(image, on_demand=True)
+    arr = embedder._prepare(image)[0]
+    spec = embedder.model.spec
+    margin = int(np.ceil(GLOBAL_MARGIN_MM / embedder.model.preprocess.spacing_mm))
+    box = global_box(maps.body.reshape(maps.local_grid.shape_zyx).numpy(), embedder.local_stride_zyx,
+                     tuple(reversed(spec.global_stride)), margin, arr.shape)
+    assert box is not None
+    share = np.prod([b.stop - b.start for b in box]) / arr.size
+    assert share < 0.9, f"the body's box is {share:.0%} of the input"
+    x = torch.from_numpy(np.ascontiguousarray(arr[box]))[None, None]
+    with torch.inference_mode():
+        part = torch.nn.functional.normalize(embedder.net.forward_global(x), dim=1)[0]
+    g = tuple(slice(b.start // s, b.stop // s) for b, s in zip(box, reversed(spec.global_stride)))
+    torch.testing.assert_close(maps.global_[(slice(None), *g)], part, atol=0, rtol=0)
+    inside = torch.zeros(maps.global_.shape[1:], dtype=torch.bool)
+    inside[g] = True
+    assert float(maps.global_[:, ~inside].abs().max()) == 0.0
+    body = torch.nonzero(maps.body).reshape(-1)
+    norms = maps.global_at(body).norm(dim=0)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)

@@ -44,14 +44,16 @@ def _cache_key(case: Case) -> str:
     return f"{case.key}/{SUITE_PRESETS[case.suite]}"
 
 
-def engine_id() -> str:
-    """A hash of the engine's matching code (``samembed`` outside ``training``): part of every cache file's name, so a
-    change to the engine never mixes with results of the one before it."""
+def engine_id(root: Path | None = None) -> str:
+    """A hash of the engine's matching code (``samembed`` outside ``training``; ``root``: another checkout's
+    ``samembed`` folder, else this one's): part of every cache file's name, so a change to the engine never mixes with
+    results of the one before it."""
     import hashlib
 
-    import samembed
+    if root is None:
+        import samembed
 
-    root = Path(samembed.__file__).parent
+        root = Path(samembed.__file__).parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
         if "training" not in f.relative_to(root).parts:
@@ -128,6 +130,25 @@ def compare(cases: list[Case], base: dict[str, np.ndarray], cand: dict[str, np.n
                          "diff_mean": float((ce - be).mean()), "diff_ci": (lo, hi),
                          "shipped_axes": np.abs(bo).mean(0).tolist(), "candidate_axes": np.abs(co).mean(0).tolist()})
     return rows
+
+
+#: an engine change keeps the accuracy when each suite's mean error moves by at most this (mm; issue 13)
+ENGINE_TOLERANCE_MM = 0.1
+
+
+def engine_verdict(rows: list[dict]) -> tuple[bool, list[str]]:
+    """Whether an engine change keeps a model's accuracy: on every suite (and on ``openkbp_inter``'s compact organs)
+    the mean error moves by at most :data:`ENGINE_TOLERANCE_MM`; and the reasons."""
+    reasons, ok = [], True
+    for r in rows:
+        if r["suite"] == "openkbp_inter" and r["group"] == "all but tubular":
+            continue  # reported, not judged
+        moved = r["candidate_mean"] - r["shipped_mean"]
+        within = abs(moved) <= ENGINE_TOLERANCE_MM + 1e-9
+        ok &= within
+        reasons.append(f"{r['suite']} {r['group']}: {r['shipped_mean']:.2f} -> {r['candidate_mean']:.2f} mm "
+                       f"({moved:+.2f}, {'within' if within else 'beyond'} ±{ENGINE_TOLERANCE_MM:g} mm)")
+    return ok, reasons
 
 
 def verdict(rows: list[dict]) -> tuple[bool, list[str]]:
