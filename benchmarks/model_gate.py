@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         cand_id += " (this engine)"
     command = "python benchmarks/model_gate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(rows, ok, reasons, (base_id, cand_id), command)
+    if args.base_engine:
+        text = text.replace("# Model gate:", "# Engine gate:", 1).replace("against the shipped", "against", 1)
     if args.limit:
         text = text.replace("- verdict:", f"- only the first {args.limit} cases per suite: not a gate\n- verdict:")
     out = Path(args.out)
