@@ -377,3 +377,16 @@ def test_the_model_gate_ships_only_a_candidate_better_between_patients_and_not_w
     # better on the compact organs but worse on all structures together: refused
     mixed = {**better, **_offsets([9.0, 11.0, 40.0], None)}
     assert not verdict(compare(cases, shipped, mixed))[0]
+
+
+def test_an_engine_change_keeps_the_accuracy_only_within_a_tenth_of_a_millimetre_on_every_suite():
+    from samembed_bench.gate import compare, engine_verdict
+
+    cases = _gate_cases()
+    before = _offsets([12.0, 14.0, 30.0], [1.0, 1.2])
+    # every suite within 0.1 mm, either way: kept (a model gate would refuse this: not better between patients)
+    ok, reasons = engine_verdict(compare(cases, before, _offsets([12.05, 14.0, 30.1], [0.95, 1.2])))
+    assert ok and len(reasons) == 3 and all("within" in r for r in reasons)  # all, compact organs, popi
+    # 0.2 mm better on popi is a move too: refused, and said where
+    ok, reasons = engine_verdict(compare(cases, before, _offsets([12.0, 14.0, 30.0], [0.8, 1.0])))
+    assert not ok and [r for r in reasons if "beyond" in r] == ["popi_synthetic all: 1.10 -> 0.90 mm (-0.20, beyond ±0.1 mm)"]
