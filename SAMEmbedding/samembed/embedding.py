@@ -385,9 +385,9 @@ def global_box(body: np.ndarray, local_stride_zyx: tuple[int, ...], global_strid
     global map's grid (multiples of ``global_stride_zyx``) and inside the input of shape ``shape_zyx``. Returns the
     input's slices (z, y, x), or None when the box is the whole input or the mask is empty.
 
-    The global branch learned from views that are 320 mm cubes cut from scans, and the air of a wide field of view
-    costs convolutions for nothing: about half of a head-and-neck CT's global input lies more than 32 mm from the
-    body. The map over the box is close to the whole input's, not the same (mean cosine similarity of the body's
+    The global branch learned from views that are cubes of about 320 mm cut from scans, and the air of a wide field
+    of view costs convolutions for nothing: about half of a head-and-neck CT's global input lies more than 32 mm from
+    the body. The map over the box is close to the whole input's, not the same (mean cosine similarity of the body's
     vectors 0.97-0.99 with a 32 mm margin on head-and-neck CTs): the global branch reaches across the whole scan, so
     the field of view moves its vectors.
     """
