@@ -819,6 +819,10 @@ class Embedder:
         if spec.ndim == 3:
             margin = int(np.ceil(GLOBAL_MARGIN_MM / float(self.model.preprocess.spacing_mm)))
             box = global_box(body_local, self.local_stride_zyx, gstride, margin, tuple(x.shape[2:]))
+        if box is not None:
+            log.debug("global map over the body's box: input voxels %s of %s (%.0f %%)",
+                      " x ".join(f"{b.start}:{b.stop}" for b in box), " x ".join(str(n) for n in x.shape[2:]),
+                      100.0 * np.prod([b.stop - b.start for b in box]) / np.prod(x.shape[2:]))
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
             if box is None:
                 return F.normalize(self.net.forward_global(x), dim=1)[0]
