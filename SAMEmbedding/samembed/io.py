@@ -395,6 +395,12 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _decimal_point(text: str, decimal_comma: bool) -> str:
+    """``text`` with a decimal comma written as a point when the file uses decimal commas (values separated by
+    ``;``, as a spreadsheet writes them)."""
+    return text.replace(",", ".") if decimal_comma else text
+
+
 def _is_comment(row: list[str]) -> bool:
     """A row that starts with ``#`` and is not a point (a label such as ``#1 tumour`` followed by numbers is)."""
     return row[0].lstrip().startswith("#") and not (len(row) >= 3 and all(_is_number(v) for v in row[1:3]))
@@ -417,7 +423,7 @@ def _row_fits(fields: list[str], decimal_comma: bool) -> bool:
     and 2 or 3 numbers."""
     if _header_axes([f.strip().lower() for f in fields]) is not None:
         return True
-    return len(fields) in (3, 4) and all(_is_number(f.replace(",", ".") if decimal_comma else f) for f in fields[1:])
+    return len(fields) in (3, 4) and all(_is_number(_decimal_point(f, decimal_comma)) for f in fields[1:])
 
 
 def _csv_delimiter(text: str) -> str:
@@ -475,7 +481,7 @@ def _read_csv(path: Path, ras: bool) -> PointList:
                         "labelled P1, P2, ...", path, ", ".join(LABEL_COLUMNS))
     else:
         width = len(rows[0][1])
-        if len(rows) > 1 and not any(_is_number(v.replace(",", ".") if delimiter == ";" else v) for v in rows[0][1][1:]):
+        if len(rows) > 1 and not any(_is_number(_decimal_point(v, delimiter == ";")) for v in rows[0][1][1:]):
             raise InputError(f"{path}: line {rows[0][0]} looks like a header ({', '.join(rows[0][1])}) but names no "
                              "coordinate columns; name them x,y,z (the frame of --ras, LPS by default), or L,P,S or "
                              "R,A,S (which also give the frame)")
@@ -491,8 +497,7 @@ def _read_csv(path: Path, ras: bool) -> PointList:
         if len(r) <= max(cols):
             raise InputError(f"{path}: line {n} has {len(r)} columns; expected {expected}")
         labels.append(r[il].strip() if il is not None else f"P{len(labels) + 1}")
-        # with ";" between values, a spreadsheet writes decimal commas
-        xyz = [_parse_float(r[i].replace(",", ".") if delimiter == ";" else r[i], path, n) for i in cols]
+        xyz = [_parse_float(_decimal_point(r[i], delimiter == ";"), path, n) for i in cols]
         pts.append(xyz + [0.0] * (3 - len(xyz)))
     if not pts:
         raise InputError(f"{path}: no points in file")
