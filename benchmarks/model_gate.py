@@ -83,9 +83,12 @@ def base_engine_offsets(rev: str, model: str, model_id: str, args: argparse.Name
     return f"{model_id} (engine of {rev})", {k.rsplit("/", 1)[0]: np.asarray(v) for k, v in done.items()}
 
 
-def report(rows: list[dict], ok: bool, reasons: list[str], models: tuple[str, str], command: str) -> str:
-    """The markdown report."""
-    lines = [f"# Model gate: `{models[1]}` against the shipped `{models[0]}`", "",
+def report(rows: list[dict], ok: bool, reasons: list[str], models: tuple[str, str], command: str,
+           engine_gate: bool = False) -> str:
+    """The markdown report; ``engine_gate``: of ``--base-engine`` (one model under two engines)."""
+    title = (f"Engine gate: `{models[1]}` against `{models[0]}`" if engine_gate
+             else f"Model gate: `{models[1]}` against the shipped `{models[0]}`")
+    lines = [f"# {title}", "",
              f"- date: {dt.datetime.now():%Y-%m-%d %H:%M}", f"- command: `{command}`",
              "- settings per suite: " + ", ".join(f"{s} `{SUITE_PRESETS[s]}`" for s in dict.fromkeys(r["suite"] for r in rows)),
              f"- verdict: **{'ship' if ok else 'do not ship'}**", *[f"  - {r}" for r in reasons], "",
@@ -158,11 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         cache.mkdir(parents=True, exist_ok=True)
         if args.base_engine and overrides:
             raise InputError("--base-engine gates the engine with each suite's preset; leave out --set")
-        if not args.base_engine:
-            base_id, base = model_offsets(args.shipped, cases, cache)
         cand_id, cand = model_offsets(args.candidate, cases, cache, overrides)
-        if args.base_engine:
-            base_id, base = base_engine_offsets(args.base_engine, args.candidate, cand_id, args)
+        base_id, base = (base_engine_offsets(args.base_engine, args.candidate, cand_id, args) if args.base_engine
+                         else model_offsets(args.shipped, cases, cache))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -171,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.base_engine:
         cand_id += " (this engine)"
     command = "python benchmarks/model_gate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(rows, ok, reasons, (base_id, cand_id), command)
-    if args.base_engine:
-        text = text.replace("# Model gate:", "# Engine gate:", 1).replace("against the shipped", "against", 1)
+    text = report(rows, ok, reasons, (base_id, cand_id), command, engine_gate=bool(args.base_engine))
     if args.limit:
         text = text.replace("- verdict:", f"- only the first {args.limit} cases per suite: not a gate\n- verdict:")
     out = Path(args.out)
