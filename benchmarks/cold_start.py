@@ -13,7 +13,8 @@ Usage (from the repository root, with ``SAMEmbedding`` and ``benchmarks`` on ``P
 
 Stages (seconds): imports (the engine and torch), model (loading the checkpoint), reading, preprocessing (with any
 padding of a prefetched input), hashing (the images' content hashes, the cache keys), body
-(body masks), global map, local map, assemble (upsampled global + local features), prior (affine prior), search,
+(body masks), global map, local map, assemble (the feature buffer, and the global map upsampled on the tiles: the
+voxels' global lengths), prior (affine prior), search,
 polish, scores, round trip (search back and polish back), writing, other (the remainder of the process wall time:
 interpreter start, argument parsing, bookkeeping).
 """

@@ -1,11 +1,14 @@
 """The embedding engine: whole-volume embeddings, tiled with a halo when large, cached in memory and on disk.
 
 ``Embedder.embed(image)`` preprocesses the image, runs the network (CPU fp32; CUDA fp16 when present), and
-returns :class:`EmbeddingMaps`: the local map, the global map, their LPS grids, and a ready
-``features`` matrix ``(C_local + C_global, V)`` where the global map has been upsampled to the local grid
-(trilinear, align_corners=False) and re-normalised, as in the official matcher. The matcher only needs
-one matrix product per target. The matrix is stored voxel-major (``vectors``, (V, C): each voxel's vector in one
-run of memory), so a tile makes resident only its own voxels' pages and a gather of voxels copies whole rows.
+returns :class:`EmbeddingMaps`: the local map as a ``features`` matrix ``(C_local, V)`` on the local grid, the
+coarse global map, and their LPS grids. A voxel's global vector is the global map upsampled to the local grid
+(trilinear, align_corners=False) and re-normalised, as in the official matcher; it is not stored per voxel (that
+copy was half of every voxel's memory): the maps keep its length before normalising (``global_norm``, one number per
+voxel), and a search interpolates the coarse map's products with its queries instead (:meth:`EmbeddingMaps.global_similarity_box`),
+the same similarity to float rounding, since interpolation is linear. The local matrix is stored voxel-major
+(``vectors``, (V, C_l): each voxel's vector in one run of memory), so a tile makes resident only its own voxels'
+pages and a gather of voxels copies whole rows.
 """
 
 from __future__ import annotations
@@ -110,18 +113,22 @@ class EmbeddingMaps:
         global_: (C_g, *gshape) unit vectors on ``global_grid``, which spans the whole image; a volume's are
             computed over the body's box only (:func:`global_box`, for a network with a separate global branch) and
             are zero vectors beyond it.
-        features: (C_l + C_g, V) local and upsampled global vectors per local voxel (float32 on CPU): the transposed
-            view of the voxel-major buffer :attr:`vectors` (V, C) (stride 1 along the channels). On-demand maps
-            hold the buffer for the whole grid, but only voxels in ``ready`` are filled (pages never written take no
-            memory): call :meth:`ensure` / :meth:`ensure_flat` / :meth:`ensure_all` before reading others. Gather
-            voxels through :attr:`vectors` (whole rows), not through columns of ``features``.
+        features: (C_l, V) local unit vectors per local voxel (float32 on CPU): the transposed view of the
+            voxel-major buffer :attr:`vectors` (V, C_l) (stride 1 along the channels). On-demand maps hold the
+            buffer for the whole grid, but only voxels in ``ready`` are filled (pages never written take no memory):
+            call :meth:`ensure` / :meth:`ensure_flat` / :meth:`ensure_all` before reading others. Gather voxels
+            through :attr:`vectors` (whole rows), not through columns of ``features``. A voxel's global vector is
+            not stored here: :meth:`global_at`, :meth:`rows_at`, :meth:`global_similarity_box`.
         valid: (V,) voxel centre lies inside the source image.
         body: (V,) voxel lies in the body mask (all True when no mask applies).
         local_grid, global_grid: LPS geometry of the maps.
         image_grid: geometry of the original image.
         model_id, key: identity of the model and the cache key.
-        n_local: channels of the local map (the first rows of ``features``).
-        ready: (V,) bool, voxels whose features are computed; None when all are.
+        n_local: channels of the local map (the rows of ``features``).
+        ready: (V,) bool, voxels whose features (and ``global_norm``) are computed; None when all are.
+        global_norm: (V,) float32 on the CPU: the length of each voxel's upsampled global vector before it is
+            normalised (:func:`samembed.tiles.channel_norms`), filled with the voxel's local vector; 1 where not
+            computed.
     """
 
     global_: torch.Tensor
@@ -136,6 +143,7 @@ class EmbeddingMaps:
     n_local: int
     image_name: str = ""
     ready: torch.Tensor | None = None
+    global_norm: torch.Tensor | None = None  # set by the embedder (see the attributes above)
     tiles: object | None = field(default=None, repr=False)  # a TileComputer filling ``features`` on demand
     _compact: dict = field(default_factory=dict, repr=False)
     dirty: bool = field(default=False, repr=False)  # tiles computed since the last disk write
@@ -144,14 +152,19 @@ class EmbeddingMaps:
 
     @property
     def vectors(self) -> torch.Tensor:
-        """(V, C_l + C_g) the features voxel by voxel: each row one voxel's local then global vector (a view)."""
+        """(V, C_l) the local vectors voxel by voxel: each row one voxel's local vector (a view)."""
         return self.features.T
 
     @property
     def local(self) -> torch.Tensor:
-        """(C_l, *shape) local unit vectors: a view of the first rows of ``features`` (all voxels computed)."""
+        """(C_l, *shape) local unit vectors: a view of ``features`` (all voxels computed)."""
         self.ensure_all()
-        return self.features[: self.n_local].reshape(self.n_local, *self.local_grid.shape_zyx)
+        return self.features.reshape(self.n_local, *self.local_grid.shape_zyx)
+
+    @property
+    def channels(self) -> int:
+        """C_l + C_g: the length of a voxel's whole vector (:meth:`rows_at`), local then global."""
+        return int(self.n_local + self.global_.shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -165,7 +178,7 @@ class EmbeddingMaps:
             if self._touched is None or self._touched[0] != fills:
                 self._touched = (fills, _touched_fraction(ready, 4096 // row_bytes))
             frac = self._touched[1]
-        tensors = [self.global_, self.valid, self.body]
+        tensors = [self.global_, self.valid, self.body, self.global_norm]
         tensors += [t for pair in self._compact.values() for t in pair]
         feat = self.features.element_size() * self.features.nelement() * frac
         return int(feat) + sum(t.element_size() * t.nelement() for t in tensors)
@@ -241,16 +254,66 @@ class EmbeddingMaps:
                 self.tiles = None  # drop the network input once everything is computed
 
     def global_at(self, flat: torch.Tensor) -> torch.Tensor:
-        """(C_g, M) upsampled, normalised global vectors at flat local voxels (no local tile needed): on the CPU the
-        same values, bit for bit, whether the voxels' tiles are computed or not (the same upsampling and
-        normalisation as a tile's), so a search prior does not depend on which tiles earlier searches computed."""
-        from .tiles import normalize_channels, upsample_at
+        """(C_g, M) float32 upsampled, normalised global vectors at flat local voxels (CPU; no local tile needed):
+        the same values, bit for bit, as a tile's upsampling and its ``global_norm`` give (the same operations), so
+        nothing depends on which tiles earlier searches computed."""
+        from .tiles import normalize_channels, upsample_at, upsample_box
 
-        if self.ready is None or bool(self.ready[flat].all()):
-            # channel-major (C_g, M), contiguous, as upsample_at returns them: the products over them are the same
-            return channel_major(self.vectors[:, self.n_local:], flat).float()
-        zyx = np.stack(np.unravel_index(flat.cpu().numpy(), self.local_grid.shape_zyx), 1)
-        return normalize_channels(upsample_at(self.global_.cpu(), self.local_grid.shape_zyx, zyx))
+        shape = self.local_grid.shape_zyx
+        glob = self.global_.cpu()
+        flat = flat.cpu().reshape(-1)
+        out = torch.empty((glob.shape[0], len(flat)), dtype=torch.float32)
+        if len(flat) == 0:
+            return out
+        plane = int(np.prod(shape[1:]))
+        if len(flat) * 8 >= plane * (int(flat.max()) // plane - int(flat.min()) // plane + 1):
+            # many voxels of few planes (a body's search copy): the planes upsampled a slab at a time (separable,
+            # about 8 times cheaper per voxel than eight corners each) and the voxels picked
+            z = flat // plane
+            slab = max(1, (32 << 20) // max(1, plane * glob.shape[0] * 4))
+            hi_plane = np.asarray(shape[1:]) - 1
+            for z0 in range(int(z.min()), int(z.max()) + 1, slab):
+                z1 = min(int(z.max()), z0 + slab - 1)
+                sel = torch.nonzero((z >= z0) & (z <= z1)).reshape(-1)
+                if len(sel) == 0:
+                    continue
+                up = upsample_box(glob, shape, np.array([z0, *[0] * len(hi_plane)]), np.array([z1, *hi_plane]))
+                out[:, sel] = normalize_channels(up.reshape(up.shape[0], -1)[:, flat[sel] - z0 * plane])
+            return out
+        for i in range(0, len(flat), 1 << 15):  # a chunk's eight corners (8 x 32 k x C_g floats) at a time
+            part = flat[i:i + (1 << 15)].numpy()
+            zyx = np.stack(np.unravel_index(part, shape), 1)
+            out[:, i:i + len(part)] = normalize_channels(upsample_at(glob, shape, zyx))
+        return out
+
+    def rows_at(self, flat: torch.Tensor) -> torch.Tensor:
+        """(M, C_l + C_g) float32 whole vectors (local, then the normalised global) of flat local voxels whose
+        features are computed (:meth:`ensure_flat`), on the features' device: a query's vector, or a voxel's for a
+        product with one."""
+        loc = self.vectors[flat.to(self.features.device)].float()
+        return torch.cat([loc, self.global_at(flat).T.to(loc.device)], 1)
+
+    def global_similarity_box(self, queries_global: torch.Tensor, lo_zyx: np.ndarray, hi_zyx: np.ndarray) -> torch.Tensor:
+        """(Q, U) float32 cosine similarity of global query vectors ``queries_global`` (Q, C_g) with the upsampled,
+        normalised global vector of every voxel of the inclusive local-grid box ``lo_zyx..hi_zyx`` (U voxels, C
+        order), whose features are computed (its ``global_norm``), on the CPU.
+
+        Linear interpolation commutes with the products: the coarse map's products with the queries (Q x coarse
+        voxels, a few MB) are upsampled to the box and divided by each voxel's ``global_norm``, instead of a product
+        with C_g stored values per voxel. Equal to the product with :meth:`global_at`'s vectors to float rounding
+        (about 1e-7)."""
+        from .tiles import coarse_span, upsample_part
+
+        lo, hi = np.asarray(lo_zyx, dtype=np.int64), np.asarray(hi_zyx, dtype=np.int64)
+        shape = self.local_grid.shape_zyx
+        glob = self.global_.cpu()
+        gshape = tuple(glob.shape[1:])
+        span = coarse_span(gshape, shape, lo, hi)  # the coarse voxels the box reads
+        part = glob[(slice(None), *span)].float()
+        coarse = (queries_global.cpu().float() @ part.reshape(part.shape[0], -1)).reshape(-1, *part.shape[1:])
+        up = upsample_part(coarse, gshape, span, shape, lo, hi)
+        norms = self.global_norm.view(shape)[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))]
+        return up.div_(norms).reshape(len(coarse), -1)
 
     def compact_features(self, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(flat indices (M,), features (C, M))`` of the voxels in ``allowed`` (V,) bool.
@@ -263,9 +326,15 @@ class EmbeddingMaps:
         key = _mask_key(mask)
         hit = self._compact.get(key)
         if hit is None:
+            from .tiles import write_rows
+
             self.ensure_all(allowed)
             idx = torch.from_numpy(np.flatnonzero(mask)).to(self.features.device)
-            hit = (idx, self.vectors.index_select(0, idx).T)  # whole rows gathered; (C, M), a view of (M, C)
+            rows = torch.empty((len(idx), self.channels), dtype=self.features.dtype, device=self.features.device)
+            for i in range(0, len(idx), 1 << 14):  # whole local rows gathered, a block at a time
+                rows[i:i + (1 << 14), : self.n_local] = self.vectors[idx[i:i + (1 << 14)]]
+            write_rows(rows[:, self.n_local:], [self.global_at(idx)])
+            hit = (idx, rows.T)  # (C, M), a view of (M, C)
             while len(self._compact) >= 2:
                 self._compact.pop(next(iter(self._compact)))
             self._compact[key] = hit
@@ -428,8 +497,8 @@ class TileComputer:
 
     Each tile is an input box starting on a multiple of ``tile_multiple``, embedded with ``tile_halo`` input voxels
     of context per side (clipped at the volume's edge, as the whole-volume run pads there too), so its local map
-    equals the whole-volume map; the global half of the features is upsampled on the tile's box only
-    (:func:`samembed.tiles.upsample_box`, bit-identical to the whole-volume upsampling).
+    equals the whole-volume map; the global map is upsampled on the tile's box only (:func:`samembed.tiles.upsample_box`,
+    bit-identical to the whole-volume upsampling) for the voxels' ``global_norm``.
 
     Args:
         network: the :class:`TileNetwork` of the :class:`Embedder` that made the maps (:attr:`Embedder.tile_network`).
@@ -483,7 +552,7 @@ class TileComputer:
         """Embed the input box ``[start, stop)`` and store the grid lines (along the last axis) of its local box that
         hold a ``missing_zyx`` voxel: a large tile asked for a sparse set (the body in a wide field of view, the
         corners of search windows) then makes only those lines' memory pages resident, and its global vectors are
-        upsampled and both halves normalised on those lines only. A tile of whole planes of which at least half
+        upsampled (for their lengths, ``global_norm``) and its local vectors normalised on those lines only. A tile of whole planes of which at least half
         the lines are wanted is computed in place instead (:meth:`_tile_in_place`)."""
         from .tiles import spans_whole_planes
 
@@ -512,7 +581,7 @@ class TileComputer:
                      lines: np.ndarray, wanted: float) -> None:
         """:meth:`_tile` through the tile's own buffers: the whole box (every line wanted) or its wanted ``lines``
         gathered, then written into the voxels' feature rows (voxels computed before keep their values)."""
-        from .tiles import normalize_channels, upsample_box, upsample_lines, write_rows
+        from .tiles import channel_norms, upsample_box, upsample_lines, write_rows
 
         tn = self.network
         shape = maps.local_grid.shape_zyx
@@ -524,7 +593,8 @@ class TileComputer:
             # whole-plane tile normalises them there: a voxel's vector does not depend on the path that made it
             if lines.all():  # every line: the whole box
                 held = np.nonzero(np.ones(lines.shape, dtype=bool))
-                parts = (loc.float(), normalize_channels(upsample_box(maps.global_.cpu(), shape, lo, hi)))
+                loc = loc.float()
+                norms = channel_norms(upsample_box(maps.global_.cpu(), shape, lo, hi))
             else:  # the wanted lines only, gathered (a voxel's vector is the same either way, bit for bit)
                 held = np.nonzero(lines)
                 sel = tuple(torch.from_numpy(v) for v in held)
@@ -532,51 +602,54 @@ class TileComputer:
                     up = upsample_lines(maps.global_.cpu(), shape, lo, hi, held)
                 else:
                     up = upsample_box(maps.global_.cpu(), shape, lo, hi)[(slice(None), *sel, slice(None))]
-                parts = (loc[(slice(None), *sel, slice(None))].float(), normalize_channels(up))
+                loc = loc[(slice(None), *sel, slice(None))].float()
+                norms = channel_norms(up)
                 del up
-        del loc
         # the flat voxel index of each stored value, in the parts' order (line by line, x fastest)
         line_zyx = (*(v + int(o) for v, o in zip(held, lo[:-1])), np.full(len(held[0]), lo[-1]))
         starts = np.ravel_multi_index(line_zyx, shape)  # each stored line's first voxel
         flat = torch.from_numpy((starts[:, None] + np.arange(nx)).reshape(-1))
-        parts = [p.reshape(p.shape[0], -1) for p in parts]
+        loc, norms = loc.reshape(loc.shape[0], -1), norms.reshape(-1)
         new = ~maps.ready[flat]
         if not bool(new.all()):  # voxels computed before keep their values: a result never changes within a session
-            flat, parts = flat[new], [p[:, new] for p in parts]
-        write_rows(maps.vectors, parts, flat, unit=slice(0, maps.n_local))
-        del parts
+            flat, loc, norms = flat[new], loc[:, new], norms[new]
+        write_rows(maps.vectors, [loc], flat, unit=slice(0, maps.n_local))
+        del loc
+        maps.global_norm[flat] = norms
         maps.ready[flat] = True
 
     def _tile_in_place(self, maps: EmbeddingMaps, xin: torch.Tensor, ctx, lo: np.ndarray, hi: np.ndarray,
                        box: tuple[slice, ...]) -> None:
         """:meth:`_tile` for a box of whole planes (every line but the first axis's range: a whole volume, a slab)
         of which most lines are wanted: the network's output layer writes straight into the voxels' feature rows
-        and they are normalised there; the global vectors are upsampled a few planes at a time. No tile-sized
+        and they are normalised there; the global vectors are upsampled a few planes at a time (for their lengths,
+        ``global_norm``). No tile-sized
         temporaries and no copies of the tile (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is
         stored: with at least half of them wanted, the unwanted ones hold no more memory than the temporaries they
         spare (a whole LIDC tile for 50 points: 2/3 of the lines). The values are those of :meth:`_tile_stored`
         bit for bit (the local vectors normalised along their rows in both, :func:`~samembed.tiles.normalize_rows`)."""
-        from .tiles import normalize_channels, normalize_rows, upsample_box, write_rows
+        from .tiles import channel_norms, normalize_rows, upsample_box
 
         shape = maps.local_grid.shape_zyx
         plane = int(np.prod(shape[1:]))
-        n_local = maps.n_local
-        rows = maps.vectors[int(lo[0]) * plane:(int(hi[0]) + 1) * plane]  # (voxels of the box, C), the box's rows
+        first, end = int(lo[0]) * plane, (int(hi[0]) + 1) * plane
+        rows = maps.vectors[first:end]  # (voxels of the box, C_l), the box's rows
+        norms = maps.global_norm[first:end]
         done = maps.ready.view(shape)[box].reshape(-1).to(rows.device)  # the box's voxels, in the rows' order
-        keep = rows[done] if bool(done.any()) else None  # a copy
+        keep = (rows[done], norms[done.cpu()]) if bool(done.any()) else None  # copies
         with torch.inference_mode():
             # (C_l, voxels) with unit stride along the channels: the output product writes the rows in place
-            self.network.net.forward_local_core(xin, *ctx, out=rows[:, :n_local].T)
-            normalize_rows(rows[:, :n_local])
+            self.network.net.forward_local_core(xin, *ctx, out=rows.T)
+            normalize_rows(rows)
             glob = maps.global_.cpu()
             slab = max(1, (64 << 20) // max(1, plane * glob.shape[0] * 4))  # planes of upsampled vectors at a time
             for z0 in range(int(lo[0]), int(hi[0]) + 1, slab):
                 z1 = min(int(hi[0]), z0 + slab - 1)
                 up = upsample_box(glob, shape, np.array([z0, *lo[1:]]), np.array([z1, *hi[1:]]))
-                part = normalize_channels(up).reshape(up.shape[0], -1)
-                write_rows(rows[(z0 - int(lo[0])) * plane:(z1 - int(lo[0]) + 1) * plane, n_local:], [part])
+                norms[(z0 - int(lo[0])) * plane:(z1 - int(lo[0]) + 1) * plane] = channel_norms(up).reshape(-1)
         if keep is not None:  # voxels computed before keep their values: a result never changes within a session
-            rows[done] = keep
+            rows[done] = keep[0]
+            norms[done.cpu()] = keep[1]
         maps.ready.view(shape)[box] = True
 
 
@@ -796,13 +869,13 @@ class Embedder:
         global_grid = pad_grid.derived(spec.global_stride, tuple(glob.shape[1:]))
         maps = self._assemble(glob, local_grid, global_grid, image, key, body)
         if local is not None:  # the whole map, computed with the global one
-            from .tiles import upsample_box, write_rows
+            from .tiles import channel_norms, upsample_box, write_rows
 
             shape = local_grid.shape_zyx
-            write_rows(maps.vectors[:, : maps.n_local], [local.reshape(maps.n_local, -1)])
+            write_rows(maps.vectors, [local.reshape(maps.n_local, -1)])
             del local
             up = upsample_box(glob.cpu(), shape, np.zeros(len(shape), int), np.asarray(shape) - 1)
-            write_rows(maps.vectors[:, maps.n_local:], [F.normalize(up, dim=0).reshape(up.shape[0], -1)])
+            maps.global_norm.copy_(channel_norms(up).reshape(-1))
             maps.ready = None
         else:
             maps.tiles = TileComputer(self.tile_network, lambda a=arr: a)  # holds the input, not the embedder
@@ -852,12 +925,13 @@ class Embedder:
         spec = self.model.spec
         feat_dtype = torch.float16 if self.half else torch.float32
         n_vox = int(np.prod(local_grid.shape_zyx))
-        features = new_feature_rows(n_vox, spec.local_channels + glob.shape[0], feat_dtype, self.device).T
+        features = new_feature_rows(n_vox, spec.local_channels, feat_dtype, self.device).T
         # voxel centres inside the original image
         valid = torch.from_numpy(local_grid.centres_inside(image.grid, margin=0.5).reshape(-1)).to(features.device)
         return EmbeddingMaps(glob.float() if not self.half else glob, features, valid, body.to(features.device),
                              local_grid, global_grid, image.grid, self.model.model_id, key, spec.local_channels,
-                             image.name, ready=torch.zeros(n_vox, dtype=torch.bool))
+                             image.name, ready=torch.zeros(n_vox, dtype=torch.bool),
+                             global_norm=torch.ones(n_vox, dtype=torch.float32))
 
     # ------------------------------------------------------------------------------------------ disk cache
     def _disk_path(self, key: str) -> Path | None:
@@ -868,7 +942,7 @@ class Embedder:
     def _load_disk(self, key: str, image: Image) -> EmbeddingMaps | None:
         """On-demand maps from a disk entry (its stored voxels ready, the rest computed when needed), or None
         when there is no entry or it is damaged (truncated, corrupt, another model: it is then recomputed)."""
-        from .tiles import DamagedEntry, normalize_channels, read_entry, upsample_at, write_rows
+        from .tiles import DamagedEntry, channel_norms, read_entry, upsample_at, write_rows
 
         path = self._disk_path(key)
         if path is None or not path.is_file():
@@ -885,8 +959,8 @@ class Embedder:
             maps = self._assemble(glob.to(self.device), local_grid, global_grid, image, key, body)
             if len(stored):
                 zyx = np.stack(np.unravel_index(stored, local_grid.shape_zyx), 1)
-                up = normalize_channels(upsample_at(glob, local_grid.shape_zyx, zyx))
-                write_rows(maps.vectors, [torch.from_numpy(local16), up], torch.from_numpy(stored))
+                maps.global_norm[torch.from_numpy(stored)] = channel_norms(upsample_at(glob, local_grid.shape_zyx, zyx))
+                write_rows(maps.vectors, [torch.from_numpy(local16)], torch.from_numpy(stored))
                 maps.ready[torch.from_numpy(stored)] = True
             maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))
             if bool(maps.ready.all()):
@@ -907,7 +981,7 @@ class Embedder:
         body = maps.body.cpu().numpy()
         stored = body if maps.ready is None else body & maps.ready.numpy()
         idx = torch.from_numpy(np.flatnonzero(stored))
-        local16 = channel_major(maps.vectors[:, : maps.n_local], idx, torch.float16).cpu().numpy()  # (C_l, stored)
+        local16 = channel_major(maps.vectors, idx, torch.float16).cpu().numpy()  # (C_l, stored)
         meta = {"local_grid": _grid_to_dict(maps.local_grid), "global_grid": _grid_to_dict(maps.global_grid),
                 "model_id": maps.model_id, "key": maps.key, "image": maps.image_name}
         try:

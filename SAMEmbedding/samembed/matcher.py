@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from .affine import apply_affine, ransac_affine
 from .embedding import EmbeddingMaps
 from .image import Image
-from .tiles import channel_major
 
 
 @dataclass
@@ -34,8 +33,9 @@ def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray, mode: str = "n
     """Embedding vectors (N, C_l + C_g) at LPS mm points on the local grid.
 
     ``mode="nearest"`` takes the vector of the nearest local voxel (as the official code does; a point
-    then matches itself exactly), ``"bilinear"`` interpolates. Each half (local, global) is re-normalised,
-    so the dot product with ``maps.features`` divided by 2 is the SAM similarity.
+    then matches itself exactly), ``"bilinear"`` interpolates the voxels' vectors linearly (as ``grid_sample`` with
+    border padding would). Each half (local, global) is re-normalised, so the dot product with a voxel's whole
+    vector (:meth:`~samembed.embedding.EmbeddingMaps.rows_at`) divided by 2 is the SAM similarity.
     """
     grid = maps.local_grid
     d = grid.ndim
@@ -47,16 +47,23 @@ def query_vectors(maps: EmbeddingMaps, points_lps_mm: np.ndarray, mode: str = "n
         near = np.clip(np.rint(ijk), 0, size - 1).astype(np.int64)[:, ::-1]
         flat = _ravel(torch.from_numpy(near.copy()), grid.shape_zyx)
         maps.ensure_flat(flat)  # on demand: the tiles holding these voxels
-        q = channel_major(maps.vectors, flat).float().T  # (N, C) view of (C, N), normalised as before
-        return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
-    if not maps.complete:  # on demand: the interpolation's corners
-        lo = np.clip(np.floor(ijk), 0, size - 1)[:, ::-1]
-        maps.ensure(lo, np.clip(lo + 1, 0, size[::-1] - 1))
-    norm = (2 * ijk + 1) / size - 1  # align_corners=False, (x, y, z) order as grid_sample wants
-    C = maps.features.shape[0]
-    vol = maps.features.float().reshape(1, C, *grid.shape_zyx)
-    g = torch.from_numpy(norm.astype(np.float32)).to(vol.device).reshape(1, -1, *([1] * (d - 1)), d)
-    q = F.grid_sample(vol, g, mode=mode, padding_mode="border", align_corners=False).reshape(C, -1).T
+        q = maps.rows_at(flat)  # (N, C), normalised as before
+    elif mode == "bilinear":  # the 2^d voxels around each point, weighted (border padding: clamped to the grid)
+        at = np.clip(ijk, 0, size - 1)[:, ::-1]  # (N, d) zyx
+        lo = np.floor(at).astype(np.int64)
+        hi = np.minimum(lo + 1, size[::-1].astype(np.int64) - 1)
+        frac = torch.from_numpy(at - lo).float()
+        q = 0
+        for bits in np.ndindex(*(2,) * d):
+            corner = np.where(np.array(bits, dtype=bool), hi, lo)
+            w = torch.ones(len(at))
+            for a, b in enumerate(bits):
+                w = w * (frac[:, a] if b else 1.0 - frac[:, a])
+            flat = _ravel(torch.from_numpy(corner), grid.shape_zyx)
+            maps.ensure_flat(flat)
+            q = q + w[:, None].to(maps.features.device) * maps.rows_at(flat)
+    else:
+        raise ValueError(f"unknown mode '{mode}'; use nearest or bilinear")
     return torch.cat([F.normalize(q[:, :cl], dim=1), F.normalize(q[:, cl:], dim=1)], 1)
 
 
@@ -69,9 +76,7 @@ def similarity(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.Tens
             None: every voxel (the whole local map is embedded).
     """
     if allowed is None:
-        target.ensure_all()
-        feats = target.features
-        return (queries.to(feats.dtype) @ feats).float() / 2.0
+        allowed = torch.ones(target.features.shape[1], dtype=torch.bool)
     idx, feats = target.compact_features(allowed)  # the same copy (and products) as the search over the mask
     sim = torch.full((len(queries), target.features.shape[1]), float("-inf"), device=feats.device)
     sim[:, idx] = (queries.to(feats.dtype) @ feats).float() / 2.0
@@ -193,7 +198,7 @@ def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, overlap: fl
 
 
 def _box_products(q: torch.Tensor, vvol: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
-    """(g, U) float32 products of the queries ``q`` (g, C) with the voxel-major feature volume ``vvol`` (*shape, C)
+    """(g, U) float32 products of the queries ``q`` (g, C) with the voxel-major local feature volume ``vvol`` (*shape, C)
     over the voxels of ``box`` (slices, C order, steps of 1), one plane of the first axis at a time: each plane's
     rows are gathered into one reused buffer that stays in the cache (whole rows: no transposes), instead of
     gathering the whole box first (a window union of 5 organs is about 80 MB of features, whose gather took twice
@@ -227,6 +232,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
     """
     shape = target.local_grid.shape_zyx
     full = target.features
+    cl = target.local_channels
     q = queries.to(full.dtype)
     N = len(q)
     lo = hi = None
@@ -238,7 +244,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
         scores, j = (q @ feats).float().div_(2.0).max(1)
         flat = idx[j].cpu()
     else:
-        vvol = target.vectors.reshape(*shape, full.shape[0])
+        vvol = target.vectors.reshape(*shape, cl)
         avol = allowed.reshape(shape)
         scores = torch.empty(N)
         flat = torch.empty(N, dtype=torch.int64)
@@ -251,7 +257,11 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             ulo, uhi = lo[group].min(0), hi[group].max(0)
             ushape = tuple(int(v) for v in uhi - ulo + 1)
             box = tuple(slice(int(a), int(b) + 1) for a, b in zip(ulo, uhi))
-            sim = _box_products(q[torch.from_numpy(group)], vvol, box).div_(2.0)  # (g, U)
+            qg = q[torch.from_numpy(group)]
+            # local products with the stored vectors, global ones interpolated from the coarse map's (one value per
+            # voxel instead of C_g)
+            sim = _box_products(qg[:, :cl], vvol, box)
+            sim.add_(target.global_similarity_box(qg[:, cl:], ulo, uhi).to(sim.device)).div_(2.0)  # (g, U)
             # the allowed voxels of the union, within each query's own window (its box within the union's)
             inside = avol[box].reshape(1, -1).to(sim.device) & box_masks(lo[group] - ulo, hi[group] - ulo, ushape).to(sim.device)
             k = sim.masked_fill_(~inside, float("-inf")).argmax(1)
@@ -260,7 +270,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             flat[torch.from_numpy(group)] = torch.from_numpy(np.ravel_multi_index(tuple(zyx.T), shape))
 
     def value_at(rows, flat_idx):
-        v = (q[rows] * target.vectors[flat_idx.to(full.device)].to(q.dtype)).sum(1).float() / 2.0
+        v = (q[rows].float() * target.rows_at(flat_idx)).sum(1) / 2.0
         v = v.masked_fill(~allowed[flat_idx.to(allowed.device)].to(v.device), float("-inf"))
         if lo is not None:  # outside the query's window
             zyx = torch.from_numpy(np.stack(np.unravel_index(flat_idx.numpy(), shape), 1))
@@ -407,7 +417,7 @@ def global_pairs(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     cand_t = torch.from_numpy(np.ravel_multi_index(tuple(lattice.T.numpy()), tgrid.shape_zyx)).reshape(-1)
     if len(cand_t) == 0:
         return np.zeros((0, d)), np.zeros((0, d))
-    feats = target.global_at(cand_t).to(target.features.device)
+    feats = target.global_at(cand_t).to(target.features.device)  # computed from the coarse map
     q = q.to(feats.device)
     # each sample's best candidate, PRIOR_CHUNK samples at a time: a chunk's products (a few MB) instead of every
     # sample's at once (50 MB for a head-and-neck CT's 25 k candidates, its pages faulted in per target); a product's
@@ -534,8 +544,8 @@ def scores_at(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: Embeddin
     loc = np.clip(loc, 0, np.asarray(target.local_grid.size_ijk) - 1)
     flat = _ravel(torch.from_numpy(loc[:, ::-1].copy()), target.local_grid.shape_zyx)
     target.ensure_flat(flat)
-    feats = target.vectors[flat.to(target.features.device)].to(q.dtype)
-    return ((q * feats).sum(1).float() / 2.0).clamp(-1.0, 1.0).cpu().numpy().astype(np.float64)
+    feats = target.rows_at(flat)
+    return ((q.float() * feats).sum(1) / 2.0).clamp(-1.0, 1.0).cpu().numpy().astype(np.float64)
 
 
 def heatmap_image(sim_row: torch.Tensor, target: EmbeddingMaps, name: str = "heatmap") -> Image:

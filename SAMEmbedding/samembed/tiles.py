@@ -124,6 +124,32 @@ def upsample_box(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray,
     return out
 
 
+def coarse_span(gshape: tuple[int, ...], out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...]:
+    """The coarse voxels (slices of a map of spatial shape ``gshape``) that :func:`upsample_box` reads for the
+    inclusive output box ``lo..hi`` of ``out_shape``: a map cut to them upsamples that box the same
+    (:func:`upsample_part`)."""
+    spans = []
+    for a in range(len(out_shape)):
+        i0, i1, _, _ = _linear_taps(gshape[a], out_shape[a], np.array([lo[a], hi[a]]))
+        spans.append(slice(int(i0[0]), int(i1[1]) + 1))
+    return tuple(spans)
+
+
+def upsample_part(part: torch.Tensor, gshape: tuple[int, ...], span: tuple[slice, ...], out_shape: tuple[int, ...],
+                  lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+    """:func:`upsample_box` of a map of spatial shape ``gshape`` given only its part ``part`` (C, *span) over the
+    coarse voxels ``span`` that the box reads (:func:`coarse_span`): (C, *box) float32, bit for bit the same values.
+
+    One whole-tensor pass per axis (the last first), without :func:`upsample_box`'s plane-by-plane loop: for maps
+    of few channels (a few queries' products with the global map, over a search window) the loop's per-plane calls
+    cost more than the arithmetic."""
+    out = part.float()
+    for a in reversed(range(len(out_shape))):
+        i0, i1, w0, w1 = _linear_taps(gshape[a], out_shape[a], np.arange(lo[a], hi[a] + 1))
+        out = _lerp_along(out, 1 + a, (i0 - span[a].start, i1 - span[a].start, w0, w1))
+    return out
+
+
 def upsample_lines(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray,
                    lines: tuple[np.ndarray, ...]) -> torch.Tensor:
     """:func:`upsample_box` on some grid lines of the box only: ``lines`` holds, per axis but the last, the
@@ -165,15 +191,20 @@ def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray)
     return _reduce_corners(corners, taps).T.contiguous()
 
 
-def normalize_channels(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``F.normalize(x, dim=0)`` in place (equal to float rounding, about 1e-7), without a second full-size copy.
-
-    The squared norm is summed channel by channel (one contiguous pass each), several times faster on the CPU than
-    ``norm(dim=0)``, whose reduction runs across the channels' strides."""
+def channel_norms(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """The length of each vector of the channel-major ``x`` (C, ...), at least ``eps``: (...) float, the divisor of
+    :func:`normalize_channels`. Summed channel by channel (one contiguous pass each), several times faster on the
+    CPU than ``norm(dim=0)``, whose reduction runs across the channels' strides."""
     sq = x[0] * x[0]
     for c in range(1, x.shape[0]):
         sq.addcmul_(x[c], x[c])
-    return x.div_(sq.sqrt_().clamp_min_(eps).unsqueeze(0))
+    return sq.sqrt_().clamp_min_(eps)
+
+
+def normalize_channels(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, dim=0)`` in place (equal to float rounding, about 1e-7), without a second full-size copy:
+    ``x`` divided by its :func:`channel_norms`."""
+    return x.div_(channel_norms(x, eps).unsqueeze(0))
 
 
 # ------------------------------------------------------------------------------- voxel-major feature rows

@@ -233,6 +233,53 @@ def test_global_vectors_are_the_same_before_and_after_their_tiles_are_computed()
         embedding._touched_fraction = touched
 
 
+@pytest.mark.needs_data
+def test_a_window_s_global_similarity_from_the_coarse_map_is_the_product_with_each_voxel_s_global_vector():
+    """No voxel stores its upsampled global vector: a search interpolates the coarse map's products with its queries
+    and divides by each voxel's stored length. That must equal the product with the voxels' upsampled, normalised
+    vectors (:meth:`global_at`) to float rounding, at the window's edges and beyond the body's box too; and
+    :meth:`global_at` gives the same vectors bit for bit whether it upsamples whole planes or single voxels."""
+    import torch
+
+    from samembed.api import as_image
+    from samembed.matcher import query_vectors
+
+    m = Matcher("random:sam-lite", device="cpu")
+    maps = m.embedder.embed(as_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")), on_demand=True)
+    shape = np.array(maps.local_grid.shape_zyx)
+    cl = maps.local_channels
+    rng = np.random.default_rng(0)
+    q = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(3, maps.channels)).astype(np.float32)), dim=1)
+    body = np.argwhere(maps.body.reshape(*shape).numpy())
+    centre = body[len(body) // 2]
+    for lo, hi in ((np.maximum(centre - 6, 0), np.minimum(centre + 5, shape - 1)),  # a window in the body
+                   (np.zeros(3, int), np.minimum([4, 9, 7], shape - 1))):  # a corner of the grid (air, zero vectors)
+        maps.ensure(lo, hi)
+        got = maps.global_similarity_box(q[:, cl:], lo, hi)
+        flat = torch.from_numpy(np.ravel_multi_index(tuple(np.indices(hi - lo + 1).reshape(3, -1) + lo[:, None]), shape))
+        want = q[:, cl:] @ maps.global_at(flat)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        # the whole vectors of the voxels: the stored local ones, then the same global ones
+        rows = maps.rows_at(flat)
+        assert torch.equal(rows[:, :cl], maps.vectors[flat].float()) and torch.equal(rows[:, cl:], maps.global_at(flat).T)
+    planes = torch.arange(int(np.prod(shape[1:])) * 3) + int(np.prod(shape[1:])) * int(centre[0])  # three whole planes
+    one_by_one = torch.cat([maps.global_at(planes[i:i + 100]) for i in range(0, len(planes), 100)], 1)
+    assert torch.equal(maps.global_at(planes), one_by_one)
+    # a query vector interpolated between voxels: linear in the voxels' whole vectors, each half re-normalised
+    box_lo, box_hi = np.maximum(centre - 2, 0), np.minimum(centre + 2, shape - 1)
+    maps.ensure(box_lo, box_hi)
+    at = box_lo + 0.3 + rng.random((4, 3)) * (box_hi - box_lo - 0.6)  # (k, j, i) inside the box
+    sub = maps.rows_at(torch.from_numpy(np.ravel_multi_index(
+        tuple(np.indices(box_hi - box_lo + 1).reshape(3, -1) + box_lo[:, None]), shape)))
+    vol = sub.T.reshape(1, -1, *(box_hi - box_lo + 1))
+    norm = (2 * (at - box_lo)[:, ::-1] + 1) / (box_hi - box_lo + 1)[::-1] - 1  # grid_sample's (x, y, z)
+    ref = torch.nn.functional.grid_sample(vol, torch.from_numpy(norm.astype(np.float32)).reshape(1, -1, 1, 1, 3),
+                                          mode="bilinear", align_corners=False).reshape(vol.shape[1], -1).T
+    ref = torch.cat([torch.nn.functional.normalize(ref[:, :cl], dim=1), torch.nn.functional.normalize(ref[:, cl:], dim=1)], 1)
+    got = query_vectors(maps, maps.local_grid.index_to_lps(at[:, ::-1]), mode="bilinear")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize(("shape", "gshape"), [((37, 45, 29), (10, 12, 8)), ((37, 45), (10, 12))])
 def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole_map_would(fraction, shape, gshape):
@@ -242,7 +289,7 @@ def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole
     import torch
 
     from samembed.matcher import _box_products
-    from samembed.tiles import normalize_channels, upsample_at, upsample_box, upsample_lines
+    from samembed.tiles import coarse_span, normalize_channels, upsample_at, upsample_box, upsample_lines, upsample_part
 
     rng = np.random.default_rng(len(shape))
     glob = torch.from_numpy(rng.normal(size=(6, *gshape)).astype(np.float32))
@@ -252,6 +299,8 @@ def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole
     box = upsample_box(glob, shape, lo, hi)
     inner = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))
     assert torch.equal(box, whole[(slice(None), *inner)])
+    span = coarse_span(gshape, shape, lo, hi)  # only the coarse voxels the box reads, in whole-tensor passes
+    assert torch.equal(upsample_part(glob[(slice(None), *span)], gshape, span, shape, lo, hi), box)
     held = np.nonzero(rng.random(tuple(hi[:-1] - lo[:-1] + 1)) < fraction)
     sel = tuple(torch.from_numpy(v) for v in held)
     lines = upsample_lines(glob, shape, lo, hi, held)
@@ -305,6 +354,8 @@ def test_voxel_major_rows_take_channel_major_values_bit_for_bit_and_give_them_ba
 @pytest.mark.needs_data
 @pytest.mark.parametrize("precision", ["auto", "fp32"])  # auto: the shipped model's int8 (and bfloat16) on the CPU
 def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(pair, precision, tmp_path):
+    import torch
+
     name, src, tgt, pts, whole = pair
     if precision != "auto":
         whole = Matcher("default", device="cpu", cache_dir=tmp_path, precision=precision)
@@ -332,6 +383,8 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
     ready = tmaps.ready if tmaps.ready is not None else slice(None)
     diff = (tmaps.features[:, ready] - ref.features[:, ready]).abs().max()
     assert float(diff) <= 1e-5, f"{name}: tile features differ from the whole-volume map by {float(diff):.2g}"
+    # the lengths of the upsampled global vectors: the same upsampling on any box, bit for bit
+    assert torch.equal(tmaps.global_norm[ready], ref.global_norm[ready])
 
 
 @pytest.mark.needs_data
