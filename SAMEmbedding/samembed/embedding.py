@@ -127,8 +127,8 @@ class EmbeddingMaps:
         n_local: channels of the local map (the rows of ``features``).
         ready: (V,) bool, voxels whose features (and ``global_norm``) are computed; None when all are.
         global_norm: (V,) float32 on the CPU: the length of each voxel's upsampled global vector before it is
-            normalised (:func:`samembed.tiles.channel_norms`), filled with the voxel's local vector; 1 where not
-            computed.
+            normalised (:func:`samembed.tiles.upsample_lengths_box`), filled with the voxel's local vector; 1 where
+            not computed.
     """
 
     global_: torch.Tensor
@@ -255,9 +255,9 @@ class EmbeddingMaps:
 
     def global_at(self, flat: torch.Tensor) -> torch.Tensor:
         """(C_g, M) float32 upsampled, normalised global vectors at flat local voxels (CPU; no local tile needed):
-        the same values, bit for bit, as a tile's upsampling and its ``global_norm`` give (the same operations), so
-        nothing depends on which tiles earlier searches computed."""
-        from .tiles import normalize_channels, upsample_at, upsample_box
+        each divided by its length as ``global_norm`` holds it, bit for bit (:func:`samembed.tiles.upsample_lengths_box`
+        and the same operations on any path), so nothing depends on which tiles earlier searches computed."""
+        from .tiles import upsample_at, upsample_box, upsample_lengths_box
 
         shape = self.local_grid.shape_zyx
         glob = self.global_.cpu()
@@ -277,13 +277,17 @@ class EmbeddingMaps:
                 sel = torch.nonzero((z >= z0) & (z <= z1)).reshape(-1)
                 if len(sel) == 0:
                     continue
-                up = upsample_box(glob, shape, np.array([z0, *[0] * len(hi_plane)]), np.array([z1, *hi_plane]))
-                out[:, sel] = normalize_channels(up.reshape(up.shape[0], -1)[:, flat[sel] - z0 * plane])
+                lo_s, hi_s = np.array([z0, *[0] * len(hi_plane)]), np.array([z1, *hi_plane])
+                up = upsample_box(glob, shape, lo_s, hi_s).reshape(glob.shape[0], -1)
+                size = upsample_lengths_box(glob, shape, lo_s, hi_s).reshape(-1)
+                at = flat[sel] - z0 * plane
+                out[:, sel] = up[:, at].div_(size[at])
             return out
         for i in range(0, len(flat), 1 << 15):  # a chunk's eight corners (8 x 32 k x C_g floats) at a time
             part = flat[i:i + (1 << 15)].numpy()
             zyx = np.stack(np.unravel_index(part, shape), 1)
-            out[:, i:i + len(part)] = normalize_channels(upsample_at(glob, shape, zyx))
+            up, size = upsample_at(glob, shape, zyx, lengths=True)
+            out[:, i:i + len(part)] = up.div_(size)
         return out
 
     def rows_at(self, flat: torch.Tensor) -> torch.Tensor:
@@ -497,8 +501,8 @@ class TileComputer:
 
     Each tile is an input box starting on a multiple of ``tile_multiple``, embedded with ``tile_halo`` input voxels
     of context per side (clipped at the volume's edge, as the whole-volume run pads there too), so its local map
-    equals the whole-volume map; the global map is upsampled on the tile's box only (:func:`samembed.tiles.upsample_box`,
-    bit-identical to the whole-volume upsampling) for the voxels' ``global_norm``.
+    equals the whole-volume map; the lengths of the upsampled global vectors (``global_norm``) are computed on the
+    tile's box only (:func:`samembed.tiles.upsample_lengths_box`, bit-identical to the whole-volume ones).
 
     Args:
         network: the :class:`TileNetwork` of the :class:`Embedder` that made the maps (:attr:`Embedder.tile_network`).
@@ -551,9 +555,10 @@ class TileComputer:
     def _tile(self, maps: EmbeddingMaps, start, stop, halo: int, missing_zyx: np.ndarray) -> None:
         """Embed the input box ``[start, stop)`` and store the grid lines (along the last axis) of its local box that
         hold a ``missing_zyx`` voxel: a large tile asked for a sparse set (the body in a wide field of view, the
-        corners of search windows) then makes only those lines' memory pages resident, and its global vectors are
-        upsampled (for their lengths, ``global_norm``) and its local vectors normalised on those lines only. A tile of whole planes of which at least half
-        the lines are wanted is computed in place instead (:meth:`_tile_in_place`)."""
+        corners of search windows) then makes only those lines' memory pages resident, and the lengths of its
+        upsampled global vectors (``global_norm``) are computed and its local vectors normalised on those lines only.
+        A tile of whole planes of which at least half the lines are wanted is computed in place instead
+        (:meth:`_tile_in_place`)."""
         from .tiles import spans_whole_planes
 
         tn = self.network
@@ -581,7 +586,7 @@ class TileComputer:
                      lines: np.ndarray, wanted: float) -> None:
         """:meth:`_tile` through the tile's own buffers: the whole box (every line wanted) or its wanted ``lines``
         gathered, then written into the voxels' feature rows (voxels computed before keep their values)."""
-        from .tiles import channel_norms, upsample_box, upsample_lines, write_rows
+        from .tiles import upsample_lengths_box, upsample_lines, write_rows
 
         tn = self.network
         shape = maps.local_grid.shape_zyx
@@ -594,17 +599,15 @@ class TileComputer:
             if lines.all():  # every line: the whole box
                 held = np.nonzero(np.ones(lines.shape, dtype=bool))
                 loc = loc.float()
-                norms = channel_norms(upsample_box(maps.global_.cpu(), shape, lo, hi))
+                norms = upsample_lengths_box(maps.global_.cpu(), shape, lo, hi)
             else:  # the wanted lines only, gathered (a voxel's vector is the same either way, bit for bit)
                 held = np.nonzero(lines)
                 sel = tuple(torch.from_numpy(v) for v in held)
                 if wanted <= 0.4:  # few lines: upsampled one by one (measured: faster below about 45 %)
-                    up = upsample_lines(maps.global_.cpu(), shape, lo, hi, held)
+                    norms = upsample_lines(maps.global_.cpu(), shape, lo, hi, held, lengths=True)
                 else:
-                    up = upsample_box(maps.global_.cpu(), shape, lo, hi)[(slice(None), *sel, slice(None))]
+                    norms = upsample_lengths_box(maps.global_.cpu(), shape, lo, hi)[(*sel, slice(None))]
                 loc = loc[(slice(None), *sel, slice(None))].float()
-                norms = channel_norms(up)
-                del up
         # the flat voxel index of each stored value, in the parts' order (line by line, x fastest)
         line_zyx = (*(v + int(o) for v, o in zip(held, lo[:-1])), np.full(len(held[0]), lo[-1]))
         starts = np.ravel_multi_index(line_zyx, shape)  # each stored line's first voxel
@@ -622,13 +625,12 @@ class TileComputer:
                        box: tuple[slice, ...]) -> None:
         """:meth:`_tile` for a box of whole planes (every line but the first axis's range: a whole volume, a slab)
         of which most lines are wanted: the network's output layer writes straight into the voxels' feature rows
-        and they are normalised there; the global vectors are upsampled a few planes at a time (for their lengths,
-        ``global_norm``). No tile-sized
-        temporaries and no copies of the tile (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is
-        stored: with at least half of them wanted, the unwanted ones hold no more memory than the temporaries they
+        and they are normalised there; the lengths of the upsampled global vectors (``global_norm``) come from the
+        coarse planes (:func:`~samembed.tiles.upsample_lengths_box`). No tile-sized temporaries and no copies of the
+        tile (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is stored: with at least half of them wanted, the unwanted ones hold no more memory than the temporaries they
         spare (a whole LIDC tile for 50 points: 2/3 of the lines). The values are those of :meth:`_tile_stored`
         bit for bit (the local vectors normalised along their rows in both, :func:`~samembed.tiles.normalize_rows`)."""
-        from .tiles import channel_norms, normalize_rows, upsample_box
+        from .tiles import normalize_rows, upsample_lengths_box
 
         shape = maps.local_grid.shape_zyx
         plane = int(np.prod(shape[1:]))
@@ -641,12 +643,7 @@ class TileComputer:
             # (C_l, voxels) with unit stride along the channels: the output product writes the rows in place
             self.network.net.forward_local_core(xin, *ctx, out=rows.T)
             normalize_rows(rows)
-            glob = maps.global_.cpu()
-            slab = max(1, (64 << 20) // max(1, plane * glob.shape[0] * 4))  # planes of upsampled vectors at a time
-            for z0 in range(int(lo[0]), int(hi[0]) + 1, slab):
-                z1 = min(int(hi[0]), z0 + slab - 1)
-                up = upsample_box(glob, shape, np.array([z0, *lo[1:]]), np.array([z1, *hi[1:]]))
-                norms[(z0 - int(lo[0])) * plane:(z1 - int(lo[0]) + 1) * plane] = channel_norms(up).reshape(-1)
+            norms.copy_(upsample_lengths_box(maps.global_.cpu(), shape, lo, hi).reshape(-1))
         if keep is not None:  # voxels computed before keep their values: a result never changes within a session
             rows[done] = keep[0]
             norms[done.cpu()] = keep[1]
@@ -869,13 +866,13 @@ class Embedder:
         global_grid = pad_grid.derived(spec.global_stride, tuple(glob.shape[1:]))
         maps = self._assemble(glob, local_grid, global_grid, image, key, body)
         if local is not None:  # the whole map, computed with the global one
-            from .tiles import channel_norms, upsample_box, write_rows
+            from .tiles import upsample_lengths_box, write_rows
 
             shape = local_grid.shape_zyx
             write_rows(maps.vectors, [local.reshape(maps.n_local, -1)])
             del local
-            up = upsample_box(glob.cpu(), shape, np.zeros(len(shape), int), np.asarray(shape) - 1)
-            maps.global_norm.copy_(channel_norms(up).reshape(-1))
+            ends = np.zeros(len(shape), int), np.asarray(shape) - 1
+            maps.global_norm.copy_(upsample_lengths_box(glob.cpu(), shape, *ends).reshape(-1))
             maps.ready = None
         else:
             maps.tiles = TileComputer(self.tile_network, lambda a=arr: a)  # holds the input, not the embedder
@@ -942,7 +939,7 @@ class Embedder:
     def _load_disk(self, key: str, image: Image) -> EmbeddingMaps | None:
         """On-demand maps from a disk entry (its stored voxels ready, the rest computed when needed), or None
         when there is no entry or it is damaged (truncated, corrupt, another model: it is then recomputed)."""
-        from .tiles import DamagedEntry, channel_norms, read_entry, upsample_at, write_rows
+        from .tiles import DamagedEntry, read_entry, upsample_at, write_rows
 
         path = self._disk_path(key)
         if path is None or not path.is_file():
@@ -959,7 +956,7 @@ class Embedder:
             maps = self._assemble(glob.to(self.device), local_grid, global_grid, image, key, body)
             if len(stored):
                 zyx = np.stack(np.unravel_index(stored, local_grid.shape_zyx), 1)
-                maps.global_norm[torch.from_numpy(stored)] = channel_norms(upsample_at(glob, local_grid.shape_zyx, zyx))
+                maps.global_norm[torch.from_numpy(stored)] = upsample_at(glob, local_grid.shape_zyx, zyx, lengths=True)[1]
                 write_rows(maps.vectors, [torch.from_numpy(local16)], torch.from_numpy(stored))
                 maps.ready[torch.from_numpy(stored)] = True
             maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))

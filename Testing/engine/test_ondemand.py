@@ -284,12 +284,21 @@ def test_a_window_s_global_similarity_from_the_coarse_map_is_the_product_with_ea
 @pytest.mark.parametrize(("shape", "gshape"), [((37, 45, 29), (10, 12, 8)), ((37, 45), (10, 12))])
 def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole_map_would(fraction, shape, gshape):
     """A sparse tile's global vectors, upsampled line by line, are the whole map's bit for bit (a voxel's vector
-    never depends on how it was computed), and a window's products, taken plane by plane, are the one product's
-    to float rounding."""
+    never depends on how it was computed), and so are their lengths; a window's products, taken plane by plane,
+    are the one product's to float rounding."""
     import torch
 
     from samembed.matcher import _box_products
-    from samembed.tiles import coarse_span, normalize_channels, upsample_at, upsample_box, upsample_lines, upsample_part
+    from samembed.tiles import (
+        channel_norms,
+        coarse_span,
+        normalize_channels,
+        upsample_at,
+        upsample_box,
+        upsample_lengths_box,
+        upsample_lines,
+        upsample_part,
+    )
 
     rng = np.random.default_rng(len(shape))
     glob = torch.from_numpy(rng.normal(size=(6, *gshape)).astype(np.float32))
@@ -307,9 +316,17 @@ def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole
     assert lines.shape == (6, len(held[0]), hi[-1] - lo[-1] + 1)
     assert torch.equal(lines, box[(slice(None), *sel, slice(None))])
     assert torch.equal(normalize_channels(lines.clone()), normalize_channels(box.clone())[(slice(None), *sel, slice(None))])
+    # the vectors' lengths without the vectors, from the coarse planes: the lengths of the vectors to float rounding,
+    # and the same bit for bit on every path (box, lines, single voxels)
+    lengths = upsample_lengths_box(glob, shape, lo, hi)
+    torch.testing.assert_close(lengths, channel_norms(box.clone()), atol=1e-6, rtol=1e-6)
+    assert torch.equal(upsample_lengths_box(glob, shape, np.zeros(len(shape), int), np.array(shape) - 1)[inner], lengths)
+    assert torch.equal(upsample_lines(glob, shape, lo, hi, held, lengths=True), lengths[(*sel, slice(None))])
     if len(held[0]):
         zyx = np.stack([v + o for v, o in zip(held, lo[:-1])] + [np.full(len(held[0]), lo[-1] + 1)], 1)
         assert torch.equal(upsample_at(glob, shape, zyx), lines[:, :, 1])
+        values, at_lengths = upsample_at(glob, shape, zyx, lengths=True)
+        assert torch.equal(values, lines[:, :, 1]) and torch.equal(at_lengths, lengths[(*sel, slice(None))][:, 1])
     q = torch.from_numpy(rng.normal(size=(3, 6)).astype(np.float32))
     rows = whole.movedim(0, -1).contiguous()  # voxel-major, as the feature buffer is
     for b in (inner, (inner[0], *(slice(0, n) for n in shape[1:]))):  # a window; whole planes (a view)
