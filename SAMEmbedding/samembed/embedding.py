@@ -627,8 +627,9 @@ class TileComputer:
         of which most lines are wanted: the network's output layer writes straight into the voxels' feature rows
         and they are normalised there; the lengths of the upsampled global vectors (``global_norm``) come from the
         coarse planes (:func:`~samembed.tiles.upsample_lengths_box`). No tile-sized temporaries and no copies of the
-        tile (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is stored: with at least half of them wanted, the unwanted ones hold no more memory than the temporaries they
-        spare (a whole LIDC tile for 50 points: 2/3 of the lines). The values are those of :meth:`_tile_stored`
+        tile (a whole OpenKBP volume holds 2 x 330 MB of them). Every line is stored: with at least half of them
+        wanted, the unwanted ones hold no more memory than the temporaries they spare (a whole LIDC tile for 50
+        points: 2/3 of the lines). The values are those of :meth:`_tile_stored`
         bit for bit (the local vectors normalised along their rows in both, :func:`~samembed.tiles.normalize_rows`)."""
         from .tiles import normalize_rows, upsample_lengths_box
 
@@ -955,8 +956,10 @@ class Embedder:
             glob = torch.from_numpy(glob16).float()
             maps = self._assemble(glob.to(self.device), local_grid, global_grid, image, key, body)
             if len(stored):
-                zyx = np.stack(np.unravel_index(stored, local_grid.shape_zyx), 1)
-                maps.global_norm[torch.from_numpy(stored)] = upsample_at(glob, local_grid.shape_zyx, zyx, lengths=True)[1]
+                for i in range(0, len(stored), 1 << 15):  # a chunk's eight corners (8 x 32 k x C_g floats) at a time
+                    part = stored[i:i + (1 << 15)]
+                    zyx = np.stack(np.unravel_index(part, local_grid.shape_zyx), 1)
+                    maps.global_norm[torch.from_numpy(part)] = upsample_at(glob, local_grid.shape_zyx, zyx, lengths=True)[1]
                 write_rows(maps.vectors, [torch.from_numpy(local16)], torch.from_numpy(stored))
                 maps.ready[torch.from_numpy(stored)] = True
             maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))
