@@ -149,6 +149,7 @@ class EmbeddingMaps:
     dirty: bool = field(default=False, repr=False)  # tiles computed since the last disk write
     _fills: int = field(default=0, repr=False)  # fills run (``ready`` changes only in them or before any read)
     _touched: tuple | None = field(default=None, repr=False)  # (fills, touched fraction), see nbytes
+    _coarse_rows: torch.Tensor | None = field(default=None, repr=False)  # the global map channels last, see global_at
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -179,6 +180,7 @@ class EmbeddingMaps:
                 self._touched = (fills, _touched_fraction(ready, 4096 // row_bytes))
             frac = self._touched[1]
         tensors = [self.global_, self.valid, self.body, self.global_norm]
+        tensors += [] if self._coarse_rows is None else [self._coarse_rows]
         tensors += [t for pair in self._compact.values() for t in pair]
         feat = self.features.element_size() * self.features.nelement() * frac
         return int(feat) + sum(t.element_size() * t.nelement() for t in tensors)
@@ -255,9 +257,11 @@ class EmbeddingMaps:
 
     def global_at(self, flat: torch.Tensor) -> torch.Tensor:
         """(C_g, M) float32 upsampled, normalised global vectors at flat local voxels (CPU; no local tile needed):
-        each divided by its length as ``global_norm`` holds it, bit for bit (:func:`samembed.tiles.upsample_lengths_box`
-        and the same operations on any path), so nothing depends on which tiles earlier searches computed."""
-        from .tiles import upsample_at, upsample_box, upsample_lengths_box
+        the same values, bit for bit, whether the voxels' tiles are computed or not, and whichever way (whole planes
+        or single voxels) they are upsampled, so nothing depends on which tiles earlier searches computed. Each is
+        divided by its own length (:func:`~samembed.tiles.normalize_channels`), which equals the voxel's
+        ``global_norm`` to float rounding (about 1e-7)."""
+        from .tiles import coarse_rows, normalize_channels, upsample_at, upsample_box
 
         shape = self.local_grid.shape_zyx
         glob = self.global_.cpu()
@@ -277,17 +281,15 @@ class EmbeddingMaps:
                 sel = torch.nonzero((z >= z0) & (z <= z1)).reshape(-1)
                 if len(sel) == 0:
                     continue
-                lo_s, hi_s = np.array([z0, *[0] * len(hi_plane)]), np.array([z1, *hi_plane])
-                up = upsample_box(glob, shape, lo_s, hi_s).reshape(glob.shape[0], -1)
-                size = upsample_lengths_box(glob, shape, lo_s, hi_s).reshape(-1)
-                at = flat[sel] - z0 * plane
-                out[:, sel] = up[:, at].div_(size[at])
+                up = upsample_box(glob, shape, np.array([z0, *[0] * len(hi_plane)]), np.array([z1, *hi_plane]))
+                out[:, sel] = normalize_channels(up.reshape(up.shape[0], -1)[:, flat[sel] - z0 * plane])
             return out
+        if self._coarse_rows is None:  # the map channels last, kept: a sub-voxel fit asks for a few voxels at a time
+            self._coarse_rows = coarse_rows(glob)
         for i in range(0, len(flat), 1 << 15):  # a chunk's eight corners (8 x 32 k x C_g floats) at a time
             part = flat[i:i + (1 << 15)].numpy()
             zyx = np.stack(np.unravel_index(part, shape), 1)
-            up, size = upsample_at(glob, shape, zyx, lengths=True)
-            out[:, i:i + len(part)] = up.div_(size)
+            out[:, i:i + len(part)] = normalize_channels(upsample_at(glob, shape, zyx, rows=self._coarse_rows))
         return out
 
     def rows_at(self, flat: torch.Tensor) -> torch.Tensor:

@@ -90,16 +90,24 @@ def _subvoxel(value_at, flat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarra
     ``rows[n]`` at voxel ``flat_indices[n]``.
     """
     N = len(flat)
+    d = len(shape)
     idx = np.stack(np.unravel_index(flat.cpu().numpy(), shape), 1).astype(np.float64)  # (N, d) zyx
     rows = torch.arange(N)
     base = torch.from_numpy(idx.astype(np.int64))
-    s0 = value_at(rows, flat.cpu())
-    for a in range(len(shape)):
+    los, his = [], []
+    for a in range(d):
         lo, hi = base.clone(), base.clone()
         lo[:, a] = (lo[:, a] - 1).clamp(min=0)
         hi[:, a] = (hi[:, a] + 1).clamp(max=shape[a] - 1)
-        sm = value_at(rows, _ravel(lo, shape))
-        sp = value_at(rows, _ravel(hi, shape))
+        los.append(lo)
+        his.append(hi)
+    # the peak and its 2 d neighbours in one call (each value depends on its own query and voxel only)
+    flats = [flat.cpu()] + [_ravel(v, shape) for pair in zip(los, his) for v in pair]
+    values = value_at(rows.repeat(len(flats)), torch.cat(flats)).reshape(len(flats), N)
+    s0 = values[0]
+    for a in range(d):
+        lo, hi = los[a], his[a]
+        sm, sp = values[1 + 2 * a], values[2 + 2 * a]
         ok = torch.isfinite(sm) & torch.isfinite(sp) & (lo[:, a] != base[:, a]) & (hi[:, a] != base[:, a])
         den = sm - 2 * s0 + sp
         off = torch.where(ok & (den < 0), 0.5 * (sm - sp) / den.where(den != 0, torch.ones_like(den)), torch.zeros_like(den))

@@ -235,15 +235,22 @@ def upsample_lines(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarra
     return _lerp_lengths(_channel_dot(a, a), _channel_dot(a, b), _channel_dot(b, b), w0, w1, eps)
 
 
+def coarse_rows(glob: torch.Tensor) -> torch.Tensor:
+    """The map ``glob`` (C, *gshape) channels last, (coarse voxels, C) float32 contiguous: what :func:`upsample_at`
+    gathers whole vectors from (a caller that upsamples at voxels many times keeps it)."""
+    return glob.float().movedim(0, -1).reshape(-1, glob.shape[0]).contiguous()
+
+
 def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray, lengths: bool = False,
-                eps: float = 1e-12):
+                eps: float = 1e-12, rows: torch.Tensor | None = None):
     """:func:`upsample_box` at single output voxels ``zyx`` (M, d): (C, M) float32, not normalised, with the
     same arithmetic (same operations in the same order), so the values are identical. With ``lengths``:
-    ``(values, lengths (M,))``, the lengths as :func:`upsample_lengths_box` gives them, bit for bit."""
+    ``(values, lengths (M,))``, the lengths as :func:`upsample_lengths_box` gives them, bit for bit. ``rows``:
+    :func:`coarse_rows` of ``glob``, when the caller keeps it (else made here: a copy of the whole map)."""
 
     d = len(out_shape)
     # channels last: each corner gathers whole channel vectors (contiguous rows) instead of one value per channel
-    rows = glob.float().movedim(0, -1).reshape(-1, glob.shape[0]).contiguous()  # (coarse voxels, C)
+    rows = coarse_rows(glob) if rows is None else rows  # (coarse voxels, C)
     taps = [_linear_taps(glob.shape[1 + a], out_shape[a], zyx[:, a]) for a in range(d)]
     corners: dict[tuple[int, ...], torch.Tensor] = {}
     for bits in np.ndindex(*(2,) * d):
