@@ -271,8 +271,8 @@ class EmbeddingMaps:
             return out
         plane = int(np.prod(shape[1:]))
         if len(flat) * 8 >= plane * (int(flat.max()) // plane - int(flat.min()) // plane + 1):
-            # many voxels of few planes (a body's search copy): the planes upsampled a slab at a time (separable,
-            # about 8 times cheaper per voxel than eight corners each) and the voxels picked
+            # many voxels of few planes (a body's search copy): the planes upsampled a slab at a time (separable
+            # passes instead of eight gathered corners per voxel) and the voxels picked
             z = flat // plane
             slab = max(1, (32 << 20) // max(1, plane * glob.shape[0] * 4))
             hi_plane = np.asarray(shape[1:]) - 1
