@@ -942,7 +942,7 @@ class Embedder:
     def _load_disk(self, key: str, image: Image) -> EmbeddingMaps | None:
         """On-demand maps from a disk entry (its stored voxels ready, the rest computed when needed), or None
         when there is no entry or it is damaged (truncated, corrupt, another model: it is then recomputed)."""
-        from .tiles import DamagedEntry, read_entry, upsample_at, write_rows
+        from .tiles import DamagedEntry, coarse_rows, read_entry, upsample_at, write_rows
 
         path = self._disk_path(key)
         if path is None or not path.is_file():
@@ -958,10 +958,12 @@ class Embedder:
             glob = torch.from_numpy(glob16).float()
             maps = self._assemble(glob.to(self.device), local_grid, global_grid, image, key, body)
             if len(stored):
+                maps._coarse_rows = coarse_rows(glob)  # made once for every chunk, and kept for global_at
                 for i in range(0, len(stored), 1 << 15):  # a chunk's eight corners (8 x 32 k x C_g floats) at a time
                     part = stored[i:i + (1 << 15)]
                     zyx = np.stack(np.unravel_index(part, local_grid.shape_zyx), 1)
-                    maps.global_norm[torch.from_numpy(part)] = upsample_at(glob, local_grid.shape_zyx, zyx, lengths=True)[1]
+                    maps.global_norm[torch.from_numpy(part)] = upsample_at(glob, local_grid.shape_zyx, zyx, lengths=True,
+                                                                           rows=maps._coarse_rows)[1]
                 write_rows(maps.vectors, [torch.from_numpy(local16)], torch.from_numpy(stored))
                 maps.ready[torch.from_numpy(stored)] = True
             maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))
