@@ -53,6 +53,8 @@ STAGES = (
     ("samembed.embedding", "Embedder._assemble", "assemble"),
     ("samembed.tiles", "upsample_box", "assemble"),
     ("samembed.tiles", "upsample_at", "assemble"),
+    ("samembed.tiles", "upsample_lengths_box", "assemble"),
+    ("samembed.tiles", "upsample_lines", "assemble"),
     ("samembed.embedding", "Embedder.save", "writing"),
     ("samembed.api", "Matcher._prior", "prior"),
     ("samembed.api", "match_points", "search|round trip"),
