@@ -75,12 +75,18 @@ def base_engine_offsets(rev: str, model: str, model_id: str, args: argparse.Name
            "--out", str(REPO / "cache" / "gate_base_reports"), *(["--data", args.data] if args.data else []),
            *(["--limit", str(args.limit)] if args.limit else [])]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    path = Path(args.cache) / f"{model_id.replace('/', '_')}__engine-{engine_id(folder / 'SAMEmbedding' / 'samembed')}.json"
-    if not path.is_file():
+    # the base engine's "auto" arithmetic may be another than this one's (an engine change that adds one): its
+    # results then carry its own id, the model's id without this engine's arithmetic suffix
+    base_engine = engine_id(folder / "SAMEmbedding" / "samembed")
+    for mid in dict.fromkeys([model_id, model_id.split("__", 1)[0]]):
+        path = Path(args.cache) / f"{mid.replace('/', '_')}__engine-{base_engine}.json"
+        if path.is_file():
+            break
+    else:
         raise InputError(f"the engine of {rev} wrote no results for {model_id} into {args.cache} (another model "
                          "file or arithmetic there?)")
     done = json.loads(path.read_text(encoding="utf-8"))
-    return f"{model_id} (engine of {rev})", {k.rsplit("/", 1)[0]: np.asarray(v) for k, v in done.items()}
+    return f"{mid} (engine of {rev})", {k.rsplit("/", 1)[0]: np.asarray(v) for k, v in done.items()}
 
 
 def report(rows: list[dict], ok: bool, reasons: list[str], models: tuple[str, str], command: str,

@@ -2,12 +2,14 @@
 """A faster precision against float32, on every ship-gate case (issue 13).
 
 Runs the shipped model with each suite's preset twice, ``Matcher(precision="fp32")`` and the candidate,
-``precision="int8"`` (the int8 local branch, :mod:`samembed.networks.int8`) or ``"int8-bf16"`` (also the global
-branch in bfloat16; the CPU default where the CPU has native bfloat16), one thread, and writes the paired comparison
+``precision="int8"`` (the int8 local branch, :mod:`samembed.networks.int8`), ``"int8-int8"`` (also most of the global
+branch in int8; the CPU default elsewhere) or ``"int8-bf16"`` (the global branch in bfloat16 instead; the CPU default
+where the CPU has native bfloat16), one thread, and writes the paired comparison
 per suite and organ group, the largest per-point change and each run's time. Per-case results are cached in
 ``cache/precision_gate/`` (not committed; a stopped run resumes)::
 
     OMP_NUM_THREADS=1 python benchmarks/precision_gate.py --candidate int8 --out benchmarks/results/precision_int8.md
+    OMP_NUM_THREADS=1 python benchmarks/precision_gate.py --candidate int8-int8
     OMP_NUM_THREADS=1 python benchmarks/precision_gate.py --candidate int8-bf16
 
 The rule (issue 13): accuracy unchanged, the same errors within 0.1 mm mean per suite.
@@ -39,13 +41,14 @@ TOLERANCE_MM = 0.1
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="precision_gate.py")
-    p.add_argument("--candidate", choices=["int8", "int8-bf16"],
-                   help="default: what --precision auto runs on this CPU (int8-bf16 with native bfloat16, else int8)")
+    p.add_argument("--candidate", choices=["int8", "int8-int8", "int8-bf16"],
+                   help="default: what --precision auto runs on this CPU (int8-bf16 with native bfloat16, else "
+                        "int8-int8)")
     p.add_argument("--out", help="default: benchmarks/results/precision_<candidate>.md")
     args = p.parse_args(argv)
     from samembed.networks.int8 import native_bf16
 
-    cand = args.candidate or ("int8-bf16" if native_bf16() else "int8")
+    cand = args.candidate or ("int8-bf16" if native_bf16() else "int8-int8")
     if cand == "int8-bf16" and not native_bf16():
         p.error("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): int8-bf16 cannot run here; use --candidate int8")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"precision_{cand.replace('-', '_')}.md")
@@ -61,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[precision] = model_offsets("default", cases, folder, precision=precision)[1]
         seconds[precision] = time.perf_counter() - t0
     rows = compare(cases, runs["fp32"], runs[cand])
-    what = ("the int8 local branch" if cand == "int8" else
-            "the int8 local branch with the global branch in bfloat16")
+    what = {"int8": "the int8 local branch", "int8-int8": "the int8 local branch with the global branch in int8",
+            "int8-bf16": "the int8 local branch with the global branch in bfloat16"}[cand]
     lines = [f"# {what[0].upper() + what[1:]} against float32 on the ship-gate cases", "",
              "The shipped model (`default`), each suite's preset, one thread; `Matcher(precision=\"fp32\")` against "
              f"`precision=\"{cand}\"` ({what}; int8 needs the model's calibration, "

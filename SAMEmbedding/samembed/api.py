@@ -134,8 +134,9 @@ class Matcher:
         cuda_fallback: with ``device="cuda"`` and no CUDA, warn and use the CPU instead of raising.
         spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
         precision: the network's arithmetic: ``"auto"`` (on the CPU, int8 local convolutions when the model has an
-            int8 calibration, and a bfloat16 global branch where the CPU has native bfloat16; else float32),
-            ``"fp32"``, ``"int8"`` or ``"int8-bf16"`` (see :func:`samembed.embedding.resolve_precision`).
+            int8 calibration, and a bfloat16 global branch where the CPU has native bfloat16, else an int8 one when
+            the calibration has its scales; float32 without a calibration), ``"fp32"``, ``"int8"``, ``"int8-int8"``
+            or ``"int8-bf16"`` (see :func:`samembed.embedding.resolve_precision`).
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",

@@ -479,19 +479,20 @@ def _cmd_info(args) -> int:
 
     from . import __version__
     from .models import models_dir, read_int8_calibration, registry
-    from .networks.int8 import native_bf16
+    from .networks.int8 import GLOBAL_POINTS, native_bf16
 
     print(f"samembed {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"SimpleITK {sitk.Version.VersionString()}")
     cuda = torch.cuda.is_available()
     print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}; threads {torch.get_num_threads()}; "
           f"CPU instructions {torch.backends.cpu.get_cpu_capability()}, "
-          f"{'native bfloat16 (int8-bf16, the default of calibrated models)' if native_bf16() else 'no native bfloat16'}")
+          f"{'native bfloat16 (int8-bf16, the default of calibrated models)' if native_bf16() else 'no native bfloat16 (int8-int8, the default of models calibrated with global scales)'}")
     print(f"models ({models_dir() / 'models.json'}):")
     for m in registry().get("models", []):
         avail = "available" if m.get("file") and (models_dir() / m["file"]).is_file() else "not on this machine"
         calibrated = avail == "available" and read_int8_calibration(models_dir() / m["file"], m.get("sha256"))
-        int8 = "  int8 on the CPU (calibrated)" if calibrated else ""
+        both = calibrated and all(k in calibrated for k in GLOBAL_POINTS)
+        int8 = (f"  int8 on the CPU (calibrated{', global branch too' if both else ''})" if calibrated else "")
         print(f"  {m['name']:<18} {m.get('architecture', '?'):<14} {m.get('spacing_mm', '?')} mm  {avail}{int8}"
               + (f"  - {m.get('note')}" if avail != "available" and m.get("note") else ""))
     print("  random:<arch>      seeded random weights for smoke tests (sam-lite, sam-lite-2d, sam-official)")
@@ -514,11 +515,12 @@ def _cmd_train(args) -> int:
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "int8-bf16"],
-                   help="the network's arithmetic: int8 local convolutions on the CPU (3-4x faster; needs the "
-                        "model's calibration, see `samembed quantize`), int8-bf16 (also the global branch in "
-                        "bfloat16, 2x faster; needs a CPU with native bfloat16), fp32, or auto (the fastest of "
-                        "these that the model and CPU allow)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "int8-int8", "int8-bf16"],
+                   help="the network's arithmetic: int8 local convolutions on the CPU (2-4x faster; needs the "
+                        "model's calibration, see `samembed quantize`), int8-int8 (also the global branch in int8, "
+                        "2x faster; needs a calibration with its scales), int8-bf16 (the global branch in bfloat16 "
+                        "instead, 2x faster; needs a CPU with native bfloat16), fp32, or auto (the fastest of these "
+                        "that the model and CPU allow)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -59,14 +59,16 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
     raise DeviceUnavailableError(f"unknown device '{device}'; use auto, cpu or cuda")
 
 
-PRECISIONS = ("auto", "fp32", "int8", "int8-bf16")
+PRECISIONS = ("auto", "fp32", "int8", "int8-int8", "int8-bf16")
 
 
 def resolve_precision(precision: str, model: LoadedModel, device: torch.device) -> str:
     """The arithmetic an embedder uses: "fp32" (float32 on the CPU, half precision on CUDA), "int8" (the local
     branch's convolutions in int8 on the CPU, :mod:`samembed.networks.int8`; needs the model's calibration,
-    ``samembed quantize``) or "int8-bf16" (int8, and the global branch in bfloat16; needs a CPU with native bfloat16,
-    :func:`samembed.networks.int8.native_bf16`). "auto" is the fastest of these that this model and CPU allow.
+    ``samembed quantize``), "int8-int8" (int8, and most of the global branch's convolutions in int8 too; needs a
+    calibration that has the global branch's scales) or "int8-bf16" (int8, and the global branch in bfloat16; needs a
+    CPU with native bfloat16, :func:`samembed.networks.int8.native_bf16`). "auto" is the fastest of these that this
+    model and CPU allow.
 
     Raises:
         InputError: an unknown name, or a precision that cannot run here (CUDA, no calibration, not a sam-lite model,
@@ -83,6 +85,10 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
                f"{model.model_id} is not a 3D sam-lite model" if model.spec.arch != "sam-lite" else
                f"{model.model_id} has no int8 calibration beside its weights; run `samembed quantize --model ...`")
         raise InputError(f"precision {name}: {why}, or use --precision fp32")
+    if name == "int8-int8" and not has_global_scales(model):
+        raise InputError(f"precision int8-int8: the int8 calibration of {model.model_id} has no scales for the global "
+                         "branch (made before they existed); run `samembed quantize --model ...` again, "
+                         "or use --precision int8")
     if name in ("auto", "int8-bf16"):
         from .networks.int8 import native_bf16
 
@@ -90,8 +96,18 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
             raise InputError("precision int8-bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX); "
                              "use --precision int8")
     if name == "auto":
-        return ("int8-bf16" if native_bf16() else "int8") if can else "fp32"
+        if not can:
+            return "fp32"
+        return "int8-bf16" if native_bf16() else "int8-int8" if has_global_scales(model) else "int8"
     return name
+
+
+def has_global_scales(model: LoadedModel) -> bool:
+    """The model's int8 calibration has the global branch's scales (:data:`samembed.networks.int8.GLOBAL_POINTS`),
+    which precision "int8-int8" needs."""
+    from .networks.int8 import GLOBAL_POINTS
+
+    return model.int8 is not None and all(k in model.int8 for k in GLOBAL_POINTS)
 
 
 _FILL_LOCK = threading.RLock()
@@ -668,7 +684,8 @@ class Embedder:
         cache_dir: optional folder for the on-disk cache (half precision, body voxels only, checksummed).
         max_tile_voxels: input voxels above which the local branch is run in slabs with a halo.
         modality: "auto", "ct", "mri" or "xray".
-        precision: the network's arithmetic (see :func:`resolve_precision`): "auto", "fp32", "int8" or "int8-bf16".
+        precision: the network's arithmetic (see :func:`resolve_precision`): "auto", "fp32", "int8", "int8-int8" or
+            "int8-bf16".
     """
 
     def __init__(self, model: LoadedModel, device: torch.device | str = "cpu", cache: EmbeddingCache | None = None,
@@ -690,7 +707,8 @@ class Embedder:
         if self.precision.startswith("int8"):
             from .networks.int8 import SamLiteInt8
 
-            self.net = SamLiteInt8(self.net, model.int8, global_bf16=self.precision == "int8-bf16")
+            glob = {"int8-bf16": "bf16", "int8-int8": "int8"}.get(self.precision, "fp32")
+            self.net = SamLiteInt8(self.net, model.int8, global_precision=glob)
 
     def storing_in(self, cache_dir: str | Path | None) -> Embedder:
         """This embedder with another on-disk cache folder: the same network (no second copy of it), precision,

@@ -398,7 +398,7 @@ def test_info_lists_models_and_device(capsys):
 
     assert ("native bfloat16 (int8-bf16" in out) == native_bf16()
     default = next(line for line in out.splitlines() if line.strip().startswith("default "))
-    assert "int8 on the CPU (calibrated)" in default  # the shipped CT model has its calibration
+    assert "int8 on the CPU (calibrated, global branch too)" in default  # the shipped CT model has its calibration
     hand = next(line for line in out.splitlines() if line.strip().startswith("sam-lite-2d-hand "))
     assert "int8" not in hand
 

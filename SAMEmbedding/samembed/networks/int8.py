@@ -12,11 +12,21 @@ inputs and weights:
   FPN sum that feeds the output convolution its calibrated range;
 * the 1 x 1 lateral and output convolutions, the additions and the normalisation stay float32.
 
-The global branch is not quantised: in int8 its first layers moved the search prior of some chest CT points by up to
-3.7 mm (LIDC). On a CPU with native bfloat16 dot products (AVX-512 BF16 or AMX, :func:`native_bf16`) it can run in
-bfloat16 instead (``global_bf16``, precision ``int8-bf16``): oneDNN's bfloat16 3 x 3 x 3 convolutions accumulate
-in float32 and run about 2x faster than float32 ones; the input is pooled in float32 first and the map returned in
-float32 (cosine similarity of the global vectors to float32's at least 0.9998 on a head-and-neck CT).
+The global branch runs in one of three arithmetics (``global_precision``):
+
+* float32 (precision ``int8``);
+* int8 (precision ``int8-int8``, the CPU default without native bfloat16 when the calibration has the global
+  branch's scales): the 3 x 3 convolutions at 8, 16 and 32 mm (:data:`GLOBAL_POINTS`, about 85 % of the branch's
+  work) take 8-bit inputs of scales calibrated with the local ones (the same sample of training CTs, chest and
+  abdomen among them) and run about 2x faster than float32 even without VNNI (AVX2: a head-and-neck CT's global map
+  0.32 -> 0.19 s on one core); the stem's first convolution (one input channel), the 64 mm stage, the lateral and
+  output convolutions stay float32. Global vectors of a head-and-neck CT's body: cosine similarity to float32's
+  0.99996 on average. An earlier trial, every layer in int8 with scales from head-and-neck CTs only, moved some chest
+  CT points' search prior by up to 3.7 mm and was not kept; this one passed the ship gate (model cards);
+* bfloat16 (precision ``int8-bf16``, the default on a CPU with native bfloat16 dot products, AVX-512 BF16 or AMX,
+  :func:`native_bf16`): oneDNN's bfloat16 3 x 3 x 3 convolutions accumulate in float32 and run about 2x faster than
+  float32 ones; the input is pooled in float32 first and the map returned in float32 (cosine similarity of the
+  global vectors to float32's at least 0.9998 on a head-and-neck CT).
 
 Each value depends only on its inputs' integers and the fixed scales, so a tile's values equal the whole volume's (the
 engine's on-demand tiles stay exact). They differ from float32 by the quantisation (cosine similarity of the local
@@ -43,6 +53,11 @@ from .lite import CoreCrop, SamLite, _pointwise, _up2, _up_add, core_cropper, sp
 LOCAL_POINTS = ("c0", "d1", "c1", "d2", "p0")
 #: the modules of :class:`SamLite`'s global branch (what :meth:`SamLite.forward_global_pooled` runs)
 GLOBAL_MODULES = ("g_stem", "g_down1", "g_down2", "g_down3", "g_lat", "g_out")
+#: the global maps held in 8 bits with ``global_precision="int8"``: the inputs of the global branch's 3 x 3
+#: convolutions at 8, 16 and 32 mm (the stem's second convolution, both of the 16 mm stage's, both of the 32 mm
+#: stage's; about 85 % of the branch's work); the stem's first convolution (one input channel), the 64 mm stage,
+#: the lateral and output convolutions stay float32
+GLOBAL_POINTS = ("g0", "g1", "gd1", "gc1", "gd2")
 #: the fraction of a map's calibration values below its scale's top (the rest clip): a high percentile keeps the
 #: resolution of the bulk of the values while a few outliers saturate
 CALIBRATION_QUANTILE = 0.99999
@@ -103,16 +118,20 @@ class SamLiteInt8(nn.Module):
 
     Args:
         net: the float32 network, batch norms folded (:func:`samembed.networks.base.inference_copy`); the wrapper's
-            own: with ``global_bf16`` its global branch is converted to bfloat16 in place.
+            own: with ``global_precision="bf16"`` its global branch is converted to bfloat16 in place.
         qparams: map name -> (scale, zero point), from :func:`calibrate`.
-        global_bf16: run the global branch in bfloat16 (see the module docstring).
+        global_precision: the global branch's arithmetic: "fp32", "bf16" or "int8" (see the module docstring;
+            "int8" needs the scales of :data:`GLOBAL_POINTS` in ``qparams``).
     """
 
     has_separate_global = True
 
-    def __init__(self, net: SamLite, qparams: dict[str, tuple[float, int]], global_bf16: bool = False) -> None:
+    def __init__(self, net: SamLite, qparams: dict[str, tuple[float, int]], global_precision: str = "fp32") -> None:
         super().__init__()
-        missing = [k for k in LOCAL_POINTS if k not in qparams]
+        if global_precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"unknown global precision '{global_precision}'; use fp32, bf16 or int8")
+        needed = LOCAL_POINTS + (GLOBAL_POINTS if global_precision == "int8" else ())
+        missing = [k for k in needed if k not in qparams]
         if missing:
             raise ValueError(f"int8 calibration lacks the maps {missing}; calibrate the model again")
         self.net = net
@@ -135,11 +154,20 @@ class SamLiteInt8(nn.Module):
             conv = copy.copy(n.l_out[0][0])
             conv.padding = (0, *conv.padding[1:])
             self.q_top_slab = _QConv(conv, qp["p0"], True)
-        #: the global branch runs in bfloat16: its modules of ``net`` (this wrapper's own copy) are converted in place
-        self.global_bf16 = bool(global_bf16)
-        if self.global_bf16:
+        #: the global branch's arithmetic; in bfloat16 its modules of ``net`` (this wrapper's own copy) are converted
+        #: in place
+        self.global_precision = global_precision
+        if global_precision == "bf16":
             for name in GLOBAL_MODULES:
                 getattr(net, name).to(torch.bfloat16)
+        #: the global branch's int8 convolutions (``global_precision="int8"``), each named by the map it reads
+        self.q_global = {}
+        if global_precision == "int8":
+            self.q_global = {
+                "g0": _QConv(n.g_stem[1][0], qp["g0"], True),
+                "g1": _QConv(n.g_down1[0][0], qp["g1"], True), "gd1": _QConv(n.g_down1[1][0], qp["gd1"], True),
+                "gc1": _QConv(n.g_down2[0][0], qp["gc1"], True), "gd2": _QConv(n.g_down2[1][0], qp["gd2"], True),
+            }
 
     def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...],
                            out: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,13 +221,42 @@ class SamLiteInt8(nn.Module):
                        out=out[:, (a - z_lo) * per:(b - z_lo) * per])
         return out.view(1, out.shape[0], z_hi - z_lo, *(s.stop - s.start for s in keep_yx))
 
+    @property
+    def global_bf16(self) -> bool:
+        """The global branch runs in bfloat16."""
+        return self.global_precision == "bf16"
+
     def forward_global(self, x: torch.Tensor) -> torch.Tensor:
-        """The global map, float32: from the float32 network, or with ``global_bf16`` from its bfloat16 copy on the
-        input pooled in float32 (see the module docstring)."""
-        if not self.global_bf16:
+        """The global map, float32: from the float32 network, from its bfloat16 copy on the input pooled in float32,
+        or with the int8 convolutions of :data:`GLOBAL_POINTS` (see the module docstring)."""
+        if self.global_precision == "fp32":
             return self.net.forward_global(x)
         pool = torch.nn.functional.avg_pool3d if x.dim() == 5 else torch.nn.functional.avg_pool2d
-        return self.net.forward_global_pooled(pool(x.float(), 4).to(torch.bfloat16)).float()
+        if self.global_precision == "bf16":
+            return self.net.forward_global_pooled(pool(x.float(), 4).to(torch.bfloat16)).float()
+        return self._forward_global_int8(pool(x.float(), 4))
+
+    def _forward_global_int8(self, x_pooled: torch.Tensor) -> torch.Tensor:
+        """:meth:`SamLite.forward_global_pooled` with the 3 x 3 convolutions at 8, 16 and 32 mm in int8: the stem's
+        first convolution in float32, its output quantised; each int8 convolution's uint8 output feeds the next; the
+        16 mm map is read back as float32 by its lateral convolution, and the 32 mm stage's last convolution returns
+        float32 for the 64 mm stage and its lateral convolution."""
+        n, q, qp = self.net, self.q_global, self.qp
+        g0 = _quant(n.g_stem[0](x_pooled * n.input_scale), qp["g0"])
+        g1 = q["g0"](g0, qp["g1"])
+        del g0
+        d1 = q["g1"](g1, qp["gd1"])
+        del g1
+        c1 = q["gd1"](d1, qp["gc1"])  # the 16 mm map
+        del d1
+        d2 = q["gc1"](c1, qp["gd2"])
+        g2 = q["gd2"](d2, None)  # the 32 mm map, float32
+        del d2
+        p3 = n.g_lat[2](n.g_down3(g2))
+        p2 = _up_add(p3, n.g_lat[1](g2))
+        del g2, p3
+        p1 = _up_add(p2, n.g_lat[0](_deq(c1, qp["gc1"]).contiguous(memory_format=torch.channels_last_3d)))
+        return n.g_out(p1)
 
 
 @functools.cache
@@ -218,7 +275,8 @@ def native_bf16() -> bool:
 
 # ------------------------------------------------------------------------------------------------ calibration
 def _float_maps(net: SamLite, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every map :class:`SamLiteInt8` quantises, from the float32 network on a whole input (1, 1, *shape)."""
+    """Every map :class:`SamLiteInt8` quantises (the global ones for volumes), from the float32 network on a whole
+    input (1, 1, *shape)."""
     n = net
     m: dict[str, torch.Tensor] = {}
     m["c0"] = c0 = n.l_stem(space_to_depth(x * n.input_scale, 2))
@@ -228,6 +286,12 @@ def _float_maps(net: SamLite, x: torch.Tensor) -> dict[str, torch.Tensor]:
     p2 = n.l_lat[2](n.l_down2[1](d2))
     p1 = _up_add(p2, n.l_lat[1](c1))
     m["p0"] = _up_add(p1, n.l_lat[0](c0))
+    if x.dim() == 5:  # the global branch's int8 maps (GLOBAL_POINTS), on the input pooled as forward_global pools it
+        m["g0"] = g0 = n.g_stem[0](torch.nn.functional.avg_pool3d(x, 4) * n.input_scale)
+        m["g1"] = g1 = n.g_stem[1](g0)
+        m["gd1"] = d1 = n.g_down1[0](g1)
+        m["gc1"] = c1 = n.g_down1[1](d1)
+        m["gd2"] = n.g_down2[0](c1)
     return m
 
 
@@ -238,7 +302,9 @@ def calibrate(net: SamLite, inputs: Iterable[torch.Tensor], quantile: float = CA
 
     Returns map name -> (scale, zero point) of uint8 values: a non-negative map (a ReLU's output) spans
     [0, its top], a signed one [its bottom, its top]."""
-    gen = torch.Generator().manual_seed(0)
+    # the local maps' samples come from a stream of their own, as before the global maps were calibrated too, so
+    # their scales stay what they were
+    gens = {"local": torch.Generator().manual_seed(0), "global": torch.Generator().manual_seed(1)}
     lows: dict[str, list[float]] = {}
     highs: dict[str, list[float]] = {}
     with torch.inference_mode():
@@ -246,6 +312,7 @@ def calibrate(net: SamLite, inputs: Iterable[torch.Tensor], quantile: float = CA
             for name, t in _float_maps(net, x).items():
                 v = t.reshape(-1)
                 if v.numel() > max_samples:
+                    gen = gens["global" if name in GLOBAL_POINTS else "local"]
                     v = v[torch.randint(v.numel(), (max_samples,), generator=gen)]
                 v = v.float()
                 lows.setdefault(name, []).append(float(torch.quantile(v, 1.0 - quantile)))
