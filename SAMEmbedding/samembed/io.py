@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import Grid, Image, lps_to_ras, single_slice_to_2d
+from .nifti_gz import read_nifti_gz
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,12 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
             reader.SetFileNames(files)
             img = reader.Execute()
         else:
+            fast = read_nifti_gz(path) if path.name.lower().endswith(".nii.gz") else None
+            if fast is not None:  # inflated by isal, the geometry SimpleITK's (samembed.nifti_gz)
+                voxels, spacing, origin, direction = fast
+                image = Image(voxels, Grid(voxels.shape, spacing, origin, np.array(direction).reshape(3, 3)), str(path))
+                validate_image(image)
+                return image
             img = sitk.ReadImage(str(path))
     except InputError:
         raise

@@ -12,6 +12,8 @@ from samembed.errors import InputError
 from samembed.image import Image, lps_to_ras
 from samembed.io import PointList, read_image, read_points, write_image, write_points
 
+from ..conftest import data_file
+
 
 def an_oblique_image(shape_zyx=(12, 20, 24)) -> Image:
     rng = np.random.default_rng(0)
@@ -100,6 +102,9 @@ def test_a_missing_image_names_the_file(tmp_path):
 def test_a_corrupt_image_names_the_file(tmp_path):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"\x1f\x8b\x08 this is not a nifti file")
+    with pytest.raises(InputError, match="bad.nii.gz: cannot read"):
+        read_image(bad)
+    bad.write_bytes(b"not gzip at all")
     with pytest.raises(InputError, match="bad.nii.gz: cannot read"):
         read_image(bad)
 
@@ -234,7 +239,7 @@ def test_a_read_image_holds_the_readers_voxels_without_a_copy_and_a_given_one_is
     from samembed.io import image_from_sitk
 
     img = an_oblique_image((20, 30, 26))
-    path = write_image(img, tmp_path / "vol.nii.gz")
+    path = write_image(img, tmp_path / "vol.nrrd")  # a SimpleITK read (a .nii.gz is inflated by isal: below)
     back = read_image(path)
     gc.collect()
     churn = [np.full(1 << 16, 3.0) for _ in range(64)]  # reuse freed memory: a dangling buffer would show it
@@ -323,3 +328,64 @@ def test_a_header_that_contradicts_ras_or_names_no_coordinates_is_refused_with_w
     with pytest.raises(InputError, match=r"p.csv: line 1 looks like a header .* names no coordinate columns; name "
                                          r"them x,y,z"):
         read_points(path)
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("parts", [("lidc", "LIDC-IDRI-0001_ct.nii.gz"), ("openkbp", "ct", "pt_215_ct.nii.gz"),
+                                   ("pancreas", "Pancreas-CT-CB_001_ct_2mm.nii.gz")])
+def test_a_gzipped_nifti_inflated_by_isal_is_what_simpleitk_reads(parts):
+    """The faster route for ``.nii.gz`` (samembed.nifti_gz): the same voxels, type and geometry as SimpleITK's own
+    reading, bit for bit, on real CTs; the voxels are read-only (nothing may change an image after its hash)."""
+    from samembed.io import image_from_sitk
+    from samembed.nifti_gz import read_nifti_gz
+
+    path = data_file("ct", *parts)
+    assert read_nifti_gz(path) is not None, "this plain CT should take the isal route"
+    fast, ref = read_image(path), image_from_sitk(sitk.ReadImage(str(path)), str(path))
+    assert fast.array.dtype == ref.array.dtype and np.array_equal(fast.array, ref.array)
+    assert fast.grid.shape_zyx == ref.grid.shape_zyx
+    for field in ("spacing_mm", "origin_lps_mm", "direction"):
+        np.testing.assert_array_equal(getattr(fast.grid, field), getattr(ref.grid, field))
+    assert not fast.array.flags.writeable
+    assert fast.content_hash() == ref.content_hash()
+
+
+def _nifti_gz_with_header(tmp_path, name: str, **fields) -> tuple:
+    """A real CT's crop written as .nii.gz, with header fields (``slope``, ``inter``, ``magic``) set afterwards."""
+    import gzip
+    import struct
+
+    ct = sitk.ReadImage(str(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")))[40:80, 50:90, 30:50]
+    path = tmp_path / name
+    sitk.WriteImage(ct, str(path))
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    if "slope" in fields:
+        struct.pack_into("<2f", raw, 112, fields["slope"], fields.get("inter", 0.0))
+    if "magic" in fields:
+        raw[344:348] = fields["magic"]
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return ct, path
+
+
+@pytest.mark.needs_data
+def test_a_nifti_the_isal_route_does_not_cover_is_read_by_simpleitk(tmp_path, monkeypatch):
+    """Scaled intensities, a header that is not a single-file NIfTI-1 and a machine without isal go through
+    SimpleITK (its values, scaled); a file cut short is an error naming it."""
+    import sys
+
+    from samembed.nifti_gz import read_nifti_gz
+
+    ct, plain = _nifti_gz_with_header(tmp_path, "plain.nii.gz")
+    assert read_nifti_gz(plain) is not None
+    _, scaled = _nifti_gz_with_header(tmp_path, "scaled.nii.gz", slope=2.0, inter=-10.0)
+    assert read_nifti_gz(scaled) is None
+    np.testing.assert_allclose(read_image(scaled).array, sitk.GetArrayFromImage(ct) * 2.0 - 10.0)
+    _, pair = _nifti_gz_with_header(tmp_path, "pair.nii.gz", magic=b"ni1\0")  # the header of a .hdr/.img pair
+    assert read_nifti_gz(pair) is None
+    cut = tmp_path / "cut.nii.gz"  # SimpleITK reads it without a word (zeros where the data ends); isal says so
+    cut.write_bytes(plain.read_bytes()[: len(plain.read_bytes()) // 2])
+    with pytest.raises(InputError, match="cut.nii.gz: cannot read this image.*gzip data is damaged or cut short"):
+        read_image(cut)
+    monkeypatch.setitem(sys.modules, "isal", None)  # isal not installed
+    assert read_nifti_gz(plain) is None
+    np.testing.assert_array_equal(read_image(plain).array, sitk.GetArrayFromImage(ct))
