@@ -18,8 +18,8 @@ The global branch runs in one of three arithmetics (``global_precision``):
 * int8 (precision ``int8-int8``, the CPU default without native bfloat16 when the calibration has the global
   branch's scales): the 3 x 3 convolutions at 8, 16 and 32 mm (:data:`GLOBAL_POINTS`, about 85 % of the branch's
   work) take 8-bit inputs of scales calibrated with the local ones (the same sample of training CTs, chest and
-  abdomen among them) and run about 2x faster than float32 even without VNNI (AVX2: a head-and-neck CT's global map
-  0.32 -> 0.19 s on one core); the stem's first convolution (one input channel), the 64 mm stage, the lateral and
+  abdomen among them) and run about 2x faster than float32 even without VNNI (AVX2, one core: the global map of a
+  whole head-and-neck CT volume 0.32 -> 0.19 s with the float32 layers and the conversions); the stem's first convolution (one input channel), the 64 mm stage, the lateral and
   output convolutions stay float32. Global vectors of a head-and-neck CT's body: cosine similarity to float32's
   0.99996 on average. An earlier trial, every layer in int8 with scales from head-and-neck CTs only, moved some chest
   CT points' search prior by up to 3.7 mm and was not kept; this one passed the ship gate (model cards);
