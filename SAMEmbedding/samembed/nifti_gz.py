@@ -18,15 +18,12 @@ an :class:`~samembed.errors.InputError` naming the file: SimpleITK reads some su
 
 from __future__ import annotations
 
-import logging
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
-
-log = logging.getLogger(__name__)
 
 #: NIfTI-1 ``datatype`` -> numpy type (little-endian), for the scalar types SimpleITK reads as they are stored
 NIFTI_DTYPES = {2: "<u1", 4: "<i2", 8: "<i4", 16: "<f4", 64: "<f8", 256: "<i1", 512: "<u2", 768: "<u4",
