@@ -981,7 +981,7 @@ class Embedder:
                     part = stored[i:i + (1 << 15)]
                     zyx = np.stack(np.unravel_index(part, local_grid.shape_zyx), 1)
                     maps.global_norm[torch.from_numpy(part)] = upsample_at(glob, local_grid.shape_zyx, zyx, lengths=True,
-                                                                           rows=maps._coarse_rows)[1]
+                                                                           rows=maps._coarse_rows)
                 write_rows(maps.vectors, [torch.from_numpy(local16)], torch.from_numpy(stored))
                 maps.ready[torch.from_numpy(stored)] = True
             maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))

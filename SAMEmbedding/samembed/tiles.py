@@ -99,6 +99,11 @@ def _lerp_lengths(sq_a: torch.Tensor, dot_ab: torch.Tensor, sq_b: torch.Tensor, 
     return out.clamp_min_(0.0).sqrt_().clamp_min_(eps)
 
 
+def _pair_lengths(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`_lerp_lengths` of two channel-major maps (C, ...) of values along the first axis's two coarse planes."""
+    return _lerp_lengths(_channel_dot(a, a), _channel_dot(a, b), _channel_dot(b, b), w0, w1, eps)
+
+
 def _upsample_trailing(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
     """The first step of :func:`upsample_box`: every axis but the first, the last axis first (while the map is
     still coarse): (C, g0, *box[1:]) float32."""
@@ -230,9 +235,7 @@ def upsample_lines(glob: torch.Tensor, out_shape: tuple[int, ...], lo: np.ndarra
     if not lengths:
         return _reduce_corners(corners, taps)
     ends = _reduce_corners(corners, taps, stop=1)  # the two coarse planes' values of each line
-    a, b = ends[(0,)], ends[(1,)]
-    w0, w1 = taps[0][2][:, None], taps[0][3][:, None]
-    return _lerp_lengths(_channel_dot(a, a), _channel_dot(a, b), _channel_dot(b, b), w0, w1, eps)
+    return _pair_lengths(ends[(0,)], ends[(1,)], taps[0][2][:, None], taps[0][3][:, None], eps)
 
 
 def coarse_rows(glob: torch.Tensor) -> torch.Tensor:
@@ -244,8 +247,8 @@ def coarse_rows(glob: torch.Tensor) -> torch.Tensor:
 def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray, lengths: bool = False,
                 eps: float = 1e-12, rows: torch.Tensor | None = None):
     """:func:`upsample_box` at single output voxels ``zyx`` (M, d): (C, M) float32, not normalised, with the
-    same arithmetic (same operations in the same order), so the values are identical. With ``lengths``:
-    ``(values, lengths (M,))``, the lengths as :func:`upsample_lengths_box` gives them, bit for bit. ``rows``:
+    same arithmetic (same operations in the same order), so the values are identical. With ``lengths``: the
+    vectors' lengths (M,) instead, as :func:`upsample_lengths_box` gives them, bit for bit. ``rows``:
     :func:`coarse_rows` of ``glob``, when the caller keeps it (else made here: a copy of the whole map)."""
 
     d = len(out_shape)
@@ -260,22 +263,15 @@ def upsample_at(glob: torch.Tensor, out_shape: tuple[int, ...], zyx: np.ndarray,
         corners[bits] = rows.index_select(0, flat)  # (M, C)
     if not lengths:
         return _reduce_corners(corners, taps).T.contiguous()
-    ends = _reduce_corners(corners, taps, stop=1)
-    a, b = ends[(0,)], ends[(1,)]  # (M, C) each
-    ac, bc = a.T.contiguous(), b.T.contiguous()  # channel-major, as the box's planes
-    _, _, w0, w1 = taps[0]
-    size = _lerp_lengths(_channel_dot(ac, ac), _channel_dot(ac, bc), _channel_dot(bc, bc), w0, w1, eps)
-    return a.mul_(w0[:, None]).add_(b.mul_(w1[:, None])).T.contiguous(), size
+    ends = _reduce_corners(corners, taps, stop=1)  # (M, C) each, made channel-major as the box's planes
+    return _pair_lengths(ends[(0,)].T.contiguous(), ends[(1,)].T.contiguous(), taps[0][2], taps[0][3], eps)
 
 
 def channel_norms(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """The length of each vector of the channel-major ``x`` (C, ...), at least ``eps``: (...) float, the divisor of
     :func:`normalize_channels`. Summed channel by channel (one contiguous pass each), several times faster on the
     CPU than ``norm(dim=0)``, whose reduction runs across the channels' strides."""
-    sq = x[0] * x[0]
-    for c in range(1, x.shape[0]):
-        sq.addcmul_(x[c], x[c])
-    return sq.sqrt_().clamp_min_(eps)
+    return _channel_dot(x, x).sqrt_().clamp_min_(eps)
 
 
 def normalize_channels(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
