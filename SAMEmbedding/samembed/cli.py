@@ -479,7 +479,7 @@ def _cmd_info(args) -> int:
 
     from . import __version__
     from .models import models_dir, read_int8_calibration, registry
-    from .networks.int8 import GLOBAL_POINTS, native_bf16
+    from .networks.int8 import has_global_scales, native_bf16
 
     print(f"samembed {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"SimpleITK {sitk.Version.VersionString()}")
@@ -491,7 +491,7 @@ def _cmd_info(args) -> int:
     for m in registry().get("models", []):
         avail = "available" if m.get("file") and (models_dir() / m["file"]).is_file() else "not on this machine"
         calibrated = avail == "available" and read_int8_calibration(models_dir() / m["file"], m.get("sha256"))
-        both = calibrated and all(k in calibrated for k in GLOBAL_POINTS)
+        both = calibrated and has_global_scales(calibrated)
         int8 = (f"  int8 on the CPU (calibrated{', global branch too' if both else ''})" if calibrated else "")
         print(f"  {m['name']:<18} {m.get('architecture', '?'):<14} {m.get('spacing_mm', '?')} mm  {avail}{int8}"
               + (f"  - {m.get('note')}" if avail != "available" and m.get("note") else ""))

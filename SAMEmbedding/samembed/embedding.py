@@ -85,29 +85,20 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
                f"{model.model_id} is not a 3D sam-lite model" if model.spec.arch != "sam-lite" else
                f"{model.model_id} has no int8 calibration beside its weights; run `samembed quantize --model ...`")
         raise InputError(f"precision {name}: {why}, or use --precision fp32")
-    if name == "int8-int8" and not has_global_scales(model):
+    from .networks.int8 import has_global_scales, native_bf16
+
+    if name == "int8-int8" and not has_global_scales(model.int8):
         raise InputError(f"precision int8-int8: the int8 calibration of {model.model_id} has no scales for the global "
                          "branch (made before they existed); run `samembed quantize --model ...` again, "
                          "or use --precision int8")
-    if name in ("auto", "int8-bf16"):
-        from .networks.int8 import native_bf16
-
-        if name == "int8-bf16" and not native_bf16():
-            raise InputError("precision int8-bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX); "
-                             "use --precision int8")
+    if name == "int8-bf16" and not native_bf16():
+        raise InputError("precision int8-bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX); "
+                         "use --precision int8")
     if name == "auto":
         if not can:
             return "fp32"
-        return "int8-bf16" if native_bf16() else "int8-int8" if has_global_scales(model) else "int8"
+        return "int8-bf16" if native_bf16() else "int8-int8" if has_global_scales(model.int8) else "int8"
     return name
-
-
-def has_global_scales(model: LoadedModel) -> bool:
-    """The model's int8 calibration has the global branch's scales (:data:`samembed.networks.int8.GLOBAL_POINTS`),
-    which precision "int8-int8" needs."""
-    from .networks.int8 import GLOBAL_POINTS
-
-    return model.int8 is not None and all(k in model.int8 for k in GLOBAL_POINTS)
 
 
 _FILL_LOCK = threading.RLock()
@@ -143,8 +134,8 @@ class EmbeddingMaps:
         n_local: channels of the local map (the rows of ``features``).
         ready: (V,) bool, voxels whose features (and ``global_norm``) are computed; None when all are.
         global_norm: (V,) float32 on the CPU: the length of each voxel's upsampled global vector before it is
-            normalised (:func:`samembed.tiles.upsample_lengths_box`), filled with the voxel's local vector; 1 where
-            not computed.
+            normalised (:func:`samembed.tiles.upsample_lengths_box`), computed when the voxel's local vector is; 1
+            where not computed.
     """
 
     global_: torch.Tensor

@@ -221,11 +221,6 @@ class SamLiteInt8(nn.Module):
                        out=out[:, (a - z_lo) * per:(b - z_lo) * per])
         return out.view(1, out.shape[0], z_hi - z_lo, *(s.stop - s.start for s in keep_yx))
 
-    @property
-    def global_bf16(self) -> bool:
-        """The global branch runs in bfloat16."""
-        return self.global_precision == "bf16"
-
     def forward_global(self, x: torch.Tensor) -> torch.Tensor:
         """The global map, float32: from the float32 network, from its bfloat16 copy on the input pooled in float32,
         or with the int8 convolutions of :data:`GLOBAL_POINTS` (see the module docstring)."""
@@ -257,6 +252,12 @@ class SamLiteInt8(nn.Module):
         del g2, p3
         p1 = _up_add(p2, n.g_lat[0](_deq(c1, qp["gc1"]).contiguous(memory_format=torch.channels_last_3d)))
         return n.g_out(p1)
+
+
+def has_global_scales(qparams: dict | None) -> bool:
+    """An int8 calibration (map name -> (scale, zero point), or None) has the global branch's scales
+    (:data:`GLOBAL_POINTS`), which ``global_precision="int8"`` (precision "int8-int8") needs."""
+    return qparams is not None and all(k in qparams for k in GLOBAL_POINTS)
 
 
 @functools.cache
