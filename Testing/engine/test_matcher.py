@@ -356,6 +356,23 @@ print("sympy" in sys.modules)
     assert out.stdout.strip().splitlines()[-1] == "False", "the heatmap search imported sympy"
 
 
+def test_ransacs_minimal_sets_are_the_seeded_draws_drawn_once_per_process():
+    """An atlas's prior into every target draws the same minimal sets: they are drawn once and shared, read-only, and
+    are the seeded draws themselves, so every fit is the one drawn afresh."""
+    from samembed.affine import minimal_sets, ransac_affine
+
+    rng = np.random.default_rng(7)
+    want = np.array([rng.choice(500, 4, replace=False) for _ in range(1000)])
+    got = minimal_sets(500, 4, 1000, 7)
+    assert np.array_equal(got, want) and not got.flags.writeable and minimal_sets(500, 4, 1000, 7) is got
+    assert minimal_sets(500, 4, 1000, None) is not minimal_sets(500, 4, 1000, None)  # no seed: drawn every time
+    src = np.random.default_rng(1).uniform(0, 200, size=(500, 3))
+    dst = src @ np.diag([1.1, 0.9, 1.0]) + [5.0, -3.0, 12.0]
+    dst[::5] += 80.0  # a fifth are wrong
+    M, inliers = ransac_affine(src, dst, 20.0, iterations=1000, seed=7)
+    assert np.allclose(M[:3, :3], np.diag([1.1, 0.9, 1.0])) and int(inliers.sum()) == 400
+
+
 def test_a_translation_consensus_is_found_where_few_pairs_agree():
     from samembed.matcher import translation_consensus
 
