@@ -908,7 +908,7 @@ class Embedder:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
             if box is None:
                 return F.normalize(self.net.forward_global(x), dim=1)[0]
-            part = F.normalize(self.net.forward_global(x[(slice(None), slice(None), *box)]), dim=1)[0]
+            part = F.normalize(self.net.forward_global(x, box), dim=1)[0]
         gshape = tuple(-(-n // s) for n, s in zip(x.shape[2:], gstride))
         glob = part.new_zeros((part.shape[0], *gshape))
         glob[(slice(None), *(slice(b.start // s, b.start // s + n) for b, s, n in zip(box, gstride, part.shape[1:])))] = part

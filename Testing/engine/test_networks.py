@@ -14,6 +14,8 @@ from samembed.models import load_checkpoint, load_model, save_checkpoint
 from samembed.networks import build_network
 from samembed.preprocess import PreprocessConfig
 
+from ..conftest import data_file
+
 SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "sam_official_checkpoint.md"
 
 
@@ -206,3 +208,25 @@ def test_the_core_of_a_tile_is_the_whole_map_there_and_the_output_layer_runs_on_
             # the output convolution ran on the core and one voxel around it, not on the tile with its halo
             ran = out_sizes[-1]
             assert all(r <= (e - s) // stride + 2 for r, s, e in zip(ran, start, stop)), (ran, start, stop)
+
+
+@pytest.mark.needs_data
+def test_the_global_input_of_a_box_is_the_pooled_box_bit_for_bit():
+    """The global branch pools the whole input and cuts the body's box from the pooled map (no copy of a strided box):
+    the values of pooling the box itself, bit for bit, on a real head-and-neck CT; a box off the pool's grid is
+    refused."""
+    from samembed.embedding import Embedder, global_box
+    from samembed.io import read_image
+    from samembed.networks.lite import GLOBAL_POOL, pooled_input
+    from samembed.preprocess import body_mask_on_grid
+
+    embedder = Embedder(load_model("default"), "cpu")
+    arr = embedder._prepare(read_image(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")))[0]
+    x = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+    box = global_box(body_mask_on_grid(arr, (2, 2, 2), "ct"), (2, 2, 2), (8, 8, 8), 16, tuple(x.shape[2:]))
+    assert box is not None and any(b.stop - b.start < n for b, n in zip(box, x.shape[2:])), "the body fills the input"
+    want = torch.nn.functional.avg_pool3d(x[(slice(None), slice(None), *box)], GLOBAL_POOL)
+    assert torch.equal(pooled_input(x, box), want)
+    assert torch.equal(pooled_input(x), torch.nn.functional.avg_pool3d(x, GLOBAL_POOL))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pooled_input(x, (slice(2, 10), *box[1:]))

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lite import CoreCrop, SamLite, _pointwise, _up2, _up_add, core_cropper, space_to_depth
+from .lite import CoreCrop, SamLite, _pointwise, _up2, _up_add, core_cropper, pooled_input, space_to_depth
 
 #: the maps held in 8 bits: the outputs of the local encoder's 3 x 3 convolutions but the last (whose output, like the
 #: output convolution's, is float32) and the FPN sum that the output convolution reads
@@ -252,15 +252,16 @@ class SamLiteInt8(nn.Module):
                        out=out[:, (a - z_lo) * per:(b - z_lo) * per])
         return out.view(1, out.shape[0], z_hi - z_lo, *(s.stop - s.start for s in keep_yx))
 
-    def forward_global(self, x: torch.Tensor) -> torch.Tensor:
-        """The global map, float32: from the float32 network, from its bfloat16 copy on the input pooled in float32,
-        or with the int8 convolutions of :data:`GLOBAL_POINTS` (see the module docstring)."""
+    def forward_global(self, x: torch.Tensor, box: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """The global map, float32, of ``x`` or of its part ``box`` (:meth:`SamLite.forward_global`): from the float32
+        network, from its bfloat16 copy on the input pooled in float32, or with the int8 convolutions of
+        :data:`GLOBAL_POINTS` (see the module docstring)."""
         if self.global_precision == "fp32":
-            return self.net.forward_global(x)
-        pool = torch.nn.functional.avg_pool3d if x.dim() == 5 else torch.nn.functional.avg_pool2d
+            return self.net.forward_global(x, box)
+        pooled = pooled_input(x.float(), box)
         if self.global_precision == "bf16":
-            return self.net.forward_global_pooled(pool(x.float(), 4).to(torch.bfloat16)).float()
-        return self._forward_global_int8(pool(x.float(), 4))
+            return self.net.forward_global_pooled(pooled.to(torch.bfloat16)).float()
+        return self._forward_global_int8(pooled)
 
     def _forward_global_int8(self, x_pooled: torch.Tensor) -> torch.Tensor:
         """:meth:`SamLite.forward_global_pooled` with the 3 x 3 convolutions at 8, 16 and 32 mm in int8: the stem's
