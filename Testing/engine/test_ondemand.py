@@ -183,6 +183,31 @@ def test_the_tile_plan_splits_as_one_split_at_a_time_would():
         assert plan.boxes_input == _greedy_plan_reference(missing, stride, step, halo, shape_in), trial
 
 
+def test_the_blocks_holding_missing_voxels_are_those_of_the_whole_padded_grid():
+    """The tile plan's blocks are reduced over the missing voxels' bounding box only: the same blocks as reducing the
+    whole grid, padded to whole blocks, for boxes, scattered voxels, a voxel in the last partial block, and none."""
+    from samembed.tiles import _blocks_holding
+
+    def whole(mask, block):
+        nb = tuple(-(-s // block) for s in mask.shape)
+        padded = np.pad(mask, [(0, n * block - s) for n, s in zip(nb, mask.shape)])
+        return padded.reshape(*sum(((n, block) for n in nb), ())).any(axis=tuple(range(1, 2 * len(nb), 2)))
+
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        shape = tuple(int(v) for v in rng.integers(1, 30, 2 if trial % 3 == 0 else 3))
+        mask = np.zeros(shape, dtype=bool)
+        if trial % 4 == 1:
+            mask |= rng.random(shape) < 0.02
+        for _ in range(int(rng.integers(0, 4))):
+            lo = [int(rng.integers(0, n)) for n in shape]
+            mask[tuple(slice(a, int(rng.integers(a, n)) + 1) for a, n in zip(lo, shape))] = True
+        if trial % 7 == 2:
+            mask[tuple(n - 1 for n in shape)] = True  # the last voxel: a partial block on every axis
+        for block in (1, 2, 3, 4):
+            assert np.array_equal(_blocks_holding(mask, block), whole(mask, block)), (trial, block)
+
+
 @pytest.mark.needs_data
 def test_the_prior_s_global_pairs_taken_in_chunks_are_those_of_the_whole_product(monkeypatch):
     """:func:`samembed.matcher.global_pairs` takes each source sample's best target candidate a chunk of samples at a
