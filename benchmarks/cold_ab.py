@@ -53,6 +53,10 @@ def _worktree(rev: str, folder: Path) -> Path:
     return folder
 
 
+#: ``samembed match --model`` arguments of every cold run (``--model``; none: the default model)
+MODEL_ARGS: tuple[str, ...] = ()
+
+
 def _cold(root: Path, source: str, target: str | list[str], points: str, out: Path,
           extra: tuple[str, ...] = ()) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (GB) and minor page faults (the process and its prefetch process: first touches of
@@ -64,7 +68,7 @@ def _cold(root: Path, source: str, target: str | list[str], points: str, out: Pa
     t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
                            str(out.with_suffix(".json")), source, *([target] if isinstance(target, str) else target), "--points", points,
-                           "--out", str(out), *extra],
+                           "--out", str(out), *extra, *MODEL_ARGS],
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     faults = cpu_use(use0)["minor_faults"]
@@ -161,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heatmaps", action="store_true",
                    help="also the pairs with --heatmap-dir (a heatmap per point in the target's geometry), each engine "
                         "--reps times; the two engines' heatmap files compared voxel by voxel")
+    p.add_argument("--model", default=None, help="the model of every run (`samembed match --model`; default: the "
+                                                   "default model)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
     args = p.parse_args(argv)
+    global MODEL_ARGS
+    MODEL_ARGS = ("--model", args.model) if args.model else ()
     work = REPO / "cache" / "cold_ab"
     work.mkdir(parents=True, exist_ok=True)
     base = _worktree(args.base, work / "base")
@@ -247,11 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         f"# Cold `samembed match`: `{args.base}` against `{head}`, side by side", "",
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, 1-minute load average {load:.1f} at the end. "
+        f"Model: `{args.model or 'default'}` (the first click: the default). "
         f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
         + (f" --atlas {args.atlas}" if args.atlas else "") + (" --no-pairs" if args.no_pairs else "")
-        + (" --first-click" if args.first_click else "") + (" --heatmaps" if args.heatmaps else "") + "`.", "",
+        + (" --first-click" if args.first_click else "") + (" --heatmaps" if args.heatmaps else "")
+        + (f" --model {args.model}" if args.model else "") + "`.", "",
         *(["| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
            "largest move of a match, base to head, mm |",
            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""] if rows else [])])
