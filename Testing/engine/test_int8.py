@@ -148,13 +148,15 @@ def test_the_int8_output_block_in_slabs_writes_the_whole_blocks_values_into_the_
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
 @pytest.mark.parametrize("z_core", [(0, 48), (40, 88)])  # at the volume's first plane; inside, on an odd 4 mm plane
-def test_the_top_fpn_level_in_slabs_is_the_whole_levels_bit_for_bit(ct, z_core, monkeypatch):
-    """The 4 mm FPN level is made a few planes at a time (no volume-sized float32 temporaries): slabs of one plane,
-    of three, and one slab of the whole level give the same local vectors, bit for bit."""
-    from samembed.networks import int8
+def test_the_top_fpn_level_in_slabs_is_the_whole_levels_bit_for_bit(ct, z_core, precision, monkeypatch):
+    """The 4 mm FPN level is made a few planes at a time (no volume-sized float32 temporaries), in int8 and in
+    float32: slabs of one plane, of three, and one slab of the whole level give the same local vectors, bit for
+    bit."""
+    from samembed.networks import lite
 
-    m = Matcher("default", device="cpu", precision="int8")
+    m = Matcher("default", device="cpu", precision=precision)
     net = m.embedder.net
     x = torch.from_numpy(np.ascontiguousarray(m.embedder._prepare(ct)[0]))[None, None]
     core = [z_core, (64, 112), (56, 104)]
@@ -163,10 +165,10 @@ def test_the_top_fpn_level_in_slabs_is_the_whole_levels_bit_for_bit(ct, z_core, 
     xin = x[(slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
     ctx = (tuple(a - p for (a, _), p in zip(core, lo)), tuple(q - b for (_, b), q in zip(core, hi)))
     # one plane of the level's float32 map: 26 x 26 voxels here (the 24 of the core and one of context per side)
-    plane_bytes = 4 * net.net.l_lat[0].weight.shape[0] * 26 * 26
+    plane_bytes = 4 * getattr(net, "net", net).l_lat[0].weight.shape[0] * 26 * 26  # the int8 form wraps the network
     outs = {}
     for planes in (1, 3, 10_000):
-        monkeypatch.setattr(int8, "FPN_SLAB_BYTES", planes * plane_bytes)
+        monkeypatch.setattr(lite, "FPN_SLAB_BYTES", planes * plane_bytes)
         with torch.inference_mode():
             outs[planes] = net.forward_local_core(xin, *ctx)
     assert torch.equal(outs[1], outs[10_000]) and torch.equal(outs[3], outs[10_000])

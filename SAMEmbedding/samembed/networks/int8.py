@@ -46,7 +46,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lite import CoreCrop, SamLite, _pointwise, _up2, _up_add, core_cropper, pooled_input, space_to_depth
+from .lite import (
+    CoreCrop,
+    SamLite,
+    _pointwise,
+    _up2,
+    _up_add,
+    core_cropper,
+    fpn_top_in_slabs,
+    pooled_input,
+    space_to_depth,
+)
 
 #: the maps held in 8 bits: the outputs of the local encoder's 3 x 3 convolutions but the last (whose output, like the
 #: output convolution's, is float32) and the FPN sum that the output convolution reads
@@ -61,9 +71,6 @@ GLOBAL_POINTS = ("g0", "g1", "gd1", "gc1", "gd2")
 #: the fraction of a map's calibration values below its scale's top (the rest clip): a high percentile keeps the
 #: resolution of the bulk of the values while a few outliers saturate
 CALIBRATION_QUANTILE = 0.99999
-#: float32 bytes of one slab of the FPN's top level (:meth:`SamLiteInt8._fpn_top_in_slabs`): a few MB, reused from
-#: slab to slab
-FPN_SLAB_BYTES = 4 << 20
 
 
 class _QConv:
@@ -191,8 +198,10 @@ class SamLiteInt8(nn.Module):
         del c2
         p1 = _pointwise(n.l_lat[1], _deq(crop(c1, 4, 24, 4), qp["c1"])) + crop(_up2(p2), 4, 8, 4)
         del c1, p2
-        if c0.dim() == 5:
-            p0q = self._fpn_top_in_slabs(crop(c0, 2, 28, 2), p1, crop.slices(tuple(2 * s for s in p1.shape[2:]), 2, 4, 2))
+        if c0.dim() == 5:  # the 4 mm level a few planes at a time, quantised for the output block
+            p0q = fpn_top_in_slabs(lambda t: _pointwise(n.l_lat[0], _deq(t, qp["c0"])), crop(c0, 2, 28, 2), p1,
+                                   crop.slices(tuple(2 * s for s in p1.shape[2:]), 2, 4, 2), n.l_lat[0].weight.shape[0],
+                                   torch.uint8, lambda level: _quant(level, qp["p0"]))
         else:  # a radiograph's maps are small
             p0q = _quant(_pointwise(n.l_lat[0], _deq(crop(c0, 2, 28, 2), qp["c0"])) + crop(_up2(p1), 2, 4, 2), qp["p0"])
         del c0, p1
@@ -201,33 +210,6 @@ class SamLiteInt8(nn.Module):
         top = q["top"](p0q, None)
         del p0q
         return _pointwise(n.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
-
-    def _fpn_top_in_slabs(self, c0c: torch.Tensor, p1: torch.Tensor, up: tuple[slice, ...],
-                          slab_bytes: int | None = None) -> torch.Tensor:
-        """The top (4 mm) level of the FPN, quantised for the output block, a few planes of the first axis at a time:
-        ``_quant(lateral(_deq(c0c)) + _up2(p1)[up])``, where ``c0c`` is the cropped uint8 stem map, ``p1`` the 8 mm
-        level and ``up`` the kept slices of its upsampled map (the shape of ``c0c``). Returns the uint8 map,
-        channels-last.
-
-        Each float32 map of this level is the size of the local map (a chest CT's 32 channels: 91 MB). Made whole,
-        the dequantised stem map, the lateral product, the upsampled coarser level, their sum and its scaled copy are
-        five such maps, each above the size that the allocator reuses (:mod:`samembed.allocator`): fresh memory that
-        the system faults in and zeroes every time, about 0.4 s of a chest CT's 1.2 s local map (default model). Slabs
-        of ``slab_bytes`` (default :data:`FPN_SLAB_BYTES`) are reused from slab to slab. Every step is per voxel and
-        the upsampling copies values, so the map is the whole level's, bit for bit (tested)."""
-        n, qp = self.net, self.qp
-        channels = n.l_lat[0].weight.shape[0]
-        slab_bytes = FPN_SLAB_BYTES if slab_bytes is None else int(slab_bytes)
-        planes = max(1, slab_bytes // (4 * channels * int(np.prod(c0c.shape[3:]))))
-        out = torch.empty((c0c.shape[0], channels, *c0c.shape[2:]), dtype=torch.uint8,
-                          memory_format=torch.channels_last_3d)
-        z0, plane_slices = up[0].start, up[1:]
-        for a in range(0, c0c.shape[2], planes):
-            b = min(c0c.shape[2], a + planes)
-            lo, hi = (z0 + a) // 2, (z0 + b - 1) // 2 + 1  # the 8 mm planes that the slab's upsampled planes copy
-            coarse = _up2(p1[:, :, lo:hi])[(slice(None), slice(None), slice(z0 + a - 2 * lo, z0 + b - 2 * lo), *plane_slices)]
-            out[:, :, a:b] = _quant(_pointwise(n.l_lat[0], _deq(c0c[:, :, a:b], qp["c0"])) + coarse, qp["p0"])
-        return out
 
     def _output_in_slabs(self, p0q: torch.Tensor, crop: CoreCrop, out: torch.Tensor, planes: int = 8) -> torch.Tensor:
         """The output block (3 x 3 x 3 convolution, then the 1 x 1 one) written into ``out`` ``planes`` planes of

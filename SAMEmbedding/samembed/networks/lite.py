@@ -15,6 +15,10 @@ The same code builds a 2D network (``ndim=2``) for radiographs.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +75,38 @@ def pooled_input(x: torch.Tensor, box: tuple[slice, ...] | None = None) -> torch
     if any(b.start % GLOBAL_POOL or b.stop % GLOBAL_POOL for b in box):
         raise ValueError(f"the box's ends must be multiples of {GLOBAL_POOL}, not {box}")
     return pooled[(slice(None), slice(None), *(slice(b.start // GLOBAL_POOL, b.stop // GLOBAL_POOL) for b in box))]
+
+
+#: float32 bytes of one slab of the FPN's top (4 mm) level (:func:`fpn_top_in_slabs`): a few MB, reused from slab to
+#: slab
+FPN_SLAB_BYTES = 4 << 20
+
+
+def fpn_top_in_slabs(lateral: Callable[[torch.Tensor], torch.Tensor], c0c: torch.Tensor, p1: torch.Tensor,
+                     up: tuple[slice, ...], channels: int, dtype: torch.dtype,
+                     finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The FPN's top (4 mm) level of a volume, ``finish(lateral(c0c) + _up2(p1)[up])``, made a few planes of the
+    first axis at a time (:data:`FPN_SLAB_BYTES` of float32 per slab) into one channels-last map of ``channels`` and
+    ``dtype``: ``c0c`` is the cropped stem map, ``p1`` the 8 mm level, ``up`` the kept slices of its upsampled map
+    (``c0c``'s shape), ``lateral`` the lateral 1 x 1 convolution (with its input's dequantisation in int8) and
+    ``finish`` what follows the sum (int8: its quantisation; none: the float32 sum).
+
+    Made whole, the lateral map, the upsampled coarser level and their sum (with int8, also the dequantised stem map
+    and the sum's scaled copy) are float32 maps the size of the local map (a chest CT's 32 channels: 91 MB each),
+    above the size that the allocator reuses (:mod:`samembed.allocator`): fresh memory that the system faults in and
+    zeroes every time. Slabs of a few MB are reused. Every step is per voxel (the 1 x 1 convolution a product per
+    voxel) and the upsampling copies values, so the map is the whole level's, bit for bit (tested)."""
+    planes = max(1, FPN_SLAB_BYTES // (4 * channels * int(np.prod(c0c.shape[3:]))))
+    out = torch.empty((c0c.shape[0], channels, *c0c.shape[2:]), dtype=dtype, device=c0c.device,
+                      memory_format=torch.channels_last_3d)
+    z0, plane_slices = up[0].start, up[1:]
+    for a in range(0, c0c.shape[2], planes):
+        b = min(c0c.shape[2], a + planes)
+        lo, hi = (z0 + a) // 2, (z0 + b - 1) // 2 + 1  # the 8 mm planes that the slab's upsampled planes copy
+        coarse = _up2(p1[:, :, lo:hi])[(slice(None), slice(None), slice(z0 + a - 2 * lo, z0 + b - 2 * lo), *plane_slices)]
+        level = lateral(c0c[:, :, a:b]) + coarse
+        out[:, :, a:b] = level if finish is None else finish(level)
+    return out
 
 
 def _up_add(coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
@@ -266,7 +302,12 @@ class SamLite(EmbeddingNet):
         del c2
         p1 = _pointwise(self.l_lat[1], crop(c1, 4, 24, 4)) + crop(_up2(p2), 4, 8, 4)
         del c1, p2
-        p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(_up2(p1), 2, 4, 2)
+        if c0.dim() == 5 and c0.device.type == "cpu" and not torch.is_grad_enabled():
+            p0 = fpn_top_in_slabs(functools.partial(_pointwise, self.l_lat[0]), crop(c0, 2, 28, 2), p1,
+                                  crop.slices(tuple(2 * s for s in p1.shape[2:]), 2, 4, 2), self.l_lat[0].weight.shape[0],
+                                  p1.dtype)
+        else:  # a radiograph's maps are small; on a GPU the whole level at once
+            p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(_up2(p1), 2, 4, 2)
         del c0, p1
         top = self.l_out[0](p0)
         del p0
