@@ -126,19 +126,24 @@ def test_an_int8_tile_equals_the_same_voxels_of_a_larger_tile(ct):
     assert float((small - inner.reshape(small.shape)).abs().max()) <= 1e-6
 
 
+def _tile_input(ct, precision: str, core: list[tuple[int, int]]):
+    """The default model's network in ``precision`` and one tile of ``ct``'s network input: the input voxels ``core``
+    ((start, stop) per axis, zyx) with 32 voxels of context per side (less at the volume's edge), and that context."""
+    m = Matcher("default", device="cpu", precision=precision)
+    x = torch.from_numpy(np.ascontiguousarray(m.embedder._prepare(ct)[0]))[None, None]
+    lo = [max(0, a - 32) for a, _ in core]
+    hi = [min(n, b + 32) for (_, b), n in zip(core, x.shape[2:])]
+    xin = x[(slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
+    ctx = (tuple(a - p for (a, _), p in zip(core, lo)), tuple(q - b for (_, b), q in zip(core, hi)))
+    return m.embedder.net, xin, ctx
+
+
 @pytest.mark.needs_data
 @pytest.mark.parametrize("z_core", [(0, 48), (48, 96)])  # at the volume's first plane (zero padding); inside it
 def test_the_int8_output_block_in_slabs_writes_the_whole_blocks_values_into_the_feature_rows(ct, z_core):
     """A whole-plane tile writes its output straight into the voxel-major feature rows, its last two layers a few
     planes at a time (the 3 x 3 x 3 output map is never held whole): the values are the whole map's, bit for bit."""
-    m = Matcher("default", device="cpu", precision="int8")
-    net = m.embedder.net
-    x = torch.from_numpy(np.ascontiguousarray(m.embedder._prepare(ct)[0]))[None, None]
-    core = [z_core, (64, 112), (64, 112)]
-    lo = [max(0, a - 32) for a, _ in core]
-    hi = [min(n, b + 32) for (_, b), n in zip(core, x.shape[2:])]
-    xin = x[(slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
-    ctx = (tuple(a - p for (a, _), p in zip(core, lo)), tuple(q - b for (_, b), q in zip(core, hi)))
+    net, xin, ctx = _tile_input(ct, "int8", [z_core, (64, 112), (64, 112)])
     with torch.inference_mode():
         want = net.forward_local_core(xin, *ctx)[0]  # the whole output block at once
         rows = torch.full((want[0].numel(), want.shape[0] + 5), float("nan"))  # voxel-major, other channels beside
@@ -156,14 +161,7 @@ def test_the_top_fpn_level_in_slabs_is_the_whole_levels_bit_for_bit(ct, z_core, 
     bit."""
     from samembed.networks import lite
 
-    m = Matcher("default", device="cpu", precision=precision)
-    net = m.embedder.net
-    x = torch.from_numpy(np.ascontiguousarray(m.embedder._prepare(ct)[0]))[None, None]
-    core = [z_core, (64, 112), (56, 104)]
-    lo = [max(0, a - 32) for a, _ in core]
-    hi = [min(n, b + 32) for (_, b), n in zip(core, x.shape[2:])]
-    xin = x[(slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
-    ctx = (tuple(a - p for (a, _), p in zip(core, lo)), tuple(q - b for (_, b), q in zip(core, hi)))
+    net, xin, ctx = _tile_input(ct, precision, [z_core, (64, 112), (56, 104)])
     # one plane of the level's float32 map: 26 x 26 voxels here (the 24 of the core and one of context per side)
     plane_bytes = 4 * getattr(net, "net", net).l_lat[0].weight.shape[0] * 26 * 26  # the int8 form wraps the network
     outs = {}
