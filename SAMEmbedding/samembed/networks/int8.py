@@ -199,9 +199,8 @@ class SamLiteInt8(nn.Module):
         p1 = _pointwise(n.l_lat[1], _deq(crop(c1, 4, 24, 4), qp["c1"])) + crop(_up2(p2), 4, 8, 4)
         del c1, p2
         if c0.dim() == 5:  # the 4 mm level a few planes at a time, quantised for the output block
-            p0q = fpn_top_in_slabs(lambda t: _pointwise(n.l_lat[0], _deq(t, qp["c0"])), crop(c0, 2, 28, 2), p1,
-                                   crop.slices(tuple(2 * s for s in p1.shape[2:]), 2, 4, 2), n.l_lat[0].weight.shape[0],
-                                   torch.uint8, lambda level: _quant(level, qp["p0"]))
+            p0q = fpn_top_in_slabs(lambda t: _pointwise(n.l_lat[0], _deq(t, qp["c0"])), c0, p1, crop,
+                                   n.l_lat[0].weight.shape[0], torch.uint8, lambda level: _quant(level, qp["p0"]))
         else:  # a radiograph's maps are small
             p0q = _quant(_pointwise(n.l_lat[0], _deq(crop(c0, 2, 28, 2), qp["c0"])) + crop(_up2(p1), 2, 4, 2), qp["p0"])
         del c0, p1
@@ -302,7 +301,7 @@ def _float_maps(net: SamLite, x: torch.Tensor) -> dict[str, torch.Tensor]:
     p1 = _up_add(p2, n.l_lat[1](c1))
     m["p0"] = _up_add(p1, n.l_lat[0](c0))
     if x.dim() == 5:  # the global branch's int8 maps (GLOBAL_POINTS), on the input pooled as forward_global pools it
-        m["g0"] = g0 = n.g_stem[0](torch.nn.functional.avg_pool3d(x, 4) * n.input_scale)
+        m["g0"] = g0 = n.g_stem[0](pooled_input(x) * n.input_scale)
         m["g1"] = g1 = n.g_stem[1](g0)
         m["gd1"] = d1 = n.g_down1[0](g1)
         m["gc1"] = c1 = n.g_down1[1](d1)

@@ -82,20 +82,22 @@ def pooled_input(x: torch.Tensor, box: tuple[slice, ...] | None = None) -> torch
 FPN_SLAB_BYTES = 4 << 20
 
 
-def fpn_top_in_slabs(lateral: Callable[[torch.Tensor], torch.Tensor], c0c: torch.Tensor, p1: torch.Tensor,
-                     up: tuple[slice, ...], channels: int, dtype: torch.dtype,
+def fpn_top_in_slabs(lateral: Callable[[torch.Tensor], torch.Tensor], c0: torch.Tensor, p1: torch.Tensor,
+                     crop: CoreCrop, channels: int, dtype: torch.dtype,
                      finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """The FPN's top (4 mm) level of a volume, ``finish(lateral(c0c) + _up2(p1)[up])``, made a few planes of the
-    first axis at a time (:data:`FPN_SLAB_BYTES` of float32 per slab) into one channels-last map of ``channels`` and
-    ``dtype``: ``c0c`` is the cropped stem map, ``p1`` the 8 mm level, ``up`` the kept slices of its upsampled map
-    (``c0c``'s shape), ``lateral`` the lateral 1 x 1 convolution (with its input's dequantisation in int8) and
-    ``finish`` what follows the sum (int8: its quantisation; none: the float32 sum).
+    """The FPN's top (4 mm) level of a volume's tile, ``finish(lateral(crop(c0)) + crop(_up2(p1)))`` with the crops
+    of :meth:`SamLite.forward_local_core`, made a few planes of the first axis at a time (:data:`FPN_SLAB_BYTES` of
+    float32 per slab) into one channels-last map of ``channels`` and ``dtype``: ``c0`` is the stem map, ``p1`` the
+    8 mm level, ``lateral`` the lateral 1 x 1 convolution (with its input's dequantisation in int8) and ``finish`` what
+    follows the sum (int8: its quantisation; none: the float32 sum).
 
     Made whole, the lateral map, the upsampled coarser level and their sum (with int8, also the dequantised stem map
     and the sum's scaled copy) are float32 maps the size of the local map (a chest CT's 32 channels: 91 MB each),
     above the size that the allocator reuses (:mod:`samembed.allocator`): fresh memory that the system faults in and
     zeroes every time. Slabs of a few MB are reused. Every step is per voxel (the 1 x 1 convolution a product per
     voxel) and the upsampling copies values, so the map is the whole level's, bit for bit (tested)."""
+    c0c = crop(c0, 2, 28, 2)
+    up = crop.slices(tuple(2 * s for s in p1.shape[2:]), 2, 4, 2)  # the kept part of the upsampled 8 mm level
     planes = max(1, FPN_SLAB_BYTES // (4 * channels * int(np.prod(c0c.shape[3:]))))
     out = torch.empty((c0c.shape[0], channels, *c0c.shape[2:]), dtype=dtype, device=c0c.device,
                       memory_format=torch.channels_last_3d)
@@ -303,9 +305,8 @@ class SamLite(EmbeddingNet):
         p1 = _pointwise(self.l_lat[1], crop(c1, 4, 24, 4)) + crop(_up2(p2), 4, 8, 4)
         del c1, p2
         if c0.dim() == 5 and c0.device.type == "cpu" and not torch.is_grad_enabled():
-            p0 = fpn_top_in_slabs(functools.partial(_pointwise, self.l_lat[0]), crop(c0, 2, 28, 2), p1,
-                                  crop.slices(tuple(2 * s for s in p1.shape[2:]), 2, 4, 2), self.l_lat[0].weight.shape[0],
-                                  p1.dtype)
+            p0 = fpn_top_in_slabs(functools.partial(_pointwise, self.l_lat[0]), c0, p1, crop,
+                                  self.l_lat[0].weight.shape[0], p1.dtype)
         else:  # a radiograph's maps are small; on a GPU the whole level at once
             p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(_up2(p1), 2, 4, 2)
         del c0, p1
