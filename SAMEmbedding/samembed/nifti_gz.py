@@ -74,8 +74,7 @@ def read_nifti_gz(path: str | Path) -> tuple[np.ndarray, tuple, tuple, tuple] | 
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-        if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1
-                or tuple(reader.GetSize()) != tuple(dim[1:4]) or reader.GetPixelID() != _sitk_pixel(dtype)):
+        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or tuple(reader.GetSize()) != tuple(dim[1:4]):
             return None
         # the geometry as SimpleITK's reading of the image gives it: of its first voxel, read through the same
         # reader (the header's own values can differ in the sign of a zero, which the content hash would see)
@@ -84,16 +83,10 @@ def read_nifti_gz(path: str | Path) -> tuple[np.ndarray, tuple, tuple, tuple] | 
         first = reader.Execute()
     except RuntimeError:
         return None
+    if sitk.GetArrayViewFromImage(first).dtype != np.dtype(dtype):  # SimpleITK reads another type (its own mapping)
+        return None
     voxels = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dim[3], dim[2], dim[1])
     if voxels[0, 0, 0] != first[0, 0, 0]:
         return None
     return voxels, first.GetSpacing(), first.GetOrigin(), first.GetDirection()
 
-
-def _sitk_pixel(dtype: str) -> int:
-    """SimpleITK's pixel type of a numpy type."""
-    import SimpleITK as sitk
-
-    return {"<u1": sitk.sitkUInt8, "<i1": sitk.sitkInt8, "<i2": sitk.sitkInt16, "<u2": sitk.sitkUInt16,
-            "<i4": sitk.sitkInt32, "<u4": sitk.sitkUInt32, "<i8": sitk.sitkInt64, "<u8": sitk.sitkUInt64,
-            "<f4": sitk.sitkFloat32, "<f8": sitk.sitkFloat64}[dtype]
