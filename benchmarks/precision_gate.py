@@ -42,13 +42,17 @@ TOLERANCE_MM = 0.1
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="precision_gate.py")
     p.add_argument("--candidate", choices=["int8", "int8-int8", "int8-bf16"],
-                   help="default: what --precision auto runs on this CPU (int8-bf16 with native bfloat16, else "
-                        "int8-int8)")
+                   help="default: what --precision auto runs on this CPU with the shipped model (int8-bf16 with "
+                        "native bfloat16, else int8-int8 when its calibration has the global scales)")
     p.add_argument("--out", help="default: benchmarks/results/precision_<candidate>.md")
     args = p.parse_args(argv)
+    from samembed.embedding import resolve_precision
+    from samembed.models import load_model
     from samembed.networks.int8 import native_bf16
 
-    cand = args.candidate or ("int8-bf16" if native_bf16() else "int8-int8")
+    cand = args.candidate or resolve_precision("auto", load_model("default"), torch.device("cpu"))
+    if cand == "fp32":
+        p.error("the shipped model has no int8 calibration here: nothing to compare with float32")
     if cand == "int8-bf16" and not native_bf16():
         p.error("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): int8-bf16 cannot run here; use --candidate int8")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"precision_{cand.replace('-', '_')}.md")
