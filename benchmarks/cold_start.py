@@ -357,6 +357,8 @@ def run(argv: list[str]) -> int:
         # and searched)
         for mode, extra in (("ondemand", []), ("whole", ["--whole"]),
                             ("heatmaps", ["--heatmap-dir", str(work / f"{tag}_heatmaps")]),
+                            ("heatmaps_model", ["--heatmap-dir", str(work / f"{tag}_heatmaps_model"),
+                                                "--heatmap-grid", "model"]),
                             ("fallback", ["--prior-window", "0"])):
             out = work / f"{tag}_{mode}.csv"
             r = median_run([run_child(str(case.source), [str(case.target)], str(pts_csv), str(out), [*model, *extra])
@@ -559,14 +561,18 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
                          f"{el['registration_s'] / f:.1f}x |")
     if all("heatmaps" in r and "fallback" in r for r in rows):
         lines += ["", "The command's other paths, one fresh process each (no cache): `--heatmap-dir` (a heatmap per point, "
-                  "over the target's search mask; the searches as the default path's), and `--prior-window 0` (no "
-                  "window: every body voxel of both images embedded and searched, as when no prior can be trusted):",
-                  "", "| pair | heatmaps process s | peak RSS GB | CPU user + sys s | no window process s | peak RSS GB | "
-                  "CPU user + sys s | mean error no window mm |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "over the target's search mask; the searches as the default path's), in the target's geometry and "
+                  "on the model's grid (`--heatmap-grid model`: the same maps at their own resolution), and "
+                  "`--prior-window 0` (no window: every body voxel of both images embedded and searched, as when no "
+                  "prior can be trusted):",
+                  "", "| pair | heatmaps process s | peak RSS GB | CPU user + sys s | heatmaps on the model grid process "
+                  "s | peak RSS GB | no window process s | peak RSS GB | CPU user + sys s | mean error no window mm |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            h, f = r["heatmaps"], r["fallback"]
+            h, f, hm = r["heatmaps"], r["fallback"], r.get("heatmaps_model")
             cpu = [f"{x['user_s']:.1f} + {x['sys_s']:.1f}" if "sys_s" in x else "-" for x in (h, f)]
-            lines.append(f"| {r['case']} | {h['process_s']:.1f} | {h['peak_rss_gb']:.2f} | {cpu[0]} | "
+            small = f"{hm['process_s']:.1f} | {hm['peak_rss_gb']:.2f}" if hm else "- | -"  # not in runs before it
+            lines.append(f"| {r['case']} | {h['process_s']:.1f} | {h['peak_rss_gb']:.2f} | {cpu[0]} | {small} | "
                          f"{f['process_s']:.1f} | {f['peak_rss_gb']:.2f} | {cpu[1]} | {r['fallback_err']:.2f} |")
     if plot:
         lines += ["", f"![Each process's wall time by stage: cold SAM above elastix, per pair]({plot})"]

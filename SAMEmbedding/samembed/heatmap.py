@@ -6,6 +6,11 @@ match keeps only each point's similarities on the model's grid (4 mm: about 5 MB
 voxel made once per target. Writing the heatmaps of 50 points then holds one of them at a time, not 50 (that CT's
 50 heatmaps took a peak RSS of 9.1 GB when they were all made first).
 
+The map can also be read on its own grid, the model's (:meth:`Heatmaps.on_model_grid`, ``samembed match
+--heatmap-grid model``): the same values, one per model voxel, in the same physical space, so a viewer overlays it
+on the target as it would the full-size image; the chest CT's 50 maps are then 50 x 2.7 MB of float32 to write
+instead of 50 x 140 MB.
+
 Torch-free (numpy, SimpleITK, :mod:`samembed.image`): a :class:`~samembed.result.MatchResult` with heatmaps pickles
 to, and is read in, a process that never loads torch (Slicer's main process).
 """
@@ -53,9 +58,17 @@ def heatmap_from_lookup(values: np.ndarray, lookup: np.ndarray, image_grid: Grid
     """
     v = np.asarray(values, dtype=np.float32).reshape(-1)
     table = np.empty(len(v) + 1, dtype=np.float32)
-    table[:-1] = np.clip(np.where(np.isfinite(v), v, np.float32(-1.0)), -1.0, 1.0)
+    table[:-1] = heatmap_values(v)
     table[-1] = -1.0  # outside the model grid
     return Image(np.take(table, lookup, out=out), image_grid, name)
+
+
+def heatmap_values(values: np.ndarray) -> np.ndarray:
+    """A heatmap's value of each similarity in ``values``: float32 in [-1, 1], -1 where it was not computed (-inf or
+    NaN: outside the search mask). The one rule for both grids (:func:`heatmap_from_lookup`,
+    :meth:`Heatmaps.on_model_grid`)."""
+    v = np.asarray(values, dtype=np.float32)
+    return np.clip(np.where(np.isfinite(v), v, np.float32(-1.0)), -1.0, 1.0)
 
 
 def heatmap_on_grid(values_zyx: np.ndarray, model_grid: Grid, image_grid: Grid, name: str = "heatmap") -> Image:
@@ -106,6 +119,19 @@ class Heatmaps(Mapping):
     def image_grid(self, key: tuple[int, str]) -> Grid:
         """The voxel grid of the heatmap ``key``: its target's."""
         return self._where[key][0].image_grid
+
+    def model_grid(self, key: tuple[int, str]) -> Grid:
+        """The model's grid of the heatmap ``key``: the voxels its similarities were computed on (the local map's;
+        4 mm for the CT models), in its target's physical space."""
+        return self._where[key][0].model_grid
+
+    def on_model_grid(self, key: tuple[int, str]) -> Image:
+        """The heatmap ``key`` on its own grid (:meth:`model_grid`) instead of its target's: one value per model
+        voxel, the value :meth:`make` gives every target voxel whose centre falls in it (-1 where not computed), in
+        the same physical space. A viewer (Slicer, ITK-SNAP) overlays it on the target as it does the full-size
+        image. A new float32 array of the model grid's shape (zyx)."""
+        held, n, name = self._where[key]
+        return Image(heatmap_values(held.rows[n]).reshape(held.model_grid.shape_zyx), held.model_grid, name)
 
     def make(self, key: tuple[int, str], out: np.ndarray | None = None) -> Image:
         """The heatmap ``key`` as an image, made now; ``out``: a float32 array of its grid's shape (zyx) to make it

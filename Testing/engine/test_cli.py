@@ -119,6 +119,34 @@ def test_the_heatmaps_are_written_after_the_engine_and_its_images_are_freed_and_
 
 
 @pytest.mark.needs_data
+def test_heatmaps_on_the_models_grid_are_the_full_size_ones_at_the_maps_own_resolution(tmp_path, two_cts, a_points_csv):
+    """``--heatmap-grid model`` writes each map on the model's grid (its own voxels, in the target's physical space):
+    put onto the target's voxels (each takes the model voxel its centre falls in) it is the ``--heatmap-grid image``
+    file, bit for bit, and the matches are the same."""
+    from samembed.heatmap import voxel_lookup
+    from samembed.io import read_image
+
+    pts_path, _ = a_points_csv
+    files = {}
+    for grid in ("image", "model"):
+        out = tmp_path / f"{grid}.csv"
+        assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                     "--heatmap-dir", str(tmp_path / grid), "--heatmap-grid", grid, "--model", "random:sam-lite",
+                     "--device", "cpu", "--quiet"]) == 0
+        files[grid] = sorted((tmp_path / grid).glob("*_heatmap.nii.gz"))
+    assert (tmp_path / "image.csv").read_text() == (tmp_path / "model.csv").read_text()
+    assert [f.name for f in files["image"]] == [f.name for f in files["model"]] and len(files["model"]) == 2
+    target_grid = read_image(two_cts[1]).grid
+    for big_file, small_file in zip(files["image"], files["model"]):
+        big, small = read_image(big_file), read_image(small_file)
+        assert big.grid.shape_zyx == target_grid.shape_zyx
+        assert small.grid.shape_zyx != big.grid.shape_zyx  # the model's grid (this network's: 2 mm), not the CT's
+        assert float(small.array.max()) > -1.0  # a map, not only the outside value
+        lookup = voxel_lookup(small.grid, big.grid)
+        np.testing.assert_array_equal(np.append(small.array.reshape(-1), np.float32(-1.0))[lookup], big.array)
+
+
+@pytest.mark.needs_data
 def test_match_into_a_folder_writes_one_markups_file_per_target_in_ras(tmp_path, two_cts, a_points_csv):
     pts_path, pts = a_points_csv
     ras_csv = tmp_path / "ras.csv"
@@ -279,7 +307,9 @@ def test_bad_output_places_are_refused_before_torch_loads(tmp_path, two_cts, a_p
              (["--out", str(tmp_path / "a_file") + "/"], f"--out {tmp_path / 'a_file'}: is a file, expected a folder"),
              (["--out", str(tmp_path / "m.csv"), "--points", str(tmp_path / "a_folder")],
               f"{tmp_path / 'a_folder'}: is a folder, expected a point file"),
-             (["--out", str(tmp_path / "m.csv")], "nosuch.nii.gz: file not found")]
+             (["--out", str(tmp_path / "m.csv")], "nosuch.nii.gz: file not found"),
+             (["--out", str(tmp_path / "m.csv"), "--heatmap-grid", "model"],
+              "--heatmap-grid model says how to write heatmaps; give --heatmap-dir DIR too")]
     code = ("import sys, samembed.cli as c; code = c.main(sys.argv[1:]); "
             "print('TORCH', 'torch' in sys.modules, file=sys.stderr); sys.exit(code)")
     for extra, expected in cases:

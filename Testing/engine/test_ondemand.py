@@ -433,6 +433,7 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
 def test_a_heatmap_covers_the_search_mask_with_the_whole_maps_values_and_embeds_no_air(pair):
     """A heatmap over the search mask (the body) holds the whole-volume map's similarities; every other voxel is -1,
     and the target's local map is not embedded there (a head-and-neck CT's body is about a tenth of its grid)."""
+    from samembed.heatmap import voxel_lookup
     from samembed.matcher import heatmap_image, nearest_voxel_lps, query_vectors, similarity
 
     _, src, tgt, pts, whole = pair
@@ -450,6 +451,18 @@ def test_a_heatmap_covers_the_search_mask_with_the_whole_maps_values_and_embeds_
         want = heatmap_image(full[n].masked_fill(~allowed, float("-inf")), ref_tgt).array
         np.testing.assert_allclose(hm, want, atol=1e-5, rtol=0)
         assert float((hm > -1).mean()) < 0.5 and float(hm.max()) > 0.5
+        # on the model's grid (--heatmap-grid model): each model voxel's value, which the full-size map gives every
+        # target voxel whose centre falls in it, bit for bit; the match's score is its value at the match
+        small = res.heatmaps.on_model_grid((0, lab))
+        assert small.grid is res.heatmaps.model_grid((0, lab))
+        assert small.grid.shape_zyx == tmaps.local_grid.shape_zyx
+        np.testing.assert_array_equal(small.grid.ijk_to_lps, tmaps.local_grid.ijk_to_lps)
+        assert small.array.dtype == np.float32 and small.array.shape == tmaps.local_grid.shape_zyx
+        lookup = voxel_lookup(small.grid, res.heatmaps.image_grid((0, lab)))
+        np.testing.assert_array_equal(np.append(small.array.reshape(-1), np.float32(-1.0))[lookup], hm)
+        m = res.matches[n]
+        at = tuple(np.round(small.grid.lps_to_index(np.asarray(m.point_lps_mm)[None])[0][::-1]).astype(int))
+        assert abs(float(small.array[at]) - m.score) <= 1e-6
 
 
 @pytest.mark.needs_data
