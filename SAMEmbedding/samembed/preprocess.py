@@ -80,13 +80,39 @@ def pad_to_multiple(arr: np.ndarray, multiple_zyx: tuple[int, ...], value: float
     return np.pad(arr, pads, mode="constant", constant_values=value)
 
 
+#: a 3D image is CT when this percentile of its values (every 16th slice or so) is at most :data:`CT_AIR_HU`
+MODALITY_PERCENTILE = 0.5
+#: air in Hounsfield units, with a margin: MRI and PET values are not that negative
+CT_AIR_HU = -500.0
+
+
 def detect_modality(image: Image) -> Modality:
-    """Guess the modality: 2D images are radiographs; 3D images whose values reach below -500 are CT (air in HU)."""
+    """Guess the modality: 2D images are radiographs; 3D images whose values reach below -500 are CT (air in HU):
+    the :data:`MODALITY_PERCENTILE` percentile of about 16 of its slices at most :data:`CT_AIR_HU`."""
     if image.ndim == 2:
         return "xray"
-    lo = float(np.percentile(image.array[:: max(1, image.array.shape[0] // 16)], 0.5))
+    return "ct" if _percentile_at_most(image.array[:: max(1, image.array.shape[0] // 16)], MODALITY_PERCENTILE,
+                                       CT_AIR_HU) else "mri"
 
-    return "ct" if lo <= -500.0 else "mri"  # MRI and PET values are not that negative
+
+def _percentile_at_most(values: np.ndarray, q: float, limit: float) -> bool:
+    """``np.percentile(values, q) <= limit`` (numpy's default, linear interpolation between the two order statistics
+    around ``q``), for integer voxels decided by counting the values at most ``limit`` instead of sorting: when both
+    order statistics lie on the same side of ``limit`` the interpolated value does too (numpy's interpolation of two
+    integers stays between them, exactly), so the count decides; only when ``limit`` falls between them is the
+    percentile computed. The same answer always; a few ms instead of 35-40 ms for the 2 M voxels of a chest CT's 16
+    slices (every image of a cold match is checked, in the prefetch process that the match waits for). Other types
+    (floats, which may hold NaN) take ``np.percentile``."""
+    n = values.size
+    if n == 0 or values.dtype.kind not in "iub":
+        return bool(np.percentile(values, q) <= limit)
+    k = int(np.floor(q / 100.0 * (n - 1)))  # the lower order statistic's rank (0-based); the upper one is k + 1
+    at_most = int(np.count_nonzero(values <= limit))
+    if at_most >= min(k + 2, n):  # both order statistics at most the limit
+        return True
+    if at_most <= k:  # the lower one, and so the interpolated value, above it
+        return False
+    return bool(np.percentile(values, q) <= limit)
 
 
 def _orient_lps(img):

@@ -27,6 +27,32 @@ def test_modality_is_detected_from_the_value_range():
     assert (detect_modality(ct), detect_modality(mr), detect_modality(xr)) == ("ct", "mri", "xray")
 
 
+def test_the_modality_check_by_counting_gives_numpys_percentile_answer():
+    """``detect_modality``'s percentile test decides by counting for integer voxels and computes the percentile only
+    when the limit falls between the two order statistics: the answer of ``np.percentile(values, q) <= limit`` for
+    every type, size (one value, ranks at the ends), percentile and limit, NaN in floats included, on 16000 cases
+    drawn near the limit."""
+    from samembed.preprocess import _percentile_at_most
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(1000):
+        size = int(rng.integers(1, 300))
+        dtype = [np.int16, np.int32, np.uint8, np.uint16, np.float32, np.float64][trial % 6]
+        signed = np.dtype(dtype).kind != "u"
+        pool = np.array([-1000, -501, -500, -499, 0, 3] if signed else [0, 1, 2, 3, 200])
+        values = (rng.choice(pool, size) if trial % 2 else rng.integers(*((-1100, 300) if signed else (0, 255)), size))
+        values = values.astype(dtype)
+        if np.dtype(dtype).kind == "f" and trial % 5 == 0:
+            values[rng.integers(0, size)] = np.nan
+        for q in (0.0, 0.5, 50.0, 100.0):
+            for limit in (-500.0, -1000.0, 0.0, 2.0):
+                assert _percentile_at_most(values, q, limit) == bool(np.percentile(values, q) <= limit), \
+                    (dtype, size, q, limit)
+                checked += 1
+    assert checked == 16000
+
+
 def test_resampling_is_corner_aligned_with_ceil_sizes():
     arr = np.random.default_rng(0).normal(size=(10, 33, 31)).astype(np.float32) * 100
     img = Image.from_array(arr, spacing_mm=(0.7, 0.7, 2.5), origin_lps_mm=(1.0, 2.0, 3.0))
