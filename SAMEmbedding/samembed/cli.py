@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -299,6 +300,21 @@ def _output_folder(flag: str, folder: Path) -> None:
         raise InputError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
 
 
+#: heatmaps on the targets' voxels above this many bytes of float32 (to make, round and compress) get a hint
+HEATMAP_HINT_BYTES = 1 << 30
+
+
+def heatmap_grid_hint(n_maps: int, image_voxels: int, model_voxels: int) -> str | None:
+    """What to tell a user about to write ``n_maps`` heatmaps on the targets' voxels (``image_voxels`` in all) whose
+    maps have ``model_voxels`` values in all: when that is more than :data:`HEATMAP_HINT_BYTES` of float32 and at
+    least 4x the maps' own values, that ``--heatmap-grid model`` writes the same maps much faster; else None."""
+    if image_voxels * 4 < HEATMAP_HINT_BYTES or image_voxels < 4 * max(model_voxels, 1):
+        return None
+    return (f"writing {n_maps} heatmap(s) on the targets' voxels: {image_voxels * 4 / 1e9:.1f} GB of float32 to "
+            f"compress, {image_voxels / max(model_voxels, 1):.0f}x the maps' own values; --heatmap-grid model writes "
+            "the same maps on the model's grid, in the same physical space, in a fraction of the time")
+
+
 def _heatmap_names(ids: list[str], labels: list[str]) -> dict[tuple[int, str], str]:
     """The heatmap file name of every (target index, label): ``<target id>_<label>_heatmap.nii.gz``
     (:func:`samembed.names.label_ids`), made unique where a target id and a label run together the same way
@@ -375,6 +391,12 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
             wrote.add("csv")
     if not args.heatmap_dir or not any(len(res.heatmaps) for res in done):
         return
+    if args.heatmap_grid == "image":
+        keys = [(res, key) for res in done for key in res.heatmaps]
+        hint = heatmap_grid_hint(len(keys), sum(math.prod(r.heatmaps.image_grid(k).shape_zyx) for r, k in keys),
+                                 sum(math.prod(r.heatmaps.model_grid(k).shape_zyx) for r, k in keys))
+        if hint:
+            log.info("%s", hint)
     import gc
     from concurrent.futures import ThreadPoolExecutor
 

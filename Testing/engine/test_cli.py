@@ -146,6 +146,17 @@ def test_heatmaps_on_the_models_grid_are_the_full_size_ones_at_the_maps_own_reso
         np.testing.assert_array_equal(np.append(small.array.reshape(-1), np.float32(-1.0))[lookup], big.array)
 
 
+def test_many_large_heatmaps_on_the_targets_voxels_come_with_a_hint_of_the_models_grid():
+    """50 heatmaps of a 512 x 512 x 133 chest CT (7 GB of float32 to compress, 49x the maps' own 4 mm values) get the
+    hint; a few head-and-neck maps, or maps whose grid is as fine as the image's, do not."""
+    from samembed.cli import heatmap_grid_hint
+
+    hint = heatmap_grid_hint(50, 50 * 512 * 512 * 133, 50 * 92 * 92 * 84)
+    assert hint is not None and "7.0 GB" in hint and "49x" in hint and "--heatmap-grid model" in hint
+    assert heatmap_grid_hint(5, 5 * 128**3, 5 * 32 * 32 * 40) is None  # 42 MB
+    assert heatmap_grid_hint(300, 300 * 128**3, 300 * 128 * 128 * 80) is None  # large, but the grids are alike
+
+
 @pytest.mark.needs_data
 def test_match_into_a_folder_writes_one_markups_file_per_target_in_ras(tmp_path, two_cts, a_points_csv):
     pts_path, pts = a_points_csv
