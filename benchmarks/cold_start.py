@@ -401,10 +401,12 @@ def run(argv: list[str]) -> int:
                  "mean_err": float(np.mean(errs)), "n_points": len(errs)}
         print(f"atlas: {r['process_s']:.1f} s, per target {r['per_target_s']}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    threads = run_threads()
     (work / "cold_start.json").write_text(json.dumps({"rows": rows, "atlas": atlas, "load_at_start": load_at_start,
-                                                      "model": args.model}, indent=1, default=str))
-    Path(args.out).write_text(report(rows, atlas, load_at_start, plot=_plot_path(args.out).name, model=args.model))
-    print(f"wrote {args.out} and {plot_stages(rows, _plot_path(args.out))}")
+                                                      "model": args.model, "threads": threads}, indent=1, default=str))
+    Path(args.out).write_text(report(rows, atlas, load_at_start, plot=_plot_path(args.out).name, model=args.model,
+                                     threads=threads))
+    print(f"wrote {args.out} and {plot_stages(rows, _plot_path(args.out), threads)}")
     return 0
 
 
@@ -430,7 +432,14 @@ def _fmt_stages(run: dict) -> str:
     return ", ".join(f"{k} {stages[k]:.2f}" for k in (*ORDER, "start and exit") if k in stages and stages[k] >= 0.005)
 
 
-def plot_stages(rows: list[dict], path: Path) -> Path:
+def run_threads() -> dict[str, str]:
+    """The threads of this run's processes: torch's (``OMP_NUM_THREADS``, 1 unless set: :func:`run_child`) and
+    elastix's (``SAMEMBED_ELASTIX_THREADS``, 1 unless set: :func:`main`). Set both to the core count to measure the
+    tools as a new user runs them (each with its default threads)."""
+    return {"torch": os.environ.get("OMP_NUM_THREADS", "1"), "elastix": os.environ.get("SAMEMBED_ELASTIX_THREADS", "1")}
+
+
+def plot_stages(rows: list[dict], path: Path, threads: dict[str, str] | None = None) -> Path:
     """A bar per process, split by stage (seconds): each pair's cold SAM run (its median run's exclusive stage
     times, and the process's start and exit) above elastix's process (its imports and reading, then the
     registration). Written to ``path`` (PNG); returns it."""
@@ -467,7 +476,10 @@ def plot_stages(rows: list[dict], path: Path) -> Path:
         left = [sum(b.get(h, 0.0) for h in list(groups)[:list(groups).index(g)]) for b in bars]
         ax.barh(y, [b.get(g, 0.0) for b in bars], left=left, color=colours[g], label=g, height=0.7)
     ax.set_yticks(y, labels, fontsize=7)
-    ax.set_xlabel("wall seconds, fresh process, no cache (1 thread each)")
+    threads = threads or {"torch": "1", "elastix": "1"}  # a run before the threads were recorded: one each
+    each = (f"{threads['torch']} thread(s) each" if threads["torch"] == threads["elastix"]
+            else f"torch {threads['torch']}, elastix {threads['elastix']} thread(s)")
+    ax.set_xlabel(f"wall seconds, fresh process, no cache ({each})")
     ax.set_title("Cold samembed match against elastix affine + B-spline, by stage")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
@@ -491,9 +503,14 @@ def _plot_path(report_md: str | Path) -> Path:
 
 
 def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = None, plot: str | None = None,
-           model: str = "default") -> str:
+           model: str = "default", threads: dict[str, str] | None = None) -> str:
     """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios;
-    ``plot`` names the stage plot beside it (:func:`plot_stages`); ``model`` is SAM's (``--model``)."""
+    ``plot`` names the stage plot beside it (:func:`plot_stages`); ``model`` is SAM's (``--model``); ``threads``
+    the run's (:func:`run_threads`; one each for a run before they were recorded)."""
+    threads = threads or {"torch": "1", "elastix": "1"}
+    env_prefix = "".join(f"{var}={threads[key]} " for var, key in (("OMP_NUM_THREADS", "torch"),
+                                                                   ("SAMEMBED_ELASTIX_THREADS", "elastix"))
+                         if threads[key] != "1")
     import platform
 
     import numpy as np
@@ -508,12 +525,12 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores (1-minute load average {start}{load[0]:.1f} at the "
         "end; the run's own processes count in it). Every number is wall time; on a shared VM absolute times vary "
         "from run to run, so the ratios, measured side by side, are the meaningful numbers. SAM: torch, OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', '1')}, model `{model}` ({'sam-lite-ct, ' if model == 'default' else ''}`--precision auto`: its int8 local "
+        f"{threads['torch']}, model `{model}` ({'sam-lite-ct, ' if model == 'default' else ''}`--precision auto`: its int8 local "
         f"branch, {'and its global branch in bfloat16, which this CPU has natively' if _native_bf16() else 'and its global branch in float32 (this CPU has no native bfloat16)'}), and, as `samembed match` does, a second process that reads and preprocesses the source "
         "and the first target while torch loads (`samembed.prefetch`, one ITK thread). elastix: "
-        f"{os.environ.get('SAMEMBED_ELASTIX_THREADS', 'default')} thread(s), `samembed_bench.registration` settings "
+        f"{threads['elastix']} thread(s), `samembed_bench.registration` settings "
         "(similarity + affine, then B-spline). ITK's own filters (reading, SAM's resampling) use ITK's default "
-        "threads on both sides. Command: `python benchmarks/cold_start.py run"
+        f"threads on both sides. Command: `{env_prefix}python benchmarks/cold_start.py run"
         f"{'' if model == 'default' else f' --model {model}'}`.",
         "",
         "`process s` is the fresh process's wall time (interpreter start, imports, reading, everything); "
@@ -646,8 +663,9 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv[1:])
         data = json.loads(Path(args.json).read_text())
         Path(args.out).write_text(report(data["rows"], data.get("atlas"), data.get("load_at_start"),
-                                         plot=_plot_path(args.out).name, model=data.get("model", "default")))
-        print(f"wrote {args.out} and {plot_stages(data['rows'], _plot_path(args.out))}")
+                                         plot=_plot_path(args.out).name, model=data.get("model", "default"),
+                                         threads=data.get("threads")))
+        print(f"wrote {args.out} and {plot_stages(data['rows'], _plot_path(args.out), data.get('threads'))}")
         return 0
     raise SystemExit("usage: cold_start.py run [--out MD] | report JSON [--out MD] | child ... | elastix ...")
 
