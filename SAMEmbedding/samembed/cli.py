@@ -693,8 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--heatmap-grid", choices=("image", "model"), default="image",
                    help="the heatmaps' voxels: the target's own (image, the default) or the model's grid (model: the "
                         "map's own resolution, 4 mm for CT, in the same physical space, so a viewer overlays it on "
-                        "the target; a chest CT's heatmap 2.7 MB instead of 140 MB of float32, written about 50x "
-                        "faster)")
+                        "the target; a chest CT's heatmap 2.7 MB instead of 140 MB of float32: 50 of them written "
+                        "in 1 s instead of 10 s)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
     _add_match_options(m, "same-patient; between-patients with --atlas/--atlases")
