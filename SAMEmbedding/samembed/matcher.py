@@ -173,6 +173,26 @@ def box_masks(lo_zyx: np.ndarray, hi_zyx: np.ndarray, shape_zyx: tuple[int, ...]
     return out.reshape(n, int(np.prod(shape_zyx)))
 
 
+def box_max(values: torch.Tensor, lo_zyx: np.ndarray, hi_zyx: np.ndarray,
+            shape_zyx: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(maxima (N,), flat indices (N,))`` of each row of ``values`` (N, V), a map over a grid of ``shape_zyx``,
+    within its inclusive box ``lo_zyx[n]..hi_zyx[n]`` (as :func:`box_masks`): what ``values.masked_fill(~box_masks(
+    ...), -inf).max(1)`` gives, the first maximum in flat order, and index 0 for a box without a value above -inf,
+    without the (N, V) masked copy and masks (50 windows on LIDC-0001's local grid: 142 MB and 36 MB)."""
+    n = values.shape[0]
+    vol = values.view(n, *shape_zyx)
+    maxima = torch.empty(n, dtype=values.dtype, device=values.device)
+    flat = torch.zeros(n, dtype=torch.int64)
+    for i in range(n):
+        a, b = np.asarray(lo_zyx[i], dtype=np.int64), np.asarray(hi_zyx[i], dtype=np.int64)
+        sub = vol[i][tuple(slice(int(x), int(y) + 1) for x, y in zip(a, b))]
+        m, k = sub.reshape(-1).max(0)  # C order within the box: its first maximum is the row's first in flat order
+        maxima[i] = m
+        if bool(m > float("-inf")):
+            flat[i] = int(np.ravel_multi_index(tuple(np.unravel_index(int(k), tuple(sub.shape)) + a), shape_zyx))
+    return maxima, flat
+
+
 def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive (N, d) local-grid (k, j, i) corners of +-``window_mm`` boxes around LPS mm points (clipped to the
     grid), e.g. to embed on demand the tiles a windowed search around those points will read."""
@@ -327,15 +347,21 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
         zyx = np.concatenate([p[2] for p in parts])
     else:
         sim = similarity(queries, target, allowed)  # -inf outside the search mask (a heatmap shows -1 there)
-        searched = allowed[None]
-        if windows is not None:  # the same boxes as the sparse search, as (N, V) masks
-            lo, hi, _ = windows
-            searched = searched & box_masks(lo, hi, grid.shape_zyx).to(allowed.device)
-        masked = sim.masked_fill(~searched, float("-inf"))
-        scores, flat = masked.max(1)
+        if windows is None:
+            scores, flat = sim.max(1)
 
-        def value_at(rows, flat_idx):
-            return masked[rows, flat_idx.to(masked.device)].cpu()
+            def value_at(rows, flat_idx):
+                return sim[rows, flat_idx.to(sim.device)].cpu()
+        else:  # the same boxes as the sparse search, each row's maximum within its own (no masked copy of sim)
+            lo, hi, _ = windows
+            scores, flat = box_max(sim, lo, hi, grid.shape_zyx)
+
+            def value_at(rows, flat_idx):
+                v = sim[rows, flat_idx.to(sim.device)].cpu()
+                zyx = np.stack(np.unravel_index(flat_idx.cpu().numpy(), grid.shape_zyx), 1)
+                r = rows.cpu().numpy()
+                inside = torch.from_numpy(((zyx >= lo[r]) & (zyx <= hi[r])).all(1))
+                return v.masked_fill(~inside, float("-inf"))
         zyx = _subvoxel(value_at, flat, grid.shape_zyx)
     ijk = zyx[:, ::-1]
     pts = grid.index_to_lps(ijk)
