@@ -193,6 +193,16 @@ def box_max(values: torch.Tensor, lo_zyx: np.ndarray, hi_zyx: np.ndarray,
     return maxima, flat
 
 
+def in_boxes(flat: torch.Tensor, rows: torch.Tensor, lo_zyx: np.ndarray, hi_zyx: np.ndarray,
+             shape_zyx: tuple[int, ...]) -> torch.Tensor:
+    """(M,) bool on the CPU: flat voxel ``flat[m]`` of a grid of ``shape_zyx`` lies in the inclusive box of query
+    ``rows[m]`` (``lo_zyx[rows[m]]..hi_zyx[rows[m]]``, as :func:`box_masks`): a windowed search's value outside its
+    window is -inf."""
+    zyx = np.stack(np.unravel_index(flat.cpu().numpy(), shape_zyx), 1)
+    r = rows.cpu().numpy()
+    return torch.from_numpy(((zyx >= lo_zyx[r]) & (zyx <= hi_zyx[r])).all(1))
+
+
 def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive (N, d) local-grid (k, j, i) corners of +-``window_mm`` boxes around LPS mm points (clipped to the
     grid), e.g. to embed on demand the tiles a windowed search around those points will read."""
@@ -301,9 +311,7 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
         v = (q[rows].float() * target.rows_at(flat_idx)).sum(1) / 2.0
         v = v.masked_fill(~allowed[flat_idx.to(allowed.device)].to(v.device), float("-inf"))
         if lo is not None:  # outside the query's window
-            zyx = torch.from_numpy(np.stack(np.unravel_index(flat_idx.numpy(), shape), 1))
-            inside = ((zyx >= torch.from_numpy(lo[rows.numpy()])) & (zyx <= torch.from_numpy(hi[rows.numpy()]))).all(1)
-            v = v.masked_fill(~inside.to(v.device), float("-inf"))
+            v = v.masked_fill(~in_boxes(flat_idx, rows, lo, hi, shape).to(v.device), float("-inf"))
         return v.cpu()
 
     return scores, flat, value_at
@@ -358,10 +366,7 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
 
             def value_at(rows, flat_idx):
                 v = sim[rows, flat_idx.to(sim.device)].cpu()
-                zyx = np.stack(np.unravel_index(flat_idx.cpu().numpy(), grid.shape_zyx), 1)
-                r = rows.cpu().numpy()
-                inside = torch.from_numpy(((zyx >= lo[r]) & (zyx <= hi[r])).all(1))
-                return v.masked_fill(~inside, float("-inf"))
+                return v.masked_fill(~in_boxes(flat_idx, rows, lo, hi, grid.shape_zyx), float("-inf"))
         zyx = _subvoxel(value_at, flat, grid.shape_zyx)
     ijk = zyx[:, ::-1]
     pts = grid.index_to_lps(ijk)
