@@ -53,10 +53,6 @@ def _worktree(rev: str, folder: Path) -> Path:
     return folder
 
 
-#: ``samembed match --model`` arguments of every cold run (``--model``; none: the default model)
-MODEL_ARGS: tuple[str, ...] = ()
-
-
 def _cold(root: Path, source: str, target: str | list[str], points: str, out: Path,
           extra: tuple[str, ...] = ()) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (GB) and minor page faults (the process and its prefetch process: first touches of
@@ -68,7 +64,7 @@ def _cold(root: Path, source: str, target: str | list[str], points: str, out: Pa
     t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "cold_start.py"), "child", "--json",
                            str(out.with_suffix(".json")), source, *([target] if isinstance(target, str) else target), "--points", points,
-                           "--out", str(out), *extra, *MODEL_ARGS],
+                           "--out", str(out), *extra],
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     faults = cpu_use(use0)["minor_faults"]
@@ -169,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "default model)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
     args = p.parse_args(argv)
-    global MODEL_ARGS
-    MODEL_ARGS = ("--model", args.model) if args.model else ()
+    model = ("--model", args.model) if args.model else ()  # samembed match's arguments of every cold run
     work = REPO / "cache" / "cold_ab"
     work.mkdir(parents=True, exist_ok=True)
     base = _worktree(args.base, work / "base")
@@ -187,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in [] if args.no_pairs else cold_cases(args.suites, args.openkbp_pairs):
         tag, pts = case_points(work, case)
         runs = _alternating(args.reps, base, lambda name, root, c=case, p=pts, t=tag: _cold(
-            root, str(c.source), str(c.target), str(p), work / f"{t}_{name}.csv"))
+            root, str(c.source), str(c.target), str(p), work / f"{t}_{name}.csv", model))
         times = {k: [r[0] for r in v] for k, v in runs.items()}
         rss = {k: [r[1] for r in v] for k, v in runs.items()}
         faults = {k: [r[2] for r in v] for k, v in runs.items()}
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = work / f"{t}_{name}_heatmaps"
             shutil.rmtree(folder, ignore_errors=True)
             return _cold(root, str(c.source), str(c.target), str(p), work / f"{t}_{name}_heatmaps.csv",
-                         ("--heatmap-dir", str(folder)))
+                         ("--heatmap-dir", str(folder), *model))
 
         runs = _alternating(args.reps, base, heatmap_run)
         times = {k: [r[0] for r in v] for k, v in runs.items()}
@@ -227,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def atlas_run(name: str, root: Path) -> tuple[float, float]:
             out = work / f"atlas_{name}.csv"
-            seconds, _, _ = _cold(root, str(kbp[0].source), [str(c.target) for c in targets], str(pts), out)
+            seconds, _, _ = _cold(root, str(kbp[0].source), [str(c.target) for c in targets], str(pts), out, model)
             marks = json.loads(out.with_suffix(".json").read_text())["per_target_s"][:len(targets)]
             return seconds, float(np.mean(marks))
 
