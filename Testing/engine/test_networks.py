@@ -179,6 +179,32 @@ def test_the_inference_copy_folds_batch_norms_and_embeds_as_the_trained_network(
     assert all(torch.equal(before[k], after[k]) for k in before), "the trainable network was changed"
 
 
+def test_adding_the_upsampled_coarser_level_in_place_is_adding_its_upsampled_crop_bit_for_bit():
+    """The FPN's top level adds the coarser level without upsampling it (``add_upsampled_``): for every start and
+    size of the finer part, odd or even, in 2D and 3D, channels-first or channels-last, the sums are those of adding
+    the crop of ``F.interpolate(coarse, scale_factor=2)``, bit for bit."""
+    from samembed.networks.lite import add_upsampled_
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(240):
+        nd = 3 if trial % 3 else 2
+        fmt = torch.channels_last_3d if nd == 3 else torch.channels_last
+        sizes = [int(v) for v in torch.randint(1, 7, (nd,), generator=g)]
+        coarse = torch.randn(1, 4, *sizes, generator=g)
+        start = [int(torch.randint(0, 2 * c, (1,), generator=g)) for c in sizes]
+        n = [int(torch.randint(1, 2 * c - s + 1, (1,), generator=g)) for c, s in zip(sizes, start)]
+        fine = torch.randn(1, 4, *n, generator=g)
+        if trial % 2:
+            coarse = coarse.contiguous(memory_format=fmt)
+        if trial % 4 == 1:
+            fine = fine.contiguous(memory_format=fmt)
+        up = torch.nn.functional.interpolate(coarse, scale_factor=2.0, mode="nearest")
+        want = fine + up[(slice(None), slice(None), *(slice(s, s + k) for s, k in zip(start, n)))]
+        got = fine.clone()
+        assert add_upsampled_(got, coarse, tuple(start)) is got
+        assert torch.equal(got, want), (sizes, start, n)
+
+
 @pytest.mark.parametrize("model_name", ["default", "sam-lite-ct-fast", "sam-lite-2d-hand"])
 def test_the_core_of_a_tile_is_the_whole_map_there_and_the_output_layer_runs_on_the_core_only(model_name):
     """``forward_local_core`` crops each layer to what the next ones read; the core must equal the whole map's

@@ -119,8 +119,9 @@ def _quant(x: torch.Tensor, qp: tuple[float, int]) -> torch.Tensor:
 
 
 def _deq(q: torch.Tensor, qp: tuple[float, int]) -> torch.Tensor:
-    """A uint8 map's float32 values."""
-    return (q.float() - qp[1]) * qp[0] if qp[1] else q.float() * qp[0]
+    """A uint8 map's float32 values (computed in the one new float32 map)."""
+    f = q.to(torch.float32, copy=True)
+    return (f.sub_(qp[1]) if qp[1] else f).mul_(qp[0])
 
 
 class SamLiteInt8(nn.Module):
