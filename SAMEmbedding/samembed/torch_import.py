@@ -42,6 +42,7 @@ import sys
 import types
 
 from .collector import freeze_imported, pause_collection
+from .realpaths import memoise_realpath, restore_realpath
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,15 @@ def _unbind(name: str) -> None:
 
 def before_torch_import() -> bool:
     """In a process of the engine's own, before torch is imported: pause the garbage collector
-    (:func:`samembed.collector.pause_collection`), and have torch's import leave its Python meta kernels out until
-    something needs them (see the module docstring), unless :data:`FULL_IMPORT_ENV` is set to 1. Returns whether the
-    meta kernels are left out (False when torch, or the meta kernels' module, is already imported)."""
+    (:func:`samembed.collector.pause_collection`), resolve each folder once in ``os.path.realpath`` until
+    :func:`after_torch_import` (:func:`samembed.realpaths.memoise_realpath`), and have torch's import leave its
+    Python meta kernels out until something needs them (see the module docstring), unless :data:`FULL_IMPORT_ENV` is
+    set to 1. Returns whether the meta kernels are left out (False when torch, or the meta kernels' module, is
+    already imported)."""
     global _hook
     pause_collection()
+    if "torch" not in sys.modules:
+        memoise_realpath()  # each folder resolved once while torch's import maps modules to files (samembed.realpaths)
     if os.environ.get(FULL_IMPORT_ENV, "").strip() == "1" or "torch" in sys.modules or META_KERNELS_MODULE in sys.modules:
         return False
     sys.modules[META_KERNELS_MODULE] = _DeferredModule(META_KERNELS_MODULE)
@@ -144,7 +149,9 @@ def after_torch_import() -> int:
     torch's meta kernels away (a later import of any new torch module loads them first), put the placeholders of
     :data:`META_KERNELS_ATTRIBUTES` on ``torch``, and leave the objects made so far out of the garbage collector's
     scans (:func:`samembed.collector.freeze_imported`, which does something only when :func:`before_torch_import`
-    paused it). Returns how many objects the collector left out (0 when it did nothing)."""
+    paused it), and put back Python's own ``os.path.realpath`` (:mod:`samembed.realpaths`). Returns how many objects
+    the collector left out (0 when it did nothing)."""
+    restore_realpath()
     if isinstance(sys.modules.get(META_KERNELS_MODULE), _DeferredModule):
         _unbind(META_KERNELS_MODULE)
         torch = sys.modules.get("torch")

@@ -40,14 +40,17 @@ def meta_conv_runs():
 
 def test_the_meta_kernels_stay_out_until_imported_then_they_work():
     r = _fresh(f"""
-import json, sys
+import json, os, sys
 from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
+own_realpath = os.path.realpath
 skips = before_torch_import()
+memoised = os.path.realpath is not own_realpath
 import torch
 after_torch_import()
 {META_CONV}
 state = {{"skips": skips, "skipped": meta_kernels_skipped(), "prims": "torch._prims" in sys.modules,
-          "module": {META!r} in sys.modules, "conv": meta_conv_runs()}}
+          "module": {META!r} in sys.modules, "conv": meta_conv_runs(),
+          "realpath": [memoised, os.path.realpath is own_realpath]}}
 import torch._meta_registrations
 state.update(conv_after=meta_conv_runs(), skipped_after=meta_kernels_skipped(),
              real=hasattr(torch._meta_registrations, "meta_index_Tensor"))
@@ -58,6 +61,8 @@ print(json.dumps(state))
     assert not r["module"]  # no placeholder left in sys.modules: an import loads the real module
     assert r["conv"] is False  # the control: this meta kernel is the skipped module's
     assert r["conv_after"] is True and r["real"] is True and r["skipped_after"] is False
+    # os.path.realpath resolved each folder once while torch loaded (samembed.realpaths), and is Python's own again
+    assert r["realpath"] == [os.name == "posix", True]
 
 
 #: what needs the meta kernels and imports them only through torch's own import: each must work in a process that
