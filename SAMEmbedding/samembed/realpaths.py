@@ -12,7 +12,8 @@ file's own name is a symbolic link (one ``lstat``): the same answer, as long as 
 loads, for every path it takes; any other path (relative, not normalised, bytes, ``strict=True``, a file name that is
 itself a link) goes to the original. :func:`restore_realpath` puts the original back; the engine's processes call the
 two around torch's import (:mod:`samembed.torch_import`), so the rest of the process, and any script, sees Python's
-own. Only on POSIX. This module imports no torch.
+own (a prefetch process forked in between keeps the memoised one, which answers the same). Only on POSIX. This
+module imports no torch.
 """
 
 from __future__ import annotations
