@@ -178,6 +178,43 @@ def set_sitk_geometry(img, grid: Grid):
     return img
 
 
+def shadowing_file(path: Path) -> Path | None:
+    """The uncompressed ``.nii`` file beside the ``.nii.gz`` file ``path`` with the same name, whose voxels ITK's
+    NIfTI reader reads instead of ``path``'s (with ``path``'s header: a corrupt image, without a word; the NIfTI
+    library looks for the image file by extension, ``.nii`` first, ITK issue 2243, Slicer issue 5378), or None."""
+    name = path.name
+    if not name.lower().endswith(".nii.gz"):
+        return None
+    stem = name[: -len(".nii.gz")]
+    for other in (stem + ".nii", stem + ".NII"):
+        if (path.parent / other).exists():
+            return path.parent / other
+    return None
+
+
+@contextlib.contextmanager
+def _unshadowed(path: Path) -> Iterator[Path]:
+    """A name by which SimpleITK reads the file ``path`` itself: ``path``, or, when a ``.nii`` file beside it would
+    be read instead (:func:`shadowing_file`), a link to it (a copy where links cannot be made) alone in a private
+    temporary folder, removed afterwards. The user's folder is not touched."""
+    other = shadowing_file(path)
+    if other is None:
+        yield path
+        return
+    log.warning("%s: %s lies beside it, and ITK's NIfTI reader would read that file's voxels instead; reading %s "
+                "through a link of its own (rename or remove one of the two to avoid the confusion in other tools, "
+                "such as Slicer)", path, other.name, path.name)
+    with tempfile.TemporaryDirectory(prefix="samembed-read-") as folder:
+        alias = Path(folder) / "image.nii.gz"
+        try:
+            alias.symlink_to(path.resolve())
+        except OSError:  # no links here (Windows without the privilege): a copy
+            import shutil
+
+            shutil.copyfile(path, alias)
+        yield alias
+
+
 def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Image:
     """Read an image file or a DICOM series folder into an :class:`Image`.
 
@@ -204,13 +241,15 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
             reader.SetFileNames(files)
             img = reader.Execute()
         else:
-            fast = read_nifti_gz(path) if path.name.lower().endswith(".nii.gz") else None
-            if fast is not None:  # inflated by isal, the geometry SimpleITK's (samembed.nifti_gz)
-                voxels, spacing, origin, direction = fast
-                image = Image(voxels, Grid(voxels.shape, spacing, origin, np.array(direction).reshape(3, 3)), str(path))
-                validate_image(image)
-                return image
-            img = sitk.ReadImage(str(path))
+            with _unshadowed(path) as sitk_path:
+                fast = read_nifti_gz(path, sitk_path) if path.name.lower().endswith(".nii.gz") else None
+                if fast is not None:  # inflated by isal, the geometry SimpleITK's (samembed.nifti_gz)
+                    voxels, spacing, origin, direction = fast
+                    grid = Grid(voxels.shape, spacing, origin, np.array(direction).reshape(3, 3))
+                    image = Image(voxels, grid, str(path))
+                    validate_image(image)
+                    return image
+                img = sitk.ReadImage(str(sitk_path))
     except InputError:
         raise
     except RuntimeError as e:

@@ -32,9 +32,10 @@ NIFTI_DTYPES = {2: "<u1", 4: "<i2", 8: "<i4", 16: "<f4", 64: "<f8", 256: "<i1", 
 HEADER_BYTES, MAGIC = 348, b"n+1\0"
 
 
-def read_nifti_gz(path: str | Path) -> tuple[np.ndarray, tuple, tuple, tuple] | None:
+def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tuple[np.ndarray, tuple, tuple, tuple] | None:
     """The voxels (zyx, read-only) and the spacing (mm), origin (LPS mm) and direction (row-major) of the
-    ``.nii.gz`` file ``path``, or None when this route does not apply (see the module docstring).
+    ``.nii.gz`` file ``path``, or None when this route does not apply (see the module docstring). ``sitk_path``: the
+    name SimpleITK reads the same file by, for its geometry (default ``path``; see :func:`samembed.io.read_image`).
 
     Raises:
         InputError: the file's gzip data is damaged or cut short.
@@ -71,7 +72,7 @@ def read_nifti_gz(path: str | Path) -> tuple[np.ndarray, tuple, tuple, tuple] | 
     if offset != vox_offset or offset < HEADER_BYTES + 4 or offset % itemsize or offset + count * itemsize > len(raw):
         return None
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(str(sitk_path or path))
     try:
         reader.ReadImageInformation()
         if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or tuple(reader.GetSize()) != tuple(dim[1:4]):

@@ -389,3 +389,36 @@ def test_a_nifti_the_isal_route_does_not_cover_is_read_by_simpleitk(tmp_path, mo
     monkeypatch.setitem(sys.modules, "isal", None)  # isal not installed
     assert read_nifti_gz(plain) is None
     np.testing.assert_array_equal(read_image(plain).array, sitk.GetArrayFromImage(ct))
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("isal_route", [True, False])
+def test_a_nifti_gz_with_a_nii_of_the_same_name_beside_it_is_read_itself(tmp_path, monkeypatch, caplog, isal_route):
+    """ITK's NIfTI reader, asked for ``A.nii.gz`` with an ``A.nii`` beside it, reads ``A.nii``'s voxels under
+    ``A.nii.gz``'s header (ITK issue 2243). The engine reads the file it is given, by either route, says what it
+    found, and leaves both files and the folder as they were."""
+    import logging
+
+    from samembed import io as samembed_io
+
+    ct = sitk.ReadImage(str(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")))
+    # different voxels (the first one too: else the isal route's check of it would not see the other file), sizes
+    wanted, other = ct[40:80, 50:90, 30:50], ct[0:40, 0:40, 0:30] + 7
+    wanted.SetSpacing((1.5, 1.5, 2.0))
+    path = tmp_path / "A.nii.gz"
+    sitk.WriteImage(wanted, str(path), True)
+    sitk.WriteImage(other, str(tmp_path / "A.nii"))
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    if not isal_route:  # SimpleITK's own reading (a file the isal route does not take)
+        monkeypatch.setattr(samembed_io, "read_nifti_gz", lambda *a, **k: None)
+    with caplog.at_level(logging.WARNING, logger="samembed.io"):
+        image = read_image(path)
+    np.testing.assert_array_equal(image.array, sitk.GetArrayFromImage(wanted))
+    np.testing.assert_array_equal(image.grid.spacing_mm, [1.5, 1.5, 2.0])
+    assert image.name == str(path)
+    assert "A.nii lies beside it" in caplog.text and "ITK's NIfTI reader" in caplog.text
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+    assert samembed_io.shadowing_file(path) == tmp_path / "A.nii"
+    assert samembed_io.shadowing_file(tmp_path / "A.nii") is None  # only a compressed file is shadowed
+    (tmp_path / "A.nii").unlink()
+    assert samembed_io.shadowing_file(path) is None
