@@ -215,11 +215,43 @@ def _unshadowed(path: Path) -> Iterator[Path]:
         yield alias
 
 
+def _series_files(folder: Path, reader) -> tuple[str, ...]:
+    """The files of the DICOM series to read from ``folder``: its only series, or, when it holds several (a study
+    folder: scouts, reconstructions), the one with the most files (the first of them in GDCM's order on a tie), with
+    a warning that names each series and says how to choose another."""
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: folder holds no DICOM series; pass an image file or a DICOM folder")
+    files = [reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series]
+    pick = max(range(len(series)), key=lambda k: (len(files[k]), -k))
+    if len(series) > 1:
+        listed = "; ".join(f"{uid} ({len(f)} files{_series_description(f[0])})" for uid, f in zip(series, files))
+        log.warning("%s: the folder holds %d DICOM series: %s. Reading the one with the most files, %s; to read "
+                    "another, put its files in a folder of their own", folder, len(series), listed, series[pick])
+    return files[pick]
+
+
+def _series_description(first_file: str) -> str:
+    """``, "<Series Description>"`` of the DICOM file, or nothing when it has none or cannot be read."""
+    import SimpleITK as sitk
+
+    try:
+        r = sitk.ImageFileReader()
+        r.SetFileName(first_file)
+        r.LoadPrivateTagsOff()
+        r.ReadImageInformation()
+        text = r.GetMetaData("0008|103e").strip() if r.HasMetaDataKey("0008|103e") else ""
+    except RuntimeError:
+        return ""
+    return f', "{text}"' if text else ""
+
+
 def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Image:
     """Read an image file or a DICOM series folder into an :class:`Image`.
 
     Args:
-        path: a file SimpleITK reads, or a folder holding one DICOM series.
+        path: a file SimpleITK reads, or a folder holding a DICOM series (of several, the one with the most files,
+            with a warning naming them all).
         spacing_mm: pixel spacing to assume for 2D files that carry none (PNG/JPEG); otherwise 1 mm is
             assumed and ``pixel_spacing_known`` is False.
 
@@ -234,10 +266,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(f"{path}: folder holds no DICOM series; pass an image file or a DICOM folder")
-            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            files = _series_files(path, reader)
             reader.SetFileNames(files)
             img = reader.Execute()
         else:

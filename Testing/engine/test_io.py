@@ -34,25 +34,52 @@ def test_volume_formats_keep_voxels_and_geometry(tmp_path, suffix):
     np.testing.assert_allclose(back.grid.direction, img.grid.direction, atol=1e-5)
 
 
-def test_a_dicom_series_folder_reads_as_one_volume(tmp_path):
+def _write_dicom_series(folder, img, series_uid: str, prefix: str = "slice", description: str | None = None) -> None:
+    """Each axial slice of ``img`` as a DICOM file of the series ``series_uid`` in ``folder``."""
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetSize()[2]):
+        sl = img[:, :, k]
+        tags = [("0020|000e", series_uid), ("0020|0013", str(k + 1)), ("0008|0060", "CT"),
+                ("0020|0032", "\\".join(f"{v:.3f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k)))),
+                ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0018|0050", f"{img.GetSpacing()[2]:.1f}")]
+        for tag, value in tags + ([("0008|103e", description)] if description else []):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_a_dicom_series_folder_reads_as_one_volume(tmp_path, caplog):
     img = sitk.GetImageFromArray(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8))
     img.SetSpacing((0.7, 0.7, 3.0))
     img.SetOrigin((5.0, -3.0, 100.0))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.123456"
-    for k in range(4):
-        sl = img[:, :, k]
-        for tag, value in (("0020|000e", series_uid), ("0020|0013", str(k + 1)), ("0008|0060", "CT"),
-                           ("0020|0032", "\\".join(f"{v:.3f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k)))),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0018|0050", "3.0")):
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
-        writer.Execute(sl)
+    _write_dicom_series(tmp_path, img, "1.2.826.0.1.3680043.2.1125.1.123456")
     back = read_image(tmp_path)
     assert back.array.shape == (4, 8, 8)
     np.testing.assert_allclose(back.grid.origin_lps_mm, (5.0, -3.0, 100.0), atol=1e-3)
     np.testing.assert_allclose(back.grid.spacing_mm[2], 3.0, atol=1e-3)
+    assert "DICOM series" not in caplog.text  # one series: nothing to say
+
+
+@pytest.mark.parametrize("larger_uid", ["1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.9"])
+def test_a_folder_of_several_dicom_series_reads_the_largest_and_names_them_all(tmp_path, caplog, larger_uid):
+    """A study folder (a scout beside the volume): the series with the most files is read, whatever GDCM's order of
+    the series, and the warning names every series with its files and description and says how to read another."""
+    import logging
+
+    scout = sitk.GetImageFromArray(np.full((2, 8, 8), 7, dtype=np.int16) + np.eye(8, dtype=np.int16))
+    scout.SetSpacing((0.7, 0.7, 3.0))
+    volume = sitk.GetImageFromArray(np.arange(6 * 8 * 8, dtype=np.int16).reshape(6, 8, 8))
+    volume.SetSpacing((0.7, 0.7, 2.0))
+    other_uid = "1.2.826.0.1.3680043.2.1125.1.5"
+    _write_dicom_series(tmp_path, scout, other_uid, prefix="scout", description="SCOUT")
+    _write_dicom_series(tmp_path, volume, larger_uid, prefix="ax", description="AX SOFT TISSUE")
+    with caplog.at_level(logging.WARNING, logger="samembed.io"):
+        back = read_image(tmp_path)
+    np.testing.assert_array_equal(back.array, sitk.GetArrayFromImage(volume))
+    assert "holds 2 DICOM series" in caplog.text
+    assert f'{larger_uid} (6 files, "AX SOFT TISSUE")' in caplog.text and f'{other_uid} (2 files, "SCOUT")' in caplog.text
+    assert f"Reading the one with the most files, {larger_uid}" in caplog.text and "folder of their own" in caplog.text
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
