@@ -231,6 +231,54 @@ def _series_files(folder: Path, reader) -> tuple[str, ...]:
     return files[pick]
 
 
+#: slices whose spacing along their normal differs from the series' median by more than this share of it (or whose
+#: step leaves the normal by more than this share of the spacing) are not one regular volume
+SLICE_TOLERANCE = 0.01
+
+
+def _slice_position(reader, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Slice ``k``'s Image Position (Patient) and its normal (from Image Orientation (Patient)), LPS mm, as an
+    ``ImageSeriesReader`` with its meta-data array read them; None where either is missing or unreadable."""
+    try:
+        position = np.array([float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")])
+        row_col = np.array([float(v) for v in reader.GetMetaData(k, "0020|0037").split("\\")])
+    except (RuntimeError, ValueError):
+        return None
+    if position.shape != (3,) or row_col.shape != (6,):
+        return None
+    return position, np.cross(row_col[:3], row_col[3:])
+
+
+def check_slice_positions(folder: Path, slices: list[tuple[np.ndarray, np.ndarray] | None]) -> None:
+    """Raise :class:`InputError` when a DICOM series' slices, in the order read, are not one regular volume: unevenly
+    spaced along their normal (slices missing, repeated, or two acquisitions in one series) or stepping off it (a
+    gantry tilt). ITK reads either as a regular volume with the first two slices' spacing, and warns on the console
+    only: every position in it would be wrong. Nothing is checked for fewer than two slices or slices without
+    positions."""
+    if len(slices) < 2 or any(s is None for s in slices):
+        return
+    pos = np.array([p for p, _ in slices])
+    normal = slices[0][1] / (np.linalg.norm(slices[0][1]) or 1.0)
+    steps = np.diff(pos, axis=0)
+    along = steps @ normal
+    usual = float(np.median(np.abs(along)))
+    what = "slices missing, repeated, or two acquisitions in one series"
+    if usual <= 0 or np.any(np.abs(np.abs(along) - usual) > SLICE_TOLERANCE * usual):
+        odd = int(np.count_nonzero(np.abs(np.abs(along) - usual) > SLICE_TOLERANCE * max(usual, 1e-6)))
+        raise InputError(
+            f"{folder}: the DICOM series' slices are not evenly spaced ({len(slices)} slices whose steps range from "
+            f"{float(np.abs(along).min()):.3g} to {float(np.abs(along).max()):.3g} mm, {odd} of {len(along)} away from the "
+            f"usual {usual:.3g} mm: {what}); load it in Slicer's DICOM module, which can regularise it, and save it as NIfTI or NRRD, or "
+            f"export the series again")
+    off = np.linalg.norm(steps - along[:, None] * normal, axis=1)
+    if np.any(off > SLICE_TOLERANCE * usual):
+        angle = float(np.degrees(np.arctan2(np.median(off), usual)))
+        raise InputError(
+            f"{folder}: the DICOM series' slices step off their normal (a gantry tilt of about {angle:.1f} degrees), "
+            f"which a volume of this reader cannot hold; load it in Slicer's DICOM module, which can regularise it, "
+            f"and save it as NIfTI or NRRD")
+
+
 def _series_description(first_file: str) -> str:
     """``, "<Series Description>"`` of the DICOM file, or nothing when it has none or cannot be read."""
     import SimpleITK as sitk
@@ -256,7 +304,8 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
             assumed and ``pixel_spacing_known`` is False.
 
     Raises:
-        InputError: missing, unreadable or corrupt file; an empty or non-finite image.
+        InputError: missing, unreadable or corrupt file; an empty or non-finite image; a DICOM series that is not
+            one regular volume (:func:`check_slice_positions`).
     """
     import SimpleITK as sitk
 
@@ -268,7 +317,9 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
             reader = sitk.ImageSeriesReader()
             files = _series_files(path, reader)
             reader.SetFileNames(files)
+            reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, for the check below
             img = reader.Execute()
+            check_slice_positions(path, [_slice_position(reader, k) for k in range(len(files))])
         else:
             with _unshadowed(path) as sitk_path:
                 fast = read_nifti_gz(path, sitk_path) if path.name.lower().endswith(".nii.gz") else None

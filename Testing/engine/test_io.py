@@ -61,6 +61,39 @@ def test_a_dicom_series_folder_reads_as_one_volume(tmp_path, caplog):
     assert "DICOM series" not in caplog.text  # one series: nothing to say
 
 
+@pytest.mark.parametrize(("fault", "message"), [
+    ("missing", r"not evenly spaced \(5 slices whose steps range from 3 to 6 mm, 1 of 4 away from the usual 3 mm"),
+    ("repeated", "not evenly spaced"),
+    ("tilt", "step off their normal .*gantry tilt of about 18.4 degrees"),
+])
+def test_a_dicom_series_that_is_not_one_regular_volume_is_refused_with_what_to_do(tmp_path, fault, message):
+    """ITK reads a series with a missing or repeated slice, or a tilted one, as a regular volume with the first two
+    slices' spacing (a console warning at most): refused, naming the folder, the fault and what to do."""
+    n = 6 if fault == "missing" else 5
+    img = sitk.GetImageFromArray(np.arange(n * 8 * 8, dtype=np.int16).reshape(n, 8, 8))
+    img.SetSpacing((0.7, 0.7, 3.0))
+    _write_dicom_series(tmp_path, img, "1.2.826.0.1.3680043.2.1125.1.77")
+    def move(k: int, position: str) -> None:  # slice k's Image Position (Patient), in the same series
+        f = tmp_path / f"slice{k:03d}.dcm"
+        sl = sitk.ReadImage(str(f))
+        sl.SetMetaData("0020|0032", position)
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        w.SetFileName(str(f))
+        w.Execute(sl)
+
+    if fault == "missing":
+        (tmp_path / "slice003.dcm").unlink()
+    elif fault == "repeated":  # slice 2 at slice 1's position
+        move(2, "0.000\\0.000\\3.000")
+    else:  # every slice moved along y by a third of the spacing per slice
+        for k in range(n):
+            move(k, f"0.000\\{k * 1.0:.3f}\\{k * 3.0:.3f}")
+    assert len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(tmp_path))) == 1  # one series, as written
+    with pytest.raises(InputError, match=f"{tmp_path}: the DICOM series.*{message}"):
+        read_image(tmp_path)
+
+
 @pytest.mark.parametrize("larger_uid", ["1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.9"])
 def test_a_folder_of_several_dicom_series_reads_the_largest_and_names_them_all(tmp_path, caplog, larger_uid):
     """A study folder (a scout beside the volume): the series with the most files is read, whatever GDCM's order of
