@@ -67,8 +67,8 @@ def test_a_dicom_series_folder_reads_as_one_volume(tmp_path, caplog):
     ("tilt", "step off their normal .*gantry tilt of about 18.4 degrees"),
 ])
 def test_a_dicom_series_that_is_not_one_regular_volume_is_refused_with_what_to_do(tmp_path, fault, message):
-    """ITK reads a series with a missing or repeated slice, or a tilted one, as a regular volume with the first two
-    slices' spacing (a console warning at most): refused, naming the folder, the fault and what to do."""
+    """ITK reads a series with a missing or repeated slice, or a tilted one, as a regular volume of the average
+    spacing (a console warning at most): refused, naming the folder, the fault and what to do."""
     n = 6 if fault == "missing" else 5
     img = sitk.GetImageFromArray(np.arange(n * 8 * 8, dtype=np.int16).reshape(n, 8, 8))
     img.SetSpacing((0.7, 0.7, 3.0))
