@@ -252,8 +252,8 @@ def _slice_position(reader, k: int) -> tuple[np.ndarray, np.ndarray] | None:
 def check_slice_positions(folder: Path, slices: list[tuple[np.ndarray, np.ndarray] | None]) -> None:
     """Raise :class:`InputError` when a DICOM series' slices, in the order read, are not one regular volume: unevenly
     spaced along their normal (slices missing, repeated, or two acquisitions in one series) or stepping off it (a
-    gantry tilt). ITK reads either as a regular volume whose spacing is the first to last slice's distance over
-    their count (a missing slice: 3.75 mm for slices at 0, 3, 6, 12, 15 mm) and warns on the console only: the
+    gantry tilt). ITK reads either as a regular volume whose spacing is the first to last slice's distance over the
+    steps between them (a missing slice: 3.75 mm for slices at 0, 3, 6, 12, 15 mm) and warns on the console only: the
     slices' positions in it would be wrong. Nothing is checked for fewer than two slices or slices without
     positions."""
     if len(slices) < 2 or any(s is None for s in slices):
