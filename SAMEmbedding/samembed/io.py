@@ -138,9 +138,16 @@ def image_from_sitk(img, name: str = "<sitk>", spacing_known: bool = True, own: 
     """
     import SimpleITK as sitk
 
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        # colour PNG/JPEG: average the channels to a grey image
-        img = sitk.VectorIndexSelectionCast(img, 0, sitk.sitkFloat32) if img.GetNumberOfComponentsPerPixel() == 2 else _rgb_to_grey(img)
+    n = img.GetNumberOfComponentsPerPixel()
+    if n > 1:
+        if n not in (2, 3, 4) or img.GetPixelID() not in (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16):
+            # not grey + alpha, RGB or RGBA: several volumes in one (a multi-volume NRRD holds a 4D CT's phases so)
+            raise InputError(
+                f"{name}: {n} values per voxel ({img.GetPixelIDTypeAsString()}), not a colour image: several volumes in "
+                f"one (e.g. the phases of a 4D CT) or a vector field; pass one scalar volume (the frame you want, "
+                f"e.g. from Slicer's Sequences module or SimpleITK.VectorIndexSelectionCast(image, k))")
+        # colour PNG/JPEG/TIFF: the grey channel of grey + alpha, else the mean of red, green and blue
+        img = sitk.VectorIndexSelectionCast(img, 0, sitk.sitkFloat32) if n == 2 else _rgb_to_grey(img)
     arr = sitk_voxels(img) if own else sitk.GetArrayFromImage(img)
     d = img.GetDimension()
     if d not in (2, 3):

@@ -126,6 +126,22 @@ def test_png_and_jpeg_read_as_2d_images(tmp_path, suffix):
     assert img2.pixel_spacing_known and np.allclose(img2.grid.spacing_mm, 0.2)
 
 
+def test_a_colour_image_reads_as_grey_and_several_volumes_in_one_are_refused(tmp_path):
+    """RGB(A) pixels (8 or 16 bit) are averaged to grey; a voxel of several other values (a multi-volume NRRD holds
+    the phases of a 4D CT so, or a vector field) is refused with what to pass instead, never averaged."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (10, 12, 14, 3)).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "rgb.nrrd"))
+    np.testing.assert_allclose(read_image(tmp_path / "rgb.nrrd").array, rgb.astype(np.float32).mean(-1), rtol=1e-6)
+    for comps, dtype in ((3, np.float32), (5, np.int16), (10, np.int16)):
+        phases = rng.integers(-1000, 1000, (10, 12, 14, comps)).astype(dtype)
+        path = tmp_path / f"phases{comps}.nrrd"
+        sitk.WriteImage(sitk.GetImageFromArray(phases, isVector=True), str(path))
+        with pytest.raises(InputError, match=rf"phases{comps}.nrrd: {comps} values per voxel .*not a colour image.*"
+                                             r"pass one scalar volume"):
+            read_image(path)
+
+
 @pytest.mark.parametrize("name", ["pts.csv", "pts.fcsv", "pts.mrk.json"])
 @pytest.mark.parametrize("ras", [False, True])
 def test_point_files_round_trip_in_lps(tmp_path, name, ras):
