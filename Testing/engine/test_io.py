@@ -62,14 +62,15 @@ def test_a_dicom_series_folder_reads_as_one_volume(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(("fault", "message"), [
-    ("missing", r"not evenly spaced \(5 slices whose steps range from 3 to 6 mm, 1 of 4 away from the usual 3 mm"),
-    ("repeated", "not evenly spaced"),
-    ("tilt", "step off their normal .*gantry tilt of about 18.4 degrees"),
+    ("missing", r"not evenly spaced \(5 slices, steps from 3 to 6 mm; read as one volume, a slice would lie up to 1.5 mm"),
+    ("repeated", r"not evenly spaced \(5 slices, steps from 0 to 6 mm; .* up to 3 mm"),
+    ("tilt", r"step off their normal \(a gantry tilt of about 18 degrees; .* up to 4 mm from its place\)"),
+    ("slight tilt", r"gantry tilt of about 0.5 degrees"),
 ])
 def test_a_dicom_series_that_is_not_one_regular_volume_is_refused_with_what_to_do(tmp_path, fault, message):
     """ITK reads a series with a missing or repeated slice, or a tilted one, as a regular volume of the average
     spacing (a console warning at most): refused, naming the folder, the fault and what to do."""
-    n = 6 if fault == "missing" else 5
+    n = {"missing": 6, "slight tilt": 40}.get(fault, 5)
     img = sitk.GetImageFromArray(np.arange(n * 8 * 8, dtype=np.int16).reshape(n, 8, 8))
     img.SetSpacing((0.7, 0.7, 3.0))
     _write_dicom_series(tmp_path, img, "1.2.826.0.1.3680043.2.1125.1.77")
@@ -86,12 +87,34 @@ def test_a_dicom_series_that_is_not_one_regular_volume_is_refused_with_what_to_d
         (tmp_path / "slice003.dcm").unlink()
     elif fault == "repeated":  # slice 2 at slice 1's position
         move(2, "0.000\\0.000\\3.000")
-    else:  # every slice moved along y by a third of the spacing per slice
+    else:  # every slice moved along y: by a third of the spacing per slice, or by 0.5 degrees' worth (0.026 mm)
+        per = 1.0 if fault == "tilt" else 3.0 * np.tan(np.radians(0.5))
         for k in range(n):
-            move(k, f"0.000\\{k * 1.0:.3f}\\{k * 3.0:.3f}")
+            move(k, f"0.000\\{k * per:.4f}\\{k * 3.0:.3f}")
     assert len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(tmp_path))) == 1  # one series, as written
     with pytest.raises(InputError, match=f"{tmp_path}: the DICOM series.*{message}"):
         read_image(tmp_path)
+
+
+@pytest.mark.parametrize("decimals", [1, 2])
+def test_a_dicom_series_whose_positions_are_rounded_in_its_files_reads_as_one_volume(tmp_path, decimals):
+    """Slice positions written with one or two decimals (0.625 mm slices: steps of 0.6 and 0.7 mm, or 0.62 and
+    0.63 mm) are one regular volume: read, with the series' average spacing."""
+    n = 16
+    img = sitk.GetImageFromArray(np.arange(n * 8 * 8, dtype=np.int16).reshape(n, 8, 8))
+    img.SetSpacing((0.7, 0.7, 0.625))
+    _write_dicom_series(tmp_path, img, "1.2.826.0.1.3680043.2.1125.1.78")
+    for k in range(n):
+        f = tmp_path / f"slice{k:03d}.dcm"
+        sl = sitk.ReadImage(str(f))
+        sl.SetMetaData("0020|0032", f"0.000\\0.000\\{round(-100.0 + k * 0.625, decimals):.{decimals}f}")
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        w.SetFileName(str(f))
+        w.Execute(sl)
+    back = read_image(tmp_path)
+    assert back.array.shape == (n, 8, 8)
+    np.testing.assert_allclose(back.grid.spacing_mm[2], 0.625, atol=0.01)
 
 
 @pytest.mark.parametrize("larger_uid", ["1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.9"])
