@@ -49,6 +49,16 @@ def _write_dicom_series(folder, img, series_uid: str, prefix: str = "slice", des
         writer.Execute(sl)
 
 
+def _move_dicom_slice(path, position: str) -> None:
+    """Rewrite the DICOM file ``path`` with another Image Position (Patient) (``"x\\y\\z"``), in the same series."""
+    sl = sitk.ReadImage(str(path))
+    sl.SetMetaData("0020|0032", position)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(sl)
+
+
 def test_a_dicom_series_folder_reads_as_one_volume(tmp_path, caplog):
     img = sitk.GetImageFromArray(np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8))
     img.SetSpacing((0.7, 0.7, 3.0))
@@ -74,23 +84,14 @@ def test_a_dicom_series_that_is_not_one_regular_volume_is_refused_with_what_to_d
     img = sitk.GetImageFromArray(np.arange(n * 8 * 8, dtype=np.int16).reshape(n, 8, 8))
     img.SetSpacing((0.7, 0.7, 3.0))
     _write_dicom_series(tmp_path, img, "1.2.826.0.1.3680043.2.1125.1.77")
-    def move(k: int, position: str) -> None:  # slice k's Image Position (Patient), in the same series
-        f = tmp_path / f"slice{k:03d}.dcm"
-        sl = sitk.ReadImage(str(f))
-        sl.SetMetaData("0020|0032", position)
-        w = sitk.ImageFileWriter()
-        w.KeepOriginalImageUIDOn()
-        w.SetFileName(str(f))
-        w.Execute(sl)
-
     if fault == "missing":
         (tmp_path / "slice003.dcm").unlink()
     elif fault == "repeated":  # slice 2 at slice 1's position
-        move(2, "0.000\\0.000\\3.000")
+        _move_dicom_slice(tmp_path / "slice002.dcm", "0.000\\0.000\\3.000")
     else:  # every slice moved along y: by a third of the spacing per slice, or by 0.5 degrees' worth (0.026 mm)
         per = 1.0 if fault == "tilt" else 3.0 * np.tan(np.radians(0.5))
         for k in range(n):
-            move(k, f"0.000\\{k * per:.4f}\\{k * 3.0:.3f}")
+            _move_dicom_slice(tmp_path / f"slice{k:03d}.dcm", f"0.000\\{k * per:.4f}\\{k * 3.0:.3f}")
     assert len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(tmp_path))) == 1  # one series, as written
     with pytest.raises(InputError, match=f"{tmp_path}: the DICOM series.*{message}"):
         read_image(tmp_path)
@@ -105,13 +106,8 @@ def test_a_dicom_series_whose_positions_are_rounded_in_its_files_reads_as_one_vo
     img.SetSpacing((0.7, 0.7, 0.625))
     _write_dicom_series(tmp_path, img, "1.2.826.0.1.3680043.2.1125.1.78")
     for k in range(n):
-        f = tmp_path / f"slice{k:03d}.dcm"
-        sl = sitk.ReadImage(str(f))
-        sl.SetMetaData("0020|0032", f"0.000\\0.000\\{round(-100.0 + k * 0.625, decimals):.{decimals}f}")
-        w = sitk.ImageFileWriter()
-        w.KeepOriginalImageUIDOn()
-        w.SetFileName(str(f))
-        w.Execute(sl)
+        z = round(-100.0 + k * 0.625, decimals)
+        _move_dicom_slice(tmp_path / f"slice{k:03d}.dcm", f"0.000\\0.000\\{z:.{decimals}f}")
     back = read_image(tmp_path)
     assert back.array.shape == (n, 8, 8)
     np.testing.assert_allclose(back.grid.spacing_mm[2], 0.625, atol=0.01)
