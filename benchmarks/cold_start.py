@@ -432,11 +432,16 @@ def _fmt_stages(run: dict) -> str:
     return ", ".join(f"{k} {stages[k]:.2f}" for k in (*ORDER, "start and exit") if k in stages and stages[k] >= 0.005)
 
 
+#: the threads of a run that sets none (and of a run before they were recorded): one each
+ONE_THREAD_EACH = {"torch": "1", "elastix": "1"}
+
+
 def run_threads() -> dict[str, str]:
     """The threads of this run's processes: torch's (``OMP_NUM_THREADS``, 1 unless set: :func:`run_child`) and
     elastix's (``SAMEMBED_ELASTIX_THREADS``, 1 unless set: :func:`main`). Set both to the core count to measure the
     tools as a new user runs them (each with its default threads)."""
-    return {"torch": os.environ.get("OMP_NUM_THREADS", "1"), "elastix": os.environ.get("SAMEMBED_ELASTIX_THREADS", "1")}
+    return {"torch": os.environ.get("OMP_NUM_THREADS", ONE_THREAD_EACH["torch"]),
+            "elastix": os.environ.get("SAMEMBED_ELASTIX_THREADS", ONE_THREAD_EACH["elastix"])}
 
 
 def plot_stages(rows: list[dict], path: Path, threads: dict[str, str] | None = None) -> Path:
@@ -476,7 +481,7 @@ def plot_stages(rows: list[dict], path: Path, threads: dict[str, str] | None = N
         left = [sum(b.get(h, 0.0) for h in list(groups)[:list(groups).index(g)]) for b in bars]
         ax.barh(y, [b.get(g, 0.0) for b in bars], left=left, color=colours[g], label=g, height=0.7)
     ax.set_yticks(y, labels, fontsize=7)
-    threads = threads or {"torch": "1", "elastix": "1"}  # a run before the threads were recorded: one each
+    threads = threads or ONE_THREAD_EACH
     each = (f"{threads['torch']} thread(s) each" if threads["torch"] == threads["elastix"]
             else f"torch {threads['torch']}, elastix {threads['elastix']} thread(s)")
     ax.set_xlabel(f"wall seconds, fresh process, no cache ({each})")
@@ -507,10 +512,10 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
     """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios;
     ``plot`` names the stage plot beside it (:func:`plot_stages`); ``model`` is SAM's (``--model``); ``threads``
     the run's (:func:`run_threads`; one each for a run before they were recorded)."""
-    threads = threads or {"torch": "1", "elastix": "1"}
+    threads = threads or ONE_THREAD_EACH
     env_prefix = "".join(f"{var}={threads[key]} " for var, key in (("OMP_NUM_THREADS", "torch"),
                                                                    ("SAMEMBED_ELASTIX_THREADS", "elastix"))
-                         if threads[key] != "1")
+                         if threads[key] != ONE_THREAD_EACH[key])
     import platform
 
     import numpy as np
