@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import Grid, Image, lps_to_ras, single_slice_to_2d
+from .nifti_complete import check_nifti_complete
 from .nifti_gz import read_nifti_gz
 
 log = logging.getLogger(__name__)
@@ -316,8 +317,9 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
             assumed and ``pixel_spacing_known`` is False.
 
     Raises:
-        InputError: missing, unreadable or corrupt file; an empty or non-finite image; a DICOM series that is not
-            one regular volume (:func:`check_slice_positions`).
+        InputError: missing, unreadable or corrupt file; a NIfTI file cut short (:mod:`samembed.nifti_complete`);
+            an empty or non-finite image; a DICOM series that is not one regular volume
+            (:func:`check_slice_positions`).
     """
     import SimpleITK as sitk
 
@@ -341,6 +343,8 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
                     image = Image(voxels, grid, str(path))
                     validate_image(image)
                     return image
+                if not path.name.lower().endswith(".nii.gz"):  # a .nii.gz's length: checked as it was inflated
+                    check_nifti_complete(path)  # SimpleITK reads a NIfTI cut short as zeros, without a word
                 img = sitk.ReadImage(str(sitk_path))
     except InputError:
         raise

@@ -12,8 +12,9 @@ the benchmark suites, 423 files).
 Only the plain case takes this route: a single-file NIfTI-1 (``n+1``), little-endian, three dimensions with more
 than one slice, one scalar component of a type SimpleITK reports as such, no intensity scaling (``scl_slope`` 0, or
 1 with ``scl_inter`` 0), voxels aligned in the file. Anything else, or ``isal`` missing, gives None, and the caller
-reads the file with SimpleITK (whose errors it reports). Damaged gzip data (a file cut short, a corrupt stream) is
-an :class:`~samembed.errors.InputError` naming the file: SimpleITK reads some such files without a word.
+reads the file with SimpleITK (whose errors it reports). Damaged gzip data (a file cut short, a corrupt stream), or
+whole gzip data that inflates to fewer voxels than the header describes, is an :class:`~samembed.errors.InputError`
+naming the file, whichever route reads it: SimpleITK reads such files without a word (zeros where the data ends).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .nifti_complete import NIFTI2_HEADER_BYTES, check_layout, check_nifti_complete, nifti_layout
 
 #: NIfTI-1 ``datatype`` -> numpy type (little-endian), for the scalar types SimpleITK reads as they are stored
 NIFTI_DTYPES = {2: "<u1", 4: "<i2", 8: "<i4", 16: "<f4", 64: "<f8", 256: "<i1", 512: "<u2", 768: "<u4",
@@ -38,11 +40,13 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
     name SimpleITK reads the same file by, for its geometry (default ``path``; see :func:`samembed.io.read_image`).
 
     Raises:
-        InputError: the file's gzip data is damaged or cut short.
+        InputError: the file's gzip data is damaged or cut short, or it inflates to fewer voxels than its header
+            describes (:mod:`samembed.nifti_complete`; checked by either route).
     """
     try:
         from isal import igzip, isal_zlib
     except ImportError:
+        check_nifti_complete(path)  # inflated once with Python's zlib to count (SimpleITK would not say)
         return None
     import SimpleITK as sitk
 
@@ -57,6 +61,7 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
         raise InputError(f"{path}: cannot read this image (unreadable or corrupt): its gzip data is damaged or cut "
                          f"short ({exc}); copy or export the file again") from exc
     del data
+    check_layout(nifti_layout(raw[:NIFTI2_HEADER_BYTES], single_file=True), len(raw), path)
     if len(raw) < HEADER_BYTES + 4 or struct.unpack_from("<i", raw, 0)[0] != HEADER_BYTES or raw[344:348] != MAGIC:
         return None  # big-endian, NIfTI-2, a header and image pair, or not NIfTI
     dim = struct.unpack_from("<8h", raw, 40)

@@ -517,3 +517,80 @@ def test_a_nifti_gz_with_a_nii_of_the_same_name_beside_it_is_read_itself(tmp_pat
     assert samembed_io.shadowing_file(tmp_path / "A.nii") is None  # only a compressed file is shadowed
     (tmp_path / "A.nii").unlink()
     assert samembed_io.shadowing_file(path) is None
+
+
+def _nifti_forms(tmp_path, ct, stem: str, form: str, cut_bytes: int = 0) -> list:
+    """``ct`` written as ``form`` (``nii``, ``nii.gz`` or ``hdr``: a .hdr/.img pair), its voxels' file
+    ``cut_bytes`` shorter (a ``.nii.gz``: gzip data that is whole, of a ``.nii`` cut short); the files written."""
+    import gzip
+
+    if form == "hdr":
+        sitk.WriteImage(ct, str(tmp_path / f"{stem}.hdr"))
+        data = tmp_path / f"{stem}.img"
+        data.write_bytes(data.read_bytes()[: len(data.read_bytes()) - cut_bytes])
+        return [tmp_path / f"{stem}.hdr", data]
+    plain = tmp_path / f"{stem}.nii"
+    sitk.WriteImage(ct, str(plain))
+    raw = plain.read_bytes()[: len(plain.read_bytes()) - cut_bytes]
+    if form == "nii":
+        plain.write_bytes(raw)
+        return [plain]
+    plain.unlink()
+    packed = tmp_path / f"{stem}.nii.gz"
+    packed.write_bytes(gzip.compress(raw))
+    return [packed]
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("form", ["nii", "nii.gz", "nii.gz without isal", "hdr"])
+def test_a_nifti_cut_short_is_refused_and_a_whole_one_read(tmp_path, monkeypatch, form):
+    """ITK's NIfTI reader fills the voxels missing from a file cut short with zeros and says nothing (checked here
+    first, so the test shows what the engine adds); the engine refuses such a file by every route, naming it, and
+    leaves it as it was. The whole file reads as SimpleITK reads it."""
+    import sys
+
+    ct = sitk.ReadImage(str(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")))[30:90, 40:100, 20:60]
+    if form.endswith("without isal"):
+        monkeypatch.setitem(sys.modules, "isal", None)  # isal not installed: Python's zlib counts the length
+    kind = form.split()[0]
+    whole = _nifti_forms(tmp_path, ct, "whole", kind)
+    np.testing.assert_array_equal(read_image(whole[0]).array, sitk.GetArrayFromImage(ct))
+    cut = _nifti_forms(tmp_path, ct, "cut", kind, cut_bytes=2 * (60 * 3 + 5))  # 3 rows and 5 voxels of int16
+    silently = sitk.GetArrayFromImage(sitk.ReadImage(str(cut[0])))
+    assert silently.shape == (40, 60, 60) and not silently[-1, -3:].any() and sitk.GetArrayFromImage(ct)[-1, -3:].any()
+    before = {p: p.read_bytes() for p in cut}
+    held = r" \(its voxels' file .*cut.img\)" if kind == "hdr" else ""
+    with pytest.raises(InputError, match=rf"cut.{kind}: the file is cut short{held}: its header describes 288000 "
+                                         r"bytes of voxels \(60 x 60 x 40 at 16 bits\) but it holds 287630 \(99.9 %\)"):
+        read_image(cut[0])
+    assert {p: p.read_bytes() for p in cut} == before
+
+
+def test_the_layout_of_a_nifti_header_in_either_byte_order_and_version():
+    """NIfTI-1 (and Analyze 7.5) and NIfTI-2 headers, little- and big-endian: where the voxels start and how many
+    bytes they take; anything else is no layout (SimpleITK's reading then says what is wrong)."""
+    import struct
+
+    from samembed.nifti_complete import NiftiLayout, nifti_layout
+
+    for order in "<>":
+        one = bytearray(348)
+        struct.pack_into(order + "i", one, 0, 348)
+        struct.pack_into(order + "8h", one, 40, 4, 10, 11, 12, 2, 1, 1, 1)
+        struct.pack_into(order + "2h", one, 70, 16, 32)  # float32
+        struct.pack_into(order + "f", one, 108, 0.0)  # written as 0 by some tools: a single file's voxels at 352
+        assert nifti_layout(bytes(one), single_file=True) == NiftiLayout(352, 10 * 11 * 12 * 2 * 4, (10, 11, 12, 2), 32)
+        assert nifti_layout(bytes(one), single_file=False) == NiftiLayout(0, 10 * 11 * 12 * 2 * 4, (10, 11, 12, 2), 32)
+        struct.pack_into(order + "f", one, 108, 1024.0)
+        assert nifti_layout(bytes(one), single_file=True).total_bytes == 1024 + 10 * 11 * 12 * 2 * 4
+        two = bytearray(540)
+        struct.pack_into(order + "i", two, 0, 540)
+        two[4:12] = b"n+2\0\r\n\x1a\n"
+        struct.pack_into(order + "2h", two, 12, 2, 8)  # uint8
+        struct.pack_into(order + "8q", two, 16, 3, 300, 200, 100, 1, 1, 1, 1)
+        struct.pack_into(order + "q", two, 168, 544)
+        assert nifti_layout(bytes(two), single_file=True) == NiftiLayout(544, 300 * 200 * 100, (300, 200, 100), 8)
+    assert nifti_layout(b"not a header" * 50, single_file=True) is None
+    assert nifti_layout(bytes(one[:200]), single_file=True) is None  # too short to be a header
+    struct.pack_into(">8h", one, 40, 3, 10, 0, 12, 1, 1, 1, 1)  # an axis of no voxels
+    assert nifti_layout(bytes(one), single_file=True) is None

@@ -1,0 +1,157 @@
+"""Whether a NIfTI file holds every voxel its header describes.
+
+ITK's NIfTI reader (niftilib's ``nifti_read_buffer``) fills the voxels missing from a file cut short with zeros and
+says nothing (SimpleITK 2.5 here: a ``.nii`` of a head-and-neck CT cut to 3.0 of its 4.2 MB reads as a full volume
+whose last 31 slices are 0; the same for a ``.hdr``/``.img`` pair with a short ``.img`` and for a ``.nii.gz`` whose
+gzip stream is whole but holds a short file). NRRD and MetaImage readers refuse such files. A match on such an image
+runs without a word and finds its points in a block of zeros, so :func:`check_nifti_complete` compares the data's
+length with the header's description before SimpleITK reads it, from the header alone (540 bytes at most) and the
+file's size: no cost beyond a ``stat``. A gzipped file's inflated length comes from the caller, which inflates it
+anyway (:func:`samembed.nifti_gz.read_nifti_gz`), or from :func:`inflated_length` (a pass over the file that keeps
+nothing, used only where ISA-L's inflater is not installed).
+
+Header fields (NIfTI-1, and Analyze 7.5, which shares its layout up to ``vox_offset``; NIfTI-2), either byte order:
+``sizeof_hdr`` (348 or 540) gives the version and the order, ``dim`` the shape (``dim[0]`` axes), ``bitpix`` the bits
+per voxel (all components of a voxel), ``vox_offset`` where the voxels start (in a single file at least after the
+header and its 4-byte extension flag; in a pair, in the ``.img``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+#: header sizes of NIfTI-1 (and Analyze 7.5) and NIfTI-2, in bytes
+NIFTI1_HEADER_BYTES, NIFTI2_HEADER_BYTES = 348, 540
+#: a single file's voxels start at least this far in: the header and its 4-byte extension flag
+SINGLE_FILE_MIN_OFFSET = {NIFTI1_HEADER_BYTES: 352, NIFTI2_HEADER_BYTES: 544}
+
+
+@dataclass(frozen=True)
+class NiftiLayout:
+    """Where a NIfTI file's voxels lie, from its header.
+
+    Attributes:
+        offset_bytes: bytes before the first voxel in the file that holds the voxels (``vox_offset``; in a single
+            file at least the header and its extension flag).
+        data_bytes: bytes of voxels the header describes (every axis of ``dim`` times ``bitpix``).
+        shape: the header's ``dim[1:dim[0] + 1]`` (x fastest).
+        bitpix: bits per voxel.
+    """
+
+    offset_bytes: int
+    data_bytes: int
+    shape: tuple[int, ...]
+    bitpix: int
+
+    @property
+    def total_bytes(self) -> int:
+        """The least length of the file that holds the voxels, in bytes."""
+        return self.offset_bytes + self.data_bytes
+
+
+def nifti_layout(head: bytes, single_file: bool) -> NiftiLayout | None:
+    """The :class:`NiftiLayout` of a NIfTI-1, Analyze 7.5 or NIfTI-2 header (the file's first bytes, at least 348 or
+    540), or None when ``head`` is not such a header or describes no voxels plainly (SimpleITK's reading then says
+    what is wrong). ``single_file``: the voxels follow the header in the same file (``.nii``), not in an ``.img``."""
+    for order in "<>":
+        if len(head) >= 4 and struct.unpack_from(order + "i", head, 0)[0] == NIFTI1_HEADER_BYTES \
+                and len(head) >= NIFTI1_HEADER_BYTES:
+            dim = struct.unpack_from(order + "8h", head, 40)
+            bitpix = struct.unpack_from(order + "h", head, 72)[0]
+            offset = struct.unpack_from(order + "f", head, 108)[0]
+            header = NIFTI1_HEADER_BYTES
+            break
+        if len(head) >= 4 and struct.unpack_from(order + "i", head, 0)[0] == NIFTI2_HEADER_BYTES \
+                and len(head) >= NIFTI2_HEADER_BYTES:
+            bitpix = struct.unpack_from(order + "h", head, 14)[0]
+            dim = struct.unpack_from(order + "8q", head, 16)
+            offset = struct.unpack_from(order + "q", head, 168)[0]
+            header = NIFTI2_HEADER_BYTES
+            break
+    else:
+        return None
+    n = dim[0]
+    if not 1 <= n <= 7 or bitpix <= 0 or not math.isfinite(offset) or offset < 0:
+        return None
+    shape = tuple(int(s) for s in dim[1:n + 1])
+    if min(shape) < 1:
+        return None
+    offset = int(offset)
+    if single_file:
+        offset = max(offset, SINGLE_FILE_MIN_OFFSET[header])
+    return NiftiLayout(offset, (math.prod(shape) * bitpix + 7) // 8, shape, int(bitpix))
+
+
+def check_layout(layout: NiftiLayout | None, available_bytes: int, data_file: str | Path,
+                 image_file: str | Path | None = None) -> None:
+    """Raise :class:`InputError` when ``data_file`` (``available_bytes`` long, inflated) is shorter than ``layout``
+    says; nothing when ``layout`` is None. ``image_file``: the file the user named (a pair's ``.hdr``), if not
+    ``data_file``."""
+    if layout is None or available_bytes >= layout.total_bytes:
+        return
+    have = max(0, available_bytes - layout.offset_bytes)
+    named = str(image_file or data_file)
+    where = "" if image_file is None else f" (its voxels' file {data_file})"
+    raise InputError(
+        f"{named}: the file is cut short{where}: its header describes {layout.data_bytes} bytes of voxels "
+        f"({' x '.join(map(str, layout.shape))} at {layout.bitpix} bits) but it holds {have} "
+        f"({100 * have / layout.data_bytes:.1f} %); SimpleITK would read the rest as zeros without a word. "
+        "Copy or export the file again")
+
+
+def inflated_length(path: str | Path) -> int:
+    """The length of ``path``'s gzip data once inflated, in bytes (a pass over the file; nothing is kept).
+
+    Raises:
+        InputError: the gzip data is damaged or cut short.
+    """
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read this image (unreadable or corrupt): its gzip data is damaged or cut "
+                         f"short ({exc}); copy or export the file again") from exc
+    return total
+
+
+def _head(path: Path, gzipped: bool) -> bytes:
+    opener = gzip.open if gzipped else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read(NIFTI2_HEADER_BYTES)
+    except (OSError, EOFError):
+        return b""  # unreadable: SimpleITK's reading says why
+
+
+def check_nifti_complete(path: str | Path) -> None:
+    """Raise :class:`InputError` when the NIfTI file ``path`` (``.nii``, ``.nii.gz``, or a pair's ``.hdr`` with its
+    ``.img`` or ``.img.gz``) holds fewer bytes of voxels than its header describes; nothing for any other file,
+    or when the header is not one this module reads (SimpleITK's reading then says what is wrong).
+
+    A ``.nii.gz`` is inflated once to count its length, without keeping anything (:func:`inflated_length`); the
+    engine's own reading of one checks the length it inflates instead (:func:`samembed.nifti_gz.read_nifti_gz`).
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        gzipped = name.endswith(".gz")
+        layout = nifti_layout(_head(path, gzipped), single_file=True)
+        if layout is not None:
+            check_layout(layout, inflated_length(path) if gzipped else path.stat().st_size, path)
+    elif name.endswith((".hdr", ".hdr.gz")):
+        layout = nifti_layout(_head(path, name.endswith(".gz")), single_file=False)
+        stem = path.name[: -len(".hdr.gz") if name.endswith(".gz") else -len(".hdr")]
+        for suffix in (".img", ".IMG", ".img.gz", ".IMG.gz"):
+            data = path.with_name(stem + suffix)
+            if layout is not None and data.is_file():
+                size = inflated_length(data) if suffix.endswith(".gz") else data.stat().st_size
+                check_layout(layout, size, data, path)
+                return
