@@ -9,6 +9,7 @@ Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 i
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import math
@@ -178,6 +179,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         points = read_points(args.points, ras=args.ras)
         labels = list(points.labels)
     _require_images([*([image for image, _ in pairs] or args.images[:1]), *target_paths])  # atlases or the source
+    if args.heatmap_dir:  # refused by the engine too, but only once torch has loaded and the folders are made
+        _refuse_repeated_labels(labels, pairs[0][1] if pairs else args.points)
     heatmaps = _heatmap_names(ids, labels) if args.heatmap_dir else {}
     _refuse_overwriting_inputs(args, pairs, target_paths,
                                [*([out / f"{i}.mrk.json" for i in ids] if folder_out else [out]),
@@ -313,6 +316,17 @@ def heatmap_grid_hint(n_maps: int, image_voxels: int, model_voxels: int) -> str 
     return (f"writing {n_maps} heatmap(s) on the targets' voxels: {image_voxels * 4 / 1e9:.1f} GB of float32 to "
             f"compress, {image_voxels / max(model_voxels, 1):.0f}x the maps' own values; --heatmap-grid model writes "
             "the same maps on the model's grid, in the same physical space, in a fraction of the time")
+
+
+def _refuse_repeated_labels(labels: list[str], points_file: str) -> None:
+    """Raise :class:`InputError` naming ``points_file`` and the first label given to several of its points: a
+    heatmap is written per label (``--heatmap-dir``)."""
+    counts = collections.Counter(labels)
+    repeated = [lab for lab in labels if counts[lab] > 1]
+    if repeated:
+        raise InputError(f"{points_file}: the label '{repeated[0]}' is given to {counts[repeated[0]]} points, and "
+                         "--heatmap-dir writes one heatmap per label; give each point its own label, or leave out "
+                         "--heatmap-dir")
 
 
 def _heatmap_names(ids: list[str], labels: list[str]) -> dict[tuple[int, str], str]:

@@ -313,6 +313,9 @@ def test_bad_output_places_are_refused_before_torch_loads(tmp_path, two_cts, a_p
     pts_path, _ = a_points_csv
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_folder").mkdir()
+    repeated = tmp_path / "repeated.csv"
+    header, first = pts_path.read_text().splitlines(keepends=True)[:2]
+    repeated.write_text(header + first * 2)  # two points labelled A
     cases = [(["--out", str(tmp_path / "m.csv"), "--heatmap-dir", str(tmp_path / "a_file")],
               f"--heatmap-dir {tmp_path / 'a_file'}: is a file, expected a folder"),
              (["--out", str(tmp_path / "a_file") + "/"], f"--out {tmp_path / 'a_file'}: is a file, expected a folder"),
@@ -320,7 +323,9 @@ def test_bad_output_places_are_refused_before_torch_loads(tmp_path, two_cts, a_p
               f"{tmp_path / 'a_folder'}: is a folder, expected a point file"),
              (["--out", str(tmp_path / "m.csv")], "nosuch.nii.gz: file not found"),
              (["--out", str(tmp_path / "m.csv"), "--heatmap-grid", "model"],
-              "--heatmap-grid model says how to write heatmaps; give --heatmap-dir DIR too")]
+              "--heatmap-grid model says how to write heatmaps; give --heatmap-dir DIR too"),
+             (["--out", str(tmp_path / "m.csv"), "--heatmap-dir", str(tmp_path / "hm"), "--points", str(repeated)],
+              f"{repeated}: the label 'A' is given to 2 points, and --heatmap-dir writes one heatmap per label")]
     code = ("import sys, samembed.cli as c; code = c.main(sys.argv[1:]); "
             "print('TORCH', 'torch' in sys.modules, file=sys.stderr); sys.exit(code)")
     for extra, expected in cases:
@@ -329,6 +334,7 @@ def test_bad_output_places_are_refused_before_torch_loads(tmp_path, two_cts, a_p
         res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2, (expected, res.stderr)
         assert expected in res.stderr and "TORCH False" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "hm").exists() and not (tmp_path / "m.csv").exists()
 
 
 def test_embed_of_a_missing_image_makes_no_cache_folder(tmp_path, capsys):
