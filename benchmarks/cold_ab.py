@@ -140,6 +140,36 @@ def _click(root: Path, mode: str, out: Path) -> tuple[float, list[list[float]]]:
     return d["click_s"], [r["ras"] for r in d["rows"]]
 
 
+#: the slice spacing of the ``--thin-slice`` pair (mm): chest CT as it is reconstructed for reading today
+THIN_SLICE_MM = 0.5
+
+
+def thin_slice_case(case, work: Path):
+    """The LIDC case ``case`` (LIDC-0001 against its known warp, both 2.5 mm slices) with both images resampled along
+    z to :data:`THIN_SLICE_MM` slices (linear; 512 x 512 x 665 voxels, 0.35 GB of int16 each, 0.17 GB as .nii.gz),
+    written once to ``work/thin/``; the same points. Where the pair's reading, not the network, is most of a cold
+    match (the prefetch process reads both images while torch loads)."""
+    import dataclasses
+
+    import SimpleITK as sitk
+
+    folder = work / "thin"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image in (case.source, case.target):
+        out = folder / Path(str(image)).name.replace(".nii.gz", f"_{THIN_SLICE_MM}mm.nii.gz")
+        if not out.exists():
+            img = sitk.ReadImage(str(image))
+            spacing = (*img.GetSpacing()[:2], THIN_SLICE_MM)
+            size = (*img.GetSize()[:2], int(round(img.GetSize()[2] * img.GetSpacing()[2] / THIN_SLICE_MM)))
+            thin = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), spacing,
+                                 img.GetDirection(), -1024, img.GetPixelID())
+            sitk.WriteImage(thin, str(out.with_suffix(".part.nii.gz")), True)
+            out.with_suffix(".part.nii.gz").replace(out)
+        paths.append(out)
+    return dataclasses.replace(case, case_id=f"{case.case_id}_thin_{THIN_SLICE_MM}mm", source=paths[0], target=paths[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "benchmarks"))
     sys.path.insert(0, str(REPO / "SAMEmbedding"))
@@ -155,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also one atlas into N cold targets in one process (cold_start.py's atlas case): the mean "
                         "time per target of each engine")
     p.add_argument("--no-pairs", action="store_true", help="skip the cold pairs (e.g. for --first-click alone)")
+    p.add_argument("--thin-slice", action="store_true",
+                   help=f"also the LIDC pair resampled to {THIN_SLICE_MM} mm slices (thin_slice_case)")
     p.add_argument("--first-click", action="store_true",
                    help="also the Slicer module's first click (first_click.py's first case, a source and 3 targets), "
                         "from cold and with the engine started, each engine --reps times")
@@ -179,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                       capture_output=True, text=True).stdout.strip():
         head += " with uncommitted changes"
     rows = []
-    for case in [] if args.no_pairs else cold_cases(args.suites, args.openkbp_pairs):
+    pairs = [] if args.no_pairs else cold_cases(args.suites, args.openkbp_pairs)
+    if args.thin_slice:
+        pairs.append(thin_slice_case(cold_cases(args.suites, 0)[0], work))
+    for case in pairs:
         tag, pts = case_points(work, case)
         runs = _alternating(args.reps, base, lambda name, root, c=case, p=pts, t=tag: _cold(
             root, str(c.source), str(c.target), str(p), work / f"{t}_{name}.csv", model))
@@ -255,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
         + (f" --atlas {args.atlas}" if args.atlas else "") + (" --no-pairs" if args.no_pairs else "")
+        + (" --thin-slice" if args.thin_slice else "")
         + (" --first-click" if args.first_click else "") + (" --heatmaps" if args.heatmaps else "")
         + (f" --model {args.model}" if args.model else "") + "`.", "",
         *(["| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "

@@ -205,6 +205,9 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     written = writing = False
     wrote: set[str] = set()  # what the final writing has finished ("csv")
     try:
+        # the targets first, the last first: the prefetch process reads from the front (the source, the first
+        # target), and an image it has not started is read here meanwhile (samembed.prefetch._Claims)
+        targets = [read(t) for t in reversed(target_paths)][::-1]
         if pairs:
             atlases = [Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), image)
                        for (image, _), pl in zip(pairs, atlas_points)]
@@ -213,7 +216,6 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         else:
             source = read(args.images[0])
             check_point_dims(points, args.points, source.ndim, args.images[0])
-        targets = [read(t) for t in target_paths]
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         matcher.embedder.prefetch = prefetch

@@ -25,10 +25,12 @@ from samembed.registry import registered_local_stride_zyx, registered_pad_multip
 from ..conftest import data_file
 
 
-def _start(paths, config: dict, pad_multiple_zyx=None, body_stride_zyx=None) -> prefetch.Prefetch:
-    """A prefetch started here, where torch is already imported (the command starts it before)."""
+def _start(paths, config: dict, pad_multiple_zyx=None, body_stride_zyx=None, share_work=False) -> prefetch.Prefetch:
+    """A prefetch started here, where torch is already imported (the command starts it before); ``share_work`` as
+    the command's (else the engine waits for every image the child may read, as these tests ask at once)."""
     return prefetch.Prefetch(prefetch.PrefetchRequest(tuple(str(x) for x in paths), config,
-                                                      pad_multiple_zyx=pad_multiple_zyx, body_stride_zyx=body_stride_zyx))
+                                                      pad_multiple_zyx=pad_multiple_zyx, body_stride_zyx=body_stride_zyx),
+                             share_work=share_work)
 
 
 @pytest.mark.needs_data
@@ -329,3 +331,111 @@ def test_a_waiting_prefetch_ends_with_the_process_that_started_it(tmp_path):
     while _running(pid):
         assert time.monotonic() < end, f"the prefetch process {pid} outlived the process that started it"
         time.sleep(0.05)
+
+
+def test_a_task_is_claimed_once_by_whoever_asks_first():
+    import multiprocessing
+
+    claims = prefetch._Claims(multiprocessing.get_context("fork"))
+    assert claims.claim(0, prefetch.READ, prefetch.CHILD) and claims.claim(0, prefetch.READ, prefetch.CHILD)
+    assert not claims.claim(0, prefetch.READ, prefetch.ENGINE), "the child started it: the engine waits for it"
+    assert claims.claim(0, prefetch.PREPROCESS, prefetch.ENGINE), "each task of an image is claimed on its own"
+    assert not claims.claim(0, prefetch.PREPROCESS, prefetch.CHILD)
+    assert claims.claim(1, prefetch.READ, prefetch.ENGINE) and not claims.claim(1, prefetch.READ, prefetch.CHILD)
+    beyond = prefetch.CLAIMED_IMAGES
+    assert claims.claim(beyond, prefetch.READ, prefetch.CHILD) and not claims.claim(beyond, prefetch.READ, prefetch.ENGINE)
+
+
+@pytest.mark.needs_data
+def test_an_image_the_child_has_not_started_is_read_by_the_engine_and_left_by_the_child(tmp_path, monkeypatch):
+    """While the child reads the source (held here until the engine has asked), the engine asks for the target:
+    nobody has started it, so the engine reads it itself (``image`` gives None at once) and the child skips it. The
+    source still comes from the child, read and preprocessed as the engine would; the target's input is the
+    engine's to make (``take`` gives None without waiting)."""
+    import multiprocessing
+
+    from samembed import io as samembed_io
+
+    source, target = (data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz") for n in (215, 232))
+    asked = multiprocessing.get_context("fork").Event()
+    read_log = tmp_path / "child_reads.txt"
+    real_read = samembed_io.read_image
+
+    def held_read(path, *a, **k):  # in the child (forked with this patch): note each read; hold the source's
+        with read_log.open("a") as fh:
+            fh.write(f"{path}\n")
+        if str(path) == str(source):
+            assert asked.wait(60), "the engine never asked for the target"
+        return real_read(path, *a, **k)
+
+    monkeypatch.setattr(samembed_io, "read_image", held_read)
+    config, pad, stride = (registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+                           registered_local_stride_zyx("default"))
+    p = _start([source, target], config, pad, stride, share_work=True)
+    try:
+        for _ in range(600):  # the child has started on the source
+            if read_log.exists():
+                break
+            time.sleep(0.05)
+        assert p.image(str(target)) is None, "the engine must read an image nobody has started"
+        asked.set()
+        image = p.image(str(source))
+        assert image is not None and np.array_equal(image.array, real_read(source).array)
+        cfg = PreprocessConfig.from_dict(config)
+        got = p.take(image.content_hash(), cfg, "auto", pad)
+        assert got is not None and np.array_equal(got.array, preprocess(real_read(source), cfg, "auto", pad).array)
+        assert p.take(real_read(target).content_hash(), cfg, "auto", pad) is None
+    finally:
+        p.close()
+    assert read_log.read_text().split() == [str(source)], "the child read the target the engine took"
+
+
+@pytest.mark.needs_data
+def test_an_input_the_child_has_not_started_is_made_by_the_engine_while_the_child_still_reads(tmp_path, monkeypatch):
+    """The child has read the source and holds on the target's reading; the engine asks for the source's input,
+    which the child would make only after its reads: the engine makes it itself (``take`` gives None at once), and
+    the child, which then makes the target's input, leaves the source's."""
+    import multiprocessing
+
+    from samembed import io as samembed_io
+    from samembed import preprocess as samembed_preprocess
+
+    source, target = (data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz") for n in (215, 232))
+    asked = multiprocessing.get_context("fork").Event()
+    made_log = tmp_path / "child_inputs.txt"
+    real_read, real_preprocess = samembed_io.read_image, samembed_preprocess.preprocess
+
+    reading_target = tmp_path / "child_reads_the_target"
+
+    def held_read(path, *a, **k):
+        if str(path) == str(target):
+            reading_target.touch()
+            assert asked.wait(60), "the engine never asked for the source's input"
+        return real_read(path, *a, **k)
+
+    def noted_preprocess(image, *a, **k):
+        with made_log.open("a") as fh:
+            fh.write(f"{image.name}\n")
+        return real_preprocess(image, *a, **k)
+
+    monkeypatch.setattr(samembed_io, "read_image", held_read)
+    monkeypatch.setattr(samembed_preprocess, "preprocess", noted_preprocess)
+    config, pad, stride = (registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+                           registered_local_stride_zyx("default"))
+    p = _start([source, target], config, pad, stride, share_work=True)
+    cfg = PreprocessConfig.from_dict(config)
+    try:
+        for _ in range(600):  # the child has read the source and started on the target
+            if reading_target.exists():
+                break
+            time.sleep(0.05)
+        image = p.image(str(source))
+        assert p.take(image.content_hash(), cfg, "auto", pad) is None, "the engine must make an input nobody started"
+        asked.set()
+        other = p.image(str(target))
+        assert other is not None
+        got = p.take(other.content_hash(), cfg, "auto", pad)
+        assert got is not None and np.array_equal(got.array, preprocess(real_read(target), cfg, "auto", pad).array)
+    finally:
+        p.close()
+    assert made_log.read_text().split() == [str(target)], "the child made the input the engine took"
