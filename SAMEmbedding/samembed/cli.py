@@ -196,9 +196,14 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         after_torch_import()  # engine's, made next: its maps and embedder form cycles a collection must still free
     log.debug("torch loaded%s", " without its Python meta kernels" if meta_kernels_skipped() else "")
 
+    images_read: dict[str, object] = {}  # a file named twice (a scan matched to itself) is read once
+
     def read(path: str):  # the image the prefetch read, else the file
-        image = None if prefetch is None else prefetch.image(path)
-        return as_image(path if image is None else image, spacing_mm=args.spacing)
+        key = str(path)
+        if key not in images_read:
+            image = None if prefetch is None else prefetch.image(path)
+            images_read[key] = as_image(path if image is None else image, spacing_mm=args.spacing)
+        return images_read[key]
 
     bar.phase("reading")
     done: list = []  # each finished target's MatchResult whose files are written, in order
@@ -241,6 +246,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         # writing needs none of the engine's embeddings, images and prefetched arrays: freed before the heatmaps,
         # each as large as its target, are made (LIDC-0001 with 50 heatmaps: 2.9 -> 2.0 GB peak)
         matcher = targets = source = atlases = None
+        images_read.clear()
         bar.phase("writing")
         writing = True
         _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch, wrote)
@@ -249,6 +255,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     finally:
         if not written and done and not writing:  # failed or interrupted while matching: what was finished is kept
             matcher = targets = source = atlases = None
+            images_read.clear()
             try:
                 _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch)
                 log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s", len(done),

@@ -36,7 +36,19 @@ def a_points_csv(tmp_path, two_cts):
 
 
 @pytest.mark.needs_data
-def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv):
+def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv, monkeypatch):
+    """The source given as a target too (a scan matched to itself): its file is read once."""
+    from samembed import api
+
+    reads = []
+    real_as_image = api.as_image
+
+    def counted(image, *a, **k):  # files read (the engine calls it with images too)
+        if isinstance(image, (str, os.PathLike)):
+            reads.append(str(image))
+        return real_as_image(image, *a, **k)
+
+    monkeypatch.setattr(api, "as_image", counted)
     pts_path, _ = a_points_csv
     out = tmp_path / "matches.csv"
     code = main(["match", str(two_cts[0]), str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
@@ -47,6 +59,7 @@ def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv):
     assert set(rows[0]) == {"target", "label", "x", "y", "z", "score", "confident"}
     assert all(-1 <= float(r["score"]) <= 1 for r in rows)
     assert len(list((tmp_path / "hm").glob("*_heatmap.nii.gz"))) == 4
+    assert sorted(reads) == sorted(map(str, two_cts)), "the command read a file twice"
 
 
 @pytest.mark.needs_data
