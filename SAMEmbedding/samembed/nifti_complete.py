@@ -58,24 +58,31 @@ class NiftiLayout:
 def nifti_layout(head: bytes, single_file: bool) -> NiftiLayout | None:
     """The :class:`NiftiLayout` of a NIfTI-1, Analyze 7.5 or NIfTI-2 header (the file's first bytes, at least 348 or
     540), or None when ``head`` is not such a header or describes no voxels plainly (SimpleITK's reading then says
-    what is wrong). ``single_file``: the voxels follow the header in the same file (``.nii``), not in an ``.img``."""
+    what is wrong). ``single_file``: the file is a ``.nii``, whose magic must say that the voxels follow the header
+    (``n+1``, ``n+2``); else a pair's ``.hdr`` (magic ``ni1``, ``ni2``, or none: Analyze 7.5), whose voxels are in
+    its ``.img``."""
     for order in "<>":
         if len(head) >= 4 and struct.unpack_from(order + "i", head, 0)[0] == NIFTI1_HEADER_BYTES \
                 and len(head) >= NIFTI1_HEADER_BYTES:
             dim = struct.unpack_from(order + "8h", head, 40)
             bitpix = struct.unpack_from(order + "h", head, 72)[0]
             offset = struct.unpack_from(order + "f", head, 108)[0]
-            header = NIFTI1_HEADER_BYTES
+            header, magic = NIFTI1_HEADER_BYTES, head[344:348]
             break
         if len(head) >= 4 and struct.unpack_from(order + "i", head, 0)[0] == NIFTI2_HEADER_BYTES \
                 and len(head) >= NIFTI2_HEADER_BYTES:
             bitpix = struct.unpack_from(order + "h", head, 14)[0]
             dim = struct.unpack_from(order + "8q", head, 16)
             offset = struct.unpack_from(order + "q", head, 168)[0]
-            header = NIFTI2_HEADER_BYTES
+            header, magic = NIFTI2_HEADER_BYTES, head[4:8]
             break
     else:
         return None
+    # where the voxels are, by the magic: n+1/n+2 after the header, ni1/ni2 (or none: Analyze 7.5) in an .img
+    if magic[:1] != b"n" or magic[3:4] != b"\0" or magic[2:3] not in (b"1", b"2"):
+        magic = b""
+    if magic[1:2] != (b"+" if single_file else b"i") and (single_file or magic):
+        return None  # not the kind of file its name says: SimpleITK's reading decides what it is
     n = dim[0]
     if not 1 <= n <= 7 or bitpix <= 0 or not math.isfinite(offset) or offset < 0:
         return None

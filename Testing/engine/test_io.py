@@ -579,8 +579,16 @@ def test_the_layout_of_a_nifti_header_in_either_byte_order_and_version():
         struct.pack_into(order + "8h", one, 40, 4, 10, 11, 12, 2, 1, 1, 1)
         struct.pack_into(order + "2h", one, 70, 16, 32)  # float32
         struct.pack_into(order + "f", one, 108, 0.0)  # written as 0 by some tools: a single file's voxels at 352
+        analyze = bytes(one)  # no magic: Analyze 7.5, a pair
+        one[344:348] = b"n+1\0"
         assert nifti_layout(bytes(one), single_file=True) == NiftiLayout(352, 10 * 11 * 12 * 2 * 4, (10, 11, 12, 2), 32)
-        assert nifti_layout(bytes(one), single_file=False) == NiftiLayout(0, 10 * 11 * 12 * 2 * 4, (10, 11, 12, 2), 32)
+        assert nifti_layout(bytes(one), single_file=False) is None, "a single file's header is not a pair's"
+        assert nifti_layout(analyze, single_file=False) == NiftiLayout(0, 10 * 11 * 12 * 2 * 4, (10, 11, 12, 2), 32)
+        assert nifti_layout(analyze, single_file=True) is None, "a .nii without the single file's magic: not judged"
+        pair = bytearray(one)
+        pair[344:348] = b"ni1\0"
+        assert nifti_layout(bytes(pair), single_file=False) == nifti_layout(analyze, single_file=False)
+        assert nifti_layout(bytes(pair), single_file=True) is None
         struct.pack_into(order + "f", one, 108, 1024.0)
         assert nifti_layout(bytes(one), single_file=True).total_bytes == 1024 + 10 * 11 * 12 * 2 * 4
         two = bytearray(540)
