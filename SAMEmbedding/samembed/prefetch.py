@@ -262,29 +262,22 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
     for i, later, image in images:
         made = False
         try:
-            if not claims.claim(i, PREPROCESS, CHILD):  # the engine preprocesses it itself
-                raise _Claimed
-            pad, stride = request.pad_multiple_zyx, request.body_stride_zyx
-            prep = preprocess(image, config, request.modality, pad)
-            if stride is not None and pad is not None:  # as Embedder._body_on_local makes it, on the padded input
-                arr = pad_to_multiple(prep.array, pad, prep.fill_value)  # CT comes padded: itself
-                body = body_mask_on_grid(arr, stride, prep.modality)
-                prep = dataclasses.replace(prep, body=body, body_stride_zyx=tuple(stride))
-            packed = _pack(arena, prep)
-            if not later or packed[1] is not None:
-                conn.send(("input", image.content_hash(), packed))
-                made = True
-        except _Claimed:
-            pass
+            if claims.claim(i, PREPROCESS, CHILD):  # else the engine preprocesses it itself
+                pad, stride = request.pad_multiple_zyx, request.body_stride_zyx
+                prep = preprocess(image, config, request.modality, pad)
+                if stride is not None and pad is not None:  # as Embedder._body_on_local makes it, on the padded input
+                    arr = pad_to_multiple(prep.array, pad, prep.fill_value)  # CT comes padded: itself
+                    body = body_mask_on_grid(arr, stride, prep.modality)
+                    prep = dataclasses.replace(prep, body=body, body_stride_zyx=tuple(stride))
+                packed = _pack(arena, prep)
+                if not later or packed[1] is not None:
+                    conn.send(("input", image.content_hash(), packed))
+                    made = True
         except Exception:  # noqa: BLE001 - the engine preprocesses it again and reports the error itself
             log.debug("prefetch: %s not preprocessed", image.name)
         if not made:  # the engine need not wait for it
             conn.send(("no input", image.content_hash(), None))
     conn.close()
-
-
-class _Claimed(Exception):
-    """The engine claimed a task before the child (:class:`_Claims`)."""
 
 
 class Prefetch:
