@@ -10,7 +10,8 @@ into N cold targets in one process (``cold_start.py``'s atlas case), whose per-t
 With ``--first-click`` it also times the Slicer module's first click (``first_click.py child``, its first case), from
 cold and with the engine started, where preprocessing is waited for; ``--no-pairs`` skips the pairs. With
 ``--heatmaps`` it also times the pairs with ``--heatmap-dir`` (a heatmap per point, written in the target's
-geometry) and compares the two engines' heatmap files voxel by voxel.
+geometry) and compares the two engines' heatmap files voxel by voxel. With ``--thin-slice`` it also times the LIDC pair
+resampled to 0.5 mm slices (:func:`thin_slice_case`), whose reading outlasts torch's import.
 
 Usage (from the repository root)::
 
