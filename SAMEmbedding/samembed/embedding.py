@@ -734,8 +734,14 @@ class Embedder:
                                self.local_stride_zyx, self.prefetch)
 
     def key(self, image: Image) -> str:
-        """Cache key: image content hash + model id + preprocessing + modality."""
+        """Cache key: image content hash + model id + preprocessing + modality (and, for a grid more oblique than
+        :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that its input lies on the LPS axes: such maps were made on
+        the image's own axes before)."""
+        from .preprocess import OBLIQUE_LIMIT_DEG, obliquity_deg
+
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
+        if image.grid.ndim == 3 and obliquity_deg(image.grid.direction) > OBLIQUE_LIMIT_DEG:
+            prep += "|lps-axes"
         import hashlib
 
         h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{self.precision}".encode())

@@ -72,7 +72,9 @@ def test_an_oblique_flipped_image_maps_points_exactly_through_preprocessing():
     arr[12, 7, 31] = 1000.0  # a bright voxel
     img = Image.from_array(arr - 1000, spacing_mm=(1.0, 1.2, 2.0), origin_lps_mm=(-5, 7, 11), direction=rot)
     p_lps = img.grid.index_to_lps([[31, 7, 12]])[0]
-    prep = preprocess(img, PreprocessConfig(spacing_mm=1.0), modality="ct")
+    # air outside the image: the grid, 25 degrees oblique, is resampled onto the LPS axes, whose corners lie outside
+    # it (with the official fill, 0 HU, they would be as bright as the spot)
+    prep = preprocess(img, PreprocessConfig(spacing_mm=1.0, fill="air"), modality="ct")
     ijk = prep.grid.lps_to_index(p_lps[None])[0]
     peak = np.array(np.unravel_index(np.argmax(prep.array), prep.array.shape))[::-1]
     assert np.abs(ijk - peak).max() <= 1.0  # within one model voxel of the resampled bright spot
@@ -352,14 +354,20 @@ def test_orienting_in_numpy_gives_simpleitks_dicomorient(name, direction):
     if name in ("LPS", "RAS"):  # no permutation: a view of the image's own voxels
         assert np.shares_memory(view.array, arr)
     prep = preprocess(img, PreprocessConfig(fill="air"), "ct", pad_multiple_zyx=(8, 8, 8))
+    if pp.obliquity_deg(direction) > pp.OBLIQUE_LIMIT_DEG:  # the network's input lies on the LPS axes instead
+        out = sitk.GetArrayFromImage(pp.resample_onto_lps_axes(image_to_sitk(img), 2.0, -1024.0, (8, 8, 8)))
+        np.testing.assert_array_equal(prep.array, map_intensity(out, "ct"))
+        np.testing.assert_array_equal(prep.grid.direction, np.eye(3))
+        return
     out, grid = pp.resample_per_axis(ref, 2.0, -1024.0, (8, 8, 8))
     np.testing.assert_array_equal(prep.array, map_intensity(out, "ct"))
     assert prep.grid.same_as(grid, tol=1e-9)
 
 
-def test_a_grid_too_oblique_is_oriented_by_simpleitk():
-    """45 degrees between two axes: which LPS axis each follows is SimpleITK's call, so ``oriented_lps`` declines and
-    ``preprocess`` reorients through SimpleITK (the same input as before numpy orientation existed)."""
+def test_a_grid_more_oblique_than_the_limit_is_resampled_onto_the_lps_axes():
+    """45 degrees between two axes: ``oriented_lps`` declines (which LPS axis each follows is no question of
+    permuting), and ``preprocess`` resamples the image onto a grid along the LPS axes that holds the whole image (its
+    voxels' outer corners), the voxels outside it at the fill value; a point keeps its voxel."""
     import SimpleITK as sitk
 
     import samembed.preprocess as pp
@@ -367,13 +375,40 @@ def test_a_grid_too_oblique_is_oriented_by_simpleitk():
 
     c = np.sqrt(0.5)
     direction = np.array([[c, -c, 0.0], [c, c, 0.0], [0.0, 0.0, 1.0]])
-    arr = np.random.default_rng(2).integers(-1000, 1000, size=(9, 11, 10)).astype(np.int16)
+    arr = np.full((9, 21, 20), -1000, np.int16)
+    arr[4, 15, 3] = 1500  # a bright voxel
     img = Image(arr, Grid(arr.shape, (1.0, 1.5, 2.0), (0.0, 0.0, 0.0), direction), "oblique")
     assert pp.oriented_lps(img) is None
     assert pp.oriented_lps(Image(arr[0], Grid(arr.shape[1:], (1.0, 1.5), (0.0, 0.0), np.eye(2)), "2d")) is None
-    prep = preprocess(img, PreprocessConfig(fill="air"), "ct")
-    out, _ = pp.resample_per_axis(sitk.DICOMOrient(image_to_sitk(img), "LPS"), 2.0, -1024.0)
+    assert pp.obliquity_deg(direction) == pytest.approx(45.0)
+    prep = preprocess(img, PreprocessConfig(fill="air", spacing_mm=1.0), "ct")
+    out = sitk.GetArrayFromImage(pp.resample_onto_lps_axes(image_to_sitk(img), 1.0, -1024.0))
     np.testing.assert_array_equal(prep.array, map_intensity(out, "ct"))
+    np.testing.assert_array_equal(prep.grid.direction, np.eye(3))
+    corners = img.grid.index_to_lps(np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in img.grid.size_ijk])).reshape(3, -1).T)
+    inside = prep.grid.lps_to_index(corners)
+    assert inside.min() >= -0.5 - 1e-6 and np.all(inside.max(0) <= np.array(prep.grid.size_ijk) - 0.5 + 1e-6)
+    bright = prep.grid.lps_to_index(img.grid.index_to_lps([[3, 15, 4]]))[0]
+    peak = np.array(np.unravel_index(np.argmax(prep.array), prep.array.shape))[::-1]
+    assert np.abs(bright - peak).max() <= 1.0
+    assert prep.array.min() == map_intensity(np.array([-1024.0], np.float32), "ct")[0]  # the corners outside: air
+
+
+@pytest.mark.parametrize(("degrees", "onto_lps"), [(0.0, False), (3.0, False), (7.0, True), (20.0, True)])
+def test_only_grids_more_oblique_than_the_limit_leave_their_axes(degrees, onto_lps):
+    """A grid tilted by a few degrees keeps its own axes (permuted and flipped onto LPS: the exact per-axis
+    resampling); beyond :data:`OBLIQUE_LIMIT_DEG` the input lies on the LPS axes, and the cache key says so."""
+    import samembed.preprocess as pp
+
+    t = np.radians(degrees)
+    direction = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(t), -np.sin(t)], [0.0, np.sin(t), np.cos(t)]]) @ np.diag([-1.0, -1.0, 1.0])
+    assert pp.obliquity_deg(direction) == pytest.approx(degrees, abs=1e-6)
+    arr = np.random.default_rng(3).integers(-1000, 1000, size=(10, 12, 14)).astype(np.int16)
+    img = Image(arr, Grid(arr.shape, (1.0, 1.0, 2.5), (0.0, 0.0, 0.0), direction), "tilted")
+    prep = preprocess(img, PreprocessConfig(fill="air"), "ct")
+    assert np.allclose(prep.grid.direction, np.eye(3)) == (onto_lps or degrees == 0.0)
+    if not onto_lps:  # the image's own axes, flipped onto LPS
+        np.testing.assert_allclose(np.abs(prep.grid.direction), np.abs(pp.oriented_lps(img).grid.direction))
 
 
 @pytest.mark.needs_data
