@@ -60,3 +60,27 @@ def an_oblique_ct(a_scene, a_small_ct):
     node = add_volume(a_scene, voxels(a_small_ct), transform @ ijk_to_ras(a_small_ct), "oblique CT")
     node.SetAttribute("test.transform", " ".join(f"{v:.17g}" for v in transform.ravel()))
     return node
+
+
+@pytest.fixture
+def an_oblique_acquisition(a_scene, a_small_ct):
+    """The anatomy of the small CT where it is, on a grid of its size and spacing rotated by 20 degrees about S
+    around its centre, sampled from the whole CT it was cut from (linear, air outside): as a scanner writes an
+    acquisition planned obliquely in the axial plane. (The CT holds 20 slices: a grid also tilted out of its plane
+    would reach beyond them, into air no body has.)"""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from samembed.io import image_to_sitk
+    from SAMEmbeddingLib import mrml_io
+
+    matrix = about_centre(a_small_ct, rotation("S", 20.0)) @ ijk_to_ras(a_small_ct)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    full = load_volume(a_scene, SMALL_CT, "full CT")
+    source = image_to_sitk(mrml_io.image_from_volume_node(full))
+    a_scene.RemoveNode(full)
+    size = [int(n) for n in a_small_ct.GetImageData().GetDimensions()]
+    grid = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, lps[:3, 3].tolist(), spacing.tolist(),
+                         (lps[:3, :3] / spacing).ravel().tolist(), -1024.0, source.GetPixelID())
+    return add_volume(a_scene, sitk.GetArrayFromImage(grid), matrix, "oblique acquisition")
