@@ -115,8 +115,20 @@ class Grid:
                 shape[d - 1 - a] = n
                 out &= ((v >= -margin) & (v <= upper[axis_in_other[a]])).reshape(shape)
             return out
-        idx = np.indices(self.shape_zyx).reshape(d, -1).T[:, ::-1]  # C order, columns (i, j, k)
-        return other.contains_index(other.lps_to_index(self.index_to_lps(idx)), margin).reshape(self.shape_zyx)
+        # every voxel centre, a few planes of the slowest axis at a time (each voxel as mapping all at once would map
+        # it: the same functions, row by row): a grid along the LPS axes over an oblique image (samembed.preprocess)
+        # holds millions of voxels, and all their indices and points at once were 0.6 GB of fresh memory
+        out = np.empty(self.shape_zyx, dtype=bool)
+        plane = int(np.prod(self.shape_zyx[1:], dtype=np.int64))
+        step = max(1, (1 << 18) // max(1, plane))
+        rest = np.indices(self.shape_zyx[1:]).reshape(d - 1, -1).T[:, ::-1]  # one plane's columns (i[, j])
+        for first in range(0, self.shape_zyx[0], step):
+            last = min(self.shape_zyx[0], first + step)
+            slow = np.repeat(np.arange(first, last), plane)[:, None]
+            idx = np.hstack([np.tile(rest, (last - first, 1)), slow])  # C order, columns (i, j, k)
+            out[first:last] = other.contains_index(other.lps_to_index(self.index_to_lps(idx)), margin).reshape(
+                (last - first, *self.shape_zyx[1:]))
+        return out
 
     def derived(self, stride: tuple[int, ...], shape_zyx: tuple[int, ...]) -> Grid:
         """Geometry of a map computed from this grid with a per-axis ``stride`` (i, j, k order).
