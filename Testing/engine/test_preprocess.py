@@ -427,3 +427,22 @@ def test_real_cts_oriented_in_numpy_give_the_input_through_simpleitk(data_dir):
         out, grid = pp.resample_per_axis(sitk.DICOMOrient(image_to_sitk(img), "LPS"), 2.0, -1024.0, (8, 8, 8))
         np.testing.assert_array_equal(prep.array, map_intensity(out, "ct"), err_msg=path.name)
         assert prep.grid.same_as(grid, tol=1e-9), path.name
+
+
+def test_which_centres_lie_inside_an_oblique_grid_is_the_same_plane_by_plane_as_all_at_once():
+    """``Grid.centres_inside`` of a grid along the LPS axes over an oblique one (the oblique route's validity mask)
+    maps a few planes at a time; each voxel's answer is the mapping of every voxel at once, over several blocks of
+    planes and grids of random orientations."""
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        other = Grid(tuple(int(v) for v in rng.integers(20, 60, 3)), rng.uniform(0.7, 3.0, 3), rng.uniform(-40, 40, 3), q)
+        spacing = rng.uniform(1.0, 2.0, 3)
+        centre = other.index_to_lps((np.array(other.size_ijk) - 1) / 2)[0]
+        # 90 x 80 x 70 voxels around the other's centre (2^18 voxels are fewer than 8 planes: several blocks)
+        mine = Grid((70, 80, 90), spacing, centre - spacing * np.array([90, 80, 70]) / 2, np.eye(3))
+        idx = np.indices(mine.shape_zyx).reshape(3, -1).T[:, ::-1]
+        every = other.contains_index(other.lps_to_index(mine.index_to_lps(idx)), 0.5).reshape(mine.shape_zyx)
+        got = mine.centres_inside(other, margin=0.5)
+        assert 0 < every.sum() < every.size
+        np.testing.assert_array_equal(got, every)
