@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -435,7 +436,7 @@ def test_the_search_prior_falls_back_to_a_translation_between_a_head_and_a_head_
 
 
 @pytest.mark.needs_data
-def test_a_target_on_an_oblique_grid_is_matched_as_on_its_straight_grid():
+def test_a_target_on_an_oblique_grid_is_matched_as_on_its_straight_grid(caplog):
     """The same head-and-neck CT on its own axial grid and resampled onto a grid rotated by 20 degrees about z and
     tilted by 11 degrees (the anatomy where it was, as an oblique acquisition holds it): the networks learnt from
     axial scans, so the oblique grid's input is resampled onto the LPS axes (samembed.preprocess.OBLIQUE_LIMIT_DEG),
@@ -457,7 +458,11 @@ def test_a_target_on_an_oblique_grid_is_matched_as_on_its_straight_grid():
     m = Matcher("default", device="cpu")
     found = {}
     for name, img in (("straight", straight), ("oblique", oblique)):
-        result = m.match(source, organs, [image_from_sitk(img, name)])
+        with caplog.at_level(logging.INFO, logger="samembed.embedding"):
+            result = m.match(source, organs, [image_from_sitk(img, name)])
         found[name] = np.array([match.point_lps_mm for match in result.matches])
     moved = np.linalg.norm(found["straight"] - found["oblique"], axis=1)
     assert moved.max() < 8.0, moved
+    said = [r.getMessage() for r in caplog.records if "off the patient's (LPS) axes" in r.getMessage()]
+    assert said == ["oblique: its voxel axes lie 23 degrees off the patient's (LPS) axes: the network's input is "
+                    "resampled onto the LPS axes (the networks learnt from axial scans)"], said
