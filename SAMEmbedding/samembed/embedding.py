@@ -31,7 +31,7 @@ from .image import Grid, Image
 from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import ProgressFn
-from .preprocess import OBLIQUE_LIMIT_DEG, body_mask_on_grid, obliquity_deg, pad_to_multiple, preprocess
+from .preprocess import body_mask_on_grid, obliquity_deg, onto_lps_axes, pad_to_multiple, preprocess
 from .tiles import channel_major, new_feature_rows
 
 log = logging.getLogger(__name__)
@@ -453,10 +453,10 @@ def prepare_input(settings: PrepareSettings, image: Image) -> tuple[np.ndarray, 
         prep = preprocess(image, settings.preprocess, settings.modality, pad)  # CT comes padded (no copy below)
     else:
         log.debug("%s: preprocessed ahead by the prefetch process", image.name)
-    oblique = obliquity_deg(image.grid.direction) if image.grid.ndim == 3 else 0.0
-    if oblique > OBLIQUE_LIMIT_DEG:
+    if onto_lps_axes(image.grid):
         log.info("%s: its voxel axes lie %.0f degrees off the patient's (LPS) axes: the network's input is resampled "
-                 "onto the LPS axes (the networks learnt from axial scans)", image.name, oblique)
+                 "onto the LPS axes (the networks learnt from axial scans)", image.name,
+                 obliquity_deg(image.grid.direction))
     arr = pad_to_multiple(prep.array, pad, prep.fill_value)
     grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
     made = prep.body_stride_zyx is not None and tuple(prep.body_stride_zyx) == tuple(settings.local_stride_zyx)
@@ -742,7 +742,7 @@ class Embedder:
         :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that its input lies on the LPS axes: such maps were made on
         the image's own axes before)."""
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
-        if image.grid.ndim == 3 and obliquity_deg(image.grid.direction) > OBLIQUE_LIMIT_DEG:
+        if onto_lps_axes(image.grid):
             prep += "|lps-axes"
         import hashlib
 

@@ -335,15 +335,16 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
             img = reader.Execute()
             check_slice_positions(path, [_slice_position(reader, k) for k in range(len(files))])
         else:
+            gzipped_nifti = path.name.lower().endswith(".nii.gz")
             with _unshadowed(path) as sitk_path:
-                fast = read_nifti_gz(path, sitk_path) if path.name.lower().endswith(".nii.gz") else None
+                fast = read_nifti_gz(path, sitk_path) if gzipped_nifti else None
                 if fast is not None:  # inflated by isal, the geometry SimpleITK's (samembed.nifti_gz)
                     voxels, spacing, origin, direction = fast
                     grid = Grid(voxels.shape, spacing, origin, np.array(direction).reshape(3, 3))
                     image = Image(voxels, grid, str(path))
                     validate_image(image)
                     return image
-                if not path.name.lower().endswith(".nii.gz"):  # a .nii.gz's length: checked as it was inflated
+                if not gzipped_nifti:  # a .nii.gz's length: checked as it was inflated (read_nifti_gz)
                     check_nifti_complete(path)  # SimpleITK reads a NIfTI cut short as zeros, without a word
                 img = sitk.ReadImage(str(sitk_path))
     except InputError:

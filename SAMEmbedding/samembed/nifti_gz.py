@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .nifti_complete import NIFTI2_HEADER_BYTES, check_layout, check_nifti_complete, nifti_layout
+from .nifti_complete import NIFTI1_HEADER_BYTES, NIFTI2_HEADER_BYTES, check_layout, check_nifti_complete, nifti_layout
 
 #: NIfTI-1 ``datatype`` -> numpy type (little-endian), for the scalar types SimpleITK reads as they are stored
 NIFTI_DTYPES = {2: "<u1", 4: "<i2", 8: "<i4", 16: "<f4", 64: "<f8", 256: "<i1", 512: "<u2", 768: "<u4",
                 1024: "<i8", 1280: "<u8"}
-#: the NIfTI-1 header's size and its magic string for a single file (header and voxels together)
-HEADER_BYTES, MAGIC = 348, b"n+1\0"
+#: the magic string of a single NIfTI-1 file (header and voxels together)
+MAGIC = b"n+1\0"
 
 
 def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tuple[np.ndarray, tuple, tuple, tuple] | None:
@@ -62,7 +62,8 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
                          f"short ({exc}); copy or export the file again") from exc
     del data
     check_layout(nifti_layout(raw[:NIFTI2_HEADER_BYTES], single_file=True), len(raw), path)
-    if len(raw) < HEADER_BYTES + 4 or struct.unpack_from("<i", raw, 0)[0] != HEADER_BYTES or raw[344:348] != MAGIC:
+    if (len(raw) < NIFTI1_HEADER_BYTES + 4 or struct.unpack_from("<i", raw, 0)[0] != NIFTI1_HEADER_BYTES
+            or raw[344:348] != MAGIC):
         return None  # big-endian, NIfTI-2, a header and image pair, or not NIfTI
     dim = struct.unpack_from("<8h", raw, 40)
     datatype, bitpix = struct.unpack_from("<2h", raw, 70)
@@ -74,7 +75,8 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
         return None  # scaled intensities: SimpleITK applies the scaling (and may change the type)
     offset, count = int(vox_offset), int(np.prod(dim[1:4], dtype=np.int64))
     itemsize = np.dtype(dtype).itemsize
-    if offset != vox_offset or offset < HEADER_BYTES + 4 or offset % itemsize or offset + count * itemsize > len(raw):
+    if (offset != vox_offset or offset < NIFTI1_HEADER_BYTES + 4 or offset % itemsize
+            or offset + count * itemsize > len(raw)):
         return None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(sitk_path or path))

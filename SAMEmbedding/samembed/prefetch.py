@@ -82,6 +82,12 @@ def source_key(source: str | ArrayFile) -> str:
     return source.path if isinstance(source, ArrayFile) else str(source)
 
 
+def first_index(paths: Sequence[str | ArrayFile], path: str) -> int:
+    """The index in ``paths`` of the first image read from ``path`` (a file named twice is read once, there; its
+    tasks are claimed by that index, :class:`_Claims`)."""
+    return next(i for i, s in enumerate(paths) if source_key(s) == path)
+
+
 @dataclass(frozen=True)
 class PrefetchRequest:
     """What the child does: read ``paths`` (files, or :class:`ArrayFile` volumes) and preprocess them with ``preprocess`` (a
@@ -237,9 +243,10 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
     for i, source in enumerate(request.paths):  # every image first: the command reads them all before it embeds one
         later = i >= FIRST_IMAGES
         path = source_key(source)
-        first = next(j for j, s in enumerate(request.paths) if source_key(s) == path)  # a file named twice: once
-        if (later and (full or arena is None)) or first != i or not claims.claim(i, READ, CHILD):  # (or the engine
-            conn.send(("skipped", path, None))  # reads it)
+        # skipped: a later image that cannot be shared, a file named twice (read once), one the engine reads
+        if (later and (full or arena is None)) or first_index(request.paths, path) != i \
+                or not claims.claim(i, READ, CHILD):
+            conn.send(("skipped", path, None))
             continue
         try:
             if isinstance(source, ArrayFile):
@@ -332,7 +339,7 @@ class Prefetch:
                     if kind == "image":
                         image = self._images[key] = _unpack(self._arena, value)
                         self._coming.add(image.content_hash())  # the child's hash, carried with the image
-                        self._index.setdefault(image.content_hash(), self._first_index(key))
+                        self._index.setdefault(image.content_hash(), first_index(self.request.paths, key))
                     elif kind == "input":
                         self._results[key] = _unpack(self._arena, value)
                     elif kind == "no input":
@@ -346,10 +353,6 @@ class Prefetch:
             with self._cond:
                 self._done = True
                 self._cond.notify_all()
-
-    def _first_index(self, path: str) -> int:
-        """The request's index of the first image read from ``path`` (the one whose tasks are claimed)."""
-        return next(i for i, s in enumerate(self.request.paths) if source_key(s) == path)
 
     def give(self, paths: Sequence[str | ArrayFile]) -> None:
         """Tell a prefetch started by :func:`start_waiting` its images (the source, then the targets), once."""
@@ -373,7 +376,7 @@ class Prefetch:
             return None
         with self._cond:
             if (self.share_work and path not in self._settled and not self._done
-                    and self._claims.claim(self._first_index(path), READ, ENGINE)):
+                    and self._claims.claim(first_index(self.request.paths, path), READ, ENGINE)):
                 self._settled.add(path)  # nobody had started it: the caller reads it, while the child works on
                 return None  # (the child skips it)
             self._cond.wait_for(lambda: path in self._settled or self._done)

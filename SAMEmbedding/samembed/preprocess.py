@@ -171,8 +171,7 @@ def _resampled_geometry(size_xyz, spacing_xyz, origin_lps_mm, direction, spacing
     d = len(size)
     new_sp = np.full(d, float(spacing_mm))
     new_size = [int(np.ceil(n * s / t - 1e-6)) if n > 1 else 1 for n, s, t in zip(size, old_sp, new_sp)]
-    if pad_multiple_xyz is not None:
-        new_size = [n + (-n) % int(m) for n, m in zip(new_size, pad_multiple_xyz)]
+    new_size = _padded(new_size, pad_multiple_xyz)
     new_sp = np.where(size > 1, new_sp, old_sp)
     direction = np.asarray(direction, dtype=np.float64).reshape(d, d)
     shift = (new_sp - old_sp) / 2.0
@@ -202,6 +201,12 @@ def obliquity_deg(direction: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0))).max())
 
 
+def onto_lps_axes(grid: Grid) -> bool:
+    """Whether :func:`preprocess` puts the input of an image on ``grid`` onto the LPS axes: a 3D grid more oblique
+    than :data:`OBLIQUE_LIMIT_DEG`."""
+    return grid.ndim == 3 and obliquity_deg(grid.direction) > OBLIQUE_LIMIT_DEG
+
+
 def resample_onto_lps_axes(img, spacing_mm: float, fill_value: float,
                            pad_multiple_xyz: tuple[int, ...] | None = None):
     """Resample a 3D SimpleITK image of any orientation onto a grid along the LPS axes (direction identity) at
@@ -211,20 +216,32 @@ def resample_onto_lps_axes(img, spacing_mm: float, fill_value: float,
     :data:`OBLIQUE_LIMIT_DEG`."""
     import itertools
 
-    import SimpleITK as sitk
-
     size = np.asarray(img.GetSize())
     corners = np.array([img.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
                         for corner in itertools.product(*[(-0.5, n - 0.5) for n in size])])
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     new_size = [max(1, int(np.ceil(v / spacing_mm - 1e-6))) for v in hi - lo]
-    if pad_multiple_xyz is not None:
-        new_size = [n + (-n) % int(m) for n, m in zip(new_size, pad_multiple_xyz)]
+    return _linear_resample(img, _padded(new_size, pad_multiple_xyz), (float(spacing_mm),) * 3,
+                            lo + spacing_mm / 2.0, np.eye(3).ravel(), fill_value)
+
+
+def _padded(size_xyz, pad_multiple_xyz: tuple[int, ...] | None) -> list[int]:
+    """``size_xyz`` extended to a multiple of ``pad_multiple_xyz`` (unchanged when None)."""
+    if pad_multiple_xyz is None:
+        return [int(n) for n in size_xyz]
+    return [int(n) + (-int(n)) % int(m) for n, m in zip(size_xyz, pad_multiple_xyz)]
+
+
+def _linear_resample(img, size_xyz, spacing_xyz, origin_lps_mm, direction, fill_value: float):
+    """``img`` (SimpleITK) resampled onto the given grid with SimpleITK: linear, float32, ``fill_value`` outside
+    the image."""
+    import SimpleITK as sitk
+
     res = sitk.ResampleImageFilter()
-    res.SetOutputSpacing((float(spacing_mm),) * 3)
-    res.SetSize(new_size)
-    res.SetOutputOrigin(tuple(float(v) for v in lo + spacing_mm / 2.0))
-    res.SetOutputDirection(tuple(np.eye(3).ravel()))
+    res.SetOutputSpacing(tuple(float(v) for v in spacing_xyz))
+    res.SetSize([int(v) for v in size_xyz])
+    res.SetOutputOrigin(tuple(float(v) for v in origin_lps_mm))
+    res.SetOutputDirection(tuple(float(v) for v in direction))
     res.SetInterpolator(sitk.sitkLinear)
     res.SetDefaultPixelValue(float(fill_value))
     res.SetOutputPixelType(sitk.sitkFloat32)
@@ -238,18 +255,8 @@ def resample_to_spacing(img, spacing_mm: float, fill_value: float, pad_multiple_
     outside the image and take ``fill_value``, as any voxel beyond the image does. :func:`preprocess` uses it for 2D
     images and computes the same voxels per axis for 3D ones (:func:`resample_per_axis`), tested against it.
     """
-    import SimpleITK as sitk
-
     new_size, new_sp, origin = _resampled_geometry(*_sitk_geometry(img), spacing_mm, pad_multiple_xyz)
-    res = sitk.ResampleImageFilter()
-    res.SetOutputSpacing(tuple(float(v) for v in new_sp))
-    res.SetSize([int(v) for v in new_size])
-    res.SetOutputOrigin(tuple(float(v) for v in origin))
-    res.SetOutputDirection(img.GetDirection())
-    res.SetInterpolator(sitk.sitkLinear)
-    res.SetDefaultPixelValue(float(fill_value))
-    res.SetOutputPixelType(sitk.sitkFloat32)
-    return res.Execute(img)
+    return _linear_resample(img, new_size, new_sp, origin, img.GetDirection(), fill_value)
 
 
 #: a sample within this many voxels of the image's edge (its continuous index at -0.5 or n - 0.5) lies on it
@@ -413,9 +420,9 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
     mod = detect_modality(image) if modality == "auto" else modality
     if mod not in ("ct", "mri", "xray"):
         raise InputError(f"{image.name}: unknown modality '{modality}'; use auto, ct, mri or xray")
-    onto_lps_axes = image.grid.ndim == 3 and obliquity_deg(image.grid.direction) > OBLIQUE_LIMIT_DEG
-    view = None if onto_lps_axes else oriented_lps(image)  # 3D grids along the LPS axes: reoriented without a copy
-    img = view if view is not None else image_to_sitk(image) if onto_lps_axes else _orient_lps(image_to_sitk(image))
+    lps_axes = onto_lps_axes(image.grid)
+    view = None if lps_axes else oriented_lps(image)  # 3D grids along the LPS axes: reoriented without a copy
+    img = view if view is not None else image_to_sitk(image) if lps_axes else _orient_lps(image_to_sitk(image))
     if config.fill == "air":
         fill = CT_RANGE_HU[0] if mod == "ct" else float(image.array.min())
     else:
@@ -424,10 +431,10 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
     if not image.pixel_spacing_known and image.ndim == 2:
         spacing = config.spacing_mm  # pixels treated as mm-sized; --spacing sets the real value
     pad = tuple(reversed(pad_multiple_zyx)) if pad_multiple_zyx is not None and mod == "ct" else None
-    if onto_lps_axes or (view is None and img.GetDimension() == 2):
+    if lps_axes or (view is None and img.GetDimension() == 2):
         # an oblique grid: onto the LPS axes (OBLIQUE_LIMIT_DEG); radiographs: SimpleITK (on its threads) is faster,
         # 0.05 s against 0.1 s
-        res = (resample_onto_lps_axes if onto_lps_axes else resample_to_spacing)(img, spacing, fill, pad)
+        res = (resample_onto_lps_axes if lps_axes else resample_to_spacing)(img, spacing, fill, pad)
         d = res.GetDimension()
         grid = Grid(tuple(reversed(res.GetSize())), res.GetSpacing(), res.GetOrigin(),
                     np.array(res.GetDirection()).reshape(d, d))
