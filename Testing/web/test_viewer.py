@@ -79,9 +79,12 @@ def _status(page) -> str:
 
 
 def _wait_status(page, text: str, timeout_ms: int = 20_000) -> str:
-    page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(text)})",
-                           timeout=timeout_ms)
-    return _status(page)
+    """The status line as it read when it first held ``text`` (read in the same check: a later status, e.g. of a
+    match still finishing, cannot take its place before the caller sees it)."""
+    handle = page.wait_for_function(
+        f"(() => {{ const t = document.querySelector('#status').innerText; return t.includes({json.dumps(text)}) ? t : null; }})()",
+        timeout=timeout_ms)
+    return handle.json_value()
 
 
 def _wait_idle(page, timeout_ms: int = MATCH_TIMEOUT_MS) -> None:
