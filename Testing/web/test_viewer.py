@@ -87,6 +87,17 @@ def _wait_status(page, text: str, timeout_ms: int = 20_000) -> str:
     return handle.json_value()
 
 
+def _wait_refusal(page, text: str, timeout_ms: int = 20_000) -> tuple[str, bool]:
+    """Like :func:`_wait_status`, with whether the line was shown as an error, read in the same check (a later
+    status, e.g. of volumes prepared in the background, replaces both the text and the flag)."""
+    handle = page.wait_for_function(
+        "(() => { const s = document.querySelector('#status'); const t = s.innerText; "
+        f"return t.includes({json.dumps(text)}) ? [t, s.getAttribute('data-error')] : null; }})()",
+        timeout=timeout_ms)
+    line, error = handle.json_value()
+    return line, error == "true"
+
+
 def _wait_idle(page, timeout_ms: int = MATCH_TIMEOUT_MS) -> None:
     """Until no match runs (the Cancel button is hidden)."""
     page.wait_for_function("!document.querySelector('#cancel') || document.querySelector('#cancel').offsetParent === null",
@@ -250,8 +261,8 @@ def test_an_upload_that_is_not_an_image_is_refused_in_the_page_and_the_server_go
     bad = tmp_path / "notes.nii.gz"
     bad.write_text("this is not an image\n")
     page.locator("#upload-volume").set_input_files(str(bad))
-    assert "not an image" in _wait_status(page, "not an image")
-    assert page.locator("#status").get_attribute("data-error") == "true"
+    text, error = _wait_refusal(page, "not an image")
+    assert error, text
     with urllib.request.urlopen(a_server.url, timeout=10) as response:
         assert response.status == 200
     assert page.locator(".result-row").count() == 1  # nothing already matched is lost
@@ -331,9 +342,8 @@ def test_a_landmark_file_of_x_y_only_is_refused_with_a_message_and_adds_nothing(
     xy.write_text("label,x,y\nQ1,250,250\n")
     before = page.locator(".landmark").count()
     page.locator("#upload-landmarks").set_input_files(str(xy))
-    text = _wait_status(page, "its points have 2 coordinates")
-    assert "give each point's z too" in text, text
-    assert page.locator("#status").get_attribute("data-error") == "true"
+    text, error = _wait_refusal(page, "its points have 2 coordinates")
+    assert "give each point's z too" in text and error, text
     assert page.locator(".landmark").count() == before
 
 
@@ -370,8 +380,8 @@ def test_the_model_and_device_choices_do_what_they_say(a_page):
 
     # a 2D model for 3D volumes: refused with what to do; the choice goes back, nothing matched is lost
     _choose(page, "model-select", "sam-lite-2d-hand")
-    text = _wait_status(page, "for 2D images")
-    assert "choose a 3D model" in text and page.locator("#status").get_attribute("data-error") == "true"
+    text, error = _wait_refusal(page, "for 2D images")
+    assert "choose a 3D model" in text and error, text
     _until(lambda: _shown(page, "model-select") == "sam-lite-ct", 5, "the model choice to go back")
     assert len(_rows(page)) == len(rows_before)
 
@@ -458,9 +468,8 @@ def test_a_2d_image_beside_3d_volumes_gets_a_message_saying_what_to_do(a_page, a
     else:
         upload = _one_slice_nifti(tmp_path / "slice.nii.gz")
     page.locator("#upload-volume").set_input_files(str(upload))
-    text = _wait_status(page, f"{upload.name} is a 2D image", timeout_ms=30_000)
-    assert "samembed match --model sam-lite-2d-hand" in text, text
-    assert page.locator("#status").get_attribute("data-error") == "true"
+    text, error = _wait_refusal(page, f"{upload.name} is a 2D image", timeout_ms=30_000)
+    assert "samembed match --model sam-lite-2d-hand" in text and error, text
     # not loaded: no new volume, no new target; nothing matched is lost; the server goes on
     assert page.evaluate("window.trame.state.get('volumes').length") == volumes_before
     assert len(_rows(page)) == len(rows_before)
