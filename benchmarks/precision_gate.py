@@ -3,8 +3,8 @@
 
 Runs the shipped model with each suite's preset twice, ``Matcher(precision="fp32")`` and the candidate,
 ``precision="int8"`` (the int8 local branch, :mod:`samembed.networks.int8`), ``"int8-int8"`` (also most of the global
-branch in int8; the CPU default elsewhere) or ``"int8-bf16"`` (the global branch in bfloat16 instead; the CPU default
-where the CPU has native bfloat16), one thread, and writes the paired comparison
+branch in int8; the CPU default for the shipped models) or ``"int8-bf16"`` (the global branch in bfloat16 instead; the
+CPU default where the CPU has native bfloat16 and the calibration lacks the global scales), one thread, and writes the paired comparison
 per suite and organ group, the largest per-point change and each run's time. Per-case results are cached in
 ``cache/precision_gate/`` (not committed; a stopped run resumes)::
 
@@ -42,8 +42,8 @@ TOLERANCE_MM = 0.1
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="precision_gate.py")
     p.add_argument("--candidate", choices=["int8", "int8-int8", "int8-bf16"],
-                   help="default: what --precision auto runs on this CPU with the shipped model (int8-bf16 with "
-                        "native bfloat16, else int8-int8 when its calibration has the global scales)")
+                   help="default: what --precision auto runs on this CPU with the shipped model (int8-int8 when "
+                        "its calibration has the global scales, else int8-bf16 with native bfloat16)")
     p.add_argument("--out", help="default: benchmarks/results/precision_<candidate>.md")
     args = p.parse_args(argv)
     from samembed.embedding import resolve_precision

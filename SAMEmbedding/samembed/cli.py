@@ -539,7 +539,7 @@ def _cmd_info(args) -> int:
     cuda = torch.cuda.is_available()
     print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}; threads {torch.get_num_threads()}; "
           f"CPU instructions {torch.backends.cpu.get_cpu_capability()}, "
-          f"{'native bfloat16 (int8-bf16, the default of calibrated models)' if native_bf16() else 'no native bfloat16 (int8-int8, the default of models calibrated with global scales)'}")
+          f"{'native bfloat16 (int8-bf16 can run: the default of models calibrated without global scales)' if native_bf16() else 'no native bfloat16: int8-bf16 cannot run'}")
     print(f"models ({models_dir() / 'models.json'}):")
     for m in registry().get("models", []):
         avail = "available" if m.get("file") and (models_dir() / m["file"]).is_file() else "not on this machine"
@@ -573,7 +573,7 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
                         "model's calibration, see `samembed quantize`), int8-int8 (also the global branch in int8, "
                         "2x faster; needs a calibration with its scales), int8-bf16 (the global branch in bfloat16 "
                         "instead, 2x faster; needs a CPU with native bfloat16), fp32, or auto (the fastest of these "
-                        "that the model and CPU allow)")
+                        "that the model and CPU allow: int8-int8 for the shipped CT models)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -68,7 +68,9 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
     ``samembed quantize``), "int8-int8" (int8, and most of the global branch's convolutions in int8 too; needs a
     calibration that has the global branch's scales) or "int8-bf16" (int8, and the global branch in bfloat16; needs a
     CPU with native bfloat16, :func:`samembed.networks.int8.native_bf16`). "auto" is the fastest of these that this
-    model and CPU allow.
+    model and CPU allow: "int8-int8" when the calibration has the global scales (its global map took 0.15-0.16 s
+    against bfloat16's 0.18 s and float32's 0.26 s on a CPU with AVX-512 BF16 and VNNI, about 2x faster than float32
+    on AVX2), else "int8-bf16" where the CPU has native bfloat16, else "int8".
 
     Raises:
         InputError: an unknown name, or a precision that cannot run here (CUDA, no calibration, not a sam-lite model,
@@ -97,7 +99,7 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
     if name == "auto":
         if not can:
             return "fp32"
-        return "int8-bf16" if native_bf16() else "int8-int8" if has_global_scales(model.int8) else "int8"
+        return "int8-int8" if has_global_scales(model.int8) else "int8-bf16" if native_bf16() else "int8"
     return name
 
 

@@ -1,6 +1,6 @@
 """The int8 local branch (``--precision int8``), with the global branch in int8 too (``int8-int8``, the CPU default
-for a model whose calibration has the global branch's scales) or in bfloat16 (``int8-bf16``, the default where the CPU
-has native bfloat16): they stay close to float32 on real CT, int8 tiles are as exact as float32's, the calibration is
+for a model whose calibration has the global branch's scales) or in bfloat16 (``int8-bf16``, where the CPU has native
+bfloat16; the default there for a calibration without the global scales): they stay close to float32 on real CT, int8 tiles are as exact as float32's, the calibration is
 tied to its weights, and the precision choice says what to do when a precision cannot run.
 
 The whole-volume against on-demand equality of the int8 path is ``test_ondemand.py``'s (the default model runs int8
@@ -58,13 +58,11 @@ def test_the_shipped_model_runs_int8_on_the_cpu_close_to_float32(ct):
 
 
 @pytest.mark.needs_data
-def test_the_bfloat16_global_branch_stays_close_to_float32_and_is_the_default_where_the_cpu_has_it(ct):
+def test_the_bfloat16_global_branch_stays_close_to_float32_where_the_cpu_has_it(ct):
     """Global vectors of a head-and-neck CT's body, bfloat16 against float32: cosine similarity at least 0.9995 (the
     ship gate measures the matches); the local vectors are int8's, bit for bit."""
     from samembed.networks.int8 import native_bf16
 
-    auto = Matcher("default", device="cpu")
-    assert auto.embedder.precision == ("int8-bf16" if native_bf16() else "int8-int8")
     if not native_bf16():
         pytest.skip("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): int8-bf16 cannot run here")
     bf = Matcher("default", device="cpu", precision="int8-bf16")
@@ -189,20 +187,26 @@ def test_precision_choices_say_what_to_do_when_int8_cannot_run():
         resolve_precision("int8-bf16", model, cpu)
 
 
-def test_without_native_bfloat16_auto_is_int8_int8_and_int8_bf16_says_what_to_use(monkeypatch):
+@pytest.mark.parametrize("native", [False, True], ids=["no-bf16", "bf16"])
+def test_auto_is_int8_int8_with_the_global_scales_and_int8_bf16_says_what_to_use(monkeypatch, native):
+    """auto takes the int8 global branch wherever the calibration has its scales (faster than bfloat16 on a CPU with
+    AVX-512 BF16 and VNNI); bfloat16 only for a calibration without them, on a CPU that has it."""
     import dataclasses
 
     from samembed.networks import int8
 
-    monkeypatch.setattr(int8, "native_bf16", lambda: False)
+    monkeypatch.setattr(int8, "native_bf16", lambda: native)
     model, cpu = load_model("default"), torch.device("cpu")
     assert resolve_precision("auto", model, cpu) == "int8-int8"
-    with pytest.raises(InputError, match="no native bfloat16.*--precision int8"):
-        resolve_precision("int8-bf16", model, cpu)
-    # a calibration made before the global branch's scales existed: auto keeps the global branch in float32, and
-    # asking for int8-int8 says how to get them
+    if native:
+        assert resolve_precision("int8-bf16", model, cpu) == "int8-bf16"
+    else:
+        with pytest.raises(InputError, match="no native bfloat16.*--precision int8"):
+            resolve_precision("int8-bf16", model, cpu)
+    # a calibration made before the global branch's scales existed: auto keeps the global branch in float32 (or
+    # bfloat16 where the CPU has it), and asking for int8-int8 says how to get them
     older = dataclasses.replace(model, int8={k: v for k, v in model.int8.items() if k not in int8.GLOBAL_POINTS})
-    assert resolve_precision("auto", older, cpu) == "int8"
+    assert resolve_precision("auto", older, cpu) == ("int8-bf16" if native else "int8")
     assert resolve_precision("int8", older, cpu) == "int8"
     with pytest.raises(InputError, match="no scales for the global branch.*samembed quantize.*--precision int8"):
         resolve_precision("int8-int8", older, cpu)
@@ -251,7 +255,7 @@ def test_samembed_quantize_calibrates_a_checkpoint_that_then_runs_int8(tmp_path,
     assert set(written["qparams"]) == set(LOCAL_POINTS) | set(GLOBAL_POINTS)
     assert meta["sha256"] == load_checkpoint(weights).sha256
     m = Matcher(str(weights), device="cpu")
-    assert m.embedder.precision in ("int8-int8", "int8-bf16")  # int8-bf16 where the CPU has native bfloat16
+    assert m.embedder.precision == "int8-int8"
     ct = read_image(images[2])
     centre = ct.grid.index_to_lps(np.array([[64.0, 64.0, 64.0]]))
     assert np.isfinite(m.match(ct, centre, [ct]).matches[0].point_lps_mm).all()

@@ -403,9 +403,7 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
         whole.embed(src)
         whole.embed(tgt)
     od = Matcher("default", device="cpu", precision=precision)
-    from samembed.networks.int8 import native_bf16
-
-    assert od.embedder.precision == (("int8-bf16" if native_bf16() else "int8-int8") if precision == "auto" else precision)
+    assert od.embedder.precision == ("int8-int8" if precision == "auto" else precision)
     miss = od.match(src, pts, [tgt], options=PURE)
     _same(whole.match(src, pts, [tgt], options=PURE), miss)
     # a tile-cache hit: nothing recomputed, the same result

@@ -15,8 +15,7 @@ inputs and weights:
 The global branch runs in one of three arithmetics (``global_precision``):
 
 * float32 (precision ``int8``);
-* int8 (precision ``int8-int8``, the CPU default without native bfloat16 when the calibration has the global
-  branch's scales): the 3 x 3 convolutions at 8, 16 and 32 mm (:data:`GLOBAL_POINTS`, about 85 % of the branch's
+* int8 (precision ``int8-int8``, the CPU default when the calibration has the global branch's scales): the 3 x 3 convolutions at 8, 16 and 32 mm (:data:`GLOBAL_POINTS`, about 85 % of the branch's
   work) take 8-bit inputs of scales calibrated with the local ones (the same sample of training CTs, chest and
   abdomen among them) and run about 2x faster than float32 even without VNNI (AVX2, one core: the global map of a
   whole head-and-neck CT volume 0.32 -> 0.19 s with the float32 layers and the conversions); the stem's first convolution (one input channel), the 64 mm stage, the lateral and
@@ -24,7 +23,8 @@ The global branch runs in one of three arithmetics (``global_precision``):
   0.99996 on average. An earlier trial, every layer in int8 with scales from head-and-neck CTs only, moved some chest
   CT points' search prior by up to 3.7 mm and was not kept; this one passed the ship gate (model cards);
 * bfloat16 (precision ``int8-bf16``, the default on a CPU with native bfloat16 dot products, AVX-512 BF16 or AMX,
-  :func:`native_bf16`): oneDNN's bfloat16 3 x 3 x 3 convolutions accumulate in float32 and run about 2x faster than
+  :func:`native_bf16`, for a calibration without the global scales; int8's global map was 15 % faster on an AMD EPYC
+  with AVX-512 BF16 and VNNI): oneDNN's bfloat16 3 x 3 x 3 convolutions accumulate in float32 and run about 2x faster than
   float32 ones; the input is pooled in float32 first and the map returned in float32 (cosine similarity of the
   global vectors to float32's at least 0.9998 on a head-and-neck CT).
 
