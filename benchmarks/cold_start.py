@@ -495,10 +495,38 @@ def plot_stages(rows: list[dict], path: Path, threads: dict[str, str] | None = N
     return path
 
 
-def _native_bf16() -> bool:
+#: what each precision runs in (``samembed.embedding.resolve_precision``), for the report's machine line
+PRECISION_WORDS = {
+    "int8-int8": "its int8 local branch, and its global branch's 3 x 3 convolutions at 8-32 mm in int8 too",
+    "int8-bf16": "its int8 local branch, and its global branch in bfloat16",
+    "int8": "its int8 local branch, and its global branch in float32",
+    "fp32": "float32",
+}
+
+
+def precision_note(model: str) -> str:
+    """What ``--precision auto`` runs for ``model`` on this CPU, and the CPU's own instructions (torch's capability,
+    native bfloat16, VNNI): the network's speed depends on them, so a report names them."""
+    import torch
+
+    from samembed.embedding import resolve_precision
+    from samembed.models import load_model
     from samembed.networks.int8 import native_bf16
 
-    return native_bf16()
+    try:
+        precision = resolve_precision("auto", load_model(model), torch.device("cpu"))
+    except Exception as e:  # noqa: BLE001 - the report says so rather than failing after the runs
+        return f"`--precision auto` (not resolved here: {e})"
+    flags = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        pass
+    vnni = "with VNNI" if {"avx512_vnni", "avx_vnni"} & flags else "without VNNI"
+    bf16 = "native bfloat16" if native_bf16() else "no native bfloat16"
+    return (f"`--precision auto` = `{precision}`: {PRECISION_WORDS.get(precision, precision)}; this CPU: "
+            f"{torch.backends.cpu.get_cpu_capability()}, {vnni}, {bf16}")
 
 
 def _plot_path(report_md: str | Path) -> Path:
@@ -530,8 +558,7 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores (1-minute load average {start}{load[0]:.1f} at the "
         "end; the run's own processes count in it). Every number is wall time; on a shared VM absolute times vary "
         "from run to run, so the ratios, measured side by side, are the meaningful numbers. SAM: torch, OMP_NUM_THREADS="
-        f"{threads['torch']}, model `{model}` ({'sam-lite-ct, ' if model == 'default' else ''}`--precision auto`: its int8 local "
-        f"branch, {'and its global branch in bfloat16, which this CPU has natively' if _native_bf16() else 'and its global branch in float32 (this CPU has no native bfloat16)'}), and, as `samembed match` does, a second process that reads and preprocesses the source "
+        f"{threads['torch']}, model `{model}` ({'sam-lite-ct, ' if model == 'default' else ''}{precision_note(model)}), and, as `samembed match` does, a second process that reads and preprocesses the source "
         "and the first target while torch loads (`samembed.prefetch`, one ITK thread). elastix: "
         f"{threads['elastix']} thread(s), `samembed_bench.registration` settings "
         "(similarity + affine, then B-spline). ITK's own filters (reading, SAM's resampling) use ITK's default "
