@@ -18,8 +18,9 @@ tuple ``(kind, requestID, payload)``):
 * child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)`` (for
   ``prepare``: its timings dict; for ``warm``: None); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
 
-The child imports torch on its first request that needs the engine (``warm``, which the module sends when it is
-entered, or a match). Before that, it forks a second process (``samembed.prefetch``, as ``samembed match`` does) that
+The child imports torch from its start, in a thread, beside the parent writing the first request's volumes; its
+first request that needs the engine (``warm``, which the module sends when it is entered, or a match) waits for
+that import and loads the model. Before the import starts, it forks a second process (``samembed.prefetch``, as ``samembed match`` does) that
 reads and preprocesses the volumes of the first ``match``, ``match_atlases`` or ``prepare`` request, and those sent
 ahead of it (:meth:`EngineProcess.sendVolumes`: the module sends every target of a click before matching them one by
 one): on a click that starts the engine, while torch loads; on one after the module started it, all but the first
@@ -38,8 +39,8 @@ engine's next check and its late answer is dropped. If the child dies, the waiti
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -337,13 +338,32 @@ class EngineProcess:
             self._died(e)
 
     def _ensureImage(self, image: Image) -> str:
-        """Send ``image`` unless the child holds its content (keyed by the engine's content hash)."""
-        key = image.content_hash()
-        if key in self._sent:
-            self._sent.move_to_end(key)
-            return key
-        path = self._tmp / f"{key[:24]}-{next(self._ids)}.npy"
-        np.save(path, np.ascontiguousarray(image.array))  # the child loads and deletes it
+        """Send ``image`` unless the child holds its content (keyed by the engine's content hash).
+
+        A volume not hashed yet is written to its ``.npy`` file while it is hashed (both release the GIL: on a
+        0.35 GB thin-slice CT, 0.2 s each, one after the other before); the file goes if the child holds the content.
+        """
+        path = self._tmp / f"volume-{next(self._ids)}.npy"
+        if image.hashed:
+            key = image.content_hash()
+            if key in self._sent:
+                self._sent.move_to_end(key)
+                return key
+            np.save(path, np.ascontiguousarray(image.array))  # the child loads and deletes it
+        else:
+            hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="SAMEmbedding-hash")
+            try:
+                hashed = hashing.submit(image.content_hash)
+                try:
+                    np.save(path, np.ascontiguousarray(image.array))
+                finally:
+                    key = hashed.result()  # the hash's own error, if any, before the file's
+            finally:
+                hashing.shutdown()
+            if key in self._sent:  # the same voxels and geometry as a volume the child holds (another node)
+                path.unlink()
+                self._sent.move_to_end(key)
+                return key
         self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path))))
         self.imagesSent += 1
         self._sent[key] = None
@@ -465,27 +485,22 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 return
 
     threading.Thread(target=read, daemon=True).start()
+    # torch loads from now on, beside the parent still writing the first request's volumes (0.2-0.6 s each for a
+    # thin-slice CT) and the prefetch reading them; the first request that needs the engine waits for it
+    importer = threading.Thread(target=_importEngine, name="SAMEmbedding-torch-import", daemon=True)
+    importer.start()
     matcher = None
     images: dict[str, Image] = {}
     unread: dict[str, ArrayFile] = {}  # volumes received and not read yet: their voxels are still in their files
     prefetchGiven = False
     given: set[str] = set()  # the files of the volumes given to the prefetch
 
-    def loaded():  # the engine (a samembed.Matcher), torch imported and the model loaded on the first request
+    def loaded():  # the engine (a samembed.Matcher), with torch (loading since the start) and the model loaded
         nonlocal matcher
         if matcher is None:
-            from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
+            importer.join()
+            from samembed import Matcher  # loaded by the thread; where its import failed, this one raises the error
 
-            started = time.monotonic()
-            before_torch_import()  # no collection while torch loads, and no meta kernels (samembed.torch_import)
-            try:
-                from samembed import Matcher  # torch
-            finally:  # loaded or not, the collector runs again; what was tracked so far, it no longer scans (not
-                frozen = after_torch_import()  # the engine's objects, made next: their cycles must still be freed)
-            if frozen:
-                log.info("torch loaded in %.1f s%s; the %d objects tracked so far left out of the garbage collector's "
-                         "scans", time.monotonic() - started,
-                         " without its Python meta kernels" if meta_kernels_skipped() else "", frozen)
             matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
             matcher.embedder.prefetch = prefetch
         return matcher
@@ -527,7 +542,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
         try:
             if kind == "image":
                 grid, name, spacingKnown, path = payload
-                unread[requestID] = ArrayFile(path, grid, name, spacingKnown)
+                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID)  # the key: its hash
                 continue
             if kind == "forget":
                 images.pop(requestID, None)
@@ -561,8 +576,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 ordered = list(dict.fromkeys(_imageKeys(kind, payload)))  # a volume twice (source = target): once
                 keys = [k for k in ordered if k in unread] + [k for k in unread if k not in ordered]
                 # each with its hash (the parent's key): the engine does not wait for one that was not given
-                volumes = [dataclasses.replace(unread[k], content_hash=k) for k in keys
-                           if matcher is None or k != ordered[0]]
+                volumes = [unread[k] for k in keys if matcher is None or k != ordered[0]]
                 given = {v.path for v in volumes}
                 prefetch.give(volumes)
                 prefetchGiven = True
@@ -598,6 +612,25 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             releasePrefetch()
             if kind in _FREES_MEMORY and requests.empty():  # idle: what it freed goes back to the OS (samembed.allocator)
                 release_free_memory()
+
+
+def _importEngine() -> None:
+    """Import the engine with torch (a thread of :func:`serve`, from the child's start): no collection while torch
+    loads, and no meta kernels (``samembed.torch_import``). A failure is logged; the first request that needs the
+    engine imports it again and reports the error to the caller."""
+    from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
+
+    started = time.monotonic()
+    before_torch_import()
+    try:
+        from samembed import Matcher  # noqa: F401 - torch
+    except Exception:  # noqa: BLE001 - reported by the request that needs it
+        log.exception("importing the engine failed")
+        return
+    finally:  # loaded or not, the collector runs again; what was tracked so far, it no longer scans (not the
+        frozen = after_torch_import()  # engine's objects, made next: their cycles must still be freed)
+    log.info("torch loaded in %.1f s%s; the %d objects tracked so far left out of the garbage collector's scans",
+             time.monotonic() - started, " without its Python meta kernels" if meta_kernels_skipped() else "", frozen)
 
 
 def _imageKeys(kind: str, payload: dict) -> list[str]:

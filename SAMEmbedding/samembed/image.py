@@ -187,6 +187,11 @@ class Image:
             self._hash.append(h.hexdigest())
         return self._hash[0]
 
+    @property
+    def hashed(self) -> bool:
+        """Whether :meth:`content_hash` has been computed (it is kept: the voxels must not change after it)."""
+        return bool(self._hash)
+
     @staticmethod
     def from_array(
         array_zyx: np.ndarray,

@@ -71,10 +71,12 @@ class ArrayFile:
     content_hash: str | None = None
 
     def read(self):
-        """The :class:`~samembed.image.Image`."""
+        """The :class:`~samembed.image.Image`, with the sender's ``content_hash`` when it is known (the file is the
+        sender's copy of the voxels it hashed: hashing a 0.35 GB thin-slice CT again takes 0.2 s)."""
         from .image import Image
 
-        return Image(np.load(self.path), self.grid, self.name, self.spacing_known)
+        return Image(np.load(self.path), self.grid, self.name, self.spacing_known,
+                     _hash=[] if self.content_hash is None else [self.content_hash])
 
 
 def source_key(source: str | ArrayFile) -> str:

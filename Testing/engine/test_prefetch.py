@@ -313,6 +313,20 @@ def test_a_prefetch_started_before_its_images_are_known_reads_volume_files_as_th
     assert npy.exists(), "the prefetch removed the engine process's file"
 
 
+def test_a_volume_file_read_with_its_senders_hash_is_not_hashed_again(tmp_path):
+    """The engine process knows each volume file's hash (the parent's key, from the same voxels and geometry): the
+    image read from it carries that hash instead of hashing the voxels again; without one it is hashed when asked."""
+    from samembed import Image
+
+    ref = Image.from_array(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), (1.0, 2.0, 3.0), name="block")
+    npy = tmp_path / "block.npy"
+    np.save(npy, ref.array)
+    known = prefetch.ArrayFile(str(npy), ref.grid, "block", True, ref.content_hash()).read()
+    assert known.hashed and known.content_hash() == ref.content_hash() and np.array_equal(known.array, ref.array)
+    unknown = prefetch.ArrayFile(str(npy), ref.grid, "block", True).read()
+    assert not unknown.hashed and unknown.content_hash() == ref.content_hash()
+
+
 def _running(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, ended and not yet reaped, does not)."""
     try:

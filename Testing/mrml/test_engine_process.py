@@ -77,6 +77,38 @@ def test_the_second_click_reuses_the_process_its_volumes_and_their_embeddings(a_
     assert matched.shape == (2, 3)
 
 
+def test_a_second_node_with_the_same_voxels_is_not_sent_again_and_leaves_no_file(a_scene, a_process_logic, a_small_ct):
+    """A volume is written to its file while it is hashed; when the hash says the child holds the content (another
+    node with the same voxels and geometry), the file goes and nothing is sent."""
+    twin = add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "twin")
+    target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    assert not a_process_logic.imageForVolume(twin).hashed  # so that sending it takes the concurrent route
+    outputs = a_process_logic.matchPoints(a_small_ct, points, [target, twin], [0])
+    engine = a_process_logic.getMatcher()
+    assert engine.imagesSent == 2, "the twin's content is the source's: sent once"
+    assert a_process_logic.imageForVolume(twin).hashed
+    assert not list(engine._tmp.glob("*.npy")), "a volume file was left behind"
+    assert len(outputs.rows) == 2
+    twin_row = next(r for r in outputs.rows if r.target == "twin")
+    assert np.linalg.norm(np.asarray(twin_row.pointRAS) - _ras(a_small_ct, (64, 70, 10))) < 1.0  # its own point (sub-voxel fit)
+
+
+def test_the_engine_process_loads_torch_from_its_start_before_any_request(a_scene, a_process_logic, a_small_ct):
+    """torch's import runs from the child's start, beside the parent writing the first click's volumes; the first
+    request waits for it instead of starting it."""
+    engine = a_process_logic.getMatcher()
+    engine.sendVolumes([a_process_logic.imageForVolume(a_small_ct)])  # starts the child; no request sent
+    end = time.monotonic() + 120.0
+    while "torch loaded in" not in engine._logPath.read_text():
+        assert engine.pid is not None, engine._logPath.read_text()
+        assert time.monotonic() < end, "torch was not loaded without a request:\n" + engine._logPath.read_text()
+        time.sleep(0.05)
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    a_process_logic.matchPoints(a_small_ct, points, [a_small_ct], [0])
+    assert engine.starts == 1 and engine._logPath.read_text().count("torch loaded in") == 1
+
+
 def test_the_engine_started_ahead_is_the_one_the_first_click_uses(a_scene, a_process_logic, a_worker, a_small_ct):
     """The module starts the engine when it is entered (``startEngineOn``): the child is running with its model
     before any volume is chosen, and the first click uses that child instead of starting another."""
