@@ -532,14 +532,15 @@ def _cmd_info(args) -> int:
 
     from . import __version__
     from .models import models_dir, read_int8_calibration, registry
-    from .networks.int8 import has_global_scales, native_bf16
+    from .networks.int8 import has_global_scales, int8_arithmetic, native_bf16
 
     print(f"samembed {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"SimpleITK {sitk.Version.VersionString()}")
     cuda = torch.cuda.is_available()
     print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}; threads {torch.get_num_threads()}; "
           f"CPU instructions {torch.backends.cpu.get_cpu_capability()}, "
-          f"{'native bfloat16 (int8-bf16 can run: the default of models calibrated without global scales)' if native_bf16() else 'no native bfloat16: int8-bf16 cannot run'}")
+          f"{'native bfloat16 (int8-bf16 can run: the default of models calibrated without global scales)' if native_bf16() else 'no native bfloat16: int8-bf16 cannot run'}; "
+          f"int8 path: {int8_arithmetic()}")
     print(f"models ({models_dir() / 'models.json'}):")
     for m in registry().get("models", []):
         avail = "available" if m.get("file") and (models_dir() / m["file"]).is_file() else "not on this machine"

@@ -740,15 +740,21 @@ class Embedder:
                                self.local_stride_zyx, self.prefetch)
 
     def key(self, image: Image) -> str:
-        """Cache key: image content hash + model id + preprocessing + modality (and, for a grid more oblique than
-        :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that its input lies on the LPS axes: such maps were made on
-        the image's own axes before)."""
+        """Cache key: image content hash + model id + preprocessing + modality + the arithmetic (precision, and for
+        int8 whether oneDNN sums with VNNI, :func:`~samembed.networks.int8.int8_arithmetic`) (and, for a grid more
+        oblique than :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that its input lies on the LPS axes: such maps
+        were made on the image's own axes before)."""
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
         if onto_lps_axes(image.grid):
             prep += "|lps-axes"
         import hashlib
 
-        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{self.precision}".encode())
+        arithmetic = self.precision
+        if self.precision.startswith("int8"):  # oneDNN's int8 path differs with and without VNNI (int8_arithmetic)
+            from .networks.int8 import int8_arithmetic
+
+            arithmetic += f"|{int8_arithmetic()}"
+        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{arithmetic}".encode())
         h = h.hexdigest()
         return h[:32]
 

@@ -101,6 +101,58 @@ def test_the_int8_global_branch_stays_close_to_float32_and_leaves_the_local_vect
     assert torch.equal(_local_vectors(g8, ct, lo, hi), _local_vectors(i8, ct, lo, hi))
 
 
+_GLOBAL_MAP_SCRIPT = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+from samembed import Matcher
+from samembed.io import read_image
+from samembed.networks.int8 import int8_arithmetic
+m = Matcher("default", device="cpu", precision="int8-int8")
+ct = read_image(sys.argv[1])
+np.save(sys.argv[2], m.embedder.embed(ct, on_demand=True).global_.numpy())
+print(m.embedder.key(ct), int8_arithmetic())
+"""
+
+
+@pytest.mark.needs_data
+def test_int8_maps_of_the_two_onednn_paths_are_kept_apart_in_the_cache(ct, tmp_path, monkeypatch):
+    """oneDNN's int8 convolutions sum 8-bit products in 32-bit integers with VNNI and in saturating 16-bit pairs
+    without it: the maps differ, so their cache keys must (a disk cache shared by machines of both kinds). The path
+    without VNNI is forced with oneDNN's own cap, ONEDNN_MAX_CPU_ISA=AVX2; float32's key does not depend on it."""
+    import os
+    import subprocess
+    import sys
+
+    from samembed.networks import int8
+
+    def run(cap: str | None) -> tuple[np.ndarray, str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+        if cap:
+            env["ONEDNN_MAX_CPU_ISA"] = cap
+        out = tmp_path / f"global_{cap}.npy"
+        line = subprocess.run([sys.executable, "-c", _GLOBAL_MAP_SCRIPT, ct.name, str(out)], env=env, check=True,
+                              capture_output=True, text=True).stdout.split()
+        return np.load(out), line[-2], line[-1]
+
+    capped, capped_key, capped_path = run("AVX2")
+    assert capped_path == "no-vnni"
+    if int8.int8_arithmetic() != "vnni":
+        pytest.skip("this CPU has no VNNI (or oneDNN is capped below it): both runs take the same int8 path")
+    native, native_key, native_path = run(None)
+    assert native_path == "vnni" and native_key != capped_key
+    body = np.linalg.norm(native, axis=0) > 0
+    assert not np.array_equal(native[:, body], capped[:, body]), "the two paths gave the same map: no need for two keys"
+    f32 = Matcher("default", device="cpu", precision="fp32").embedder
+    i8 = Matcher("default", device="cpu", precision="int8-int8").embedder
+    assert i8.key(ct) == native_key
+    keys = {}
+    for path in ("vnni", "no-vnni"):
+        monkeypatch.setattr(int8, "int8_arithmetic", lambda path=path: path)
+        keys[path] = (f32.key(ct), i8.key(ct))
+    assert keys["vnni"][0] == keys["no-vnni"][0] and keys["vnni"][1] != keys["no-vnni"][1]
+    assert keys["vnni"][1] == native_key
+
+
 def test_the_int8_global_branch_needs_its_scales():
     from samembed.networks.base import inference_copy
     from samembed.networks.int8 import GLOBAL_POINTS, SamLiteInt8
