@@ -181,8 +181,9 @@ def run(argv: list[str]) -> int:
     p.add_argument("--thin-slice", action="store_true",
                    help="instead of the OpenKBP cases, four thin-slice chest CTs (thin_slice_case)")
     args = p.parse_args(argv)
-    if not (OPENKBP / "oar_centroids.csv").exists():
-        raise SystemExit(f"real data not available: {OPENKBP} is missing (place ../shared/data beside the repo)")
+    needed = DATA / "ct" / "lidc" if args.thin_slice else OPENKBP / "oar_centroids.csv"
+    if not needed.exists():
+        raise SystemExit(f"real data not available: {needed} is missing (place ../shared/data beside the repo)")
     from cold_start import byte_compile
 
     byte_compile(REPO)
@@ -194,7 +195,7 @@ def run(argv: list[str]) -> int:
         paths, click, same = thin_slice_case(work)
         ras = np.array(click) * [-1, -1, 1]
         cases.append((paths[0].name.removesuffix(".nii.gz"), [t.name.removesuffix(".nii.gz") for t in paths[1:]],
-                      ["--click-lps", ",".join(f"{v:.4f}" for v in click), *map(str, paths)],
+                      [f"--click-lps={','.join(f'{v:.4f}' for v in click)}", *map(str, paths)],  # "=": x may be < 0
                       [ras if s else None for s in same]))
     else:
         truth = centroids()

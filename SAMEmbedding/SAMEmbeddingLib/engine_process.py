@@ -341,7 +341,8 @@ class EngineProcess:
         """Send ``image`` unless the child holds its content (keyed by the engine's content hash).
 
         A volume not hashed yet is written to its ``.npy`` file while it is hashed (both release the GIL: on a
-        0.35 GB thin-slice CT, 0.2 s each, one after the other before); the file goes if the child holds the content.
+        0.35 GB thin-slice CT, 0.2 s each, one after the other before); the file goes if the child holds the content
+        (a second node with the same voxels: its write is the price of the overlap for the first).
         """
         path = self._tmp / f"volume-{next(self._ids)}.npy"
         if image.hashed:
@@ -357,11 +358,17 @@ class EngineProcess:
                 try:
                     np.save(path, np.ascontiguousarray(image.array))
                 finally:
-                    key = hashed.result()  # the hash's own error, if any, before the file's
+                    try:
+                        key = hashed.result()  # the hash's own error, if any, before the file's
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                        raise
             finally:
                 hashing.shutdown()
             if key in self._sent:  # the same voxels and geometry as a volume the child holds (another node)
-                path.unlink()
+                with contextlib.suppress(OSError):  # one still held (Windows): removed with the folder on close
+                    path.unlink()
                 self._sent.move_to_end(key)
                 return key
         self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path))))
@@ -487,7 +494,9 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     threading.Thread(target=read, daemon=True).start()
     # torch loads from now on, beside the parent still writing the first request's volumes (0.2-0.6 s each for a
     # thin-slice CT) and the prefetch reading them; the first request that needs the engine waits for it
-    importer = threading.Thread(target=_importEngine, name="SAMEmbedding-torch-import", daemon=True)
+    importFailed: list[BaseException] = []
+    importer = threading.Thread(target=_importEngine, args=(importFailed,), name="SAMEmbedding-torch-import",
+                                daemon=True)
     importer.start()
     matcher = None
     images: dict[str, Image] = {}
@@ -499,7 +508,9 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
         nonlocal matcher
         if matcher is None:
             importer.join()
-            from samembed import Matcher  # loaded by the thread; where its import failed, this one raises the error
+            if importFailed:  # the thread's own error (importing again would give a misleading one)
+                raise RuntimeError(f"the engine could not be imported: {importFailed[0]}") from importFailed[0]
+            from samembed import Matcher  # loaded by the thread
 
             matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
             matcher.embedder.prefetch = prefetch
@@ -538,6 +549,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
         if kind == "stop":
             if prefetch is not None:
                 prefetch.close()
+            importer.join()  # never end the interpreter in the middle of torch's import (its C++ start-up)
             return
         try:
             if kind == "image":
@@ -614,18 +626,19 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 release_free_memory()
 
 
-def _importEngine() -> None:
+def _importEngine(failed: list[BaseException]) -> None:
     """Import the engine with torch (a thread of :func:`serve`, from the child's start): no collection while torch
-    loads, and no meta kernels (``samembed.torch_import``). A failure is logged; the first request that needs the
-    engine imports it again and reports the error to the caller."""
+    loads, and no meta kernels (``samembed.torch_import``). A failure is logged and put in ``failed``: every request
+    that needs the engine reports it to the caller."""
     from samembed.torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
 
     started = time.monotonic()
     before_torch_import()
     try:
         from samembed import Matcher  # noqa: F401 - torch
-    except Exception:  # noqa: BLE001 - reported by the request that needs it
+    except Exception as e:  # noqa: BLE001 - reported by the requests that need it
         log.exception("importing the engine failed")
+        failed.append(e)
         return
     finally:  # loaded or not, the collector runs again; what was tracked so far, it no longer scans (not the
         frozen = after_torch_import()  # engine's objects, made next: their cycles must still be freed)

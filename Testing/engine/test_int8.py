@@ -134,11 +134,11 @@ def test_int8_maps_of_the_two_onednn_paths_are_kept_apart_in_the_cache(ct, tmp_p
                               capture_output=True, text=True).stdout.split()
         return np.load(out), line[-2], line[-1]
 
-    capped, capped_key, capped_path = run("AVX2")
-    assert capped_path == "no-vnni"
     if int8.int8_arithmetic() != "vnni":
-        pytest.skip("this CPU has no VNNI (or oneDNN is capped below it): both runs take the same int8 path")
+        pytest.skip("this CPU has no VNNI (or oneDNN is capped below it): both runs would take the same int8 path")
+    capped, capped_key, capped_path = run("AVX2")
     native, native_key, native_path = run(None)
+    assert capped_path == "no-vnni"
     assert native_path == "vnni" and native_key != capped_key
     body = np.linalg.norm(native, axis=0) > 0
     assert not np.array_equal(native[:, body], capped[:, body]), "the two paths gave the same map: no need for two keys"
@@ -151,6 +151,35 @@ def test_int8_maps_of_the_two_onednn_paths_are_kept_apart_in_the_cache(ct, tmp_p
         keys[path] = (f32.key(ct), i8.key(ct))
     assert keys["vnni"][0] == keys["no-vnni"][0] and keys["vnni"][1] != keys["no-vnni"][1]
     assert keys["vnni"][1] == native_key
+
+
+@pytest.mark.parametrize(("features", "cap", "path"), [
+    ({"avx512_vnni": True}, None, "vnni"),
+    ({"avx512_vnni": True}, "AVX2", "no-vnni"),
+    ({"avx512_vnni": True}, "avx512_core", "no-vnni"),  # AVX-512 before VNNI
+    ({"avx512_vnni": True}, "AVX512_CORE_BF16", "vnni"),
+    ({"avx512_vnni": True}, "AVX10_1_512", "vnni"),
+    ({"avx512_vnni": True}, "AVX2_VNNI", "no-vnni"),  # only AVX-VNNI kernels allowed, and this CPU has none
+    ({"avx_vnni": True}, None, "vnni"),  # AVX-VNNI without AVX-512
+    ({"avx_vnni": True}, "AVX2_VNNI", "vnni"),
+    ({"amx_int8": True}, "DEFAULT", "vnni"),
+    ({"avx2": True}, None, "no-vnni"),
+])
+def test_the_int8_path_follows_the_cpu_and_onednns_cap(monkeypatch, features, cap, path):
+    from samembed.networks import int8
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    int8.int8_arithmetic.cache_clear()
+    try:
+        assert int8.int8_arithmetic() == path
+    finally:
+        monkeypatch.undo()
+        int8.int8_arithmetic.cache_clear()  # this process's own answer again
 
 
 def test_the_int8_global_branch_needs_its_scales():

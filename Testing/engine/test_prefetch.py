@@ -323,6 +323,8 @@ def test_a_volume_file_read_with_its_senders_hash_is_not_hashed_again(tmp_path):
     np.save(npy, ref.array)
     known = prefetch.ArrayFile(str(npy), ref.grid, "block", True, ref.content_hash()).read()
     assert known.hashed and known.content_hash() == ref.content_hash() and np.array_equal(known.array, ref.array)
+    told = prefetch.ArrayFile(str(npy), ref.grid, "block", True, "f" * 64).read()
+    assert told.content_hash() == "f" * 64, "the voxels were hashed again instead of taking the sender's hash"
     unknown = prefetch.ArrayFile(str(npy), ref.grid, "block", True).read()
     assert not unknown.hashed and unknown.content_hash() == ref.content_hash()
 

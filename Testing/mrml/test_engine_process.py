@@ -96,7 +96,7 @@ def test_a_second_node_with_the_same_voxels_is_not_sent_again_and_leaves_no_file
 
 def test_the_engine_process_loads_torch_from_its_start_before_any_request(a_scene, a_process_logic, a_small_ct):
     """torch's import runs from the child's start, beside the parent writing the first click's volumes; the first
-    request waits for it instead of starting it."""
+    request then matches with it (one import in the child's life)."""
     engine = a_process_logic.getMatcher()
     engine.sendVolumes([a_process_logic.imageForVolume(a_small_ct)])  # starts the child; no request sent
     end = time.monotonic() + 120.0
@@ -107,6 +107,27 @@ def test_the_engine_process_loads_torch_from_its_start_before_any_request(a_scen
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
     a_process_logic.matchPoints(a_small_ct, points, [a_small_ct], [0])
     assert engine.starts == 1 and engine._logPath.read_text().count("torch loaded in") == 1
+
+
+def test_a_torch_that_cannot_be_imported_is_reported_by_each_request(a_scene, a_small_ct, tmp_path, monkeypatch):
+    """A broken torch in the engine process (here a stand-in package that raises on import, first on its path): the
+    import thread's own error reaches the caller of every request that needs the engine, named as such, and the
+    process keeps answering."""
+    broken = tmp_path / "broken" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('this torch is broken on purpose')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(broken.parent), os.environ.get("PYTHONPATH", "")]))
+    logic = MatchLogic(a_scene, model="random:sam-lite", device="cpu", engine="process")
+    try:
+        points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="engine could not be imported: this torch is broken on purpose"):
+                logic.matchPoints(a_small_ct, points, [a_small_ct], [0])
+        engine = logic.getMatcher()
+        assert engine.starts == 1 and engine.pid is not None
+        assert engine._logPath.read_text().count("importing the engine failed") == 1
+    finally:
+        logic.close()
 
 
 def test_the_engine_started_ahead_is_the_one_the_first_click_uses(a_scene, a_process_logic, a_worker, a_small_ct):

@@ -293,8 +293,10 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() or frozenset())) and torch.backends.mkldnn.is_available()
 
 
-#: values of oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``) that keep its int8 path with VNNI (or AMX) where the CPU has it
-_ISA_CAPS_WITH_VNNI = ("ALL", "DEFAULT", "VNNI", "BF16", "FP16", "AMX")
+#: oneDNN's ISA caps (``ONEDNN_MAX_CPU_ISA``) that allow its AVX-512 VNNI (or AMX) int8 kernels, by prefix; the
+#: AVX2 VNNI caps (``AVX2_VNNI``, ``AVX2_VNNI_2``) allow AVX-VNNI only
+_CAPS_WITH_AVX512_VNNI = ("ALL", "DEFAULT", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX512_CORE_FP16",
+                          "AVX512_CORE_AMX", "AVX10")
 
 
 @functools.cache
@@ -306,16 +308,22 @@ def int8_arithmetic() -> str:
     "no-vnni"), so the two paths give different maps for the same input: 31 % of a head-and-neck CT's values differ,
     by up to 0.056 (both engines' ``default`` model, the same calibration, ``ONEDNN_MAX_CPU_ISA=AVX2`` against an AMD
     EPYC with VNNI). Kept apart in the cache, a disk cache shared by machines of both kinds (a cluster's workers, a
-    network folder) never serves one's tiles to the other, nor joins their tiles in one map. Where the flags cannot
-    be read (not Linux), torch's CPU capability names the class instead (``cpu-AVX2``, ``cpu-AVX512``)."""
+    network folder) never serves one's tiles to the other, nor joins their tiles in one map. The CPU's features come
+    from torch (``torch.cpu.get_capabilities``, on every platform); oneDNN's own cap, ``ONEDNN_MAX_CPU_ISA`` (read
+    once per process, as oneDNN reads it), is honoured."""
     import os
 
-    flags = cpu_flags()
-    if flags is None:
-        return f"cpu-{torch.backends.cpu.get_cpu_capability()}"
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    capped = not any(word in cap for word in _ISA_CAPS_WITH_VNNI)
-    return "vnni" if {"avx512_vnni", "avx_vnni", "amx_int8"} & flags and not capped else "no-vnni"
+    caps = torch.cpu.get_capabilities()
+    avx512_vnni = bool(caps.get("avx512_vnni") or caps.get("amx_int8"))
+    avx_vnni = bool(caps.get("avx_vnni"))
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    if cap.startswith(_CAPS_WITH_AVX512_VNNI):
+        vnni = avx512_vnni or avx_vnni
+    elif cap.startswith("AVX2_VNNI"):
+        vnni = avx_vnni
+    else:  # SSE41, AVX, AVX2, AVX512_CORE: no VNNI kernel
+        vnni = False
+    return "vnni" if vnni else "no-vnni"
 
 
 # ------------------------------------------------------------------------------------------------ calibration
