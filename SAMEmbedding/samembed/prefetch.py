@@ -70,12 +70,17 @@ class ArrayFile:
     spacing_known: bool = True
     content_hash: str | None = None
 
-    def read(self):
+    def read(self, mapped: bool = False):
         """The :class:`~samembed.image.Image`, with the sender's ``content_hash`` when it is known (the file is the
-        sender's copy of the voxels it hashed: hashing a 0.35 GB thin-slice CT again takes 0.2 s)."""
+        sender's copy of the voxels it hashed: hashing a 0.35 GB thin-slice CT again takes 0.2 s).
+
+        ``mapped``: the voxels stay in the file, mapped read-only (POSIX: the mapping outlives the file's removal),
+        for a reader that copies them once more anyway: the prefetch process copies each into its shared region, and
+        a file just written is in the page cache, so no fresh copy is made in between (on the 2-core VM, 0.24 s
+        against 0.29-1.0 s for a 0.35 GB thin-slice CT read and put into the region)."""
         from .image import Image
 
-        return Image(np.load(self.path), self.grid, self.name, self.spacing_known,
+        return Image(np.load(self.path, mmap_mode="r" if mapped else None), self.grid, self.name, self.spacing_known,
                      _hash=[] if self.content_hash is None else [self.content_hash])
 
 
@@ -252,7 +257,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
             continue
         try:
             if isinstance(source, ArrayFile):
-                image = source.read()
+                image = source.read(mapped=True)  # copied into the shared region next
             else:
                 image = read_image(source, spacing_mm=request.spacing_mm)
         except Exception:  # noqa: BLE001 - the command reads it again and reports the error itself
@@ -264,6 +269,9 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
             full = True
             conn.send(("skipped", path, None))
             continue
+        if packed[1] is None and isinstance(image.array, np.memmap):  # through the pipe as a plain array
+            image = dataclasses.replace(image, array=np.array(image.array))
+            packed = (image, None)
         conn.send(("image", path, packed))
         if packed[1] is not None:  # preprocessed from the shared copy: the child's own is freed (one copy held)
             image = dataclasses.replace(image, array=arena.view(packed[1]))

@@ -329,6 +329,38 @@ def test_a_volume_file_read_with_its_senders_hash_is_not_hashed_again(tmp_path):
     assert not unknown.hashed and unknown.content_hash() == ref.content_hash()
 
 
+@pytest.mark.needs_data
+@pytest.mark.parametrize("arena_bytes", [None, 1 << 20])  # the default region; 1 MiB, where nothing fits
+def test_a_volume_file_is_mapped_by_the_prefetch_and_reaches_the_engine_as_a_plain_array(tmp_path, monkeypatch,
+                                                                                         arena_bytes):
+    """The prefetch maps a volume file instead of loading it (the copy into the shared region is the one it makes);
+    the engine gets the shared copy, or, where it does not fit, a plain array through the pipe, never a mapping of
+    a file the engine process removes. The mapping itself outlives the file's removal and is read-only."""
+    path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    ref = read_image(path)
+    npy = tmp_path / "pt_215.npy"
+    np.save(npy, ref.array)
+    mapped = prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True).read(mapped=True)
+    assert isinstance(mapped.array, np.memmap) and not mapped.array.flags.writeable
+    if arena_bytes is not None:
+        monkeypatch.setattr(prefetch, "ARENA_BYTES", arena_bytes)
+    config, pad, stride = (registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+                           registered_local_stride_zyx("default"))
+    p = prefetch.Prefetch(prefetch.PrefetchRequest((), config, pad_multiple_zyx=pad, body_stride_zyx=stride),
+                          waiting=True)
+    try:
+        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True, ref.content_hash())])
+        image = p.image(str(npy))
+        got = p.take(ref.content_hash(), PreprocessConfig.from_dict(config), "auto", pad)
+    finally:
+        p.close()
+    assert not isinstance(image.array, np.memmap) and np.array_equal(image.array, ref.array)
+    assert isinstance(image.array.base, mmap.mmap) == (arena_bytes is None)  # the shared copy, where it fits
+    assert np.array_equal(got.array, preprocess(ref, PreprocessConfig.from_dict(config), "auto", pad).array)
+    npy.unlink()  # as the engine process removes it once read: a mapping made before still reads
+    assert np.array_equal(mapped.array, ref.array)
+
+
 def _running(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, ended and not yet reaped, does not)."""
     try:
