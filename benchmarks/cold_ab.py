@@ -145,6 +145,25 @@ def _click(root: Path, mode: str, out: Path) -> tuple[float, list[list[float]]]:
 THIN_SLICE_MM = 0.5
 
 
+def write_thin_slices(image: str | Path, out: Path, spacing_z_mm: float,
+                      shift_lps_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Path:
+    """``image`` resampled along z to ``spacing_z_mm`` slices (SimpleITK, linear, -1024 outside, its pixel type) on
+    its grid shifted by ``shift_lps_mm`` (the anatomy stays where it was), written to ``out`` once (atomically)."""
+    import SimpleITK as sitk
+
+    if not out.exists():
+        img = sitk.ReadImage(str(image))
+        spacing = (*img.GetSpacing()[:2], spacing_z_mm)
+        size = (*img.GetSize()[:2], int(round(img.GetSize()[2] * img.GetSpacing()[2] / spacing_z_mm)))
+        origin = [o + s for o, s in zip(img.GetOrigin(), shift_lps_mm)]
+        thin = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, origin, spacing, img.GetDirection(),
+                             -1024, img.GetPixelID())
+        part = out.with_suffix(".part.nii.gz")
+        sitk.WriteImage(thin, str(part), True)
+        part.replace(out)
+    return out
+
+
 def thin_slice_case(case, work: Path):
     """The LIDC case ``case`` (LIDC-0001 against its known warp, both 2.5 mm slices) with both images resampled along
     z to :data:`THIN_SLICE_MM` slices (linear; 512 x 512 x 665 voxels, 0.35 GB of int16 each, 0.17 GB as .nii.gz),
@@ -152,22 +171,10 @@ def thin_slice_case(case, work: Path):
     match (the prefetch process reads both images while torch loads)."""
     import dataclasses
 
-    import SimpleITK as sitk
-
     folder = work / "thin"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for image in (case.source, case.target):
-        out = folder / Path(str(image)).name.replace(".nii.gz", f"_{THIN_SLICE_MM}mm.nii.gz")
-        if not out.exists():
-            img = sitk.ReadImage(str(image))
-            spacing = (*img.GetSpacing()[:2], THIN_SLICE_MM)
-            size = (*img.GetSize()[:2], int(round(img.GetSize()[2] * img.GetSpacing()[2] / THIN_SLICE_MM)))
-            thin = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), spacing,
-                                 img.GetDirection(), -1024, img.GetPixelID())
-            sitk.WriteImage(thin, str(out.with_suffix(".part.nii.gz")), True)
-            out.with_suffix(".part.nii.gz").replace(out)
-        paths.append(out)
+    paths = [write_thin_slices(image, folder / Path(str(image)).name.replace(".nii.gz", f"_{THIN_SLICE_MM}mm.nii.gz"),
+                               THIN_SLICE_MM) for image in (case.source, case.target)]
     return dataclasses.replace(case, case_id=f"{case.case_id}_thin_{THIN_SLICE_MM}mm", source=paths[0], target=paths[1])
 
 

@@ -511,19 +511,13 @@ def precision_note(model: str) -> str:
 
     from samembed.embedding import resolve_precision
     from samembed.models import load_model
-    from samembed.networks.int8 import native_bf16
+    from samembed.networks.int8 import int8_arithmetic, native_bf16
 
     try:
         precision = resolve_precision("auto", load_model(model), torch.device("cpu"))
     except Exception as e:  # noqa: BLE001 - the report says so rather than failing after the runs
         return f"`--precision auto` (not resolved here: {e})"
-    flags = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        pass
-    vnni = "with VNNI" if {"avx512_vnni", "avx_vnni"} & flags else "without VNNI"
+    vnni = "with VNNI" if int8_arithmetic() == "vnni" else "without VNNI"  # the int8 path the engine takes
     bf16 = "native bfloat16" if native_bf16() else "no native bfloat16"
     return (f"`--precision auto` = `{precision}`: {PRECISION_WORDS.get(precision, precision)}; this CPU: "
             f"{torch.backends.cpu.get_cpu_capability()}, {vnni}, {bf16}")

@@ -66,23 +66,12 @@ def thin_slice_case(work: Path) -> tuple[list[Path], list[float], list[bool]]:
     should be the click itself (the same patient)."""
     import numpy as np
     import SimpleITK as sitk
+    from cold_ab import write_thin_slices
 
     folder = work / "thin"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, parts, spacing_z, shift in THIN_SLICE:
-        out = folder / f"{name}.nii.gz"
-        if not out.exists():
-            img = sitk.ReadImage(str(DATA.joinpath(*parts)))
-            spacing = (*img.GetSpacing()[:2], spacing_z)
-            size = (*img.GetSize()[:2], int(round(img.GetSize()[2] * img.GetSpacing()[2] / spacing_z)))
-            origin = [o + s for o, s in zip(img.GetOrigin(), shift)]
-            thin = sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, origin, spacing, img.GetDirection(),
-                                 -1024, img.GetPixelID())
-            part = out.with_suffix(".part.nii.gz")
-            sitk.WriteImage(thin, str(part), True)
-            part.replace(out)
-        paths.append(out)
+    paths = [write_thin_slices(DATA.joinpath(*parts), folder / f"{name}.nii.gz", spacing_z, shift)
+             for name, parts, spacing_z, shift in THIN_SLICE]
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(paths[0]))
     reader.ReadImageInformation()

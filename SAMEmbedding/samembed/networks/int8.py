@@ -275,22 +275,17 @@ def has_global_scales(qparams: dict | None) -> bool:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """This CPU's instruction set flags, read from ``/proc/cpuinfo`` on Linux; None elsewhere or when unreadable."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return None
-
-
-@functools.cache
 def native_bf16() -> bool:
     """This CPU computes bfloat16 dot products natively (AVX-512 BF16 or AMX, read from ``/proc/cpuinfo`` on Linux;
     False elsewhere), so oneDNN's bfloat16 convolutions are faster than float32 ones, not emulated."""
-    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() or frozenset())) and torch.backends.mkldnn.is_available()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) and torch.backends.mkldnn.is_available()
 
 
 #: oneDNN's ISA caps (``ONEDNN_MAX_CPU_ISA``) that allow its AVX-512 VNNI (or AMX) int8 kernels, by prefix; the
