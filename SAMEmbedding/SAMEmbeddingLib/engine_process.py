@@ -11,7 +11,9 @@ Protocol (``multiprocessing.connection`` over a localhost socket with a random k
 tuple ``(kind, requestID, payload)``):
 
 * parent -> child: ``("image", key, (grid, name, spacing_known, npy_path))`` once per volume content (the voxels go
-  through a temporary ``.npy`` file, the geometry is pickled as float64: exact); ``("forget", key, None)``;
+  through a temporary ``.npy`` file, which the child removes once read: on POSIX the module copies each volume out
+  of VTK straight into it, :meth:`EngineProcess.newVolumeFile`, and hashes it meanwhile; the geometry is pickled as
+  float64: exact); ``("forget", key, None)``;
   ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
   (load the model now); ``("cancel", id, None)``;
   ``("clear", id, None)``; ``("stats", id, None)``; ``("stop", 0, None)``.
@@ -123,6 +125,10 @@ class EngineProcess:
         self._proc: subprocess.Popen | None = None
         self._conn = None
         self._sent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._sentFiles: set[Path] = set()  # the volume files sent to the child (it removes each once read)
+        self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # hashAhead's thread, made on first use
+        self._hashing: dict[Path, concurrent.futures.Future] = {}  # volume file -> its image's hash under way
+        self._hashLock = threading.Lock()
         self._ids = itertools.count(1)
         self._tmp = Path(tempfile.mkdtemp(prefix="SAMEmbedding-engine-"))
         self._logPath = self._tmp / "engine.log"
@@ -254,6 +260,10 @@ class EngineProcess:
         """Stop the child (asks, then kills after ``timeout`` s) and remove the temporary files."""
         with self._lock:
             self._stop(timeout)
+        with self._hashLock:
+            hasher, self._hasher = self._hasher, None
+        if hasher is not None:
+            hasher.shutdown(wait=True, cancel_futures=True)  # a hash under way reads a file about to go: it ends first
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __del__(self) -> None:
@@ -326,9 +336,10 @@ class EngineProcess:
         if getattr(self, "_logFile", None) is not None:
             self._logFile.close()
             self._logFile = None
-        for left in self._tmp.glob("*.npy"):  # volumes the child never read: all are sent again to the next child
-            with contextlib.suppress(OSError):
+        for left in self._sentFiles:  # volumes the child never read: all are sent again to the next child (the
+            with contextlib.suppress(OSError):  # files of volumes not sent yet stay: their images are mapped from them)
                 left.unlink()
+        self._sentFiles.clear()
 
     # -- requests ----------------------------------------------------------------------------
     def _send(self, message) -> None:
@@ -337,13 +348,73 @@ class EngineProcess:
         except (OSError, EOFError, AttributeError) as e:
             self._died(e)
 
+    def newVolumeFile(self) -> Path | None:
+        """A new ``.npy`` path in this engine's folder for a volume's voxels
+        (``mrml_io.image_from_volume_node(..., voxels_file=)``): an image whose voxels are a read-only mapping of
+        such a file is sent as that file, not written again (:meth:`_ensureImage`). None where a mapped file cannot
+        be removed (Windows): the voxels stay in memory there, and are written when sent."""
+        if os.name != "posix":
+            return None
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        return self._tmp / f"volume-{next(self._ids)}.npy"
+
+    def hashAhead(self, image: Image) -> None:
+        """Start hashing ``image`` (its content hash, the child's key for it) in a thread of this engine's, for an
+        image mapped from a file of :meth:`newVolumeFile`: the module's main thread copies the next volume out of
+        VTK meanwhile (both release the GIL), and sending it waits only for what is left (0.15-0.2 s of a 0.35 GB
+        thin-slice CT). Nothing for any other image (it is hashed when sent)."""
+        path = self._fileOf(image)
+        if path is None or image.hashed:
+            return
+        with self._hashLock:
+            if self._hasher is None:
+                self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="SAMEmbedding-hash")
+            future = self._hasher.submit(image.content_hash)
+            self._hashing[path] = future
+        # a finished hash is memoised in the image: forget the future (it would keep the image, and its voxels)
+        future.add_done_callback(lambda f, path=path: self._forgetHash(path, f))
+
+    def _forgetHash(self, path: Path, future: concurrent.futures.Future) -> None:
+        with self._hashLock:
+            if self._hashing.get(path) is future:
+                del self._hashing[path]
+
+    def _contentHash(self, image: Image, path: Path) -> str:
+        """``image``'s content hash, waiting for :meth:`hashAhead`'s if it is under way (its error, if any, raised)."""
+        with self._hashLock:
+            future = self._hashing.get(path)
+        if future is not None:
+            return future.result()
+        return image.content_hash()
+
+    def _fileOf(self, image: Image) -> Path | None:
+        """The ``.npy`` file of :meth:`newVolumeFile` that ``image``'s voxels are mapped from, while it is there
+        (the child removes each file it has read; the mapping stays valid)."""
+        array = image.array
+        name = getattr(array, "filename", None)
+        if not isinstance(array, np.memmap) or name is None or array.shape != tuple(image.grid.shape_zyx):
+            return None
+        path = Path(name)
+        return path if path.parent == self._tmp and array.flags.c_contiguous and path.is_file() else None
+
     def _ensureImage(self, image: Image) -> str:
         """Send ``image`` unless the child holds its content (keyed by the engine's content hash).
 
         A volume not hashed yet is written to its ``.npy`` file while it is hashed (both release the GIL: on a
         0.35 GB thin-slice CT, 0.2 s each, one after the other before); the file goes if the child holds the content
-        (a second node with the same voxels: its write is the price of the overlap for the first).
+        (a second node with the same voxels: its write is the price of the overlap for the first). A volume whose
+        voxels are mapped from a file of :meth:`newVolumeFile` is sent as that file, after its hash alone.
         """
+        mapped = self._fileOf(image)
+        if mapped is not None:
+            key = self._contentHash(image, mapped)  # the file's pages, just written, are in memory: no new copy
+            if key in self._sent:
+                if mapped not in self._sentFiles:  # another node's copy of content the child holds: not needed
+                    with contextlib.suppress(OSError):
+                        mapped.unlink()
+                self._sent.move_to_end(key)
+                return key
+            return self._sendImage(image, key, mapped)
         path = self._tmp / f"volume-{next(self._ids)}.npy"
         if image.hashed:
             key = image.content_hash()
@@ -371,6 +442,12 @@ class EngineProcess:
                     path.unlink()
                 self._sent.move_to_end(key)
                 return key
+        return self._sendImage(image, key, path)
+
+    def _sendImage(self, image: Image, key: str, path: Path) -> str:
+        """Tell the child about ``image`` (content hash ``key``), whose voxels are in ``path`` (the child reads the
+        file, then removes it), and forget the least recently sent volume beyond ``maxImages``."""
+        self._sentFiles.add(path)
         self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path))))
         self.imagesSent += 1
         self._sent[key] = None

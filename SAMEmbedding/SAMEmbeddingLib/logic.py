@@ -369,13 +369,19 @@ class MatchLogic:
 
     # -- input ------------------------------------------------------------------------------
     def imageForVolume(self, volumeNode) -> Image:
-        """Engine image of a volume, cached per node ID and image modification time."""
+        """Engine image of a volume, cached per node ID and image modification time. With the engine process, the
+        voxels are copied into the file that the process reads (``EngineProcess.newVolumeFile``), not into memory
+        and then into the file."""
         mrml_io.check_volume_node(volumeNode)
         key = mrml_io.volume_cache_key(volumeNode)
         cached = self._images.get(volumeNode.GetID())
         if cached is not None and cached[0] == key:
             return cached[1]
-        image = mrml_io.image_from_volume_node(volumeNode)
+        engine = self.getMatcher() if self.engine == "process" else None
+        newFile = getattr(engine, "newVolumeFile", None)
+        image = mrml_io.image_from_volume_node(volumeNode, voxels_file=None if newFile is None else newFile())
+        if hasattr(engine, "hashAhead"):
+            engine.hashAhead(image)  # while the next volume is copied
         self._images[volumeNode.GetID()] = (key, image)
         for nodeID in [i for i in self._images if self.scene.GetNodeByID(i) is None]:
             del self._images[nodeID]

@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from samembed import InputError
+from SAMEmbeddingLib import mrml_io
 from SAMEmbeddingLib.engine_process import EngineProcess, EngineProcessError
 from SAMEmbeddingLib.logic import MatchLogic
 from SAMEmbeddingLib.worker import Worker
@@ -78,12 +80,11 @@ def test_the_second_click_reuses_the_process_its_volumes_and_their_embeddings(a_
 
 
 def test_a_second_node_with_the_same_voxels_is_not_sent_again_and_leaves_no_file(a_scene, a_process_logic, a_small_ct):
-    """A volume is written to its file while it is hashed; when the hash says the child holds the content (another
-    node with the same voxels and geometry), the file goes and nothing is sent."""
+    """The logic copies each volume into the file the child reads (hashed meanwhile); when the hash says the child
+    holds the content (another node with the same voxels and geometry), the file goes and nothing is sent."""
     twin = add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "twin")
     target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
-    assert not a_process_logic.imageForVolume(twin).hashed  # so that sending it takes the concurrent route
     outputs = a_process_logic.matchPoints(a_small_ct, points, [target, twin], [0])
     engine = a_process_logic.getMatcher()
     assert engine.imagesSent == 2, "the twin's content is the source's: sent once"
@@ -92,6 +93,63 @@ def test_a_second_node_with_the_same_voxels_is_not_sent_again_and_leaves_no_file
     assert len(outputs.rows) == 2
     twin_row = next(r for r in outputs.rows if r.target == "twin")
     assert np.linalg.norm(np.asarray(twin_row.pointRAS) - _ras(a_small_ct, (64, 70, 10))) < 1.0  # its own point (sub-voxel fit)
+
+
+def test_a_volume_in_memory_is_written_while_it_is_hashed_and_a_twin_leaves_no_file(a_small_ct):
+    """An image whose voxels are in memory (a script's, or the module's on Windows) is written to its file while it
+    is hashed; the second of two images with the same content is not sent, and its file goes."""
+    from samembed import Image
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    twin = Image(image.array.copy(), image.grid, "twin")
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    try:
+        with engine._lock:
+            engine._ensureStarted()
+            assert engine._ensureImage(image) == engine._ensureImage(twin) == image.content_hash()
+        assert engine.imagesSent == 1 and twin.hashed
+        assert len(list(engine._tmp.glob("*.npy"))) <= 1  # the first one's, until the child has read it
+    finally:
+        engine.close()
+
+
+def test_each_volume_is_copied_once_into_the_file_the_engine_process_reads(a_scene, a_process_logic, a_small_ct,
+                                                                         monkeypatch):
+    """With the engine process, the logic copies a volume out of VTK straight into the file the child reads, hashed
+    in a thread meanwhile (before any request), and sends that file: no second write. The child removes it once read;
+    the image, mapped from it, stays valid, and a restarted child gets the voxels written again."""
+    from SAMEmbeddingLib import engine_process
+
+    engine = a_process_logic.getMatcher()
+    image = a_process_logic.imageForVolume(a_small_ct)
+    assert isinstance(image.array, np.memmap) and Path(image.array.filename).parent == engine._tmp
+    end = time.monotonic() + 30.0
+    while not image.hashed:  # hashed ahead, in the engine's thread
+        assert time.monotonic() < end, "the volume was not hashed ahead"
+        time.sleep(0.01)
+    assert engine.pid is None and engine.imagesSent == 0, "nothing is started or sent before a request"
+
+    def no_second_write(*args, **kwargs):
+        raise AssertionError("the volume was written a second time")
+
+    monkeypatch.setattr(engine_process.np, "save", no_second_write)
+    target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    first = control_points(a_process_logic.matchPoints(a_small_ct, points, [target], [0]).pointLists[0])[1]
+    assert engine.imagesSent == 2
+    assert not list(engine._tmp.glob("*.npy")), "a volume file was left behind"
+    np.testing.assert_array_equal(image.array, voxels(a_small_ct))  # the mapping outlives the file
+
+    monkeypatch.undo()
+    os.kill(engine.pid, signal.SIGKILL)  # the next request starts another child, which needs every volume again
+    end = time.monotonic() + 30.0
+    while engine._proc.poll() is None:
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    again = control_points(a_process_logic.matchPoints(a_small_ct, points, [target], [0]).pointLists[0])[1]
+    assert engine.starts == 2 and engine.imagesSent == 4
+    np.testing.assert_allclose(again, first, atol=1e-6)
+    assert not list(engine._tmp.glob("*.npy")), "a volume file was left behind"
 
 
 def test_the_engine_process_loads_torch_from_its_start_before_any_request(a_scene, a_process_logic, a_small_ct):

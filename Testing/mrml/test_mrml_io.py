@@ -6,6 +6,8 @@ which converts between RAS and the file's LPS) and SimpleITK through ``samembed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -114,6 +116,29 @@ def test_a_volume_under_a_non_linear_transform_is_refused_with_a_fix(a_scene, a_
 
     with pytest.raises(InputError, match="non-linear transform 'warp'.*harden"):
         mrml_io.image_from_volume_node(a_small_ct)
+
+
+def test_a_volume_copied_into_a_file_is_read_from_a_read_only_mapping_of_it(a_small_ct, tmp_path):
+    """For the engine process the voxels go straight into the file it reads: the image maps the file read-only (no
+    second copy in memory), and the mapping stays valid when the file is removed (the process removes what it read).
+    A file that cannot be written leaves the voxels in memory and nothing on disk."""
+    before_voxels, before_mtime = voxels(a_small_ct), a_small_ct.GetImageData().GetMTime()
+    path = tmp_path / "volume.npy"
+    image = mrml_io.image_from_volume_node(a_small_ct, voxels_file=path)
+    assert isinstance(image.array, np.memmap) and Path(image.array.filename) == path
+    assert not image.array.flags.writeable
+    np.testing.assert_array_equal(np.load(path), before_voxels)
+    hashed = image.content_hash()
+    path.unlink()
+    np.testing.assert_array_equal(image.array, before_voxels)
+    assert mrml_io.image_from_volume_node(a_small_ct).content_hash() == hashed  # the same image as one in memory
+    np.testing.assert_array_equal(voxels(a_small_ct), before_voxels)
+    assert a_small_ct.GetImageData().GetMTime() == before_mtime
+
+    nowhere = tmp_path / "no such folder" / "volume.npy"
+    kept = mrml_io.image_from_volume_node(a_small_ct, voxels_file=nowhere)
+    assert not isinstance(kept.array, np.memmap) and kept.content_hash() == hashed
+    assert not nowhere.parent.exists()
 
 
 def test_converting_a_volume_leaves_it_unchanged(a_small_ct):
