@@ -82,6 +82,254 @@ def test_arrays_too_large_for_the_shared_region_go_through_the_pipe(monkeypatch)
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("arena_bytes", [None, 1 << 20])  # the default region; 1 MiB, where no image fits
+def test_later_targets_are_prefetched_while_they_fit_in_the_shared_region_and_left_to_the_engine_after(
+        monkeypatch, arena_bytes):
+    """One atlas into several targets: the targets after the first are read and preprocessed ahead too, through the
+    shared region only; what does not fit there is left to the engine, which then need not wait for it."""
+    if arena_bytes is not None:
+        monkeypatch.setattr(prefetch, "ARENA_BYTES", arena_bytes)
+    paths = [data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz") for p in ("pt_215", "pt_232", "pt_202", "pt_231")]
+    config, pad = registered_preprocess("default"), registered_pad_multiple_zyx("default")
+    cfg = PreprocessConfig.from_dict(config)
+    p = _start(paths, config, pad, registered_local_stride_zyx("default"))
+    try:
+        for i, path in enumerate(paths):
+            image = p.image(str(path))
+            later_left = arena_bytes is not None and i >= prefetch.FIRST_IMAGES
+            assert (image is None) == later_left, f"image {i}: prefetched {image is not None}"
+            ref = read_image(path)
+            got = p.take(ref.content_hash(), cfg, "auto", pad)
+            if later_left:
+                assert got is None  # the engine preprocesses it itself
+            else:
+                assert np.array_equal(image.array, ref.array)
+                assert np.array_equal(got.array, preprocess(ref, cfg, "auto", pad).array)
+                assert isinstance(got.array.base, mmap.mmap) == (arena_bytes is None)
+    finally:
+        p.close()
+
+
+@pytest.mark.needs_data
+def test_an_input_the_engine_pads_itself_gets_the_engines_own_body_mask(caplog):
+    """Only CT comes padded from the resampling; the engine pads other modalities afterwards, and their body threshold
+    (a percentile) sees the padding. A CT embedded as MRI (percentile mapping, percentile threshold): the maps made
+    from the prefetched input and body mask equal the engine's own."""
+    from samembed import Matcher
+
+    path = data_file("ct", "openkbp", "ct", "pt_239_ct.nii.gz")
+    request = prefetch.PrefetchRequest((str(path),), registered_preprocess("default"), "mri",
+                                       pad_multiple_zyx=registered_pad_multiple_zyx("default"),
+                                       body_stride_zyx=registered_local_stride_zyx("default"))
+    p = prefetch.Prefetch(request)
+    try:
+        image = p.image(str(path))
+        ahead = Matcher("default", device="cpu", modality="mri")
+        ahead.embedder.prefetch = p
+        with caplog.at_level(logging.DEBUG, logger="samembed.embedding"):
+            a = ahead.embedder.embed(image, on_demand=True)
+    finally:
+        p.close()
+    assert "preprocessed ahead by the prefetch process" in caplog.text
+    assert "body mask made ahead by the prefetch process" in caplog.text
+    b = Matcher("default", device="cpu", modality="mri").embedder.embed(read_image(path), on_demand=True)
+    assert torch.equal(a.body, b.body) and torch.equal(a.global_, b.global_)
+
+
+@pytest.mark.parametrize("name", [m["name"] for m in registry().get("models", []) if m.get("file")])
+def test_the_registered_padding_multiple_local_stride_and_preprocessing_are_the_networks_own(name):
+    """The command prefetches with ``models.json``'s multiple and preprocessing before the weights load; the engine
+    pads to its network's (a mismatch would waste the prefetch: the engine would preprocess the image again). Every
+    registered model with weights; its int8 calibration, where it has one, was made for these weights."""
+    from samembed.api import load_model
+
+    model = load_model(name)  # checks the file's SHA-256 against models.json
+    spec = model.spec
+    grids = registered_pad_multiple_zyx(name), registered_local_stride_zyx(name)
+    if grids == (None, None) and spec.ndim == 2:  # an entry without its grids is not prefetched (the hand model)
+        return
+    assert grids == (tuple(reversed(spec.pad_multiple)), tuple(reversed(spec.local_stride)))
+    assert PreprocessConfig.from_dict(registered_preprocess(name)) == model.preprocess
+    if spec.arch == "sam-lite":
+        assert model.int8 is not None, f"{name}: no int8 calibration made for its weights beside them"
+
+
+def test_a_checkpoints_own_facts_are_read_without_torch_and_equal_what_loading_it_gives(tmp_path):
+    """A checkpoint path (``--model runs/mine/mine.pt``) is prefetched too: its preprocessing comes from its own
+    header, read with no torch, and its architecture's multiple and stride are its network's."""
+    from samembed.models import load_model, save_checkpoint
+    from samembed.networks import build_network
+    from samembed.registry import ARCH_GRIDS_XYZ, checkpoint_header, model_facts
+
+    for arch, (pad_xyz, stride_xyz) in ARCH_GRIDS_XYZ.items():
+        spec = build_network(arch, {}).spec
+        assert (tuple(reversed(spec.pad_multiple)), tuple(reversed(spec.local_stride))) == (pad_xyz, stride_xyz)
+    net = build_network("sam-lite", {"widths": [4, 8, 8], "global_widths": [4, 8, 8, 8], "fpn_channels": 4})
+    path = save_checkpoint(tmp_path / "mine.pt", net, PreprocessConfig(spacing_mm=3.0, fill="zero"), name="mine",
+                           extra={"rng_torch": torch.zeros(3, dtype=torch.uint8)})
+    loaded = load_model(str(path))
+    assert PreprocessConfig.from_dict(registered_preprocess(str(path))) == loaded.preprocess
+    assert registered_pad_multiple_zyx(str(path)) == tuple(reversed(loaded.spec.pad_multiple))
+    assert registered_local_stride_zyx(str(path)) == tuple(reversed(loaded.spec.local_stride))
+    assert checkpoint_header(path)["net_config"] == loaded.spec.config
+    # without torch, in a fresh interpreter
+    code = ("import sys; from samembed.registry import registered_preprocess as r; "
+            f"print(r({str(path)!r})['spacing_mm'], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["3.0", "False"]
+    # anything else is not read: a state dict alone, another file, a pickle that would run code
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+
+    class Runs:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"arch": "sam-lite", "preprocess": {"spacing_mm": 2.0}, "x": Runs()}, tmp_path / "evil.pt")
+    for name in ("weights.pt", "notes.pt", "evil.pt", "missing.pt"):
+        assert model_facts(str(tmp_path / name)) is None and registered_preprocess(str(tmp_path / name)) is None
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_header_that_is_odd_gives_no_facts_and_spoils_no_later_read(tmp_path, monkeypatch):
+    """Whatever a file named like a checkpoint holds, the command only loses its prefetch (the model's loading then
+    names the problem); nothing one file does reaches the next read."""
+    import pickle
+    import zipfile
+
+    from samembed import registry
+    from samembed.models import save_checkpoint
+    from samembed.networks import build_network
+
+    def archive(name: str, payload: bytes, compression=zipfile.ZIP_STORED) -> str:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", compression=compression) as z:
+            z.writestr("archive/data.pkl", payload)
+        return str(path)
+
+    good = save_checkpoint(tmp_path / "good.pt", build_network("sam-lite", {"widths": [4, 8, 8],
+                                                                            "global_widths": [4, 8, 8, 8],
+                                                                            "fpn_channels": 4}),
+                           PreprocessConfig(spacing_mm=3.0), name="good")
+    odd = {
+        "a list for the architecture": pickle.dumps({"arch": ["sam-lite"], "preprocess": {"spacing_mm": 2.0}}),
+        "a torch object in the settings": (b"\x80\x02}q\x00(X\x04\x00\x00\x00archq\x01X\x08\x00\x00\x00sam-liteq\x02"
+                                           b"X\n\x00\x00\x00preprocessq\x03}q\x04X\n\x00\x00\x00spacing_mmq\x05"
+                                           b"ctorch\nfloat32\nq\x06su."),
+        # GLOBAL torch X, then BUILD with a state that rewrites the class it got
+        "a class rewritten": b"\x80\x02ctorch\nX\nN}X\x08\x00\x00\x00__init__K\x05s\x86b.",
+        "not a pickle": b"garbage",
+    }
+    for what, payload in odd.items():
+        assert registry.checkpoint_header(archive("odd.pt", payload)) is None, what
+        assert registry.checkpoint_header(good)["name"] == "good", f"after {what}"
+    monkeypatch.setattr(registry, "HEADER_PICKLE_LIMIT", 10)
+    assert registry.checkpoint_header(good) is None  # a pickle over the limit is not read
+    monkeypatch.undo()
+    corrupt = tmp_path / "corrupt.pt"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = bytes(64)
+    corrupt.write_bytes(bytes(data))
+    assert registry.model_facts(str(corrupt)) is None or registry.model_facts(str(corrupt))["preprocess"]
+    assert registry.model_facts(str(tmp_path)) is None and registry.model_facts(str(tmp_path / ("x" * 300 + ".pt"))) is None
+
+
+def test_an_unreadable_image_is_left_to_the_command_which_names_it(tmp_path, capsys):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not an image")
+    p = _start([bad], registered_preprocess("default"))
+    try:
+        assert p.image(str(bad)) is None
+    finally:
+        p.close()
+    pts = tmp_path / "p.csv"
+    pts.write_text("label,x,y,z\na,0,0,0\n")
+    assert main(["match", str(bad), str(bad), "--points", str(pts), "--out", str(tmp_path / "o.csv"), "-q"]) != 0
+    assert "broken.nii.gz" in capsys.readouterr().err
+
+
+@pytest.mark.needs_data
+def test_the_command_with_its_prefetch_writes_what_it_writes_without(tmp_path):
+    """A fresh interpreter (torch not yet imported: the command prefetches) against this process (torch imported:
+    no prefetch), the same source, three targets and points. How many images the prefetch process reads depends on
+    the machine's load: the command reads a target the child has not started itself (samembed.prefetch._Claims);
+    the source, which the command asks for last, is always the child's, and every input it made came with its body
+    mask."""
+    src = data_file("ct", "openkbp", "ct", "pt_239_ct.nii.gz")
+    tgt = data_file("ct", "openkbp", "ct", "pt_231_ct.nii.gz")
+    more = [data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz") for p in ("pt_202", "pt_236")]  # read ahead too
+    rows = [r for r in csv.DictReader(data_file("ct", "openkbp", "oar_centroids.csv").open()) if r["patient"] == "pt_239"]
+    pts = tmp_path / "p.csv"
+    pts.write_text("label,x,y,z\n" + "".join(f"{r['structure']},{r['x_mm']},{r['y_mm']},{r['z_mm']}\n" for r in rows[:3]))
+    args = ["match", str(src), str(tgt), *map(str, more), "--points", str(pts), "--device", "cpu", "-q"]
+    code = ("import sys; from samembed import cli, prefetch; assert prefetch.available(); "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    fresh = subprocess.run([sys.executable, "-c", code, "-v", *args, "--out", str(tmp_path / "fresh.csv")],
+                           check=True, capture_output=True, text=True)
+    ahead = fresh.stderr.count("preprocessed ahead by the prefetch process")
+    assert f"{src}: preprocessed ahead by the prefetch process" in fresh.stderr, fresh.stderr[-2000:]
+    assert 1 <= ahead <= 4 and fresh.stderr.count("body mask made ahead by the prefetch process") == ahead, \
+        fresh.stderr[-2000:]
+    assert main([*args, "--out", str(tmp_path / "here.csv")]) == 0
+    assert (tmp_path / "fresh.csv").read_text() == (tmp_path / "here.csv").read_text()
+
+
+@pytest.mark.needs_data
+def test_a_prefetch_started_before_its_images_are_known_reads_volume_files_as_the_engine_process_does(tmp_path):
+    """The Slicer module's engine process forks its prefetch before torch loads and before it knows its first
+    request's volumes (``start_waiting``), which come as ``.npy`` files with their geometry (``ArrayFile``). Until
+    they are given, asking for one waits for nothing; then the image and the input are the engine's own, once each,
+    and the file stays for the engine process (which removes it)."""
+    path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    ref = read_image(path)
+    npy = tmp_path / "pt_215.npy"
+    np.save(npy, ref.array)
+    config, pad, stride = (registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+                           registered_local_stride_zyx("default"))
+    cfg = PreprocessConfig.from_dict(config)
+    # here torch is imported, so start_waiting would refuse (prefetch.available): the same object, started directly
+    p = prefetch.Prefetch(prefetch.PrefetchRequest((), config, pad_multiple_zyx=pad, body_stride_zyx=stride),
+                          waiting=True)
+    try:
+        t0 = time.perf_counter()
+        assert p.image(str(npy)) is None and p.take(ref.content_hash(), cfg, "auto", pad) is None
+        assert time.perf_counter() - t0 < 1.0, "asked before the images were given, it waited for them"
+        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True, ref.content_hash())])
+        t0 = time.perf_counter()  # another image's input: known not to come (the given hashes), so not waited for
+        assert p.take("0" * 64, cfg, "auto", pad) is None and time.perf_counter() - t0 < 0.2
+        with pytest.raises(RuntimeError, match="given its images"):
+            p.give([str(path)])
+        image = p.image(str(npy))
+        assert image.name == "pt_215" and image.content_hash() == ref.content_hash()
+        # it yields to the engine's threads where they share a core (its niceness is 10 above this process's)
+        assert os.getpriority(os.PRIO_PROCESS, p._proc.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        assert np.array_equal(image.array, ref.array) and isinstance(image.array.base, mmap.mmap)
+        got = p.take(ref.content_hash(), cfg, "auto", pad)
+        assert np.array_equal(got.array, preprocess(ref, cfg, "auto", pad).array) and got.body_stride_zyx == stride
+        assert p.take(ref.content_hash(), cfg, "auto", pad) is None, "handed out twice"
+        assert (p.images_read, p.inputs_made) == (1, 1)
+    finally:
+        p.close()
+    assert npy.exists(), "the prefetch removed the engine process's file"
+
+
+def test_a_volume_file_read_with_its_senders_hash_is_not_hashed_again(tmp_path):
+    """The engine process knows each volume file's hash (the parent's key, from the same voxels and geometry): the
+    image read from it carries that hash instead of hashing the voxels again; without one it is hashed when asked."""
+    from samembed import Image
+
+    ref = Image.from_array(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), (1.0, 2.0, 3.0), name="block")
+    npy = tmp_path / "block.npy"
+    np.save(npy, ref.array)
+    known = prefetch.ArrayFile(str(npy), ref.grid, "block", True, ref.content_hash()).read()
+    assert known.hashed and known.content_hash() == ref.content_hash() and np.array_equal(known.array, ref.array)
+    told = prefetch.ArrayFile(str(npy), ref.grid, "block", True, "f" * 64).read()
+    assert told.content_hash() == "f" * 64, "the voxels were hashed again instead of taking the sender's hash"
+    unknown = prefetch.ArrayFile(str(npy), ref.grid, "block", True).read()
+    assert not unknown.hashed and unknown.content_hash() == ref.content_hash()
+
+
+@pytest.mark.needs_data
 @pytest.mark.parametrize("arena_bytes", [None, 1 << 20])  # the default region; 1 MiB, where nothing fits
 @pytest.mark.parametrize("hash_known", [True, False], ids=["with its hash", "without"])
 def test_a_volume_file_is_mapped_by_the_prefetch_and_by_the_engine(tmp_path, monkeypatch, arena_bytes, hash_known):
