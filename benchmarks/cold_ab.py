@@ -8,7 +8,8 @@ times, and reports each engine's median process time per pair and their ratio. B
 own checkout. Elastix is not run (``cold_start.py`` compares with it). With ``--atlas N`` it also times one atlas
 into N cold targets in one process (``cold_start.py``'s atlas case), whose per-target time the pairs do not show.
 With ``--first-click`` it also times the Slicer module's first click (``first_click.py child``, its first case), from
-cold and with the engine started, where preprocessing is waited for; ``--no-pairs`` skips the pairs. With
+cold and with the engine started, where preprocessing is waited for; ``--thin-slice-click`` the same on its four
+thin-slice chest CTs; ``--no-pairs`` skips the pairs. With
 ``--heatmaps`` it also times the pairs with ``--heatmap-dir`` (a heatmap per point, written in the target's
 geometry) and compares the two engines' heatmap files voxel by voxel. With ``--thin-slice`` it also times the LIDC pair
 resampled to 0.5 mm slices (:func:`thin_slice_case`), whose reading outlasts torch's import.
@@ -124,17 +125,22 @@ def _section(intro: str, header: str, rows: list[str]) -> str:
     return "\n".join(["", intro, "", header, "|---|" + "---:|" * (columns - 1), *rows, ""])
 
 
-def _click(root: Path, mode: str, out: Path) -> tuple[float, list[list[float]]]:
+def _click(root: Path, mode: str, out: Path, thin: tuple[list[Path], list[float]] | None = None,
+           pause_s: float = 0.0) -> tuple[float, list[list[float]]]:
     """Seconds and matched points (RAS mm) of one first click through the Slicer module's logic by the engine of
     checkout ``root`` (``first_click.py child --mode MODE``, its first case: a source and 3 targets; torch's default
-    threads, as in the module)."""
+    threads, as in the module), or, with ``thin`` (``(volume files, click LPS mm)`` of
+    :func:`first_click.thin_slice_case`), its thin-slice case; after ``pause_s`` seconds of nothing."""
     from first_click import CASES, DATA
 
     source, targets = CASES[0]
+    volumes = [source, *targets] if thin is None else [f"--click-lps={','.join(f'{v:.4f}' for v in thin[1])}",
+                                                      *map(str, thin[0])]  # "=": x may be < 0
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(PYTHONPATH=f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}", SAMEMBED_DATA=str(DATA))
+    time.sleep(pause_s)
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "first_click.py"), "child", "--mode", mode,
-                           "--json", str(out), source, *targets], env=env, capture_output=True, text=True)
+                           "--json", str(out), *volumes], env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"first click by {root} failed:\n{done.stderr[-2000:]}")
     d = json.loads(out.read_text())
@@ -198,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-click", action="store_true",
                    help="also the Slicer module's first click (first_click.py's first case, a source and 3 targets), "
                         "from cold and with the engine started, each engine --reps times")
+    p.add_argument("--thin-slice-click", action="store_true",
+                   help="also the Slicer module's first click on first_click.py's thin-slice case (four chest CTs, "
+                        "0.27-0.35 GB of voxels each), from cold and with the engine started, each engine --reps times")
+    p.add_argument("--pause", type=float, default=0.0, metavar="S",
+                   help="seconds of nothing before each first click (this VM hands memory that has been free for a "
+                        "few seconds back to its host, and touching it again then costs more: a clinician's click "
+                        "comes long after the last one)")
     p.add_argument("--heatmaps", action="store_true",
                    help="also the pairs with --heatmap-dir (a heatmap per point in the target's geometry), each engine "
                         "--reps times; the two engines' heatmap files compared voxel by voxel")
@@ -279,15 +292,23 @@ def main(argv: list[str] | None = None) -> int:
                           f"{_median_range(per['base'])} | {_median_range(per['head'])} | {b / h:.2f}x | {moved:.2f} |")
         print(atlas_rows[-1], flush=True)
     click_rows = []
-    if args.first_click:
+    clicks = [("", None)] if args.first_click else []
+    if args.thin_slice_click:
+        from first_click import thin_slice_case as thin_click_case
+
+        paths, click, _ = thin_click_case(REPO / "cache" / "first_click")
+        clicks.append(("thin-slice CTs: ", (paths, click)))
+    for label, thin in clicks:
         for mode in ("cold", "started"):
-            runs = _alternating(args.reps, base, lambda name, root, m=mode: _click(root, m, work / f"click_{m}_{name}.json"))
+            runs = _alternating(args.reps, base, lambda name, root, m=mode, t=thin: _click(
+                root, m, work / f"click_{m}_{name}.json", t, args.pause))
             times = {k: [r[0] for r in v] for k, v in runs.items()}
             first = np.array(runs["base"][0][1])
             moved = max(float(np.linalg.norm(np.array(r[1]) - first, axis=1).max()) for v in runs.values() for r in v)
             b, h = statistics.median(times["base"]), statistics.median(times["head"])
-            click_rows.append(f"| {'a click that starts the engine' if mode == 'cold' else 'the engine started, nothing prepared'} | "
-                              f"{_median_range(times['base'])} | {_median_range(times['head'])} | {b / h:.2f}x | {moved:.2f} |")
+            way = 'a click that starts the engine' if mode == 'cold' else 'the engine started, nothing prepared'
+            click_rows.append(f"| {label}{way} | {_median_range(times['base'])} | {_median_range(times['head'])} | "
+                              f"{b / h:.2f}x | {moved:.2f} |")
             print(click_rows[-1], flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = "\n".join([
@@ -299,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
         + (f" --atlas {args.atlas}" if args.atlas else "") + (" --no-pairs" if args.no_pairs else "")
         + (" --thin-slice" if args.thin_slice else "")
-        + (" --first-click" if args.first_click else "") + (" --heatmaps" if args.heatmaps else "")
+        + (" --first-click" if args.first_click else "") + (" --thin-slice-click" if args.thin_slice_click else "")
+        + (f" --pause {args.pause:g}" if args.pause else "") + (" --heatmaps" if args.heatmaps else "")
         + (f" --model {args.model}" if args.model else "") + "`.", "",
         *(["| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
            "largest move of a match, base to head, mm |",
@@ -319,9 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         from first_click import CASES
 
         source, targets = CASES[0]
-        text += _section(f"The Slicer module's first click (`first_click.py child`: {source} into {', '.join(targets)}, "
-                         "the module's logic with its engine process, torch's default threads), each engine alternating "
-                         "as above; median (range) seconds from the click to the matches in MRML:",
+        thin = (" and, `thin-slice CTs`, its `--thin-slice` case (four chest CTs, LIDC-0001 at 0.5, 0.625 and 0.6 mm "
+                "slices and POPI at 0.5 mm, 0.27-0.35 GB of voxels each)") if args.thin_slice_click else ""
+        pause = f", each after {args.pause:g} s of nothing" if args.pause else ""
+        text += _section(f"The Slicer module's first click (`first_click.py child`: {source} into {', '.join(targets)}"
+                         f"{thin}; the module's logic with its engine process, torch's default threads), each engine "
+                         f"alternating as above{pause}; median (range) seconds from the click to the matches in MRML:",
                          "| way | base s | head s | speed-up | largest move of a match over all runs, mm |", click_rows)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
