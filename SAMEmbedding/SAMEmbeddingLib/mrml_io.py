@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,11 +130,19 @@ def _voxels_zyx(node, voxels_file: Path | None = None) -> np.ndarray:
 def _copy_to_file(voxels_zyx: np.ndarray, path: Path) -> np.ndarray | None:
     """The voxels copied into a new ``.npy`` file at ``path`` and mapped from it read-only (the copy the worker
     thread reads instead of VTK memory, already in the file that the engine process reads), or None when the file
-    cannot be written (then nothing is left at ``path``)."""
+    cannot be written (then nothing is left at ``path``) or where its disk space cannot be reserved first
+    (``os.posix_fallocate``; not on macOS): a write through a mapping into a full disk ends the process (``SIGBUS``)
+    instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return None
     try:
         out = np.lib.format.open_memmap(path, mode="w+", dtype=voxels_zyx.dtype, shape=voxels_zyx.shape)
-        out[...] = voxels_zyx
-        del out  # unmapped: the pages stay in the page cache, written back to the disk in the background
+        try:
+            with open(path, "r+b") as f:  # the file's blocks now: a full disk is an OSError here
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            out[...] = voxels_zyx
+        finally:
+            del out  # unmapped: the pages stay in the page cache, written back to the disk in the background
         return np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         log.warning("SAMEmbedding: voxels kept in memory, not in %s: %s", path, e)

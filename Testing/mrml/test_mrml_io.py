@@ -141,6 +141,26 @@ def test_a_volume_copied_into_a_file_is_read_from_a_read_only_mapping_of_it(a_sm
     assert not nowhere.parent.exists()
 
 
+def test_a_full_disk_leaves_the_voxels_in_memory_before_anything_is_written_through_a_mapping(a_small_ct, tmp_path,
+                                                                                              monkeypatch):
+    """The file's space is reserved before the voxels are copied into its mapping (a write through a mapping into a
+    full disk would end Slicer with SIGBUS): a disk without the space, or a system that cannot reserve it (macOS),
+    leaves the voxels in memory and no file."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mrml_io.os, "posix_fallocate", full)
+    path = tmp_path / "volume.npy"
+    image = mrml_io.image_from_volume_node(a_small_ct, voxels_file=path)
+    assert not isinstance(image.array, np.memmap) and not path.exists()
+    np.testing.assert_array_equal(image.array, voxels(a_small_ct))
+    monkeypatch.delattr(mrml_io.os, "posix_fallocate")
+    image = mrml_io.image_from_volume_node(a_small_ct, voxels_file=path)
+    assert not isinstance(image.array, np.memmap) and not path.exists()
+
+
 def test_converting_a_volume_leaves_it_unchanged(a_small_ct):
     before_voxels, before_matrix = voxels(a_small_ct), ijk_to_ras(a_small_ct)
     before_mtime = a_small_ct.GetImageData().GetMTime()
