@@ -20,8 +20,8 @@ The click is the source patient's left-parotid centroid (``oar_centroids.csv``);
 targets' own centroids (error, mm, for information: one point), and the three ways must give the same matches.
 
 With ``--thin-slice`` the case is four chest CTs as they are reconstructed for reading today (:func:`thin_slice_case`:
-0.27-0.35 GB of voxels each, 3-5 times the benchmark's chest CT), where handing the volumes to the engine process, not
-the network, is most of a click.
+0.27-0.35 GB of voxels each, 3-5 times the benchmark's chest CT), where handing the volumes to the engine process (one
+copy each out of VTK into the file the engine process maps), not the network, is most of a click.
 
 Usage (from the repository root; the environment of ``scripts/setup_env.sh``)::
 
