@@ -341,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         from first_click import CASES
 
         source, targets = CASES[0]
-        thin = (" and, `thin-slice CTs`, its `--thin-slice` case (four chest CTs, LIDC-0001 at 0.5, 0.625 and 0.6 mm "
-                "slices and POPI at 0.5 mm, 0.27-0.35 GB of voxels each)") if args.thin_slice_click else ""
+        cases = ([f"{source} into {', '.join(targets)}"] if args.first_click else []) + (
+            ["`thin-slice CTs`: its `--thin-slice` case (four chest CTs, LIDC-0001 at 0.5, 0.625 and 0.6 mm slices and "
+             "POPI at 0.5 mm, 0.27-0.35 GB of voxels each)"] if args.thin_slice_click else [])
         pause = f", each after {args.pause:g} s of nothing" if args.pause else ""
-        text += _section(f"The Slicer module's first click (`first_click.py child`: {source} into {', '.join(targets)}"
-                         f"{thin}; the module's logic with its engine process, torch's default threads), each engine "
+        text += _section(f"The Slicer module's first click (`first_click.py child`: {' and '.join(cases)}; the module's "
+                         "logic with its engine process, torch's default threads), each engine "
                          f"alternating as above{pause}; median (range) seconds from the click to the matches in MRML:",
                          "| way | base s | head s | speed-up | largest move of a match over all runs, mm |", click_rows)
     Path(args.out).write_text(text)

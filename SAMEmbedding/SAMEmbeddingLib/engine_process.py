@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
@@ -78,6 +79,14 @@ SHORT_REQUEST_TIMEOUT_S = 0.5
 
 class EngineProcessError(RuntimeError):
     """The engine process could not start or stopped unexpectedly; the next call starts a new one."""
+
+
+def _removeUnlessSent(path: Path, sentFiles: set[Path]) -> None:
+    """Remove the volume file ``path`` of an image that has gone, unless it was sent (in ``sentFiles``): the child
+    removes those once read."""
+    if path not in sentFiles:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def pythonExecutable() -> str:
@@ -351,8 +360,9 @@ class EngineProcess:
     def newVolumeFile(self) -> Path | None:
         """A new ``.npy`` path in this engine's folder for a volume's voxels
         (``mrml_io.image_from_volume_node(..., voxels_file=)``): an image whose voxels are a read-only mapping of
-        such a file is sent as that file, not written again (:meth:`_ensureImage`). None where a mapped file cannot
-        be removed (Windows): the voxels stay in memory there, and are written when sent."""
+        such a file is sent as that file, not written again (:meth:`_ensureImage`); give the image to
+        :meth:`hashAhead`, which also removes the file when the image goes without having been sent. None where a
+        mapped file cannot be removed (Windows): the voxels stay in memory there, and are written when sent."""
         if os.name != "posix":
             return None
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -362,9 +372,14 @@ class EngineProcess:
         """Start hashing ``image`` (its content hash, the child's key for it) in a thread of this engine's, for an
         image mapped from a file of :meth:`newVolumeFile`: the module's main thread copies the next volume out of
         VTK meanwhile (both release the GIL), and sending it waits only for what is left (0.15-0.2 s of a 0.35 GB
-        thin-slice CT). Nothing for any other image (it is hashed when sent)."""
+        thin-slice CT). The file is removed when the image goes (the logic's cache dropped it: the volume changed
+        or was removed) unless it was sent (the child removes it once read). Nothing for any other image (it is
+        hashed when sent)."""
         path = self._fileOf(image)
-        if path is None or image.hashed:
+        if path is None:
+            return
+        weakref.finalize(image, _removeUnlessSent, path, self._sentFiles)
+        if image.hashed:
             return
         with self._hashLock:
             if self._hasher is None:
@@ -384,7 +399,8 @@ class EngineProcess:
         with self._hashLock:
             future = self._hashing.get(path)
         if future is not None:
-            return future.result()
+            with contextlib.suppress(concurrent.futures.CancelledError):  # (by close(), before it ran)
+                return future.result()
         return image.content_hash()
 
     def _fileOf(self, image: Image) -> Path | None:
@@ -414,7 +430,10 @@ class EngineProcess:
                         mapped.unlink()
                 self._sent.move_to_end(key)
                 return key
-            return self._sendImage(image, key, mapped)
+            if mapped not in self._sentFiles:
+                return self._sendImage(image, key, mapped)
+            # sent before and forgotten since: the child removes that file when it reads its "forget", which may
+            # still be on its way, so the voxels go in a new file (below)
         path = self._tmp / f"volume-{next(self._ids)}.npy"
         if image.hashed:
             key = image.content_hash()

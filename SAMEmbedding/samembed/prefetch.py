@@ -378,10 +378,10 @@ class Prefetch:
     def _map(self, path: str) -> tuple[str, object]:
         """The message for a volume file the child has read (``"mapped"``): ``("image", (the image mapped from its
         file, None))``, or ``("failed", None)`` when the file is gone (forgotten by the engine meanwhile)."""
-        source = next(s for s in self.request.paths if source_key(s) == path)
         try:
+            source = next(s for s in self.request.paths if source_key(s) == path)
             return "image", (source.read(mapped=True), None)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the engine reads it itself and reports what is wrong
             log.debug("prefetch: %s not mapped: %s", path, exc)
             return "failed", None
 

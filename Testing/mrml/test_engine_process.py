@@ -107,8 +107,64 @@ def test_a_volume_in_memory_is_written_while_it_is_hashed_and_a_twin_leaves_no_f
         with engine._lock:
             engine._ensureStarted()
             assert engine._ensureImage(image) == engine._ensureImage(twin) == image.content_hash()
-        assert engine.imagesSent == 1 and twin.hashed
-        assert len(list(engine._tmp.glob("*.npy"))) <= 1  # the first one's, until the child has read it
+        assert engine.imagesSent == 1 and twin.hashed and len(engine._sentFiles) == 1
+        assert set(engine._tmp.glob("*.npy")) <= engine._sentFiles  # the first one's, until the child has read it
+    finally:
+        engine.close()
+
+
+def _mapped_image(engine: EngineProcess, array: np.ndarray, grid, name: str):
+    """An image mapped from a volume file of ``engine``'s, as the logic makes it (hashed ahead)."""
+    from samembed import Image
+
+    path = engine.newVolumeFile()
+    np.save(path, array)
+    image = Image(np.load(path, mmap_mode="r"), grid, name)
+    engine.hashAhead(image)
+    return image, path
+
+
+def test_a_volume_file_sent_then_forgotten_is_not_sent_again(a_small_ct):
+    """The child removes the file of a volume it is told to forget; a volume sent again later, while that message
+    may still be on its way, goes in a new file, and the request that uses it works."""
+    source = mrml_io.image_from_volume_node(a_small_ct)
+    engine = EngineProcess(model="random:sam-lite", device="cpu", maxImages=2)
+    try:
+        images = [_mapped_image(engine, source.array + k, source.grid, f"v{k}")[0] for k in range(3)]
+        with engine._lock:
+            engine._ensureStarted()
+            for image in images:  # the third pushes the first out: the child removes its unread file
+                engine._ensureImage(image)
+            engine._ensureImage(images[0])  # sent again
+        assert engine.imagesSent == 4
+        centre = source.grid.index_to_lps([[(n - 1) / 2 for n in source.grid.size_ijk]])
+        assert len(engine.match(images[0], centre, [images[2]]).matches) == 1
+    finally:
+        engine.close()
+
+
+def test_volume_files_not_sent_yet_outlive_a_restart_and_go_with_their_images(a_small_ct):
+    """A volume file whose image was not sent yet stays when the child stops (the next child gets it as it is); the
+    file of an image that goes without having been sent (the logic's cache dropped it) is removed."""
+    import gc
+
+    source = mrml_io.image_from_volume_node(a_small_ct)
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    try:
+        with engine._lock:
+            engine._ensureStarted()
+        kept, kept_path = _mapped_image(engine, source.array, source.grid, "kept")
+        dropped, dropped_path = _mapped_image(engine, source.array + 1, source.grid, "dropped")
+        with engine._lock:
+            engine._stop(5.0)
+        assert kept_path.is_file() and dropped_path.is_file()
+        del dropped
+        gc.collect()
+        assert not dropped_path.exists(), "the file of an image that went unsent was left behind"
+        with engine._lock:
+            engine._ensureStarted()
+            engine._ensureImage(kept)
+        assert engine._sentFiles == {kept_path}, "the file was not sent as it is"
     finally:
         engine.close()
 

@@ -6,6 +6,7 @@ which converts between RAS and the file's LPS) and SimpleITK through ``samembed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +149,10 @@ def test_a_full_disk_leaves_the_voxels_in_memory_before_anything_is_written_thro
     leaves the voxels in memory and no file."""
     import errno
 
-    def full(fd, offset, length):
+    nbytes = voxels(a_small_ct).nbytes
+
+    def full(fd, offset, length):  # the voxels (after the .npy header) not written yet
+        assert not any(os.pread(fd, length, offset)[-nbytes:]), "voxels were written before the space was reserved"
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mrml_io.os, "posix_fallocate", full)
