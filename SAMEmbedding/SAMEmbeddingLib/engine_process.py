@@ -213,6 +213,22 @@ class EngineProcess:
                     return
                 self._ensureImage(image)
 
+    def startAhead(self) -> None:
+        """Start the child now, in a thread, unless it runs: its start and torch's import then go beside the
+        caller's work (the module copying a click's volumes out of VTK: 1-2 s for four thin-slice CTs) instead of
+        after it. A failure is left to the first request, which starts the child again and reports it."""
+        if self._alive():
+            return
+
+        def start() -> None:
+            try:
+                with self._lock:
+                    self._ensureStarted()
+            except Exception as e:  # noqa: BLE001 - reported by the request that needs the child
+                log.info("SAMEmbedding: the engine process did not start ahead of its first request: %s", e)
+
+        threading.Thread(target=start, name="SAMEmbedding-engine-start", daemon=True).start()
+
     def warm_up(self, cancel: threading.Event | None = None) -> None:
         """Start the child now (it imports torch) and have it load its model, so that the first match waits for
         neither (the module calls it when it is entered, on its worker). Nothing happens when the child runs and

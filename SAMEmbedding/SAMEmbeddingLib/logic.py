@@ -371,13 +371,16 @@ class MatchLogic:
     def imageForVolume(self, volumeNode) -> Image:
         """Engine image of a volume, cached per node ID and image modification time. With the engine process, the
         voxels are copied into the file that the process reads (``EngineProcess.newVolumeFile``), not into memory
-        and then into the file."""
+        and then into the file, and the process is started first if it is not running (``EngineProcess.startAhead``:
+        it loads torch meanwhile)."""
         mrml_io.check_volume_node(volumeNode)
         key = mrml_io.volume_cache_key(volumeNode)
         cached = self._images.get(volumeNode.GetID())
         if cached is not None and cached[0] == key:
             return cached[1]
         engine = self.getMatcher() if self.engine == "process" else None
+        if hasattr(engine, "startAhead"):
+            engine.startAhead()  # the engine process starts and loads torch while the volumes are copied
         newFile = getattr(engine, "newVolumeFile", None)
         image = mrml_io.image_from_volume_node(volumeNode, voxels_file=None if newFile is None else newFile())
         if hasattr(engine, "hashAhead"):

@@ -124,6 +124,23 @@ def _mapped_image(engine: EngineProcess, array: np.ndarray, grid, name: str):
     return image, path
 
 
+def test_the_engine_process_starts_while_the_first_volume_is_copied(a_scene, a_process_logic, a_small_ct):
+    """A click that finds no engine process running starts it as the logic copies the click's first volume
+    (``EngineProcess.startAhead``), so that its start and torch's import go beside the copies; the click's request
+    then uses that process."""
+    engine = a_process_logic.getMatcher()
+    assert engine.pid is None
+    a_process_logic.imageForVolume(a_small_ct)
+    end = time.monotonic() + 60.0
+    while engine.pid is None:  # no request sent
+        assert time.monotonic() < end, "the engine process did not start ahead"
+        time.sleep(0.01)
+    pid = engine.pid
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    a_process_logic.matchPoints(a_small_ct, points, [a_small_ct], [0])
+    assert engine.starts == 1 and engine.pid == pid
+
+
 def test_a_volume_file_sent_then_forgotten_is_not_sent_again(a_small_ct):
     """The child removes the file of a volume it is told to forget; a volume sent again later, while that message
     may still be on its way, goes in a new file, and the request that uses it works."""
@@ -183,7 +200,7 @@ def test_each_volume_is_copied_once_into_the_file_the_engine_process_reads(a_sce
     while not image.hashed:  # hashed ahead, in the engine's thread
         assert time.monotonic() < end, "the volume was not hashed ahead"
         time.sleep(0.01)
-    assert engine.pid is None and engine.imagesSent == 0, "nothing is started or sent before a request"
+    assert engine.imagesSent == 0, "nothing is sent before a request"
 
     def no_second_write(*args, **kwargs):
         raise AssertionError("the volume was written a second time")
