@@ -412,3 +412,19 @@ def test_an_engine_error_in_the_process_arrives_as_the_same_error(a_scene, a_sma
             logic.matchPoints(a_small_ct, points, [a_small_ct])
     finally:
         logic.close()
+
+
+def test_volumes_mapped_for_the_engine_process_match_the_same_in_this_process_after_a_switch(
+        a_scene, a_process_logic, a_small_ct):
+    """The logic keeps the images it made for the engine process (mapped from files the process removed, in a folder
+    removed when the process stops); switched to the engine in this process, it matches them as before."""
+    target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    image = a_process_logic.imageForVolume(a_small_ct)
+    folder = a_process_logic.getMatcher()._tmp
+    in_process = control_points(a_process_logic.matchPoints(a_small_ct, points, [target], [0]).pointLists[0])[1]
+    a_process_logic.useEngineProcess(False)
+    assert not folder.exists()
+    assert a_process_logic.imageForVolume(a_small_ct) is image and isinstance(image.array, np.memmap)
+    here = control_points(a_process_logic.matchPoints(a_small_ct, points, [target], [0]).pointLists[0])[1]
+    np.testing.assert_allclose(here, in_process, atol=1e-4)
