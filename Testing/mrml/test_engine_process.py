@@ -48,6 +48,11 @@ def a_worker():
     worker.shutdown()
 
 
+def _volume_files(engine: EngineProcess) -> set[Path]:
+    """The volume files in the engine's folders (its temporary folder, and the one in shared memory)."""
+    return {*engine._tmp.glob("*.npy"), *engine._volumes.glob("*.npy")}
+
+
 def _wait_for(condition, worker, timeout=120.0):
     end = time.monotonic() + timeout
     while not condition():
@@ -89,7 +94,7 @@ def test_a_second_node_with_the_same_voxels_is_not_sent_again_and_leaves_no_file
     engine = a_process_logic.getMatcher()
     assert engine.imagesSent == 2, "the twin's content is the source's: sent once"
     assert a_process_logic.imageForVolume(twin).hashed
-    assert not list(engine._tmp.glob("*.npy")), "a volume file was left behind"
+    assert not _volume_files(engine), "a volume file was left behind"
     assert len(outputs.rows) == 2
     twin_row = next(r for r in outputs.rows if r.target == "twin")
     assert np.linalg.norm(np.asarray(twin_row.pointRAS) - _ras(a_small_ct, (64, 70, 10))) < 1.0  # its own point (sub-voxel fit)
@@ -108,7 +113,7 @@ def test_a_volume_in_memory_is_written_while_it_is_hashed_and_a_twin_leaves_no_f
             engine._ensureStarted()
             assert engine._ensureImage(image) == engine._ensureImage(twin) == image.content_hash()
         assert engine.imagesSent == 1 and twin.hashed and len(engine._sentFiles) == 1
-        assert set(engine._tmp.glob("*.npy")) <= engine._sentFiles  # the first one's, until the child has read it
+        assert _volume_files(engine) <= engine._sentFiles  # the first one's, until the child has read it
     finally:
         engine.close()
 
@@ -195,7 +200,7 @@ def test_each_volume_is_copied_once_into_the_file_the_engine_process_reads(a_sce
 
     engine = a_process_logic.getMatcher()
     image = a_process_logic.imageForVolume(a_small_ct)
-    assert isinstance(image.array, np.memmap) and Path(image.array.filename).parent == engine._tmp
+    assert isinstance(image.array, np.memmap) and Path(image.array.filename).parent == engine._volumes
     end = time.monotonic() + 30.0
     while not image.hashed:  # hashed ahead, in the engine's thread
         assert time.monotonic() < end, "the volume was not hashed ahead"
@@ -210,7 +215,7 @@ def test_each_volume_is_copied_once_into_the_file_the_engine_process_reads(a_sce
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
     first = control_points(a_process_logic.matchPoints(a_small_ct, points, [target], [0]).pointLists[0])[1]
     assert engine.imagesSent == 2
-    assert not list(engine._tmp.glob("*.npy")), "a volume file was left behind"
+    assert not _volume_files(engine), "a volume file was left behind"
     np.testing.assert_array_equal(image.array, voxels(a_small_ct))  # the mapping outlives the file
 
     monkeypatch.undo()
@@ -222,7 +227,7 @@ def test_each_volume_is_copied_once_into_the_file_the_engine_process_reads(a_sce
     again = control_points(a_process_logic.matchPoints(a_small_ct, points, [target], [0]).pointLists[0])[1]
     assert engine.starts == 2 and engine.imagesSent == 4
     np.testing.assert_allclose(again, first, atol=1e-6)
-    assert not list(engine._tmp.glob("*.npy")), "a volume file was left behind"
+    assert not _volume_files(engine), "a volume file was left behind"
 
 
 def test_the_engine_process_loads_torch_from_its_start_before_any_request(a_scene, a_process_logic, a_small_ct):
@@ -349,7 +354,7 @@ def test_the_first_clicks_volumes_are_preprocessed_in_a_second_process_and_match
         out_process = logic.matchPoints(source, points, targets)
         log = logic.getMatcher()._logTail(40)
         rows_process = logic.resultRows(points)
-        assert not list(logic.getMatcher()._tmp.glob("*.npy")), "a volume file was left behind"
+        assert not _volume_files(logic.getMatcher()), "a volume file was left behind"
     finally:
         logic.close()
     # the second target's volume too (sent ahead: the logic matches one target per request)
@@ -421,10 +426,31 @@ def test_volumes_mapped_for_the_engine_process_match_the_same_in_this_process_af
     target = _shifted_copy(a_scene, a_small_ct, [30.0, 0.0, 0.0], "target")
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
     image = a_process_logic.imageForVolume(a_small_ct)
-    folder = a_process_logic.getMatcher()._tmp
+    folders = (a_process_logic.getMatcher()._tmp, a_process_logic.getMatcher()._volumes)
     in_process = control_points(a_process_logic.matchPoints(a_small_ct, points, [target], [0]).pointLists[0])[1]
     a_process_logic.useEngineProcess(False)
-    assert not folder.exists()
+    assert not any(folder.exists() for folder in folders)
     assert a_process_logic.imageForVolume(a_small_ct) is image and isinstance(image.array, np.memmap)
     here = control_points(a_process_logic.matchPoints(a_small_ct, points, [target], [0]).pointLists[0])[1]
     np.testing.assert_allclose(here, in_process, atol=1e-4)
+
+
+def test_volume_files_go_to_shared_memory_where_it_has_room(monkeypatch):
+    """Volume files go to a folder of their own in /dev/shm when it has room for a click's thin-slice CTs (no disk
+    to write back to), else to the temporary folder; both folders go with the engine."""
+    from SAMEmbeddingLib import engine_process
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize < engine_process.SHARED_MEMORY_MIN_FREE:
+        pytest.skip("no /dev/shm with room for volume files on this machine")
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    assert engine._volumes.parent == shm and engine.newVolumeFile().parent == engine._volumes
+    folders = (engine._tmp, engine._volumes)
+    engine.close()
+    assert not any(folder.exists() for folder in folders)
+    monkeypatch.setattr(engine_process, "SHARED_MEMORY_MIN_FREE", 1 << 60)
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    try:
+        assert engine._volumes == engine._tmp
+    finally:
+        engine.close()
