@@ -87,18 +87,40 @@ SHARED_MEMORY_MIN_FREE = 2 << 30
 
 
 def _sharedMemoryFolder() -> Path | None:
-    """A new folder for volume files in shared memory (Linux's ``/dev/shm``), or None where there is none, or not
-    :data:`SHARED_MEMORY_MIN_FREE` bytes free in it (a container's is often 64 MB)."""
+    """A new folder for volume files in shared memory (Linux's ``/dev/shm``), named after this process, or None where
+    there is none, or not :data:`SHARED_MEMORY_MIN_FREE` bytes free in it (a container's is often 64 MB). Files there
+    hold memory until they are removed, so the folders left by processes that no longer run (a Slicer that crashed)
+    are removed first."""
     shm = Path("/dev/shm")
     if not sys.platform.startswith("linux") or not shm.is_dir():
         return None
     try:
+        for old in shm.glob(f"{VOLUMES_PREFIX}*-"):
+            if not _running(old.name.removeprefix(VOLUMES_PREFIX).split("-")[0]):
+                shutil.rmtree(old, ignore_errors=True)
         stat = os.statvfs(shm)
         if stat.f_bavail * stat.f_frsize < SHARED_MEMORY_MIN_FREE:
             return None
-        return Path(tempfile.mkdtemp(prefix="SAMEmbedding-volumes-", dir=shm))
+        return Path(tempfile.mkdtemp(prefix=f"{VOLUMES_PREFIX}{os.getpid()}-", suffix="-", dir=shm))
     except OSError:
         return None
+
+
+#: the names of the engine's folders of volume files in shared memory: this, the owner's process ID, a random part
+#: and "-"
+VOLUMES_PREFIX = "SAMEmbedding-volumes-"
+
+
+def _running(pid: str) -> bool:
+    """Whether process ``pid`` (a decimal string) may still run: True unless it is known to have ended (another
+    user's process, or a name that is not a process ID, counts as running)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True
+    return True
 
 
 def _removeUnlessSent(path: Path, sentFiles: set[Path]) -> None:

@@ -6,6 +6,7 @@ The child runs ``samembed.Matcher`` with seeded random weights (``random:sam-lit
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -437,14 +438,31 @@ def test_volumes_mapped_for_the_engine_process_match_the_same_in_this_process_af
 
 def test_volume_files_go_to_shared_memory_where_it_has_room(monkeypatch):
     """Volume files go to a folder of their own in /dev/shm when it has room for a click's thin-slice CTs (no disk
-    to write back to), else to the temporary folder; both folders go with the engine."""
+    to write back to), else to the temporary folder; both folders go with the engine, and the folders of processes
+    that ended without removing theirs (files there hold memory) go when the next engine starts."""
     from SAMEmbeddingLib import engine_process
 
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize < engine_process.SHARED_MEMORY_MIN_FREE:
         pytest.skip("no /dev/shm with room for volume files on this machine")
-    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    stale = shm / f"{engine_process.VOLUMES_PREFIX}{ended}-test-"  # left by a process that crashed
+    alive = shm / f"{engine_process.VOLUMES_PREFIX}{os.getpid()}-test-"  # another engine of a running process
+    for folder in (stale, alive):
+        folder.mkdir()
+        (folder / "volume-1.npy").write_bytes(b"held memory")
+    try:
+        engine = EngineProcess(model="random:sam-lite", device="cpu")
+        assert not stale.exists() and alive.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(alive, ignore_errors=True)
     assert engine._volumes.parent == shm and engine.newVolumeFile().parent == engine._volumes
+    assert engine._volumes.name.startswith(f"{engine_process.VOLUMES_PREFIX}{os.getpid()}-")
     folders = (engine._tmp, engine._volumes)
     engine.close()
     assert not any(folder.exists() for folder in folders)
