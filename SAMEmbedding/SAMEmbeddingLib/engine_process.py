@@ -81,46 +81,83 @@ class EngineProcessError(RuntimeError):
     """The engine process could not start or stopped unexpectedly; the next call starts a new one."""
 
 
-#: the free space shared memory (``/dev/shm``) must have for the engine's volume files to go there, bytes: four
-#: thin-slice CTs (a source and 3 targets, 0.27-0.35 GB each) with room to spare
+#: the free space shared memory (``/dev/shm``) must have, and the memory available, for the engine's volume files to
+#: go there, bytes: four thin-slice CTs (a source and 3 targets, 0.27-0.35 GB each) with room to spare
 SHARED_MEMORY_MIN_FREE = 2 << 30
-
-
-def _sharedMemoryFolder() -> Path | None:
-    """A new folder for volume files in shared memory (Linux's ``/dev/shm``), named after this process, or None where
-    there is none, or not :data:`SHARED_MEMORY_MIN_FREE` bytes free in it (a container's is often 64 MB). Files there
-    hold memory until they are removed, so the folders left by processes that no longer run (a Slicer that crashed)
-    are removed first."""
-    shm = Path("/dev/shm")
-    if not sys.platform.startswith("linux") or not shm.is_dir():
-        return None
-    try:
-        for old in shm.glob(f"{VOLUMES_PREFIX}*-"):
-            if not _running(old.name.removeprefix(VOLUMES_PREFIX).split("-")[0]):
-                shutil.rmtree(old, ignore_errors=True)
-        stat = os.statvfs(shm)
-        if stat.f_bavail * stat.f_frsize < SHARED_MEMORY_MIN_FREE:
-            return None
-        return Path(tempfile.mkdtemp(prefix=f"{VOLUMES_PREFIX}{os.getpid()}-", suffix="-", dir=shm))
-    except OSError:
-        return None
-
-
 #: the names of the engine's folders of volume files in shared memory: this, the owner's process ID, a random part
 #: and "-"
 VOLUMES_PREFIX = "SAMEmbedding-volumes-"
+#: the file in each such folder that its engine holds locked (``flock``) while it lives
+VOLUMES_LOCK = ".lock"
 
 
-def _running(pid: str) -> bool:
-    """Whether process ``pid`` (a decimal string) may still run: True unless it is known to have ended (another
-    user's process, or a name that is not a process ID, counts as running)."""
+def _sharedMemoryFolder(root: Path = Path("/dev/shm")) -> tuple[Path, int] | None:
+    """A new folder for volume files in shared memory (Linux's ``/dev/shm``) and the descriptor of its lock file,
+    held locked while the engine lives; or None where there is no shared memory, or not
+    :data:`SHARED_MEMORY_MIN_FREE` bytes free in it (a container's is often 64 MB) or available in the machine (its
+    pages cannot be reclaimed without swap). Files there hold memory until they are removed, so the folders left by
+    engines that ended without removing theirs (a Slicer that crashed) are removed first
+    (:func:`_removeStaleVolumeFolders`)."""
+    if not sys.platform.startswith("linux") or not root.is_dir():
+        return None
+    import fcntl  # POSIX only
+
+    _removeStaleVolumeFolders(root)
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, OSError):
-        return True
-    return True
+        stat = os.statvfs(root)
+        if min(stat.f_bavail * stat.f_frsize, _availableMemory()) < SHARED_MEMORY_MIN_FREE:
+            return None
+        # made under a hidden name, locked, then renamed: a folder under its final name is locked from the start
+        draft = Path(tempfile.mkdtemp(prefix=".SAMEmbedding-draft-", dir=root))
+        fd = os.open(draft / VOLUMES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            folder = root / f"{VOLUMES_PREFIX}{os.getpid()}-{draft.name.rsplit('-', 1)[-1]}-"
+            os.rename(draft, folder)
+        except OSError:
+            os.close(fd)
+            shutil.rmtree(draft, ignore_errors=True)
+            raise
+        return folder, fd
+    except OSError as e:
+        log.info("SAMEmbedding: volume files go to the temporary folder, not to shared memory: %s", e)
+        return None
+
+
+def _removeStaleVolumeFolders(root: Path) -> None:
+    """Remove the folders of volume files in ``root`` whose engine has ended: the ones whose lock file nobody holds
+    (``flock`` sees the holders of every process namespace that shares the folder, and is not fooled by a reused
+    process ID). A folder without a lock file, another user's, or anything unexpected is left alone."""
+    import fcntl  # POSIX only
+
+    try:
+        folders = list(root.glob(f"{VOLUMES_PREFIX}*-"))
+    except OSError:
+        return
+    for folder in folders:
+        try:
+            fd = os.open(folder / VOLUMES_LOCK, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its engine lives
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _availableMemory() -> int:
+    """Bytes of memory the machine has available (``MemAvailable`` of ``/proc/meminfo``; 0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _removeUnlessSent(path: Path, sentFiles: set[Path]) -> None:
@@ -183,8 +220,13 @@ class EngineProcess:
         self._ids = itertools.count(1)
         self._tmp = Path(tempfile.mkdtemp(prefix="SAMEmbedding-engine-"))
         self._logPath = self._tmp / "engine.log"
-        #: where :meth:`newVolumeFile` puts volume files: a folder in shared memory where there is room, else ``_tmp``
-        self._volumes = _sharedMemoryFolder() or self._tmp
+        #: where :meth:`newVolumeFile` puts volume files: a folder in shared memory where there is room (with the
+        #: descriptor of its lock file, held while this engine lives), else ``_tmp``
+        shared = _sharedMemoryFolder()
+        self._volumes, self._volumesLock = shared if shared is not None else (self._tmp, None)
+        self._closed = False  # by close(): a start ahead that has not begun does not start a child any more
+        self._startError: BaseException | None = None  # the start ahead's failure, for the next request
+        self._starter: threading.Thread | None = None  # the start ahead's thread, the last one started
         self._cacheBytes = 0
         self._firstRequestSent = False
 
@@ -260,18 +302,23 @@ class EngineProcess:
     def startAhead(self) -> None:
         """Start the child now, in a thread, unless it runs: its start and torch's import then go beside the
         caller's work (the module copying a click's volumes out of VTK: 1-2 s for four thin-slice CTs) instead of
-        after it. A failure is left to the first request, which starts the child again and reports it."""
+        after it. Its failure is raised by the next request (which does not try again: a child that hangs at its
+        start is waited for once); the request after that starts a child again. Nothing after :meth:`close`."""
         if self._alive():
             return
 
         def start() -> None:
-            try:
-                with self._lock:
+            with self._lock:
+                if self._closed:
+                    return
+                try:
                     self._ensureStarted()
-            except Exception as e:  # noqa: BLE001 - reported by the request that needs the child
-                log.info("SAMEmbedding: the engine process did not start ahead of its first request: %s", e)
+                except Exception as e:  # noqa: BLE001 - raised by the next request (_ensureStarted)
+                    log.info("SAMEmbedding: the engine process did not start ahead of its first request: %s", e)
+                    self._startError = e
 
-        threading.Thread(target=start, name="SAMEmbedding-engine-start", daemon=True).start()
+        self._starter = threading.Thread(target=start, name="SAMEmbedding-engine-start", daemon=True)
+        self._starter.start()
 
     def warm_up(self, cancel: threading.Event | None = None) -> None:
         """Start the child now (it imports torch) and have it load its model, so that the first match waits for
@@ -328,6 +375,7 @@ class EngineProcess:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the child (asks, then kills after ``timeout`` s) and remove the temporary files."""
         with self._lock:
+            self._closed = True
             self._stop(timeout)
         with self._hashLock:
             hasher, self._hasher = self._hasher, None
@@ -335,6 +383,9 @@ class EngineProcess:
             hasher.shutdown(wait=True, cancel_futures=True)  # a hash under way reads a file about to go: it ends first
         shutil.rmtree(self._tmp, ignore_errors=True)
         shutil.rmtree(self._volumes, ignore_errors=True)
+        if self._volumesLock is not None:
+            os.close(self._volumesLock)
+            self._volumesLock = None
 
     def __del__(self) -> None:
         try:
@@ -349,6 +400,9 @@ class EngineProcess:
     def _ensureStarted(self) -> None:
         if self._alive():
             return
+        if self._startError is not None:  # the start ahead failed: that is this request's error
+            error, self._startError = self._startError, None
+            raise error
         self._stop(0.0)
         self._tmp.mkdir(parents=True, exist_ok=True)
         authkey = secrets.token_bytes(32)

@@ -6,7 +6,6 @@ The child runs ``samembed.Matcher`` with seeded random weights (``random:sam-lit
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -438,31 +437,20 @@ def test_volumes_mapped_for_the_engine_process_match_the_same_in_this_process_af
 
 def test_volume_files_go_to_shared_memory_where_it_has_room(monkeypatch):
     """Volume files go to a folder of their own in /dev/shm when it has room for a click's thin-slice CTs (no disk
-    to write back to), else to the temporary folder; both folders go with the engine, and the folders of processes
-    that ended without removing theirs (files there hold memory) go when the next engine starts."""
+    to write back to), held locked while the engine lives; else to the temporary folder. Both folders go with the
+    engine."""
     from SAMEmbeddingLib import engine_process
 
     shm = Path("/dev/shm")
-    if not shm.is_dir() or os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize < engine_process.SHARED_MEMORY_MIN_FREE:
+    stat = os.statvfs(shm) if shm.is_dir() else None
+    if stat is None or min(stat.f_bavail * stat.f_frsize,
+                           engine_process._availableMemory()) < engine_process.SHARED_MEMORY_MIN_FREE:
         pytest.skip("no /dev/shm with room for volume files on this machine")
-    import subprocess
-    import sys
-
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                           check=True).stdout.strip()
-    stale = shm / f"{engine_process.VOLUMES_PREFIX}{ended}-test-"  # left by a process that crashed
-    alive = shm / f"{engine_process.VOLUMES_PREFIX}{os.getpid()}-test-"  # another engine of a running process
-    for folder in (stale, alive):
-        folder.mkdir()
-        (folder / "volume-1.npy").write_bytes(b"held memory")
-    try:
-        engine = EngineProcess(model="random:sam-lite", device="cpu")
-        assert not stale.exists() and alive.exists()
-    finally:
-        shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(alive, ignore_errors=True)
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
     assert engine._volumes.parent == shm and engine.newVolumeFile().parent == engine._volumes
     assert engine._volumes.name.startswith(f"{engine_process.VOLUMES_PREFIX}{os.getpid()}-")
+    engine_process._removeStaleVolumeFolders(shm)  # another engine starting: this one's folder is in use
+    assert engine._volumes.is_dir()
     folders = (engine._tmp, engine._volumes)
     engine.close()
     assert not any(folder.exists() for folder in folders)
@@ -470,5 +458,72 @@ def test_volume_files_go_to_shared_memory_where_it_has_room(monkeypatch):
     engine = EngineProcess(model="random:sam-lite", device="cpu")
     try:
         assert engine._volumes == engine._tmp
+    finally:
+        engine.close()
+
+
+def test_the_volume_folders_of_ended_engines_are_removed_and_the_others_left(tmp_path):
+    """Files in shared memory hold memory until removed: the folders of engines that ended without removing theirs
+    (a Slicer that crashed) are removed when another engine starts. A folder whose lock an engine holds (in any
+    process namespace that shares the folder, whatever process ID its name carries), one without a lock file, and
+    names that are not an engine's own are left alone."""
+    import fcntl
+
+    from SAMEmbeddingLib import engine_process
+
+    prefix = engine_process.VOLUMES_PREFIX
+    made = engine_process._sharedMemoryFolder(tmp_path) if engine_process._availableMemory() else None
+    stale = tmp_path / f"{prefix}{os.getpid()}-ended-"  # a live process ID: the lock, not the name, decides
+    held = tmp_path / f"{prefix}1-held-"
+    odd = tmp_path / f"{prefix}99999999999999999999999-odd-"  # no process ID at all
+    unlocked = tmp_path / f"{prefix}2-nolock-"
+    for folder in (stale, held, odd, unlocked):
+        folder.mkdir()
+        (folder / "volume-1.npy").write_bytes(b"held memory")
+    for folder in (stale, held, odd):
+        (folder / engine_process.VOLUMES_LOCK).touch()
+    fd = os.open(held / engine_process.VOLUMES_LOCK, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an engine that lives
+    try:
+        engine_process._removeStaleVolumeFolders(tmp_path)
+    finally:
+        os.close(fd)
+    assert not stale.exists() and not odd.exists()
+    assert held.is_dir() and unlocked.is_dir()
+    if made is not None:  # a new engine's folder: locked from the moment it has its name
+        folder, lock = made
+        try:
+            engine_process._removeStaleVolumeFolders(tmp_path)
+            assert folder.is_dir() and folder.name.startswith(f"{prefix}{os.getpid()}-")
+        finally:
+            os.close(lock)
+
+
+def test_a_start_ahead_after_close_starts_nothing_and_a_failed_one_is_the_next_requests_error(a_small_ct):
+    """An engine closed before its start ahead ran starts no child; a start ahead that fails is raised by the next
+    request (not tried a second time there), and the request after it starts the child."""
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    with engine._lock:  # close() gets the lock before the start ahead's thread
+        engine.startAhead()
+        engine._closed = True
+    engine._starter.join(60)
+    assert not engine._starter.is_alive() and engine.starts == 0 and engine.pid is None
+    engine.close()
+
+    engine = EngineProcess(model="random:sam-lite", device="cpu", python="/nonexistent/python")
+    try:
+        engine.startAhead()
+        end = time.monotonic() + 30.0
+        while engine._startError is None:
+            assert time.monotonic() < end, "the start ahead did not fail"
+            time.sleep(0.01)
+        image = mrml_io.image_from_volume_node(a_small_ct)
+        centre = image.grid.index_to_lps([[(n - 1) / 2 for n in image.grid.size_ijk]])
+        engine.python = None  # a child could start now: the first request reports the failure instead of trying
+        with pytest.raises(EngineProcessError, match="cannot start the engine process with /nonexistent/python"):
+            engine.match(image, centre, [image])
+        assert engine.starts == 0
+        assert len(engine.match(image, centre, [image]).matches) == 1
+        assert engine.starts == 1
     finally:
         engine.close()
