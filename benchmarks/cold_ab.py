@@ -131,11 +131,10 @@ def _click(root: Path, mode: str, out: Path, thin: tuple[list[Path], list[float]
     checkout ``root`` (``first_click.py child --mode MODE``, its first case: a source and 3 targets; torch's default
     threads, as in the module), or, with ``thin`` (``(volume files, click LPS mm)`` of
     :func:`first_click.thin_slice_case`), its thin-slice case; after ``pause_s`` seconds of nothing."""
-    from first_click import CASES, DATA
+    from first_click import CASES, DATA, click_argument
 
     source, targets = CASES[0]
-    volumes = [source, *targets] if thin is None else [f"--click-lps={','.join(f'{v:.4f}' for v in thin[1])}",
-                                                      *map(str, thin[0])]  # "=": x may be < 0
+    volumes = [source, *targets] if thin is None else [click_argument(thin[1]), *map(str, thin[0])]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(PYTHONPATH=f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}", SAMEMBED_DATA=str(DATA))
     time.sleep(pause_s)

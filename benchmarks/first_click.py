@@ -80,6 +80,11 @@ def thin_slice_case(work: Path) -> tuple[list[Path], list[float], list[bool]]:
     return paths, click, ["lidc" in name for name, *_ in THIN_SLICE[1:]]
 
 
+def click_argument(click_lps_mm) -> str:
+    """The child's ``--click-lps`` argument for a click (LPS mm); with "=": x may be negative."""
+    return f"--click-lps={','.join(f'{v:.4f}' for v in click_lps_mm)}"
+
+
 def centroids() -> dict[tuple[str, str], list[float]]:
     """(patient, structure) -> centroid, LPS mm (OpenKBP ``oar_centroids.csv``)."""
     with (OPENKBP / "oar_centroids.csv").open() as f:
@@ -184,7 +189,7 @@ def run(argv: list[str]) -> int:
         paths, click, same = thin_slice_case(work)
         ras = np.array(click) * [-1, -1, 1]
         cases.append((paths[0].name.removesuffix(".nii.gz"), [t.name.removesuffix(".nii.gz") for t in paths[1:]],
-                      [f"--click-lps={','.join(f'{v:.4f}' for v in click)}", *map(str, paths)],  # "=": x may be < 0
+                      [click_argument(click), *map(str, paths)],
                       [ras if s else None for s in same]))
     else:
         truth = centroids()

@@ -214,7 +214,7 @@ class EngineProcess:
         self._conn = None
         self._sent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._sentFiles: set[Path] = set()  # the volume files sent to the child (it removes each once read)
-        self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # hashAhead's thread, made on first use
+        self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # the hashing thread (_hashPool)
         self._hashing: dict[Path, concurrent.futures.Future] = {}  # volume file -> its image's hash under way
         self._hashLock = threading.Lock()
         self._ids = itertools.count(1)
@@ -502,12 +502,16 @@ class EngineProcess:
         if image.hashed:
             return
         with self._hashLock:
-            if self._hasher is None:
-                self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="SAMEmbedding-hash")
-            future = self._hasher.submit(image.content_hash)
+            future = self._hashPool().submit(image.content_hash)
             self._hashing[path] = future
         # a finished hash is memoised in the image: forget the future (it would keep the image, and its voxels)
         future.add_done_callback(lambda f, path=path: self._forgetHash(path, f))
+
+    def _hashPool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """This engine's hashing thread (made on first use, ended by :meth:`close`); call with ``_hashLock`` held."""
+        if self._hasher is None:
+            self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="SAMEmbedding-hash")
+        return self._hasher
 
     def _forgetHash(self, path: Path, future: concurrent.futures.Future) -> None:
         with self._hashLock:
@@ -562,20 +566,17 @@ class EngineProcess:
                 return key
             np.save(path, np.ascontiguousarray(image.array))  # the child loads and deletes it
         else:
-            hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="SAMEmbedding-hash")
+            with self._hashLock:
+                hashed = self._hashPool().submit(image.content_hash)
             try:
-                hashed = hashing.submit(image.content_hash)
-                try:
-                    np.save(path, np.ascontiguousarray(image.array))
-                finally:
-                    try:
-                        key = hashed.result()  # the hash's own error, if any, before the file's
-                    except BaseException:
-                        with contextlib.suppress(OSError):
-                            path.unlink()
-                        raise
+                np.save(path, np.ascontiguousarray(image.array))
             finally:
-                hashing.shutdown()
+                try:
+                    key = hashed.result()  # the hash's own error, if any, before the file's
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                    raise
             if key in self._sent:  # the same voxels and geometry as a volume the child holds (another node)
                 with contextlib.suppress(OSError):  # one still held (Windows): removed with the folder on close
                     path.unlink()

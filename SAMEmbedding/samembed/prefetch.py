@@ -379,7 +379,7 @@ class Prefetch:
         """The message for a volume file the child has read (``"mapped"``): ``("image", (the image mapped from its
         file, None))``, or ``("failed", None)`` when the file is gone (forgotten by the engine meanwhile)."""
         try:
-            source = next(s for s in self.request.paths if source_key(s) == path)
+            source = self.request.paths[first_index(self.request.paths, path)]
             return "image", (source.read(mapped=True), None)
         except Exception as exc:  # noqa: BLE001 - the engine reads it itself and reports what is wrong
             log.debug("prefetch: %s not mapped: %s", path, exc)
