@@ -89,6 +89,10 @@ SHARED_MEMORY_MIN_FREE = 2 << 30
 VOLUMES_PREFIX = "SAMEmbedding-volumes-"
 #: the file in each such folder that its engine holds locked (``flock``) while it lives
 VOLUMES_LOCK = ".lock"
+#: threads that hash volumes ahead (:meth:`EngineProcess.hashAhead`; SHA-256 releases the GIL): the module copies
+#: volumes on two threads (``logic.COPY_THREADS``), and one hashing thread, 0.15-0.2 s per thin-slice CT, then held
+#: the first request back by 0.3-0.4 s after the last copy on the 2-core VM
+HASH_THREADS = 2
 
 
 def _sharedMemoryFolder(root: Path = Path("/dev/shm")) -> tuple[Path, int] | None:
@@ -214,7 +218,7 @@ class EngineProcess:
         self._conn = None
         self._sent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._sentFiles: set[Path] = set()  # the volume files sent to the child (it removes each once read)
-        self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # the hashing thread (_hashPool)
+        self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # the hashing threads (_hashPool)
         self._hashing: dict[Path, concurrent.futures.Future] = {}  # volume file -> its image's hash under way
         self._hashLock = threading.Lock()
         self._ids = itertools.count(1)
@@ -489,10 +493,10 @@ class EngineProcess:
         return self._volumes / f"volume-{next(self._ids)}.npy"
 
     def hashAhead(self, image: Image) -> None:
-        """Start hashing ``image`` (its content hash, the child's key for it) in a thread of this engine's, for an
-        image mapped from a file of :meth:`newVolumeFile`: the module's main thread copies the next volume out of
-        VTK meanwhile (both release the GIL), and sending it waits only for what is left (0.15-0.2 s of a 0.35 GB
-        thin-slice CT). The file is removed when the image goes (the logic's cache dropped it: the volume changed
+        """Start hashing ``image`` (its content hash, the child's key for it) in a thread of this engine's
+        (:data:`HASH_THREADS`), for an image mapped from a file of :meth:`newVolumeFile`: the module copies the next
+        volumes out of VTK meanwhile (``MatchLogic.imagesForVolumes``; both release the GIL), and sending it waits
+        only for what is left (0.15-0.2 s of a 0.35 GB thin-slice CT). Safe to call from any thread. The file is removed when the image goes (the logic's cache dropped it: the volume changed
         or was removed) unless it was sent (the child removes it once read). Nothing for any other image (it is
         hashed when sent)."""
         path = self._fileOf(image)
@@ -508,9 +512,10 @@ class EngineProcess:
         future.add_done_callback(lambda f, path=path: self._forgetHash(path, f))
 
     def _hashPool(self) -> concurrent.futures.ThreadPoolExecutor:
-        """This engine's hashing thread (made on first use, ended by :meth:`close`); call with ``_hashLock`` held."""
+        """This engine's hashing threads (:data:`HASH_THREADS`, made on first use, ended by :meth:`close`); call with
+        ``_hashLock`` held."""
         if self._hasher is None:
-            self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="SAMEmbedding-hash")
+            self._hasher = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="SAMEmbedding-hash")
         return self._hasher
 
     def _forgetHash(self, path: Path, future: concurrent.futures.Future) -> None:

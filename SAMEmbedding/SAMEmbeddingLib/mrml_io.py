@@ -109,22 +109,61 @@ def volume_dimension(node) -> int:
     return 2 if node.GetImageData().GetDimensions()[2] == 1 else 3
 
 
-def _voxels_zyx(node, voxels_file: Path | None = None) -> np.ndarray:
+class VolumeVoxels:
+    """A scalar volume node's voxels and geometry as read from MRML (:func:`read_volume_voxels`, on the thread that
+    owns the scene), to be copied on any thread (:meth:`image`): ``flat`` views VTK's own memory, which the
+    ``vtkImageData`` held here keeps alive, so the copy needs no MRML or VTK call."""
+
+    def __init__(self, name: str, flat: np.ndarray, components: int, shape_zyx: tuple[int, ...], grid3: Grid,
+                 image_data) -> None:
+        self.name = name
+        self.flat = flat
+        self.components = components
+        self.shape_zyx = shape_zyx
+        self.grid3 = grid3
+        self._image_data = image_data  # the owner of the memory that ``flat`` views
+
+    @property
+    def three_d(self) -> bool:
+        return self.shape_zyx[0] > 1
+
+    def image(self, voxels_file: Path | None = None) -> Image:
+        """The engine image, its voxels copied (into ``voxels_file`` when given, see
+        :func:`image_from_volume_node`). Safe on any thread while the volume is not modified."""
+        array_zyx = self._copy(voxels_file if self.three_d else None)
+        if self.three_d:
+            return Image(array_zyx, self.grid3, self.name)
+        return single_slice_to_2d(array_zyx, self.grid3, self.name, tol=_ORTHO_TOL)
+
+    def _copy(self, voxels_file: Path | None) -> np.ndarray:
+        if self.components == 1 and voxels_file is not None:
+            mapped = _copy_to_file(self.flat.reshape(self.shape_zyx), Path(voxels_file))
+            if mapped is not None:
+                return mapped
+        if self.components == 1:
+            return np.array(self.flat, copy=True).reshape(self.shape_zyx)  # a copy: the worker never sees VTK memory
+        # colour radiograph: mean of R, G, B
+        return self.flat.reshape(*self.shape_zyx, self.components)[..., :3].astype(np.float32).mean(axis=-1)
+
+
+def read_volume_voxels(node, name: str | None = None) -> VolumeVoxels:
+    """What :func:`image_from_volume_node` reads from MRML and VTK (call it on the thread that owns the scene): the
+    checks, the geometry and a view of the voxels; :meth:`VolumeVoxels.image` then copies them on any thread.
+
+    Raises:
+        InputError: as :func:`image_from_volume_node`.
+    """
+    check_volume_node(node)
+    name = name or node.GetName()
     image_data = node.GetImageData()
     dims_ijk = image_data.GetDimensions()
     scalars = image_data.GetPointData().GetScalars()
-    flat = numpy_support.vtk_to_numpy(scalars)
     n_comp = scalars.GetNumberOfComponents()
+    if n_comp not in (1, 3, 4):
+        raise InputError(f"volume {_node_label(node)} has {n_comp} components per voxel; use a scalar (grey) image")
     shape_zyx = (dims_ijk[2], dims_ijk[1], dims_ijk[0])
-    if n_comp == 1 and voxels_file is not None:
-        mapped = _copy_to_file(flat.reshape(shape_zyx), Path(voxels_file))
-        if mapped is not None:
-            return mapped
-    if n_comp == 1:
-        return np.array(flat, copy=True).reshape(shape_zyx)  # a copy: the worker thread never sees VTK memory
-    if n_comp in (3, 4):  # colour radiograph: mean of R, G, B
-        return flat.reshape(*shape_zyx, n_comp)[..., :3].astype(np.float32).mean(axis=-1)
-    raise InputError(f"volume {_node_label(node)} has {n_comp} components per voxel; use a scalar (grey) image")
+    grid3 = grid_from_ijk_to_lps(volume_ijk_to_lps(node), shape_zyx, name)
+    return VolumeVoxels(name, numpy_support.vtk_to_numpy(scalars), n_comp, shape_zyx, grid3, image_data)
 
 
 def _copy_to_file(voxels_zyx: np.ndarray, path: Path) -> np.ndarray | None:
@@ -186,14 +225,7 @@ def image_from_volume_node(node, name: str | None = None, voxels_file: Path | No
     Raises:
         InputError: no node, no voxels, a non-scalar volume, a sheared or non-linear geometry.
     """
-    check_volume_node(node)
-    name = name or node.GetName()
-    three_d = volume_dimension(node) == 3
-    array_zyx = _voxels_zyx(node, voxels_file if three_d else None)
-    grid3 = grid_from_ijk_to_lps(volume_ijk_to_lps(node), array_zyx.shape, name)
-    if three_d:
-        return Image(array_zyx, grid3, name)
-    return single_slice_to_2d(array_zyx, grid3, name, tol=_ORTHO_TOL)
+    return read_volume_voxels(node, name).image(voxels_file)
 
 
 def volume_cache_key(node) -> tuple:

@@ -435,6 +435,24 @@ def test_volumes_mapped_for_the_engine_process_match_the_same_in_this_process_af
     np.testing.assert_allclose(here, in_process, atol=1e-4)
 
 
+def test_several_volumes_go_to_their_own_files_on_the_copy_threads_and_are_hashed_ahead(a_scene, a_process_logic,
+                                                                                         a_small_ct):
+    """The volumes of one click are copied on the logic's copy threads straight into volume files of the engine
+    process's, each hashed ahead on the engine's hashing threads; the hashes are those of a plain conversion."""
+    from SAMEmbeddingLib.engine_process import HASH_THREADS
+
+    nodes = [a_small_ct, *(_shifted_copy(a_scene, a_small_ct, [10.0 * k, 0.0, 0.0], f"copy {k}") for k in (1, 2, 3))]
+    engine = a_process_logic.getMatcher()
+    images = a_process_logic.imagesForVolumes(nodes)
+    files = {Path(image.array.filename) for image in images}
+    assert all(isinstance(image.array, np.memmap) for image in images) and len(files) == 4
+    assert files == _volume_files(engine)
+    assert engine._hasher is not None and engine._hasher._max_workers == HASH_THREADS
+    for node, image in zip(nodes, images):
+        path = Path(image.array.filename)
+        assert engine._contentHash(image, path) == mrml_io.image_from_volume_node(node).content_hash()
+
+
 def test_volume_files_go_to_shared_memory_where_it_has_room(monkeypatch):
     """Volume files go to a folder of their own in /dev/shm when it has room for a click's thin-slice CTs (no disk
     to write back to), held locked while the engine lives; else to the temporary folder. Both folders go with the

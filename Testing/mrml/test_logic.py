@@ -476,6 +476,64 @@ def test_volumes_are_converted_once_per_node_and_modification_time(a_logic, a_sm
     assert a_logic.imageForVolume(a_small_ct) is not moved
 
 
+def test_several_volumes_are_read_from_mrml_here_and_copied_on_threads(a_logic, a_scene, a_small_ct, an_oblique_ct,
+                                                                       monkeypatch):
+    """The volumes of a match are read from MRML on the calling thread (the scene's) and their voxels copied on
+    the logic's copy threads, each volume once; the images are those of a plain conversion, in the order asked,
+    and the next call takes them from the cache without a copy."""
+    from SAMEmbeddingLib import mrml_io
+    from SAMEmbeddingLib.logic import COPY_THREADS
+
+    third = add_volume(a_scene, voxels(a_small_ct)[::-1].copy(), ijk_to_ras(a_small_ct), "third")
+    reads, copies = [], []
+    read, copy = mrml_io.read_volume_voxels, mrml_io.VolumeVoxels.image
+
+    def recordRead(node, *args, **kwargs):
+        reads.append((node.GetID(), threading.current_thread()))
+        return read(node, *args, **kwargs)
+
+    def recordCopy(self, *args, **kwargs):
+        copies.append((self.name, threading.current_thread()))
+        time.sleep(0.2)  # long enough that the copies overlap when they run on two threads
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(mrml_io, "read_volume_voxels", recordRead)
+    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", recordCopy)
+    nodes = [a_small_ct, an_oblique_ct, a_small_ct, third]
+    images = a_logic.imagesForVolumes(nodes)
+
+    assert [r[0] for r in reads] == [a_small_ct.GetID(), an_oblique_ct.GetID(), third.GetID()], "each volume read once"
+    assert {r[1] for r in reads} == {threading.main_thread()}
+    assert sorted(c[0] for c in copies) == sorted(["small CT", "oblique CT", "third"])
+    copiers = {c[1] for c in copies}
+    assert threading.main_thread() not in copiers and len(copiers) == min(COPY_THREADS, 3) == 2
+    assert images[0] is images[2]
+    for node, image in zip(nodes, images):
+        plain = mrml_io.image_from_volume_node(node)
+        np.testing.assert_array_equal(image.array, plain.array)
+        assert image.grid.same_as(plain.grid, tol=1e-9) and image.name == plain.name
+
+    copies.clear()
+    assert all(a is b for a, b in zip(a_logic.imagesForVolumes(nodes[::-1]), images[::-1]))
+    assert not copies, "cached volumes are not copied again"
+
+
+def test_a_bad_volume_among_several_copies_none(a_logic, a_scene, a_small_ct, monkeypatch):
+    """A volume without voxels among several is refused (its name in the message) before any volume is copied."""
+    from SAMEmbeddingLib import mrml_io
+
+    empty = slicer.vtkMRMLScalarVolumeNode()
+    empty.SetName("empty volume")
+    a_scene.AddNode(empty)
+    copies = []
+    copy = mrml_io.VolumeVoxels.image
+    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", lambda self, *a, **k: copies.append(self.name) or copy(self, *a, **k))
+    with pytest.raises(InputError, match="'empty volume' holds no voxels"):
+        a_logic.imagesForVolumes([a_small_ct, empty])
+    assert not copies
+    assert a_logic.imagesForVolumes([a_small_ct])[0].array.shape == (20, 128, 128)
+
+
 def test_clear_cache_empties_embeddings_and_volumes(a_logic, a_small_ct, two_landmarks):
     a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
     assert a_logic.cacheBytesInUse() > 0
