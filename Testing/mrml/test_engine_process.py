@@ -453,6 +453,25 @@ def test_several_volumes_go_to_their_own_files_on_the_copy_threads_and_are_hashe
         assert engine._contentHash(image, path) == mrml_io.image_from_volume_node(node).content_hash()
 
 
+def test_a_volume_file_the_engine_reads_itself_is_mapped_and_outlives_its_file(a_small_ct, tmp_path):
+    """A volume file that the engine process reads itself (not prefetched: a request's first volume when the engine
+    was started ahead) is mapped, as the prefetch maps it, not read into fresh memory; the image stays whole once
+    the file is removed, with its sender's hash."""
+    from samembed.prefetch import ArrayFile
+    from SAMEmbeddingLib.engine_process import MAP_VOLUME_FILES, readVolumeFile
+
+    plain = mrml_io.image_from_volume_node(a_small_ct)
+    path = tmp_path / "volume.npy"
+    np.save(path, plain.array)
+    image = readVolumeFile(ArrayFile(str(path), plain.grid, plain.name, content_hash=plain.content_hash()))
+    assert MAP_VOLUME_FILES is (os.name == "posix")
+    if MAP_VOLUME_FILES:
+        assert isinstance(image.array, np.memmap) and not image.array.flags.writeable
+    path.unlink()
+    np.testing.assert_array_equal(image.array, plain.array)
+    assert image.hashed and image.content_hash() == plain.content_hash()
+
+
 def test_volume_files_go_to_shared_memory_where_it_has_room(monkeypatch):
     """Volume files go to a folder of their own in /dev/shm when it has room for a click's thin-slice CTs (no disk
     to write back to), held locked while the engine lives; else to the temporary folder. Both folders go with the
