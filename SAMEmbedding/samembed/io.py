@@ -362,6 +362,22 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
     return image
 
 
+#: the step, in voxels, of :func:`_varies`'s first look: one voxel in this many (a prime, so that it does not follow a
+#: row of the volume)
+VARIES_SAMPLE_STEP = 4093
+
+
+def _varies(arr: np.ndarray) -> bool:
+    """Whether ``arr`` (no NaN) holds two different values: first one voxel in :data:`VARIES_SAMPLE_STEP` of a
+    contiguous array against the first voxel (a scan's differ at once: a 0.35 GB thin-slice CT is not read twice
+    more, 0.03 s of a first click each), then, when they are all equal, every voxel."""
+    if arr.flags.c_contiguous and arr.size > VARIES_SAMPLE_STEP:
+        flat = arr.reshape(-1)
+        if bool((flat[::VARIES_SAMPLE_STEP] != flat[0]).any()):
+            return True
+    return bool(arr.max() != arr.min())
+
+
 def validate_image(image: Image) -> None:
     """Raise :class:`InputError` for an empty, constant or non-finite image.
 
@@ -376,7 +392,7 @@ def validate_image(image: Image) -> None:
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         n = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise InputError(f"{image.name}: image holds {n} NaN or infinite voxels; fix or mask them before matching")
-    if arr.max() == arr.min():
+    if not _varies(arr):
         raise InputError(f"{image.name}: image is constant (every voxel is {arr.flat[0]}); nothing to match")
     if np.any(np.asarray(image.grid.spacing_mm) <= 0):
         raise InputError(f"{image.name}: non-positive spacing {image.grid.spacing_mm.tolist()}")

@@ -210,6 +210,29 @@ def test_a_constant_image_is_rejected(tmp_path):
         read_image(path)
 
 
+@pytest.mark.parametrize("where", ["nowhere", "between samples", "last voxel", "a strided view"])
+def test_a_large_image_is_constant_only_when_every_voxel_is(where):
+    """The constant check looks at a sparse sample first; a volume that differs only between its samples, or only in
+    its last voxel, or a non-contiguous view, is still read whole and accepted."""
+    from samembed.io import VARIES_SAMPLE_STEP, validate_image
+
+    arr = np.full((20, 64, 64), -1000, np.int16)
+    if where == "between samples":
+        arr.reshape(-1)[VARIES_SAMPLE_STEP * 3 + 1] = 40
+    elif where == "last voxel":
+        arr.reshape(-1)[-1] = 40
+    elif where == "a strided view":
+        arr[1:, :, 2] = 40
+        arr = arr[:, :, ::2]  # every voxel that differs is left in, but not contiguous
+    image = Image.from_array(arr)
+    if where == "nowhere":
+        with pytest.raises(InputError, match="constant"):
+            validate_image(image)
+    else:
+        validate_image(image)
+        assert image._validated
+
+
 def test_an_image_with_nans_is_rejected(tmp_path):
     arr = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
     arr[1, 2, 3] = np.nan
