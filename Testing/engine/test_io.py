@@ -214,11 +214,11 @@ def test_a_constant_image_is_rejected(tmp_path):
 def test_a_large_image_is_constant_only_when_every_voxel_is(where):
     """The constant check looks at a sparse sample first; a volume that differs only between its samples, or only in
     its last voxel, or a non-contiguous view, is still read whole and accepted."""
-    from samembed.io import VARIES_SAMPLE_STEP, validate_image
+    from samembed.io import VARIES_SAMPLES, validate_image
 
     arr = np.full((20, 64, 64), -1000, np.int16)
     if where == "between samples":
-        arr.reshape(-1)[VARIES_SAMPLE_STEP * 3 + 1] = 40
+        arr.reshape(-1)[(arr.size // VARIES_SAMPLES) * 3 + 1] = 40
     elif where == "last voxel":
         arr.reshape(-1)[-1] = 40
     elif where == "a strided view":
