@@ -502,9 +502,9 @@ class EngineProcess:
         """Start hashing ``image`` (its content hash, the child's key for it) in a thread of this engine's
         (:data:`HASH_THREADS`), for an image mapped from a file of :meth:`newVolumeFile`: the module copies the next
         volumes out of VTK meanwhile (``MatchLogic.imagesForVolumes``; both release the GIL), and sending it waits
-        only for what is left (0.15-0.2 s of a 0.35 GB thin-slice CT). Safe to call from any thread. The file is removed when the image goes (the logic's cache dropped it: the volume changed
-        or was removed) unless it was sent (the child removes it once read). Nothing for any other image (it is
-        hashed when sent)."""
+        only for what is left (0.15-0.2 s of a 0.35 GB thin-slice CT). Safe to call from any thread. The file is
+        removed when the image goes (the logic's cache dropped it: the volume changed or was removed) unless it was
+        sent (the child removes it once read). Nothing for any other image (it is hashed when sent)."""
         path = self._fileOf(image)
         if path is None:
             return
