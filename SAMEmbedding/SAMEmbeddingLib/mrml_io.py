@@ -188,6 +188,10 @@ def _copy_to_file(voxels_zyx: np.ndarray, path: Path) -> np.ndarray | None:
         with contextlib.suppress(OSError):
             path.unlink()
         return None
+    except BaseException:  # e.g. out of memory: the file goes with the error (in shared memory it holds memory)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
 
 
 def grid_from_ijk_to_lps(ijk_to_lps: np.ndarray, shape_zyx: tuple[int, ...], name: str = "volume") -> Grid:

@@ -453,6 +453,29 @@ def test_several_volumes_go_to_their_own_files_on_the_copy_threads_and_are_hashe
         assert engine._contentHash(image, path) == mrml_io.image_from_volume_node(node).content_hash()
 
 
+def test_volume_files_go_when_copying_several_volumes_fails(a_scene, a_process_logic, a_small_ct, monkeypatch):
+    """When copying a click's volumes fails on the copy threads (here: out of memory as each is mapped), the error
+    reaches the caller and no volume file is left in the engine's folders (in shared memory they hold memory); the
+    next try copies them again."""
+    import gc
+
+    nodes = [a_small_ct, *(_shifted_copy(a_scene, a_small_ct, [10.0 * k, 0.0, 0.0], f"copy {k}") for k in (1, 2))]
+    engine = a_process_logic.getMatcher()
+    load = np.load
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("no memory left")
+
+    monkeypatch.setattr(np, "load", no_memory)
+    with pytest.raises(MemoryError):
+        a_process_logic.imagesForVolumes(nodes)
+    gc.collect()
+    assert not _volume_files(engine), "a volume file was left behind"
+    monkeypatch.setattr(np, "load", load)
+    images = a_process_logic.imagesForVolumes(nodes)
+    assert len({Path(image.array.filename) for image in images}) == 3
+
+
 def test_a_volume_file_the_engine_reads_itself_is_mapped_and_outlives_its_file(a_small_ct, tmp_path):
     """A volume file that the engine process reads itself (not prefetched: a request's first volume when the engine
     was started ahead) is mapped, as the prefetch maps it, not read into fresh memory; the image stays whole once

@@ -165,6 +165,19 @@ def test_a_full_disk_leaves_the_voxels_in_memory_before_anything_is_written_thro
     assert not isinstance(image.array, np.memmap) and not path.exists()
 
 
+def test_a_volume_file_goes_with_an_error_that_stops_its_copy(a_small_ct, tmp_path, monkeypatch):
+    """An error other than a full disk while a volume is copied into its file (e.g. out of memory) is raised, and
+    the file goes with it: in shared memory a file left behind would hold memory until the engine stops."""
+    def no_memory(*args, **kwargs):
+        raise MemoryError("no memory left")
+
+    monkeypatch.setattr(mrml_io.np, "load", no_memory)  # after the voxels are written, before they are mapped
+    path = tmp_path / "volume.npy"
+    with pytest.raises(MemoryError):
+        mrml_io.image_from_volume_node(a_small_ct, voxels_file=path)
+    assert not path.exists()
+
+
 def test_converting_a_volume_leaves_it_unchanged(a_small_ct):
     before_voxels, before_matrix = voxels(a_small_ct), ijk_to_ras(a_small_ct)
     before_mtime = a_small_ct.GetImageData().GetMTime()
