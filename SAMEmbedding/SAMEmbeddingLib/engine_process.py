@@ -10,10 +10,11 @@ whether the engine is in this process or in the child; the worker thread only wa
 Protocol (``multiprocessing.connection`` over a localhost socket with a random key; every message is a pickled
 tuple ``(kind, requestID, payload)``):
 
-* parent -> child: ``("image", key, (grid, name, spacing_known, npy_path))`` once per volume content (the voxels go
-  through a temporary ``.npy`` file, which the child removes once read: on POSIX the module copies each volume out
-  of VTK straight into it, :meth:`EngineProcess.newVolumeFile`, and hashes it meanwhile; the geometry is pickled as
-  float64: exact); ``("forget", key, None)``;
+* parent -> child: ``("image", key, (grid, name, spacing_known, npy_path, shared))`` once per volume content (the
+  voxels go through a temporary ``.npy`` file, which the child removes once read: on POSIX the module copies each
+  volume out of VTK straight into it, :meth:`EngineProcess.newVolumeFile`, and hashes it meanwhile; ``shared``: the
+  parent maps the file too, so the child may map it instead of reading it, :func:`readVolumeFile`; the geometry is
+  pickled as float64: exact); ``("forget", key, None)``;
   ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
   (load the model now); ``("cancel", id, None)``;
   ``("clear", id, None)``; ``("stats", id, None)``; ``("stop", 0, None)``.
@@ -90,10 +91,12 @@ VOLUMES_PREFIX = "SAMEmbedding-volumes-"
 #: the file in each such folder that its engine holds locked (``flock``) while it lives
 VOLUMES_LOCK = ".lock"
 #: the engine process maps a volume file that it reads itself (not prefetched: the first volume of a request when
-#: the engine was started ahead, a volume of a later request) instead of reading it into memory, as the prefetch does:
-#: the file was just written, its pages are in memory (the page cache, or shared memory), and a mapping stays valid
-#: once the file is removed (POSIX; Windows cannot remove a mapped file). Reading a 0.35 GB thin-slice CT into fresh
-#: memory took 0.78 s of the first click's request on the 2-core VM
+#: the engine was started ahead, a volume of a later request) instead of reading it into memory, as the prefetch does,
+#: when the parent maps that file too (a file of :meth:`EngineProcess.newVolumeFile`): its pages are in memory (the
+#: page cache, or shared memory), held by the parent's mapping anyway, and a mapping stays valid once the file is
+#: removed (POSIX; Windows cannot remove a mapped file). Reading a 0.35 GB thin-slice CT into fresh memory took
+#: 0.78 s of the first click's request on the 2-core VM. A file the parent wrote when it sent the volume is read into
+#: memory: mapped, it would keep its disk space after its removal for as long as the child keeps the volume
 MAP_VOLUME_FILES = os.name == "posix"
 #: threads that hash volumes ahead (:meth:`EngineProcess.hashAhead`; SHA-256 releases the GIL): the module copies
 #: volumes on two threads (``logic.COPY_THREADS``), and one hashing thread, 0.15-0.2 s per thin-slice CT, then held
@@ -566,7 +569,7 @@ class EngineProcess:
                 self._sent.move_to_end(key)
                 return key
             if mapped not in self._sentFiles:
-                return self._sendImage(image, key, mapped)
+                return self._sendImage(image, key, mapped, shared=True)
             # sent before and forgotten since: the child removes that file when it reads its "forget", which may
             # still be on its way, so the voxels go in a new file (below)
         path = self._tmp / f"volume-{next(self._ids)}.npy"
@@ -595,11 +598,12 @@ class EngineProcess:
                 return key
         return self._sendImage(image, key, path)
 
-    def _sendImage(self, image: Image, key: str, path: Path) -> str:
+    def _sendImage(self, image: Image, key: str, path: Path, shared: bool = False) -> str:
         """Tell the child about ``image`` (content hash ``key``), whose voxels are in ``path`` (the child reads the
-        file, then removes it), and forget the least recently sent volume beyond ``maxImages``."""
+        file, then removes it; ``shared``: ``image`` is mapped from it), and forget the least recently sent volume
+        beyond ``maxImages``."""
         self._sentFiles.add(path)
-        self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path))))
+        self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path), shared)))
         self.imagesSent += 1
         self._sent[key] = None
         while len(self._sent) > self.maxImages:
@@ -686,10 +690,11 @@ def _picklable(error: BaseException) -> BaseException:
 _FREES_MEMORY = frozenset({"warm", "clear", "prepare", "match", "match_atlases"})
 
 
-def readVolumeFile(source: ArrayFile) -> Image:
+def readVolumeFile(source: ArrayFile, shared: bool) -> Image:
     """The image of a volume file that the engine process reads itself (not from the prefetch): mapped from the file
-    where :data:`MAP_VOLUME_FILES` (the caller may then remove the file), else read into memory."""
-    return source.read(mapped=MAP_VOLUME_FILES)
+    when the parent maps it too (``shared``) and :data:`MAP_VOLUME_FILES` (the caller may then remove the file), else
+    read into memory."""
+    return source.read(mapped=shared and MAP_VOLUME_FILES)
 
 
 def serve(conn, model: str, device: str, cacheBytes: int) -> None:
@@ -735,6 +740,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     matcher = None
     images: dict[str, Image] = {}
     unread: dict[str, ArrayFile] = {}  # volumes received and not read yet: their voxels are still in their files
+    sharedFiles: set[str] = set()  # the files of those that the parent maps too (readVolumeFile)
     prefetchGiven = False
     given: set[str] = set()  # the files of the volumes given to the prefetch
 
@@ -755,9 +761,14 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             source = unread[key]
             try:
                 read = None if prefetch is None else prefetch.image(source.path)
-                images[key] = read if read is not None else readVolumeFile(source)
+                if read is None:
+                    read = readVolumeFile(source, source.path in sharedFiles)
+                    log.info("%s: %s", source.name, "mapped from its volume file" if isinstance(read.array, np.memmap)
+                             else "read from its volume file into memory")
+                images[key] = read
             finally:  # read or not (a broken file is reported), the file goes: the parent sends it again if need be
                 del unread[key]
+                sharedFiles.discard(source.path)
                 with contextlib.suppress(OSError):
                     os.remove(source.path)
         return images[key]
@@ -787,13 +798,17 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             return
         try:
             if kind == "image":
-                grid, name, spacingKnown, path = payload
+                grid, name, spacingKnown, path, shared = payload
                 unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID)  # the key: its hash
+                if shared:
+                    sharedFiles.add(path)
                 continue
             if kind == "forget":
                 images.pop(requestID, None)
                 if requestID in unread:
-                    os.remove(unread.pop(requestID).path)
+                    path = unread.pop(requestID).path
+                    sharedFiles.discard(path)
+                    os.remove(path)
                 continue
             if kind == "clear":
                 if matcher is not None:

@@ -360,6 +360,8 @@ def test_the_first_clicks_volumes_are_preprocessed_in_a_second_process_and_match
     # the second target's volume too (sent ahead: the logic matches one target per request)
     ahead = 2 if started else 3
     assert f"{ahead} volumes read and {ahead} preprocessed ahead by the prefetch process" in log, log
+    if started and os.name == "posix":  # the source, read by the engine itself: mapped, as the prefetch maps the rest
+        assert "pt_239: mapped from its volume file" in log, log
     here = MatchLogic(a_scene, model="default", device="cpu")
     out_here = here.matchPoints(source, points, targets)
     for a, b in zip(out_process.pointLists, out_here.pointLists, strict=True):
@@ -478,15 +480,19 @@ def test_volume_files_go_when_copying_several_volumes_fails(a_scene, a_process_l
 
 def test_a_volume_file_the_engine_reads_itself_is_mapped_and_outlives_its_file(a_small_ct, tmp_path):
     """A volume file that the engine process reads itself (not prefetched: a request's first volume when the engine
-    was started ahead) is mapped, as the prefetch maps it, not read into fresh memory; the image stays whole once
-    the file is removed, with its sender's hash."""
+    was started ahead) is mapped, as the prefetch maps it, not read into fresh memory, when the parent maps it too;
+    the image stays whole once the file is removed, with its sender's hash. A file the parent wrote when it sent
+    the volume is read into memory (mapped, it would keep its disk space after its removal)."""
     from samembed.prefetch import ArrayFile
     from SAMEmbeddingLib.engine_process import MAP_VOLUME_FILES, readVolumeFile
 
     plain = mrml_io.image_from_volume_node(a_small_ct)
     path = tmp_path / "volume.npy"
     np.save(path, plain.array)
-    image = readVolumeFile(ArrayFile(str(path), plain.grid, plain.name, content_hash=plain.content_hash()))
+    source = ArrayFile(str(path), plain.grid, plain.name, content_hash=plain.content_hash())
+    written = readVolumeFile(source, shared=False)
+    assert not isinstance(written.array, np.memmap) and np.array_equal(written.array, plain.array)
+    image = readVolumeFile(source, shared=True)
     assert MAP_VOLUME_FILES is (os.name == "posix")
     if MAP_VOLUME_FILES:
         assert isinstance(image.array, np.memmap) and not image.array.flags.writeable
