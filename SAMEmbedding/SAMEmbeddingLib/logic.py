@@ -388,7 +388,10 @@ class MatchLogic:
         is started first if it is not running (``EngineProcess.startAhead``: it loads torch meanwhile).
 
         Raises:
-            samembed.InputError: a node is not a volume with voxels (nothing is copied then).
+            samembed.InputError: a node is not a volume with voxels, or its geometry cannot be matched (nothing is
+                copied then).
+            Any error of a copy (e.g. ``MemoryError``), the first in the volumes' order, once every copy has ended;
+            the volumes copied are kept.
         """
         images: dict[str, Image] = {}
         todo: list[tuple[str, tuple, mrml_io.VolumeVoxels]] = []
@@ -419,17 +422,22 @@ class MatchLogic:
                 return image
 
             jobs = list(zip(todo, files))
-            if len(jobs) == 1 or COPY_THREADS < 2:
-                made = [copy(j) for j in jobs]
-            else:
-                with concurrent.futures.ThreadPoolExecutor(min(COPY_THREADS, len(jobs)),
-                                                           thread_name_prefix="SAMEmbedding-copy") as pool:
-                    made = list(pool.map(copy, jobs))
-            for (nodeID, key, _), image in zip(todo, made):
-                self._images[nodeID] = (key, image)
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(COPY_THREADS, len(jobs))),
+                                                       thread_name_prefix="SAMEmbedding-copy") as pool:
+                copies = [pool.submit(copy, job) for job in jobs]
+            failed: BaseException | None = None
+            for (nodeID, key, _), done in zip(todo, copies):
+                try:
+                    image = done.result()
+                except BaseException as e:  # noqa: BLE001 - the first error in the volumes' order is raised below
+                    failed = failed or e
+                    continue
+                self._images[nodeID] = (key, image)  # kept even when another volume failed: not copied again
                 images[nodeID] = image
             for nodeID in [i for i in self._images if self.scene.GetNodeByID(i) is None]:
                 del self._images[nodeID]
+            if failed is not None:
+                raise failed
         return [images[node.GetID()] for node in volumeNodes]
 
     def canMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence) -> tuple[bool, str]:

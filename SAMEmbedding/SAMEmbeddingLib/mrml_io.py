@@ -163,6 +163,8 @@ def read_volume_voxels(node, name: str | None = None) -> VolumeVoxels:
         raise InputError(f"volume {_node_label(node)} has {n_comp} components per voxel; use a scalar (grey) image")
     shape_zyx = (dims_ijk[2], dims_ijk[1], dims_ijk[0])
     grid3 = grid_from_ijk_to_lps(volume_ijk_to_lps(node), shape_zyx, name)
+    if shape_zyx[0] == 1:  # a single slice must be axial: refused now, before any volume is copied
+        single_slice_to_2d(np.broadcast_to(np.float32(0), shape_zyx), grid3, name, tol=_ORTHO_TOL)
     return VolumeVoxels(name, numpy_support.vtk_to_numpy(scalars), n_comp, shape_zyx, grid3, image_data)
 
 

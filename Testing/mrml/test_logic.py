@@ -534,6 +534,47 @@ def test_a_bad_volume_among_several_copies_none(a_logic, a_scene, a_small_ct, mo
     assert a_logic.imagesForVolumes([a_small_ct])[0].array.shape == (20, 128, 128)
 
 
+def test_volumes_copied_before_another_volumes_copy_failed_are_kept(a_logic, a_scene, a_small_ct, an_oblique_ct,
+                                                                    monkeypatch):
+    """A copy that fails (here: out of memory) among several is the caller's error once every copy has ended; the
+    volumes that were copied are kept, so the next try copies only the one that failed."""
+    from SAMEmbeddingLib import mrml_io
+
+    third = add_volume(a_scene, voxels(a_small_ct)[::-1].copy(), ijk_to_ras(a_small_ct), "third")
+    copied = []
+    copy = mrml_io.VolumeVoxels.image
+
+    def failOblique(self, *args, **kwargs):
+        if self.name == "oblique CT":
+            raise MemoryError("no memory left")
+        copied.append(self.name)
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", failOblique)
+    with pytest.raises(MemoryError):
+        a_logic.imagesForVolumes([a_small_ct, an_oblique_ct, third])
+    assert sorted(copied) == ["small CT", "third"]
+    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", lambda self, *a, **k: copied.append(self.name) or copy(self, *a, **k))
+    copied.clear()
+    images = a_logic.imagesForVolumes([a_small_ct, an_oblique_ct, third])
+    assert copied == ["oblique CT"] and [image.name for image in images] == ["small CT", "oblique CT", "third"]
+
+
+def test_a_single_slice_that_is_not_axial_among_several_volumes_copies_none(a_logic, a_scene, a_small_ct, monkeypatch):
+    """A coronal single slice among a click's volumes is refused, by name, before any volume is copied."""
+    from SAMEmbeddingLib import mrml_io
+
+    from .mrml_helpers import rotation
+
+    coronal = add_volume(a_scene, voxels(a_small_ct)[10:11], rotation("R", 90.0) @ ijk_to_ras(a_small_ct), "coronal")
+    copies = []
+    copy = mrml_io.VolumeVoxels.image
+    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", lambda self, *a, **k: copies.append(self.name) or copy(self, *a, **k))
+    with pytest.raises(InputError, match="coronal: a single-slice image must lie in the axial"):
+        a_logic.imagesForVolumes([a_small_ct, coronal])
+    assert not copies
+
+
 def test_clear_cache_empties_embeddings_and_volumes(a_logic, a_small_ct, two_landmarks):
     a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
     assert a_logic.cacheBytesInUse() > 0

@@ -249,6 +249,8 @@ def test_a_single_slice_that_is_not_axial_is_refused(a_scene, a_small_ct):
 
     with pytest.raises(InputError, match="axial"):
         mrml_io.image_from_volume_node(node)
+    with pytest.raises(InputError, match="coronal slice: a single-slice image must lie in the axial"):
+        mrml_io.read_volume_voxels(node)  # refused as it is read from MRML, before its voxels are copied
 
 
 def test_a_sheared_geometry_is_refused(a_scene, a_small_ct):
