@@ -518,16 +518,30 @@ def test_several_volumes_are_read_from_mrml_here_and_copied_on_threads(a_logic, 
     assert not copies, "cached volumes are not copied again"
 
 
-def test_a_bad_volume_among_several_copies_none(a_logic, a_scene, a_small_ct, monkeypatch):
-    """A volume without voxels among several is refused (its name in the message) before any volume is copied."""
+def _recordCopies(monkeypatch, fail: str | None = None) -> list[str]:
+    """The names of the volumes whose voxels are copied from now on (``VolumeVoxels.image``); the copy of the volume
+    named ``fail`` raises ``MemoryError`` instead."""
     from SAMEmbeddingLib import mrml_io
 
+    copies: list[str] = []
+    copy = mrml_io.VolumeVoxels.image
+
+    def record(self, *args, **kwargs):
+        if self.name == fail:
+            raise MemoryError("no memory left")
+        copies.append(self.name)
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", record)
+    return copies
+
+
+def test_a_bad_volume_among_several_copies_none(a_logic, a_scene, a_small_ct, monkeypatch):
+    """A volume without voxels among several is refused (its name in the message) before any volume is copied."""
     empty = slicer.vtkMRMLScalarVolumeNode()
     empty.SetName("empty volume")
     a_scene.AddNode(empty)
-    copies = []
-    copy = mrml_io.VolumeVoxels.image
-    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", lambda self, *a, **k: copies.append(self.name) or copy(self, *a, **k))
+    copies = _recordCopies(monkeypatch)
     with pytest.raises(InputError, match="'empty volume' holds no voxels"):
         a_logic.imagesForVolumes([a_small_ct, empty])
     assert not copies
@@ -538,38 +552,23 @@ def test_volumes_copied_before_another_volumes_copy_failed_are_kept(a_logic, a_s
                                                                     monkeypatch):
     """A copy that fails (here: out of memory) among several is the caller's error once every copy has ended; the
     volumes that were copied are kept, so the next try copies only the one that failed."""
-    from SAMEmbeddingLib import mrml_io
-
     third = add_volume(a_scene, voxels(a_small_ct)[::-1].copy(), ijk_to_ras(a_small_ct), "third")
-    copied = []
-    copy = mrml_io.VolumeVoxels.image
-
-    def failOblique(self, *args, **kwargs):
-        if self.name == "oblique CT":
-            raise MemoryError("no memory left")
-        copied.append(self.name)
-        return copy(self, *args, **kwargs)
-
-    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", failOblique)
+    copied = _recordCopies(monkeypatch, fail="oblique CT")
     with pytest.raises(MemoryError):
         a_logic.imagesForVolumes([a_small_ct, an_oblique_ct, third])
     assert sorted(copied) == ["small CT", "third"]
-    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", lambda self, *a, **k: copied.append(self.name) or copy(self, *a, **k))
-    copied.clear()
+    monkeypatch.undo()
+    copied = _recordCopies(monkeypatch)
     images = a_logic.imagesForVolumes([a_small_ct, an_oblique_ct, third])
     assert copied == ["oblique CT"] and [image.name for image in images] == ["small CT", "oblique CT", "third"]
 
 
 def test_a_single_slice_that_is_not_axial_among_several_volumes_copies_none(a_logic, a_scene, a_small_ct, monkeypatch):
     """A coronal single slice among a click's volumes is refused, by name, before any volume is copied."""
-    from SAMEmbeddingLib import mrml_io
-
     from .mrml_helpers import rotation
 
     coronal = add_volume(a_scene, voxels(a_small_ct)[10:11], rotation("R", 90.0) @ ijk_to_ras(a_small_ct), "coronal")
-    copies = []
-    copy = mrml_io.VolumeVoxels.image
-    monkeypatch.setattr(mrml_io.VolumeVoxels, "image", lambda self, *a, **k: copies.append(self.name) or copy(self, *a, **k))
+    copies = _recordCopies(monkeypatch)
     with pytest.raises(InputError, match="coronal: a single-slice image must lie in the axial"):
         a_logic.imagesForVolumes([a_small_ct, coronal])
     assert not copies
