@@ -13,8 +13,8 @@ tuple ``(kind, requestID, payload)``):
 * parent -> child: ``("image", key, (grid, name, spacing_known, npy_path, shared))`` once per volume content (the
   voxels go through a temporary ``.npy`` file, which the child removes once read: on POSIX the module copies each
   volume out of VTK straight into it, :meth:`EngineProcess.newVolumeFile`, and hashes it meanwhile; ``shared``: the
-  parent maps the file too, so the child may map it instead of reading it, :func:`readVolumeFile`; the geometry is
-  pickled as float64: exact); ``("forget", key, None)``;
+  parent maps the file too, so the child and its prefetch may map it instead of copying it, ``ArrayFile.shared``;
+  the geometry is pickled as float64: exact); ``("forget", key, None)``;
   ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
   (load the model now); ``("cancel", id, None)``;
   ``("clear", id, None)``; ``("stats", id, None)``; ``("stop", 0, None)``.
@@ -690,11 +690,11 @@ def _picklable(error: BaseException) -> BaseException:
 _FREES_MEMORY = frozenset({"warm", "clear", "prepare", "match", "match_atlases"})
 
 
-def readVolumeFile(source: ArrayFile, shared: bool) -> Image:
+def readVolumeFile(source: ArrayFile) -> Image:
     """The image of a volume file that the engine process reads itself (not from the prefetch): mapped from the file
-    when the parent maps it too (``shared``) and :data:`MAP_VOLUME_FILES` (the caller may then remove the file), else
-    read into memory."""
-    return source.read(mapped=shared and MAP_VOLUME_FILES)
+    when the parent maps it too (``source.shared``) and :data:`MAP_VOLUME_FILES` (the caller may then remove the
+    file), else read into memory."""
+    return source.read(mapped=source.shared and MAP_VOLUME_FILES)
 
 
 def serve(conn, model: str, device: str, cacheBytes: int) -> None:
@@ -740,7 +740,6 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     matcher = None
     images: dict[str, Image] = {}
     unread: dict[str, ArrayFile] = {}  # volumes received and not read yet: their voxels are still in their files
-    sharedFiles: set[str] = set()  # the files of those that the parent maps too (readVolumeFile)
     prefetchGiven = False
     given: set[str] = set()  # the files of the volumes given to the prefetch
 
@@ -762,13 +761,12 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             try:
                 read = None if prefetch is None else prefetch.image(source.path)
                 if read is None:
-                    read = readVolumeFile(source, source.path in sharedFiles)
+                    read = readVolumeFile(source)
                     log.info("%s: %s", source.name, "mapped from its volume file" if isinstance(read.array, np.memmap)
                              else "read from its volume file into memory")
                 images[key] = read
             finally:  # read or not (a broken file is reported), the file goes: the parent sends it again if need be
                 del unread[key]
-                sharedFiles.discard(source.path)
                 with contextlib.suppress(OSError):
                     os.remove(source.path)
         return images[key]
@@ -799,16 +797,13 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
         try:
             if kind == "image":
                 grid, name, spacingKnown, path, shared = payload
-                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID)  # the key: its hash
-                if shared:
-                    sharedFiles.add(path)
+                # the key: its hash
+                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID, shared=shared)
                 continue
             if kind == "forget":
                 images.pop(requestID, None)
                 if requestID in unread:
-                    path = unread.pop(requestID).path
-                    sharedFiles.discard(path)
-                    os.remove(path)
+                    os.remove(unread.pop(requestID).path)
                 continue
             if kind == "clear":
                 if matcher is not None:

@@ -16,9 +16,9 @@ The voxels do not go through the pipe. The parent maps one anonymous shared memo
 and the thread that reads it needs the GIL for each read while the main thread imports torch: measured, a 70 MB
 array took 0.26 s through a pipe to an idle process and 5.8 s to a busy one. An array of the source or the first
 target that does not fit in the region still goes through the pipe; the later targets' images take at most half
-of the region, so that the first pair's inputs, made after every image is read, find room. A volume file with its
-sender's hash (:class:`ArrayFile`) is not copied at all: both processes map the file, and only its input goes
-through the region.
+of the region, so that the first pair's inputs, made after every image is read, find room. A volume file that its
+sender maps, with its hash (:class:`ArrayFile`, ``shared``), is not copied at all: both processes map the file, and
+only its input goes through the region.
 
 The two processes share the work (:class:`_Claims`): each image's reading and its preprocessing are claimed by
 whoever starts them first, and the command, which asks for the targets first (the last first) and then the source,
@@ -64,13 +64,17 @@ class ArrayFile:
     """An image given as a ``.npy`` file of its voxels (zyx) and its geometry, as the Slicer module's engine process
     receives its volumes; read as the engine process reads it (:meth:`read`). The file is only read, never removed.
     ``content_hash``: the image's (:meth:`~samembed.image.Image.content_hash`), when the sender knows it: an input
-    asked for with another hash is then known not to come, and nobody waits for it."""
+    asked for with another hash is then known not to come, and nobody waits for it. ``shared``: the sender maps the
+    file too (a volume the module copied straight into it), so its pages are in memory and held anyway: the
+    processes that read it map it instead of copying it (a file written only to be sent is copied: mapped, it would
+    keep its disk space after its removal for as long as the volume is kept)."""
 
     path: str
     grid: object  # samembed.image.Grid
     name: str
     spacing_known: bool = True
     content_hash: str | None = None
+    shared: bool = False
 
     def read(self, mapped: bool = False):
         """The :class:`~samembed.image.Image`, with the sender's ``content_hash`` when it is known (the file is the
@@ -266,9 +270,9 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
         except Exception:  # noqa: BLE001 - the command reads it again and reports the error itself
             conn.send(("failed", path, None))
             continue
-        if isinstance(source, ArrayFile) and source.content_hash is not None:
-            # a volume file with its sender's hash: the engine maps the file itself (its pages, just written, are in
-            # the page cache, shared by every process that maps them); only its input comes through the region
+        if isinstance(source, ArrayFile) and source.content_hash is not None and source.shared:
+            # a volume file its sender maps, with its hash: the engine maps the file itself (its pages, just written,
+            # are in the page cache, shared by every process that maps them); only its input comes through the region
             conn.send(("mapped", path, None))
             images.append((i, later, image))
             continue

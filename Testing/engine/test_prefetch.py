@@ -294,7 +294,7 @@ def test_a_prefetch_started_before_its_images_are_known_reads_volume_files_as_th
         t0 = time.perf_counter()
         assert p.image(str(npy)) is None and p.take(ref.content_hash(), cfg, "auto", pad) is None
         assert time.perf_counter() - t0 < 1.0, "asked before the images were given, it waited for them"
-        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True, ref.content_hash())])
+        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True, ref.content_hash(), shared=True)])
         t0 = time.perf_counter()  # another image's input: known not to come (the given hashes), so not waited for
         assert p.take("0" * 64, cfg, "auto", pad) is None and time.perf_counter() - t0 < 0.2
         with pytest.raises(RuntimeError, match="given its images"):
@@ -331,13 +331,16 @@ def test_a_volume_file_read_with_its_senders_hash_is_not_hashed_again(tmp_path):
 
 @pytest.mark.needs_data
 @pytest.mark.parametrize("arena_bytes", [None, 1 << 20])  # the default region; 1 MiB, where nothing fits
-@pytest.mark.parametrize("hash_known", [True, False], ids=["with its hash", "without"])
-def test_a_volume_file_is_mapped_by_the_prefetch_and_by_the_engine(tmp_path, monkeypatch, arena_bytes, hash_known):
-    """The prefetch maps a volume file instead of loading it. With its sender's hash (the Slicer module's engine
-    process), the engine maps the file too: no copy in either process, whatever the region's size, and the mapping
-    outlives the file's removal (the engine process removes it once read). Without it, the prefetch hashes the
-    voxels and the engine gets the shared copy, or, where it does not fit, a plain array through the pipe, never a
-    mapping. The input is the engine's own either way."""
+@pytest.mark.parametrize("kind", ["mapped by its sender", "written with its hash", "without its hash"])
+def test_a_volume_file_is_mapped_by_the_prefetch_and_by_the_engine(tmp_path, monkeypatch, arena_bytes, kind):
+    """The prefetch maps a volume file instead of loading it. With its sender's hash, from a sender that maps the
+    file too (the Slicer module's engine process, for a volume copied straight into its file), the engine maps the
+    file too: no copy in either process, whatever the region's size, and the mapping outlives the file's removal
+    (the engine process removes it once read). A file written only to be sent, or one without its sender's hash
+    (which the prefetch then hashes), reaches the engine as the shared copy, or, where it does not fit, a plain
+    array through the pipe, never a mapping (it would keep a removed file's disk space). The input is the engine's
+    own either way."""
+    hash_known, shared = kind != "without its hash", kind == "mapped by its sender"
     path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
     ref = read_image(path)
     npy = tmp_path / "pt_215.npy"
@@ -351,13 +354,14 @@ def test_a_volume_file_is_mapped_by_the_prefetch_and_by_the_engine(tmp_path, mon
     p = prefetch.Prefetch(prefetch.PrefetchRequest((), config, pad_multiple_zyx=pad, body_stride_zyx=stride),
                           waiting=True)
     try:
-        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True, ref.content_hash() if hash_known else None)])
+        p.give([prefetch.ArrayFile(str(npy), ref.grid, "pt_215", True, ref.content_hash() if hash_known else None,
+                                   shared)])
         image = p.image(str(npy))
         got = p.take(ref.content_hash(), PreprocessConfig.from_dict(config), "auto", pad)
     finally:
         p.close()
     assert np.array_equal(image.array, ref.array) and image.content_hash() == ref.content_hash()
-    if hash_known:
+    if shared:
         assert isinstance(image.array, np.memmap) and not image.array.flags.writeable
     else:
         assert not isinstance(image.array, np.memmap)
@@ -390,7 +394,7 @@ def test_a_volume_file_gone_before_the_engine_maps_it_is_left_to_the_engine_and_
 
     monkeypatch.setattr(prefetch.ArrayFile, "read", gone_for_a)
     try:
-        p.give([prefetch.ArrayFile(str(f), ref.grid, f.stem, True, ref.content_hash()) for f in files])
+        p.give([prefetch.ArrayFile(str(f), ref.grid, f.stem, True, ref.content_hash(), shared=True) for f in files])
         assert p.image(str(files[0])) is None
         second = p.image(str(files[1]))
     finally:

@@ -489,10 +489,9 @@ def test_a_volume_file_the_engine_reads_itself_is_mapped_and_outlives_its_file(a
     plain = mrml_io.image_from_volume_node(a_small_ct)
     path = tmp_path / "volume.npy"
     np.save(path, plain.array)
-    source = ArrayFile(str(path), plain.grid, plain.name, content_hash=plain.content_hash())
-    written = readVolumeFile(source, shared=False)
+    written = readVolumeFile(ArrayFile(str(path), plain.grid, plain.name, content_hash=plain.content_hash()))
     assert not isinstance(written.array, np.memmap) and np.array_equal(written.array, plain.array)
-    image = readVolumeFile(source, shared=True)
+    image = readVolumeFile(ArrayFile(str(path), plain.grid, plain.name, content_hash=plain.content_hash(), shared=True))
     assert MAP_VOLUME_FILES is (os.name == "posix")
     if MAP_VOLUME_FILES:
         assert isinstance(image.array, np.memmap) and not image.array.flags.writeable
