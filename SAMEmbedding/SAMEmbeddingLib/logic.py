@@ -394,45 +394,43 @@ class MatchLogic:
             the volumes copied are kept.
         """
         images: dict[str, Image] = {}
-        todo: list[tuple[str, tuple, mrml_io.VolumeVoxels]] = []
+        todo: dict[str, tuple[tuple, mrml_io.VolumeVoxels]] = {}  # node ID -> (cache key, voxels read from MRML)
         for node in volumeNodes:
             mrml_io.check_volume_node(node)
             nodeID = node.GetID()
-            if nodeID in images or any(nodeID == t[0] for t in todo):
+            if nodeID in images or nodeID in todo:
                 continue
             key = mrml_io.volume_cache_key(node)
             cached = self._images.get(nodeID)
             if cached is not None and cached[0] == key:
                 images[nodeID] = cached[1]
             else:
-                todo.append((nodeID, key, mrml_io.read_volume_voxels(node)))
+                todo[nodeID] = (key, mrml_io.read_volume_voxels(node))
         if todo:
             engine = self.getMatcher() if self.engine == "process" else None
             if hasattr(engine, "startAhead"):
                 engine.startAhead()  # the engine process starts and loads torch while the volumes are copied
             newFile = getattr(engine, "newVolumeFile", None)
-            files = [None if newFile is None else newFile() for _ in todo]
             hashAhead = getattr(engine, "hashAhead", None)
 
-            def copy(job: tuple[tuple[str, tuple, mrml_io.VolumeVoxels], Path | None]) -> Image:
-                (_, _, voxels), path = job
+            def copy(voxels: mrml_io.VolumeVoxels, path: Path | None) -> Image:
                 image = voxels.image(path)
                 if hashAhead is not None:
                     hashAhead(image)  # while the other volumes are copied
                 return image
 
-            jobs = list(zip(todo, files))
-            with concurrent.futures.ThreadPoolExecutor(max(1, min(COPY_THREADS, len(jobs))),
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(COPY_THREADS, len(todo))),
                                                        thread_name_prefix="SAMEmbedding-copy") as pool:
-                copies = [pool.submit(copy, job) for job in jobs]
+                copies = {nodeID: pool.submit(copy, voxels, None if newFile is None else newFile())
+                          for nodeID, (_, voxels) in todo.items()}
             failed: BaseException | None = None
-            for (nodeID, key, _), done in zip(todo, copies):
+            for nodeID, done in copies.items():
                 try:
                     image = done.result()
                 except BaseException as e:  # noqa: BLE001 - the first error in the volumes' order is raised below
                     failed = failed or e
                     continue
-                self._images[nodeID] = (key, image)  # kept even when another volume failed: not copied again
+                self._images[nodeID] = (todo[nodeID][0], image)  # kept even when another volume failed: not copied again
                 images[nodeID] = image
             for nodeID in [i for i in self._images if self.scene.GetNodeByID(i) is None]:
                 del self._images[nodeID]

@@ -185,15 +185,13 @@ def _copy_to_file(voxels_zyx: np.ndarray, path: Path) -> np.ndarray | None:
         finally:
             del out  # unmapped: the pages stay in the page cache, written back to the disk in the background
         return np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
+    except BaseException as e:  # nothing is left at path, whatever the error (in shared memory a file holds memory)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        if not isinstance(e, (OSError, ValueError)):  # e.g. out of memory: the caller's error
+            raise
         log.warning("SAMEmbedding: voxels kept in memory, not in %s: %s", path, e)
-        with contextlib.suppress(OSError):
-            path.unlink()
         return None
-    except BaseException:  # e.g. out of memory: the file goes with the error (in shared memory it holds memory)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
 
 
 def grid_from_ijk_to_lps(ijk_to_lps: np.ndarray, shape_zyx: tuple[int, ...], name: str = "volume") -> Grid:
