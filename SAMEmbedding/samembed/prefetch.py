@@ -6,8 +6,11 @@ the targets, then preprocesses them in the order the engine embeds them, exactly
 (:func:`samembed.preprocess.preprocess`, the same code), and sends each result back through a pipe. The source and
 the first target are always prefetched; the later targets of a long list (one atlas into many scans) are
 prefetched while the engine matches the first ones, as long as they fit in the shared region (below): memory
-stays bounded, and the engine reads and preprocesses the rest itself. The engine takes a prefetched input only for
-an image with the same content hash, the same preprocessing settings and the same modality (:meth:`Prefetch.take`);
+stays bounded, and the engine reads and preprocesses the rest itself. The command takes each later target when its
+turn comes, so the child reads and preprocesses them one by one, after the first pair's inputs
+(:attr:`PrefetchRequest.in_turn`): each while the engine matches the targets before it. The engine takes a
+prefetched input only for an image with the same content hash, the same preprocessing settings and the same
+modality (:meth:`Prefetch.take`);
 anything else, including an image the child could not read, is preprocessed by the engine as usual (and its error
 reported there).
 
@@ -16,9 +19,9 @@ The voxels do not go through the pipe. The parent maps one anonymous shared memo
 and the thread that reads it needs the GIL for each read while the main thread imports torch: measured, a 70 MB
 array took 0.26 s through a pipe to an idle process and 5.8 s to a busy one. An array of the source or the first
 target that does not fit in the region still goes through the pipe; the later targets' images take at most half
-of the region, so that the first pair's inputs, made after every image is read, find room. A volume file that its
-sender maps, with its hash (:class:`ArrayFile`, ``shared``), is not copied at all: both processes map the file, and
-only its input goes through the region.
+of the region, so that the inputs (the first pair's, made after every image is read, or, in turn, each later
+target's own) find room. A volume file that its sender maps, with its hash (:class:`ArrayFile`, ``shared``), is not
+copied at all: both processes map the file, and only its input goes through the region.
 
 The two processes share the work (:class:`_Claims`): each image's reading and its preprocessing are claimed by
 whoever starts them first, and the command, which asks for the targets first (the last first) and then the source,
@@ -116,6 +119,11 @@ class PrefetchRequest:
     spacing_mm: float | None = None
     pad_multiple_zyx: tuple[int, ...] | None = None
     body_stride_zyx: tuple[int, ...] | None = None
+    #: the later images (after :data:`FIRST_IMAGES`) are each read and preprocessed in turn, once the first images'
+    #: inputs are made: for a caller that takes each later image when it matches it (the command, one atlas into
+    #: many: the next target's reading and preprocessing on the second core while the engine matches this one);
+    #: False: every image is read before any is preprocessed (a caller that takes them all before it embeds one)
+    in_turn: bool = False
 
 
 def _arena_bytes() -> int:
@@ -251,17 +259,18 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
             return
         request = dataclasses.replace(request, paths=tuple(paths))
     config = PreprocessConfig.from_dict(request.preprocess)
-    images = []
     full = False  # the later images' share of the region is used up: the rest are left to the engine
     half = None if arena is None else len(arena.buf) // 2
-    for i, source in enumerate(request.paths):  # every image first: the command reads them all before it embeds one
+
+    def read(i: int, source):  # the image read, sent, and kept for its preprocessing; None: left to the engine
+        nonlocal full
         later = i >= FIRST_IMAGES
         path = source_key(source)
         # skipped: a later image that cannot be shared, a file named twice (read once), one the engine reads
         if (later and (full or arena is None)) or first_index(request.paths, path) != i \
                 or not claims.claim(i, READ, CHILD):
             conn.send(("skipped", path, None))
-            continue
+            return None
         try:
             if isinstance(source, ArrayFile):
                 image = source.read(mapped=True)
@@ -269,27 +278,27 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
                 image = read_image(source, spacing_mm=request.spacing_mm)
         except Exception:  # noqa: BLE001 - the command reads it again and reports the error itself
             conn.send(("failed", path, None))
-            continue
+            return None
         if isinstance(source, ArrayFile) and source.content_hash is not None and source.shared:
             # a volume file its sender maps, with its hash: the engine maps the file itself (its pages, just written,
             # are in the page cache, shared by every process that maps them); only its input comes through the region
             conn.send(("mapped", path, None))
-            images.append((i, later, image))
-            continue
+            return image
         image.content_hash()  # the cache key's hash travels with the image: the parent need not compute it
         packed = _pack(arena, image, half if later else None)
         if later and packed[1] is None:  # a later image that does not fit: never through the pipe
             full = True
             conn.send(("skipped", path, None))
-            continue
+            return None
         if packed[1] is None and isinstance(image.array, np.memmap):  # through the pipe as a plain array
             image = dataclasses.replace(image, array=np.array(image.array))
             packed = (image, None)
         conn.send(("image", path, packed))
         if packed[1] is not None:  # preprocessed from the shared copy: the child's own is freed (one copy held)
             image = dataclasses.replace(image, array=arena.view(packed[1]))
-        images.append((i, later, image))
-    for i, later, image in images:
+        return image
+
+    def make_input(i: int, image) -> None:  # its input sent, or word that it will not come
         made = False
         try:
             if claims.claim(i, PREPROCESS, CHILD):  # else the engine preprocesses it itself
@@ -300,13 +309,25 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
                     body = body_mask_on_grid(arr, stride, prep.modality)
                     prep = dataclasses.replace(prep, body=body, body_stride_zyx=tuple(stride))
                 packed = _pack(arena, prep)
-                if not later or packed[1] is not None:
+                if i < FIRST_IMAGES or packed[1] is not None:
                     conn.send(("input", image.content_hash(), packed))
                     made = True
         except Exception:  # noqa: BLE001 - the engine preprocesses it again and reports the error itself
             log.debug("prefetch: %s not preprocessed", image.name)
         if not made:  # the engine need not wait for it
             conn.send(("no input", image.content_hash(), None))
+
+    # every image read first (the caller takes them all before it embeds one), or, in turn, the first ones, then
+    # each later one read and preprocessed as the engine will take it
+    first = FIRST_IMAGES if request.in_turn else len(request.paths)
+    images = [(i, read(i, source)) for i, source in enumerate(request.paths[:first])]
+    for i, image in images:
+        if image is not None:
+            make_input(i, image)
+    for i, source in enumerate(request.paths[first:], first):
+        image = read(i, source)
+        if image is not None:
+            make_input(i, image)
     conn.close()
 
 
@@ -358,6 +379,7 @@ class Prefetch:
                     kind, key, value = self._conn.recv()
                 except (EOFError, OSError):  # the child finished (or died: the engine reads the rest itself)
                     break
+                log.debug("prefetch: %s %s", kind, key)
                 if kind == "mapped":  # a volume file the child has read: mapped here too (outside the lock)
                     kind, value = self._map(key)
                 with self._cond:
@@ -471,11 +493,12 @@ def start(paths: Sequence[str | ArrayFile], preprocess: dict | None, modality: s
     """Start prefetching ``paths`` in the order given (the source, then the targets; see the module docstring), or
     None when it cannot help (see :func:`available`) or the model's preprocessing is not known without loading it
     (``preprocess=None``). The caller reads an image, or makes an input, that the child has not started itself
-    (``share_work``, :class:`_Claims`)."""
+    (``share_work``, :class:`_Claims`), and takes the later images in turn, as it matches them
+    (:attr:`PrefetchRequest.in_turn`)."""
     if not paths:
         return None
     return _launch(_sources(paths), preprocess, modality, spacing_mm, pad_multiple_zyx, body_stride_zyx, False,
-                   share_work=True)
+                   share_work=True, in_turn=True)
 
 
 def start_waiting(preprocess: dict | None, modality: str = "auto", spacing_mm: float | None = None,
@@ -489,15 +512,15 @@ def start_waiting(preprocess: dict | None, modality: str = "auto", spacing_mm: f
 
 def _launch(sources: tuple[str | ArrayFile, ...], preprocess: dict | None, modality: str, spacing_mm: float | None,
             pad_multiple_zyx: Sequence[int] | None, body_stride_zyx: Sequence[int] | None,
-            waiting: bool, share_work: bool = False) -> Prefetch | None:
+            waiting: bool, share_work: bool = False, in_turn: bool = False) -> Prefetch | None:
     """:func:`start` and :func:`start_waiting`: the :class:`Prefetch`, or None where it cannot help."""
     if preprocess is None or not available():
         return None
     pad = None if pad_multiple_zyx is None else tuple(int(m) for m in pad_multiple_zyx)
     stride = None if body_stride_zyx is None else tuple(int(m) for m in body_stride_zyx)
     try:
-        return Prefetch(PrefetchRequest(sources, dict(preprocess), modality, spacing_mm, pad, stride), waiting=waiting,
-                        share_work=share_work)
+        return Prefetch(PrefetchRequest(sources, dict(preprocess), modality, spacing_mm, pad, stride, in_turn),
+                        waiting=waiting, share_work=share_work)
     except OSError as exc:  # no process could be started: the engine reads the images itself
         log.debug("prefetch not started: %s", exc)
         return None

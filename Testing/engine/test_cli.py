@@ -294,6 +294,24 @@ def test_a_batch_that_fails_or_is_interrupted_keeps_the_targets_it_finished(tmp_
 
 
 @pytest.mark.needs_data
+def test_a_later_target_that_cannot_be_read_stops_the_run_at_its_turn_and_the_targets_before_it_are_kept(
+        tmp_path, two_cts, a_points_csv, capsys, caplog):
+    """Each target after the first is read when its turn comes (its prefetch reads it meanwhile): an unreadable one
+    stops the run there, with an error that names it, and the matches of the targets before it are written."""
+    pts_path, _ = a_points_csv
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"garbage")
+    out = tmp_path / "m.csv"
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), str(corrupt), "--points", str(pts_path), "--out", str(out),
+                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read this image" in err and str(corrupt) in err, err
+    assert "kept the matches of the 1 of 2" in caplog.text
+    assert {r["target"] for r in csv.DictReader(out.open())} == {str(two_cts[1])}
+    assert corrupt.read_bytes() == b"garbage"
+
+
+@pytest.mark.needs_data
 def test_an_interrupt_while_writing_stops_the_writing_and_keeps_what_was_written(tmp_path, two_cts, a_points_csv,
                                                                                  monkeypatch, capsys, caplog):
     """Ctrl-C while the outputs are written means stop: the writing is not started again (it used to be, all

@@ -25,11 +25,14 @@ from samembed.registry import registered_local_stride_zyx, registered_pad_multip
 from ..conftest import data_file
 
 
-def _start(paths, config: dict, pad_multiple_zyx=None, body_stride_zyx=None, share_work=False) -> prefetch.Prefetch:
-    """A prefetch started here, where torch is already imported (the command starts it before); ``share_work`` as
-    the command's (else the engine waits for every image the child may read, as these tests ask at once)."""
+def _start(paths, config: dict, pad_multiple_zyx=None, body_stride_zyx=None, share_work=False,
+           in_turn=False) -> prefetch.Prefetch:
+    """A prefetch started here, where torch is already imported (the command starts it before); ``share_work`` and
+    ``in_turn`` as the command's (else the engine waits for every image the child may read, as these tests ask at
+    once, and the child reads every image first)."""
     return prefetch.Prefetch(prefetch.PrefetchRequest(tuple(str(x) for x in paths), config,
-                                                      pad_multiple_zyx=pad_multiple_zyx, body_stride_zyx=body_stride_zyx),
+                                                      pad_multiple_zyx=pad_multiple_zyx, body_stride_zyx=body_stride_zyx,
+                                                      in_turn=in_turn),
                              share_work=share_work)
 
 
@@ -108,6 +111,35 @@ def test_later_targets_are_prefetched_while_they_fit_in_the_shared_region_and_le
                 assert isinstance(got.array.base, mmap.mmap) == (arena_bytes is None)
     finally:
         p.close()
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("in_turn", [False, True])
+def test_later_targets_are_read_and_preprocessed_in_turn_for_the_command_and_all_read_first_otherwise(caplog, in_turn):
+    """The command takes each target after the first when its turn comes: its prefetch makes the first pair's
+    inputs, then reads and preprocesses each later target in turn (made while the engine matches the targets before
+    it). A caller that takes every image before it embeds one (the Slicer module's engine process) gets every image
+    read first. The results are the same either way."""
+    paths = [data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz") for p in ("pt_215", "pt_232", "pt_202", "pt_231")]
+    config, pad = registered_preprocess("default"), registered_pad_multiple_zyx("default")
+    cfg = PreprocessConfig.from_dict(config)
+    refs = [read_image(path) for path in paths]
+    index = {str(path): i for i, path in enumerate(paths)} | {r.content_hash(): i for i, r in enumerate(refs)}
+    caplog.set_level(logging.DEBUG, logger="samembed.prefetch")
+    p = _start(paths, config, pad, registered_local_stride_zyx("default"), in_turn=in_turn)
+    try:
+        for path, ref in zip(paths, refs):
+            assert np.array_equal(p.image(str(path)).array, ref.array)
+            assert np.array_equal(p.take(ref.content_hash(), cfg, "auto", pad).array, preprocess(ref, cfg, "auto", pad).array)
+    finally:
+        p.close()
+    arrivals = [(kind, index[key]) for kind, key in
+                (r.getMessage().split(" ")[1:] for r in caplog.records if r.getMessage().startswith("prefetch: "))]
+    if in_turn:
+        assert arrivals == [("image", 0), ("image", 1), ("input", 0), ("input", 1), ("image", 2), ("input", 2),
+                            ("image", 3), ("input", 3)]
+    else:
+        assert arrivals == [*(("image", i) for i in range(4)), *(("input", i) for i in range(4))]
 
 
 @pytest.mark.needs_data
