@@ -6,7 +6,8 @@ change gained. This script checks the earlier commit out beside the repository (
 cache, one torch thread, the command's own prefetch) on the same pairs, alternating base and head, ``--reps``
 times, and reports each engine's median process time per pair and their ratio. Both engines load the model of their
 own checkout. Elastix is not run (``cold_start.py`` compares with it). With ``--atlas N`` it also times one atlas
-into N cold targets in one process (``cold_start.py``'s atlas case), whose per-target time the pairs do not show.
+into N cold targets in one process (``cold_start.py``'s atlas case), whose per-target time the pairs do not show;
+with ``--many N`` the same source into N OpenKBP CTs, for the memory of a long run.
 With ``--first-click`` it also times the Slicer module's first click (``first_click.py child``, its first case), from
 cold and with the engine started, where preprocessing is waited for; ``--thin-slice-click`` the same on its four
 thin-slice chest CTs; ``--no-pairs`` skips the pairs. With
@@ -197,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atlas", type=int, default=0, metavar="N",
                    help="also one atlas into N cold targets in one process (cold_start.py's atlas case): the mean "
                         "time per target of each engine")
+    p.add_argument("--many", type=int, default=0, metavar="N",
+                   help="also one atlas (the --atlas case's source and points) into N OpenKBP CTs (every other "
+                        "patient in the shared data, by name) in one process: the time per target and the peak RSS "
+                        "over a long run")
     p.add_argument("--no-pairs", action="store_true", help="skip the cold pairs (e.g. for --first-click alone)")
     p.add_argument("--thin-slice", action="store_true",
                    help=f"also the LIDC pair resampled to {THIN_SLICE_MM} mm slices (thin_slice_case)")
@@ -290,6 +295,30 @@ def main(argv: list[str] | None = None) -> int:
                           f"{statistics.median(times['base']):.2f} / {statistics.median(times['head']):.2f} | "
                           f"{_median_range(per['base'])} | {_median_range(per['head'])} | {b / h:.2f}x | {moved:.2f} |")
         print(atlas_rows[-1], flush=True)
+    many_rows = []
+    if args.many:
+        from cold_start import atlas_case
+        from samembed_bench.suites import data_root
+
+        kbp = [c for c in cold_cases(args.suites, 1) if c.suite == "openkbp_inter"]
+        src_pat, _, pts, _ = atlas_case(args.suites, kbp, 1, work)
+        scans = sorted(p for p in (data_root() / "ct" / "openkbp" / "ct").glob("pt_*_ct.nii.gz")
+                       if p.name != f"{src_pat}_ct.nii.gz")[:args.many]
+
+        def many_run(name: str, root: Path) -> tuple[float, float, float]:
+            out = work / f"many_{name}.csv"
+            seconds, rss, _ = _cold(root, str(kbp[0].source), [str(s) for s in scans], str(pts), out, model)
+            marks = json.loads(out.with_suffix(".json").read_text())["per_target_s"][:len(scans)]
+            return seconds, rss, float(np.mean(marks[1:]))
+
+        runs = _alternating(args.reps, base, many_run)
+        times, rss, per = ({k: [r[i] for r in v] for k, v in runs.items()} for i in range(3))
+        moved = _largest_move(work / "many_base.csv", work / "many_head.csv")
+        many_rows.append(f"| {src_pat} into {len(scans)} OpenKBP CTs ({scans[0].name[:6]} to {scans[-1].name[:6]}) | "
+                         f"{_median_range(times['base'])} / {_median_range(times['head'])} | "
+                         f"{_median_range(per['base'])} / {_median_range(per['head'])} | "
+                         f"{_median_range(rss['base'])} / {_median_range(rss['head'])} | {moved:.2f} |")
+        print(many_rows[-1], flush=True)
     click_rows = []
     clicks = [("", None)] if args.first_click else []
     if args.thin_slice_click:
@@ -317,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
-        + (f" --atlas {args.atlas}" if args.atlas else "") + (" --no-pairs" if args.no_pairs else "")
+        + (f" --atlas {args.atlas}" if args.atlas else "") + (f" --many {args.many}" if args.many else "")
+        + (" --no-pairs" if args.no_pairs else "")
         + (" --thin-slice" if args.thin_slice else "")
         + (" --first-click" if args.first_click else "") + (" --thin-slice-click" if args.thin_slice_click else "")
         + (f" --pause {args.pause:g}" if args.pause else "") + (" --heatmaps" if args.heatmaps else "")
@@ -336,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                          "reused); the mean time per target of each run, median (range) over the runs:",
                          "| atlas into targets | process s, base / head | base s per target | head s per target | "
                          "speed-up | largest move of a match, base to head, mm |", atlas_rows)
+    if many_rows:
+        text += _section("One atlas into many scans in one fresh process per run (each target cold): the process, the "
+                         "mean time per target after the first, and the process's peak RSS (its prefetch process "
+                         "not counted), median (range) over the runs:",
+                         "| atlas into targets | process s, base / head | s per target, base / head | "
+                         "peak RSS GB, base / head | largest move of a match, base to head, mm |", many_rows)
     if click_rows:
         from first_click import CASES
 

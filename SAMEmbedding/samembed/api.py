@@ -504,6 +504,13 @@ class Matcher:
         self.cache.clear()
         self.clear_priors()
 
+    def forget(self, image: Image) -> None:
+        """Drop the in-memory embeddings of ``image``: for a caller that will not match it again, e.g. each target of
+        one atlas into many scans, whose maps would otherwise hold the cache's room (up to ``cache_bytes``) until
+        they are evicted. The disk cache keeps what it holds."""
+        for embedder in {id(e): e for e in (self.embedder, *self._embedders.values())}.values():
+            embedder.forget(image)
+
     def clear_priors(self) -> None:
         """Forget the affine priors fitted per source/target pair (e.g. to time a match from scratch)."""
         self._priors.clear()

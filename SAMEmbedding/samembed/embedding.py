@@ -410,6 +410,11 @@ class EmbeddingCache:
             while len(self._items) > 2 and self.nbytes > self.max_bytes:
                 self._items.popitem(last=False)
 
+    def discard(self, key: str) -> None:
+        """Drop the maps under ``key``, if held."""
+        with self._lock:
+            self._items.pop(key, None)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
@@ -781,6 +786,11 @@ class Embedder:
             # (a windowed search never reads it; it would hold up to a second copy of the body's features)
             self.settle(maps)
         return maps
+
+    def forget(self, image: Image) -> None:
+        """Drop ``image``'s maps from the memory cache (the disk cache keeps what it holds): for a caller that knows it
+        will not match the image again (the command, after a target other than the source)."""
+        self.cache.discard(self.key(image))
 
     def embed_body(self, image: Image, progress: ProgressFn | None = None,
                    cancel: threading.Event | None = None) -> EmbeddingMaps:

@@ -294,6 +294,26 @@ def test_a_batch_that_fails_or_is_interrupted_keeps_the_targets_it_finished(tmp_
 
 
 @pytest.mark.needs_data
+def test_each_target_not_matched_again_is_forgotten_after_its_match(tmp_path, two_cts, a_points_csv, monkeypatch):
+    """One atlas into many scans keeps bounded memory: the command drops each target's image and maps once it has
+    matched it, unless it comes again later or is the source. The matches are those of separate runs."""
+    from samembed.api import Matcher
+
+    forgotten = []
+    forget = Matcher.forget
+    monkeypatch.setattr(Matcher, "forget", lambda self, image: (forgotten.append(image.name), forget(self, image)))
+    pts_path, _ = a_points_csv
+    src, tgt = map(str, two_cts)
+    common = ["--points", str(pts_path), "--model", "random:sam-lite", "--device", "cpu", "--quiet"]
+    assert main(["match", src, tgt, src, tgt, "--out", str(tmp_path / "m.csv"), *common]) == 0
+    assert forgotten == [tgt]  # the target once its last match is done; the source never
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    assert main(["match", src, tgt, "--out", str(tmp_path / "one.csv"), *common]) == 0
+    one = list(csv.DictReader((tmp_path / "one.csv").open()))
+    assert [r for r in rows if r["target"] == tgt][:len(one)] == one
+
+
+@pytest.mark.needs_data
 def test_a_later_target_that_cannot_be_read_stops_the_run_at_its_turn_and_the_targets_before_it_are_kept(
         tmp_path, two_cts, a_points_csv, capsys, caplog):
     """Each target after the first is read when its turn comes (its prefetch reads it meanwhile): an unreadable one

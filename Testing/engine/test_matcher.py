@@ -55,6 +55,25 @@ def test_self_matching_returns_each_popi_landmark_within_one_network_voxel(a_ran
     assert all(m.confident for m in res.matches)
 
 
+@pytest.mark.needs_data
+def test_a_forgotten_target_leaves_the_memory_cache_and_is_matched_again_as_before():
+    """``Matcher.forget`` drops an image's maps (the command's, after each target of one atlas into many scans) and
+    keeps the others'; a later match of that image computes them again, with the same result."""
+    src, tgt = (read_image(data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz")) for p in ("pt_201", "pt_202"))
+    m = Matcher("random:sam-lite", device="cpu")
+    pts = src.grid.index_to_lps([[64, 60, 70], [50, 70, 40]])
+    first = m.match(src, pts, [tgt])
+    keys = [m.embedder.key(src), m.embedder.key(tgt)]
+    assert [m.cache.get(k) is not None for k in keys] == [True, True]
+    m.forget(tgt)
+    assert [m.cache.get(k) is not None for k in keys] == [True, False]
+    assert m.cache_bytes == m.cache.get(keys[0]).nbytes
+    again = m.match(src, pts, [tgt])
+    assert m.cache.get(keys[1]) is not None
+    assert [(x.point_lps_mm.tolist(), x.score, x.roundtrip_mm) for x in again.matches] == \
+        [(x.point_lps_mm.tolist(), x.score, x.roundtrip_mm) for x in first.matches]
+
+
 def a_rigid_copy(image, angle_deg=6.0, translation_mm=(12.0, -8.0, 5.0), spacing_mm=(1.2, 1.2, 2.0)):
     """Resample ``image`` through a rigid transform T onto a new grid: target(y) = source(T(y)).
 
