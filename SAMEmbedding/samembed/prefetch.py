@@ -4,28 +4,30 @@ A fresh ``samembed match`` spends its first 1.3-2 s importing torch, on one core
 machine with a second core, :func:`start` forks a child first (before torch is imported) that reads the source and
 the targets, then preprocesses them in the order the engine embeds them, exactly as the engine would
 (:func:`samembed.preprocess.preprocess`, the same code), and sends each result back through a pipe. The source and
-the first target are always prefetched; the later targets of a long list (one atlas into many scans) are
-prefetched while the engine matches the first ones, as long as they fit in the shared region (below): memory
-stays bounded, and the engine reads and preprocesses the rest itself. The command takes each later target when its
-turn comes, so the child reads and preprocesses them one by one, after the first pair's inputs
-(:attr:`PrefetchRequest.in_turn`): each while the engine matches the targets before it. The engine takes a
-prefetched input only for an image with the same content hash, the same preprocessing settings and the same
-modality (:meth:`Prefetch.take`);
-anything else, including an image the child could not read, is preprocessed by the engine as usual (and its error
-reported there).
+the first target are always prefetched, and so are the later targets of a long list (one atlas into many scans):
+the command takes each when its turn comes, so the child reads and preprocesses them one by one, after the first
+pair's inputs (:attr:`PrefetchRequest.in_turn`), each while the engine matches the targets before it, at most
+:data:`AHEAD` beyond the one the engine asked for last. The engine takes a prefetched input only for an image with
+the same content hash, the same preprocessing settings and the same modality (:meth:`Prefetch.take`); anything
+else, including an image the child could not read, is preprocessed by the engine as usual (and its error reported
+there).
 
 The voxels do not go through the pipe. The parent maps one anonymous shared memory region before it forks
-(:class:`_Arena`); the child copies each array into it and sends only where it lies. A pipe moves 64 KB per read,
-and the thread that reads it needs the GIL for each read while the main thread imports torch: measured, a 70 MB
-array took 0.26 s through a pipe to an idle process and 5.8 s to a busy one. An array of the source or the first
-target that does not fit in the region still goes through the pipe; the later targets' images take at most half
-of the region, so that the inputs (the first pair's, made after every image is read, or, in turn, each later
-target's own) find room. A volume file that its sender maps, with its hash (:class:`ArrayFile`, ``shared``), is not
-copied at all: both processes map the file, and only its input goes through the region.
+(:class:`_Arena`); the child copies the first pair's arrays into it and sends only where they lie. A pipe moves
+64 KB per read, and the thread that reads it needs the GIL for each read while the main thread imports torch:
+measured, a 70 MB array took 0.26 s through a pipe to an idle process and 5.8 s to a busy one. An array of the
+source or the first target that does not fit in the region still goes through the pipe. The later targets' arrays
+come each in memory of its own, which goes when the engine drops it (:class:`_Handoff`, Linux): one atlas into 100
+OpenKBP CTs, 60.8 -> 52.6 s and a peak RSS of 2.18 -> 1.69 GB, against the region, which was full from about the
+20th target on, after which the engine read and preprocessed every target itself. Where memory files cannot be
+made, the later targets' images take at most half of the region, so that the inputs (the first pair's, made after
+every image is read, or, in turn, each later target's own) find room, and what does not fit is left to the engine.
+A volume file that its sender maps, with its hash (:class:`ArrayFile`, ``shared``), is not copied at all: both
+processes map the file, and only its input comes through the region (or its own memory).
 
 The two processes share the work (:class:`_Claims`): each image's reading and its preprocessing are claimed by
-whoever starts them first, and the command, which asks for the targets first (the last first) and then the source,
-reads an image that the child has not started itself instead of waiting while the child works on an earlier one;
+whoever starts them first, and the command, which asks for the first target first and then the source, reads an
+image that the child has not started itself instead of waiting while the child works on an earlier one;
 it makes an input itself, likewise, while the child is still reading. With images that take longer to read than
 torch to load (a pair of chest CTs in 0.5 mm slices, 0.17 GB as .nii.gz each: 1.2-1.5 s to read, 2.2 s with the
 child's hashing and copying into the shared region) the two then read one each: a cold pair 6.1-6.3 -> 4.2 s
@@ -46,8 +48,10 @@ import mmap
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,7 +62,8 @@ from .collector import resume_after_fork
 log = logging.getLogger(__name__)
 
 #: images always prefetched: the source and the first target (their arrays go through the pipe when the shared
-#: region is full); the later ones are prefetched only while they fit in the region
+#: region is full); the later ones are handed over in memory of their own (:class:`_Handoff`), or where that
+#: cannot be, prefetched only while they fit in the region
 FIRST_IMAGES = 2
 
 
@@ -168,16 +173,76 @@ class _Arena:
         return np.ndarray(shape, np.dtype(dtype), buffer=self.buf, offset=start)
 
 
-def _pack(arena: _Arena | None, obj, limit: int | None = None):
-    """An :class:`~samembed.image.Image` or :class:`~samembed.preprocess.Prepared` for the pipe: its array in the
-    shared region (the pipe carries the rest), or the whole object when it does not fit (below ``limit``)."""
-    where = None if arena is None else arena.put(obj.array, limit)
+class _Handoff:
+    """The later images' arrays, each handed over in memory of its own (Linux ``memfd``), not in the shared region:
+    the child copies an array into a new anonymous memory file and passes its descriptor through a socket (made
+    before the fork); the parent maps it and closes the descriptor (:meth:`view`). Its memory then goes when the
+    parent drops the array: the command drops each target once matched (``Matcher.forget``), so a long run holds
+    the arrays in use only, and the child never runs out of room, as it did in the region, after which the engine
+    read and preprocessed every later target itself (one atlas into 100 OpenKBP CTs: from about the 20th)."""
+
+    def __init__(self) -> None:
+        self.parent_end, self.child_end = socket.socketpair()
+
+    @staticmethod
+    def available() -> bool:
+        """This system can hand arrays over so: memory files and descriptors passed through sockets (Linux)."""
+        return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+    def put(self, arr: np.ndarray) -> tuple | None:
+        """Copy ``arr`` into a new memory file and send its descriptor (in the child): where it lies, for
+        :meth:`view`; None for an empty array, or when no memory file can be made (the caller sends it another
+        way or leaves it to the engine)."""
+        if arr.nbytes == 0:
+            return None
+        try:
+            fd = os.memfd_create("samembed-prefetch", os.MFD_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            os.ftruncate(fd, arr.nbytes)
+            buf = mmap.mmap(fd, arr.nbytes)
+            np.ndarray(arr.shape, arr.dtype, buffer=buf)[...] = arr
+            buf.close()  # the file keeps the values; the child holds none of it
+            socket.send_fds(self.child_end, [b"a"], [fd])
+        except OSError:  # no memory for it: never sent
+            return None
+        finally:
+            os.close(fd)
+        return "memfd", arr.dtype.str, tuple(arr.shape)
+
+    def view(self, where: tuple) -> np.ndarray:
+        """The array the child sent last (in the parent, which takes them in the order sent): its memory file mapped,
+        the descriptor closed; the memory goes with the array."""
+        _, dtype, shape = where
+        _, fds, _, _ = socket.recv_fds(self.parent_end, 1, 1)
+        try:
+            buf = mmap.mmap(fds[0], int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        finally:
+            os.close(fds[0])
+        return np.ndarray(shape, np.dtype(dtype), buffer=buf)
+
+    def close(self) -> None:
+        self.parent_end.close()
+        self.child_end.close()
+
+
+def _pack(arena: _Arena | None, obj, limit: int | None = None, handoff: _Handoff | None = None):
+    """An :class:`~samembed.image.Image` or :class:`~samembed.preprocess.Prepared` for the pipe: its array handed
+    over in memory of its own (``handoff``, when given) or in the shared region (the pipe carries the rest), or the
+    whole object when it does not fit (below ``limit``)."""
+    if handoff is not None:
+        where = handoff.put(obj.array)
+    else:
+        where = None if arena is None else arena.put(obj.array, limit)
     return (obj, None) if where is None else (dataclasses.replace(obj, array=np.empty(0, obj.array.dtype)), where)
 
 
-def _unpack(arena: _Arena | None, packed):
+def _unpack(arena: _Arena | None, packed, handoff: _Handoff | None = None):
     obj, where = packed
-    return obj if where is None else dataclasses.replace(obj, array=arena.view(where))
+    if where is None:
+        return obj
+    return dataclasses.replace(obj, array=handoff.view(where) if where[0] == "memfd" else arena.view(where))
 
 
 #: who does a task (:class:`_Claims`): nobody yet, the child, the engine (the parent)
@@ -186,6 +251,10 @@ FREE, CHILD, ENGINE = 0, 1, 2
 READ, PREPROCESS = 0, 1
 #: images whose tasks can be claimed (the rest: the child does them, the engine waits for it, as for any image)
 CLAIMED_IMAGES = 1024
+#: later images (:attr:`PrefetchRequest.in_turn`, handed over in memory of their own) that the child reads beyond the
+#: last one the engine has asked for (or the first pair, before it asks): each is read and preprocessed while the
+#: engine matches a target before it, and no more wait in memory for their turn
+AHEAD = 2
 
 
 class _Claims:
@@ -198,6 +267,16 @@ class _Claims:
     def __init__(self, ctx) -> None:
         self._state = mmap.mmap(-1, 2 * CLAIMED_IMAGES)
         self._lock = ctx.Lock()
+        self._asked = mmap.mmap(-1, 8)  # the highest index the engine has asked for, plus one (0: none yet)
+
+    def ask(self, index: int) -> None:
+        """The engine asks for image ``index`` (its image or its input) now (in the parent)."""
+        if index + 1 > self.asked() + 1:
+            self._asked[:8] = int(index + 1).to_bytes(8, "little")
+
+    def asked(self) -> int:
+        """The highest index of an image the engine has asked for, -1 before the first."""
+        return int.from_bytes(self._asked[:8], "little") - 1
 
     def claim(self, index: int, task: int, who: int) -> bool:
         """Claim ``task`` of image ``index`` for ``who``: True when nobody had (or ``who`` itself had) claimed it; an
@@ -233,13 +312,16 @@ def _sources(paths: Sequence[str | os.PathLike | ArrayFile]) -> tuple[str | Arra
 
 
 def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims, given=None,
-           later_parent=None) -> None:
+           later_parent=None, handoff: _Handoff | None = None) -> None:
     # Ctrl-C reaches the whole process group: the engine stops this process itself (Prefetch.close), so the
     # interrupt is the engine's to report, not a traceback of this process's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     resume_after_fork()  # the engine's paused collector is its own (samembed.collector)
     if later_parent is not None:  # the parent's end, inherited by the fork: closed, so that its death ends recv()
         later_parent.close()
+    if handoff is not None:
+        handoff.parent_end.close()
+    parent = os.getppid()
     with contextlib.suppress(OSError):  # the engine's threads first where they share a core with this process
         os.nice(10)  # (which works ahead of them)
     import SimpleITK as sitk
@@ -267,7 +349,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
         later = i >= FIRST_IMAGES
         path = source_key(source)
         # skipped: a later image that cannot be shared, a file named twice (read once), one the engine reads
-        if (later and (full or arena is None)) or first_index(request.paths, path) != i \
+        if (later and handoff is None and (full or arena is None)) or first_index(request.paths, path) != i \
                 or not claims.claim(i, READ, CHILD):
             conn.send(("skipped", path, None))
             return None
@@ -285,17 +367,17 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
             conn.send(("mapped", path, None))
             return image
         image.content_hash()  # the cache key's hash travels with the image: the parent need not compute it
-        packed = _pack(arena, image, half if later else None)
+        packed = _pack(arena, image, half if later else None, handoff if later else None)
         if later and packed[1] is None:  # a later image that does not fit: never through the pipe
-            full = True
+            full = handoff is None  # the region is used up; a memory file fails for this image alone
             conn.send(("skipped", path, None))
             return None
         if packed[1] is None and isinstance(image.array, np.memmap):  # through the pipe as a plain array
             image = dataclasses.replace(image, array=np.array(image.array))
             packed = (image, None)
         conn.send(("image", path, packed))
-        if packed[1] is not None:  # preprocessed from the shared copy: the child's own is freed (one copy held)
-            image = dataclasses.replace(image, array=arena.view(packed[1]))
+        if packed[1] is not None and packed[1][0] != "memfd":  # preprocessed from the shared copy: the child's own
+            image = dataclasses.replace(image, array=arena.view(packed[1]))  # is freed (one copy held)
         return image
 
     def make_input(i: int, image) -> None:  # its input sent, or word that it will not come
@@ -308,7 +390,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
                     arr = pad_to_multiple(prep.array, pad, prep.fill_value)  # CT comes padded: itself
                     body = body_mask_on_grid(arr, stride, prep.modality)
                     prep = dataclasses.replace(prep, body=body, body_stride_zyx=tuple(stride))
-                packed = _pack(arena, prep)
+                packed = _pack(arena, prep, None, handoff if i >= FIRST_IMAGES else None)
                 if i < FIRST_IMAGES or packed[1] is not None:
                     conn.send(("input", image.content_hash(), packed))
                     made = True
@@ -325,6 +407,13 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
         if image is not None:
             make_input(i, image)
     for i, source in enumerate(request.paths[first:], first):
+        if request.in_turn and handoff is not None:
+            # at most AHEAD images beyond the engine's (or, while it loads, beyond the first pair): each waits in
+            # memory of its own for its turn
+            while i > max(claims.asked(), FIRST_IMAGES - 1) + AHEAD:
+                if os.getppid() != parent:  # the engine is gone
+                    return
+                time.sleep(0.005)
         image = read(i, source)
         if image is not None:
             make_input(i, image)
@@ -350,12 +439,16 @@ class Prefetch:
             log.debug("prefetch: no shared region (%s)", exc)
             self._arena = None
         self._claims = _Claims(ctx)
+        self._handoff = _Handoff() if _Handoff.available() else None
         self._conn, child_conn = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_child,
-                                 args=(request, child_conn, self._arena, self._claims, later_child, self._later),
+                                 args=(request, child_conn, self._arena, self._claims, later_child, self._later,
+                                       self._handoff),
                                  daemon=True, name="samembed-prefetch")
         self._proc.start()
         child_conn.close()
+        if self._handoff is not None:
+            self._handoff.child_end.close()
         if later_child is not None:
             later_child.close()
         self._results: dict[str, object] = {}
@@ -384,11 +477,11 @@ class Prefetch:
                     kind, value = self._map(key)
                 with self._cond:
                     if kind == "image":
-                        image = self._images[key] = _unpack(self._arena, value)
+                        image = self._images[key] = _unpack(self._arena, value, self._handoff)
                         self._coming.add(image.content_hash())  # the child's hash, carried with the image
                         self._index.setdefault(image.content_hash(), first_index(self.request.paths, key))
                     elif kind == "input":
-                        self._results[key] = _unpack(self._arena, value)
+                        self._results[key] = _unpack(self._arena, value, self._handoff)
                     elif kind == "no input":
                         self._no_input.add(key)
                     if kind in ("image", "failed", "skipped"):
@@ -431,6 +524,7 @@ class Prefetch:
         path = str(path)
         if path not in {source_key(s) for s in self.request.paths}:
             return None
+        self._claims.ask(first_index(self.request.paths, path))
         with self._cond:
             if (self.share_work and path not in self._settled and not self._done
                     and self._claims.claim(first_index(self.request.paths, path), READ, ENGINE)):
@@ -459,6 +553,8 @@ class Prefetch:
             return None  # not one of its images (their hashes came with them): nothing to wait for
         paths = {source_key(s) for s in req.paths}
         with self._cond:  # wait while the child may still make it: an image it read and has not given up on
+            if content_hash in self._index:
+                self._claims.ask(self._index[content_hash])
             if (self.share_work and content_hash not in self._results and content_hash in self._index and not self._done
                     and not self._settled >= paths  # the child is still reading: its preprocessing comes after
                     and self._claims.claim(self._index[content_hash], PREPROCESS, ENGINE)):
@@ -481,6 +577,8 @@ class Prefetch:
         self._proc.join(timeout=5)
         self._receiver.join(timeout=5)
         self._conn.close()
+        if self._handoff is not None:
+            self._handoff.parent_end.close()
         with self._cond:
             self._results.clear()
             self._images.clear()

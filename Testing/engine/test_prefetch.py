@@ -5,6 +5,7 @@ engine, and the command's output is the same with or without it."""
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 import mmap
 import os
@@ -84,31 +85,91 @@ def test_arrays_too_large_for_the_shared_region_go_through_the_pipe(monkeypatch)
     assert np.array_equal(got.array, preprocess(ref, PreprocessConfig.from_dict(config), "auto", pad).array)
 
 
+def _memory_files() -> int:
+    """The hand-off's memory files this process maps now (``/proc/self/maps``)."""
+    with open("/proc/self/maps") as f:
+        return sum("samembed-prefetch" in line for line in f)
+
+
 @pytest.mark.needs_data
+@pytest.mark.parametrize("handoff", [True, False])
 @pytest.mark.parametrize("arena_bytes", [None, 1 << 20])  # the default region; 1 MiB, where no image fits
-def test_later_targets_are_prefetched_while_they_fit_in_the_shared_region_and_left_to_the_engine_after(
-        monkeypatch, arena_bytes):
-    """One atlas into several targets: the targets after the first are read and preprocessed ahead too, through the
-    shared region only; what does not fit there is left to the engine, which then need not wait for it."""
+def test_later_targets_are_handed_over_in_memory_of_their_own_or_else_while_they_fit_in_the_shared_region(
+        monkeypatch, arena_bytes, handoff):
+    """One atlas into several targets: the targets after the first are read and preprocessed ahead too. Each array
+    comes in memory of its own, which goes when the engine drops it, whatever room the shared region has; where
+    that cannot be (not Linux), through the shared region only, and what does not fit there is left to the engine,
+    which then need not wait for it."""
     if arena_bytes is not None:
         monkeypatch.setattr(prefetch, "ARENA_BYTES", arena_bytes)
+    if not handoff:
+        monkeypatch.setattr(prefetch._Handoff, "available", staticmethod(lambda: False))
+    elif not prefetch._Handoff.available():
+        pytest.skip("no memory files on this system (os.memfd_create, socket.send_fds)")
     paths = [data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz") for p in ("pt_215", "pt_232", "pt_202", "pt_231")]
     config, pad = registered_preprocess("default"), registered_pad_multiple_zyx("default")
     cfg = PreprocessConfig.from_dict(config)
     p = _start(paths, config, pad, registered_local_stride_zyx("default"))
+    mapped, held = _memory_files(), []
     try:
         for i, path in enumerate(paths):
             image = p.image(str(path))
-            later_left = arena_bytes is not None and i >= prefetch.FIRST_IMAGES
+            later = i >= prefetch.FIRST_IMAGES
+            later_left = arena_bytes is not None and later and not handoff
             assert (image is None) == later_left, f"image {i}: prefetched {image is not None}"
             ref = read_image(path)
             got = p.take(ref.content_hash(), cfg, "auto", pad)
             if later_left:
                 assert got is None  # the engine preprocesses it itself
-            else:
-                assert np.array_equal(image.array, ref.array)
-                assert np.array_equal(got.array, preprocess(ref, cfg, "auto", pad).array)
-                assert isinstance(got.array.base, mmap.mmap) == (arena_bytes is None)
+                continue
+            assert np.array_equal(image.array, ref.array)
+            assert np.array_equal(got.array, preprocess(ref, cfg, "auto", pad).array)
+            assert isinstance(got.array.base, mmap.mmap) == (arena_bytes is None or (later and handoff))
+            if later and handoff:
+                held += [image, got]
+        # each later image and its input in a memory file of its own, gone with the arrays
+        assert _memory_files() == mapped + len(held)
+        del image, got
+        held.clear()
+        gc.collect()
+        assert _memory_files() == mapped
+    finally:
+        p.close()
+
+
+@pytest.mark.needs_data
+def test_in_turn_the_child_reads_at_most_a_few_targets_beyond_the_one_the_engine_asked_for(caplog):
+    """One atlas into many scans: the command's prefetch reads each later target while the engine matches the
+    targets before it, at most ``AHEAD`` beyond the last one the engine asked for, so that no more than that many
+    wait in memory; asking for the next lets it read one more."""
+    if not prefetch._Handoff.available():
+        pytest.skip("no memory files on this system (os.memfd_create, socket.send_fds)")
+    names = ("pt_215", "pt_232", "pt_202", "pt_231", "pt_236", "pt_218", "pt_201")
+    paths = [str(data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz")) for p in names]
+    caplog.set_level(logging.DEBUG, logger="samembed.prefetch")
+
+    def read_so_far() -> list[int]:
+        return [paths.index(r.getMessage().split(" ")[2]) for r in caplog.records
+                if r.getMessage().startswith("prefetch: image ")]
+
+    def settle(expected: list[int]) -> None:  # wait for these images, then a while longer for any beyond them
+        deadline = time.monotonic() + 60
+        while read_so_far() != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert read_so_far() == expected
+
+    p = _start(paths, registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+               registered_local_stride_zyx("default"), in_turn=True)
+    try:
+        assert prefetch.AHEAD == 2
+        settle([0, 1, 2, 3])  # while the engine loads: the first pair, and AHEAD beyond it
+        p.image(paths[1])  # the engine's first target: no further
+        settle([0, 1, 2, 3])
+        p.image(paths[2])  # the next target's turn: one more
+        settle([0, 1, 2, 3, 4])
+        p.image(paths[4])  # image 4's turn: up to 6, the last
+        settle([0, 1, 2, 3, 4, 5, 6])
     finally:
         p.close()
 
