@@ -235,6 +235,11 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
         t_thumbs = time.time()
         thumbs = {}
         matches = []
+        if job.thumbnails:
+            from .thumbnails import landmark_pngs
+
+            thumbs = dict(zip((mt.label for mt in res.matches),
+                              landmark_pngs(target, [mt.point_lps_mm for mt in res.matches], job.thumbnail_mm)))
         for mt in res.matches:
             matches.append({"label": mt.label, "x": float(mt.point_lps_mm[0]), "y": float(mt.point_lps_mm[1]),
                             "z": float(mt.point_lps_mm[2]), "score": float(mt.score), "confident": bool(mt.confident),
@@ -242,10 +247,6 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
                             "polished": bool(mt.polished), "ncc": float(mt.ncc), "atlases": int(mt.atlases),
                             "agreeing": int(mt.agreeing), "spread_mm": float(mt.spread_mm),
                             "rejected": list(mt.rejected)})
-            if job.thumbnails:
-                from .thumbnails import landmark_png
-
-                thumbs[mt.label] = landmark_png(target, mt.point_lps_mm, job.thumbnail_mm)
         t_thumbs = time.time() - t_thumbs
     except Exception as e:  # noqa: BLE001 - every failure of one scan is recorded, the run goes on
         return failure(scan, _reason(e), timings={"total_s": time.time() - t0}, worker=_where())

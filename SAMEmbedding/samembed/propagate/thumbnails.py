@@ -28,7 +28,9 @@ def _plane(image: Image, centre_lps: np.ndarray, u: np.ndarray, v: np.ndarray, w
     d = image.ndim
     idx = image.grid.lps_to_index(pts.reshape(-1, 3)[:, :d])  # (n, d) in (i, j, k) order
     coords = idx[:, ::-1].T  # array order (k, j, i)
-    vals = map_coordinates(image.array.astype(np.float32), coords, order=1, mode="constant", cval=np.nan)
+    # the voxels read as they are (a float32 copy of the whole volume per panel took most of a thumbnail's time:
+    # 80 ms for a 512 x 512 x 133 CT), the interpolation computed in double, written as float32
+    vals = map_coordinates(image.array, coords, output=np.float32, order=1, mode="constant", cval=np.nan)
     return vals.reshape(PANEL_PX, PANEL_PX)
 
 
@@ -54,15 +56,29 @@ def _mark(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def landmark_png(image: Image, point_lps_mm, width_mm: float = 80.0) -> bytes:
+def is_ct(image: Image) -> bool:
+    """Whether the thumbnails of ``image`` use the CT window: a volume with values below -500 (HU of air)."""
+    if image.ndim != 3:
+        return False
+    finite = image.array[np.isfinite(image.array)] if image.array.dtype.kind == "f" else image.array
+    return finite.size > 0 and float(np.min(finite)) < -500
+
+
+def landmark_pngs(image: Image, points_lps_mm, width_mm: float = 80.0) -> list[bytes]:
+    """:func:`landmark_png` of each point (LPS mm), the image's window found once."""
+    ct = is_ct(image)
+    return [landmark_png(image, p, width_mm, ct) for p in points_lps_mm]
+
+
+def landmark_png(image: Image, point_lps_mm, width_mm: float = 80.0, ct: bool | None = None) -> bytes:
     """PNG bytes: axial (left; patient left to the right, anterior up) and coronal (right; superior up) crops of
-    ``width_mm`` around ``point_lps_mm`` (LPS mm), the point marked; one panel for 2D images."""
+    ``width_mm`` around ``point_lps_mm`` (LPS mm), the point marked; one panel for 2D images. ``ct``: the CT window
+    (:func:`is_ct`; None: found here, from every voxel)."""
     from matplotlib.image import imsave
 
     p = np.zeros(3)
     p[: len(point_lps_mm)] = np.asarray(point_lps_mm, dtype=float)[:3]
-    finite = image.array[np.isfinite(image.array)] if image.array.dtype.kind == "f" else image.array
-    ct = image.ndim == 3 and finite.size > 0 and float(np.min(finite)) < -500
+    ct = is_ct(image) if ct is None else ct
     x, y, z = np.eye(3)
     if image.ndim == 2:
         panels = [_plane(image, p, x, y, width_mm)]
