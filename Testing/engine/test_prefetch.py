@@ -138,6 +138,38 @@ def test_later_targets_are_handed_over_in_memory_of_their_own_or_else_while_they
 
 
 @pytest.mark.needs_data
+def test_a_memory_file_that_cannot_be_made_leaves_that_target_to_the_engine_and_the_next_still_comes(monkeypatch):
+    """No memory for one later target's array (``memfd_create`` fails): that target is left to the engine, which
+    need not wait for it, and the targets after it are still handed over."""
+    if not prefetch._Handoff.available():
+        pytest.skip("no memory files on this system (os.memfd_create, socket.send_fds)")
+    made = []
+    memfd_create = os.memfd_create
+
+    def first_fails(name, flags=0):  # runs in the forked child: its first memory file (image 2's array) fails
+        made.append(name)
+        if len(made) == 1:
+            raise OSError(24, "Too many open files")
+        return memfd_create(name, flags)
+
+    monkeypatch.setattr(os, "memfd_create", first_fails)
+    paths = [data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz") for p in ("pt_215", "pt_232", "pt_202", "pt_231")]
+    config, pad = registered_preprocess("default"), registered_pad_multiple_zyx("default")
+    cfg = PreprocessConfig.from_dict(config)
+    p = _start(paths, config, pad, registered_local_stride_zyx("default"), in_turn=True)
+    try:
+        for i, path in enumerate(paths):
+            image = p.image(str(path))
+            ref = read_image(path)
+            got = p.take(ref.content_hash(), cfg, "auto", pad)
+            assert (image is None) == (i == 2) and (got is None) == (i == 2), f"image {i}"
+            if i != 2:
+                assert np.array_equal(got.array, preprocess(ref, cfg, "auto", pad).array)
+    finally:
+        p.close()
+
+
+@pytest.mark.needs_data
 def test_in_turn_the_child_reads_at_most_a_few_targets_beyond_the_one_the_engine_asked_for(caplog):
     """One atlas into many scans: the command's prefetch reads each later target while the engine matches the
     targets before it, at most ``AHEAD`` beyond the last one the engine asked for, so that no more than that many
