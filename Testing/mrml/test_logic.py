@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from samembed import CheckpointError, InputError, MatchOptions, ModelNotAvailableError
-from SAMEmbeddingLib.logic import CONFIDENT_COLOR, UNCERTAIN_COLOR, MatchLogic
+from SAMEmbeddingLib.logic import (
+    CONFIDENT_COLOR,
+    HEATMAP_LEVEL_SAMPLES,
+    UNCERTAIN_COLOR,
+    MatchLogic,
+    heatmap_display_range,
+)
 from SAMEmbeddingLib.worker import Worker
 
 from .mrml_helpers import (
@@ -242,6 +248,32 @@ def test_the_heatmap_has_the_target_geometry_and_a_heat_colour_table(a_scene, a_
     assert composite.GetForegroundOpacity() == pytest.approx(0.3)
     a_logic.hideHeatmap()
     assert composite.GetForegroundVolumeID() is None
+
+
+def test_the_heatmap_shows_its_top_tenth_and_a_large_one_is_levelled_from_a_sample(a_scene, a_logic, an_oblique_ct):
+    """The heatmap is shown from the 90th percentile of its searched voxels' similarities (at least 0.001 below the
+    top) to their maximum. A map on a large grid (a thin-slice CT's) takes that percentile from a strided sample,
+    without a float64 copy of the map, close to the exact one; one where nothing was searched shows 0 to 1."""
+    from samembed.io import read_image
+
+    def exact(values: np.ndarray) -> tuple[float, float]:
+        searched = values[values > -1.0].astype(np.float64)
+        return min(np.percentile(searched, 90), searched.max() - 1e-3), searched.max()
+
+    points = add_points(a_scene, [_ras(an_oblique_ct, (64, 70, 10))], ["P"])
+    heatmap = a_logic.computeHeatmap(an_oblique_ct, points, 0, an_oblique_ct)
+    values = voxels(heatmap)
+    assert values.size <= HEATMAP_LEVEL_SAMPLES  # every voxel: the exact percentile
+    display = heatmap.GetDisplayNode()
+    assert (display.GetLowerThreshold(), display.GetWindowLevelMax()) == pytest.approx(exact(values), abs=1e-6)
+    # a large map with a spread of values: LIDC-0001's 35 M voxels as values in [-1, 1), air unsearched (-1)
+    ct = read_image(require(DATA / "ct" / "lidc" / "LIDC-IDRI-0001_ct.nii.gz")).array
+    large = np.where(ct < -500, -1.0, np.clip(ct / 1500.0, -0.99, 0.99)).astype(np.float32)
+    assert large.size > 8 * HEATMAP_LEVEL_SAMPLES
+    low, top = heatmap_display_range(large)
+    want = exact(large)
+    assert top == want[1] and low == pytest.approx(want[0], abs=1e-3) and low < top - 0.1
+    assert heatmap_display_range(np.full_like(values, -1.0)) == (0.0, 1.0)
 
 
 def test_a_second_heatmap_in_the_same_target_reuses_its_node(a_scene, a_logic, a_small_ct, two_landmarks):
