@@ -1025,8 +1025,9 @@ def heatmap_display_range(similarity: np.ndarray) -> tuple[float, float]:
     percentile (below it the heatmap is transparent) to their maximum; ``(0, 1)`` when nothing was searched.
 
     The percentile is taken on at most :data:`HEATMAP_LEVEL_SAMPLES` voxels, every n-th along each axis, without a
-    copy of the whole map: a heatmap on a thin-slice chest CT's grid (180 M voxels) took 6 s of the main thread and
-    2.5 GB of float64 copies for its exact percentile; the sample's is within 1e-4 of it."""
+    copy of the whole map. The exact percentile of a map on LIDC-0001's grid (35 M voxels) took 1.3 s of the main
+    thread, on a 0.5 mm chest CT's (175 M voxels) 4.5 s and 2-3 GB of float64 copies; the sample's takes 0.02-0.05 s
+    and was within 0.002 of it."""
     top = float(similarity.max()) if similarity.size else -1.0
     if top <= -1.0:
         return 0.0, 1.0

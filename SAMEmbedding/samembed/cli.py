@@ -225,6 +225,9 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         else:
             source = read(args.images[0])
             check_point_dims(points, args.points, source.ndim, args.images[0])
+        # what every target is matched from, by path and by content: never forgotten (below)
+        kept = {str(p) for p in ([image for image, _ in pairs] or args.images[:1])}
+        kept |= {images_read[p].content_hash() for p in list(kept)}
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         matcher.embedder.prefetch = prefetch
@@ -242,10 +245,16 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
                                   progress=progress, target_names=[name])
             one = None
-            if name not in map(str, [*target_paths[ti + 1:], *([image for image, _ in pairs] or args.images[:1])]):
-                # not matched again: its image and maps go now, so that memory stays bounded over many targets (one
-                # atlas into 100 OpenKBP CTs: peak RSS 4.28 -> 2.10 GB, 0.61 -> 0.58 s per target, the same matches)
-                matcher.forget(images_read.pop(name))
+            if name not in map(str, target_paths[ti + 1:]) and name not in kept:
+                # not matched again: its image, maps and prefetched input go now, so that memory stays bounded over
+                # many targets (one atlas into 100 OpenKBP CTs: peak RSS 4.28 -> 2.10 GB, 0.61 -> 0.58 s per target,
+                # the same matches); not when it holds what the source or an atlas holds (the same maps)
+                image = images_read.pop(name)
+                if image.content_hash() not in kept:
+                    matcher.forget(image)
+                if prefetch is not None:
+                    prefetch.discard(image.content_hash())
+                image = None
             if folder_out:
                 _write_markups(args, r, out / f"{ids[ti]}.mrk.json", fused)
             done.append(r)

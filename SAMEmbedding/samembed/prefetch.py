@@ -16,12 +16,13 @@ The voxels do not go through the pipe. The parent maps one anonymous shared memo
 (:class:`_Arena`); the child copies the first pair's arrays into it and sends only where they lie. A pipe moves
 64 KB per read, and the thread that reads it needs the GIL for each read while the main thread imports torch:
 measured, a 70 MB array took 0.26 s through a pipe to an idle process and 5.8 s to a busy one. An array of the
-source or the first target that does not fit in the region still goes through the pipe. The later targets' arrays
-come each in memory of its own, which goes when the engine drops it (:class:`_Handoff`, Linux): one atlas into 100
-OpenKBP CTs, 60.8 -> 52.6 s and a peak RSS of 2.18 -> 1.69 GB, against the region, which was full from about the
-20th target on, after which the engine read and preprocessed every target itself. Where memory files cannot be
-made, the later targets' images take at most half of the region, so that the inputs (the first pair's, made after
-every image is read, or, in turn, each later target's own) find room, and what does not fit is left to the engine.
+source or the first target that does not fit in the region still goes through the pipe. The command's later
+targets' arrays come each in memory of its own, which goes when the engine drops it (:class:`_Handoff`, Linux): one
+atlas into 100 OpenKBP CTs, 60.8 -> 52.6 s and a peak RSS of 2.18 -> 1.69 GB, against the region, which was full
+from about the 20th target on, after which the engine read and preprocessed every target itself. For a caller that
+takes every image first (the Slicer module's engine process), and where memory files cannot be made, the later
+images take at most half of the region, so that the first pair's inputs, made after every image is read, find
+room, and what does not fit is left to the engine.
 A volume file that its sender maps, with its hash (:class:`ArrayFile`, ``shared``), is not copied at all: both
 processes map the file, and only its input comes through the region (or its own memory).
 
@@ -174,15 +175,21 @@ class _Arena:
 
 
 class _Handoff:
-    """The later images' arrays, each handed over in memory of its own (Linux ``memfd``), not in the shared region:
-    the child copies an array into a new anonymous memory file and passes its descriptor through a socket (made
-    before the fork); the parent maps it and closes the descriptor (:meth:`view`). Its memory then goes when the
-    parent drops the array: the command drops each target once matched (``Matcher.forget``), so a long run holds
-    the arrays in use only, and the child never runs out of room, as it did in the region, after which the engine
-    read and preprocessed every later target itself (one atlas into 100 OpenKBP CTs: from about the 20th)."""
+    """The later images' arrays (:attr:`PrefetchRequest.in_turn`), each handed over in memory of its own (Linux
+    ``memfd``), not in the shared region: the child copies an array into a new anonymous memory file and passes its
+    descriptor through a socket (made before the fork); the parent maps it and closes the descriptor (:meth:`view`).
+    Its memory then goes when the parent drops the array: the command drops each target once matched
+    (``Matcher.forget``, :meth:`Prefetch.discard`), so a long run holds the arrays in use only, and the child never
+    runs out of room, as it did in the region, after which the engine read and preprocessed every later target itself
+    (one atlas into 100 OpenKBP CTs: from about the 20th).
+
+    Each descriptor goes in a datagram of its own with a sequence number, which the message naming it carries too:
+    a descriptor sent for a message that was never sent (the child failed in between) is skipped and closed, never
+    taken for the next array."""
 
     def __init__(self) -> None:
-        self.parent_end, self.child_end = socket.socketpair()
+        self.parent_end, self.child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sent = 0  # in the child: the next sequence number
 
     @staticmethod
     def available() -> bool:
@@ -199,32 +206,38 @@ class _Handoff:
             fd = os.memfd_create("samembed-prefetch", os.MFD_CLOEXEC)
         except OSError:
             return None
+        seq = self._sent
         try:
             os.ftruncate(fd, arr.nbytes)
             buf = mmap.mmap(fd, arr.nbytes)
             np.ndarray(arr.shape, arr.dtype, buffer=buf)[...] = arr
             buf.close()  # the file keeps the values; the child holds none of it
-            socket.send_fds(self.child_end, [b"a"], [fd])
+            socket.send_fds(self.child_end, [seq.to_bytes(8, "little")], [fd])
         except OSError:  # no memory for it: never sent
             return None
         finally:
             os.close(fd)
-        return "memfd", arr.dtype.str, tuple(arr.shape)
+        self._sent += 1
+        return "memfd", arr.dtype.str, tuple(arr.shape), seq
 
     def view(self, where: tuple) -> np.ndarray:
-        """The array the child sent last (in the parent, which takes them in the order sent): its memory file mapped,
-        the descriptor closed; the memory goes with the array."""
-        _, dtype, shape = where
-        _, fds, _, _ = socket.recv_fds(self.parent_end, 1, 1)
+        """The array the child put at ``where`` (in the parent, which takes them in the order sent): its memory file
+        mapped, the descriptor closed; the memory goes with the array."""
+        _, dtype, shape, seq = where
+        while True:
+            data, fds, _, _ = socket.recv_fds(self.parent_end, 8, 1)
+            got = int.from_bytes(data, "little")
+            if got == seq and fds:
+                break
+            for fd in fds:  # an earlier one whose message never came
+                os.close(fd)
+            if got > seq:
+                raise RuntimeError(f"prefetch: memory file {seq} never came (got {got})")
         try:
             buf = mmap.mmap(fds[0], int(np.prod(shape)) * np.dtype(dtype).itemsize)
         finally:
             os.close(fds[0])
         return np.ndarray(shape, np.dtype(dtype), buffer=buf)
-
-    def close(self) -> None:
-        self.parent_end.close()
-        self.child_end.close()
 
 
 def _pack(arena: _Arena | None, obj, limit: int | None = None, handoff: _Handoff | None = None):
@@ -271,8 +284,9 @@ class _Claims:
 
     def ask(self, index: int) -> None:
         """The engine asks for image ``index`` (its image or its input) now (in the parent)."""
-        if index + 1 > self.asked() + 1:
-            self._asked[:8] = int(index + 1).to_bytes(8, "little")
+        with self._lock:
+            if index > self.asked():
+                self._asked[:8] = int(index + 1).to_bytes(8, "little")
 
     def asked(self) -> int:
         """The highest index of an image the engine has asked for, -1 before the first."""
@@ -439,7 +453,10 @@ class Prefetch:
             log.debug("prefetch: no shared region (%s)", exc)
             self._arena = None
         self._claims = _Claims(ctx)
-        self._handoff = _Handoff() if _Handoff.available() else None
+        # the later images in memory of their own only when the caller takes them in turn (each dropped once
+        # matched); a caller that takes every image first (the Slicer module's engine process) gets the region's
+        # one shared copy of each, the later ones while they fit in half of it
+        self._handoff = _Handoff() if request.in_turn and _Handoff.available() else None
         self._conn, child_conn = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_child,
                                  args=(request, child_conn, self._arena, self._claims, later_child, self._later,
@@ -457,6 +474,7 @@ class Prefetch:
         self._coming: set[str] = set()  # content hashes of the images read: their inputs may still come
         self._no_input: set[str] = set()  # content hashes whose input will not come
         self._index: dict[str, int] = {}  # the request's index of each content hash the child read
+        self._discarded: set[str] = set()  # content hashes whose input the engine will not take (discard())
         self._done = False
         self.images_read = 0  # images handed out by image(), and inputs by take() (what the engine did not do itself)
         self.inputs_made = 0
@@ -480,8 +498,10 @@ class Prefetch:
                         image = self._images[key] = _unpack(self._arena, value, self._handoff)
                         self._coming.add(image.content_hash())  # the child's hash, carried with the image
                         self._index.setdefault(image.content_hash(), first_index(self.request.paths, key))
-                    elif kind == "input":
+                    elif kind == "input" and key not in self._discarded:
                         self._results[key] = _unpack(self._arena, value, self._handoff)
+                    elif kind == "input":  # the engine is done with that image: its input goes at once
+                        _unpack(self._arena, value, self._handoff)
                     elif kind == "no input":
                         self._no_input.add(key)
                     if kind in ("image", "failed", "skipped"):
@@ -553,6 +573,13 @@ class Prefetch:
             return None  # not one of its images (their hashes came with them): nothing to wait for
         paths = {source_key(s) for s in req.paths}
         with self._cond:  # wait while the child may still make it: an image it read and has not given up on
+            if req.in_turn and (content_hash not in self._index
+                                or (content_hash not in self._coming and content_hash not in self._results)):
+                # the child sends each image before its input, and the caller takes an image before its input: one
+                # not sent is the caller's own (read itself, or no image of the request), and one handed out (or
+                # claimed by the caller) does not come again. Waiting until every image is settled would never end:
+                # the child reads no more than AHEAD images beyond what the caller asked for.
+                return None
             if content_hash in self._index:
                 self._claims.ask(self._index[content_hash])
             if (self.share_work and content_hash not in self._results and content_hash in self._index and not self._done
@@ -566,6 +593,14 @@ class Prefetch:
             prepared = self._results.pop(content_hash, None)
             self.inputs_made += prepared is not None
             return prepared
+
+    def discard(self, content_hash: str) -> None:
+        """The caller is done with the image of ``content_hash`` (the command, once a target is matched): its input,
+        if it came and was not taken (its maps came from the disk cache), goes now, and so does one that comes later.
+        """
+        with self._cond:
+            self._discarded.add(content_hash)
+            self._results.pop(content_hash, None)
 
     def close(self) -> None:
         """Stop the child (if still running) and drop what was not taken."""

@@ -296,7 +296,8 @@ def test_a_batch_that_fails_or_is_interrupted_keeps_the_targets_it_finished(tmp_
 @pytest.mark.needs_data
 def test_each_target_not_matched_again_is_forgotten_after_its_match(tmp_path, two_cts, a_points_csv, monkeypatch):
     """One atlas into many scans keeps bounded memory: the command drops each target's image and maps once it has
-    matched it, unless it comes again later or is the source. The matches are those of separate runs."""
+    matched it, unless it comes again later or holds the source (its path, or a copy: the same maps). The matches
+    are those of separate runs."""
     from samembed.api import Matcher
 
     forgotten = []
@@ -305,8 +306,10 @@ def test_each_target_not_matched_again_is_forgotten_after_its_match(tmp_path, tw
     pts_path, _ = a_points_csv
     src, tgt = map(str, two_cts)
     common = ["--points", str(pts_path), "--model", "random:sam-lite", "--device", "cpu", "--quiet"]
-    assert main(["match", src, tgt, src, tgt, "--out", str(tmp_path / "m.csv"), *common]) == 0
-    assert forgotten == [tgt]  # the target once its last match is done; the source never
+    copy = tmp_path / "copy_of_the_source.nii.gz"
+    copy.write_bytes(Path(src).read_bytes())
+    assert main(["match", src, tgt, src, str(copy), tgt, "--out", str(tmp_path / "m.csv"), *common]) == 0
+    assert forgotten == [tgt]  # the target once its last match is done; the source never, nor its copy
     rows = list(csv.DictReader((tmp_path / "m.csv").open()))
     assert main(["match", src, tgt, "--out", str(tmp_path / "one.csv"), *common]) == 0
     one = list(csv.DictReader((tmp_path / "one.csv").open()))

@@ -11,6 +11,7 @@ import mmap
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -96,10 +97,11 @@ def _memory_files() -> int:
 @pytest.mark.parametrize("arena_bytes", [None, 1 << 20])  # the default region; 1 MiB, where no image fits
 def test_later_targets_are_handed_over_in_memory_of_their_own_or_else_while_they_fit_in_the_shared_region(
         monkeypatch, arena_bytes, handoff):
-    """One atlas into several targets: the targets after the first are read and preprocessed ahead too. Each array
-    comes in memory of its own, which goes when the engine drops it, whatever room the shared region has; where
-    that cannot be (not Linux), through the shared region only, and what does not fit there is left to the engine,
-    which then need not wait for it."""
+    """One atlas into several targets: the targets after the first are read and preprocessed ahead too. For the
+    command, which takes them in turn, each array comes in memory of its own, which goes when the engine drops it,
+    whatever room the shared region has; otherwise (a caller that takes every image first, or no memory files on
+    this system), through the shared region only, and what does not fit there is left to the engine, which then
+    need not wait for it."""
     if arena_bytes is not None:
         monkeypatch.setattr(prefetch, "ARENA_BYTES", arena_bytes)
     if not handoff:
@@ -109,7 +111,7 @@ def test_later_targets_are_handed_over_in_memory_of_their_own_or_else_while_they
     paths = [data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz") for p in ("pt_215", "pt_232", "pt_202", "pt_231")]
     config, pad = registered_preprocess("default"), registered_pad_multiple_zyx("default")
     cfg = PreprocessConfig.from_dict(config)
-    p = _start(paths, config, pad, registered_local_stride_zyx("default"))
+    p = _start(paths, config, pad, registered_local_stride_zyx("default"), in_turn=handoff)
     mapped, held = _memory_files(), []
     try:
         for i, path in enumerate(paths):
@@ -607,6 +609,67 @@ def test_an_image_the_child_has_not_started_is_read_by_the_engine_and_left_by_th
     finally:
         p.close()
     assert read_log.read_text().split() == [str(source)], "the child read the target the engine took"
+
+
+def _within(seconds: float, call):
+    """``call()``'s result, or a failure when it has not returned within ``seconds`` (a hang, not a slow test)."""
+    out = []
+    worker = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still waiting after {seconds} s"
+    return out[0]
+
+
+@pytest.mark.needs_data
+def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out_is_not_waited_for(tmp_path,
+                                                                                                   monkeypatch, caplog):
+    """One atlas into many scans: the engine reads the first target itself while the child holds on the source. The
+    target's input is then the engine's: ``take`` gives None at once, although the child, which reads no more than
+    AHEAD targets beyond the engine's, has not settled every image (waiting for that never ended). Neither is an
+    input handed out once waited for again. The inputs the engine will not take (their maps came from the disk
+    cache) go when it says so (``discard``), also one that comes later."""
+    import multiprocessing
+
+    from samembed import io as samembed_io
+
+    names = ("pt_215", "pt_232", "pt_202", "pt_231", "pt_236", "pt_218")
+    paths = [data_file("ct", "openkbp", "ct", f"{n}_ct.nii.gz") for n in names]
+    asked = multiprocessing.get_context("fork").Event()
+    real_read = samembed_io.read_image
+
+    def held_read(path, *a, **k):  # in the child: the source held until the engine has asked for the target
+        if str(path) == str(paths[0]):
+            assert asked.wait(60), "the engine never asked for the target"
+        return real_read(path, *a, **k)
+
+    monkeypatch.setattr(samembed_io, "read_image", held_read)
+    caplog.set_level(logging.DEBUG, logger="samembed.prefetch")
+    config, pad, stride = (registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+                           registered_local_stride_zyx("default"))
+    cfg = PreprocessConfig.from_dict(config)
+    p = _start(paths, config, pad, stride, share_work=True, in_turn=True)
+    try:
+        time.sleep(0.5)  # the child is on the source
+        assert p.image(str(paths[1])) is None, "the engine must read an image nobody has started"
+        asked.set()
+        source = p.image(str(paths[0]))
+        assert _within(30, lambda: p.take(real_read(paths[1]).content_hash(), cfg, "auto", pad)) is None
+        assert _within(30, lambda: p.take(source.content_hash(), cfg, "auto", pad)) is not None
+        assert _within(30, lambda: p.take(source.content_hash(), cfg, "auto", pad)) is None  # handed out once
+        deadline = time.monotonic() + 30  # the child has sent the next target (else the engine would read it)
+        while f"prefetch: image {paths[2]}" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        third = p.image(str(paths[2]))
+        assert third is not None and np.array_equal(third.array, real_read(paths[2]).array)
+        p.discard(third.content_hash())  # its maps came from the disk cache: its input is never taken
+        deadline = time.monotonic() + 30  # until the child's input for it has come, or come before
+        while f"prefetch: input {third.content_hash()}" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"prefetch: input {third.content_hash()}" in caplog.text
+        assert third.content_hash() not in p._results, "a discarded input is still held"
+    finally:
+        p.close()
 
 
 @pytest.mark.needs_data
