@@ -376,6 +376,31 @@ def test_an_unreadable_image_is_left_to_the_command_which_names_it(tmp_path, cap
 
 
 @pytest.mark.needs_data
+def test_the_command_with_two_atlases_and_four_targets_finishes_with_its_prefetch(tmp_path):
+    """A fresh interpreter (the command prefetches): two atlases, whose second the prefetch never reads, into four
+    targets, more than the child reads ahead. The engine embeds the second atlas itself, at once, instead of
+    waiting for an input that never comes (before, it waited for ever). The fused matches are those made here
+    without a prefetch."""
+    cents = list(csv.DictReader(data_file("ct", "openkbp", "oar_centroids.csv").open()))
+    atlases = ("pt_239", "pt_231")
+    common = set.intersection(*({r["structure"] for r in cents if r["patient"] == a} for a in atlases))
+    args = ["match"]
+    for atlas in atlases:  # the same labels on both (fused per label)
+        pts = tmp_path / f"{atlas}.csv"
+        pts.write_text("label,x,y,z\n" + "".join(f"{r['structure']},{r['x_mm']},{r['y_mm']},{r['z_mm']}\n"
+                                                 for r in cents if r["patient"] == atlas and r["structure"] in common))
+        args += ["--atlas", str(data_file("ct", "openkbp", "ct", f"{atlas}_ct.nii.gz")), str(pts)]
+    args += [str(data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz")) for p in ("pt_202", "pt_236", "pt_218", "pt_232")]
+    args += ["--device", "cpu", "-q"]
+    code = ("import sys; from samembed import cli, prefetch; assert prefetch.available(); "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "fresh.csv")], check=True,
+                   capture_output=True, text=True, timeout=120)
+    assert main([*args, "--out", str(tmp_path / "here.csv")]) == 0
+    assert (tmp_path / "fresh.csv").read_text() == (tmp_path / "here.csv").read_text()
+
+
+@pytest.mark.needs_data
 def test_the_command_with_its_prefetch_writes_what_it_writes_without(tmp_path):
     """A fresh interpreter (torch not yet imported: the command prefetches) against this process (torch imported:
     no prefetch), the same source, three targets and points. How many images the prefetch process reads depends on
