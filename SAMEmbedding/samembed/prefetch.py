@@ -421,7 +421,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
         if image is not None:
             make_input(i, image)
     for i, source in enumerate(request.paths[first:], first):
-        if request.in_turn and handoff is not None:
+        if handoff is not None:  # (in turn: the only way memory files are used)
             # at most AHEAD images beyond the engine's (or, while it loads, beyond the first pair): each waits in
             # memory of its own for its turn
             while i > max(claims.asked(), FIRST_IMAGES - 1) + AHEAD:
@@ -596,11 +596,14 @@ class Prefetch:
 
     def discard(self, content_hash: str) -> None:
         """The caller is done with the image of ``content_hash`` (the command, once a target is matched): its input,
-        if it came and was not taken (its maps came from the disk cache), goes now, and so does one that comes later.
-        """
+        if it came and was not taken (its maps came from the disk cache), goes now, and so does one that comes later
+        (for a file of the same content further on). A later :meth:`take` of it gets None at once, as for an input
+        that will not come."""
         with self._cond:
             self._discarded.add(content_hash)
             self._results.pop(content_hash, None)
+            self._no_input.add(content_hash)
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop the child (if still running) and drop what was not taken."""

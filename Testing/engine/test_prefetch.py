@@ -653,7 +653,7 @@ def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out
     target's input is then the engine's: ``take`` gives None at once, although the child, which reads no more than
     AHEAD targets beyond the engine's, has not settled every image (waiting for that never ended). Neither is an
     input handed out once waited for again. The inputs the engine will not take (their maps came from the disk
-    cache) go when it says so (``discard``), also one that comes later."""
+    cache) go when it says so (``discard``), also one that comes later, and a later ``take`` of one does not wait."""
     import multiprocessing
 
     from samembed import io as samembed_io
@@ -693,6 +693,8 @@ def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out
             time.sleep(0.05)
         assert f"prefetch: input {third.content_hash()}" in caplog.text
         assert third.content_hash() not in p._results, "a discarded input is still held"
+        # a file of the same content later in the list, whose maps were forgotten with it, is preprocessed again
+        assert _within(30, lambda: p.take(third.content_hash(), cfg, "auto", pad)) is None
     finally:
         p.close()
 
