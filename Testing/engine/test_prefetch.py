@@ -86,6 +86,13 @@ def test_arrays_too_large_for_the_shared_region_go_through_the_pipe(monkeypatch)
     assert np.array_equal(got.array, preprocess(ref, PreprocessConfig.from_dict(config), "auto", pad).array)
 
 
+def _wait_for(condition, seconds: float) -> None:
+    """Until ``condition()`` holds, or ``seconds`` have passed (the caller's assertion then says what is missing)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _memory_files() -> int:
     """The hand-off's memory files this process maps now (``/proc/self/maps``)."""
     with open("/proc/self/maps") as f:
@@ -187,9 +194,7 @@ def test_in_turn_the_child_reads_at_most_a_few_targets_beyond_the_one_the_engine
                 if r.getMessage().startswith("prefetch: image ")]
 
     def settle(expected: list[int]) -> None:  # wait for these images, then a while longer for any beyond them
-        deadline = time.monotonic() + 60
-        while read_so_far() != expected and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(lambda: read_so_far() == expected, 60)
         time.sleep(1.0)
         assert read_so_far() == expected
 
@@ -682,15 +687,12 @@ def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out
         assert _within(30, lambda: p.take(real_read(paths[1]).content_hash(), cfg, "auto", pad)) is None
         assert _within(30, lambda: p.take(source.content_hash(), cfg, "auto", pad)) is not None
         assert _within(30, lambda: p.take(source.content_hash(), cfg, "auto", pad)) is None  # handed out once
-        deadline = time.monotonic() + 30  # the child has sent the next target (else the engine would read it)
-        while f"prefetch: image {paths[2]}" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # the child has sent the next target (else the engine would read it)
+        _wait_for(lambda: f"prefetch: image {paths[2]}" in caplog.text, 30)
         third = p.image(str(paths[2]))
         assert third is not None and np.array_equal(third.array, real_read(paths[2]).array)
         p.discard(third.content_hash())  # its maps came from the disk cache: its input is never taken
-        deadline = time.monotonic() + 30  # until the child's input for it has come, or come before
-        while f"prefetch: input {third.content_hash()}" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(lambda: f"prefetch: input {third.content_hash()}" in caplog.text, 30)  # its input came (or before)
         assert f"prefetch: input {third.content_hash()}" in caplog.text
         assert third.content_hash() not in p._results, "a discarded input is still held"
         # a file of the same content later in the list, whose maps were forgotten with it, is preprocessed again
