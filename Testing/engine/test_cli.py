@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -768,3 +773,104 @@ def test_labels_with_commas_stay_one_column_and_one_target_can_go_to_a_markups_f
                  *rnd]) == 2
     assert "a .mrk.json file holds the points of one target, and there are 2; give a folder" in capsys.readouterr().err
     assert not many.exists()
+
+
+def _gone(pid: int) -> bool:
+    """The process ``pid`` has ended (gone, or a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_until(done, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"not after {timeout_s:.0f} s: {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.needs_data
+def test_the_prefetch_process_ends_when_the_command_is_killed(tmp_path):
+    """A command killed outright (SIGKILL, the kernel's OOM killer) cannot stop its prefetch process. The child held
+    the parent's end of its results pipe too (inherited by the fork), so a send larger than the pipe's buffer (an
+    input's body mask) waited for ever: an orphan of 0.4 GB per killed run. It now closes that end, and its next
+    send fails and ends it."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the prefetch process runs on Linux only")
+    cts = [data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz") for n in (201, 202, 203, 204)]
+    code = ("import sys, time\n"
+            "from samembed import prefetch\n"
+            "from samembed.registry import registered_local_stride_zyx, registered_pad_multiple_zyx, "
+            "registered_preprocess\n"
+            "p = prefetch.start(sys.argv[1:], registered_preprocess('default'), 'auto', None, "
+            "registered_pad_multiple_zyx('default'), registered_local_stride_zyx('default'))\n"
+            "print('UNAVAILABLE' if p is None else p._proc.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code, *map(str, cts)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline().strip()
+        if line == "UNAVAILABLE":
+            pytest.skip("no prefetch process on this machine (one core)")
+        child = int(line)
+        time.sleep(0.3)  # killed while the child reads the first pair: its results are still to be sent
+        parent.kill()
+        parent.wait(timeout=30)
+        _wait_until(lambda: _gone(child), 60, f"the prefetch process {child} still runs after its engine was killed")
+    finally:
+        parent.kill()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.needs_data
+def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_targets(tmp_path, a_points_csv):
+    """``kill``, ``timeout`` and batch systems stop a command with SIGTERM, on which Python dies at once: nothing
+    finished was written and the prefetch process was left behind. The command now stops as on Ctrl-C: it writes
+    the matches of the targets it finished, stops its prefetch process and exits with 143."""
+    psutil = pytest.importorskip("psutil")
+    ids = (201, 202, 203, 204, 206, 207, 208, 209)
+    cts = [data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz") for n in ids]
+    out, log_path = tmp_path / "out.csv", tmp_path / "stderr.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "from samembed.cli import run; run()", "match", *map(str, cts),
+                                 "--points", str(a_points_csv[0]), "--out", str(out), "--device", "cpu"],
+                                stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        _wait_until(lambda: "matched 2/" in log_path.read_text(), 300, "the second target matched")
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143, log_path.read_text()
+    finally:
+        proc.kill()
+    err = log_path.read_text()
+    assert "terminated: stopped by SIGTERM" in err and "Traceback" not in err, err
+    kept = int(re.search(r"kept the matches of the (\d+) of 7 targets", err).group(1))
+    assert 2 <= kept < 7, err
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 2 * kept and {r.split(",")[0] for r in rows} == {str(c) for c in cts[1:1 + kept]}
+    for pid in children:  # the prefetch process went with it
+        _wait_until(lambda pid=pid: _gone(pid), 30, f"process {pid} of the command still runs")
+
+
+def test_sigterm_handling_is_the_commands_own_and_ends_with_it():
+    """The command's SIGTERM handler is in place while it runs and the previous one is back after it; elsewhere
+    than in the main thread nothing is changed."""
+    from samembed.cli import Terminated, stop_on_sigterm
+
+    def terminated_in_the_block():
+        with stop_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode: not reached
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated, match="SIGTERM"):
+        terminated_in_the_block()
+    assert signal.getsignal(signal.SIGTERM) is before
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(stop_on_sigterm().__enter__() or signal.getsignal(
+        signal.SIGTERM)))
+    thread.start()
+    thread.join()
+    assert seen == [before]
