@@ -4,7 +4,7 @@ say so and exit 2).
 
 Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 internal error
 (``propagate``: 3 when some scans failed, listed in failures.csv), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM
-(``kill``, ``timeout``, a batch system's limit); both keep what was finished (:class:`Terminated`).
+(``kill``, ``timeout``, a batch system's limit); both keep what was finished (:mod:`samembed.stopping`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import NoReturn
 
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
 from .progress import PhaseProgress
+from .stopping import Terminated, stop_on_sigterm
 from .torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
 
 log = logging.getLogger("samembed")
@@ -873,31 +873,6 @@ def exit_now(code: int) -> NoReturn:
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more to flush
             stream.flush()
     os._exit(int(code))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM reached a running command (``kill``, ``timeout``, a batch system's time limit or cancel): it stops as on
-    Ctrl-C, keeping what it finished (``match``: the finished targets' matches; ``propagate``: the finished scans),
-    stops its prefetch process and exits with 143 (128 + SIGTERM)."""
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread; the previous handler is put back
-    after it. Python's own reaction to SIGTERM is to die at once: no finished result written, and a prefetch
-    process left behind. Only in the main thread (where Python runs signal handlers); elsewhere it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise Terminated(f"stopped by {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args: argparse.Namespace) -> int:

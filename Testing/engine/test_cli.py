@@ -857,7 +857,7 @@ def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_targets(tmp_p
 def test_sigterm_handling_is_the_commands_own_and_ends_with_it():
     """The command's SIGTERM handler is in place while it runs and the previous one is back after it; elsewhere
     than in the main thread nothing is changed."""
-    from samembed.cli import Terminated, stop_on_sigterm
+    from samembed.stopping import Terminated, stop_on_sigterm
 
     def terminated_in_the_block():
         with stop_on_sigterm():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,39 @@ def test_an_interrupted_run_resumed_with_auto_follows_the_uninterrupted_schedule
     assert [r[0] for r in rows("b")] == ["1", "2", "3", "4"]
     cpu = [float(r.split(",")[6]) for r in (tmp_path / "b" / "run" / "train_log.csv").read_text().splitlines()[1:]]
     assert cpu == sorted(cpu)  # CPU time adds up across the two processes of the run
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_training_after_the_iteration_with_its_checkpoint(tmp_path, monkeypatch, signum):
+    """A stop during iteration 3 (the checkpoints come every 2) lets the iteration finish and saves it: nothing is
+    lost, and --resume auto gives the uninterrupted run's iterations, losses and learning rates. Before, Ctrl-C
+    lost iteration 3 (the run went on from the checkpoint of iteration 2) and SIGTERM killed the process."""
+    from samembed.stopping import Terminated
+    from samembed.training.train import Trainer
+
+    Trainer(tiny_config(tmp_path / "a", "sam", iterations=4, warmup=2), progress=False).run()
+    real = Trainer.compute_loss
+
+    def signalled(self, *args):
+        if self._iteration == 2:
+            os.kill(os.getpid(), signum)  # noted now; the stop comes after the iteration
+        return real(self, *args)
+
+    monkeypatch.setattr(Trainer, "compute_loss", signalled)
+    before = signal.getsignal(signum)
+    with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+        Trainer(tiny_config(tmp_path / "b", "sam", iterations=4, warmup=2), progress=False).run(resume="auto")
+    assert signal.getsignal(signum) is before  # the training's handlers are gone with it
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["iteration"] == 3
+    monkeypatch.setattr(Trainer, "compute_loss", real)
+    Trainer(tiny_config(tmp_path / "b", "sam", iterations=4, warmup=2), progress=False).run(resume="auto")
+
+    def rows(run):  # iteration, loss, learning rate
+        lines = (tmp_path / run / "run" / "train_log.csv").read_text().splitlines()[1:]
+        return [(r.split(",")[0], r.split(",")[1], r.split(",")[4]) for r in lines]
+
+    assert rows("b") == rows("a") and [r[0] for r in rows("b")] == ["1", "2", "3", "4"]
 
 
 @pytest.mark.needs_data

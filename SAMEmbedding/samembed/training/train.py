@@ -23,6 +23,7 @@ from ..models import save_checkpoint
 from ..networks import build_network
 from ..preprocess import PreprocessConfig
 from ..progress import CountProgress
+from ..stopping import StopBetweenSteps
 from .config import TrainConfig
 from .data import find_volumes, load_cached, prepare_cache
 from .losses import local_loss, multi_positive_info_nce
@@ -313,45 +314,58 @@ class Trainer:
                 if name.startswith(GLOBAL_PREFIX):
                     module.eval()
         it = start
-        for it in range(start, cfg.iterations):
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * sched(it)
-            picks = rng.choice(len(self.volumes), size=min(cfg.batch_volumes, len(self.volumes)), replace=False)
-            views = [self._views(rng, *self.volumes[i][1:]) for i in picks]
-            draws, sem_views = self._semantic_views(rng)  # extra views of the semantic objective, same forward pass
-            lx = torch.stack([v[0].image for pair in views + sem_views for v in pair]).to(self.device)
-            gx = torch.stack([v[1].image for pair in views + sem_views for v in pair]).to(self.device)
-            loc, glob = model(lx, gx)
-            loc, glob = loc.cpu(), glob.cpu()
-            n = 2 * len(views)
-            self._iteration = it
-            self._semantic_batch = SemanticBatch(draws, sem_views, loc[n:], glob[n:]) if sem_views else None
-            loss, stats = self.compute_loss(views, loc[:n], glob[:n], gen, rng)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
-            done = it + 1
-            if self.rank == 0:
-                with log_path.open("a", encoding="utf-8") as fh:
-                    fh.write(f"{done},{loss.item():.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
-                             f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{cpu_before + time.process_time():.1f}"
-                             + "".join(f",{stats.get(k, 0):.5f}" for k in extra) + "\n")
-                if bar:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
-                    bar.update(1)
-                if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                    self._save_resume(net, opt, done, rng, gen)
-                if cfg.snapshot_every and done % cfg.snapshot_every == 0:
-                    (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
-                    save_checkpoint(self.out / "snapshots" / f"it_{done:06d}.pt", net, self.prep, name=cfg.name,
-                                    train_config=cfg.to_dict(), iteration=done,
-                                    extra={"cpu_seconds_total": cpu_before + time.process_time()}, half=True)
-            if cfg.time_limit_min and clock() - t0 > cfg.time_limit_min * 60:
-                log.warning("time limit of %.1f min (%s clock) reached at iteration %d", cfg.time_limit_min, cfg.time_clock, done)
+        # Ctrl-C or SIGTERM (a session's end, a batch system's limit) stops the run between iterations, with a
+        # resume checkpoint of the last one: nothing is lost, and --resume auto goes on as if never stopped
+        with StopBetweenSteps() as stopping:
+            saved = False
+            for it in range(start, cfg.iterations):
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * sched(it)
+                picks = rng.choice(len(self.volumes), size=min(cfg.batch_volumes, len(self.volumes)), replace=False)
+                views = [self._views(rng, *self.volumes[i][1:]) for i in picks]
+                draws, sem_views = self._semantic_views(rng)  # extra views of the semantic objective, same forward pass
+                lx = torch.stack([v[0].image for pair in views + sem_views for v in pair]).to(self.device)
+                gx = torch.stack([v[1].image for pair in views + sem_views for v in pair]).to(self.device)
+                loc, glob = model(lx, gx)
+                loc, glob = loc.cpu(), glob.cpu()
+                n = 2 * len(views)
+                self._iteration = it
+                self._semantic_batch = SemanticBatch(draws, sem_views, loc[n:], glob[n:]) if sem_views else None
+                loss, stats = self.compute_loss(views, loc[:n], glob[:n], gen, rng)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+                opt.step()
+                done = it + 1
                 if self.rank == 0:
-                    self._save_resume(net, opt, done, rng, gen)
-                break
+                    with log_path.open("a", encoding="utf-8") as fh:
+                        fh.write(f"{done},{loss.item():.5f},{stats.get('local', 0):.5f},{stats.get('global', 0):.5f},"
+                                 f"{opt.param_groups[0]['lr']:.6g},{time.time() - wall0:.1f},{cpu_before + time.process_time():.1f}"
+                                 + "".join(f",{stats.get(k, 0):.5f}" for k in extra) + "\n")
+                    if bar:
+                        bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
+                        bar.update(1)
+                    saved = done % cfg.checkpoint_every == 0 or done == cfg.iterations
+                    if saved:
+                        self._save_resume(net, opt, done, rng, gen)
+                    if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+                        (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
+                        save_checkpoint(self.out / "snapshots" / f"it_{done:06d}.pt", net, self.prep, name=cfg.name,
+                                        train_config=cfg.to_dict(), iteration=done,
+                                        extra={"cpu_seconds_total": cpu_before + time.process_time()}, half=True)
+                if stopping.requested is not None:  # Ctrl-C or SIGTERM during the iteration: it finished, saved
+                    if self.rank == 0:
+                        if not saved:
+                            self._save_resume(net, opt, done, rng, gen)
+                        log.warning("stopped after iteration %d: --resume auto goes on from %s", done, self.out / "last.pt")
+                    if bar:
+                        bar.close()
+                    stopping.stop()
+                if cfg.time_limit_min and clock() - t0 > cfg.time_limit_min * 60:
+                    log.warning("time limit of %.1f min (%s clock) reached at iteration %d", cfg.time_limit_min, cfg.time_clock, done)
+                    if self.rank == 0:
+                        self._save_resume(net, opt, done, rng, gen)
+                    break
         if bar:
             bar.close()
         final = self.out / f"{cfg.name}.pt"
