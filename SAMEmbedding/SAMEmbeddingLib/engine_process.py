@@ -16,7 +16,7 @@ tuple ``(kind, requestID, payload)``):
   parent maps the file too, so the child and its prefetch may map it instead of copying it, ``ArrayFile.shared``;
   the geometry is pickled as float64: exact); ``("forget", key, None)``;
   ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
-  (load the model now); ``("cancel", id, None)``;
+  (load the model now); ``("cancel", id, None)``; ``("release", 0, None)`` (the job that sent volumes ahead is over);
   ``("clear", id, None)``; ``("stats", id, None)``; ``("stop", 0, None)``.
 * child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)`` (for
   ``prepare``: its timings dict; for ``warm``: None); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
@@ -51,13 +51,15 @@ import os
 import queue
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
-from multiprocessing.connection import Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,9 @@ SHARED_MEMORY_MIN_FREE = 2 << 30
 VOLUMES_PREFIX = "SAMEmbedding-volumes-"
 #: the file in each such folder that its engine holds locked (``flock``) while it lives
 VOLUMES_LOCK = ".lock"
+#: the names of the engines' temporary folders (their log, and their volume files where shared memory has no room),
+#: in the system's temporary folder, locked as those in shared memory
+TEMP_PREFIX = "SAMEmbedding-engine-"
 #: the engine process maps a volume file that it reads itself (not prefetched: the first volume of a request when
 #: the engine was started ahead, a volume of a later request) instead of reading it into memory, as the prefetch does,
 #: when the parent maps that file too (a file of :meth:`EngineProcess.newVolumeFile`): its pages are in memory (the
@@ -137,14 +142,38 @@ def _sharedMemoryFolder(root: Path = Path("/dev/shm")) -> tuple[Path, int] | Non
         return None
 
 
-def _removeStaleVolumeFolders(root: Path) -> None:
-    """Remove the folders of volume files in ``root`` whose engine has ended: the ones whose lock file nobody holds
-    (``flock`` sees the holders of every process namespace that shares the folder, and is not fooled by a reused
-    process ID). A folder without a lock file, another user's, or anything unexpected is left alone."""
+def _temporaryFolder() -> tuple[Path, int | None]:
+    """A new temporary folder for an engine (its log; its volume files where shared memory has no room) and, on
+    POSIX, the descriptor of its lock file, held locked while the engine lives. The temporary folders of engines that
+    ended without removing theirs (a Slicer that crashed, whose volume files may hold 0.35 GB each) are removed first,
+    as the shared-memory ones are (:func:`_removeStaleVolumeFolders`)."""
+    if os.name != "posix":
+        return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), None
+    import fcntl  # POSIX only
+
+    _removeStaleVolumeFolders(Path(tempfile.gettempdir()), f"{TEMP_PREFIX}*")
+    folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+    try:  # (until its lock file exists, another engine's sweep leaves the folder alone)
+        fd = os.open(folder / VOLUMES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        return folder, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return folder, None
+    return folder, fd
+
+
+def _removeStaleVolumeFolders(root: Path, pattern: str = f"{VOLUMES_PREFIX}*-") -> None:
+    """Remove the engines' folders in ``root`` (named as ``pattern``: volume files in shared memory, or temporary
+    folders) whose engine has ended: the ones whose lock file nobody holds (``flock`` sees the holders of every
+    process namespace that shares the folder, and is not fooled by a reused process ID). A folder without a lock file,
+    another user's, or anything unexpected is left alone."""
     import fcntl  # POSIX only
 
     try:
-        folders = list(root.glob(f"{VOLUMES_PREFIX}*-"))
+        folders = [f for f in root.glob(pattern) if f.is_dir() and not f.is_symlink()]
     except OSError:
         return
     for folder in folders:
@@ -231,7 +260,7 @@ class EngineProcess:
         self._hashing: dict[Path, concurrent.futures.Future] = {}  # volume file -> its image's hash under way
         self._hashLock = threading.Lock()
         self._ids = itertools.count(1)
-        self._tmp = Path(tempfile.mkdtemp(prefix="SAMEmbedding-engine-"))
+        self._tmp, self._tmpLock = _temporaryFolder()
         self._logPath = self._tmp / "engine.log"
         #: where :meth:`newVolumeFile` puts volume files: a folder in shared memory where there is room (with the
         #: descriptor of its lock file, held while this engine lives), else ``_tmp``
@@ -311,6 +340,15 @@ class EngineProcess:
                 if cancel is not None and cancel.is_set():
                     return
                 self._ensureImage(image)
+
+    def releaseVolumesAhead(self) -> None:
+        """The job that sent its volumes ahead (:meth:`sendVolumes`) is over: finished, or stopped between its targets
+        (a cancel between two requests never reaches the child). The child's prefetch then lets go of what it read and
+        preprocessed for targets that will not be asked for (up to the shared region's 1 GiB), as after a cancelled
+        request. Nothing when no child runs."""
+        with self._lock:
+            if self._alive():
+                self._send(("release", 0, None))
 
     def startAhead(self) -> None:
         """Start the child now, in a thread, unless it runs: its start and torch's import then go beside the
@@ -396,9 +434,11 @@ class EngineProcess:
             hasher.shutdown(wait=True, cancel_futures=True)  # a hash under way reads a file about to go: it ends first
         shutil.rmtree(self._tmp, ignore_errors=True)
         shutil.rmtree(self._volumes, ignore_errors=True)
-        if self._volumesLock is not None:
-            os.close(self._volumesLock)
-            self._volumesLock = None
+        for name in ("_volumesLock", "_tmpLock"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
     def __del__(self) -> None:
         try:
@@ -413,13 +453,14 @@ class EngineProcess:
     def _ensureStarted(self) -> None:
         if self._alive():
             return
+        self._refuseIfClosed()
         if self._startError is not None:  # the start ahead failed: that is this request's error
             error, self._startError = self._startError, None
             raise error
         self._stop(0.0)
         self._tmp.mkdir(parents=True, exist_ok=True)
         authkey = secrets.token_bytes(32)
-        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        server = socket.create_server(("127.0.0.1", 0))  # the child connects back here (_acceptChild)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), *filter(None, [env.get("PYTHONPATH")])])
         logFile = open(self._logPath, "ab")  # noqa: SIM115 - the child writes it; closed with the child
@@ -430,30 +471,57 @@ class EngineProcess:
                                     stdout=logFile, stderr=subprocess.STDOUT, env=env, cwd=str(MODULE_DIR),
                                     creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # no console on Windows
         except OSError as e:
-            listener.close()
+            server.close()
             logFile.close()
             raise EngineProcessError(f"cannot start the engine process with {python}: {e}") from e
-        hello = {"address": list(listener.address), "authkey": authkey.hex(), "model": self.model,
+        hello = {"address": list(server.getsockname()[:2]), "authkey": authkey.hex(), "model": self.model,
                  "device": self.device, "cache_bytes": self.cacheBytes}
-        proc.stdin.write((json.dumps(hello) + "\n").encode())
-        proc.stdin.close()
-        accepted: dict = {}
-        thread = threading.Thread(target=lambda: accepted.setdefault("conn", listener.accept()), daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(POLL_S)
-            if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
-                proc.kill()
-                logFile.close()
-                raise EngineProcessError(f"the engine process did not start (exit code {proc.poll()}); "
-                                         f"its log says:\n{self._logTail()}")
-        listener.close()
-        self._proc, self._conn, self._logFile = proc, accepted["conn"], logFile
+        try:
+            try:
+                proc.stdin.write((json.dumps(hello) + "\n").encode())
+                proc.stdin.close()
+            except OSError:  # it ended before reading its connection details: reported below, with its log
+                pass
+            conn = self._acceptChild(server, authkey, proc, started)
+        except BaseException:  # nothing of a failed start stays: the child, the listening socket, the log file
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            logFile.close()
+            raise
+        finally:
+            server.close()
+        self._proc, self._conn, self._logFile = proc, conn, logFile
         self._sent.clear()
         self._firstRequestSent = False  # this child's prefetch waits for the volumes of its first such request
         self.starts += 1
         log.info("SAMEmbedding: engine process %d started with %s in %.1f s", proc.pid, python,
                  time.monotonic() - started)
+
+    def _acceptChild(self, server: socket.socket, authkey: bytes, proc: subprocess.Popen, started: float) -> Connection:
+        """The started child's connection to ``server``, authenticated both ways with ``authkey`` (as
+        ``multiprocessing.connection.Listener`` does), waited for on this thread, ``POLL_S`` at a time, while the
+        child lives and for at most ``START_TIMEOUT_S`` from ``started``. A connection that fails the handshake (not
+        the child) is dropped and the wait goes on. No thread is left waiting when the child does not come."""
+        server.settimeout(POLL_S)
+        while True:
+            if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
+                raise EngineProcessError(f"the engine process did not start (exit code {proc.poll()}); "
+                                         f"its log says:\n{self._logTail()}")
+            try:
+                sock, _ = server.accept()
+            except TimeoutError:
+                continue
+            sock.setblocking(True)
+            conn = Connection(sock.detach())
+            try:
+                deliver_challenge(conn, authkey)
+                answer_challenge(conn, authkey)
+            except (AuthenticationError, OSError, EOFError) as e:
+                log.warning("SAMEmbedding: a connection that is not the engine process's was refused: %s", e)
+                conn.close()
+                continue
+            return conn
 
     def _stop(self, timeout: float) -> None:
         proc, conn = self._proc, self._conn
@@ -498,8 +566,17 @@ class EngineProcess:
         system's temporary folder. A volume written when sent (not mapped) always goes to the temporary folder."""
         if os.name != "posix":
             return None
+        self._refuseIfClosed()
         self._volumes.mkdir(parents=True, exist_ok=True)
         return self._volumes / f"volume-{next(self._ids)}.npy"
+
+    def _refuseIfClosed(self) -> None:
+        """A closed engine (:meth:`close`: the module left, another model chosen) starts no child and makes no volume
+        file again: a job still running on it when it closed stops, as if cancelled. The logic builds a new engine
+        for the next request. Before, such a job started a child nobody closed, and made the shared-memory folder
+        again without its lock file, so no later engine removed it."""
+        if self._closed:
+            raise Cancelled("the engine was closed (the module was left, or another model was chosen)")
 
     def hashAhead(self, image: Image) -> None:
         """Start hashing ``image`` (its content hash, the child's key for it) in a thread of this engine's
@@ -799,6 +876,9 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 grid, name, spacingKnown, path, shared = payload
                 # the key: its hash
                 unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID, shared=shared)
+                continue
+            if kind == "release":  # the job that sent volumes ahead is over: what the prefetch holds for it goes
+                releasePrefetch(force=True)
                 continue
             if kind == "forget":
                 images.pop(requestID, None)

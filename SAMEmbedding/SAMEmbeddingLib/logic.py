@@ -195,11 +195,20 @@ class MatchJob:
         Raises:
             samembed.SamEmbedError: the engine refused the input or the model (message says why).
         """
-        outcome = JobOutcome([])
-        total = len(self.targets)
         sendVolumes = getattr(matcher, "sendVolumes", None)
         if sendVolumes is not None:  # the engine process: every volume now, the later targets preprocessed ahead
             sendVolumes([self.sourceImage, *(t.image for t in self.targets)], cancel=cancel)
+            try:
+                return self._matchEach(matcher, cancel, progress, onTarget)
+            finally:  # stopped between targets, the engine would hold what it read ahead for them
+                matcher.releaseVolumesAhead()
+        return self._matchEach(matcher, cancel, progress, onTarget)
+
+    def _matchEach(self, matcher: MatcherProtocol, cancel: threading.Event | None, progress: ProgressFn | None,
+                   onTarget: Callable[[TargetResult], None] | None) -> JobOutcome:
+        """The targets one at a time (:meth:`run`)."""
+        outcome = JobOutcome([])
+        total = len(self.targets)
         for n, target in enumerate(self.targets):
             if cancel is not None and cancel.is_set():
                 outcome.cancelled = True

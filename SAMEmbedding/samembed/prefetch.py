@@ -268,6 +268,9 @@ CLAIMED_IMAGES = 1024
 #: last one the engine has asked for (or the first pair, before it asks): each is read and preprocessed while the
 #: engine matches a target before it, and no more wait in memory for their turn
 AHEAD = 2
+#: seconds a process waits for the claims' shared lock (:class:`_Claims`), held for microseconds unless its holder
+#: was killed holding it
+LOCK_WAIT_S = 5.0
 
 
 class _Claims:
@@ -281,12 +284,28 @@ class _Claims:
         self._state = mmap.mmap(-1, 2 * CLAIMED_IMAGES)
         self._lock = ctx.Lock()
         self._asked = mmap.mmap(-1, 8)  # the highest index the engine has asked for, plus one (0: none yet)
+        self._broken = False  # the lock could not be had once (_acquire): never waited for again
+
+    def _acquire(self) -> bool:
+        """The shared lock, within :data:`LOCK_WAIT_S`; False, and from then on at once, when it cannot be had: the
+        child was killed while it held it (the engine then waits for nothing the child would do)."""
+        if self._broken:
+            return False
+        if self._lock.acquire(timeout=LOCK_WAIT_S):
+            return True
+        self._broken = True
+        log.debug("prefetch: the claims' lock is held by a process that is gone")
+        return False
 
     def ask(self, index: int) -> None:
         """The engine asks for image ``index`` (its image or its input) now (in the parent)."""
-        with self._lock:
+        if not self._acquire():  # only paces the child's look-ahead: nothing to do without it
+            return
+        try:
             if index > self.asked():
                 self._asked[:8] = int(index + 1).to_bytes(8, "little")
+        finally:
+            self._lock.release()
 
     def asked(self) -> int:
         """The highest index of an image the engine has asked for, -1 before the first."""
@@ -298,7 +317,7 @@ class _Claims:
         if index >= CLAIMED_IMAGES:
             return who == CHILD
         k = 2 * index + task
-        if not self._lock.acquire(timeout=5):  # (a child killed while holding it) the task stays the child's
+        if not self._acquire():  # (a child killed while holding it) the task stays the child's
             return who == CHILD
         try:
             if self._state[k] == FREE:
@@ -521,7 +540,11 @@ class Prefetch:
                         self._settled.add(key)
                     self._cond.notify_all()
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the engine must not wait for more
-            log.debug("prefetch: receiving stopped: %s", exc)
+            # and the child must not wait either: nobody reads its pipe any more, so its next large send would hold
+            # it, and its memory, until close()
+            log.warning("prefetch stopped (the engine reads the remaining images itself): %s", exc)
+            with contextlib.suppress(Exception):
+                self._proc.terminate()
         finally:
             with self._cond:
                 self._done = True

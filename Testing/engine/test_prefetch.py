@@ -750,3 +750,58 @@ def test_an_input_the_child_has_not_started_is_made_by_the_engine_while_the_chil
     finally:
         p.close()
     assert made_log.read_text().split() == [str(target)], "the child made the input the engine took"
+
+
+@pytest.mark.needs_data
+def test_a_claims_lock_left_held_by_a_killed_process_is_waited_for_once_not_for_ever(monkeypatch):
+    """The claims' lock is shared by both processes; a child killed while holding it (the OOM killer) used to leave
+    the engine's ``ask`` waiting for ever, inside ``take``'s condition, which stalled the receiver too. The engine
+    now waits ``LOCK_WAIT_S`` once, then never again, and gets its image."""
+    monkeypatch.setattr(prefetch, "LOCK_WAIT_S", 1.0, raising=False)
+    paths = [str(data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz")) for p in ("pt_215", "pt_232", "pt_202")]
+    p = _start(paths, registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+               registered_local_stride_zyx("default"), in_turn=True)
+    try:
+        _wait_for(lambda: {str(x) for x in paths[:2]} <= p._settled, 60)  # the first pair is read
+        holder = os.fork()
+        if holder == 0:  # a process that takes the lock and is killed holding it
+            p._claims._lock.acquire()
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.3)
+        os.kill(holder, 9)
+        os.waitpid(holder, 0)
+        got = {}
+        asker = threading.Thread(target=lambda: got.setdefault("image", p.image(paths[1])), daemon=True)
+        started = time.monotonic()
+        asker.start()
+        asker.join(20)
+        assert not asker.is_alive(), "the engine waits for ever for a lock whose holder is gone"
+        assert got["image"] is not None and time.monotonic() - started < 5
+        started = time.monotonic()
+        p.image(paths[0])  # the lock is not waited for again
+        assert time.monotonic() - started < 0.5
+    finally:
+        p.close()
+
+
+@pytest.mark.needs_data
+def test_a_receiver_that_fails_says_so_and_stops_the_child(monkeypatch, caplog):
+    """When the engine cannot take a result (here: mapping its array fails, as with every descriptor in use), it
+    reads the rest itself; before, the failure was logged at debug level only and the child, whose pipe nobody read
+    any more, stayed blocked on its next send, holding its memory, until the prefetch was closed."""
+    paths = [str(data_file("ct", "openkbp", "ct", f"{p}_ct.nii.gz")) for p in ("pt_215", "pt_232", "pt_202")]
+
+    def fails(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(prefetch, "_unpack", fails)
+    p = _start(paths, registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+               registered_local_stride_zyx("default"), in_turn=True)
+    try:
+        _wait_for(lambda: not p._proc.is_alive(), 30)
+        assert not p._proc.is_alive(), "the child still runs, its results unread"
+        assert p.image(paths[0]) is None  # the engine reads it itself
+        assert any(r.levelno == logging.WARNING and "Too many open files" in r.getMessage() for r in caplog.records)
+    finally:
+        p.close()

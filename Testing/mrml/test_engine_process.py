@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -590,5 +591,107 @@ def test_a_start_ahead_after_close_starts_nothing_and_a_failed_one_is_the_next_r
         assert engine.starts == 0
         assert len(engine.match(image, centre, [image]).matches) == 1
         assert engine.starts == 1
+    finally:
+        engine.close()
+
+
+def test_a_failed_start_leaves_no_thread_listener_or_child_and_says_so(tmp_path):
+    """A child that ends at once (here an interpreter that exits with 3, before it reads its connection details)
+    gives an EngineProcessError each time, not a BrokenPipeError, and leaves nothing behind: before, each failed
+    start kept a thread waiting in accept() on a listening socket for the rest of the session."""
+    import threading
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    engine = EngineProcess(model="random:sam-lite", device="cpu", python=str(fake))
+    before = threading.active_count()
+    try:
+        for _ in range(3):
+            with pytest.raises(EngineProcessError, match="did not start"), engine._lock:
+                engine._ensureStarted()
+        end = time.monotonic() + 10.0
+        while threading.active_count() > before:
+            assert time.monotonic() < end, [t.name for t in threading.enumerate()]
+            time.sleep(0.05)
+        assert engine.starts == 0 and engine.pid is None
+    finally:
+        engine.close()
+
+
+def test_a_closed_engine_starts_no_child_and_makes_no_volume_file_again(a_small_ct):
+    """A job still running when the engine closed (the module left) stops as if cancelled: before, it started a
+    child that nobody closed, and made the volume folder again without its lock, so no engine ever removed it."""
+    from samembed import Cancelled
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    centre = image.grid.index_to_lps([[(n - 1) / 2 for n in image.grid.size_ijk]])
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    folder = engine._volumes
+    engine.close()
+    with pytest.raises(Cancelled, match="closed"):
+        engine.newVolumeFile()
+    with pytest.raises(Cancelled, match="closed"):
+        engine.match(image, centre, [image])
+    assert engine.starts == 0 and engine.pid is None and not folder.exists() and not engine._tmp.exists()
+
+
+def test_the_temporary_folders_of_ended_engines_are_removed_and_the_living_ones_left(monkeypatch, tmp_path):
+    """Where shared memory has no room, an engine's volume files go to its temporary folder, up to 0.35 GB each: an
+    engine that ended without removing it (a Slicer that crashed) left it for ever. The next engine removes it, as
+    it removes the shared-memory ones; a living engine's folder and folders without a lock file stay."""
+    import tempfile
+
+    from SAMEmbeddingLib import engine_process
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    living = EngineProcess(model="random:sam-lite", device="cpu")
+    crashed = EngineProcess(model="random:sam-lite", device="cpu")
+    crashed_tmp = crashed._tmp
+    (crashed_tmp / "volume-1.npy").write_bytes(b"a volume left behind")
+    os.close(crashed._tmpLock)  # what a crash does to its lock (the folder stays)
+    crashed._tmpLock = None
+    unlocked = tmp_path / f"{engine_process.TEMP_PREFIX}nolock"
+    unlocked.mkdir()
+    try:
+        assert crashed_tmp.parent == tmp_path and crashed_tmp.is_dir()
+        later = EngineProcess(model="random:sam-lite", device="cpu")
+        later.close()
+        assert not crashed_tmp.exists(), "an ended engine's temporary folder was left"
+        assert living._tmp.is_dir() and unlocked.is_dir()
+    finally:
+        living.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the engine process's children from /proc")
+def test_a_job_stopped_between_its_targets_lets_the_engine_drop_what_it_read_ahead(a_small_ct):
+    """The module sends a click's volumes ahead, then asks for one target at a time; a cancel between two requests
+    never reached the engine, whose prefetch kept the later targets' images and inputs (up to 1 GiB of shared
+    memory) for the rest of the session. The job now says when it is over, and the prefetch goes."""
+    from samembed import Image
+    from SAMEmbeddingLib.logic import MatchJob, TargetSpec
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    targets = [Image(image.array + k, image.grid, f"t{k}") for k in (1, 2, 3)]
+    engine = EngineProcess(model="default", device="cpu")
+    try:
+        centre = image.grid.index_to_lps([[(n - 1) / 2 for n in image.grid.size_ijk]])
+        job = MatchJob("src", "pts", ["c"], ["c"], centre, image,
+                       [TargetSpec(f"n{k}", t.name, t) for k, t in enumerate(targets)])
+        cancel = threading.Event()
+        seen = []
+
+        def stop_after_the_first(result):
+            seen.append(result)
+            cancel.set()  # the user cancels between the first and the second target
+
+        outcome = job.run(engine, cancel=cancel, onTarget=stop_after_the_first)
+        assert outcome.cancelled and len(outcome.results) == 1
+        children = Path(f"/proc/{engine.pid}/task/{engine.pid}/children")
+        end = time.monotonic() + 30.0
+        while children.read_text().split():  # the prefetch process ends once let go
+            assert time.monotonic() < end, "the engine's prefetch process still runs after the job stopped"
+            time.sleep(0.05)
+        assert "preprocessed ahead by the prefetch process" in engine._logPath.read_text()
     finally:
         engine.close()
