@@ -52,6 +52,7 @@ import queue
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,9 @@ MODULE_DIR = Path(__file__).resolve().parents[1]
 POLL_S = 0.05
 """How often a waiting call checks for cancel and for a dead child, seconds."""
 START_TIMEOUT_S = 120.0
+#: seconds a connection to the engine's port may take to authenticate before it is dropped (the child's takes
+#: milliseconds; another local program's must not hold the start)
+HANDSHAKE_TIMEOUT_S = 10.0
 """How long the child may take to start and connect, seconds."""
 SHORT_REQUEST_TIMEOUT_S = 0.5
 """How long ``clear_cache`` and ``cache_bytes`` wait for a child still finishing a cancelled match, seconds."""
@@ -142,6 +146,16 @@ def _sharedMemoryFolder(root: Path = Path("/dev/shm")) -> tuple[Path, int] | Non
         return None
 
 
+def _receiveTimeout(sock: socket.socket, seconds: float) -> None:
+    """Set the kernel's receive timeout (``SO_RCVTIMEO``) of ``sock``: a blocking read of its descriptor fails after
+    ``seconds`` (0: never)."""
+    if os.name == "nt":  # a DWORD of milliseconds
+        value = struct.pack("L", int(seconds * 1000))
+    else:  # a struct timeval
+        value = struct.pack("ll", int(seconds), int(round((seconds % 1) * 1e6)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+
+
 def _temporaryFolder() -> tuple[Path, int | None]:
     """A new temporary folder for an engine (its log; its volume files where shared memory has no room) and, on
     POSIX, the descriptor of its lock file, held locked while the engine lives. The temporary folders of engines that
@@ -151,17 +165,21 @@ def _temporaryFolder() -> tuple[Path, int | None]:
         return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), None
     import fcntl  # POSIX only
 
-    _removeStaleVolumeFolders(Path(tempfile.gettempdir()), f"{TEMP_PREFIX}*")
-    folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
-    try:  # (until its lock file exists, another engine's sweep leaves the folder alone)
-        fd = os.open(folder / VOLUMES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    except OSError:
-        return folder, None
+    root = Path(tempfile.gettempdir())
+    _removeStaleVolumeFolders(root, f"{TEMP_PREFIX}*")
+    # made under a hidden name, locked, then renamed: a folder under its final name is locked from the start
+    draft = Path(tempfile.mkdtemp(prefix=f".{TEMP_PREFIX}draft-", dir=root))
+    try:
+        fd = os.open(draft / VOLUMES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:  # no lock: the folder is never swept by another engine (nor removed unless closed)
+        return draft, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        folder = root / f"{TEMP_PREFIX}{draft.name.rsplit('-', 1)[-1]}"
+        os.rename(draft, folder)
     except OSError:
         os.close(fd)
-        return folder, None
+        return draft, None
     return folder, fd
 
 
@@ -424,7 +442,8 @@ class EngineProcess:
         return self._proc.pid if self._alive() else None
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the child (asks, then kills after ``timeout`` s) and remove the temporary files."""
+        """Stop the child (asks, then kills after ``timeout`` s) and remove the temporary files. The engine is done
+        then: a later request or volume file raises ``samembed.Cancelled`` (the logic builds a new engine)."""
         with self._lock:
             self._closed = True
             self._stop(timeout)
@@ -510,9 +529,12 @@ class EngineProcess:
                                          f"its log says:\n{self._logTail()}")
             try:
                 sock, _ = server.accept()
-            except TimeoutError:
+            except socket.timeout:  # (TimeoutError from Python 3.10 on)
                 continue
             sock.setblocking(True)
+            # a peer that connects and never answers (not the child) must not hold the start: the handshake's reads
+            # time out (the kernel's receive timeout: Connection reads the descriptor itself), then the wait goes on
+            _receiveTimeout(sock, HANDSHAKE_TIMEOUT_S)
             conn = Connection(sock.detach())
             try:
                 deliver_challenge(conn, authkey)
@@ -521,6 +543,8 @@ class EngineProcess:
                 log.warning("SAMEmbedding: a connection that is not the engine process's was refused: %s", e)
                 conn.close()
                 continue
+            with socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as same:  # (a duplicate of the
+                _receiveTimeout(same, 0.0)  # same socket) no timeout from now on
             return conn
 
     def _stop(self, timeout: float) -> None:

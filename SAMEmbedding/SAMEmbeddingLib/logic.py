@@ -196,13 +196,22 @@ class MatchJob:
             samembed.SamEmbedError: the engine refused the input or the model (message says why).
         """
         sendVolumes = getattr(matcher, "sendVolumes", None)
-        if sendVolumes is not None:  # the engine process: every volume now, the later targets preprocessed ahead
+        if sendVolumes is None:
+            return self._matchEach(matcher, cancel, progress, onTarget)
+        # the engine process: every volume now, the later targets preprocessed ahead
+        try:
             sendVolumes([self.sourceImage, *(t.image for t in self.targets)], cancel=cancel)
+        except Cancelled:  # the engine closed meanwhile (the module left, another model chosen)
+            return JobOutcome([], cancelled=True)
+        try:
+            return self._matchEach(matcher, cancel, progress, onTarget)
+        finally:  # stopped between targets, the engine would hold what it read ahead for them
+            release = getattr(matcher, "releaseVolumesAhead", None)
             try:
-                return self._matchEach(matcher, cancel, progress, onTarget)
-            finally:  # stopped between targets, the engine would hold what it read ahead for them
-                matcher.releaseVolumesAhead()
-        return self._matchEach(matcher, cancel, progress, onTarget)
+                if release is not None:
+                    release()
+            except Exception as e:  # noqa: BLE001 - the job's own outcome (or error) is what matters
+                log.info("SAMEmbedding: the engine did not take the job's end: %s", e)
 
     def _matchEach(self, matcher: MatcherProtocol, cancel: threading.Event | None, progress: ProgressFn | None,
                    onTarget: Callable[[TargetResult], None] | None) -> JobOutcome:

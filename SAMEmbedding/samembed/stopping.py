@@ -36,7 +36,7 @@ def _stop(signum: int) -> KeyboardInterrupt:
 def stop_on_sigterm() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`Terminated` in the main thread; the previous handler is put back
     after it."""
-    if not _in_main_thread():
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is None:  # (None: a handler set from C, kept)
         yield
         return
 
@@ -68,7 +68,8 @@ class StopBetweenSteps:
     def __enter__(self) -> StopBetweenSteps:
         if _in_main_thread():
             for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._note)
+                if signal.getsignal(signum) is not None:  # (None: a handler set from C, which stays)
+                    self._previous[signum] = signal.signal(signum, self._note)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,6 +83,6 @@ class StopBetweenSteps:
         self.requested = signum
 
     def stop(self) -> None:
-        """Raise the noted stop (call it when :attr:`requested` is set, after saving)."""
-        if self.requested is not None:
-            raise _stop(self.requested)
+        """Raise the noted stop (call it when :attr:`requested` is set, after saving); a plain ``KeyboardInterrupt``
+        when none was noted here (another process of the same run was stopped)."""
+        raise _stop(self.requested if self.requested is not None else signal.SIGINT)

@@ -838,7 +838,8 @@ def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_targets(tmp_p
                                  "--points", str(a_points_csv[0]), "--out", str(out), "--device", "cpu"],
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
-        _wait_until(lambda: "matched 2/" in log_path.read_text(), 300, "the second target matched")
+        # the third target's turn: the second is kept (a finished target joins the kept ones before the next starts)
+        _wait_until(lambda: "embedding target 3/" in log_path.read_text(), 300, "the second target matched")
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143, log_path.read_text()

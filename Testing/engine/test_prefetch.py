@@ -763,12 +763,16 @@ def test_a_claims_lock_left_held_by_a_killed_process_is_waited_for_once_not_for_
                registered_local_stride_zyx("default"), in_turn=True)
     try:
         _wait_for(lambda: {str(x) for x in paths[:2]} <= p._settled, 60)  # the first pair is read
+        taken_r, taken_w = os.pipe()
         holder = os.fork()
         if holder == 0:  # a process that takes the lock and is killed holding it
             p._claims._lock.acquire()
+            os.write(taken_w, b"1")
             time.sleep(60)
             os._exit(0)
-        time.sleep(0.3)
+        os.close(taken_w)
+        assert os.read(taken_r, 1) == b"1"  # it holds the lock now
+        os.close(taken_r)
         os.kill(holder, 9)
         os.waitpid(holder, 0)
         got = {}

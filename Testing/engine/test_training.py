@@ -287,6 +287,23 @@ def test_ctrl_c_or_sigterm_stops_training_after_the_iteration_with_its_checkpoin
 
 
 @pytest.mark.needs_data
+def test_a_stop_during_the_last_iteration_lets_the_run_finish(tmp_path, monkeypatch):
+    """The last iteration ends the run anyway: a signal during it does not stop it short of its final model."""
+    from samembed.training.train import Trainer
+
+    real = Trainer.compute_loss
+
+    def signalled(self, *args):
+        if self._iteration == 2:  # the third and last
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args)
+
+    monkeypatch.setattr(Trainer, "compute_loss", signalled)
+    final = Trainer(tiny_config(tmp_path, "sam"), progress=False).run()
+    assert torch.load(final, weights_only=True)["iteration"] == 3
+
+
+@pytest.mark.needs_data
 def test_a_new_run_starts_from_init_from_weights_and_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     from samembed.models import load_model
     from samembed.training.train import Trainer

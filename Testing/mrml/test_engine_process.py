@@ -595,6 +595,7 @@ def test_a_start_ahead_after_close_starts_nothing_and_a_failed_one_is_the_next_r
         engine.close()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the stand-in interpreter is a shell script")
 def test_a_failed_start_leaves_no_thread_listener_or_child_and_says_so(tmp_path):
     """A child that ends at once (here an interpreter that exits with 3, before it reads its connection details)
     gives an EngineProcessError each time, not a BrokenPipeError, and leaves nothing behind: before, each failed
@@ -636,6 +637,7 @@ def test_a_closed_engine_starts_no_child_and_makes_no_volume_file_again(a_small_
     assert engine.starts == 0 and engine.pid is None and not folder.exists() and not engine._tmp.exists()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the folders' locks are POSIX file locks")
 def test_the_temporary_folders_of_ended_engines_are_removed_and_the_living_ones_left(monkeypatch, tmp_path):
     """Where shared memory has no room, an engine's volume files go to its temporary folder, up to 0.35 GB each: an
     engine that ended without removing it (a Slicer that crashed) left it for ever. The next engine removes it, as
@@ -661,6 +663,7 @@ def test_the_temporary_folders_of_ended_engines_are_removed_and_the_living_ones_
         assert living._tmp.is_dir() and unlocked.is_dir()
     finally:
         living.close()
+        crashed.close()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the engine process's children from /proc")
@@ -695,3 +698,41 @@ def test_a_job_stopped_between_its_targets_lets_the_engine_drop_what_it_read_ahe
         assert "preprocessed ahead by the prefetch process" in engine._logPath.read_text()
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the stand-in interpreter is a shell script")
+def test_a_connection_that_never_authenticates_does_not_hold_the_start(tmp_path, monkeypatch):
+    """Another local program that connects to the engine's port and never answers (here: a stand-in child that
+    does just that) is dropped after ``HANDSHAKE_TIMEOUT_S``; the start then fails within its own time limit, with
+    the usual error, instead of waiting for ever with the engine's lock held (which hung the module's cleanup)."""
+    import sys
+
+    from SAMEmbeddingLib import engine_process
+
+    monkeypatch.setattr(engine_process, "HANDSHAKE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(engine_process, "START_TIMEOUT_S", 3.0)
+    silent = ("import json, socket, sys, time; hello = json.loads(sys.stdin.readline()); "
+              "s = socket.create_connection(tuple(hello['address'])); time.sleep(60)")
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c \"{silent}\"\n")
+    fake.chmod(0o755)
+    engine = EngineProcess(model="random:sam-lite", device="cpu", python=str(fake))
+    try:
+        started = time.monotonic()
+        with pytest.raises(EngineProcessError, match="did not start"), engine._lock:
+            engine._ensureStarted()
+        assert time.monotonic() - started < 15
+    finally:
+        engine.close()
+
+
+def test_a_job_given_a_closed_engine_ends_as_cancelled(a_small_ct):
+    """A job queued while the engine closed (another model chosen) ends as cancelled, not as a failure."""
+    from SAMEmbeddingLib.logic import MatchJob, TargetSpec
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    centre = image.grid.index_to_lps([[(n - 1) / 2 for n in image.grid.size_ijk]])
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    engine.close()
+    outcome = MatchJob("src", "pts", ["c"], ["c"], centre, image, [TargetSpec("n", "t", image)]).run(engine)
+    assert outcome.cancelled and outcome.results == [] and engine.starts == 0

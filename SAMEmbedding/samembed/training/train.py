@@ -313,7 +313,7 @@ class Trainer:
             for name, module in net.named_children():
                 if name.startswith(GLOBAL_PREFIX):
                     module.eval()
-        it = start
+        it, done = start, start
         # Ctrl-C or SIGTERM (a session's end, a batch system's limit) stops the run between iterations, with a
         # resume checkpoint of the last one: nothing is lost, and --resume auto goes on as if never stopped
         with StopBetweenSteps() as stopping:
@@ -353,7 +353,8 @@ class Trainer:
                         save_checkpoint(self.out / "snapshots" / f"it_{done:06d}.pt", net, self.prep, name=cfg.name,
                                         train_config=cfg.to_dict(), iteration=done,
                                         extra={"cpu_seconds_total": cpu_before + time.process_time()}, half=True)
-                if stopping.requested is not None:  # Ctrl-C or SIGTERM during the iteration: it finished, saved
+                if done < cfg.iterations and self._stop_requested(stopping):  # Ctrl-C or SIGTERM during the
+                    # iteration (in any process of the run): it finished; saved, then every process stops
                     if self.rank == 0:
                         if not saved:
                             self._save_resume(net, opt, done, rng, gen)
@@ -371,7 +372,7 @@ class Trainer:
         final = self.out / f"{cfg.name}.pt"
         if self.rank == 0:
             net.eval()
-            save_checkpoint(final, net, self.prep, name=cfg.name, train_config=cfg.to_dict(), iteration=it + 1,
+            save_checkpoint(final, net, self.prep, name=cfg.name, train_config=cfg.to_dict(), iteration=done,
                             extra={"training_volumes": [v[0] for v in self.volumes], "wall_seconds": time.time() - wall0,
                                    "cpu_seconds": time.process_time(),
                                    "cpu_seconds_total": self._cpu_before + time.process_time()},
@@ -380,6 +381,17 @@ class Trainer:
         if self.world > 1:
             torch.distributed.barrier()
         return final
+
+    def _stop_requested(self, stopping: StopBetweenSteps) -> bool:
+        """Whether the run stops after this iteration: a signal noted in this process, or, with several processes
+        (DistributedDataParallel), in any of them (each must leave at the same iteration, or the others would wait in
+        the next gradient reduction for ever)."""
+        wanted = stopping.requested is not None
+        if self.world > 1:
+            flag = torch.tensor([int(wanted)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            wanted = bool(flag.item())
+        return wanted
 
     def compute_loss(self, views, loc, glob, gen, rng):
         """The configured objective (``sam`` or a weighted combination, see :mod:`.objectives`)."""
