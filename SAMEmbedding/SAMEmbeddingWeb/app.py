@@ -15,7 +15,7 @@ from pathlib import Path
 
 from samembed import InputError
 
-from .security import DataRoot, UploadFolder, is_loopback, new_token, token_middleware
+from .security import DataRoot, UploadFolder, new_token, token_middleware
 from .session import EXPORT_FORMATS, WINDOW_LEVEL_PRESETS, MatchSession
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class WebOptions:
     device: str = "auto"
     cache_dir: str | None = None
     token: str | None = None
-    """Required off loopback; generated when None."""
+    """The access token every request needs (security.py); generated when None."""
 
 
 def _registered_models(chosen: str = "default") -> list[str]:
@@ -60,6 +60,8 @@ class WebApp:
         from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps, ViewType
 
         self.options = options
+        if not options.token:
+            options.token = new_token()
         roots = options.data_root or sorted({str(Path(p).resolve().parent) for p in options.images})
         self.data_root = DataRoot(roots)
         self.uploads = UploadFolder(int(options.max_upload_mb * 1e6))
@@ -246,8 +248,7 @@ class WebApp:
             await asyncio.sleep(POLL_SECONDS)
 
     def _on_bind(self, wslink_server) -> None:
-        if not is_loopback(self.options.host):
-            wslink_server.app.middlewares.append(token_middleware(self.options.token))
+        wslink_server.app.middlewares.append(token_middleware(self.options.token))  # loopback too (security.py)
         serve_under_base_path(wslink_server.app, wslink_server.config, self.options.base_path)
 
     def _on_ready(self, **_) -> None:
@@ -258,10 +259,7 @@ class WebApp:
         host = self.options.host
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
         base = base_prefix(self.options.base_path) + "/"
-        url = f"http://{shown}:{self.server.port}{base}"
-        if not is_loopback(host):
-            url += f"?token={self.options.token}"
-        return url
+        return f"http://{shown}:{self.server.port}{base}?token={self.options.token}"
 
     def start(self) -> None:
         self.server.start(host=self.options.host, port=self.options.port, open_browser=False,
@@ -315,8 +313,8 @@ def serve_under_base_path(aio_app, config: dict, base_path: str) -> None:
 
 
 def run(options: WebOptions) -> int:
-    """Start the server (blocks until it stops); prints the URL (with the token off loopback)."""
-    if not is_loopback(options.host) and not options.token:
+    """Start the server (blocks until it stops); prints the URL, with its access token."""
+    if not options.token:
         options.token = new_token()
     # one websocket message carries one uploaded file: allow the upload limit, and nothing much larger
     os.environ.setdefault("TRAME_WS_MAX_MSG_SIZE", str(int(options.max_upload_mb * 1e6 * 1.4) + (1 << 20)))

@@ -4,8 +4,12 @@
   data-root folders.
 * :class:`UploadFolder`: uploads have a size limit and go to a private temporary folder (mode 0700), deleted at
   exit.
-* :func:`new_token` and :func:`token_middleware`: off the loopback address every HTTP and websocket request
-  needs the access token (``?token=...`` once, then a cookie), as Jupyter does; without it the answer is 403.
+* :func:`new_token` and :func:`token_middleware`: every HTTP and websocket request needs the access token
+  (``?token=...`` once, then a cookie), as Jupyter does; without it the answer is 403. On the loopback address too:
+  there, without a token, any program of any user of the machine, and any web page open in the user's browser,
+  could open the page's websocket and read and drive the session (its volumes' paths, landmarks and matches). The
+  cookie is ``SameSite=Strict``, so another site's page does not send it, and its name is the token's own, so
+  servers on several ports of one host keep theirs.
 
 >>> root = DataRoot(["/tmp"])
 >>> root.resolve("/tmp/../etc/passwd")  # doctest: +ELLIPSIS
@@ -17,6 +21,7 @@ samembed.errors.InputError: /tmp/../etc/passwd: outside the data folders this se
 from __future__ import annotations
 
 import atexit
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -29,7 +34,13 @@ from pathlib import Path
 
 from samembed import InputError
 
+#: the start of the access cookie's name (:func:`token_cookie`)
 TOKEN_COOKIE = "samembed_token"
+
+
+def token_cookie(token: str) -> str:
+    """The name of the cookie that carries ``token``: one per server (cookies are per host, not per port)."""
+    return f"{TOKEN_COOKIE}_{hashlib.sha256(token.encode()).hexdigest()[:12]}"
 
 
 def is_loopback(host: str) -> bool:
@@ -118,18 +129,20 @@ def token_middleware(token: str):
     """
     from aiohttp import web
 
+    cookie = token_cookie(token)
+
     def carries(value: str | None) -> bool:
         return bool(value) and hmac.compare_digest(str(value), token)
 
     @web.middleware
     async def check_token(request, handler):
         from_query = carries(request.query.get("token"))
-        if not (from_query or carries(request.cookies.get(TOKEN_COOKIE))):
+        if not (from_query or carries(request.cookies.get(cookie))):
             return web.Response(status=403, text="403: this SAMEmbedding server needs its access token; "
                                                  "open the URL printed when it started (…?token=…)\n")
         response = await handler(request)
         if from_query and not getattr(response, "prepared", False):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+            response.set_cookie(cookie, token, httponly=True, samesite="Strict")
         return response
 
     return check_token

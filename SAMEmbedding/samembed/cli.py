@@ -793,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("web", help="the matching viewer in a browser (needs the web extra: pip install -e '.[web]')")
     w.add_argument("images", nargs="*", metavar="IMAGE", help="volumes to open: the first is the source")
-    w.add_argument("--host", default="127.0.0.1", help="address to bind (off loopback an access token is required)")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (every request needs the access token in the printed URL)")
     w.add_argument("--port", type=int, default=8080, help="port (0: a free one)")
     w.add_argument("--base-path", default="/", help="URL prefix to serve under as well as /, for a reverse proxy "
                                                       "(e.g. /sam/: the page is at http://host:port/sam/)")

@@ -121,9 +121,9 @@ def a_prefixed_server():
 
 
 def test_the_printed_url_carries_the_base_path_and_the_server_answers_there(a_prefixed_server):
-    assert a_prefixed_server.url == f"http://127.0.0.1:{a_prefixed_server.port}{PREFIX}/"
+    assert a_prefixed_server.url.startswith(f"http://127.0.0.1:{a_prefixed_server.port}{PREFIX}/?token=")
     with urllib.request.urlopen(a_prefixed_server.url, timeout=10) as response:  # -> /sam/index.html
-        assert response.status == 200 and response.url.endswith(f"{PREFIX}/index.html")
+        assert response.status == 200 and response.url.split("?")[0].endswith(f"{PREFIX}/index.html")
         assert b'<div id="app">' in response.read()
 
 
@@ -133,7 +133,7 @@ def test_the_page_works_through_a_reverse_proxy_under_the_base_path(a_prefixed_s
     proxy = ReverseProxy(f"http://127.0.0.1:{a_prefixed_server.port}", strip=strip)
     page = a_browser.new_page()
     try:
-        page.goto(proxy.url)
+        page.goto(proxy.url + "?token=" + a_prefixed_server.url.split("?token=")[1])
         page.wait_for_selector("#status", timeout=60_000)  # the page is built from the server's state
         assert page.url.startswith(proxy.url)
         websockets = [p for p in proxy.requests if p.endswith("/ws")]

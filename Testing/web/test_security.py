@@ -70,11 +70,28 @@ def test_a_server_off_loopback_answers_403_without_its_token():
         server.stop()
 
 
-def test_a_server_on_loopback_needs_no_token():
-    server = WebServer()
+def test_a_server_on_loopback_needs_its_token_too_and_keeps_its_own_cookie():
+    """On loopback, without a token, any local program, and any web page open in the browser, could open the page's
+    websocket and read the session (its paths, landmarks and matches). The cookie's name is the server's own: two
+    servers on one host (cookies are per host, not per port) keep theirs."""
+    import http.cookiejar
+
+    first, second = WebServer(), WebServer()
     try:
-        assert "token" not in server.url
-        with urllib.request.urlopen(server.url, timeout=10) as response:
-            assert response.status == 200
+        base = f"http://127.0.0.1:{first.port}/"
+        assert first.url.startswith(base + "?token=")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base, timeout=10)
+        assert refused.value.code == 403
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        for server in (first, second):
+            with browser.open(server.url, timeout=10) as response:  # the printed URL sets the server's cookie
+                assert response.status == 200
+        assert len({c.name for c in jar}) == 2
+        for server in (first, second):  # each then answers without the token in the URL, by its own cookie
+            with browser.open(f"http://127.0.0.1:{server.port}/", timeout=10) as response:
+                assert response.status == 200
     finally:
-        server.stop()
+        first.stop()
+        second.stop()
