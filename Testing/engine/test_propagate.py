@@ -508,3 +508,42 @@ def test_an_atlas_entry_left_partial_in_the_cache_folder_is_completed_before_the
         return sorted(_rows(out), key=lambda r: (r["scan"], r["label"]))
 
     assert by_scan(tmp_path / "out") == by_scan(tmp_path / "out_fresh")
+
+
+def test_scans_the_scheduler_cancels_are_failures_not_silently_dropped(setup, client, tmp_path):
+    """A scan whose task the scheduler cancels (it does so for every pending task when the connection to it is
+    lost) was skipped without a word: the run ended "finished" with it missing. It is now a failure, named in
+    failures.csv, that --resume matches again."""
+    from distributed import Future
+
+    from samembed.propagate import propagate
+
+    scans = setup["scans"][:3]
+
+    def cancel_the_rest(record, c):  # what a lost scheduler connection does to the tasks still pending
+        for key in list(c.futures):
+            if str(key).startswith("samembed-match-"):
+                Future(key, c).cancel()
+
+    summary = propagate(setup["atlas"], scans, tmp_path / "out", OPTIONS, _settings(setup), client=client,
+                        on_result=cancel_the_rest)
+    assert summary.finished + summary.failed == len(scans) and summary.failed >= 1
+    failures = list(csv.DictReader((tmp_path / "out" / "failures.csv").open()))
+    assert len(failures) == summary.failed and all("cancelled" in f["reason"] for f in failures)
+
+
+def test_the_report_shows_this_runs_scans_only_and_left_temporary_files_are_no_records(setup, client, tmp_path):
+    """A folder may hold records of scans that are not in this run's list (or of other settings): its matches.csv
+    lists this run's scans only, and so does its report now. A temporary file that a killed write left in scans/
+    is not read as a record."""
+    from samembed.propagate import propagate
+    from samembed.propagate.results import ResultStore
+
+    scans, out = setup["scans"][:2], tmp_path / "out"
+    propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup), client=client)
+    (out / "scans" / f".{scans[0].id}.json.ab12.tmp.json").write_text("{\"scan\": \"left behind\"")
+    assert set(ResultStore(out).load()) == {s.id for s in scans}
+    propagate(setup["atlas"], scans[:1], out, OPTIONS, _settings(setup, resume=True), client=client)
+    report = (out / "report.html").read_text()
+    assert scans[0].id in report and scans[1].id not in report
+    assert {r["scan"] for r in _rows(out)} == {scans[0].id}

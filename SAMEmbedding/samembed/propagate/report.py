@@ -59,20 +59,22 @@ def build_rows(store: ResultStore, records: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def write_report(out_dir: str | Path, max_thumbnails: int = 3000) -> Path:
+def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[str, dict] | None = None) -> Path:
     """Render ``out_dir/report.html`` from the run's records; returns its path.
 
     Args:
         out_dir: a propagate output folder.
         max_thumbnails: embed at most this many (scan, landmark) thumbnails, least confident first (the page
             says how many were left out; every thumbnail stays in ``thumbs/``).
+        records: the run's scan records by scan id (what its ``matches.csv`` holds); default: every record in the
+            folder.
     """
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     out = Path(out_dir)
     store = ResultStore(out)
     run = store.read_run()
-    records = store.load()
+    records = store.load() if records is None else records
     order = {sid: n for n, sid in enumerate(records)}
     rows = build_rows(store, records)
     embedded = set()

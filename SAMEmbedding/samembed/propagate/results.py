@@ -49,7 +49,7 @@ class ResultStore:
     # ------------------------------------------------------------------------------------------ reading
     def has_results(self) -> bool:
         """Whether the folder already holds scan records (of this or another run)."""
-        return self.scans_dir.is_dir() and any(self.scans_dir.glob("*.json"))
+        return self.scans_dir.is_dir() and any(not p.name.startswith(".") for p in self.scans_dir.glob("*.json"))
 
     #: the files of a run at the folder's top, which a run writes over
     RUN_FILES = ("run.json", "matches.csv", "failures.csv", "report.html")
@@ -64,7 +64,7 @@ class ResultStore:
         """Every readable scan record in the folder, by scan id (damaged ones are ignored: redone on resume)."""
         out = {}
         for path in sorted(self.scans_dir.glob("*.json")) if self.scans_dir.is_dir() else []:
-            if path.name.endswith(".mrk.json"):
+            if path.name.endswith(".mrk.json") or path.name.startswith("."):  # (a temporary file left by a kill)
                 continue
             try:
                 rec = json.loads(path.read_text(encoding="utf-8"))
