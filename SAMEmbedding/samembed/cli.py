@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
+from .options import PRECISIONS
 from .progress import PhaseProgress
 from .stopping import Terminated, stop_on_sigterm
 from .torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
@@ -587,7 +588,7 @@ def _cmd_train(args) -> int:
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "int8-int8", "int8-bf16"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="the network's arithmetic: int8 local convolutions on the CPU (2-4x faster; needs the "
                         "model's calibration, see `samembed quantize`), int8-int8 (also the global branch in int8, "
                         "2x faster; needs a calibration with its scales), int8-bf16 (the global branch in bfloat16 "
@@ -801,8 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folders the page may open by path (repeatable; default: the folders of IMAGE)")
     w.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted, MB")
     w.add_argument("--model", default="default")
-    w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    _add_precision(w)
+    w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])  # (the module's arithmetic: auto)
     w.add_argument("--cache-dir", help="on-disk embedding cache folder")
     add_log_flags(w)
     w.set_defaults(func=_cmd_web)

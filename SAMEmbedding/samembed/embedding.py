@@ -30,7 +30,7 @@ from .errors import Cancelled, DeviceUnavailableError
 from .image import Grid, Image
 from .models import LoadedModel
 from .networks.base import inference_copy
-from .options import ProgressFn
+from .options import PRECISIONS, ProgressFn
 from .preprocess import body_mask_on_grid, obliquity_deg, onto_lps_axes, pad_to_multiple, preprocess
 from .tiles import channel_major, new_feature_rows
 
@@ -59,7 +59,6 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
     raise DeviceUnavailableError(f"unknown device '{device}'; use auto, cpu or cuda")
 
 
-PRECISIONS = ("auto", "fp32", "int8", "int8-int8", "int8-bf16")
 
 
 def resolve_precision(precision: str, model: LoadedModel, device: torch.device) -> str:

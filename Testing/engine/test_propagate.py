@@ -547,3 +547,25 @@ def test_the_report_shows_this_runs_scans_only_and_left_temporary_files_are_no_r
     report = (out / "report.html").read_text()
     assert scans[0].id in report and scans[1].id not in report
     assert {r["scan"] for r in _rows(out)} == {scans[0].id}
+
+
+def test_the_precision_reaches_the_workers_matcher_and_the_runs_fingerprint(setup, client, tmp_path):
+    """``--precision`` was accepted by ``samembed propagate`` and ignored: every worker ran ``auto``. It now goes
+    into each worker's Matcher (an int8 precision that the test's uncalibrated model cannot run is refused there,
+    by the engine's own check) and into the run's fingerprint (results of another arithmetic are redone)."""
+    from samembed.errors import InputError
+    from samembed.propagate import PropagateSettings, propagate
+    from samembed.propagate.task import ScanJob, _engine
+
+    with pytest.raises(InputError, match="precision"):
+        PropagateSettings(precision="int4")
+    settings = _settings(setup, precision="int8")
+    job = ScanJob(setup["atlas"].image, ("a",), ((0.0, 0.0, 0.0),), OPTIONS, settings.engine_key(),
+                  str(setup["root"] / "cache"))
+    with pytest.raises(InputError, match="int8"):
+        _engine(job)  # this process builds it as a worker does
+    out = tmp_path / "out"
+    propagate(setup["atlas"], setup["scans"][:1], out, OPTIONS, _settings(setup), client=client)
+    summary = propagate(setup["atlas"], setup["scans"][:1], out, OPTIONS,
+                        _settings(setup, precision="fp32", resume=True), client=client)
+    assert (summary.skipped, summary.stale, summary.finished) == (0, 1, 1)

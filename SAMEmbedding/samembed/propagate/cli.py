@@ -64,7 +64,7 @@ def run_command(args) -> int:
     options = propagate_command_options(args)
     atlases = [Atlas(image, points, ras=args.ras) for image, points in args.atlas]
     settings = PropagateSettings(
-        model=args.model, device=args.device, modality=args.modality, spacing_mm=args.spacing,
+        model=args.model, device=args.device, precision=args.precision, modality=args.modality, spacing_mm=args.spacing,
         workers=args.workers, scheduler=args.scheduler, memory_limit=args.memory_limit, cache_dir=args.cache_dir,
         resume=args.resume, ras=args.ras, report=args.report, thumbnails=args.thumbnails,
         report_thumbnails=args.report_thumbnails, progress=not args.quiet)

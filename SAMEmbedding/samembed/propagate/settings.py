@@ -12,9 +12,10 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import InputError
+from ..options import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,18 @@ class Atlas:
             raise InputError(f"{self.points}: atlas point file not found; check the second path of --atlas IMAGE POINTS")
 
 
+class EngineKey(NamedTuple):
+    """What a worker's :class:`~samembed.api.Matcher` is built from (:meth:`PropagateSettings.engine_key`)."""
+
+    model: str
+    device: str
+    modality: str
+    max_tile_voxels: int
+    spacing_mm: float | None
+    cache_bytes: int
+    precision: str
+
+
 @dataclass(frozen=True)
 class PropagateSettings:
     """Where and how a propagation runs (sizes in bytes, times in seconds).
@@ -45,6 +58,8 @@ class PropagateSettings:
     Attributes:
         model: model name, checkpoint path or ``random:<arch>`` (as ``Matcher(model=...)``).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` on each worker.
+        precision: the network's arithmetic on each worker (``samembed match --precision``; part of the run's
+            fingerprint).
         modality: ``"auto"``, ``"ct"``, ``"mri"`` or ``"xray"``.
         max_tile_voxels: inputs larger than this are embedded in slabs (``Matcher(max_tile_voxels=...)``).
         spacing_mm: pixel spacing assumed for 2D files without one (PNG/JPEG).
@@ -69,6 +84,7 @@ class PropagateSettings:
 
     model: str = "default"
     device: str = "auto"
+    precision: str = "auto"
     modality: str = "auto"
     max_tile_voxels: int = 24_000_000
     spacing_mm: float | None = None
@@ -91,6 +107,8 @@ class PropagateSettings:
             raise InputError(f"workers must be a whole number >= 1, not {self.workers!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.modality not in ("auto", "ct", "mri", "xray"):
             raise InputError(f"modality must be auto, ct, mri or xray, not {self.modality!r}")
         if self.scheduler is not None and "://" not in self.scheduler:
@@ -113,13 +131,14 @@ class PropagateSettings:
         """Plain values, for ``run.json``."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def engine_key(self) -> tuple:
+    def engine_key(self) -> EngineKey:
         """The settings a worker's Matcher is built from (workers keep one Matcher per key)."""
-        return (self.model, self.device, self.modality, self.max_tile_voxels, self.spacing_mm, self.cache_bytes)
+        return EngineKey(self.model, self.device, self.modality, self.max_tile_voxels, self.spacing_mm,
+                         self.cache_bytes, self.precision)
 
     def result_fields(self) -> dict[str, Any]:
         """The settings that change results, for the run's fingerprint (not where or how fast it runs)."""
         return {"modality": self.modality, "max_tile_voxels": self.max_tile_voxels, "spacing_mm": self.spacing_mm,
-                "ras": self.ras}  # the model enters as its id and SHA-256 (resolved on a worker)
+                "ras": self.ras, "precision": self.precision}  # the model: its id and SHA-256 (resolved on a worker)
 
 

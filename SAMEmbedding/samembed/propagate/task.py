@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import InputError
 from ..options import MatchOptions
 from .manifest import Scan
+from .settings import EngineKey
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ScanJob:
     labels: tuple[str, ...]
     points_lps_mm: tuple[tuple[float, float, float], ...]
     options: MatchOptions
-    engine: tuple
+    engine: EngineKey
     cache_dir: str
     thumbnails: bool = True
     thumbnail_mm: float = 80.0
@@ -86,9 +87,10 @@ def _engine(job: ScanJob) -> _Engine:
 
         keep_freed_memory()
 
-        model, device, modality, max_tile_voxels, spacing_mm, cache_bytes = job.engine
-        matcher = Matcher(model=model, device=device, cache_bytes=cache_bytes, cache_dir=None, modality=modality,
-                          max_tile_voxels=max_tile_voxels, spacing_mm=spacing_mm)
+        key = job.engine
+        matcher = Matcher(model=key.model, device=key.device, cache_bytes=key.cache_bytes, cache_dir=None,
+                          modality=key.modality, max_tile_voxels=key.max_tile_voxels, spacing_mm=key.spacing_mm,
+                          precision=key.precision)
         eng = _ENGINE["engine"] = _Engine(job.engine, matcher)
     return eng
 
@@ -128,7 +130,7 @@ def _read_atlas(job: ScanJob, path: str):
     building the matcher: a refused atlas is found before the model loads."""
     from ..api import as_image
 
-    *_, spacing_mm, _ = job.engine  # as _engine unpacks it
+    spacing_mm = job.engine.spacing_mm
     return as_image(path, spacing_mm=spacing_mm)
 
 
