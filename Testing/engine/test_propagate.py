@@ -569,3 +569,24 @@ def test_the_precision_reaches_the_workers_matcher_and_the_runs_fingerprint(setu
     summary = propagate(setup["atlas"], setup["scans"][:1], out, OPTIONS,
                         _settings(setup, precision="fp32", resume=True), client=client)
     assert (summary.skipped, summary.stale, summary.finished) == (0, 1, 1)
+
+
+def test_resume_matches_again_a_scan_written_again_in_place(setup, client, tmp_path):
+    """--resume compared a scan's path and settings only: a scan exported again under the same name kept its old
+    matches. Its record now carries the file's size and modification time, and a changed file is matched again."""
+    import shutil
+
+    from samembed.propagate import propagate
+
+    scans = []
+    for s in setup["scans"][:2]:
+        copy = tmp_path / "scans" / Path(s.path).name
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy(s.path, copy)
+        scans.append(copy)
+    out = tmp_path / "out"
+    propagate(setup["atlas"], tmp_path / "scans", out, OPTIONS, _settings(setup), client=client)
+    shutil.copy(setup["scans"][2].path, scans[1])  # the second scan's file written again with other voxels
+    summary = propagate(setup["atlas"], tmp_path / "scans", out, OPTIONS, _settings(setup, resume=True),
+                        client=client)
+    assert (summary.skipped, summary.stale, summary.finished) == (1, 1, 1)

@@ -94,3 +94,14 @@ def _unique(scans: list[Scan], where: Path) -> list[Scan]:
                              "give the manifest an 'id' column with unique names")
         seen[s.id] = s.path
     return scans
+
+
+def file_stamp(path: str) -> dict | None:
+    """A scan file's size (bytes) and modification time (ns), by which ``--resume`` sees a file written again since
+    it was matched (:meth:`~samembed.propagate.results.ResultStore.plan`); None when it cannot be read (a folder,
+    a DICOM series: its files' own stamps are not followed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns} if os.path.isfile(path) else None

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io import PointList, write_points, write_text_atomic
 from ..names import label_ids
-from .manifest import Scan
+from .manifest import Scan, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,19 @@ class ResultStore:
     def plan(self, scans: list[Scan], fingerprint: str) -> tuple[list[Scan], int, int]:
         """Which scans still need matching: ``(todo, skipped, stale)``.
 
-        A scan is skipped when its record says it finished (status ok) with the same fingerprint and path;
-        a failed scan is tried again; ``stale`` counts records made with other settings (redone).
+        A scan is skipped when its record says it finished (status ok) with the same fingerprint and path, and its
+        file is the one matched (the same size and modification time, where both are known here: a scan written
+        again in place is matched again); a failed scan is tried again; ``stale`` counts records made with other
+        settings or of another file (redone).
         """
         old = self.load()
         todo, skipped, stale = [], 0, 0
         for s in scans:
             rec = old.get(s.id)
-            if rec and rec.get("status") == "ok" and rec.get("fingerprint") == fingerprint and rec.get("path") == s.path:
+            stamp = rec.get("file") if rec else None
+            same_file = stamp is None or file_stamp(s.path) in (None, stamp)
+            if (rec and rec.get("status") == "ok" and rec.get("fingerprint") == fingerprint and rec.get("path") == s.path
+                    and same_file):
                 self.records[s.id] = rec
                 skipped += 1
                 continue

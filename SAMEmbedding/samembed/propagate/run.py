@@ -236,7 +236,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         todo, skipped, stale = store.plan(scan_list, fp)
         if settings.resume:
             say(f"resume: skipping {skipped} of {len(scan_list)} scans already finished with these settings; "
-                f"{len(todo)} to do" + (f" ({stale} finished with other settings are redone)" if stale else ""))
+                f"{len(todo)} to do" + (f" ({stale} finished with other settings, or whose file changed since, are "
+                                        "redone)" if stale else ""))
         run_info.update(status="running", fingerprint=fp, model={"id": prep["model_id"], "sha256": prep["model_sha256"]},
                         atlas_embedding_key=prep["atlas_key"], versions={"workers": prep["versions"],
                                                                          "client": _client_versions()},
