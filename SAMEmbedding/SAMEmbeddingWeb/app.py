@@ -197,7 +197,11 @@ class WebApp:
                 f = ClientFile(raw)
                 self.uploads.check_size(f.name, int(raw.get("size") or 0))
                 path = self.uploads.save(f.name, f.content)
-                self._load(path, f.name, landmarks=kind == "landmarks")
+                try:
+                    self._load(path, f.name, landmarks=kind == "landmarks")
+                except BaseException:  # refused (not an image, the wrong dimension ...): its copy goes now
+                    self.uploads.discard(path)
+                    raise
 
         self._guard(action)
 

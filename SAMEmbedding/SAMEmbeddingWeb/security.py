@@ -117,6 +117,12 @@ class UploadFolder:
         path.write_bytes(content)
         return path
 
+    def discard(self, saved: Path) -> None:
+        """Remove one upload (a path :meth:`save` returned), e.g. a file the page could not load."""
+        folder = Path(saved).parent
+        if folder.parent == self.path:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def cleanup(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 

@@ -48,6 +48,9 @@ def test_an_upload_folder_refuses_a_file_over_its_limit_and_is_removed_at_cleanu
         uploads.save("big.nrrd", b"x" * 11)
     saved = uploads.save("../../evil name.nrrd", b"x")
     assert saved.parent.parent == uploads.path and saved.name == "evil_name.nrrd"
+    refused = uploads.save("not an image.nrrd", b"x")
+    uploads.discard(refused)  # a file the page could not load goes at once, the others stay
+    assert not refused.parent.exists() and saved.is_file()
     uploads.cleanup()
     assert not uploads.path.exists()
 

@@ -266,6 +266,11 @@ def test_an_upload_that_is_not_an_image_is_refused_in_the_page_and_the_server_go
     with urllib.request.urlopen(a_server.url, timeout=10) as response:
         assert response.status == 200
     assert page.locator(".result-row").count() == 1  # nothing already matched is lost
+    import glob
+    import tempfile
+
+    left = glob.glob(str(Path(tempfile.gettempdir()) / "samembed-web-*" / "*" / "notes.nii.gz"))
+    assert not left, f"the refused upload stays on the server's disk: {left}"
 
 
 def test_an_upload_over_the_size_limit_is_refused_with_a_message(a_page, tmp_path):
