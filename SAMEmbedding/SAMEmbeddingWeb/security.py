@@ -8,7 +8,7 @@
   (``?token=...`` once, then a cookie), as Jupyter does; without it the answer is 403. On the loopback address too:
   there, without a token, any program of any user of the machine, and any web page open in the user's browser,
   could open the page's websocket and read and drive the session (its volumes' paths, landmarks and matches). The
-  cookie is ``SameSite=Strict``, so another site's page does not send it, and its name is the token's own, so
+  cookie is ``SameSite=Strict``, so another site's page does not send it, and its name is the port's own, so
   servers on several ports of one host keep theirs.
 
 >>> root = DataRoot(["/tmp"])
@@ -21,9 +21,7 @@ samembed.errors.InputError: /tmp/../etc/passwd: outside the data folders this se
 from __future__ import annotations
 
 import atexit
-import hashlib
 import hmac
-import ipaddress
 import os
 import re
 import secrets
@@ -38,19 +36,12 @@ from samembed import InputError
 TOKEN_COOKIE = "samembed_token"
 
 
-def token_cookie(token: str) -> str:
-    """The name of the cookie that carries ``token``: one per server (cookies are per host, not per port)."""
-    return f"{TOKEN_COOKIE}_{hashlib.sha256(token.encode()).hexdigest()[:12]}"
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+def token_cookie(host: str) -> str:
+    """The name of the access cookie for the server the browser reaches at ``host`` (the request's ``Host``,
+    ``name:port``): one per port, since cookies are per host, not per port; a server started again on the same
+    port replaces its predecessor's, so they do not pile up."""
+    port = host.rsplit(":", 1)[1] if ":" in host and not host.endswith("]") else "default"
+    return f"{TOKEN_COOKIE}_{re.sub(r'[^0-9A-Za-z]', '_', port)}"
 
 
 def new_token() -> str:
@@ -135,13 +126,14 @@ def token_middleware(token: str):
     """
     from aiohttp import web
 
-    cookie = token_cookie(token)
+    expected = token.encode()
 
-    def carries(value: str | None) -> bool:
-        return bool(value) and hmac.compare_digest(str(value), token)
+    def carries(value: str | None) -> bool:  # (bytes: a non-ASCII value is a wrong token, not an error)
+        return bool(value) and hmac.compare_digest(str(value).encode(), expected)
 
     @web.middleware
     async def check_token(request, handler):
+        cookie = token_cookie(request.host)
         from_query = carries(request.query.get("token"))
         if not (from_query or carries(request.cookies.get(cookie))):
             return web.Response(status=403, text="403: this SAMEmbedding server needs its access token; "

@@ -59,8 +59,6 @@ def resolve_device(device: str | torch.device = "auto", fallback: bool = False) 
     raise DeviceUnavailableError(f"unknown device '{device}'; use auto, cpu or cuda")
 
 
-
-
 def resolve_precision(precision: str, model: LoadedModel, device: torch.device) -> str:
     """The arithmetic an embedder uses: "fp32" (float32 on the CPU, half precision on CUDA), "int8" (the local
     branch's convolutions in int8 on the CPU, :mod:`samembed.networks.int8`; needs the model's calibration,

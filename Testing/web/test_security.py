@@ -92,6 +92,9 @@ def test_a_server_on_loopback_needs_its_token_too_and_keeps_its_own_cookie():
             with browser.open(server.url, timeout=10) as response:  # the printed URL sets the server's cookie
                 assert response.status == 200
         assert len({c.name for c in jar}) == 2
+        with pytest.raises(urllib.error.HTTPError) as odd:  # a token that is not ASCII: refused, not an error
+            urllib.request.urlopen(base + "?token=%C3%A9", timeout=10)
+        assert odd.value.code == 403
         for server in (first, second):  # each then answers without the token in the URL, by its own cookie
             with browser.open(f"http://127.0.0.1:{server.port}/", timeout=10) as response:
                 assert response.status == 200

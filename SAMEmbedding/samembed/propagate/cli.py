@@ -31,7 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        help="local worker processes, one thread each (default: 2)")
     where.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                        help="join this Dask scheduler instead (tls:// uses Dask's distributed.comm.tls settings)")
-    p.add_argument("--resume", action="store_true", help="continue a run in OUT: skip scans finished with the same settings")
+    p.add_argument("--resume", action="store_true", help="continue a run in OUT: skip scans finished with the same settings from the same file")
     p.add_argument("--ras", action="store_true", help="CSV atlas points are RAS (Slicer); .mrk.json outputs in RAS")
     p.add_argument("--memory-limit", default="auto", metavar="SIZE", help="per local worker, e.g. 6GB (default: auto)")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import Cancelled, InputError, SamEmbedError
 from ..options import MatchOptions
-from .manifest import Scan, read_scans
+from .manifest import Scan, file_stamp, read_scans
 from .results import ResultStore
 from .settings import Atlas, PropagateSettings
 
@@ -244,6 +244,9 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                         resumed_skipped=skipped, stale=stale)
         store.write_run(run_info)
         token = uuid.uuid4().hex[:8]
+        # each scan file's size and time as this process sees it before the task reads it, for --resume to compare
+        # with what it sees then (manifest.file_stamp; a worker's view of a shared disk may differ in resolution)
+        stamps = {s.id: file_stamp(s.path) for s in todo}
         futures = {c.submit(match_scan, s, job, key=f"samembed-match-{s.id}-{token}", pure=False): s for s in todo}
         bar = _Bar(len(todo), settings.progress)
         finished = failed = 0
@@ -257,14 +260,14 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                 except KilledWorker as e:
                     rec = failure(scan, f"the worker process died each time it matched this scan ({e}); "
                                         "usually out of memory: give workers more memory or use fewer --workers")
-                except CancelledError:  # not by this run (it cancels only when it stops): by the scheduler, e.g.
-                    # when the connection to it was lost; recorded, so that the run does not end "finished" without it
-                    rec = failure(scan, "the Dask scheduler cancelled this scan (was the connection to it lost?); "
+                except CancelledError as e:  # not by this run (it cancels only when it stops): by the scheduler,
+                    # e.g. when the connection to it was lost; recorded, so that the run does not end "finished"
+                    rec = failure(scan, f"the Dask scheduler cancelled this scan ({e or 'no reason given'}); "
                                         "rerun with --resume to match it")
                 except Exception as e:  # noqa: BLE001 - e.g. a task that could not be deserialised
                     rec = failure(scan, f"{type(e).__name__}: {e}")
                 t_write = time.time()
-                rec = store.add(rec, fp, ras=settings.ras)
+                rec = store.add({**rec, "file": stamps.get(scan.id)}, fp, ras=settings.ras)
                 write_s += time.time() - t_write
                 run_info["phases_s"].update(scans=time.time() - t_scans, client_writes=write_s)
                 ok = rec["status"] == "ok"

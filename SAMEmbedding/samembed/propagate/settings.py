@@ -2,7 +2,7 @@
 
 Torch- and dask-free, so ``samembed --help`` and the CLI's argument checks stay fast. What is *matched* is a
 :class:`~samembed.options.MatchOptions`; what is set here is *where and how* the work runs (model, cluster,
-output), plus the few engine settings that change results (model, modality, tiling), which enter the run's
+output), plus the few engine settings that change results (model, modality, tiling, precision), which enter the run's
 fingerprint.
 """
 
@@ -138,7 +138,10 @@ class PropagateSettings:
 
     def result_fields(self) -> dict[str, Any]:
         """The settings that change results, for the run's fingerprint (not where or how fast it runs)."""
-        return {"modality": self.modality, "max_tile_voxels": self.max_tile_voxels, "spacing_mm": self.spacing_mm,
-                "ras": self.ras, "precision": self.precision}  # the model: its id and SHA-256 (resolved on a worker)
+        fields_ = {"modality": self.modality, "max_tile_voxels": self.max_tile_voxels, "spacing_mm": self.spacing_mm,
+                   "ras": self.ras}  # the model enters as its id and SHA-256 (resolved on a worker)
+        if self.precision != "auto":  # (runs before --precision reached the workers ran auto: theirs stay valid)
+            fields_["precision"] = self.precision
+        return fields_
 
 

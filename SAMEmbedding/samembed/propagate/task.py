@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..options import MatchOptions
-from .manifest import Scan, file_stamp
+from .manifest import Scan
 from .settings import EngineKey
 
 
@@ -59,7 +59,7 @@ class ScanJob:
 class _Engine:
     """A worker's Matcher, the atlas embeddings it holds, and counters the tests and the benchmark read."""
 
-    key: tuple
+    key: EngineKey
     matcher: Any
     atlases: dict = field(default_factory=dict)  # (atlas path, cache dir) -> (Image, EmbeddingMaps)
     stats: dict = field(default_factory=lambda: {"model_loads": 1, "atlas_loaded": 0, "atlas_computed": 0, "scans": 0})
@@ -223,7 +223,6 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
         images = [_atlas(eng, job, path)[0] for path, _, _ in job.all_atlases]
         m = eng.matcher
         t_read = time.time()
-        file = file_stamp(scan.path)  # before the read: a file changed while it is read is not taken as matched
         target = as_image(scan.path, spacing_mm=m.spacing_mm)
         t_read = time.time() - t_read
         if job.more_atlases:  # several atlases: each landmark fused over them
@@ -260,8 +259,7 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
                "match_s": res.timings.get("target0_match_s", 0.0), "thumbnails_s": t_thumbs,
                "total_s": time.time() - t0, "cpu_s": time.process_time() - cpu0}
     return {"scan": scan.id, "path": scan.path, "status": "ok", "matches": matches, "thumbnails": thumbs,
-            "timings": timings, "worker": _where(), "stats": dict(eng.stats), "file": file}
-
+            "timings": timings, "worker": _where(), "stats": dict(eng.stats)}
 
 
 def _release(job: ScanJob) -> None:
