@@ -15,7 +15,7 @@ from pathlib import Path
 
 from samembed import InputError
 
-from .security import DataRoot, UploadFolder, new_token, token_middleware
+from .security import DataRoot, UploadFolder, limit_websocket_messages, new_token, token_middleware
 from .session import EXPORT_FORMATS, WINDOW_LEVEL_PRESETS, MatchSession
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,9 @@ def run(options: WebOptions) -> int:
     if not options.token:
         options.token = new_token()
     # one websocket message carries one uploaded file: allow the upload limit, and nothing much larger
-    os.environ.setdefault("TRAME_WS_MAX_MSG_SIZE", str(int(options.max_upload_mb * 1e6 * 1.4) + (1 << 20)))
+    largest = int(options.max_upload_mb * 1e6 * 1.4) + (1 << 20)
+    os.environ.setdefault("TRAME_WS_MAX_MSG_SIZE", str(largest))
+    limit_websocket_messages(largest)  # refused before its memory is set aside, not after it arrived
     for name in ("trame", "trame_client", "trame_server", "wslink", "aiohttp"):
         logging.getLogger(name).setLevel(logging.WARNING)
     sys.argv = sys.argv[:1]  # trame parses the command line too; ours is parsed already

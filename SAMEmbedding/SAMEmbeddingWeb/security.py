@@ -118,6 +118,24 @@ class UploadFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def limit_websocket_messages(max_bytes: int) -> None:
+    """Refuse any websocket message larger than ``max_bytes`` when its first chunk arrives, before memory is set
+    aside for it. wslink lets an authenticated client declare messages of up to 4 GB, and sets aside the whole
+    declared size at the first chunk, so the upload limit, checked once a file had arrived, came after the memory
+    was taken. This caps wslink's limit (its ``UnChunker``, for every connection of this process) at ``max_bytes``;
+    the page itself refuses a file over the upload limit before sending it."""
+    from wslink.chunking import UnChunker
+
+    if getattr(UnChunker, "_samembed_cap", None) is None:
+        original = UnChunker.set_max_message_size
+
+        def capped(self, size):
+            original(self, min(int(size), UnChunker._samembed_cap))
+
+        UnChunker.set_max_message_size = capped
+    UnChunker._samembed_cap = int(max_bytes)
+
+
 def token_middleware(token: str):
     """An aiohttp middleware answering 403 to every request that does not carry ``token``.
 

@@ -101,3 +101,23 @@ def test_a_server_on_loopback_needs_its_token_too_and_keeps_its_own_cookie():
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_websocket_message_over_the_limit_is_refused_before_its_memory_is_set_aside():
+    """wslink let an authenticated client declare messages of up to 4 GB and set the whole size aside at the first
+    chunk; the server's own limit now caps that, so an oversized upload is refused at its first chunk."""
+    pytest.importorskip("wslink")
+    import struct
+
+    from SAMEmbeddingWeb.security import limit_websocket_messages
+    from wslink.chunking import HEADER_LENGTH, UnChunker
+
+    limit_websocket_messages(2 << 20)
+    unchunker = UnChunker()
+    unchunker.set_max_message_size(4 * 1024**3)  # what wslink asks after the client's hello
+    assert unchunker.max_message_size == 2 << 20
+    header = struct.pack("<III", 1, 0, 3 << 20)  # (id, offset, total size): a message that says it is 3 MB
+    assert len(header) == HEADER_LENGTH
+    with pytest.raises(ValueError, match="exceeds"):
+        unchunker.process_chunk(header + b"x" * 16)
+    assert not unchunker.pending_messages
