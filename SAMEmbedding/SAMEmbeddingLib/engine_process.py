@@ -122,25 +122,12 @@ def _sharedMemoryFolder(root: Path = Path("/dev/shm")) -> tuple[Path, int] | Non
     (:func:`_removeStaleVolumeFolders`)."""
     if not sys.platform.startswith("linux") or not root.is_dir():
         return None
-    import fcntl  # POSIX only
-
     _removeStaleVolumeFolders(root)
     try:
         stat = os.statvfs(root)
         if min(stat.f_bavail * stat.f_frsize, _availableMemory()) < SHARED_MEMORY_MIN_FREE:
             return None
-        # made under a hidden name, locked, then renamed: a folder under its final name is locked from the start
-        draft = Path(tempfile.mkdtemp(prefix=".SAMEmbedding-draft-", dir=root))
-        fd = os.open(draft / VOLUMES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            folder = root / f"{VOLUMES_PREFIX}{os.getpid()}-{draft.name.rsplit('-', 1)[-1]}-"
-            os.rename(draft, folder)
-        except OSError:
-            os.close(fd)
-            shutil.rmtree(draft, ignore_errors=True)
-            raise
-        return folder, fd
+        return _newLockedFolder(root, lambda part: f"{VOLUMES_PREFIX}{os.getpid()}-{part}-", ".SAMEmbedding-draft-")
     except OSError as e:
         log.info("SAMEmbedding: volume files go to the temporary folder, not to shared memory: %s", e)
         return None
@@ -163,23 +150,33 @@ def _temporaryFolder() -> tuple[Path, int | None]:
     as the shared-memory ones are (:func:`_removeStaleVolumeFolders`)."""
     if os.name != "posix":
         return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), None
-    import fcntl  # POSIX only
-
     root = Path(tempfile.gettempdir())
     _removeStaleVolumeFolders(root, f"{TEMP_PREFIX}*")
-    # made under a hidden name, locked, then renamed: a folder under its final name is locked from the start
-    draft = Path(tempfile.mkdtemp(prefix=f".{TEMP_PREFIX}draft-", dir=root))
+    try:
+        return _newLockedFolder(root, lambda part: f"{TEMP_PREFIX}{part}", f".{TEMP_PREFIX}draft-")
+    except OSError:  # no lock: a plain folder, never swept by another engine (removed when this one closes)
+        return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), None
+
+
+def _newLockedFolder(root: Path, name, hiddenPrefix: str) -> tuple[Path, int]:
+    """A new folder in ``root`` named ``name(a random part)`` and the descriptor of its lock file, held locked: made
+    under a hidden name (``hiddenPrefix``), locked, then renamed, so a folder under its final name is locked from the
+    start and another engine's sweep (:func:`_removeStaleVolumeFolders`) never takes it. POSIX; raises ``OSError``,
+    leaving nothing behind."""
+    import fcntl  # POSIX only
+
+    draft = Path(tempfile.mkdtemp(prefix=hiddenPrefix, dir=root))
+    fd = None
     try:
         fd = os.open(draft / VOLUMES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    except OSError:  # no lock: the folder is never swept by another engine (nor removed unless closed)
-        return draft, None
-    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        folder = root / f"{TEMP_PREFIX}{draft.name.rsplit('-', 1)[-1]}"
+        folder = root / name(draft.name.rsplit("-", 1)[-1])
         os.rename(draft, folder)
     except OSError:
-        os.close(fd)
-        return draft, None
+        if fd is not None:
+            os.close(fd)
+        shutil.rmtree(draft, ignore_errors=True)
+        raise
     return folder, fd
 
 
