@@ -115,7 +115,7 @@ class MatchController:
             index = defined[-1] if defined else None
         if index is not None:
             self.currentPointIndex = index
-            self.matchPoints([index])
+            self._pointsChanged([index])  # (an observer: an error is told, not raised into VTK)
 
     def targets(self) -> list:
         """The checked target volumes that still exist."""

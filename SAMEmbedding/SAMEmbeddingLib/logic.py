@@ -178,6 +178,9 @@ class MatchJob:
     options: MatchOptions = field(default_factory=MatchOptions)
     heatmapPointID: str | None = None
     heatmapTargetID: str | None = None
+    #: the scene's generation when the job was made (:attr:`MatchLogic.sceneGeneration`): after the scene is closed,
+    #: node IDs start again, so a late result must not be written into the next scene's nodes of the same IDs
+    sceneGeneration: int = 0
 
     def run(self, matcher: MatcherProtocol, cancel: threading.Event | None = None, progress: ProgressFn | None = None,
             onTarget: Callable[[TargetResult], None] | None = None) -> JobOutcome:
@@ -289,6 +292,22 @@ class MatchLogic:
         self.cacheDir = cacheDir
         self.heatmapOpacity = 0.5
         self._images: dict[str, tuple[tuple, Image]] = {}
+        #: bumped when the scene starts to close (:meth:`sceneClosing`): jobs made before write nothing into the next
+        #: scene (node IDs are reused)
+        self.sceneGeneration = 0
+
+    def sceneClosing(self) -> None:
+        """The scene starts to close (the module observes it; main thread): the jobs made before write nothing more,
+        since the next scene's nodes reuse their IDs, and the volumes copied for this scene go."""
+        self.sceneGeneration += 1
+        self._images.clear()
+
+    def dropRemovedVolumes(self) -> None:
+        """Forget the copies of volumes no longer in the scene (the module calls it when nodes are removed; with the
+        engine process, files in shared memory of up to 0.35 GB each, which went only when another volume was
+        copied)."""
+        for nodeID in [i for i in self._images if self.scene.GetNodeByID(i) is None]:
+            del self._images[nodeID]
 
     # -- model and engine --------------------------------------------------------------------
     @property
@@ -450,8 +469,7 @@ class MatchLogic:
                     continue
                 self._images[nodeID] = (todo[nodeID][0], image)  # kept even when another volume failed: not copied again
                 images[nodeID] = image
-            for nodeID in [i for i in self._images if self.scene.GetNodeByID(i) is None]:
-                del self._images[nodeID]
+            self.dropRemovedVolumes()
             if failed is not None:
                 raise failed
         return [images[node.GetID()] for node in volumeNodes]
@@ -528,7 +546,7 @@ class MatchLogic:
             pointsLPS=mrml_io.ras_to_lps(pointsRAS), sourceImage=sourceImage,
             targets=[TargetSpec(t.GetID(), t.GetName(), image) for t, image in zip(targets, targetImages)],
             options=options,
-            heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID)
+            heatmapPointID=heatmapPointID, heatmapTargetID=heatmapTargetID, sceneGeneration=self.sceneGeneration)
 
     # -- preparing: the first click's head start ---------------------------------------------
     def _imagesToPrepare(self, sourceVolume, targetVolumes: Sequence) -> tuple[Image, list[Image]]:
@@ -720,12 +738,20 @@ class MatchLogic:
             if onFinished:
                 onFinished(result)
 
-        return worker.submit(work, onDone=done, onError=onError, onProgress=onProgress,
+        def failed(error: BaseException) -> None:  # the targets finished before the error are in MRML: the table
+            self.finishJob(job, JobOutcome([], False), outputs)  # and heatmap follow them, then the error is told
+            if onError:
+                onError(error)
+
+        return worker.submit(work, onDone=done, onError=failed, onProgress=onProgress,
                              name=f"match {len(job.pointIDs)} point(s)")
 
     # -- output -----------------------------------------------------------------------------
     def applyTargetResult(self, job: MatchJob, result: TargetResult, outputs: MatchOutputs | None = None):
         """Write one target's matches (and heatmap) into MRML; main thread. Returns the output point list."""
+        if job.sceneGeneration != self.sceneGeneration:
+            log.warning("SAMEmbedding: the scene was closed during matching; the results of %s are dropped", result.name)
+            return None
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)
         target = self.scene.GetNodeByID(result.nodeID)
         if sourceList is None or target is None:
@@ -777,6 +803,8 @@ class MatchLogic:
     def finishJob(self, job: MatchJob, outcome: JobOutcome, outputs: MatchOutputs) -> MatchOutputs:
         """Update the results table and show the heatmap after a job (main thread)."""
         outputs.cancelled = bool(outcome.cancelled)
+        if job.sceneGeneration != self.sceneGeneration:  # its scene was closed: nothing of it goes to the next one
+            return outputs
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)
         if sourceList is not None:
             outputs.table = self.updateResultsTable(sourceList)

@@ -117,6 +117,7 @@ class MatchWidget(VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.controller.cleanup()
+        self.logic.core.sceneClosing()  # a job still running writes nothing into the next scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -124,7 +125,9 @@ class MatchWidget(VTKObservationMixin):
             self.initializeParameterNode()
 
     def onNodeRemoved(self, caller, event) -> None:
-        """A deleted target leaves the parameter node's list (no selector signal says so)."""
+        """A deleted target leaves the parameter node's list (no selector signal says so); a deleted volume's copy
+        goes."""
+        self.logic.core.dropRemovedVolumes()
         p = self._parameterNode
         if p is None or self._updatingGui:
             return

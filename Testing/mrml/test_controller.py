@@ -254,3 +254,18 @@ def test_choosing_the_volumes_prepares_them_once_and_the_click_after_it_matches_
     np.testing.assert_allclose(prepared, control_points(cold.pointLists[0])[1], atol=1e-4)
     h.controller.cleanup()
     h.worker.shutdown()
+
+
+def test_turning_the_heatmap_on_with_a_bad_setting_reports_it_instead_of_raising_into_vtk(a_scene, harness,
+                                                                                           a_small_ct, no_vtk_errors):
+    """The heatmap switch runs from the parameter node's observer: a setting the engine refuses raised an
+    InputError traceback into VTK, with no status line or message. It is now reported, as after a click."""
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    parameters = _parameters(a_small_ct, points, [a_small_ct], polishLevels="2 7 oops")
+    harness.controller.setParameters(parameters)
+    harness.controller.parametersModified()
+    harness.settle()
+    parameters.showHeatmap = True
+    harness.controller.parametersModified()
+    assert harness.settle() == []
+    assert len(harness.errors) == 1 and "polish" in str(harness.errors[0]).lower(), harness.errors

@@ -21,6 +21,7 @@ from SAMEmbeddingLib.logic import (
     HEATMAP_LEVEL_SAMPLES,
     UNCERTAIN_COLOR,
     MatchLogic,
+    TargetResult,
     heatmap_display_range,
 )
 from SAMEmbeddingLib.worker import Worker
@@ -764,3 +765,70 @@ def test_first_click_into_three_targets_from_cold_is_measured_and_preparing_ahea
         print(f"\n[first click, 1 landmark into 3 OpenKBP targets, default model, CPU, in this test process (no engine "
               f"process, no prefetch; the module's own path is timed by benchmarks/first_click.py)] cold {cold_s:.1f} s; "
               f"prepared ahead {prepare_s:.1f} s, then the click {warm_s:.1f} s")
+
+
+def test_a_job_running_while_the_scene_closes_writes_nothing_into_the_next_scene(a_scene, a_logic, a_small_ct,
+                                                                                   two_landmarks):
+    """The next scene's nodes reuse the closed scene's IDs: a job that finished after the close wrote its matches
+    and results table into them. The module tells the logic when the scene starts to close; a job made before then
+    writes nothing, and the volumes copied for the closed scene go."""
+    worker = Worker()
+    finished = []
+    try:
+        job = a_logic.prepareMatch(a_small_ct, two_landmarks, [a_small_ct])
+        a_logic.startMatch(worker, a_small_ct, two_landmarks, [a_small_ct], onFinished=finished.append)
+        source_id, points_id = a_small_ct.GetID(), two_landmarks.GetID()
+        a_logic.sceneClosing()  # (the module's StartCloseEvent observer)
+        assert not a_logic._images
+        a_scene.Clear(0)
+        new_volumes = [add_volume(a_scene, np.zeros((4, 8, 8), np.int16), np.eye(4), f"next scene's volume {n}")
+                       for n in range(3)]
+        new_points = add_points(a_scene, [[1.0, 1.0, 1.0]], ["N1"], name="next scene's points")
+        assert source_id in [v.GetID() for v in new_volumes] and new_points.GetID() == points_id  # IDs are reused
+        assert worker.waitForIdle(timeout=120)
+        assert a_logic.applyTargetResult(job, TargetResult(source_id, "late", [])) is None
+    finally:
+        worker.shutdown()
+    assert finished and not finished[0].pointLists
+    assert a_logic.outputPointLists(new_points) == [] and a_logic.resultsTable(new_points) is None
+
+
+def test_the_copy_of_a_removed_volume_goes_when_the_module_is_told(a_scene, a_logic, a_small_ct):
+    """A removed volume's copy stayed until another volume was copied (with the engine process, a file in shared
+    memory of up to 0.35 GB)."""
+    other = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "other")
+    a_logic.imagesForVolumes([a_small_ct, other])
+    a_scene.RemoveNode(other)
+    a_logic.dropRemovedVolumes()  # (the module's NodeRemovedEvent observer)
+    assert list(a_logic._images) == [a_small_ct.GetID()]
+
+
+def test_an_engine_error_after_finished_targets_still_updates_their_results_table(a_scene, a_logic, a_small_ct,
+                                                                                   two_landmarks, monkeypatch):
+    """The targets finished before an engine error are in MRML; their results table now follows them (before, an
+    error skipped it, and the table was missing or stale)."""
+    targets = [a_small_ct, _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "second")]
+    real = a_logic.getMatcher()
+    calls = []
+
+    class FailsOnTheSecondTarget:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def match(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("the engine failed")
+            return real.match(*args, **kwargs)
+
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: FailsOnTheSecondTarget())
+    worker = Worker()
+    errors = []
+    try:
+        a_logic.startMatch(worker, a_small_ct, two_landmarks, targets, onError=errors.append)
+        assert worker.waitForIdle(timeout=120)
+    finally:
+        worker.shutdown()
+    assert [str(e) for e in errors] == ["the engine failed"]
+    table = a_logic.resultsTable(two_landmarks)
+    assert table is not None and table.GetNumberOfRows() == 2  # the first target's two matches
