@@ -71,8 +71,19 @@ class Task:
             self._worker.callInMainThread(self._onProgress, done, total, phase)
 
     def callInMainThread(self, fn: Callable, *args) -> None:
-        """Queue ``fn(*args)`` to run on the polling thread (where MRML may be touched)."""
-        self._worker.callInMainThread(fn, *args)
+        """Queue ``fn(*args)`` to run on the polling thread (where MRML may be touched). An exception it raises goes
+        to the task's ``onError`` (the user is told, e.g. a target whose results could not be written), else to the
+        log; the job goes on."""
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception as e:
+                if self._onError is None:
+                    raise  # (poll logs it)
+                self._onError(e)
+
+        self._worker.callInMainThread(run)
 
     def _run(self) -> None:
         if self.cancelEvent.is_set():

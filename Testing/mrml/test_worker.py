@@ -97,3 +97,24 @@ def test_a_running_job_sees_its_cancel_flag():
     finally:
         worker.shutdown()
     assert done == [True] and task.state == "cancelled"
+
+
+def test_a_main_thread_call_that_fails_is_told_to_the_tasks_on_error_and_the_job_goes_on():
+    """A result the main thread could not apply (e.g. a heatmap whose target changed geometry meanwhile) was only
+    logged: the job then looked successful. It now reaches ``onError``; the job still finishes."""
+    worker = Worker()
+    errors, done = [], []
+
+    def fails():
+        raise ValueError("could not write the heatmap")
+
+    def job(task):
+        task.callInMainThread(fails)
+        return "finished"
+
+    try:
+        worker.submit(job, onDone=done.append, onError=errors.append)
+        assert worker.waitForIdle(timeout=10)
+    finally:
+        worker.shutdown()
+    assert [str(e) for e in errors] == ["could not write the heatmap"] and done == ["finished"]
