@@ -312,7 +312,9 @@ class MatchController:
             heatmapIndex = self.currentPointIndex
         options = matchOptionsFromParameters(p).replace(heatmap=heatmapIndex is not None)
         self.logic.setHeatmapOpacity(p.heatmapOpacity)
-        single = pointIndices[0] if pointIndices is not None and len(pointIndices) == 1 else None
+        # the point to centre on afterwards, by ID: a point deleted meanwhile moves the indices after it
+        single = (p.sourcePoints.GetNthControlPointID(pointIndices[0])
+                  if pointIndices is not None and len(pointIndices) == 1 else None)
         task = self.logic.startMatch(
             self.worker, p.sourceVolume, p.sourcePoints, self.targets(), pointIndices, options,
             heatmapPointIndex=heatmapIndex, heatmapTarget=self.heatmapTarget() if heatmapIndex is not None else None,
@@ -351,11 +353,15 @@ class MatchController:
         if not self.worker.busy:
             self.propagateTask = None
 
-    def _finished(self, outputs, pointIndex: int | None) -> None:
+    def _finished(self, outputs, pointID: str | None) -> None:
         confident = sum(row.confident for row in outputs.rows)
         note = " (cancelled: finished targets kept)" if outputs.cancelled else ""
         self._onStatus(f"{len(outputs.rows)} match(es), {confident} confident{note}")
         p = self.parameters
+        pointIndex = None
+        if pointID is not None and p is not None and p.sourcePoints is not None:
+            pointIndex = p.sourcePoints.GetNthControlPointIndexByID(pointID)
+            pointIndex = pointIndex if pointIndex >= 0 else None  # deleted meanwhile: nothing to centre on
         if p is not None and p.jumpToMatch and pointIndex is not None and p.sourcePoints is not None:
             target = self.heatmapTarget()
             position = self.logic.matchPosition(p.sourcePoints, pointIndex, target) if target else None

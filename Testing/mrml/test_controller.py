@@ -269,3 +269,20 @@ def test_turning_the_heatmap_on_with_a_bad_setting_reports_it_instead_of_raising
     harness.controller.parametersModified()
     assert harness.settle() == []
     assert len(harness.errors) == 1 and "polish" in str(harness.errors[0]).lower(), harness.errors
+
+
+def test_the_view_centres_on_the_matched_point_even_when_an_earlier_one_was_deleted_meanwhile(
+        a_scene, harness, a_small_ct, no_vtk_errors, monkeypatch):
+    """After a one-point match the views centre on its match. The point was remembered by its index: a point
+    deleted before it during the match moved it, and the views went elsewhere (or nowhere). It is remembered by ID."""
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"])
+    harness.controller.setParameters(_parameters(a_small_ct, points, [a_small_ct]))
+    harness.controller.propagateAll()
+    harness.settle()
+    centred = []
+    monkeypatch.setattr(harness.logic, "jumpToPoint", centred.append)
+    harness.controller.matchPoints([1])  # L2, on the worker
+    points.RemoveNthControlPoint(0)  # L1 goes meanwhile: L2 is now index 0
+    harness.settle()
+    expected = harness.logic.matchPosition(points, 0, a_small_ct)
+    assert expected is not None and len(centred) == 1 and np.allclose(centred[0], expected)
