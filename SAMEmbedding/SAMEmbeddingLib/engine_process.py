@@ -441,8 +441,8 @@ class EngineProcess:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the child (asks, then kills after ``timeout`` s) and remove the temporary files. The engine is done
         then: a later request or volume file raises ``samembed.Cancelled`` (the logic builds a new engine)."""
+        self._closed = True  # first, without the lock: a start under way (which holds it) gives up (_acceptChild)
         with self._lock:
-            self._closed = True
             self._stop(timeout)
         with self._hashLock:
             hasher, self._hasher = self._hasher, None
@@ -521,6 +521,8 @@ class EngineProcess:
         the child) is dropped and the wait goes on. No thread is left waiting when the child does not come."""
         server.settimeout(POLL_S)
         while True:
+            if self._closed:  # close() waits for this start: it ends now, not after START_TIMEOUT_S
+                raise Cancelled("the engine was closed while its process started")
             if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
                 raise EngineProcessError(f"the engine process did not start (exit code {proc.poll()}); "
                                          f"its log says:\n{self._logTail()}")

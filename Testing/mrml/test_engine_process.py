@@ -736,3 +736,20 @@ def test_a_job_given_a_closed_engine_ends_as_cancelled(a_small_ct):
     engine.close()
     outcome = MatchJob("src", "pts", ["c"], ["c"], centre, image, [TargetSpec("n", "t", image)]).run(engine)
     assert outcome.cancelled and outcome.results == [] and engine.starts == 0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the stand-in interpreter is a shell script")
+def test_closing_during_a_start_that_never_connects_returns_at_once(tmp_path):
+    """The module's cleanup closes the engine; a start under way (here a child that never connects) held the lock
+    for up to START_TIMEOUT_S (120 s), and the cleanup with it. It now gives up when the engine closes."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nsleep 60\n")
+    fake.chmod(0o755)
+    engine = EngineProcess(model="random:sam-lite", device="cpu", python=str(fake))
+    engine.startAhead()
+    time.sleep(0.5)  # the start is waiting for the child's connection
+    started = time.monotonic()
+    engine.close()
+    assert time.monotonic() - started < 10
+    engine._starter.join(10)
+    assert not engine._starter.is_alive() and engine.pid is None
