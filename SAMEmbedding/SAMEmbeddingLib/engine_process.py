@@ -76,10 +76,10 @@ MODULE_DIR = Path(__file__).resolve().parents[1]
 POLL_S = 0.05
 """How often a waiting call checks for cancel and for a dead child, seconds."""
 START_TIMEOUT_S = 120.0
-#: seconds a connection to the engine's port may take to authenticate before it is dropped (the child's takes
-#: milliseconds; another local program's must not hold the start)
-HANDSHAKE_TIMEOUT_S = 10.0
 """How long the child may take to start and connect, seconds."""
+HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a connection to the engine's port may take to authenticate before it is dropped, seconds (the child's
+takes milliseconds; another local program's must not hold the start)."""
 SHORT_REQUEST_TIMEOUT_S = 0.5
 """How long ``clear_cache`` and ``cache_bytes`` wait for a child still finishing a cancelled match, seconds."""
 
@@ -148,14 +148,13 @@ def _temporaryFolder() -> tuple[Path, int | None]:
     POSIX, the descriptor of its lock file, held locked while the engine lives. The temporary folders of engines that
     ended without removing theirs (a Slicer that crashed, whose volume files may hold 0.35 GB each) are removed first,
     as the shared-memory ones are (:func:`_removeStaleVolumeFolders`)."""
-    if os.name != "posix":
-        return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), None
-    root = Path(tempfile.gettempdir())
-    _removeStaleVolumeFolders(root, f"{TEMP_PREFIX}*")
-    try:
-        return _newLockedFolder(root, lambda part: f"{TEMP_PREFIX}{part}", f".{TEMP_PREFIX}draft-")
-    except OSError:  # no lock: a plain folder, never swept by another engine (removed when this one closes)
-        return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), None
+    if os.name == "posix":
+        root = Path(tempfile.gettempdir())
+        _removeStaleVolumeFolders(root, f"{TEMP_PREFIX}*")
+        with contextlib.suppress(OSError):
+            return _newLockedFolder(root, lambda part: f"{TEMP_PREFIX}{part}", f".{TEMP_PREFIX}draft-")
+    # no lock (Windows, or it could not be had): a plain folder, never swept by another engine (removed at close)
+    return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)), None
 
 
 def _newLockedFolder(root: Path, name, hiddenPrefix: str) -> tuple[Path, int]:
@@ -521,8 +520,7 @@ class EngineProcess:
         the child) is dropped and the wait goes on. No thread is left waiting when the child does not come."""
         server.settimeout(POLL_S)
         while True:
-            if self._closed:  # close() waits for this start: it ends now, not after START_TIMEOUT_S
-                raise Cancelled("the engine was closed while its process started")
+            self._refuseIfClosed()  # close() waits for this start: it ends now, not after START_TIMEOUT_S
             if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
                 raise EngineProcessError(f"the engine process did not start (exit code {proc.poll()}); "
                                          f"its log says:\n{self._logTail()}")

@@ -317,9 +317,8 @@ def serve_under_base_path(aio_app, config: dict, base_path: str) -> None:
 
 
 def run(options: WebOptions) -> int:
-    """Start the server (blocks until it stops); prints the URL, with its access token."""
-    if not options.token:
-        options.token = new_token()
+    """Start the server (blocks until it stops); prints the URL, with its access token (:class:`WebApp` makes one
+    when ``options`` has none)."""
     # one websocket message carries one uploaded file: allow the upload limit, and nothing much larger
     largest = int(options.max_upload_mb * 1e6 * 1.4) + (1 << 20)
     os.environ.setdefault("TRAME_WS_MAX_MSG_SIZE", str(largest))

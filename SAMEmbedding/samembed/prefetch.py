@@ -345,17 +345,17 @@ def _sources(paths: Sequence[str | os.PathLike | ArrayFile]) -> tuple[str | Arra
 
 
 def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims, given=None,
-           later_parent=None, handoff: _Handoff | None = None, results_parent=None) -> None:
+           handoff: _Handoff | None = None, parent_ends: Sequence = ()) -> None:
     # Ctrl-C reaches the whole process group: the engine stops this process itself (Prefetch.close), so the
     # interrupt is the engine's to report, not a traceback of this process's. SIGTERM (Prefetch.close's) ends it
     # at once, whatever handler the command had when it forked (samembed.cli stops on SIGTERM as on Ctrl-C)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     resume_after_fork()  # the engine's paused collector is its own (samembed.collector)
-    if results_parent is not None:  # the parent's end of the results pipe, inherited by the fork: closed, so that
-        results_parent.close()  # a send after the parent's death fails (EPIPE) instead of waiting for ever
-    if later_parent is not None:  # the parent's end, inherited by the fork: closed, so that its death ends recv()
-        later_parent.close()
+    # the parent's ends of the pipes and the socket, inherited by the fork, closed: after the parent's death a send
+    # fails (EPIPE) instead of waiting for ever, and recv() ends
+    for end in parent_ends:
+        end.close()
     try:
         _child_work(request, conn, arena, claims, given, handoff)
     except (BrokenPipeError, ConnectionError):  # the engine is gone (killed): nobody takes what this would make
@@ -365,8 +365,6 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
 def _child_work(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims, given,
                 handoff: _Handoff | None) -> None:
     """The child's work (:func:`_child`): read and preprocess the images, sending each result."""
-    if handoff is not None:
-        handoff.parent_end.close()
     parent = os.getppid()
     with contextlib.suppress(OSError):  # the engine's threads first where they share a core with this process
         os.nice(10)  # (which works ahead of them)
@@ -490,9 +488,12 @@ class Prefetch:
         # one shared copy of each, the later ones while they fit in half of it
         self._handoff = _Handoff() if request.in_turn and _Handoff.available() else None
         self._conn, child_conn = ctx.Pipe(duplex=False)
+        # the parent's ends, inherited by the fork: the child closes them (_child)
+        parent_ends = [end for end in (self._conn, self._later, getattr(self._handoff, "parent_end", None))
+                       if end is not None]
         self._proc = ctx.Process(target=_child,
-                                 args=(request, child_conn, self._arena, self._claims, later_child, self._later,
-                                       self._handoff, self._conn),
+                                 args=(request, child_conn, self._arena, self._claims, later_child, self._handoff,
+                                       parent_ends),
                                  daemon=True, name="samembed-prefetch")
         self._proc.start()
         child_conn.close()

@@ -313,7 +313,7 @@ class Trainer:
             for name, module in net.named_children():
                 if name.startswith(GLOBAL_PREFIX):
                     module.eval()
-        it, done = start, start
+        done = start
         # Ctrl-C or SIGTERM (a session's end, a batch system's limit) stops the run between iterations, with a
         # resume checkpoint of the last one: nothing is lost, and --resume auto goes on as if never stopped
         with StopBetweenSteps() as stopping:
