@@ -83,11 +83,21 @@ class MatchController:
         self._preparedFor: tuple | None = None
         self._generation = 0
         """Counts preparations started: a finished one that is not the latest is ignored."""
+        self._deferredPoints: list[str] | None = None
+        """IDs of the points whose match waits for the running work to end (another model or device was chosen
+        meanwhile; switching engines on this thread would wait for that work). None: no match waits."""
+        self._deferredAll = False
+        """A "propagate all" waits for the same reason."""
+        self._deferredClear = False
+        """Clearing the cache waits for the running work to end (it would wait for the engine here)."""
+        self._deferredPrepare = False
+        """Preparing ahead was put off by a model or device change during running work: done when it ends."""
 
     # -- settings ----------------------------------------------------------------------------
     def setParameters(self, parameters) -> None:
         """Use these parameters (a restored or new scene); starts no match."""
         self.forgetPrepared()
+        self._dropDeferred()
         self.parameters = parameters
         self._showHeatmap = bool(parameters.showHeatmap) if parameters is not None else False
         self.setPointList(parameters.sourcePoints if parameters is not None else None)
@@ -153,8 +163,7 @@ class MatchController:
     def forgetPrepared(self) -> None:
         """Forget what was prepared (the engine's cache was cleared, or the scene changed): the next change of
         the chosen volumes, or :meth:`prepareVolumes`, prepares them again."""
-        if self.prepareTask is not None:
-            self.prepareTask.cancel()
+        self._cancelPreparation()
         self._generation += 1  # whatever the cancelled task reports is ignored
         self.prepareTask = None
         self._preparedFor = None
@@ -169,11 +178,12 @@ class MatchController:
         key = self._preparationKey()
         if key is None or key == self._preparedFor or not self._engineReady():
             return None
+        if self._switchMustWait():
+            self._deferredPrepare = True  # switching engines now would wait for the running work on this thread
+            self._cancelPreparation()  # it prepares for the engine being replaced
+            return None
         p = self.parameters
-        if (str(p.model), str(p.device)) != (self.logic.model, self.logic.device) and self.worker.busy:
-            return None  # switching engines now would wait for the running work on this (main) thread
-        if self.prepareTask is not None:
-            self.prepareTask.cancel()  # the volumes it prepares were replaced
+        self._cancelPreparation()  # the volumes it prepares were replaced
         quiet = self._othersPending()  # another job's status line stays until it ends
         try:
             self.logic.setModel(p.model, p.device)
@@ -193,6 +203,18 @@ class MatchController:
         if not quiet:
             self._onStatus(f"Preparing {len(key[0])} volume(s) for matching...")
         return task
+
+    def _switchMustWait(self) -> bool:
+        """Whether the chosen model or device differs from the engine's while the worker has work: switching
+        engines closes the running one, which waits for the request under way (0.4-1 s of a frozen main thread,
+        and the running job ended as cancelled), so the switch waits for the work to end (:meth:`poll`)."""
+        p = self.parameters
+        return (p is not None and self.worker.busy
+                and (str(p.model), str(p.device)) != (self.logic.model, self.logic.device))
+
+    def _cancelPreparation(self) -> None:
+        if self.prepareTask is not None:
+            self.prepareTask.cancel()
 
     def _othersPending(self) -> bool:
         return any(t is not self.prepareTask for t in self.worker.pendingTasks)
@@ -305,6 +327,9 @@ class MatchController:
                 return None
         if not self._prepareEngine():
             return None
+        if self._switchMustWait():
+            self._defer(pointIndices)
+            return None
         self.logic.setModel(p.model, p.device)
         heatmapIndex = None
         if p.showHeatmap and self.currentPointIndex is not None and (
@@ -331,27 +356,92 @@ class MatchController:
         return self.propagateTask
 
     def cancel(self) -> None:
-        """Stop "propagate all" (finished targets are kept)."""
-        if self.propagateTask is not None:
-            self.propagateTask.cancel()
+        """Stop "propagate all" (finished targets are kept), and a match waiting for it to end."""
+        if self.propagateTask is not None or self._deferredAll or self._deferredPoints is not None:
+            if self.propagateTask is not None:
+                self.propagateTask.cancel()
+            self._deferredAll, self._deferredPoints = False, None
             self._onStatus("Cancelling...")
+
+    def clearCache(self) -> None:
+        """Forget every embedding and converted volume (``MatchLogic.clearCache``) and what was prepared. While
+        the worker has work this waits for it to end (:meth:`poll`): the engine would make this thread wait."""
+        if self.worker.busy:
+            self._deferredClear = True
+            self._cancelPreparation()  # what it prepares is about to be forgotten
+            self._onStatus("The cache is cleared when the running work ends")
+            return
+        self.logic.clearCache()
+        self.forgetPrepared()
 
     @property
     def busy(self) -> bool:
-        """The worker has work or undelivered results (keep polling while this holds)."""
-        return self.worker.busy
+        """The worker has work or undelivered results, or work waits for it (keep polling while this holds)."""
+        return self.worker.busy or self.waiting
 
     @property
     def matching(self) -> bool:
-        """A match or "propagate all" is queued or running. Preparing ahead does not count: a user's job started
-        during it is queued behind it (and then only searches), so buttons stay enabled."""
-        return self._othersPending()
+        """A match or "propagate all" is queued, running, or waiting for running work to end (for a model
+        switch). Preparing ahead does not count: a user's job started during it is queued behind it (and then
+        only searches), so buttons stay enabled."""
+        return self._othersPending() or self._deferredAll or self._deferredPoints is not None
 
     def poll(self) -> None:
-        """Deliver the worker's results (call from the main thread's timer)."""
+        """Deliver the worker's results, and once the worker is idle start what waited for it: clearing the
+        cache, then a model or device switch with the matches and preparation asked for meanwhile (call from
+        the main thread's timer)."""
         self.worker.poll()
-        if not self.worker.busy:
-            self.propagateTask = None
+        if self.worker.busy:
+            return
+        self.propagateTask = None
+        if self.waiting:
+            self._runDeferred()
+
+    # -- work that waits for the running work to end -------------------------------------------------
+    @property
+    def waiting(self) -> bool:
+        """Work waits for the running work to end (a model or device switch, clearing the cache); :meth:`poll`
+        starts it then."""
+        return self._deferredClear or self._deferredAll or self._deferredPoints is not None or self._deferredPrepare
+
+    def _defer(self, pointIndices: list[int] | None) -> None:
+        """Match these points (None: all) once the running work ends, with the model and device chosen then."""
+        if pointIndices is None:
+            self._deferredAll = True
+        else:
+            waiting = self._deferredPoints or []
+            ids = [self.pointList.GetNthControlPointID(i) for i in pointIndices]
+            self._deferredPoints = waiting + [i for i in dict.fromkeys(ids) if i not in waiting]
+        self._cancelPreparation()  # it prepares for the engine being replaced
+        p = self.parameters
+        self._onStatus(f"Waiting for the running work to end before switching to model '{p.model}' on {p.device}")
+
+    def _dropDeferred(self) -> None:
+        self._deferredClear = self._deferredAll = self._deferredPrepare = False
+        self._deferredPoints = None
+
+    def _runDeferred(self) -> None:
+        """Start the work that waited for the worker (now idle), in the order it was asked for."""
+        clear, everything, ids, prepare = (self._deferredClear, self._deferredAll, self._deferredPoints,
+                                           self._deferredPrepare)
+        self._dropDeferred()
+        try:
+            if clear:
+                self.logic.clearCache()
+                self.forgetPrepared()
+            if everything:
+                self.propagateAll()
+            elif ids is not None and self.pointList is not None:
+                indices = [self.pointList.GetNthControlPointIndexByID(i) for i in ids]
+                indices = [i for i in indices if i >= 0]  # deleted meanwhile: nothing to match
+                if indices:
+                    self.currentPointIndex = indices[-1]
+                    self.matchPoints(indices)
+            if prepare and self.prepareAhead and not clear:
+                self.prepareVolumes()
+        except Exception as e:  # noqa: BLE001 - called from the poll timer: the user is told, nothing raises into Qt
+            log.exception("SAMEmbedding: work that waited for the running work failed")
+            self._report(e)
 
     def _finished(self, outputs, pointID: str | None) -> None:
         confident = sum(row.confident for row in outputs.rows)
@@ -400,5 +490,6 @@ class MatchController:
     def cleanup(self) -> None:
         """Stop observing and cancel pending work."""
         self.forgetPrepared()
+        self._dropDeferred()
         self.setPointList(None)
         self.worker.cancelAll()

@@ -291,7 +291,7 @@ class MatchWidget(VTKObservationMixin):
         except ValueError as e:  # samembed.InputError: bad input or settings, said plainly
             slicer.util.errorDisplay(str(e))
             return
-        if task is not None:
+        if task is not None or self.controller.matching:  # (matching: it waits for the running work to end)
             self.ui.progressBar.value = 0
             self.ui.progressBar.visible = True
             self.ui.cancelButton.visible = True
@@ -339,8 +339,9 @@ class MatchWidget(VTKObservationMixin):
             self.ui.statusLabel.text = _("Wrote {}").format(", ".join(str(w) for w in written))
 
     def onClearCache(self) -> None:
-        self.logic.clearCache()
-        self.controller.forgetPrepared()
+        self.controller.clearCache()  # waits for running work on the poll timer, not on this thread
+        if self.controller.busy:
+            self._pollTimer.start()
         self._updateCacheLabel()
 
     def _updateCacheLabel(self) -> None:

@@ -320,7 +320,7 @@ class MatchSession:
 
     def poll(self) -> None:
         """Deliver the worker's results into MRML (call from the server's event loop)."""
-        if self.worker.busy:
+        if self.controller.busy:  # (also when work waits for the running work to end: the poll starts it)
             self.controller.poll()
             if not self.worker.busy:
                 self.progress = None
@@ -348,8 +348,9 @@ class MatchSession:
         p.model, p.device = model, device
         self.changed = True
         rematch = new_model and self.logic.resultRows(self.points) and self.controller.canMatch()[0]
-        if rematch and self.propagate_all() is not None:
-            self._status(f"Model '{model}' on '{device}': matching every landmark again")
+        if rematch and (self.propagate_all() is not None or self.controller.waiting):
+            when = " once the running work ends" if self.controller.waiting else ""
+            self._status(f"Model '{model}' on '{device}': matching every landmark again{when}")
             return
         self._status(f"Model '{model}' on device '{device}': used from the next match")
 

@@ -10,6 +10,8 @@ without call data; the end of a drag with ``PointEndInteractionEvent`` without c
 from __future__ import annotations
 
 import re
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -59,6 +61,22 @@ class Harness:
         assert self.worker.waitForIdle(timeout=120)
         calls, self.calls = self.calls, []
         return calls
+
+    def settleAll(self):
+        """As the widget's poll timer does: poll the controller until nothing runs or waits."""
+        end = time.monotonic() + 120
+        while self.controller.busy:
+            assert time.monotonic() < end, "the controller stayed busy"
+            self.controller.poll()
+            time.sleep(0.02)
+        calls, self.calls = self.calls, []
+        return calls
+
+    def blockWorker(self) -> threading.Event:
+        """Running work that ends when the returned event is set (a long match of another click)."""
+        release = threading.Event()
+        self.worker.submit(lambda task: release.wait(120), name="running work")
+        return release
 
 
 @pytest.fixture
@@ -286,3 +304,58 @@ def test_the_view_centres_on_the_matched_point_even_when_an_earlier_one_was_dele
     harness.settle()
     expected = harness.logic.matchPosition(points, 0, a_small_ct)
     assert expected is not None and len(centred) == 1 and np.allclose(centred[0], expected)
+
+
+def test_another_model_chosen_while_work_runs_is_switched_to_after_it_not_on_the_main_thread(
+        a_scene, harness, a_small_ct, no_vtk_errors, monkeypatch):
+    """Switching engines closes the running one, which waits for the request under way: a click, or clearing the
+    cache, with another model chosen during a match froze Slicer's main thread for that request (0.4-1 s) and ended
+    the running match as cancelled. Now they wait for the work to end, on the poll timer, and then run."""
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    parameters = _parameters(a_small_ct, points, [a_small_ct])
+    h = harness
+    h.controller.setParameters(parameters)
+    h.controller.matchPoints([0])
+    assert h.settleAll() == [[0]]
+    events = []
+    setModel, clearCache = h.logic.setModel, h.logic.clearCache
+    monkeypatch.setattr(h.logic, "setModel", lambda model, device=None: (
+        events.append(("switch", str(model), str(device), h.worker.busy)), setModel(model, device)))
+    monkeypatch.setattr(h.logic, "clearCache", lambda: (events.append(("clear", h.worker.busy)), clearCache()))
+
+    release = h.blockWorker()
+    parameters.device = "auto"  # the user chooses another engine during the work
+    h.controller.parametersModified()
+    points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (40, 90, 6))), "L2")  # and clicks
+    h.controller.clearCache()  # and clears the cache
+    assert events == [] and h.calls == []  # nothing touched the engine on this thread
+    assert h.controller.busy and h.controller.matching
+    assert any("Waiting for the running work to end" in line for line in h.status), h.status
+    release.set()
+
+    assert h.settleAll() == [[1]]
+    assert events == [("clear", False), ("switch", "random:sam-lite", "auto", False)]
+    assert h.logic.device == "auto" and h.errors == []
+    assert _matched(h.logic, points, a_small_ct)[0] == ["L1", "L2"]
+    assert not h.controller.matching
+
+
+def test_a_waiting_propagate_all_can_be_cancelled_and_a_waiting_click_skips_a_deleted_point(
+        a_scene, harness, a_small_ct, no_vtk_errors):
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6))], ["L1", "L2"])
+    parameters = _parameters(a_small_ct, points, [a_small_ct])
+    h = harness
+    h.controller.setParameters(parameters)
+    h.controller.matchPoints([0])
+    assert h.settleAll() == [[0]]
+
+    release = h.blockWorker()
+    parameters.device = "auto"
+    assert h.controller.propagateAll() is None and h.controller.matching  # waits for the work
+    h.controller.cancel()
+    assert h.status[-1] == "Cancelling..."
+    h.controller.matchPoints([0, 1])  # a click on both, then L1 is deleted while they wait
+    points.RemoveNthControlPoint(0)
+    release.set()
+    assert h.settleAll() == [[0]]  # L2 only (now index 0); the cancelled "propagate all" never ran
+    assert h.errors == []
