@@ -49,20 +49,21 @@ DEFAULT_FUSION = FusionOptions()
 ImageLike = "str | os.PathLike | Image | SimpleITK.Image"
 
 
-def as_image(obj, name: str | None = None, spacing_mm: float | None = None) -> Image:
-    """Parse a path, :class:`Image`, ``SimpleITK.Image`` or numpy array into a validated :class:`Image`."""
+def as_image(obj, name: str | None = None, spacing_mm: float | None = None, constant_ok: bool = False) -> Image:
+    """Parse a path, :class:`Image`, ``SimpleITK.Image`` or numpy array into a validated :class:`Image`
+    (``constant_ok``: a constant one is valid, as a mask)."""
     if isinstance(obj, Image):
-        validate_image(obj)
+        validate_image(obj, constant_ok)
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        return read_image(obj, spacing_mm=spacing_mm)
+        return read_image(obj, spacing_mm=spacing_mm, constant_ok=constant_ok)
     if isinstance(obj, np.ndarray):
         img = Image.from_array(obj, name=name or "<array>")
-        validate_image(img)
+        validate_image(img, constant_ok)
         return img
     if type(obj).__name__ == "Image" and hasattr(obj, "GetSpacing"):
         img = image_from_sitk(obj, name or "<SimpleITK image>")
-        validate_image(img)
+        validate_image(img, constant_ok)
         return img
     raise InputError(f"cannot use {type(obj).__name__} as an image; pass a path, samembed.Image, SimpleITK.Image or numpy array")
 
@@ -378,7 +379,8 @@ class Matcher:
             raise InputError(
                 f"{src.name}: point '{labels[i]}' at ({', '.join(f'{v:.1f}' for v in pts[i])}) mm LPS lies outside the image; "
                 "if the coordinates are RAS, pass --ras (or convert with ras_to_lps)")
-        mask_img = as_image(mask, "mask") if mask is not None and not isinstance(mask, Image) else mask
+        mask_img = (as_image(mask, "mask", constant_ok=True)  # a mask of ones: everywhere
+                    if mask is not None and not isinstance(mask, Image) else mask)
         names = list(target_names) if target_names is not None else [None] * len(targets)
         return _Inputs(src, pts, labels, list(targets), names, mask_img)
 
@@ -401,6 +403,9 @@ class Matcher:
         explicit = mask is not None or options.box_lps_mm is not None  # replaces the default body restriction
         allowed = tmaps.search_mask(options.search_body and not explicit)
         if mask is not None:
+            if mask.grid.ndim != tmaps.local_grid.ndim:
+                raise InputError(f"{mask.name}: the search mask is {mask.grid.ndim}D but the target {name} is "
+                                 f"{tmaps.local_grid.ndim}D; give a mask in the target's space")
             allowed = allowed & mask_from_image(tmaps, mask)
         if options.box_lps_mm is not None:
             allowed = allowed & box_mask(tmaps, options.window_box)

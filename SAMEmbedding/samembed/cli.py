@@ -74,6 +74,17 @@ def _parse_levels(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"{text!r}: give levels as step,template,search;... in mm") from None
 
 
+def _positive_mm(text: str) -> float:
+    """A finite length > 0, in mm (argparse type: a bad value is refused naming the flag)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a length in mm greater than 0, e.g. 0.1")
+    return value
+
+
 def _add_match_options(p: argparse.ArgumentParser, preset_help: str = "same-patient") -> None:
     """The search flags (one per :class:`~samembed.options.MatchOptions` field) and ``--preset``, whose default
     for this command ``preset_help`` describes."""
@@ -313,6 +324,9 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
     if folder_out:
         folders.insert(0, ("--out", out))
     else:
+        if args.heatmap_dir and Path(os.path.abspath(out)) == Path(os.path.abspath(args.heatmap_dir)):
+            raise InputError(f"--out {out} is also the --heatmap-dir folder; give --out a file name in it, e.g. "
+                             f"{Path(out) / 'matches.csv'}")
         check_writable(out)
     for flag, folder in folders:
         _output_folder(flag, folder)
@@ -602,7 +616,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     _add_precision(p)
     p.add_argument("--cache-dir", help="on-disk embedding cache folder")
     p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "xray"])
-    p.add_argument("--spacing", type=float, help="pixel spacing (mm) for 2D files that carry none (PNG/JPEG)")
+    p.add_argument("--spacing", type=_positive_mm, metavar="MM",
+                   help="pixel spacing (mm) for 2D files that carry none (PNG/JPEG)")
     add_log_flags(p)
 
 

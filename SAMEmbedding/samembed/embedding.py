@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled, DeviceUnavailableError
+from .errors import Cancelled, DeviceUnavailableError, InputError
 from .image import Grid, Image
 from .models import LoadedModel
 from .networks.base import inference_copy
@@ -694,6 +694,7 @@ class Embedder:
         self.device = resolve_device(device)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._cache_write_failed = False  # a write to cache_dir failed: it is only read from
         self.max_tile_voxels = int(max_tile_voxels)
         self.modality = modality
         self.model.net.to(self.device)
@@ -1012,7 +1013,7 @@ class Embedder:
         from .tiles import write_entry
 
         path = self._disk_path(maps.key)
-        if path is None or (not maps.dirty and path.is_file()):
+        if path is None or self._cache_write_failed or (not maps.dirty and path.is_file()):
             return
         body = maps.body.cpu().numpy()
         stored = body if maps.ready is None else body & maps.ready.numpy()
@@ -1023,5 +1024,8 @@ class Embedder:
         try:
             write_entry(path, meta, [maps.global_.cpu().half().numpy(), np.packbits(body), np.packbits(stored), local16])
             maps.dirty = False
-        except OSError as e:  # a full or read-only disk costs speed later, not this match
-            log.warning("could not write the embedding cache entry %s: %s", path, e)
+        except (OSError, InputError) as e:  # a full or read-only cache folder costs speed later, not this match
+            if not self._cache_write_failed:  # once: a shared read-only cache would warn for every image
+                log.warning("could not write the embedding cache entry %s (%s); the cache folder is only read from "
+                            "now on in this run", path, e)
+            self._cache_write_failed = True

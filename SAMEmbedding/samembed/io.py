@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -55,20 +57,37 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_readable(path: Path) -> None:
+    """Raise :class:`PermissionError` (the system's refusal: exit code 1, the file named) when ``path`` exists but
+    this user may not read it (a folder: list it), rather than let a reader call it missing or corrupt."""
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise PermissionError(errno.EACCES, "permission denied: this user may not read it; check its permissions",
+                              str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
 
-    The file gets the permissions any other tool would give it (0666 less the umask), not the owner-only
-    mode of the private temporary file, so collaborators on a shared disk can read results.
+    A new file gets the permissions any other tool would give it (0666 less the umask), not the owner-only
+    mode of the private temporary file, so collaborators on a shared disk can read results. A file written
+    again keeps its own permissions (a user who restricted a file of patient data keeps it restricted), and a
+    symbolic link is written through, as the shell's ``>`` does: its target gets the new content.
     """
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path = check_writable(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~current_umask()
+    except OSError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffix(path), dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~current_umask())
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -307,7 +326,7 @@ def _series_description(first_file: str) -> str:
     return f', "{text}"' if text else ""
 
 
-def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Image:
+def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constant_ok: bool = False) -> Image:
     """Read an image file or a DICOM series folder into an :class:`Image`.
 
     Args:
@@ -326,6 +345,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    check_readable(path)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -342,7 +362,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
                     voxels, spacing, origin, direction = fast
                     grid = Grid(voxels.shape, spacing, origin, np.array(direction).reshape(3, 3))
                     image = Image(voxels, grid, str(path))
-                    validate_image(image)
+                    validate_image(image, constant_ok)
                     return image
                 if not gzipped_nifti:  # a .nii.gz's length: checked as it was inflated (read_nifti_gz)
                     check_nifti_complete(path)  # SimpleITK reads a NIfTI cut short as zeros, without a word
@@ -358,7 +378,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None) -> Imag
     if is_2d_raster and spacing_mm is not None:
         grid = image.grid
         image = Image(image.array, Grid(grid.shape_zyx, np.full(grid.ndim, float(spacing_mm)), grid.origin_lps_mm, grid.direction), name, True)
-    validate_image(image)
+    validate_image(image, constant_ok)
     return image
 
 
@@ -377,8 +397,9 @@ def _varies(arr: np.ndarray) -> bool:
     return bool(arr.max() != arr.min())
 
 
-def validate_image(image: Image) -> None:
-    """Raise :class:`InputError` for an empty, constant or non-finite image.
+def validate_image(image: Image, constant_ok: bool = False) -> None:
+    """Raise :class:`InputError` for an empty, constant or non-finite image (``constant_ok``: a constant one passes,
+    as a search mask of ones, everywhere, does).
 
     The check reads every voxel once; an image that passed is remembered (like its content hash), so
     repeated queries on the same :class:`Image` object do not pay for it again.
@@ -391,11 +412,12 @@ def validate_image(image: Image) -> None:
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
         n = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise InputError(f"{image.name}: image holds {n} NaN or infinite voxels; fix or mask them before matching")
-    if not _varies(arr):
+    if not constant_ok and not _varies(arr):
         raise InputError(f"{image.name}: image is constant (every voxel is {arr.flat[0]}); nothing to match")
     if np.any(np.asarray(image.grid.spacing_mm) <= 0):
         raise InputError(f"{image.name}: non-positive spacing {image.grid.spacing_mm.tolist()}")
-    image._validated.append(True)
+    if not constant_ok:  # (the memo is of the full check)
+        image._validated.append(True)
 
 
 def write_image(image: Image, path: str | os.PathLike) -> Path:
@@ -528,6 +550,7 @@ def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
         raise InputError(f"{path}: is a folder, expected a point file (.csv, .fcsv or .mrk.json)")
     if not path.is_file():
         raise InputError(f"{path}: point file not found")
+    check_readable(path)
     name = path.name.lower()
     try:
         if name.endswith(".mrk.json") or name.endswith(".json"):
@@ -535,7 +558,7 @@ def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
         if name.endswith(".fcsv"):
             return _read_fcsv(path)
         return _read_csv(path, ras)
-    except InputError:
+    except (InputError, PermissionError):
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
         raise InputError(f"{path}: cannot parse point file: {e}") from e

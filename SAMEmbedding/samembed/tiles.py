@@ -34,6 +34,10 @@ MAGIC = b"SAMEMB2\n"
 ENTRY_SUFFIX = ".samemb.pt"
 #: the name of an entry of the older, torch-pickled format: its 32-hex-digit key and ``.pt``
 OLDER_ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.pt")
+#: the name of an entry: its 32-hex-digit key (:meth:`samembed.embedding.Embedder.key`) and :data:`ENTRY_SUFFIX`
+ENTRY_NAME = re.compile(r"[0-9a-f]{32}" + re.escape(ENTRY_SUFFIX))
+#: how a file that torch wrote starts (a zip archive; before torch 1.6, a pickle)
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 
 
 # ---------------------------------------------------------------------------------------------- upsampling
@@ -551,15 +555,29 @@ def _entry_summary(path: Path, size: int) -> dict:
         return {"damaged": str(e).removeprefix(f"{path}: ")}
     except (KeyError, IndexError, TypeError, ValueError):
         return {"damaged": "a header without the entry's grid (another version?)"}
+    except OSError as e:  # one unreadable entry does not stop the listing
+        return {"damaged": f"unreadable ({e.strerror or e})"}
 
 
 def entry_files(cache_dir: str | Path) -> list[Path]:
-    """The cache entries in the folder ``cache_dir``, sorted: files named ``*.samemb.pt`` (:data:`ENTRY_SUFFIX`) and
-    older entries named by their key (:data:`OLDER_ENTRY_NAME`). Any other file, a checkpoint ``model.pt`` kept in the
-    same folder say, is not an entry: never listed, never removed."""
+    """The cache entries in the folder ``cache_dir``, sorted: files named by a key and :data:`ENTRY_SUFFIX`
+    (:data:`ENTRY_NAME`; a damaged one too: it is listed as such, and removed), and older entries, named by their key
+    and ``.pt`` (:data:`OLDER_ENTRY_NAME`), that start as torch's files do. Any other file, a checkpoint
+    ``model.pt``, ``my.samemb.pt`` or a text file that happens to be named by 32 hex digits, is not an entry: never
+    listed, never removed."""
     folder = Path(cache_dir)
     return sorted(p for p in folder.iterdir()
-                  if (p.name.endswith(ENTRY_SUFFIX) or OLDER_ENTRY_NAME.fullmatch(p.name)) and p.is_file())
+                  if (ENTRY_NAME.fullmatch(p.name) or (OLDER_ENTRY_NAME.fullmatch(p.name) and _torch_file(p)))
+                  and p.is_file())
+
+
+def _torch_file(path: Path) -> bool:
+    """Whether ``path`` starts as a file torch wrote (a file this user may not read counts, by its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4).startswith(_TORCH_FILE_STARTS)
+    except OSError:
+        return True
 
 
 def cache_info(cache_dir: str | Path) -> dict:

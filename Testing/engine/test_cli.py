@@ -875,3 +875,98 @@ def test_sigterm_handling_is_the_commands_own_and_ends_with_it():
     thread.start()
     thread.join()
     assert seen == [before]
+
+
+@pytest.mark.needs_data
+def test_out_given_as_the_heatmap_folder_is_refused_before_any_work(tmp_path, two_cts, a_points_csv, capsys):
+    """``--out X --heatmap-dir X`` computed every match, then could not write X (a folder by then): nothing saved."""
+    pts_path, _ = a_points_csv
+    same = tmp_path / "res"
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(same),
+                 "--heatmap-dir", str(same), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is also the --heatmap-dir folder" in err and str(same / "matches.csv") in err, err
+    assert not same.exists()
+
+
+@pytest.mark.needs_data
+def test_a_read_only_cache_folder_is_read_from_and_the_batch_goes_on_with_one_warning(tmp_path, two_cts, a_points_csv,
+                                                                                       monkeypatch, caplog):
+    """A shared cache that ``samembed embed`` filled and others may only read: a target not in it stopped the
+    batch at its turn (the write's refusal was an InputError, which the cache's warning did not catch)."""
+    import logging
+
+    pts_path, _ = a_points_csv
+    cache = tmp_path / "cache"
+    assert main(["embed", str(two_cts[0]), "--cache-dir", str(cache), "--model", "random:sam-lite", "--device", "cpu",
+                 "--quiet"]) == 0
+    before = sorted(p.name for p in cache.iterdir())
+    real_access = os.access
+    # read-only for this user (root may write anywhere, so the folder's refusal is what os.access says)
+    monkeypatch.setattr(os, "access", lambda path, how, **k: False if (how & os.W_OK and Path(path) == cache)
+                        else real_access(path, how, **k))
+    out = tmp_path / "m.csv"
+    third = data_file("ct", "openkbp", "ct", "pt_203_ct.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        code = main(["match", str(two_cts[0]), str(two_cts[1]), str(third), "--points", str(pts_path), "--out",
+                     str(out), "--cache-dir", str(cache), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 0
+    assert len(list(csv.DictReader(out.open()))) == 4  # 2 points in each of the 2 targets
+    warnings = [r.getMessage() for r in caplog.records if "could not write the embedding cache" in r.getMessage()]
+    assert len(warnings) == 1 and "not writable" in warnings[0], warnings
+    assert sorted(p.name for p in cache.iterdir()) == before
+
+
+def test_a_file_this_user_may_not_read_is_named_as_such_with_exit_1(tmp_path, two_cts, a_points_csv, monkeypatch,
+                                                                     capsys):
+    """An image or a point file without read permission was called missing, or corrupt, with exit 2 (bad input)."""
+    pts_path, _ = a_points_csv
+    real_access = os.access
+    for locked, place in ((Path(two_cts[1]), "image"), (Path(pts_path), "points")):
+        monkeypatch.setattr(os, "access", lambda path, how, locked=locked, **k: False if (
+            how & os.R_OK and Path(path) == locked) else real_access(path, how, **k))
+        code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out",
+                     str(tmp_path / "o.csv"), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 1, (place, err)
+        assert f"{locked}: permission denied" in err and "check its permissions" in err, (place, err)
+
+
+@pytest.mark.needs_data
+def test_a_mask_of_ones_searches_everywhere_and_a_2d_mask_for_3d_targets_is_refused_naming_it(tmp_path, two_cts,
+                                                                                            a_points_csv, capsys):
+    """A 2D ``--mask`` for 3D targets ended in an internal error (a numpy broadcast); a mask of ones, in the
+    target's space, was refused as an image with nothing to match (it is constant)."""
+    import SimpleITK as sitk
+
+    pts_path, _ = a_points_csv
+    target = sitk.ReadImage(str(two_cts[1]))
+    ones = sitk.Image(target.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(target)
+    everywhere = tmp_path / "ones.nii.gz"
+    sitk.WriteImage(ones, str(everywhere))
+    common = ["--model", "random:sam-lite", "--device", "cpu", "--quiet", "--no-polish"]
+    plain, masked = tmp_path / "plain.csv", tmp_path / "masked.csv"
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(plain),
+                 "--no-body-mask", *common]) == 0
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(masked),
+                 "--mask", str(everywhere), *common]) == 0, capsys.readouterr().err
+    assert masked.read_text() == plain.read_text()  # the mask replaces the body restriction: no restriction at all
+
+    mask = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((128, 128), np.uint8)), str(mask))
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(tmp_path / "o.csv"),
+                 "--mask", str(mask), *common])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{mask}: the search mask is 2D but the target" in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("spacing", ["nan", "0", "-1", "inf", "x"])
+def test_a_spacing_that_is_no_length_is_refused_naming_the_flag(spacing, capsys):
+    from samembed.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["match", "a.png", "b.png", "--points", "p.csv", "--out", "o.csv",
+                                   "--spacing", spacing])
+    assert "--spacing" in capsys.readouterr().err

@@ -40,6 +40,25 @@ def test_an_atomically_written_file_follows_the_umask_not_owner_only(tmp_path, u
     assert mode(path) == 0o644
 
 
+def test_a_file_written_again_keeps_its_permissions_and_a_link_is_written_through(tmp_path, umask_027):
+    """A user who restricted a result file of patient data (chmod 600) keeps it restricted when a rerun writes it
+    again (it was widened to the umask's 0640/0644); an output that is a symbolic link gets the new content in its
+    target, as the shell's ``>`` gives it (the link was replaced by a file, and the target kept the old content)."""
+    private = tmp_path / "private.csv"
+    private.write_text("old\n")
+    private.chmod(0o600)
+    write_text_atomic(private, "new\n")
+    assert private.read_text() == "new\n" and mode(private) == 0o600
+    target = tmp_path / "results" / "matches.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "latest.csv"
+    link.symlink_to(target)
+    write_text_atomic(link, "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()], "a temporary file was left behind"
+
+
 @pytest.mark.needs_data
 def test_every_file_samembed_match_writes_is_readable_by_the_group(tmp_path, umask_027):
     ct = data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")

@@ -549,15 +549,21 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     header = {"local_grid": grid, "global_grid": grid, "model_id": "sam-lite-ct@0123", "key": "k", "image": "pt_1.nii.gz"}
     arrays = [np.zeros((64, 3, 5, 8), np.float16), np.packbits(np.ones(6000, bool)), np.packbits(np.ones(6000, bool)),
               np.zeros((64, 1234), np.float16)]
-    good = tmp_path / f"a{ENTRY_SUFFIX}"
+
+    def entry(c: str):  # named by a key (32 hex digits), as the engine names them
+        return tmp_path / f"{c * 32}{ENTRY_SUFFIX}"
+
+    good = entry("a")
     write_entry(good, header, arrays)
-    (tmp_path / f"b{ENTRY_SUFFIX}").write_bytes(good.read_bytes()[:-10])  # its payload cut short
-    (tmp_path / f"c{ENTRY_SUFFIX}").write_bytes(good.read_bytes()[:20])  # its header cut short
-    (tmp_path / f"d{ENTRY_SUFFIX}").write_bytes(b"not an entry")
+    entry("b").write_bytes(good.read_bytes()[:-10])  # its payload cut short
+    entry("c").write_bytes(good.read_bytes()[:20])  # its header cut short
+    entry("d").write_bytes(b"not an entry")
     older = tmp_path / f"{'0' * 31}f.pt"  # an entry of the older, torch-pickled format: named by its key
-    older.write_bytes(b"older")
-    # not entries: never listed, never removed (a checkpoint kept beside the cache, say)
-    foreign = [tmp_path / "model.pt", tmp_path / "notes.txt", tmp_path / f"{'0' * 31}g.pt"]
+    older.write_bytes(b"PK\x03\x04 older")  # (torch's files are zip archives)
+    # not entries: never listed, never removed (a checkpoint kept beside the cache, a file of that suffix but not
+    # named by a key, a text file named by 32 hex digits)
+    foreign = [tmp_path / "model.pt", tmp_path / "notes.txt", tmp_path / f"{'0' * 31}g.pt",
+               tmp_path / f"my{ENTRY_SUFFIX}", tmp_path / f"{'0' * 31}e.pt"]
     for f in foreign:
         f.write_bytes(b"someone's file")
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
@@ -565,10 +571,10 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     assert len(lines) == 6 and lines[-1].startswith("5 entries,"), lines
     assert lines[0].endswith(f"[{older.name}]") and "older format" in lines[0]
     assert "pt_1.nii.gz  sam-lite-ct@0123  local grid 10x20x30 (zyx) at 2x3x4 mm, 1,234 voxels stored" in lines[1]
-    assert lines[1].endswith(f"[a{ENTRY_SUFFIX}]")
+    assert lines[1].endswith(f"[{good.name}]")
     assert "truncated" in lines[2] and all("damaged" in line for line in lines[2:5]), lines
     for f in ("b", "c", "d"):
-        (tmp_path / f"{f}{ENTRY_SUFFIX}").unlink()
+        entry(f).unlink()
     older.unlink()
     assert main(["cache", "info", str(tmp_path)]) == 0  # the folder as an argument, as --cache-dir
     assert capsys.readouterr().out.splitlines()[-1].startswith("1 entry,")
