@@ -81,6 +81,10 @@ def _points_array(points, ndim: int, source: Image) -> np.ndarray:
         p = np.hstack([p, np.zeros((len(p), 1))])
     if not np.all(np.isfinite(p)):
         raise InputError("points contain NaN or infinite coordinates")
+    if ndim == 2 and np.any(np.abs(p[:, 2]) > 1e-3):  # e.g. points of another scan's slice: said, not silently dropped
+        i = int(np.argmax(np.abs(p[:, 2])))
+        log.warning("%s is a 2D image: the points' z is ignored, though %d of them have z != 0 (up to %.1f mm)",
+                    source.name, int(np.count_nonzero(np.abs(p[:, 2]) > 1e-3)), float(abs(p[i, 2])))
     return p
 
 

@@ -123,10 +123,22 @@ def _atlas_pairs(args) -> list[tuple[str, str]]:
         manifest = Path(args.atlases)
         if not manifest.is_file():
             raise InputError(f"{manifest}: atlas manifest not found")
-        with manifest.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or not {"image", "points"} <= set(rows[0]):
-            raise InputError(f"{manifest}: an atlas manifest is a CSV with the columns image,points")
+        try:
+            text = manifest.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheets' "CSV UTF-8") skipped
+        except UnicodeDecodeError as e:
+            raise InputError(f"{manifest}: not UTF-8 text ({e.reason}); save the manifest as CSV UTF-8") from None
+        rows = []
+        for delimiter in (",", ";", "\t"):  # as spreadsheets write CSV where the comma is the decimal separator
+            rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
+            header = {k.strip().lower() for k in (next(csv.reader(text.splitlines()[:1], delimiter=delimiter), []))}
+            if {"image", "points"} <= header:
+                break
+        else:
+            raise InputError(f"{manifest}: an atlas manifest is a CSV whose header names the columns image,points")
+        if not rows:
+            raise InputError(f"{manifest}: the manifest names no atlas (a header and no rows); add a row image,points "
+                             "per atlas")
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
         base = manifest.parent
         pairs += [(str(base / r["image"]), str(base / r["points"])) for r in rows]
     return pairs
@@ -329,10 +341,10 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
                              f"{Path(out) / 'matches.csv'}")
         check_writable(out)
     for flag, folder in folders:
-        _output_folder(flag, folder)
+        output_folder(flag, folder)
 
 
-def _output_folder(flag: str, folder: Path) -> None:
+def output_folder(flag: str, folder: Path) -> None:
     """Make the output folder ``folder`` of option ``flag`` (with its parents) unless it exists, before anything is
     computed; :class:`InputError` names the flag, the path and the problem (a file, not creatable, not writable)."""
     if folder.exists() and not folder.is_dir():
@@ -496,7 +508,7 @@ def _cmd_embed(args) -> int:
     if not args.cache_dir:
         raise InputError("samembed embed needs --cache-dir DIR to store the embeddings")
     _require_images(args.images)  # before the cache folder is made and torch loads
-    _output_folder("--cache-dir", Path(args.cache_dir))
+    output_folder("--cache-dir", Path(args.cache_dir))
     bar = PhaseProgress(len(args.images), "loading torch" if "torch" not in sys.modules else "loading the model",
                         not args.quiet, started_s=getattr(args, "started_s", None))
     try:

@@ -673,10 +673,14 @@ def _read_csv(path: Path, ras: bool) -> PointList:
         il, cols = 0, list(range(1, width))
         body = rows
     expected = "label,x,y,z" if len(cols) == 3 else "label,x,y"
+    width = len(rows[0][1])
     labels, pts = [], []
     for n, r in body:
         if len(r) <= max(cols):
             raise InputError(f"{path}: line {n} has {len(r)} columns; expected {expected}")
+        if any(v.strip() for v in r[width:]):  # e.g. "A,1,5,2,5,3,5": decimal commas would shift x, y, z silently
+            raise InputError(f"{path}: line {n} has {len(r)} values, but line {rows[0][0]} has {width} columns; if a "
+                             "decimal comma splits a number, quote it or separate the columns with ';'")
         labels.append(r[il].strip() if il is not None else f"P{len(labels) + 1}")
         xyz = [_parse_float(_decimal_point(r[i], delimiter == ";"), path, n) for i in cols]
         pts.append(xyz + [0.0] * (3 - len(xyz)))
@@ -720,11 +724,15 @@ def _read_mrk_json(path: Path) -> PointList:
     if not markups:
         raise InputError(f"{path}: not a Slicer markups file (no 'markups' list)")
     labels, pts, descs, unplaced = [], [], [], []
-    for m in markups:
+    for k, m in enumerate(markups, start=1):
+        if not isinstance(m, dict) or not isinstance(m.get("controlPoints", []), list):
+            raise InputError(f"{path}: markup {k} is not a Slicer markup (an object with a 'controlPoints' list)")
         coord = str(m.get("coordinateSystem", "LPS")).upper()
         if coord not in ("RAS", "LPS"):
             raise InputError(f"{path}: unknown coordinateSystem '{coord}'; expected RAS or LPS")
         for n, cp in enumerate(m.get("controlPoints", []), start=1):
+            if not isinstance(cp, dict):
+                raise InputError(f"{path}: control point {n} of markup {k} is not an object with a position")
             pos = cp.get("position")
             # a point not placed yet (Slicer's "undefined", "preview" or "missing"): its position means nothing
             if pos is None or len(pos) != 3 or str(cp.get("positionStatus", "defined")).lower() != "defined":

@@ -50,12 +50,22 @@ def deduplicated(names: Sequence[str]) -> list[str]:
     return out
 
 
+#: a label's part of a file name is cut to this many UTF-8 bytes: with the target's id and ``_heatmap.nii.gz`` it
+#: must fit a file name (255 bytes on common file systems)
+LABEL_ID_BYTES = 80
+
+
 def label_ids(labels: Sequence[str]) -> dict[str, str]:
     """Each label's part of a file name (heatmaps): every character but letters, digits, ``-`` and ``_`` as ``_``,
-    unique among ``labels`` (labels that differ only there, ``A B`` and ``A_B``, get ``_2``, ``_3``, ... in their
-    order)."""
+    cut to :data:`LABEL_ID_BYTES`, unique among ``labels`` (labels that differ only there, ``A B`` and ``A_B``, or
+    only after the cut, get ``_2``, ``_3``, ... in their order).
+
+    >>> label_ids(["A B", "A_B", "x" * 200])["x" * 200] == "x" * 80
+    True
+    """
     distinct = list(dict.fromkeys(labels))
     names = ["".join(c if c.isalnum() or c in "-_" else "_" for c in label) or "point" for label in distinct]
+    names = [name.encode()[:LABEL_ID_BYTES].decode(errors="ignore") for name in names]
     return dict(zip(distinct, deduplicated(names)))
 
 

@@ -54,6 +54,9 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
         data = Path(path).read_bytes()
     except OSError:  # unreadable: SimpleITK's reading says why
         return None
+    if not data.startswith(b"\x1f\x8b"):  # no gzip data at all: a file named .nii.gz that is something else
+        raise InputError(f"{path}: cannot read this image: it is named .nii.gz but is not gzip-compressed (it starts "
+                         f"{data[:8]!r}); give the file its own format's name, e.g. .nii")
     try:
         raw = igzip.decompress(data)
     except (OSError, EOFError, ValueError, isal_zlib.error) as exc:  # OSError: gzip.BadGzipFile, not gzip at all

@@ -12,6 +12,8 @@ import stat
 import zipfile
 from pathlib import Path
 
+from .errors import InputError
+
 #: the input size multiple and the local map's stride (x, y, z), both in input voxels, of this engine's own
 #: architectures: what the prefetch needs to know of a checkpoint that ``models.json`` does not list (the networks'
 #: specs say the same; tested)
@@ -38,7 +40,14 @@ def registry() -> dict:
     path = models_dir() / "models.json"
     if not path.is_file():
         return {"models": []}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: the model registry is not valid JSON ({e}); fix the file, or unset "
+                         "SAMEMBED_MODELS_DIR to use the models shipped with samembed") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models", []), list):
+        raise InputError(f"{path}: the model registry must be an object with a 'models' list")
+    return data
 
 
 def find_entry(name: str) -> dict | None:

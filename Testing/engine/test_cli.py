@@ -474,6 +474,11 @@ def test_label_ids_name_each_label_s_heatmap_once():
     assert label_ids(["A B", "A_B", "A/B", "C1.5", "ok", "A B", ""]) == {
         "A B": "A_B", "A_B": "A_B_2", "A/B": "A_B_3", "C1.5": "C1_5", "ok": "ok", "": "point"}
     assert label_ids(["L1", "l1"]) == {"L1": "L1", "l1": "l1_2"}  # one file on a case-insensitive disk otherwise
+    # a long label (250 characters failed at the heatmap's writing, "File name too long", after every match), also
+    # of letters of several bytes, cut at a character's end; two that differ only after the cut stay apart
+    long_a, long_b, greek = "a" * 250 + "1", "a" * 250 + "2", "λ" * 100
+    ids = label_ids([long_a, long_b, greek])
+    assert ids == {long_a: "a" * 80, long_b: "a" * 80 + "_2", greek: "λ" * 40}
 
 
 @pytest.mark.needs_data
@@ -583,6 +588,18 @@ def test_the_default_model_without_weights_says_what_to_do(tmp_path, monkeypatch
 
     with pytest.raises(ModelNotAvailableError, match="model 'default' has no weights on this machine .*--model PATH"):
         load_model("default")
+
+
+def test_a_broken_model_registry_is_named_with_what_to_do(tmp_path, monkeypatch, capsys):
+    """An invalid models.json (SAMEMBED_MODELS_DIR) gave 'internal error: JSONDecodeError', without the file."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "models.json").write_text('{"models": [')
+    monkeypatch.setenv("SAMEMBED_MODELS_DIR", str(models))
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert f"{models / 'models.json'}: the model registry is not valid JSON" in err and "SAMEMBED_MODELS_DIR" in err
+    assert "internal error" not in err
 
 
 # ------------------------------------------------------------------------------------------ benchmark commands
@@ -970,3 +987,27 @@ def test_a_spacing_that_is_no_length_is_refused_naming_the_flag(spacing, capsys)
         build_parser().parse_args(["match", "a.png", "b.png", "--points", "p.csv", "--out", "o.csv",
                                    "--spacing", spacing])
     assert "--spacing" in capsys.readouterr().err
+
+
+def test_an_atlas_manifest_as_spreadsheets_write_it_is_read_and_one_without_rows_says_so(tmp_path):
+    """A manifest with a byte-order mark or ';' separators was refused as lacking the columns image,points."""
+    from types import SimpleNamespace
+
+    from samembed.cli import _atlas_pairs
+    from samembed.errors import InputError
+
+    def pairs(text: str):
+        path = tmp_path / "atlases.csv"
+        path.write_bytes(text.encode("utf-8"))
+        return _atlas_pairs(SimpleNamespace(atlas=None, atlases=str(path)))
+
+    want = [(str(tmp_path / "a1.nii.gz"), str(tmp_path / "a1.csv")), (str(tmp_path / "a 2.nii.gz"), str(tmp_path / "a2.csv"))]
+    for text in ("image,points\na1.nii.gz,a1.csv\na 2.nii.gz,a2.csv\n",
+                 "\ufeffimage,points\r\na1.nii.gz,a1.csv\r\na 2.nii.gz,a2.csv\r\n",
+                 "Image; Points\na1.nii.gz; a1.csv\na 2.nii.gz;a2.csv\n",
+                 "image\tpoints\na1.nii.gz\ta1.csv\na 2.nii.gz\ta2.csv\n"):
+        assert pairs(text) == want, text
+    with pytest.raises(InputError, match="names no atlas"):
+        pairs("image,points\n")
+    with pytest.raises(InputError, match="header names the columns image,points"):
+        pairs("scan,landmarks\na1.nii.gz,a1.csv\n")

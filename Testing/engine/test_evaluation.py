@@ -102,6 +102,14 @@ def test_case_file_round_trip_keeps_points_labels_and_resolves_relative_paths(tm
         assert got[0].meta == {"seed": 3}
 
 
+def test_a_case_file_whose_cases_are_not_objects_is_refused_naming_the_case(tmp_path):
+    """``[1]`` ended in an internal TypeError that named neither the file nor the case."""
+    path = tmp_path / "cases.json"
+    path.write_text("[1]")
+    with pytest.raises(InputError, match=r"cases.json: case #0 is not an object with suite, case_id"):
+        read_cases(path)
+
+
 def test_case_files_with_mismatched_points_or_unknown_type_raise_input_error(tmp_path):
     with pytest.raises(InputError, match="labels"):
         Case("s", "c", "a", "b", ["only one"], [[0, 0, 0], [1, 1, 1]], [[0, 0, 0], [1, 1, 1]])
@@ -301,6 +309,53 @@ def test_evaluate_writes_tables_csv_and_cdf_and_rejects_bad_input(tmp_path, a_bl
     assert run_cli(["evaluate", str(tmp_path / "missing.json"), "--methods", "centre", "--out", str(out)]) == 2
     assert run_cli(["make-suites", "--out", str(tmp_path / "s"), "--suites", "nope"]) == 2
     assert "unknown suite" in capsys.readouterr().err
+
+
+def test_evaluate_checks_its_output_folder_first_and_a_stopped_run_reports_the_pairs_it_finished(
+        tmp_path, a_blob_pair, capsys, monkeypatch):
+    """An --out that is a file was found after every case had run (all results lost); Ctrl-C or SIGTERM kept
+    nothing; a run whose every pair failed exited 0; --limit 0 ran every case and -1 dropped the last."""
+    from samembed_bench import registration
+
+    from samembed.stopping import Terminated
+
+    sp, tp, query, truth = a_blob_pair
+    labels = [f"P{i}" for i in range(len(query))]
+    case_file = write_cases([Case("tiny", f"c{i}", sp, tp, labels, query, truth) for i in range(3)],
+                            tmp_path / "cases.csv")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    ran = []
+    real = registration.transfer_points_centre
+
+    def centre(*a, **k):
+        ran.append(1)
+        if len(ran) == 3:
+            raise Terminated("SIGTERM")
+        return real(*a, **k)
+
+    monkeypatch.setattr(registration, "transfer_points_centre", centre)
+    assert run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(a_file)]) == 2
+    assert "is a file, expected a folder" in capsys.readouterr().err and ran == []
+    assert a_file.read_text() == "mine\n"
+
+    out = tmp_path / "out"
+    with pytest.raises(Terminated):  # (the command exits 143 on it: samembed.cli)
+        run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(out)])
+    assert "wrote the 2 finished pair(s)" in capsys.readouterr().err
+    pairs = list(csv.DictReader((out / "landmarks_pairs.csv").open()))
+    assert [r["case_id"] for r in pairs] == ["c0", "c1"]
+    assert "- stopped: after 2 of 3 (case, method) pairs" in (out / "landmarks.md").read_text()
+
+    missing = write_cases([Case("tiny", "gone", tmp_path / "nope.nii.gz", tp, labels, query, truth)],
+                          tmp_path / "missing.csv")
+    assert run_cli(["evaluate", str(missing), "--methods", "centre", "--out", str(out)]) == 2
+    assert "every pair failed" in capsys.readouterr().err
+    assert (out / "landmarks.md").is_file()
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(out), "--limit", bad])
+        assert "--limit" in capsys.readouterr().err
 
 
 def test_the_default_data_folder_is_beside_the_repository(monkeypatch):

@@ -199,8 +199,9 @@ def test_a_corrupt_image_names_the_file(tmp_path):
     bad.write_bytes(b"\x1f\x8b\x08 this is not a nifti file")
     with pytest.raises(InputError, match="bad.nii.gz: cannot read"):
         read_image(bad)
-    bad.write_bytes(b"not gzip at all")
-    with pytest.raises(InputError, match="bad.nii.gz: cannot read"):
+    bad.write_bytes(b"not gzip at all")  # (was called gzip data "damaged or cut short")
+    with pytest.raises(InputError, match="bad.nii.gz: cannot read this image: it is named .nii.gz but is not "
+                                         "gzip-compressed .*e.g. .nii"):
         read_image(bad)
 
 
@@ -267,6 +268,18 @@ def test_a_point_file_with_a_bad_number_names_the_row(tmp_path):
     (tmp_path / "p.csv").write_text("label,x,y,z\nq,1,zz,3\n")
     with pytest.raises(InputError, match="line 2: .zz. is not a number"):
         read_points(tmp_path / "p.csv")
+
+
+@pytest.mark.parametrize("text", ["label,x,y,z\nA,1,2,3\nB,1,5,2,5,3,5\n", "A,1,2,3\nB,1,5,2,5,3,5\n"],
+                         ids=["header", "no-header"])
+def test_a_row_with_more_values_than_columns_is_refused_as_decimal_commas_would_shift_it(tmp_path, text):
+    """``B,1,5,2,5,3,5`` (decimal commas in a comma file) was read as x=1, y=5, z=2 without a word."""
+    (tmp_path / "p.csv").write_text(text)
+    line = text.count("\n")  # the last line
+    with pytest.raises(InputError, match=rf"line {line} has 7 values, but line 1 has 4 columns; if a decimal comma"):
+        read_points(tmp_path / "p.csv")
+    (tmp_path / "q.csv").write_text(text.replace("1,5,2,5,3,5", "1,2,3,,"))  # empty cells a spreadsheet left: fine
+    assert read_points(tmp_path / "q.csv").labels == ["A", "B"]
 
 
 @pytest.mark.parametrize(("raw", "labels", "xyz"), [
@@ -625,3 +638,16 @@ def test_the_layout_of_a_nifti_header_in_either_byte_order_and_version():
     assert nifti_layout(bytes(one[:200]), single_file=True) is None  # too short to be a header
     struct.pack_into(">8h", one, 40, 3, 10, 0, 12, 1, 1, 1, 1)  # an axis of no voxels
     assert nifti_layout(bytes(one), single_file=True) is None
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"markups": [3]}, "markup 1 is not a Slicer markup"),
+    ({"markups": [{"controlPoints": 5}]}, "markup 1 is not a Slicer markup"),
+    ({"markups": [{"controlPoints": [{"position": [1, 2, 3]}, "x"]}]}, "control point 2 of markup 1 is not an object"),
+], ids=["markup-a-number", "control-points-a-number", "control-point-a-string"])
+def test_a_markups_file_of_the_wrong_shape_is_refused_naming_what_is_wrong(tmp_path, content, message):
+    """These ended in an internal AttributeError that named neither the file nor the problem."""
+    path = tmp_path / "p.mrk.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(InputError, match=f"{path.name}: {message}"):
+        read_points(path)

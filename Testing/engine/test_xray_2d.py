@@ -135,6 +135,23 @@ def test_a_2d_source_with_a_3d_target_fails_with_a_clear_input_error():
         Matcher("random:sam-lite-2d", device="cpu").match(src, [[4.0, 4.0, 0.0]], [tgt], target_names=["volume.nii.gz"])
 
 
+def test_points_with_a_z_on_a_2d_image_are_matched_in_its_plane_with_a_warning_that_z_is_ignored(caplog):
+    """``label,x,y,z`` points with z = 500 on a radiograph were matched in its plane without a word."""
+    import logging
+
+    rng = np.random.default_rng(0)
+    img = Image.from_array((rng.random((64, 48)) * 255).astype(np.uint8), spacing_mm=(0.2, 0.2), name="hand.png")
+    matcher = Matcher("random:sam-lite-2d", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        flat = matcher.match(img, [[4.0, 4.0, 0.0]], [img])
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        off = matcher.match(img, [[4.0, 4.0, 500.0], [5.0, 5.0, 0.0]], [img])
+    assert [r.getMessage() for r in caplog.records] == [
+        "hand.png is a 2D image: the points' z is ignored, though 1 of them have z != 0 (up to 500.0 mm)"]
+    np.testing.assert_allclose(off.matches[0].point_lps_mm, flat.matches[0].point_lps_mm)
+
+
 # ------------------------------------------------------------------------------------------ split and metrics
 def test_the_split_is_seeded_disjoint_and_complete():
     ids = [str(3000 + i) for i in range(133)]

@@ -136,6 +136,9 @@ def read_cases(path: str | os.PathLike) -> list[Case]:
             raise InputError(f"{path}: expected a JSON list of cases (or an object with a 'cases' list)")
         cases = []
         for n, d in enumerate(data):
+            if not isinstance(d, dict):
+                raise InputError(f"{path}: case #{n} is not an object with suite, case_id, source, target, "
+                                 "query_points_lps_mm and truth_points_lps_mm")
             missing = [k for k in ("suite", "case_id", "source", "target", "query_points_lps_mm", "truth_points_lps_mm")
                        if k not in d]
             if missing:

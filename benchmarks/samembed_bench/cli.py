@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from samembed.cli import BENCH_COMMANDS
 from samembed.errors import InputError
@@ -37,9 +38,15 @@ def _cmd_make_suites(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run the methods on the cases and write the report. The output folder is made and checked before any case
+    runs; a run stopped by Ctrl-C or SIGTERM reports the pairs it finished (then exits 130 or 143); a run whose
+    every pair failed exits 2 after its report (which lists the failures)."""
+    from samembed.cli import output_folder
+
     from .cases import read_cases
     from .runner import environment_info, parse_methods, run_cases, write_report
 
+    results: list = []
     try:
         methods = parse_methods(args.methods)
         cases = []
@@ -50,16 +57,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise InputError("the case files hold no cases")
         if args.elastix_threads is not None and args.elastix_threads < 1:
             raise InputError(f"--elastix-threads must be >= 1, got {args.elastix_threads}")
-        results = run_cases(cases, methods, model=args.model, device=args.device, elastix_threads=args.elastix_threads)
+        output_folder("--out", Path(args.out))  # before any case runs: a run of hours is not lost at its end
+        model_id = args.model if any(m.startswith("sam") for m in methods) else None
+        info = environment_info(model_id, args.elastix_threads) | {"cases": ", ".join(map(str, args.cases))}
+        try:
+            run_cases(cases, methods, model=args.model, device=args.device, elastix_threads=args.elastix_threads,
+                      results=results)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (samembed.stopping.Terminated): report what finished
+            if results:
+                report = write_report(results, args.out, stem=args.stem,
+                                      info=info | {"stopped": f"after {len(results)} of {len(cases) * len(methods)} "
+                                                              "(case, method) pairs"})
+                print(f"stopped: wrote the {len(results)} finished pair(s) to {report}", file=sys.stderr)
+            raise
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model_id = args.model if any(m.startswith("sam") for m in methods) else None
-    report = write_report(results, args.out, stem=args.stem,
-                          info=environment_info(model_id, args.elastix_threads) | {"cases": ", ".join(map(str, args.cases))})
+    report = write_report(results, args.out, stem=args.stem, info=info)
     print(report.read_text(encoding="utf-8"))
     print(f"wrote {report}")
+    if all(r.error for r in results):
+        print(f"error: every pair failed, the first with: {results[0].error} (the report lists them)", file=sys.stderr)
+        return 2
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
 
 
 def add_parsers(subparsers) -> None:
@@ -82,8 +113,8 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--stem", default="landmarks", help="output file name stem (default: landmarks)")
-    e.add_argument("--limit", type=int, default=None, help="use at most N cases per case file")
-    e.add_argument("--elastix-threads", type=int, default=None, help="elastix threads (default: ITK's)")
+    e.add_argument("--limit", type=_at_least_one, default=None, metavar="N", help="use at most N cases per case file")
+    e.add_argument("--elastix-threads", type=_at_least_one, default=None, help="elastix threads (default: ITK's)")
     e.set_defaults(func=_cmd_evaluate)
 
     m = subparsers.add_parser("make-suites", help=BENCH_COMMANDS["make-suites"],

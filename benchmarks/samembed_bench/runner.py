@@ -165,11 +165,12 @@ def _failed(case: Case, method: str, message: str, seconds: float = float("nan")
 def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "default", device: str = "cpu",
               elastix_threads: int | None = None, elastix_options: dict | None = None,
               progress: Callable[[int, int, str], None] | None = None, cache_dir: str | None = None,
-              options: MatchOptions | None = None) -> list[PairResult]:
+              options: MatchOptions | None = None, results: list[PairResult] | None = None) -> list[PairResult]:
     """Run every method on every case.
 
     A method failing on one pair (e.g. a query outside the image, a registration error) is recorded as a
-    failure with NaN predictions and does not stop the run.
+    failure with NaN predictions and does not stop the run. Each result is appended to ``results`` (a list the
+    caller holds, when given) as it finishes, so a run stopped by Ctrl-C or SIGTERM keeps what it finished.
 
     Args:
         cases: the benchmark cases.
@@ -180,9 +181,10 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
         elastix_options: extra keyword arguments for :func:`~.registration.elastix_parameter_maps`.
         progress: called as ``progress(done, total, message)`` after each (case, method).
         cache_dir, options: see :class:`SamMethod` (``options``: the base settings of the SAMEmbedding methods).
+        results: the list to append to (default: a new one).
 
     Returns:
-        One :class:`PairResult` per (case, method), case-major.
+        ``results``: one :class:`PairResult` per (case, method), case-major.
 
     Raises:
         InputError: unknown methods, or a SAMEmbedding model that cannot be loaded.
@@ -191,7 +193,7 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
 
     methods = parse_methods(methods)
     sam = SamMethod(model, device, cache_dir, options) if any(m.startswith("sam") for m in methods) else None
-    results: list[PairResult] = []
+    results = [] if results is None else results
     total, done = len(cases) * len(methods), 0
     for case in cases:
         for method in methods:
