@@ -213,6 +213,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                                [*([out / f"{i}.mrk.json" for i in ids] if folder_out else [out]),
                                 *(Path(args.heatmap_dir) / name for name in heatmaps.values())])
     _prepare_outputs(args, out, folder_out)
+    # a run that stops partway writes what it finished beside an earlier run's complete file, not over it
+    partial_out = _partial_name(out) if not folder_out and out.is_file() else out
     bar = PhaseProgress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
     try:
         from .api import Atlas, as_image  # torch
@@ -299,9 +301,10 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             matcher = source = atlases = None
             images_read.clear()
             try:
-                _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch)
-                log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s", len(done),
-                          n, out, f" and {args.heatmap_dir}" if args.heatmap_dir else "")
+                _write_match_outputs(args, done, partial_out, folder_out, heatmaps, fused, prefetch)
+                log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s%s",
+                          len(done), n, partial_out, f" and {args.heatmap_dir}" if args.heatmap_dir else "",
+                          f" ({out}, of an earlier run, is left as it was)" if partial_out != out else "")
             except Exception as e:  # noqa: BLE001 - the original error is the one to report
                 log.error("could not write the %d finished targets: %s", len(done), e)
         elif not written and writing:  # stopped while writing: not started again (an interrupt means stop)
@@ -317,6 +320,16 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                       f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'}")
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _partial_name(out: Path) -> Path:
+    """Where a stopped run writes what it finished when ``out`` holds an earlier run's results:
+    ``matches.csv`` -> ``matches.partial.csv``, ``pt.mrk.json`` -> ``pt.partial.mrk.json``."""
+    name = out.name
+    for suffix in (".mrk.json", *([out.suffix] if out.suffix else [])):
+        if name.lower().endswith(suffix):
+            return out.with_name(f"{name[: -len(suffix)]}.partial{name[-len(suffix):]}")
+    return out.with_name(f"{name}.partial")
 
 
 def _require_images(paths: list[str]) -> None:

@@ -338,6 +338,25 @@ def test_a_later_target_that_cannot_be_read_stops_the_run_at_its_turn_and_the_ta
     assert {r["target"] for r in csv.DictReader(out.open())} == {str(two_cts[1])}
     assert corrupt.read_bytes() == b"garbage"
 
+    # run again into the same file: the earlier run's results stay, what this one finished goes beside them (the
+    # partial run's rows replaced the complete ones before)
+    earlier = "target,label,x,y,z,score,confident\nkeep,me,1,2,3,0.9,True\n"
+    out.write_text(earlier)
+    caplog.clear()
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), str(corrupt), "--points", str(pts_path), "--out", str(out),
+                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"]) == 2
+    assert out.read_text() == earlier
+    partial = tmp_path / "m.partial.csv"
+    assert {r["target"] for r in csv.DictReader(partial.open())} == {str(two_cts[1])}
+    assert f"in {partial} ({out}, of an earlier run, is left as it was)" in caplog.text
+
+
+def test_a_stopped_run_names_its_partial_file_beside_the_earlier_one():
+    from samembed.cli import _partial_name
+
+    assert [_partial_name(Path(p)).name for p in ("m.csv", "pt.mrk.json", "pt.MRK.JSON", "pt.fcsv", "plain")] == [
+        "m.partial.csv", "pt.partial.mrk.json", "pt.partial.MRK.JSON", "pt.partial.fcsv", "plain.partial"]
+
 
 @pytest.mark.needs_data
 def test_an_interrupt_while_writing_stops_the_writing_and_keeps_what_was_written(tmp_path, two_cts, a_points_csv,
