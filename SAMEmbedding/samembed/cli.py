@@ -612,15 +612,16 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .training.config import load_config
+    from .training.config import load_config, validate_config
     from .training.train import Trainer
 
     cfg = load_config(args.config, args.set)
     for key in ("arch", "objective", "data", "iterations"):
-        if getattr(args, key):
+        if getattr(args, key) is not None:  # (--iterations 0 was taken as not given)
             setattr(cfg, key, getattr(args, key))
     if args.out:
         cfg.out_dir = args.out
+    validate_config(cfg, f"{args.config or 'config'} with the command's settings")
     final = Trainer(cfg, progress=not args.quiet).run(resume=args.resume)
     print(f"wrote {final}")
     return 0

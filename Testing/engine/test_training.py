@@ -319,3 +319,131 @@ def test_a_new_run_starts_from_init_from_weights_and_resume_auto_without_a_check
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     with pytest.raises(InputError, match="no checkpoint to resume from"):
         Trainer(tiny_config(tmp_path / "d", "sam"), progress=False).run(resume=str(tmp_path / "missing.pt"))
+
+
+# ------------------------------------------------------------------------------------------ bad settings, resumes
+def test_a_config_s_settings_are_checked_by_type_and_range_naming_the_file(tmp_path):
+    """From a helper's audit: ``exclude: pt_103_ct.nii.gz`` (one string) was read as its characters and excluded
+    nothing (a held-out patient trained on); ``--set exclude=pt_103*`` excluded everything; a string lr, a zero
+    batch or a fill of "banana" failed minutes later as internal errors, or not at all."""
+    from samembed.errors import InputError
+    from samembed.training.config import load_config
+
+    def config(text: str, overrides=()):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        return load_config(path, list(overrides))
+
+    assert config("exclude: pt_103_ct.nii.gz\n").exclude == ["pt_103_ct.nii.gz"]
+    assert config("", ["exclude=pt_103*"]).exclude == ["pt_103*"]
+    assert config("data: /data/ct\nlr: 1e-3\n").data == ["/data/ct"]
+    assert config("lr: 1e-3\n").lr == 0.001  # YAML reads 1e-3 as a string
+    for text, message in (("lr: fast\n", "lr must be a number, not 'fast'"),
+                          ("iterations: 2.5\n", "iterations must be a whole number"),
+                          ("iterations: 0\n", "iterations must be at least 1, not 0"),
+                          ("batch_volumes: -1\n", "batch_volumes must be at least 1"),
+                          ("fill: banana\n", "fill must be one of zero, air, not 'banana'"),
+                          ("warmup: -3\n", "warmup must be 0 or more"),
+                          ("scale_range: [1.2, 0.8]\n", "scale_range must be two numbers 0 < low <= high"),
+                          ("freeze_global: yes please\n", "freeze_global must be true or false"),
+                          ("iteraions: 10\n", r"unknown settings iteraions \(did you mean iterations\?\)"),
+                          ("lr: [1\n", "c.yaml: not a valid YAML file"),
+                          ("hello\n", "c.yaml: a training config is a mapping of settings")):
+        with pytest.raises(InputError, match=message):
+            config(text)
+
+
+@pytest.mark.needs_data
+def test_a_resume_refuses_a_checkpoint_of_other_settings_final_weights_and_a_damaged_file(tmp_path):
+    """A resume with another data, objective or lr went on silently (the run's weights then came from two
+    recipes); final weights gave a KeyError, a truncated last.pt torch's words without the file."""
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    final = Trainer(tiny_config(tmp_path, "sam", iterations=2), progress=False).run()
+    last = tmp_path / "run" / "last.pt"
+    with pytest.raises(InputError, match=r"was trained with other settings \(lr: 0.001 -> 0.01; objective: 'sam' -> "
+                                         r"'sam\+isimed:0.5'\)"):
+        Trainer(tiny_config(tmp_path, "sam+isimed:0.5", iterations=4, lr=0.01), progress=False).run(resume="auto")
+    with pytest.raises(InputError, match="not a resume checkpoint"):
+        Trainer(tiny_config(tmp_path, "sam", iterations=4), progress=False).run(resume=str(final))
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(InputError, match=f"{damaged}: not a readable training checkpoint"):
+        Trainer(tiny_config(tmp_path, "sam", iterations=4), progress=False).run(resume=str(damaged))
+    # how long it runs may change: 2 more iterations
+    Trainer(tiny_config(tmp_path, "sam", iterations=4, checkpoint_every=1), progress=False).run(resume="auto")
+    rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.needs_data
+def test_a_resume_after_a_kill_logs_each_iteration_once_and_keeps_the_adam_bank_and_the_clock(tmp_path):
+    """A run killed between checkpoints left log rows after its last.pt: the resume logged those iterations
+    twice. The adam objective's memory bank and the run's clock (schedule_by_time, time_limit_min) were not saved,
+    so a resumed run drew other negatives and restarted its learning rate and its time budget."""
+    from samembed.training.train import Trainer
+
+    Trainer(tiny_config(tmp_path, "sam+adam:0.5", iterations=2), progress=False).run()
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["adam_bank"].shape[0] > 0 and ck["clock_seconds"] > 0
+    log_csv = tmp_path / "run" / "train_log.csv"
+    header, *rows = log_csv.read_text().splitlines()
+    log_csv.write_text("\n".join([header, *rows, "3,9,9,9,0.001,1,1" + ",0" * (len(header.split(",")) - 7)]) + "\n")
+    Trainer(tiny_config(tmp_path, "sam+adam:0.5", iterations=3), progress=False).run(resume="auto")
+    iterations = [r.split(",")[0] for r in log_csv.read_text().splitlines()[1:]]
+    assert iterations == ["1", "2", "3"] and "3,9,9,9" not in log_csv.read_text()
+
+    # a run that met its time limit, scheduled by time: its learning rate had reached the schedule's end, and a
+    # resume restarted it at the full rate (and the time budget with it)
+    timed = dict(iterations=1000, time_limit_min=0.005, schedule_by_time="true", warmup=1, checkpoint_every=1000)
+    Trainer(tiny_config(tmp_path / "t", "sam", **timed), progress=False).run()
+    Trainer(tiny_config(tmp_path / "t", "sam", **timed), progress=False).run(resume="auto")
+    resumed = (tmp_path / "t" / "run" / "train_log.csv").read_text().splitlines()[-1].split(",")
+    assert float(resumed[4]) < 1e-6, resumed  # the schedule's end, not 1e-3
+
+
+@pytest.mark.needs_data
+def test_a_diverged_run_stops_naming_the_iteration_and_writes_no_weights(tmp_path):
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    with pytest.raises(InputError, match=r"the loss is nan at iteration \d+: training diverged \(lower lr"):
+        Trainer(tiny_config(tmp_path, "sam", iterations=30, lr=1e30, warmup=1), progress=False).run()
+    assert not (tmp_path / "run" / "sam-lite-ct.pt").exists()
+
+
+@pytest.mark.needs_data
+def test_what_is_wrong_besides_the_data_and_a_folder_in_use_are_found_before_the_data_are_prepared(tmp_path):
+    import fcntl
+
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    (tmp_path / "file").write_text("x")
+    for extra, message in (({"out_dir": f'"{tmp_path / "file"}"'}, "out_dir .*: is a file, expected a folder"),
+                           ({"cache_dir": f'"{tmp_path / "file"}"'}, "cache_dir .*: is a file, expected a folder"),
+                           ({"net_config": '{"widths": [8]}'}, "does not fit arch sam-lite")):
+        with pytest.raises(InputError, match=message):
+            Trainer(tiny_config(tmp_path, "sam", **extra), progress=False).run()
+        assert not (tmp_path / "cache").exists()  # nothing prepared
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a+b") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="another training run is using this folder"):
+            Trainer(tiny_config(tmp_path, "sam"), progress=False).run(resume="auto")
+    assert not (run / "train_log.csv").exists()
+
+
+def test_training_images_none_of_which_can_be_read_are_an_input_error(tmp_path):
+    from samembed.errors import InputError
+    from samembed.training.config import load_config
+    from samembed.training.train import Trainer
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.nii.gz").write_bytes(b"not an image")
+    cfg = load_config(None, [f'data=["{tmp_path / "data"}"]', f'cache_dir="{tmp_path / "cache"}"',
+                             f'out_dir="{tmp_path / "run"}"', "iterations=2", "threads=1"])
+    with pytest.raises(InputError, match="none of the 1 training images found could be read"):
+        Trainer(cfg, progress=False).run()

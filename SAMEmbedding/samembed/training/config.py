@@ -133,29 +133,139 @@ class TrainConfig:
             setattr(self, key, value)
 
 
+#: settings that must be at least 1, at least 0, or greater than 0
+AT_LEAST_ONE = ("iterations", "batch_volumes", "local_size", "global_size", "checkpoint_every", "anchors", "num_hard",
+                "num_negatives", "global_candidates", "isimed_crops", "adam_bank_size", "adam_levels", "sal_window",
+                "semantic_pairs", "semantic_anchors", "semantic_candidates", "distill_anchors")
+AT_LEAST_ZERO = ("lr", "warmup", "threads", "time_limit_min", "snapshot_every", "weight_decay", "noise_std", "blur_p",
+                 "contrast", "gamma", "rotation_deg", "overlap_p", "centre_jitter_mm", "global_jitter_mm",
+                 "semantic_background", "local_ignore_mm", "semantic_ignore_mm")
+ABOVE_ZERO = ("spacing_mm", "tau", "distill_tau", "global_positive_mm", "isimed_scale_mm", "semantic_positive_mm")
+#: the choices of the settings that take one of a few words
+CHOICES = {"time_clock": ("wall", "cpu"), "fill": ("zero", "air"), "modality": ("auto", "ct", "mri", "xray")}
+
+
+def _typed(name: str, kind: str, value, where: str):
+    """``value`` of setting ``name`` as its field's type ``kind`` (the annotation's text), or :class:`InputError`
+    naming the setting and ``where`` (the config file). A single string where a list is wanted is a list of it:
+    ``exclude: pt_103_ct.nii.gz`` excludes that file (it was read as its characters, and excluded nothing)."""
+    optional = kind.endswith("| None")
+    kind = kind.removesuffix("| None").strip()
+    if value is None and optional:
+        return None
+
+    def refuse(what: str):
+        return InputError(f"{where}: {name} must be {what}, not {value!r}")
+
+    if kind == "list":
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list):
+            raise refuse("a list (or one string)")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise refuse("true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise refuse("a whole number")
+        return value
+    if kind == "float":
+        if isinstance(value, str):  # YAML reads 1e-3 (no decimal point) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise refuse("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise refuse("a number")
+        return float(value)
+    if kind == "tuple":
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise refuse("a list of numbers")
+        return tuple(float(v) for v in value)
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise refuse("a mapping of names to values")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise refuse("a text")
+        return value
+    return value
+
+
+def validate_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
+    """Check and normalise every setting of ``cfg`` in place (types, ranges, choices): a bad value is an
+    :class:`InputError` naming it and ``where``, before any data are prepared, instead of an internal error
+    minutes later or a silently wrong run. Returns ``cfg``."""
+    for f in fields(cfg):
+        setattr(cfg, f.name, _typed(f.name, str(f.type), getattr(cfg, f.name), where))
+    for name in AT_LEAST_ONE:
+        if getattr(cfg, name) < 1:
+            raise InputError(f"{where}: {name} must be at least 1, not {getattr(cfg, name)}")
+    for name in AT_LEAST_ZERO:
+        if getattr(cfg, name) < 0:
+            raise InputError(f"{where}: {name} must be 0 or more, not {getattr(cfg, name)}")
+    for name in ABOVE_ZERO:
+        if not getattr(cfg, name) > 0:
+            raise InputError(f"{where}: {name} must be greater than 0, not {getattr(cfg, name)}")
+    for name in ("overlap_p", "blur_p"):
+        if getattr(cfg, name) > 1:
+            raise InputError(f"{where}: {name} is a probability, at most 1, not {getattr(cfg, name)}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise InputError(f"{where}: {name} must be one of {', '.join(choices)}, not {getattr(cfg, name)!r}")
+    if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
+        raise InputError(f"{where}: scale_range must be two numbers 0 < low <= high, not {list(cfg.scale_range)}")
+    if len(cfg.blur_sigma) != 2 or not 0 <= cfg.blur_sigma[0] <= cfg.blur_sigma[1]:
+        raise InputError(f"{where}: blur_sigma must be two numbers 0 <= low <= high, not {list(cfg.blur_sigma)}")
+    if cfg.pixel_spacing_mm is not None and not cfg.pixel_spacing_mm > 0:
+        raise InputError(f"{where}: pixel_spacing_mm must be greater than 0, not {cfg.pixel_spacing_mm}")
+    return cfg
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into :class:`TrainConfig` and apply overrides."""
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file into :class:`TrainConfig`, apply overrides and
+    check every setting (:func:`validate_config`)."""
     cfg = TrainConfig()
     if path:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: config file not found")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            import tomllib
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".toml":
+                import tomllib
 
-            raw = tomllib.loads(text)
-        else:
-            import yaml
+                raw = tomllib.loads(text)
+            else:  # YAML, of which JSON is a part
+                import yaml
 
-            raw = yaml.safe_load(text) or {}
+                raw = yaml.safe_load(text) or {}
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text ({e.reason}); save the config as UTF-8") from None
+        except Exception as e:  # noqa: BLE001 - yaml.YAMLError, tomllib.TOMLDecodeError: the parser's own words
+            raise InputError(f"{path}: not a valid {'TOML' if path.suffix == '.toml' else 'YAML'} file: "
+                             f"{' '.join(str(e).split())}") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: a training config is a mapping of settings (name: value), not "
+                             f"{type(raw).__name__} {raw!r:.60}")
         known = {f.name for f in fields(cfg)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise InputError(f"{path}: unknown settings {unknown}")
+            import difflib
+
+            hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(u, known, 1)) else u
+                     for u in map(str, unknown)]
+            raise InputError(f"{path}: unknown settings {', '.join(hints)}")
         for k, v in raw.items():
             setattr(cfg, k, v)
     cfg.apply_overrides(overrides or [])
+    validate_config(cfg, str(path or "config"))
     if cfg.time_clock not in ("wall", "cpu"):
         raise InputError(f"{path or 'config'}: time_clock must be 'wall' or 'cpu', not {cfg.time_clock!r}")
     if cfg.freeze_global and not (cfg.init_from or cfg.init_global_from):

@@ -95,6 +95,9 @@ class Trainer:
             self.volumes.append((v.name, torch.from_numpy(np.array(v.array, dtype=np.float16)), v.spacing_mm,
                                  body_threshold(v.array, v.modality)))
         self.sources = [str(p) for p in paths]
+        if not self.volumes:
+            raise InputError(f"none of the {len(paths)} training images found could be read or prepared (the warnings "
+                             "above say why each was skipped); check `data`, `modality` and `spacing_mm`")
         log.info("training on %d volumes (%d found)", len(self.volumes), len(paths))
         if any(name == "semantic" for name, _ in parse_objective(cfg.objective)):
             self._load_labels(paths, files)
@@ -242,9 +245,14 @@ class Trainer:
     # ------------------------------------------------------------------- run
     def run(self, resume: str | None = None) -> Path:
         """Train; return the path of the final checkpoint."""
-        cfg = self.cfg
+        self._check_before_data()
         if resume is None:  # before any data is prepared: a run folder in use is named at once
             self._refuse_replacing_a_run()
+        with self._run_folder_lock():
+            return self._run(resume)
+
+    def _run(self, resume: str | None) -> Path:
+        cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -269,14 +277,18 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         resume = self._resolve_resume(resume)
         cpu_before = 0.0  # CPU seconds spent by earlier processes of this run (resumed chunks)
+        clock_before = 0.0  # seconds of the run's clock (time_clock) spent by them: its time limit and schedule go on
         if resume:
-            ck = torch.load(resume, map_location="cpu", weights_only=True)
+            ck = self._resume_checkpoint(resume)
             net.load_state_dict(ck["state_dict"])
             opt.load_state_dict(ck["optimizer"])
             start = int(ck["iteration"])
             rng.bit_generator.state = ck["rng_numpy"][self.rank] if isinstance(ck["rng_numpy"], list) else ck["rng_numpy"]
             gen.set_state(ck["rng_torch"])
             cpu_before = float(ck.get("cpu_seconds_total", 0.0))
+            clock_before = float(ck.get("clock_seconds", 0.0))
+            if "adam_bank" in ck:
+                self._adam_bank = ck["adam_bank"]
             log.info("resumed from %s at iteration %d (%.2f CPU-hours so far)", resume, start, cpu_before / 3600)
         elif cfg.init_from:
             if cfg.init_global_from:
@@ -295,6 +307,8 @@ class Trainer:
         if self.rank == 0 and (not resume or not log_path.exists()):
             log_path.write_text(",".join(["iteration,loss,local,global,lr,seconds,cpu_seconds", *extra]) + "\n",
                                 encoding="utf-8")
+        elif self.rank == 0:  # rows after the checkpoint (a run killed between checkpoints) are done again: not twice
+            _cut_log(log_path, start)
         def sched(it: int) -> float:
             """Warm-up then cosine decay over the iterations (or over the time limit, if it comes first and
             ``schedule_by_time`` is set; that makes the run depend on machine speed)."""
@@ -307,7 +321,8 @@ class Trainer:
         bar = _bar(cfg.iterations, "train", self.show_progress and self.rank == 0, initial=start)
         # "cpu" budgets process CPU time (all threads), so runs that share a machine get equal compute
         clock = time.process_time if cfg.time_clock == "cpu" else time.time
-        t0, wall0 = clock(), time.time()
+        t0, wall0 = clock() - clock_before, time.time()
+        self._clock_seconds = lambda: clock() - t0
         net.train()
         if cfg.freeze_global:  # its batch norms keep their statistics too
             for name, module in net.named_children():
@@ -332,6 +347,10 @@ class Trainer:
                 self._iteration = it
                 self._semantic_batch = SemanticBatch(draws, sem_views, loc[n:], glob[n:]) if sem_views else None
                 loss, stats = self.compute_loss(views, loc[:n], glob[:n], gen, rng)
+                if not torch.isfinite(loss):  # a diverged run's weights are NaN: not written as a result
+                    raise InputError(f"the loss is {loss.item()} at iteration {it + 1}: training diverged (lower lr, "
+                                     f"now {cfg.lr:g}, or check the data); the run folder keeps its last checkpoint"
+                                     + (f" ({self.out / 'last.pt'})" if (self.out / "last.pt").exists() else ""))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -400,10 +419,77 @@ class Trainer:
         return combined_loss(self, views, loc, glob, gen, rng)
 
     def _save_resume(self, net, opt, done, rng, gen) -> None:
+        extra = {"optimizer": opt.state_dict(), "rng_numpy": rng.bit_generator.state, "rng_torch": gen.get_state(),
+                 "cpu_seconds_total": self._cpu_before + time.process_time(), "clock_seconds": self._clock_seconds()}
+        if getattr(self, "_adam_bank", None) is not None:  # the adam objective's memory: a resume goes on with it
+            extra["adam_bank"] = self._adam_bank
         save_checkpoint(self.out / "last.pt", net, self.prep, name=self.cfg.name, train_config=self.cfg.to_dict(),
-                        iteration=done, extra={"optimizer": opt.state_dict(), "rng_numpy": rng.bit_generator.state,
-                                               "rng_torch": gen.get_state(),
-                                               "cpu_seconds_total": self._cpu_before + time.process_time()})
+                        iteration=done, extra=extra)
+
+    #: settings a resumed run may change: how long it runs and how it writes, not what it learns
+    RESUMABLE_CHANGES = frozenset({"iterations", "time_limit_min", "checkpoint_every", "snapshot_every", "threads",
+                                   "out_dir", "cache_dir"})
+
+    def _resume_checkpoint(self, path: str) -> dict:
+        """The resume checkpoint ``path``, checked: readable, a ``last.pt`` (weights, optimiser and random states),
+        and of this run's settings (:data:`RESUMABLE_CHANGES` aside). :class:`InputError` names what is wrong."""
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: torch's words, the file named
+            raise InputError(f"{path}: not a readable training checkpoint ({' '.join(str(e).split())[:200]}); "
+                             "resume from another last.pt, or start a new run in another folder") from None
+        if not isinstance(ck, dict) or not {"state_dict", "optimizer", "iteration", "rng_torch"} <= set(ck):
+            raise InputError(f"{path}: not a resume checkpoint (a run folder's last.pt, with the optimiser's state); "
+                             "final or snapshot weights start a new run with init_from instead")
+        before = ck.get("train_config") or {}
+        now = self.cfg.to_dict()
+        changed = sorted(k for k in now if k in before and before[k] != now[k] and k not in self.RESUMABLE_CHANGES)
+        if changed:
+            what = "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:6])
+            raise InputError(f"{path}: was trained with other settings ({what}); a resumed run must learn what it "
+                             "started with. Start a new run in another folder (init_from: this checkpoint keeps its "
+                             "weights), or restore the settings")
+        return ck
+
+    def _check_before_data(self) -> None:
+        """What can be wrong besides the data, found before the data are prepared (minutes on real data): the
+        objective, the network, and the run and cache folders."""
+        cfg = self.cfg
+        parse_objective(cfg.objective)
+        try:
+            build_network(cfg.arch, cfg.net_config)
+        except InputError:
+            raise
+        except (TypeError, ValueError, KeyError) as e:
+            raise InputError(f"net_config {cfg.net_config} does not fit arch {cfg.arch}: {e}") from None
+        for name, folder in (("out_dir", self.out), ("cache_dir", Path(cfg.cache_dir))):
+            if folder.exists() and not folder.is_dir():
+                raise InputError(f"{name} {folder}: is a file, expected a folder")
+
+    def _run_folder_lock(self):
+        """Hold ``out_dir/.lock`` for the run (the first process of it): a second run started into the same
+        folder is refused at once, instead of interleaving its log and checkpoints with this one's."""
+        import contextlib
+
+        if self.rank != 0:
+            return contextlib.nullcontext()
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def held():
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / ".lock", "a+b") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise InputError(f"{self.out}: another training run is using this folder; wait for it to end, "
+                                     "or give another --out") from None
+                yield
+
+        return held()
 
     def _refuse_replacing_a_run(self) -> None:
         """A new run (no ``--resume``) into a folder that holds another run's log or checkpoints would replace them:
@@ -463,6 +549,18 @@ class Trainer:
             self._teacher = load_teacher(self.distill_settings, build_network(self.cfg.arch, self.cfg.net_config),
                                          self.prep).to(self.device)
         return self._teacher
+
+
+def _cut_log(log_csv: Path, iteration: int) -> None:
+    """Keep the log's header and its rows up to ``iteration`` (the resume checkpoint's), atomically."""
+    from ..io import write_text_atomic
+
+    lines = log_csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= iteration]
+    if len(kept) != len(lines):
+        log.info("%s: %d row(s) after iteration %d (not in the checkpoint) are done again", log_csv,
+                 len(lines) - len(kept), iteration)
+        write_text_atomic(log_csv, "".join(kept))
 
 
 def _bar(total: int, desc: str, show: bool, initial: int = 0) -> CountProgress | None:
