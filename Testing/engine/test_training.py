@@ -220,6 +220,11 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "sam-lite-ct.pt").is_file()
+    # each process's random states are in the resume checkpoint (every process restored the first one's, so after
+    # a resume both drew the same samples)
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert isinstance(ck["rng_numpy"], list) and len(ck["rng_numpy"]) == len(ck["rng_torch"]) == 2
+    assert ck["rng_numpy"][0] != ck["rng_numpy"][1]
 
 
 @pytest.mark.needs_data

@@ -284,7 +284,7 @@ class Trainer:
             opt.load_state_dict(ck["optimizer"])
             start = int(ck["iteration"])
             rng.bit_generator.state = ck["rng_numpy"][self.rank] if isinstance(ck["rng_numpy"], list) else ck["rng_numpy"]
-            gen.set_state(ck["rng_torch"])
+            gen.set_state(ck["rng_torch"][self.rank] if isinstance(ck["rng_torch"], list) else ck["rng_torch"])
             cpu_before = float(ck.get("cpu_seconds_total", 0.0))
             clock_before = float(ck.get("clock_seconds", 0.0))
             if "adam_bank" in ck:
@@ -347,7 +347,7 @@ class Trainer:
                 self._iteration = it
                 self._semantic_batch = SemanticBatch(draws, sem_views, loc[n:], glob[n:]) if sem_views else None
                 loss, stats = self.compute_loss(views, loc[:n], glob[:n], gen, rng)
-                if not torch.isfinite(loss):  # a diverged run's weights are NaN: not written as a result
+                if self._any_process(not torch.isfinite(loss)):  # a diverged run's weights are NaN: not a result
                     raise InputError(f"the loss is {loss.item()} at iteration {it + 1}: training diverged (lower lr, "
                                      f"now {cfg.lr:g}, or check the data); the run folder keeps its last checkpoint"
                                      + (f" ({self.out / 'last.pt'})" if (self.out / "last.pt").exists() else ""))
@@ -364,26 +364,28 @@ class Trainer:
                     if bar:
                         bar.set_postfix(loss=f"{loss.item():.3f}", loc=f"{stats.get('local', 0):.3f}", glob=f"{stats.get('global', 0):.3f}")
                         bar.update(1)
-                    saved = done % cfg.checkpoint_every == 0 or done == cfg.iterations
-                    if saved:
-                        self._save_resume(net, opt, done, rng, gen)
-                    if cfg.snapshot_every and done % cfg.snapshot_every == 0:
-                        (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
-                        save_checkpoint(self.out / "snapshots" / f"it_{done:06d}.pt", net, self.prep, name=cfg.name,
-                                        train_config=cfg.to_dict(), iteration=done,
-                                        extra={"cpu_seconds_total": cpu_before + time.process_time()}, half=True)
+                saved = done % cfg.checkpoint_every == 0 or done == cfg.iterations
+                if saved:  # (every process: each one's random states go into it)
+                    self._save_resume(net, opt, done, rng, gen)
+                if self.rank == 0 and cfg.snapshot_every and done % cfg.snapshot_every == 0:
+                    (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
+                    save_checkpoint(self.out / "snapshots" / f"it_{done:06d}.pt", net, self.prep, name=cfg.name,
+                                    train_config=cfg.to_dict(), iteration=done,
+                                    extra={"cpu_seconds_total": cpu_before + time.process_time()}, half=True)
                 if done < cfg.iterations and self._stop_requested(stopping):  # Ctrl-C or SIGTERM during the
                     # iteration (in any process of the run): it finished; saved, then every process stops
+                    if not saved:
+                        self._save_resume(net, opt, done, rng, gen)
                     if self.rank == 0:
-                        if not saved:
-                            self._save_resume(net, opt, done, rng, gen)
                         log.warning("stopped after iteration %d: --resume auto goes on from %s", done, self.out / "last.pt")
                     if bar:
                         bar.close()
                     stopping.stop()
-                if cfg.time_limit_min and clock() - t0 > cfg.time_limit_min * 60:
-                    log.warning("time limit of %.1f min (%s clock) reached at iteration %d", cfg.time_limit_min, cfg.time_clock, done)
-                    if self.rank == 0:
+                # every process leaves at the same iteration (their clocks differ: one that left alone would leave
+                # the others waiting in the next gradient reduction)
+                if cfg.time_limit_min and self._any_process(clock() - t0 > cfg.time_limit_min * 60):
+                    log.warning("time limit of %g min (%s clock) reached at iteration %d", cfg.time_limit_min, cfg.time_clock, done)
+                    if not saved:
                         self._save_resume(net, opt, done, rng, gen)
                     break
         if bar:
@@ -405,12 +407,16 @@ class Trainer:
         """Whether the run stops after this iteration: a signal noted in this process, or, with several processes
         (DistributedDataParallel), in any of them (each must leave at the same iteration, or the others would wait in
         the next gradient reduction for ever)."""
-        wanted = stopping.requested is not None
+        return self._any_process(stopping.requested is not None)
+
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` of this process, or with several processes whether it holds in any of them (a collective: every
+        process calls it at the same point)."""
         if self.world > 1:
-            flag = torch.tensor([int(wanted)])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            wanted = bool(flag.item())
-        return wanted
+            t = torch.tensor([int(bool(flag))])
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return bool(t.item())
+        return bool(flag)
 
     def compute_loss(self, views, loc, glob, gen, rng):
         """The configured objective (``sam`` or a weighted combination, see :mod:`.objectives`)."""
@@ -419,7 +425,16 @@ class Trainer:
         return combined_loss(self, views, loc, glob, gen, rng)
 
     def _save_resume(self, net, opt, done, rng, gen) -> None:
-        extra = {"optimizer": opt.state_dict(), "rng_numpy": rng.bit_generator.state, "rng_torch": gen.get_state(),
+        """Write ``last.pt`` (the first process; every process calls it: with several, each one's random states are
+        gathered into it, so that each resumes its own draws)."""
+        numpy_states, torch_states = rng.bit_generator.state, gen.get_state()
+        if self.world > 1:
+            both = [None] * self.world
+            torch.distributed.all_gather_object(both, (numpy_states, torch_states))
+            numpy_states, torch_states = [b[0] for b in both], [b[1] for b in both]
+        if self.rank != 0:
+            return
+        extra = {"optimizer": opt.state_dict(), "rng_numpy": numpy_states, "rng_torch": torch_states,
                  "cpu_seconds_total": self._cpu_before + time.process_time(), "clock_seconds": self._clock_seconds()}
         if getattr(self, "_adam_bank", None) is not None:  # the adam objective's memory: a resume goes on with it
             extra["adam_bank"] = self._adam_bank
