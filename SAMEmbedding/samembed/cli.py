@@ -698,6 +698,9 @@ def _cmd_quantize(args) -> int:
     model = load_model(args.model)
     if not model.info.get("file"):
         raise InputError(f"model '{args.model}' has no weights file to calibrate")
+    if model.spec.arch != cfg.arch:  # (a CT model on radiographs failed deep in the padding)
+        raise InputError(f"--config {args.config} trains {cfg.arch} models, but --model {args.model} is a "
+                         f"{model.spec.arch} model; give the config the model was trained with")
     out = Path(args.out) if args.out else qparams_path(model.info["file"])
     if os.path.realpath(out) == os.path.realpath(model.info["file"]) or out.suffix.lower() in (".pt", ".pth"):
         raise InputError(f"{out}: --out names the model's weights (or a checkpoint); the calibration is a JSON file, "

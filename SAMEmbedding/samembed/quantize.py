@@ -58,6 +58,9 @@ def sample_images(sources: list[str], exclude: list[str], settings: QuantizeSett
         if found:
             pools.append(found)
     if not pools:
+        if find_volumes(list(sources), [], base):  # there are images: the exclusions left none
+            raise InputError(f"every training image in {sources} is excluded (by the config's exclude "
+                             f"{list(exclude)} and --exclude {list(settings.exclude)}); exclude fewer")
         raise InputError(f"no training images found in {sources}; run from the repository root with ../shared beside it")
     picked: list[Path] = []
     while len(picked) < settings.images and any(pools):

@@ -348,3 +348,11 @@ def test_samembed_quantize_calibrates_a_checkpoint_that_then_runs_int8(tmp_path,
         assert main(["quantize", "--config", str(config), "--model", str(weights), "--out", str(out), "-q"]) == 2
         assert "names the model's weights" in capsys.readouterr().err
     assert weights.read_bytes() == kept and not (tmp_path / "other.pt").exists()
+    # an --exclude that leaves no image says so (it said to run from the repository root); a config of another
+    # architecture than the model's is named (a CT model on a 2D config failed deep in the padding)
+    assert main(["quantize", "--config", str(config), "--model", str(weights), "--exclude", "pt_*", "-q"]) == 2
+    assert "is excluded" in capsys.readouterr().err
+    config_2d = tmp_path / "hand.yaml"
+    config_2d.write_text(f"arch: sam-lite-2d\ndata: [{images[0]}]\n")
+    assert main(["quantize", "--config", str(config_2d), "--model", str(weights), "-q"]) == 2
+    assert "trains sam-lite-2d models, but --model" in capsys.readouterr().err

@@ -257,3 +257,16 @@ def test_label_maps_are_found_for_a_cache_written_by_a_run_that_named_the_images
     t = Trainer(tiny_config(tmp_path, cache, data=json.dumps(other)), progress=False)
     t.load_data()
     assert len(t.semantic_sampler.volumes) == 3
+
+
+def test_label_maps_that_a_rule_names_but_do_not_exist_are_said(tmp_path, caplog):
+    """A wrong template or base folder dropped every label map without a word (then only 'needs two labelled
+    training volumes')."""
+    import logging
+
+    images = [tmp_path / "pt_1_ct.nii.gz", tmp_path / "pt_2_ct.nii.gz"]
+    rule = {"images": "(pt_[0-9]+)_ct[.]nii[.]gz", "labels": "oar/\\1_oar.nii.gz", "names": {1: "Brainstem"}}
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        assert find_label_maps(images, [rule], [], tmp_path) == {}
+    assert "2 of the label maps semantic_labels names do not exist" in caplog.text
+    assert str(tmp_path / "oar" / "pt_1_oar.nii.gz") in caplog.text

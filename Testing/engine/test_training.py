@@ -202,6 +202,13 @@ def test_a_corrupt_volume_is_skipped_not_fatal(tmp_path):
     bad.write_bytes(b"not an image")
     files = prepare_cache(find_volumes([str(good), str(bad)]), tmp_path / "cache", PreprocessConfig(fill="air"))
     assert len(files) == 1
+    # a cache entry cut short, or its sidecar damaged, is made again, not trusted (it failed later, unnamed)
+    whole = files[0].read_bytes()
+    for damage in (lambda: files[0].write_bytes(whole[:len(whole) // 2]),
+                   lambda: files[0].with_suffix(".json").write_text("{not json")):
+        damage()
+        again = prepare_cache(find_volumes([str(good)]), tmp_path / "cache", PreprocessConfig(fill="air"))
+        assert again == files and files[0].read_bytes() == whole
 
 
 @pytest.mark.needs_data

@@ -99,8 +99,15 @@ def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, 
         stem = path.name.split(".")[0]
         npy = cache_dir / f"{stem}-{key}.npy"
         if npy.is_file() and npy.with_suffix(".json").is_file():
-            out.append(npy)
-            continue
+            try:  # its header and sidecar read, and its size what the header says: else made again, never trusted
+                cached = load_cached(npy)
+                if list(cached.array.shape) != json.loads(npy.with_suffix(".json").read_text("utf-8"))["shape"]:
+                    raise ValueError("its shape is not its sidecar's")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("damaged training cache entry %s (%s): made again", npy, e)
+            else:
+                out.append(npy)
+                continue
         try:
             image = read_image(path, spacing_mm=pixel_spacing_mm)
             prep = preprocess(image, config, modality)

@@ -97,6 +97,7 @@ def find_label_maps(images: list[Path], rules: list[dict], exclude: list[str],
     base = base or Path.cwd()
     parsed = [LabelRule.from_dict(r) for r in rules]
     found: dict[Path, tuple[Path, LabelRule]] = {}
+    missing: list[Path] = []  # label maps a rule names for an image, which are not there
     for image in images:
         if _excluded(image, exclude):
             raise InputError(f"{image}: excluded from training (config 'exclude'); its label map may not be used")
@@ -110,7 +111,12 @@ def find_label_maps(images: list[Path], rules: list[dict], exclude: list[str],
                 log.warning("label map %s matches 'exclude': not used", lab)
             elif lab.is_file():
                 found[image] = (lab, rule)
+            else:
+                missing.append(lab)
             break
+    if missing:  # (said, not skipped without a word: a wrong template or base folder drops every label map)
+        log.warning("%d of the label maps semantic_labels names do not exist, and their images take no semantic term; "
+                    "the first: %s (relative paths are from %s)", len(missing), missing[0], base)
     return found
 
 
