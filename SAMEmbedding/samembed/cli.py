@@ -805,8 +805,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(i)
     i.set_defaults(func=_cmd_info)
 
-    t = sub.add_parser("train", help="self-supervised training (SAM and related objectives)")
-    t.add_argument("--config", help="YAML or TOML config file")
+    t = sub.add_parser("train", help="self-supervised training (SAM and related objectives)",
+                       description="Train an embedding network on a config's images (Resources/Models/*.yaml are the "
+                                   "shipped models' configs; every setting is listed in "
+                                   "samembed.training.config.TrainConfig). The run folder (out_dir, --out) gets "
+                                   "last.pt every checkpoint_every iterations, train_log.csv, loss_curve.png and the "
+                                   "final NAME.pt. Ctrl-C or SIGTERM stops after the iteration under way with its "
+                                   "checkpoint; --resume goes on as if never stopped.")
+    t.add_argument("--config", help="YAML, TOML or JSON config file")
     t.add_argument("--arch", choices=["sam-lite", "sam-lite-2d", "sam-official"])
     from .training.config import OBJECTIVE_HELP
 
@@ -818,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run: from CHECKPOINT, or (no value) from the run folder's last.pt when it exists, "
                         "else start anew (from the config's init_from weights, if set)")
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config settings")
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config settings (values as JSON: lr=5e-4 exclude='[\"pt_1*\"]')")
     add_log_flags(t)
     t.set_defaults(func=_cmd_train)
 
