@@ -383,6 +383,11 @@ def test_a_resume_refuses_a_checkpoint_of_other_settings_final_weights_and_a_dam
     damaged.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(InputError, match=f"{damaged}: not a readable training checkpoint"):
         Trainer(tiny_config(tmp_path, "sam", iterations=4), progress=False).run(resume=str(damaged))
+    # a checkpoint written before the settings were checked holds them as the file had them ("1e-3", a string
+    # where a list is wanted): the same settings, so its run resumes
+    from samembed.training.train import _same_setting
+
+    assert _same_setting("1e-3", 0.001) and _same_setting("pt_1*", ["pt_1*"]) and not _same_setting("x", 1.0)
     # how long it runs may change: 2 more iterations
     Trainer(tiny_config(tmp_path, "sam", iterations=4, checkpoint_every=1), progress=False).run(resume="auto")
     rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[1:]

@@ -458,7 +458,8 @@ class Trainer:
                              "final or snapshot weights start a new run with init_from instead")
         before = ck.get("train_config") or {}
         now = self.cfg.to_dict()
-        changed = sorted(k for k in now if k in before and before[k] != now[k] and k not in self.RESUMABLE_CHANGES)
+        changed = sorted(k for k in now if k in before and not _same_setting(before[k], now[k])
+                         and k not in self.RESUMABLE_CHANGES)
         if changed:
             what = "; ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:6])
             raise InputError(f"{path}: was trained with other settings ({what}); a resumed run must learn what it "
@@ -564,6 +565,21 @@ class Trainer:
             self._teacher = load_teacher(self.distill_settings, build_network(self.cfg.arch, self.cfg.net_config),
                                          self.prep).to(self.device)
         return self._teacher
+
+
+def _same_setting(before, now) -> bool:
+    """Whether a checkpoint's setting ``before`` is ``now``'s, as settings were written before they were checked:
+    ``"1e-3"`` (YAML's string) is 0.001, and ``"pt_1*"`` is ``["pt_1*"]``."""
+    if before == now:
+        return True
+    if isinstance(before, str) and isinstance(now, list):
+        return [before] == now
+    if isinstance(before, str) and isinstance(now, (int, float)) and not isinstance(now, bool):
+        try:
+            return float(before) == float(now)
+        except ValueError:
+            return False
+    return False
 
 
 def _cut_log(log_csv: Path, iteration: int) -> None:
