@@ -59,6 +59,9 @@ def as_image(obj, name: str | None = None, spacing_mm: float | None = None, cons
         return read_image(obj, spacing_mm=spacing_mm, constant_ok=constant_ok)
     if isinstance(obj, np.ndarray):
         img = Image.from_array(obj, name=name or "<array>")
+        log.warning("%s: a numpy array carries no geometry: 1 mm voxels at the origin are assumed, so the points and "
+                    "matches are in voxel units, not mm (samembed.Image.from_array(array_zyx, spacing_mm=(x, y, z), "
+                    "origin_lps_mm=...) or a SimpleITK image gives them)", img.name)
         validate_image(img, constant_ok)
         return img
     if type(obj).__name__ == "Image" and hasattr(obj, "GetSpacing"):
@@ -69,7 +72,10 @@ def as_image(obj, name: str | None = None, spacing_mm: float | None = None, cons
 
 
 def _points_array(points, ndim: int, source: Image) -> np.ndarray:
-    p = np.asarray(points, dtype=np.float64)
+    try:
+        p = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as e:  # text, rows of unequal length, a mapping
+        raise InputError(f"points must be numbers: an (N, 3) array of LPS mm coordinates ({e})") from None
     if p.ndim == 1:
         p = p[None]
     if p.ndim != 2 or p.shape[1] not in (2, 3) or len(p) == 0:
@@ -148,6 +154,15 @@ class Matcher:
                  cache_bytes: int = 3 << 30, cache_dir: str | os.PathLike | None = None, modality: str = "auto",
                  max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
                  spacing_mm: float | None = None, precision: str = "auto") -> None:
+        # the settings first (a model takes a second to load)
+        if str(modality).lower() not in ("auto", "ct", "mri", "xray"):
+            raise InputError(f"modality must be auto, ct, mri or xray, not {modality!r}")
+        modality = str(modality).lower()
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise InputError(f"cache_bytes must be a whole number of bytes >= 0 (e.g. 2 << 30 for 2 GiB), "
+                             f"not {cache_bytes!r}")
+        if spacing_mm is not None and not (isinstance(spacing_mm, (int, float)) and 0 < spacing_mm < float("inf")):
+            raise InputError(f"spacing_mm must be a pixel size in mm greater than 0, not {spacing_mm!r}")
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
@@ -173,8 +188,17 @@ class Matcher:
                                                  e.modality, precision)
         return self._embedders.get(ndim, self.embedder)
 
-    def embed(self, image, progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> EmbeddingMaps:
-        """Embeddings of one image (cached)."""
+    def embed(self, image: ImageLike, progress: ProgressFn | None = None,
+              cancel: threading.Event | None = None) -> EmbeddingMaps:
+        """The whole embedding of one image (a path, :class:`Image`, ``SimpleITK.Image`` or array), computed once and
+        kept in the matcher's cache.
+
+        Returns:
+            :class:`~samembed.embedding.EmbeddingMaps`: the global map (on the model's 16 mm grid for CT) and the
+            local vectors (4 mm grid), unit length, with their grids in LPS mm (``local_grid``, ``global_grid``).
+            They are the cache's own tensors, shared with later matches: read them, or ``.clone()`` a tensor
+            before changing it (a change in place changes what later matches of this image find).
+        """
         img = as_image(image, spacing_mm=self.spacing_mm)
         return self.embedder_for(img.ndim).embed(img, progress, cancel)
 
@@ -371,7 +395,9 @@ class Matcher:
         if target_names is not None and len(target_names) != len(targets):
             raise InputError(f"{len(target_names)} target names for {len(targets)} targets")
         pts = _points_array(points_lps_mm, src.ndim, src)
-        labels = list(labels) if labels is not None else [f"P{i + 1}" for i in range(len(pts))]
+        if isinstance(labels, str):  # one label (it was split into its letters)
+            labels = [labels]
+        labels = [str(v) for v in labels] if labels is not None else [f"P{i + 1}" for i in range(len(pts))]
         if len(labels) != len(pts):
             raise InputError(f"{len(labels)} labels for {len(pts)} points")
         if options.heatmap and len(set(labels)) != len(labels):
@@ -382,9 +408,12 @@ class Matcher:
             i = int(np.argmax(outside))
             raise InputError(
                 f"{src.name}: point '{labels[i]}' at ({', '.join(f'{v:.1f}' for v in pts[i])}) mm LPS lies outside the image; "
-                "if the coordinates are RAS, pass --ras (or convert with ras_to_lps)")
-        mask_img = (as_image(mask, "mask", constant_ok=True)  # a mask of ones: everywhere
-                    if mask is not None and not isinstance(mask, Image) else mask)
+                "if the coordinates are RAS (Slicer's), convert them with samembed.ras_to_lps (--ras on the "
+                "command line)")
+        # a bare array is a mask on each target's own grid (given its shape): as an image of its own, it sat at the
+        # origin with 1 mm voxels, and only a corner of the target was searched, without a word
+        mask_img = (mask if isinstance(mask, (Image, np.ndarray)) or mask is None
+                    else as_image(mask, "mask", constant_ok=True))  # (a mask of ones: everywhere)
         names = list(target_names) if target_names is not None else [None] * len(targets)
         return _Inputs(src, pts, labels, list(targets), names, mask_img)
 
@@ -406,12 +435,21 @@ class Matcher:
         """
         explicit = mask is not None or options.box_lps_mm is not None  # replaces the default body restriction
         allowed = tmaps.search_mask(options.search_body and not explicit)
+        if isinstance(mask, np.ndarray):
+            if tuple(mask.shape) != tuple(tmaps.image_grid.shape_zyx):
+                raise InputError(f"the mask array has shape {tuple(mask.shape)} but the target {name} has "
+                                 f"{tuple(tmaps.image_grid.shape_zyx)} voxels (z, y, x); give a mask of the target's "
+                                 "shape, or an image with its own geometry (samembed.Image, SimpleITK)")
+            mask = Image(np.asarray(mask), tmaps.image_grid, "mask")
         if mask is not None:
             if mask.grid.ndim != tmaps.local_grid.ndim:
                 raise InputError(f"{mask.name}: the search mask is {mask.grid.ndim}D but the target {name} is "
                                  f"{tmaps.local_grid.ndim}D; give a mask in the target's space")
             allowed = allowed & mask_from_image(tmaps, mask)
         if options.box_lps_mm is not None:
+            if len(options.box_lps_mm) != 2 * tmaps.local_grid.ndim:
+                raise InputError(f"box_lps_mm has {len(options.box_lps_mm)} numbers but the target {name} is "
+                                 f"{tmaps.local_grid.ndim}D: give {2 * tmaps.local_grid.ndim} (two corners)")
             allowed = allowed & box_mask(tmaps, options.window_box)
         if not bool(allowed.any()):
             raise InputError(f"{name}: the search mask/box leaves no voxel to search")

@@ -200,8 +200,18 @@ class Image:
         direction: np.ndarray | None = None,
         name: str = "<array>",
     ) -> Image:
-        """Build an image from a numpy array (``[k, j, i]`` order) and optional LPS geometry."""
-        arr = np.asarray(array_zyx)
+        """Build an image from a numpy array and its LPS geometry.
+
+        Args:
+            array_zyx: the voxels, indexed ``[k, j, i]`` (z, y, x: numpy's order of a SimpleITK or NIfTI volume);
+                copied, so that a later change to it never reaches the image (its content hash names its cache).
+            spacing_mm: voxel size per axis in **x, y, z** order (i, j, k: SimpleITK's order, the reverse of the
+                array's); None: 1 mm, so that positions are in voxel units.
+            origin_lps_mm: the first voxel's centre, LPS mm, x, y, z; None: 0.
+            direction: the axes' directions (rows of a d x d matrix, SimpleITK's ``GetDirection``); None: identity.
+            name: used in messages.
+        """
+        arr = np.array(array_zyx, copy=True)
         if arr.ndim not in (2, 3):
             raise InputError(f"{name}: expected a 2D or 3D array, got shape {arr.shape}")
         d = arr.ndim

@@ -158,6 +158,11 @@ def image_from_sitk(img, name: str = "<sitk>", spacing_known: bool = True, own: 
     """
     import SimpleITK as sitk
 
+    if "LabelMap" in type(img).__name__ or "label" in img.GetPixelIDTypeAsString().lower() or (
+            "complex" in img.GetPixelIDTypeAsString().lower()):
+        # (SimpleITK ends the whole process, a Jupyter kernel or Slicer, when a label map is turned into an array)
+        raise InputError(f"{name}: a {img.GetPixelIDTypeAsString()} image cannot be matched; pass a scalar image "
+                         "(a label map: SimpleITK.LabelMapToLabel(image); complex values: SimpleITK.ComplexToModulus)")
     n = img.GetNumberOfComponentsPerPixel()
     if n > 1:
         if n not in (2, 3, 4) or img.GetPixelID() not in (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16):
@@ -375,6 +380,10 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
     name = str(path)
     is_2d_raster = name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
     image = image_from_sitk(img, name, spacing_known=not is_2d_raster, own=True)
+    if is_2d_raster and spacing_mm is None:  # (the README says the log says so)
+        log.warning("%s: a %s carries no pixel spacing: 1 mm per pixel is assumed, so positions and search windows "
+                    "(mm) are in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))", name,
+                    Path(name).suffix.lstrip(".").upper() or "raster")
     if is_2d_raster and spacing_mm is not None:
         grid = image.grid
         image = Image(image.array, Grid(grid.shape_zyx, np.full(grid.ndim, float(spacing_mm)), grid.origin_lps_mm, grid.direction), name, True)

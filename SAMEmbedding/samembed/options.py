@@ -101,17 +101,26 @@ class MatchOptions:
 
     def __post_init__(self) -> None:
         for name in ("prior_window_mm", "global_window_mm", "refine_window_mm", "consistency_inlier_mm",
-                     "consistency_window_mm", "roundtrip_tolerance_mm"):
-            _check_distance(name, getattr(self, name))
+                     "consistency_window_mm", "roundtrip_tolerance_mm", "polish_min_ncc"):
+            object.__setattr__(self, name, _plain_number(getattr(self, name)))  # numpy's numbers as Python's
+            if name != "polish_min_ncc":
+                _check_distance(name, getattr(self, name))
         for name in ("search_body", "refine", "consistency", "polish", "heatmap"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be true or false, not {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if _is_numpy(value) and type(value).__name__ in ("bool_", "bool"):  # numpy's True
+                object.__setattr__(self, name, value := bool(value))
+            if not isinstance(value, bool):
+                raise InputError(f"{name} must be true or false, not {value!r}")
         v = self.polish_min_ncc
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1.0 <= v <= 1.0:
             raise InputError(f"polish_min_ncc must be a number in [-1, 1], not {v!r}")
-        levels = tuple(tuple(float(x) for x in lv) for lv in self.polish_levels)
+        try:
+            levels = tuple(tuple(float(x) for x in lv) for lv in self.polish_levels)
+        except (TypeError, ValueError):
+            levels = ()
         if not levels or any(len(lv) != 3 or not all(math.isfinite(x) and x > 0 for x in lv) for lv in levels):
-            raise InputError(f"polish_levels must be (step, template, search) mm triples > 0, not {self.polish_levels!r}")
+            raise InputError(f"polish_levels must be (step, template, search) mm triples > 0, e.g. ((2, 16, 8), "
+                             f"(1, 10, 2)), not {self.polish_levels!r}")
         object.__setattr__(self, "polish_levels", levels)
         if self.box_lps_mm is not None:
             try:
@@ -160,9 +169,20 @@ class MatchOptions:
     @classmethod
     def help(cls, name: str) -> str:
         """The one-line help text of a field, with its default."""
+        _check_names({name: None})
         f = {f.name: f for f in fields(cls)}[name]
         presets = "".join(f"; {preset}: {_plain(values[name])}" for preset, values in PRESETS.items() if name in values)
         return f"{f.metadata['doc']} (default: {_plain(f.default)}{presets})"
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy number (``np.float32(50)``, ``np.int64(2)``) as Python's own; anything else as it is."""
+    return value.item() if _is_numpy(value) and type(value).__name__ not in ("bool_", "bool") else value
+
+
+def _is_numpy(value: Any) -> bool:
+    """Whether ``value`` is a numpy scalar (told without importing numpy: ``samembed --help`` stays light)."""
+    return type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0
 
 
 def _check_distance(name: str, value: Any) -> None:
@@ -175,7 +195,11 @@ def _check_names(values: Mapping[str, Any]) -> None:
     known = sorted(f.name for f in fields(MatchOptions))
     for key in values:
         if key not in known:
-            raise InputError(f"unknown match option {key!r}; known: {', '.join(known)}")
+            import difflib
+
+            close = difflib.get_close_matches(str(key), known, 1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputError(f"unknown match option {key!r}{hint}; known: {', '.join(known)}")
 
 
 def _flatten(value: Any) -> list:
@@ -192,3 +216,22 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def _checked_init(init: Callable) -> Callable:
+    """The dataclass's ``__init__`` with an unknown name an :class:`InputError` that names it (as :meth:`replace` and
+    :meth:`from_mapping` say), not Python's ``TypeError``."""
+    import functools
+
+    @functools.wraps(init)
+    def checked(self, *args: Any, **changes: Any) -> None:
+        _check_names(changes)
+        init(self, *args, **changes)
+
+    return checked
+
+
+MatchOptions.__init__ = _checked_init(MatchOptions.__init__)  # type: ignore[method-assign]
+# help(MatchOptions) lists every setting with its help and default (kept in each field's metadata)
+MatchOptions.__doc__ = (MatchOptions.__doc__ or "") + "\n    Attributes:\n" + "".join(
+    f"        {f.name}: {MatchOptions.help(f.name)}\n" for f in fields(MatchOptions))

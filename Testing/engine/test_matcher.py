@@ -228,7 +228,7 @@ def test_refinement_returns_points_near_the_plain_match_on_a_self_match(a_random
 @pytest.mark.needs_data
 def test_a_point_outside_the_source_is_named_with_its_frame(a_random_matcher):
     src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
-    with pytest.raises(InputError, match=r"pt_201_ct.nii.gz: point 'far' at .* mm LPS lies outside the image; if the coordinates are RAS, pass --ras"):
+    with pytest.raises(InputError, match=r"pt_201_ct.nii.gz: point 'far' at .* mm LPS lies outside the image; if the coordinates are RAS \(Slicer's\), convert them with samembed.ras_to_lps"):
         a_random_matcher.match(src, [[1e4, 0, 0]], [src], ["far"])
 
 
@@ -485,3 +485,62 @@ def test_a_target_on_an_oblique_grid_is_matched_as_on_its_straight_grid(caplog):
     said = [r.getMessage() for r in caplog.records if "off the patient's (LPS) axes" in r.getMessage()]
     assert said == ["oblique: its voxel axes lie 23 degrees off the patient's (LPS) axes: the network's input is "
                     "resampled onto the LPS axes (the networks learnt from axial scans)"], said
+
+
+# ------------------------------------------------------------------------------------------ scripting users
+@pytest.mark.needs_data
+def test_a_numpy_mask_lies_on_each_target_s_own_grid_and_one_of_another_shape_is_refused(a_random_matcher, caplog):
+    """From a helper's audit of the Python API: a bare array mask became an image of 1 mm voxels at the origin, and
+    only a corner of the target was searched, without a word (score 0.02 instead of 0.6)."""
+    ct = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    point = ct.grid.index_to_lps([[64, 60, 70]])
+    oar = sitk.ReadImage(str(data_file("ct", "openkbp", "oar", "pt_201_oar.nii.gz")))
+    opts = MatchOptions(polish=False)
+    as_image = a_random_matcher.match(ct, point, [ct], options=opts, mask=oar)
+    as_array = a_random_matcher.match(ct, point, [ct], options=opts, mask=sitk.GetArrayFromImage(oar))
+    np.testing.assert_allclose(as_array.matches[0].point_lps_mm, as_image.matches[0].point_lps_mm)
+    assert as_array.matches[0].score == pytest.approx(as_image.matches[0].score)
+    with pytest.raises(InputError, match=r"the mask array has shape \(10, 10, 10\) but the target .* has"):
+        a_random_matcher.match(ct, point, [ct], options=opts, mask=np.ones((10, 10, 10), bool))
+    with pytest.raises(InputError, match="box_lps_mm has 4 numbers but the target .* is 3D"):
+        a_random_matcher.match(ct, point, [ct], options=MatchOptions(box_lps_mm=(0, 0, 100, 100)))
+
+
+@pytest.mark.needs_data
+def test_what_a_scripting_user_gets_wrong_is_said(a_random_matcher, caplog):
+    """A bare numpy volume is matched in voxel units (said now); Image.from_array copies its voxels (a later edit
+    of the array gave stale, cached results); one string of labels was split into letters; text points, label
+    maps and a modality of PET were numpy's, SimpleITK's (a process abort) or a late error."""
+    from samembed.image import Image
+
+    ct = sitk.ReadImage(str(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")))
+    voxels = sitk.GetArrayFromImage(ct)
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        res = a_random_matcher.match(voxels, [[64, 60, 70]], [voxels], labels="Larynx",
+                                     options=MatchOptions(polish=False))
+    assert "a numpy array carries no geometry: 1 mm voxels" in caplog.text
+    assert [m.label for m in res.matches] == ["Larynx"]
+    before = voxels.copy()
+    image = Image.from_array(voxels, spacing_mm=ct.GetSpacing())
+    voxels[:] = 0
+    assert np.array_equal(image.array, before)
+    with pytest.raises(InputError, match="points must be numbers"):
+        a_random_matcher.match(ct, "64,60,70", [ct])
+    with pytest.raises(InputError, match="a label of 8-bit unsigned integer image cannot be matched.*LabelMapToLabel"):
+        a_random_matcher.match(sitk.Cast(ct > 0, sitk.sitkLabelUInt8), [[0, 0, 0]], [ct])
+    with pytest.raises(InputError, match="modality must be auto, ct, mri or xray, not 'PET'"):
+        Matcher("random:sam-lite", device="cpu", modality="PET")
+    for bad in ("2GB", -1):
+        with pytest.raises(InputError, match="cache_bytes must be a whole number of bytes"):
+            Matcher("random:sam-lite", device="cpu", cache_bytes=bad)
+
+
+def test_a_png_without_its_pixel_spacing_is_said_to_be_read_in_pixels(tmp_path, caplog):
+    png = tmp_path / "hand.png"
+    sitk.WriteImage(sitk.GetImageFromArray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)), str(png))
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        read_image(png, spacing_mm=0.2)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        read_image(png)
+    assert "a PNG carries no pixel spacing: 1 mm per pixel is assumed" in caplog.text

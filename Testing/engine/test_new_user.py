@@ -104,8 +104,21 @@ def test_a_negative_or_nan_window_is_a_clear_input_error(value):
 
 
 def test_unknown_or_mistyped_options_are_clear_input_errors():
-    with pytest.raises(InputError, match="unknown match option 'polsh'; known: .*polish"):
+    with pytest.raises(InputError, match=r"unknown match option 'polsh' \(did you mean 'polish'\?\); known: .*polish"):
         MatchOptions.from_mapping({"polsh": False})
+    # the constructor and help() too (Python's TypeError and a KeyError before), and numpy's numbers are numbers
+    with pytest.raises(InputError, match="unknown match option 'speed'"):
+        MatchOptions(speed=2)
+    with pytest.raises(InputError, match="unknown match option 'polsh'"):
+        MatchOptions.help("polsh")
+    with pytest.raises(InputError, match=r"polish_levels must be \(step, template, search\) mm triples"):
+        MatchOptions(polish_levels=5)
+    import numpy as np
+
+    o = MatchOptions(prior_window_mm=np.float32(30), polish=np.bool_(False), polish_min_ncc=np.float64(0.4))
+    assert (o.prior_window_mm, o.polish, o.polish_min_ncc) == (30.0, False, 0.4)
+    assert type(o.prior_window_mm) is float and type(o.polish) is bool
+    assert "polish_min_ncc: a polished position is kept only where" in (MatchOptions.__doc__ or "")
     with pytest.raises(InputError, match="unknown match option"):
         MatchOptions().replace(window=3)
     with pytest.raises(InputError, match="polish must be true or false"):
