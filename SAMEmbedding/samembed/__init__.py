@@ -33,10 +33,15 @@ def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on fir
         from . import api
 
         return getattr(api, name)
-    raise AttributeError(name)
+    if name in ("read_image", "write_image", "read_points"):  # SimpleITK loads on first use
+        from . import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'samembed' has no attribute {name!r}; the public names: {', '.join(__all__)}")
 
 
 __all__ = [
     "Atlas", "Cancelled", "FusionOptions", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchOptions",
-    "MatchResult", "Matcher", "ModelNotAvailableError", "SamEmbedError", "lps_to_ras", "ras_to_lps", "__version__",
+    "MatchResult", "Matcher", "ModelNotAvailableError", "SamEmbedError", "lps_to_ras", "ras_to_lps", "read_image",
+    "read_points", "write_image", "__version__",
 ]

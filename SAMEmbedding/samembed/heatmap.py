@@ -114,6 +114,10 @@ class Heatmaps(Mapping):
         self._where.update(other._where)
 
     def __getitem__(self, key: tuple[int, str]) -> Image:
+        if key not in self._where:
+            if not self._where:
+                raise KeyError("no heatmaps in this result: match with options=MatchOptions(heatmap=True)")
+            raise KeyError(f"no heatmap {key!r}: the keys are (target index, label), e.g. {next(iter(self._where))!r}")
         return self.make(key)
 
     def image_grid(self, key: tuple[int, str]) -> Grid:

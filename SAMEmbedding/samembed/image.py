@@ -187,6 +187,12 @@ class Image:
             self._hash.append(h.hexdigest())
         return self._hash[0]
 
+    def to_sitk(self):
+        """This image as a ``SimpleITK.Image`` with its geometry (e.g. a heatmap to write or show)."""
+        from .io import image_to_sitk
+
+        return image_to_sitk(self)
+
     @property
     def hashed(self) -> bool:
         """Whether :meth:`content_hash` has been computed (it is kept: the voxels must not change after it)."""

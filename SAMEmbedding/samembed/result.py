@@ -70,6 +70,16 @@ class MatchResult:
         """Matches in target ``index``, in source point order."""
         return [m for m in self.matches if m.target_index == index]
 
+    def points_lps_mm(self, index: int = 0) -> np.ndarray:
+        """(N, 3) matched positions in target ``index``, LPS mm, in source point order (``lps_to_ras`` for
+        Slicer's frame)."""
+        return np.array([m.point_lps_mm for m in self.for_target(index)], dtype=np.float64).reshape(-1, 3)
+
+    def __repr__(self) -> str:  # (the dataclass's listed every field of every match)
+        confident = sum(m.confident for m in self.matches)
+        return (f"MatchResult({len(self.matches)} matches in {len(self.targets)} target(s), {confident} confident, "
+                f"{len(self.heatmaps)} heatmap(s); .matches, .points_lps_mm(target), .rows())")
+
     def rows(self, ras: bool = False) -> list[dict]:
         """One dict per match with target, label, x, y, z (LPS, or RAS if ``ras``), score, confident."""
         out = []

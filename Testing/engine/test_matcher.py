@@ -544,3 +544,27 @@ def test_a_png_without_its_pixel_spacing_is_said_to_be_read_in_pixels(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="samembed"):
         read_image(png)
     assert "a PNG carries no pixel spacing: 1 mm per pixel is assumed" in caplog.text
+
+
+@pytest.mark.needs_data
+def test_a_result_reads_as_a_scripting_user_expects(a_random_matcher):
+    """A result's repr was every field of every match; there was no array of the matched points, a heatmap read
+    without heatmap=True was a bare KeyError, a heatmap had no way back to SimpleITK, and samembed.read_image was
+    a bare AttributeError."""
+    import samembed
+
+    ct = samembed.read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    points = ct.grid.index_to_lps([[64, 60, 70], [50, 70, 40]])
+    res = a_random_matcher.match(ct, points, [ct, ct], options=MatchOptions(polish=False, heatmap=True))
+    assert repr(res).startswith("MatchResult(4 matches in 2 target(s), ") and len(repr(res)) < 200
+    assert res.points_lps_mm(1).shape == (2, 3)
+    np.testing.assert_allclose(res.points_lps_mm(1)[0], res.for_target(1)[0].point_lps_mm)
+    heatmap = res.heatmaps[(0, "P1")].to_sitk()
+    assert heatmap.GetSize() == tuple(reversed(ct.grid.shape_zyx))
+    with pytest.raises(KeyError, match=r"no heatmap \(0, 'P9'\): the keys are \(target index, label\)"):
+        res.heatmaps[(0, "P9")]
+    plain = a_random_matcher.match(ct, points, [ct], options=MatchOptions(polish=False))
+    with pytest.raises(KeyError, match=r"no heatmaps in this result: match with options=MatchOptions\(heatmap=True\)"):
+        plain.heatmaps[(0, "P1")]
+    with pytest.raises(AttributeError, match="module 'samembed' has no attribute 'Matchr'; the public names"):
+        samembed.Matchr  # noqa: B018
