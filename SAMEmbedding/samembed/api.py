@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -92,6 +93,18 @@ def _points_array(points, ndim: int, source: Image) -> np.ndarray:
         log.warning("%s is a 2D image: the points' z is ignored, though %d of them have z != 0 (up to %.1f mm)",
                     source.name, int(np.count_nonzero(np.abs(p[:, 2]) > 1e-3)), float(abs(p[i, 2])))
     return p
+
+
+@contextlib.contextmanager
+def _partial_when_cancelled(result: MatchResult):
+    """A :class:`Cancelled` raised inside (by the source's embedding, a target's, or between targets) holds
+    ``result``, the targets finished so far, as its ``partial`` (it was None when raised below)."""
+    try:
+        yield
+    except Cancelled as e:
+        if e.partial is None:
+            e.partial = result
+        raise
 
 
 @dataclass
@@ -290,30 +303,32 @@ class Matcher:
         n_targets = len(inputs.targets)
         if progress:
             progress(0, n_targets, f"embedding source {Path(inputs.source.name).name}")
-        src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need them
-        result = MatchResult([], [], timings={"source_embed_s": time.time() - t0})
-        for ti, target in enumerate(inputs.targets):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"cancelled after {ti} of {len(inputs.targets)} targets", partial=result)
-            t1 = time.time()
-            tgt, name = self._target(inputs, ti, target)
-            if progress:
-                progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
-            tmaps = embedder.embed(tgt, cancel=cancel, on_demand=True)
-            t_embed = time.time() - t1
-            region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
-            def phase(step: str, ti: int = ti) -> None:
+        result = MatchResult([], [])
+        with _partial_when_cancelled(result):  # a Cancelled from anywhere inside holds the finished targets
+            src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need
+            result.timings["source_embed_s"] = time.time() - t0
+            for ti, target in enumerate(inputs.targets):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"cancelled after {ti} of {len(inputs.targets)} targets", partial=result)
+                t1 = time.time()
+                tgt, name = self._target(inputs, ti, target)
                 if progress:
-                    progress(ti, n_targets, f"{step} {ti + 1}/{n_targets}")
+                    progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
+                tmaps = embedder.embed(tgt, cancel=cancel, on_demand=True)
+                t_embed = time.time() - t1
+                region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
+                def phase(step: str, ti: int = ti) -> None:
+                    if progress:
+                        progress(ti, n_targets, f"{step} {ti + 1}/{n_targets}")
 
-            matches, heatmaps = self._match_target(inputs, src_maps, tgt, tmaps, region, options, ti, name, phase)
-            result.matches.extend(matches)
-            result.heatmaps.update(heatmaps)
-            result.targets.append(name)
-            result.timings[f"target{ti}_embed_s"] = t_embed
-            result.timings[f"target{ti}_match_s"] = time.time() - t1 - t_embed
-            if progress:
-                progress(ti + 1, n_targets, f"matched {ti + 1}/{n_targets} {Path(name).name}")
+                matches, heatmaps = self._match_target(inputs, src_maps, tgt, tmaps, region, options, ti, name, phase)
+                result.matches.extend(matches)
+                result.heatmaps.update(heatmaps)
+                result.targets.append(name)
+                result.timings[f"target{ti}_embed_s"] = t_embed
+                result.timings[f"target{ti}_match_s"] = time.time() - t1 - t_embed
+                if progress:
+                    progress(ti + 1, n_targets, f"matched {ti + 1}/{n_targets} {Path(name).name}")
         result.timings["total_s"] = time.time() - t0
         return result
 

@@ -568,3 +568,19 @@ def test_a_result_reads_as_a_scripting_user_expects(a_random_matcher):
         plain.heatmaps[(0, "P1")]
     with pytest.raises(AttributeError, match="module 'samembed' has no attribute 'Matchr'; the public names"):
         samembed.Matchr  # noqa: B018
+
+
+@pytest.mark.needs_data
+def test_a_match_cancelled_before_any_target_finished_holds_an_empty_partial_result():
+    """A cancel that came while the source was embedded raised Cancelled with partial None (callers read
+    .partial.matches)."""
+    import threading
+
+    from samembed import Cancelled
+
+    ct = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled) as stopped:
+        Matcher("random:sam-lite", device="cpu").match(ct, ct.grid.index_to_lps([[64, 64, 64]]), [ct], cancel=cancel)
+    assert stopped.value.partial is not None and stopped.value.partial.matches == []
