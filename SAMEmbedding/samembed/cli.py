@@ -127,11 +127,11 @@ def _atlas_pairs(args) -> list[tuple[str, str]]:
             text = manifest.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheets' "CSV UTF-8") skipped
         except UnicodeDecodeError as e:
             raise InputError(f"{manifest}: not UTF-8 text ({e.reason}); save the manifest as CSV UTF-8") from None
-        rows = []
+        lines = text.splitlines()
         for delimiter in (",", ";", "\t"):  # as spreadsheets write CSV where the comma is the decimal separator
-            rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
-            header = {k.strip().lower() for k in (next(csv.reader(text.splitlines()[:1], delimiter=delimiter), []))}
+            header = {k.strip().lower() for k in next(csv.reader(lines[:1], delimiter=delimiter), [])}
             if {"image", "points"} <= header:
+                rows = list(csv.DictReader(lines, delimiter=delimiter))
                 break
         else:
             raise InputError(f"{manifest}: an atlas manifest is a CSV whose header names the columns image,points")

@@ -656,6 +656,7 @@ def _read_csv(path: Path, ras: bool) -> PointList:
     if not rows:
         raise InputError(f"{path}: no points in file")
     header = [h.strip().lower() for h in rows[0][1]]
+    width = len(rows[0][1])  # the first row's columns (a header's, or the first point's)
     axes = _header_axes(header)
     if axes is not None:
         if axes != "xyz":
@@ -670,7 +671,6 @@ def _read_csv(path: Path, ras: bool) -> PointList:
             log.warning("%s: no label column (%s, or one other column of unique names) in its header: the points are "
                         "labelled P1, P2, ...", path, ", ".join(LABEL_COLUMNS))
     else:
-        width = len(rows[0][1])
         if len(rows) > 1 and not any(_is_number(_decimal_point(v, delimiter == ";")) for v in rows[0][1][1:]):
             raise InputError(f"{path}: line {rows[0][0]} looks like a header ({', '.join(rows[0][1])}) but names no "
                              "coordinate columns; name them x,y,z (the frame of --ras, LPS by default), or L,P,S or "
@@ -682,7 +682,6 @@ def _read_csv(path: Path, ras: bool) -> PointList:
         il, cols = 0, list(range(1, width))
         body = rows
     expected = "label,x,y,z" if len(cols) == 3 else "label,x,y"
-    width = len(rows[0][1])
     labels, pts = [], []
     for n, r in body:
         if len(r) <= max(cols):
