@@ -241,7 +241,10 @@ def plot_error_cdf(results: Sequence[PairResult], path: str | os.PathLike, title
     ax.set_ylabel("points within error (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+    else:  # every pair failed: the plot says so instead of an empty legend
+        ax.text(0.5, 0.5, "no finite errors: every pair failed", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
