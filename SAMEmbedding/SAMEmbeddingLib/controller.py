@@ -84,8 +84,9 @@ class MatchController:
         self._generation = 0
         """Counts preparations started: a finished one that is not the latest is ignored."""
         self._deferredPoints: list[str] | None = None
-        """IDs of the points whose match waits for the running work to end (another model or device was chosen
-        meanwhile; switching engines on this thread would wait for that work). None: no match waits."""
+        """IDs of the points (of :attr:`pointList`) whose match waits for the running work to end (another model or
+        device was chosen meanwhile; switching engines on this thread would wait for that work). None: no match
+        waits. Another point list drops them: IDs start at "1" in every list."""
         self._deferredAll = False
         """A "propagate all" waits for the same reason."""
         self._deferredClear = False
@@ -241,6 +242,8 @@ class MatchController:
         for node, tag in self._observations:
             node.RemoveObserver(tag)
         self._observations = []
+        if pointList is not self.pointList:
+            self._deferredPoints = None  # the clicks of the list before: its IDs would name this list's points
         self.pointList = pointList
         self.currentPointIndex = None
         self._matchedAt = {}
@@ -356,11 +359,12 @@ class MatchController:
         return self.propagateTask
 
     def cancel(self) -> None:
-        """Stop "propagate all" (finished targets are kept), and a match waiting for it to end."""
-        if self.propagateTask is not None or self._deferredAll or self._deferredPoints is not None:
+        """Stop "propagate all" (finished targets are kept), running or waiting for a model switch (a click that
+        waits is kept, as a click queued behind it is)."""
+        if self.propagateTask is not None or self._deferredAll:
             if self.propagateTask is not None:
                 self.propagateTask.cancel()
-            self._deferredAll, self._deferredPoints = False, None
+            self._deferredAll = False
             self._onStatus("Cancelling...")
 
     def clearCache(self) -> None:

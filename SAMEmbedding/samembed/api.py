@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 import os
 import threading
 import time
@@ -88,10 +90,11 @@ def _points_array(points, ndim: int, source: Image) -> np.ndarray:
         p = np.hstack([p, np.zeros((len(p), 1))])
     if not np.all(np.isfinite(p)):
         raise InputError("points contain NaN or infinite coordinates")
-    if ndim == 2 and np.any(np.abs(p[:, 2]) > 1e-3):  # e.g. points of another scan's slice: said, not silently dropped
-        i = int(np.argmax(np.abs(p[:, 2])))
-        log.warning("%s is a 2D image: the points' z is ignored, though %d of them have z != 0 (up to %.1f mm)",
-                    source.name, int(np.count_nonzero(np.abs(p[:, 2]) > 1e-3)), float(abs(p[i, 2])))
+    if ndim == 2 and np.ptp(p[:, 2]) > 1e-3:
+        # points of several planes on one 2D image: said, not dropped silently (one shared z is the image's own
+        # plane, as Slicer gives a radiograph's slice position with every point, and is dropped without a word)
+        log.warning("%s is a 2D image: the points' z is ignored, though they lie in different planes (z from %.1f "
+                    "to %.1f mm)", source.name, float(p[:, 2].min()), float(p[:, 2].max()))
     return p
 
 
@@ -171,11 +174,15 @@ class Matcher:
         if str(modality).lower() not in ("auto", "ct", "mri", "xray"):
             raise InputError(f"modality must be auto, ct, mri or xray, not {modality!r}")
         modality = str(modality).lower()
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        if (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, numbers.Real) or cache_bytes < 0
+                or cache_bytes != int(cache_bytes)):
             raise InputError(f"cache_bytes must be a whole number of bytes >= 0 (e.g. 2 << 30 for 2 GiB), "
                              f"not {cache_bytes!r}")
-        if spacing_mm is not None and not (isinstance(spacing_mm, (int, float)) and 0 < spacing_mm < float("inf")):
-            raise InputError(f"spacing_mm must be a pixel size in mm greater than 0, not {spacing_mm!r}")
+        cache_bytes = int(cache_bytes)  # (numpy's integers, 2e9)
+        if spacing_mm is not None:
+            if isinstance(spacing_mm, bool) or not isinstance(spacing_mm, numbers.Real) or not 0 < spacing_mm < math.inf:
+                raise InputError(f"spacing_mm must be a pixel size in mm greater than 0, not {spacing_mm!r}")
+            spacing_mm = float(spacing_mm)
         self.device = resolve_device(device, fallback=cuda_fallback)
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
@@ -428,7 +435,7 @@ class Matcher:
         # a bare array is a mask on each target's own grid (given its shape): as an image of its own, it sat at the
         # origin with 1 mm voxels, and only a corner of the target was searched, without a word
         mask_img = (mask if isinstance(mask, (Image, np.ndarray)) or mask is None
-                    else as_image(mask, "mask", constant_ok=True))  # (a mask of ones: everywhere)
+                    else as_image(mask, "mask", self.spacing_mm, constant_ok=True))  # (a mask of ones: everywhere)
         names = list(target_names) if target_names is not None else [None] * len(targets)
         return _Inputs(src, pts, labels, list(targets), names, mask_img)
 
@@ -462,7 +469,7 @@ class Matcher:
                                  f"{tmaps.local_grid.ndim}D; give a mask in the target's space")
             allowed = allowed & mask_from_image(tmaps, mask)
         if options.box_lps_mm is not None:
-            if len(options.box_lps_mm) != 2 * tmaps.local_grid.ndim:
+            if len(options.box_lps_mm) < 2 * tmaps.local_grid.ndim:  # (6 on a 2D target: its x and y are used)
                 raise InputError(f"box_lps_mm has {len(options.box_lps_mm)} numbers but the target {name} is "
                                  f"{tmaps.local_grid.ndim}D: give {2 * tmaps.local_grid.ndim} (two corners)")
             allowed = allowed & box_mask(tmaps, options.window_box)

@@ -352,7 +352,7 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
         if args.heatmap_dir and Path(os.path.abspath(out)) == Path(os.path.abspath(args.heatmap_dir)):
             raise InputError(f"--out {out} is also the --heatmap-dir folder; give --out a file name in it, e.g. "
                              f"{Path(out) / 'matches.csv'}")
-        check_writable(out)
+        check_writable(os.path.realpath(out) if out.is_symlink() else out)  # (a link is written through: its target)
     for flag, folder in folders:
         output_folder(flag, folder)
 

@@ -331,6 +331,11 @@ def _series_description(first_file: str) -> str:
     return f', "{text}"' if text else ""
 
 
+#: whether this process has warned that a PNG/JPEG was read without its pixel spacing (once: a batch of 100
+#: radiographs would warn 100 times)
+_warned_no_spacing = False
+
+
 def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constant_ok: bool = False) -> Image:
     """Read an image file or a DICOM series folder into an :class:`Image`.
 
@@ -380,10 +385,13 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
     name = str(path)
     is_2d_raster = name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
     image = image_from_sitk(img, name, spacing_known=not is_2d_raster, own=True)
-    if is_2d_raster and spacing_mm is None:  # (the README says the log says so)
-        log.warning("%s: a %s carries no pixel spacing: 1 mm per pixel is assumed, so positions and search windows "
-                    "(mm) are in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))", name,
-                    Path(name).suffix.lstrip(".").upper() or "raster")
+    if is_2d_raster and spacing_mm is None:  # (the README says the log says so): a warning once, then a debug line
+        global _warned_no_spacing
+        log.log(logging.DEBUG if _warned_no_spacing else logging.WARNING,
+                "%s: a %s carries no pixel spacing: 1 mm per pixel is assumed, so positions and search windows (mm) are "
+                "in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))", name,
+                Path(name).suffix.lstrip(".").upper() or "raster")
+        _warned_no_spacing = True
     if is_2d_raster and spacing_mm is not None:
         grid = image.grid
         image = Image(image.array, Grid(grid.shape_zyx, np.full(grid.ndim, float(spacing_mm)), grid.origin_lps_mm, grid.direction), name, True)

@@ -927,6 +927,25 @@ def test_out_given_as_the_heatmap_folder_is_refused_before_any_work(tmp_path, tw
 
 
 @pytest.mark.needs_data
+def test_an_out_link_is_checked_where_it_points_before_any_work(tmp_path, two_cts, a_points_csv, capsys,
+                                                                monkeypatch):
+    """A link into a missing folder passed the check of its own folder, and the run lost everything at its end
+    (from a review): outputs are written through links, so the check follows them too."""
+    import samembed.cli as cli
+
+    def no_engine(args):
+        raise AssertionError("the engine was loaded: the output was not checked first")
+
+    monkeypatch.setattr(cli, "_make_matcher", no_engine)
+    pts_path, _ = a_points_csv
+    link = tmp_path / "latest.csv"
+    link.symlink_to(tmp_path / "missing" / "m.csv")
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(link),
+                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 2 and "missing does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.needs_data
 def test_a_read_only_cache_folder_is_read_from_and_the_batch_goes_on_with_one_warning(tmp_path, two_cts, a_points_csv,
                                                                                        monkeypatch, caplog):
     """A shared cache that ``samembed embed`` filled and others may only read: a target not in it stopped the

@@ -530,12 +530,18 @@ def test_what_a_scripting_user_gets_wrong_is_said(a_random_matcher, caplog):
         a_random_matcher.match(sitk.Cast(ct > 0, sitk.sitkLabelUInt8), [[0, 0, 0]], [ct])
     with pytest.raises(InputError, match="modality must be auto, ct, mri or xray, not 'PET'"):
         Matcher("random:sam-lite", device="cpu", modality="PET")
+    # numpy's numbers are numbers (from a review: they were refused)
+    m = Matcher("random:sam-lite", device="cpu", cache_bytes=np.int64(1 << 28), spacing_mm=np.float32(0.2))
+    assert m.spacing_mm == pytest.approx(0.2) and type(m.spacing_mm) is float
     for bad in ("2GB", -1):
         with pytest.raises(InputError, match="cache_bytes must be a whole number of bytes"):
             Matcher("random:sam-lite", device="cpu", cache_bytes=bad)
 
 
-def test_a_png_without_its_pixel_spacing_is_said_to_be_read_in_pixels(tmp_path, caplog):
+def test_a_png_without_its_pixel_spacing_is_said_to_be_read_in_pixels(tmp_path, caplog, monkeypatch):
+    from samembed import io
+
+    monkeypatch.setattr(io, "_warned_no_spacing", False)  # (said once per process)
     png = tmp_path / "hand.png"
     sitk.WriteImage(sitk.GetImageFromArray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)), str(png))
     with caplog.at_level(logging.WARNING, logger="samembed"):

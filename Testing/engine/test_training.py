@@ -347,6 +347,9 @@ def test_a_config_s_settings_are_checked_by_type_and_range_naming_the_file(tmp_p
         return load_config(path, list(overrides))
 
     assert config("exclude: pt_103_ct.nii.gz\n").exclude == ["pt_103_ct.nii.gz"]
+    # a key left empty (its entries commented out) is an empty list or mapping, as before the checks
+    empty = config("exclude:\n#  - pt_1*\nnet_config:\nsemantic_labels:\n")
+    assert (empty.exclude, empty.net_config, empty.semantic_labels) == ([], {}, [])
     assert config("", ["exclude=pt_103*"]).exclude == ["pt_103*"]
     assert config("data: /data/ct\nlr: 1e-3\n").data == ["/data/ct"]
     assert config("lr: 1e-3\n").lr == 0.001  # YAML reads 1e-3 as a string
@@ -388,6 +391,7 @@ def test_a_resume_refuses_a_checkpoint_of_other_settings_final_weights_and_a_dam
     from samembed.training.train import _same_setting
 
     assert _same_setting("1e-3", 0.001) and _same_setting("pt_1*", ["pt_1*"]) and not _same_setting("x", 1.0)
+    assert _same_setting(None, []) and _same_setting(None, {}) and not _same_setting(None, ["x"])
     # how long it runs may change: 2 more iterations
     Trainer(tiny_config(tmp_path, "sam", iterations=4, checkpoint_every=1), progress=False).run(resume="auto")
     rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[1:]

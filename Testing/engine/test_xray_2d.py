@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 from samembed_bench import hand_oneshot as ho
 
-from samembed import Matcher
+from samembed import Matcher, MatchOptions
 from samembed.cli import main
 from samembed.errors import InputError
 from samembed.image import Image
@@ -145,11 +145,18 @@ def test_points_with_a_z_on_a_2d_image_are_matched_in_its_plane_with_a_warning_t
     with caplog.at_level(logging.WARNING, logger="samembed"):
         flat = matcher.match(img, [[4.0, 4.0, 0.0]], [img])
     assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="samembed"):  # one plane (Slicer gives a radiograph's z): no word
+        plane = matcher.match(img, [[4.0, 4.0, 7.5], [5.0, 5.0, 7.5]], [img])
+    assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="samembed"):
         off = matcher.match(img, [[4.0, 4.0, 500.0], [5.0, 5.0, 0.0]], [img])
     assert [r.getMessage() for r in caplog.records] == [
-        "hand.png is a 2D image: the points' z is ignored, though 1 of them have z != 0 (up to 500.0 mm)"]
+        "hand.png is a 2D image: the points' z is ignored, though they lie in different planes (z from 0.0 to 500.0 mm)"]
     np.testing.assert_allclose(off.matches[0].point_lps_mm, flat.matches[0].point_lps_mm)
+    np.testing.assert_allclose(plane.matches[0].point_lps_mm, flat.matches[0].point_lps_mm)
+    # a search box of 6 numbers (the command line's --box, Slicer's ROI) on a 2D image: its x and y
+    boxed = matcher.match(img, [[4.0, 4.0, 0.0]], [img], options=MatchOptions(box_lps_mm=(0, 0, -1, 9.4, 12.6, 1)))
+    assert boxed.matches[0].point_lps_mm[0] <= 9.4
 
 
 # ------------------------------------------------------------------------------------------ split and metrics
@@ -272,3 +279,27 @@ def test_2d_training_runs_on_a_folder_of_radiographs_with_xray_augmentations(tmp
     assert model.spec.ndim == 2 and model.preprocess.spacing_mm == 1.0
     rows = list(csv.DictReader((tmp_path / "run" / "train_log.csv").open()))
     assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
+
+
+def test_a_png_mask_is_read_with_the_matcher_s_spacing_and_the_missing_spacing_is_said_once(tmp_path, caplog,
+                                                                                           monkeypatch):
+    """A PNG mask was read at 1 mm per pixel whatever Matcher(spacing_mm=...) said (the search then found no voxel),
+    and the warning of a missing spacing came once per image (100 targets, 100 warnings)."""
+    import logging
+
+    import SimpleITK as sitk
+
+    from samembed import io
+
+    rng = np.random.default_rng(0)
+    png, mask = tmp_path / "hand.png", tmp_path / "mask.png"
+    sitk.WriteImage(sitk.GetImageFromArray((rng.random((64, 48)) * 255).astype(np.uint8)), str(png))
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((64, 48), np.uint8)), str(mask))
+    matcher = Matcher("random:sam-lite-2d", device="cpu", spacing_mm=0.2)
+    res = matcher.match(str(png), [[4.0, 4.0, 0.0]], [str(png)], mask=str(mask))
+    assert np.isfinite(res.matches[0].point_lps_mm).all()
+    monkeypatch.setattr(io, "_warned_no_spacing", False)
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        for _ in range(3):
+            io.read_image(png)
+    assert len([r for r in caplog.records if "carries no pixel spacing" in r.getMessage()]) == 1

@@ -351,11 +351,30 @@ def test_a_waiting_propagate_all_can_be_cancelled_and_a_waiting_click_skips_a_de
 
     release = h.blockWorker()
     parameters.device = "auto"
-    assert h.controller.propagateAll() is None and h.controller.matching  # waits for the work
-    h.controller.cancel()
-    assert h.status[-1] == "Cancelling..."
     h.controller.matchPoints([0, 1])  # a click on both, then L1 is deleted while they wait
+    assert h.controller.propagateAll() is None and h.controller.matching  # waits for the work
+    h.controller.cancel()  # stops the waiting "propagate all", not the waiting click
+    assert h.status[-1] == "Cancelling..."
     points.RemoveNthControlPoint(0)
     release.set()
     assert h.settleAll() == [[0]]  # L2 only (now index 0); the cancelled "propagate all" never ran
     assert h.errors == []
+
+
+def test_a_click_waiting_for_a_model_switch_is_not_replayed_on_another_point_list(a_scene, harness, a_small_ct,
+                                                                                 no_vtk_errors):
+    """Point IDs start at "1" in every list: a waiting click, remembered by ID, was matched on the point of that
+    ID in the list chosen meanwhile (from a helper's review)."""
+    first = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["A1"])
+    other = add_points(a_scene, [_ras(a_small_ct, (40, 90, 6))], ["B1"])
+    parameters = _parameters(a_small_ct, first, [a_small_ct])
+    h = harness
+    h.controller.setParameters(parameters)
+    release = h.blockWorker()
+    parameters.device = "auto"
+    h.controller.matchPoints([0])  # A1 waits for the work
+    parameters.sourcePoints = other  # the user picks another list meanwhile
+    h.controller.parametersModified()
+    release.set()
+    assert h.settleAll() == []  # B1 was not clicked: nothing to match
+    assert _matched(h.logic, other, a_small_ct)[0] == []

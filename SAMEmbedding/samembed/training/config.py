@@ -153,6 +153,8 @@ def _typed(name: str, kind: str, value, where: str):
     kind = kind.removesuffix("| None").strip()
     if value is None and optional:
         return None
+    if value is None and kind in ("list", "dict"):  # a YAML key with no value (every entry commented out): empty
+        return [] if kind == "list" else {}
 
     def refuse(what: str):
         return InputError(f"{where}: {name} must be {what}, not {value!r}")

@@ -283,6 +283,9 @@ class Trainer:
             net.load_state_dict(ck["state_dict"])
             opt.load_state_dict(ck["optimizer"])
             start = int(ck["iteration"])
+            if isinstance(ck["rng_numpy"], list) and self.rank >= len(ck["rng_numpy"]):
+                raise InputError(f"{resume}: saved by a run of {len(ck['rng_numpy'])} process(es); resume it with at "
+                                 f"most that many (this is process {self.rank + 1} of {self.world})")
             rng.bit_generator.state = ck["rng_numpy"][self.rank] if isinstance(ck["rng_numpy"], list) else ck["rng_numpy"]
             gen.set_state(ck["rng_torch"][self.rank] if isinstance(ck["rng_torch"], list) else ck["rng_torch"])
             cpu_before = float(ck.get("cpu_seconds_total", 0.0))
@@ -443,7 +446,7 @@ class Trainer:
 
     #: settings a resumed run may change: how long it runs and how it writes, not what it learns
     RESUMABLE_CHANGES = frozenset({"iterations", "time_limit_min", "checkpoint_every", "snapshot_every", "threads",
-                                   "out_dir", "cache_dir"})
+                                   "out_dir", "cache_dir", "name", "half_weights"})
 
     def _resume_checkpoint(self, path: str) -> dict:
         """The resume checkpoint ``path``, checked: readable, a ``last.pt`` (weights, optimiser and random states),
@@ -571,6 +574,8 @@ def _same_setting(before, now) -> bool:
     """Whether a checkpoint's setting ``before`` is ``now``'s, as settings were written before they were checked:
     ``"1e-3"`` (YAML's string) is 0.001, and ``"pt_1*"`` is ``["pt_1*"]``."""
     if before == now:
+        return True
+    if before is None and now in ([], {}):  # a YAML key left empty, stored as null
         return True
     if isinstance(before, str) and isinstance(now, list):
         return [before] == now
