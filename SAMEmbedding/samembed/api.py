@@ -569,9 +569,12 @@ class Matcher:
         return self._priors[key]
 
     def clear_cache(self) -> None:
-        """Drop every in-memory embedding (and the affine priors fitted between them)."""
+        """Drop every in-memory embedding (and the affine priors fitted between them). A disk cache folder that could
+        not be written (full, read-only) is tried again from now on."""
         self.cache.clear()
         self.clear_priors()
+        for embedder in {id(e): e for e in (self.embedder, *self._embedders.values())}.values():
+            embedder._cache_write_failed = False
 
     def forget(self, image: Image) -> None:
         """Drop the in-memory embeddings of ``image``: for a caller that will not match it again, e.g. each target of

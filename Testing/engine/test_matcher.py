@@ -590,3 +590,25 @@ def test_a_match_cancelled_before_any_target_finished_holds_an_empty_partial_res
     with pytest.raises(Cancelled) as stopped:
         Matcher("random:sam-lite", device="cpu").match(ct, ct.grid.index_to_lps([[64, 64, 64]]), [ct], cancel=cancel)
     assert stopped.value.partial is not None and stopped.value.partial.matches == []
+
+
+@pytest.mark.needs_data
+def test_a_cache_folder_that_could_not_be_written_is_tried_again_after_clear_cache(tmp_path, monkeypatch):
+    """One failed write (a full or read-only disk) stopped the disk cache for the rest of a long-lived engine, as
+    the Slicer module's is (from a review); clear_cache() tries the folder again."""
+    import os
+
+    ct = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
+    point = ct.grid.index_to_lps([[64, 64, 64]])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    m = Matcher("random:sam-lite", device="cpu", cache_dir=cache)
+    real_access = os.access
+    with monkeypatch.context() as patch:  # the folder refuses writes for a while
+        patch.setattr(os, "access", lambda path, how, **k: False if (how & os.W_OK and os.path.samefile(path, cache))
+                      else real_access(path, how, **k))
+        m.match(ct, point, [ct], options=MatchOptions(polish=False))
+    assert not list(cache.iterdir())
+    m.clear_cache()
+    m.match(ct, point, [ct], options=MatchOptions(polish=False))
+    assert len(list(cache.glob("*.samemb.pt"))) == 1
