@@ -232,6 +232,14 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert isinstance(ck["rng_numpy"], list) and len(ck["rng_numpy"]) == len(ck["rng_torch"]) == 2
     assert ck["rng_numpy"][0] != ck["rng_numpy"][1]
+    # a resume by more processes than saved it: every process stops with the reason (one that stopped alone left
+    # the others waiting)
+    d["iterations"] = 3
+    cfg_path.write_text(yaml.safe_dump(d))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                          "-m", "samembed.cli", "train", "--config", str(cfg_path), "--quiet", "--resume"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode != 0 and "saved by a run of 2 process(es); resume it with at most that many" in res.stderr
 
 
 @pytest.mark.needs_data

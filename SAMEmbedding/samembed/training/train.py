@@ -283,9 +283,10 @@ class Trainer:
             net.load_state_dict(ck["state_dict"])
             opt.load_state_dict(ck["optimizer"])
             start = int(ck["iteration"])
-            if isinstance(ck["rng_numpy"], list) and self.rank >= len(ck["rng_numpy"]):
-                raise InputError(f"{resume}: saved by a run of {len(ck['rng_numpy'])} process(es); resume it with at "
-                                 f"most that many (this is process {self.rank + 1} of {self.world})")
+            saved_by = len(ck["rng_numpy"]) if isinstance(ck["rng_numpy"], list) else 1
+            if self._any_process(isinstance(ck["rng_numpy"], list) and self.rank >= saved_by):  # every process stops
+                raise InputError(f"{resume}: saved by a run of {saved_by} process(es); resume it with at most that "
+                                 f"many (this run has {self.world})")
             rng.bit_generator.state = ck["rng_numpy"][self.rank] if isinstance(ck["rng_numpy"], list) else ck["rng_numpy"]
             gen.set_state(ck["rng_torch"][self.rank] if isinstance(ck["rng_torch"], list) else ck["rng_torch"])
             cpu_before = float(ck.get("cpu_seconds_total", 0.0))
