@@ -42,7 +42,7 @@ from .matcher import (
     search_prior,
 )
 from .models import LoadedModel, default_model_for, load_model
-from .options import MatchOptions, ProgressFn
+from .options import MODALITIES, MatchOptions, ProgressFn
 from .refine import refine_points
 from .result import Match, MatchResult
 
@@ -171,7 +171,7 @@ class Matcher:
                  max_tile_voxels: int = 24_000_000, cuda_fallback: bool = False,
                  spacing_mm: float | None = None, precision: str = "auto") -> None:
         # the settings first (a model takes a second to load)
-        if str(modality).lower() not in ("auto", "ct", "mri", "xray"):
+        if str(modality).lower() not in MODALITIES:
             raise InputError(f"modality must be auto, ct, mri or xray, not {modality!r}")
         modality = str(modality).lower()
         if (isinstance(cache_bytes, bool) or not isinstance(cache_bytes, numbers.Real) or cache_bytes < 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import DeviceUnavailableError, InputError, SamEmbedError
-from .options import PRECISIONS
+from .options import MODALITIES, PRECISIONS
 from .progress import PhaseProgress
 from .stopping import Terminated, stop_on_sigterm
 from .torch_import import after_torch_import, before_torch_import, meta_kernels_skipped
@@ -352,7 +352,7 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
         if args.heatmap_dir and Path(os.path.abspath(out)) == Path(os.path.abspath(args.heatmap_dir)):
             raise InputError(f"--out {out} is also the --heatmap-dir folder; give --out a file name in it, e.g. "
                              f"{Path(out) / 'matches.csv'}")
-        check_writable(os.path.realpath(out) if out.is_symlink() else out)  # (a link is written through: its target)
+        check_writable(out)  # (a link: where it points, as it is written)
     for flag, folder in folders:
         output_folder(flag, folder)
 
@@ -641,7 +641,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _add_precision(p)
     p.add_argument("--cache-dir", help="on-disk embedding cache folder")
-    p.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "xray"])
+    p.add_argument("--modality", default="auto", choices=MODALITIES)
     p.add_argument("--spacing", type=_positive_mm, metavar="MM",
                    help="pixel spacing (mm) for 2D files that carry none (PNG/JPEG)")
     add_log_flags(p)

@@ -45,8 +45,11 @@ def _suffix(path: Path) -> str:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Raise :class:`InputError` unless ``path`` can be created (its folder exists and is writable)."""
+    """Raise :class:`InputError` unless ``path`` can be created (its folder exists and is writable); returns the path
+    written: a symbolic link's target (outputs are written through links, :func:`atomic_path`)."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{path}: output folder {folder} does not exist; create it first")
@@ -74,10 +77,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     again keeps its own permissions (a user who restricted a file of patient data keeps it restricted), and a
     symbolic link is written through, as the shell's ``>`` does: its target gets the new content.
     """
-    path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    path = check_writable(path)
+    path = check_writable(path)  # (a link's target)
     try:
         mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~current_umask()
     except OSError:

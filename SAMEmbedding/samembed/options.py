@@ -36,6 +36,9 @@ ProgressFn = Callable[[float, float, str], None]
 #: the network's arithmetic a caller may ask for (``--precision``; :func:`samembed.embedding.resolve_precision`)
 PRECISIONS = ("auto", "fp32", "int8", "int8-int8", "int8-bf16")
 
+#: the modalities a caller may name (``--modality``; ``auto``: :func:`samembed.preprocess.detect_modality`)
+MODALITIES = ("auto", "ct", "mri", "xray")
+
 #: the intensity polish's coarse-to-fine levels: (lattice step, template half-size, search half-size), mm
 DEFAULT_POLISH_LEVELS: tuple[tuple[float, float, float], ...] = ((2.0, 16.0, 8.0), (1.0, 10.0, 2.0), (0.5, 6.0, 1.0))
 

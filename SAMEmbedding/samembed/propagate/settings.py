@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import InputError
-from ..options import PRECISIONS
+from ..options import MODALITIES, PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class PropagateSettings:
             raise InputError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.modality not in ("auto", "ct", "mri", "xray"):
+        if self.modality not in MODALITIES:
             raise InputError(f"modality must be auto, ct, mri or xray, not {self.modality!r}")
         if self.scheduler is not None and "://" not in self.scheduler:
             raise InputError(f"scheduler {self.scheduler!r}: give the full address, e.g. tcp://host:8786 or tls://host:8786")

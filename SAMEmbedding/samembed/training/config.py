@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import InputError
+from ..options import MODALITIES
 
 #: the training objectives (``--objective``), one line each; combine with ``+`` and weight with ``:w``
 OBJECTIVE_HELP: dict[str, str] = {
@@ -142,7 +143,7 @@ AT_LEAST_ZERO = ("lr", "warmup", "threads", "time_limit_min", "snapshot_every", 
                  "semantic_background", "local_ignore_mm", "semantic_ignore_mm")
 ABOVE_ZERO = ("spacing_mm", "tau", "distill_tau", "global_positive_mm", "isimed_scale_mm", "semantic_positive_mm")
 #: the choices of the settings that take one of a few words
-CHOICES = {"time_clock": ("wall", "cpu"), "fill": ("zero", "air"), "modality": ("auto", "ct", "mri", "xray")}
+CHOICES = {"time_clock": ("wall", "cpu"), "fill": ("zero", "air"), "modality": MODALITIES}
 
 
 def _typed(name: str, kind: str, value, where: str):
@@ -165,10 +166,6 @@ def _typed(name: str, kind: str, value, where: str):
         if not isinstance(value, list):
             raise refuse("a list (or one string)")
         return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise refuse("true or false")
-        return value
     if kind == "int":
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -189,14 +186,9 @@ def _typed(name: str, kind: str, value, where: str):
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise refuse("a list of numbers")
         return tuple(float(v) for v in value)
-    if kind == "dict":
-        if not isinstance(value, dict):
-            raise refuse("a mapping of names to values")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise refuse("a text")
-        return value
+    plain = {"bool": (bool, "true or false"), "dict": (dict, "a mapping of names to values"), "str": (str, "a text")}
+    if kind in plain and not isinstance(value, plain[kind][0]):
+        raise refuse(plain[kind][1])
     return value
 
 
@@ -206,15 +198,12 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     minutes later or a silently wrong run. Returns ``cfg``."""
     for f in fields(cfg):
         setattr(cfg, f.name, _typed(f.name, str(f.type), getattr(cfg, f.name), where))
-    for name in AT_LEAST_ONE:
-        if getattr(cfg, name) < 1:
-            raise InputError(f"{where}: {name} must be at least 1, not {getattr(cfg, name)}")
-    for name in AT_LEAST_ZERO:
-        if getattr(cfg, name) < 0:
-            raise InputError(f"{where}: {name} must be 0 or more, not {getattr(cfg, name)}")
-    for name in ABOVE_ZERO:
-        if not getattr(cfg, name) > 0:
-            raise InputError(f"{where}: {name} must be greater than 0, not {getattr(cfg, name)}")
+    for names, allowed, what in ((AT_LEAST_ONE, lambda v: v >= 1, "at least 1"),
+                                 (AT_LEAST_ZERO, lambda v: v >= 0, "0 or more"),
+                                 (ABOVE_ZERO, lambda v: v > 0, "greater than 0")):  # (NaN is no number: _typed)
+        for name in names:
+            if not allowed(getattr(cfg, name)):
+                raise InputError(f"{where}: {name} must be {what}, not {getattr(cfg, name)}")
     for name in ("overlap_p", "blur_p"):
         if getattr(cfg, name) > 1:
             raise InputError(f"{where}: {name} is a probability, at most 1, not {getattr(cfg, name)}")
