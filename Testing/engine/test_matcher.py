@@ -612,3 +612,22 @@ def test_a_cache_folder_that_could_not_be_written_is_tried_again_after_clear_cac
     m.clear_cache()
     m.match(ct, point, [ct], options=MatchOptions(polish=False))
     assert len(list(cache.glob("*.samemb.pt"))) == 1
+
+
+@pytest.mark.needs_data
+@pytest.mark.skipif(not trained_default_available(), reason="the trained default model is not registered yet")
+def test_without_the_prior_window_the_polish_stays_near_the_argmax_and_ignores_the_affine():
+    """``prior_window_mm=0`` is SAM's single argmax over the whole target. The polish still took the affine prior's
+    prediction as a second start, and moved a match about 250 mm to it (from an audit): here a 16 cm cube of one CT
+    into the whole CT, whose affine is poor. The polish may move a match at most as far as its searches reach."""
+    from samembed.options import DEFAULT_POLISH_LEVELS
+
+    ct = read_image(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz"))
+    cube = image_from_sitk(sitk.RegionOfInterest(image_to_sitk(ct), [40, 40, 40], [25, 36, 20]), "cube")
+    click = ct.grid.index_to_lps([[45, 56, 40]])
+    m = Matcher("default", device="cpu")
+    plain = m.match(cube, click, [ct], options=MatchOptions(prior_window_mm=0, polish=False)).matches[0]
+    polished = m.match(cube, click, [ct], options=MatchOptions(prior_window_mm=0)).matches[0]
+    reach = sum(search for _, _, search in DEFAULT_POLISH_LEVELS) * np.sqrt(3)
+    moved = np.linalg.norm(polished.point_lps_mm - plain.point_lps_mm)
+    assert moved <= reach, f"the polish moved the argmax {moved:.0f} mm (its searches reach {reach:.0f} mm)"
