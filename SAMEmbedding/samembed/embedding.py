@@ -745,11 +745,14 @@ class Embedder:
     def key(self, image: Image) -> str:
         """Cache key: image content hash + model id + preprocessing + modality + the arithmetic (precision, and for
         int8 whether oneDNN sums with VNNI, :func:`~samembed.networks.int8.int8_arithmetic`) (and, for a grid more
-        oblique than :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that its input lies on the LPS axes: such maps
-        were made on the image's own axes before)."""
+        oblique than :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that its input lies on the LPS axes, and for a 2D
+        grid whose axes are flipped or permuted, that its input is oriented: such maps were made on the image's own
+        axes before)."""
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
         if onto_lps_axes(image.grid):
             prep += "|lps-axes"
+        elif image.grid.ndim == 2 and not np.allclose(image.grid.direction, np.eye(2)):
+            prep += "|lps-2d"  # its input is flipped or permuted onto x and y: before, it kept the stored axes
         import hashlib
 
         arithmetic = self.precision

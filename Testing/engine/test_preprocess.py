@@ -379,7 +379,13 @@ def test_a_grid_more_oblique_than_the_limit_is_resampled_onto_the_lps_axes():
     arr[4, 15, 3] = 1500  # a bright voxel
     img = Image(arr, Grid(arr.shape, (1.0, 1.5, 2.0), (0.0, 0.0, 0.0), direction), "oblique")
     assert pp.oriented_lps(img) is None
-    assert pp.oriented_lps(Image(arr[0], Grid(arr.shape[1:], (1.0, 1.5), (0.0, 0.0), np.eye(2)), "2d")) is None
+    plane = Image(arr[0], Grid(arr.shape[1:], (1.0, 1.5), (0.0, 0.0), direction[:2, :2]), "2d")
+    assert pp.oriented_lps(plane) is None  # a 2D grid, likewise
+    flat = preprocess(plane, PreprocessConfig(fill="air", spacing_mm=1.0), "ct").grid  # onto x and y, all of it
+    np.testing.assert_array_equal(flat.direction, np.eye(2))
+    edges = flat.lps_to_index(plane.grid.index_to_lps(np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in
+                                                                               plane.grid.size_ijk])).reshape(2, -1).T))
+    assert edges.min() >= -0.5 - 1e-6 and np.all(edges.max(0) <= np.array(flat.size_ijk) - 0.5 + 1e-6)
     assert pp.obliquity_deg(direction) == pytest.approx(45.0)
     prep = preprocess(img, PreprocessConfig(fill="air", spacing_mm=1.0), "ct")
     out = sitk.GetArrayFromImage(pp.resample_onto_lps_axes(image_to_sitk(img), 1.0, -1024.0))
