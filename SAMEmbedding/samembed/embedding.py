@@ -14,6 +14,7 @@ pages and a gather of voxels copies whole rows.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import threading
@@ -695,6 +696,7 @@ class Embedder:
         self.cache = cache if cache is not None else EmbeddingCache()
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._cache_write_failed = False  # a write to cache_dir failed: it is only read from
+        self._unreadable: set[Path] = set()  # entries this process may not read: never replaced by it
         self.max_tile_voxels = int(max_tile_voxels)
         self.modality = modality
         self.model.net.to(self.device)
@@ -704,6 +706,9 @@ class Embedder:
         self.precision = resolve_precision(precision, model, self.device)
         #: inputs preprocessed ahead in another process (:mod:`samembed.prefetch`, set by ``samembed match``)
         self.prefetch = None
+        #: the int8 calibration's own id: another calibration of the same weights gives other vectors
+        self._calibration_id = "" if not model.int8 else hashlib.sha256(
+            json.dumps(sorted(model.int8.items())).encode()).hexdigest()[:16]
         if self.precision.startswith("int8"):
             from .networks.int8 import SamLiteInt8
 
@@ -743,8 +748,9 @@ class Embedder:
                                self.local_stride_zyx, self.prefetch)
 
     def key(self, image: Image) -> str:
-        """Cache key: image content hash + model id + preprocessing + modality + the arithmetic (precision, and for
-        int8 whether oneDNN sums with VNNI, :func:`~samembed.networks.int8.int8_arithmetic`) (and, for a grid more
+        """Cache key: image content hash + model id + preprocessing + modality + the arithmetic (precision; for int8
+        whether oneDNN sums with VNNI, :func:`~samembed.networks.int8.int8_arithmetic`, and the calibration; on CUDA
+        the float16 autocast) (and, for a grid more
         oblique than :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that its input lies on the LPS axes, and for a 2D
         grid whose axes are flipped or permuted, that its input is oriented: such maps were made on the image's own
         axes before)."""
@@ -753,13 +759,13 @@ class Embedder:
             prep += "|lps-axes"
         elif image.grid.ndim == 2 and not np.allclose(image.grid.direction, np.eye(2)):
             prep += "|lps-2d"  # its input is flipped or permuted onto x and y: before, it kept the stored axes
-        import hashlib
-
         arithmetic = self.precision
         if self.precision.startswith("int8"):  # oneDNN's int8 path differs with and without VNNI (int8_arithmetic)
             from .networks.int8 import int8_arithmetic
 
-            arithmetic += f"|{int8_arithmetic()}"
+            arithmetic += f"|{int8_arithmetic()}|{self._calibration_id}"
+        if self.half:  # CUDA: the convolutions run in float16 (autocast), whatever the precision's name
+            arithmetic += "|fp16-autocast"
         h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{arithmetic}".encode())
         h = h.hexdigest()
         return h[:32]
@@ -985,6 +991,15 @@ class Embedder:
             return None
         try:
             meta, (glob16, body_bits, stored_bits, local16) = read_entry(path)
+        except OSError as e:  # e.g. another user's entry in a shared folder, not readable by this one
+            self._unreadable.add(path)
+            log.warning("cannot read the cache entry %s (%s): this run computes its maps and leaves the entry as it "
+                        "is", path, e.strerror or e)
+            return None
+        except DamagedEntry as e:
+            log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
+            return None
+        try:
             if meta.get("key") != key or meta.get("model_id") != self.model.model_id:
                 raise DamagedEntry(f"{path}: written for another image or model")
             local_grid, global_grid = _grid_from_dict(meta["local_grid"]), _grid_from_dict(meta["global_grid"])
@@ -1016,7 +1031,7 @@ class Embedder:
         from .tiles import write_entry
 
         path = self._disk_path(maps.key)
-        if path is None or self._cache_write_failed or (not maps.dirty and path.is_file()):
+        if path is None or self._cache_write_failed or (not maps.dirty and path.is_file()) or path in self._unreadable:
             return
         body = maps.body.cpu().numpy()
         stored = body if maps.ready is None else body & maps.ready.numpy()

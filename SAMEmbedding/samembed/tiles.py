@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -453,18 +454,18 @@ def plan_tiles(missing_zyx: np.ndarray, local_stride: int, step_input: int, halo
 
 # ---------------------------------------------------------------------------------------------- disk entries
 def write_entry(path: Path, header: dict, arrays: list[np.ndarray]) -> int:
-    """Write a cache entry: magic, header length, JSON header (with the payload's size and SHA-256), payload.
+    """Write a cache entry: magic, header length, JSON header, payload.
 
-    The payload is the raw bytes of ``arrays`` in order; returns the bytes written.
+    The payload is the raw bytes of ``arrays`` in order. The header holds the payload's size and a SHA-256 of the
+    header's other fields and the payload together (:func:`_digest`): the grids that place every vector are in the
+    header, so a damaged header is detected as a damaged payload is. Returns the bytes written.
     """
     from .io import atomic_path
 
     payload = [np.ascontiguousarray(a).tobytes() for a in arrays]
-    h = hashlib.sha256()
-    for p in payload:
-        h.update(p)
-    header = {**header, "payload_bytes": sum(len(p) for p in payload), "sha256": h.hexdigest(),
-              "arrays": [[str(a.dtype), list(a.shape)] for a in arrays]}
+    header = {**header, "payload_bytes": sum(len(p) for p in payload),
+              "arrays": [[str(a.dtype), list(a.shape)] for a in arrays], "checksum_covers": CHECKSUM_COVERS}
+    header["sha256"] = _digest(header, payload)
     head = json.dumps(header).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -474,21 +475,39 @@ def write_entry(path: Path, header: dict, arrays: list[np.ndarray]) -> int:
     return len(MAGIC) + 8 + len(head) + header["payload_bytes"]
 
 
+#: what an entry's checksum covers (its header says so; entries written before the header was covered are
+#: recomputed)
+CHECKSUM_COVERS = "header and payload"
+
+
+def _digest(header: dict, payload) -> str:
+    """SHA-256 of ``header`` (its fields but ``sha256``, as sorted JSON) and the ``payload`` (bytes, or a list of
+    them)."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
+    for p in payload if isinstance(payload, list) else [payload]:
+        h.update(p)
+    return h.hexdigest()
+
+
 class DamagedEntry(ValueError):
     """A cache entry that is truncated, corrupt or of another format (it is recomputed, never trusted)."""
 
 
 def read_entry(path: Path) -> tuple[dict, list[np.ndarray]]:
-    """Read and verify a cache entry written by :func:`write_entry`.
+    """Read and verify a cache entry written by :func:`write_entry`. The file is read once, header and payload
+    together: another process may replace it meanwhile (atomically), and a header and payload of two versions would
+    not agree.
 
     Raises:
-        DamagedEntry: wrong magic, truncated file, size or SHA-256 mismatch.
+        DamagedEntry: wrong magic, truncated file, size or SHA-256 mismatch, or an entry of an older version.
     """
-    header, start = read_entry_header(path)
     data = path.read_bytes()
+    header, start = _parse_header(path, data[:len(MAGIC) + 8], lambda n: data[len(MAGIC) + 8:len(MAGIC) + 8 + n])
     _check_payload_size(path, header, len(data) - start)
+    if header.get("checksum_covers") != CHECKSUM_COVERS:
+        raise DamagedEntry(f"{path}: an entry of an older version (its checksum did not cover its header)")
     payload = memoryview(data)[start:]
-    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+    if _digest(header, payload) != header.get("sha256"):
         raise DamagedEntry(f"{path}: checksum mismatch (corrupt)")
     arrays, off = [], 0
     for dtype, shape in header["arrays"]:
@@ -510,13 +529,18 @@ def read_entry_header(path: Path) -> tuple[dict, int]:
         DamagedEntry: not an entry of this format, or its header is cut short or unreadable.
     """
     with open(path, "rb") as f:
-        lead = f.read(len(MAGIC) + 8)
-        if not lead.startswith(MAGIC) or len(lead) < len(MAGIC) + 8:
-            raise DamagedEntry(f"{path}: not a samembed cache entry (or an older format)")
-        (n,) = struct.unpack("<Q", lead[len(MAGIC):])
-        if n > MAX_HEADER_BYTES:
-            raise DamagedEntry(f"{path}: a header of {n} bytes (corrupt)")
-        raw = f.read(n)
+        return _parse_header(path, f.read(len(MAGIC) + 8), f.read)
+
+
+def _parse_header(path: Path, lead: bytes, read: Callable[[int], bytes]) -> tuple[dict, int]:
+    """:func:`read_entry_header` of an entry whose first bytes are ``lead`` (magic and header length) and whose
+    header ``read(n)`` gives."""
+    if not lead.startswith(MAGIC) or len(lead) < len(MAGIC) + 8:
+        raise DamagedEntry(f"{path}: not a samembed cache entry (or an older format)")
+    (n,) = struct.unpack("<Q", lead[len(MAGIC):])
+    if n > MAX_HEADER_BYTES:
+        raise DamagedEntry(f"{path}: a header of {n} bytes (corrupt)")
+    raw = read(n)
     if len(raw) != n:
         raise DamagedEntry(f"{path}: the header is cut short (truncated?)")
     try:

@@ -59,9 +59,37 @@ def test_the_disk_cache_returns_the_same_embeddings(a_model, tmp_path):
     e1 = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
     m1 = e1.embed(img)
     assert len(list(tmp_path.glob("*.samemb.pt"))) == 1
-    m2 = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
+    e2 = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    e2._compute = None  # the second embedder must read the entry: it cannot compute
+    m2 = e2.embed(img)
     torch.testing.assert_close(m2.local, m1.local, atol=2e-3, rtol=0)  # stored as fp16
     assert m2.local_grid.same_as(m1.local_grid) and torch.equal(m2.body, m1.body)
+
+
+def test_an_entry_this_process_cannot_read_is_said_so_and_left_as_it_is(a_model, tmp_path, monkeypatch, caplog):
+    """In a folder shared by several users, an entry another user wrote 0600 was called damaged, recomputed and
+    replaced (now owned by this user, so that the other could not read it either: every run of both was cold; from
+    an audit). Now it is named unreadable, the maps are computed, and the entry stays."""
+    import logging
+
+    import samembed.tiles as tiles
+
+    img = a_ct_like_image()
+    Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
+    (entry,) = tmp_path.glob("*.samemb.pt")
+    before = (entry.read_bytes(), entry.stat().st_mtime_ns)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(tiles, "read_entry", denied)
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        maps = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
+    assert maps.complete
+    assert any("cannot read the cache entry" in r.getMessage() and "Permission denied" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not any("damaged" in r.getMessage() for r in caplog.records)
+    assert (entry.read_bytes(), entry.stat().st_mtime_ns) == before
 
 
 def test_an_embedder_storing_in_a_folder_shares_its_network_and_stores_there_only(a_model, tmp_path):

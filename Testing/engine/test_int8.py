@@ -356,3 +356,22 @@ def test_samembed_quantize_calibrates_a_checkpoint_that_then_runs_int8(tmp_path,
     config_2d.write_text(f"arch: sam-lite-2d\ndata: [{images[0]}]\n")
     assert main(["quantize", "--config", str(config_2d), "--model", str(weights), "-q"]) == 2
     assert "trains sam-lite-2d models, but --model" in capsys.readouterr().err
+
+
+@pytest.mark.needs_data
+def test_another_calibration_of_the_same_weights_or_the_gpu_autocast_gets_its_own_cache_entries(ct):
+    """The key named the precision but not the calibration: `samembed quantize` run again with other settings (other
+    scales for the same weights) was served the previous calibration's maps from the disk cache, 1.8 mm off in an
+    audit. CUDA's float16 autocast likewise shared float32's key."""
+    import dataclasses
+
+    model = load_model("default")
+    assert model.int8, "the shipped model has a calibration"
+    other = dataclasses.replace(model, int8={k: (s * 1.01, z) for k, s_z in model.int8.items() for s, z in [s_z]})
+    i8 = Embedder(model, "cpu", precision="int8")
+    assert Embedder(model, "cpu", precision="int8").key(ct) == i8.key(ct)
+    assert Embedder(other, "cpu", precision="int8").key(ct) != i8.key(ct)
+    f32 = Embedder(model, "cpu", precision="fp32")
+    autocast = Embedder(model, "cpu", precision="fp32")
+    autocast.half = True  # as on a CUDA device
+    assert autocast.key(ct) != f32.key(ct)

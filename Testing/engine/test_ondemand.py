@@ -499,15 +499,22 @@ def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_c
     fresh = Matcher("default", device="cpu", cache_dir=first_dir).match(src, pts, [tgt], options=PURE)
     entries = sorted(first_dir.glob(f"*{ENTRY_SUFFIX}"))
     assert len(entries) == 2
-    for damage in ("corrupt", "truncated"):
+    for damage in ("corrupt", "truncated", "header"):
         folder = tmp_path / damage
         folder.mkdir()
         for path in entries:
             data = path.read_bytes()
-            data = data[: len(data) // 2] if damage == "truncated" else data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
+            if damage == "header":  # one digit of the local grid's spacing: every vector would sit elsewhere
+                at = data.index(b'"spacing_mm": [') + len(b'"spacing_mm": [')
+                data = data[:at] + str((int(chr(data[at])) + 1) % 10).encode() + data[at + 1:]
+            elif damage == "truncated":
+                data = data[: len(data) // 2]
+            else:
+                data = data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
             (folder / path.name).write_bytes(data)
         # `samembed cache info` reads the headers only: a truncated entry is named damaged there; a corrupt payload
-        # of the right size shows when the entry is used (below)
+        # of the right size, or a header that still reads, shows when the entry is used (below). Before, a damaged
+        # header was trusted (from an audit): a spacing of 5 mm for 4 moved matches by up to 66 mm
         assert all(("damaged" in e) == (damage == "truncated") for e in cache_info(folder)["details"]), damage
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
