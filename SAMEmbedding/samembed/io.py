@@ -392,9 +392,11 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
                 "in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))", name,
                 Path(name).suffix.lstrip(".").upper() or "raster")
         _warned_no_spacing = True
-    if is_2d_raster and spacing_mm is not None:
-        grid = image.grid
-        image = Image(image.array, Grid(grid.shape_zyx, np.full(grid.ndim, float(spacing_mm)), grid.origin_lps_mm, grid.direction), name, True)
+    if is_2d_raster:  # the given spacing, else 1 mm, as said: never the print resolution (DPI) that SimpleITK reads
+        grid = image.grid  # from a JPEG's or TIFF's header as 25.4 / dpi mm
+        given = spacing_mm is not None
+        image = Image(image.array, Grid(grid.shape_zyx, np.full(grid.ndim, float(spacing_mm) if given else 1.0),
+                                        grid.origin_lps_mm, grid.direction), name, given)
     validate_image(image, constant_ok)
     return image
 

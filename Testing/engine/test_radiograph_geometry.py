@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from samembed import Matcher
 from samembed.image import Grid, Image
@@ -58,3 +59,21 @@ def test_a_radiograph_stored_with_flipped_or_swapped_axes_gives_the_same_matches
     back = matcher.match(stored_as(src, how), points, [tgt]).matches  # the source stored so, too
     for a, b in zip(as_stored, back):
         np.testing.assert_allclose(b.point_lps_mm, a.point_lps_mm, atol=1e-3)
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])
+def test_a_raster_with_a_print_resolution_is_read_at_1_mm_per_pixel_as_the_log_says(tmp_path, suffix):
+    """SimpleITK reads a JPEG's or TIFF's DPI as its spacing (25.4 / 300 mm at 300 dpi); the engine said 1 mm per
+    pixel was assumed but used that, and pixel points came back 601 pixels off (from an audit)."""
+    from PIL import Image as PILImage
+
+    path = tmp_path / f"hand{suffix}"
+    PILImage.open(hand_radiographs(1)[0]).save(path, dpi=(300, 300))
+    assert sitk.ReadImage(str(path)).GetSpacing()[0] == pytest.approx(25.4 / 300)  # what SimpleITK makes of it
+    plain = read_image(path)
+    np.testing.assert_array_equal(plain.grid.spacing_mm, [1.0, 1.0])
+    assert not plain.pixel_spacing_known
+    given = read_image(path, spacing_mm=SPACING_MM)
+    np.testing.assert_array_equal(given.grid.spacing_mm, [SPACING_MM, SPACING_MM])
+    assert given.pixel_spacing_known
