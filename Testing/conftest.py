@@ -7,6 +7,7 @@ Real-data tests read ``../shared/data`` (relative to the repository root) in pla
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,18 @@ def data_dir() -> Path:
 def repo_root() -> Path:
     """The repository root."""
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """Every test leaves torch's thread count as it found it (a training run sets its own ``threads`` for the whole
+    process: every later test of a worker ran on one thread)."""
+    torch = sys.modules.get("torch")
+    kept = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and kept is not None and torch.get_num_threads() != kept:
+        torch.set_num_threads(kept)
 
 
 @pytest.fixture(autouse=True)

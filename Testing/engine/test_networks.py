@@ -14,9 +14,12 @@ from samembed.models import load_checkpoint, load_model, save_checkpoint
 from samembed.networks import build_network
 from samembed.preprocess import PreprocessConfig
 
-from ..conftest import data_file
+from ..conftest import DATA, data_file
 
-SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "sam_official_checkpoint.md"
+#: the reference beside the shared data (``SAMEMBED_DATA/../reference``), else beside the repository
+SPEC = next((p for p in (DATA.parent / "reference" / "sam_official_checkpoint.md",
+                         Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "sam_official_checkpoint.md")
+             if p.is_file()), DATA.parent / "reference" / "sam_official_checkpoint.md")
 
 
 def spec_rows() -> list[tuple[str, tuple[int, ...], str]]:

@@ -42,8 +42,10 @@ def a_template_and_a_heldout_hand(hand_cases):
 def a_hand_matcher():
     if not HAND_MODEL.is_file():
         pytest.skip(f"{HAND_MODEL} is missing (train it: see Resources/Models/sam-lite-2d-hand.yaml)")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return Matcher(HAND_MODEL, device="cpu", modality="xray")
+    yield Matcher(HAND_MODEL, device="cpu", modality="xray")
+    torch.set_num_threads(threads)  # the later tests of the process keep theirs
 
 
 # ------------------------------------------------------------------------------------------ real hands
