@@ -122,17 +122,21 @@ class LatticeSampler:
             raise RuntimeError("the image of this sampler no longer exists")
         return image
 
-    def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int) -> tuple[torch.Tensor, np.ndarray]:
+    def sample(self, centres_lps_mm: np.ndarray, axes_lps_mm: np.ndarray, half: int,
+               masks: bool = False) -> tuple[torch.Tensor, np.ndarray] | tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
         """Sample at ``centre + axes @ v`` for integer ``v`` in ``[-half, half]^d``, for every centre.
 
         Args:
             centres_lps_mm: (N, d) lattice centres.
             axes_lps_mm: (d, d); column ``a`` is the LPS step (mm) of lattice axis ``a`` (shared by all lattices).
             half: lattice half-size in steps.
+            masks: also return which lattice points lie inside the image.
 
         Returns:
             ``(values, inside)``: float32 ``(N,) + (2 half + 1,) * d`` (slowest lattice axis first) and the (N,)
-            fraction of each lattice's points inside the image (outside points take the nearest border value).
+            fraction of each lattice's points inside the image (outside points take the nearest border value); with
+            ``masks``, a third item: bool ``(N,) + (2 half + 1,) * d``, True inside the image, or None when every
+            lattice lies wholly inside.
         """
         grid = self.image.grid
         array = self.image.array
@@ -146,9 +150,14 @@ class LatticeSampler:
         inside = np.ones(len(ijk0))
         corners = np.array(np.meshgrid(*([[-half, half]] * d), indexing="ij")).reshape(d, -1).T @ M.T  # (2^d, d)
         at_edge = ~grid.contains_index((ijk0[:, None] + corners).reshape(-1, d)).reshape(len(ijk0), -1).all(1)
+        point_mask = None
         if at_edge.any():
             ijk = ijk0[at_edge][:, None] + offsets.reshape(-1, d).numpy()  # (E, n^d, d)
-            inside[at_edge] = grid.contains_index(ijk.reshape(-1, d)).reshape(len(ijk), -1).mean(1)
+            held = grid.contains_index(ijk.reshape(-1, d)).reshape(len(ijk), -1)
+            inside[at_edge] = held.mean(1)
+            if masks:
+                point_mask = torch.ones((len(ijk0),) + (n,) * d, dtype=torch.bool)
+                point_mask[torch.from_numpy(at_edge)] = torch.from_numpy(held.reshape((-1,) + (n,) * d))
         # every lattice's box of voxels, one size for all: the voxels its linear interpolation reads, moved inwards
         # where it leaves the image, so that a box ends where the image ends and grid_sample's border padding gives
         # the nearest border voxel, as the whole image would
@@ -168,7 +177,7 @@ class LatticeSampler:
             g = g0[b:b + group].view((-1,) + (1,) * d + (d,)) + offsets  # (i, j, k) = grid_sample's (x, y, z)
             sampled = F.grid_sample(crops, g, mode="bilinear", padding_mode="border", align_corners=True)
             out[b:b + group] = sampled[:, 0]
-        return out, inside
+        return (out, inside, point_mask) if masks else (out, inside)
 
 
 _SAMPLERS: weakref.WeakKeyDictionary[Image, LatticeSampler] = weakref.WeakKeyDictionary()
@@ -225,6 +234,34 @@ def ncc_maps(blocks: torch.Tensor, templates: torch.Tensor, eps: float = 1e-6) -
     b_std = (_box_mean(wide * wide, shape) - mean * mean).clamp_min(0).sqrt().float()
     cross = conv(blocks.float()[None], t[:, None], groups=n)[0] / float(np.prod(shape))
     return cross / (t_std * b_std + eps)
+
+
+def masked_ncc_maps(blocks: torch.Tensor, block_masks: torch.Tensor, templates: torch.Tensor,
+                    template_masks: torch.Tensor, min_overlap: float = 0.5, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`ncc_maps` over the voxels that lie inside both images only: at each shift, the template's voxels inside
+    the source (``template_masks``) whose block voxel lies inside the target (``block_masks``), in float64. A block
+    that reaches beyond its image's edge holds the edge voxel repeated there (the sampler's border padding), and
+    plain NCC scored those repeats as content: started at the true point of a target whose field of view ends there,
+    the polish moved 6-9 mm off it and called the result confident. A shift where fewer than ``min_overlap`` of the
+    template's voxels take part gives -1 (not a candidate). With masks of ones this is :func:`ncc_maps`.
+    """
+    n, d = templates.shape[0], templates.ndim - 1
+    conv = F.conv3d if d == 3 else F.conv2d
+
+    def corr(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # sum over each template window, every shift
+        return conv(x[None], k[:, None], groups=n)[0]
+
+    bm, w = block_masks.double(), template_masks.double()
+    b, t = blocks.double() * bm, templates.double() * w
+    count = corr(bm, w)
+    sum_t, sum_tt, sum_b = corr(bm, t), corr(bm, t * t), corr(b, w)
+    sum_bb, sum_tb = corr(b * blocks.double(), w), corr(b, t)
+    safe = count.clamp_min(1.0)
+    cross = sum_tb - sum_t * sum_b / safe
+    var = (sum_tt - sum_t * sum_t / safe).clamp_min(0) * (sum_bb - sum_b * sum_b / safe).clamp_min(0)
+    ncc = cross / (var.sqrt() + eps * safe)
+    full = w.flatten(1).sum(1).view((n,) + (1,) * d)
+    return torch.where(count >= min_overlap * full, ncc, torch.full_like(ncc, -1.0)).float()
 
 
 def ncc_map(block: torch.Tensor, template: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -291,20 +328,23 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
     best = start.copy()
     best_peak = np.full(n_pts, -np.inf)
     src_sampler, tgt_sampler = sampler_for(source), sampler_for(target)
-    templates: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # level -> (templates, usable) for all points
+    # level -> (templates, usable, which template voxels lie inside the source or None: all) for all points
+    templates: dict[int, tuple[torch.Tensor, np.ndarray, torch.Tensor | None]] = {}
 
-    def templates_at(li: int, h: int, step: float) -> tuple[torch.Tensor, np.ndarray]:
-        def make() -> tuple[torch.Tensor, np.ndarray]:
-            parts, usable = [], []
+    def templates_at(li: int, h: int, step: float) -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+        def make() -> tuple[torch.Tensor, np.ndarray, torch.Tensor | None]:
+            parts, usable, masks = [], [], []
             for b in range(0, n_pts, batch):
-                t, inside = src_sampler.sample(pts[b:b + batch], np.eye(d) * step, h)
+                t, inside, mask = src_sampler.sample(pts[b:b + batch], np.eye(d) * step, h, masks=True)
                 spread = t.flatten(1).std(1).numpy()
                 flat = spread <= 1e-6 * (1 + t.flatten(1).abs().amax(1).numpy())
                 parts.append(t)
                 usable.append((inside >= min_inside) & ~flat)
+                masks.append(torch.ones_like(t, dtype=torch.bool) if mask is None else mask)
             ok = np.concatenate(usable)
             ok.setflags(write=False)  # may be kept and shared (keep_templates): read only
-            return torch.cat(parts), ok
+            held = torch.cat(masks)
+            return torch.cat(parts), ok, None if bool(held.all()) else held
 
         if li not in templates:
             if keep_templates:  # the source's templates do not depend on the target
@@ -325,21 +365,35 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
         for li, (step, patch_mm, search_mm) in enumerate(levels):
             h = max(1, int(round(patch_mm / step)))
             s = max(1, int(round(search_mm / step)))
-            all_templates, usable = templates_at(li, h, step)
+            all_templates, usable, template_masks = templates_at(li, h, step)
             axes_tgt = L @ (np.eye(d) * step)
             for b in range(0, n_pts, batch):
                 idx = np.flatnonzero(active[b:b + batch]) + b
                 if len(idx) == 0:
                     continue
-                blocks, in_tgt = tgt_sampler.sample(c[idx], axes_tgt, h + s)
+                blocks, in_tgt, block_masks = tgt_sampler.sample(c[idx], axes_tgt, h + s, masks=True)
                 ok = usable[idx] & (in_tgt >= min_inside)
                 active[idx[~ok]] = False
                 peak[idx[~ok]] = np.nan
                 if not ok.any():
                     continue
                 run = idx[ok]
-                off, p = _peak_offsets(ncc_maps(blocks[torch.from_numpy(ok)], all_templates[run]),
-                                       subvoxel=li == len(levels) - 1)
+                kept = torch.from_numpy(ok)
+                ncc = ncc_maps(blocks[kept], all_templates[run])
+                # where a block or template reaches beyond its image: NCC over the voxels inside both only
+                bm = None if block_masks is None else block_masks[kept]
+                tm = None if template_masks is None else template_masks[run]
+                partial = torch.zeros(len(run), dtype=torch.bool)
+                for m in (bm, tm):
+                    if m is not None:
+                        partial |= ~m.flatten(1).all(1)
+                if bool(partial.any()):
+                    rows = torch.nonzero(partial)[:, 0]
+                    ncc[rows] = masked_ncc_maps(
+                        blocks[kept][rows], torch.ones_like(blocks[kept][rows], dtype=torch.bool) if bm is None else bm[rows],
+                        all_templates[run][rows],
+                        torch.ones_like(all_templates[run][rows], dtype=torch.bool) if tm is None else tm[rows])
+                off, p = _peak_offsets(ncc, subvoxel=li == len(levels) - 1)
                 c[run] += off @ axes_tgt.T
                 peak[run] = p
             if li == 0:  # starts that meet after the coarse level would give the same result
