@@ -541,18 +541,22 @@ class Matcher:
         embedder = self.embedder_for(d)
         for maps in (src_maps, tmaps):  # the tiles computed for this target, for later calls and processes
             embedder.settle(maps)
-        return self._outputs(inputs, raw, tmaps, found, scores, rt, tol, rematched, polished, ncc, ti, name)
+        return self._outputs(inputs, raw, tmaps, found, scores, rt, tol, rematched, polished, ncc, ti, name,
+                             tgt.plane_z_mm)
 
     @staticmethod
     def _outputs(inputs: _Inputs, raw, tmaps: EmbeddingMaps, found, scores, rt, tol, rematched, polished, ncc,
-                 ti: int, name: str) -> tuple[list[Match], Heatmaps]:
-        """Stage 4: one :class:`Match` per point (3D LPS mm), and the heatmaps when they were kept (each point's
-        similarities on the model's grid; the image in the target's geometry is made when read)."""
+                 ti: int, name: str, plane_z_mm: float | None = None) -> tuple[list[Match], Heatmaps]:
+        """Stage 4: one :class:`Match` per point (3D LPS mm; in a 2D target made from a one-slice volume, at that
+        slice's z, ``plane_z_mm``, else 0), and the heatmaps when they were kept (each point's similarities on the
+        model's grid; the image in the target's geometry is made when read)."""
         d = inputs.source.ndim
         matches, heatmaps = [], Heatmaps()
         for n, lab in enumerate(inputs.labels):
             p3 = np.zeros(3)
             p3[:d] = found[n, :d]
+            if d == 2 and plane_z_mm is not None:
+                p3[2] = plane_z_mm
             matches.append(Match(lab, name, ti, p3, float(scores[n]), bool(rt[n] <= tol), float(rt[n]),
                                  bool(rematched[n]), bool(polished[n]), float(ncc[n])))
         if raw.similarity is not None:

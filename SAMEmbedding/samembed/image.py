@@ -160,12 +160,15 @@ class Image:
         grid: physical geometry (LPS mm).
         name: a human-readable name used in messages (usually the file path).
         pixel_spacing_known: False when the file carried no spacing (e.g. PNG), so 1 mm was assumed.
+        plane_z_mm: for a 2D image made from a one-slice volume (:func:`single_slice_to_2d`), the LPS z of that
+            slice, which matches in it take (else None: z = 0).
     """
 
     array: np.ndarray
     grid: Grid
     name: str = "<array>"
     pixel_spacing_known: bool = True
+    plane_z_mm: float | None = None
     _hash: list = field(default_factory=list, repr=False, compare=False)
     _validated: list = field(default_factory=list, repr=False, compare=False)  # memo of io.validate_image
 
@@ -237,7 +240,7 @@ def single_slice_to_2d(array_zyx: np.ndarray, grid: Grid, name: str = "<array>",
     DICOM or NIfTI, or loaded into Slicer, usually is.
 
     The slice must be axial (i and j in the LPS x-y plane); the in-plane spacing, x-y origin and direction
-    are kept and the slice's z position is dropped (2D points have z = 0).
+    are kept, and the slice's z position is kept as :attr:`Image.plane_z_mm` (the z of the matches in it).
 
     Raises:
         InputError: the array has more than one slice, or the slice is not axial.
@@ -250,4 +253,4 @@ def single_slice_to_2d(array_zyx: np.ndarray, grid: Grid, name: str = "<array>",
         raise InputError(f"{name}: a single-slice image must lie in the axial (x-y) plane to be matched as a 2D "
                          f"image; its direction is {np.round(d, 4).tolist()}")
     grid2 = Grid(arr.shape[1:], grid.spacing_mm[:2], grid.origin_lps_mm[:2], d[:2, :2])
-    return Image(arr[0], grid2, name, spacing_known)
+    return Image(arr[0], grid2, name, spacing_known, float(grid.origin_lps_mm[2]))

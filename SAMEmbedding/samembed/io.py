@@ -392,6 +392,12 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
                 "in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))", name,
                 Path(name).suffix.lstrip(".").upper() or "raster")
         _warned_no_spacing = True
+    if name.lower().endswith((".jpg", ".jpeg", ".tif", ".tiff")):
+        turned = _exif_orientation(path)
+        if turned not in (None, 1):
+            log.warning("%s: its EXIF orientation tag (%d) asks viewers to turn or mirror the picture; the pixels are "
+                        "used as stored (as ITK and Slicer show them), so points clicked in a viewer that applies the "
+                        "tag do not fit: save the image upright without the tag", name, turned)
     if is_2d_raster:  # the given spacing, else 1 mm, as said: never the print resolution (DPI) that SimpleITK reads
         grid = image.grid  # from a JPEG's or TIFF's header as 25.4 / dpi mm
         given = spacing_mm is not None
@@ -399,6 +405,19 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
                                         grid.origin_lps_mm, grid.direction), name, given)
     validate_image(image, constant_ok)
     return image
+
+
+def _exif_orientation(path: Path) -> int | None:
+    """The EXIF orientation tag of a JPEG or TIFF (1: upright; 2-8: to be mirrored or turned), or None when it has
+    none or it cannot be read (Pillow, which matplotlib brings, reads only the file's header here)."""
+    try:
+        from PIL import Image as PILImage
+
+        with PILImage.open(path) as f:
+            value = f.getexif().get(0x0112)
+        return int(value) if value is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable tag is no reason to refuse an image SimpleITK read
+        return None
 
 
 #: voxels, evenly spread, that :func:`_varies` compares first

@@ -77,3 +77,56 @@ def test_a_raster_with_a_print_resolution_is_read_at_1_mm_per_pixel_as_the_log_s
     given = read_image(path, spacing_mm=SPACING_MM)
     np.testing.assert_array_equal(given.grid.spacing_mm, [SPACING_MM, SPACING_MM])
     assert given.pixel_spacing_known
+
+
+@pytest.mark.needs_data
+def test_matches_in_a_one_slice_volume_lie_on_its_slice(hands, tmp_path):
+    """A radiograph stored as one axial slice at z = 37 mm (a NIfTI, or a DICOM): the command wrote its matches at
+    z = 0, 37 mm off the target's plane in Slicer (from an audit). They take the slice's z, and x, y are those of
+    the same picture as a 2D image."""
+    import csv
+
+    from samembed.cli import main
+
+    matcher, src, tgt = hands
+    files = []
+    for image, name in ((src, "src.nii.gz"), (tgt, "tgt.nii.gz")):
+        one = sitk.JoinSeries(image.to_sitk())  # (x, y, 1)
+        one.SetOrigin((*image.grid.origin_lps_mm, 37.0))
+        one.SetSpacing((*image.grid.spacing_mm, 1.0))
+        sitk.WriteImage(one, str(tmp_path / name))
+        files.append(tmp_path / name)
+    w, h = (np.array(src.grid.size_ijk) - 1) * SPACING_MM
+    points = np.array([[0.3 * w, 0.4 * h, 37.0], [0.5 * w, 0.6 * h, 37.0]])
+    flat = matcher.match(src, points[:, :2], [tgt]).matches
+    stacked = matcher.match(read_image(files[0]), points, [read_image(files[1])]).matches
+    for a, b in zip(flat, stacked):
+        assert b.point_lps_mm[2] == 37.0
+        np.testing.assert_allclose(b.point_lps_mm[:2], a.point_lps_mm[:2], atol=1e-3)
+    pts_csv, out = tmp_path / "p.csv", tmp_path / "out.csv"
+    pts_csv.write_text("label,x,y,z\n" + "".join(f"P{i},{x},{y},{z}\n" for i, (x, y, z) in enumerate(points)))
+    assert main(["match", *map(str, files), "--points", str(pts_csv), "--out", str(out), "--model",
+                 str(hand_model()), "--device", "cpu", "--quiet"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [float(r["z"]) for r in rows] == [37.0, 37.0], rows
+
+
+@pytest.mark.needs_data
+def test_a_jpeg_with_an_exif_orientation_tag_is_named_in_a_warning(tmp_path, caplog):
+    """Viewers turn such a picture; ITK, Slicer and the engine use its pixels as stored, so points clicked in a
+    viewer came back 259 pixels off without a word (from an audit). The engine says so."""
+    import logging
+
+    from PIL import Image as PILImage
+
+    upright, tagged = tmp_path / "upright.jpg", tmp_path / "tagged.jpg"
+    picture = PILImage.open(hand_radiographs(1)[0])
+    picture.save(upright)
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # turn by 90 degrees to show it
+    picture.transpose(PILImage.Transpose.ROTATE_90).save(tagged, exif=exif)
+    with caplog.at_level(logging.WARNING, logger="samembed.io"):
+        read_image(upright, spacing_mm=SPACING_MM)
+        assert not [r for r in caplog.records if "EXIF" in r.getMessage()]
+        read_image(tagged, spacing_mm=SPACING_MM)
+    assert any(str(tagged) in r.getMessage() and "EXIF orientation tag (6)" in r.getMessage() for r in caplog.records)
