@@ -375,11 +375,22 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
 
 
 def nearest_voxel_lps(maps: EmbeddingMaps, points_lps_mm: np.ndarray) -> np.ndarray:
-    """Centres (N, d) LPS mm of the local voxels nearest to ``points_lps_mm`` (clipped to the grid)."""
+    """Centres (N, d) LPS mm of the local voxels nearest to ``points_lps_mm``, among those whose centres lie inside
+    the image: the local grid extends beyond the image to a multiple of the network's size, and a voxel there holds
+    the fill value's vector (a point in a radiograph's last pixel column, nearest to such a voxel, was matched
+    30-312 pixels off, even onto itself)."""
     grid = maps.local_grid
     d = grid.ndim
     ijk = np.rint(grid.lps_to_index(np.asarray(points_lps_mm, dtype=np.float64)[:, :d]))
-    ijk = np.clip(ijk, 0, np.asarray(grid.size_ijk) - 1)
+    lo, hi = np.zeros(d), np.asarray(grid.size_ijk, dtype=np.float64) - 1
+    image = maps.image_grid
+    if image is not None and image.ndim == d:  # the image's box (its voxels' outer corners) in local indices
+        box = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in image.size_ijk], indexing="ij")).reshape(d, -1).T
+        at = grid.lps_to_index(image.index_to_lps(box))
+        first, last = np.ceil(at.min(0) - 1e-6), np.floor(at.max(0) + 1e-6)
+        ok = first <= last  # (a box thinner than a local voxel keeps the whole grid's range on that axis)
+        lo, hi = np.where(ok, np.maximum(lo, first), lo), np.where(ok, np.minimum(hi, last), hi)
+    ijk = np.clip(ijk, lo, hi)
     return grid.index_to_lps(ijk)
 
 

@@ -11,7 +11,7 @@ from samembed import Matcher
 from samembed.image import Grid, Image
 from samembed.io import read_image
 
-from ..conftest import hand_model, hand_radiographs
+from ..conftest import data_file, hand_model, hand_radiographs
 
 SPACING_MM = 0.2
 
@@ -130,3 +130,22 @@ def test_a_jpeg_with_an_exif_orientation_tag_is_named_in_a_warning(tmp_path, cap
         assert not [r for r in caplog.records if "EXIF" in r.getMessage()]
         read_image(tagged, spacing_mm=SPACING_MM)
     assert any(str(tagged) in r.getMessage() and "EXIF orientation tag (6)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.needs_data
+def test_a_point_in_the_last_pixel_column_matches_onto_itself(hands):
+    """The local grid reaches beyond the image (to a multiple of the network's size); a point in the last pixel
+    column was queried with the vector of a voxel out there, the fill value's, and even its self-match landed 30-312
+    pixels away (from an audit). Without the polish, a self-match stays within a local voxel."""
+    from samembed import MatchOptions
+
+    matcher = hands[0]
+    src = read_image(data_file("xray", "hand_dha37", "images", "3169.jpg"), spacing_mm=SPACING_MM)
+    w, h = (np.array(src.grid.size_ijk) - 1) * SPACING_MM
+    points = np.array([[x, y] for x in (w, w - SPACING_MM, 0.0) for y in (0.3 * h, 0.5 * h, 0.7 * h)])
+    local = matcher.embed(src).local_grid  # this radiograph's last column is nearest to a voxel beyond it
+    assert np.rint(local.lps_to_index(points[:1]))[0, 0] * local.spacing_mm[0] + local.origin_lps_mm[0] > w + 0.1
+    found = matcher.match(src, points, [src], options=MatchOptions(polish=False)).points_lps_mm(0)[:, :2]
+    voxel = float(np.linalg.norm(matcher.embed(src).local_grid.spacing_mm))
+    errors = np.linalg.norm(found - points, axis=1)
+    assert errors.max() <= voxel, np.round(errors, 1)
