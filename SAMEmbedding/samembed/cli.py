@@ -161,6 +161,8 @@ def _cmd_match(args) -> int:
     if args.heatmap_grid != "image" and not args.heatmap_dir:
         raise InputError(f"--heatmap-grid {args.heatmap_grid} says how to write heatmaps; give --heatmap-dir DIR too "
                          "(where they go)")
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise InputError(f"--cache-dir {args.cache_dir}: is a file, expected a folder")  # (a read-only one is read)
     target_paths = args.images if pairs else args.images[1:]
     prefetch = _start_prefetch(args, [pairs[0][0], *target_paths] if pairs else args.images)
     try:
@@ -531,20 +533,28 @@ def _cmd_embed(args) -> int:
             after_torch_import()  # as in _match (samembed.torch_import)
         bar.phase("loading the model")
         matcher = _make_matcher(args)
+        unstored = []
         for n, path in enumerate(args.images):
             t0 = time.time()
             bar.update(n, len(args.images), f"reading {Path(path).name}")
             image = as_image(path, spacing_mm=args.spacing)
             label = f"embedding {n + 1}/{len(args.images)} {Path(path).name}"
             # what a cache entry holds: the global map and the body's local vectors (the air is never embedded)
-            maps = matcher.embedder_for(image.ndim).embed_body(image, progress=lambda done, total, phase, label=label:
-                                                               bar.phase(f"{label}: {phase} {done:g}/{total:g}"))
+            embedder = matcher.embedder_for(image.ndim)
+            maps = embedder.embed_body(image, progress=lambda done, total, phase, label=label:
+                                       bar.phase(f"{label}: {phase} {done:g}/{total:g}"))
+            if embedder.disk_write_failed:  # (clear_cache below tries the folder again for the next image)
+                unstored.append(path)
             bar.update(n + 1, len(args.images), label)
             log.info("%s: local %s, global %s, %.1f s", path, maps.local_grid.shape_zyx, tuple(maps.global_.shape),
                      time.time() - t0)
             matcher.clear_cache()
     finally:
         bar.close()
+    if unstored:
+        log.error("%d of %d images were not stored in %s (see the warnings above; a full disk or a folder this user "
+                  "may not write): %s", len(unstored), len(args.images), args.cache_dir, ", ".join(map(str, unstored)))
+        return 1
     return 0
 
 
@@ -560,16 +570,21 @@ def _cmd_cache(args) -> int:
     if len(given) == 2 and Path(given[0]).resolve() != Path(given[1]).resolve():
         raise InputError(f"two cache folders given, {given[0]} and --cache-dir {given[1]}; give one")
     folder = given[0]
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise InputError(f"{folder}: is a file, not a cache folder (give the --cache-dir used with match or embed)")
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: no such cache folder (give the --cache-dir used with match or embed)")
     if args.action == "clear":
-        n = cache_clear(folder)
-        print(f"removed {n} {'entry' if n == 1 else 'entries'} from {folder}")
+        n, left = cache_clear(folder)
+        also = f" and {left} unfinished {'write' if left == 1 else 'writes'} of stopped processes" if left else ""
+        print(f"removed {n} {'entry' if n == 1 else 'entries'}{also} from {folder}")
         return 0
     info = cache_info(folder)
     for e in info["details"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["modified"]))
-        if "damaged" in e:
+        if e.get("damaged") == "an older format":  # named otherwise than today's entries: never read again
+            what = "an older format, never read: `samembed cache clear` removes it"
+        elif "damaged" in e:
             what = f"damaged, recomputed when next used: {e['damaged']}"
         else:
             grid = "x".join(str(v) for v in e["grid_zyx"])
@@ -579,6 +594,10 @@ def _cmd_cache(args) -> int:
         print(f"{e['bytes'] / 1e6:8.1f} MB  {when}  {what}  [{e['file']}]")
     n = info["entries"]
     print(f"{n} {'entry' if n == 1 else 'entries'}, {info['bytes'] / 1e6:.1f} MB in {info['folder']}")
+    if info["unfinished"]:
+        k = len(info["unfinished"])
+        print(f"{k} unfinished {'write' if k == 1 else 'writes'} of stopped processes, "
+              f"{sum(b for _, b in info['unfinished']) / 1e6:.1f} MB (never read; `samembed cache clear` removes them)")
     return 0
 
 

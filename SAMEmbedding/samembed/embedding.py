@@ -1025,6 +1025,11 @@ class Embedder:
             log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
             return None
 
+    @property
+    def disk_write_failed(self) -> bool:
+        """Whether a write to the disk cache folder failed (it is only read from since; see ``Matcher.clear_cache``)."""
+        return self._cache_write_failed
+
     def save(self, maps: EmbeddingMaps) -> None:
         """Write ``maps`` to the disk cache (when there is one and tiles were computed since the last write):
         the global map and the computed body voxels' local vectors, half precision, with a checksum."""

@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -569,6 +570,8 @@ def _entry_summary(path: Path, size: int) -> dict:
     try:
         h, offset = read_entry_header(path)
         _check_payload_size(path, h, size - offset)
+        if h.get("checksum_covers") != CHECKSUM_COVERS:
+            return {"damaged": "an entry of an older version (its checksum did not cover its header)"}
         grid = h["local_grid"]
         arrays = h["arrays"]
         return {"image": str(h.get("image") or "?"), "model": str(h.get("model_id") or "?"),
@@ -615,14 +618,47 @@ def cache_info(cache_dir: str | Path) -> dict:
     for f in files:
         st = f.stat()
         entries.append({"file": f.name, "bytes": st.st_size, "modified": st.st_mtime, **_entry_summary(f, st.st_size)})
+    left = []
+    for f in unfinished_files(folder):
+        try:
+            left.append((f.name, f.stat().st_size))
+        except OSError:
+            continue
     return {"folder": str(folder), "entries": len(files), "bytes": sum(e["bytes"] for e in entries),
-            "files": [(e["file"], e["bytes"]) for e in entries], "details": entries}
+            "files": [(e["file"], e["bytes"]) for e in entries], "details": entries, "unfinished": left}
 
 
-def cache_clear(cache_dir: str | Path) -> int:
-    """Delete every cache entry (:func:`entry_files`: current and older format, nothing else) in the folder; returns
-    how many."""
+#: an entry's temporary file while it is written (:func:`samembed.io.atomic_path`), renamed to the entry when
+#: complete; one left behind is a write that a killed process (the OOM killer, a batch system's limit) did not finish
+UNFINISHED_NAME = re.compile(r"\.[0-9a-f]{32}" + re.escape(ENTRY_SUFFIX) + r"\.[A-Za-z0-9_]+\.tmp\.pt")
+#: an unfinished write older than this (seconds since its last change) is taken as abandoned: a running write
+#: changes its file every moment, and a whole entry takes seconds to write
+ABANDONED_AFTER_S = 600.0
+
+
+def unfinished_files(cache_dir: str | Path) -> list[Path]:
+    """Temporary files of entry writes (:data:`UNFINISHED_NAME`) in the folder, sorted, not changed for
+    :data:`ABANDONED_AFTER_S`: left by processes killed while writing (never read; ``samembed cache clear``
+    removes them)."""
+    now = time.time()
+    found = []
+    for p in Path(cache_dir).iterdir():
+        if UNFINISHED_NAME.fullmatch(p.name):
+            try:
+                if p.is_file() and now - p.stat().st_mtime > ABANDONED_AFTER_S:
+                    found.append(p)
+            except OSError:  # removed meanwhile (its write finished)
+                continue
+    return sorted(found)
+
+
+def cache_clear(cache_dir: str | Path) -> tuple[int, int]:
+    """Delete every cache entry (:func:`entry_files`: current and older format, nothing else) in the folder, and
+    the abandoned writes (:func:`unfinished_files`); returns how many of each."""
     files = entry_files(cache_dir)  # no header needs reading to delete them
     for f in files:
         f.unlink(missing_ok=True)
-    return len(files)
+    left = unfinished_files(cache_dir)
+    for f in left:
+        f.unlink(missing_ok=True)
+    return len(files), len(left)

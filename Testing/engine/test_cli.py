@@ -1049,3 +1049,42 @@ def test_an_atlas_manifest_as_spreadsheets_write_it_is_read_and_one_without_rows
         pairs("image,points\n")
     with pytest.raises(InputError, match="header names the columns image,points"):
         pairs("scan,landmarks\na1.nii.gz,a1.csv\n")
+
+
+@pytest.mark.needs_data
+def test_embed_says_which_images_it_could_not_store_and_fails(tmp_path, two_cts, monkeypatch, caplog):
+    """``samembed embed`` exists to fill a cache folder: on a full disk it stored nothing and still exited 0 after a
+    warning (from an audit). Each image is tried; those not stored are named, and the exit status is 1."""
+    import logging
+
+    import samembed.tiles as tiles
+
+    cache = tmp_path / "cache"
+    real_write = tiles.write_entry
+
+    def full_for_the_second(path, header, arrays):  # the disk fills up after the first entry
+        if list(cache.glob("*.samemb.pt")):
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(path, header, arrays)
+
+    monkeypatch.setattr(tiles, "write_entry", full_for_the_second)
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        code = main(["embed", *map(str, two_cts), "--cache-dir", str(cache), "--model", "random:sam-lite",
+                     "--device", "cpu", "--quiet"])
+    assert code == 1
+    assert len(list(cache.glob("*.samemb.pt"))) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"1 of 2 images were not stored in {cache}" in m and str(two_cts[1]) in m for m in errors), errors
+
+
+def test_a_cache_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """``match --cache-dir FILE`` warned "[Errno 17] File exists" and exited 0 with nothing cached; ``cache info
+    FILE`` called it missing (from an audit)."""
+    afile = tmp_path / "cache"
+    afile.write_text("notes")
+    code = main(["match", "a.nii.gz", "b.nii.gz", "--points", "p.csv", "--out", str(tmp_path / "o.csv"),
+                 "--cache-dir", str(afile), "--model", "random:sam-lite", "--quiet"])
+    assert code == 2 and f"--cache-dir {afile}: is a file, expected a folder" in capsys.readouterr().err
+    assert main(["cache", "info", str(afile)]) == 2
+    assert f"{afile}: is a file, not a cache folder" in capsys.readouterr().err
+    assert afile.read_text() == "notes" and not (tmp_path / "o.csv").exists()
