@@ -17,7 +17,8 @@ tuple ``(kind, requestID, payload)``):
   the geometry is pickled as float64: exact); ``("forget", key, None)``;
   ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
   (load the model now); ``("cancel", id, None)``; ``("release", 0, None)`` (the job that sent volumes ahead is over);
-  ``("clear", id, None)``; ``("stats", id, None)``; ``("stop", 0, None)``.
+  ``("clear", id, None)``; ``("stats", id, None)`` (answered with ``{"cache_bytes", "input_voxels"}``);
+  ``("stop", 0, None)``.
 * child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)`` (for
   ``prepare``: its timings dict; for ``warm``: None); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
 
@@ -284,6 +285,7 @@ class EngineProcess:
         self._startError: BaseException | None = None  # the start ahead's failure, for the next request
         self._starter: threading.Thread | None = None  # the start ahead's thread, the last one started
         self._cacheBytes = 0
+        self._inputVoxels = 0
         self._firstRequestSent = False
 
     # -- the Matcher interface ---------------------------------------------------------------
@@ -418,16 +420,28 @@ class EngineProcess:
 
         Never blocks the caller (the GUI) behind a running match.
         """
+        self._refreshStats()
+        return self._cacheBytes
+
+    @property
+    def inputVoxels(self) -> int:
+        """Input voxels the child's on-demand tiles have run through the local branch since it started, halos
+        included (``samembed.embedding.TileComputer.process_input_voxels``): what its embeddings have cost; the last
+        known value while it is busy, 0 when none runs."""
+        self._refreshStats()
+        return self._inputVoxels
+
+    def _refreshStats(self) -> None:
+        """Ask the child for its statistics, unless a running match holds it (never blocks the GUI)."""
         if not self._lock.acquire(timeout=0.1):
-            return self._cacheBytes
+            return
         try:
             if self._alive():
                 value = self._shortRequest("stats")
                 if value is not None:
-                    self._cacheBytes = int(value)
+                    self._cacheBytes, self._inputVoxels = int(value["cache_bytes"]), int(value["input_voxels"])
             else:
-                self._cacheBytes = 0
-            return self._cacheBytes
+                self._cacheBytes = self._inputVoxels = 0
         finally:
             self._lock.release()
 
@@ -912,7 +926,12 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 conn.send(("ok", requestID, None))
                 continue
             if kind == "stats":
-                conn.send(("ok", requestID, matcher.cache_bytes if matcher is not None else 0))
+                stats = {"cache_bytes": 0, "input_voxels": 0}
+                if matcher is not None:  # (else torch may not be loaded yet: nothing to import it for)
+                    from samembed.embedding import TileComputer
+
+                    stats = {"cache_bytes": matcher.cache_bytes, "input_voxels": TileComputer.process_input_voxels}
+                conn.send(("ok", requestID, stats))
                 continue
             if kind == "warm":  # import torch and load the model now (the module asks when it is entered)
                 loaded()

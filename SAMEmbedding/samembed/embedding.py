@@ -529,6 +529,10 @@ class TileComputer:
             hold the embedder either (see :class:`TileNetwork`).
     """
 
+    #: input voxels run through the local branch by every tile of this process, halos included: what its
+    #: on-demand embedding has cost (the Slicer module's engine process reports it, ``EngineProcess.inputVoxels``)
+    process_input_voxels = 0
+
     def __init__(self, network: TileNetwork, prepare: Callable[[], np.ndarray]) -> None:
         self.network = network
         self._prepare = prepare
@@ -598,7 +602,9 @@ class TileComputer:
         else:
             self._tile_stored(maps, xin, ctx, lo, hi, lines, wanted)
         self.tiles_computed += 1
-        self.input_voxels += int(np.prod([q - p for p, q in zip(a, b)]))
+        n = int(np.prod([q - p for p, q in zip(a, b)]))
+        self.input_voxels += n
+        TileComputer.process_input_voxels += n
 
     def _tile_stored(self, maps: EmbeddingMaps, xin: torch.Tensor, ctx, lo: np.ndarray, hi: np.ndarray,
                      lines: np.ndarray, wanted: float) -> None:

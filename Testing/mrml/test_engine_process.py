@@ -71,16 +71,22 @@ def test_the_second_click_reuses_the_process_its_volumes_and_their_embeddings(a_
 
     a_process_logic.matchPoints(a_small_ct, points, [target], [0])
     first_bytes = a_process_logic.cacheBytesInUse()
+    engine = a_process_logic.getMatcher()
+    first_voxels = engine.inputVoxels
+    assert first_voxels > 0
     # the second click lands near the first, as a correction does: the volumes are in the process and the
     # embedding tiles around the click are cached there (a click far away computes its own tiles on demand)
     points.AddControlPoint(*_ras(a_small_ct, (61, 73, 10)), "L2")
     outputs = a_process_logic.matchPoints(a_small_ct, points, [target], [1])
 
-    engine = a_process_logic.getMatcher()
     assert isinstance(engine, EngineProcess) and engine.starts == 1
     assert engine.imagesSent == 2, "each volume is sent once per node and modification time"
     grown = a_process_logic.cacheBytesInUse() - first_bytes
     assert 0 <= grown <= 0.25 * first_bytes, f"the nearby click computed {grown} new bytes over {first_bytes}"
+    # what the network ran for the second click: a little more around it, not the first click's tiles again (a
+    # test that counted memory only passed when the process dropped its embeddings before each click; an audit)
+    more = engine.inputVoxels - first_voxels
+    assert 0 <= more <= 0.5 * first_voxels, f"the nearby click ran {more} input voxels; the first ran {first_voxels}"
     _, matched = control_points(outputs.pointLists[0])
     assert matched.shape == (2, 3)
 
