@@ -46,7 +46,7 @@ def test_the_masked_ncc_map_equals_a_brute_force_computation_over_the_voxels_ins
     b, t = torch.from_numpy(block).float()[None], torch.from_numpy(template).float()[None]
     ones_b, ones_t = torch.ones_like(b, dtype=torch.bool), torch.ones_like(t, dtype=torch.bool)
     np.testing.assert_allclose(masked_ncc_maps(b, ones_b, t, ones_t)[0].numpy(), brute_force_ncc(block, template),
-                               atol=1e-5)
+                               atol=1e-4)
     block_mask, template_mask = np.ones(block.shape, bool), np.ones(template.shape, bool)
     block_mask[:3] = False  # the block's first three rows (slices) lie beyond the target's edge
     template_mask[..., 0] = False  # the template's first column beyond the source's
@@ -60,7 +60,7 @@ def test_the_masked_ncc_map_equals_a_brute_force_computation_over_the_voxels_ins
             continue
         w, v = block[window][use], template[use]
         w, v = w - w.mean(), v - v.mean()
-        assert got[idx] == pytest.approx((w * v).sum() / np.sqrt((w * w).sum() * (v * v).sum()), abs=1e-5)
+        assert got[idx] == pytest.approx((w * v).sum() / np.sqrt((w * w).sum() * (v * v).sum()), abs=1e-4)
 
 
 @pytest.mark.needs_data
