@@ -143,15 +143,20 @@ def test_the_page_works_through_a_reverse_proxy_under_the_base_path(a_prefixed_s
         page.wait_for_function(f"document.querySelector('#status').innerText.includes('Loaded {volume}')",
                                timeout=30_000)
         page.wait_for_function("document.querySelectorAll('img').length >= 2", timeout=30_000)
-        time.sleep(2.0)  # the slice views' frames, streamed over the websocket
         from io import BytesIO
 
         from PIL import Image
 
         images = page.locator("img")
-        shots = [np.asarray(Image.open(BytesIO(images.nth(i).screenshot())).convert("L"), dtype=float)
-                 for i in range(images.count())]
-        assert max(float(s.std()) for s in shots) > 10, "no slice view shows the volume"
+
+        def contrast() -> float:  # the slice views' frames, streamed over the websocket: polled until they come
+            return max(float(np.asarray(Image.open(BytesIO(images.nth(i).screenshot())).convert("L"), dtype=float).std())
+                       for i in range(images.count()))
+
+        end = time.monotonic() + 30
+        while contrast() <= 10 and time.monotonic() < end:
+            time.sleep(0.25)
+        assert contrast() > 10, "no slice view shows the volume"
     finally:
         page.close()
         proxy.stop()
