@@ -10,7 +10,8 @@ whether the engine is in this process or in the child; the worker thread only wa
 Protocol (``multiprocessing.connection`` over a localhost socket with a random key; every message is a pickled
 tuple ``(kind, requestID, payload)``):
 
-* parent -> child: ``("image", key, (grid, name, spacing_known, npy_path, shared))`` once per volume content (the
+* parent -> child: ``("image", key, (grid, name, spacing_known, npy_path, shared, plane_z_mm))`` once per volume
+  content (``plane_z_mm``: a one-slice volume's z, ``Image.plane_z_mm``; the
   voxels go through a temporary ``.npy`` file, which the child removes once read: on POSIX the module copies each
   volume out of VTK straight into it, :meth:`EngineProcess.newVolumeFile`, and hashes it meanwhile; ``shared``: the
   parent maps the file too, so the child and its prefetch may map it instead of copying it, ``ArrayFile.shared``;
@@ -715,7 +716,8 @@ class EngineProcess:
         file, then removes it; ``shared``: ``image`` is mapped from it), and forget the least recently sent volume
         beyond ``maxImages``."""
         self._sentFiles.add(path)
-        self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path), shared)))
+        self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path), shared,
+                                   image.plane_z_mm)))
         self.imagesSent += 1
         self._sent[key] = None
         while len(self._sent) > self.maxImages:
@@ -908,9 +910,10 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             return
         try:
             if kind == "image":
-                grid, name, spacingKnown, path, shared = payload
+                grid, name, spacingKnown, path, shared, planeZ = payload
                 # the key: its hash
-                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID, shared=shared)
+                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID, shared=shared,
+                                              plane_z_mm=planeZ)
                 continue
             if kind == "release":  # the job that sent volumes ahead is over: what the prefetch holds for it goes
                 releasePrefetch(force=True)

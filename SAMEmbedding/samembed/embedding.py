@@ -32,7 +32,7 @@ from .image import Grid, Image
 from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import PRECISIONS, ProgressFn
-from .preprocess import body_mask_on_grid, obliquity_deg, onto_lps_axes, pad_to_multiple, preprocess
+from .preprocess import axes_reoriented, body_mask_on_grid, obliquity_deg, onto_lps_axes, pad_to_multiple, preprocess
 from .tiles import channel_major, new_feature_rows
 
 log = logging.getLogger(__name__)
@@ -458,7 +458,10 @@ def prepare_input(settings: PrepareSettings, image: Image) -> tuple[np.ndarray, 
         prep = preprocess(image, settings.preprocess, settings.modality, pad)  # CT comes padded (no copy below)
     else:
         log.debug("%s: preprocessed ahead by the prefetch process", image.name)
-    if onto_lps_axes(image.grid):
+    if onto_lps_axes(image.grid) and image.ndim == 2:
+        log.info("%s: its pixel axes lie %.0f degrees off x and y: the network's input is resampled onto them (the "
+                 "networks learnt from radiographs stored along x and y)", image.name, obliquity_deg(image.grid.direction))
+    elif onto_lps_axes(image.grid):
         log.info("%s: its voxel axes lie %.0f degrees off the patient's (LPS) axes: the network's input is resampled "
                  "onto the LPS axes (the networks learnt from axial scans)", image.name,
                  obliquity_deg(image.grid.direction))
@@ -763,7 +766,7 @@ class Embedder:
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
         if onto_lps_axes(image.grid):
             prep += "|lps-axes"
-        elif image.grid.ndim == 2 and not np.allclose(image.grid.direction, np.eye(2)):
+        elif image.grid.ndim == 2 and axes_reoriented(image.grid):
             prep += "|lps-2d"  # its input is flipped or permuted onto x and y: before, it kept the stored axes
         arithmetic = self.precision
         if self.precision.startswith("int8"):  # oneDNN's int8 path differs with and without VNNI (int8_arithmetic)
@@ -996,16 +999,20 @@ class Embedder:
         if path is None or not path.is_file():
             return None
         try:
-            meta, (glob16, body_bits, stored_bits, local16) = read_entry(path)
-        except OSError as e:  # e.g. another user's entry in a shared folder, not readable by this one
+            meta, arrays = read_entry(path)
+        except PermissionError as e:  # another user's entry in a shared folder, not readable by this one
             self._unreadable.add(path)
             log.warning("cannot read the cache entry %s (%s): this run computes its maps and leaves the entry as it "
                         "is", path, e.strerror or e)
+            return None
+        except OSError as e:  # removed meanwhile (another process's `cache clear`), a passing I/O error: made again
+            log.warning("could not read the cache entry %s (%s); it will be recomputed", path, e.strerror or e)
             return None
         except DamagedEntry as e:
             log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
             return None
         try:
+            glob16, body_bits, stored_bits, local16 = arrays  # (another version's layout: damaged, below)
             if meta.get("key") != key or meta.get("model_id") != self.model.model_id:
                 raise DamagedEntry(f"{path}: written for another image or model")
             local_grid, global_grid = _grid_from_dict(meta["local_grid"]), _grid_from_dict(meta["global_grid"])

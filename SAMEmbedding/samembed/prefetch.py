@@ -84,6 +84,7 @@ class ArrayFile:
     spacing_known: bool = True
     content_hash: str | None = None
     shared: bool = False
+    plane_z_mm: float | None = None  # a 2D image made from a one-slice volume: that slice's z (Image.plane_z_mm)
 
     def read(self, mapped: bool = False):
         """The :class:`~samembed.image.Image`, with the sender's ``content_hash`` when it is known (the file is the
@@ -97,7 +98,7 @@ class ArrayFile:
         from .image import Image
 
         return Image(np.load(self.path, mmap_mode="r" if mapped else None), self.grid, self.name, self.spacing_known,
-                     _hash=[] if self.content_hash is None else [self.content_hash])
+                     self.plane_z_mm, _hash=[] if self.content_hash is None else [self.content_hash])
 
 
 def source_key(source: str | ArrayFile) -> str:

@@ -166,6 +166,17 @@ def oriented_lps(image: Image) -> Image | None:
     return Image(arr, grid, image.name, image.pixel_spacing_known)
 
 
+def axes_reoriented(grid: Grid) -> bool:
+    """Whether :func:`oriented_lps` permutes or flips ``grid``'s axes (a grid it keeps as it is, or declines, is
+    not)."""
+    D = np.asarray(grid.direction, dtype=np.float64)
+    along = np.argmax(np.abs(D), axis=0)
+    if sorted(along.tolist()) != list(range(grid.ndim)):
+        return False
+    perm = np.argsort(along)
+    return perm.tolist() != list(range(grid.ndim)) or bool((D[np.arange(grid.ndim), perm] < 0).any())
+
+
 def _resampled_geometry(size_xyz, spacing_xyz, origin_lps_mm, direction, spacing_mm: float,
                         pad_multiple_xyz: tuple[int, ...] | None):
     """The output grid of :func:`resample_to_spacing` for an input grid (size, spacing and origin in (i, j, k)

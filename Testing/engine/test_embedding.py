@@ -170,3 +170,35 @@ def test_a_head_and_neck_cts_global_map_is_computed_over_the_body_box_and_covers
     body = torch.nonzero(maps.body).reshape(-1)
     norms = maps.global_at(body).norm(dim=0)
     torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+
+
+def test_an_entry_of_another_layout_is_recomputed_not_raised(a_model, tmp_path, caplog):
+    """An entry that reads cleanly (its checksum holds) but holds other arrays than this version writes, e.g. from
+    another samembed version sharing the folder, is damaged for this one: recomputed with a warning (a review found
+    it raised ValueError out of the match)."""
+    import logging
+
+    from samembed.tiles import write_entry
+
+    img = a_ct_like_image()
+    emb = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    path = emb._disk_path(emb.key(img))
+    write_entry(path, {"key": emb.key(img), "model_id": a_model.model_id}, [np.zeros(4, np.float16)] * 3)
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        maps = emb.embed(img)
+    assert maps.complete
+    assert any("ignoring damaged cache entry" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("direction", "reoriented"), [
+    (np.eye(2), False), ([[np.cos(0.035), -np.sin(0.035)], [np.sin(0.035), np.cos(0.035)]], False),
+    (np.eye(2) + 3e-8 * np.array([[0.0, 1.0], [-1.0, 0.0]]), False), (np.diag([-1.0, -1.0]), True),
+    ([[0.0, 1.0], [1.0, 0.0]], True), (np.diag([1.0, -1.0, 1.0]), True), (np.eye(3), False)])
+def test_only_a_permuted_or_flipped_grid_counts_as_reoriented(direction, reoriented):
+    """The cache key marks 2D inputs that are now oriented onto x and y; a grid kept as it is (tilted by 2 degrees,
+    or float noise in its direction) keeps its key (a review: such keys changed though the input did not)."""
+    from samembed.image import Grid
+    from samembed.preprocess import axes_reoriented
+
+    d = len(direction)
+    assert axes_reoriented(Grid((4,) * d, (1.0,) * d, (0.0,) * d, np.asarray(direction))) == reoriented

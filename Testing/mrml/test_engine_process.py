@@ -757,3 +757,26 @@ def test_closing_during_a_start_that_never_connects_returns_at_once(tmp_path):
     assert time.monotonic() - started < 10
     engine._starter.join(10)
     assert not engine._starter.is_alive() and engine.pid is None
+
+
+def test_a_one_slice_volume_sent_to_the_process_keeps_its_slices_z():
+    """A radiograph loaded as a one-slice volume is matched as a 2D image whose matches lie at its slice's z; the
+    volume's z was lost on its way to the engine process, whose matches (the atlas path's, which the module does not
+    correct) lay at z = 0 (a review)."""
+    from samembed.image import Grid, single_slice_to_2d
+    from samembed.io import read_image
+
+    from ..conftest import hand_model, hand_radiographs
+
+    model = hand_model()
+    flat = read_image(hand_radiographs(1)[0], spacing_mm=0.2)
+    plane = single_slice_to_2d(flat.array[None], Grid((1, *flat.array.shape), (0.2, 0.2, 1.0), (0.0, 0.0, 37.0),
+                                                      np.eye(3)), "one slice")
+    assert plane.plane_z_mm == 37.0
+    point = np.array([[*plane.grid.index_to_lps([[300, 400]])[0], 37.0]])
+    engine = EngineProcess(model=str(model), device="cpu")
+    try:
+        found = engine.match(plane, point, [plane]).matches[0].point_lps_mm
+    finally:
+        engine.close()
+    assert found[2] == 37.0
