@@ -71,8 +71,8 @@ class MatchOptions:
 
     prior_window_mm: float = field(default=50.0, metadata=_doc(
         "search each point within +-MM of where a robust affine of global-embedding matches puts it "
-        "(0: search the whole target, SAM's single argmax; no affine is fitted, and the polish starts from the argmax "
-        "alone)"))
+        "(0: search the whole target, SAM's single argmax; the polish still tries the affine's prediction as a "
+        "second start)"))
     global_window_mm: float = field(default=0.0, metadata=_doc(
         "without a prior window: take the joint argmax only within +-MM of the best global match (0: off)"))
     search_body: bool = field(default=True, metadata=_doc(

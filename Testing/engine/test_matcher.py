@@ -615,19 +615,22 @@ def test_a_cache_folder_that_could_not_be_written_is_tried_again_after_clear_cac
 
 
 @pytest.mark.needs_data
-@pytest.mark.skipif(not trained_default_available(), reason="the trained default model is not registered yet")
-def test_without_the_prior_window_the_polish_stays_near_the_argmax_and_ignores_the_affine():
-    """``prior_window_mm=0`` is SAM's single argmax over the whole target. The polish still took the affine prior's
-    prediction as a second start, and moved a match about 250 mm to it (from an audit): here a 16 cm cube of one CT
-    into the whole CT, whose affine is poor. The polish may move a match at most as far as its searches reach."""
-    from samembed.options import DEFAULT_POLISH_LEVELS
+def test_without_the_prior_window_the_polish_still_tries_the_affines_prediction(monkeypatch):
+    """``prior_window_mm=0`` searches the whole target (SAM's single argmax), and the polish still starts from the
+    affine's prediction too: within a patient, that start rescues the argmax's jumps to look-alikes. An experiment
+    of this session fitted no affine without the window, and LIDC-0001's warp went from 0.74 to 10.1 mm mean error
+    (cold_start_session39.md); this pins the second start."""
+    import samembed.api as api
 
-    ct = read_image(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz"))
-    cube = image_from_sitk(sitk.RegionOfInterest(image_to_sitk(ct), [40, 40, 40], [25, 36, 20]), "cube")
-    click = ct.grid.index_to_lps([[45, 56, 40]])
-    m = Matcher("default", device="cpu")
-    plain = m.match(cube, click, [ct], options=MatchOptions(prior_window_mm=0, polish=False)).matches[0]
-    polished = m.match(cube, click, [ct], options=MatchOptions(prior_window_mm=0)).matches[0]
-    reach = sum(search for _, _, search in DEFAULT_POLISH_LEVELS) * np.sqrt(3)
-    moved = np.linalg.norm(polished.point_lps_mm - plain.point_lps_mm)
-    assert moved <= reach, f"the polish moved the argmax {moved:.0f} mm (its searches reach {reach:.0f} mm)"
+    ct = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
+    starts = []
+    polish = api.polish_points
+
+    def recording(*args, **kwargs):
+        starts.append(len(kwargs.get("alternatives", ())))
+        return polish(*args, **kwargs)
+
+    monkeypatch.setattr(api, "polish_points", recording)
+    Matcher("random:sam-lite", device="cpu").match(ct, ct.grid.index_to_lps([[64, 64, 64]]), [ct],
+                                                   options=MatchOptions(prior_window_mm=0))
+    assert starts and starts[0] == 1, starts
