@@ -358,6 +358,13 @@ class Matcher:
             raise InputError("no atlas given: pass at least one (image, points, labels)")
         ref = atlases[0]
         check_same_labels([(a.display_name, a.labels) for a in atlases])
+        seen = set()
+        for a in atlases:  # the same atlas twice would count twice in every fusion
+            image = str(Path(a.image).resolve()) if isinstance(a.image, (str, os.PathLike)) else id(a.image)
+            key = (image, np.asarray(a.points_lps_mm, dtype=np.float64).tobytes(), a.labels)
+            if key in seen:
+                log.warning("atlas %s is given twice: its predictions count twice in every fusion", a.display_name)
+            seen.add(key)
         if len(atlases) == 1:
             return self.match(ref.image, ref.points_lps_mm, targets, list(ref.labels), options, progress=progress,
                               cancel=cancel, target_names=target_names)
@@ -375,8 +382,11 @@ class Matcher:
                 if progress:
                     progress(ti, len(targets), f"atlas {ai + 1}/{len(atlases)} into target {ti + 1}/{len(targets)}")
                 names = None if target_names is None else [target_names[ti]]
-                per_atlas.append(self.match(a.image, a.points_lps_mm, [target], list(a.labels), options,
-                                            cancel=cancel, target_names=names))
+                try:
+                    per_atlas.append(self.match(a.image, a.points_lps_mm, [target], list(a.labels), options,
+                                                cancel=cancel, target_names=names))
+                except Cancelled:  # (its partial result is one atlas's, unfused): the fused targets so far
+                    raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result) from None
             name = per_atlas[0].targets[0]
             result.targets.append(name)
             result.matches.extend(self._fused(atlases, per_atlas, fusion, ti, name))
@@ -395,12 +405,13 @@ class Matcher:
             ms = [next(m for m in r.matches if m.label == label) for r in per_atlas]
             f = fuse_points(np.array([m.point_lps_mm for m in ms]), np.array([m.score for m in ms]), fusion)
             agree = [m for m, ok in zip(ms, f.agreeing) if ok]
-            ncc = [m.ncc for m in agree if np.isfinite(m.ncc)]
+            told = agree or ms  # without a consensus (none agree: not confident), what every atlas said
+            ncc = [m.ncc for m in told if np.isfinite(m.ncc)]
             fused.append(Match(
                 label, name, ti, f.point_lps_mm, f.score,
                 confident=2 * len(agree) > len(ms) and any(m.confident for m in agree),
-                roundtrip_mm=float(np.median([m.roundtrip_mm for m in agree])),
-                rematched=any(m.rematched for m in agree), polished=any(m.polished for m in agree),
+                roundtrip_mm=float(np.median([m.roundtrip_mm for m in told])),
+                rematched=any(m.rematched for m in told), polished=any(m.polished for m in told),
                 ncc=float(max(ncc)) if ncc else float("nan"), atlases=len(ms), agreeing=len(agree),
                 spread_mm=f.spread_mm, rejected=tuple(a.display_name for a, ok in zip(atlases, f.agreeing) if not ok)))
         return fused

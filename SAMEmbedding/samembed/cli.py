@@ -187,14 +187,16 @@ def _start_prefetch(args, paths: list[str]):
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
     from .io import check_point_dims, markups_suffix, read_points
-    from .names import target_ids
+    from .names import short_paths, target_ids
 
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
     n = len(target_paths)
     out = Path(args.out)
     folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
     ids = target_ids(target_paths)
-    fused = len(pairs) > 1
+    # with several atlases: each atlas's name in the outputs (which were rejected), by its file name, or its path
+    # where two share a name (atlases one per folder); empty: no fusion
+    fused = dict(zip((image for image, _ in pairs), short_paths([image for image, _ in pairs]))) if len(pairs) > 1 else {}
     # what can be wrong with the inputs and outputs is found before torch loads (1-2 s)
     suffix = markups_suffix(out)
     if not folder_out and suffix and n != 1:
@@ -427,7 +429,7 @@ def _refuse_overwriting_inputs(args, pairs, target_paths, outputs: list[Path]) -
             raise InputError(f"{o}: writing it would overwrite the input {hit}; choose another {flag}")
 
 
-def _write_markups(args, r, path: Path, fused: bool) -> None:
+def _write_markups(args, r, path: Path, fused: dict[str, str]) -> None:
     """One target's matches as a ``.mrk.json``."""
     from .io import PointList, write_points
 
@@ -436,19 +438,20 @@ def _write_markups(args, r, path: Path, fused: bool) -> None:
                  path, ras=args.ras)
 
 
-def _describe(m, fused: bool) -> str:
-    """A match's ``.mrk.json`` description: readable, and parseable as ``key=value`` pairs."""
+def _describe(m, fused: dict[str, str]) -> str:
+    """A match's ``.mrk.json`` description: readable, and parseable as ``key=value`` pairs. ``fused``: each atlas's
+    name in the outputs (by its path as given), empty when no atlases were fused."""
     text = f"score={m.score:.3f}; confident={str(m.confident).lower()}"
     text += "; rematched=true" if m.rematched else ""
     text += f"; polished=true; ncc={m.ncc:.3f}" if m.polished else ""
     if fused:
         text += f"; atlases={m.atlases}; agreeing={m.agreeing}; spread_mm={m.spread_mm:.1f}"
-        text += f"; rejected={'|'.join(Path(r).name for r in m.rejected)}" if m.rejected else ""
+        text += f"; rejected={'|'.join(fused.get(r, Path(r).name) for r in m.rejected)}" if m.rejected else ""
     return text
 
 
 def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_names: dict[tuple[int, str], str],
-                         fused: bool = False, prefetch=None, wrote: set[str] | None = None) -> None:
+                         fused: dict[str, str] | None = None, prefetch=None, wrote: set[str] | None = None) -> None:
     """The outputs of the finished targets ``done`` (a MatchResult each, in order) not written yet: the CSV (all
     their rows; the ``.mrk.json`` per target was written as each finished) and the heatmaps, named by
     ``heatmap_names`` (:func:`_heatmap_names`). Fused matches carry how many atlases agreed and their spread (mm).
@@ -463,12 +466,13 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
             _write_markups(args, done[0], out, fused)
         else:
             rows = [["target", "label", "x", "y", "z", "score", "confident"]
-                    + (["atlases", "agreeing", "spread_mm"] if fused else [])]
+                    + (["atlases", "agreeing", "spread_mm", "rejected"] if fused else [])]
             for res in done:
                 for r, m in zip(res.rows(ras=args.ras), res.matches):
                     rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
                                  f"{r['score']:.4f}", str(r["confident"]).lower()]
-                                + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}"] if fused else []))
+                                + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}",
+                                    "|".join(fused.get(a, Path(a).name) for a in m.rejected)] if fused else []))
             write_text_atomic(out, csv_text(rows))
         if wrote is not None:
             wrote.add("csv")

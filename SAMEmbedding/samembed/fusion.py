@@ -34,6 +34,10 @@ class Atlas:
     labels: tuple[str, ...]
     name: str = ""
 
+    def __post_init__(self) -> None:  # labels as the matches carry them: text (one string is one label)
+        labels = [self.labels] if isinstance(self.labels, str) else self.labels
+        object.__setattr__(self, "labels", tuple(str(v) for v in labels))
+
     @property
     def display_name(self) -> str:
         return self.name or (str(self.image) if isinstance(self.image, (str, os.PathLike)) else "atlas")
@@ -78,9 +82,9 @@ class Fused:
     """One fused landmark: the consensus point (LPS mm), which atlases agreed, their spread and mean score."""
 
     point_lps_mm: np.ndarray
-    agreeing: np.ndarray  # (A,) bool
-    spread_mm: float  # root-mean-square distance of the agreeing predictions to the fused point
-    score: float  # weighted mean score of the agreeing predictions
+    agreeing: np.ndarray  # (A,) bool; none when the atlases have no consensus (the point is then the best-scoring's)
+    spread_mm: float  # root-mean-square distance of the agreeing predictions (with none: of all) to the fused point
+    score: float  # weighted mean score of the agreeing predictions (with none: the best-scoring's)
 
 
 def geometric_median(points: np.ndarray, weights: np.ndarray, iterations: int = 100, tol_mm: float = 1e-4) -> np.ndarray:
@@ -114,8 +118,10 @@ def fuse_points(points_lps_mm: np.ndarray, scores: np.ndarray, options: FusionOp
     mad = float(np.median(np.abs(dist - np.median(dist))))
     limit = max(options.outlier_mm, options.outlier_mads * 1.4826 * mad)
     agree = dist <= limit
-    if agree.sum() < 1:  # cannot happen with a median, but stay safe
-        agree[:] = True
+    if not agree.any():  # no consensus: two atlases (or two equal groups) farther apart than the limit
+        best = int(np.argmax(s))  # the best-scoring prediction, agreed with by none
+        return Fused(p[best].copy(), agree, float(np.sqrt(np.mean(np.sum((p - p[best]) ** 2, axis=1)))),
+                     float(s[best]))
     w = np.maximum(s[agree], options.min_weight)
     point = geometric_median(p[agree], w)
     spread = float(np.sqrt(np.mean(np.sum((p[agree] - point) ** 2, axis=1))))

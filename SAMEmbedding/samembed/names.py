@@ -84,6 +84,17 @@ def target_ids(paths: Sequence[str | os.PathLike]) -> list[str]:
     return deduplicated(ids)
 
 
+def short_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Each path as briefly as it is told apart from the others: its file name, or, where two share one
+    (``a/ct.nii.gz``, ``b/ct.nii.gz``), every path below the folder they all share (``a/ct.nii.gz``)."""
+    names = [Path(p).name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    full = [Path(os.path.abspath(p)) for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in full]))
+    return [str(p.relative_to(root)) for p in full]
+
+
 def relative_ids(paths: Sequence[Path], root: Path) -> list[str]:
     """Each path's id from its path below ``root``, the parts joined by ``__`` (``root/a/ct.nii.gz`` -> ``a__ct``):
     for files that share a name in different folders."""

@@ -103,3 +103,103 @@ def test_the_cli_fuses_atlases_and_writes_agreement_and_spread(tmp_path, ct_and_
     rows = list(csv.DictReader(out.open()))
     assert [r["label"] for r in rows] == ["x", "y", "z"]
     assert all(r["atlases"] == "3" and r["agreeing"] == "2" and float(r["spread_mm"]) < 0.01 for r in rows)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_atlases_with_no_consensus_are_said_to_disagree(groups):
+    """Two atlases 60 mm apart (or two groups of two): every prediction lies beyond the limit of the first median.
+    They were all reported as agreeing ("2/2"), and the fused point, one of the two, could be confident (an
+    audit: a right parotid 107 mm off, "2 of 2 atlases agree"). None agree now; the point is the best-scoring's."""
+    near, far = np.array([10.0, 20.0, 30.0]), np.array([70.0, 20.0, 30.0])
+    points = np.array([near, far] * groups) + np.arange(2 * groups)[:, None] * 0.1
+    scores = np.array([0.6, 0.8] * groups)
+    f = fuse_points(points, scores)
+    assert not f.agreeing.any()
+    np.testing.assert_allclose(f.point_lps_mm, points[1])
+    assert f.score == 0.8 and f.spread_mm > 25
+
+
+@pytest.mark.needs_data
+def test_two_atlases_that_disagree_give_an_unconfident_match_that_says_so(matcher, ct_and_points):
+    ct, pts = ct_and_points
+    res = matcher.match_atlases([Atlas(ct, pts, ("a", "b", "c"), "here.nii.gz"),
+                                 Atlas(ct, pts + [0.0, 60.0, 0.0], ("a", "b", "c"), "off.nii.gz")], [ct], FAST)
+    for m in res.matches:
+        assert m.atlases == 2 and m.agreeing == 0 and not m.confident
+        assert set(m.rejected) == {"here.nii.gz", "off.nii.gz"}
+
+
+@pytest.mark.needs_data
+def test_atlases_with_integer_labels_are_fused(matcher, ct_and_points):
+    """``match`` takes labels of any kind as text; ``match_atlases`` looked the matches up by the atlas's own
+    integers and ended in a bare StopIteration after all the matching (an audit)."""
+    ct, pts = ct_and_points
+    res = matcher.match_atlases([Atlas(ct, pts, (1, 2, 3), "a.nii.gz"), Atlas(ct, pts, (1, 2, 3), "b.nii.gz")],
+                                [ct], FAST)
+    assert [m.label for m in res.matches] == ["1", "2", "3"] and all(m.agreeing == 2 for m in res.matches)
+
+
+@pytest.mark.needs_data
+def test_a_cancel_during_an_atlas_keeps_the_targets_already_fused(matcher, ct_and_points):
+    """The cancel came while an atlas was matched into the second target: its own empty, unfused result was the
+    partial one, and the first target's fused matches were lost (an audit)."""
+    import threading
+
+    from samembed import Cancelled
+
+    ct, pts = ct_and_points
+    atlases = [Atlas(ct, pts, ("a", "b", "c"), f"atlas{i}.nii.gz") for i in range(2)]
+    cancel = threading.Event()
+
+    def progress(done, total, phase):
+        if phase.startswith("atlas 2/2 into target 2/2"):
+            cancel.set()  # while the second atlas is matched into the second target
+
+    with pytest.raises(Cancelled) as stopped:
+        matcher.match_atlases(atlases, [ct, ct], FAST, progress=progress, cancel=cancel)
+    partial = stopped.value.partial
+    assert len(partial.targets) == 1 and len(partial.matches) == 3 and all(m.atlases == 2 for m in partial.matches)
+    assert "after 1 of 2 targets" in str(stopped.value)
+
+
+@pytest.mark.needs_data
+def test_atlases_one_per_folder_are_told_apart_where_they_are_rejected(tmp_path, ct_and_points):
+    """Atlases laid out as ``pat_a/ct.nii.gz``, ``pat_b/ct.nii.gz``: the outputs named a rejected atlas by its file
+    name alone, the same for all (an audit). They are named by their folder too."""
+    import json
+
+    ct, pts = ct_and_points
+    path = data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")
+    rows = []
+    for name, shift in (("pat_a", 0.0), ("pat_b", 60.0), ("pat_c", 0.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ct.nii.gz").symlink_to(path)
+        q = pts + [0.0, shift, 0.0]
+        (tmp_path / name / "points.csv").write_text(
+            "label,x,y,z\n" + "".join(f"{k},{p[0]},{p[1]},{p[2]}\n" for k, p in zip("xyz", q)))
+        rows.append(f"{name}/ct.nii.gz,{name}/points.csv\n")
+    (tmp_path / "atlases.csv").write_text("image,points\n" + "".join(rows))
+    out = tmp_path / "fused.mrk.json"
+    assert main(["match", "--atlases", str(tmp_path / "atlases.csv"), str(path), "--out", str(out),
+                 "--model", "random:sam-lite", "--device", "cpu", "-q", "--no-polish"]) == 0
+    points = json.loads(out.read_text())["markups"][0]["controlPoints"]
+    assert all("rejected=pat_b/ct.nii.gz" in p["description"] for p in points), [p["description"] for p in points]
+    table = tmp_path / "fused.csv"  # the CSV says it too (it had no such column)
+    assert main(["match", "--atlases", str(tmp_path / "atlases.csv"), str(path), "--out", str(table),
+                 "--model", "random:sam-lite", "--device", "cpu", "-q", "--no-polish"]) == 0
+    assert [r["rejected"] for r in csv.DictReader(table.open())] == ["pat_b/ct.nii.gz"] * 3
+
+
+@pytest.mark.needs_data
+def test_an_atlas_given_twice_is_named_in_a_warning(matcher, ct_and_points, caplog):
+    """It counts twice in every fusion (an audit: [A, A, B] moved a parotid 106 mm against [A, B]), without a
+    word before."""
+    import logging
+
+    ct, pts = ct_and_points
+    a = Atlas(ct, pts, ("a", "b", "c"), "a.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="samembed.api"):
+        matcher.match_atlases([a, Atlas(ct, pts + [0.0, 5.0, 0.0], ("a", "b", "c"), "b.nii.gz")], [ct], FAST)
+        assert not [r for r in caplog.records if "given twice" in r.getMessage()]
+        matcher.match_atlases([a, a], [ct], FAST)
+    assert any("atlas a.nii.gz is given twice" in r.getMessage() for r in caplog.records)
