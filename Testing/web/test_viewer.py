@@ -344,9 +344,10 @@ def test_the_orientation_switch_changes_the_views(a_page):
     source_view = _views(page)[0]
     before = _pixels(source_view)
     page.locator("#orientation-coronal").click()
-    _until(lambda: _changed(before, _pixels(_views(page)[0])) > 0.05, 20, "the coronal source view")
+    coronal = _until(lambda: (lambda now: now if _changed(before, now) > 0.05 else None)(_pixels(_views(page)[0])), 20,
+                     "the coronal source view")
     page.locator("#orientation-axial").click()
-    _until(lambda: _changed(before, _pixels(_views(page)[0])) < 0.05, 20, "the axial source view again")
+    _until(lambda: _changed(coronal, _pixels(_views(page)[0])) > 0.05, 20, "the axial source view again")
 
 
 def test_the_window_level_presets_set_the_volumes_window_and_level_and_change_the_views(a_page):
