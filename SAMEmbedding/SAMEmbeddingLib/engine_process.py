@@ -86,6 +86,13 @@ SHORT_REQUEST_TIMEOUT_S = 0.5
 """How long ``clear_cache`` and ``cache_bytes`` wait for a child still finishing a cancelled match, seconds."""
 
 
+def _volumeKey(image: Image, contentHash: str) -> str:
+    """What the child knows a volume by: its content hash, and for a one-slice volume its slice's z too (the hash
+    covers the voxels and the 2D grid, not where the slice lies: two such volumes of the same pixels at two z, or one
+    moved in z, are two volumes whose matches lie at their own z). The child's image keeps the plain hash."""
+    return contentHash if image.plane_z_mm is None else f"{contentHash}|z={image.plane_z_mm!r}"
+
+
 class EngineProcessError(RuntimeError):
     """The engine process could not start or stopped unexpectedly; the next call starts a new one."""
 
@@ -674,7 +681,7 @@ class EngineProcess:
         """
         mapped = self._fileOf(image)
         if mapped is not None:
-            key = self._contentHash(image, mapped)  # the file's pages, just written, are in memory: no new copy
+            key = _volumeKey(image, self._contentHash(image, mapped))  # the file's pages, just written: no new copy
             if key in self._sent:
                 if mapped not in self._sentFiles:  # another node's copy of content the child holds: not needed
                     with contextlib.suppress(OSError):
@@ -687,7 +694,7 @@ class EngineProcess:
             # still be on its way, so the voxels go in a new file (below)
         path = self._tmp / f"volume-{next(self._ids)}.npy"
         if image.hashed:
-            key = image.content_hash()
+            key = _volumeKey(image, image.content_hash())
             if key in self._sent:
                 self._sent.move_to_end(key)
                 return key
@@ -699,7 +706,7 @@ class EngineProcess:
                 np.save(path, np.ascontiguousarray(image.array))
             finally:
                 try:
-                    key = hashed.result()  # the hash's own error, if any, before the file's
+                    key = _volumeKey(image, hashed.result())  # the hash's own error, if any, before the file's
                 except BaseException:
                     with contextlib.suppress(OSError):
                         path.unlink()
@@ -912,8 +919,8 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             if kind == "image":
                 grid, name, spacingKnown, path, shared, planeZ = payload
                 # the key: its hash
-                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID, shared=shared,
-                                              plane_z_mm=planeZ)
+                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID.split("|", 1)[0],
+                                              shared=shared, plane_z_mm=planeZ)
                 continue
             if kind == "release":  # the job that sent volumes ahead is over: what the prefetch holds for it goes
                 releasePrefetch(force=True)

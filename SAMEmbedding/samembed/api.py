@@ -360,7 +360,8 @@ class Matcher:
         check_same_labels([(a.display_name, a.labels) for a in atlases])
         seen = set()
         for a in atlases:  # the same atlas twice would count twice in every fusion
-            image = str(Path(a.image).resolve()) if isinstance(a.image, (str, os.PathLike)) else id(a.image)
+            image = (str(Path(a.image).resolve()) if isinstance(a.image, (str, os.PathLike))
+                     else a.image.content_hash() if isinstance(a.image, Image) else id(a.image))
             key = (image, np.asarray(a.points_lps_mm, dtype=np.float64).tobytes(), a.labels)
             if key in seen:
                 log.warning("atlas %s is given twice: its predictions count twice in every fusion", a.display_name)
@@ -405,7 +406,8 @@ class Matcher:
             ms = [next(m for m in r.matches if m.label == label) for r in per_atlas]
             f = fuse_points(np.array([m.point_lps_mm for m in ms]), np.array([m.score for m in ms]), fusion)
             agree = [m for m, ok in zip(ms, f.agreeing) if ok]
-            told = agree or ms  # without a consensus (none agree: not confident), what every atlas said
+            # without a consensus (none agree: not confident), the point and its details are the best-scoring atlas's
+            told = agree or [max(ms, key=lambda m: m.score)]
             ncc = [m.ncc for m in told if np.isfinite(m.ncc)]
             fused.append(Match(
                 label, name, ti, f.point_lps_mm, f.score,

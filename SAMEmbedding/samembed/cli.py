@@ -446,8 +446,18 @@ def _describe(m, fused: dict[str, str]) -> str:
     text += f"; polished=true; ncc={m.ncc:.3f}" if m.polished else ""
     if fused:
         text += f"; atlases={m.atlases}; agreeing={m.agreeing}; spread_mm={m.spread_mm:.1f}"
-        text += f"; rejected={'|'.join(fused.get(r, Path(r).name) for r in m.rejected)}" if m.rejected else ""
+        text += f"; rejected={_rejected(m, fused)}" if m.rejected else ""
     return text
+
+
+def _rejected(m, fused: dict[str, str]) -> str:
+    """The atlases a fused match rejected, by their names in the outputs, joined by ``|``; a ``%``, ``|`` or ``;`` in
+    a name is written ``%25``, ``%7C``, ``%3B`` (as in a URL), so that the list splits back into names and a
+    ``.mrk.json`` description into its ``key=value`` pairs."""
+    def quoted(name: str) -> str:
+        return name.replace("%", "%25").replace("|", "%7C").replace(";", "%3B")
+
+    return "|".join(quoted(fused.get(a, Path(a).name)) for a in m.rejected)
 
 
 def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_names: dict[tuple[int, str], str],
@@ -471,8 +481,8 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
                 for r, m in zip(res.rows(ras=args.ras), res.matches):
                     rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
                                  f"{r['score']:.4f}", str(r["confident"]).lower()]
-                                + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}",
-                                    "|".join(fused.get(a, Path(a).name) for a in m.rejected)] if fused else []))
+                                + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}", _rejected(m, fused)]
+                                   if fused else []))
             write_text_atomic(out, csv_text(rows))
         if wrote is not None:
             wrote.add("csv")

@@ -91,7 +91,10 @@ def short_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     full = [Path(os.path.abspath(p)) for p in paths]
-    root = Path(os.path.commonpath([str(p.parent) for p in full]))
+    try:
+        root = Path(os.path.commonpath([str(p.parent) for p in full]))
+    except ValueError:  # no folder in common (Windows: two drives)
+        return [str(p) for p in full]
     return [str(p.relative_to(root)) for p in full]
 
 

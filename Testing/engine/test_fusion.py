@@ -203,3 +203,26 @@ def test_an_atlas_given_twice_is_named_in_a_warning(matcher, ct_and_points, capl
         assert not [r for r in caplog.records if "given twice" in r.getMessage()]
         matcher.match_atlases([a, a], [ct], FAST)
     assert any("atlas a.nii.gz is given twice" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.needs_data
+def test_an_atlas_read_twice_is_named_in_a_warning_and_odd_names_stay_apart(tmp_path, ct_and_points, caplog):
+    """The duplicate check compared image objects, so the same file read twice (the command reads ``a.nii.gz`` and
+    ``./a.nii.gz`` apart) was not seen; names holding ``|`` or ``;`` made the rejected list unsplittable (a
+    review)."""
+    import logging
+
+    from samembed.cli import _rejected
+    from samembed.io import read_image
+    from samembed.result import Match
+
+    ct, pts = ct_and_points
+    again = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    assert again is not ct
+    with caplog.at_level(logging.WARNING, logger="samembed.api"):
+        Matcher("random:sam-lite", device="cpu").match_atlases(
+            [Atlas(ct, pts, ("a", "b", "c"), "one"), Atlas(again, pts, ("a", "b", "c"), "two")], [ct], FAST)
+    assert any("atlas two is given twice" in r.getMessage() for r in caplog.records)
+    m = Match("a", "t", 0, np.zeros(3), 0.5, False, 1.0, rejected=("x|y/ct.nii.gz", "d; rejected=z"))
+    names = {"x|y/ct.nii.gz": "x|y/ct.nii.gz", "d; rejected=z": "d; rejected=z"}
+    assert _rejected(m, names) == "x%7Cy/ct.nii.gz|d%3B rejected=z"

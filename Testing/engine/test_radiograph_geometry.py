@@ -149,3 +149,41 @@ def test_a_point_in_the_last_pixel_column_matches_onto_itself(hands):
     voxel = float(np.linalg.norm(matcher.embed(src).local_grid.spacing_mm))
     errors = np.linalg.norm(found - points, axis=1)
     assert errors.max() <= voxel, np.round(errors, 1)
+
+
+def _tiff_with_tags_after_pixels(path, pixels: np.ndarray, orientation: int) -> None:
+    """An 8-bit greyscale TIFF whose tag block follows its pixels, as libtiff (and so ITK) writes them."""
+    import struct
+
+    h, w = pixels.shape
+    tags = [(256, 3, w), (257, 3, h), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8), (274, 3, orientation),
+            (277, 3, 1), (278, 3, h), (279, 4, h * w)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, value in tags) + struct.pack("<I", 0)
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8 + h * w) + np.ascontiguousarray(pixels, np.uint8).tobytes() + ifd)
+
+
+@pytest.mark.needs_data
+def test_the_exif_orientation_is_found_after_the_pixels_and_after_fill_bytes(tmp_path, caplog):
+    """A reader of the file's first bytes alone missed the tag of a TIFF whose tag block follows 360 KB of pixels
+    (libtiff's layout), and of a JPEG with fill bytes before its EXIF segment (a review)."""
+    import logging
+
+    from PIL import Image as PILImage
+
+    picture = PILImage.open(hand_radiographs(1)[0]).convert("L")
+    tiff = tmp_path / "tags_last.tif"
+    _tiff_with_tags_after_pixels(tiff, np.asarray(picture)[:600, :600], 6)
+    exif = PILImage.Exif()
+    exif[0x0112] = 8
+    picture.save(plain := tmp_path / "plain.jpg", exif=exif)
+    data = plain.read_bytes()
+    filled = tmp_path / "filled.jpg"
+    filled.write_bytes(data[:2] + b"\xff\xff\xff" + data[2:])  # fill bytes before the first marker after SOI
+    with caplog.at_level(logging.WARNING, logger="samembed.io"):
+        for path in (tiff, filled):
+            read_image(path, spacing_mm=SPACING_MM)
+    said = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
+    assert any(str(tiff) in m and "tag (6)" in m for m in said), said
+    assert any(str(filled) in m and "tag (8)" in m for m in said), said

@@ -774,9 +774,15 @@ def test_a_one_slice_volume_sent_to_the_process_keeps_its_slices_z():
                                                       np.eye(3)), "one slice")
     assert plane.plane_z_mm == 37.0
     point = np.array([[*plane.grid.index_to_lps([[300, 400]])[0], 37.0]])
+    # the same pixels at another z (another node, or this one moved): the same content hash, another volume
+    higher = single_slice_to_2d(flat.array[None], Grid((1, *flat.array.shape), (0.2, 0.2, 1.0), (0.0, 0.0, 50.0),
+                                                       np.eye(3)), "one slice, higher")
+    assert higher.content_hash() == plane.content_hash()
     engine = EngineProcess(model=str(model), device="cpu")
     try:
         found = engine.match(plane, point, [plane]).matches[0].point_lps_mm
+        above = engine.match(higher, point + [0.0, 0.0, 13.0], [higher]).matches[0].point_lps_mm
     finally:
         engine.close()
     assert found[2] == 37.0
+    assert above[2] == 50.0, "the process kept the first volume's z for the same pixels (a review)"
