@@ -93,6 +93,11 @@ def _volumeKey(image: Image, contentHash: str) -> str:
     return contentHash if image.plane_z_mm is None else f"{contentHash}|z={image.plane_z_mm!r}"
 
 
+def _contentHashOf(key: str) -> str:
+    """The content hash in a volume's key (:func:`_volumeKey`)."""
+    return key.split("|", 1)[0]
+
+
 class EngineProcessError(RuntimeError):
     """The engine process could not start or stopped unexpectedly; the next call starts a new one."""
 
@@ -919,7 +924,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             if kind == "image":
                 grid, name, spacingKnown, path, shared, planeZ = payload
                 # the key: its hash
-                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=requestID.split("|", 1)[0],
+                unread[requestID] = ArrayFile(path, grid, name, spacingKnown, content_hash=_contentHashOf(requestID),
                                               shared=shared, plane_z_mm=planeZ)
                 continue
             if kind == "release":  # the job that sent volumes ahead is over: what the prefetch holds for it goes

@@ -491,8 +491,8 @@ class Matcher:
         # the window goes around the affine prior's prediction, else (no prior) around the best global match. With
         # prior_window_mm=0 the search is SAM's single argmax over the whole target, but the polish still starts from
         # the prior's prediction too and keeps the start that correlates best: within a patient that rescues the
-        # argmax's jumps to look-alikes (LIDC's warp, no window: 0.74 mm mean with it, 10.1 mm without, an
-        # experiment of this session that was reverted; cold_start_session39.md)
+        # argmax's jumps to look-alikes (LIDC's warp, no window: 0.74 mm mean with it, 10.1 mm without, as f7a160f
+        # measured before it was reverted; cold_start_session39.md)
         prior = self._prior(src_maps, tmaps) if options.prior_window_mm or options.polish else None
         if prior is not None and options.prior_window_mm:
             return _Region(allowed, prior, options.prior_window_mm, prior)

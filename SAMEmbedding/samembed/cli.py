@@ -161,8 +161,10 @@ def _cmd_match(args) -> int:
     if args.heatmap_grid != "image" and not args.heatmap_dir:
         raise InputError(f"--heatmap-grid {args.heatmap_grid} says how to write heatmaps; give --heatmap-dir DIR too "
                          "(where they go)")
-    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
-        raise InputError(f"--cache-dir {args.cache_dir}: is a file, expected a folder")  # (a read-only one is read)
+    if args.cache_dir:  # (a read-only one is read)
+        from .io import check_is_folder
+
+        check_is_folder("--cache-dir", Path(args.cache_dir))
     target_paths = args.images if pairs else args.images[1:]
     prefetch = _start_prefetch(args, [pairs[0][0], *target_paths] if pairs else args.images)
     try:
@@ -196,7 +198,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     ids = target_ids(target_paths)
     # with several atlases: each atlas's name in the outputs (which were rejected), by its file name, or its path
     # where two share a name (atlases one per folder); empty: no fusion
-    fused = dict(zip((image for image, _ in pairs), short_paths([image for image, _ in pairs]))) if len(pairs) > 1 else {}
+    atlas_images = [image for image, _ in pairs]
+    fused = dict(zip(atlas_images, short_paths(atlas_images))) if len(pairs) > 1 else {}
     # what can be wrong with the inputs and outputs is found before torch loads (1-2 s)
     suffix = markups_suffix(out)
     if not folder_out and suffix and n != 1:
@@ -364,8 +367,9 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
 def output_folder(flag: str, folder: Path) -> None:
     """Make the output folder ``folder`` of option ``flag`` (with its parents) unless it exists, before anything is
     computed; :class:`InputError` names the flag, the path and the problem (a file, not creatable, not writable)."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{flag} {folder}: is a file, expected a folder")
+    from .io import check_is_folder
+
+    check_is_folder(flag, folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -575,7 +579,7 @@ def _cmd_embed(args) -> int:
 def _cmd_cache(args) -> int:
     """``samembed cache info|clear FOLDER`` (or ``--cache-dir FOLDER``): what the embedding cache holds, or empty
     it."""
-    from .tiles import cache_clear, cache_info
+    from .tiles import OLDER_FORMAT, cache_clear, cache_info
 
     given = [f for f in (args.folder, args.cache_dir) if f]
     if not given:
@@ -596,7 +600,7 @@ def _cmd_cache(args) -> int:
     info = cache_info(folder)
     for e in info["details"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["modified"]))
-        if e.get("damaged") == "an older format":  # named otherwise than today's entries: never read again
+        if e.get("damaged") == OLDER_FORMAT:  # named otherwise than today's entries: never read again
             what = "an older format, never read: `samembed cache clear` removes it"
         elif "damaged" in e:
             what = f"damaged, recomputed when next used: {e['damaged']}"

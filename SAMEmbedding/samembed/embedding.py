@@ -458,13 +458,12 @@ def prepare_input(settings: PrepareSettings, image: Image) -> tuple[np.ndarray, 
         prep = preprocess(image, settings.preprocess, settings.modality, pad)  # CT comes padded (no copy below)
     else:
         log.debug("%s: preprocessed ahead by the prefetch process", image.name)
-    if onto_lps_axes(image.grid) and image.ndim == 2:
-        log.info("%s: its pixel axes lie %.0f degrees off x and y: the network's input is resampled onto them (the "
-                 "networks learnt from radiographs stored along x and y)", image.name, obliquity_deg(image.grid.direction))
-    elif onto_lps_axes(image.grid):
-        log.info("%s: its voxel axes lie %.0f degrees off the patient's (LPS) axes: the network's input is resampled "
-                 "onto the LPS axes (the networks learnt from axial scans)", image.name,
-                 obliquity_deg(image.grid.direction))
+    if onto_lps_axes(image.grid):
+        off = ("pixel axes lie %.0f degrees off x and y: the network's input is resampled onto them (the networks "
+               "learnt from radiographs stored along x and y)" if image.ndim == 2 else
+               "voxel axes lie %.0f degrees off the patient's (LPS) axes: the network's input is resampled onto the "
+               "LPS axes (the networks learnt from axial scans)")
+        log.info("%s: its " + off, image.name, obliquity_deg(image.grid.direction))
     arr = pad_to_multiple(prep.array, pad, prep.fill_value)
     grid = Grid(arr.shape, prep.grid.spacing_mm, prep.grid.origin_lps_mm, prep.grid.direction)
     made = prep.body_stride_zyx is not None and tuple(prep.body_stride_zyx) == tuple(settings.local_stride_zyx)
@@ -759,10 +758,9 @@ class Embedder:
     def key(self, image: Image) -> str:
         """Cache key: image content hash + model id + preprocessing + modality + the arithmetic (precision; for int8
         whether oneDNN sums with VNNI, :func:`~samembed.networks.int8.int8_arithmetic`, and the calibration; on CUDA
-        the float16 autocast) (and, for a grid more
-        oblique than :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that its input lies on the LPS axes, and for a 2D
-        grid whose axes are flipped or permuted, that its input is oriented: such maps were made on the image's own
-        axes before)."""
+        the float16 autocast) (and, for a grid more oblique than :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that
+        its input lies on the LPS axes, and for a 2D grid whose axes are flipped or permuted, that its input is
+        oriented: such maps were made on the image's own axes before)."""
         prep = json.dumps(self.model.preprocess.to_dict(), sort_keys=True)
         if onto_lps_axes(image.grid):
             prep += "|lps-axes"

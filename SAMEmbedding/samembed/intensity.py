@@ -347,11 +347,13 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
                 flat = spread <= 1e-6 * (1 + t.flatten(1).abs().amax(1).numpy())
                 parts.append(t)
                 usable.append((inside >= min_inside) & ~flat)
-                masks.append(torch.ones_like(t, dtype=torch.bool) if mask is None else mask)
+                masks.append(mask)
             ok = np.concatenate(usable)
             ok.setflags(write=False)  # may be kept and shared (keep_templates): read only
-            held = torch.cat(masks)
-            return torch.cat(parts), ok, None if bool(held.all()) else held
+            if all(m is None for m in masks):  # every template wholly inside the source
+                return torch.cat(parts), ok, None
+            return torch.cat(parts), ok, torch.cat([torch.ones_like(t, dtype=torch.bool) if m is None else m
+                                                    for t, m in zip(parts, masks)])
 
         if li not in templates:
             if keep_templates:  # the source's templates do not depend on the target
@@ -386,20 +388,16 @@ def polish_points(source: Image, target: Image, points_lps_mm: np.ndarray, match
                     continue
                 run = idx[ok]
                 kept = torch.from_numpy(ok)
-                ncc = ncc_maps(blocks[kept], all_templates[run])
-                # where a block or template reaches beyond its image: NCC over the voxels inside both only
-                bm = None if block_masks is None else block_masks[kept]
-                tm = None if template_masks is None else template_masks[run]
-                partial = torch.zeros(len(run), dtype=torch.bool)
-                for m in (bm, tm):
-                    if m is not None:
-                        partial |= ~m.flatten(1).all(1)
-                if bool(partial.any()):
-                    rows = torch.nonzero(partial)[:, 0]
-                    ncc[rows] = masked_ncc_maps(
-                        blocks[kept][rows], torch.ones_like(blocks[kept][rows], dtype=torch.bool) if bm is None else bm[rows],
-                        all_templates[run][rows],
-                        torch.ones_like(all_templates[run][rows], dtype=torch.bool) if tm is None else tm[rows])
+                sel_blocks, sel_templates = blocks[kept], all_templates[run]
+                ncc = ncc_maps(sel_blocks, sel_templates)
+                if block_masks is not None or template_masks is not None:
+                    # where a block or template reaches beyond its image: NCC over the voxels inside both only
+                    bm = torch.ones_like(sel_blocks, dtype=torch.bool) if block_masks is None else block_masks[kept]
+                    tm = (torch.ones_like(sel_templates, dtype=torch.bool) if template_masks is None
+                          else template_masks[run])
+                    rows = torch.nonzero(~(bm.flatten(1).all(1) & tm.flatten(1).all(1)))[:, 0]
+                    if len(rows):
+                        ncc[rows] = masked_ncc_maps(sel_blocks[rows], bm[rows], sel_templates[rows], tm[rows])
                 off, p = _peak_offsets(ncc, subvoxel=li == len(levels) - 1)
                 c[run] += off @ axes_tgt.T
                 peak[run] = p

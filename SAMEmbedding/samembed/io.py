@@ -44,6 +44,13 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
+def check_is_folder(what: str, folder: Path) -> None:
+    """Raise :class:`InputError` when ``folder`` (the value of ``what``, e.g. ``--cache-dir``) exists and is a file;
+    a folder, or nothing yet, passes."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what} {folder}: is a file, expected a folder")
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Raise :class:`InputError` unless ``path`` can be created (its folder exists and is writable); returns the path
     written: a symbolic link's target (outputs are written through links, :func:`atomic_path`)."""

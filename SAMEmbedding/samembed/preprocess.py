@@ -143,14 +143,11 @@ def oriented_lps(image: Image) -> Image | None:
     """
     g = image.grid
     d = g.ndim
-    if d not in (2, 3) or image.array.ndim != d:
+    order = _lps_axis_order(g.direction) if d in (2, 3) and image.array.ndim == d else None
+    if order is None:
         return None
+    perm, sign = order
     D = g.direction
-    along = np.argmax(np.abs(D), axis=0)  # the LPS axis each index axis (column) runs along
-    if sorted(along.tolist()) != list(range(d)) or np.abs(D[along, np.arange(d)]).min() <= AXIS_ALIGNED_COSINE:
-        return None
-    perm = np.argsort(along)  # perm[j]: the index axis that runs along LPS axis j
-    sign = np.sign(D[np.arange(d), perm])  # -1 where it runs against it (flipped)
     size = np.asarray(g.size_ijk)
     first = np.zeros(d)  # the input index of the voxel that comes first
     first[perm] = np.where(sign < 0, size[perm] - 1, 0)
@@ -166,15 +163,24 @@ def oriented_lps(image: Image) -> Image | None:
     return Image(arr, grid, image.name, image.pixel_spacing_known)
 
 
+def _lps_axis_order(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """How :func:`oriented_lps` reorders a grid of ``direction`` (d x d, columns the index axes): ``(perm, sign)``,
+    ``perm[j]`` the index axis that runs along LPS axis j and ``sign[j]`` -1 where it runs against it (flipped); None
+    when the grid is too oblique to say (:data:`AXIS_ALIGNED_COSINE`)."""
+    D = np.asarray(direction, dtype=np.float64)
+    d = len(D)
+    along = np.argmax(np.abs(D), axis=0)  # the LPS axis each index axis (column) runs along
+    if sorted(along.tolist()) != list(range(d)) or np.abs(D[along, np.arange(d)]).min() <= AXIS_ALIGNED_COSINE:
+        return None
+    perm = np.argsort(along)
+    return perm, np.sign(D[np.arange(d), perm])
+
+
 def axes_reoriented(grid: Grid) -> bool:
     """Whether :func:`oriented_lps` permutes or flips ``grid``'s axes (a grid it keeps as it is, or declines, is
     not)."""
-    D = np.asarray(grid.direction, dtype=np.float64)
-    along = np.argmax(np.abs(D), axis=0)
-    if sorted(along.tolist()) != list(range(grid.ndim)):
-        return False
-    perm = np.argsort(along)
-    return perm.tolist() != list(range(grid.ndim)) or bool((D[np.arange(grid.ndim), perm] < 0).any())
+    order = _lps_axis_order(grid.direction)
+    return order is not None and (order[0].tolist() != list(range(grid.ndim)) or bool((order[1] < 0).any()))
 
 
 def _resampled_geometry(size_xyz, spacing_xyz, origin_lps_mm, direction, spacing_mm: float,

@@ -560,13 +560,17 @@ def _check_payload_size(path: Path, header: dict, payload_bytes: int) -> None:
                            "(truncated?)")
 
 
+#: what :func:`cache_info` says of a file of the older, torch-pickled format (named otherwise: never read again)
+OLDER_FORMAT = "an older format"
+
+
 def _entry_summary(path: Path, size: int) -> dict:
     """What ``samembed cache info`` says of one entry of ``size`` bytes: the image and model it holds, its local grid
     (shape and spacing in z, y, x order) and how many of that grid's voxels it stores, or why it will be recomputed
     (a header that is not an entry's, or a file shorter or longer than its header says; its checksum is verified only
     when the entry is used)."""
     if OLDER_ENTRY_NAME.fullmatch(path.name):
-        return {"damaged": "an older format"}
+        return {"damaged": OLDER_FORMAT}
     try:
         h, offset = read_entry_header(path)
         _check_payload_size(path, h, size - offset)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..io import check_is_folder
 from ..models import save_checkpoint
 from ..networks import build_network
 from ..preprocess import PreprocessConfig
@@ -483,8 +484,7 @@ class Trainer:
         except (TypeError, ValueError, KeyError) as e:
             raise InputError(f"net_config {cfg.net_config} does not fit arch {cfg.arch}: {e}") from None
         for name, folder in (("out_dir", self.out), ("cache_dir", Path(cfg.cache_dir))):
-            if folder.exists() and not folder.is_dir():
-                raise InputError(f"{name} {folder}: is a file, expected a folder")
+            check_is_folder(name, folder)
 
     def _run_folder_lock(self):
         """Hold ``out_dir/.lock`` for the run (the first process of it): a second run started into the same
