@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Disk-cache entry sizes of whole 128³ CTs (issue 13's target: one 128³ CT takes ≤ 40 MB on disk).
 
-Runs ``samembed embed`` (every body voxel, as the command stores it: half precision, body voxels only) on the first
+Runs ``samembed embed`` (every body voxel, as the command stores it: body voxels only, the local vectors as 8-bit
+directions, the global map in half precision) on the first
 ``--scans`` OpenKBP CTs of ``../shared/data`` into a temporary cache folder, reads each entry's size and stored
 voxels from ``samembed cache info``'s summary, and writes a Markdown table and a histogram::
 
@@ -54,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         "# Disk-cache entry sizes of whole OpenKBP CTs",
         "",
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/cache_size.py --scans {args.scans}`; model `{args.model}`; "
-        "`samembed embed` (every body voxel; half precision, body voxels only, as the command stores them).",
+        "`samembed embed` (every body voxel, as the command stores them: body voxels only, the local vectors as "
+        "8-bit directions, the global map in half precision).",
         "",
         f"{len(rows)} CTs: median {np.median(mb):.1f} MB, range {mb.min():.1f}-{mb.max():.1f} MB; "
-        f"{len(over)} of {len(rows)} above the issue's {TARGET_MB:.0f} MB. An entry's size is about 128 bytes per "
-        "stored (body) voxel of the 4 mm local grid (64 channels in float16), so it follows the body's volume in the "
-        "field of view, not the 128³ voxel count.",
+        f"{len(over)} of {len(rows)} above the issue's {TARGET_MB:.0f} MB. An entry takes about "
+        f"{np.median([m * 1e6 / v for _, m, v, _ in rows]):.0f} bytes per stored (body) voxel of the local grid (its "
+        "local vector, and its share of the global map), so its size follows the body's volume in the field of view, "
+        "not the 128³ voxel count.",
         "",
         "| CT | MB | stored voxels | local grid (z, y, x) |",
         "|---|---:|---:|---|",

@@ -33,7 +33,7 @@ from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import PRECISIONS, ProgressFn
 from .preprocess import axes_reoriented, body_mask_on_grid, obliquity_deg, onto_lps_axes, pad_to_multiple, preprocess
-from .tiles import channel_major, new_feature_rows
+from .tiles import new_feature_rows
 
 log = logging.getLogger(__name__)
 
@@ -689,7 +689,7 @@ class Embedder:
         model: the loaded model.
         device: a torch device (see :func:`resolve_device`).
         cache: in-memory LRU cache (shared between embedders is fine; keys include the model).
-        cache_dir: optional folder for the on-disk cache (half precision, body voxels only, checksummed).
+        cache_dir: optional folder for the on-disk cache (body voxels only, packed local vectors, checksummed).
         max_tile_voxels: input voxels above which the local branch is run in slabs with a halo.
         modality: "auto", "ct", "mri" or "xray".
         precision: the network's arithmetic (see :func:`resolve_precision`): "auto", "fp32", "int8", "int8-int8" or
@@ -991,7 +991,16 @@ class Embedder:
     def _load_disk(self, key: str, image: Image) -> EmbeddingMaps | None:
         """On-demand maps from a disk entry (its stored voxels ready, the rest computed when needed), or None
         when there is no entry or it is damaged (truncated, corrupt, another model: it is then recomputed)."""
-        from .tiles import DamagedEntry, coarse_rows, read_entry, upsample_at, write_rows
+        from .tiles import (
+            LOCAL_ENCODING,
+            OLDER_LOCAL_ENCODING,
+            DamagedEntry,
+            coarse_rows,
+            read_entry,
+            unpacked_directions,
+            upsample_at,
+            write_rows,
+        )
 
         path = self._disk_path(key)
         if path is None or not path.is_file():
@@ -1010,13 +1019,17 @@ class Embedder:
             log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
             return None
         try:
-            glob16, body_bits, stored_bits, local16 = arrays  # (another version's layout: damaged, below)
+            if meta.get("local_encoding") != LOCAL_ENCODING:
+                raise DamagedEntry(f"{path}: {OLDER_LOCAL_ENCODING}")
+            glob16, body_bits, stored_bits, packed = arrays  # (another version's layout: damaged, below)
             if meta.get("key") != key or meta.get("model_id") != self.model.model_id:
                 raise DamagedEntry(f"{path}: written for another image or model")
             local_grid, global_grid = _grid_from_dict(meta["local_grid"]), _grid_from_dict(meta["global_grid"])
             n_vox = int(np.prod(local_grid.shape_zyx))
             body = torch.from_numpy(np.unpackbits(body_bits, count=n_vox).astype(bool))
             stored = np.flatnonzero(np.unpackbits(stored_bits, count=n_vox))
+            if len(packed) != len(stored):
+                raise DamagedEntry(f"{path}: {len(packed)} local vectors for {len(stored)} stored voxels")
             glob = torch.from_numpy(glob16).float()
             maps = self._assemble(glob.to(self.device), local_grid, global_grid, image, key, body)
             if len(stored):
@@ -1024,9 +1037,11 @@ class Embedder:
                 for i in range(0, len(stored), 1 << 15):  # a chunk's eight corners (8 x 32 k x C_g floats) at a time
                     part = stored[i:i + (1 << 15)]
                     zyx = np.stack(np.unravel_index(part, local_grid.shape_zyx), 1)
-                    maps.global_norm[torch.from_numpy(part)] = upsample_at(glob, local_grid.shape_zyx, zyx, lengths=True,
-                                                                           rows=maps._coarse_rows)
-                write_rows(maps.vectors, [torch.from_numpy(local16)], torch.from_numpy(stored))
+                    flat = torch.from_numpy(part)
+                    maps.global_norm[flat] = upsample_at(glob, local_grid.shape_zyx, zyx, lengths=True,
+                                                         rows=maps._coarse_rows)
+                    ints = unpacked_directions(packed[i:i + len(part)], maps.n_local)  # (n, C_l) the stored integers
+                    write_rows(maps.vectors, [ints.T], flat, unit=slice(None))  # normalised: the directions
                 maps.ready[torch.from_numpy(stored)] = True
             maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))
             if bool(maps.ready.all()):
@@ -1043,8 +1058,9 @@ class Embedder:
 
     def save(self, maps: EmbeddingMaps) -> None:
         """Write ``maps`` to the disk cache (when there is one and tiles were computed since the last write):
-        the global map and the computed body voxels' local vectors, half precision, with a checksum."""
-        from .tiles import write_entry
+        the global map in half precision, the computed body voxels' local vectors as packed directions
+        (:func:`~samembed.tiles.packed_directions`), and a checksum."""
+        from .tiles import LOCAL_ENCODING, packed_directions, write_entry
 
         path = self._disk_path(maps.key)
         if path is None or self._cache_write_failed or (not maps.dirty and path.is_file()) or path in self._unreadable:
@@ -1052,11 +1068,11 @@ class Embedder:
         body = maps.body.cpu().numpy()
         stored = body if maps.ready is None else body & maps.ready.numpy()
         idx = torch.from_numpy(np.flatnonzero(stored))
-        local16 = channel_major(maps.vectors, idx, torch.float16).cpu().numpy()  # (C_l, stored)
+        packed = packed_directions(maps.vectors, idx)  # (stored, bytes per vector)
         meta = {"local_grid": _grid_to_dict(maps.local_grid), "global_grid": _grid_to_dict(maps.global_grid),
-                "model_id": maps.model_id, "key": maps.key, "image": maps.image_name}
+                "model_id": maps.model_id, "key": maps.key, "image": maps.image_name, "local_encoding": LOCAL_ENCODING}
         try:
-            write_entry(path, meta, [maps.global_.cpu().half().numpy(), np.packbits(body), np.packbits(stored), local16])
+            write_entry(path, meta, [maps.global_.cpu().half().numpy(), np.packbits(body), np.packbits(stored), packed])
             maps.dirty = False
         except (OSError, InputError) as e:  # a full or read-only cache folder costs speed later, not this match
             if not self._cache_write_failed:  # once: a shared read-only cache would warn for every image

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 import time
@@ -38,6 +39,11 @@ ENTRY_SUFFIX = ".samemb.pt"
 OLDER_ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.pt")
 #: the name of an entry: its 32-hex-digit key (:meth:`samembed.embedding.Embedder.key`) and :data:`ENTRY_SUFFIX`
 ENTRY_NAME = re.compile(r"[0-9a-f]{32}" + re.escape(ENTRY_SUFFIX))
+#: bits per component of a cache entry's local vectors (:func:`packed_directions`)
+DIRECTION_BITS = 10
+#: how an entry stores each voxel's local vector (:func:`packed_directions`; entries of the half-precision vectors
+#: before are recomputed)
+LOCAL_ENCODING = f"{DIRECTION_BITS}-bit directions"
 #: how a file that torch wrote starts (a zip archive; before torch 1.6, a pickle)
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
 
@@ -330,18 +336,49 @@ def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor 
             dst.index_copy_(0, flat[i:i + block].to(dst.device), rows)
 
 
-def channel_major(rows: torch.Tensor, index: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                  block: int = ROW_BLOCK) -> torch.Tensor:
-    """(C, n) contiguous copy of the voxel-major ``rows`` (n, C), or of its rows ``index`` (n,), in ``dtype``
-    (default: the rows'), on the rows' device, block by block (see :func:`write_rows`): no full-size temporary."""
+def _packing(bits: int, channels: int) -> tuple[int, int]:
+    """(components per group, bytes per group) of :func:`packed_directions`: the fewest components whose bits fill
+    whole bytes (4 components in 5 bytes at 10 bits)."""
+    group = 8 // math.gcd(bits, 8)
+    if not 2 <= bits <= 16 or channels % group:
+        raise ValueError(f"cannot pack {channels} components of {bits} bits")
+    return group, group * bits // 8
+
+
+def packed_directions(rows: torch.Tensor, index: torch.Tensor | None = None, bits: int = DIRECTION_BITS,
+                      block: int = ROW_BLOCK) -> np.ndarray:
+    """(n, C * bits / 8) uint8: the directions of the voxel-major ``rows`` (n, C), or of its rows ``index`` (n,),
+    as a cache entry stores a local unit vector. Each row is scaled so that its largest component is
+    ±(2^(bits-1) - 1), rounded, and packed little-endian, ``bits`` bits per component (80 bytes for 64 channels at
+    10 bits, against 128 in float16). Read back (:func:`unpacked_directions`, then normalised), a component is
+    within the largest one's 1/(2^bits - 2) of the vector's, before normalising. Block by block: no full-size
+    temporaries."""
+    group, nbytes = _packing(bits, rows.shape[1])
+    top, n = (1 << (bits - 1)) - 1, rows.shape[0] if index is None else len(index)
+    out = np.empty((n, rows.shape[1] // group * nbytes), np.uint8)
+    shifts = np.arange(group, dtype=np.uint64) * np.uint64(bits)
+    for i in range(0, n, block):
+        blk = (rows[i:i + block] if index is None else rows[index[i:i + block].to(rows.device)]).float().cpu()
+        peak = blk.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
+        ints = (blk * (top / peak)).round_().clamp_(-top, top).numpy().astype(np.int64) + top  # 0 .. 2 top
+        words = (ints.astype(np.uint64).reshape(len(ints), -1, group) << shifts).sum(axis=2, dtype=np.uint64)
+        out[i:i + block] = words.astype("<u8").view(np.uint8).reshape(len(ints), -1, 8)[..., :nbytes].reshape(len(ints), -1)
+    return out
+
+
+def unpacked_directions(packed: np.ndarray, channels: int, bits: int = DIRECTION_BITS) -> torch.Tensor:
+    """(n, ``channels``) float32: the integer components that :func:`packed_directions` packed into ``packed``
+    (n, bytes); normalise each row for the direction stored (:func:`write_rows` with ``unit`` does)."""
     import torch
 
-    n = rows.shape[0] if index is None else len(index)
-    out = torch.empty((rows.shape[1], n), dtype=dtype or rows.dtype, device=rows.device)
-    for i in range(0, n, block):
-        blk = rows[i:i + block] if index is None else rows[index[i:i + block].to(rows.device)]
-        out[:, i:i + block].copy_(blk.T)
-    return out
+    group, nbytes = _packing(bits, channels)
+    top, n = (1 << (bits - 1)) - 1, len(packed)
+    words = np.zeros((n, channels // group, 8), np.uint8)
+    words[..., :nbytes] = packed.reshape(n, -1, nbytes)
+    words = words.view("<u8")  # (n, channels / group, 1)
+    shifts = np.arange(group, dtype=np.uint64) * np.uint64(bits)
+    ints = (words >> shifts) & np.uint64((1 << bits) - 1)  # (n, channels / group, group)
+    return torch.from_numpy(ints.reshape(n, channels).astype(np.float32) - top)
 
 
 def normalize_rows(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -560,6 +597,8 @@ def _check_payload_size(path: Path, header: dict, payload_bytes: int) -> None:
                            "(truncated?)")
 
 
+#: why an entry whose local vectors are not in :data:`LOCAL_ENCODING` is recomputed
+OLDER_LOCAL_ENCODING = "an entry of an older version (its local vectors in half precision)"
 #: what :func:`cache_info` says of a file of the older, torch-pickled format (named otherwise: never read again)
 OLDER_FORMAT = "an older format"
 
@@ -576,12 +615,14 @@ def _entry_summary(path: Path, size: int) -> dict:
         _check_payload_size(path, h, size - offset)
         if h.get("checksum_covers") != CHECKSUM_COVERS:
             return {"damaged": "an entry of an older version (its checksum did not cover its header)"}
+        if h.get("local_encoding") != LOCAL_ENCODING:
+            return {"damaged": OLDER_LOCAL_ENCODING}
         grid = h["local_grid"]
         arrays = h["arrays"]
         return {"image": str(h.get("image") or "?"), "model": str(h.get("model_id") or "?"),
                 "grid_zyx": [int(v) for v in grid["shape_zyx"]],
                 "spacing_zyx_mm": [float(v) for v in reversed(grid["spacing_mm"])],
-                "stored_voxels": int(arrays[3][1][1]) if len(arrays) > 3 and len(arrays[3][1]) == 2 else None}
+                "stored_voxels": int(arrays[3][1][0]) if len(arrays) > 3 and len(arrays[3][1]) == 2 else None}
     except DamagedEntry as e:
         return {"damaged": str(e).removeprefix(f"{path}: ")}
     except (KeyError, IndexError, TypeError, ValueError):

@@ -506,18 +506,20 @@ def test_embed_fills_the_disk_cache_with_the_body_as_a_whole_embedding_gives_it(
 
     from samembed import Matcher
     from samembed.io import read_image
-    from samembed.tiles import read_entry
+    from samembed.tiles import read_entry, unpacked_directions
 
     assert main(["embed", str(two_cts[0]), "--cache-dir", str(tmp_path / "c"), "--model", "random:sam-lite", "--quiet"]) == 0
     entries = list((tmp_path / "c").glob("*.pt"))
     assert len(entries) == 1
-    _, (_, body_bits, stored_bits, local16) = read_entry(entries[0])
+    _, (_, body_bits, stored_bits, packed) = read_entry(entries[0])
     assert np.array_equal(stored_bits, body_bits), "the entry must hold every body voxel and no other"
-    stored = np.flatnonzero(np.unpackbits(stored_bits))[: local16.shape[1]]
-    assert 0 < len(stored) == local16.shape[1]
+    stored = np.flatnonzero(np.unpackbits(stored_bits))[: len(packed)]
+    assert 0 < len(stored) == len(packed)
     whole = Matcher("random:sam-lite", device="cpu").embed(read_image(two_cts[0]))  # every voxel, air included
-    ref = whole.vectors[torch.from_numpy(stored), : whole.n_local].T.numpy()
-    np.testing.assert_allclose(local16.astype(np.float32), ref, atol=1e-3, rtol=0)  # float16 on disk
+    ref = whole.vectors[torch.from_numpy(stored), : whole.n_local]
+    back = unpacked_directions(packed, whole.n_local)  # the packed directions on disk, read back as unit vectors
+    back /= torch.linalg.vector_norm(back, dim=1, keepdim=True)
+    torch.testing.assert_close(back, ref, atol=1.2e-3, rtol=0)
 
 
 def test_info_lists_models_and_device(capsys):

@@ -178,16 +178,53 @@ def test_an_entry_of_another_layout_is_recomputed_not_raised(a_model, tmp_path, 
     it raised ValueError out of the match)."""
     import logging
 
-    from samembed.tiles import write_entry
+    from samembed.tiles import LOCAL_ENCODING, write_entry
 
     img = a_ct_like_image()
     emb = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
     path = emb._disk_path(emb.key(img))
-    write_entry(path, {"key": emb.key(img), "model_id": a_model.model_id}, [np.zeros(4, np.float16)] * 3)
+    write_entry(path, {"key": emb.key(img), "model_id": a_model.model_id, "local_encoding": LOCAL_ENCODING},
+                [np.zeros(4, np.float16)] * 3)
     with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
         maps = emb.embed(img)
     assert maps.complete
     assert any("ignoring damaged cache entry" in r.getMessage() for r in caplog.records)
+
+
+def test_an_entry_of_half_precision_local_vectors_is_recomputed_and_replaced(a_model, tmp_path, caplog):
+    """Entries written before the local vectors were stored as packed directions hold them in float16: read as this
+    version's, they are named an older version's, recomputed (not trusted) and replaced by an entry of this
+    version, which the next run uses."""
+    import logging
+
+    from samembed.tiles import LOCAL_ENCODING, read_entry, write_entry
+
+    img = a_ct_like_image()
+    emb = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    fresh = emb.embed(img)
+    path = emb._disk_path(emb.key(img))
+    header, arrays = read_entry(path)
+    assert header["local_encoding"] == LOCAL_ENCODING and arrays[3].dtype == np.uint8
+    header.pop("local_encoding")
+    for k in ("payload_bytes", "arrays", "checksum_covers", "sha256"):
+        header.pop(k)
+    stored = torch.from_numpy(np.flatnonzero(np.unpackbits(arrays[2], count=fresh.valid.numel())))
+    assert len(stored) > 0
+    half = fresh.vectors[stored].T.half().numpy()
+    write_entry(path, header, arrays[:3] + [np.zeros_like(half)])  # an older version's entry (zeros: never used)
+    again = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        maps = again.embed(img)
+    assert any("older version (its local vectors in half precision)" in r.getMessage() and str(path) in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert maps.complete and torch.equal(maps.vectors, fresh.vectors), "the older entry's vectors were used"
+    assert read_entry(path)[0]["local_encoding"] == LOCAL_ENCODING, "the older entry was not replaced"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        third = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
+    assert not caplog.records
+    assert bool(third.ready[stored].all()) if third.ready is not None else True
+    assert float((third.vectors[stored] * fresh.vectors[stored]).sum(1).min()) > 1 - 1e-3  # the directions read back
 
 
 @pytest.mark.parametrize(("direction", "reoriented"), [

@@ -361,11 +361,20 @@ def test_a_tile_upsamples_its_stored_lines_and_searches_its_windows_as_the_whole
 
 def test_voxel_major_rows_take_channel_major_values_bit_for_bit_and_give_them_back():
     """The feature buffer is voxel-major; maps come out of the network channel-major. Writing them into rows (at
-    flat indices or in order) and reading rows back channel-major change no value, across several transpose
-    blocks; rows normalised in place are the channel-major normalisation's to 1 ulp."""
+    flat indices or in order) changes no value, across several transpose blocks; rows normalised in place are the
+    channel-major normalisation's to 1 ulp. A cache entry's packed directions come back as unit rows close to the
+    vectors stored, and storing leaves the rows as they were."""
     import torch
 
-    from samembed.tiles import channel_major, new_feature_rows, normalize_channels, normalize_rows, write_rows
+    from samembed.tiles import (
+        DIRECTION_BITS,
+        new_feature_rows,
+        normalize_channels,
+        normalize_rows,
+        packed_directions,
+        unpacked_directions,
+        write_rows,
+    )
 
     rng = np.random.default_rng(3)
     local = torch.from_numpy(rng.normal(size=(6, 50)).astype(np.float32))
@@ -376,12 +385,10 @@ def test_voxel_major_rows_take_channel_major_values_bit_for_bit_and_give_them_ba
     write_rows(rows, [local, glob], flat, block=7)
     both = torch.cat([local, glob])
     assert torch.equal(rows[flat], both.T)
-    assert torch.equal(channel_major(rows, flat, block=7), both)
-    assert channel_major(rows, flat, torch.float16).dtype == torch.float16
     ordered = new_feature_rows(50, 10, torch.float32, "cpu")
     write_rows(ordered[:, :6], [local], block=7)  # in order, into some of the channels
     write_rows(ordered[:, 6:], [glob], block=7)
-    assert torch.equal(channel_major(ordered, block=7), both)
+    assert torch.equal(ordered, both.T)
     unit = normalize_rows(ordered[:, :6])
     torch.testing.assert_close(unit, normalize_channels(local.clone()).T, atol=2e-7, rtol=0)  # 1 ulp at most
     some = local.T[10:17].contiguous()
@@ -390,6 +397,24 @@ def test_voxel_major_rows_take_channel_major_values_bit_for_bit_and_give_them_ba
     normed = new_feature_rows(200, 10, torch.float32, "cpu")
     write_rows(normed, [local, glob], flat, block=7, unit=slice(0, 6))
     assert torch.equal(normed[flat][:, :6], unit) and torch.equal(normed[flat][:, 6:], glob.T)
+    # a cache entry's packed directions (of rows picked by index, and of all rows), read back as unit rows: at
+    # 8 bits (64 bytes a vector), 10 (the entries', 80 bytes) and 12 (96 bytes), each within its step
+    vectors = normalize_rows(torch.from_numpy(rng.normal(size=(300, 64)).astype(np.float32)))
+    kept = vectors.clone()
+    pick = torch.from_numpy(rng.choice(300, size=120, replace=False))
+    for bits, nbytes, within in ((8, 64, 5e-3), (DIRECTION_BITS, 80, 1.2e-3), (12, 96, 3e-4)):
+        for index, want in ((pick, vectors[pick]), (None, vectors)):
+            packed = packed_directions(vectors, index, bits, block=7)
+            assert packed.dtype == np.uint8 and packed.shape == (len(want), nbytes)
+            ints = unpacked_directions(packed, 64, bits)
+            top = (1 << (bits - 1)) - 1
+            assert torch.equal(ints.abs().amax(1), torch.full((len(want),), float(top))), "not the whole range"
+            torch.testing.assert_close(ints, (want * (top / want.abs().amax(1, keepdim=True))).round(), atol=0, rtol=0)
+            back = new_feature_rows(len(want), 64, torch.float32, "cpu")
+            write_rows(back, [ints.T], block=7, unit=slice(None))
+            torch.testing.assert_close(torch.linalg.vector_norm(back, dim=1), torch.ones(len(want)))
+            assert float((back - want).abs().max()) < within, bits
+    assert torch.equal(vectors, kept), "storing changed the rows"
 
 
 @pytest.mark.needs_data
@@ -491,7 +516,7 @@ def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_c
     from samembed.tiles import cache_info
 
     name, src, tgt, pts, _ = pair
-    # a whole 128^3 CT (the reference embedded both images whole): body voxels only, half precision
+    # a whole 128^3 CT (the reference embedded both images whole): body voxels only, packed local directions
     sizes = [p.stat().st_size for p in (whole_cache / name).glob(f"*{ENTRY_SUFFIX}")]
     assert len(sizes) == 2 and max(sizes) <= 40e6, sizes
     # on-demand tiles are written too
@@ -531,7 +556,7 @@ def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_c
         assert e["grid_zyx"] == list(maps.local_grid.shape_zyx)
         assert e["spacing_zyx_mm"] == pytest.approx(list(maps.local_grid.spacing_mm[::-1]))
         assert 0 < e["stored_voxels"] < int(np.prod(maps.local_grid.shape_zyx))
-    # an intact entry is used: the stored voxels need no preprocessing; half precision moves little
+    # an intact entry is used: the stored voxels need no preprocessing; the packed directions move little
     m2 = Matcher("default", device="cpu", cache_dir=first_dir)
     loaded_src = m2.embedder.embed(src, on_demand=True)
     assert not loaded_src.complete and int(loaded_src.ready.sum()) > 0
@@ -539,8 +564,10 @@ def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_c
     loaded = m2.match(src, pts, [tgt], options=PURE)
     pa = np.array([x.point_lps_mm for x in fresh.matches])
     pb = np.array([x.point_lps_mm for x in loaded.matches])
-    assert np.median(np.linalg.norm(pa - pb, axis=1)) < 1.0
-    np.testing.assert_allclose([x.score for x in fresh.matches], [x.score for x in loaded.matches], atol=1e-2)
+    # (measured: the 11 points at most 0.019 mm apart, scores 2e-4; the same check with 8 bits moved points of the
+    # landmark benchmark by up to 14 mm)
+    assert float(np.linalg.norm(pa - pb, axis=1).max()) < 0.1
+    np.testing.assert_allclose([x.score for x in fresh.matches], [x.score for x in loaded.matches], atol=1e-3)
 
 
 def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, capsys):
@@ -549,13 +576,14 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     (they are recomputed when used); the count agrees in number. Files that are not entries (a checkpoint kept in
     the folder) are neither listed nor removed by ``samembed cache clear``."""
     from samembed.cli import main
-    from samembed.tiles import ENTRY_SUFFIX, write_entry
+    from samembed.tiles import ENTRY_SUFFIX, LOCAL_ENCODING, write_entry
 
     grid = {"shape_zyx": [10, 20, 30], "spacing_mm": [4.0, 3.0, 2.0], "origin_lps_mm": [0.0, 0.0, 0.0],
             "direction": np.eye(3).ravel().tolist()}
-    header = {"local_grid": grid, "global_grid": grid, "model_id": "sam-lite-ct@0123", "key": "k", "image": "pt_1.nii.gz"}
+    header = {"local_grid": grid, "global_grid": grid, "model_id": "sam-lite-ct@0123", "key": "k", "image": "pt_1.nii.gz",
+              "local_encoding": LOCAL_ENCODING}
     arrays = [np.zeros((64, 3, 5, 8), np.float16), np.packbits(np.ones(6000, bool)), np.packbits(np.ones(6000, bool)),
-              np.zeros((64, 1234), np.float16)]
+              np.zeros((1234, 80), np.uint8)]
 
     def entry(c: str):  # named by a key (32 hex digits), as the engine names them
         return tmp_path / f"{c * 32}{ENTRY_SUFFIX}"
@@ -565,6 +593,8 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     entry("b").write_bytes(good.read_bytes()[:-10])  # its payload cut short
     entry("c").write_bytes(good.read_bytes()[:20])  # its header cut short
     entry("d").write_bytes(b"not an entry")
+    half = {k: v for k, v in header.items() if k != "local_encoding"}  # the local vectors in float16, as before
+    write_entry(entry("e"), half, arrays[:3] + [np.zeros((64, 1234), np.float16)])
     older = tmp_path / f"{'0' * 31}f.pt"  # an entry of the older, torch-pickled format: named by its key
     older.write_bytes(b"PK\x03\x04 older")  # (torch's files are zip archives)
     # not entries: never listed, never removed (a checkpoint kept beside the cache, a file of that suffix but not
@@ -575,12 +605,13 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
         f.write_bytes(b"someone's file")
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6 and lines[-1].startswith("5 entries,"), lines
+    assert len(lines) == 7 and lines[-1].startswith("6 entries,"), lines
     assert lines[0].endswith(f"[{older.name}]") and "older format" in lines[0]
     assert "pt_1.nii.gz  sam-lite-ct@0123  local grid 10x20x30 (zyx) at 2x3x4 mm, 1,234 voxels stored" in lines[1]
     assert lines[1].endswith(f"[{good.name}]")
-    assert "truncated" in lines[2] and all("damaged" in line for line in lines[2:5]), lines
-    for f in ("b", "c", "d"):
+    assert "truncated" in lines[2] and all("damaged" in line for line in lines[2:6]), lines
+    assert "older version (its local vectors in half precision)" in lines[5], lines
+    for f in ("b", "c", "d", "e"):
         entry(f).unlink()
     older.unlink()
     assert main(["cache", "info", str(tmp_path)]) == 0  # the folder as an argument, as --cache-dir

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Compare two runs of the landmark benchmark point by point: per suite, both mean errors, how many predictions
+moved and by how much, and the largest change of a score.
+
+For A/B checks in which only one thing differs between the runs: two engines, or a cold run against one that read
+its embeddings from a warm cache folder::
+
+    OMP_NUM_THREADS=1 python benchmarks/landmarks.py --threads 1 --methods sam-polish --stem cold --out /tmp/ab
+    OMP_NUM_THREADS=1 python benchmarks/landmarks.py --threads 1 --methods sam-polish --cache-dir /tmp/c --stem fill --out /tmp/ab
+    OMP_NUM_THREADS=1 python benchmarks/landmarks.py --threads 1 --methods sam-polish --cache-dir /tmp/c --stem warm --out /tmp/ab
+    python benchmarks/compare_points.py /tmp/ab/cold_points.csv /tmp/ab/warm_points.csv
+
+Prints a Markdown table (errors and moves in mm). Exits 2 when the runs do not hold the same points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+#: a prediction that moved by more than this counts as moved, mm
+MOVED_MM = 0.01
+
+
+def read_points(path: Path) -> dict[tuple[str, str, str, str], dict[str, str]]:
+    """The rows of a ``*_points.csv`` by (suite, case, method, label)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return {(r["suite"], r["case_id"], r["method"], r["label"]): r for r in csv.DictReader(f)}
+
+
+def compare(a: dict, b: dict) -> list[dict]:
+    """Per suite: points, mean error of ``a`` and ``b`` (mm), points moved more than :data:`MOVED_MM` and more than
+    1 mm, the largest move (mm) and the largest change of a score."""
+    by_suite = defaultdict(list)
+    for key, ra in a.items():
+        rb = b[key]
+        move = math.dist([float(ra[f"pred_{c}_lps_mm"]) for c in "xyz"], [float(rb[f"pred_{c}_lps_mm"]) for c in "xyz"])
+        by_suite[key[0]].append((float(ra["error_mm"]), float(rb["error_mm"]), move,
+                                 abs(float(ra["score"]) - float(rb["score"]))))
+    rows = []
+    for suite, pts in by_suite.items():
+        n = len(pts)
+        rows.append({"suite": suite, "points": n, "mean_a": sum(p[0] for p in pts) / n,
+                     "mean_b": sum(p[1] for p in pts) / n, "moved": sum(p[2] > MOVED_MM for p in pts),
+                     "moved_1mm": sum(p[2] > 1.0 for p in pts), "largest_move": max(p[2] for p in pts),
+                     "largest_score_change": max(p[3] for p in pts)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a", type=Path, help="the first run's _points.csv")
+    p.add_argument("b", type=Path, help="the second run's _points.csv")
+    args = p.parse_args(argv)
+    a, b = read_points(args.a), read_points(args.b)
+    if a.keys() != b.keys():
+        print(f"error: {args.a} and {args.b} hold different points ({len(a.keys() ^ b.keys())} in one only)",
+              file=sys.stderr)
+        return 2
+    print(f"| suite | points | mean error, {args.a.name} | mean error, {args.b.name} | difference "
+          f"| moved > {MOVED_MM} mm | moved > 1 mm | largest move | largest score change |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in compare(a, b):
+        print(f"| {r['suite']} | {r['points']} | {r['mean_a']:.3f} mm | {r['mean_b']:.3f} mm "
+              f"| {r['mean_b'] - r['mean_a']:+.4f} mm | {r['moved']} | {r['moved_1mm']} | {r['largest_move']:.3f} mm "
+              f"| {r['largest_score_change']:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
