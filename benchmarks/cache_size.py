@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Disk-cache entry sizes of whole 128³ CTs (issue 13's target: one 128³ CT takes ≤ 40 MB on disk).
 
-Runs ``samembed embed`` (every body voxel, as the command stores it: body voxels only, the local vectors as 8-bit
+Runs ``samembed embed`` (every body voxel, as the command stores it: body voxels only, the local vectors as packed
 directions, the global map in half precision) on the first
 ``--scans`` OpenKBP CTs of ``../shared/data`` into a temporary cache folder, reads each entry's size and stored
 voxels from ``samembed cache info``'s summary, and writes a Markdown table and a histogram::
@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMEmbedding"))
 
-from samembed.tiles import cache_info  # noqa: E402
+from samembed.tiles import DIRECTION_BITS, cache_info  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ct" / "openkbp" / "ct"
 TARGET_MB = 40.0
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/cache_size.py --scans {args.scans}`; model `{args.model}`; "
         "`samembed embed` (every body voxel, as the command stores them: body voxels only, the local vectors as "
-        "8-bit directions, the global map in half precision).",
+        f"{DIRECTION_BITS}-bit directions, the global map in half precision).",
         "",
         f"{len(rows)} CTs: median {np.median(mb):.1f} MB, range {mb.min():.1f}-{mb.max():.1f} MB; "
         f"{len(over)} of {len(rows)} above the issue's {TARGET_MB:.0f} MB. An entry takes about "
