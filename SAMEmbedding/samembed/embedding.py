@@ -992,9 +992,8 @@ class Embedder:
         """On-demand maps from a disk entry (its stored voxels ready, the rest computed when needed), or None
         when there is no entry or it is damaged (truncated, corrupt, another model: it is then recomputed)."""
         from .tiles import (
-            LOCAL_ENCODING,
-            OLDER_LOCAL_ENCODING,
             DamagedEntry,
+            OlderEntry,
             coarse_rows,
             read_entry,
             unpacked_directions,
@@ -1015,12 +1014,14 @@ class Embedder:
         except OSError as e:  # removed meanwhile (another process's `cache clear`), a passing I/O error: made again
             log.warning("could not read the cache entry %s (%s); it will be recomputed", path, e.strerror or e)
             return None
+        except OlderEntry as e:  # e.g. the local vectors in half precision: once after an upgrade
+            log.warning("recomputing the cache entry %s: %s; it is replaced by this version's", path,
+                        str(e).removeprefix(f"{path}: "))
+            return None
         except DamagedEntry as e:
             log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
             return None
         try:
-            if meta.get("local_encoding") != LOCAL_ENCODING:
-                raise DamagedEntry(f"{path}: {OLDER_LOCAL_ENCODING}")
             glob16, body_bits, stored_bits, packed = arrays  # (another version's layout: damaged, below)
             if meta.get("key") != key or meta.get("model_id") != self.model.model_id:
                 raise DamagedEntry(f"{path}: written for another image or model")

@@ -531,19 +531,27 @@ class DamagedEntry(ValueError):
     """A cache entry that is truncated, corrupt or of another format (it is recomputed, never trusted)."""
 
 
+class OlderEntry(DamagedEntry):
+    """An intact cache entry written by an older samembed version in a format this one does not read (it is
+    recomputed and replaced)."""
+
+
 def read_entry(path: Path) -> tuple[dict, list[np.ndarray]]:
     """Read and verify a cache entry written by :func:`write_entry`. The file is read once, header and payload
     together: another process may replace it meanwhile (atomically), and a header and payload of two versions would
     not agree.
 
     Raises:
-        DamagedEntry: wrong magic, truncated file, size or SHA-256 mismatch, or an entry of an older version.
+        DamagedEntry: wrong magic, truncated file, size or SHA-256 mismatch; :class:`OlderEntry`: an entry of an
+            older version.
     """
     data = path.read_bytes()
     header, start = _parse_header(path, data[:len(MAGIC) + 8], lambda n: data[len(MAGIC) + 8:len(MAGIC) + 8 + n])
     _check_payload_size(path, header, len(data) - start)
     if header.get("checksum_covers") != CHECKSUM_COVERS:
-        raise DamagedEntry(f"{path}: an entry of an older version (its checksum did not cover its header)")
+        raise OlderEntry(f"{path}: an entry of an older version (its checksum did not cover its header)")
+    if header.get("local_encoding") != LOCAL_ENCODING:  # (checked before the checksum: no need to hash it)
+        raise OlderEntry(f"{path}: {OLDER_LOCAL_ENCODING}")
     payload = memoryview(data)[start:]
     if _digest(header, payload) != header.get("sha256"):
         raise DamagedEntry(f"{path}: checksum mismatch (corrupt)")
