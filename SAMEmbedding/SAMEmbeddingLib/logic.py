@@ -67,7 +67,7 @@ CONFIDENT_COLOR = (0.20, 0.85, 0.30)
 UNCERTAIN_COLOR = (1.00, 0.45, 0.10)
 """Colour of a match whose round trip misses the source point (the *unselected* colour)."""
 HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeIron", "vtkMRMLPETProceduralColorNodePET-Heat")
-TABLE_COLUMNS = ("label", "target", "R", "A", "S", "score", "confident")
+TABLE_COLUMNS = ("label", "target", "R", "A", "S", "score", "confident", "roundtrip_mm")
 
 
 class MatcherProtocol(Protocol):
@@ -881,7 +881,8 @@ class MatchLogic:
                                   f"{sourcePointList.GetName()} SAM results")[0]
 
     def updateResultsTable(self, sourcePointList):
-        """Rebuild the results table (label, target, R, A, S, score, confident) from the output point lists."""
+        """Rebuild the results table (label, target, R, A, S, score, confident, roundtrip_mm: how far the round
+        trip landed from the click, why a match is not confident) from the output point lists."""
         tableNode = self.resultsTable(sourcePointList, create=True)
         table = vtk.vtkTable()
         columns = {}
@@ -898,6 +899,7 @@ class MatchLogic:
                 columns[axis].InsertNextValue(float(value))
             columns["score"].InsertNextValue(row.score)
             columns["confident"].InsertNextValue(int(row.confident))
+            columns["roundtrip_mm"].InsertNextValue(row.roundtripMm)
         tableNode.SetAndObserveTable(table)
         return tableNode
 
@@ -1026,7 +1028,7 @@ class MatchLogic:
             writer.writerow(TABLE_COLUMNS)
             for row in self.resultRows(sourcePointList):
                 writer.writerow([row.label, row.target, *(f"{v:.4f}" for v in row.pointRAS), f"{row.score:.4f}",
-                                 int(row.confident)])
+                                 int(row.confident), f"{row.roundtripMm:.2f}" if math.isfinite(row.roundtripMm) else ""])
             return [write_text_atomic(path, buffer.getvalue())]
         from slicer import vtkMRMLMarkupsFiducialStorageNode, vtkMRMLMarkupsJsonStorageNode
 

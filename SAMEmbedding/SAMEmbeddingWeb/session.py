@@ -453,14 +453,15 @@ class MatchSession:
 
     # -- results -----------------------------------------------------------------------------
     def rows(self) -> list[dict]:
-        """The results table: label, target, position (RAS mm), score (cosine), confident."""
+        """The results table: label, target, position (RAS mm), score (cosine), confident, round trip (mm)."""
         out = []
         for row in self.logic.resultRows(self.points):
             r, a, s = (float(v) for v in row.pointRAS)
             out.append({"label": row.label, "target": row.target, "targetID": row.targetID,
                         "position": f"R {r:.1f}, A {a:.1f}, S {s:.1f}", "ras": [r, a, s],
                         "score": None if not np.isfinite(row.score) else round(float(row.score), 4),
-                        "confident": bool(row.confident)})
+                        "confident": bool(row.confident),
+                        "roundtrip": None if not np.isfinite(row.roundtripMm) else round(float(row.roundtripMm), 1)})
         return out
 
     def landmarks(self) -> list[dict]:

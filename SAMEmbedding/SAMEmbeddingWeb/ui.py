@@ -117,7 +117,8 @@ def build_ui(app: WebApp):
                 with html.Div(style="flex: 0 0 24vh; overflow-y: auto", classes="px-2"):  # fixed: views keep their size
                     with v.VTable(density="compact", id="results"):
                         with html.Thead(), html.Tr():
-                            for name in ("label", "target", "position (RAS mm)", "score", "confident"):
+                            for name in ("label", "target", "position (RAS mm)", "score", "confident",
+                                         "round trip (mm)"):
                                 html.Th(name)
                         with html.Tbody():
                             with html.Tr(v_for="(row, i) in rows", key="i", click=(app.select_row, "[i]"),
@@ -130,6 +131,7 @@ def build_ui(app: WebApp):
                                 html.Td("{{ row.score === null ? '' : row.score.toFixed(3) }}")
                                 html.Td("{{ row.confident ? 'yes' : 'no' }}",
                                         style=("{color: row.confident ? '#33d94d' : '#ff7319'}",))
+                                html.Td("{{ row.roundtrip === null ? '' : row.roundtrip.toFixed(1) }}")
                     with html.Div(classes="text-caption", id="landmarks"):
                         html.Span("Landmarks: ")
                         html.Span("{{ lm.label }} ", v_for="(lm, j) in landmarks", key="j", classes="landmark",

@@ -324,7 +324,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             for row in r.rows(ras=args.ras):
                 frame = "RAS" if args.ras else "LPS"
                 print(f"{Path(row['target']).name}\t{row['label']}\t({row['x']:.1f}, {row['y']:.1f}, {row['z']:.1f}) "
-                      f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'}")
+                      f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'} "
+                      f"(round trip {row['roundtrip_mm']:.1f} mm)")
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -445,7 +446,7 @@ def _write_markups(args, r, path: Path, fused: dict[str, str]) -> None:
 def _describe(m, fused: dict[str, str]) -> str:
     """A match's ``.mrk.json`` description: readable, and parseable as ``key=value`` pairs. ``fused``: each atlas's
     name in the outputs (by its path as given), empty when no atlases were fused."""
-    text = f"score={m.score:.3f}; confident={str(m.confident).lower()}"
+    text = f"score={m.score:.3f}; confident={str(m.confident).lower()}; roundtrip_mm={m.roundtrip_mm:.1f}"
     text += "; rematched=true" if m.rematched else ""
     text += f"; polished=true; ncc={m.ncc:.3f}" if m.polished else ""
     if fused:
@@ -479,12 +480,12 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
         if markups_suffix(out):  # one target's markups (_match refuses several)
             _write_markups(args, done[0], out, fused)
         else:
-            rows = [["target", "label", "x", "y", "z", "score", "confident"]
+            rows = [["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm"]
                     + (["atlases", "agreeing", "spread_mm", "rejected"] if fused else [])]
             for res in done:
                 for r, m in zip(res.rows(ras=args.ras), res.matches):
                     rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
-                                 f"{r['score']:.4f}", str(r["confident"]).lower()]
+                                 f"{r['score']:.4f}", str(r["confident"]).lower(), f"{r['roundtrip_mm']:.2f}"]
                                 + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}", _rejected(m, fused)]
                                    if fused else []))
             write_text_atomic(out, csv_text(rows))

@@ -81,10 +81,11 @@ class MatchResult:
                 f"{len(self.heatmaps)} heatmap(s); .matches, .points_lps_mm(target), .rows())")
 
     def rows(self, ras: bool = False) -> list[dict]:
-        """One dict per match with target, label, x, y, z (LPS, or RAS if ``ras``), score, confident."""
+        """One dict per match with target, label, x, y, z (LPS, or RAS if ``ras``), score, confident and
+        roundtrip_mm (why a match is not confident: its round trip landed that far from the click, mm)."""
         out = []
         for m in self.matches:
             p = m.point_ras_mm if ras else m.point_lps_mm
             out.append({"target": m.target, "label": m.label, "x": float(p[0]), "y": float(p[1]), "z": float(p[2]),
-                        "score": m.score, "confident": m.confident})
+                        "score": m.score, "confident": m.confident, "roundtrip_mm": m.roundtrip_mm})
         return out

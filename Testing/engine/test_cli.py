@@ -61,8 +61,12 @@ def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv, monkey
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["label"] for r in rows] == ["A", "B", "A", "B"]
-    assert set(rows[0]) == {"target", "label", "x", "y", "z", "score", "confident"}
+    assert list(rows[0]) == ["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm"]
     assert all(-1 <= float(r["score"]) <= 1 for r in rows)
+    # why a match is (not) confident: its round trip (mm), within the tolerance (two local voxels by default)
+    trips = {c: [float(r["roundtrip_mm"]) for r in rows if r["confident"] == c] for c in ("true", "false")}
+    assert all(t >= 0 for t in trips["true"] + trips["false"])
+    assert max(trips["true"], default=0.0) < min(trips["false"], default=np.inf), trips
     assert len(list((tmp_path / "hm").glob("*_heatmap.nii.gz"))) == 4
     assert sorted(reads) == sorted(map(str, two_cts)), "the command read a file twice"
 
@@ -176,20 +180,23 @@ def test_many_large_heatmaps_on_the_targets_voxels_come_with_a_hint_of_the_model
 
 
 @pytest.mark.needs_data
-def test_match_into_a_folder_writes_one_markups_file_per_target_in_ras(tmp_path, two_cts, a_points_csv):
+def test_match_into_a_folder_writes_one_markups_file_per_target_in_ras(tmp_path, two_cts, a_points_csv, capsys):
     pts_path, pts = a_points_csv
     ras_csv = tmp_path / "ras.csv"
     ras_csv.write_text("label,x,y,z\n" + "".join(f"{lab},{-p[0]},{-p[1]},{p[2]}\n" for lab, p in zip(["A", "B"], pts)))
     out = tmp_path / "out"
     out.mkdir()
     assert main(["match", str(two_cts[0]), str(two_cts[0]), "--points", str(ras_csv), "--out", str(out), "--ras",
-                 "--model", "random:sam-lite", "--quiet"]) == 0
+                 "--model", "random:sam-lite"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pt_201_ct")]
+    assert len(printed) == 2 and all(re.search(r"confident \(round trip \d+\.\d mm\)$", line) for line in printed), printed
     doc = json.loads((out / "pt_201_ct.mrk.json").read_text())
     assert doc["markups"][0]["coordinateSystem"] == "RAS"
     cps = doc["markups"][0]["controlPoints"]
     got_ras = np.array([c["position"] for c in cps])
     assert np.linalg.norm(got_ras - pts * [-1, -1, 1], axis=1).max() < 8.0  # self-match, in RAS
     assert "score=" in cps[0]["description"]
+    assert re.search(r"; roundtrip_mm=\d+\.\d", cps[0]["description"]), cps[0]["description"]
 
 
 @pytest.mark.needs_data
@@ -798,7 +805,7 @@ def test_labels_with_commas_stay_one_column_and_one_target_can_go_to_a_markups_f
     for out in (out_csv, out_mrk, out_fcsv):
         assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(src), "--out", str(out), *rnd]) == 0
     rows = list(csv.reader(out_csv.open()))
-    assert all(len(r) == 7 for r in rows) and [r[1] for r in rows[1:]] == labels
+    assert all(len(r) == 8 for r in rows) and [r[1] for r in rows[1:]] == labels
     found = np.array([[float(v) for v in r[2:5]] for r in rows[1:]])
     for out in (out_mrk, out_fcsv):  # the same matches, as Slicer markups
         back = read_points(out)

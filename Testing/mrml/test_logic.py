@@ -187,12 +187,15 @@ def test_deleting_a_source_point_removes_its_matches(a_logic, a_small_ct, two_la
     assert outputs.table.GetNumberOfRows() == 1
 
 
-def test_the_results_table_lists_label_target_ras_score_confident(a_logic, a_small_ct, two_landmarks):
+def test_the_results_table_lists_label_target_ras_score_confident_and_round_trip(a_logic, a_small_ct, two_landmarks):
+    """The table says why a match is not confident: how far its round trip landed from the click (mm), as the
+    logic's rows and the points' descriptions hold it."""
     outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
 
     table = outputs.table
     names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
-    assert names == ["label", "target", "R", "A", "S", "score", "confident"]
+    assert names == ["label", "target", "R", "A", "S", "score", "confident", "roundtrip_mm"]
+    rows = a_logic.resultRows(two_landmarks)
     assert table.GetNumberOfRows() == 2
     _, matched = control_points(outputs.pointLists[0])
     for r in range(2):
@@ -202,6 +205,9 @@ def test_the_results_table_lists_label_target_ras_score_confident(a_logic, a_sma
         np.testing.assert_allclose(ras, matched[r], atol=1e-3)
         assert -1.0 <= float(table.GetCellText(r, 5)) <= 1.0
         assert table.GetCellText(r, 6) in ("0", "1")
+        roundtrip = float(table.GetCellText(r, 7))
+        assert roundtrip == pytest.approx(rows[r].roundtripMm, rel=1e-5) and np.isfinite(roundtrip)
+        assert f"round trip {roundtrip:.1f} mm" in outputs.pointLists[0].GetNthControlPointDescription(r)
 
 
 def test_inputs_are_unchanged_by_matching(a_scene, a_logic, a_small_ct, two_landmarks):
@@ -464,7 +470,8 @@ def test_export_writes_mrk_json_fcsv_and_csv_that_read_back(a_scene, a_logic, a_
         assert labels == ["L1", "L2"]
         np.testing.assert_allclose(pts, matched, atol=1e-3)
     rows = list(csv.DictReader(csv_file.open()))
-    assert list(rows[0]) == ["label", "target", "R", "A", "S", "score", "confident"]
+    assert list(rows[0]) == ["label", "target", "R", "A", "S", "score", "confident", "roundtrip_mm"]
+    assert all(float(r["roundtrip_mm"]) >= 0 for r in rows)
     assert [(r["label"], r["target"]) for r in rows] == [("L1", "small CT"), ("L1", "copy"), ("L2", "small CT"), ("L2", "copy")]
     assert [float(rows[0][a]) for a in "RAS"] == pytest.approx(matched[0], abs=1e-3)
     assert not list(tmp_path.glob(".*tmp*")), "a temporary file was left behind"

@@ -238,8 +238,11 @@ def test_a_click_in_the_source_view_places_a_landmark_whose_match_is_where_the_e
     expected = _engine_match(cache_dir, source_ras)
     expected_ras = np.asarray(expected.point_ras_mm)
     assert np.allclose(match_ras, expected_ras, atol=0.5), (match_ras, expected_ras)
-    confident = row.inner_text().strip().endswith("yes")
+    cells = row.locator("td")
+    confident = cells.nth(4).inner_text().strip() == "yes"
     assert confident == bool(expected.confident)
+    # and why: the round trip's distance from the click, mm
+    assert float(cells.nth(5).inner_text()) == pytest.approx(expected.roundtrip_mm, abs=0.051)
 
     # the target view shows the match in its colour (green confident, orange not), once its frame arrives
     colour = CONFIDENT_RGB if confident else UNCERTAIN_RGB
