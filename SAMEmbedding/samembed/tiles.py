@@ -337,15 +337,16 @@ def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor 
             dst.index_copy_(0, flat[i:i + block].to(dst.device), rows)
 
 
-def _packing(bits: int, channels: int) -> tuple[int, int]:
-    """(components per group, bytes per group) of :func:`packed_directions`: the fewest components whose bits fill
-    whole bytes (4 components in 5 bytes at 10 bits)."""
+def _packing(bits: int, channels: int) -> tuple[int, int, int]:
+    """(components per group, bytes per group, groups per vector) of :func:`packed_directions`: a group is the fewest
+    components whose bits fill whole bytes (4 components in 5 bytes at 10 bits); a vector's last group is filled
+    with zeros when its channels do not fill it (a zero does not change a direction)."""
     if sys.byteorder != "little":  # the groups are packed as the native int64's low bytes (as torch's platforms are)
         raise NotImplementedError("cache entries are written and read on little-endian machines only")
+    if not 2 <= bits <= 16:
+        raise ValueError(f"cannot pack components of {bits} bits (2 to 16)")
     group = 8 // math.gcd(bits, 8)
-    if not 2 <= bits <= 16 or channels % group:
-        raise ValueError(f"cannot pack {channels} components of {bits} bits")
-    return group, group * bits // 8
+    return group, group * bits // 8, -(-channels // group)
 
 
 def packed_directions(rows: torch.Tensor, index: torch.Tensor | None = None, bits: int = DIRECTION_BITS,
@@ -358,15 +359,17 @@ def packed_directions(rows: torch.Tensor, index: torch.Tensor | None = None, bit
     temporaries (0.12 s for 358 k vectors of 64 on one thread)."""
     import torch
 
-    group, nbytes = _packing(bits, rows.shape[1])
+    channels = rows.shape[1]
+    group, nbytes, groups = _packing(bits, channels)
     top, n = (1 << (bits - 1)) - 1, rows.shape[0] if index is None else len(index)
-    out = torch.empty((n, rows.shape[1] // group * nbytes), dtype=torch.uint8)
+    out = torch.empty((n, groups * nbytes), dtype=torch.uint8)
     shifts = torch.arange(group, dtype=torch.int64) * bits
     for i in range(0, n, block):
         blk = (rows[i:i + block] if index is None else rows[index[i:i + block].to(rows.device)]).float().cpu()
         peak = blk.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
-        ints = (blk * (top / peak)).round_().clamp_(-top, top).to(torch.int64).add_(top)  # 0 .. 2 top
-        words = (ints.view(len(ints), -1, group) << shifts).sum(dim=2)  # (n, C / group), the low bytes used
+        ints = torch.full((len(blk), groups * group), top, dtype=torch.int64)  # (the fill: zeros, offset)
+        ints[:, :channels] = (blk * (top / peak)).round_().clamp_(-top, top).to(torch.int64).add_(top)  # 0 .. 2 top
+        words = (ints.view(len(ints), groups, group) << shifts).sum(dim=2)  # (n, groups), the low bytes used
         out[i:i + block] = words.view(torch.uint8).view(len(ints), -1, 8)[..., :nbytes].reshape(len(ints), -1)
     return out.numpy()
 
@@ -376,13 +379,13 @@ def unpacked_directions(packed: np.ndarray, channels: int, bits: int = DIRECTION
     (n, bytes); normalise each row for the direction stored (:func:`write_rows` with ``unit`` does)."""
     import torch
 
-    group, nbytes = _packing(bits, channels)
+    group, nbytes, groups = _packing(bits, channels)
     top, n = (1 << (bits - 1)) - 1, len(packed)
-    words = torch.zeros((n, channels // group, 8), dtype=torch.uint8)
+    words = torch.zeros((n, groups, 8), dtype=torch.uint8)
     words[..., :nbytes] = torch.from_numpy(packed).view(n, -1, nbytes)
     shifts = torch.arange(group, dtype=torch.int64) * bits
-    ints = (words.view(torch.int64) >> shifts) & ((1 << bits) - 1)  # (n, channels / group, group)
-    return ints.view(n, channels).float().sub_(top)
+    ints = (words.view(torch.int64) >> shifts) & ((1 << bits) - 1)  # (n, groups, group)
+    return ints.view(n, groups * group)[:, :channels].float().sub_(top)
 
 
 def normalize_rows(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

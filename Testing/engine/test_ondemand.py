@@ -414,6 +414,13 @@ def test_voxel_major_rows_take_channel_major_values_bit_for_bit_and_give_them_ba
             write_rows(back, [ints.T], block=7, unit=slice(None))
             torch.testing.assert_close(torch.linalg.vector_norm(back, dim=1), torch.ones(len(want)))
             assert float((back - want).abs().max()) < within, bits
+    # a model whose local channels do not fill the last group (30 of 32 at 10 bits): filled with zeros
+    odd = normalize_rows(torch.from_numpy(rng.normal(size=(50, 30)).astype(np.float32)))
+    packed = packed_directions(odd, None, DIRECTION_BITS, block=7)
+    assert packed.shape == (50, 40)
+    ints = unpacked_directions(packed, 30)
+    assert ints.shape == (50, 30)
+    torch.testing.assert_close(ints, (odd * (511 / odd.abs().amax(1, keepdim=True))).round(), atol=0, rtol=0)
     assert torch.equal(vectors, kept), "storing changed the rows"
 
 
