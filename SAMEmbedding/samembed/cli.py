@@ -456,13 +456,10 @@ def _describe(m, fused: dict[str, str]) -> str:
 
 
 def _rejected(m, fused: dict[str, str]) -> str:
-    """The atlases a fused match rejected, by their names in the outputs, joined by ``|``; a ``%``, ``|`` or ``;`` in
-    a name is written ``%25``, ``%7C``, ``%3B`` (as in a URL), so that the list splits back into names and a
-    ``.mrk.json`` description into its ``key=value`` pairs."""
-    def quoted(name: str) -> str:
-        return name.replace("%", "%25").replace("|", "%7C").replace(";", "%3B")
+    """The atlases a fused match rejected, by their names in the outputs (:func:`samembed.names.joined_names`)."""
+    from .names import joined_names
 
-    return "|".join(quoted(fused.get(a, Path(a).name)) for a in m.rejected)
+    return joined_names([fused.get(a, Path(a).name) for a in m.rejected])
 
 
 def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_names: dict[tuple[int, str], str],

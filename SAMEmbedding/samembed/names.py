@@ -98,6 +98,28 @@ def short_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     return [str(p.relative_to(root)) for p in full]
 
 
+def atlas_names(images: Sequence[str | os.PathLike], point_files: Sequence[str | os.PathLike]) -> list[str]:
+    """Each atlas's name in the outputs (which atlases a fused match rejected): its image's :func:`short_paths` name,
+    and where one image is an atlas more than once (two raters' landmarks), its point file's too
+    (``atlas.nii.gz (rater2.csv)``)."""
+    names = short_paths(images)
+    if len(point_files) != len(images):
+        return names
+    out = list(names)
+    for name in {n for n in names if names.count(n) > 1}:
+        files = sorted({os.fspath(f) for f, n in zip(point_files, names) if n == name})  # told apart among these
+        short = dict(zip(files, short_paths(files)))
+        out = [f"{n} ({short[os.fspath(f)]})" if n == name else o for n, f, o in zip(names, point_files, out)]
+    return out
+
+
+def joined_names(names: Sequence[str]) -> str:
+    """``names`` joined by ``|`` (a CSV cell, a ``key=value`` pair of a markups description); a ``%``, ``|`` or
+    ``;`` in a name is written ``%25``, ``%7C``, ``%3B`` (as in a URL), so that the cell splits back into names and
+    a description into its pairs."""
+    return "|".join(n.replace("%", "%25").replace("|", "%7C").replace(";", "%3B") for n in names)
+
+
 def relative_ids(paths: Sequence[Path], root: Path) -> list[str]:
     """Each path's id from its path below ``root``, the parts joined by ``__`` (``root/a/ct.nii.gz`` -> ``a__ct``):
     for files that share a name in different folders."""

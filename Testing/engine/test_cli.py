@@ -494,6 +494,18 @@ def test_target_ids_are_file_names_made_unique_by_their_folders():
     assert target_ids(["p.1.nii.gz", "p.2.nii.gz", "my scan (2).nii"]) == ["p.1", "p.2", "my_scan__2_"]
 
 
+def test_atlas_names_tell_atlases_apart_by_their_image_and_where_it_repeats_by_their_point_file():
+    from samembed.names import atlas_names, joined_names
+
+    assert atlas_names(["/a/x.nii.gz", "/a/y.nii.gz"], ["/s/p.csv", "/s/p.csv"]) == ["x.nii.gz", "y.nii.gz"]
+    assert atlas_names(["/a/x.nii.gz", "/b/x.nii.gz"], ["/s/p.csv", "/s/q.csv"]) == ["a/x.nii.gz", "b/x.nii.gz"]
+    # one image, two raters' landmarks (a file given twice keeps one name: the duplicate is warned of)
+    assert atlas_names(["/a/x.nii.gz"] * 3, ["/s/p.csv", "/s/p.csv", "/t/shifted.csv"]) == [
+        "x.nii.gz (p.csv)", "x.nii.gz (p.csv)", "x.nii.gz (shifted.csv)"]
+    assert atlas_names(["/a/x.nii.gz"] * 2, ["/s/p.csv", "/t/p.csv"]) == ["x.nii.gz (s/p.csv)", "x.nii.gz (t/p.csv)"]
+    assert joined_names(["a|b", "c;d%", "e"]) == "a%7Cb|c%3Bd%25|e"
+
+
 def test_label_ids_name_each_label_s_heatmap_once():
     from samembed.names import label_ids
 

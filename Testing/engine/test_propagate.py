@@ -355,10 +355,15 @@ def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(
     fused = _rows(out)
     single = {(r["scan"], r["label"]): r for r in _rows(full_run[0])}
     assert len(fused) == 2 * len(setup["labels"])
+    # the rejected atlas is named: the three share one image, so by their point files too
+    image = Path(a.image).name
     for r in fused:  # two identical atlases agree; the shifted one is rejected; the point is the single atlas's
         assert (r["atlases"], r["agreeing"]) == ("3", "2") and float(r["spread_mm"]) < 1e-3
+        assert r["rejected"] == f"{image} (shifted.csv)", r
         ref = single[(r["scan"], r["label"])]
         assert max(abs(float(r[k]) - float(ref[k])) for k in "xyz") < 1e-3
+    described = json.loads(next((out / "scans").glob("*.mrk.json")).read_text())["markups"][0]["controlPoints"]
+    assert all(f"; rejected={image} (shifted.csv)" in p["description"] for p in described)
     run = json.loads((out / "run.json").read_text())
     assert len(run["more_atlases"]) == 2
 

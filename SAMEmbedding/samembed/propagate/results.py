@@ -27,13 +27,13 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..io import PointList, write_points, write_text_atomic
-from ..names import label_ids
+from ..names import joined_names, label_ids
 from .manifest import Scan, file_stamp
 
 log = logging.getLogger(__name__)
 
 MATCH_COLUMNS = ("scan", "path", "label", "x", "y", "z", "score", "confident", "roundtrip_mm", "rematched",
-                 "polished", "ncc", "atlases", "agreeing", "spread_mm")
+                 "polished", "ncc", "atlases", "agreeing", "spread_mm", "rejected")
 
 
 class ResultStore:
@@ -127,7 +127,8 @@ class ResultStore:
                             f"roundtrip_mm={m['roundtrip_mm']:.1f}" + ("; rematched=true" if m["rematched"] else "")
                             + (f"; polished=true; ncc={m['ncc']:.3f}" if m["polished"] else "")
                             + (f"; atlases={m['atlases']}; agreeing={m['agreeing']}; spread_mm={m['spread_mm']:.1f}"
-                               if m.get("atlases", 1) > 1 else "") for m in ms])
+                               if m.get("atlases", 1) > 1 else "")
+                            + (f"; rejected={joined_names(m['rejected'])}" if m.get("rejected") else "") for m in ms])
             write_points(pl, self.scans_dir / f"{sid}.mrk.json", ras=ras)
         write_text_atomic(self.scans_dir / f"{sid}.json", json.dumps(record, indent=1))
         self.records[sid] = record
@@ -154,7 +155,8 @@ class ResultStore:
                 mw.writerow((s.id, s.path, m["label"], f"{m['x']:.4f}", f"{m['y']:.4f}", f"{m['z']:.4f}",
                              f"{m['score']:.5f}", str(m["confident"]).lower(), f"{m['roundtrip_mm']:.3f}",
                              str(m["rematched"]).lower(), str(m["polished"]).lower(), f"{m['ncc']:.4f}",
-                             m.get("atlases", 1), m.get("agreeing", 1), f"{m.get('spread_mm', 0.0):.3f}"))
+                             m.get("atlases", 1), m.get("agreeing", 1), f"{m.get('spread_mm', 0.0):.3f}",
+                             joined_names(m.get("rejected", ()))))
         write_text_atomic(self.out / "matches.csv", mbuf.getvalue())
         write_text_atomic(self.out / "failures.csv", fbuf.getvalue())
 

@@ -227,9 +227,13 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
         t_read = time.time() - t_read
         if job.more_atlases:  # several atlases: each landmark fused over them
             from ..fusion import Atlas
+            from ..names import atlas_names
 
-            atlases = [Atlas(img, np.asarray(pts), labels, path)
-                       for img, (path, labels, pts) in zip(images, job.all_atlases)]
+            # each named as the outputs name it (the rejected ones): briefly, and apart where one image is an atlas
+            # twice (two raters' landmarks)
+            names = atlas_names([path for path, _, _ in job.all_atlases], job.point_files)
+            atlases = [Atlas(img, np.asarray(pts), labels, name)
+                       for img, (_, labels, pts), name in zip(images, job.all_atlases, names)]
             res = m.match_atlases(atlases, [target], job.options, target_names=[scan.path])
         else:
             res = m.match(images[0], np.asarray(job.points_lps_mm), [target], list(job.labels), job.options,
