@@ -189,7 +189,7 @@ def _start_prefetch(args, paths: list[str]):
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
     from .io import check_point_dims, markups_suffix, read_points
-    from .names import short_paths, target_ids
+    from .names import atlas_names, target_ids
 
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
     n = len(target_paths)
@@ -197,9 +197,12 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     folder_out = out.is_dir() or str(args.out).endswith(("/", "\\"))
     ids = target_ids(target_paths)
     # with several atlases: each atlas's name in the outputs (which were rejected), by its file name, or its path
-    # where two share a name (atlases one per folder); empty: no fusion
+    # where two share a name (atlases one per folder), and its point file's too where one image is an atlas twice
+    # (names.atlas_names); keyed by the atlas's name in messages (its image's path, and its point file's where the
+    # image repeats); empty: no fusion
     atlas_images = [image for image, _ in pairs]
-    fused = dict(zip(atlas_images, short_paths(atlas_images))) if len(pairs) > 1 else {}
+    atlas_keys = [image if atlas_images.count(image) == 1 else f"{image} ({points})" for image, points in pairs]
+    fused = dict(zip(atlas_keys, atlas_names(atlas_images, [p for _, p in pairs]))) if len(pairs) > 1 else {}
     # what can be wrong with the inputs and outputs is found before torch loads (1-2 s)
     suffix = markups_suffix(out)
     if not folder_out and suffix and n != 1:
@@ -254,8 +257,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         # and the targets finished before it are kept.
         read(target_paths[0])
         if pairs:
-            atlases = [Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), image)
-                       for (image, _), pl in zip(pairs, atlas_points)]
+            atlases = [Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), key)
+                       for (image, _), pl, key in zip(pairs, atlas_points, atlas_keys)]
             for a, (_, pts_file), pl in zip(atlases, pairs, atlas_points):
                 check_point_dims(pl, pts_file, a.image.ndim, a.display_name)
         else:

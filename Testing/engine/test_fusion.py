@@ -191,6 +191,23 @@ def test_atlases_one_per_folder_are_told_apart_where_they_are_rejected(tmp_path,
 
 
 @pytest.mark.needs_data
+def test_one_image_annotated_by_several_raters_names_the_rejected_rater(tmp_path, ct_and_points):
+    """One image is an atlas three times, with three raters' landmarks: the rejected atlas was named by the image
+    alone, which all three share. It is named by its point file too."""
+    ct, pts = ct_and_points
+    path = data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")
+    args = []
+    for name, shift in (("rater_a", 0.0), ("rater_b", 60.0), ("rater_c", 0.0)):
+        q = pts + [0.0, shift, 0.0]
+        (tmp_path / f"{name}.csv").write_text("label,x,y,z\n" + "".join(f"{k},{p[0]},{p[1]},{p[2]}\n" for k, p in zip("xyz", q)))
+        args += ["--atlas", str(path), str(tmp_path / f"{name}.csv")]
+    table = tmp_path / "fused.csv"
+    assert main(["match", *args, str(path), "--out", str(table), "--model", "random:sam-lite", "--device", "cpu", "-q",
+                 "--no-polish"]) == 0
+    assert [r["rejected"] for r in csv.DictReader(table.open())] == ["pt_201_ct.nii.gz (rater_b.csv)"] * 3
+
+
+@pytest.mark.needs_data
 def test_an_atlas_given_twice_is_named_in_a_warning(matcher, ct_and_points, caplog):
     """It counts twice in every fusion (an audit: [A, A, B] moved a parotid 106 mm against [A, B]), without a
     word before."""
