@@ -674,8 +674,20 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
                         "that the model and CPU allow: int8-int8 for the shipped CT models)")
 
 
+def _model_name(text: str) -> str:
+    """A ``--model`` value (argparse type): a name that names no model is refused before any image is read, with the
+    closest registered name as a suggestion (:func:`samembed.registry.unknown_model`)."""
+    from .registry import unknown_model
+
+    why = unknown_model(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="model name (see `samembed info`), checkpoint path, or random:<arch>")
+    p.add_argument("--model", default="default", type=_model_name,
+                   help="model name (see `samembed info`), checkpoint path, or random:<arch>")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _add_precision(p)
     p.add_argument("--cache-dir", help="on-disk embedding cache folder")
@@ -794,12 +806,36 @@ def _add_bench_commands(sub) -> None:
         b.set_defaults(func=_bench_missing)
 
 
+class _Parser(argparse.ArgumentParser):
+    """The ``samembed`` parser: a mistyped option is refused with the command's closest option as a suggestion
+    (``unrecognized arguments: --pionts x (--pionts: did you mean --points?)``)."""
+
+    #: the commands' parsers by name (set by :func:`build_parser`)
+    commands: dict = {}
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's own signature
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(ns, "command", None), self)
+            known = [s for a in command._actions for s in a.option_strings if s.startswith("--")]
+            hints = []
+            for token in extras:
+                if token.startswith("--"):
+                    import difflib
+
+                    close = difflib.get_close_matches(token.split("=", 1)[0], known, 1)
+                    hints += [f"{token}: did you mean {close[0]}?"] if close else []
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``samembed`` command."""
-    p = argparse.ArgumentParser(prog="samembed", description="SAM anatomical embeddings: match points across medical images.")
+    p = _Parser(prog="samembed", description="SAM anatomical embeddings: match points across medical images.")
     p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub.choices
 
     m = sub.add_parser("match", help="match points from a source image (or several atlases) into target images",
                        usage="samembed match SOURCE TARGET... --points FILE --out OUT [options]\n"
@@ -871,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     qz = sub.add_parser("quantize", help="calibrate a sam-lite model's int8 form on a sample of its training images")
     qz.add_argument("--config", required=True, help="the model's training config (its data and exclude lists)")
-    qz.add_argument("--model", default="default", help="model name or checkpoint path (a .pt file)")
+    qz.add_argument("--model", default="default", type=_model_name, help="model name or checkpoint path (a .pt file)")
     qz.add_argument("--images", type=int, default=QuantizeSettings.images, help="training images to sample")
     qz.add_argument("--seed", type=int, default=QuantizeSettings.seed)
     qz.add_argument("--exclude", nargs="*", default=[], metavar="GLOB",
@@ -890,7 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="folders the page may open by path (repeatable; default: the folders of IMAGE)")
     w.add_argument("--max-upload-mb", type=float, default=512.0, help="largest upload accepted, MB")
-    w.add_argument("--model", default="default")
+    w.add_argument("--model", default="default", type=_model_name)
     w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])  # (the module's arithmetic: auto)
     w.add_argument("--cache-dir", help="on-disk embedding cache folder")
     add_log_flags(w)

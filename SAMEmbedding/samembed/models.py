@@ -23,7 +23,7 @@ import torch
 from .errors import CheckpointError, InputError, ModelNotAvailableError
 from .networks import EmbeddingNet, build_network
 from .preprocess import PreprocessConfig
-from .registry import find_entry, models_dir, registry  # noqa: F401 - re-exported
+from .registry import find_entry, models_dir, registry, unknown_model  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 KNOWN_OFFICIAL_SHA256 = {
@@ -268,10 +268,9 @@ def load_model(model: str | os.PathLike | LoadedModel = "default") -> LoadedMode
         loaded.info["registry"] = entry
         return loaded
     path = Path(text)
-    if path.exists() or path.suffix in (".pt", ".pth"):
+    if path.exists() or path.suffix.lower() in (".pt", ".pth"):
         return load_checkpoint(path)
-    names = ", ".join(m["name"] for m in registry().get("models", []))
-    raise InputError(f"unknown model '{text}': not in models.json ({names or 'empty'}) and not a file")
+    raise InputError(unknown_model(text) or f"unknown model '{text}'")
 
 
 def save_checkpoint(path: str | os.PathLike, net: EmbeddingNet, preprocess: PreprocessConfig, *, name: str,

@@ -58,6 +58,24 @@ def find_entry(name: str) -> dict | None:
     return None
 
 
+def unknown_model(text: str) -> str | None:
+    """Why ``text`` names no model (a message naming the registered ones, with the closest as a suggestion), or None
+    when it may name one: a ``models.json`` name or alias, ``random:<arch>``, an existing path, or a ``.pt`` /
+    ``.pth`` path (whose loading names a missing file). Reads no weights and imports no torch."""
+    if text.startswith("random:") or find_entry(text) is not None:
+        return None
+    path = Path(text)
+    if path.suffix.lower() in (".pt", ".pth") or path.exists():
+        return None
+    import difflib
+
+    known = [n for m in registry().get("models", []) for n in [m.get("name"), *m.get("aliases", [])] if n]
+    close = difflib.get_close_matches(text, known, 1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    names = ", ".join(m["name"] for m in registry().get("models", []))
+    return f"unknown model '{text}'{hint}: not in models.json ({names or 'empty'}) and not a file"
+
+
 class _TorchLeftOut:
     """Stands for a torch object (tensor, storage, dtype) of a checkpoint read by :func:`checkpoint_header`."""
 

@@ -494,6 +494,33 @@ def test_target_ids_are_file_names_made_unique_by_their_folders():
     assert target_ids(["p.1.nii.gz", "p.2.nii.gz", "my scan (2).nii"]) == ["p.1", "p.2", "my_scan__2_"]
 
 
+def test_a_mistyped_option_or_model_is_refused_with_the_closest_name_before_any_image_is_read(tmp_path, capsys):
+    from samembed.errors import InputError
+    from samembed.models import load_model
+
+    missing = [str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")]  # never read: the mistake is found first
+    with pytest.raises(SystemExit) as stop:
+        main(["match", *missing, "--pionts", "p.csv", "--out", str(tmp_path / "o.csv")])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --pionts p.csv (--pionts: did you mean --points?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["embed", *missing, "--cache-dri", str(tmp_path)])
+    assert "did you mean --cache-dir?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["match", *missing, "--points", "p.csv", "--out", str(tmp_path / "o.csv"), "--model", "defualt"])
+    err = capsys.readouterr().err
+    assert "unknown model 'defualt' (did you mean 'default'?)" in err and "a.nii.gz" not in err
+    with pytest.raises(SystemExit):
+        main(["match", *missing, "--points", "p.csv", "--out", str(tmp_path / "o.csv"), "--model", "fsat"])
+    assert "(did you mean 'fast'?)" in capsys.readouterr().err  # an alias
+    with pytest.raises(InputError, match=r"unknown model 'sam-lite-c' \(did you mean 'sam-lite-ct'\?\)"):
+        load_model("sam-lite-c")  # the Python API says it too
+    for fine in ("default", "fast", "random:sam-lite", str(tmp_path / "mine.pt")):  # (a missing .pt: named at loading)
+        from samembed.cli import _model_name
+
+        assert _model_name(fine) == fine
+
+
 def test_atlas_names_tell_atlases_apart_by_their_image_and_where_it_repeats_by_their_point_file():
     from samembed.names import atlas_names, joined_names
 
