@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                         *map(str, scans)], check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO / "SAMEmbedding"), "OMP_NUM_THREADS": "1"})
         details = cache_info(folder)["details"]
+    unusable = [d for d in details if "damaged" in d or not d.get("stored_voxels")]
+    if unusable:  # the command wrote them: a damaged or empty entry is a failure of this run, named
+        for d in unusable:
+            print(f"{d['file']}: {d.get('damaged') or 'no voxels stored'}", file=sys.stderr)
+        return 1
     rows = sorted(((Path(d["image"]).name, d["bytes"] / 1e6, d["stored_voxels"], d["grid_zyx"]) for d in details),
                   key=lambda r: -r[1])
     mb = np.array([r[1] for r in rows])

@@ -33,21 +33,28 @@ def read_points(path: Path) -> dict[tuple[str, str, str, str], dict[str, str]]:
 
 
 def compare(a: dict, b: dict) -> list[dict]:
-    """Per suite: points, mean error of ``a`` and ``b`` (mm), points moved more than :data:`MOVED_MM` and more than
-    1 mm, the largest move (mm) and the largest change of a score."""
+    """Per suite and method: points, mean error of ``a`` and ``b`` (mm), points moved more than :data:`MOVED_MM`
+    and more than 1 mm, the largest move (mm) and the largest change of a score. A point predicted in one run only
+    (NaN in the other) counts as moved by an infinite distance; the mean errors are over the points both runs
+    predicted (``points`` counts every point, ``predicted`` those)."""
     by_suite = defaultdict(list)
     for key, ra in a.items():
         rb = b[key]
         move = math.dist([float(ra[f"pred_{c}_lps_mm"]) for c in "xyz"], [float(rb[f"pred_{c}_lps_mm"]) for c in "xyz"])
-        by_suite[key[0]].append((float(ra["error_mm"]), float(rb["error_mm"]), move,
-                                 abs(float(ra["score"]) - float(rb["score"]))))
+        ea, eb = float(ra["error_mm"]), float(rb["error_mm"])
+        if math.isnan(move):
+            move = 0.0 if math.isnan(ea) and math.isnan(eb) else math.inf
+        by_suite[(key[0], key[2])].append((ea, eb, move, abs(float(ra["score"]) - float(rb["score"]))))
     rows = []
-    for suite, pts in by_suite.items():
-        n = len(pts)
-        rows.append({"suite": suite, "points": n, "mean_a": sum(p[0] for p in pts) / n,
-                     "mean_b": sum(p[1] for p in pts) / n, "moved": sum(p[2] > MOVED_MM for p in pts),
-                     "moved_1mm": sum(p[2] > 1.0 for p in pts), "largest_move": max(p[2] for p in pts),
-                     "largest_score_change": max(p[3] for p in pts)})
+    for (suite, method), every in by_suite.items():
+        pts = [p for p in every if not (math.isnan(p[0]) or math.isnan(p[1]))]
+        n = max(len(pts), 1)
+        changes = [p[3] for p in pts if not math.isnan(p[3])]
+        rows.append({"suite": suite, "method": method, "points": len(every), "predicted": len(pts),
+                     "mean_a": sum(p[0] for p in pts) / n,
+                     "mean_b": sum(p[1] for p in pts) / n, "moved": sum(p[2] > MOVED_MM for p in every),
+                     "moved_1mm": sum(p[2] > 1.0 for p in every), "largest_move": max(p[2] for p in every),
+                     "largest_score_change": max(changes, default=0.0)})
     return rows
 
 
@@ -61,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.a} and {args.b} hold different points ({len(a.keys() ^ b.keys())} in one only)",
               file=sys.stderr)
         return 2
-    print(f"| suite | points | mean error, {args.a.name} | mean error, {args.b.name} | difference "
-          f"| moved > {MOVED_MM} mm | moved > 1 mm | largest move | largest score change |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| suite | method | points (both predicted) | mean error, {args.a.name} | mean error, {args.b.name} "
+          f"| difference | moved > {MOVED_MM} mm | moved > 1 mm | largest move | largest score change |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in compare(a, b):
-        print(f"| {r['suite']} | {r['points']} | {r['mean_a']:.3f} mm | {r['mean_b']:.3f} mm "
+        print(f"| {r['suite']} | {r['method']} | {r['points']} ({r['predicted']}) | {r['mean_a']:.3f} mm "
+              f"| {r['mean_b']:.3f} mm "
               f"| {r['mean_b'] - r['mean_a']:+.4f} mm | {r['moved']} | {r['moved_1mm']} | {r['largest_move']:.3f} mm "
               f"| {r['largest_score_change']:.4f} |")
     return 0

@@ -882,7 +882,8 @@ class MatchLogic:
 
     def updateResultsTable(self, sourcePointList):
         """Rebuild the results table (label, target, R, A, S, score, confident, roundtrip_mm: how far the round
-        trip landed from the click, why a match is not confident) from the output point lists."""
+        trip landed from the click, mm, why a match is not confident; NaN for a scene saved before it was stored)
+        from the output point lists."""
         tableNode = self.resultsTable(sourcePointList, create=True)
         table = vtk.vtkTable()
         columns = {}
@@ -1028,7 +1029,7 @@ class MatchLogic:
             writer.writerow(TABLE_COLUMNS)
             for row in self.resultRows(sourcePointList):
                 writer.writerow([row.label, row.target, *(f"{v:.4f}" for v in row.pointRAS), f"{row.score:.4f}",
-                                 int(row.confident), f"{row.roundtripMm:.2f}" if math.isfinite(row.roundtripMm) else ""])
+                                 int(row.confident), f"{row.roundtripMm:.3f}"])
             return [write_text_atomic(path, buffer.getvalue())]
         from slicer import vtkMRMLMarkupsFiducialStorageNode, vtkMRMLMarkupsJsonStorageNode
 

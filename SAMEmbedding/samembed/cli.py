@@ -485,7 +485,7 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
             for res in done:
                 for r, m in zip(res.rows(ras=args.ras), res.matches):
                     rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
-                                 f"{r['score']:.4f}", str(r["confident"]).lower(), f"{r['roundtrip_mm']:.2f}"]
+                                 f"{r['score']:.4f}", str(r["confident"]).lower(), f"{r['roundtrip_mm']:.3f}"]
                                 + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}", _rejected(m, fused)]
                                    if fused else []))
             write_text_atomic(out, csv_text(rows))
@@ -603,6 +603,8 @@ def _cmd_cache(args) -> int:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["modified"]))
         if e.get("damaged") == OLDER_FORMAT:  # named otherwise than today's entries: never read again
             what = "an older format, never read: `samembed cache clear` removes it"
+        elif e.get("older"):  # its key names another format: never read by this version
+            what = f"{e['damaged']}, never read by this version: `samembed cache clear` removes it"
         elif "damaged" in e:
             what = f"damaged, recomputed when next used: {e['damaged']}"
         else:

@@ -33,7 +33,7 @@ from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import PRECISIONS, ProgressFn
 from .preprocess import axes_reoriented, body_mask_on_grid, obliquity_deg, onto_lps_axes, pad_to_multiple, preprocess
-from .tiles import new_feature_rows
+from .tiles import LOCAL_ENCODING, new_feature_rows
 
 log = logging.getLogger(__name__)
 
@@ -773,7 +773,11 @@ class Embedder:
             arithmetic += f"|{int8_arithmetic()}|{self._calibration_id}"
         if self.half:  # CUDA: the convolutions run in float16 (autocast), whatever the precision's name
             arithmetic += "|fp16-autocast"
-        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{arithmetic}".encode())
+        # the entry's format too: a version that stores another encoding (half-precision vectors before) keeps its own
+        # entries in a shared folder, instead of each replacing the other's on every run
+        stored = LOCAL_ENCODING
+        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{arithmetic}|"
+                           f"{stored}".encode())
         h = h.hexdigest()
         return h[:32]
 
@@ -1014,9 +1018,8 @@ class Embedder:
         except OSError as e:  # removed meanwhile (another process's `cache clear`), a passing I/O error: made again
             log.warning("could not read the cache entry %s (%s); it will be recomputed", path, e.strerror or e)
             return None
-        except OlderEntry as e:  # e.g. the local vectors in half precision: once after an upgrade
-            log.warning("recomputing the cache entry %s: %s; it is replaced by this version's", path,
-                        str(e).removeprefix(f"{path}: "))
+        except OlderEntry as e:  # written by an older version under this key: recomputed (and rewritten if it can be)
+            log.warning("recomputing the cache entry %s: %s", path, str(e).removeprefix(f"{path}: "))
             return None
         except DamagedEntry as e:
             log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
@@ -1069,7 +1072,11 @@ class Embedder:
         body = maps.body.cpu().numpy()
         stored = body if maps.ready is None else body & maps.ready.numpy()
         idx = torch.from_numpy(np.flatnonzero(stored))
-        packed = packed_directions(maps.vectors, idx)  # (stored, bytes per vector)
+        try:
+            packed = packed_directions(maps.vectors, idx)  # (stored, bytes per vector)
+        except ValueError as e:  # NaN vectors (a broken model): this image's maps are not stored
+            log.warning("not writing the cache entry %s of %s: %s", path, maps.image_name or "an image", e)
+            return
         meta = {"local_grid": _grid_to_dict(maps.local_grid), "global_grid": _grid_to_dict(maps.global_grid),
                 "model_id": maps.model_id, "key": maps.key, "image": maps.image_name, "local_encoding": LOCAL_ENCODING}
         try:

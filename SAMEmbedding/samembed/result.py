@@ -82,7 +82,8 @@ class MatchResult:
 
     def rows(self, ras: bool = False) -> list[dict]:
         """One dict per match with target, label, x, y, z (LPS, or RAS if ``ras``), score, confident and
-        roundtrip_mm (why a match is not confident: its round trip landed that far from the click, mm)."""
+        roundtrip_mm (why a match is not confident: its round trip landed that far from the click, mm; for a fused
+        match, whose flag says whether the atlases agreed, the median round trip of the agreeing atlases)."""
         out = []
         for m in self.matches:
             p = m.point_ras_mm if ras else m.point_lps_mm

@@ -19,7 +19,6 @@ import json
 import math
 import re
 import struct
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -337,26 +336,33 @@ def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor 
             dst.index_copy_(0, flat[i:i + block].to(dst.device), rows)
 
 
+#: whether this machine stores integers most significant byte first (entries are little-endian everywhere)
+_BIG_ENDIAN = __import__("sys").byteorder == "big"
+
+
 def _packing(bits: int, channels: int) -> tuple[int, int, int]:
     """(components per group, bytes per group, groups per vector) of :func:`packed_directions`: a group is the fewest
-    components whose bits fill whole bytes (4 components in 5 bytes at 10 bits); a vector's last group is filled
-    with zeros when its channels do not fill it (a zero does not change a direction)."""
-    if sys.byteorder != "little":  # the groups are packed as the native int64's low bytes (as torch's platforms are)
-        raise NotImplementedError("cache entries are written and read on little-endian machines only")
-    if not 2 <= bits <= 16:
-        raise ValueError(f"cannot pack components of {bits} bits (2 to 16)")
-    group = 8 // math.gcd(bits, 8)
+    components whose bits fill whole bytes (4 components in 5 bytes at 10 bits), packed into one 64-bit word; a
+    vector's last group is filled with zeros when its channels do not fill it (a zero does not change a direction)."""
+    group = 8 // math.gcd(bits, 8) if bits > 0 else 0
+    if not 2 <= bits <= 16 or group * bits > 64:
+        raise ValueError(f"cannot pack components of {bits} bits (2 to 16 whose groups fit 64 bits: 10, 12, 16, ...)")
     return group, group * bits // 8, -(-channels // group)
 
 
 def packed_directions(rows: torch.Tensor, index: torch.Tensor | None = None, bits: int = DIRECTION_BITS,
                       block: int = ROW_BLOCK) -> np.ndarray:
-    """(n, C * bits / 8) uint8: the directions of the voxel-major ``rows`` (n, C), or of its rows ``index`` (n,),
-    as a cache entry stores a local unit vector. Each row is scaled so that its largest component is
-    ±(2^(bits-1) - 1), rounded, and packed little-endian, ``bits`` bits per component (80 bytes for 64 channels at
-    10 bits, against 128 in float16). Read back (:func:`unpacked_directions`, then normalised), a component is
-    within the largest one's 1/(2^bits - 2) of the vector's, before normalising. Block by block: no full-size
-    temporaries (0.12 s for 358 k vectors of 64 on one thread)."""
+    """(n, bytes) uint8: the directions of the voxel-major ``rows`` (n, C), or of its rows ``index`` (n,), as a cache
+    entry stores a local unit vector. Each row is scaled so that its largest component is ±(2^(bits-1) - 1),
+    rounded, and packed little-endian (on any machine), ``bits`` bits per component in groups of whole bytes
+    (:func:`_packing`: 80 bytes for 64 channels at 10 bits, against 128 in float16). Read back
+    (:func:`unpacked_directions`, then normalised), a component is within the largest one's 1/(2^bits - 2) of the
+    vector's, before normalising. Block by block: no full-size temporaries (0.13-0.15 s for 358 k vectors of 64 on
+    one thread).
+
+    Raises:
+        ValueError: a vector holds NaN or an infinity (it has no direction to store).
+    """
     import torch
 
     channels = rows.shape[1]
@@ -366,11 +372,16 @@ def packed_directions(rows: torch.Tensor, index: torch.Tensor | None = None, bit
     shifts = torch.arange(group, dtype=torch.int64) * bits
     for i in range(0, n, block):
         blk = (rows[i:i + block] if index is None else rows[index[i:i + block].to(rows.device)]).float().cpu()
-        peak = blk.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
+        peak = blk.abs().amax(dim=1, keepdim=True)  # NaN or an infinity where a component is one
+        if not bool(torch.isfinite(peak).all()):
+            raise ValueError("local vectors holding NaN or an infinity have no direction to store")
+        peak.clamp_min_(1e-30)
         ints = torch.full((len(blk), groups * group), top, dtype=torch.int64)  # (the fill: zeros, offset)
         ints[:, :channels] = (blk * (top / peak)).round_().clamp_(-top, top).to(torch.int64).add_(top)  # 0 .. 2 top
-        words = (ints.view(len(ints), groups, group) << shifts).sum(dim=2)  # (n, groups), the low bytes used
-        out[i:i + block] = words.view(torch.uint8).view(len(ints), -1, 8)[..., :nbytes].reshape(len(ints), -1)
+        words = (ints.view(len(ints), groups, group) << shifts).sum(dim=2)  # (n, groups), low bytes used
+        if _BIG_ENDIAN:  # each word's bytes stored least significant first on any machine
+            words = torch.from_numpy(words.numpy().byteswap())
+        out[i:i + block] = words.view(torch.uint8).view(len(ints), groups, 8)[..., :nbytes].reshape(len(ints), -1)
     return out.numpy()
 
 
@@ -381,10 +392,11 @@ def unpacked_directions(packed: np.ndarray, channels: int, bits: int = DIRECTION
 
     group, nbytes, groups = _packing(bits, channels)
     top, n = (1 << (bits - 1)) - 1, len(packed)
-    words = torch.zeros((n, groups, 8), dtype=torch.uint8)
-    words[..., :nbytes] = torch.from_numpy(packed).view(n, -1, nbytes)
+    words = np.zeros((n, groups, 8), np.uint8)
+    words[..., :nbytes] = np.asarray(packed).reshape(n, groups, nbytes)
+    native = torch.from_numpy(words.view("<i8").astype(np.int64))  # (n, groups, 1) (a copy even where no swap is due)
     shifts = torch.arange(group, dtype=torch.int64) * bits
-    ints = (words.view(torch.int64) >> shifts) & ((1 << bits) - 1)  # (n, groups, group)
+    ints = (native >> shifts) & ((1 << bits) - 1)  # (n, groups, group)
     return ints.view(n, groups * group)[:, :channels].float().sub_(top)
 
 
@@ -620,18 +632,19 @@ OLDER_FORMAT = "an older format"
 
 def _entry_summary(path: Path, size: int) -> dict:
     """What ``samembed cache info`` says of one entry of ``size`` bytes: the image and model it holds, its local grid
-    (shape and spacing in z, y, x order) and how many of that grid's voxels it stores, or why it will be recomputed
-    (a header that is not an entry's, or a file shorter or longer than its header says; its checksum is verified only
-    when the entry is used)."""
+    (shape and spacing in z, y, x order) and how many of that grid's voxels it stores, or why it is not used:
+    ``damaged`` (a header that is not an entry's, or a file shorter or longer than its header says; its checksum is
+    verified only when the entry is used), with ``older`` True for an older version's entry (its key is not this
+    version's: never read, only removed by ``samembed cache clear``)."""
     if OLDER_ENTRY_NAME.fullmatch(path.name):
-        return {"damaged": OLDER_FORMAT}
+        return {"damaged": OLDER_FORMAT, "older": True}
     try:
         h, offset = read_entry_header(path)
         _check_payload_size(path, h, size - offset)
         if h.get("checksum_covers") != CHECKSUM_COVERS:
-            return {"damaged": "an entry of an older version (its checksum did not cover its header)"}
+            return {"damaged": "an entry of an older version (its checksum did not cover its header)", "older": True}
         if h.get("local_encoding") != LOCAL_ENCODING:
-            return {"damaged": OLDER_LOCAL_ENCODING}
+            return {"damaged": OLDER_LOCAL_ENCODING, "older": True}
         grid = h["local_grid"]
         arrays = h["arrays"]
         return {"image": str(h.get("image") or "?"), "model": str(h.get("model_id") or "?"),

@@ -66,7 +66,7 @@ def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv, monkey
     # why a match is (not) confident: its round trip (mm), within the tolerance (two local voxels by default)
     trips = {c: [float(r["roundtrip_mm"]) for r in rows if r["confident"] == c] for c in ("true", "false")}
     assert all(t >= 0 for t in trips["true"] + trips["false"])
-    assert max(trips["true"], default=0.0) < min(trips["false"], default=np.inf), trips
+    assert max(trips["true"], default=0.0) <= min(trips["false"], default=np.inf), trips  # (rounded: may be equal)
     assert len(list((tmp_path / "hm").glob("*_heatmap.nii.gz"))) == 4
     assert sorted(reads) == sorted(map(str, two_cts)), "the command read a file twice"
 
@@ -559,9 +559,9 @@ def test_embed_fills_the_disk_cache_with_the_body_as_a_whole_embedding_gives_it(
     assert len(entries) == 1
     _, (_, body_bits, stored_bits, packed) = read_entry(entries[0])
     assert np.array_equal(stored_bits, body_bits), "the entry must hold every body voxel and no other"
-    stored = np.flatnonzero(np.unpackbits(stored_bits))[: len(packed)]
-    assert 0 < len(stored) == len(packed)
     whole = Matcher("random:sam-lite", device="cpu").embed(read_image(two_cts[0]))  # every voxel, air included
+    stored = np.flatnonzero(np.unpackbits(stored_bits, count=whole.valid.numel()))
+    assert 0 < len(stored) == len(packed)
     ref = whole.vectors[torch.from_numpy(stored), : whole.n_local]
     back = unpacked_directions(packed, whole.n_local)  # the packed directions on disk, read back as unit vectors
     back /= torch.linalg.vector_norm(back, dim=1, keepdim=True)

@@ -191,12 +191,15 @@ def test_an_entry_of_another_layout_is_recomputed_not_raised(a_model, tmp_path, 
     assert any("ignoring damaged cache entry" in r.getMessage() for r in caplog.records)
 
 
-def test_an_entry_of_half_precision_local_vectors_is_recomputed_and_replaced(a_model, tmp_path, caplog):
-    """Entries written before the local vectors were stored as packed directions hold them in float16: read as this
-    version's, they are named an older version's, recomputed (not trusted) and replaced by an entry of this
-    version, which the next run uses."""
+def test_entries_of_another_encoding_are_never_trusted_and_two_versions_keep_their_own(a_model, tmp_path, caplog,
+                                                                                         monkeypatch):
+    """Entries written before the local vectors were stored as packed directions hold them in float16. The key names
+    the encoding, so a version of each sharing a folder keeps its own entry (a review: each replaced the other's on
+    every run); an entry of another encoding found under this version's key is recomputed, never trusted. The next
+    run reads this version's entry: its stored voxels need no network."""
     import logging
 
+    from samembed import embedding, tiles
     from samembed.tiles import LOCAL_ENCODING, read_entry, write_entry
 
     img = a_ct_like_image()
@@ -205,26 +208,35 @@ def test_an_entry_of_half_precision_local_vectors_is_recomputed_and_replaced(a_m
     path = emb._disk_path(emb.key(img))
     header, arrays = read_entry(path)
     assert header["local_encoding"] == LOCAL_ENCODING and arrays[3].dtype == np.uint8
+    stored = torch.from_numpy(np.flatnonzero(np.unpackbits(arrays[2], count=fresh.valid.numel())))
+    assert len(stored) > 0
+    # the half-precision version's entry: under its own key, left as it is
+    monkeypatch.setattr(embedding, "LOCAL_ENCODING", "half precision")
+    older_path = emb._disk_path(emb.key(img))
+    monkeypatch.undo()
+    assert older_path != path
     header.pop("local_encoding")
     for k in ("payload_bytes", "arrays", "checksum_covers", "sha256"):
         header.pop(k)
-    stored = torch.from_numpy(np.flatnonzero(np.unpackbits(arrays[2], count=fresh.valid.numel())))
-    assert len(stored) > 0
     half = fresh.vectors[stored].T.half().numpy()
-    write_entry(path, header, arrays[:3] + [np.zeros_like(half)])  # an older version's entry (zeros: never used)
-    again = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    write_entry(older_path, header, arrays[:3] + [np.zeros_like(half)])  # (zeros: never to be used)
+    older = older_path.read_bytes()
     with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
-        maps = again.embed(img)
-    assert any("older version (its local vectors in half precision)" in r.getMessage() and str(path) in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
-    assert maps.complete and torch.equal(maps.vectors, fresh.vectors), "the older entry's vectors were used"
-    assert read_entry(path)[0]["local_encoding"] == LOCAL_ENCODING, "the older entry was not replaced"
-    caplog.clear()
+        warm = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img, on_demand=True)
+    assert not caplog.records and older_path.read_bytes() == older
+    assert warm.tiles.input_voxels == 0 and bool(warm.ready[stored].all()), "this version's entry was not read"
+    assert float((warm.vectors[stored] * fresh.vectors[stored]).sum(1).min()) > 1 - 1e-3  # the directions read back
+    info = {e["file"]: e for e in tiles.cache_info(tmp_path)["details"]}
+    assert "older version (its local vectors in half precision)" in info[older_path.name]["damaged"]
+    assert "damaged" not in info[path.name]
+    # an entry of another encoding under this version's key (a copied file, another version's bug): recomputed
+    write_entry(path, header, arrays[:3] + [np.zeros_like(half)])
     with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
-        third = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
-    assert not caplog.records
-    assert bool(third.ready[stored].all()) if third.ready is not None else True
-    assert float((third.vectors[stored] * fresh.vectors[stored]).sum(1).min()) > 1 - 1e-3  # the directions read back
+        maps = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
+    assert any("recomputing the cache entry" in r.getMessage() and str(path) in r.getMessage()
+               and "its local vectors in half precision" in r.getMessage() for r in caplog.records), caplog.records
+    assert maps.complete and torch.equal(maps.vectors, fresh.vectors), "the other encoding's vectors were used"
+    assert read_entry(path)[0]["local_encoding"] == LOCAL_ENCODING, "it was not written again"
 
 
 @pytest.mark.parametrize(("direction", "reoriented"), [

@@ -616,8 +616,9 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     assert lines[0].endswith(f"[{older.name}]") and "older format" in lines[0]
     assert "pt_1.nii.gz  sam-lite-ct@0123  local grid 10x20x30 (zyx) at 2x3x4 mm, 1,234 voxels stored" in lines[1]
     assert lines[1].endswith(f"[{good.name}]")
-    assert "truncated" in lines[2] and all("damaged" in line for line in lines[2:6]), lines
-    assert "older version (its local vectors in half precision)" in lines[5], lines
+    assert "truncated" in lines[2] and all("damaged" in line for line in lines[2:5]), lines
+    assert ("an entry of an older version (its local vectors in half precision), never read by this version: "
+            "`samembed cache clear` removes it") in lines[5], lines
     for f in ("b", "c", "d", "e"):
         entry(f).unlink()
     older.unlink()
@@ -800,7 +801,8 @@ def test_writes_left_unfinished_by_killed_processes_are_listed_and_cleared_but_a
 
 def test_an_entry_whose_checksum_did_not_cover_its_header_is_named_and_recomputed(tmp_path, capsys):
     """Entries written before the checksum covered the header could carry a damaged grid unseen: `cache info` names
-    them an older version and reading one raises, so that it is recomputed (and rewritten under its name)."""
+    them an older version (whose keys this version never reads), and reading one raises, so that it is never
+    trusted."""
     import hashlib
     import json
     import struct
@@ -819,4 +821,5 @@ def test_an_entry_whose_checksum_did_not_cover_its_header_is_named_and_recompute
     with pytest.raises(DamagedEntry, match="older version"):
         read_entry(old)
     assert main(["cache", "info", str(tmp_path)]) == 0
-    assert "damaged, recomputed when next used: an entry of an older version" in capsys.readouterr().out
+    assert "an entry of an older version (its checksum did not cover its header), never read by this version" in \
+        capsys.readouterr().out

@@ -116,8 +116,8 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: 
             # what an entry holds (the global map, the body's local map): computed once, or the missing part of it
             disk.embed_body(image)
             m.cache.clear()
-        # every worker matches with the float16 maps read from the folder, so results do not depend on where a
-        # scan ran (the worker that computed them would otherwise hold float32 maps); a voxel the folder does not
+        # every worker matches with the maps read from the folder (packed directions), so results do not depend on
+        # where a scan ran (the worker that computed them would otherwise hold float32 maps); a voxel the folder does not
         # hold (outside the body) is computed when a search reads it, the same on every worker (tiles are exact)
         maps = disk.embed(image, on_demand=True)
         eng.stats["atlas_loaded" if on_disk else "atlas_computed"] += 1
