@@ -239,6 +239,24 @@ def test_entries_of_another_encoding_are_never_trusted_and_two_versions_keep_the
     assert read_entry(path)[0]["local_encoding"] == LOCAL_ENCODING, "it was not written again"
 
 
+def test_vectors_holding_nan_are_not_stored_in_the_cache(a_model, tmp_path, caplog):
+    """A NaN has no direction: packed, it came back as a zero vector, so a warm run differed from a cold one without
+    a word (a review). Such maps are not written; the warning names the entry."""
+    import logging
+
+    img = a_ct_like_image()
+    emb = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    maps = emb.embed(img)
+    path = emb._disk_path(maps.key)
+    path.unlink()
+    maps.vectors[int(torch.nonzero(maps.body)[0])] = float("nan")  # a body voxel: one that is stored
+    maps.dirty = True
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        emb.save(maps)
+    assert not path.exists()
+    assert any(str(path) in r.getMessage() and "NaN" in r.getMessage() for r in caplog.records), caplog.records
+
+
 @pytest.mark.parametrize(("direction", "reoriented"), [
     (np.eye(2), False), ([[np.cos(0.035), -np.sin(0.035)], [np.sin(0.035), np.cos(0.035)]], False),
     (np.eye(2) + 3e-8 * np.array([[0.0, 1.0], [-1.0, 0.0]]), False), (np.diag([-1.0, -1.0]), True),
