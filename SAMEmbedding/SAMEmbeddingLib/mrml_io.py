@@ -168,6 +168,14 @@ def read_volume_voxels(node, name: str | None = None) -> VolumeVoxels:
     return VolumeVoxels(name, numpy_support.vtk_to_numpy(scalars), n_comp, shape_zyx, grid3, image_data)
 
 
+def _mapped(path: Path, dtype: np.dtype, shape_zyx: tuple[int, ...], offset: int) -> np.ndarray:
+    """The voxels of the ``.npy`` file ``path`` that :func:`_copy_to_file` wrote, mapped read-only, without parsing
+    its header again: ``np.load`` parses it with ``ast.literal_eval``, which Python 3.11 cannot run in two threads at
+    once (the volumes of a click are copied in parallel; CI saw "SystemError: AST constructor recursion depth
+    mismatch", CPython gh-106905)."""
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape_zyx, offset=offset)
+
+
 def _copy_to_file(voxels_zyx: np.ndarray, path: Path) -> np.ndarray | None:
     """The voxels copied into a new ``.npy`` file at ``path`` and mapped from it read-only (the copy the worker
     thread reads instead of VTK memory, already in the file that the engine process reads), or None when the file
@@ -178,13 +186,14 @@ def _copy_to_file(voxels_zyx: np.ndarray, path: Path) -> np.ndarray | None:
         return None
     try:
         out = np.lib.format.open_memmap(path, mode="w+", dtype=voxels_zyx.dtype, shape=voxels_zyx.shape)
+        offset = out.offset  # where the voxels start, after the .npy header
         try:
             with open(path, "r+b") as f:  # the file's blocks now: a full disk is an OSError here
                 os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
             out[...] = voxels_zyx
         finally:
             del out  # unmapped: the pages stay in the page cache, written back to the disk in the background
-        return np.load(path, mmap_mode="r")
+        return _mapped(path, voxels_zyx.dtype, voxels_zyx.shape, offset)
     except BaseException as e:  # nothing is left at path, whatever the error (in shared memory a file holds memory)
         with contextlib.suppress(OSError):
             path.unlink()

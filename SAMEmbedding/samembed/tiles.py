@@ -19,6 +19,7 @@ import json
 import math
 import re
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -337,7 +338,7 @@ def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor 
 
 
 #: whether this machine stores integers most significant byte first (entries are little-endian everywhere)
-_BIG_ENDIAN = __import__("sys").byteorder == "big"
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 def _packing(bits: int, channels: int) -> tuple[int, int, int]:

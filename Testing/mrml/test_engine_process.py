@@ -468,17 +468,17 @@ def test_volume_files_go_when_copying_several_volumes_fails(a_scene, a_process_l
 
     nodes = [a_small_ct, *(_shifted_copy(a_scene, a_small_ct, [10.0 * k, 0.0, 0.0], f"copy {k}") for k in (1, 2))]
     engine = a_process_logic.getMatcher()
-    load = np.load
+    mapped = mrml_io._mapped
 
     def no_memory(*args, **kwargs):
         raise MemoryError("no memory left")
 
-    monkeypatch.setattr(np, "load", no_memory)
+    monkeypatch.setattr(mrml_io, "_mapped", no_memory)
     with pytest.raises(MemoryError):
         a_process_logic.imagesForVolumes(nodes)
     gc.collect()
     assert not _volume_files(engine), "a volume file was left behind"
-    monkeypatch.setattr(np, "load", load)
+    monkeypatch.setattr(mrml_io, "_mapped", mapped)
     images = a_process_logic.imagesForVolumes(nodes)
     assert len({Path(image.array.filename) for image in images}) == 3
 

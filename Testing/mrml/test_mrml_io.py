@@ -171,11 +171,28 @@ def test_a_volume_file_goes_with_an_error_that_stops_its_copy(a_small_ct, tmp_pa
     def no_memory(*args, **kwargs):
         raise MemoryError("no memory left")
 
-    monkeypatch.setattr(mrml_io.np, "load", no_memory)  # after the voxels are written, before they are mapped
+    monkeypatch.setattr(mrml_io, "_mapped", no_memory)  # after the voxels are written, before they are mapped
     path = tmp_path / "volume.npy"
     with pytest.raises(MemoryError):
         mrml_io.image_from_volume_node(a_small_ct, voxels_file=path)
     assert not path.exists()
+
+
+def test_a_volume_copied_to_its_file_is_mapped_without_parsing_python_source(a_small_ct, tmp_path, monkeypatch):
+    """The volumes of a click are copied on several threads; ``np.load`` parsed each file's header with
+    ``ast.literal_eval``, which Python 3.11 cannot run in two threads at once (CI failed with "SystemError: AST
+    constructor recursion depth mismatch", CPython gh-106905). The copy is mapped as written instead."""
+    import ast
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("ast.literal_eval called while a volume was copied")
+
+    monkeypatch.setattr(ast, "literal_eval", no_parsing)
+    path = tmp_path / "volume.npy"
+    image = mrml_io.image_from_volume_node(a_small_ct, voxels_file=path)
+    monkeypatch.undo()
+    assert isinstance(image.array, np.memmap) and Path(image.array.filename) == path
+    np.testing.assert_array_equal(image.array, np.load(path))  # the same voxels as the file's own header says
 
 
 def test_converting_a_volume_leaves_it_unchanged(a_small_ct):
