@@ -756,7 +756,8 @@ class Embedder:
                                self.local_stride_zyx, self.prefetch)
 
     def key(self, image: Image) -> str:
-        """Cache key: image content hash + model id + preprocessing + modality + the arithmetic (precision; for int8
+        """Cache key: image content hash + model id + preprocessing + modality + how an entry stores the local vectors
+        (:data:`~samembed.tiles.LOCAL_ENCODING`) + the arithmetic (precision; for int8
         whether oneDNN sums with VNNI, :func:`~samembed.networks.int8.int8_arithmetic`, and the calibration; on CUDA
         the float16 autocast) (and, for a grid more oblique than :data:`~samembed.preprocess.OBLIQUE_LIMIT_DEG`, that
         its input lies on the LPS axes, and for a 2D grid whose axes are flipped or permuted, that its input is
@@ -775,9 +776,8 @@ class Embedder:
             arithmetic += "|fp16-autocast"
         # the entry's format too: a version that stores another encoding (half-precision vectors before) keeps its own
         # entries in a shared folder, instead of each replacing the other's on every run
-        stored = LOCAL_ENCODING
         h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{arithmetic}|"
-                           f"{stored}".encode())
+                           f"{LOCAL_ENCODING}".encode())
         h = h.hexdigest()
         return h[:32]
 
@@ -1064,7 +1064,7 @@ class Embedder:
         """Write ``maps`` to the disk cache (when there is one and tiles were computed since the last write):
         the global map in half precision, the computed body voxels' local vectors as packed directions
         (:func:`~samembed.tiles.packed_directions`), and a checksum."""
-        from .tiles import LOCAL_ENCODING, packed_directions, write_entry
+        from .tiles import packed_directions, write_entry
 
         path = self._disk_path(maps.key)
         if path is None or self._cache_write_failed or (not maps.dirty and path.is_file()) or path in self._unreadable:

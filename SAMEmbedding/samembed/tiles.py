@@ -42,8 +42,8 @@ OLDER_ENTRY_NAME = re.compile(r"[0-9a-f]{32}\.pt")
 ENTRY_NAME = re.compile(r"[0-9a-f]{32}" + re.escape(ENTRY_SUFFIX))
 #: bits per component of a cache entry's local vectors (:func:`packed_directions`)
 DIRECTION_BITS = 10
-#: how an entry stores each voxel's local vector (:func:`packed_directions`; entries of the half-precision vectors
-#: before are recomputed)
+#: how an entry stores each voxel's local vector (:func:`packed_directions`); part of every key, so that the entries
+#: of the half-precision vectors before are never read (:func:`samembed.embedding.Embedder.key`)
 LOCAL_ENCODING = f"{DIRECTION_BITS}-bit directions"
 #: how a file that torch wrote starts (a zip archive; before torch 1.6, a pickle)
 _TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
@@ -552,8 +552,8 @@ class DamagedEntry(ValueError):
 
 
 class OlderEntry(DamagedEntry):
-    """An intact cache entry written by an older samembed version in a format this one does not read (it is
-    recomputed and replaced)."""
+    """An intact cache entry written by another samembed version in a format this one does not read (it is
+    recomputed, never trusted)."""
 
 
 def read_entry(path: Path) -> tuple[dict, list[np.ndarray]]:
@@ -571,7 +571,7 @@ def read_entry(path: Path) -> tuple[dict, list[np.ndarray]]:
     if header.get("checksum_covers") != CHECKSUM_COVERS:
         raise OlderEntry(f"{path}: an entry of an older version (its checksum did not cover its header)")
     if header.get("local_encoding") != LOCAL_ENCODING:  # (checked before the checksum: no need to hash it)
-        raise OlderEntry(f"{path}: {OLDER_LOCAL_ENCODING}")
+        raise OlderEntry(f"{path}: {_other_encoding(header)}")
     payload = memoryview(data)[start:]
     if _digest(header, payload) != header.get("sha256"):
         raise DamagedEntry(f"{path}: checksum mismatch (corrupt)")
@@ -625,8 +625,15 @@ def _check_payload_size(path: Path, header: dict, payload_bytes: int) -> None:
                            "(truncated?)")
 
 
-#: why an entry whose local vectors are not in :data:`LOCAL_ENCODING` is recomputed
-OLDER_LOCAL_ENCODING = "an entry of an older version (its local vectors in half precision)"
+def _other_encoding(header: dict) -> str:
+    """Why an entry whose local vectors are not in :data:`LOCAL_ENCODING` is not used."""
+    encoding = header.get("local_encoding")
+    if encoding is None:
+        return "an entry of an older version (its local vectors in half precision)"
+    return f"an entry of another version (its local vectors as {encoding})"
+
+
+
 #: what :func:`cache_info` says of a file of the older, torch-pickled format (named otherwise: never read again)
 OLDER_FORMAT = "an older format"
 
@@ -645,7 +652,7 @@ def _entry_summary(path: Path, size: int) -> dict:
         if h.get("checksum_covers") != CHECKSUM_COVERS:
             return {"damaged": "an entry of an older version (its checksum did not cover its header)", "older": True}
         if h.get("local_encoding") != LOCAL_ENCODING:
-            return {"damaged": OLDER_LOCAL_ENCODING, "older": True}
+            return {"damaged": _other_encoding(h), "older": True}
         grid = h["local_grid"]
         arrays = h["arrays"]
         return {"image": str(h.get("image") or "?"), "model": str(h.get("model_id") or "?"),

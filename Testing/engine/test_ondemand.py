@@ -602,6 +602,7 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     entry("d").write_bytes(b"not an entry")
     half = {k: v for k, v in header.items() if k != "local_encoding"}  # the local vectors in float16, as before
     write_entry(entry("e"), half, arrays[:3] + [np.zeros((64, 1234), np.float16)])
+    write_entry(entry("f"), {**header, "local_encoding": "12-bit directions"}, arrays)  # another version's
     older = tmp_path / f"{'0' * 31}f.pt"  # an entry of the older, torch-pickled format: named by its key
     older.write_bytes(b"PK\x03\x04 older")  # (torch's files are zip archives)
     # not entries: never listed, never removed (a checkpoint kept beside the cache, a file of that suffix but not
@@ -612,14 +613,15 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
         f.write_bytes(b"someone's file")
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 7 and lines[-1].startswith("6 entries,"), lines
+    assert len(lines) == 8 and lines[-1].startswith("7 entries,"), lines
     assert lines[0].endswith(f"[{older.name}]") and "older format" in lines[0]
     assert "pt_1.nii.gz  sam-lite-ct@0123  local grid 10x20x30 (zyx) at 2x3x4 mm, 1,234 voxels stored" in lines[1]
     assert lines[1].endswith(f"[{good.name}]")
     assert "truncated" in lines[2] and all("damaged" in line for line in lines[2:5]), lines
     assert ("an entry of an older version (its local vectors in half precision), never read by this version: "
             "`samembed cache clear` removes it") in lines[5], lines
-    for f in ("b", "c", "d", "e"):
+    assert "an entry of another version (its local vectors as 12-bit directions), never read" in lines[6], lines
+    for f in ("b", "c", "d", "e", "f"):
         entry(f).unlink()
     older.unlink()
     assert main(["cache", "info", str(tmp_path)]) == 0  # the folder as an argument, as --cache-dir
