@@ -48,7 +48,7 @@ def compare(a: dict, b: dict) -> list[dict]:
     rows = []
     for (suite, method), every in by_suite.items():
         pts = [p for p in every if not (math.isnan(p[0]) or math.isnan(p[1]))]
-        n = max(len(pts), 1)
+        n = len(pts) or math.nan  # no point predicted in both: NaN means
         changes = [p[3] for p in pts if not math.isnan(p[3])]
         rows.append({"suite": suite, "method": method, "points": len(every), "predicted": len(pts),
                      "mean_a": sum(p[0] for p in pts) / n,

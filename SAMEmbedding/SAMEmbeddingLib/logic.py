@@ -1029,7 +1029,7 @@ class MatchLogic:
             writer.writerow(TABLE_COLUMNS)
             for row in self.resultRows(sourcePointList):
                 writer.writerow([row.label, row.target, *(f"{v:.4f}" for v in row.pointRAS), f"{row.score:.4f}",
-                                 int(row.confident), f"{row.roundtripMm:.3f}"])
+                                 int(row.confident), f"{row.roundtripMm:.3f}" if math.isfinite(row.roundtripMm) else ""])
             return [write_text_atomic(path, buffer.getvalue())]
         from slicer import vtkMRMLMarkupsFiducialStorageNode, vtkMRMLMarkupsJsonStorageNode
 

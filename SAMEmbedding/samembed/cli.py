@@ -604,7 +604,7 @@ def _cmd_cache(args) -> int:
         if e.get("damaged") == OLDER_FORMAT:  # named otherwise than today's entries: never read again
             what = "an older format, never read: `samembed cache clear` removes it"
         elif e.get("older"):  # its key names another format: never read by this version
-            what = f"{e['damaged']}, never read by this version: `samembed cache clear` removes it"
+            what = f"{e['damaged']}, never read by this version (`samembed cache clear` empties the folder)"
         elif "damaged" in e:
             what = f"damaged, recomputed when next used: {e['damaged']}"
         else:
@@ -677,11 +677,18 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
 
 
 def _model_name(text: str) -> str:
-    """A ``--model`` value (argparse type): a name that names no model is refused before any image is read, with the
-    closest registered name as a suggestion (:func:`samembed.registry.unknown_model`)."""
+    """A ``--model`` value (argparse type): a bare name (no folder, no suffix) that names no registered model nor a
+    file here is refused before any image is read, with the closest registered name as a suggestion
+    (:func:`samembed.registry.unknown_model`). A path is left to the model's loading, which names a missing file (a
+    Dask cluster's workers may see files and registries this machine does not)."""
     from .registry import unknown_model
 
-    why = unknown_model(text)
+    if "/" in text or "\\" in text or "." in text:
+        return text
+    try:
+        why = unknown_model(text)
+    except (InputError, OSError) as e:  # the registry itself (invalid JSON, unreadable): say so, not "invalid value"
+        raise argparse.ArgumentTypeError(str(e)) from None
     if why:
         raise argparse.ArgumentTypeError(why)
     return text
@@ -825,8 +832,9 @@ class _Parser(argparse.ArgumentParser):
                 if token.startswith("--"):
                     import difflib
 
-                    close = difflib.get_close_matches(token.split("=", 1)[0], known, 1)
-                    hints += [f"{token}: did you mean {close[0]}?"] if close else []
+                    names = {k[2:]: k for k in known}  # compared without the dashes every option shares
+                    close = difflib.get_close_matches(token.split("=", 1)[0][2:], list(names), 1)
+                    hints += [f"{token}: did you mean {names[close[0]]}?"] if close else []
             self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
         return ns
 

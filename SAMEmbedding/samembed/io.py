@@ -30,6 +30,28 @@ from .nifti_gz import read_nifti_gz
 
 log = logging.getLogger(__name__)
 
+#: one thread at a time parses a ``.npy`` header: numpy parses it with ``ast.literal_eval``, which Python 3.11 cannot
+#: run in two threads at once ("SystemError: AST constructor recursion depth mismatch", CPython gh-106905)
+_NPY_HEADERS = threading.Lock()
+
+
+def load_npy(path: str | os.PathLike, mapped: bool = False) -> np.ndarray:
+    """``np.load(path, mmap_mode="r" if mapped else None)`` for a plain ``.npy`` array, safe to call from several
+    threads at once: only the header's parsing is serialised (:data:`_NPY_HEADERS`), not the reading."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        with _NPY_HEADERS:
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+        order = "F" if fortran else "C"
+        if mapped:
+            return np.memmap(path, dtype=dtype, mode="r", shape=shape, order=order, offset=f.tell())
+        count = int(np.prod(shape))
+        array = np.fromfile(f, dtype=dtype, count=count)
+        if array.size != count:
+            raise InputError(f"{path}: the array file is cut short ({array.size} of {count} values)")
+        return array.reshape(shape, order=order)
+
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff")
 
 

@@ -85,10 +85,11 @@ def target_ids(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def short_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Each path as briefly as it is told apart from the others: its file name, or, where two share one
-    (``a/ct.nii.gz``, ``b/ct.nii.gz``), every path below the folder they all share (``a/ct.nii.gz``)."""
+    """Each path as briefly as it is told apart from the others: its file name, or, where two paths share one
+    (``a/ct.nii.gz``, ``b/ct.nii.gz``), every path below the folder they all share (``a/ct.nii.gz``). A path given
+    twice has one name."""
     names = [Path(p).name for p in paths]
-    if len(set(names)) == len(names):
+    if len(set(names)) == len({os.path.abspath(p) for p in paths}):
         return names
     full = [Path(os.path.abspath(p)) for p in paths]
     try:

@@ -96,9 +96,10 @@ class ArrayFile:
         the prefetch: one copy of a 0.35 GB thin-slice CT instead of one per process; reading it into fresh memory
         took 0.29-1.0 s on the 2-core VM)."""
         from .image import Image
+        from .io import load_npy
 
-        return Image(np.load(self.path, mmap_mode="r" if mapped else None), self.grid, self.name, self.spacing_known,
-                     self.plane_z_mm, _hash=[] if self.content_hash is None else [self.content_hash])
+        return Image(load_npy(self.path, mapped), self.grid, self.name, self.spacing_known, self.plane_z_mm,
+                     _hash=[] if self.content_hash is None else [self.content_hash])
 
 
 def source_key(source: str | ArrayFile) -> str:

@@ -526,6 +526,9 @@ def test_atlas_names_tell_atlases_apart_by_their_image_and_where_it_repeats_by_t
 
     assert atlas_names(["/a/x.nii.gz", "/a/y.nii.gz"], ["/s/p.csv", "/s/p.csv"]) == ["x.nii.gz", "y.nii.gz"]
     assert atlas_names(["/a/x.nii.gz", "/b/x.nii.gz"], ["/s/p.csv", "/s/q.csv"]) == ["a/x.nii.gz", "b/x.nii.gz"]
+    # an image given twice keeps its short name, and so do the others (a review: every name became a path)
+    assert atlas_names(["/a/x.nii.gz", "/a/x.nii.gz", "/t/y.nii.gz"], ["/s/p.csv", "/s/q.csv", "/s/p.csv"]) == [
+        "x.nii.gz (p.csv)", "x.nii.gz (q.csv)", "y.nii.gz"]
     # one image, two raters' landmarks (a file given twice keeps one name: the duplicate is warned of)
     assert atlas_names(["/a/x.nii.gz"] * 3, ["/s/p.csv", "/s/p.csv", "/t/shifted.csv"]) == [
         "x.nii.gz (p.csv)", "x.nii.gz (p.csv)", "x.nii.gz (shifted.csv)"]

@@ -651,3 +651,23 @@ def test_a_markups_file_of_the_wrong_shape_is_refused_naming_what_is_wrong(tmp_p
     path.write_text(json.dumps(content))
     with pytest.raises(InputError, match=f"{path.name}: {message}"):
         read_points(path)
+
+
+def test_load_npy_reads_what_np_save_wrote_mapped_or_not_and_names_a_file_cut_short(tmp_path):
+    """The engine process reads volume files on several threads; np.load's header parsing cannot run in two at
+    once on Python 3.11 (CPython gh-106905), so load_npy serialises that parsing only. It must read what np.load
+    reads."""
+    from samembed.io import load_npy
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "v.npy"
+    for dtype in (np.int16, np.uint8, np.float32):
+        a = (rng.normal(size=(4, 6, 5)) * 50).astype(dtype)
+        for arr in (a, np.asfortranarray(a), a[:, ::2]):
+            np.save(path, arr)
+            for mapped in (False, True):
+                got = load_npy(path, mapped)
+                assert got.dtype == arr.dtype and np.array_equal(got, arr) and isinstance(got, np.memmap) == mapped
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(InputError, match="cut short"):
+        load_npy(path)

@@ -348,22 +348,23 @@ def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(
     rows = list(csv.DictReader(Path(a.points).read_text().splitlines()))
     shifted = tmp_path / "shifted.csv"  # the same landmarks placed 60 mm off: an atlas that disagrees
     shifted.write_text("label,x,y,z\n" + "".join(f"{r['label']},{r['x']},{float(r['y']) + 60.0},{r['z']}\n" for r in rows))
-    atlases = [a, Atlas(a.image, a.points), Atlas(a.image, str(shifted))]
+    link = tmp_path / "rater_b_view.nii.gz"  # the image through a link (a DataLad dataset's files are links)
+    link.symlink_to(a.image)
+    atlases = [a, Atlas(a.image, a.points), Atlas(str(link), str(shifted))]
     out = tmp_path / "fused"
     summary = propagate(atlases, setup["scans"][:2], out, OPTIONS, _settings(setup), client=client)
     assert summary.finished == 2 and summary.failed == 0
     fused = _rows(out)
     single = {(r["scan"], r["label"]): r for r in _rows(full_run[0])}
     assert len(fused) == 2 * len(setup["labels"])
-    # the rejected atlas is named: the three share one image, so by their point files too
-    image = Path(a.image).name
+    # the rejected atlas is named by the path given, the link's own name (not its target's: a review)
     for r in fused:  # two identical atlases agree; the shifted one is rejected; the point is the single atlas's
         assert (r["atlases"], r["agreeing"]) == ("3", "2") and float(r["spread_mm"]) < 1e-3
-        assert r["rejected"] == f"{image} (shifted.csv)", r
+        assert r["rejected"] == "rater_b_view.nii.gz", r
         ref = single[(r["scan"], r["label"])]
         assert max(abs(float(r[k]) - float(ref[k])) for k in "xyz") < 1e-3
     described = json.loads(next((out / "scans").glob("*.mrk.json")).read_text())["markups"][0]["controlPoints"]
-    assert all(f"; rejected={image} (shifted.csv)" in p["description"] for p in described)
+    assert all("; rejected=rater_b_view.nii.gz" in p["description"] for p in described)
     run = json.loads((out / "run.json").read_text())
     assert len(run["more_atlases"]) == 2
 

@@ -475,6 +475,17 @@ def test_export_writes_mrk_json_fcsv_and_csv_that_read_back(a_scene, a_logic, a_
     assert [(r["label"], r["target"]) for r in rows] == [("L1", "small CT"), ("L1", "copy"), ("L2", "small CT"), ("L2", "copy")]
     assert [float(rows[0][a]) for a in "RAS"] == pytest.approx(matched[0], abs=1e-3)
     assert not list(tmp_path.glob(".*tmp*")), "a temporary file was left behind"
+    # a scene saved before the round trip was stored: its cell is left empty (not "nan")
+    import json
+
+    from SAMEmbeddingLib.logic import MATCHES_ATTRIBUTE
+
+    for node in a_logic.outputPointLists(two_landmarks):
+        records = json.loads(node.GetAttribute(MATCHES_ATTRIBUTE))
+        node.SetAttribute(MATCHES_ATTRIBUTE, json.dumps({k: {f: v for f, v in r.items() if f != "roundtripMm"}
+                                                         for k, r in records.items()}))
+    (older,) = a_logic.exportResults(two_landmarks, tmp_path / "older.csv")
+    assert [r["roundtrip_mm"] for r in csv.DictReader(older.open())] == [""] * 4
 
 
 def test_export_keeps_a_file_per_target_when_targets_share_a_name(a_scene, a_logic, a_small_ct, two_landmarks, tmp_path):

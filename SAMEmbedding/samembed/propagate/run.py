@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, InputError, SamEmbedError
+from ..names import atlas_names
 from ..options import MatchOptions
 from .manifest import Scan, file_stamp, read_scans
 from .results import ResultStore
@@ -212,7 +213,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                   options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm,
                   tuple((a.image, tuple(pl.labels), tuple(tuple(float(v) for v in p) for p in pl.points_lps_mm))
                         for a, pl in zip(atlas_list[1:], point_lists[1:])),
-                  point_dims=tuple(pl.dims for pl in point_lists), point_files=tuple(str(a.points) for a in atlas_list))
+                  point_dims=tuple(pl.dims for pl in point_lists), point_files=tuple(str(a.points) for a in atlas_list),
+                  atlas_names=tuple(atlas_names([a.given[0] for a in atlas_list], [a.given[1] for a in atlas_list])))
     run_info: dict[str, Any] = {
         "status": "starting", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "out_dir": str(out.resolve()),
         "atlas": {"image": atlas.image, "points": atlas.points, "labels": list(points.labels),

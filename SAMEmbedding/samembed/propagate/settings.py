@@ -29,8 +29,11 @@ class Atlas:
     image: str
     points: str
     ras: bool = False
+    #: the image's and the point file's paths as given (absolute, links not followed): what the outputs name it by
+    given: tuple[str, str] = dataclasses.field(default=("", ""), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "given", tuple(os.path.abspath(Path(p).expanduser()) for p in (self.image, self.points)))
         object.__setattr__(self, "image", str(Path(self.image).expanduser().resolve()))
         object.__setattr__(self, "points", str(Path(self.points).expanduser().resolve()))
         if not Path(self.image).exists():

@@ -48,6 +48,9 @@ class ScanJob:
     point_dims: tuple[int, ...] = ()
     #: each atlas's point file (:attr:`all_atlases` order), named when it is refused
     point_files: tuple[str, ...] = ()
+    #: each atlas's name in the outputs (:attr:`all_atlases` order; :func:`samembed.names.atlas_names` of the paths
+    #: as the user gave them, a link's own name, not its target's); empty: from the paths here
+    atlas_names: tuple[str, ...] = ()
 
     @property
     def all_atlases(self) -> list[tuple[str, tuple[str, ...], tuple[tuple[float, float, float], ...]]]:
@@ -231,7 +234,7 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
 
             # each named as the outputs name it (the rejected ones): briefly, and apart where one image is an atlas
             # twice (two raters' landmarks)
-            names = atlas_names([path for path, _, _ in job.all_atlases], job.point_files)
+            names = job.atlas_names or atlas_names([path for path, _, _ in job.all_atlases], job.point_files)
             atlases = [Atlas(img, np.asarray(pts), labels, name)
                        for img, (_, labels, pts), name in zip(images, job.all_atlases, names)]
             res = m.match_atlases(atlases, [target], job.options, target_names=[scan.path])
