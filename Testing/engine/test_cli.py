@@ -515,10 +515,25 @@ def test_a_mistyped_option_or_model_is_refused_with_the_closest_name_before_any_
     assert "(did you mean 'fast'?)" in capsys.readouterr().err  # an alias
     with pytest.raises(InputError, match=r"unknown model 'sam-lite-c' \(did you mean 'sam-lite-ct'\?\)"):
         load_model("sam-lite-c")  # the Python API says it too
-    for fine in ("default", "fast", "random:sam-lite", str(tmp_path / "mine.pt")):  # (a missing .pt: named at loading)
-        from samembed.cli import _model_name
+    from samembed.cli import _model_name
 
+    # a path, or a name only a cluster's workers know, is left to loading (which names a missing file)
+    for fine in ("default", "fast", "random:sam-lite", str(tmp_path / "mine.pt"), "remote_model.ckpt"):
         assert _model_name(fine) == fine
+    with pytest.raises(SystemExit):  # an option like none of the command's: no suggestion at all
+        main(["match", *missing, "--gpu", "--points", "p.csv", "--out", str(tmp_path / "o.csv")])
+    assert "unrecognized arguments: --gpu\n" in capsys.readouterr().err
+
+
+def test_a_broken_model_registry_is_named_even_without_model(tmp_path, capsys, monkeypatch):
+    """The --model check reads the registry while the arguments are parsed: its error was hidden behind argparse's
+    "invalid _model_name value: 'default'" (a review)."""
+    (tmp_path / "models.json").write_text("{")
+    monkeypatch.setenv("SAMEMBED_MODELS_DIR", str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["match", "a.nii.gz", "b.nii.gz", "--points", "p.csv", "--out", str(tmp_path / "o.csv")])
+    err = capsys.readouterr().err
+    assert "models.json: the model registry is not valid JSON" in err and "invalid _model_name" not in err
 
 
 def test_atlas_names_tell_atlases_apart_by_their_image_and_where_it_repeats_by_their_point_file():
