@@ -602,7 +602,7 @@ def _cmd_cache(args) -> int:
     for e in info["details"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["modified"]))
         if e.get("damaged") == OLDER_FORMAT:  # named otherwise than today's entries: never read again
-            what = "an older format, never read: `samembed cache clear` removes it"
+            what = "an older format, never read (`samembed cache clear` empties the folder)"
         elif e.get("older"):  # its key names another format: never read by this version
             what = f"{e['damaged']}, never read by this version (`samembed cache clear` empties the folder)"
         elif "damaged" in e:

@@ -618,8 +618,8 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     assert "pt_1.nii.gz  sam-lite-ct@0123  local grid 10x20x30 (zyx) at 2x3x4 mm, 1,234 voxels stored" in lines[1]
     assert lines[1].endswith(f"[{good.name}]")
     assert "truncated" in lines[2] and all("damaged" in line for line in lines[2:5]), lines
-    assert ("an entry of an older version (its local vectors in half precision), never read by this version: "
-            "`samembed cache clear` removes it") in lines[5], lines
+    assert ("an entry of an older version (its local vectors in half precision), never read by this version "
+            "(`samembed cache clear` empties the folder)") in lines[5], lines
     assert "an entry of another version (its local vectors as 12-bit directions), never read" in lines[6], lines
     for f in ("b", "c", "d", "e", "f"):
         entry(f).unlink()
