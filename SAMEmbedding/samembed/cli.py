@@ -447,22 +447,23 @@ def _write_markups(args, r, path: Path, fused: dict[str, str]) -> None:
 
 
 def _describe(m, fused: dict[str, str]) -> str:
-    """A match's ``.mrk.json`` description: readable, and parseable as ``key=value`` pairs. ``fused``: each atlas's
-    name in the outputs (by its path as given), empty when no atlases were fused."""
-    text = f"score={m.score:.3f}; confident={str(m.confident).lower()}; roundtrip_mm={m.roundtrip_mm:.1f}"
-    text += "; rematched=true" if m.rematched else ""
-    text += f"; polished=true; ncc={m.ncc:.3f}" if m.polished else ""
-    if fused:
-        text += f"; atlases={m.atlases}; agreeing={m.agreeing}; spread_mm={m.spread_mm:.1f}"
-        text += f"; rejected={_rejected(m, fused)}" if m.rejected else ""
-    return text
+    """A match's ``.mrk.json`` description (:func:`samembed.result.markups_description`). ``fused``: each atlas's
+    name in the outputs (by its name in messages), empty when no atlases were fused."""
+    from .result import markups_description
+
+    return markups_description(vars(m), _rejected_names(m, fused))
+
+
+def _rejected_names(m, fused: dict[str, str]) -> list[str]:
+    """The atlases a fused match rejected, by their names in the outputs."""
+    return [fused.get(a, Path(a).name) for a in m.rejected]
 
 
 def _rejected(m, fused: dict[str, str]) -> str:
     """The atlases a fused match rejected, by their names in the outputs (:func:`samembed.names.joined_names`)."""
     from .names import joined_names
 
-    return joined_names([fused.get(a, Path(a).name) for a in m.rejected])
+    return joined_names(_rejected_names(m, fused))
 
 
 def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_names: dict[tuple[int, str], str],
@@ -825,14 +826,14 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's own signature
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
+            import difflib
+
             command = self.commands.get(getattr(ns, "command", None), self)
-            known = [s for a in command._actions for s in a.option_strings if s.startswith("--")]
+            # the command's long options, compared without the dashes every one of them shares
+            names = {s[2:]: s for a in command._actions for s in a.option_strings if s.startswith("--")}
             hints = []
             for token in extras:
                 if token.startswith("--"):
-                    import difflib
-
-                    names = {k[2:]: k for k in known}  # compared without the dashes every option shares
                     close = difflib.get_close_matches(token.split("=", 1)[0][2:], list(names), 1)
                     hints += [f"{token}: did you mean {names[close[0]]}?"] if close else []
             self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))

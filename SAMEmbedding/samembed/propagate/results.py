@@ -28,6 +28,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io import PointList, write_points, write_text_atomic
 from ..names import joined_names, label_ids
+from ..result import markups_description
 from .manifest import Scan, file_stamp
 
 log = logging.getLogger(__name__)
@@ -123,12 +124,7 @@ class ResultStore:
                 m["thumbnail"] = names.get(m["label"])
             ms = record["matches"]
             pl = PointList([m["label"] for m in ms], [[m["x"], m["y"], m["z"]] for m in ms],
-                           [f"score={m['score']:.3f}; confident={str(m['confident']).lower()}; "
-                            f"roundtrip_mm={m['roundtrip_mm']:.1f}" + ("; rematched=true" if m["rematched"] else "")
-                            + (f"; polished=true; ncc={m['ncc']:.3f}" if m["polished"] else "")
-                            + (f"; atlases={m['atlases']}; agreeing={m['agreeing']}; spread_mm={m['spread_mm']:.1f}"
-                               if m.get("atlases", 1) > 1 else "")
-                            + (f"; rejected={joined_names(m['rejected'])}" if m.get("rejected") else "") for m in ms])
+                           [markups_description(m, m.get("rejected", ())) for m in ms])
             write_points(pl, self.scans_dir / f"{sid}.mrk.json", ras=ras)
         write_text_atomic(self.scans_dir / f"{sid}.json", json.dumps(record, indent=1))
         self.records[sid] = record
