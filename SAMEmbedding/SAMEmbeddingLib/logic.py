@@ -629,8 +629,8 @@ class MatchLogic:
                      cancel: threading.Event | None = None, progress: ProgressFn | None = None) -> list:
         """Fuse the landmarks of several atlases into every target (multi-atlas fusion). Can be used without the GUI.
 
-        Each atlas is a ``(volume node, point list node)`` pair whose point labels name the landmarks (every atlas
-        must carry the same labels). The engine matches every atlas and fuses each landmark's predictions per
+        Each atlas is a ``(volume node, point list node)`` pair whose point labels name the landmarks (atlases may
+        carry different ones: each is fused over the atlases that carry it). The engine matches every atlas and fuses each landmark's predictions per
         target (``samembed.Matcher.match_atlases``: a score-weighted geometric median after rejecting atlases that
         disagree). For each target a point list ``"<target> fused matches"`` gets one control point per landmark;
         its description says how many atlases agreed and their spread (mm), and the numbers are stored as data
@@ -642,7 +642,7 @@ class MatchLogic:
             The fused point lists, one per target, in the targets' order.
 
         Raises:
-            samembed.InputError: bad input (as :meth:`matchPoints`), atlases with different labels (named), or
+            samembed.InputError: bad input (as :meth:`matchPoints`), an atlas whose labels repeat (named), or
                 heatmaps asked for (a heatmap belongs to one atlas's point).
         """
         from samembed import Atlas

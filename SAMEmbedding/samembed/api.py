@@ -27,7 +27,7 @@ from .affine import apply_affine
 from .consistency import consistent_matches
 from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
 from .errors import Cancelled, InputError
-from .fusion import Atlas, FusionOptions, check_same_labels, fuse_points
+from .fusion import Atlas, FusionOptions, fuse_points, landmark_union
 from .heatmap import Heatmaps
 from .image import Image
 from .intensity import polish_points
@@ -189,6 +189,7 @@ class Matcher:
         self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality, precision)
         self.spacing_mm = spacing_mm
         self._priors: dict = {}
+        self._warned: set[str] = set()  # (_warn_once)
         # "default" means the registered default of each image dimension (models.json `default_for_dim`)
         self._per_dim = str(model) == "default"
         self._embedders = {self.model.net.spec.ndim: self.embedder}
@@ -349,22 +350,27 @@ class Matcher:
         disagree). Every fused :class:`Match` says how many atlases agreed, their spread (mm) and which were
         rejected. With one atlas the result is exactly :meth:`match`'s.
 
+        Atlases may carry different landmarks: each is fused over the atlases that carry it (its ``atlases`` count),
+        in the order the atlases first name them; an atlas that lacks some is named in a warning, once per matcher.
+
         Raises:
-            InputError: no atlas, atlases whose label sets differ (the message names the atlas file), or
+            InputError: no atlas, an atlas whose labels repeat (the message names the atlas file), or
                 heatmaps asked for with several atlases (a heatmap belongs to one atlas's point).
         """
         atlases = list(atlases)
         if not atlases:
             raise InputError("no atlas given: pass at least one (image, points, labels)")
         ref = atlases[0]
-        check_same_labels([(a.display_name, a.labels) for a in atlases])
+        labels, notes = landmark_union([(a.display_name, a.labels) for a in atlases])
+        for note in notes:
+            self._warn_once(note)
         seen = set()
         for a in atlases:  # the same atlas twice would count twice in every fusion
             image = (str(Path(a.image).resolve()) if isinstance(a.image, (str, os.PathLike))
                      else a.image.content_hash() if isinstance(a.image, Image) else id(a.image))
             key = (image, np.asarray(a.points_lps_mm, dtype=np.float64).tobytes(), a.labels)
             if key in seen:
-                log.warning("atlas %s is given twice: its predictions count twice in every fusion", a.display_name)
+                self._warn_once(f"atlas {a.display_name} is given twice: its predictions count twice in every fusion")
             seen.add(key)
         if len(atlases) == 1:
             return self.match(ref.image, ref.points_lps_mm, targets, list(ref.labels), options, progress=progress,
@@ -390,20 +396,22 @@ class Matcher:
                     raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result) from None
             name = per_atlas[0].targets[0]
             result.targets.append(name)
-            result.matches.extend(self._fused(atlases, per_atlas, fusion, ti, name))
+            result.matches.extend(self._fused(atlases, per_atlas, labels, fusion, ti, name))
             if progress:
                 progress(ti + 1, len(targets), f"fused {ti + 1}/{len(targets)} {Path(name).name}")
         result.timings["total_s"] = time.time() - t0
         return result
 
     @staticmethod
-    def _fused(atlases: list[Atlas], per_atlas: list[MatchResult], fusion: FusionOptions, ti: int,
+    def _fused(atlases: list[Atlas], per_atlas: list[MatchResult], labels: list[str], fusion: FusionOptions, ti: int,
                name: str) -> list[Match]:
-        """One fused :class:`Match` per landmark of target ``ti`` from every atlas's match of it. It is confident when
-        most atlases agree and one of those was; its round trip is their median."""
+        """One fused :class:`Match` per landmark of target ``ti`` from the matches of it by the atlases that carry
+        it. It is confident when most of those agree and one of those was; its round trip is their median."""
         fused = []
-        for label in atlases[0].labels:
-            ms = [next(m for m in r.matches if m.label == label) for r in per_atlas]
+        by_atlas = [{m.label: m for m in r.matches} for r in per_atlas]
+        for label in labels:
+            carry = [(a, found[label]) for a, found in zip(atlases, by_atlas) if label in found]
+            ms = [m for _, m in carry]
             f = fuse_points(np.array([m.point_lps_mm for m in ms]), np.array([m.score for m in ms]), fusion)
             agree = [m for m, ok in zip(ms, f.agreeing) if ok]
             # without a consensus (none agree: not confident), the point and its details are the best-scoring atlas's
@@ -415,7 +423,7 @@ class Matcher:
                 roundtrip_mm=float(np.median([m.roundtrip_mm for m in told])),
                 rematched=any(m.rematched for m in told), polished=any(m.polished for m in told),
                 ncc=float(max(ncc)) if ncc else float("nan"), atlases=len(ms), agreeing=len(agree),
-                spread_mm=f.spread_mm, rejected=tuple(a.display_name for a, ok in zip(atlases, f.agreeing) if not ok)))
+                spread_mm=f.spread_mm, rejected=tuple(a.display_name for (a, _), ok in zip(carry, f.agreeing) if not ok)))
         return fused
 
     # ------------------------------------------------------------------------------------ the stages
@@ -603,6 +611,13 @@ class Matcher:
         they are evicted. The disk cache keeps what it holds."""
         for embedder in {id(e): e for e in (self.embedder, *self._embedders.values())}.values():
             embedder.forget(image)
+
+    def _warn_once(self, message: str) -> None:
+        """Log a warning about the inputs once per matcher: a command matches its atlases into one target at a
+        time, and would say the same for every target."""
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     def clear_priors(self) -> None:
         """Forget the affine priors fitted per source/target pair (e.g. to time a match from scratch)."""

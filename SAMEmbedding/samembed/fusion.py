@@ -43,17 +43,28 @@ class Atlas:
         return self.name or (str(self.image) if isinstance(self.image, (str, os.PathLike)) else "atlas")
 
 
-def check_same_labels(named_labels: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """Raise :class:`InputError` naming the atlas (first of each pair) whose labels repeat or differ from the
-    first atlas's: every atlas must carry the same landmarks."""
-    ref_name, ref = named_labels[0][0], set(named_labels[0][1])
+def landmark_union(named_labels: Sequence[tuple[str, Sequence[str]]]) -> tuple[list[str], list[str]]:
+    """The landmarks of several atlases, and what a user should be told about their sets.
+
+    Atlases may carry different landmarks (a structure outside one atlas's field of view, a rater who left one out):
+    each landmark is fused over the atlases that carry it. Returns ``(labels, notes)``: every label once, in the
+    order the atlases first name it (the first atlas's order, then each later atlas's new ones), and one note per
+    atlas that lacks some of them (naming the atlas and the labels, e.g. to catch a misspelt label, which becomes a
+    landmark of its own). Raises :class:`InputError` naming the atlas (first of each pair) whose labels repeat.
+    """
     for name, labels in named_labels:
         if len(set(labels)) != len(labels):
-            raise InputError(f"{name}: landmark labels repeat; each atlas needs unique labels")
-        if set(labels) != ref:
-            missing, extra = sorted(ref - set(labels)), sorted(set(labels) - ref)
-            raise InputError(f"{name}: its landmarks differ from those of {ref_name} (missing {missing or 'none'}, "
-                             f"extra {extra or 'none'}); every atlas must carry the same labels")
+            repeated = sorted({lab for lab in labels if list(labels).count(lab) > 1})
+            raise InputError(f"{name}: landmark labels repeat ({', '.join(repeated)}); each atlas needs unique labels")
+    union = list(dict.fromkeys(lab for _, labels in named_labels for lab in labels))
+    notes = []
+    for name, labels in named_labels:
+        missing = [lab for lab in union if lab not in set(labels)]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            notes.append(f"{name} lacks {len(missing)} of the {len(union)} landmarks that the atlases carry "
+                         f"({shown}): each landmark is fused over the atlases that carry it (the 'atlases' count)")
+    return union, notes
 
 
 @dataclass(frozen=True)

@@ -75,17 +75,54 @@ def test_one_atlas_gives_exactly_the_plain_match(matcher, ct_and_points):
 
 
 @pytest.mark.needs_data
-def test_mismatched_labels_between_atlases_name_the_atlas_file(tmp_path, ct_and_points, capsys):
+def test_atlases_with_other_landmarks_fuse_each_over_the_atlases_that_carry_it(matcher, ct_and_points, caplog):
+    """Atlases may carry different landmarks (a structure outside one atlas's field of view): every atlas had to
+    carry the same labels. Each landmark is fused over its own atlases, the rejected ones named among those."""
+    ct, pts = ct_and_points
+    only_a = Atlas(ct, pts[:1], ("a",), "s.nii.gz")
+    full = [Atlas(ct, pts, ("a", "b", "c"), f"{k}.nii.gz") for k in "xy"]
+    wrong = Atlas(ct, np.vstack([pts[1:] + [0.0, 60.0, 0.0], pts[:1]]), ("b", "c", "d"), "w.nii.gz")  # 60 mm off
+    with caplog.at_level("WARNING", logger="samembed.api"):
+        res = matcher.match_atlases([only_a, *full, wrong], [ct], FAST)
+        matcher.match_atlases([only_a, *full, wrong], [ct], FAST)  # said once per matcher
+    plain = {m.label: m for m in matcher.match(ct, np.vstack([pts, pts[:1]]), [ct], ["a", "b", "c", "d"], FAST).matches}
+    got = {m.label: m for m in res.matches}
+    assert [m.label for m in res.matches] == ["a", "b", "c", "d"]  # in the order the atlases first name them
+    assert (got["a"].atlases, got["a"].agreeing, got["a"].rejected) == (3, 3, ())
+    for lab in "bc":  # the wrong atlas is the one rejected (not the one at its place in the list of all atlases)
+        assert (got[lab].atlases, got[lab].agreeing, got[lab].rejected) == (3, 2, ("w.nii.gz",))
+    assert (got["d"].atlases, got["d"].agreeing) == (1, 1)  # carried by the wrong atlas only: its match
+    for lab in "abcd":
+        assert np.linalg.norm(got[lab].point_lps_mm - plain[lab].point_lps_mm) < 1e-6
+    said = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
+    assert len(said) == 4, said  # s lacks b, c, d; x and y lack d; w lacks a (once each, over two calls)
+    assert any(m.startswith("s.nii.gz lacks 3 of the 4 landmarks that the atlases carry (b, c, d)") for m in said)
+    assert any(m.startswith("w.nii.gz lacks 1 of the 4 landmarks that the atlases carry (a)") for m in said)
+
+
+@pytest.mark.needs_data
+def test_the_cli_fuses_atlases_with_other_landmarks_and_names_an_atlas_whose_labels_repeat(tmp_path, ct_and_points,
+                                                                                           capsys, caplog):
     ct, pts = ct_and_points
     path = data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")
     (tmp_path / "a.csv").write_text("label,x,y,z\n" + "".join(f"{k},{p[0]},{p[1]},{p[2]}\n" for k, p in zip("abc", pts)))
     (tmp_path / "b.csv").write_text("label,x,y,z\n" + "".join(f"{k},{p[0]},{p[1]},{p[2]}\n" for k, p in zip("abd", pts)))
-    code = main(["match", "--atlas", str(path), str(tmp_path / "a.csv"), "--atlas", str(path), str(tmp_path / "b.csv"),
-                 str(path), "--out", str(tmp_path / "o.csv"), "--model", "random:sam-lite", "--device", "cpu", "-q"])
-    assert code == 2
+    argv = ["match", "--atlas", str(path), str(tmp_path / "a.csv"), "--atlas", str(path), str(tmp_path / "b.csv"),
+            str(path), str(path), "--out", str(tmp_path / "o.csv"), "--model", "random:sam-lite", "--device", "cpu",
+            "-q", "--no-polish"]
+    with caplog.at_level("WARNING", logger="samembed.api"):
+        assert main(argv) == 0
+    said = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
+    assert len(said) == 2, said  # once for each atlas, not per target
+    assert f"{path} ({tmp_path / 'b.csv'}) lacks 1 of the 4 landmarks that the atlases carry (c)" in said[1]
+    rows = list(csv.DictReader((tmp_path / "o.csv").open()))
+    assert [(r["label"], r["atlases"]) for r in rows] == [("a", "2"), ("b", "2"), ("c", "1"), ("d", "1")] * 2
+    (tmp_path / "b.csv").write_text("label,x,y,z\n" + "".join(f"{k},{p[0]},{p[1]},{p[2]}\n" for k, p in zip("aba", pts)))
+    argv[argv.index("--out") + 1] = str(tmp_path / "o2.csv")
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert str(path) in err and "missing ['c']" in err and "extra ['d']" in err
-    assert not (tmp_path / "o.csv").exists()
+    assert f"{path} ({tmp_path / 'b.csv'}): landmark labels repeat (a)" in err
+    assert not (tmp_path / "o2.csv").exists()
 
 
 @pytest.mark.needs_data

@@ -80,12 +80,15 @@ def _atlas_list(atlases: Sequence[Atlas] | Atlas) -> list[Atlas]:
 
 
 def _read_atlas_points(atlases: list[Atlas]) -> list:
-    """Each atlas's point list; every atlas must carry the same labels (else the error names the point file)."""
-    from ..fusion import check_same_labels
+    """Each atlas's point list. Atlases may carry different landmarks (each is fused over the atlases that carry it):
+    an atlas that lacks some is named in a warning; labels that repeat in one atlas are refused (naming its point
+    file)."""
+    from ..fusion import landmark_union
     from ..io import read_points
 
     lists = [read_points(a.points, ras=a.ras) for a in atlases]
-    check_same_labels([(a.points, pl.labels) for a, pl in zip(atlases, lists)])
+    for note in landmark_union([(a.points, pl.labels) for a, pl in zip(atlases, lists)])[1]:
+        log.warning("%s", note)
     return lists
 
 
@@ -164,7 +167,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
 
     Args:
         atlases: one :class:`Atlas` (image + point file), or several: each landmark is then fused per scan over
-            them (``Matcher.match_atlases``); every atlas must carry the same labels.
+            them (``Matcher.match_atlases``); each landmark over the atlases that carry it.
         scans: a manifest CSV (``path`` column, optional ``id``), a folder of images, or a list of :class:`Scan`.
         out_dir: the output folder (created); see :mod:`samembed.propagate.results` for its layout.
         options: how each scan is matched (the same :class:`~samembed.options.MatchOptions` as ``Matcher.match``).
