@@ -630,7 +630,8 @@ class MatchLogic:
         """Fuse the landmarks of several atlases into every target (multi-atlas fusion). Can be used without the GUI.
 
         Each atlas is a ``(volume node, point list node)`` pair whose point labels name the landmarks (atlases may
-        carry different ones: each is fused over the atlases that carry it). The engine matches every atlas and fuses each landmark's predictions per
+        carry different ones: each is fused over the atlases that carry it; an atlas that lacks some, or one given
+        twice, is named in a warning in Slicer's log). The engine matches every atlas and fuses each landmark's predictions per
         target (``samembed.Matcher.match_atlases``: a score-weighted geometric median after rejecting atlases that
         disagree). For each target a point list ``"<target> fused matches"`` gets one control point per landmark;
         its description says how many atlases agreed and their spread (mm), and the numbers are stored as data
@@ -661,6 +662,8 @@ class MatchLogic:
         result = self.getMatcher().match_atlases(engineAtlases, [self.imageForVolume(t) for t in targets], options,
                                                  progress=progress, cancel=cancel,
                                                  target_names=[t.GetName() for t in targets])
+        for note in result.notes:  # (the engine process logs to its own stream): in Slicer's log and console
+            log.warning("SAMEmbedding: %s", note)
         first = atlases[0][1]
         nodes = []
         for ti, target in enumerate(targets):

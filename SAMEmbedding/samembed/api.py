@@ -351,7 +351,8 @@ class Matcher:
         rejected. With one atlas the result is exactly :meth:`match`'s.
 
         Atlases may carry different landmarks: each is fused over the atlases that carry it (its ``atlases`` count),
-        in the order the atlases first name them; an atlas that lacks some is named in a warning, once per matcher.
+        in the order the atlases first name them; an atlas that lacks some is named in a warning (logged once per
+        matcher, and in the result's ``notes``).
 
         Raises:
             InputError: no atlas, an atlas whose labels repeat (the message names the atlas file), or
@@ -362,16 +363,16 @@ class Matcher:
             raise InputError("no atlas given: pass at least one (image, points, labels)")
         ref = atlases[0]
         labels, notes = landmark_union([(a.display_name, a.labels) for a in atlases])
-        for note in notes:
-            self._warn_once(note)
         seen = set()
         for a in atlases:  # the same atlas twice would count twice in every fusion
             image = (str(Path(a.image).resolve()) if isinstance(a.image, (str, os.PathLike))
                      else a.image.content_hash() if isinstance(a.image, Image) else id(a.image))
             key = (image, np.asarray(a.points_lps_mm, dtype=np.float64).tobytes(), a.labels)
             if key in seen:
-                self._warn_once(f"atlas {a.display_name} is given twice: its predictions count twice in every fusion")
+                notes.append(f"atlas {a.display_name} is given twice: its predictions count twice in every fusion")
             seen.add(key)
+        for note in notes:
+            self._warn_once(note)
         if len(atlases) == 1:
             return self.match(ref.image, ref.points_lps_mm, targets, list(ref.labels), options, progress=progress,
                               cancel=cancel, target_names=target_names)
@@ -380,7 +381,7 @@ class Matcher:
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
         t0 = time.time()
-        result = MatchResult([], [], timings={})
+        result = MatchResult([], [], timings={}, notes=notes)
         for ti, target in enumerate(targets):  # targets outside: each is embedded once, the atlases stay cached
             per_atlas = []
             for ai, a in enumerate(atlases):

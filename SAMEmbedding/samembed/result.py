@@ -82,6 +82,9 @@ class MatchResult:
     targets: list[str]
     heatmaps: Heatmaps = field(default_factory=Heatmaps)  # (target_index, label) -> Image, made when read
     timings: dict = field(default_factory=dict)
+    #: what the inputs made the engine warn of, e.g. an atlas given twice or atlases that lack landmarks (also
+    #: logged, once per matcher): for a front end whose engine logs elsewhere (the Slicer module's engine process)
+    notes: list[str] = field(default_factory=list)
 
     def for_target(self, index: int) -> list[Match]:
         """Matches in target ``index``, in source point order."""

@@ -45,19 +45,33 @@ def test_the_logic_fuses_atlases_and_rejects_the_outlier(a_scene, a_logic, a_sma
     assert again[0].GetID() == nodes[0].GetID() and control_points(again[0])[0] == ["A", "B", "C"]
 
 
-def test_atlases_with_other_labels_are_refused_with_their_names(a_scene, a_logic, a_small_ct):
+def test_atlases_with_other_labels_fuse_each_over_its_own_and_the_log_names_them(a_scene, a_logic, a_small_ct, caplog):
     pts, atlases = _atlases(a_scene, a_small_ct)
     other = add_points(a_scene, pts, ["A", "B", "D"], name="odd atlas")
-    with pytest.raises(InputError, match="odd atlas.*missing \\['C'\\].*extra \\['D'\\]"):
-        a_logic.matchAtlases([*atlases, (a_small_ct, other)], [a_small_ct], FAST)
+    with caplog.at_level("WARNING", logger="SAMEmbeddingLib.logic"):
+        nodes = a_logic.matchAtlases([*atlases, (a_small_ct, other)], [a_small_ct], FAST)
+    labels, _ = control_points(nodes[0])
+    assert labels == ["A", "B", "C", "D"]
+    assert "4 of 5 atlases agree" in nodes[0].GetNthControlPointDescription(0)
+    assert "3 of 4 atlases agree" in nodes[0].GetNthControlPointDescription(2)  # C: the odd atlas lacks it
+    assert "1 of 1 atlases agree" in nodes[0].GetNthControlPointDescription(3)
+    said = [r.getMessage() for r in caplog.records if r.name == "SAMEmbeddingLib.logic"]
+    assert any("odd atlas lacks 1 of the 4 landmarks that the atlases carry (C)" in m for m in said), said
+    with pytest.raises(InputError, match="odd atlas.*landmark labels repeat \\(A\\)"):
+        a_logic.matchAtlases([*atlases, (a_small_ct, add_points(a_scene, pts, ["A", "B", "A"], name="odd atlas"))],
+                             [a_small_ct], FAST)
 
 
-def test_the_engine_process_fuses_the_same_way(a_scene, a_small_ct):
+def test_the_engine_process_fuses_the_same_way(a_scene, a_small_ct, caplog):
     logic = MatchLogic(a_scene, model="random:sam-lite", device="cpu", cacheBytes=1 << 30, engine="process")
     try:
         pts, atlases = _atlases(a_scene, a_small_ct)
         here = MatchLogic(a_scene, model="random:sam-lite", device="cpu")
         nodes = logic.matchAtlases(atlases, [a_small_ct], FAST)
         _check(nodes, a_small_ct, pts, here)
+        # the engine process logs to its own stream: what it warns of is logged here too (it was not shown in Slicer)
+        with caplog.at_level("WARNING", logger="SAMEmbeddingLib.logic"):
+            logic.matchAtlases([*atlases, atlases[0]], [a_small_ct], FAST)
+        assert any("atlas small CT / atlas 0 is given twice" in r.getMessage() for r in caplog.records), caplog.records
     finally:
         logic.close()
