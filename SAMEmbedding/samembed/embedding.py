@@ -32,7 +32,15 @@ from .image import Grid, Image
 from .models import LoadedModel
 from .networks.base import inference_copy
 from .options import PRECISIONS, ProgressFn
-from .preprocess import axes_reoriented, body_mask_on_grid, obliquity_deg, onto_lps_axes, pad_to_multiple, preprocess
+from .preprocess import (
+    axes_reoriented,
+    body_mask_on_grid,
+    detect_modality,
+    obliquity_deg,
+    onto_lps_axes,
+    pad_to_multiple,
+    preprocess,
+)
 from .tiles import LOCAL_ENCODING, new_feature_rows
 
 log = logging.getLogger(__name__)
@@ -707,6 +715,7 @@ class Embedder:
         self._unreadable: set[Path] = set()  # entries this process may not read: never replaced by it
         self.max_tile_voxels = int(max_tile_voxels)
         self.modality = modality
+        self._detected: dict[str, str] = {}  # content hash -> detected modality (_key_modality), a few images
         self.model.net.to(self.device)
         #: the network that embeds: the model's, with batch norms folded into the convolutions
         self.net = inference_copy(self.model.net).to(self.device)
@@ -776,10 +785,22 @@ class Embedder:
             arithmetic += "|fp16-autocast"
         # the entry's format too: a version that stores another encoding (half-precision vectors before) keeps its own
         # entries in a shared folder, instead of each replacing the other's on every run
-        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self.modality}|{NUMERICS}|{arithmetic}|"
+        h = hashlib.sha256(f"{image.content_hash()}|{self.model.model_id}|{prep}|{self._key_modality(image)}|{NUMERICS}|{arithmetic}|"
                            f"{LOCAL_ENCODING}".encode())
         h = h.hexdigest()
         return h[:32]
+
+    def _key_modality(self, image: Image) -> str:
+        """The modality in ``image``'s cache key: "auto" also where the modality asked for is the one "auto" finds
+        (``--modality ct`` on a CT), whose maps are the same: one entry, not two, for the same scan."""
+        if self.modality == "auto":
+            return "auto"
+        digest = image.content_hash()
+        if digest not in self._detected:
+            if len(self._detected) > 64:
+                self._detected.clear()
+            self._detected[digest] = detect_modality(image)
+        return "auto" if self._detected[digest] == self.modality else self.modality
 
     def embed(self, image: Image, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
               on_demand: bool = False) -> EmbeddingMaps:

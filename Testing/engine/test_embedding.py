@@ -11,6 +11,7 @@ from samembed.errors import DeviceUnavailableError
 from samembed.image import Image
 from samembed.io import read_image
 from samembed.models import load_model, random_model
+from samembed.tiles import ENTRY_SUFFIX
 
 from ..conftest import data_file
 
@@ -114,6 +115,20 @@ def test_cache_keys_depend_on_content_and_model(a_model):
     assert k1 == Embedder(a_model).key(a_ct_like_image())
     assert k1 != Embedder(other).key(img)
     assert k1 != Embedder(a_model).key(a_ct_like_image(seed=9))
+
+
+def test_a_modality_asked_for_that_auto_finds_shares_the_entry_of_auto(a_model, tmp_path):
+    """``--modality ct`` on a CT and ``auto`` made two disk entries for one scan, with the same maps (an audit)."""
+    img = a_ct_like_image()
+    auto = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    assert Embedder(a_model, modality="ct").key(img) == auto.key(img)
+    assert Embedder(a_model, modality="mri").key(img) != auto.key(img)  # another preprocessing: its own entry
+    fresh = auto.embed(img)
+    ct = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path, modality="ct")
+    ct._compute = None  # (read from the entry auto wrote: not computed again)
+    stored = ct.embed(img)
+    assert torch.equal(stored.valid, fresh.valid)
+    assert [f.name for f in tmp_path.iterdir()] == [f"{auto.key(img)}{ENTRY_SUFFIX}"]
 
 
 def test_cuda_requested_but_absent_errors_or_falls_back_with_a_warning():
