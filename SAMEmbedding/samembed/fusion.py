@@ -118,8 +118,26 @@ def geometric_median(points: np.ndarray, weights: np.ndarray, iterations: int = 
     return x
 
 
+def _consensus(points: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The fused point of some predictions: their weighted geometric median; of two, their weighted mean (the
+    median of two points is the heavier one); of one, itself."""
+    if len(points) == 1:
+        return points[0].copy()
+    if len(points) == 2:
+        return np.average(points, axis=0, weights=weights)
+    return geometric_median(points, weights)
+
+
 def fuse_points(points_lps_mm: np.ndarray, scores: np.ndarray, options: FusionOptions = FusionOptions()) -> Fused:
-    """Fuse (A, d) predictions of one landmark by A atlases, with their SAM scores (A,)."""
+    """Fuse (A, d) predictions of one landmark by A atlases, with their SAM scores (A,).
+
+    The predictions within the limit (``outlier_mm``, or ``outlier_mads`` MADs) of their unweighted median are the
+    candidates; a candidate agrees when it lies within the limit of the consensus of the other candidates too (else
+    the farthest is dropped, and the rest are checked again), and the agreeing ones are fused by a score-weighted
+    geometric median (two: their score-weighted mean). Agreement takes two predictions at least: two atlases up to
+    twice the limit apart each lay within the limit of their midpoint, and were said to agree (a review: a rater's
+    26 mm error adopted as confident). Without agreement the point is the best-scoring atlas's, agreed with by none.
+    """
     p = np.asarray(points_lps_mm, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
     if len(p) == 1:
@@ -129,11 +147,18 @@ def fuse_points(points_lps_mm: np.ndarray, scores: np.ndarray, options: FusionOp
     mad = float(np.median(np.abs(dist - np.median(dist))))
     limit = max(options.outlier_mm, options.outlier_mads * 1.4826 * mad)
     agree = dist <= limit
-    if not agree.any():  # no consensus: two atlases (or two equal groups) farther apart than the limit
+    w = np.maximum(s, options.min_weight)
+    while agree.sum() >= 2:  # each round keeps them all, or drops one
+        idx = np.flatnonzero(agree)
+        off = np.array([np.linalg.norm(p[i] - _consensus(p[idx[idx != i]], w[idx[idx != i]])) for i in idx])
+        if off.max() <= limit:
+            break
+        agree[idx[int(np.argmax(off))]] = False
+    if agree.sum() < 2:  # no consensus: two atlases (or two equal groups) farther apart than the limit
+        agree = np.zeros(len(p), dtype=bool)
         best = int(np.argmax(s))  # the best-scoring prediction, agreed with by none
         return Fused(p[best].copy(), agree, float(np.sqrt(np.mean(np.sum((p - p[best]) ** 2, axis=1)))),
                      float(s[best]))
-    w = np.maximum(s[agree], options.min_weight)
-    point = geometric_median(p[agree], w)
+    point = _consensus(p[agree], w[agree])
     spread = float(np.sqrt(np.mean(np.sum((p[agree] - point) ** 2, axis=1))))
-    return Fused(point, agree, spread, float(np.average(s[agree], weights=w)))
+    return Fused(point, agree, spread, float(np.average(s[agree], weights=w[agree])))

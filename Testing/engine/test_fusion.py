@@ -156,6 +156,23 @@ def test_atlases_with_no_consensus_are_said_to_disagree(groups):
     assert f.score == 0.8 and f.spread_mm > 25
 
 
+def test_two_atlases_agree_only_within_the_limit_of_each_other_and_then_meet_in_between():
+    """Two atlases 26 mm apart each lay within 15 mm of their midpoint: both were said to agree, and the fused point
+    was the better-scoring one's, confident (a review: a rater's 26 mm error adopted). Two predictions now agree
+    when each is within the limit of the fused point, and two that agree are averaged (weighted by score)."""
+    apart = fuse_points(np.array([[0.0, 0, 0], [26.0, 0, 0]]), np.array([0.76, 0.78]))
+    assert not apart.agreeing.any()
+    np.testing.assert_allclose(apart.point_lps_mm, [26.0, 0, 0])  # the best-scoring's, agreed with by none
+    near = fuse_points(np.array([[0.0, 0, 0], [10.0, 0, 0]]), np.array([0.5, 0.7]))
+    assert near.agreeing.all()
+    np.testing.assert_allclose(near.point_lps_mm, [10.0 * 0.7 / 1.2, 0, 0])
+    assert near.spread_mm == pytest.approx(np.sqrt((5.0 ** 2 * 2 + (10 * 0.7 / 1.2 - 5) ** 2 * 2) / 2), rel=1e-9)
+    # three: the far one is dropped, the two left meet in between
+    three = fuse_points(np.array([[0.0, 0, 0], [2.0, 0, 0], [26.0, 0, 0]]), np.full(3, 0.8))
+    assert three.agreeing.tolist() == [True, True, False]
+    np.testing.assert_allclose(three.point_lps_mm, [1.0, 0, 0])
+
+
 @pytest.mark.needs_data
 def test_two_atlases_that_disagree_give_an_unconfident_match_that_says_so(matcher, ct_and_points):
     ct, pts = ct_and_points
