@@ -354,7 +354,7 @@ def _require_images(paths: list[str]) -> None:
 def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
     """Make the output folders (``--out FOLDER/``, ``--heatmap-dir``) and check that every output can be written,
     before anything is computed; :class:`InputError` names the flag, the path and the problem."""
-    from .io import check_writable
+    from .io import check_writable, markups_suffix
 
     folders = [("--heatmap-dir", Path(args.heatmap_dir))] if args.heatmap_dir else []
     if folder_out:
@@ -363,6 +363,11 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
         if args.heatmap_dir and Path(os.path.abspath(out)) == Path(os.path.abspath(args.heatmap_dir)):
             raise InputError(f"--out {out} is also the --heatmap-dir folder; give --out a file name in it, e.g. "
                              f"{Path(out) / 'matches.csv'}")
+        if not markups_suffix(out) and not out.name.lower().endswith(".csv"):
+            # any other name got CSV text: an image given by mistake (--out scan.nii.gz) was replaced by a table
+            raise InputError(f"--out {out}: the matches are written as a .csv table, a .mrk.json, .json or .fcsv "
+                             f"point file, or into a folder (ending in /); give such a name, e.g. "
+                             f"{out.with_name(out.name.split('.')[0] + '.csv')} (nothing was written)")
         check_writable(out)  # (a link: where it points, as it is written)
     for flag, folder in folders:
         output_folder(flag, folder)

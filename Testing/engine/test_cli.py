@@ -980,6 +980,22 @@ def test_sigterm_handling_is_the_commands_own_and_ends_with_it():
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("name", ["scan.nii.gz", "o.txt", "matches"])
+def test_an_out_name_of_no_format_written_is_refused_and_the_file_there_kept(tmp_path, two_cts, a_points_csv, capsys,
+                                                                             name):
+    """Any other --out name got CSV text: ``--out scan.nii.gz`` replaced an image with a table (an audit)."""
+    pts_path, _ = a_points_csv
+    there = tmp_path / name
+    there.write_bytes(b"an image")
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(there),
+                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--out {there}: the matches are written as a .csv table" in err and "nothing was written" in err, err
+    assert there.read_bytes() == b"an image"
+
+
+@pytest.mark.needs_data
 def test_out_given_as_the_heatmap_folder_is_refused_before_any_work(tmp_path, two_cts, a_points_csv, capsys):
     """``--out X --heatmap-dir X`` computed every match, then could not write X (a folder by then): nothing saved."""
     pts_path, _ = a_points_csv
