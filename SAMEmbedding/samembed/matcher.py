@@ -129,7 +129,9 @@ def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     match among the allowed voxels, or around ``window_centres_lps_mm`` (N, d) when given.
 
     Returns ``(lo, hi, whole)``: inclusive (N, d) integer (k, j, i) corners, and (N,) bool marking the queries
-    whose window holds no allowed voxel (outside the grid, or off the body); those search the whole grid.
+    whose window holds no allowed voxel (outside the grid, or off the body); those search the whole grid. A window
+    narrower than the grid holds at least the voxel nearest its centre along each axis: one that held no voxel
+    centre searched the whole grid, the opposite of a tight window (an audit: ``--prior-window 1`` on a 4 mm grid).
     """
     grid = target.local_grid
     shape = grid.shape_zyx
@@ -140,7 +142,7 @@ def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
         centres = np.stack(np.unravel_index(best, shape), 1).astype(np.float64)
     else:
         centres = grid.lps_to_index(np.asarray(window_centres_lps_mm, dtype=np.float64)[:, : grid.ndim])[:, ::-1]
-    radius = window_mm / grid.spacing_mm[::-1]
+    radius = np.maximum(window_mm / grid.spacing_mm[::-1], 0.5)  # (voxels; half a voxel holds the nearest one)
     size = np.asarray(shape)
     lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
     hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)

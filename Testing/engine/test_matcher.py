@@ -340,6 +340,13 @@ def test_window_boxes_and_groups_used_by_the_windowed_search():
         want = (np.zeros(3), size - 1) if whole[n] else (a, b)
         assert lo[n].tolist() == list(want[0]) and hi[n].tolist() == list(want[1]), n
     assert 10 < whole.sum() < 190  # both kinds were tried
+    # a window narrower than a voxel holds the voxel nearest its centre: it searched the whole grid (an audit)
+    everywhere = torch.ones(int(np.prod(shape)), dtype=torch.bool)
+    centres = np.array([[4.3, 5.6, 2.5001], [0.2, 10.4, 8.0]])
+    lo, hi, whole = _window_boxes(torch.zeros(2, 4), SimpleNamespace(local_grid=grid), everywhere, 0.2,
+                                  grid.index_to_lps(centres))
+    assert not whole.any() and np.array_equal(lo, hi)
+    assert lo.tolist() == [[3, 6, 4], [8, 10, 0]]  # (k, j, i) of the nearest voxels
     # overlapping windows (a click's refinement seeds) share one copy; a far window stays alone
     lo = np.array([[10, 10, 10], [11, 10, 10], [10, 12, 11], [60, 60, 60]])
     hi = lo + 10
