@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import Grid, Image, lps_to_ras, single_slice_to_2d
-from .nifti_complete import check_nifti_complete
+from .nifti_complete import check_nifti_complete, check_nifti_voxel_sizes
 from .nifti_gz import read_nifti_gz
 
 log = logging.getLogger(__name__)
@@ -395,6 +395,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
             check_slice_positions(path, [_slice_position(reader, k) for k in range(len(files))])
         else:
             gzipped_nifti = path.name.lower().endswith(".nii.gz")
+            check_nifti_voxel_sizes(path)  # SimpleITK reads a voxel size of 0 as 1 mm, one below 0 mirrored
             with _unshadowed(path) as sitk_path:
                 fast = read_nifti_gz(path, sitk_path) if gzipped_nifti else None
                 if fast is not None:  # inflated by isal, the geometry SimpleITK's (samembed.nifti_gz)

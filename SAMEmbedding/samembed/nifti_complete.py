@@ -162,3 +162,38 @@ def check_nifti_complete(path: str | Path) -> None:
                 size = inflated_length(data) if suffix.endswith(".gz") else data.stat().st_size
                 check_layout(layout, size, data, path)
                 return
+
+
+def nifti_voxel_sizes(head: bytes) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    """The header's ``dim[1:4]`` and ``pixdim[1:4]`` (mm) of the spatial axes it has, or None when ``head`` is not a
+    NIfTI-1, Analyze 7.5 or NIfTI-2 header."""
+    for order in "<>":
+        if len(head) >= NIFTI1_HEADER_BYTES and struct.unpack_from(order + "i", head, 0)[0] == NIFTI1_HEADER_BYTES:
+            dim, pixdim = struct.unpack_from(order + "8h", head, 40), struct.unpack_from(order + "8f", head, 76)
+            break
+        if len(head) >= NIFTI2_HEADER_BYTES and struct.unpack_from(order + "i", head, 0)[0] == NIFTI2_HEADER_BYTES:
+            dim, pixdim = struct.unpack_from(order + "8q", head, 16), struct.unpack_from(order + "8d", head, 104)
+            break
+    else:
+        return None
+    n = min(max(int(dim[0]), 0), 3)
+    return tuple(int(v) for v in dim[1:n + 1]), tuple(float(v) for v in pixdim[1:n + 1])
+
+
+def check_nifti_voxel_sizes(path: str | Path) -> None:
+    """Raise :class:`InputError` when the NIfTI file ``path`` (``.nii``, ``.nii.gz``, ``.hdr``) gives a voxel size
+    (``pixdim``) that is zero, negative or not a number along a spatial axis of more than one voxel: ITK's reader
+    then places the image at 1 mm per voxel, or mirrored, with no more than a warning about the sform (an audit: a
+    brainstem 165 mm off). Nothing for other files, or a header this module does not read."""
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz", ".hdr", ".hdr.gz")):
+        return
+    got = nifti_voxel_sizes(_head(path, name.endswith(".gz")))
+    if got is None:
+        return
+    for axis, (size, mm) in enumerate(zip(*got)):
+        if size > 1 and not (math.isfinite(mm) and mm > 0):
+            raise InputError(f"{path}: its header gives a voxel size of {mm:g} mm along {'xyz'[axis]} (pixdim[{axis + 1}]); "
+                             "a voxel size must be a positive number of mm, and SimpleITK would place the image at "
+                             "1 mm per voxel or mirrored. Fix the header, or export the image again")

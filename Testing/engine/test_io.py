@@ -671,3 +671,24 @@ def test_load_npy_reads_what_np_save_wrote_mapped_or_not_and_names_a_file_cut_sh
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(InputError, match="cut short"):
         load_npy(path)
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0, float("nan")])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti_header_with_a_voxel_size_of_no_length_is_refused(tmp_path, value, suffix):
+    """SimpleITK placed an image whose header gives pixdim 0 (or NaN) at 1 mm per voxel, and one below 0 mirrored,
+    with only ITK's warning about the sform (an audit: a brainstem 165 mm off)."""
+    import gzip
+    import struct
+
+    img = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
+    img.SetSpacing((3.0, 2.0, 1.5))
+    plain = tmp_path / "ok.nii"
+    sitk.WriteImage(img, str(plain))
+    data = bytearray(plain.read_bytes())
+    assert read_image(plain).grid.spacing_mm[0] == pytest.approx(3.0)
+    struct.pack_into("<f", data, 76 + 4, value)  # pixdim[1]: x
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(gzip.compress(bytes(data)) if suffix.endswith(".gz") else bytes(data))
+    with pytest.raises(InputError, match=f"{bad}: its header gives a voxel size of {value:g} mm along x"):
+        read_image(bad)
