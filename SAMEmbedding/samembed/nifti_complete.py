@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +135,8 @@ def _head(path: Path, gzipped: bool) -> bytes:
     try:
         with opener(path, "rb") as f:
             return f.read(NIFTI2_HEADER_BYTES)
-    except (OSError, EOFError):
-        return b""  # unreadable: SimpleITK's reading says why
+    except (OSError, EOFError, zlib.error):
+        return b""  # unreadable or damaged: SimpleITK's reading says why
 
 
 def check_nifti_complete(path: str | Path) -> None:
