@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,6 +217,17 @@ def test_report_renders_and_every_scan_links_to_its_thumbnails(setup, full_run):
     table = text[text.index('id="landmarks"'):text.index("<h2>Scans")]
     assert table.count("<tr class=") == len(rows)
     assert table.index("not-confident") < table.index('"confident"') if "not-confident" in table else True
+    # what "confident" means in this run (the tolerance the engine used), and a line per landmark
+    run = json.loads((out / "run.json").read_text())
+    tolerance = run["confidence"]["roundtrip_tolerance_mm"]
+    assert tolerance > 0 and f"lands within {tolerance:g} mm of the atlas point" in text
+    assert "not a measured accuracy" in text
+    summary_table = text[text.index('id="landmark-summary"'):text.index('id="landmarks"')]
+    for label in setup["labels"]:
+        n = sum(r["label"] == label for r in rows)
+        k = sum(r["label"] == label and r["confident"] == "true" for r in rows)
+        assert f'<td class="l">{label}</td><td>{n}</td>\n<td>{k} (' in summary_table, label
+    assert 'id="atlas-rejections"' not in text  # one atlas
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(setup, client, full_run):
@@ -321,6 +333,10 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_r
     assert info.value.partial.finished == 3
     before = {sid: rec["finished"] for sid, rec in ResultStore(out).load().items()}
     assert sorted(before) == sorted(seen)
+    # the finished scans' page, marked as such (an interrupted run wrote none)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert re.search(r"This run was interrupted: the page shows the 3 scans finished so far\s+\(of 6\)", page)
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     # without --resume, the folder is refused
     from samembed.errors import InputError
 
@@ -331,14 +347,21 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_r
                         echo=messages.append)
     assert (summary.skipped, summary.finished, summary.failed) == (3, 3, 0)
     assert any("skipping 3 of 6" in m for m in messages)
+    assert 'id="interrupted"' not in (out / "report.html").read_text(encoding="utf-8")
     after = ResultStore(out).load()
     assert all(after[sid]["finished"] == t for sid, t in before.items())  # not recomputed
     ref = [r for r in _rows(full_run[0]) if r["scan"] in {s.id for s in scans}]
     assert _rows(out) == ref
     # other match settings: nothing is skipped
+    pages = []  # an earlier run's page does not stand beside this run's tables while it runs
     summary = propagate(setup["atlas"], scans[:1], out, OPTIONS.replace(polish=False), _settings(setup, resume=True),
-                        client=client)
+                        client=client, on_result=lambda record, c: pages.append((out / "report.html").exists()))
     assert (summary.skipped, summary.stale, summary.finished) == (0, 1, 1)
+    assert pages == [False] and (out / "report.html").is_file()
+    # a scan's record is strict JSON: NaN (no polish ran: no NCC) is null, and NaN again once read
+    text = (out / "scans" / f"{scans[0].id}.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert '"ncc": null' in text and np.isnan(ResultStore(out).load()[scans[0].id]["matches"][0]["ncc"])
 
 
 def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(setup, client, full_run, tmp_path):
@@ -372,6 +395,15 @@ def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(
     assert all(("; rejected=rater_b_view.nii.gz" in p["description"]) == (p["label"] != lacking) for p in described)
     run = json.loads((out / "run.json").read_text())
     assert len(run["more_atlases"]) == 2
+    # the page names every atlas, and how often each was rejected per landmark: the shifted one, in every scan
+    page = (out / "report.html").read_text(encoding="utf-8")
+    atlases = page[page.index('id="atlases"'):page.index('id="confidence"')]
+    assert atlases.count("<tr>") == 4 and "rater_b_view.nii.gz" in atlases and str(shifted) in atlases
+    rejections = page[page.index('id="atlas-rejections"'):page.index('id="landmarks"')]
+    shifted_row = rejections[rejections.index('<td class="l">rater_b_view.nii.gz</td>'):].split("</tr>")[0]
+    labels = [r["label"] for r in rows]
+    assert shifted_row.count('class="bad">2 / 2</td>') == len(labels) - 1 and "–" in shifted_row, shifted_row
+    assert "agreeing / atlases" in page
 
 
 def test_the_command_line_names_an_atlas_whose_labels_repeat_and_explains_missing_dask(setup, tmp_path, capsys, monkeypatch):

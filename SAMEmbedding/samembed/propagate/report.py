@@ -1,9 +1,12 @@
 """The review report ``OUT/report.html``: one self-contained page (images embedded as base64 PNG) made with
 Jinja2 (``templates/report.html.j2``) and matplotlib.
 
-It lists every scan and landmark with its score, confident flag, round-trip distance and whether the
-consistency step searched it again, least confident first; each row links to its scan's section, which shows
-the axial/coronal thumbnails of every landmark; a summary plot shows the scores. Failures are listed too.
+It names every atlas, says what "confident" means in the run, summarises each landmark (how often confident, median
+score and round trip), and with several atlases how often each atlas was rejected for each landmark (a misplaced
+atlas point shows there); then it lists every scan and landmark with its score, confident flag, round-trip distance,
+fusion details and whether the consistency step searched it again, least confident first; each row links to its
+scan's section, which shows the axial/coronal thumbnails of every landmark; a summary plot shows the scores.
+Failures are listed too. An interrupted run's page says so.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ def _b64(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _score_plot(rows: list[dict]) -> bytes:
-    """PNG: histogram of scores (confident / not), and score against round-trip distance."""
+def _score_plot(rows: list[dict], tolerance_mm: float | None = None) -> bytes:
+    """PNG: histogram of scores (confident / not), and score against round-trip distance (with the round trip's
+    tolerance, when one decides the flag, as a dashed line)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.2), dpi=90)
@@ -38,6 +42,10 @@ def _score_plot(rows: list[dict]) -> bytes:
     a.legend(fontsize=8)
     rt = [min(r["roundtrip_mm"], 200.0) for r in rows]
     b.scatter([r["score"] for r in rows], rt, s=8, c=["#3a7" if r["confident"] else "#d54" for r in rows])
+    if tolerance_mm:
+        b.axhline(tolerance_mm, color="#555", linestyle="--", linewidth=1)
+        b.annotate(f"confident below {tolerance_mm:g} mm", (0.01, tolerance_mm), xycoords=("axes fraction", "data"),
+                   xytext=(0, 3), textcoords="offset points", fontsize=8, color="#555")
     b.set_xlabel("score")
     b.set_ylabel("round trip, mm (max 200)")
     fig.tight_layout()
@@ -57,6 +65,50 @@ def build_rows(store: ResultStore, records: dict[str, dict]) -> list[dict]:
             rows.append({"scan": sid, "path": rec["path"], **m})
     rows.sort(key=lambda r: (r["confident"], r["score"], r["scan"], r["label"]))
     return rows
+
+
+def _median(values: list[float]) -> float:
+    finite = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not finite:
+        return math.nan
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+
+
+def landmark_summary(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Per landmark (in ``labels``' order, then any other): how many scans, how many confident, and the median score,
+    round trip (mm) and, for fused matches, agreeing atlases and spread (mm): where to look first."""
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    order = [lab for lab in labels if lab in by_label] + sorted(set(by_label) - set(labels))
+    out = []
+    for lab in order:
+        rs = by_label[lab]
+        confident = sum(bool(r["confident"]) for r in rs)
+        out.append({"label": lab, "scans": len(rs), "confident": confident, "confident_pct": 100.0 * confident / len(rs),
+                    "score": _median([r["score"] for r in rs]), "roundtrip_mm": _median([r["roundtrip_mm"] for r in rs]),
+                    "agreeing": _median([r.get("agreeing", 1) for r in rs]),
+                    "atlases": _median([r.get("atlases", 1) for r in rs]),
+                    "spread_mm": _median([r.get("spread_mm", 0.0) for r in rs])})
+    return out
+
+
+def atlas_rejections(rows: list[dict], atlases: list[dict]) -> list[dict]:
+    """Per atlas (``{"name", "labels", ...}``, as the outputs name it): for each landmark it carries, in how many of
+    the scans it was rejected (its prediction outside the agreeing atlases' consensus); an atlas rejected for a
+    landmark in most scans, where the others agree, is likely misplaced there (a rater's error)."""
+    out = []
+    for a in atlases:
+        counts = {lab: [0, 0] for lab in a["labels"]}
+        for r in rows:
+            if r["label"] in counts:
+                counts[r["label"]][1] += 1
+                counts[r["label"]][0] += a["name"] in (r.get("rejected") or ())
+        out.append({"name": a["name"], "image": a["image"], "points": a["points"],
+                    "cells": [{"label": lab, "rejected": k, "scans": n} for lab, (k, n) in counts.items()],
+                    "rejected": sum(k for k, _ in counts.values()), "carried": sum(n for _, n in counts.values())})
+    return out
 
 
 def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[str, dict] | None = None) -> Path:
@@ -96,6 +148,12 @@ def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[
     failures = [{"scan": sid, "path": rec["path"], "reason": rec.get("reason", "")}
                 for sid, rec in sorted(records.items(), key=lambda kv: order[kv[0]]) if rec.get("status") != "ok"]
     n = len(rows)
+    names = run.get("atlas_names") or []
+    atlases = [{**a, "name": names[i] if i < len(names) else Path(str(a["image"])).name}
+               for i, a in enumerate([run["atlas"], *run.get("more_atlases", [])])]
+    labels = list(dict.fromkeys(lab for a in atlases for lab in a["labels"]))
+    fused = len(atlases) > 1
+    confidence = run.get("confidence") or {}
     stats = {
         "scans": len(scans), "landmarks": n, "failed": len(failures),
         "confident_pct": 100.0 * sum(r["confident"] for r in rows) / n if n else math.nan,
@@ -105,6 +163,8 @@ def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
     html = env.get_template(TEMPLATE).render(
-        run=run, rows=rows, scans=scans, failures=failures, stats=stats,
-        plot=_b64(_score_plot(rows)) if rows else None)
+        run=run, rows=rows, scans=scans, failures=failures, stats=stats, atlases=atlases, fused=fused,
+        confidence=confidence, summary=landmark_summary(rows, labels),
+        rejections=atlas_rejections(rows, atlases) if fused else [],
+        plot=_b64(_score_plot(rows, None if fused else confidence.get("roundtrip_tolerance_mm"))) if rows else None)
     return write_text_atomic(out / "report.html", html)

@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -35,6 +36,21 @@ log = logging.getLogger(__name__)
 
 MATCH_COLUMNS = ("scan", "path", "label", "x", "y", "z", "score", "confident", "roundtrip_mm", "rematched",
                  "polished", "ncc", "atlases", "agreeing", "spread_mm", "rejected")
+
+
+#: a match's numbers that may be NaN (or infinite): null in a scan's JSON record, NaN once read
+MATCH_NUMBERS = ("score", "roundtrip_mm", "ncc", "spread_mm", "x", "y", "z")
+
+
+def _strict_json(value):
+    """``value`` with every NaN or infinite float as None (JSON's null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 class ResultStore:
@@ -69,6 +85,10 @@ class ResultStore:
                 continue
             try:
                 rec = json.loads(path.read_text(encoding="utf-8"))
+                for m in rec.get("matches", ()):
+                    for key in MATCH_NUMBERS:
+                        if key in m and m[key] is None:
+                            m[key] = math.nan
                 out[rec["scan"]] = rec
             except (OSError, ValueError, KeyError) as e:
                 log.warning("%s: unreadable scan record (%s); the scan is done again", path, e)
@@ -126,7 +146,8 @@ class ResultStore:
             pl = PointList([m["label"] for m in ms], [[m["x"], m["y"], m["z"]] for m in ms],
                            [markups_description(m, m.get("rejected", ())) for m in ms])
             write_points(pl, self.scans_dir / f"{sid}.mrk.json", ras=ras)
-        write_text_atomic(self.scans_dir / f"{sid}.json", json.dumps(record, indent=1))
+        # strict JSON (NaN, as where no polish ran, is not JSON: other readers refuse the file): null, read back as NaN
+        write_text_atomic(self.scans_dir / f"{sid}.json", json.dumps(_strict_json(record), indent=1, allow_nan=False))
         self.records[sid] = record
         return record
 

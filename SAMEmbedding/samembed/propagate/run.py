@@ -103,6 +103,24 @@ def fingerprint(prep: dict, job_points: dict, options: MatchOptions, settings: P
 
 
 @contextlib.contextmanager
+def _workers_ignore_interrupts() -> Iterator[None]:
+    """Start the local cluster's worker processes ignoring SIGINT (they inherit it): a Ctrl-C at the terminal reaches
+    every process of its group, and each worker printed a KeyboardInterrupt traceback while this process, which
+    handles the interrupt (keeps what finished, then closes the cluster), was still writing. In the main thread
+    only (where signal handlers are set); elsewhere nothing changes."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
 def _client(settings: PropagateSettings, client=None) -> Iterator[Any]:
     """The Dask client: the one given, one joined to ``settings.scheduler`` (with Dask's security config), or a
     local cluster of ``settings.workers`` processes with one thread each, bound to 127.0.0.1."""
@@ -123,8 +141,10 @@ def _client(settings: PropagateSettings, client=None) -> Iterator[Any]:
         finally:
             c.close()
         return
-    cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address="127.0.0.1:0", memory_limit=settings.memory_limit, silence_logs=logging.ERROR)
+    with _workers_ignore_interrupts():
+        cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0", memory_limit=settings.memory_limit,
+                               silence_logs=logging.ERROR)
     c = Client(cluster)
     try:
         yield c
@@ -226,6 +246,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                           "points_lps_mm": [list(p) for p in pts]}
                          for a, (_, labels, pts) in zip(atlas_list[1:], job.more_atlases)],
         "scans": len(scan_list), "options": options.to_dict(), "settings": settings.to_dict(), "cache_dir": cache_dir,
+        # each atlas as the outputs name it (the rejected column), in the order above
+        "atlas_names": list(job.atlas_names),
     }
     with _client(settings, client) as c:
         workers = len(c.scheduler_info().get("workers", {}))
@@ -243,11 +265,25 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             say(f"resume: skipping {skipped} of {len(scan_list)} scans already finished with these settings; "
                 f"{len(todo)} to do" + (f" ({stale} finished with other settings, or whose file changed since, are "
                                         "redone)" if stale else ""))
+        # what "confident" means in this run's outputs (samembed.api: the tolerance, unless given, is two voxels of the
+        # model's local grid; a fused match: most of its atlases agree)
+        spacing = prep["local_spacing_mm"]
+        tolerance = options.roundtrip_tolerance_mm or 2.0 * sum(spacing) / len(spacing)
+        run_info["confidence"] = {
+            "roundtrip_tolerance_mm": tolerance,
+            "rule": (f"most atlases that carry the landmark agree (each within the fusion limit of the others' "
+                     f"consensus) and one of those matched back within {tolerance:g} mm of its atlas point"
+                     if job.more_atlases else
+                     f"the match, matched back into the atlas, lands within {tolerance:g} mm of the atlas point"),
+            "note": "round-trip consistency, not a measured accuracy: a consistent match can still be wrong"}
         run_info.update(status="running", fingerprint=fp, model={"id": prep["model_id"], "sha256": prep["model_sha256"]},
                         atlas_embedding_key=prep["atlas_key"], versions={"workers": prep["versions"],
                                                                          "client": _client_versions()},
                         resumed_skipped=skipped, stale=stale)
         store.write_run(run_info)
+        # an earlier run's page would stand beside this run's tables (other settings, other scans) until the end:
+        # it goes now, and comes back at the end, or as a partial page when the run is interrupted
+        (out / "report.html").unlink(missing_ok=True)
         token = uuid.uuid4().hex[:8]
         # each scan file's size and time as this process sees it before the task reads it, for --resume to compare
         # with what it sees then (manifest.file_stamp; a worker's view of a shared disk may differ in resolution)
@@ -288,7 +324,11 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             interrupted = True
             c.cancel(list(futures))  # one call: one by one took about 1 ms each (10 s for 10,000 scans)
             summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, True, workers)
-            say(f"interrupted: {summary.finished + summary.skipped} scans kept in {out}; rerun with --resume to finish")
+            if settings.report:
+                with contextlib.suppress(KeyboardInterrupt):  # the finished scans' page, marked as such (a second
+                    summary.report = _report(store, scan_list, settings, out)  # interrupt leaves it out)
+            say(f"interrupted: {summary.finished + summary.skipped} scans kept in {out}"
+                f"{' (report.html shows them)' if summary.report else ''}; rerun with --resume to finish")
             if isinstance(e, Cancelled):
                 e.partial = summary
             raise
@@ -296,17 +336,27 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             bar.close()
     summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, interrupted, workers)
     if settings.report:
-        from .report import write_report
-
         t_report = time.time()
-        # this run's records only: a folder may hold other scans', or records made with other settings
-        summary.report = write_report(out, settings.report_thumbnails,
-                                      records={s.id: store.records[s.id] for s in scan_list if s.id in store.records})
+        summary.report = _report(store, scan_list, settings, out)
         run_info["phases_s"]["report"] = time.time() - t_report
         store.write_run(run_info)
-    say(f"{summary.finished} scans matched, {summary.failed} failed, {summary.skipped} skipped (finished before) "
-        f"in {summary.elapsed_s:.0f} s; results in {out}")
+    say(f"{_count(summary.finished, 'scan')} matched, {summary.failed} failed, {summary.skipped} skipped (finished "
+        f"before) in {summary.elapsed_s:.0f} s; results in {out}"
+        + (f"; the failures and why: {out / 'failures.csv'}" if summary.failed else ""))
     return summary
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _report(store: ResultStore, scans: list[Scan], settings: PropagateSettings, out: Path) -> Path:
+    """``report.html`` of this run's scans' records (a folder may hold other scans', or records made with other
+    settings)."""
+    from .report import write_report
+
+    return write_report(out, settings.report_thumbnails,
+                        records={s.id: store.records[s.id] for s in scans if s.id in store.records})
 
 
 def _finish(store: ResultStore, scans: list[Scan], run_info: dict, out: Path, t0: float, finished: int, failed: int,

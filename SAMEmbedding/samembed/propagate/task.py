@@ -190,6 +190,7 @@ def prepare_atlas(job: ScanJob) -> dict:
     model = eng.matcher.model
     return {"model_id": model.model_id, "model_sha256": model.sha256, "atlas_key": "+".join(keys),
             "atlas_content_sha256": "+".join(hashes), "atlas_ndim": d, "versions": versions(),
+            "local_spacing_mm": [float(v) for v in maps.local_grid.spacing_mm],
             "prepare_s": time.time() - t0, "stats": dict(eng.stats)}
 
 
