@@ -633,3 +633,20 @@ def test_resume_matches_again_a_scan_written_again_in_place(setup, client, tmp_p
     summary = propagate(setup["atlas"], tmp_path / "scans", out, OPTIONS, _settings(setup, resume=True),
                         client=client)
     assert (summary.skipped, summary.stale, summary.finished) == (1, 1, 1)
+
+
+def test_the_local_clusters_workers_leave_ctrl_c_to_the_command(setup):
+    """A Ctrl-C at the terminal reaches every process of its group: each worker printed a KeyboardInterrupt
+    traceback while the command kept what had finished (an audit). The workers it starts ignore SIGINT; the
+    command's own handler is as it was."""
+    from samembed.propagate.run import _client
+
+    # as in a terminal (a background job, such as this test run may be, starts with SIGINT ignored, and so would
+    # every process it starts)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with _client(_settings(setup, workers=1)) as c:
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert list(c.run(signal.getsignal, signal.SIGINT).values()) == [signal.SIG_IGN]
+    finally:
+        signal.signal(signal.SIGINT, before)
