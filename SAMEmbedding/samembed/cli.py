@@ -303,7 +303,18 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         images_read.clear()
         bar.phase("writing")
         writing = True
-        _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch, wrote)
+        try:
+            _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch, wrote)
+        except OSError as e:
+            if folder_out or "csv" in wrote or partial_out == out:
+                raise
+            # the table could not replace an earlier run's --out (a read-only or immutable file, ...): the matches go
+            # beside it, as an interrupted run's would, instead of being lost
+            _write_match_outputs(args, done, partial_out, folder_out, heatmaps, fused, prefetch)
+            written = True
+            raise OSError(e.errno, f"{e.strerror or e}; the matches are in {partial_out} (the earlier {out} is left "
+                                   "as it was): check that file's permissions, or choose another --out",
+                          str(out)) from e
         written = True
         log.debug("torch's Python meta kernels: %s", "never loaded" if meta_kernels_skipped() else "loaded")
     finally:
@@ -1040,7 +1051,9 @@ def _main(args: argparse.Namespace) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # the system refused a read or a write (permissions, a full disk, ...)
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        # a file moved into place names its destination: the temporary file it was written to is gone
+        name = e.filename2 if e.filename2 else e.filename
+        print(f"error: {f'{name}: ' if name else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if getattr(args, "verbose", False):

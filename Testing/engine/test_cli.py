@@ -1055,6 +1055,34 @@ def test_a_read_only_cache_folder_is_read_from_and_the_batch_goes_on_with_one_wa
     assert sorted(p.name for p in cache.iterdir()) == before
 
 
+@pytest.mark.needs_data
+def test_an_earlier_out_that_cannot_be_replaced_keeps_the_matches_beside_it(tmp_path, two_cts, a_points_csv,
+                                                                            monkeypatch, capsys):
+    """An --out that may not be replaced (immutable, read-only): the error named the temporary file, gone by then,
+    and the finished matches were lost (an audit)."""
+    import errno
+
+    pts_path, _ = a_points_csv
+    out = tmp_path / "o.csv"
+    out.write_text("OLD\n")
+    real_replace = os.replace
+
+    def refuse(src, dst, **kw):
+        if Path(dst) == out:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    partial = tmp_path / "o.partial.csv"
+    assert f"error: {out}: Operation not permitted; the matches are in {partial}" in err, err
+    assert out.read_text() == "OLD\n" and partial.read_text().startswith("target,label,")
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary file left
+
+
 def test_a_file_this_user_may_not_read_is_named_as_such_with_exit_1(tmp_path, two_cts, a_points_csv, monkeypatch,
                                                                      capsys):
     """An image or a point file without read permission was called missing, or corrupt, with exit 2 (bad input)."""
