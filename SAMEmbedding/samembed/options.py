@@ -40,6 +40,10 @@ PRECISIONS = ("auto", "fp32", "int8", "int8-int8", "int8-bf16")
 MODALITIES = ("auto", "ct", "mri", "xray")
 
 #: the intensity polish's coarse-to-fine levels: (lattice step, template half-size, search half-size), mm
+#: the farthest a polish level's lattice may reach from its centre, in steps (template plus search half-size): 65^3
+#: points per point matched, 140 MB of float32 for a batch of 128 points (the defaults reach 12-14 steps); one of
+#: 100 mm at 0.01 mm steps asked for 96 TB at once (an audit)
+MAX_POLISH_STEPS = 32
 DEFAULT_POLISH_LEVELS: tuple[tuple[float, float, float], ...] = ((2.0, 16.0, 8.0), (1.0, 10.0, 2.0), (0.5, 6.0, 1.0))
 
 
@@ -125,6 +129,14 @@ class MatchOptions:
         if not levels or any(len(lv) != 3 or not all(math.isfinite(x) and x > 0 for x in lv) for lv in levels):
             raise InputError(f"polish_levels must be (step, template, search) mm triples > 0, e.g. ((2, 16, 8), "
                              f"(1, 10, 2)), not {self.polish_levels!r}")
+        for step, template, search in levels:  # a level's lattice reaches (template + search) / step steps each way
+            reach = round(template / step) + round(search / step)
+            if reach > MAX_POLISH_STEPS:
+                raise InputError(
+                    f"polish level ({step:g}, {template:g}, {search:g}) mm reaches {reach} steps of {step:g} mm from "
+                    f"its centre (a lattice of {2 * reach + 1}^3 points per point matched); at most "
+                    f"{MAX_POLISH_STEPS}: take a coarser step or smaller half-sizes (the default's last level is "
+                    f"{DEFAULT_POLISH_LEVELS[-1]})")
         object.__setattr__(self, "polish_levels", levels)
         if self.box_lps_mm is not None:
             try:

@@ -129,6 +129,10 @@ def test_unknown_or_mistyped_options_are_clear_input_errors():
         MatchOptions(box_lps_mm=(0, 0, 0, 1, 1))
     with pytest.raises(InputError, match="polish_levels must be"):
         MatchOptions(polish_levels=((1.0, 2.0),))
+    # a level far too fine for its size asked for terabytes at once, an internal error (an audit)
+    with pytest.raises(InputError, match=r"polish level \(0.01, 100, 100\) mm reaches 20000 steps .* at most 32"):
+        MatchOptions(polish_levels=((0.01, 100.0, 100.0),))
+    assert MatchOptions(polish_levels=((1.0, 24.0, 8.0),)).polish_levels == ((1.0, 24.0, 8.0),)  # 32 steps: allowed
 
 
 def test_match_options_are_frozen_and_round_trip_through_a_mapping():
