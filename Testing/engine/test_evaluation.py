@@ -352,6 +352,17 @@ def test_evaluate_checks_its_output_folder_first_and_a_stopped_run_reports_the_p
     assert run_cli(["evaluate", str(missing), "--methods", "centre", "--out", str(out)]) == 2
     assert "every pair failed" in capsys.readouterr().err
     assert (out / "landmarks.md").is_file()
+    # some pairs failed: exit 3, as samembed propagate (it exited 0; an audit)
+    some = write_cases([Case("tiny", "gone", tmp_path / "nope.nii.gz", tp, labels, query, truth),
+                        Case("tiny", "here", sp, tp, labels, query, truth)], tmp_path / "some.csv")
+    monkeypatch.setattr(registration, "transfer_points_centre", real)
+    assert run_cli(["evaluate", str(some), "--methods", "centre", "--out", str(out)]) == 3
+    assert "1 of 2 pairs failed" in capsys.readouterr().err
+    # a stem with folders: refused before any case runs (a/b failed after every case; ../x wrote beside --out)
+    for stem in ("a/b", "../escape", ".."):
+        assert run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(out), "--stem", stem]) == 2
+        assert f"--stem {stem!r}: give a file name stem without folders" in capsys.readouterr().err
+    assert not (tmp_path / "escape.md").exists()
     for bad in ("0", "-1"):
         with pytest.raises(SystemExit):
             run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(out), "--limit", bad])

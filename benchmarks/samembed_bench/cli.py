@@ -40,7 +40,7 @@ def _cmd_make_suites(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Run the methods on the cases and write the report. The output folder is made and checked before any case
     runs; a run stopped by Ctrl-C or SIGTERM reports the pairs it finished (then exits 130 or 143); a run whose
-    every pair failed exits 2 after its report (which lists the failures)."""
+    every pair failed exits 2 after its report (which lists the failures), one where some failed exits 3."""
     from samembed.cli import output_folder
 
     from .cases import read_cases
@@ -58,6 +58,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if args.elastix_threads is not None and args.elastix_threads < 1:
             raise InputError(f"--elastix-threads must be >= 1, got {args.elastix_threads}")
         output_folder("--out", Path(args.out))  # before any case runs: a run of hours is not lost at its end
+        if not args.stem or Path(args.stem).name != args.stem or args.stem in (".", ".."):
+            # a/b failed after every case had run (no folder a), and ../x wrote beside --out (an audit)
+            raise InputError(f"--stem {args.stem!r}: give a file name stem without folders (the files go to --out "
+                             f"{args.out}), e.g. --stem {Path(args.stem).name or 'landmarks'}")
         model_id = args.model if any(m.startswith("sam") for m in methods) else None
         info = environment_info(model_id, args.elastix_threads) | {"cases": ", ".join(map(str, args.cases))}
         try:
@@ -79,6 +83,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if all(r.error for r in results):
         print(f"error: every pair failed, the first with: {results[0].error} (the report lists them)", file=sys.stderr)
         return 2
+    failed = [r for r in results if r.error]
+    if failed:  # as samembed propagate: a script or CI must notice
+        print(f"error: {len(failed)} of {len(results)} pairs failed, the first with: {failed[0].error} (the report "
+              "lists them)", file=sys.stderr)
+        return 3
     return 0
 
 
