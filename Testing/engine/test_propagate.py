@@ -481,6 +481,14 @@ def test_the_scans_folder_skips_the_run_s_own_output_folder(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert [s.id for s in read_scans(tmp_path)] == ["a", "b", "L1"]
     assert [s.id for s in read_scans(tmp_path, exclude=(tmp_path / "results",))] == ["a", "b"]
+    # --out the scans folder itself: said so (every file was left out: "no images found in this folder")
+    from samembed.errors import InputError
+    from samembed.propagate import Atlas, propagate
+
+    (tmp_path / "p.csv").write_text("label,x,y,z\nA,0,0,0\n")
+    with pytest.raises(InputError, match=f"--out {tmp_path} is the scans folder; choose another folder"):
+        propagate(Atlas(str(tmp_path / "a.nii.gz"), str(tmp_path / "p.csv")), tmp_path, tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.nii.gz", "b.nrrd", "p.csv", "results"]
 
 
 @pytest.mark.needs_data

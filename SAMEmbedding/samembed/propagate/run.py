@@ -220,6 +220,10 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         raise InputError(f"options must be a samembed.MatchOptions, not {type(options).__name__}")
     if options.heatmap:
         raise InputError("propagate does not write heatmaps; use samembed match --heatmap-dir for a few scans")
+    if not isinstance(scans, (list, tuple)) and Path(scans).is_dir() and Path(scans).resolve() == Path(out_dir).resolve():
+        # (every file of the folder was left out as the output's own: "no images found in this folder")
+        raise InputError(f"--out {out_dir} is the scans folder; choose another folder for the results (nothing was "
+                         "written)")
     # a scans folder that holds the output folder: its thumbnails are not scans
     scan_list = list(scans) if isinstance(scans, (list, tuple)) else read_scans(scans, exclude=(out_dir,))
     point_lists = _read_atlas_points(atlas_list)
