@@ -162,6 +162,11 @@ def test_two_workers_equal_a_single_process_match(setup, full_run):
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["model"]["sha256"] and len(run["fingerprint"]) == 64
     assert run["options"] == OPTIONS.to_dict() and "torch" in run["versions"]["workers"]
+    # what "auto" resolved to (run-wide and per scan), the atlas's content, how the run was asked for
+    assert run["resolved"]["device"] == "cpu" and run["resolved"]["precision"] in ("fp32", "bf16", "int8-int8",
+                                                                                  "int8-bf16", "int8")
+    assert all(rec["worker"]["precision"] == run["resolved"]["precision"] for rec in records.values())
+    assert len(run["atlas_content_sha256"]) == 64 and run["argv"] and "scans_source" in run
 
 
 class _Report(HTMLParser):

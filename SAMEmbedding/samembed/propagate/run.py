@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -252,6 +253,9 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         "scans": len(scan_list), "options": options.to_dict(), "settings": settings.to_dict(), "cache_dir": cache_dir,
         # each atlas as the outputs name it (the rejected column), in the order above
         "atlas_names": list(job.atlas_names),
+        # how the run was asked for: the scans' manifest or folder, and this process's command line
+        "scans_source": None if isinstance(scans, (list, tuple)) else str(Path(scans).resolve()),
+        "argv": list(sys.argv),
     }
     with _client(settings, client) as c:
         workers = len(c.scheduler_info().get("workers", {}))
@@ -280,6 +284,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                      if job.more_atlases else
                      f"the match, matched back into the atlas, lands within {tolerance:g} mm of the atlas point"),
             "note": "round-trip consistency, not a measured accuracy: a consistent match can still be wrong"}
+        run_info["resolved"] = prep.get("resolved")  # device and precision as "auto" resolved on the first worker
+        run_info["atlas_content_sha256"] = prep["atlas_content_sha256"]
         run_info.update(status="running", fingerprint=fp, model={"id": prep["model_id"], "sha256": prep["model_sha256"]},
                         atlas_embedding_key=prep["atlas_key"], versions={"workers": prep["versions"],
                                                                          "client": _client_versions()},

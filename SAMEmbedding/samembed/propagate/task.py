@@ -191,7 +191,16 @@ def prepare_atlas(job: ScanJob) -> dict:
     return {"model_id": model.model_id, "model_sha256": model.sha256, "atlas_key": "+".join(keys),
             "atlas_content_sha256": "+".join(hashes), "atlas_ndim": d, "versions": versions(),
             "local_spacing_mm": [float(v) for v in maps.local_grid.spacing_mm],
+            # what "auto" resolved to on this worker (a worker of another CPU may resolve otherwise: each scan's
+            # record says its own, see match_scan)
+            "resolved": _resolved(eng),
             "prepare_s": time.time() - t0, "stats": dict(eng.stats)}
+
+
+def _resolved(eng: _Engine) -> dict:
+    """The device and arithmetic this worker's engine runs (``--device``/``--precision auto`` resolved)."""
+    embedder = eng.matcher.embedder
+    return {"device": str(embedder.device), "precision": embedder.precision}
 
 
 def failure(scan: Scan, reason: str, **extra: Any) -> dict:
@@ -267,7 +276,7 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
                "match_s": res.timings.get("target0_match_s", 0.0), "thumbnails_s": t_thumbs,
                "total_s": time.time() - t0, "cpu_s": time.process_time() - cpu0}
     return {"scan": scan.id, "path": scan.path, "status": "ok", "matches": matches, "thumbnails": thumbs,
-            "timings": timings, "worker": _where(), "stats": dict(eng.stats)}
+            "timings": timings, "worker": {**_where(), **_resolved(eng)}, "stats": dict(eng.stats)}
 
 
 def _release(job: ScanJob) -> None:
