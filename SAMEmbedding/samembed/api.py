@@ -424,7 +424,9 @@ class Matcher:
                 roundtrip_mm=float(np.median([m.roundtrip_mm for m in told])),
                 rematched=any(m.rematched for m in told), polished=any(m.polished for m in told),
                 ncc=float(max(ncc)) if ncc else float("nan"), atlases=len(ms), agreeing=len(agree),
-                spread_mm=f.spread_mm, rejected=tuple(a.display_name for (a, _), ok in zip(carry, f.agreeing) if not ok)))
+                spread_mm=f.spread_mm, rejected=tuple(a.display_name for (a, _), ok in zip(carry, f.agreeing) if not ok),
+                per_atlas=tuple((a.display_name, tuple(float(v) for v in m.point_lps_mm), float(m.score), bool(ok))
+                                for (a, m), ok in zip(carry, f.agreeing))))
         return fused
 
     # ------------------------------------------------------------------------------------ the stages

@@ -49,6 +49,9 @@ class Match:
         atlases, agreeing, spread_mm, rejected: for a fused match (:meth:`Matcher.match_atlases`), how many atlases
             predicted it, how many agreed, the spread (RMS distance, mm) of the agreeing predictions around the
             fused point, and the names of the rejected atlases; 1, 1, 0 and () for a plain match.
+        per_atlas: for a fused match, each atlas that carries the landmark: ``(name, (x, y, z) LPS mm, score,
+            agreeing)``, its own prediction (which atlas said what, e.g. to find a misplaced atlas point); () for
+            a plain match.
         polished: the intensity polish (``MatchOptions(polish=True)``) moved this match; ``ncc`` is the normalised
             cross-correlation of its source and target patches there (NaN when the polish did not run).
     """
@@ -67,6 +70,7 @@ class Match:
     agreeing: int = 1
     spread_mm: float = 0.0
     rejected: tuple[str, ...] = ()
+    per_atlas: tuple[tuple[str, tuple[float, ...], float, bool], ...] = ()
 
     @property
     def point_ras_mm(self) -> np.ndarray:

@@ -59,6 +59,10 @@ def test_with_a_gross_outlier_among_five_atlases_the_fused_point_stays_with_the_
     plain = matcher.match(ct, pts, [ct], list(labels), FAST)
     for fused, single in zip(res.matches, plain.matches):
         assert fused.atlases == 5 and fused.agreeing == 4 and fused.rejected == ("wrong.nii.gz",)
+        # each atlas's own prediction, and whether it agreed
+        assert [(name, ok) for name, _, _, ok in fused.per_atlas] == [
+            *((f"atlas{i}.nii.gz", True) for i in range(4)), ("wrong.nii.gz", False)]
+        assert np.allclose(fused.per_atlas[0][1], single.point_lps_mm)
         assert np.linalg.norm(fused.point_lps_mm - single.point_lps_mm) < 1e-6
         assert fused.spread_mm < 1e-6
 

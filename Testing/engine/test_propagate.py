@@ -396,6 +396,13 @@ def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(
             assert (r["atlases"], r["agreeing"]) == ("3", "2") and r["rejected"] == "rater_b_view.nii.gz", r
         ref = single[(r["scan"], r["label"])]
         assert max(abs(float(r[k]) - float(ref[k])) for k in "xyz") < 1e-3
+    # each atlas's own prediction in the scan's record: the shifted one far from the fused point
+    record = json.loads(next(f for f in (out / "scans").glob("*.json") if not f.name.endswith(".mrk.json")).read_text())
+    for m in record["matches"]:
+        said = [(a["atlas"], a["agreeing"]) for a in m["per_atlas"]]
+        first = Path(a.image).name + f" ({Path(a.points).name})"
+        assert said == [(first, True), (first, True)] + ([] if m["label"] == lacking else [("rater_b_view.nii.gz", False)])
+        assert m["label"] == lacking or m["per_atlas"][2]["from_fused_mm"] > 30  # (placed 60 mm off)
     described = json.loads(next((out / "scans").glob("*.mrk.json")).read_text())["markups"][0]["controlPoints"]
     assert all(("; rejected=rater_b_view.nii.gz" in p["description"]) == (p["label"] != lacking) for p in described)
     run = json.loads((out / "run.json").read_text())

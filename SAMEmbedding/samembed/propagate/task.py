@@ -265,7 +265,12 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
                             "roundtrip_mm": float(mt.roundtrip_mm), "rematched": bool(mt.rematched),
                             "polished": bool(mt.polished), "ncc": float(mt.ncc), "atlases": int(mt.atlases),
                             "agreeing": int(mt.agreeing), "spread_mm": float(mt.spread_mm),
-                            "rejected": list(mt.rejected)})
+                            "rejected": list(mt.rejected),
+                            # each atlas's own prediction, by its name in the outputs (the scan's JSON record)
+                            "per_atlas": [{"atlas": name, "x": p[0], "y": p[1], "z": p[2], "score": score,
+                                           "agreeing": agreeing, "from_fused_mm": float(np.linalg.norm(
+                                               np.subtract(p, mt.point_lps_mm)))}
+                                          for name, p, score, agreeing in mt.per_atlas]})
         t_thumbs = time.time() - t_thumbs
     except Exception as e:  # noqa: BLE001 - every failure of one scan is recorded, the run goes on
         return failure(scan, _reason(e), timings={"total_s": time.time() - t0}, worker=_where())
