@@ -466,6 +466,15 @@ def test_manifest_ids_relative_paths_and_duplicates(tmp_path):
         read_scans(tmp_path / "missing.csv")
     with pytest.raises(InputError, match="an image, where --scans takes a manifest CSV"):
         read_scans(tmp_path / "y.nrrd")
+    # a header of other names was taken as a scan ("file not found" at the end); one path per row still reads
+    man.write_text("file,id\na/x_ct.nii.gz,x\n")
+    with pytest.raises(InputError, match=r"no 'path' column: the first row \(file, id\) looks like a header"):
+        read_scans(man)
+    man.write_text("a/x_ct.nii.gz\ny.nrrd\n")
+    assert [s.id for s in read_scans(man)] == ["x_ct", "y"]
+    man.write_bytes("path\ny.nrrd\n".encode("utf-16"))
+    with pytest.raises(InputError, match="is not UTF-8 text .* save it as UTF-8"):
+        read_scans(man)
     assert "out of memory" in _reason(MemoryError()) and "fewer --workers" in _reason(MemoryError())
 
 

@@ -61,7 +61,10 @@ def _read_manifest(path: Path) -> list[Scan]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             rows = [r for r in csv.reader(fh) if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: the scan manifest is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                         "UTF-8 (CSV)") from e
+    except OSError as e:
         raise InputError(f"{path}: cannot read the scan manifest: {e}") from e
     if not rows:
         raise InputError(f"{path}: the scan manifest lists no scans")
@@ -71,6 +74,14 @@ def _read_manifest(path: Path) -> list[Scan]:
         body = rows[1:]
     else:
         ip, iid, body = 0, None, rows
+        first = rows[0][0].strip()
+        where = Path(first).expanduser()
+        if (not (where if where.is_absolute() else path.parent / where).exists() and "/" not in first
+                and "\\" not in first and "." not in first):
+            # a header of other names ("file,id"): it was taken as a scan, which then failed as "file not found"
+            raise InputError(f"{path}: no 'path' column: the first row ({', '.join(c.strip() for c in rows[0])}) "
+                             "looks like a header; name the column of image paths 'path' (and ids 'id'), or list "
+                             "one path per row without a header")
     scans = []
     for n, r in enumerate(body, start=2 if "path" in header else 1):
         if len(r) <= ip or not r[ip].strip():
