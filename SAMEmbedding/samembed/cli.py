@@ -215,6 +215,12 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     else:
         points = read_points(args.points, ras=args.ras)
         labels = list(points.labels)
+        repeated = sorted({lab for lab in labels if labels.count(lab) > 1 and lab})
+        if repeated or "" in labels:  # (the atlases' and the heatmaps' labels are refused when they repeat)
+            log.warning("%s: %s; the outputs tell such points apart by their order only: give each point a label "
+                        "of its own", args.points, "; ".join(
+                            ([f"labels repeat ({', '.join(repeated)})"] if repeated else [])
+                            + ([f"{labels.count('')} point(s) have no label"] if "" in labels else [])))
     _require_images([*([image for image, _ in pairs] or args.images[:1]), *target_paths])  # atlases or the source
     if args.heatmap_dir:  # refused by the engine too, but only once torch has loaded and the folders are made
         _refuse_repeated_labels(labels, pairs[0][1] if pairs else args.points)

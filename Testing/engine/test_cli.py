@@ -1056,6 +1056,21 @@ def test_a_read_only_cache_folder_is_read_from_and_the_batch_goes_on_with_one_wa
 
 
 @pytest.mark.needs_data
+def test_repeated_or_missing_labels_of_one_source_are_warned_of(tmp_path, two_cts, a_points_csv, caplog):
+    """Two rows of one label (or none) were matched without a word; only their order told them apart (an audit)."""
+    pts_path, _ = a_points_csv
+    rows = pts_path.read_text().splitlines()
+    first = rows[1].split(",", 1)[1]
+    points = tmp_path / "p.csv"
+    points.write_text("\n".join([rows[0], f"A,{first}", f"A,{first}", f",{first}"]) + "\n")
+    with caplog.at_level("WARNING", logger="samembed"):
+        assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(points), "--out",
+                     str(tmp_path / "o.csv"), "--model", "random:sam-lite", "--device", "cpu", "--quiet",
+                     "--no-polish"]) == 0
+    assert any(f"{points}: labels repeat (A); 1 point(s) have no label" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.needs_data
 def test_an_earlier_out_that_cannot_be_replaced_keeps_the_matches_beside_it(tmp_path, two_cts, a_points_csv,
                                                                             monkeypatch, capsys):
     """An --out that may not be replaced (immutable, read-only): the error named the temporary file, gone by then,
