@@ -385,6 +385,8 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
     if not path.exists():
         raise InputError(f"{path}: file not found")
     check_readable(path)
+    if path.is_file() and path.stat().st_size == 0:  # (named a format it did not have, or "no ImageIO reader")
+        raise InputError(f"{path}: the file is empty (0 bytes); copy or export the image again")
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()

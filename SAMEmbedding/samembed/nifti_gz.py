@@ -55,8 +55,12 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
     except OSError:  # unreadable: SimpleITK's reading says why
         return None
     if not data.startswith(b"\x1f\x8b"):  # no gzip data at all: a file named .nii.gz that is something else
+        if nifti_layout(data[:NIFTI2_HEADER_BYTES], single_file=True) is not None:
+            raise InputError(f"{path}: cannot read this image: it is named .nii.gz but is an uncompressed NIfTI "
+                             f"file; name it .nii")
         raise InputError(f"{path}: cannot read this image: it is named .nii.gz but is not gzip-compressed (it starts "
-                         f"{data[:8]!r}); give the file its own format's name, e.g. .nii")
+                         f"{data[:8]!r}): not a NIfTI image either; if it is an image of another format, give the "
+                         "file that format's name")
     try:
         raw = igzip.decompress(data)
     except (OSError, EOFError, ValueError, isal_zlib.error) as exc:  # OSError: gzip.BadGzipFile, not gzip at all

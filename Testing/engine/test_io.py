@@ -692,3 +692,26 @@ def test_a_nifti_header_with_a_voxel_size_of_no_length_is_refused(tmp_path, valu
     bad.write_bytes(gzip.compress(bytes(data)) if suffix.endswith(".gz") else bytes(data))
     with pytest.raises(InputError, match=f"{bad}: its header gives a voxel size of {value:g} mm along x"):
         read_image(bad)
+
+
+def test_an_empty_file_or_a_plain_nifti_named_gz_is_told_for_what_it_is(tmp_path):
+    """A 0-byte file was told to take "its own format's name", a 0-byte .nrrd got ITK's "Unable to determine ImageIO
+    reader", and a plain NIfTI named .nii.gz was called not gzip-compressed with the same advice (an audit)."""
+    for name in ("zero.nii.gz", "zero.nrrd", "zero.nii"):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(InputError, match=f"{tmp_path / name}: the file is empty \\(0 bytes\\)"):
+            read_image(tmp_path / name)
+    plain = tmp_path / "plain.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(plain))
+    misnamed = tmp_path / "plain.nii.gz"
+    misnamed.write_bytes(plain.read_bytes())
+    try:
+        import isal  # noqa: F401 - the engine's own .nii.gz reader says it
+    except ImportError:
+        pytest.skip("isal not installed: SimpleITK reads the file")
+    with pytest.raises(InputError, match="is named .nii.gz but is an uncompressed NIfTI file; name it .nii"):
+        read_image(misnamed)
+    text = tmp_path / "text.nii.gz"
+    text.write_text("label,x,y,z\n")
+    with pytest.raises(InputError, match="not a NIfTI image either"):
+        read_image(text)
