@@ -188,7 +188,7 @@ def _start_prefetch(args, paths: list[str]):
 
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
-    from .io import check_point_dims, markups_suffix, read_points
+    from .io import check_point_dims, check_points_inside, markups_suffix, read_points
     from .names import atlas_names, target_ids
 
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
@@ -267,9 +267,11 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                        for (image, _), pl, key in zip(pairs, atlas_points, atlas_keys)]
             for a, (_, pts_file), pl in zip(atlases, pairs, atlas_points):
                 check_point_dims(pl, pts_file, a.image.ndim, a.display_name)
+                check_points_inside(pl, pts_file, a.image, args.ras)
         else:
             source = read(args.images[0])
             check_point_dims(points, args.points, source.ndim, args.images[0])
+            check_points_inside(points, args.points, source, args.ras)
         # the content of what every target is matched from (the source, or the atlases): never forgotten (below)
         kept = {images_read[str(p)].content_hash() for p in ([image for image, _ in pairs] or args.images[:1])}
         bar.phase("loading the model")

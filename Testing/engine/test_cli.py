@@ -643,7 +643,12 @@ def test_bad_inputs_exit_with_2_and_a_message_naming_the_problem(tmp_path, two_c
     cases = {
         "file not found": ["match", str(tmp_path / "missing.nii.gz"), tgt, "--points", str(pts_path), "--out", str(tmp_path / "o.csv")],
         "cannot read this image": ["match", src, str(corrupt), "--points", str(pts_path), "--out", str(tmp_path / "o.csv")],
-        "lies outside the image": ["match", src, tgt, "--points", str(outside), "--out", str(tmp_path / "o.csv")],
+        f"{outside}: point 'far' at (10000.0, 0.0, 0.0) mm LPS lies outside {src} (1 of 1 points do); if the "
+        "coordinates are RAS (Slicer's), add --ras": ["match", src, tgt, "--points", str(outside), "--out",
+                                                      str(tmp_path / "o.csv")],
+        # given --ras, the hint is the other way round (it advised --ras to a user who had given it: an audit)
+        "the points were read as RAS (--ras): if the file holds LPS coordinates, leave out --ras": [
+            "match", src, tgt, "--points", str(outside), "--ras", "--out", str(tmp_path / "o.csv")],
         "does not fit architecture": ["match", src, tgt, "--points", str(pts_path), "--out", str(tmp_path / "o.csv"), "--model", str(bad_ckpt)],
         "cannot be matched with the 3D source": ["match", src, str(xray), "--points", str(pts_path), "--out", str(tmp_path / "o.csv")],
         "point file not found": ["match", src, tgt, "--points", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o.csv")],

@@ -275,12 +275,17 @@ def test_a_corrupt_or_2d_scan_lands_in_failures_and_the_others_finish(setup, cli
     hand = next((DATA / "xray" / "hand_dha37" / "images").glob("*.jpg"), None)
     good = setup["scans"][:2]
     manifest = root / "with_bad.csv"
-    lines = [good[0].path, str(broken), good[1].path] + ([str(hand)] if hand else [])
+    gone = root / "gone_ct.nii.gz"  # listed, but not there: said at the start (it was only in failures.csv)
+    lines = [good[0].path, str(broken), good[1].path, str(gone)] + ([str(hand)] if hand else [])
     manifest.write_text("path\n" + "\n".join(lines) + "\n")
     out = root / "failures"
+    said = []
     # this run joins the cluster by its address, as `--scheduler tcp://HOST:PORT` does
-    summary = propagate(setup["atlas"], manifest, out, OPTIONS, _settings(setup, scheduler=client.scheduler.address))
+    summary = propagate(setup["atlas"], manifest, out, OPTIONS, _settings(setup, scheduler=client.scheduler.address),
+                        echo=said.append)
     assert summary.finished == 2 and summary.failed == len(lines) - 2
+    assert said[0] == f"1 of {len(lines)} scans are missing ({gone}): they will be recorded as failed (failures.csv)"
+    assert said[-1].endswith(f"; the failures and why: {out / 'failures.csv'}")
     failures = list(csv.DictReader((out / "failures.csv").open()))
     by_scan = {f["scan"]: f for f in failures}
     assert str(broken) in by_scan["broken_ct"]["reason"] and "cannot read" in by_scan["broken_ct"]["reason"]

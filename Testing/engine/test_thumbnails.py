@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from samembed.io import read_image
-from samembed.propagate.thumbnails import PANEL_PX, is_ct, landmark_png, landmark_pngs
+from samembed.propagate.thumbnails import OUTSIDE_RGB, PANEL_PX, is_ct, landmark_png, landmark_pngs
 
 from ..conftest import data_file
 
@@ -19,8 +19,7 @@ from ..conftest import data_file
 def test_thumbnails_read_the_voxels_as_they_are_and_show_the_point_in_two_planes(scan):
     """Each thumbnail is an axial and a coronal panel with the point marked in their middle, in the CT window. The
     voxels are interpolated where they lie, with no float copy of the volume: the pictures are those of the same
-    scan converted to float32 first, byte for byte, also for a point near the edge (outside shown as the window's
-    low end)."""
+    scan converted to float32 first, byte for byte, also for a point near the edge (outside shown in blue)."""
     from matplotlib.image import imread
 
     image = read_image(data_file("ct", *scan))
@@ -39,3 +38,8 @@ def test_thumbnails_read_the_voxels_as_they_are_and_show_the_point_in_two_planes
         arm = rgb[c, x0 + c + 5, :3]
         assert arm[0] > 0.9 and arm[1] < 0.3 and arm[2] < 0.3
     assert not np.array_equal(rgb[c, c, :3], rgb[c, c + 5, :3])
+    # beyond the field of view: blue, not the black of air (a match outside the scan looked like one in air)
+    edge = imread(io.BytesIO(pngs[2]))[:, :PANEL_PX, :3]
+    blue = np.all(np.abs(edge - OUTSIDE_RGB) < 0.01, axis=2)
+    assert blue[0, 0] and not blue[-1, -1] and 0.1 < blue.mean() < 0.9
+    assert not np.all(np.abs(imread(io.BytesIO(pngs[0]))[:, :, :3] - OUTSIDE_RGB) < 0.01, axis=2).any()

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -227,6 +228,10 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                          "written)")
     # a scans folder that holds the output folder: its thumbnails are not scans
     scan_list = list(scans) if isinstance(scans, (list, tuple)) else read_scans(scans, exclude=(out_dir,))
+    missing = [s.path for s in scan_list if not os.path.exists(s.path)]
+    if missing:  # said now, not only in failures.csv once every scan has run (an audit)
+        say(f"{len(missing)} of {len(scan_list)} scans are missing ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): they will be recorded as failed (failures.csv)")
     point_lists = _read_atlas_points(atlas_list)
     points = point_lists[0]
     out = Path(out_dir)

@@ -34,8 +34,13 @@ def _plane(image: Image, centre_lps: np.ndarray, u: np.ndarray, v: np.ndarray, w
     return vals.reshape(PANEL_PX, PANEL_PX)
 
 
+#: colour of a panel's pixels outside the image (beyond its field of view): air inside it is black
+OUTSIDE_RGB = np.array([0.12, 0.18, 0.42])
+
+
 def _grey(values: np.ndarray, ct: bool) -> np.ndarray:
-    """Intensities -> [0, 1] grey: a soft-tissue/bone window for CT, the 1-99 % range otherwise."""
+    """Intensities -> [0, 1] grey: a soft-tissue/bone window for CT, the 1-99 % range otherwise; outside the image
+    (NaN) :data:`OUTSIDE_RGB`, so that a match beyond the scanned region shows as such (it looked like air)."""
     finite = values[np.isfinite(values)]
     if ct:
         lo, hi = -400.0, 600.0
@@ -44,7 +49,9 @@ def _grey(values: np.ndarray, ct: bool) -> np.ndarray:
     else:
         lo, hi = 0.0, 1.0
     g = np.clip((np.nan_to_num(values, nan=lo) - lo) / max(hi - lo, 1e-6), 0, 1)
-    return np.repeat(g[..., None], 3, axis=2)
+    rgb = np.repeat(g[..., None], 3, axis=2)
+    rgb[~np.isfinite(values)] = OUTSIDE_RGB
+    return rgb
 
 
 def _mark(rgb: np.ndarray) -> np.ndarray:
