@@ -157,7 +157,11 @@ def _cmd_match(args) -> int:
     if pairs and args.points:
         raise InputError("--points belongs to a single source image; with --atlas each atlas names its own points")
     if not pairs and (len(args.images) < 2 or not args.points):
-        raise InputError("give SOURCE TARGET... --points FILE, or --atlas IMAGE POINTS [--atlas ...] TARGET...")
+        missing = ("no image given" if not args.images else
+                   f"only one image ({args.images[0]}): the source; add the target(s) after it" if len(args.images) < 2
+                   else "no --points FILE: the source's points to match")
+        raise InputError(f"{missing}. Give SOURCE TARGET... --points FILE, or --atlas IMAGE POINTS [--atlas ...] "
+                         "TARGET...")
     if args.heatmap_grid != "image" and not args.heatmap_dir:
         raise InputError(f"--heatmap-grid {args.heatmap_grid} says how to write heatmaps; give --heatmap-dir DIR too "
                          "(where they go)")

@@ -1060,6 +1060,14 @@ def test_a_read_only_cache_folder_is_read_from_and_the_batch_goes_on_with_one_wa
     assert sorted(p.name for p in cache.iterdir()) == before
 
 
+def test_a_missing_target_or_points_file_is_named(tmp_path, capsys):
+    """Both got one usage line that did not say which part was missing (an audit)."""
+    assert main(["match", "s.nii.gz", "--points", "p.csv", "--out", str(tmp_path / "o.csv")]) == 2
+    assert "only one image (s.nii.gz): the source; add the target(s) after it" in capsys.readouterr().err
+    assert main(["match", "s.nii.gz", "t.nii.gz", "--out", str(tmp_path / "o.csv")]) == 2
+    assert "no --points FILE: the source's points to match" in capsys.readouterr().err
+
+
 @pytest.mark.needs_data
 def test_repeated_or_missing_labels_of_one_source_are_warned_of(tmp_path, two_cts, a_points_csv, caplog):
     """Two rows of one label (or none) were matched without a word; only their order told them apart (an audit)."""
