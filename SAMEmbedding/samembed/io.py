@@ -205,7 +205,9 @@ def image_from_sitk(img, name: str = "<sitk>", spacing_known: bool = True, own: 
     arr = sitk_voxels(img) if own else sitk.GetArrayFromImage(img)
     d = img.GetDimension()
     if d not in (2, 3):
-        raise InputError(f"{name}: {d}D images are not supported; expected a 2D or 3D scalar image")
+        raise InputError(f"{name}: {d}D images are not supported; expected a 2D or 3D scalar image"
+                         + ("; pass one 3D volume (the frame you want, e.g. from Slicer's Sequences module or "
+                            "SimpleITK's image[:, :, :, k])" if d == 4 else ""))
     grid = Grid(arr.shape, img.GetSpacing(), img.GetOrigin(), np.array(img.GetDirection()).reshape(d, d))
     if d == 3 and arr.shape[0] == 1:
         # one slice (a radiograph as DICOM or NIfTI, a PNG read as 3D): a 2D image

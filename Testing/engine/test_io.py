@@ -715,3 +715,12 @@ def test_an_empty_file_or_a_plain_nifti_named_gz_is_told_for_what_it_is(tmp_path
     text.write_text("label,x,y,z\n")
     with pytest.raises(InputError, match="not a NIfTI image either"):
         read_image(text)
+
+
+def test_a_4d_image_says_to_pass_one_frame(tmp_path):
+    """The 4D error said only what was not supported (an audit)."""
+    frame = sitk.GetImageFromArray(np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5))
+    path = tmp_path / "phases.nii"
+    sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(path))
+    with pytest.raises(InputError, match=r"4D images are not supported; .* pass one 3D volume \(the frame you want"):
+        read_image(path)
