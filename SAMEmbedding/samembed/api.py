@@ -498,7 +498,10 @@ class Matcher:
                                  f"{tmaps.local_grid.ndim}D: give {2 * tmaps.local_grid.ndim} (two corners)")
             allowed = allowed & box_mask(tmaps, options.window_box)
         if not bool(allowed.any()):
-            raise InputError(f"{name}: the search mask/box leaves no voxel to search")
+            given = [f"the search mask {mask.name}" if mask is not None else "",
+                     "the box (--box, box_lps_mm)" if options.box_lps_mm is not None else ""]
+            raise InputError(f"{name}: {' with '.join(g for g in given if g) or 'the search mask/box'} leaves no voxel "
+                             "to search (does it lie on this target, in its geometry?)")
         # the window goes around the affine prior's prediction, else (no prior) around the best global match. With
         # prior_window_mm=0 the search is SAM's single argmax over the whole target, but the polish still starts from
         # the prior's prediction too and keeps the start that correlates best: within a patient that rescues the

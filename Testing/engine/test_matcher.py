@@ -232,6 +232,18 @@ def test_a_point_outside_the_source_is_named_with_its_frame(a_random_matcher):
         a_random_matcher.match(src, [[1e4, 0, 0]], [src], ["far"])
 
 
+@pytest.mark.needs_data
+def test_a_search_mask_that_leaves_nothing_is_named(a_random_matcher):
+    """The error named the target only, not the mask (an audit)."""
+    from samembed.image import Image
+
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    empty = Image(np.zeros(src.array.shape, np.uint8), src.grid, "organ_mask.nii.gz")
+    with pytest.raises(InputError, match=r"pt_201_ct.nii.gz: the search mask organ_mask.nii.gz leaves no voxel to "
+                                         r"search \(does it lie on this target"):
+        a_random_matcher.match(src, src.grid.index_to_lps([[64, 60, 70]]), [src], ["a"], mask=empty)
+
+
 def test_a_2d_source_with_a_3d_target_is_rejected():
     from samembed.image import Image
 
