@@ -664,13 +664,15 @@ def refuse_missing_z(dims: int, points_file: str | os.PathLike, image_ndim: int,
                          f"{image_ndim}D image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras)")
 
 
-def _parse_float(value: str, path: Path, row: int) -> float:
+def _parse_float(value: str, path: Path, row: int | str) -> float:
+    """A coordinate; ``row``: the line number of a table, or where in another file (a markups file's control point)."""
+    where = f"line {row}" if isinstance(row, int) else row
     try:
         v = float(value)
     except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: line {row}: '{value}' is not a number") from e
+        raise InputError(f"{path}: {where}: '{value}' is not a number") from e
     if not np.isfinite(v):
-        raise InputError(f"{path}: line {row}: coordinate {value} is not finite")
+        raise InputError(f"{path}: {where}: coordinate {value} is not finite")
     return v
 
 
@@ -870,11 +872,14 @@ def _read_mrk_json(path: Path) -> PointList:
             if not isinstance(cp, dict):
                 raise InputError(f"{path}: control point {n} of markup {k} is not an object with a position")
             pos = cp.get("position")
+            where = f"control point {n} ({cp.get('label', 'no label')}) of markup {k}"
             # a point not placed yet (Slicer's "undefined", "preview" or "missing"): its position means nothing
-            if pos is None or len(pos) != 3 or str(cp.get("positionStatus", "defined")).lower() != "defined":
+            if pos is None or str(cp.get("positionStatus", "defined")).lower() != "defined":
                 unplaced.append(str(cp.get("label", f"#{n}")))
                 continue
-            p = np.array([_parse_float(v, path, n) for v in pos])
+            if not isinstance(pos, list) or len(pos) != 3:  # placed, but not a point (it was called not placed)
+                raise InputError(f"{path}: {where}: its position is {pos!r}, not 3 numbers (x, y, z)")
+            p = np.array([_parse_float(v, path, where) for v in pos])
             pts.append(lps_to_ras(p) if coord == "RAS" else p)
             labels.append(str(cp.get("label", f"P{len(labels) + 1}")))
             descs.append(str(cp.get("description", "")))

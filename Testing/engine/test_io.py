@@ -331,6 +331,14 @@ def test_control_points_not_placed_in_a_markups_file_are_left_out_and_named(tmp_
     path.write_text(json.dumps({"markups": [{"type": "Fiducial", "controlPoints": cps[1:2]}]}))
     with pytest.raises(InputError, match=r"p.mrk.json: no placed control points in file \(1 not placed\)"):
         read_points(path)
+    # a placed point whose position is not 3 numbers is malformed, not "not placed"; a bad number names the control
+    # point (it said "line 2" of a JSON file; an audit)
+    for position, said in (([1.0, 2.0], r"its position is \[1.0, 2.0\], not 3 numbers"),
+                           ([1.0, "zz", 3.0], "'zz' is not a number")):
+        cps[0]["position"] = position
+        path.write_text(json.dumps({"markups": [{"type": "Fiducial", "controlPoints": cps}]}))
+        with pytest.raises(InputError, match=f"p.mrk.json: control point 1 \\(A\\) of markup 1: {said}"):
+            read_points(path)
 
 
 @pytest.mark.parametrize("name", ["pts.fcsv", "pts.mrk.json"])
