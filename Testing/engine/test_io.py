@@ -201,7 +201,7 @@ def test_a_corrupt_image_names_the_file(tmp_path):
         read_image(bad)
     bad.write_bytes(b"not gzip at all")  # (was called gzip data "damaged or cut short")
     with pytest.raises(InputError, match="bad.nii.gz: cannot read this image: it is named .nii.gz but is not "
-                                         "gzip-compressed .*e.g. .nii"):
+                                         "gzip-compressed .*not a NIfTI image either"):
         read_image(bad)
 
 
