@@ -89,10 +89,10 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
         raise InputError(f"unknown precision '{precision}'; use {', '.join(PRECISIONS)}")
     can = device.type == "cpu" and model.int8 is not None and model.spec.arch == "sam-lite"
     if name.startswith("int8") and not can:
-        why = ("int8 runs on the CPU only; use --device cpu" if device.type != "cpu" else
-               f"{model.model_id} is not a 3D sam-lite model" if model.spec.arch != "sam-lite" else
-               f"{model.model_id} has no int8 calibration beside its weights; run `samembed quantize --model ...`")
-        raise InputError(f"precision {name}: {why}, or use --precision fp32")
+        why = ("int8 runs on the CPU only: use --device cpu" if device.type != "cpu" else
+               f"only 3D sam-lite models run in int8, and {model.model_id} is not one" if model.spec.arch != "sam-lite"
+               else f"{model.model_id} has no int8 calibration beside its weights: run `samembed quantize --model ...`")
+        raise InputError(f"precision {name}: {why}; or use --precision fp32 (or auto)")
     from .networks.int8 import has_global_scales, native_bf16
 
     if name == "int8-int8" and not has_global_scales(model.int8):

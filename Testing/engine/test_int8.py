@@ -375,3 +375,17 @@ def test_another_calibration_of_the_same_weights_or_the_gpu_autocast_gets_its_ow
     autocast = Embedder(model, "cpu", precision="fp32")
     autocast.half = True  # as on a CUDA device
     assert autocast.key(ct) != f32.key(ct)
+
+
+def test_a_precision_that_cannot_run_says_why_in_a_sentence():
+    """\"precision int8: X is not a 3D sam-lite model, or use --precision fp32\" did not read (an audit)."""
+    import torch
+
+    from samembed.embedding import resolve_precision
+    from samembed.models import random_model
+
+    with pytest.raises(InputError, match=r"^precision int8: only 3D sam-lite models run in int8, and "
+                                         r"random-sam-lite-2d-0 is not one; or use --precision fp32 \(or auto\)$"):
+        resolve_precision("int8", random_model("sam-lite-2d"), torch.device("cpu"))
+    with pytest.raises(InputError, match=r"has no int8 calibration beside its weights: run `samembed quantize"):
+        resolve_precision("int8", random_model("sam-lite"), torch.device("cpu"))
