@@ -363,6 +363,9 @@ def test_evaluate_checks_its_output_folder_first_and_a_stopped_run_reports_the_p
         assert run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(out), "--stem", stem]) == 2
         assert f"--stem {stem!r}: give a file name stem without folders" in capsys.readouterr().err
     assert not (tmp_path / "escape.md").exists()
+    # a case listed twice (in one file, or in two) counted twice in the statistics (an audit)
+    assert run_cli(["evaluate", str(case_file), str(case_file), "--methods", "centre", "--out", str(out)]) == 2
+    assert "case tiny/c0, tiny/c1, tiny/c2 is listed more than once" in capsys.readouterr().err
     for bad in ("0", "-1"):
         with pytest.raises(SystemExit):
             run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(out), "--limit", bad])

@@ -55,6 +55,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             cases += got[: args.limit] if args.limit else got
         if not cases:
             raise InputError("the case files hold no cases")
+        seen: dict[tuple[str, str], int] = {}
+        for c in cases:  # a case listed twice counted twice in every statistic (an audit)
+            seen[(c.suite, c.case_id)] = seen.get((c.suite, c.case_id), 0) + 1
+        twice = [f"{s}/{c}" for (s, c), k in seen.items() if k > 1]
+        if twice:
+            raise InputError(f"case {', '.join(twice[:5])} is listed more than once in {', '.join(map(str, args.cases))}; "
+                             "each (suite, case_id) must be unique")
         if args.elastix_threads is not None and args.elastix_threads < 1:
             raise InputError(f"--elastix-threads must be >= 1, got {args.elastix_threads}")
         output_folder("--out", Path(args.out))  # before any case runs: a run of hours is not lost at its end
