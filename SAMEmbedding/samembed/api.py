@@ -407,7 +407,8 @@ class Matcher:
     def _fused(atlases: list[Atlas], per_atlas: list[MatchResult], labels: list[str], fusion: FusionOptions, ti: int,
                name: str) -> list[Match]:
         """One fused :class:`Match` per landmark of target ``ti`` from the matches of it by the atlases that carry
-        it. It is confident when most of those agree and one of those was; its round trip is their median."""
+        it. It is confident when most of those agree, two at least, and one of those was; its round trip is their
+        median."""
         fused = []
         by_atlas = [{m.label: m for m in r.matches} for r in per_atlas]
         for label in labels:
@@ -420,7 +421,8 @@ class Matcher:
             ncc = [m.ncc for m in told if np.isfinite(m.ncc)]
             fused.append(Match(
                 label, name, ti, f.point_lps_mm, f.score,
-                confident=2 * len(agree) > len(ms) and any(m.confident for m in agree),
+                # (a landmark only one of several atlases carries: no other confirms it, whatever its round trip)
+                confident=2 * len(agree) > len(ms) and len(agree) >= 2 and any(m.confident for m in agree),
                 roundtrip_mm=float(np.median([m.roundtrip_mm for m in told])),
                 rematched=any(m.rematched for m in told), polished=any(m.polished for m in told),
                 ncc=float(max(ncc)) if ncc else float("nan"), atlases=len(ms), agreeing=len(agree),

@@ -318,11 +318,15 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         try:
             _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch, wrote)
         except OSError as e:
-            if folder_out or "csv" in wrote or partial_out == out:
-                raise
+            if folder_out or "csv" in wrote or partial_out == out or e.filename2 != str(out):
+                raise  # (not the move into place of an earlier run's --out: a full disk, ...)
             # the table could not replace an earlier run's --out (a read-only or immutable file, ...): the matches go
             # beside it, as an interrupted run's would, instead of being lost
-            _write_match_outputs(args, done, partial_out, folder_out, heatmaps, fused, prefetch)
+            try:
+                _write_match_outputs(args, done, partial_out, folder_out, heatmaps, fused, prefetch)
+            except OSError as again:
+                log.error("could not write the matches beside it either: %s", again)
+                raise e from None
             written = True
             raise OSError(e.errno, f"{e.strerror or e}; the matches are in {partial_out} (the earlier {out} is left "
                                    "as it was): check that file's permissions, or choose another --out",

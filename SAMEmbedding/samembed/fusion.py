@@ -1,10 +1,11 @@
 """Multi-atlas fusion: one robust consensus per landmark and target from the predictions of several atlases.
 
-Each atlas (an annotated scan) predicts every landmark in a target; the predictions are fused by a
-score-weighted geometric median (Weiszfeld's algorithm), after rejecting the atlases whose prediction lies
-farther than ``FusionOptions.outlier_mm`` (or ``outlier_mads`` median absolute deviations, whichever is larger)
-from a first, unweighted median. The rejection is visible in the result: how many atlases agreed, which were
-rejected, and the spread (mm) of the agreeing ones.
+Each atlas (an annotated scan) predicts every landmark it carries in a target; the predictions of a landmark are
+fused by a score-weighted geometric median (of two: their score-weighted mean) of the atlases that agree: those
+within ``FusionOptions.outlier_mm`` (or ``outlier_mads`` median absolute deviations, whichever is larger) of a first,
+unweighted median and of the consensus of the other agreeing atlases (the farthest is dropped until every one is).
+Agreement takes two atlases: with fewer, none agrees, and the point is the best-scoring atlas's. The rejection is
+visible in the result: how many atlases agreed, which were rejected, and the spread (mm) of the agreeing ones.
 
 >>> import numpy as np
 >>> p = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [80, 0, 0]])   # four agree, one is 80 mm off
@@ -53,9 +54,13 @@ def landmark_union(named_labels: Sequence[tuple[str, Sequence[str]]]) -> tuple[l
     landmark of its own). Raises :class:`InputError` naming the atlas (first of each pair) whose labels repeat.
     """
     for name, labels in named_labels:
+        if "" in labels:  # fused by label: the unlabelled points of two atlases would be taken for one landmark
+            raise InputError(f"{name}: {list(labels).count('')} point(s) have no label; each atlas's landmarks need "
+                             "labels (the atlases' predictions are fused by label)")
         if len(set(labels)) != len(labels):
             repeated = sorted({lab for lab in labels if list(labels).count(lab) > 1})
-            raise InputError(f"{name}: landmark labels repeat ({', '.join(repeated)}); each atlas needs unique labels")
+            raise InputError(f"{name}: landmark labels repeat ({', '.join(map(repr, repeated))}); each atlas needs "
+                             "unique labels")
     union = list(dict.fromkeys(lab for _, labels in named_labels for lab in labels))
     notes = []
     for name, labels in named_labels:

@@ -359,9 +359,12 @@ def test_evaluate_checks_its_output_folder_first_and_a_stopped_run_reports_the_p
     assert run_cli(["evaluate", str(some), "--methods", "centre", "--out", str(out)]) == 3
     assert "1 of 2 pairs failed" in capsys.readouterr().err
     # a stem with folders: refused before any case runs (a/b failed after every case; ../x wrote beside --out)
-    for stem in ("a/b", "../escape", ".."):
-        assert run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(out), "--stem", stem]) == 2
-        assert f"--stem {stem!r}: give a file name stem without folders" in capsys.readouterr().err
+    for stem, suggested in (("a/b", "b"), ("../escape", "escape"), ("..", "landmarks")):
+        fresh = tmp_path / f"fresh_{suggested}"
+        assert run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(fresh), "--stem", stem]) == 2
+        said = capsys.readouterr().err
+        assert f"--stem {stem!r}: give a file name stem without folders" in said and f"e.g. --stem {suggested}" in said
+        assert not fresh.exists()  # refused before --out is made
     assert not (tmp_path / "escape.md").exists()
     # a case listed twice (in one file, or in two) counted twice in the statistics (an audit)
     assert run_cli(["evaluate", str(case_file), str(case_file), "--methods", "centre", "--out", str(out)]) == 2

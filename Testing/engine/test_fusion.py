@@ -95,7 +95,9 @@ def test_atlases_with_other_landmarks_fuse_each_over_the_atlases_that_carry_it(m
     assert (got["a"].atlases, got["a"].agreeing, got["a"].rejected) == (3, 3, ())
     for lab in "bc":  # the wrong atlas is the one rejected (not the one at its place in the list of all atlases)
         assert (got[lab].atlases, got[lab].agreeing, got[lab].rejected) == (3, 2, ("w.nii.gz",))
-    assert (got["d"].atlases, got["d"].agreeing) == (1, 1)  # carried by the wrong atlas only: its match
+    assert (got["d"].atlases, got["d"].agreeing) == (1, 1)  # carried by the wrong atlas only: its match,
+    assert not got["d"].confident  # unconfirmed by any other (a review: "1 of 1 agree", confident)
+    assert got["a"].confident == any(m.confident for m in (plain["a"],))  # three agree: as its round trip says
     for lab in "abcd":
         assert np.linalg.norm(got[lab].point_lps_mm - plain[lab].point_lps_mm) < 1e-6
     said = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
@@ -125,8 +127,12 @@ def test_the_cli_fuses_atlases_with_other_landmarks_and_names_an_atlas_whose_lab
     argv[argv.index("--out") + 1] = str(tmp_path / "o2.csv")
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"{path} ({tmp_path / 'b.csv'}): landmark labels repeat (a)" in err
+    assert f"{path} ({tmp_path / 'b.csv'}): landmark labels repeat ('a')" in err
     assert not (tmp_path / "o2.csv").exists()
+    # an atlas point without a label: the unlabelled points of two atlases were fused as one landmark ""
+    (tmp_path / "b.csv").write_text("label,x,y,z\n" + "".join(f"{k},{p[0]},{p[1]},{p[2]}\n" for k, p in zip(["a", "b", ""], pts)))
+    assert main(argv) == 2
+    assert f"{path} ({tmp_path / 'b.csv'}): 1 point(s) have no label" in capsys.readouterr().err
 
 
 @pytest.mark.needs_data

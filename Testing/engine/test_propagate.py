@@ -433,7 +433,7 @@ def test_the_command_line_names_an_atlas_whose_labels_repeat_and_explains_missin
             "--out", str(tmp_path / "out"), "--model", setup["model"]]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert str(other) in err and "landmark labels repeat (Something)" in err
+    assert str(other) in err and "landmark labels repeat ('Something')" in err
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask were not installed
     assert main(argv[:1] + argv[4:]) == 1
     assert "pip install 'samembed[dataset]'" in capsys.readouterr().err
@@ -480,6 +480,10 @@ def test_manifest_ids_relative_paths_and_duplicates(tmp_path):
     man.write_bytes("path\ny.nrrd\n".encode("utf-16"))
     with pytest.raises(InputError, match="is not UTF-8 text .* save it as UTF-8"):
         read_scans(man)
+    man.write_bytes("\ufeffpath,id\ny.nrrd,s1\n".encode("utf-8"))  # Excel's "CSV UTF-8" (a BOM): the header read
+    assert [(s.id, Path(s.path).name) for s in read_scans(man)] == [("s1", "y.nrrd")]
+    man.write_text("CT0001\nCT0002\n")  # no header, no scan there (yet): their failures, not a header
+    assert [s.id for s in read_scans(man)] == ["CT0001", "CT0002"]
     assert "out of memory" in _reason(MemoryError()) and "fewer --workers" in _reason(MemoryError())
 
 

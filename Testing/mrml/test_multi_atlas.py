@@ -57,7 +57,7 @@ def test_atlases_with_other_labels_fuse_each_over_its_own_and_the_log_names_them
     assert "1 of 1 atlases agree" in nodes[0].GetNthControlPointDescription(3)
     said = [r.getMessage() for r in caplog.records if r.name == "SAMEmbeddingLib.logic"]
     assert any("odd atlas lacks 1 of the 4 landmarks that the atlases carry (C)" in m for m in said), said
-    with pytest.raises(InputError, match="odd atlas.*landmark labels repeat \\(A\\)"):
+    with pytest.raises(InputError, match="odd atlas.*landmark labels repeat \\('A'\\)"):
         a_logic.matchAtlases([*atlases, (a_small_ct, add_points(a_scene, pts, ["A", "B", "A"], name="odd atlas"))],
                              [a_small_ct], FAST)
 

@@ -64,11 +64,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                              "each (suite, case_id) must be unique")
         if args.elastix_threads is not None and args.elastix_threads < 1:
             raise InputError(f"--elastix-threads must be >= 1, got {args.elastix_threads}")
-        output_folder("--out", Path(args.out))  # before any case runs: a run of hours is not lost at its end
         if not args.stem or Path(args.stem).name != args.stem or args.stem in (".", ".."):
             # a/b failed after every case had run (no folder a), and ../x wrote beside --out (an audit)
+            name = Path(args.stem).name
             raise InputError(f"--stem {args.stem!r}: give a file name stem without folders (the files go to --out "
-                             f"{args.out}), e.g. --stem {Path(args.stem).name or 'landmarks'}")
+                             f"{args.out}), e.g. --stem {name if name not in ('', '.', '..') else 'landmarks'}")
+        output_folder("--out", Path(args.out))  # before any case runs: a run of hours is not lost at its end
         model_id = args.model if any(m.startswith("sam") for m in methods) else None
         info = environment_info(model_id, args.elastix_threads) | {"cases": ", ".join(map(str, args.cases))}
         try:

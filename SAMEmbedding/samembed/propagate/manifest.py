@@ -59,7 +59,7 @@ def _read_manifest(path: Path) -> list[Scan]:
         raise InputError(f"{path}: an image, where --scans takes a manifest CSV (a 'path' column) or a folder of "
                          "images; put the image in a folder, or list it in a CSV")
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # (Excel's "CSV UTF-8" starts with a BOM)
             rows = [r for r in csv.reader(fh) if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: the scan manifest is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
@@ -74,10 +74,14 @@ def _read_manifest(path: Path) -> list[Scan]:
         body = rows[1:]
     else:
         ip, iid, body = 0, None, rows
+        def exists(cell: str) -> bool:
+            where = Path(cell.strip()).expanduser()
+            return (where if where.is_absolute() else path.parent / where).exists()
+
         first = rows[0][0].strip()
-        where = Path(first).expanduser()
-        if (not (where if where.is_absolute() else path.parent / where).exists() and "/" not in first
-                and "\\" not in first and "." not in first):
+        # a first row that names no file where a later row does, and reads as a column name (not a path): a header
+        if (not exists(first) and "/" not in first and "\\" not in first and "." not in first
+                and any(r and exists(r[0]) for r in rows[1:])):
             # a header of other names ("file,id"): it was taken as a scan, which then failed as "file not found"
             raise InputError(f"{path}: no 'path' column: the first row ({', '.join(c.strip() for c in rows[0])}) "
                              "looks like a header; name the column of image paths 'path' (and ids 'id'), or list "

@@ -94,6 +94,11 @@ def _read_atlas_points(atlases: list[Atlas]) -> list:
     return lists
 
 
+#: the fusion rule of several atlases, in the fingerprint of their runs: 2 = agreement within the limit of the other
+#: agreeing atlases' consensus, two at least (two atlases up to twice the limit apart had agreed before)
+FUSION_RULE = 2
+
+
 def fingerprint(prep: dict, job_points: dict, options: MatchOptions, settings: PropagateSettings) -> str:
     """SHA-256 of everything that changes a scan's result: model (id and hash), atlas embedding and points,
     match options and the result-relevant engine settings. Scans finished with the same fingerprint are skipped
@@ -101,6 +106,8 @@ def fingerprint(prep: dict, job_points: dict, options: MatchOptions, settings: P
     doc = {"model_id": prep["model_id"], "model_sha256": prep["model_sha256"], "atlas_key": prep["atlas_key"],
            "atlas_content_sha256": prep["atlas_content_sha256"], "points": job_points, "options": options.to_dict(),
            "engine": settings.result_fields()}
+    if "more_atlases" in job_points:  # how atlases are fused: scans fused by an earlier rule are redone on resume
+        doc["fusion"] = FUSION_RULE
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -284,8 +291,9 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         tolerance = options.roundtrip_tolerance_mm or 2.0 * sum(spacing) / len(spacing)
         run_info["confidence"] = {
             "roundtrip_tolerance_mm": tolerance,
-            "rule": (f"most atlases that carry the landmark agree (each within the fusion limit of the others' "
-                     f"consensus) and one of those matched back within {tolerance:g} mm of its atlas point"
+            "rule": (f"most atlases that carry the landmark agree, two at least (each within the fusion limit of "
+                     f"the others' consensus), and one of those matched back within {tolerance:g} mm of its atlas "
+                     f"point"
                      if job.more_atlases else
                      f"the match, matched back into the atlas, lands within {tolerance:g} mm of the atlas point"),
             "note": "round-trip consistency, not a measured accuracy: a consistent match can still be wrong"}
@@ -340,8 +348,12 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             c.cancel(list(futures))  # one call: one by one took about 1 ms each (10 s for 10,000 scans)
             summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, True, workers)
             if settings.report:
-                with contextlib.suppress(KeyboardInterrupt):  # the finished scans' page, marked as such (a second
-                    summary.report = _report(store, scan_list, settings, out)  # interrupt leaves it out)
+                try:  # the finished scans' page, marked as such
+                    summary.report = _report(store, scan_list, settings, out)
+                except KeyboardInterrupt:  # a second interrupt leaves it out
+                    pass
+                except Exception as report_error:  # noqa: BLE001 - the interrupt is what the run reports
+                    log.warning("could not write the interrupted run's report.html: %s", report_error)
             say(f"interrupted: {summary.finished + summary.skipped} scans kept in {out}"
                 f"{' (report.html shows them)' if summary.report else ''}; rerun with --resume to finish")
             if isinstance(e, Cancelled):

@@ -175,7 +175,7 @@ def prepare_atlas(job: ScanJob) -> dict:
 
             read[path] = _read_atlas(job, path)
             refuse_missing_z(dims, points_file, read[path].ndim, path)
-    for path, labels, points in job.all_atlases:
+    for (path, labels, points), points_file in zip(job.all_atlases, files):
         with _LOCK:
             eng = _engine(job)
             image, maps = _atlas(eng, job, path, complete_entry=True, image=read.pop(path, None))
@@ -183,8 +183,8 @@ def prepare_atlas(job: ScanJob) -> dict:
         outside = ~image.grid.contains_index(image.grid.lps_to_index(np.asarray(points)[:, :d]), margin=0.5)
         if outside.any():
             i = int(np.argmax(outside))
-            raise InputError(f"{path}: atlas point '{labels[i]}' at {points[i]} mm LPS lies outside "
-                             "the image; if the point file is RAS, pass --ras")
+            raise InputError(f"{points_file}: atlas point '{labels[i]}' at {points[i]} mm LPS lies outside {path}; "
+                             "check the point file's frame (it is read as LPS, or as RAS with --ras)")
         keys.append(maps.key)
         hashes.append(image.content_hash())
     model = eng.matcher.model
