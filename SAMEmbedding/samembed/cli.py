@@ -318,7 +318,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         try:
             _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch, wrote)
         except OSError as e:
-            if folder_out or "csv" in wrote or partial_out == out or e.filename2 != str(out):
+            if (folder_out or "csv" in wrote or partial_out == out or not e.filename2
+                    or os.path.realpath(e.filename2) != os.path.realpath(out)):
                 raise  # (not the move into place of an earlier run's --out: a full disk, ...)
             # the table could not replace an earlier run's --out (a read-only or immutable file, ...): the matches go
             # beside it, as an interrupted run's would, instead of being lost

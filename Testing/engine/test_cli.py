@@ -1092,21 +1092,23 @@ def test_an_earlier_out_that_cannot_be_replaced_keeps_the_matches_beside_it(tmp_
 
     pts_path, _ = a_points_csv
     out = tmp_path / "o.csv"
-    out.write_text("OLD\n")
+    (tmp_path / "kept.csv").write_text("OLD\n")
+    out.symlink_to(tmp_path / "kept.csv")  # (written through: the move into place names the link's target)
     real_replace = os.replace
 
     def refuse(src, dst, **kw):
-        if Path(dst) == out:
+        if os.path.realpath(dst) == os.path.realpath(out):
             raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
         return real_replace(src, dst, **kw)
 
     monkeypatch.setattr(os, "replace", refuse)
-    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+    monkeypatch.chdir(tmp_path)  # --out as a user types it: relative
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", "o.csv",
                  "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
     assert code == 1
     err = capsys.readouterr().err
+    assert "error: o.csv: Operation not permitted; the matches are in o.partial.csv" in err, err
     partial = tmp_path / "o.partial.csv"
-    assert f"error: {out}: Operation not permitted; the matches are in {partial}" in err, err
     assert out.read_text() == "OLD\n" and partial.read_text().startswith("target,label,")
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary file left
 
