@@ -239,7 +239,7 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
         target = as_image(scan.path, spacing_mm=m.spacing_mm)
         t_read = time.time() - t_read
         if job.more_atlases:  # several atlases: each landmark fused over them
-            from ..fusion import Atlas
+            from ..fusion import Atlas, landmark_union
             from ..names import atlas_names
 
             # each named as the outputs name it (the rejected ones): briefly, and apart where one image is an atlas
@@ -247,6 +247,9 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
             names = job.atlas_names or atlas_names([path for path, _, _ in job.all_atlases], job.point_files)
             atlases = [Atlas(img, np.asarray(pts), labels, name)
                        for img, (_, labels, pts), name in zip(images, job.all_atlases, names)]
+            # which atlases lack which landmarks: said once by the command at its start, not again by every worker
+            # (a worker's line landed unprefixed among the progress lines)
+            m._warned.update(landmark_union([(a.display_name, a.labels) for a in atlases])[1])
             res = m.match_atlases(atlases, [target], job.options, target_names=[scan.path])
         else:
             res = m.match(images[0], np.asarray(job.points_lps_mm), [target], list(job.labels), job.options,
