@@ -450,8 +450,7 @@ class Matcher:
             raise InputError(f"{len(labels)} labels for {len(pts)} points")
         if options.heatmap and len(set(labels)) != len(labels):
             raise InputError("point labels must be unique when heatmaps are requested (heatmaps are keyed by label)")
-        d = src.ndim
-        outside = ~src.grid.contains_index(src.grid.lps_to_index(pts[:, :d]), margin=0.5)
+        outside = ~src.grid.contains_lps(pts)
         if outside.any():
             i = int(np.argmax(outside))
             raise InputError(

@@ -91,6 +91,12 @@ class Grid:
         upper = np.asarray(self.size_ijk, dtype=np.float64) - 1 + margin
         return np.all((ijk >= -margin) & (ijk <= upper), axis=1)
 
+    def contains_lps(self, points_lps_mm: np.ndarray, margin: float = 0.5) -> np.ndarray:
+        """True per point (N, d or more, LPS mm) that lies inside the grid, extended by ``margin`` voxels
+        (:meth:`contains_index`); only the grid's own d coordinates are read (a 2D grid's points may carry a z)."""
+        points = np.atleast_2d(np.asarray(points_lps_mm, dtype=np.float64))[:, : self.ndim]
+        return self.contains_index(self.lps_to_index(points), margin)
+
     def centres_inside(self, other: Grid, margin: float = 0.5) -> np.ndarray:
         """(``shape_zyx``) bool: whether each voxel centre of this grid lies inside ``other``, extended by
         ``margin`` voxels of ``other`` (as :meth:`contains_index`).

@@ -645,16 +645,14 @@ def check_points_inside(points: PointList, points_file: str | os.PathLike, image
     """Raise :class:`InputError` naming the point file when a point lies outside ``image`` (by more than half a
     voxel; a 2D image's z is not checked), with the hint that fits how the file was read: the engine's own check
     named only the image and always advised --ras, also to a user who had given it (an audit)."""
-    d = image.ndim
-    pts = np.asarray(points.points_lps_mm, dtype=np.float64)[:, :d]
-    outside = ~image.grid.contains_index(image.grid.lps_to_index(pts), margin=0.5)
+    outside = ~image.grid.contains_lps(points.points_lps_mm)
     if outside.any():
         i = int(np.argmax(outside))
         hint = ("the points were read as RAS (--ras): if the file holds LPS coordinates, leave out --ras" if ras else
                 "if the coordinates are RAS (Slicer's), add --ras")
         raise InputError(f"{points_file}: point '{points.labels[i]}' at "
                          f"({', '.join(f'{v:.1f}' for v in points.points_lps_mm[i])}) mm LPS lies outside "
-                         f"{image.name} ({int(outside.sum())} of {len(pts)} points do); {hint}")
+                         f"{image.name} ({int(outside.sum())} of {len(outside)} points do); {hint}")
 
 
 def refuse_missing_z(dims: int, points_file: str | os.PathLike, image_ndim: int, image_name: str | os.PathLike) -> None:

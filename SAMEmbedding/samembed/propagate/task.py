@@ -180,7 +180,7 @@ def prepare_atlas(job: ScanJob) -> dict:
             eng = _engine(job)
             image, maps = _atlas(eng, job, path, complete_entry=True, image=read.pop(path, None))
         d = image.ndim
-        outside = ~image.grid.contains_index(image.grid.lps_to_index(np.asarray(points)[:, :d]), margin=0.5)
+        outside = ~image.grid.contains_lps(points)
         if outside.any():
             i = int(np.argmax(outside))
             raise InputError(f"{points_file}: atlas point '{labels[i]}' at {points[i]} mm LPS lies outside {path}; "
