@@ -10,7 +10,6 @@ Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 i
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import logging
 import math
@@ -193,7 +192,7 @@ def _start_prefetch(args, paths: list[str]):
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
     from .io import check_point_dims, check_points_inside, markups_suffix, read_points
-    from .names import atlas_names, target_ids
+    from .names import atlas_names, repeated_labels, target_ids
 
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
     n = len(target_paths)
@@ -219,7 +218,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     else:
         points = read_points(args.points, ras=args.ras)
         labels = list(points.labels)
-        repeated = sorted({lab for lab in labels if labels.count(lab) > 1 and lab})
+        repeated = sorted(lab for lab in repeated_labels(labels) if lab)
         if repeated or "" in labels:  # (the atlases' and the heatmaps' labels are refused when they repeat)
             log.warning("%s: %s; the outputs tell such points apart by their order only: give each point a label "
                         "of its own", args.points, "; ".join(
@@ -433,10 +432,11 @@ def heatmap_grid_hint(n_maps: int, image_voxels: int, model_voxels: int) -> str 
 def _refuse_repeated_labels(labels: list[str], points_file: str) -> None:
     """Raise :class:`InputError` naming ``points_file`` and the first label given to several of its points: a
     heatmap is written per label (``--heatmap-dir``)."""
-    counts = collections.Counter(labels)
-    repeated = [lab for lab in labels if counts[lab] > 1]
+    from .names import repeated_labels
+
+    repeated = repeated_labels(labels)
     if repeated:
-        raise InputError(f"{points_file}: the label '{repeated[0]}' is given to {counts[repeated[0]]} points, and "
+        raise InputError(f"{points_file}: the label '{repeated[0]}' is given to {labels.count(repeated[0])} points, and "
                          "--heatmap-dir writes one heatmap per label; give each point its own label, or leave out "
                          "--heatmap-dir")
 

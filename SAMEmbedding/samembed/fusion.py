@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
+from .names import repeated_labels
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ def landmark_union(named_labels: Sequence[tuple[str, Sequence[str]]]) -> tuple[l
         if "" in labels:  # fused by label: the unlabelled points of two atlases would be taken for one landmark
             raise InputError(f"{name}: {list(labels).count('')} point(s) have no label; each atlas's landmarks need "
                              "labels (the atlases' predictions are fused by label)")
-        if len(set(labels)) != len(labels):
-            repeated = sorted({lab for lab in labels if list(labels).count(lab) > 1})
+        repeated = sorted(repeated_labels(labels))
+        if repeated:
             raise InputError(f"{name}: landmark labels repeat ({', '.join(map(repr, repeated))}); each atlas needs "
                              "unique labels")
     union = list(dict.fromkeys(lab for _, labels in named_labels for lab in labels))

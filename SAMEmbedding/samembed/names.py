@@ -114,6 +114,14 @@ def atlas_names(images: Sequence[str | os.PathLike], point_files: Sequence[str |
     return out
 
 
+def repeated_labels(labels: Sequence[str]) -> list[str]:
+    """The labels that ``labels`` holds more than once, each once, in the order they first appear."""
+    seen: dict[str, int] = {}
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+    return [label for label, n in seen.items() if n > 1]
+
+
 def joined_names(names: Sequence[str]) -> str:
     """``names`` joined by ``|`` (a CSV cell, a ``key=value`` pair of a markups description); a ``%``, ``|`` or
     ``;`` in a name is written ``%25``, ``%7C``, ``%3B`` (as in a URL), so that the cell splits back into names and
