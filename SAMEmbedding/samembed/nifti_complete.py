@@ -56,29 +56,33 @@ class NiftiLayout:
         return self.offset_bytes + self.data_bytes
 
 
+def _header_fields(head: bytes) -> tuple[int, tuple, int, float, bytes, tuple] | None:
+    """``(header bytes, dim, bitpix, vox_offset, magic, pixdim)`` of a NIfTI-1, Analyze 7.5 or NIfTI-2 header in
+    either byte order (the file's first bytes, at least 348 or 540), or None when ``head`` is not such a header."""
+    for order in "<>":
+        if len(head) >= 4 and struct.unpack_from(order + "i", head, 0)[0] == NIFTI1_HEADER_BYTES \
+                and len(head) >= NIFTI1_HEADER_BYTES:
+            return (NIFTI1_HEADER_BYTES, struct.unpack_from(order + "8h", head, 40),
+                    struct.unpack_from(order + "h", head, 72)[0], struct.unpack_from(order + "f", head, 108)[0],
+                    head[344:348], struct.unpack_from(order + "8f", head, 76))
+        if len(head) >= 4 and struct.unpack_from(order + "i", head, 0)[0] == NIFTI2_HEADER_BYTES \
+                and len(head) >= NIFTI2_HEADER_BYTES:
+            return (NIFTI2_HEADER_BYTES, struct.unpack_from(order + "8q", head, 16),
+                    struct.unpack_from(order + "h", head, 14)[0], struct.unpack_from(order + "q", head, 168)[0],
+                    head[4:8], struct.unpack_from(order + "8d", head, 104))
+    return None
+
+
 def nifti_layout(head: bytes, single_file: bool) -> NiftiLayout | None:
     """The :class:`NiftiLayout` of a NIfTI-1, Analyze 7.5 or NIfTI-2 header (the file's first bytes, at least 348 or
     540), or None when ``head`` is not such a header or describes no voxels plainly (SimpleITK's reading then says
     what is wrong). ``single_file``: the file is a ``.nii``, whose magic must say that the voxels follow the header
     (``n+1``, ``n+2``); else a pair's ``.hdr`` (magic ``ni1``, ``ni2``, or none: Analyze 7.5), whose voxels are in
     its ``.img``."""
-    for order in "<>":
-        if len(head) >= 4 and struct.unpack_from(order + "i", head, 0)[0] == NIFTI1_HEADER_BYTES \
-                and len(head) >= NIFTI1_HEADER_BYTES:
-            dim = struct.unpack_from(order + "8h", head, 40)
-            bitpix = struct.unpack_from(order + "h", head, 72)[0]
-            offset = struct.unpack_from(order + "f", head, 108)[0]
-            header, magic = NIFTI1_HEADER_BYTES, head[344:348]
-            break
-        if len(head) >= 4 and struct.unpack_from(order + "i", head, 0)[0] == NIFTI2_HEADER_BYTES \
-                and len(head) >= NIFTI2_HEADER_BYTES:
-            bitpix = struct.unpack_from(order + "h", head, 14)[0]
-            dim = struct.unpack_from(order + "8q", head, 16)
-            offset = struct.unpack_from(order + "q", head, 168)[0]
-            header, magic = NIFTI2_HEADER_BYTES, head[4:8]
-            break
-    else:
+    fields = _header_fields(head)
+    if fields is None:
         return None
+    header, dim, bitpix, offset, magic, _ = fields
     # where the voxels are, by the magic: n+1/n+2 after the header, ni1/ni2 (or none: Analyze 7.5) in an .img
     if magic[:1] != b"n" or magic[3:4] != b"\0" or magic[2:3] not in (b"1", b"2"):
         magic = b""
@@ -168,15 +172,10 @@ def check_nifti_complete(path: str | Path) -> None:
 def nifti_voxel_sizes(head: bytes) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
     """The header's ``dim[1:4]`` and ``pixdim[1:4]`` (mm) of the spatial axes it has, or None when ``head`` is not a
     NIfTI-1, Analyze 7.5 or NIfTI-2 header."""
-    for order in "<>":
-        if len(head) >= NIFTI1_HEADER_BYTES and struct.unpack_from(order + "i", head, 0)[0] == NIFTI1_HEADER_BYTES:
-            dim, pixdim = struct.unpack_from(order + "8h", head, 40), struct.unpack_from(order + "8f", head, 76)
-            break
-        if len(head) >= NIFTI2_HEADER_BYTES and struct.unpack_from(order + "i", head, 0)[0] == NIFTI2_HEADER_BYTES:
-            dim, pixdim = struct.unpack_from(order + "8q", head, 16), struct.unpack_from(order + "8d", head, 104)
-            break
-    else:
+    fields = _header_fields(head)
+    if fields is None:
         return None
+    _, dim, _, _, _, pixdim = fields
     n = min(max(int(dim[0]), 0), 3)
     return tuple(int(v) for v in dim[1:n + 1]), tuple(float(v) for v in pixdim[1:n + 1])
 
