@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import statistics
 from pathlib import Path
 
 from ..io import write_text_atomic
@@ -68,11 +69,9 @@ def build_rows(store: ResultStore, records: dict[str, dict]) -> list[dict]:
 
 
 def _median(values: list[float]) -> float:
-    finite = sorted(v for v in values if v is not None and math.isfinite(v))
-    if not finite:
-        return math.nan
-    mid = len(finite) // 2
-    return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+    """The median of the finite values (NaN when there is none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
 
 
 def landmark_summary(rows: list[dict], labels: list[str]) -> list[dict]:
