@@ -65,7 +65,8 @@ def landmark_union(named_labels: Sequence[tuple[str, Sequence[str]]]) -> tuple[l
     union = list(dict.fromkeys(lab for _, labels in named_labels for lab in labels))
     notes = []
     for name, labels in named_labels:
-        missing = [lab for lab in union if lab not in set(labels)]
+        have = set(labels)
+        missing = [lab for lab in union if lab not in have]
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             notes.append(f"{name} lacks {len(missing)} of the {len(union)} landmarks that the atlases carry "
