@@ -18,10 +18,11 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import DeviceUnavailableError, InputError, SamEmbedError
+from .errors import EXIT_SOME_FAILED, DeviceUnavailableError, InputError, SamEmbedError
 from .options import MODALITIES, PRECISIONS
 from .progress import PhaseProgress
 from .stopping import Terminated, stop_on_sigterm
@@ -255,6 +256,12 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
 
     bar.phase("reading")
     done: list = []  # each finished target's MatchResult whose files are written, in order
+    done_at: list[int] = []  # the place of each of them among the targets (a skipped one leaves a gap)
+    failed: list[tuple[str, InputError]] = []  # targets that could not be read or matched, skipped
+
+    def heatmaps_done() -> dict[tuple[int, str], str]:  # the heatmap names by place in `done`
+        return {(k, label): heatmaps[(ti, label)] for k, ti in enumerate(done_at) for label in dict.fromkeys(labels)
+                if (ti, label) in heatmaps}
     written = writing = False
     wrote: set[str] = set()  # what the final writing has finished ("csv")
     try:
@@ -262,9 +269,13 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         # target), and an image it has not started is read here meanwhile (samembed.prefetch._Claims). Each later
         # target is read when its turn comes: the prefetch process reads and preprocesses it meanwhile, on the
         # second core, while the targets before it are matched (PrefetchRequest.in_turn; LIDC-0001 into its three
-        # warps: 6.6 -> 6.1-6.2 s, 1.53 -> 1.42 GB). A later target that cannot be read stops the run at its turn,
-        # and the targets finished before it are kept.
-        read(target_paths[0])
+        # warps: 6.6 -> 6.1-6.2 s, 1.53 -> 1.42 GB). A target that cannot be read or matched is named and skipped
+        # at its turn, and the others go on (below).
+        try:
+            read(target_paths[0])
+        except InputError:
+            if n == 1:
+                raise  # (else reported at its turn, below)
         if pairs:
             atlases = [Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), key)
                        for (image, _), pl, key in zip(pairs, atlas_points, atlas_keys)]
@@ -287,27 +298,31 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 if ti == 0 or not phase.startswith("embedding source"):
                     bar.update(ti + d / max(total, 1), n, re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
 
-            one = [read(name)]
-            if pairs:
-                r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
-            else:
-                r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
-                                  progress=progress, target_names=[name])
-            one = None
+            try:
+                one = [read(name)]
+                if pairs:
+                    r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
+                else:
+                    r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
+                                      progress=progress, target_names=[name])
+            except InputError as e:  # this target's own problem (unreadable, too small, another dimension, ...)
+                if n == 1:
+                    raise
+                # named now and at the end, and the other targets go on: one bad scan of a long list does not
+                # stop the rest (an interrupt or an internal error still stops the run; what is done is kept)
+                log.error("target %d/%d skipped (the other targets go on): %s", ti + 1, n, e)
+                failed.append((name, e))
+                _forget_target(matcher, images_read, name, target_paths[ti + 1:], kept, prefetch)
+                continue
+            finally:
+                one = None
             if folder_out:
                 _write_markups(args, r, out / f"{ids[ti]}.mrk.json", fused)
             done.append(r)  # kept from here on, whatever stops the run (the memory is freed after)
-            if name not in map(str, target_paths[ti + 1:]):
-                # not matched again: its image, maps and prefetched input go now, so that memory stays bounded over
-                # many targets (one atlas into 100 OpenKBP CTs: peak RSS 4.28 -> 2.10 GB, 0.61 -> 0.58 s per target,
-                # the same matches); the maps and input stay when it holds what the source or an atlas holds (their
-                # maps, whose input a later search may still take)
-                image = images_read.pop(name)
-                if image.content_hash() not in kept:
-                    matcher.forget(image)
-                    if prefetch is not None:
-                        prefetch.discard(image.content_hash())
-                image = None
+            done_at.append(ti)
+            _forget_target(matcher, images_read, name, target_paths[ti + 1:], kept, prefetch)
+        if not done and failed:  # (several targets, none matched: each is named above)
+            raise InputError(f"none of the {n} targets could be matched: each is named above") from failed[0][1]
         # writing needs none of the engine's embeddings, images and prefetched arrays: freed before the heatmaps,
         # each as large as its target, are made (LIDC-0001 with 50 heatmaps: 2.9 -> 2.0 GB peak)
         matcher = source = atlases = None
@@ -315,7 +330,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         bar.phase("writing")
         writing = True
         try:
-            _write_match_outputs(args, done, out, folder_out, heatmaps, fused, prefetch, wrote)
+            _write_match_outputs(args, done, out, folder_out, heatmaps_done(), fused, prefetch, wrote)
         except OSError as e:
             if (folder_out or "csv" in wrote or partial_out == out or not e.filename2
                     or os.path.realpath(e.filename2) != os.path.realpath(out)):
@@ -323,7 +338,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             # the table could not replace an earlier run's --out (a read-only or immutable file, ...): the matches go
             # beside it, as an interrupted run's would, instead of being lost
             try:
-                _write_match_outputs(args, done, partial_out, folder_out, heatmaps, fused, prefetch)
+                _write_match_outputs(args, done, partial_out, folder_out, heatmaps_done(), fused, prefetch)
             except OSError as again:
                 log.error("could not write the matches beside it either: %s", again)
                 raise e from None
@@ -338,7 +353,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             matcher = source = atlases = None
             images_read.clear()
             try:
-                _write_match_outputs(args, done, partial_out, folder_out, heatmaps, fused, prefetch)
+                _write_match_outputs(args, done, partial_out, folder_out, heatmaps_done(), fused, prefetch)
                 log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s%s",
                           len(done), n, partial_out, f" and {args.heatmap_dir}" if args.heatmap_dir else "",
                           f" ({out}, of an earlier run, is left as it was)" if partial_out != out else "")
@@ -357,7 +372,25 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                       f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'} "
                       f"(round trip {row['roundtrip_mm']:.1f} mm)")
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    if failed:
+        log.error("%d of %d targets could not be matched (each is named above) and are not in %s: %s", len(failed),
+                  n, out, ", ".join(name for name, _ in failed))
+        return EXIT_SOME_FAILED
     return 0
+
+
+def _forget_target(matcher, images_read: dict, name: str, later: Sequence, kept: set[str], prefetch) -> None:
+    """Drop target ``name``'s image, maps and prefetched input once it is not among the ``later`` targets: memory
+    stays bounded over many targets (one atlas into 100 OpenKBP CTs: peak RSS 4.28 -> 2.10 GB, 0.61 -> 0.58 s per
+    target, the same matches). The maps and input stay when the image holds what the source or an atlas holds
+    (content hashes ``kept``: their maps, whose input a later search may still take)."""
+    if name in map(str, later):
+        return
+    image = images_read.pop(name, None)  # (none: it could not be read)
+    if image is not None and image.content_hash() not in kept:
+        matcher.forget(image)
+        if prefetch is not None:
+            prefetch.discard(image.content_hash())
 
 
 def _partial_name(out: Path) -> Path:
@@ -883,7 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("match", help="match points from a source image (or several atlases) into target images",
                        usage="samembed match SOURCE TARGET... --points FILE --out OUT [options]\n"
-                             "       samembed match --atlas IMAGE POINTS [--atlas IMAGE POINTS ...] TARGET... --out OUT")
+                             "       samembed match --atlas IMAGE POINTS [--atlas IMAGE POINTS ...] TARGET... --out OUT",
+                       epilog="Exit status: 0 when every target was matched; 3 when some targets could not be read or "
+                              "matched (each is named, skipped, and the others are written); 2 for bad input (no "
+                              "target matched, a bad option or file); 1 when a write failed or on an internal error; 130 when "
+                              "interrupted.")
     m.add_argument("images", nargs="+", metavar="IMAGE",
                    help="SOURCE then TARGET...; with --atlas/--atlases every IMAGE is a target")
     m.add_argument("--points", help="the source's points: CSV (label,x,y,z or label,x,y), .fcsv or .mrk.json")

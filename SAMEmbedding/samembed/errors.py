@@ -1,12 +1,17 @@
 """Typed errors raised on purpose by the engine.
 
 Every message names the file (or object) and the problem, and says what to do. The CLI maps
-:class:`InputError` (and its subclasses) to exit code 2 and anything else to exit code 1.
+:class:`InputError` (and its subclasses) to exit code 2 and anything else to exit code 1; a command over many scans
+that finished, some of whose scans failed, exits with :data:`EXIT_SOME_FAILED`.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+#: exit code of a command over many scans (``samembed match`` with several targets, ``samembed propagate``) that went
+#: through all of them, some of which failed: each is named, and the others' results are written
+EXIT_SOME_FAILED = 3
 
 
 class SamEmbedError(Exception):

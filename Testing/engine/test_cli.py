@@ -256,10 +256,11 @@ def test_outputs_that_would_land_on_an_input_are_refused_before_any_work(tmp_pat
 
 @pytest.mark.needs_data
 @pytest.mark.parametrize("out_kind", ["folder", "csv"])
-def test_a_batch_that_fails_or_is_interrupted_keeps_the_targets_it_finished(tmp_path, two_cts, a_points_csv, out_kind,
-                                                                         monkeypatch, capsys, caplog):
-    """A target that cannot be matched (a crop of a few voxels) stops the run with an error naming it; an interrupt
-    stops it too. Either way the targets finished before are written, markups, CSV rows and heatmaps."""
+def test_a_batch_skips_a_target_it_cannot_match_and_an_interrupt_keeps_the_targets_it_finished(
+        tmp_path, two_cts, a_points_csv, out_kind, monkeypatch, capsys, caplog):
+    """A target that cannot be matched (a crop of a few voxels) is named and skipped, and the targets after it are
+    matched: the run exits 3 and writes the others' markups, CSV rows and heatmaps (it stopped at the bad one
+    before). An interrupt stops the run; the targets finished before it are written."""
     import SimpleITK as sitk
 
     from samembed.api import Matcher
@@ -280,12 +281,16 @@ def test_a_batch_that_fails_or_is_interrupted_keeps_the_targets_it_finished(tmp_
             return sorted(p.name for p in (tmp_path / "out").iterdir())
         return sorted({r["target"] for r in csv.DictReader(out.open())})
 
-    assert main(args) == 2
-    assert f"{tiny}: 3 x 3 x 2 voxels (3 x 3 x 5 mm) is too small" in capsys.readouterr().err
-    assert "kept the matches of the 1 of 3" in caplog.text
+    assert main(args) == 3
+    assert (f"target 2/3 skipped (the other targets go on): {tiny}: 3 x 3 x 2 voxels (3 x 3 x 5 mm) is too small"
+            in caplog.text)
+    assert f"1 of 3 targets could not be matched (each is named above) and are not in {out}: {tiny}\n" in caplog.text
     caplog.clear()
-    assert kept() == (["pt_202_ct.mrk.json"] if out_kind == "folder" else [str(two_cts[1])])
-    assert sorted(p.name for p in (tmp_path / "hm").iterdir()) == ["pt_202_ct_A_heatmap.nii.gz", "pt_202_ct_B_heatmap.nii.gz"]
+    assert kept() == (["pt_201_ct.mrk.json", "pt_202_ct.mrk.json"] if out_kind == "folder"
+                      else sorted(map(str, two_cts)))
+    assert sorted(p.name for p in (tmp_path / "hm").iterdir()) == [
+        "pt_201_ct_A_heatmap.nii.gz", "pt_201_ct_B_heatmap.nii.gz",
+        "pt_202_ct_A_heatmap.nii.gz", "pt_202_ct_B_heatmap.nii.gz"]
 
     calls = []
     match = Matcher.match
@@ -329,33 +334,33 @@ def test_each_target_not_matched_again_is_forgotten_after_its_match(tmp_path, tw
 
 
 @pytest.mark.needs_data
-def test_a_later_target_that_cannot_be_read_stops_the_run_at_its_turn_and_the_targets_before_it_are_kept(
-        tmp_path, two_cts, a_points_csv, capsys, caplog):
-    """Each target after the first is read when its turn comes (its prefetch reads it meanwhile): an unreadable one
-    stops the run there, with an error that names it, and the matches of the targets before it are written."""
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_a_target_that_cannot_be_read_is_named_and_skipped_and_the_others_are_matched(
+        tmp_path, two_cts, a_points_csv, capsys, caplog, where):
+    """A target that cannot be read, the first (read while torch loads) or a later one (read when its turn comes,
+    its prefetch meanwhile), is named and skipped at its turn; the other targets are matched and written, and the
+    run exits 3 (it stopped there before, and lost the targets after it). When no target can be matched, the run
+    exits 2 and writes nothing."""
     pts_path, _ = a_points_csv
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(b"garbage")
     out = tmp_path / "m.csv"
-    assert main(["match", str(two_cts[0]), str(two_cts[1]), str(corrupt), "--points", str(pts_path), "--out", str(out),
-                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "cannot read this image" in err and str(corrupt) in err, err
-    assert "kept the matches of the 1 of 2" in caplog.text
-    assert {r["target"] for r in csv.DictReader(out.open())} == {str(two_cts[1])}
+    targets = [str(corrupt), str(two_cts[1])] if where == "first" else [str(two_cts[1]), str(corrupt)]
+    common = ["--points", str(pts_path), "--model", "random:sam-lite", "--device", "cpu", "--quiet"]
+    assert main(["match", str(two_cts[0]), *targets, str(two_cts[0]), "--out", str(out), *common]) == 3
+    k = targets.index(str(corrupt)) + 1
+    assert f"target {k}/3 skipped (the other targets go on): {corrupt}" in caplog.text, caplog.text
+    assert "cannot read this image" in caplog.text
+    assert f"1 of 3 targets could not be matched (each is named above) and are not in {out}: {corrupt}\n" in caplog.text
+    assert [r["target"] for r in csv.DictReader(out.open())] == [str(two_cts[1])] * 2 + [str(two_cts[0])] * 2
     assert corrupt.read_bytes() == b"garbage"
 
-    # run again into the same file: the earlier run's results stay, what this one finished goes beside them (the
-    # partial run's rows replaced the complete ones before)
-    earlier = "target,label,x,y,z,score,confident\nkeep,me,1,2,3,0.9,True\n"
-    out.write_text(earlier)
     caplog.clear()
-    assert main(["match", str(two_cts[0]), str(two_cts[1]), str(corrupt), "--points", str(pts_path), "--out", str(out),
-                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"]) == 2
-    assert out.read_text() == earlier
-    partial = tmp_path / "m.partial.csv"
-    assert {r["target"] for r in csv.DictReader(partial.open())} == {str(two_cts[1])}
-    assert f"in {partial} ({out}, of an earlier run, is left as it was)" in caplog.text
+    capsys.readouterr()
+    none = tmp_path / "none.csv"
+    assert main(["match", str(two_cts[0]), str(corrupt), str(corrupt), "--out", str(none), *common]) == 2
+    assert "none of the 2 targets could be matched: each is named above" in capsys.readouterr().err
+    assert caplog.text.count("cannot read this image") == 2 and not none.exists()
 
 
 def test_a_stopped_run_names_its_partial_file_beside_the_earlier_one():

@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 
+from ..errors import EXIT_SOME_FAILED
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``propagate`` sub-command to ``samembed``'s sub-parsers."""
@@ -72,4 +74,4 @@ def run_command(args) -> int:
     summary = propagate(atlases, args.scans, args.out, options, settings, echo=echo)
     if not args.quiet and summary.report:
         print(f"report: {summary.report}")
-    return 0 if summary.failed == 0 else 3
+    return 0 if summary.failed == 0 else EXIT_SOME_FAILED
