@@ -348,6 +348,10 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                           str(out)) from e
         written = True
         log.debug("torch's Python meta kernels: %s", "never loaded" if meta_kernels_skipped() else "loaded")
+        stale = None if folder_out else _partial_name(out)
+        if stale is not None and stale.is_file():  # kept: it may hold targets this run did not have
+            log.info("%s, left by an earlier run that stopped, is still there; this run's matches are in %s", stale,
+                     out)
     finally:
         if not written and done and not writing:  # failed or interrupted while matching: what was finished is kept
             matcher = source = atlases = None

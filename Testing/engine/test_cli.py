@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -361,6 +362,22 @@ def test_a_target_that_cannot_be_read_is_named_and_skipped_and_the_others_are_ma
     assert main(["match", str(two_cts[0]), str(corrupt), str(corrupt), "--out", str(none), *common]) == 2
     assert "none of the 2 targets could be matched: each is named above" in capsys.readouterr().err
     assert caplog.text.count("cannot read this image") == 2 and not none.exists()
+
+
+@pytest.mark.needs_data
+def test_a_run_that_finishes_says_that_an_earlier_runs_partial_file_is_still_there(tmp_path, two_cts, a_points_csv,
+                                                                                   caplog):
+    """An earlier run that stopped left ``m.partial.csv`` beside ``m.csv``: a later run that finishes says so, and
+    keeps it (it may hold targets the later run did not have)."""
+    pts_path, _ = a_points_csv
+    out, partial = tmp_path / "m.csv", tmp_path / "m.partial.csv"
+    partial.write_text("target,label,x,y,z,score,confident\nother,A,1,2,3,0.9,true\n")
+    before = partial.read_bytes()
+    with caplog.at_level(logging.INFO, logger="samembed"):
+        assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                     "--model", "random:sam-lite", "--device", "cpu", "--quiet"]) == 0
+    assert f"{partial}, left by an earlier run that stopped, is still there; this run's matches are in {out}" in caplog.text
+    assert partial.read_bytes() == before and out.is_file()
 
 
 def test_a_stopped_run_names_its_partial_file_beside_the_earlier_one():
