@@ -19,6 +19,7 @@ from .errors import (
     InputError,
     ModelNotAvailableError,
     SamEmbedError,
+    TargetError,
 )
 from .fusion import Atlas, FusionOptions
 from .image import Grid, Image, lps_to_ras, ras_to_lps
@@ -42,6 +43,6 @@ def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on fir
 
 __all__ = [
     "Atlas", "Cancelled", "FusionOptions", "CheckpointError", "DeviceUnavailableError", "Grid", "Image", "InputError", "Match", "MatchOptions",
-    "MatchResult", "Matcher", "ModelNotAvailableError", "SamEmbedError", "lps_to_ras", "ras_to_lps", "read_image",
+    "MatchResult", "Matcher", "ModelNotAvailableError", "SamEmbedError", "TargetError", "lps_to_ras", "ras_to_lps", "read_image",
     "read_points", "write_image", "__version__",
 ]

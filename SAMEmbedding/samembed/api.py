@@ -16,7 +16,7 @@ import numbers
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import torch
 from .affine import apply_affine
 from .consistency import consistent_matches
 from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
-from .errors import Cancelled, InputError
+from .errors import Cancelled, CheckpointError, DeviceUnavailableError, InputError, ModelNotAvailableError, TargetError
 from .fusion import Atlas, FusionOptions, fuse_points, landmark_union
 from .heatmap import Heatmaps
 from .image import Image
@@ -319,12 +319,13 @@ class Matcher:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"cancelled after {ti} of {len(inputs.targets)} targets", partial=result)
                 t1 = time.time()
-                tgt, name = self._target(inputs, ti, target)
-                if progress:
-                    progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
-                tmaps = embedder.embed(tgt, cancel=cancel, on_demand=True)
-                t_embed = time.time() - t1
-                region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
+                with _of_the_target():  # (a problem of this target's image, not of the source or the settings)
+                    tgt, name = self._target(inputs, ti, target)
+                    if progress:
+                        progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
+                    tmaps = embedder.embed(tgt, cancel=cancel, on_demand=True)
+                    t_embed = time.time() - t1
+                    region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
                 def phase(step: str, ti: int = ti) -> None:
                     if progress:
                         progress(ti, n_targets, f"{step} {ti + 1}/{n_targets}")
@@ -619,6 +620,12 @@ class Matcher:
         for embedder in {id(e): e for e in (self.embedder, *self._embedders.values())}.values():
             embedder.forget(image)
 
+    def already_said(self, messages: Iterable[str]) -> None:
+        """Take these warnings about the inputs as said: for a caller that said them itself, once, where the
+        matcher's own would be repeated (each worker of ``samembed propagate``, whose command names the atlases
+        that lack landmarks at its start). The matcher does not log them again."""
+        self._warned.update(messages)
+
     def _warn_once(self, message: str) -> None:
         """Log a warning about the inputs once per matcher: a command matches its atlases into one target at a
         time, and would say the same for every target."""
@@ -634,6 +641,18 @@ class Matcher:
     def cache_bytes(self) -> int:
         """Bytes of embeddings held in memory."""
         return self.cache.nbytes
+
+
+@contextlib.contextmanager
+def _of_the_target() -> Iterator[None]:
+    """An :class:`InputError` raised inside is the target's own problem: raised as a :class:`TargetError` (the same
+    message), which a command over many targets skips."""
+    try:
+        yield
+    except (TargetError, DeviceUnavailableError, CheckpointError, ModelNotAvailableError):
+        raise  # (already the target's, or the machine's or the model's)
+    except InputError as e:
+        raise TargetError(str(e)) from e
 
 
 def _check_same_dimension(source: Image, target: Image, name: str) -> None:

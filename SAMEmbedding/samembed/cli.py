@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import EXIT_SOME_FAILED, DeviceUnavailableError, InputError, SamEmbedError
+from .errors import EXIT_SOME_FAILED, DeviceUnavailableError, InputError, SamEmbedError, TargetError
 from .options import MODALITIES, PRECISIONS
 from .progress import PhaseProgress
 from .stopping import Terminated, stop_on_sigterm
@@ -257,7 +257,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     bar.phase("reading")
     done: list = []  # each finished target's MatchResult whose files are written, in order
     done_at: list[int] = []  # the place of each of them among the targets (a skipped one leaves a gap)
-    failed: list[tuple[str, InputError]] = []  # targets that could not be read or matched, skipped
+    failed: list[tuple[str, TargetError]] = []  # targets that could not be read or matched, skipped
 
     def heatmaps_done() -> dict[tuple[int, str], str]:  # the heatmap names by place in `done`
         return {(k, label): heatmaps[(ti, label)] for k, ti in enumerate(done_at) for label in dict.fromkeys(labels)
@@ -299,13 +299,16 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                     bar.update(ti + d / max(total, 1), n, re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
 
             try:
-                one = [read(name)]
+                try:
+                    one = [read(name)]
+                except InputError as e:
+                    raise TargetError(str(e)) from e
                 if pairs:
                     r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
                 else:
                     r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
                                       progress=progress, target_names=[name])
-            except InputError as e:  # this target's own problem (unreadable, too small, another dimension, ...)
+            except TargetError as e:  # this target's own problem (unreadable, too small, another dimension, ...)
                 if n == 1:
                     raise
                 # named now and at the end, and the other targets go on: one bad scan of a long list does not

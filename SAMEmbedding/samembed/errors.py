@@ -22,6 +22,12 @@ class InputError(SamEmbedError, ValueError):
     """Bad file, point, option or geometry given by the user; the CLI exits with 2."""
 
 
+class TargetError(InputError):
+    """A problem of one target image, not of the source, the points or the settings: it cannot be read, is too small
+    for the model, has another dimension than the source, or leaves nothing to search. A command over many targets
+    names it and skips that target (``samembed match`` with several targets)."""
+
+
 class CheckpointError(InputError):
     """A checkpoint that cannot be read or does not fit the architecture (lists the mismatches)."""
 

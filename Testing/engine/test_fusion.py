@@ -10,7 +10,7 @@ import pytest
 from samembed import Atlas, Matcher, MatchOptions
 from samembed.cli import main
 from samembed.errors import InputError
-from samembed.fusion import FusionOptions, fuse_points, geometric_median
+from samembed.fusion import FusionOptions, fuse_points, geometric_median, landmark_union
 
 from ..conftest import data_file
 
@@ -104,6 +104,14 @@ def test_atlases_with_other_landmarks_fuse_each_over_the_atlases_that_carry_it(m
     assert len(said) == 4, said  # s lacks b, c, d; x and y lack d; w lacks a (once each, over two calls)
     assert any(m.startswith("s.nii.gz lacks 3 of the 4 landmarks that the atlases carry (b, c, d)") for m in said)
     assert any(m.startswith("w.nii.gz lacks 1 of the 4 landmarks that the atlases carry (a)") for m in said)
+
+    # a caller that said them itself (each worker of `samembed propagate`, whose command said them at its start)
+    caplog.clear()
+    other = Matcher(model="random:sam-lite", device="cpu")
+    other.already_said(landmark_union([(a.display_name, a.labels) for a in [only_a, *full, wrong]])[1])
+    with caplog.at_level("WARNING", logger="samembed.api"):
+        other.match_atlases([only_a, *full, wrong], [ct], FAST)
+    assert not [r for r in caplog.records if "lacks" in r.getMessage()]
 
 
 @pytest.mark.needs_data

@@ -653,3 +653,21 @@ def test_without_the_prior_window_the_polish_still_tries_the_affines_prediction(
     Matcher("random:sam-lite", device="cpu").match(ct, ct.grid.index_to_lps([[64, 64, 64]]), [ct],
                                                    options=MatchOptions(prior_window_mm=0))
     assert starts and starts[0] == 1, starts
+
+
+@pytest.mark.needs_data
+def test_a_problem_of_one_target_is_a_target_error_and_one_of_the_source_is_not(a_random_matcher, popi_ct):
+    """A caller matching many targets can skip the one whose image is the problem (TargetError: too small, another
+    dimension, unreadable) and must stop for a problem of the source or the settings (InputError only)."""
+    from samembed import Image, TargetError
+
+    ct = popi_ct
+    pts = ct.grid.index_to_lps(np.array([ct.grid.size_ijk]) / 2.0)
+    tiny = Image.from_array(np.zeros((2, 3, 3), dtype=np.int16) + np.arange(3, dtype=np.int16), name="tiny")
+    flat = Image.from_array(np.arange(64 * 64, dtype=np.int16).reshape(64, 64), name="flat")
+    for bad, said in ((tiny, "is too small"), (flat, "2D"), ("/nonexistent/scan.nii.gz", "/nonexistent/scan.nii.gz")):
+        with pytest.raises(TargetError, match=said):
+            a_random_matcher.match(ct, pts, [bad], options=MatchOptions(polish=False))
+    with pytest.raises(InputError, match="is too small") as err:
+        a_random_matcher.match(tiny, [[1.0, 1.0, 0.0]], [ct], options=MatchOptions(polish=False))
+    assert not isinstance(err.value, TargetError)

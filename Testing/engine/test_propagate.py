@@ -688,3 +688,23 @@ def test_the_local_clusters_workers_leave_ctrl_c_to_the_command(setup):
             assert list(c.run(signal.getsignal, signal.SIGINT).values()) == [signal.SIG_IGN]
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_fusion_rule_is_in_the_fingerprint_of_a_run_of_several_atlases_only(monkeypatch):
+    """Scans fused by an earlier rule of several atlases are redone on resume: the rule is in the fingerprint of a
+    run of several atlases (FUSION_RULE); a run of one atlas, which fuses nothing, keeps its fingerprint."""
+    from samembed.options import MatchOptions
+    from samembed.propagate import run
+    from samembed.propagate.settings import PropagateSettings
+
+    prep = {"model_id": "m", "model_sha256": "0" * 64, "atlas_key": "k", "atlas_content_sha256": "1" * 64}
+    one = {"labels": ["a"], "points_lps_mm": [[0.0, 0.0, 0.0]]}
+    several = {**one, "more_atlases": [{"labels": ["a"], "points_lps_mm": [[1.0, 0.0, 0.0]]}]}
+
+    def prints() -> list[str]:
+        return [run.fingerprint(prep, p, MatchOptions(), PropagateSettings()) for p in (one, several)]
+
+    before = prints()
+    monkeypatch.setattr(run, "FUSION_RULE", run.FUSION_RULE + 1)
+    after = prints()
+    assert after[0] == before[0] and after[1] != before[1]

@@ -249,7 +249,7 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
                        for img, (_, labels, pts), name in zip(images, job.all_atlases, names)]
             # which atlases lack which landmarks: said once by the command at its start, not again by every worker
             # (a worker's line landed unprefixed among the progress lines)
-            m._warned.update(landmark_union([(a.display_name, a.labels) for a in atlases])[1])
+            m.already_said(landmark_union([(a.display_name, a.labels) for a in atlases])[1])
             res = m.match_atlases(atlases, [target], job.options, target_names=[scan.path])
         else:
             res = m.match(images[0], np.asarray(job.points_lps_mm), [target], list(job.labels), job.options,
