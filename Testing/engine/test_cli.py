@@ -1134,6 +1134,27 @@ def test_an_earlier_out_that_cannot_be_replaced_keeps_the_matches_beside_it(tmp_
     assert out.read_text() == "OLD\n" and partial.read_text().startswith("target,label,")
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary file left
 
+    # only the move into place of the earlier --out goes beside it: a full disk while the table is written is
+    # reported as it is, and nothing is written beside it (where the disk is as full)
+    partial.unlink()
+    monkeypatch.setattr(os, "replace", real_replace)
+    from samembed import io as sio
+
+    write = sio.write_text_atomic
+
+    def full(path, text, *a, **k):  # (the --out only: a write beside it would succeed)
+        if Path(path).name == "o.csv":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, text, *a, **k)
+
+    monkeypatch.setattr(sio, "write_text_atomic", full)
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", "o.csv",
+                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "partial" not in err, err
+    assert out.read_text() == "OLD\n" and not partial.exists()
+
 
 def test_a_file_this_user_may_not_read_is_named_as_such_with_exit_1(tmp_path, two_cts, a_points_csv, monkeypatch,
                                                                      capsys):
