@@ -54,6 +54,30 @@ def _grey(values: np.ndarray, ct: bool) -> np.ndarray:
     return rgb
 
 
+#: colour of the orientation letters at each panel's edges
+LETTER_RGB = np.array([1.0, 0.85, 0.2])
+#: 5 x 7 pixel glyphs of the orientation letters (patient right/left, anterior/posterior, superior/inferior)
+_GLYPHS = {k: np.array([[c == "#" for c in row] for row in rows.split()]) for k, rows in {
+    "R": "####. #...# #...# ####. #.#.. #..#. #...#",
+    "L": "#.... #.... #.... #.... #.... #.... #####",
+    "A": ".###. #...# #...# ##### #...# #...# #...#",
+    "P": "####. #...# #...# ####. #.... #.... #....",
+    "S": ".#### #.... #.... .###. ....# ....# ####.",
+    "I": ".###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
+}.items()}
+
+
+def _letters(rgb: np.ndarray, left: str, right: str, top: str, bottom: str) -> np.ndarray:
+    """The patient directions at a panel's edges, as radiology viewers show them, each on a dark box."""
+    h, w = _GLYPHS["R"].shape
+    mid_y, mid_x = (PANEL_PX - h) // 2, (PANEL_PX - w) // 2
+    for letter, (y, x) in ((left, (mid_y, 2)), (right, (mid_y, PANEL_PX - w - 2)), (top, (2, mid_x)),
+                           (bottom, (PANEL_PX - h - 2, mid_x))):
+        rgb[y - 1:y + h + 1, x - 1:x + w + 1] *= 0.3  # (the grey or blue under it, darkened)
+        rgb[y:y + h, x:x + w][_GLYPHS[letter]] = LETTER_RGB
+    return rgb
+
+
 def _mark(rgb: np.ndarray) -> np.ndarray:
     """A red cross-hair with an open centre at the panel's middle."""
     c, gap, arm = PANEL_PX // 2, 3, 10
@@ -79,7 +103,8 @@ def landmark_pngs(image: Image, points_lps_mm, width_mm: float = 80.0) -> list[b
 
 def landmark_png(image: Image, point_lps_mm, width_mm: float = 80.0, ct: bool | None = None) -> bytes:
     """PNG bytes: axial (left; patient left to the right, anterior up) and coronal (right; superior up) crops of
-    ``width_mm`` around ``point_lps_mm`` (LPS mm), the point marked; one panel for 2D images. ``ct``: the CT window
+    ``width_mm`` around ``point_lps_mm`` (LPS mm), the point marked and the patient directions at the edges (R, L,
+    A, P, S, I); one panel for 2D images, without letters (a radiograph's plane is not known). ``ct``: the CT window
     (:func:`is_ct`; None: found here, from every voxel)."""
     from matplotlib.image import imsave
 
@@ -92,6 +117,8 @@ def landmark_png(image: Image, point_lps_mm, width_mm: float = 80.0, ct: bool | 
     else:
         panels = [_plane(image, p, x, y, width_mm), _plane(image, p, x, -z, width_mm)]
     rgbs = [_mark(_grey(v, ct)) for v in panels]
+    if image.ndim == 3:
+        rgbs = [_letters(rgbs[0], "R", "L", "A", "P"), _letters(rgbs[1], "R", "L", "S", "I")]
     sep = np.ones((PANEL_PX, 3, 3))
     out = rgbs[0] if len(rgbs) == 1 else np.concatenate([rgbs[0], sep, rgbs[1]], axis=1)
     buf = io.BytesIO()
