@@ -15,10 +15,13 @@ than one slice, one scalar component of a type SimpleITK reports as such, no int
 reads the file with SimpleITK (whose errors it reports). Damaged gzip data (a file cut short, a corrupt stream), or
 whole gzip data that inflates to fewer voxels than the header describes, is an :class:`~samembed.errors.InputError`
 naming the file, whichever route reads it: SimpleITK reads such files without a word (zeros where the data ends).
+NaN voxels of a floating-point file come out as SimpleITK reads them (0, as in Slicer), with a warning that counts
+them.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from pathlib import Path
 
@@ -26,6 +29,8 @@ import numpy as np
 
 from .errors import InputError
 from .nifti_complete import NIFTI1_HEADER_BYTES, NIFTI2_HEADER_BYTES, check_layout, check_nifti_complete, nifti_layout
+
+log = logging.getLogger(__name__)
 
 #: NIfTI-1 ``datatype`` -> numpy type (little-endian), for the scalar types SimpleITK reads as they are stored
 NIFTI_DTYPES = {2: "<u1", 4: "<i2", 8: "<i4", 16: "<f4", 64: "<f8", 256: "<i1", 512: "<u2", 768: "<u4",
@@ -101,7 +106,38 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
     if sitk.GetArrayViewFromImage(first).dtype != np.dtype(dtype):  # SimpleITK reads another type (its own mapping)
         return None
     voxels = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dim[3], dim[2], dim[1])
+    if voxels.dtype.kind == "f":
+        voxels = _nan_as_simpleitk_reads_it(voxels, reader, path)
+        if voxels is None:
+            return None
     if voxels[0, 0, 0] != first[0, 0, 0]:
         return None
     return voxels, first.GetSpacing(), first.GetOrigin(), first.GetDirection()
+
+
+def _nan_as_simpleitk_reads_it(voxels: np.ndarray, reader, path) -> np.ndarray | None:
+    """``voxels`` with their NaN as SimpleITK reads them (ITK's NIfTI reader, as Slicer's, gives 0 for a NaN of the
+    file: masked-out voxels of a processed MRI, say), said in a warning with their count: the same image by either
+    route, whichever voxel comes first. None when SimpleITK's value of the first NaN is neither 0 nor NaN (its
+    reading is then left to it)."""
+    nan = np.isnan(voxels)
+    if not nan.any():
+        return voxels
+    k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(nan)), voxels.shape))
+    reader.SetExtractIndex([i, j, k])
+    try:
+        value = float(reader.Execute()[0, 0, 0])
+    except RuntimeError:
+        return None
+    n = int(nan.sum())
+    if np.isnan(value):
+        return voxels  # (kept: the image's check then names them)
+    if value != 0.0:
+        return None
+    log.warning(
+        "%s: %d voxels are NaN (no value); they are read as 0, as ITK's NIfTI reader (and Slicer) reads them", path, n)
+    out = voxels.copy()
+    out[nan] = 0
+    out.setflags(write=False)
+    return out
 
