@@ -443,6 +443,10 @@ class Matcher:
             raise InputError("no target images given")
         if target_names is not None and len(target_names) != len(targets):
             raise InputError(f"{len(target_names)} target names for {len(targets)} targets")
+        # (a setting, the same for every target; 6 numbers on 2D images: their x and y are used)
+        if options.box_lps_mm is not None and len(options.box_lps_mm) < 2 * src.ndim:
+            raise InputError(f"box_lps_mm has {len(options.box_lps_mm)} numbers but the source {src.name} is "
+                             f"{src.ndim}D, and so are its targets: give {2 * src.ndim} (two corners)")
         pts = _points_array(points_lps_mm, src.ndim, src)
         if isinstance(labels, str):  # one label (it was split into its letters)
             labels = [labels]
@@ -494,10 +498,7 @@ class Matcher:
                 raise InputError(f"{mask.name}: the search mask is {mask.grid.ndim}D but the target {name} is "
                                  f"{tmaps.local_grid.ndim}D; give a mask in the target's space")
             allowed = allowed & mask_from_image(tmaps, mask)
-        if options.box_lps_mm is not None:
-            if len(options.box_lps_mm) < 2 * tmaps.local_grid.ndim:  # (6 on a 2D target: its x and y are used)
-                raise InputError(f"box_lps_mm has {len(options.box_lps_mm)} numbers but the target {name} is "
-                                 f"{tmaps.local_grid.ndim}D: give {2 * tmaps.local_grid.ndim} (two corners)")
+        if options.box_lps_mm is not None:  # (enough numbers for the source's dimension, the targets': _inputs)
             allowed = allowed & box_mask(tmaps, options.window_box)
         if not bool(allowed.any()):
             given = [f"the search mask {mask.name}" if mask is not None else "",

@@ -521,7 +521,7 @@ def test_a_numpy_mask_lies_on_each_target_s_own_grid_and_one_of_another_shape_is
     assert as_array.matches[0].score == pytest.approx(as_image.matches[0].score)
     with pytest.raises(InputError, match=r"the mask array has shape \(10, 10, 10\) but the target .* has"):
         a_random_matcher.match(ct, point, [ct], options=opts, mask=np.ones((10, 10, 10), bool))
-    with pytest.raises(InputError, match="box_lps_mm has 4 numbers but the target .* is 3D"):
+    with pytest.raises(InputError, match="box_lps_mm has 4 numbers but the source .* is 3D"):
         a_random_matcher.match(ct, point, [ct], options=MatchOptions(box_lps_mm=(0, 0, 100, 100)))
 
 
@@ -670,4 +670,7 @@ def test_a_problem_of_one_target_is_a_target_error_and_one_of_the_source_is_not(
             a_random_matcher.match(ct, pts, [bad], options=MatchOptions(polish=False))
     with pytest.raises(InputError, match="is too small") as err:
         a_random_matcher.match(tiny, [[1.0, 1.0, 0.0]], [ct], options=MatchOptions(polish=False))
+    assert not isinstance(err.value, TargetError)
+    with pytest.raises(InputError, match="box_lps_mm has 4 numbers but the source .* is 3D") as err:  # a setting
+        a_random_matcher.match(ct, pts, [ct], options=MatchOptions(polish=False, box_lps_mm=(0, 0, 10, 10)))
     assert not isinstance(err.value, TargetError)
