@@ -379,6 +379,12 @@ class Matcher:
                               cancel=cancel, target_names=target_names)
         if options.heatmap:
             raise InputError("heatmaps are not available when several atlases are fused; match one atlas for them")
+        # each atlas read once (a path was read again for every target), and all of one dimension: else each target
+        # would be matched by some atlases, then refused by another as if the target were at fault
+        images = [as_image(a.image, a.display_name, self.spacing_mm) for a in atlases]
+        if len({im.ndim for im in images}) > 1:
+            dims = ", ".join(f"{a.display_name} ({im.ndim}D)" for a, im in zip(atlases, images))
+            raise InputError(f"the atlases are not all of one dimension: {dims}; give atlases of the targets' dimension")
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
         t0 = time.time()
@@ -392,7 +398,7 @@ class Matcher:
                     progress(ti, len(targets), f"atlas {ai + 1}/{len(atlases)} into target {ti + 1}/{len(targets)}")
                 names = None if target_names is None else [target_names[ti]]
                 try:
-                    per_atlas.append(self.match(a.image, a.points_lps_mm, [target], list(a.labels), options,
+                    per_atlas.append(self.match(images[ai], a.points_lps_mm, [target], list(a.labels), options,
                                                 cancel=cancel, target_names=names))
                 except Cancelled:  # (its partial result is one atlas's, unfused): the fused targets so far
                     raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result) from None
@@ -466,6 +472,9 @@ class Matcher:
         # origin with 1 mm voxels, and only a corner of the target was searched, without a word
         mask_img = (mask if isinstance(mask, (Image, np.ndarray)) or mask is None
                     else as_image(mask, "mask", self.spacing_mm, constant_ok=True))  # (a mask of ones: everywhere)
+        if isinstance(mask_img, Image) and mask_img.grid.ndim != src.ndim:  # (the targets': the source's dimension)
+            raise InputError(f"{mask_img.name}: the search mask is {mask_img.grid.ndim}D but the source {src.name} and "
+                             f"its targets are {src.ndim}D; give a mask in the targets' space")
         names = list(target_names) if target_names is not None else [None] * len(targets)
         return _Inputs(src, pts, labels, list(targets), names, mask_img)
 
@@ -493,10 +502,7 @@ class Matcher:
                                  f"{tuple(tmaps.image_grid.shape_zyx)} voxels (z, y, x); give a mask of the target's "
                                  "shape, or an image with its own geometry (samembed.Image, SimpleITK)")
             mask = Image(np.asarray(mask), tmaps.image_grid, "mask")
-        if mask is not None:
-            if mask.grid.ndim != tmaps.local_grid.ndim:
-                raise InputError(f"{mask.name}: the search mask is {mask.grid.ndim}D but the target {name} is "
-                                 f"{tmaps.local_grid.ndim}D; give a mask in the target's space")
+        if mask is not None:  # (of the source's dimension, the targets': _inputs)
             allowed = allowed & mask_from_image(tmaps, mask)
         if options.box_lps_mm is not None:  # (enough numbers for the source's dimension, the targets': _inputs)
             allowed = allowed & box_mask(tmaps, options.window_box)

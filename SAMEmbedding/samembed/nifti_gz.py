@@ -15,14 +15,15 @@ than one slice, one scalar component of a type SimpleITK reports as such, no int
 reads the file with SimpleITK (whose errors it reports). Damaged gzip data (a file cut short, a corrupt stream), or
 whole gzip data that inflates to fewer voxels than the header describes, is an :class:`~samembed.errors.InputError`
 naming the file, whichever route reads it: SimpleITK reads such files without a word (zeros where the data ends).
-NaN voxels of a floating-point file come out as SimpleITK reads them (0, as in Slicer), with a warning that counts
-them.
+NaN and infinite voxels of a floating-point file come out as SimpleITK reads them (0, as in Slicer), with a warning
+that counts them.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,7 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
         return None
     voxels = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dim[3], dim[2], dim[1])
     if voxels.dtype.kind == "f":
-        voxels = _nan_as_simpleitk_reads_it(voxels, reader, path)
+        voxels = _non_finite_as_simpleitk_reads_them(voxels, path)
         if voxels is None:
             return None
     if voxels[0, 0, 0] != first[0, 0, 0]:
@@ -115,29 +116,43 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
     return voxels, first.GetSpacing(), first.GetOrigin(), first.GetDirection()
 
 
-def _nan_as_simpleitk_reads_it(voxels: np.ndarray, reader, path) -> np.ndarray | None:
-    """``voxels`` with their NaN as SimpleITK reads them (ITK's NIfTI reader, as Slicer's, gives 0 for a NaN of the
-    file: masked-out voxels of a processed MRI, say), said in a warning with their count: the same image by either
-    route, whichever voxel comes first. None when SimpleITK's value of the first NaN is neither 0 nor NaN (its
+def _non_finite_as_simpleitk_reads_them(voxels: np.ndarray, path) -> np.ndarray | None:
+    """``voxels`` with their non-finite values (NaN, infinities) as SimpleITK reads them: ITK's NIfTI reader, as
+    Slicer's, gives 0 for each (masked-out voxels of a processed MRI, say), said in a warning with their count; the
+    same image by either route, whichever voxel comes first. None when SimpleITK reads them some other way (its
     reading is then left to it)."""
-    nan = np.isnan(voxels)
-    if not nan.any():
+    finite = np.isfinite(voxels)
+    if finite.all():
         return voxels
-    k, j, i = (int(v) for v in np.unravel_index(int(np.argmax(nan)), voxels.shape))
-    reader.SetExtractIndex([i, j, k])
-    try:
-        value = float(reader.Execute()[0, 0, 0])
-    except RuntimeError:
+    read_as = _simpleitk_reads_non_finite()
+    if read_as is None:
         return None
-    n = int(nan.sum())
-    if np.isnan(value):
-        return voxels  # (kept: the image's check then names them)
-    if value != 0.0:
+    if np.isnan(read_as[0]) and read_as[1:] == (np.inf, -np.inf):
+        return voxels  # kept as they are (the image's check then names them)
+    if read_as != (0.0, 0.0, 0.0):
         return None
-    log.warning(
-        "%s: %d voxels are NaN (no value); they are read as 0, as ITK's NIfTI reader (and Slicer) reads them", path, n)
-    out = voxels.copy()
-    out[nan] = 0
+    n = int(finite.size - np.count_nonzero(finite))
+    log.warning("%s: %d voxels are NaN or infinite (no value); they are read as 0, as ITK's NIfTI reader (and Slicer) "
+                "reads them", path, n)
+    out = np.where(finite, voxels, voxels.dtype.type(0))
     out.setflags(write=False)
     return out
 
+
+@lru_cache(maxsize=1)
+def _simpleitk_reads_non_finite() -> tuple[float, float, float] | None:
+    """What SimpleITK's NIfTI reading gives for NaN, +inf and -inf stored in a float32 file, found once per process
+    on a file of eight voxels (0.0 for each with SimpleITK 2.x); None when that cannot be found out."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    stored = np.array([np.nan, np.inf, -np.inf, 1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32).reshape(2, 2, 2)
+    try:
+        with tempfile.TemporaryDirectory(prefix="samembed-nifti-") as folder:
+            probe = str(Path(folder) / "probe.nii.gz")
+            sitk.WriteImage(sitk.GetImageFromArray(stored), probe)
+            got = sitk.GetArrayFromImage(sitk.ReadImage(probe)).ravel()
+    except (OSError, RuntimeError):
+        return None
+    return tuple(float(v) for v in got[:3])

@@ -1194,10 +1194,13 @@ def test_a_mask_of_ones_searches_everywhere_and_a_2d_mask_for_3d_targets_is_refu
 
     mask = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((128, 128), np.uint8)), str(mask))
-    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(tmp_path / "o.csv"),
-                 "--mask", str(mask), *common])
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), str(two_cts[1]), "--points", str(pts_path), "--out",
+                 str(tmp_path / "o.csv"), "--mask", str(mask), *common])
     err = capsys.readouterr().err
-    assert code == 2 and f"{mask}: the search mask is 2D but the target" in err and "internal error" not in err, err
+    assert code == 2 and "internal error" not in err, err
+    # a setting for every target: said once, before any target is embedded (not as each target's problem)
+    assert f"{mask}: the search mask is 2D but the source {two_cts[0]} and its targets are 3D" in err, err
+    assert err.count("the search mask is 2D") == 1 and "skipped" not in err
 
 
 @pytest.mark.parametrize("spacing", ["nan", "0", "-1", "inf", "x"])

@@ -315,3 +315,20 @@ def test_an_atlas_read_twice_is_named_in_a_warning_and_odd_names_stay_apart(tmp_
     m = Match("a", "t", 0, np.zeros(3), 0.5, False, 1.0, rejected=("x|y/ct.nii.gz", "d; rejected=z"))
     names = {"x|y/ct.nii.gz": "x|y/ct.nii.gz", "d; rejected=z": "d; rejected=z"}
     assert _rejected(m, names) == "x%7Cy/ct.nii.gz|d%3B rejected=z"
+
+
+@pytest.mark.needs_data
+def test_atlases_of_two_dimensions_are_refused_before_any_target(matcher, ct_and_points, monkeypatch):
+    """A radiograph among CT atlases: refused at once, naming each atlas's dimension (each target was matched by the
+    CT atlases first, then refused by the radiograph's turn as if the target were at fault, and skipped)."""
+    from samembed import TargetError
+
+    ct, pts = ct_and_points
+    xray = data_file("xray", "hand_dha37", "images", "3143.jpg")
+    calls = []
+    match = Matcher.match
+    monkeypatch.setattr(Matcher, "match", lambda self, *a, **k: (calls.append(1), match(self, *a, **k))[1])
+    atlases = [Atlas(ct, pts, ("a", "b", "c"), "ct.nii.gz"), Atlas(str(xray), [[10.0, 10.0]], ("a",))]
+    with pytest.raises(InputError, match=rf"the atlases are not all of one dimension: ct.nii.gz \(3D\), {xray} \(2D\)") as err:
+        matcher.match_atlases(atlases, [ct, ct], FAST)
+    assert not isinstance(err.value, TargetError) and not calls

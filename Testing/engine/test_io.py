@@ -531,20 +531,21 @@ def test_a_nifti_the_isal_route_does_not_cover_is_read_by_simpleitk(tmp_path, mo
 
 
 @pytest.mark.needs_data
-@pytest.mark.parametrize("first", ["a value", "NaN"])
+@pytest.mark.parametrize("first", ["a value", "NaN", "inf"])
 def test_nan_voxels_of_a_nifti_gz_are_read_as_simpleitk_reads_them_whichever_voxel_comes_first(tmp_path, caplog,
                                                                                                first):
-    """A float CT crop with NaN (masked out) where the field of view ends: read as SimpleITK (and Slicer) reads it,
-    0 for NaN, with a warning that counts them. The isal route kept the NaN when the first voxel had a value, and
-    the image was then refused (SimpleITK's route, taken when the first voxel was NaN, read zeros)."""
+    """A float CT crop with NaN (masked out) where the field of view ends, and an infinity: read as SimpleITK (and
+    Slicer) reads it, 0 for each, with a warning that counts them. The isal route kept them when the first voxel had
+    a value, and the image was then refused (SimpleITK's route, taken when the first voxel was NaN, read zeros)."""
     from samembed.io import image_from_sitk
     from samembed.nifti_gz import read_nifti_gz
 
     ct = sitk.ReadImage(str(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")))[40:80, 50:90, 30:50]
     arr = sitk.GetArrayFromImage(ct).astype(np.float32)
     arr[12:] = np.nan
-    if first == "NaN":
-        arr[0, 0, :5] = np.nan
+    arr[5, 5, 5] = -np.inf
+    if first != "a value":
+        arr[0, 0, :5] = np.nan if first == "NaN" else np.inf
     img = sitk.GetImageFromArray(arr)
     img.CopyInformation(ct)
     path = tmp_path / "masked.nii.gz"
@@ -553,10 +554,10 @@ def test_nan_voxels_of_a_nifti_gz_are_read_as_simpleitk_reads_them_whichever_vox
         got = read_image(path)
     ref = image_from_sitk(sitk.ReadImage(str(path)), str(path))
     assert read_nifti_gz(path) is not None  # (the isal route)
-    assert np.array_equal(got.array, ref.array) and not np.isnan(got.array).any()
+    assert np.array_equal(got.array, ref.array) and np.isfinite(got.array).all()
     assert got.content_hash() == ref.content_hash()
-    n = int(np.isnan(arr).sum())
-    assert f"{path}: {n} voxels are NaN (no value); they are read as 0, as ITK's NIfTI reader" in caplog.text
+    n = int((~np.isfinite(arr)).sum())
+    assert f"{path}: {n} voxels are NaN or infinite (no value); they are read as 0, as ITK's NIfTI reader" in caplog.text
 
 
 @pytest.mark.needs_data
