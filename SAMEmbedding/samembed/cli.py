@@ -291,12 +291,18 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         matcher.embedder.prefetch = prefetch
+        source_shown: list[int] = []  # the turn that showed the source's embedding (progress, below)
         for ti, name in enumerate(map(str, target_paths)):
             # one target at a time (the source's maps and the atlases stay cached): each finished target's markups
             # file is written at once, and a failure or an interrupt keeps the targets finished before it
             def progress(d: float, total: float, phase: str, ti: int = ti) -> None:
-                if ti == 0 or not phase.startswith("embedding source"):
-                    bar.update(ti + d / max(total, 1), n, re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
+                # the source's embedding is shown once, in the first turn that reaches the matcher (a first target
+                # skipped before it does not hide it); later turns' "embedding source" finds it cached
+                if phase.startswith("embedding source"):
+                    if source_shown:
+                        return
+                    source_shown.append(ti)
+                bar.update(ti + d / max(total, 1), n, re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
 
             try:
                 try:
@@ -321,8 +327,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 one = None
             if folder_out:
                 _write_markups(args, r, out / f"{ids[ti]}.mrk.json", fused)
+            done_at.append(ti)  # (first: an interrupt between the two leaves no result without its place)
             done.append(r)  # kept from here on, whatever stops the run (the memory is freed after)
-            done_at.append(ti)
             _forget_target(matcher, images_read, name, target_paths[ti + 1:], kept, prefetch)
         if not done and failed:  # (several targets, none matched: each is named above)
             raise InputError(f"none of the {n} targets could be matched: each is named above") from failed[0][1]
@@ -361,9 +367,10 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             images_read.clear()
             try:
                 _write_match_outputs(args, done, partial_out, folder_out, heatmaps_done(), fused, prefetch)
-                log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s%s",
+                log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s%s%s",
                           len(done), n, partial_out, f" and {args.heatmap_dir}" if args.heatmap_dir else "",
-                          f" ({out}, of an earlier run, is left as it was)" if partial_out != out else "")
+                          f" ({out}, of an earlier run, is left as it was)" if partial_out != out else "",
+                          f"; {len(failed)} skipped before: {', '.join(name for name, _ in failed)}" if failed else "")
             except Exception as e:  # noqa: BLE001 - the original error is the one to report
                 log.error("could not write the %d finished targets: %s", len(done), e)
         elif not written and writing:  # stopped while writing: not started again (an interrupt means stop)
@@ -926,8 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "       samembed match --atlas IMAGE POINTS [--atlas IMAGE POINTS ...] TARGET... --out OUT",
                        epilog="Exit status: 0 when every target was matched; 3 when some targets could not be read or "
                               "matched (each is named, skipped, and the others are written); 2 for bad input (no "
-                              "target matched, a bad option or file); 1 when a write failed or on an internal error; 130 when "
-                              "interrupted.")
+                              "target matched, a bad option or file); 1 when the system refused a read or a write, or on "
+                              "an internal error; 130 when interrupted; 143 when stopped by SIGTERM.")
     m.add_argument("images", nargs="+", metavar="IMAGE",
                    help="SOURCE then TARGET...; with --atlas/--atlases every IMAGE is a target")
     m.add_argument("--points", help="the source's points: CSV (label,x,y,z or label,x,y), .fcsv or .mrk.json")

@@ -312,6 +312,40 @@ def test_a_batch_skips_a_target_it_cannot_match_and_an_interrupt_keeps_the_targe
 
 
 @pytest.mark.needs_data
+def test_an_interrupt_after_a_skipped_target_keeps_the_finished_ones_under_their_own_names(
+        tmp_path, two_cts, a_points_csv, monkeypatch, capsys, caplog):
+    """A skipped target leaves a gap among the finished ones: an interrupt after it writes the finished targets'
+    CSV rows and heatmaps under their own names, and says which were skipped. A first target that cannot be read
+    does not hide the source's embedding from the progress lines (they showed it in the first turn only)."""
+    from samembed.api import Matcher
+
+    pts_path, _ = a_points_csv
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"garbage")
+    out = tmp_path / "m.csv"
+    calls = []
+    match = Matcher.match
+
+    def interrupted_at_the_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return match(self, *a, **k)
+
+    monkeypatch.setattr(Matcher, "match", interrupted_at_the_second)
+    assert main(["match", str(two_cts[0]), str(corrupt), str(two_cts[1]), str(two_cts[0]), "--points", str(pts_path),
+                 "--out", str(out), "--heatmap-dir", str(tmp_path / "hm"), "--model", "random:sam-lite",
+                 "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert "embedding source pt_201_ct.nii.gz" in err, err
+    assert f"kept the matches of the 1 of 3 targets finished before this stopped, in {out} and {tmp_path / 'hm'}; " \
+           f"1 skipped before: {corrupt}" in caplog.text
+    assert {r["target"] for r in csv.DictReader(out.open())} == {str(two_cts[1])}
+    assert sorted(p.name for p in (tmp_path / "hm").iterdir()) == ["pt_202_ct_A_heatmap.nii.gz",
+                                                                   "pt_202_ct_B_heatmap.nii.gz"]
+
+
+@pytest.mark.needs_data
 def test_each_target_not_matched_again_is_forgotten_after_its_match(tmp_path, two_cts, a_points_csv, monkeypatch):
     """One atlas into many scans keeps bounded memory: the command drops each target's image and maps once it has
     matched it, unless it comes again later or holds the source (its path, or a copy: the same maps). The matches
