@@ -708,3 +708,22 @@ def test_the_fusion_rule_is_in_the_fingerprint_of_a_run_of_several_atlases_only(
     monkeypatch.setattr(run, "FUSION_RULE", run.FUSION_RULE + 1)
     after = prints()
     assert after[0] == before[0] and after[1] != before[1]
+
+
+def test_a_local_cluster_whose_workers_do_not_start_says_to_guard_the_calling_script(monkeypatch):
+    """A script that calls propagate() at its top level: each Dask worker process imports it again and fails to
+    start, and the run ended in pages of Dask's tracebacks ("Nanny failed to start"). It now says what to do."""
+    pytest.importorskip("distributed")
+    import distributed
+
+    from samembed.errors import SamEmbedError
+    from samembed.propagate import run
+    from samembed.propagate.settings import PropagateSettings
+
+    def failing(*a, **k):
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(distributed, "LocalCluster", failing)
+    said = r"did not start \(Nanny failed to start.\). Called from a script\? .*under `if __name__ == \"__main__\":`"
+    with pytest.raises(SamEmbedError, match=said), run._client(PropagateSettings(workers=1)):
+        pass

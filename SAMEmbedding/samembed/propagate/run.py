@@ -129,6 +129,11 @@ def _workers_ignore_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, before)
 
 
+#: what to do when a script starts a local cluster at its top level: each worker process imports the script again
+GUARD_HINT = ("Dask's worker processes import the calling script again, so put the code that calls propagate() "
+              "under `if __name__ == \"__main__\":`")
+
+
 @contextlib.contextmanager
 def _client(settings: PropagateSettings, client=None) -> Iterator[Any]:
     """The Dask client: the one given, one joined to ``settings.scheduler`` (with Dask's security config), or a
@@ -151,9 +156,13 @@ def _client(settings: PropagateSettings, client=None) -> Iterator[Any]:
             c.close()
         return
     with _workers_ignore_interrupts():
-        cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address="127.0.0.1:0", memory_limit=settings.memory_limit,
-                               silence_logs=logging.ERROR)
+        try:
+            cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address="127.0.0.1:0", memory_limit=settings.memory_limit,
+                                   silence_logs=logging.ERROR)
+        except RuntimeError as e:  # (Dask's own traceback of the worker is logged above)
+            raise SamEmbedError(f"the local Dask cluster's worker processes did not start ({e}). Called from a "
+                                f"script? {GUARD_HINT}") from e
     c = Client(cluster)
     try:
         yield c
