@@ -362,6 +362,11 @@ class Matcher:
         atlases = list(atlases)
         if not atlases:
             raise InputError("no atlas given: pass at least one (image, points, labels)")
+        for a in atlases:
+            if not isinstance(a, Atlas):
+                what = ("samembed.propagate.Atlas, an atlas's files for propagate()"
+                        if type(a).__module__.startswith("samembed.propagate") else type(a).__name__)
+                raise InputError(f"match_atlases() takes samembed.Atlas(image, points_lps_mm, labels), not {what}")
         ref = atlases[0]
         labels, notes = landmark_union([(a.display_name, a.labels) for a in atlases])
         seen = set()

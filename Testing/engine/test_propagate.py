@@ -727,3 +727,25 @@ def test_a_local_cluster_whose_workers_do_not_start_says_to_guard_the_calling_sc
     said = r"did not start \(Nanny failed to start.\). Called from a script\? .*under `if __name__ == \"__main__\":`"
     with pytest.raises(SamEmbedError, match=said), run._client(PropagateSettings(workers=1)):
         pass
+
+
+@pytest.mark.needs_data
+def test_each_atlas_class_given_where_the_other_belongs_is_named(tmp_path):
+    """samembed.Atlas (an image and its points) and samembed.propagate.Atlas (an atlas's files) share a name: given
+    where the other belongs, each raised an AttributeError or a TypeError from deep inside."""
+    import samembed
+    from samembed.errors import InputError
+    from samembed.propagate import Atlas as FileAtlas
+    from samembed.propagate import propagate
+
+    ct = OPENKBP / "ct" / "pt_201_ct.nii.gz"
+    if not ct.exists():
+        pytest.skip(f"real data not available: {ct} is missing")
+    points = tmp_path / "a.csv"
+    points.write_text("label,x,y,z\nA,0,0,0\n")
+    with pytest.raises(InputError, match=r"propagate\(\) takes atlases as files, samembed.propagate.Atlas\(image_path, "
+                                         r"points_path\), not samembed.Atlas"):
+        propagate(samembed.Atlas(str(ct), [[0.0, 0.0, 0.0]], ("A",)), tmp_path, tmp_path / "out")
+    with pytest.raises(InputError, match=r"match_atlases\(\) takes samembed.Atlas\(image, points_lps_mm, labels\), "
+                                         r"not samembed.propagate.Atlas"):
+        samembed.Matcher("random:sam-lite", device="cpu").match_atlases([FileAtlas(str(ct), str(points))], [str(ct)])

@@ -73,11 +73,15 @@ class PropagateSummary:
 
 def _atlas_list(atlases: Sequence[Atlas] | Atlas) -> list[Atlas]:
     """The atlases of a run (one, or several whose landmarks are fused per scan)."""
-    if isinstance(atlases, Atlas):
-        return [atlases]
-    atlases = list(atlases)
+    atlases = [atlases] if isinstance(atlases, Atlas) or not isinstance(atlases, (list, tuple)) else list(atlases)
     if not atlases:
         raise InputError("no atlas given; pass --atlas IMAGE POINTS")
+    for a in atlases:
+        if not isinstance(a, Atlas):
+            what = ("samembed.Atlas, an image with its points for Matcher.match_atlases"
+                    if type(a).__module__ == "samembed.fusion" else type(a).__name__)
+            raise InputError(f"propagate() takes atlases as files, samembed.propagate.Atlas(image_path, points_path), "
+                             f"not {what}")
     return atlases
 
 
