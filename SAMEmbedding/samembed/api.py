@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .affine import apply_affine
-from .consistency import consistent_matches
+from .consistency import consistent_matches, min_points
 from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
 from .errors import Cancelled, CheckpointError, DeviceUnavailableError, InputError, ModelNotAvailableError, TargetError
 from .fusion import Atlas, FusionOptions, fuse_points, landmark_union
@@ -542,7 +542,10 @@ class Matcher:
         found, scores = raw.points_lps_mm, raw.scores
         n = len(pts)
         rematched = np.zeros(n, dtype=bool)
-        if options.consistency:
+        if options.consistency and n < min_points(d):
+            self._warn_once(f"the consistency check (consistency, --consistency) needs at least {min_points(d)} points "
+                            f"in {d}D to fit its affine, and {n} are matched: it is skipped")
+        elif options.consistency:
             con = consistent_matches(src_maps, pts, tmaps, found, scores, region.allowed,
                                      inlier_mm=options.consistency_inlier_mm, window_mm=options.consistency_window_mm)
             found, scores, rematched = con.points_lps_mm, con.scores, con.rematched

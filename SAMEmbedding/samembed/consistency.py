@@ -39,6 +39,12 @@ class ConsistentMatch:
     affine: np.ndarray
 
 
+def min_points(d: int) -> int:
+    """The fewest points the check needs in ``d`` dimensions (its robust affine's fit and a margin): 8 in 3D, 6 in
+    2D; with fewer the matches are returned as they are."""
+    return 2 * (d + 1)
+
+
 def consistent_matches(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: EmbeddingMaps,
                        found_lps_mm: np.ndarray, scores: np.ndarray, allowed: torch.Tensor | None = None, *,
                        inlier_mm: float = 15.0, window_mm: float = 20.0, seed: int = 0) -> ConsistentMatch:
@@ -58,7 +64,7 @@ def consistent_matches(source: EmbeddingMaps, points_lps_mm: np.ndarray, target:
     pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
     found = np.asarray(found_lps_mm, dtype=np.float64)[:, :d].copy()
     sc = np.asarray(scores, dtype=np.float64).copy()
-    if len(pts) < 2 * (d + 1):
+    if len(pts) < min_points(d):
         return ConsistentMatch(found, sc, np.zeros(len(pts), dtype=bool), np.eye(d + 1))
     M, inliers = ransac_affine(pts, found, inlier_mm, seed=seed)
     redo = np.flatnonzero(~inliers)

@@ -88,7 +88,7 @@ class MatchOptions:
     refine_window_mm: float = field(default=20.0, metadata=_doc(
         "half-size of the refinement's local search boxes (0: whole volumes, slow)"))
     consistency: bool = field(default=False, metadata=_doc(
-        "re-search matches that disagree with a robust affine of all matches of a target (many landmarks)"))
+        "re-search matches that disagree with a robust affine of all matches of a target (8 points at least in 3D, 6 in 2D)"))
     consistency_inlier_mm: float = field(default=15.0, metadata=_doc(
         "a match farther than this from the consistency affine's prediction is searched again"))
     consistency_window_mm: float = field(default=20.0, metadata=_doc(

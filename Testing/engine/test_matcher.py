@@ -674,3 +674,18 @@ def test_a_problem_of_one_target_is_a_target_error_and_one_of_the_source_is_not(
     with pytest.raises(InputError, match="box_lps_mm has 4 numbers but the source .* is 3D") as err:  # a setting
         a_random_matcher.match(ct, pts, [ct], options=MatchOptions(polish=False, box_lps_mm=(0, 0, 10, 10)))
     assert not isinstance(err.value, TargetError)
+
+
+@pytest.mark.needs_data
+def test_the_consistency_check_with_too_few_points_says_it_is_skipped(popi_ct, caplog):
+    """--consistency with fewer points than its affine needs (8 in 3D) did nothing without a word."""
+    m = Matcher("random:sam-lite", device="cpu")
+    pts = popi_ct.grid.index_to_lps(np.array([[100.0, 100.0, 40.0], [150.0, 120.0, 60.0]]))
+    opts = MatchOptions(polish=False)
+    with caplog.at_level(logging.WARNING, logger="samembed.api"):
+        checked = m.match(popi_ct, pts, [popi_ct, popi_ct], options=opts.replace(consistency=True))
+    said = [r.getMessage() for r in caplog.records if "consistency" in r.getMessage()]
+    assert said == ["the consistency check (consistency, --consistency) needs at least 8 points in 3D to fit its "
+                    "affine, and 2 are matched: it is skipped"]  # once per matcher, not per target
+    plain = m.match(popi_ct, pts, [popi_ct], options=opts)
+    assert [mt.point_lps_mm.tolist() for mt in checked.matches[:2]] == [mt.point_lps_mm.tolist() for mt in plain.matches]
