@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from samembed.errors import Cancelled
+from samembed.errors import Cancelled, InputError
 from samembed.options import MatchOptions
 
 from ..conftest import DATA
@@ -285,13 +285,24 @@ def test_a_corrupt_or_2d_scan_lands_in_failures_and_the_others_finish(setup, cli
                         echo=said.append)
     assert summary.finished == 2 and summary.failed == len(lines) - 2
     assert said[0] == f"1 of {len(lines)} scans are missing ({gone}): they will be recorded as failed (failures.csv)"
-    assert said[-1].endswith(f"; the failures and why: {out / 'failures.csv'}")
+    closing = next(i for i, line in enumerate(said) if line.endswith(f"; the failures and why: {out / 'failures.csv'}"))
     failures = list(csv.DictReader((out / "failures.csv").open()))
+    # the first three reasons are said too (they were in failures.csv only), then how many more
+    assert said[closing + 1:closing + 4] == [f"  failed: {f['scan']}: {f['reason']}" for f in failures[:3]]
+    assert said[closing + 4:] == ([f"  ... and {len(failures) - 3} more in failures.csv"] if len(failures) > 3 else [])
     by_scan = {f["scan"]: f for f in failures}
     assert str(broken) in by_scan["broken_ct"]["reason"] and "cannot read" in by_scan["broken_ct"]["reason"]
     if hand:
         assert "2D target cannot be matched with the 3D source" in by_scan[hand.stem]["reason"]
     assert [r for r in _rows(out)] == [r for r in _rows(full_run[0]) if r["scan"] in {g.id for g in good}]
+
+    # none of the scans there: refused at once (the cluster was started and the atlas embedded first)
+    only_gone = root / "only_gone.csv"
+    only_gone.write_text(f"path\n{gone}\n")
+    with pytest.raises(InputError, match=rf"none of the 1 scans exists \({re.escape(str(gone))}\): check the paths; a "
+                                         "manifest's relative paths are relative to its own folder"):
+        propagate(setup["atlas"], only_gone, root / "nothing", OPTIONS, _settings(setup, scheduler="tcp://0.0.0.0:1"))
+    assert not (root / "nothing").exists()
 
 
 def test_joining_a_tls_cluster_uses_dasks_own_security_settings(setup, full_run, tmp_path):
@@ -437,6 +448,26 @@ def test_the_command_line_names_an_atlas_whose_labels_repeat_and_explains_missin
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if dask were not installed
     assert main(argv[:1] + argv[4:]) == 1
     assert "pip install 'samembed[dataset]'" in capsys.readouterr().err
+
+
+def test_the_command_exits_2_when_no_scan_could_be_matched_and_3_when_some_could_not(setup, client, tmp_path,
+                                                                                     capsys):
+    """Every scan failed: exit 2, as `samembed match` when no target matched (it was 3, "some failed"); the
+    reasons are printed, not only written to failures.csv."""
+    from samembed.cli import main
+
+    a = setup["atlas"]
+    broken = tmp_path / "broken_ct.nii.gz"
+    broken.write_bytes(b"\x1f\x8b\x08\x00 this is not a NIfTI file" * 10)
+    common = ["--atlas", a.image, a.points, "--model", setup["model"], "--scheduler", client.scheduler.address,
+              "--cache-dir", str(setup["root"] / "cache")]
+    (tmp_path / "bad.csv").write_text(f"path\n{broken}\n")
+    assert main(["propagate", *common, "--scans", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert f"  failed: broken_ct: {broken}: cannot read this image" in err, err
+    assert f"error: no scan could be matched; the reasons are in {tmp_path / 'o1' / 'failures.csv'}" in err
+    (tmp_path / "some.csv").write_text(f"path\n{broken}\n{setup['scans'][0].path}\n")
+    assert main(["propagate", *common, "--scans", str(tmp_path / "some.csv"), "--out", str(tmp_path / "o2")]) == 3
 
 
 def test_help_and_the_engine_import_without_dask(repo_root):

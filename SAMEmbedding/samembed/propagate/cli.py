@@ -74,4 +74,8 @@ def run_command(args) -> int:
     summary = propagate(atlases, args.scans, args.out, options, settings, echo=echo)
     if not args.quiet and summary.report:
         print(f"report: {summary.report}")
+    if summary.failed and not (summary.finished or summary.skipped):  # (as samembed match when no target matched)
+        print(f"error: no scan could be matched; the reasons are in {summary.out_dir / 'failures.csv'}",
+              file=sys.stderr)
+        return 2
     return 0 if summary.failed == 0 else EXIT_SOME_FAILED

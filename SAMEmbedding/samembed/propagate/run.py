@@ -249,6 +249,11 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     # a scans folder that holds the output folder: its thumbnails are not scans
     scan_list = list(scans) if isinstance(scans, (list, tuple)) else read_scans(scans, exclude=(out_dir,))
     missing = [s.path for s in scan_list if not os.path.exists(s.path)]
+    if missing and len(missing) == len(scan_list):  # (before the cluster starts and the atlas is embedded)
+        raise InputError(f"none of the {len(scan_list)} scans exists ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): check the paths"
+                         + ("; a manifest's relative paths are relative to its own folder"
+                            if Path(str(scans)).is_file() else ""))
     if missing:  # said now, not only in failures.csv once every scan has run (an audit)
         say(f"{len(missing)} of {len(scan_list)} scans are missing ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}): they will be recorded as failed (failures.csv)")
@@ -383,6 +388,12 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     say(f"{_count(summary.finished, 'scan')} matched, {summary.failed} failed, {summary.skipped} skipped (finished "
         f"before) in {summary.elapsed_s:.0f} s; results in {out}"
         + (f"; the failures and why: {out / 'failures.csv'}" if summary.failed else ""))
+    failures = [(s.id, store.records[s.id].get("reason", "")) for s in scan_list
+                if store.records.get(s.id, {}).get("status") == "failed"]
+    for sid, reason in failures[:3]:  # the first reasons here too, not only in the file
+        say(f"  failed: {sid}: {reason}")
+    if len(failures) > 3:
+        say(f"  ... and {len(failures) - 3} more in failures.csv")
     return summary
 
 
