@@ -583,6 +583,15 @@ def test_an_atlas_point_file_of_x_y_only_for_a_ct_is_refused_before_any_atlas_is
                                          r"is a 3D image"):
         propagate([setup["atlas"], second], setup["manifest"], tmp_path / "out", OPTIONS, settings, client=client)
     assert not any((tmp_path / "cache").glob("*.pt"))  # nothing embedded
+    # points outside the atlas (RAS read as LPS): refused here, before the cluster's work and the output folder
+    # (by a worker, after the atlas's embedding, with Dask's traceback of its task)
+    ras = tmp_path / "ras.csv"
+    ras.write_text("label,x,y,z\nA,-10,200,30\n")
+    with pytest.raises(InputError, match=r"ras.csv: point 'A' at \(-10.0, 200.0, 30.0\) mm LPS lies outside .*"
+                                         r"pt_202_ct.nii.gz \(1 of 1 points do\); if the coordinates are RAS"):
+        propagate(Atlas(str(OPENKBP / "ct" / "pt_202_ct.nii.gz"), str(ras)), setup["manifest"], tmp_path / "out2",
+                  OPTIONS, settings, client=client)
+    assert not (tmp_path / "out2").exists() and not any((tmp_path / "cache").glob("*.pt"))
 
 
 def test_an_atlas_entry_left_partial_in_the_cache_folder_is_completed_before_the_scans(setup, client, tmp_path):

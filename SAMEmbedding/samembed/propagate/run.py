@@ -85,6 +85,19 @@ def _atlas_list(atlases: Sequence[Atlas] | Atlas) -> list[Atlas]:
     return atlases
 
 
+def _check_atlas_points(atlases: list[Atlas], point_lists: list, settings: PropagateSettings) -> None:
+    """Each atlas's points against its image, here, before the cluster starts and anything is written: a point file
+    of x,y only for a 3D atlas, or points outside it (RAS read as LPS), was refused by a worker, after the atlas was
+    embedded, with Dask's traceback of the worker's task before the message (as ``samembed match`` does it, before
+    torch loads)."""
+    from ..io import check_point_dims, check_points_inside, read_image
+
+    for a, pl in zip(atlases, point_lists):
+        image = read_image(a.image, spacing_mm=settings.spacing_mm)
+        check_point_dims(pl, a.points, image.ndim, a.image)
+        check_points_inside(pl, a.points, image, a.ras)
+
+
 def _read_atlas_points(atlases: list[Atlas]) -> list:
     """Each atlas's point list. Atlases may carry different landmarks (each is fused over the atlases that carry it):
     an atlas that lacks some is named in a warning; labels that repeat in one atlas are refused (naming its point
@@ -258,6 +271,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         say(f"{len(missing)} of {len(scan_list)} scans are missing ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}): they will be recorded as failed (failures.csv)")
     point_lists = _read_atlas_points(atlas_list)
+    _check_atlas_points(atlas_list, point_lists, settings)
     points = point_lists[0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
