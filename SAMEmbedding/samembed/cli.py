@@ -93,11 +93,11 @@ def _add_match_options(p: argparse.ArgumentParser, preset_help: str = "same-pati
     g = p.add_argument_group("search options (see samembed.MatchOptions)")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="starting point of the options below, which change it: same-patient (the defaults listed "
-                        "below) or between-patients (--refine --no-polish: OpenKBP organs between patients 14.6 "
-                        "instead of 16.8 mm on compact organs, benchmarks/results/landmarks_polish.md) (default: "
+                        "below) or between-patients (--refine --no-polish: OpenKBP organs between patients 12.2 "
+                        "instead of 13.9 mm on compact organs, benchmarks/results/landmarks_v3_sam.md) (default: "
                         f"{preset_help})")
     for name, (flag, kw) in _OPTION_FLAGS.items():
-        g.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=MatchOptions.help(name), **kw)
+        g.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=MatchOptions.help(name, command_line=True), **kw)
 
 
 def match_options_from_args(args, default_preset: str = "same-patient", **extra):

@@ -183,12 +183,13 @@ class MatchOptions:
         return cls(**PRESETS[name])
 
     @classmethod
-    def help(cls, name: str) -> str:
-        """The one-line help text of a field, with its default."""
+    def help(cls, name: str, command_line: bool = False) -> str:
+        """The one-line help text of a field, with its default (``command_line``: as its flag takes it)."""
         _check_names({name: None})
         f = {f.name: f for f in fields(cls)}[name]
-        presets = "".join(f"; {preset}: {_plain(values[name])}" for preset, values in PRESETS.items() if name in values)
-        return f"{f.metadata['doc']} (default: {_plain(f.default)}{presets})"
+        shown = _as_typed if command_line else _plain
+        presets = "".join(f"; {preset}: {shown(values[name])}" for preset, values in PRESETS.items() if name in values)
+        return f"{f.metadata['doc']} (default: {shown(f.default)}{presets})"
 
 
 def _plain_number(value: Any) -> Any:
@@ -226,6 +227,16 @@ def _flatten(value: Any) -> list:
         else:
             out.append(v)
     return out
+
+
+def _as_typed(value: Any) -> Any:
+    """A default as it is typed on the command line: levels as ``S,T,W;S,T,W`` (``--polish-levels``), a box as
+    ``X0 Y0 Z0 X1 Y1 Z1``; anything else as it is."""
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) for v in value):
+        return ";".join(",".join(f"{x:g}" for x in v) for v in value)
+    if isinstance(value, tuple):
+        return " ".join(f"{x:g}" for x in value)
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -264,3 +264,19 @@ def test_heatmap_files_are_compact_and_read_the_reported_score_at_the_match(tmp_
         p = np.array([float(row["x"]), float(row["y"]), float(row["z"])])
         ijk = np.floor(img.grid.lps_to_index(p[None])[0] + 0.5).astype(int)
         assert abs(float(img.array[tuple(ijk[::-1])]) - float(row["score"])) < 3e-4
+
+
+def test_a_flags_default_in_the_help_is_written_as_the_flag_takes_it(capsys):
+    """`--polish-levels` showed its default as nested lists ([[2.0, 16.0, 8.0], ...]), which the flag does not take;
+    the help's form, typed back, gives the default."""
+    from samembed.cli import build_parser, match_command_options
+    from samembed.options import DEFAULT_POLISH_LEVELS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["match", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 2,16,8;1,10,2;0.5,6,1)" in text and "[[" not in text
+    args = build_parser().parse_args(["match", "a", "b", "--points", "p.csv", "--out", "o.csv",
+                                      "--polish-levels", "2,16,8;1,10,2;0.5,6,1"])
+    assert match_command_options(args).polish_levels == DEFAULT_POLISH_LEVELS
+    assert "(default: [[2.0, 16.0, 8.0], [1.0, 10.0, 2.0]" in MatchOptions.help("polish_levels")  # Python's form
