@@ -726,7 +726,8 @@ def _cmd_info(args) -> int:
         calibrated = avail == "available" and read_int8_calibration(models_dir() / m["file"], m.get("sha256"))
         both = calibrated and has_global_scales(calibrated)
         int8 = (f"  int8 on the CPU (calibrated{', global branch too' if both else ''})" if calibrated else "")
-        print(f"  {m['name']:<18} {m.get('architecture', '?'):<14} {m.get('spacing_mm', '?')} mm  {avail}{int8}"
+        aliases = f"  (also --model {', '.join(m['aliases'])})" if m.get("aliases") else ""
+        print(f"  {m['name']:<18} {m.get('architecture', '?'):<14} {m.get('spacing_mm', '?')} mm  {avail}{int8}{aliases}"
               + (f"  - {m.get('note')}" if avail != "available" and m.get("note") else ""))
     print("  random:<arch>      seeded random weights for smoke tests (sam-lite, sam-lite-2d, sam-official)")
     return 0

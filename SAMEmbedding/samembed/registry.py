@@ -73,7 +73,7 @@ def unknown_model(text: str) -> str | None:
     known = [n for m in models for n in [m.get("name"), *m.get("aliases", [])] if n]
     close = difflib.get_close_matches(text, known, 1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    names = ", ".join(m["name"] for m in models)
+    names = ", ".join(m["name"] + (f" ({', '.join(m['aliases'])})" if m.get("aliases") else "") for m in models)
     return f"unknown model '{text}'{hint}: not in models.json ({names or 'empty'}) and not a file"
 
 

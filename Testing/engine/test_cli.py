@@ -568,7 +568,9 @@ def test_a_mistyped_option_or_model_is_refused_with_the_closest_name_before_any_
     assert "unknown model 'defualt' (did you mean 'default'?)" in err and "a.nii.gz" not in err
     with pytest.raises(SystemExit):
         main(["match", *missing, "--points", "p.csv", "--out", str(tmp_path / "o.csv"), "--model", "fsat"])
-    assert "(did you mean 'fast'?)" in capsys.readouterr().err  # an alias
+    err = capsys.readouterr().err
+    assert "(did you mean 'fast'?)" in err  # an alias, listed with its model (it was not)
+    assert "sam-lite-ct-fast (fast)" in err
     with pytest.raises(InputError, match=r"unknown model 'sam-lite-c' \(did you mean 'sam-lite-ct'\?\)"):
         load_model("sam-lite-c")  # the Python API says it too
     from samembed.cli import _model_name
@@ -653,6 +655,8 @@ def test_info_lists_models_and_device(capsys):
     assert "int8 on the CPU (calibrated, global branch too)" in default  # the shipped CT model has its calibration
     hand = next(line for line in out.splitlines() if line.strip().startswith("sam-lite-2d-hand "))
     assert "int8" not in hand
+    fast = next(line for line in out.splitlines() if line.strip().startswith("sam-lite-ct-fast "))
+    assert "(also --model fast)" in fast  # the alias the README uses (it was not listed)
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
