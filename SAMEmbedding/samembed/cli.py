@@ -387,8 +387,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                       f"(round trip {row['roundtrip_mm']:.1f} mm)")
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     if failed:
-        log.error("%d of %d targets could not be matched (each is named above) and are not in %s: %s", len(failed),
-                  n, out, ", ".join(name for name, _ in failed))
+        log.error("%d of %d targets could not be matched (each is named above): %s; %s holds the others", len(failed),
+                  n, ", ".join(name for name, _ in failed), out)
         return EXIT_SOME_FAILED
     return 0
 

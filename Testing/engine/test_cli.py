@@ -285,7 +285,7 @@ def test_a_batch_skips_a_target_it_cannot_match_and_an_interrupt_keeps_the_targe
     assert main(args) == 3
     assert (f"target 2/3 skipped (the other targets go on): {tiny}: 3 x 3 x 2 voxels (3 x 3 x 5 mm) is too small"
             in caplog.text)
-    assert f"1 of 3 targets could not be matched (each is named above) and are not in {out}: {tiny}\n" in caplog.text
+    assert f"1 of 3 targets could not be matched (each is named above): {tiny}; {out} holds the others" in caplog.text
     caplog.clear()
     assert kept() == (["pt_201_ct.mrk.json", "pt_202_ct.mrk.json"] if out_kind == "folder"
                       else sorted(map(str, two_cts)))
@@ -386,7 +386,7 @@ def test_a_target_that_cannot_be_read_is_named_and_skipped_and_the_others_are_ma
     k = targets.index(str(corrupt)) + 1
     assert f"target {k}/3 skipped (the other targets go on): {corrupt}" in caplog.text, caplog.text
     assert "cannot read this image" in caplog.text
-    assert f"1 of 3 targets could not be matched (each is named above) and are not in {out}: {corrupt}\n" in caplog.text
+    assert f"1 of 3 targets could not be matched (each is named above): {corrupt}; {out} holds the others" in caplog.text
     assert [r["target"] for r in csv.DictReader(out.open())] == [str(two_cts[1])] * 2 + [str(two_cts[0])] * 2
     assert corrupt.read_bytes() == b"garbage"
 

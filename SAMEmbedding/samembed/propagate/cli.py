@@ -21,7 +21,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "propagate", help="carry an atlas's landmarks to many scans on Dask (resumable, with a review report)",
         description="Match the landmarks of an annotated atlas into every scan of a manifest or folder, on a local "
                     "Dask cluster or an existing one. Writes OUT/scans/<id>.mrk.json, OUT/matches.csv, "
-                    "OUT/failures.csv, OUT/run.json and OUT/report.html.")
+                    "OUT/failures.csv, OUT/run.json and OUT/report.html.",
+        epilog="The atlas's embedding is stored in --cache-dir (default OUT/cache), which every worker reads. Exit "
+               "status: 0 when every scan was matched; 3 when some scans failed (each in OUT/failures.csv, the first "
+               "ones printed); 2 for bad input or when no scan could be matched; 1 when the system refused a read or a "
+               "write, or on an internal error; 130 when interrupted; 143 when stopped by SIGTERM.")
     p.add_argument("--atlas", nargs=2, action="append", required=True, metavar=("IMAGE", "POINTS"),
                    help="an atlas image and its landmarks (CSV label,x,y,z LPS mm, .fcsv or .mrk.json); repeat it for "
                         "several atlases: each landmark is then fused per scan (agreeing atlases and spread in the output)")
