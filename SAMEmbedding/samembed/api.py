@@ -544,7 +544,7 @@ class Matcher:
         rematched = np.zeros(n, dtype=bool)
         if options.consistency and n < min_points(d):
             self._warn_once(f"the consistency check (consistency, --consistency) needs at least {min_points(d)} points "
-                            f"in {d}D to fit its affine, and {n} are matched: it is skipped")
+                            f"in {d}D to fit its affine, and {n} are given: it is skipped")
         elif options.consistency:
             con = consistent_matches(src_maps, pts, tmaps, found, scores, region.allowed,
                                      inlier_mm=options.consistency_inlier_mm, window_mm=options.consistency_window_mm)

@@ -686,6 +686,6 @@ def test_the_consistency_check_with_too_few_points_says_it_is_skipped(popi_ct, c
         checked = m.match(popi_ct, pts, [popi_ct, popi_ct], options=opts.replace(consistency=True))
     said = [r.getMessage() for r in caplog.records if "consistency" in r.getMessage()]
     assert said == ["the consistency check (consistency, --consistency) needs at least 8 points in 3D to fit its "
-                    "affine, and 2 are matched: it is skipped"]  # once per matcher, not per target
+                    "affine, and 2 are given: it is skipped"]  # once per matcher, not per target
     plain = m.match(popi_ct, pts, [popi_ct], options=opts)
     assert [mt.point_lps_mm.tolist() for mt in checked.matches[:2]] == [mt.point_lps_mm.tolist() for mt in plain.matches]

@@ -284,7 +284,8 @@ def test_a_corrupt_or_2d_scan_lands_in_failures_and_the_others_finish(setup, cli
     summary = propagate(setup["atlas"], manifest, out, OPTIONS, _settings(setup, scheduler=client.scheduler.address),
                         echo=said.append)
     assert summary.finished == 2 and summary.failed == len(lines) - 2
-    assert said[0] == f"1 of {len(lines)} scans are missing ({gone}): they will be recorded as failed (failures.csv)"
+    assert said[0] == (f"1 of {len(lines)} scans are missing here ({gone}): a scan that no run has finished is recorded "
+                       "as failed (failures.csv)")
     closing = next(i for i, line in enumerate(said) if line.endswith(f"; the failures and why: {out / 'failures.csv'}"))
     failures = list(csv.DictReader((out / "failures.csv").open()))
     # the first three reasons are said too (they were in failures.csv only), then how many more
@@ -296,12 +297,18 @@ def test_a_corrupt_or_2d_scan_lands_in_failures_and_the_others_finish(setup, cli
         assert "2D target cannot be matched with the 3D source" in by_scan[hand.stem]["reason"]
     assert [r for r in _rows(out)] == [r for r in _rows(full_run[0]) if r["scan"] in {g.id for g in good}]
 
-    # none of the scans there: refused at once (the cluster was started and the atlas embedded first)
+    # none of the scans there, on a new run of a local cluster: refused at once (the cluster was started and the
+    # atlas embedded first); a list of many scans is named as such (not as one long file name)
     only_gone = root / "only_gone.csv"
     only_gone.write_text(f"path\n{gone}\n")
     with pytest.raises(InputError, match=rf"none of the 1 scans exists \({re.escape(str(gone))}\): check the paths; a "
                                          "manifest's relative paths are relative to its own folder"):
-        propagate(setup["atlas"], only_gone, root / "nothing", OPTIONS, _settings(setup, scheduler="tcp://0.0.0.0:1"))
+        propagate(setup["atlas"], only_gone, root / "nothing", OPTIONS, _settings(setup))
+    from samembed.propagate import Scan
+
+    many = [Scan(f"s{i}", str(root / f"gone_{i}_" / ("x" * 60) / "ct.nii.gz")) for i in range(100)]
+    with pytest.raises(InputError, match=r"none of the 100 scans exists \(.*, \.\.\.\): check the paths$"):
+        propagate(setup["atlas"], many, root / "nothing", OPTIONS, _settings(setup))
     assert not (root / "nothing").exists()
 
 
@@ -789,3 +796,17 @@ def test_each_atlas_class_given_where_the_other_belongs_is_named(tmp_path):
     with pytest.raises(InputError, match=r"match_atlases\(\) takes samembed.Atlas\(image, points_lps_mm, labels\), "
                                          r"not samembed.propagate.Atlas"):
         samembed.Matcher("random:sam-lite", device="cpu").match_atlases([FileAtlas(str(ct), str(points))], [str(ct)])
+    from samembed.propagate import Scan
+    from samembed.propagate.run import _atlas_list
+
+    assert _atlas_list(a for a in [FileAtlas(str(ct), str(points))]) == [FileAtlas(str(ct), str(points))]  # a generator
+    # atlases of two dimensions: refused here, before the cluster (each scan failed with it, one row each)
+    hand = next((DATA / "xray" / "hand_dha37" / "images").glob("*.jpg"), None)
+    if hand is not None:
+        flat = tmp_path / "hand.csv"
+        flat.write_text("label,x,y\nA,10,10\n")
+        with pytest.raises(InputError, match=rf"the atlases are not all of one dimension: {re.escape(str(ct))} \(3D\), "
+                                             rf"{re.escape(str(hand))} \(2D\)"):
+            propagate([FileAtlas(str(ct), str(points)), FileAtlas(str(hand), str(flat))], [Scan("s", str(ct))],
+                      tmp_path / "out")
+        assert not (tmp_path / "out").exists()

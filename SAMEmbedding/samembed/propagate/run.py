@@ -73,7 +73,9 @@ class PropagateSummary:
 
 def _atlas_list(atlases: Sequence[Atlas] | Atlas) -> list[Atlas]:
     """The atlases of a run (one, or several whose landmarks are fused per scan)."""
-    atlases = [atlases] if isinstance(atlases, Atlas) or not isinstance(atlases, (list, tuple)) else list(atlases)
+    if isinstance(atlases, (Atlas, str, os.PathLike)) or not hasattr(atlases, "__iter__"):
+        atlases = [atlases]
+    atlases = list(atlases)  # (a list, a tuple, a generator, ...)
     if not atlases:
         raise InputError("no atlas given; pass --atlas IMAGE POINTS")
     for a in atlases:
@@ -92,10 +94,15 @@ def _check_atlas_points(atlases: list[Atlas], point_lists: list, settings: Propa
     torch loads)."""
     from ..io import check_point_dims, check_points_inside, read_image
 
+    dims = []
     for a, pl in zip(atlases, point_lists):
         image = read_image(a.image, spacing_mm=settings.spacing_mm)
         check_point_dims(pl, a.points, image.ndim, a.image)
         check_points_inside(pl, a.points, image, a.ras)
+        dims.append(image.ndim)
+    if len(set(dims)) > 1:  # (else every scan would fail with it, one row of failures.csv each)
+        listed = ", ".join(f"{a.image} ({d}D)" for a, d in zip(atlases, dims))
+        raise InputError(f"the atlases are not all of one dimension: {listed}; give atlases of the scans' dimension")
 
 
 def _read_atlas_points(atlases: list[Atlas]) -> list:
@@ -262,24 +269,27 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     # a scans folder that holds the output folder: its thumbnails are not scans
     scan_list = list(scans) if isinstance(scans, (list, tuple)) else read_scans(scans, exclude=(out_dir,))
     missing = [s.path for s in scan_list if not os.path.exists(s.path)]
-    if missing and len(missing) == len(scan_list):  # (before the cluster starts and the atlas is embedded)
-        raise InputError(f"none of the {len(scan_list)} scans exists ({', '.join(missing[:3])}"
-                         f"{', ...' if len(missing) > 3 else ''}): check the paths"
-                         + ("; a manifest's relative paths are relative to its own folder"
-                            if Path(str(scans)).is_file() else ""))
+    listed = f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+    # none there, on a new run on this machine's own cluster: refused before the cluster starts and the atlas is
+    # embedded (a resumed run may hold them all, finished; another cluster's workers may see what this machine
+    # does not)
+    if missing and len(missing) == len(scan_list) and not settings.resume and not settings.scheduler and client is None:
+        manifest = not isinstance(scans, (list, tuple)) and Path(scans).is_file()
+        raise InputError(f"none of the {len(scan_list)} scans exists {listed}: check the paths"
+                         + ("; a manifest's relative paths are relative to its own folder" if manifest else ""))
     if missing:  # said now, not only in failures.csv once every scan has run (an audit)
-        say(f"{len(missing)} of {len(scan_list)} scans are missing ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}): they will be recorded as failed (failures.csv)")
+        say(f"{len(missing)} of {len(scan_list)} scans are missing here {listed}: a scan that no run has finished is "
+            "recorded as failed (failures.csv)")
     point_lists = _read_atlas_points(atlas_list)
-    _check_atlas_points(atlas_list, point_lists, settings)
-    points = point_lists[0]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out)
     in_the_way = store.files_in_the_way()
     if in_the_way and not settings.resume:
         raise InputError(f"{out} already holds the results of a run ({', '.join(in_the_way)}); pass --resume to "
                          "continue it, or choose another --out (nothing was changed)")
+    _check_atlas_points(atlas_list, point_lists, settings)
+    points = point_lists[0]
+    out.mkdir(parents=True, exist_ok=True)
     cache_dir = str(Path(settings.cache_dir or out / "cache").resolve())
     job = ScanJob(atlas.image, tuple(points.labels), tuple(tuple(float(v) for v in p) for p in points.points_lps_mm),
                   options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm,
