@@ -255,6 +255,22 @@ def test_outputs_that_would_land_on_an_input_are_refused_before_any_work(tmp_pat
     assert [(os.stat(i).st_size, os.stat(i).st_mtime_ns) for i in images] == stat_before
 
 
+def _interrupt_the_second_match(monkeypatch) -> None:
+    """Ctrl-C in the second call of ``Matcher.match`` (the command calls it once per target)."""
+    from samembed.api import Matcher
+
+    calls = []
+    match = Matcher.match
+
+    def interrupted_at_the_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return match(self, *a, **k)
+
+    monkeypatch.setattr(Matcher, "match", interrupted_at_the_second)
+
+
 @pytest.mark.needs_data
 @pytest.mark.parametrize("out_kind", ["folder", "csv"])
 def test_a_batch_skips_a_target_it_cannot_match_and_an_interrupt_keeps_the_targets_it_finished(
@@ -264,7 +280,6 @@ def test_a_batch_skips_a_target_it_cannot_match_and_an_interrupt_keeps_the_targe
     before). An interrupt stops the run; the targets finished before it are written."""
     import SimpleITK as sitk
 
-    from samembed.api import Matcher
 
     pts_path, _ = a_points_csv
     tiny = tmp_path / "tiny.nii.gz"
@@ -293,16 +308,7 @@ def test_a_batch_skips_a_target_it_cannot_match_and_an_interrupt_keeps_the_targe
         "pt_201_ct_A_heatmap.nii.gz", "pt_201_ct_B_heatmap.nii.gz",
         "pt_202_ct_A_heatmap.nii.gz", "pt_202_ct_B_heatmap.nii.gz"]
 
-    calls = []
-    match = Matcher.match
-
-    def interrupted_at_the_second(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return match(self, *a, **k)
-
-    monkeypatch.setattr(Matcher, "match", interrupted_at_the_second)
+    _interrupt_the_second_match(monkeypatch)
     for p in [*(tmp_path / "out").iterdir(), *(tmp_path / "hm").iterdir()]:
         p.unlink()
     args[3] = str(two_cts[0])  # no tiny target: the interrupt stops it
@@ -317,22 +323,12 @@ def test_an_interrupt_after_a_skipped_target_keeps_the_finished_ones_under_their
     """A skipped target leaves a gap among the finished ones: an interrupt after it writes the finished targets'
     CSV rows and heatmaps under their own names, and says which were skipped. A first target that cannot be read
     does not hide the source's embedding from the progress lines (they showed it in the first turn only)."""
-    from samembed.api import Matcher
 
     pts_path, _ = a_points_csv
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(b"garbage")
     out = tmp_path / "m.csv"
-    calls = []
-    match = Matcher.match
-
-    def interrupted_at_the_second(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return match(self, *a, **k)
-
-    monkeypatch.setattr(Matcher, "match", interrupted_at_the_second)
+    _interrupt_the_second_match(monkeypatch)
     assert main(["match", str(two_cts[0]), str(corrupt), str(two_cts[1]), str(two_cts[0]), "--points", str(pts_path),
                  "--out", str(out), "--heatmap-dir", str(tmp_path / "hm"), "--model", "random:sam-lite",
                  "--device", "cpu"]) == 130
