@@ -561,14 +561,17 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
         if markups_suffix(out):  # one target's markups (_match refuses several)
             _write_markups(args, done[0], out, fused)
         else:
+            # the frame of x, y, z in every row, last (scripts that index the columns keep theirs): the file read
+            # back as points (samembed.io.read_points) takes it, whatever --ras says then
+            frame = "RAS" if args.ras else "LPS"
             rows = [["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm"]
-                    + (["atlases", "agreeing", "spread_mm", "rejected"] if fused else [])]
+                    + (["atlases", "agreeing", "spread_mm", "rejected"] if fused else []) + ["frame"]]
             for res in done:
                 for r, m in zip(res.rows(ras=args.ras), res.matches):
                     rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
                                  f"{r['score']:.4f}", str(r["confident"]).lower(), f"{r['roundtrip_mm']:.3f}"]
                                 + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}", _rejected(m, fused)]
-                                   if fused else []))
+                                   if fused else []) + [frame])
             write_text_atomic(out, csv_text(rows))
         if wrote is not None:
             wrote.add("csv")

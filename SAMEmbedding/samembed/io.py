@@ -776,7 +776,8 @@ def _read_csv(path: Path, ras: bool) -> PointList:
     ``landmark`` or ``id`` (or it is the one other column, of unique names); a byte-order mark (spreadsheets' "CSV
     UTF-8") is skipped, and a file separated by ``;`` (with decimal commas or points) or tabs is read as such.
     A header may name the coordinates by the axes' letters instead of x, y, z: ``L,P,S`` (LPS) or ``R,A,S`` (RAS);
-    that header, not ``ras``, then gives the frame, and a ``ras`` that contradicts it is an error."""
+    that header, not ``ras``, then gives the frame, and a ``ras`` that contradicts it is an error. So does a
+    ``frame`` column of ``LPS`` or ``RAS`` beside x, y, z (the CSV that ``samembed match`` writes)."""
     text = path.read_text(encoding="utf-8-sig")
     delimiter = _csv_delimiter(text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)  # quoted line breaks stay in their value
@@ -787,13 +788,15 @@ def _read_csv(path: Path, ras: bool) -> PointList:
     width = len(rows[0][1])  # the first row's columns (a header's, or the first point's)
     axes = _header_axes(header)
     if axes is not None:
+        body = rows[1:]
+        if axes == "xyz" and "frame" in header:  # (samembed match's own output: the frame of its x, y, z per row)
+            axes = _frame_column(path, [r for _, r in body], header.index("frame"), ras)
         if axes != "xyz":
             if ras and axes == "LPS":
                 raise InputError(f"{path}: its header names L, P, S columns (LPS coordinates), but RAS coordinates "
                                  "were asked for (--ras); leave out --ras, or name the columns R, A, S or x, y, z")
             ras = axes == "RAS"
-        cols = [header.index(a) for a in HEADER_AXES[axes] if a in header]
-        body = rows[1:]
+        cols = [header.index(a) for a in HEADER_AXES["xyz" if "x" in header else axes] if a in header]
         il = _label_column(header, cols, [r for _, r in body])
         if il is None:
             log.warning("%s: no label column (%s, or one other column of unique names) in its header: the points are "
@@ -824,6 +827,23 @@ def _read_csv(path: Path, ras: bool) -> PointList:
         raise InputError(f"{path}: no points in file")
     p = np.array(pts)
     return PointList(labels, lps_to_ras(p) if ras else p, dims=len(cols))
+
+
+def _frame_column(path: Path, body: list[list[str]], at: int, ras: bool) -> str:
+    """The frame a ``frame`` column gives every row's x, y, z (``LPS`` or ``RAS``: ``samembed match``'s CSV), as a
+    key of :data:`HEADER_AXES`; ``xyz`` (the frame of ``ras``) when the column is empty. Rows of both frames, or
+    another value, are an error naming the file."""
+    frames = {r[at].strip().upper() for r in body if len(r) > at and r[at].strip()}
+    if not frames:
+        return "xyz"
+    if not frames <= {"LPS", "RAS"} or len(frames) > 1:
+        raise InputError(f"{path}: its frame column holds {', '.join(sorted(frames))}; expected one of LPS or RAS "
+                         "for every row")
+    frame = frames.pop()
+    if ras and frame == "LPS":
+        raise InputError(f"{path}: its frame column says LPS, but RAS coordinates were asked for (--ras); leave out "
+                         "--ras (the file gives its frame)")
+    return frame
 
 
 def _read_fcsv(path: Path) -> PointList:

@@ -62,7 +62,8 @@ def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv, monkey
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["label"] for r in rows] == ["A", "B", "A", "B"]
-    assert list(rows[0]) == ["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm"]
+    assert list(rows[0]) == ["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm", "frame"]
+    assert {r["frame"] for r in rows} == {"LPS"}
     assert all(-1 <= float(r["score"]) <= 1 for r in rows)
     # why a match is (not) confident: its round trip (mm), within the tolerance (two local voxels by default)
     trips = {c: [float(r["roundtrip_mm"]) for r in rows if r["confident"] == c] for c in ("true", "false")}
@@ -253,6 +254,31 @@ def test_outputs_that_would_land_on_an_input_are_refused_before_any_work(tmp_pat
     assert f"would overwrite the input {atlas_mrk}" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in data.iterdir() if not p.is_symlink()} == before
     assert [(os.stat(i).st_size, os.stat(i).st_mtime_ns) for i in images] == stat_before
+
+
+@pytest.mark.needs_data
+def test_the_csv_names_the_frame_of_its_rows_and_reads_back_in_it(tmp_path, two_cts, a_points_csv):
+    """`--ras` writes x, y, z in RAS under the same header as LPS: the file did not say which (an audit). Each row
+    now names its frame, and the file read back as points takes it, with or without --ras at reading."""
+    from samembed.errors import InputError
+    from samembed.io import read_points
+
+    pts_path, _ = a_points_csv
+    common = [str(two_cts[0]), str(two_cts[1]), "--model", "random:sam-lite", "--device", "cpu", "--quiet",
+              "--no-polish"]
+    lps, ras = tmp_path / "lps.csv", tmp_path / "ras.csv"
+    assert main(["match", *common, "--points", str(pts_path), "--out", str(lps)]) == 0
+    ras_points = tmp_path / "pts_ras.csv"
+    got = read_points(pts_path)
+    ras_points.write_text("label,x,y,z\n" + "".join(f"{lab},{-p[0]},{-p[1]},{p[2]}\n"
+                                                     for lab, p in zip(got.labels, got.points_lps_mm)))
+    assert main(["match", *common, "--points", str(ras_points), "--ras", "--out", str(ras)]) == 0
+    assert {r["frame"] for r in csv.DictReader(ras.open())} == {"RAS"}
+    back = read_points(ras)  # (no --ras: the file says RAS)
+    np.testing.assert_allclose(back.points_lps_mm, read_points(lps).points_lps_mm, atol=2e-3)
+    np.testing.assert_allclose(read_points(ras, ras=True).points_lps_mm, back.points_lps_mm)
+    with pytest.raises(InputError, match="its frame column says LPS, but RAS coordinates were asked for"):
+        read_points(lps, ras=True)
 
 
 def _interrupt_the_second_match(monkeypatch) -> None:

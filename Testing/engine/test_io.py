@@ -762,3 +762,17 @@ def test_a_4d_image_says_to_pass_one_frame(tmp_path):
     sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(path))
     with pytest.raises(InputError, match=r"4D images are not supported; .* pass one 3D volume \(the frame you want"):
         read_image(path)
+
+
+def test_a_frame_column_gives_the_frame_of_x_y_z_and_must_be_one_frame(tmp_path):
+    """`samembed match`'s CSV names each row's frame: read back as points, RAS rows are RAS without --ras; rows of
+    two frames, or an unknown frame, are refused naming the file; an empty column leaves the frame to --ras."""
+    path = tmp_path / "m.csv"
+    path.write_text("target,label,x,y,z,frame\nt,A,1,2,3,RAS\n")
+    np.testing.assert_array_equal(read_points(path).points_lps_mm, [[-1.0, -2.0, 3.0]])
+    path.write_text("target,label,x,y,z,frame\nt,A,1,2,3,RAS\nt,B,1,2,3,LPS\n")
+    with pytest.raises(InputError, match=r"m.csv: its frame column holds LPS, RAS; expected one of LPS or RAS"):
+        read_points(path)
+    path.write_text("target,label,x,y,z,frame\nt,A,1,2,3,\n")
+    np.testing.assert_array_equal(read_points(path).points_lps_mm, [[1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(read_points(path, ras=True).points_lps_mm, [[-1.0, -2.0, 3.0]])

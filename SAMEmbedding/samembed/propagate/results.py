@@ -35,7 +35,7 @@ from .manifest import Scan, file_stamp
 log = logging.getLogger(__name__)
 
 MATCH_COLUMNS = ("scan", "path", "label", "x", "y", "z", "score", "confident", "roundtrip_mm", "rematched",
-                 "polished", "ncc", "atlases", "agreeing", "spread_mm", "rejected")
+                 "polished", "ncc", "atlases", "agreeing", "spread_mm", "rejected", "frame")
 
 
 #: a match's numbers that may be NaN (or infinite): null in a scan's JSON record, NaN once read
@@ -173,7 +173,7 @@ class ResultStore:
                              f"{m['score']:.5f}", str(m["confident"]).lower(), f"{m['roundtrip_mm']:.3f}",
                              str(m["rematched"]).lower(), str(m["polished"]).lower(), f"{m['ncc']:.4f}",
                              m.get("atlases", 1), m.get("agreeing", 1), f"{m.get('spread_mm', 0.0):.3f}",
-                             joined_names(m.get("rejected", ()))))
+                             joined_names(m.get("rejected", ())), "LPS"))  # (LPS always; the .mrk.json per --ras)
         write_text_atomic(self.out / "matches.csv", mbuf.getvalue())
         write_text_atomic(self.out / "failures.csv", fbuf.getvalue())
 
