@@ -930,8 +930,9 @@ def markups_suffix(path: str | os.PathLike) -> str | None:
 def write_points(points: PointList, path: str | os.PathLike, ras: bool = False) -> Path:
     """Write points atomically; the format follows the suffix (.csv, .fcsv, .mrk.json).
 
-    CSV is LPS unless ``ras``; ``.fcsv`` and ``.mrk.json`` are written in LPS when ``ras`` is False
-    and RAS otherwise, with the coordinate-system field set accordingly.
+    CSV is LPS under ``label,x,y,z`` unless ``ras`` (RAS under ``label,R,A,S``: the header gives the frame when it is
+    read back); ``.fcsv`` and ``.mrk.json`` are written in LPS when ``ras`` is False and RAS otherwise, with the
+    coordinate-system field set accordingly.
     """
     path = Path(path)
     name = path.name.lower()
@@ -959,4 +960,6 @@ def write_points(points: PointList, path: str | os.PathLike, ras: bool = False) 
                  d, ""] for i, (lab, d, xyz) in enumerate(zip(points.labels, descs, p))]
         return write_text_atomic(path, "\n".join(lines) + "\n" + csv_text(rows))
     rows = [[lab, f"{xyz[0]:.4f}", f"{xyz[1]:.4f}", f"{xyz[2]:.4f}"] for lab, xyz in zip(points.labels, p)]
-    return write_text_atomic(path, csv_text([["label", "x", "y", "z"], *rows]))
+    # RAS under R, A, S (which give the frame when the file is read back, with or without ras); LPS under x, y, z,
+    # the default frame of a point file
+    return write_text_atomic(path, csv_text([["label", *(("R", "A", "S") if ras else ("x", "y", "z"))], *rows]))

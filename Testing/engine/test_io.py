@@ -174,6 +174,9 @@ def test_point_files_round_trip_in_lps(tmp_path, name, ras):
     np.testing.assert_allclose(back.points_lps_mm, pts.points_lps_mm, atol=1e-3)
     if not name.endswith(".csv"):
         assert back.descriptions[1] == "score=0.9; a, b"
+    else:  # the header gives the frame: read back the same without ras (x,y,z held RAS in a RAS file before)
+        assert (tmp_path / name).read_text().startswith("label,R,A,S\n" if ras else "label,x,y,z\n")
+        np.testing.assert_allclose(read_points(tmp_path / name).points_lps_mm, pts.points_lps_mm, atol=1e-3)
 
 
 def test_markups_json_honours_its_coordinate_system(tmp_path):
