@@ -423,8 +423,9 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
         global _warned_no_spacing
         log.log(logging.DEBUG if _warned_no_spacing else logging.WARNING,
                 "%s: a %s carries no pixel spacing: 1 mm per pixel is assumed, so positions and search windows (mm) are "
-                "in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))", name,
-                Path(name).suffix.lstrip(".").upper() or "raster")
+                "in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))%s", name,
+                Path(name).suffix.lstrip(".").upper() or "raster",
+                "" if _warned_no_spacing else " (said once: the same holds for every such picture read after it)")
         _warned_no_spacing = True
     if name.lower().endswith((".jpg", ".jpeg", ".tif", ".tiff")):
         turned = _exif_orientation(path)

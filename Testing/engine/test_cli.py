@@ -949,7 +949,7 @@ def test_labels_with_commas_stay_one_column_and_one_target_can_go_to_a_markups_f
     for out in (out_csv, out_mrk, out_fcsv):
         assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(src), "--out", str(out), *rnd]) == 0
     rows = list(csv.reader(out_csv.open()))
-    assert all(len(r) == 8 for r in rows) and [r[1] for r in rows[1:]] == labels
+    assert all(len(r) == 9 for r in rows) and [r[1] for r in rows[1:]] == labels
     found = np.array([[float(v) for v in r[2:5]] for r in rows[1:]])
     for out in (out_mrk, out_fcsv):  # the same matches, as Slicer markups
         back = read_points(out)

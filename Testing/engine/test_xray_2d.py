@@ -308,4 +308,5 @@ def test_a_png_mask_is_read_with_the_matcher_s_spacing_and_the_missing_spacing_i
     with caplog.at_level(logging.WARNING, logger="samembed"):
         for _ in range(3):
             io.read_image(png)
-    assert len([r for r in caplog.records if "carries no pixel spacing" in r.getMessage()]) == 1
+    said = [r.getMessage() for r in caplog.records if "carries no pixel spacing" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("(said once: the same holds for every such picture read after it)")
