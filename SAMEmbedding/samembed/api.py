@@ -16,7 +16,7 @@ import numbers
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import torch
 from .affine import apply_affine
 from .consistency import consistent_matches, min_points
 from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
-from .errors import Cancelled, CheckpointError, DeviceUnavailableError, InputError, ModelNotAvailableError, TargetError
+from .errors import Cancelled, InputError, of_the_target, refuse_mixed_dimensions
 from .fusion import Atlas, FusionOptions, fuse_points, landmark_union
 from .heatmap import Heatmaps
 from .image import Image
@@ -319,7 +319,7 @@ class Matcher:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"cancelled after {ti} of {len(inputs.targets)} targets", partial=result)
                 t1 = time.time()
-                with _of_the_target():  # (a problem of this target's image, not of the source or the settings)
+                with of_the_target():  # (a problem of this target's image, not of the source or the settings)
                     tgt, name = self._target(inputs, ti, target)
                     if progress:
                         progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
@@ -387,9 +387,7 @@ class Matcher:
         # each atlas read once (a path was read again for every target), and all of one dimension: else each target
         # would be matched by some atlases, then refused by another as if the target were at fault
         images = [as_image(a.image, a.display_name, self.spacing_mm) for a in atlases]
-        if len({im.ndim for im in images}) > 1:
-            dims = ", ".join(f"{a.display_name} ({im.ndim}D)" for a, im in zip(atlases, images))
-            raise InputError(f"the atlases are not all of one dimension: {dims}; give atlases of the targets' dimension")
+        refuse_mixed_dimensions([(a.display_name, im.ndim) for a, im in zip(atlases, images)], "targets")
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
         t0 = time.time()
@@ -656,18 +654,6 @@ class Matcher:
     def cache_bytes(self) -> int:
         """Bytes of embeddings held in memory."""
         return self.cache.nbytes
-
-
-@contextlib.contextmanager
-def _of_the_target() -> Iterator[None]:
-    """An :class:`InputError` raised inside is the target's own problem: raised as a :class:`TargetError` (the same
-    message), which a command over many targets skips."""
-    try:
-        yield
-    except (TargetError, DeviceUnavailableError, CheckpointError, ModelNotAvailableError):
-        raise  # (already the target's, or the machine's or the model's)
-    except InputError as e:
-        raise TargetError(str(e)) from e
 
 
 def _check_same_dimension(source: Image, target: Image, name: str) -> None:

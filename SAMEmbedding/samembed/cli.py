@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import EXIT_SOME_FAILED, DeviceUnavailableError, InputError, SamEmbedError, TargetError
+from .errors import EXIT_SOME_FAILED, DeviceUnavailableError, InputError, SamEmbedError, TargetError, of_the_target
 from .options import MODALITIES, PRECISIONS
 from .progress import PhaseProgress
 from .stopping import Terminated, stop_on_sigterm
@@ -305,10 +305,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 bar.update(ti + d / max(total, 1), n, re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
 
             try:
-                try:
+                with of_the_target():
                     one = [read(name)]
-                except InputError as e:
-                    raise TargetError(str(e)) from e
                 if pairs:
                     r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
                 else:

@@ -7,6 +7,8 @@ that finished, some of whose scans failed, exits with :data:`EXIT_SOME_FAILED`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 #: exit code of a command over many scans (``samembed match`` with several targets, ``samembed propagate``) that went
@@ -46,3 +48,24 @@ class Cancelled(SamEmbedError):
     def __init__(self, message: str = "cancelled", partial: Any = None) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+@contextlib.contextmanager
+def of_the_target() -> Iterator[None]:
+    """An :class:`InputError` raised inside is the target's own problem (reading it, embedding it, its search region):
+    raised as a :class:`TargetError` with the same message, which a command over many targets skips. The errors of
+    the machine (:class:`DeviceUnavailableError`) and of the model pass as they are."""
+    try:
+        yield
+    except (TargetError, DeviceUnavailableError, CheckpointError, ModelNotAvailableError):
+        raise
+    except InputError as e:
+        raise TargetError(str(e)) from e
+
+
+def refuse_mixed_dimensions(named_ndims: list[tuple[str, int]], of: str) -> None:
+    """Raise :class:`InputError` listing each atlas's dimension when the atlases ``named_ndims`` ((name, 2 or 3)) are
+    not all of one: each target (or scan: ``of``) would be refused by some of them as if it were at fault."""
+    if len({d for _, d in named_ndims}) > 1:
+        dims = ", ".join(f"{name} ({d}D)" for name, d in named_ndims)
+        raise InputError(f"the atlases are not all of one dimension: {dims}; give atlases of the {of}' dimension")

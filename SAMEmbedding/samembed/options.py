@@ -39,11 +39,11 @@ PRECISIONS = ("auto", "fp32", "int8", "int8-int8", "int8-bf16")
 #: the modalities a caller may name (``--modality``; ``auto``: :func:`samembed.preprocess.detect_modality`)
 MODALITIES = ("auto", "ct", "mri", "xray")
 
-#: the intensity polish's coarse-to-fine levels: (lattice step, template half-size, search half-size), mm
 #: the farthest a polish level's lattice may reach from its centre, in steps (template plus search half-size): 65^3
 #: points per point matched, 140 MB of float32 for a batch of 128 points (the defaults reach 12-14 steps); one of
 #: 100 mm at 0.01 mm steps asked for 96 TB at once (an audit)
 MAX_POLISH_STEPS = 32
+#: the intensity polish's coarse-to-fine levels: (lattice step, template half-size, search half-size), mm
 DEFAULT_POLISH_LEVELS: tuple[tuple[float, float, float], ...] = ((2.0, 16.0, 8.0), (1.0, 10.0, 2.0), (0.5, 6.0, 1.0))
 
 

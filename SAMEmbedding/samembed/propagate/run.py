@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, InputError, SamEmbedError
+from ..errors import Cancelled, InputError, SamEmbedError, refuse_mixed_dimensions
 from ..names import atlas_names
 from ..options import MatchOptions
 from .manifest import Scan, file_stamp, read_scans
@@ -100,9 +100,8 @@ def _check_atlas_points(atlases: list[Atlas], point_lists: list, settings: Propa
         check_point_dims(pl, a.points, image.ndim, a.image)
         check_points_inside(pl, a.points, image, a.ras)
         dims.append(image.ndim)
-    if len(set(dims)) > 1:  # (else every scan would fail with it, one row of failures.csv each)
-        listed = ", ".join(f"{a.image} ({d}D)" for a, d in zip(atlases, dims))
-        raise InputError(f"the atlases are not all of one dimension: {listed}; give atlases of the scans' dimension")
+    # (else every scan would fail with it, one row of failures.csv each)
+    refuse_mixed_dimensions([(a.image, d) for a, d in zip(atlases, dims)], "scans")
 
 
 def _read_atlas_points(atlases: list[Atlas]) -> list:
@@ -295,7 +294,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                   options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm,
                   tuple((a.image, tuple(pl.labels), tuple(tuple(float(v) for v in p) for p in pl.points_lps_mm))
                         for a, pl in zip(atlas_list[1:], point_lists[1:])),
-                  point_dims=tuple(pl.dims for pl in point_lists), point_files=tuple(str(a.points) for a in atlas_list),
+                  point_files=tuple(str(a.points) for a in atlas_list),
                   atlas_names=tuple(atlas_names([a.given[0] for a in atlas_list], [a.given[1] for a in atlas_list])))
     run_info: dict[str, Any] = {
         "status": "starting", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "out_dir": str(out.resolve()),

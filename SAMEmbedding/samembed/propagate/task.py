@@ -43,10 +43,9 @@ class ScanJob:
     thumbnail_mm: float = 80.0
     #: further atlases (image path, labels, points) fused with the first one (``Matcher.match_atlases``)
     more_atlases: tuple[tuple[str, tuple[str, ...], tuple[tuple[float, float, float], ...]], ...] = ()
-    #: coordinates per point that each atlas's point file gave (:attr:`all_atlases` order; 2 for a ``label,x,y``
-    #: CSV): a 3D atlas refuses 2 (empty: not checked)
-    point_dims: tuple[int, ...] = ()
-    #: each atlas's point file (:attr:`all_atlases` order), named when it is refused
+    #: each atlas's point file (:attr:`all_atlases` order), which its name in the outputs may hold (two raters'
+    #: points on one image); the client checked the points against their images before the run
+    #: (:func:`samembed.propagate.run.propagate`)
     point_files: tuple[str, ...] = ()
     #: each atlas's name in the outputs (:attr:`all_atlases` order; :func:`samembed.names.atlas_names` of the paths
     #: as the user gave them, a link's own name, not its target's); empty: from the paths here
@@ -98,12 +97,11 @@ def _engine(job: ScanJob) -> _Engine:
     return eng
 
 
-def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: bool = False, image=None):
+def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: bool = False):
     """An atlas image of the run (the first by default) and its embedding, loaded from the cache folder (computed
     and stored there if absent). ``complete_entry`` (the run's preparation, before any scan): also when the folder
     holds an entry, make sure it holds the whole body (an entry that a ``samembed match --cache-dir`` or a stopped
-    run left partial is completed, a damaged one recomputed), so that every worker reads the same voxels.
-    ``image``: the atlas image already read (:func:`_read_atlas`), else it is read here."""
+    run left partial is completed, a damaged one recomputed), so that every worker reads the same voxels."""
     path = job.atlas_image if path is None else path
     key = (path, job.cache_dir)
     if key not in eng.atlases:
@@ -111,7 +109,7 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: 
         wanted = {(a[0], job.cache_dir) for a in job.all_atlases}
         for old in [k for k in eng.atlases if k not in wanted]:  # one run's atlases at a time: a long-lived
             del eng.atlases[old]  # worker must not collect every run's atlases
-        image = _read_atlas(job, path) if image is None else image
+        image = _read_atlas(job, path)
         disk = m.embedder.storing_in(job.cache_dir)  # the worker's network, with the run's folder
         on_disk = disk._disk_path(disk.key(image)).is_file()
         if complete_entry or not on_disk:
@@ -129,8 +127,7 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: 
 
 
 def _read_atlas(job: ScanJob, path: str):
-    """The atlas image at ``path``, read as the worker's matcher reads images (with the run's ``spacing_mm``), without
-    building the matcher: a refused atlas is found before the model loads."""
+    """The atlas image at ``path``, read as the worker's matcher reads images (with the run's ``spacing_mm``)."""
     from ..api import as_image
 
     spacing_mm = job.engine.spacing_mm
@@ -167,24 +164,13 @@ def prepare_atlas(job: ScanJob) -> dict:
     t0 = time.time()
     os.makedirs(job.cache_dir, exist_ok=True)
     keys, hashes = [], []
-    read: dict[str, Any] = {}  # atlases read for the check below, embedded next without reading them again
-    files = job.point_files or tuple(path for path, _, _ in job.all_atlases)
-    for (path, _, _), dims, points_file in zip(job.all_atlases, job.point_dims, files):  # before any is embedded
-        if dims < 3:  # x, y only: right for a 2D image only
-            from ..io import refuse_missing_z
-
-            read[path] = _read_atlas(job, path)
-            refuse_missing_z(dims, points_file, read[path].ndim, path)
-    for (path, labels, points), points_file in zip(job.all_atlases, files):
+    # (each atlas's points were checked against its image by the client, before the cluster started: their
+    # coordinates per point, inside it, and the atlases' one dimension)
+    for path, _, _ in job.all_atlases:
         with _LOCK:
             eng = _engine(job)
-            image, maps = _atlas(eng, job, path, complete_entry=True, image=read.pop(path, None))
+            image, maps = _atlas(eng, job, path, complete_entry=True)
         d = image.ndim
-        outside = ~image.grid.contains_lps(points)
-        if outside.any():
-            i = int(np.argmax(outside))
-            raise InputError(f"{points_file}: atlas point '{labels[i]}' at {points[i]} mm LPS lies outside {path}; "
-                             "check the point file's frame (it is read as LPS, or as RAS with --ras)")
         keys.append(maps.key)
         hashes.append(image.content_hash())
     model = eng.matcher.model
