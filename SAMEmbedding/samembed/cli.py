@@ -254,6 +254,15 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             images_read[key] = as_image(path if image is None else image, spacing_mm=args.spacing)
         return images_read[key]
 
+    def read_target(path: str):  # what keeps a target from being read is its own problem, skipped among several
+        try:
+            with of_the_target():
+                return read(path)
+        except PermissionError as e:  # (one target alone: the system's refusal, exit 1, as for any other file)
+            if n == 1:
+                raise
+            raise TargetError(f"{e.filename}: {e.strerror}") from e
+
     bar.phase("reading")
     done: list = []  # each finished target's MatchResult whose files are written, in order
     done_at: list[int] = []  # the place of each of them among the targets (a skipped one leaves a gap)
@@ -273,7 +282,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         # at its turn, and the others go on (below).
         try:
             read(target_paths[0])
-        except InputError:
+        except (InputError, PermissionError):
             if n == 1:
                 raise  # (else reported at its turn, below)
         if pairs:
@@ -305,8 +314,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 bar.update(ti + d / max(total, 1), n, re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
 
             try:
-                with of_the_target():
-                    one = [read(name)]
+                one = [read_target(name)]
                 if pairs:
                     r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
                 else:

@@ -421,6 +421,29 @@ def test_a_target_that_cannot_be_read_is_named_and_skipped_and_the_others_are_ma
 
 
 @pytest.mark.needs_data
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_a_target_this_user_may_not_read_among_several_is_skipped_and_the_others_are_matched(
+        tmp_path, two_cts, a_points_csv, monkeypatch, caplog, where):
+    """A target without read permission among several stopped the run with exit 1 (the system's refusal) and lost
+    the targets after it; it is now skipped and named like any target that cannot be read (exit 3). Alone, it is
+    still the system's refusal, exit 1 (test_a_file_this_user_may_not_read_is_named_as_such_with_exit_1)."""
+    pts_path, _ = a_points_csv
+    locked = tmp_path / "locked.nii.gz"
+    locked.write_bytes(Path(two_cts[1]).read_bytes())
+    real_access = os.access  # (root may read anything: this user's refusal is what os.access says)
+    monkeypatch.setattr(os, "access", lambda path, how, **k: False if (
+        how & os.R_OK and Path(path) == locked) else real_access(path, how, **k))
+    out = tmp_path / "m.csv"
+    targets = [str(locked), str(two_cts[1])] if where == "first" else [str(two_cts[1]), str(locked)]
+    assert main(["match", str(two_cts[0]), *targets, "--out", str(out), "--points", str(pts_path), "--model",
+                 "random:sam-lite", "--device", "cpu", "--quiet", "--no-polish"]) == 3
+    k = targets.index(str(locked)) + 1
+    assert (f"target {k}/2 skipped (the other targets go on): {locked}: permission denied: this user may not read "
+            "it; check its permissions") in caplog.text, caplog.text
+    assert [r["target"] for r in csv.DictReader(out.open())] == [str(two_cts[1])] * 2
+
+
+@pytest.mark.needs_data
 def test_a_run_that_finishes_says_that_an_earlier_runs_partial_file_is_still_there(tmp_path, two_cts, a_points_csv,
                                                                                    caplog):
     """An earlier run that stopped left ``m.partial.csv`` beside ``m.csv``: a later run that finishes says so, and
