@@ -319,7 +319,8 @@ class SAMEmbeddingLogic(ScriptedLoadableModuleLogic):
         :param options: ``samembed.MatchOptions`` (default: its defaults); ``options.heatmap`` also computes and
             shows the similarity map of ``heatmapPointIndex`` in ``heatmapTarget`` (keywords).
         :returns: ``MatchOutputs`` with ``pointLists`` (one "<target> matches" list per target), ``table``,
-            ``heatmaps``, ``rows`` and ``cancelled``.
+            ``heatmaps``, ``rows``, ``cancelled`` and ``skipped`` (the ``(name, reason)`` of each target that could
+            not be matched among several, e.g. too small for the model; the others are matched).
         :raises ValueError: ``samembed.InputError`` for bad input or a bad model, with the fix in the message.
         """
         self.core.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, options)  # input first

@@ -450,6 +450,9 @@ class MatchController:
     def _finished(self, outputs, pointID: str | None) -> None:
         confident = sum(row.confident for row in outputs.rows)
         note = " (cancelled: finished targets kept)" if outputs.cancelled else ""
+        skipped = getattr(outputs, "skipped", [])
+        if skipped:
+            note += "; skipped: " + "; ".join(f"{name} ({reason})" for name, reason in skipped)
         self._onStatus(f"{len(outputs.rows)} match(es), {confident} confident{note}")
         p = self.parameters
         pointIndex = None

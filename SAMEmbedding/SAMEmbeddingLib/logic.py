@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import vtk
 
-from samembed import Cancelled, Image, InputError, MatchOptions
+from samembed import Cancelled, Image, InputError, MatchOptions, TargetError
 from samembed.options import ProgressFn
 
 from . import mrml_io
@@ -112,10 +112,12 @@ class TargetResult:
 
 @dataclass
 class JobOutcome:
-    """What :meth:`MatchJob.run` returns: finished targets, and whether it stopped on a cancel."""
+    """What :meth:`MatchJob.run` returns: finished targets, whether it stopped on a cancel, and the targets skipped
+    for a problem of their own (``(name, reason)``: too small for the model, nothing to search in the box, ...)."""
 
     results: list[TargetResult]
     cancelled: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +145,9 @@ class MatchOutputs:
         heatmaps: target node ID -> similarity volume node (only when a heatmap was asked for).
         rows: one :class:`MatchRow` per match of this call.
         cancelled: True when the call stopped on a cancel; the finished targets are kept.
+        skipped: ``(target name, reason)`` of each target that could not be matched among several (its own problem,
+            a ``samembed.TargetError``: too small for the model, nothing to search in the box, ...); the others
+            are matched.
     """
 
     pointLists: list = field(default_factory=list)
@@ -150,6 +155,7 @@ class MatchOutputs:
     heatmaps: dict = field(default_factory=dict)
     rows: list[MatchRow] = field(default_factory=list)
     cancelled: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -196,7 +202,9 @@ class MatchJob:
             :class:`JobOutcome` with the finished targets, ``cancelled`` True when stopped early.
 
         Raises:
-            samembed.SamEmbedError: the engine refused the input or the model (message says why).
+            samembed.SamEmbedError: the engine refused the input or the model (message says why). Among several
+                targets, a target's own problem (``samembed.TargetError``) is logged and listed in
+                ``JobOutcome.skipped`` instead, and the other targets are matched.
         """
         sendVolumes = getattr(matcher, "sendVolumes", None)
         if sendVolumes is None:
@@ -232,6 +240,12 @@ class MatchJob:
             except Cancelled:
                 outcome.cancelled = True
                 break
+            except TargetError as e:  # this target's own problem: named, and the other targets go on
+                if total == 1:
+                    raise
+                log.warning("SAMEmbedding: %s skipped (the other targets go on): %s", target.name, e)
+                outcome.skipped.append((target.name, str(e)))
+                continue
             outcome.results.append(result)
             if onTarget:
                 onTarget(result)
@@ -613,7 +627,9 @@ class MatchLogic:
 
         Raises:
             samembed.InputError: bad input (no source, no target, a point outside the source, 2D vs 3D, a bad
-                model or checkpoint, bad options); nothing is written then.
+                model or checkpoint, bad options); nothing is written then. A target that the engine cannot match
+                among several (``samembed.TargetError``: too small for the model, nothing to search in the box) is
+                skipped and named in ``outputs.skipped``; alone, it raises.
         """
         started = time.time()
         job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, options,
@@ -621,8 +637,9 @@ class MatchLogic:
         outputs = MatchOutputs()
         outcome = job.run(self.getMatcher(), cancel, progress, onTarget=lambda r: self.applyTargetResult(job, r, outputs))
         outputs = self.finishJob(job, outcome, outputs)
-        log.info("SAMEmbedding: matched %d point(s) in %d of %d target(s) in %.1f s%s", len(job.pointIDs),
-                 len(outcome.results), len(job.targets), time.time() - started, " (cancelled)" if outcome.cancelled else "")
+        log.info("SAMEmbedding: matched %d point(s) in %d of %d target(s) in %.1f s%s%s", len(job.pointIDs),
+                 len(outcome.results), len(job.targets), time.time() - started, " (cancelled)" if outcome.cancelled else "",
+                 f"; skipped: {', '.join(name for name, _ in outcome.skipped)}" if outcome.skipped else "")
         return outputs
 
     def matchAtlases(self, atlases: Sequence, targetVolumes: Sequence, options: MatchOptions | None = None, *,
@@ -806,6 +823,7 @@ class MatchLogic:
     def finishJob(self, job: MatchJob, outcome: JobOutcome, outputs: MatchOutputs) -> MatchOutputs:
         """Update the results table and show the heatmap after a job (main thread)."""
         outputs.cancelled = bool(outcome.cancelled)
+        outputs.skipped = list(outcome.skipped)
         if job.sceneGeneration != self.sceneGeneration:  # its scene was closed: nothing of it goes to the next one
             return outputs
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)

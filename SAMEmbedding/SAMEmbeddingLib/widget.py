@@ -318,6 +318,11 @@ class MatchWidget(VTKObservationMixin):
     def _onMatchFinished(self, outputs) -> None:
         if outputs.table is not None:
             self.ui.resultsTableView.setMRMLTableNode(outputs.table)
+        if outputs.skipped:  # the other targets were matched: told, not an error
+            slicer.util.warningDisplay(
+                _("{} target(s) could not be matched and were skipped; the others were matched.").format(
+                    len(outputs.skipped)),
+                detailedText="\n".join(f"{name}: {reason}" for name, reason in outputs.skipped))
 
     def _onMatchError(self, error) -> None:
         details = "".join(traceback.format_exception(type(error), error, error.__traceback__))

@@ -850,3 +850,33 @@ def test_an_engine_error_after_finished_targets_still_updates_their_results_tabl
     assert [str(e) for e in errors] == ["the engine failed"]
     table = a_logic.resultsTable(two_landmarks)
     assert table is not None and table.GetNumberOfRows() == 2  # the first target's two matches
+
+
+def test_a_target_the_engine_cannot_match_among_several_is_skipped_and_named(a_scene, a_logic, a_small_ct,
+                                                                            two_landmarks, caplog):
+    """A target with a problem of its own (here too small for the model) stopped the job with an error, and the
+    targets after it were not matched; it is now skipped and named (``outputs.skipped``, the log, the controller's
+    status line), and the others are matched. Alone, it still raises. The engine process sends the same error
+    class back (it pickles)."""
+    import pickle
+
+    from samembed import TargetError
+
+    tiny = add_volume(a_scene, voxels(a_small_ct)[:2, :3, :3].copy(), ijk_to_ras(a_small_ct), "tiny")
+    later = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "later")
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, tiny, later])
+    assert [n.GetName() for n in outputs.pointLists] == ["small CT matches", "later matches"]
+    assert [name for name, _ in outputs.skipped] == ["tiny"] and "too small" in outputs.skipped[0][1]
+    assert "tiny skipped (the other targets go on)" in caplog.text
+    with pytest.raises(TargetError, match="too small"):
+        a_logic.matchPoints(a_small_ct, two_landmarks, [tiny])
+    assert type(pickle.loads(pickle.dumps(TargetError("x")))) is TargetError
+
+    from SAMEmbeddingLib.controller import MatchController
+
+    said = []
+    controller = MatchController.__new__(MatchController)  # only its status line is looked at
+    controller._onStatus, controller._onFinished, controller.parameters = said.append, None, None
+    controller._finished(outputs, None)
+    assert said == [f"{len(outputs.rows)} match(es), {sum(r.confident for r in outputs.rows)} confident; skipped: "
+                    f"tiny ({outputs.skipped[0][1]})"]
