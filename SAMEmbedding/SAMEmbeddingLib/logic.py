@@ -38,6 +38,7 @@ import numpy as np
 import vtk
 
 from samembed import Cancelled, Image, InputError, MatchOptions, TargetError
+from samembed.io import DISTANCE_DECIMALS, POSITION_DECIMALS, SCORE_DECIMALS, csv_number
 from samembed.options import ProgressFn
 
 from . import mrml_io
@@ -1049,8 +1050,9 @@ class MatchLogic:
             writer = csv.writer(buffer, lineterminator="\n")
             writer.writerow(TABLE_COLUMNS)
             for row in self.resultRows(sourcePointList):
-                writer.writerow([row.label, row.target, *(f"{v:.4f}" for v in row.pointRAS), f"{row.score:.4f}",
-                                 int(row.confident), f"{row.roundtripMm:.3f}" if math.isfinite(row.roundtripMm) else ""])
+                writer.writerow([row.label, row.target, *(csv_number(v, POSITION_DECIMALS) for v in row.pointRAS),
+                                 csv_number(row.score, SCORE_DECIMALS), int(row.confident),
+                                 csv_number(row.roundtripMm, DISTANCE_DECIMALS)])
             return [write_text_atomic(path, buffer.getvalue())]
         from slicer import vtkMRMLMarkupsFiducialStorageNode, vtkMRMLMarkupsJsonStorageNode
 

@@ -559,7 +559,16 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
     ``heatmap_names`` (:func:`_heatmap_names`). Fused matches carry how many atlases agreed and their spread (mm).
     Each target's files are named by :func:`samembed.names.target_ids`: unique, so targets of the same file name in
     different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
-    from .io import csv_text, markups_suffix, write_heatmap, write_text_atomic
+    from .io import (
+        DISTANCE_DECIMALS,
+        POSITION_DECIMALS,
+        SCORE_DECIMALS,
+        csv_number,
+        csv_text,
+        markups_suffix,
+        write_heatmap,
+        write_text_atomic,
+    )
 
     if prefetch is not None:
         prefetch.close()
@@ -574,10 +583,11 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
                     + (["atlases", "agreeing", "spread_mm", "rejected"] if fused else []) + ["frame"]]
             for res in done:
                 for r, m in zip(res.rows(ras=args.ras), res.matches):
-                    rows.append([str(r["target"]), r["label"], f"{r['x']:.3f}", f"{r['y']:.3f}", f"{r['z']:.3f}",
-                                 f"{r['score']:.4f}", str(r["confident"]).lower(), f"{r['roundtrip_mm']:.3f}"]
-                                + ([str(m.atlases), str(m.agreeing), f"{m.spread_mm:.2f}", _rejected(m, fused)]
-                                   if fused else []) + [frame])
+                    rows.append([str(r["target"]), r["label"], *(csv_number(r[k], POSITION_DECIMALS) for k in "xyz"),
+                                 csv_number(r["score"], SCORE_DECIMALS), str(r["confident"]).lower(),
+                                 csv_number(r["roundtrip_mm"], DISTANCE_DECIMALS)]
+                                + ([str(m.atlases), str(m.agreeing), csv_number(m.spread_mm, DISTANCE_DECIMALS),
+                                    _rejected(m, fused)] if fused else []) + [frame])
             write_text_atomic(out, csv_text(rows))
         if wrote is not None:
             wrote.add("csv")

@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import stat
 import tempfile
@@ -907,6 +908,23 @@ def _read_mrk_json(path: Path) -> PointList:
     if not pts:
         raise InputError(f"{path}: no placed control points in file" + (f" ({len(unplaced)} not placed)" if unplaced else ""))
     return PointList(labels, np.array(pts), descs)
+
+
+#: decimals of the numbers in the match tables (``samembed match``'s CSV, ``samembed propagate``'s ``matches.csv``, the
+#: Slicer module's CSV export): positions in mm as markups files write them, other distances in mm (round trip,
+#: spread), and scores and correlations
+POSITION_DECIMALS, DISTANCE_DECIMALS, SCORE_DECIMALS = 4, 3, 4
+
+
+def csv_number(value: float, decimals: int) -> str:
+    """``value`` as a CSV cell with ``decimals`` decimals, or an empty cell (a missing value, as spreadsheets, pandas
+    and R read it) when it is NaN or infinite, e.g. the correlation of a match that was not polished.
+
+    >>> csv_number(1.23456, 3), csv_number(float("nan"), 3)
+    ('1.235', '')
+    """
+    value = float(value)
+    return f"{value:.{decimals}f}" if math.isfinite(value) else ""
 
 
 def csv_text(rows: list[list[str]]) -> str:

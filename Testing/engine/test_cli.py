@@ -65,6 +65,8 @@ def test_match_writes_a_csv_and_heatmaps(tmp_path, two_cts, a_points_csv, monkey
     assert list(rows[0]) == ["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm", "frame"]
     assert {r["frame"] for r in rows} == {"LPS"}
     assert all(-1 <= float(r["score"]) <= 1 for r in rows)
+    # the decimals of propagate's matches.csv and of the Slicer module's export (samembed.io.csv_number)
+    assert all(re.fullmatch(r"-?\d+\.\d{4}", r[k]) for r in rows for k in ("x", "y", "z", "score")), rows[0]
     # why a match is (not) confident: its round trip (mm), within the tolerance (two local voxels by default)
     trips = {c: [float(r["roundtrip_mm"]) for r in rows if r["confident"] == c] for c in ("true", "false")}
     assert all(t >= 0 for t in trips["true"] + trips["false"])

@@ -489,6 +489,26 @@ def test_help_and_the_engine_import_without_dask(repo_root):
     assert done.returncode == 0, done.stderr
 
 
+def test_matches_csv_writes_a_missing_number_as_an_empty_cell_and_the_decimals_of_samembed_match(tmp_path):
+    """matches.csv wrote ``nan`` where the scan's JSON record holds null (a match that was not polished has no
+    correlation), and other decimals than ``samembed match``'s CSV. A missing number is now an empty cell, as
+    spreadsheets and pandas read one, and both tables write the same decimals (samembed.io.csv_number)."""
+    from samembed.propagate.manifest import Scan
+    from samembed.propagate.results import MATCH_COLUMNS, ResultStore
+
+    store = ResultStore(tmp_path)
+    match = {"label": "A", "x": 1.234567, "y": -2.0, "z": 3.5, "score": 0.912345, "confident": True,
+             "roundtrip_mm": 1.23456, "rematched": False, "polished": False, "ncc": float("nan")}
+    store.add({"scan": "s1", "path": "s1.nii.gz", "status": "ok", "matches": [match]}, "f" * 64)
+    store.write_tables([Scan("s1", "s1.nii.gz")], force=True)
+    (row,) = list(csv.DictReader((tmp_path / "matches.csv").open()))
+    assert list(row) == list(MATCH_COLUMNS)
+    assert (row["x"], row["y"], row["score"], row["roundtrip_mm"], row["ncc"]) == ("1.2346", "-2.0000", "0.9123",
+                                                                                   "1.235", "")
+    assert json.loads((tmp_path / "scans" / "s1.json").read_text())["matches"][0]["ncc"] is None
+    assert np.isnan(ResultStore(tmp_path).load()["s1"]["matches"][0]["ncc"])  # NaN again once read
+
+
 def test_manifest_ids_relative_paths_and_duplicates(tmp_path):
     from samembed.errors import InputError
     from samembed.propagate import read_scans

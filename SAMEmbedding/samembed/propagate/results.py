@@ -4,7 +4,8 @@ and what ``--resume`` may skip.
 Layout of ``OUT``::
 
     run.json                 settings, versions, model hash, fingerprint, counts, status
-    matches.csv              one row per scan and landmark (LPS mm), in manifest order
+    matches.csv              one row per scan and landmark (LPS mm), in manifest order; a missing number (the
+                             correlation of a match that was not polished) is an empty cell
     failures.csv             scan, path, reason
     scans/<id>.mrk.json      the landmarks on that scan (Slicer markups)
     scans/<id>.json          the scan's record: fingerprint, matches, timings (written last: it marks the scan done)
@@ -27,7 +28,15 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ..io import PointList, write_points, write_text_atomic
+from ..io import (
+    DISTANCE_DECIMALS,
+    POSITION_DECIMALS,
+    SCORE_DECIMALS,
+    PointList,
+    csv_number,
+    write_points,
+    write_text_atomic,
+)
 from ..names import joined_names, label_ids
 from ..result import markups_description
 from .manifest import Scan, file_stamp
@@ -169,10 +178,13 @@ class ResultStore:
                 fw.writerow((s.id, s.path, rec.get("reason", "")))
                 continue
             for m in rec["matches"]:
-                mw.writerow((s.id, s.path, m["label"], f"{m['x']:.4f}", f"{m['y']:.4f}", f"{m['z']:.4f}",
-                             f"{m['score']:.5f}", str(m["confident"]).lower(), f"{m['roundtrip_mm']:.3f}",
-                             str(m["rematched"]).lower(), str(m["polished"]).lower(), f"{m['ncc']:.4f}",
-                             m.get("atlases", 1), m.get("agreeing", 1), f"{m.get('spread_mm', 0.0):.3f}",
+                # the numbers as samembed match writes them; a missing one (NaN: the correlation where no polish
+                # ran) as an empty cell, where the scan's JSON record holds null
+                mw.writerow((s.id, s.path, m["label"], *(csv_number(m[k], POSITION_DECIMALS) for k in "xyz"),
+                             csv_number(m["score"], SCORE_DECIMALS), str(m["confident"]).lower(),
+                             csv_number(m["roundtrip_mm"], DISTANCE_DECIMALS), str(m["rematched"]).lower(),
+                             str(m["polished"]).lower(), csv_number(m["ncc"], SCORE_DECIMALS), m.get("atlases", 1),
+                             m.get("agreeing", 1), csv_number(m.get("spread_mm", 0.0), DISTANCE_DECIMALS),
                              joined_names(m.get("rejected", ())), "LPS"))  # (LPS always; the .mrk.json per --ras)
         write_text_atomic(self.out / "matches.csv", mbuf.getvalue())
         write_text_atomic(self.out / "failures.csv", fbuf.getvalue())
