@@ -509,6 +509,22 @@ def test_matches_csv_writes_a_missing_number_as_an_empty_cell_and_the_decimals_o
     assert np.isnan(ResultStore(tmp_path).load()["s1"]["matches"][0]["ncc"])  # NaN again once read
 
 
+def test_a_scan_listed_through_a_symbolic_link_keeps_the_links_path(tmp_path):
+    """A scan reached through a link (a folder of links into an archive) was recorded by the path of the file the
+    link points to, not by the name the user listed; both a folder search and a manifest now keep the link's path
+    (absolute)."""
+    from samembed.propagate import read_scans
+
+    archive, listed = tmp_path / "archive", tmp_path / "listed"
+    archive.mkdir()
+    listed.mkdir()
+    (archive / "0001.nii.gz").write_bytes(b"")
+    (listed / "patient_a.nii.gz").symlink_to(archive / "0001.nii.gz")
+    (tmp_path / "m.csv").write_text("path\nlisted/patient_a.nii.gz\n")
+    for source in (listed, tmp_path / "m.csv"):
+        assert [(s.id, s.path) for s in read_scans(source)] == [("patient_a", str(listed / "patient_a.nii.gz"))]
+
+
 def test_manifest_ids_relative_paths_and_duplicates(tmp_path):
     from samembed.errors import InputError
     from samembed.propagate import read_scans

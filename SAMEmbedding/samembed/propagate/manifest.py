@@ -48,7 +48,8 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
         ids = [scan_id(p) for p in paths]
         if len(set(ids)) != len(ids):  # same file name in several sub-folders: use the relative path
             ids = relative_ids(paths, source)
-        return _unique([Scan(i, str(p.resolve())) for i, p in zip(ids, paths)], source)
+        # absolute, as listed: a scan reached through a symbolic link keeps the link's path in the outputs
+        return _unique([Scan(i, os.path.abspath(p)) for i, p in zip(ids, paths)], source)
     if not source.is_file():
         raise InputError(f"{source}: scan manifest or folder not found; pass a CSV with a 'path' column or a folder")
     return _read_manifest(source)
@@ -93,7 +94,7 @@ def _read_manifest(path: Path) -> list[Scan]:
         p = Path(r[ip].strip()).expanduser()
         p = p if p.is_absolute() else path.parent / p
         given = r[iid].strip() if iid is not None and len(r) > iid else ""
-        scans.append(Scan(safe_id(given) if given else scan_id(p), str(p.resolve())))
+        scans.append(Scan(safe_id(given) if given else scan_id(p), os.path.abspath(p)))  # (a link: as listed)
     if not scans:
         raise InputError(f"{path}: the scan manifest lists no scans")
     return _unique(scans, path)
