@@ -936,7 +936,8 @@ class _Parser(argparse.ArgumentParser):
                 if token.startswith("--"):
                     close = difflib.get_close_matches(token.split("=", 1)[0][2:], list(names), 1)
                     hints += [f"{token}: did you mean {names[close[0]]}?"] if close else []
-            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+            # under the command's own usage (samembed match ...), as argparse refuses the command's other mistakes
+            command.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
         return ns
 
 

@@ -605,7 +605,10 @@ def test_a_mistyped_option_or_model_is_refused_with_the_closest_name_before_any_
     with pytest.raises(SystemExit) as stop:
         main(["match", *missing, "--pionts", "p.csv", "--out", str(tmp_path / "o.csv")])
     assert stop.value.code == 2
-    assert "unrecognized arguments: --pionts p.csv (--pionts: did you mean --points?)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --pionts p.csv (--pionts: did you mean --points?)" in err
+    # under the command's usage, as argparse's other refusals of it (it was under samembed's own)
+    assert err.startswith("usage: samembed match SOURCE TARGET...") and "samembed match: error:" in err, err
     with pytest.raises(SystemExit):
         main(["embed", *missing, "--cache-dri", str(tmp_path)])
     assert "did you mean --cache-dir?" in capsys.readouterr().err
