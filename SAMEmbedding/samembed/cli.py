@@ -93,8 +93,8 @@ def _add_match_options(p: argparse.ArgumentParser, preset_help: str = "same-pati
     g = p.add_argument_group("search options (see samembed.MatchOptions)")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="starting point of the options below, which change it: same-patient (the defaults listed "
-                        "below) or between-patients (--refine --no-polish: OpenKBP organs between patients 12.2 "
-                        "instead of 13.9 mm on compact organs, benchmarks/results/landmarks_v3_sam.md) (default: "
+                        "below) or between-patients (--refine --no-polish: OpenKBP organs between patients 8.9 "
+                        "instead of 11.2 mm on compact organs, benchmarks/results/landmarks_v3_idle.md) (default: "
                         f"{preset_help})")
     for name, (flag, kw) in _OPTION_FLAGS.items():
         g.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=MatchOptions.help(name, command_line=True), **kw)
@@ -339,7 +339,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         if not done and failed:  # (several targets, none matched: each is named above)
             raise InputError(f"none of the {n} targets could be matched: each is named above") from failed[0][1]
         # writing needs none of the engine's embeddings, images and prefetched arrays: freed before the heatmaps,
-        # each as large as its target, are made (LIDC-0001 with 50 heatmaps: 2.9 -> 2.0 GB peak)
+        # each as large as its target, are made (LIDC-0001 with 50 heatmaps: 2.72 -> 1.76 GB peak)
         matcher = source = atlases = None
         images_read.clear()
         bar.phase("writing")
@@ -770,7 +770,7 @@ def _cmd_train(args) -> int:
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="the network's arithmetic: int8 local convolutions on the CPU (2-4x faster; needs the "
+                   help="the network's arithmetic: int8 local convolutions on the CPU (2.2-2.6x faster; needs the "
                         "model's calibration, see `samembed quantize`), int8-int8 (also the global branch in int8, "
                         "2x faster; needs a calibration with its scales), int8-bf16 (the global branch in bfloat16 "
                         "instead, 2x faster; needs a CPU with native bfloat16), fp32, or auto (the fastest of these "

@@ -48,12 +48,12 @@ DEFAULT_POLISH_LEVELS: tuple[tuple[float, float, float], ...] = ((2.0, 16.0, 8.0
 
 
 #: named starting points of :meth:`MatchOptions.preset` (fields that differ from the defaults), chosen from the
-#: landmark benchmark (``benchmarks/results/landmarks_v3_sam.md``, model ``default``):
+#: landmark benchmark (``benchmarks/results/landmarks_v3_idle.md``, model ``default``):
 #:
 #: * ``same-patient``: the defaults. Scans of one person (a warped copy, breathing phases, follow-ups): the polish
 #:   brings POPI to 0.2 mm and LIDC to 0.8 mm mean; the refinement adds nothing there and costs ~0.2 s per point.
 #: * ``between-patients``: refinement on, polish off. OpenKBP organ centroids between different patients: compact
-#:   organs 12.2 mm mean against 13.9 with the defaults, 52 % against 42 % of all points within 10 mm (the intensity
+#:   organs 8.9 mm mean against 11.2 with the defaults, 52 % against 38 % of all points within 10 mm (the intensity
 #:   polish correlates two people's tissue, which helps nothing there). The default of multi-atlas matching, whose
 #:   atlases are other people's annotated scans.
 PRESETS: dict[str, dict[str, Any]] = {
