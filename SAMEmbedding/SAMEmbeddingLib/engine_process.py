@@ -67,7 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-from samembed import Cancelled, Image, InputError, MatchOptions, MatchResult
+from samembed import Cancelled, Image, InputError, MatchOptions, MatchResult, TargetError
 from samembed.options import ProgressFn
 from samembed.prefetch import ArrayFile
 
@@ -993,6 +993,9 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
         except Cancelled:
             releasePrefetch(force=True)
             conn.send(("cancelled", requestID, None))
+        except TargetError as e:  # one target's own problem: the job skips it and goes on to the targets read ahead
+            log.info("request %s: %s", kind, e)
+            conn.send(("error", requestID, _picklable(e)))
         except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
             log.exception("request %s failed", kind)
             releasePrefetch(force=True)

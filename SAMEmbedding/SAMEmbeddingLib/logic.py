@@ -246,6 +246,9 @@ class MatchJob:
                     raise
                 log.warning("SAMEmbedding: %s skipped (the other targets go on): %s", target.name, e)
                 outcome.skipped.append((target.name, str(e)))
+                if len(outcome.skipped) == total:  # none could be matched: an error, as one target's alone is
+                    raise InputError(f"none of the {total} targets could be matched: " + "; ".join(
+                        f"{name}: {reason}" for name, reason in outcome.skipped)) from e
                 continue
             outcome.results.append(result)
             if onTarget:

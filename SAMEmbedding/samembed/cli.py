@@ -261,7 +261,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         except PermissionError as e:  # (one target alone: the system's refusal, exit 1, as for any other file)
             if n == 1:
                 raise
-            raise TargetError(f"{e.filename}: {e.strerror}") from e
+            raise TargetError(f"{e.filename}: {e.strerror}" if e.filename else f"{path}: {e}") from e
 
     bar.phase("reading")
     done: list = []  # each finished target's MatchResult whose files are written, in order

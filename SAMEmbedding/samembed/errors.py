@@ -25,9 +25,10 @@ class InputError(SamEmbedError, ValueError):
 
 
 class TargetError(InputError):
-    """A problem of one target image, not of the source, the points or the settings: it cannot be read, is too small
-    for the model, has another dimension than the source, or leaves nothing to search. A command over many targets
-    names it and skips that target (``samembed match`` with several targets)."""
+    """A problem of one target image, not of the source, the points or the settings: it cannot be read (also for lack
+    of permission, among several targets), is too small for the model, has another dimension than the source, or
+    leaves nothing to search. A command over many targets names it and skips that target (``samembed match`` with
+    several targets, the Slicer module's point matching)."""
 
 
 class CheckpointError(InputError):

@@ -443,6 +443,10 @@ def test_a_target_this_user_may_not_read_among_several_is_skipped_and_the_others
     assert (f"target {k}/2 skipped (the other targets go on): {locked}: permission denied: this user may not read "
             "it; check its permissions") in caplog.text, caplog.text
     assert [r["target"] for r in csv.DictReader(out.open())] == [str(two_cts[1])] * 2
+    if where == "first":  # none readable: exit 2, as for any targets of which none could be matched
+        assert main(["match", str(two_cts[0]), str(locked), str(locked), "--out", str(tmp_path / "none.csv"),
+                     "--points", str(pts_path), "--model", "random:sam-lite", "--device", "cpu", "--quiet"]) == 2
+        assert not (tmp_path / "none.csv").exists()
 
 
 @pytest.mark.needs_data

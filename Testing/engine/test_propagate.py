@@ -523,6 +523,35 @@ def test_a_scan_listed_through_a_symbolic_link_keeps_the_links_path(tmp_path):
     (tmp_path / "m.csv").write_text("path\nlisted/patient_a.nii.gz\n")
     for source in (listed, tmp_path / "m.csv"):
         assert [(s.id, s.path) for s in read_scans(source)] == [("patient_a", str(listed / "patient_a.nii.gz"))]
+    # ".." after a folder that is a link goes where the system goes (the manifest in a linked folder)
+    (tmp_path / "project" / "runs").mkdir(parents=True)
+    (tmp_path / "project" / "scans").mkdir()
+    (tmp_path / "project" / "scans" / "b.nii.gz").write_bytes(b"")
+    (tmp_path / "runs").symlink_to(tmp_path / "project" / "runs")
+    (tmp_path / "runs" / "m.csv").write_text("path\n../scans/b.nii.gz\n")
+    (scan,) = read_scans(tmp_path / "runs" / "m.csv")
+    assert Path(scan.path).is_file() and scan.path == str((tmp_path / "project" / "scans" / "b.nii.gz").resolve())
+
+
+def test_a_finished_scan_recorded_by_its_links_target_is_not_matched_again_on_resume(tmp_path):
+    """Records of earlier versions hold a scan's path with every link followed; listed now through its link, the
+    scan is the same one, and --resume skips it rather than match it again."""
+    from samembed.propagate.manifest import Scan
+    from samembed.propagate.results import ResultStore
+
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "0001.nii.gz").write_bytes(b"")
+    link = tmp_path / "a.nii.gz"
+    link.symlink_to(tmp_path / "archive" / "0001.nii.gz")
+    store = ResultStore(tmp_path / "out")
+    store.add({"scan": "a", "path": str((tmp_path / "archive" / "0001.nii.gz").resolve()), "status": "ok",
+               "matches": []}, "f" * 64)
+    todo, skipped, stale = ResultStore(tmp_path / "out").plan([Scan("a", str(link))], "f" * 64)
+    assert (todo, skipped, stale) == ([], 1, 0)
+    elsewhere = tmp_path / "other.nii.gz"
+    elsewhere.write_bytes(b"")
+    todo, skipped, stale = ResultStore(tmp_path / "out").plan([Scan("a", str(elsewhere))], "f" * 64)
+    assert (len(todo), skipped, stale) == (1, 0, 1)  # another file under the same id: matched again
 
 
 def test_manifest_ids_relative_paths_and_duplicates(tmp_path):

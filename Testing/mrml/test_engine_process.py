@@ -671,6 +671,31 @@ def test_the_temporary_folders_of_ended_engines_are_removed_and_the_living_ones_
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the engine process's children from /proc")
+def test_a_target_the_engine_process_cannot_match_is_skipped_and_the_job_goes_on(a_small_ct):
+    """A target with a problem of its own (too small for the model) among several comes back from the engine process
+    as a samembed.TargetError: the job skips it and matches the next target. The engine logs it in one line, not as
+    a failed request with its traceback, and keeps its prefetch for the targets read ahead (a failed request ends
+    it)."""
+    from samembed import Image
+    from SAMEmbeddingLib.logic import MatchJob, TargetSpec
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    tiny = Image.from_array(image.array[:2, :3, :3].copy(), name="tiny")
+    later = Image(image.array + 1, image.grid, "later")
+    engine = EngineProcess(model="default", device="cpu")
+    try:
+        centre = image.grid.index_to_lps([[(n - 1) / 2 for n in image.grid.size_ijk]])
+        job = MatchJob("src", "pts", ["c"], ["c"], centre, image,
+                       [TargetSpec("n0", "tiny", tiny), TargetSpec("n1", "later", later)])
+        outcome = job.run(engine)
+        assert [r.name for r in outcome.results] == ["later"]
+        assert [name for name, _ in outcome.skipped] == ["tiny"] and "too small" in outcome.skipped[0][1]
+        log_text = engine._logPath.read_text()
+        assert "request match: " in log_text and "request match failed" not in log_text, log_text[-2000:]
+    finally:
+        engine.close()
+
+
 def test_a_job_stopped_between_its_targets_lets_the_engine_drop_what_it_read_ahead(a_small_ct):
     """The module sends a click's volumes ahead, then asks for one target at a time; a cancel between two requests
     never reached the engine, whose prefetch kept the later targets' images and inputs (up to 1 GiB of shared

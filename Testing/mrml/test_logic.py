@@ -870,6 +870,10 @@ def test_a_target_the_engine_cannot_match_among_several_is_skipped_and_named(a_s
     assert "tiny skipped (the other targets go on)" in caplog.text
     with pytest.raises(TargetError, match="too small"):
         a_logic.matchPoints(a_small_ct, two_landmarks, [tiny])
+    # every target skipped: an error, not an empty result told as matched (as `samembed match` says it)
+    tiny2 = add_volume(a_scene, voxels(a_small_ct)[:2, :3, :3].copy(), ijk_to_ras(a_small_ct), "tiny 2")
+    with pytest.raises(InputError, match=r"none of the 2 targets could be matched: tiny: .*too small.*; tiny 2: "):
+        a_logic.matchPoints(a_small_ct, two_landmarks, [tiny, tiny2])
     assert type(pickle.loads(pickle.dumps(TargetError("x")))) is TargetError
 
     from SAMEmbeddingLib.controller import MatchController

@@ -48,8 +48,7 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
         ids = [scan_id(p) for p in paths]
         if len(set(ids)) != len(ids):  # same file name in several sub-folders: use the relative path
             ids = relative_ids(paths, source)
-        # absolute, as listed: a scan reached through a symbolic link keeps the link's path in the outputs
-        return _unique([Scan(i, os.path.abspath(p)) for i, p in zip(ids, paths)], source)
+        return _unique([Scan(i, listed_path(p)) for i, p in zip(ids, paths)], source)
     if not source.is_file():
         raise InputError(f"{source}: scan manifest or folder not found; pass a CSV with a 'path' column or a folder")
     return _read_manifest(source)
@@ -94,10 +93,31 @@ def _read_manifest(path: Path) -> list[Scan]:
         p = Path(r[ip].strip()).expanduser()
         p = p if p.is_absolute() else path.parent / p
         given = r[iid].strip() if iid is not None and len(r) > iid else ""
-        scans.append(Scan(safe_id(given) if given else scan_id(p), os.path.abspath(p)))  # (a link: as listed)
+        scans.append(Scan(safe_id(given) if given else scan_id(p), listed_path(p)))
     if not scans:
         raise InputError(f"{path}: the scan manifest lists no scans")
     return _unique(scans, path)
+
+
+def listed_path(path: str | os.PathLike) -> str:
+    """A scan's path as the outputs name it: absolute, its folder resolved (``..`` after a folder that is a link goes
+    where the system goes, not where the text would), the file itself not, so that a scan listed through a symbolic
+    link (a folder of links into an archive) keeps the name it was listed by."""
+    path = os.path.expanduser(os.fspath(path))
+    if len(path) > 1:
+        path = path.rstrip("/" + os.sep)  # (a DICOM folder given as "series/")
+    folder, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(folder or "."), name)
+
+
+def same_scan_path(recorded: str | None, path: str) -> bool:
+    """Whether a record's path names the scan at ``path``: the same text, or the same file once links are followed
+    (the records of versions before 2026-12-06 hold the path with every link followed)."""
+    if recorded is None:
+        return False
+    return recorded == path or os.path.realpath(recorded) == os.path.realpath(path)
 
 
 def _unique(scans: list[Scan], where: Path) -> list[Scan]:

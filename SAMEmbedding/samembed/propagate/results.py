@@ -39,7 +39,7 @@ from ..io import (
 )
 from ..names import joined_names, label_ids
 from ..result import markups_description
-from .manifest import Scan, file_stamp
+from .manifest import Scan, file_stamp, same_scan_path
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ class ResultStore:
             rec = old.get(s.id)
             stamp = rec.get("file") if rec else None
             same_file = stamp is None or file_stamp(s.path) in (None, stamp)
-            if (rec and rec.get("status") == "ok" and rec.get("fingerprint") == fingerprint and rec.get("path") == s.path
-                    and same_file):
+            if (rec and rec.get("status") == "ok" and rec.get("fingerprint") == fingerprint
+                    and same_scan_path(rec.get("path"), s.path) and same_file):
                 self.records[s.id] = rec
                 skipped += 1
                 continue
