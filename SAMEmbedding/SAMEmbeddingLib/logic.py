@@ -661,11 +661,15 @@ class MatchLogic:
         are other people's annotated scans.
 
         Returns:
-            The fused point lists, one per target, in the targets' order.
+            The fused point lists, one per target matched, in the targets' order. Among several targets, one the
+            engine cannot match (a ``samembed.TargetError``: too small for the model, nothing to search) is named
+            in a warning in Slicer's log and skipped, and the others are matched; each target's list is written as
+            soon as it is matched, so a cancel or an error keeps the targets finished before it.
 
         Raises:
             samembed.InputError: bad input (as :meth:`matchPoints`), an atlas whose labels repeat (named), or
-                heatmaps asked for (a heatmap belongs to one atlas's point).
+                heatmaps asked for (a heatmap belongs to one atlas's point); a lone target that cannot be matched,
+                or none of several.
         """
         from samembed import Atlas
 
@@ -680,41 +684,62 @@ class MatchLogic:
             _, labels, pointsRAS = self._validate(volume, pointList, targets, None)
             engineAtlases.append(Atlas(self.imageForVolume(volume), mrml_io.ras_to_lps(pointsRAS), tuple(labels),
                                        f"{volume.GetName()} / {pointList.GetName()}"))
-        result = self.getMatcher().match_atlases(engineAtlases, [self.imageForVolume(t) for t in targets], options,
-                                                 progress=progress, cancel=cancel,
-                                                 target_names=[t.GetName() for t in targets])
-        for note in result.notes:  # (the engine process logs to its own stream): in Slicer's log and console
-            log.warning("SAMEmbedding: %s", note)
         first = atlases[0][1]
-        nodes = []
-        for ti, target in enumerate(targets):
-            refs = {SOURCE_REFERENCE: first.GetID(), TARGET_REFERENCE: target.GetID()}
-            node, created = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "fused", refs, True,
-                                               f"{target.GetName()} fused matches")
-            if created:
-                node.CreateDefaultDisplayNodes()
-                display = node.GetDisplayNode()
-                if display is not None:
-                    display.SetSelectedColor(*CONFIDENT_COLOR)
-                    display.SetColor(*UNCERTAIN_COLOR)
-            wasModifying = node.StartModify()
+        matcher = self.getMatcher()
+        nodes, skipped, told = [], [], set()
+        for ti, target in enumerate(targets):  # one target at a time: one that cannot be matched is skipped
+            def step(done: float, total: float, phase: str, ti: int = ti) -> None:
+                progress(ti + done / max(total, 1), len(targets), phase)
+
             try:
-                node.RemoveAllControlPoints()
-                records = {}
-                for m in (m for m in result.matches if m.target_index == ti):
-                    index = node.AddControlPoint(vtk.vtkVector3d(*np.asarray(m.point_ras_mm, dtype=np.float64)), m.label)
-                    node.SetNthControlPointDescription(
-                        index, _describe(m) + f"; {m.agreeing} of {m.atlases} atlases agree (spread {m.spread_mm:.1f} mm)"
-                        + (f"; rejected: {', '.join(m.rejected)}" if m.rejected else ""))
-                    node.SetNthControlPointSelected(index, bool(m.confident))
-                    records[m.label] = {**_record(node.GetNthControlPointID(index), m), "atlases": int(m.atlases),
-                                        "agreeing": int(m.agreeing), "spreadMm": _finiteOrNone(m.spread_mm),
-                                        "rejected": list(m.rejected)}
-                _writeMatchRecords(node, records)
-            finally:
-                node.EndModify(wasModifying)
-            nodes.append(node)
+                result = matcher.match_atlases(engineAtlases, [self.imageForVolume(target)], options,
+                                               progress=None if progress is None else step, cancel=cancel,
+                                               target_names=[target.GetName()])
+            except TargetError as e:  # this target's own problem: named, and the other targets go on
+                if len(targets) == 1:
+                    raise
+                log.warning("SAMEmbedding: %s skipped (the other targets go on): %s", target.GetName(), e)
+                skipped.append((target.GetName(), str(e)))
+                if len(skipped) == len(targets):
+                    raise InputError(f"none of the {len(targets)} targets could be matched: " + "; ".join(
+                        f"{name}: {reason}" for name, reason in skipped)) from e
+                continue
+            for note in result.notes:  # (the engine process logs to its own stream): in Slicer's log and console
+                if note not in told:  # (the same for every target: said once)
+                    told.add(note)
+                    log.warning("SAMEmbedding: %s", note)
+            nodes.append(self._writeFused(first, target, result.matches))
         return nodes
+
+    def _writeFused(self, firstPointList, target, matches) -> Any:
+        """The ``"<target> fused matches"`` point list of :meth:`matchAtlases`, written with ``matches`` (the
+        engine's fused matches of that target)."""
+        refs = {SOURCE_REFERENCE: firstPointList.GetID(), TARGET_REFERENCE: target.GetID()}
+        node, created = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "fused", refs, True,
+                                           f"{target.GetName()} fused matches")
+        if created:
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            if display is not None:
+                display.SetSelectedColor(*CONFIDENT_COLOR)
+                display.SetColor(*UNCERTAIN_COLOR)
+        wasModifying = node.StartModify()
+        try:
+            node.RemoveAllControlPoints()
+            records = {}
+            for m in matches:
+                index = node.AddControlPoint(vtk.vtkVector3d(*np.asarray(m.point_ras_mm, dtype=np.float64)), m.label)
+                node.SetNthControlPointDescription(
+                    index, _describe(m) + f"; {m.agreeing} of {m.atlases} atlases agree (spread {m.spread_mm:.1f} mm)"
+                    + (f"; rejected: {', '.join(m.rejected)}" if m.rejected else ""))
+                node.SetNthControlPointSelected(index, bool(m.confident))
+                records[m.label] = {**_record(node.GetNthControlPointID(index), m), "atlases": int(m.atlases),
+                                    "agreeing": int(m.agreeing), "spreadMm": _finiteOrNone(m.spread_mm),
+                                    "rejected": list(m.rejected)}
+            _writeMatchRecords(node, records)
+        finally:
+            node.EndModify(wasModifying)
+        return node
 
     def propagateAll(self, sourceVolume, sourcePointList, targetVolumes: Sequence, pointIndices: Sequence[int] | None = None,
                      options: MatchOptions | None = None, **kwargs) -> MatchOutputs:

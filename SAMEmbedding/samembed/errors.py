@@ -28,7 +28,7 @@ class TargetError(InputError):
     """A problem of one target image, not of the source, the points or the settings: it cannot be read (also for lack
     of permission, among several targets), is too small for the model, has another dimension than the source, or
     leaves nothing to search. A command over many targets names it and skips that target (``samembed match`` with
-    several targets, the Slicer module's point matching)."""
+    several targets, the Slicer module's point matching and multi-atlas fusion)."""
 
 
 class CheckpointError(InputError):

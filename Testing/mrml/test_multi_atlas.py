@@ -75,3 +75,25 @@ def test_the_engine_process_fuses_the_same_way(a_scene, a_small_ct, caplog):
         assert any("atlas small CT / atlas 0 is given twice" in r.getMessage() for r in caplog.records), caplog.records
     finally:
         logic.close()
+
+
+def test_a_target_that_cannot_be_matched_is_skipped_and_the_others_are_fused(a_scene, a_logic, a_small_ct, caplog):
+    """The atlases were fused into every target in one engine call, so a target of its own problem (here too small
+    for the model) stopped all of them; it is now named and skipped, and the others get their lists, with each
+    warning about the atlases said once. None of several matched is an error, as a lone target's is."""
+    from .mrml_helpers import add_volume, voxels
+
+    pts, atlases = _atlases(a_scene, a_small_ct)
+    other = add_points(a_scene, pts, ["A", "B", "D"], name="odd atlas")
+    tiny = add_volume(a_scene, voxels(a_small_ct)[:2, :3, :3].copy(), ijk_to_ras(a_small_ct), "tiny")
+    copy = add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "copy")
+    with caplog.at_level("WARNING", logger="SAMEmbeddingLib.logic"):
+        nodes = a_logic.matchAtlases([*atlases, (a_small_ct, other)], [a_small_ct, tiny, copy], FAST)
+    assert [n.GetName() for n in nodes] == ["small CT fused matches", "copy fused matches"]
+    np.testing.assert_allclose(control_points(nodes[1])[1], control_points(nodes[0])[1], atol=1e-6)
+    said = [r.getMessage() for r in caplog.records if r.name == "SAMEmbeddingLib.logic"]
+    assert any("tiny skipped (the other targets go on)" in m and "too small" in m for m in said), said
+    assert sum("odd atlas lacks" in m for m in said) == 1, said
+    tiny2 = add_volume(a_scene, voxels(a_small_ct)[:2, :3, :3].copy(), ijk_to_ras(a_small_ct), "tiny 2")
+    with pytest.raises(InputError, match="none of the 2 targets could be matched: tiny: .*too small.*; tiny 2: "):
+        a_logic.matchAtlases(atlases, [tiny, tiny2], FAST)
