@@ -241,14 +241,8 @@ class MatchJob:
             except Cancelled:
                 outcome.cancelled = True
                 break
-            except TargetError as e:  # this target's own problem: named, and the other targets go on
-                if total == 1:
-                    raise
-                log.warning("SAMEmbedding: %s skipped (the other targets go on): %s", target.name, e)
-                outcome.skipped.append((target.name, str(e)))
-                if len(outcome.skipped) == total:  # none could be matched: an error, as one target's alone is
-                    raise InputError(f"none of the {total} targets could be matched: " + "; ".join(
-                        f"{name}: {reason}" for name, reason in outcome.skipped)) from e
+            except TargetError as e:
+                _skipTarget(outcome.skipped, target.name, e, total)
                 continue
             outcome.results.append(result)
             if onTarget:
@@ -695,14 +689,8 @@ class MatchLogic:
                 result = matcher.match_atlases(engineAtlases, [self.imageForVolume(target)], options,
                                                progress=None if progress is None else step, cancel=cancel,
                                                target_names=[target.GetName()])
-            except TargetError as e:  # this target's own problem: named, and the other targets go on
-                if len(targets) == 1:
-                    raise
-                log.warning("SAMEmbedding: %s skipped (the other targets go on): %s", target.GetName(), e)
-                skipped.append((target.GetName(), str(e)))
-                if len(skipped) == len(targets):
-                    raise InputError(f"none of the {len(targets)} targets could be matched: " + "; ".join(
-                        f"{name}: {reason}" for name, reason in skipped)) from e
+            except TargetError as e:
+                _skipTarget(skipped, target.GetName(), e, len(targets))
                 continue
             for note in result.notes:  # (the engine process logs to its own stream): in Slicer's log and console
                 if note not in told:  # (the same for every target: said once)
@@ -1138,6 +1126,19 @@ def heatmap_display_range(similarity: np.ndarray) -> tuple[float, float]:
         values = similarity[similarity > -1.0]
     low = float(np.percentile(values, 90))
     return min(low, top - 1e-3), top
+
+
+def _skipTarget(skipped: list[tuple[str, str]], name: str, error: TargetError, total: int) -> None:
+    """A target's own problem (``error``) among ``total`` targets: logged and added to ``skipped`` as ``(name,
+    reason)``, so that the other targets go on. A lone target's is raised as it is, and when every target has been
+    skipped an :class:`InputError` names them all (an error, not an empty result)."""
+    if total == 1:
+        raise error
+    log.warning("SAMEmbedding: %s skipped (the other targets go on): %s", name, error)
+    skipped.append((name, str(error)))
+    if len(skipped) == total:
+        raise InputError(f"none of the {total} targets could be matched: " + "; ".join(
+            f"{n}: {reason}" for n, reason in skipped)) from error
 
 
 def _checkSameDimension(sourceVolume, targetVolumes: Sequence) -> None:
