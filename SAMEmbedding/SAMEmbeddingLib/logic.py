@@ -29,6 +29,7 @@ import math
 import re
 import threading
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,9 @@ ROLE_ATTRIBUTE = "SAMEmbedding.Role"
 MATCHES_ATTRIBUTE = "SAMEmbedding.Matches"
 """Attribute of a ``matches`` point list holding the numbers of each match as data (saved with the scene):
 JSON ``{source control point ID: {"pointID": output control point ID, "score": cosine in [-1, 1], "confident":
-bool, "roundtripMm": mm, "rematched": bool, "polished": bool, "ncc": NCC in [-1, 1] or null}}``."""
+bool, "roundtripMm": mm, "rematched": bool, "polished": bool, "ncc": NCC in [-1, 1] or null}}``, and ``"notUpdated":
+reason`` on a match that a later run was asked for and could not make, because it skipped the target
+(:func:`_markNotUpdated`): the match is an earlier one, no longer counted as confident."""
 LEGACY_POINT_MAP_ATTRIBUTE = "SAMEmbedding.PointMap"
 """Scenes saved before the numbers were stored: ``{source control point ID: output control point ID}`` only."""
 SOURCE_REFERENCE = "SAMEmbeddingSourcePoints"
@@ -119,6 +122,8 @@ class JobOutcome:
     results: list[TargetResult]
     cancelled: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: the node IDs of the ``skipped`` targets, in the same order
+    skippedIDs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -148,7 +153,8 @@ class MatchOutputs:
         cancelled: True when the call stopped on a cancel; the finished targets are kept.
         skipped: ``(target name, reason)`` of each target that could not be matched among several (its own problem,
             a ``samembed.TargetError``: too small for the model, nothing to search in the box, ...); the others
-            are matched.
+            are matched. Matches of the same points that an earlier run put in such a target are kept, marked as
+            not updated (:func:`_markNotUpdated`).
     """
 
     pointLists: list = field(default_factory=list)
@@ -243,6 +249,7 @@ class MatchJob:
                 break
             except TargetError as e:
                 _skipTarget(outcome.skipped, target.name, e, total)
+                outcome.skippedIDs.append(target.nodeID)
                 continue
             outcome.results.append(result)
             if onTarget:
@@ -680,7 +687,7 @@ class MatchLogic:
                                        f"{volume.GetName()} / {pointList.GetName()}"))
         first = atlases[0][1]
         matcher = self.getMatcher()
-        nodes, skipped, told = [], [], set()
+        nodes, skipped, skippedTargets, told = [], [], [], set()
         for ti, target in enumerate(targets):  # one target at a time: one that cannot be matched is skipped
             def step(done: float, total: float, phase: str, ti: int = ti) -> None:
                 progress(ti + done / max(total, 1), len(targets), phase)
@@ -691,12 +698,20 @@ class MatchLogic:
                                                target_names=[target.GetName()])
             except TargetError as e:
                 _skipTarget(skipped, target.GetName(), e, len(targets))
+                skippedTargets.append(target)
                 continue
             for note in result.notes:  # (the engine process logs to its own stream): in Slicer's log and console
                 if note not in told:  # (the same for every target: said once)
                     told.add(note)
                     log.warning("SAMEmbedding: %s", note)
             nodes.append(self._writeFused(first, target, result.matches))
+        # a skipped target's fused landmarks from an earlier run no longer answer these atlases
+        labels = list(dict.fromkeys(label for atlas in engineAtlases for label in atlas.labels))
+        for target, (_, reason) in zip(skippedTargets, skipped):
+            refs = {SOURCE_REFERENCE: first.GetID(), TARGET_REFERENCE: target.GetID()}
+            earlier, _ = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "fused", refs, False, "")
+            if earlier is not None:
+                _markNotUpdated(earlier, labels, reason)
         return nodes
 
     def _writeFused(self, firstPointList, target, matches) -> Any:
@@ -845,6 +860,12 @@ class MatchLogic:
             return outputs
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)
         if sourceList is not None:
+            # a skipped target's matches of these points from an earlier run no longer answer this run's clicks
+            for nodeID, (_, reason) in zip(outcome.skippedIDs, outcome.skipped):
+                target = self.scene.GetNodeByID(nodeID)
+                outNode = None if target is None else self.outputPointList(sourceList, target)
+                if outNode is not None:
+                    _markNotUpdated(outNode, job.pointIDs, reason)
             outputs.table = self.updateResultsTable(sourceList)
         if job.heatmapTargetID in outputs.heatmaps:
             target = self.scene.GetNodeByID(job.heatmapTargetID)
@@ -907,9 +928,10 @@ class MatchLogic:
                 position = [0.0, 0.0, 0.0]
                 outNode.GetNthControlPointPositionWorld(index, position)
                 confident = record.get("confident")
+                confident = (bool(outNode.GetNthControlPointSelected(index)) if confident is None
+                             else bool(confident) and not record.get("notUpdated"))
                 rows.append(MatchRow(outNode.GetNthControlPointLabel(index), target.GetName() if target else "",
-                                     np.array(position), _float(record.get("score")),
-                                     bool(outNode.GetNthControlPointSelected(index)) if confident is None else bool(confident),
+                                     np.array(position), _float(record.get("score")), confident,
                                      target.GetID() if target else "", _float(record.get("roundtripMm")), pointID))
         return rows
 
@@ -1193,6 +1215,43 @@ def _record(outPointID: str, match) -> dict:
     return {"pointID": outPointID, "score": _finiteOrNone(match.score), "confident": bool(match.confident),
             "roundtripMm": _finiteOrNone(match.roundtrip_mm), "rematched": bool(getattr(match, "rematched", False)),
             "polished": bool(getattr(match, "polished", False)), "ncc": _finiteOrNone(getattr(match, "ncc", math.nan))}
+
+
+def _markNotUpdated(outNode, keys: Sequence[str], reason: str) -> int:
+    """Mark the matches of ``keys`` (source control point IDs; labels in a fused list) in ``outNode`` as not updated:
+    a run asked for them and skipped the target (``reason``). Each keeps its position and numbers (a match the user
+    moved by hand is not lost); its record gets ``"notUpdated": reason``, so the results table and the export no
+    longer count it as confident, it takes the uncertain colour, and its description says so. The next match of the
+    point in that target replaces it as usual. Returns how many were marked."""
+    records = _matchRecords(outNode)
+    marked = 0
+    wasModifying = outNode.StartModify()
+    try:
+        for key in keys:
+            record = records.get(key)
+            index = outNode.GetNthControlPointIndexByID(record["pointID"]) if record else -1
+            if index < 0:
+                continue
+            record["notUpdated"] = reason
+            outNode.SetNthControlPointSelected(index, False)
+            earlier = _describe(types.SimpleNamespace(
+                score=_float(record.get("score")), confident=bool(record.get("confident")),
+                roundtrip_mm=_float(record.get("roundtripMm")), rematched=bool(record.get("rematched")),
+                polished=bool(record.get("polished")), ncc=_float(record.get("ncc")))) if "score" in record else ""
+            if earlier and "atlases" in record:  # a fused landmark
+                earlier += (f"; {record.get('agreeing')} of {record['atlases']} atlases agreed (spread "
+                            f"{_float(record.get('spreadMm')):.1f} mm)")
+            outNode.SetNthControlPointDescription(
+                index, f"not updated: the last match skipped this target ({reason})"
+                + (f"; the earlier match: {earlier}" if earlier else ""))
+            marked += 1
+        if marked:
+            _writeMatchRecords(outNode, records)
+    finally:
+        outNode.EndModify(wasModifying)
+    if marked:
+        log.warning("SAMEmbedding: %d earlier match(es) in '%s' kept, marked as not updated", marked, outNode.GetName())
+    return marked
 
 
 def _describe(match) -> str:

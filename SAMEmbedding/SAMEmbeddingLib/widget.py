@@ -320,7 +320,8 @@ class MatchWidget(VTKObservationMixin):
             self.ui.resultsTableView.setMRMLTableNode(outputs.table)
         if outputs.skipped:  # the other targets were matched: told, not an error
             slicer.util.warningDisplay(
-                _("{} target(s) could not be matched and were skipped; the others were matched.").format(
+                _("{} target(s) could not be matched and were skipped; the others were matched. Earlier matches of "
+                  "these points in a skipped target are kept, marked as not updated.").format(
                     len(outputs.skipped)),
                 detailedText="\n".join(f"{name}: {reason}" for name, reason in outputs.skipped))
 

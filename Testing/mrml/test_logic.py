@@ -22,6 +22,7 @@ from SAMEmbeddingLib.logic import (
     UNCERTAIN_COLOR,
     MatchLogic,
     TargetResult,
+    _matchRecords,
     heatmap_display_range,
 )
 from SAMEmbeddingLib.worker import Worker
@@ -850,6 +851,73 @@ def test_an_engine_error_after_finished_targets_still_updates_their_results_tabl
     assert [str(e) for e in errors] == ["the engine failed"]
     table = a_logic.resultsTable(two_landmarks)
     assert table is not None and table.GetNumberOfRows() == 2  # the first target's two matches
+
+
+class _SkipsTarget:
+    """The engine, except that it cannot match the target named ``name`` (a ``samembed.TargetError``, as a box that
+    holds nothing of it gives)."""
+
+    def __init__(self, real, name: str) -> None:
+        self.real, self.name = real, name
+
+    def __getattr__(self, attr):
+        return getattr(self.real, attr)
+
+    def match(self, *args, target_names=None, **kwargs):
+        from samembed import TargetError
+
+        if target_names == [self.name]:
+            raise TargetError(f"{self.name}: nothing to search in the box")
+        return self.real.match(*args, target_names=target_names, **kwargs)
+
+    def match_atlases(self, *args, target_names=None, **kwargs):
+        from samembed import TargetError
+
+        if target_names == [self.name]:
+            raise TargetError(f"{self.name}: nothing to search in the box")
+        return self.real.match_atlases(*args, target_names=target_names, **kwargs)
+
+
+def test_earlier_matches_in_a_target_skipped_later_are_kept_and_marked_as_not_updated(a_scene, a_logic, a_small_ct,
+                                                                                      two_landmarks, monkeypatch):
+    """A target skipped by a later run (its own problem) kept the matches an earlier run had put there, unmarked: the
+    results table showed them as that run's confident matches. They are kept (positions, numbers), and marked: not
+    confident in the table and the export, the uncertain colour, a description that says why. The next match
+    replaces them as usual."""
+    later = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "later")
+    first = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, later])
+    assert all(r.confident for r in first.rows if r.target == "later")  # a copy: confident matches
+    before = control_points(first.pointLists[1])[1]
+    real = a_logic.getMatcher()
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: _SkipsTarget(real, "later"))
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, later])
+    assert [name for name, _ in outputs.skipped] == ["later"]
+    outNode = a_logic.outputPointList(two_landmarks, later)
+    np.testing.assert_array_equal(control_points(outNode)[1], before)  # kept where they were
+    records = _matchRecords(outNode)
+    assert {r["notUpdated"] for r in records.values()} == {"later: nothing to search in the box"}
+    for i in range(outNode.GetNumberOfControlPoints()):
+        assert not outNode.GetNthControlPointSelected(i)
+        assert outNode.GetNthControlPointDescription(i).startswith(
+            "not updated: the last match skipped this target (later: nothing to search in the box); the earlier "
+            "match: score ")
+    rows = a_logic.resultRows(two_landmarks)
+    assert [r.confident for r in rows if r.target == "later"] == [False, False]
+    assert all(r.confident for r in rows if r.target != "later")
+    table = a_logic.resultsTable(two_landmarks).GetTable()
+    column = [table.GetValueByName(i, "confident").ToInt() for i in range(table.GetNumberOfRows())
+              if table.GetValueByName(i, "target").ToString() == "later"]
+    assert column == [0, 0]
+    # matched again: a match as any other; skipped in a run of one point: only that point's match is marked
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: real)
+    a_logic.matchPoints(a_small_ct, two_landmarks, [later])
+    records = _matchRecords(outNode)
+    assert not any("notUpdated" in r for r in records.values())
+    assert all(outNode.GetNthControlPointSelected(i) for i in range(outNode.GetNumberOfControlPoints()))
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: _SkipsTarget(real, "later"))
+    a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, later], pointIndices=[0])
+    records = _matchRecords(outNode)
+    assert ["notUpdated" in records[two_landmarks.GetNthControlPointID(i)] for i in range(2)] == [True, False]
 
 
 def test_a_target_the_engine_cannot_match_among_several_is_skipped_and_named(a_scene, a_logic, a_small_ct,

@@ -97,3 +97,29 @@ def test_a_target_that_cannot_be_matched_is_skipped_and_the_others_are_fused(a_s
     tiny2 = add_volume(a_scene, voxels(a_small_ct)[:2, :3, :3].copy(), ijk_to_ras(a_small_ct), "tiny 2")
     with pytest.raises(InputError, match="none of the 2 targets could be matched: tiny: .*too small.*; tiny 2: "):
         a_logic.matchAtlases(atlases, [tiny, tiny2], FAST)
+
+
+def test_fused_landmarks_in_a_target_skipped_later_are_kept_and_marked_as_not_updated(a_scene, a_logic, a_small_ct,
+                                                                                      monkeypatch):
+    """A target skipped by a later fusion kept the earlier fused list unmarked; its landmarks are now kept and marked
+    (uncertain colour, the reason in the description, ``notUpdated`` in their data)."""
+    from SAMEmbeddingLib.logic import _matchRecords
+
+    from .mrml_helpers import add_volume, voxels
+    from .test_logic import _SkipsTarget
+
+    _, atlases = _atlases(a_scene, a_small_ct)
+    copy = add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "copy")
+    nodes = a_logic.matchAtlases(atlases, [a_small_ct, copy], FAST)
+    before = control_points(nodes[1])[1]
+    real = a_logic.getMatcher()
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: _SkipsTarget(real, "copy"))
+    again = a_logic.matchAtlases(atlases, [a_small_ct, copy], FAST)
+    assert [n.GetName() for n in again] == ["small CT fused matches"]
+    np.testing.assert_array_equal(control_points(nodes[1])[1], before)
+    records = _matchRecords(nodes[1])
+    assert records and all(r["notUpdated"] == "copy: nothing to search in the box" for r in records.values())
+    for i in range(nodes[1].GetNumberOfControlPoints()):
+        assert not nodes[1].GetNthControlPointSelected(i)
+        assert "atlases agreed" in nodes[1].GetNthControlPointDescription(i)
+    assert not any("notUpdated" in r for r in _matchRecords(nodes[0]).values())
