@@ -226,22 +226,24 @@ class SAMEmbeddingWidget(ScriptedLoadableModuleWidget):
         self.body = MatchWidget(self.layout, self.logic, isEntered=lambda: bool(self.parent.isEntered))
 
     def enter(self) -> None:
-        self.body.enter()
+        if self.body is not None:  # (None once cleaned up)
+            self.body.enter()
 
     def exit(self) -> None:
-        self.body.exit()
+        if self.body is not None:
+            self.body.exit()
 
     def cleanup(self) -> None:
-        if self.body is not None:
-            self.body.cleanup()
+        # once: "Reload" cleans up before the library modules reload (onReload), then Slicer's reload calls this again
+        body, self.body = self.body, None
+        if body is not None:
+            body.cleanup()
 
     def onReload(self) -> None:
         """Reload the library modules too (Developer mode "Reload")."""
         import importlib
 
-
-        if self.body is not None:
-            self.body.cleanup()
+        self.cleanup()  # the engine process and the worker stop before the modules they run are reloaded
         for name in LIBRARY_MODULES:
             importlib.reload(importlib.import_module(f"SAMEmbeddingLib.{name}"))
         ScriptedLoadableModuleWidget.onReload(self)
@@ -296,7 +298,7 @@ class SAMEmbeddingLogic(ScriptedLoadableModuleLogic):
             parameterNode = SAMEmbeddingLogic().getParameterNode()
         return matchOptionsFromParameters(parameterNode)
 
-    def setModel(self, model: str, device: str | None = None) -> None:
+    def setModel(self, model: str, device: "str | None" = None) -> None:  # (quoted: Python 3.9)
         """Choose the model ("default", a registered name or a checkpoint path) and device ("auto", "cpu", "cuda")."""
         self.core.setModel(model, device)
 

@@ -60,7 +60,8 @@ class MatchController:
     def __init__(self, logic, worker, *, prepareEngine: Callable[[], bool] | None = None,
                  onStatus: Callable[[str], None] | None = None, onProgress: ProgressFn | None = None,
                  onFinished: Callable | None = None, onError: Callable[[BaseException], None] | None = None,
-                 prepareAhead: bool = True, engineReady: Callable[[], bool] | None = None) -> None:
+                 prepareAhead: bool = True, engineReady: Callable[[], bool] | None = None,
+                 later: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.logic = logic
         self.worker = worker
         self.parameters = None
@@ -78,6 +79,10 @@ class MatchController:
         self._showHeatmap = False
         self.prepareAhead = prepareAhead
         self._engineReady = engineReady or (lambda: True)
+        self._later = later
+        """Runs a point change's match after the event that told of it (the module panel: a zero-time Qt timer), so
+        that nothing the match may show (the dependency question, an error dialog) opens inside the view's
+        interaction that placed or dragged the point; None: at once."""
         self.prepareTask = None
         """The latest "prepare volumes" task (None: none started)."""
         self._preparedFor: tuple | None = None
@@ -305,6 +310,24 @@ class MatchController:
         return changed
 
     def _pointsChanged(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        if self._later is not None:  # after the event: the points by ID (one may be deleted meanwhile)
+            pointList = self.pointList
+            pointIDs = [pointList.GetNthControlPointID(i) for i in indices]
+
+            def match() -> None:
+                if self.pointList is not pointList:  # another list was chosen meanwhile
+                    return
+                now = [pointList.GetNthControlPointIndexByID(p) for p in pointIDs]
+                # (changed still: two events of one placement, both put off, match it once)
+                self._matchChanged(self._changedPoints([i for i in now if i >= 0]))
+
+            self._later(match)
+            return
+        self._matchChanged(indices)
+
+    def _matchChanged(self, indices: list[int]) -> None:
         if not indices:
             return
         self.currentPointIndex = indices[-1]

@@ -255,7 +255,7 @@ def pythonExecutable() -> str:
         if os.path.isfile(candidate):
             return candidate
     raise EngineProcessError(f"cannot find PythonSlicer (next to {exe} or on PATH) to run the engine process; "
-                             "reinstall Slicer, or match in this process (MatchLogic(..., engine='thread'))")
+                             "reinstall Slicer, or match in this process (MatchLogic(..., engine='here'))")
 
 
 class EngineProcess:

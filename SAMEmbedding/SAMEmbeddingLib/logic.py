@@ -72,6 +72,10 @@ UNCERTAIN_COLOR = (1.00, 0.45, 0.10)
 """Colour of a match whose round trip misses the source point (the *unselected* colour)."""
 HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeIron", "vtkMRMLPETProceduralColorNodePET-Heat")
 TABLE_COLUMNS = ("label", "target", "R", "A", "S", "score", "confident", "roundtrip_mm")
+"""The results table's columns (and the CSV export's header)."""
+TABLE_TITLES = {"label": "label", "target": "target", "R": "R (mm)", "A": "A (mm)", "S": "S (mm)", "score": "score",
+                "confident": "confident", "roundtrip_mm": "round trip (mm)"}
+"""The results table's column titles: its header in a table view."""
 
 
 class MatcherProtocol(Protocol):
@@ -961,7 +965,19 @@ class MatchLogic:
             columns["score"].InsertNextValue(row.score)
             columns["confident"].InsertNextValue(int(row.confident))
             columns["roundtrip_mm"].InsertNextValue(row.roundtripMm)
-        tableNode.SetAndObserveTable(table)
+        wasModifying = tableNode.StartModify()
+        try:
+            tableNode.SetAndObserveTable(table)
+            # the titles are the view's header: without it, a table view shows the column names as its first row,
+            # so view row k would be data row k - 1 (the rows of resultRows, which a click selects)
+            if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):  # Slicer 5.8 and later
+                tableNode.SetUseColumnTitleAsColumnHeader(True)
+            else:
+                tableNode.SetUseColumnNameAsColumnHeader(True)
+            for name, title in TABLE_TITLES.items():
+                tableNode.SetColumnTitle(name, title)
+        finally:
+            tableNode.EndModify(wasModifying)
         return tableNode
 
     # -- heatmap ----------------------------------------------------------------------------
@@ -1119,8 +1135,7 @@ class MatchLogic:
 
     # -- helpers ----------------------------------------------------------------------------
     def _nodes(self, className: str) -> list:
-        collection = self.scene.GetNodesByClass(className)
-        return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+        return mrml_io.nodes_by_class(self.scene, className)
 
     def _nodesWithRole(self, className: str, role: str) -> list:
         return [n for n in self._nodes(className) if n.GetAttribute(ROLE_ATTRIBUTE) == role]

@@ -41,6 +41,19 @@ _ORTHO_TOL = 1e-4
 # ----------------------------------------------------------------------------------------------
 # matrices
 # ----------------------------------------------------------------------------------------------
+def nodes_by_class(scene, class_name: str) -> list:
+    """The nodes of ``scene`` of class ``class_name`` (subclasses included), in scene order.
+
+    ``vtkMRMLScene.GetNodesByClass`` returns a new collection that the caller must release (its own reference, on
+    top of the one the Python wrapper takes): without it, every node it holds stays alive after it is removed from
+    the scene, and after the scene is closed (as ``slicer.util.getNodesByClass`` releases it)."""
+    collection = scene.GetNodesByClass(class_name)
+    try:
+        return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    finally:
+        collection.UnRegister(None)
+
+
 def array_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     """4x4 numpy array with the values of a ``vtkMatrix4x4``."""
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)

@@ -65,11 +65,19 @@ def parsePolishLevels(text: str) -> tuple[tuple[float, ...], ...]:
 
 
 def boxLPSFromROI(roiNode) -> tuple[float, ...] | None:
-    """The world-axis-aligned box around a markups ROI, as ``(x0, y0, z0, x1, y1, z1)`` LPS mm (None: no ROI)."""
+    """The world-axis-aligned box around a markups ROI, as ``(x0, y0, z0, x1, y1, z1)`` LPS mm (None: no ROI).
+
+    Raises:
+        samembed.InputError: an ROI of no size on every axis: one made (the selector's "Create new") and not
+            placed yet, whose box would be the point at the origin.
+    """
     if roiNode is None:
         return None
     bounds = [0.0] * 6
     roiNode.GetRASBounds(bounds)  # xmin, xmax, ymin, ymax, zmin, zmax in world RAS
+    if all(hi <= lo for lo, hi in zip(bounds[0::2], bounds[1::2])):
+        raise InputError(f"the search box '{roiNode.GetName()}' has no size (not placed yet?): place it in a view, "
+                         "or choose no search box")
     r0, r1, a0, a1, s0, s1 = bounds
     return (-r1, -a1, s0, -r0, -a0, s1)
 

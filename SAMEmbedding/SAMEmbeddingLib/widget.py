@@ -68,7 +68,8 @@ class MatchWidget(VTKObservationMixin):
         self.controller = MatchController(self.logic.core, self.worker, prepareEngine=self._prepareEngine,
                                           onStatus=self._setStatus, onProgress=self._onProgress,
                                           onFinished=self._onMatchFinished, onError=self._onMatchError,
-                                          engineReady=self._readyToPrepare)
+                                          engineReady=self._readyToPrepare,
+                                          later=lambda match: qt.QTimer.singleShot(0, match))
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._poll)
@@ -331,7 +332,11 @@ class MatchWidget(VTKObservationMixin):
 
     # -- results, cache ----------------------------------------------------------------------
     def onResultClicked(self, modelIndex) -> None:
-        self.controller.selectResultRow(modelIndex.row())
+        # the view's index is of its sort proxy: the table's own row is that of the source model (the table node
+        # shows its column titles as the header, so the model's rows are the table's, see updateResultsTable)
+        view = self.ui.resultsTableView
+        row = view.sortFilterProxyModel().mapToSource(modelIndex).row() if view.sortFilterProxyModel() else modelIndex.row()
+        self.controller.selectResultRow(row)
 
     def onExport(self) -> None:
         p = self._parameterNode

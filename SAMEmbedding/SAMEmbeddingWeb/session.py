@@ -141,9 +141,8 @@ class MatchSession:
 
     def volumes(self) -> list:
         """The loaded image volumes (not the heatmaps), in loading order."""
-        collection = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
-        return [n for n in nodes if n.GetAttribute(ROLE_ATTRIBUTE) is None]
+        return [n for n in mrml_io.nodes_by_class(self.scene, "vtkMRMLScalarVolumeNode")
+                if n.GetAttribute(ROLE_ATTRIBUTE) is None]
 
     def load_volume(self, path: Path, name: str | None = None):
         """Load one image file or DICOM folder; the first loaded becomes the source, the next ones targets. The

@@ -952,3 +952,29 @@ def test_a_target_the_engine_cannot_match_among_several_is_skipped_and_named(a_s
     controller._finished(outputs, None)
     assert said == [f"{len(outputs.rows)} match(es), {sum(r.confident for r in outputs.rows)} confident; skipped: "
                     f"tiny ({outputs.skipped[0][1]})"]
+
+
+def test_looking_up_the_output_nodes_keeps_no_node_alive(a_scene, a_logic, a_small_ct, two_landmarks):
+    """``vtkMRMLScene.GetNodesByClass`` returns a collection the caller must release: the logic's node lookups (the
+    module panel's every update, every heatmap slider tick) did not, so every node of the class stayed alive after
+    it was removed or its scene closed: each volume's voxels, in a long Slicer session."""
+    extra = add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "extra")
+    a_logic.matchPoints(a_small_ct, two_landmarks, [extra])
+    outNode = a_logic.outputPointList(two_landmarks, extra)
+    counts = (extra.GetReferenceCount(), outNode.GetReferenceCount())
+    for _ in range(3):
+        a_logic.outputPointLists(two_landmarks)
+        a_logic.resultsTable(two_landmarks)
+        a_logic.heatmapNode(extra)
+        a_logic._nodes("vtkMRMLScalarVolumeNode")
+    assert (extra.GetReferenceCount(), outNode.GetReferenceCount()) == counts
+
+
+def test_the_results_table_shows_its_column_titles_as_the_header(a_logic, a_small_ct, two_landmarks):
+    """Without it, a table view shows the column names as its first row: a clicked row k was the match of row
+    k - 1 (the header row jumped to the first match, the last row to none)."""
+    a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct])
+    table = a_logic.resultsTable(two_landmarks)
+    assert table.GetUseColumnTitleAsColumnHeader()
+    assert [table.GetColumnTitle(n) for n in ("label", "R", "roundtrip_mm")] == ["label", "R (mm)", "round trip (mm)"]
+    assert table.GetNumberOfRows() == len(a_logic.resultRows(two_landmarks)) == 2

@@ -68,6 +68,21 @@ def test_a_bad_parameter_is_a_clear_input_error(parameter, value, message):
         matchOptionsFromParameters(parameters)
 
 
+def test_a_search_box_not_placed_yet_is_a_clear_input_error(a_scene):
+    """An ROI made by the selector's "Create new" and not placed has no size: its box was the point at the origin,
+    and every target's search was confined to it. It is refused, named; a placed one of no depth is a box."""
+    roi = slicer.vtkMRMLMarkupsROINode()
+    roi.SetName("box")
+    a_scene.AddNode(roi)
+    parameters = _defaults()
+    parameters.searchBox = roi
+    with pytest.raises(InputError, match="the search box 'box' has no size \\(not placed yet\\?\\): place it"):
+        matchOptionsFromParameters(parameters)
+    roi.SetCenter(10.0, -20.0, 30.0)
+    roi.SetSize(40.0, 50.0, 0.0)  # a box on one plane (a one-slice image's)
+    assert matchOptionsFromParameters(parameters).box_lps_mm == pytest.approx((-30.0, -5.0, 30.0, 10.0, 45.0, 30.0))
+
+
 class RecordingMatcher:
     """Records the options of each engine call and answers with the clicked points (no model needed)."""
 

@@ -13,15 +13,17 @@ MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 def _listed() -> set[str]:
     sets = cmake_sets(MODULE_CMAKE)
     scripts = [s.replace("${MODULE_NAME}", sets["MODULE_NAME"][0]) for s in sets["MODULE_PYTHON_SCRIPTS"]]
-    listed = {f"SAMEmbedding/{s}" for s in scripts}
+    listed = {f"SAMEmbedding/{s}" for s in scripts + sets["MODULE_PACKAGE_RESOURCES"]}
     listed |= set(sets["MODULE_SHARED_RESOURCES"])
     return listed
 
 
 def _must_ship() -> set[str]:
-    files = project_files("SAMEmbedding/SAMEmbedding.py", "SAMEmbedding/SAMEmbeddingLib", "SAMEmbedding/samembed",
-                          "Resources/UI", "Resources/Icons", "Resources/Models")
-    need = {f for f in files if not f.startswith("SAMEmbedding/") or f.endswith(".py")}
+    files = project_files("SAMEmbedding/SAMEmbedding.py", "SAMEmbedding/SAMEmbeddingLib", "SAMEmbedding/SAMEmbeddingWeb",
+                          "SAMEmbedding/samembed", "Resources/UI", "Resources/Icons", "Resources/Models")
+    # every file: the packages' own non-Python files too (the propagation report's template: without it, a report
+    # could not be written from an installed extension)
+    need = set(files)
     registry = REPO / "Resources" / "Models" / "models.json"
     for model in json.loads(registry.read_text(encoding="utf-8")).get("models", []):
         for key in ("file", "model_card"):
@@ -43,6 +45,7 @@ def test_everything_cmake_lists_exists():
 def test_the_module_uses_the_scripted_module_macro_with_generic_and_self_tests():
     text = MODULE_CMAKE.read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in text
+    assert "RESOURCES ${MODULE_PACKAGE_RESOURCES}" in text
     assert "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 

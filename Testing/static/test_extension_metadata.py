@@ -62,3 +62,13 @@ def test_the_catalog_entry_agrees_with_cmake_and_s4ext(catalog, cmake, s4ext):
     assert s4ext["scmurl"].removesuffix(".git") == catalog["scm_url"]
     assert catalog["scm_revision"] == s4ext["scmrevision"]
     assert cmake["EXTENSION_HOMEPAGE"].startswith(catalog["scm_url"])
+
+
+def test_the_icon_and_screenshot_urls_name_files_of_this_repository(cmake):
+    """The catalog shows the icon and screenshots from these URLs (the repository's main branch): each must name a
+    file that this checkout holds (the screenshot named ``Docs/Screenshot01.png``, which never existed)."""
+    prefix = "https://raw.githubusercontent.com/SAMEmbedding/SlicerSAMEmbedding/main/"
+    urls = [cmake["EXTENSION_ICONURL"], *cmake["EXTENSION_SCREENSHOTURLS"].split()]
+    for url in urls:
+        assert url.startswith(prefix), url
+        assert (REPO / url[len(prefix):]).is_file(), f"{url} names no file of this repository"

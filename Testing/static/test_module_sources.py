@@ -140,3 +140,47 @@ def test_no_engine_module_imports_the_benchmark_package():
 def test_importing_the_engine_and_its_cli_loads_no_benchmark_code():
     loaded = _fresh_modules("import samembed, samembed.cli, samembed.api")
     assert not {m for m in loaded if m.split(".")[0] == BENCH_PACKAGE or m.startswith("samembed.evaluation")}
+
+
+def _runtime_unions(tree: ast.Module) -> list[int]:
+    """Lines of annotations written ``X | Y`` that Python evaluates when the file is imported (no ``from __future__
+    import annotations``): function signatures and annotated names outside functions."""
+    lines = []
+
+    def has_union(node) -> bool:
+        return node is not None and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(node))
+
+    def visit(body, in_function: bool) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                    if arg is not None and has_union(arg.annotation):
+                        lines.append(arg.lineno)
+                if has_union(node.returns):
+                    lines.append(node.lineno)
+                visit(node.body, True)
+            elif isinstance(node, ast.ClassDef):
+                visit(node.body, in_function)
+            elif isinstance(node, ast.AnnAssign) and not in_function and has_union(node.annotation):
+                lines.append(node.lineno)
+            else:
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []) or [], in_function)
+
+    visit(tree.body, False)
+    return lines
+
+
+@pytest.mark.parametrize("path", sorted(MODULE_DIR.rglob("*.py")), ids=lambda p: str(p.relative_to(MODULE_DIR)))
+def test_no_file_evaluates_a_union_annotation_that_python_3_9_cannot(path):
+    """Slicer 5.4-5.8 run Python 3.9, where ``str | None`` evaluated at run time raises a TypeError: a module file
+    with one in a signature failed to load. Each file either defers its annotations (``from __future__ import
+    annotations``) or writes no such union where it would be evaluated (quoted is fine)."""
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    deferred = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+                   for n in tree.body)
+    assert deferred or not _runtime_unions(tree), (
+        f"{path}: lines {_runtime_unions(tree)} annotate with X | Y, which Python 3.9 cannot evaluate; add "
+        "'from __future__ import annotations' or quote the annotation")
