@@ -434,7 +434,7 @@ def _require_images(paths: list[str]) -> None:
 def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
     """Make the output folders (``--out FOLDER/``, ``--heatmap-dir``) and check that every output can be written,
     before anything is computed; :class:`InputError` names the flag, the path and the problem."""
-    from .io import check_writable, markups_suffix
+    from .io import check_writable, markups_suffix, output_folder
 
     folders = [("--heatmap-dir", Path(args.heatmap_dir))] if args.heatmap_dir else []
     if folder_out:
@@ -451,20 +451,6 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
         check_writable(out)  # (a link: where it points, as it is written)
     for flag, folder in folders:
         output_folder(flag, folder)
-
-
-def output_folder(flag: str, folder: Path) -> None:
-    """Make the output folder ``folder`` of option ``flag`` (with its parents) unless it exists, before anything is
-    computed; :class:`InputError` names the flag, the path and the problem (a file, not creatable, not writable)."""
-    from .io import check_is_folder
-
-    check_is_folder(flag, folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{flag} {folder}: cannot create the folder ({e.strerror or e}); choose another {flag}") from e
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
 
 
 #: heatmaps on the targets' voxels above this many bytes of float32 (to make, round and compress) get a hint
@@ -642,6 +628,8 @@ def _cmd_embed(args) -> int:
     if not args.cache_dir:
         raise InputError("samembed embed needs --cache-dir DIR to store the embeddings")
     _require_images(args.images)  # before the cache folder is made and torch loads
+    from .io import output_folder
+
     output_folder("--cache-dir", Path(args.cache_dir))
     bar = PhaseProgress(len(args.images), "loading torch" if "torch" not in sys.modules else "loading the model",
                         not args.quiet, started_s=getattr(args, "started_s", None))

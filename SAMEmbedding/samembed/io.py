@@ -74,6 +74,18 @@ def check_is_folder(what: str, folder: Path) -> None:
         raise InputError(f"{what} {folder}: is a file, expected a folder")
 
 
+def output_folder(flag: str, folder: Path) -> None:
+    """Make the output folder ``folder`` of option ``flag`` (with its parents) unless it exists, before anything is
+    computed; :class:`InputError` names the flag, the path and the problem (a file, not creatable, not writable)."""
+    check_is_folder(flag, folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{flag} {folder}: cannot create the folder ({e.strerror or e}); choose another {flag}") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Raise :class:`InputError` unless ``path`` can be created (its folder exists and is writable); returns the path
     written: a symbolic link's target (outputs are written through links, :func:`atomic_path`)."""

@@ -392,6 +392,39 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_r
     assert '"ncc": null' in text and np.isnan(ResultStore(out).load()[scans[0].id]["matches"][0]["ncc"])
 
 
+def test_a_stop_while_the_last_tables_are_written_keeps_them_whole(setup, client, full_run, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) after the last scan, while the tables and run.json were written, cut them in half:
+    matches.csv without the last scans and run.json still "running", or a "finished" run without its page. The
+    tables and run.json are now written whole, then the run stops before its page: run.json says so, and --resume
+    writes the page."""
+    import os
+    import signal
+
+    from samembed.propagate import propagate
+    from samembed.propagate.results import ResultStore
+
+    write_tables = ResultStore.write_tables
+
+    def stopped_meanwhile(self, scans, force=True, every_s=0.0):
+        if force:  # the final tables: Ctrl-C arrives while they are written
+            os.kill(os.getpid(), signal.SIGINT)
+        return write_tables(self, scans, force, every_s)
+
+    monkeypatch.setattr(ResultStore, "write_tables", stopped_meanwhile)
+    scans, out = setup["scans"][:2], tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup), client=client)
+    monkeypatch.setattr(ResultStore, "write_tables", write_tables)
+    ref = [r for r in _rows(full_run[0]) if r["scan"] in {s.id for s in scans}]
+    assert _rows(out) == ref  # every scan in the table
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "interrupted" and run["note"].startswith("stopped before report.html was written")
+    assert run["done"] == 2 and not (out / "report.html").exists()
+    summary = propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup, resume=True), client=client)
+    assert (summary.skipped, summary.finished) == (2, 0) and (out / "report.html").is_file()
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
 def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(setup, client, full_run, tmp_path):
     from samembed.propagate import Atlas, propagate
 
@@ -639,6 +672,34 @@ def test_a_new_run_into_a_folder_holding_run_files_is_refused_and_changes_nothin
         propagate(setup["atlas"], setup["manifest"], out, MatchOptions(), _settings(setup))
     assert sorted(p.name for p in out.iterdir()) == ["matches.csv", "report.html"]
     assert (out / "matches.csv").read_text() == "mine\n"
+
+
+def test_an_output_folder_that_cannot_be_made_or_written_and_a_bad_memory_limit_are_refused_before_the_cluster(
+        setup, tmp_path):
+    """--out naming a file said only "File exists" (exit 1); a folder that could not be written started the cluster,
+    then failed as a worker's traceback; --memory-limit lots was an internal error once the cluster started. Each is
+    now an input error naming the flag, before the cluster starts."""
+    import os
+
+    from samembed.errors import InputError
+    from samembed.propagate import propagate
+
+    a_file = tmp_path / "m1.csv"
+    a_file.write_text("mine\n")
+    with pytest.raises(InputError, match=r"--out .*m1.csv: is a file, expected a folder"):
+        propagate(setup["atlas"], setup["manifest"], a_file, MatchOptions(), _settings(setup))
+    with pytest.raises(InputError, match=r"--out .*m1.csv/run: cannot create the folder"):
+        propagate(setup["atlas"], setup["manifest"], a_file / "run", MatchOptions(), _settings(setup))
+    if os.geteuid() != 0:  # (root writes anywhere)
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(InputError, match=r"--out .*ro: the folder is not writable; choose another --out"):
+            propagate(setup["atlas"], setup["manifest"], ro, MatchOptions(), _settings(setup))
+    assert a_file.read_text() == "mine\n"
+    for size in ("lots", "2XB"):
+        with pytest.raises(InputError, match=rf"memory limit \(--memory-limit\) '{size}': give a size per worker"):
+            _settings(setup, memory_limit=size)
+    assert _settings(setup, memory_limit="6GB").memory_limit == "6GB"
 
 
 def test_an_atlas_point_file_of_x_y_only_for_a_ct_is_refused_before_any_atlas_is_embedded(setup, client, tmp_path):

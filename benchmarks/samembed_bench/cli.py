@@ -41,7 +41,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Run the methods on the cases and write the report. The output folder is made and checked before any case
     runs; a run stopped by Ctrl-C or SIGTERM reports the pairs it finished (then exits 130 or 143); a run whose
     every pair failed exits 2 after its report (which lists the failures), one where some failed exits 3."""
-    from samembed.cli import output_folder
+    from samembed.io import output_folder
 
     from .cases import read_cases
     from .runner import environment_info, parse_methods, run_cases, write_report

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, InputError, SamEmbedError, refuse_mixed_dimensions
+from ..io import output_folder
 from ..names import atlas_names
 from ..options import MatchOptions
+from ..stopping import StopBetweenSteps
 from .manifest import Scan, file_stamp, read_scans
 from .results import ResultStore
 from .settings import Atlas, PropagateSettings
@@ -288,7 +290,9 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                          "continue it, or choose another --out (nothing was changed)")
     _check_atlas_points(atlas_list, point_lists, settings)
     points = point_lists[0]
-    out.mkdir(parents=True, exist_ok=True)
+    # made and checked before the cluster starts: an --out that is a file or cannot be written is named now, not as a
+    # worker's traceback when it first writes there
+    output_folder("--out", out)
     cache_dir = str(Path(settings.cache_dir or out / "cache").resolve())
     job = ScanJob(atlas.image, tuple(points.labels), tuple(tuple(float(v) for v in p) for p in points.points_lps_mm),
                   options, settings.engine_key(), cache_dir, settings.thumbnails, settings.thumbnail_mm,
@@ -402,12 +406,26 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             raise
         finally:
             bar.close()
-    summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, interrupted, workers)
-    if settings.report:
-        t_report = time.time()
-        summary.report = _report(store, scan_list, settings, out)
-        run_info["phases_s"]["report"] = time.time() - t_report
+    # every scan has its record: the tables and run.json follow them whole (a first Ctrl-C or SIGTERM meanwhile is
+    # noted, not let through: a stop there left matches.csv without the last scans and run.json "running")
+    with StopBetweenSteps() as shield:
+        summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, interrupted, workers)
+    try:
+        if shield.requested is not None:
+            shield.stop()
+        if settings.report:
+            t_report = time.time()
+            summary.report = _report(store, scan_list, settings, out)
+            run_info["phases_s"]["report"] = time.time() - t_report
+            store.write_run(run_info)
+    except KeyboardInterrupt:  # (SIGTERM too): every scan is done and in the tables
+        if summary.report is None:  # the page is not written
+            run_info.update(status="interrupted", note="stopped before report.html was written; every scan is done "
+                            "(matches.csv, failures.csv); rerun with --resume to write the page")
+            say(f"interrupted: every scan is done ({out / 'matches.csv'}), report.html was not written; rerun with "
+                "--resume to write it")
         store.write_run(run_info)
+        raise
     say(f"{_count(summary.finished, 'scan')} matched, {summary.failed} failed, {summary.skipped} skipped (finished "
         f"before) in {summary.elapsed_s:.0f} s; results in {out}"
         + (f"; the failures and why: {out / 'failures.csv'}" if summary.failed else ""))
