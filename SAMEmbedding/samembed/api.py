@@ -26,7 +26,7 @@ import torch
 from .affine import apply_affine
 from .consistency import consistent_matches, min_points
 from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
-from .errors import Cancelled, InputError, of_the_target, refuse_mixed_dimensions
+from .errors import Cancelled, InputError, TargetError, of_the_target, refuse_mixed_dimensions
 from .fusion import Atlas, FusionOptions, fuse_points, landmark_union
 from .heatmap import Heatmaps
 from .image import Image
@@ -99,14 +99,17 @@ def _points_array(points, ndim: int, source: Image) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _partial_when_cancelled(result: MatchResult):
+def _partial_when_stopped(result: MatchResult, place: list[int | None]):
     """A :class:`Cancelled` raised inside (by the source's embedding, a target's, or between targets) holds
-    ``result``, the targets finished so far, as its ``partial`` (it was None when raised below)."""
+    ``result``, the targets finished so far, as its ``partial`` (it was None when raised below); so does a
+    :class:`TargetError`, with the place of its target among the targets, ``place[0]``, as its ``target_index``."""
     try:
         yield
-    except Cancelled as e:
+    except (Cancelled, TargetError) as e:
         if e.partial is None:
             e.partial = result
+        if isinstance(e, TargetError) and e.target_index is None:
+            e.target_index = place[0]
         raise
 
 
@@ -312,10 +315,13 @@ class Matcher:
         if progress:
             progress(0, n_targets, f"embedding source {Path(inputs.source.name).name}")
         result = MatchResult([], [])
-        with _partial_when_cancelled(result):  # a Cancelled from anywhere inside holds the finished targets
+        place: list[int | None] = [None]  # the target being matched
+        # a Cancelled or a target's TargetError from anywhere inside holds the finished targets
+        with _partial_when_stopped(result, place):
             src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need
             result.timings["source_embed_s"] = time.time() - t0
             for ti, target in enumerate(inputs.targets):
+                place[0] = ti
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"cancelled after {ti} of {len(inputs.targets)} targets", partial=result)
                 t1 = time.time()

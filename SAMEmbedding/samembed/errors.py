@@ -28,7 +28,14 @@ class TargetError(InputError):
     """A problem of one target image, not of the source, the points or the settings: it cannot be read (also for lack
     of permission, among several targets), is too small for the model, has another dimension than the source, or
     leaves nothing to search. A command over many targets names it and skips that target (``samembed match`` with
-    several targets, the Slicer module's point matching and multi-atlas fusion)."""
+    several targets, the Slicer module's point matching and multi-atlas fusion).
+
+    Raised by ``Matcher.match`` over several targets, it tells which and keeps what was done: ``target_index`` is
+    the target's place among them, ``partial`` the ``MatchResult`` of the targets finished before it, so that a
+    script can keep those and go on with the targets after it."""
+
+    target_index: int | None = None
+    partial: Any = None
 
 
 class CheckpointError(InputError):

@@ -668,6 +668,12 @@ def test_a_problem_of_one_target_is_a_target_error_and_one_of_the_source_is_not(
     for bad, said in ((tiny, "is too small"), (flat, "2D"), ("/nonexistent/scan.nii.gz", "/nonexistent/scan.nii.gz")):
         with pytest.raises(TargetError, match=said):
             a_random_matcher.match(ct, pts, [bad], options=MatchOptions(polish=False))
+    # among several targets, it says which and keeps the targets finished before it (a script goes on from there)
+    with pytest.raises(TargetError, match="is too small") as err:
+        a_random_matcher.match(ct, pts, [ct, tiny, ct], labels=["P"], options=MatchOptions(polish=False),
+                               target_names=["first", "tiny", "third"])
+    assert err.value.target_index == 1
+    assert err.value.partial.targets == ["first"] and [m.label for m in err.value.partial.matches] == ["P"]
     with pytest.raises(InputError, match="is too small") as err:
         a_random_matcher.match(tiny, [[1.0, 1.0, 0.0]], [ct], options=MatchOptions(polish=False))
     assert not isinstance(err.value, TargetError)
