@@ -640,16 +640,26 @@ def _cmd_embed(args) -> int:
             after_torch_import()  # as in _match (samembed.torch_import)
         bar.phase("loading the model")
         matcher = _make_matcher(args)
-        unstored = []
+        unstored, skipped = [], []
         for n, path in enumerate(args.images):
             t0 = time.time()
             bar.update(n, len(args.images), f"reading {Path(path).name}")
-            image = as_image(path, spacing_mm=args.spacing)
             label = f"embedding {n + 1}/{len(args.images)} {Path(path).name}"
-            # what a cache entry holds: the global map and the body's local vectors (the air is never embedded)
-            embedder = matcher.embedder_for(image.ndim)
-            maps = embedder.embed_body(image, progress=lambda done, total, phase, label=label:
-                                       bar.phase(f"{label}: {phase} {done:g}/{total:g}"))
+            try:  # an image that cannot be read or embedded is its own problem: among several, named and skipped
+                with of_the_target():
+                    image = as_image(path, spacing_mm=args.spacing)
+                    # what a cache entry holds: the global map and the body's local vectors (the air is never
+                    # embedded)
+                    embedder = matcher.embedder_for(image.ndim)
+                    maps = embedder.embed_body(image, progress=lambda done, total, phase, label=label:
+                                               bar.phase(f"{label}: {phase} {done:g}/{total:g}"))
+            except (TargetError, PermissionError) as e:
+                if len(args.images) == 1:
+                    raise
+                log.error("image %d/%d skipped (the others go on): %s", n + 1, len(args.images),
+                          f"{e.filename}: {e.strerror}" if isinstance(e, PermissionError) and e.filename else e)
+                skipped.append(path)
+                continue
             if embedder.disk_write_failed:  # (clear_cache below tries the folder again for the next image)
                 unstored.append(path)
             bar.update(n + 1, len(args.images), label)
@@ -662,6 +672,10 @@ def _cmd_embed(args) -> int:
         log.error("%d of %d images were not stored in %s (see the warnings above; a full disk or a folder this user "
                   "may not write): %s", len(unstored), len(args.images), args.cache_dir, ", ".join(map(str, unstored)))
         return 1
+    if skipped:  # (as samembed match: 3 when the others were embedded, 2 when none could be)
+        log.error("%d of %d images could not be embedded (each is named above): %s", len(skipped), len(args.images),
+                  ", ".join(map(str, skipped)))
+        return 2 if len(skipped) == len(args.images) else EXIT_SOME_FAILED
     return 0
 
 

@@ -1355,6 +1355,27 @@ def test_embed_says_which_images_it_could_not_store_and_fails(tmp_path, two_cts,
     assert any(f"1 of 2 images were not stored in {cache}" in m and str(two_cts[1]) in m for m in errors), errors
 
 
+def test_embed_skips_an_image_it_cannot_read_among_several_and_embeds_the_others(tmp_path, two_cts, caplog):
+    """``samembed embed`` over many scans stopped at the first it could not read (exit 2), and the scans after it
+    were never embedded; as ``samembed match`` does with targets, it is now named and skipped, the others are
+    embedded, and the exit status is 3 (2 when none could be, or when it was the only one)."""
+    import logging
+
+    cache = tmp_path / "cache"
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(Path(two_cts[0]).read_bytes()[:20000])  # a download cut short
+    common = ["--cache-dir", str(cache), "--model", "random:sam-lite", "--device", "cpu", "--quiet"]
+    with caplog.at_level(logging.ERROR, logger="samembed"):
+        code = main(["embed", str(two_cts[0]), str(cut), str(two_cts[1]), *common])
+    assert code == 3
+    assert len(list(cache.glob("*.samemb.pt"))) == 2  # the images before and after it
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(m.startswith(f"image 2/3 skipped (the others go on): {cut}: cannot read this image") for m in errors)
+    assert f"1 of 3 images could not be embedded (each is named above): {cut}" in errors
+    assert main(["embed", str(cut), *common]) == 2
+    assert main(["embed", str(cut), str(cut), *common]) == 2
+
+
 def test_a_cache_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     """``match --cache-dir FILE`` warned "[Errno 17] File exists" and exited 0 with nothing cached; ``cache info
     FILE`` called it missing (from an audit)."""
