@@ -36,6 +36,7 @@ from .matcher import (
     allowed_at,
     box_mask,
     boxes_around,
+    in_air,
     mask_from_image,
     match_points,
     scores_at,
@@ -320,6 +321,7 @@ class Matcher:
         with _partial_when_stopped(result, place):
             src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need
             result.timings["source_embed_s"] = time.time() - t0
+            self._warn_of_points_in_air(src_maps, inputs)
             for ti, target in enumerate(inputs.targets):
                 place[0] = ti
                 if cancel is not None and cancel.is_set():
@@ -644,6 +646,19 @@ class Matcher:
         matcher's own would be repeated (each worker of ``samembed propagate``, whose command names the atlases
         that lack landmarks at its start). The matcher does not log them again."""
         self._warned.update(messages)
+
+    def _warn_of_points_in_air(self, src_maps: EmbeddingMaps, inputs: _Inputs) -> None:
+        """Say which points lie in the air around the source's body (:func:`~samembed.matcher.in_air`): they are
+        matched all the same, but SAM matches anatomy, so such a match means little (a click beside the body, or
+        points in the other frame that still fall inside the image)."""
+        if inputs.source.ndim != 3:  # (a radiograph's body is not masked)
+            return
+        air = np.flatnonzero(in_air(src_maps, inputs.points_lps_mm))
+        if len(air):
+            named = ", ".join(repr(inputs.labels[i]) for i in air[:3]) + (", ..." if len(air) > 3 else "")
+            self._warn_once(f"{len(air)} of {len(inputs.labels)} points lie outside the body of {inputs.source.name} "
+                            f"({named}): the image shows air there, and SAM matches anatomy, so their matches mean "
+                            "little; check where they were placed, and their frame (LPS, or RAS: --ras)")
 
     def _warn_once(self, message: str) -> None:
         """Log a warning about the inputs once per matcher: a command matches its atlases into one target at a

@@ -386,11 +386,14 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         bar.close()
     if not args.quiet:
         for r in done:
-            for row in r.rows(ras=args.ras):
+            for m, row in zip(r.matches, r.rows(ras=args.ras)):
                 frame = "RAS" if args.ras else "LPS"
+                # a fused match is confident when its atlases agree: said with how many, not with a round trip
+                why = (f"{m.agreeing} of {m.atlases} atlases agree, spread {m.spread_mm:.1f} mm" if m.atlases > 1
+                       else f"round trip {row['roundtrip_mm']:.1f} mm")
                 print(f"{Path(row['target']).name}\t{row['label']}\t({row['x']:.1f}, {row['y']:.1f}, {row['z']:.1f}) "
                       f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'} "
-                      f"(round trip {row['roundtrip_mm']:.1f} mm)")
+                      f"({why})")
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     if failed:
         log.error("%d of %d targets could not be matched (each is named above): %s; %s holds the others", len(failed),

@@ -8,6 +8,7 @@ target's local grid (oblique directions included).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -407,6 +408,21 @@ def allowed_at(maps: EmbeddingMaps, allowed: torch.Tensor, points_lps_mm: np.nda
         flat = _ravel(torch.from_numpy(ijk[inside][:, ::-1].copy()), grid.shape_zyx)
         out[inside] = allowed.cpu()[flat].numpy()
     return out
+
+
+def in_air(maps: EmbeddingMaps, points_lps_mm: np.ndarray, reach_voxels: int = 1) -> np.ndarray:
+    """(N,) bool: no body voxel (``maps.search_mask(True)``) lies within ``reach_voxels`` local voxels of each LPS mm
+    point along every axis (4 mm on the default grid): a click in the air around the body (a point placed off the
+    body, or given in the other frame). A point on the skin is not in air."""
+    body = maps.search_mask(True)
+    grid = maps.local_grid
+    pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :grid.ndim]
+    near = np.zeros(len(pts), dtype=bool)
+    steps = range(-reach_voxels, reach_voxels + 1)
+    for offset in itertools.product(steps, repeat=grid.ndim):  # (i, j, k) voxel steps
+        shifted = grid.index_to_lps(grid.lps_to_index(pts) + np.asarray(offset, dtype=np.float64))
+        near |= allowed_at(maps, body, shifted)
+    return ~near
 
 
 def match_points(source: EmbeddingMaps, points_lps_mm: np.ndarray, target: EmbeddingMaps,

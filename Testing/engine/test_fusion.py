@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -144,7 +145,7 @@ def test_the_cli_fuses_atlases_with_other_landmarks_and_names_an_atlas_whose_lab
 
 
 @pytest.mark.needs_data
-def test_the_cli_fuses_atlases_and_writes_agreement_and_spread(tmp_path, ct_and_points):
+def test_the_cli_fuses_atlases_and_writes_agreement_and_spread(tmp_path, ct_and_points, capsys):
     ct, pts = ct_and_points
     path = data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")
     for name, shift in (("a", 0.0), ("b", 0.0), ("c", 60.0)):
@@ -153,11 +154,16 @@ def test_the_cli_fuses_atlases_and_writes_agreement_and_spread(tmp_path, ct_and_
     (tmp_path / "atlases.csv").write_text("image,points\n" + "".join(f"{path},{name}.csv\n" for name in "abc"))
     out = tmp_path / "o.csv"
     code = main(["match", "--atlases", str(tmp_path / "atlases.csv"), str(path), "--out", str(out),
-                 "--model", "random:sam-lite", "--device", "cpu", "-q", "--no-polish"])
+                 "--model", "random:sam-lite", "--device", "cpu", "--no-polish"])
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["label"] for r in rows] == ["x", "y", "z"]
     assert all(r["atlases"] == "3" and r["agreeing"] == "2" and float(r["spread_mm"]) < 0.01 for r in rows)
+    # the terminal says why a fused match is confident or not: how many atlases agree (its round trip, a median of
+    # the agreeing atlases', read as "confident (round trip 24.7 mm)" beside "NOT confident (round trip 4.0 mm)")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "\tscore " in line]
+    assert len(lines) == 3 and all(re.search(r"confident \(2 of 3 atlases agree, spread 0\.0 mm\)$", line)
+                                   for line in lines), lines
 
 
 @pytest.mark.parametrize("groups", [1, 2])
