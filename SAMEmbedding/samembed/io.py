@@ -295,9 +295,20 @@ def _series_files(folder: Path, reader) -> tuple[str, ...]:
     """The files of the DICOM series to read from ``folder``: its only series, or, when it holds several (a study
     folder: scouts, reconstructions), the one with the most files (the first of them in GDCM's order on a tie), with
     a warning that names each series and says how to choose another."""
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own "No Series were found" lines: said below, once
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
-        raise InputError(f"{folder}: folder holds no DICOM series; pass an image file or a DICOM folder")
+        images = sorted(f.name for f in folder.iterdir()
+                        if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.lower().endswith(".dcm"))
+        hint = (f"; it holds {len(images)} image file(s) ({', '.join(images[:3])}{', ...' if len(images) > 3 else ''}): "
+                "pass them themselves" if images else "; pass an image file or a DICOM folder")
+        raise InputError(f"{folder}: folder holds no DICOM series{hint}")
     files = [reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series]
     pick = max(range(len(series)), key=lambda k: (len(files[k]), -k))
     if len(series) > 1:

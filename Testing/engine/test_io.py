@@ -779,3 +779,17 @@ def test_a_frame_column_gives_the_frame_of_x_y_z_and_must_be_one_frame(tmp_path)
     path.write_text("target,label,x,y,z,frame\nt,A,1,2,3,\n")
     np.testing.assert_array_equal(read_points(path).points_lps_mm, [[1.0, 2.0, 3.0]])
     np.testing.assert_array_equal(read_points(path, ras=True).points_lps_mm, [[-1.0, -2.0, 3.0]])
+
+
+def test_a_folder_without_dicom_series_names_its_image_files_and_itk_says_nothing(tmp_path, capfd):
+    """A folder of other images given where a DICOM folder is read: ITK printed its own "No Series were found"
+    warning lines (twice, with its build paths) before the error; the error now names the image files to pass."""
+    write_image(an_oblique_image(), tmp_path / "scan.nii.gz")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"folder holds no DICOM series; it holds 1 image file\(s\) \(scan.nii.gz\): "
+                                         "pass them themselves"):
+        read_image(tmp_path)
+    (tmp_path / "scan.nii.gz").unlink()
+    with pytest.raises(InputError, match="folder holds no DICOM series; pass an image file or a DICOM folder"):
+        read_image(tmp_path)
+    assert "No Series" not in capfd.readouterr().err
