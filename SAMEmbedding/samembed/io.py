@@ -675,6 +675,10 @@ def check_points_inside(points: PointList, points_file: str | os.PathLike, image
         i = int(np.argmax(outside))
         hint = ("the points were read as RAS (--ras): if the file holds LPS coordinates, leave out --ras" if ras else
                 "if the coordinates are RAS (Slicer's), add --ras")
+        if image.ndim == 2:  # a radiograph's points are often given in pixels
+            spacing = " x ".join(f"{v:g}" for v in image.grid.spacing_mm[:2])
+            hint += (f"; if they are pixel indices, give them in mm instead (index x the pixel spacing, {spacing} mm, "
+                     "from the image's origin)")
         raise InputError(f"{points_file}: point '{points.labels[i]}' at "
                          f"({', '.join(f'{v:.1f}' for v in points.points_lps_mm[i])}) mm LPS lies outside "
                          f"{image.name} ({int(outside.sum())} of {len(outside)} points do); {hint}")
@@ -684,7 +688,8 @@ def refuse_missing_z(dims: int, points_file: str | os.PathLike, image_ndim: int,
     """:func:`check_point_dims` for a file whose points have ``dims`` coordinates each (an atlas of a run)."""
     if dims < image_ndim:
         raise InputError(f"{points_file}: its points have {dims} coordinates (label,x,y), but {image_name} is a "
-                         f"{image_ndim}D image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras)")
+                         f"{image_ndim}D image; give each point's z too (label,x,y,z in LPS mm, or RAS with --ras; "
+                         "a line of x,y,z alone is read as label,x,y: put a label before the coordinates)")
 
 
 def _parse_float(value: str, path: Path, row: int | str) -> float:

@@ -23,8 +23,10 @@ def test_a_csv_point_list_knows_how_many_coordinates_its_file_gave(tmp_path, tex
     assert points.dims == dims and points.points_lps_mm.shape == (1, 3)
     check_point_dims(points, path, 2, "radiograph.png")  # x, y is enough for a 2D image
     if dims == 2:
+        # (the message also says how a line of x,y,z alone was read: a new user's file of "248.8,288.6,172.2")
         with pytest.raises(InputError, match=rf"{path}: its points have 2 coordinates \(label,x,y\), but ct.nii.gz is "
-                                             r"a 3D image; give each point's z too"):
+                                             r"a 3D image; give each point's z too .*a line of x,y,z alone is read as "
+                                             r"label,x,y: put a label before the coordinates"):
             check_point_dims(points, path, 3, "ct.nii.gz")
     else:
         check_point_dims(points, path, 3, "ct.nii.gz")
@@ -68,3 +70,16 @@ def test_the_api_refuses_xy_points_for_a_ct_and_takes_them_for_a_radiograph():
     hand = Matcher(str(hand_model()), device="cpu", spacing_mm=0.2)
     res = hand.match(images[0], np.array([[40.0, 60.0]]), images)
     assert len(res.matches) == 1 and res.matches[0].point_lps_mm[2] == 0.0
+
+
+def test_a_radiograph_point_outside_says_it_may_be_in_pixels(tmp_path):
+    """A 2D point list given in pixels (with --spacing 0.2 mm) fell outside the image, and the only hint was --ras."""
+    from samembed.image import Image
+    from samembed.io import check_points_inside
+
+    image = Image.from_array(np.zeros((100, 80), dtype=np.uint8), spacing_mm=(0.2, 0.2), name="hand.png")
+    path = tmp_path / "p.csv"
+    path.write_text("label,x,y\nA,70,90\n")  # pixel (70, 90): 14 x 18 mm, but given as 70 x 90 mm
+    with pytest.raises(InputError, match=r"add --ras; if they are pixel indices, give them in mm instead \(index x "
+                                         r"the pixel spacing, 0.2 x 0.2 mm, from the image's origin\)"):
+        check_points_inside(read_points(path), path, image, False)
