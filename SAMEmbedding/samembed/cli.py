@@ -716,7 +716,8 @@ def _cmd_cache(args) -> int:
             grid = "x".join(str(v) for v in e["grid_zyx"])
             spacing = "x".join(f"{v:g}" for v in e["spacing_zyx_mm"])
             stored = "" if e["stored_voxels"] is None else f", {e['stored_voxels']:,} voxels stored"
-            what = f"{e['image']}  {e['model']}  local grid {grid} (zyx) at {spacing} mm{stored}"
+            axes = "zyx"[-len(e["grid_zyx"]):]  # (a radiograph's grid: yx)
+            what = f"{e['image']}  {e['model']}  local grid {grid} ({axes}) at {spacing} mm{stored}"
         print(f"{e['bytes'] / 1e6:8.1f} MB  {when}  {what}  [{e['file']}]")
     n = info["entries"]
     print(f"{n} {'entry' if n == 1 else 'entries'}, {info['bytes'] / 1e6:.1f} MB in {info['folder']}")

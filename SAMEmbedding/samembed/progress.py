@@ -117,13 +117,16 @@ class CountProgress:
         desc: what is counted (the lines' first word).
         initial: units already done (a resumed run); the rate counts only this run's.
         unit: the units' name in the rate.
+        started_s: where the lines' clock starts (``time.perf_counter()``, e.g. the command's start, as
+            :class:`PhaseProgress`'s); default now. The rate counts from now either way.
     """
 
-    def __init__(self, total: int, desc: str, initial: int = 0, unit: str = "it") -> None:
+    def __init__(self, total: int, desc: str, initial: int = 0, unit: str = "it", started_s: float | None = None) -> None:
         self.total, self.desc, self.unit = int(total), desc, unit
         self.n = self._initial = int(initial)
         self.postfix = ""
         self._t0 = self._last_at = time.perf_counter()
+        self._clock0 = self._t0 if started_s is None else started_s
         self.bar = None
         #: plain lines (stderr is not a terminal) rather than a bar
         self.lines = not is_terminal(sys.stderr)
@@ -140,7 +143,7 @@ class CountProgress:
         done = self.n - self._initial
         rate = f", {done / max(self._last_at - self._t0, 1e-9):.3g} {self.unit}/s" if done else ""
         note = f", {self.postfix}" if self.postfix else ""
-        _line(self._t0, f"{self.desc} {self.n}/{self.total}{share}{rate}{note}")
+        _line(self._clock0, f"{self.desc} {self.n}/{self.total}{share}{rate}{note}")
 
     def update(self, n: int = 1) -> None:
         """``n`` more units done."""

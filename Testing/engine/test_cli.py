@@ -963,6 +963,11 @@ def test_a_count_to_a_file_is_a_line_now_and_then_and_at_the_end(monkeypatch):
     assert lines[0].startswith("train 1/5 (20 %)") and lines[1].startswith("train 5/5 (100 %)"), text
     assert lines[1].endswith("it/s, loss=0.412"), text
     assert len(count(terminal=False, every_s=0.0).splitlines()) == 6  # start, each of the 4 updates, the end
+    # the lines' clock from the command's start (propagate's scans come after its atlas: they restarted at 0.0 s)
+    stream = _Stream(False)
+    monkeypatch.setattr(sys, "stderr", stream)
+    progress.CountProgress(3, "propagate", unit="scan", started_s=time.perf_counter() - 42.0).close()
+    assert all(40.0 < float(line.split(" s  ", 1)[0]) < 60.0 for line in stream.getvalue().splitlines()), stream.getvalue()
     bar = count(terminal=True, every_s=10.0)
     assert "\r" in bar and "5/5" in bar and " s  train" not in bar
 

@@ -793,3 +793,8 @@ def test_a_folder_without_dicom_series_names_its_image_files_and_itk_says_nothin
     with pytest.raises(InputError, match="folder holds no DICOM series; pass an image file or a DICOM folder"):
         read_image(tmp_path)
     assert "No Series" not in capfd.readouterr().err
+
+
+def test_an_image_prints_its_name_and_geometry_not_its_voxels():
+    image = Image.from_array(np.zeros((40, 50, 60), dtype=np.int16), spacing_mm=(0.7, 0.7, 2.5), name="ct.nii.gz")
+    assert repr(image) == "Image('ct.nii.gz', int16, shape_zyx=(40, 50, 60), spacing 0.7 x 0.7 x 2.5 mm)"

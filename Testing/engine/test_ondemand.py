@@ -577,6 +577,21 @@ def test_disk_entries_are_small_reused_and_recomputed_when_damaged(pair, whole_c
     np.testing.assert_allclose([x.score for x in fresh.matches], [x.score for x in loaded.matches], atol=1e-3)
 
 
+def test_cache_info_names_a_radiograph_grid_by_its_two_axes(tmp_path, capsys):
+    """A 2D entry's local grid was labelled "(zyx)"."""
+    from samembed.cli import main
+    from samembed.tiles import ENTRY_SUFFIX, LOCAL_ENCODING, write_entry
+
+    grid = {"shape_zyx": [20, 30], "spacing_mm": [3.0, 2.0], "origin_lps_mm": [0.0, 0.0], "direction": [1.0, 0, 0, 1.0]}
+    header = {"local_grid": grid, "global_grid": grid, "model_id": "sam-lite-2d@0123", "key": "k", "image": "hand.png",
+              "local_encoding": LOCAL_ENCODING}
+    arrays = [np.zeros((64, 3, 5), np.float16), np.packbits(np.ones(600, bool)), np.packbits(np.ones(600, bool)),
+              np.zeros((600, 80), np.uint8)]
+    write_entry(tmp_path / f"{'9' * 32}{ENTRY_SUFFIX}", header, arrays)
+    assert main(["cache", "info", str(tmp_path)]) == 0
+    assert "hand.png  sam-lite-2d@0123  local grid 20x30 (yx) at 2x3 mm" in capsys.readouterr().out
+
+
 def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, capsys):
     """``samembed cache info``: per entry its size, time, image, model, local grid and stored voxels, from the header
     alone; entries cut short, shorter than their header says, not entries at all or of the older format are named

@@ -200,12 +200,13 @@ class _Bar:
     """Progress on stderr: scans done, failures, scans per minute (a bar with the ETA on a terminal, a line every few
     seconds in a log: :class:`~samembed.progress.CountProgress`)."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, started_s: float | None = None) -> None:
         self.bar, self.t0, self.done, self.failed = None, time.time(), 0, 0
         if enabled and total:
             from ..progress import CountProgress
 
-            self.bar = CountProgress(total, "propagate", unit="scan")
+            # (a log's lines count seconds from propagate's start, as the command's other lines do)
+            self.bar = CountProgress(total, "propagate", unit="scan", started_s=started_s)
 
     def update(self, ok: bool) -> None:
         self.done += 1
@@ -256,7 +257,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     from .task import ScanJob, failure, match_scan, prepare_atlas
 
     say = echo or log.info
-    t0 = time.time()
+    t0, started_s = time.time(), time.perf_counter()
     atlas_list = _atlas_list(atlases)
     atlas = atlas_list[0]
     if not isinstance(options, MatchOptions):
@@ -357,7 +358,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         # with what it sees then (manifest.file_stamp; a worker's view of a shared disk may differ in resolution)
         stamps = {s.id: file_stamp(s.path) for s in todo}
         futures = {c.submit(match_scan, s, job, key=f"samembed-match-{s.id}-{token}", pure=False): s for s in todo}
-        bar = _Bar(len(todo), settings.progress)
+        bar = _Bar(len(todo), settings.progress, started_s)
         finished = failed = 0
         t_scans, write_s = time.time(), 0.0
         interrupted = False
