@@ -425,6 +425,36 @@ def test_a_stop_while_the_last_tables_are_written_keeps_them_whole(setup, client
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
+def test_a_resume_with_other_settings_sets_the_earlier_results_aside_until_each_scan_is_redone(setup, client,
+                                                                                                  tmp_path):
+    """--resume with other settings redoes the scans; stopped before it had redone them all, scans/ held the earlier
+    settings' files beside this run's, with nothing to tell them apart but each record's fingerprint. The earlier
+    results wait in superseded/ until each scan is redone (nothing is lost), so scans/ holds this run's only."""
+    from samembed.propagate import propagate
+    from samembed.propagate.results import ResultStore
+
+    scans, out = setup["scans"][:3], tmp_path / "out"
+    propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup, thumbnails=True), client=client)
+    first = {sid: rec["fingerprint"] for sid, rec in ResultStore(out).load().items()}
+    stop = threading.Event()
+    other = OPTIONS.replace(polish=not OPTIONS.polish)
+    with pytest.raises(Cancelled):
+        propagate(setup["atlas"], scans, out, other, _settings(setup, resume=True, thumbnails=True), client=client,
+                  cancel=stop, on_result=lambda record, c: stop.set())
+    now = ResultStore(out).load()
+    redone = [sid for sid, rec in now.items() if rec["fingerprint"] != first[sid]]
+    assert len(redone) >= 1 and all(sid in redone for sid in now), now.keys()  # scans/: this run's records only
+    waiting = sorted(p.name for p in (out / "superseded" / "scans").glob("*.json") if not p.name.endswith(".mrk.json"))
+    assert waiting == sorted(f"{s.id}.json" for s in scans if s.id not in redone)
+    assert all((out / "superseded" / "scans" / f"{sid}.mrk.json").is_file() for sid in first if sid not in redone)
+    assert not any((out / "superseded" / "scans" / f"{sid}.json").exists() for sid in redone)
+    assert {r["scan"] for r in _rows(out)} == set(redone)
+    summary = propagate(setup["atlas"], scans, out, other, _settings(setup, resume=True, thumbnails=True), client=client)
+    assert summary.finished + summary.skipped == 3
+    assert not list((out / "superseded").rglob("*.json"))  # each redone: its earlier result gone, as when written over
+    assert {rec["fingerprint"] for rec in ResultStore(out).load().values()} != set(first.values())
+
+
 def test_several_atlases_are_fused_per_scan_and_the_disagreeing_one_is_rejected(setup, client, full_run, tmp_path):
     from samembed.propagate import Atlas, propagate
 

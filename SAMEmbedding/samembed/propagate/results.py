@@ -12,6 +12,9 @@ Layout of ``OUT``::
     thumbs/<id>/<label>.png  axial | coronal crops around each landmark
     report.html              the review report
     cache/                   the atlas embedding (the workers load it from here)
+    superseded/              on --resume with other settings (or a scan file written again): the earlier results of
+                             the scans to redo (scans/<id>.*, thumbs/<id>/), set aside until each is redone, so that
+                             scans/ holds this run's results only, also when the run is interrupted
 
 Every file is written atomically (a temporary file renamed into place), so an interrupted run leaves either
 the old or the new version of a file, never half of one.
@@ -24,6 +27,8 @@ import io
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -69,8 +74,11 @@ class ResultStore:
         self.out = Path(out_dir)
         self.scans_dir = self.out / "scans"
         self.thumbs_dir = self.out / "thumbs"
+        self.superseded_dir = self.out / "superseded"
         self.records: dict[str, dict] = {}
         self._tables_written = 0.0
+        #: the scans of the last :meth:`plan` whose records were finished with other settings or of another file
+        self.stale_ids: list[str] = []
 
     # ------------------------------------------------------------------------------------------ reading
     def has_results(self) -> bool:
@@ -113,6 +121,7 @@ class ResultStore:
         """
         old = self.load()
         todo, skipped, stale = [], 0, 0
+        self.stale_ids = []
         for s in scans:
             rec = old.get(s.id)
             stamp = rec.get("file") if rec else None
@@ -124,8 +133,39 @@ class ResultStore:
                 continue
             if rec and rec.get("status") == "ok":
                 stale += 1
+                self.stale_ids.append(s.id)
             todo.append(s)
         return todo, skipped, stale
+
+    def _files_of(self, root: Path, sid: str) -> list[Path]:
+        """Scan ``sid``'s files under ``root`` (the folder, or :attr:`superseded_dir`): its record first (it marks
+        the scan done), its markups file, its thumbnails' folder."""
+        return [root / "scans" / f"{sid}.json", root / "scans" / f"{sid}.mrk.json", root / "thumbs" / sid]
+
+    def set_aside_stale(self) -> int:
+        """Move the files of the last :meth:`plan`'s stale scans (finished with other settings, or of a file written
+        again since) into ``superseded/`` until each is redone: ``scans/`` then holds this run's results only, also
+        if the run stops before it has redone them all. Nothing is deleted: a stale scan the run cannot redo keeps
+        its earlier result there. Returns how many scans were set aside."""
+        moved = 0
+        for sid in self.stale_ids:
+            for src, dst in zip(self._files_of(self.out, sid), self._files_of(self.superseded_dir, sid)):
+                if not src.exists():
+                    continue
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.is_dir():  # an older set-aside copy of the same scan: this one is newer
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+            moved += 1
+        return moved
+
+    def _drop_superseded(self, sid: str) -> None:
+        """Scan ``sid`` is redone: its earlier result, set aside, goes (as a run writes over a result it redoes)."""
+        for path in self._files_of(self.superseded_dir, sid):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ writing
     def add(self, record: dict, fingerprint: str, ras: bool = False) -> dict:
@@ -158,6 +198,8 @@ class ResultStore:
         # strict JSON (NaN, as where no polish ran, is not JSON: other readers refuse the file): null, read back as NaN
         write_text_atomic(self.scans_dir / f"{sid}.json", json.dumps(_strict_json(record), indent=1, allow_nan=False))
         self.records[sid] = record
+        if record["status"] == "ok":  # (a scan that fails now keeps its earlier result set aside)
+            self._drop_superseded(sid)
         return record
 
     def write_tables(self, scans: list[Scan], force: bool = True, every_s: float = 0.0) -> None:

@@ -327,10 +327,12 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             job_points["more_atlases"] = run_info["more_atlases"]
         fp = fingerprint(prep, job_points, options, settings)
         todo, skipped, stale = store.plan(scan_list, fp)
+        store.set_aside_stale()  # scans/ holds this run's results only, however far it gets
         if settings.resume:
             say(f"resume: skipping {skipped} of {len(scan_list)} scans already finished with these settings; "
                 f"{len(todo)} to do" + (f" ({stale} finished with other settings, or whose file changed since, are "
-                                        "redone)" if stale else ""))
+                                        f"redone; their earlier results wait in {store.superseded_dir} until then)"
+                                        if stale else ""))
         # what "confident" means in this run's outputs (samembed.api: the tolerance, unless given, is two voxels of the
         # model's local grid; a fused match: most of its atlases agree)
         spacing = prep["local_spacing_mm"]
