@@ -131,7 +131,8 @@ class MatchController:
             index = defined[-1] if defined else None
         if index is not None:
             self.currentPointIndex = index
-            self._pointsChanged([index])  # (an observer: an error is told, not raised into VTK)
+            # at once, whether or not the point moved (not put off: no view interaction is under way here)
+            self._matchChanged([index])  # (an observer: an error is told, not raised into VTK)
 
     def targets(self) -> list:
         """The checked target volumes that still exist."""

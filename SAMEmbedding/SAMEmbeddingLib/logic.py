@@ -126,8 +126,9 @@ class JobOutcome:
     results: list[TargetResult]
     cancelled: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    #: the node IDs of the ``skipped`` targets, in the same order
-    skippedIDs: list[str] = field(default_factory=list)
+    #: ``(node ID, reason)`` of every target the engine could not match, skipped or not (a lone target's, the last
+    #: of several that all failed): their earlier matches of the job's points are marked as not updated
+    unmatched: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -252,8 +253,12 @@ class MatchJob:
                 outcome.cancelled = True
                 break
             except TargetError as e:
-                _skipTarget(outcome.skipped, target.name, e, total)
-                outcome.skippedIDs.append(target.nodeID)
+                outcome.unmatched.append((target.nodeID, str(e)))
+                try:
+                    _skipTarget(outcome.skipped, target.name, e, total)
+                except InputError as stop:  # a lone target's problem, or none matched: the job ends with it, and
+                    stop.jobOutcome = outcome  # what it did (the finished targets, the ones to mark) goes with it
+                    raise
                 continue
             outcome.results.append(result)
             if onTarget:
@@ -638,13 +643,20 @@ class MatchLogic:
             samembed.InputError: bad input (no source, no target, a point outside the source, 2D vs 3D, a bad
                 model or checkpoint, bad options); nothing is written then. A target that the engine cannot match
                 among several (``samembed.TargetError``: too small for the model, nothing to search in the box) is
-                skipped and named in ``outputs.skipped``; alone, it raises.
+                skipped and named in ``outputs.skipped``; alone, it raises. Either way, its matches of these points
+                from an earlier run are kept and marked as not updated (:func:`_markNotUpdated`).
         """
         started = time.time()
         job = self.prepareMatch(sourceVolume, sourcePointList, targetVolumes, pointIndices, options,
                                 heatmapPointIndex=heatmapPointIndex, heatmapTarget=heatmapTarget)
         outputs = MatchOutputs()
-        outcome = job.run(self.getMatcher(), cancel, progress, onTarget=lambda r: self.applyTargetResult(job, r, outputs))
+        try:
+            outcome = job.run(self.getMatcher(), cancel, progress,
+                              onTarget=lambda r: self.applyTargetResult(job, r, outputs))
+        except InputError as e:  # a lone target that could not be matched, or none of several: its earlier matches
+            if getattr(e, "jobOutcome", None) is not None:  # are marked (and the table follows) before the error
+                self.finishJob(job, e.jobOutcome, outputs)
+            raise
         outputs = self.finishJob(job, outcome, outputs)
         log.info("SAMEmbedding: matched %d point(s) in %d of %d target(s) in %.1f s%s%s", len(job.pointIDs),
                  len(outcome.results), len(job.targets), time.time() - started, " (cancelled)" if outcome.cancelled else "",
@@ -691,7 +703,9 @@ class MatchLogic:
                                        f"{volume.GetName()} / {pointList.GetName()}"))
         first = atlases[0][1]
         matcher = self.getMatcher()
-        nodes, skipped, skippedTargets, told = [], [], [], set()
+        nodes, skipped, told = [], [], set()
+        # the landmarks of these atlases: an unmatched target's fused ones from an earlier run no longer answer them
+        labels = list(dict.fromkeys(label for atlas in engineAtlases for label in atlas.labels))
         for ti, target in enumerate(targets):  # one target at a time: one that cannot be matched is skipped
             def step(done: float, total: float, phase: str, ti: int = ti) -> None:
                 progress(ti + done / max(total, 1), len(targets), phase)
@@ -701,21 +715,17 @@ class MatchLogic:
                                                progress=None if progress is None else step, cancel=cancel,
                                                target_names=[target.GetName()])
             except TargetError as e:
+                refs = {SOURCE_REFERENCE: first.GetID(), TARGET_REFERENCE: target.GetID()}
+                earlier, _ = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "fused", refs, False, "")
+                if earlier is not None:  # (marked first: a lone target's error, or none matched, raises below)
+                    _markNotUpdated(earlier, labels, str(e))
                 _skipTarget(skipped, target.GetName(), e, len(targets))
-                skippedTargets.append(target)
                 continue
             for note in result.notes:  # (the engine process logs to its own stream): in Slicer's log and console
                 if note not in told:  # (the same for every target: said once)
                     told.add(note)
                     log.warning("SAMEmbedding: %s", note)
             nodes.append(self._writeFused(first, target, result.matches))
-        # a skipped target's fused landmarks from an earlier run no longer answer these atlases
-        labels = list(dict.fromkeys(label for atlas in engineAtlases for label in atlas.labels))
-        for target, (_, reason) in zip(skippedTargets, skipped):
-            refs = {SOURCE_REFERENCE: first.GetID(), TARGET_REFERENCE: target.GetID()}
-            earlier, _ = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "fused", refs, False, "")
-            if earlier is not None:
-                _markNotUpdated(earlier, labels, reason)
         return nodes
 
     def _writeFused(self, firstPointList, target, matches) -> Any:
@@ -795,7 +805,8 @@ class MatchLogic:
                 onFinished(result)
 
         def failed(error: BaseException) -> None:  # the targets finished before the error are in MRML: the table
-            self.finishJob(job, JobOutcome([], False), outputs)  # and heatmap follow them, then the error is told
+            # and heatmap follow them (and the targets it could not match are marked), then the error is told
+            self.finishJob(job, getattr(error, "jobOutcome", None) or JobOutcome([], False), outputs)
             if onError:
                 onError(error)
 
@@ -864,8 +875,8 @@ class MatchLogic:
             return outputs
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)
         if sourceList is not None:
-            # a skipped target's matches of these points from an earlier run no longer answer this run's clicks
-            for nodeID, (_, reason) in zip(outcome.skippedIDs, outcome.skipped):
+            # an unmatched target's matches of these points from an earlier run no longer answer this run's clicks
+            for nodeID, reason in outcome.unmatched:
                 target = self.scene.GetNodeByID(nodeID)
                 outNode = None if target is None else self.outputPointList(sourceList, target)
                 if outNode is not None:

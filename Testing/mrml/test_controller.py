@@ -54,8 +54,9 @@ class Harness:
             return real(worker, source, points, targets, pointIndices, options, **kwargs)
 
         self.logic.startMatch = recording
+        # point changes put off as the module panel puts them off (a zero-time Qt timer there), here run at once
         self.controller = MatchController(self.logic, self.worker, onError=self.errors.append,
-                                          onStatus=self.status.append)
+                                          onStatus=self.status.append, later=lambda match: match())
 
     def settle(self):
         assert self.worker.waitForIdle(timeout=120)

@@ -918,6 +918,25 @@ def test_earlier_matches_in_a_target_skipped_later_are_kept_and_marked_as_not_up
     a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, later], pointIndices=[0])
     records = _matchRecords(outNode)
     assert ["notUpdated" in records[two_landmarks.GetNthControlPointID(i)] for i in range(2)] == [True, False]
+    # the target alone (its error is raised), by the point matching and by its worker job: marked all the same
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: real)
+    a_logic.matchPoints(a_small_ct, two_landmarks, [later])
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: _SkipsTarget(real, "later"))
+    from samembed import TargetError
+
+    with pytest.raises(TargetError, match="nothing to search in the box"):
+        a_logic.matchPoints(a_small_ct, two_landmarks, [later], pointIndices=[1])
+    records = _matchRecords(outNode)
+    assert ["notUpdated" in records[two_landmarks.GetNthControlPointID(i)] for i in range(2)] == [False, True]
+    assert [r.confident for r in a_logic.resultRows(two_landmarks) if r.target == "later"] == [True, False]
+    worker, errors = Worker(), []
+    try:
+        a_logic.startMatch(worker, a_small_ct, two_landmarks, [later], pointIndices=[0], onError=errors.append)
+        assert worker.waitForIdle(timeout=120)
+    finally:
+        worker.shutdown()
+    assert len(errors) == 1 and isinstance(errors[0], TargetError)
+    assert all("notUpdated" in r for r in _matchRecords(outNode).values())
 
 
 def test_a_target_the_engine_cannot_match_among_several_is_skipped_and_named(a_scene, a_logic, a_small_ct,

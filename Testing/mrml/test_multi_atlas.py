@@ -123,3 +123,13 @@ def test_fused_landmarks_in_a_target_skipped_later_are_kept_and_marked_as_not_up
         assert not nodes[1].GetNthControlPointSelected(i)
         assert "atlases agreed" in nodes[1].GetNthControlPointDescription(i)
     assert not any("notUpdated" in r for r in _matchRecords(nodes[0]).values())
+    # the target alone: its error is raised, and its earlier landmarks are marked all the same
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: real)
+    nodes = a_logic.matchAtlases(atlases, [copy], FAST)
+    assert not any("notUpdated" in r for r in _matchRecords(nodes[0]).values())
+    monkeypatch.setattr(a_logic, "getMatcher", lambda: _SkipsTarget(real, "copy"))
+    from samembed import TargetError
+
+    with pytest.raises(TargetError, match="nothing to search in the box"):
+        a_logic.matchAtlases(atlases, [copy], FAST)
+    assert all("notUpdated" in r for r in _matchRecords(nodes[0]).values())
