@@ -199,6 +199,8 @@ class MatchJob:
     #: the scene's generation when the job was made (:attr:`MatchLogic.sceneGeneration`): after the scene is closed,
     #: node IDs start again, so a late result must not be written into the next scene's nodes of the same IDs
     sceneGeneration: int = 0
+    #: the engine's notes said so far (each once per job)
+    told: set = field(default_factory=set, repr=False, compare=False)
 
     def run(self, matcher: MatcherProtocol, cancel: threading.Event | None = None, progress: ProgressFn | None = None,
             onTarget: Callable[[TargetResult], None] | None = None) -> JobOutcome:
@@ -272,6 +274,12 @@ class MatchJob:
         together = wantHeatmap and len(self.pointIDs) == 1
         res = matcher.match(self.sourceImage, self.pointsLPS, [target.image], self.pointIDs,
                             options=self.options.replace(heatmap=together), cancel=cancel, target_names=[target.name])
+        for note in getattr(res, "notes", ()):  # (the engine process logs to its own file): in Slicer's log, once,
+            for pointID, label in zip(self.pointIDs, self.labels):  # with the points' labels (the engine's are IDs)
+                note = note.replace(repr(pointID), repr(label))
+            if note not in self.told:
+                self.told.add(note)
+                log.warning("SAMEmbedding: %s", note)
         result = TargetResult(target.nodeID, target.name, list(res.matches))
         if together:
             result.heatmaps[self.heatmapPointID] = res.heatmaps[(0, self.heatmapPointID)]

@@ -321,7 +321,7 @@ class Matcher:
         with _partial_when_stopped(result, place):
             src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need
             result.timings["source_embed_s"] = time.time() - t0
-            self._warn_of_points_in_air(src_maps, inputs)
+            result.notes.extend(self._points_in_air(src_maps, inputs))
             for ti, target in enumerate(inputs.targets):
                 place[0] = ti
                 if cancel is not None and cancel.is_set():
@@ -647,18 +647,22 @@ class Matcher:
         that lack landmarks at its start). The matcher does not log them again."""
         self._warned.update(messages)
 
-    def _warn_of_points_in_air(self, src_maps: EmbeddingMaps, inputs: _Inputs) -> None:
-        """Say which points lie in the air around the source's body (:func:`~samembed.matcher.in_air`): they are
-        matched all the same, but SAM matches anatomy, so such a match means little (a click beside the body, or
-        points in the other frame that still fall inside the image)."""
+    def _points_in_air(self, src_maps: EmbeddingMaps, inputs: _Inputs) -> list[str]:
+        """Say which points lie outside the source's body as the engine finds it (:func:`~samembed.matcher.in_air`):
+        they are matched all the same, but SAM matches anatomy, so such a match means little (a click beside the
+        body, points in the other frame that still fall inside the image). Logged once per matcher; returned as the
+        result's note every time (the Slicer module shows notes: its engine process logs to a file of its own)."""
         if inputs.source.ndim != 3:  # (a radiograph's body is not masked)
-            return
+            return []
         air = np.flatnonzero(in_air(src_maps, inputs.points_lps_mm))
-        if len(air):
-            named = ", ".join(repr(inputs.labels[i]) for i in air[:3]) + (", ..." if len(air) > 3 else "")
-            self._warn_once(f"{len(air)} of {len(inputs.labels)} points lie outside the body of {inputs.source.name} "
-                            f"({named}): the image shows air there, and SAM matches anatomy, so their matches mean "
-                            "little; check where they were placed, and their frame (LPS, or RAS: --ras)")
+        if not len(air):
+            return []
+        named = ", ".join(repr(inputs.labels[i]) for i in air[:3]) + (", ..." if len(air) > 3 else "")
+        note = (f"{len(air)} of {len(inputs.labels)} points lie outside the body of {inputs.source.name} as the engine "
+                f"finds it ({named}): air there, or a part not joined to the body; SAM matches anatomy, so such a "
+                "match means little: check where the points lie, and in which frame (LPS or RAS) they were given")
+        self._warn_once(note)
+        return [note]
 
     def _warn_once(self, message: str) -> None:
         """Log a warning about the inputs once per matcher: a command matches its atlases into one target at a

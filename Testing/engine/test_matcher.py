@@ -695,7 +695,9 @@ def test_a_point_in_the_air_around_the_body_is_matched_with_a_warning(a_random_m
         result = a_random_matcher.match(ct, [centre, corner], [ct, ct], labels=["body", "beside"],
                                         options=MatchOptions(polish=False))
     said = [r.getMessage() for r in caplog.records if "outside the body" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith(f"1 of 2 points lie outside the body of {ct.name} ('beside'): "), said
+    assert len(said) == 1 and said[0].startswith(f"1 of 2 points lie outside the body of {ct.name} as the engine "
+                                                 "finds it ('beside'): "), said
+    assert result.notes == said  # (for a front end whose engine logs elsewhere: the Slicer module)
     assert [m.label for m in result.matches] == ["body", "beside"] * 2  # matched all the same
 
 

@@ -997,3 +997,21 @@ def test_the_results_table_shows_its_column_titles_as_the_header(a_logic, a_smal
     assert table.GetUseColumnTitleAsColumnHeader()
     assert [table.GetColumnTitle(n) for n in ("label", "R", "roundtrip_mm")] == ["label", "R (mm)", "round trip (mm)"]
     assert table.GetNumberOfRows() == len(a_logic.resultRows(two_landmarks)) == 2
+
+
+
+def test_a_landmark_outside_the_body_is_said_in_slicers_log_by_its_label(a_scene, a_logic, a_small_ct, caplog):
+    """The engine's note about a point beside the body went to its own log only (the module's engine process): the
+    module says it in Slicer's log, once per match, naming the landmark by its label (the engine knows its ID)."""
+    block = voxels(a_small_ct).copy()  # (a block inside an abdomen): air in one corner of every slice, as beside
+    block[:, :48, :48] = -1000  # a body at the edge of the field of view
+    source = add_volume(a_scene, block, ijk_to_ras(a_small_ct), "edge")
+    inside = (ijk_to_ras(a_small_ct) @ np.r_[np.array(block.shape[::-1]) / 2.0, 1.0])[:3]
+    corner = (ijk_to_ras(a_small_ct) @ np.r_[12.0, 12.0, block.shape[0] / 2.0, 1.0])[:3]
+    points = add_points(a_scene, [inside, corner], ["carina", "beside"], name="clicks")
+    copy = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "copy")
+    with caplog.at_level("WARNING", logger="SAMEmbeddingLib.logic"):
+        a_logic.matchPoints(source, points, [a_small_ct, copy], options=MatchOptions(polish=False))
+    said = [r.getMessage() for r in caplog.records
+            if r.name == "SAMEmbeddingLib.logic" and "outside the body" in r.getMessage()]
+    assert len(said) == 1 and "('beside')" in said[0] and "carina" not in said[0], said
