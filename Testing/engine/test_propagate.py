@@ -406,7 +406,7 @@ def test_a_stop_while_the_last_tables_are_written_keeps_them_whole(setup, client
     write_tables = ResultStore.write_tables
 
     def stopped_meanwhile(self, scans, force=True, every_s=0.0):
-        if force:  # the final tables: Ctrl-C arrives while they are written
+        if force and len(self.records) == len(scans):  # the final tables: Ctrl-C arrives while they are written
             os.kill(os.getpid(), signal.SIGINT)
         return write_tables(self, scans, force, every_s)
 
@@ -423,6 +423,29 @@ def test_a_stop_while_the_last_tables_are_written_keeps_them_whole(setup, client
     summary = propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup, resume=True), client=client)
     assert (summary.skipped, summary.finished) == (2, 0) and (out / "report.html").is_file()
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+    # the same while the local cluster closes after the last scan (seconds): before, the tables were never written
+    import contextlib
+    import time
+
+    import samembed.propagate.run as run
+
+    @contextlib.contextmanager
+    def closing_when_stopped(settings, given=None):
+        yield client
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while "the cluster closes"
+        time.sleep(0.2)
+
+    monkeypatch.setattr(run, "_client", closing_when_stopped)
+    out2 = tmp_path / "out2"
+    with pytest.raises(KeyboardInterrupt):
+        propagate(setup["atlas"], scans, out2, OPTIONS, _settings(setup))
+    assert _rows(out2) == ref
+    assert json.loads((out2 / "run.json").read_text())["status"] == "interrupted"
+    # without a page to write, a stop noted at the end leaves a finished run
+    out3 = tmp_path / "out3"
+    summary = propagate(setup["atlas"], scans, out3, OPTIONS, _settings(setup, report=False))
+    assert summary.finished == 2 and json.loads((out3 / "run.json").read_text())["status"] == "finished"
 
 
 def test_a_resume_with_other_settings_sets_the_earlier_results_aside_until_each_scan_is_redone(setup, client,
@@ -449,6 +472,14 @@ def test_a_resume_with_other_settings_sets_the_earlier_results_aside_until_each_
     assert all((out / "superseded" / "scans" / f"{sid}.mrk.json").is_file() for sid in first if sid not in redone)
     assert not any((out / "superseded" / "scans" / f"{sid}.json").exists() for sid in redone)
     assert {r["scan"] for r in _rows(out)} == set(redone)
+    # back to the first settings: the scans not redone get their set-aside results back, nothing is recomputed,
+    # and the redone one's other-settings result is set aside in its turn
+    messages = []
+    summary = propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup, resume=True, thumbnails=True),
+                        client=client, echo=messages.append)
+    assert (summary.skipped, summary.stale, summary.finished) == (3 - len(redone), len(redone), len(redone))
+    assert {sid: rec["fingerprint"] for sid, rec in ResultStore(out).load().items()} == first
+    assert sorted(p.name for p in (out / "thumbs").iterdir()) == sorted(first)
     summary = propagate(setup["atlas"], scans, out, other, _settings(setup, resume=True, thumbnails=True), client=client)
     assert summary.finished + summary.skipped == 3
     assert not list((out / "superseded").rglob("*.json"))  # each redone: its earlier result gone, as when written over

@@ -14,7 +14,8 @@ Layout of ``OUT``::
     cache/                   the atlas embedding (the workers load it from here)
     superseded/              on --resume with other settings (or a scan file written again): the earlier results of
                              the scans to redo (scans/<id>.*, thumbs/<id>/), set aside until each is redone, so that
-                             scans/ holds this run's results only, also when the run is interrupted
+                             scans/ holds this run's results only, also when the run is interrupted; a resume with
+                             their settings takes them back
 
 Every file is written atomically (a temporary file renamed into place), so an interrupted run leaves either
 the old or the new version of a file, never half of one.
@@ -94,10 +95,12 @@ class ResultStore:
         held = ["scans/"] if self.has_results() else []
         return held + [name for name in self.RUN_FILES if (self.out / name).exists()]
 
-    def load(self) -> dict[str, dict]:
-        """Every readable scan record in the folder, by scan id (damaged ones are ignored: redone on resume)."""
+    def load(self, scans_dir: Path | None = None) -> dict[str, dict]:
+        """Every readable scan record in the folder (or in ``scans_dir``: the set-aside ones,
+        ``superseded/scans``), by scan id (damaged ones are ignored: redone on resume)."""
+        scans_dir = self.scans_dir if scans_dir is None else scans_dir
         out = {}
-        for path in sorted(self.scans_dir.glob("*.json")) if self.scans_dir.is_dir() else []:
+        for path in sorted(scans_dir.glob("*.json")) if scans_dir.is_dir() else []:
             if path.name.endswith(".mrk.json") or path.name.startswith("."):  # (a temporary file left by a kill)
                 continue
             try:
@@ -118,17 +121,24 @@ class ResultStore:
         file is the one matched (the same size and modification time, where both are known here: a scan written
         again in place is matched again); a failed scan is tried again; ``stale`` counts records made with other
         settings or of another file (redone).
+
+        A scan whose result was set aside (``superseded/``, :meth:`set_aside_stale`) by a run with other settings
+        that did not redo it, and whose set-aside result is of these settings and this file, gets it back (the
+        other settings' result, if any, is set aside in its place) and is skipped: going back to the settings of a
+        run after a stopped run with others costs nothing.
         """
-        old = self.load()
+        old, aside = self.load(), self.load(self.superseded_dir / "scans")
         todo, skipped, stale = [], 0, 0
         self.stale_ids = []
         for s in scans:
             rec = old.get(s.id)
-            stamp = rec.get("file") if rec else None
-            same_file = stamp is None or file_stamp(s.path) in (None, stamp)
-            if (rec and rec.get("status") == "ok" and rec.get("fingerprint") == fingerprint
-                    and same_scan_path(rec.get("path"), s.path) and same_file):
+            if self._finished_here(rec, s, fingerprint):
                 self.records[s.id] = rec
+                skipped += 1
+                continue
+            if self._finished_here(aside.get(s.id), s, fingerprint):
+                self._swap_with_set_aside(s.id)
+                self.records[s.id] = aside[s.id]
                 skipped += 1
                 continue
             if rec and rec.get("status") == "ok":
@@ -136,6 +146,30 @@ class ResultStore:
                 self.stale_ids.append(s.id)
             todo.append(s)
         return todo, skipped, stale
+
+    @staticmethod
+    def _finished_here(rec: dict | None, scan: Scan, fingerprint: str) -> bool:
+        """Record ``rec`` is of ``scan`` finished with these settings (``fingerprint``), from its path and its file
+        as it is now (the same size and modification time, where both are known here)."""
+        if not rec or rec.get("status") != "ok" or rec.get("fingerprint") != fingerprint:
+            return False
+        stamp = rec.get("file")
+        return same_scan_path(rec.get("path"), scan.path) and (stamp is None or file_stamp(scan.path) in (None, stamp))
+
+    def _swap_with_set_aside(self, sid: str) -> None:
+        """Give scan ``sid`` its set-aside result back; the result in ``scans/`` (other settings), if any, is set
+        aside in its place, through a folder of its own so that neither is written over."""
+        swap = self.superseded_dir / ".swap"
+        here, there, between = (self._files_of(root, sid) for root in (self.out, self.superseded_dir, swap))
+        for a, b, c in zip(here, there, between):
+            if a.exists():
+                c.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(a, c)
+            if b.exists():
+                a.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(b, a)
+            if c.exists():
+                os.replace(c, b)
 
     def _files_of(self, root: Path, sid: str) -> list[Path]:
         """Scan ``sid``'s files under ``root`` (the folder, or :attr:`superseded_dir`): its record first (it marks
@@ -160,12 +194,16 @@ class ResultStore:
         return moved
 
     def _drop_superseded(self, sid: str) -> None:
-        """Scan ``sid`` is redone: its earlier result, set aside, goes (as a run writes over a result it redoes)."""
+        """Scan ``sid`` is redone: its earlier result, set aside, goes (as a run writes over a result it redoes). A
+        file that cannot be removed (held open elsewhere) stays, with a warning: the run goes on."""
         for path in self._files_of(self.superseded_dir, sid):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("%s: the earlier result of %s could not be removed (%s); it stays", path, sid, e)
 
     # ------------------------------------------------------------------------------------------ writing
     def add(self, record: dict, fingerprint: str, ras: bool = False) -> dict:

@@ -315,106 +315,117 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
         "scans_source": None if isinstance(scans, (list, tuple)) else str(Path(scans).resolve()),
         "argv": list(sys.argv),
     }
-    with _client(settings, client) as c:
-        workers = len(c.scheduler_info().get("workers", {}))
-        run_info["cluster"] = {"scheduler": c.scheduler.address, "workers": workers}
-        t_prep = time.time()
-        prep = c.submit(prepare_atlas, job, pure=False, key=f"samembed-atlas-{uuid.uuid4().hex}").result()
-        run_info["phases_s"] = {"start": t_prep - t0, "prepare_atlas": time.time() - t_prep}
-        say(f"atlas ready in {time.time() - t_prep:.1f} s in {cache_dir} ({prep['model_id']})")
-        job_points = {"labels": list(points.labels), "points_lps_mm": run_info["atlas"]["points_lps_mm"]}
-        if job.more_atlases:
-            job_points["more_atlases"] = run_info["more_atlases"]
-        fp = fingerprint(prep, job_points, options, settings)
-        todo, skipped, stale = store.plan(scan_list, fp)
-        store.set_aside_stale()  # scans/ holds this run's results only, however far it gets
-        if settings.resume:
-            say(f"resume: skipping {skipped} of {len(scan_list)} scans already finished with these settings; "
-                f"{len(todo)} to do" + (f" ({stale} finished with other settings, or whose file changed since, are "
-                                        f"redone; their earlier results wait in {store.superseded_dir} until then)"
-                                        if stale else ""))
-        # what "confident" means in this run's outputs (samembed.api: the tolerance, unless given, is two voxels of the
-        # model's local grid; a fused match: most of its atlases agree)
-        spacing = prep["local_spacing_mm"]
-        tolerance = options.roundtrip_tolerance_mm or 2.0 * sum(spacing) / len(spacing)
-        run_info["confidence"] = {
-            "roundtrip_tolerance_mm": tolerance,
-            "rule": (f"most atlases that carry the landmark agree, two at least (each within the fusion limit of "
-                     f"the others' consensus), and one of those matched back within {tolerance:g} mm of its atlas "
-                     f"point"
-                     if job.more_atlases else
-                     f"the match, matched back into the atlas, lands within {tolerance:g} mm of the atlas point"),
-            "note": "round-trip consistency, not a measured accuracy: a consistent match can still be wrong"}
-        run_info["resolved"] = prep.get("resolved")  # device and precision as "auto" resolved on the first worker
-        run_info["atlas_content_sha256"] = prep["atlas_content_sha256"]
-        run_info.update(status="running", fingerprint=fp, model={"id": prep["model_id"], "sha256": prep["model_sha256"]},
-                        atlas_embedding_key=prep["atlas_key"], versions={"workers": prep["versions"],
-                                                                         "client": _client_versions()},
-                        resumed_skipped=skipped, stale=stale)
-        store.write_run(run_info)
-        # an earlier run's page would stand beside this run's tables (other settings, other scans) until the end:
-        # it goes now, and comes back at the end, or as a partial page when the run is interrupted
-        (out / "report.html").unlink(missing_ok=True)
-        token = uuid.uuid4().hex[:8]
-        # each scan file's size and time as this process sees it before the task reads it, for --resume to compare
-        # with what it sees then (manifest.file_stamp; a worker's view of a shared disk may differ in resolution)
-        stamps = {s.id: file_stamp(s.path) for s in todo}
-        futures = {c.submit(match_scan, s, job, key=f"samembed-match-{s.id}-{token}", pure=False): s for s in todo}
-        bar = _Bar(len(todo), settings.progress, started_s)
-        finished = failed = 0
-        t_scans, write_s = time.time(), 0.0
-        interrupted = False
-        try:
-            for fut in as_completed(futures):
-                scan = futures[fut]
-                try:
-                    rec = fut.result()
-                except KilledWorker as e:
-                    rec = failure(scan, f"the worker process died each time it matched this scan ({e}); "
-                                        "usually out of memory: give workers more memory or use fewer --workers")
-                except CancelledError as e:  # not by this run (it cancels only when it stops): by the scheduler,
-                    # e.g. when the connection to it was lost; recorded, so that the run does not end "finished"
-                    rec = failure(scan, f"the Dask scheduler cancelled this scan ({e or 'no reason given'}); "
-                                        "rerun with --resume to match it")
-                except Exception as e:  # noqa: BLE001 - e.g. a task that could not be deserialised
-                    rec = failure(scan, f"{type(e).__name__}: {e}")
-                t_write = time.time()
-                rec = store.add({**rec, "file": stamps.get(scan.id)}, fp, ras=settings.ras)
-                write_s += time.time() - t_write
-                run_info["phases_s"].update(scans=time.time() - t_scans, client_writes=write_s)
-                ok = rec["status"] == "ok"
-                finished += ok
-                failed += not ok
-                bar.update(ok)
-                store.write_tables(scan_list, force=False, every_s=settings.csv_every_s)
-                if on_result is not None:
-                    on_result(rec, c)
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"cancelled after {finished + failed} of {len(todo)} scans")
-        except (KeyboardInterrupt, Cancelled) as e:
-            interrupted = True
-            c.cancel(list(futures))  # one call: one by one took about 1 ms each (10 s for 10,000 scans)
-            summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, True, workers)
-            if settings.report:
-                try:  # the finished scans' page, marked as such
-                    summary.report = _report(store, scan_list, settings, out)
-                except KeyboardInterrupt:  # a second interrupt leaves it out
-                    pass
-                except Exception as report_error:  # noqa: BLE001 - the interrupt is what the run reports
-                    log.warning("could not write the interrupted run's report.html: %s", report_error)
-            say(f"interrupted: {summary.finished + summary.skipped} scans kept in {out}"
-                f"{' (report.html shows them)' if summary.report else ''}; rerun with --resume to finish")
-            if isinstance(e, Cancelled):
-                e.partial = summary
-            raise
-        finally:
-            bar.close()
-    # every scan has its record: the tables and run.json follow them whole (a first Ctrl-C or SIGTERM meanwhile is
-    # noted, not let through: a stop there left matches.csv without the last scans and run.json "running")
-    with StopBetweenSteps() as shield:
-        summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, interrupted, workers)
+    # from the end of the scans on, a first Ctrl-C or SIGTERM is noted, not let through, until the tables and
+    # run.json are written whole: while the cluster closes (seconds), or while they are written, a stop left
+    # matches.csv without the last scans and run.json "running"
+    shield = StopBetweenSteps()
     try:
-        if shield.requested is not None:
+        with _client(settings, client) as c:
+            workers = len(c.scheduler_info().get("workers", {}))
+            run_info["cluster"] = {"scheduler": c.scheduler.address, "workers": workers}
+            t_prep = time.time()
+            prep = c.submit(prepare_atlas, job, pure=False, key=f"samembed-atlas-{uuid.uuid4().hex}").result()
+            run_info["phases_s"] = {"start": t_prep - t0, "prepare_atlas": time.time() - t_prep}
+            say(f"atlas ready in {time.time() - t_prep:.1f} s in {cache_dir} ({prep['model_id']})")
+            job_points = {"labels": list(points.labels), "points_lps_mm": run_info["atlas"]["points_lps_mm"]}
+            if job.more_atlases:
+                job_points["more_atlases"] = run_info["more_atlases"]
+            fp = fingerprint(prep, job_points, options, settings)
+            # scans/ holds this run's results only, however far it gets: the results of other settings set aside
+            # (and its own given back), and the tables rewritten with the results kept, not cut by a first stop
+            with StopBetweenSteps() as moving:
+                todo, skipped, stale = store.plan(scan_list, fp)
+                store.set_aside_stale()
+                store.write_tables(scan_list)
+            if moving.requested is not None:
+                moving.stop()
+            if settings.resume:
+                say(f"resume: skipping {skipped} of {len(scan_list)} scans already finished with these settings; "
+                    f"{len(todo)} to do" + (f" ({stale} finished with other settings, or whose file changed since, are "
+                                            f"redone; their earlier results wait in {store.superseded_dir} until then)"
+                                            if stale else ""))
+            # what "confident" means in this run's outputs (samembed.api: the tolerance, unless given, is two voxels of the
+            # model's local grid; a fused match: most of its atlases agree)
+            spacing = prep["local_spacing_mm"]
+            tolerance = options.roundtrip_tolerance_mm or 2.0 * sum(spacing) / len(spacing)
+            run_info["confidence"] = {
+                "roundtrip_tolerance_mm": tolerance,
+                "rule": (f"most atlases that carry the landmark agree, two at least (each within the fusion limit of "
+                         f"the others' consensus), and one of those matched back within {tolerance:g} mm of its atlas "
+                         f"point"
+                         if job.more_atlases else
+                         f"the match, matched back into the atlas, lands within {tolerance:g} mm of the atlas point"),
+                "note": "round-trip consistency, not a measured accuracy: a consistent match can still be wrong"}
+            run_info["resolved"] = prep.get("resolved")  # device and precision as "auto" resolved on the first worker
+            run_info["atlas_content_sha256"] = prep["atlas_content_sha256"]
+            run_info.update(status="running", fingerprint=fp, model={"id": prep["model_id"], "sha256": prep["model_sha256"]},
+                            atlas_embedding_key=prep["atlas_key"], versions={"workers": prep["versions"],
+                                                                             "client": _client_versions()},
+                            resumed_skipped=skipped, stale=stale)
+            store.write_run(run_info)
+            # an earlier run's page would stand beside this run's tables (other settings, other scans) until the end:
+            # it goes now, and comes back at the end, or as a partial page when the run is interrupted
+            (out / "report.html").unlink(missing_ok=True)
+            token = uuid.uuid4().hex[:8]
+            # each scan file's size and time as this process sees it before the task reads it, for --resume to compare
+            # with what it sees then (manifest.file_stamp; a worker's view of a shared disk may differ in resolution)
+            stamps = {s.id: file_stamp(s.path) for s in todo}
+            futures = {c.submit(match_scan, s, job, key=f"samembed-match-{s.id}-{token}", pure=False): s for s in todo}
+            bar = _Bar(len(todo), settings.progress, started_s)
+            finished = failed = 0
+            t_scans, write_s = time.time(), 0.0
+            interrupted = False
+            try:
+                for fut in as_completed(futures):
+                    scan = futures[fut]
+                    try:
+                        rec = fut.result()
+                    except KilledWorker as e:
+                        rec = failure(scan, f"the worker process died each time it matched this scan ({e}); "
+                                            "usually out of memory: give workers more memory or use fewer --workers")
+                    except CancelledError as e:  # not by this run (it cancels only when it stops): by the scheduler,
+                        # e.g. when the connection to it was lost; recorded, so that the run does not end "finished"
+                        rec = failure(scan, f"the Dask scheduler cancelled this scan ({e or 'no reason given'}); "
+                                            "rerun with --resume to match it")
+                    except Exception as e:  # noqa: BLE001 - e.g. a task that could not be deserialised
+                        rec = failure(scan, f"{type(e).__name__}: {e}")
+                    t_write = time.time()
+                    rec = store.add({**rec, "file": stamps.get(scan.id)}, fp, ras=settings.ras)
+                    write_s += time.time() - t_write
+                    run_info["phases_s"].update(scans=time.time() - t_scans, client_writes=write_s)
+                    ok = rec["status"] == "ok"
+                    finished += ok
+                    failed += not ok
+                    bar.update(ok)
+                    store.write_tables(scan_list, force=False, every_s=settings.csv_every_s)
+                    if on_result is not None:
+                        on_result(rec, c)
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"cancelled after {finished + failed} of {len(todo)} scans")
+            except (KeyboardInterrupt, Cancelled) as e:
+                interrupted = True
+                c.cancel(list(futures))  # one call: one by one took about 1 ms each (10 s for 10,000 scans)
+                summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, True, workers)
+                if settings.report:
+                    try:  # the finished scans' page, marked as such
+                        summary.report = _report(store, scan_list, settings, out)
+                    except KeyboardInterrupt:  # a second interrupt leaves it out
+                        pass
+                    except Exception as report_error:  # noqa: BLE001 - the interrupt is what the run reports
+                        log.warning("could not write the interrupted run's report.html: %s", report_error)
+                say(f"interrupted: {summary.finished + summary.skipped} scans kept in {out}"
+                    f"{' (report.html shows them)' if summary.report else ''}; rerun with --resume to finish")
+                if isinstance(e, Cancelled):
+                    e.partial = summary
+                raise
+            finally:
+                bar.close()
+            shield.__enter__()  # (left below, once the tables are written)
+        summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, interrupted, workers)
+    finally:
+        shield.__exit__(None, None, None)  # (nothing to put back when it was not entered)
+    try:
+        if shield.requested is not None and settings.report:  # (without a page, the run is complete: it ends so)
             shield.stop()
         if settings.report:
             t_report = time.time()
