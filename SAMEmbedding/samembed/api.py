@@ -413,6 +413,9 @@ class Matcher:
                                                 cancel=cancel, target_names=names))
                 except Cancelled:  # (its partial result is one atlas's, unfused): the fused targets so far
                     raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result) from None
+                except TargetError as e:  # (the same): this target's place among the targets, and the fused ones
+                    e.target_index, e.partial = ti, result
+                    raise
             name = per_atlas[0].targets[0]
             result.targets.append(name)
             result.matches.extend(self._fused(atlases, per_atlas, labels, fusion, ti, name))

@@ -389,7 +389,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             for m, row in zip(r.matches, r.rows(ras=args.ras)):
                 frame = "RAS" if args.ras else "LPS"
                 # a fused match is confident when its atlases agree: said with how many, not with a round trip
-                why = (f"{m.agreeing} of {m.atlases} atlases agree, spread {m.spread_mm:.1f} mm" if m.atlases > 1
+                # (a landmark that one atlas carries: "1 of 1", never confident under fusion's "two at least")
+                why = (f"{m.agreeing} of {m.atlases} atlases agree, spread {m.spread_mm:.1f} mm" if pairs
                        else f"round trip {row['roundtrip_mm']:.1f} mm")
                 print(f"{Path(row['target']).name}\t{row['label']}\t({row['x']:.1f}, {row['y']:.1f}, {row['z']:.1f}) "
                       f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'} "

@@ -185,7 +185,7 @@ class Image:
 
     def __repr__(self) -> str:  # its name and geometry, not its voxels (the dataclass's repr printed the array)
         spacing = " x ".join(f"{v:g}" for v in self.grid.spacing_mm)
-        return f"Image({self.name!r}, {self.array.dtype}, shape_zyx={self.grid.shape_zyx}, spacing {spacing} mm)"
+        return f"Image({self.name!r}, {self.array.dtype}, shape_zyx={self.grid.shape_zyx}, spacing_xyz {spacing} mm)"
 
     def content_hash(self) -> str:
         """SHA-256 over voxel bytes, dtype and geometry: the embedding cache key of this image."""

@@ -291,18 +291,23 @@ def _unshadowed(path: Path) -> Iterator[Path]:
         yield alias
 
 
+#: held while ITK's warnings are switched off for one call (:func:`_series_files`)
+_ITK_WARNINGS_LOCK = threading.Lock()
+
+
 def _series_files(folder: Path, reader) -> tuple[str, ...]:
     """The files of the DICOM series to read from ``folder``: its only series, or, when it holds several (a study
     folder: scouts, reconstructions), the one with the most files (the first of them in GDCM's order on a tie), with
     a warning that names each series and says how to choose another."""
     import SimpleITK as sitk
 
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own "No Series were found" lines: said below, once
-    try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    with _ITK_WARNINGS_LOCK:  # (the switch is the process's: one thread at a time turns it off and back)
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's own "No Series were found" lines: said below
+        try:
+            series = reader.GetGDCMSeriesIDs(str(folder))
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         images = sorted(f.name for f in folder.iterdir()
                         if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES) and not f.name.lower().endswith(".dcm"))

@@ -797,4 +797,4 @@ def test_a_folder_without_dicom_series_names_its_image_files_and_itk_says_nothin
 
 def test_an_image_prints_its_name_and_geometry_not_its_voxels():
     image = Image.from_array(np.zeros((40, 50, 60), dtype=np.int16), spacing_mm=(0.7, 0.7, 2.5), name="ct.nii.gz")
-    assert repr(image) == "Image('ct.nii.gz', int16, shape_zyx=(40, 50, 60), spacing 0.7 x 0.7 x 2.5 mm)"
+    assert repr(image) == "Image('ct.nii.gz', int16, shape_zyx=(40, 50, 60), spacing_xyz 0.7 x 0.7 x 2.5 mm)"

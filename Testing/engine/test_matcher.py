@@ -674,6 +674,14 @@ def test_a_problem_of_one_target_is_a_target_error_and_one_of_the_source_is_not(
                                target_names=["first", "tiny", "third"])
     assert err.value.target_index == 1
     assert err.value.partial.targets == ["first"] and [m.label for m in err.value.partial.matches] == ["P"]
+    from samembed import Atlas  # fused: the target's place among the targets, and the fused targets before it
+
+    atlases = [Atlas(ct, pts, ("P",), "a"), Atlas(ct, pts, ("P",), "b")]
+    with pytest.raises(TargetError, match="is too small") as err:
+        a_random_matcher.match_atlases(atlases, [ct, tiny], options=MatchOptions(polish=False),
+                                       target_names=["first", "tiny"])
+    assert err.value.target_index == 1 and err.value.partial.targets == ["first"]
+    assert [(m.label, m.atlases) for m in err.value.partial.matches] == [("P", 2)]
     with pytest.raises(InputError, match="is too small") as err:
         a_random_matcher.match(tiny, [[1.0, 1.0, 0.0]], [ct], options=MatchOptions(polish=False))
     assert not isinstance(err.value, TargetError)

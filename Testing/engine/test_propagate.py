@@ -761,6 +761,7 @@ def test_an_output_folder_that_cannot_be_made_or_written_and_a_bad_memory_limit_
         with pytest.raises(InputError, match=rf"memory limit \(--memory-limit\) '{size}': give a size per worker"):
             _settings(setup, memory_limit=size)
     assert _settings(setup, memory_limit="6GB").memory_limit == "6GB"
+    assert _settings(setup, memory_limit=None).memory_limit is None  # (Dask: no limit)
 
 
 def test_an_atlas_point_file_of_x_y_only_for_a_ct_is_refused_before_any_atlas_is_embedded(setup, client, tmp_path):

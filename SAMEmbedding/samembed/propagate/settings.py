@@ -121,7 +121,8 @@ class PropagateSettings:
                 raise InputError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
-        if self.memory_limit != "auto":  # Dask's sizes (else its own error, an internal one, once the cluster starts)
+        if self.memory_limit not in ("auto", None):  # Dask's sizes (else its own error, an internal one, once the
+            # cluster starts); None: no limit, as Dask takes it
             try:
                 from dask.utils import parse_bytes
             except ImportError:  # (propagate itself says that Dask is missing)
@@ -129,7 +130,7 @@ class PropagateSettings:
             try:
                 if parse_bytes is not None:
                     parse_bytes(self.memory_limit)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, AttributeError):
                 raise InputError(f"memory limit (--memory-limit) {self.memory_limit!r}: give a size per worker such as "
                                  "6GB or 6000MB, or auto (the machine's memory shared by the workers)") from None
 
