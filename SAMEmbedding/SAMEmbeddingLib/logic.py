@@ -59,8 +59,8 @@ MATCHES_ATTRIBUTE = "SAMEmbedding.Matches"
 """Attribute of a ``matches`` point list holding the numbers of each match as data (saved with the scene):
 JSON ``{source control point ID: {"pointID": output control point ID, "score": cosine in [-1, 1], "confident":
 bool, "roundtripMm": mm, "rematched": bool, "polished": bool, "ncc": NCC in [-1, 1] or null}}``, and ``"notUpdated":
-reason`` on a match that a later run was asked for and could not make, because it skipped the target
-(:func:`_markNotUpdated`): the match is an earlier one, no longer counted as confident."""
+reason`` on a match that a later run was asked for and could not make, because the engine could not match the
+target (:func:`_markNotUpdated`): the match is an earlier one, no longer counted as confident."""
 LEGACY_POINT_MAP_ATTRIBUTE = "SAMEmbedding.PointMap"
 """Scenes saved before the numbers were stored: ``{source control point ID: output control point ID}`` only."""
 SOURCE_REFERENCE = "SAMEmbeddingSourcePoints"
@@ -1253,7 +1253,7 @@ def _record(outPointID: str, match) -> dict:
 
 def _markNotUpdated(outNode, keys: Sequence[str], reason: str) -> int:
     """Mark the matches of ``keys`` (source control point IDs; labels in a fused list) in ``outNode`` as not updated:
-    a run asked for them and skipped the target (``reason``). Each keeps its position and numbers (a match the user
+    a run asked for them and the engine could not match the target (``reason``). Each keeps its position and numbers (a match the user
     moved by hand is not lost); its record gets ``"notUpdated": reason``, so the results table and the export no
     longer count it as confident, it takes the uncertain colour, and its description says so. The next match of the
     point in that target replaces it as usual. Returns how many were marked."""
@@ -1276,7 +1276,7 @@ def _markNotUpdated(outNode, keys: Sequence[str], reason: str) -> int:
                 earlier += (f"; {record.get('agreeing')} of {record['atlases']} atlases agreed (spread "
                             f"{_float(record.get('spreadMm')):.1f} mm)")
             outNode.SetNthControlPointDescription(
-                index, f"not updated: the last match skipped this target ({reason})"
+                index, f"not updated: the last match could not match this target ({reason})"
                 + (f"; the earlier match: {earlier}" if earlier else ""))
             marked += 1
         if marked:

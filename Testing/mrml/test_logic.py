@@ -899,8 +899,8 @@ def test_earlier_matches_in_a_target_skipped_later_are_kept_and_marked_as_not_up
     for i in range(outNode.GetNumberOfControlPoints()):
         assert not outNode.GetNthControlPointSelected(i)
         assert outNode.GetNthControlPointDescription(i).startswith(
-            "not updated: the last match skipped this target (later: nothing to search in the box); the earlier "
-            "match: score ")
+            "not updated: the last match could not match this target (later: nothing to search in the box); the "
+            "earlier match: score ")
     rows = a_logic.resultRows(two_landmarks)
     assert [r.confident for r in rows if r.target == "later"] == [False, False]
     assert all(r.confident for r in rows if r.target != "later")
