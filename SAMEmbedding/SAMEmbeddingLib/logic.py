@@ -723,8 +723,7 @@ class MatchLogic:
                                                progress=None if progress is None else step, cancel=cancel,
                                                target_names=[target.GetName()])
             except TargetError as e:
-                refs = {SOURCE_REFERENCE: first.GetID(), TARGET_REFERENCE: target.GetID()}
-                earlier, _ = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "fused", refs, False, "")
+                earlier = self.fusedPointList(first, target)
                 if earlier is not None:  # (marked first: a lone target's error, or none matched, raises below)
                     _markNotUpdated(earlier, labels, str(e))
                 _skipTarget(skipped, target.GetName(), e, len(targets))
@@ -736,18 +735,15 @@ class MatchLogic:
             nodes.append(self._writeFused(first, target, result.matches))
         return nodes
 
+    def fusedPointList(self, firstPointList, targetVolume, create: bool = False):
+        """The ``"<target> fused matches"`` point list of :meth:`matchAtlases` for the atlases whose first point
+        list is ``firstPointList`` (created when asked; else None when there is none)."""
+        return self._pointListOf("fused", "fused matches", firstPointList, targetVolume, create)
+
     def _writeFused(self, firstPointList, target, matches) -> Any:
         """The ``"<target> fused matches"`` point list of :meth:`matchAtlases`, written with ``matches`` (the
         engine's fused matches of that target)."""
-        refs = {SOURCE_REFERENCE: firstPointList.GetID(), TARGET_REFERENCE: target.GetID()}
-        node, created = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "fused", refs, True,
-                                           f"{target.GetName()} fused matches")
-        if created:
-            node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-            if display is not None:
-                display.SetSelectedColor(*CONFIDENT_COLOR)
-                display.SetColor(*UNCERTAIN_COLOR)
+        node = self.fusedPointList(firstPointList, target, create=True)
         wasModifying = node.StartModify()
         try:
             node.RemoveAllControlPoints()
@@ -898,9 +894,14 @@ class MatchLogic:
 
     def outputPointList(self, sourcePointList, targetVolume, create: bool = False):
         """The ``"<target> matches"`` point list of a source list and target (created when asked)."""
+        return self._pointListOf("matches", "matches", sourcePointList, targetVolume, create)
+
+    def _pointListOf(self, role: str, nameEnd: str, sourcePointList, targetVolume, create: bool):
+        """The output point list of ``role`` of a source list and target, named ``"<target> <nameEnd>"`` when it is
+        created (``create``; its colours: confident and uncertain), else None when there is none."""
         refs = {SOURCE_REFERENCE: sourcePointList.GetID(), TARGET_REFERENCE: targetVolume.GetID()}
-        node, created = self._findOrCreate("vtkMRMLMarkupsFiducialNode", "matches", refs, create,
-                                           f"{targetVolume.GetName()} matches")
+        node, created = self._findOrCreate("vtkMRMLMarkupsFiducialNode", role, refs, create,
+                                           f"{targetVolume.GetName()} {nameEnd}")
         if not created:
             return node
         node.CreateDefaultDisplayNodes()

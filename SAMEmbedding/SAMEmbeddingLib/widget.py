@@ -334,9 +334,8 @@ class MatchWidget(VTKObservationMixin):
     def onResultClicked(self, modelIndex) -> None:
         # the view's index is of its sort proxy: the table's own row is that of the source model (the table node
         # shows its column titles as the header, so the model's rows are the table's, see updateResultsTable)
-        view = self.ui.resultsTableView
-        row = view.sortFilterProxyModel().mapToSource(modelIndex).row() if view.sortFilterProxyModel() else modelIndex.row()
-        self.controller.selectResultRow(row)
+        proxy = self.ui.resultsTableView.sortFilterProxyModel()
+        self.controller.selectResultRow(proxy.mapToSource(modelIndex).row() if proxy is not None else modelIndex.row())
 
     def onExport(self) -> None:
         p = self._parameterNode

@@ -261,7 +261,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         except PermissionError as e:  # (one target alone: the system's refusal, exit 1, as for any other file)
             if n == 1:
                 raise
-            raise TargetError(f"{e.filename}: {e.strerror}" if e.filename else f"{path}: {e}") from e
+            raise _refused(e, path) from e
 
     bar.phase("reading")
     done: list = []  # each finished target's MatchResult whose files are written, in order
@@ -433,6 +433,12 @@ def _require_images(paths: list[str]) -> None:
     for path in paths:
         if not Path(path).exists():
             raise InputError(f"{path}: file not found")
+
+
+def _refused(e: PermissionError, path: str) -> TargetError:
+    """A read of ``path`` that the system refused, as that one input's own problem (named by its file), which a
+    command over several inputs skips."""
+    return TargetError(f"{e.filename}: {e.strerror}" if e.filename else f"{path}: {e}")
 
 
 def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
@@ -661,7 +667,7 @@ def _cmd_embed(args) -> int:
                 if len(args.images) == 1:
                     raise
                 log.error("image %d/%d skipped (the others go on): %s", n + 1, len(args.images),
-                          f"{e.filename}: {e.strerror}" if isinstance(e, PermissionError) and e.filename else e)
+                          _refused(e, path) if isinstance(e, PermissionError) else e)
                 skipped.append(path)
                 continue
             if embedder.disk_write_failed:  # (clear_cache below tries the folder again for the next image)

@@ -416,12 +416,11 @@ def in_air(maps: EmbeddingMaps, points_lps_mm: np.ndarray, reach_voxels: int = 1
     body, or given in the other frame). A point on the skin is not in air."""
     body = maps.search_mask(True)
     grid = maps.local_grid
-    pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :grid.ndim]
-    near = np.zeros(len(pts), dtype=bool)
+    ijk = grid.lps_to_index(np.asarray(points_lps_mm, dtype=np.float64)[:, :grid.ndim])
+    near = np.zeros(len(ijk), dtype=bool)
     steps = range(-reach_voxels, reach_voxels + 1)
     for offset in itertools.product(steps, repeat=grid.ndim):  # (i, j, k) voxel steps
-        shifted = grid.index_to_lps(grid.lps_to_index(pts) + np.asarray(offset, dtype=np.float64))
-        near |= allowed_at(maps, body, shifted)
+        near |= allowed_at(maps, body, grid.index_to_lps(ijk + np.asarray(offset, dtype=np.float64)))
     return ~near
 
 

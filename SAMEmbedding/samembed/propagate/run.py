@@ -319,7 +319,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     # run.json are written whole: while the cluster closes (seconds), or while they are written, a stop left
     # matches.csv without the last scans and run.json "running"
     shield = StopBetweenSteps()
-    try:
+    with contextlib.ExitStack() as ending:  # (the shield, entered after the scans, is left after the tables)
         with _client(settings, client) as c:
             workers = len(c.scheduler_info().get("workers", {}))
             run_info["cluster"] = {"scheduler": c.scheduler.address, "workers": workers}
@@ -374,7 +374,6 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             bar = _Bar(len(todo), settings.progress, started_s)
             finished = failed = 0
             t_scans, write_s = time.time(), 0.0
-            interrupted = False
             try:
                 for fut in as_completed(futures):
                     scan = futures[fut]
@@ -403,7 +402,6 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                     if cancel is not None and cancel.is_set():
                         raise Cancelled(f"cancelled after {finished + failed} of {len(todo)} scans")
             except (KeyboardInterrupt, Cancelled) as e:
-                interrupted = True
                 c.cancel(list(futures))  # one call: one by one took about 1 ms each (10 s for 10,000 scans)
                 summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, True, workers)
                 if settings.report:
@@ -420,10 +418,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                 raise
             finally:
                 bar.close()
-            shield.__enter__()  # (left below, once the tables are written)
-        summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, interrupted, workers)
-    finally:
-        shield.__exit__(None, None, None)  # (nothing to put back when it was not entered)
+            ending.enter_context(shield)
+        summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, False, workers)
     try:
         if shield.requested is not None and settings.report:  # (without a page, the run is complete: it ends so)
             shield.stop()
