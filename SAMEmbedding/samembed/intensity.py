@@ -163,10 +163,9 @@ class LatticeSampler:
         # the nearest border voxel, as the whole image would
         box = np.minimum(np.ceil(2 * reach).astype(int) + 2, self._size)  # voxels per (i, j, k) axis
         start = np.clip(np.floor(ijk0 - reach).astype(int), 0, self._size - box)  # (N, d)
-        # grid_sample's normalised coordinates in each box (align_corners: -1 and 1 are its first and last voxel)
-        scale = 2.0 / np.maximum(box - 1, 1)
-        g0 = torch.from_numpy(((ijk0 - start) * scale - 1.0).astype(np.float32))
-        offsets = offsets * torch.from_numpy(scale.astype(np.float32))
+        centre = torch.from_numpy((ijk0 - start).astype(np.float32))  # each lattice's centre in its box, index units
+        # lattices that reach past the first or last voxel centre (half a voxel still counts as inside the image)
+        beyond = ((ijk0 - reach) < 0).any(1) | ((ijk0 + reach) > self._size - 1).any(1)
         group = max(1, self._crop_bytes // (4 * int(np.prod(box))))
         out = torch.empty((len(ijk0),) + (n,) * d)
         for b in range(0, len(ijk0), group):
@@ -174,10 +173,53 @@ class LatticeSampler:
             view = crops.numpy()
             for k, lo in enumerate(start[b:b + group]):
                 view[k, 0] = array[tuple(slice(s, s + w) for s, w in zip(lo[::-1], box[::-1]))]
-            g = g0[b:b + group].view((-1,) + (1,) * d + (d,)) + offsets  # (i, j, k) = grid_sample's (x, y, z)
-            sampled = F.grid_sample(crops, g, mode="bilinear", padding_mode="border", align_corners=True)
-            out[b:b + group] = sampled[:, 0]
+            out[b:b + group] = _interpolate(crops, centre[b:b + group], offsets, clamp=bool(beyond[b:b + group].any()))
         return (out, inside, point_mask) if masks else (out, inside)
+
+
+def _interpolate(crops: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, clamp: bool) -> torch.Tensor:
+    """Linear interpolation of each box of ``crops`` at its own lattice: ``centres[b] + offsets``.
+
+    ``crops`` is float32 ``(B, 1) + box`` (slowest axis first), ``centres`` (B, d) and ``offsets`` ``(n,) * d + (d,)``
+    in the boxes' index units (i first); outside a box the nearest border voxel counts, as with ``grid_sample``'s
+    border padding (``clamp`` says whether any lattice point may lie outside its box). Returns ``(B,) + (n,) * d``.
+
+    In 3D the boxes are sampled as 2D images, their slices stacked: two bilinear samplings per point (at the slices
+    below and above it), then a linear step between them. torch's 2D sampler is vectorised on the CPU and its 3D one
+    is not (measured on 50 lattices of 29^3 points: 46 ms in 3D, 2 x 7.5 ms in 2D).
+    """
+    b, d = centres.shape
+    size = crops.shape[2:][::-1]  # (i, j, k) extents
+    lattice = offsets.shape[:-1]
+    if d == 2:
+        scale = torch.tensor([2.0 / max(s - 1, 1) for s in size])
+        grid = (centres * scale - 1.0).view(b, 1, 1, 2) + offsets * scale
+        return F.grid_sample(crops, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+    width, height, depth = size
+    flat = offsets.reshape(-1, 3)
+
+    def along(a: int, scale: float = 1.0, shift: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n^3) index coordinates along box axis ``a``, times ``scale`` plus ``shift`` (into ``out``)."""
+        if clamp:
+            v = (centres[:, a, None] + flat[:, a]).clamp_(0, size[a] - 1)
+            return torch.mul(v, scale, out=v if out is None else out).add_(shift)
+        return torch.add(centres[:, a, None] * scale + shift, flat[:, a] * scale, out=out)
+
+    z = along(2)
+    z0 = z.floor().clamp_(0, max(depth - 2, 0))  # the slice below (the last pair's lower one at the far end)
+    fz = z.sub_(z0)  # 0 .. 1 from that slice to the next
+    sx, sy = 2.0 / max(width - 1, 1), 2.0 / max(depth * height - 1, 1)  # align_corners: -1 .. 1 is first .. last
+    grid = torch.empty(b, flat.shape[0], 2)
+    along(0, sx, -1.0, out=grid[..., 0])
+    gy = along(1, sy, -1.0, out=grid[..., 1]).add_(z0, alpha=height * sy)  # row j of slice k: row k * height + j
+    stacked = crops.view(b, 1, depth * height, width)
+    grid = grid.view(b, -1, lattice[-1], 2)
+    below = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    if depth == 1:
+        return below.view((b,) + tuple(lattice))
+    gy.add_(height * sy)
+    above = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return below.lerp_(above, fz.view_as(below)).view((b,) + tuple(lattice))
 
 
 _SAMPLERS: weakref.WeakKeyDictionary[Image, LatticeSampler] = weakref.WeakKeyDictionary()
