@@ -36,10 +36,11 @@ def test_the_ncc_map_equals_a_brute_force_computation(d):
     np.testing.assert_allclose(got, brute_force_ncc(block, template), atol=1e-4)
 
 
+@pytest.mark.parametrize("outside", ["both", "block", "template"])
 @pytest.mark.parametrize("d", [2, 3])
-def test_the_masked_ncc_map_equals_a_brute_force_computation_over_the_voxels_inside(d):
-    """With masks of ones it is the plain map; with parts of the block and the template outside their images, each
-    shift's NCC is over the template voxels that lie inside both, and a shift with too few of them is -1."""
+def test_the_masked_ncc_map_equals_a_brute_force_computation_over_the_voxels_inside(d, outside):
+    """With masks of ones it is the plain map; with parts of the block, the template or both outside their images,
+    each shift's NCC is over the template voxels that lie inside both, and a shift with too few of them is -1."""
     rng = np.random.default_rng(10 + d)
     block = rng.normal(100.0, 30.0, (9,) * d)
     template = rng.normal(size=(5,) * d)
@@ -48,8 +49,10 @@ def test_the_masked_ncc_map_equals_a_brute_force_computation_over_the_voxels_ins
     np.testing.assert_allclose(masked_ncc_maps(b, ones_b, t, ones_t)[0].numpy(), brute_force_ncc(block, template),
                                atol=1e-4)
     block_mask, template_mask = np.ones(block.shape, bool), np.ones(template.shape, bool)
-    block_mask[:3] = False  # the block's first three rows (slices) lie beyond the target's edge
-    template_mask[..., 0] = False  # the template's first column beyond the source's
+    if outside != "template":
+        block_mask[:3] = False  # the block's first three rows (slices) lie beyond the target's edge
+    if outside != "block":
+        template_mask[..., 0] = False  # the template's first column beyond the source's
     got = masked_ncc_maps(b, torch.from_numpy(block_mask)[None], t, torch.from_numpy(template_mask)[None],
                           min_overlap=0.5)[0].numpy()
     for idx in np.ndindex(*got.shape):
