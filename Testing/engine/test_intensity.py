@@ -276,3 +276,25 @@ def test_the_sources_templates_are_kept_for_the_next_target_and_the_polish_is_un
     sampler.kept(b"0", lambda: made.append("0 again"))
     assert "0 again" in made  # the oldest went first
 
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_lattice_sampling_of_a_volume_only_a_few_slices_deep_equals_trilinear_interpolation(depth):
+    """The 3D sampler reads a box as its stacked 2D slices and steps between them: with one slice (nothing to step
+    to), two (one pair) or three, every lattice point is the trilinear value at its clamped index."""
+    from scipy.ndimage import map_coordinates
+
+    from samembed.intensity import LatticeSampler
+
+    rng = np.random.default_rng(depth)
+    arr = rng.normal(size=(depth, 30, 40)).astype(np.float32)
+    img = Image.from_array(arr, spacing_mm=(1.0, 1.0, 2.0))
+    centres_ijk = np.column_stack([rng.uniform(3, 36, 12), rng.uniform(3, 26, 12), rng.uniform(0, depth - 1, 12)])
+    axes = np.array([[0.9, 0.2, 0.0], [-0.2, 0.9, 0.3], [0.1, 0.0, 0.8]])
+    centres = img.grid.index_to_lps(centres_ijk)
+    values, _ = LatticeSampler(img).sample(centres, axes, 2)
+    v = np.stack(np.meshgrid(*[np.arange(-2, 3)] * 3, indexing="ij")[::-1], -1).reshape(-1, 3)
+    for n in range(len(centres)):
+        ijk = np.clip(img.grid.lps_to_index(centres[n] + v @ axes.T), 0, np.array(arr.shape[::-1]) - 1)
+        expected = map_coordinates(arr.astype(np.float64), ijk[:, ::-1].T, order=1)
+        np.testing.assert_allclose(values[n].numpy().reshape(-1), expected, atol=1e-4)
