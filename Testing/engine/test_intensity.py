@@ -66,6 +66,39 @@ def test_the_masked_ncc_map_equals_a_brute_force_computation_over_the_voxels_ins
         assert got[idx] == pytest.approx((w * v).sum() / np.sqrt((w * w).sum() * (v * v).sum()), abs=1e-4)
 
 
+@pytest.mark.parametrize("outside", ["block", "template", "mixed"])
+def test_the_masked_ncc_maps_of_several_points_each_equal_their_brute_force_computation(outside):
+    """Several points at once, each with its own masks: the blocks reaching outside (every template whole), the
+    templates (every block whole), or one point of each kind and one with everything inside; every map equals its
+    own brute-force NCC over the voxels inside both."""
+    rng = np.random.default_rng(7)
+    n, d = 3, 3
+    blocks = rng.normal(100.0, 30.0, (n,) + (9,) * d)
+    templates = rng.normal(size=(n,) + (5,) * d)
+    block_masks, template_masks = np.ones(blocks.shape, bool), np.ones(templates.shape, bool)
+    if outside in ("block", "mixed"):
+        block_masks[0, :3] = False  # the first block's first slices beyond the target, the second's last columns
+        block_masks[1, ..., -2:] = False
+    if outside == "template":
+        template_masks[0, ..., 0] = False
+        template_masks[2, :1] = False
+    if outside == "mixed":
+        block_masks[1] = True
+        template_masks[1, ..., 0] = False  # point 0: its block outside; point 1: its template; point 2: neither
+    got = masked_ncc_maps(torch.from_numpy(blocks).float(), torch.from_numpy(block_masks),
+                          torch.from_numpy(templates).float(), torch.from_numpy(template_masks), min_overlap=0.5)
+    for p in range(n):
+        for idx in np.ndindex(*got.shape[1:]):
+            window = tuple(slice(i, i + k) for i, k in zip(idx, templates.shape[1:]))
+            use = block_masks[p][window] & template_masks[p]
+            if use.sum() < 0.5 * template_masks[p].sum():
+                assert got[(p, *idx)] == -1.0
+                continue
+            w, v = blocks[p][window][use], templates[p][use]
+            w, v = w - w.mean(), v - v.mean()
+            assert got[(p, *idx)] == pytest.approx((w * v).sum() / np.sqrt((w * w).sum() * (v * v).sum()), abs=1e-4)
+
+
 @pytest.mark.needs_data
 def test_a_polish_at_the_edge_of_the_targets_field_of_view_stays_on_the_true_point():
     """The target is the source cropped so that it starts at the clicked slice (a follow-up scan of a shorter field
