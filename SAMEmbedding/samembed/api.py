@@ -53,14 +53,15 @@ DEFAULT_FUSION = FusionOptions()
 ImageLike = "str | os.PathLike | Image | SimpleITK.Image"
 
 
-def as_image(obj, name: str | None = None, spacing_mm: float | None = None, constant_ok: bool = False) -> Image:
+def as_image(obj, name: str | None = None, spacing_mm: float | None = None, constant_ok: bool = False,
+             warn_spacing: bool = True) -> Image:
     """Parse a path, :class:`Image`, ``SimpleITK.Image`` or numpy array into a validated :class:`Image`
-    (``constant_ok``: a constant one is valid, as a mask)."""
+    (``constant_ok``: a constant one is valid, as a mask; ``warn_spacing``: :func:`~samembed.io.read_image`'s)."""
     if isinstance(obj, Image):
         validate_image(obj, constant_ok)
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        return read_image(obj, spacing_mm=spacing_mm, constant_ok=constant_ok)
+        return read_image(obj, spacing_mm=spacing_mm, constant_ok=constant_ok, warn_spacing=warn_spacing)
     if isinstance(obj, np.ndarray):
         img = Image.from_array(obj, name=name or "<array>")
         log.warning("%s: a numpy array carries no geometry: 1 mm voxels at the origin are assumed, so the points and "

@@ -192,7 +192,7 @@ def _start_prefetch(args, paths: list[str]):
 
 
 def _match(args, options, pairs, target_paths, prefetch) -> int:
-    from .io import check_point_dims, check_points_inside, markups_suffix, read_points
+    from .io import check_point_dims, check_points_inside, markups_suffix, read_points, warn_unknown_spacing
     from .names import atlas_names, repeated_labels, target_ids
 
     t0 = getattr(args, "started_s", None) or time.perf_counter()  # the command's start: torch's import counts
@@ -251,7 +251,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         key = str(path)
         if key not in images_read:
             image = None if prefetch is None else prefetch.image(path)
-            images_read[key] = as_image(path if image is None else image, spacing_mm=args.spacing)
+            # (a picture without its pixel spacing is warned of when it is used, not for a target that is skipped)
+            images_read[key] = as_image(path if image is None else image, spacing_mm=args.spacing, warn_spacing=False)
         return images_read[key]
 
     def read_target(path: str):  # what keeps a target from being read is its own problem, skipped among several
@@ -289,12 +290,15 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             atlases = [Atlas(read(image), pl.points_lps_mm, tuple(pl.labels), key)
                        for (image, _), pl, key in zip(pairs, atlas_points, atlas_keys)]
             for a, (_, pts_file), pl in zip(atlases, pairs, atlas_points):
+                warn_unknown_spacing(a.image)
                 check_point_dims(pl, pts_file, a.image.ndim, a.display_name)
                 check_points_inside(pl, pts_file, a.image, args.ras)
         else:
             source = read(args.images[0])
+            warn_unknown_spacing(source)
             check_point_dims(points, args.points, source.ndim, args.images[0])
             check_points_inside(points, args.points, source, args.ras)
+        source_ndim = atlases[0].image.ndim if pairs else source.ndim
         # the content of what every target is matched from (the source, or the atlases): never forgotten (below)
         kept = {images_read[str(p)].content_hash() for p in ([image for image, _ in pairs] or args.images[:1])}
         bar.phase("loading the model")
@@ -315,6 +319,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
 
             try:
                 one = [read_target(name)]
+                if one[0].ndim == source_ndim:  # (one of another dimension is skipped below, with its reason)
+                    warn_unknown_spacing(one[0])
                 if pairs:
                     r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
                 else:

@@ -396,7 +396,23 @@ def _series_description(first_file: str) -> str:
 _warned_no_spacing = False
 
 
-def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constant_ok: bool = False) -> Image:
+def warn_unknown_spacing(image: Image) -> None:
+    """Warn that ``image`` (a PNG/JPEG read without a given spacing: ``pixel_spacing_known`` False) is in pixels, not
+    mm: a warning for the first such picture of the process, a debug line for the rest. :func:`read_image` calls it
+    unless told not to; the ``samembed`` command calls it when it uses a picture (not for a target it skips)."""
+    global _warned_no_spacing
+    if image.pixel_spacing_known:
+        return
+    log.log(logging.DEBUG if _warned_no_spacing else logging.WARNING,
+            "%s: a %s carries no pixel spacing: 1 mm per pixel is assumed, so positions and search windows (mm) are "
+            "in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))%s", image.name,
+            Path(image.name).suffix.lstrip(".").upper() or "raster",
+            "" if _warned_no_spacing else " (said once: the same holds for every such picture read after it)")
+    _warned_no_spacing = True
+
+
+def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constant_ok: bool = False,
+               warn_spacing: bool = True) -> Image:
     """Read an image file or a DICOM series folder into an :class:`Image`.
 
     Args:
@@ -404,6 +420,8 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
             with a warning naming them all).
         spacing_mm: pixel spacing to assume for 2D files that carry none (PNG/JPEG); otherwise 1 mm is
             assumed and ``pixel_spacing_known`` is False.
+        warn_spacing: warn, when that spacing is assumed, that positions are in pixels (:func:`warn_unknown_spacing`;
+            False: the caller warns when it uses the image).
 
     Raises:
         InputError: missing, unreadable or corrupt file; a NIfTI file cut short (:mod:`samembed.nifti_complete`);
@@ -448,14 +466,6 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
     name = str(path)
     is_2d_raster = name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
     image = image_from_sitk(img, name, spacing_known=not is_2d_raster, own=True)
-    if is_2d_raster and spacing_mm is None:  # (the README says the log says so): a warning once, then a debug line
-        global _warned_no_spacing
-        log.log(logging.DEBUG if _warned_no_spacing else logging.WARNING,
-                "%s: a %s carries no pixel spacing: 1 mm per pixel is assumed, so positions and search windows (mm) are "
-                "in pixels; give the spacing (--spacing MM; Matcher(spacing_mm=...))%s", name,
-                Path(name).suffix.lstrip(".").upper() or "raster",
-                "" if _warned_no_spacing else " (said once: the same holds for every such picture read after it)")
-        _warned_no_spacing = True
     if name.lower().endswith((".jpg", ".jpeg", ".tif", ".tiff")):
         turned = _exif_orientation(path)
         if turned not in (None, 1):
@@ -468,6 +478,8 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
         image = Image(image.array, Grid(grid.shape_zyx, np.full(grid.ndim, float(spacing_mm) if given else 1.0),
                                         grid.origin_lps_mm, grid.direction), name, given)
     validate_image(image, constant_ok)
+    if warn_spacing:  # (the README says the log says so): a warning once, then a debug line
+        warn_unknown_spacing(image)
     return image
 
 

@@ -403,7 +403,7 @@ def _child_work(request: PrefetchRequest, conn, arena: _Arena | None, claims: _C
             if isinstance(source, ArrayFile):
                 image = source.read(mapped=True)
             else:
-                image = read_image(source, spacing_mm=request.spacing_mm)
+                image = read_image(source, spacing_mm=request.spacing_mm, warn_spacing=False)  # (the command warns)
         except Exception:  # noqa: BLE001 - the command reads it again and reports the error itself
             conn.send(("failed", path, None))
             return None

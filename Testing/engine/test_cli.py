@@ -300,6 +300,39 @@ def _interrupt_the_second_match(monkeypatch) -> None:
 
 
 @pytest.mark.needs_data
+def test_a_picture_without_its_spacing_is_warned_of_when_it_is_matched_not_when_it_is_skipped(
+        tmp_path, two_cts, a_points_csv, monkeypatch, caplog):
+    """A PNG among CT targets is skipped (another dimension), and its missing pixel spacing, which no result uses,
+    went unsaid there (it was warned of before the skip, from an audit); pictures that are matched are warned of
+    once, as before."""
+    import SimpleITK as sitk
+
+    from samembed import io
+
+    pts_path, _ = a_points_csv
+    rng = np.random.default_rng(0)
+    pictures = []
+    for k in range(2):
+        pictures.append(tmp_path / f"hand{k}.png")
+        sitk.WriteImage(sitk.GetImageFromArray((rng.random((48, 40)) * 255).astype(np.uint8)), str(pictures[-1]))
+    common = ["--device", "cpu", "--quiet"]
+    monkeypatch.setattr(io, "_warned_no_spacing", False)
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        assert main(["match", str(two_cts[0]), str(two_cts[1]), str(pictures[0]), "--points", str(pts_path),
+                     "--out", str(tmp_path / "o.csv"), "--model", "random:sam-lite", *common]) == 3
+    assert f"target 2/2 skipped (the other targets go on): {pictures[0]}: a 2D target cannot" in caplog.text
+    assert "carries no pixel spacing" not in caplog.text
+    caplog.clear()
+    points_2d = tmp_path / "p2.csv"
+    points_2d.write_text("label,x,y\nA,20,24\n")
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        assert main(["match", *map(str, pictures), str(pictures[0]), "--points", str(points_2d),
+                     "--out", str(tmp_path / "o2.csv"), "--model", "random:sam-lite-2d", *common]) == 0
+    said = [r.getMessage() for r in caplog.records if "carries no pixel spacing" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{pictures[0]}: a PNG carries no pixel spacing"), said
+
+
+@pytest.mark.needs_data
 @pytest.mark.parametrize("out_kind", ["folder", "csv"])
 def test_a_batch_skips_a_target_it_cannot_match_and_an_interrupt_keeps_the_targets_it_finished(
         tmp_path, two_cts, a_points_csv, out_kind, monkeypatch, capsys, caplog):
