@@ -298,7 +298,6 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             warn_unknown_spacing(source)
             check_point_dims(points, args.points, source.ndim, args.images[0])
             check_points_inside(points, args.points, source, args.ras)
-        source_ndim = atlases[0].image.ndim if pairs else source.ndim
         # the content of what every target is matched from (the source, or the atlases): never forgotten (below)
         kept = {images_read[str(p)].content_hash() for p in ([image for image, _ in pairs] or args.images[:1])}
         bar.phase("loading the model")
@@ -319,13 +318,12 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
 
             try:
                 one = [read_target(name)]
-                if one[0].ndim == source_ndim:  # (one of another dimension is skipped below, with its reason)
-                    warn_unknown_spacing(one[0])
                 if pairs:
                     r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
                 else:
                     r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
                                       progress=progress, target_names=[name])
+                warn_unknown_spacing(one[0])  # once matched (a target skipped below, e.g. of another dimension: not)
             except TargetError as e:  # this target's own problem (unreadable, too small, another dimension, ...)
                 if n == 1:
                     raise
