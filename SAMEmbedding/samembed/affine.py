@@ -59,6 +59,20 @@ def _kept_sets(n: int, k: int, iterations: int, seed: int) -> np.ndarray:
     return sets
 
 
+def _residuals(X: np.ndarray, A: np.ndarray, dst_mm: np.ndarray) -> np.ndarray:
+    """(I, N) distances, mm, between each of the I affines ``A`` (I, d+1, d) applied to the N points ``X`` (N, d+1,
+    homogeneous) and ``dst_mm`` (N, d): ``np.linalg.norm(X @ A - dst, axis=2)``, the same values, computed one
+    coordinate at a time as (N, I) matrix products (a norm over a last axis of 2 or 3 values is slow in numpy: 12 of
+    26 ms for 1000 hypotheses of 500 pairs, against 7 ms for all of this)."""
+    sq = None
+    for c in range(A.shape[2]):
+        e = X @ A[:, :, c].T  # (N, I): coordinate c of every point under every affine
+        e -= dst_mm[:, c:c + 1]
+        e *= e
+        sq = e if sq is None else np.add(sq, e, out=sq)
+    return np.ascontiguousarray(np.sqrt(sq, out=sq).T)
+
+
 def ransac_affine(src_mm: np.ndarray, dst_mm: np.ndarray, inlier_mm: float, iterations: int = 500,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Robust affine from point pairs: seeded RANSAC over minimal sets of d + 1 pairs (most inliers, ties broken
@@ -89,7 +103,7 @@ def ransac_affine(src_mm: np.ndarray, dst_mm: np.ndarray, inlier_mm: float, iter
     if len(sets):
         # all hypotheses at once: (I, d+1, d) affines, (I, N) errors
         A = np.linalg.solve(X[sets], dst_mm[sets])
-        err = np.linalg.norm(np.matmul(X, A) - dst_mm[None], axis=2)  # batched products (einsum: 10x slower)
+        err = _residuals(X, A, dst_mm)
         ok = err < inlier_mm
         count, total = ok.sum(1), np.minimum(err, inlier_mm).sum(1)
         # most inliers, then the smallest truncated error, then the first drawn

@@ -33,6 +33,22 @@ def test_ransac_finds_the_affine_through_matches_despite_gross_outliers(d):
     assert np.linalg.norm(apply_affine(fit_affine(src, dst), src) - apply_affine(M_true, src), axis=1).max() > 5.0
 
 
+@pytest.mark.parametrize("d", [2, 3])
+def test_ransac_residuals_are_the_norms_of_the_batched_products(d):
+    from samembed.affine import _residuals
+
+    rng = np.random.default_rng(10 + d)
+    src = rng.uniform(-200, 200, (300, d))
+    dst = src * 1.05 + rng.normal(0, 5.0, src.shape)
+    X = np.hstack([src, np.ones((len(src), 1))])
+    sets = rng.integers(0, len(src), (400, d + 1))
+    sets = sets[np.abs(np.linalg.det(X[sets])) >= 1e-9]
+    A = np.linalg.solve(X[sets], dst[sets])
+    err = _residuals(X, A, dst)
+    assert err.shape == (len(sets), len(src)) and err.flags.c_contiguous
+    np.testing.assert_allclose(err, np.linalg.norm(np.matmul(X, A) - dst[None], axis=2), rtol=1e-12, atol=1e-9)
+
+
 def test_ransac_needs_d_plus_one_pairs():
     with pytest.raises(ValueError, match="at least 4 point pairs"):
         ransac_affine(np.zeros((3, 3)), np.zeros((3, 3)), 1.0)
