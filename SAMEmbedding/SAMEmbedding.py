@@ -31,8 +31,9 @@ from SAMEmbeddingLib.parameters import matchOptionsFromParameters, optionDefault
 
 TORCH_REQUIREMENT = ">=2.0,<2.15"
 """torch versions the engine is tested with (installed through the PyTorch extension)."""
-PYTHON_REQUIREMENTS = ["numpy>=1.22", "SimpleITK>=2.2"]
-"""Other packages matching needs; Slicer bundles both, so this is a check that rarely installs anything."""
+PYTHON_REQUIREMENTS = ["numpy>=1.22", "SimpleITK>=2.2", "xxhash>=3.0"]
+"""Other packages matching needs. Slicer bundles numpy and SimpleITK; xxhash (the images' content hash, the cache
+key) is installed once, with the user's consent, as torch is."""
 LIBRARY_MODULES = ("parameters", "mrml_io", "worker", "engine_process", "logic", "controller", "widget")
 """SAMEmbeddingLib modules, in reload order (a module after those it imports)."""
 

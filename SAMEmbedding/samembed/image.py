@@ -12,7 +12,6 @@ Conventions used everywhere in :mod:`samembed`:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,9 +187,19 @@ class Image:
         return f"Image({self.name!r}, {self.array.dtype}, shape_zyx={self.grid.shape_zyx}, spacing_xyz {spacing} mm)"
 
     def content_hash(self) -> str:
-        """SHA-256 over voxel bytes, dtype and geometry: the embedding cache key of this image."""
+        """XXH3-128 (the ``xxhash`` package) over dtype, shape, the voxel bytes and the rounded geometry, 32 hex
+        digits: the embedding cache key of this image (memory and disk).
+
+        A non-cryptographic hash, as a cache key needs: accidental collisions are negligible at 128 bits, and whoever
+        could forge one could write the cache's files anyway. About 10x faster than SHA-256, which this was before
+        (a 0.3 GB thin-slice CT: 0.03 s against 0.31 s on one core of the 2-core VM), and every image is hashed
+        before its first match: the Slicer module's first click on thin-slice volumes waited for SHA-256, and
+        ``samembed propagate`` spent a tenth of a target's CPU time on it. Disk cache entries written under the
+        SHA-256 keys are not found (and are recomputed)."""
         if not self._hash:
-            h = hashlib.sha256()
+            import xxhash  # here: the Slicer module imports this module before it installs its packages
+
+            h = xxhash.xxh3_128()
             arr = np.ascontiguousarray(self.array)
             h.update(str(arr.dtype).encode())
             h.update(str(arr.shape).encode())

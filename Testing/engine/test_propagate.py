@@ -166,7 +166,7 @@ def test_two_workers_equal_a_single_process_match(setup, full_run):
     assert run["resolved"]["device"] == "cpu" and run["resolved"]["precision"] in ("fp32", "bf16", "int8-int8",
                                                                                   "int8-bf16", "int8")
     assert all(rec["worker"]["precision"] == run["resolved"]["precision"] for rec in records.values())
-    assert len(run["atlas_content_sha256"]) == 64 and run["argv"] and "scans_source" in run
+    assert len(run["atlas_content_hash"]) == 32 and run["argv"] and "scans_source" in run
 
 
 class _Report(HTMLParser):
@@ -932,7 +932,7 @@ def test_the_fusion_rule_is_in_the_fingerprint_of_a_run_of_several_atlases_only(
     from samembed.propagate import run
     from samembed.propagate.settings import PropagateSettings
 
-    prep = {"model_id": "m", "model_sha256": "0" * 64, "atlas_key": "k", "atlas_content_sha256": "1" * 64}
+    prep = {"model_id": "m", "model_sha256": "0" * 64, "atlas_key": "k", "atlas_content_hash": "1" * 64}
     one = {"labels": ["a"], "points_lps_mm": [[0.0, 0.0, 0.0]]}
     several = {**one, "more_atlases": [{"labels": ["a"], "points_lps_mm": [[1.0, 0.0, 0.0]]}]}
 

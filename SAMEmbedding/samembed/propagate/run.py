@@ -129,7 +129,7 @@ def fingerprint(prep: dict, job_points: dict, options: MatchOptions, settings: P
     match options and the result-relevant engine settings. Scans finished with the same fingerprint are skipped
     on resume."""
     doc = {"model_id": prep["model_id"], "model_sha256": prep["model_sha256"], "atlas_key": prep["atlas_key"],
-           "atlas_content_sha256": prep["atlas_content_sha256"], "points": job_points, "options": options.to_dict(),
+           "atlas_content_hash": prep["atlas_content_hash"], "points": job_points, "options": options.to_dict(),
            "engine": settings.result_fields()}
     if "more_atlases" in job_points:  # how atlases are fused: scans fused by an earlier rule are redone on resume
         doc["fusion"] = FUSION_RULE
@@ -357,7 +357,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                          f"the match, matched back into the atlas, lands within {tolerance:g} mm of the atlas point"),
                 "note": "round-trip consistency, not a measured accuracy: a consistent match can still be wrong"}
             run_info["resolved"] = prep.get("resolved")  # device and precision as "auto" resolved on the first worker
-            run_info["atlas_content_sha256"] = prep["atlas_content_sha256"]
+            run_info["atlas_content_hash"] = prep["atlas_content_hash"]
             run_info.update(status="running", fingerprint=fp, model={"id": prep["model_id"], "sha256": prep["model_sha256"]},
                             atlas_embedding_key=prep["atlas_key"], versions={"workers": prep["versions"],
                                                                              "client": _client_versions()},

@@ -175,7 +175,7 @@ def prepare_atlas(job: ScanJob) -> dict:
         hashes.append(image.content_hash())
     model = eng.matcher.model
     return {"model_id": model.model_id, "model_sha256": model.sha256, "atlas_key": "+".join(keys),
-            "atlas_content_sha256": "+".join(hashes), "atlas_ndim": d, "versions": versions(),
+            "atlas_content_hash": "+".join(hashes), "atlas_ndim": d, "versions": versions(),
             "local_spacing_mm": [float(v) for v in maps.local_grid.spacing_mm],
             # what "auto" resolved to on this worker (a worker of another CPU may resolve otherwise: each scan's
             # record says its own, see match_scan)
