@@ -325,6 +325,29 @@ def test_the_maximum_within_each_box_is_the_masked_rows_maximum():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial
 
 
+def test_row_max_is_torch_max_over_rows():
+    """``row_max`` (numpy's argmax on the CPU) gives what ``x.max(1)`` gives: the maximum and its first index, NaN
+    counting as the largest value, rows of -inf only at index 0, on rows whose values tie often; also for a
+    non-contiguous view and a float64 block, and the index dtype torch's has."""
+    import torch
+
+    from samembed.matcher import row_max
+
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n, v = int(rng.integers(1, 9)), int(rng.integers(1, 300))
+        x = torch.from_numpy(np.round(rng.normal(size=(n, v)), 1).astype(np.float32))
+        x[torch.from_numpy(rng.random(x.shape) < 0.3)] = float("-inf")
+        if trial % 7 == 0:
+            x[0] = float("-inf")
+        if trial % 11 == 0:
+            x[-1, int(rng.integers(0, v))] = float("nan")
+        for block in (x, x.T.contiguous().T, x.double()):
+            got, want = row_max(block), block.max(1)
+            assert torch.equal(got[1], want[1]) and got[1].dtype == want[1].dtype, trial
+            assert torch.allclose(got[0], want[0], equal_nan=True), trial
+
+
 def test_window_boxes_and_groups_used_by_the_windowed_search():
     """A window that holds no allowed voxel (off the body, or off the grid) is searched over the whole grid; the
     others keep their boxes, clipped to the grid."""
