@@ -320,10 +320,14 @@ def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor 
     rows walks the destination at a stride of C values once per channel (2.5 s for 64 channels of 1.5 M voxels,
     against 0.07 s in blocks). Values are copied, not computed: the rows equal the parts bit for bit (converted to
     ``dst``'s dtype), but for the channels ``unit``, when given, which are scaled to unit length per row on the
-    way (:func:`normalize_rows`: the same values as normalising the rows where they land)."""
+    way (:func:`normalize_rows`: the same values as normalising the rows where they land).
+
+    On the CPU the rows go to ``flat`` through numpy's indexed assignment, which copies whole rows: 1.5x torch's
+    ``index_copy_`` for 240 k rows of 64 float32 values on the 2-core VM, the same bytes."""
     import torch
 
     n = parts[0].shape[1]
+    by_numpy = dst.device.type == "cpu" and dst.dtype in (torch.float32, torch.float16, torch.float64)
     for i in range(0, n, block):
         blk = [p[:, i:i + block].T for p in parts]
         rows = torch.cat(blk, 1) if len(blk) > 1 else blk[0]
@@ -333,6 +337,8 @@ def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor 
         rows = rows.to(dst.device, dst.dtype)
         if flat is None:
             dst[i:i + block].copy_(rows)
+        elif by_numpy:
+            dst.detach().numpy()[flat[i:i + block].cpu().numpy()] = rows.detach().numpy()
         else:
             dst.index_copy_(0, flat[i:i + block].to(dst.device), rows)
 

@@ -385,6 +385,10 @@ def test_voxel_major_rows_take_channel_major_values_bit_for_bit_and_give_them_ba
     write_rows(rows, [local, glob], flat, block=7)
     both = torch.cat([local, glob])
     assert torch.equal(rows[flat], both.T)
+    for dtype in (torch.float16, torch.bfloat16):  # numpy's indexed assignment, and index_copy_ where numpy has no type
+        half = torch.zeros((200, 10), dtype=dtype)
+        write_rows(half[:, 2:], [local, glob[:2]], flat, block=7)  # into a strided view of the rows
+        assert torch.equal(half[flat, 2:], torch.cat([local, glob[:2]]).T.to(dtype)) and not half[:, :2].any()
     ordered = new_feature_rows(50, 10, torch.float32, "cpu")
     write_rows(ordered[:, :6], [local], block=7)  # in order, into some of the channels
     write_rows(ordered[:, 6:], [glob], block=7)
