@@ -115,15 +115,6 @@ def _ensureTorch() -> None:
 
 
 def _ensurePackages(requirements: list[str], requester: str) -> None:
-    try:
-        import slicer.packaging
-
-        pipEnsure = slicer.packaging.pip_ensure  # Slicer >= 5.12
-    except (ImportError, AttributeError):
-        pipEnsure = None
-    if pipEnsure is not None:
-        pipEnsure(requirements, requester=requester)
-        return
     import importlib.metadata
 
     from packaging.requirements import Requirement
@@ -137,6 +128,18 @@ def _ensurePackages(requirements: list[str], requester: str) -> None:
         except importlib.metadata.PackageNotFoundError:
             missing.append(text)
     if not missing:
+        return
+    if slicer.app.testingEnabled():  # no question and no download in a test run, as for torch
+        raise RuntimeError(_("SAM Embedding needs these Python packages, which are not installed; tests do not install "
+                             "packages: {packages}").format(packages=", ".join(missing)))
+    try:
+        from slicer import packaging as slicerPackaging  # (not `import slicer.packaging`: slicer stays the module's)
+
+        pipEnsure = slicerPackaging.pip_ensure  # Slicer >= 5.12: asks and installs in its own way
+    except (ImportError, AttributeError):
+        pipEnsure = None
+    if pipEnsure is not None:
+        pipEnsure(missing, requester=requester)
         return
     if not slicer.util.confirmOkCancelDisplay(
             _("{requester} needs these Python packages: {packages}. Install them now?").format(

@@ -25,6 +25,9 @@ from slicer.util import VTKObservationMixin
 SETTINGS_KEY = "SAMEmbedding"
 IMPORT_CHECKPOINT_ITEM = "Import checkpoint from file..."
 POLL_INTERVAL_MS = 50
+#: the packages a preparation imports that Slicer does not bundle (the PyTorch extension installs torch, the module's
+#: first match the rest, ``SAMEmbedding.PYTHON_REQUIREMENTS``): without one of them nothing is prepared ahead of a click
+PREPARE_NEEDS = ("torch", "xxhash")
 
 
 def moduleResourcePath(*parts: str) -> str:
@@ -281,7 +284,7 @@ class MatchWidget(VTKObservationMixin):
     def _readyToPrepare(self) -> bool:
         """Whether volumes may be prepared ahead of a click: the engine's packages are installed (no question to
         ask). When they are, the poll timer is started, as for a match: it delivers the preparation's result."""
-        if importlib.util.find_spec("torch") is None:
+        if any(importlib.util.find_spec(name) is None for name in PREPARE_NEEDS):
             return False
         self._pollTimer.start()
         return True

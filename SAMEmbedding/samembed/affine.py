@@ -61,7 +61,8 @@ def _kept_sets(n: int, k: int, iterations: int, seed: int) -> np.ndarray:
 
 def _residuals(X: np.ndarray, A: np.ndarray, dst_mm: np.ndarray) -> np.ndarray:
     """(I, N) distances, mm, between each of the I affines ``A`` (I, d+1, d) applied to the N points ``X`` (N, d+1,
-    homogeneous) and ``dst_mm`` (N, d): ``np.linalg.norm(X @ A - dst, axis=2)``, the same values, computed one
+    homogeneous) and ``dst_mm`` (N, d): ``np.linalg.norm(X @ A - dst, axis=2)``, the same values (bit for bit with
+    numpy's OpenBLAS here; to rounding with another BLAS, whose products may sum in another order), computed one
     coordinate at a time as (N, I) matrix products (a norm over a last axis of 2 or 3 values is slow in numpy: 12 of
     26 ms for 1000 hypotheses of 500 pairs, against 7 ms for all of this)."""
     sq = None

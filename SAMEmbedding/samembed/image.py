@@ -194,8 +194,8 @@ class Image:
         could forge one could write the cache's files anyway. 7-10x faster than SHA-256, which this was before, on one
         core of the 2-core VM: 0.3 GB of voxels (a thin-slice CT) 0.03 s against 0.31 s, LIDC-0001's 70 MB 7 against
         54 ms. Every image is hashed before its first match, and the Slicer module's first click on thin-slice
-        volumes waited for SHA-256. Disk cache entries written under the SHA-256 keys are not found (and are
-        recomputed)."""
+        volumes waited for SHA-256. Disk cache entries written under the SHA-256 keys are not found (the images
+        are embedded again); they stay on disk until ``samembed cache clear``."""
         if not self._hash:
             import xxhash  # here: the Slicer module imports this module before it installs its packages
 

@@ -323,7 +323,9 @@ def write_rows(dst: torch.Tensor, parts: list[torch.Tensor], flat: torch.Tensor 
     way (:func:`normalize_rows`: the same values as normalising the rows where they land).
 
     On the CPU the rows go to ``flat`` through numpy's indexed assignment, which copies whole rows: 1.5x torch's
-    ``index_copy_`` for 240 k rows of 64 float32 values on the 2-core VM, the same bytes."""
+    ``index_copy_`` for 240 k rows of 64 float32 values on the 2-core VM, the same bytes. ``flat`` holds distinct
+    voxel indices, each in ``0 .. V-1`` (numpy would take a negative one from the end, where ``index_copy_`` refused
+    it)."""
     import torch
 
     n = parts[0].shape[1]

@@ -346,6 +346,14 @@ def test_row_max_is_torch_max_over_rows():
             got, want = row_max(block), block.max(1)
             assert torch.equal(got[1], want[1]) and got[1].dtype == want[1].dtype, trial
             assert torch.allclose(got[0], want[0], equal_nan=True), trial
+    # long rows (numpy's vectorised loop, as for the prior's 64 x 60 000 products), ties and several NaNs per row
+    x = torch.from_numpy(np.round(rng.normal(size=(64, 60_000)), 2).astype(np.float32))
+    x[3, [100, 40_000]] = float("nan")
+    x[5, [7, 59_999]] = 50.0
+    x[9] = float("-inf")
+    got, want = row_max(x), x.max(1)
+    assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], equal_nan=True)
+    assert int(got[1][3]) == 100 and int(got[1][5]) == 7 and int(got[1][9]) == 0
 
 
 def test_window_boxes_and_groups_used_by_the_windowed_search():
