@@ -502,9 +502,11 @@ def global_pairs(source: EmbeddingMaps, target: EmbeddingMaps, samples: int = 50
     # MB) instead of every sample's at once (50 MB for a head-and-neck CT's 25 k candidates, its pages faulted in per
     # target); a product's value does not depend on the other rows, so the argmax is the same
     buf = torch.empty((min(PRIOR_CHUNK, len(q)), feats.shape[1]), dtype=torch.float32, device=feats.device)
-    j = torch.cat([row_max(torch.matmul(q[i:i + PRIOR_CHUNK], feats, out=buf[:len(q[i:i + PRIOR_CHUNK])]))[1].cpu()
-                   for i in range(0, len(q), PRIOR_CHUNK)])
-    best = cand_t[j].numpy()
+    j = []
+    for i in range(0, len(q), PRIOR_CHUNK):
+        chunk = q[i:i + PRIOR_CHUNK]
+        j.append(row_max(torch.matmul(chunk, feats, out=buf[:len(chunk)]))[1].cpu())
+    best = cand_t[torch.cat(j)].numpy()
     dst = tgrid.index_to_lps(np.stack(np.unravel_index(best, tgrid.shape_zyx), 1)[:, ::-1].astype(np.float64))
     return src_pts, dst
 
