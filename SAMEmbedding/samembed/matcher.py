@@ -317,8 +317,8 @@ def _sparse_search(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.
             sim.add_(target.global_similarity_box(qg[:, cl:], ulo, uhi).to(sim.device)).div_(2.0)  # (g, U)
             # the allowed voxels of the union, within each query's own window (its box within the union's)
             inside = avol[box].reshape(1, -1).to(sim.device) & box_masks(lo[group] - ulo, hi[group] - ulo, ushape).to(sim.device)
-            k = row_max(sim.masked_fill_(~inside, float("-inf")))[1]
-            scores[torch.from_numpy(group)] = sim.gather(1, k[:, None])[:, 0].cpu()
+            best, k = row_max(sim.masked_fill_(~inside, float("-inf")))
+            scores[torch.from_numpy(group)] = best.cpu()
             zyx = np.stack(np.unravel_index(k.cpu().numpy(), ushape), 1) + ulo
             flat[torch.from_numpy(group)] = torch.from_numpy(np.ravel_multi_index(tuple(zyx.T), shape))
 
