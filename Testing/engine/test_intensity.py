@@ -27,6 +27,21 @@ def brute_force_ncc(block: np.ndarray, template: np.ndarray) -> np.ndarray:
     return out
 
 
+def assert_masked_brute_force(got: np.ndarray, block: np.ndarray, block_mask: np.ndarray, template: np.ndarray,
+                              template_mask: np.ndarray, min_overlap: float = 0.5) -> None:
+    """``got``, one masked NCC map, is at each shift the NCC over the template voxels inside both images, and -1
+    where fewer than ``min_overlap`` of the template's voxels are."""
+    for idx in np.ndindex(*got.shape):
+        window = tuple(slice(i, i + n) for i, n in zip(idx, template.shape))
+        use = block_mask[window] & template_mask
+        if use.sum() < min_overlap * template_mask.sum():
+            assert got[idx] == -1.0
+            continue
+        w, v = block[window][use], template[use]
+        w, v = w - w.mean(), v - v.mean()
+        assert got[idx] == pytest.approx((w * v).sum() / np.sqrt((w * w).sum() * (v * v).sum()), abs=1e-4)
+
+
 @pytest.mark.parametrize("d", [2, 3])
 def test_the_ncc_map_equals_a_brute_force_computation(d):
     rng = np.random.default_rng(d)
@@ -55,15 +70,7 @@ def test_the_masked_ncc_map_equals_a_brute_force_computation_over_the_voxels_ins
         template_mask[..., 0] = False  # the template's first column beyond the source's
     got = masked_ncc_maps(b, torch.from_numpy(block_mask)[None], t, torch.from_numpy(template_mask)[None],
                           min_overlap=0.5)[0].numpy()
-    for idx in np.ndindex(*got.shape):
-        window = tuple(slice(i, i + n) for i, n in zip(idx, template.shape))
-        use = block_mask[window] & template_mask
-        if use.sum() < 0.5 * template_mask.sum():
-            assert got[idx] == -1.0
-            continue
-        w, v = block[window][use], template[use]
-        w, v = w - w.mean(), v - v.mean()
-        assert got[idx] == pytest.approx((w * v).sum() / np.sqrt((w * w).sum() * (v * v).sum()), abs=1e-4)
+    assert_masked_brute_force(got, block, block_mask, template, template_mask, min_overlap=0.5)
 
 
 @pytest.mark.parametrize("outside", ["block", "template", "mixed"])
@@ -88,15 +95,8 @@ def test_the_masked_ncc_maps_of_several_points_each_equal_their_brute_force_comp
     got = masked_ncc_maps(torch.from_numpy(blocks).float(), torch.from_numpy(block_masks),
                           torch.from_numpy(templates).float(), torch.from_numpy(template_masks), min_overlap=0.5)
     for p in range(n):
-        for idx in np.ndindex(*got.shape[1:]):
-            window = tuple(slice(i, i + k) for i, k in zip(idx, templates.shape[1:]))
-            use = block_masks[p][window] & template_masks[p]
-            if use.sum() < 0.5 * template_masks[p].sum():
-                assert got[(p, *idx)] == -1.0
-                continue
-            w, v = blocks[p][window][use], templates[p][use]
-            w, v = w - w.mean(), v - v.mean()
-            assert got[(p, *idx)] == pytest.approx((w * v).sum() / np.sqrt((w * w).sum() * (v * v).sum()), abs=1e-4)
+        assert_masked_brute_force(got[p].numpy(), blocks[p], block_masks[p], templates[p], template_masks[p],
+                                  min_overlap=0.5)
 
 
 @pytest.mark.needs_data
@@ -308,7 +308,6 @@ def test_the_sources_templates_are_kept_for_the_next_target_and_the_polish_is_un
     assert sampler.kept(b"1", lambda: made.append("again")) == 1 and "again" not in made
     sampler.kept(b"0", lambda: made.append("0 again"))
     assert "0 again" in made  # the oldest went first
-
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
