@@ -46,6 +46,20 @@ def hand_radiographs(n: int = 2) -> list[Path]:
     return images
 
 
+def two_level_default():
+    """The default model's network without its local 16 mm level (``widths`` [32, 64], tile halo 16): the default's
+    other layers' weights, its 16 mm level and that level's lateral convolution dropped (where a two-level model's
+    training starts), in eval mode."""
+    from samembed.models import load_model
+    from samembed.networks import build_network
+
+    default = load_model("default").net
+    net = build_network("sam-lite", {**default.spec.config, "widths": default.spec.config["widths"][:2]})
+    state = default.state_dict()
+    net.load_state_dict({k: state[k] for k in net.state_dict()})
+    return net.eval()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared data folder (skips when absent)."""

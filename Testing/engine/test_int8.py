@@ -207,6 +207,34 @@ def test_an_int8_tile_equals_the_same_voxels_of_a_larger_tile(ct):
     assert float((small - inner.reshape(small.shape)).abs().max()) <= 1e-6
 
 
+@pytest.mark.needs_data
+def test_a_local_branch_of_two_levels_runs_int8_close_to_float32(ct):
+    """The network without its local 16 mm level: its calibration holds its own maps (c1, its encoder's last, stays
+    float32), and its int8 tile is close to float32's on a real CT."""
+    from samembed.networks.base import inference_copy
+    from samembed.networks.int8 import GLOBAL_POINTS, LOCAL_POINTS_2, SamLiteInt8, calibrate
+
+    from ..conftest import two_level_default
+
+    net = two_level_default()
+    x = torch.from_numpy(np.ascontiguousarray(Embedder(load_model("default"), "cpu")._prepare(ct)[0]))[None, None]
+    qparams = calibrate(net, [x])
+    assert set(qparams) == set(LOCAL_POINTS_2) | set(GLOBAL_POINTS)
+    q8, f32 = SamLiteInt8(inference_copy(net), qparams), inference_copy(net)
+    core = [(40, 88), (64, 112), (56, 104)]
+    tile = x[(slice(None), slice(None), *(slice(a - 16, b + 16) for a, b in core))]
+    ctx = ((16,) * 3, (16,) * 3)
+    with torch.inference_mode():
+        a = torch.nn.functional.normalize(q8.forward_local_core(tile, *ctx), dim=1)
+        b = torch.nn.functional.normalize(f32.forward_local_core(tile, *ctx), dim=1)
+    assert a.shape == b.shape == (1, 64, 24, 24, 24)
+    cos = (a * b).sum(1)
+    assert float(cos.mean()) > 0.999 and float(cos.min()) > 0.98, (float(cos.mean()), float(cos.min()))
+    assert float(cos.min()) < 1.0 - 1e-6, "int8 gave float32's values: the int8 path did not run"
+    with pytest.raises(ValueError, match=r"lacks the maps \['c0'\]"):
+        SamLiteInt8(inference_copy(net), {k: v for k, v in qparams.items() if k != "c0"})
+
+
 def _tile_input(ct, precision: str, core: list[tuple[int, int]]):
     """The default model's network in ``precision`` and one tile of ``ct``'s network input: the input voxels ``core``
     ((start, stop) per axis, zyx) with 32 voxels of context per side (less at the volume's edge), and that context."""

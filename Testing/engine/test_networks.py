@@ -14,7 +14,7 @@ from samembed.models import load_checkpoint, load_model, save_checkpoint
 from samembed.networks import build_network
 from samembed.preprocess import PreprocessConfig
 
-from ..conftest import DATA, data_file
+from ..conftest import DATA, data_file, two_level_default
 
 #: the reference beside the shared data (``SAMEMBED_DATA/../reference``), else beside the repository
 SPEC = next((p for p in (DATA.parent / "reference" / "sam_official_checkpoint.md",
@@ -208,13 +208,30 @@ def test_adding_the_upsampled_coarser_level_in_place_is_adding_its_upsampled_cro
         assert torch.equal(got, want), (sizes, start, n)
 
 
-@pytest.mark.parametrize("model_name", ["default", "sam-lite-ct-fast", "sam-lite-2d-hand"])
+def test_a_local_branch_of_two_levels_has_half_the_halo_and_the_default_s_other_layers():
+    net = two_level_default()
+    assert net.spec.tile_halo == 16 and net.local_levels == 2 and net.spec.config["widths"] == [32, 64]
+    assert not hasattr(net, "l_down2") and len(net.l_lat) == 2
+    assert load_model("default").net.spec.tile_halo == 32
+    with pytest.raises(ValueError, match="2 or 3 levels"):
+        build_network("sam-lite", {"widths": [32]})
+    # a checkpoint of it rebuilds the same network (the config holds the two widths)
+    rebuilt = build_network("sam-lite", net.spec.config)
+    rebuilt.load_state_dict(net.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32) * 60
+    with torch.inference_mode():
+        assert torch.equal(rebuilt.eval().forward_local(x), net.forward_local(x))
+
+
+@pytest.mark.parametrize("model_name", ["default", "sam-lite-ct-fast", "sam-lite-2d-hand", "two-level"])
 def test_the_core_of_a_tile_is_the_whole_map_there_and_the_output_layer_runs_on_the_core_only(model_name):
     """``forward_local_core`` crops each layer to what the next ones read; the core must equal the whole map's
-    voxels, for tiles inside the volume and tiles clipped at its edges (less context on one side)."""
+    voxels, for tiles inside the volume and tiles clipped at its edges (less context on one side), with the
+    network's own halo (32 input voxels, 16 for a local branch of two levels)."""
     from samembed.networks.base import inference_copy
 
-    net = inference_copy(load_model(model_name).net)  # all ship with the repository
+    # all ship with the repository
+    net = inference_copy(two_level_default() if model_name == "two-level" else load_model(model_name).net)
     nd = net.spec.ndim
     n = (88, 96, 80)[:nd] if nd == 3 else (200, 168)
     torch.manual_seed(0)

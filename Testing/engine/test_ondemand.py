@@ -22,7 +22,7 @@ from samembed import Cancelled, Matcher, MatchOptions
 from samembed.io import read_image
 from samembed.tiles import ENTRY_SUFFIX, plan_tiles
 
-from ..conftest import data_file
+from ..conftest import data_file, two_level_default
 
 PAIRS = {
     "openkbp": ("openkbp/ct/pt_215_ct.nii.gz", "openkbp/ct/pt_232_ct.nii.gz"),
@@ -460,6 +460,42 @@ def test_on_demand_matching_equals_whole_volume_embedding_and_reuses_its_tiles(p
     assert float(diff) <= 1e-5, f"{name}: tile features differ from the whole-volume map by {float(diff):.2g}"
     # the lengths of the upsampled global vectors: the same upsampling on any box, bit for bit
     assert torch.equal(tmaps.global_norm[ready], ref.global_norm[ready])
+
+
+@pytest.fixture(scope="module")
+def two_level_model(pair):
+    """The default's network without its local 16 mm level (tile halo 16, see ``two_level_default``), as a model
+    with an int8 calibration made on the pair's source."""
+    import torch
+
+    from samembed.embedding import Embedder
+    from samembed.models import LoadedModel, load_model
+    from samembed.networks.int8 import calibrate
+
+    default = load_model("default")
+    net = two_level_default()
+    arr = Embedder(default, "cpu")._prepare(pair[1])[0]
+    qparams = calibrate(net, [torch.from_numpy(arr)[None, None]])
+    return LoadedModel(net, default.preprocess, "two-level-default@test", None, {}, int8=qparams)
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_local_branch_of_two_levels_matches_on_demand_as_whole_volume(pair, two_level_model, precision):
+    """A network of half the halo (16 input voxels) tiles as exactly as the default: on-demand matches equal
+    whole-volume ones, in int8 and float32, and its tiles are the whole map's values."""
+    name, src, tgt, pts, _ = pair
+    whole = Matcher(two_level_model, device="cpu", precision=precision)
+    whole.embed(src)
+    ref = whole.embed(tgt)
+    od = Matcher(two_level_model, device="cpu", precision=precision)
+    assert od.embedder.net.spec.tile_halo == 16 and od.embedder.precision == precision
+    _same(whole.match(src, pts, [tgt], options=PURE), od.match(src, pts, [tgt], options=PURE))
+    tmaps = cached(od, tgt)
+    assert not tmaps.complete, "a few points should not need the whole target's local map"
+    ready = tmaps.ready if tmaps.ready is not None else slice(None)
+    assert float((tmaps.features[:, ready] - ref.features[:, ready]).abs().max()) <= 1e-5
 
 
 @pytest.mark.needs_data

@@ -61,6 +61,14 @@ from .lite import (
 #: the maps held in 8 bits: the outputs of the local encoder's 3 x 3 convolutions but the last (whose output, like the
 #: output convolution's, is float32) and the FPN sum that the output convolution reads
 LOCAL_POINTS = ("c0", "d1", "c1", "d2", "p0")
+#: :data:`LOCAL_POINTS` of a local branch of two levels (``widths`` of two values), whose last 3 x 3 convolution
+#: makes ``c1``
+LOCAL_POINTS_2 = ("c0", "d1", "p0")
+
+
+def local_points(net: SamLite) -> tuple[str, ...]:
+    """The local maps that :class:`SamLiteInt8` holds in 8 bits for ``net`` (by its local branch's depth)."""
+    return LOCAL_POINTS_2 if getattr(net, "local_levels", 3) == 2 else LOCAL_POINTS
 #: the modules of :class:`SamLite`'s global branch (what :meth:`SamLite.forward_global_pooled` runs)
 GLOBAL_MODULES = ("g_stem", "g_down1", "g_down2", "g_down3", "g_lat", "g_out")
 #: the global maps held in 8 bits with ``global_precision="int8"``: the inputs of the global branch's 3 x 3
@@ -141,7 +149,7 @@ class SamLiteInt8(nn.Module):
         super().__init__()
         if global_precision not in ("fp32", "bf16", "int8"):
             raise ValueError(f"unknown global precision '{global_precision}'; use fp32, bf16 or int8")
-        needed = LOCAL_POINTS + (GLOBAL_POINTS if global_precision == "int8" else ())
+        needed = local_points(net) + (GLOBAL_POINTS if global_precision == "int8" else ())
         missing = [k for k in needed if k not in qparams]
         if missing:
             raise ValueError(f"int8 calibration lacks the maps {missing}; calibrate the model again")
@@ -155,9 +163,11 @@ class SamLiteInt8(nn.Module):
         self.q_local = {
             "c0": _QConv(n.l_stem[0], self.x_qp, True),
             "d1": _QConv(n.l_down1[0][0], qp["c0"], True), "c1": _QConv(n.l_down1[1][0], qp["d1"], True),
-            "d2": _QConv(n.l_down2[0][0], qp["c1"], True), "c2": _QConv(n.l_down2[1][0], qp["d2"], True),
             "top": _QConv(n.l_out[0][0], qp["p0"], True),
         }
+        if n.local_levels == 3:
+            self.q_local["d2"] = _QConv(n.l_down2[0][0], qp["c1"], True)
+            self.q_local["c2"] = _QConv(n.l_down2[1][0], qp["d2"], True)
         #: the output block's 3 x 3 convolution without padding along the first axis, for slabs that carry their
         #: own neighbouring planes (:meth:`_output_in_slabs`); volumes only
         self.q_top_slab = None
@@ -183,10 +193,37 @@ class SamLiteInt8(nn.Module):
     def forward_local_core(self, x: torch.Tensor, context_lo: tuple[int, ...], context_hi: tuple[int, ...],
                            out: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`SamLite.forward_local_core` with int8 convolutions (same crops, same arguments)."""
-        n, q, qp = self.net, self.q_local, self.qp
+        n, qp = self.net, self.qp
         crop = core_cropper(context_lo, context_hi)
+        c0, p1, c0_context = self._encoder_core(x, crop)
+        if c0.dim() == 5:  # the 4 mm level a few planes at a time, quantised for the output block
+            p0q = fpn_top_in_slabs(lambda t: _pointwise(n.l_lat[0], _deq(t, qp["c0"])), c0, p1, crop,
+                                   n.l_lat[0].weight.shape[0], torch.uint8, lambda level: _quant(level, qp["p0"]),
+                                   c0_context=c0_context)
+        else:  # a radiograph's maps are small
+            p0q = _quant(_pointwise(n.l_lat[0], _deq(crop(c0, 2, c0_context, 2), qp["c0"])) + crop(_up2(p1), 2, 4, 2),
+                         qp["p0"])
+        del c0, p1
+        if out is not None and self.q_top_slab is not None:
+            return self._output_in_slabs(p0q, crop, out)
+        top = self.q_local["top"](p0q, None)
+        del p0q
+        return _pointwise(n.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
+
+    def _encoder_core(self, x: torch.Tensor, crop: CoreCrop) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """:meth:`SamLite._encoder_core` with int8 convolutions (the same crops): the uint8 stem map, its context
+        (input voxels per side) and the float32 8 mm FPN level."""
+        n, q, qp = self.net, self.q_local, self.qp
         big = 1 << 30
-        xq = _quant(crop(x, 1, big, 28), (1.0, 50))  # the intensities rounded to integers: 16 HU steps of CT
+        if n.local_levels == 2:
+            xq = _quant(crop(x, 1, big, 16), (1.0, 50))  # the intensities rounded to integers: 16 HU steps of CT
+            c0 = q["c0"](space_to_depth(xq, 2).contiguous(memory_format=torch.channels_last_3d), qp["c0"])  # 4 mm
+            del xq
+            d1 = q["d1"](c0, qp["d1"])
+            c1 = q["c1"](crop(d1, 4, 16, 8), None)  # the encoder's last map, float32
+            del d1
+            return c0, _pointwise(n.l_lat[1], crop(c1, 4, 8, 4)), 16
+        xq = _quant(crop(x, 1, big, 28), (1.0, 50))
         c0 = q["c0"](space_to_depth(xq, 2).contiguous(memory_format=torch.channels_last_3d), qp["c0"])  # 4 mm
         del xq  # each map is dropped once read: the output layer runs with the fewest maps alive
         d1 = q["d1"](c0, qp["d1"])
@@ -198,18 +235,7 @@ class SamLiteInt8(nn.Module):
         p2 = _pointwise(n.l_lat[2], crop(c2, 8, 16, 8))
         del c2
         p1 = _pointwise(n.l_lat[1], _deq(crop(c1, 4, 24, 4), qp["c1"])) + crop(_up2(p2), 4, 8, 4)
-        del c1, p2
-        if c0.dim() == 5:  # the 4 mm level a few planes at a time, quantised for the output block
-            p0q = fpn_top_in_slabs(lambda t: _pointwise(n.l_lat[0], _deq(t, qp["c0"])), c0, p1, crop,
-                                   n.l_lat[0].weight.shape[0], torch.uint8, lambda level: _quant(level, qp["p0"]))
-        else:  # a radiograph's maps are small
-            p0q = _quant(_pointwise(n.l_lat[0], _deq(crop(c0, 2, 28, 2), qp["c0"])) + crop(_up2(p1), 2, 4, 2), qp["p0"])
-        del c0, p1
-        if out is not None and self.q_top_slab is not None:
-            return self._output_in_slabs(p0q, crop, out)
-        top = q["top"](p0q, None)
-        del p0q
-        return _pointwise(n.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
+        return c0, p1, 28
 
     def _output_in_slabs(self, p0q: torch.Tensor, crop: CoreCrop, out: torch.Tensor, planes: int = 8) -> torch.Tensor:
         """The output block (3 x 3 x 3 convolution, then the 1 x 1 one) written into ``out`` ``planes`` planes of
@@ -329,10 +355,12 @@ def _float_maps(net: SamLite, x: torch.Tensor) -> dict[str, torch.Tensor]:
     m: dict[str, torch.Tensor] = {}
     m["c0"] = c0 = n.l_stem(space_to_depth(x * n.input_scale, 2))
     m["d1"] = d1 = n.l_down1[0](c0)
-    m["c1"] = c1 = n.l_down1[1](d1)
-    m["d2"] = d2 = n.l_down2[0](c1)
-    p2 = n.l_lat[2](n.l_down2[1](d2))
-    p1 = _up_add(p2, n.l_lat[1](c1))
+    c1 = n.l_down1[1](d1)
+    p1 = n.l_lat[1](c1)
+    if n.local_levels == 3:
+        m["c1"] = c1
+        m["d2"] = d2 = n.l_down2[0](c1)
+        p1 = _up_add(n.l_lat[2](n.l_down2[1](d2)), p1)
     m["p0"] = _up_add(p1, n.l_lat[0](c0))
     if x.dim() == 5:  # the global branch's int8 maps (GLOBAL_POINTS), on the input pooled as forward_global pools it
         m["g0"] = g0 = n.g_stem[0](pooled_input(x) * n.input_scale)

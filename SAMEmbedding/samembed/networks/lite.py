@@ -78,6 +78,10 @@ def pooled_input(x: torch.Tensor, box: tuple[slice, ...] | None = None) -> torch
     return pooled[(slice(None), slice(None), *(slice(b.start // GLOBAL_POOL, b.stop // GLOBAL_POOL) for b in box))]
 
 
+#: the local branch's tile halo (input voxels of context per side that reproduce the untiled map), by its number of
+#: levels: three (4, 8, 16 mm) need 32, two (4, 8 mm) 16 (:meth:`SamLite.forward_local_core`'s crops)
+LOCAL_HALO = {3: 32, 2: 16}
+
 #: float32 bytes of one slab of the FPN's top (4 mm) level (:func:`fpn_top_in_slabs`): a few MB, reused from slab to
 #: slab
 FPN_SLAB_BYTES = 4 << 20
@@ -85,11 +89,11 @@ FPN_SLAB_BYTES = 4 << 20
 
 def fpn_top_in_slabs(lateral: Callable[[torch.Tensor], torch.Tensor], c0: torch.Tensor, p1: torch.Tensor,
                      crop: CoreCrop, channels: int, dtype: torch.dtype,
-                     finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                     finish: Callable[[torch.Tensor], torch.Tensor] | None = None, c0_context: int = 28) -> torch.Tensor:
     """The FPN's top (4 mm) level of a volume's tile, ``finish(lateral(crop(c0)) + crop(_up2(p1)))`` with the crops
     of :meth:`SamLite.forward_local_core`, made a few planes of the first axis at a time (:data:`FPN_SLAB_BYTES` of
-    float32 per slab) into one channels-last map of ``channels`` and ``dtype``: ``c0`` is the stem map, ``p1`` the
-    8 mm level, ``lateral`` the lateral 1 x 1 convolution (with its input's dequantisation in int8) and ``finish`` what
+    float32 per slab) into one channels-last map of ``channels`` and ``dtype``: ``c0`` is the stem map (with
+    ``c0_context`` input voxels of context per side, at most), ``p1`` the 8 mm level, ``lateral`` the lateral 1 x 1 convolution (with its input's dequantisation in int8) and ``finish`` what
     follows the sum (int8: its quantisation; none: the float32 sum).
 
     Made whole, the lateral map, the upsampled coarser level and their sum (with int8, also the dequantised stem map
@@ -98,7 +102,7 @@ def fpn_top_in_slabs(lateral: Callable[[torch.Tensor], torch.Tensor], c0: torch.
     zeroes every time. Slabs of a few MB are reused. Every step is per voxel (the 1 x 1 convolution a product per
     voxel), and the coarser level is added where it lies without being upsampled (:func:`add_upsampled_`: the same
     sums), so the map is the whole level's, bit for bit (tested)."""
-    c0c = crop(c0, 2, 28, 2)
+    c0c = crop(c0, 2, c0_context, 2)
     up = crop.slices(tuple(2 * s for s in p1.shape[2:]), 2, 4, 2)  # the kept part of the upsampled 8 mm level
     planes = max(1, FPN_SLAB_BYTES // (4 * channels * int(np.prod(c0c.shape[3:]))))
     out = torch.empty((c0c.shape[0], channels, *c0c.shape[2:]), dtype=dtype, device=c0c.device,
@@ -216,7 +220,9 @@ class SamLite(EmbeddingNet):
 
     Args:
         ndim: 3 for volumes, 2 for radiographs.
-        widths: local encoder channels at 4, 8 and 16 mm.
+        widths: local encoder channels at 4, 8 and 16 mm; two values (4 and 8 mm) build a local branch without its
+            16 mm level, whose receptive field is half as wide (tile halo 16 input voxels instead of 32), so
+            on-demand tiles need half the context (see :data:`LOCAL_HALO`).
         global_widths: global encoder channels at 8, 16, 32 and 64 mm.
         fpn_channels: channels of the local FPN path, and of the global one unless ``global_fpn_channels`` is given.
         local_channels / global_channels: embedding sizes.
@@ -230,7 +236,7 @@ class SamLite(EmbeddingNet):
     def __init__(
         self,
         ndim: int = 3,
-        widths: tuple[int, int, int] = (32, 64, 128),
+        widths: tuple[int, ...] = (32, 64, 128),
         global_widths: tuple[int, int, int, int] = (32, 64, 128, 128),
         fpn_channels: int = 32,
         local_channels: int = 64,
@@ -240,14 +246,19 @@ class SamLite(EmbeddingNet):
     ) -> None:
         super().__init__()
         conv = _conv(ndim)
-        w0, w1, w2 = widths
+        if len(widths) not in LOCAL_HALO:
+            raise ValueError(f"sam-lite's local branch has 2 or 3 levels (widths), not {list(widths)}")
+        self.local_levels = len(widths)
         self.input_scale = float(input_scale)
         self.ndim = ndim
         # local branch
+        w0, w1 = widths[:2]
         self.l_stem = ConvBNReLU(ndim, 2**ndim, w0)
         self.l_down1 = nn.Sequential(ConvBNReLU(ndim, w0, w1, stride=2), ConvBNReLU(ndim, w1, w1))
-        self.l_down2 = nn.Sequential(ConvBNReLU(ndim, w1, w2, stride=2), ConvBNReLU(ndim, w2, w2))
-        self.l_lat = nn.ModuleList([conv(c, fpn_channels, 1) for c in (w0, w1, w2)])
+        if self.local_levels == 3:
+            w2 = widths[2]
+            self.l_down2 = nn.Sequential(ConvBNReLU(ndim, w1, w2, stride=2), ConvBNReLU(ndim, w2, w2))
+        self.l_lat = nn.ModuleList([conv(c, fpn_channels, 1) for c in widths])
         self.l_out = nn.Sequential(ConvBNReLU(ndim, fpn_channels, fpn_channels), conv(fpn_channels, local_channels, 1))
         # global branch
         g0, g1, g2, g3 = global_widths
@@ -269,7 +280,7 @@ class SamLite(EmbeddingNet):
             global_channels=global_channels,
             pad_multiple=(8,) * ndim,
             tile_multiple=(8,) * ndim,
-            tile_halo=32,
+            tile_halo=LOCAL_HALO[self.local_levels],
             tiles_exact=True,
             config=dict(
                 ndim=ndim, widths=list(widths), global_widths=list(global_widths), fpn_channels=fpn_channels,
@@ -284,9 +295,9 @@ class SamLite(EmbeddingNet):
         x = space_to_depth(x * self.input_scale, 2)
         c0 = self.l_stem(x)
         c1 = self.l_down1(c0)
-        c2 = self.l_down2(c1)
-        p2 = self.l_lat[2](c2)
-        p1 = _up_add(p2, self.l_lat[1](c1))
+        p1 = self.l_lat[1](c1)
+        if self.local_levels == 3:
+            p1 = _up_add(self.l_lat[2](self.l_down2(c1)), p1)
         p0 = _up_add(p1, self.l_lat[0](c0))
         return self.l_out(p0)
 
@@ -296,21 +307,40 @@ class SamLite(EmbeddingNet):
         need it (see :meth:`EmbeddingNet.forward_local_core` for the arguments; ``out`` receives the output layer's
         product directly).
 
-        A tile's context (up to 32 input voxels per side) is what the encoder's deepest path needs; the decoder
-        needs far less. Each map is cropped to the context its consumers read, in input voxels beyond the core:
-        the input to 28, the 8 mm stage's first output to 24, the 16 mm stage's first output to 16, and the
-        lateral maps to 8 / 4 / 2 for the top-down path, so the output convolution runs on the core plus one 4 mm
-        voxel instead of the whole tile. Each kept value is computed from the same inputs as in
-        :meth:`forward_local`, so the core is the same (up to float rounding); crops keep every map on its stride's
-        grid. The core must start and end on multiples of 8 input voxels, and each side's context must be the full
-        ``tile_halo`` (32) or more, or less only where the tile reaches the volume's edge, whose zero padding is the
-        whole-volume run's own. For a ±50 mm window's tile (a 48³ core) the layers do about half the work of the
-        whole tile.
+        A tile's context (up to ``tile_halo`` input voxels per side: 32 with three levels, 16 with two) is what the
+        encoder's deepest path needs; the decoder needs far less. Each map is cropped to the context its consumers
+        read, in input voxels beyond the core (:meth:`_encoder_core`), and the lateral maps to 4 / 2 for the
+        top-down path, so the output convolution runs on the core plus one 4 mm voxel instead of the whole tile.
+        Each kept value is computed from the same inputs as in :meth:`forward_local`, so the core is the same (up
+        to float rounding); crops keep every map on its stride's grid. The core must start and end on multiples of
+        8 input voxels, and each side's context must be the full ``tile_halo`` or more, or less only where the tile
+        reaches the volume's edge, whose zero padding is the whole-volume run's own. For a ±50 mm window's tile (a
+        48³ core) the layers of three levels do about half the work of the whole tile.
         """
         crop = core_cropper(context_lo, context_hi)
+        c0, p1, c0_context = self._encoder_core(x, crop)
+        if c0.dim() == 5 and c0.device.type == "cpu" and not torch.is_grad_enabled():
+            p0 = fpn_top_in_slabs(functools.partial(_pointwise, self.l_lat[0]), c0, p1, crop,
+                                  self.l_lat[0].weight.shape[0], p1.dtype, c0_context=c0_context)
+        else:  # a radiograph's maps are small; on a GPU the whole level at once
+            p0 = _pointwise(self.l_lat[0], crop(c0, 2, c0_context, 2)) + crop(_up2(p1), 2, 4, 2)
+        del c0, p1
+        top = self.l_out[0](p0)
+        del p0
+        return _pointwise(self.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
+
+    def _encoder_core(self, x: torch.Tensor, crop: CoreCrop) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The local encoder on a tile for :meth:`forward_local_core`: the stem map ``c0`` (4 mm) with the context
+        it holds (input voxels per side, returned third) and the FPN's 8 mm level ``p1`` with 4."""
         # context kept per map (input voxels); each map is exact up to a few voxels inside its crop, and every
         # crop keeps a multiple of the next stride-2 convolution's step, so the maps stay on the whole map's grid
         big = 1 << 30
+        if self.local_levels == 2:
+            c0 = self.l_stem(space_to_depth(crop(x, 1, big, 16) * self.input_scale, 2))  # 4 mm, 16 (exact from 14)
+            d1 = self.l_down1[0](c0)  # 8 mm, 16 (exact from 12)
+            c1 = self.l_down1[1](crop(d1, 4, 16, 8))  # 8 (exact from 4)
+            del d1
+            return c0, _pointwise(self.l_lat[1], crop(c1, 4, 8, 4)), 16
         c0 = self.l_stem(space_to_depth(crop(x, 1, big, 28) * self.input_scale, 2))  # 4 mm, 28 (exact from 26)
         d1 = self.l_down1[0](c0)  # 8 mm, 28 (exact from 24)
         c1 = self.l_down1[1](crop(d1, 4, 28, 24))  # 24 (exact from 20)
@@ -320,16 +350,7 @@ class SamLite(EmbeddingNet):
         p2 = _pointwise(self.l_lat[2], crop(c2, 8, 16, 8))
         del c2
         p1 = _pointwise(self.l_lat[1], crop(c1, 4, 24, 4)) + crop(_up2(p2), 4, 8, 4)
-        del c1, p2
-        if c0.dim() == 5 and c0.device.type == "cpu" and not torch.is_grad_enabled():
-            p0 = fpn_top_in_slabs(functools.partial(_pointwise, self.l_lat[0]), c0, p1, crop,
-                                  self.l_lat[0].weight.shape[0], p1.dtype)
-        else:  # a radiograph's maps are small; on a GPU the whole level at once
-            p0 = _pointwise(self.l_lat[0], crop(c0, 2, 28, 2)) + crop(_up2(p1), 2, 4, 2)
-        del c0, p1
-        top = self.l_out[0](p0)
-        del p0
-        return _pointwise(self.l_out[1], crop(top, 2, 2, 0), channels_first=True, out=out)
+        return c0, p1, 28
 
     def for_inference(self) -> SamLite:
         """Set up for embedding (in place; returns self): every convolution becomes a :class:`OneDnnConv3d` (or 2D),
