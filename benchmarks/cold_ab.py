@@ -232,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
                         "--reps times; the two engines' heatmap files compared voxel by voxel")
     p.add_argument("--model", default=None, help="the model of every run (`samembed match --model`; default: the "
                                                    "default model)")
+    p.add_argument("--base-model", default=None,
+                   help="the base engine's model instead of --model: two models compared, each with its engine "
+                        "(`--base HEAD --base-model default --model M`: M against the default on this engine)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
     args = p.parse_args(argv)
-    model = ("--model", args.model) if args.model else ()  # samembed match's arguments of every cold run
+    head_model = ("--model", args.model) if args.model else ()  # samembed match's arguments of every cold run
+    #: each engine's model arguments
+    models = {"base": ("--model", args.base_model) if args.base_model else head_model, "head": head_model}
     work = REPO / "cache" / "cold_ab"
     work.mkdir(parents=True, exist_ok=True)
     base = _worktree(args.base, work / "base")
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in pairs:
         tag, pts = case_points(work, case)
         runs = _alternating(args.reps, base, lambda name, root, c=case, p=pts, t=tag: _cold(
-            root, str(c.source), str(c.target), str(p), work / f"{t}_{name}.csv", model))
+            root, str(c.source), str(c.target), str(p), work / f"{t}_{name}.csv", models[name]))
         times = {k: [r[0] for r in v] for k, v in runs.items()}
         rss = {k: [r[1] for r in v] for k, v in runs.items()}
         faults = {k: [r[2] for r in v] for k, v in runs.items()}
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = work / f"{t}_{name}_heatmaps"
             shutil.rmtree(folder, ignore_errors=True)
             return _cold(root, str(c.source), str(c.target), str(p), work / f"{t}_{name}_heatmaps.csv",
-                         ("--heatmap-dir", str(folder), *model))
+                         ("--heatmap-dir", str(folder), *models[name]))
 
         runs = _alternating(args.reps, base, heatmap_run)
         times = {k: [r[0] for r in v] for k, v in runs.items()}
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         src_pat, targets, pts, _ = atlas_case(args.suites, kbp, args.atlas, work)
 
         runs = _alternating(args.reps, base, lambda name, root: _atlas_run(
-            root, work / f"atlas_{name}.csv", str(kbp[0].source), [str(c.target) for c in targets], str(pts), model))
+            root, work / f"atlas_{name}.csv", str(kbp[0].source), [str(c.target) for c in targets], str(pts), models[name]))
         times = {k: [r[0] for r in v] for k, v in runs.items()}
         per = {k: [r[2] for r in v] for k, v in runs.items()}
         moved = _largest_move(work / "atlas_base.csv", work / "atlas_head.csv")
@@ -313,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                        if p.name != f"{src_pat}_ct.nii.gz")[:args.many]
 
         runs = _alternating(args.reps, base, lambda name, root: _atlas_run(
-            root, work / f"many_{name}.csv", str(kbp[0].source), [str(s) for s in scans], str(pts), model, first=1))
+            root, work / f"many_{name}.csv", str(kbp[0].source), [str(s) for s in scans], str(pts), models[name], first=1))
         times, rss, per = ({k: [r[i] for r in v] for k, v in runs.items()} for i in range(3))
         moved = _largest_move(work / "many_base.csv", work / "many_head.csv")
         many_rows.append(f"| {src_pat} into {len(scans)} OpenKBP CTs ({scans[0].name[:6]} to {scans[-1].name[:6]}) | "
@@ -344,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         f"# Cold `samembed match`: `{args.base}` against `{head}`, side by side", "",
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, 1-minute load average {load:.1f} at the end. "
-        f"Model: `{args.model or 'default'}` (the first click: the default). "
-        f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
+        + (f"Models: base `{args.base_model}`, head `{args.model or 'default'}` (the first click: the default). "
+           if args.base_model else f"Model: `{args.model or 'default'}` (the first click: the default). ")
+        + f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
         + (f" --atlas {args.atlas}" if args.atlas else "") + (f" --many {args.many}" if args.many else "")
@@ -353,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         + (" --thin-slice" if args.thin_slice else "")
         + (" --first-click" if args.first_click else "") + (" --thin-slice-click" if args.thin_slice_click else "")
         + (f" --pause {args.pause:g}" if args.pause else "") + (" --heatmaps" if args.heatmaps else "")
-        + (f" --model {args.model}" if args.model else "") + "`.", "",
+        + (f" --model {args.model}" if args.model else "")
+        + (f" --base-model {args.base_model}" if args.base_model else "") + "`.", "",
         *(["| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
            "largest move of a match, base to head, mm |",
            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""] if rows else [])])
