@@ -247,3 +247,45 @@ def test_a_light_local_branch_learns_under_a_frozen_global_branch_taken_from_ano
     # a frozen branch needs starting weights
     with pytest.raises(InputError, match="freeze_global keeps the global branch's starting weights, but none are given"):
         load_config(None, ["freeze_global=true"])
+
+
+def test_slimming_to_a_local_branch_of_two_levels_cuts_only_the_layers_it_has():
+    """A two-level network (no local 16 mm level) slimmed from a three-level one: the same widths give the source's
+    4 and 8 mm layers themselves; narrower ones are cut as for three levels."""
+    source = _random_net(TINY, 0)
+    same = build_network("sam-lite", {**TINY, "widths": TINY["widths"][:2]})
+    state = slim_state_dict(source, same)
+    assert set(state) == set(same.state_dict()) and not any(k.startswith(("l_down2.", "l_lat.2.")) for k in state)
+    theirs = source.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in state.items())
+    narrow = build_network("sam-lite", {**NARROW, "widths": NARROW["widths"][:2]})
+    narrow.load_state_dict(slim_state_dict(source, narrow))
+    assert narrow.l_stem[0].weight.shape[0] == 4 and narrow.spec.tile_halo == 16
+
+
+@pytest.mark.needs_data
+def test_a_local_branch_of_two_levels_starts_from_a_three_level_model_without_its_16_mm_level(tmp_path, caplog):
+    """``init_from`` a three-level model into a two-level network: every layer but the 16 mm level's is the source's,
+    and the log says what was left out; a source that lacks this network's weights is refused by name."""
+    import logging
+
+    from samembed.models import load_model, save_checkpoint
+    from samembed.training.train import Trainer
+
+    source = _random_net(TINY, 1)
+    source_pt = save_checkpoint(tmp_path / "three.pt", source, load_model("default").preprocess, name="three",
+                                half=False)
+    two = {**TINY, "widths": TINY["widths"][:2]}
+    cfg = tiny_config(tmp_path / "two", "sam", iterations=1, lr=0.0, init_from=f'"{source_pt}"',
+                      net_config=str(two).replace("'", '"'), half_weights="false")
+    with caplog.at_level(logging.INFO, logger="samembed"):
+        trainer = Trainer(cfg, progress=False)
+        student = load_model(str(trainer.run())).net
+    assert student.local_levels == 2 and "its local 16 mm level is left out" in caplog.text
+    theirs = source.state_dict()
+    params = dict(student.named_parameters())
+    assert params and all(torch.equal(p, theirs[k]) for k, p in params.items())  # lr 0: the source's own
+    other = build_network("sam-lite", {**TINY, "widths": [8, 16]})  # two levels: no 16 mm level to start one from
+    save_checkpoint(tmp_path / "other.pt", other, load_model("default").preprocess, name="other", half=False)
+    with pytest.raises(InputError, match=r"other.pt: has no weights l_down2\.0\.0\.weight.*sam-lite"):
+        trainer._init_weights(build_network("sam-lite", TINY), str(tmp_path / "other.pt"))

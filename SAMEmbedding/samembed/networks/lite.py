@@ -82,6 +82,10 @@ def pooled_input(x: torch.Tensor, box: tuple[slice, ...] | None = None) -> torch
 #: levels: three (4, 8, 16 mm) need 32, two (4, 8 mm) 16 (:meth:`SamLite.forward_local_core`'s crops)
 LOCAL_HALO = {3: 32, 2: 16}
 
+#: the weight names of a three-level local branch's 16 mm level (its encoder stage and its lateral convolution): what a
+#: local branch of two levels leaves out, so a two-level network can start from a three-level one's other layers
+LOCAL_16MM_WEIGHTS = ("l_down2.", "l_lat.2.")
+
 #: float32 bytes of one slab of the FPN's top (4 mm) level (:func:`fpn_top_in_slabs`): a few MB, reused from slab to
 #: slab
 FPN_SLAB_BYTES = 4 << 20

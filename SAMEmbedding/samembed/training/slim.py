@@ -88,14 +88,16 @@ def slim_state_dict(source: nn.Module, target: nn.Module) -> dict[str, torch.Ten
         raise InputError(f"slimming needs two networks of one sam-lite architecture, not {sorted(map(str, archs))}")
     src = source.state_dict()
     want = target.state_dict()
+    # a local branch of two levels has no 16 mm level: only the layers the new network has are cut
+    layers = [layer for layer in SAM_LITE_LAYERS if f"{layer[0]}.weight" in want]
     sizes: dict[str, int] = {}
-    for conv, _, group_in, group_out in SAM_LITE_LAYERS:
+    for conv, _, group_in, group_out in layers:
         shape = want[f"{conv}.weight"].shape
         sizes.setdefault(group_out, int(shape[0]))
         sizes.setdefault(group_in, int(shape[1]))
     keep = {group: _kept_channels(src, group, sizes[group]) for group in sorted(sizes)}
     out: dict[str, torch.Tensor] = {}
-    for conv, bn, group_in, group_out in SAM_LITE_LAYERS:
+    for conv, bn, group_in, group_out in layers:
         o, i = keep[group_out], keep[group_in]
         out[f"{conv}.weight"] = src[f"{conv}.weight"][o][:, i].clone()
         if f"{conv}.bias" in want:

@@ -552,13 +552,20 @@ class Trainer:
             log.info("initialised %s from %s, slimmed to this network's widths", what, source)
         else:
             log.info("initialised %s from %s", what, source)
-        if branch:
-            missing = [k for k in mine if k not in state]
-            if missing:
-                raise InputError(f"{source}: has no weights {', '.join(missing[:3])} for {what}")
-            net.load_state_dict({**ours, **{k: state[k] for k in mine}})
-        else:
-            net.load_state_dict(state)
+        missing = [k for k in mine if k not in state]
+        if missing:
+            raise InputError(f"{source}: has no weights {', '.join(missing[:3])} for {what} of this network "
+                             f"({self.cfg.arch}, net_config {dict(self.cfg.net_config or {})})")
+        unused = [k for k in state if k.startswith(branch) and k not in ours]
+        if unused:
+            from ..networks.lite import LOCAL_16MM_WEIGHTS
+
+            if getattr(net, "local_levels", None) != 2 or not all(k.startswith(LOCAL_16MM_WEIGHTS) for k in unused):
+                raise InputError(f"{source}: its weights {', '.join(unused[:3])} have no place in this network "
+                                 f"({self.cfg.arch}, net_config {dict(self.cfg.net_config or {})}); start it from a "
+                                 "model of the same architecture")
+            log.info("%s: its local 16 mm level is left out (this network's local branch has two levels)", source)
+        net.load_state_dict({**ours, **{k: state[k] for k in mine}})
 
     def distill_teacher(self) -> nn.Module:
         """The distill objective's teacher network (loaded once, frozen; see :mod:`.distill`)."""
