@@ -20,6 +20,10 @@ Usage (from the repository root)::
     python benchmarks/cold_ab.py --base 4994e21 --atlas 5 --out benchmarks/results/cold_ab.md
     python benchmarks/cold_ab.py --base 4994e21 --no-pairs --first-click --reps 5 --out cache/cold_ab/click.md
     python benchmarks/cold_ab.py --base 2b21666 --no-pairs --heatmaps --out cache/cold_ab/heatmaps.md
+
+Two models on this engine (``--base-model``: the base engine's model, here the same checkout)::
+
+    python benchmarks/cold_ab.py --base HEAD --base-model default --model fast --no-pairs --atlas 5
 """
 
 from __future__ import annotations

@@ -235,6 +235,31 @@ def test_a_local_branch_of_two_levels_runs_int8_close_to_float32(ct):
         SamLiteInt8(inference_copy(net), {k: v for k, v in qparams.items() if k != "c0"})
 
 
+def test_int8_tiles_of_a_local_branch_of_two_levels_are_the_whole_volumes_values():
+    """Integer arithmetic with fixed scales and the two-level crops: each tile's core (16 input voxels of context,
+    less at the volume's edges) equals the same voxels of the whole volume run as one tile, bit for bit."""
+    from samembed.networks.base import inference_copy
+    from samembed.networks.int8 import SamLiteInt8, calibrate
+
+    from ..conftest import two_level_default
+
+    net = two_level_default()
+    g = torch.Generator().manual_seed(0)
+    n = (72, 80, 64)
+    x = torch.rand((1, 1, *n), generator=g) * 200 - 50  # the preprocessed CT range, about -50..205
+    q8 = SamLiteInt8(inference_copy(net), calibrate(net, [x]))
+    with torch.inference_mode():
+        whole = q8.forward_local_core(x, (0,) * 3, (0,) * 3)
+        for start, stop in (((24, 32, 24), (48, 56, 40)), ((0, 0, 0), (16, 24, 16)), ((48, 56, 40), n)):
+            a = [max(0, s - 16) for s in start]
+            b = [min(m, e + 16) for e, m in zip(stop, n)]
+            tile = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
+            core = q8.forward_local_core(tile, tuple(s - p for s, p in zip(start, a)),
+                                         tuple(q - e for e, q in zip(stop, b)))
+            ref = whole[(slice(None), slice(None), *(slice(s // 2, e // 2) for s, e in zip(start, stop)))]
+            assert core.shape == ref.shape and float((core - ref).abs().max()) <= 1e-6, (start, stop)
+
+
 def _tile_input(ct, precision: str, core: list[tuple[int, int]]):
     """The default model's network in ``precision`` and one tile of ``ct``'s network input: the input voxels ``core``
     ((start, stop) per axis, zyx) with 32 voxels of context per side (less at the volume's edge), and that context."""

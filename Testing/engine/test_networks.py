@@ -223,15 +223,23 @@ def test_a_local_branch_of_two_levels_has_half_the_halo_and_the_default_s_other_
         assert torch.equal(rebuilt.eval().forward_local(x), net.forward_local(x))
 
 
-@pytest.mark.parametrize("model_name", ["default", "sam-lite-ct-fast", "sam-lite-2d-hand", "two-level"])
+def _core_test_net(model_name: str) -> torch.nn.Module:
+    if model_name == "two-level":
+        return two_level_default()
+    if model_name == "two-level-2d":  # random weights: the crops do not depend on them
+        torch.manual_seed(0)
+        return build_network("sam-lite-2d", {"widths": [16, 32]}).eval()
+    return load_model(model_name).net  # all ship with the repository
+
+
+@pytest.mark.parametrize("model_name", ["default", "sam-lite-ct-fast", "sam-lite-2d-hand", "two-level", "two-level-2d"])
 def test_the_core_of_a_tile_is_the_whole_map_there_and_the_output_layer_runs_on_the_core_only(model_name):
     """``forward_local_core`` crops each layer to what the next ones read; the core must equal the whole map's
     voxels, for tiles inside the volume and tiles clipped at its edges (less context on one side), with the
     network's own halo (32 input voxels, 16 for a local branch of two levels)."""
     from samembed.networks.base import inference_copy
 
-    # all ship with the repository
-    net = inference_copy(two_level_default() if model_name == "two-level" else load_model(model_name).net)
+    net = inference_copy(_core_test_net(model_name))
     nd = net.spec.ndim
     n = (88, 96, 80)[:nd] if nd == 3 else (200, 168)
     torch.manual_seed(0)

@@ -5,7 +5,8 @@ Design for the CPU (2 cores):
 * **Local branch** (fine structure). The 2 mm input is folded into channels (space-to-depth, factor 2,
   lossless), so no convolution runs at full resolution. A three-level encoder (4, 8, 16 mm) and an FPN
   top-down path give a ``local_channels`` map at 4 mm (stride 2). Its receptive field is about 60
-  input voxels, so the engine can tile it with a 32-voxel halo and get the untiled result exactly.
+  input voxels, so the engine can tile it with a 32-voxel halo and get the untiled result exactly. A
+  two-level encoder (4, 8 mm; ``widths`` of two values) needs a 16-voxel halo (:data:`LOCAL_HALO`).
 * **Global branch** (coarse body position). The input is average-pooled to 8 mm, and a four-level
   encoder (8 to 64 mm) with dilated convolutions sees most of the body; an FPN path returns a
   ``global_channels`` map at 16 mm (stride 8). It runs on the whole volume (cheap at 8 mm).
@@ -93,12 +94,14 @@ FPN_SLAB_BYTES = 4 << 20
 
 def fpn_top_in_slabs(lateral: Callable[[torch.Tensor], torch.Tensor], c0: torch.Tensor, p1: torch.Tensor,
                      crop: CoreCrop, channels: int, dtype: torch.dtype,
-                     finish: Callable[[torch.Tensor], torch.Tensor] | None = None, c0_context: int = 28) -> torch.Tensor:
+                     finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     c0_context: int = 28) -> torch.Tensor:
     """The FPN's top (4 mm) level of a volume's tile, ``finish(lateral(crop(c0)) + crop(_up2(p1)))`` with the crops
     of :meth:`SamLite.forward_local_core`, made a few planes of the first axis at a time (:data:`FPN_SLAB_BYTES` of
     float32 per slab) into one channels-last map of ``channels`` and ``dtype``: ``c0`` is the stem map (with
-    ``c0_context`` input voxels of context per side, at most), ``p1`` the 8 mm level, ``lateral`` the lateral 1 x 1 convolution (with its input's dequantisation in int8) and ``finish`` what
-    follows the sum (int8: its quantisation; none: the float32 sum).
+    ``c0_context`` input voxels of context per side, at most), ``p1`` the 8 mm level, ``lateral`` the lateral 1 x 1
+    convolution (with its input's dequantisation in int8) and ``finish`` what follows the sum (int8: its
+    quantisation; none: the float32 sum).
 
     Made whole, the lateral map, the upsampled coarser level and their sum (with int8, also the dequantised stem map
     and the sum's scaled copy) are float32 maps the size of the local map (a chest CT's 32 channels: 91 MB each),
