@@ -69,6 +69,8 @@ LOCAL_POINTS_2 = ("c0", "d1", "p0")
 def local_points(net: SamLite) -> tuple[str, ...]:
     """The local maps that :class:`SamLiteInt8` holds in 8 bits for ``net`` (by its local branch's depth)."""
     return LOCAL_POINTS_2 if net.local_levels == 2 else LOCAL_POINTS
+
+
 #: the modules of :class:`SamLite`'s global branch (what :meth:`SamLite.forward_global_pooled` runs)
 GLOBAL_MODULES = ("g_stem", "g_down1", "g_down2", "g_down3", "g_lat", "g_out")
 #: the global maps held in 8 bits with ``global_precision="int8"``: the inputs of the global branch's 3 x 3
