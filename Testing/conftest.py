@@ -60,6 +60,16 @@ def two_level_default():
     return net.eval()
 
 
+def tile_with_context(x, start, stop, halo: int):
+    """The tile of a network input ``x`` (N, C, *spatial) that :meth:`forward_local_core` takes for the core of input
+    voxels ``start .. stop`` (per spatial axis): the core with ``halo`` voxels of context per side, clipped at the
+    volume's edges. Returns ``(tile, context_lo, context_hi)``, the context each side holds."""
+    lo = [max(0, s - halo) for s in start]
+    hi = [min(n, e + halo) for e, n in zip(stop, x.shape[2:])]
+    tile = x[(slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
+    return tile, tuple(s - a for s, a in zip(start, lo)), tuple(b - e for e, b in zip(stop, hi))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The shared data folder (skips when absent)."""

@@ -24,7 +24,7 @@ from samembed.io import read_image
 from samembed.models import load_checkpoint, load_model, random_model
 from samembed.quantize import qparams_path
 
-from ..conftest import data_file
+from ..conftest import data_file, tile_with_context, two_level_default
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +214,6 @@ def test_a_local_branch_of_two_levels_runs_int8_close_to_float32(ct):
     from samembed.networks.base import inference_copy
     from samembed.networks.int8 import GLOBAL_POINTS, LOCAL_POINTS_2, SamLiteInt8, calibrate
 
-    from ..conftest import two_level_default
-
     net = two_level_default()
     x = torch.from_numpy(np.ascontiguousarray(Embedder(load_model("default"), "cpu")._prepare(ct)[0]))[None, None]
     qparams = calibrate(net, [x])
@@ -241,8 +239,6 @@ def test_int8_tiles_of_a_local_branch_of_two_levels_are_the_whole_volumes_values
     from samembed.networks.base import inference_copy
     from samembed.networks.int8 import SamLiteInt8, calibrate
 
-    from ..conftest import two_level_default
-
     net = two_level_default()
     g = torch.Generator().manual_seed(0)
     n = (72, 80, 64)
@@ -251,11 +247,7 @@ def test_int8_tiles_of_a_local_branch_of_two_levels_are_the_whole_volumes_values
     with torch.inference_mode():
         whole = q8.forward_local_core(x, (0,) * 3, (0,) * 3)
         for start, stop in (((24, 32, 24), (48, 56, 40)), ((0, 0, 0), (16, 24, 16)), ((48, 56, 40), n)):
-            a = [max(0, s - 16) for s in start]
-            b = [min(m, e + 16) for e, m in zip(stop, n)]
-            tile = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
-            core = q8.forward_local_core(tile, tuple(s - p for s, p in zip(start, a)),
-                                         tuple(q - e for e, q in zip(stop, b)))
+            core = q8.forward_local_core(*tile_with_context(x, start, stop, q8.spec.tile_halo))
             ref = whole[(slice(None), slice(None), *(slice(s // 2, e // 2) for s, e in zip(start, stop)))]
             assert core.shape == ref.shape and float((core - ref).abs().max()) <= 1e-6, (start, stop)
 
@@ -265,11 +257,8 @@ def _tile_input(ct, precision: str, core: list[tuple[int, int]]):
     ((start, stop) per axis, zyx) with 32 voxels of context per side (less at the volume's edge), and that context."""
     m = Matcher("default", device="cpu", precision=precision)
     x = torch.from_numpy(np.ascontiguousarray(m.embedder._prepare(ct)[0]))[None, None]
-    lo = [max(0, a - 32) for a, _ in core]
-    hi = [min(n, b + 32) for (_, b), n in zip(core, x.shape[2:])]
-    xin = x[(slice(None), slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
-    ctx = (tuple(a - p for (a, _), p in zip(core, lo)), tuple(q - b for (_, b), q in zip(core, hi)))
-    return m.embedder.net, xin, ctx
+    xin, *ctx = tile_with_context(x, [a for a, _ in core], [b for _, b in core], 32)
+    return m.embedder.net, xin, tuple(ctx)
 
 
 @pytest.mark.needs_data

@@ -14,7 +14,7 @@ from samembed.models import load_checkpoint, load_model, save_checkpoint
 from samembed.networks import build_network
 from samembed.preprocess import PreprocessConfig
 
-from ..conftest import DATA, data_file, two_level_default
+from ..conftest import DATA, data_file, tile_with_context, two_level_default
 
 #: the reference beside the shared data (``SAMEMBED_DATA/../reference``), else beside the repository
 SPEC = next((p for p in (DATA.parent / "reference" / "sam_official_checkpoint.md",
@@ -252,10 +252,7 @@ def test_the_core_of_a_tile_is_the_whole_map_there_and_the_output_layer_runs_on_
     with torch.inference_mode():
         whole = net.forward_local(x)
         for start, stop in cases:
-            a = [max(0, s - halo) for s in start]
-            b = [min(m, e + halo) for e, m in zip(stop, n)]
-            tile = x[(slice(None), slice(None), *(slice(p, q) for p, q in zip(a, b)))]
-            core = net.forward_local_core(tile, tuple(s - p for s, p in zip(start, a)), tuple(q - e for e, q in zip(stop, b)))
+            core = net.forward_local_core(*tile_with_context(x, start, stop, halo))
             ref = whole[(slice(None), slice(None), *(slice(s // stride, e // stride) for s, e in zip(start, stop)))]
             assert core.shape == ref.shape, (start, stop)
             assert float((core - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (start, stop)
