@@ -10,6 +10,7 @@ Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 i
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import logging
 import math
@@ -17,6 +18,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,6 +85,54 @@ def _positive_mm(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a length in mm greater than 0, e.g. 0.1")
     return value
+
+
+def _jobs_value(text: str) -> str | int:
+    """A ``--jobs`` value (argparse type): ``auto`` or a whole number of targets >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of targets of 1 or more, or auto")
+    return value
+
+
+def _jobs(args, n_targets: int, matcher) -> int:
+    """The targets the command matches at once (``--jobs``; :func:`samembed.jobs.auto_jobs` for auto)."""
+    import torch
+
+    from .jobs import auto_jobs
+
+    jobs = getattr(args, "jobs", "auto")
+    if jobs == "auto":
+        return auto_jobs(n_targets, torch.get_num_threads(), matcher.device.type)
+    return int(jobs)
+
+
+class _Turns:
+    """The command's progress over its targets when several are matched at once (``--jobs``): the bar stands at the
+    targets finished plus the parts done of those in flight, so it never moves back, and names the phase of the
+    target that last reported. ``lock`` also guards the command's lists of finished and skipped targets."""
+
+    def __init__(self, bar: PhaseProgress, n_targets: int) -> None:
+        self.bar, self.n = bar, n_targets
+        self.lock = threading.RLock()
+        self.unfinished = list(range(n_targets))  # target indices not matched nor skipped yet, in order
+        self._parts: dict[int, float] = {}  # target index -> its part done (0..1), while in flight
+
+    def update(self, ti: int, part: float, phase: str) -> None:
+        with self.lock:
+            self._parts[ti] = max(self._parts.get(ti, 0.0), float(part))
+            self.bar.update(self.n - len(self.unfinished) + sum(self._parts.values()), self.n, phase)
+
+    def finished(self, ti: int) -> None:
+        """Target ``ti`` is matched or skipped."""
+        with self.lock:
+            self._parts.pop(ti, None)
+            self.unfinished.remove(ti)
 
 
 def _add_match_options(p: argparse.ArgumentParser, preset_help: str = "same-patient") -> None:
@@ -238,6 +288,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     bar = PhaseProgress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
     try:
         from .api import Atlas, as_image  # torch
+        from .jobs import each_target
     except BaseException:  # an interrupt while torch loads: the bar goes before the message
         bar.close()
         raise
@@ -267,7 +318,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     bar.phase("reading")
     done: list = []  # each finished target's MatchResult whose files are written, in order
     done_at: list[int] = []  # the place of each of them among the targets (a skipped one leaves a gap)
-    failed: list[tuple[str, TargetError]] = []  # targets that could not be read or matched, skipped
+    failed: list[tuple[int, str, TargetError]] = []  # targets that could not be read or matched, skipped (in order)
 
     def heatmaps_done() -> dict[tuple[int, str], str]:  # the heatmap names by place in `done`
         return {(k, label): heatmaps[(ti, label)] for k, ti in enumerate(done_at) for label in dict.fromkeys(labels)
@@ -304,9 +355,17 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         matcher = _make_matcher(args)
         matcher.embedder.prefetch = prefetch
         source_shown: list[int] = []  # the turn that showed the source's embedding (progress, below)
-        for ti, name in enumerate(map(str, target_paths)):
-            # one target at a time (the source's maps and the atlases stay cached): each finished target's markups
-            # file is written at once, and a failure or an interrupt keeps the targets finished before it
+        jobs = _jobs(args, n, matcher)
+        turns = _Turns(bar, n)
+        cancel = threading.Event()  # set when the run stops: targets in flight (--jobs) stop at their next tile
+        names = list(map(str, target_paths))
+
+        def one_target(ti: int) -> None:
+            # one target per call (the source's maps and the atlases stay cached; with --jobs, several calls at once):
+            # each finished target's markups file is written at once, and a failure or an interrupt keeps the
+            # targets finished before it
+            name = names[ti]
+
             def progress(d: float, total: float, phase: str, ti: int = ti) -> None:
                 # the source's embedding is shown once, in the first turn that reaches the matcher (a first target
                 # skipped before it does not hide it); later turns' "embedding source" finds it cached
@@ -314,15 +373,16 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                     if source_shown:
                         return
                     source_shown.append(ti)
-                bar.update(ti + d / max(total, 1), n, re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
+                turns.update(ti, d / max(total, 1), re.sub(r"\b1/1\b", f"{ti + 1}/{n}", phase))
 
             try:
                 one = [read_target(name)]
                 if pairs:
-                    r = matcher.match_atlases(atlases, one, options, progress=progress, target_names=[name])
+                    r = matcher.match_atlases(atlases, one, options, progress=progress, cancel=cancel,
+                                              target_names=[name])
                 else:
                     r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
-                                      progress=progress, target_names=[name])
+                                      progress=progress, cancel=cancel, target_names=[name])
                 warn_unknown_spacing(one[0])  # once matched (a target skipped below, e.g. of another dimension: not)
             except TargetError as e:  # this target's own problem (unreadable, too small, another dimension, ...)
                 if n == 1:
@@ -330,18 +390,26 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 # named now and at the end, and the other targets go on: one bad scan of a long list does not
                 # stop the rest (an interrupt or an internal error still stops the run; what is done is kept)
                 log.error("target %d/%d skipped (the other targets go on): %s", ti + 1, n, e)
-                failed.append((name, e))
-                _forget_target(matcher, images_read, name, target_paths[ti + 1:], kept, prefetch)
-                continue
+                with turns.lock:
+                    failed.insert(bisect.bisect([i for i, _, _ in failed], ti), (ti, name, e))
+                    turns.finished(ti)
+                    _forget_target(matcher, images_read, name, [names[i] for i in turns.unfinished], kept, prefetch)
+                return
             finally:
                 one = None
             if folder_out:
                 _write_markups(args, r, out / f"{ids[ti]}.mrk.json", fused)
-            done_at.append(ti)  # (first: an interrupt between the two leaves no result without its place)
-            done.append(r)  # kept from here on, whatever stops the run (the memory is freed after)
-            _forget_target(matcher, images_read, name, target_paths[ti + 1:], kept, prefetch)
+            with turns.lock:  # in the targets' order, whichever finished first
+                k = bisect.bisect(done_at, ti)
+                done_at.insert(k, ti)  # (first: an interrupt between the two leaves no result without its place)
+                done.insert(k, r)  # kept from here on, whatever stops the run (the memory is freed after)
+                turns.finished(ti)
+                # (a target whose file comes again, later or in flight, keeps its image and maps)
+                _forget_target(matcher, images_read, name, [names[i] for i in turns.unfinished], kept, prefetch)
+
+        each_target(n, one_target, jobs, cancel)
         if not done and failed:  # (several targets, none matched: each is named above)
-            raise InputError(f"none of the {n} targets could be matched: each is named above") from failed[0][1]
+            raise InputError(f"none of the {n} targets could be matched: each is named above") from failed[0][2]
         # writing needs none of the engine's embeddings, images and prefetched arrays: freed before the heatmaps,
         # each as large as its target, are made (LIDC-0001 with 50 heatmaps: 2.72 -> 1.76 GB peak)
         matcher = source = atlases = None
@@ -380,7 +448,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s%s%s",
                           len(done), n, partial_out, f" and {args.heatmap_dir}" if args.heatmap_dir else "",
                           f" ({out}, of an earlier run, is left as it was)" if partial_out != out else "",
-                          f"; {len(failed)} skipped before: {', '.join(name for name, _ in failed)}" if failed else "")
+                          f"; {len(failed)} skipped before: {', '.join(name for _, name, _ in failed)}" if failed else "")
             except Exception as e:  # noqa: BLE001 - the original error is the one to report
                 log.error("could not write the %d finished targets: %s", len(done), e)
         elif not written and writing:  # stopped while writing: not started again (an interrupt means stop)
@@ -402,7 +470,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     if failed:
         log.error("%d of %d targets could not be matched (each is named above): %s; %s holds the others", len(failed),
-                  n, ", ".join(name for name, _ in failed), out)
+                  n, ", ".join(name for _, name, _ in failed), out)
         return EXIT_SOME_FAILED
     return 0
 
@@ -991,6 +1059,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "in 1 s instead of 10 s)")
     m.add_argument("--ras", action="store_true", help="CSV points in and out are RAS (Slicer) instead of LPS")
     m.add_argument("--mask", help="search only where this image (target space) is non-zero")
+    m.add_argument("--jobs", type=_jobs_value, default="auto", metavar="N",
+                   help="targets matched at once after the first, each with its share of torch's threads (the same "
+                        "matches; each holds its own target in memory); auto (the default): 2 on a CPU where torch "
+                        "has 2 or more threads (OMP_NUM_THREADS), for 3 targets or more, else 1")
     _add_match_options(m, "same-patient; between-patients with --atlas/--atlases")
     _add_common(m)
     m.set_defaults(func=_cmd_match)

@@ -13,6 +13,7 @@ pages and a gather of voxels copies whole rows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -109,7 +110,36 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
     return name
 
 
+#: one filler at a time, whatever the maps (a Slicer worker and the main thread may share maps), unless targets are
+#: matched concurrently (:func:`concurrent_matching`): then each maps' own lock (``EmbeddingMaps._lock``) suffices
 _FILL_LOCK = threading.RLock()
+_CONCURRENT = {"jobs": 0}  # the concurrent_matching() blocks open in this process
+_CONCURRENT_LOCK = threading.Lock()
+
+
+def matching_concurrently() -> bool:
+    """Whether targets are being matched in several threads at once (:func:`concurrent_matching`)."""
+    return _CONCURRENT["jobs"] > 0
+
+
+@contextlib.contextmanager
+def concurrent_matching(threads_per_job: int):
+    """A block in which several threads match targets at once, each with ``threads_per_job`` of torch's threads (the
+    ``samembed match`` command's ``--jobs``; torch's thread count is restored after). Maps that several threads read
+    (the source's) stay consistent: each maps' tiles are filled under its own lock, so different maps fill at once,
+    and a tile never writes over voxels that are already computed, which another thread may be reading
+    (:meth:`TileComputer._tile` takes its own buffers instead of the in-place path there). Open it only while no
+    tile is being filled (between targets)."""
+    threads = torch.get_num_threads()
+    with _CONCURRENT_LOCK:
+        _CONCURRENT["jobs"] += 1
+    torch.set_num_threads(max(1, int(threads_per_job)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        with _CONCURRENT_LOCK:
+            _CONCURRENT["jobs"] -= 1
 #: part of every cache key: bumped when the engine's arithmetic changes (v2: batch norms folded into the
 #: convolutions, channel norms summed channel by channel; v3: each layer of a tile computed only where the layers
 #: after it need it; v4: the input resampled one axis at a time, which differs from SimpleITK's in the last bit of a
@@ -165,6 +195,7 @@ class EmbeddingMaps:
     _fills: int = field(default=0, repr=False)  # fills run (``ready`` changes only in them or before any read)
     _touched: tuple | None = field(default=None, repr=False)  # (fills, touched fraction), see nbytes
     _coarse_rows: torch.Tensor | None = field(default=None, repr=False)  # the global map channels last, see global_at
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)  # held while tiles are filled
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -212,32 +243,34 @@ class EmbeddingMaps:
         Args:
             need: (V,) bool; only these voxels of the boxes must be computed (e.g. the search mask). None: all.
         """
-        if self.ready is None:
-            return
-        shape = self.local_grid.shape_zyx
-        lo = np.atleast_2d(np.asarray(lo_zyx, dtype=np.int64))
-        hi = np.atleast_2d(np.asarray(hi_zyx, dtype=np.int64))
-        missing = np.zeros(shape, dtype=bool)
-        ready = self.ready.reshape(shape).numpy()
-        needv = None if need is None else need.reshape(shape).cpu().numpy()
-        for a, b in zip(lo, hi):
-            box = tuple(slice(int(max(0, x)), int(min(s - 1, y)) + 1) for x, y, s in zip(a, b, shape))
-            m = ~ready[box]
-            if needv is not None:
-                m &= needv[box]
-            missing[box] |= m
-        self._fill(missing)
+        with self._lock:  # (another thread may fill these maps, and set ``ready`` to None once all are computed)
+            if self.ready is None:
+                return
+            shape = self.local_grid.shape_zyx
+            lo = np.atleast_2d(np.asarray(lo_zyx, dtype=np.int64))
+            hi = np.atleast_2d(np.asarray(hi_zyx, dtype=np.int64))
+            missing = np.zeros(shape, dtype=bool)
+            ready = self.ready.reshape(shape).numpy()
+            needv = None if need is None else need.reshape(shape).cpu().numpy()
+            for a, b in zip(lo, hi):
+                box = tuple(slice(int(max(0, x)), int(min(s - 1, y)) + 1) for x, y, s in zip(a, b, shape))
+                m = ~ready[box]
+                if needv is not None:
+                    m &= needv[box]
+                missing[box] |= m
+            self._fill(missing)
 
     def ensure_flat(self, flat: np.ndarray | torch.Tensor) -> None:
         """Compute the features at flat local-grid voxel indices."""
-        if self.ready is None:
-            return
-        flat = np.asarray(flat.cpu() if isinstance(flat, torch.Tensor) else flat, dtype=np.int64).reshape(-1)
-        todo = flat[~self.ready.numpy()[flat]]
-        if len(todo):
-            missing = np.zeros(self.local_grid.shape_zyx, dtype=bool)
-            missing.reshape(-1)[todo] = True
-            self._fill(missing)
+        with self._lock:
+            if self.ready is None:
+                return
+            flat = np.asarray(flat.cpu() if isinstance(flat, torch.Tensor) else flat, dtype=np.int64).reshape(-1)
+            todo = flat[~self.ready.numpy()[flat]]
+            if len(todo):
+                missing = np.zeros(self.local_grid.shape_zyx, dtype=bool)
+                missing.reshape(-1)[todo] = True
+                self._fill(missing)
 
     def ensure_all(self, need: torch.Tensor | None = None, cancel: threading.Event | None = None) -> None:
         """Compute every voxel's features (only those in ``need`` (V,) bool when given).
@@ -245,15 +278,16 @@ class EmbeddingMaps:
         Args:
             cancel: checked between tiles; when set, raises :class:`Cancelled` (the tiles computed so far are kept).
         """
-        if self.ready is None:
-            return
-        missing = ~self.ready.numpy() if need is None else (~self.ready & need.cpu()).numpy()
-        self._fill(missing.reshape(self.local_grid.shape_zyx), cancel)
+        with self._lock:
+            if self.ready is None:
+                return
+            missing = ~self.ready.numpy() if need is None else (~self.ready & need.cpu()).numpy()
+            self._fill(missing.reshape(self.local_grid.shape_zyx), cancel)
 
     def _fill(self, missing_zyx: np.ndarray, cancel: threading.Event | None = None) -> None:
         if not missing_zyx.any():
             return
-        with _FILL_LOCK:  # one filler at a time (a Slicer worker and the main thread may share maps)
+        with self._lock, contextlib.nullcontext() if matching_concurrently() else _FILL_LOCK:
             if self.ready is None:
                 return
             missing_zyx &= ~self.ready.reshape(missing_zyx.shape).numpy()
@@ -607,14 +641,18 @@ class TileComputer:
         lines = missing_zyx[box].any(-1)
         wanted = float(lines.mean())  # the share of the box's lines to store
         if (spans_whole_planes(box, shape) and wanted >= 0.5 and not tn.half and maps.features.dtype == torch.float32
-                and maps.features.device.type == "cpu" and tn.device.type == "cpu"):
+                and maps.features.device.type == "cpu" and tn.device.type == "cpu"
+                # (in place, the box's computed voxels are written over, then restored: not while another thread
+                # may read them)
+                and not (matching_concurrently() and bool(maps.ready.view(shape)[box].any()))):
             self._tile_in_place(maps, xin, ctx, lo, hi, box)
         else:
             self._tile_stored(maps, xin, ctx, lo, hi, lines, wanted)
         self.tiles_computed += 1
         n = int(np.prod([q - p for p, q in zip(a, b)]))
         self.input_voxels += n
-        TileComputer.process_input_voxels += n
+        with _CONCURRENT_LOCK:  # (tiles of several maps may be filled at once: concurrent_matching)
+            TileComputer.process_input_voxels += n
 
     def _tile_stored(self, maps: EmbeddingMaps, xin: torch.Tensor, ctx, lo: np.ndarray, hi: np.ndarray,
                      lines: np.ndarray, wanted: float) -> None:
@@ -1091,20 +1129,24 @@ class Embedder:
         if path is None or self._cache_write_failed or (not maps.dirty and path.is_file()) or path in self._unreadable:
             return
         body = maps.body.cpu().numpy()
-        stored = body if maps.ready is None else body & maps.ready.numpy()
-        idx = torch.from_numpy(np.flatnonzero(stored))
-        try:
-            packed = packed_directions(maps.vectors, idx)  # (stored, bytes per vector)
-        except ValueError as e:  # NaN vectors (a broken model): this image's maps are not stored
-            log.warning("not writing the cache entry %s of %s: %s", path, maps.image_name or "an image", e)
-            return
-        meta = {"local_grid": _grid_to_dict(maps.local_grid), "global_grid": _grid_to_dict(maps.global_grid),
-                "model_id": maps.model_id, "key": maps.key, "image": maps.image_name, "local_encoding": LOCAL_ENCODING}
-        try:
-            write_entry(path, meta, [maps.global_.cpu().half().numpy(), np.packbits(body), np.packbits(stored), packed])
-            maps.dirty = False
-        except (OSError, InputError) as e:  # a full or read-only cache folder costs speed later, not this match
-            if not self._cache_write_failed:  # once: a shared read-only cache would warn for every image
-                log.warning("could not write the embedding cache entry %s (%s); the cache folder is only read from "
-                            "now on in this run", path, e)
-            self._cache_write_failed = True
+        # no tile is written meanwhile, and one save at a time (another thread may be filling or saving these maps)
+        with maps._lock:
+            stored = body if maps.ready is None else body & maps.ready.numpy()
+            idx = torch.from_numpy(np.flatnonzero(stored))
+            try:
+                packed = packed_directions(maps.vectors, idx)  # (stored, bytes per vector)
+            except ValueError as e:  # NaN vectors (a broken model): this image's maps are not stored
+                log.warning("not writing the cache entry %s of %s: %s", path, maps.image_name or "an image", e)
+                return
+            meta = {"local_grid": _grid_to_dict(maps.local_grid), "global_grid": _grid_to_dict(maps.global_grid),
+                    "model_id": maps.model_id, "key": maps.key, "image": maps.image_name,
+                    "local_encoding": LOCAL_ENCODING}
+            try:
+                write_entry(path, meta, [maps.global_.cpu().half().numpy(), np.packbits(body), np.packbits(stored),
+                                         packed])
+                maps.dirty = False
+            except (OSError, InputError) as e:  # a full or read-only cache folder costs speed later, not this match
+                if not self._cache_write_failed:  # once: a shared read-only cache would warn for every image
+                    log.warning("could not write the embedding cache entry %s (%s); the cache folder is only read "
+                                "from now on in this run", path, e)
+                self._cache_write_failed = True

@@ -351,7 +351,7 @@ def test_a_batch_skips_a_target_it_cannot_match_and_an_interrupt_keeps_the_targe
     out.parent.mkdir(exist_ok=True)
     args = ["match", str(two_cts[0]), str(two_cts[1]), str(tiny), str(two_cts[0]), "--points", str(pts_path),
             "--out", str(out) + ("/" if out_kind == "folder" else ""), "--heatmap-dir", str(tmp_path / "hm"),
-            "--model", "random:sam-lite", "--device", "cpu", "--quiet"]
+            "--model", "random:sam-lite", "--device", "cpu", "--quiet", "--jobs", "1"]  # one at a time: see below
 
     def kept() -> list[str]:
         if out_kind == "folder":
@@ -392,7 +392,7 @@ def test_an_interrupt_after_a_skipped_target_keeps_the_finished_ones_under_their
     _interrupt_the_second_match(monkeypatch)
     assert main(["match", str(two_cts[0]), str(corrupt), str(two_cts[1]), str(two_cts[0]), "--points", str(pts_path),
                  "--out", str(out), "--heatmap-dir", str(tmp_path / "hm"), "--model", "random:sam-lite",
-                 "--device", "cpu"]) == 130
+                 "--device", "cpu", "--jobs", "1"]) == 130
     err = capsys.readouterr().err
     assert "embedding source pt_201_ct.nii.gz" in err, err
     assert f"kept the matches of the 1 of 3 targets finished before this stopped, in {out} and {tmp_path / 'hm'}; " \
@@ -1094,7 +1094,8 @@ def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_targets(tmp_p
     out, log_path = tmp_path / "out.csv", tmp_path / "stderr.txt"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", "from samembed.cli import run; run()", "match", *map(str, cts),
-                                 "--points", str(a_points_csv[0]), "--out", str(out), "--device", "cpu"],
+                                 "--points", str(a_points_csv[0]), "--out", str(out), "--device", "cpu",
+                                 "--jobs", "1"],  # one at a time (several at once: test_targets_matched_at_once_...)
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
         # the third target's turn: the second is kept (a finished target joins the kept ones before the next starts)
@@ -1112,6 +1113,112 @@ def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_targets(tmp_p
     assert len(rows) == 2 * kept and {r.split(",")[0] for r in rows} == {str(c) for c in cts[1:1 + kept]}
     for pid in children:  # the prefetch process went with it
         _wait_until(lambda pid=pid: _gone(pid), 30, f"process {pid} of the command still runs")
+
+
+@pytest.mark.needs_data
+def test_targets_matched_two_at_a_time_give_what_one_at_a_time_gives_in_the_targets_order(tmp_path, a_points_csv,
+                                                                                         caplog):
+    """``--jobs 2``: after the first target, two targets are matched at once, each on its own thread. The table
+    and the markups files are those of one target at a time, byte for byte, in the targets' order (whichever
+    finished first), with the shipped model's windows and round trips (the source's tiles shared by both threads);
+    a target that cannot be read is still named and skipped at its place, and a target that comes twice keeps its
+    maps until its last turn."""
+    ids = (201, 202, 203, 204, 206)
+    cts = [str(data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz")) for n in ids]
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"garbage")
+    targets = [cts[1], cts[2], str(corrupt), cts[3], cts[1], cts[4]]
+    common = ["--points", str(a_points_csv[0]), "--device", "cpu", "--quiet"]
+    outputs, threads = {}, torch.get_num_threads()
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}.csv"
+        assert main(["match", cts[0], *targets, "--out", str(out), "--jobs", jobs, *common]) == 3
+        assert f"target 3/6 skipped (the other targets go on): {corrupt}" in caplog.text, caplog.text
+        caplog.clear()
+        folder = tmp_path / f"jobs{jobs}"
+        assert main(["match", cts[0], *targets[:2], *targets[3:], "--out", f"{folder}/", "--jobs", jobs,
+                     *common]) == 0
+        outputs[jobs] = (out.read_bytes(), {p.name: p.read_bytes() for p in sorted(folder.iterdir())})
+    table = list(csv.DictReader(io.StringIO(outputs["1"][0].decode())))
+    assert [r["target"] for r in table][::2] == [t for t in targets if t != str(corrupt)]
+    assert outputs["2"] == outputs["1"]
+    assert torch.get_num_threads() == threads, "torch's threads are given back after the targets matched at once"
+
+
+@pytest.mark.needs_data
+def test_an_interrupt_of_targets_matched_at_once_keeps_each_finished_target_whole(tmp_path, a_points_csv, monkeypatch,
+                                                                                capsys, caplog):
+    """Ctrl-C in one of two targets matched at once stops the run (exit 130): no further target starts, the one in
+    flight beside it stops at its next tile or finishes, and the targets finished are written whole, in the
+    targets' order, as a run of one target at a time writes them."""
+    from samembed.api import Matcher
+
+    ids = (201, 202, 203, 204, 206, 207)
+    cts = [str(data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz")) for n in ids]
+    common = ["--points", str(a_points_csv[0]), "--device", "cpu", "--model", "random:sam-lite", "--quiet"]
+    whole = tmp_path / "whole.csv"
+    assert main(["match", *cts, "--out", str(whole), "--jobs", "1", *common]) == 0
+    calls, started = [], []
+    match = Matcher.match
+
+    def interrupted_at_the_third(self, source, points, targets, *a, **k):
+        calls.append(1)
+        started.append(str(targets[0].name))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return match(self, source, points, targets, *a, **k)
+
+    monkeypatch.setattr(Matcher, "match", interrupted_at_the_third)
+    out = tmp_path / "stopped.csv"
+    assert main(["match", *cts, "--out", str(out), "--jobs", "2", *common]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    kept = int(re.search(r"kept the matches of the (\d+) of 5 targets", caplog.text).group(1))
+    assert 1 <= kept <= 4 and len(calls) <= 5, (kept, started)
+    rows = list(csv.DictReader(out.open()))
+    reference = [r for r in csv.DictReader(whole.open()) if r["target"] in {x["target"] for x in rows}]
+    assert rows == reference and rows[0]["target"] == cts[1] and len(rows) == 2 * kept
+
+
+def test_jobs_is_a_count_of_one_or_more_or_auto_and_auto_matches_two_at_once_on_a_cpu_of_two_threads(capsys):
+    """``--jobs`` takes auto or a whole number >= 1 (else it is refused naming the flag); auto is 2 on a CPU where
+    torch has two threads or more, for three targets or more (the first is matched alone), else 1."""
+    from samembed.cli import build_parser
+    from samembed.jobs import auto_jobs
+
+    parse = build_parser().parse_args
+    assert parse(["match", "a", "b", "--out", "o.csv"]).jobs == "auto"
+    assert parse(["match", "a", "b", "--out", "o.csv", "--jobs", "3"]).jobs == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(SystemExit):
+            parse(["match", "a", "b", "--out", "o.csv", "--jobs", bad])
+        assert "--jobs" in capsys.readouterr().err
+    assert auto_jobs(3, 2, "cpu") == 2 and auto_jobs(20, 8, "cpu") == 2
+    assert auto_jobs(2, 2, "cpu") == 1 and auto_jobs(20, 1, "cpu") == 1 and auto_jobs(20, 2, "cuda") == 1
+
+
+def test_progress_over_targets_matched_at_once_never_moves_back():
+    """Two targets in flight report their parts in turn: the bar stands at the targets finished plus the parts of
+    those in flight, so it only moves forward, and ends at the count of targets."""
+    from samembed.cli import _Turns
+
+    seen = []
+
+    class Bar:
+        def update(self, done, total, phase=""):
+            seen.append((done, total, phase))
+
+    turns = _Turns(Bar(), 3)
+    turns.update(0, 0.5, "matching 1/3")
+    turns.finished(0)
+    turns.update(1, 0.2, "embedding target 2/3")
+    turns.update(2, 0.6, "matching 3/3")
+    turns.update(1, 0.9, "polishing 2/3")
+    turns.finished(2)
+    turns.update(1, 1.0, "matched 2/3")
+    turns.finished(1)
+    done = [d for d, _, _ in seen]
+    assert done == sorted(done) and done[-1] == pytest.approx(3.0) and turns.unfinished == []
+    assert seen[3] == (pytest.approx(2.5), 3, "polishing 2/3")
 
 
 def test_sigterm_handling_is_the_commands_own_and_ends_with_it():

@@ -9,6 +9,7 @@ border (block = 4 local voxels), and points near the image's first and last slic
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import subprocess
@@ -17,9 +18,11 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from samembed import Cancelled, Matcher, MatchOptions
 from samembed.io import read_image
+from samembed.matcher import boxes_around
 from samembed.tiles import ENTRY_SUFFIX, plan_tiles
 
 from ..conftest import data_file, two_level_default
@@ -744,6 +747,36 @@ def test_a_prepare_cancelled_while_embedding_the_source_whole_stops_and_leaves_c
     assert smaps.ready is not None and not bool(smaps.ready[smaps.search_mask(True)].all()), \
         "the cancel came too late to stop anything"
     _same(Matcher("default", device="cpu").match(src, pts, [tgt]), prepared.match(src, pts, [tgt]), tol_mm=POLISHED_MM)
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)
+def test_while_targets_are_matched_at_once_a_tile_never_writes_over_computed_voxels(pair, monkeypatch):
+    """A whole volume's tile over maps with tiles already computed (a round trip without a prior fills the source
+    whole) runs in place: it writes every voxel of the box, then puts the computed ones back. While targets are
+    matched at once (``concurrent_matching``, the command's ``--jobs``) another thread may be reading those voxels,
+    so the tile takes its own buffers and writes the new voxels only: the same values, bit for bit."""
+    from samembed.embedding import TileComputer, concurrent_matching
+
+    _, src, _, pts, _ = pair
+    in_place = []
+    tile_in_place = TileComputer._tile_in_place
+    monkeypatch.setattr(TileComputer, "_tile_in_place",
+                        lambda self, maps, *a: (in_place.append(maps.image_name), tile_in_place(self, maps, *a)))
+    filled = {}
+    for concurrently in (False, True):
+        emb = Matcher("default", device="cpu").embedder_for(3)
+        maps = emb.embed(src, on_demand=True)
+        lo, hi = boxes_around(maps, pts[:3], 30.0)
+        maps.ensure(lo, hi)
+        before = maps.ready.clone()
+        rows = maps.vectors[before].clone()
+        with concurrent_matching(1) if concurrently else contextlib.nullcontext():
+            maps.ensure_all()
+        assert maps.complete and torch.equal(maps.vectors[before], rows)
+        filled[concurrently] = maps.vectors.clone()
+        assert len(in_place) == 1, in_place  # in place when alone; never while matching at once
+    assert torch.equal(filled[True], filled[False])
 
 
 @pytest.mark.needs_data
