@@ -79,6 +79,14 @@ def elastix_runs(atlas: Path, targets: list[Path], points: Path, work: Path, thr
     return seconds
 
 
+def _commit() -> str:
+    """This checkout's commit (short), with ``+`` when it has uncommitted changes."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def _cell(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -88,7 +96,7 @@ def report(runs: dict[int, list[dict]], n_targets: int, threads: int, elastix: l
     same = len({r["table"] for rs in runs.values() for r in rs}) == 1
     lines = [
         "# Targets matched at once: `samembed match --jobs`", "",
-        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores; started {started}, ended "
+        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores; engine `{_commit()}`; started {started}, ended "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One atlas ({ATLAS}, its organ centroids) into "
         f"{n_targets} other OpenKBP CTs, each run a fresh `samembed match` process with no cache (the command's "
         f"prefetch process as usual), torch on {threads} thread(s), model `default`; the two ways alternate, "

@@ -25,7 +25,7 @@ import torch
 
 from .affine import apply_affine
 from .consistency import consistent_matches, min_points
-from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device
+from .embedding import Embedder, EmbeddingCache, EmbeddingMaps, resolve_device, tiles_cancelled_by
 from .errors import Cancelled, InputError, TargetError, of_the_target, refuse_mixed_dimensions
 from .fusion import Atlas, FusionOptions, fuse_points, landmark_union
 from .heatmap import Heatmaps
@@ -194,6 +194,7 @@ class Matcher:
         self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality, precision)
         self.spacing_mm = spacing_mm
         self._priors: dict = {}
+        self._priors_lock = threading.Lock()
         self._warned: set[str] = set()  # (_warn_once)
         # "default" means the registered default of each image dimension (models.json `default_for_dim`)
         self._per_dim = str(model) == "default"
@@ -303,7 +304,8 @@ class Matcher:
                 or ``options.box_lps_mm`` replaces the default restriction to the body.
             progress: ``progress(done, total, phase)`` counted in targets, with the phase named: "embedding
                 source", "embedding target k/N", "matching k/N", "polishing k/N", "matched k/N".
-            cancel: when set, stops between targets and raises :class:`Cancelled` with the partial result.
+            cancel: when set, stops at the next target or local tile and raises :class:`Cancelled` with the partial
+                result (the targets finished).
 
         Returns:
             :class:`MatchResult`.
@@ -318,8 +320,9 @@ class Matcher:
             progress(0, n_targets, f"embedding source {Path(inputs.source.name).name}")
         result = MatchResult([], [])
         place: list[int | None] = [None]  # the target being matched
-        # a Cancelled or a target's TargetError from anywhere inside holds the finished targets
-        with _partial_when_stopped(result, place):
+        # a Cancelled or a target's TargetError from anywhere inside holds the finished targets; a cancel stops at
+        # the next target or local tile
+        with _partial_when_stopped(result, place), tiles_cancelled_by(cancel):
             src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)  # local tiles as searches need
             result.timings["source_embed_s"] = time.time() - t0
             result.notes.extend(self._points_in_air(src_maps, inputs))
@@ -622,13 +625,16 @@ class Matcher:
     def _prior(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps) -> np.ndarray | None:
         """The source -> target affine prior (cached per pair), or None when too few voxels agree on one."""
         key = (src_maps.key, tmaps.key)
-        if key not in self._priors:
-            M, kind, inliers = search_prior(src_maps, tmaps)
-            log.debug("%s prior %s -> %s: %.0f %% inliers", kind, src_maps.image_name, tmaps.image_name, 100 * inliers)
+        with self._priors_lock:  # (targets matched at once: samembed match --jobs)
+            if key in self._priors:
+                return self._priors[key]
+        M, kind, inliers = search_prior(src_maps, tmaps)
+        log.debug("%s prior %s -> %s: %.0f %% inliers", kind, src_maps.image_name, tmaps.image_name, 100 * inliers)
+        with self._priors_lock:
             self._priors[key] = M
             while len(self._priors) > 256:
                 self._priors.pop(next(iter(self._priors)))
-        return self._priors[key]
+        return M
 
     def clear_cache(self) -> None:
         """Drop every in-memory embedding (and the affine priors fitted between them). A disk cache folder that could

@@ -87,17 +87,25 @@ def _positive_mm(text: str) -> float:
     return value
 
 
-def _jobs_value(text: str) -> str | int:
-    """A ``--jobs`` value (argparse type): ``auto`` or a whole number of targets >= 1."""
-    if text == "auto":
-        return text
+def at_least_one(text: str) -> int:
+    """An integer >= 1 (argparse type; the benchmark commands' too)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of targets of 1 or more, or auto")
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
     return value
+
+
+def _jobs_value(text: str) -> str | int:
+    """A ``--jobs`` value (argparse type): ``auto`` or a whole number of targets >= 1."""
+    if text == "auto":
+        return text
+    try:
+        return at_least_one(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1, or auto") from None
 
 
 def _jobs(args, n_targets: int, matcher) -> int:
@@ -356,14 +364,16 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         matcher.embedder.prefetch = prefetch
         source_shown: list[int] = []  # the turn that showed the source's embedding (progress, below)
         jobs = _jobs(args, n, matcher)
+        if jobs > 1:  # the source (or atlases) and every target in flight stay in memory, whatever the cap
+            matcher.cache.min_kept = len(kept) + jobs
         turns = _Turns(bar, n)
         cancel = threading.Event()  # set when the run stops: targets in flight (--jobs) stop at their next tile
         names = list(map(str, target_paths))
 
-        def one_target(ti: int) -> None:
+        def one_target(ti: int) -> bool:
             # one target per call (the source's maps and the atlases stay cached; with --jobs, several calls at once):
             # each finished target's markups file is written at once, and a failure or an interrupt keeps the
-            # targets finished before it
+            # targets finished before it. True when matched, False when skipped.
             name = names[ti]
 
             def progress(d: float, total: float, phase: str, ti: int = ti) -> None:
@@ -394,7 +404,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                     failed.insert(bisect.bisect([i for i, _, _ in failed], ti), (ti, name, e))
                     turns.finished(ti)
                     _forget_target(matcher, images_read, name, [names[i] for i in turns.unfinished], kept, prefetch)
-                return
+                return False
             finally:
                 one = None
             if folder_out:
@@ -406,6 +416,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 turns.finished(ti)
                 # (a target whose file comes again, later or in flight, keeps its image and maps)
                 _forget_target(matcher, images_read, name, [names[i] for i in turns.unfinished], kept, prefetch)
+            return True
 
         each_target(n, one_target, jobs, cancel)
         if not done and failed:  # (several targets, none matched: each is named above)

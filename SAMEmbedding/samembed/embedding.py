@@ -14,6 +14,7 @@ pages and a gather of voxels copies whole rows.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -114,6 +115,21 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
 #: matched concurrently (:func:`concurrent_matching`): then each maps' own lock (``EmbeddingMaps._lock``) suffices
 _FILL_LOCK = threading.RLock()
 _CONCURRENT = {"jobs": 0}  # the concurrent_matching() blocks open in this process
+#: the cancel event of the match running in this thread (:func:`tiles_cancelled_by`), checked before each tile
+_TILE_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("samembed_tile_cancel",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def tiles_cancelled_by(cancel: threading.Event | None):
+    """A block (a match) in which every tile filled in this thread checks ``cancel`` first, as
+    :meth:`EmbeddingMaps.ensure_all` does with its own: a set event stops the block at its next tile with
+    :class:`Cancelled` (the tiles finished are kept), not only between targets."""
+    token = _TILE_CANCEL.set(cancel)
+    try:
+        yield
+    finally:
+        _TILE_CANCEL.reset(token)
 _CONCURRENT_LOCK = threading.Lock()
 
 
@@ -128,8 +144,9 @@ def concurrent_matching(threads_per_job: int):
     ``samembed match`` command's ``--jobs``; torch's thread count is restored after). Maps that several threads read
     (the source's) stay consistent: each maps' tiles are filled under its own lock, so different maps fill at once,
     and a tile never writes over voxels that are already computed, which another thread may be reading
-    (:meth:`TileComputer._tile` takes its own buffers instead of the in-place path there). Open it only while no
-    tile is being filled (between targets)."""
+    (:meth:`TileComputer._tile` takes its own buffers instead of the in-place path there: a whole volume's tile over
+    maps that already hold tiles then needs its tile-sized buffers, about 2 x 330 MB for an OpenKBP CT). Open it
+    only while no tile is being filled (between targets)."""
     threads = torch.get_num_threads()
     with _CONCURRENT_LOCK:
         _CONCURRENT["jobs"] += 1
@@ -227,7 +244,7 @@ class EmbeddingMaps:
             frac = self._touched[1]
         tensors = [self.global_, self.valid, self.body, self.global_norm]
         tensors += [] if self._coarse_rows is None else [self._coarse_rows]
-        tensors += [t for pair in self._compact.values() for t in pair]
+        tensors += [t for pair in tuple(self._compact.values()) for t in pair]
         feat = self.features.element_size() * self.features.nelement() * frac
         return int(feat) + sum(t.element_size() * t.nelement() for t in tensors)
 
@@ -380,19 +397,23 @@ class EmbeddingMaps:
         mask = allowed.to(torch.bool).cpu().numpy()
         key = _mask_key(mask)
         hit = self._compact.get(key)
-        if hit is None:
-            from .tiles import write_rows
+        if hit is not None:
+            return hit
+        with self._lock:  # made once, whichever thread asks first (targets matched at once share a source)
+            hit = self._compact.get(key)
+            if hit is None:
+                from .tiles import write_rows
 
-            self.ensure_all(allowed)
-            idx = torch.from_numpy(np.flatnonzero(mask)).to(self.features.device)
-            rows = torch.empty((len(idx), self.channels), dtype=self.features.dtype, device=self.features.device)
-            for i in range(0, len(idx), 1 << 14):  # whole local rows gathered, a block at a time
-                rows[i:i + (1 << 14), : self.n_local] = self.vectors[idx[i:i + (1 << 14)]]
-            write_rows(rows[:, self.n_local:], [self.global_at(idx)])
-            hit = (idx, rows.T)  # (C, M), a view of (M, C)
-            while len(self._compact) >= 2:
-                self._compact.pop(next(iter(self._compact)))
-            self._compact[key] = hit
+                self.ensure_all(allowed)
+                idx = torch.from_numpy(np.flatnonzero(mask)).to(self.features.device)
+                rows = torch.empty((len(idx), self.channels), dtype=self.features.dtype, device=self.features.device)
+                for i in range(0, len(idx), 1 << 14):  # whole local rows gathered, a block at a time
+                    rows[i:i + (1 << 14), : self.n_local] = self.vectors[idx[i:i + (1 << 14)]]
+                write_rows(rows[:, self.n_local:], [self.global_at(idx)])
+                hit = (idx, rows.T)  # (C, M), a view of (M, C)
+                kept = dict(list(self._compact.items())[-1:])  # the most recent other one, and this one
+                kept[key] = hit
+                self._compact = kept
         return hit
 
     @property
@@ -431,6 +452,9 @@ class EmbeddingCache:
 
     def __init__(self, max_bytes: int = 3 << 30) -> None:
         self.max_bytes = int(max_bytes)
+        #: the most recent maps that always stay, even above the cap: a source and its target; one more per further
+        #: target matched at once (``samembed match --jobs``), else one thread's put evicts the shared source
+        self.min_kept = 2
         self._items: OrderedDict[str, EmbeddingMaps] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -445,9 +469,9 @@ class EmbeddingCache:
         with self._lock:
             self._items[key] = maps
             self._items.move_to_end(key)
-            # the two most recent (a source and its target) always stay, even above the cap: evicting one of
-            # them would recompute it on every match of the pair
-            while len(self._items) > 2 and self.nbytes > self.max_bytes:
+            # the most recent (a source and its target) always stay, even above the cap: evicting one of them
+            # would recompute it on every match of the pair
+            while len(self._items) > self.min_kept and self.nbytes > self.max_bytes:
                 self._items.popitem(last=False)
 
     def discard(self, key: str) -> None:
@@ -596,6 +620,7 @@ class TileComputer:
         is checked before each tile (raises :class:`Cancelled`; every finished tile is kept)."""
         from .tiles import plan_tiles
 
+        cancel = cancel if cancel is not None else _TILE_CANCEL.get()
         spec = self.network.spec
         x = self.input()
         step = spec.tile_multiple[-1]
@@ -834,11 +859,12 @@ class Embedder:
         if self.modality == "auto":
             return "auto"
         digest = image.content_hash()
-        if digest not in self._detected:
+        detected = self._detected.get(digest)
+        if detected is None:
             if len(self._detected) > 64:
                 self._detected.clear()
-            self._detected[digest] = detect_modality(image)
-        return "auto" if self._detected[digest] == self.modality else self.modality
+            detected = self._detected[digest] = detect_modality(image)
+        return "auto" if detected == self.modality else self.modality
 
     def embed(self, image: Image, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
               on_demand: bool = False) -> EmbeddingMaps:

@@ -3,14 +3,18 @@
 One target at a time leaves a core idle on a CPU of two or more: between torch's kernels, the search, the polish,
 the prior's fit and the bookkeeping run on one core, and torch's kernels themselves gain little from a second thread
 on the small tiles of one target. Two targets at once, each with its share of torch's threads, keep both cores
-busy. One atlas into 20 OpenKBP CTs on the 2-core VM (``samembed match`` with torch's default two threads):
-13.3-13.9 s one at a time, 10.6-10.8 s two at a time, the same table byte for byte.
+busy. One atlas into 20 OpenKBP CTs on the 2-core VM (``samembed match`` with torch's default two threads,
+``benchmarks/jobs.py``): 0.65 s per target one at a time, 0.48 s two at a time, the same table byte for byte.
 
-The first target is matched alone, with every thread: it embeds the source (its global map and the tiles around the
-points and their round trips), which every later target reads. The later targets then run ``jobs`` at a time inside
-:func:`samembed.embedding.concurrent_matching`, which keeps the source's maps consistent while several threads read
-and fill them. Each target's result is the one it gets alone: torch's kernels give the same values on one thread
-as on two (tested), and every tile of the source is computed once, under its maps' lock.
+The targets are matched one at a time until one is matched: it embeds the source or atlases (their global maps and
+the tiles around the points and their round trips), which every later target reads. The later targets then run
+``jobs`` at a time inside :func:`samembed.embedding.concurrent_matching`, which keeps the source's maps consistent
+while several threads read and fill them: each maps' tiles are filled under its own lock, and no tile writes over
+voxels already computed. Each target's result is the one it gets alone: torch's kernels give the same values on one
+thread as on two (tested on this VM, int8 and float32), and the shipped int8 network's tiles are the same whatever
+box they were computed in. With float32 arithmetic a source tile that a round trip adds may be computed in another
+box than one at a time would (the threads' timing decides which needs it first), equal to float rounding (about
+1e-7), as with the targets in another order.
 """
 
 from __future__ import annotations
@@ -34,35 +38,49 @@ def auto_jobs(n_targets: int, torch_threads: int, device_type: str) -> int:
     return max(1, min(AUTO_JOBS, int(torch_threads)))
 
 
-def each_target(n_targets: int, work: Callable[[int], None], jobs: int, cancel: threading.Event) -> None:
-    """Call ``work(i)`` for every target index ``i``: the first alone, then the others ``jobs`` at a time, each thread
-    with ``torch threads // jobs`` of torch's threads (at least one).
+def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: threading.Event) -> None:
+    """Call ``work(i)`` for every target index ``i``: one at a time until a target is matched (``work`` returns
+    True; False for a target skipped as the caller's own problem, e.g. unreadable), so the source or atlases are
+    embedded once, by that target; then the others ``jobs`` at a time, each thread with ``torch threads // jobs`` of
+    torch's threads (at least one).
 
-    ``work`` handles its target's own failures (a :class:`~samembed.errors.TargetError` is the caller's to report
-    and skip); anything else it raises, or an interrupt, sets ``cancel`` (which ``work`` passes to the matcher, so
-    targets in flight stop at their next tile), starts no further target, waits for those in flight and is raised
-    here. What finished before is the caller's to keep."""
+    Anything ``work`` raises, or an interrupt, sets ``cancel`` (which ``work`` passes to the matcher, so targets in
+    flight stop at their next tile), starts no further target, waits for those in flight (through further
+    interrupts: none of them may touch the caller's results once this returns) and is raised here. What finished
+    before is the caller's to keep."""
     import torch
 
     from .embedding import concurrent_matching
 
-    if n_targets == 0:
-        return
-    work(0)
-    if jobs <= 1 or n_targets < 3:
-        for i in range(1, n_targets):
-            work(i)
+    i = 0
+    while i < n_targets and not work(i):  # until the source is embedded (a target matched)
+        i += 1
+    i += 1
+    if jobs <= 1 or n_targets - i < 2:
+        for k in range(i, n_targets):
+            work(k)
         return
     with concurrent_matching(max(1, torch.get_num_threads() // jobs)):
         pool = ThreadPoolExecutor(jobs, thread_name_prefix="samembed-target")
-        futures = [pool.submit(work, i) for i in range(1, n_targets)]
         try:
+            futures = [pool.submit(work, k) for k in range(i, n_targets)]
             finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for f in futures:  # the first error in the targets' order
                 if f in finished and f.exception() is not None:
                     raise f.exception()
         except BaseException:
             cancel.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+            _wait_for(pool)
             raise
         pool.shutdown(wait=True)
+
+
+def _wait_for(pool: ThreadPoolExecutor) -> None:
+    """Start no further target of ``pool`` and wait for those in flight, through interrupts (a second Ctrl-C, a
+    SIGTERM): they stop at their next tile, and their results must be in place before the caller writes them."""
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        except BaseException:  # noqa: BLE001 - the first stop is the one raised; this one only waits again
+            log.info("still stopping the targets in flight")

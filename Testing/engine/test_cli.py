@@ -1083,24 +1083,21 @@ def test_the_prefetch_process_ends_when_the_command_is_killed(tmp_path):
             os.kill(child, signal.SIGKILL)
 
 
-@pytest.mark.needs_data
-def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_targets(tmp_path, a_points_csv):
-    """``kill``, ``timeout`` and batch systems stop a command with SIGTERM, on which Python dies at once: nothing
-    finished was written and the prefetch process was left behind. The command now stops as on Ctrl-C: it writes
-    the matches of the targets it finished, stops its prefetch process and exits with 143."""
-    psutil = pytest.importorskip("psutil")
+def _stop_a_batch_with_sigterm(tmp_path, points_csv, jobs: str, when: str, children=lambda pid: []):
+    """``samembed match`` of 8 OpenKBP CTs (a source and 7 targets) with ``--jobs jobs`` in a process of its own,
+    stopped with SIGTERM once its progress lines match ``when`` (a regular expression); it must exit with 143 and
+    no traceback. Returns the CTs, its stderr, the count of targets it says it kept, the targets of its CSV rows
+    and ``children(pid)`` taken just before the signal."""
     ids = (201, 202, 203, 204, 206, 207, 208, 209)
     cts = [data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz") for n in ids]
     out, log_path = tmp_path / "out.csv", tmp_path / "stderr.txt"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", "from samembed.cli import run; run()", "match", *map(str, cts),
-                                 "--points", str(a_points_csv[0]), "--out", str(out), "--device", "cpu",
-                                 "--jobs", "1"],  # one at a time (several at once: test_targets_matched_at_once_...)
+                                 "--points", str(points_csv), "--out", str(out), "--device", "cpu", "--jobs", jobs],
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
-        # the third target's turn: the second is kept (a finished target joins the kept ones before the next starts)
-        _wait_until(lambda: "embedding target 3/" in log_path.read_text(), 300, "the second target matched")
-        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        _wait_until(lambda: re.search(when, log_path.read_text()), 300, f"progress {when!r}")
+        taken = children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143, log_path.read_text()
     finally:
@@ -1108,9 +1105,21 @@ def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_targets(tmp_p
     err = log_path.read_text()
     assert "terminated: stopped by SIGTERM" in err and "Traceback" not in err, err
     kept = int(re.search(r"kept the matches of the (\d+) of 7 targets", err).group(1))
+    return cts, err, kept, [r.split(",")[0] for r in out.read_text().splitlines()[1:]], taken
+
+
+@pytest.mark.needs_data
+def test_sigterm_stops_a_batch_as_ctrl_c_does_keeping_the_finished_targets(tmp_path, a_points_csv):
+    """``kill``, ``timeout`` and batch systems stop a command with SIGTERM, on which Python dies at once: nothing
+    finished was written and the prefetch process was left behind. The command now stops as on Ctrl-C: it writes
+    the matches of the targets it finished, stops its prefetch process and exits with 143."""
+    psutil = pytest.importorskip("psutil")
+    # the third target's turn: the second is kept (a finished target joins the kept ones before the next starts)
+    cts, err, kept, rows, children = _stop_a_batch_with_sigterm(
+        tmp_path, a_points_csv[0], "1", r"embedding target 3/", lambda pid: [
+            c.pid for c in psutil.Process(pid).children(recursive=True)])
     assert 2 <= kept < 7, err
-    rows = out.read_text().splitlines()[1:]
-    assert len(rows) == 2 * kept and {r.split(",")[0] for r in rows} == {str(c) for c in cts[1:1 + kept]}
+    assert len(rows) == 2 * kept and set(rows) == {str(c) for c in cts[1:1 + kept]}
     for pid in children:  # the prefetch process went with it
         _wait_until(lambda pid=pid: _gone(pid), 30, f"process {pid} of the command still runs")
 
@@ -1148,9 +1157,9 @@ def test_targets_matched_two_at_a_time_give_what_one_at_a_time_gives_in_the_targ
 @pytest.mark.needs_data
 def test_an_interrupt_of_targets_matched_at_once_keeps_each_finished_target_whole(tmp_path, a_points_csv, monkeypatch,
                                                                                 capsys, caplog):
-    """Ctrl-C in one of two targets matched at once stops the run (exit 130): no further target starts, the one in
-    flight beside it stops at its next tile or finishes, and the targets finished are written whole, in the
-    targets' order, as a run of one target at a time writes them."""
+    """Ctrl-C in one of two targets matched at once (they do overlap) stops the run (exit 130): no further target
+    starts but the one its thread had taken, the one in flight beside it stops at its next tile or finishes, and
+    the targets finished are written whole, in the targets' order, as a run of one target at a time writes them."""
     from samembed.api import Matcher
 
     ids = (201, 202, 203, 204, 206, 207)
@@ -1158,25 +1167,86 @@ def test_an_interrupt_of_targets_matched_at_once_keeps_each_finished_target_whol
     common = ["--points", str(a_points_csv[0]), "--device", "cpu", "--model", "random:sam-lite", "--quiet"]
     whole = tmp_path / "whole.csv"
     assert main(["match", *cts, "--out", str(whole), "--jobs", "1", *common]) == 0
-    calls, started = [], []
+    lock, calls, running, most = threading.Lock(), [], [0], [0]
     match = Matcher.match
 
-    def interrupted_at_the_third(self, source, points, targets, *a, **k):
-        calls.append(1)
-        started.append(str(targets[0].name))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return match(self, source, points, targets, *a, **k)
+    def interrupted_at_the_third(self, *a, **k):
+        with lock:
+            calls.append(1)
+            n = len(calls)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            if n == 3:
+                time.sleep(0.3)  # the second call's target is in flight meanwhile
+                raise KeyboardInterrupt
+            return match(self, *a, **k)
+        finally:
+            with lock:
+                running[0] -= 1
 
     monkeypatch.setattr(Matcher, "match", interrupted_at_the_third)
     out = tmp_path / "stopped.csv"
     assert main(["match", *cts, "--out", str(out), "--jobs", "2", *common]) == 130
     assert "interrupted" in capsys.readouterr().err
+    assert most[0] == 2, "the targets after the first were matched two at a time"
+    assert len(calls) <= 4, "no target started after the interrupt but the one the interrupted thread took"
     kept = int(re.search(r"kept the matches of the (\d+) of 5 targets", caplog.text).group(1))
-    assert 1 <= kept <= 4 and len(calls) <= 5, (kept, started)
     rows = list(csv.DictReader(out.open()))
     reference = [r for r in csv.DictReader(whole.open()) if r["target"] in {x["target"] for x in rows}]
-    assert rows == reference and rows[0]["target"] == cts[1] and len(rows) == 2 * kept
+    assert rows == reference and rows[0]["target"] == cts[1] and len(rows) == 2 * kept and 1 <= kept <= 3
+
+
+@pytest.mark.needs_data
+def test_atlases_fused_into_targets_matched_two_at_a_time_give_what_one_at_a_time_gives(tmp_path, a_points_csv):
+    """Several atlases (``--atlas``) with ``--jobs 2``: every atlas's maps are shared by the two threads; the fused
+    table is the one of one target at a time."""
+    cts = [str(data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz")) for n in (201, 202, 203, 204, 206)]
+    atlases = ["--atlas", cts[0], str(a_points_csv[0]), "--atlas", cts[1], str(a_points_csv[0])]
+    tables = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"fused{jobs}.csv"
+        assert main(["match", *atlases, *cts[2:], cts[0], "--out", str(out), "--jobs", jobs, "--model",
+                     "random:sam-lite", "--device", "cpu", "--quiet"]) == 0
+        tables.append(out.read_bytes())
+    assert tables[0] == tables[1] and len(tables[0].splitlines()) == 1 + 2 * 4
+
+
+@pytest.mark.needs_data
+def test_a_first_target_that_cannot_be_read_leaves_the_source_to_the_next_one_alone(tmp_path, a_points_csv, caplog):
+    """With ``--jobs 2`` the targets are matched one at a time until one is matched: it embeds the source, once.
+    A first target that cannot be read let two threads embed the source at once."""
+    from samembed.embedding import Embedder
+
+    cts = [str(data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz")) for n in (201, 202, 203, 204)]
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"garbage")
+    computed = []
+    compute = Embedder._compute
+
+    def counted(self, image, *a, **k):
+        computed.append(Path(image.name).name)
+        return compute(self, image, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Embedder, "_compute", counted)
+        assert main(["match", cts[0], str(corrupt), *cts[1:], "--points", str(a_points_csv[0]), "--out",
+                     str(tmp_path / "m.csv"), "--model", "random:sam-lite", "--device", "cpu", "--quiet",
+                     "--jobs", "2"]) == 3
+    assert "target 1/4 skipped (the other targets go on)" in caplog.text
+    assert sorted(computed) == sorted(Path(c).name for c in cts), computed
+
+
+@pytest.mark.needs_data
+def test_sigterm_stops_targets_matched_at_once_at_their_next_tile_keeping_the_finished_ones(tmp_path, a_points_csv):
+    """SIGTERM while two targets are matched at once (``--jobs 2``): the command sets the targets' cancel, which
+    stops those in flight at their next tile, starts no other, writes the targets finished, whole, and exits with
+    143 without a traceback."""
+    # a target after the first in flight (the progress lines of two targets interleave: any of its phases)
+    cts, err, kept, rows, _ = _stop_a_batch_with_sigterm(tmp_path, a_points_csv[0], "2",
+                                                         r"(embedding target|matching|polishing) [2-7]/7")
+    assert 1 <= kept < 7 and len(rows) == 2 * kept, err
+    assert {r: rows.count(r) for r in rows} == {str(c): 2 for c in cts[1:] if str(c) in rows}
 
 
 def test_jobs_is_a_count_of_one_or_more_or_auto_and_auto_matches_two_at_once_on_a_cpu_of_two_threads(capsys):

@@ -763,20 +763,37 @@ def test_while_targets_are_matched_at_once_a_tile_never_writes_over_computed_vox
     tile_in_place = TileComputer._tile_in_place
     monkeypatch.setattr(TileComputer, "_tile_in_place",
                         lambda self, maps, *a: (in_place.append(maps.image_name), tile_in_place(self, maps, *a)))
-    filled = {}
+    filled, reads, changed = {}, [0], [0]
     for concurrently in (False, True):
         emb = Matcher("default", device="cpu").embedder_for(3)
         maps = emb.embed(src, on_demand=True)
         lo, hi = boxes_around(maps, pts[:3], 30.0)
         maps.ensure(lo, hi)
         before = maps.ready.clone()
-        rows = maps.vectors[before].clone()
+        flat = torch.nonzero(before).reshape(-1)
+        rows = maps.rows_at(flat).clone()
+        stop = threading.Event()
+
+        def reader(maps=maps, flat=flat, rows=rows, stop=stop) -> None:  # another target's thread, reading them
+            while not stop.is_set():
+                changed[0] += not torch.equal(maps.rows_at(flat), rows)
+                reads[0] += 1
+
+        thread = threading.Thread(target=reader) if concurrently else None
         with concurrent_matching(1) if concurrently else contextlib.nullcontext():
-            maps.ensure_all()
-        assert maps.complete and torch.equal(maps.vectors[before], rows)
+            if thread:
+                thread.start()
+            try:
+                maps.ensure_all()
+            finally:
+                stop.set()
+                if thread:
+                    thread.join()
+        assert maps.complete and torch.equal(maps.rows_at(flat), rows)
         filled[concurrently] = maps.vectors.clone()
         assert len(in_place) == 1, in_place  # in place when alone; never while matching at once
     assert torch.equal(filled[True], filled[False])
+    assert reads[0] >= 5 and changed[0] == 0, f"{changed[0]} of {reads[0]} reads saw computed voxels change"
 
 
 @pytest.mark.needs_data

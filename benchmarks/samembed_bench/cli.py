@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from samembed.cli import BENCH_COMMANDS
+from samembed.cli import BENCH_COMMANDS, at_least_one
 from samembed.errors import InputError
 
 from .runner import METHODS
@@ -99,17 +99,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
-    return value
-
-
 def add_parsers(subparsers) -> None:
     """Add ``evaluate`` and ``make-suites`` to an ``argparse`` sub-parser collection.
 
@@ -130,8 +119,8 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--stem", default="landmarks", help="output file name stem (default: landmarks)")
-    e.add_argument("--limit", type=_at_least_one, default=None, metavar="N", help="use at most N cases per case file")
-    e.add_argument("--elastix-threads", type=_at_least_one, default=None, help="elastix threads (default: ITK's)")
+    e.add_argument("--limit", type=at_least_one, default=None, metavar="N", help="use at most N cases per case file")
+    e.add_argument("--elastix-threads", type=at_least_one, default=None, help="elastix threads (default: ITK's)")
     e.set_defaults(func=_cmd_evaluate)
 
     m = subparsers.add_parser("make-suites", help=BENCH_COMMANDS["make-suites"],
