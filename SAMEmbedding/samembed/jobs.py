@@ -4,7 +4,8 @@ One target at a time leaves a core idle on a CPU of two or more: between torch's
 the prior's fit and the bookkeeping run on one core, and torch's kernels themselves gain little from a second thread
 on the small tiles of one target. Two targets at once, each with its share of torch's threads, keep both cores
 busy. One atlas into 20 OpenKBP CTs on the 2-core VM (``samembed match`` with torch's default two threads,
-``benchmarks/jobs.py``): 0.65 s per target one at a time, 0.48 s two at a time, the same table byte for byte.
+``benchmarks/jobs.py``): 1.18-1.36x faster per target two at a time (0.70 -> 0.59 s and 0.65 -> 0.48 s in two
+runs), the same table byte for byte.
 
 The targets are matched one at a time until one is matched: it embeds the source or atlases (their global maps and
 the tiles around the points and their round trips), which every later target reads. The later targets then run
