@@ -115,6 +115,7 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
 #: matched concurrently (:func:`concurrent_matching`): then each maps' own lock (``EmbeddingMaps._lock``) suffices
 _FILL_LOCK = threading.RLock()
 _CONCURRENT = {"jobs": 0}  # the concurrent_matching() blocks open in this process
+_CONCURRENT_LOCK = threading.Lock()
 #: the cancel event of the match running in this thread (:func:`tiles_cancelled_by`), checked before each tile
 _TILE_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("samembed_tile_cancel",
                                                                                      default=None)
@@ -130,7 +131,6 @@ def tiles_cancelled_by(cancel: threading.Event | None):
         yield
     finally:
         _TILE_CANCEL.reset(token)
-_CONCURRENT_LOCK = threading.Lock()
 
 
 def matching_concurrently() -> bool:
@@ -157,6 +157,8 @@ def concurrent_matching(threads_per_job: int):
         torch.set_num_threads(threads)
         with _CONCURRENT_LOCK:
             _CONCURRENT["jobs"] -= 1
+
+
 #: part of every cache key: bumped when the engine's arithmetic changes (v2: batch norms folded into the
 #: convolutions, channel norms summed channel by channel; v3: each layer of a tile computed only where the layers
 #: after it need it; v4: the input resampled one axis at a time, which differs from SimpleITK's in the last bit of a
