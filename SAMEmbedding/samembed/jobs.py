@@ -11,9 +11,10 @@ The targets are matched one at a time until one is matched: it embeds the source
 the tiles around the points and their round trips), which every later target reads. The later targets then run
 ``jobs`` at a time inside :func:`samembed.embedding.concurrent_matching`, which keeps the source's maps consistent
 while several threads read and fill them: each maps' tiles are filled under its own lock, and no tile writes over
-voxels already computed. Each target's result is the one it gets alone: torch's kernels give the same values on one
-thread as on two (tested on this VM, int8 and float32), and the shipped int8 network's tiles are the same whatever
-box they were computed in. With float32 arithmetic a source tile that a round trip adds may be computed in another
+voxels already computed. Each target's matches are the ones it gets alone: the tiles are the same on one thread as
+on two (tested on this VM, int8 and float32), and the shipped int8 network's tiles are the same whatever box they
+were computed in. A heatmap is that of a run on ``torch threads // jobs`` threads: its product over every voxel sums
+in another order on one thread than on two (a few voxels of a CT's million differ by one step of its rounding). With float32 arithmetic a source tile that a round trip adds may be computed in another
 box than one at a time would (the threads' timing decides which needs it first), equal to float rounding (about
 1e-7), as with the targets in another order.
 """
