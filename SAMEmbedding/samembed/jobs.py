@@ -21,12 +21,9 @@ box than one at a time would (the threads' timing decides which needs it first),
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
-log = logging.getLogger(__name__)
 
 #: ``--jobs auto`` runs at most this many targets at once (each holds its own maps: memory grows with it)
 AUTO_JOBS = 2
@@ -47,8 +44,9 @@ def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: 
     torch's threads (at least one).
 
     Anything ``work`` raises, or an interrupt, sets ``cancel`` (which ``work`` passes to the matcher, so targets in
-    flight stop at their next tile), starts no further target, waits for those in flight (through further
-    interrupts: none of them may touch the caller's results once this returns) and is raised here. What finished
+    flight stop at their next tile, or finish when they need none), starts no further target, waits for those in
+    flight (through further interrupts: none of them may touch the caller's results once this returns) and is
+    raised here. What finished
     before is the caller's to keep."""
     import torch
 
@@ -71,18 +69,15 @@ def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: 
                 if f in finished and f.exception() is not None:
                     raise f.exception()
         except BaseException:
-            cancel.set()
-            _wait_for(pool)
+            # no further target, and the ones in flight waited for (they stop at their next tile or finish), through
+            # further interrupts (a second Ctrl-C, a SIGTERM): their results must be in place before the caller
+            # writes them, and the source's maps must not leave concurrent_matching while they read it
+            while True:
+                try:
+                    cancel.set()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    break
+                except BaseException:  # noqa: BLE001, S112 - the first stop is the one raised below
+                    continue
             raise
         pool.shutdown(wait=True)
-
-
-def _wait_for(pool: ThreadPoolExecutor) -> None:
-    """Start no further target of ``pool`` and wait for those in flight, through interrupts (a second Ctrl-C, a
-    SIGTERM): they stop at their next tile, and their results must be in place before the caller writes them."""
-    while True:
-        try:
-            pool.shutdown(wait=True, cancel_futures=True)
-            return
-        except BaseException:  # noqa: BLE001 - the first stop is the one raised; this one only waits again
-            log.info("still stopping the targets in flight")

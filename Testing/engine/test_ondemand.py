@@ -751,6 +751,28 @@ def test_a_prepare_cancelled_while_embedding_the_source_whole_stops_and_leaves_c
 
 @pytest.mark.needs_data
 @pytest.mark.parametrize("pair", ["openkbp"], indirect=True)
+def test_a_cancel_set_while_matching_stops_the_match_at_its_next_tile(pair):
+    """A match's cancel reaches every local tile (``tiles_cancelled_by``): set while the target's windows are about to
+    be embedded, it stops the match there with ``Cancelled`` (it was checked between targets only, so the target
+    ran to its end); the tiles finished stay, and a match after it gives the uncancelled matches."""
+    _, src, tgt, pts, _ = pair
+    cancel = threading.Event()
+
+    def progress(done, total, phase):
+        if phase.startswith("matching"):
+            cancel.set()  # after the target's global map and prior, before its windows' tiles
+
+    matcher = Matcher("default", device="cpu")
+    with pytest.raises(Cancelled) as stopped:
+        matcher.match(src, pts, [tgt], progress=progress, cancel=cancel)
+    assert stopped.value.partial is not None and stopped.value.partial.matches == []
+    tmaps = cached(matcher, tgt)
+    assert tmaps.ready is not None and not bool(tmaps.ready.any()), "no tile of the target's windows was embedded"
+    _same(Matcher("default", device="cpu").match(src, pts, [tgt]), matcher.match(src, pts, [tgt]))
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("pair", ["openkbp"], indirect=True)
 def test_while_targets_are_matched_at_once_a_tile_never_writes_over_computed_voxels(pair, monkeypatch):
     """A whole volume's tile over maps with tiles already computed (a round trip without a prior fills the source
     whole) runs in place: it writes every voxel of the box, then puts the computed ones back. While targets are
