@@ -247,15 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     work = REPO / "cache" / "cold_ab"
     work.mkdir(parents=True, exist_ok=True)
     base = _worktree(args.base, work / "base")
-    from cold_start import byte_compile
+    from cold_start import byte_compile, checkout_commit
 
     for root in (REPO, base):  # neither engine compiles its sources in the timed processes
         byte_compile(root)
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    if subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], check=True,
-                      capture_output=True, text=True).stdout.strip():
-        head += " with uncommitted changes"
+    head = checkout_commit(REPO)
     rows = []
     pairs = [] if args.no_pairs else cold_cases(args.suites, args.openkbp_pairs)
     if args.thin_slice:

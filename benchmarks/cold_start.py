@@ -215,6 +215,18 @@ def byte_compile(root: Path | None = None) -> None:
                     str(root / "SAMEmbedding" / "SAMEmbeddingLib")], check=True, stdout=subprocess.DEVNULL)
 
 
+def checkout_commit(root: Path | None = None) -> str:
+    """The short commit of checkout ``root`` (default: this one), with "with uncommitted changes" when its tracked
+    files differ from it: the engine a report measured."""
+    root = Path(__file__).resolve().parents[1] if root is None else root
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    if subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], check=True,
+                      capture_output=True, text=True).stdout.strip():
+        head += " with uncommitted changes"
+    return head
+
+
 def run_child(source: str, targets: list[str], points_csv: str, out_csv: str, extra: list[str] = ()) -> dict:
     """One cold ``samembed match`` in a fresh process; its stage times, peak RSS and the process wall time."""
     js = Path(out_csv).with_suffix(".stages.json")
@@ -650,7 +662,9 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         # with two or more of torch's threads the command matches the targets after the first two at a time (its
         # --jobs auto, samembed.jobs): the marks are then the targets' starts, whose intervals average to the time
         # per target, and the stage clocks of two threads overlap
-        at_once = int(threads["torch"]) >= 2 and len(atlas["targets"]) >= 3
+        from samembed.jobs import auto_jobs
+
+        at_once = auto_jobs(len(atlas["targets"]), int(threads["torch"]), "cpu") > 1
         lines += ["", "## One atlas into many", "",
                   f"Source {atlas['source']} (all its organ centroids) into {len(atlas['targets'])} OpenKBP targets "
                   f"({', '.join(atlas['targets'])}) in one fresh process: {r['process_s']:.1f} s in all, "

@@ -54,12 +54,12 @@ def atlas_and_targets(n_targets: int, work: Path) -> tuple[Path, list[Path], Pat
     return folder / f"{ATLAS}_ct.nii.gz", targets, points
 
 
-def one_run(jobs: int, atlas: Path, targets: list[Path], points: Path, out: Path, threads: int) -> dict:
-    """One cold ``samembed match --jobs jobs``: process seconds, peak RSS (GB), the seconds per target from the first
-    target's start to the writing (over all targets, and over those after the first) and the table written."""
+def one_run(jobs: int, atlas: Path, targets: list[Path], points: Path, out: Path) -> dict:
+    """One cold ``samembed match --jobs jobs`` (torch's threads: ``OMP_NUM_THREADS``, which :func:`main` sets): process
+    seconds, peak RSS (GB), the seconds per target from the first target's start to the writing (over all targets,
+    and over those after the first) and the table written."""
     from cold_start import run_child
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # (run_child passes it to the child)
     r = run_child(str(atlas), [str(t) for t in targets], str(points), str(out), ["--jobs", str(jobs)])
     marks = r["per_target_s"]  # between consecutive target starts (in the order they started), then the writing
     return {"process_s": r["process_s"], "peak_rss_gb": r["peak_rss_gb"],
@@ -79,24 +79,18 @@ def elastix_runs(atlas: Path, targets: list[Path], points: Path, work: Path, thr
     return seconds
 
 
-def _commit() -> str:
-    """This checkout's commit (short), with ``+`` when it has uncommitted changes."""
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
-
-
 def _cell(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def report(runs: dict[int, list[dict]], n_targets: int, threads: int, elastix: list[float], started: str) -> str:
     """The markdown report of the runs (each way's runs) and elastix's registrations."""
+    from cold_start import checkout_commit
+
     same = len({r["table"] for rs in runs.values() for r in rs}) == 1
     lines = [
         "# Targets matched at once: `samembed match --jobs`", "",
-        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores; engine `{_commit()}`; started {started}, ended "
+        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores; engine `{checkout_commit()}`; started {started}, ended "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One atlas ({ATLAS}, its organ centroids) into "
         f"{n_targets} other OpenKBP CTs, each run a fresh `samembed match` process with no cache (the command's "
         f"prefetch process as usual), torch on {threads} thread(s), model `default`; the two ways alternate, "
@@ -135,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from cold_start import byte_compile
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # every SAM child's torch threads (run_child passes it on)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     byte_compile()
@@ -142,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for rep in range(args.reps):
         for jobs in (1, 2)[:: 1 if rep % 2 == 0 else -1]:
-            r = one_run(jobs, atlas, targets, points, work / f"jobs{jobs}_{rep}.csv", args.threads)
+            r = one_run(jobs, atlas, targets, points, work / f"jobs{jobs}_{rep}.csv")
             runs[jobs].append(r)
             print(f"--jobs {jobs}: {r['process_s']:.1f} s, {r['per_target_s']:.2f} s per target, "
                   f"{r['peak_rss_gb']:.2f} GB", flush=True)

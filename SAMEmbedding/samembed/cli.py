@@ -401,7 +401,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 # stop the rest (an interrupt or an internal error still stops the run; what is done is kept)
                 log.error("target %d/%d skipped (the other targets go on): %s", ti + 1, n, e)
                 with turns.lock:
-                    failed.insert(bisect.bisect([i for i, _, _ in failed], ti), (ti, name, e))
+                    bisect.insort(failed, (ti, name, e), key=lambda f: f[0])
                     turns.finished(ti)
                     _forget_target(matcher, images_read, name, [names[i] for i in turns.unfinished], kept, prefetch)
                 return False
