@@ -16,12 +16,14 @@ tuple ``(kind, requestID, payload)``):
   volume out of VTK straight into it, :meth:`EngineProcess.newVolumeFile`, and hashes it meanwhile; ``shared``: the
   parent maps the file too, so the child and its prefetch may map it instead of copying it, ``ArrayFile.shared``;
   the geometry is pickled as float64: exact); ``("forget", key, None)``;
-  ``("match", id, {...})``; ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
+  ``("match", id, {...})``; ``("match_each", id, {...})`` (a click's targets, several at once,
+  ``samembed.jobs.match_each``); ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
   (load the model now); ``("cancel", id, None)``; ``("release", 0, None)`` (the job that sent volumes ahead is over);
   ``("clear", id, None)``; ``("stats", id, None)`` (answered with ``{"cache_bytes", "input_voxels"}``);
   ``("stop", 0, None)``.
-* child -> parent: ``("progress", id, (done, total, phase))``; ``("result", id, samembed.MatchResult)`` (for
-  ``prepare``: its timings dict; for ``warm``: None); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
+* child -> parent: ``("progress", id, (done, total, phase))``; ``("target", id, (index, event))`` (a
+  ``match_each`` target started, matched or skipped: ``samembed.jobs.TargetEvent``); ``("result", id, samembed.MatchResult)`` (for
+  ``prepare``: its timings dict; for ``warm`` and ``match_each``: None); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
 
 The child imports torch from its start, in a thread, beside the parent writing the first request's volumes; its
 first request that needs the engine (``warm``, which the module sends when it is entered, or a match) waits for
@@ -46,6 +48,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -321,6 +324,26 @@ class EngineProcess:
             "labels": None if labels is None else list(labels), "options": options or MatchOptions(),
             "target_names": None if target_names is None else list(target_names)}, progress, cancel)
 
+    def match_each(self, source, targets, calls, onTarget, *, jobs: int | None = None,
+                   cancel: threading.Event | None = None, target_names=None) -> None:
+        """``samembed.jobs.match_each`` in the child: ``source`` into every target with that target's calls
+        (``samembed.jobs.MatchCall`` lists), one at a time until one is matched, then several at once (``jobs``;
+        None: ``samembed.jobs.auto_jobs``, two on a CPU of two cores or more); ``onTarget(i, event)`` is called here,
+        in this thread, as each target starts, is matched or is skipped (``samembed.jobs.TargetEvent``).
+
+        Raises:
+            samembed.Cancelled: ``cancel`` was set (the targets told as matched before are the caller's).
+            EngineProcessError, samembed.InputError and others: as for :meth:`match`. Whatever ``onTarget`` raises
+            is raised too, after the child is told to stop the request.
+        """
+        images = [source, *targets]
+        calls = [list(c) for c in calls]
+        if len(calls) != len(targets):
+            raise InputError(f"{len(calls)} lists of calls for {len(targets)} targets")
+        return self._request("match_each", images, lambda keys: {
+            "source": keys[0], "targets": keys[1:], "calls": calls, "jobs": jobs,
+            "target_names": None if target_names is None else list(target_names)}, None, cancel, onTarget)
+
     def match_atlases(self, atlases, targets, options: MatchOptions | None = None, *,
                       progress: ProgressFn | None = None, cancel: threading.Event | None = None,
                       target_names=None) -> MatchResult:
@@ -408,7 +431,7 @@ class EngineProcess:
         self._request("warm", [], lambda keys: None, None, cancel)
 
     def _request(self, kind: str, images: list, payload, progress: ProgressFn | None,
-                 cancel: threading.Event | None):
+                 cancel: threading.Event | None, onTarget=None):
         """Send ``images`` (each once) and the request ``kind`` whose body is ``payload(image keys)``; wait for the
         answer (see :meth:`_await`)."""
         if not all(isinstance(i, Image) for i in images):
@@ -417,9 +440,9 @@ class EngineProcess:
             self._ensureStarted()
             keys = [self._ensureImage(image) for image in images]
             requestID = next(self._ids)
-            self._firstRequestSent |= kind in ("match", "match_atlases", "prepare")
+            self._firstRequestSent |= kind in ("match", "match_each", "match_atlases", "prepare")
             self._send((kind, requestID, payload(keys)))
-            return self._await(requestID, progress, cancel)
+            return self._await(requestID, progress, cancel, onTarget)
 
     def clear_cache(self) -> None:
         """Forget the child's embeddings (nothing to do when no child runs)."""
@@ -749,7 +772,7 @@ class EngineProcess:
         except (OSError, EOFError) as e:
             self._died(e)
 
-    def _await(self, requestID: int, progress: ProgressFn | None, cancel: threading.Event | None):
+    def _await(self, requestID: int, progress: ProgressFn | None, cancel: threading.Event | None, onTarget=None):
         while True:
             if cancel is not None and cancel.is_set():
                 self._send(("cancel", requestID, None))
@@ -763,6 +786,12 @@ class EngineProcess:
             if kind == "progress":
                 if progress is not None:
                     progress(*payload)
+            elif kind == "target" and onTarget is not None:
+                try:
+                    onTarget(*payload)
+                except BaseException:  # the caller stops here: so does the child, at its next check
+                    self._send(("cancel", requestID, None))
+                    raise
             elif kind == "result":
                 return payload
             elif kind == "cancelled":
@@ -814,7 +843,7 @@ def _picklable(error: BaseException) -> BaseException:
 
 #: requests after which the idle engine hands its free memory back to the OS: those that embed, load or drop maps (not
 #: the volumes sent ahead of a match, nor the questions about the cache)
-_FREES_MEMORY = frozenset({"warm", "clear", "prepare", "match", "match_atlases"})
+_FREES_MEMORY = frozenset({"warm", "clear", "prepare", "match", "match_each", "match_atlases"})
 
 
 def readVolumeFile(source: ArrayFile) -> Image:
@@ -828,6 +857,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     """Answer requests on ``conn`` until told to stop or the parent goes away (runs in the child)."""
     from samembed import Atlas, Grid  # noqa: F401 - Grid: unpickling the geometry (torch loads with the Matcher)
     from samembed.allocator import release_free_memory
+    from samembed.jobs import match_each  # torch-free until called
 
     # forked before torch is imported and before the reader thread starts; it waits for the first request's volumes
     try:
@@ -882,7 +912,13 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             matcher.embedder.prefetch = prefetch
         return matcher
 
+    imagesLock = threading.Lock()  # a match_each request's targets are read in the threads that match them
+
     def image(key: str) -> Image:  # a volume, read from its file when first needed (or as the prefetch read it)
+        with imagesLock:
+            return _readImage(key)
+
+    def _readImage(key: str) -> Image:
         if key not in images:
             source = unread[key]
             try:
@@ -953,7 +989,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 loaded()
                 conn.send(("result", requestID, None))
                 continue
-            if kind not in ("match", "match_atlases", "prepare"):
+            if kind not in ("match", "match_each", "match_atlases", "prepare"):
                 raise RuntimeError(f"unknown request {kind!r}")  # builtin: __main__ classes do not unpickle
             with lock:
                 if requestID in cancelled:
@@ -980,6 +1016,20 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             if kind == "prepare":
                 result = matcher.prepare(image(payload["source"]), [image(k) for k in payload["targets"]],
                                          progress=progress, cancel=cancel)
+            elif kind == "match_each":  # a click's targets, several at once, each told as it starts and ends
+
+                n = len(payload["targets"])
+
+                def told(i: int, event, requestID=requestID, n=n) -> None:
+                    if isinstance(event, TargetError):  # its own problem: one line, the job goes on
+                        log.info("request match_each: target %d of %d skipped: %s", i + 1, n, event)
+                    conn.send(("target", requestID, (i, _picklable(event) if isinstance(event, BaseException)
+                                                     else event)))
+
+                match_each(matcher, image(payload["source"]), [functools.partial(image, k) for k in payload["targets"]],
+                           payload["calls"], told, jobs=payload["jobs"], cancel=cancel,
+                           target_names=payload["target_names"])
+                result = None
             elif kind == "match_atlases":
                 atlases = [Atlas(image(key), points, labels, name) for key, points, labels, name in payload["atlases"]]
                 result = matcher.match_atlases(atlases, [image(k) for k in payload["targets"]], payload["options"],

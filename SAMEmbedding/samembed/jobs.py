@@ -1,4 +1,5 @@
-"""Matching one command's targets several at once (``samembed match --jobs``).
+"""Matching several targets at once: ``samembed match --jobs``, and the Slicer module's clicks into several targets
+(its engine process runs :func:`match_each`).
 
 One target at a time leaves a core idle on a CPU of two or more: between torch's kernels, the search, the polish,
 the prior's fit and the bookkeeping run on one core, and torch's kernels themselves gain little from a second thread
@@ -21,9 +22,24 @@ box than one at a time would (the threads' timing decides which needs it first),
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+from .errors import Cancelled, TargetError, of_the_target
+from .options import MatchOptions
+
+if TYPE_CHECKING:
+    from .api import Matcher
+    from .image import Image
+    from .result import MatchResult
+
+log = logging.getLogger(__name__)
 
 #: ``--jobs auto`` runs at most this many targets at once (each holds its own maps: memory grows with it)
 AUTO_JOBS = 2
@@ -81,3 +97,77 @@ def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: 
                     continue
             raise
         pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class MatchCall:
+    """One :meth:`samembed.Matcher.match` of a target in :func:`match_each`: the source points (LPS mm), their labels
+    (None: their indices) and the settings."""
+
+    points_lps_mm: np.ndarray
+    labels: tuple[str, ...] | None
+    options: MatchOptions
+
+
+#: what :func:`match_each` tells of a target: None when it starts, its results (one per call) when it is matched, or
+#: its own problem (:class:`~samembed.errors.TargetError`) when it is skipped
+TargetEvent = Union[None, "list[MatchResult]", TargetError]
+
+
+def match_each(matcher: Matcher, source: Image, targets: Sequence[Callable[[], Image]],
+               calls: Sequence[Sequence[MatchCall]], on_target: Callable[[int, TargetEvent], None], *,
+               jobs: int | None = None, cancel: threading.Event | None = None,
+               target_names: Sequence[str] | None = None) -> None:
+    """Match ``source`` into every target with that target's ``calls``, as :func:`each_target` orders them: one at a
+    time until one is matched (it embeds the source), then ``jobs`` at a time (None: :func:`auto_jobs`). What the
+    Slicer module's engine process does for a click's targets.
+
+    Args:
+        targets: per target, a function that gives its image (read when the target's turn comes).
+        calls: per target, the matches to make (:class:`MatchCall`; e.g. the points, then one point's heatmap).
+        on_target: ``on_target(i, event)`` (:data:`TargetEvent`) when target ``i`` starts, is matched or is skipped;
+            never two calls at once (from the thread that matched it). What it raises stops the job as an error does.
+        cancel: set to stop: targets in flight stop at their next tile; :class:`~samembed.errors.Cancelled` is raised.
+        target_names: the targets' names in messages (default: the images' names).
+
+    Raises:
+        samembed.Cancelled, or the first error other than a target's own problem; the targets told as matched
+        before it are the caller's to keep.
+    """
+    import torch
+
+    n = len(targets)
+    if len(calls) != n:
+        raise ValueError(f"{len(calls)} lists of calls for {n} targets")
+    cancel = threading.Event() if cancel is None else cancel
+    jobs = auto_jobs(n, torch.get_num_threads(), matcher.device.type) if jobs is None else max(1, int(jobs))
+    told = threading.Lock()
+
+    def tell(i: int, event: TargetEvent) -> None:
+        with told:
+            on_target(i, event)
+
+    def work(i: int) -> bool:
+        if cancel.is_set():  # no target starts once the job is stopped
+            raise Cancelled("cancelled")
+        tell(i, None)
+        names = None if target_names is None else [target_names[i]]
+        try:
+            with of_the_target():
+                image = targets[i]()
+            results = [matcher.match(source, c.points_lps_mm, [image], c.labels, c.options, cancel=cancel,
+                                     target_names=names) for c in calls[i]]
+        except TargetError as e:
+            tell(i, e)
+            return False
+        tell(i, results)
+        return True
+
+    if jobs > 1 and n > 2:
+        log.info("%d targets: the first alone, then %d at a time", n, jobs)
+    kept = matcher.cache.min_kept
+    matcher.cache.min_kept = max(kept, 1 + jobs)  # the source and every target in flight stay in memory
+    try:
+        each_target(n, work, jobs, cancel)
+    finally:
+        matcher.cache.min_kept = kept

@@ -376,6 +376,64 @@ def test_the_first_clicks_volumes_are_preprocessed_in_a_second_process_and_match
     assert [r.score for r in rows_process] == pytest.approx([r.score for r in here.resultRows(points)], abs=1e-5)
 
 
+def test_a_clicks_targets_after_the_first_are_matched_two_at_a_time_in_the_engine_process_as_here(a_scene,
+                                                                                                   monkeypatch):
+    """With two torch threads in the engine process (Slicer's default on a 2-core machine), a click into three targets
+    matches the first alone, then the other two at once (samembed.jobs.match_each, its log says so). Each target's
+    point list is written as it is matched; the matches, the rows' order and the progress are those of the engine in
+    this process matching one target at a time."""
+    import csv
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the child's threads (CI's test workers have one each)
+    ct = DATA / "ct" / "openkbp" / "ct"
+    source = load_volume(a_scene, ct / "pt_239_ct.nii.gz", "pt_239")
+    targets = [load_volume(a_scene, ct / f"{p}_ct.nii.gz", p) for p in ("pt_231", "pt_206", "pt_215")]
+    rows = csv.DictReader(require(DATA / "ct" / "openkbp" / "oar_centroids.csv").open())
+    cents = [r for r in rows if r["patient"] == "pt_239"][:2]
+    points = add_points(a_scene, [[-float(r["x_mm"]), -float(r["y_mm"]), float(r["z_mm"])] for r in cents],
+                        [r["structure"] for r in cents])
+    logic = MatchLogic(a_scene, model="default", device="cpu", engine="process")
+    progress = []
+    try:
+        out_process = logic.matchPoints(source, points, targets, progress=lambda *a: progress.append(a))
+        log = logic.getMatcher()._logTail(40)
+        rows_process = logic.resultRows(points)
+    finally:
+        logic.close()
+    assert "3 targets: the first alone, then 2 at a time" in log, log
+    assert [p[0] for p in progress] == sorted(p[0] for p in progress) and progress[-1][0] == 3, progress
+    assert any(" and " in p[2] for p in progress), f"no two targets were matched at once: {progress}"
+    here = MatchLogic(a_scene, model="default", device="cpu")
+    out_here = here.matchPoints(source, points, targets)
+    assert [n.GetName() for n in out_process.pointLists] == [n.GetName() for n in out_here.pointLists]
+    for a, b in zip(out_process.pointLists, out_here.pointLists, strict=True):
+        np.testing.assert_allclose(control_points(a)[1], control_points(b)[1], atol=1e-4)
+    assert [(r.target, r.label) for r in rows_process] == [(r.target, r.label) for r in here.resultRows(points)]
+    assert [r.score for r in rows_process] == pytest.approx([r.score for r in here.resultRows(points)], abs=1e-5)
+
+
+def test_a_click_whose_every_target_the_engine_process_cannot_match_says_so_and_the_next_click_works(a_small_ct):
+    """Every target of a click too small for the model: the job ends with an InputError naming them (the engine
+    process is told to stop the request), and the same engine matches the next click."""
+    from samembed import Image
+    from SAMEmbeddingLib.logic import MatchJob, TargetSpec
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    tiny = [Image.from_array(image.array[8 + k:10 + k, 60:63, 60:63].copy(), name=f"tiny{k}") for k in range(3)]
+    centre = image.grid.index_to_lps([[(n - 1) / 2 for n in image.grid.size_ijk]])
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    try:
+        job = MatchJob("src", "pts", ["c"], ["c"], centre, image, [TargetSpec(f"n{k}", t.name, t) for k, t in
+                                                                  enumerate(tiny)])
+        with pytest.raises(InputError, match="none of the 3 targets could be matched") as caught:
+            job.run(engine)
+        assert [name for name, _ in caught.value.jobOutcome.skipped] == ["tiny0", "tiny1", "tiny2"]
+        later = MatchJob("src", "pts", ["c"], ["c"], centre, image, [TargetSpec("n", "same", image)] * 2)
+        assert [r.name for r in later.run(engine).results] == ["same", "same"]
+    finally:
+        engine.close()
+
+
 def test_killing_the_process_mid_match_gives_a_clear_error_and_the_next_match_works(
         a_scene, a_process_logic, a_worker, a_small_ct):
     target = _shifted_copy(a_scene, a_small_ct, [0.0, 25.0, 0.0], "target")
@@ -691,7 +749,8 @@ def test_a_target_the_engine_process_cannot_match_is_skipped_and_the_job_goes_on
         assert [r.name for r in outcome.results] == ["later"]
         assert [name for name, _ in outcome.skipped] == ["tiny"] and "too small" in outcome.skipped[0][1]
         log_text = engine._logPath.read_text()
-        assert "request match: " in log_text and "request match failed" not in log_text, log_text[-2000:]
+        assert "request match_each: target 1 of 2 skipped: " in log_text, log_text[-2000:]
+        assert "failed" not in log_text, log_text[-2000:]
     finally:
         engine.close()
 

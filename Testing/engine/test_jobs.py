@@ -1,0 +1,105 @@
+"""Several targets at once through :func:`samembed.jobs.match_each` (what the Slicer module's engine process runs for
+a click's targets): each target gets the matches it gets alone, on real head-and-neck CTs with the shipped model."""
+
+from __future__ import annotations
+
+import csv
+import threading
+
+import numpy as np
+import pytest
+
+from samembed import Cancelled, Image, Matcher, MatchOptions, TargetError
+from samembed.io import read_image
+from samembed.jobs import MatchCall, match_each
+
+from ..conftest import data_file
+
+SOURCE = "pt_239"
+TARGETS = ("pt_231", "pt_206", "pt_215")
+
+
+def _ct(patient: str) -> Image:
+    return read_image(data_file("ct", "openkbp", "ct", f"{patient}_ct.nii.gz"))
+
+
+def _centroids(patient: str, n: int = 3) -> tuple[np.ndarray, tuple[str, ...]]:
+    rows = [r for r in csv.DictReader(data_file("ct", "openkbp", "oar_centroids.csv").open())
+            if r["patient"] == patient][:n]
+    return (np.array([[float(r["x_mm"]), float(r["y_mm"]), float(r["z_mm"])] for r in rows]),
+            tuple(r["structure"] for r in rows))
+
+
+@pytest.fixture(scope="module")
+def cts() -> tuple[Image, list[Image]]:
+    return _ct(SOURCE), [_ct(p) for p in TARGETS]
+
+
+def _same_matches(a, b) -> None:
+    assert [m.label for m in a.matches] == [m.label for m in b.matches]
+    np.testing.assert_array_equal([m.point_lps_mm for m in a.matches], [m.point_lps_mm for m in b.matches])
+    np.testing.assert_array_equal([m.score for m in a.matches], [m.score for m in b.matches])
+
+
+def test_targets_matched_two_at_a_time_get_the_matches_they_get_alone_and_are_told_in_turn(cts):
+    """The first target alone, then two at a time: the second and third overlap (each is told as started before the
+    other ends). Every target's matches, and one point's heatmap, are those of a fresh engine matching one target at
+    a time (the shipped int8 network's tiles do not depend on the box or the threads). A target too small for the
+    model is told as skipped (its own problem), and the others are matched."""
+    source, targets = cts
+    points, labels = _centroids(SOURCE)
+    z, y, x = (n // 2 for n in targets[0].array.shape)
+    tiny = Image.from_array(targets[0].array[z:z + 2, y:y + 3, x:x + 3].copy(), name="tiny")
+    with_heatmap = MatchOptions(heatmap=True, refine=False, consistency=False, polish=False)
+    calls = [[MatchCall(points, labels, MatchOptions())] for _ in targets]
+    calls[1].append(MatchCall(points[1:2], labels[1:2], with_heatmap))  # a point's heatmap, as the module asks
+    calls.insert(2, [MatchCall(points, labels, MatchOptions())])  # the tiny target, third
+
+    alone = Matcher("default", device="cpu")
+    expected = [[alone.match(source, c.points_lps_mm, [t], c.labels, c.options) for c in cs]
+                for t, cs in zip(targets, [calls[0], calls[1], calls[3]])]
+
+    engine = Matcher("default", device="cpu")
+    events: list[tuple[int, object]] = []
+    images = [targets[0], targets[1], tiny, targets[2]]
+    match_each(engine, source, [lambda im=im: im for im in images], calls, lambda i, e: events.append((i, e)),
+               jobs=2, target_names=[im.name for im in images])
+
+    told = {i: [e for k, e in events if k == i] for i in range(4)}
+    assert all(len(told[i]) == 2 and told[i][0] is None for i in range(4)), events
+    assert isinstance(told[2][1], TargetError) and "too small" in str(told[2][1])
+    order = [(i, e is None) for i, e in events]
+    assert order.index((0, False)) < order.index((1, True)), "the first target is matched alone"
+    started_later = [order.index((i, True)) for i in (1, 2, 3)]
+    ended = [order.index((i, False)) for i in (1, 2, 3)]
+    assert any(started_later[k + 1] < ended[k] for k in range(2)), f"no two targets overlapped: {events}"
+    for i, want in zip((0, 1, 3), expected):
+        got = told[i][1]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            _same_matches(g, w)
+    (key, heat), = told[1][1][1].heatmaps.items()
+    np.testing.assert_array_equal(heat.array, expected[1][1].heatmaps[key].array)
+    assert engine.cache.min_kept == alone.cache.min_kept, "the cache's floor is given back"
+
+
+def test_a_cancel_while_targets_run_at_once_stops_them_and_keeps_what_was_told(cts):
+    """A cancel set as the second target ends: the targets in flight stop at their next tile, no target starts after
+    it, and :class:`Cancelled` is raised; the targets told as matched are the caller's."""
+    source, targets = cts
+    points, labels = _centroids(SOURCE, 1)
+    images = [*targets, *targets[::-1]]  # six targets (three of them again: found in the cache, then recomputed)
+    cancel = threading.Event()
+    events: list[tuple[int, object]] = []
+
+    def told(i: int, event) -> None:
+        events.append((i, event))
+        if event is not None and sum(e is not None for _, e in events) == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        match_each(Matcher("default", device="cpu"), source, [lambda im=im: im for im in images],
+                   [[MatchCall(points, labels, MatchOptions())]] * len(images), told, jobs=2, cancel=cancel)
+    stopped_at = [k for k in range(len(events)) if sum(e is not None for _, e in events[:k + 1]) == 2][0]
+    assert all(e is not None for _, e in events[stopped_at:]), f"a target started after the cancel: {events}"
+    assert sum(e is None for _, e in events) < len(images), events
