@@ -857,7 +857,6 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     """Answer requests on ``conn`` until told to stop or the parent goes away (runs in the child)."""
     from samembed import Atlas, Grid  # noqa: F401 - Grid: unpickling the geometry (torch loads with the Matcher)
     from samembed.allocator import release_free_memory
-    from samembed.jobs import match_each  # torch-free until called
 
     # forked before torch is imported and before the reader thread starts; it waits for the first request's volumes
     try:
@@ -1026,9 +1025,9 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                     conn.send(("target", requestID, (i, _picklable(event) if isinstance(event, BaseException)
                                                      else event)))
 
-                match_each(matcher, image(payload["source"]), [functools.partial(image, k) for k in payload["targets"]],
-                           payload["calls"], told, jobs=payload["jobs"], cancel=cancel,
-                           target_names=payload["target_names"])
+                matcher.match_each(image(payload["source"]), [functools.partial(image, k) for k in payload["targets"]],
+                                   payload["calls"], told, jobs=payload["jobs"], cancel=cancel,
+                                   target_names=payload["target_names"])
                 result = None
             elif kind == "match_atlases":
                 atlases = [Atlas(image(key), points, labels, name) for key, points, labels, name in payload["atlases"]]

@@ -88,6 +88,9 @@ class MatcherProtocol(Protocol):
     def match_atlases(self, atlases, targets, options: MatchOptions = ..., *, progress: ProgressFn | None = None,
                       cancel: threading.Event | None = None, target_names=None): ...
 
+    def match_each(self, source, targets, calls, on_target, *, jobs: int | None = None,
+                   cancel: threading.Event | None = None, target_names=None) -> None: ...
+
     def prepare(self, source, targets, *, progress: ProgressFn | None = None,
                 cancel: threading.Event | None = None) -> dict: ...
 
@@ -205,10 +208,9 @@ class MatchJob:
 
     def run(self, matcher: MatcherProtocol, cancel: threading.Event | None = None, progress: ProgressFn | None = None,
             onTarget: Callable[[TargetResult], None] | None = None) -> JobOutcome:
-        """Match every point into every target; touches no MRML. An engine in this process matches one target at a
-        time. The engine process (what the module uses) matches the first target alone (it embeds the source), then
-        two at a time on a CPU of two cores or more (``EngineProcess.match_each``): on the 2-core VM, a click into 3
-        thin-slice CTs with the engine started 2.7 -> 2.4 s (medians of four runs each way, by hand).
+        """Match every point into every target; touches no MRML. Several targets: the first alone (it embeds the
+        source), then two at a time on a CPU where torch has two threads or more (``match_each`` of the engine, in
+        this process or in the engine process; see the README's "The Slicer module's first click").
 
         Args:
             matcher: the engine (a ``samembed.Matcher`` or the engine process's proxy).
@@ -228,16 +230,14 @@ class MatchJob:
         """
         sendVolumes = getattr(matcher, "sendVolumes", None)
         if sendVolumes is None:
-            return self._matchEach(matcher, cancel, progress, onTarget)
+            return self._matchTargets(matcher, cancel, progress, onTarget)
         # the engine process: every volume now, the later targets preprocessed ahead
         try:
             sendVolumes([self.sourceImage, *(t.image for t in self.targets)], cancel=cancel)
         except Cancelled:  # the engine closed meanwhile (the module left, another model chosen)
             return JobOutcome([], cancelled=True)
         try:
-            if len(self.targets) > 1 and hasattr(matcher, "match_each"):
-                return self._matchAtOnce(matcher, cancel, progress, onTarget)
-            return self._matchEach(matcher, cancel, progress, onTarget)
+            return self._matchTargets(matcher, cancel, progress, onTarget)
         finally:  # stopped between targets, the engine would hold what it read ahead for them
             release = getattr(matcher, "releaseVolumesAhead", None)
             try:
@@ -246,11 +246,14 @@ class MatchJob:
             except Exception as e:  # noqa: BLE001 - the job's own outcome (or error) is what matters
                 log.info("SAMEmbedding: the engine did not take the job's end: %s", e)
 
-    def _matchAtOnce(self, matcher, cancel: threading.Event | None, progress: ProgressFn | None,
-                     onTarget: Callable[[TargetResult], None] | None) -> JobOutcome:
-        """The targets in the engine process, the first alone (it embeds the source), then two at a time on a CPU of
-        two cores or more (``EngineProcess.match_each``, ``samembed.jobs.match_each``); each finished target is given
-        to ``onTarget`` as it comes, the outcome's results are in the targets' order (:meth:`run`)."""
+    def _matchTargets(self, matcher: MatcherProtocol, cancel: threading.Event | None, progress: ProgressFn | None,
+                      onTarget: Callable[[TargetResult], None] | None) -> JobOutcome:
+        """Several targets through the engine's ``match_each`` (``samembed.Matcher.match_each``, or
+        ``EngineProcess.match_each``): the first alone, then two at a time on a CPU where torch has two threads or
+        more; each finished target is given to ``onTarget`` as it comes, the outcome's results are in the targets'
+        order (:meth:`run`). One target, or an engine without ``match_each``: :meth:`_matchEach`."""
+        if len(self.targets) < 2 or not hasattr(matcher, "match_each"):
+            return self._matchEach(matcher, cancel, progress, onTarget)
         outcome = JobOutcome([])
         total = len(self.targets)
         finished: dict[int, TargetResult] = {}
@@ -946,8 +949,19 @@ class MatchLogic:
         outputs.skipped = list(outcome.skipped)
         if job.sceneGeneration != self.sceneGeneration:  # its scene was closed: nothing of it goes to the next one
             return outputs
+        # in the targets' order, as finished targets that were matched at once may have come in another (stable sort:
+        # each target's rows stay in the points' order)
+        place = {t.nodeID: k for k, t in enumerate(job.targets)}
+        outputs.rows.sort(key=lambda row: place.get(row.targetID, len(place)))
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)
         if sourceList is not None:
+            order = {}
+            for k, t in enumerate(job.targets):
+                target = self.scene.GetNodeByID(t.nodeID)
+                outNode = None if target is None else self.outputPointList(sourceList, target)
+                if outNode is not None:
+                    order.setdefault(outNode.GetID(), k)
+            outputs.pointLists.sort(key=lambda node: order.get(node.GetID(), len(order)))
             # an unmatched target's matches of these points from an earlier run no longer answer this run's clicks
             for nodeID, reason in outcome.unmatched:
                 target = self.scene.GetNodeByID(nodeID)

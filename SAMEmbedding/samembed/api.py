@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import numbers
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +34,7 @@ from .heatmap import Heatmaps
 from .image import Image
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
+from .jobs import MatchCall, TargetEvent
 from .matcher import (
     allowed_at,
     box_mask,
@@ -74,6 +77,11 @@ def as_image(obj, name: str | None = None, spacing_mm: float | None = None, cons
         validate_image(img, constant_ok)
         return img
     raise InputError(f"cannot use {type(obj).__name__} as an image; pass a path, samembed.Image, SimpleITK.Image or numpy array")
+
+
+def _target_image(target) -> Image:
+    """A target of :meth:`Matcher.match_each` as an Image: read, or given by the function it is."""
+    return as_image(target() if callable(target) else target)
 
 
 def _points_array(points, ndim: int, source: Image) -> np.ndarray:
@@ -352,6 +360,61 @@ class Matcher:
                     progress(ti + 1, n_targets, f"matched {ti + 1}/{n_targets} {Path(name).name}")
         result.timings["total_s"] = time.time() - t0
         return result
+
+    def match_each(self, source, targets: Sequence, calls: Sequence[Sequence[MatchCall]],
+                   on_target: Callable[[int, TargetEvent], None], *, jobs: int | None = None,
+                   cancel: threading.Event | None = None, target_names: Sequence[str] | None = None) -> None:
+        """Match ``source`` into every target with that target's ``calls``, the first target alone (it embeds the
+        source), then ``jobs`` at a time (None: :func:`samembed.jobs.auto_jobs`, two on a CPU where torch has two
+        threads or more): :func:`samembed.jobs.match_each`. Each target gets the matches it gets alone. What the
+        Slicer module does for a click into several targets.
+
+        Args:
+            source: the image the points are in (as for :meth:`match`).
+            targets: the images to search (as for :meth:`match`), or functions that give one: each read when its
+                turn comes.
+            calls: per target, the matches to make there (:class:`samembed.jobs.MatchCall`).
+            on_target: ``on_target(i, event)`` as target ``i`` starts (None), is matched (its results, one per call)
+                or is skipped for a problem of its own (a :class:`TargetError`), called in this thread. What it raises
+                stops the job (``cancel`` is set) and is raised.
+            cancel: set it to stop: the targets in flight stop at their next tile, :class:`Cancelled` is raised.
+            target_names: the targets' names in messages.
+
+        Raises:
+            Cancelled, or the first error that is not a target's own problem; the targets told as matched before it
+            are the caller's.
+        """
+        from .jobs import match_each as each_with_its_calls  # (the method's own name)
+
+        source = as_image(source)
+        cancel = threading.Event() if cancel is None else cancel
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                each_with_its_calls(self, source, [functools.partial(_target_image, t) for t in targets], calls,
+                           lambda i, event: events.put((i, event)), jobs=jobs, cancel=cancel,
+                           target_names=target_names)
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread, below
+                failed.append(e)
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=run, name="samembed-match-each", daemon=True)
+        worker.start()
+        try:
+            while (told := events.get()) is not None:
+                on_target(*told)
+        except BaseException:
+            cancel.set()  # the targets in flight stop at their next tile, and nothing touches the caller's results
+            while worker.is_alive():  # after this returns (waited for through further interrupts)
+                with contextlib.suppress(BaseException):
+                    worker.join()
+            raise
+        worker.join()
+        if failed:
+            raise failed[0]
 
     def match_atlases(self, atlases: Sequence[Atlas], targets: Sequence, options: MatchOptions = DEFAULT_OPTIONS, *,
                       fusion: FusionOptions = DEFAULT_FUSION, progress: ProgressFn | None = None,

@@ -103,3 +103,35 @@ def test_a_cancel_while_targets_run_at_once_stops_them_and_keeps_what_was_told(c
     stopped_at = [k for k in range(len(events)) if sum(e is not None for _, e in events[:k + 1]) == 2][0]
     assert all(e is not None for _, e in events[stopped_at:]), f"a target started after the cancel: {events}"
     assert sum(e is None for _, e in events) < len(images), events
+
+
+def test_the_matchers_match_each_tells_every_target_in_the_callers_thread_and_stops_when_told_to(cts):
+    """``Matcher.match_each`` runs :func:`match_each` in a thread of its own and tells each target in the caller's
+    thread (the Slicer module writes MRML there); targets given as images or as functions that read one. What the
+    caller's ``on_target`` raises stops the job: the cancel is set, the error is raised, nothing is told after."""
+    source, targets = cts
+    points, labels = _centroids(SOURCE, 1)
+    engine = Matcher("default", device="cpu")
+    threads, events = set(), []
+
+    def told(i: int, event) -> None:
+        threads.add(threading.get_ident())
+        events.append((i, event))
+
+    engine.match_each(source, [targets[0], lambda: targets[1]], [[MatchCall(points, labels, MatchOptions())]] * 2,
+                      told, jobs=2)
+    assert threads == {threading.get_ident()}
+    assert [(i, e is None) for i, e in events] == [(0, True), (0, False), (1, True), (1, False)]
+    _same_matches(events[1][1][0], engine.match(source, points, [targets[0]], labels))
+
+    cancel, seen = threading.Event(), []
+
+    def refuse(i: int, event) -> None:
+        seen.append((i, event))
+        if event is not None:
+            raise RuntimeError("the caller's own failure")
+
+    with pytest.raises(RuntimeError, match="the caller's own failure"):
+        engine.match_each(source, list(targets), [[MatchCall(points, labels, MatchOptions())]] * len(targets), refuse,
+                          jobs=2, cancel=cancel)
+    assert cancel.is_set() and seen[-1][1] is not None and len(seen) == 2, seen

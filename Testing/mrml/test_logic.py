@@ -9,6 +9,7 @@ accuracy on an oblique copy runs only when a trained default model is registered
 from __future__ import annotations
 
 import csv
+import logging
 import threading
 import time
 
@@ -307,6 +308,45 @@ def test_jump_to_match_centres_the_slice_views_on_it(a_scene, a_logic, a_small_c
 # ----------------------------------------------------------------------------------------------
 # propagate all, cancel, worker
 # ----------------------------------------------------------------------------------------------
+def test_three_targets_are_matched_two_at_a_time_and_written_in_the_callers_thread(a_scene, a_logic, a_small_ct,
+                                                                                     two_landmarks, monkeypatch, caplog):
+    """With two torch threads the engine in this process matches the first target alone, then the other two at once
+    (``Matcher.match_each``); every target's point list is still written in the caller's thread (MRML), in the
+    targets' order in the outputs, and each translated copy's matches move exactly with its translation."""
+    import torch
+
+    shifts = [np.zeros(3), np.array([37.5, -12.0, 8.0]), np.array([-20.0, 15.0, -6.0])]
+    targets = [a_small_ct]
+    for n, shift in enumerate(shifts[1:]):
+        moved = ijk_to_ras(a_small_ct)
+        moved[:3, 3] += shift
+        targets.append(_copy(a_scene, a_small_ct, moved, f"shifted {n}"))
+    writers, progress = [], []
+    apply = a_logic.applyTargetResult
+
+    def applied(*args, **kwargs):
+        writers.append(threading.get_ident())
+        return apply(*args, **kwargs)
+
+    monkeypatch.setattr(a_logic, "applyTargetResult", applied)
+    caplog.set_level(logging.INFO, logger="samembed.jobs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outputs = a_logic.matchPoints(a_small_ct, two_landmarks, targets, progress=lambda *a: progress.append(a))
+    finally:
+        torch.set_num_threads(threads)
+
+    assert writers == [threading.get_ident()] * 3
+    assert "3 targets: the first alone, then 2 at a time" in caplog.text
+    assert [n.GetName() for n in outputs.pointLists] == [f"{t.GetName()} matches" for t in targets]
+    assert [r.target for r in outputs.rows] == [t.GetName() for t in targets for _ in range(2)]
+    assert [p[0] for p in progress] == sorted(p[0] for p in progress) and progress[-1][0] == 3, progress
+    _, in_self = control_points(outputs.pointLists[0])
+    for node, shift in zip(outputs.pointLists[1:], shifts[1:]):
+        np.testing.assert_allclose(control_points(node)[1], in_self + shift, atol=1e-3)
+
+
 def test_propagate_all_with_a_cancel_keeps_the_finished_targets(a_scene, a_logic, a_small_ct, two_landmarks):
     targets = [a_small_ct] + [_copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), f"T{n}") for n in (2, 3)]
     cancel = threading.Event()
@@ -359,6 +399,9 @@ def test_cancelling_on_the_worker_keeps_the_finished_targets(a_scene, a_logic, a
             result = real.match(*args, **kwargs)
             holder["task"].cancel()
             return result
+
+        def match_each(self, *args, **kwargs):  # the engine's own, through this match
+            return type(real).match_each(self, *args, **kwargs)
 
     monkeypatch.setattr(a_logic, "getMatcher", lambda: CancelAfterFirstTarget())
     try:
@@ -840,6 +883,9 @@ def test_an_engine_error_after_finished_targets_still_updates_their_results_tabl
                 raise RuntimeError("the engine failed")
             return real.match(*args, **kwargs)
 
+        def match_each(self, *args, **kwargs):  # the engine's own, through this match
+            return type(real).match_each(self, *args, **kwargs)
+
     monkeypatch.setattr(a_logic, "getMatcher", lambda: FailsOnTheSecondTarget())
     worker = Worker()
     errors = []
@@ -876,6 +922,9 @@ class _SkipsTarget:
         if target_names == [self.name]:
             raise TargetError(f"{self.name}: nothing to search in the box")
         return self.real.match_atlases(*args, target_names=target_names, **kwargs)
+
+    def match_each(self, *args, **kwargs):  # the engine's own, through this match
+        return type(self.real).match_each(self, *args, **kwargs)
 
 
 def test_earlier_matches_in_a_target_skipped_later_are_kept_and_marked_as_not_updated(a_scene, a_logic, a_small_ct,
