@@ -338,8 +338,6 @@ class EngineProcess:
         """
         images = [source, *targets]
         calls = [list(c) for c in calls]
-        if len(calls) != len(targets):
-            raise InputError(f"{len(calls)} lists of calls for {len(targets)} targets")
         return self._request("match_each", images, lambda keys: {
             "source": keys[0], "targets": keys[1:], "calls": calls, "jobs": jobs,
             "target_names": None if target_names is None else list(target_names)}, None, cancel, onTarget)
@@ -790,7 +788,8 @@ class EngineProcess:
                 try:
                     onTarget(*payload)
                 except BaseException:  # the caller stops here: so does the child, at its next check
-                    self._send(("cancel", requestID, None))
+                    with contextlib.suppress(EngineProcessError):  # (a child gone meanwhile: the caller's error)
+                        self._send(("cancel", requestID, None))
                     raise
             elif kind == "result":
                 return payload
@@ -911,10 +910,15 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             matcher.embedder.prefetch = prefetch
         return matcher
 
-    imagesLock = threading.Lock()  # a match_each request's targets are read in the threads that match them
+    # a match_each request's targets are read in the threads that match them: one lock per volume, so that one
+    # target's reading does not hold up another's
+    readLocks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+    readLocksLock = threading.Lock()
 
     def image(key: str) -> Image:  # a volume, read from its file when first needed (or as the prefetch read it)
-        with imagesLock:
+        with readLocksLock:
+            lock = readLocks[key]
+        with lock:
             return _readImage(key)
 
     def _readImage(key: str) -> Image:

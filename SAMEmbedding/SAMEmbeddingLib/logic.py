@@ -248,24 +248,24 @@ class MatchJob:
 
     def _matchTargets(self, matcher: MatcherProtocol, cancel: threading.Event | None, progress: ProgressFn | None,
                       onTarget: Callable[[TargetResult], None] | None) -> JobOutcome:
-        """Several targets through the engine's ``match_each`` (``samembed.Matcher.match_each``, or
+        """The targets through the engine's ``match_each`` (``samembed.Matcher.match_each``, or
         ``EngineProcess.match_each``): the first alone, then two at a time on a CPU where torch has two threads or
         more; each finished target is given to ``onTarget`` as it comes, the outcome's results are in the targets'
-        order (:meth:`run`). One target, or an engine without ``match_each``: :meth:`_matchEach`."""
-        if len(self.targets) < 2 or not hasattr(matcher, "match_each"):
-            return self._matchEach(matcher, cancel, progress, onTarget)
+        order (:meth:`run`)."""
         outcome = JobOutcome([])
         total = len(self.targets)
         finished: dict[int, TargetResult] = {}
         running: list[int] = []
-        skippedAt: list[int] = []  # the place of each skipped target, as outcome.skipped and .unmatched list them
+        unmatchedAt: list[int] = []  # the place of each unmatched target, as outcome.unmatched (and .skipped, but for
+        # a lone target's, which is raised) list them
 
         def inOrder() -> JobOutcome:  # finished and skipped targets in the targets' order, whichever came first
             outcome.results = [finished[i] for i in sorted(finished)]
-            order = sorted(range(len(skippedAt)), key=skippedAt.__getitem__)
-            outcome.skipped[:] = [outcome.skipped[k] for k in order]
+            order = sorted(range(len(unmatchedAt)), key=unmatchedAt.__getitem__)
             outcome.unmatched[:] = [outcome.unmatched[k] for k in order]
-            skippedAt.sort()
+            if len(outcome.skipped) == len(order):
+                outcome.skipped[:] = [outcome.skipped[k] for k in order]
+            unmatchedAt.sort()
             return outcome
 
         def told(i: int, event) -> None:
@@ -278,8 +278,10 @@ class MatchJob:
                              f"Matching {len(self.pointIDs)} point(s) in {names}")
                 return
             running.remove(i)
+            if isinstance(event, BaseException) and not isinstance(event, TargetError):
+                raise event  # (the engine tells only a target's own problem; anything else is an error of the job)
             if isinstance(event, TargetError):
-                skippedAt.append(i)
+                unmatchedAt.append(i)
                 outcome.unmatched.append((target.nodeID, str(event)))
                 try:
                     _skipTarget(outcome.skipped, target.name, event, total)
@@ -300,42 +302,6 @@ class MatchJob:
         except Cancelled:
             outcome.cancelled = True
         return inOrder()
-
-    def _matchEach(self, matcher: MatcherProtocol, cancel: threading.Event | None, progress: ProgressFn | None,
-                   onTarget: Callable[[TargetResult], None] | None) -> JobOutcome:
-        """The targets one at a time (:meth:`run`)."""
-        outcome = JobOutcome([])
-        total = len(self.targets)
-        for n, target in enumerate(self.targets):
-            if cancel is not None and cancel.is_set():
-                outcome.cancelled = True
-                break
-            if progress:
-                progress(n, total, f"Matching {len(self.pointIDs)} point(s) in {target.name}")
-            try:
-                result = self._matchOne(matcher, target, cancel)
-            except Cancelled:
-                outcome.cancelled = True
-                break
-            except TargetError as e:
-                outcome.unmatched.append((target.nodeID, str(e)))
-                try:
-                    _skipTarget(outcome.skipped, target.name, e, total)
-                except InputError as stop:  # a lone target's problem, or none matched: the job ends with it, and
-                    stop.jobOutcome = outcome  # what it did (the finished targets, the ones to mark) goes with it
-                    raise
-                continue
-            outcome.results.append(result)
-            if onTarget:
-                onTarget(result)
-            if progress:
-                progress(n + 1, total, f"Matched in {target.name}")
-        return outcome
-
-    def _matchOne(self, matcher: MatcherProtocol, target: TargetSpec, cancel) -> TargetResult:
-        return self._targetResult(target, [
-            matcher.match(self.sourceImage, c.points_lps_mm, [target.image], c.labels, options=c.options,
-                          cancel=cancel, target_names=[target.name]) for c in self._calls(target)])
 
     def _calls(self, target: TargetSpec) -> list[MatchCall]:
         """The engine's matches for ``target``: every point, then, when the heatmap of one of several points is
@@ -953,15 +919,9 @@ class MatchLogic:
         # each target's rows stay in the points' order)
         place = {t.nodeID: k for k, t in enumerate(job.targets)}
         outputs.rows.sort(key=lambda row: place.get(row.targetID, len(place)))
+        outputs.pointLists.sort(key=lambda node: place.get(node.GetNodeReferenceID(TARGET_REFERENCE), len(place)))
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)
         if sourceList is not None:
-            order = {}
-            for k, t in enumerate(job.targets):
-                target = self.scene.GetNodeByID(t.nodeID)
-                outNode = None if target is None else self.outputPointList(sourceList, target)
-                if outNode is not None:
-                    order.setdefault(outNode.GetID(), k)
-            outputs.pointLists.sort(key=lambda node: order.get(node.GetID(), len(order)))
             # an unmatched target's matches of these points from an earlier run no longer answer this run's clicks
             for nodeID, reason in outcome.unmatched:
                 target = self.scene.GetNodeByID(nodeID)

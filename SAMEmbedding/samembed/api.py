@@ -51,6 +51,10 @@ from .refine import refine_points
 from .result import Match, MatchResult
 
 log = logging.getLogger(__name__)
+
+#: how often :meth:`Matcher.match_each` looks at the caller's cancel while it waits for its targets (s)
+CANCEL_POLL_S = 0.05
+
 DEFAULT_OPTIONS = MatchOptions()
 DEFAULT_FUSION = FusionOptions()
 ImageLike = "str | os.PathLike | Image | SimpleITK.Image"
@@ -77,6 +81,16 @@ def as_image(obj, name: str | None = None, spacing_mm: float | None = None, cons
         validate_image(img, constant_ok)
         return img
     raise InputError(f"cannot use {type(obj).__name__} as an image; pass a path, samembed.Image, SimpleITK.Image or numpy array")
+
+
+def _next_event(events: queue.SimpleQueue, waiting: Callable[[], None]):
+    """The next item of :meth:`Matcher.match_each`'s events, calling ``waiting()`` every :data:`CANCEL_POLL_S`
+    seconds until it comes."""
+    while True:
+        try:
+            return events.get(timeout=CANCEL_POLL_S)
+        except queue.Empty:
+            waiting()
 
 
 def _target_image(target) -> Image:
@@ -376,8 +390,10 @@ class Matcher:
             calls: per target, the matches to make there (:class:`samembed.jobs.MatchCall`).
             on_target: ``on_target(i, event)`` as target ``i`` starts (None), is matched (its results, one per call)
                 or is skipped for a problem of its own (a :class:`TargetError`), called in this thread. What it raises
-                stops the job (``cancel`` is set) and is raised.
-            cancel: set it to stop: the targets in flight stop at their next tile, :class:`Cancelled` is raised.
+                stops the job and is raised.
+            cancel: set it to stop (from any thread, or in ``on_target``): no further target starts, the targets in
+                flight stop at their next tile (seen within :data:`CANCEL_POLL_S`) or, needing none, finish and are
+                told; :class:`Cancelled` is raised when a target was left undone.
             target_names: the targets' names in messages.
 
         Raises:
@@ -387,30 +403,45 @@ class Matcher:
         from .jobs import match_each as each_with_its_calls  # (the method's own name)
 
         source = as_image(source)
-        cancel = threading.Event() if cancel is None else cancel
+        stop = threading.Event()  # the job's own: set by the caller's cancel (passed on below) or a failed on_target
         events: queue.SimpleQueue = queue.SimpleQueue()
         failed: list[BaseException] = []
 
+        def tell(i: int, event: TargetEvent) -> None:  # in the matching thread: told, then on once the caller has it
+            answered = threading.Event()
+            events.put((i, event, answered))
+            answered.wait()
+
         def run() -> None:
             try:
-                each_with_its_calls(self, source, [functools.partial(_target_image, t) for t in targets], calls,
-                           lambda i, event: events.put((i, event)), jobs=jobs, cancel=cancel,
-                           target_names=target_names)
+                each_with_its_calls(self, source, [functools.partial(_target_image, t) for t in targets], calls, tell,
+                                    jobs=jobs, cancel=stop, target_names=target_names)
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread, below
                 failed.append(e)
             finally:
                 events.put(None)
 
+        def cancelled() -> None:  # the caller's cancel, passed on to the targets
+            if cancel is not None and cancel.is_set():
+                stop.set()
+
         worker = threading.Thread(target=run, name="samembed-match-each", daemon=True)
         worker.start()
         try:
-            while (told := events.get()) is not None:
-                on_target(*told)
+            while (told := _next_event(events, cancelled)) is not None:
+                i, event, answered = told
+                try:
+                    on_target(i, event)
+                finally:  # a cancel set by on_target (the user's, or after a target) is seen before the next starts
+                    cancelled()
+                    answered.set()
         except BaseException:
-            cancel.set()  # the targets in flight stop at their next tile, and nothing touches the caller's results
+            stop.set()  # the targets in flight stop at their next tile, and nothing touches the caller's results
             while worker.is_alive():  # after this returns (waited for through further interrupts)
                 with contextlib.suppress(BaseException):
-                    worker.join()
+                    told = _next_event(events, lambda: None)
+                    if told is not None:
+                        told[2].set()
             raise
         worker.join()
         if failed:

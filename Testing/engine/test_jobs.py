@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from samembed import Cancelled, Image, Matcher, MatchOptions, TargetError
 from samembed.io import read_image
@@ -56,8 +57,13 @@ def test_targets_matched_two_at_a_time_get_the_matches_they_get_alone_and_are_to
     calls.insert(2, [MatchCall(points, labels, MatchOptions())])  # the tiny target, third
 
     alone = Matcher("default", device="cpu")
-    expected = [[alone.match(source, c.points_lps_mm, [t], c.labels, c.options) for c in cs]
-                for t, cs in zip(targets, [calls[0], calls[1], calls[3]])]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of two targets at once on two threads (a heatmap sums in the threads' order)
+    try:
+        expected = [[alone.match(source, c.points_lps_mm, [t], c.labels, c.options) for c in cs]
+                    for t, cs in zip(targets, [calls[0], calls[1], calls[3]])]
+    finally:
+        torch.set_num_threads(threads)
 
     engine = Matcher("default", device="cpu")
     events: list[tuple[int, object]] = []
@@ -108,7 +114,8 @@ def test_a_cancel_while_targets_run_at_once_stops_them_and_keeps_what_was_told(c
 def test_the_matchers_match_each_tells_every_target_in_the_callers_thread_and_stops_when_told_to(cts):
     """``Matcher.match_each`` runs :func:`match_each` in a thread of its own and tells each target in the caller's
     thread (the Slicer module writes MRML there); targets given as images or as functions that read one. What the
-    caller's ``on_target`` raises stops the job: the cancel is set, the error is raised, nothing is told after."""
+    caller's ``on_target`` raises stops the job and is raised (the caller's own cancel event is left as it was); a
+    cancel set in ``on_target`` after a target is seen before the next target starts."""
     source, targets = cts
     points, labels = _centroids(SOURCE, 1)
     engine = Matcher("default", device="cpu")
@@ -134,4 +141,16 @@ def test_the_matchers_match_each_tells_every_target_in_the_callers_thread_and_st
     with pytest.raises(RuntimeError, match="the caller's own failure"):
         engine.match_each(source, list(targets), [[MatchCall(points, labels, MatchOptions())]] * len(targets), refuse,
                           jobs=2, cancel=cancel)
-    assert cancel.is_set() and seen[-1][1] is not None and len(seen) == 2, seen
+    assert not cancel.is_set() and seen[-1][1] is not None and len(seen) == 2, seen
+
+    seen.clear()
+
+    def cancel_after_the_first(i: int, event) -> None:
+        seen.append((i, event))
+        if event is not None:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        engine.match_each(source, list(targets), [[MatchCall(points, labels, MatchOptions())]] * len(targets),
+                          cancel_after_the_first, jobs=1, cancel=cancel)
+    assert [(i, e is None) for i, e in seen] == [(0, True), (0, False)], seen

@@ -359,20 +359,21 @@ def test_the_first_clicks_volumes_are_preprocessed_in_a_second_process_and_match
         if started:
             logic.startEngine()
         out_process = logic.matchPoints(source, points, targets)
+        points_process = [control_points(n)[1] for n in out_process.pointLists]  # (the same nodes are written below)
         log = logic.getMatcher()._logTail(40)
         rows_process = logic.resultRows(points)
         assert not _volume_files(logic.getMatcher()), "a volume file was left behind"
     finally:
         logic.close()
-    # the second target's volume too (sent ahead: the logic matches one target per request)
+    # the second target's volume too (sent ahead of the click's one request)
     ahead = 2 if started else 3
     assert f"{ahead} volumes read and {ahead} preprocessed ahead by the prefetch process" in log, log
     if started and os.name == "posix":  # the source, read by the engine itself: mapped, as the prefetch maps the rest
         assert "pt_239: mapped from its volume file" in log, log
     here = MatchLogic(a_scene, model="default", device="cpu")
     out_here = here.matchPoints(source, points, targets)
-    for a, b in zip(out_process.pointLists, out_here.pointLists, strict=True):
-        np.testing.assert_allclose(control_points(a)[1], control_points(b)[1], atol=1e-4)
+    for a, b in zip(points_process, out_here.pointLists, strict=True):
+        np.testing.assert_allclose(a, control_points(b)[1], atol=1e-4)
     assert [r.score for r in rows_process] == pytest.approx([r.score for r in here.resultRows(points)], abs=1e-5)
 
 
@@ -396,6 +397,7 @@ def test_a_clicks_targets_after_the_first_are_matched_two_at_a_time_in_the_engin
     progress = []
     try:
         out_process = logic.matchPoints(source, points, targets, progress=lambda *a: progress.append(a))
+        points_process = [control_points(n)[1] for n in out_process.pointLists]  # (the same nodes are written below)
         log = logic.getMatcher()._logTail(40)
         rows_process = logic.resultRows(points)
     finally:
@@ -405,8 +407,8 @@ def test_a_clicks_targets_after_the_first_are_matched_two_at_a_time_in_the_engin
     here = MatchLogic(a_scene, model="default", device="cpu")
     out_here = here.matchPoints(source, points, targets)
     assert [n.GetName() for n in out_process.pointLists] == [n.GetName() for n in out_here.pointLists]
-    for a, b in zip(out_process.pointLists, out_here.pointLists, strict=True):
-        np.testing.assert_allclose(control_points(a)[1], control_points(b)[1], atol=1e-4)
+    for a, b in zip(points_process, out_here.pointLists, strict=True):
+        np.testing.assert_allclose(a, control_points(b)[1], atol=1e-4)
     assert [(r.target, r.label) for r in rows_process] == [(r.target, r.label) for r in here.resultRows(points)]
     assert [r.score for r in rows_process] == pytest.approx([r.score for r in here.resultRows(points)], abs=1e-5)
 
@@ -749,7 +751,7 @@ def test_a_target_the_engine_process_cannot_match_is_skipped_and_the_job_goes_on
         assert [name for name, _ in outcome.skipped] == ["tiny"] and "too small" in outcome.skipped[0][1]
         log_text = engine._logPath.read_text()
         assert "request match_each: target 1 of 2 skipped: " in log_text, log_text[-2000:]
-        assert "failed" not in log_text, log_text[-2000:]
+        assert "request match_each failed" not in log_text, log_text[-2000:]
     finally:
         engine.close()
 

@@ -100,6 +100,12 @@ class RecordingMatcher:
         heatmaps = {(0, label): targets[0] for label in labels} if options.heatmap else {}
         return MatchResult(matches, list(target_names), heatmaps)
 
+    def match_each(self, source, targets, calls, on_target, *, jobs=None, cancel=None, target_names=None):
+        for i, (target, target_calls) in enumerate(zip(targets, calls)):  # one at a time, each call recorded
+            on_target(i, None)
+            on_target(i, [self.match(source, c.points_lps_mm, [target], c.labels, c.options,
+                                     target_names=[target_names[i]]) for c in target_calls])
+
     def clear_cache(self):
         pass
 
