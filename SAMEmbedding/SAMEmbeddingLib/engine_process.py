@@ -331,6 +331,11 @@ class EngineProcess:
         None: ``samembed.jobs.auto_jobs``, two on a CPU of two cores or more); ``onTarget(i, event)`` is called here,
         in this thread, as each target starts, is matched or is skipped (``samembed.jobs.TargetEvent``).
 
+        A cancel returns at once, as for :meth:`match`: the child stops at its next tile, and a target it finishes
+        after the cancel is not told (in this process, ``samembed.Matcher.match_each`` tells each target before the
+        next starts: a cancel set in ``onTarget`` there starts no further target; here the child may have started one,
+        which the cancel then stops).
+
         Raises:
             samembed.Cancelled: ``cancel`` was set (the targets told as matched before are the caller's).
             EngineProcessError, samembed.InputError and others: as for :meth:`match`. Whatever ``onTarget`` raises

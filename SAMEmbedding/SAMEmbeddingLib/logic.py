@@ -214,7 +214,8 @@ class MatchJob:
 
         Args:
             matcher: the engine (a ``samembed.Matcher`` or the engine process's proxy).
-            cancel: checked before each target and by the engine between tiles; finished targets are kept.
+            cancel: no target starts after it, and the targets in flight stop at their next tile; the targets
+                finished before it are kept (``Matcher.match_each``, ``EngineProcess.match_each``).
             progress: ``progress(done, total, phase)`` counted in targets, as each target starts and ends.
             onTarget: called with each finished :class:`TargetResult` as soon as it is ready, in this thread (two
                 targets matched at once: in the order they finish).

@@ -407,10 +407,14 @@ class Matcher:
         events: queue.SimpleQueue = queue.SimpleQueue()
         failed: list[BaseException] = []
 
+        abandoned = threading.Event()  # the caller stopped listening (its on_target raised, or an interrupt)
+
         def tell(i: int, event: TargetEvent) -> None:  # in the matching thread: told, then on once the caller has it
             answered = threading.Event()
             events.put((i, event, answered))
-            answered.wait()
+            while not answered.wait(CANCEL_POLL_S):
+                if abandoned.is_set():
+                    return
 
         def run() -> None:
             try:
@@ -425,6 +429,7 @@ class Matcher:
             if cancel is not None and cancel.is_set():
                 stop.set()
 
+        cancelled()  # (already set: no target starts)
         worker = threading.Thread(target=run, name="samembed-match-each", daemon=True)
         worker.start()
         try:
@@ -433,15 +438,16 @@ class Matcher:
                 try:
                     on_target(i, event)
                 finally:  # a cancel set by on_target (the user's, or after a target) is seen before the next starts
-                    cancelled()
-                    answered.set()
+                    try:
+                        cancelled()
+                    finally:
+                        answered.set()
         except BaseException:
             stop.set()  # the targets in flight stop at their next tile, and nothing touches the caller's results
-            while worker.is_alive():  # after this returns (waited for through further interrupts)
+            abandoned.set()  # after this returns: no thread waits for an answer, and none is left running (waited
+            while worker.is_alive():  # for through further interrupts)
                 with contextlib.suppress(BaseException):
-                    told = _next_event(events, lambda: None)
-                    if told is not None:
-                        told[2].set()
+                    worker.join(CANCEL_POLL_S)
             raise
         worker.join()
         if failed:

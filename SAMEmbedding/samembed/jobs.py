@@ -145,6 +145,8 @@ def match_each(matcher: Matcher, source: Image, targets: Sequence[Callable[[], I
 
     def tell(i: int, event: TargetEvent) -> None:
         with told:
+            if event is None and cancel.is_set():  # (set while this waited for the other target's telling)
+                raise Cancelled("cancelled")
             on_target(i, event)
 
     def work(i: int) -> bool:

@@ -58,12 +58,15 @@ def test_targets_matched_two_at_a_time_get_the_matches_they_get_alone_and_are_to
 
     alone = Matcher("default", device="cpu")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each of two targets at once on two threads (a heatmap sums in the threads' order)
-    try:
-        expected = [[alone.match(source, c.points_lps_mm, [t], c.labels, c.options) for c in cs]
-                    for t, cs in zip(targets, [calls[0], calls[1], calls[3]])]
-    finally:
-        torch.set_num_threads(threads)
+    expected = []
+    for k, (t, cs) in enumerate(zip(targets, [calls[0], calls[1], calls[3]])):
+        # the first target on every thread, the others on half of them, as match_each runs them (a heatmap sums in
+        # the order of its threads)
+        torch.set_num_threads(threads if k == 0 else max(1, threads // 2))
+        try:
+            expected.append([alone.match(source, c.points_lps_mm, [t], c.labels, c.options) for c in cs])
+        finally:
+            torch.set_num_threads(threads)
 
     engine = Matcher("default", device="cpu")
     events: list[tuple[int, object]] = []
@@ -154,3 +157,62 @@ def test_the_matchers_match_each_tells_every_target_in_the_callers_thread_and_st
         engine.match_each(source, list(targets), [[MatchCall(points, labels, MatchOptions())]] * len(targets),
                           cancel_after_the_first, jobs=1, cancel=cancel)
     assert [(i, e is None) for i, e in seen] == [(0, True), (0, False)], seen
+
+
+def test_match_each_stops_where_the_caller_says_and_never_hangs(cts):
+    """The caller's cancel: set before the start, nothing starts; set as the last target is told, nothing is left undone
+    and nothing is raised; set as the second target starts, no other target starts after it (the one in flight stops
+    or is told). An ``on_target`` that raises while the other thread waits to tell its target ends the job promptly (run in a
+    thread here, so that a hang fails the test instead of holding it)."""
+    source, targets = cts
+    points, labels = _centroids(SOURCE, 1)
+    engine = Matcher("default", device="cpu")
+    one = [MatchCall(points, labels, MatchOptions())]
+    cancel, seen = threading.Event(), []
+
+    cancel.set()
+    with pytest.raises(Cancelled):
+        engine.match_each(source, targets[:1], [one], lambda *e: seen.append(e), cancel=cancel)
+    assert seen == []
+
+    cancel.clear()
+
+    def cancel_at_the_last(i: int, event) -> None:
+        seen.append((i, event))
+        if i == 1 and event is not None:
+            cancel.set()
+
+    engine.match_each(source, targets[:2], [one] * 2, cancel_at_the_last, jobs=2, cancel=cancel)
+    assert [(i, e is None) for i, e in seen] == [(0, True), (0, False), (1, True), (1, False)]
+
+    cancel.clear()
+    seen.clear()
+    images = [*targets, *targets]
+
+    def cancel_as_the_second_starts(i: int, event) -> None:
+        seen.append((i, event))
+        if i > 0 and event is None:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        engine.match_each(source, images, [one] * len(images), cancel_as_the_second_starts, jobs=2, cancel=cancel)
+    started = [i for i, e in seen if e is None]
+    assert started[0] == 0 and len(started) == 2 and started[1] in (1, 2), seen  # whichever of the two came first
+
+    outcome: list = []
+
+    def refuse_the_second_result(i: int, event) -> None:
+        if event is not None and i > 0:
+            raise RuntimeError("the caller's own failure")
+
+    def run() -> None:
+        try:
+            engine.match_each(source, images, [one] * len(images), refuse_the_second_result, jobs=2)
+        except RuntimeError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(300)
+    assert not thread.is_alive(), "match_each did not return after on_target raised"
+    assert [str(e) for e in outcome] == ["the caller's own failure"]
