@@ -28,9 +28,9 @@ tuple ``(kind, requestID, payload)``):
 The child imports torch from its start, in a thread, beside the parent writing the first request's volumes; its
 first request that needs the engine (``warm``, which the module sends when it is entered, or a match) waits for
 that import and loads the model. Before the import starts, it forks a second process (``samembed.prefetch``, as ``samembed match`` does) that
-reads and preprocesses the volumes of the first ``match``, ``match_atlases`` or ``prepare`` request, and those sent
-ahead of it (:meth:`EngineProcess.sendVolumes`: the module sends every target of a click before matching them one by
-one): on a click that starts the engine, while torch loads; on one after the module started it, all but the first
+reads and preprocesses the volumes of the first ``match``, ``match_each``, ``match_atlases`` or ``prepare`` request,
+and those sent ahead of it (:meth:`EngineProcess.sendVolumes`: the module sends every volume of a click before its
+``match_each`` request): on a click that starts the engine, while torch loads; on one after the module started it, all but the first
 volume, while the child embeds the first. A volume's ``.npy`` file is read when a request first needs it. Later
 volumes are preprocessed by the engine itself.
 
@@ -1025,7 +1025,6 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 result = matcher.prepare(image(payload["source"]), [image(k) for k in payload["targets"]],
                                          progress=progress, cancel=cancel)
             elif kind == "match_each":  # a click's targets, several at once, each told as it starts and ends
-
                 n = len(payload["targets"])
 
                 def told(i: int, event, requestID=requestID, n=n) -> None:

@@ -5,7 +5,8 @@ global scene, so it runs inside 3D Slicer and on ``slicer-core`` alike. A match 
 
 1. :meth:`MatchLogic.prepareMatch` (main thread) validates the input and converts MRML volumes and points
    into engine objects (voxels copied, LPS geometry): a :class:`MatchJob`.
-2. :meth:`MatchJob.run` (any thread) calls the engine, one target at a time; it touches no MRML.
+2. :meth:`MatchJob.run` (any thread) calls the engine's ``match_each``: the first target alone, then two at a time
+   on a CPU of two threads or more, each target handed back in this thread as it is matched; it touches no MRML.
 3. :meth:`MatchLogic.applyTargetResult` and :meth:`MatchLogic.finishJob` (main thread) write the output
    point lists, the heatmap volume and the results table.
 
@@ -286,7 +287,8 @@ class MatchJob:
                 outcome.unmatched.append((target.nodeID, str(event)))
                 try:
                     _skipTarget(outcome.skipped, target.name, event, total)
-                except InputError as stop:  # none matched: the job ends with it, and what it did goes with it
+                except InputError as stop:  # a lone target's problem, or none matched: the job ends with it, and
+                    # what it did (the finished targets, the ones to mark) goes with it
                     stop.jobOutcome = inOrder()
                     raise
                 return

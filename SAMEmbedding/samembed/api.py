@@ -35,6 +35,7 @@ from .image import Image
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
 from .jobs import MatchCall, TargetEvent
+from .jobs import match_each as _match_each_in_threads
 from .matcher import (
     allowed_at,
     box_mask,
@@ -400,13 +401,10 @@ class Matcher:
             Cancelled, or the first error that is not a target's own problem; the targets told as matched before it
             are the caller's.
         """
-        from .jobs import match_each as each_with_its_calls  # (the method's own name)
-
         source = as_image(source)
         stop = threading.Event()  # the job's own: set by the caller's cancel (passed on below) or a failed on_target
         events: queue.SimpleQueue = queue.SimpleQueue()
         failed: list[BaseException] = []
-
         abandoned = threading.Event()  # the caller stopped listening (its on_target raised, or an interrupt)
 
         def tell(i: int, event: TargetEvent) -> None:  # in the matching thread: told, then on once the caller has it
@@ -418,8 +416,8 @@ class Matcher:
 
         def run() -> None:
             try:
-                each_with_its_calls(self, source, [functools.partial(_target_image, t) for t in targets], calls, tell,
-                                    jobs=jobs, cancel=stop, target_names=target_names)
+                _match_each_in_threads(self, source, [functools.partial(_target_image, t) for t in targets], calls,
+                                       tell, jobs=jobs, cancel=stop, target_names=target_names)
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread, below
                 failed.append(e)
             finally:

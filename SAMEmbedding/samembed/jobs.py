@@ -1,5 +1,5 @@
-"""Matching several targets at once: ``samembed match --jobs``, and the Slicer module's clicks into several targets
-(its engine process runs :func:`match_each`).
+"""Matching several targets at once: ``samembed match --jobs``, and clicks into several targets (:func:`match_each`,
+which :meth:`samembed.Matcher.match_each` runs for the Slicer module, its engine process and the web viewer).
 
 One target at a time leaves a core idle on a CPU of two or more: between torch's kernels, the search, the polish,
 the prior's fit and the bookkeeping run on one core, and torch's kernels themselves gain little from a second thread
@@ -119,8 +119,8 @@ def match_each(matcher: Matcher, source: Image, targets: Sequence[Callable[[], I
                jobs: int | None = None, cancel: threading.Event | None = None,
                target_names: Sequence[str] | None = None) -> None:
     """Match ``source`` into every target with that target's ``calls``, as :func:`each_target` orders them: one at a
-    time until one is matched (it embeds the source), then ``jobs`` at a time (None: :func:`auto_jobs`). What the
-    Slicer module's engine process does for a click's targets.
+    time until one is matched (it embeds the source), then ``jobs`` at a time (None: :func:`auto_jobs`). Run by
+    :meth:`samembed.Matcher.match_each`, which tells each target in its caller's thread.
 
     Args:
         targets: per target, a function that gives its image (read when the target's turn comes).
