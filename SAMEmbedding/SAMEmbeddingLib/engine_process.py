@@ -267,7 +267,8 @@ class EngineProcess:
 
     Args:
         model, device, cacheBytes: as for ``samembed.Matcher(model, device, cache_bytes)``.
-        maxImages: volumes the child keeps (least recently used are forgotten; they are sent again when needed).
+        maxImages: volumes the child keeps (least recently used are forgotten; they are sent again when needed); a
+            request with more volumes (a click into more targets) has them all kept until the next request.
         python: the interpreter to run the child with (default: :func:`pythonExecutable`).
 
     Thread-safe: calls are serialised; ``match`` may run on a worker thread while the main thread asks for
@@ -287,6 +288,7 @@ class EngineProcess:
         self._proc: subprocess.Popen | None = None
         self._conn = None
         self._sent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._requestKeys: set[str] = set()  # the volumes of the request being sent (_request): none is forgotten
         self._sentFiles: set[Path] = set()  # the volume files sent to the child (it removes each once read)
         self._hasher: concurrent.futures.ThreadPoolExecutor | None = None  # the hashing threads (_hashPool)
         self._hashing: dict[Path, concurrent.futures.Future] = {}  # volume file -> its image's hash under way
@@ -441,7 +443,14 @@ class EngineProcess:
             raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
         with self._lock:
             self._ensureStarted()
-            keys = [self._ensureImage(image) for image in images]
+            try:
+                keys = []
+                for image in images:
+                    keys.append(self._ensureImage(image))
+                    self._requestKeys.add(keys[-1])
+                self._forgetBeyondMax(keep=set())  # what an earlier, larger request left beyond maxImages
+            finally:
+                self._requestKeys = set()
             requestID = next(self._ids)
             self._firstRequestSent |= kind in ("match", "match_each", "match_atlases", "prepare")
             self._send((kind, requestID, payload(keys)))
@@ -759,10 +768,19 @@ class EngineProcess:
                                    image.plane_z_mm)))
         self.imagesSent += 1
         self._sent[key] = None
-        while len(self._sent) > self.maxImages:
-            old, _ = self._sent.popitem(last=False)
-            self._send(("forget", old, None))
+        self._forgetBeyondMax(keep={key})
         return key
+
+    def _forgetBeyondMax(self, keep: set[str]) -> None:
+        """Tell the child to forget the least recently used volumes beyond ``maxImages``, but never one of ``keep`` or
+        of the request being sent: a click into more targets than that sends them all in one request (the child
+        holds them until the next request's volumes are sent)."""
+        while len(self._sent) > self.maxImages:
+            old = next((k for k in self._sent if k not in keep and k not in self._requestKeys), None)
+            if old is None:
+                return
+            del self._sent[old]
+            self._send(("forget", old, None))
 
     def _receive(self, timeout: float):
         """The next message, or None after ``timeout`` s; raises :class:`EngineProcessError` when the child died."""

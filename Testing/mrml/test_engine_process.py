@@ -435,6 +435,30 @@ def test_a_click_whose_every_target_the_engine_process_cannot_match_says_so_and_
         engine.close()
 
 
+def test_a_click_and_a_prepare_into_more_targets_than_the_engine_keeps_send_them_all(a_small_ct):
+    """A click's targets go in one request: with more volumes than the engine process keeps (``maxImages``), none of
+    that request's volumes is forgotten while it is sent (before, the child was told to forget the source and the first
+    targets and failed with a KeyError); the next request's volumes push the extra ones out again."""
+    from samembed import Image
+    from SAMEmbeddingLib.logic import MatchJob, TargetSpec
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    targets = [Image(image.array + k, image.grid, f"t{k}") for k in range(1, 5)]
+    centre = image.grid.index_to_lps([[(n - 1) / 2 for n in image.grid.size_ijk]])
+    engine = EngineProcess(model="random:sam-lite", device="cpu", maxImages=3)
+    try:
+        job = MatchJob("src", "pts", ["c"], ["c"], centre, image,
+                       [TargetSpec(f"n{k}", t.name, t) for k, t in enumerate(targets)])
+        assert [r.name for r in job.run(engine).results] == ["t1", "t2", "t3", "t4"]
+        assert len(engine._sent) == 5
+        assert engine.prepare(image, targets)["total_s"] >= 0.0
+        later = MatchJob("src", "pts", ["c"], ["c"], centre, targets[0], [TargetSpec("n", "t2", targets[1])])
+        assert [r.name for r in later.run(engine).results] == ["t2"]
+        assert len(engine._sent) == 3
+    finally:
+        engine.close()
+
+
 def test_killing_the_process_mid_match_gives_a_clear_error_and_the_next_match_works(
         a_scene, a_process_logic, a_worker, a_small_ct):
     target = _shifted_copy(a_scene, a_small_ct, [0.0, 25.0, 0.0], "target")
