@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.path.insert(0, str(REPO / "SAMEmbedding"))
     import slicer  # slicer-core
+    from first_click import load_volume
 
     from SAMEmbeddingLib.logic import MatchLogic
     from SAMEmbeddingLib.worker import Worker
@@ -45,15 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     scene = slicer.vtkMRMLScene()
 
     def load(patient: str):
-        node = slicer.vtkMRMLScalarVolumeNode()
-        node.SetName(patient)
-        scene.AddNode(node)
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        scene.AddNode(storage)
-        storage.SetFileName(str(CT / f"{patient}_ct.nii.gz"))
-        if not storage.ReadData(node):
-            raise SystemExit(f"Slicer could not read {storage.GetFileName()}")
-        return node
+        return load_volume(scene, CT / f"{patient}_ct.nii.gz", patient)
 
     source, targets = load(SOURCE), [load(t) for t in TARGETS]
     points = slicer.vtkMRMLMarkupsFiducialNode()

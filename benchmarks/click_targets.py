@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cold_ab import _alternating, _median_range, _worktree  # noqa: E402
 from cold_start import checkout_commit  # noqa: E402
-from first_click import CASES, CLICK_ORGAN, DATA, OPENKBP  # noqa: E402
+from first_click import CASES, CLICK_ORGAN, DATA, OPENKBP, load_volume  # noqa: E402
 
 #: seconds between the engine's start (the module entered) and the click
 PAUSE_S = 2.0
@@ -62,15 +62,7 @@ def child(argv: list[str]) -> int:
     scene = slicer.vtkMRMLScene()
 
     def load(patient: str):
-        node = slicer.vtkMRMLScalarVolumeNode()
-        node.SetName(patient)
-        scene.AddNode(node)
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        scene.AddNode(storage)
-        storage.SetFileName(str(OPENKBP / "ct" / f"{patient}_ct.nii.gz"))
-        if not storage.ReadData(node):
-            raise SystemExit(f"Slicer could not read {storage.GetFileName()}")
-        return node
+        return load_volume(scene, OPENKBP / "ct" / f"{patient}_ct.nii.gz", patient)
 
     source, targets = load(args.source), [load(t) for t in args.targets]
     with (OPENKBP / "oar_centroids.csv").open() as f:

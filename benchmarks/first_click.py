@@ -100,6 +100,22 @@ def peak_rss_gb(pid: int | None) -> float:
     return peak("self" if pid is None else pid)
 
 
+def load_volume(scene, path: str | Path, name: str):
+    """A scalar volume node named ``name`` in ``scene``, read from ``path`` by Slicer's own reader (slicer-core), as
+    Slicer loads a scan before any click."""
+    import slicer
+
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        raise SystemExit(f"Slicer could not read {storage.GetFileName()}")
+    return node
+
+
 def child(argv: list[str]) -> int:
     """One first click in this fresh process; writes ``{"prepare_s", "click_s", "points_ras", ...}`` as JSON."""
     p = argparse.ArgumentParser(prog="first_click.py child")
@@ -117,15 +133,9 @@ def child(argv: list[str]) -> int:
     scene = slicer.vtkMRMLScene()
 
     def load(patient: str):
-        node = slicer.vtkMRMLScalarVolumeNode()
-        node.SetName(Path(patient).name.removesuffix(".nii.gz") if args.click_lps else patient)
-        scene.AddNode(node)
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        scene.AddNode(storage)
-        storage.SetFileName(patient if args.click_lps else str(OPENKBP / "ct" / f"{patient}_ct.nii.gz"))
-        if not storage.ReadData(node):
-            raise SystemExit(f"Slicer could not read {storage.GetFileName()}")
-        return node
+        if args.click_lps:  # a volume file
+            return load_volume(scene, patient, Path(patient).name.removesuffix(".nii.gz"))
+        return load_volume(scene, OPENKBP / "ct" / f"{patient}_ct.nii.gz", patient)
 
     source, targets = load(args.source), [load(t) for t in args.targets]
     x, y, z = ([float(v) for v in args.click_lps.split(",")] if args.click_lps
