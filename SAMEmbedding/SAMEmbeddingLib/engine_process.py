@@ -383,9 +383,9 @@ class EngineProcess:
         """Send these volumes (``samembed.Image``, the source first) to the child now, each once, before the requests
         that use them, when the child's prefetch can take them (its first match or prepare request is still to come,
         on a machine and model where it prefetches, see :func:`_startPrefetch`): it reads and preprocesses them in a
-        second process (``samembed.prefetch``), the later targets of a one-target-at-a-time job included. At most
-        ``maxImages`` of them, so that none pushes out another (the source above all); ``cancel`` is checked between
-        them. Otherwise nothing is sent ahead: each request sends its own volumes."""
+        second process (``samembed.prefetch``), a click's later targets included. At most ``maxImages`` of them, so
+        that none pushes out another (the source above all); ``cancel`` is checked between them. Otherwise nothing is
+        sent ahead: each request sends its own volumes."""
         if not all(isinstance(i, Image) for i in images):
             raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
         with self._lock:

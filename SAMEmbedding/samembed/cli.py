@@ -296,7 +296,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     bar = PhaseProgress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
     try:
         from .api import Atlas, as_image  # torch
-        from .jobs import each_target
+        from .jobs import cache_floor, each_target
     except BaseException:  # an interrupt while torch loads: the bar goes before the message
         bar.close()
         raise
@@ -364,8 +364,6 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         matcher.embedder.prefetch = prefetch
         source_shown: list[int] = []  # the turn that showed the source's embedding (progress, below)
         jobs = _jobs(args, n, matcher)
-        if jobs > 1:  # the source (or atlases) and every target in flight stay in memory, whatever the cap
-            matcher.cache.min_kept = len(kept) + jobs
         turns = _Turns(bar, n)
         cancel = threading.Event()  # set when the run stops: targets in flight (--jobs) stop at their next tile
         names = list(map(str, target_paths))
@@ -418,7 +416,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 _forget_target(matcher, images_read, name, [names[i] for i in turns.unfinished], kept, prefetch)
             return True
 
-        each_target(n, one_target, jobs, cancel)
+        with cache_floor(matcher.cache, len(kept), jobs):  # the source (or atlases) and the targets in flight
+            each_target(n, one_target, jobs, cancel)
         if not done and failed:  # (several targets, none matched: each is named above)
             raise InputError(f"none of the {n} targets could be matched: each is named above") from failed[0][2]
         # writing needs none of the engine's embeddings, images and prefetched arrays: freed before the heatmaps,

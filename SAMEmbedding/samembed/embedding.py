@@ -455,7 +455,7 @@ class EmbeddingCache:
     def __init__(self, max_bytes: int = 3 << 30) -> None:
         self.max_bytes = int(max_bytes)
         #: the most recent maps that always stay, even above the cap: a source and its target; one more per further
-        #: target matched at once (``samembed match --jobs``), else one thread's put evicts the shared source
+        #: target matched at once (:func:`samembed.jobs.cache_floor`), else one thread's put evicts the shared source
         self.min_kept = 2
         self._items: OrderedDict[str, EmbeddingMaps] = OrderedDict()
         self._lock = threading.Lock()

@@ -15,13 +15,15 @@ while several threads read and fill them: each maps' tiles are filled under its 
 voxels already computed. Each target's matches are the ones it gets alone: the tiles are the same on one thread as
 on two (tested on this VM, int8 and float32), and the shipped int8 network's tiles are the same whatever box they
 were computed in. A heatmap is that of a run on ``torch threads // jobs`` threads: its product over every voxel sums
-in another order on one thread than on two (a few voxels of a CT's million differ by one step of its rounding). With float32 arithmetic a source tile that a round trip adds may be computed in another
-box than one at a time would (the threads' timing decides which needs it first), equal to float rounding (about
-1e-7), as with the targets in another order.
+in another order on one thread than on two (a few voxels of a CT's million differ by one step of its rounding).
+With float32 arithmetic a source tile that a round trip adds may be computed in another box than one at a time would
+(the threads' timing decides which needs it first), equal to float rounding (about 1e-7), as with the targets in
+another order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -36,6 +38,7 @@ from .options import MatchOptions
 
 if TYPE_CHECKING:
     from .api import Matcher
+    from .embedding import EmbeddingCache
     from .image import Image
     from .result import MatchResult
 
@@ -53,6 +56,19 @@ def auto_jobs(n_targets: int, torch_threads: int, device_type: str) -> int:
     return max(1, min(AUTO_JOBS, int(torch_threads)))
 
 
+@contextlib.contextmanager
+def cache_floor(cache: EmbeddingCache, shared: int, jobs: int):
+    """A block in which the memory ``cache`` keeps, whatever its cap, the ``shared`` maps every target reads (the
+    source, or the atlases) and one more per target in flight (``jobs``): else one thread's maps could evict what the
+    others read, to be recomputed. Its floor is given back after."""
+    kept = cache.min_kept
+    cache.min_kept = max(kept, shared + jobs) if jobs > 1 else kept
+    try:
+        yield
+    finally:
+        cache.min_kept = kept
+
+
 def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: threading.Event) -> None:
     """Call ``work(i)`` for every target index ``i``: one at a time until a target is matched (``work`` returns
     True; False for a target skipped as the caller's own problem, e.g. unreadable), so the source or atlases are
@@ -62,8 +78,7 @@ def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: 
     Anything ``work`` raises, or an interrupt, sets ``cancel`` (which ``work`` passes to the matcher, so targets in
     flight stop at their next tile, or finish when they need none), starts no further target, waits for those in
     flight (through further interrupts: none of them may touch the caller's results once this returns) and is
-    raised here. What finished
-    before is the caller's to keep."""
+    raised here. What finished before is the caller's to keep."""
     import torch
 
     from .embedding import concurrent_matching
@@ -145,13 +160,11 @@ def match_each(matcher: Matcher, source: Image, targets: Sequence[Callable[[], I
 
     def tell(i: int, event: TargetEvent) -> None:
         with told:
-            if event is None and cancel.is_set():  # (set while this waited for the other target's telling)
-                raise Cancelled("cancelled")
+            if event is None and cancel.is_set():  # no target starts once the job is stopped (checked here, under
+                raise Cancelled("cancelled")  # the lock: a cancel may come while the other target is being told)
             on_target(i, event)
 
     def work(i: int) -> bool:
-        if cancel.is_set():  # no target starts once the job is stopped
-            raise Cancelled("cancelled")
         tell(i, None)
         names = None if target_names is None else [target_names[i]]
         try:
@@ -167,9 +180,5 @@ def match_each(matcher: Matcher, source: Image, targets: Sequence[Callable[[], I
 
     if jobs > 1 and n > 2:
         log.info("%d targets: the first alone, then %d at a time", n, jobs)
-    kept = matcher.cache.min_kept
-    matcher.cache.min_kept = max(kept, 1 + jobs)  # the source and every target in flight stay in memory
-    try:
+    with cache_floor(matcher.cache, 1, jobs):
         each_target(n, work, jobs, cancel)
-    finally:
-        matcher.cache.min_kept = kept
