@@ -16,14 +16,15 @@ tuple ``(kind, requestID, payload)``):
   volume out of VTK straight into it, :meth:`EngineProcess.newVolumeFile`, and hashes it meanwhile; ``shared``: the
   parent maps the file too, so the child and its prefetch may map it instead of copying it, ``ArrayFile.shared``;
   the geometry is pickled as float64: exact); ``("forget", key, None)``;
-  ``("match", id, {...})``; ``("match_each", id, {...})`` (a click's targets, several at once,
-  ``samembed.jobs.match_each``); ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)``
-  (load the model now); ``("cancel", id, None)``; ``("release", 0, None)`` (the job that sent volumes ahead is over);
-  ``("clear", id, None)``; ``("stats", id, None)`` (answered with ``{"cache_bytes", "input_voxels"}``);
-  ``("stop", 0, None)``.
-* child -> parent: ``("progress", id, (done, total, phase))``; ``("target", id, (index, event))`` (a
-  ``match_each`` target started, matched or skipped: ``samembed.jobs.TargetEvent``); ``("result", id, samembed.MatchResult)`` (for
-  ``prepare``: its timings dict; for ``warm`` and ``match_each``: None); ``("cancelled", id, None)``; ``("error", id, exception)``; ``("ok", id, value)``.
+  ``("match", id, {...})``; ``("match_each", id, {...})`` (a click's targets, or atlases fused into targets, several
+  at once, ``samembed.jobs.match_each``; a ``FuseCall``'s atlases carry their volumes' keys as their images);
+  ``("match_atlases", id, {...})``; ``("prepare", id, {...})``; ``("warm", id, None)`` (load the model now);
+  ``("cancel", id, None)``; ``("release", 0, None)`` (the job that sent volumes ahead is over); ``("clear", id,
+  None)``; ``("stats", id, None)`` (answered with ``{"cache_bytes", "input_voxels"}``); ``("stop", 0, None)``.
+* child -> parent: ``("progress", id, (done, total, phase))``; ``("target", id, (index, event))`` (a ``match_each``
+  target started, matched or skipped: ``samembed.jobs.TargetEvent``); ``("result", id, samembed.MatchResult)`` (for
+  ``prepare``: its timings dict; for ``warm`` and ``match_each``: None); ``("cancelled", id, None)``; ``("error", id,
+  exception)``; ``("ok", id, value)``.
 
 The child imports torch from its start, in a thread, beside the parent writing the first request's volumes; its
 first request that needs the engine (``warm``, which the module sends when it is entered, or a match) waits for
@@ -48,6 +49,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -71,6 +73,7 @@ from pathlib import Path
 import numpy as np
 
 from samembed import Cancelled, Image, InputError, MatchOptions, MatchResult, TargetError
+from samembed.jobs import FuseCall
 from samembed.options import ProgressFn
 from samembed.prefetch import ArrayFile
 
@@ -329,7 +332,8 @@ class EngineProcess:
     def match_each(self, source, targets, calls, onTarget, *, jobs: int | None = None,
                    cancel: threading.Event | None = None, target_names=None) -> None:
         """``samembed.jobs.match_each`` in the child: ``source`` into every target with that target's calls
-        (``samembed.jobs.MatchCall`` lists), one at a time until one is matched, then several at once (``jobs``;
+        (``samembed.jobs.MatchCall`` lists, or ``samembed.jobs.FuseCall``: atlases fused there, whose images are
+        ``samembed.Image`` volumes; ``source`` None), one at a time until one is matched, then several at once (``jobs``;
         None: ``samembed.jobs.auto_jobs``, two on a CPU of two cores or more); ``onTarget(i, event)`` is called here,
         in this thread, as each target starts, is matched or is skipped (``samembed.jobs.TargetEvent``).
 
@@ -343,11 +347,21 @@ class EngineProcess:
             EngineProcessError, samembed.InputError and others: as for :meth:`match`. Whatever ``onTarget`` raises
             is raised too, after the child is told to stop the request.
         """
-        images = [source, *targets]
         calls = [list(c) for c in calls]
-        return self._request("match_each", images, lambda keys: {
-            "source": keys[0], "targets": keys[1:], "calls": calls, "jobs": jobs,
-            "target_names": None if target_names is None else list(target_names)}, None, cancel, onTarget)
+        targets = list(targets)
+        head = [] if source is None else [source]
+        atlasImages = {id(a.image): a.image for cs in calls for c in cs if isinstance(c, FuseCall) for a in c.atlases}
+
+        def payload(keys: list[str]) -> dict:
+            keyOf = dict(zip(atlasImages, keys[len(head) + len(targets):]))  # the atlases' volumes by their keys
+            sent = [[dataclasses.replace(c, atlases=tuple(dataclasses.replace(a, image=keyOf[id(a.image)],
+                                                                              name=a.display_name)
+                                                          for a in c.atlases)) if isinstance(c, FuseCall) else c
+                     for c in cs] for cs in calls]
+            return {"source": keys[0] if head else None, "targets": keys[len(head):len(head) + len(targets)],
+                    "calls": sent, "jobs": jobs, "target_names": None if target_names is None else list(target_names)}
+
+        return self._request("match_each", [*head, *targets, *atlasImages.values()], payload, None, cancel, onTarget)
 
     def match_atlases(self, atlases, targets, options: MatchOptions | None = None, *,
                       progress: ProgressFn | None = None, cancel: threading.Event | None = None,
@@ -1051,9 +1065,12 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                     conn.send(("target", requestID, (i, _picklable(event) if isinstance(event, BaseException)
                                                      else event)))
 
-                matcher.match_each(image(payload["source"]), [functools.partial(image, k) for k in payload["targets"]],
-                                   payload["calls"], told, jobs=payload["jobs"], cancel=cancel,
-                                   target_names=payload["target_names"])
+                calls = [[dataclasses.replace(c, atlases=tuple(dataclasses.replace(a, image=image(a.image))
+                                                               for a in c.atlases)) if isinstance(c, FuseCall) else c
+                          for c in cs] for cs in payload["calls"]]  # the atlases' volumes, from their keys
+                matcher.match_each(None if payload["source"] is None else image(payload["source"]),
+                                   [functools.partial(image, k) for k in payload["targets"]], calls, told,
+                                   jobs=payload["jobs"], cancel=cancel, target_names=payload["target_names"])
                 result = None
             elif kind == "match_atlases":
                 atlases = [Atlas(image(key), points, labels, name) for key, points, labels, name in payload["atlases"]]
@@ -1105,9 +1122,13 @@ def _importEngine(failed: list[BaseException]) -> None:
 
 
 def _imageKeys(kind: str, payload: dict) -> list[str]:
-    """The volumes of a ``match``, ``match_atlases`` or ``prepare`` request, in the order the engine embeds them."""
+    """The volumes of a ``match``, ``match_each``, ``match_atlases`` or ``prepare`` request, in the order the engine
+    embeds them."""
     if kind == "match_atlases":
         return [key for key, *_ in payload["atlases"]] + list(payload["targets"])
+    if kind == "match_each":  # the source or the atlases, then the targets
+        atlases = [a.image for cs in payload["calls"] for c in cs if isinstance(c, FuseCall) for a in c.atlases]
+        return [*([] if payload["source"] is None else [payload["source"]]), *atlases, *payload["targets"]]
     return [payload["source"], *payload["targets"]]
 
 

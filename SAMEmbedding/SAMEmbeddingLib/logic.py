@@ -41,7 +41,7 @@ import vtk
 
 from samembed import Cancelled, Image, InputError, MatchOptions, TargetError
 from samembed.io import DISTANCE_DECIMALS, POSITION_DECIMALS, SCORE_DECIMALS, csv_number
-from samembed.jobs import MatchCall
+from samembed.jobs import FuseCall, MatchCall
 from samembed.options import ProgressFn
 
 from . import mrml_io
@@ -723,7 +723,9 @@ class MatchLogic:
         disagree). For each target a point list ``"<target> fused matches"`` gets one control point per landmark;
         its description says how many atlases agreed and their spread (mm), and the numbers are stored as data
         (:data:`MATCHES_ATTRIBUTE`, keyed by label). Inputs are only read; running again updates the same nodes.
-        Without ``options``, the between-patients preset (``MatchOptions.preset("between-patients")``): atlases
+        The targets go as a click's do (``samembed.Matcher.match_each``): the first alone (it embeds the atlases),
+        then two at a time on a CPU where torch has two threads or more. Without ``options``, the between-patients
+        preset (``MatchOptions.preset("between-patients")``): atlases
         are other people's annotated scans.
 
         Returns:
@@ -752,29 +754,42 @@ class MatchLogic:
                                        f"{volume.GetName()} / {pointList.GetName()}"))
         first = atlases[0][1]
         matcher = self.getMatcher()
-        nodes, skipped, told = [], [], set()
+        images = [self.imageForVolume(target) for target in targets]
+        nodes: dict[int, Any] = {}
+        skipped, told, running = [], set(), []
         # the landmarks of these atlases: an unmatched target's fused ones from an earlier run no longer answer them
         labels = list(dict.fromkeys(label for atlas in engineAtlases for label in atlas.labels))
-        for ti, target in enumerate(targets):  # one target at a time: one that cannot be matched is skipped
-            def step(done: float, total: float, phase: str, ti: int = ti) -> None:
-                progress(ti + done / max(total, 1), len(targets), phase)
 
-            try:
-                result = matcher.match_atlases(engineAtlases, [self.imageForVolume(target)], options,
-                                               progress=None if progress is None else step, cancel=cancel,
-                                               target_names=[target.GetName()])
-            except TargetError as e:
+        def onTarget(i: int, event) -> None:  # in this thread, as each target starts, is fused or is skipped
+            target = targets[i]
+            if event is None:
+                running.append(i)
+                if progress:
+                    names = " and ".join(targets[k].GetName() for k in running)
+                    progress(len(nodes) + len(skipped), len(targets),
+                             f"Fusing {len(labels)} landmark(s) of {len(engineAtlases)} atlases in {names}")
+                return
+            running.remove(i)
+            if isinstance(event, BaseException) and not isinstance(event, TargetError):
+                raise event  # (the engine tells only a target's own problem; anything else is an error of the job)
+            if isinstance(event, TargetError):
                 earlier = self.fusedPointList(first, target)
                 if earlier is not None:  # (marked first: a lone target's error, or none matched, raises below)
-                    _markNotUpdated(earlier, labels, str(e))
-                _skipTarget(skipped, target.GetName(), e, len(targets))
-                continue
-            for note in result.notes:  # (the engine process logs to its own stream): in Slicer's log and console
+                    _markNotUpdated(earlier, labels, str(event))
+                _skipTarget(skipped, target.GetName(), event, len(targets))
+                return
+            for note in event[0].notes:  # (the engine process logs to its own stream): in Slicer's log and console
                 if note not in told:  # (the same for every target: said once)
                     told.add(note)
                     log.warning("SAMEmbedding: %s", note)
-            nodes.append(self._writeFused(first, target, result.matches))
-        return nodes
+            nodes[i] = self._writeFused(first, target, event[0].matches)
+            if progress:
+                progress(len(nodes) + len(skipped), len(targets), f"Fused in {target.GetName()}")
+
+        # the first target alone (it embeds the atlases), then two at a time on a CPU where torch has two threads
+        matcher.match_each(None, images, [[FuseCall(tuple(engineAtlases), options)]] * len(targets), onTarget,
+                           cancel=cancel, target_names=[target.GetName() for target in targets])
+        return [nodes[i] for i in sorted(nodes)]
 
     def fusedPointList(self, firstPointList, targetVolume, create: bool = False):
         """The ``"<target> fused matches"`` point list of :meth:`matchAtlases` for the atlases whose first point

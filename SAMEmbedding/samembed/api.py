@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -34,7 +35,7 @@ from .heatmap import Heatmaps
 from .image import Image
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
-from .jobs import MatchCall, TargetEvent
+from .jobs import FuseCall, MatchCall, TargetEvent
 from .jobs import match_each as _match_each_in_threads
 from .matcher import (
     allowed_at,
@@ -376,19 +377,22 @@ class Matcher:
         result.timings["total_s"] = time.time() - t0
         return result
 
-    def match_each(self, source, targets: Sequence, calls: Sequence[Sequence[MatchCall]],
+    def match_each(self, source, targets: Sequence, calls: Sequence[Sequence[MatchCall | FuseCall]],
                    on_target: Callable[[int, TargetEvent], None], *, jobs: int | None = None,
                    cancel: threading.Event | None = None, target_names: Sequence[str] | None = None) -> None:
-        """Match ``source`` into every target with that target's ``calls``, the first target alone (it embeds the
-        source), then ``jobs`` at a time (None: :func:`samembed.jobs.auto_jobs`, two on a CPU where torch has two
-        threads or more): :func:`samembed.jobs.match_each`. Each target gets the matches it gets alone. What the
-        Slicer module does for a click into several targets.
+        """Match ``source`` (or atlases) into every target with that target's ``calls``, the first target alone (it
+        embeds the source, or the atlases), then ``jobs`` at a time (None: :func:`samembed.jobs.auto_jobs`, two on a
+        CPU where torch has two threads or more): :func:`samembed.jobs.match_each`. Each target gets the matches it
+        gets alone. What the Slicer module does for a click into several targets, and for atlases fused into
+        several.
 
         Args:
-            source: the image the points are in (as for :meth:`match`).
+            source: the image the points are in (as for :meth:`match`); None when every call is a
+                :class:`samembed.jobs.FuseCall`.
             targets: the images to search (as for :meth:`match`), or functions that give one: each read when its
                 turn comes.
-            calls: per target, the matches to make there (:class:`samembed.jobs.MatchCall`).
+            calls: per target, the matches to make there: :class:`samembed.jobs.MatchCall` (as :meth:`match`), or
+                :class:`samembed.jobs.FuseCall` (as :meth:`match_atlases`; each atlas is read once, here).
             on_target: ``on_target(i, event)`` as target ``i`` starts (None), is matched (its results, one per call)
                 or is skipped for a problem of its own (a :class:`TargetError`), called in this thread. What it raises
                 stops the job and is raised.
@@ -401,7 +405,8 @@ class Matcher:
             Cancelled, or the first error that is not a target's own problem; the targets told as matched before it
             are the caller's.
         """
-        source = as_image(source)
+        source = None if source is None else as_image(source)
+        calls = self._atlases_read(calls)
         stop = threading.Event()  # the job's own: set by the caller's cancel (passed on below) or a failed on_target
         events: queue.SimpleQueue = queue.SimpleQueue()
         failed: list[BaseException] = []
@@ -450,6 +455,21 @@ class Matcher:
         worker.join()
         if failed:
             raise failed[0]
+
+    def _atlases_read(self, calls: Sequence[Sequence[MatchCall | FuseCall]]) -> list[list[MatchCall | FuseCall]]:
+        """``calls`` with the atlases of each :class:`~samembed.jobs.FuseCall` read (each image once, whichever calls
+        share it): a path would be read again for every target."""
+        read: dict[int, Image] = {}
+
+        def atlas(a: Atlas) -> Atlas:
+            if not isinstance(a, Atlas) or isinstance(a.image, Image):
+                return a  # (match_atlases names what is not an Atlas)
+            if id(a.image) not in read:
+                read[id(a.image)] = as_image(a.image, a.display_name, self.spacing_mm)
+            return dataclasses.replace(a, image=read[id(a.image)], name=a.display_name)
+
+        return [[dataclasses.replace(c, atlases=tuple(atlas(a) for a in c.atlases)) if isinstance(c, FuseCall) else c
+                 for c in cs] for cs in calls]
 
     def match_atlases(self, atlases: Sequence[Atlas], targets: Sequence, options: MatchOptions = DEFAULT_OPTIONS, *,
                       fusion: FusionOptions = DEFAULT_FUSION, progress: ProgressFn | None = None,

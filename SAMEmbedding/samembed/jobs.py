@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from .errors import Cancelled, TargetError, of_the_target
+from .fusion import Atlas, FusionOptions
 from .options import MatchOptions
 
 if TYPE_CHECKING:
@@ -123,23 +124,58 @@ class MatchCall:
     labels: tuple[str, ...] | None
     options: MatchOptions
 
+    #: the images other than the target that the call reads (the source), kept in memory while targets run at once
+    shared = 1
+
+    def run(self, matcher: Matcher, source: Image | None, target: Image, cancel: threading.Event,
+            target_names: list[str] | None) -> MatchResult:
+        """The call's :meth:`~samembed.Matcher.match` of ``source`` into ``target``."""
+        if source is None:
+            raise ValueError("a MatchCall needs the source image")
+        return matcher.match(source, self.points_lps_mm, [target], self.labels, self.options, cancel=cancel,
+                             target_names=target_names)
+
+
+@dataclass(frozen=True)
+class FuseCall:
+    """One :meth:`samembed.Matcher.match_atlases` of a target in :func:`match_each`: the landmarks of several
+    atlases (:class:`~samembed.fusion.Atlas`, their images read: :class:`~samembed.image.Image`) matched into it
+    and fused per landmark, with these settings. The source is not read (it may be None)."""
+
+    atlases: tuple[Atlas, ...]
+    options: MatchOptions
+    fusion: FusionOptions = FusionOptions()
+
+    @property
+    def shared(self) -> int:
+        """The images other than the target that the call reads: the atlases."""
+        return len(self.atlases)
+
+    def run(self, matcher: Matcher, source: Image | None, target: Image, cancel: threading.Event,
+            target_names: list[str] | None) -> MatchResult:
+        """The call's :meth:`~samembed.Matcher.match_atlases` into ``target``."""
+        return matcher.match_atlases(self.atlases, [target], self.options, fusion=self.fusion, cancel=cancel,
+                                     target_names=target_names)
+
 
 #: what :func:`match_each` tells of a target: None when it starts, its results (one per call) when it is matched, or
 #: its own problem (:class:`~samembed.errors.TargetError`) when it is skipped
 TargetEvent = Union[None, "list[MatchResult]", TargetError]
 
 
-def match_each(matcher: Matcher, source: Image, targets: Sequence[Callable[[], Image]],
-               calls: Sequence[Sequence[MatchCall]], on_target: Callable[[int, TargetEvent], None], *,
+def match_each(matcher: Matcher, source: Image | None, targets: Sequence[Callable[[], Image]],
+               calls: Sequence[Sequence[MatchCall | FuseCall]], on_target: Callable[[int, TargetEvent], None], *,
                jobs: int | None = None, cancel: threading.Event | None = None,
                target_names: Sequence[str] | None = None) -> None:
-    """Match ``source`` into every target with that target's ``calls``, as :func:`each_target` orders them: one at a
-    time until one is matched (it embeds the source), then ``jobs`` at a time (None: :func:`auto_jobs`). Run by
-    :meth:`samembed.Matcher.match_each`, which tells each target in its caller's thread.
+    """Match ``source`` (or atlases) into every target with that target's ``calls``, as :func:`each_target` orders
+    them: one at a time until one is matched (it embeds the source, or the atlases), then ``jobs`` at a time (None:
+    :func:`auto_jobs`). Run by :meth:`samembed.Matcher.match_each`, which tells each target in its caller's thread.
 
     Args:
+        source: the image the points of the :class:`MatchCall` are in (None when every call is a :class:`FuseCall`).
         targets: per target, a function that gives its image (read when the target's turn comes).
-        calls: per target, the matches to make (:class:`MatchCall`; e.g. the points, then one point's heatmap).
+        calls: per target, the matches to make (:class:`MatchCall`, e.g. the points, then one point's heatmap; or
+            :class:`FuseCall`, several atlases' landmarks fused there).
         on_target: ``on_target(i, event)`` (:data:`TargetEvent`) when target ``i`` starts, is matched or is skipped;
             never two calls at once (from the thread that matched it). What it raises stops the job as an error does.
         cancel: set to stop: targets in flight stop at their next tile; :class:`~samembed.errors.Cancelled` is raised.
@@ -170,8 +206,7 @@ def match_each(matcher: Matcher, source: Image, targets: Sequence[Callable[[], I
         try:
             with of_the_target():
                 image = targets[i]()
-            results = [matcher.match(source, c.points_lps_mm, [image], c.labels, c.options, cancel=cancel,
-                                     target_names=names) for c in calls[i]]
+            results = [c.run(matcher, source, image, cancel, names) for c in calls[i]]
         except TargetError as e:
             tell(i, e)
             return False
@@ -180,5 +215,5 @@ def match_each(matcher: Matcher, source: Image, targets: Sequence[Callable[[], I
 
     if jobs > 1 and n > 2:
         log.info("%d targets: the first alone, then %d at a time", n, jobs)
-    with cache_floor(matcher.cache, 1, jobs):
+    with cache_floor(matcher.cache, max((c.shared for cs in calls for c in cs), default=1), jobs):
         each_target(n, work, jobs, cancel)

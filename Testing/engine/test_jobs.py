@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from samembed import Cancelled, Image, Matcher, MatchOptions, TargetError
+from samembed import Atlas, Cancelled, Image, Matcher, MatchOptions, TargetError
 from samembed.io import read_image
-from samembed.jobs import MatchCall, match_each
+from samembed.jobs import FuseCall, MatchCall, match_each
 
 from ..conftest import data_file
 
@@ -90,6 +90,46 @@ def test_targets_matched_two_at_a_time_get_the_matches_they_get_alone_and_are_to
     (key, heat), = told[1][1][1].heatmaps.items()
     np.testing.assert_array_equal(heat.array, expected[1][1].heatmaps[key].array)
     assert engine.cache.min_kept == alone.cache.min_kept, "the cache's floor is given back"
+
+
+def test_atlases_fused_into_targets_two_at_a_time_give_what_each_target_gets_alone(cts):
+    """Two atlases given as files, fused into three targets (``FuseCall``): the first target alone, then two at a
+    time. Each target's fused landmarks are those of a fresh engine's ``match_atlases`` of that target alone, the
+    atlases keep their file names in the results, and the memory cache keeps both atlases and a target per thread
+    while the targets run."""
+    _, targets = cts
+    atlases = []
+    for patient in ("pt_239", "pt_210"):
+        points, labels = _centroids(patient)
+        atlases.append(Atlas(str(data_file("ct", "openkbp", "ct", f"{patient}_ct.nii.gz")), points, labels))
+    alone = Matcher("default", device="cpu")
+    threads = torch.get_num_threads()
+    expected = []
+    for k, t in enumerate(targets):
+        torch.set_num_threads(threads if k == 0 else max(1, threads // 2))
+        try:
+            expected.append(alone.match_atlases(atlases, [t]))
+        finally:
+            torch.set_num_threads(threads)
+
+    engine = Matcher("default", device="cpu")
+    events, floors = [], []
+
+    def on_target(i, event):
+        events.append((i, event))
+        floors.append(engine.cache.min_kept)
+
+    engine.match_each(None, targets, [[FuseCall(tuple(atlases), MatchOptions())] for _ in targets], on_target,
+                      jobs=2)
+    order = [(i, e is None) for i, e in events]
+    assert order.index((0, False)) < order.index((1, True)), "the first target is matched alone"
+    assert max(floors) >= 2 + 2 and engine.cache.min_kept == alone.cache.min_kept
+    for i, want in enumerate(expected):
+        (got,) = [e for k, e in events if k == i and e is not None][0]
+        _same_matches(got, want)
+        assert [m.agreeing for m in got.matches] == [m.agreeing for m in want.matches]
+        named = {name for m in got.matches for name, *_ in m.per_atlas}
+        assert named == {a.image for a in atlases}, named
 
 
 def test_a_cancel_while_targets_run_at_once_stops_them_and_keeps_what_was_told(cts):

@@ -133,3 +133,99 @@ def test_fused_landmarks_in_a_target_skipped_later_are_kept_and_marked_as_not_up
     with pytest.raises(TargetError, match="nothing to search in the box"):
         a_logic.matchAtlases(atlases, [copy], FAST)
     assert all("notUpdated" in r for r in _matchRecords(nodes[0]).values())
+
+
+def _three_targets(scene, ct):
+    """``ct`` and two translated copies of it, with their translations (LPS = RAS with x, y negated; mm)."""
+    from .mrml_helpers import add_volume, voxels
+
+    shifts = [np.zeros(3), np.array([37.5, -12.0, 8.0]), np.array([-20.0, 15.0, -6.0])]
+    targets = [ct]
+    for n, shift in enumerate(shifts[1:]):
+        moved = ijk_to_ras(ct)
+        moved[:3, 3] += shift
+        targets.append(add_volume(scene, voxels(ct), moved, f"shifted {n}"))
+    return targets, shifts
+
+
+def test_atlases_are_fused_into_targets_two_at_a_time_and_written_in_the_callers_thread(a_scene, a_logic, a_small_ct,
+                                                                                      monkeypatch, caplog):
+    """With two torch threads the engine in this process fuses the atlases into the first target alone, then into
+    the other two at once (``Matcher.match_each``); every fused list is written in the caller's thread (MRML), the
+    lists come back in the targets' order, the progress counts targets, and each translated copy's fused landmarks
+    move exactly with its translation."""
+    import logging
+    import threading
+
+    import torch
+
+    _, atlases = _atlases(a_scene, a_small_ct)
+    targets, shifts = _three_targets(a_scene, a_small_ct)
+    writers, progress = [], []
+    write = a_logic._writeFused
+
+    def written(*args):
+        writers.append(threading.get_ident())
+        return write(*args)
+
+    monkeypatch.setattr(a_logic, "_writeFused", written)
+    caplog.set_level(logging.INFO, logger="samembed.jobs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        nodes = a_logic.matchAtlases(atlases, targets, FAST, progress=lambda *a: progress.append(a))
+    finally:
+        torch.set_num_threads(threads)
+
+    assert writers == [threading.get_ident()] * 3
+    assert "3 targets: the first alone, then 2 at a time" in caplog.text
+    assert [n.GetName() for n in nodes] == [f"{t.GetName()} fused matches" for t in targets]
+    assert [p[0] for p in progress] == sorted(p[0] for p in progress) and progress[-1][:2] == (3, 3), progress
+    assert any("Fusing 3 landmark(s) of 4 atlases in shifted 0 and shifted 1" in p[2] for p in progress), progress
+    labels, in_self = control_points(nodes[0])
+    for node, shift in zip(nodes[1:], shifts[1:]):
+        assert control_points(node)[0] == labels
+        np.testing.assert_allclose(control_points(node)[1], in_self + shift, atol=1e-3)
+        assert "3 of 4 atlases agree" in node.GetNthControlPointDescription(0)
+
+
+def test_a_cancel_after_the_first_fused_target_keeps_it_and_starts_no_other(a_scene, a_logic, a_small_ct):
+    """The user cancels once the first target's landmarks are fused: its list stays, no further target is fused,
+    and the call says it was cancelled."""
+    import threading
+
+    from samembed import Cancelled
+
+    _, atlases = _atlases(a_scene, a_small_ct)
+    targets, _ = _three_targets(a_scene, a_small_ct)
+    cancel = threading.Event()
+
+    def progress(done, total, phase):
+        if phase.startswith("Fused in"):
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        a_logic.matchAtlases(atlases, targets, FAST, cancel=cancel, progress=progress)
+    assert a_logic.fusedPointList(atlases[0][1], targets[0]) is not None
+    assert [a_logic.fusedPointList(atlases[0][1], t) for t in targets[1:]] == [None, None]
+
+
+def test_the_engine_process_fuses_into_targets_two_at_a_time_as_here(a_scene, a_small_ct, monkeypatch):
+    """With two torch threads in the engine process, atlases are fused into the first of three targets alone, then
+    into the other two at once (its log says so); the fused lists equal those of the engine in this process."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the child's threads (CI's test workers have one each)
+    _, atlases = _atlases(a_scene, a_small_ct)
+    targets, _ = _three_targets(a_scene, a_small_ct)
+    logic = MatchLogic(a_scene, model="random:sam-lite", device="cpu", cacheBytes=1 << 30, engine="process")
+    try:
+        nodes = logic.matchAtlases(atlases, targets, FAST)
+        in_process = [control_points(n) for n in nodes]  # (the same nodes are written below)
+        log = logic.getMatcher()._logTail(40)
+    finally:
+        logic.close()
+    assert "3 targets: the first alone, then 2 at a time" in log, log
+    here = MatchLogic(a_scene, model="random:sam-lite", device="cpu").matchAtlases(atlases, targets, FAST)
+    assert [n.GetName() for n in here] == [f"{t.GetName()} fused matches" for t in targets]
+    for (labels, ras), node in zip(in_process, here, strict=True):
+        assert labels == control_points(node)[0]
+        np.testing.assert_allclose(ras, control_points(node)[1], atol=1e-4)
