@@ -268,15 +268,12 @@ class EmbeddingMaps:
             shape = self.local_grid.shape_zyx
             lo = np.atleast_2d(np.asarray(lo_zyx, dtype=np.int64))
             hi = np.atleast_2d(np.asarray(hi_zyx, dtype=np.int64))
-            missing = np.zeros(shape, dtype=bool)
-            ready = self.ready.reshape(shape).numpy()
-            needv = None if need is None else need.reshape(shape).cpu().numpy()
-            for a, b in zip(lo, hi):
-                box = tuple(slice(int(max(0, x)), int(min(s - 1, y)) + 1) for x, y, s in zip(a, b, shape))
-                m = ~ready[box]
-                if needv is not None:
-                    m &= needv[box]
-                missing[box] |= m
+            missing = np.zeros(shape, dtype=bool)  # the boxes' voxels, then those of them to compute
+            for a, b in zip(np.maximum(lo, 0).tolist(), np.minimum(hi, np.asarray(shape) - 1).tolist()):
+                missing[tuple(slice(x, y + 1) for x, y in zip(a, b))] = True
+            missing &= ~self.ready.reshape(shape).numpy()
+            if need is not None:
+                missing &= need.reshape(shape).cpu().numpy()
             self._fill(missing)
 
     def ensure_flat(self, flat: np.ndarray | torch.Tensor) -> None:

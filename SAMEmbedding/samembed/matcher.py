@@ -9,6 +9,7 @@ target's local grid (oblique directions included).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -230,23 +231,34 @@ def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: floa
     return lo, hi
 
 
-def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray, overlap: float = 2.0) -> list[np.ndarray]:
-    """Consecutive ``rows`` in groups whose union box (of the inclusive boxes ``lo..hi``) holds at most ``overlap``
-    times the voxels of their boxes together: searched with one copy of the union, the group costs no more than
-    its boxes one by one. Far-apart windows (organs of one head) stay alone."""
+#: the fixed cost of searching one group of windows (:func:`_window_groups`), in the values (a query's similarity
+#: at a voxel) that cost as much: the group's product, global part, masks and maximum are a dozen calls each
+GROUP_COST_VALUES = 300_000
+#: the most values (queries x union voxels) one group of windows holds: its similarities are in memory at once
+MAX_GROUP_VALUES = 8_000_000
+
+
+def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    """Consecutive ``rows`` in groups searched with one product over the union box (of the inclusive boxes
+    ``lo..hi``) each. A query joins the group before it when the group then computes no more values (queries x
+    union voxels) than the two searched apart (the group's, and the query's box alone, plus
+    :data:`GROUP_COST_VALUES`), and at most :data:`MAX_GROUP_VALUES`: the seeds of one refined point, whose windows
+    overlap, share one group; far-apart windows (the organs of one head) stay apart."""
     groups: list[list[int]] = []
-    ulo = uhi = None
-    total = 0
-    for n in rows:
-        vol = int(np.prod(hi[n] - lo[n] + 1))
+    ulo = uhi = ()
+    values = 0  # the current group's: its queries x its union's voxels
+    rows = [int(n) for n in rows]  # (Python integers: thousands of refinement seeds per pass)
+    for n, a, b in zip(rows, lo[rows].tolist(), hi[rows].tolist()):
+        vol = math.prod(y - x + 1 for x, y in zip(a, b))
         if groups:
-            nlo, nhi = np.minimum(ulo, lo[n]), np.maximum(uhi, hi[n])
-            if np.prod(nhi - nlo + 1) <= overlap * (total + vol):
-                groups[-1].append(int(n))
-                ulo, uhi, total = nlo, nhi, total + vol
+            nlo, nhi = tuple(map(min, ulo, a)), tuple(map(max, uhi, b))
+            merged = (len(groups[-1]) + 1) * math.prod(y - x + 1 for x, y in zip(nlo, nhi))
+            if merged <= min(values + vol + GROUP_COST_VALUES, MAX_GROUP_VALUES):
+                groups[-1].append(n)
+                ulo, uhi, values = nlo, nhi, merged
                 continue
-        groups.append([int(n)])
-        ulo, uhi, total = lo[n].copy(), hi[n].copy(), vol
+        groups.append([n])
+        ulo, uhi, values = tuple(a), tuple(b), vol
     return [np.asarray(g, dtype=np.int64) for g in groups]
 
 
@@ -357,8 +369,8 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
             lo, hi, whole = windows
             target.ensure(lo[~whole], hi[~whole], need=allowed)
         # only the searched voxels take part: a cached compact copy of their features, or each query's window;
-        # (chunk, V) similarities at a time bound the memory
-        chunk = 64
+        # (chunk, V) similarities at a time bound the memory (windows: their groups bound it, _window_groups)
+        chunk = 64 if windows is None else max(len(queries), 1)
         parts = []
         for i in range(0, max(len(queries), 1), chunk):  # one (empty) chunk for no query, as for a few
             sel = slice(i, i + chunk)
