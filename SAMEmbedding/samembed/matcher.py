@@ -231,34 +231,44 @@ def boxes_around(maps: EmbeddingMaps, points_lps_mm: np.ndarray, window_mm: floa
     return lo, hi
 
 
-#: the fixed cost of searching one group of windows (:func:`_window_groups`), in the values (a query's similarity
-#: at a voxel) that cost as much: the group's product, global part, masks and maximum are a dozen calls each
-GROUP_COST_VALUES = 300_000
+#: what searching one group of windows (:func:`_window_groups`) costs, in the time one value (a query's similarity at
+#: a voxel) takes: a dozen calls per group, and per voxel of its union box the gathered features, the global part's
+#: lengths, masks and maximum. Measured on the 2-core VM (a refinement's 3500 seeds per pass and a chest CT's 50
+#: prior windows): about 2 ms per group, 100 ns per union voxel and 10 ns per value
+GROUP_COST_VALUES = 200_000
+VOXEL_COST_VALUES = 10
 #: the most values (queries x union voxels) one group of windows holds: its similarities are in memory at once
 MAX_GROUP_VALUES = 8_000_000
 
 
+def _group_cost(queries: int, voxels: int) -> int:
+    """What searching ``queries`` windows over one union box of ``voxels`` costs, in values (see
+    :data:`GROUP_COST_VALUES`)."""
+    return GROUP_COST_VALUES + voxels * (VOXEL_COST_VALUES + queries)
+
+
 def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
     """Consecutive ``rows`` in groups searched with one product over the union box (of the inclusive boxes
-    ``lo..hi``) each. A query joins the group before it when the group then computes no more values (queries x
-    union voxels) than the two searched apart (the group's, and the query's box alone, plus
-    :data:`GROUP_COST_VALUES`), and at most :data:`MAX_GROUP_VALUES`: the seeds of one refined point, whose windows
-    overlap, share one group; far-apart windows (the organs of one head) stay apart."""
+    ``lo..hi``) each. A query joins the group before it when searching them together costs no more than apart
+    (:func:`_group_cost`) and the group holds at most :data:`MAX_GROUP_VALUES`: the 125 seeds of one refined point,
+    whose windows overlap, share one group; far-apart windows (the organs of one head) stay apart."""
     groups: list[list[int]] = []
     ulo = uhi = ()
-    values = 0  # the current group's: its queries x its union's voxels
+    voxels = 0  # the current group's union box's
     rows = [int(n) for n in rows]  # (Python integers: thousands of refinement seeds per pass)
     for n, a, b in zip(rows, lo[rows].tolist(), hi[rows].tolist()):
         vol = math.prod(y - x + 1 for x, y in zip(a, b))
         if groups:
+            g = len(groups[-1])
             nlo, nhi = tuple(map(min, ulo, a)), tuple(map(max, uhi, b))
-            merged = (len(groups[-1]) + 1) * math.prod(y - x + 1 for x, y in zip(nlo, nhi))
-            if merged <= min(values + vol + GROUP_COST_VALUES, MAX_GROUP_VALUES):
+            union = math.prod(y - x + 1 for x, y in zip(nlo, nhi))
+            if ((g + 1) * union <= MAX_GROUP_VALUES
+                    and _group_cost(g + 1, union) <= _group_cost(g, voxels) + _group_cost(1, vol)):
                 groups[-1].append(n)
-                ulo, uhi, values = nlo, nhi, merged
+                ulo, uhi, voxels = nlo, nhi, union
                 continue
         groups.append([n])
-        ulo, uhi, values = tuple(a), tuple(b), vol
+        ulo, uhi, voxels = tuple(a), tuple(b), vol
     return [np.asarray(g, dtype=np.int64) for g in groups]
 
 

@@ -396,6 +396,28 @@ def test_window_boxes_and_groups_used_by_the_windowed_search():
     assert [g.tolist() for g in _window_groups(lo, hi, np.arange(4))] == [[0, 1, 2], [3]]
 
 
+def test_a_refined_points_seeds_share_one_group_and_far_or_large_windows_do_not():
+    """The windowed search's groups (one product over each group's union box): the 125 seeds of each of two refined
+    points (+-5 voxel windows, 4 mm apart) make one group per point, not one for both; two large prior windows far
+    apart stay apart, while two that nearly coincide share one; no group holds more than MAX_GROUP_VALUES."""
+    from samembed.matcher import MAX_GROUP_VALUES, _group_cost, _window_groups
+
+    offsets = np.stack(np.meshgrid(*[np.arange(-2, 3)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    centres = np.concatenate([np.array([20, 30, 30]) + offsets, np.array([60, 30, 70]) + offsets])
+    groups = _window_groups(centres - 5, centres + 5, np.arange(len(centres)))
+    assert [g.tolist() for g in groups] == [list(range(125)), list(range(125, 250))]
+    assert _group_cost(125, 15 ** 3) < 125 * _group_cost(1, 11 ** 3)  # (what the group saves)
+    big = np.array([[10, 10, 10], [60, 10, 10], [61, 11, 10]])
+    groups = _window_groups(big - 12, big + 12, np.arange(3))
+    assert [g.tolist() for g in groups] == [[0], [1, 2]]
+    many = np.tile(np.array([[30, 30, 30]]), (600, 1)) + np.arange(600)[:, None] % 3
+    groups = _window_groups(many - 12, many + 12, np.arange(600))
+    assert sorted(int(n) for g in groups for n in g) == list(range(600)) and len(groups) > 1
+    for g in groups:
+        union = np.prod((many[g] + 12).max(0) - (many[g] - 12).min(0) + 1)
+        assert len(g) * union <= MAX_GROUP_VALUES
+
+
 @pytest.mark.parametrize("shape", [(9, 11, 13), (7, 5)])
 def test_box_masks_mark_the_voxels_of_each_window(shape):
     """The windows of a heatmap search as (N, V) masks: exactly the voxels whose (k, j, i) lie in each inclusive
