@@ -239,11 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-model", default=None,
                    help="the base engine's model instead of --model: two models compared, each with its engine "
                         "(`--base HEAD --base-model default --model M`: M against the default on this engine)")
+    p.add_argument("--preset", default=None, help="the settings of every cold run (`samembed match --preset`, e.g. "
+                                                    "between-patients, which refines; default: the defaults)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
     args = p.parse_args(argv)
     head_model = ("--model", args.model) if args.model else ()  # samembed match's arguments of every cold run
-    #: each engine's model arguments
-    models = {"base": ("--model", args.base_model) if args.base_model else head_model, "head": head_model}
+    preset = ("--preset", args.preset) if args.preset else ()
+    #: each engine's model (and settings) arguments
+    models = {"base": (("--model", args.base_model) if args.base_model else head_model) + preset,
+              "head": head_model + preset}
     work = REPO / "cache" / "cold_ab"
     work.mkdir(parents=True, exist_ok=True)
     base = _worktree(args.base, work / "base")
@@ -360,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         + (" --first-click" if args.first_click else "") + (" --thin-slice-click" if args.thin_slice_click else "")
         + (f" --pause {args.pause:g}" if args.pause else "") + (" --heatmaps" if args.heatmaps else "")
         + (f" --model {args.model}" if args.model else "")
-        + (f" --base-model {args.base_model}" if args.base_model else "") + "`.", "",
+        + (f" --base-model {args.base_model}" if args.base_model else "")
+        + (f" --preset {args.preset}" if args.preset else "") + "`.", "",
         *(["| pair | points | base s | head s | speed-up | peak RSS GB, base / head | minor page faults k, base / head | "
            "largest move of a match, base to head, mm |",
            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""] if rows else [])])
