@@ -352,16 +352,18 @@ class EngineProcess:
         head = [] if source is None else [source]
         atlasImages = {id(a.image): a.image for cs in calls for c in cs if isinstance(c, FuseCall) for a in c.atlases}
 
+        shared = len(head) + len(atlasImages)  # sent first: the child keeps them over the targets (maxImages)
+
         def payload(keys: list[str]) -> dict:
-            keyOf = dict(zip(atlasImages, keys[len(head) + len(targets):]))  # the atlases' volumes by their keys
+            keyOf = dict(zip(atlasImages, keys[len(head):shared]))  # the atlases' volumes by their keys
             sent = [[dataclasses.replace(c, atlases=tuple(dataclasses.replace(a, image=keyOf[id(a.image)],
                                                                               name=a.display_name)
                                                           for a in c.atlases)) if isinstance(c, FuseCall) else c
                      for c in cs] for cs in calls]
-            return {"source": keys[0] if head else None, "targets": keys[len(head):len(head) + len(targets)],
-                    "calls": sent, "jobs": jobs, "target_names": None if target_names is None else list(target_names)}
+            return {"source": keys[0] if head else None, "targets": keys[shared:], "calls": sent, "jobs": jobs,
+                    "target_names": None if target_names is None else list(target_names)}
 
-        return self._request("match_each", [*head, *targets, *atlasImages.values()], payload, None, cancel, onTarget)
+        return self._request("match_each", [*head, *atlasImages.values(), *targets], payload, None, cancel, onTarget)
 
     def match_atlases(self, atlases, targets, options: MatchOptions | None = None, *,
                       progress: ProgressFn | None = None, cancel: threading.Event | None = None,

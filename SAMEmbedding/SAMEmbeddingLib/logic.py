@@ -777,6 +777,8 @@ class MatchLogic:
                 if earlier is not None:  # (marked first: a lone target's error, or none matched, raises below)
                     _markNotUpdated(earlier, labels, str(event))
                 _skipTarget(skipped, target.GetName(), event, len(targets))
+                if progress:
+                    progress(len(nodes) + len(skipped), len(targets), f"Skipped {target.GetName()}")
                 return
             for note in event[0].notes:  # (the engine process logs to its own stream): in Slicer's log and console
                 if note not in told:  # (the same for every target: said once)

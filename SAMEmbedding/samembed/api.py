@@ -405,6 +405,9 @@ class Matcher:
             Cancelled, or the first error that is not a target's own problem; the targets told as matched before it
             are the caller's.
         """
+        if source is None and any(isinstance(c, MatchCall) for cs in calls for c in cs):
+            raise InputError("match_each() needs the source image for its MatchCall (None only when every call is "
+                             "a FuseCall)")
         source = None if source is None else as_image(source)
         calls = self._atlases_read(calls)
         stop = threading.Event()  # the job's own: set by the caller's cancel (passed on below) or a failed on_target
@@ -459,14 +462,15 @@ class Matcher:
     def _atlases_read(self, calls: Sequence[Sequence[MatchCall | FuseCall]]) -> list[list[MatchCall | FuseCall]]:
         """``calls`` with the atlases of each :class:`~samembed.jobs.FuseCall` read (each image once, whichever calls
         share it): a path would be read again for every target."""
-        read: dict[int, Image] = {}
+        read: dict[object, Image] = {}
 
         def atlas(a: Atlas) -> Atlas:
             if not isinstance(a, Atlas) or isinstance(a.image, Image):
                 return a  # (match_atlases names what is not an Atlas)
-            if id(a.image) not in read:
-                read[id(a.image)] = as_image(a.image, a.display_name, self.spacing_mm)
-            return dataclasses.replace(a, image=read[id(a.image)], name=a.display_name)
+            key = Path(a.image).resolve() if isinstance(a.image, (str, os.PathLike)) else id(a.image)
+            if key not in read:
+                read[key] = as_image(a.image, a.display_name, self.spacing_mm)
+            return dataclasses.replace(a, image=read[key], name=a.display_name)
 
         return [[dataclasses.replace(c, atlases=tuple(atlas(a) for a in c.atlases)) if isinstance(c, FuseCall) else c
                  for c in cs] for cs in calls]

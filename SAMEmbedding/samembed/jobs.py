@@ -130,8 +130,6 @@ class MatchCall:
     def run(self, matcher: Matcher, source: Image | None, target: Image, cancel: threading.Event,
             target_names: list[str] | None) -> MatchResult:
         """The call's :meth:`~samembed.Matcher.match` of ``source`` into ``target``."""
-        if source is None:
-            raise ValueError("a MatchCall needs the source image")
         return matcher.match(source, self.points_lps_mm, [target], self.labels, self.options, cancel=cancel,
                              target_names=target_names)
 
@@ -148,8 +146,9 @@ class FuseCall:
 
     @property
     def shared(self) -> int:
-        """The images other than the target that the call reads: the atlases."""
-        return len(self.atlases)
+        """The images other than the target that the call reads: the atlases' (each once). While targets run at
+        once, the memory cache keeps them all, whatever its cap, as ``samembed match --atlases --jobs`` does."""
+        return len({id(a.image) for a in self.atlases})
 
     def run(self, matcher: Matcher, source: Image | None, target: Image, cancel: threading.Event,
             target_names: list[str] | None) -> MatchResult:

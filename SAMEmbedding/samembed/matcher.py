@@ -149,13 +149,33 @@ def _window_boxes(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
     lo = np.clip(np.ceil(centres - radius - 1e-9), 0, size - 1).astype(np.int64)
     hi = np.clip(np.floor(centres + radius + 1e-9), 0, size - 1).astype(np.int64)
     inside_grid = np.all(hi >= lo, axis=1) & np.all(centres + radius >= 0, axis=1) & np.all(centres - radius <= size - 1, axis=1)
-    ok = allowed.to(torch.bool).reshape(shape).cpu().numpy()
-    # a slice per window: a few windows read far less than a summed-volume table of the grid would write
-    holds = np.array([bool(ok[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo_n, hi_n))].any())
-                      for lo_n, hi_n in zip(lo, hi)], dtype=bool)
+    holds = _boxes_hold(allowed.to(torch.bool).reshape(shape).cpu().numpy(), lo, hi)
     whole = ~(inside_grid & holds)
     lo[whole], hi[whole] = 0, size - 1
     return lo, hi, whole
+
+
+#: windows beyond which :func:`_boxes_hold` sums a table of the grid instead of reading each window
+TABLE_WINDOWS = 64
+
+
+def _boxes_hold(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(N,) bool: the inclusive box ``lo[n]..hi[n]`` (integer corners inside the grid) holds a True voxel of
+    ``mask``. A slice per box for a few boxes (a few windows read far less than a table of the grid would write);
+    for more (a refinement's thousands of seeds), a summed-volume table of ``mask`` and 2^d corners per box."""
+    if len(lo) <= TABLE_WINDOWS:
+        return np.array([bool(mask[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo_n, hi_n))].any())
+                         for lo_n, hi_n in zip(lo, hi)], dtype=bool)
+    table = np.zeros(tuple(n + 1 for n in mask.shape), dtype=np.int64)
+    inner = table[(slice(1, None),) * mask.ndim]
+    inner[...] = mask
+    for a in range(mask.ndim):
+        np.cumsum(inner, axis=a, out=inner)
+    total = np.zeros(len(lo), dtype=np.int64)
+    for corner in itertools.product((0, 1), repeat=mask.ndim):  # inclusion-exclusion over the box's corners
+        at = tuple(np.where(c, hi[:, a] + 1, lo[:, a]) for a, c in enumerate(corner))
+        total += (-1) ** (mask.ndim - sum(corner)) * table[at]
+    return total > 0
 
 
 def box_masks(lo_zyx: np.ndarray, hi_zyx: np.ndarray, shape_zyx: tuple[int, ...]) -> torch.Tensor:
@@ -256,8 +276,8 @@ def _window_groups(lo: np.ndarray, hi: np.ndarray, rows: np.ndarray) -> list[np.
     ulo = uhi = ()
     voxels = 0  # the current group's union box's
     rows = [int(n) for n in rows]  # (Python integers: thousands of refinement seeds per pass)
-    for n, a, b in zip(rows, lo[rows].tolist(), hi[rows].tolist()):
-        vol = math.prod(y - x + 1 for x, y in zip(a, b))
+    vols = np.prod(hi[rows] - lo[rows] + 1, axis=1).tolist() if rows else []
+    for n, a, b, vol in zip(rows, lo[rows].tolist(), hi[rows].tolist(), vols):
         if groups:
             g = len(groups[-1])
             nlo, nhi = tuple(map(min, ulo, a)), tuple(map(max, uhi, b))
@@ -379,8 +399,9 @@ def match_queries(queries: torch.Tensor, target: EmbeddingMaps, allowed: torch.T
             lo, hi, whole = windows
             target.ensure(lo[~whole], hi[~whole], need=allowed)
         # only the searched voxels take part: a cached compact copy of their features, or each query's window;
-        # (chunk, V) similarities at a time bound the memory (windows: their groups bound it, _window_groups)
-        chunk = 64 if windows is None else max(len(queries), 1)
+        # (chunk, V) similarities at a time bound the memory (windows: their groups bound it, _window_groups, and a
+        # query whose window is the whole grid is searched alone, unless every query's is)
+        chunk = 64 if windows is None or windows[2].all() else max(len(queries), 1)
         parts = []
         for i in range(0, max(len(queries), 1), chunk):  # one (empty) chunk for no query, as for a few
             sel = slice(i, i + chunk)

@@ -132,6 +132,19 @@ def test_atlases_fused_into_targets_two_at_a_time_give_what_each_target_gets_alo
         assert named == {a.image for a in atlases}, named
 
 
+def test_match_each_without_a_source_takes_only_fusions(cts):
+    """A MatchCall needs the source: without one, match_each says so before any target starts."""
+    from samembed import InputError
+
+    _, targets = cts
+    points, labels = _centroids(SOURCE)
+    told = []
+    with pytest.raises(InputError, match="needs the source image"):
+        Matcher("default", device="cpu").match_each(None, targets[:1], [[MatchCall(points, labels, MatchOptions())]],
+                                                    lambda i, e: told.append((i, e)))
+    assert told == []
+
+
 def test_a_cancel_while_targets_run_at_once_stops_them_and_keeps_what_was_told(cts):
     """A cancel set as the second target ends: the targets in flight stop at their next tile, no target starts after
     it, and :class:`Cancelled` is raised; the targets told as matched are the caller's."""

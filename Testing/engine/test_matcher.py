@@ -400,13 +400,12 @@ def test_a_refined_points_seeds_share_one_group_and_far_or_large_windows_do_not(
     """The windowed search's groups (one product over each group's union box): the 125 seeds of each of two refined
     points (+-5 voxel windows, 4 mm apart) make one group per point, not one for both; two large prior windows far
     apart stay apart, while two that nearly coincide share one; no group holds more than MAX_GROUP_VALUES."""
-    from samembed.matcher import MAX_GROUP_VALUES, _group_cost, _window_groups
+    from samembed.matcher import MAX_GROUP_VALUES, _window_groups
 
     offsets = np.stack(np.meshgrid(*[np.arange(-2, 3)] * 3, indexing="ij"), -1).reshape(-1, 3)
     centres = np.concatenate([np.array([20, 30, 30]) + offsets, np.array([60, 30, 70]) + offsets])
     groups = _window_groups(centres - 5, centres + 5, np.arange(len(centres)))
     assert [g.tolist() for g in groups] == [list(range(125)), list(range(125, 250))]
-    assert _group_cost(125, 15 ** 3) < 125 * _group_cost(1, 11 ** 3)  # (what the group saves)
     big = np.array([[10, 10, 10], [60, 10, 10], [61, 11, 10]])
     groups = _window_groups(big - 12, big + 12, np.arange(3))
     assert [g.tolist() for g in groups] == [[0], [1, 2]]
@@ -775,3 +774,19 @@ def test_the_consistency_check_with_too_few_points_says_it_is_skipped(popi_ct, c
                     "affine, and 2 are given: it is skipped"]  # once per matcher, not per target
     plain = m.match(popi_ct, pts, [popi_ct], options=opts)
     assert [mt.point_lps_mm.tolist() for mt in checked.matches[:2]] == [mt.point_lps_mm.tolist() for mt in plain.matches]
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 13), (20, 30)])
+def test_whether_a_window_holds_a_voxel_is_the_same_by_table_and_by_slices(shape):
+    """Many windows (a refinement's seeds) are checked with a summed-volume table of the mask; the answer is each
+    window's own slice's."""
+    from samembed.matcher import TABLE_WINDOWS, _boxes_hold
+
+    rng = np.random.default_rng(1)
+    mask = rng.random(shape) < 0.03
+    lo = np.stack([rng.integers(0, n, 300) for n in shape], 1)
+    hi = np.minimum(lo + rng.integers(0, 5, (300, len(shape))), np.array(shape) - 1)
+    want = np.array([mask[tuple(slice(a, b + 1) for a, b in zip(lo_n, hi_n))].any() for lo_n, hi_n in zip(lo, hi)])
+    assert len(lo) > TABLE_WINDOWS and 0.1 < want.mean() < 0.9
+    assert np.array_equal(_boxes_hold(mask, lo, hi), want)
+    assert np.array_equal(_boxes_hold(mask, lo[:10], hi[:10]), want[:10])  # (by slices)

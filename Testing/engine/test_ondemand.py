@@ -952,3 +952,35 @@ def test_an_entry_whose_checksum_did_not_cover_its_header_is_named_and_recompute
     assert main(["cache", "info", str(tmp_path)]) == 0
     assert "an entry of an older version (its checksum did not cover its header), never read by this version" in \
         capsys.readouterr().out
+
+
+def test_a_windowed_search_takes_its_queries_at_once_unless_every_window_is_the_whole_grid(pair, monkeypatch):
+    """The windowed search takes all its queries in one pass (their groups bound the memory), and each gets what it
+    gets searched alone; when every window holds no voxel to search (all off the grid), each searches the whole
+    grid, and the (queries, voxels) products stay in chunks of 64, as without windows."""
+    import samembed.matcher as matcher_module
+
+    _, src, tgt, pts, _ = pair
+    emb = Matcher("default", device="cpu").embedder_for(3)
+    smaps, tmaps = emb.embed(src, on_demand=True), emb.embed(tgt, on_demand=True)
+    seeds = np.concatenate([pts[:2] + off for off in np.stack(np.meshgrid(*[np.arange(-2, 3) * 4.0] * 3,
+                                                                           indexing="ij"), -1).reshape(-1, 3)])
+    queries = matcher_module.query_vectors(smaps, seeds)
+    sizes = []
+    search = matcher_module._sparse_search
+
+    def recorded(q, *a, **k):
+        sizes.append(len(q))
+        return search(q, *a, **k)
+
+    monkeypatch.setattr(matcher_module, "_sparse_search", recorded)
+    together = matcher_module.match_queries(queries, tmaps, window_mm=20.0, window_centres_lps_mm=seeds)
+    assert sizes == [len(seeds)] and len(seeds) == 250
+    for n in (0, 77, 249):
+        alone = matcher_module.match_queries(queries[n:n + 1], tmaps, window_mm=20.0,
+                                             window_centres_lps_mm=seeds[n:n + 1])
+        assert alone.flat_index[0] == together.flat_index[n]
+        assert alone.scores[0] == pytest.approx(together.scores[n], abs=1e-6)
+    sizes.clear()
+    matcher_module.match_queries(queries[:100], tmaps, window_mm=20.0, window_centres_lps_mm=seeds[:100] + 1e5)
+    assert sizes == [64, 36]

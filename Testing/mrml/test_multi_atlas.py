@@ -87,9 +87,12 @@ def test_a_target_that_cannot_be_matched_is_skipped_and_the_others_are_fused(a_s
     other = add_points(a_scene, pts, ["A", "B", "D"], name="odd atlas")
     tiny = add_volume(a_scene, voxels(a_small_ct)[:2, :3, :3].copy(), ijk_to_ras(a_small_ct), "tiny")
     copy = add_volume(a_scene, voxels(a_small_ct), ijk_to_ras(a_small_ct), "copy")
+    progress = []
     with caplog.at_level("WARNING", logger="SAMEmbeddingLib.logic"):
-        nodes = a_logic.matchAtlases([*atlases, (a_small_ct, other)], [a_small_ct, tiny, copy], FAST)
+        nodes = a_logic.matchAtlases([*atlases, (a_small_ct, other)], [a_small_ct, tiny, copy], FAST,
+                                     progress=lambda *a: progress.append(a))
     assert [n.GetName() for n in nodes] == ["small CT fused matches", "copy fused matches"]
+    assert progress[-1][:2] == (3, 3) and any(p[2] == "Skipped tiny" for p in progress), progress
     np.testing.assert_allclose(control_points(nodes[1])[1], control_points(nodes[0])[1], atol=1e-6)
     said = [r.getMessage() for r in caplog.records if r.name == "SAMEmbeddingLib.logic"]
     assert any("tiny skipped (the other targets go on)" in m and "too small" in m for m in said), said
@@ -210,20 +213,39 @@ def test_a_cancel_after_the_first_fused_target_keeps_it_and_starts_no_other(a_sc
     assert [a_logic.fusedPointList(atlases[0][1], t) for t in targets[1:]] == [None, None]
 
 
+def _shifted(scene, ct, shift, name):
+    from .mrml_helpers import add_volume, voxels
+
+    moved = ijk_to_ras(ct)
+    moved[:3, 3] += shift
+    return add_volume(scene, voxels(ct), moved, name)
+
+
 def test_the_engine_process_fuses_into_targets_two_at_a_time_as_here(a_scene, a_small_ct, monkeypatch):
-    """With two torch threads in the engine process, atlases are fused into the first of three targets alone, then
-    into the other two at once (its log says so); the fused lists equal those of the engine in this process."""
+    """With two torch threads in the engine process, three atlases on volumes of their own are fused into the first
+    of six targets alone, then into the others two at once (its log says so); the fused lists equal those of the
+    engine in this process. The nine volumes are more than the engine keeps (``maxImages``, 8): the atlases go
+    first, so fusing them into six new targets sends those six alone, not the atlases again."""
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the child's threads (CI's test workers have one each)
-    _, atlases = _atlases(a_scene, a_small_ct)
-    targets, _ = _three_targets(a_scene, a_small_ct)
+    pts, atlases = _atlases(a_scene, a_small_ct)
+    moves = [np.array([4.0 * k, -3.0 * k, 2.0 * k]) for k in range(1, 3)]
+    atlases = [atlases[0], *((_shifted(a_scene, a_small_ct, m, f"atlas volume {k}"),
+                              add_points(a_scene, pts + m, ["A", "B", "C"], name=f"moved atlas {k}"))
+                             for k, m in enumerate(moves))]
+    targets = [_shifted(a_scene, a_small_ct, np.array([-5.0 * k, 6.0, 1.5 * k]), f"target {k}") for k in range(6)]
+    more = [_shifted(a_scene, a_small_ct, np.array([7.0, -2.0 * k, -1.0]), f"more {k}") for k in range(6)]
     logic = MatchLogic(a_scene, model="random:sam-lite", device="cpu", cacheBytes=1 << 30, engine="process")
     try:
         nodes = logic.matchAtlases(atlases, targets, FAST)
         in_process = [control_points(n) for n in nodes]  # (the same nodes are written below)
-        log = logic.getMatcher()._logTail(40)
+        engine = logic.getMatcher()
+        log = engine._logTail(40)
+        assert engine.imagesSent == 9 and engine.maxImages == 8
+        logic.matchAtlases(atlases, more, FAST)
+        assert engine.imagesSent == 9 + 6, "the atlases were sent again"
     finally:
         logic.close()
-    assert "3 targets: the first alone, then 2 at a time" in log, log
+    assert "6 targets: the first alone, then 2 at a time" in log, log
     here = MatchLogic(a_scene, model="random:sam-lite", device="cpu").matchAtlases(atlases, targets, FAST)
     assert [n.GetName() for n in here] == [f"{t.GetName()} fused matches" for t in targets]
     for (labels, ras), node in zip(in_process, here, strict=True):
