@@ -723,8 +723,9 @@ class MatchLogic:
         disagree). For each target a point list ``"<target> fused matches"`` gets one control point per landmark;
         its description says how many atlases agreed and their spread (mm), and the numbers are stored as data
         (:data:`MATCHES_ATTRIBUTE`, keyed by label). Inputs are only read; running again updates the same nodes.
-        The targets go as a click's do (``samembed.Matcher.match_each``): the first alone (it embeds the atlases),
-        then two at a time on a CPU where torch has two threads or more. Without ``options``, the between-patients
+        Several targets go as a click's do (``samembed.Matcher.match_each``): the first alone (it embeds the atlases),
+        then two at a time on a CPU where torch has two threads or more, the progress counted in targets; a single
+        target's progress names each atlas as it is matched. Without ``options``, the between-patients
         preset (``MatchOptions.preset("between-patients")``): atlases
         are other people's annotated scans.
 
@@ -788,9 +789,19 @@ class MatchLogic:
             if progress:
                 progress(len(nodes) + len(skipped), len(targets), f"Fused in {target.GetName()}")
 
-        # the first target alone (it embeds the atlases), then two at a time on a CPU where torch has two threads
-        matcher.match_each(None, images, [[FuseCall(tuple(engineAtlases), options)]] * len(targets), onTarget,
-                           cancel=cancel, target_names=[target.GetName() for target in targets])
+        names = [target.GetName() for target in targets]
+        if len(targets) == 1:  # one call, whose progress says which atlas is being matched
+            onTarget(0, None)
+            try:
+                result = matcher.match_atlases(engineAtlases, images, options, progress=progress, cancel=cancel,
+                                               target_names=names)
+            except TargetError as e:
+                onTarget(0, e)  # (a lone target's problem: raised there)
+                raise
+            onTarget(0, [result])
+        else:  # the first target alone (it embeds the atlases), then two at a time on a CPU where torch has two threads
+            matcher.match_each(None, images, [[FuseCall(tuple(engineAtlases), options)]] * len(targets), onTarget,
+                               cancel=cancel, target_names=names)
         return [nodes[i] for i in sorted(nodes)]
 
     def fusedPointList(self, firstPointList, targetVolume, create: bool = False):

@@ -38,7 +38,11 @@ def _check(nodes, ct, pts, logic):
 def test_the_logic_fuses_atlases_and_rejects_the_outlier(a_scene, a_logic, a_small_ct):
     pts, atlases = _atlases(a_scene, a_small_ct)
     before = [control_points(p)[1].copy() for _, p in atlases]
-    nodes = a_logic.matchAtlases(atlases, [a_small_ct], FAST)
+    progress = []
+    nodes = a_logic.matchAtlases(atlases, [a_small_ct], FAST, progress=lambda *a: progress.append(a))
+    # a single target: the progress names each atlas as it is matched
+    assert [p[2] for p in progress if p[2].startswith("atlas ")] == [f"atlas {k}/4 into target 1/1" for k in (1, 2, 3, 4)]
+    assert progress[-1][:2] == (1, 1), progress
     _check(nodes, a_small_ct, pts, a_logic)
     assert all(np.array_equal(b, control_points(p)[1]) for b, (_, p) in zip(before, atlases))  # inputs untouched
     again = a_logic.matchAtlases(atlases, [a_small_ct], FAST)  # the same node is updated
