@@ -257,7 +257,7 @@ class MatchJob:
         outcome = JobOutcome([])
         total = len(self.targets)
         finished: dict[int, TargetResult] = {}
-        running: list[int] = []
+        inFlight = _InFlight([t.name for t in self.targets])
         unmatchedAt: list[int] = []  # the place of each unmatched target, as outcome.unmatched (and .skipped, but for
         # a lone target's, which is raised) list them
 
@@ -273,15 +273,12 @@ class MatchJob:
         def told(i: int, event) -> None:
             target = self.targets[i]
             if event is None:
-                running.append(i)
+                names = inFlight.started(i)
                 if progress:
-                    names = " and ".join(self.targets[k].name for k in running)
                     progress(len(finished) + len(outcome.skipped), total,
                              f"Matching {len(self.pointIDs)} point(s) in {names}")
                 return
-            running.remove(i)
-            if isinstance(event, BaseException) and not isinstance(event, TargetError):
-                raise event  # (the engine tells only a target's own problem; anything else is an error of the job)
+            inFlight.ended(i, event)
             if isinstance(event, TargetError):
                 unmatchedAt.append(i)
                 outcome.unmatched.append((target.nodeID, str(event)))
@@ -757,22 +754,19 @@ class MatchLogic:
         matcher = self.getMatcher()
         images = [self.imageForVolume(target) for target in targets]
         nodes: dict[int, Any] = {}
-        skipped, told, running = [], set(), []
+        skipped, told, inFlight = [], set(), _InFlight([target.GetName() for target in targets])
         # the landmarks of these atlases: an unmatched target's fused ones from an earlier run no longer answer them
         labels = list(dict.fromkeys(label for atlas in engineAtlases for label in atlas.labels))
 
         def onTarget(i: int, event) -> None:  # in this thread, as each target starts, is fused or is skipped
             target = targets[i]
             if event is None:
-                running.append(i)
+                names = inFlight.started(i)
                 if progress:
-                    names = " and ".join(targets[k].GetName() for k in running)
                     progress(len(nodes) + len(skipped), len(targets),
                              f"Fusing {len(labels)} landmark(s) of {len(engineAtlases)} atlases in {names}")
                 return
-            running.remove(i)
-            if isinstance(event, BaseException) and not isinstance(event, TargetError):
-                raise event  # (the engine tells only a target's own problem; anything else is an error of the job)
+            inFlight.ended(i, event)
             if isinstance(event, TargetError):
                 earlier = self.fusedPointList(first, target)
                 if earlier is not None:  # (marked first: a lone target's error, or none matched, raises below)
@@ -1257,6 +1251,26 @@ def heatmap_display_range(similarity: np.ndarray) -> tuple[float, float]:
         values = similarity[similarity > -1.0]
     low = float(np.percentile(values, 90))
     return min(low, top - 1e-3), top
+
+
+class _InFlight:
+    """The targets of a ``match_each`` job that have started and not ended, for its progress messages."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.running: list[int] = []
+
+    def started(self, i: int) -> str:
+        """Target ``i`` started: the names of the targets in flight ("A and B")."""
+        self.running.append(i)
+        return " and ".join(self.names[k] for k in self.running)
+
+    def ended(self, i: int, event) -> None:
+        """Target ``i`` ended with ``event`` (its results or its own problem); anything else the engine told is an
+        error of the job, raised here."""
+        self.running.remove(i)
+        if isinstance(event, BaseException) and not isinstance(event, TargetError):
+            raise event
 
 
 def _skipTarget(skipped: list[tuple[str, str]], name: str, error: TargetError, total: int) -> None:

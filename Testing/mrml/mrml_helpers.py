@@ -135,3 +135,30 @@ def about_centre(node, transform: np.ndarray) -> np.ndarray:
     shift, back = np.eye(4), np.eye(4)
     shift[:3, 3], back[:3, 3] = centre, -centre
     return shift @ transform @ back
+
+
+def threads_calling(monkeypatch, owner, name: str) -> list[int]:
+    """Replace ``owner.name`` with a wrapper that records the thread of each call; returns that (growing) list."""
+    import threading
+
+    threads: list[int] = []
+    real = getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+    return threads
+
+
+def with_torch_threads(n: int, call):
+    """``call()`` with torch on ``n`` threads (the engine's jobs then match two targets at once), then as before."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return call()
+    finally:
+        torch.set_num_threads(before)

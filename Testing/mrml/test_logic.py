@@ -38,8 +38,10 @@ from .mrml_helpers import (
     require,
     set_ijk_to_ras,
     slicer,
+    threads_calling,
     trained_model_available,
     voxels,
+    with_torch_threads,
 )
 
 pytestmark = pytest.mark.needs_data
@@ -313,29 +315,17 @@ def test_three_targets_are_matched_two_at_a_time_and_written_in_the_callers_thre
     """With two torch threads the engine in this process matches the first target alone, then the other two at once
     (``Matcher.match_each``); every target's point list is still written in the caller's thread (MRML), in the
     targets' order in the outputs, and each translated copy's matches move exactly with its translation."""
-    import torch
-
     shifts = [np.zeros(3), np.array([37.5, -12.0, 8.0]), np.array([-20.0, 15.0, -6.0])]
     targets = [a_small_ct]
     for n, shift in enumerate(shifts[1:]):
         moved = ijk_to_ras(a_small_ct)
         moved[:3, 3] += shift
         targets.append(_copy(a_scene, a_small_ct, moved, f"shifted {n}"))
-    writers, progress = [], []
-    apply = a_logic.applyTargetResult
-
-    def applied(*args, **kwargs):
-        writers.append(threading.get_ident())
-        return apply(*args, **kwargs)
-
-    monkeypatch.setattr(a_logic, "applyTargetResult", applied)
+    progress = []
+    writers = threads_calling(monkeypatch, a_logic, "applyTargetResult")
     caplog.set_level(logging.INFO, logger="samembed.jobs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        outputs = a_logic.matchPoints(a_small_ct, two_landmarks, targets, progress=lambda *a: progress.append(a))
-    finally:
-        torch.set_num_threads(threads)
+    outputs = with_torch_threads(2, lambda: a_logic.matchPoints(a_small_ct, two_landmarks, targets,
+                                                                progress=lambda *a: progress.append(a)))
 
     assert writers == [threading.get_ident()] * 3
     assert "3 targets: the first alone, then 2 at a time" in caplog.text

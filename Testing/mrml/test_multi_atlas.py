@@ -9,7 +9,7 @@ import pytest
 from samembed import InputError, MatchOptions
 from SAMEmbeddingLib.logic import MatchLogic
 
-from .mrml_helpers import add_points, control_points, ijk_to_ras
+from .mrml_helpers import add_points, control_points, ijk_to_ras, threads_calling, with_torch_threads
 
 pytestmark = pytest.mark.needs_data
 
@@ -164,25 +164,13 @@ def test_atlases_are_fused_into_targets_two_at_a_time_and_written_in_the_callers
     import logging
     import threading
 
-    import torch
-
     _, atlases = _atlases(a_scene, a_small_ct)
     targets, shifts = _three_targets(a_scene, a_small_ct)
-    writers, progress = [], []
-    write = a_logic._writeFused
-
-    def written(*args):
-        writers.append(threading.get_ident())
-        return write(*args)
-
-    monkeypatch.setattr(a_logic, "_writeFused", written)
+    progress = []
+    writers = threads_calling(monkeypatch, a_logic, "_writeFused")
     caplog.set_level(logging.INFO, logger="samembed.jobs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        nodes = a_logic.matchAtlases(atlases, targets, FAST, progress=lambda *a: progress.append(a))
-    finally:
-        torch.set_num_threads(threads)
+    nodes = with_torch_threads(2, lambda: a_logic.matchAtlases(atlases, targets, FAST,
+                                                               progress=lambda *a: progress.append(a)))
 
     assert writers == [threading.get_ident()] * 3
     assert "3 targets: the first alone, then 2 at a time" in caplog.text
