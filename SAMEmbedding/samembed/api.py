@@ -35,7 +35,7 @@ from .heatmap import Heatmaps
 from .image import Image
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
-from .jobs import FuseCall, MatchCall, TargetEvent
+from .jobs import FuseCall, MatchCall, TargetEvent, each_atlas
 from .jobs import match_each as _match_each_in_threads
 from .matcher import (
     allowed_at,
@@ -527,21 +527,24 @@ class Matcher:
         t0 = time.time()
         result = MatchResult([], [], timings={}, notes=notes)
         for ti, target in enumerate(targets):  # targets outside: each is embedded once, the atlases stay cached
-            per_atlas = []
-            for ai, a in enumerate(atlases):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result)
+            names = None if target_names is None else [target_names[ti]]
+
+            def one(ai: int, target=target, names=names) -> MatchResult:
+                a = atlases[ai]
+                return self.match(images[ai], a.points_lps_mm, [target], list(a.labels), options, cancel=cancel,
+                                  target_names=names)
+
+            def told(phase: str, ti: int = ti) -> None:
                 if progress:
-                    progress(ti, len(targets), f"atlas {ai + 1}/{len(atlases)} into target {ti + 1}/{len(targets)}")
-                names = None if target_names is None else [target_names[ti]]
-                try:
-                    per_atlas.append(self.match(images[ai], a.points_lps_mm, [target], list(a.labels), options,
-                                                cancel=cancel, target_names=names))
-                except Cancelled:  # (its partial result is one atlas's, unfused): the fused targets so far
-                    raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result) from None
-                except TargetError as e:  # (the same): this target's place among the targets, and the fused ones
-                    e.target_index, e.partial = ti, result
-                    raise
+                    progress(ti, len(targets), f"{phase} into target {ti + 1}/{len(targets)}")
+
+            try:
+                per_atlas = each_atlas(len(atlases), one, told, self.device.type, cancel)
+            except Cancelled:  # (its partial result is one atlas's, unfused): the fused targets so far
+                raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result) from None
+            except TargetError as e:  # (the same): this target's place among the targets, and the fused ones
+                e.target_index, e.partial = ti, result
+                raise
             name = per_atlas[0].targets[0]
             result.targets.append(name)
             result.matches.extend(self._fused(atlases, per_atlas, labels, fusion, ti, name))

@@ -132,6 +132,41 @@ def test_atlases_fused_into_targets_two_at_a_time_give_what_each_target_gets_alo
         assert named == {a.image for a in atlases}, named
 
 
+def test_three_atlases_into_one_target_match_the_first_alone_then_two_at_a_time(cts, caplog):
+    """One target, three atlases, torch on two threads: the first atlas alone (it embeds the target), then the other
+    two at once, and the fused landmarks are exactly those of one atlas at a time (torch on one thread). The
+    progress names the atlases, in the caller's thread."""
+    import logging
+
+    _, targets = cts
+    atlases = []
+    for patient in ("pt_239", "pt_210", "pt_202"):
+        points, labels = _centroids(patient)
+        atlases.append(Atlas(_ct(patient), points, labels, patient))
+    options = MatchOptions.preset("between-patients")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = Matcher("default", device="cpu").match_atlases(atlases, [targets[0]], options)
+    finally:
+        torch.set_num_threads(threads)
+    told = []
+    caplog.set_level(logging.INFO, logger="samembed.jobs")
+    torch.set_num_threads(2)
+    try:
+        both = Matcher("default", device="cpu").match_atlases(
+            atlases, [targets[0]], options, progress=lambda *a: told.append((threading.get_ident(), a[2])))
+    finally:
+        torch.set_num_threads(threads)
+    assert "3 atlases: the first alone, then 2 at a time" in caplog.text
+    assert [phase for _, phase in told][:2] == ["atlas 1/3 into target 1/1",
+                                                "atlases 2-3/3, 2 at a time into target 1/1"], told
+    assert len(told) == 3 and told[2][1].startswith("fused 1/1 "), told
+    assert {thread for thread, _ in told} == {threading.get_ident()}
+    _same_matches(both, alone)
+    assert [m.per_atlas for m in both.matches] == [m.per_atlas for m in alone.matches]
+
+
 def test_match_each_without_a_source_takes_only_fusions(cts):
     """A MatchCall needs the source: without one, match_each says so before any target starts."""
     from samembed import InputError

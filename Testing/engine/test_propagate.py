@@ -76,8 +76,12 @@ def setup(tmp_path_factory):
 def client(setup):
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+    from samembed.propagate.run import dask_environment_kept
+
+    # (Dask's nannies leave OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 in this process: later tests' engine processes
+    # would run torch on one thread)
+    with dask_environment_kept(), LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                               dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
         yield c
 
 
@@ -444,8 +448,15 @@ def test_a_stop_while_the_last_tables_are_written_keeps_them_whole(setup, client
     assert json.loads((out2 / "run.json").read_text())["status"] == "interrupted"
     # without a page to write, a stop noted at the end leaves a finished run
     out3 = tmp_path / "out3"
+    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")  # (as a user's shell may have it; Dask's nanny sets 1 for its workers)
     summary = propagate(setup["atlas"], scans, out3, OPTIONS, _settings(setup, report=False))
     assert summary.finished == 2 and json.loads((out3 / "run.json").read_text())["status"] == "finished"
+    # the local cluster's nannies leave this process's environment as it was: processes started later (the
+    # Slicer module's engine process) keep their threads
+    assert os.environ.get("MKL_NUM_THREADS") == "2"
+    assert {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")} == {
+        k: threads[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
 def test_a_resume_with_other_settings_sets_the_earlier_results_aside_until_each_scan_is_redone(setup, client,

@@ -385,7 +385,8 @@ def test_a_clicks_targets_after_the_first_are_matched_two_at_a_time_in_the_engin
     this process matching one target at a time."""
     import csv
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the child's threads (CI's test workers have one each)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the child's threads (CI's test workers have one each; torch takes
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")  # MKL's count, which a Dask nanny may have left at 1 here)
     ct = DATA / "ct" / "openkbp" / "ct"
     source = load_volume(a_scene, ct / "pt_239_ct.nii.gz", "pt_239")
     targets = [load_volume(a_scene, ct / f"{p}_ct.nii.gz", p) for p in ("pt_231", "pt_206", "pt_215")]

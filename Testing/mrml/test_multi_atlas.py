@@ -218,7 +218,8 @@ def test_the_engine_process_fuses_into_targets_two_at_a_time_as_here(a_scene, a_
     of six targets alone, then into the others two at once (its log says so); the fused lists equal those of the
     engine in this process. The nine volumes are more than the engine keeps (``maxImages``, 8): the atlases go
     first, so fusing them into six new targets sends those six alone, not the atlases again."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the child's threads (CI's test workers have one each)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the child's threads (CI's test workers have one each; torch takes
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")  # MKL's count, which a Dask nanny may have left at 1 here)
     pts, atlases = _atlases(a_scene, a_small_ct)
     moves = [np.array([4.0 * k, -3.0 * k, 2.0 * k]) for k in range(1, 3)]
     atlases = [atlases[0], *((_shifted(a_scene, a_small_ct, m, f"atlas volume {k}"),

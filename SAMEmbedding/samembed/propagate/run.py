@@ -160,6 +160,26 @@ GUARD_HINT = ("Dask's worker processes import the calling script again, so put t
 
 
 @contextlib.contextmanager
+def dask_environment_kept() -> Iterator[None]:
+    """A block after which the variables of Dask's ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS=1``,
+    ``MKL_NUM_THREADS=1``, ...) are as before it. Dask's nanny writes them into this process's environment before it
+    starts each worker process, and leaves them there: every process started from this one afterwards (the Slicer
+    module's engine process, a ``samembed`` command) would run torch on one thread (torch takes MKL's count)."""
+    import dask
+
+    keys = [str(k) for k in dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {}]
+    before = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def _client(settings: PropagateSettings, client=None) -> Iterator[Any]:
     """The Dask client: the one given, one joined to ``settings.scheduler`` (with Dask's security config), or a
     local cluster of ``settings.workers`` processes with one thread each, bound to 127.0.0.1."""
@@ -180,20 +200,21 @@ def _client(settings: PropagateSettings, client=None) -> Iterator[Any]:
         finally:
             c.close()
         return
-    with _workers_ignore_interrupts():
+    with dask_environment_kept():  # (the cluster's nannies set them for their workers, here)
+        with _workers_ignore_interrupts():
+            try:
+                cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                       memory_limit=settings.memory_limit, silence_logs=logging.ERROR)
+            except RuntimeError as e:  # (Dask's own traceback of the worker is logged above)
+                raise SamEmbedError(f"the local Dask cluster's worker processes did not start ({e}). Called from a "
+                                    f"script? {GUARD_HINT}") from e
+        c = Client(cluster)
         try:
-            cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address="127.0.0.1:0", memory_limit=settings.memory_limit,
-                                   silence_logs=logging.ERROR)
-        except RuntimeError as e:  # (Dask's own traceback of the worker is logged above)
-            raise SamEmbedError(f"the local Dask cluster's worker processes did not start ({e}). Called from a "
-                                f"script? {GUARD_HINT}") from e
-    c = Client(cluster)
-    try:
-        yield c
-    finally:
-        c.close()
-        cluster.close(timeout=20)
+            yield c
+        finally:
+            c.close()
+            cluster.close(timeout=20)
 
 
 class _Bar:
