@@ -529,9 +529,9 @@ class Matcher:
         for ti, target in enumerate(targets):  # targets outside: each is embedded once, the atlases stay cached
             names = None if target_names is None else [target_names[ti]]
 
-            def one(ai: int, target=target, names=names) -> MatchResult:
+            def one(ai: int, stop, target=target, names=names) -> MatchResult:
                 a = atlases[ai]
-                return self.match(images[ai], a.points_lps_mm, [target], list(a.labels), options, cancel=cancel,
+                return self.match(images[ai], a.points_lps_mm, [target], list(a.labels), options, cancel=stop,
                                   target_names=names)
 
             def told(phase: str, ti: int = ti) -> None:
@@ -539,7 +539,7 @@ class Matcher:
                     progress(ti, len(targets), f"{phase} into target {ti + 1}/{len(targets)}")
 
             try:
-                per_atlas = each_atlas(len(atlases), one, told, self.device.type, cancel)
+                per_atlas = each_atlas(len(atlases), one, told, self.device.type, self.cache, cancel)
             except Cancelled:  # (its partial result is one atlas's, unfused): the fused targets so far
                 raise Cancelled(f"cancelled after {ti} of {len(targets)} targets", partial=result) from None
             except TargetError as e:  # (the same): this target's place among the targets, and the fused ones

@@ -115,19 +115,31 @@ def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: 
         pool.shutdown(wait=True)
 
 
-def each_atlas(n_atlases: int, match: Callable[[int], MatchResult], told: Callable[[str], None], device_type: str,
-               cancel: threading.Event | None = None) -> list[MatchResult]:
-    """The matches of ``n_atlases`` atlases into one target (``match(i)``: atlas ``i``'s), in the atlases' order: the
-    first alone (it embeds the target: its global map, the tiles of its windows), then the others two at a time on a
-    CPU where torch has two threads or more, each with half of them, as :func:`each_target` runs targets; one at a
-    time when targets already run at once (:func:`samembed.embedding.matching_concurrently`: ``--jobs``, a click's
-    or a fusion's targets), on a GPU, or for fewer than three atlases. Each atlas's matches are the ones it gets
-    alone (the target's tiles are the same whichever atlas computes them).
+class AnyOf:
+    """A cancel that is set when any of ``events`` is (None ones left out): read-only, ``is_set()`` as the matcher
+    reads its cancel, so a job can stop its own work without setting its caller's event."""
+
+    def __init__(self, *events: threading.Event | None) -> None:
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+def each_atlas(n_atlases: int, match: Callable[[int, AnyOf], MatchResult], told: Callable[[str], None],
+               device_type: str, cache: EmbeddingCache, cancel: threading.Event | None = None) -> list[MatchResult]:
+    """The matches of ``n_atlases`` atlases into one target (``match(i, cancel)``: atlas ``i``'s, stopping at its next
+    tile once ``cancel`` is set), in the atlases' order: the first alone (it embeds the target: its global map, the
+    tiles of its windows), then the others two at a time on a CPU where torch has two threads or more, each with half
+    of them, as :func:`each_target` runs targets; one at a time when targets already run at once
+    (:func:`samembed.embedding.matching_concurrently`: ``--jobs``, a click's or a fusion's targets), on a GPU, or for
+    fewer than three atlases. Each atlas's matches are the ones it gets alone (the target's tiles are the same whichever
+    atlas computes them). While two run, the memory ``cache`` keeps the target and the atlases in flight.
 
     ``told(phase)`` names the atlases about to be matched ("atlas 2/3", "atlases 2-3/3"), always in the calling
-    thread. ``cancel`` (the caller's: never set here) is checked before each atlas starts; ``match`` passes it on to
-    the matcher, which stops at its next tile. The first error stops the atlases not yet started and, once those in
-    flight are done, is raised."""
+    thread. The caller's ``cancel`` is never set here: each atlas gets one that is set by it, or by this call's own stop
+    (an atlas's error or an interrupt stops the others at their next tile); the first error is raised once those in
+    flight are done."""
     import torch
 
     from .embedding import matching_concurrently
@@ -137,21 +149,23 @@ def each_atlas(n_atlases: int, match: Callable[[int], MatchResult], told: Callab
     if device_type != "cpu" or n_atlases < 3 or matching_concurrently():
         jobs = 1
     caller = threading.current_thread()
-    stop = threading.Event()  # this call's own: set by each_target when an atlas fails
+    stop = threading.Event()  # this call's own: set by each_target when an atlas fails or on an interrupt
+    either = AnyOf(cancel, stop)
 
     def work(i: int) -> bool:
-        if stop.is_set() or (cancel is not None and cancel.is_set()):
+        if either.is_set():
             raise Cancelled("cancelled")
         if threading.current_thread() is caller and (jobs == 1 or i == 0):
             told(f"atlas {i + 1}/{n_atlases}")
-        results[i] = match(i)
+        results[i] = match(i, either)
         if i == 0 and jobs > 1:
             told(f"atlases 2-{n_atlases}/{n_atlases}, {jobs} at a time")
         return True
 
     if jobs > 1:
         log.info("%d atlases: the first alone, then %d at a time", n_atlases, jobs)
-    each_target(n_atlases, work, jobs, stop)
+    with cache_floor(cache, 1, jobs):
+        each_target(n_atlases, work, jobs, stop)
     return results  # type: ignore[return-value]
 
 

@@ -150,15 +150,24 @@ def test_three_atlases_into_one_target_match_the_first_alone_then_two_at_a_time(
         alone = Matcher("default", device="cpu").match_atlases(atlases, [targets[0]], options)
     finally:
         torch.set_num_threads(threads)
-    told = []
+    told, matched_in = [], []
     caplog.set_level(logging.INFO, logger="samembed.jobs")
+    engine = Matcher("default", device="cpu")
+    match = engine.match
+
+    def recorded(*args, **kwargs):
+        matched_in.append(threading.current_thread().name)
+        return match(*args, **kwargs)
+
+    engine.match = recorded
     torch.set_num_threads(2)
     try:
-        both = Matcher("default", device="cpu").match_atlases(
-            atlases, [targets[0]], options, progress=lambda *a: told.append((threading.get_ident(), a[2])))
+        both = engine.match_atlases(atlases, [targets[0]], options,
+                                    progress=lambda *a: told.append((threading.get_ident(), a[2])))
     finally:
         torch.set_num_threads(threads)
     assert "3 atlases: the first alone, then 2 at a time" in caplog.text
+    assert matched_in[0] == threading.current_thread().name and len(set(matched_in[1:])) == 2, matched_in
     assert [phase for _, phase in told][:2] == ["atlas 1/3 into target 1/1",
                                                 "atlases 2-3/3, 2 at a time into target 1/1"], told
     assert len(told) == 3 and told[2][1].startswith("fused 1/1 "), told

@@ -448,15 +448,24 @@ def test_a_stop_while_the_last_tables_are_written_keeps_them_whole(setup, client
     assert json.loads((out2 / "run.json").read_text())["status"] == "interrupted"
     # without a page to write, a stop noted at the end leaves a finished run
     out3 = tmp_path / "out3"
-    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    monkeypatch.setenv("MKL_NUM_THREADS", "2")  # (as a user's shell may have it; Dask's nanny sets 1 for its workers)
     summary = propagate(setup["atlas"], scans, out3, OPTIONS, _settings(setup, report=False))
     assert summary.finished == 2 and json.loads((out3 / "run.json").read_text())["status"] == "finished"
-    # the local cluster's nannies leave this process's environment as it was: processes started later (the
-    # Slicer module's engine process) keep their threads
-    assert os.environ.get("MKL_NUM_THREADS") == "2"
-    assert {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")} == {
-        k: threads[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+def test_a_local_cluster_leaves_the_callers_thread_variables_as_they_were(setup, monkeypatch):
+    """Dask's nanny writes OMP_NUM_THREADS=1 (and its other pre-spawn variables, and a hash seed) into this process
+    before it starts a worker; once propagate's local cluster closes they are as before, so processes started later
+    from here (the Slicer module's engine process) keep torch's threads."""
+    from samembed.propagate import run
+
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    with run._client(_settings(setup, workers=1)) as c:
+        assert c.run(os.getpid)  # its worker runs
+        assert os.environ.get("OMP_NUM_THREADS") == "1", "Dask's nanny no longer writes here: the test sees nothing"
+    assert [k for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED") if k in os.environ] == []
+    assert os.environ["MKL_NUM_THREADS"] == "2"
 
 
 def test_a_resume_with_other_settings_sets_the_earlier_results_aside_until_each_scan_is_redone(setup, client,

@@ -39,7 +39,9 @@ def test_the_logic_fuses_atlases_and_rejects_the_outlier(a_scene, a_logic, a_sma
     pts, atlases = _atlases(a_scene, a_small_ct)
     before = [control_points(p)[1].copy() for _, p in atlases]
     progress = []
-    nodes = a_logic.matchAtlases(atlases, [a_small_ct], FAST, progress=lambda *a: progress.append(a))
+    # (torch on one thread: the atlases one at a time)
+    nodes = with_torch_threads(1, lambda: a_logic.matchAtlases(atlases, [a_small_ct], FAST,
+                                                               progress=lambda *a: progress.append(a)))
     # a single target: the progress names each atlas as it is matched
     assert [p[2] for p in progress if p[2].startswith("atlas ")] == [f"atlas {k}/4 into target 1/1" for k in (1, 2, 3, 4)]
     assert progress[-1][:2] == (1, 1), progress

@@ -161,13 +161,15 @@ GUARD_HINT = ("Dask's worker processes import the calling script again, so put t
 
 @contextlib.contextmanager
 def dask_environment_kept() -> Iterator[None]:
-    """A block after which the variables of Dask's ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS=1``,
-    ``MKL_NUM_THREADS=1``, ...) are as before it. Dask's nanny writes them into this process's environment before it
-    starts each worker process, and leaves them there: every process started from this one afterwards (the Slicer
-    module's engine process, a ``samembed`` command) would run torch on one thread (torch takes MKL's count)."""
+    """A block after which the variables of Dask's ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS``,
+    ``MKL_NUM_THREADS``, ... : 1 where they are not set) and ``PYTHONHASHSEED`` are as before it. Dask's nanny writes
+    them into this process's environment before it starts each worker process, and leaves them there: every process
+    started from this one afterwards (the Slicer module's engine process, a ``samembed`` command) would run torch on
+    one thread (torch takes MKL's count), with a fixed hash seed."""
     import dask
 
     keys = [str(k) for k in dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {}]
+    keys.append("PYTHONHASHSEED")
     before = {k: os.environ.get(k) for k in keys}
     try:
         yield
