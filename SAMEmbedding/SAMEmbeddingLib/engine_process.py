@@ -49,7 +49,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import itertools
 import json
@@ -73,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from samembed import Cancelled, Image, InputError, MatchOptions, MatchResult, TargetError
-from samembed.jobs import FuseCall
+from samembed.jobs import atlases_of, with_atlas_images
 from samembed.options import ProgressFn
 from samembed.prefetch import ArrayFile
 
@@ -350,16 +349,13 @@ class EngineProcess:
         calls = [list(c) for c in calls]
         targets = list(targets)
         head = [] if source is None else [source]
-        atlasImages = {id(a.image): a.image for cs in calls for c in cs if isinstance(c, FuseCall) for a in c.atlases}
+        atlasImages = {id(a.image): a.image for a in atlases_of(calls)}
 
         shared = len(head) + len(atlasImages)  # sent first: the child keeps them over the targets (maxImages)
 
         def payload(keys: list[str]) -> dict:
             keyOf = dict(zip(atlasImages, keys[len(head):shared]))  # the atlases' volumes by their keys
-            sent = [[dataclasses.replace(c, atlases=tuple(dataclasses.replace(a, image=keyOf[id(a.image)],
-                                                                              name=a.display_name)
-                                                          for a in c.atlases)) if isinstance(c, FuseCall) else c
-                     for c in cs] for cs in calls]
+            sent = with_atlas_images(calls, lambda a: keyOf[id(a.image)])
             return {"source": keys[0] if head else None, "targets": keys[shared:], "calls": sent, "jobs": jobs,
                     "target_names": None if target_names is None else list(target_names)}
 
@@ -1067,9 +1063,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                     conn.send(("target", requestID, (i, _picklable(event) if isinstance(event, BaseException)
                                                      else event)))
 
-                calls = [[dataclasses.replace(c, atlases=tuple(dataclasses.replace(a, image=image(a.image))
-                                                               for a in c.atlases)) if isinstance(c, FuseCall) else c
-                          for c in cs] for cs in payload["calls"]]  # the atlases' volumes, from their keys
+                calls = with_atlas_images(payload["calls"], lambda a: image(a.image))  # the volumes of their keys
                 matcher.match_each(None if payload["source"] is None else image(payload["source"]),
                                    [functools.partial(image, k) for k in payload["targets"]], calls, told,
                                    jobs=payload["jobs"], cancel=cancel, target_names=payload["target_names"])
@@ -1129,7 +1123,7 @@ def _imageKeys(kind: str, payload: dict) -> list[str]:
     if kind == "match_atlases":
         return [key for key, *_ in payload["atlases"]] + list(payload["targets"])
     if kind == "match_each":  # the source or the atlases, then the targets
-        atlases = [a.image for cs in payload["calls"] for c in cs if isinstance(c, FuseCall) for a in c.atlases]
+        atlases = [a.image for a in atlases_of(payload["calls"])]
         return [*([] if payload["source"] is None else [payload["source"]]), *atlases, *payload["targets"]]
     return [payload["source"], *payload["targets"]]
 

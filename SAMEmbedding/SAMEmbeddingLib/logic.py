@@ -754,17 +754,18 @@ class MatchLogic:
         matcher = self.getMatcher()
         images = [self.imageForVolume(target) for target in targets]
         nodes: dict[int, Any] = {}
-        skipped, told, inFlight = [], set(), _InFlight([target.GetName() for target in targets])
+        names = [target.GetName() for target in targets]
+        skipped, told, inFlight = [], set(), _InFlight(names)
         # the landmarks of these atlases: an unmatched target's fused ones from an earlier run no longer answer them
         labels = list(dict.fromkeys(label for atlas in engineAtlases for label in atlas.labels))
 
         def onTarget(i: int, event) -> None:  # in this thread, as each target starts, is fused or is skipped
             target = targets[i]
             if event is None:
-                names = inFlight.started(i)
+                running = inFlight.started(i)
                 if progress:
                     progress(len(nodes) + len(skipped), len(targets),
-                             f"Fusing {len(labels)} landmark(s) of {len(engineAtlases)} atlases in {names}")
+                             f"Fusing {len(labels)} landmark(s) of {len(engineAtlases)} atlases in {running}")
                 return
             inFlight.ended(i, event)
             if isinstance(event, TargetError):
@@ -783,7 +784,6 @@ class MatchLogic:
             if progress:
                 progress(len(nodes) + len(skipped), len(targets), f"Fused in {target.GetName()}")
 
-        names = [target.GetName() for target in targets]
         if len(targets) == 1:  # one call, whose progress says which atlas is being matched
             onTarget(0, None)
             try:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -35,7 +34,7 @@ from .heatmap import Heatmaps
 from .image import Image
 from .intensity import polish_points
 from .io import image_from_sitk, read_image, validate_image
-from .jobs import FuseCall, MatchCall, TargetEvent, each_atlas
+from .jobs import FuseCall, MatchCall, TargetEvent, each_atlas, with_atlas_images
 from .jobs import match_each as _match_each_in_threads
 from .matcher import (
     allowed_at,
@@ -464,16 +463,15 @@ class Matcher:
         share it): a path would be read again for every target."""
         read: dict[object, Image] = {}
 
-        def atlas(a: Atlas) -> Atlas:
-            if not isinstance(a, Atlas) or isinstance(a.image, Image):
-                return a  # (match_atlases names what is not an Atlas)
+        def image_of(a: Atlas) -> Image:
+            if isinstance(a.image, Image):
+                return a.image
             key = Path(a.image).resolve() if isinstance(a.image, (str, os.PathLike)) else id(a.image)
             if key not in read:
                 read[key] = as_image(a.image, a.display_name, self.spacing_mm)
-            return dataclasses.replace(a, image=read[key], name=a.display_name)
+            return read[key]
 
-        return [[dataclasses.replace(c, atlases=tuple(atlas(a) for a in c.atlases)) if isinstance(c, FuseCall) else c
-                 for c in cs] for cs in calls]
+        return with_atlas_images(calls, image_of)
 
     def match_atlases(self, atlases: Sequence[Atlas], targets: Sequence, options: MatchOptions = DEFAULT_OPTIONS, *,
                       fusion: FusionOptions = DEFAULT_FUSION, progress: ProgressFn | None = None,

@@ -26,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -209,6 +209,24 @@ class FuseCall:
         """The call's :meth:`~samembed.Matcher.match_atlases` into ``target``."""
         return matcher.match_atlases(self.atlases, [target], self.options, fusion=self.fusion, cancel=cancel,
                                      target_names=target_names)
+
+
+def atlases_of(calls: Sequence[Sequence[MatchCall | FuseCall]]) -> Iterator[Atlas]:
+    """The atlases of every :class:`FuseCall` in ``calls`` (per target, its calls), in order, repeats included."""
+    return (a for cs in calls for c in cs if isinstance(c, FuseCall) for a in c.atlases)
+
+
+def with_atlas_images(calls: Sequence[Sequence[MatchCall | FuseCall]],
+                      image_of: Callable[[Atlas], object]) -> list[list[MatchCall | FuseCall]]:
+    """``calls`` with the image of each :class:`FuseCall`'s atlas replaced by ``image_of(atlas)`` (read from a path,
+    or sent to the engine process as its volume's key and back), the atlas keeping its name
+    (:attr:`~samembed.fusion.Atlas.display_name`). What is not an Atlas is left for
+    :meth:`~samembed.Matcher.match_atlases` to name."""
+    def atlas(a):
+        return replace(a, image=image_of(a), name=a.display_name) if isinstance(a, Atlas) else a
+
+    return [[replace(c, atlases=tuple(atlas(a) for a in c.atlases)) if isinstance(c, FuseCall) else c for c in cs]
+            for cs in calls]
 
 
 #: what :func:`match_each` tells of a target: None when it starts, its results (one per call) when it is matched, or
