@@ -309,6 +309,21 @@ def _axis_samples(n_in: int, n_out: int, ratio: float) -> tuple[np.ndarray, np.n
 _BLOCK_ELEMENTS = 1 << 20
 
 
+def _rows_read(lower: np.ndarray, upper: np.ndarray, a: int, b: int) -> tuple[int, int, slice | np.ndarray, np.ndarray, np.ndarray]:
+    """Output rows ``a..b-1`` of a per-axis resampling, whose neighbours along y are the input rows ``lower`` and
+    ``upper`` (:func:`_axis_samples`): ``(a, b, the input rows they read, and each output row's lower and upper
+    neighbour among those)``. Where y is downsampled, some input rows between the first and the last are nobody's
+    neighbour (a 0.7 mm slice onto 2 mm reads 360 of its 512 rows), and are left out: each row's interpolation
+    along x is then done only for rows that are used, the same values (about 1.5x faster for thin-slice CTs).
+    Otherwise the rows read are a slice (a view, no copy)."""
+    lo, hi = lower[a:b], upper[a:b]
+    first, last = int(lo[0]), int(hi[-1])
+    used = np.unique(np.concatenate([lo, hi]))
+    if len(used) == last - first + 1:  # every row in between is used: a view
+        return a, b, slice(first, last + 1), lo - first, hi - first
+    return a, b, used, np.searchsorted(used, lo), np.searchsorted(used, hi)
+
+
 def resample_per_axis(img, spacing_mm: float, fill_value: float,
                       pad_multiple_xyz: tuple[int, ...] | None = None) -> tuple[np.ndarray, Grid]:
     """:func:`resample_to_spacing`'s voxels (float32, zyx) and grid, computed one axis at a time.
@@ -349,21 +364,20 @@ def resample_per_axis(img, spacing_mm: float, fill_value: float,
         _axis_samples(n, m, r) for n, m, r in zip(voxels.shape, size_zyx, reversed(ratios)))
     # output rows per block, so that a block's rows of input (more of them where y is downsampled) stay within it
     rows = max(1, int(_BLOCK_ELEMENTS // (size_zyx[2] * max(1.0, ratios[1]))))
+    blocks = [_rows_read(y0, y1, a, min(size_zyx[1], a + rows)) for a in range(0, size_zyx[1], rows)]
 
     def interpolate_slice(k: int, into: np.ndarray) -> np.ndarray:
         """Input slice ``k`` interpolated along x, then y, into ``into`` (output rows x columns), block by block."""
         s = voxels[k]
-        for a in range(0, size_zyx[1], rows):
-            b = min(size_zyx[1], a + rows)
-            first, last = int(y0[a]), int(y1[b - 1])  # the input rows this block reads
-            part = s[first:last + 1]
+        for a, b, read, lower, upper in blocks:
+            part = s[read]  # the input rows this block reads (only those: a row's values along x need no other)
             lo = part[:, x0].astype(np.float64)
             along_x = part[:, x1].astype(np.float64)
             along_x -= lo
             along_x *= wx
             along_x += lo
-            lo = along_x[y0[a:b] - first]
-            hi = along_x[y1[a:b] - first]
+            lo = along_x[lower]
+            hi = along_x[upper]
             hi -= lo
             hi *= wy[a:b, None]
             hi += lo

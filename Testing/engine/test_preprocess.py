@@ -255,6 +255,29 @@ def test_the_per_axis_resampling_gives_simpleitks_voxels_and_grid(data_dir):
             assert pad is None or (ref == -3.5).any(), f"{name}: no voxel outside the image to compare"
 
 
+def test_downsampling_along_y_reads_only_the_rows_it_needs_in_blocks_of_any_size(monkeypatch):
+    """Where y is downsampled, the per-axis resampling interpolates along x only the input rows that are some output
+    row's neighbour; in one block or in blocks of a few rows (a large slice), the same voxels bit for bit, and
+    SimpleITK's."""
+    import SimpleITK as sitk
+
+    import samembed.preprocess as pp
+    from samembed.io import image_to_sitk
+
+    rng = np.random.default_rng(11)
+    arr = rng.integers(-1200, 2500, size=(13, 97, 41)).astype(np.int16)
+    img = image_to_sitk(Image(arr, Grid(arr.shape, (0.6, 0.35, 1.7), (3.0, -9.5, 21.0), np.eye(3)), "thin"))
+    lower, upper, _, _ = pp._axis_samples(97, 18, 2.0 / 0.35)
+    _, _, read, _, _ = pp._rows_read(lower, upper, 0, 18)
+    assert not isinstance(read, slice) and len(read) < int(upper[-1]) - int(lower[0]) + 1, "no row left out"
+    whole, _ = pp.resample_per_axis(img, 2.0, -3.5)
+    monkeypatch.setattr(pp, "_BLOCK_ELEMENTS", 3 * whole.shape[2] * 6)  # blocks of 3 output rows
+    blocked, _ = pp.resample_per_axis(img, 2.0, -3.5)
+    np.testing.assert_array_equal(blocked, whole)
+    ref = sitk.GetArrayFromImage(pp.resample_to_spacing(img, 2.0, -3.5))
+    np.testing.assert_allclose(whole, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(("shape", "spacing", "rounds_inside"), [
     ((7, 64, 64), (0.9765625, 0.9765625, 3.0), (-277.7, 13.3, 250.9)),  # the last slice
     ((40, 37), (3.0, 2.5), (5.5, -7.25))])  # a radiograph's last column
