@@ -26,14 +26,16 @@ room, and what does not fit is left to the engine.
 A volume file that its sender maps, with its hash (:class:`ArrayFile`, ``shared``), is not copied at all: both
 processes map the file, and only its input comes through the region (or its own memory).
 
+The child reads the source and the first target at once, one thread each (:func:`_read_first_at_once`: ISA-L's
+inflater lets go of the GIL), so both arrive in about the time of the larger one once torch has loaded and left the
+second core: a cold LIDC pair (two chest CTs of 35-45 MB as .nii.gz) 4.60 -> 4.19 s, with one torch thread, side by
+side (``benchmarks/cold_ab.py``, the child then done before the engine's convolutions start), and a pair of the same
+CTs in 0.5 mm slices (0.17 GB as .nii.gz each, 1.2-1.5 s each to read) 7.24 -> 7.06 s.
+
 The two processes share the work (:class:`_Claims`): each image's reading and its preprocessing are claimed by
-whoever starts them first, and the command, which asks for the first target first and then the source, reads an
-image that the child has not started itself instead of waiting while the child works on an earlier one;
-it makes an input itself, likewise, while the child is still reading. With images that take longer to read than
-torch to load (a pair of chest CTs in 0.5 mm slices, 0.17 GB as .nii.gz each: 1.2-1.5 s to read, 2.2 s with the
-child's hashing and copying into the shared region) the two then read one each: a cold pair 6.1-6.3 -> 4.2 s
-(``benchmarks/cold_ab.py --thin-slice``); with smaller images the child has read and preprocessed them before torch
-has loaded, and nothing changes.
+whoever starts them first, and the command reads an image that the child has not started itself instead of waiting
+while the child works on an earlier one (a later target); it makes an input itself, likewise, while the child is
+still reading (the first target's, while the child preprocesses the source).
 
 Used by the ``samembed match`` command, and by the Slicer module's engine process for the volumes of its first
 request (:class:`ArrayFile`: voxels saved by the module, with their geometry), when that request starts the engine
@@ -279,8 +281,8 @@ class _Claims:
     """Who reads and who preprocesses each image (by its index in the request): one byte per task in a shared
     region mapped before the fork, set under a lock that both processes share. The child claims a task before it
     starts it; the engine claims one that nobody has started when it needs the result (:meth:`Prefetch.image`,
-    :meth:`Prefetch.take`), and does it itself instead of waiting while the child works on an earlier image: on a
-    pair of thin-slice CTs, each read in 1.2-1.5 s, the two processes then read one each."""
+    :meth:`Prefetch.take`), and does it itself instead of waiting while the child works on an earlier image. The
+    child claims the first two images' reading at once (:func:`_read_first_at_once`)."""
 
     def __init__(self, ctx) -> None:
         self._state = mmap.mmap(-1, 2 * CLAIMED_IMAGES)
@@ -390,23 +392,35 @@ def _child_work(request: PrefetchRequest, conn, arena: _Arena | None, claims: _C
     full = False  # the later images' share of the region is used up: the rest are left to the engine
     half = None if arena is None else len(arena.buf) // 2
 
-    def read(i: int, source):  # the image read, sent, and kept for its preprocessing; None: left to the engine
-        nonlocal full
-        later = i >= FIRST_IMAGES
+    def claim(i: int, source) -> bool:  # whether this process reads image i; if not, the engine is told
         path = source_key(source)
         # skipped: a later image that cannot be shared, a file named twice (read once), one the engine reads
-        if (later and handoff is None and (full or arena is None)) or first_index(request.paths, path) != i \
+        if (i >= FIRST_IMAGES and handoff is None and (full or arena is None)) or first_index(request.paths, path) != i \
                 or not claims.claim(i, READ, CHILD):
             conn.send(("skipped", path, None))
-            return None
+            return False
+        return True
+
+    def load(source):  # the image, or the exception that reading it raised (the command reports it, reading again)
         try:
             if isinstance(source, ArrayFile):
-                image = source.read(mapped=True)
-            else:
-                image = read_image(source, spacing_mm=request.spacing_mm, warn_spacing=False)  # (the command warns)
-        except Exception:  # noqa: BLE001 - the command reads it again and reports the error itself
+                return source.read(mapped=True)
+            return read_image(source, spacing_mm=request.spacing_mm, warn_spacing=False)  # (the command warns)
+        except Exception as exc:  # noqa: BLE001 - the command reads it again and reports the error itself
+            return exc
+
+    def read(i: int, source, loaded=None):  # the image read, sent, and kept for its preprocessing; None: left to
+        nonlocal full  # the engine. ``loaded``: what load() gave, when its claim and reading were done before
+        later = i >= FIRST_IMAGES
+        path = source_key(source)
+        if loaded is None:
+            if not claim(i, source):
+                return None
+            loaded = load(source)
+        if isinstance(loaded, Exception):
             conn.send(("failed", path, None))
             return None
+        image = loaded
         if isinstance(source, ArrayFile) and source.content_hash is not None and source.shared:
             # a volume file its sender maps, with its hash: the engine maps the file itself (its pages, just written,
             # are in the page cache, shared by every process that maps them); only its input comes through the region
@@ -448,7 +462,7 @@ def _child_work(request: PrefetchRequest, conn, arena: _Arena | None, claims: _C
     # every image read first (the caller takes them all before it embeds one), or, in turn, the first ones, then
     # each later one read and preprocessed as the engine will take it
     first = FIRST_IMAGES if request.in_turn else len(request.paths)
-    images = [(i, read(i, source)) for i, source in enumerate(request.paths[:first])]
+    images = _read_first_at_once(request.paths[:first], claim, load, read)
     for i, image in images:
         if image is not None:
             make_input(i, image)
@@ -464,6 +478,25 @@ def _child_work(request: PrefetchRequest, conn, arena: _Arena | None, claims: _C
         if image is not None:
             make_input(i, image)
     conn.close()
+
+
+def _read_first_at_once(sources: Sequence, claim, load, read) -> list[tuple[int, object]]:
+    """The child's first images (``[(index, read(...))]``, in order): the first :data:`FIRST_IMAGES` that this process
+    claims (``claim(i, source)``) loaded at once, one thread each (ISA-L's inflater and SimpleITK's reader let go of
+    the GIL), each sent (``read``) in order as soon as it and those before it are loaded; the rest one by one. Two
+    chest CTs of 0.5 mm slices (0.17 GB as .nii.gz, 1.2-1.5 s each to inflate) are then read in about the time of one
+    once torch has loaded and left the second core, where the engine used to read the first target itself while this
+    process, done with the source, waited."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    heads = list(enumerate(sources[:FIRST_IMAGES]))
+    claimed = [claim(i, source) for i, source in heads]
+    out: list[tuple[int, object]] = []
+    with ThreadPoolExecutor(max(1, sum(claimed)), thread_name_prefix="samembed-prefetch-read") as pool:
+        loads = [pool.submit(load, source) if ok else None for (_, source), ok in zip(heads, claimed)]
+        for (i, source), loading in zip(heads, loads):
+            out.append((i, None if loading is None else read(i, source, loading.result())))
+    return out + [(i, read(i, source)) for i, source in enumerate(sources[FIRST_IMAGES:], FIRST_IMAGES)]
 
 
 class Prefetch:

@@ -611,46 +611,50 @@ def test_a_task_is_claimed_once_by_whoever_asks_first():
 
 @pytest.mark.needs_data
 def test_an_image_the_child_has_not_started_is_read_by_the_engine_and_left_by_the_child(tmp_path, monkeypatch):
-    """While the child reads the source (held here until the engine has asked), the engine asks for the target:
-    nobody has started it, so the engine reads it itself (``image`` gives None at once) and the child skips it. The
-    source still comes from the child, read and preprocessed as the engine would; the target's input is the
-    engine's to make (``take`` gives None without waiting)."""
+    """The child reads the first two images at once (the source's reading is held here until the target's has
+    begun: one after the other, it would never end) and the later ones after them. While it holds on the source, the
+    engine asks for the third image: nobody has started it, so the engine reads it itself (``image`` gives None at
+    once) and the child skips it. The source still comes from the child, read and preprocessed as the engine would;
+    the third image's input is the engine's to make (``take`` gives None without waiting)."""
     import multiprocessing
 
     from samembed import io as samembed_io
 
-    source, target = (data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz") for n in (215, 232))
-    asked = multiprocessing.get_context("fork").Event()
+    source, target, third = (data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz") for n in (215, 232, 202))
+    asked, target_started = (multiprocessing.get_context("fork").Event() for _ in range(2))
     read_log = tmp_path / "child_reads.txt"
     real_read = samembed_io.read_image
 
     def held_read(path, *a, **k):  # in the child (forked with this patch): note each read; hold the source's
         with read_log.open("a") as fh:
             fh.write(f"{path}\n")
+        if str(path) == str(target):
+            target_started.set()
         if str(path) == str(source):
-            assert asked.wait(60), "the engine never asked for the target"
+            assert target_started.wait(60), "the child did not read the target while it read the source"
+            assert asked.wait(60), "the engine never asked for the third image"
         return real_read(path, *a, **k)
 
     monkeypatch.setattr(samembed_io, "read_image", held_read)
     config, pad, stride = (registered_preprocess("default"), registered_pad_multiple_zyx("default"),
                            registered_local_stride_zyx("default"))
-    p = _start([source, target], config, pad, stride, share_work=True)
+    p = _start([source, target, third], config, pad, stride, share_work=True)
     try:
-        for _ in range(600):  # the child has started on the source
-            if read_log.exists():
-                break
-            time.sleep(0.05)
-        assert p.image(str(target)) is None, "the engine must read an image nobody has started"
+        _wait_for(lambda: target_started.is_set(), 60)  # the child reads the first two images at once
+        assert target_started.is_set(), "the child did not start the target while it read the source"
+        assert p.image(str(third)) is None, "the engine must read an image nobody has started"
         asked.set()
         image = p.image(str(source))
         assert image is not None and np.array_equal(image.array, real_read(source).array)
+        assert np.array_equal(p.image(str(target)).array, real_read(target).array)
         cfg = PreprocessConfig.from_dict(config)
         got = p.take(image.content_hash(), cfg, "auto", pad)
         assert got is not None and np.array_equal(got.array, preprocess(real_read(source), cfg, "auto", pad).array)
-        assert p.take(real_read(target).content_hash(), cfg, "auto", pad) is None
+        assert p.take(real_read(third).content_hash(), cfg, "auto", pad) is None
     finally:
         p.close()
-    assert read_log.read_text().split() == [str(source)], "the child read the target the engine took"
+    assert sorted(read_log.read_text().split()) == sorted([str(source), str(target)]), \
+        "the child read the image the engine took"
 
 
 def _within(seconds: float, call):
@@ -666,7 +670,7 @@ def _within(seconds: float, call):
 @pytest.mark.needs_data
 def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out_is_not_waited_for(tmp_path,
                                                                                                    monkeypatch, caplog):
-    """One atlas into many scans: the engine reads the first target itself while the child holds on the source. The
+    """One atlas into many scans: the engine reads a later target itself while the child holds on the source. That
     target's input is then the engine's: ``take`` gives None at once, although the child, which reads no more than
     AHEAD targets beyond the engine's, has not settled every image (waiting for that never ended). Neither is an
     input handed out once waited for again. The inputs the engine will not take (their maps came from the disk
@@ -680,9 +684,9 @@ def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out
     asked = multiprocessing.get_context("fork").Event()
     real_read = samembed_io.read_image
 
-    def held_read(path, *a, **k):  # in the child: the source held until the engine has asked for the target
+    def held_read(path, *a, **k):  # in the child: the source held until the engine has asked for a later target
         if str(path) == str(paths[0]):
-            assert asked.wait(60), "the engine never asked for the target"
+            assert asked.wait(60), "the engine never asked for the later target"
         return real_read(path, *a, **k)
 
     monkeypatch.setattr(samembed_io, "read_image", held_read)
@@ -692,11 +696,11 @@ def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out
     cfg = PreprocessConfig.from_dict(config)
     p = _start(paths, config, pad, stride, share_work=True, in_turn=True)
     try:
-        time.sleep(0.5)  # the child is on the source
-        assert p.image(str(paths[1])) is None, "the engine must read an image nobody has started"
+        time.sleep(0.5)  # the child is on the source (and the first target)
+        assert p.image(str(paths[4])) is None, "the engine must read an image nobody has started"
         asked.set()
         source = p.image(str(paths[0]))
-        assert _within(30, lambda: p.take(real_read(paths[1]).content_hash(), cfg, "auto", pad)) is None
+        assert _within(30, lambda: p.take(real_read(paths[4]).content_hash(), cfg, "auto", pad)) is None
         assert _within(30, lambda: p.take(source.content_hash(), cfg, "auto", pad)) is not None
         assert _within(30, lambda: p.take(source.content_hash(), cfg, "auto", pad)) is None  # handed out once
         # the child has sent the next target (else the engine would read it)
