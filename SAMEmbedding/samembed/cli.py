@@ -334,8 +334,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     written = writing = False
     wrote: set[str] = set()  # what the final writing has finished ("csv")
     try:
-        # the first target, then the source: the prefetch process reads from the front (the source, the first
-        # target), and an image it has not started is read here meanwhile (samembed.prefetch._Claims). Each later
+        # the first target, then the source: the prefetch process reads both at once (the later targets after
+        # them), and an image it has not started is read here meanwhile (samembed.prefetch._Claims). Each later
         # target is read when its turn comes: the prefetch process reads and preprocesses it meanwhile, on the
         # second core, while the targets before it are matched (PrefetchRequest.in_turn; LIDC-0001 into its three
         # warps: 6.6 -> 6.1-6.2 s, 1.53 -> 1.42 GB). A target that cannot be read or matched is named and skipped

@@ -309,7 +309,8 @@ def _axis_samples(n_in: int, n_out: int, ratio: float) -> tuple[np.ndarray, np.n
 _BLOCK_ELEMENTS = 1 << 20
 
 
-def _rows_read(lower: np.ndarray, upper: np.ndarray, a: int, b: int) -> tuple[int, int, slice | np.ndarray, np.ndarray, np.ndarray]:
+def _rows_read(lower: np.ndarray, upper: np.ndarray, a: int,
+               b: int) -> tuple[int, int, slice | np.ndarray, np.ndarray, np.ndarray]:
     """Output rows ``a..b-1`` of a per-axis resampling, whose neighbours along y are the input rows ``lower`` and
     ``upper`` (:func:`_axis_samples`): ``(a, b, the input rows they read, and each output row's lower and upper
     neighbour among those)``. Where y is downsampled, some input rows between the first and the last are nobody's

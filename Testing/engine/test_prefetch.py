@@ -631,7 +631,7 @@ def test_an_image_the_child_has_not_started_is_read_by_the_engine_and_left_by_th
         if str(path) == str(target):
             target_started.set()
         if str(path) == str(source):
-            assert target_started.wait(60), "the child did not read the target while it read the source"
+            assert target_started.wait(20), "the child did not read the target while it read the source"
             assert asked.wait(60), "the engine never asked for the third image"
         return real_read(path, *a, **k)
 
@@ -640,7 +640,7 @@ def test_an_image_the_child_has_not_started_is_read_by_the_engine_and_left_by_th
                            registered_local_stride_zyx("default"))
     p = _start([source, target, third], config, pad, stride, share_work=True)
     try:
-        _wait_for(lambda: target_started.is_set(), 60)  # the child reads the first two images at once
+        _wait_for(lambda: target_started.is_set(), 20)  # the child reads the first two images at once
         assert target_started.is_set(), "the child did not start the target while it read the source"
         assert p.image(str(third)) is None, "the engine must read an image nobody has started"
         asked.set()
@@ -655,6 +655,44 @@ def test_an_image_the_child_has_not_started_is_read_by_the_engine_and_left_by_th
         p.close()
     assert sorted(read_log.read_text().split()) == sorted([str(source), str(target)]), \
         "the child read the image the engine took"
+
+
+@pytest.mark.needs_data
+def test_a_scan_named_twice_among_the_first_images_is_read_once_by_the_child(tmp_path, monkeypatch):
+    """A scan matched to itself (the same file as source and target): the child reads it once, and the word that it
+    skips the second name comes after the image, so the engine, asking while the child still reads, gets the child's
+    image instead of reading the file again (the skip used to come first, and settled the path with no image)."""
+    import multiprocessing
+
+    from samembed import io as samembed_io
+
+    path = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
+    go = multiprocessing.get_context("fork").Event()
+    read_log = tmp_path / "child_reads.txt"
+    real_read = samembed_io.read_image
+
+    def held_read(p, *a, **k):  # in the child: note the read, held until the engine has asked
+        with read_log.open("a") as fh:
+            fh.write(f"{p}\n")
+        assert go.wait(20), "the test never let the child read"
+        return real_read(p, *a, **k)
+
+    monkeypatch.setattr(samembed_io, "read_image", held_read)
+    config, pad, stride = (registered_preprocess("default"), registered_pad_multiple_zyx("default"),
+                           registered_local_stride_zyx("default"))
+    p = _start([path, path], config, pad, stride, share_work=True, in_turn=True)
+    try:
+        _wait_for(read_log.exists, 20)  # the child is reading it
+        release = threading.Timer(0.5, go.set)
+        release.start()
+        image = p.image(str(path))  # asked while the child still reads: waits for it
+        assert image is not None, "the engine was told to read the scan the child was reading"
+        assert np.array_equal(image.array, real_read(path).array)
+        assert not p._images, "an image read by the child was left unused"
+    finally:
+        go.set()
+        p.close()
+    assert read_log.read_text().split() == [str(path)], "the child read the scan more than once"
 
 
 def _within(seconds: float, call):
@@ -681,11 +719,12 @@ def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out
 
     names = ("pt_215", "pt_232", "pt_202", "pt_231", "pt_236", "pt_218")
     paths = [data_file("ct", "openkbp", "ct", f"{n}_ct.nii.gz") for n in names]
-    asked = multiprocessing.get_context("fork").Event()
+    asked, reading = (multiprocessing.get_context("fork").Event() for _ in range(2))
     real_read = samembed_io.read_image
 
     def held_read(path, *a, **k):  # in the child: the source held until the engine has asked for a later target
         if str(path) == str(paths[0]):
+            reading.set()
             assert asked.wait(60), "the engine never asked for the later target"
         return real_read(path, *a, **k)
 
@@ -696,17 +735,22 @@ def test_in_turn_an_input_of_an_image_the_child_never_sent_or_already_handed_out
     cfg = PreprocessConfig.from_dict(config)
     p = _start(paths, config, pad, stride, share_work=True, in_turn=True)
     try:
-        time.sleep(0.5)  # the child is on the source (and the first target)
-        assert p.image(str(paths[4])) is None, "the engine must read an image nobody has started"
+        # the child holds on the source (it reads no later image before the first two are sent): the engine reads
+        # the second target itself; the child, then AHEAD beyond it, never settles the last image
+        _wait_for(reading.is_set, 30)
+        assert reading.is_set(), "the child never started on the source"
+        assert p.image(str(paths[2])) is None, "the engine must read an image nobody has started"
         asked.set()
         source = p.image(str(paths[0]))
-        assert _within(30, lambda: p.take(real_read(paths[4]).content_hash(), cfg, "auto", pad)) is None
+        assert _within(30, lambda: p.take(real_read(paths[2]).content_hash(), cfg, "auto", pad)) is None
+        # the source's input made by the child (asked for earlier, the engine would make it itself: a race here)
+        _wait_for(lambda: f"prefetch: input {source.content_hash()}" in caplog.text, 30)
         assert _within(30, lambda: p.take(source.content_hash(), cfg, "auto", pad)) is not None
         assert _within(30, lambda: p.take(source.content_hash(), cfg, "auto", pad)) is None  # handed out once
         # the child has sent the next target (else the engine would read it)
-        _wait_for(lambda: f"prefetch: image {paths[2]}" in caplog.text, 30)
-        third = p.image(str(paths[2]))
-        assert third is not None and np.array_equal(third.array, real_read(paths[2]).array)
+        _wait_for(lambda: f"prefetch: image {paths[3]}" in caplog.text, 30)
+        third = p.image(str(paths[3]))
+        assert third is not None and np.array_equal(third.array, real_read(paths[3]).array)
         p.discard(third.content_hash())  # its maps came from the disk cache: its input is never taken
         _wait_for(lambda: f"prefetch: input {third.content_hash()}" in caplog.text, 30)  # its input came (or before)
         assert f"prefetch: input {third.content_hash()}" in caplog.text
