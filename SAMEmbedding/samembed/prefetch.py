@@ -28,9 +28,11 @@ processes map the file, and only its input comes through the region (or its own 
 
 The child reads the source and the first target at once, one thread each (:func:`_read_first_at_once`: ISA-L's
 inflater lets go of the GIL), so both arrive in about the time of the larger one once torch has loaded and left the
-second core: a cold LIDC pair (two chest CTs of 35-45 MB as .nii.gz) 4.60 -> 4.19 s, with one torch thread, side by
-side (``benchmarks/cold_ab.py``, the child then done before the engine's convolutions start), and a pair of the same
-CTs in 0.5 mm slices (0.17 GB as .nii.gz each, 1.2-1.5 s each to read) 7.24 -> 7.06 s.
+second core. With a pair of chest CTs in 0.5 mm slices (0.17 GB as .nii.gz each, 1.2-1.5 s each to read) the engine
+no longer reads the target itself: it waited 1.5 s for the prefetch after its imports, against 1.61 s of reading and
+0.22 s of preprocessing of its own before (7.24 -> 7.06 s in all). On the wall clock the change is within this VM's
+spread: a cold LIDC pair (35-45 MB as .nii.gz each) 4.94 -> 4.80 s over 7 runs each, side by side
+(``benchmarks/cold_ab.py``), where two identical engines differed by 1.03x and 1.17x in the same hour.
 
 The two processes share the work (:class:`_Claims`): each image's reading and its preprocessing are claimed by
 whoever starts them first, and the command reads an image that the child has not started itself instead of waiting
