@@ -889,6 +889,13 @@ class Embedder:
             self.settle(maps)
         return maps
 
+    def holds(self, image: Image) -> bool:
+        """Whether :meth:`embed` finds ``image``'s maps in the memory cache or an entry of them in the disk cache
+        (then it computes no map of its own: at most the local tiles that searches ask for)."""
+        key = self.key(image)
+        path = self._disk_path(key)
+        return self.cache.get(key) is not None or (path is not None and path.is_file())
+
     def forget(self, image: Image) -> None:
         """Drop ``image``'s maps from the memory cache (the disk cache keeps what it holds): for a caller that knows it
         will not match the image again (the command, after a target other than the source)."""
