@@ -84,6 +84,18 @@ def repo_root() -> Path:
     return REPO
 
 
+def with_torch_threads(n: int, call):
+    """``call()`` with torch on ``n`` threads (the engine's jobs then match two targets at once), then as before."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return call()
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_kept():
     """Every test leaves torch's thread count as it found it (a training run sets its own ``threads`` for the whole

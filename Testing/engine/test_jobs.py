@@ -14,7 +14,7 @@ from samembed import Atlas, Cancelled, Image, Matcher, MatchOptions, TargetError
 from samembed.io import read_image
 from samembed.jobs import FuseCall, MatchCall, match_each
 
-from ..conftest import data_file
+from ..conftest import data_file, with_torch_threads
 
 SOURCE = "pt_239"
 TARGETS = ("pt_231", "pt_206", "pt_215")
@@ -315,16 +315,6 @@ def test_match_each_stops_where_the_caller_says_and_never_hangs(cts):
     assert [str(e) for e in outcome] == ["the caller's own failure"]
 
 
-def _on_threads(n: int, call):
-    """``call()`` with torch on ``n`` threads, then as before."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return call()
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.needs_data
 def test_a_new_source_and_its_first_target_are_embedded_at_once_with_the_same_matches(cts, monkeypatch, tmp_path):
     """On two threads, a source in neither cache has its maps made beside the first target's, in a thread of that
@@ -344,29 +334,29 @@ def test_a_new_source_and_its_first_target_are_embedded_at_once_with_the_same_ma
 
     one_after_other = Matcher("default", device="cpu")
     monkeypatch.setattr(one_after_other.embedder, "holds", lambda image: True)  # the source "held": embedded alone
-    before = _on_threads(2, lambda: one_after_other.match(source, points, targets[:2], list(labels)))
+    before = with_torch_threads(2, lambda: one_after_other.match(source, points, targets[:2], list(labels)))
     monkeypatch.setattr(Embedder, "embed", recorded)
     at_once = Matcher("default", device="cpu", cache_dir=tmp_path)
-    got = _on_threads(2, lambda: at_once.match(source, points, targets[:2], list(labels)))
+    got = with_torch_threads(2, lambda: at_once.match(source, points, targets[:2], list(labels)))
     _same_matches(got, before)
     here = threading.current_thread().name
     assert sorted(embedded_in[:2]) == sorted([(here, 1), ("samembed-first-target", 1)]), embedded_in
     assert embedded_in[2:] == [(here, 2)], "the second target is embedded after, on both threads"
 
     embedded_in.clear()  # the source in the memory cache now: alone, on both threads
-    _on_threads(2, lambda: at_once.match(source, points, [targets[2]], list(labels)))
+    with_torch_threads(2, lambda: at_once.match(source, points, [targets[2]], list(labels)))
     assert embedded_in == [(here, 2), (here, 2)], embedded_in
     at_once.embedder.settle(at_once.embedder.embed(source, on_demand=True))  # its entry on disk
     embedded_in.clear()  # in the disk cache only (a new engine): alone too
     fresh = Matcher("default", device="cpu", cache_dir=tmp_path)
-    _on_threads(2, lambda: fresh.match(source, points, [targets[2]], list(labels)))
+    with_torch_threads(2, lambda: fresh.match(source, points, [targets[2]], list(labels)))
     assert embedded_in[0] == (here, 2), embedded_in
 
     missing = tmp_path / "missing_ct.nii.gz"
     new_source = Image(source.array[::-1].copy(), source.grid, "flipped source")  # in neither cache
     embedded_in.clear()
     with pytest.raises(TargetError, match="missing_ct") as raised:
-        _on_threads(2, lambda: Matcher("default", device="cpu").match(new_source, points, [str(missing)],
+        with_torch_threads(2, lambda: Matcher("default", device="cpu").match(new_source, points, [str(missing)],
                                                                      list(labels)))
     assert raised.value.target_index == 0
     assert embedded_in == [(here, 1)], "the source is embedded (beside the failed reading) before the error"

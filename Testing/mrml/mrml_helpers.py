@@ -24,6 +24,8 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 vtk = pytest.importorskip("vtk")
 from vtk.util import numpy_support  # noqa: E402
 
+from ..conftest import with_torch_threads  # noqa: E402, F401 - the mrml tests' helper too
+
 DATA = Path(os.environ.get("SAMEMBED_DATA", REPO.parent / "shared" / "data"))
 SMALL_CT = DATA / "ct" / "totalsegmentator" / "ts_dicom_example_ct.nii.gz"
 OTHER_CT = DATA / "ct" / "lidc" / "LIDC-IDRI-0002_ct_2mm.nii.gz"
@@ -150,15 +152,3 @@ def threads_calling(monkeypatch, owner, name: str) -> list[int]:
 
     monkeypatch.setattr(owner, name, recorded)
     return threads
-
-
-def with_torch_threads(n: int, call):
-    """``call()`` with torch on ``n`` threads (the engine's jobs then match two targets at once), then as before."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return call()
-    finally:
-        torch.set_num_threads(before)
