@@ -146,6 +146,14 @@ def _partial_when_stopped(result: MatchResult, place: list[int | None]):
         raise
 
 
+def _same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (False when either is not a file)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 class _Outcome:
     """What a function run in another thread returned, or raised (:meth:`result` gives it back, or raises it)."""
 
@@ -374,8 +382,9 @@ class Matcher:
         # the next target or local tile
         with _partial_when_stopped(result, place), tiles_cancelled_by(cancel):
             # local tiles as searches need them; the first target's maps beside the source's when both are new
-            src_maps, first = self._embed_source(embedder, inputs, cancel)
-            result.timings["source_embed_s"] = time.time() - t0  # (with the first target's, when made beside it)
+            t_inputs = time.time() - t0
+            src_maps, first, source_s = self._embed_source(embedder, inputs, cancel)
+            result.timings["source_embed_s"] = t_inputs + source_s  # (a target made beside it: timed on its own)
             result.notes.extend(self._points_in_air(src_maps, inputs))
             for ti, target in enumerate(inputs.targets):
                 place[0] = ti
@@ -383,15 +392,18 @@ class Matcher:
                     raise Cancelled(f"cancelled after {ti} of {len(inputs.targets)} targets", partial=result)
                 t1 = time.time()
                 with of_the_target():  # (a problem of this target's image, not of the source or the settings)
-                    if ti == 0 and first is not None:  # embedded beside the source (its error raised here)
-                        tgt, name, tmaps = first.result()
+                    tmaps = None
+                    if ti == 0 and first is not None:  # made beside the source (its error raised here)
+                        tgt, name, tmaps, t_beside = first.result()
                     else:
                         tgt, name = self._target(inputs, ti, target)
                     if progress:
                         progress(ti, n_targets, f"embedding target {ti + 1}/{n_targets} {Path(name).name}")
-                    if ti > 0 or first is None:
+                    if tmaps is None:
                         tmaps = embedder.embed(tgt, cancel=cancel, on_demand=True)
-                    t_embed = time.time() - t1
+                        t_embed = time.time() - t1
+                    else:
+                        t_embed = t_beside
                     region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
                 def phase(step: str, ti: int = ti) -> None:
                     if progress:
@@ -652,34 +664,63 @@ class Matcher:
         return _Inputs(src, pts, labels, list(targets), names, mask_img)
 
     def _embed_source(self, embedder: Embedder, inputs: _Inputs,
-                      cancel: threading.Event | None) -> tuple[EmbeddingMaps, _Outcome | None]:
-        """The source's maps (on demand: the global map; local tiles as searches need them), and, when the source is
-        new (in neither cache) on a CPU where torch has two threads or more, nothing else matching in this process
-        and no prefetch process preprocessing the images (:mod:`samembed.prefetch`: a cold command, or the module's
-        engine process started by the click), the first target read and embedded meanwhile, in a thread of its own,
-        each with one of torch's threads: the preprocessing, body mask and global map of two images at once instead
-        of one after the other. A first match of one point from Python 1.22-1.39x faster (two CTs in 0.5 mm slices
-        1.02 -> 0.77 s, LIDC-0001 and its warp 0.77 -> 0.63 s, a head-and-neck pair 0.96 -> 0.76 s;
-        ``benchmarks/first_match_python.py``). The maps are the same either way. Returns ``(source maps, the first
-        target's (image, name, maps) to come, or None)``; the target's error, if any, is raised when its turn
-        comes."""
-        if (embedder.device.type != "cpu" or torch.get_num_threads() < 2 or matching_concurrently()
-                or embedder.prefetch is not None or not inputs.targets or embedder.holds(inputs.source)):
-            return embedder.embed(inputs.source, cancel=cancel, on_demand=True), None
+                      cancel: threading.Event | None) -> tuple[EmbeddingMaps, _Outcome | None, float]:
+        """The source's maps (on demand: the global map; local tiles as searches need them), and, when
+        :meth:`_beside_source` allows, the first target read and embedded meanwhile, in a thread of its own, each
+        with half of torch's threads: the preprocessing, body mask and global map of two images at once instead of
+        one after the other. A first match of one point from Python 1.08-1.39x faster on two threads (four runs) (two CTs in
+        0.5 mm slices 1.02 -> 0.77 s, LIDC-0001 and its warp 0.77 -> 0.63 s, a head-and-neck pair 0.96 -> 0.76 s;
+        ``benchmarks/first_match_python.py``), the same matches.
 
-        def first() -> tuple[Image, str, EmbeddingMaps]:
-            tgt, name = self._target(inputs, 0, inputs.targets[0])
-            return tgt, name, embedder.embed(tgt, cancel=cancel, on_demand=True)
+        Returns ``(source maps, the first target's (image, name, maps or None, seconds reading and embedding it) to
+        come or None, seconds until the source's maps were made)``. The target's maps are None when it turns out to
+        be the source itself or held already (it is then embedded after, as before); its error, if any, is raised
+        when its turn comes. A source's error waits for the target's thread to end."""
+        t0 = time.time()
+        target = self._beside_source(embedder, inputs)
+        if target is None:
+            return embedder.embed(inputs.source, cancel=cancel, on_demand=True), None, time.time() - t0
+
+        def first() -> tuple[Image, str, EmbeddingMaps | None, float]:
+            t1 = time.time()
+            tgt, name = target if isinstance(target, tuple) else self._target(inputs, 0, target)
+            if embedder.key(tgt) == embedder.key(inputs.source) or embedder.holds(tgt):
+                return tgt, name, None, 0.0  # the source's own maps, or held: after the source, as before
+            return tgt, name, embedder.embed(tgt, cancel=cancel, on_demand=True), time.time() - t1
 
         outcome = _Outcome()
-        with concurrent_matching(1):
+        with concurrent_matching(max(1, torch.get_num_threads() // 2)):
             helper = threading.Thread(target=outcome.run, args=(first,), name="samembed-first-target", daemon=True)
             helper.start()
             try:
                 src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)
+                source_s = time.time() - t0
             finally:
                 helper.join()  # (torch's threads are restored only once both are done)
-        return src_maps, outcome
+        return src_maps, outcome, source_s
+
+    def _beside_source(self, embedder: Embedder, inputs: _Inputs):
+        """What :meth:`_embed_source` embeds beside the source: the first target (as given, for a file, else as
+        ``(image, name)``), or None. Only when the source is new (in neither cache, or its disk entry is only
+        there), on a CPU where torch has two threads or more, with nothing else matching in this process
+        (:func:`~samembed.embedding.matching_concurrently`), no prefetch process preprocessing the images
+        (:mod:`samembed.prefetch`: the ``samembed match`` command and the Slicer module's first request on Linux),
+        a network that embeds on demand (its global map alone: the same values on any number of threads), and a
+        first target that is neither the source (the same object or file, or the same voxels) nor held already."""
+        if (embedder.device.type != "cpu" or torch.get_num_threads() < 2 or matching_concurrently()
+                or embedder.prefetch is not None or not embedder.on_demand_capable or not inputs.targets
+                or embedder.holds(inputs.source)):
+            return None
+        target = inputs.targets[0]
+        if isinstance(target, (str, os.PathLike)):  # read in the target's thread (then checked as below)
+            return None if _same_file(target, inputs.source.name) else target
+        try:  # an image in memory: taken here (its errors are raised in its turn, as the target's own)
+            tgt, name = self._target(inputs, 0, target)
+            if tgt is inputs.source or embedder.key(tgt) == embedder.key(inputs.source) or embedder.holds(tgt):
+                return None
+        except Exception:  # noqa: BLE001 - the same error again in its turn, where it is the target's
+            return None
+        return tgt, name
 
     def _target(self, inputs: _Inputs, ti: int, target) -> tuple[Image, str]:
         """The ``ti``-th target as an image, and its name (given name, else its path, else the image's name)."""

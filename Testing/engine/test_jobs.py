@@ -4,6 +4,7 @@ a click's targets): each target gets the matches it gets alone, on real head-and
 from __future__ import annotations
 
 import csv
+import functools
 import threading
 
 import numpy as np
@@ -319,8 +320,9 @@ def test_match_each_stops_where_the_caller_says_and_never_hangs(cts):
 def test_a_new_source_and_its_first_target_are_embedded_at_once_with_the_same_matches(cts, monkeypatch, tmp_path):
     """On two threads, a source in neither cache has its maps made beside the first target's, in a thread of that
     target's own (one of torch's threads each; both back to two after): the matches are those of embedding one after
-    the other, bit for bit. A source already held (memory or disk cache) is embedded alone. The first target's
-    reading error is its own (a TargetError naming it, at index 0), raised once the source is embedded."""
+    the other, bit for bit. A source already held (memory or disk cache) is embedded alone, and so is a source
+    matched into itself or into a target already held. The first target's reading error is its own (a TargetError
+    naming it, at index 0), raised once the source is embedded, and torch's threads are back to two after it."""
     from samembed.embedding import Embedder
 
     source, targets = cts
@@ -355,8 +357,23 @@ def test_a_new_source_and_its_first_target_are_embedded_at_once_with_the_same_ma
     missing = tmp_path / "missing_ct.nii.gz"
     new_source = Image(source.array[::-1].copy(), source.grid, "flipped source")  # in neither cache
     embedded_in.clear()
-    with pytest.raises(TargetError, match="missing_ct") as raised:
-        with_torch_threads(2, lambda: Matcher("default", device="cpu").match(new_source, points, [str(missing)],
-                                                                     list(labels)))
-    assert raised.value.target_index == 0
+
+    def unreadable_first_target() -> int:
+        with pytest.raises(TargetError, match="missing_ct") as raised:
+            Matcher("default", device="cpu").match(new_source, points, [str(missing)], list(labels))
+        assert raised.value.target_index == 0
+        return torch.get_num_threads()
+
+    assert with_torch_threads(2, unreadable_first_target) == 2, "torch's threads not restored after the error"
     assert embedded_in == [(here, 1)], "the source is embedded (beside the failed reading) before the error"
+
+    def embedded_alone(engine: Matcher, new: Image, into: Image) -> None:
+        embedded_in.clear()
+        with_torch_threads(2, functools.partial(engine.match, new, points, [into], list(labels)))
+        assert [t for t in embedded_in if t[0] != here] == [], embedded_in
+        assert embedded_in[0] == (here, 2), "the source embedded alone, on both threads"
+
+    embedded_alone(Matcher("default", device="cpu"), new_source, new_source)  # the source matched into itself
+    held = Matcher("default", device="cpu")
+    held.embedder.embed(targets[0], on_demand=True)  # a new source into a target already held
+    embedded_alone(held, Image(source.array[:, ::-1].copy(), source.grid, "other"), targets[0])
