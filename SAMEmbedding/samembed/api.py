@@ -668,9 +668,9 @@ class Matcher:
         """The source's maps (on demand: the global map; local tiles as searches need them), and, when
         :meth:`_beside_source` allows, the first target read and embedded meanwhile, in a thread of its own, each
         with half of torch's threads: the preprocessing, body mask and global map of two images at once instead of
-        one after the other. A first match of one point from Python 1.08-1.39x faster on two threads (four runs) (two CTs in
-        0.5 mm slices 1.02 -> 0.77 s, LIDC-0001 and its warp 0.77 -> 0.63 s, a head-and-neck pair 0.96 -> 0.76 s;
-        ``benchmarks/first_match_python.py``), the same matches.
+        one after the other. A first match of one point from Python 1.08-1.39x faster on two threads in four runs
+        (e.g. two CTs in 0.5 mm slices 1.02 -> 0.77 s, LIDC-0001 and its warp 0.77 -> 0.63 s, a head-and-neck pair
+        0.96 -> 0.76 s; ``benchmarks/first_match_python.py``), the same matches.
 
         Returns ``(source maps, the first target's (image, name, maps or None, seconds reading and embedding it) to
         come or None, seconds until the source's maps were made)``. The target's maps are None when it turns out to
