@@ -701,8 +701,8 @@ class Matcher:
 
     def _beside_source(self, embedder: Embedder, inputs: _Inputs):
         """What :meth:`_embed_source` embeds beside the source: the first target (as given, for a file, else as
-        ``(image, name)``), or None. Only when the source is new (in neither cache, or its disk entry is only
-        there), on a CPU where torch has two threads or more, with nothing else matching in this process
+        ``(image, name)``), or None. Only when the source is new (in neither cache; a disk entry counts, even one that
+        will not load), on a CPU where torch has two threads or more, with nothing else matching in this process
         (:func:`~samembed.embedding.matching_concurrently`), no prefetch process preprocessing the images
         (:mod:`samembed.prefetch`: the ``samembed match`` command and the Slicer module's first request on Linux),
         a network that embeds on demand (its global map alone: the same values on any number of threads), and a
