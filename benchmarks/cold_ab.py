@@ -102,11 +102,11 @@ def _alternating(reps: int, base: Path, run_one: Callable[[str, Path], T]) -> di
     return out
 
 
-def _median_range(values: list[float]) -> str:
-    """``median (min-max)`` of seconds, for the report's cells."""
+def median_range(values: list[float], digits: int = 2) -> str:
+    """``median (min-max)`` of seconds, for a report's cells (also the other benchmarks' that time repeated runs)."""
     import statistics
 
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def _largest_move(a: Path, b: Path) -> float:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         faults = {k: [r[2] for r in v] for k, v in runs.items()}
         moved = _largest_move(work / f"{tag}_base.csv", work / f"{tag}_head.csv")
         b, h = statistics.median(times["base"]), statistics.median(times["head"])
-        rows.append(f"| {tag} | {len(case.labels)} | {_median_range(times['base'])} | {_median_range(times['head'])} | "
+        rows.append(f"| {tag} | {len(case.labels)} | {median_range(times['base'])} | {median_range(times['head'])} | "
                     f"{b / h:.2f}x | "
                     f"{statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | "
                     f"{statistics.median(faults['base']) / 1e3:.0f} / {statistics.median(faults['head']) / 1e3:.0f} | {moved:.2f} |")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         moved = _largest_move(work / f"{tag}_base_heatmaps.csv", work / f"{tag}_head_heatmaps.csv")
         differ = _heatmaps_differ(work / f"{tag}_base_heatmaps", work / f"{tag}_head_heatmaps")
         b, h = statistics.median(times["base"]), statistics.median(times["head"])
-        heatmap_rows.append(f"| {tag} | {len(case.labels)} | {_median_range(times['base'])} | {_median_range(times['head'])} | "
+        heatmap_rows.append(f"| {tag} | {len(case.labels)} | {median_range(times['base'])} | {median_range(times['head'])} | "
                             f"{b / h:.2f}x | {statistics.median(rss['base']):.2f} / {statistics.median(rss['head']):.2f} | "
                             f"{moved:.2f} | {differ:.2g} |")
         print(heatmap_rows[-1], flush=True)
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         b, h = statistics.median(per["base"]), statistics.median(per["head"])
         atlas_rows.append(f"| {src_pat} into {', '.join(c.meta['target_patient'] for c in targets)} | "
                           f"{statistics.median(times['base']):.2f} / {statistics.median(times['head']):.2f} | "
-                          f"{_median_range(per['base'])} | {_median_range(per['head'])} | {b / h:.2f}x | {moved:.2f} |")
+                          f"{median_range(per['base'])} | {median_range(per['head'])} | {b / h:.2f}x | {moved:.2f} |")
         print(atlas_rows[-1], flush=True)
     many_rows = []
     if args.many:
@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         times, rss, per = ({k: [r[i] for r in v] for k, v in runs.items()} for i in range(3))
         moved = _largest_move(work / "many_base.csv", work / "many_head.csv")
         many_rows.append(f"| {src_pat} into {len(scans)} OpenKBP CTs ({scans[0].name[:6]} to {scans[-1].name[:6]}) | "
-                         f"{_median_range(times['base'])} / {_median_range(times['head'])} | "
-                         f"{_median_range(per['base'])} / {_median_range(per['head'])} | "
-                         f"{_median_range(rss['base'])} / {_median_range(rss['head'])} | {moved:.2f} |")
+                         f"{median_range(times['base'])} / {median_range(times['head'])} | "
+                         f"{median_range(per['base'])} / {median_range(per['head'])} | "
+                         f"{median_range(rss['base'])} / {median_range(rss['head'])} | {moved:.2f} |")
         print(many_rows[-1], flush=True)
     click_rows = []
     clicks = [("", None)] if args.first_click else []
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             moved = max(float(np.linalg.norm(np.array(r[1]) - first, axis=1).max()) for v in runs.values() for r in v)
             b, h = statistics.median(times["base"]), statistics.median(times["head"])
             way = 'a click that starts the engine' if mode == 'cold' else 'the engine started, nothing prepared'
-            click_rows.append(f"| {label}{way} | {_median_range(times['base'])} | {_median_range(times['head'])} | "
+            click_rows.append(f"| {label}{way} | {median_range(times['base'])} | {median_range(times['head'])} | "
                               f"{b / h:.2f}x | {moved:.2f} |")
             print(click_rows[-1], flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -16,6 +16,7 @@ thread count (every core) unless ``OMP_NUM_THREADS`` says otherwise; with one th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import numpy as np
     import torch
+    from cold_ab import median_range
 
     from samembed import Matcher
     from samembed.io import read_image
@@ -83,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 embeds[way].append(source_s + target_s if way == WAYS[0] else max(source_s, target_s))
                 found.append(np.array([[*m.point_lps_mm, m.score] for m in result.matches]))
         same = all(np.array_equal(found[0], f) for f in found)
-
-        def cell(v: list[float]) -> str:
-            return f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})"
-
+        cell = functools.partial(median_range, digits=3)
         speed = statistics.median(calls[WAYS[0]]) / statistics.median(calls[WAYS[1]])
         lines.append(f"| {name} | {cell(calls[WAYS[0]])} | {cell(calls[WAYS[1]])} | {speed:.2f}x | "
                      f"{cell(embeds[WAYS[0]])} | {cell(embeds[WAYS[1]])} | {'yes' if same else 'NO'} |")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.is_dir():
         print(f"skipped: the shared data folder {DATA} is missing (set SAMEMBED_DATA)")
         return 0
+    from cold_ab import median_range
+
     import samembed
     from samembed.io import read_image
     from samembed.preprocess import PreprocessConfig, preprocess
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t0)
         spacing = ", ".join(f"{v:g}" for v in image.grid.spacing_mm)
         lines.append(f"| {name} | {tuple(image.array.shape)} | {spacing} | {tuple(prepared.array.shape)} | "
-                     f"{statistics.median(times):.3f} ({min(times):.3f}-{max(times):.3f}) |")
+                     f"{median_range(times, 3)} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

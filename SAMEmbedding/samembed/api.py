@@ -154,6 +154,12 @@ def _same_file(a, b) -> bool:
         return False
 
 
+def _to_embed_beside(embedder: Embedder, source: Image, target: Image) -> bool:
+    """Whether ``target``'s maps are to be made beside ``source``'s: it is not the source (the same voxels) and not
+    held already (:meth:`~samembed.embedding.Embedder.holds`)."""
+    return target is not source and embedder.key(target) != embedder.key(source) and not embedder.holds(target)
+
+
 class _Outcome:
     """What a function run in another thread returned, or raised (:meth:`result` gives it back, or raises it)."""
 
@@ -683,9 +689,12 @@ class Matcher:
 
         def first() -> tuple[Image, str, EmbeddingMaps | None, float]:
             t1 = time.time()
-            tgt, name = target if isinstance(target, tuple) else self._target(inputs, 0, target)
-            if embedder.key(tgt) == embedder.key(inputs.source) or embedder.holds(tgt):
-                return tgt, name, None, 0.0  # the source's own maps, or held: after the source, as before
+            if isinstance(target, tuple):  # an image in memory, checked by _beside_source
+                tgt, name = target
+            else:  # a file, read and checked here
+                tgt, name = self._target(inputs, 0, target)
+                if not _to_embed_beside(embedder, inputs.source, tgt):
+                    return tgt, name, None, 0.0  # the source's own maps, or held: after the source, as before
             return tgt, name, embedder.embed(tgt, cancel=cancel, on_demand=True), time.time() - t1
 
         outcome = _Outcome()
@@ -716,11 +725,9 @@ class Matcher:
             return None if _same_file(target, inputs.source.name) else target
         try:  # an image in memory: taken here (its errors are raised in its turn, as the target's own)
             tgt, name = self._target(inputs, 0, target)
-            if tgt is inputs.source or embedder.key(tgt) == embedder.key(inputs.source) or embedder.holds(tgt):
-                return None
+            return (tgt, name) if _to_embed_beside(embedder, inputs.source, tgt) else None
         except Exception:  # noqa: BLE001 - the same error again in its turn, where it is the target's
             return None
-        return tgt, name
 
     def _target(self, inputs: _Inputs, ti: int, target) -> tuple[Image, str]:
         """The ``ti``-th target as an image, and its name (given name, else its path, else the image's name)."""
