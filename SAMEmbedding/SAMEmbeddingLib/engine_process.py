@@ -72,6 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from samembed import Cancelled, Image, InputError, MatchOptions, MatchResult, TargetError
+from samembed.blas_threads import blas_environment
 from samembed.jobs import atlases_of, with_atlas_images
 from samembed.options import ProgressFn
 from samembed.prefetch import ArrayFile
@@ -551,7 +552,7 @@ class EngineProcess:
         self._tmp.mkdir(parents=True, exist_ok=True)
         authkey = secrets.token_bytes(32)
         server = socket.create_server(("127.0.0.1", 0))  # the child connects back here (_acceptChild)
-        env = dict(os.environ)
+        env = blas_environment(dict(os.environ))  # numpy's BLAS on one thread there (samembed.blas_threads)
         env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), *filter(None, [env.get("PYTHONPATH")])])
         logFile = open(self._logPath, "ab")  # noqa: SIM115 - the child writes it; closed with the child
         python = self.python or pythonExecutable()

@@ -21,23 +21,23 @@ from .errors import (
     SamEmbedError,
     TargetError,
 )
-from .fusion import Atlas, FusionOptions
-from .image import Grid, Image, lps_to_ras, ras_to_lps
 from .options import MatchOptions
-from .result import Match, MatchResult
 
 __version__ = "0.1.0"
 
+#: the public names loaded on first use, and their modules: ``import samembed`` (and ``import samembed.cli``) loads
+#: no numpy, so that the ``samembed`` command can set numpy's BLAS threads before numpy loads
+#: (:mod:`samembed.blas_threads`); torch loads with ``Matcher``, SimpleITK with the readers
+_LAZY = {"Atlas": "fusion", "FusionOptions": "fusion", "Grid": "image", "Image": "image", "lps_to_ras": "image",
+         "ras_to_lps": "image", "Match": "result", "MatchResult": "result", "Matcher": "api", "read_image": "io",
+         "write_image": "io", "read_points": "io"}
 
-def __getattr__(name):  # lazy: keep `import samembed` light (torch loads on first use)
-    if name == "Matcher":
-        from . import api
 
-        return getattr(api, name)
-    if name in ("read_image", "write_image", "read_points"):  # SimpleITK loads on first use
-        from . import io
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-        return getattr(io, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'samembed' has no attribute {name!r}; the public names: {', '.join(__all__)}")
 
 
@@ -46,3 +46,7 @@ __all__ = [
     "MatchResult", "Matcher", "ModelNotAvailableError", "SamEmbedError", "TargetError", "lps_to_ras", "ras_to_lps", "read_image",
     "read_points", "write_image", "__version__",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

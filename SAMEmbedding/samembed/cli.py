@@ -1118,7 +1118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(t)
     t.set_defaults(func=_cmd_train)
 
-    from .quantize import QuantizeSettings  # numpy only: --help stays free of torch
+    from .quantize import QuantizeSettings  # no numpy: the command sets numpy's BLAS threads before numpy loads
 
     qz = sub.add_parser("quantize", help="calibrate a sam-lite model's int8 form on a sample of its training images")
     qz.add_argument("--config", required=True, help="the model's training config (its data and exclude lists)")
@@ -1179,8 +1179,8 @@ def run() -> NoReturn:
 
     For the commands of :data:`KEEP_FREED_COMMANDS` the process is the engine's own, short-lived one: it gets
     :func:`engine_process_settings` (freed memory kept for the next tile, the garbage collector paused until torch is
-    loaded, torch's Python meta kernels left out until needed) before the command's first allocation; the prefetch
-    process it forks keeps the allocator's setting too."""
+    loaded, torch's Python meta kernels left out until needed, numpy's BLAS on one thread) before the command's first
+    allocation; the prefetch process it forks keeps the allocator's setting too."""
     args = build_parser().parse_args()
     if args.command in KEEP_FREED_COMMANDS:
         engine_process_settings()
@@ -1195,11 +1195,14 @@ def engine_process_settings() -> None:
     applied by :func:`run` before the command's first allocation): freed memory kept for the next tile
     (:func:`samembed.allocator.keep_freed_memory`), and torch's coming import prepared
     (:func:`samembed.torch_import.before_torch_import`: the garbage collector paused until torch is loaded, torch's
-    Python meta kernels left out until needed). The command calls
+    Python meta kernels left out until needed), and numpy's BLAS on one thread, before numpy loads
+    (:func:`samembed.blas_threads.one_blas_thread`: no worker spinning beside torch's threads). The command calls
     :func:`~samembed.torch_import.after_torch_import` once torch is loaded. A benchmark that runs a command's function
-    in a process of its own calls this too, before it imports torch."""
+    in a process of its own calls this too, before it imports numpy and torch."""
     from .allocator import keep_freed_memory
+    from .blas_threads import one_blas_thread
 
+    one_blas_thread()
     keep_freed_memory()
     before_torch_import()
 

@@ -13,8 +13,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .errors import InputError
 from .options import ProgressFn
 
@@ -76,6 +74,7 @@ def calibrate_model(model, images: list[Path], settings: QuantizeSettings, out: 
 
     Returns the written path. The file records the weights' SHA-256, the images and the settings.
     """
+    import numpy as np
     import torch
 
     from .embedding import Embedder

@@ -237,9 +237,12 @@ def test_each_volume_is_copied_once_into_the_file_the_engine_process_reads(a_sce
     assert not _volume_files(engine), "a volume file was left behind"
 
 
-def test_the_engine_process_loads_torch_from_its_start_before_any_request(a_scene, a_process_logic, a_small_ct):
+def test_the_engine_process_loads_torch_from_its_start_before_any_request(a_scene, a_process_logic, a_small_ct,
+                                                                         monkeypatch):
     """torch's import runs from the child's start, beside the parent writing the first click's volumes; the first
-    request then matches with it (one import in the child's life)."""
+    request then matches with it (one import in the child's life). The child runs numpy's BLAS on one thread
+    (samembed.blas_threads)."""
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     engine = a_process_logic.getMatcher()
     engine.sendVolumes([a_process_logic.imageForVolume(a_small_ct)])  # starts the child; no request sent
     end = time.monotonic() + 120.0
@@ -250,6 +253,8 @@ def test_the_engine_process_loads_torch_from_its_start_before_any_request(a_scen
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
     a_process_logic.matchPoints(a_small_ct, points, [a_small_ct], [0])
     assert engine.starts == 1 and engine._logPath.read_text().count("torch loaded in") == 1
+    if os.path.exists(f"/proc/{engine.pid}/environ"):
+        assert b"\0OPENBLAS_NUM_THREADS=1\0" in b"\0" + Path(f"/proc/{engine.pid}/environ").read_bytes()
 
 
 def test_a_torch_that_cannot_be_imported_is_reported_by_each_request(a_scene, a_small_ct, tmp_path, monkeypatch):

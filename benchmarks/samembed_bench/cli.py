@@ -18,7 +18,7 @@ from pathlib import Path
 from samembed.cli import BENCH_COMMANDS, at_least_one
 from samembed.errors import InputError
 
-from .runner import METHODS
+from .methods import METHODS
 
 log = logging.getLogger(__name__)
 

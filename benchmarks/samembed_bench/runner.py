@@ -44,6 +44,7 @@ from samembed.errors import InputError, SamEmbedError
 from samembed.options import MatchOptions
 
 from .cases import Case
+from .methods import METHODS, SAM_METHOD_SETTINGS, SAM_METHODS
 from .metrics import (
     PairResult,
     methods_in_order,
@@ -58,15 +59,6 @@ from .suites import COMPACT_STRUCTURES, OPENKBP_STRUCTURES
 
 log = logging.getLogger(__name__)
 
-#: each SAMEmbedding method as the :class:`~samembed.options.MatchOptions` settings it fixes (see :func:`method_options`)
-SAM_METHOD_SETTINGS: dict[str, dict[str, bool]] = {
-    "sam": {"refine": False, "polish": False},
-    "sam-refine": {"refine": True, "polish": False},
-    "sam-polish": {"refine": False, "polish": True},
-    "sam-refine-polish": {"refine": True, "polish": True},
-}
-SAM_METHODS = tuple(SAM_METHOD_SETTINGS)
-METHODS = (*SAM_METHODS, "centre", "elastix-affine", "elastix-bspline")
 SUITE_NOTES = {
     "popi_synthetic": "POPI phase 00 warped by a thin-plate spline through the real 00→50 and 00→20 landmark motion "
                       "(+ intensity perturbation); 40 expert landmarks with exact ground truth.",

@@ -1,0 +1,50 @@
+"""numpy's BLAS threads in a process of the engine's own: one, the calling thread.
+
+numpy's OpenBLAS starts a pool of worker threads when numpy is imported (as many as ``OPENBLAS_NUM_THREADS`` says,
+else ``OMP_NUM_THREADS``, else one per core). A worker that has nothing to do spins on its core for about 2^28 cycles
+(0.1 s at 2.6 GHz) before it sleeps: after its start, and after every call that woke it. The engine's own numpy BLAS
+calls are small (affines, 3 x 3 geometry, a few thousand points); torch does the heavy arithmetic on threads of its
+own. So on a 2-core machine the spinning worker only takes a core from torch, from the prefetch process, or from a
+second target embedded at once. Measured with ``perf`` on a cold ``samembed match`` of two head-and-neck CTs (AMD
+EPYC, 2 cores, ``OMP_NUM_THREADS=2``): 0.16 s of the process's 2.8 s of CPU time in OpenBLAS's idle loop. With
+:data:`ENV` = 1 (``/usr/bin/time``, alternating, 9 runs each): that pair 1.59 -> 1.49 s mean, its user time
+2.17 -> 1.92 s; one atlas into five targets (7 runs each) 3.03 -> 2.71 s, user time 4.37 -> 3.86 s. The matches are
+the same: a single-threaded BLAS call adds its products in the same order for these sizes (tested).
+
+The setting must be in the environment before numpy is first imported, so the engine applies it where it starts a
+process: the ``samembed match`` and ``samembed embed`` commands (:func:`samembed.cli.run`, whose imports load no numpy
+before it) and the Slicer module's engine process (in the environment it is started with). A value the user set
+wins. Dask's nannies already give each worker process one BLAS thread. This module imports no numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import MutableMapping
+
+log = logging.getLogger(__name__)
+
+#: the environment variable OpenBLAS reads for its thread count (before ``OMP_NUM_THREADS``), once, when it loads
+ENV = "OPENBLAS_NUM_THREADS"
+
+
+def blas_environment(environ: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """``environ`` with numpy's BLAS on one thread (:data:`ENV` = 1) unless it already says how many; for the
+    environment of a process the engine starts. Returns ``environ``, changed in place."""
+    environ.setdefault(ENV, "1")
+    return environ
+
+
+def one_blas_thread() -> bool:
+    """In a process of the engine's own, before numpy's first import: numpy's BLAS on the calling thread only (see
+    the module docstring). Returns whether it applied: not when numpy is loaded already (its threads have started and
+    keep their count) or :data:`ENV` is set already."""
+    if "numpy" in sys.modules:
+        log.debug("numpy is loaded already: its BLAS keeps its threads")
+        return False
+    if ENV in os.environ:
+        return False
+    blas_environment(os.environ)
+    return True
