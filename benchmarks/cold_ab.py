@@ -3,7 +3,7 @@
 The VM's speed drifts by 30-50 % within an hour, so two runs of ``cold_start.py`` an hour apart cannot say what a
 change gained. This script checks the earlier commit out beside the repository (``git worktree``, in
 ``cache/cold_ab/``), then runs the cold-start child of each engine (``cold_start.py child``: a fresh process, no
-cache, one torch thread, the command's own prefetch) on the same pairs, alternating base and head, ``--reps``
+cache, one torch thread unless ``--threads`` says more, the command's own prefetch) on the same pairs, alternating base and head, ``--reps``
 times, and reports each engine's median process time per pair and their ratio. Both engines load the model of their
 own checkout. Elastix is not run (``cold_start.py`` compares with it). With ``--atlas N`` it also times one atlas
 into N cold targets in one process (``cold_start.py``'s atlas case), whose per-target time the pairs do not show;
@@ -60,12 +60,16 @@ def _worktree(rev: str, folder: Path) -> Path:
     return folder
 
 
+#: ``OMP_NUM_THREADS`` of the cold runs (``--threads``; numpy's BLAS reads it too unless the engine sets its own)
+TORCH_THREADS = 1
+
+
 def _cold(root: Path, source: str, target: str | list[str], points: str, out: Path,
           extra: tuple[str, ...] = ()) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (GB) and minor page faults (the process and its prefetch process: first touches of
     memory, a steadier measure than the time on a VM whose memory costs vary) of one cold match by the engine of
     checkout ``root``; ``extra``: further ``samembed match`` arguments (e.g. ``--heatmap-dir DIR``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(TORCH_THREADS), "PYTHONPATH": f"{root / 'SAMEmbedding'}{os.pathsep}{root / 'benchmarks'}"}
     from cold_start import cpu_use
 
     t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cold_ab.py")
     p.add_argument("--base", required=True, help="the earlier commit (any git revision)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the cold runs (cold_start.py run uses 2)")
     p.add_argument("--openkbp-pairs", type=int, default=3)
     p.add_argument("--suites", default=str(REPO / "cache" / "suites"))
     p.add_argument("--atlas", type=int, default=0, metavar="N",
@@ -243,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "between-patients, which refines; default: the defaults)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
     args = p.parse_args(argv)
+    global TORCH_THREADS
+    TORCH_THREADS = args.threads
     head_model = ("--model", args.model) if args.model else ()  # samembed match's arguments of every cold run
     preset = ("--preset", args.preset) if args.preset else ()
     #: each engine's model (and settings) arguments
@@ -355,9 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, 1-minute load average {load:.1f} at the end. "
         + (f"Models: base `{args.base_model}`, head `{args.model or 'default'}` (the first click: the default). "
            if args.base_model else f"Model: `{args.model or 'default'}` (the first click: the default). ")
-        + f"Each run is a fresh process with no cache (`cold_start.py child`, one torch thread, the command's prefetch); "
+        + "Each run is a fresh process with no cache (`cold_start.py child`, "
+        + f"OMP_NUM_THREADS={TORCH_THREADS}, the command's prefetch); "
         f"the two engines alternate (base, head, head, base, ...), {args.reps} runs each per pair; median (range) wall seconds. Command: "
         f"`python benchmarks/cold_ab.py --base {args.base} --reps {args.reps}"
+        + (f" --threads {args.threads}" if args.threads != 1 else "")
+        + (f" --openkbp-pairs {args.openkbp_pairs}" if args.openkbp_pairs != 3 else "")
         + (f" --atlas {args.atlas}" if args.atlas else "") + (f" --many {args.many}" if args.many else "")
         + (" --no-pairs" if args.no_pairs else "")
         + (" --thin-slice" if args.thin_slice else "")

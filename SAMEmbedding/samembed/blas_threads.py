@@ -6,10 +6,11 @@ else ``OMP_NUM_THREADS``, else one per core). A worker that has nothing to do sp
 calls are small (affines, 3 x 3 geometry, a few thousand points); torch does the heavy arithmetic on threads of its
 own. So on a 2-core machine the spinning worker only takes a core from torch, from the prefetch process, or from a
 second target embedded at once. Measured with ``perf`` on a cold ``samembed match`` of two head-and-neck CTs (AMD
-EPYC, 2 cores, ``OMP_NUM_THREADS=2``): 0.16 s of the process's 2.8 s of CPU time in OpenBLAS's idle loop. With
-:data:`ENV` = 1 (``/usr/bin/time``, alternating, 9 runs each): that pair 1.59 -> 1.49 s mean, its user time
-2.17 -> 1.92 s; one atlas into five targets (7 runs each) 3.03 -> 2.71 s, user time 4.37 -> 3.86 s. The matches are
-the same: a single-threaded BLAS call adds its products in the same order for these sizes (tested).
+EPYC, 2 cores, ``OMP_NUM_THREADS=2``): 0.16 s of the process's 2.8 s of CPU time in OpenBLAS's idle loop, and
+0.25 s less user time with :data:`ENV` = 1. Side by side (``benchmarks/cold_ab.py --threads 2 --reps 7 --atlas 5``,
+``benchmarks/results/cold_ab_blas_threads.md``): one atlas into five targets 0.40 -> 0.36 s per target (1.10x), the
+LIDC pair 1.07x, three head-and-neck pairs 0.99-1.06x; the same matches. (With one torch thread OpenBLAS has no
+worker anyway: it reads ``OMP_NUM_THREADS`` too.)
 
 The setting must be in the environment before numpy is first imported, so the engine applies it where it starts a
 process: the ``samembed match`` and ``samembed embed`` commands (:func:`samembed.cli.run`, whose imports load no numpy
