@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cold_ab import _alternating, _median_range, _worktree  # noqa: E402
+from cold_ab import _alternating, _worktree, median_range  # noqa: E402
 from cold_start import checkout_commit  # noqa: E402
 from first_click import CASES, CLICK_ORGAN, DATA, OPENKBP, load_volume  # noqa: E402
 
@@ -165,7 +165,7 @@ def run(argv: list[str]) -> int:
         f"{f'--atlases {args.atlases} ' if atlases else ''}--reps {args.reps}`.", "",
         what, "",
         "| base s | head s | speed-up | same results |", "|---:|---:|---:|---|",
-        f"| {_median_range(times['base'])} | {_median_range(times['head'])} | {b / h:.2f}x | {'yes' if same else 'no'} |",
+        f"| {median_range(times['base'])} | {median_range(times['head'])} | {b / h:.2f}x | {'yes' if same else 'no'} |",
         ""])
     Path(args.out).write_text(text)
     print(text)

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cold_ab.py")
     p.add_argument("--base", required=True, help="the earlier commit (any git revision)")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the cold runs (cold_start.py run uses 2)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the cold runs (the issue's cold_start.py runs set 2)")
     p.add_argument("--openkbp-pairs", type=int, default=3)
     p.add_argument("--suites", default=str(REPO / "cache" / "suites"))
     p.add_argument("--atlas", type=int, default=0, metavar="N",

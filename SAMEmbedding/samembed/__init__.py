@@ -12,6 +12,8 @@ Public API::
 Importing this package loads no Slicer, Qt or VTK module.
 """
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     Cancelled,
     CheckpointError,
@@ -23,6 +25,13 @@ from .errors import (
 )
 from .options import MatchOptions
 
+if TYPE_CHECKING:  # the lazy names below, for type checkers
+    from .api import Matcher
+    from .fusion import Atlas, FusionOptions
+    from .image import Grid, Image, lps_to_ras, ras_to_lps
+    from .io import read_image, read_points, write_image
+    from .result import Match, MatchResult
+
 __version__ = "0.1.0"
 
 #: the public names loaded on first use, and their modules: ``import samembed`` (and ``import samembed.cli``) loads
@@ -31,13 +40,18 @@ __version__ = "0.1.0"
 _LAZY = {"Atlas": "fusion", "FusionOptions": "fusion", "Grid": "image", "Image": "image", "lps_to_ras": "image",
          "ras_to_lps": "image", "Match": "result", "MatchResult": "result", "Matcher": "api", "read_image": "io",
          "write_image": "io", "read_points": "io"}
+#: lazy names that load torch or SimpleITK: left out of ``dir(samembed)``, so that listing the package (tab
+#: completion, ``inspect.getmembers``, ``help``) loads neither
+_HEAVY = frozenset({"Matcher", "read_image", "write_image", "read_points"})
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # found directly from now on
+        return value
     raise AttributeError(f"module 'samembed' has no attribute {name!r}; the public names: {', '.join(__all__)}")
 
 
@@ -49,4 +63,4 @@ __all__ = [
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | (set(__all__) - _HEAVY))

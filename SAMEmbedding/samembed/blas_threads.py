@@ -1,7 +1,8 @@
 """numpy's BLAS threads in a process of the engine's own: one, the calling thread.
 
-numpy's OpenBLAS starts a pool of worker threads when numpy is imported (as many as ``OPENBLAS_NUM_THREADS`` says,
-else ``OMP_NUM_THREADS``, else one per core). A worker that has nothing to do spins on its core for about 2^28 cycles
+numpy's OpenBLAS starts a pool of worker threads when numpy is imported (one fewer than ``OPENBLAS_NUM_THREADS``
+says, else ``GOTO_NUM_THREADS``, else ``OMP_NUM_THREADS``, else one per core; at most the cores the process may use:
+the calling thread is the last one). A worker that has nothing to do spins on its core for about 2^28 cycles
 (0.1 s at 2.6 GHz) before it sleeps: after its start, and after every call that woke it. The engine's own numpy BLAS
 calls are small (affines, 3 x 3 geometry, a few thousand points); torch does the heavy arithmetic on threads of its
 own. So on a 2-core machine the spinning worker only takes a core from torch, from the prefetch process, or from a
@@ -20,18 +21,19 @@ wins. Dask's nannies already give each worker process one BLAS thread. This modu
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import MutableMapping
-
-log = logging.getLogger(__name__)
+from typing import TypeVar
 
 #: the environment variable OpenBLAS reads for its thread count (before ``OMP_NUM_THREADS``), once, when it loads
 ENV = "OPENBLAS_NUM_THREADS"
 
 
-def blas_environment(environ: MutableMapping[str, str]) -> MutableMapping[str, str]:
+Environ = TypeVar("Environ", bound=MutableMapping[str, str])
+
+
+def blas_environment(environ: Environ) -> Environ:
     """``environ`` with numpy's BLAS on one thread (:data:`ENV` = 1) unless it already says how many; for the
     environment of a process the engine starts. Returns ``environ``, changed in place."""
     environ.setdefault(ENV, "1")
@@ -42,10 +44,7 @@ def one_blas_thread() -> bool:
     """In a process of the engine's own, before numpy's first import: numpy's BLAS on the calling thread only (see
     the module docstring). Returns whether it applied: not when numpy is loaded already (its threads have started and
     keep their count) or :data:`ENV` is set already."""
-    if "numpy" in sys.modules:
-        log.debug("numpy is loaded already: its BLAS keeps its threads")
-        return False
-    if ENV in os.environ:
+    if "numpy" in sys.modules or ENV in os.environ:
         return False
     blas_environment(os.environ)
     return True

@@ -1118,7 +1118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_flags(t)
     t.set_defaults(func=_cmd_train)
 
-    from .quantize import QuantizeSettings  # no numpy: the command sets numpy's BLAS threads before numpy loads
+    from .quantize import QuantizeSettings  # loads no numpy: the parser is built before the engine's settings
 
     qz = sub.add_parser("quantize", help="calibrate a sam-lite model's int8 form on a sample of its training images")
     qz.add_argument("--config", required=True, help="the model's training config (its data and exclude lists)")
