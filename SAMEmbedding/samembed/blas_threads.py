@@ -10,8 +10,9 @@ second target embedded at once. Measured with ``perf`` on a cold ``samembed matc
 EPYC, 2 cores, ``OMP_NUM_THREADS=2``): 0.16 s of the process's 2.8 s of CPU time in OpenBLAS's idle loop, and
 0.25 s less user time with :data:`ENV` = 1. Side by side (``benchmarks/cold_ab.py --threads 2 --reps 7 --atlas 5``,
 ``benchmarks/results/cold_ab_blas_threads.md``): one atlas into five targets 0.40 -> 0.36 s per target (1.10x), the
-LIDC pair 1.07x, three head-and-neck pairs 0.99-1.06x; the same matches. (With one torch thread OpenBLAS has no
-worker anyway: it reads ``OMP_NUM_THREADS`` too.)
+LIDC pair 1.07x, three head-and-neck pairs 0.99-1.06x; the same matches. With one torch thread OpenBLAS has no
+worker anyway (it reads ``OMP_NUM_THREADS`` too), and the same comparison is 0.98-1.04x
+(``cold_ab_blas_threads_control.md``).
 
 The setting must be in the environment before numpy is first imported, so the engine applies it where it starts a
 process: the ``samembed match`` and ``samembed embed`` commands (:func:`samembed.cli.run`, whose imports load no numpy
