@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,25 +159,6 @@ def _to_embed_beside(embedder: Embedder, source: Image, target: Image) -> bool:
     """Whether ``target``'s maps are to be made beside ``source``'s: it is not the source (the same voxels) and not
     held already (:meth:`~samembed.embedding.Embedder.holds`)."""
     return target is not source and embedder.key(target) != embedder.key(source) and not embedder.holds(target)
-
-
-class _Outcome:
-    """What a function run in another thread returned, or raised (:meth:`result` gives it back, or raises it)."""
-
-    def __init__(self) -> None:
-        self._value = None
-        self._error: BaseException | None = None
-
-    def run(self, fn: Callable[[], object]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # noqa: BLE001 - raised again by result(), in the caller's thread
-            self._error = e
-
-    def result(self):
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 @dataclass
@@ -670,7 +652,7 @@ class Matcher:
         return _Inputs(src, pts, labels, list(targets), names, mask_img)
 
     def _embed_source(self, embedder: Embedder, inputs: _Inputs,
-                      cancel: threading.Event | None) -> tuple[EmbeddingMaps, _Outcome | None, float]:
+                      cancel: threading.Event | None) -> tuple[EmbeddingMaps, Future | None, float]:
         """The source's maps (on demand: the global map; local tiles as searches need them), and, when
         :meth:`_beside_source` allows, the first target read and embedded meanwhile, in a thread of its own, each
         with half of torch's threads: the preprocessing, body mask and global map of two images at once instead of
@@ -697,9 +679,16 @@ class Matcher:
                     return tgt, name, None, 0.0  # the source's own maps, or held: after the source, as before
             return tgt, name, embedder.embed(tgt, cancel=cancel, on_demand=True), time.time() - t1
 
-        outcome = _Outcome()
+        outcome: Future = Future()
+
+        def run() -> None:  # the target's maps, or its error, for its turn (Future.result raises it there)
+            try:
+                outcome.set_result(first())
+            except BaseException as e:  # noqa: BLE001 - raised again by outcome.result(), in the caller's thread
+                outcome.set_exception(e)
+
         with concurrent_matching(max(1, torch.get_num_threads() // 2)):
-            helper = threading.Thread(target=outcome.run, args=(first,), name="samembed-first-target", daemon=True)
+            helper = threading.Thread(target=run, name="samembed-first-target", daemon=True)
             helper.start()
             try:
                 src_maps = embedder.embed(inputs.source, cancel=cancel, on_demand=True)
