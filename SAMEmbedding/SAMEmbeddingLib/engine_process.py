@@ -1114,7 +1114,8 @@ def _importEngine(failed: list[BaseException]) -> None:
         return
     finally:  # loaded or not, the collector runs again; what was tracked so far, it no longer scans (not the
         frozen = after_torch_import()  # engine's objects, made next: their cycles must still be freed)
-    log.info("torch loaded in %.1f s%s; the %d objects tracked so far left out of the garbage collector's scans",
+    log.info("torch loaded in %.1f s%s; the objects tracked so far (about %d made by the import) left out of the "
+             "garbage collector's scans",
              time.monotonic() - started, " without its Python meta kernels" if meta_kernels_skipped() else "", frozen)
 
 

@@ -42,15 +42,20 @@ def pause_collection() -> None:
 def freeze_imported() -> int:
     """Right after torch's import, before the engine is made: move every object tracked so far out of the collector's
     scans and start the collector again. Only after :func:`pause_collection` in this process; otherwise (and a second
-    time) nothing. Returns how many objects it left out of the scans (0 when it did nothing)."""
+    time) nothing.
+
+    Returns about how many objects the import made: the tracked objects made since the collector last ran, and still
+    alive, as its youngest generation counts them (``gc.get_count()[0]``; about 184 k after torch's), which leaves
+    out the few thousand made before; 0 when it did nothing. Not ``gc.get_freeze_count()``, which walks every frozen
+    object to count them: 12 ms for torch's, on a cold command's critical path."""
     global _paused
     if not _paused:
         return 0
     _paused = False
-    before = gc.get_freeze_count()
+    made = gc.get_count()[0]
     gc.freeze()
     gc.enable()
-    return gc.get_freeze_count() - before
+    return made
 
 
 def resume_after_fork() -> None:

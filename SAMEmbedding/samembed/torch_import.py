@@ -149,8 +149,9 @@ def after_torch_import() -> int:
     torch's meta kernels away (a later import of any new torch module loads them first), put the placeholders of
     :data:`META_KERNELS_ATTRIBUTES` on ``torch``, and leave the objects made so far out of the garbage collector's
     scans (:func:`samembed.collector.freeze_imported`, which does something only when :func:`before_torch_import`
-    paused it), and put back Python's own ``os.path.realpath`` (:mod:`samembed.realpaths`). Returns how many objects
-    the collector left out (0 when it did nothing)."""
+    paused it), and put back Python's own ``os.path.realpath`` (:mod:`samembed.realpaths`). Returns about how many
+    objects torch's import made, which the collector leaves out (0 when it did nothing; see
+    :func:`~samembed.collector.freeze_imported`)."""
     restore_realpath()
     if isinstance(sys.modules.get(META_KERNELS_MODULE), _DeferredModule):
         _unbind(META_KERNELS_MODULE)

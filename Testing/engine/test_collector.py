@@ -31,18 +31,21 @@ pause_collection()
 paused = gc.isenabled()
 import decimal, email.parser  # stand-ins for torch: modules that make many long-lived objects
 before = gc.get_freeze_count()
-freeze_imported()
+made = freeze_imported()
 frozen = gc.get_freeze_count()
-freeze_imported()  # a second call changes nothing
+second = freeze_imported()  # a second call changes nothing
 again = gc.get_freeze_count()
 class Node: pass
 a, b = Node(), Node(); a.other, b.other = b, a  # a cycle made after loading
 del a, b
-print(json.dumps({"paused_enabled": paused, "before": before, "frozen": frozen, "again": again,
+print(json.dumps({"paused_enabled": paused, "before": before, "made": made, "second": second, "frozen": frozen,
+                  "again": again,
                   "enabled": gc.isenabled(), "collected": gc.collect(), "scanned": len(gc.get_objects())}))
 """)
     assert r["paused_enabled"] is False
     assert r["before"] == 0 and r["frozen"] > 1000 and r["again"] == r["frozen"]
+    # what it returns counts the objects the imports made (without walking the frozen ones): most of those frozen
+    assert r["frozen"] / 4 < r["made"] <= r["frozen"] and r["second"] == 0
     assert r["enabled"] is True
     assert r["collected"] >= 2  # the later cycle is found: the collector works again
     assert r["scanned"] < r["frozen"] / 4  # what it tracks now leaves the loaded objects out

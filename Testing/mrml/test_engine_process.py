@@ -295,7 +295,7 @@ def test_the_engine_started_ahead_is_the_one_the_first_click_uses(a_scene, a_pro
     # (samembed.torch_import), as the samembed command does
     loaded = [line for line in engine._logPath.read_text().splitlines() if "left out of the garbage" in line]
     assert len(loaded) == 1, engine._logPath.read_text()
-    assert int(loaded[0].split("; the ")[-1].split()[0]) > 50_000, loaded[0]
+    assert int(loaded[0].split("(about ")[-1].split()[0]) > 50_000, loaded[0]
     assert "without its Python meta kernels" in loaded[0], loaded[0]
     a_process_logic.startEngine()  # again (the module entered a second time): nothing new
     assert engine.starts == 1 and engine.pid == pid
