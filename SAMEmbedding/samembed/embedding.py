@@ -211,6 +211,9 @@ class EmbeddingMaps:
     tiles: object | None = field(default=None, repr=False)  # a TileComputer filling ``features`` on demand
     _compact: dict = field(default_factory=dict, repr=False)
     dirty: bool = field(default=False, repr=False)  # tiles computed since the last disk write
+    #: (entry, body voxels whose local vectors it holds): the disk entry these maps were read from or written to
+    #: last; None: neither. A tile outside the body makes the maps dirty but stores nothing: the entry is not rewritten
+    stored_on_disk: tuple[Path, int] | None = field(default=None, repr=False)
     _fills: int = field(default=0, repr=False)  # fills run (``ready`` changes only in them or before any read)
     _touched: tuple | None = field(default=None, repr=False)  # (fills, touched fraction), see nbytes
     _coarse_rows: torch.Tensor | None = field(default=None, repr=False)  # the global map channels last, see global_at
@@ -270,6 +273,8 @@ class EmbeddingMaps:
             hi = np.atleast_2d(np.asarray(hi_zyx, dtype=np.int64))
             missing = np.zeros(shape, dtype=bool)  # the boxes' voxels, then those of them to compute
             for a, b in zip(np.maximum(lo, 0).tolist(), np.minimum(hi, np.asarray(shape) - 1).tolist()):
+                if any(x > y for x, y in zip(a, b)):  # wholly outside the grid (a negative end would wrap around)
+                    continue
                 missing[tuple(slice(x, y + 1) for x, y in zip(a, b))] = True
             missing &= ~self.ready.reshape(shape).numpy()
             if need is not None:
@@ -489,6 +494,15 @@ class EmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file, False also where it cannot be told (a folder this user may not search: Python's
+    ``Path.is_file`` raises then)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _grid_to_dict(g: Grid) -> dict:
@@ -879,6 +893,9 @@ class Embedder:
             maps = self._load_disk(key, image)
             if maps is None:
                 maps = self._compute(image, key, progress, cancel, on_demand and self.on_demand_capable)
+                # new to the disk cache: written at the next settle, also over an entry that was damaged, older or
+                # another image's (a network embedded whole computes no tile that would say so)
+                maps.dirty = True
             self.cache.put(key, maps)
         if not on_demand:
             if progress and not maps.complete:
@@ -894,7 +911,7 @@ class Embedder:
         (then it computes no map of its own: at most the local tiles that searches ask for)."""
         key = self.key(image)
         path = self._disk_path(key)
-        return self.cache.get(key) is not None or (path is not None and path.is_file())
+        return self.cache.get(key) is not None or (path is not None and _is_file(path))
 
     def forget(self, image: Image) -> None:
         """Drop ``image``'s maps from the memory cache (the disk cache keeps what it holds): for a caller that knows it
@@ -1097,7 +1114,15 @@ class Embedder:
         )
 
         path = self._disk_path(key)
-        if path is None or not path.is_file():
+        if path is None:
+            return None
+        try:
+            if not path.is_file():
+                return None
+        except OSError as e:  # a cache folder this user may not search (another user's, mode 0700): left alone
+            self._unreadable.add(path)
+            log.warning("cannot look into the cache folder %s (%s): this run computes its maps without the cache; "
+                        "give a --cache-dir of your own, or ask its owner for access", path.parent, e.strerror or e)
             return None
         try:
             meta, arrays = read_entry(path)
@@ -1138,6 +1163,7 @@ class Embedder:
                     ints = unpacked_directions(packed[i:i + len(part)], maps.n_local)  # (n, C_l) the stored integers
                     write_rows(maps.vectors, [ints.T], flat, unit=slice(None))  # normalised: the directions
                 maps.ready[torch.from_numpy(stored)] = True
+            maps.stored_on_disk = (path, len(stored))
             maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))
             if bool(maps.ready.all()):
                 maps.ready, maps.tiles = None, None
@@ -1158,13 +1184,19 @@ class Embedder:
         from .tiles import packed_directions, write_entry
 
         path = self._disk_path(maps.key)
-        if path is None or self._cache_write_failed or (not maps.dirty and path.is_file()) or path in self._unreadable:
+        if (path is None or self._cache_write_failed or path in self._unreadable
+                or (not maps.dirty and _is_file(path))):
             return
         body = maps.body.cpu().numpy()
         # no tile is written meanwhile, and one save at a time (another thread may be filling or saving these maps)
         with maps._lock:
             stored = body if maps.ready is None else body & maps.ready.numpy()
             idx = torch.from_numpy(np.flatnonzero(stored))
+            if maps.stored_on_disk == (path, len(idx)) and _is_file(path):
+                # the entry already holds every body voxel computed (the new tiles lay outside the body, which
+                # is not stored; computed voxels only ever grow): not written again (nor tried on a read-only cache)
+                maps.dirty = False
+                return
             try:
                 packed = packed_directions(maps.vectors, idx)  # (stored, bytes per vector)
             except ValueError as e:  # NaN vectors (a broken model): this image's maps are not stored
@@ -1177,6 +1209,7 @@ class Embedder:
                 write_entry(path, meta, [maps.global_.cpu().half().numpy(), np.packbits(body), np.packbits(stored),
                                          packed])
                 maps.dirty = False
+                maps.stored_on_disk = (path, len(idx))
             except (OSError, InputError) as e:  # a full or read-only cache folder costs speed later, not this match
                 if not self._cache_write_failed:  # once: a shared read-only cache would warn for every image
                     log.warning("could not write the embedding cache entry %s (%s); the cache folder is only read "

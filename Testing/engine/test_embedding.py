@@ -93,6 +93,112 @@ def test_an_entry_this_process_cannot_read_is_said_so_and_left_as_it_is(a_model,
     assert (entry.read_bytes(), entry.stat().st_mtime_ns) == before
 
 
+def test_a_damaged_entry_is_replaced_also_by_a_network_embedded_whole(a_model, tmp_path, monkeypatch, caplog):
+    """A network without separate branches (sam-official's) is embedded whole, with no tile to mark its maps as new:
+    a damaged entry was recomputed on every run, warned of each time, and never replaced (a review). It is now
+    written again."""
+    import logging
+
+    from samembed.tiles import read_entry
+
+    img = a_ct_like_image()
+    Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
+    (entry,) = tmp_path.glob("*" + ENTRY_SUFFIX)
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit in the payload: its checksum no longer holds
+    entry.write_bytes(bytes(data))
+    monkeypatch.setattr(Embedder, "on_demand_capable", property(lambda self: False))  # the path of a whole network
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        maps = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(img)
+    assert maps.complete
+    assert any("ignoring damaged cache entry" in r.getMessage() for r in caplog.records)
+    meta, _ = read_entry(entry)  # raises if it is still the damaged one
+    assert meta["key"] == maps.key
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        again = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+        again._compute = None  # read from the entry: it cannot compute
+        again.embed(img)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_an_entry_is_written_again_only_when_it_would_hold_more(a_model, tmp_path):
+    """Tiles outside the body make the maps new, but the body's voxels are all an entry stores: the entry was rewritten
+    unchanged after every match, and a read-only shared cache warned that it could not be written (a review). Now
+    it is rewritten only when a body voxel was computed that it does not hold."""
+    from samembed.tiles import read_entry
+
+    img = a_ct_like_image()
+    first = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    m = first.embed(img, on_demand=True)
+    shape = np.asarray(m.local_grid.shape_zyx)
+    m.ensure(shape // 2 - 1, shape // 2 + 1)  # a small box in the middle: body voxels
+    first.settle(m)
+    (entry,) = tmp_path.glob("*" + ENTRY_SUFFIX)
+
+    def state():
+        st = entry.stat()
+        return entry.read_bytes(), st.st_ino, st.st_mtime_ns
+
+    stored = int(np.unpackbits(read_entry(entry)[1][2]).sum())
+    assert 0 < stored < int(m.body.sum())
+    before = state()
+    second = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    m2 = second.embed(img, on_demand=True)  # read from the entry
+    assert int(m2.ready.sum()) == stored
+    outside = torch.nonzero(~m2.body & ~m2.ready)[:, 0]
+    m2.ensure_flat(outside[:1])  # a voxel outside the body: computed, not stored
+    assert m2.dirty and bool(m2.ready[outside[0]])
+    second.settle(m2)
+    assert state() == before and not m2.dirty
+    inside = torch.nonzero(m2.body & ~m2.ready)[:, 0]
+    m2.ensure_flat(inside[:1])  # a body voxel the entry does not hold: written
+    second.settle(m2)
+    assert state() != before
+    assert int(np.unpackbits(read_entry(entry)[1][2]).sum()) > stored
+
+
+def test_a_cache_folder_that_cannot_be_searched_is_left_alone(a_model, tmp_path, monkeypatch, caplog):
+    """Another user's cache folder (mode 0700) made ``Path.is_file`` raise, and the match failed with "Permission
+    denied" instead of computing its maps without the cache (a review). Now the folder is named, the maps computed,
+    and nothing is written there."""
+    import logging
+    import pathlib
+
+    img = a_ct_like_image()
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    is_file = pathlib.Path.is_file
+
+    def denied(self):
+        if self.parent == folder:
+            raise PermissionError(13, "Permission denied", str(self))
+        return is_file(self)
+
+    monkeypatch.setattr(pathlib.Path, "is_file", denied)
+    emb = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=folder)
+    assert not emb.holds(img)
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        maps = emb.embed(img)
+    assert maps.complete
+    assert any("cannot look into the cache folder" in r.getMessage() and str(folder) in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not list(folder.iterdir())
+
+
+def test_a_box_wholly_outside_the_grid_computes_nothing(a_model):
+    """A box below the grid's start was clipped at its start only: its end, negative, then wrapped around and most of
+    the grid was embedded (a review; the engine's own callers clip their boxes first)."""
+    m = Embedder(a_model, "cpu", EmbeddingCache()).embed(a_ct_like_image(), on_demand=True)
+    shape = np.asarray(m.local_grid.shape_zyx)
+    m.ensure(np.array([-10, 0, 0]), np.array([-5, 2, 2]))
+    m.ensure(shape + 3, shape + 8)
+    assert not bool(m.ready.any())
+    m.ensure(np.array([-10, 0, 0]), np.array([0, 1, 1]))  # partly inside: that part (with its tile's rounding)
+    assert bool(m.ready.reshape(tuple(shape))[0, :2, :2].all())
+    assert int(m.ready.sum()) < m.ready.numel() // 8
+
+
 def test_an_embedder_storing_in_a_folder_shares_its_network_and_stores_there_only(a_model, tmp_path):
     """``storing_in`` (a propagate worker's embedder for the run's atlas folder) keeps one copy of the network and
     writes the folder's entries; the embedder it came from still writes nowhere, and both give the same maps."""
