@@ -305,13 +305,24 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     log.debug("torch loaded%s", " without its Python meta kernels" if meta_kernels_skipped() else "")
 
     images_read: dict[str, object] = {}  # a file named twice (a scan matched to itself) is read once
+    # why a file could not be read: the first target, read early, is reported at its turn without being read again
+    # (each read of a damaged file inflated it again and printed the library's own message again; a review)
+    unreadable: dict[str, BaseException] = {}
 
     def read(path: str):  # the image the prefetch read, else the file
         key = str(path)
+        if key in unreadable:
+            raise unreadable[key]
         if key not in images_read:
             image = None if prefetch is None else prefetch.image(path)
-            # (a picture without its pixel spacing is warned of when it is used, not for a target that is skipped)
-            images_read[key] = as_image(path if image is None else image, spacing_mm=args.spacing, warn_spacing=False)
+            try:
+                # (a picture without its pixel spacing is warned of when it is used, not for a target that is
+                # skipped)
+                images_read[key] = as_image(path if image is None else image, spacing_mm=args.spacing,
+                                            warn_spacing=False)
+            except (InputError, PermissionError) as e:
+                unreadable[key] = e
+                raise
         return images_read[key]
 
     def read_target(path: str):  # what keeps a target from being read is its own problem, skipped among several
@@ -1181,9 +1192,13 @@ def run() -> NoReturn:
     :func:`engine_process_settings` (freed memory kept for the next tile, the garbage collector paused until torch is
     loaded, torch's Python meta kernels left out until needed, numpy's BLAS on one thread) before the command's first
     allocation; the prefetch process it forks keeps the allocator's setting too."""
-    args = build_parser().parse_args()
-    if args.command in KEEP_FREED_COMMANDS:
-        engine_process_settings()
+    try:
+        args = build_parser().parse_args()
+        if args.command in KEEP_FREED_COMMANDS:
+            engine_process_settings()
+    except KeyboardInterrupt:  # Ctrl-C while the arguments are read: as within the command, without a traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     code = _main(args)
     if args.command in FAST_EXIT_COMMANDS:
         exit_now(code)

@@ -350,6 +350,29 @@ def _sources(paths: Sequence[str | os.PathLike | ArrayFile]) -> tuple[str | Arra
     return tuple(p if isinstance(p, ArrayFile) else str(p) for p in paths)
 
 
+#: the signals that stop a command (Ctrl-C, and ``samembed.stopping``'s SIGTERM), blocked across the child's fork
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _block_stop_signals() -> set | None:
+    """Block :data:`_STOP_SIGNALS` in this thread (kept pending by the kernel): the mask before, or None where
+    signal masks are not available."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+def _unblock_stop_signals(previous: set | None = None) -> None:
+    """Put this thread's signal mask back to ``previous`` (from :func:`_block_stop_signals`), or, without it (the
+    child), unblock :data:`_STOP_SIGNALS`."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    if previous is None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    else:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims, given=None,
            handoff: _Handoff | None = None, parent_ends: Sequence = ()) -> None:
     # Ctrl-C reaches the whole process group: the engine stops this process itself (Prefetch.close), so the
@@ -357,6 +380,7 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
     # at once, whatever handler the command had when it forked (samembed.cli stops on SIGTERM as on Ctrl-C)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _unblock_stop_signals()  # blocked across the fork (Prefetch.__init__): one sent meanwhile comes now, to these
     resume_after_fork()  # the engine's paused collector is its own (samembed.collector)
     # the parent's ends of the pipes and the socket, inherited by the fork, closed: after the parent's death a send
     # fails (EPIPE) instead of waiting for ever, and recv() ends
@@ -545,7 +569,15 @@ class Prefetch:
                                  args=(request, child_conn, self._arena, self._claims, later_child, self._handoff,
                                        parent_ends),
                                  daemon=True, name="samembed-prefetch")
-        self._proc.start()
+        # Ctrl-C and SIGTERM blocked across the fork: until the child has set its own handlers it runs the parent's
+        # (the command's SIGTERM raises), so one arriving in those few milliseconds left a traceback, or a child that
+        # missed close()'s SIGTERM (a review). Blocked, it waits for the child's handlers (_child); the parent's own
+        # is delivered when its mask is put back, a moment later
+        blocked = _block_stop_signals()
+        try:
+            self._proc.start()
+        finally:
+            _unblock_stop_signals(blocked)
         child_conn.close()
         if self._handoff is not None:
             self._handoff.child_end.close()
@@ -700,6 +732,10 @@ class Prefetch:
         if self._proc.is_alive():
             self._proc.terminate()
         self._proc.join(timeout=5)
+        if self._proc.is_alive():  # (SIGTERM ignored or held up: never left running)
+            log.warning("the prefetch process did not stop within 5 s; killing it")
+            self._proc.kill()
+            self._proc.join(timeout=5)
         self._receiver.join(timeout=5)
         self._conn.close()
         if self._handoff is not None:
