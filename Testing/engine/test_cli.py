@@ -562,6 +562,17 @@ def test_bad_output_places_are_refused_before_torch_loads(tmp_path, two_cts, a_p
     assert not (tmp_path / "hm").exists() and not (tmp_path / "m.csv").exists()
 
 
+def test_ctrl_c_while_the_arguments_are_read_says_interrupted_without_a_traceback():
+    """``run`` read the arguments outside the command's own handling: a Ctrl-C in those first milliseconds printed a
+    traceback (a review). Here the parser is interrupted as Ctrl-C would interrupt it."""
+    code = ("import samembed.cli as c\n"
+            "def interrupted():\n    raise KeyboardInterrupt\n"
+            "c.build_parser = interrupted\nc.run()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 130, res.stderr
+    assert res.stderr.strip() == "interrupted", res.stderr
+
+
 def test_embed_of_a_missing_image_makes_no_cache_folder(tmp_path, capsys):
     assert main(["embed", str(tmp_path / "nosuch.nii.gz"), "--cache-dir", str(tmp_path / "c")]) == 2
     assert "nosuch.nii.gz: file not found" in capsys.readouterr().err and not (tmp_path / "c").exists()
