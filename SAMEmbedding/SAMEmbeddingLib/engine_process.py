@@ -24,7 +24,8 @@ tuple ``(kind, requestID, payload)``):
 * child -> parent: ``("progress", id, (done, total, phase))``; ``("target", id, (index, event))`` (a ``match_each``
   target started, matched or skipped: ``samembed.jobs.TargetEvent``); ``("result", id, samembed.MatchResult)`` (for
   ``prepare``: its timings dict; for ``warm`` and ``match_each``: None); ``("cancelled", id, None)``; ``("error", id,
-  exception)``; ``("ok", id, value)``.
+  exception)``; ``("ok", id, value)``; ``("lost", 0, key)`` (the volume's file could not be read, and the child
+  does not hold it: the parent sends it again with the next request that needs it).
 
 The child imports torch from its start, in a thread, beside the parent writing the first request's volumes; its
 first request that needs the engine (``warm``, which the module sends when it is entered, or a match) waits for
@@ -152,6 +153,41 @@ def _sharedMemoryFolder(root: Path = Path("/dev/shm")) -> tuple[Path, int] | Non
     except OSError as e:
         log.info("SAMEmbedding: volume files go to the temporary folder, not to shared memory: %s", e)
         return None
+
+
+def _releaseEngine(state: dict) -> None:
+    """An :class:`EngineProcess`'s end, from its attribute dict ``state``: its child killed if still running, its
+    temporary and volume folders removed, the descriptors of their lock files closed. Run once, by :meth:`close` (after
+    it stopped the child) or when the engine is dropped or the interpreter exits without it."""
+    proc = state.get("_proc")
+    try:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    except Exception:  # noqa: BLE001 - the interpreter's exit: the rest is still released
+        pass
+    for folder in ("_tmp", "_volumes"):
+        if state.get(folder) is not None:
+            shutil.rmtree(state[folder], ignore_errors=True)
+    for name in ("_volumesLock", "_tmpLock"):
+        fd = state.get(name)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            state[name] = None
+
+
+def _saveVolume(path: Path, image: Image) -> None:
+    """Write ``image``'s voxels to the volume file ``path`` for the child; a file that cannot be written whole (a
+    full disk) is removed, and the error names the volume and the folder."""
+    try:
+        np.save(path, np.ascontiguousarray(image.array))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise InputError(f"{image.name}: cannot write its voxels for the engine process to {path.parent} "
+                         f"({e.strerror or e}); free space there, or give the engine a temporary folder with room "
+                         "(TMPDIR)") from e
 
 
 def _receiveTimeout(sock: socket.socket, seconds: float) -> None:
@@ -303,6 +339,10 @@ class EngineProcess:
         #: descriptor of its lock file, held while this engine lives), else ``_tmp``
         shared = _sharedMemoryFolder()
         self._volumes, self._volumesLock = shared if shared is not None else (self._tmp, None)
+        # what close() releases, released also when the engine is dropped without it, or at the interpreter's exit:
+        # its child killed, its folders (volume files of 0.35 GB each for thin-slice CTs) removed, its locks closed.
+        # The finalizer holds the instance's attribute dict, not the instance, so it reads the child of the moment
+        self._release = weakref.finalize(self, _releaseEngine, self.__dict__)
         self._closed = False  # by close(): a start ahead that has not begun does not start a child any more
         self._startError: BaseException | None = None  # the start ahead's failure, for the next request
         self._starter: threading.Thread | None = None  # the start ahead's thread, the last one started
@@ -523,20 +563,7 @@ class EngineProcess:
             hasher, self._hasher = self._hasher, None
         if hasher is not None:
             hasher.shutdown(wait=True, cancel_futures=True)  # a hash under way reads a file about to go: it ends first
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        shutil.rmtree(self._volumes, ignore_errors=True)
-        for name in ("_volumesLock", "_tmpLock"):
-            fd = getattr(self, name)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
-
-    def __del__(self) -> None:
-        try:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.kill()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        self._release()  # the folders and locks (once: the finalizer is done after)
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None and self._conn is not None
@@ -752,12 +779,12 @@ class EngineProcess:
             if key in self._sent:
                 self._sent.move_to_end(key)
                 return key
-            np.save(path, np.ascontiguousarray(image.array))  # the child loads and deletes it
+            _saveVolume(path, image)  # the child loads and deletes it
         else:
             with self._hashLock:
                 hashed = self._hashPool().submit(image.content_hash)
             try:
-                np.save(path, np.ascontiguousarray(image.array))
+                _saveVolume(path, image)
             finally:
                 try:
                     key = _volumeKey(image, hashed.result())  # the hash's own error, if any, before the file's
@@ -802,9 +829,13 @@ class EngineProcess:
                 if self._proc.poll() is not None:
                     self._died(None)
                 return None
-            return self._conn.recv()
+            message = self._conn.recv()
         except (OSError, EOFError) as e:
             self._died(e)
+        if message[0] == "lost":  # the child could not read that volume's file and dropped it: sent again when needed
+            self._sent.pop(message[2], None)
+            return None
+        return message
 
     def _await(self, requestID: int, progress: ProgressFn | None, cancel: threading.Event | None, onTarget=None):
         while True:
@@ -900,6 +931,12 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
         log.exception("no prefetch process")
         prefetch = None
     requests: queue.Queue = queue.Queue()
+    sendLock = threading.Lock()
+
+    def send(message) -> None:  # one message at a time: a match_each's targets are read and told on their threads
+        with sendLock:
+            conn.send(message)
+
     cancelled: set[int] = set()
     current = {"id": None, "event": threading.Event()}
     lock = threading.Lock()
@@ -959,7 +996,9 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
 
     def _readImage(key: str) -> Image:
         if key not in images:
-            source = unread[key]
+            source = unread.get(key)
+            if source is None:  # (the parent sends a volume again once told it is lost: not expected)
+                raise RuntimeError(f"the engine process does not hold volume {key[:12]}; match again to send it")
             try:
                 read = None if prefetch is None else prefetch.image(source.path)
                 if read is None:
@@ -967,10 +1006,17 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                     log.info("%s: %s", source.name, "mapped from its volume file" if isinstance(read.array, np.memmap)
                              else "read from its volume file into memory")
                 images[key] = read
+            except (OSError, ValueError) as e:  # a file cut short, removed, unreadable: named
+                if isinstance(e, InputError):
+                    raise
+                raise InputError(f"{source.name}: the engine process could not read this volume's file "
+                                 f"({e}); it is sent again with the next match") from e
             finally:  # read or not (a broken file is reported), the file goes: the parent sends it again if need be
                 del unread[key]
                 with contextlib.suppress(OSError):
                     os.remove(source.path)
+                if key not in images:  # the parent forgets it sent it (not held here: a later request sends it anew)
+                    send(("lost", 0, key))
         return images[key]
 
     def releasePrefetch(force: bool = False) -> None:
@@ -1014,7 +1060,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             if kind == "clear":
                 if matcher is not None:
                     matcher.clear_cache()
-                conn.send(("ok", requestID, None))
+                send(("ok", requestID, None))
                 continue
             if kind == "stats":
                 stats = {"cache_bytes": 0, "input_voxels": 0}
@@ -1022,17 +1068,17 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                     from samembed.embedding import TileComputer
 
                     stats = {"cache_bytes": matcher.cache_bytes, "input_voxels": TileComputer.process_input_voxels}
-                conn.send(("ok", requestID, stats))
+                send(("ok", requestID, stats))
                 continue
             if kind == "warm":  # import torch and load the model now (the module asks when it is entered)
                 loaded()
-                conn.send(("result", requestID, None))
+                send(("result", requestID, None))
                 continue
             if kind not in ("match", "match_each", "match_atlases", "prepare"):
                 raise RuntimeError(f"unknown request {kind!r}")  # builtin: __main__ classes do not unpickle
             with lock:
                 if requestID in cancelled:
-                    conn.send(("cancelled", requestID, None))
+                    send(("cancelled", requestID, None))
                     continue
                 current["id"], current["event"] = requestID, threading.Event()
                 cancel = current["event"]
@@ -1050,7 +1096,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
             loaded()
 
             def progress(done, total, phase, requestID=requestID):
-                conn.send(("progress", requestID, (done, total, phase)))
+                send(("progress", requestID, (done, total, phase)))
 
             if kind == "prepare":
                 result = matcher.prepare(image(payload["source"]), [image(k) for k in payload["targets"]],
@@ -1061,7 +1107,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 def told(i: int, event, requestID=requestID, n=n) -> None:
                     if isinstance(event, TargetError):  # its own problem: one line, the job goes on
                         log.info("request match_each: target %d of %d skipped: %s", i + 1, n, event)
-                    conn.send(("target", requestID, (i, _picklable(event) if isinstance(event, BaseException)
+                    send(("target", requestID, (i, _picklable(event) if isinstance(event, BaseException)
                                                      else event)))
 
                 calls = with_atlas_images(payload["calls"], lambda a: image(a.image))  # the volumes of their keys
@@ -1079,17 +1125,17 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                                        options=payload["options"], progress=progress, cancel=cancel,
                                        target_names=payload["target_names"])
             releasePrefetch()  # before the answer: its log line is written when the caller gets the result
-            conn.send(("result", requestID, result))  # samembed.result: torch-free to unpickle
+            send(("result", requestID, result))  # samembed.result: torch-free to unpickle
         except Cancelled:
             releasePrefetch(force=True)
-            conn.send(("cancelled", requestID, None))
+            send(("cancelled", requestID, None))
         except TargetError as e:  # one target's own problem: the job skips it and goes on to the targets read ahead
             log.info("request %s: %s", kind, e)
-            conn.send(("error", requestID, _picklable(e)))
+            send(("error", requestID, _picklable(e)))
         except Exception as e:  # noqa: BLE001 - every failure goes back to the caller
             log.exception("request %s failed", kind)
             releasePrefetch(force=True)
-            conn.send(("error", requestID, _picklable(e)))
+            send(("error", requestID, _picklable(e)))
         finally:
             with lock:
                 current["id"] = None

@@ -443,6 +443,81 @@ def test_a_click_whose_every_target_the_engine_process_cannot_match_says_so_and_
         engine.close()
 
 
+def test_a_volume_whose_file_the_engine_process_cannot_read_is_named_and_sent_again(a_small_ct):
+    """A volume file the child could not read (removed before it was read, e.g. a cleaned /dev/shm; or no memory to
+    read it into) was dropped by the child while the parent still counted it as sent: the click failed with the
+    reader's bare error, and every later click with that volume with a KeyError, until the engine restarted (a
+    review). The error now names the volume, and the next click sends it again."""
+    source = mrml_io.image_from_volume_node(a_small_ct)
+    centre = source.grid.index_to_lps([[(n - 1) / 2 for n in source.grid.size_ijk]])
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    try:
+        target, path = _mapped_image(engine, source.array + 1, source.grid, "the target")
+        with engine._lock:
+            engine._ensureStarted()
+            engine._ensureImage(target)
+        os.remove(path)  # before the child reads it: the voxels stay mapped here
+        with pytest.raises(InputError, match="the target: the engine process could not read this volume's file"):
+            engine.match(source, centre, [target])
+        assert len(engine.match(source, centre, [target]).matches) == 1, "it was not sent again"
+        assert engine.starts == 1
+    finally:
+        engine.close()
+
+
+def test_a_volume_file_that_cannot_be_written_is_removed_and_the_error_names_the_volume(a_small_ct, monkeypatch):
+    """A volume written for the child on a full disk left its partial file behind, with numpy's bare message (a
+    review)."""
+    import SAMEmbeddingLib.engine_process as engine_process
+    from samembed import Image
+
+    image = mrml_io.image_from_volume_node(a_small_ct)
+    in_memory = Image(image.array.copy(), image.grid, "in memory")
+
+    def full_disk(path, array):
+        Path(path).write_bytes(b"\x93NUMPY" + bytes(1000))  # part of it written
+        raise OSError(28, "No space left on device")
+
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    try:
+        monkeypatch.setattr(engine_process.np, "save", full_disk)
+        with engine._lock, pytest.raises(InputError, match=r"in memory: cannot write its voxels for the engine "
+                                                           r"process to .*No space left on device.*free space there"):
+            engine._ensureImage(in_memory)
+        assert not _volume_files(engine)
+    finally:
+        engine.close()
+
+
+def test_an_engine_dropped_without_close_leaves_no_child_folder_or_lock(a_small_ct):
+    """An engine (or the logic holding it) dropped by a script without close(), or left open at the interpreter's
+    exit, killed its child but left its folders, their volume files (0.35 GB each for thin-slice CTs) and its lock
+    descriptors, which kept other engines from sweeping them (a review). It now releases what close() does."""
+    import gc
+
+    source = mrml_io.image_from_volume_node(a_small_ct)
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    with engine._lock:
+        engine._ensureStarted()
+    image, path = _mapped_image(engine, source.array, source.grid, "kept by the script")
+    pid, folders, locks = engine.pid, (engine._tmp, engine._volumes), (engine._tmpLock, engine._volumesLock)
+    assert path.is_file() and all(f.is_dir() for f in folders)
+    end = time.monotonic() + 30.0
+    while engine._hashing:  # (a hash under way holds the engine until it ends)
+        assert time.monotonic() < end, "the hash ahead did not end"
+        time.sleep(0.01)
+    del engine
+    gc.collect()
+    assert not any(f.exists() for f in folders), "the engine's folders were left"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
+    for fd in locks:
+        if fd is not None:
+            with pytest.raises(OSError, match="Bad file descriptor"):
+                os.fstat(fd)
+    assert image.array.shape == source.array.shape  # the script's image stays readable (its mapping)
+
+
 def test_a_click_and_a_prepare_into_more_targets_than_the_engine_keeps_send_them_all(a_small_ct):
     """A click's targets go in one request: with more volumes than the engine process keeps (``maxImages``), none of
     that request's volumes is forgotten while it is sent (before, the child was told to forget the source and the first
