@@ -453,6 +453,8 @@ class Matcher:
                 if abandoned.is_set():
                     return
 
+        ended = threading.Event()  # set when run() is over: waited for instead of joining (see below)
+
         def run() -> None:
             try:
                 _match_each_in_threads(self, source, [functools.partial(_target_image, t) for t in targets], calls,
@@ -461,6 +463,7 @@ class Matcher:
                 failed.append(e)
             finally:
                 events.put(None)
+                ended.set()
 
         def cancelled() -> None:  # the caller's cancel, passed on to the targets
             if cancel is not None and cancel.is_set():
@@ -481,10 +484,10 @@ class Matcher:
                         answered.set()
         except BaseException:
             stop.set()  # the targets in flight stop at their next tile, and nothing touches the caller's results
-            abandoned.set()  # after this returns: no thread waits for an answer, and none is left running (waited
-            while worker.is_alive():  # for through further interrupts)
-                with contextlib.suppress(BaseException):
-                    worker.join(CANCEL_POLL_S)
+            abandoned.set()  # after this returns: no thread waits for an answer, and none is left running, waited
+            while not ended.is_set():  # for through further interrupts (by an event: a join that a signal interrupts
+                with contextlib.suppress(BaseException):  # takes the thread for ended in Python 3.11, bpo-45274)
+                    ended.wait(CANCEL_POLL_S)
             raise
         worker.join()
         if failed:

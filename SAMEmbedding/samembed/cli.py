@@ -116,7 +116,8 @@ def _jobs(args, n_targets: int, matcher) -> int:
 
     jobs = getattr(args, "jobs", "auto")
     if jobs == "auto":
-        return auto_jobs(n_targets, torch.get_num_threads(), matcher.device.type)
+        return auto_jobs(n_targets, torch.get_num_threads(), matcher.device.type, bool(getattr(args, "heatmap_dir",
+                                                                                                None)))
     return int(jobs)
 
 
@@ -464,14 +465,18 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         if not written and done and not writing:  # failed or interrupted while matching: what was finished is kept
             matcher = source = atlases = None
             images_read.clear()
+            with turns.lock:  # the results and their heatmaps' names from one moment (each_target waited for every
+                kept, kept_heatmaps = list(done), heatmaps_done()  # target in flight: nothing comes after this)
             try:
-                _write_match_outputs(args, done, partial_out, folder_out, heatmaps_done(), fused, prefetch)
+                _write_match_outputs(args, kept, partial_out, folder_out, kept_heatmaps, fused, prefetch)
                 log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s%s%s",
-                          len(done), n, partial_out, f" and {args.heatmap_dir}" if args.heatmap_dir else "",
+                          len(kept), n, partial_out, f" and {args.heatmap_dir}" if args.heatmap_dir else "",
                           f" ({out}, of an earlier run, is left as it was)" if partial_out != out else "",
                           f"; {len(failed)} skipped before: {', '.join(name for _, name, _ in failed)}" if failed else "")
-            except Exception as e:  # noqa: BLE001 - the original error is the one to report
-                log.error("could not write the %d finished targets: %s", len(done), e)
+            except BaseException as e:  # noqa: BLE001 - the original error is the one to report (a second Ctrl-C too)
+                log.error("could not write all of the %d finished targets to %s%s: %s", len(kept), partial_out,
+                          f" and {args.heatmap_dir}" if args.heatmap_dir else "",
+                          "interrupted" if isinstance(e, KeyboardInterrupt) else e or type(e).__name__)
         elif not written and writing:  # stopped while writing: not started again (an interrupt means stop)
             kept = folder_out or "csv" in wrote
             log.error("stopped while writing: %s", f"the matches are in {out}; not every heatmap was written" if kept
@@ -1083,7 +1088,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--jobs", type=_jobs_value, default="auto", metavar="N",
                    help="targets matched at once after the first, each with its share of torch's threads (the same "
                         "matches; each holds its own target in memory); auto (the default): 2 on a CPU where torch "
-                        "has 2 or more threads (OMP_NUM_THREADS), for 3 targets or more, else 1")
+                        "has 2 or more threads (OMP_NUM_THREADS), for 3 targets or more, else 1; 1 with "
+                        "--heatmap-dir (its matches come from sums over every voxel, which differ in their last "
+                        "digits on fewer threads: with N > 1 a match may move)")
     _add_match_options(m, "same-patient; between-patients with --atlas/--atlases")
     _add_common(m)
     m.set_defaults(func=_cmd_match)

@@ -15,7 +15,9 @@ while several threads read and fill them: each maps' tiles are filled under its 
 voxels already computed. Each target's matches are the ones it gets alone: the tiles are the same on one thread as
 on two (tested on this VM, int8 and float32), and the shipped int8 network's tiles are the same whatever box they
 were computed in. A heatmap is that of a run on ``torch threads // jobs`` threads: its product over every voxel sums
-in another order on one thread than on two (a few voxels of a CT's million differ by one step of its rounding).
+in another order on one thread than on two (a few voxels of a CT's million differ by one step of its rounding), and
+with heatmaps the matches are read from those products, so a match or a round trip can move with them: a job that
+makes heatmaps runs one target at a time unless told otherwise (:func:`auto_jobs`).
 With float32 arithmetic a source tile that a round trip adds may be computed in another box than one at a time would
 (the threads' timing decides which needs it first), equal to float rounding (about 1e-7), as with the targets in
 another order.
@@ -49,10 +51,13 @@ log = logging.getLogger(__name__)
 AUTO_JOBS = 2
 
 
-def auto_jobs(n_targets: int, torch_threads: int, device_type: str) -> int:
+def auto_jobs(n_targets: int, torch_threads: int, device_type: str, heatmaps: bool = False) -> int:
     """The targets to match at once when the user does not say: :data:`AUTO_JOBS` on a CPU with that many of torch's
-    threads, for three targets or more (the first is matched alone); else 1. A GPU runs one target at a time."""
-    if device_type != "cpu" or n_targets < 3:
+    threads, for three targets or more (the first is matched alone); else 1. A GPU runs one target at a time, and so
+    does a job that makes heatmaps (``heatmaps``): its matches are read from the whole products, whose sums on
+    fewer threads differ in their last digits, which can move a match or a round trip (a review: 4 of 75 rows of 15
+    head-and-neck targets with ``--jobs 2``), so only one target at a time gives each the matches it gets alone."""
+    if device_type != "cpu" or n_targets < 3 or heatmaps:
         return 1
     return max(1, min(AUTO_JOBS, int(torch_threads)))
 
@@ -94,6 +99,7 @@ def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: 
         return
     with concurrent_matching(max(1, torch.get_num_threads() // jobs)):
         pool = ThreadPoolExecutor(jobs, thread_name_prefix="samembed-target")
+        futures: list = []
         try:
             futures = [pool.submit(work, k) for k in range(i, n_targets)]
             finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -103,16 +109,28 @@ def each_target(n_targets: int, work: Callable[[int], bool], jobs: int, cancel: 
         except BaseException:
             # no further target, and the ones in flight waited for (they stop at their next tile or finish), through
             # further interrupts (a second Ctrl-C, a SIGTERM): their results must be in place before the caller
-            # writes them, and the source's maps must not leave concurrent_matching while they read it
-            while True:
-                try:
-                    cancel.set()
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    break
-                except BaseException:  # noqa: BLE001, S112 - the first stop is the one raised below
-                    continue
+            # writes them, and the source's maps must not leave concurrent_matching while they read it. Waited for
+            # by their futures, not by joining the pool's threads: a join that a signal interrupts takes the thread
+            # for ended in this Python (3.11; bpo-45274), and a retried shutdown then returned while a target still
+            # ran, which wrote its result after the caller had written the others (a review)
+            cancel.set()
+            _wait_for_all(futures, pool)
             raise
         pool.shutdown(wait=True)
+
+
+def _wait_for_all(futures: list, pool: ThreadPoolExecutor) -> None:
+    """Cancel what has not started in ``pool`` and wait until every one of ``futures`` is done, through any
+    interrupt meanwhile."""
+    while True:
+        try:
+            pool.shutdown(wait=False, cancel_futures=True)
+            pending = [f for f in futures if not f.done()]
+            if not pending:
+                return
+            wait(pending, timeout=0.1)
+        except BaseException:  # noqa: BLE001, S112 - the first stop is the one the caller raises
+            continue
 
 
 class AnyOf:
@@ -262,7 +280,8 @@ def match_each(matcher: Matcher, source: Image | None, targets: Sequence[Callabl
     if len(calls) != n:
         raise ValueError(f"{len(calls)} lists of calls for {n} targets")
     cancel = threading.Event() if cancel is None else cancel
-    jobs = auto_jobs(n, torch.get_num_threads(), matcher.device.type) if jobs is None else max(1, int(jobs))
+    heatmaps = any(isinstance(c, MatchCall) and c.options.heatmap for cs in calls for c in cs)
+    jobs = auto_jobs(n, torch.get_num_threads(), matcher.device.type, heatmaps) if jobs is None else max(1, int(jobs))
     told = threading.Lock()
 
     def tell(i: int, event: TargetEvent) -> None:

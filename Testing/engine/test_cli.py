@@ -22,7 +22,7 @@ import torch
 
 from samembed.cli import main
 
-from ..conftest import data_file
+from ..conftest import data_file, with_torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -1275,6 +1275,18 @@ def test_jobs_is_a_count_of_one_or_more_or_auto_and_auto_matches_two_at_once_on_
         assert "--jobs" in capsys.readouterr().err
     assert auto_jobs(3, 2, "cpu") == 2 and auto_jobs(20, 8, "cpu") == 2
     assert auto_jobs(2, 2, "cpu") == 1 and auto_jobs(20, 1, "cpu") == 1 and auto_jobs(20, 2, "cuda") == 1
+    # with heatmaps one at a time: their matches come from sums over every voxel, which differ in their last digits on
+    # fewer threads (a review: 4 of 75 rows moved with --jobs 2); told otherwise, as told
+    assert auto_jobs(20, 2, "cpu", heatmaps=True) == 1
+    from types import SimpleNamespace
+
+    from samembed.cli import _jobs
+
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    chosen = with_torch_threads(2, lambda: [
+        _jobs(parse(["match", "a", "b", "c", "d", "--out", "o.csv", *extra]), 3, cpu)
+        for extra in ([], ["--heatmap-dir", "h"], ["--heatmap-dir", "h", "--jobs", "2"])])
+    assert chosen == [2, 1, 2]
 
 
 def test_progress_over_targets_matched_at_once_never_moves_back():

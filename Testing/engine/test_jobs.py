@@ -377,3 +377,69 @@ def test_a_new_source_and_its_first_target_are_embedded_at_once_with_the_same_ma
     held = Matcher("default", device="cpu")
     held.embedder.embed(targets[0], on_demand=True)  # a new source into a target already held
     embedded_alone(held, Image(source.array[:, ::-1].copy(), source.grid, "other"), targets[0])
+
+
+_TWO_INTERRUPTS = """
+import os, signal, sys, threading, time
+sys.path.insert(0, {engine!r})
+{body}
+for delay in (0.3, 0.6):  # Ctrl-C, then Ctrl-C again while the first is being handled
+    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+start = time.monotonic()
+try:
+    run()
+    print("returned")
+except KeyboardInterrupt:
+    print("raised after", round(time.monotonic() - start, 2), "still running", sorted(running), "finished",
+          sorted(finished))
+"""
+
+
+def _after_two_interrupts(body: str) -> str:
+    """The line a script prints after ``run()`` (defined in ``body``, with its sets ``running`` and ``finished``) was
+    interrupted twice, 0.3 s apart, by SIGINT."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    engine = str(Path(__file__).resolve().parents[2] / "SAMEmbedding")
+    code = _TWO_INTERRUPTS.format(engine=engine, body=body)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr
+
+
+def test_targets_in_flight_are_waited_for_through_a_second_interrupt():
+    """A second Ctrl-C while each_target waited for the targets in flight made it return while one still ran: in this
+    Python a thread join that a signal interrupts takes the thread for ended (bpo-45274). The late target then put
+    its result among those the command was writing, and one target's heatmaps were saved under another's name (a
+    review). It now waits for their futures."""
+    line = _after_two_interrupts("""
+import torch
+from samembed.jobs import each_target
+running, finished = set(), set()
+def work(i):  # target 0 alone, then 1 (2 s) and 2 (0.5 s) at once
+    running.add(i); time.sleep({0: 0.05, 1: 2.0, 2: 0.5}[i]); finished.add(i); running.discard(i)
+    return True
+def run():
+    each_target(3, work, 2, threading.Event())
+""")
+    assert line.startswith("raised after"), line
+    assert "still running []" in line and "finished [0, 1, 2]" in line, line
+    assert float(line.split()[2]) >= 2.0, line
+
+
+def test_match_each_returns_only_once_its_targets_are_done_through_a_second_interrupt():
+    """The same for Matcher.match_each, which waited for its thread by joining it."""
+    line = _after_two_interrupts("""
+import samembed.api as api
+running, finished = set(), set()
+def targets(*args, **kwargs):  # the targets in flight, 2 s
+    running.add(1); time.sleep(2.0); finished.add(1); running.discard(1)
+api._match_each_in_threads = targets
+def run():
+    api.Matcher.__new__(api.Matcher).match_each(None, [], [], lambda i, event: None)
+""")
+    assert line.startswith("raised after"), line
+    assert "still running []" in line and "finished [1]" in line, line
+    assert float(line.split()[2]) >= 2.0, line
