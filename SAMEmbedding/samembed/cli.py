@@ -476,7 +476,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             except BaseException as e:  # noqa: BLE001 - the original error is the one to report (a second Ctrl-C too)
                 log.error("could not write all of the %d finished targets to %s%s: %s", len(kept), partial_out,
                           f" and {args.heatmap_dir}" if args.heatmap_dir else "",
-                          "interrupted" if isinstance(e, KeyboardInterrupt) else e or type(e).__name__)
+                          "interrupted" if isinstance(e, KeyboardInterrupt) else str(e) or type(e).__name__)
         elif not written and writing:  # stopped while writing: not started again (an interrupt means stop)
             kept = folder_out or "csv" in wrote
             log.error("stopped while writing: %s", f"the matches are in {out}; not every heatmap was written" if kept
