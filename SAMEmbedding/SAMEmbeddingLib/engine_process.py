@@ -1006,9 +1006,9 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                     log.info("%s: %s", source.name, "mapped from its volume file" if isinstance(read.array, np.memmap)
                              else "read from its volume file into memory")
                 images[key] = read
+            except InputError:  # (already names the volume)
+                raise
             except (OSError, ValueError) as e:  # a file cut short, removed, unreadable: named
-                if isinstance(e, InputError):
-                    raise
                 raise InputError(f"{source.name}: the engine process could not read this volume's file "
                                  f"({e}); it is sent again with the next match") from e
             finally:  # read or not (a broken file is reported), the file goes: the parent sends it again if need be

@@ -116,8 +116,8 @@ def _jobs(args, n_targets: int, matcher) -> int:
 
     jobs = getattr(args, "jobs", "auto")
     if jobs == "auto":
-        return auto_jobs(n_targets, torch.get_num_threads(), matcher.device.type, bool(getattr(args, "heatmap_dir",
-                                                                                                None)))
+        heatmaps = bool(getattr(args, "heatmap_dir", None))
+        return auto_jobs(n_targets, torch.get_num_threads(), matcher.device.type, heatmaps)
     return int(jobs)
 
 
