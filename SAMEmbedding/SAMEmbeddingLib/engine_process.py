@@ -364,8 +364,8 @@ class EngineProcess:
         if mask is not None:
             raise InputError("the engine process takes no mask; use options.box_lps_mm or match in this process")
         images = [source, *(targets if isinstance(targets, (list, tuple)) else [targets])]
-        return self._request("match", images, lambda keys: {
-            "source": keys[0], "points": np.asarray(points_lps_mm, dtype=np.float64), "targets": keys[1:],
+        return self._request("match", images, lambda refs: {
+            "source": refs[0], "points": np.asarray(points_lps_mm, dtype=np.float64), "targets": refs[1:],
             "labels": None if labels is None else list(labels), "options": options or MatchOptions(),
             "target_names": None if target_names is None else list(target_names)}, progress, cancel)
 
@@ -394,10 +394,10 @@ class EngineProcess:
 
         shared = len(head) + len(atlasImages)  # sent first: the child keeps them over the targets (maxImages)
 
-        def payload(keys: list[str]) -> dict:
-            keyOf = dict(zip(atlasImages, keys[len(head):shared]))  # the atlases' volumes by their keys
-            sent = with_atlas_images(calls, lambda a: keyOf[id(a.image)])
-            return {"source": keys[0] if head else None, "targets": keys[shared:], "calls": sent, "jobs": jobs,
+        def payload(refs: list[tuple[str, str]]) -> dict:
+            refOf = dict(zip(atlasImages, refs[len(head):shared]))  # the atlases' volumes by their references
+            sent = with_atlas_images(calls, lambda a: refOf[id(a.image)])
+            return {"source": refs[0] if head else None, "targets": refs[shared:], "calls": sent, "jobs": jobs,
                     "target_names": None if target_names is None else list(target_names)}
 
         return self._request("match_each", [*head, *atlasImages.values(), *targets], payload, None, cancel, onTarget)
@@ -409,10 +409,10 @@ class EngineProcess:
         atlases = list(atlases)
         targets = list(targets if isinstance(targets, (list, tuple)) else [targets])
 
-        def payload(keys: list[str]) -> dict:
-            return {"atlases": [(key, np.asarray(a.points_lps_mm, dtype=np.float64), tuple(a.labels), a.name)
-                                for key, a in zip(keys, atlases)],
-                    "targets": keys[len(atlases):], "options": options or MatchOptions(),
+        def payload(refs: list[tuple[str, str]]) -> dict:
+            return {"atlases": [(ref, np.asarray(a.points_lps_mm, dtype=np.float64), tuple(a.labels), a.name)
+                                for ref, a in zip(refs, atlases)],
+                    "targets": refs[len(atlases):], "options": options or MatchOptions(),
                     "target_names": None if target_names is None else list(target_names)}
 
         return self._request("match_atlases", [*(a.image for a in atlases), *targets], payload, progress, cancel)
@@ -429,7 +429,7 @@ class EngineProcess:
             what ``Matcher.prepare`` returns (seconds per step, targets without a trustworthy prior).
         """
         images = [source, *(targets if isinstance(targets, (list, tuple)) else [targets])]
-        return self._request("prepare", images, lambda keys: {"source": keys[0], "targets": keys[1:]}, progress,
+        return self._request("prepare", images, lambda refs: {"source": refs[0], "targets": refs[1:]}, progress,
                              cancel)
 
     def sendVolumes(self, images: list, cancel: threading.Event | None = None) -> None:
@@ -486,12 +486,15 @@ class EngineProcess:
         """Start the child now (it imports torch) and have it load its model, so that the first match waits for
         neither (the module calls it when it is entered, on its worker). Nothing happens when the child runs and
         has its model."""
-        self._request("warm", [], lambda keys: None, None, cancel)
+        self._request("warm", [], lambda refs: None, None, cancel)
 
     def _request(self, kind: str, images: list, payload, progress: ProgressFn | None,
                  cancel: threading.Event | None, onTarget=None):
-        """Send ``images`` (each once) and the request ``kind`` whose body is ``payload(image keys)``; wait for the
-        answer (see :meth:`_await`)."""
+        """Send ``images`` (each once) and the request ``kind`` whose body is ``payload(volume references)``, one
+        ``(key, name)`` per image, in order; wait for the answer (see :meth:`_await`).
+
+        The child holds one volume per key (content and geometry), whichever node sent it first; the name of each
+        reference is the one its messages give that volume in this request (a twin node's, a renamed node's)."""
         if not all(isinstance(i, Image) for i in images):
             raise InputError("the engine process takes samembed.Image volumes (as MatchLogic.imageForVolume makes)")
         with self._lock:
@@ -506,7 +509,7 @@ class EngineProcess:
                 self._requestKeys = set()
             requestID = next(self._ids)
             self._firstRequestSent |= kind in ("match", "match_each", "match_atlases", "prepare")
-            self._send((kind, requestID, payload(keys)))
+            self._send((kind, requestID, payload([(key, image.name) for key, image in zip(keys, images)])))
             return self._await(requestID, progress, cancel, onTarget)
 
     def clear_cache(self) -> None:
@@ -988,11 +991,12 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
     readLocks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
     readLocksLock = threading.Lock()
 
-    def image(key: str) -> Image:  # a volume, read from its file when first needed (or as the prefetch read it)
+    def image(reference: tuple[str, str]) -> Image:  # a request's volume (key, name), read from its file when
+        key, name = reference  # first needed (or as the prefetch read it), under the name the request gives it
         with readLocksLock:
             lock = readLocks[key]
         with lock:
-            return _readImage(key)
+            return _readImage(key).renamed(name)
 
     def _readImage(key: str) -> Image:
         if key not in images:
@@ -1086,7 +1090,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 # ahead (sendVolumes): preprocessed in the process started with this one while this one imports
                 # torch; when the module started the engine ahead (torch loaded), all but the first, which this
                 # process preprocesses itself (on every core) while the other preprocesses the next
-                ordered = list(dict.fromkeys(_imageKeys(kind, payload)))  # a volume twice (source = target): once
+                ordered = list(dict.fromkeys(key for key, _ in _imageReferences(kind, payload)))  # a volume twice (source = target): once
                 keys = [k for k in ordered if k in unread] + [k for k in unread if k not in ordered]
                 # each with its hash (the parent's key): the engine does not wait for one that was not given
                 volumes = [unread[k] for k in keys if matcher is None or k != ordered[0]]
@@ -1116,7 +1120,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                                    jobs=payload["jobs"], cancel=cancel, target_names=payload["target_names"])
                 result = None
             elif kind == "match_atlases":
-                atlases = [Atlas(image(key), points, labels, name) for key, points, labels, name in payload["atlases"]]
+                atlases = [Atlas(image(ref), points, labels, name) for ref, points, labels, name in payload["atlases"]]
                 result = matcher.match_atlases(atlases, [image(k) for k in payload["targets"]], payload["options"],
                                                progress=progress, cancel=cancel, target_names=payload["target_names"])
             else:
@@ -1165,9 +1169,9 @@ def _importEngine(failed: list[BaseException]) -> None:
              time.monotonic() - started, " without its Python meta kernels" if meta_kernels_skipped() else "", frozen)
 
 
-def _imageKeys(kind: str, payload: dict) -> list[str]:
-    """The volumes of a ``match``, ``match_each``, ``match_atlases`` or ``prepare`` request, in the order the engine
-    embeds them."""
+def _imageReferences(kind: str, payload: dict) -> list[tuple[str, str]]:
+    """The volumes, ``(key, name)``, of a ``match``, ``match_each``, ``match_atlases`` or ``prepare`` request, in the
+    order the engine embeds them."""
     if kind == "match_atlases":
         return [key for key, *_ in payload["atlases"]] + list(payload["targets"])
     if kind == "match_each":  # the source or the atlases, then the targets

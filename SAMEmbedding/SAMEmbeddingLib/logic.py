@@ -489,7 +489,8 @@ class MatchLogic:
         return self.imagesForVolumes([volumeNode])[0]
 
     def imagesForVolumes(self, volumeNodes: Sequence) -> list[Image]:
-        """Engine images of volumes, in order, each cached per node ID and image modification time.
+        """Engine images of volumes, in order, each cached per node ID and image modification time, and named by
+        its node's name of the moment.
 
         The volumes not cached are read from MRML on this thread (:func:`mrml_io.read_volume_voxels`), then their
         voxels are copied on up to :data:`COPY_THREADS` threads while this thread waits: the copies are memory work
@@ -513,8 +514,8 @@ class MatchLogic:
                 continue
             key = mrml_io.volume_cache_key(node)
             cached = self._images.get(nodeID)
-            if cached is not None and cached[0] == key:
-                images[nodeID] = cached[1]
+            if cached is not None and cached[0] == key:  # (the key leaves out the name: a renamed node is named
+                images[nodeID] = cached[1].renamed(node.GetName())  # anew; the image kept holds its file, if any)
             else:
                 todo[nodeID] = (key, mrml_io.read_volume_voxels(node))
         if todo:

@@ -12,7 +12,7 @@ Conventions used everywhere in :mod:`samembed`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -214,6 +214,13 @@ class Image:
         from .io import image_to_sitk
 
         return image_to_sitk(self)
+
+    def renamed(self, name: str) -> Image:
+        """This image under another name (for messages): the same voxels, not copied, with its hash and validation
+        kept. Itself when the name is its own."""
+        if name == self.name:
+            return self
+        return replace(self, name=name, _hash=self._hash, _validated=self._validated)
 
     @property
     def hashed(self) -> bool:

@@ -978,3 +978,38 @@ def test_a_one_slice_volume_sent_to_the_process_keeps_its_slices_z():
         engine.close()
     assert found[2] == 37.0
     assert above[2] == 50.0, "the process kept the first volume's z for the same pixels (a review)"
+
+
+def test_a_message_names_the_volume_of_its_request_also_for_a_twin_the_child_holds(a_small_ct):
+    """Two volumes with the same voxels and geometry are one volume to the child (sent once), but a message names
+    the one of its request: here a constant target, refused by name, sent first as one node and then as its twin."""
+    from samembed import Image
+
+    source = mrml_io.image_from_volume_node(a_small_ct)
+    flat = np.zeros_like(np.asarray(source.array))
+    centre = source.grid.index_to_lps([[(n - 1) / 2 for n in source.grid.size_ijk]])
+    engine = EngineProcess(model="random:sam-lite", device="cpu")
+    try:
+        for name in ("flat one", "flat two"):
+            with pytest.raises(InputError, match=f"^{name}: image is constant"):
+                engine.match(source, centre, [Image(flat.copy(), source.grid, name)])
+        assert engine.imagesSent == 2, "the twin's content is the first's: sent once"
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("engine", ["process", "here"])
+def test_a_message_names_a_renamed_volume_by_its_new_name(a_scene, a_small_ct, engine):
+    """The logic keeps each volume's image while its voxels and geometry stay (its cache key leaves the name out),
+    but a renamed node is named by its new name, in either engine: here a constant target, refused by name."""
+    flat = add_volume(a_scene, np.zeros_like(voxels(a_small_ct)), ijk_to_ras(a_small_ct), "flat")
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    logic = MatchLogic(a_scene, model="random:sam-lite", device="cpu", cacheBytes=1 << 30, engine=engine)
+    try:
+        for name in ("flat", "flat, renamed"):
+            flat.SetName(name)
+            with pytest.raises(InputError, match=f"^{name}: image is constant"):
+                logic.matchPoints(a_small_ct, points, [flat], [0])
+        assert logic.imageForVolume(flat).name == "flat, renamed"
+    finally:
+        logic.close()
