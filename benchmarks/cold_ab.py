@@ -2,7 +2,7 @@
 
 The VM's speed drifts by 30-50 % within an hour, so two runs of ``cold_start.py`` an hour apart cannot say what a
 change gained. This script checks the earlier commit out beside the repository (``git worktree``, in
-``cache/cold_ab/``), then runs the cold-start child of each engine (``cold_start.py child``: a fresh process, no
+``cache/cold_ab/``, or ``--work``), then runs the cold-start child of each engine (``cold_start.py child``: a fresh process, no
 cache, one torch thread unless ``--threads`` says more, the command's own prefetch) on the same pairs, alternating base and head, ``--reps``
 times, and reports each engine's median process time per pair and their ratio. Both engines load the model of their
 own checkout. Elastix is not run (``cold_start.py`` compares with it). With ``--atlas N`` it also times one atlas
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default=None, help="the settings of every cold run (`samembed match --preset`, e.g. "
                                                     "between-patients, which refines; default: the defaults)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cold_ab.md"))
+    p.add_argument("--work", default=str(REPO / "cache" / "cold_ab"),
+                   help="scratch folder: the base engine's checkout (a git worktree, in base/) and every run's points, "
+                        "outputs and stage files")
     args = p.parse_args(argv)
     global TORCH_THREADS
     TORCH_THREADS = args.threads
@@ -255,11 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     #: each engine's model (and settings) arguments
     models = {"base": (("--model", args.base_model) if args.base_model else head_model) + preset,
               "head": head_model + preset}
-    work = REPO / "cache" / "cold_ab"
+    from cold_start import NEEDED_DATA, byte_compile, checkout_commit, cpu_model, require_benchmark_data
+
+    require_benchmark_data(*NEEDED_DATA)  # before a worktree is made or anything compiled
+    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base = _worktree(args.base, work / "base")
-    from cold_start import byte_compile, checkout_commit
-
+    base_commit = checkout_commit(base)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for root in (REPO, base):  # neither engine compiles its sources in the timed processes
         byte_compile(root)
     head = checkout_commit(REPO)
@@ -358,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
             print(click_rows[-1], flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = "\n".join([
-        f"# Cold `samembed match`: `{args.base}` against `{head}`, side by side", "",
-        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, 1-minute load average {load:.1f} at the end. "
+        f"# Cold `samembed match`: `{base_commit}` against `{head}`, side by side", "",
+        f"Machine: {platform.node()}, {os.cpu_count()} CPU cores ({cpu_model()}), 1-minute load average {load:.1f} "
+        f"at the end; run started {started}; `--base {args.base}` is `{base_commit}`. "
         + (f"Models: base `{args.base_model}`, head `{args.model or 'default'}` (the first click: the default). "
            if args.base_model else f"Model: `{args.model or 'default'}` (the first click: the default). ")
         + "Each run is a fresh process with no cache (`cold_start.py child`, "

@@ -227,6 +227,41 @@ def checkout_commit(root: Path | None = None) -> str:
     return head
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere, often empty), for a report's
+    machine line: this benchmark's numbers differ by 2x between the VMs it has run on."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU model unknown"
+
+
+def provenance(root: Path | None = None) -> dict[str, str]:
+    """What a report must say of the run that measured it: the engine's commit (:func:`checkout_commit`), the UTC
+    time the run started, and the CPU model (:func:`cpu_model`)."""
+    from datetime import datetime, timezone
+
+    return {"commit": checkout_commit(root), "utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu_model()}
+
+
+def provenance_line(p: dict[str, str] | None) -> str:
+    """A report's line for :func:`provenance` (a run's JSON from before it was recorded: says so)."""
+    if not p:
+        return "Engine commit, date and CPU model: not recorded by this run."
+    return f"Engine `{p['commit']}`, run started {p['utc']}, CPU: {p['cpu']}."
+
+
+def median_words(n: int) -> str:
+    """How :func:`median_run` picks the reported run of ``n``, for a report's text."""
+    return "the median run" if n % 2 else f"the slower of the middle two of {n} runs"
+
+
 def run_child(source: str, targets: list[str], points_csv: str, out_csv: str, extra: list[str] = ()) -> dict:
     """One cold ``samembed match`` in a fresh process; its stage times, peak RSS and the process wall time."""
     js = Path(out_csv).with_suffix(".stages.json")
@@ -242,7 +277,8 @@ def run_child(source: str, targets: list[str], points_csv: str, out_csv: str, ex
 
 def median_run(runs: list[dict], key: str = "process_s", *also: str) -> dict:
     """The run of median ``runs[i][key]`` (default: process time, :func:`run_child`'s runs), with every run's value of
-    ``key`` and of each of ``also`` added as ``<name>_runs``."""
+    ``key`` and of each of ``also`` added as ``<name>_runs``. With an even number of runs there is no median run: the
+    slower of the middle two is reported (:func:`median_words` says so in a report), never the faster."""
     r = sorted(runs, key=lambda x: x[key])[len(runs) // 2]
     for name in (key, *also):
         r[f"{name}_runs"] = [x[name] for x in runs]
@@ -338,6 +374,22 @@ def atlas_case(suites: str, kbp: list, n_targets: int, work: Path) -> tuple[str,
     return src_pat, targets, pts_csv, cents
 
 
+def require_benchmark_data(*relative: str) -> None:
+    """Exit with one line naming the first missing file of the shared data (``relative`` to it), before anything
+    is built or run: the benchmarks read ``../shared/data`` (or ``$SAMEMBED_DATA``) in place."""
+    from samembed_bench.suites import data_root
+
+    root = data_root()
+    for rel in relative:
+        if not (root / rel).exists():
+            raise SystemExit(f"real data not available: {root / rel} is missing; place the shared data folder at "
+                             f"../shared/data beside the repository, or set SAMEMBED_DATA to it")
+
+
+#: the shared data files every run of this benchmark reads (the suites' sources)
+NEEDED_DATA = ("ct/lidc/LIDC-IDRI-0001_ct.nii.gz", "ct/openkbp/patients.csv", "ct/openkbp/oar_centroids.csv")
+
+
 def run(argv: list[str]) -> int:
     """The side-by-side benchmark; writes the markdown report."""
     import numpy as np
@@ -349,11 +401,13 @@ def run(argv: list[str]) -> int:
     p.add_argument("--openkbp-pairs", type=int, default=5)
     p.add_argument("--no-elastix", action="store_true")
     p.add_argument("--reps", type=int, default=3, help="cold runs of the default (on-demand) path per pair; the median "
-                   "is reported")
+                   "run is reported (with an even count, the slower of the middle two)")
     p.add_argument("--model", default="default", help="SAM's model (`samembed match --model`: a registered name or a "
                    "checkpoint; `--precision auto` runs its local branch in int8 only with a calibration beside it)")
     args = p.parse_args(argv)
+    require_benchmark_data(*NEEDED_DATA)
     model = [] if args.model == "default" else ["--model", args.model]
+    made = provenance()
     byte_compile()
     load_at_start = os.getloadavg()[0]
     work = Path(args.work)
@@ -415,9 +469,10 @@ def run(argv: list[str]) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     threads = run_threads()
     (work / "cold_start.json").write_text(json.dumps({"rows": rows, "atlas": atlas, "load_at_start": load_at_start,
-                                                      "model": args.model, "threads": threads}, indent=1, default=str))
+                                                      "model": args.model, "threads": threads, "provenance": made},
+                                                     indent=1, default=str))
     Path(args.out).write_text(report(rows, atlas, load_at_start, plot=_plot_path(args.out).name, model=args.model,
-                                     threads=threads))
+                                     threads=threads, made=made))
     print(f"wrote {args.out} and {plot_stages(rows, _plot_path(args.out), threads)}")
     return 0
 
@@ -542,10 +597,11 @@ def _plot_path(report_md: str | Path) -> Path:
 
 
 def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = None, plot: str | None = None,
-           model: str = "default", threads: dict[str, str] | None = None) -> str:
+           model: str = "default", threads: dict[str, str] | None = None, made: dict[str, str] | None = None) -> str:
     """The markdown report: per pair, on-demand and whole-volume SAM against elastix, stage times, RSS, ratios;
     ``plot`` names the stage plot beside it (:func:`plot_stages`); ``model`` is SAM's (``--model``); ``threads``
-    the run's (:func:`run_threads`; one each for a run before they were recorded)."""
+    the run's (:func:`run_threads`; one each for a run before they were recorded); ``made``: its
+    :func:`provenance`."""
     threads = threads or ONE_THREAD_EACH
     env_prefix = "".join(f"{var}={threads[key]} " for var, key in (("OMP_NUM_THREADS", "torch"),
                                                                    ("SAMEMBED_ELASTIX_THREADS", "elastix"))
@@ -558,6 +614,8 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
     start = f"{load_at_start:.1f} at the start, " if load_at_start is not None else ""
     itk_s = [r["elastix"]["imports_s"] for r in rows if r.get("elastix")]
     itk = f"{min(itk_s):.0f}-{max(itk_s):.0f} s" if itk_s else "a long time"
+    reps = {len(r["ondemand"].get("process_s_runs", [0])) for r in rows}
+    reported = "median" if all(n % 2 for n in reps) else " / ".join(sorted({median_words(n) for n in reps}))
     lines = [
         "# Cold start: `samembed match` (fresh process, no cache) against elastix affine + B-spline",
         "",
@@ -569,7 +627,7 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         f"{threads['elastix']} thread(s), `samembed_bench.registration` settings "
         "(similarity + affine, then B-spline). ITK's own filters (reading, SAM's resampling) use ITK's default "
         f"threads on both sides. Command: `{env_prefix}python benchmarks/cold_start.py run"
-        f"{'' if model == 'default' else f' --model {model}'}`.",
+        f"{'' if model == 'default' else f' --model {model}'}`. {provenance_line(made)}",
         "",
         "`process s` is the fresh process's wall time (interpreter start, imports, reading, everything); "
         "`whole` is the same engine forced to embed every voxel (the cold path before on-demand tiles); "
@@ -577,7 +635,7 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
         f"ITK's Python wrapping with elastix took {itk} in this run, so the registration-only ratio is the one to "
         "read for a user who runs elastix's own executable (whose start is not measured here).",
         "",
-        "| pair | points | SAM on-demand process s (median (range) of its runs) | peak RSS GB | SAM whole process s | peak RSS GB | elastix process s "
+        f"| pair | points | SAM on-demand process s ({reported}, and the range of its runs) | peak RSS GB | SAM whole process s | peak RSS GB | elastix process s "
         "(registration s) | peak RSS GB | ratio elastix/SAM (process) | ratio elastix registration / SAM process | "
         "mean error SAM on-demand / whole / elastix mm |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -674,7 +732,7 @@ def report(rows: list[dict], atlas: dict | None, load_at_start: float | None = N
                   + (" The targets after the first were matched two at a time (`--jobs auto` on two threads): the "
                      "times are the intervals between the targets' starts, and their mean is the time per target."
                      if at_once else "")
-                  + (f" The median of {len(r['process_s_runs'])} such runs (by process time); the mean per target "
+                  + (f" {median_words(len(r['process_s_runs'])).capitalize()} (by process time); the mean per target "
                      f"of each run: {', '.join(f'{x:.2f}' for x in r['per_target_mean_runs'])} s."
                      if len(r.get("process_s_runs", [])) > 1 else "")]
         if el:
@@ -711,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(Path(args.json).read_text())
         Path(args.out).write_text(report(data["rows"], data.get("atlas"), data.get("load_at_start"),
                                          plot=_plot_path(args.out).name, model=data.get("model", "default"),
-                                         threads=data.get("threads")))
+                                         threads=data.get("threads"), made=data.get("provenance")))
         print(f"wrote {args.out} and {plot_stages(data['rows'], _plot_path(args.out), data.get('threads'))}")
         return 0
     raise SystemExit("usage: cold_start.py run [--out MD] | report JSON [--out MD] | child ... | elastix ...")

@@ -163,8 +163,8 @@ def child(argv: list[str]) -> int:
     engine_rss_gb = peak_rss_gb(getattr(logic.getMatcher(), "pid", None))
     logic.close()
     Path(args.json).write_text(json.dumps({"prepare_s": prepare_s, "prepare_steps": prepare_steps,
-                                           "click_s": click_s, "rows": rows, "engine_peak_rss_gb": engine_rss_gb},
-                                          indent=1))
+                                           "click_s": click_s, "rows": rows, "engine_peak_rss_gb": engine_rss_gb,
+                                           "skipped": [list(s) for s in outputs.skipped]}, indent=1))
     return 0
 
 
@@ -188,8 +188,9 @@ def run(argv: list[str]) -> int:
     needed = DATA / "ct" / "lidc" if args.thin_slice else OPENKBP / "oar_centroids.csv"
     if not needed.exists():
         raise SystemExit(f"real data not available: {needed} is missing (place ../shared/data beside the repo)")
-    from cold_start import byte_compile
+    from cold_start import byte_compile, provenance
 
+    made = provenance(REPO)
     byte_compile(REPO)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -220,21 +221,36 @@ def run(argv: list[str]) -> int:
                 subprocess.run([sys.executable, __file__, "child", "--mode", mode, "--model", args.model, "--json",
                                 str(js), *child_args], check=True, env=env)
                 runs[mode].append(json.loads(js.read_text()))
+                if runs[mode][-1].get("skipped"):  # a click into fewer targets is not the case this measures
+                    raise SystemExit(f"{source} -> {', '.join(targets)} {mode}: the click skipped "
+                                     + "; ".join(f"{name} ({why})" for name, why in runs[mode][-1]["skipped"]))
                 print(f"{source} -> {', '.join(targets)} {mode}: prepare {runs[mode][-1]['prepare_s']:.1f} s, "
                       f"click {runs[mode][-1]['click_s']:.1f} s", flush=True)
         from cold_start import median_run
 
         for mode in modes:  # the run of median click time, with every run's click and preparation times
             row[mode] = median_run(runs[mode], "click_s", "prepare_s")
-        got = [np.array([r["ras"] for r in run["rows"]]) for m in modes for run in runs[m]]
+        got = [_points_by_target(run["rows"], targets, f"{source} {m}") for m in modes for run in runs[m]]
         row["same"] = all(bool(np.allclose(got[0], g, atol=1e-3)) for g in got[1:])
         row["errors_mm"] = [None if w is None else float(np.linalg.norm(g - w)) for g, w in zip(got[0], want)]
         results.append(row)
     Path(args.out).write_text(report(results, load_start, os.getloadavg(), args.note, args.threads, args.reps,
-                                     args.model, args.thin_slice))
-    (work / "first_click.json").write_text(json.dumps(results, indent=1))
+                                     args.model, args.thin_slice, made))
+    (work / "first_click.json").write_text(json.dumps({"results": results, "provenance": made}, indent=1))
     print(f"wrote {args.out}")
     return 0
+
+
+def _points_by_target(rows: list[dict], targets: list[str], what: str):
+    """(targets, 3) RAS mm: each target's matched point from a click's ``rows``, in the order of ``targets`` (rows
+    are paired with their expected points by name, not by position)."""
+    import numpy as np
+
+    by_name = {r["target"]: r["ras"] for r in rows}
+    missing = [t for t in targets if t not in by_name]
+    if missing:
+        raise SystemExit(f"{what}: no match for {', '.join(missing)} (the click's rows: {', '.join(by_name) or 'none'})")
+    return np.array([by_name[t] for t in targets])
 
 
 def _spread(run: dict, key: str = "click_s") -> str:
@@ -244,9 +260,10 @@ def _spread(run: dict, key: str = "click_s") -> str:
 
 
 def report(results: list[dict], load_start, load_end, note: str, threads: int, reps: int = 1,
-           model: str = "default", thin_slice: bool = False) -> str:
-    """The markdown report."""
+           model: str = "default", thin_slice: bool = False, made: dict[str, str] | None = None) -> str:
+    """The markdown report; ``made``: the run's ``cold_start.provenance``."""
     import numpy as np
+    from cold_start import median_words, provenance_line
 
     cold = [r["cold"]["click_s"] for r in results]
     started = [r["started"]["click_s"] for r in results if "started" in r]
@@ -254,19 +271,19 @@ def report(results: list[dict], load_start, load_end, note: str, threads: int, r
     def worst(mode: str) -> float:  # the slowest click of every run of ``mode``
         return max((max(r[mode].get("click_s_runs", [r[mode]["click_s"]])) for r in results if mode in r), default=0.0)
 
-    cold_worst, started_worst = worst("cold"), worst("started")
+    cold_worst, started_worst, prepared_worst = worst("cold"), worst("started"), worst("prepared")
     warm = [r["prepared"]["click_s"] for r in results]
     prep = [r["prepared"]["prepare_s"] for r in results]
     lines = [
         "# First click: a source and 3 targets, through the Slicer module's logic",
         "",
         f"Machine: {platform.node()}, {os.cpu_count()} CPU cores, load average {load_start[0]:.1f} at the start and "
-        f"{load_end[0]:.1f} at the end. {note}".rstrip(),
+        f"{load_end[0]:.1f} at the end. {provenance_line(made)} {note}".rstrip(),
         f"Engine: `MatchLogic(engine=\"process\")` as in the module panel, model `{model}`, CPU, "
         + (f"{threads} torch thread(s)" if threads else "torch's default threads (every core, as in the module)")
         + ", no disk cache; every run in a fresh process"
-        + (f", each way {reps} times per case, interleaved: the run of median click time, with the range of all in "
-           "brackets" if reps > 1 else "")
+        + (f", each way {reps} times per case, interleaved: {median_words(reps)} by click time, with the range of "
+           "all in brackets" if reps > 1 else "")
         + ". Command: `python benchmarks/first_click.py run" + (f" --threads {threads}" if threads else "")
         + (f" --reps {reps}" if reps != 3 else "") + (" --thin-slice" if thin_slice else "") + "`.",
         "",
@@ -292,12 +309,12 @@ def report(results: list[dict], load_start, load_end, note: str, threads: int, r
                      f"{_spread(r['prepared'], 'prepare_s')} ({steps}) | {st.get('targets_without_prior', 0):.0f} | "
                      f"{_spread(r['prepared'])} | {rss} | "
                      f"{'yes' if r['same'] else '**no**'} | {', '.join('-' if e is None else f'{e:.1f}' for e in r['errors_mm'])} |")
-    met = max(warm) <= TARGET_S
+    met = prepared_worst <= TARGET_S
     lines += [
         "",
         f"Mean: cold click {np.mean(cold):.1f} s; prepared {np.mean(prep):.1f} s ahead, then the click "
-        f"{np.mean(warm):.1f} s (worst {max(warm):.1f} s). Target <= {TARGET_S:.0f} s: "
-        + ("**met** after preparing ahead" if met else f"**missed** (worst prepared click {max(warm):.1f} s)")
+        f"{np.mean(warm):.1f} s (worst run {prepared_worst:.1f} s). Target <= {TARGET_S:.0f} s: "
+        + ("**met** after preparing ahead" if met else f"**missed** (worst prepared click {prepared_worst:.1f} s)")
         + (f"; a cold click (nothing prepared, the engine process started by the click) {np.mean(cold):.1f} s "
            f"(worst run {cold_worst:.1f} s: target " + ("met" if cold_worst <= TARGET_S else "missed") + ")")
         + (f"; with the engine started (the module entered) and nothing prepared, {np.mean(started):.1f} s "
