@@ -181,9 +181,21 @@ class MatchController:
         prior), once per choice of volumes, model and device. A click during it waits for it and then only
         searches. Returns the worker's task, or None when there is nothing new to prepare, the engine cannot run
         without asking the user, a model change would have to wait for running work, or the input is not ready
-        (a click will say why)."""
-        key = self._preparationKey()
-        if key is None or key == self._preparedFor or not self._engineReady():
+        (the status line says why, and so will a click). A preparation under way for volumes no longer chosen (no
+        source, no target) is cancelled."""
+        quiet = self._othersPending()  # another job's status line stays until it ends
+        try:
+            key = self._preparationKey()  # (a volume under a non-linear transform has no key: the status says so)
+        except Exception as e:  # noqa: BLE001 - a parameter observer must not raise; the user is told
+            self.forgetPrepared()
+            self._notPreparing(e, quiet)
+            return None
+        if key is None:  # nothing to prepare for any more: what runs is wasted work
+            if self.prepareTask is not None and self.prepareTask.state in ("queued", "running") and not quiet:
+                self._onStatus("Preparing stopped: choose a source volume and at least one target")
+            self.forgetPrepared()
+            return None
+        if key == self._preparedFor or not self._engineReady():
             return None
         if self._switchMustWait():
             self._deferredPrepare = True  # switching engines now would wait for the running work on this thread
@@ -191,7 +203,6 @@ class MatchController:
             return None
         p = self.parameters
         self._cancelPreparation()  # the volumes it prepares were replaced
-        quiet = self._othersPending()  # another job's status line stays until it ends
         try:
             self.logic.setModel(p.model, p.device)
             self._generation += 1
@@ -201,15 +212,21 @@ class MatchController:
                 onFinished=lambda timings: self._prepared(generation, timings),
                 onError=lambda error: self._prepareFailed(generation, error))
         except Exception as e:  # noqa: BLE001 - a parameter observer must not raise; the user is told
-            log.info("SAMEmbedding: not preparing the volumes: %s", e)
-            if not quiet:
-                self._onStatus(f"Cannot prepare the volumes yet: {e}")
+            # the preparation cancelled above is not the choice's any more: the same choice, chosen again,
+            # is prepared again (its task would report to a generation that has passed)
+            self.prepareTask, self._preparedFor = None, None
+            self._notPreparing(e, quiet)
             return None
         self._preparedFor = key
         self.prepareTask = task
         if not quiet:
             self._onStatus(f"Preparing {len(key[0])} volume(s) for matching...")
         return task
+
+    def _notPreparing(self, error: BaseException, quiet: bool) -> None:
+        log.info("SAMEmbedding: not preparing the volumes: %s", error)
+        if not quiet:
+            self._onStatus(f"Cannot prepare the volumes yet: {error}")
 
     def _switchMustWait(self) -> bool:
         """Whether the chosen model or device differs from the engine's while the worker has work: switching
@@ -232,7 +249,9 @@ class MatchController:
         if timings is None:  # cancelled (scene closed, cache cleared): not prepared after all
             self._preparedFor = None
         elif not self._othersPending():
-            self._onStatus(f"Ready: volumes prepared in {timings['total_s']:.1f} s; place a landmark on the source")
+            skipped = "".join(f" ({name} cannot be matched: {why})" for name, why in timings.get("skipped", ()))
+            self._onStatus(f"Ready: volumes prepared in {timings['total_s']:.1f} s{skipped}; place a landmark on "
+                           "the source")
 
     def _prepareFailed(self, generation: int, error: BaseException) -> None:
         if generation != self._generation:

@@ -639,7 +639,8 @@ class MatchLogic:
 
         Returns:
             what ``samembed.Matcher.prepare`` returns: seconds per step (``embed_s``, ``prior_s``, ``whole_s``,
-            ``total_s``) and ``targets_without_prior``.
+            ``total_s``), ``targets_without_prior``, and ``skipped``: ``(name, reason)`` of each target among
+            several that cannot be matched (a click would skip it too; the others are prepared).
         """
         source, targets = self._imagesToPrepare(sourceVolume, targetVolumes)
         return self.getMatcher().prepare(source, targets, progress=progress, cancel=cancel)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -276,7 +277,7 @@ class Matcher:
         return self.embedder_for(img.ndim).embed(img, progress, cancel)
 
     def prepare(self, source, targets: Sequence, *, progress: ProgressFn | None = None,
-                cancel: threading.Event | None = None) -> dict[str, float]:
+                cancel: threading.Event | None = None) -> dict[str, Any]:
         """Do now what every match of ``source`` into ``targets`` needs first, so that the first click is fast.
 
         Each image is read, preprocessed and given its global map and body mask, and the affine prior of each
@@ -295,32 +296,56 @@ class Matcher:
 
         Returns:
             seconds spent per step: ``embed_s`` (reading, preprocessing, global maps), ``prior_s``, ``whole_s``
-            (the source's local map, and the targets' without a trustworthy prior), ``total_s``; and
-            ``targets_without_prior``, how many targets had no trustworthy affine prior.
+            (the source's local map, and the targets' without a trustworthy prior), ``total_s``;
+            ``targets_without_prior``, how many targets had no trustworthy affine prior; and ``skipped``, the
+            ``(name, reason)`` of each target among several that cannot be matched (too small for the model,
+            another dimension than the source, unreadable: :class:`TargetError`), which a match would skip too: the
+            source and the other targets are prepared all the same.
+
+        Raises:
+            InputError: the source cannot be embedded, or a lone target cannot (as :meth:`match` raises).
         """
         t0 = time.time()
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
-        src = as_image(source, "source", self.spacing_mm)
-        images = [src] + [as_image(t, f"target{i}", self.spacing_mm) for i, t in enumerate(targets)]
-        maps = []
-        for i, image in enumerate(images):
+        n = 1 + len(targets)
+        maps: list[EmbeddingMaps] = []
+        skipped: list[tuple[str, str]] = []
+
+        def step(i: int, label: str) -> None:
             if cancel is not None and cancel.is_set():
-                raise Cancelled(f"preparing cancelled after {i} of {len(images)} images")
+                raise Cancelled(f"preparing cancelled after {i} of {n} images")
             if progress:
-                progress(i, len(images), f"preparing {Path(image.name).name}")
-            _check_same_dimension(src, image, image.name)
-            maps.append(self.embedder_for(image.ndim).embed(image, cancel=cancel, on_demand=True))
+                progress(i, n, f"preparing {Path(label).name}")
+
+        src = as_image(source, "source", self.spacing_mm)
+        step(0, src.name)
+        maps.append(self.embedder_for(src.ndim).embed(src, cancel=cancel, on_demand=True))
+        for i, target in enumerate(targets, start=1):
+            name = (target.name if isinstance(target, Image)
+                    else str(target) if isinstance(target, (str, os.PathLike)) else f"target{i - 1}")
+            step(i, name)
+            try:
+                with of_the_target():  # its own problem: with other targets, skipped as a match skips it
+                    image = as_image(target, f"target{i - 1}", self.spacing_mm)
+                    name = image.name
+                    _check_same_dimension(src, image, image.name)
+                    maps.append(self.embedder_for(image.ndim).embed(image, cancel=cancel, on_demand=True))
+            except TargetError as e:
+                if len(targets) == 1:
+                    raise
+                log.warning("preparing: %s is skipped: %s", name, e)
+                skipped.append((name, str(e)))
         t1 = time.time()
         whole = [maps[0]] + [tmaps for tmaps in maps[1:] if self._prior(maps[0], tmaps) is None]
         t2 = time.time()
         embedder = self.embedder_for(src.ndim)
-        for n, m in enumerate(whole):  # read by any click: the source, and targets searched over their whole body
+        for k, m in enumerate(whole):  # read by any click: the source, and targets searched over their whole body
             if cancel is not None and cancel.is_set():
                 raise Cancelled("preparing cancelled")
             if progress:
-                why = "the source" if n == 0 else "no reliable affine prior"
-                progress(len(images) - 1, len(images), f"embedding {Path(m.image_name).name} whole ({why})")
+                why = "the source" if k == 0 else "no reliable affine prior"
+                progress(n - 1, n, f"embedding {Path(m.image_name).name} whole ({why})")
             searched = m.search_mask(True)
             try:
                 m.ensure_all(searched, cancel=cancel)
@@ -328,9 +353,9 @@ class Matcher:
                 embedder.settle(m)  # also the tiles finished before a cancel
             m.compact_features(searched)  # the searches' copy, made once here
         if progress:
-            progress(len(images), len(images), "prepared")
+            progress(n, n, "prepared")
         return {"embed_s": t1 - t0, "prior_s": t2 - t1, "whole_s": time.time() - t2, "total_s": time.time() - t0,
-                "targets_without_prior": float(len(whole) - 1)}
+                "targets_without_prior": float(len(whole) - 1), "skipped": skipped}
 
     def match(self, source, points_lps_mm, targets: Sequence, labels: Sequence[str] | None = None,
               options: MatchOptions = DEFAULT_OPTIONS, *, mask=None, progress: ProgressFn | None = None,

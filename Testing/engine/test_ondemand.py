@@ -708,8 +708,8 @@ def test_prepare_computes_global_maps_priors_and_the_source_only_and_the_match_a
     name, src, tgt, pts, _ = pair
     prepared = Matcher("default", device="cpu")
     timings = prepared.prepare(src, [tgt])
-    assert set(timings) == {"embed_s", "prior_s", "whole_s", "total_s", "targets_without_prior"}
-    assert timings["targets_without_prior"] == 0
+    assert set(timings) == {"embed_s", "prior_s", "whole_s", "total_s", "targets_without_prior", "skipped"}
+    assert timings["targets_without_prior"] == 0 and timings["skipped"] == []
     smaps, tmaps = cached(prepared, src), cached(prepared, tgt)
     assert smaps is not None and tmaps is not None, "prepare embedded neither image"
     body = smaps.search_mask(True)

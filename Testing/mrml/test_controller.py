@@ -403,3 +403,111 @@ def test_a_click_waiting_for_a_model_switch_is_not_replayed_on_another_point_lis
     release.set()
     assert h.settleAll() == []  # B1 was not clicked: nothing to match
     assert _matched(h.logic, other, a_small_ct)[0] == []
+
+
+def _prepared(logic, node) -> bool:
+    """Whether ``node``'s volume has embeddings in the engine's memory cache (it was prepared or matched)."""
+    matcher = logic.getMatcher()
+    return matcher.cache.get(matcher.embedder.key(logic.imageForVolume(node))) is not None
+
+
+def test_a_target_that_cannot_be_matched_is_skipped_by_preparing_and_the_others_are_prepared(a_scene, a_small_ct):
+    """As a click skips a target the model cannot embed among several, preparing does: the source and the other
+    targets are prepared (before, the first such target ended the preparation), and the status names it."""
+    from .mrml_helpers import crop
+
+    good = _shifted(a_scene, a_small_ct, 30.0, "good target")
+    tiny = crop(a_scene, a_small_ct, (0, 0, 0), (4, 4, 4), "tiny CT")
+    h = Harness(a_scene, None)
+    h.controller.setParameters(_parameters(a_small_ct, None, [tiny, good]))
+    h.controller.parametersModified()
+    assert h.settle() == [] and h.controller.prepareTask.state == "done" and h.errors == []
+    assert _prepared(h.logic, a_small_ct) and _prepared(h.logic, good)
+    assert re.match(r"Ready: volumes prepared in .* s \(tiny CT cannot be matched: tiny CT: 4 x 4 x 4 voxels .* is too "
+                    r"small for the model", h.status[-1]), h.status[-1]
+    h.controller.cleanup()
+    h.worker.shutdown()
+
+
+def _shifted(scene, node, dx: float, name: str):
+    moved = ijk_to_ras(node)
+    moved[:3, 3] += [dx, 0.0, 0.0]
+    return add_volume(scene, voxels(node), moved, name)
+
+
+def test_a_choice_that_cannot_be_prepared_and_then_the_choice_before_it_prepares_that_again(a_scene, a_small_ct):
+    """A preparation queued behind another job, then replaced by a choice that cannot be prepared (a one-slice
+    volume beside a 3D source), is cancelled; choosing what it was for again prepares it (before, the controller
+    still took it for prepared, and the first click was cold)."""
+    good = _shifted(a_scene, a_small_ct, 30.0, "good target")
+    one_slice = add_volume(a_scene, voxels(a_small_ct)[:1], ijk_to_ras(a_small_ct), "one slice")
+    h = Harness(a_scene, None)
+    parameters = _parameters(a_small_ct, None, [good])
+    h.controller.setParameters(parameters)
+    h.logic.setModel("random:sam-lite", "cpu")  # the parameters' engine: preparing is not put off for a switch
+    release = h.blockWorker()
+    h.controller.parametersModified()
+    queued = h.controller.prepareTask
+    parameters.targetVolumes = [good, one_slice]
+    h.controller.parametersModified()
+    assert queued.cancelled and h.controller.prepareTask is None  # (the status line is the running job's)
+    parameters.targetVolumes = [good]
+    h.controller.parametersModified()
+    again = h.controller.prepareTask
+    assert again is not None and again is not queued
+    release.set()
+    h.settleAll()
+    assert again.state == "done" and _prepared(h.logic, good)
+    h.controller.cleanup()
+    h.worker.shutdown()
+
+
+def test_a_target_under_a_non_linear_transform_is_told_in_the_status_not_raised(a_scene, a_small_ct):
+    """The parameter observer never raises (Slicer's Qt slot and VTK observer would swallow the rest of it): a
+    checked volume under a grid transform is named in the status line, and later parameter changes still apply."""
+    warped = _shifted(a_scene, a_small_ct, 30.0, "warped target")
+    transform = slicer.vtkMRMLGridTransformNode()
+    transform.SetName("registration warp")
+    a_scene.AddNode(transform)
+    grid = slicer.vtkOrientedGridTransform()
+    field = vtk.vtkImageData()
+    field.SetDimensions(4, 4, 4)
+    field.SetSpacing(50, 50, 20)
+    field.SetOrigin(-150, -150, -50)
+    field.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    field.GetPointData().GetScalars().Fill(0.0)
+    grid.SetDisplacementGridData(field)
+    transform.SetAndObserveTransformFromParent(grid)
+    warped.SetAndObserveTransformNodeID(transform.GetID())
+    h = Harness(a_scene, None)
+    parameters = _parameters(a_small_ct, None, [warped], showHeatmap=False)
+    h.controller.setParameters(parameters)
+    h.controller.parametersModified()
+    assert h.controller.prepareTask is None
+    assert h.status[-1] == ("Cannot prepare the volumes yet: 'warped target' is under the non-linear transform "
+                            "'registration warp'; harden the transform (Data module, right-click, Harden transform) "
+                            "or remove it")
+    parameters.showHeatmap = True
+    h.controller.parametersModified()
+    assert h.controller._showHeatmap
+    h.controller.cleanup()
+    h.worker.shutdown()
+
+
+def test_unchecking_every_target_stops_the_preparation_under_way(a_scene, a_small_ct):
+    good = _shifted(a_scene, a_small_ct, 30.0, "good target")
+    h = Harness(a_scene, None)
+    parameters = _parameters(a_small_ct, None, [good])
+    h.controller.setParameters(parameters)
+    h.logic.setModel("random:sam-lite", "cpu")  # the parameters' engine: preparing is not put off for a switch
+    release = h.blockWorker()
+    h.controller.parametersModified()
+    queued = h.controller.prepareTask
+    parameters.targetVolumes = []
+    h.controller.parametersModified()
+    assert queued.cancelled and h.controller.prepareTask is None
+    release.set()
+    h.settleAll()
+    assert queued.state == "cancelled" and not any(line.startswith("Ready") for line in h.status), h.status
+    h.controller.cleanup()
+    h.worker.shutdown()
