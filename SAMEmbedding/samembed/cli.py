@@ -804,9 +804,15 @@ def _cmd_cache(args) -> int:
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: no such cache folder (give the --cache-dir used with match or embed)")
     if args.action == "clear":
-        n, left = cache_clear(folder)
-        also = f" and {left} unfinished {'write' if left == 1 else 'writes'} of stopped processes" if left else ""
+        n, writes, kept = cache_clear(folder)
+        also = f" and {writes} unfinished {'write' if writes == 1 else 'writes'} of stopped processes" if writes else ""
         print(f"removed {n} {'entry' if n == 1 else 'entries'}{also} from {folder}")
+        if kept:  # (another user's, in a shared folder): named, and the command fails
+            why = sorted({reason for _, reason in kept})
+            print(f"error: {len(kept)} {'file' if len(kept) == 1 else 'files'} left, not removed ({'; '.join(why)}), "
+                  f"e.g. {kept[0][0].name}: they belong to another user, or the folder may not be changed; ask its "
+                  "owner", file=sys.stderr)
+            return 1
         return 0
     info = cache_info(folder)
     for e in info["details"]:

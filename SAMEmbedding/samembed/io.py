@@ -155,9 +155,10 @@ _UMASK_LOCK = threading.Lock()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically and return the path."""
+    """Write ``text`` to ``path`` atomically, as UTF-8, and return the path. A file name in it that is not valid
+    UTF-8 (read by Python as surrogate escapes, :func:`utf8_name`) is written as its own bytes, as the shell shows it."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
     return Path(path)
 
 
@@ -268,20 +269,43 @@ def shadowing_file(path: Path) -> Path | None:
     return None
 
 
+def utf8_name(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is valid UTF-8, as SimpleITK needs a file name to be: a name of other bytes (from a Latin-1
+    or Windows archive, unzipped on Linux) reaches Python as surrogate escapes, which SimpleITK's wrapper cannot
+    convert, and the process ends in C++ (``std::logic_error``, SIGABRT) with no word of the file."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def require_utf8_name(path: str | os.PathLike, what: str = "this file") -> None:
+    """Raise :class:`InputError` naming ``path`` when SimpleITK cannot be given it (:func:`utf8_name`)."""
+    if not utf8_name(path):
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # its bytes that are not UTF-8 as \xNN
+        raise InputError(f"{shown}: the name of {what} is not valid UTF-8, which ITK cannot open; rename it (e.g. "
+                         "with convmv -f latin1 -t utf8)")
+
+
 @contextlib.contextmanager
 def _unshadowed(path: Path) -> Iterator[Path]:
     """A name by which SimpleITK reads the file ``path`` itself: ``path``, or, when a ``.nii`` file beside it would
-    be read instead (:func:`shadowing_file`), a link to it (a copy where links cannot be made) alone in a private
-    temporary folder, removed afterwards. The user's folder is not touched."""
+    be read instead (:func:`shadowing_file`) or the path is not valid UTF-8 (:func:`utf8_name`), a link to it (a
+    copy where links cannot be made) alone in a private temporary folder, removed afterwards, with the file's own
+    suffix. The user's folder is not touched."""
     other = shadowing_file(path)
-    if other is None:
+    if other is None and utf8_name(path):
         yield path
         return
-    log.warning("%s: %s lies beside it, and ITK's NIfTI reader would read that file's voxels instead; reading %s "
-                "through a link of its own (rename or remove one of the two to avoid the confusion in other tools, "
-                "such as Slicer)", path, other.name, path.name)
+    if other is not None:
+        log.warning("%s: %s lies beside it, and ITK's NIfTI reader would read that file's voxels instead; reading %s "
+                    "through a link of its own (rename or remove one of the two to avoid the confusion in other "
+                    "tools, such as Slicer)", path, other.name, path.name)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    require_utf8_name(suffix, "this file's suffix")  # (which tells ITK its format)
     with tempfile.TemporaryDirectory(prefix="samembed-read-") as folder:
-        alias = Path(folder) / "image.nii.gz"
+        alias = Path(folder) / f"image{suffix}"
         try:
             alias.symlink_to(path.resolve())
         except OSError:  # no links here (Windows without the privilege): a copy
@@ -438,6 +462,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
         raise InputError(f"{path}: the file is empty (0 bytes); copy or export the image again")
     try:
         if path.is_dir():
+            require_utf8_name(path, "this DICOM folder")
             reader = sitk.ImageSeriesReader()
             files = _series_files(path, reader)
             reader.SetFileNames(files)
@@ -589,6 +614,7 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
     import SimpleITK as sitk
 
     own = _backing_sitk(image)
+    require_utf8_name(os.path.abspath(path), "the file to write")
     with atomic_path(path) as tmp:
         sitk.WriteImage(own if own is not None else image_to_sitk(image), str(tmp), True)
     return Path(path)

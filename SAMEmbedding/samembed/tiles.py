@@ -45,8 +45,11 @@ DIRECTION_BITS = 10
 #: how an entry stores each voxel's local vector (:func:`packed_directions`); part of every key, so that the entries
 #: of the half-precision vectors before are never read (:func:`samembed.embedding.Embedder.key`)
 LOCAL_ENCODING = f"{DIRECTION_BITS}-bit directions"
-#: how a file that torch wrote starts (a zip archive; before torch 1.6, a pickle)
-_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+#: what the pickle of an entry of the older, torch-saved format holds (its ``meta`` JSON: the grids and the model),
+#: which no other file named by 32 hex digits and ``.pt`` is taken to hold (:func:`_older_entry`)
+_OLDER_ENTRY_WORDS = (b"meta", b"local_grid", b"global_grid", b"model_id")
+#: the largest pickle of an older entry read to recognise it (the tensors are other members of its zip)
+_OLDER_ENTRY_PICKLE_MAX = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------- upsampling
@@ -678,22 +681,31 @@ def _entry_summary(path: Path, size: int) -> dict:
 def entry_files(cache_dir: str | Path) -> list[Path]:
     """The cache entries in the folder ``cache_dir``, sorted: files named by a key and :data:`ENTRY_SUFFIX`
     (:data:`ENTRY_NAME`; a damaged one too: it is listed as such, and removed), and older entries, named by their key
-    and ``.pt`` (:data:`OLDER_ENTRY_NAME`), that start as torch's files do. Any other file, a checkpoint
-    ``model.pt``, ``my.samemb.pt`` or a text file that happens to be named by 32 hex digits, is not an entry: never
-    listed, never removed."""
+    and ``.pt`` (:data:`OLDER_ENTRY_NAME`), that hold what such an entry held (:func:`_older_entry`). Any other file,
+    a checkpoint ``model.pt``, ``my.samemb.pt``, a text file or a content-addressed checkpoint that happens to be
+    named by 32 hex digits, is not an entry: never listed, never removed."""
     folder = Path(cache_dir)
     return sorted(p for p in folder.iterdir()
-                  if (ENTRY_NAME.fullmatch(p.name) or (OLDER_ENTRY_NAME.fullmatch(p.name) and _torch_file(p)))
+                  if (ENTRY_NAME.fullmatch(p.name) or (OLDER_ENTRY_NAME.fullmatch(p.name) and _older_entry(p)))
                   and p.is_file())
 
 
-def _torch_file(path: Path) -> bool:
-    """Whether ``path`` starts as a file torch wrote (a file this user may not read counts, by its name)."""
+def _older_entry(path: Path) -> bool:
+    """Whether ``path`` is an entry of the older format: a zip that ``torch.save`` wrote whose pickle holds the
+    entry's ``meta`` (:data:`_OLDER_ENTRY_WORDS`), read without unpickling it. A file this user may not read, or that
+    is not such a zip, is not taken for one (it is left alone)."""
+    import zipfile
+
     try:
-        with open(path, "rb") as f:
-            return f.read(4).startswith(_TORCH_FILE_STARTS)
-    except OSError:
-        return True
+        with zipfile.ZipFile(path) as archive:
+            pickles = [i for i in archive.infolist()
+                       if i.filename.endswith("/data.pkl") and i.file_size <= _OLDER_ENTRY_PICKLE_MAX]
+            if len(pickles) != 1:
+                return False
+            data = archive.read(pickles[0])
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError):
+        return False
+    return all(word in data for word in _OLDER_ENTRY_WORDS)
 
 
 def cache_info(cache_dir: str | Path) -> dict:
@@ -705,7 +717,10 @@ def cache_info(cache_dir: str | Path) -> dict:
     files = entry_files(folder)
     entries = []
     for f in files:
-        st = f.stat()
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # removed meanwhile (another process's `cache clear`)
+            continue
         entries.append({"file": f.name, "bytes": st.st_size, "modified": st.st_mtime, **_entry_summary(f, st.st_size)})
     left = []
     for f in unfinished_files(folder):
@@ -713,7 +728,7 @@ def cache_info(cache_dir: str | Path) -> dict:
             left.append((f.name, f.stat().st_size))
         except OSError:
             continue
-    return {"folder": str(folder), "entries": len(files), "bytes": sum(e["bytes"] for e in entries),
+    return {"folder": str(folder), "entries": len(entries), "bytes": sum(e["bytes"] for e in entries),
             "files": [(e["file"], e["bytes"]) for e in entries], "details": entries, "unfinished": left}
 
 
@@ -741,13 +756,22 @@ def unfinished_files(cache_dir: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def cache_clear(cache_dir: str | Path) -> tuple[int, int]:
+def cache_clear(cache_dir: str | Path) -> tuple[int, int, list[tuple[Path, str]]]:
     """Delete every cache entry (:func:`entry_files`: current and older format, nothing else) in the folder, and
-    the abandoned writes (:func:`unfinished_files`); returns how many of each."""
-    files = entry_files(cache_dir)  # no header needs reading to delete them
-    for f in files:
-        f.unlink(missing_ok=True)
-    left = unfinished_files(cache_dir)
-    for f in left:
-        f.unlink(missing_ok=True)
-    return len(files), len(left)
+    the abandoned writes (:func:`unfinished_files`), each that this user may delete; returns how many entries and
+    writes were removed, and each file left with the reason (a shared folder holds other users' entries, which a
+    sticky folder does not let this user remove)."""
+    left: list[tuple[Path, str]] = []
+
+    def removed(files: list[Path]) -> int:
+        n = 0
+        for f in files:  # no header needs reading to delete them
+            try:
+                f.unlink(missing_ok=True)
+                n += 1
+            except OSError as e:
+                left.append((f, e.strerror or str(e)))
+        return n
+
+    entries = removed(entry_files(cache_dir))
+    return entries, removed(unfinished_files(cache_dir)), left

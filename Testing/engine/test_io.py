@@ -798,3 +798,32 @@ def test_a_folder_without_dicom_series_names_its_image_files_and_itk_says_nothin
 def test_an_image_prints_its_name_and_geometry_not_its_voxels():
     image = Image.from_array(np.zeros((40, 50, 60), dtype=np.int16), spacing_mm=(0.7, 0.7, 2.5), name="ct.nii.gz")
     assert repr(image) == "Image('ct.nii.gz', int16, shape_zyx=(40, 50, 60), spacing_xyz 0.7 x 0.7 x 2.5 mm)"
+
+
+NOT_UTF8 = __import__("os").fsdecode(b"scan \xe9t\xe9")  # Latin-1 bytes, as unzipped from a Windows archive
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_a_file_whose_name_is_not_utf8_is_read_and_its_name_written_as_its_own_bytes(tmp_path, suffix):
+    """SimpleITK cannot be given such a name (the process ended in C++, SIGABRT): it is read through a link of a
+    name it can take, and a point file that names it keeps its bytes."""
+    img = an_oblique_image()
+    path = tmp_path / f"{NOT_UTF8}{suffix}"
+    write_image(img, tmp_path / f"plain{suffix}").rename(path)
+    back = read_image(path)
+    np.testing.assert_array_equal(back.array, img.array)
+    np.testing.assert_allclose(back.grid.direction, img.grid.direction, atol=1e-5)
+    assert back.name == str(path) and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    out = write_points(PointList([back.name], np.zeros((1, 3))), tmp_path / "points.csv")
+    assert f"{path}".encode("utf-8", "surrogateescape") in out.read_bytes()
+
+
+def test_a_dicom_folder_or_an_output_whose_name_is_not_utf8_is_refused_by_name(tmp_path):
+    folder = tmp_path / NOT_UTF8
+    folder.mkdir()
+    (folder / "slice000.dcm").write_bytes(b"\0" * 132 + b"DICM")
+    with pytest.raises(InputError, match=r"scan \\xe9t\\xe9: the name of this DICOM folder is not valid UTF-8"):
+        read_image(folder)
+    with pytest.raises(InputError, match=r"scan \\xe9t\\xe9.nii.gz: the name of the file to write is not valid UTF-8"):
+        write_image(an_oblique_image(), tmp_path / f"{NOT_UTF8}.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]

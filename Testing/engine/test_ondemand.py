@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import subprocess
 import sys
@@ -661,14 +662,18 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     half = {k: v for k, v in header.items() if k != "local_encoding"}  # the local vectors in float16, as before
     write_entry(entry("e"), half, arrays[:3] + [np.zeros((64, 1234), np.float16)])
     write_entry(entry("f"), {**header, "local_encoding": "12-bit directions"}, arrays)  # another version's
-    older = tmp_path / f"{'0' * 31}f.pt"  # an entry of the older, torch-pickled format: named by its key
-    older.write_bytes(b"PK\x03\x04 older")  # (torch's files are zip archives)
+    older = tmp_path / f"{'0' * 31}f.pt"  # an entry of the older, torch-saved format: named by its key
+    meta = {"local_grid": grid, "global_grid": grid, "model_id": "sam-lite-ct@0123", "image": "pt_1.nii.gz"}
+    torch.save({"local": torch.zeros(2, dtype=torch.float16), "global": torch.zeros(2, dtype=torch.float16),
+                "body": torch.ones(2, dtype=torch.bool), "meta": json.dumps(meta)}, older)
     # not entries: never listed, never removed (a checkpoint kept beside the cache, a file of that suffix but not
-    # named by a key, a text file named by 32 hex digits)
+    # named by a key, a text file named by 32 hex digits, a checkpoint named by its MD5 as content-addressed
+    # stores name them: a review found `cache clear` removed it)
     foreign = [tmp_path / "model.pt", tmp_path / "notes.txt", tmp_path / f"{'0' * 31}g.pt",
-               tmp_path / f"my{ENTRY_SUFFIX}", tmp_path / f"{'0' * 31}e.pt"]
-    for f in foreign:
+               tmp_path / f"my{ENTRY_SUFFIX}", tmp_path / f"{'0' * 31}e.pt", tmp_path / f"{'0' * 31}d.pt"]
+    for f in foreign[:-1]:
         f.write_bytes(b"someone's file")
+    torch.save({"weights": torch.zeros(3), "meta": "a checkpoint"}, foreign[-1])
     assert main(["cache", "info", "--cache-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 8 and lines[-1].startswith("7 entries,"), lines
@@ -691,6 +696,55 @@ def test_cache_info_names_what_each_entry_holds_and_the_damaged_ones(tmp_path, c
     assert main(["cache", "clear", "--cache-dir", str(tmp_path)]) == 0
     assert "removed 1 entry from" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in foreign)
+
+
+def _entries(folder, n: int) -> list:
+    from samembed.tiles import ENTRY_SUFFIX
+
+    made = [folder / f"{i:032x}{ENTRY_SUFFIX}" for i in range(n)]
+    for f in made:
+        f.write_bytes(b"x")
+    return made
+
+
+def test_cache_clear_removes_what_it_may_and_names_what_it_left(tmp_path, capsys, monkeypatch):
+    """In a shared (sticky) folder another user's entry cannot be removed: `cache clear` stopped there, leaving
+    this user's later entries and printing no count (a review). Now it removes the rest, says how many it left and
+    why, and fails."""
+    from pathlib import Path
+
+    from samembed.cli import main
+
+    theirs, *mine = _entries(tmp_path, 4)
+    unlink = Path.unlink
+
+    def refused(self, missing_ok=False):
+        if self == theirs:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert main(["cache", "clear", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert f"removed 3 entries from {tmp_path}" in out
+    assert (f"error: 1 file left, not removed (Operation not permitted), e.g. {theirs.name}: they belong to another "
+            "user") in err
+    assert [p.name for p in tmp_path.iterdir()] == [theirs.name]
+
+
+def test_cache_info_lists_the_entries_left_when_another_process_removes_one_meanwhile(tmp_path, capsys, monkeypatch):
+    """Another process's `cache clear` removed an entry between the listing and its `stat`: `cache info` failed
+    with "No such file or directory" (a review). The entry is now left out, and the count agrees."""
+    from samembed import tiles
+    from samembed.cli import main
+
+    gone, *kept = _entries(tmp_path, 3)
+    listed = tiles.entry_files(tmp_path)
+    gone.unlink()
+    monkeypatch.setattr(tiles, "entry_files", lambda folder: listed)
+    assert main(["cache", "info", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("2 entries,") and not any(gone.name in line for line in lines), lines
 
 
 def test_the_help_and_cache_info_do_not_import_torch(tmp_path):
