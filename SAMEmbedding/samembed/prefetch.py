@@ -52,9 +52,12 @@ import logging
 import mmap
 import multiprocessing
 import os
+import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -373,8 +376,41 @@ def _unblock_stop_signals(previous: set | None = None) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class _HeldRecords(logging.Handler):
+    """The prefetch child's one logging handler: what a thread logs while it reads an image (:meth:`holding`, a
+    warning about the file) is held, to go with that image to the engine, which logs it when it takes the image
+    (:meth:`Prefetch.image`). A file whose reading failed here, or that the engine reads itself after all, is warned
+    of by the engine's own reading, and a target the command never reaches not at all: said here too, each such
+    warning came twice, or for nothing (a review). Whatever else this process logs goes to the handlers it
+    inherited (the command's), as before."""
+
+    def __init__(self, inherited: Sequence[logging.Handler]) -> None:
+        super().__init__()
+        self._inherited = list(inherited)
+        self._held: dict[int, list[tuple[str, int, str]]] = {}
+
+    @contextlib.contextmanager
+    def holding(self):
+        """``(logger name, level, message)`` of each record this thread logs inside, in order."""
+        me = threading.get_ident()
+        records = self._held[me] = []
+        try:
+            yield records
+        finally:
+            del self._held[me]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        held = self._held.get(threading.get_ident())
+        if held is not None:
+            held.append((record.name, record.levelno, record.getMessage()))
+            return
+        for handler in self._inherited:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
 def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims, given=None,
-           handoff: _Handoff | None = None, parent_ends: Sequence = ()) -> None:
+           handoff: _Handoff | None = None, parent_ends: Sequence = (), scratch: str | None = None) -> None:
     # Ctrl-C reaches the whole process group: the engine stops this process itself (Prefetch.close), so the
     # interrupt is the engine's to report, not a traceback of this process's. SIGTERM (Prefetch.close's) ends it
     # at once, whatever handler the command had when it forked (samembed.cli stops on SIGTERM as on Ctrl-C)
@@ -386,15 +422,35 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
     # fails (EPIPE) instead of waiting for ever, and recv() ends
     for end in parent_ends:
         end.close()
+    # this process's temporary files (a link through which ITK reads a file it cannot open by its own name) in a
+    # folder named by its parent, which removes it (Prefetch.close) however this process ended: ended by SIGTERM, or
+    # the OOM killer's SIGKILL, it runs no clean-up of its own, which left such folders in /tmp (a review). Made
+    # here, and removed here when this process ends by itself, so that the parent's own death leaves none
     try:
-        _child_work(request, conn, arena, claims, given, handoff)
+        if scratch is not None:
+            os.mkdir(scratch, 0o700)  # (a name taken: the system's folder, as before)
+            tempfile.tempdir = scratch
+    except OSError:
+        scratch = None
+    held = _HeldRecords(logging.root.handlers or [logging.lastResort])
+    logging.root.handlers = [held]
+    try:
+        _child_work(request, conn, arena, claims, given, handoff, held)
     except (BrokenPipeError, ConnectionError):  # the engine is gone (killed): nobody takes what this would make
+        _remove_scratch(scratch)
         os._exit(0)
+    _remove_scratch(scratch)
+
+
+def _remove_scratch(scratch: str | None) -> None:
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _child_work(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims, given,
-                handoff: _Handoff | None) -> None:
-    """The child's work (:func:`_child`): read and preprocess the images, sending each result."""
+                handoff: _Handoff | None, held: _HeldRecords) -> None:
+    """The child's work (:func:`_child`): read and preprocess the images, sending each result (with what was logged
+    while each was read: ``held``)."""
     parent = os.getppid()
     with contextlib.suppress(OSError):  # the engine's threads first where they share a core with this process
         os.nice(10)  # (which works ahead of them)
@@ -432,12 +488,15 @@ def _child_work(request: PrefetchRequest, conn, arena: _Arena | None, claims: _C
         return True
 
     def load(source):  # the image, or the exception that reading it raised (the command reports it, reading again;
-        try:  # without its traceback, whose frames would hold the reader's buffers)
-            if isinstance(source, ArrayFile):
-                return source.read(mapped=True)
-            return read_image(source, spacing_mm=request.spacing_mm, warn_spacing=False)  # (the command warns)
-        except Exception as exc:  # noqa: BLE001 - the command reads it again and reports the error itself
-            return exc.with_traceback(None)
+        # without its traceback, whose frames would hold the reader's buffers); and what was logged meanwhile
+        with held.holding() as records:
+            try:
+                if isinstance(source, ArrayFile):
+                    return source.read(mapped=True), records
+                # (the command warns of an assumed spacing)
+                return read_image(source, spacing_mm=request.spacing_mm, warn_spacing=False), records
+            except Exception as exc:  # noqa: BLE001 - the command reads it again and reports the error itself
+                return exc.with_traceback(None), records
 
     def read(i: int, source, loaded=None):  # the image read, sent, and kept for its preprocessing; None: left to
         nonlocal full  # the engine. ``loaded``: what load() gave, when its claim and reading were done before
@@ -447,9 +506,12 @@ def _child_work(request: PrefetchRequest, conn, arena: _Arena | None, claims: _C
             if not claim(i, source):
                 return None
             loaded = load(source)
-        if isinstance(loaded, Exception):
+        loaded, records = loaded
+        if isinstance(loaded, Exception):  # (what was logged goes too: the engine's own reading says it again)
             conn.send(("failed", path, None))
             return None
+        if records:  # before the image: the engine logs them when it takes the image, drops them otherwise
+            conn.send(("log", path, records))
         image = loaded
         if isinstance(source, ArrayFile) and source.content_hash is not None and source.shared:
             # a volume file its sender maps, with its hash: the engine maps the file itself (its pages, just written,
@@ -562,12 +624,14 @@ class Prefetch:
         # one shared copy of each, the later ones while they fit in half of it
         self._handoff = _Handoff() if request.in_turn and _Handoff.available() else None
         self._conn, child_conn = ctx.Pipe(duplex=False)
+        # the child's folder for its temporary files (it makes it), removed by close() whatever ends the child
+        self._scratch = os.path.join(tempfile.gettempdir(), f"samembed-prefetch-{secrets.token_hex(8)}")
         # the parent's ends, inherited by the fork: the child closes them (_child)
         parent_ends = [end for end in (self._conn, self._later, getattr(self._handoff, "parent_end", None))
                        if end is not None]
         self._proc = ctx.Process(target=_child,
                                  args=(request, child_conn, self._arena, self._claims, later_child, self._handoff,
-                                       parent_ends),
+                                       parent_ends, self._scratch),
                                  daemon=True, name="samembed-prefetch")
         # Ctrl-C and SIGTERM blocked across the fork: until the child has set its own handlers it runs the parent's
         # (the command's SIGTERM raises), so one arriving in those few milliseconds left a traceback, or a child that
@@ -586,6 +650,7 @@ class Prefetch:
         self._results: dict[str, object] = {}
         self._images: dict[str, object] = {}
         self._settled: set[str] = set()  # paths whose image arrived, failed or was skipped
+        self._logs: dict[str, list[tuple[str, int, str]]] = {}  # what the child logged while it read each path
         self._coming: set[str] = set()  # content hashes of the images read: their inputs may still come
         self._no_input: set[str] = set()  # content hashes whose input will not come
         self._index: dict[str, int] = {}  # the request's index of each content hash the child read
@@ -619,6 +684,8 @@ class Prefetch:
                         _unpack(self._arena, value, self._handoff)
                     elif kind == "no input":
                         self._no_input.add(key)
+                    elif kind == "log":
+                        self._logs[key] = value
                     if kind in ("image", "failed", "skipped"):
                         self._settled.add(key)
                     self._cond.notify_all()
@@ -672,7 +739,10 @@ class Prefetch:
             self._cond.wait_for(lambda: path in self._settled or self._done)
             image = self._images.pop(path, None)
             self.images_read += image is not None
-            return image
+            logs = self._logs.pop(path, [])
+        for name, level, message in logs if image is not None else ():  # (else the caller's reading says it)
+            logging.getLogger(name).log(level, "%s", message)
+        return image
 
     def take(self, content_hash: str, config, modality: str, pad_multiple_zyx: tuple[int, ...] | None = None):
         """The prefetched :class:`~samembed.preprocess.Prepared` input of the image with ``content_hash``, when it
@@ -743,6 +813,8 @@ class Prefetch:
         with self._cond:
             self._results.clear()
             self._images.clear()
+            self._logs.clear()
+        _remove_scratch(self._scratch)  # what the child left there (it ended by a signal)
         self._arena = None  # its pages go when no array handed out views them any more
 
 

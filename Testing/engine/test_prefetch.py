@@ -5,6 +5,7 @@ engine, and the command's output is the same with or without it."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import logging
 import mmap
@@ -955,3 +956,88 @@ def test_a_receiver_that_fails_says_so_and_stops_the_child(monkeypatch, caplog):
         assert any(r.levelno == logging.WARNING and "Too many open files" in r.getMessage() for r in caplog.records)
     finally:
         p.close()
+
+
+def _shadowed_pair(folder, image) -> tuple:
+    """``image`` as ``scan.nii.gz`` with another ``scan.nii`` beside it, which ITK's reader would take instead: the
+    reading goes through a link in a temporary folder of its own (``samembed.io._unshadowed``), with a warning."""
+    from samembed.io import write_image
+
+    gz = write_image(image, folder / "scan.nii.gz")
+    write_image(dataclasses.replace(image, array=image.array[::-1].copy()), folder / "scan.nii")
+    return gz
+
+
+def _small_ct():
+    from samembed.image import Image
+
+    rng = np.random.default_rng(0)
+    return Image.from_array(rng.integers(-1000, 1000, size=(40, 48, 56)).astype(np.int16), spacing_mm=(2.0, 2.0, 2.0))
+
+
+def test_a_child_stopped_while_it_reads_through_a_link_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """The child reads a file that ITK cannot open by its own name through a link in a temporary folder; stopped
+    by close()'s SIGTERM (or the OOM killer) in the middle, it ran no clean-up and left that folder, named by the
+    patient's file, in /tmp (a review). Its temporary files are now in a folder the parent removes."""
+    import tempfile
+
+    import samembed.io as io
+
+    data = tmp_path / "data"
+    data.mkdir()
+    scan = _shadowed_pair(data, _small_ct())
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    reading = temp / "reading"
+
+    def held_up(path, sitk_path):  # inside the link's folder: stays until stopped
+        reading.write_text(str(sitk_path))
+        time.sleep(60)
+
+    monkeypatch.setattr(io, "read_nifti_gz", held_up)
+    p = _start([scan], registered_preprocess("default"))
+    try:
+        end = time.monotonic() + 30
+        while not reading.exists():
+            assert time.monotonic() < end and p._proc.is_alive(), "the child did not start reading"
+            time.sleep(0.01)
+        link = reading.read_text()
+        assert link.startswith(p._scratch) and os.path.lexists(link)
+    finally:
+        _returns(p.close, "close() waited for the child")
+    assert p._proc.exitcode is not None and p._proc.exitcode < 0  # ended by a signal, as close() ends it
+    assert sorted(x.name for x in temp.iterdir()) == ["reading"], "the child's temporary folder was left behind"
+
+
+def test_a_warning_of_the_childs_reading_is_said_once_by_the_engine_and_not_for_a_read_that_failed(tmp_path, capfd):
+    """The child warned on the command's stderr as it read; when its read failed, or the engine read the file
+    itself, the engine's reading warned again (a review). The child's warnings now come with its image, and are
+    said when the engine takes that image."""
+    good_dir, bad_dir = tmp_path / "good", tmp_path / "bad"
+    good_dir.mkdir()
+    bad_dir.mkdir()
+    good = _shadowed_pair(good_dir, _small_ct())
+    bad = _shadowed_pair(bad_dir, _small_ct())
+    data = bytearray(bad.read_bytes())
+    data[-5] ^= 0xFF  # the gzip stream's CRC no longer matches: the child's read fails
+    bad.write_bytes(bytes(data))
+    stderr = logging.StreamHandler(sys.stderr)  # where the command's log goes (logging.basicConfig)
+    logging.root.addHandler(stderr)
+    try:
+        p = _start([good, bad], registered_preprocess("default"))
+        try:
+            end = time.monotonic() + 30
+            while {str(good), str(bad)} - p._settled:  # both read (or failed) by the child
+                assert time.monotonic() < end, "the child did not read both"
+                time.sleep(0.01)
+            assert "lies beside it" not in capfd.readouterr().err, "the child said it on its own"
+            assert p.image(str(bad)) is None
+            assert "lies beside it" not in capfd.readouterr().err, "said for a read that failed"
+            assert p.image(str(good)) is not None
+            said = capfd.readouterr().err
+        finally:
+            _returns(p.close, "close() waited for the child")
+    finally:
+        logging.root.removeHandler(stderr)
+    assert said.count("lies beside it") == 1 and str(good) in said, said
