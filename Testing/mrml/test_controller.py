@@ -511,3 +511,31 @@ def test_unchecking_every_target_stops_the_preparation_under_way(a_scene, a_smal
     assert queued.state == "cancelled" and not any(line.startswith("Ready") for line in h.status), h.status
     h.controller.cleanup()
     h.worker.shutdown()
+
+
+def test_unchecking_every_target_while_the_volumes_are_prepared_says_the_preparation_stopped(a_scene, a_small_ct):
+    good = _shifted(a_scene, a_small_ct, 30.0, "good target")
+    h = Harness(a_scene, None)
+    parameters = _parameters(a_small_ct, None, [good])
+    h.controller.setParameters(parameters)
+    h.logic.setModel("random:sam-lite", "cpu")
+    matcher = h.logic.getMatcher()
+    started, release = threading.Event(), threading.Event()
+    prepare = matcher.prepare
+
+    def held_up(*args, **kwargs):  # a long preparation (thin-slice CTs take seconds)
+        started.set()
+        release.wait(60)
+        return prepare(*args, **kwargs)
+
+    matcher.prepare = held_up
+    h.controller.parametersModified()
+    assert started.wait(30)
+    parameters.targetVolumes = []
+    h.controller.parametersModified()
+    assert h.status[-1] == "Preparing stopped: choose a source volume and at least one target"
+    release.set()
+    h.settleAll()
+    assert h.status[-1] == "Preparing stopped: choose a source volume and at least one target", h.status
+    h.controller.cleanup()
+    h.worker.shutdown()
