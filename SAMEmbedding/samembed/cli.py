@@ -288,12 +288,13 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     if args.heatmap_dir:  # refused by the engine too, but only once torch has loaded and the folders are made
         _refuse_repeated_labels(labels, pairs[0][1] if pairs else args.points)
     heatmaps = _heatmap_names(ids, labels) if args.heatmap_dir else {}
-    _refuse_overwriting_inputs(args, pairs, target_paths,
-                               [*([out / f"{i}.mrk.json" for i in ids] if folder_out else [out]),
-                                *(Path(args.heatmap_dir) / name for name in heatmaps.values())])
-    _prepare_outputs(args, out, folder_out)
     # a run that stops partway writes what it finished beside an earlier run's complete file, not over it
     partial_out = _partial_name(out) if not folder_out and out.is_file() else out
+    _refuse_overwriting_inputs(args, pairs, target_paths,
+                               [*([out / f"{i}.mrk.json" for i in ids] if folder_out else dict.fromkeys([out, partial_out])),
+                                *(Path(args.heatmap_dir) / name for name in heatmaps.values())])
+    _prepare_outputs(args, out, folder_out)
+    earlier_heatmaps = _note_heatmap_folder(args.heatmap_dir, heatmaps, labels) if args.heatmap_dir else set()
     bar = PhaseProgress(n, "loading torch" if "torch" not in sys.modules else "reading", not args.quiet, started_s=t0)
     try:
         from .api import Atlas, as_image  # torch
@@ -469,18 +470,30 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 kept, kept_heatmaps = list(done), heatmaps_done()  # target in flight: nothing comes after this)
             try:
                 _write_match_outputs(args, kept, partial_out, folder_out, kept_heatmaps, fused, prefetch)
-                log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s%s%s",
+                replaced = len(earlier_heatmaps & set(kept_heatmaps.values()))
+                log.error("kept the matches of the %d of %d targets finished before this stopped, in %s%s%s%s%s",
                           len(kept), n, partial_out, f" and {args.heatmap_dir}" if args.heatmap_dir else "",
                           f" ({out}, of an earlier run, is left as it was)" if partial_out != out else "",
+                          f"; the heatmaps written replaced {replaced} of an earlier run's of the same names"
+                          if replaced else "",
                           f"; {len(failed)} skipped before: {', '.join(name for _, name, _ in failed)}" if failed else "")
             except BaseException as e:  # noqa: BLE001 - the original error is the one to report (a second Ctrl-C too)
                 log.error("could not write all of the %d finished targets to %s%s: %s", len(kept), partial_out,
                           f" and {args.heatmap_dir}" if args.heatmap_dir else "",
                           "interrupted" if isinstance(e, KeyboardInterrupt) else str(e) or type(e).__name__)
-        elif not written and writing:  # stopped while writing: not started again (an interrupt means stop)
-            kept = folder_out or "csv" in wrote
-            log.error("stopped while writing: %s", f"the matches are in {out}; not every heatmap was written" if kept
-                      else "the matches were not written")
+        elif not written and writing:  # stopped while writing: the heatmaps are not started again (an interrupt
+            kept = folder_out or "csv" in wrote  # means stop), but a table not written yet is, at once (milliseconds)
+            table = out
+            if not kept and done and isinstance(sys.exc_info()[1], KeyboardInterrupt):  # (Ctrl-C, SIGTERM; not a
+                # full disk, where the table beside it would fail as well)
+                try:
+                    _write_table(args, done, partial_out, fused)
+                    kept, table = True, partial_out
+                except BaseException as e:  # noqa: BLE001 - the original error is the one to report
+                    log.error("could not write the matches to %s: %s", partial_out,
+                              "interrupted" if isinstance(e, KeyboardInterrupt) else str(e) or type(e).__name__)
+            log.error("stopped while writing: %s", "the matches were not written" if not kept else
+                      f"the matches are in {table}" + ("; not every heatmap was written" if args.heatmap_dir else ""))
         bar.close()
     if not args.quiet:
         for r in done:
@@ -513,6 +526,62 @@ def _forget_target(matcher, images_read: dict, name: str, later: Sequence, kept:
         matcher.forget(image)
         if prefetch is not None:
             prefetch.discard(image.content_hash())
+
+
+def _write_table(args, done: list, out: Path, fused: dict[str, str] | None) -> None:
+    """The matches of the finished targets ``done`` in the file ``out``: a CSV of every row, or one target's
+    markups (``.mrk.json``, ``.fcsv``, ...)."""
+    from .io import (
+        DISTANCE_DECIMALS,
+        POSITION_DECIMALS,
+        SCORE_DECIMALS,
+        csv_number,
+        csv_text,
+        markups_suffix,
+        write_text_atomic,
+    )
+
+    if markups_suffix(out):  # one target's markups (_match refuses several)
+        _write_markups(args, done[0], out, fused)
+        return
+    # the frame of x, y, z in every row, last (scripts that index the columns keep theirs): the file read back as
+    # points (samembed.io.read_points) takes it, whatever --ras says then
+    frame = "RAS" if args.ras else "LPS"
+    rows = [["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm"]
+            + (["atlases", "agreeing", "spread_mm", "rejected"] if fused else []) + ["frame"]]
+    for res in done:
+        for r, m in zip(res.rows(ras=args.ras), res.matches):
+            rows.append([str(r["target"]), r["label"], *(csv_number(r[k], POSITION_DECIMALS) for k in "xyz"),
+                         csv_number(r["score"], SCORE_DECIMALS), str(r["confident"]).lower(),
+                         csv_number(r["roundtrip_mm"], DISTANCE_DECIMALS)]
+                        + ([str(m.atlases), str(m.agreeing), csv_number(m.spread_mm, DISTANCE_DECIMALS),
+                            _rejected(m, fused)] if fused else []) + [frame])
+    write_text_atomic(out, csv_text(rows))
+
+
+def _note_heatmap_folder(folder: str, heatmaps: dict[tuple[int, str], str], labels: list[str]) -> set[str]:
+    """Before any work, say what the heatmap ``folder`` holds that this run will not write (an earlier run's
+    heatmaps of other points or targets would lie beside this run's without a word: a review), and which labels'
+    files take another name than their label (``a/b`` and ``a_b`` both come out as ``a_b``); returns the names of
+    this run's heatmaps that are there already (an earlier run's, which this run replaces)."""
+    from .names import label_ids
+
+    ours = set(heatmaps.values())
+    try:
+        there = {p.name for p in Path(folder).iterdir() if p.name.endswith("_heatmap.nii.gz")}
+    except OSError:  # (not made yet)
+        there = set()
+    others = sorted(there - ours)
+    if others:
+        log.warning("%s holds %d heatmap(s) that this run does not write (of an earlier run's points or targets, "
+                    "e.g. %s); they stay beside this run's: remove them, or give another --heatmap-dir",
+                    folder, len(others), others[0])
+    safe = label_ids(labels)
+    shared = [f"{label!r} as {safe[label]!r}" for label in dict.fromkeys(labels)
+              if safe[label] != label_ids([label])[label]]  # (made unique: its plain name is another label's)
+    if shared:
+        log.warning("labels that would share a heatmap file name are told apart by a number: %s", ", ".join(shared))
+    return there & ours
 
 
 def _partial_name(out: Path) -> Path:
@@ -654,37 +723,15 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
     Each target's files are named by :func:`samembed.names.target_ids`: unique, so targets of the same file name in
     different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
     from .io import (
-        DISTANCE_DECIMALS,
-        POSITION_DECIMALS,
-        SCORE_DECIMALS,
-        csv_number,
-        csv_text,
-        markups_suffix,
         write_heatmap,
-        write_text_atomic,
     )
 
-    if prefetch is not None:
-        prefetch.close()
-    if not folder_out:
-        if markups_suffix(out):  # one target's markups (_match refuses several)
-            _write_markups(args, done[0], out, fused)
-        else:
-            # the frame of x, y, z in every row, last (scripts that index the columns keep theirs): the file read
-            # back as points (samembed.io.read_points) takes it, whatever --ras says then
-            frame = "RAS" if args.ras else "LPS"
-            rows = [["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm"]
-                    + (["atlases", "agreeing", "spread_mm", "rejected"] if fused else []) + ["frame"]]
-            for res in done:
-                for r, m in zip(res.rows(ras=args.ras), res.matches):
-                    rows.append([str(r["target"]), r["label"], *(csv_number(r[k], POSITION_DECIMALS) for k in "xyz"),
-                                 csv_number(r["score"], SCORE_DECIMALS), str(r["confident"]).lower(),
-                                 csv_number(r["roundtrip_mm"], DISTANCE_DECIMALS)]
-                                + ([str(m.atlases), str(m.agreeing), csv_number(m.spread_mm, DISTANCE_DECIMALS),
-                                    _rejected(m, fused)] if fused else []) + [frame])
-            write_text_atomic(out, csv_text(rows))
+    if not folder_out:  # the table first, before anything else takes time (a stop then loses no match)
+        _write_table(args, done, out, fused)
         if wrote is not None:
             wrote.add("csv")
+    if prefetch is not None:  # (its memory, before the heatmaps take theirs)
+        prefetch.close()
     if not args.heatmap_dir or not any(len(res.heatmaps) for res in done):
         return
     if args.heatmap_grid == "image":

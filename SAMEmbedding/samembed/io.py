@@ -117,23 +117,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A new file gets the permissions any other tool would give it (0666 less the umask), not the owner-only
     mode of the private temporary file, so collaborators on a shared disk can read results. A file written
     again keeps its own permissions (a user who restricted a file of patient data keeps it restricted), and a
-    symbolic link is written through, as the shell's ``>`` does: its target gets the new content.
+    symbolic link is written through, as the shell's ``>`` does: its target gets the new content. A
+    write that fails for want of room (a full disk, a quota) is raised naming ``path``, with what to do.
     """
     path = check_writable(path)  # (a link's target)
     try:
         mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~current_umask()
     except OSError:
         mode = 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffix(path), dir=path.parent)
+    suffix = ".tmp" + _suffix(path)
+    # named after the file (an entry's unfinished write is known by it: samembed.tiles.UNFINISHED_NAME), unless that
+    # name would be too long for the folder, where a name that fits alone failed for its temporary name (a review)
+    prefix = f".{path.name}." if len(os.fsencode(f".{path.name}.{suffix}")) + 8 <= _name_max(path.parent) \
+        else ".samembed-"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise _named(e, path) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
+    except OSError as e:
+        raise _named(e, path) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+#: the errors of a write that had no room
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _named(error: OSError, path: Path) -> OSError:
+    """``error`` naming ``path`` where it names no file (a write's "No space left on device" named none, and the
+    command printed it as it was: a review), with what to do when there was no room."""
+    if error.filename is not None and error.errno not in _NO_ROOM:
+        return error
+    what = error.strerror or str(error)
+    if error.errno in _NO_ROOM:
+        what += f" (free space in {path.parent}, or write elsewhere)"
+    return type(error)(error.errno, what, str(path))
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name ``folder``'s file system takes, in bytes (255 where it cannot be asked)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 def current_umask() -> int:
@@ -615,9 +649,39 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
 
     own = _backing_sitk(image)
     require_utf8_name(os.path.abspath(path), "the file to write")
+    img = own if own is not None else image_to_sitk(image)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(own if own is not None else image_to_sitk(image), str(tmp), True)
+        sitk.WriteImage(img, str(tmp), True)
+        check_nifti_written(tmp, sitk.GetArrayViewFromImage(img).nbytes)
     return Path(path)
+
+
+def check_nifti_written(path: Path, voxel_bytes: int) -> None:
+    """Raise ``OSError`` (ENOSPC) when the NIfTI file ``path`` (``.nii`` or ``.nii.gz``; other formats are left
+    alone) holds less than its header and ``voxel_bytes`` of voxels: ITK's NIfTI writer reports a short write (a full
+    disk) only on the console, and the cut-short file, or an empty one, took the output's place with the command's
+    success (a review). A ``.nii.gz``'s length is its gzip trailer's (the uncompressed size, modulo 2^32)."""
+    import zlib
+
+    name = path.name.lower()
+    gz = name.endswith(".nii.gz")
+    if not (gz or name.endswith(".nii")):
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        size = f.seek(0, os.SEEK_END)
+        if gz and size >= 18:
+            f.seek(size - 4)
+            trailer = int.from_bytes(f.read(4), "little")
+    try:
+        header = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 352) if gz else head[:352]
+        offset = int(np.frombuffer(header[108:112], "<f4")[0]) if len(header) >= 112 else -1
+    except zlib.error:
+        offset = -1
+    complete = offset >= 348 and (trailer == (offset + voxel_bytes) % (1 << 32) if gz and size >= 18
+                                  else not gz and size >= offset + voxel_bytes)
+    if not complete:
+        raise OSError(errno.ENOSPC, "written only in part, or not at all; the disk may be full", str(path))
 
 
 def new_sitk_buffer(grid: Grid, dtype=np.float32) -> tuple[object, np.ndarray]:

@@ -1625,3 +1625,68 @@ def test_a_cache_folder_that_is_a_file_is_refused_before_any_work(tmp_path, caps
     assert main(["cache", "info", str(afile)]) == 2
     assert f"{afile}: is a file, not a cache folder" in capsys.readouterr().err
     assert afile.read_text() == "notes" and not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.needs_data
+def test_an_interrupt_as_the_table_is_written_still_keeps_the_matches(tmp_path, two_cts, a_points_csv, monkeypatch,
+                                                                      caplog):
+    """A Ctrl-C at the very start of writing (as the prefetch process was stopped, before the table) lost a batch
+    whose every target was matched: "the matches were not written" (a review). The table, milliseconds of work, is
+    written then all the same; the heatmaps are not started again."""
+    from samembed import cli
+
+    pts_path, _ = a_points_csv
+    out = tmp_path / "m.csv"
+    table = cli._write_table
+    calls = []
+
+    def interrupted_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        table(*args)
+
+    monkeypatch.setattr(cli, "_write_table", interrupted_once)
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                 "--heatmap-dir", str(tmp_path / "hm"), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    assert code == 130
+    assert f"stopped while writing: the matches are in {out}; not every heatmap was written" in caplog.text
+    assert len(list(csv.DictReader(out.open()))) == 2
+    assert not (tmp_path / "hm").exists() or not list((tmp_path / "hm").iterdir())
+
+
+@pytest.mark.needs_data
+def test_the_partial_file_of_a_run_that_stops_may_not_be_an_input(tmp_path, two_cts, a_points_csv, capsys):
+    """With an earlier --out there, a run that stops writes what it finished to ``<out>.partial.csv``; when that is
+    the points file (a match table read back as points), it was overwritten (a review). It is refused first."""
+    pts_path, _ = a_points_csv
+    out = tmp_path / "m.csv"
+    out.write_text("an earlier run's table\n")
+    points = tmp_path / "m.partial.csv"
+    points.write_bytes(pts_path.read_bytes())
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(points), "--out", str(out),
+                 "--model", "random:sam-lite", "--device", "cpu", "--quiet"]) == 2
+    assert f"{points}: writing it would overwrite the input {points}" in capsys.readouterr().err
+    assert points.read_bytes() == pts_path.read_bytes() and out.read_text() == "an earlier run's table\n"
+
+
+@pytest.mark.needs_data
+def test_a_heatmap_folder_with_other_heatmaps_and_labels_that_share_a_file_name_are_told(tmp_path, two_cts,
+                                                                                          a_points_csv, caplog):
+    """An earlier run's heatmaps of other points lay beside this run's without a word, and labels that come out as
+    the same file name were numbered silently (a review). Both are said before any work."""
+    pts_path, pts = a_points_csv
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("label,x,y,z\n" + "".join(f"{lab},{p[0]},{p[1]},{p[2]}\n" for lab, p in zip(["a/b", "a_b"], pts)))
+    heatmaps = tmp_path / "hm"
+    heatmaps.mkdir()
+    (heatmaps / "pt_202_ct_C_heatmap.nii.gz").write_bytes(b"an earlier run's")
+    with caplog.at_level(logging.WARNING):
+        assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(labelled), "--out",
+                     str(tmp_path / "m.csv"), "--heatmap-dir", str(heatmaps), "--model", "random:sam-lite", "--device",
+                     "cpu", "--quiet"]) == 0
+    assert (f"{heatmaps} holds 1 heatmap(s) that this run does not write (of an earlier run's points or targets, "
+            "e.g. pt_202_ct_C_heatmap.nii.gz)") in caplog.text
+    assert "labels that would share a heatmap file name are told apart by a number: 'a_b' as 'a_b_2'" in caplog.text
+    assert sorted(p.name for p in heatmaps.iterdir()) == ["pt_202_ct_C_heatmap.nii.gz", "pt_202_ct_a_b_2_heatmap.nii.gz",
+                                                          "pt_202_ct_a_b_heatmap.nii.gz"]

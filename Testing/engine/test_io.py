@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -827,3 +828,42 @@ def test_a_dicom_folder_or_an_output_whose_name_is_not_utf8_is_refused_by_name(t
     with pytest.raises(InputError, match=r"scan \\xe9t\\xe9.nii.gz: the name of the file to write is not valid UTF-8"):
         write_image(an_oblique_image(), tmp_path / f"{NOT_UTF8}.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_nifti_written_only_in_part_is_an_error_naming_it_and_takes_no_outputs_place(tmp_path, monkeypatch, suffix):
+    """ITK's NIfTI writer reports a short write (a full disk) only on the console: the cut-short or empty file took
+    the output's place and the command succeeded (a review). The written file's length is checked first."""
+    import errno
+
+    from samembed import io as samembed_io
+
+    img = an_oblique_image()
+    whole = write_image(img, tmp_path / f"whole{suffix}").read_bytes()
+    samembed_io.check_nifti_written(tmp_path / f"whole{suffix}", img.array.nbytes)  # complete: nothing to say
+    for kept in (len(whole) // 2, 0):
+        def short_write(image, path, compress, kept=kept):
+            Path(path).write_bytes(whole[:kept])
+
+        monkeypatch.setattr(sitk, "WriteImage", short_write)
+        with pytest.raises(OSError, match="written only in part") as e:
+            write_image(img, tmp_path / f"out{suffix}")
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / f"out{suffix}")
+        assert "written only in part, or not at all; the disk may be full (free space in" in str(e.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"whole{suffix}"]
+
+
+def test_a_write_without_room_names_its_file_and_a_name_that_fits_is_written_whatever_its_length(tmp_path):
+    """"No space left on device" named no file (a review); and a name that the folder takes failed for its longer
+    temporary name."""
+    import errno
+
+    from samembed.io import atomic_path, write_text_atomic
+
+    with pytest.raises(OSError, match="No space left") as e, atomic_path(tmp_path / "m.csv"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.filename == str(tmp_path / "m.csv")
+    assert e.value.strerror == f"No space left on device (free space in {tmp_path}, or write elsewhere)"
+    long = tmp_path / ("w" * 250 + ".csv")
+    assert write_text_atomic(long, "a\n").read_text() == "a\n"
+    assert [p.name for p in tmp_path.iterdir()] == [long.name]
