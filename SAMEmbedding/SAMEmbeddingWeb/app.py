@@ -7,8 +7,10 @@ security in :mod:`.security`). :func:`run` is what ``samembed web`` calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,8 +329,31 @@ def run(options: WebOptions) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     sys.argv = sys.argv[:1]  # trame parses the command line too; ours is parsed already
     app = WebApp(options)
-    try:
-        app.start()
-    finally:
-        app.close()
+    with _hang_up_stops():
+        try:
+            app.start()
+        finally:
+            app.close()
     return 0
+
+
+class HungUp(KeyboardInterrupt):
+    """The server's terminal went away (SIGHUP: a closed terminal, a dropped SSH session)."""
+
+
+@contextlib.contextmanager
+def _hang_up_stops():
+    """SIGHUP stops the server as Ctrl-C does, through its clean-up (the uploads' folder, the engine's files): by
+    default it ended the process at once, leaving an uploaded patient file in /tmp (a review). Left alone where it
+    is ignored (``nohup``: the server is meant to outlive its terminal) or handled already."""
+    def hang_up(signum, frame):
+        raise HungUp("the terminal hung up (SIGHUP)")
+
+    if not hasattr(signal, "SIGHUP") or signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGHUP, hang_up)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from samembed import InputError
+from samembed.nifti_complete import check_nifti_complete
 from SAMEmbeddingLib import mrml_io
 from SAMEmbeddingLib.controller import MatchController
 from SAMEmbeddingLib.logic import ROLE_ATTRIBUTE, MatchLogic
@@ -122,6 +123,8 @@ class MatchSession:
 
     def _finished(self, outputs) -> None:
         self.progress = None
+        if self.placing:  # the match's new point list became the markups' active one (Slicer makes each new list
+            self._place(self.points)  # so): the next click would land in it, shown nowhere (a review)
         self.arrange_views()
         index = self.controller.currentPointIndex
         if index is not None and self.shown_target is not None:
@@ -160,6 +163,10 @@ class MatchSession:
                 instead), or no image in it can be matched with the source.
         """
         name = name or Path(path).name
+        try:  # a NIfTI cut short: Slicer's reader fills what is missing with zeros, without a word (a review)
+            check_nifti_complete(path)
+        except InputError as e:
+            raise InputError(f"{name}: {str(e).removeprefix(f'{path}: ')}") from e
         try:
             nodes = list(self._load_volumes([str(path)]) or [])
         except Exception as e:  # noqa: BLE001 - any reader failure is the same message for the user
@@ -214,6 +221,9 @@ class MatchSession:
     def set_source(self, node) -> None:
         self.parameters.sourceVolume = node
         self.parameters.targetVolumes = [t for t in self.parameters.targetVolumes if t is not node]
+        if self.shown_target not in self.parameters.targetVolumes:  # (the source is no target to show)
+            self.shown_target = self.parameters.targetVolumes[0] if self.parameters.targetVolumes else None
+            self.parameters.heatmapTarget = self.shown_target
         self._check_dimensions()
         self.controller.prepareVolumes()  # ahead of the first click, as the Slicer module does
         self.arrange_views(fit=True)
@@ -346,12 +356,16 @@ class MatchSession:
         new_model = model != p.model
         p.model, p.device = model, device
         self.changed = True
-        rematch = new_model and self.logic.resultRows(self.points) and self.controller.canMatch()[0]
+        # (a match under way counts: its landmark is matched again with the new model once it ends)
+        matched = self.logic.resultRows(self.points) or self.controller.matching
+        rematch = new_model and matched and self.controller.canMatch()[0]
         if rematch and (self.propagate_all() is not None or self.controller.waiting):
             when = " once the running work ends" if self.controller.waiting else ""
             self._status(f"Model '{model}' on '{device}': matching every landmark again{when}")
             return
         self._status(f"Model '{model}' on device '{device}': used from the next match")
+        if new_model:  # the chosen volumes prepared for it, as the module prepares them (its status line follows)
+            self.controller.prepareVolumes()
 
     def engine(self) -> str:
         """What the last match ran on: ``"model 'name' (model id on device)"``, or what the next one will use."""

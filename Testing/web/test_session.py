@@ -1,0 +1,123 @@
+"""The web viewer's session in this process (no browser): the real ``WebApp`` on real MRML (trame-slicer), driven
+through its session as the page's controls drive it. The browser tier (test_viewer.py) checks the page itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from samembed import InputError
+
+from ..conftest import data_file
+from .conftest import WebServer
+
+pytestmark = pytest.mark.needs_data
+
+
+@pytest.fixture
+def an_app():
+    """The viewer with an OpenKBP source and target, the default model on the CPU, as ``samembed web A B`` starts."""
+    pytest.importorskip("trame_slicer", reason="the web extra is not installed (trame-slicer)")
+    from SAMEmbeddingWeb.app import WebApp, WebOptions
+
+    images = [str(data_file("ct", "openkbp", "ct", f"pt_{n}_ct.nii.gz")) for n in (201, 202)]
+    app = WebApp(WebOptions(images=images, device="cpu"))
+    yield app
+    app.close()
+
+
+def _idle(app, timeout: float = 300.0) -> None:
+    """Poll as the server's event loop does, until the worker has nothing left (matches, preparations)."""
+    end = time.monotonic() + timeout
+    while app.session.controller.busy or app.session.worker.busy:
+        assert time.monotonic() < end, "the session stayed busy"
+        app.session.poll()
+        time.sleep(0.02)
+    app.session.poll()
+
+
+def _click(app) -> None:
+    """A click in the source view: a control point placed on the active list (as the markups widget places it)."""
+    import slicer
+
+    scene = app.session.scene
+    selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    points = scene.GetNodeByID(selection.GetActivePlaceNodeID())
+    bounds = [0.0] * 6
+    app.session.parameters.sourceVolume.GetRASBounds(bounds)
+    assert isinstance(points, slicer.vtkMRMLMarkupsFiducialNode)
+    points.AddControlPoint(*[(bounds[2 * k] + bounds[2 * k + 1]) / 2 + 5.0 * points.GetNumberOfControlPoints()
+                             for k in range(3)])
+
+
+def test_every_click_while_placing_places_a_landmark_on_the_source(an_app):
+    """The first match made its output point list the active one (Slicer activates each new list), so every later
+    click went there, shown in no view (a review): only the first click placed a landmark."""
+    s = an_app.session
+    s.set_placing(True)
+    for n in (1, 2, 3):
+        _click(an_app)
+        _idle(an_app)
+        assert s.points.GetNumberOfControlPoints() == n
+        assert len(s.rows()) == n
+
+
+def test_another_model_prepares_the_chosen_volumes_for_it(an_app):
+    """Choosing a model before the first click kept the volumes prepared for the old one, and said "Ready" (a
+    review); they are prepared again for the model chosen."""
+    s = an_app.session
+    s.set_model("sam-lite-ct-fast", "cpu")
+    _idle(an_app)
+    assert s.controller._preparedFor[1:] == ("sam-lite-ct-fast", "cpu")
+    assert s.logic.model == "sam-lite-ct-fast"
+    assert s.status.startswith("Ready: volumes prepared"), s.status
+
+
+def test_a_model_chosen_while_the_first_match_runs_matches_that_landmark_again(an_app):
+    s = an_app.session
+    s.set_placing(True)
+    _click(an_app)
+    assert s.busy
+    s.set_model("sam-lite-ct-fast", "cpu")
+    assert "matching every landmark again" in s.status, s.status
+    _idle(an_app)
+    assert s.engine().startswith("last match: model 'sam-lite-ct-fast'"), s.engine()
+    assert len(s.rows()) == 1
+
+
+def test_a_nifti_cut_short_is_refused_by_name_and_not_loaded(an_app, tmp_path):
+    """Slicer's reader filled a cut-short .nii.gz with zeros without a word, and it was matched (a review)."""
+    whole = data_file("ct", "openkbp", "ct", "pt_203_ct.nii.gz").read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(whole[: len(whole) // 3])
+    before = list(an_app.session.volumes())
+    with pytest.raises(InputError, match=r"^upload.nii.gz: cannot read this image .* damaged or cut short"):
+        an_app.session.load_volume(cut, "upload.nii.gz")
+    assert an_app.session.volumes() == before
+
+
+def test_the_target_chosen_as_source_is_no_longer_the_shown_target(an_app):
+    s = an_app.session
+    target = s.parameters.targetVolumes[0]
+    s.set_source(target)
+    assert s.parameters.targetVolumes == [] and s.shown_target is None and s.parameters.heatmapTarget is None
+
+
+def test_a_hang_up_stops_the_server_through_its_clean_up(tmp_path):
+    """SIGHUP (a closed terminal, a dropped SSH session) ended the server at once, leaving its uploads' folder, with
+    any patient file uploaded, in the temporary folder (a review). It now stops as Ctrl-C stops it."""
+    before = {p for p in Path(tempfile.gettempdir()).glob("samembed-web-*") if p.is_dir()}
+    server = WebServer(str(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")), "--device", "cpu")
+    try:
+        made = {p for p in Path(tempfile.gettempdir()).glob("samembed-web-*") if p.is_dir()} - before
+        assert made, "the server made no folder of its own (the test looks for the wrong one)"
+        os.kill(server.process.pid, signal.SIGHUP)
+        server.process.wait(60)
+        assert not [p for p in made if p.exists()], server.output()
+    finally:
+        server.stop()
