@@ -674,10 +674,16 @@ def check_nifti_written(path: Path, voxel_bytes: int) -> None:
             f.seek(size - 4)
             trailer = int.from_bytes(f.read(4), "little")
     try:
-        header = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 352) if gz else head[:352]
-        offset = int(np.frombuffer(header[108:112], "<f4")[0]) if len(header) >= 112 else -1
+        header = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 544) if gz else head[:544]
     except zlib.error:
-        offset = -1
+        header = b""
+    offset = -1
+    if len(header) >= 4:  # the voxels' offset: NIfTI-1's float at byte 108, NIfTI-2's int64 at 168 (ITK writes it for
+        sizeof_hdr = int.from_bytes(header[:4], "little")  # sizes beyond NIfTI-1's)
+        if sizeof_hdr == 348 and len(header) >= 112:
+            offset = int(np.frombuffer(header[108:112], "<f4")[0])
+        elif sizeof_hdr == 540 and len(header) >= 176:
+            offset = int(np.frombuffer(header[168:176], "<i8")[0])
     complete = offset >= 348 and (trailer == (offset + voxel_bytes) % (1 << 32) if gz and size >= 18
                                   else not gz and size >= offset + voxel_bytes)
     if not complete:
