@@ -561,9 +561,9 @@ def _write_table(args, done: list, out: Path, fused: dict[str, str] | None) -> N
 
 def _note_heatmap_folder(folder: str, heatmaps: dict[tuple[int, str], str], labels: list[str]) -> set[str]:
     """Before any work, say what the heatmap ``folder`` holds that this run will not write (an earlier run's
-    heatmaps of other points or targets would lie beside this run's without a word: a review), and which labels'
-    files take another name than their label (``a/b`` and ``a_b`` both come out as ``a_b``); returns the names of
-    this run's heatmaps that are there already (an earlier run's, which this run replaces)."""
+    heatmaps of other points or targets would lie beside this run's without a word: a review), and which labels are
+    numbered to keep their files apart (``a/b`` and ``a_b`` would both be ``a_b``); returns the names of this run's
+    heatmaps that are there already (an earlier run's, which this run replaces)."""
     from .names import label_ids
 
     ours = set(heatmaps.values())
@@ -722,9 +722,7 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
     ``heatmap_names`` (:func:`_heatmap_names`). Fused matches carry how many atlases agreed and their spread (mm).
     Each target's files are named by :func:`samembed.names.target_ids`: unique, so targets of the same file name in
     different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
-    from .io import (
-        write_heatmap,
-    )
+    from .io import write_heatmap
 
     if not folder_out:  # the table first, before anything else takes time (a stop then loses no match)
         _write_table(args, done, out, fused)
