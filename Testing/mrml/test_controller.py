@@ -435,16 +435,23 @@ def _shifted(scene, node, dx: float, name: str):
     return add_volume(scene, voxels(node), moved, name)
 
 
+def _preparing(scene, source):
+    """A controller whose parameters choose ``source`` and a shifted copy of it (returned third), on the parameters'
+    engine already (preparing is not put off for an engine switch)."""
+    good = _shifted(scene, source, 30.0, "good target")
+    h = Harness(scene, None)
+    parameters = _parameters(source, None, [good])
+    h.controller.setParameters(parameters)
+    h.logic.setModel("random:sam-lite", "cpu")
+    return h, parameters, good
+
+
 def test_a_choice_that_cannot_be_prepared_and_then_the_choice_before_it_prepares_that_again(a_scene, a_small_ct):
     """A preparation queued behind another job, then replaced by a choice that cannot be prepared (a one-slice
     volume beside a 3D source), is cancelled; choosing what it was for again prepares it (before, the controller
     still took it for prepared, and the first click was cold)."""
-    good = _shifted(a_scene, a_small_ct, 30.0, "good target")
+    h, parameters, good = _preparing(a_scene, a_small_ct)
     one_slice = add_volume(a_scene, voxels(a_small_ct)[:1], ijk_to_ras(a_small_ct), "one slice")
-    h = Harness(a_scene, None)
-    parameters = _parameters(a_small_ct, None, [good])
-    h.controller.setParameters(parameters)
-    h.logic.setModel("random:sam-lite", "cpu")  # the parameters' engine: preparing is not put off for a switch
     release = h.blockWorker()
     h.controller.parametersModified()
     queued = h.controller.prepareTask
@@ -495,11 +502,7 @@ def test_a_target_under_a_non_linear_transform_is_told_in_the_status_not_raised(
 
 
 def test_unchecking_every_target_stops_the_preparation_under_way(a_scene, a_small_ct):
-    good = _shifted(a_scene, a_small_ct, 30.0, "good target")
-    h = Harness(a_scene, None)
-    parameters = _parameters(a_small_ct, None, [good])
-    h.controller.setParameters(parameters)
-    h.logic.setModel("random:sam-lite", "cpu")  # the parameters' engine: preparing is not put off for a switch
+    h, parameters, _ = _preparing(a_scene, a_small_ct)
     release = h.blockWorker()
     h.controller.parametersModified()
     queued = h.controller.prepareTask
@@ -514,11 +517,7 @@ def test_unchecking_every_target_stops_the_preparation_under_way(a_scene, a_smal
 
 
 def test_unchecking_every_target_while_the_volumes_are_prepared_says_the_preparation_stopped(a_scene, a_small_ct):
-    good = _shifted(a_scene, a_small_ct, 30.0, "good target")
-    h = Harness(a_scene, None)
-    parameters = _parameters(a_small_ct, None, [good])
-    h.controller.setParameters(parameters)
-    h.logic.setModel("random:sam-lite", "cpu")
+    h, parameters, _ = _preparing(a_scene, a_small_ct)
     matcher = h.logic.getMatcher()
     started, release = threading.Event(), threading.Event()
     prepare = matcher.prepare
