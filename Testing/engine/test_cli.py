@@ -1690,3 +1690,20 @@ def test_a_heatmap_folder_with_other_heatmaps_and_labels_that_share_a_file_name_
     assert "labels that would share a heatmap file name are told apart by a number: 'a_b' as 'a_b_2'" in caplog.text
     assert sorted(p.name for p in heatmaps.iterdir()) == ["pt_202_ct_C_heatmap.nii.gz", "pt_202_ct_a_b_2_heatmap.nii.gz",
                                                           "pt_202_ct_a_b_heatmap.nii.gz"]
+
+
+@pytest.mark.needs_data
+def test_a_run_that_stops_says_which_earlier_heatmaps_its_own_replaced(tmp_path, two_cts, a_points_csv, monkeypatch,
+                                                                       caplog):
+    """A stopped run said it kept an earlier run's table as it was, while its heatmaps had replaced that run's of
+    the same names (a review): it says so now."""
+    pts_path, _ = a_points_csv
+    out, heatmaps = tmp_path / "m.csv", tmp_path / "hm"
+    args = ["match", str(two_cts[0]), str(two_cts[1]), str(two_cts[0]), "--points", str(pts_path), "--out", str(out),
+            "--heatmap-dir", str(heatmaps), "--model", "random:sam-lite", "--device", "cpu", "--jobs", "1", "--quiet"]
+    assert main(args) == 0  # the earlier run
+    _interrupt_the_second_match(monkeypatch)
+    assert main(args) == 130
+    assert (f"kept the matches of the 1 of 2 targets finished before this stopped, in {tmp_path / 'm.partial.csv'} "
+            f"and {heatmaps} ({out}, of an earlier run, is left as it was); the heatmaps written replaced 2 of an "
+            "earlier run's of the same names") in caplog.text, caplog.text
