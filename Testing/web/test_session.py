@@ -108,16 +108,38 @@ def test_the_target_chosen_as_source_is_no_longer_the_shown_target(an_app):
     assert s.parameters.targetVolumes == [] and s.shown_target is None and s.parameters.heatmapTarget is None
 
 
-def test_a_hang_up_stops_the_server_through_its_clean_up(tmp_path):
-    """SIGHUP (a closed terminal, a dropped SSH session) ended the server at once, leaving its uploads' folder, with
-    any patient file uploaded, in the temporary folder (a review). It now stops as Ctrl-C stops it."""
-    before = {p for p in Path(tempfile.gettempdir()).glob("samembed-web-*") if p.is_dir()}
-    server = WebServer(str(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")), "--device", "cpu")
+def _server_with_hang_up(disposition) -> WebServer:
+    """``samembed web`` started with SIGHUP's ``disposition`` (a terminal's server: the default; under ``nohup``:
+    ignored), which the process inherits from this one (the test runner may itself run under ``nohup``)."""
+    previous = signal.signal(signal.SIGHUP, disposition)
     try:
-        made = {p for p in Path(tempfile.gettempdir()).glob("samembed-web-*") if p.is_dir()} - before
+        return WebServer(str(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz")), "--device", "cpu")
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _own_folders(before: set[Path]) -> set[Path]:
+    return {p for p in Path(tempfile.gettempdir()).glob("samembed-web-*") if p.is_dir()} - before
+
+
+def test_a_hang_up_stops_the_server_through_its_clean_up_unless_it_runs_under_nohup(tmp_path):
+    """SIGHUP (a closed terminal, a dropped SSH session) ended the server at once, leaving its uploads' folder, with
+    any patient file uploaded, in the temporary folder (a review). It now stops as Ctrl-C stops it; a server started
+    under ``nohup`` (SIGHUP ignored) is meant to outlive its terminal, and does."""
+    before = {p for p in Path(tempfile.gettempdir()).glob("samembed-web-*") if p.is_dir()}
+    server = _server_with_hang_up(signal.SIG_DFL)
+    try:
+        made = _own_folders(before)
         assert made, "the server made no folder of its own (the test looks for the wrong one)"
         os.kill(server.process.pid, signal.SIGHUP)
         server.process.wait(60)
         assert not [p for p in made if p.exists()], server.output()
     finally:
         server.stop()
+    kept = _server_with_hang_up(signal.SIG_IGN)
+    try:
+        os.kill(kept.process.pid, signal.SIGHUP)
+        time.sleep(2.0)
+        assert kept.process.poll() is None, kept.output()
+    finally:
+        kept.stop()
