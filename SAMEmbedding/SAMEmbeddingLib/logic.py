@@ -58,6 +58,9 @@ COPY_THREADS = 2
 ROLE_ATTRIBUTE = "SAMEmbedding.Role"
 """Node attribute naming what an output node is: ``matches``, ``heatmap`` or ``results``."""
 MATCHES_ATTRIBUTE = "SAMEmbedding.Matches"
+#: the name the module gave an output node ("<target> matches", "<list> SAM results"): while the node keeps it, it
+#: follows the target's (or list's) name; a name the user gives it stays
+GIVEN_NAME_ATTRIBUTE = "SAMEmbedding.GivenName"
 """Attribute of a ``matches`` point list holding the numbers of each match as data (saved with the scene):
 JSON ``{source control point ID: {"pointID": output control point ID, "score": cosine in [-1, 1], "confident":
 bool, "roundtripMm": mm, "rematched": bool, "polished": bool, "ncc": NCC in [-1, 1] or null}}``, and ``"notUpdated":
@@ -814,7 +817,8 @@ class MatchLogic:
             node.RemoveAllControlPoints()
             records = {}
             for m in matches:
-                index = node.AddControlPoint(vtk.vtkVector3d(*np.asarray(m.point_ras_mm, dtype=np.float64)), m.label)
+                index = node.AddControlPointWorld(vtk.vtkVector3d(*np.asarray(m.point_ras_mm, dtype=np.float64)),
+                                                  m.label)  # (world RAS: the list may be under a transform)
                 node.SetNthControlPointDescription(
                     index, _describe(m) + f"; {m.agreeing} of {m.atlases} atlases agree (spread {m.spread_mm:.1f} mm)"
                     + (f"; rejected: {', '.join(m.rejected)}" if m.rejected else ""))
@@ -909,8 +913,8 @@ class MatchLogic:
                 if z2d is not None:
                     ras[2] = z2d
                 index = outNode.GetNthControlPointIndexByID(records.get(pointID, {}).get("pointID", ""))
-                if index < 0:
-                    index = outNode.AddControlPoint(vtk.vtkVector3d(*ras), label or labelOf.get(pointID, ""))
+                if index < 0:  # in world RAS, as the points already there are set: the list may be under a transform
+                    index = outNode.AddControlPointWorld(vtk.vtkVector3d(*ras), label or labelOf.get(pointID, ""))
                 else:
                     outNode.SetNthControlPointPositionWorld(index, *ras)
                 records[pointID] = _record(outNode.GetNthControlPointID(index), match)
@@ -920,6 +924,7 @@ class MatchLogic:
                 if outputs is not None:
                     outputs.rows.append(MatchRow(label, target.GetName(), ras, float(match.score), bool(match.confident),
                                                  target.GetID(), float(match.roundtrip_mm), pointID))
+            _relabel(outNode, records, sourceList)  # the points of earlier jobs too: a source point renamed since
             _writeMatchRecords(outNode, records)
         finally:
             outNode.EndModify(wasModifying)
@@ -949,6 +954,8 @@ class MatchLogic:
         outputs.pointLists.sort(key=lambda node: place.get(node.GetNodeReferenceID(TARGET_REFERENCE), len(place)))
         sourceList = self.scene.GetNodeByID(job.sourcePointListID)
         if sourceList is not None:
+            # the matches of source points deleted while the module did not watch this list (another list selected)
+            self.removeMatchesOfDeletedPoints(sourceList, updateTable=False)
             # an unmatched target's matches of these points from an earlier run no longer answer this run's clicks
             for nodeID, reason in outcome.unmatched:
                 target = self.scene.GetNodeByID(nodeID)
@@ -986,8 +993,9 @@ class MatchLogic:
         return [n for n in self._nodesWithRole("vtkMRMLMarkupsFiducialNode", "matches")
                 if n.GetNodeReferenceID(SOURCE_REFERENCE) == sourcePointList.GetID()]
 
-    def removeMatchesOfDeletedPoints(self, sourcePointList) -> int:
-        """Remove matches whose source control point no longer exists; return how many were removed."""
+    def removeMatchesOfDeletedPoints(self, sourcePointList, updateTable: bool = True) -> int:
+        """Remove matches whose source control point no longer exists; return how many were removed (the results
+        table is rebuilt then, unless ``updateTable`` is False)."""
         removed = 0
         for outNode in self.outputPointLists(sourcePointList):
             records = _matchRecords(outNode)
@@ -999,7 +1007,7 @@ class MatchLogic:
                     removed += 1
             if gone:
                 _writeMatchRecords(outNode, records)
-        if removed:
+        if removed and updateTable:
             self.updateResultsTable(sourcePointList)
         return removed
 
@@ -1024,7 +1032,8 @@ class MatchLogic:
                 confident = record.get("confident")
                 confident = (bool(outNode.GetNthControlPointSelected(index)) if confident is None
                              else bool(confident) and not record.get("notUpdated"))
-                rows.append(MatchRow(outNode.GetNthControlPointLabel(index), target.GetName() if target else "",
+                rows.append(MatchRow(sourcePointList.GetNthControlPointLabel(sourceIndex),  # (renamed since: its own)
+                                     target.GetName() if target else "",
                                      np.array(position), _float(record.get("score")), confident,
                                      target.GetID() if target else "", _float(record.get("roundtripMm")), pointID))
         return rows
@@ -1089,11 +1098,16 @@ class MatchLogic:
         ``create``, else ``(None, False)``."""
         for node in self._nodesWithRole(className, role):
             if all(node.GetNodeReferenceID(ref) == nodeID for ref, nodeID in references.items()):
+                # a name the module gave follows its target's or list's name (renamed since); one the user chose stays
+                if create and node.GetName() == node.GetAttribute(GIVEN_NAME_ATTRIBUTE) != name:
+                    node.SetName(name)
+                    node.SetAttribute(GIVEN_NAME_ATTRIBUTE, name)
                 return node, False
         if not create:
             return None, False
         node = self.scene.AddNewNodeByClass(className, name)
         node.SetAttribute(ROLE_ATTRIBUTE, role)
+        node.SetAttribute(GIVEN_NAME_ATTRIBUTE, name)
         for ref, nodeID in references.items():
             node.SetNodeReferenceID(ref, nodeID)
         return node, True
@@ -1318,6 +1332,18 @@ def _matchRecords(outNode) -> dict[str, dict]:
     except (TypeError, ValueError, AttributeError):
         log.warning("SAMEmbedding: unreadable match data on '%s'; it is rebuilt on the next match", outNode.GetName())
         return {}
+
+
+def _relabel(outNode, records: dict[str, dict], sourceList) -> None:
+    """Give each recorded match its source point's label of the moment (a point renamed since it was matched kept its
+    old label in the matches list and the table until it was matched again: a review)."""
+    for pointID, record in records.items():
+        sourceIndex = sourceList.GetNthControlPointIndexByID(pointID)
+        index = outNode.GetNthControlPointIndexByID(record.get("pointID", ""))
+        if sourceIndex >= 0 and index >= 0:
+            label = sourceList.GetNthControlPointLabel(sourceIndex)
+            if outNode.GetNthControlPointLabel(index) != label:
+                outNode.SetNthControlPointLabel(index, label)
 
 
 def _writeMatchRecords(outNode, records: dict[str, dict]) -> None:

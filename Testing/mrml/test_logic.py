@@ -1054,3 +1054,69 @@ def test_a_landmark_outside_the_body_is_said_in_slicers_log_by_its_label(a_scene
     said = [r.getMessage() for r in caplog.records
             if r.name == "SAMEmbeddingLib.logic" and "outside the body" in r.getMessage()]
     assert len(said) == 1 and "('beside')" in said[0] and "carina" not in said[0], said
+
+
+def _shifted_target(scene, node, name: str = "target"):
+    moved = ijk_to_ras(node)
+    moved[:3, 3] += [30.0, 0.0, 0.0]
+    return _copy(scene, node, moved, name)
+
+
+def test_a_match_added_to_a_matches_list_under_a_transform_lands_where_the_engine_put_it(a_scene, a_logic,
+                                                                                        a_small_ct, two_landmarks):
+    """A user may put the matches list under the target's registration transform; a new match was then added in
+    the list's own frame (a world position taken for a local one: 50 mm off here), while the earlier ones were set
+    in the world frame (a review)."""
+    import vtk
+
+    target = _shifted_target(a_scene, a_small_ct)
+    out = a_logic.matchPoints(a_small_ct, two_landmarks, [target], [0]).pointLists[0]
+    transform = slicer.vtkMRMLLinearTransformNode()
+    a_scene.AddNode(transform)
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 50.0)
+    transform.SetMatrixTransformToParent(shift)
+    out.SetAndObserveTransformNodeID(transform.GetID())
+    engine = a_logic.matchPoints(a_small_ct, two_landmarks, [target], [1]).rows[0]
+    listed = next(r for r in a_logic.resultRows(two_landmarks) if r.label == "L2")
+    np.testing.assert_allclose(listed.pointRAS, engine.pointRAS, atol=1e-3)
+
+
+def test_the_matches_of_a_source_point_deleted_unwatched_go_with_the_next_run(a_scene, a_logic, a_small_ct,
+                                                                             two_landmarks):
+    """A point deleted while the module watched another list kept its matches through a full re-run: the matches
+    list (and its export) held it, the table did not (a review)."""
+    target = _shifted_target(a_scene, a_small_ct)
+    out = a_logic.matchPoints(a_small_ct, two_landmarks, [target]).pointLists[0]
+    two_landmarks.RemoveNthControlPoint(1)
+    a_logic.matchPoints(a_small_ct, two_landmarks, [target])
+    assert control_points(out)[0] == ["L1"]
+    assert [r.label for r in a_logic.resultRows(two_landmarks)] == ["L1"]
+
+
+def test_a_renamed_source_point_is_named_so_by_its_match_before_it_is_matched_again(a_scene, a_logic, a_small_ct,
+                                                                                   two_landmarks):
+    """The table and the matches list kept a renamed point's old label until that point itself was matched again
+    (a review)."""
+    target = _shifted_target(a_scene, a_small_ct)
+    out = a_logic.matchPoints(a_small_ct, two_landmarks, [target]).pointLists[0]
+    two_landmarks.SetNthControlPointLabel(1, "Femur")
+    a_logic.matchPoints(a_small_ct, two_landmarks, [target], [0])  # only the other point (moved, say)
+    assert control_points(out)[0] == ["L1", "Femur"]
+    assert [r.label for r in a_logic.resultRows(two_landmarks)] == ["L1", "Femur"]
+
+
+def test_a_matches_list_named_by_the_module_follows_its_targets_name_and_one_named_by_the_user_stays(
+        a_scene, a_logic, a_small_ct, two_landmarks):
+    """Two targets named alike, one renamed: both lists stayed "CT matches", the user could not tell them apart
+    (a review)."""
+    first, second = _shifted_target(a_scene, a_small_ct, "CT"), _shifted_target(a_scene, a_small_ct, "CT")
+    outputs = a_logic.matchPoints(a_small_ct, two_landmarks, [first, second], [0])
+    first_list, second_list = outputs.pointLists
+    first.SetName("CT of May")
+    a_logic.matchPoints(a_small_ct, two_landmarks, [first, second], [0])
+    assert (first_list.GetName(), second_list.GetName()) == ("CT of May matches", "CT matches")
+    first_list.SetName("my matches")
+    first.SetName("CT of June")
+    a_logic.matchPoints(a_small_ct, two_landmarks, [first, second], [0])
+    assert first_list.GetName() == "my matches"
