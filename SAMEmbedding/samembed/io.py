@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import Grid, Image, lps_to_ras, single_slice_to_2d
-from .nifti_complete import check_nifti_complete, check_nifti_voxel_sizes
+from .nifti_complete import NIFTI2_HEADER_BYTES, check_nifti_complete, check_nifti_voxel_sizes, nifti_layout
 from .nifti_gz import read_nifti_gz
 
 log = logging.getLogger(__name__)
@@ -649,18 +649,18 @@ def write_image(image: Image, path: str | os.PathLike) -> Path:
 
     own = _backing_sitk(image)
     require_utf8_name(os.path.abspath(path), "the file to write")
-    img = own if own is not None else image_to_sitk(image)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), True)
-        check_nifti_written(tmp, sitk.GetArrayViewFromImage(img).nbytes)
+        sitk.WriteImage(own if own is not None else image_to_sitk(image), str(tmp), True)
+        check_nifti_written(tmp)
     return Path(path)
 
 
-def check_nifti_written(path: Path, voxel_bytes: int) -> None:
+def check_nifti_written(path: Path) -> None:
     """Raise ``OSError`` (ENOSPC) when the NIfTI file ``path`` (``.nii`` or ``.nii.gz``; other formats are left
-    alone) holds less than its header and ``voxel_bytes`` of voxels: ITK's NIfTI writer reports a short write (a full
-    disk) only on the console, and the cut-short file, or an empty one, took the output's place with the command's
-    success (a review). A ``.nii.gz``'s length is its gzip trailer's (the uncompressed size, modulo 2^32)."""
+    alone) holds less than its header describes (:func:`samembed.nifti_complete.nifti_layout`), or no header: ITK's
+    NIfTI writer reports a short write (a full disk) only on the console, and the cut-short file, or an empty one,
+    took the output's place with the command's success (a review). A ``.nii.gz``'s length is its gzip trailer's (the
+    uncompressed size, modulo 2^32), read without inflating the file."""
     import zlib
 
     name = path.name.lower()
@@ -670,22 +670,15 @@ def check_nifti_written(path: Path, voxel_bytes: int) -> None:
     with open(path, "rb") as f:
         head = f.read(1 << 16)
         size = f.seek(0, os.SEEK_END)
-        if gz and size >= 18:
-            f.seek(size - 4)
-            trailer = int.from_bytes(f.read(4), "little")
+        f.seek(max(0, size - 4))
+        trailer = int.from_bytes(f.read(4), "little")
     try:
-        header = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 544) if gz else head[:544]
+        header = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, NIFTI2_HEADER_BYTES) if gz else head
     except zlib.error:
         header = b""
-    offset = -1
-    if len(header) >= 4:  # the voxels' offset: NIfTI-1's float at byte 108, NIfTI-2's int64 at 168 (ITK writes it for
-        sizeof_hdr = int.from_bytes(header[:4], "little")  # sizes beyond NIfTI-1's)
-        if sizeof_hdr == 348 and len(header) >= 112:
-            offset = int(np.frombuffer(header[108:112], "<f4")[0])
-        elif sizeof_hdr == 540 and len(header) >= 176:
-            offset = int(np.frombuffer(header[168:176], "<i8")[0])
-    complete = offset >= 348 and (trailer == (offset + voxel_bytes) % (1 << 32) if gz and size >= 18
-                                  else not gz and size >= offset + voxel_bytes)
+    layout = nifti_layout(header, single_file=True)
+    complete = layout is not None and (trailer == layout.total_bytes % (1 << 32) and size >= 18 if gz
+                                       else size >= layout.total_bytes)
     if not complete:
         raise OSError(errno.ENOSPC, "written only in part, or not at all; the disk may be full", str(path))
 
