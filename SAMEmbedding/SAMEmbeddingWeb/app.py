@@ -7,15 +7,14 @@ security in :mod:`.security`). :func:`run` is what ``samembed web`` calls.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from samembed import InputError
+from samembed.stopping import stop_on_hang_up
 
 from .security import DataRoot, UploadFolder, limit_websocket_messages, new_token, token_middleware
 from .session import EXPORT_FORMATS, WINDOW_LEVEL_PRESETS, MatchSession
@@ -329,31 +328,11 @@ def run(options: WebOptions) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     sys.argv = sys.argv[:1]  # trame parses the command line too; ours is parsed already
     app = WebApp(options)
-    with _hang_up_stops():
+    # SIGHUP as Ctrl-C: the uploads' folder (an uploaded patient file) goes with the clean-up (a review)
+    with stop_on_hang_up():
         try:
             app.start()
         finally:
             app.close()
     return 0
 
-
-class HungUp(KeyboardInterrupt):
-    """The server's terminal went away (SIGHUP: a closed terminal, a dropped SSH session)."""
-
-
-@contextlib.contextmanager
-def _hang_up_stops():
-    """SIGHUP stops the server as Ctrl-C does, through its clean-up (the uploads' folder, the engine's files): by
-    default it ended the process at once, leaving an uploaded patient file in /tmp (a review). Left alone where it
-    is ignored (``nohup``: the server is meant to outlive its terminal) or handled already."""
-    def hang_up(signum, frame):
-        raise HungUp("the terminal hung up (SIGHUP)")
-
-    if not hasattr(signal, "SIGHUP") or signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGHUP, hang_up)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)

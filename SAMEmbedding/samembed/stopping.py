@@ -33,21 +33,37 @@ def _stop(signum: int) -> KeyboardInterrupt:
 
 
 @contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread; the previous handler is put back
-    after it."""
-    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is None:  # (None: a handler set from C, kept)
+def _stopping_on(signum: int, replaced: bool) -> Iterator[None]:
+    """While the block runs, ``signum`` raises :func:`_stop`'s exception in the main thread when ``replaced`` (its
+    handler now is one to replace); the previous handler is put back after it."""
+    if not _in_main_thread() or not replaced:
         yield
         return
 
     def stop(signum, frame):  # noqa: ARG001 - signal handler signature
         raise _stop(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signum, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
+
+
+def stop_on_sigterm() -> contextlib.AbstractContextManager[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread; the previous handler is put back
+    after it."""
+    return _stopping_on(signal.SIGTERM, signal.getsignal(signal.SIGTERM) is not None)  # (None: set from C, kept)
+
+
+def stop_on_hang_up() -> contextlib.AbstractContextManager[None]:
+    """While the block runs, SIGHUP (a closed terminal, a dropped SSH session) raises ``KeyboardInterrupt`` in the
+    main thread, so that a server stops through its clean-up instead of at once; left alone where SIGHUP is ignored
+    (``nohup``: the process is meant to outlive its terminal) or handled already, and where there is none (Windows)."""
+    hang_up = getattr(signal, "SIGHUP", None)
+    if hang_up is None:
+        return contextlib.nullcontext()
+    return _stopping_on(hang_up, signal.getsignal(hang_up) is signal.SIG_DFL)
 
 
 class StopBetweenSteps:
