@@ -918,13 +918,12 @@ class MatchLogic:
                 else:
                     outNode.SetNthControlPointPositionWorld(index, *ras)
                 records[pointID] = _record(outNode.GetNthControlPointID(index), match)
-                outNode.SetNthControlPointLabel(index, label)
                 outNode.SetNthControlPointDescription(index, _describe(match))
                 outNode.SetNthControlPointSelected(index, bool(match.confident))
                 if outputs is not None:
                     outputs.rows.append(MatchRow(label, target.GetName(), ras, float(match.score), bool(match.confident),
                                                  target.GetID(), float(match.roundtrip_mm), pointID))
-            _relabel(outNode, records, sourceList)  # the points of earlier jobs too: a source point renamed since
+            _relabel(outNode, records, sourceList)  # this job's and earlier jobs' (a source point renamed since)
             _writeMatchRecords(outNode, records)
         finally:
             outNode.EndModify(wasModifying)

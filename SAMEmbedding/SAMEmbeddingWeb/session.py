@@ -221,9 +221,7 @@ class MatchSession:
     def set_source(self, node) -> None:
         self.parameters.sourceVolume = node
         self.parameters.targetVolumes = [t for t in self.parameters.targetVolumes if t is not node]
-        if self.shown_target not in self.parameters.targetVolumes:  # (the source is no target to show)
-            self.shown_target = self.parameters.targetVolumes[0] if self.parameters.targetVolumes else None
-            self.parameters.heatmapTarget = self.shown_target
+        self._keep_shown_target()  # (the source is no target to show)
         self._check_dimensions()
         self.controller.prepareVolumes()  # ahead of the first click, as the Slicer module does
         self.arrange_views(fit=True)
@@ -232,13 +230,17 @@ class MatchSession:
     def set_targets(self, nodes: list) -> None:
         source = self.parameters.sourceVolume
         self.parameters.targetVolumes = [n for n in nodes if n is not None and n is not source]
-        if self.shown_target not in self.parameters.targetVolumes:
-            self.shown_target = self.parameters.targetVolumes[0] if self.parameters.targetVolumes else None
-        self.parameters.heatmapTarget = self.shown_target
+        self._keep_shown_target()
         self._check_dimensions()
         self.controller.prepareVolumes()  # ahead of the first click, as the Slicer module does
         self.arrange_views(fit=True)
         self.changed = True
+
+    def _keep_shown_target(self) -> None:
+        """The shown target (and the heatmap's) stays while it is a target; else the first target, or none."""
+        if self.shown_target not in self.parameters.targetVolumes:
+            self.shown_target = self.parameters.targetVolumes[0] if self.parameters.targetVolumes else None
+        self.parameters.heatmapTarget = self.shown_target
 
     def show_target(self, node) -> None:
         if node in self.parameters.targetVolumes:

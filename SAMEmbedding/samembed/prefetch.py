@@ -434,12 +434,15 @@ def _child(request: PrefetchRequest, conn, arena: _Arena | None, claims: _Claims
         scratch = None
     held = _HeldRecords(logging.root.handlers or [logging.lastResort])
     logging.root.handlers = [held]
+    engine_gone = False
     try:
         _child_work(request, conn, arena, claims, given, handoff, held)
     except (BrokenPipeError, ConnectionError):  # the engine is gone (killed): nobody takes what this would make
+        engine_gone = True
+    finally:
         _remove_scratch(scratch)
+    if engine_gone:
         os._exit(0)
-    _remove_scratch(scratch)
 
 
 def _remove_scratch(scratch: str | None) -> None:
