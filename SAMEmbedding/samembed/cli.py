@@ -272,6 +272,10 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         raise InputError(f"--out {out}: a {suffix} file holds the points of one target, and there "
                          f"are {n}; give a folder (--out {out.parent / 'matches'}/) for one .mrk.json per target, or "
                          "a .csv file for all of them")
+    if len(pairs) > 1 and args.heatmap_dir:  # (the engine refuses it too, but only once torch has loaded)
+        raise InputError(f"--heatmap-dir {args.heatmap_dir}: heatmaps are not available when {len(pairs)} atlases are "
+                         "fused (a heatmap belongs to one atlas's point); match one atlas for them, or leave out "
+                         "--heatmap-dir")
     if pairs:
         atlas_points = [read_points(pts_file, ras=args.ras) for _, pts_file in pairs]
         labels = list(atlas_points[0].labels)
@@ -625,9 +629,15 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
             raise InputError(f"--out {out}: the matches are written as a .csv table, a .mrk.json, .json or .fcsv "
                              f"point file, or into a folder (ending in /); give such a name, e.g. "
                              f"{out.with_name(out.name.split('.')[0] + '.csv')} (nothing was written)")
+    # --out may name a file in the --heatmap-dir this run makes: checked once that folder is made, else first (a
+    # refused --out leaves no new folder behind)
+    in_heatmaps = bool(args.heatmap_dir) and Path(os.path.abspath(args.heatmap_dir)) in Path(os.path.abspath(out)).parents
+    if not folder_out and not in_heatmaps:
         check_writable(out)  # (a link: where it points, as it is written)
     for flag, folder in folders:
         output_folder(flag, folder)
+    if not folder_out and in_heatmaps:
+        check_writable(out)
 
 
 #: heatmaps on the targets' voxels above this many bytes of float32 (to make, round and compress) get a hint

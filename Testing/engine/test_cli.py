@@ -1366,6 +1366,49 @@ def test_out_given_as_the_heatmap_folder_is_refused_before_any_work(tmp_path, tw
 
 
 @pytest.mark.needs_data
+def test_out_in_the_heatmap_folder_this_run_makes_is_accepted(tmp_path, two_cts, a_points_csv, capsys, monkeypatch):
+    """``--heatmap-dir run/ --out run/matches.csv`` was refused ("output folder run does not exist") because --out was
+    checked before the run made its heatmap folder (a review). The checks now pass and the engine is reached."""
+    import samembed.cli as cli
+    from samembed.errors import InputError
+
+    def engine_reached(args):
+        raise InputError("the engine was reached")
+
+    monkeypatch.setattr(cli, "_make_matcher", engine_reached)
+    pts_path, _ = a_points_csv
+    run = tmp_path / "run"
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(run / "m.csv"),
+                 "--heatmap-dir", str(run), "--model", "random:sam-lite", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the engine was reached" in err, err
+    assert run.is_dir()
+    # an --out elsewhere that cannot be written still leaves no new heatmap folder behind
+    code = main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out",
+                 str(tmp_path / "missing" / "m.csv"), "--heatmap-dir", str(tmp_path / "hm"), "--model",
+                 "random:sam-lite", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing does not exist" in err and not (tmp_path / "hm").exists(), err
+
+
+@pytest.mark.needs_data
+def test_heatmaps_with_fused_atlases_are_refused_before_torch_loads(tmp_path, two_cts, a_points_csv):
+    """The engine refuses heatmaps of several fused atlases, but the command let torch load (1-2 s) and made the
+    output folders first (a review)."""
+    pts_path, _ = a_points_csv
+    code = ("import sys, samembed.cli as c; code = c.main(sys.argv[1:]); "
+            "print('TORCH', 'torch' in sys.modules, file=sys.stderr); sys.exit(code)")
+    argv = ["match", "--atlas", str(two_cts[0]), str(pts_path), "--atlas", str(two_cts[1]), str(pts_path),
+            str(two_cts[1]), "--out", str(tmp_path / "m.csv"), "--heatmap-dir", str(tmp_path / "hm"), "--model",
+            "random:sam-lite", "--device", "cpu"]
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "heatmaps are not available when 2 atlases are fused" in res.stderr, res.stderr
+    assert "TORCH False" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "hm").exists()
+
+
+@pytest.mark.needs_data
 def test_an_out_link_is_checked_where_it_points_before_any_work(tmp_path, two_cts, a_points_csv, capsys,
                                                                 monkeypatch):
     """A link into a missing folder passed the check of its own folder, and the run lost everything at its end
