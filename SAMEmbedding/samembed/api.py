@@ -827,7 +827,7 @@ class Matcher:
             # a polished point must stay where the search was allowed (body, mask, box); else it keeps its match
             keep = pol.moved & allowed_at(tmaps, region.allowed, pol.points_lps_mm)
             found = np.where(keep[:, None], pol.points_lps_mm, found[:, :d])
-            polished, ncc = keep, pol.ncc
+            polished, ncc = keep, np.where(keep, pol.ncc, np.nan)  # the correlation where the match is reported
         scores = scores_at(src_maps, pts, tmaps, found)  # the similarity where each match ended (= its heatmap)
         # the round trip matches back the same way: with the prior, inside the inverse affine's window
         back = match_points(tmaps, found, src_maps, src_allowed, window_mm=region.window_mm,

@@ -9,7 +9,9 @@ For a click ``p`` in the source (reference section 4.4):
 4. fit a robust local affine Q -> K (Huber IRLS with a MAD scale, per target coordinate);
 5. transfer the click: mean over kept pairs of ``K - A (Q - p)``.
 
-When fewer than ``min_pairs`` pairs survive, the plain match is returned.
+When fewer than ``min_pairs`` pairs survive, the plain match is returned; so it is too when the transferred click
+lands where a match may not (outside ``tgt_allowed``, or outside the target: an extrapolated affine whose true match
+lies beyond the target's field of view).
 
 With ``window_mm``, it is a *local* refinement: every forward match of a seed is searched within +-``window_mm``
 of the plain match shifted by the seed's offset from the click, and every backward match within +-``window_mm``
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from .embedding import EmbeddingMaps
-from .matcher import match_points
+from .matcher import allowed_at, match_points
 
 
 @dataclass
@@ -114,8 +116,10 @@ def refine_points(source: EmbeddingMaps, target: EmbeddingMaps, points_lps_mm: n
             continue
         X = np.hstack([Qu, np.ones((len(Qu), 1))])
         A = np.stack([huber_irls(X, Ku[:, a]) for a in range(d)])  # (d, d+1)
-        est = Kk - (Qk - p) @ A[:, :d].T
-        out_pts[n] = est.mean(0)
+        est = (Kk - (Qk - p) @ A[:, :d].T).mean(0)
+        if not allowed_at(target, target.valid if tgt_allowed is None else tgt_allowed, est[None])[0]:
+            continue  # (a point off the target's allowed voxels, whose score would be read at another point)
+        out_pts[n] = est
         out_scores[n] = float(s[keep].mean())
         used[n] = int(keep.sum())
     return Refined(out_pts, out_scores, used)

@@ -53,7 +53,7 @@ class Match:
             agreeing)``, its own prediction (which atlas said what, e.g. to find a misplaced atlas point); () for
             a plain match.
         polished: the intensity polish (``MatchOptions(polish=True)``) moved this match; ``ncc`` is the normalised
-            cross-correlation of its source and target patches there (NaN when the polish did not run).
+            cross-correlation of its source and target patches there (NaN when the polish did not move it).
     """
 
     label: str

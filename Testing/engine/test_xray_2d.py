@@ -310,3 +310,40 @@ def test_a_png_mask_is_read_with_the_matcher_s_spacing_and_the_missing_spacing_i
             io.read_image(png)
     said = [r.getMessage() for r in caplog.records if "carries no pixel spacing" in r.getMessage()]
     assert len(said) == 1 and said[0].endswith("(said once: the same holds for every such picture read after it)")
+
+
+@pytest.mark.needs_data
+def test_a_refined_match_stays_on_the_target_when_the_true_match_lies_beyond_its_edge(a_hand_matcher):
+    """``--refine`` transfers a click by a local affine fitted to its seeds' matches; near the edge of a target
+    cropped through the hand, that extrapolation reported points outside the target (57 px beyond its last column)
+    with a score read at another point (a review). Such a refinement now keeps the plain match."""
+    from samembed.io import image_from_sitk
+
+    im = sitk.ReadImage(str(data_file("xray", "hand_dha37", "images", "3143.jpg")))
+    im = sitk.VectorIndexSelectionCast(im, 0) if im.GetNumberOfComponentsPerPixel() > 1 else im
+    im = sitk.Cast(im, sitk.sitkFloat32)
+    im.SetSpacing((0.2, 0.2))
+    ref = sitk.Image([660, 960], sitk.sitkFloat32)
+    ref.SetSpacing((0.2, 0.2))
+    ref.SetOrigin((0.13, 0.27))  # the same hand, shifted by a fraction of a pixel and cut off at column 660
+    src = image_from_sitk(im, "source")
+    tgt = image_from_sitk(sitk.Resample(im, ref, sitk.Transform(), sitk.sitkLinear, 0.0), "cropped")
+    clicks = src.grid.index_to_lps(np.array([[674.0, 500.0], [650.0, 500.0], [674.0, 300.0]]))
+    res = a_hand_matcher.match(src, clicks, [tgt], options=MatchOptions(refine=True, polish=False))
+    found = np.array([m.point_lps_mm[:2] for m in res.matches])
+    assert tgt.grid.contains_lps(found).all(), np.round(tgt.grid.lps_to_index(found), 1)
+
+
+@pytest.mark.needs_data
+def test_a_match_the_polish_did_not_move_reports_no_correlation(a_hand_matcher):
+    """``Match.ncc`` is the correlation where the match is reported: a match the polish ran on but left where it
+    was (its peak below ``polish_min_ncc``, or off the allowed voxels) carried the correlation of the position thrown
+    away, so tables showed ``polished=false`` beside ``ncc=0.988`` (a review)."""
+    im = read_image(data_file("xray", "hand_dha37", "images", "3143.jpg"))
+    noisy = Image(im.array + np.random.default_rng(0).normal(0.0, 8.0, im.array.shape).astype(im.array.dtype),
+                  im.grid, "noisy")  # a correlation below 1 everywhere
+    clicks = im.grid.index_to_lps(np.array([[300.0, 500.0], [400.0, 700.0]]))
+    kept = a_hand_matcher.match(im, clicks, [noisy], options=MatchOptions(polish_min_ncc=1.0)).matches
+    assert not any(m.polished for m in kept) and all(np.isnan(m.ncc) for m in kept), [(m.polished, m.ncc) for m in kept]
+    moved = a_hand_matcher.match(im, clicks, [noisy], options=MatchOptions(polish_min_ncc=0.5)).matches
+    assert all(m.polished == np.isfinite(m.ncc) for m in moved) and any(m.polished for m in moved)
