@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -520,8 +521,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
     except InputError:
         raise
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reason"
-        raise InputError(f"{path}: cannot read this image (unreadable or corrupt): {first}") from e
+        raise InputError(f"{path}: cannot read this image (unreadable or corrupt): {itk_reason(e, path)}") from e
     name = str(path)
     is_2d_raster = name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
     image = image_from_sitk(img, name, spacing_known=not is_2d_raster, own=True)
@@ -617,6 +617,18 @@ def _varies(arr: np.ndarray) -> bool:
         if bool((flat[::arr.size // VARIES_SAMPLES] != flat[0]).any()):
             return True
     return bool(arr.max() != arr.min())
+
+
+def itk_reason(error: Exception, path: Path) -> str:
+    """The reason in an ITK exception's text, on one line: what follows ``ITK ERROR: Class(0x...):`` (its last line
+    was a matrix row, "0 0 1", for a singular direction). ITK's "Reason:" names the system's last error, which for a
+    file that exists and was cut short is an unrelated "No such file or directory": left out."""
+    text = str(error).strip()
+    found = re.search(r"ITK ERROR: \w+\(0x[0-9a-fA-F]+\): (.*)", text, re.S)
+    reason = " ".join((found.group(1) if found else text.splitlines()[-1] if text else "unknown reason").split())
+    if path.exists():
+        reason = reason.replace(" Reason: No such file or directory", "")
+    return reason
 
 
 def validate_image(image: Image, constant_ok: bool = False) -> None:

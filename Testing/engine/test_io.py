@@ -867,3 +867,29 @@ def test_a_write_without_room_names_its_file_and_a_name_that_fits_is_written_wha
     long = tmp_path / ("w" * 250 + ".csv")
     assert write_text_atomic(long, "a\n").read_text() == "a\n"
     assert [p.name for p in tmp_path.iterdir()] == [long.name]
+
+
+def test_an_unreadable_image_is_named_with_itks_reason_not_the_last_line_of_its_text(tmp_path):
+    """The message took the last line of ITK's exception: a matrix row ("0 0 1") for a singular direction, and for a
+    file cut short ITK's stale "No such file or directory" about a file that exists (a review)."""
+    import SimpleITK as sitk
+
+    from samembed.errors import InputError
+    from samembed.io import read_image
+
+    img = sitk.GetImageFromArray(np.arange(4096, dtype=np.float32).reshape(16, 16, 16))
+    good = tmp_path / "good.mha"
+    sitk.WriteImage(img, str(good))
+    head, sep, data = good.read_bytes().partition(b"ElementDataFile = LOCAL\n")
+    singular = tmp_path / "singular.mha"
+    singular.write_bytes(head.replace(b"TransformMatrix = 1 0 0 0 1 0 0 0 1", b"TransformMatrix = 1 0 0 1 0 0 0 0 1")
+                         + sep + data)
+    cut = tmp_path / "cut.mha"
+    cut.write_bytes(good.read_bytes()[: len(head) + len(sep) + len(data) // 2])
+    with pytest.raises(InputError) as e:
+        read_image(singular)
+    assert f"{singular}: cannot read this image" in str(e.value) and "determinant is 0" in str(e.value), e.value
+    with pytest.raises(InputError) as e:
+        read_image(cut)
+    assert f"{cut}: cannot read this image" in str(e.value) and "cannot be read" in str(e.value), e.value
+    assert "No such file" not in str(e.value)
