@@ -182,6 +182,7 @@ class _Region:
     prior: np.ndarray | None  # source -> target affine, (d+1, d+1), or None when untrustworthy
     window_mm: float | None  # half-size of each point's search window (None: the whole region)
     search_prior: np.ndarray | None  # the prior the window is centred on (None: around the best global match)
+    note: str | None = None  # what the result's notes say about the search (no prior found)
 
 
 #: how far beyond each click's search window the source is embedded with it, mm. The round trip searches the source
@@ -418,6 +419,8 @@ class Matcher:
                     else:
                         t_embed = t_beside
                     region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
+                    if region.note:
+                        result.notes.append(region.note)
                 def phase(step: str, ti: int = ti) -> None:
                     if progress:
                         progress(ti, n_targets, f"{step} {ti + 1}/{n_targets}")
@@ -787,7 +790,13 @@ class Matcher:
         prior = self._prior(src_maps, tmaps) if options.prior_window_mm or options.polish else None
         if prior is not None and options.prior_window_mm:
             return _Region(allowed, prior, options.prior_window_mm, prior)
-        return _Region(allowed, prior, options.global_window_mm or None, None)
+        note = None
+        if options.prior_window_mm:  # asked for, and none found: said (it was a debug line only)
+            note = (f"no trustworthy prior from {Path(src_maps.image_name).name} into {Path(name).name}: too few of the "
+                    "global matches agree on an affine or a translation, so its points were searched over the whole "
+                    "body (slower, and a match may land on a look-alike far away: its round trip tells)")
+            self._say_once(note)
+        return _Region(allowed, prior, options.global_window_mm or None, None, note)
 
     def _match_target(self, inputs: _Inputs, src_maps: EmbeddingMaps, tgt: Image, tmaps: EmbeddingMaps,
                       region: _Region, options: MatchOptions, ti: int, name: str,
@@ -923,6 +932,12 @@ class Matcher:
                 "match means little: check where the points lie, and in which frame (LPS or RAS) they were given")
         self._warn_once(note)
         return [note]
+
+    def _say_once(self, message: str) -> None:
+        """Log a note about the search once per matcher (at INFO: the command shows it, ``--quiet`` does not)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            log.info("%s", message)
 
     def _warn_once(self, message: str) -> None:
         """Log a warning about the inputs once per matcher: a command matches its atlases into one target at a
