@@ -419,8 +419,9 @@ class Matcher:
                     else:
                         t_embed = t_beside
                     region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
-                    if region.note:
-                        result.notes.append(region.note)
+                    for note in (region.note, self._modality_note(embedder, inputs.source, tgt, name)):
+                        if note:
+                            result.notes.append(note)
                 def phase(step: str, ti: int = ti) -> None:
                     if progress:
                         progress(ti, n_targets, f"{step} {ti + 1}/{n_targets}")
@@ -932,6 +933,23 @@ class Matcher:
                 "match means little: check where the points lie, and in which frame (LPS or RAS) they were given")
         self._warn_once(note)
         return [note]
+
+    def _modality_note(self, embedder: Embedder, source: Image, target: Image, name: str) -> str | None:
+        """With ``modality="auto"``, a warning (once) when the source and a target were found to be of different
+        modalities: e.g. a CT cropped inside the body, with no air to tell it by, is taken for MRI, and its intensities
+        are mapped otherwise than the whole CT's (every score lower). None when they agree or are not known."""
+        if embedder.modality != "auto" or source.ndim != 3:
+            return None
+        found = embedder.used_modality(source), embedder.used_modality(target)
+        if None in found or found[0] == found[1]:
+            return None
+        words = {"ct": "CT (values reach air's HU)", "mri": "MRI (no value as low as air's HU)"}
+        note = (f"the source {Path(source.name).name} was taken for {words.get(found[0], found[0])} and the target "
+                f"{Path(name).name} for {words.get(found[1], found[1])}, so their intensities are mapped differently "
+                "and every score is lower; if both are of one modality, say which (--modality ct or mri; "
+                "Matcher(modality=...))")
+        self._warn_once(note)
+        return note
 
     def _say_once(self, message: str) -> None:
         """Log a note about the search once per matcher (at INFO: the command shows it, ``--quiet`` does not)."""

@@ -879,6 +879,21 @@ class Embedder:
             detected = self._detected[digest] = detect_modality(image)
         return "auto" if detected == self.modality else self.modality
 
+    def _remember_modality(self, image: Image, modality: str) -> None:
+        if self.modality != "auto":  # (then _detected holds what auto would find: _key_modality)
+            return
+        digest = image.content_hash()
+        if digest not in self._detected and len(self._detected) > 64:
+            self._detected.clear()
+        self._detected[digest] = modality
+
+    def used_modality(self, image: Image) -> str | None:
+        """The modality ``image``'s intensities were mapped as when this embedder computed its maps (found by
+        ``auto``, or the one asked for); None when its maps came from a cache and it was not found out here."""
+        if self.modality != "auto":
+            return self.modality
+        return self._detected.get(image.content_hash())
+
     def embed(self, image: Image, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
               on_demand: bool = False) -> EmbeddingMaps:
         """Embeddings of ``image`` (from the memory cache, else the disk cache, else computed).
@@ -1009,6 +1024,7 @@ class Embedder:
         if progress:
             progress(0, 1, "preprocessing")
         arr, pad_grid, modality, body_made = self._prepare(image)
+        self._remember_modality(image, modality)
         x = torch.from_numpy(np.ascontiguousarray(arr))[None, None].to(self.device)
         if self.half:
             x = x.half()

@@ -192,6 +192,31 @@ def test_a_search_without_a_trustworthy_prior_is_told_once_and_in_the_notes(popi
 
 
 @pytest.mark.needs_data
+def test_a_target_taken_for_another_modality_than_its_source_is_told(caplog):
+    """A CT cropped inside the body (no air to tell it by) is taken for MRI by ``modality="auto"`` while its whole
+    CT is taken for CT: their intensities were mapped differently, every score lower, without a word (a review)."""
+    whole = sitk.ReadImage(str(data_file("ct", "pancreas", "Pancreas-CT-CB_001_ct_2mm.nii.gz")))
+    arr = sitk.GetArrayFromImage(whole)
+    corner = next((x, y, z) for z in range(0, arr.shape[0] - 40, 10) for y in range(0, arr.shape[1] - 40, 10)
+                  for x in range(0, arr.shape[2] - 40, 10) if arr[z:z + 40, y:y + 40, x:x + 40].min() > -400)
+    crop = image_from_sitk(whole[corner[0]:corner[0] + 40, corner[1]:corner[1] + 40, corner[2]:corner[2] + 40],
+                           "inside.nii.gz")
+    src = image_from_sitk(whole[:, :, corner[2]:corner[2] + 40], "whole.nii.gz")  # those slices, air around the body
+    point = crop.grid.index_to_lps(np.array([[20.0, 20.0, 20.0]]))
+    with caplog.at_level(logging.WARNING, logger="samembed.api"):
+        res = Matcher("random:sam-lite", device="cpu").match(src, point, [crop], options=MatchOptions(polish=False))
+    said = [r.getMessage() for r in caplog.records if "taken for" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("the source whole.nii.gz was taken for CT"), said
+    assert "the target inside.nii.gz for MRI" in said[0] and "--modality ct or mri" in said[0]
+    assert said[0] in res.notes
+    # told the modality, nothing to say
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="samembed.api"):
+        Matcher("random:sam-lite", device="cpu", modality="ct").match(src, point, [crop], options=MatchOptions(polish=False))
+    assert not [r for r in caplog.records if "taken for" in r.getMessage()]
+
+
+@pytest.mark.needs_data
 def test_heatmaps_have_the_target_geometry_and_peak_at_the_match(a_random_matcher):
     src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
     tgt = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
