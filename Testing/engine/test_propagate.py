@@ -1018,3 +1018,45 @@ def test_each_atlas_class_given_where_the_other_belongs_is_named(tmp_path):
             propagate([FileAtlas(str(ct), str(points)), FileAtlas(str(hand), str(flat))], [Scan("s", str(ct))],
                       tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_a_scans_folder_skips_the_output_folders_of_earlier_runs_and_says_so(tmp_path, caplog):
+    """``--scans hands/ --out hands/run2`` after ``--out hands/run1``: run1's thumbnails (PNG) were matched as 12 more
+    scans (a review); only the run's own output folder was left out."""
+    from samembed.propagate.manifest import read_scans
+
+    scans = tmp_path / "hands"
+    scans.mkdir()
+    for name in ("a.png", "b.png"):
+        (scans / name).write_bytes(b"")
+    run1 = scans / "run1"
+    (run1 / "thumbs" / "a").mkdir(parents=True)
+    (run1 / "scans").mkdir()
+    (run1 / "run.json").write_text("{}")
+    for label in ("L1", "L2"):
+        (run1 / "thumbs" / "a" / f"{label}.png").write_bytes(b"")
+    (scans / "more").mkdir()  # a plain sub-folder of scans stays
+    (scans / "more" / "c.png").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="samembed.propagate.manifest"):
+        found = read_scans(scans, exclude=(scans / "run2",))
+    assert sorted(Path(s.path).name for s in found) == ["a.png", "b.png", "c.png"]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "2 image(s) in the output folder(s) of earlier runs" in said[0] and str(run1) in said[0]
+
+
+def test_a_scan_manifest_written_with_semicolons_and_a_commented_row_are_read_as_meant(tmp_path, caplog):
+    """A manifest with ``;`` (spreadsheets where the comma is the decimal separator) took its header and every row as
+    one path each, "none of the 3 scans exists"; a row whose id starts with "#" vanished without a word (a review)."""
+    from samembed.propagate.manifest import read_scans
+
+    for name in ("s1.nii.gz", "s2.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    semi = tmp_path / "semi.csv"
+    semi.write_text("path;id\ns1.nii.gz;first\ns2.nii.gz;second\n")
+    assert [(s.id, Path(s.path).name) for s in read_scans(semi)] == [("first", "s1.nii.gz"), ("second", "s2.nii.gz")]
+    hashed = tmp_path / "hashed.csv"
+    hashed.write_text("id,path\nP1,s1.nii.gz\n#2 redo,s2.nii.gz\n")
+    with caplog.at_level("WARNING", logger="samembed.propagate.manifest"):
+        assert [s.id for s in read_scans(hashed)] == ["P1"]
+    assert any("1 row(s) starting with '#' are comments, left out (the first: #2 redo,s2.nii.gz)" in r.getMessage()
+               for r in caplog.records), caplog.text

@@ -8,6 +8,7 @@ A manifest is a CSV with a ``path`` column (relative paths are relative to the C
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from ..errors import InputError
 from ..names import IMAGE_NAME_SUFFIXES, relative_ids, safe_id, scan_id
 
 __all__ = ["Scan", "read_scans", "safe_id", "scan_id"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,8 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
     """The scans named by a manifest CSV or found in a folder, in order, each with a unique id.
 
     ``exclude``: folders whose images a folder search skips (the run's own output folder, when it lies inside the
-    scans folder: its thumbnails are PNG images).
+    scans folder: its thumbnails are PNG images). The output folders of earlier runs found there (a ``run.json``
+    beside ``scans/`` or ``thumbs/``) are skipped too, and said.
 
     Raises:
         InputError: the manifest or folder is missing or empty, a row has no path, or two scans have the same
@@ -43,6 +47,12 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
         skip = [Path(os.path.realpath(e)) for e in exclude]
         paths = [p for p in list_images(source)
                  if not any(Path(os.path.realpath(p)).is_relative_to(e) for e in skip)]
+        runs = _run_folders(paths, source)
+        if runs:
+            left = [p for p in paths if any(r in p.parents for r in runs)]
+            paths = [p for p in paths if p not in left]
+            log.warning("%s: %d image(s) in the output folder(s) of earlier runs (%s) are not scans: left out",
+                        source, len(left), ", ".join(str(r) for r in sorted(runs)[:3]) + (", ..." if len(runs) > 3 else ""))
         if not paths:
             raise InputError(f"{source}: no images found in this folder (NIfTI, NRRD, MHA, DICOM, ...); check --scans")
         ids = [scan_id(p) for p in paths]
@@ -54,18 +64,44 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
     return _read_manifest(source)
 
 
+def _run_folders(paths: list[Path], top: Path) -> set[Path]:
+    """The folders between ``top`` and these images that are a propagate run's output folder (a ``run.json`` beside
+    ``scans/`` or ``thumbs/``): their thumbnails (PNG) and other images are that run's outputs, not scans."""
+    seen: dict[Path, bool] = {}
+    found = set()
+    for p in paths:
+        for folder in p.parents:
+            if folder == top or top not in folder.parents:
+                break
+            if folder not in seen:
+                seen[folder] = (folder / "run.json").is_file() and ((folder / "scans").is_dir()
+                                                                    or (folder / "thumbs").is_dir())
+            if seen[folder]:
+                found.add(folder)
+    return found
+
+
 def _read_manifest(path: Path) -> list[Scan]:
     if path.name.lower().endswith(IMAGE_NAME_SUFFIXES):
         raise InputError(f"{path}: an image, where --scans takes a manifest CSV (a 'path' column) or a folder of "
                          "images; put the image in a folder, or list it in a CSV")
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:  # (Excel's "CSV UTF-8" starts with a BOM)
-            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+        text = path.read_text(encoding="utf-8-sig")  # (Excel's "CSV UTF-8" starts with a BOM)
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: the scan manifest is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
                          "UTF-8 (CSV)") from e
     except OSError as e:
         raise InputError(f"{path}: cannot read the scan manifest: {e}") from e
+    lines = text.splitlines()
+    delimiter = _delimiter(lines)
+    rows, comments = [], []
+    for r in csv.reader(lines, delimiter=delimiter):
+        if not any(c.strip() for c in r):
+            continue
+        (comments if r[0].lstrip().startswith("#") else rows).append(r)
+    if comments:  # (a first column of ids may start with "#" too: said, not dropped without a word)
+        log.warning("%s: %d row(s) starting with '#' are comments, left out (the first: %s)", path, len(comments),
+                    delimiter.join(comments[0]))
     if not rows:
         raise InputError(f"{path}: the scan manifest lists no scans")
     header = [h.strip().lower() for h in rows[0]]
@@ -97,6 +133,16 @@ def _read_manifest(path: Path) -> list[Scan]:
     if not scans:
         raise InputError(f"{path}: the scan manifest lists no scans")
     return _unique(scans, path)
+
+
+def _delimiter(lines: list[str]) -> str:
+    """The manifest's delimiter: ``;`` or a tab where its first row names a ``path`` column that way (spreadsheets
+    write ``;`` where the comma is the decimal separator, as ``samembed match --atlases`` reads them), else ``,``."""
+    first = next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
+    for delimiter in (",", ";", "\t"):
+        if "path" in {c.strip().lower() for c in next(csv.reader([first], delimiter=delimiter), [])}:
+            return delimiter
+    return ","
 
 
 def listed_path(path: str | os.PathLike) -> str:
