@@ -1060,3 +1060,70 @@ def test_a_scan_manifest_written_with_semicolons_and_a_commented_row_are_read_as
         assert [s.id for s in read_scans(hashed)] == ["P1"]
     assert any("1 row(s) starting with '#' are comments, left out (the first: #2 redo,s2.nii.gz)" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+def test_a_stop_keeps_the_results_workers_finished_meanwhile(setup, client, tmp_path):
+    """A stop (Ctrl-C, SIGTERM, ``cancel``) cancelled every task, also those whose results had arrived and were not
+    yet written: with 2 workers, 4 finished scans were dropped and computed again on ``--resume`` (a review)."""
+    import time
+
+    from samembed.propagate import propagate
+    from samembed.propagate.results import ResultStore
+
+    stop = threading.Event()
+
+    def stop_late(record, c):  # the workers go on with the next scans while the first is handled
+        time.sleep(6.0)
+        stop.set()
+
+    with pytest.raises(Cancelled) as info:
+        propagate(setup["atlas"], setup["scans"][:6], tmp_path / "out", OPTIONS, _settings(setup), client=client,
+                  cancel=stop, on_result=stop_late)
+    kept = ResultStore(tmp_path / "out").load()
+    assert info.value.partial.finished >= 2 and len(kept) == info.value.partial.finished, (
+        info.value.partial.finished, sorted(kept))
+    assert len(_rows(tmp_path / "out")) == len(kept) * len(setup["labels"])
+
+
+def test_an_error_while_the_results_are_written_keeps_the_finished_scans_and_says_to_resume(setup, client, tmp_path,
+                                                                                              monkeypatch):
+    """A full disk at the fourth scan's thumbnail left matches.csv with its header only and run.json "running",
+    and nothing said that the finished scans were kept (a review)."""
+    import errno
+
+    from samembed.propagate import propagate
+    from samembed.propagate.results import ResultStore
+
+    add = ResultStore.add
+    calls = []
+
+    def add_until_full(self, record, fingerprint, ras=False):
+        calls.append(record["scan"])
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.out / "thumbs"))
+        return add(self, record, fingerprint, ras)
+
+    monkeypatch.setattr(ResultStore, "add", add_until_full)
+    said = []
+    with pytest.raises(OSError, match="No space left"):
+        propagate(setup["atlas"], setup["scans"][:5], tmp_path / "out", OPTIONS, _settings(setup), client=client,
+                  echo=said.append)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["status"] == "failed" and "No space left on device" in run["error"]
+    assert len(_rows(tmp_path / "out")) == 2 * len(setup["labels"])
+    assert any(s.startswith("stopped by an error: 2 scans kept in") and "rerun with --resume" in s for s in said), said
+
+
+def test_an_atlas_the_workers_engine_refuses_is_told_in_one_line_without_dasks_traceback(setup, tmp_path):
+    """A 2D radiograph atlas with a 3D model: the command's clear error came after Dask's "Compute Failed" block and
+    the worker's traceback (a review)."""
+    from ..conftest import data_file
+
+    image = data_file("xray", "hand_dha37", "images", "3143.jpg")
+    points = tmp_path / "hand.csv"
+    points.write_text("label,x,y\nA,300,400\n")
+    res = subprocess.run([sys.executable, "-c", "import samembed.cli as c; c.run()", "propagate", "--atlas", str(image), str(points), "--scans",
+                          str(setup["manifest"]), "--out", str(tmp_path / "out"), "--workers", "1", "--model",
+                          setup["model"], "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "3143.jpg" in res.stderr and "Compute Failed" not in res.stderr and "Traceback" not in res.stderr, res.stderr

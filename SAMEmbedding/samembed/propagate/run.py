@@ -348,6 +348,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             run_info["cluster"] = {"scheduler": c.scheduler.address, "workers": workers}
             t_prep = time.time()
             prep = c.submit(prepare_atlas, job, pure=False, key=f"samembed-atlas-{uuid.uuid4().hex}").result()
+            if "input_error" in prep:
+                raise InputError(prep["input_error"])
             run_info["phases_s"] = {"start": t_prep - t0, "prepare_atlas": time.time() - t_prep}
             say(f"atlas ready in {time.time() - t_prep:.1f} s in {cache_dir} ({prep['model_id']})")
             job_points = {"labels": list(points.labels), "points_lps_mm": run_info["atlas"]["points_lps_mm"]}
@@ -397,45 +399,75 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
             bar = _Bar(len(todo), settings.progress, started_s)
             finished = failed = 0
             t_scans, write_s = time.time(), 0.0
+            written: set[str] = set()  # the scans whose results are in the output folder
+
+            def keep(fut, scan: Scan) -> bool:
+                """Write one finished task's result (a failure record when it raised); whether it matched."""
+                try:
+                    rec = fut.result()
+                except KilledWorker as e:
+                    rec = failure(scan, f"the worker process died each time it matched this scan ({e}); "
+                                        "usually out of memory: give workers more memory or use fewer --workers")
+                except CancelledError as e:  # not by this run (it cancels only when it stops): by the scheduler,
+                    # e.g. when the connection to it was lost; recorded, so that the run does not end "finished"
+                    rec = failure(scan, f"the Dask scheduler cancelled this scan ({e or 'no reason given'}); "
+                                        "rerun with --resume to match it")
+                except Exception as e:  # noqa: BLE001 - e.g. a task that could not be deserialised
+                    rec = failure(scan, f"{type(e).__name__}: {e}")
+                rec = store.add({**rec, "file": stamps.get(scan.id)}, fp, ras=settings.ras)
+                written.add(scan.id)
+                return rec["status"] == "ok"
+
             try:
                 for fut in as_completed(futures):
                     scan = futures[fut]
-                    try:
-                        rec = fut.result()
-                    except KilledWorker as e:
-                        rec = failure(scan, f"the worker process died each time it matched this scan ({e}); "
-                                            "usually out of memory: give workers more memory or use fewer --workers")
-                    except CancelledError as e:  # not by this run (it cancels only when it stops): by the scheduler,
-                        # e.g. when the connection to it was lost; recorded, so that the run does not end "finished"
-                        rec = failure(scan, f"the Dask scheduler cancelled this scan ({e or 'no reason given'}); "
-                                            "rerun with --resume to match it")
-                    except Exception as e:  # noqa: BLE001 - e.g. a task that could not be deserialised
-                        rec = failure(scan, f"{type(e).__name__}: {e}")
                     t_write = time.time()
-                    rec = store.add({**rec, "file": stamps.get(scan.id)}, fp, ras=settings.ras)
+                    ok = keep(fut, scan)
                     write_s += time.time() - t_write
                     run_info["phases_s"].update(scans=time.time() - t_scans, client_writes=write_s)
-                    ok = rec["status"] == "ok"
                     finished += ok
                     failed += not ok
                     bar.update(ok)
                     store.write_tables(scan_list, force=False, every_s=settings.csv_every_s)
                     if on_result is not None:
-                        on_result(rec, c)
+                        on_result(rec_of(store, scan), c)
                     if cancel is not None and cancel.is_set():
                         raise Cancelled(f"cancelled after {finished + failed} of {len(todo)} scans")
-            except (KeyboardInterrupt, Cancelled) as e:
-                c.cancel(list(futures))  # one call: one by one took about 1 ms each (10 s for 10,000 scans)
-                summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, True, workers)
+            except (KeyboardInterrupt, Cancelled, Exception) as e:
+                # the results that workers finished meanwhile are kept too (they would be computed again on
+                # --resume), then the rest is cancelled: in one call (one by one took about 1 ms each)
+                ready = [f for f in futures if f.status == "finished" and futures[f].id not in written]
+                c.cancel([f for f in futures if f.status != "finished"])
+                error = None if isinstance(e, (KeyboardInterrupt, Cancelled)) else e
+                try:
+                    for f in ready if error is None else ():  # (after an error in writing, the next would fail too)
+                        ok = keep(f, futures[f])
+                        finished += ok
+                        failed += not ok
+                except KeyboardInterrupt:  # a second interrupt: what is written is kept
+                    pass
+                c.cancel(ready)
+                try:
+                    summary = _finish(store, scan_list, run_info, out, t0, finished, failed, skipped, stale, True,
+                                      workers, error=error)
+                except Exception as finish_error:  # noqa: BLE001 - e.g. the same full disk: the first error is told
+                    if error is None:
+                        raise
+                    log.warning("could not rewrite the tables and run.json after the error: %s", finish_error)
+                    say(f"stopped by an error: {len(written) + skipped} scans are kept in {out / 'scans'}; when its "
+                        "cause is fixed, rerun with --resume to finish (it rewrites the tables)")
+                    raise e from None
                 if settings.report:
                     try:  # the finished scans' page, marked as such
                         summary.report = _report(store, scan_list, settings, out)
                     except KeyboardInterrupt:  # a second interrupt leaves it out
                         pass
                     except Exception as report_error:  # noqa: BLE001 - the interrupt is what the run reports
-                        log.warning("could not write the interrupted run's report.html: %s", report_error)
-                say(f"interrupted: {summary.finished + summary.skipped} scans kept in {out}"
-                    f"{' (report.html shows them)' if summary.report else ''}; rerun with --resume to finish")
+                        log.warning("could not write the stopped run's report.html: %s", report_error)
+                say(f"{'interrupted' if error is None else 'stopped by an error'}: "
+                    f"{summary.finished + summary.skipped} scans kept in {out}"
+                    f"{' (report.html shows them)' if summary.report else ''}; "
+                    f"{'' if error is None else 'when its cause is fixed, '}rerun with --resume to finish")
                 if isinstance(e, Cancelled):
                     e.partial = summary
                 raise
@@ -484,16 +516,26 @@ def _report(store: ResultStore, scans: list[Scan], settings: PropagateSettings, 
                         records={s.id: store.records[s.id] for s in scans if s.id in store.records})
 
 
+def rec_of(store: ResultStore, scan: Scan) -> dict:
+    """The record of ``scan`` as written (:meth:`ResultStore.add`)."""
+    return store.records[scan.id]
+
+
 def _finish(store: ResultStore, scans: list[Scan], run_info: dict, out: Path, t0: float, finished: int, failed: int,
-            skipped: int, stale: int, interrupted: bool, workers: int) -> PropagateSummary:
-    """Write the tables and ``run.json``; the summary, with the mean per-scan times of this run's scans."""
+            skipped: int, stale: int, interrupted: bool, workers: int,
+            error: BaseException | None = None) -> PropagateSummary:
+    """Write the tables and ``run.json``; the summary, with the mean per-scan times of this run's scans. A run
+    stopped by ``error`` (a full disk, say) is recorded as ``failed``, with the error."""
     store.write_tables(scans)
     elapsed = time.time() - t0
     keys = ("read_s", "embed_s", "match_s", "thumbnails_s", "total_s")
     recent = [r for r in store.records.values() if r.get("status") == "ok" and r.get("finished", "") >= run_info["started"]]
     timings = {k: sum(r["timings"].get(k, 0.0) for r in recent) / len(recent) for k in keys} if recent else {}
     n_failed = sum(1 for s in scans if store.records.get(s.id, {}).get("status") == "failed")
-    run_info.update(status="interrupted" if interrupted else "finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    if error is not None:
+        run_info["error"] = f"{type(error).__name__}: {error}"
+    run_info.update(status="failed" if error is not None else "interrupted" if interrupted else "finished",
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     elapsed_s=elapsed, matched_this_run=finished, failed_this_run=failed,
                     done=sum(1 for s in scans if store.records.get(s.id, {}).get("status") == "ok"), failed=n_failed,
                     mean_scan_timings_s=timings)

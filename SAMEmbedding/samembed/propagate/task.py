@@ -159,8 +159,17 @@ def prepare_atlas(job: ScanJob) -> dict:
     """Load the model and compute the atlas embedding into the cache folder (once per run).
 
     Returns the model's id and SHA-256 (None for random weights), the atlas embedding's cache key, the versions
-    on the worker and the time taken (s).
+    on the worker and the time taken (s); or ``{"input_error": message}`` for an input the engine refuses (an atlas
+    of another dimension than the model's, say): returned, not raised, so that the worker does not log Dask's
+    "Compute Failed" block with its traceback before the command's one line.
     """
+    try:
+        return _prepare_atlas(job)
+    except InputError as e:
+        return {"input_error": str(e)}
+
+
+def _prepare_atlas(job: ScanJob) -> dict:
     t0 = time.time()
     os.makedirs(job.cache_dir, exist_ok=True)
     keys, hashes = [], []
