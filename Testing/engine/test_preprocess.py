@@ -113,10 +113,18 @@ def scipy_body_mask(a: np.ndarray, threshold: float) -> np.ndarray:
     """The body mask as it was written with scipy.ndimage (the reference for the engine's scipy-free one)."""
     from scipy import ndimage
 
+    from samembed.preprocess import BODY_PART_MIN_SHARE, BODY_PART_MIN_THICKNESS
+
     m = a > threshold
     lab, n = ndimage.label(m)
-    if n > 1:
-        m = lab == (int(np.argmax(ndimage.sum(m, lab, index=np.arange(1, n + 1)))) + 1)
+    if n > 1:  # the largest component, and the others as large and thick as a limb
+        sizes = ndimage.sum(m, lab, index=np.arange(1, n + 1))
+        boxes = ndimage.find_objects(lab)
+        thin = [min(s.stop - s.start for s in box) for box in boxes]
+        big = int(np.argmax(sizes))
+        keep = [k for k in range(n) if k == big or (sizes[k] >= BODY_PART_MIN_SHARE * sizes[big]
+                                                    and thin[k] >= BODY_PART_MIN_THICKNESS * thin[big])]
+        m = np.isin(lab, np.array(keep) + 1)
     m = ndimage.binary_closing(m, iterations=2)
     m = np.stack([ndimage.binary_fill_holes(s) for s in m]) if m.ndim == 3 else ndimage.binary_fill_holes(m)
     return ndimage.binary_dilation(m, iterations=2)
@@ -486,3 +494,31 @@ def test_which_centres_lie_inside_an_oblique_grid_is_the_same_plane_by_plane_as_
         got = mine.centres_inside(other, margin=0.5)
         assert 0 < every.sum() < every.size
         np.testing.assert_array_equal(got, every)
+
+
+def test_a_body_of_two_parts_keeps_both_and_leaves_the_table_out(data_dir):
+    """Only the largest part above air was body: in a scan of two legs, or of an arm beside the trunk, the other
+    part could not be searched, and its points were matched into the kept part (468 mm off, a review). A part as
+    large and thick as a limb is body now; the scanner's table (a few mm thick) is not."""
+    from samembed.io import read_image
+    from samembed.preprocess import body_mask_array
+
+    from ..conftest import data_file
+
+    image = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    prep = preprocess(image, PreprocessConfig(spacing_mm=2.0))
+    a = prep.array[::2, ::2, ::2]
+    air = float(a.min())
+    gap = np.full(a.shape[:2] + (6,), air, dtype=a.dtype)
+    two = np.concatenate([a, gap, a[:, :, ::-1]], axis=2)  # the same head twice, side by side, 6 voxels of air between
+    mask = body_mask_array(two, "ct")
+    width = a.shape[2]
+    left, right = mask[:, :, :width], mask[:, :, width + 6:]
+    assert left.sum() > 0 and np.array_equal(left, right[:, :, ::-1])
+    # a table: a slab 1 voxel thick under the body, as long and wide as it: left out
+    body = body_mask_array(a, "ct")
+    rows = np.flatnonzero(body.any(axis=(0, 2)))
+    table = np.concatenate([a, np.full((a.shape[0], 3, a.shape[2]), air, dtype=a.dtype)], axis=1)
+    table[:, rows.max() + 2, :] = a.max()
+    with_table = body_mask_array(table, "ct")
+    assert np.array_equal(with_table[:, : a.shape[1]], body) and not with_table[:, rows.max() + 2].any()
