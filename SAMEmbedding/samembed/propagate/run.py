@@ -430,7 +430,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                     bar.update(ok)
                     store.write_tables(scan_list, force=False, every_s=settings.csv_every_s)
                     if on_result is not None:
-                        on_result(rec_of(store, scan), c)
+                        on_result(_record_of(store, scan), c)
                     if cancel is not None and cancel.is_set():
                         raise Cancelled(f"cancelled after {finished + failed} of {len(todo)} scans")
             except (KeyboardInterrupt, Cancelled, Exception) as e:
@@ -516,7 +516,7 @@ def _report(store: ResultStore, scans: list[Scan], settings: PropagateSettings, 
                         records={s.id: store.records[s.id] for s in scans if s.id in store.records})
 
 
-def rec_of(store: ResultStore, scan: Scan) -> dict:
+def _record_of(store: ResultStore, scan: Scan) -> dict:
     """The record of ``scan`` as written (:meth:`ResultStore.add`)."""
     return store.records[scan.id]
 
