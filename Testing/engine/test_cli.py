@@ -627,13 +627,15 @@ def test_a_degenerate_affine_is_no_prior():
     from samembed.matcher import plausible_affine
 
     M = np.eye(4)
-    assert plausible_affine(M, 3) and plausible_affine(np.diag([2.0, 0.5, 1.5, 1.0]), 3)
+    assert plausible_affine(M, 3) and plausible_affine(np.diag([1.5, 0.75, 1.2, 1.0]), 3)
+    assert plausible_affine(np.diag([0.4, 0.4, 0.4, 1.0]), 3)  # another size alike along every axis
+    assert not plausible_affine(np.diag([2.0, 0.5, 1.5, 1.0]), 3)  # one axis stretched 4x against another
     flat = M.copy()
     flat[2, :3] = flat[1, :3]  # two rows alike: space folded flat
     assert not plausible_affine(flat, 3)
     assert not plausible_affine(np.diag([20.0, 20.0, 20.0, 1.0]), 3)  # 8000x the volume
     assert not plausible_affine(np.full((4, 4), np.nan), 3)
-    assert plausible_affine(np.diag([0.5, 2.0, 1.0]), 2)
+    assert plausible_affine(np.diag([0.6, 1.5, 1.0]), 2) and not plausible_affine(np.diag([0.5, 2.0, 1.0]), 2)
 
 
 def test_target_ids_are_file_names_made_unique_by_their_folders():
@@ -1334,6 +1336,25 @@ def test_sigterm_handling_is_the_commands_own_and_ends_with_it():
     thread.start()
     thread.join()
     assert seen == [before]
+
+
+def test_a_signal_the_parent_ignores_stays_ignored():
+    """``trap '' TERM`` before a command, or a training started in the background by a script (SIGINT ignored): the
+    command's handlers replaced the ignored signal, so it stopped the run anyway (a review)."""
+    code = ("import os, signal, time\n"
+            "from samembed.stopping import StopBetweenSteps, stop_on_sigterm\n"
+            "with stop_on_sigterm():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+            "with StopBetweenSteps() as steps:\n"
+            "    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+            "print('requested', steps.requested)\n")
+
+    def ignored():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=ignored)
+    assert res.returncode == 0 and res.stdout.strip() == "requested None", (res.returncode, res.stdout, res.stderr)
 
 
 @pytest.mark.needs_data
