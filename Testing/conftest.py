@@ -6,6 +6,7 @@ Real-data tests read ``../shared/data`` (relative to the repository root) in pla
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -118,3 +119,16 @@ def _locale_kept():
     kept = locale.setlocale(locale.LC_ALL)
     yield
     locale.setlocale(locale.LC_ALL, kept)
+
+
+@contextlib.contextmanager
+def ctrl_c_as_in_a_terminal():
+    """SIGINT raising ``KeyboardInterrupt`` while the block runs, as in a terminal: a test run started as a background
+    job of a non-interactive shell has SIGINT ignored, and samembed leaves an ignored signal ignored."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -53,7 +53,14 @@ def _stopping_on(signum: int, replaced: bool) -> Iterator[None]:
 def stop_on_sigterm() -> contextlib.AbstractContextManager[None]:
     """While the block runs, SIGTERM raises :class:`Terminated` in the main thread; the previous handler is put back
     after it."""
-    return _stopping_on(signal.SIGTERM, signal.getsignal(signal.SIGTERM) is not None)  # (None: set from C, kept)
+    return _stopping_on(signal.SIGTERM, _replaceable(signal.SIGTERM))
+
+
+def _replaceable(signum: int) -> bool:
+    """Whether a stop may take over ``signum``'s handler: not where the signal is ignored (``trap '' TERM``, or SIGINT
+    in a background job of a non-interactive shell: the parent meant it not to reach this process, as Python's own
+    Ctrl-C handling leaves it), nor where its handler was set from C (``None``)."""
+    return signal.getsignal(signum) not in (None, signal.SIG_IGN)
 
 
 def stop_on_hang_up() -> contextlib.AbstractContextManager[None]:
@@ -84,7 +91,7 @@ class StopBetweenSteps:
     def __enter__(self) -> StopBetweenSteps:
         if _in_main_thread():
             for signum in self.SIGNALS:
-                if signal.getsignal(signum) is not None:  # (None: a handler set from C, which stays)
+                if _replaceable(signum):
                     self._previous[signum] = signal.signal(signum, self._note)
         return self
 

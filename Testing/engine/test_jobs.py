@@ -381,6 +381,7 @@ def test_a_new_source_and_its_first_target_are_embedded_at_once_with_the_same_ma
 
 _TWO_INTERRUPTS = """
 import os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job has it ignored)
 sys.path.insert(0, {engine!r})
 {body}
 for delay in (0.3, 0.6):  # Ctrl-C, then Ctrl-C again while the first is being handled

@@ -26,7 +26,7 @@ import pytest
 from samembed.errors import Cancelled, InputError
 from samembed.options import MatchOptions
 
-from ..conftest import DATA
+from ..conftest import DATA, ctrl_c_as_in_a_terminal
 
 pytestmark = pytest.mark.needs_data
 
@@ -416,7 +416,7 @@ def test_a_stop_while_the_last_tables_are_written_keeps_them_whole(setup, client
 
     monkeypatch.setattr(ResultStore, "write_tables", stopped_meanwhile)
     scans, out = setup["scans"][:2], tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_as_in_a_terminal(), pytest.raises(KeyboardInterrupt):
         propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup), client=client)
     monkeypatch.setattr(ResultStore, "write_tables", write_tables)
     ref = [r for r in _rows(full_run[0]) if r["scan"] in {s.id for s in scans}]
