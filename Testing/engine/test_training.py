@@ -26,7 +26,7 @@ from samembed.training.objectives import (
     variance_hinge,
 )
 
-from ..conftest import data_file
+from ..conftest import ctrl_c_as_in_a_terminal, data_file
 
 
 def unit(*rows):
@@ -291,10 +291,11 @@ def test_ctrl_c_or_sigterm_stops_training_after_the_iteration_with_its_checkpoin
         return real(self, *args)
 
     monkeypatch.setattr(Trainer, "compute_loss", signalled)
-    before = signal.getsignal(signum)
-    with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
-        Trainer(tiny_config(tmp_path / "b", "sam", iterations=4, warmup=2), progress=False).run(resume="auto")
-    assert signal.getsignal(signum) is before  # the training's handlers are gone with it
+    with ctrl_c_as_in_a_terminal():
+        before = signal.getsignal(signum)
+        with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
+            Trainer(tiny_config(tmp_path / "b", "sam", iterations=4, warmup=2), progress=False).run(resume="auto")
+        assert signal.getsignal(signum) is before  # the training's handlers are gone with it
     assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["iteration"] == 3
     monkeypatch.setattr(Trainer, "compute_loss", real)
     Trainer(tiny_config(tmp_path / "b", "sam", iterations=4, warmup=2), progress=False).run(resume="auto")
@@ -319,7 +320,8 @@ def test_a_stop_during_the_last_iteration_lets_the_run_finish(tmp_path, monkeypa
         return real(self, *args)
 
     monkeypatch.setattr(Trainer, "compute_loss", signalled)
-    final = Trainer(tiny_config(tmp_path, "sam"), progress=False).run()
+    with ctrl_c_as_in_a_terminal():
+        final = Trainer(tiny_config(tmp_path, "sam"), progress=False).run()
     assert torch.load(final, weights_only=True)["iteration"] == 3
 
 
@@ -476,3 +478,22 @@ def test_training_images_none_of_which_can_be_read_are_an_input_error(tmp_path):
                              f'out_dir="{tmp_path / "run"}"', "iterations=2", "threads=1"])
     with pytest.raises(InputError, match="none of the 1 training images found could be read"):
         Trainer(cfg, progress=False).run()
+
+
+@pytest.mark.needs_data
+def test_a_training_leaves_torchs_threads_determinism_and_random_state_as_they_were(tmp_path):
+    """``Trainer.run()`` set torch's thread count, deterministic mode and seed for the rest of the caller's process
+    (a notebook that trains, then works on: a review)."""
+    from samembed.training.train import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(False)
+    trainer = Trainer(tiny_config(tmp_path, "sam"), progress=False)  # (threads=1 in its config)
+    state = torch.random.get_rng_state()
+    try:
+        trainer.run()
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+        assert torch.equal(torch.random.get_rng_state(), state)
+    finally:
+        torch.set_num_threads(threads)

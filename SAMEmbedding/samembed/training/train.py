@@ -6,11 +6,13 @@ and loss-curve PNG; DistributedDataParallel under ``torchrun`` (gloo on CPU, ncc
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,21 @@ class TwoBranch(nn.Module):
         loc = F.normalize(self.net.forward_local(local_x), dim=1)
         glob = F.normalize(self.net.forward_global_pooled(global_x), dim=1)
         return loc, glob
+
+
+@contextlib.contextmanager
+def _torch_settings_kept() -> Iterator[None]:
+    """torch's thread count, deterministic mode and CPU random state put back after the block."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    rng = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.random.set_rng_state(rng)
 
 
 class Trainer:
@@ -245,12 +262,14 @@ class Trainer:
 
     # ------------------------------------------------------------------- run
     def run(self, resume: str | None = None) -> Path:
-        """Train; return the path of the final checkpoint."""
-        self._check_before_data()
-        if resume is None:  # before any data is prepared: a run folder in use is named at once
-            self._refuse_replacing_a_run()
-        with self._run_folder_lock():
-            return self._run(resume)
+        """Train; return the path of the final checkpoint. torch's thread count, deterministic mode and global random
+        state, which the run sets, are as they were afterwards (a notebook goes on as before)."""
+        with _torch_settings_kept():
+            self._check_before_data()
+            if resume is None:  # before any data is prepared: a run folder in use is named at once
+                self._refuse_replacing_a_run()
+            with self._run_folder_lock():
+                return self._run(resume)
 
     def _run(self, resume: str | None) -> Path:
         cfg = self.cfg
@@ -489,8 +508,6 @@ class Trainer:
     def _run_folder_lock(self):
         """Hold ``out_dir/.lock`` for the run (the first process of it): a second run started into the same
         folder is refused at once, instead of interleaving its log and checkpoints with this one's."""
-        import contextlib
-
         if self.rank != 0:
             return contextlib.nullcontext()
         try:
