@@ -24,7 +24,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import sys
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,27 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+#: the environment variables by which a user tunes glibc's allocator (``mallopt(3)``); ``GLIBC_TUNABLES`` too, where
+#: it names a ``glibc.malloc.`` tunable
+MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                    "MALLOC_ARENA_MAX")
+
+
+def users_malloc_settings(environ: Mapping[str, str], besides: Mapping[str, str] | None = None) -> list[str]:
+    """The allocator settings a user made in ``environ`` (see :data:`MALLOC_VARIABLES`), which
+    :func:`keep_freed_memory` leaves as they are: a user who keeps a container's memory low by them keeps it so.
+    ``besides``: values not made by the user, but by the program that started this process (Dask's nannies start
+    their workers with ``MALLOC_TRIM_THRESHOLD_=65536``)."""
+    besides = besides or {}
+    found = [name for name in MALLOC_VARIABLES if environ.get(name, "") != "" and environ.get(name) != besides.get(name)]
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        found.append("GLIBC_TUNABLES")
+    return found
+
+
 def keep_freed_memory(mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES,
-                      trim_threshold_bytes: int = TRIM_THRESHOLD_BYTES) -> bool:
+                      trim_threshold_bytes: int = TRIM_THRESHOLD_BYTES,
+                      besides: Mapping[str, str] | None = None) -> bool:
     """Have this process's allocator keep freed memory for reuse (see the module docstring): allocations below
     ``mmap_threshold_bytes`` from the heap (or below :data:`MMAP_THRESHOLD_MAX_BYTES` where this glibc refuses more),
     up to ``trim_threshold_bytes`` of free memory kept at the heap's top.
@@ -68,7 +89,8 @@ def keep_freed_memory(mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES,
     Returns whether the setting took effect. Where the C library is not glibc, or it refuses both thresholds, nothing
     changes: the trim threshold is set only with the mmap threshold, since setting it alone would stop glibc from
     raising its mmap threshold by itself. Applies to this process and to processes it forks afterwards, not to
-    processes it starts otherwise.
+    processes it starts otherwise. Nothing changes either where the user tuned the allocator in the environment
+    (:func:`users_malloc_settings`; ``besides`` as there).
 
     Raises:
         ValueError: a threshold outside 0..2^31 - 1 bytes (``mallopt`` takes an int).
@@ -78,6 +100,11 @@ def keep_freed_memory(mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES,
             raise ValueError(f"{name}={value}: must be 0..{_INT_MAX} bytes")
     libc = _glibc()
     if libc is None:
+        return False
+    users = users_malloc_settings(os.environ, besides)
+    if users:
+        log.info("the allocator is tuned in the environment (%s): freed memory is returned as set there",
+                 ", ".join(users))
         return False
     ok = any(bool(libc.mallopt(M_MMAP_THRESHOLD, v))
              for v in (int(mmap_threshold_bytes), min(int(mmap_threshold_bytes), MMAP_THRESHOLD_MAX_BYTES)))

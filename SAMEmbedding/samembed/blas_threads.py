@@ -34,18 +34,26 @@ ENV = "OPENBLAS_NUM_THREADS"
 Environ = TypeVar("Environ", bound=MutableMapping[str, str])
 
 
+def says_how_many(environ: Environ) -> bool:
+    """Whether ``environ`` gives numpy's BLAS a thread count (:data:`ENV` a whole number >= 1): OpenBLAS takes an
+    empty value (a blank CI or container variable) or 0 as unset, and starts a thread per core."""
+    value = environ.get(ENV, "").strip()
+    return value.isdigit() and int(value) >= 1
+
+
 def blas_environment(environ: Environ) -> Environ:
     """``environ`` with numpy's BLAS on one thread (:data:`ENV` = 1) unless it already says how many; for the
     environment of a process the engine starts. Returns ``environ``, changed in place."""
-    environ.setdefault(ENV, "1")
+    if not says_how_many(environ):
+        environ[ENV] = "1"
     return environ
 
 
 def one_blas_thread() -> bool:
     """In a process of the engine's own, before numpy's first import: numpy's BLAS on the calling thread only (see
     the module docstring). Returns whether it applied: not when numpy is loaded already (its threads have started and
-    keep their count) or :data:`ENV` is set already."""
-    if "numpy" in sys.modules or ENV in os.environ:
+    keep their count) or :data:`ENV` says how many already."""
+    if "numpy" in sys.modules or says_how_many(os.environ):
         return False
     blas_environment(os.environ)
     return True

@@ -83,7 +83,14 @@ class _MetaKernelsFirst(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if name == META_KERNELS_MODULE:  # the meta kernels themselves, imported directly: torch's order already
             _remove_hook()
             return None
-        return importlib.machinery.ModuleSpec(name, self)  # this loader: the meta kernels first (create_module)
+        real = importlib.machinery.PathFinder.find_spec(name, path)
+        if real is None:  # no such module (a probe by importlib.util.find_spec gets None, as without the hook)
+            return None
+        # this loader: the meta kernels first (create_module); what a probe reads of the spec, as the real one says
+        spec = importlib.machinery.ModuleSpec(name, self, origin=real.origin,
+                                              is_package=real.submodule_search_locations is not None)
+        spec.submodule_search_locations = real.submodule_search_locations
+        return spec
 
     def create_module(self, spec: importlib.machinery.ModuleSpec):
         log.info("loading torch's Python meta kernels for %s (left out of torch's import)", spec.name)

@@ -59,6 +59,9 @@ def test_the_commands_process_runs_numpys_blas_on_one_thread_and_a_users_setting
 def test_the_environment_of_a_process_the_engine_starts_keeps_a_users_setting():
     assert blas_environment({"PATH": "/bin"}) == {"PATH": "/bin", ENV: "1"}
     assert blas_environment({ENV: "4"}) == {ENV: "4"}
+    # a blank variable (a CI's or container's) or 0 is no count: OpenBLAS then starts a thread per core (a review)
+    for unset in ("", " ", "0", "many"):
+        assert blas_environment({ENV: unset}) == {ENV: "1"}, unset
 
 
 def test_the_package_and_its_command_line_load_no_numpy_and_its_names_resolve_on_first_use():

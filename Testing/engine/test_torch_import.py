@@ -243,3 +243,24 @@ def test_the_command_matches_real_radiographs_as_with_torch_imported_whole(tmp_p
     _match(common, tmp_path / "whole.csv", SAMEMBED_FULL_TORCH_IMPORT="1")
     assert "torch loaded without its Python meta kernels" in lean.stderr, lean.stderr
     assert (tmp_path / "lean.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+
+
+def test_a_probe_for_a_torch_module_finds_what_exists_only():
+    """Once torch is in without its meta kernels, the import hook answered ``importlib.util.find_spec`` for every
+    ``torch.*`` name, with no origin: a module that does not exist was "found" (a review)."""
+    got = _fresh("""
+import importlib.util, json
+from samembed import cli
+cli.engine_process_settings()
+from samembed.api import Matcher  # noqa: F401 (torch)
+from samembed.torch_import import after_torch_import, meta_kernels_skipped
+after_torch_import()
+skipped = meta_kernels_skipped()
+missing = importlib.util.find_spec("torch.no_such_module")
+real = importlib.util.find_spec("torch.utils.tensorboard")
+print(json.dumps({"skipped": skipped, "missing": None if missing is None else missing.name,
+                  "origin": None if real is None else real.origin, "still_skipped": meta_kernels_skipped()}))
+""")
+    assert got["missing"] is None, got
+    if got["skipped"]:  # (with the hook: the real module's file, and a probe loads nothing)
+        assert got["origin"] and got["origin"].endswith("__init__.py") and got["still_skipped"], got

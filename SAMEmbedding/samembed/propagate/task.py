@@ -87,7 +87,7 @@ def _engine(job: ScanJob) -> _Engine:
         from ..allocator import keep_freed_memory
         from ..api import Matcher
 
-        keep_freed_memory()
+        keep_freed_memory(besides=DASK_WORKER_MALLOC)
 
         key = job.engine
         matcher = Matcher(model=key.model, device=key.device, cache_bytes=key.cache_bytes, cache_dir=None,
@@ -95,6 +95,11 @@ def _engine(job: ScanJob) -> _Engine:
                           precision=key.precision)
         eng = _ENGINE["engine"] = _Engine(job.engine, matcher)
     return eng
+
+
+#: what Dask's nannies set in their workers' environment by default (``distributed.nanny.pre-spawn-environ``): not a
+#: user's setting, which :func:`~samembed.allocator.keep_freed_memory` would leave as it is
+DASK_WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: bool = False):
