@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -416,8 +417,8 @@ class Matcher:
                     if tmaps is None:
                         tmaps = embedder.embed(tgt, cancel=cancel, on_demand=True)
                         t_embed = time.time() - t1
-                    else:
-                        t_embed = t_beside
+                    else:  # embedded beside the source, before this target's clock started
+                        t_embed, t1 = t_beside, time.time() - t_beside
                     region = self._search_region(src_maps, tmaps, options, inputs.mask, name)
                     for note in (region.note, self._modality_note(embedder, inputs.source, tgt, name)):
                         if note:
@@ -563,6 +564,11 @@ class Matcher:
                 what = ("samembed.propagate.Atlas, an atlas's files for propagate()"
                         if type(a).__module__.startswith("samembed.propagate") else type(a).__name__)
                 raise InputError(f"match_atlases() takes samembed.Atlas(image, points_lps_mm, labels), not {what}")
+        shown = [a.display_name for a in atlases]
+        # atlases of one name (in-memory images without one: "atlas") told apart by their place in the list
+        atlases = [dataclasses.replace(a, name=f"{n} {i + 1}")
+                   if shown.count(n) > 1 and not a.name and not isinstance(a.image, (str, os.PathLike)) else a
+                   for i, (a, n) in enumerate(zip(atlases, shown))]
         ref = atlases[0]
         labels, notes = landmark_union([(a.display_name, a.labels) for a in atlases])
         seen = set()
@@ -586,6 +592,8 @@ class Matcher:
         refuse_mixed_dimensions([(a.display_name, im.ndim) for a, im in zip(atlases, images)], "targets")
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
+        if target_names is not None and len(target_names) != len(targets):  # (before any work, as match says it)
+            raise InputError(f"{len(target_names)} target names for {len(targets)} targets")
         t0 = time.time()
         result = MatchResult([], [], timings={}, notes=notes)
         for ti, target in enumerate(targets):  # targets outside: each is embedded once, the atlases stay cached
@@ -610,6 +618,11 @@ class Matcher:
             name = per_atlas[0].targets[0]
             result.targets.append(name)
             result.matches.extend(self._fused(atlases, per_atlas, labels, fusion, ti, name))
+            # what the atlases' matches said (a point in air, no prior, another modality), each once: the Slicer
+            # module shows the notes only (its engine process logs elsewhere)
+            result.notes.extend(n for n in dict.fromkeys(n for r in per_atlas for n in r.notes) if n not in result.notes)
+            result.timings[f"target{ti}_s"] = time.time() - t0 - sum(
+                v for k, v in result.timings.items() if k.startswith("target"))
             if progress:
                 progress(ti + 1, len(targets), f"fused {ti + 1}/{len(targets)} {Path(name).name}")
         result.timings["total_s"] = time.time() - t0

@@ -42,7 +42,14 @@ class Atlas:
 
     @property
     def display_name(self) -> str:
-        return self.name or (str(self.image) if isinstance(self.image, (str, os.PathLike)) else "atlas")
+        """Its ``name``, else its file's path, else the name of a :class:`samembed.Image` or SimpleITK image held in
+        memory (two unnamed in-memory atlases were both "atlas": :meth:`Matcher.match_atlases` names them apart)."""
+        if self.name:
+            return self.name
+        if isinstance(self.image, (str, os.PathLike)):
+            return str(self.image)
+        own = getattr(self.image, "name", None)
+        return own if isinstance(own, str) and own else "atlas"
 
 
 def landmark_union(named_labels: Sequence[tuple[str, Sequence[str]]]) -> tuple[list[str], list[str]]:

@@ -648,8 +648,19 @@ def validate_image(image: Image, constant_ok: bool = False) -> None:
         raise InputError(f"{image.name}: image holds {n} NaN or infinite voxels; fix or mask them before matching")
     if not constant_ok and not _varies(arr):
         raise InputError(f"{image.name}: image is constant (every voxel is {arr.flat[0]}); nothing to match")
-    if np.any(np.asarray(image.grid.spacing_mm) <= 0):
-        raise InputError(f"{image.name}: non-positive spacing {image.grid.spacing_mm.tolist()}")
+    if np.iscomplexobj(arr) or arr.dtype.kind not in "biuf":
+        raise InputError(f"{image.name}: voxels of type {arr.dtype} are not intensities; give a real-valued image "
+                         "(the magnitude of a complex one, say)")
+    grid = image.grid
+    spacing = np.asarray(grid.spacing_mm, dtype=np.float64)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{image.name}: spacing {spacing.tolist()} mm: each must be a finite number > 0")
+    if not np.all(np.isfinite(np.asarray(grid.origin_lps_mm, dtype=np.float64))):
+        raise InputError(f"{image.name}: origin {np.asarray(grid.origin_lps_mm).tolist()}: not finite")
+    direction = np.asarray(grid.direction, dtype=np.float64)
+    if not np.all(np.isfinite(direction)) or abs(float(np.linalg.det(direction))) < 1e-6:
+        raise InputError(f"{image.name}: direction {direction.round(6).tolist()} folds space flat (or is not "
+                         "finite): its axes must point in independent directions")
     if not constant_ok:  # (the memo is of the full check)
         image._validated.append(True)
 

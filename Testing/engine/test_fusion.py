@@ -338,3 +338,27 @@ def test_atlases_of_two_dimensions_are_refused_before_any_target(matcher, ct_and
     with pytest.raises(InputError, match=rf"the atlases are not all of one dimension: ct.nii.gz \(3D\), {xray} \(2D\)") as err:
         matcher.match_atlases(atlases, [ct, ct], FAST)
     assert not isinstance(err.value, TargetError) and not calls
+
+
+@pytest.mark.needs_data
+def test_atlas_matches_keep_their_notes_their_names_apart_and_refuse_a_wrong_count_of_target_names(
+        matcher, ct_and_points, monkeypatch):
+    """``match_atlases`` dropped the notes of its atlases' matches (a point in air: the Slicer module shows notes
+    only), named every in-memory atlas "atlas", and with 1 name for 2 targets matched the first, then raised a bare
+    IndexError (a review)."""
+    from samembed.image import Image
+
+    ct, pts = ct_and_points
+    corner = ct.grid.index_to_lps([[2.0, 2.0, 60.0]])  # air beside the head
+    first = Atlas(Image(ct.array, ct.grid, ""), np.vstack([pts, corner]), ("a", "b", "c", "air"))
+    second = Atlas(Image(ct.array, ct.grid, ""), np.vstack([pts, corner]), ("a", "b", "c", "air"))
+    res = matcher.match_atlases([first, second], [ct], FAST)
+    assert any("lie outside the body" in n and "'air'" in n for n in res.notes), res.notes
+    named = {m.label: m for m in res.matches}["a"]
+    assert sorted(name for name, *_ in named.per_atlas) == ["atlas 1", "atlas 2"], named.per_atlas
+    assert "target0_s" in res.timings and all(v >= 0 for v in res.timings.values()), res.timings
+    calls = []
+    monkeypatch.setattr(Matcher, "match", lambda self, *a, **k: calls.append(1))
+    with pytest.raises(InputError, match="1 target names for 2 targets"):
+        matcher.match_atlases([first, second], [ct, ct], FAST, target_names=["one"])
+    assert not calls

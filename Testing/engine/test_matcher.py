@@ -886,3 +886,40 @@ def test_points_on_a_second_part_of_the_body_are_matched_there(a_random_matcher)
     err = np.linalg.norm(np.array([m.point_lps_mm for m in res.matches]) - pts, axis=1)
     voxel = np.linalg.norm(a_random_matcher.embedder_for(3).embed(image, on_demand=True).local_grid.spacing_mm)
     assert err.max() <= voxel, np.round(err, 1)
+
+
+def test_an_image_of_impossible_geometry_or_complex_voxels_is_refused_by_name():
+    """NaN or infinite spacing, a NaN origin, a singular direction and complex voxels failed deep inside (a bare
+    ValueError, OverflowError, SimpleITK's RuntimeError, or "the search mask leaves no voxel") (a review)."""
+    from samembed.image import Image
+    from samembed.io import validate_image
+
+    a = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
+    cases = [(Image.from_array(a, spacing_mm=(np.nan, 1.0, 1.0)), "spacing"),
+             (Image.from_array(a, spacing_mm=(np.inf, 1.0, 1.0)), "spacing"),
+             (Image.from_array(a, origin_lps_mm=(np.nan, 0.0, 0.0)), "origin"),
+             (Image.from_array(a, direction=np.zeros((3, 3))), "direction"),
+             (Image.from_array(a.astype(np.complex64)), "complex64")]
+    for image, what in cases:
+        with pytest.raises(InputError, match=what):
+            validate_image(image)
+    sheared = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, np.sin(0.35)], [0.0, 0.0, np.cos(0.35)]])
+    validate_image(Image.from_array(a, direction=sheared))  # a sheared grid (gantry tilt) is geometry, not nonsense
+
+
+@pytest.mark.needs_data
+def test_the_timings_of_a_target_embedded_beside_the_source_are_not_negative(popi_ct):
+    """The first target, embedded beside the source on a CPU of two threads, had a negative ``target0_match_s``: the
+    time of that embedding was taken off a clock that started after it (a review)."""
+    from samembed.image import Image
+
+    from ..conftest import with_torch_threads
+
+    matcher = Matcher("random:sam-lite", device="cpu")
+    other = Image(popi_ct.array[:, :, ::-1].copy(), popi_ct.grid, "mirrored")  # another target's voxels
+    res = with_torch_threads(2, lambda: matcher.match(popi_ct, popi_landmarks()[:1], [other],
+                                                      options=MatchOptions(polish=False, prior_window_mm=20)))
+    t = res.timings
+    assert all(v >= 0 for v in t.values()), t
+    # the matching is most of what follows the source's embedding (that target's maps were made during it)
+    assert t["target0_match_s"] >= 0.5 * (t["total_s"] - t["source_embed_s"]), t
