@@ -835,6 +835,10 @@ class Matcher:
             con = consistent_matches(src_maps, pts, tmaps, found, scores, region.allowed,
                                      inlier_mm=options.consistency_inlier_mm, window_mm=options.consistency_window_mm)
             found, scores, rematched = con.points_lps_mm, con.scores, con.rematched
+            if con.flat:
+                self._warn_once(f"the consistency check (consistency, --consistency) fits an affine to the points, "
+                                f"and these {n} lie in one {'plane' if d == 3 else 'line'} (all on one slice?), "
+                                "which fixes none: it is skipped; add points off it to check them")
         if options.refine:
             ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=region.allowed,
                                 window_mm=options.refine_window_mm or None)

@@ -37,6 +37,19 @@ class ConsistentMatch:
     scores: np.ndarray
     rematched: np.ndarray
     affine: np.ndarray
+    flat: bool = False  # the points lie in one plane (3D) or on one line (2D): no affine to check them by
+
+
+#: points whose RMS distance from their best-fitting plane (3D) or line (2D) is below this are flat, mm
+FLAT_MM = 0.5
+
+
+def is_flat(points_lps_mm: np.ndarray) -> bool:
+    """Whether (N, d) points lie in one plane (3D; e.g. all clicked on one axial slice) or on one line (2D), within
+    :data:`FLAT_MM`: an affine of them is then undetermined across that plane or line."""
+    p = np.asarray(points_lps_mm, dtype=np.float64)
+    thinnest = np.linalg.svd(p - p.mean(0), compute_uv=False)[-1] if len(p) >= p.shape[1] else 0.0
+    return bool(thinnest / np.sqrt(len(p)) < FLAT_MM)
 
 
 def min_points(d: int) -> int:
@@ -58,7 +71,8 @@ def consistent_matches(source: EmbeddingMaps, points_lps_mm: np.ndarray, target:
         window_mm: half-size of the box around the affine prediction searched again, mm.
 
     Returns:
-        :class:`ConsistentMatch`; unchanged matches when there are fewer than ``2 (d + 1)`` points.
+        :class:`ConsistentMatch`; unchanged matches when there are fewer than ``2 (d + 1)`` points, or when they
+        are flat (:func:`is_flat`: ``flat`` says so).
     """
     d = source.local_grid.ndim
     pts = np.asarray(points_lps_mm, dtype=np.float64)[:, :d]
@@ -66,6 +80,8 @@ def consistent_matches(source: EmbeddingMaps, points_lps_mm: np.ndarray, target:
     sc = np.asarray(scores, dtype=np.float64).copy()
     if len(pts) < min_points(d):
         return ConsistentMatch(found, sc, np.zeros(len(pts), dtype=bool), np.eye(d + 1))
+    if is_flat(pts):  # every minimal set is degenerate: RANSAC would take every match for an inlier
+        return ConsistentMatch(found, sc, np.zeros(len(pts), dtype=bool), np.eye(d + 1), flat=True)
     M, inliers = ransac_affine(pts, found, inlier_mm, seed=seed)
     redo = np.flatnonzero(~inliers)
     if len(redo):

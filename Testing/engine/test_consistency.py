@@ -81,3 +81,24 @@ def test_consistency_repairs_gross_hand_mismatches_and_keeps_the_agreeing_matche
         gross_after += int((np.linalg.norm(p1 - truth, axis=1) > 20).sum())
     assert gross_before >= 5, "this check needs hands with gross mismatches"
     assert gross_after <= gross_before // 5  # measured: 59 gross mismatches (> 20 mm) before, 5 after
+
+
+def test_points_in_one_plane_are_said_to_fix_no_affine_and_the_check_is_skipped(caplog):
+    """Landmarks clicked on one axial slice: every minimal set of RANSAC is degenerate, so it took every match for an
+    inlier and searched none again, without a word (a review)."""
+    from samembed.consistency import is_flat
+    from samembed.io import read_image
+
+    rng = np.random.default_rng(0)
+    slab = np.column_stack([rng.uniform(0, 100, (8, 2)), np.full(8, 40.0)])
+    assert is_flat(slab) and not is_flat(slab + np.column_stack([np.zeros((8, 2)), rng.uniform(-20, 20, 8)]))
+    assert is_flat(np.column_stack([np.arange(6.0), 2 * np.arange(6.0)]))  # 2D: on one line
+    ct = read_image(data_file("ct", "popi", "popi_00_ct.nii.gz"))
+    k = ct.grid.size_ijk[2] // 2
+    size = np.asarray(ct.grid.size_ijk)
+    ijk = np.column_stack([rng.uniform(0.3, 0.7, (8, 2)) * size[:2], np.full(8, k)])
+    with caplog.at_level("WARNING", logger="samembed.api"):
+        res = Matcher("random:sam-lite", device="cpu").match(ct, ct.grid.index_to_lps(ijk), [ct],
+                                                             options=MatchOptions(polish=False, consistency=True))
+    assert not any(m.rematched for m in res.matches)
+    assert any("these 8 lie in one plane (all on one slice?)" in r.getMessage() for r in caplog.records), caplog.text

@@ -362,3 +362,12 @@ def test_atlas_matches_keep_their_notes_their_names_apart_and_refuse_a_wrong_cou
     with pytest.raises(InputError, match="1 target names for 2 targets"):
         matcher.match_atlases([first, second], [ct, ct], FAST, target_names=["one"])
     assert not calls
+
+
+def test_far_atlases_do_not_agree_because_other_outliers_widen_the_limit():
+    """The limit of ``outlier_mads`` MADs took the outliers' own deviations: among 3 atlases at 0, 60 and 200 mm the
+    two 60 mm apart agreed, and 2 atlases at 90 and 120 mm joined 2 that agree within 1 mm (a review)."""
+    three = fuse_points(np.array([[0.0, 0, 0], [60, 0, 0], [0, 200, 0]]), np.ones(3))
+    assert not three.agreeing.any(), three
+    four = fuse_points(np.array([[0.0, 0, 0], [1, 0, 0], [0, 90, 0], [120, 0, 0]]), np.ones(4))
+    assert four.agreeing.tolist() == [True, True, False, False] and four.spread_mm < 1.0, four
