@@ -233,6 +233,11 @@ class Matcher:
             raise InputError(f"cache_bytes must be a whole number of bytes >= 0 (e.g. 2 << 30 for 2 GiB), "
                              f"not {cache_bytes!r}")
         cache_bytes = int(cache_bytes)  # (numpy's integers, 2e9)
+        if (isinstance(max_tile_voxels, bool) or not isinstance(max_tile_voxels, numbers.Real)
+                or not 1 <= max_tile_voxels < math.inf or max_tile_voxels != int(max_tile_voxels)):
+            raise InputError(f"max_tile_voxels must be a whole number of voxels >= 1 (e.g. 24_000_000), "
+                             f"not {max_tile_voxels!r}")
+        max_tile_voxels = int(max_tile_voxels)
         if spacing_mm is not None:
             if isinstance(spacing_mm, bool) or not isinstance(spacing_mm, numbers.Real) or not 0 < spacing_mm < math.inf:
                 raise InputError(f"spacing_mm must be a pixel size in mm greater than 0, not {spacing_mm!r}")
@@ -456,7 +461,8 @@ class Matcher:
                 :class:`samembed.jobs.FuseCall` (as :meth:`match_atlases`; each atlas is read once, here).
             on_target: ``on_target(i, event)`` as target ``i`` starts (None), is matched (its results, one per call)
                 or is skipped for a problem of its own (a :class:`TargetError`), called in this thread. What it raises
-                stops the job and is raised.
+                stops the job and is raised. Each result is of that one target: its matches' ``target_index`` is 0,
+                and its heatmaps' keys are ``(0, label)``; ``i`` is the target's place in ``targets``.
             cancel: set it to stop (from any thread, or in ``on_target``): no further target starts, the targets in
                 flight stop at their next tile (seen within :data:`CANCEL_POLL_S`) or, needing none, finish and are
                 told; :class:`Cancelled` is raised when a target was left undone.

@@ -16,6 +16,7 @@ visible in the result: how many atlases agreed, which were rejected, and the spr
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from .names import repeated_labels
 
 @dataclass(frozen=True)
 class Atlas:
-    """An annotated scan for :meth:`Matcher.match_atlases`: the image, its landmarks (N, 3) LPS mm, their labels,
-    and a name for messages and results (its file path by default)."""
+    """An annotated scan for :meth:`Matcher.match_atlases`: the image, its landmarks (N, 3) LPS mm, their labels
+    (None: P1, P2, ... as :meth:`Matcher.match` names unlabelled points), and a name for messages and results (its
+    file path by default)."""
 
     image: object
     points_lps_mm: np.ndarray
@@ -37,7 +39,11 @@ class Atlas:
     name: str = ""
 
     def __post_init__(self) -> None:  # labels as the matches carry them: text (one string is one label)
-        labels = [self.labels] if isinstance(self.labels, str) else self.labels
+        if self.labels is None:  # as Matcher.match names unlabelled points: P1, P2, ...
+            points = np.asarray(self.points_lps_mm)
+            labels = [f"P{i + 1}" for i in range(1 if points.ndim == 1 else len(points))]
+        else:
+            labels = [self.labels] if isinstance(self.labels, str) else self.labels
         object.__setattr__(self, "labels", tuple(str(v) for v in labels))
 
     @property
@@ -103,8 +109,9 @@ class FusionOptions:
     def __post_init__(self) -> None:
         for name in ("outlier_mm", "outlier_mads", "min_weight"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v <= 0:
+            if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)) or not np.isfinite(v) or v <= 0:
                 raise InputError(f"{name} must be a finite number > 0, not {v!r}")
+            object.__setattr__(self, name, float(v))  # (a numpy number as a plain one, as MatchOptions takes them)
 
 
 @dataclass

@@ -114,33 +114,37 @@ class Heatmaps(Mapping):
         self._where.update(other._where)
 
     def __getitem__(self, key: tuple[int, str]) -> Image:
+        return self.make(key)
+
+    def _entry(self, key: tuple[int, str]) -> tuple:
+        """Where heatmap ``key`` is held; a ``KeyError`` that says which keys there are."""
         if key not in self._where:
             if not self._where:
                 raise KeyError("no heatmaps in this result: match with options=MatchOptions(heatmap=True)")
             raise KeyError(f"no heatmap {key!r}: the keys are (target index, label), e.g. {next(iter(self._where))!r}")
-        return self.make(key)
+        return self._where[key]
 
     def image_grid(self, key: tuple[int, str]) -> Grid:
         """The voxel grid of the heatmap ``key``: its target's."""
-        return self._where[key][0].image_grid
+        return self._entry(key)[0].image_grid
 
     def model_grid(self, key: tuple[int, str]) -> Grid:
         """The model's grid of the heatmap ``key``: the voxels its similarities were computed on (the local map's;
         4 mm for the CT models), in its target's physical space."""
-        return self._where[key][0].model_grid
+        return self._entry(key)[0].model_grid
 
     def on_model_grid(self, key: tuple[int, str]) -> Image:
         """The heatmap ``key`` on its own grid (:meth:`model_grid`) instead of its target's: one value per model
         voxel, the value :meth:`make` gives every target voxel whose centre falls in it (-1 where not computed), in
         the same physical space. A viewer (Slicer, ITK-SNAP) overlays it on the target as it does the full-size
         image. A new float32 array of the model grid's shape (zyx)."""
-        held, n, name = self._where[key]
+        held, n, name = self._entry(key)
         return Image(heatmap_values(held.rows[n]).reshape(held.model_grid.shape_zyx), held.model_grid, name)
 
     def make(self, key: tuple[int, str], out: np.ndarray | None = None) -> Image:
         """The heatmap ``key`` as an image, made now; ``out``: a float32 array of its grid's shape (zyx) to make it
         in (see :func:`heatmap_from_lookup`)."""
-        held, n, name = self._where[key]
+        held, n, name = self._entry(key)
         if self._lookup is None or self._lookup[0] is not held:  # one target's lookup at a time (read in order)
             self._lookup = (held, voxel_lookup(held.model_grid, held.image_grid))
         return heatmap_from_lookup(held.rows[n], self._lookup[1], held.image_grid, name, out)

@@ -371,3 +371,19 @@ def test_far_atlases_do_not_agree_because_other_outliers_widen_the_limit():
     assert not three.agreeing.any(), three
     four = fuse_points(np.array([[0.0, 0, 0], [1, 0, 0], [0, 90, 0], [120, 0, 0]]), np.ones(4))
     assert four.agreeing.tolist() == [True, True, False, False] and four.spread_mm < 1.0, four
+
+
+def test_small_api_inputs_are_taken_or_refused_as_the_rest_of_the_api_takes_them():
+    """From a review of the scripting API: ``Atlas(image, points, None)`` raised TypeError (``match`` takes labels
+    None), ``FusionOptions(outlier_mm=np.float32(10))`` was refused (MatchOptions takes numpy numbers),
+    ``Matcher(max_tile_voxels="big")`` raised a bare ValueError, and a heatmap key not in a result raised a bare
+    KeyError from ``on_model_grid``, ``image_grid`` and ``model_grid``."""
+    from samembed.heatmap import Heatmaps
+
+    assert Atlas("a.nii.gz", [[0.0, 0, 0], [1, 1, 1]], None).labels == ("P1", "P2")
+    assert FusionOptions(outlier_mm=np.float32(10)).outlier_mm == 10.0
+    with pytest.raises(InputError, match="max_tile_voxels must be a whole number"):
+        Matcher("random:sam-lite", device="cpu", max_tile_voxels="big")
+    for read in (Heatmaps().on_model_grid, Heatmaps().image_grid, Heatmaps().model_grid, Heatmaps().make):
+        with pytest.raises(KeyError, match="no heatmaps in this result"):
+            read((5, "L2"))
