@@ -101,7 +101,11 @@ class MatchController:
 
     # -- settings ----------------------------------------------------------------------------
     def setParameters(self, parameters) -> None:
-        """Use these parameters (a restored or new scene); starts no match."""
+        """Use these parameters (a restored or new scene); starts no match. The same parameters again (the module
+        entered again) change nothing: what is pending, running or waiting goes on."""
+        if parameters is self.parameters and parameters is not None:
+            self.parametersModified()  # (whatever changed while the module was left)
+            return
         self.forgetPrepared()
         self._dropDeferred()
         self.parameters = parameters

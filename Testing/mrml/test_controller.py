@@ -538,3 +538,23 @@ def test_unchecking_every_target_while_the_volumes_are_prepared_says_the_prepara
     assert h.status[-1] == "Preparing stopped: choose a source volume and at least one target", h.status
     h.controller.cleanup()
     h.worker.shutdown()
+
+
+def test_entering_the_module_again_keeps_a_click_waiting_for_a_model_switch(a_scene, harness, a_small_ct,
+                                                                            no_vtk_errors):
+    """Each visit of the module hands the controller its parameter node again: that dropped a click waiting for a
+    model switch (never matched, the status frozen on "Waiting for the running work to end") and cancelled a
+    preparation under way without starting it again (a review)."""
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    parameters = _parameters(a_small_ct, points, [a_small_ct])
+    h = harness
+    h.controller.setParameters(parameters)
+    release = h.blockWorker()
+    parameters.device = "auto"
+    h.controller.parametersModified()
+    h.controller.matchPoints([0])  # waits for the work
+    h.controller.setParameters(parameters)  # the module left and entered again
+    release.set()
+    assert h.settleAll() == [[0]]
+    assert _matched(h.logic, points, a_small_ct)[0] == ["L1"] and h.errors == []
+    assert not any("Waiting" in line for line in h.status[-1:]), h.status
