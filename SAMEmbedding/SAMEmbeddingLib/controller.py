@@ -66,8 +66,7 @@ class MatchController:
         self.worker = worker
         self.parameters = None
         self.pointList = None
-        self.currentPointIndex: int | None = None
-        """The point last placed, moved or chosen in the results: the heatmap's point."""
+        self._currentPointID: str | None = None  # (currentPointIndex)
         self.propagateTask = None
         self._prepareEngine = prepareEngine or (lambda: True)
         self._onStatus = onStatus or (lambda text: None)
@@ -98,6 +97,20 @@ class MatchController:
         """Clearing the cache waits for the running work to end (it would wait for the engine here)."""
         self._deferredPrepare = False
         """Preparing ahead was put off by a model or device change during running work: done when it ends."""
+
+    @property
+    def currentPointIndex(self) -> int | None:
+        """The point last placed, moved or chosen in the results: the heatmap's point (None: none, or deleted). It
+        is kept by its ID: deleting a point before it moves its index (it named the next point)."""
+        if self._currentPointID is None or self.pointList is None:
+            return None
+        index = self.pointList.GetNthControlPointIndexByID(self._currentPointID)
+        return index if index >= 0 else None
+
+    @currentPointIndex.setter
+    def currentPointIndex(self, index: int | None) -> None:
+        valid = index is not None and self.pointList is not None and 0 <= index < self.pointList.GetNumberOfControlPoints()
+        self._currentPointID = self.pointList.GetNthControlPointID(index) if valid else None
 
     # -- settings ----------------------------------------------------------------------------
     def setParameters(self, parameters) -> None:
@@ -310,8 +323,6 @@ class MatchController:
         """Points were deleted (one with its index, or several in a batch without): their matches go too."""
         present = {caller.GetNthControlPointID(i) for i in range(caller.GetNumberOfControlPoints())}
         self._matchedAt = {k: v for k, v in self._matchedAt.items() if k in present}
-        if self.currentPointIndex is not None and self.currentPointIndex >= caller.GetNumberOfControlPoints():
-            self.currentPointIndex = None
         self.logic.removeMatchesOfDeletedPoints(caller)
 
     def _positions(self, indices: list[int]) -> dict[str, tuple[float, float, float]]:
@@ -528,11 +539,12 @@ class MatchController:
         p = self.parameters
         if p is None or p.sourcePoints is None:
             return None
-        rows = self.logic.resultRows(p.sourcePoints)
-        if not 0 <= row < len(rows):
+        key = self.logic.resultRowKey(p.sourcePoints, row)  # the row as the table shows it (built after a job)
+        if key is None:
             return None
-        target = self.logic.scene.GetNodeByID(rows[row].targetID)
-        index = p.sourcePoints.GetNthControlPointIndexByID(rows[row].pointID)
+        pointID, targetID = key
+        target = self.logic.scene.GetNodeByID(targetID)
+        index = p.sourcePoints.GetNthControlPointIndexByID(pointID)
         if target is None or index < 0:
             return None
         self.currentPointIndex = index

@@ -61,6 +61,9 @@ MATCHES_ATTRIBUTE = "SAMEmbedding.Matches"
 #: the name the module gave an output node ("<target> matches", "<list> SAM results"): while the node keeps it, it
 #: follows the target's (or list's) name; a name the user gives it stays
 GIVEN_NAME_ATTRIBUTE = "SAMEmbedding.GivenName"
+#: on a results table: the (source point ID, target node ID) of each of its rows, as JSON, so that a clicked row
+#: names the match it shows even after the point list was reordered or an output list deleted since it was built
+ROW_KEYS_ATTRIBUTE = "SAMEmbedding.RowKeys"
 """Attribute of a ``matches`` point list holding the numbers of each match as data (saved with the scene):
 JSON ``{source control point ID: {"pointID": output control point ID, "score": cosine in [-1, 1], "confident":
 bool, "roundtripMm": mm, "rematched": bool, "polished": bool, "ncc": NCC in [-1, 1] or null}}``, and ``"notUpdated":
@@ -1037,6 +1040,22 @@ class MatchLogic:
                                      target.GetID() if target else "", _float(record.get("roundtripMm")), pointID))
         return rows
 
+    def resultRowKey(self, sourcePointList, row: int) -> tuple[str, str] | None:
+        """``(source point ID, target node ID)`` of row ``row`` of the results table as it was built (what the view
+        shows), or None when it has no such row; a table of a scene saved before the keys were stored: the row of
+        :meth:`resultRows` now."""
+        table = self.resultsTable(sourcePointList)
+        text = table.GetAttribute(ROW_KEYS_ATTRIBUTE) if table is not None else None
+        if text is not None:
+            try:
+                keys = json.loads(text)
+            except ValueError:
+                keys = None
+            if isinstance(keys, list):
+                return tuple(keys[row]) if 0 <= row < len(keys) else None
+        rows = self.resultRows(sourcePointList)
+        return (rows[row].pointID, rows[row].targetID) if 0 <= row < len(rows) else None
+
     def resultsTable(self, sourcePointList, create: bool = False):
         """The results table node of a source point list (created when asked)."""
         return self._findOrCreate("vtkMRMLTableNode", "results", {SOURCE_REFERENCE: sourcePointList.GetID()}, create,
@@ -1055,7 +1074,9 @@ class MatchLogic:
             column.SetName(name)
             table.AddColumn(column)
             columns[name] = column
+        keys = []
         for row in self.resultRows(sourcePointList):
+            keys.append([row.pointID, row.targetID])
             columns["label"].InsertNextValue(row.label)
             columns["target"].InsertNextValue(row.target)
             for axis, value in zip("RAS", row.pointRAS):
@@ -1066,6 +1087,7 @@ class MatchLogic:
         wasModifying = tableNode.StartModify()
         try:
             tableNode.SetAndObserveTable(table)
+            tableNode.SetAttribute(ROW_KEYS_ATTRIBUTE, json.dumps(keys))
             # the titles are the view's header: without it, a table view shows the column names as its first row,
             # so view row k would be data row k - 1 (the rows of resultRows, which a click selects)
             if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):  # Slicer 5.8 and later

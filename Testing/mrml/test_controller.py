@@ -558,3 +558,33 @@ def test_entering_the_module_again_keeps_a_click_waiting_for_a_model_switch(a_sc
     assert h.settleAll() == [[0]]
     assert _matched(h.logic, points, a_small_ct)[0] == ["L1"] and h.errors == []
     assert not any("Waiting" in line for line in h.status[-1:]), h.status
+
+
+def test_a_clicked_result_row_and_the_heatmaps_point_follow_the_points_not_their_places(a_scene, harness,
+                                                                                         a_small_ct, a_copy,
+                                                                                         no_vtk_errors):
+    """A row was looked up in the results as they are now, not as the table shows them: after moving a landmark up
+    in the Markups module, or deleting a "<target> matches" list, a click chose another point; and the heatmap's
+    point was kept by its index, so deleting an earlier point made it the next one (a review)."""
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (40, 90, 6)),
+                                  _ras(a_small_ct, (50, 60, 8))], ["L1", "L2", "L3"])
+    h = harness
+    h.controller.setParameters(_parameters(a_small_ct, points, [a_small_ct, a_copy], jumpToMatch=False))
+    h.controller.propagateAll()
+    h.settle()
+    table = h.logic.resultsTable(points).GetTable()
+    shown = [(table.GetValueByName(r, "label").ToString(), table.GetValueByName(r, "target").ToString())
+             for r in range(table.GetNumberOfRows())]
+    points.SwapControlPoints(0, 1)  # L2 moved up in the Markups module
+    assert h.controller.selectResultRow(0) is a_small_ct
+    assert points.GetNthControlPointLabel(h.controller.currentPointIndex) == shown[0][0] == "L1"
+    a_scene.RemoveNode(h.logic.outputPointList(points, a_small_ct))  # a matches list deleted
+    target = h.controller.selectResultRow(3)
+    assert (points.GetNthControlPointLabel(h.controller.currentPointIndex), target.GetName()) == shown[3]
+    # the heatmap's point: L3, also once a point before it is deleted
+    h.controller.currentPointIndex = points.GetNthControlPointIndexByID(points.GetNthControlPointID(2))
+    assert points.GetNthControlPointLabel(h.controller.currentPointIndex) == "L3"
+    points.RemoveNthControlPoint(0)
+    assert points.GetNthControlPointLabel(h.controller.currentPointIndex) == "L3"
+    points.RemoveNthControlPoint(points.GetNthControlPointIndexByID(points.GetNthControlPointID(1)))  # L3 itself
+    assert h.controller.currentPointIndex is None
