@@ -67,6 +67,8 @@ class MatchController:
         self.parameters = None
         self.pointList = None
         self._currentPointID: str | None = None  # (currentPointIndex)
+        self._parametersGeneration = 0
+        """Counts the parameters handed over (a new scene): a job of earlier ones tells nothing when it ends."""
         self.propagateTask = None
         self._prepareEngine = prepareEngine or (lambda: True)
         self._onStatus = onStatus or (lambda text: None)
@@ -119,6 +121,7 @@ class MatchController:
         if parameters is self.parameters and parameters is not None:
             self.parametersModified()  # (whatever changed while the module was left)
             return
+        self._parametersGeneration += 1
         self.forgetPrepared()
         self._dropDeferred()
         self.parameters = parameters
@@ -401,10 +404,12 @@ class MatchController:
         # the point to centre on afterwards, by ID: a point deleted meanwhile moves the indices after it
         single = (p.sourcePoints.GetNthControlPointID(pointIndices[0])
                   if pointIndices is not None and len(pointIndices) == 1 else None)
+        generation = self._parametersGeneration
         task = self.logic.startMatch(
             self.worker, p.sourceVolume, p.sourcePoints, self.targets(), pointIndices, options,
             heatmapPointIndex=heatmapIndex, heatmapTarget=self.heatmapTarget() if heatmapIndex is not None else None,
-            onFinished=lambda outputs: self._finished(outputs, single), onError=self._report,
+            onFinished=lambda outputs, g=generation: self._current(g) and self._finished(outputs, single),
+            onError=lambda error, g=generation: self._current(g) and self._report(error),
             onProgress=self._onProgress if pointIndices is None else None)
         indices = pointIndices if pointIndices is not None else mrml_io.defined_point_indices(p.sourcePoints)
         self._matchedAt.update(self._positions(indices))
@@ -504,6 +509,14 @@ class MatchController:
         except Exception as e:  # noqa: BLE001 - called from the poll timer: the user is told, nothing raises into Qt
             log.exception("SAMEmbedding: work that waited for the running work failed")
             self._report(e)
+
+    def _current(self, generation: int) -> bool:
+        """Whether a job started under parameters ``generation`` is of the current ones: the job of a closed scene
+        (its point IDs name other points in the next one) moves no view and sets no status when it ends."""
+        if generation == self._parametersGeneration:
+            return True
+        log.info("SAMEmbedding: a job of an earlier scene (or parameters) ended; nothing of it is shown")
+        return False
 
     def _finished(self, outputs, pointID: str | None) -> None:
         confident = sum(row.confident for row in outputs.rows)

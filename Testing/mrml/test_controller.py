@@ -588,3 +588,25 @@ def test_a_clicked_result_row_and_the_heatmaps_point_follow_the_points_not_their
     assert points.GetNthControlPointLabel(h.controller.currentPointIndex) == "L3"
     points.RemoveNthControlPoint(points.GetNthControlPointIndexByID(points.GetNthControlPointID(1)))  # L3 itself
     assert h.controller.currentPointIndex is None
+
+
+def test_a_job_of_earlier_parameters_moves_no_view_and_sets_no_status_when_it_ends(a_scene, harness, a_small_ct,
+                                                                                   no_vtk_errors, monkeypatch):
+    """A click's job still running when the scene was closed and another opened: its end centred the views on the
+    new scene's point of the same ID (IDs restart at "1") and set the new scene's status (a review)."""
+    old = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10)), _ras(a_small_ct, (50, 60, 8))], ["old1", "old2"])
+    h = harness
+    h.controller.setParameters(_parameters(a_small_ct, old, [a_small_ct]))
+    h.controller.matchPoints([0])
+    h.settleAll()
+    jumps = []
+    monkeypatch.setattr(h.logic, "jumpToPoint", lambda position: jumps.append(position))
+    release = h.blockWorker()
+    h.controller.matchPoints([1])  # runs after the work
+    new = add_points(a_scene, [_ras(a_small_ct, (40, 90, 6)), _ras(a_small_ct, (60, 66, 9))], ["new1", "new2"])
+    h.logic.matchPoints(a_small_ct, new, [a_small_ct])  # the new scene's own matches
+    h.controller.setParameters(_parameters(a_small_ct, new, [a_small_ct]))  # another scene's parameters
+    said = len(h.status)
+    release.set()
+    h.settleAll()
+    assert jumps == [] and not any("match(es)" in line for line in h.status[said:]), (jumps, h.status[said:])
