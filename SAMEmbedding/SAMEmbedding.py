@@ -347,9 +347,14 @@ class SAMEmbeddingLogic(ScriptedLoadableModuleLogic):
         """Every match of a landmark list: label, target, RAS mm, score, confidence (``MatchRow``)."""
         return self.core.resultRows(sourcePointList)
 
-    def exportResults(self, sourcePointList, path) -> list:
-        """Write the matches to ``.mrk.json``, ``.fcsv`` (one file per target) or ``.csv``; returns the files."""
-        return self.core.exportResults(sourcePointList, path)
+    def exportResults(self, sourcePointList, path, replace: bool = True) -> list:
+        """Write the matches to ``.mrk.json``, ``.fcsv`` (one file per target) or ``.csv``; returns the files
+        (``replace=False``: files there already are refused by name, nothing is written)."""
+        return self.core.exportResults(sourcePointList, path, replace)
+
+    def exportPaths(self, sourcePointList, path) -> list:
+        """The files :meth:`exportResults` would write (one per target for markups, with several targets)."""
+        return self.core.exportPaths(sourcePointList, path)
 
     def clearCache(self) -> None:
         """Forget every embedding and converted volume (they are recomputed when needed)."""

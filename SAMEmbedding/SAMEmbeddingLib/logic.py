@@ -1202,7 +1202,27 @@ class MatchLogic:
         outNode.GetNthControlPointPositionWorld(index, position)
         return np.array(position)
 
-    def exportResults(self, sourcePointList, path) -> list[Path]:
+    def exportPaths(self, sourcePointList, path) -> list[Path]:
+        """The files :meth:`exportResults` would write for ``path``: ``path`` itself, or with several targets and
+        a markups suffix, one ``<stem>_<target><suffix>`` per target (not ``path``). [] when there is nothing to
+        export or the suffix is unknown."""
+        path = Path(path)
+        outNodes = self.outputPointLists(sourcePointList) if sourcePointList is not None else []
+        suffix = next((s for s in (".mrk.json", ".fcsv") if path.name.lower().endswith(s)), None)
+        if not outNodes or (suffix is None and not path.name.lower().endswith(".csv")):
+            return []
+        if suffix is None or len(outNodes) == 1:
+            return [path]
+        from samembed.names import deduplicated
+
+        stem = path.name[: -len(suffix)]
+        targets = [outNode.GetNodeReference(TARGET_REFERENCE) for outNode in outNodes]
+        # targets of the same name (or names that differ only in characters a file name cannot hold) keep their own
+        # files: _2, _3, ...
+        names = deduplicated([_safeName(t.GetName() if t else n.GetName()) for t, n in zip(targets, outNodes)])
+        return [path.with_name(f"{stem}_{name}{suffix}") for name in names]
+
+    def exportResults(self, sourcePointList, path, replace: bool = True) -> list[Path]:
         """Write the matches of ``sourcePointList`` to ``path`` (atomically).
 
         ``.csv``: the results table (label, target, R, A, S in RAS mm, score, confident), all targets in one file.
@@ -1210,20 +1230,28 @@ class MatchLogic:
         ``<stem>_<target><suffix>`` when there are several targets (``_2``, ``_3``, ... after a target name that
         another target's file already has).
 
+        With ``replace=False``, files that exist already (:meth:`exportPaths`: with several targets, other names
+        than the one chosen, which a save dialog asked about) are refused by name, and nothing is written.
+
         Returns:
             the files written.
 
         Raises:
-            samembed.InputError: nothing to export, an unknown suffix, or a folder that does not exist.
+            samembed.InputError: nothing to export, an unknown suffix, a folder that does not exist, or files that
+                exist when ``replace`` is False.
         """
         from samembed.io import atomic_path, write_text_atomic
-        from samembed.names import deduplicated
 
         path = Path(path)
         name = path.name.lower()
         outNodes = self.outputPointLists(sourcePointList) if sourcePointList is not None else []
         if not outNodes:
             raise InputError("there are no matches to export; match some landmarks first")
+        destinations = self.exportPaths(sourcePointList, path)
+        there = [d for d in destinations if d.exists()]
+        if there and not replace:
+            raise InputError(f"{', '.join(str(d) for d in there)}: exist already; the export would replace "
+                             f"{'it' if len(there) == 1 else 'them'} (nothing was written)")
         if name.endswith(".csv"):
             buffer = io.StringIO()
             writer = csv.writer(buffer, lineterminator="\n")
@@ -1236,20 +1264,13 @@ class MatchLogic:
         from slicer import vtkMRMLMarkupsFiducialStorageNode, vtkMRMLMarkupsJsonStorageNode
 
         if name.endswith(".mrk.json"):
-            suffix, storageClass = ".mrk.json", vtkMRMLMarkupsJsonStorageNode
+            storageClass = vtkMRMLMarkupsJsonStorageNode
         elif name.endswith(".fcsv"):
-            suffix, storageClass = ".fcsv", vtkMRMLMarkupsFiducialStorageNode
+            storageClass = vtkMRMLMarkupsFiducialStorageNode
         else:
             raise InputError(f"{path}: unknown export format; use .mrk.json, .fcsv or .csv")
-        stem = path.name[: -len(suffix)]
-        targets = [outNode.GetNodeReference(TARGET_REFERENCE) for outNode in outNodes]
-        # targets of the same name (or names that differ only in characters a file name cannot hold) keep their own
-        # files: _2, _3, ...
-        names = deduplicated([_safeName(t.GetName() if t else n.GetName()) for t, n in zip(targets, outNodes)])
         written = []
-        for outNode, targetName in zip(outNodes, names):
-            fileName = path.name if len(outNodes) == 1 else f"{stem}_{targetName}{suffix}"
-            destination = path.with_name(fileName)
+        for outNode, destination in zip(outNodes, destinations):
             storage = storageClass()  # Slicer's own writer: LPS, labels and descriptions as Slicer saves them
             with atomic_path(destination) as tmp:
                 storage.SetFileName(str(tmp))

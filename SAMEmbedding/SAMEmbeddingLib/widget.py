@@ -347,6 +347,11 @@ class MatchWidget(VTKObservationMixin):
             _("Slicer markups (*.mrk.json);;Legacy fiducials (*.fcsv);;Table (*.csv)"))
         if not path:
             return
+        # with several targets the files are named per target: the dialog asked about the chosen name only
+        others = [w for w in self.logic.core.exportPaths(p.sourcePoints, path) if w.exists() and str(w) != path]
+        if others and not slicer.util.confirmOkCancelDisplay(
+                _("These files exist and will be replaced:") + "\n" + "\n".join(str(w) for w in others)):
+            return
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
             written = self.logic.exportResults(p.sourcePoints, path)
             self.ui.statusLabel.text = _("Wrote {}").format(", ".join(str(w) for w in written))

@@ -538,6 +538,24 @@ def test_export_keeps_a_file_per_target_when_targets_share_a_name(a_scene, a_log
         np.testing.assert_allclose(control_points(back)[1], control_points(out)[1], atol=1e-3)
 
 
+def test_an_export_of_several_targets_names_its_files_first_and_may_refuse_to_replace_them(
+        a_scene, a_logic, a_small_ct, two_landmarks, tmp_path):
+    """With several targets the markups go to one file per target, not to the name a save dialog asked about: a
+    later export replaced an earlier one's files without a question (a review). The module asks first, by the names
+    :meth:`exportPaths` gives; ``replace=False`` refuses them by name and writes nothing."""
+    twin = _copy(a_scene, a_small_ct, ijk_to_ras(a_small_ct), "other CT")
+    a_logic.matchPoints(a_small_ct, two_landmarks, [a_small_ct, twin])
+    chosen = tmp_path / "study.mrk.json"
+    planned = a_logic.exportPaths(two_landmarks, chosen)
+    assert [p.name for p in planned] == ["study_small_CT.mrk.json", "study_other_CT.mrk.json"]
+    assert a_logic.exportResults(two_landmarks, chosen) == planned and not chosen.exists()
+    before = {p: p.read_bytes() for p in planned}
+    with pytest.raises(InputError, match="study_small_CT.mrk.json, .*study_other_CT.mrk.json: exist already"):
+        a_logic.exportResults(two_landmarks, chosen, replace=False)
+    assert {p: p.read_bytes() for p in planned} == before
+    assert a_logic.exportPaths(two_landmarks, tmp_path / "one.csv") == [tmp_path / "one.csv"]
+
+
 def test_export_with_nothing_matched_or_an_unknown_suffix_is_refused(a_logic, a_small_ct, two_landmarks, tmp_path):
     with pytest.raises(InputError, match="no matches to export"):
         a_logic.exportResults(two_landmarks, tmp_path / "m.csv")
