@@ -54,6 +54,17 @@ def nodes_by_class(scene, class_name: str) -> list:
         collection.UnRegister(None)
 
 
+#: the volume classes the module's selectors offer (exactly these: not label maps, not DTI tensors)
+SELECTABLE_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
+
+
+def first_selectable_volume(scene):
+    """The first volume of ``scene`` that the module's volume selectors offer (a grey or colour image), or None:
+    ``GetFirstNodeByClass("vtkMRMLScalarVolumeNode")`` also gives label maps, which became the default source."""
+    return next((n for n in nodes_by_class(scene, "vtkMRMLVolumeNode") if n.GetClassName() in SELECTABLE_VOLUME_CLASSES),
+                None)
+
+
 def array_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     """4x4 numpy array with the values of a ``vtkMatrix4x4``."""
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)

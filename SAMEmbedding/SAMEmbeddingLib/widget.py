@@ -79,6 +79,7 @@ class MatchWidget(VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         place = self.ui.placeWidget
@@ -125,6 +126,13 @@ class MatchWidget(VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        # a scene being loaded is cleared first, in the same batch as its import (vtkMRMLScene::Connect): its own
+        # parameter node and landmarks come with the import (a "SAM landmarks" list made now stayed behind in it)
+        scene = slicer.mrmlScene
+        if self._isEntered() and not (scene.IsBatchProcessing() or scene.IsImporting()):
+            self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event) -> None:
         if self._isEntered():
             self.initializeParameterNode()
 
@@ -143,7 +151,9 @@ class MatchWidget(VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         p = self._parameterNode
         if not p.sourceVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            from SAMEmbeddingLib.mrml_io import first_selectable_volume
+
+            firstVolume = first_selectable_volume(slicer.mrmlScene)
             if firstVolume:
                 p.sourceVolume = firstVolume
         if not p.sourcePoints:

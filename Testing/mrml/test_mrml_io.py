@@ -302,3 +302,20 @@ def test_the_cache_key_changes_when_voxels_or_geometry_change(a_small_ct):
     matrix[0, 3] += 1.0
     set_ijk_to_ras(a_small_ct, matrix)
     assert mrml_io.volume_cache_key(a_small_ct) != key2
+
+
+def test_the_default_source_is_a_volume_the_selectors_offer_not_a_label_map():
+    """``GetFirstNodeByClass("vtkMRMLScalarVolumeNode")`` also gives label maps: a segmentation's label map loaded
+    first became the default source, which the selector cannot even show (a review). Colour radiographs (vector
+    volumes) are offered."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    assert mrml_io.first_selectable_volume(scene) is None
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "liver label map")
+    assert mrml_io.first_selectable_volume(scene) is None and labels is not None
+    colour = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "hand.png")
+    grey = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    assert mrml_io.first_selectable_volume(scene) is colour
+    scene.RemoveNode(colour)
+    assert mrml_io.first_selectable_volume(scene) is grey
