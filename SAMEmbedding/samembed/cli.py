@@ -1192,7 +1192,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run: from CHECKPOINT, or (no value) from the run folder's last.pt when it exists, "
                         "else start anew (from the config's init_from weights, if set)")
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    t.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config settings (values as JSON: lr=5e-4 exclude='[\"pt_1*\"]')")
     add_log_flags(t)
     t.set_defaults(func=_cmd_train)

@@ -497,3 +497,86 @@ def test_a_training_leaves_torchs_threads_determinism_and_random_state_as_they_w
         assert torch.equal(torch.random.get_rng_state(), state)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_training_inputs_a_review_found_wrong_are_refused_or_read_as_meant(tmp_path, caplog):
+    """From a review of the training command: a changed DICOM series or .raw kept its old cached copy; an exclude
+    path of folders, or a list as the shell leaves it ([*_seg_*]), excluded nothing (label maps trained on); --set
+    given twice dropped the first; negative loss weights, an infinite lr, objective weights of -1 or nan, a list of
+    numbers and a name with a folder were taken (the last failed after the whole run)."""
+    from samembed.cli import build_parser
+    from samembed.errors import InputError
+    from samembed.preprocess import PreprocessConfig
+    from samembed.training.config import load_config
+    from samembed.training.data import _cache_key, find_volumes
+    from samembed.training.objectives import parse_objective
+
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"a" * 10)
+    header = tmp_path / "vol.mhd"
+    header.write_text("NDims = 3\nElementDataFile = vol.raw\n")
+    (tmp_path / "vol.raw").write_bytes(b"b" * 10)
+    keys = [_cache_key(p, PreprocessConfig(), "auto") for p in (series, header)]
+    import os
+    import time
+
+    later = time.time() + 5
+    (series / "1.dcm").write_bytes(b"c" * 11)
+    (tmp_path / "vol.raw").write_bytes(b"d" * 12)
+    os.utime(series / "1.dcm", (later, later))
+    assert [_cache_key(p, PreprocessConfig(), "auto") for p in (series, header)] != keys
+    assert all(a != b for a, b in zip(keys, [_cache_key(p, PreprocessConfig(), "auto") for p in (series, header)]))
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a_ct.nii.gz", "a_seg_total.nii.gz", "b_ct.nii.gz"):
+        (data / name).write_bytes(b"")
+    work = tmp_path / "work"
+    work.mkdir()
+    found = find_volumes(["../data"], ["../data/b_ct.nii.gz", "*_seg_*"], base=work)
+    assert [p.name for p in found] == ["a_ct.nii.gz"]
+    with caplog.at_level("WARNING", logger="samembed.training.data"):
+        find_volumes(["../data"], ["*_nothing_*"], base=work)
+    assert any("'*_nothing_*' matched none of the 3 files found" in r.getMessage() for r in caplog.records)
+
+    assert load_config(None, ["exclude=[*_seg_*, 'pt_1*']"]).exclude == ["*_seg_*", "pt_1*"]
+    args = build_parser().parse_args(["train", "--set", "lr=5e-4", "seed=7", "--set", "batch_volumes=8"])
+    assert args.set == ["lr=5e-4", "seed=7", "batch_volumes=8"]
+    for override, message in (("global_weight=-1", "global_weight must be 0 or more"),
+                              ("lr=Infinity", "lr must be a finite number"),
+                              ("exclude=[1, 2]", "exclude must be a list of texts"),
+                              ("name=sub/model", "name must be a plain file name")):
+        with pytest.raises(InputError, match=message):
+            load_config(None, [override])
+    for objective in ("sam:-1", "sam:nan", "sam+isimed:inf", "sam:0"):
+        with pytest.raises(InputError, match="must be a finite number > 0"):
+            parse_objective(objective)
+
+
+@pytest.mark.needs_data
+def test_a_step_to_non_finite_weights_stops_the_run_before_they_are_saved(tmp_path, monkeypatch):
+    """The loss was checked before each step only: a step to non-finite weights (lr=Infinity, taken then) was saved
+    in last.pt, which the error then offered as the run's last state (a review). Here the second step overflows."""
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    step = torch.optim.AdamW.step
+    steps = []
+
+    def overflowing(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    with pytest.raises(InputError, match="weights are not finite after iteration 2"):
+        Trainer(tiny_config(tmp_path, "sam", checkpoint_every=1), progress=False).run()
+    last = tmp_path / "run" / "last.pt"
+    if last.exists():
+        state = torch.load(last, weights_only=True)
+        weights = state.get("model") or state.get("state_dict") or {}
+        assert all(torch.isfinite(v).all() for v in weights.values() if torch.is_tensor(v) and v.is_floating_point())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -130,7 +131,11 @@ class TrainConfig:
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError:
-                value = raw
+                # a list as a shell leaves it from exclude=['*_seg_*'] ([*_seg_*]) or exclude=[a, b]: its items (as
+                # one text it was a character class of fnmatch, which excluded nothing)
+                inner = raw.strip()
+                value = ([v.strip().strip("'\"") for v in inner[1:-1].split(",") if v.strip()]
+                         if inner.startswith("[") and inner.endswith("]") else raw)
             setattr(self, key, value)
 
 
@@ -140,7 +145,8 @@ AT_LEAST_ONE = ("iterations", "batch_volumes", "local_size", "global_size", "che
                 "semantic_pairs", "semantic_anchors", "semantic_candidates", "distill_anchors")
 AT_LEAST_ZERO = ("lr", "warmup", "threads", "time_limit_min", "snapshot_every", "weight_decay", "noise_std", "blur_p",
                  "contrast", "gamma", "rotation_deg", "overlap_p", "centre_jitter_mm", "global_jitter_mm",
-                 "semantic_background", "local_ignore_mm", "semantic_ignore_mm")
+                 "semantic_background", "local_ignore_mm", "semantic_ignore_mm", "global_weight", "sal_var_weight",
+                 "semantic_global_weight", "distill_global_weight", "distill_relational_weight")
 ABOVE_ZERO = ("spacing_mm", "tau", "distill_tau", "global_positive_mm", "isimed_scale_mm", "semantic_positive_mm")
 #: the choices of the settings that take one of a few words
 CHOICES = {"time_clock": ("wall", "cpu"), "fill": ("zero", "air"), "modality": MODALITIES}
@@ -163,8 +169,8 @@ def _typed(name: str, kind: str, value, where: str):
     if kind == "list":
         if isinstance(value, str):
             return [value]
-        if not isinstance(value, list):
-            raise refuse("a list (or one string)")
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise refuse("a list of texts (or one text; quote a name that reads as a number: '0001')")
         return value
     if kind == "int":
         if isinstance(value, float) and value.is_integer():
@@ -180,6 +186,8 @@ def _typed(name: str, kind: str, value, where: str):
                 raise refuse("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise refuse("a number")
+        if not math.isfinite(value):  # (json reads Infinity: an infinite lr diverged, its weights saved)
+            raise refuse("a finite number")
         return float(value)
     if kind == "tuple":
         if not isinstance(value, (list, tuple)) or not all(
@@ -207,6 +215,10 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     for name in ("overlap_p", "blur_p"):
         if getattr(cfg, name) > 1:
             raise InputError(f"{where}: {name} is a probability, at most 1, not {getattr(cfg, name)}")
+    if not cfg.name or cfg.name.strip() != cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in (".", ".."):
+        # (the final model is out_dir/NAME.pt: "sub/model" failed after the whole run, "../x" wrote outside it)
+        raise InputError(f"{where}: name must be a plain file name (the final model is out_dir/NAME.pt), "
+                         f"not {cfg.name!r}")
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise InputError(f"{where}: {name} must be one of {', '.join(choices)}, not {getattr(cfg, name)!r}")

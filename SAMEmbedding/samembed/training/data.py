@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def find_volumes(sources: list[str], exclude: list[str] | None = None, base: Pat
     """Expand folders (recursive), list files (one path per line) and image paths; drop ``exclude`` globs.
 
     Relative paths inside a list file are relative to the list file; other relative paths to ``base``.
-    Glob patterns match the file name; patterns holding a "/" match the full path.
+    Glob patterns match the file name; patterns holding a "/" match the full path (as found, normalised or resolved;
+    a relative pattern is relative to ``base`` too). A pattern that matches no file found is warned about.
     """
     base = base or Path.cwd()
     found: list[Path] = []
@@ -48,8 +50,27 @@ def find_volumes(sources: list[str], exclude: list[str] | None = None, base: Pat
         else:
             raise InputError(f"{p}: training data path not found")
     exclude = exclude or []
-    keep = [f for f in found
-            if not any(fnmatch.fnmatch(str(f) if "/" in pat else f.name, pat) for pat in exclude)]
+    used = set()
+
+    def excluded(f: Path) -> bool:
+        # a pattern with a folder is matched against the file's path as given, normalised and resolved, and
+        # itself as given and, unless it starts with a wildcard, made absolute: "../shared/data/ct/x.nii.gz"
+        # excluded nothing (the path was /work/main/../shared/..., the pattern relative)
+        forms = {str(f), os.path.normpath(str(f)), str(f.resolve())}
+        for pat in exclude:
+            pats = {pat} if "/" not in pat else {pat, os.path.normpath(pat)} | (
+                set() if pat.startswith("*") else {os.path.normpath(os.path.join(base, pat)),
+                                                    str((base / pat).resolve())})
+            if any(fnmatch.fnmatch(form, q) for form in (forms if "/" in pat else {f.name}) for q in pats):
+                used.add(pat)
+                return True
+        return False
+
+    keep = [f for f in found if not excluded(f)]
+    unused = [pat for pat in exclude if pat not in used]
+    if unused and found:
+        log.warning("exclude: %s matched none of the %d files found (a file name, or a path with folders)",
+                    ", ".join(repr(p) for p in unused), len(found))
     return sorted(dict.fromkeys(keep))
 
 
@@ -64,9 +85,31 @@ class CachedVolume:
     body_fraction: float
 
 
+def _content_stamps(path: Path) -> list:
+    """(name, size, mtime) of what holds ``path``'s voxels: the file; every file of a DICOM series folder; a
+    detached header's data file too (``.mhd``'s ElementDataFile, ``.nhdr``'s data file). A changed series or
+    ``.raw`` kept its old cached copy when only the header or the folder's path was looked at."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    if path.is_file() and path.suffix.lower() in (".mhd", ".nhdr"):
+        try:
+            header = path.read_text(encoding="latin-1", errors="replace")
+        except OSError:
+            header = ""
+        for line in header.splitlines():
+            key, sep, value = line.partition("=" if path.suffix.lower() == ".mhd" else ":")
+            if sep and key.strip().lower() in ("elementdatafile", "data file", "datafile"):
+                data = path.parent / value.strip()
+                if data.is_file():
+                    files.append(data)
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
 def _cache_key(path: Path, config: PreprocessConfig, modality: str, pixel_spacing_mm: float | None = None) -> str:
-    st = path.stat() if path.is_file() else None
-    facts = [str(path.resolve()), st.st_size if st else 0, st.st_mtime_ns if st else 0, config.to_dict(), modality]
+    facts = [str(path.resolve()), _content_stamps(path), config.to_dict(), modality]
     if pixel_spacing_mm is not None:
         facts.append(float(pixel_spacing_mm))
     h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())

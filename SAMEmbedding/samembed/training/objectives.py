@@ -29,6 +29,8 @@ so every one of them yields dense local + global embedding maps that the matcher
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -49,9 +51,12 @@ def parse_objective(text: str) -> list[tuple[str, float]]:
         if name not in OBJECTIVES:
             raise InputError(f"unknown objective '{name}'; choose from {', '.join(OBJECTIVES)} (combine with +, weight with :w)")
         try:
-            terms.append((name, float(weight) if weight else 1.0))
+            value = float(weight) if weight else 1.0
         except ValueError as e:
             raise InputError(f"objective weight '{weight}' is not a number") from e
+        if not math.isfinite(value) or value <= 0:  # (a negative weight trains the term backwards; NaN diverges)
+            raise InputError(f"objective weight of {name} must be a finite number > 0, not {weight}")
+        terms.append((name, value))
     return terms
 
 

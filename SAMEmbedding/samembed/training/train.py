@@ -379,6 +379,11 @@ class Trainer:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
                 opt.step()
+                # a finite loss can still take a step to non-finite weights (an infinite lr): they are never saved
+                if self._any_process(not all(bool(torch.isfinite(w).all()) for w in net.parameters())):
+                    raise InputError(f"the weights are not finite after iteration {it + 1}: training diverged "
+                                     f"(lower lr, now {cfg.lr:g}); the run folder keeps its last checkpoint"
+                                     + (f" ({self.out / 'last.pt'})" if (self.out / "last.pt").exists() else ""))
                 done = it + 1
                 if self.rank == 0:
                     with log_path.open("a", encoding="utf-8") as fh:
