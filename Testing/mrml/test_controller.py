@@ -394,15 +394,22 @@ def test_a_click_waiting_for_a_model_switch_is_not_replayed_on_another_point_lis
     other = add_points(a_scene, [_ras(a_small_ct, (40, 90, 6))], ["B1"])
     parameters = _parameters(a_small_ct, first, [a_small_ct])
     h = harness
-    h.controller.setParameters(parameters)
-    release = h.blockWorker()
-    parameters.device = "auto"
+    release = _another_device_chosen_during_work(h, parameters)
     h.controller.matchPoints([0])  # A1 waits for the work
     parameters.sourcePoints = other  # the user picks another list meanwhile
     h.controller.parametersModified()
     release.set()
     assert h.settleAll() == []  # B1 was not clicked: nothing to match
     assert _matched(h.logic, other, a_small_ct)[0] == []
+
+
+def _another_device_chosen_during_work(h: Harness, parameters) -> threading.Event:
+    """``parameters`` in use, work running (ends when the returned event is set), and another device chosen
+    meanwhile: a click now waits for the work to end before the engine is switched."""
+    h.controller.setParameters(parameters)
+    release = h.blockWorker()
+    parameters.device = "auto"
+    return release
 
 
 def _prepared(logic, node) -> bool:
@@ -548,9 +555,7 @@ def test_entering_the_module_again_keeps_a_click_waiting_for_a_model_switch(a_sc
     points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
     parameters = _parameters(a_small_ct, points, [a_small_ct])
     h = harness
-    h.controller.setParameters(parameters)
-    release = h.blockWorker()
-    parameters.device = "auto"
+    release = _another_device_chosen_during_work(h, parameters)
     h.controller.parametersModified()
     h.controller.matchPoints([0])  # waits for the work
     h.controller.setParameters(parameters)  # the module left and entered again
