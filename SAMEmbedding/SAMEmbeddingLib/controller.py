@@ -111,8 +111,9 @@ class MatchController:
 
     @currentPointIndex.setter
     def currentPointIndex(self, index: int | None) -> None:
-        valid = index is not None and self.pointList is not None and 0 <= index < self.pointList.GetNumberOfControlPoints()
-        self._currentPointID = self.pointList.GetNthControlPointID(index) if valid else None
+        points = self.pointList
+        valid = index is not None and points is not None and 0 <= index < points.GetNumberOfControlPoints()
+        self._currentPointID = points.GetNthControlPointID(index) if valid else None
 
     # -- settings ----------------------------------------------------------------------------
     def setParameters(self, parameters) -> None:

@@ -585,10 +585,10 @@ AFFINE_VOLUME_RATIO = (1e-3, 1e3)
 
 #: how much more an affine between two scans of a body may stretch one direction than another (the ratio of the
 #: largest to the smallest singular value of its linear part): at most 2.3 over the 31 pairs of the landmark
-#: benchmark whose affine is trusted (28 OpenKBP pairs of two patients, 3 LIDC warps); a fit beyond this crushes an axis, as RANSAC does for a target that holds a
-#: slab of the source (40 of its 112 slices: 0.29 along z, 3.7 against the other axes), whose samples beyond the slab
-#: match its edges. A scale of the same size along every axis (another body size, or another voxel size in a
-#: radiograph's metadata) is no anisotropy.
+#: benchmark whose affine is trusted (28 OpenKBP pairs of two patients, 3 LIDC warps); a fit beyond this crushes an
+#: axis, as RANSAC does for a target that holds a slab of the source (40 of its 112 slices: 0.29 along z, 3.7 against
+#: the other axes), whose samples beyond the slab match its edges. A scale of the same size along every axis (another
+#: body size, or another voxel size in a radiograph's metadata) is no anisotropy.
 AFFINE_ANISOTROPY = 3.0
 
 

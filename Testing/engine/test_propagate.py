@@ -1122,8 +1122,9 @@ def test_an_atlas_the_workers_engine_refuses_is_told_in_one_line_without_dasks_t
     image = data_file("xray", "hand_dha37", "images", "3143.jpg")
     points = tmp_path / "hand.csv"
     points.write_text("label,x,y\nA,300,400\n")
-    res = subprocess.run([sys.executable, "-c", "import samembed.cli as c; c.run()", "propagate", "--atlas", str(image), str(points), "--scans",
-                          str(setup["manifest"]), "--out", str(tmp_path / "out"), "--workers", "1", "--model",
-                          setup["model"], "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300)
+    argv = ["propagate", "--atlas", str(image), str(points), "--scans", str(setup["manifest"]), "--out",
+            str(tmp_path / "out"), "--workers", "1", "--model", setup["model"], "--device", "cpu", "--quiet"]
+    res = subprocess.run([sys.executable, "-c", "import samembed.cli as c; c.run()", *argv], capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 2, res.stderr
     assert "3143.jpg" in res.stderr and "Compute Failed" not in res.stderr and "Traceback" not in res.stderr, res.stderr
