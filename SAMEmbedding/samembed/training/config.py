@@ -148,6 +148,8 @@ AT_LEAST_ZERO = ("lr", "warmup", "threads", "time_limit_min", "snapshot_every", 
                  "semantic_background", "local_ignore_mm", "semantic_ignore_mm", "global_weight", "sal_var_weight",
                  "semantic_global_weight", "distill_global_weight", "distill_relational_weight")
 ABOVE_ZERO = ("spacing_mm", "tau", "distill_tau", "global_positive_mm", "isimed_scale_mm", "semantic_positive_mm")
+#: the list settings whose entries are paths or patterns: texts (``exclude: [0001]`` failed later as a TypeError)
+TEXT_LISTS = ("data", "exclude")
 #: the choices of the settings that take one of a few words
 CHOICES = {"time_clock": ("wall", "cpu"), "fill": ("zero", "air"), "modality": MODALITIES}
 
@@ -169,7 +171,9 @@ def _typed(name: str, kind: str, value, where: str):
     if kind == "list":
         if isinstance(value, str):
             return [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list):
+            raise refuse("a list (or one string)")
+        if name in TEXT_LISTS and not all(isinstance(v, str) for v in value):
             raise refuse("a list of texts (or one text; quote a name that reads as a number: '0001')")
         return value
     if kind == "int":
