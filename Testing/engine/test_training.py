@@ -580,3 +580,25 @@ def test_a_step_to_non_finite_weights_stops_the_run_before_they_are_saved(tmp_pa
         state = torch.load(last, weights_only=True)
         weights = state.get("model") or state.get("state_dict") or {}
         assert all(torch.isfinite(v).all() for v in weights.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+@pytest.mark.needs_data
+def test_a_refused_resume_or_a_missing_init_from_is_said_before_the_data_are_prepared(tmp_path):
+    """``_check_before_data`` promised that what can be wrong besides the data is found first, but a resume of
+    other settings and a missing ``init_from`` were refused only after every image was preprocessed (minutes on the
+    real set; a review). The final model now names its training files too, not only their cache stems."""
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    final = Trainer(tiny_config(tmp_path / "a", "sam"), progress=False).run()
+    sources = torch.load(final, weights_only=True)["training_sources"]
+    assert sources and all(Path(s).is_file() for s in sources), sources
+    cache = tmp_path / "fresh_cache"
+    other = tiny_config(tmp_path / "a", "sam", lr=0.5, cache_dir=f'"{cache}"')
+    with pytest.raises(InputError, match="was trained with other settings"):
+        Trainer(other, progress=False).run(resume="auto")
+    assert not cache.exists() or not any(cache.iterdir())
+    missing = tiny_config(tmp_path / "b", "sam", init_from='"no/such.pt"', cache_dir=f'"{cache}"')
+    with pytest.raises(InputError, match="init_from: no/such.pt: no such checkpoint file or registered model"):
+        Trainer(missing, progress=False).run()
+    assert not cache.exists() or not any(cache.iterdir())

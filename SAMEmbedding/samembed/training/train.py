@@ -280,6 +280,13 @@ class Trainer:
             torch.distributed.init_process_group(backend)
         torch.manual_seed(cfg.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # the checkpoint a run resumes from, or starts from, is checked before the data are prepared (minutes on
+        # real data): a refused resume or a missing init_from was said only after them
+        resume = self._resolve_resume(resume)
+        resumed = self._resume_checkpoint(resume) if resume else None
+        if not resume:
+            for setting in ("init_from", "init_global_from"):
+                self._check_weights_source(setting, getattr(cfg, setting))
         if not getattr(self, "volumes", None):
             self.load_data()
         net = build_network(cfg.arch, cfg.net_config).to(self.device)
@@ -295,11 +302,10 @@ class Trainer:
         start = 0
         rng = np.random.default_rng([cfg.seed, self.rank])
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
-        resume = self._resolve_resume(resume)
         cpu_before = 0.0  # CPU seconds spent by earlier processes of this run (resumed chunks)
         clock_before = 0.0  # seconds of the run's clock (time_clock) spent by them: its time limit and schedule go on
         if resume:
-            ck = self._resume_checkpoint(resume)
+            ck = resumed
             net.load_state_dict(ck["state_dict"])
             opt.load_state_dict(ck["optimizer"])
             start = int(ck["iteration"])
@@ -423,7 +429,9 @@ class Trainer:
         if self.rank == 0:
             net.eval()
             save_checkpoint(final, net, self.prep, name=cfg.name, train_config=cfg.to_dict(), iteration=done,
-                            extra={"training_volumes": [v[0] for v in self.volumes], "wall_seconds": time.time() - wall0,
+                            extra={"training_volumes": [v[0] for v in self.volumes],
+                                   "training_sources": [str(f) for f in getattr(self, "sources", [])],
+                                   "wall_seconds": time.time() - wall0,
                                    "cpu_seconds": time.process_time(),
                                    "cpu_seconds_total": self._cpu_before + time.process_time()},
                             half=cfg.half_weights)
@@ -555,6 +563,18 @@ class Trainer:
         log.info("%s has no last.pt: starting a new run%s", self.out,
                  f" from {self.cfg.init_from}" if self.cfg.init_from else "")
         return None
+
+    @staticmethod
+    def _check_weights_source(setting: str, source: str | None) -> None:
+        """:class:`InputError` naming ``setting`` when ``source`` (a checkpoint path or registered model name) names
+        neither: found before the data are prepared, not after."""
+        if not source:
+            return
+        from ..registry import find_entry
+
+        if find_entry(str(source)) is None and not Path(source).is_file():
+            raise InputError(f"{setting}: {source}: no such checkpoint file or registered model (a relative path is "
+                             f"relative to the folder the command runs in, {Path.cwd()})")
 
     def _init_weights(self, net: nn.Module, source: str, branch: str = "") -> None:
         """Load the network weights of a checkpoint path or registered model name: of the same architecture, or,
