@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import Grid, Image, lps_to_ras, single_slice_to_2d
-from .nifti_complete import NIFTI2_HEADER_BYTES, check_nifti_complete, check_nifti_voxel_sizes, nifti_layout
+from .nifti_complete import check_nifti_complete, check_nifti_voxel_sizes, nifti_head, nifti_layout
 from .nifti_gz import read_nifti_gz
 
 log = logging.getLogger(__name__)
@@ -684,22 +684,15 @@ def check_nifti_written(path: Path) -> None:
     NIfTI writer reports a short write (a full disk) only on the console, and the cut-short file, or an empty one,
     took the output's place with the command's success (a review). A ``.nii.gz``'s length is its gzip trailer's (the
     uncompressed size, modulo 2^32), read without inflating the file."""
-    import zlib
-
     name = path.name.lower()
     gz = name.endswith(".nii.gz")
     if not (gz or name.endswith(".nii")):
         return
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - 4))
         trailer = int.from_bytes(f.read(4), "little")
-    try:
-        header = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, NIFTI2_HEADER_BYTES) if gz else head
-    except zlib.error:
-        header = b""
-    layout = nifti_layout(header, single_file=True)
+    layout = nifti_layout(nifti_head(path, gz), single_file=True)
     complete = layout is not None and (trailer == layout.total_bytes % (1 << 32) and size >= 18 if gz
                                        else size >= layout.total_bytes)
     if not complete:

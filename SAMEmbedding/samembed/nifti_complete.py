@@ -134,7 +134,9 @@ def inflated_length(path: str | Path) -> int:
     return total
 
 
-def _head(path: Path, gzipped: bool) -> bytes:
+def nifti_head(path: Path, gzipped: bool) -> bytes:
+    """The first bytes of ``path`` (inflated when ``gzipped``) that a NIfTI-1 or NIfTI-2 header takes; b"" when it
+    cannot be read."""
     opener = gzip.open if gzipped else open
     try:
         with opener(path, "rb") as f:
@@ -155,11 +157,11 @@ def check_nifti_complete(path: str | Path) -> None:
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         gzipped = name.endswith(".gz")
-        layout = nifti_layout(_head(path, gzipped), single_file=True)
+        layout = nifti_layout(nifti_head(path, gzipped), single_file=True)
         if layout is not None:
             check_layout(layout, inflated_length(path) if gzipped else path.stat().st_size, path)
     elif name.endswith((".hdr", ".hdr.gz")):
-        layout = nifti_layout(_head(path, name.endswith(".gz")), single_file=False)
+        layout = nifti_layout(nifti_head(path, name.endswith(".gz")), single_file=False)
         stem = path.name[: -len(".hdr.gz") if name.endswith(".gz") else -len(".hdr")]
         for suffix in (".img", ".IMG", ".img.gz", ".IMG.gz"):
             data = path.with_name(stem + suffix)
@@ -189,7 +191,7 @@ def check_nifti_voxel_sizes(path: str | Path) -> None:
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz", ".hdr", ".hdr.gz")):
         return
-    got = nifti_voxel_sizes(_head(path, name.endswith(".gz")))
+    got = nifti_voxel_sizes(nifti_head(path, name.endswith(".gz")))
     if got is None:
         return
     for axis, (size, mm) in enumerate(zip(*got)):
