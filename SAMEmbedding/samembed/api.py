@@ -603,6 +603,7 @@ class Matcher:
         t0 = time.time()
         result = MatchResult([], [], timings={}, notes=notes)
         for ti, target in enumerate(targets):  # targets outside: each is embedded once, the atlases stay cached
+            t_target = time.time()
             names = None if target_names is None else [target_names[ti]]
 
             def one(ai: int, stop, target=target, names=names) -> MatchResult:
@@ -627,8 +628,7 @@ class Matcher:
             # what the atlases' matches said (a point in air, no prior, another modality), each once: the Slicer
             # module shows the notes only (its engine process logs elsewhere)
             result.notes.extend(n for n in dict.fromkeys(n for r in per_atlas for n in r.notes) if n not in result.notes)
-            result.timings[f"target{ti}_s"] = time.time() - t0 - sum(
-                v for k, v in result.timings.items() if k.startswith("target"))
+            result.timings[f"target{ti}_s"] = time.time() - t_target
             if progress:
                 progress(ti + 1, len(targets), f"fused {ti + 1}/{len(targets)} {Path(name).name}")
         result.timings["total_s"] = time.time() - t0
@@ -815,7 +815,7 @@ class Matcher:
             note = (f"no trustworthy prior from {Path(src_maps.image_name).name} into {Path(name).name}: too few of the "
                     "global matches agree on an affine or a translation, so its points were searched over the whole "
                     "body (slower, and a match may land on a look-alike far away: its round trip tells)")
-            self._say_once(note)
+            self._warn_once(note, logging.INFO)
         return _Region(allowed, prior, options.global_window_mm or None, None, note)
 
     def _match_target(self, inputs: _Inputs, src_maps: EmbeddingMaps, tgt: Image, tmaps: EmbeddingMaps,
@@ -974,18 +974,13 @@ class Matcher:
         self._warn_once(note)
         return note
 
-    def _say_once(self, message: str) -> None:
-        """Log a note about the search once per matcher (at INFO: the command shows it, ``--quiet`` does not)."""
-        if message not in self._warned:
-            self._warned.add(message)
-            log.info("%s", message)
-
-    def _warn_once(self, message: str) -> None:
+    def _warn_once(self, message: str, level: int = logging.WARNING) -> None:
         """Log a warning about the inputs once per matcher: a command matches its atlases into one target at a
-        time, and would say the same for every target."""
+        time, and would say the same for every target. ``level``: ``logging.INFO`` for a note about the search (the
+        command shows it, ``--quiet`` does not)."""
         if message not in self._warned:
             self._warned.add(message)
-            log.warning("%s", message)
+            log.log(level, "%s", message)
 
     def clear_priors(self) -> None:
         """Forget the affine priors fitted per source/target pair (e.g. to time a match from scratch)."""
