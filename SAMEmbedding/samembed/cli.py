@@ -186,14 +186,14 @@ def _atlas_pairs(args) -> list[tuple[str, str]]:
             text = manifest.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheets' "CSV UTF-8") skipped
         except UnicodeDecodeError as e:
             raise InputError(f"{manifest}: not UTF-8 text ({e.reason}); save the manifest as CSV UTF-8") from None
+        from .io import row_delimiter
+
         lines = text.splitlines()
-        for delimiter in (",", ";", "\t"):  # as spreadsheets write CSV where the comma is the decimal separator
-            header = {k.strip().lower() for k in next(csv.reader(lines[:1], delimiter=delimiter), [])}
-            if {"image", "points"} <= header:
-                rows = list(csv.DictReader(lines, delimiter=delimiter))
-                break
-        else:
+        delimiter = row_delimiter(lines[0] if lines else "",
+                                  lambda fields, _: {"image", "points"} <= {k.strip().lower() for k in fields})
+        if delimiter is None:
             raise InputError(f"{manifest}: an atlas manifest is a CSV whose header names the columns image,points")
+        rows = list(csv.DictReader(lines, delimiter=delimiter))
         if not rows:
             raise InputError(f"{manifest}: the manifest names no atlas (a header and no rows); add a row image,points "
                              "per atlas")

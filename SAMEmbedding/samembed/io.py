@@ -19,7 +19,7 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -896,15 +896,21 @@ def _row_fits(fields: list[str], decimal_comma: bool) -> bool:
     return len(fields) in (3, 4) and all(_is_number(_decimal_point(f, decimal_comma)) for f in fields[1:])
 
 
+#: the separators a CSV of ours may use: ``;`` as spreadsheets write CSV where the comma is the decimal separator
+CSV_DELIMITERS = (",", ";", "\t")
+
+
+def row_delimiter(row: str, fits: Callable[[list[str], str], bool]) -> str | None:
+    """The first of :data:`CSV_DELIMITERS` by which the CSV line ``row`` splits into fields that ``fits(fields,
+    delimiter)`` takes (e.g. a header naming the columns a file needs), or None."""
+    return next((d for d in CSV_DELIMITERS if fits(next(csv.reader([row], delimiter=d), []), d)), None)
+
+
 def _csv_delimiter(text: str) -> str:
-    """The separator of a CSV point file: the first of ``,``, ``;`` (as spreadsheets write CSV where the comma is
-    the decimal separator, with decimal commas) and a tab that makes its first row a header naming x and y or a
-    label and 2 or 3 numbers; ``,`` when none does (the error then names the row)."""
+    """The separator of a CSV point file (:func:`row_delimiter`; with ``;``, decimal commas) that makes its first row
+    a header naming x and y or a label and 2 or 3 numbers; ``,`` when none does (the error then names the row)."""
     first = next((line for line in text.splitlines() if line.strip() and not _is_comment(next(csv.reader([line])))), "")
-    for delimiter in (",", ";", "\t"):
-        if _row_fits(next(csv.reader([first], delimiter=delimiter), []), delimiter == ";"):
-            return delimiter
-    return ","
+    return row_delimiter(first, lambda fields, d: _row_fits(fields, d == ";")) or ","
 
 
 def _label_column(header: list[str], coords: list[int], body: list[list[str]]) -> int | None:

@@ -49,7 +49,7 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
                  if not any(Path(os.path.realpath(p)).is_relative_to(e) for e in skip)]
         runs = _run_folders(paths, source)
         if runs:
-            left = [p for p in paths if any(r in p.parents for r in runs)]
+            left = {p for p in paths if any(r in p.parents for r in runs)}
             paths = [p for p in paths if p not in left]
             log.warning("%s: %d image(s) in the output folder(s) of earlier runs (%s) are not scans: left out",
                         source, len(left), ", ".join(str(r) for r in sorted(runs)[:3]) + (", ..." if len(runs) > 3 else ""))
@@ -138,11 +138,10 @@ def _read_manifest(path: Path) -> list[Scan]:
 def _delimiter(lines: list[str]) -> str:
     """The manifest's delimiter: ``;`` or a tab where its first row names a ``path`` column that way (spreadsheets
     write ``;`` where the comma is the decimal separator, as ``samembed match --atlases`` reads them), else ``,``."""
+    from ..io import row_delimiter
+
     first = next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
-    for delimiter in (",", ";", "\t"):
-        if "path" in {c.strip().lower() for c in next(csv.reader([first], delimiter=delimiter), [])}:
-            return delimiter
-    return ","
+    return row_delimiter(first, lambda fields, _: "path" in {c.strip().lower() for c in fields}) or ","
 
 
 def listed_path(path: str | os.PathLike) -> str:
