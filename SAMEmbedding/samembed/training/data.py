@@ -51,17 +51,19 @@ def find_volumes(sources: list[str], exclude: list[str] | None = None, base: Pat
             raise InputError(f"{p}: training data path not found")
     exclude = exclude or []
     used = set()
+    # a pattern with a folder is matched against the file's path as given, normalised and resolved, as itself as
+    # given and, unless it starts with a wildcard, made absolute against ``base``: "../shared/data/ct/x.nii.gz"
+    # excluded nothing (the path was /work/main/../shared/..., the pattern relative); a plain one against the name
+    forms_of = {pat: {pat} if "/" not in pat else {pat, os.path.normpath(pat)} | (
+        set() if pat.startswith("*") else {os.path.normpath(os.path.join(base, pat)), str((base / pat).resolve())})
+        for pat in exclude}
 
     def excluded(f: Path) -> bool:
-        # a pattern with a folder is matched against the file's path as given, normalised and resolved, and
-        # itself as given and, unless it starts with a wildcard, made absolute: "../shared/data/ct/x.nii.gz"
-        # excluded nothing (the path was /work/main/../shared/..., the pattern relative)
-        forms = {str(f), os.path.normpath(str(f)), str(f.resolve())}
-        for pat in exclude:
-            pats = {pat} if "/" not in pat else {pat, os.path.normpath(pat)} | (
-                set() if pat.startswith("*") else {os.path.normpath(os.path.join(base, pat)),
-                                                    str((base / pat).resolve())})
-            if any(fnmatch.fnmatch(form, q) for form in (forms if "/" in pat else {f.name}) for q in pats):
+        paths = None
+        for pat, forms in forms_of.items():
+            if "/" in pat and paths is None:
+                paths = {str(f), os.path.normpath(str(f)), str(f.resolve())}
+            if any(fnmatch.fnmatch(name, q) for name in (paths if "/" in pat else (f.name,)) for q in forms):
                 used.add(pat)
                 return True
         return False
