@@ -283,7 +283,7 @@ class Trainer:
         # the checkpoint a run resumes from, or starts from, is checked before the data are prepared (minutes on
         # real data): a refused resume or a missing init_from was said only after them
         resume = self._resolve_resume(resume)
-        resumed = self._resume_checkpoint(resume) if resume else None
+        ck = self._resume_checkpoint(resume) if resume else None
         if not resume:
             for setting in ("init_from", "init_global_from"):
                 self._check_weights_source(setting, getattr(cfg, setting))
@@ -305,7 +305,6 @@ class Trainer:
         cpu_before = 0.0  # CPU seconds spent by earlier processes of this run (resumed chunks)
         clock_before = 0.0  # seconds of the run's clock (time_clock) spent by them: its time limit and schedule go on
         if resume:
-            ck = resumed
             net.load_state_dict(ck["state_dict"])
             opt.load_state_dict(ck["optimizer"])
             start = int(ck["iteration"])
@@ -378,18 +377,16 @@ class Trainer:
                 self._semantic_batch = SemanticBatch(draws, sem_views, loc[n:], glob[n:]) if sem_views else None
                 loss, stats = self.compute_loss(views, loc[:n], glob[:n], gen, rng)
                 if self._any_process(not torch.isfinite(loss)):  # a diverged run's weights are NaN: not a result
-                    raise InputError(f"the loss is {loss.item()} at iteration {it + 1}: training diverged (lower lr, "
-                                     f"now {cfg.lr:g}, or check the data); the run folder keeps its last checkpoint"
-                                     + (f" ({self.out / 'last.pt'})" if (self.out / "last.pt").exists() else ""))
+                    raise self._diverged(f"the loss is {loss.item()} at iteration {it + 1}", "lower lr, now "
+                                         f"{cfg.lr:g}, or check the data")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
                 opt.step()
                 # a finite loss can still take a step to non-finite weights (an infinite lr): they are never saved
                 if self._any_process(not all(bool(torch.isfinite(w).all()) for w in net.parameters())):
-                    raise InputError(f"the weights are not finite after iteration {it + 1}: training diverged "
-                                     f"(lower lr, now {cfg.lr:g}); the run folder keeps its last checkpoint"
-                                     + (f" ({self.out / 'last.pt'})" if (self.out / "last.pt").exists() else ""))
+                    raise self._diverged(f"the weights are not finite after iteration {it + 1}",
+                                         f"lower lr, now {cfg.lr:g}")
                 done = it + 1
                 if self.rank == 0:
                     with log_path.open("a", encoding="utf-8") as fh:
@@ -563,6 +560,13 @@ class Trainer:
         log.info("%s has no last.pt: starting a new run%s", self.out,
                  f" from {self.cfg.init_from}" if self.cfg.init_from else "")
         return None
+
+    def _diverged(self, what: str, advice: str) -> InputError:
+        """The error of a run that diverged (``what`` happened): what to do, and the checkpoint the run folder
+        keeps (saved before it)."""
+        last = self.out / "last.pt"
+        return InputError(f"{what}: training diverged ({advice}); the run folder keeps its last checkpoint"
+                          + (f" ({last})" if last.exists() else ""))
 
     @staticmethod
     def _check_weights_source(setting: str, source: str | None) -> None:
