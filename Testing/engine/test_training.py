@@ -147,7 +147,8 @@ def test_every_objective_trains_and_writes_a_usable_checkpoint(tmp_path, objecti
     model = load_model(str(final))
     assert model.model_id.startswith("sam-lite-ct@")
     log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
-    assert len(log) == 4 and all(np.isfinite(float(r.split(",")[1])) for r in log[1:])
+    losses = [float(r.split(",")[1]) for r in log[1:]]  # nan: an iteration without a view pair on the body
+    assert len(losses) == 3 and any(np.isfinite(losses)) and all(np.isfinite(v) or np.isnan(v) for v in losses)
     assert (tmp_path / "run" / "loss_curve.png").is_file()
 
 
@@ -445,6 +446,32 @@ def test_a_diverged_run_stops_naming_the_iteration_and_writes_no_weights(tmp_pat
 
 
 @pytest.mark.needs_data
+def test_an_iteration_without_a_view_pair_on_the_body_takes_no_step_and_logs_no_loss(tmp_path, monkeypatch, caplog):
+    """A batch whose view pairs did not overlap on the body gave a zero loss: the log said 0 (a perfect loss) and
+    AdamW still stepped (weight decay, old momentum)."""
+    from samembed.training import train
+
+    steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1))
+    real = train.pair_points
+    calls = []
+
+    def every_other(*args, **kwargs):  # the first iteration's pairs have no overlap, the second's do
+        calls.append(1)
+        return None if len(calls) <= 2 else real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "pair_points", every_other)
+    with caplog.at_level("WARNING", logger="samembed.training.train"):
+        train.Trainer(tiny_config(tmp_path, "sam", iterations=2), progress=False).run()
+    rows = [r.split(",") for r in (tmp_path / "run" / "train_log.csv").read_text().splitlines()[1:]]
+    assert rows[0][1:4] == ["nan", "nan", "nan"] and np.isfinite(float(rows[1][1]))
+    assert len(steps) == 1  # the second iteration only
+    assert "iteration 1 drew no view pair that overlaps on the body: no step taken" in caplog.text
+    assert "1 of the 2 iterations of this run drew no view pair" in caplog.text
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+
+
+@pytest.mark.needs_data
 def test_what_is_wrong_besides_the_data_and_a_folder_in_use_are_found_before_the_data_are_prepared(tmp_path):
     import fcntl
 
@@ -557,7 +584,8 @@ def test_training_inputs_a_review_found_wrong_are_refused_or_read_as_meant(tmp_p
 @pytest.mark.needs_data
 def test_a_step_to_non_finite_weights_stops_the_run_before_they_are_saved(tmp_path, monkeypatch):
     """The loss was checked before each step only: a step to non-finite weights (lr=Infinity, taken then) was saved
-    in last.pt, which the error then offered as the run's last state (a review). Here the second step overflows."""
+    in last.pt, which the error then offered as the run's last state (a review). Here the second step overflows (an
+    iteration without a view pair on the body takes none: the iteration is counted apart)."""
     from samembed.errors import InputError
     from samembed.training.train import Trainer
 
@@ -573,8 +601,11 @@ def test_a_step_to_non_finite_weights_stops_the_run_before_they_are_saved(tmp_pa
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
-    with pytest.raises(InputError, match="weights are not finite after iteration 2"):
+    with pytest.raises(InputError, match=r"weights are not finite after iteration \d") as raised:
         Trainer(tiny_config(tmp_path, "sam", checkpoint_every=1), progress=False).run()
+    rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[1:]
+    stepped = [r for r in rows if r.split(",")[1] != "nan"]
+    assert len(stepped) == 1 and f"after iteration {len(rows) + 1}" in str(raised.value)  # after the second step, not logged
     last = tmp_path / "run" / "last.pt"
     if last.exists():
         state = torch.load(last, weights_only=True)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .config import OBJECTIVE_HELP
 from .distill import distill_objective
-from .pairs import pair_points, sample_at
+from .pairs import NOTHING_TO_LEARN, pair_points, sample_at
 from .semantic import semantic_objective
 
 OBJECTIVES = tuple(OBJECTIVE_HELP)
@@ -171,7 +171,7 @@ def _adam(trainer, views, loc, glob, gen, rng):
             anchors.append(F.normalize(a_loc[sel].mean(0), dim=0))
             positives.append(F.normalize(p_loc[sel].mean(0), dim=0))
     if not anchors:
-        return loc.sum() * 0, {"adam": 0.0}
+        return loc.sum() * 0, {"adam": 0.0, NOTHING_TO_LEARN: True}
     A, Pp = torch.stack(anchors), torch.stack(positives)
     # other parts of this batch are negatives too
     loss_ab, pruned = pruned_info_nce(A, Pp, torch.cat([bank, Pp.detach()]) if len(bank) else Pp.detach()[:0], cfg.tau, thr)
@@ -199,7 +199,7 @@ def _sal(trainer, views, loc, glob, gen, rng):
                 target = min(dz_mm / cfg.isimed_scale_mm, 1.0)
                 pos_terms.append((1 - (s0 * s1).sum() - target) ** 2)
     if not terms:
-        return loc.sum() * 0, {"sal": 0.0}
+        return loc.sum() * 0, {"sal": 0.0, NOTHING_TO_LEARN: True}
     align = torch.stack(terms).mean()
     var = torch.stack(var_terms).mean()
     pos = torch.stack(pos_terms).mean() if pos_terms else align * 0
@@ -210,7 +210,7 @@ def _sal(trainer, views, loc, glob, gen, rng):
 def combined_loss(trainer, views, loc, glob, gen, rng):
     """Weighted sum of the configured objectives; returns (loss, stats). ``stats['local']``/``['global']``
     carry SAM's parts when SAM is used (for the CSV log)."""
-    total, stats = None, {}
+    total, stats, empty = None, {}, []
     for name, weight in parse_objective(trainer.cfg.objective):
         if name == "sam":
             loss, s = trainer.sam_loss(views, loc, glob, gen, rng)
@@ -224,9 +224,11 @@ def combined_loss(trainer, views, loc, glob, gen, rng):
             loss, s = distill_objective(trainer, views, loc, glob, gen, rng)
         else:
             loss, s = _sal(trainer, views, loc, glob, gen, rng)
+        empty.append(bool(s.pop(NOTHING_TO_LEARN, False)))
         # the log's local / global columns: SAM's parts when SAM is used, else the first objective's that gives them
         stats.update(s if name == "sam" else {k: v for k, v in s.items() if k not in stats or k not in ("local", "global")})
         total = weight * loss if total is None else total + weight * loss
     stats.setdefault("local", float(total.detach()))
     stats.setdefault("global", 0.0)
+    stats[NOTHING_TO_LEARN] = all(empty)  # no objective had a term: the trainer takes no step
     return total, stats

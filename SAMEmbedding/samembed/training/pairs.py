@@ -21,6 +21,11 @@ def sample_at(fmap: torch.Tensor, norm_xyz: torch.Tensor) -> torch.Tensor:
     return F.normalize(out.reshape(fmap.shape[0], -1).T, dim=1)
 
 
+#: the stats key an objective sets (True) when a batch gave it no term at all (no view pair overlapping on the body):
+#: its loss is a zero joined to the maps, and a step on it would learn nothing but weight decay and old momentum
+NOTHING_TO_LEARN = "nothing_to_learn"
+
+
 def map_positions_mm(view, out_shape: tuple[int, ...]) -> torch.Tensor:
     """mm positions (M, d) of every voxel of an output map of ``out_shape`` computed from ``view``."""
     in_shape = view.image.shape[1:]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .labels import LabelledVolume
 from .losses import multi_positive_info_nce
-from .pairs import map_positions_mm, sample_at
+from .pairs import NOTHING_TO_LEARN, map_positions_mm, sample_at
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def semantic_objective(trainer, views, loc, glob, gen, rng):
                 g_terms.append(out[1])
     if not l_terms:
         zero = loc.sum() * 0 + glob.sum() * 0
-        return zero, {"semantic_local": 0.0, "semantic_global": 0.0}
+        return zero, {"semantic_local": 0.0, "semantic_global": 0.0, NOTHING_TO_LEARN: True}
     l_loc, l_glob = torch.stack(l_terms).mean(), torch.stack(g_terms).mean()
     return l_loc + s.global_weight * l_glob, {"semantic_local": float(l_loc.detach()),
                                               "semantic_global": float(l_glob.detach())}

@@ -31,7 +31,14 @@ from .config import TrainConfig
 from .data import find_volumes, load_cached, prepare_cache
 from .losses import local_loss, multi_positive_info_nce
 from .objectives import parse_objective
-from .pairs import BODY_THRESHOLD, inside_view, map_positions_mm, pair_points, sample_at  # noqa: F401 (re-exported)
+from .pairs import (  # noqa: F401 (re-exported)
+    BODY_THRESHOLD,
+    NOTHING_TO_LEARN,
+    inside_view,
+    map_positions_mm,
+    pair_points,
+    sample_at,
+)
 from .sampling import augment, random_body_point, sample_view
 from .semantic import SemanticBatch
 
@@ -244,7 +251,7 @@ class Trainer:
         stats = {}
         if not loc_terms:
             zero = loc.sum() * 0 + glob.sum() * 0
-            return zero, {"local": 0.0, "global": 0.0}
+            return zero, {"local": 0.0, "global": 0.0, NOTHING_TO_LEARN: True}
         l_local = torch.stack(loc_terms).mean()
         cands = torch.cat(glob_cands)
         cpos = torch.cat(glob_pos)
@@ -358,6 +365,7 @@ class Trainer:
                 if name.startswith(GLOBAL_PREFIX):
                     module.eval()
         done = start
+        idle = 0  # iterations without a term to learn from (no step taken)
         # Ctrl-C or SIGTERM (a session's end, a batch system's limit) stops the run between iterations, with a
         # resume checkpoint of the last one: nothing is lost, and --resume auto goes on as if never stopped
         with StopBetweenSteps() as stopping:
@@ -379,10 +387,21 @@ class Trainer:
                 if self._any_process(not torch.isfinite(loss)):  # a diverged run's weights are NaN: not a result
                     raise self._diverged(f"the loss is {loss.item()} at iteration {it + 1}", "lower lr, now "
                                          f"{cfg.lr:g}, or check the data")
+                # a batch without a single term (no view pair overlapping on the body): no step, and no loss in the
+                # log (AdamW's step would still decay the weights and move them by its old momentum)
+                learns = self._any_process(not stats.pop(NOTHING_TO_LEARN, False))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-                opt.step()
+                if learns:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+                    opt.step()
+                else:
+                    idle += 1
+                    loss = torch.tensor(float("nan"))
+                    stats = {k: float("nan") for k in ("local", "global", *extra)}
+                    if idle == 1:
+                        log.warning("iteration %d drew no view pair that overlaps on the body: no step taken (logged "
+                                    "as nan). Check that the training images hold a body (body_threshold)", it + 1)
                 # a finite loss can still take a step to non-finite weights (an infinite lr): they are never saved
                 if self._any_process(not all(bool(torch.isfinite(w).all()) for w in net.parameters())):
                     raise self._diverged(f"the weights are not finite after iteration {it + 1}",
@@ -422,6 +441,9 @@ class Trainer:
                     break
         if bar:
             bar.close()
+        if idle and self.rank == 0:
+            log.warning("%d of the %d iterations of this run drew no view pair overlapping on the body: no step was "
+                        "taken for them", idle, done - start)
         final = self.out / f"{cfg.name}.pt"
         if self.rank == 0:
             net.eval()
@@ -675,9 +697,13 @@ def plot_loss_curve(log_csv: Path, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("loss", "local", "global"):
         y = np.array([float(r[key]) for r in rows])
+        keep = np.isfinite(y)  # iterations without a step are logged as nan
+        if not keep.any():
+            continue
+        y, x = y[keep], it[keep]
         k = max(1, len(y) // 50)
         smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-        ax.plot(it[k - 1:], smooth, label=key)
+        ax.plot(x[k - 1:], smooth, label=key)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (moving average)")
     ax.legend()
