@@ -29,13 +29,15 @@ def mine_hard_negatives(sim_combined: torch.Tensor, dist_mm: torch.Tensor, ignor
 
     Candidates closer than ``ignore_radius_mm`` to the anchor's true position are excluded; the
     ``num_hard`` most similar (by ``sim_combined``, (N, M)) are kept, then ``num_keep`` of them are drawn at
-    random.
+    random. With fewer than ``num_hard`` candidates outside the radius, excluded ones fill the rest and are drawn
+    last: :func:`local_loss` leaves them out.
     """
     sim = sim_combined.masked_fill(dist_mm < ignore_radius_mm, float("-inf"))
     k = min(num_hard, sim.shape[1])
-    top = sim.topk(k, dim=1).indices  # (N, k)
+    top_sim, top = sim.topk(k, dim=1)  # (N, k)
     keep = min(num_keep, k)
-    order = torch.rand(top.shape, generator=generator).argsort(dim=1)[:, :keep]
+    keys = torch.rand(top.shape, generator=generator).masked_fill(torch.isinf(top_sim), 2.0)
+    order = keys.argsort(dim=1)[:, :keep]
     return top.gather(1, order)
 
 
@@ -56,11 +58,14 @@ def local_loss(a_loc: torch.Tensor, p_loc: torch.Tensor, a_glob: torch.Tensor, c
         sim = (a_loc @ cand_loc.T + a_glob @ cand_glob.T) / 2
         idx = mine_hard_negatives(sim, dist_mm, ignore_radius_mm, num_hard, num_keep, generator)
     negs = cand_loc[idx]  # (N, K, C)
-    if pruner_threshold is None:
-        return info_nce(a_loc, p_loc, negs, tau)
     pos = (a_loc * p_loc).sum(-1, keepdim=True)
     neg = torch.einsum("nc,nkc->nk", a_loc, negs)
-    neg = neg.masked_fill(neg.detach() >= pruner_threshold, float("-inf"))
+    # a small view has fewer candidates outside the ignore radius than are mined: those inside it (the positive's own
+    # voxel among them) are no negatives
+    drop = dist_mm.gather(1, idx) < ignore_radius_mm
+    if pruner_threshold is not None:
+        drop |= neg.detach() >= pruner_threshold
+    neg = neg.masked_fill(drop, float("-inf"))
     logits = torch.cat([pos, neg], 1) / tau
     return F.cross_entropy(logits, torch.zeros(len(a_loc), dtype=torch.long))
 

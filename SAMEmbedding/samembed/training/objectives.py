@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .config import OBJECTIVE_HELP
 from .distill import distill_objective
-from .pairs import NOTHING_TO_LEARN, pair_points, sample_at
+from .pairs import BODY_THRESHOLD, NOTHING_TO_LEARN, body_points, pair_points, sample_at
 from .semantic import semantic_objective
 
 OBJECTIVES = tuple(OBJECTIVE_HELP)
@@ -72,24 +72,25 @@ def isimed_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, pos_a_mm: torch.Tensor
 
 
 def pruned_info_nce(anchor: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, tau: float,
-                    threshold: float | None) -> tuple[torch.Tensor, float]:
-    """InfoNCE of anchors (N, C) vs positives (N, C) and a memory bank (K, C) of negatives.
+                    threshold: float | None, in_batch: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """InfoNCE of anchors (N, C) vs positives (N, C) and negatives: a memory bank (K, C) and, with ``in_batch``
+    (N, C, the batch's positives), every other anchor's positive (each anchor's own is its positive, not a negative).
 
-    The purposive pruner drops bank entries whose similarity to the anchor is >= ``threshold``. Returns the
-    loss and the fraction of bank entries pruned.
+    The purposive pruner drops negatives whose similarity to the anchor is >= ``threshold``. Returns the
+    loss and the fraction of negatives pruned.
     """
     pos = (anchor * positive).sum(-1, keepdim=True)
-    if bank.numel() == 0:
-        neg = anchor.new_zeros((len(anchor), 0))
-        pruned = 0.0
-    else:
-        neg = anchor @ bank.T
-        if threshold is not None:
-            drop = neg.detach() >= threshold
-            pruned = float(drop.float().mean())
-            neg = neg.masked_fill(drop, float("-inf"))
-        else:
-            pruned = 0.0
+    neg = anchor @ bank.T if bank.numel() else anchor.new_zeros((len(anchor), 0))
+    own = torch.zeros(neg.shape, dtype=torch.bool)
+    if in_batch is not None:
+        neg = torch.cat([neg, anchor @ in_batch.T], 1)
+        own = torch.cat([own, torch.eye(len(anchor), len(in_batch), dtype=torch.bool)], 1)
+    pruned = 0.0
+    if threshold is not None and neg.numel():
+        drop = (neg.detach() >= threshold) & ~own
+        pruned = float(drop.sum()) / max(1, int((~own).sum()))
+        own |= drop
+    neg = neg.masked_fill(own, float("-inf"))
     logits = torch.cat([pos, neg], 1) / tau
     return F.cross_entropy(logits, torch.zeros(len(anchor), dtype=torch.long)), pruned
 
@@ -135,16 +136,18 @@ def _isimed(trainer, views, loc, glob, gen, rng):
 
     cfg = trainer.cfg
     terms = []
-    for b, ((_, ga), (_, gb)) in enumerate(views):
-        n = cfg.isimed_crops
-        pts = []
-        for gv in (ga, gb):
-            lo = gv.start_mm
-            hi = gv.start_mm + gv.step_mm * (torch.tensor(gv.image.shape[1:], dtype=torch.float32) - 1)
-            pts.append(lo + (hi - lo) * torch.rand((n, len(lo)), generator=gen))
+    for b, ((la, ga), (_, gb)) in enumerate(views):
+        # points on the body only: on air or on the fill beyond the scan, where the image is constant, a position
+        # can only be read from the view's border (the crop-border shortcut)
+        threshold = BODY_THRESHOLD if la.body_threshold is None else la.body_threshold
+        pts = [body_points(gv, cfg.isimed_crops, threshold, gen) for gv in (ga, gb)]
+        if min(len(p) for p in pts) < 2:
+            continue
         ea = sample_at(glob[2 * b], ga.mm_to_norm(pts[0], ()))
         eb = sample_at(glob[2 * b + 1], gb.mm_to_norm(pts[1], ()))
         terms.append(isimed_loss(ea, eb, pts[0], pts[1], cfg.isimed_scale_mm))
+    if not terms:
+        return glob.sum() * 0, {"isimed": 0.0, NOTHING_TO_LEARN: True}
     loss = torch.stack(terms).mean()
     return loss, {"isimed": float(loss.detach())}
 
@@ -173,8 +176,8 @@ def _adam(trainer, views, loc, glob, gen, rng):
     if not anchors:
         return loc.sum() * 0, {"adam": 0.0, NOTHING_TO_LEARN: True}
     A, Pp = torch.stack(anchors), torch.stack(positives)
-    # other parts of this batch are negatives too
-    loss_ab, pruned = pruned_info_nce(A, Pp, torch.cat([bank, Pp.detach()]) if len(bank) else Pp.detach()[:0], cfg.tau, thr)
+    # other parts of this batch are negatives too (from the first iteration, before the bank holds any)
+    loss_ab, pruned = pruned_info_nce(A, Pp, bank, cfg.tau, thr, in_batch=Pp.detach())
     trainer._adam_bank = torch.cat([Pp.detach(), bank])[: cfg.adam_bank_size]
     return loss_ab, {"adam": float(loss_ab.detach()), "pruned": pruned, "adam_level": level}
 

@@ -44,6 +44,22 @@ def inside_view(view, points_mm: torch.Tensor, margin_vox: float = 1.0) -> torch
     return ((idx >= margin_vox) & (idx <= n - 1 - margin_vox)).all(1)
 
 
+def intensity_at(view, points_mm: torch.Tensor) -> torch.Tensor:
+    """The view's image (linear interpolation, 0 outside) at mm points (N, d) -> (N,)."""
+    d = points_mm.shape[1]
+    grid = view.mm_to_norm(points_mm, ()).reshape(1, -1, *([1] * (d - 1)), d)
+    return F.grid_sample(view.image.unsqueeze(0), grid, align_corners=False).reshape(-1)
+
+
+def body_points(view, count: int, threshold: float, gen: torch.Generator, tries: int = 8) -> torch.Tensor:
+    """Up to ``count`` random mm positions (N, d) inside ``view`` (rotated views too) where its image is above
+    ``threshold``: from ``tries * count`` uniform draws, so a view mostly of air gives fewer."""
+    lo = view.start_mm
+    hi = lo + view.step_mm * (torch.tensor(view.image.shape[1:], dtype=torch.float32) - 1)
+    cand = view.to_world(lo + (hi - lo) * torch.rand((tries * count, len(lo)), generator=gen))
+    return cand[intensity_at(view, cand) > threshold][:count]
+
+
 def pair_points(trainer, views, loc, glob, b: int, gen: torch.Generator, rng: np.random.Generator):
     """Anchor points of view pair ``b``: positions P (N, d) mm on the body inside both local views, and the
     local and global embeddings there in view A and view B: ``(P, a_loc, p_loc, a_glob, p_glob)``; None
@@ -57,10 +73,7 @@ def pair_points(trainer, views, loc, glob, b: int, gen: torch.Generator, rng: np
     cand = pos_a + jitter
     ok = inside_view(lb, cand)
     if ok.any():  # keep anchors on the body: intensity of view A at the point
-        d = cand.shape[1]
-        grid = la.mm_to_norm(cand, ()).reshape(1, -1, *([1] * (d - 1)), d)
-        vals = F.grid_sample(la.image.unsqueeze(0), grid, align_corners=False).reshape(-1)
-        ok &= vals > (BODY_THRESHOLD if la.body_threshold is None else la.body_threshold)
+        ok &= intensity_at(la, cand) > (BODY_THRESHOLD if la.body_threshold is None else la.body_threshold)
     idx = torch.nonzero(ok).reshape(-1)
     if len(idx) < 8:
         return None

@@ -60,13 +60,15 @@ def rotation_matrix(angle_deg: float, d: int) -> torch.Tensor:
 
 
 def sample_view(volume: torch.Tensor, centre_mm: np.ndarray, size: int, step_mm: float, spacing_mm: float,
-                fill: float, angle_deg: float = 0.0) -> View:
+                fill: float, angle_deg: float = 0.0, first_voxel_mm: float = 0.0) -> View:
     """Cut a cubic view of ``size`` voxels of ``step_mm`` centred at ``centre_mm`` from ``volume``.
 
     Args:
         volume: (1, 1, *shape) float tensor on a grid of ``spacing_mm``.
         fill: value outside the volume.
         angle_deg: rotate the view's axes by this angle about ``centre_mm`` in the (y, x) plane (0 = axis-aligned).
+        first_voxel_mm: the position of ``volume``'s first voxel centre on every axis (mm): 0 for the volume itself,
+            1.5 input voxels for its 4 x 4 x 4 average (pooled voxel k is the mean of input voxels 4k .. 4k + 3).
     """
     d = volume.dim() - 2
     shape = torch.tensor(volume.shape[2:], dtype=torch.float32)
@@ -78,7 +80,7 @@ def sample_view(volume: torch.Tensor, centre_mm: np.ndarray, size: int, step_mm:
     if angle_deg:
         view.rotation, view.centre_mm = rotation_matrix(angle_deg, d), centre
     pos = view.to_world(torch.stack(mesh, -1).reshape(-1, d)).reshape(*mesh[0].shape, d)
-    idx = pos / spacing_mm  # voxel index zyx
+    idx = (pos - first_voxel_mm) / spacing_mm  # voxel index zyx
     norm = (idx + 0.5) / shape * 2 - 1  # align_corners=False
     grid = norm.flip(-1).unsqueeze(0)
     out = F.grid_sample(volume - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill

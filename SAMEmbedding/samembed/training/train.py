@@ -186,7 +186,7 @@ class Trainer:
         lv = sample_view(arr, c, cfg.local_size, sp * s, sp, fill, ang)
         lv.body_threshold = threshold  # anchors are kept where view A is above it (pair_points)
         gc = c + rng.uniform(-cfg.global_jitter_mm, cfg.global_jitter_mm, d)
-        gv = sample_view(pooled, gc, cfg.global_size, 4 * sp * s, 4 * sp, fill, ang)
+        gv = sample_view(pooled, gc, cfg.global_size, 4 * sp * s, 4 * sp, fill, ang, first_voxel_mm=1.5 * sp)
         lv.image = augment(lv.image, rng, cfg.noise_std, cfg.blur_p, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
         gv.image = augment(gv.image, rng, cfg.noise_std, cfg.blur_p * 0.5, tuple(cfg.blur_sigma), cfg.contrast, cfg.gamma)
         return lv, gv
