@@ -1037,6 +1037,9 @@ def _cmd_quantize(args) -> int:
     if os.path.realpath(out) == os.path.realpath(model.info["file"]) or out.suffix.lower() in (".pt", ".pth"):
         raise InputError(f"{out}: --out names the model's weights (or a checkpoint); the calibration is a JSON file, "
                          f"by default {qparams_path(model.info['file'])}")
+    from .io import check_writable
+
+    check_writable(out)  # before minutes of calibration, not after them
     bar = PhaseProgress(len(images), "calibrating", not args.quiet, started_s=getattr(args, "started_s", None))
     try:
         calibrate_model(model, images, settings, out, progress=bar.update)

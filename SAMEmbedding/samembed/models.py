@@ -12,8 +12,10 @@ A model is a network plus the preprocessing it was trained with. It comes from:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,15 +61,6 @@ class LoadedModel:
     def spec(self):
         """The network's :class:`~samembed.networks.NetSpec`."""
         return self.net.spec
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_dim(entry: dict) -> int:
@@ -124,27 +117,26 @@ def _assign_state(net: torch.nn.Module, state: dict, source: str) -> None:
         raise CheckpointError(f"{source}: the network kept tensors without values: {', '.join(left[:5])}")
 
 
-def _is_torch_file(path: Path) -> bool:
-    """``path`` is in one of ``torch.save``'s formats: a zip archive, or (the legacy format) a pickle of protocol 2
+def _is_torch_file(data: bytes) -> bool:
+    """``data`` is in one of ``torch.save``'s formats: a zip archive, or (the legacy format) a pickle of protocol 2
     or later."""
     import zipfile
 
-    if zipfile.is_zipfile(path):
-        return True
-    with open(path, "rb") as fh:
-        return fh.read(1) == b"\x80"
+    return zipfile.is_zipfile(io.BytesIO(data)) or data[:1] == b"\x80"
 
 
-def _torch_load(path: Path, sha: str):
+def _torch_load(path: Path, data: bytes, sha: str):
+    """The checkpoint ``data`` (the bytes of ``path``, read once: their SHA-256 ``sha`` names these weights, not a
+    version of the file that a training run put in its place meanwhile)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as first:  # noqa: BLE001 - try the full unpickler only for a known official file
         if sha in KNOWN_OFFICIAL_SHA256:
             try:
-                return torch.load(path, map_location="cpu", weights_only=False)
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(f"{path}: cannot read checkpoint: {e}") from e
-        if not _is_torch_file(path):
+        if not _is_torch_file(data):
             raise CheckpointError(f"{path}: cannot read checkpoint: not a PyTorch file (corrupt, cut short or another "
                                   "kind of file); give a .pt or .pth file written by torch.save") from first
         if "weights only load failed" in str(first).lower():
@@ -167,26 +159,44 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> LoadedM
         arch: expected architecture; a checkpoint of another one raises :class:`CheckpointError`.
     """
     path = Path(path)
+    if path.is_dir():
+        runs = sorted(p.name for p in path.glob("*.pt"))
+        raise CheckpointError(f"{path}: is a folder; give a checkpoint file in it" + (
+            f" ({', '.join(runs[:4])}: a training run's final weights are <name>.pt, its last state last.pt)"
+            if runs else ""))
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    sha = sha256_file(path)
-    obj = _torch_load(path, sha)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {e.strerror or e}") from None
+    sha = hashlib.sha256(data).hexdigest()
+    obj = _torch_load(path, data, sha)
+    del data
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (top level is {type(obj).__name__}, expected a dict)")
     info: dict = {"file": str(path)}
     if obj.get("format") == CHECKPOINT_FORMAT:
-        ck_arch = obj["arch"]
+        ck_arch = obj.get("arch")
         if arch is not None and arch != ck_arch:
             raise CheckpointError(f"{path}: checkpoint holds architecture '{ck_arch}', but '{arch}' was requested")
-        with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
-            net = build_network(ck_arch, obj.get("net_config"))
+        try:
+            with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
+                net = build_network(ck_arch, obj.get("net_config"))
+            prep = PreprocessConfig.from_dict(obj.get("preprocess", {}))
+        except (InputError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: a checkpoint this samembed cannot build ({e}); made by another version "
+                                  "of samembed? Use that version, or a checkpoint made by this one") from None
         state = obj["state_dict"]
-        prep = PreprocessConfig.from_dict(obj.get("preprocess", {}))
         info.update(train_config=obj.get("train_config"), iteration=obj.get("iteration"))
         name = obj.get("name", path.stem)
     else:
         state = obj.get("state_dict", obj)
         state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+        if any(k.startswith(("l_stem.", "g_stem.", "l_down1.", "g_down1.")) for k in state):
+            raise CheckpointError(f"{path}: holds sam-lite weights alone, without the architecture and preprocessing "
+                                  "a samembed checkpoint carries; give the training run's own checkpoint (samembed "
+                                  "train's <name>.pt), or write one with samembed.models.save_checkpoint")
         ck_arch = "sam-official"
         if arch is not None and arch != ck_arch:
             raise CheckpointError(f"{path}: looks like an official SAM checkpoint, but '{arch}' was requested")
@@ -201,14 +211,26 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> LoadedM
         else:
             log.info("%s: official SAM layout, SHA-256 %s (not one of the released files)", path, sha)
     verify_state_dict(net, state, str(path))
+    not_finite = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                  and not bool(torch.isfinite(v).all())]
+    if not_finite:  # a diverged or damaged run's weights: every score NaN, yet the matches were called confident
+        raise CheckpointError(f"{path}: weights that are not finite (NaN or infinite) in {', '.join(not_finite[:5])}"
+                              f"{' ...' if len(not_finite) > 5 else ''}; the run that made them diverged or the file is "
+                              "damaged: use another checkpoint")
     _assign_state(net, state, str(path))
     net.eval()
-    return LoadedModel(net, prep, f"{name}@{sha[:12]}", sha, info, read_int8_calibration(path, sha))
+    needed = ()
+    if ck_arch == "sam-lite":  # the int8 form's maps of this network (3D sam-lite only runs in int8)
+        from .networks.int8 import local_points
+
+        needed = local_points(net)
+    return LoadedModel(net, prep, f"{name}@{sha[:12]}", sha, info, read_int8_calibration(path, sha, needed))
 
 
-def read_int8_calibration(weights: str | os.PathLike, sha: str | None) -> dict | None:
+def read_int8_calibration(weights: str | os.PathLike, sha: str | None, needed: tuple[str, ...] = ()) -> dict | None:
     """The int8 calibration beside ``weights`` (``<stem>.int8.json``) when it was made for the weights of SHA-256
-    ``sha``: map name -> (scale, zero point); else None (a missing file silently, a damaged or foreign one with a
+    ``sha`` and holds a usable scale (finite, above 0) and zero point (0..255) for every map, ``needed`` ones among
+    them: map name -> (scale, zero point); else None (a missing file silently, a damaged or foreign one with a
     warning that says what to do)."""
     from .quantize import qparams_path
 
@@ -217,10 +239,18 @@ def read_int8_calibration(weights: str | os.PathLike, sha: str | None) -> dict |
         return None
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(d.get("qparams"), dict):
+            raise TypeError("its qparams are not a map name -> [scale, zero point] object")
         qp = {str(k): (float(v[0]), int(v[1])) for k, v in d["qparams"].items()}
+        bad = [k for k, (scale, zero) in qp.items() if not (math.isfinite(scale) and scale > 0 and 0 <= zero <= 255)]
+        if bad:
+            raise ValueError(f"scales or zero points out of range for {', '.join(bad[:5])}")
+        missing = [k for k in needed if k not in qp]
+        if missing:
+            raise ValueError(f"no scales for the maps {', '.join(missing)}")
         made_for = d.get("meta", {}).get("sha256")
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        log.warning("%s: unreadable int8 calibration (%s); embedding in float32. Run `samembed quantize` again", path, exc)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        log.warning("%s: unusable int8 calibration (%s); embedding in float32. Run `samembed quantize` again", path, exc)
         return None
     if made_for != sha:
         log.warning("%s: int8 calibration made for other weights (SHA-256 %s); embedding in float32. "
@@ -264,7 +294,7 @@ def load_model(model: str | os.PathLike | LoadedModel = "default") -> LoadedMode
             raise ModelNotAvailableError(f"model '{text}': weights file {path} is missing; reinstall or pass --model PATH")
         loaded = load_checkpoint(path, entry.get("architecture"))
         if entry.get("sha256") and loaded.sha256 != entry["sha256"]:
-            raise CheckpointError(f"{path}: SHA-256 {loaded.sha256} differs from models.json ({entry['sha256']}); the file is damaged")
+            raise CheckpointError(f"{path}: SHA-256 {loaded.sha256} differs from models.json ({entry['sha256']}): the file is damaged, or models.json names other weights; reinstall")
         loaded.info["registry"] = entry
         return loaded
     path = Path(text)

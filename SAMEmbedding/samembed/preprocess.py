@@ -15,6 +15,7 @@ Steps (official ``tools/utils.py::read_image``, re-expressed for SimpleITK, see
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -48,12 +49,21 @@ class PreprocessConfig:
 
     @staticmethod
     def from_dict(d: dict) -> PreprocessConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
-        return PreprocessConfig(
+        """Inverse of :meth:`to_dict`; unknown keys are ignored, unknown values refused (``ValueError``: e.g. a fill
+        of a later samembed version, which was silently taken as "zero")."""
+        config = PreprocessConfig(
             spacing_mm=float(d.get("spacing_mm", 2.0)),
             fill=str(d.get("fill", "zero")),
-            percentiles=tuple(d.get("percentiles", (0.2, 99.8))),
+            percentiles=tuple(float(v) for v in d.get("percentiles", (0.2, 99.8))),
         )
+        if config.fill not in ("zero", "air"):
+            raise ValueError(f"preprocessing fill '{config.fill}' is not one of zero, air")
+        if not (math.isfinite(config.spacing_mm) and config.spacing_mm > 0):
+            raise ValueError(f"preprocessing spacing_mm {config.spacing_mm} is not a positive number")
+        low_high = config.percentiles
+        if len(low_high) != 2 or not 0 <= low_high[0] < low_high[1] <= 100:
+            raise ValueError(f"preprocessing percentiles {list(low_high)} are not two of 0..100, low before high")
+        return config
 
 
 @dataclass(frozen=True, eq=False)

@@ -39,6 +39,9 @@ def registry() -> dict:
     """The parsed ``models.json`` (``{"models": [...]}``); empty when absent."""
     path = models_dir() / "models.json"
     if not path.is_file():
+        if os.environ.get("SAMEMBED_MODELS_DIR"):  # a folder the user named: its registry is what they meant
+            raise InputError(f"SAMEMBED_MODELS_DIR={os.environ['SAMEMBED_MODELS_DIR']}: no models.json in that folder; "
+                             "point it at a folder holding one, or unset it to use the models shipped with samembed")
         return {"models": []}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -47,7 +50,27 @@ def registry() -> dict:
                          "SAMEMBED_MODELS_DIR to use the models shipped with samembed") from None
     if not isinstance(data, dict) or not isinstance(data.get("models", []), list):
         raise InputError(f"{path}: the model registry must be an object with a 'models' list")
+    for i, entry in enumerate(data.get("models", [])):
+        why = _entry_problem(entry)
+        if why:
+            raise InputError(f"{path}: model entry {i + 1} {why}; fix the file, or unset SAMEMBED_MODELS_DIR to use "
+                             "the models shipped with samembed")
     return data
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What makes a ``models.json`` entry unusable (a sentence's end), or None."""
+    if not isinstance(entry, dict):
+        return f"is {type(entry).__name__}, not an object"
+    if not isinstance(entry.get("name"), str) or not entry["name"]:
+        return "has no 'name' (text)"
+    aliases = entry.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        return f"('{entry['name']}'): 'aliases' must be a list of names, not {aliases!r}"
+    for key in ("file", "sha256", "architecture"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            return f"('{entry['name']}'): '{key}' must be text, not {entry[key]!r}"
+    return None
 
 
 def find_entry(name: str) -> dict | None:

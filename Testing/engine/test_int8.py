@@ -352,7 +352,7 @@ def test_a_calibration_made_for_other_weights_is_ignored_with_a_warning(tmp_path
     qparams_path(weights).write_text("{not json")
     with caplog.at_level(logging.WARNING):
         assert load_checkpoint(weights).int8 is None
-    assert "unreadable int8 calibration" in caplog.text
+    assert "unusable int8 calibration" in caplog.text
     assert Embedder(load_checkpoint(weights), "cpu").precision == "fp32"
 
 
