@@ -524,6 +524,16 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
         raise InputError(f"{path}: cannot read this image (unreadable or corrupt): {itk_reason(e, path)}") from e
     name = str(path)
     is_2d_raster = name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+    dicom_xy_mm = None
+    if not path.is_dir() and img.GetDimension() == 3 and img.GetDepth() == 1 and img.HasMetaDataKey("0008|0016"):
+        # a one-frame DICOM file (a radiograph): GDCM reads 1 mm where its kind of file keeps the spacing elsewhere
+        # (a CR or DX with Pixel Spacing only) or nowhere (a secondary capture), and says nothing
+        dicom_xy_mm = dicom_pixel_spacing_xy(img)
+        if dicom_xy_mm is None:
+            is_2d_raster = True  # spacing unknown: --spacing applies, and the warning says so
+        elif np.allclose(img.GetSpacing()[:2], 1.0) and not np.allclose(dicom_xy_mm, 1.0):
+            log.info("%s: pixel spacing %.4g x %.4g mm from the file's DICOM tags (ITK read 1 mm)", name, *dicom_xy_mm)
+            img.SetSpacing((*dicom_xy_mm, img.GetSpacing()[2]))
     image = image_from_sitk(img, name, spacing_known=not is_2d_raster, own=True)
     if name.lower().endswith((".jpg", ".jpeg", ".tif", ".tiff")):
         turned = _exif_orientation(path)
@@ -535,11 +545,26 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
         grid = image.grid  # from a JPEG's or TIFF's header as 25.4 / dpi mm
         given = spacing_mm is not None
         image = Image(image.array, Grid(grid.shape_zyx, np.full(grid.ndim, float(spacing_mm) if given else 1.0),
-                                        grid.origin_lps_mm, grid.direction), name, given)
+                                        grid.origin_lps_mm, grid.direction), name, given, image.plane_z_mm)
     validate_image(image, constant_ok)
     if warn_spacing:  # (the README says the log says so): a warning once, then a debug line
         warn_unknown_spacing(image)
     return image
+
+
+def dicom_pixel_spacing_xy(img) -> tuple[float, float] | None:
+    """A DICOM image's pixel spacing (x, y) in mm from its tags: Pixel Spacing (0028,0030), else Imager Pixel
+    Spacing (0018,1164), else Nominal Scanned Pixel Spacing (0018,2010, a secondary capture's) (each "row
+    spacing\\column spacing", i.e. y then x); None when it has none of them as two positive numbers."""
+    for tag in ("0028|0030", "0018|1164", "0018|2010"):
+        if img.HasMetaDataKey(tag):
+            try:
+                row, column = (float(v) for v in img.GetMetaData(tag).strip().split("\\"))
+            except ValueError:
+                continue
+            if row > 0 and column > 0 and math.isfinite(row) and math.isfinite(column):
+                return column, row
+    return None
 
 
 def _exif_orientation(path: Path) -> int | None:

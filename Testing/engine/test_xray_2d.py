@@ -123,6 +123,48 @@ def test_a_single_slice_3d_file_is_read_as_a_2d_image_with_the_file_spacing(tmp_
     assert np.all(found[:, 2] == img.plane_z_mm) and (suffix != ".nii.gz" or img.plane_z_mm == 40.0)
 
 
+def _write_radiograph_dicom(path, pixels: np.ndarray, sop_class: str, **spacing) -> None:
+    """A one-frame DICOM radiograph of ``pixels`` (uint16) with the given spacing tags (pydicom's names)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, sop_class, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality = "X", "1", "CR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for tag, value in spacing.items():
+        setattr(ds, tag, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    assert pydicom.dcmread(str(path)).Rows == pixels.shape[0]
+
+
+def test_a_dicom_radiograph_gets_its_pixel_spacing_from_its_tags_or_is_said_to_have_none(tmp_path, hand_cases):
+    """GDCM reads a CR's or DX's Imager Pixel Spacing only: one with Pixel Spacing alone, and a secondary capture
+    without either, were read at 1 mm per pixel as if known (no warning, --spacing ignored): 68 mm off on a hand."""
+    case = next(iter(hand_cases.values()))
+    pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(case.path))).astype(np.uint16) * 16
+    cr, dx, sc = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.7"
+    # rows 0.3 mm apart, columns 0.2 mm: x is 0.2, y 0.3
+    for name, sop, tag in (("cr.dcm", cr, "PixelSpacing"), ("dx.dcm", dx, "PixelSpacing"),
+                           ("imager.dcm", cr, "ImagerPixelSpacing")):
+        _write_radiograph_dicom(tmp_path / name, pixels, sop, **{tag: [0.3, 0.2]})
+        img = read_image(tmp_path / name)
+        assert img.ndim == 2 and img.pixel_spacing_known, name
+        np.testing.assert_allclose(img.grid.spacing_mm, (0.2, 0.3), err_msg=name)
+    _write_radiograph_dicom(tmp_path / "sc.dcm", pixels, sc)
+    assert not read_image(tmp_path / "sc.dcm").pixel_spacing_known
+    given = read_image(tmp_path / "sc.dcm", spacing_mm=0.2)
+    assert given.pixel_spacing_known and np.allclose(given.grid.spacing_mm, 0.2)
+
+
 def test_a_single_slice_that_is_not_axial_fails_with_a_clear_input_error(tmp_path):
     vol = sitk.GetImageFromArray(np.random.default_rng(0).random((1, 32, 24)).astype(np.float32))
     vol.SetDirection((1, 0, 0, 0, 0, 1, 0, -1, 0))  # the slice is coronal
