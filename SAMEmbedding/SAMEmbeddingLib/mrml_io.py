@@ -320,6 +320,8 @@ def update_volume_node_from_image(node, image: Image, reference_node=None) -> No
         d = grid.ndim
         ijk_to_lps[:d, :d] = grid.direction @ np.diag(grid.spacing_mm)
         ijk_to_lps[:d, 3] = grid.origin_lps_mm
+        if d == 2 and image.plane_z_mm is not None:  # a one-slice volume's image (its heatmaps): on its slice
+            ijk_to_lps[2, 3] = image.plane_z_mm
         node.SetIJKToRASMatrix(vtk_matrix_from_array(RAS_TO_LPS_44 @ ijk_to_lps))
     node.SetAndObserveImageData(image_data)
 

@@ -902,7 +902,7 @@ class Matcher:
                                  bool(rematched[n]), bool(polished[n]), float(ncc[n])))
         if raw.similarity is not None:
             heatmaps.add(ti, list(inputs.labels), raw.similarity.float().cpu().numpy(), tmaps.local_grid,
-                         tmaps.image_grid, [f"{lab} in {Path(name).name}" for lab in inputs.labels])
+                         tmaps.image_grid, [f"{lab} in {Path(name).name}" for lab in inputs.labels], plane_z_mm)
         return matches, heatmaps
 
     def _prior(self, src_maps: EmbeddingMaps, tmaps: EmbeddingMaps) -> np.ndarray | None:

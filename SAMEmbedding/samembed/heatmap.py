@@ -18,7 +18,7 @@ to, and is read in, a process that never loads torch (Slicer's main process).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -84,6 +84,7 @@ class _Rows:
     rows: np.ndarray
     model_grid: Grid
     image_grid: Grid
+    plane_z_mm: float | None = None  # a 2D target made from a one-slice volume: that slice's z
 
 
 class Heatmaps(Mapping):
@@ -102,10 +103,11 @@ class Heatmaps(Mapping):
         return {"_where": self._where, "_lookup": None}  # the lookup is made again where it is needed
 
     def add(self, target_index: int, labels: list[str], rows: np.ndarray, model_grid: Grid, image_grid: Grid,
-            names: list[str]) -> None:
+            names: list[str], plane_z_mm: float | None = None) -> None:
         """The heatmaps of one target: point ``n`` (``labels[n]``, image name ``names[n]``) has the similarities
-        ``rows[n]`` (V,) on ``model_grid`` (-inf where not computed)."""
-        held = _Rows(np.asarray(rows, dtype=np.float32), model_grid, image_grid)
+        ``rows[n]`` (V,) on ``model_grid`` (-inf where not computed); ``plane_z_mm``: the target's
+        (:attr:`samembed.image.Image.plane_z_mm`), which its heatmaps carry (written at that z)."""
+        held = _Rows(np.asarray(rows, dtype=np.float32), model_grid, image_grid, plane_z_mm)
         for n, (label, name) in enumerate(zip(labels, names)):
             self._where[(int(target_index), label)] = (held, n, name)
 
@@ -139,7 +141,8 @@ class Heatmaps(Mapping):
         the same physical space. A viewer (Slicer, ITK-SNAP) overlays it on the target as it does the full-size
         image. A new float32 array of the model grid's shape (zyx)."""
         held, n, name = self._entry(key)
-        return Image(heatmap_values(held.rows[n]).reshape(held.model_grid.shape_zyx), held.model_grid, name)
+        return Image(heatmap_values(held.rows[n]).reshape(held.model_grid.shape_zyx), held.model_grid, name,
+                     plane_z_mm=held.plane_z_mm)
 
     def make(self, key: tuple[int, str], out: np.ndarray | None = None) -> Image:
         """The heatmap ``key`` as an image, made now; ``out``: a float32 array of its grid's shape (zyx) to make it
@@ -147,7 +150,8 @@ class Heatmaps(Mapping):
         held, n, name = self._entry(key)
         if self._lookup is None or self._lookup[0] is not held:  # one target's lookup at a time (read in order)
             self._lookup = (held, voxel_lookup(held.model_grid, held.image_grid))
-        return heatmap_from_lookup(held.rows[n], self._lookup[1], held.image_grid, name, out)
+        made = heatmap_from_lookup(held.rows[n], self._lookup[1], held.image_grid, name, out)
+        return made if held.plane_z_mm is None else replace(made, plane_z_mm=held.plane_z_mm)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         return iter(self._where)

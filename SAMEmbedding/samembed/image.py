@@ -280,3 +280,16 @@ def single_slice_to_2d(array_zyx: np.ndarray, grid: Grid, name: str = "<array>",
                          f"image; its direction is {np.round(d, 4).tolist()}")
     grid2 = Grid(arr.shape[1:], grid.spacing_mm[:2], grid.origin_lps_mm[:2], d[:2, :2])
     return Image(arr[0], grid2, name, spacing_known, float(grid.origin_lps_mm[2]))
+
+
+def one_slice_volume(image: Image) -> Image:
+    """The one-slice volume a 2D image made from one (:func:`single_slice_to_2d`, ``plane_z_mm`` set) stands for: its
+    pixels as one axial slice at that z (1 mm thick), its in-plane spacing, origin and direction kept; an image
+    written so lies where its volume does in a viewer. The voxels are not copied."""
+    if image.ndim != 2 or image.plane_z_mm is None:
+        raise InputError(f"{image.name}: not a 2D image made from a one-slice volume")
+    g = image.grid
+    direction = np.eye(3)
+    direction[:2, :2] = g.direction
+    grid = Grid((1, *g.shape_zyx), (*g.spacing_mm, 1.0), (*g.origin_lps_mm, image.plane_z_mm), direction)
+    return Image(image.array[None], grid, image.name, image.pixel_spacing_known)

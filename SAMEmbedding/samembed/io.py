@@ -692,9 +692,15 @@ def validate_image(image: Image, constant_ok: bool = False) -> None:
 
 def write_image(image: Image, path: str | os.PathLike) -> Path:
     """Write an :class:`Image` atomically in the format given by the file suffix. An image whose voxels are a
-    ``SimpleITK.Image``'s own buffer (:func:`new_sitk_buffer`) is written from it, without a copy."""
+    ``SimpleITK.Image``'s own buffer (:func:`new_sitk_buffer`) is written from it, without a copy. A 2D image made
+    from a one-slice volume (``plane_z_mm``: a radiograph stored as DICOM or NIfTI, its heatmaps) is written as such
+    a volume, at its slice's z (:func:`samembed.image.one_slice_volume`)."""
     import SimpleITK as sitk
 
+    if image.ndim == 2 and image.plane_z_mm is not None:
+        from .image import one_slice_volume
+
+        image = one_slice_volume(image)
     own = _backing_sitk(image)
     require_utf8_name(os.path.abspath(path), "the file to write")
     with atomic_path(path) as tmp:
@@ -764,7 +770,7 @@ def write_heatmap(image: Image, path: str | os.PathLike, in_place: bool = False)
     rounded = np.divide(image.array, np.float32(HEATMAP_STEP), dtype=np.float32, out=image.array if own else None)
     np.round(rounded, out=rounded)
     rounded *= np.float32(HEATMAP_STEP)
-    return write_image(Image(rounded, image.grid, image.name), path)
+    return write_image(Image(rounded, image.grid, image.name, plane_z_mm=image.plane_z_mm), path)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -187,3 +187,34 @@ def test_the_exif_orientation_is_found_after_the_pixels_and_after_fill_bytes(tmp
     said = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
     assert any(str(tiff) in m and "tag (6)" in m for m in said), said
     assert any(str(filled) in m and "tag (8)" in m for m in said), said
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("grid", ["image", "model"])
+def test_the_heatmaps_of_a_one_slice_target_lie_on_its_slice(tmp_path, grid):
+    """A radiograph stored as a one-slice volume at z = 30 mm had 2D heatmaps, at z = 0: beside the target in a
+    viewer, though its matches were at z = 30."""
+    from samembed.cli import main
+
+    source_path, target_path = hand_radiographs(2)
+    pixels = sitk.ReadImage(str(target_path))
+    volume = sitk.JoinSeries(pixels)
+    volume.SetSpacing((SPACING_MM, SPACING_MM, 3.0))
+    volume.SetOrigin((100.0, -50.0, 30.0))
+    target = tmp_path / "target.nii.gz"
+    sitk.WriteImage(volume, str(target))
+    (tmp_path / "p.csv").write_text("label,x,y\nA,40,60\nB,80,90\n")
+    out, heatmaps = tmp_path / "m.csv", tmp_path / "hm"
+    assert main(["match", str(source_path), str(target), "--points", str(tmp_path / "p.csv"), "--spacing",
+                 str(SPACING_MM), "--model", str(hand_model()), "--out", str(out), "--heatmap-dir", str(heatmaps),
+                 "--heatmap-grid", grid, "-q"]) == 0
+    written = sorted(heatmaps.iterdir())
+    assert len(written) == 2
+    for path in written:
+        heatmap = sitk.ReadImage(str(path))
+        assert heatmap.GetDimension() == 3 and heatmap.GetSize()[2] == 1
+        assert heatmap.GetOrigin()[2] == pytest.approx(30.0)
+        if grid == "image":
+            assert heatmap.GetSize() == volume.GetSize()
+            np.testing.assert_allclose(heatmap.GetOrigin(), volume.GetOrigin(), atol=1e-4)
+    assert all(line.split(",")[4] == "30.0000" for line in out.read_text().splitlines()[1:])  # as the matches

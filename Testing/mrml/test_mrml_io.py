@@ -250,6 +250,19 @@ def test_a_map_of_the_wrong_size_is_refused(a_scene, a_small_ct):
         mrml_io.update_volume_node_from_image(node, Image.from_array(np.zeros((3, 4, 5), np.float32)), a_small_ct)
 
 
+def test_a_map_of_a_one_slice_volume_without_its_node_lies_on_its_slice(a_scene, a_small_ct):
+    """A 2D image made from a one-slice volume at z (its heatmap on the model's grid) was put at z = 0."""
+    from samembed import Image
+    from samembed.image import Grid
+
+    heat = Image(np.ones((4, 5), np.float32), Grid((4, 5), (2.0, 2.0), (10.0, 20.0), np.eye(2)), "heat",
+                 plane_z_mm=30.0)
+    node = slicer.vtkMRMLScalarVolumeNode()
+    a_scene.AddNode(node)
+    mrml_io.update_volume_node_from_image(node, heat)
+    np.testing.assert_allclose(ijk_to_ras(node)[:3, 3], (-10.0, -20.0, 30.0))  # LPS (10, 20, 30) in RAS
+
+
 def test_a_single_axial_slice_becomes_a_2d_image(a_scene, a_small_ct):
     matrix = ijk_to_ras(a_small_ct)
     node = add_volume(a_scene, voxels(a_small_ct)[10:11], matrix, "slice")
