@@ -1001,6 +1001,13 @@ def _read_csv(path: Path, ras: bool) -> PointList:
                              "which also give the frame)")
         il, cols = 0, list(range(1, width))
         body = rows
+        comma = delimiter == ";"
+        if width == 3 and len(rows) > 1 and all(_is_number(_decimal_point(r[0], comma)) for _, r in rows) and len(
+                {_decimal_point(r[2], comma).strip() for _, r in rows if len(r) > 2}) == 1:
+            # x,y,z of points on one plane (a radiograph's, z constant) read as label,x,y: every point on y = z
+            raise InputError(f"{path}: its lines look like x,y,z without labels (numbers first, the same last value "
+                             "on every line); put a label before the coordinates (label,x,y,z), or a header row "
+                             "naming the columns (x,y,z)")
     expected = "label,x,y,z" if len(cols) == 3 else "label,x,y"
     labels, pts = [], []
     for n, r in body:

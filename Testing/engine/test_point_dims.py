@@ -32,6 +32,21 @@ def test_a_csv_point_list_knows_how_many_coordinates_its_file_gave(tmp_path, tex
         check_point_dims(points, path, 3, "ct.nii.gz")
 
 
+def test_x_y_z_lines_without_labels_of_points_on_one_plane_are_not_read_as_label_x_y(tmp_path):
+    """For a 2D image, "104.7,210.3,0" lines were read as label 104.7 at (210.3, 0): every point on the image's top
+    edge, matched there without a word (a review); numbered labels of points on a radiograph still read."""
+    plane = tmp_path / "xyz.csv"
+    plane.write_text("104.7,210.3,0\n116.7,190.1,0\n98.2,150.0,0\n")
+    with pytest.raises(InputError, match=rf"{plane}: its lines look like x,y,z without labels .*put a label before"):
+        read_points(plane)
+    numbered = tmp_path / "numbered.csv"
+    numbered.write_text("1,104.7,210.3\n2,116.7,190.1\n3,98.2,150.0\n")
+    assert read_points(numbered).labels == ["1", "2", "3"]
+    one = tmp_path / "one.csv"  # one line: nothing tells the two apart; read as label,x,y
+    one.write_text("7,104.7,210.3\n")
+    assert read_points(one).labels == ["7"]
+
+
 @pytest.mark.needs_data
 def test_the_command_refuses_an_xy_point_file_for_a_ct_and_writes_nothing(tmp_path, capsys):
     ct = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")
