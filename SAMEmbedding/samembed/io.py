@@ -521,7 +521,9 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
     except InputError:
         raise
     except RuntimeError as e:
-        raise InputError(f"{path}: cannot read this image (unreadable or corrupt): {itk_reason(e, path)}") from e
+        img = _grey_alpha_png(path) if path.suffix.lower() == ".png" else None
+        if img is None:
+            raise InputError(f"{path}: cannot read this image (unreadable or corrupt): {itk_reason(e, path)}") from e
     name = str(path)
     is_2d_raster = name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
     dicom_xy_mm = None
@@ -550,6 +552,23 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
     if warn_spacing:  # (the README says the log says so): a warning once, then a debug line
         warn_unknown_spacing(image)
     return image
+
+
+def _grey_alpha_png(path: Path):
+    """The grey channel of a grey + alpha PNG (GIMP's and Pillow's "LA"), which ITK's PNG reader refuses ("Unknown
+    PixelType"), as a ``SimpleITK.Image``; None for any other file (ITK's error then stands)."""
+    import SimpleITK as sitk
+    from PIL import Image as Picture  # (matplotlib's dependency)
+
+    try:
+        with Picture.open(path) as picture:
+            if picture.mode != "LA":
+                return None
+            grey = np.asarray(picture.getchannel("L"))
+    except (OSError, ValueError):
+        return None
+    log.info("%s: a grey + alpha PNG; its grey channel is used (its transparency is not)", path)
+    return sitk.GetImageFromArray(grey)
 
 
 def dicom_pixel_spacing_xy(img) -> tuple[float, float] | None:

@@ -123,6 +123,21 @@ def test_a_single_slice_3d_file_is_read_as_a_2d_image_with_the_file_spacing(tmp_
     assert np.all(found[:, 2] == img.plane_z_mm) and (suffix != ".nii.gz" or img.plane_z_mm == 40.0)
 
 
+def test_a_grey_and_alpha_png_is_read_by_its_grey_channel(tmp_path, hand_cases):
+    """ITK refuses a grey + alpha PNG (GIMP's, Pillow's "LA"): it was called unreadable or corrupt."""
+    from PIL import Image as Picture
+
+    case = next(iter(hand_cases.values()))
+    with Picture.open(case.path) as picture:
+        picture.convert("LA").save(tmp_path / "la.png")
+    read = read_image(tmp_path / "la.png", spacing_mm=0.2)
+    assert read.ndim == 2 and read.pixel_spacing_known
+    np.testing.assert_array_equal(read.array, read_image(case.path).array)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(InputError, match="broken.png: cannot read this image"):
+        read_image(tmp_path / "broken.png")
+
+
 def _write_radiograph_dicom(path, pixels: np.ndarray, sop_class: str, **spacing) -> None:
     """A one-frame DICOM radiograph of ``pixels`` (uint16) with the given spacing tags (pydicom's names)."""
     pydicom = pytest.importorskip("pydicom")
