@@ -277,7 +277,9 @@ def single_slice_to_2d(array_zyx: np.ndarray, grid: Grid, name: str = "<array>",
     d = grid.direction
     if not (np.allclose(d[2, :2], 0.0, atol=tol) and np.allclose(abs(d[2, 2]), 1.0, atol=tol)):
         raise InputError(f"{name}: a single-slice image must lie in the axial (x-y) plane to be matched as a 2D "
-                         f"image; its direction is {np.round(d, 4).tolist()}")
+                         f"image; its direction is {np.round(d, 4).tolist()} (e.g. a coronal radiograph). Save its "
+                         "pixels as a PNG (then give --spacing), or as a NIfTI or NRRD with an axial direction "
+                         "(SimpleITK: image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))), and its points in that plane")
     grid2 = Grid(arr.shape[1:], grid.spacing_mm[:2], grid.origin_lps_mm[:2], d[:2, :2])
     return Image(arr[0], grid2, name, spacing_known, float(grid.origin_lps_mm[2]))
 

@@ -228,6 +228,10 @@ def sitk_voxels(img) -> np.ndarray:
     return np.asarray(_SitkVoxels(img))
 
 
+#: the suffixes of pictures (2D, no pixel spacing of their own, several components = colours)
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
 def image_from_sitk(img, name: str = "<sitk>", spacing_known: bool = True, own: bool = False) -> Image:
     """Convert a ``SimpleITK.Image`` (scalar) to an engine :class:`Image`, keeping its geometry.
 
@@ -243,7 +247,8 @@ def image_from_sitk(img, name: str = "<sitk>", spacing_known: bool = True, own: 
                          "(a label map: SimpleITK.LabelMapToLabel(image); complex values: SimpleITK.ComplexToModulus)")
     n = img.GetNumberOfComponentsPerPixel()
     if n > 1:
-        if n not in (2, 3, 4) or img.GetPixelID() not in (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16):
+        picture = name.lower().endswith(RASTER_SUFFIXES)  # a picture's components are its colours, of any type
+        if n not in (2, 3, 4) or not picture and img.GetPixelID() not in (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16):
             # not grey + alpha, RGB or RGBA: several volumes in one (a multi-volume NRRD holds a 4D CT's phases so)
             raise InputError(
                 f"{name}: {n} values per voxel ({img.GetPixelIDTypeAsString()}), not a colour image: several volumes in "
@@ -525,7 +530,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
         if img is None:
             raise InputError(f"{path}: cannot read this image (unreadable or corrupt): {itk_reason(e, path)}") from e
     name = str(path)
-    is_2d_raster = name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+    is_2d_raster = name.lower().endswith(RASTER_SUFFIXES)
     dicom_xy_mm = None
     if not path.is_dir() and img.GetDimension() == 3 and img.GetDepth() == 1 and img.HasMetaDataKey("0008|0016"):
         # a one-frame DICOM file (a radiograph): GDCM reads 1 mm where its kind of file keeps the spacing elsewhere
