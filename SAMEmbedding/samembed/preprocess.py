@@ -478,9 +478,7 @@ def preprocess(image: Image, config: PreprocessConfig, modality: str = "auto",
         fill = CT_RANGE_HU[0] if mod == "ct" else float(image.array.min())
     else:
         fill = 0.0
-    spacing = config.spacing_mm
-    if not image.pixel_spacing_known and image.ndim == 2:
-        spacing = config.spacing_mm  # pixels treated as mm-sized; --spacing sets the real value
+    spacing = config.spacing_mm  # (a picture without a spacing: its pixels taken as 1 mm, --spacing sets the real one)
     pad = tuple(reversed(pad_multiple_zyx)) if pad_multiple_zyx is not None and mod == "ct" else None
     if lps_axes or image.ndim == 2:
         # an oblique grid: onto the LPS axes (OBLIQUE_LIMIT_DEG); radiographs: SimpleITK (on its threads) is faster,
