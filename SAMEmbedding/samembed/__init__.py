@@ -5,7 +5,7 @@ position) and a local vector (fine structure); a point is matched by the best jo
 
 Public API::
 
-    from samembed import Matcher
+    from samembed import Matcher, MatchOptions
     result = Matcher(model="default", device="auto").match(source, points_lps_mm, targets,
                                                           options=MatchOptions(refine=False, polish=True))
 

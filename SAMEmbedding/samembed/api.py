@@ -215,9 +215,11 @@ class Matcher:
         cuda_fallback: with ``device="cuda"`` and no CUDA, warn and use the CPU instead of raising.
         spacing_mm: pixel spacing (mm) assumed for 2D image files that carry none (PNG/JPEG) given as paths.
         precision: the network's arithmetic: ``"auto"`` (on the CPU, int8 local convolutions when the model has an
-            int8 calibration, and a bfloat16 global branch where the CPU has native bfloat16, else an int8 one when
-            the calibration has its scales; float32 without a calibration), ``"fp32"``, ``"int8"``, ``"int8-int8"``
-            or ``"int8-bf16"`` (see :func:`samembed.embedding.resolve_precision`).
+            int8 calibration, and an int8 global branch when the calibration has its scales, else a bfloat16 one where
+            the CPU has native bfloat16; float32 without a calibration), ``"fp32"``, ``"int8"``, ``"int8-int8"``
+            or ``"int8-bf16"`` (see :func:`samembed.embedding.resolve_precision`). With ``model="default"``, the
+            radiograph model that 2D images get runs as its own calibration allows ("auto"; it has none: float32),
+            or in float32 when ``"fp32"`` was asked for: an int8 precision asked for is the CT model's.
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "default", device: str = "auto",
@@ -267,6 +269,9 @@ class Matcher:
                 precision = e.precision if e.precision == "fp32" else "auto"
                 self._embedders[ndim] = Embedder(model, self.device, self.cache, e.cache_dir, e.max_tile_voxels,
                                                  e.modality, precision)
+                if e.precision.startswith("int8") and self._embedders[ndim].precision != e.precision:
+                    log.info("%dD images: the model %s runs in %s (%s, asked for, is the %dD model's)", ndim,
+                             name, self._embedders[ndim].precision, e.precision, e.model.spec.ndim)
         return self._embedders.get(ndim, self.embedder)
 
     def embed(self, image: ImageLike, progress: ProgressFn | None = None,

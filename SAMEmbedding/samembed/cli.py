@@ -710,7 +710,7 @@ def _describe(m, fused: dict[str, str]) -> str:
     name in the outputs (by its name in messages), empty when no atlases were fused."""
     from .result import markups_description
 
-    return markups_description(vars(m), _rejected_names(m, fused))
+    return markups_description(vars(m), _rejected_names(m, fused), fused=bool(fused))
 
 
 def _rejected_names(m, fused: dict[str, str]) -> list[str]:
@@ -1163,6 +1163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "local map)")
     e.add_argument("images", nargs="+", metavar="IMAGE")
     _add_common(e)
+    next(a for a in e._actions if a.dest == "cache_dir").help = "the on-disk embedding cache folder to fill (required)"
     e.set_defaults(func=_cmd_embed)
 
     c = sub.add_parser("cache", help="show or clear an embedding cache folder")

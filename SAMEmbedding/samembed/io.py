@@ -782,7 +782,8 @@ def _backing_sitk(image: Image):
 
 
 #: heatmap files store similarities on multiples of this step (2^-12, about 0.00024: finer than the three decimals
-#: a score is shown with): float noise below it does not compress, so a 128^3 map takes 2.4 MB instead of 6.8 MB
+#: a score is shown with): float noise below it does not compress; a 128^3 head-and-neck map (-1 outside the body)
+#: takes 0.30 MB instead of 0.46 MB
 HEATMAP_STEP = 2.0**-12
 
 

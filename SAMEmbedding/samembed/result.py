@@ -17,15 +17,17 @@ from .image import lps_to_ras
 from .names import joined_names
 
 
-def markups_description(m: Mapping[str, Any], rejected: Sequence[str] = ()) -> str:
+def markups_description(m: Mapping[str, Any], rejected: Sequence[str] = (), fused: bool | None = None) -> str:
     """A match's description in a ``.mrk.json`` or ``.fcsv``: readable, and parseable as ``key=value`` pairs.
     ``m`` holds a :class:`Match`'s fields by name (``score``, ``confident``, ``roundtrip_mm``, ``rematched``,
     ``polished``, ``ncc``, and for a fused match ``atlases``, ``agreeing``, ``spread_mm``); ``rejected``: the
-    rejected atlases' names in the outputs (:func:`samembed.names.joined_names` joins them)."""
+    rejected atlases' names in the outputs (:func:`samembed.names.joined_names` joins them); ``fused``: whether the
+    matches were fused from atlases (their counts are then written for every point, a landmark of one atlas's too;
+    None: where more than one atlas carried it)."""
     text = f"score={m['score']:.3f}; confident={str(m['confident']).lower()}; roundtrip_mm={m['roundtrip_mm']:.1f}"
     text += "; rematched=true" if m["rematched"] else ""
     text += f"; polished=true; ncc={m['ncc']:.3f}" if m["polished"] else ""
-    if m.get("atlases", 1) > 1:
+    if fused or fused is None and m.get("atlases", 1) > 1:
         text += f"; atlases={m['atlases']}; agreeing={m['agreeing']}; spread_mm={m['spread_mm']:.1f}"
     text += f"; rejected={joined_names(rejected)}" if rejected else ""
     return text

@@ -1771,3 +1771,10 @@ def test_a_run_that_stops_says_which_earlier_heatmaps_its_own_replaced(tmp_path,
     assert (f"kept the matches of the 1 of 2 targets finished before this stopped, in {tmp_path / 'm.partial.csv'} "
             f"and {heatmaps} ({out}, of an earlier run, is left as it was); the heatmaps written replaced 2 of an "
             "earlier run's of the same names") in caplog.text, caplog.text
+
+
+def test_embed_help_says_its_cache_folder_is_required(capsys):
+    """``samembed embed --help`` showed ``--cache-dir`` as optional; without it the command refuses to run."""
+    with pytest.raises(SystemExit):
+        main(["embed", "--help"])
+    assert "embedding cache folder to fill (required)" in " ".join(capsys.readouterr().out.split())

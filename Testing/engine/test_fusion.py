@@ -79,6 +79,17 @@ def test_one_atlas_gives_exactly_the_plain_match(matcher, ct_and_points):
         assert (f.label, f.score, f.confident, f.roundtrip_mm, f.atlases) == (p.label, p.score, p.confident, p.roundtrip_mm, 1)
 
 
+def test_a_fused_landmark_of_one_atlas_says_so_in_its_markups_description():
+    """The .mrk.json description of a fused landmark that one atlas carries had no atlas counts at all, though the
+    CSV and the terminal gave them."""
+    from samembed.result import markups_description
+
+    one = {"score": 0.5, "confident": False, "roundtrip_mm": 3.0, "rematched": False, "polished": False,
+           "ncc": float("nan"), "atlases": 1, "agreeing": 1, "spread_mm": 0.0}
+    assert "atlases=1; agreeing=1; spread_mm=0.0" in markups_description(one, fused=True)
+    assert "atlases" not in markups_description(one)  # a single atlas's match (not fused): nothing to count
+
+
 @pytest.mark.needs_data
 def test_atlases_with_other_landmarks_fuse_each_over_the_atlases_that_carry_it(matcher, ct_and_points, caplog):
     """Atlases may carry different landmarks (a structure outside one atlas's field of view): every atlas had to

@@ -174,6 +174,18 @@ def test_a_colour_picture_of_floating_point_values_is_read_as_a_colour_picture(t
         read_image(tmp_path / "vectors.nrrd")
 
 
+def test_an_int8_precision_asked_of_the_default_models_says_what_the_radiograph_model_runs_in(caplog):
+    """With ``--model default``, ``--precision int8-bf16`` is the CT model's: the radiograph model (no calibration)
+    ran in float32 without a word (a review)."""
+    import logging
+
+    matcher = Matcher("default", device="cpu", precision="int8")
+    with caplog.at_level(logging.INFO, logger="samembed.api"):
+        embedder = matcher.embedder_for(2)
+    assert embedder.precision == "fp32" and matcher.embedder.precision == "int8"
+    assert "2D images: the model sam-lite-2d-hand runs in fp32 (int8, asked for, is the 3D model's)" in caplog.text
+
+
 def _write_radiograph_dicom(path, pixels: np.ndarray, sop_class: str, **spacing) -> None:
     """A one-frame DICOM radiograph of ``pixels`` (uint16) with the given spacing tags (pydicom's names)."""
     pydicom = pytest.importorskip("pydicom")
