@@ -13,7 +13,8 @@ Verdict, written into the report:
 - *beats*: on ``openkbp_inter`` both the compact-organ mean and the all-structures mean are lower;
 - *loses on none*: on every suite the candidate's mean is at most the shipped mean + max(0.1 mm, 5 %).
 
-The paired difference (candidate - shipped, per point) is given with a 95 % bootstrap interval, so a win that is
+The paired difference (candidate - shipped, per point) is given with a 95 % bootstrap interval (whole cases drawn:
+the points of a pair share its offset), so a win that is
 within noise shows as such. Results per (model, suite, case) are cached in ``--cache`` (a model id carries its
 weights' hash), so the shipped model's side is computed once.
 

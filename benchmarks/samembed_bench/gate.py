@@ -98,10 +98,18 @@ def model_offsets(model: str, cases: list[Case], cache: Path,
     return model_id, {c.key: np.asarray(done[_cache_key(c)]) for c in cases}
 
 
-def bootstrap_ci(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % bootstrap interval of the mean of ``diff``."""
+def bootstrap_ci(diff: np.ndarray, clusters: np.ndarray | None = None, draws: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the mean of ``diff``, drawing whole ``clusters`` (an id per value: the case each
+    point is of), their points pooled: the points of one pair share its offset, and drawing points as if independent
+    made the interval too narrow (a null model of 36 cases of 5 points: 64 % coverage, against 92 % by cases).
+    Without ``clusters`` each value is its own."""
+    diff = np.asarray(diff, dtype=np.float64)
+    _, member = np.unique(np.arange(len(diff)) if clusters is None else np.asarray(clusters), return_inverse=True)
+    sums, counts = np.bincount(member, weights=diff), np.bincount(member)
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(axis=1)
+    drawn = rng.integers(0, len(sums), size=(draws, len(sums)))
+    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
@@ -115,14 +123,15 @@ def compare(cases: list[Case], base: dict[str, np.ndarray], cand: dict[str, np.n
         # the organ groups on openkbp_inter; every point on the other suites
         groups = STRUCTURE_GROUPS if suite == "openkbp_inter" else STRUCTURE_GROUPS[:1]
         for group, wanted in groups:
-            b, c = [], []
-            for case in (k for k in cases if k.suite == suite):
+            b, c, of_case = [], [], []
+            for n, case in enumerate(k for k in cases if k.suite == suite):
                 keep = np.array([wanted(lab) for lab in case.labels])
                 b.append(np.asarray(base[case.key], dtype=np.float64).reshape(-1, 3)[keep])
                 c.append(np.asarray(cand[case.key], dtype=np.float64).reshape(-1, 3)[keep])
+                of_case.append(np.full(int(keep.sum()), n))
             bo, co = np.concatenate(b), np.concatenate(c)
             be, ce = np.linalg.norm(bo, axis=1), np.linalg.norm(co, axis=1)
-            lo, hi = bootstrap_ci(ce - be)
+            lo, hi = bootstrap_ci(ce - be, np.concatenate(of_case))  # cases drawn, not points
             rows.append({"suite": suite, "group": group, "points": len(be),
                          "shipped_mean": float(be.mean()), "candidate_mean": float(ce.mean()),
                          "shipped_median": float(np.median(be)), "candidate_median": float(np.median(ce)),

@@ -87,31 +87,46 @@ class ErrorSummary:
 
 
 def summarise(errors_mm: Iterable[float], seconds_per_pair: Sequence[float] = ()) -> ErrorSummary:
-    """Summarise point errors (mm) and per-pair times (s). NaN errors count as failures.
+    """Summarise point errors (mm) and per-pair times (s). NaN errors count as failures: as misses in the shares
+    within 5 and 10 mm and as errors beyond every other (infinite) in the median and P90, so a method that fails on
+    the hard points is not flattered by them; the mean is over the points found (``n_failed`` says how many were
+    not). The time is the mean over the pairs that have one (a failed pair's is NaN).
 
     P90 uses numpy's linear interpolation between order statistics.
 
     >>> s = summarise([1.0, 2.0, 6.0, 12.0], [2.0, 4.0])
     >>> (s.mean_mm, s.median_mm, s.within_5mm_pct, s.within_10mm_pct, s.seconds_per_pair)
     (5.25, 4.0, 50.0, 75.0, 3.0)
+    >>> s = summarise([1.0, 2.0, float("nan"), float("nan")], [2.0, float("nan")])
+    >>> (s.mean_mm, s.median_mm, s.p90_mm, s.within_5mm_pct, s.n_failed, s.seconds_per_pair)
+    (1.5, inf, inf, 50.0, 2, 2.0)
     """
     e = np.asarray(list(errors_mm), dtype=np.float64)
-    ok = e[np.isfinite(e)]
+    finite = np.isfinite(e)
+    ok = e[finite]
+    missed = np.where(finite, e, np.inf)  # a failure: beyond every error
     t = np.asarray(list(seconds_per_pair), dtype=np.float64)
+    t = t[np.isfinite(t)]
     nan = float("nan")
+    with np.errstate(invalid="ignore"):  # (interpolating between two infinite order statistics)
+        p90 = float(np.percentile(missed, 90)) if e.size else nan
     return ErrorSummary(
         n_points=int(ok.size), n_pairs=int(t.size), n_failed=int(e.size - ok.size),
         mean_mm=float(ok.mean()) if ok.size else nan,
-        median_mm=float(np.median(ok)) if ok.size else nan,
-        p90_mm=float(np.percentile(ok, 90)) if ok.size else nan,
-        within_5mm_pct=float(100.0 * np.mean(ok <= 5.0)) if ok.size else nan,
-        within_10mm_pct=float(100.0 * np.mean(ok <= 10.0)) if ok.size else nan,
+        median_mm=float(np.median(missed)) if e.size else nan,
+        p90_mm=p90 if not math.isnan(p90) else float("inf"),
+        within_5mm_pct=float(100.0 * np.mean(missed <= 5.0)) if e.size else nan,
+        within_10mm_pct=float(100.0 * np.mean(missed <= 10.0)) if e.size else nan,
         seconds_per_pair=float(t.mean()) if t.size else nan,
     )
 
 
-def _fmt(v: float, digits: int = 1) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+def format_value(v: float, digits: int = 1) -> str:
+    """A table cell: ``v`` to ``digits`` decimals, "–" for none (NaN), "failed" for a median or P90 among failures
+    (infinite)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return "failed" if math.isinf(v) else f"{v:.{digits}f}"  # (a median or P90 among failures)
 
 
 def _fmt_s(v: float) -> str:
@@ -146,8 +161,8 @@ def suite_table(results: Sequence[PairResult], suite: str | None = None) -> str:
         if cold:
             t += f" ({_fmt_s(float(np.mean(cold)))} first)"
         failed = f" ({s.n_failed} failed)" if s.n_failed else ""
-        lines.append(f"| {m} | {s.n_points}{failed} | {_fmt(s.mean_mm)} | {_fmt(s.median_mm)} | {_fmt(s.p90_mm)} | "
-                     f"{_fmt(s.within_5mm_pct, 0)} % | {_fmt(s.within_10mm_pct, 0)} % | {t} |")
+        lines.append(f"| {m} | {s.n_points}{failed} | {format_value(s.mean_mm)} | {format_value(s.median_mm)} | {format_value(s.p90_mm)} | "
+                     f"{format_value(s.within_5mm_pct, 0)} % | {format_value(s.within_10mm_pct, 0)} % | {t} |")
     return "\n".join(lines)
 
 
@@ -170,8 +185,9 @@ def per_label_table(results: Sequence[PairResult], suite: str | None = None,
         cells = []
         for m in methods:
             v = np.asarray(errs.get((lab, m), []), dtype=np.float64)
+            failed = int((~np.isfinite(v)).sum())
             v = v[np.isfinite(v)]
-            cells.append(_fmt(float(v.mean())) if v.size else "–")
+            cells.append((format_value(float(v.mean())) if v.size else "–") + (f" ({failed} failed)" if failed else ""))
         lines.append(f"| {lab} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -226,13 +242,15 @@ def plot_error_cdf(results: Sequence[PairResult], path: str | os.PathLike, title
     for m in methods_in_order(results):
         e = np.concatenate([r.errors_mm for r in results if r.method == m])
         n_all = e.size
+        median = summarise(e).median_mm  # (failures count as misses, as the curve shows them)
         e = np.sort(e[np.isfinite(e)])
         if not e.size:
             continue
         top = max(top, float(np.percentile(e, 95)))
         y = np.arange(1, e.size + 1) / n_all * 100.0
+        failed = f", {n_all - e.size} failed" if n_all > e.size else ""
         ax.step(np.concatenate([[0.0], e]), np.concatenate([[0.0], y]), where="post",
-                label=f"{m} (median {np.median(e):.1f} mm)")
+                label=f"{m} (median {format_value(median)}{' mm' if np.isfinite(median) else ''}{failed})")
     for v in (5.0, 10.0):
         ax.axvline(v, color="0.7", lw=0.8, ls="--")
     ax.set_xlim(0, max_mm or max(20.0, min(top * 1.1, 200.0)))
@@ -246,8 +264,11 @@ def plot_error_cdf(results: Sequence[PairResult], path: str | os.PathLike, title
     else:  # every pair failed: the plot says so instead of an empty legend
         ax.text(0.5, 0.5, "no finite errors: every pair failed", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
+    from samembed.io import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # (its suffix is the picture's: matplotlib picks the format from it)
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path

@@ -47,6 +47,7 @@ from .cases import Case
 from .methods import METHODS, SAM_METHOD_SETTINGS, SAM_METHODS
 from .metrics import (
     PairResult,
+    format_value,
     methods_in_order,
     per_label_table,
     plot_error_cdf,
@@ -220,10 +221,33 @@ def run_cases(cases: Sequence[Case], methods: Sequence[str], *, model: str = "de
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
-def _mean_error(results: Sequence[PairResult], suite: str, method: str, labels: Sequence[str] | None = None) -> float:
-    e = [err for r in results if r.suite == suite and r.method == method
-         for lab, err in zip(r.labels, r.errors_mm) if labels is None or lab in labels]
-    return summarise(e).mean_mm
+def _point_errors(results: Sequence[PairResult], suite: str, method: str,
+                  labels: Sequence[str] | None = None) -> dict[tuple[str, str], float]:
+    """``method``'s error (mm; NaN where it failed) at each (case, label) of ``suite`` (of ``labels``)."""
+    return {(r.case_id, lab): float(err) for r in results if r.suite == suite and r.method == method
+            for lab, err in zip(r.labels, r.errors_mm) if labels is None or lab in labels}
+
+
+def _paired_comparison(results: Sequence[PairResult], suite: str, a: str, b: str,
+                       labels: Sequence[str] | None = None) -> tuple[float, float, int, int, int]:
+    """The mean errors (mm) of methods ``a`` and ``b`` over the points both found, that count, and how many points
+    each did not find (a failure): a method is never compared over fewer, easier points than the other."""
+    ea, eb = _point_errors(results, suite, a, labels), _point_errors(results, suite, b, labels)
+    both = [k for k in ea if k in eb and np.isfinite(ea[k]) and np.isfinite(eb[k])]
+    failed_a = sum(1 for v in ea.values() if not np.isfinite(v))
+    failed_b = sum(1 for v in eb.values() if not np.isfinite(v))
+    def mean(errors: dict[tuple[str, str], float]) -> float:
+        return float(np.mean([errors[k] for k in both])) if both else float("nan")
+
+    return mean(ea), mean(eb), len(both), failed_a, failed_b
+
+
+def _verdict(met: bool, sam: str, failed_sam: int, failed_other: int, other: str) -> str:
+    """"met" / "NOT met", or "undetermined" when a compared method failed points (their errors are unknown)."""
+    if failed_sam or failed_other:
+        return (f"undetermined ({sam} failed {failed_sam} point(s), {other} {failed_other}; compared on the points "
+                f"both found, where it is {'met' if met else 'NOT met'})")
+    return "met" if met else "NOT met"
 
 
 def _mean_time(results: Sequence[PairResult], method: str) -> float:
@@ -246,13 +270,15 @@ def target_checks(results: Sequence[PairResult]) -> list[str]:
     for sam in [m for m in SAM_METHODS if m in methods]:
         if "openkbp_inter" in suites:
             for name, labels in (("all structures", None), ("compact organs", COMPACT_STRUCTURES)):
-                a, b = _mean_error(results, "openkbp_inter", sam, labels), _mean_error(results, "openkbp_inter", "elastix-bspline", labels)
-                ok = "met" if a < b else "NOT met"
-                lines.append(f"- openkbp_inter, {name}: {sam} {a:.1f} mm vs elastix-bspline {b:.1f} mm → {ok}")
+                a, b, n, fa, fb = _paired_comparison(results, "openkbp_inter", sam, "elastix-bspline", labels)
+                ok = _verdict(a < b, sam, fa, fb, "elastix-bspline")
+                lines.append(f"- openkbp_inter, {name}: {sam} {a:.1f} mm vs elastix-bspline {b:.1f} mm over {n} "
+                             f"points → {ok}")
         if "popi_synthetic" in suites:
-            a, b = _mean_error(results, "popi_synthetic", sam), _mean_error(results, "popi_synthetic", "elastix-bspline")
-            ok = "met" if a <= 1.5 * b else "NOT met"
-            lines.append(f"- popi_synthetic: {sam} {a:.1f} mm vs 1.5 × elastix-bspline = {1.5 * b:.1f} mm → {ok}")
+            a, b, n, fa, fb = _paired_comparison(results, "popi_synthetic", sam, "elastix-bspline")
+            ok = _verdict(a <= 1.5 * b, sam, fa, fb, "elastix-bspline")
+            lines.append(f"- popi_synthetic: {sam} {a:.1f} mm vs 1.5 × elastix-bspline = {1.5 * b:.1f} mm over {n} "
+                         f"points → {ok}")
         ts, te = _mean_time(results, sam), _mean_time(results, "elastix-bspline")
         if np.isfinite(ts) and np.isfinite(te) and ts > 0:
             ok = "met" if te / ts >= 20 else "NOT met"
@@ -327,7 +353,8 @@ def write_report(results: Sequence[PairResult], out_dir: str | os.PathLike, stem
             for m in methods_in_order(compact):
                 e = [err for r in compact if r.method == m for lab, err in zip(r.labels, r.errors_mm) if lab in COMPACT_STRUCTURES]
                 s = summarise(e)
-                rows.append(f"| {m} | {s.mean_mm:.1f} | {s.median_mm:.1f} |")
+                failed = f" ({s.n_failed} failed)" if s.n_failed else ""
+                rows.append(f"| {m} | {format_value(s.mean_mm)}{failed} | {format_value(s.median_mm)} |")
             md += ["Compact organs (" + ", ".join(COMPACT_STRUCTURES) + "):", "", *rows, ""]
         png = plot_error_cdf(rs, out_dir / f"{stem}_{suite}_cdf.png", title=f"{suite}: error CDF")
         md += [f"![{suite} error CDF]({png.name})", ""]
