@@ -1,8 +1,8 @@
 """Pictures a clinician reads at a glance: a source point beside its match, with the similarity heatmap.
 
-:func:`match_figure` draws two axial crops through the points (the source around the clicked point, the
-target around its match), each labelled with its orientation (R/L, A/P from the image's direction cosines)
-and its slice position (z, LPS mm). The heatmap is coloured over its robust range inside the body only, and
+:func:`match_figure` draws two crops through the points, each in its image's own slice plane (the source around the
+clicked point, the target around its match), each labelled with its orientation (the patient directions of its
+axes, from the image's direction cosines), its plane (axial, coronal or sagittal) and its slice position (LPS mm). The heatmap is coloured over its robust range inside the body only, and
 low similarity is transparent, so the hot spot stands out instead of washing over the slice.
 """
 
@@ -16,6 +16,15 @@ from .image import Image
 
 #: LPS axis letters: the patient direction of +x, +y, +z, and of their opposites
 _POSITIVE, _NEGATIVE = "LPS", "RAI"
+#: the plane of a slice whose normal lies along LPS x, y or z, and that axis's name
+_PLANES = (("sagittal", "x"), ("coronal", "y"), ("axial", "z"))
+
+
+def slice_plane(direction: np.ndarray) -> tuple[str, int]:
+    """The plane of an image's slices (its third axis, ``direction[:, 2]``, is their normal): ("axial", 2),
+    ("coronal", 1) or ("sagittal", 0), by the LPS axis nearest to the normal."""
+    a = int(np.argmax(np.abs(np.asarray(direction, dtype=np.float64).reshape(3, 3)[:, 2])))
+    return _PLANES[a][0], a
 
 
 def axis_letters(direction_column: np.ndarray) -> tuple[str, str]:
@@ -83,15 +92,28 @@ def match_figure(source: Image, point_lps_mm, target: Image, match_lps_mm, heatm
         ij = img.grid.lps_to_index(np.asarray(p, dtype=np.float64)[None, :3])[0][:2] * np.asarray(img.grid.spacing_mm)[:2]
         ax.plot(ij[0], ij[1], "c+", ms=16, mew=2, label="click" if name == "source" else "match")
         if name == "target" and truth_lps_mm is not None:
-            t = img.grid.lps_to_index(np.asarray(truth_lps_mm, dtype=np.float64)[None, :3])[0][:2] * np.asarray(img.grid.spacing_mm)[:2]
-            ax.plot(t[0], t[1], "gx", ms=12, mew=2, label="truth")
+            truth = np.asarray(truth_lps_mm, dtype=np.float64)[:3]
+            tijk = img.grid.lps_to_index(truth[None])[0]
+            t = tijk[:2] * np.asarray(img.grid.spacing_mm)[:2]
+            inside = extent[0] <= t[0] <= extent[1] and extent[3] <= t[1] <= extent[2]
+            if abs(tijk[2] - k) <= 0.5 and inside:  # on this slice, in the crop: drawn where it is
+                ax.plot(t[0], t[1], "gx", ms=12, mew=2, label="truth")
+            else:  # elsewhere: said, not drawn on a slice it is not on (nor beyond the crop, stretching it)
+                off_mm = (tijk[2] - k) * float(img.grid.spacing_mm[2])
+                away = float(np.linalg.norm(truth - np.asarray(p, dtype=np.float64)[:3]))
+                ax.text(0.02, 0.08, f"truth {away:.1f} mm from the match, {off_mm:+.1f} mm off this slice"
+                        + ("" if inside else ", outside the crop"), transform=ax.transAxes, color="lime",
+                        fontsize=9, ha="left", va="bottom")
         d = np.asarray(img.grid.direction).reshape(3, 3)
         (left, right), (top, bottom) = axis_letters(d[:, 0]), axis_letters(d[:, 1])
         for text, xy in ((left, (0.02, 0.5)), (right, (0.98, 0.5)), (top, (0.5, 0.97)), (bottom, (0.5, 0.03))):
             ax.text(*xy, text, transform=ax.transAxes, color="yellow", fontsize=13, fontweight="bold",
                     ha="center", va="center")
-        z_mm = float(img.grid.index_to_lps(np.array([[0.0, 0.0, float(k)]]))[0][2])
-        ax.set_title(f"{name}: {Path(img.name).name}\naxial slice z = {z_mm:.1f} mm (LPS)", fontsize=10)
+        plane, axis = slice_plane(d)
+        in_plane = img.grid.lps_to_index(np.asarray(p, dtype=np.float64)[None, :3])[0][:2]
+        at_mm = float(img.grid.index_to_lps(np.array([[*in_plane, float(k)]]))[0][axis])
+        ax.set_title(f"{name}: {Path(img.name).name}\n{plane} slice {_PLANES[axis][1]} = {at_mm:.1f} mm (LPS)",
+                     fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(loc="lower right", fontsize=8)

@@ -1,0 +1,52 @@
+"""The match figure (:mod:`samembed.figures`): each crop in its image's own slice plane, named so, and a truth drawn
+only where it lies (a review: one 40 mm off the slice was drawn on it, and every slice was called axial)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from samembed.figures import match_figure, slice_plane
+from samembed.io import image_from_sitk, read_image
+
+from ..conftest import data_file
+
+
+def texts(fig) -> str:
+    return " | ".join(t.get_text() for ax in fig.axes for t in (ax.title, *ax.texts))
+
+
+def legend_labels(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+@pytest.mark.needs_data
+def test_a_truth_off_the_slice_is_said_not_drawn_and_one_on_it_is_drawn():
+    import matplotlib.pyplot as plt
+
+    ct = read_image(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz"))
+    point = ct.grid.index_to_lps(np.array([[64.0, 64.0, 60.0]]))[0]
+    fig = match_figure(ct, point, ct, point, truth_lps_mm=point + [0.0, 0.0, 40.0])
+    assert "truth" not in legend_labels(fig)
+    assert "truth 40.0 mm from the match, +40.0 mm off this slice" in texts(fig)
+    plt.close(fig)
+    fig = match_figure(ct, point, ct, point, truth_lps_mm=point + [5.0, 0.0, 0.0])
+    assert "truth" in legend_labels(fig) and "off this slice" not in texts(fig)
+    assert "axial slice z = " in texts(fig)
+    plt.close(fig)
+
+
+@pytest.mark.needs_data
+def test_a_volume_stored_in_sagittal_slices_is_named_so():
+    import matplotlib.pyplot as plt
+
+    axial = sitk.ReadImage(str(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")))
+    sagittal = sitk.PermuteAxes(axial, [1, 2, 0])  # its slices along x: the same voxels at the same places
+    image = image_from_sitk(sagittal, "sagittal.nii.gz")
+    assert slice_plane(image.grid.direction) == ("sagittal", 0)
+    point = image.grid.index_to_lps(np.array([[60.0, 64.0, 64.0]]))[0]
+    fig = match_figure(image, point, image, point)
+    assert "sagittal slice x = " in texts(fig) and "axial" not in texts(fig)
+    assert f"x = {point[0]:.1f} mm" in texts(fig)
+    plt.close(fig)
