@@ -503,3 +503,46 @@ def test_an_engine_change_keeps_the_accuracy_only_within_a_tenth_of_a_millimetre
     # 0.2 mm better on popi is a move too: refused, and said where
     ok, reasons = engine_verdict(compare(cases, before, _offsets([12.0, 14.0, 30.0], [0.8, 1.0])))
     assert not ok and [r for r in reasons if "beyond" in r] == ["popi_synthetic all: 1.10 -> 0.90 mm (-0.20, beyond ±0.1 mm)"]
+
+
+def test_a_suite_name_is_a_file_name_not_a_path(tmp_path):
+    """A suite named ``x/../../../hijack`` wrote its plot outside --out; ``chest/v2`` a plot the report's link missed."""
+    for name in ("x/../../../hijack", "chest/v2", "..", ""):
+        with pytest.raises(InputError, match="must be letters, digits"):
+            Case(name, "c1", tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", ["A"], [[0.0, 0, 0]], [[0.0, 0, 0]])
+    assert Case("lidc_v2.1", "c1", tmp_path / "a", tmp_path / "b", ["A"], [[0.0, 0, 0]], [[0.0, 0, 0]]).suite
+
+
+def test_a_case_table_from_a_spreadsheet_is_read(tmp_path):
+    """A CSV with a byte-order mark (Excel's "CSV UTF-8"), or separated by ';', was "missing CSV columns suite"."""
+    case = a_case(tmp_path)
+    text = write_cases([case], tmp_path / "cases.csv").read_text()
+    (tmp_path / "bom.csv").write_text("\ufeff" + text, encoding="utf-8")
+    (tmp_path / "semicolon.csv").write_text(text.replace(",", ";"), encoding="utf-8")
+    for name in ("bom.csv", "semicolon.csv"):
+        (read,) = read_cases(tmp_path / name)
+        np.testing.assert_allclose(read.truth_points_lps_mm, case.truth_points_lps_mm)
+        assert read.labels == case.labels
+
+
+@pytest.mark.needs_data
+def test_make_suites_builds_again_from_another_data_folder(tmp_path):
+    """A suite built from one data folder was "up to date" for any --data, even a missing one."""
+    from samembed_bench.suites import build_suites
+
+    from ..conftest import data_file
+
+    data = data_file()
+    build_suites(tmp_path, ["openkbp_inter"], data=data)
+    assert build_suites(tmp_path, ["openkbp_inter"], data=data)  # the same folder: up to date
+    with pytest.raises(InputError, match=r"nowhere.*benchmark data not found; give the shared data folder \(--data"):
+        build_suites(tmp_path, ["openkbp_inter"], data=tmp_path / "nowhere")
+
+
+def test_the_hand_report_of_a_method_that_failed_everywhere_is_written():
+    """Its table raised KeyError: 'mean_px' (the JSON written, the markdown and points lost)."""
+    from samembed_bench.hand_oneshot import markdown_table, summarise_errors
+
+    table = markdown_table({"sam": summarise_errors(np.array([np.nan, np.nan])),
+                            "elastix": {**summarise_errors(np.array([10.0, 20.0])), "seconds_per_image": 3.0}})
+    assert "| sam (2 failed) | – | – |" in table and "| elastix | 15.0 |" in table

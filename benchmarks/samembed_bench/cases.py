@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,10 @@ from samembed.errors import InputError
 CSV_COLUMNS = ["suite", "case_id", "source", "target", "label",
                "query_x_lps_mm", "query_y_lps_mm", "query_z_lps_mm",
                "truth_x_lps_mm", "truth_y_lps_mm", "truth_z_lps_mm"]
+
+
+#: a suite's name: it names the report's files (``<stem>_<suite>_cdf.png``)
+SUITE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -67,6 +72,9 @@ class Case:
         q = np.asarray(self.query_points_lps_mm, dtype=np.float64).reshape(-1, 3) if np.size(self.query_points_lps_mm) else None
         t = np.asarray(self.truth_points_lps_mm, dtype=np.float64).reshape(-1, 3) if np.size(self.truth_points_lps_mm) else None
         name = f"case {self.suite}/{self.case_id}"
+        if not SUITE_NAME.fullmatch(str(self.suite)):  # it names the report's files: never a path out of --out
+            raise InputError(f"{name}: the suite name {self.suite!r} must be letters, digits, '_', '-' or '.' (it "
+                             "names the report's files), not a path")
         if q is None or t is None:
             raise InputError(f"{name}: no query or truth points")
         if q.shape != t.shape or np.shape(self.query_points_lps_mm)[-1] != 3:
@@ -153,8 +161,14 @@ def read_cases(path: str | os.PathLike) -> list[Case]:
         return cases
     if suffix == ".csv":
         groups: dict[tuple[str, str], dict] = {}
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+        from samembed.io import row_delimiter
+
+        with path.open(newline="", encoding="utf-8-sig") as f:  # (a spreadsheet's "CSV UTF-8" starts with a BOM)
+            header = f.readline()
+            f.seek(0)
+            # (a spreadsheet's CSV where the comma is the decimal separator: ';' between the values)
+            delimiter = row_delimiter(header, lambda fields, d: set(CSV_COLUMNS) <= {v.strip() for v in fields}) or ","
+            reader = csv.DictReader(f, delimiter=delimiter)
             missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise InputError(f"{path}: missing CSV columns {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")

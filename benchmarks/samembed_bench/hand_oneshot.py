@@ -569,11 +569,16 @@ def markdown_table(summary: dict) -> str:
     head = ("| method | mean px | median px | mean mm | median mm | <= 2 mm % | <= 4 mm % | <= 10 mm % | s / image |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
+
+    def cell(s: dict, key: str, digits: int) -> str:  # "–" where nothing was found (every target failed)
+        return "–" if s.get(key) is None else f"{s[key]:.{digits}f}"
+
     for name, s in summary.items():
         sec = s.get("seconds_per_image")
-        lines.append(f"| {name} | {s['mean_px']:.1f} | {s['median_px']:.1f} | {s['mean_mm']:.2f} | {s['median_mm']:.2f} | "
-                     f"{s['within_2mm_pct']:.1f} | {s['within_4mm_pct']:.1f} | {s['within_10mm_pct']:.1f} | "
-                     f"{'n/a' if sec is None else f'{sec:.2f}'} |")
+        failed = f" ({s['failed']} failed)" if s.get("failed") else ""
+        lines.append(f"| {name}{failed} | {cell(s, 'mean_px', 1)} | {cell(s, 'median_px', 1)} | {cell(s, 'mean_mm', 2)} | "
+                     f"{cell(s, 'median_mm', 2)} | {cell(s, 'within_2mm_pct', 1)} | {cell(s, 'within_4mm_pct', 1)} | "
+                     f"{cell(s, 'within_10mm_pct', 1)} | {'n/a' if sec is None else f'{sec:.2f}'} |")
     return "\n".join(lines)
 
 

@@ -84,8 +84,8 @@ def require_data(root: Path, *relative: str) -> None:
     """Raise :class:`InputError` naming the missing file when ``root`` lacks any of ``relative``."""
     for rel in relative:
         if not (root / rel).exists():
-            raise InputError(f"{root / rel}: benchmark data not found; set SAMEMBED_DATA to the shared data folder "
-                             f"(default ../shared/data from the repository root)")
+            raise InputError(f"{root / rel}: benchmark data not found; give the shared data folder (--data, or "
+                             "SAMEMBED_DATA; by default ../shared/data from the repository root)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +474,9 @@ def suite_case_file(out_root: str | os.PathLike, suite: str) -> Path:
     return Path(out_root) / suite / "cases.json"
 
 
-def _is_current(case_file: Path, seed: int) -> bool:
+def _is_current(case_file: Path, seed: int, data: str | os.PathLike | None = None) -> bool:
+    """Whether ``case_file`` was built by this builder version with ``seed`` from the data folder ``data`` (a suite
+    of another data folder, as ``--data`` names it, is built again), and its images are all there."""
     info = case_file.parent / "suite.json"
     if not (case_file.is_file() and info.is_file()):
         return False
@@ -483,7 +485,8 @@ def _is_current(case_file: Path, seed: int) -> bool:
         cases = read_cases(case_file)
     except (InputError, json.JSONDecodeError):
         return False
-    return (meta.get("builder_version") == BUILDER_VERSION and meta.get("seed") == seed
+    same_data = os.path.realpath(str(meta.get("data_root", ""))) == os.path.realpath(data_root(data))
+    return (meta.get("builder_version") == BUILDER_VERSION and meta.get("seed") == seed and same_data
             and all(c.source.is_file() and c.target.is_file() for c in cases))
 
 
@@ -505,7 +508,7 @@ def build_suites(out_root: str | os.PathLike, suites: Sequence[str] = SUITE_NAME
     out = {}
     for suite in suites:
         case_file = suite_case_file(out_root, suite)
-        if not force and _is_current(case_file, seed):
+        if not force and _is_current(case_file, seed, data):
             log.info("%s: up to date (%s)", suite, case_file)
             out[suite] = case_file
             continue
