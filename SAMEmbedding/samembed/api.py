@@ -248,6 +248,7 @@ class Matcher:
         self.model = load_model(model)
         self.cache = EmbeddingCache(cache_bytes)
         self.embedder = Embedder(self.model, self.device, self.cache, cache_dir, max_tile_voxels, modality, precision)
+        self._precision_asked = str(precision).lower()  # (auto resolves per model: only one asked for is told)
         self.spacing_mm = spacing_mm
         self._priors: dict = {}
         self._priors_lock = threading.Lock()
@@ -269,7 +270,7 @@ class Matcher:
                 precision = e.precision if e.precision == "fp32" else "auto"
                 self._embedders[ndim] = Embedder(model, self.device, self.cache, e.cache_dir, e.max_tile_voxels,
                                                  e.modality, precision)
-                if e.precision.startswith("int8") and self._embedders[ndim].precision != e.precision:
+                if self._precision_asked.startswith("int8") and self._embedders[ndim].precision != e.precision:
                     log.info("%dD images: the model %s runs in %s (%s, asked for, is the %dD model's)", ndim,
                              name, self._embedders[ndim].precision, e.precision, e.model.spec.ndim)
         return self._embedders.get(ndim, self.embedder)

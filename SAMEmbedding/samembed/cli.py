@@ -1305,10 +1305,37 @@ def exit_now(code: int) -> NoReturn:
     os._exit(int(code))
 
 
+@contextlib.contextmanager
+def _command_log(level: int):
+    """The command's log lines on stderr ("LEVEL message", at ``level``) for the command's duration, where the process
+    has no logging of its own; a script that calls :func:`main` finds its root logger as it was afterwards (it was
+    left configured, its level and handler the command's). Logging the caller set up is left to it."""
+    root = logging.getLogger()
+    if root.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    before = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(before)
+        handler.close()
+
+
 def _main(args: argparse.Namespace) -> int:
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    with _command_log(level):
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """The command of ``args``, its errors as exit codes with one line each (see :func:`_main`)."""
     args.started_s = time.perf_counter()  # what a command reports as its time starts here, before torch loads
     try:
         with stop_on_sigterm():

@@ -1778,3 +1778,18 @@ def test_embed_help_says_its_cache_folder_is_required(capsys):
     with pytest.raises(SystemExit):
         main(["embed", "--help"])
     assert "embedding cache folder to fill (required)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_main_called_from_a_script_leaves_its_logging_as_it_found_it(tmp_path):
+    """``samembed.cli.main()`` called logging.basicConfig: a script's root logger kept the command's handler and
+    level (INFO) after it, and printed its own records in the command's format. Its lines still go to stderr."""
+    script = ("import logging, sys\n"
+              "from samembed.cli import main\n"
+              "code = main(['match', 'missing.nii.gz', 'missing2.nii.gz', '--points', 'p.csv', '--out', 'o.csv'])\n"
+              "root = logging.getLogger()\n"
+              "print(code, len(root.handlers), root.level)\n")
+    engine = Path(__file__).resolve().parents[2] / "SAMEmbedding"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(engine)})
+    assert done.stdout.split() == ["2", "0", str(logging.WARNING)], done.stdout + done.stderr
+    assert "p.csv: point file not found" in done.stderr

@@ -184,6 +184,10 @@ def test_an_int8_precision_asked_of_the_default_models_says_what_the_radiograph_
         embedder = matcher.embedder_for(2)
     assert embedder.precision == "fp32" and matcher.embedder.precision == "int8"
     assert "2D images: the model sam-lite-2d-hand runs in fp32 (int8, asked for, is the 3D model's)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="samembed.api"):
+        Matcher("default", device="cpu").embedder_for(2)  # auto: nothing asked for, nothing to tell
+    assert "asked for" not in caplog.text
 
 
 def _write_radiograph_dicom(path, pixels: np.ndarray, sop_class: str, **spacing) -> None:
