@@ -991,7 +991,9 @@ def test_a_child_stopped_while_it_reads_through_a_link_leaves_no_temporary_folde
     reading = temp / "reading"
 
     def held_up(path, sitk_path):  # inside the link's folder: stays until stopped
-        reading.write_text(str(sitk_path))
+        part = temp / "reading.part"  # (whole when seen: the parent polls for it, and read it empty under load)
+        part.write_text(str(sitk_path))
+        os.replace(part, reading)
         time.sleep(60)
 
     monkeypatch.setattr(io, "read_nifti_gz", held_up)
