@@ -100,6 +100,25 @@ def nifti_layout(head: bytes, single_file: bool) -> NiftiLayout | None:
     return NiftiLayout(offset, (math.prod(shape) * bitpix + 7) // 8, shape, int(bitpix))
 
 
+def check_voxel_offset(head: bytes, path: str | Path) -> None:
+    """Raise :class:`InputError` when a single-file NIfTI header (magic ``n+1``, ``n+2``; the file's first bytes)
+    puts the voxels at an offset that is not a number or lies inside the header and its extension flag (below 352,
+    or 544 for NIfTI-2): ITK reads such a file from byte 348 whatever it says, so its voxels came out shifted where
+    they start elsewhere, or the engine's own reading stopped with a bare error; nothing for any other header."""
+    fields = _header_fields(head)
+    if fields is None:
+        return
+    header, _, _, offset, magic, _ = fields
+    if magic[:2] != b"n+":
+        return
+    least = SINGLE_FILE_MIN_OFFSET[header]
+    if not math.isfinite(offset) or offset < least:
+        raise InputError(f"{path}: its header's vox_offset, where the voxels start, is {offset:g}, not a byte after the "
+                         f"{least} bytes of a single-file NIfTI header: where they start is ambiguous (ITK reads them "
+                         "from byte 348, shifted if they start elsewhere); write the file again with a NIfTI tool "
+                         "(nibabel, SimpleITK, Slicer)")
+
+
 def check_layout(layout: NiftiLayout | None, available_bytes: int, data_file: str | Path,
                  image_file: str | Path | None = None) -> None:
     """Raise :class:`InputError` when ``data_file`` (``available_bytes`` long, inflated) is shorter than ``layout``
@@ -157,7 +176,9 @@ def check_nifti_complete(path: str | Path) -> None:
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         gzipped = name.endswith(".gz")
-        layout = nifti_layout(nifti_head(path, gzipped), single_file=True)
+        head = nifti_head(path, gzipped)
+        check_voxel_offset(head, path)
+        layout = nifti_layout(head, single_file=True)
         if layout is not None:
             check_layout(layout, inflated_length(path) if gzipped else path.stat().st_size, path)
     elif name.endswith((".hdr", ".hdr.gz")):

@@ -29,7 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .nifti_complete import NIFTI1_HEADER_BYTES, NIFTI2_HEADER_BYTES, check_layout, check_nifti_complete, nifti_layout
+from .nifti_complete import (
+    NIFTI1_HEADER_BYTES,
+    NIFTI2_HEADER_BYTES,
+    check_layout,
+    check_nifti_complete,
+    check_voxel_offset,
+    nifti_layout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,29 @@ NIFTI_DTYPES = {2: "<u1", 4: "<i2", 8: "<i4", 16: "<f4", 64: "<f8", 256: "<i1", 
                 1024: "<i8", 1280: "<u8"}
 #: the magic string of a single NIfTI-1 file (header and voxels together)
 MAGIC = b"n+1\0"
+
+
+def _whole_members(data: bytes, path: str | Path) -> bytes | None:
+    """The inflated bytes of ``data``'s whole gzip members when only bytes that are not gzip data follow them
+    (a file with something appended: SimpleITK reads its image, and so does this, with a warning), else None (a member
+    damaged or cut short)."""
+    import zlib
+
+    out, rest = [], data
+    while rest[:2] == b"\x1f\x8b":
+        member = zlib.decompressobj(wbits=31)
+        try:
+            out.append(member.decompress(rest))
+        except zlib.error:
+            return None
+        if not member.eof:
+            return None  # cut short
+        rest = member.unused_data
+    if not out or not rest.strip(b"\0"):
+        return None  # (no whole member; nothing but zeros after them is igzip's own case)
+    log.warning("%s: %d bytes that are not gzip data follow its image's compressed data; they are left out", path,
+                len(rest))
+    return b"".join(out)
 
 
 def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tuple[np.ndarray, tuple, tuple, tuple] | None:
@@ -70,10 +100,13 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
     try:
         raw = igzip.decompress(data)
     except (OSError, EOFError, ValueError, isal_zlib.error) as exc:  # OSError: gzip.BadGzipFile, not gzip at all
-        # SimpleITK reads some such files without a word (a .nii.gz cut short gives an image of zeros at its end)
-        raise InputError(f"{path}: cannot read this image (unreadable or corrupt): its gzip data is damaged or cut "
-                         f"short ({exc}); copy or export the file again") from exc
+        raw = _whole_members(data, path)
+        if raw is None:
+            # SimpleITK reads some such files without a word (a .nii.gz cut short gives an image of zeros at its end)
+            raise InputError(f"{path}: cannot read this image (unreadable or corrupt): its gzip data is damaged or cut "
+                             f"short ({exc}); copy or export the file again") from exc
     del data
+    check_voxel_offset(raw[:NIFTI2_HEADER_BYTES], path)
     check_layout(nifti_layout(raw[:NIFTI2_HEADER_BYTES], single_file=True), len(raw), path)
     if (len(raw) < NIFTI1_HEADER_BYTES + 4 or struct.unpack_from("<i", raw, 0)[0] != NIFTI1_HEADER_BYTES
             or raw[344:348] != MAGIC):
@@ -84,8 +117,10 @@ def read_nifti_gz(path: str | Path, sitk_path: str | Path | None = None) -> tupl
     dtype = NIFTI_DTYPES.get(datatype)
     if dim[0] != 3 or min(dim[1:4]) < 1 or dim[3] == 1 or dtype is None or np.dtype(dtype).itemsize * 8 != bitpix:
         return None  # not a plain 3D scalar volume (a single slice is a radiograph: SimpleITK's route handles it)
-    if not (slope == 0.0 or (slope == 1.0 and inter == 0.0)):
-        return None  # scaled intensities: SimpleITK applies the scaling (and may change the type)
+    if not (inter == 0.0 and slope in (0.0, 1.0)):
+        # scaled intensities: SimpleITK applies the scaling (and may change the type); a slope of 0 is ITK's 1, with
+        # the intercept still added
+        return None
     offset, count = int(vox_offset), int(np.prod(dim[1:4], dtype=np.int64))
     itemsize = np.dtype(dtype).itemsize
     if (offset != vox_offset or offset < NIFTI1_HEADER_BYTES + 4 or offset % itemsize

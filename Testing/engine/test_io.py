@@ -893,3 +893,45 @@ def test_an_unreadable_image_is_named_with_itks_reason_not_the_last_line_of_its_
         read_image(cut)
     assert f"{cut}: cannot read this image" in str(e.value) and "cannot be read" in str(e.value), e.value
     assert "No such file" not in str(e.value)
+
+
+def _nifti_with(tmp_path: Path, name: str, image, gz: bool, **fields) -> Path:
+    """``image`` written as NIfTI by SimpleITK, then header ``fields`` (vox_offset, scl_slope, scl_inter: float32 at
+    bytes 108, 112, 116) set as another tool might have written them, and ``trailing`` bytes appended after it."""
+    import gzip
+    import struct
+
+    plain = tmp_path / f"{name}.nii"
+    sitk.WriteImage(image, str(plain), False)
+    raw = bytearray(plain.read_bytes())
+    plain.unlink()
+    for field, at in (("vox_offset", 108), ("scl_slope", 112), ("scl_inter", 116)):
+        if field in fields:
+            struct.pack_into("<f", raw, at, fields[field])
+    path = tmp_path / (f"{name}.nii.gz" if gz else f"{name}.nii")
+    path.write_bytes((gzip.compress(bytes(raw)) if gz else bytes(raw)) + fields.get("trailing", b""))
+    return path
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("gz", [True, False], ids=["nii.gz", "nii"])
+def test_nifti_headers_the_engine_reads_as_simpleitk_does_or_refuses_by_name(tmp_path, gz, caplog):
+    """A review: a vox_offset of NaN or infinity stopped the engine's own reading with a bare ValueError, and one inside
+    the header was read shifted or refused as cut short; a float file with scl_slope 0 and an intercept (ITK: slope
+    1, the intercept added) was read without the intercept; a .nii.gz with bytes appended was called damaged."""
+    ct = sitk.ReadImage(str(data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")))[30:70, 30:62, 40:60]
+    for offset in (float("nan"), float("inf"), 0.0, 348.0):
+        path = _nifti_with(tmp_path, f"offset_{offset:g}", ct, gz, vox_offset=offset)
+        with pytest.raises(InputError, match=f"{path.name}: its header's vox_offset, where the voxels start, is "
+                                             f"{offset:g}, not a byte after the 352 bytes"):
+            read_image(path)
+    floats = sitk.Cast(ct, sitk.sitkFloat32)
+    path = _nifti_with(tmp_path, "slope0", floats, gz, scl_slope=0.0, scl_inter=1e-5)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert (expected != sitk.GetArrayFromImage(floats)).any()  # ITK adds the intercept
+    np.testing.assert_array_equal(read_image(path).array, expected)
+    if gz:
+        path = _nifti_with(tmp_path, "appended", ct, gz, trailing=b"GARBAGE!")
+        with caplog.at_level("WARNING", logger="samembed.nifti_gz"):
+            np.testing.assert_array_equal(read_image(path).array, sitk.GetArrayFromImage(ct))
+        assert "8 bytes that are not gzip data follow" in caplog.text
