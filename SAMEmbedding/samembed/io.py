@@ -28,7 +28,7 @@ import numpy as np
 from .errors import InputError
 from .image import Grid, Image, lps_to_ras, single_slice_to_2d
 from .nifti_complete import check_nifti_complete, check_nifti_voxel_sizes, nifti_head, nifti_layout
-from .nifti_gz import read_nifti_gz
+from .nifti_gz import read_nifti_gz, warn_non_finite_nii
 
 log = logging.getLogger(__name__)
 
@@ -522,6 +522,8 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
                     return image
                 if not gzipped_nifti:  # a .nii.gz's length: checked as it was inflated (read_nifti_gz)
                     check_nifti_complete(path)  # SimpleITK reads a NIfTI cut short as zeros, without a word
+                    if path.name.lower().endswith(".nii"):
+                        warn_non_finite_nii(path)  # and its NaN voxels as 0 (the .nii.gz reading says so)
                 img = sitk.ReadImage(str(sitk_path))
     except InputError:
         raise

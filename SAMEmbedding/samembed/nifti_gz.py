@@ -174,6 +174,35 @@ def _non_finite_as_simpleitk_reads_them(voxels: np.ndarray, path) -> np.ndarray 
     return out
 
 
+def warn_non_finite_nii(path: str | Path) -> None:
+    """Say (a warning, with their count) when an uncompressed single-file NIfTI (``.nii``, little-endian, float32 or
+    float64, unscaled) holds NaN or infinite voxels, which SimpleITK reads as 0 without a word: the warning the
+    engine's own reading of a ``.nii.gz`` gives. Its voxels are scanned in place (mapped, not read into memory)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(NIFTI1_HEADER_BYTES + 4)
+        if (len(head) < NIFTI1_HEADER_BYTES + 4 or struct.unpack_from("<i", head, 0)[0] != NIFTI1_HEADER_BYTES
+                or head[344:348] != MAGIC):
+            return
+        dim = struct.unpack_from("<8h", head, 40)
+        datatype, bitpix = struct.unpack_from("<2h", head, 70)
+        vox_offset, slope, inter = struct.unpack_from("<3f", head, 108)
+        dtype = {16: "<f4", 64: "<f8"}.get(datatype)
+        if dtype is None or not 1 <= dim[0] <= 7 or not (inter == 0.0 and slope in (0.0, 1.0)):
+            return
+        count = int(np.prod([max(1, int(n)) for n in dim[1:dim[0] + 1]], dtype=np.int64))
+        voxels = np.memmap(path, dtype=dtype, mode="r", offset=int(vox_offset), shape=(count,))
+    except (OSError, ValueError):
+        return  # (what is wrong with the file, SimpleITK's reading says)
+    finite = 0
+    for start in range(0, count, 1 << 24):  # in chunks: no image-sized boolean array
+        finite += int(np.count_nonzero(np.isfinite(voxels[start:start + (1 << 24)])))
+    del voxels
+    if finite < count and _simpleitk_reads_non_finite() == (0.0, 0.0, 0.0):
+        log.warning("%s: %d voxels are NaN or infinite (no value); they are read as 0, as ITK's NIfTI reader (and "
+                    "Slicer) reads them", path, count - finite)
+
+
 @lru_cache(maxsize=1)
 def _simpleitk_reads_non_finite() -> tuple[float, float, float] | None:
     """What SimpleITK's NIfTI reading gives for NaN, +inf and -inf stored in a float32 file, found once per process

@@ -562,6 +562,13 @@ def test_nan_voxels_of_a_nifti_gz_are_read_as_simpleitk_reads_them_whichever_vox
     assert got.content_hash() == ref.content_hash()
     n = int((~np.isfinite(arr)).sum())
     assert f"{path}: {n} voxels are NaN or infinite (no value); they are read as 0, as ITK's NIfTI reader" in caplog.text
+    # the same as an uncompressed .nii (SimpleITK's reading): read so too, and said (it was not)
+    plain = tmp_path / "masked.nii"
+    sitk.WriteImage(img, str(plain), False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="samembed"):
+        assert np.array_equal(read_image(plain).array, ref.array)
+    assert f"{plain}: {n} voxels are NaN or infinite (no value); they are read as 0" in caplog.text
 
 
 @pytest.mark.needs_data
