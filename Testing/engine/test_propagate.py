@@ -367,7 +367,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_r
     assert sorted(before) == sorted(seen)
     # the finished scans' page, marked as such (an interrupted run wrote none)
     page = (out / "report.html").read_text(encoding="utf-8")
-    assert re.search(r"This run was interrupted: the page shows the 3 scans finished so far\s+\(of 6\)", page)
+    assert re.search(r"This run was interrupted:\s+the page shows the 3 scans finished so far\s+\(3 matched, 0 failed\) of 6; 3 not done", page)
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     # without --resume, the folder is refused
     from samembed.errors import InputError
@@ -866,6 +866,74 @@ def test_scans_the_scheduler_cancels_are_failures_not_silently_dropped(setup, cl
     assert summary.finished + summary.failed == len(scans) and summary.failed >= 1
     failures = list(csv.DictReader((tmp_path / "out" / "failures.csv").open()))
     assert len(failures) == summary.failed and all("cancelled" in f["reason"] for f in failures)
+
+
+def test_the_report_links_what_it_does_not_embed_and_says_how_a_run_ended(setup, full_run, tmp_path):
+    """A review: thumbnails beyond the page's limit could not be reached from it; rows without a thumbnail used up
+    the limit; a run stopped by an error read as a finished one, and an interrupted run's count left out its failed
+    scans; a run whose every scan failed said "nan % confident"."""
+    import shutil
+
+    from samembed.propagate.report import write_report
+    from samembed.propagate.results import ResultStore
+
+    out, _ = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    records = ResultStore(copy).load()
+    text = write_report(copy, max_thumbnails=2).read_text(encoding="utf-8")
+    page = _Report()
+    page.feed(text)
+    embedded = sum(len(imgs) for imgs in page.images.values())
+    linked = re.findall(r'<a href="(thumbs/[^"]+)">thumbnail</a>', text)
+    total = sum(1 for rec in records.values() for m in rec["matches"] if m.get("thumbnail"))
+    assert embedded == 2 and len(linked) == total - 2 and all((copy / link).is_file() for link in linked)
+    assert f"{total - 2} more are linked" in text and "</code>. Tables:" in text  # (the space was eaten)
+
+    # the least confident landmark has no thumbnail (its scan matched with --no-thumbnails): not counted
+    least = min(((sid, m) for sid, rec in records.items() for m in rec["matches"]),
+                key=lambda sm: (sm[1]["confident"], sm[1]["score"]))
+    least[1]["thumbnail"] = None
+    records[least[0]]["thumbnail_mm"] = 40.0  # made at another width (a resumed run's setting, from Python)
+    page = _Report()
+    text = write_report(copy, max_thumbnails=2, records=records).read_text(encoding="utf-8")
+    page.feed(text)
+    assert sum(len(imgs) for imgs in page.images.values()) == 2
+    assert text.count("thumbnails 40.0 mm wide") == 1
+
+    run = json.loads((copy / "run.json").read_text())
+    scans = len(records)
+    (copy / "run.json").write_text(json.dumps({**run, "status": "failed", "error": "OSError: No space left on device",
+                                               "scans": scans + 4}))
+    text = " ".join(write_report(copy).read_text(encoding="utf-8").split())
+    assert "This run stopped on an error (OSError: No space left on device)" in text
+    assert f"the {scans} scans finished so far ({scans} matched, 0 failed) of {scans + 4}; 4 not done" in text
+    assert "--resume" in text
+
+    failed = {sid: {"scan": sid, "path": rec["path"], "status": "failed", "reason": "unreadable"}
+              for sid, rec in records.items()}
+    text = " ".join(write_report(copy, records=failed).read_text(encoding="utf-8").split())
+    assert "No scan could be matched" in text and "nan" not in text
+    assert f"the {scans} scans finished so far (0 matched, {scans} failed)" in text
+
+
+def test_a_negative_number_of_report_thumbnails_is_refused(setup):
+    """--report-thumbnails -1 embedded every thumbnail but one (158 MB for 2,000 scans, against 50 MB)."""
+    with pytest.raises(InputError, match=r"report_thumbnails \(--report-thumbnails\) must be a whole number >= 0"):
+        _settings(setup, report_thumbnails=-1)
+
+
+def test_a_thumbnail_is_centred_on_its_point_where_its_cross_is():
+    """The panel's centre was sampled between two pixels, half a pixel from the cross (0.4 mm at 80 mm)."""
+    from samembed.image import Image
+    from samembed.propagate.thumbnails import PANEL_PX, _plane
+
+    volume = np.zeros((41, 41, 41), np.float32)
+    volume[20, 20, 20] = 1000.0
+    image = Image.from_array(volume)
+    panel = _plane(image, np.array([20.0, 20.0, 20.0]), np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), PANEL_PX * 0.25)
+    assert np.unravel_index(np.nanargmax(panel), panel.shape) == (PANEL_PX // 2, PANEL_PX // 2)
+    assert panel[PANEL_PX // 2, PANEL_PX // 2] == pytest.approx(1000.0)
 
 
 def test_the_report_shows_this_runs_scans_only_and_left_temporary_files_are_no_records(setup, client, tmp_path):

@@ -128,10 +128,9 @@ def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[
     records = store.load() if records is None else records
     order = {sid: n for n, sid in enumerate(records)}
     rows = build_rows(store, records)
-    embedded = set()
-    for r in rows[:max_thumbnails]:
-        if r.get("thumbnail"):
-            embedded.add((r["scan"], r["label"]))
+    # the least confident landmarks that have a thumbnail (rows without one, of a scan matched with --no-thumbnails,
+    # took places of the limit)
+    embedded = {(r["scan"], r["label"]) for r in [r for r in rows if r.get("thumbnail")][:max(0, max_thumbnails)]}
     by_scan: dict[str, list[dict]] = {}  # scans in the order of their least confident landmark
     for r in rows:
         by_scan.setdefault(r["scan"], []).append(r)
@@ -139,11 +138,15 @@ def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[
     for sid, scan_rows in by_scan.items():
         items = []
         for r in sorted(scan_rows, key=lambda r: r["label"]):
-            img = None
-            if (sid, r["label"]) in embedded and (out / r["thumbnail"]).is_file():
-                img = _b64((out / r["thumbnail"]).read_bytes())
-            items.append({**r, "img": img})
-        scans.append({"id": sid, "path": records[sid]["path"], "landmarks": items, "anchor": f"scan-{sid}"})
+            img = link = None
+            if r.get("thumbnail") and (out / r["thumbnail"]).is_file():
+                if (sid, r["label"]) in embedded:
+                    img = _b64((out / r["thumbnail"]).read_bytes())
+                else:  # beyond the page's limit: its file, linked (relative: the folder may move)
+                    link = Path(r["thumbnail"]).as_posix()
+            items.append({**r, "img": img, "link": link})
+        scans.append({"id": sid, "path": records[sid]["path"], "landmarks": items, "anchor": f"scan-{sid}",
+                      "thumbnail_mm": records[sid].get("thumbnail_mm")})
     failures = [{"scan": sid, "path": rec["path"], "reason": rec.get("reason", "")}
                 for sid, rec in sorted(records.items(), key=lambda kv: order[kv[0]]) if rec.get("status") != "ok"]
     n = len(rows)
@@ -154,7 +157,7 @@ def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[
     fused = len(atlases) > 1
     confidence = run.get("confidence") or {}
     stats = {
-        "scans": len(scans), "landmarks": n, "failed": len(failures),
+        "scans": len(scans), "landmarks": n, "failed": len(failures), "finished": len(scans) + len(failures),
         "confident_pct": 100.0 * sum(r["confident"] for r in rows) / n if n else math.nan,
         "rematched": sum(r["rematched"] for r in rows),
         "thumbnails_embedded": len(embedded), "thumbnails_left_out": sum(1 for r in rows if r.get("thumbnail")) - len(embedded),

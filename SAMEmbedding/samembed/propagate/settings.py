@@ -119,6 +119,9 @@ class PropagateSettings:
         for name in ("thumbnail_mm", "csv_every_s"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise InputError(f"{name} must be a number >= 0, not {getattr(self, name)!r}")
+        thumbs = self.report_thumbnails
+        if not isinstance(thumbs, int) or isinstance(thumbs, bool) or thumbs < 0:
+            raise InputError(f"report_thumbnails (--report-thumbnails) must be a whole number >= 0, not {thumbs!r}")
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         if self.memory_limit not in ("auto", None):  # Dask's sizes (else its own error, an internal one, once the

@@ -284,6 +284,8 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
                "match_s": res.timings.get("target0_match_s", 0.0), "thumbnails_s": t_thumbs,
                "total_s": time.time() - t0, "cpu_s": time.process_time() - cpu0}
     return {"scan": scan.id, "path": scan.path, "status": "ok", "matches": matches, "thumbnails": thumbs,
+            # (the width its thumbnails were made at: a resumed run may make the later scans' at another)
+            "thumbnail_mm": float(job.thumbnail_mm) if job.thumbnails else None,
             "timings": timings, "worker": {**_where(), **_resolved(eng)}, "stats": dict(eng.stats)}
 
 

@@ -23,7 +23,7 @@ def _plane(image: Image, centre_lps: np.ndarray, u: np.ndarray, v: np.ndarray, w
     from scipy.ndimage import map_coordinates
 
     step = width_mm / PANEL_PX
-    t = (np.arange(PANEL_PX) - (PANEL_PX - 1) / 2) * step
+    t = (np.arange(PANEL_PX) - PANEL_PX // 2) * step  # the centre on pixel PANEL_PX // 2, where _mark draws the cross
     pts = centre_lps[None, None, :] + t[None, :, None] * u + t[:, None, None] * v  # (rows, cols, 3)
     d = image.ndim
     idx = image.grid.lps_to_index(pts.reshape(-1, 3)[:, :d])  # (n, d) in (i, j, k) order
