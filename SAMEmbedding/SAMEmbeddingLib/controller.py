@@ -118,8 +118,12 @@ class MatchController:
     # -- settings ----------------------------------------------------------------------------
     def setParameters(self, parameters) -> None:
         """Use these parameters (a restored or new scene); starts no match. The same parameters again (the module
-        entered again) change nothing: what is pending, running or waiting goes on."""
-        if parameters is self.parameters and parameters is not None:
+        entered again) change nothing: what is pending, running or waiting goes on. The same means the same parameter
+        node: Slicer's ``getParameterNode()`` gives a new wrapper of it on every call (``parameterNode``)."""
+        same = parameters is not None and self.parameters is not None and (
+            getattr(parameters, "parameterNode", parameters) is getattr(self.parameters, "parameterNode", self.parameters))
+        if same:
+            self.parameters = parameters  # (the newest wrapper: the one the widget's GUI is connected to)
             self.parametersModified()  # (whatever changed while the module was left)
             return
         self._parametersGeneration += 1

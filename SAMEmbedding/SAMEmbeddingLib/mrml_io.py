@@ -59,10 +59,11 @@ SELECTABLE_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode
 
 
 def first_selectable_volume(scene):
-    """The first volume of ``scene`` that the module's volume selectors offer (a grey or colour image), or None:
-    ``GetFirstNodeByClass("vtkMRMLScalarVolumeNode")`` also gives label maps, which became the default source."""
-    return next((n for n in nodes_by_class(scene, "vtkMRMLVolumeNode") if n.GetClassName() in SELECTABLE_VOLUME_CLASSES),
-                None)
+    """The first volume of ``scene`` that the module's volume selectors offer (a grey or colour image, not hidden
+    from editors: not the module's own heatmaps), or None: ``GetFirstNodeByClass("vtkMRMLScalarVolumeNode")`` also
+    gives label maps, which became the default source."""
+    return next((n for n in nodes_by_class(scene, "vtkMRMLVolumeNode")
+                 if n.GetClassName() in SELECTABLE_VOLUME_CLASSES and not n.GetHideFromEditors()), None)
 
 
 def array_from_vtk_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:

@@ -73,6 +73,7 @@ class MatchWidget(VTKObservationMixin):
                                           onFinished=self._onMatchFinished, onError=self._onMatchError,
                                           engineReady=self._readyToPrepare,
                                           later=lambda match: qt.QTimer.singleShot(0, match))
+        self._polling = False  # (_poll is running: not entered again from a message box's event loop)
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._poll)
@@ -102,6 +103,9 @@ class MatchWidget(VTKObservationMixin):
 
     # -- life cycle ---------------------------------------------------------------------------
     def cleanup(self) -> None:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:  # (a reloaded module's widgets stayed bound)
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
         self.removeObservers()
         self._pollTimer.stop()
         self.controller.cleanup()
@@ -162,13 +166,21 @@ class MatchWidget(VTKObservationMixin):
             p.sourcePoints = points
 
     def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:  # (exit() disconnected it already)
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         self.controller.setParameters(inputParameterNode)  # a restored scene starts no match
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # connectGui sets each node selector's types from its parameter's (vtkMRMLScalarVolumeNode, shown
+            # without subclasses): colour radiographs (vector volumes), which the engine reads, could be checked as
+            # targets but never chosen as the source or the heatmap's target
+            from SAMEmbeddingLib.mrml_io import SELECTABLE_VOLUME_CLASSES
+
+            for selector in (self.ui.sourceVolumeSelector, self.ui.heatmapTargetSelector):
+                selector.nodeTypes = list(SELECTABLE_VOLUME_CLASSES)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._updateGui()
 
@@ -312,6 +324,17 @@ class MatchWidget(VTKObservationMixin):
         self._checkCanApply()
 
     def _poll(self) -> None:
+        # a message box of a callback (an error, skipped targets) runs an event loop of its own, in which this timer
+        # fires again: a second poll then delivered later callbacks, and their boxes stacked up under the first
+        if self._polling:
+            return
+        self._polling = True
+        try:
+            self._pollOnce()
+        finally:
+            self._polling = False
+
+    def _pollOnce(self) -> None:
         self.controller.poll()
         if not self.controller.matching:  # preparing ahead may go on: the user's buttons are back
             self.ui.progressBar.visible = False

@@ -37,6 +37,7 @@ def _parameters(source, points, targets, **changes) -> SimpleNamespace:
     values.update(sourceVolume=source, sourcePoints=points, targetVolumes=list(targets), heatmapTarget=None,
                   model="random:sam-lite", device="cpu", jumpToMatch=True, heatmapOpacity=0.5, polish=False)
     values.update(changes)
+    values.setdefault("parameterNode", object())  # the node a Slicer wrapper wraps (each call wraps it anew)
     return SimpleNamespace(**values)
 
 
@@ -558,7 +559,8 @@ def test_entering_the_module_again_keeps_a_click_waiting_for_a_model_switch(a_sc
     release = _another_device_chosen_during_work(h, parameters)
     h.controller.parametersModified()
     h.controller.matchPoints([0])  # waits for the work
-    h.controller.setParameters(parameters)  # the module left and entered again
+    # the module left and entered again: Slicer's getParameterNode() wraps the same node in a new wrapper
+    h.controller.setParameters(SimpleNamespace(**vars(parameters)))
     release.set()
     assert h.settleAll() == [[0]]
     assert _matched(h.logic, points, a_small_ct)[0] == ["L1"] and h.errors == []

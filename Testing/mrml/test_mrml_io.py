@@ -327,6 +327,9 @@ def test_the_default_source_is_a_volume_the_selectors_offer_not_a_label_map():
     assert mrml_io.first_selectable_volume(scene) is None
     labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "liver label map")
     assert mrml_io.first_selectable_volume(scene) is None and labels is not None
+    heatmap = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "similarity in CT")  # the module's own, hidden
+    heatmap.SetHideFromEditors(True)
+    assert mrml_io.first_selectable_volume(scene) is None
     colour = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "hand.png")
     grey = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     assert mrml_io.first_selectable_volume(scene) is colour
