@@ -967,12 +967,12 @@ def _model_name(text: str) -> str:
     return text
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, cache_help: str = "on-disk embedding cache folder") -> None:
     p.add_argument("--model", default="default", type=_model_name,
                    help="model name (see `samembed info`), checkpoint path, or random:<arch>")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     _add_precision(p)
-    p.add_argument("--cache-dir", help="on-disk embedding cache folder")
+    p.add_argument("--cache-dir", help=cache_help)
     p.add_argument("--modality", default="auto", choices=MODALITIES)
     p.add_argument("--spacing", type=_positive_mm, metavar="MM",
                    help="pixel spacing (mm) for 2D files that carry none (PNG/JPEG)")
@@ -1162,8 +1162,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="pre-compute embeddings into a cache folder (each image's global map and its body's "
                        "local map)")
     e.add_argument("images", nargs="+", metavar="IMAGE")
-    _add_common(e)
-    next(a for a in e._actions if a.dest == "cache_dir").help = "the on-disk embedding cache folder to fill (required)"
+    _add_common(e, cache_help="the on-disk embedding cache folder to fill (required)")
     e.set_defaults(func=_cmd_embed)
 
     c = sub.add_parser("cache", help="show or clear an embedding cache folder")

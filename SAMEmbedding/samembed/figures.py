@@ -2,8 +2,9 @@
 
 :func:`match_figure` draws two crops through the points, each in its image's own slice plane (the source around the
 clicked point, the target around its match), each labelled with its orientation (the patient directions of its
-axes, from the image's direction cosines), its plane (axial, coronal or sagittal) and its slice position (LPS mm). The heatmap is coloured over its robust range inside the body only, and
-low similarity is transparent, so the hot spot stands out instead of washing over the slice.
+axes, from the image's direction cosines), its plane (axial, coronal or sagittal) and its slice position (LPS mm).
+The heatmap is coloured over its robust range inside the body only, and low similarity is transparent, so the hot
+spot stands out instead of washing over the slice.
 """
 
 from __future__ import annotations
