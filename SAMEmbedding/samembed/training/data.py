@@ -40,51 +40,77 @@ def find_volumes(sources: list[str], exclude: list[str] | None = None, base: Pat
         if p.is_dir():
             found.extend(list_images(p))
         elif p.suffix.lower() in (".txt", ".lst", ".list"):
-            for line in p.read_text(encoding="utf-8").splitlines():
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
                 line = line.strip()
                 if line and not line.startswith("#"):
                     q = Path(line)
-                    found.append(q if q.is_absolute() else p.parent / q)
+                    q = q if q.is_absolute() else p.parent / q
+                    if not q.exists():  # (it stopped the run with a bare FileNotFoundError, after preprocessing)
+                        raise InputError(f"{q}: training data path not found (line {n} of the list {p})")
+                    found.append(q)
         elif p.exists():
             found.append(p)
         else:
             raise InputError(f"{p}: training data path not found")
     exclude = exclude or []
     used = set()
-    # a pattern with a folder is matched against the file's path as given, normalised and resolved, as itself as
-    # given and, unless it starts with a wildcard, made absolute against ``base``: "../shared/data/ct/x.nii.gz"
-    # excluded nothing (the path was /work/main/../shared/..., the pattern relative); a plain one against the name
+    excluded = exclusion(exclude, base)
+    keep = []
+    for f in found:
+        pattern = excluded(f)
+        if pattern is None:
+            keep.append(f)
+        else:
+            used.add(pattern)
+    unused = [pat for pat in exclude if pat not in used]
+    if unused and found:
+        log.warning("exclude: %s matched none of the %d files found (a file name, or a path with folders)",
+                    ", ".join(repr(p) for p in unused), len(found))
+    # one file named twice (a folder as an absolute and a relative path, a link, a list with ".."): trained on once
+    # (twice, it weighed double, was a global negative of itself and a "patient pair" of the semantic objective)
+    once: dict[str, Path] = {}
+    for f in sorted(dict.fromkeys(keep)):
+        once.setdefault(os.path.realpath(f), f)
+    if len(once) < len(set(keep)):
+        log.warning("%d training files are named more than once (by other paths or links); each is used once",
+                    len(set(keep)) - len(once))
+    return sorted(once.values())
+
+
+def exclusion(exclude: list[str], base: Path):
+    """A function of a path that gives the first of the ``exclude`` patterns it matches, or None: a plain pattern
+    against the file name; one with a folder against the path as given, normalised and resolved, as itself as given
+    and, unless it starts with a wildcard, made absolute against ``base`` ("../shared/data/ct/x.nii.gz" excluded
+    nothing: the path was /work/main/../shared/..., the pattern relative). The training images' and their label
+    maps' exclusions (:mod:`.labels`) are the same."""
     forms_of = {pat: {pat} if "/" not in pat else {pat, os.path.normpath(pat)} | (
         set() if pat.startswith("*") else {os.path.normpath(os.path.join(base, pat)), str((base / pat).resolve())})
         for pat in exclude}
 
-    def excluded(f: Path) -> bool:
+    def excluded(f: Path) -> str | None:
         paths = None
         for pat, forms in forms_of.items():
             if "/" in pat and paths is None:
                 paths = {str(f), os.path.normpath(str(f)), str(f.resolve())}
             if any(fnmatch.fnmatch(name, q) for name in (paths if "/" in pat else (f.name,)) for q in forms):
-                used.add(pat)
-                return True
-        return False
+                return pat
+        return None
 
-    keep = [f for f in found if not excluded(f)]
-    unused = [pat for pat in exclude if pat not in used]
-    if unused and found:
-        log.warning("exclude: %s matched none of the %d files found (a file name, or a path with folders)",
-                    ", ".join(repr(p) for p in unused), len(found))
-    return sorted(dict.fromkeys(keep))
+    return excluded
 
 
 @dataclass
 class CachedVolume:
-    """One preprocessed training volume: ``array`` (float16 ``[k, j, i]``, mapped intensities) and facts."""
+    """One preprocessed training volume: ``array`` (float16 ``[k, j, i]``, mapped intensities) and facts;
+    ``fill_value``: the mapped value inference pads it with (the preprocessing's fill), None in a cache entry written
+    before it was stored."""
 
     name: str
     array: np.ndarray
     spacing_mm: float
     modality: str
     body_fraction: float
+    fill_value: float | None = None
 
 
 def _content_stamps(path: Path) -> list:
@@ -135,12 +161,25 @@ def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, 
 
     Unreadable or corrupt volumes are logged and skipped.
     """
+    return [npy for _, npy in prepare_cache_of(paths, cache_dir, config, modality, margin_vox, progress,
+                                               pixel_spacing_mm)]
+
+
+def prepare_cache_of(paths: list[Path], cache_dir: Path, config: PreprocessConfig, modality: str = "auto",
+                     margin_vox: int = 8, progress=None,
+                     pixel_spacing_mm: float | None = None) -> list[tuple[Path, Path]]:
+    """:func:`prepare_cache`, each ``.npy`` with the path it was made from (the skipped ones left out: what a run
+    trained on, for its checkpoint)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    out: list[Path] = []
+    out: list[tuple[Path, Path]] = []
     for n, path in enumerate(paths):
         if progress:
             progress(n, len(paths), path.name)
-        key = _cache_key(path, config, modality, pixel_spacing_mm)
+        try:
+            key = _cache_key(path, config, modality, pixel_spacing_mm)
+        except OSError as e:  # (gone or unreadable since it was found)
+            log.warning("skipping %s: %s", path, e.strerror or e)
+            continue
         stem = path.name.split(".")[0]
         npy = cache_dir / f"{stem}-{key}.npy"
         if npy.is_file() and npy.with_suffix(".json").is_file():
@@ -151,7 +190,7 @@ def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, 
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("damaged training cache entry %s (%s): made again", npy, e)
             else:
-                out.append(npy)
+                out.append((path, npy))
                 continue
         try:
             image = read_image(path, spacing_mm=pixel_spacing_mm)
@@ -168,9 +207,9 @@ def prepare_cache(paths: list[Path], cache_dir: Path, config: PreprocessConfig, 
         save_npy_atomic(npy, arr)  # then its sidecar: both present means both whole
         meta = {"source": str(path), "spacing_mm": config.spacing_mm, "modality": prep.modality,
                 "shape": list(arr.shape), "body_fraction": float(mask[sl].mean()),
-                "crop_start": [s.start for s in sl]}
+                "crop_start": [s.start for s in sl], "fill_value": float(prep.fill_value)}
         write_text_atomic(npy.with_suffix(".json"), json.dumps(meta))
-        out.append(npy)
+        out.append((path, npy))
     return out
 
 
@@ -178,4 +217,6 @@ def load_cached(npy: Path) -> CachedVolume:
     """Load one cached volume (memory-mapped)."""
     meta = json.loads(npy.with_suffix(".json").read_text(encoding="utf-8"))
     arr = np.load(npy, mmap_mode="r")
-    return CachedVolume(npy.stem, arr, float(meta["spacing_mm"]), meta["modality"], float(meta["body_fraction"]))
+    fill = meta.get("fill_value")
+    return CachedVolume(npy.stem, arr, float(meta["spacing_mm"]), meta["modality"], float(meta["body_fraction"]),
+                        None if fill is None else float(fill))

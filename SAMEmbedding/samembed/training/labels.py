@@ -26,7 +26,6 @@ as ``<cached stem>.labels-<key>.npy`` (uint8, or int16 above 255 labels).
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import logging
@@ -83,10 +82,6 @@ class LabelRule:
                              f"'names' (value: name): {e}") from e
 
 
-def _excluded(path: Path, exclude: list[str]) -> bool:
-    return any(fnmatch.fnmatch(str(path) if "/" in pat else path.name, pat) for pat in exclude)
-
-
 def find_label_maps(images: list[Path], rules: list[dict], exclude: list[str],
                     base: Path | None = None) -> dict[Path, tuple[Path, LabelRule]]:
     """Label map and rule of each training image that has one: ``{image: (label_map, rule)}``.
@@ -94,12 +89,15 @@ def find_label_maps(images: list[Path], rules: list[dict], exclude: list[str],
     Raises:
         InputError: an image matches ``exclude`` (it must not be trained on, let alone with its labels).
     """
+    from .data import exclusion
+
     base = base or Path.cwd()
+    excluded = exclusion(exclude, base)  # (the images' own matching: a path as given, normalised or resolved)
     parsed = [LabelRule.from_dict(r) for r in rules]
     found: dict[Path, tuple[Path, LabelRule]] = {}
     missing: list[Path] = []  # label maps a rule names for an image, which are not there
     for image in images:
-        if _excluded(image, exclude):
+        if excluded(image) is not None:
             raise InputError(f"{image}: excluded from training (config 'exclude'); its label map may not be used")
         for rule in parsed:
             m = re.fullmatch(rule.images, image.name)
@@ -107,7 +105,7 @@ def find_label_maps(images: list[Path], rules: list[dict], exclude: list[str],
                 continue
             lab = Path(m.expand(rule.labels))
             lab = lab if lab.is_absolute() else base / lab
-            if _excluded(lab, exclude):
+            if excluded(lab) is not None:
                 log.warning("label map %s matches 'exclude': not used", lab)
             elif lab.is_file():
                 found[image] = (lab, rule)
@@ -121,8 +119,11 @@ def find_label_maps(images: list[Path], rules: list[dict], exclude: list[str],
 
 
 def _label_cache_path(ct_npy: Path, label_path: Path) -> Path:
-    st = label_path.stat()
-    facts = [str(label_path.resolve()), st.st_size, st.st_mtime_ns, ct_npy.name, "nearest", 1]
+    """The cache file of ``label_path`` on ``ct_npy``'s grid, keyed by what holds its voxels (a ``.mhd``'s
+    ``.raw`` too: a changed ``.raw`` kept its old cached map)."""
+    from .data import _content_stamps
+
+    facts = [str(label_path.resolve()), _content_stamps(label_path), ct_npy.name, "nearest", 1]
     key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:12]
     return ct_npy.with_name(f"{ct_npy.stem}.labels-{key}.npy")
 
@@ -148,14 +149,22 @@ def cache_labels(ct_npy: Path, label_path: Path, config, modality: str = "auto",
         log.warning("label cache %s is damaged: made again", out)
     import SimpleITK as sitk
 
-    from ..io import read_image, save_npy_atomic, set_sitk_geometry
+    from ..io import RASTER_SUFFIXES, read_image, save_npy_atomic, set_sitk_geometry
     from ..preprocess import body_mask, preprocess
     from .data import body_crop
     try:
-        prep = preprocess(read_image(meta["source"], spacing_mm=pixel_spacing_mm), config, modality)
+        source = read_image(meta["source"], spacing_mm=pixel_spacing_mm)
+        prep = preprocess(source, config, modality)
         start = meta.get("crop_start") or [s.start for s in body_crop(body_mask(prep))]
         ref = set_sitk_geometry(sitk.Image([int(s) for s in prep.grid.size_ijk], sitk.sitkUInt8), prep.grid)
         lab = sitk.ReadImage(str(label_path))
+        if label_path.name.lower().endswith(RASTER_SUFFIXES) and source.ndim == 2:
+            # a picture has no spacing of its own (ITK: 1 mm): a map of its image's size lies on its image's
+            # pixels (at pixel_spacing_mm it missed the organs by a factor of the spacing), any other is not used
+            if tuple(lab.GetSize()) != tuple(source.grid.size_ijk):
+                raise InputError(f"a picture of {list(lab.GetSize())} pixels, its image of "
+                                 f"{list(source.grid.size_ijk)}: a label picture must have its image's pixels")
+            lab = set_sitk_geometry(lab, source.grid)
         res = sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, lab.GetPixelID())
         arr = sitk.GetArrayFromImage(res)
     except Exception as e:  # noqa: BLE001 - a bad label map must never stop training

@@ -28,7 +28,7 @@ from ..preprocess import PreprocessConfig
 from ..progress import CountProgress
 from ..stopping import StopBetweenSteps
 from .config import TrainConfig
-from .data import find_volumes, load_cached, prepare_cache
+from .data import find_volumes, load_cached, prepare_cache_of
 from .losses import local_loss, multi_positive_info_nce
 from .objectives import parse_objective
 from .pairs import (  # noqa: F401 (re-exported)
@@ -106,20 +106,26 @@ class Trainer:
         cache = Path(cfg.cache_dir)
         if self.rank == 0:
             bar = _bar(len(paths), "preprocess", self.show_progress)
-            files = prepare_cache(paths, cache, self.prep, cfg.modality, progress=lambda n, t, name: bar.update(1) if bar else None,
-                                  pixel_spacing_mm=cfg.pixel_spacing_mm)
+            prepared = prepare_cache_of(paths, cache, self.prep, cfg.modality,
+                                        progress=lambda n, t, name: bar.update(1) if bar else None,
+                                        pixel_spacing_mm=cfg.pixel_spacing_mm)
             if bar:
                 bar.close()
         if self.world > 1:
             torch.distributed.barrier()
         if self.rank != 0:
-            files = prepare_cache(paths, cache, self.prep, cfg.modality, pixel_spacing_mm=cfg.pixel_spacing_mm)
+            prepared = prepare_cache_of(paths, cache, self.prep, cfg.modality, pixel_spacing_mm=cfg.pixel_spacing_mm)
+        files = [npy for _, npy in prepared]
         self.volumes = []
+        #: each volume's fill, the value inference pads it with (the preprocessing's; its minimum in a cache entry
+        #: written before the fill was stored): the views' outside (it was the minimum, about air, also with fill zero)
+        self._fills = []
         for f in files:
             v = load_cached(f)
             self.volumes.append((v.name, torch.from_numpy(np.array(v.array, dtype=np.float16)), v.spacing_mm,
                                  body_threshold(v.array, v.modality)))
-        self.sources = [str(p) for p in paths]
+            self._fills.append(v.fill_value)
+        self.sources = [str(p) for p, _ in prepared]  # what it trains on (the skipped ones were listed too)
         if not self.volumes:
             raise InputError(f"none of the {len(paths)} training images found could be read or prepared (the warnings "
                              "above say why each was skipped); check `data`, `modality` and `spacing_mm`")
@@ -140,7 +146,7 @@ class Trainer:
             raise InputError("the semantic objective needs label maps: set semantic_labels in the config")
         maps = {img.resolve(): found for img, found in find_label_maps(paths, cfg.semantic_labels, cfg.exclude,
                                                                         self.base).items()}
-        labelled = []
+        labelled, used = [], []
         for index, f in enumerate(files):
             # the sidecar names the source as the run that cached it saw it (another base folder, perhaps)
             src = Path(json.loads(f.with_suffix(".json").read_text(encoding="utf-8"))["source"]).resolve()
@@ -154,21 +160,35 @@ class Trainer:
             if self.rank != 0:
                 npy = cache_labels(f, label_path, self.prep, cfg.modality, cfg.pixel_spacing_mm)
             if npy is not None:
-                labelled.append(load_labels(npy, rule, index, self.volumes[index][2], cfg.seed))
+                volume = load_labels(npy, rule, index, self.volumes[index][2], cfg.seed)
+                if not volume.organs:  # (a map in the wrong place, or of other labels, than its rule says)
+                    log.warning("label map %s holds none of the organs its rule names on its image's grid: not used",
+                                label_path)
+                    continue
+                labelled.append(volume)
+                used.append(str(src))
         self.semantic_settings = SemanticSettings.from_config(cfg)
         self.semantic_sampler = SemanticSampler(labelled)
-        self.labelled_sources = sorted(str(p) for p in maps)
+        self.labelled_sources = sorted(used)  # (the images whose label maps were used, not every one found)
         log.info("semantic objective: %d labelled volumes, %d organs", len(labelled), len(self.semantic_sampler.organ_id))
 
+    def _fill(self, index: int) -> float | None:
+        """Volume ``index``'s fill as inference pads it (None: not known, its minimum is used)."""
+        fills = getattr(self, "_fills", None)
+        return fills[index] if fills and index < len(fills) else None
+
     # -------------------------------------------------------------- sampling
-    def _views(self, rng: np.random.Generator, vol: torch.Tensor, sp: float, threshold: float = BODY_THRESHOLD):
+    def _views(self, rng: np.random.Generator, vol: torch.Tensor, sp: float, threshold: float = BODY_THRESHOLD,
+               fill: float | None = None):
+        """Two (local, global) views of a volume (see :meth:`_view_at`); ``fill``: its value outside the volume, as
+        inference pads it (default: its minimum)."""
         cfg = self.cfg
         arr = vol.float()[None, None]
         d = arr.dim() - 2
         pool = F.avg_pool3d if d == 3 else F.avg_pool2d
         pooled = pool(arr, 4, ceil_mode=True)
         body = random_body_point(vol.numpy(), rng, threshold) * sp
-        fill = float(arr.min())
+        fill = float(arr.min()) if fill is None else float(fill)
         centres = [body + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, d)]
         if rng.random() < cfg.overlap_p:
             centres.append(body + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, d))
@@ -207,7 +227,9 @@ class Trainer:
                 arr = vol.float()[None, None]
                 pool = F.avg_pool3d if arr.dim() == 5 else F.avg_pool2d
                 c = centre + rng.uniform(-cfg.centre_jitter_mm, cfg.centre_jitter_mm, arr.dim() - 2)
-                pair.append(self._view_at(rng, arr, pool(arr, 4, ceil_mode=True), c, sp, float(arr.min()), threshold))
+                fill = self._fill(index)
+                pair.append(self._view_at(rng, arr, pool(arr, 4, ceil_mode=True), c, sp,
+                                          float(arr.min()) if fill is None else fill, threshold))
             draws.append(draw)
             views.append(pair)
         return draws, views
@@ -374,7 +396,7 @@ class Trainer:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * sched(it)
                 picks = rng.choice(len(self.volumes), size=min(cfg.batch_volumes, len(self.volumes)), replace=False)
-                views = [self._views(rng, *self.volumes[i][1:]) for i in picks]
+                views = [self._views(rng, *self.volumes[i][1:], fill=self._fill(i)) for i in picks]
                 draws, sem_views = self._semantic_views(rng)  # extra views of the semantic objective, same forward pass
                 lx = torch.stack([v[0].image for pair in views + sem_views for v in pair]).to(self.device)
                 gx = torch.stack([v[1].image for pair in views + sem_views for v in pair]).to(self.device)
