@@ -510,7 +510,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 print(f"{Path(row['target']).name}\t{row['label']}\t({row['x']:.1f}, {row['y']:.1f}, {row['z']:.1f}) "
                       f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'} "
                       f"({why})")
-        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+        print(f"wrote {out}{_written_summary(args, done)} in {time.perf_counter() - t0:.1f} s")
     if failed:
         log.error("%d of %d targets could not be matched (each is named above): %s; %s holds the others", len(failed),
                   n, ", ".join(name for _, name, _ in failed), out)
@@ -723,6 +723,15 @@ def _rejected(m, fused: dict[str, str]) -> str:
     from .names import joined_names
 
     return joined_names(_rejected_names(m, fused))
+
+
+def _written_summary(args, done: list) -> str:
+    """What the closing line adds to the output's name: how many matches, how many confident, and the heatmaps'
+    count and folder (the line named the table alone; 3 of 5 matches not confident went unsaid but in the rows)."""
+    matches = [m for r in done for m in r.matches]
+    text = f" ({len(matches)} match{'' if len(matches) == 1 else 'es'}, {sum(m.confident for m in matches)} confident)"
+    maps = sum(len(r.heatmaps) for r in done) if args.heatmap_dir else 0
+    return text + (f" and {maps} heatmap{'' if maps == 1 else 's'} in {args.heatmap_dir}" if maps else "")
 
 
 def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_names: dict[tuple[int, str], str],

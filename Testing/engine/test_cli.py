@@ -172,6 +172,18 @@ def test_heatmaps_on_the_models_grid_are_the_full_size_ones_at_the_maps_own_reso
         np.testing.assert_array_equal(np.append(small.array.reshape(-1), np.float32(-1.0))[lookup], big.array)
 
 
+@pytest.mark.needs_data
+def test_the_closing_line_counts_the_matches_the_confident_ones_and_the_heatmaps(tmp_path, two_cts, a_points_csv,
+                                                                                capsys):
+    """The closing line named the table alone: heatmaps written, and matches not confident, went unsaid there."""
+    pts_path, _ = a_points_csv
+    out, maps = tmp_path / "m.csv", tmp_path / "maps"
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                 "--heatmap-dir", str(maps), "--model", "random:sam-lite", "--device", "cpu", "--no-polish"]) == 0
+    confident = sum(r["confident"] == "true" for r in csv.DictReader(out.open()))
+    assert f"wrote {out} (2 matches, {confident} confident) and 2 heatmaps in {maps} in " in capsys.readouterr().out
+
+
 def test_many_large_heatmaps_on_the_targets_voxels_come_with_a_hint_of_the_models_grid():
     """50 heatmaps of a 512 x 512 x 133 chest CT (7 GB of float32 to compress, 49x the maps' own 4 mm values) get the
     hint; a few head-and-neck maps, or maps whose grid is as fine as the image's, do not."""
@@ -777,8 +789,11 @@ def test_the_command_ends_a_match_at_once_with_its_outputs_written_and_its_lines
     res = run_cli("match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
                   "--model", "random:sam-lite", "--device", "cpu")
     assert res.returncode == 0, res.stderr
-    assert f"wrote {out}" in res.stdout, res.stdout
-    assert [r["label"] for r in csv.DictReader(out.open())] == ["A", "B"]
+    rows = list(csv.DictReader(out.open()))
+    confident = sum(r["confident"] == "true" for r in rows)
+    # how many matches, and how many are confident (3 of 5 not confident went unsaid in the closing line)
+    assert f"wrote {out} (2 matches, {confident} confident) in " in res.stdout, res.stdout
+    assert [r["label"] for r in rows] == ["A", "B"]
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name], "a temporary file was left behind"
 
 
