@@ -923,3 +923,26 @@ def test_the_timings_of_a_target_embedded_beside_the_source_are_not_negative(pop
     assert all(v >= 0 for v in t.values()), t
     # the matching is most of what follows the source's embedding (that target's maps were made during it)
     assert t["target0_match_s"] >= 0.5 * (t["total_s"] - t["source_embed_s"]), t
+
+
+@pytest.mark.needs_data
+def test_a_polish_that_finds_little_likeness_suggests_the_between_patients_preset(caplog):
+    """Two patients matched with the defaults (a new user): the polish, made for the same patient, moved matches off
+    their similarity peak without a word. Its correlation tells the two apart (same patient 0.99; these two 0.58)."""
+    import csv
+
+    rows = [r for r in csv.DictReader(data_file("ct", "openkbp", "oar_centroids.csv").open()) if r["patient"] == "pt_227"]
+    points = np.array([[float(r["x_mm"]), float(r["y_mm"]), float(r["z_mm"])] for r in rows])
+    source = read_image(data_file("ct", "openkbp", "ct", "pt_227_ct.nii.gz"))
+    other = read_image(data_file("ct", "openkbp", "ct", "pt_218_ct.nii.gz"))
+    matcher = Matcher("default", device="cpu")
+    with caplog.at_level(logging.INFO, logger="samembed.api"):
+        res = matcher.match(source, points, [other])
+    said = [r.getMessage() for r in caplog.records if "these look like scans of different patients" in r.getMessage()]
+    assert len(said) == 1 and said[0] in res.notes and "--preset between-patients" in said[0]
+    assert np.median([m.ncc for m in res.matches if m.polished]) < 0.9
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="samembed.api"):
+        same = Matcher("default", device="cpu").match(source, points, [source])  # the same scan: nothing to say
+        between = matcher.match(source, points, [other], options=MatchOptions.preset("between-patients"))
+    assert not any("different patients" in n for n in same.notes + between.notes)
