@@ -966,9 +966,14 @@ def row_delimiter(row: str, fits: Callable[[list[str], str], bool]) -> str | Non
 
 def _csv_delimiter(text: str) -> str:
     """The separator of a CSV point file (:func:`row_delimiter`; with ``;``, decimal commas) that makes its first row
-    a header naming x and y or a label and 2 or 3 numbers; ``,`` when none does (the error then names the row)."""
+    a header naming x and y or a label and 2 or 3 numbers; else spaces (" ") when they do (a ``label x y z`` text
+    file: "looks like a header but names no coordinate columns" named the columns it had); ``,`` when none does (the
+    error then names the row)."""
     first = next((line for line in text.splitlines() if line.strip() and not _is_comment(next(csv.reader([line])))), "")
-    return row_delimiter(first, lambda fields, d: _row_fits(fields, d == ";")) or ","
+    found = row_delimiter(first, lambda fields, d: _row_fits(fields, d == ";"))
+    if found is None and _row_fits(first.split(), False):
+        return " "
+    return found or ","
 
 
 def _label_column(header: list[str], coords: list[int], body: list[list[str]]) -> int | None:
@@ -994,8 +999,14 @@ def _read_csv(path: Path, ras: bool) -> PointList:
     A header may name the coordinates by the axes' letters instead of x, y, z: ``L,P,S`` (LPS) or ``R,A,S`` (RAS);
     that header, not ``ras``, then gives the frame, and a ``ras`` that contradicts it is an error. So does a
     ``frame`` column of ``LPS`` or ``RAS`` beside x, y, z (the CSV that ``samembed match`` writes)."""
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:  # (said as a codec's byte 0x8b: an image or a .gz given as --points, say)
+        raise InputError(f"{path}: not a text file (an image?); the points are a CSV of label,x,y,z (LPS mm), a .fcsv "
+                         "or a .mrk.json") from None
     delimiter = _csv_delimiter(text)
+    if delimiter == " ":  # separated by spaces or tabs, however many (aligned columns)
+        text = "\n".join(" ".join(line.split()) for line in text.splitlines())
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)  # quoted line breaks stay in their value
     rows = [(n, r) for n, r in enumerate(reader, start=1) if r and not _is_comment(r)]
     if not rows:

@@ -942,3 +942,17 @@ def test_nifti_headers_the_engine_reads_as_simpleitk_does_or_refuses_by_name(tmp
         with caplog.at_level("WARNING", logger="samembed.nifti_gz"):
             np.testing.assert_array_equal(read_image(path).array, sitk.GetArrayFromImage(ct))
         assert "8 bytes that are not gzip data follow" in caplog.text
+
+
+def test_a_point_file_separated_by_spaces_is_read_and_an_image_given_as_points_is_named(tmp_path):
+    """A new user's ``label x y z`` file with spaces was refused as "looks like a header but names no coordinate
+    columns" (it named them); an image given as --points said "'utf-8' codec can't decode byte 0x8b"."""
+    spaced = tmp_path / "points.txt"
+    spaced.write_text("label x y z\nA 247.18 265.42 211.78\n  B   10\t20   30\n")
+    points = read_points(spaced)
+    assert points.labels == ["A", "B"] and points.dims == 3
+    np.testing.assert_allclose(points.points_lps_mm, [[247.18, 265.42, 211.78], [10, 20, 30]])
+    image = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkInt16), str(image))
+    with pytest.raises(InputError, match=r"ct.nii.gz: not a text file \(an image\?\)"):
+        read_points(image)
