@@ -603,7 +603,9 @@ def _require_images(paths: list[str]) -> None:
     is no image is found when it is read)."""
     for path in paths:
         if not Path(path).exists():
-            raise InputError(f"{path}: file not found")
+            from .io import did_you_mean  # (only then: the cold path imports nothing more before torch)
+
+            raise InputError(f"{path}: file not found{did_you_mean(path)}")
 
 
 def _refused(e: PermissionError, path: str) -> TargetError:

@@ -496,7 +496,7 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
 
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: file not found{did_you_mean(path)}")
     check_readable(path)
     if path.is_file() and path.stat().st_size == 0:  # (named a format it did not have, or "no ImageIO reader")
         raise InputError(f"{path}: the file is empty (0 bytes); copy or export the image again")
@@ -559,6 +559,20 @@ def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constan
     if warn_spacing:  # (the README says the log says so): a warning once, then a debug line
         warn_unknown_spacing(image)
     return image
+
+
+def did_you_mean(path: str | os.PathLike) -> str:
+    """" (did you mean NAME?)" for a missing file whose folder holds one of a close name (``pt_2_ct.nii`` for
+    ``pt_2_ct.nii.gz``, a letter off), else "". Flags got such a suggestion, files did not."""
+    import difflib
+
+    path = Path(path)
+    try:
+        names = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names[:10000], 1, 0.8)
+    return f" (did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?)" if close else ""
 
 
 def _grey_alpha_png(path: Path):

@@ -956,3 +956,18 @@ def test_a_point_file_separated_by_spaces_is_read_and_an_image_given_as_points_i
     sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkInt16), str(image))
     with pytest.raises(InputError, match=r"ct.nii.gz: not a text file \(an image\?\)"):
         read_points(image)
+
+
+def test_a_missing_image_of_a_close_name_is_suggested(tmp_path, capsys):
+    """A mistyped flag got "did you mean"; a mistyped image (pt_2_ct.nii for pt_2_ct.nii.gz) did not."""
+    from samembed.cli import main
+
+    sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkInt16), str(tmp_path / "pt_2_ct.nii.gz"))
+    with pytest.raises(InputError, match=r"pt_2_ct.nii: file not found \(did you mean .*pt_2_ct.nii.gz\?\)"):
+        read_image(tmp_path / "pt_2_ct.nii")
+    (tmp_path / "p.csv").write_text("A,1,2,3\n")
+    assert main(["match", str(tmp_path / "pt_2_ct.nii"), str(tmp_path / "pt_2_ct.nii.gz"), "--points",
+                 str(tmp_path / "p.csv"), "--out", str(tmp_path / "o.csv")]) == 2
+    assert "(did you mean" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"elsewhere.nii.gz: file not found$"):
+        read_image(tmp_path / "elsewhere.nii.gz")
