@@ -83,8 +83,9 @@ def download_samples(out_dir: Path, samples: dict[str, str] | None = None, base_
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="model name, checkpoint path or random:sam-lite")
-    ap.add_argument("--out", default=str(REPO / "demo_output"))
-    ap.add_argument("--refine", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "demo_output"),
+                    help="folder for the demo's pair of scans, its matches and its picture (default: demo_output)")
+    ap.add_argument("--refine", action="store_true", help="the cycle-consistent refinement of each match (slower)")
     ap.add_argument("--polish", action=argparse.BooleanOptionalAction, default=None,
                     help="sub-voxel intensity polish of each match (default: samembed.MatchOptions' default, on)")
     args = ap.parse_args()
@@ -150,10 +151,16 @@ def main() -> int:
     png = out / f"heatmap_{labels[0]}.png"
     first = res.matches[0]
     save_match_figure(png, source, pts[0], target, first.point_lps_mm, hm, truth_lps_mm=None if truth is None else truth[0],
-                      title=f"{labels[0]}: score {first.score:.2f} ({'confident' if first.confident else 'NOT confident'})")
+                      title=f"{labels[0]}: score {first.score:.2f} ({'confident' if first.confident else 'NOT confident'})"
+                      + ("" if truth is None else
+                         f", {np.linalg.norm(first.point_lps_mm - truth[0]):.1f} mm from the true position"))
     print(f"heatmap: {png}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: a line, as the samembed command says it, not a traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -49,6 +49,21 @@ def _crop(image: Image, point_lps_mm: np.ndarray, half_mm: float):
     return (slice(j0, j1), slice(i0, i1)), k, extent, ijk[:2] * sp[:2]
 
 
+def _scale_bar(ax, extent: tuple[float, float, float, float], length_mm: float = 20.0) -> None:
+    """A white bar of ``length_mm`` (10 mm in a crop narrower than 40 mm) at a panel's lower left, with its length:
+    a crop's size in mm at a glance (the panels had none). ``extent``: the crop's (left, right, bottom, top), mm."""
+    left, right, bottom, top = extent
+    if right - left < 2 * length_mm:
+        length_mm = 10.0
+    x0 = left + 0.05 * (right - left)
+    y = bottom - 0.12 * (bottom - top)  # (rows grow downwards: bottom > top)
+    ax.plot([x0, x0 + length_mm], [y, y], color="white", lw=3, solid_capstyle="butt")
+    ax.text(x0 + length_mm / 2, y - 0.02 * (bottom - top), f"{length_mm:g} mm", color="white", fontsize=9,
+            ha="center", va="bottom")
+    ax.set_xlim(left, right)  # (the bar, inside the crop, changes nothing of its view)
+    ax.set_ylim(bottom, top)
+
+
 def robust_range(heatmap: np.ndarray, body: np.ndarray) -> tuple[float, float]:
     """Colour range of a similarity map: from its 90th percentile inside the body to its maximum there."""
     inside = heatmap[body] if body.any() else heatmap.reshape(-1)
@@ -105,6 +120,7 @@ def match_figure(source: Image, point_lps_mm, target: Image, match_lps_mm, heatm
                 ax.text(0.02, 0.08, f"truth {away:.1f} mm from the match, {off_mm:+.1f} mm off this slice"
                         + ("" if inside else ", outside the crop"), transform=ax.transAxes, color="lime",
                         fontsize=9, ha="left", va="bottom")
+        _scale_bar(ax, extent)
         d = np.asarray(img.grid.direction).reshape(3, 3)
         (left, right), (top, bottom) = axis_letters(d[:, 0]), axis_letters(d[:, 1])
         for text, xy in ((left, (0.02, 0.5)), (right, (0.98, 0.5)), (top, (0.5, 0.97)), (bottom, (0.5, 0.03))):

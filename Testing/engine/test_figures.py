@@ -34,6 +34,7 @@ def test_a_truth_off_the_slice_is_said_not_drawn_and_one_on_it_is_drawn():
     fig = match_figure(ct, point, ct, point, truth_lps_mm=point + [5.0, 0.0, 0.0])
     assert "truth" in legend_labels(fig) and "off this slice" not in texts(fig)
     assert "axial slice z = " in texts(fig)
+    assert texts(fig).count("20 mm") == 2  # a scale bar in each panel
     plt.close(fig)
 
 
