@@ -51,6 +51,34 @@ def _registered_models(chosen: str = "default") -> list[str]:
     return names if chosen in names else [*names, chosen]
 
 
+#: vtkSlicerVolumesLogic's loading option "single file": the file alone, never a series of its numbered neighbours
+SINGLE_FILE = 4
+
+
+def single_file_loader(io_manager):
+    """``io_manager.load_volumes`` (trame-slicer's), but each file other than DICOM read alone: Slicer's archetype
+    reader, without its single-file option, took ``hand_3150.nii.gz`` with ``hand_3151.nii.gz`` beside it for a
+    series, so a one-slice radiograph loaded as two slices stacked, or not at all (a review). DICOM series go to
+    trame-slicer's own reader."""
+    from slicer import vtkSlicerVolumesLogic
+    from trame_slicer.core.volumes_reader import VolumesReader
+    from vtkmodules.vtkCommonCore import vtkStringArray
+
+    def load(paths):
+        paths = [str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+        if VolumesReader.contains_dcm_volume(paths):
+            return io_manager.load_volumes(paths)
+        nodes = []
+        for path in paths:
+            logic = vtkSlicerVolumesLogic()
+            logic.SetMRMLApplicationLogic(io_manager.app_logic)
+            logic.SetMRMLScene(io_manager.scene)
+            nodes.append(logic.AddArchetypeVolume(path, Path(path).name, SINGLE_FILE, vtkStringArray()))
+        return [n for n in nodes if n is not None]
+
+    return load
+
+
 class WebApp:
     """The page and its server."""
 
@@ -83,7 +111,7 @@ class WebApp:
         views = {v.get_singleton_tag(): v for v in self.slicer.view_manager.get_slice_views()}
         markups = self.slicer.markups_logic
         self.session = MatchSession(
-            self.slicer.scene, self.slicer.io_manager.load_volumes,
+            self.slicer.scene, single_file_loader(self.slicer.io_manager),
             place=lambda node: markups.place_node(node, persistent=True), stop_placing=markups.disable_place_mode,
             source_view=views["Source"], target_view=views["Target"], cache_dir=options.cache_dir)
         self.session.parameters.model, self.session.parameters.device = options.model, options.device

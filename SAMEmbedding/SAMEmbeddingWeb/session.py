@@ -41,8 +41,9 @@ WINDOW_LEVEL_PRESETS: dict[str, tuple[float, float]] = {
 
 EXPORT_FORMATS = (".mrk.json", ".fcsv", ".csv")
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
-MATCH_2D_HINT = ("match 2D images (radiographs) with the 2D model on the command line: samembed match "
-                 "--model sam-lite-2d-hand SOURCE.png TARGET.png --points POINTS.csv --out OUT")
+MATCH_2D_HINT = ("match 2D images (radiographs) on the command line, which picks the 2D model for them: samembed "
+                 "match SOURCE.png TARGET.png --spacing MM --points POINTS.csv --out OUT (--spacing: the pixel size, "
+                 "which a PNG or JPEG does not carry)")
 """What to do with a 2D image this viewer of 3D volumes cannot take."""
 
 
@@ -276,16 +277,31 @@ class MatchSession:
         if problem is not None:
             self._status(problem, True)
 
+    @staticmethod
+    def _one_slice_z(node) -> float | None:
+        """The LPS z of a one-slice volume node's slice (a radiograph loaded as NIfTI), or None (none, or 3D)."""
+        if node is None or node.GetImageData() is None or node.GetImageData().GetDimensions()[2] != 1:
+            return None
+        from SAMEmbeddingLib.mrml_io import image_from_volume_node
+
+        image = image_from_volume_node(node)
+        return image.plane_z_mm if image.ndim == 2 else None
+
     def load_landmarks(self, path: Path) -> int:
         """Add the points of a ``.mrk.json``, ``.fcsv`` or CSV (label,x,y,z LPS) file to the source landmarks (in
         one batch: the controller then matches them all). Returns how many were added."""
         from samembed.io import read_points
 
         points = read_points(path)
-        if points.dims < 3:  # every volume of the viewer is 3D: x, y alone would put the points on the plane z = 0
-            raise InputError(f"{Path(path).name}: its points have {points.dims} coordinates (label,x,y); the viewer's "
-                             "volumes are 3D: give each point's z too (label,x,y,z in LPS mm)")
-        ras = np.asarray(points.points_lps_mm, dtype=float) * np.array([-1.0, -1.0, 1.0])
+        lps = np.asarray(points.points_lps_mm, dtype=float)
+        if points.dims < 3:  # x, y alone would put the points on the plane z = 0
+            source = self.parameters.sourceVolume
+            plane_z = self._one_slice_z(source)
+            if plane_z is None:
+                raise InputError(f"{Path(path).name}: its points have {points.dims} coordinates (label,x,y); the "
+                                 "source is a 3D volume: give each point's z too (label,x,y,z in LPS mm)")
+            lps[:, 2] = plane_z  # a one-slice radiograph's points: on its slice
+        ras = lps * np.array([-1.0, -1.0, 1.0])
         node = self.points
         was = node.StartModify()
         try:

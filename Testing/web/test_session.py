@@ -143,3 +143,35 @@ def test_a_hang_up_stops_the_server_through_its_clean_up_unless_it_runs_under_no
         assert kept.process.poll() is None, kept.output()
     finally:
         kept.stop()
+
+
+def test_numbered_one_slice_radiographs_load_alone_and_take_label_x_y_landmarks(tmp_path):
+    """Slicer's archetype reader took hand_3150.nii.gz with hand_3151.nii.gz beside it for a series: each one-slice
+    radiograph loaded as the two stacked, or not at all (a review); a label,x,y landmark file was refused as needing a
+    z, though the source is one slice."""
+    pytest.importorskip("trame_slicer", reason="the web extra is not installed (trame-slicer)")
+    import SimpleITK as sitk
+    from SAMEmbeddingWeb.app import WebApp, WebOptions
+
+    paths = []
+    for n, name in enumerate(("3150.jpg", "3156.jpg")):
+        picture = sitk.ReadImage(str(data_file("xray", "hand_dha37", "images", name)))
+        picture = sitk.Resample(picture, [640, 860], sitk.Transform(), sitk.sitkLinear)  # the same size: one series
+        volume = sitk.JoinSeries(picture)
+        volume.SetSpacing((0.2, 0.2, 1.0))
+        volume.SetOrigin((0.0, 0.0, 12.5))
+        paths.append(tmp_path / f"hand_{3150 + n}.nii.gz")
+        sitk.WriteImage(volume, str(paths[-1]))
+    app = WebApp(WebOptions(images=[str(p) for p in paths], device="cpu", model="sam-lite-2d-hand"))
+    try:
+        s = app.session
+        _idle(app)
+        volumes = s.volumes()
+        assert [v.GetImageData().GetDimensions() for v in volumes] == [(640, 860, 1)] * 2, s.status
+        (tmp_path / "points.csv").write_text("label,x,y\nA,60,80\nB,70,100\n")
+        assert s.load_landmarks(tmp_path / "points.csv") == 2
+        position = [0.0, 0.0, 0.0]
+        s.points.GetNthControlPointPosition(0, position)
+        assert position == pytest.approx([-60.0, -80.0, 12.5])  # RAS, on the slice
+    finally:
+        app.close()

@@ -548,7 +548,7 @@ def test_a_2d_image_beside_3d_volumes_gets_a_message_saying_what_to_do(a_page, a
         upload = _one_slice_nifti(tmp_path / "slice.nii.gz")
     page.locator("#upload-volume").set_input_files(str(upload))
     text, error = _wait_refusal(page, f"{upload.name} is a 2D image", timeout_ms=30_000)
-    assert "samembed match --model sam-lite-2d-hand" in text and error, text
+    assert "samembed match SOURCE.png TARGET.png --spacing MM" in text and error, text
     # not loaded: no new volume, no new target; nothing matched is lost; the server goes on
     assert page.evaluate("window.trame.state.get('volumes').length") == volumes_before
     assert len(_rows(page)) == len(rows_before)
