@@ -1196,3 +1196,24 @@ def test_an_atlas_the_workers_engine_refuses_is_told_in_one_line_without_dasks_t
                          text=True, timeout=300)
     assert res.returncode == 2, res.stderr
     assert "3143.jpg" in res.stderr and "Compute Failed" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_radiographs_are_propagated_with_the_2d_model_that_default_means_for_them(client, tmp_path):
+    """With ``--model default`` a radiograph atlas was refused ("a 2D image cannot be embedded by the 3D model"),
+    though `samembed match` picks the 2D model for it; its report described CT thumbnails (a review)."""
+    from samembed.propagate import Atlas, PropagateSettings, propagate
+
+    hands = DATA / "xray" / "hand_dha37" / "images"
+    if not (hands / "3169.jpg").is_file():
+        pytest.skip(f"real data not available: {hands} is missing")
+    (tmp_path / "atlas.csv").write_text("label,x,y\nA,60.0,80.0\nB,70.0,100.0\nC,50.0,120.0\n")
+    (tmp_path / "scans.csv").write_text(f"path\n{hands / '3150.jpg'}\n{hands / '3156.jpg'}\n")
+    settings = PropagateSettings(model="default", device="cpu", progress=False, spacing_mm=0.2)
+    summary = propagate(Atlas(str(hands / "3169.jpg"), str(tmp_path / "atlas.csv")), tmp_path / "scans.csv",
+                        tmp_path / "out", OPTIONS, settings, client=client)
+    assert (summary.finished, summary.failed) == (2, 0)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["model"]["id"].startswith("sam-lite-2d-hand@") and run["atlas_ndim"] == 2
+    page = " ".join((tmp_path / "out" / "report.html").read_text(encoding="utf-8").split())
+    assert "a crop of the radiograph as it is stored" in page and "an axial crop" not in page
+    assert all(float(r["z"]) == 0.0 for r in _rows(tmp_path / "out"))

@@ -383,6 +383,7 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                 "note": "round-trip consistency, not a measured accuracy: a consistent match can still be wrong"}
             run_info["resolved"] = prep.get("resolved")  # device and precision as "auto" resolved on the first worker
             run_info["atlas_content_hash"] = prep["atlas_content_hash"]
+            run_info["atlas_ndim"] = prep["atlas_ndim"]  # (the report describes 2D thumbnails otherwise)
             run_info.update(status="running", fingerprint=fp, model={"id": prep["model_id"], "sha256": prep["model_sha256"]},
                             atlas_embedding_key=prep["atlas_key"], versions={"workers": prep["versions"],
                                                                              "client": _client_versions()},

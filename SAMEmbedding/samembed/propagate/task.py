@@ -115,7 +115,9 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: 
         for old in [k for k in eng.atlases if k not in wanted]:  # one run's atlases at a time: a long-lived
             del eng.atlases[old]  # worker must not collect every run's atlases
         image = _read_atlas(job, path)
-        disk = m.embedder.storing_in(job.cache_dir)  # the worker's network, with the run's folder
+        # the worker's network for the atlas's dimension (model "default": the 2D model for radiographs; the
+        # matcher's own embedder is the 3D one, which refused a radiograph atlas), with the run's folder
+        disk = m.embedder_for(image.ndim).storing_in(job.cache_dir)
         on_disk = disk._disk_path(disk.key(image)).is_file()
         if complete_entry or not on_disk:
             m.cache.clear()  # an in-memory copy (e.g. of an earlier run) would keep it from reaching the folder
@@ -187,19 +189,20 @@ def _prepare_atlas(job: ScanJob) -> dict:
         d = image.ndim
         keys.append(maps.key)
         hashes.append(image.content_hash())
-    model = eng.matcher.model
+    model = eng.matcher.embedder_for(d).model  # (the model that embeds the atlases' dimension)
     return {"model_id": model.model_id, "model_sha256": model.sha256, "atlas_key": "+".join(keys),
             "atlas_content_hash": "+".join(hashes), "atlas_ndim": d, "versions": versions(),
             "local_spacing_mm": [float(v) for v in maps.local_grid.spacing_mm],
             # what "auto" resolved to on this worker (a worker of another CPU may resolve otherwise: each scan's
             # record says its own, see match_scan)
-            "resolved": _resolved(eng),
+            "resolved": _resolved(eng, d),
             "prepare_s": time.time() - t0, "stats": dict(eng.stats)}
 
 
-def _resolved(eng: _Engine) -> dict:
-    """The device and arithmetic this worker's engine runs (``--device``/``--precision auto`` resolved)."""
-    embedder = eng.matcher.embedder
+def _resolved(eng: _Engine, ndim: int | None = None) -> dict:
+    """The device and arithmetic this worker's engine runs for ``ndim``-D images (``--device``/``--precision auto``
+    resolved; default: its model's own dimension)."""
+    embedder = eng.matcher.embedder if ndim is None else eng.matcher.embedder_for(ndim)
     return {"device": str(embedder.device), "precision": embedder.precision}
 
 
@@ -286,7 +289,7 @@ def _match_scan(scan: Scan, job: ScanJob) -> dict:
     return {"scan": scan.id, "path": scan.path, "status": "ok", "matches": matches, "thumbnails": thumbs,
             # (the width its thumbnails were made at: a resumed run may make the later scans' at another)
             "thumbnail_mm": float(job.thumbnail_mm) if job.thumbnails else None,
-            "timings": timings, "worker": {**_where(), **_resolved(eng)}, "stats": dict(eng.stats)}
+            "timings": timings, "worker": {**_where(), **_resolved(eng, target.ndim)}, "stats": dict(eng.stats)}
 
 
 def _release(job: ScanJob) -> None:
