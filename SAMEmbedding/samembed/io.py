@@ -475,6 +475,14 @@ def warn_unknown_spacing(image: Image) -> None:
     _warned_no_spacing = True
 
 
+def spacing_warning_said() -> None:
+    """Count :func:`warn_unknown_spacing`'s warning as said in this process, where another said it for the same
+    pictures: a Dask worker of a ``samembed propagate`` run, whose command warned as it read the atlas (each worker
+    said it again, without its level)."""
+    global _warned_no_spacing
+    _warned_no_spacing = True
+
+
 def read_image(path: str | os.PathLike, spacing_mm: float | None = None, constant_ok: bool = False,
                warn_spacing: bool = True) -> Image:
     """Read an image file or a DICOM series folder into an :class:`Image`.
@@ -910,7 +918,7 @@ def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a point file (.csv, .fcsv or .mrk.json)")
     if not path.is_file():
-        raise InputError(f"{path}: point file not found")
+        raise InputError(f"{path}: point file not found{did_you_mean(path)}")
     check_readable(path)
     name = path.name.lower()
     try:

@@ -971,3 +971,5 @@ def test_a_missing_image_of_a_close_name_is_suggested(tmp_path, capsys):
     assert "(did you mean" in capsys.readouterr().err
     with pytest.raises(InputError, match=r"elsewhere.nii.gz: file not found$"):
         read_image(tmp_path / "elsewhere.nii.gz")
+    with pytest.raises(InputError, match=r"p.cvs: point file not found \(did you mean .*p.csv\?\)"):
+        read_points(tmp_path / "p.cvs")

@@ -1217,3 +1217,23 @@ def test_radiographs_are_propagated_with_the_2d_model_that_default_means_for_the
     page = " ".join((tmp_path / "out" / "report.html").read_text(encoding="utf-8").split())
     assert "a crop of the radiograph as it is stored" in page and "an axial crop" not in page
     assert all(float(r["z"]) == 0.0 for r in _rows(tmp_path / "out"))
+
+
+def test_a_worker_does_not_say_again_that_the_atlas_picture_has_no_spacing(caplog, monkeypatch):
+    """The command warned that the atlas JPEG has no pixel spacing, and every worker said it again (without its
+    level) as it read the atlas, then for its first scan (a review)."""
+    from types import SimpleNamespace
+
+    from samembed import io
+    from samembed.propagate.task import _read_atlas
+
+    hand = DATA / "xray" / "hand_dha37" / "images" / "3169.jpg"
+    if not hand.is_file():
+        pytest.skip(f"real data not available: {hand} is missing")
+    monkeypatch.setattr(io, "_warned_no_spacing", False)  # a fresh worker process
+    job = SimpleNamespace(engine=SimpleNamespace(spacing_mm=None))
+    with caplog.at_level("DEBUG", logger="samembed.io"):
+        image = _read_atlas(job, str(hand))
+        io.read_image(DATA / "xray" / "hand_dha37" / "images" / "3150.jpg")  # its first scan
+    assert not image.pixel_spacing_known
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "no pixel spacing" in r.getMessage()]

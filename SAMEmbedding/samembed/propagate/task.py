@@ -136,9 +136,12 @@ def _atlas(eng: _Engine, job: ScanJob, path: str | None = None, complete_entry: 
 def _read_atlas(job: ScanJob, path: str):
     """The atlas image at ``path``, read as the worker's matcher reads images (with the run's ``spacing_mm``)."""
     from ..api import as_image
+    from ..io import spacing_warning_said
 
-    spacing_mm = job.engine.spacing_mm
-    return as_image(path, spacing_mm=spacing_mm)
+    image = as_image(path, spacing_mm=job.engine.spacing_mm, warn_spacing=False)
+    if not image.pixel_spacing_known:  # the command said so as it read the atlas: not again by every worker, for
+        spacing_warning_said()  # the atlas nor for the scans (the run's one --spacing applies to all)
+    return image
 
 
 def versions() -> dict[str, str]:
