@@ -166,9 +166,7 @@ def _non_finite_as_simpleitk_reads_them(voxels: np.ndarray, path) -> np.ndarray 
         return voxels  # kept as they are (the image's check then names them)
     if read_as != (0.0, 0.0, 0.0):
         return None
-    n = int(finite.size - np.count_nonzero(finite))
-    log.warning("%s: %d voxels are NaN or infinite (no value); they are read as 0, as ITK's NIfTI reader (and Slicer) "
-                "reads them", path, n)
+    _say_non_finite(path, int(finite.size - np.count_nonzero(finite)))
     out = np.where(finite, voxels, voxels.dtype.type(0))
     out.setflags(write=False)
     return out
@@ -199,8 +197,14 @@ def warn_non_finite_nii(path: str | Path) -> None:
         finite += int(np.count_nonzero(np.isfinite(voxels[start:start + (1 << 24)])))
     del voxels
     if finite < count and _simpleitk_reads_non_finite() == (0.0, 0.0, 0.0):
-        log.warning("%s: %d voxels are NaN or infinite (no value); they are read as 0, as ITK's NIfTI reader (and "
-                    "Slicer) reads them", path, count - finite)
+        _say_non_finite(path, count - finite)
+
+
+def _say_non_finite(path: str | Path, count: int) -> None:
+    """The warning of both readings (a ``.nii.gz``'s own, a ``.nii``'s by SimpleITK) that ``count`` voxels had no value
+    and are read as 0."""
+    log.warning("%s: %d voxels are NaN or infinite (no value); they are read as 0, as ITK's NIfTI reader (and Slicer) "
+                "reads them", path, count)
 
 
 @lru_cache(maxsize=1)

@@ -130,7 +130,8 @@ def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[
     rows = build_rows(store, records)
     # the least confident landmarks that have a thumbnail (rows without one, of a scan matched with --no-thumbnails,
     # took places of the limit)
-    embedded = {(r["scan"], r["label"]) for r in [r for r in rows if r.get("thumbnail")][:max(0, max_thumbnails)]}
+    with_thumbnail = [r for r in rows if r.get("thumbnail")]
+    embedded = {(r["scan"], r["label"]) for r in with_thumbnail[:max(0, max_thumbnails)]}
     by_scan: dict[str, list[dict]] = {}  # scans in the order of their least confident landmark
     for r in rows:
         by_scan.setdefault(r["scan"], []).append(r)
@@ -160,7 +161,7 @@ def write_report(out_dir: str | Path, max_thumbnails: int = 3000, records: dict[
         "scans": len(scans), "landmarks": n, "failed": len(failures), "finished": len(scans) + len(failures),
         "confident_pct": 100.0 * sum(r["confident"] for r in rows) / n if n else math.nan,
         "rematched": sum(r["rematched"] for r in rows),
-        "thumbnails_embedded": len(embedded), "thumbnails_left_out": sum(1 for r in rows if r.get("thumbnail")) - len(embedded),
+        "thumbnails_embedded": len(embedded), "thumbnails_left_out": len(with_thumbnail) - len(embedded),
     }
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                       autoescape=select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)

@@ -113,7 +113,7 @@ class CachedVolume:
     fill_value: float | None = None
 
 
-def _content_stamps(path: Path) -> list:
+def content_stamps(path: Path) -> list:
     """(name, size, mtime) of what holds ``path``'s voxels: the file; every file of a DICOM series folder; a
     detached header's data file too (``.mhd``'s ElementDataFile, ``.nhdr``'s data file). A changed series or
     ``.raw`` kept its old cached copy when only the header or the folder's path was looked at."""
@@ -137,7 +137,7 @@ def _content_stamps(path: Path) -> list:
 
 
 def _cache_key(path: Path, config: PreprocessConfig, modality: str, pixel_spacing_mm: float | None = None) -> str:
-    facts = [str(path.resolve()), _content_stamps(path), config.to_dict(), modality]
+    facts = [str(path.resolve()), content_stamps(path), config.to_dict(), modality]
     if pixel_spacing_mm is not None:
         facts.append(float(pixel_spacing_mm))
     h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())

@@ -121,9 +121,9 @@ def find_label_maps(images: list[Path], rules: list[dict], exclude: list[str],
 def _label_cache_path(ct_npy: Path, label_path: Path) -> Path:
     """The cache file of ``label_path`` on ``ct_npy``'s grid, keyed by what holds its voxels (a ``.mhd``'s
     ``.raw`` too: a changed ``.raw`` kept its old cached map)."""
-    from .data import _content_stamps
+    from .data import content_stamps
 
-    facts = [str(label_path.resolve()), _content_stamps(label_path), ct_npy.name, "nearest", 1]
+    facts = [str(label_path.resolve()), content_stamps(label_path), ct_npy.name, "nearest", 1]
     key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:12]
     return ct_npy.with_name(f"{ct_npy.stem}.labels-{key}.npy")
 
