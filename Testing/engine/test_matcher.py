@@ -689,13 +689,17 @@ def test_a_png_without_its_pixel_spacing_is_said_to_be_read_in_pixels(tmp_path, 
 
     monkeypatch.setattr(io, "_warned_no_spacing", False)  # (said once per process)
     png = tmp_path / "hand.png"
-    sitk.WriteImage(sitk.GetImageFromArray((np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)), str(png))
+    sitk.WriteImage(sitk.GetImageFromArray((np.random.default_rng(0).random((320, 480)) * 255).astype(np.uint8)),
+                    str(png))
     with caplog.at_level(logging.WARNING, logger="samembed"):
         read_image(png, spacing_mm=0.2)
     assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="samembed"):
         read_image(png)
     assert "a PNG carries no pixel spacing: 1 mm per pixel is assumed" in caplog.text
+    # what that costs: the picture's size as the model takes it (480 px wide, 320 high), and the measured harm
+    assert "this 480 x 320 pixel picture is taken as 48 x 32 cm of anatomy" in caplog.text
+    assert "mean error grew" in caplog.text
 
 
 @pytest.mark.needs_data
