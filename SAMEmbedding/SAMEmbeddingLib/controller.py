@@ -44,7 +44,10 @@ class MatchController:
         logic: a :class:`~SAMEmbeddingLib.logic.MatchLogic`.
         worker: a :class:`~SAMEmbeddingLib.worker.Worker` (with ``logic.engine == "process"`` its thread only waits
             for the engine process).
-        prepareEngine: called before engine work (e.g. to check dependencies and tell the user); False stops.
+        prepareEngine: called before engine work (e.g. to check dependencies, asking the user to install them, and
+            to tell the user why not); False stops. After a False, placed and moved points are not matched and it is
+            not called for them (a user who declined PyTorch's install was asked again at every point), until an
+            explicit request (:meth:`propagateAll`, :meth:`matchPoints`) calls it again.
         onStatus: ``onStatus(text)``: a line for the user (what is happening, why nothing can be matched).
         onProgress: ``progress(done, total, phase)`` of "propagate all" (counted in targets).
         onFinished: ``onFinished(outputs)`` after each match, on the polling thread.
@@ -71,6 +74,8 @@ class MatchController:
         """Counts the parameters handed over (a new scene): a job of earlier ones tells nothing when it ends."""
         self.propagateTask = None
         self._prepareEngine = prepareEngine or (lambda: True)
+        self._engineRefused = False
+        """The last ``prepareEngine`` said False: point changes are not matched until an explicit request."""
         self._onStatus = onStatus or (lambda text: None)
         self._onProgress = onProgress
         self._onFinished = onFinished
@@ -375,15 +380,19 @@ class MatchController:
             return
         self.currentPointIndex = indices[-1]
         try:
-            self.matchPoints(indices)
+            self.matchPoints(indices, automatic=True)
         except Exception as e:  # noqa: BLE001 - an observer must not raise into VTK; the user is told
             log.exception("SAMEmbedding: matching after a point change failed")
             self._report(e)
 
     # -- matching ----------------------------------------------------------------------------
-    def matchPoints(self, pointIndices: list[int] | None) -> object | None:
+    def matchPoints(self, pointIndices: list[int] | None, *, automatic: bool = False) -> object | None:
         """Match these points (None: all) into every live target on the worker; returns the task, or None when
-        the input is not ready (the reason goes to ``onStatus``)."""
+        the input is not ready (the reason goes to ``onStatus``).
+
+        ``automatic``: the call follows a point placed or moved, not a request of the user's: when the engine could
+        not be prepared before (``prepareEngine`` said False: its packages were declined or failed to install), it
+        is not prepared again, and the status says how to try again."""
         p = self.parameters
         ok, reason = self.canMatch()
         if not ok:
@@ -394,8 +403,14 @@ class MatchController:
             pointIndices = [i for i in pointIndices if i in defined]
             if not pointIndices:
                 return None
-        if not self._prepareEngine():
+        if automatic and self._engineRefused:
+            self._onStatus("Points are not matched: the engine's packages (PyTorch) are not installed. Press "
+                           "'Propagate all' to install them, or to see why not.")
             return None
+        if not self._prepareEngine():
+            self._engineRefused = True
+            return None
+        self._engineRefused = False
         if self._switchMustWait():
             self._defer(pointIndices)
             return None

@@ -298,7 +298,9 @@ class MatchWidget(VTKObservationMixin):
         try:
             self.logic.ensureDependencies()
         except Exception as e:  # noqa: BLE001 - shown to the user
-            slicer.util.errorDisplay(str(e))
+            # (said once: the controller asks no more at placed points, until "Propagate all")
+            slicer.util.errorDisplay(str(e) + "\n\n" + _("Placed points are not matched until then; "
+                                                          "'Propagate all' asks again."))
             return False
         self._pollTimer.start()
         return True

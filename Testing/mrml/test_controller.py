@@ -617,3 +617,40 @@ def test_a_job_of_earlier_parameters_moves_no_view_and_sets_no_status_when_it_en
     release.set()
     h.settleAll()
     assert jumps == [] and not any("match(es)" in line for line in h.status[said:]), (jumps, h.status[said:])
+
+
+def test_a_declined_engine_install_is_not_asked_again_at_every_point_but_at_propagate_all(a_scene, a_matcher,
+                                                                                         a_small_ct, no_vtk_errors):
+    """The module's ``prepareEngine`` asks to install PyTorch: a user who declined it was asked again at every point
+    placed. After a refusal point changes say why they are not matched; "Propagate all" asks again."""
+    logic, worker, status, asked = MatchLogic(a_scene, matcher=a_matcher), Worker(), [], []
+    answer = {"installed": False}
+
+    def prepareEngine() -> bool:
+        asked.append(True)
+        return answer["installed"]
+
+    controller = MatchController(logic, worker, prepareEngine=prepareEngine, onStatus=status.append,
+                                 later=lambda match: match())
+    try:
+        points = slicer.vtkMRMLMarkupsFiducialNode()
+        a_scene.AddNode(points)
+        controller.setParameters(_parameters(a_small_ct, points, [a_small_ct]))
+        points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (64, 70, 10))), "L1")
+        assert len(asked) == 1  # the first point asks
+        points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (60, 66, 10))), "L2")
+        points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (58, 62, 10))), "L3")
+        assert len(asked) == 1  # ... the next ones do not
+        assert "not installed" in status[-1] and "Propagate all" in status[-1]
+        assert controller.propagateAll() is None and len(asked) == 2  # an explicit request asks again
+        answer["installed"] = True
+        assert controller.propagateAll() is not None and len(asked) == 3
+        assert worker.waitForIdle(timeout=120)
+        points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (56, 60, 10))), "L4")
+        assert len(asked) == 4  # installed now: points are matched again (and checked, as before)
+        assert worker.waitForIdle(timeout=120)
+        controller.poll()
+        assert _matched(logic, points, a_small_ct)[0] == ["L1", "L2", "L3", "L4"]
+    finally:
+        controller.cleanup()
+        worker.shutdown()
