@@ -87,9 +87,11 @@ def output_folder(flag: str, folder: Path) -> None:
         raise InputError(f"{flag} {folder}: the folder is not writable; choose another {flag}")
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Raise :class:`InputError` unless ``path`` can be created (its folder exists and is writable); returns the path
-    written: a symbolic link's target (outputs are written through links, :func:`atomic_path`)."""
+def _output_target(path: str | os.PathLike) -> Path:
+    """The file an output named ``path`` is written to (a symbolic link's target); :class:`InputError` when it
+    cannot be a written file: its folder is missing or not writable, or it is a folder, a device, a pipe or a
+    socket (:func:`atomic_path` renames a new file onto the name: a device such as ``/dev/null``, written as root,
+    became a regular file, and a pipe's reader waited forever; a review)."""
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
@@ -100,6 +102,26 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise InputError(f"{path}: output folder {folder} is not writable; choose another folder")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a file name")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: is not a regular file (a device, a pipe or a socket), and an output is written as a "
+                         "file in its place; choose a file name")
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    """Whether ``path`` is an existing file this user may not write (never for root, as for the shell's ``>``)."""
+    return path.is_file() and not os.access(path, os.W_OK)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Raise :class:`InputError` unless ``path`` can be written: its folder exists and is writable, and it is no
+    folder, no device, pipe or socket, and no file this user may not write (a read-only earlier result: the rename
+    of :func:`atomic_path` would replace it, where the shell's ``>`` refuses). Returns the path written: a symbolic
+    link's target (outputs are written through links, :func:`atomic_path`)."""
+    path = _output_target(path)
+    if _read_only(path):
+        raise InputError(f"{path}: the file is read-only (this user may not write it), and it would be replaced; make "
+                         "it writable, or choose another name")
     return path
 
 
@@ -121,7 +143,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     symbolic link is written through, as the shell's ``>`` does: its target gets the new content. A
     write that fails for want of room (a full disk, a quota) is raised naming ``path``, with what to do.
     """
-    path = check_writable(path)  # (a link's target)
+    path = _output_target(path)  # (a link's target)
+    if _read_only(path):  # (as the rename onto it would have failed: an OSError naming both files, as os.replace's)
+        raise PermissionError(errno.EACCES, "the file is read-only (this user may not write it); make it writable, "
+                                            "or choose another name", str(path), None, str(path))
     try:
         mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~current_umask()
     except OSError:

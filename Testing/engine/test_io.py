@@ -973,3 +973,52 @@ def test_a_missing_image_of_a_close_name_is_suggested(tmp_path, capsys):
         read_image(tmp_path / "elsewhere.nii.gz")
     with pytest.raises(InputError, match=r"p.cvs: point file not found \(did you mean .*p.csv\?\)"):
         read_points(tmp_path / "p.cvs")
+
+
+def test_an_output_onto_a_pipe_or_a_device_is_refused_and_left_as_it_is(tmp_path):
+    """The rename of an atomic write put a regular file in a pipe's place (its reader waited forever), and, as root,
+    in a device's (``--out`` a link to ``/dev/null``) (a review)."""
+    import os
+    import stat
+
+    from samembed.io import check_writable, write_text_atomic
+
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    link = tmp_path / "null.csv"
+    link.symlink_to("/dev/null")
+    for out in (fifo, link):
+        with pytest.raises(InputError, match="is not a regular file"):
+            check_writable(out)
+        with pytest.raises(InputError, match="is not a regular file"):
+            write_text_atomic(out, "label,x,y,z\n")
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["fifo.csv", "null.csv"]
+
+
+def test_a_read_only_earlier_output_is_not_replaced(tmp_path, monkeypatch):
+    """A read-only earlier result was replaced by the rename of an atomic write (in a writable folder the rename
+    never fails), where the shell's ``>`` refuses; refused before anything is computed (``check_writable``) and at
+    the write, naming it as a failed rename would (a review). Root may write it, so this user is made a non-root one
+    for the file: ``os.access`` says no, as it would."""
+    import errno
+    import os
+
+    from samembed import io as sio
+
+    out = tmp_path / "m.csv"
+    out.write_text("OLD\n")
+    out.chmod(0o444)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, how, **k: False if (how & os.W_OK and Path(path) == out)
+                        else real_access(path, how, **k))
+    with pytest.raises(InputError, match="m.csv: the file is read-only"):
+        sio.check_writable(out)
+    with pytest.raises(PermissionError) as refused:
+        sio.write_text_atomic(out, "NEW\n")
+    assert refused.value.errno == errno.EACCES and refused.value.filename2 == str(out)
+    assert out.read_text() == "OLD\n" and [p.name for p in tmp_path.iterdir()] == ["m.csv"]  # no temporary left
+    other = tmp_path / "n.csv"  # a writable file is replaced, as before
+    other.write_text("OLD\n")
+    sio.write_text_atomic(other, "NEW\n")
+    assert other.read_text() == "NEW\n"
