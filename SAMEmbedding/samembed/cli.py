@@ -1048,6 +1048,14 @@ def _cmd_quantize(args) -> int:
     if os.path.realpath(out) == os.path.realpath(model.info["file"]) or out.suffix.lower() in (".pt", ".pth"):
         raise InputError(f"{out}: --out names the model's weights (or a checkpoint); the calibration is a JSON file, "
                          f"by default {qparams_path(model.info['file'])}")
+    # the config or a calibration image was replaced by the calibration (a review): a .json name, and no input's
+    if out.suffix.lower() != ".json":
+        raise InputError(f"{out}: --out names the calibration, a JSON file; give a name ending in .json (by default "
+                         f"{qparams_path(model.info['file'])})")
+    inputs = {os.path.realpath(p): p for p in (args.config, *images)}
+    if os.path.realpath(out) in inputs:
+        raise InputError(f"{out}: writing it would overwrite the input {inputs[os.path.realpath(out)]}; choose another "
+                         "--out")
     from .io import check_writable
 
     check_writable(out)  # before minutes of calibration, not after them

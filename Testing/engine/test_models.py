@@ -160,3 +160,28 @@ def test_quantize_checks_its_output_before_it_calibrates(tmp_path, capsys, monke
     out = tmp_path / "nofolder" / "x.json"
     assert main(["quantize", "--config", str(config), "--model", str(weights), "--out", str(out), "-q"]) == 2
     assert "output folder" in capsys.readouterr().err and not calibrated
+
+
+@pytest.mark.needs_data
+def test_quantize_refuses_an_out_that_is_one_of_its_inputs_or_no_json(tmp_path, capsys, monkeypatch):
+    """``--out`` naming the config, or a calibration image, replaced that input by the calibration (a review)."""
+    import shutil
+
+    from samembed import quantize
+    from samembed.cli import main
+
+    calibrated = []
+    monkeypatch.setattr(quantize, "calibrate_model", lambda *a, **k: calibrated.append(1))
+    image = tmp_path / "data" / "pt_100_ct.nii.gz"
+    image.parent.mkdir()
+    shutil.copy(data_file("ct", "openkbp", "ct", "pt_100_ct.nii.gz"), image)
+    config = tmp_path / "train.json"  # (a JSON config: the suffix alone does not keep it safe)
+    config.write_text(f'{{"data": ["{image}"]}}\n')
+    before = config.read_bytes(), image.read_bytes()
+    weights = tiny_checkpoint(tmp_path / "tiny.pt")
+    for out, said in ((image, "give a name ending in .json"), (config, f"would overwrite the input {config}")):
+        assert main(["quantize", "--config", str(config), "--model", str(weights), "--out", str(out), "-q"]) == 2
+        assert said in capsys.readouterr().err
+    assert (config.read_bytes(), image.read_bytes()) == before and not calibrated
+    assert main(["quantize", "--config", str(config), "--model", str(weights), "--out", str(tmp_path / "q.json"),
+                 "-q"]) == 0 and calibrated == [1]
