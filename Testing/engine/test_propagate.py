@@ -1237,3 +1237,31 @@ def test_a_worker_does_not_say_again_that_the_atlas_picture_has_no_spacing(caplo
         io.read_image(DATA / "xray" / "hand_dha37" / "images" / "3150.jpg")  # its first scan
     assert not image.pixel_spacing_known
     assert not [r for r in caplog.records if r.levelname == "WARNING" and "no pixel spacing" in r.getMessage()]
+
+
+def test_scans_kept_where_the_run_writes_are_refused_and_left_as_they_are(setup, tmp_path):
+    """Scans in ``OUT/scans/`` beside their own annotations (``pt_2.mrk.json``): following the "pass --resume" advice
+    replaced each annotation with the scan's matches (a review). Refused, before a cluster starts, naming the file;
+    and a scans folder whose every image lies in --out says so (it said "no images found in this folder")."""
+    import shutil
+
+    from samembed.propagate import Scan, propagate
+    from samembed.propagate.manifest import read_scans
+
+    held = tmp_path / "scans"
+    held.mkdir()
+    scans = []
+    for s in setup["scans"][:2]:
+        image = held / Path(s.path).name
+        shutil.copy(s.path, image)
+        (held / f"{s.id}.mrk.json").write_text('{"markups": []}\n')  # the user's own annotation, named as a result
+        scans.append(Scan(s.id, str(image)))
+    before = {p.name: p.read_bytes() for p in held.iterdir()}
+    for resume in (False, True):
+        with pytest.raises(InputError, match=rf"{re.escape(str(scans[0].path))} and 1 more input\(s\): lies where the "
+                                             r"run writes its own files in --out"):
+            propagate(setup["atlas"], scans, tmp_path, OPTIONS, _settings(setup, resume=resume))
+    assert {p.name: p.read_bytes() for p in held.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scans"]  # nothing written
+    with pytest.raises(InputError, match="every image of this folder lies inside the output folder"):
+        read_scans(held, exclude=(tmp_path,))

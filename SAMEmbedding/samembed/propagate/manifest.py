@@ -45,8 +45,12 @@ def read_scans(source: str | os.PathLike, exclude: tuple[str | os.PathLike, ...]
         from ..io import list_images
 
         skip = [Path(os.path.realpath(e)) for e in exclude]
-        paths = [p for p in list_images(source)
-                 if not any(Path(os.path.realpath(p)).is_relative_to(e) for e in skip)]
+        found = list_images(source)
+        paths = [p for p in found if not any(Path(os.path.realpath(p)).is_relative_to(e) for e in skip)]
+        if found and not paths:  # (said as "no images found in this folder", which holds them: a review)
+            raise InputError(f"{source}: every image of this folder lies inside the output folder "
+                             f"({', '.join(map(str, exclude))}), whose files are the run's own; move the scans out of "
+                             "it, or choose another --out")
         runs = _run_folders(paths, source)
         if runs:
             left = {p for p in paths if any(r in p.parents for r in runs)}

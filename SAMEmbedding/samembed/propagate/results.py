@@ -95,6 +95,15 @@ class ResultStore:
         held = ["scans/"] if self.has_results() else []
         return held + [name for name in self.RUN_FILES if (self.out / name).exists()]
 
+    def inputs_in_the_way(self, inputs: list[str]) -> list[str]:
+        """The ``inputs`` (scans, atlas images and point files) that lie where a run writes: in its ``scans/``,
+        ``thumbs/`` or ``superseded/`` folder, or as one of :data:`RUN_FILES`. A scan's own annotation
+        (``OUT/scans/pt_2.mrk.json`` beside ``OUT/scans/pt_2.nii.gz``) was replaced by its matches (a review)."""
+        folders = [Path(os.path.realpath(f)) for f in (self.scans_dir, self.thumbs_dir, self.superseded_dir)]
+        files = {os.path.realpath(self.out / name) for name in self.RUN_FILES}
+        return [p for p in inputs if p and (os.path.realpath(p) in files
+                                            or any(Path(os.path.realpath(p)).is_relative_to(f) for f in folders))]
+
     def load(self, scans_dir: Path | None = None) -> dict[str, dict]:
         """Every readable scan record in the folder (or in ``scans_dir``: the set-aside ones,
         ``superseded/scans``), by scan id (damaged ones are ignored: redone on resume)."""

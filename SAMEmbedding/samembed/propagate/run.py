@@ -308,6 +308,12 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
     point_lists = _read_atlas_points(atlas_list)
     out = Path(out_dir)
     store = ResultStore(out)
+    inputs = [*(s.path for s in scan_list), *(f for a in atlas_list for f in (a.image, a.points))]
+    held = store.inputs_in_the_way(inputs)
+    if held:
+        raise InputError(f"{held[0]}{f' and {len(held) - 1} more input(s)' if len(held) > 1 else ''}: lies where the "
+                         f"run writes its own files in --out {out} (scans/, thumbs/, superseded/, {', '.join(store.RUN_FILES)}), "
+                         "and would be replaced; choose another --out (nothing was changed)")
     in_the_way = store.files_in_the_way()
     if in_the_way and not settings.resume:
         raise InputError(f"{out} already holds the results of a run ({', '.join(in_the_way)}); pass --resume to "
