@@ -165,6 +165,15 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(tm
     with pytest.raises(InputError, match="already holds a training run .*train_log.csv, last.pt.*--resume"):
         Trainer(tiny_config(tmp_path, "sam"), progress=False).run()
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # a finished run whose last.pt was cleaned away (it holds the optimiser's state): --resume auto started anew and
+    # replaced its model and log without a word (a review)
+    (run / "last.pt").unlink()
+    (run / "sam-lite-ct.pt").write_bytes(b"the finished run's model")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(InputError, match="--resume auto finds no last.pt to continue from, and the folder holds a "
+                                         r"training run \(train_log.csv, sam-lite-ct.pt\)"):
+        Trainer(tiny_config(tmp_path, "sam"), progress=False).run(resume="auto")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 @pytest.mark.needs_data

@@ -295,8 +295,10 @@ class Trainer:
         state, which the run sets, are as they were afterwards (a notebook goes on as before)."""
         with _torch_settings_kept():
             self._check_before_data()
-            if resume is None:  # before any data is prepared: a run folder in use is named at once
-                self._refuse_replacing_a_run()
+            # before any data is prepared: a run folder in use is named at once; --resume auto without a last.pt
+            # starts anew, and replaced a finished run's model and log without a word (a review)
+            if resume is None or (resume == "auto" and not (self.out / "last.pt").is_file()):
+                self._refuse_replacing_a_run(resumed=resume is not None)
             with self._run_folder_lock():
                 return self._run(resume)
 
@@ -582,11 +584,16 @@ class Trainer:
 
         return held()
 
-    def _refuse_replacing_a_run(self) -> None:
-        """A new run (no ``--resume``) into a folder that holds another run's log or checkpoints would replace them:
-        raise :class:`~samembed.errors.InputError` naming what is there, before anything is written."""
+    def _refuse_replacing_a_run(self, resumed: bool = False) -> None:
+        """A new run (no ``--resume``, or ``--resume auto`` without a ``last.pt``: ``resumed``) into a folder that
+        holds another run's log or checkpoints would replace them: raise :class:`~samembed.errors.InputError` naming
+        what is there, before anything is written."""
         held = [p.name for p in (self.out / "train_log.csv", self.out / "last.pt", self.out / f"{self.cfg.name}.pt",
                                  self.out / "snapshots") if p.exists()]
+        if held and resumed:
+            raise InputError(f"{self.out}: --resume auto finds no last.pt to continue from, and the folder holds a "
+                             f"training run ({', '.join(held)}), which a new run would replace; move those away to "
+                             "start anew, or give another --out (nothing was changed)")
         if held:
             raise InputError(f"{self.out}: already holds a training run ({', '.join(held)}); pass --resume to "
                              "continue it, or give another --out (nothing was changed)")
