@@ -642,3 +642,32 @@ def test_a_refused_resume_or_a_missing_init_from_is_said_before_the_data_are_pre
     with pytest.raises(InputError, match="init_from: no/such.pt: no such checkpoint file or registered model"):
         Trainer(missing, progress=False).run()
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_loss_curve_of_iterations_without_a_step_says_so(tmp_path, monkeypatch):
+    """Every iteration logged nan (no view pair on the body, in a short run): the curve was empty, with matplotlib's
+    warning of a legend without lines."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+
+    from samembed.training import train as training
+
+    log_csv = tmp_path / "train_log.csv"
+    log_csv.write_text("iteration,loss,local,global\n1,nan,nan,nan\n2,nan,nan,nan\n")
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *a, **k):
+        drawn.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training.plot_loss_curve(log_csv, tmp_path / "loss_curve.png")
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    assert drawn == ["no step in 2 iteration(s): each logged nan\n(its views met nowhere on the body)"]

@@ -735,7 +735,11 @@ def plot_loss_curve(log_csv: Path, png: Path) -> None:
         ax.plot(x[k - 1:], smooth, label=key)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (moving average)")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:  # (an empty plot, with matplotlib's warning of a legend without lines, said nothing of why)
+        ax.text(0.5, 0.5, f"no step in {len(rows)} iteration(s): each logged nan\n(its views met nowhere on the body)",
+                transform=ax.transAxes, ha="center", va="center")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     from ..io import atomic_path
