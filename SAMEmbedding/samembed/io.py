@@ -1130,9 +1130,19 @@ def _frame_column(path: Path, body: list[list[str]], at: int, ras: bool) -> str:
     return frame
 
 
+#: Slicer's position status of a placed control point in a ``.fcsv`` (``vtkMRMLMarkupsNode::PositionDefined``); 0 is
+#: undefined, 1 preview, 3 missing
+FCSV_PLACED = "2"
+
+
 def _read_fcsv(path: Path) -> PointList:
+    """A Slicer ``.fcsv``: RAS unless its ``CoordinateSystem`` line says LPS. Slicer 5 writes each point's position
+    status in a column after ``associatedNodeID`` that its ``# columns`` line does not name (then its
+    ``autoCreated``); a point not placed (status other than 2: a skipped landmark of a template, written at
+    0, 0, 0) is left out with a warning, as the ``.mrk.json`` reader does (it was read as a landmark at the origin:
+    a review)."""
     coord = "RAS"
-    labels, pts, descs = [], [], []
+    labels, pts, descs, unplaced = [], [], [], []
     columns = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID"]
     with path.open(newline="", encoding="utf-8-sig") as fh:
         for n, r in enumerate(csv.reader(fh), start=1):
@@ -1147,13 +1157,21 @@ def _read_fcsv(path: Path) -> PointList:
                     columns = [c.strip() for c in line.split("=", 1)[1].split(",")]
                 continue
             row = dict(zip(columns, r))
+            status = row.get("positionStatus")
+            if status is None and columns[-1] == "associatedNodeID" and len(r) > len(columns):
+                status = r[len(columns)]  # (the column the header does not name)
+            if status is not None and status.strip() and status.strip() != FCSV_PLACED:
+                unplaced.append(row.get("label") or f"#{n}")
+                continue
             pts.append([_parse_float(row[a], path, n) for a in ("x", "y", "z")])
             labels.append(row.get("label", f"F-{len(labels) + 1}"))
             descs.append(row.get("desc", ""))
     if coord not in ("RAS", "LPS"):
         raise InputError(f"{path}: unknown CoordinateSystem '{coord}'; expected RAS or LPS")
+    if unplaced:
+        log.warning("%s: %d control point(s) not placed, left out: %s", path, len(unplaced), ", ".join(unplaced[:10]))
     if not pts:
-        raise InputError(f"{path}: no points in file")
+        raise InputError(f"{path}: no points in file" + (f" ({len(unplaced)} not placed)" if unplaced else ""))
     p = np.array(pts)
     return PointList(labels, lps_to_ras(p) if coord == "RAS" else p, descs)
 

@@ -335,3 +335,34 @@ def test_the_default_source_is_a_volume_the_selectors_offer_not_a_label_map():
     assert mrml_io.first_selectable_volume(scene) is colour
     scene.RemoveNode(colour)
     assert mrml_io.first_selectable_volume(scene) is grey
+
+
+def test_a_point_not_placed_in_a_slicer_fcsv_is_left_out_as_in_its_mrk_json(tmp_path, caplog):
+    """A landmark template saved by Slicer with a point skipped: the ``.fcsv`` gives its status in a column its
+    header does not name, and 0, 0, 0 as its position; it was read as a landmark at the origin (a review). Written
+    here by Slicer's own storage nodes, both files give the placed points only, with the same warning."""
+    import logging
+
+    from samembed.io import read_points
+
+    scene = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLMarkupsFiducialNode()
+    scene.AddNode(node)
+    for label, ras in (("A", (10.5, -20.25, 30.0)), ("B", (-4.0, 8.0, 12.5)), ("C", (1.0, 2.0, 3.0))):
+        node.AddControlPoint(vtk.vtkVector3d(*ras), label)
+    node.UnsetNthControlPointPosition(1)  # "skip" in Slicer's markups module: B not placed
+    read = {}
+    for suffix, storage in ((".fcsv", slicer.vtkMRMLMarkupsFiducialStorageNode),
+                            (".mrk.json", slicer.vtkMRMLMarkupsJsonStorageNode)):
+        writer = storage()
+        scene.AddNode(writer)
+        path = tmp_path / f"template{suffix}"
+        writer.SetFileName(str(path))
+        assert writer.WriteData(node)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="samembed"):
+            read[suffix] = read_points(path)
+        assert f"{path}: 1 control point(s) not placed, left out: B" in caplog.text
+    for points in read.values():
+        assert list(points.labels) == ["A", "C"]
+        np.testing.assert_allclose(points.points_lps_mm, [[-10.5, 20.25, 30.0], [-1.0, -2.0, 3.0]], atol=1e-6)
