@@ -903,8 +903,12 @@ def check_points_inside(points: PointList, points_file: str | os.PathLike, image
     outside = ~image.grid.contains_lps(points.points_lps_mm)
     if outside.any():
         i = int(np.argmax(outside))
-        hint = ("the points were read as RAS (--ras): if the file holds LPS coordinates, leave out --ras" if ras else
-                "if the coordinates are RAS (Slicer's), add --ras")
+        if markups_suffix(points_file):  # (--ras changes nothing of a .fcsv or .mrk.json: a review)
+            hint = ("the file gives its own coordinate system (read as it says; --ras changes nothing of a Slicer "
+                    "markups file): check that its points were placed on this image, not on another scan")
+        else:
+            hint = ("the points were read as RAS (--ras): if the file holds LPS coordinates, leave out --ras" if ras
+                    else "if the coordinates are RAS (Slicer's), add --ras")
         if image.ndim == 2:  # a radiograph's points are often given in pixels
             spacing = " x ".join(f"{v:g}" for v in image.grid.spacing_mm[:2])
             hint += (f"; if they are pixel indices, give them in mm instead (index x the pixel spacing, {spacing} mm, "

@@ -8,7 +8,7 @@ import pytest
 
 from samembed.cli import main
 from samembed.errors import InputError
-from samembed.io import check_point_dims, read_points
+from samembed.io import PointList, check_point_dims, read_points
 
 from ..conftest import data_file, hand_model, hand_radiographs
 
@@ -98,3 +98,19 @@ def test_a_radiograph_point_outside_says_it_may_be_in_pixels(tmp_path):
     with pytest.raises(InputError, match=r"add --ras; if they are pixel indices, give them in mm instead \(index x "
                                          r"the pixel spacing, 0.2 x 0.2 mm, from the image's origin\)"):
         check_points_inside(read_points(path), path, image, False)
+
+
+def test_a_markups_file_outside_the_image_is_not_told_to_add_or_leave_out_ras(tmp_path):
+    """A .fcsv or .mrk.json gives its own frame, which --ras does not change: the hint told to add --ras (and, with
+    it, that the points were read as RAS, when the file said LPS) (a review)."""
+    from samembed.image import Image
+    from samembed.io import check_points_inside, write_points
+
+    image = Image.from_array(np.zeros((20, 20, 20), dtype=np.int16), spacing_mm=(1.0, 1.0, 1.0), name="ct.nii.gz")
+    for name in ("p.fcsv", "p.mrk.json"):
+        path = write_points(PointList(["A"], np.array([[5.0, 5.0, 500.0]])), tmp_path / name)
+        for ras in (False, True):
+            with pytest.raises(InputError, match="lies outside ct.nii.gz") as said:
+                check_points_inside(read_points(path, ras=ras), path, image, ras)
+            assert "gives its own coordinate system" in str(said.value) and "add --ras" not in str(said.value)
+            assert "read as RAS" not in str(said.value)
