@@ -851,10 +851,14 @@ def write_heatmap(image: Image, path: str | os.PathLike, in_place: bool = False)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """All image files and DICOM series folders under ``folder`` (recursive), sorted."""
+    """All image files and DICOM series folders under ``folder`` (recursive), sorted. Hidden files and folders
+    (a name starting with a dot) are not images: an unfinished write's temporary file
+    (``.scan.nii.gz.x1y2.tmp.nii.gz``, left by a killed process), macOS's ``._scan.nii.gz``, ``.git``; the folder
+    given may itself be hidden."""
     folder = Path(folder)
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
+        files = [f for f in files if not f.startswith(".")]
         dcm = [f for f in files if f.lower().endswith(".dcm")]
         if dcm:
             found.append(Path(root))
@@ -862,7 +866,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
             low = f.lower()
             if low.endswith(IMAGE_SUFFIXES) and not low.endswith(".dcm"):
                 found.append(Path(root) / f)
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
     return sorted(found)
 
 

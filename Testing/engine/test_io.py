@@ -1022,3 +1022,16 @@ def test_a_read_only_earlier_output_is_not_replaced(tmp_path, monkeypatch):
     other.write_text("OLD\n")
     sio.write_text_atomic(other, "NEW\n")
     assert other.read_text() == "NEW\n"
+
+
+def test_a_folder_s_hidden_files_are_not_taken_for_images(tmp_path):
+    """A killed write's temporary file (``.x.nii.gz.k3j2.tmp.nii.gz``) was taken for a scan by ``propagate --scans``
+    and ``train``'s data folders (a review); so were macOS's ``._x.nii.gz`` and a ``.git`` folder's images."""
+    from samembed.io import list_images
+
+    root = tmp_path / ".hidden_root"  # (the folder given may itself be hidden)
+    for name in ("a.nii.gz", ".a.nii.gz.k3j2.tmp.nii.gz", "._b.nii.gz", ".git/c.nii.gz", "sub/d.nrrd",
+                 "series/1.dcm", ".series/2.dcm"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    assert [p.relative_to(root).as_posix() for p in list_images(root)] == ["a.nii.gz", "series", "sub/d.nrrd"]
