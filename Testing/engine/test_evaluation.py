@@ -347,6 +347,15 @@ def test_evaluate_checks_its_output_folder_first_and_a_stopped_run_reports_the_p
     assert [r["case_id"] for r in pairs] == ["c0", "c1"]
     assert "- stopped: after 2 of 3 (case, method) pairs" in (out / "landmarks.md").read_text()
 
+    # stopped again: beside that earlier report, not over it (whose tables carry no mark of a stopped run: a review)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    ran.clear()
+    with pytest.raises(Terminated):
+        run_cli(["evaluate", str(case_file), "--methods", "centre", "--out", str(out)])
+    assert f"the earlier report {out / 'landmarks.md'} and its tables are left as they were" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.name in before} == before
+    assert "- stopped: after 2 of 3" in (out / "landmarks.partial.md").read_text()
+
     missing = write_cases([Case("tiny", "gone", tmp_path / "nope.nii.gz", tp, labels, query, truth)],
                           tmp_path / "missing.csv")
     assert run_cli(["evaluate", str(missing), "--methods", "centre", "--out", str(out)]) == 2

@@ -77,10 +77,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       results=results)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (samembed.stopping.Terminated): report what finished
             if results:
-                report = write_report(results, args.out, stem=args.stem,
+                # beside an earlier run's report of the same stem, not over it (its tables carry no mark of a
+                # stopped run: a review)
+                earlier = Path(args.out) / f"{args.stem}.md"
+                stem = f"{args.stem}.partial" if earlier.exists() else args.stem
+                report = write_report(results, args.out, stem=stem,
                                       info=info | {"stopped": f"after {len(results)} of {len(cases) * len(methods)} "
                                                               "(case, method) pairs"})
-                print(f"stopped: wrote the {len(results)} finished pair(s) to {report}", file=sys.stderr)
+                print(f"stopped: wrote the {len(results)} finished pair(s) to {report}"
+                      + (f" (the earlier report {earlier} and its tables are left as they were)"
+                         if stem != args.stem else ""), file=sys.stderr)
             raise
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
