@@ -815,6 +815,7 @@ def _cmd_embed(args) -> int:
         bar.phase("loading the model")
         matcher = _make_matcher(args)
         unstored, skipped = [], []
+        stored = 0  # images embedded and stored
         for n, path in enumerate(args.images):
             t0 = time.time()
             bar.update(n, len(args.images), f"reading {Path(path).name}")
@@ -836,10 +837,18 @@ def _cmd_embed(args) -> int:
                 continue
             if embedder.disk_write_failed:  # (clear_cache below tries the folder again for the next image)
                 unstored.append(path)
+            else:
+                stored += 1
             bar.update(n + 1, len(args.images), label)
             log.info("%s: local %s, global %s, %.1f s", path, maps.local_grid.shape_zyx, tuple(maps.global_.shape),
                      time.time() - t0)
             matcher.clear_cache()
+    except KeyboardInterrupt:  # (Ctrl-C, SIGTERM): what is stored stays, and is said, also with --quiet
+        bar.close()
+        if stored:
+            log.warning("stopped after %d of %d images: their embeddings are in %s; the same command again embeds the "
+                        "rest (those are found there)", stored, len(args.images), args.cache_dir)
+        raise
     finally:
         bar.close()
     if unstored:

@@ -1808,3 +1808,29 @@ def test_main_called_from_a_script_leaves_its_logging_as_it_found_it(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(engine)})
     assert done.stdout.split() == ["2", "0", str(logging.WARNING)], done.stdout + done.stderr
     assert "p.csv: point file not found" in done.stderr
+
+
+@pytest.mark.needs_data
+def test_embed_stopped_says_what_it_stored_even_quietly(tmp_path, two_cts, monkeypatch, caplog):
+    """An interrupted ``samembed embed`` kept its finished entries but said only "interrupted", and nothing with
+    --quiet (a review)."""
+    import logging
+
+    import samembed.api as api
+
+    cache = tmp_path / "cache"
+    real_read = api.as_image
+
+    def stop_at_the_second(path, *a, **k):  # Ctrl-C while the second image is read
+        if str(path) == str(two_cts[1]):
+            raise KeyboardInterrupt
+        return real_read(path, *a, **k)
+
+    monkeypatch.setattr(api, "as_image", stop_at_the_second)
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        assert main(["embed", *map(str, two_cts), "--cache-dir", str(cache), "--model", "random:sam-lite", "--device",
+                     "cpu", "--quiet"]) == 130
+    assert len(list(cache.glob("*.samemb.pt"))) == 1
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"stopped after 1 of 2 images: their embeddings are in {cache}; the same command again embeds the rest " \
+           "(those are found there)" in said, said
