@@ -1066,7 +1066,9 @@ def _read_csv(path: Path, ras: bool) -> PointList:
     if delimiter == " ":  # separated by spaces or tabs, however many (aligned columns)
         text = "\n".join(" ".join(line.split()) for line in text.splitlines())
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)  # quoted line breaks stay in their value
-    rows = [(n, r) for n, r in enumerate(reader, start=1) if r and not _is_comment(r)]
+    # a row of blank fields is no point: a spreadsheet's empty ",,," row, a last line of spaces (each was refused as a
+    # row of the wrong width or a non-number: a review)
+    rows = [(n, r) for n, r in enumerate(reader, start=1) if any(v.strip() for v in r) and not _is_comment(r)]
     if not rows:
         raise InputError(f"{path}: no points in file")
     header = [h.strip().lower() for h in rows[0][1]]

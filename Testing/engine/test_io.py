@@ -1035,3 +1035,18 @@ def test_a_folder_s_hidden_files_are_not_taken_for_images(tmp_path):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"")
     assert [p.relative_to(root).as_posix() for p in list_images(root)] == ["a.nii.gz", "series", "sub/d.nrrd"]
+
+
+@pytest.mark.parametrize("blank", ["   ", ",,,", " , , , ", ";;;"])
+def test_a_blank_row_of_a_point_table_is_no_point(tmp_path, blank):
+    """A spreadsheet's empty ``,,,`` row, or a last line of spaces, was refused ("line 3 has 1 columns", "'' is not a
+    number") (a review)."""
+    path = tmp_path / "p.csv"
+    sep = ";" if blank == ";;;" else ","
+    path.write_text(f"label{sep}x{sep}y{sep}z\nA{sep}1{sep}2{sep}3\n{blank}\nB{sep}4{sep}5{sep}6\n{blank}\n")
+    points = read_points(path)
+    assert list(points.labels) == ["A", "B"]
+    np.testing.assert_allclose(points.points_lps_mm, [[1, 2, 3], [4, 5, 6]])
+    path.write_text("label,x,y,z\nA,1,2,3\nB,,,\n")  # a label without its coordinates is still named
+    with pytest.raises(InputError, match="line 3"):
+        read_points(path)
