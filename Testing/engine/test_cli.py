@@ -1834,3 +1834,51 @@ def test_embed_stopped_says_what_it_stored_even_quietly(tmp_path, two_cts, monke
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"stopped after 1 of 2 images: their embeddings are in {cache}; the same command again embeds the rest " \
            "(those are found there)" in said, said
+
+
+@pytest.mark.needs_data
+def test_figure_dir_draws_each_match_with_its_heatmap_and_is_refused_where_it_cannot(tmp_path, two_cts, a_points_csv,
+                                                                                     monkeypatch, capsys):
+    """``--figure-dir``: a picture per matched point and target from the command line (a new user's review: there
+    was none); each drawn as its target finished, with the point's heatmap when --heatmap-dir is given; named as the
+    heatmaps are; refused with fused atlases and with repeated labels, before anything is computed."""
+    from samembed import figures
+
+    drawn = []
+    real = figures.save_match_figure
+
+    def spy(path, source, point, target, match, heatmap=None, **kw):
+        drawn.append((Path(path).name, Path(source.name).name, Path(target.name).name, heatmap is not None,
+                      np.asarray(point, dtype=float), np.asarray(match, dtype=float)))
+        return real(path, source, point, target, match, heatmap, **kw)
+
+    monkeypatch.setattr(figures, "save_match_figure", spy)
+    pts_path, _ = a_points_csv
+    common = ["--model", "random:sam-lite", "--device", "cpu"]
+    out, figs = tmp_path / "m.csv", tmp_path / "figs"
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out", str(out),
+                 "--figure-dir", str(figs), "--heatmap-dir", str(tmp_path / "hm"), "--heatmap-grid", "model",
+                 *common]) == 0
+    assert f"and 2 figures in {figs}" in capsys.readouterr().out
+    target_id = Path(two_cts[1]).name.split(".")[0]
+    assert sorted(p.name for p in figs.iterdir()) == [f"{target_id}_A.png", f"{target_id}_B.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in figs.iterdir())
+    rows = list(csv.DictReader(out.open()))
+    source_points = list(csv.DictReader(pts_path.open()))
+    for (name, source, target, with_map, point, match), row, given in zip(drawn, rows, source_points):
+        assert name == f"{target_id}_{row['label']}.png" and with_map
+        assert (source, target) == (Path(two_cts[0]).name, Path(two_cts[1]).name)
+        np.testing.assert_allclose(match, [float(row[a]) for a in "xyz"], atol=1e-3)  # the match drawn is the row's
+        np.testing.assert_allclose(point, [float(given[a]) for a in "xyz"])  # beside its own source point
+    # refused before anything is computed: fused atlases, a label given twice
+    doubled = tmp_path / "twice.csv"
+    first = pts_path.read_text().splitlines()[1].split(",", 1)[1]
+    doubled.write_text(f"label,x,y,z\nA,{first}\nA,{first}\n")
+    for args, said in ((["--atlas", str(two_cts[0]), str(pts_path), "--atlas", str(two_cts[1]), str(pts_path),
+                         str(two_cts[1])], "atlases are fused; match one atlas for them"),
+                       ([str(two_cts[0]), str(two_cts[1]), "--points", str(doubled)],
+                        "--figure-dir writes one figure per label")):
+        drawn.clear()
+        assert main(["match", *args, "--out", str(tmp_path / "n.csv"), "--figure-dir", str(tmp_path / "f2"),
+                     *common]) == 2
+        assert said in capsys.readouterr().err and not drawn and not (tmp_path / "f2").exists()

@@ -51,3 +51,32 @@ def test_a_volume_stored_in_sagittal_slices_is_named_so():
     assert "sagittal slice x = " in texts(fig) and "axial" not in texts(fig)
     assert f"x = {point[0]:.1f} mm" in texts(fig)
     plt.close(fig)
+
+
+def test_a_radiograph_is_drawn_as_it_is_and_a_heatmap_on_another_grid_is_resampled_on_the_crop():
+    """``samembed match --figure-dir`` draws radiographs (a 2D image: it failed on the slice index) and heatmaps on
+    the model's grid (``Heatmaps.on_model_grid``): the crop of such a map equals the crop of the same map made on the
+    image's voxels (``heatmap_on_grid``), and a radiograph gets no patient orientation letters, nor CT's window."""
+    from samembed.figures import _crop, _grey, _heatmap_crop
+    from samembed.heatmap import heatmap_on_grid
+    from samembed.image import Image
+
+    rng = np.random.default_rng(0)
+    picture = Image.from_array((rng.random((300, 200)) * 4000).astype(np.float32), spacing_mm=(0.2, 0.25),
+                               name="hand.png")
+    coarse = Image.from_array(rng.random((19, 13)).astype(np.float32) * 2 - 1, spacing_mm=(3.2, 4.0), name="map")
+    coarse.grid.origin_lps_mm[:] = [1.5, 1.875]  # (the model grid's first centre, inside the first 16 pixels)
+    point = np.array([20.0, 37.5, 0.0])
+    crop, k, extent, grid = _crop(picture, point, half_mm=10.0)
+    assert k is None and grid.shape_zyx == picture.array[crop].shape
+    whole = heatmap_on_grid(coarse.array, coarse.grid, picture.grid).array
+    np.testing.assert_array_equal(_heatmap_crop(coarse, picture, k, crop, grid), whole[crop])
+    shown = _grey(picture.array[crop], ct=False)
+    assert shown.min() >= np.percentile(picture.array[crop], 1) - 1e-3 and shown.max() > 600  # not CT's window
+
+    import matplotlib.pyplot as plt
+
+    fig = match_figure(picture, point, picture, point, coarse)
+    assert "2D image" in texts(fig) and not {"L", "R", "A", "P", "S", "I"} & set(texts(fig).split(" | "))
+    assert texts(fig).count("20 mm") + texts(fig).count("10 mm") == 2  # a scale bar in each panel
+    plt.close(fig)
