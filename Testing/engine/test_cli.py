@@ -293,6 +293,16 @@ def test_the_csv_names_the_frame_of_its_rows_and_reads_back_in_it(tmp_path, two_
     np.testing.assert_allclose(read_points(ras, ras=True).points_lps_mm, back.points_lps_mm)
     with pytest.raises(InputError, match="its frame column says LPS, but RAS coordinates were asked for"):
         read_points(lps, ras=True)
+    # against the engine's own matches, not only each other (a frame mixed up in both files passed: a review)
+    from samembed.api import Matcher
+    from samembed.options import MatchOptions
+
+    engine = Matcher("random:sam-lite", device="cpu").match(str(two_cts[0]), got.points_lps_mm, [str(two_cts[1])],
+                                                            got.labels, MatchOptions(polish=False))
+    lps_mm = np.array([m.point_lps_mm for m in engine.matches])
+    table = lambda path: np.array([[float(r[a]) for a in "xyz"] for r in csv.DictReader(path.open())])  # noqa: E731
+    np.testing.assert_allclose(table(lps), lps_mm, atol=1e-4)
+    np.testing.assert_allclose(table(ras), lps_mm * [-1, -1, 1], atol=1e-4)
 
 
 def _interrupt_the_second_match(monkeypatch) -> None:

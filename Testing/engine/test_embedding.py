@@ -390,3 +390,24 @@ def test_only_a_permuted_or_flipped_grid_counts_as_reoriented(direction, reorien
 
     d = len(direction)
     assert axes_reoriented(Grid((4,) * d, (1.0,) * d, (0.0,) * d, np.asarray(direction))) == reoriented
+
+
+def test_an_entry_under_another_image_s_name_is_not_used_but_recomputed(a_model, tmp_path, caplog):
+    """An entry names its image and model inside as well as in its file name: one found under another image's name
+    (copied, renamed, a key collision) is not taken for that image's maps, and they are computed (no test broke when
+    the check inside was dropped: a review)."""
+    import logging
+    import shutil
+
+    one, other = a_ct_like_image(), a_ct_like_image()
+    other.array[other.array > 0] += 200  # another image of the same shape: another key
+    first = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(one)
+    (entry,) = tmp_path.glob("*" + ENTRY_SUFFIX)
+    fresh = Embedder(a_model, "cpu", EmbeddingCache()).embed(other)  # (no cache: what its maps are)
+    assert first.key != fresh.key and first.key in entry.name
+    shutil.copy(entry, tmp_path / entry.name.replace(first.key, fresh.key))
+    assert len(list(tmp_path.glob("*" + ENTRY_SUFFIX))) == 2
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        maps = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(other)
+    assert any("written for another image or model" in r.getMessage() for r in caplog.records), caplog.text
+    np.testing.assert_array_equal(maps.global_.float().numpy(), fresh.global_.float().numpy())  # its own, computed

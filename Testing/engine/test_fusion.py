@@ -398,3 +398,25 @@ def test_small_api_inputs_are_taken_or_refused_as_the_rest_of_the_api_takes_them
     for read in (Heatmaps().on_model_grid, Heatmaps().image_grid, Heatmaps().model_grid, Heatmaps().make):
         with pytest.raises(KeyError, match="no heatmaps in this result"):
             read((5, "L2"))
+
+
+def test_a_fused_landmark_is_confident_when_most_atlases_agree_two_at_least_and_one_of_them_was():
+    """The fused rule, on hand-made matches (every fusion test used self-matching atlases, always confident, and
+    none had 2 of 4 agreeing, so dropping either half of the rule passed them all: a review)."""
+    from types import SimpleNamespace
+
+    from samembed.result import Match
+
+    def fused(*matches):  # (point, confident) of each atlas that carries landmark "L"
+        atlases = [SimpleNamespace(display_name=f"atlas{n}") for n in range(len(matches))]
+        per_atlas = [SimpleNamespace(matches=[Match("L", "t", 0, np.array(p, dtype=float), 0.9, c, 1.0 if c else 30.0)])
+                     for p, c in matches]
+        (m,) = Matcher._fused(atlases, per_atlas, ["L"], FusionOptions(), 0, "t")
+        return m.agreeing, m.confident
+
+    here, near, far, farther = (0, 0, 0), (2, 0, 0), (60, 0, 0), (0, 80, 0)
+    assert fused((here, True), (near, False), (far, False)) == (2, True)  # 2 of 3 agree, one was confident
+    assert fused((here, False), (near, False), (far, False)) == (2, False)  # ... none of them was
+    assert fused((here, True), (near, True), (far, False), (farther, False)) == (2, False)  # 2 of 4: no majority
+    assert fused((here, True), (near, False), ((1, 1, 0), False), (far, True)) == (3, True)  # 3 of 4
+    assert fused((here, True),) == (1, False)  # one atlas alone: nothing confirms it

@@ -36,10 +36,10 @@ from .mrml_helpers import (
     ijk_to_ras,
     load_volume,
     require,
+    require_trained_model,
     set_ijk_to_ras,
     slicer,
     threads_calling,
-    trained_model_available,
     voxels,
     with_torch_threads,
 )
@@ -144,8 +144,7 @@ def test_an_oblique_acquisition_returns_the_same_point_with_a_trained_model(a_sc
                                                                             two_landmarks):
     """The same anatomy on a grid rotated by 20 degrees (the network's input resampled onto the LPS axes:
     samembed.preprocess.OBLIQUE_LIMIT_DEG): each landmark is found where it is, in RAS."""
-    if not trained_model_available():
-        pytest.skip("no trained 'default' model registered in models.json: anatomical accuracy is not testable")
+    require_trained_model()
     logic = MatchLogic(a_scene, model="default", device="cpu")
 
     outputs = logic.matchPoints(a_small_ct, two_landmarks, [an_oblique_acquisition])
@@ -809,11 +808,11 @@ def _first_click(logic, source, click, targets, prepare: bool) -> tuple[float, f
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not trained_model_available(), reason="no default model registered (Resources/Models/models.json)")
 def test_first_click_into_three_targets_from_cold_is_measured_and_preparing_ahead_changes_no_match(a_scene, capsys):
     """The first click of a session, a source and 3 targets, default model, nothing cached: its time is measured
     (printed; the <= 3 s target is checked by benchmarks/first_click.py, not here), cold and after the volumes
     were prepared ahead (what the module does when they are chosen). Preparing ahead must not change a match."""
+    require_trained_model()
     ct = DATA / "ct" / "openkbp" / "ct"
     source = load_volume(a_scene, ct / f"{FIRST_CLICK_SOURCE}_ct.nii.gz", FIRST_CLICK_SOURCE)
     targets = [load_volume(a_scene, ct / f"{p}_ct.nii.gz", p) for p in FIRST_CLICK_TARGETS]
