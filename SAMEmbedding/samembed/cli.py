@@ -935,6 +935,8 @@ def _cmd_cache(args) -> int:
             what = "an older format, never read (`samembed cache clear` empties the folder)"
         elif e.get("older"):  # its key names another format: never read by this version
             what = f"{e['damaged']}, never read by this version (`samembed cache clear` empties the folder)"
+        elif e.get("unreadable"):  # (a match computes its maps without it, and leaves the file as it is)
+            what = f"{e['damaged']}: this user may not read it; it is left as it is (its owner may clear it)"
         elif "damaged" in e:
             what = f"damaged, recomputed when next used: {e['damaged']}"
         else:

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -475,7 +476,7 @@ class EmbeddingCache:
             self._items.move_to_end(key)
             # the most recent (a source and its target) always stay, even above the cap: evicting one of them
             # would recompute it on every match of the pair
-            while len(self._items) > self.min_kept and self.nbytes > self.max_bytes:
+            while len(self._items) > self.min_kept and self._held_bytes() > self.max_bytes:
                 self._items.popitem(last=False)
 
     def discard(self, key: str) -> None:
@@ -489,7 +490,13 @@ class EmbeddingCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held now."""
+        """Bytes held now (under the lock: read while a worker stores maps, the dict changed under the sum: a
+        review)."""
+        with self._lock:
+            return self._held_bytes()
+
+    def _held_bytes(self) -> int:
+        """Bytes held now; the caller holds the lock."""
         return sum(m.nbytes for m in self._items.values())
 
     def __len__(self) -> int:
@@ -1227,6 +1234,13 @@ class Embedder:
                 maps.dirty = False
                 maps.stored_on_disk = (path, len(idx))
             except (OSError, InputError) as e:  # a full or read-only cache folder costs speed later, not this match
+                if isinstance(e, PermissionError) and path.exists() and os.access(path.parent, os.W_OK):
+                    # this one entry may not be replaced (another user's, in a shared folder): left as it is, and
+                    # the others are written (a refusal of one stopped every later write of the run: a review)
+                    self._unreadable.add(path)
+                    log.warning("could not replace the cache entry %s (%s): it is left as it is, and the other "
+                                "entries are written", path, e.strerror or e)
+                    return
                 if not self._cache_write_failed:  # once: a shared read-only cache would warn for every image
                     log.warning("could not write the embedding cache entry %s (%s); the cache folder is only read "
                                 "from now on in this run", path, e)

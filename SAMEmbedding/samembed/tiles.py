@@ -674,6 +674,8 @@ def _entry_summary(path: Path, size: int) -> dict:
         return {"damaged": str(e).removeprefix(f"{path}: ")}
     except (KeyError, IndexError, TypeError, ValueError):
         return {"damaged": "a header without the entry's grid (another version?)"}
+    except PermissionError as e:  # another user's: a match leaves it as it is (it is not recomputed into the file)
+        return {"damaged": f"unreadable ({e.strerror or e})", "unreadable": True}
     except OSError as e:  # one unreadable entry does not stop the listing
         return {"damaged": f"unreadable ({e.strerror or e})"}
 

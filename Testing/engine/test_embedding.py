@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -411,3 +413,69 @@ def test_an_entry_under_another_image_s_name_is_not_used_but_recomputed(a_model,
         maps = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path).embed(other)
     assert any("written for another image or model" in r.getMessage() for r in caplog.records), caplog.text
     np.testing.assert_array_equal(maps.global_.float().numpy(), fresh.global_.float().numpy())  # its own, computed
+
+
+def test_an_entry_that_may_not_be_replaced_is_left_and_the_others_are_written(a_model, tmp_path, monkeypatch,
+                                                                              caplog):
+    """Another user's entry in a shared folder: its refusal stopped every later write of the run ("the cache folder
+    is only read from now on"), though the folder was writable (a review). The refused entry is left as it is."""
+    import errno
+    import logging
+
+    import samembed.tiles as tiles
+
+    one, other = a_ct_like_image(), a_ct_like_image(seed=1)
+    owner = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    first = owner.embed(one, on_demand=True)  # its global map only: no tile computed yet
+    owner.save(first)
+    (theirs,) = tmp_path.glob("*" + ENTRY_SUFFIX)
+    before = theirs.read_bytes()
+    real_write = tiles.write_entry
+
+    def refused(path, *a, **k):  # the owner's entry: this user may not replace it (EPERM in a sticky folder)
+        if str(path) == str(theirs):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(tiles, "write_entry", refused)
+    embedder = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="samembed.embedding"):
+        embedder.save(embedder.embed(one))  # the whole of it: more than the entry holds, written again: refused
+        embedder.save(embedder.embed(other))
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"could not replace the cache entry {theirs}" in m and "the other entries are written" in m
+               for m in said), said
+    assert not embedder.disk_write_failed and not any("only read from now on" in m for m in said)
+    assert theirs.read_bytes() == before and len(list(tmp_path.glob("*" + ENTRY_SUFFIX))) == 2  # the other's written
+    assert first.key in theirs.name
+
+
+def test_the_memory_cache_s_size_can_be_read_while_another_thread_stores_maps():
+    """``EmbeddingCache.nbytes`` summed its dict without the lock: read while a worker stored maps, it raised
+    "OrderedDict mutated during iteration" (338 times in 20,000 reads in a review; ``Matcher.cache_bytes``, the
+    Slicer logic's ``cacheBytesInUse``)."""
+    from types import SimpleNamespace
+
+    cache = EmbeddingCache(max_bytes=1 << 40)
+    stop, errors = threading.Event(), []
+
+    def store():
+        n = 0
+        while not stop.is_set():
+            cache.put(f"k{n % 500}", SimpleNamespace(nbytes=8, key=f"k{n % 500}"))
+            if n % 7 == 0:
+                cache.clear()
+            n += 1
+
+    worker = threading.Thread(target=store)
+    worker.start()
+    try:
+        for _ in range(20000):
+            try:
+                assert cache.nbytes >= 0
+            except RuntimeError as e:
+                errors.append(e)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, f"{len(errors)} reads failed: {errors[0]}"

@@ -1038,3 +1038,33 @@ def test_a_windowed_search_takes_its_queries_at_once_unless_every_window_is_the_
     sizes.clear()
     matcher_module.match_queries(queries[:100], tmaps, window_mm=20.0, window_centres_lps_mm=seeds[:100] + 1e5)
     assert sizes == [64, 36]
+
+
+def test_cache_info_calls_another_user_s_unreadable_entry_so_not_damaged(tmp_path, capsys, monkeypatch):
+    """An entry this user may not read was listed as "damaged, recomputed when next used", but a match leaves it as it
+    is (it is not recomputed into the file) (a review). Root reads every file: the refusal is the system's, made
+    here."""
+    import errno
+
+    from samembed import tiles
+    from samembed.cli import main
+    from samembed.tiles import ENTRY_SUFFIX, LOCAL_ENCODING, write_entry
+
+    grid = {"shape_zyx": [4, 5, 6], "spacing_mm": [4.0, 4.0, 4.0], "origin_lps_mm": [0.0, 0.0, 0.0],
+            "direction": np.eye(3).ravel().tolist()}
+    header = {"local_grid": grid, "global_grid": grid, "model_id": "sam-lite-ct@0123", "key": "k", "image": "pt_1.nii.gz",
+              "local_encoding": LOCAL_ENCODING}
+    theirs = tmp_path / f"{'a' * 32}{ENTRY_SUFFIX}"
+    write_entry(theirs, header, [np.zeros((64, 1, 2, 2), np.float16), np.packbits(np.ones(120, bool)),
+                                 np.packbits(np.ones(120, bool)), np.zeros((120, 80), np.uint8)])
+    real = tiles.read_entry_header
+
+    def denied(path, *a, **k):
+        if str(path) == str(theirs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(tiles, "read_entry_header", denied)
+    assert main(["cache", "info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "this user may not read it; it is left as it is" in out and "recomputed when next used" not in out, out
