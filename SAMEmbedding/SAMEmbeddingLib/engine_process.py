@@ -305,7 +305,9 @@ class EngineProcess:
     """A ``samembed.Matcher`` in a persistent child process (started on first use, restarted after a crash).
 
     Args:
-        model, device, cacheBytes: as for ``samembed.Matcher(model, device, cache_bytes)``.
+        model, device, cacheBytes, cacheDir: as for ``samembed.Matcher(model, device, cache_bytes, cache_dir)``
+            (``cacheDir``: the on-disk embedding cache the child reads and writes, shared with ``samembed match
+            --cache-dir`` and other processes; None: none).
         maxImages: volumes the child keeps (least recently used are forgotten; they are sent again when needed); a
             request with more volumes (a click into more targets) has them all kept until the next request.
         python: the interpreter to run the child with (default: :func:`pythonExecutable`).
@@ -315,8 +317,9 @@ class EngineProcess:
     """
 
     def __init__(self, model: str = "default", device: str = "auto", cacheBytes: int = 3 << 30, maxImages: int = 8,
-                 python: str | None = None) -> None:
+                 python: str | None = None, cacheDir: str | None = None) -> None:
         self.model, self.device, self.cacheBytes = str(model), str(device), int(cacheBytes)
+        self.cacheDir = None if cacheDir is None else str(cacheDir)
         self.maxImages = int(maxImages)
         self.python = python
         self.imagesSent = 0
@@ -596,7 +599,7 @@ class EngineProcess:
             logFile.close()
             raise EngineProcessError(f"cannot start the engine process with {python}: {e}") from e
         hello = {"address": list(server.getsockname()[:2]), "authkey": authkey.hex(), "model": self.model,
-                 "device": self.device, "cache_bytes": self.cacheBytes}
+                 "device": self.device, "cache_bytes": self.cacheBytes, "cache_dir": self.cacheDir}
         try:
             try:
                 proc.stdin.write((json.dumps(hello) + "\n").encode())
@@ -922,7 +925,7 @@ def readVolumeFile(source: ArrayFile) -> Image:
     return source.read(mapped=source.shared and MAP_VOLUME_FILES)
 
 
-def serve(conn, model: str, device: str, cacheBytes: int) -> None:
+def serve(conn, model: str, device: str, cacheBytes: int, cacheDir: str | None = None) -> None:
     """Answer requests on ``conn`` until told to stop or the parent goes away (runs in the child)."""
     from samembed import Atlas, Grid  # noqa: F401 - Grid: unpickling the geometry (torch loads with the Matcher)
     from samembed.allocator import release_free_memory
@@ -982,7 +985,7 @@ def serve(conn, model: str, device: str, cacheBytes: int) -> None:
                 raise RuntimeError(f"the engine could not be imported: {importFailed[0]}") from importFailed[0]
             from samembed import Matcher  # loaded by the thread
 
-            matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes)
+            matcher = Matcher(model=model, device=device, cache_bytes=cacheBytes, cache_dir=cacheDir)
             matcher.embedder.prefetch = prefetch
         return matcher
 
@@ -1218,7 +1221,7 @@ def main() -> None:
     hello = json.loads(sys.stdin.readline())
     conn = Client(tuple(hello["address"]), authkey=bytes.fromhex(hello["authkey"]))
     log.info("engine process %d serving model %s on %s", os.getpid(), hello["model"], hello["device"])
-    serve(conn, hello["model"], hello["device"], int(hello["cache_bytes"]))
+    serve(conn, hello["model"], hello["device"], int(hello["cache_bytes"]), hello.get("cache_dir"))
 
 
 if __name__ == "__main__":

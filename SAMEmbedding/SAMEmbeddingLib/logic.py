@@ -349,7 +349,8 @@ class MatchLogic:
         model: ``"default"``, a registered model name, a checkpoint path, or ``"random:sam-lite"`` (tests).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         cacheBytes: memory cap of the engine's embedding cache.
-        cacheDir: a folder for the engine's on-disk embedding cache (``engine="here"`` only; default: none).
+        cacheDir: a folder for the engine's on-disk embedding cache, shared with ``samembed match --cache-dir``
+            (in this process or the engine process; default: none).
         engine: ``"here"``: the engine runs in this process (the console, tests); ``"process"``: in a persistent
             child process (:class:`~SAMEmbeddingLib.engine_process.EngineProcess`; what the module panel uses),
             started on first use and restarted after a crash.
@@ -433,7 +434,7 @@ class MatchLogic:
             if self._matcher is None and self.engine == "process":
                 from .engine_process import EngineProcess  # started on its first request
 
-                self._matcher = EngineProcess(self._model, self._device, self.cacheBytes)
+                self._matcher = EngineProcess(self._model, self._device, self.cacheBytes, cacheDir=self.cacheDir)
             if self._matcher is None:
                 from samembed import Matcher  # imports torch: only after the dependency check
 

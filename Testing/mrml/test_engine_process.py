@@ -1013,3 +1013,26 @@ def test_a_message_names_a_renamed_volume_by_its_new_name(a_scene, a_small_ct, e
         assert logic.imageForVolume(flat).name == "flat, renamed"
     finally:
         logic.close()
+
+
+def test_the_engine_process_reads_and_writes_the_disk_cache_it_is_given(a_scene, a_small_ct, tmp_path):
+    """``MatchLogic(cacheDir=...)`` was dropped with ``engine="process"`` (what the module panel uses), without a word
+    (a review): the child now embeds into that folder, under the keys the engine in this process uses; a second
+    engine process on that folder gives the same match."""
+    from samembed.tiles import ENTRY_SUFFIX
+
+    points = add_points(a_scene, [_ras(a_small_ct, (64, 70, 10))], ["L1"])
+    entries, matched = {}, {}
+    for engine, folder in (("process", "cache"), ("here", "here"), ("process", "cache")):
+        logic = MatchLogic(a_scene, model="random:sam-lite", device="cpu", engine=engine, cacheDir=str(tmp_path / folder))
+        try:
+            logic.matchPoints(a_small_ct, points, [a_small_ct], [0])
+            node = logic.outputPointList(points, a_small_ct)
+            pos = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPosition(0, pos)
+            matched.setdefault(engine, []).append(pos)
+        finally:
+            logic.close()
+        entries[folder] = sorted(p.name for p in (tmp_path / folder).glob("*" + ENTRY_SUFFIX))
+    assert len(entries["cache"]) == 1 and entries["cache"] == entries["here"], entries
+    np.testing.assert_allclose(matched["process"][0], matched["process"][1], atol=0.5)  # (read back: rounded)
