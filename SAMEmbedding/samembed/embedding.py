@@ -796,6 +796,7 @@ class Embedder:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._cache_write_failed = False  # a write to cache_dir failed: it is only read from
         self._unreadable: set[Path] = set()  # entries this process may not read: never replaced by it
+        self._replaced: set[Path] = set()  # entries this process found damaged or older: replaced, whatever they hold
         self.max_tile_voxels = int(max_tile_voxels)
         self.modality = modality
         self._detected: dict[str, str] = {}  # content hash -> detected modality (_key_modality), a few images
@@ -1158,9 +1159,11 @@ class Embedder:
             log.warning("could not read the cache entry %s (%s); it will be recomputed", path, e.strerror or e)
             return None
         except OlderEntry as e:  # written by an older version under this key: recomputed (and rewritten if it can be)
+            self._replaced.add(path)
             log.warning("recomputing the cache entry %s: %s", path, str(e).removeprefix(f"{path}: "))
             return None
         except DamagedEntry as e:
+            self._replaced.add(path)
             log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
             return None
         try:
@@ -1192,6 +1195,7 @@ class Embedder:
                 maps.ready, maps.tiles = None, None
             return maps
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed, never fatal
+            self._replaced.add(path)
             log.warning("ignoring damaged cache entry %s (it will be recomputed): %s", path, e)
             return None
 
@@ -1204,7 +1208,7 @@ class Embedder:
         """Write ``maps`` to the disk cache (when there is one and tiles were computed since the last write):
         the global map in half precision, the computed body voxels' local vectors as packed directions
         (:func:`~samembed.tiles.packed_directions`), and a checksum."""
-        from .tiles import packed_directions, write_entry
+        from .tiles import packed_directions, stored_voxels, write_entry
 
         path = self._disk_path(maps.key)
         if (path is None or self._cache_write_failed or path in self._unreadable
@@ -1218,6 +1222,14 @@ class Embedder:
             if maps.stored_on_disk == (path, len(idx)) and _is_file(path):
                 # the entry already holds every body voxel computed (the new tiles lay outside the body, which
                 # is not stored; computed voxels only ever grow): not written again (nor tried on a read-only cache)
+                maps.dirty = False
+                return
+            held = None if path in self._replaced else stored_voxels(path, maps.key)
+            if held is not None and held >= len(idx) and maps.stored_on_disk != (path, held):
+                # another process wrote this entry meanwhile, with as many voxels or more (`samembed embed`'s whole
+                # body beside a match's tiles): kept, not replaced by fewer (a review)
+                log.debug("the cache entry %s, written meanwhile by another process, holds %d voxels, this one %d: "
+                          "kept", path, held, len(idx))
                 maps.dirty = False
                 return
             try:

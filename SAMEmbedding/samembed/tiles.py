@@ -609,6 +609,20 @@ def read_entry_header(path: Path) -> tuple[dict, int]:
         return _parse_header(path, f.read(len(MAGIC) + 8), f.read)
 
 
+def stored_voxels(path: Path, key: str) -> int | None:
+    """How many local voxels the entry at ``path`` stores, from its header alone, when it is an entry of this
+    version for ``key``; None when there is none, or it is not one (damaged, another version's or key's,
+    unreadable)."""
+    try:
+        header, _ = read_entry_header(path)
+        if header.get("key") != key or header.get("local_encoding") != LOCAL_ENCODING:
+            return None
+        shape = header["arrays"][3][1]
+        return int(shape[0]) if len(shape) == 2 else None
+    except (OSError, DamagedEntry, KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
 def _parse_header(path: Path, lead: bytes, read: Callable[[int], bytes]) -> tuple[dict, int]:
     """:func:`read_entry_header` of an entry whose first bytes are ``lead`` (magic and header length) and whose
     header ``read(n)`` gives."""

@@ -479,3 +479,34 @@ def test_the_memory_cache_s_size_can_be_read_while_another_thread_stores_maps():
         stop.set()
         worker.join()
     assert not errors, f"{len(errors)} reads failed: {errors[0]}"
+
+
+def test_an_entry_another_process_wrote_with_more_voxels_is_not_replaced_by_fewer(a_model, tmp_path):
+    """``samembed embed`` stored a whole body, and a match running beside it then replaced the entry with its own few
+    tiles (it writes what it holds, never looking at the file): embed had said it stored the whole body (a review).
+    An entry written meanwhile with as many voxels or more is kept; a damaged one is still replaced."""
+    from samembed.tiles import read_entry, stored_voxels
+
+    image = a_ct_like_image()
+    match = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    few = match.embed(image, on_demand=True)  # the match's: a few tiles, from no entry
+    few.ensure(np.array([10, 20, 20]), np.array([14, 26, 26]))
+    embed = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    whole = embed.embed(image)  # meanwhile, `samembed embed`: every body voxel
+    embed.save(whole)
+    (entry,) = tmp_path.glob("*" + ENTRY_SUFFIX)
+    held = stored_voxels(entry, whole.key)
+    assert held == int(whole.body.sum())
+    match.save(few)  # the match ends
+    assert stored_voxels(entry, whole.key) == held
+    read_entry(entry)  # (intact)
+    # a damaged entry, found so by a later load, is replaced whatever its header says
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    again = Embedder(a_model, "cpu", EmbeddingCache(), cache_dir=tmp_path)
+    small = again.embed(image, on_demand=True)
+    small.ensure(np.array([10, 20, 20]), np.array([14, 26, 26]))
+    again.save(small)
+    meta, _ = read_entry(entry)  # intact again: replaced
+    assert 0 < stored_voxels(entry, whole.key) < held
