@@ -59,6 +59,7 @@ from .matcher import (
 )
 from .models import LoadedModel, default_model_for, load_model
 from .options import MODALITIES, MatchOptions, ProgressFn
+from .preprocess import CT_STORED_OFFSET
 from .refine import refine_points
 from .result import Match, MatchResult
 
@@ -983,10 +984,17 @@ class Matcher:
         if None in found or found[0] == found[1]:
             return None
         words = {"ct": "CT (values reach air's HU)", "mri": "MRI (no value as low as air's HU)"}
+        # (an image of integers none below 0, taken for MRI, may be a CT stored without its rescale: then --modality
+        # ct maps its stored values as HU, and made the matches worse, 118 mm in a review)
+        unsigned = [Path(img.name).name for img, mod in ((source, found[0]), (target, found[1]))
+                    if mod == "mri" and img.array.dtype.kind in "iu" and int(img.array.min()) >= 0]
         note = (f"the source {Path(source.name).name} was taken for {words.get(found[0], found[0])} and the target "
                 f"{Path(name).name} for {words.get(found[1], found[1])}, so their intensities are mapped differently "
                 "and every score is lower; if both are of one modality, say which (--modality ct or mri; "
-                "Matcher(modality=...))")
+                "Matcher(modality=...))"
+                + (f"; but if {unsigned[0]} is a CT whose values start at 0 because it was stored as HU + "
+                   f"{CT_STORED_OFFSET} without its rescale slope and intercept, subtract {CT_STORED_OFFSET} first "
+                   "(--modality ct would map the stored values as HU)" if unsigned else ""))
         self._warn_once(note)
         return note
 

@@ -43,6 +43,7 @@ from .preprocess import (
     onto_lps_axes,
     pad_to_multiple,
     preprocess,
+    warn_offset_ct,
 )
 from .tiles import LOCAL_ENCODING, new_feature_rows
 
@@ -913,6 +914,8 @@ class Embedder:
         key = self.key(image)
         maps = self.cache.get(key)
         if maps is None:
+            if self.modality == "ct":  # (here, not in the prefetch process that may prepare it: its log is not shown)
+                warn_offset_ct(image)
             maps = self._load_disk(key, image)
             if maps is None:
                 maps = self._compute(image, key, progress, cancel, on_demand and self.on_demand_capable)

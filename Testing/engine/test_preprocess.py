@@ -522,3 +522,55 @@ def test_a_body_of_two_parts_keeps_both_and_leaves_the_table_out(data_dir):
     table[:, rows.max() + 2, :] = a.max()
     with_table = body_mask_array(table, "ct")
     assert np.array_equal(with_table[:, : a.shape[1]], body) and not with_table[:, rows.max() + 2].any()
+
+
+@pytest.mark.needs_data
+def test_a_ct_stored_without_its_rescale_is_told_and_not_steered_to_modality_ct(caplog):
+    """A CT stored as HU + 1024 (uint16, no rescale in its header) is taken for MRI, and the note said to give
+    --modality ct, which maps the stored values as HU: 118 mm of mean error (a review). Given as CT it is now warned
+    of; taken for MRI, the note says to subtract 1024 first. A CT in HU cropped inside the body (none below 0 either)
+    is not called offset."""
+    import logging
+
+    from samembed import Matcher
+    from samembed.io import read_image
+    from samembed.options import MatchOptions
+    from samembed.preprocess import looks_like_offset_ct
+
+    from ..conftest import data_file
+
+    ct = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    stored = Image((ct.array.astype(np.int32) + 1024).clip(0, 65535).astype(np.uint16), ct.grid, "stored.nii.gz")
+    crop = Image(ct.array.clip(0, None), ct.grid, "crop.nii.gz")  # in HU, none below 0 (as a crop inside the body)
+    assert looks_like_offset_ct(stored) and not looks_like_offset_ct(ct) and not looks_like_offset_ct(crop)
+    point = ct.grid.index_to_lps(np.array([[64.0, 64.0, 60.0]]))
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        Matcher("random:sam-lite", device="cpu", modality="ct").match(ct, point, [stored],
+                                                                      options=MatchOptions(polish=False))
+    said = [r.getMessage() for r in caplog.records if "stored as HU + 1024" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("stored.nii.gz: given as CT (--modality ct)") and "subtract 1024" \
+        in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="samembed"):
+        res = Matcher("random:sam-lite", device="cpu").match(ct, point, [stored], options=MatchOptions(polish=False))
+    note = next(n for n in res.notes if "taken for" in n)
+    assert "if stored.nii.gz is a CT whose values start at 0 because it was stored as HU + 1024" in note, note
+    assert "subtract 1024 first" in note
+
+
+def test_a_float_image_of_a_small_range_keeps_its_contrast():
+    """The official recipe's whole units, applied to any image not found to be CT, squeezed a float image of a small
+    range (an attenuation map in 1/mm: [-50, -30] of the [-50, 205] mapped; 1e-6 units: constant) (a review:
+    between patients 15 -> 24-68 mm). Such an image keeps its own range; a range of 100 or more is mapped as before."""
+    from samembed.preprocess import map_intensity
+
+    rng = np.random.default_rng(0)
+    mu = (rng.random((20, 30, 30)) * 0.06).astype(np.float32)  # 0-0.06 /mm
+    for scaled in (mu, mu * 1e-6, mu * 30 - 1):
+        out = map_intensity(scaled, "mri")
+        lo, hi = np.percentile(out, [1, 99])
+        assert lo < -40 and hi > 195, (float(lo), float(hi))
+    big = (rng.random((20, 30, 30)) * 1500).astype(np.float32)  # an MRI's units: the official recipe, as before
+    p_lo, p_hi = np.percentile(big, (0.2, 99.8))
+    expected = (np.clip(big, p_lo, p_hi) - int(p_lo)) * (255.0 / (int(p_hi) - int(p_lo))) - 50.0
+    np.testing.assert_array_equal(map_intensity(big, "mri"), expected.astype(np.float32))
