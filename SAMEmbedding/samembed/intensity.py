@@ -350,10 +350,15 @@ def _peak_offsets(ncc: torch.Tensor, subvoxel: bool) -> tuple[np.ndarray, np.nda
     """(N, d) lattice offsets of each NCC map's peak from the map centre (lattice axis order 0..d-1) and the (N,)
     peak values; with ``subvoxel`` a parabola through the peak and its two neighbours per axis refines it."""
     maps = ncc.numpy()
+    if np.isnan(maps).any():  # (a window whose variance overflowed: no likeness there, not the peak that argmax
+        maps = np.where(np.isnan(maps), -np.inf, maps)  # takes a NaN for; a point was moved 7.4 mm by one: a review)
     n, shape = maps.shape[0], maps.shape[1:]
     flat = maps.reshape(n, -1)
     arg = flat.argmax(1)
     peak = flat[np.arange(n), arg]
+    none = ~np.isfinite(peak)  # a map of NaN alone: no peak (NaN: the caller keeps the point where it was)
+    if none.any():
+        peak = np.where(none, np.nan, peak)
     idx = np.stack(np.unravel_index(arg, shape), axis=1)  # (N, d), array order: slowest first
     off = idx - (np.array(shape) - 1) / 2.0
     if subvoxel:
@@ -363,10 +368,12 @@ def _peak_offsets(ncc: torch.Tensor, subvoxel: bool) -> tuple[np.ndarray, np.nda
             lo[:, a] = np.maximum(lo[:, a] - 1, 0)
             hi[:, a] = np.minimum(hi[:, a] + 1, shape[a] - 1)
             fm, fp = maps[(rows, *lo.T)], maps[(rows, *hi.T)]
-            denom = fm - 2 * peak + fp
-            ok = (idx[:, a] > 0) & (idx[:, a] < shape[a] - 1) & (denom < 0)
-            step = np.clip(0.5 * (fm - fp) / np.where(ok, denom, -1.0), -0.5, 0.5)
+            with np.errstate(invalid="ignore"):  # (-inf neighbours: no step, below)
+                denom = fm - 2 * peak + fp
+                ok = (idx[:, a] > 0) & (idx[:, a] < shape[a] - 1) & (denom < 0) & np.isfinite(denom)
+                step = np.clip(0.5 * (fm - fp) / np.where(ok, denom, -1.0), -0.5, 0.5)
             off[:, a] += np.where(ok, step, 0.0)
+    off[none] = 0.0
     return off[:, ::-1], peak  # lattice axis order (0 = fastest)
 
 

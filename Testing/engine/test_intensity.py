@@ -330,3 +330,24 @@ def test_lattice_sampling_of_a_volume_only_a_few_slices_deep_equals_trilinear_in
         ijk = np.clip(img.grid.lps_to_index(centres[n] + v @ axes.T), 0, np.array(arr.shape[::-1]) - 1)
         expected = map_coordinates(arr.astype(np.float64), ijk[:, ::-1].T, order=1)
         np.testing.assert_allclose(values[n].numpy().reshape(-1), expected, atol=1e-4)
+
+
+def test_a_nan_in_a_correlation_map_is_no_peak():
+    """A window whose variance overflowed (values beyond float32's range) gave NaN correlations; argmax took a NaN for
+    the peak, and a point that started at its truth was moved 7.4 mm by it (a review). NaN is no likeness now, and a
+    map of NaN alone has no peak (NaN: the point keeps its place)."""
+    import warnings
+
+    from samembed.intensity import _peak_offsets
+
+    maps = torch.zeros((2, 5, 5, 5))
+    maps[0, 2, 2, 2], maps[0, 2, 2, 3] = 0.9, 0.6  # the true peak at the centre, and a neighbour
+    maps[0, 0, 0, 0] = float("nan")  # an overflowed window in a corner, where argmax went
+    maps[0, 2, 2, 1] = float("nan")  # and one beside the peak: no sub-voxel step from it
+    maps[1] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no RuntimeWarning left to numpy's stderr)
+        off, peak = _peak_offsets(maps, subvoxel=True)
+    assert peak[0] == pytest.approx(0.9) and np.isnan(peak[1])
+    np.testing.assert_allclose(off[1], 0.0)
+    assert np.all(np.abs(off[0]) <= 0.5), off[0]  # at the centre, within its sub-voxel step
