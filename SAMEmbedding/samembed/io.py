@@ -287,7 +287,16 @@ def image_from_sitk(img, name: str = "<sitk>", spacing_known: bool = True, own: 
         raise InputError(f"{name}: {d}D images are not supported; expected a 2D or 3D scalar image"
                          + ("; pass one 3D volume (the frame you want, e.g. from Slicer's Sequences module or "
                             "SimpleITK's image[:, :, :, k])" if d == 4 else ""))
-    grid = Grid(arr.shape, img.GetSpacing(), img.GetOrigin(), np.array(img.GetDirection()).reshape(d, d))
+    direction, spacing = np.array(img.GetDirection()).reshape(d, d), np.array(img.GetSpacing(), dtype=np.float64)
+    lengths = np.linalg.norm(direction, axis=0)
+    if np.all(np.isfinite(lengths)) and np.all(lengths > 0) and np.any(np.abs(lengths - 1.0) > 1e-6):
+        # a direction whose axes are not unit vectors (an MHA's TransformMatrix may scale them; NRRD's space
+        # directions are normalised by ITK): the same physical grid with the lengths in the spacing, which the
+        # resampling reads alone (a scaled axis was resampled at the wrong scale: 204 mm of error in a review)
+        log.info("%s: the direction's axes have lengths %s, not 1: taken into the spacing (%s mm), the same positions",
+                 name, " x ".join(f"{v:g}" for v in lengths), " x ".join(f"{v:g}" for v in spacing * lengths))
+        direction, spacing = direction / lengths, spacing * lengths
+    grid = Grid(arr.shape, spacing, img.GetOrigin(), direction)
     if d == 3 and arr.shape[0] == 1:
         # one slice (a radiograph as DICOM or NIfTI, a PNG read as 3D): a 2D image
         return single_slice_to_2d(arr, grid, name, spacing_known)

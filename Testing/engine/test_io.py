@@ -1050,3 +1050,22 @@ def test_a_blank_row_of_a_point_table_is_no_point(tmp_path, blank):
     path.write_text("label,x,y,z\nA,1,2,3\nB,,,\n")  # a label without its coordinates is still named
     with pytest.raises(InputError, match="line 3"):
         read_points(path)
+
+
+def test_a_direction_whose_axes_are_not_unit_vectors_is_folded_into_the_spacing(tmp_path):
+    """An MHA whose TransformMatrix scales its axes (2 x I, 5 mm voxels: 10 mm apart) was resampled by its spacing
+    alone, at half the anatomy's scale (204 mm of error, where the same grid as NRRD gave 0.15 mm: a review). The
+    lengths go into the spacing: the same positions, unit axes."""
+    arr = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((5.0, 5.0, 2.5))
+    img.SetDirection((0.0, 2.0, 0.0, -2.0, 0.0, 0.0, 0.0, 0.0, 0.5))  # a rotation, its axes scaled by 2, 2 and 0.5
+    img.SetOrigin((1.0, 2.0, 3.0))
+    path = tmp_path / "scaled.mha"
+    sitk.WriteImage(img, str(path))
+    got = read_image(path)
+    np.testing.assert_allclose(got.grid.spacing_mm, [10.0, 10.0, 1.25])
+    np.testing.assert_allclose(np.linalg.norm(got.grid.direction, axis=0), 1.0)
+    ijk = np.array([[0, 0, 0], [5, 4, 3], [2.5, 1, 0.5]], dtype=float)
+    expected = [img.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in ijk]  # ITK's own positions
+    np.testing.assert_allclose(got.grid.index_to_lps(ijk), expected, atol=1e-9)
