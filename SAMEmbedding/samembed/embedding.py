@@ -49,6 +49,10 @@ from .tiles import LOCAL_ENCODING, new_feature_rows
 
 log = logging.getLogger(__name__)
 
+#: the most voxels an image may span on the model's grid (2 GB of float32 input): a whole-body CT, 0.5 x 0.5 x 2 m,
+#: is 62 million at 2 mm; more is a spacing read wrong
+MAX_INPUT_VOXELS = 500_000_000
+
 
 def resolve_device(device: str | torch.device = "auto", fallback: bool = False) -> torch.device:
     """``auto`` -> CUDA when present, else CPU. ``cuda`` without CUDA raises :class:`DeviceUnavailableError`,
@@ -1021,6 +1025,18 @@ class Embedder:
             raise InputError(f"{image.name}: {size} voxels ({mm} mm) is too small for the model "
                              f"'{self.model.model_id}', which needs at least {need_mm:g} mm along each axis; "
                              "give the whole scan, not a crop of a few voxels")
+        # the network's input, on the model's grid: a spacing off by a factor (a 128^3 CT read at 20 mm, 2.56 m
+        # across) asked for 1280^3 voxels, and ended in "internal error: MemoryError" (a review)
+        input_voxels = float(np.prod(extent_mm / float(self.model.preprocess.spacing_mm)))
+        if input_voxels > MAX_INPUT_VOXELS:
+            from .errors import InputError
+
+            mm = " x ".join(f"{v:.4g}" for v in extent_mm)
+            raise InputError(f"{image.name}: spans {mm} mm ({' x '.join(f'{v:g}' for v in image.grid.spacing_mm)} mm "
+                             f"voxels), {input_voxels / 1e6:,.0f} million voxels at the model's "
+                             f"{float(self.model.preprocess.spacing_mm):g} mm, beyond any scan "
+                             f"({MAX_INPUT_VOXELS / 1e6:,.0f} million at most); check its voxel size (the file's "
+                             "spacing header)")
 
     def _prepare(self, image: Image) -> tuple[np.ndarray, Grid, str, np.ndarray | None]:
         """:func:`prepare_input` with this embedder's :attr:`prepare_settings`."""

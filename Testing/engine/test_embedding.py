@@ -10,7 +10,7 @@ import torch
 
 from samembed.embedding import GLOBAL_MARGIN_MM, Embedder, EmbeddingCache, global_box, resolve_device
 from samembed.errors import DeviceUnavailableError
-from samembed.image import Image
+from samembed.image import Grid, Image
 from samembed.io import read_image
 from samembed.models import load_model, random_model
 from samembed.tiles import ENTRY_SUFFIX
@@ -510,3 +510,16 @@ def test_an_entry_another_process_wrote_with_more_voxels_is_not_replaced_by_fewe
     again.save(small)
     meta, _ = read_entry(entry)  # intact again: replaced
     assert 0 < stored_voxels(entry, whole.key) < held
+
+
+def test_an_image_whose_spacing_makes_it_metres_across_is_refused_with_its_size(a_model):
+    """A 128^3 CT read at 20 mm (2.56 m across) asked the network for 1280^3 input voxels and ended in "internal
+    error: MemoryError" (a review); it is refused before anything is made, naming its extent."""
+    from samembed.errors import InputError
+
+    image = a_ct_like_image(shape=(128, 128, 128))
+    huge = Image(image.array, Grid(image.grid.shape_zyx, (20.0, 20.0, 20.0), image.grid.origin_lps_mm,
+                                   image.grid.direction), "wrong-spacing.nii.gz")
+    with pytest.raises(InputError, match=r"wrong-spacing.nii.gz: spans 2560 x 2560 x 2560 mm \(20 x 20 x 20 mm "
+                                         r"voxels\).*check its voxel size"):
+        Embedder(a_model, "cpu", EmbeddingCache()).embed(huge, on_demand=True)
