@@ -366,6 +366,11 @@ class MatchWidget(VTKObservationMixin):
 
     def _onMatchError(self, error) -> None:
         details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        from samembed.errors import is_out_of_memory, out_of_memory_advice
+
+        if is_out_of_memory(error):  # (torch's own words gave no advice)
+            slicer.util.errorDisplay(_("Matching failed: {}").format(out_of_memory_advice(error)), detailedText=details)
+            return
         slicer.util.errorDisplay(_("Matching failed: {}").format(error), detailedText=details)
 
     # -- results, cache ----------------------------------------------------------------------

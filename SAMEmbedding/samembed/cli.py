@@ -1434,6 +1434,11 @@ def _run_command(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if getattr(args, "verbose", False):
             raise
+        from .errors import is_out_of_memory, out_of_memory_advice
+
+        if is_out_of_memory(e):  # (said as an internal error, or as a broken install when a library could not map)
+            print(f"error: {out_of_memory_advice(e)}", file=sys.stderr)
+            return 1
         print(f"internal error: {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
         return 1
 

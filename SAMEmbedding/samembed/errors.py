@@ -77,3 +77,22 @@ def refuse_mixed_dimensions(named_ndims: list[tuple[str, int]], of: str) -> None
     if len({d for _, d in named_ndims}) > 1:
         dims = ", ".join(f"{name} ({d}D)" for name, d in named_ndims)
         raise InputError(f"the atlases are not all of one dimension: {dims}; give atlases of the {of}' dimension")
+
+
+#: what an allocation that failed says, from Python, torch, oneDNN's loader or the dynamic linker
+_OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "cannot allocate memory", "out of memory", "failed to map segment")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed (``MemoryError``; torch's "DefaultCPUAllocator: can't allocate
+    memory"; a library that could not be mapped under a memory limit, which reads as a broken install)."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(t in text for t in _OUT_OF_MEMORY_TEXTS)
+
+
+def out_of_memory_advice(error: BaseException) -> str:
+    """One line for a user whose run ran out of memory: what happened and what to do."""
+    text = str(error).strip() or type(error).__name__
+    return (f"out of memory ({type(error).__name__}: {text[:200]}): this machine, or its memory limit (ulimit -v, a "
+            "container's), could not hold the run; match fewer targets at once (--jobs 1), close other programs, or "
+            "raise the limit")

@@ -1899,3 +1899,24 @@ def test_figure_dir_draws_each_match_with_its_heatmap_and_is_refused_where_it_ca
         assert main(["match", *args, "--out", str(tmp_path / "n.csv"), "--figure-dir", str(tmp_path / "f2"),
                      *common]) == 2
         assert said in capsys.readouterr().err and not drawn and not (tmp_path / "f2").exists()
+
+
+@pytest.mark.needs_data
+def test_a_run_out_of_memory_says_so_and_what_to_do(tmp_path, two_cts, a_points_csv, monkeypatch, capsys):
+    """Out of memory was "internal error: RuntimeError: ... can't allocate memory", or, where a library could not be
+    mapped under a memory limit, an ImportError that read as a broken install (a review)."""
+    import samembed.api as api
+
+    pts_path, _ = a_points_csv
+    for error in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 8589934592 bytes"),
+                  ImportError("libtorch_cpu.so: failed to map segment from shared object")):
+        def fail(*a, error=error, **k):
+            raise error
+
+        monkeypatch.setattr(api, "as_image", fail)
+        assert main(["match", str(two_cts[0]), str(two_cts[1]), "--points", str(pts_path), "--out",
+                     str(tmp_path / "o.csv"), "--model", "random:sam-lite", "--device", "cpu", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: out of memory ({type(error).__name__}") and "--jobs 1" in err, err
+        assert "internal error" not in err

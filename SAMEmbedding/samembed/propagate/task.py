@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, is_out_of_memory
 from ..options import MatchOptions
 from .manifest import Scan
 from .settings import EngineKey
@@ -216,7 +216,7 @@ def failure(scan: Scan, reason: str, **extra: Any) -> dict:
 
 def _reason(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
-    if isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+    if is_out_of_memory(e):
         return (f"out of memory ({type(e).__name__}: {text[:200]}); give each worker more memory (fewer --workers, "
                 "--memory-limit) or lower max_tile_voxels")
     if isinstance(e, InputError):
