@@ -144,7 +144,16 @@ class PrefetchRequest:
 def _arena_bytes() -> int:
     """An eighth of the RAM, at most 1 GiB (a pair of 512 x 512 x 400 CTs and their inputs); 0 where the RAM cannot
     be read: no shared region. Where the kernel commits shared memory up front (``vm.overcommit_memory=2``) the whole
-    region counts, so it stays small."""
+    region counts, so it stays small. None under a limit of the address space (``ulimit -v``): the region's address
+    space counts against it, and a run that fits without it failed (torch could not load, or could not allocate; a
+    review: limits of 1.3-2.6 GB)."""
+    try:
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY:
+            return 0
+    except (ImportError, OSError, ValueError, AttributeError):  # (no such limit here)
+        pass
     try:
         return min(1 << 30, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8)
     except (AttributeError, ValueError, OSError):

@@ -1046,3 +1046,16 @@ def test_a_warning_of_the_childs_reading_is_said_once_by_the_engine_and_not_for_
     finally:
         logging.root.removeHandler(stderr)
     assert said.count("lies beside it") == 1 and str(good) in said, said
+
+
+def test_no_shared_region_is_reserved_under_an_address_space_limit(monkeypatch):
+    """The region reserved 1 GiB of address space before torch loaded, whatever ``ulimit -v`` allowed: under limits
+    of 1.3-2.6 GB a run that fits without it failed (torch could not load, or allocate) (a review)."""
+    import resource
+
+    from samembed.prefetch import _arena_bytes
+
+    assert _arena_bytes() > 0 or resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (3 << 30, resource.RLIM_INFINITY)
+                        if which == resource.RLIMIT_AS else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert _arena_bytes() == 0
