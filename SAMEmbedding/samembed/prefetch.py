@@ -247,6 +247,9 @@ class _Handoff:
             got = int.from_bytes(data, "little")
             if got == seq and fds:
                 break
+            if got == seq:  # its descriptor dropped by the kernel (MSG_CTRUNC): waiting for it held the engine forever
+                raise RuntimeError(f"prefetch: memory file {seq} came without its descriptor (this process is at its "
+                                   "limit of open files, ulimit -n)")
             for fd in fds:  # an earlier one whose message never came
                 os.close(fd)
             if got > seq:

@@ -1059,3 +1059,34 @@ def test_no_shared_region_is_reserved_under_an_address_space_limit(monkeypatch):
     monkeypatch.setattr(resource, "getrlimit", lambda which: (3 << 30, resource.RLIM_INFINITY)
                         if which == resource.RLIMIT_AS else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert _arena_bytes() == 0
+
+
+def test_a_memory_file_whose_descriptor_was_dropped_stops_the_handoff_instead_of_waiting_forever():
+    """At its open-file limit the parent receives the message of an array without its descriptor (the kernel drops
+    it): ``view`` went back to waiting, under the lock that the engine's own requests wait for (a review). It now
+    fails, and the prefetch stops (the engine reads the rest itself)."""
+    import threading
+
+    from samembed.prefetch import _Handoff
+
+    if not _Handoff.available():
+        pytest.skip("memory files and descriptor passing are Linux's")
+    h = _Handoff()
+    try:
+        h.child_end.send((0).to_bytes(8, "little"))  # array 0's datagram, its descriptor lost on the way
+        failed: list[BaseException] = []
+
+        def take():
+            try:
+                h.view(("memfd", "<f4", (2, 3), 0))
+            except RuntimeError as e:
+                failed.append(e)
+
+        t = threading.Thread(target=take, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "view() still waits for a descriptor that will never come"
+        assert failed and "came without its descriptor" in str(failed[0]) and "ulimit -n" in str(failed[0])
+    finally:
+        for end in (h.parent_end, h.child_end):
+            end.close()
