@@ -16,6 +16,32 @@ import numpy as np
 
 from .image import Grid, Image
 
+
+def matplotlib_config_dir() -> Path | None:
+    """Set ``MPLCONFIGDIR`` to a folder of this user's under the temporary folder (made, kept between runs) when
+    matplotlib's own (``$XDG_CONFIG_HOME/matplotlib`` or ``~/.config/matplotlib``) cannot be written, before
+    matplotlib is imported; returns that folder, or None where nothing was needed. Matplotlib then makes a
+    temporary folder of its own per process, removed at exit; the command ends with ``os._exit``, so each run left
+    one behind, and rebuilt its font cache with a warning (a review)."""
+    import os
+    import sys
+    import tempfile
+
+    if "MPLCONFIGDIR" in os.environ or "matplotlib" in sys.modules:
+        return None
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "matplotlib"
+    probe = home if home.exists() else next((p for p in home.parents if p.exists()), home)
+    if os.access(probe, os.W_OK | os.X_OK):
+        return None
+    folder = Path(tempfile.gettempdir()) / f"samembed-matplotlib-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    os.environ["MPLCONFIGDIR"] = str(folder)
+    return folder
+
+
 #: LPS axis letters: the patient direction of +x, +y, +z, and of their opposites
 _POSITIVE, _NEGATIVE = "LPS", "RAI"
 #: the plane of a slice whose normal lies along LPS x, y or z, and that axis's name
@@ -120,6 +146,7 @@ def match_figure(source: Image, point_lps_mm, target: Image, match_lps_mm, heatm
         body_hu: for a CT, intensities above this count as body (lungs included) for the heatmap's colour range;
             elsewhere the range is over the voxels the map was computed on.
     """
+    matplotlib_config_dir()
     import matplotlib
 
     matplotlib.use("Agg")

@@ -3,6 +3,8 @@ only where it lies (a review: one 40 mm off the slice was drawn on it, and every
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -80,3 +82,29 @@ def test_a_radiograph_is_drawn_as_it_is_and_a_heatmap_on_another_grid_is_resampl
     assert "2D image" in texts(fig) and not {"L", "R", "A", "P", "S", "I"} & set(texts(fig).split(" | "))
     assert texts(fig).count("20 mm") + texts(fig).count("10 mm") == 2  # a scale bar in each panel
     plt.close(fig)
+
+
+def test_matplotlib_gets_a_config_folder_of_its_own_where_home_cannot_be_written(tmp_path, monkeypatch):
+    """With HOME not writable, matplotlib made a temporary config folder per process, removed by an exit hook that the
+    command's ``os._exit`` skips: each run left one behind, and rebuilt its font cache with a warning (a review). A
+    folder of this user's under the temporary folder is used instead, the same one every run."""
+    import os
+    import sys
+    import tempfile
+
+    from samembed import figures
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.delitem(sys.modules, "matplotlib", raising=False)  # (as before the command imports it)
+    assert figures.matplotlib_config_dir() is None and "MPLCONFIGDIR" not in os.environ  # writable: nothing to do
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, how, **k: False if Path(path) == home else real_access(path, how, **k))
+    first = figures.matplotlib_config_dir()
+    assert first is not None and first.parent == tmp_path / "tmp" and os.environ["MPLCONFIGDIR"] == str(first)
+    monkeypatch.delenv("MPLCONFIGDIR")
+    assert figures.matplotlib_config_dir() == first and first.is_dir()  # the same folder the next run

@@ -713,6 +713,9 @@ def _bar(total: int, desc: str, show: bool, initial: int = 0) -> CountProgress |
 
 def plot_loss_curve(log_csv: Path, png: Path) -> None:
     """Plot loss (and its local/global parts) against iteration from the CSV log."""
+    from ..figures import matplotlib_config_dir
+
+    matplotlib_config_dir()
     import matplotlib
 
     matplotlib.use("Agg")
