@@ -50,6 +50,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import itertools
 import json
@@ -185,9 +186,12 @@ def _saveVolume(path: Path, image: Image) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             path.unlink()
+        # (room is not what is short when open files are: the advice to free space misled; a review)
+        advice = ("this process is at its limit of open files (each volume kept holds one): raise it (ulimit -n) or "
+                  "match fewer volumes at once" if e.errno in (errno.EMFILE, errno.ENFILE) else
+                  "free space there, or give the engine a temporary folder with room (TMPDIR)")
         raise InputError(f"{image.name}: cannot write its voxels for the engine process to {path.parent} "
-                         f"({e.strerror or e}); free space there, or give the engine a temporary folder with room "
-                         "(TMPDIR)") from e
+                         f"({e.strerror or e}); {advice}") from e
 
 
 def _receiveTimeout(sock: socket.socket, seconds: float) -> None:

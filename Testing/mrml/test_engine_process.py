@@ -1036,3 +1036,23 @@ def test_the_engine_process_reads_and_writes_the_disk_cache_it_is_given(a_scene,
         entries[folder] = sorted(p.name for p in (tmp_path / folder).glob("*" + ENTRY_SUFFIX))
     assert len(entries["cache"]) == 1 and entries["cache"] == entries["here"], entries
     np.testing.assert_allclose(matched["process"][0], matched["process"][1], atol=0.5)  # (read back: rounded)
+
+
+def test_a_volume_that_cannot_be_written_for_want_of_open_files_is_not_told_to_free_space(tmp_path, monkeypatch):
+    """At the limit of open files the engine's volume could not be written, and the error said to free disk space
+    (a review); it now names the limit."""
+    import errno
+
+    from samembed import InputError
+    from samembed.image import Image
+    from SAMEmbeddingLib import engine_process
+
+    image = Image.from_array(np.zeros((4, 5, 6), np.int16), name="ct.nii.gz")
+    for code, said in ((errno.EMFILE, "limit of open files"), (errno.ENOSPC, "free space there")):
+        def refuse(*a, code=code, **k):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(engine_process.np, "save", refuse)
+        with pytest.raises(InputError, match=said):
+            engine_process._saveVolume(tmp_path / "v.npy", image)
+        assert not (tmp_path / "v.npy").exists()
