@@ -393,7 +393,8 @@ class Matcher:
             mask: restrict the search to non-zero voxels of this image (in the targets' space), or None. A mask
                 or ``options.box_lps_mm`` replaces the default restriction to the body.
             progress: ``progress(done, total, phase)`` counted in targets, with the phase named: "embedding
-                source", "embedding target k/N", "matching k/N", "polishing k/N", "matched k/N".
+                source", "embedding target k/N", "matching k/N", "checking consistency k/N", "refining k/N",
+                "polishing k/N", "matching back k/N" (the round trip), "matched k/N".
             cancel: when set, stops at the next target or local tile and raises :class:`Cancelled` with the partial
                 result (the targets finished).
 
@@ -853,6 +854,7 @@ class Matcher:
             self._warn_once(f"the consistency check (consistency, --consistency) needs at least {min_points(d)} points "
                             f"in {d}D to fit its affine, and {n} are given: it is skipped")
         elif options.consistency:
+            phase("checking consistency")  # (these steps took minutes for hundreds of points under one "matching")
             con = consistent_matches(src_maps, pts, tmaps, found, scores, region.allowed,
                                      inlier_mm=options.consistency_inlier_mm, window_mm=options.consistency_window_mm)
             found, scores, rematched = con.points_lps_mm, con.scores, con.rematched
@@ -861,6 +863,7 @@ class Matcher:
                                 f"and these {n} lie in one {'plane' if d == 3 else 'line'} (all on one slice?), "
                                 "which fixes none: it is skipped; add points off it to check them")
         if options.refine:
+            phase("refining")
             ref = refine_points(src_maps, tmaps, pts, found, scores, src_allowed=src_allowed, tgt_allowed=region.allowed,
                                 window_mm=options.refine_window_mm or None)
             found, scores = ref.points_lps_mm, ref.scores
@@ -878,6 +881,7 @@ class Matcher:
             polished, ncc = keep, np.where(keep, pol.ncc, np.nan)  # the correlation where the match is reported
         scores = scores_at(src_maps, pts, tmaps, found)  # the similarity where each match ended (= its heatmap)
         # the round trip matches back the same way: with the prior, inside the inverse affine's window
+        phase("matching back")
         back = match_points(tmaps, found, src_maps, src_allowed, window_mm=region.window_mm,
                             prior=None if region.search_prior is None else np.linalg.inv(region.search_prior))
         back_pts = back.points_lps_mm[:, :d]
