@@ -292,8 +292,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     if len(pairs) > 1 and args.figure_dir:
         raise InputError(f"--figure-dir {args.figure_dir}: a figure shows one source point beside its match, and "
                          f"{len(pairs)} atlases are fused; match one atlas for them, or leave out --figure-dir")
-    for flag in ("--heatmap-dir", "--figure-dir"):  # (one file per label; the heatmaps' refused by the engine too)
-        if getattr(args, flag[2:].replace("-", "_")):
+    for flag, folder in (("--heatmap-dir", args.heatmap_dir), ("--figure-dir", args.figure_dir)):
+        if folder:  # (one file per label; the heatmaps' refused by the engine too)
             _refuse_repeated_labels(labels, pairs[0][1] if pairs else args.points, flag)
     heatmaps = _heatmap_names(ids, labels) if args.heatmap_dir else {}
     figures = _figure_names(ids, labels) if args.figure_dir else {}
@@ -631,7 +631,7 @@ def _prepare_outputs(args, out: Path, folder_out: bool) -> None:
     from .io import check_writable, markups_suffix, output_folder
 
     folders = [(flag, Path(folder)) for flag, folder in (("--heatmap-dir", args.heatmap_dir),
-                                                         ("--figure-dir", getattr(args, "figure_dir", None))) if folder]
+                                                         ("--figure-dir", args.figure_dir)) if folder]
     if folder_out:
         folders.insert(0, ("--out", out))
     else:
@@ -720,19 +720,23 @@ def _refuse_overwriting_inputs(args, pairs, target_paths, outputs: list[Path]) -
     """Raise :class:`InputError` before anything is computed when an output would land on an input (an image, the
     points, a mask, an atlas or its points, the atlas manifest): e.g. ``--out data/`` where an atlas's
     ``.mrk.json`` lies beside its image."""
-    inputs = [*args.images, *target_paths, args.points, args.mask, getattr(args, "atlases", None),
-              *(p for pair in pairs for p in pair)]
-    known = {}
+    hit = _input_overwritten(outputs, [*args.images, *target_paths, args.points, args.mask,
+                                       getattr(args, "atlases", None), *(p for pair in pairs for p in pair)])
+    if hit is not None:
+        o, given = hit
+        flag = ("--heatmap-dir" if args.heatmap_dir and Path(o).parent == Path(args.heatmap_dir) else
+                "--figure-dir" if args.figure_dir and Path(o).parent == Path(args.figure_dir) else "--out")
+        raise InputError(f"{o}: writing it would overwrite the input {given}; choose another {flag}")
+
+
+def _input_overwritten(outputs: Sequence, inputs: Sequence) -> tuple[object, object] | None:
+    """The first of ``outputs`` that is one of ``inputs`` (None entries skipped), by the file each names (links and
+    ``..`` followed), with that input as given; None when none is."""
+    known: dict[str, object] = {}
     for p in inputs:
         if p:
             known.setdefault(os.path.realpath(p), p)
-    for o in outputs:
-        hit = known.get(os.path.realpath(o))
-        if hit is not None:
-            flag = ("--heatmap-dir" if args.heatmap_dir and Path(o).parent == Path(args.heatmap_dir) else
-                    "--figure-dir" if getattr(args, "figure_dir", None) and Path(o).parent == Path(args.figure_dir)
-                    else "--out")
-            raise InputError(f"{o}: writing it would overwrite the input {hit}; choose another {flag}")
+    return next(((o, known[os.path.realpath(o)]) for o in outputs if os.path.realpath(o) in known), None)
 
 
 def _write_markups(args, r, path: Path, fused: dict[str, str]) -> None:
@@ -1102,10 +1106,9 @@ def _cmd_quantize(args) -> int:
     if out.suffix.lower() != ".json":
         raise InputError(f"{out}: --out names the calibration, a JSON file; give a name ending in .json (by default "
                          f"{qparams_path(model.info['file'])})")
-    inputs = {os.path.realpath(p): p for p in (args.config, *images)}
-    if os.path.realpath(out) in inputs:
-        raise InputError(f"{out}: writing it would overwrite the input {inputs[os.path.realpath(out)]}; choose another "
-                         "--out")
+    hit = _input_overwritten([out], [args.config, *images])
+    if hit is not None:
+        raise InputError(f"{out}: writing it would overwrite the input {hit[1]}; choose another --out")
     from .io import check_writable
 
     check_writable(out)  # before minutes of calibration, not after them

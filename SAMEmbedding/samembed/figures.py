@@ -3,8 +3,9 @@
 :func:`match_figure` draws two crops through the points, each in its image's own slice plane (the source around the
 clicked point, the target around its match), each labelled with its orientation (the patient directions of its
 axes, from the image's direction cosines), its plane (axial, coronal or sagittal) and its slice position (LPS mm); a
-radiograph (a 2D image) is shown as it is. ``samembed match --figure-dir`` draws one per matched point. The heatmap is coloured over its robust range inside the body only, and low similarity is transparent, so the hot
-spot stands out instead of washing over the slice.
+radiograph (a 2D image) is shown as it is. ``samembed match --figure-dir`` draws one per matched point. The heatmap
+is coloured over its robust range inside the body only, and low similarity is transparent, so the hot spot stands
+out instead of washing over the slice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .image import Grid, Image
+from .preprocess import detect_modality
 
 
 def matplotlib_config_dir() -> Path | None:
@@ -162,7 +164,7 @@ def match_figure(source: Image, point_lps_mm, target: Image, match_lps_mm, heatm
     for ax, img, p, hm, name in panels:
         crop, k, extent, grid = _crop(img, np.asarray(p, dtype=np.float64), half_mm)
         sl = _plane(img, k)[crop].astype(np.float32)
-        ct = float(img.array.min()) < -500  # (air in Hounsfield units)
+        ct = detect_modality(img) == "ct"  # (the engine's own test: air in HU, on a sample of slices)
         ax.imshow(_grey(sl, ct), cmap="gray", extent=extent, interpolation="nearest")
         if hm is not None:
             hsl = _heatmap_crop(hm, img, k, crop, grid)

@@ -144,7 +144,7 @@ class PrefetchRequest:
 def _arena_bytes() -> int:
     """An eighth of the RAM, at most 1 GiB (a pair of 512 x 512 x 400 CTs and their inputs); 0 where the RAM cannot
     be read: no shared region. Where the kernel commits shared memory up front (``vm.overcommit_memory=2``) the whole
-    region counts, so it stays small. None under a limit of the address space (``ulimit -v``): the region's address
+    region counts, so it stays small. 0 (no region) under a limit of the address space (``ulimit -v``): its address
     space counts against it, and a run that fits without it failed (torch could not load, or could not allocate; a
     review: limits of 1.3-2.6 GB)."""
     try:

@@ -104,8 +104,12 @@ def detect_modality(image: Image) -> Modality:
     the :data:`MODALITY_PERCENTILE` percentile of about 16 of its slices at most :data:`CT_AIR_HU`."""
     if image.ndim == 2:
         return "xray"
-    return "ct" if _percentile_at_most(image.array[:: max(1, image.array.shape[0] // 16)], MODALITY_PERCENTILE,
-                                       CT_AIR_HU) else "mri"
+    return "ct" if _percentile_at_most(_slices_sample(image.array), MODALITY_PERCENTILE, CT_AIR_HU) else "mri"
+
+
+def _slices_sample(array: np.ndarray) -> np.ndarray:
+    """About 16 of a volume's slices, evenly spread (a view): what its intensities are judged by."""
+    return array[:: max(1, array.shape[0] // 16)]
 
 
 #: what a CT stored without its rescale (``HU + 1024``, as many scanners store it) reads for a value in HU
@@ -122,7 +126,7 @@ def looks_like_offset_ct(image: Image) -> bool:
     a = image.array
     if image.ndim != 3 or a.dtype.kind not in "iu":
         return False
-    sample = a[:: max(1, a.shape[0] // 16)]
+    sample = _slices_sample(a)
     return bool(sample.min() >= 0) and not _percentile_at_most(sample, 99.9, OFFSET_BONE_HU + CT_STORED_OFFSET)
 
 

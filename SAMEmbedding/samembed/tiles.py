@@ -617,10 +617,15 @@ def stored_voxels(path: Path, key: str) -> int | None:
         header, _ = read_entry_header(path)
         if header.get("key") != key or header.get("local_encoding") != LOCAL_ENCODING:
             return None
-        shape = header["arrays"][3][1]
-        return int(shape[0]) if len(shape) == 2 else None
+        return _stored_count(header["arrays"])
     except (OSError, DamagedEntry, KeyError, IndexError, TypeError, ValueError):
         return None
+
+
+def _stored_count(arrays: list) -> int | None:
+    """The local voxels an entry stores, from its header's ``arrays`` (the packed vectors', fourth, shape: rows x
+    bytes); None for another layout."""
+    return int(arrays[3][1][0]) if len(arrays) > 3 and len(arrays[3][1]) == 2 else None
 
 
 def _parse_header(path: Path, lead: bytes, read: Callable[[int], bytes]) -> tuple[dict, int]:
@@ -683,7 +688,7 @@ def _entry_summary(path: Path, size: int) -> dict:
         return {"image": str(h.get("image") or "?"), "model": str(h.get("model_id") or "?"),
                 "grid_zyx": [int(v) for v in grid["shape_zyx"]],
                 "spacing_zyx_mm": [float(v) for v in reversed(grid["spacing_mm"])],
-                "stored_voxels": int(arrays[3][1][0]) if len(arrays) > 3 and len(arrays[3][1]) == 2 else None}
+                "stored_voxels": _stored_count(arrays)}
     except DamagedEntry as e:
         return {"damaged": str(e).removeprefix(f"{path}: ")}
     except (KeyError, IndexError, TypeError, ValueError):
