@@ -362,12 +362,15 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_r
     with pytest.raises(Cancelled) as info:
         propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup), client=client, cancel=stop,
                   on_result=stop_after_three)
-    assert info.value.partial.finished == 3
     before = {sid: rec["finished"] for sid, rec in ResultStore(out).load().items()}
-    assert sorted(before) == sorted(seen)
+    # the three seen, and any scan the other worker finished before the cancel was seen: kept too, by design (the
+    # test expected exactly 3, and failed when a fourth landed in that window)
+    kept = len(before)
+    assert set(seen) <= set(before) and 3 <= kept < 6 and info.value.partial.finished == kept
     # the finished scans' page, marked as such (an interrupted run wrote none)
     page = (out / "report.html").read_text(encoding="utf-8")
-    assert re.search(r"This run was interrupted:\s+the page shows the 3 scans finished so far\s+\(3 matched, 0 failed\) of 6; 3 not done", page)
+    assert re.search(rf"This run was interrupted:\s+the page shows the {kept} scans finished so far\s+\({kept} "
+                     rf"matched, 0 failed\) of 6; {6 - kept} not done", page)
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     # without --resume, the folder is refused
     from samembed.errors import InputError
@@ -377,8 +380,8 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(setup, client, full_r
     messages = []
     summary = propagate(setup["atlas"], scans, out, OPTIONS, _settings(setup, resume=True), client=client,
                         echo=messages.append)
-    assert (summary.skipped, summary.finished, summary.failed) == (3, 3, 0)
-    assert any("skipping 3 of 6" in m for m in messages)
+    assert (summary.skipped, summary.finished, summary.failed) == (kept, 6 - kept, 0)
+    assert any(f"skipping {kept} of 6" in m for m in messages)
     assert 'id="interrupted"' not in (out / "report.html").read_text(encoding="utf-8")
     after = ResultStore(out).load()
     assert all(after[sid]["finished"] == t for sid, t in before.items())  # not recomputed
