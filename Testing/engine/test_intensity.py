@@ -310,6 +310,48 @@ def test_the_sources_templates_are_kept_for_the_next_target_and_the_polish_is_un
     assert "0 again" in made  # the oldest went first
 
 
+def test_the_polish_holds_one_batch_of_templates_at_a_time_and_keeps_them_only_within_their_budget(monkeypatch):
+    """Thousands of points: the source's templates are sampled batch by batch, between the target's blocks, so one
+    batch's are held, not all (5000 points held 1 GB); above :data:`KEPT_TEMPLATE_BYTES` they are not kept for the
+    next target but sampled again. The polished points are the same either way."""
+    from samembed import intensity
+    from samembed.intensity import LatticeSampler
+
+    rng = np.random.default_rng(8)
+    smooth = torch.nn.functional.avg_pool3d(torch.from_numpy(rng.normal(size=(1, 1, 40, 48, 56))).float(), 5, 1, 2)
+    src = Image.from_array(smooth[0, 0].numpy() * 100.0, spacing_mm=(1.0, 1.0, 1.0))
+    tgt = Image.from_array(np.roll(src.array, 1, axis=2), spacing_mm=(1.0, 1.0, 1.0))
+    pts = src.grid.index_to_lps(np.column_stack([rng.uniform(10, 46, 200), rng.uniform(10, 38, 200),
+                                                 rng.uniform(10, 30, 200)]))
+    levels = ((2.0, 6.0, 4.0), (1.0, 3.0, 2.0))
+    calls = []
+    sample = LatticeSampler.sample
+
+    def recording(self, centres, *a, **k):
+        calls.append(("source" if self.image is src else "target", len(centres)))
+        return sample(self, centres, *a, **k)
+
+    monkeypatch.setattr(LatticeSampler, "sample", recording)
+    whole = polish_points(src, tgt, pts, pts + [0.5, 0.0, 0.0], levels=levels, batch=64)
+    assert max(n for who, n in calls if who == "source") <= 64
+    before_first_block = calls[:calls.index(("target", 64))]
+    assert before_first_block == [("source", 64)] * len(levels), "more than one batch's templates were sampled"
+    per_point = sum((2 * round(t / st) + 1) ** 3 * 5 for st, t, _ in levels)
+    monkeypatch.setattr(intensity, "KEPT_TEMPLATE_BYTES", per_point * 199)  # one point short of all 200
+    for _ in range(2):
+        calls.clear()
+        again = polish_points(src, tgt, pts, pts + [0.5, 0.0, 0.0], levels=levels, batch=64, keep_templates=True)
+        assert sum(who == "source" for who, _ in calls) == 8, "kept over the budget"  # 4 batches x 2 levels
+        np.testing.assert_array_equal(again.points_lps_mm, whole.points_lps_mm)
+        np.testing.assert_array_equal(again.ncc, whole.ncc)
+    monkeypatch.setattr(intensity, "KEPT_TEMPLATE_BYTES", per_point * 200)
+    for n_sampled in (8, 0):  # within the budget: sampled for the first target only
+        calls.clear()
+        again = polish_points(src, tgt, pts, pts + [0.5, 0.0, 0.0], levels=levels, batch=64, keep_templates=True)
+        assert sum(who == "source" for who, _ in calls) == n_sampled
+        np.testing.assert_array_equal(again.points_lps_mm, whole.points_lps_mm)
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_lattice_sampling_of_a_volume_only_a_few_slices_deep_equals_trilinear_interpolation(depth):
     """The 3D sampler reads a box as its stacked 2D slices and steps between them: with one slice (nothing to step
