@@ -351,6 +351,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
     done_at: list[int] = []  # the place of each of them among the targets (a skipped one leaves a gap)
     drawn: dict[int, int] = {}  # the figures drawn of each target (--figure-dir), by its place
     failed: list[tuple[int, str, TargetError]] = []  # targets that could not be read or matched, skipped (in order)
+    hint_given: list[int] = []  # the target whose heatmaps were written first (its size hints at the others')
+    mapped: dict[int, int] = {}  # the heatmaps written of each target as it finished (several targets), by its place
 
     def heatmaps_done() -> dict[tuple[int, str], str]:  # the heatmap names by place in `done`
         return {(k, label): heatmaps[(ti, label)] for k, ti in enumerate(done_at) for label in dict.fromkeys(labels)
@@ -435,6 +437,14 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 one = None
             if folder_out:
                 _write_markups(args, r, out / f"{ids[ti]}.mrk.json", fused)
+            if heatmaps and n > 1:  # written now, not held to the end: each target's take as much as 70 MB on the
+                # model's grid (one alone is written at the end, once the engine's memory is freed)
+                turns.update(ti, 1.0, f"writing heatmaps {ti + 1}/{n}")
+                with turns.lock:
+                    first = not hint_given
+                    hint_given.append(ti)
+                mapped[ti] = _write_heatmaps(args, [r], {(0, lab): heatmaps[(ti, lab)] for lab in dict.fromkeys(labels)
+                                                         if (ti, lab) in heatmaps}, of_targets=n if first else 0)
             with turns.lock:  # in the targets' order, whichever finished first
                 k = bisect.bisect(done_at, ti)
                 done_at.insert(k, ti)  # (first: an interrupt between the two leaves no result without its place)
@@ -455,7 +465,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
         bar.phase("writing")
         writing = True
         try:
-            _write_match_outputs(args, done, out, folder_out, heatmaps_done(), fused, prefetch, wrote)
+            mapped[-1] = _write_match_outputs(args, done, out, folder_out, heatmaps_done(), fused, prefetch, wrote)
         except OSError as e:
             if (folder_out or "csv" in wrote or partial_out == out or not e.filename2
                     or os.path.realpath(e.filename2) != os.path.realpath(out)):
@@ -521,7 +531,7 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
                 print(f"{Path(row['target']).name}\t{row['label']}\t({row['x']:.1f}, {row['y']:.1f}, {row['z']:.1f}) "
                       f"mm {frame}\tscore {row['score']:.3f}\t{'confident' if row['confident'] else 'NOT confident'} "
                       f"({why})")
-        print(f"wrote {out}{_written_summary(args, done, sum(drawn.values()))} in {time.perf_counter() - t0:.1f} s")
+        print(f"wrote {out}{_written_summary(args, done, sum(drawn.values()), sum(mapped.values()))} in {time.perf_counter() - t0:.1f} s")
     if failed:
         log.error("%d of %d targets could not be matched (each is named above): %s; %s holds the others", len(failed),
                   n, ", ".join(name for _, name, _ in failed), out)
@@ -768,38 +778,45 @@ def _rejected(m, fused: dict[str, str]) -> str:
     return joined_names(_rejected_names(m, fused))
 
 
-def _written_summary(args, done: list, figures: int = 0) -> str:
-    """What the closing line adds to the output's name: how many matches, how many confident, and the heatmaps' and
-    ``figures``' counts and folders (the line named the table alone; 3 of 5 matches not confident went unsaid but in
-    the rows)."""
+def _written_summary(args, done: list, figures: int = 0, maps: int = 0) -> str:
+    """What the closing line adds to the output's name: how many matches, how many confident, and the counts and
+    folders of the ``maps`` heatmaps and ``figures`` written (the line named the table alone; 3 of 5 matches not
+    confident went unsaid but in the rows)."""
     matches = [m for r in done for m in r.matches]
     text = f" ({len(matches)} match{'' if len(matches) == 1 else 'es'}, {sum(m.confident for m in matches)} confident)"
-    maps = sum(len(r.heatmaps) for r in done) if args.heatmap_dir else 0
     return (text + (f" and {maps} heatmap{'' if maps == 1 else 's'} in {args.heatmap_dir}" if maps else "")
             + (f" and {figures} figure{'' if figures == 1 else 's'} in {args.figure_dir}" if figures else ""))
 
 
 def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_names: dict[tuple[int, str], str],
-                         fused: dict[str, str] | None = None, prefetch=None, wrote: set[str] | None = None) -> None:
+                         fused: dict[str, str] | None = None, prefetch=None, wrote: set[str] | None = None) -> int:
     """The outputs of the finished targets ``done`` (a MatchResult each, in order) not written yet: the CSV (all
     their rows; the ``.mrk.json`` per target was written as each finished) and the heatmaps, named by
     ``heatmap_names`` (:func:`_heatmap_names`). Fused matches carry how many atlases agreed and their spread (mm).
     Each target's files are named by :func:`samembed.names.target_ids`: unique, so targets of the same file name in
-    different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files."""
-    from .io import write_heatmap
-
+    different folders (``a/ct.nii.gz``, ``b/ct.nii.gz``) keep their own files; the heatmaps not written yet
+    (:func:`_write_heatmaps`): returns how many."""
     if not folder_out:  # the table first, before anything else takes time (a stop then loses no match)
         _write_table(args, done, out, fused)
         if wrote is not None:
             wrote.add("csv")
     if prefetch is not None:  # (its memory, before the heatmaps take theirs)
         prefetch.close()
+    return _write_heatmaps(args, done, heatmap_names)
+
+
+def _write_heatmaps(args, done: list, heatmap_names: dict[tuple[int, str], str], of_targets: int = 1) -> int:
+    """The heatmaps of the finished targets ``done`` (a MatchResult each) into ``--heatmap-dir``, named by
+    ``heatmap_names`` (by place in ``done`` and label); each result's maps are dropped once written. ``of_targets``:
+    the run's targets, when ``done`` is its first target's result alone (the hint about their size is given
+    then, for all of them). Returns how many were written."""
     if not args.heatmap_dir or not any(len(res.heatmaps) for res in done):
-        return
-    if args.heatmap_grid == "image":
+        return 0
+    if args.heatmap_grid == "image" and of_targets:
         keys = [(res, key) for res in done for key in res.heatmaps]
-        hint = heatmap_grid_hint(len(keys), sum(math.prod(r.heatmaps.image_grid(k).shape_zyx) for r, k in keys),
-                                 sum(math.prod(r.heatmaps.model_grid(k).shape_zyx) for r, k in keys))
+        hint = heatmap_grid_hint(len(keys) * of_targets,
+                                 sum(math.prod(r.heatmaps.image_grid(k).shape_zyx) for r, k in keys) * of_targets,
+                                 sum(math.prod(r.heatmaps.model_grid(k).shape_zyx) for r, k in keys) * of_targets)
         if hint:
             log.info("%s", hint)
     import gc
@@ -808,7 +825,7 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
     # on-demand maps and their embedder refer to each other (maps -> tiles -> embedder -> its cache -> maps): freed
     # here, not whenever the next full collection happens to run
     gc.collect()
-    from .io import new_sitk_buffer
+    from .io import new_sitk_buffer, write_heatmap
 
     # each heatmap is made (samembed.heatmap.Heatmaps.make) and written while the next one is made: the compression
     # runs outside the GIL, and at most `workers` written maps are in flight besides the one being made. Each is made
@@ -839,6 +856,12 @@ def _write_match_outputs(args, done: list, out: Path, folder_out: bool, heatmap_
                         free.append(back)
         for job, _ in pending:
             job.result()
+    from .heatmap import Heatmaps
+
+    written = sum(len(res.heatmaps) for res in done)
+    for res in done:  # written: the dense maps go (with many targets they took 2.7 MB per point of a chest CT)
+        res.heatmaps = Heatmaps()
+    return written
 
 
 def _cmd_embed(args) -> int:

@@ -145,6 +145,45 @@ def test_the_heatmaps_are_written_after_the_engine_and_its_images_are_freed_and_
 
 
 @pytest.mark.needs_data
+def test_with_several_targets_each_targets_heatmaps_are_written_as_it_finishes_and_then_let_go(
+        tmp_path, two_cts, a_points_csv, monkeypatch, capsys):
+    """An atlas into hundreds of targets: each target's dense maps (70 MB on the model's grid of a head CT) were
+    held until every target was matched. Each target's heatmaps are now written before the next target is matched,
+    and its result holds no map after; the files are the maps of a run with that target alone."""
+    from samembed import api, io
+
+    events = []
+    write, match = io.write_heatmap, api.Matcher.match
+
+    def writing(image, path, in_place=False):
+        events.append(("write", Path(path).name))
+        return write(image, path, in_place=in_place)
+
+    def matching(self, *a, **k):
+        events.append(("match", None))
+        result = match(self, *a, **k)
+        kept.append(result)
+        return result
+
+    kept = []
+    monkeypatch.setattr(io, "write_heatmap", writing)
+    monkeypatch.setattr(api.Matcher, "match", matching)
+    pts_path, _ = a_points_csv
+    common = ["--points", str(pts_path), "--model", "random:sam-lite", "--device", "cpu", "--jobs", "1",
+              "--heatmap-grid", "model"]
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), str(two_cts[0]), *common, "--out", str(tmp_path / "m.csv"),
+                 "--heatmap-dir", str(tmp_path / "hm")]) == 0
+    assert f"and 4 heatmaps in {tmp_path / 'hm'} in " in capsys.readouterr().out  # (the closing line)
+    assert [e for e, _ in events] == ["match", "write", "write", "match", "write", "write"], events
+    assert all(len(r.heatmaps) == 0 for r in kept), "a result still holds its maps"
+    assert main(["match", str(two_cts[0]), str(two_cts[1]), *common, "--out", str(tmp_path / "alone.csv"),
+                 "--heatmap-dir", str(tmp_path / "alone")]) == 0
+    for name in ("pt_202_ct_A_heatmap.nii.gz", "pt_202_ct_B_heatmap.nii.gz"):
+        np.testing.assert_array_equal(io.read_image(tmp_path / "hm" / name).array,
+                                      io.read_image(tmp_path / "alone" / name).array)
+
+
+@pytest.mark.needs_data
 def test_heatmaps_on_the_models_grid_are_the_full_size_ones_at_the_maps_own_resolution(tmp_path, two_cts, a_points_csv):
     """``--heatmap-grid model`` writes each map on the model's grid (its own voxels, in the target's physical space):
     put onto the target's voxels (each takes the model voxel its centre falls in) it is the ``--heatmap-grid image``
