@@ -475,7 +475,8 @@ def propagate(atlases: Sequence[Atlas] | Atlas, scans: str | Path | Sequence[Sca
                     f"{summary.finished + summary.skipped} scans kept in {out}"
                     f"{' (report.html shows them)' if summary.report else ''}; "
                     f"{'' if error is None else 'when its cause is fixed, '}rerun with --resume to finish")
-                if isinstance(e, Cancelled):
+                if isinstance(e, Cancelled):  # told with the scans kept meanwhile (it said "after 3" beside 4 kept)
+                    e.args = (f"cancelled after {finished + failed} of {len(todo)} scans",)
                     e.partial = summary
                 raise
             finally:
