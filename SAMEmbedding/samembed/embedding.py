@@ -243,7 +243,8 @@ class EmbeddingMaps:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the computed features, the global map, masks and compact copies, bytes."""
+        """Memory held by the computed features, the global map, masks and compact copies, and the network input
+        (or image) kept to compute the rest (:attr:`TileComputer.nbytes`), bytes."""
         row_bytes = self.features.element_size() * self.features.shape[0]
         ready = self.ready  # read once: a fill in another thread may set it to None
         if ready is None:
@@ -257,7 +258,9 @@ class EmbeddingMaps:
         tensors += [] if self._coarse_rows is None else [self._coarse_rows]
         tensors += [t for pair in tuple(self._compact.values()) for t in pair]
         feat = self.features.element_size() * self.features.nelement() * frac
-        return int(feat) + sum(t.element_size() * t.nelement() for t in tensors)
+        tiles = self.tiles  # (read once: a fill in another thread may drop it)
+        held = 0 if tiles is None else tiles.nbytes
+        return int(feat) + sum(t.element_size() * t.nelement() for t in tensors) + held
 
     # ----------------------------------------------------------------------------- on-demand filling
     @property
@@ -626,18 +629,30 @@ class TileComputer:
     #: on-demand embedding has cost (the Slicer module's engine process reports it, ``EngineProcess.inputVoxels``)
     process_input_voxels = 0
 
-    def __init__(self, network: TileNetwork, prepare: Callable[[], np.ndarray]) -> None:
+    def __init__(self, network: TileNetwork, prepare: Callable[[], np.ndarray], held_bytes: int = 0) -> None:
         self.network = network
-        self._prepare = prepare
+        self._prepare: Callable[[], np.ndarray] | None = prepare
+        self._held_bytes = int(held_bytes)  # what ``prepare`` holds until it is called (the input, or an image)
         self._x: torch.Tensor | None = None
         self.tiles_computed = 0
         self.input_voxels = 0  # input voxels run through the local branch, halos included
 
+    @property
+    def nbytes(self) -> int:
+        """Memory this holds, bytes: the network input once prepared, else what ``prepare`` holds to make it (the
+        ``held_bytes`` given). The embedding cache counts it with the maps (:attr:`EmbeddingMaps.nbytes`): a
+        target's took 53 MB of a head CT beside its 33 MB of features, uncounted, so that memory rose to about
+        3x the cache's limit."""
+        x = self._x
+        return self._held_bytes if x is None else x.element_size() * x.nelement()
+
     def input(self) -> torch.Tensor:
-        """The network input (1, 1, *shape_zyx), prepared once."""
+        """The network input (1, 1, *shape_zyx), prepared once; what prepared it is let go (an image kept to
+        prepare it is freed, unless held elsewhere)."""
         if self._x is None:
             x = torch.from_numpy(np.ascontiguousarray(self._prepare()))[None, None].to(self.network.device)
             self._x = x.half() if self.network.half else x
+            self._prepare = None
         return self._x
 
     def fill(self, maps: EmbeddingMaps, missing_zyx: np.ndarray, cancel: threading.Event | None = None) -> None:
@@ -1082,7 +1097,8 @@ class Embedder:
             maps.global_norm.copy_(upsample_lengths_box(glob.cpu(), shape, *ends).reshape(-1))
             maps.ready = None
         else:
-            maps.tiles = TileComputer(self.tile_network, lambda a=arr: a)  # holds the input, not the embedder
+            # (holds the input, not the embedder)
+            maps.tiles = TileComputer(self.tile_network, lambda a=arr: a, held_bytes=arr.nbytes)
         return maps
 
     def _global_map(self, x: torch.Tensor, body_local: np.ndarray) -> torch.Tensor:
@@ -1209,7 +1225,8 @@ class Embedder:
                     write_rows(maps.vectors, [ints.T], flat, unit=slice(None))  # normalised: the directions
                 maps.ready[torch.from_numpy(stored)] = True
             maps.stored_on_disk = (path, len(stored))
-            maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image))
+            maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image),
+                                      held_bytes=image.array.nbytes)
             if bool(maps.ready.all()):
                 maps.ready, maps.tiles = None, None
             return maps
