@@ -939,12 +939,16 @@ class Matcher:
         return M
 
     def clear_cache(self) -> None:
-        """Drop every in-memory embedding (and the affine priors fitted between them). A disk cache folder that could
-        not be written (full, read-only) is tried again from now on."""
+        """Drop every in-memory embedding (and the affine priors fitted between them), and give the memory they held
+        back to the system (:func:`samembed.allocator.release_free_memory`; else the process kept much of it). A disk cache folder that could not be written (full, read-only) is
+        tried again from now on."""
+        from .allocator import release_free_memory
+
         self.cache.clear()
         self.clear_priors()
         for embedder in {id(e): e for e in (self.embedder, *self._embedders.values())}.values():
             embedder._cache_write_failed = False
+        release_free_memory()
 
     def forget(self, image: Image) -> None:
         """Drop the in-memory embeddings of ``image``: for a caller that will not match it again, e.g. each target of
