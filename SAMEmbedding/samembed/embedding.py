@@ -120,7 +120,7 @@ def resolve_precision(precision: str, model: LoadedModel, device: torch.device) 
 #: one filler at a time, whatever the maps (a Slicer worker and the main thread may share maps), unless targets are
 #: matched concurrently (:func:`concurrent_matching`): then each maps' own lock (``EmbeddingMaps._lock``) suffices
 _FILL_LOCK = threading.RLock()
-_CONCURRENT = {"jobs": 0}  # the concurrent_matching() blocks open in this process
+_CONCURRENT = {"jobs": 0, "threads": 1}  # the concurrent_matching() blocks open, torch's threads before them
 _CONCURRENT_LOCK = threading.Lock()
 #: the cancel event of the match running in this thread (:func:`tiles_cancelled_by`), checked before each tile
 _TILE_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("samembed_tile_cancel",
@@ -152,17 +152,20 @@ def concurrent_matching(threads_per_job: int):
     and a tile never writes over voxels that are already computed, which another thread may be reading
     (:meth:`TileComputer._tile` takes its own buffers instead of the in-place path there: a whole volume's tile over
     maps that already hold tiles then needs its tile-sized buffers, about 2 x 330 MB for an OpenKBP CT). Open it
-    only while no tile is being filled (between targets)."""
-    threads = torch.get_num_threads()
+    only while no tile is being filled (between targets). Blocks may overlap (two callers at once): the thread count
+    of before the first is restored when the last ends (each restored its own, so the second's, one thread, stayed)."""
     with _CONCURRENT_LOCK:
+        if _CONCURRENT["jobs"] == 0:
+            _CONCURRENT["threads"] = torch.get_num_threads()
         _CONCURRENT["jobs"] += 1
-    torch.set_num_threads(max(1, int(threads_per_job)))
+        torch.set_num_threads(max(1, int(threads_per_job)))
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
         with _CONCURRENT_LOCK:
             _CONCURRENT["jobs"] -= 1
+            if _CONCURRENT["jobs"] == 0:
+                torch.set_num_threads(_CONCURRENT["threads"])
 
 
 #: part of every cache key: bumped when the engine's arithmetic changes (v2: batch norms folded into the

@@ -444,3 +444,25 @@ def run():
     assert line.startswith("raised after"), line
     assert "still running []" in line and "finished [1]" in line, line
     assert float(line.split()[2]) >= 2.0, line
+
+
+def test_overlapping_concurrent_matching_blocks_give_back_the_thread_count_of_before_the_first():
+    """Two callers' blocks that overlap (one opened, the other opened, the first closed, the other closed) left
+    torch at one thread for the rest of the process: each restored the count it found, the second's being the
+    first's one thread."""
+    import torch
+
+    from samembed.embedding import concurrent_matching
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = concurrent_matching(1), concurrent_matching(1)
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1  # (the second still runs with what it asked for)
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
