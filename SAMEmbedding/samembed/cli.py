@@ -930,8 +930,8 @@ def _cmd_embed(args) -> int:
 
 def _cmd_cache(args) -> int:
     """``samembed cache info|clear FOLDER`` (or ``--cache-dir FOLDER``): what the embedding cache holds, or empty
-    it."""
-    from .tiles import OLDER_FORMAT, cache_clear, cache_info
+    it (or remove the entries unused for ``--unused-days``, and the least recently used beyond ``--max-gb``)."""
+    from .tiles import OLDER_FORMAT, ClearLimits, cache_clear, cache_info
 
     given = [f for f in (args.folder, args.cache_dir) if f]
     if not given:
@@ -944,10 +944,23 @@ def _cmd_cache(args) -> int:
         raise InputError(f"{folder}: is a file, not a cache folder (give the --cache-dir used with match or embed)")
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: no such cache folder (give the --cache-dir used with match or embed)")
+    limits = ClearLimits(None if args.unused_days is None else args.unused_days * 86400.0,
+                         None if args.max_gb is None else int(args.max_gb * 1e9))
+    for flag, value in (("--unused-days", args.unused_days), ("--max-gb", args.max_gb)):
+        if value is not None and args.action != "clear":
+            raise InputError(f"{flag} says which entries `samembed cache clear` removes; `cache info` lists them all")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{flag} {value:g}: give a number of {'days' if flag == '--unused-days' else 'GB'}, 0 "
+                             "or more")
     if args.action == "clear":
-        n, writes, kept = cache_clear(folder)
+        n, writes, kept = cache_clear(folder, limits)
         also = f" and {writes} unfinished {'write' if writes == 1 else 'writes'} of stopped processes" if writes else ""
-        print(f"removed {n} {'entry' if n == 1 else 'entries'}{also} from {folder}")
+        parts = ([f"not used for {args.unused_days:g} days"] if args.unused_days is not None else []) + (
+            [f"beyond the {args.max_gb:g} GB used most recently"] if args.max_gb is not None else [])
+        which = f" ({' or '.join(parts)})" if parts else ""
+        rest = cache_info(folder) if not limits.all else None
+        print(f"removed {n} {'entry' if n == 1 else 'entries'}{which}{also} from {folder}"
+              + ("" if rest is None else f"; {rest['entries']} left, {rest['bytes'] / 1e6:.1f} MB"))
         if kept:  # (another user's, in a shared folder): named, and the command fails
             why = sorted({reason for _, reason in kept})
             print(f"error: {len(kept)} {'file' if len(kept) == 1 else 'files'} left, not removed ({'; '.join(why)}), "
@@ -1263,10 +1276,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e, cache_help="the on-disk embedding cache folder to fill (required)")
     e.set_defaults(func=_cmd_embed)
 
-    c = sub.add_parser("cache", help="show or clear an embedding cache folder")
+    c = sub.add_parser("cache", help="show or clear an embedding cache folder",
+                       description="info: each entry's size, when it was last written or used, its image, model and "
+                                   "grid; clear: remove the entries (all, or those the limits below select) and the "
+                                   "unfinished writes of stopped processes")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("folder", nargs="?", help="the cache folder (the --cache-dir given to match or embed)")
     c.add_argument("--cache-dir", help="the cache folder, as match and embed take it (instead of FOLDER)")
+    c.add_argument("--unused-days", type=float, metavar="DAYS",
+                   help="clear: only the entries not written or used for DAYS days (default: every entry)")
+    c.add_argument("--max-gb", type=float, metavar="GB",
+                   help="clear: the least recently used entries, until the rest take at most GB gigabytes "
+                        "(default: every entry)")
     add_log_flags(c)
     c.set_defaults(func=_cmd_cache)
 

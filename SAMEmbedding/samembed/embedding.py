@@ -1169,6 +1169,7 @@ class Embedder:
             DamagedEntry,
             OlderEntry,
             coarse_rows,
+            mark_used,
             read_entry,
             unpacked_directions,
             upsample_at,
@@ -1228,6 +1229,7 @@ class Embedder:
                     write_rows(maps.vectors, [ints.T], flat, unit=slice(None))  # normalised: the directions
                 maps.ready[torch.from_numpy(stored)] = True
             maps.stored_on_disk = (path, len(stored))
+            mark_used(path)  # (what `samembed cache clear --unused-days/--max-gb` keeps)
             maps.tiles = TileComputer(self.tile_network, functools.partial(_prepared_input, self.prepare_settings, image),
                                       held_bytes=image.array.nbytes)
             if bool(maps.ready.all()):

@@ -14,9 +14,11 @@ input grid is the network's (model spacing, padded to ``pad_multiple``). The dis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 import sys
@@ -731,7 +733,7 @@ def _older_entry(path: Path) -> bool:
 
 def cache_info(cache_dir: str | Path) -> dict:
     """Entries and bytes in a cache folder (``samembed cache info``): per entry its file name, size (bytes),
-    modification time (seconds since the epoch: when it was last written) and :func:`_entry_summary`'s fields. Only
+    modification time (seconds since the epoch: when it was last written or used, :func:`mark_used`) and :func:`_entry_summary`'s fields. Only
     the headers are read: a corrupt payload of the right size shows when the entry is next used (and is recomputed
     then)."""
     folder = Path(cache_dir)
@@ -777,11 +779,59 @@ def unfinished_files(cache_dir: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def cache_clear(cache_dir: str | Path) -> tuple[int, int, list[tuple[Path, str]]]:
-    """Delete every cache entry (:func:`entry_files`: current and older format, nothing else) in the folder, and
-    the abandoned writes (:func:`unfinished_files`), each that this user may delete; returns how many entries and
-    writes were removed, and each file left with the reason (a shared folder holds other users' entries, which a
-    sticky folder does not let this user remove)."""
+def mark_used(path: Path) -> None:
+    """Note that the cache entry ``path`` was just read: its modification time becomes now, so that it shows when
+    the entry was last written or used, and :func:`cache_clear` with a limit removes the entries left unused first.
+    Another user's entry, which this user may not change, keeps its time."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+@dataclass(frozen=True)
+class ClearLimits:
+    """Which entries :func:`cache_clear` removes: all when both are None; else those not written or used
+    (:func:`mark_used`) for ``unused_for_s`` seconds, and then the least recently used until the rest take at most
+    ``max_bytes``. Entries of an older format, which this version never reads, go in every case."""
+
+    unused_for_s: float | None = None
+    max_bytes: int | None = None
+
+    @property
+    def all(self) -> bool:
+        return self.unused_for_s is None and self.max_bytes is None
+
+
+def _entries_to_clear(entries: list[Path], limits: ClearLimits) -> list[Path]:
+    """The entries of ``entries`` that ``limits`` removes (:class:`ClearLimits`)."""
+    if limits.all:
+        return list(entries)
+    now = time.time()
+    dated = []
+    for f in entries:
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # removed meanwhile (another process's clear)
+            continue
+        older = OLDER_ENTRY_NAME.fullmatch(f.name) is not None or _entry_summary(f, st.st_size).get("older", False)
+        dated.append((st.st_mtime, st.st_size, f, older))
+    dated.sort(key=lambda e: -e[0])  # the most recently used first
+    gone, kept_bytes, full = [], 0, False
+    for mtime, size, f, older in dated:
+        stale = limits.unused_for_s is not None and now - mtime > limits.unused_for_s
+        # the first entry that does not fit, and every one used before it (not a smaller, older one that would)
+        full = full or (not (older or stale) and limits.max_bytes is not None and kept_bytes + size > limits.max_bytes)
+        if older or stale or full:
+            gone.append(f)
+        else:
+            kept_bytes += size
+    return sorted(gone)
+
+
+def cache_clear(cache_dir: str | Path, limits: ClearLimits = ClearLimits()) -> tuple[int, int, list[tuple[Path, str]]]:
+    """Delete the cache entries (:func:`entry_files`: current and older format, nothing else) in the folder that
+    ``limits`` selects (all by default), and the abandoned writes (:func:`unfinished_files`), each that this user may
+    delete; returns how many entries and writes were removed, and each file left with the reason (a shared folder
+    holds other users' entries, which a sticky folder does not let this user remove)."""
     left: list[tuple[Path, str]] = []
 
     def removed(files: list[Path]) -> int:
@@ -794,5 +844,5 @@ def cache_clear(cache_dir: str | Path) -> tuple[int, int, list[tuple[Path, str]]
                 left.append((f, e.strerror or str(e)))
         return n
 
-    entries = removed(entry_files(cache_dir))
+    entries = removed(_entries_to_clear(entry_files(cache_dir), limits))
     return entries, removed(unfinished_files(cache_dir)), left

@@ -773,6 +773,62 @@ def test_cache_clear_removes_what_it_may_and_names_what_it_left(tmp_path, capsys
     assert [p.name for p in tmp_path.iterdir()] == [theirs.name]
 
 
+def test_cache_clear_with_limits_removes_the_entries_unused_longest_and_keeps_the_rest(tmp_path, capsys):
+    """The disk cache had no bound but `cache clear`, which empties it. `--unused-days` removes the entries not
+    written or used for that long, `--max-gb` the least recently used until the rest fit; an entry of an older
+    format, never read by this version, goes either way; the other files stay."""
+    import os
+    import time
+
+    from samembed.cli import main
+    from samembed.tiles import ENTRY_SUFFIX
+
+    now = time.time()
+    made = {}
+    for name, days, size in (("a", 40, 1000), ("b", 1, 3000), ("c", 0, 2000), ("d", 5, 1000)):
+        f = tmp_path / f"{name * 32}{ENTRY_SUFFIX}"
+        f.write_bytes(b"x" * size)
+        os.utime(f, (now - days * 86400, now - days * 86400))
+        made[name] = f
+    older = tmp_path / f"{'0' * 31}f.pt"  # an entry of the older, torch-saved format, used just now
+    grid = {"shape_zyx": [2, 2, 2], "spacing_mm": [1.0, 1.0, 1.0]}
+    torch.save({"local": torch.zeros(2), "global": torch.zeros(2), "body": torch.ones(2, dtype=torch.bool),
+                "meta": json.dumps({"local_grid": grid, "global_grid": grid, "model_id": "m", "image": "i"})}, older)
+    (tmp_path / "notes.txt").write_text("someone's file")
+
+    def left() -> set[str]:
+        return {p.name[0] for p in tmp_path.iterdir()}
+
+    assert main(["cache", "clear", str(tmp_path), "--unused-days", "30"]) == 0
+    assert left() == {"b", "c", "d", "n"}  # a (40 days) and the older format gone
+    assert f"removed 2 entries (not used for 30 days) from {tmp_path}; 3 left, 0.0 MB" in capsys.readouterr().out
+    # 4 kB: c (2 kB, used last) fits, b (3 kB) does not: b goes, and d, used before it, too (though it would fit)
+    assert main(["cache", "clear", str(tmp_path), "--max-gb", "0.000004"]) == 0
+    assert left() == {"c", "n"}
+    assert "removed 2 entries (beyond the 4e-06 GB used most recently)" in capsys.readouterr().out
+    for bad in (["clear", str(tmp_path), "--max-gb", "-1"], ["clear", str(tmp_path), "--unused-days", "nan"],
+                ["info", str(tmp_path), "--unused-days", "3"]):
+        assert main(["cache", *bad]) == 2
+        assert ("give a number of" if "clear" in bad else "`cache info` lists them all") in capsys.readouterr().err
+    assert left() == {"c", "n"}
+
+
+@pytest.mark.needs_data
+def test_an_entry_read_from_the_disk_cache_is_marked_as_used(tmp_path):
+    """Reading an entry sets its time, so that `cache clear --unused-days/--max-gb` keeps the entries in use."""
+    import os
+
+    ct = read_image(data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz"))
+    point = ct.grid.index_to_lps([[64, 64, 64]])
+    Matcher("random:sam-lite", device="cpu", cache_dir=tmp_path).match(ct, point, [ct],
+                                                                       options=MatchOptions(polish=False))
+    (entry,) = tmp_path.glob(f"*{ENTRY_SUFFIX}")
+    os.utime(entry, (1e9, 1e9))  # 2001
+    Matcher("random:sam-lite", device="cpu", cache_dir=tmp_path).match(ct, point, [ct],
+                                                                       options=MatchOptions(polish=False))
+    assert entry.stat().st_mtime > 1.7e9
+
+
 def test_cache_info_lists_the_entries_left_when_another_process_removes_one_meanwhile(tmp_path, capsys, monkeypatch):
     """Another process's `cache clear` removed an entry between the listing and its `stat`: `cache info` failed
     with "No such file or directory" (a review). The entry is now left out, and the count agrees."""
