@@ -757,6 +757,34 @@ def test_a_match_cancelled_before_any_target_finished_holds_an_empty_partial_res
 
 
 @pytest.mark.needs_data
+def test_a_kept_target_error_keeps_no_embedding_alive():
+    """A script over hundreds of scans that keeps each failed target's error kept each one's maps too, in the
+    variables of its traceback's frames, after ``clear_cache()`` (a leak review: 90 MB a head CT). The error now
+    holds none, and its traceback still names where it was raised."""
+    import gc
+    import traceback
+    import weakref
+
+    from samembed.errors import TargetError
+
+    m = Matcher("random:sam-lite", device="cpu")
+    src = read_image(data_file("ct", "openkbp", "ct", "pt_201_ct.nii.gz"))
+    centre = src.grid.index_to_lps(np.asarray(src.grid.size_ijk)[None] / 2.0)
+    kept = []
+    with pytest.raises(TargetError) as info:  # a box that leaves no voxel of the target to search
+        m.match(src, centre, [data_file("ct", "openkbp", "ct", "pt_202_ct.nii.gz")],
+                options=MatchOptions(box_lps_mm=(1e4, 1e4, 1e4, 1e4 + 1, 1e4 + 1, 1e4 + 1)))
+    kept.append(info.value)
+    del info
+    maps = [weakref.ref(x) for x in m.cache._items.values()]
+    assert len(maps) == 2
+    m.clear_cache()
+    gc.collect()
+    assert [r() for r in maps] == [None, None], "the kept error holds the maps"
+    assert "raise TargetError(str(e)) from e" in "".join(traceback.format_exception(kept[0]))
+
+
+@pytest.mark.needs_data
 def test_a_cache_folder_that_could_not_be_written_is_tried_again_after_clear_cache(tmp_path, monkeypatch):
     """One failed write (a full or read-only disk) stopped the disk cache for the rest of a long-lived engine, as
     the Slicer module's is (from a review); clear_cache() tries the folder again, and returns the memory freed."""
