@@ -813,6 +813,8 @@ class EngineProcess:
         """Tell the child about ``image`` (content hash ``key``), whose voxels are in ``path`` (the child reads the
         file, then removes it; ``shared``: ``image`` is mapped from it), and forget the least recently sent volume
         beyond ``maxImages``."""
+        # the files the child has read and removed are not needed any more (one path stayed per volume sent)
+        self._sentFiles.difference_update({p for p in list(self._sentFiles) if not p.exists()})
         self._sentFiles.add(path)
         self._send(("image", key, (image.grid, image.name, image.pixel_spacing_known, str(path), shared,
                                    image.plane_z_mm)))
@@ -1065,6 +1067,8 @@ def serve(conn, model: str, device: str, cacheBytes: int, cacheDir: str | None =
                 continue
             if kind == "forget":
                 images.pop(requestID, None)
+                with readLocksLock:  # (one lock per volume ever sent stayed: a leak review)
+                    readLocks.pop(requestID, None)
                 if requestID in unread:
                     os.remove(unread.pop(requestID).path)
                 continue
@@ -1091,6 +1095,8 @@ def serve(conn, model: str, device: str, cacheBytes: int, cacheDir: str | None =
                 if requestID in cancelled:
                     send(("cancelled", requestID, None))
                     continue
+                # (the cancels of earlier requests, which came late or were answered, are not needed again)
+                cancelled.difference_update({i for i in cancelled if i <= requestID})
                 current["id"], current["event"] = requestID, threading.Event()
                 cancel = current["event"]
             if prefetch is not None and not prefetchGiven:  # the first request's volumes, then any other sent
