@@ -588,7 +588,7 @@ class Matcher:
 
     @_frames_let_go
     def match_atlases(self, atlases: Sequence[Atlas], targets: Sequence, options: MatchOptions = DEFAULT_OPTIONS, *,
-                      fusion: FusionOptions = DEFAULT_FUSION, progress: ProgressFn | None = None,
+                      fusion: FusionOptions = DEFAULT_FUSION, mask=None, progress: ProgressFn | None = None,
                       cancel: threading.Event | None = None, target_names: Sequence[str] | None = None) -> MatchResult:
         """Match the landmarks of several atlases into every target and fuse them per landmark and target.
 
@@ -599,7 +599,7 @@ class Matcher:
 
         Atlases may carry different landmarks: each is fused over the atlases that carry it (its ``atlases`` count),
         in the order the atlases first name them; an atlas that lacks some is named in a warning (logged once per
-        matcher, and in the result's ``notes``).
+        matcher, and in the result's ``notes``). ``mask`` restricts every atlas's search as in :meth:`match`.
 
         Raises:
             InputError: no atlas, an atlas whose labels repeat (the message names the atlas file), or
@@ -631,14 +631,19 @@ class Matcher:
         for note in notes:
             self._warn_once(note)
         if len(atlases) == 1:
-            return self.match(ref.image, ref.points_lps_mm, targets, list(ref.labels), options, progress=progress,
-                              cancel=cancel, target_names=target_names)
+            return self.match(ref.image, ref.points_lps_mm, targets, list(ref.labels), options, mask=mask,
+                              progress=progress, cancel=cancel, target_names=target_names)
         if options.heatmap:
             raise InputError("heatmaps are not available when several atlases are fused; match one atlas for them")
         # each atlas read once (a path was read again for every target), and all of one dimension: else each target
         # would be matched by some atlases, then refused by another as if the target were at fault
         images = [as_image(a.image, a.display_name, self.spacing_mm) for a in atlases]
         refuse_mixed_dimensions([(a.display_name, im.ndim) for a, im in zip(atlases, images)], "targets")
+        if mask is not None and not isinstance(mask, (Image, np.ndarray)):  # read once, not per atlas and target
+            mask = as_image(mask, "mask", self.spacing_mm, constant_ok=True)
+        if isinstance(mask, Image) and mask.grid.ndim != images[0].ndim:  # (before any target, as match says it)
+            raise InputError(f"{mask.name}: the search mask is {mask.grid.ndim}D but the atlases and their targets "
+                             f"are {images[0].ndim}D; give a mask in the targets' space")
         if not isinstance(targets, (list, tuple)):
             targets = [targets]
         if target_names is not None and len(target_names) != len(targets):  # (before any work, as match says it)
@@ -651,8 +656,8 @@ class Matcher:
 
             def one(ai: int, stop, target=target, names=names) -> MatchResult:
                 a = atlases[ai]
-                return self.match(images[ai], a.points_lps_mm, [target], list(a.labels), options, cancel=stop,
-                                  target_names=names)
+                return self.match(images[ai], a.points_lps_mm, [target], list(a.labels), options, mask=mask,
+                                  cancel=stop, target_names=names)
 
             def told(phase: str, ti: int = ti) -> None:
                 if progress:

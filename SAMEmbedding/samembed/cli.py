@@ -412,8 +412,8 @@ def _match(args, options, pairs, target_paths, prefetch) -> int:
             try:
                 one = [read_target(name)]
                 if pairs:
-                    r = matcher.match_atlases(atlases, one, options, progress=progress, cancel=cancel,
-                                              target_names=[name])
+                    r = matcher.match_atlases(atlases, one, options, mask=args.mask, progress=progress,
+                                              cancel=cancel, target_names=[name])
                 else:
                     r = matcher.match(source, points.points_lps_mm, one, points.labels, options, mask=args.mask,
                                       progress=progress, cancel=cancel, target_names=[name])

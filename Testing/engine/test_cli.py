@@ -1668,6 +1668,39 @@ def test_a_mask_of_ones_searches_everywhere_and_a_2d_mask_for_3d_targets_is_refu
     assert err.count("the search mask is 2D") == 1 and "skipped" not in err
 
 
+@pytest.mark.needs_data
+def test_a_mask_restricts_the_search_of_fused_atlases_too(tmp_path, two_cts, a_points_csv, capsys):
+    """``--mask`` with ``--atlas`` was dropped without a word (a review of the docs: every match landed outside
+    the mask). Each atlas now searches within it, as one source does; a mask of the wrong dimension is refused
+    once, before any target."""
+    import SimpleITK as sitk
+
+    from samembed.io import read_image
+
+    pts_path, _ = a_points_csv
+    target = sitk.ReadImage(str(two_cts[1]))
+    corner = np.zeros(sitk.GetArrayViewFromImage(target).shape, np.uint8)
+    corner[:30, :30, :30] = 1  # a corner cube of the target (z, y, x), far from the points
+    mask_image = sitk.GetImageFromArray(corner)
+    mask_image.CopyInformation(target)
+    mask = tmp_path / "cube.nii.gz"
+    sitk.WriteImage(mask_image, str(mask))
+    out = tmp_path / "fused.csv"
+    common = ["--model", "random:sam-lite", "--device", "cpu", "--quiet", "--no-polish"]
+    assert main(["match", "--atlas", str(two_cts[0]), str(pts_path), "--atlas", str(two_cts[0]), str(pts_path),
+                 str(two_cts[1]), "--out", str(out), "--mask", str(mask), *common]) == 0, capsys.readouterr().err
+    grid = read_image(two_cts[1]).grid
+    rows = list(csv.DictReader(out.open()))
+    ijk = np.rint(grid.lps_to_index(np.array([[float(r[k]) for k in "xyz"] for r in rows]))).astype(int)
+    assert len(rows) == 2 and all(corner[k, j, i] for i, j, k in ijk), ijk
+    flat = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((128, 128), np.uint8)), str(flat))
+    assert main(["match", "--atlas", str(two_cts[0]), str(pts_path), "--atlas", str(two_cts[0]), str(pts_path),
+                 str(two_cts[1]), str(two_cts[1]), "--out", str(tmp_path / "o.csv"), "--mask", str(flat), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("the search mask is 2D but the atlases and their targets are 3D") == 1, err
+
+
 @pytest.mark.parametrize("spacing", ["nan", "0", "-1", "inf", "x"])
 def test_a_spacing_that_is_no_length_is_refused_naming_the_flag(spacing, capsys):
     from samembed.cli import build_parser
