@@ -12,6 +12,7 @@ in ``cache/prior_fallback/`` (not committed)::
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ from samembed import matcher  # noqa: E402
 
 
 def main() -> int:
+    # no options: the parser answers --help (without it, `--help` started the whole run)
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
     files = build_suites(str(REPO / "cache" / "suites"), ["openkbp_inter"])

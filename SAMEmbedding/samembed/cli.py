@@ -2,8 +2,9 @@
 ``make-suites`` when the benchmark package ``samembed_bench`` is installed (``pip install -e benchmarks``; else they
 say so and exit 2).
 
-Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 internal error
-(``propagate``: 3 when some scans failed, listed in failures.csv), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM
+Exit codes: 0 success, 2 bad input (message names the file and the problem), 1 internal error, 3 when some
+inputs failed and the others were done (``match`` and ``embed``: the images named; ``propagate``: the scans listed in
+failures.csv), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM
 (``kill``, ``timeout``, a batch system's limit); both keep what was finished (:mod:`samembed.stopping`).
 """
 
@@ -570,7 +571,7 @@ def _write_table(args, done: list, out: Path, fused: dict[str, str] | None) -> N
         _write_markups(args, done[0], out, fused)
         return
     # the frame of x, y, z in every row, last (scripts that index the columns keep theirs): the file read back as
-    # points (samembed.io.read_points) takes it, whatever --ras says then
+    # points (samembed.io.read_points) takes it, and refuses a --ras that contradicts it
     frame = "RAS" if args.ras else "LPS"
     rows = [["target", "label", "x", "y", "z", "score", "confident", "roundtrip_mm"]
             + (["atlases", "agreeing", "spread_mm", "rejected"] if fused else []) + ["frame"]]
@@ -1071,10 +1072,13 @@ def _model_name(text: str) -> str:
 def _add_common(p: argparse.ArgumentParser, cache_help: str = "on-disk embedding cache folder") -> None:
     p.add_argument("--model", default="default", type=_model_name,
                    help="model name (see `samembed info`), checkpoint path, or random:<arch>")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the network runs (auto: CUDA when present, else the CPU)")
     _add_precision(p)
     p.add_argument("--cache-dir", help=cache_help)
-    p.add_argument("--modality", default="auto", choices=MODALITIES)
+    p.add_argument("--modality", default="auto", choices=MODALITIES,
+                   help="how intensities are mapped (auto: a 2D image is a radiograph, a volume reaching air in HU a "
+                        "CT, else MRI)")
     p.add_argument("--spacing", type=_positive_mm, metavar="MM",
                    help="pixel spacing (mm) for 2D files that carry none (PNG/JPEG)")
     add_log_flags(p)
@@ -1324,8 +1328,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="calibrate a sam-lite model's int8 form on a sample of its training images")
     qz.add_argument("--config", required=True, help="the model's training config (its data and exclude lists)")
     qz.add_argument("--model", default="default", type=_model_name, help="model name or checkpoint path (a .pt file)")
-    qz.add_argument("--images", type=int, default=QuantizeSettings.images, help="training images to sample")
-    qz.add_argument("--seed", type=int, default=QuantizeSettings.seed)
+    qz.add_argument("--images", type=int, default=QuantizeSettings.images,
+                    help=f"training images to sample (default {QuantizeSettings.images})")
+    qz.add_argument("--seed", type=int, default=QuantizeSettings.seed,
+                    help=f"seed of the images' sample (default {QuantizeSettings.seed})")
     qz.add_argument("--exclude", nargs="*", default=[], metavar="GLOB",
                     help="file-name globs to leave out beside the config's (e.g. the images an evaluation uses)")
     qz.add_argument("--out", help="output JSON (default: <weights stem>.int8.json beside the weights, which the "

@@ -243,7 +243,8 @@ class Image:
             spacing_mm: voxel size per axis in **x, y, z** order (i, j, k: SimpleITK's order, the reverse of the
                 array's); None: 1 mm, so that positions are in voxel units.
             origin_lps_mm: the first voxel's centre, LPS mm, x, y, z; None: 0.
-            direction: the axes' directions (rows of a d x d matrix, SimpleITK's ``GetDirection``); None: identity.
+            direction: the d x d direction matrix, row-major as SimpleITK's ``GetDirection``: column ``a`` is the
+                LPS direction of index axis ``a`` (:class:`Grid`); None: identity.
             name: used in messages.
         """
         arr = np.array(array_zyx, copy=True)

@@ -884,7 +884,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class PointList:
-    """Named points in LPS mm. ``points_lps_mm`` has shape (N, 3) (z = 0 for 2D images); ``dims`` is how many
+    """Named points in LPS mm. ``points_lps_mm`` has shape (N, 3) (z = 0 for 2D points of a file without z); ``dims`` is how many
     coordinates the file gave per point (2 for a ``label,x,y`` CSV, else 3): see :func:`check_point_dims`."""
 
     labels: list[str]
@@ -956,8 +956,10 @@ def read_points(path: str | os.PathLike, ras: bool = False) -> PointList:
 
     Args:
         path: the point file.
-        ras: for CSV only, the file's coordinates are RAS (Slicer) instead of LPS (ITK). ``.fcsv``
-            and ``.mrk.json`` carry their own coordinate system, which wins.
+        ras: for CSV only, the file's coordinates are RAS (Slicer) instead of LPS (ITK). A CSV whose ``frame``
+            column or ``L,P,S``/``R,A,S`` header states its frame is read in it, and a ``ras`` that contradicts it
+            is refused (:class:`InputError`); ``.fcsv`` and ``.mrk.json`` carry their own coordinate system, which
+            wins.
     """
     path = Path(path)
     if path.is_dir():

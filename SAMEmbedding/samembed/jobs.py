@@ -190,7 +190,7 @@ def each_atlas(n_atlases: int, match: Callable[[int, AnyOf], MatchResult], told:
 @dataclass(frozen=True)
 class MatchCall:
     """One :meth:`samembed.Matcher.match` of a target in :func:`match_each`: the source points (LPS mm), their labels
-    (None: their indices) and the settings."""
+    (None: P1, P2, ..., as :meth:`~samembed.Matcher.match` names them) and the settings."""
 
     points_lps_mm: np.ndarray
     labels: tuple[str, ...] | None

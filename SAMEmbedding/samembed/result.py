@@ -40,7 +40,8 @@ class Match:
     Attributes:
         label: the source point's label.
         target: the target's name (file path or given name); ``target_index`` its position in the list.
-        point_lps_mm: matched position, LPS mm (3 values; z = 0 for 2D).
+        point_lps_mm: matched position, LPS mm (3 values; in 2D, z = 0 for a picture, the slice's z for a
+            one-slice volume).
         score: SAM similarity where the match ended (mean of local and global cosine, in [-1, 1]); it equals the
             heatmap's value there.
         confident: the round trip target -> source (searched the same way: with the prior window, inside the
