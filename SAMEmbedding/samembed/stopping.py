@@ -74,7 +74,8 @@ def stop_on_hang_up() -> contextlib.AbstractContextManager[None]:
 
 
 class StopBetweenSteps:
-    """A context in which Ctrl-C and SIGTERM stop a loop between two steps, not within one.
+    """A context in which Ctrl-C, SIGTERM and SIGHUP (where it would end the process) stop a loop between two
+    steps, not within one.
 
     The first such signal is only noted (:attr:`requested`); the loop checks it after each step, saves what it must,
     and calls :meth:`stop`, which raises ``KeyboardInterrupt`` (Ctrl-C) or :class:`Terminated` (SIGTERM). A second
@@ -93,6 +94,12 @@ class StopBetweenSteps:
             for signum in self.SIGNALS:
                 if _replaceable(signum):
                     self._previous[signum] = signal.signal(signum, self._note)
+            # a closed terminal or a dropped SSH session (SIGHUP) ended a training run at once, losing the iterations
+            # since its last checkpoint (a review): it stops between steps too, as Ctrl-C does; left alone under
+            # nohup (ignored: the process is meant to outlive its terminal) or where it is handled already
+            hang_up = getattr(signal, "SIGHUP", None)
+            if hang_up is not None and signal.getsignal(hang_up) is signal.SIG_DFL:
+                self._previous[hang_up] = signal.signal(hang_up, self._note)
         return self
 
     def __exit__(self, *exc) -> None:

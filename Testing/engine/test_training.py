@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -435,13 +436,15 @@ def test_a_resume_after_a_kill_logs_each_iteration_once_and_keeps_the_adam_bank_
     iterations = [r.split(",")[0] for r in log_csv.read_text().splitlines()[1:]]
     assert iterations == ["1", "2", "3"] and "3,9,9,9" not in log_csv.read_text()
 
-    # a run that met its time limit, scheduled by time: its learning rate had reached the schedule's end, and a
-    # resume restarted it at the full rate (and the time budget with it)
+    # a run that met its time limit, scheduled by time: a resume restarted its learning rate at the full rate (and
+    # the time budget with it); the clock is kept, so the resume finds the budget used up and runs nothing (it ran
+    # one more iteration past the limit, and rewrote the final model: a review)
     timed = dict(iterations=1000, time_limit_min=0.005, schedule_by_time="true", warmup=1, checkpoint_every=1000)
-    Trainer(tiny_config(tmp_path / "t", "sam", **timed), progress=False).run()
-    Trainer(tiny_config(tmp_path / "t", "sam", **timed), progress=False).run(resume="auto")
-    resumed = (tmp_path / "t" / "run" / "train_log.csv").read_text().splitlines()[-1].split(",")
-    assert float(resumed[4]) < 1e-6, resumed  # the schedule's end, not 1e-3
+    final = Trainer(tiny_config(tmp_path / "t", "sam", **timed), progress=False).run()
+    timed_log = tmp_path / "t" / "run" / "train_log.csv"
+    logged, written = timed_log.read_text(), final.read_bytes()
+    assert Trainer(tiny_config(tmp_path / "t", "sam", **timed), progress=False).run(resume="auto") == final
+    assert timed_log.read_text() == logged and final.read_bytes() == written
 
 
 @pytest.mark.needs_data
@@ -671,3 +674,100 @@ def test_a_loss_curve_of_iterations_without_a_step_says_so(tmp_path, monkeypatch
         training.plot_loss_curve(log_csv, tmp_path / "loss_curve.png")
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     assert drawn == ["no step in 2 iteration(s): each logged nan\n(its views met nowhere on the body)"]
+
+
+@pytest.mark.needs_data
+def test_resumes_a_review_found_wrong_are_refused_or_left_alone(tmp_path, caplog):
+    """A training review: a finished run resumed again rewrote its final model (its wall time 0); a checkpoint past
+    ``iterations`` was accepted (``train 13/10``); another folder's checkpoint resumed into a folder holding a run
+    mixed the two runs' logs and checkpoints; a changed ``iterations`` moved the learning rate without a word; and a
+    run that failed at its first iteration left a log of its header alone, which refused every later run there."""
+    import shutil
+
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    cfg = tiny_config(tmp_path, "sam")
+    run = tmp_path / "run"
+    final = Trainer(cfg, progress=False).run()
+    written = final.read_bytes()
+    with caplog.at_level("WARNING", logger="samembed.training.train"):
+        assert Trainer(cfg, progress=False).run(resume="auto") == final
+    assert final.read_bytes() == written and "the run is finished (all its 3 iterations are done)" in caplog.text
+    with pytest.raises(InputError, match=r"at iteration 3, past iterations 2; give --iterations 3 or more"):
+        Trainer(tiny_config(tmp_path, "sam", iterations=2), progress=False).run(resume="auto")
+    # another run's folder: refused, nothing changed
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train_log.csv").write_text("iteration,loss\n1,0.5\n")
+    with pytest.raises(InputError, match="another folder's checkpoint"):
+        Trainer(tiny_config(tmp_path, "sam", out_dir=f'"{other}"', iterations=5), progress=False).run(
+            resume=str(run / "last.pt"))
+    assert (other / "train_log.csv").read_text() == "iteration,loss\n1,0.5\n"
+    # a log of its header alone is no run: continued there, with the schedule's change said
+    (other / "train_log.csv").write_text("iteration,loss,local,global,lr,seconds,cpu_seconds\n")
+    shutil.copy(run / "last.pt", tmp_path / "from.pt")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="samembed.training.train"):
+        Trainer(tiny_config(tmp_path, "sam", out_dir=f'"{other}"', iterations=5), progress=False).run(
+            resume=str(tmp_path / "from.pt"))
+    assert re.search(r"iterations 3 -> 5: the learning rate's cosine schedule .* goes from \S+ to \S+ at iteration 4",
+                     caplog.text), caplog.text
+    assert (other / "train_log.csv").read_text().splitlines()[-1].split(",")[0] == "5"
+
+
+@pytest.mark.needs_data
+def test_a_run_in_which_no_iteration_took_a_step_is_refused_and_writes_no_model(tmp_path, monkeypatch):
+    """Views too small for any pair to overlap on the body: every iteration took no step, and the run wrote its
+    starting weights as the trained model and exited 0 (a review)."""
+    from samembed.errors import InputError
+    from samembed.training import train
+
+    monkeypatch.setattr(train, "pair_points", lambda *a, **k: None)
+    cfg = tiny_config(tmp_path, "sam", iterations=3)
+    with pytest.raises(InputError, match=r"none of the 3 iterations drew a view pair .* \(local_size 32, "):
+        train.Trainer(cfg, progress=False).run()
+    assert not (tmp_path / "run" / f"{cfg.name}.pt").exists()
+
+
+@pytest.mark.needs_data
+def test_non_finite_batch_norm_statistics_stop_the_run_before_they_are_saved(tmp_path, monkeypatch):
+    """Only the parameters were checked: a diverged run's batch norms' running variance (buffers) went to last.pt as
+    inf, which the error offered as the run's last state (a review)."""
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    forward = torch.nn.modules.batchnorm._BatchNorm.forward
+    calls = []
+
+    def overflowing(self, x):
+        calls.append(1)
+        if self.training and len(calls) > 40:  # in a later iteration (before the forward: autograd keeps its input)
+            self.running_var.fill_(float("inf"))
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.modules.batchnorm._BatchNorm, "forward", overflowing)
+    with pytest.raises(InputError, match=r"weights are not finite after iteration \d.*init_from"):
+        Trainer(tiny_config(tmp_path, "sam", checkpoint_every=1, iterations=6), progress=False).run()
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_hang_up_stops_between_steps_where_it_would_end_the_process():
+    """A closed terminal or a dropped SSH session (SIGHUP) ended a training run at once, losing the iterations since
+    its checkpoint (a review); it is now noted as Ctrl-C is. Under nohup (ignored) it is left alone."""
+    import os
+
+    from samembed.stopping import StopBetweenSteps
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with StopBetweenSteps() as stopping:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert stopping.requested == signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with StopBetweenSteps():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)

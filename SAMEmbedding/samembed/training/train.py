@@ -315,6 +315,8 @@ class Trainer:
         # real data): a refused resume or a missing init_from was said only after them
         resume = self._resolve_resume(resume)
         ck = self._resume_checkpoint(resume) if resume else None
+        if resume and not _same_path(Path(resume).parent, self.out):  # another folder's checkpoint, continued here
+            self._refuse_replacing_a_run(resumed_from=resume)
         if not resume:
             for setting in ("init_from", "init_global_from"):
                 self._check_weights_source(setting, getattr(cfg, setting))
@@ -350,6 +352,9 @@ class Trainer:
             if "adam_bank" in ck:
                 self._adam_bank = ck["adam_bank"]
             log.info("resumed from %s at iteration %d (%.2f CPU-hours so far)", resume, start, cpu_before / 3600)
+            finished = self._finished_already(resume, ck, start, clock_before)
+            if finished is not None:
+                return finished
         elif cfg.init_from:
             if cfg.init_global_from:
                 self._init_weights(net, cfg.init_from, branch=LOCAL_PREFIX)
@@ -427,7 +432,7 @@ class Trainer:
                         log.warning("iteration %d drew no view pair that overlaps on the body: no step taken (logged "
                                     "as nan). Check that the training images hold a body (body_threshold)", it + 1)
                 # a finite loss can still take a step to non-finite weights (an infinite lr): they are never saved
-                if self._any_process(not all(bool(torch.isfinite(w).all()) for w in net.parameters())):
+                if self._any_process(not _all_finite(net)):  # (the batch norms' statistics too: buffers)
                     raise self._diverged(f"the weights are not finite after iteration {it + 1}",
                                          f"lower lr, now {cfg.lr:g}")
                 done = it + 1
@@ -465,6 +470,11 @@ class Trainer:
                     break
         if bar:
             bar.close()
+        if idle == done - start >= MIN_IDLE_REFUSED:  # not one step: the "model" would be its starting weights
+            raise InputError(f"none of the {idle} iterations drew a view pair that overlaps on the body, so no step "
+                             f"was taken and no model is written: the views (local_size {cfg.local_size}, "
+                             f"global_size {cfg.global_size} voxels) may be too small for the network, or the images "
+                             "hold no body")
         if idle and self.rank == 0:
             log.warning("%d of the %d iterations of this run drew no view pair overlapping on the body: no step was "
                         "taken for them", idle, done - start)
@@ -482,6 +492,37 @@ class Trainer:
         if self.world > 1:
             torch.distributed.barrier()
         return final
+
+    def _finished_already(self, resume: str, ck: dict, start: int, clock_before: float) -> Path | None:
+        """Checks of a resumed run against its length: a checkpoint past ``iterations`` is refused; a run that is
+        done (all its iterations, or its time limit used up) is not run again, and its final model, when there, is
+        returned as it is (a resume rewrote it, with its wall time 0); a changed ``iterations`` is said with the
+        learning rate it moves (the cosine schedule spans the iterations). None: go on."""
+        cfg = self.cfg
+        if start > cfg.iterations:
+            raise InputError(f"{resume}: the run is at iteration {start}, past iterations {cfg.iterations}; give "
+                             f"--iterations {start} or more to go on")
+        final = self.out / f"{cfg.name}.pt"
+        used_up = bool(cfg.time_limit_min) and clock_before >= cfg.time_limit_min * 60
+        if start == cfg.iterations or used_up:
+            why = (f"all its {cfg.iterations} iterations are done" if start == cfg.iterations else
+                   f"its time limit of {cfg.time_limit_min:g} min ({cfg.time_clock} clock) is used up, at iteration "
+                   f"{start}")
+            go_on = "--iterations" if start == cfg.iterations else "--set time_limit_min=..."
+            if final.is_file():
+                log.warning("%s: the run is finished (%s): nothing to do; %s is left as it is. Give a larger %s to "
+                            "go on", resume, why, final, go_on)
+                return final
+            log.warning("%s: the run is finished (%s); writing its final model, which is missing", resume, why)
+        before = int((ck.get("train_config") or {}).get("iterations") or cfg.iterations)
+        if before != cfg.iterations and 0 < start < cfg.iterations:
+            def lr_at(iterations: int) -> float:
+                frac = min(start, iterations) / iterations
+                return cfg.lr * min(1.0, (start + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * frac))
+            log.warning("iterations %d -> %d: the learning rate's cosine schedule spans the iterations, so it goes "
+                        "from %.3g to %.3g at iteration %d", before, cfg.iterations, lr_at(before), lr_at(cfg.iterations),
+                        start + 1)
+        return None
 
     def _stop_requested(self, stopping: StopBetweenSteps) -> bool:
         """Whether the run stops after this iteration: a signal noted in this process, or, with several processes
@@ -584,12 +625,17 @@ class Trainer:
 
         return held()
 
-    def _refuse_replacing_a_run(self, resumed: bool = False) -> None:
-        """A new run (no ``--resume``, or ``--resume auto`` without a ``last.pt``: ``resumed``) into a folder that
-        holds another run's log or checkpoints would replace them: raise :class:`~samembed.errors.InputError` naming
-        what is there, before anything is written."""
+    def _refuse_replacing_a_run(self, resumed: bool = False, resumed_from: str | None = None) -> None:
+        """A new run (no ``--resume``, or ``--resume auto`` without a ``last.pt``: ``resumed``), or another folder's
+        checkpoint continued here (``resumed_from``), into a folder that holds a run's log or checkpoints would
+        replace them: raise :class:`~samembed.errors.InputError` naming what is there, before anything is written.
+        A log of its header alone (a run that failed at its first iteration) is no run."""
         held = [p.name for p in (self.out / "train_log.csv", self.out / "last.pt", self.out / f"{self.cfg.name}.pt",
-                                 self.out / "snapshots") if p.exists()]
+                                 self.out / "snapshots") if p.exists() and not _header_alone(p)]
+        if held and resumed_from:  # another run's checkpoint, continued into this folder: its files mixed with these
+            raise InputError(f"{self.out}: holds a training run ({', '.join(held)}), and --resume {resumed_from} is "
+                             "another folder's checkpoint: continuing it here would mix the two runs' logs and "
+                             "checkpoints; give an --out of its own (nothing was changed)")
         if held and resumed:
             raise InputError(f"{self.out}: --resume auto finds no last.pt to continue from, and the folder holds a "
                              f"training run ({', '.join(held)}), which a new run would replace; move those away to "
@@ -617,7 +663,8 @@ class Trainer:
         keeps (saved before it)."""
         last = self.out / "last.pt"
         return InputError(f"{what}: training diverged ({advice}); the run folder keeps its last checkpoint"
-                          + (f" ({last})" if last.exists() else ""))
+                          + (f" ({last}, finite: to go on with other settings, start a new run in another --out with "
+                             f"init_from: {last})" if last.exists() else ""))
 
     @staticmethod
     def _check_weights_source(setting: str, source: str | None) -> None:
@@ -690,6 +737,31 @@ def _same_setting(before, now) -> bool:
         except ValueError:
             return False
     return False
+
+
+#: a run whose every iteration (this many at least) took no step is refused: its model would be its starting weights
+#: (one or two such iterations happen by chance with small views)
+MIN_IDLE_REFUSED = 3
+
+
+def _all_finite(net: nn.Module) -> bool:
+    """Whether every floating tensor of ``net``'s state (weights, and buffers such as batch norms' running
+    statistics) is finite: what a checkpoint would hold."""
+    return all(bool(torch.isfinite(t).all()) for t in net.state_dict().values() if t.is_floating_point())
+
+
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name the same file or folder (links followed; a missing one by its absolute path)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _header_alone(path: Path) -> bool:
+    """Whether ``path`` is a training log of its header alone (no iteration logged: a run that stopped at its
+    first iteration)."""
+    if path.name != "train_log.csv" or not path.is_file():
+        return False
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        return sum(1 for line in fh if line.strip()) <= 1
 
 
 def _cut_log(log_csv: Path, iteration: int) -> None:
