@@ -771,3 +771,29 @@ def test_a_hang_up_stops_between_steps_where_it_would_end_the_process():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.needs_data
+def test_a_run_writes_a_training_record_of_its_chunks_data_licences_and_settings(tmp_path, monkeypatch):
+    """No record of how a model was trained was written (a training review): its card had to be written by hand,
+    and the data's licences, which a model trained on them must state, were nowhere. ``NAME.md`` now says it, over
+    every chunk of a resumed run."""
+    from samembed.training import record
+    from samembed.training.train import Trainer
+
+    monkeypatch.setattr(record.sys, "argv", ["/usr/bin/samembed", "train", "--config", "tiny.yaml"])
+    Trainer(tiny_config(tmp_path, "sam", iterations=2), progress=False).run()
+    monkeypatch.setattr(record.sys, "argv", ["/usr/bin/samembed", "train", "--resume", "auto", "--iterations", "4"])
+    final = Trainer(tiny_config(tmp_path, "sam", iterations=4), progress=False).run(resume="auto")
+    text = final.with_suffix(".md").read_text()
+    import hashlib
+
+    assert f"SHA-256 `{hashlib.sha256(final.read_bytes()).hexdigest()}`" in text
+    assert "**Iterations:** 4 of the 4 planned, in 2 chunks" in text
+    assert "| `samembed train --config tiny.yaml` | 1-2 |" in text
+    assert "| `samembed train --resume auto --iterations 4` | 3-4 |" in text
+    licence = record.source_licence(data_file("ct", "totalsegmentator").parent / "totalsegmentator")
+    assert licence and "Apache-2.0" in licence and f"| 3 | {licence} |" in text
+    assert "objective: sam\n" in text and "iterations: 4\n" in text  # the settings
+    assert torch.load(final, weights_only=True)["chunks"][0]["last_iteration"] == 2
+    assert record.source_licence(tmp_path) is None  # a folder without a SOURCE.md states none

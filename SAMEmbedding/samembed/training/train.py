@@ -39,6 +39,7 @@ from .pairs import (  # noqa: F401 (re-exported)
     pair_points,
     sample_at,
 )
+from .record import Chunk, started_utc, this_command, write_training_record
 from .sampling import augment, random_body_point, sample_view
 from .semantic import SemanticBatch
 
@@ -351,6 +352,7 @@ class Trainer:
             clock_before = float(ck.get("clock_seconds", 0.0))
             if "adam_bank" in ck:
                 self._adam_bank = ck["adam_bank"]
+            self._chunks = [Chunk.from_dict(c) for c in ck.get("chunks", [])]
             log.info("resumed from %s at iteration %d (%.2f CPU-hours so far)", resume, start, cpu_before / 3600)
             finished = self._finished_already(resume, ck, start, clock_before)
             if finished is not None:
@@ -362,6 +364,9 @@ class Trainer:
             else:
                 self._init_weights(net, cfg.init_from)
         self._cpu_before = cpu_before
+        if not resume:
+            self._chunks = []
+        self._chunk_begun = (started_utc(), this_command(), start, time.time())  # this process's chunk of the run
         self.out.mkdir(parents=True, exist_ok=True)
         log_path = self.out / "train_log.csv"
         # the semantic objective's two parts get columns of their own (at the end: readers of the others are unchanged)
@@ -395,6 +400,7 @@ class Trainer:
                     module.eval()
         done = start
         idle = 0  # iterations without a term to learn from (no step taken)
+        stopped_by = None  # why the run ended before its iterations (the time limit)
         # Ctrl-C or SIGTERM (a session's end, a batch system's limit) stops the run between iterations, with a
         # resume checkpoint of the last one: nothing is lost, and --resume auto goes on as if never stopped
         with StopBetweenSteps() as stopping:
@@ -465,6 +471,7 @@ class Trainer:
                 # the others waiting in the next gradient reduction)
                 if cfg.time_limit_min and self._any_process(clock() - t0 > cfg.time_limit_min * 60):
                     log.warning("time limit of %g min (%s clock) reached at iteration %d", cfg.time_limit_min, cfg.time_clock, done)
+                    stopped_by = f"its time limit of {cfg.time_limit_min:g} min ({cfg.time_clock} clock)"
                     if not saved:
                         self._save_resume(net, opt, done, rng, gen)
                     break
@@ -481,14 +488,19 @@ class Trainer:
         final = self.out / f"{cfg.name}.pt"
         if self.rank == 0:
             net.eval()
+            chunks = self._chunks + [self._chunk(done)]
             save_checkpoint(final, net, self.prep, name=cfg.name, train_config=cfg.to_dict(), iteration=done,
                             extra={"training_volumes": [v[0] for v in self.volumes],
                                    "training_sources": [str(f) for f in getattr(self, "sources", [])],
                                    "wall_seconds": time.time() - wall0,
+                                   "wall_seconds_total": sum(c.wall_s for c in chunks),
                                    "cpu_seconds": time.process_time(),
-                                   "cpu_seconds_total": self._cpu_before + time.process_time()},
+                                   "cpu_seconds_total": self._cpu_before + time.process_time(),
+                                   "chunks": [c.as_dict() for c in chunks]},
                             half=cfg.half_weights)
             plot_loss_curve(log_path, self.out / "loss_curve.png")
+            write_training_record(self.out / f"{cfg.name}.md", final, cfg.to_dict(), chunks,
+                                  [str(f) for f in getattr(self, "sources", [])], log_path, cfg.iterations, stopped_by)
         if self.world > 1:
             torch.distributed.barrier()
         return final
@@ -524,6 +536,11 @@ class Trainer:
                         start + 1)
         return None
 
+    def _chunk(self, done: int) -> Chunk:
+        """This process's chunk of the run, up to iteration ``done`` (the training record's, :mod:`.record`)."""
+        began, command, first, wall0 = self._chunk_begun
+        return Chunk(began, command, first, done, time.time() - wall0, time.process_time())
+
     def _stop_requested(self, stopping: StopBetweenSteps) -> bool:
         """Whether the run stops after this iteration: a signal noted in this process, or, with several processes
         (DistributedDataParallel), in any of them (each must leave at the same iteration, or the others would wait in
@@ -556,7 +573,8 @@ class Trainer:
         if self.rank != 0:
             return
         extra = {"optimizer": opt.state_dict(), "rng_numpy": numpy_states, "rng_torch": torch_states,
-                 "cpu_seconds_total": self._cpu_before + time.process_time(), "clock_seconds": self._clock_seconds()}
+                 "cpu_seconds_total": self._cpu_before + time.process_time(), "clock_seconds": self._clock_seconds(),
+                 "chunks": [c.as_dict() for c in self._chunks + [self._chunk(done)]]}
         if getattr(self, "_adam_bank", None) is not None:  # the adam objective's memory: a resume goes on with it
             extra["adam_bank"] = self._adam_bank
         save_checkpoint(self.out / "last.pt", net, self.prep, name=self.cfg.name, train_config=self.cfg.to_dict(),
