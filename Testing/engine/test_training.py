@@ -797,3 +797,29 @@ def test_a_run_writes_a_training_record_of_its_chunks_data_licences_and_settings
     assert "objective: sam\n" in text and "iterations: 4\n" in text  # the settings
     assert torch.load(final, weights_only=True)["chunks"][0]["last_iteration"] == 2
     assert record.source_licence(tmp_path) is None  # a folder without a SOURCE.md states none
+
+
+def test_config_mistakes_a_review_found_late_or_silent_are_named_before_the_data(tmp_path):
+    """A key given twice took the last value without a word; a semantic_labels rule whose regex does not compile
+    ended in "internal error", and one without names failed, both after every volume was preprocessed; no volume
+    found named neither folder (a training review)."""
+    from samembed.errors import InputError
+    from samembed.training.config import load_config
+    from samembed.training.data import data_found
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("lr: 0.001\niterations: 5\nlr: 0.01\n")
+    with pytest.raises(InputError, match=r"twice.yaml: not a valid YAML file: 'lr' is given twice"):
+        load_config(twice)
+    for rule, what in (('{images: "(ts_[a-z+_ct", labels: x, names: {1: a}}', "'images' is not a regular expression"),
+                       ('{images: "ts_.*", labels: x}', "'names' missing")):
+        bad = tmp_path / "rule.yaml"
+        bad.write_text(f"semantic_labels:\n  - {rule}\n")
+        with pytest.raises(InputError, match=re.escape(what)):
+            load_config(bad)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "some").mkdir()
+    (tmp_path / "some" / "a_seg_1.nii.gz").write_bytes(b"")
+    assert data_found([str(empty), str(tmp_path / "some")], ["*_seg_*"]) == (
+        f"{empty}: no image files; {tmp_path / 'some'}: 1 file, all excluded ('*_seg_*')")

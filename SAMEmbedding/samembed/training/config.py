@@ -232,7 +232,38 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
         raise InputError(f"{where}: blur_sigma must be two numbers 0 <= low <= high, not {list(cfg.blur_sigma)}")
     if cfg.pixel_spacing_mm is not None and not cfg.pixel_spacing_mm > 0:
         raise InputError(f"{where}: pixel_spacing_mm must be greater than 0, not {cfg.pixel_spacing_mm}")
+    from .labels import LabelRule
+
+    for rule in cfg.semantic_labels:  # (their mistakes were found after every volume was preprocessed)
+        if not isinstance(rule, dict):
+            raise InputError(f"{where}: semantic_labels: each entry is a mapping of images, labels and names, not "
+                             f"{rule!r}")
+        try:
+            LabelRule.from_dict(rule)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
     return cfg
+
+
+def _yaml_without_repeated_keys(text: str):
+    """``yaml.safe_load`` of ``text``, refusing a key given twice in one mapping (``lr:`` twice: the last won, without
+    a word) with the parser's own kind of error (which the caller reports with the file)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -250,9 +281,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
                 raw = tomllib.loads(text)
             else:  # YAML, of which JSON is a part
-                import yaml
-
-                raw = yaml.safe_load(text) or {}
+                raw = _yaml_without_repeated_keys(text) or {}
         except UnicodeDecodeError as e:
             raise InputError(f"{path}: not UTF-8 text ({e.reason}); save the config as UTF-8") from None
         except Exception as e:  # noqa: BLE001 - yaml.YAMLError, tomllib.TOMLDecodeError: the parser's own words

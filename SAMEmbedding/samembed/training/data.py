@@ -77,6 +77,27 @@ def find_volumes(sources: list[str], exclude: list[str] | None = None, base: Pat
     return sorted(once.values())
 
 
+def data_found(sources: list[str], exclude: list[str] | None, base: Path | None = None) -> str:
+    """What each training data entry holds, for an error that found no volume: e.g. ``data/ct: no image files;
+    data/mr: 12 files, all excluded ('*_seg_*')``."""
+    base = base or Path.cwd()
+    excluded = exclusion(exclude or [], base)
+    told = []
+    for src in sources:
+        try:
+            files = find_volumes([src], [], base)
+        except InputError as e:
+            told.append(str(e))
+            continue
+        if not files:
+            told.append(f"{src}: no image files")
+            continue
+        patterns = sorted({p for p in map(excluded, files) if p is not None})
+        told.append(f"{src}: {len(files)} file{'' if len(files) == 1 else 's'}, all excluded ("
+                    + ", ".join(repr(p) for p in patterns) + ")")
+    return "; ".join(told) if told else "no data entry given"
+
+
 def exclusion(exclude: list[str], base: Path):
     """A function of a path that gives the first of the ``exclude`` patterns it matches, or None: a plain pattern
     against the file name; one with a folder against the path as given, normalised and resolved, as itself as given

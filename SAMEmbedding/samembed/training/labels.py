@@ -71,13 +71,21 @@ class LabelRule:
     @staticmethod
     def from_dict(d: dict) -> LabelRule:
         """From a config entry; ``names`` may be a mapping or the path of a JSON file holding one."""
+        missing = [k for k in ("images", "labels", "names") if k not in d]
+        if missing:
+            raise InputError(f"semantic_labels entry {d!r}: needs 'images' (regex), 'labels' (path template) and "
+                             f"'names' (value: name); {', '.join(repr(k) for k in missing)} missing")
+        try:  # (a bad one ended in "internal error: error: unterminated character set", after the preprocessing)
+            re.compile(str(d["images"]))
+        except re.error as e:
+            raise InputError(f"semantic_labels entry {d!r}: 'images' is not a regular expression: {e}") from None
         try:
             names = d["names"]
             if isinstance(names, str):
                 names = json.loads(Path(names).read_text(encoding="utf-8"))
             return LabelRule(str(d["images"]), str(d["labels"]), {int(k): str(v) for k, v in dict(names).items()},
                              tuple(str(n) for n in d.get("partial", ())))
-        except (KeyError, TypeError, ValueError, OSError) as e:
+        except (KeyError, TypeError, ValueError, OSError, AttributeError) as e:
             raise InputError(f"semantic_labels entry {d!r}: needs 'images' (regex), 'labels' (path template) and "
                              f"'names' (value: name): {e}") from e
 

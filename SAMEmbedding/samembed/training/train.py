@@ -28,7 +28,7 @@ from ..preprocess import PreprocessConfig
 from ..progress import CountProgress
 from ..stopping import StopBetweenSteps
 from .config import TrainConfig
-from .data import find_volumes, load_cached, prepare_cache_of
+from .data import data_found, find_volumes, load_cached, prepare_cache_of
 from .losses import local_loss, multi_positive_info_nce
 from .objectives import parse_objective
 from .pairs import (  # noqa: F401 (re-exported)
@@ -102,8 +102,9 @@ class Trainer:
     def load_data(self) -> None:
         cfg = self.cfg
         paths = find_volumes(cfg.data, cfg.exclude, self.base)
-        if not paths:
-            raise InputError("no training volumes found; check `data` and `exclude` in the config")
+        if not paths:  # each data entry named, with what it held (the message named none of them)
+            raise InputError(f"no training volumes found: {data_found(cfg.data, cfg.exclude, self.base)}; check "
+                             "`data` and `exclude` in the config")
         cache = Path(cfg.cache_dir)
         if self.rank == 0:
             bar = _bar(len(paths), "preprocess", self.show_progress)
