@@ -823,3 +823,23 @@ def test_config_mistakes_a_review_found_late_or_silent_are_named_before_the_data
     (tmp_path / "some" / "a_seg_1.nii.gz").write_bytes(b"")
     assert data_found([str(empty), str(tmp_path / "some")], ["*_seg_*"]) == (
         f"{empty}: no image files; {tmp_path / 'some'}: 1 file, all excluded ('*_seg_*')")
+
+
+@pytest.mark.needs_data
+def test_a_resume_over_other_training_files_says_so(tmp_path, caplog):
+    """A volume added to the data folder between a stop and its resume went into the run without a word (a
+    review): the draws then differ from an uninterrupted run's, and the final model listed files the first
+    iterations never saw."""
+    from samembed.training.train import Trainer
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    root = data_file("ct", "totalsegmentator")
+    for name in ("ts_dicom_example_ct.nii.gz", "ts_example_ct_3mm.nii.gz"):
+        (folder / name).symlink_to(root / name)
+    Trainer(tiny_config(tmp_path, "sam", data=f'["{folder}"]', iterations=2), progress=False).run()
+    (folder / "ts_aorta_report_ct_cropped.nii.gz").symlink_to(root / "ts_aorta_report_ct_cropped.nii.gz")
+    with caplog.at_level("WARNING", logger="samembed.training.train"):
+        Trainer(tiny_config(tmp_path, "sam", data=f'["{folder}"]', iterations=3), progress=False).run(resume="auto")
+    assert ("the training files differ from the checkpoint's (1 added, e.g. ts_aorta_report_ct_cropped.nii.gz): "
+            "the run goes on with the 3 found now") in caplog.text

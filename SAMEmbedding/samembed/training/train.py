@@ -324,6 +324,8 @@ class Trainer:
                 self._check_weights_source(setting, getattr(cfg, setting))
         if not getattr(self, "volumes", None):
             self.load_data()
+        if ck is not None and ck.get("training_files") is not None:
+            self._say_changed_data(resume, ck["training_files"])
         net = build_network(cfg.arch, cfg.net_config).to(self.device)
         model: nn.Module = TwoBranch(net)
         if self.world > 1:
@@ -537,6 +539,20 @@ class Trainer:
                         start + 1)
         return None
 
+    def _say_changed_data(self, resume: str, before: list[str]) -> None:
+        """Warn when the training files (by name: a run may resume on another machine, its data elsewhere) differ
+        from those of the checkpoint ``resume``: the run goes on with them, and its draws differ from an
+        uninterrupted run's (a third volume added went on silently: a review)."""
+        now = _file_names(getattr(self, "sources", []))
+        added, gone = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+        if added or gone:
+            log.warning("%s: the training files differ from the checkpoint's (%s): the run goes on with the %d found "
+                        "now, and its draws differ from an uninterrupted run's; restore the data, or start a new run "
+                        "(init_from: the checkpoint) to keep the two apart", resume,
+                        "; ".join(part for part in (
+                            f"{len(added)} added, e.g. {added[0]}" if added else "",
+                            f"{len(gone)} gone, e.g. {gone[0]}" if gone else "") if part), len(now))
+
     def _chunk(self, done: int) -> Chunk:
         """This process's chunk of the run, up to iteration ``done`` (the training record's, :mod:`.record`)."""
         began, command, first, wall0 = self._chunk_begun
@@ -575,7 +591,8 @@ class Trainer:
             return
         extra = {"optimizer": opt.state_dict(), "rng_numpy": numpy_states, "rng_torch": torch_states,
                  "cpu_seconds_total": self._cpu_before + time.process_time(), "clock_seconds": self._clock_seconds(),
-                 "chunks": [c.as_dict() for c in self._chunks + [self._chunk(done)]]}
+                 "chunks": [c.as_dict() for c in self._chunks + [self._chunk(done)]],
+                 "training_files": _file_names(getattr(self, "sources", []))}
         if getattr(self, "_adam_bank", None) is not None:  # the adam objective's memory: a resume goes on with it
             extra["adam_bank"] = self._adam_bank
         save_checkpoint(self.out / "last.pt", net, self.prep, name=self.cfg.name, train_config=self.cfg.to_dict(),
@@ -761,6 +778,11 @@ def _same_setting(before, now) -> bool:
 #: a run whose every iteration (this many at least) took no step is refused: its model would be its starting weights
 #: (one or two such iterations happen by chance with small views)
 MIN_IDLE_REFUSED = 3
+
+
+def _file_names(paths: list[str]) -> list[str]:
+    """The sorted file names of ``paths`` (what a resume compares: the folders may move between machines)."""
+    return sorted(Path(p).name for p in paths)
 
 
 def _all_finite(net: nn.Module) -> bool:
