@@ -104,13 +104,23 @@ class PhaseProgress:
             self._redirect.__exit__(None, None, None)
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person reads a wait: ``45 s``, ``12 min``, ``3 h 05 min``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(int(round(seconds / 60)), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
 class CountProgress:
     """A count of ``total`` units (iterations, scans, images) with a note (``set_postfix``): tqdm's ``update``,
     ``set_postfix``, ``set_postfix_str`` and ``close``.
 
     On a terminal it is a tqdm bar. Elsewhere it is a line when the count starts, then at most one every
-    :data:`PROGRESS_LINE_S` seconds, and one at the end: ``  30.1 s  train 120/600 (20 %), 3.98 it/s, loss=0.412``
-    (the rate counts this run's units per second of wall time).
+    :data:`PROGRESS_LINE_S` seconds, and one at the end: ``  30.1 s  train 120/600 (20 %), 3.98 it/s, 2 min left,
+    loss=0.412`` (the rate counts this run's units per second of wall time, and the time left follows it).
 
     Args:
         total: the units to count.
@@ -141,9 +151,12 @@ class CountProgress:
         self._last_at = time.perf_counter()
         share = f" ({100.0 * self.n / self.total:.0f} %)" if self.total else ""
         done = self.n - self._initial
-        rate = f", {done / max(self._last_at - self._t0, 1e-9):.3g} {self.unit}/s" if done else ""
+        per_s = done / max(self._last_at - self._t0, 1e-9)
+        rate = f", {per_s:.3g} {self.unit}/s" if done else ""
+        # what is left at this run's rate (a log of a long run said how fast, not how long: a review)
+        left = f", {_duration((self.total - self.n) / per_s)} left" if done and self.total > self.n else ""
         note = f", {self.postfix}" if self.postfix else ""
-        _line(self._clock0, f"{self.desc} {self.n}/{self.total}{share}{rate}{note}")
+        _line(self._clock0, f"{self.desc} {self.n}/{self.total}{share}{rate}{left}{note}")
 
     def update(self, n: int = 1) -> None:
         """``n`` more units done."""

@@ -1076,7 +1076,14 @@ def test_a_count_to_a_file_is_a_line_now_and_then_and_at_the_end(monkeypatch):
     assert len(lines) == 2, text  # the start and the end: nothing in between within 10 s
     assert lines[0].startswith("train 1/5 (20 %)") and lines[1].startswith("train 5/5 (100 %)"), text
     assert lines[1].endswith("it/s, loss=0.412"), text
-    assert len(count(terminal=False, every_s=0.0).splitlines()) == 6  # start, each of the 4 updates, the end
+    every = count(terminal=False, every_s=0.0).splitlines()
+    assert len(every) == 6  # start, each of the 4 updates, the end
+    # the time left at this run's rate, while there is some (a log of a long run said how fast, not how long)
+    assert re.search(r"train 2/5 \(40 %\), \S+ it/s, \d+ s left, loss=0.412$", every[1]), every
+    assert "left" not in every[-1]
+    from samembed.progress import _duration
+
+    assert [_duration(s) for s in (45, 720, 11100)] == ["45 s", "12 min", "3 h 05 min"]
     # the lines' clock from the command's start (propagate's scans come after its atlas: they restarted at 0.0 s)
     stream = _Stream(False)
     monkeypatch.setattr(sys, "stderr", stream)
