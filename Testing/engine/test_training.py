@@ -843,3 +843,25 @@ def test_a_resume_over_other_training_files_says_so(tmp_path, caplog):
         Trainer(tiny_config(tmp_path, "sam", data=f'["{folder}"]', iterations=3), progress=False).run(resume="auto")
     assert ("the training files differ from the checkpoint's (1 added, e.g. ts_aorta_report_ct_cropped.nii.gz): "
             "the run goes on with the 3 found now") in caplog.text
+
+
+@pytest.mark.needs_data
+def test_a_killed_writes_leftovers_go_and_a_refused_run_leaves_no_folder(tmp_path):
+    """A kill -9 during a save left its hidden temporary checkpoint in the run folder for ever; a run refused before
+    it wrote anything left a folder holding its lock file alone (a training review)."""
+    from samembed.errors import InputError
+    from samembed.training.train import Trainer
+
+    run = tmp_path / "run"
+    Trainer(tiny_config(tmp_path, "sam", iterations=2, snapshot_every=1), progress=False).run()
+    left = [run / ".last.pt.k3j2ab.tmp.pt", run / "snapshots" / ".it_000010.pt.x1y2z3.tmp.pt"]
+    for f in left:  # as a run killed while saving leaves them
+        f.write_bytes(b"partial")
+    (run / "notes.tmp").write_text("mine")  # not a write of the run's: stays
+    Trainer(tiny_config(tmp_path, "sam", iterations=3, snapshot_every=1), progress=False).run(resume="auto")
+    assert not any(f.exists() for f in left) and (run / "notes.tmp").exists()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(InputError, match="init_from"):
+        Trainer(tiny_config(tmp_path, "sam", out_dir=f'"{fresh}"', init_from=f'"{tmp_path / "none.pt"}"'),
+                progress=False).run()
+    assert not fresh.exists()

@@ -650,14 +650,23 @@ class Trainer:
 
         @contextlib.contextmanager
         def held():
+            made = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / ".lock", "a+b") as fh:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise InputError(f"{self.out}: another training run is using this folder; wait for it to end, "
-                                     "or give another --out") from None
-                yield
+            try:
+                with open(self.out / ".lock", "a+b") as fh:
+                    try:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise InputError(f"{self.out}: another training run is using this folder; wait for it to "
+                                         "end, or give another --out") from None
+                    _remove_unfinished_writes(self.out)  # (no other run writes here: a killed one's)
+                    yield
+            finally:
+                # a run refused before it wrote anything leaves no folder of its lock alone (a review)
+                if made and [p.name for p in self.out.iterdir()] == [".lock"]:
+                    with contextlib.suppress(OSError):
+                        (self.out / ".lock").unlink()
+                        self.out.rmdir()
 
         return held()
 
@@ -778,6 +787,20 @@ def _same_setting(before, now) -> bool:
 #: a run whose every iteration (this many at least) took no step is refused: its model would be its starting weights
 #: (one or two such iterations happen by chance with small views)
 MIN_IDLE_REFUSED = 3
+
+
+def _remove_unfinished_writes(out: Path) -> None:
+    """Remove the temporary files of checkpoint and log writes (:func:`samembed.io.atomic_path`: ``.NAME.XXXX.tmp.pt``)
+    that a killed run left in the run folder ``out`` and its ``snapshots``: never read, each as large as a
+    checkpoint (a review found one after a kill -9 during a save). Call it holding the folder's lock."""
+    for folder in (out, out / "snapshots"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and ".tmp" in p.name and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    log.info("removed %s, a write that a stopped run did not finish", p)
 
 
 def _file_names(paths: list[str]) -> list[str]:
