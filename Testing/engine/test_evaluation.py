@@ -558,3 +558,30 @@ def test_the_hand_report_of_a_method_that_failed_everywhere_is_written():
     table = markdown_table({"sam": summarise_errors(np.array([np.nan, np.nan])),
                             "elastix": {**summarise_errors(np.array([10.0, 20.0])), "seconds_per_image": 3.0}})
     assert "| sam (2 failed) | – | – |" in table and "| elastix | 15.0 |" in table
+
+
+@pytest.mark.needs_data
+def test_the_report_names_the_models_file_and_the_evaluated_images_it_was_trained_on(tmp_path):
+    """``samembed evaluate`` named the model by its path alone, and an image of its training data evaluated as a
+    target went without a word (a training review): such an error says less about scans the model never saw."""
+    from samembed_bench.runner import model_training_facts
+
+    from samembed.registry import find_entry
+    from samembed.training.train import Trainer
+
+    from ..conftest import data_file
+    from .test_matcher import require_trained_default
+    from .test_training import tiny_config
+
+    require_trained_default()
+    lidc = data_file("ct", "lidc", "LIDC-IDRI-0001_ct.nii.gz")
+    held_out = data_file("ct", "openkbp", "ct", "pt_215_ct.nii.gz")  # a validation patient, excluded by its config
+    popi = next(data_file("ct", "popi").glob("*.nii.gz"))
+    facts, trained = model_training_facts("default", [lidc, held_out, popi])
+    assert facts.startswith(f"sam-lite-ct.pt, iteration 400, SHA-256 {find_entry('default')['sha256'][:12]}")
+    assert trained == [str(lidc)]  # (its snapshot lists no files: the config's folders less its exclusions)
+    # a final model lists its files
+    final = Trainer(tiny_config(tmp_path, "sam", iterations=3), progress=False).run()
+    ts = data_file("ct", "totalsegmentator", "ts_example_ct_3mm.nii.gz")
+    assert model_training_facts(str(final), [ts, lidc])[1] == [str(ts)]
+    assert model_training_facts("random:sam-lite", [ts]) == (None, [])

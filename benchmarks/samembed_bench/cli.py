@@ -44,7 +44,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from samembed.io import output_folder
 
     from .cases import read_cases
-    from .runner import environment_info, parse_methods, run_cases, write_report
+    from .runner import environment_info, model_training_facts, parse_methods, run_cases, write_report
 
     results: list = []
     try:
@@ -72,6 +72,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         output_folder("--out", Path(args.out))  # before any case runs: a run of hours is not lost at its end
         model_id = args.model if any(m.startswith("sam") for m in methods) else None
         info = environment_info(model_id, args.elastix_threads) | {"cases": ", ".join(map(str, args.cases))}
+        if model_id:  # which file, and whether any case's image was in its training data
+            facts, trained = model_training_facts(model_id, [im for c in cases for im in (c.source, c.target)])
+            if facts:
+                info["model"] = f"{model_id} ({facts})"
+            if trained:
+                names = ", ".join(Path(t).name for t in trained[:4]) + (", ..." if len(trained) > 4 else "")
+                info["trained on"] = (f"{len(trained)} of the evaluated images were in the model's training data "
+                                      f"({names}): their errors say less about scans it never saw")
+                print(f"warning: {info['trained on']}", file=sys.stderr)
         try:
             run_cases(cases, methods, model=args.model, device=args.device, elastix_threads=args.elastix_threads,
                       results=results)

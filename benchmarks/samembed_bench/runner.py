@@ -316,6 +316,48 @@ def environment_info(model_id: str | None = None, elastix_threads: int | None = 
     return info
 
 
+def model_training_facts(model: str, images: Sequence[str | os.PathLike]) -> tuple[str | None, list[str]]:
+    """What a report says of the model ``model`` (a registered name or a checkpoint path) and which of ``images``
+    it was trained on: ``(its file, iteration and SHA-256 prefix, or None for a model without a file;
+    the images among its training data)``. The training data are the checkpoint's ``training_sources`` when it
+    lists them (a final model), else its config's ``data`` folders less its ``exclude`` patterns (a snapshot),
+    matched by the folders' trailing names, so that data moved to another machine still match. An error measured on
+    a training image says less about scans the model never saw (a review: nothing said so)."""
+    import hashlib
+
+    from samembed.registry import checkpoint_header, find_entry
+
+    entry = find_entry(model)
+    if entry is not None and entry.get("file"):
+        from samembed.models import models_dir
+
+        path = models_dir() / entry["file"]
+    else:
+        path = Path(model)
+    if not path.is_file():
+        return None, []
+    header = checkpoint_header(path) or {}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    facts = f"{path.name}, iteration {header.get('iteration', '?')}, SHA-256 {digest}"
+    sources = [str(f) for f in header.get("training_sources") or []]
+    if sources:
+        known = {os.path.realpath(f) for f in sources} | {Path(f).name for f in sources}
+        return facts, sorted({str(im) for im in images
+                              if os.path.realpath(im) in known or Path(im).name in known})
+    config = header.get("train_config") or {}
+    from samembed.training.data import exclusion
+
+    excluded = exclusion(list(config.get("exclude") or []), Path.cwd())
+    tails = [tuple(part for part in Path(d).parts if part not in ("..", ".", "/")) for d in config.get("data") or []]
+    trained = []
+    for im in dict.fromkeys(map(str, images)):
+        folders = [Path(os.path.realpath(im)).parents[i].parts for i in range(len(Path(os.path.realpath(im)).parents))]
+        inside = any(tail and folder[-len(tail):] == tail for tail in tails for folder in folders)
+        if inside and excluded(Path(im)) is None:
+            trained.append(im)
+    return facts, sorted(trained)
+
+
 def write_report(results: Sequence[PairResult], out_dir: str | os.PathLike, stem: str = "landmarks",
                  title: str = "Landmark matching benchmark", info: dict | None = None) -> Path:
     """Write ``<stem>.md`` (tables per suite), ``<stem>_points.csv``, ``<stem>_pairs.csv`` and ``<stem>_<suite>_cdf.png``.

@@ -460,7 +460,9 @@ class Trainer:
                     (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
                     save_checkpoint(self.out / "snapshots" / f"it_{done:06d}.pt", net, self.prep, name=cfg.name,
                                     train_config=cfg.to_dict(), iteration=done,
-                                    extra={"cpu_seconds_total": cpu_before + time.process_time()}, half=True)
+                                    extra={"cpu_seconds_total": cpu_before + time.process_time(),
+                                           "training_sources": [str(f) for f in getattr(self, "sources", [])]},
+                                    half=True)
                 if done < cfg.iterations and self._stop_requested(stopping):  # Ctrl-C or SIGTERM during the
                     # iteration (in any process of the run): it finished; saved, then every process stops
                     if not saved:
