@@ -452,8 +452,9 @@ def test_a_diverged_run_stops_naming_the_iteration_and_writes_no_weights(tmp_pat
     from samembed.errors import InputError
     from samembed.training.train import Trainer
 
-    with pytest.raises(InputError, match=r"the loss is nan at iteration \d+: training diverged \(lower lr"):
-        Trainer(tiny_config(tmp_path, "sam", iterations=30, lr=1e30, warmup=1), progress=False).run()
+    with pytest.raises(InputError, match=r"(the loss is nan at|the weights are not finite after) iteration \d+: "
+                                         r"training diverged \(lower lr"):
+        Trainer(tiny_config(tmp_path, "sam", iterations=30, lr=1e6, warmup=1), progress=False).run()
     assert not (tmp_path / "run" / "sam-lite-ct.pt").exists()
 
 
@@ -493,9 +494,15 @@ def test_what_is_wrong_besides_the_data_and_a_folder_in_use_are_found_before_the
     (tmp_path / "file").write_text("x")
     for extra, message in (({"out_dir": f'"{tmp_path / "file"}"'}, "out_dir .*: is a file, expected a folder"),
                            ({"cache_dir": f'"{tmp_path / "file"}"'}, "cache_dir .*: is a file, expected a folder"),
-                           ({"net_config": '{"widths": [8]}'}, "does not fit arch sam-lite")):
+                           ({"net_config": '{"widths": [8]}'}, "does not fit arch sam-lite"),
+                           # a distill teacher missing, or of other embedding sizes, failed at iteration 1, after the
+                           # data were prepared, and left a log that refused the folder (a training review)
+                           ({"objective": '"sam+distill"', "distill_teacher": f'"{tmp_path / "none.pt"}"'},
+                            "none.pt"),
+                           ({"objective": '"sam+distill"'}, "embedding sizes .* differ from the student's")):
+        objective = extra.pop("objective", '"sam"').strip('"')
         with pytest.raises(InputError, match=message):
-            Trainer(tiny_config(tmp_path, "sam", **extra), progress=False).run()
+            Trainer(tiny_config(tmp_path, objective, **extra), progress=False).run()
         assert not (tmp_path / "cache").exists()  # nothing prepared
     run = tmp_path / "run"
     run.mkdir()
@@ -807,6 +814,8 @@ def test_config_mistakes_a_review_found_late_or_silent_are_named_before_the_data
     from samembed.training.config import load_config
     from samembed.training.data import data_found
 
+    with pytest.raises(InputError, match=r"lr 1e\+38 is beyond any rate that trains"):  # (an internal error)
+        load_config(None, ["lr=1e38"])
     twice = tmp_path / "twice.yaml"
     twice.write_text("lr: 0.001\niterations: 5\nlr: 0.01\n")
     with pytest.raises(InputError, match=r"twice.yaml: not a valid YAML file: 'lr' is given twice"):

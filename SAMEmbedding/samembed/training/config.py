@@ -204,6 +204,10 @@ def _typed(name: str, kind: str, value, where: str):
     return value
 
 
+#: the largest learning rate a config may give: far beyond any that trains, well within float32
+MAX_LR = 1e6
+
+
 def validate_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     """Check and normalise every setting of ``cfg`` in place (types, ranges, choices): a bad value is an
     :class:`InputError` naming it and ``where``, before any data are prepared, instead of an internal error
@@ -219,6 +223,9 @@ def validate_config(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     for name in ("overlap_p", "blur_p"):
         if getattr(cfg, name) > 1:
             raise InputError(f"{where}: {name} is a probability, at most 1, not {getattr(cfg, name)}")
+    if cfg.lr > MAX_LR:  # (1e38 ended in "internal error: value cannot be converted to type float without overflow")
+        raise InputError(f"{where}: lr {cfg.lr:g} is beyond any rate that trains (at most {MAX_LR:g}; the configs "
+                         "here use 1e-4 to 1e-3)")
     if not cfg.name or cfg.name.strip() != cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in (".", ".."):
         # (the final model is out_dir/NAME.pt: "sub/model" failed after the whole run, "../x" wrote outside it)
         raise InputError(f"{where}: name must be a plain file name (the final model is out_dir/NAME.pt), "

@@ -639,6 +639,8 @@ class Trainer:
             raise InputError(f"net_config {cfg.net_config} does not fit arch {cfg.arch}: {e}") from None
         for name, folder in (("out_dir", self.out), ("cache_dir", Path(cfg.cache_dir))):
             check_is_folder(name, folder)
+        if any(name == "distill" for name, _ in parse_objective(cfg.objective)):
+            self.distill_teacher()  # a missing or unfit teacher, said before the data (it failed at iteration 1)
 
     def _run_folder_lock(self):
         """Hold ``out_dir/.lock`` for the run (the first process of it): a second run started into the same
