@@ -1005,6 +1005,7 @@ def _cmd_info(args) -> int:
     from . import __version__
     from .models import models_dir, read_int8_calibration, registry
     from .networks.int8 import has_global_scales, int8_arithmetic, native_bf16
+    from .registry import checkpoint_header
 
     print(f"samembed {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
           f"SimpleITK {sitk.Version.VersionString()}")
@@ -1020,7 +1021,12 @@ def _cmd_info(args) -> int:
         both = calibrated and has_global_scales(calibrated)
         int8 = (f"  int8 on the CPU (calibrated{', global branch too' if both else ''})" if calibrated else "")
         aliases = f"  (also --model {', '.join(m['aliases'])})" if m.get("aliases") else ""
-        print(f"  {m['name']:<18} {m.get('architecture', '?'):<14} {m.get('spacing_mm', '?')} mm  {avail}{int8}{aliases}"
+        spacing = f"{m.get('spacing_mm', '?')} mm"
+        header = checkpoint_header(models_dir() / m["file"]) if avail == "available" else None
+        read = (header or {}).get("preprocess", {}).get("spacing_mm")
+        if read is not None and read != m.get("spacing_mm"):  # (the file's is what matching uses: a review)
+            spacing = f"{read} mm (models.json says {m.get('spacing_mm')}: the file's is used)"
+        print(f"  {m['name']:<18} {m.get('architecture', '?'):<14} {spacing}  {avail}{int8}{aliases}"
               + (f"  - {m.get('note')}" if avail != "available" and m.get("note") else ""))
     print("  random:<arch>      seeded random weights for smoke tests (sam-lite, sam-lite-2d, sam-official)")
     return 0

@@ -1999,3 +1999,27 @@ def test_a_run_out_of_memory_says_so_and_what_to_do(tmp_path, two_cts, a_points_
         err = capsys.readouterr().err
         assert err.startswith(f"error: out of memory ({type(error).__name__}") and "--jobs 1" in err, err
         assert "internal error" not in err
+
+
+def test_samembed_info_shows_the_spacing_the_model_file_holds_where_the_registry_says_another(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A models.json entry whose spacing disagreed with its checkpoint was shown by ``samembed info``, while matching
+    used the file's (a training review). The shipped entries agree with their files; a disagreeing one is told."""
+    import json
+    import shutil
+
+    from samembed.models import models_dir
+    from samembed.registry import checkpoint_header, registry
+
+    for m in registry()["models"]:  # the shipped registry and its files agree
+        if m.get("file") and (models_dir() / m["file"]).is_file():
+            header = checkpoint_header(models_dir() / m["file"])
+            assert header["preprocess"]["spacing_mm"] == m["spacing_mm"] == m["preprocess"]["spacing_mm"], m["name"]
+            assert header["arch"] == m["architecture"], m["name"]
+    shipped = next(m for m in registry()["models"] if m["name"] == "sam-lite-ct-fast")
+    shutil.copy(models_dir() / shipped["file"], tmp_path / shipped["file"])
+    (tmp_path / "models.json").write_text(json.dumps({"schema_version": 1, "models": [
+        {**shipped, "spacing_mm": 4.0, "default_for_dim": 3}]}))
+    monkeypatch.setenv("SAMEMBED_MODELS_DIR", str(tmp_path))
+    assert main(["info"]) == 0
+    assert "2.0 mm (models.json says 4.0: the file's is used)" in capsys.readouterr().out
