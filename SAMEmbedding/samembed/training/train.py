@@ -610,8 +610,10 @@ class Trainer:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: torch's words, the file named
-            raise InputError(f"{path}: not a readable training checkpoint ({' '.join(str(e).split())[:200]}); "
-                             "resume from another last.pt, or start a new run in another folder") from None
+            words = " ".join(str(e).split())  # (cut at a word, and said so: it stopped mid-sentence at 200 characters)
+            words = words if len(words) <= 300 else words[:300].rsplit(" ", 1)[0] + " ..."
+            raise InputError(f"{path}: not a readable training checkpoint ({words}); resume from another last.pt, "
+                             "or start a new run in another folder") from None
         if not isinstance(ck, dict) or not {"state_dict", "optimizer", "iteration", "rng_torch"} <= set(ck):
             raise InputError(f"{path}: not a resume checkpoint (a run folder's last.pt, with the optimiser's state); "
                              "final or snapshot weights start a new run with init_from instead")
