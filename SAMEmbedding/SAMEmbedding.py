@@ -79,6 +79,9 @@ def _moduleResourcePath(*parts: str) -> str:
 #
 
 _dependenciesReady = False
+#: an install is under way: Slicer's installers keep the GUI live (processEvents per line of pip's output), and a
+#: second click, "Propagate all" or the heatmap box started a second install into the same site-packages (a review)
+_installing = False
 
 
 def _torchVersionAcceptable() -> bool:
@@ -150,12 +153,23 @@ def _ensurePackages(requirements: list[str], requester: str) -> None:
 
 def ensureDependencies(requester: str = "SAM Embedding") -> None:
     """Make sure torch (through the PyTorch extension) and the engine's other packages are present."""
-    global _dependenciesReady
+    global _dependenciesReady, _installing
     if _dependenciesReady:
         return
-    _ensureTorch()
-    _ensurePackages(PYTHON_REQUIREMENTS, requester)
+    if _installing:
+        raise RuntimeError(_("The engine's packages are being installed; matching starts once that has finished."))
+    _installing = True
+    try:
+        _ensureTorch()
+        _ensurePackages(PYTHON_REQUIREMENTS, requester)
+    finally:
+        _installing = False
     _dependenciesReady = True
+
+
+def installingDependencies() -> bool:
+    """Whether :func:`ensureDependencies` is installing packages now (its installer keeps the GUI live)."""
+    return _installing
 
 
 #
@@ -290,6 +304,11 @@ class SAMEmbeddingLogic(ScriptedLoadableModuleLogic):
     def ensureDependencies() -> None:
         """Install or check torch and the engine's packages (asks before installing); raises RuntimeError if missing."""
         ensureDependencies()
+
+    @staticmethod
+    def installingDependencies() -> bool:
+        """Whether the engine's packages are being installed now (the GUI stays live meanwhile)."""
+        return installingDependencies()
 
     @staticmethod
     def matchOptions(parameterNode=None):

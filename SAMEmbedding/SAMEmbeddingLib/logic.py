@@ -1091,12 +1091,12 @@ class MatchLogic:
             tableNode.SetAttribute(ROW_KEYS_ATTRIBUTE, json.dumps(keys))
             # the titles are the view's header: without it, a table view shows the column names as its first row,
             # so view row k would be data row k - 1 (the rows of resultRows, which a click selects)
-            if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):  # Slicer 5.8 and later
+            if hasattr(tableNode, "SetColumnTitle"):  # Slicer 5.6.1 and later (both came in one commit)
                 tableNode.SetUseColumnTitleAsColumnHeader(True)
-            else:
+                for name, title in TABLE_TITLES.items():
+                    tableNode.SetColumnTitle(name, title)
+            else:  # (the titles' call, unguarded, failed every match's table on Slicer 5.4-5.6.0: a review)
                 tableNode.SetUseColumnNameAsColumnHeader(True)
-            for name, title in TABLE_TITLES.items():
-                tableNode.SetColumnTitle(name, title)
         finally:
             tableNode.EndModify(wasModifying)
         return tableNode

@@ -109,8 +109,10 @@ class MatchWidget(VTKObservationMixin):
         self.removeObservers()
         self._pollTimer.stop()
         self.controller.cleanup()
-        self.worker.shutdown()
+        # the engine first: a job starting it (its child importing torch) stops at once, where the worker's join
+        # waited its whole 5 s for it (a review)
         self.logic.core.close()
+        self.worker.shutdown()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -179,8 +181,13 @@ class MatchWidget(VTKObservationMixin):
             # targets but never chosen as the source or the heatmap's target
             from SAMEmbeddingLib.mrml_io import SELECTABLE_VOLUME_CLASSES
 
-            for selector in (self.ui.sourceVolumeSelector, self.ui.heatmapTargetSelector):
+            for selector, chosen in ((self.ui.sourceVolumeSelector, self._parameterNode.sourceVolume),
+                                     (self.ui.heatmapTargetSelector, self._parameterNode.heatmapTarget)):
                 selector.nodeTypes = list(SELECTABLE_VOLUME_CLASSES)
+                # a vector volume chosen before was not among the types when connectGui showed it: the selector
+                # showed None while matching used it (a review)
+                if chosen is not None and selector.currentNode() is not chosen:
+                    selector.setCurrentNode(chosen)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._updateGui()
 
@@ -295,6 +302,9 @@ class MatchWidget(VTKObservationMixin):
     # -- matching ----------------------------------------------------------------------------
     def _prepareEngine(self) -> bool:
         """Dependencies before engine work; False (after telling why) when they are missing."""
+        if self.logic.installingDependencies():  # a click while they are installed: said, not a second install
+            self._setStatus(_("Installing the engine's packages; matching starts once that has finished."))
+            return False
         try:
             self.logic.ensureDependencies()
         except Exception as e:  # noqa: BLE001 - shown to the user
