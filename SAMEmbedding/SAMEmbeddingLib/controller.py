@@ -554,7 +554,7 @@ class MatchController:
             target = self.heatmapTarget()
             position = self.logic.matchPosition(p.sourcePoints, pointIndex, target) if target else None
             if position is not None:
-                self.logic.jumpToPoint(position)
+                self.logic.jumpToPoint(position, target)
         if self._onFinished is not None:
             self._onFinished(outputs)
 
@@ -583,7 +583,7 @@ class MatchController:
         self.currentPointIndex = index
         position = self.logic.matchPosition(p.sourcePoints, index, target)
         if position is not None:
-            self.logic.jumpToPoint(position)
+            self.logic.jumpToPoint(position, target)
         return target
 
     def cleanup(self) -> None:

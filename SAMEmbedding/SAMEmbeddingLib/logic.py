@@ -969,7 +969,8 @@ class MatchLogic:
         if job.heatmapTargetID in outputs.heatmaps:
             target = self.scene.GetNodeByID(job.heatmapTargetID)
             if target is not None:
-                self.showHeatmap(outputs.heatmaps[job.heatmapTargetID], target)
+                self.showHeatmap(outputs.heatmaps[job.heatmapTargetID], target,
+                                 sourceVolume=self.scene.GetNodeByID(job.sourceVolumeID))
         return outputs
 
     def outputPointList(self, sourcePointList, targetVolume, create: bool = False):
@@ -1159,14 +1160,33 @@ class MatchLogic:
         display.SetApplyThreshold(True)  # below the 90th percentile: transparent over the target
         display.SetThreshold(low, max(top, 1.0))
 
-    def showHeatmap(self, heatmapNode, targetVolume, opacity: float | None = None) -> None:
-        """Show the target as background and the heatmap as foreground in every slice view."""
+    def showHeatmap(self, heatmapNode, targetVolume, opacity: float | None = None, sourceVolume=None) -> None:
+        """Show the target as background and the heatmap as foreground in the slice views that do not show
+        ``sourceVolume``; when every view shows it, in all but one (the Red view, else the first), which keeps the
+        source for placing points. Without a source (or with one view), in every view. Each view's background
+        before is put back by :meth:`hideHeatmap`.
+
+        Every view showed the target before, and the user's next clicks, still placing source landmarks, landed
+        on the target's anatomy (a review)."""
         if opacity is not None:
             self.heatmapOpacity = float(opacity)
-        for composite in self._nodes("vtkMRMLSliceCompositeNode"):
+        for composite in self._targetViews(sourceVolume):
+            if composite.GetAttribute(BACKGROUND_BEFORE_ATTRIBUTE) is None:  # (a second heatmap keeps the first's)
+                composite.SetAttribute(BACKGROUND_BEFORE_ATTRIBUTE, composite.GetBackgroundVolumeID() or "")
             composite.SetBackgroundVolumeID(targetVolume.GetID())
             composite.SetForegroundVolumeID(heatmapNode.GetID())
             composite.SetForegroundOpacity(self.heatmapOpacity)
+
+    def _targetViews(self, sourceVolume) -> list:
+        """The slice composite nodes a heatmap goes to (:meth:`showHeatmap`)."""
+        composites = self._nodes("vtkMRMLSliceCompositeNode")
+        if sourceVolume is None or len(composites) <= 1:
+            return composites
+        others = [c for c in composites if c.GetBackgroundVolumeID() != sourceVolume.GetID()]
+        if others and len(others) < len(composites):
+            return others
+        kept = next((c for c in composites if c.GetLayoutName() == "Red"), composites[0])
+        return [c for c in composites if c is not kept]
 
     def setHeatmapOpacity(self, opacity: float) -> None:
         """Change the foreground opacity wherever a heatmap is shown."""
@@ -1182,12 +1202,23 @@ class MatchLogic:
         for composite in self._nodes("vtkMRMLSliceCompositeNode"):
             if composite.GetForegroundVolumeID() in heatmapIDs:
                 composite.SetForegroundVolumeID(None)
+            before = composite.GetAttribute(BACKGROUND_BEFORE_ATTRIBUTE)
+            if before is not None:  # the view's own background again (the source, where points are placed)
+                composite.SetBackgroundVolumeID(before if before and self.scene.GetNodeByID(before) else None)
+                composite.RemoveAttribute(BACKGROUND_BEFORE_ATTRIBUTE)
 
     # -- navigation and export ---------------------------------------------------------------
-    def jumpToPoint(self, pointRAS) -> None:
-        """Centre every slice view on a world RAS point."""
+    def jumpToPoint(self, pointRAS, volume=None) -> None:
+        """Centre the slice views on a world RAS point: those that show ``volume`` as background when it is given
+        and some do (a match in a target moved the source's views too, elsewhere in another patient: a review),
+        else every view."""
         r, a, s = (float(v) for v in pointRAS)
-        for sliceNode in self._nodes("vtkMRMLSliceNode"):
+        sliceNodes = self._nodes("vtkMRMLSliceNode")
+        if volume is not None:
+            showing = {c.GetLayoutName() for c in self._nodes("vtkMRMLSliceCompositeNode")
+                       if c.GetBackgroundVolumeID() == volume.GetID()}
+            sliceNodes = [n for n in sliceNodes if n.GetLayoutName() in showing] or sliceNodes
+        for sliceNode in sliceNodes:
             sliceNode.JumpSliceByCentering(r, a, s)
 
     def matchPosition(self, sourcePointList, pointIndex: int, targetVolume):
@@ -1288,6 +1319,8 @@ class MatchLogic:
         return [n for n in self._nodes(className) if n.GetAttribute(ROLE_ATTRIBUTE) == role]
 
 
+#: a slice composite node's attribute: its background before a heatmap took the view (put back when it goes)
+BACKGROUND_BEFORE_ATTRIBUTE = "SAMEmbedding.BackgroundBeforeHeatmap"
 #: heatmap voxels, at most, whose 90th percentile sets the display's lower end (:func:`heatmap_display_range`)
 HEATMAP_LEVEL_SAMPLES = 4_000_000
 

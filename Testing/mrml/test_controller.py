@@ -324,7 +324,7 @@ def test_the_view_centres_on_the_matched_point_even_when_an_earlier_one_was_dele
     harness.controller.propagateAll()
     harness.settle()
     centred = []
-    monkeypatch.setattr(harness.logic, "jumpToPoint", centred.append)
+    monkeypatch.setattr(harness.logic, "jumpToPoint", lambda position, volume=None: centred.append(position))
     harness.controller.matchPoints([1])  # L2, on the worker
     points.RemoveNthControlPoint(0)  # L1 goes meanwhile: L2 is now index 0
     harness.settle()
@@ -607,7 +607,7 @@ def test_a_job_of_earlier_parameters_moves_no_view_and_sets_no_status_when_it_en
     h.controller.matchPoints([0])
     h.settleAll()
     jumps = []
-    monkeypatch.setattr(h.logic, "jumpToPoint", lambda position: jumps.append(position))
+    monkeypatch.setattr(h.logic, "jumpToPoint", lambda position, volume=None: jumps.append(position))
     release = h.blockWorker()
     h.controller.matchPoints([1])  # runs after the work
     new = add_points(a_scene, [_ras(a_small_ct, (40, 90, 6)), _ras(a_small_ct, (60, 66, 9))], ["new1", "new2"])

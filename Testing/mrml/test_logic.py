@@ -1137,3 +1137,36 @@ def test_a_matches_list_named_by_the_module_follows_its_targets_name_and_one_nam
     first.SetName("CT of June")
     a_logic.matchPoints(a_small_ct, two_landmarks, [first, second], [0])
     assert first_list.GetName() == "my matches"
+
+
+def test_a_heatmap_leaves_the_source_in_one_view_and_its_views_get_their_background_back(a_scene, a_logic,
+                                                                                         a_small_ct, two_landmarks):
+    """The heatmap put the target in every slice view, and the user's next clicks, still placing source landmarks,
+    landed on the target's anatomy; jumping to a match moved the source's views too (a review of the module). With
+    three views showing the source, Red keeps it; hiding the heatmap puts each view's background back."""
+    target = a_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
+    target.SetAndObserveImageData(a_small_ct.GetImageData())
+    first = a_scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    composites = [first]
+    for name in ("Red", "Yellow", "Green"):  # (the fixture's first view has no name: named here)
+        c = first if name == "Red" else a_scene.AddNode(slicer.vtkMRMLSliceCompositeNode())
+        c.SetLayoutName(name)
+        c.SetBackgroundVolumeID(a_small_ct.GetID())
+        composites += [] if c is first else [c]
+        if name != "Red":
+            node = slicer.vtkMRMLSliceNode()
+            node.SetLayoutName(name)
+            a_scene.AddNode(node)
+    heatmap = a_logic.computeHeatmap(a_small_ct, two_landmarks, 0, target)
+    a_logic.showHeatmap(heatmap, target, sourceVolume=a_small_ct)
+    assert [c.GetBackgroundVolumeID() for c in composites] == [a_small_ct.GetID(), target.GetID(), target.GetID()]
+    assert [c.GetForegroundVolumeID() for c in composites] == [None, heatmap.GetID(), heatmap.GetID()]
+    a_logic.showHeatmap(heatmap, target, sourceVolume=a_small_ct)  # a second click: the same views
+    assert [c.GetBackgroundVolumeID() for c in composites] == [a_small_ct.GetID(), target.GetID(), target.GetID()]
+    red = a_scene.GetFirstNodeByClass("vtkMRMLSliceNode")
+    before = [red.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
+    a_logic.jumpToPoint((5.0, 6.0, 7.0), target)  # the target's views only
+    assert [red.GetSliceToRAS().GetElement(r, 3) for r in range(3)] == before
+    a_logic.hideHeatmap()
+    assert [c.GetBackgroundVolumeID() for c in composites] == [a_small_ct.GetID()] * 3
+    assert all(c.GetForegroundVolumeID() is None for c in composites)
