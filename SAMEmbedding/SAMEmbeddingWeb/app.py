@@ -40,6 +40,8 @@ class WebOptions:
     cache_dir: str | None = None
     token: str | None = None
     """The access token every request needs (security.py); generated when None."""
+    idle_timeout_s: float = 0.0
+    """Stop the server once no page has been connected for this long (0: never)."""
 
 
 def _registered_models(chosen: str = "default") -> list[str]:
@@ -146,10 +148,20 @@ class WebApp:
         s.change("shown_target_id")(self._on_shown_target)
         s.change("orientation")(lambda orientation, **_: self._guard(lambda: self.session.set_orientation(orientation)))
         s.change("show_heatmap")(lambda show_heatmap, **_: self._guard(lambda: self.session.set_heatmap(show_heatmap)))
-        s.change("heatmap_opacity")(lambda heatmap_opacity, **_: self.session.set_heatmap_opacity(heatmap_opacity))
-        s.change("model", "device")(lambda model, device, **_: self._guard(lambda: self.session.set_model(model, device)))
+        s.change("heatmap_opacity")(lambda heatmap_opacity, **_: self._guard(
+            lambda: self.session.set_heatmap_opacity(heatmap_opacity)))
+        s.change("model", "device")(lambda model, device, **_: self._guard(lambda: self._set_model(model, device)))
         s.change("placing")(lambda placing, **_: self._guard(lambda: self.session.set_placing(placing)))
         s.change("export_format")(lambda **_: self._update_export_name())
+
+    def _set_model(self, model: str, device: str) -> None:
+        """The page's model and device, among those it offers: a page could name any path, and the server read it
+        as a checkpoint, outside the data folders (a review); a refused choice is put back."""
+        offered = _registered_models(self.options.model)
+        if str(model) not in offered or str(device) not in ("auto", "cpu", "cuda"):
+            self.state.model, self.state.device = self.session.parameters.model, self.session.parameters.device
+            raise InputError(f"model {model!r} on {device!r}: not one this server offers ({', '.join(offered)})")
+        self.session.set_model(model, device)
 
     def _node(self, node_id):
         return self.slicer.scene.GetNodeByID(node_id) if node_id else None
@@ -281,7 +293,8 @@ class WebApp:
             await asyncio.sleep(POLL_SECONDS)
 
     def _on_bind(self, wslink_server) -> None:
-        wslink_server.app.middlewares.append(token_middleware(self.options.token))  # loopback too (security.py)
+        wslink_server.app.middlewares.append(token_middleware(  # loopback too (security.py)
+            self.options.token, check_origin=not base_prefix(self.options.base_path)))
         serve_under_base_path(wslink_server.app, wslink_server.config, self.options.base_path)
 
     def _on_ready(self, **_) -> None:
@@ -295,8 +308,13 @@ class WebApp:
         return f"http://{shown}:{self.server.port}{base}?token={self.options.token}"
 
     def start(self) -> None:
+        # wslink stops a server 300 s after its last page closed (or after its start, with none), which lost every
+        # landmark and match without a word (a review): only when --idle-timeout asks, and then it says so
         self.server.start(host=self.options.host, port=self.options.port, open_browser=False,
-                          show_connection_info=False, exec_mode="main")
+                          show_connection_info=False, exec_mode="main", timeout=int(self.options.idle_timeout_s))
+        if self.options.idle_timeout_s:
+            print(f"SAMEmbedding web: stopped, no page connected for {self.options.idle_timeout_s:g} s "
+                  "(--idle-timeout)", flush=True)
 
     def close(self) -> None:
         self.session.close()

@@ -44,6 +44,29 @@ def token_cookie(host: str) -> str:
     return f"{TOKEN_COOKIE}_{re.sub(r'[^0-9A-Za-z]', '_', port)}"
 
 
+def same_origin(origin: str | None, hosts: Iterable[str]) -> bool:
+    """Whether a request's ``Origin`` header names a server it reached: one of ``hosts`` (``name:port``: its
+    ``Host`` header, and a reverse proxy's ``X-Forwarded-Host``). No ``Origin``: a request no page made (a script,
+    the address bar), which the token alone guards."""
+    if not origin:
+        return True
+    from urllib.parse import urlsplit
+
+    def place(url: str, default: int) -> tuple[str, int] | None:
+        parts = urlsplit(url)
+        try:
+            return (parts.hostname or "").lower(), parts.port or default
+        except ValueError:  # a port that is no number
+            return None
+
+    parts = urlsplit(origin)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    if default is None:
+        return False
+    mine = place(origin, default)
+    return mine is not None and any(place("//" + h.strip(), default) == mine for h in hosts if h and h.strip())
+
+
 def new_token() -> str:
     """A random access token (32 bytes of entropy, URL-safe)."""
     return secrets.token_urlsafe(32)
@@ -136,8 +159,12 @@ def limit_websocket_messages(max_bytes: int) -> None:
     UnChunker._samembed_cap = int(max_bytes)
 
 
-def token_middleware(token: str):
-    """An aiohttp middleware answering 403 to every request that does not carry ``token``.
+def token_middleware(token: str, check_origin: bool = True):
+    """An aiohttp middleware answering 403 to every request that does not carry ``token``, and, with
+    ``check_origin``, to a page's request from another origin than the server's (:func:`same_origin`).
+
+    Behind a reverse proxy (``--base-path``) the origin is not checked: a proxy that does not pass the browser's
+    ``Host`` on (nginx's default) makes every request look as if it came from another origin.
 
     The token comes as the query parameter ``token`` (the URL printed at start) or as the cookie set on the first
     request that had it, so the page's websocket, scripts and images need no change.
@@ -151,6 +178,11 @@ def token_middleware(token: str):
 
     @web.middleware
     async def check_token(request, handler):
+        forwarded = request.headers.get("X-Forwarded-Host", "").split(",")
+        if check_origin and not same_origin(request.headers.get("Origin"), [request.host, *forwarded]):
+            # a page of another port of this host is "same site" to a browser, which sends it the cookie: its
+            # websocket opened (a review); a page's own requests come from the server's own origin
+            return web.Response(status=403, text="403: requests from another site's page are refused\n")
         cookie = token_cookie(request.host)
         from_query = carries(request.query.get("token"))
         if not (from_query or carries(request.cookies.get(cookie))):

@@ -1180,9 +1180,12 @@ def _cmd_web(args) -> int:
         print(f"error: 'samembed web' needs the web extra ({e}); from a source checkout of SAMEmbedding run: "
               "pip install -e '.[web]'", file=sys.stderr)
         return 2
+    _require_images(args.images)  # (a missing one was said only in the page, and the server ran on: a review)
+    if not (math.isfinite(args.idle_timeout) and args.idle_timeout >= 0):
+        raise InputError(f"--idle-timeout {args.idle_timeout:g}: give seconds, 0 or more (0: run until Ctrl-C)")
     return run(WebOptions(images=args.images, host=args.host, port=args.port, base_path=args.base_path,
                           data_root=args.data_root, max_upload_mb=args.max_upload_mb, model=args.model,
-                          device=args.device, cache_dir=args.cache_dir))
+                          device=args.device, cache_dir=args.cache_dir, idle_timeout_s=args.idle_timeout))
 
 
 def _bench_missing(args) -> int:
@@ -1357,6 +1360,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", default="default", type=_model_name)
     w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])  # (the module's arithmetic: auto)
     w.add_argument("--cache-dir", help="on-disk embedding cache folder")
+    w.add_argument("--idle-timeout", type=float, default=0.0, metavar="S",
+                   help="stop once no page has been connected for S seconds (default 0: run until Ctrl-C)")
     add_log_flags(w)
     w.set_defaults(func=_cmd_web)
 

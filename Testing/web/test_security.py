@@ -98,6 +98,17 @@ def test_a_server_on_loopback_needs_its_token_too_and_keeps_its_own_cookie():
         for server in (first, second):  # each then answers without the token in the URL, by its own cookie
             with browser.open(f"http://127.0.0.1:{server.port}/", timeout=10) as response:
                 assert response.status == 200
+        # a page of another port of this host is "same site" to a browser, which sends it the cookie: its requests
+        # (its websocket opened: a review) are refused by their Origin; the page's own go on
+        token = first.url.split("?token=")[1]
+        for origin, status in ((f"http://127.0.0.1:{second.port}", 403), (f"http://127.0.0.1:{first.port}", 200)):
+            request = urllib.request.Request(f"{base}?token={token}", headers={"Origin": origin})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    code = response.status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            assert code == status, origin
     finally:
         first.stop()
         second.stop()
@@ -121,3 +132,31 @@ def test_a_websocket_message_over_the_limit_is_refused_before_its_memory_is_set_
     with pytest.raises(ValueError, match="exceeds"):
         unchunker.process_chunk(header + b"x" * 16)
     assert not unchunker.pending_messages
+
+
+def test_origins_are_compared_by_scheme_host_and_port():
+    from SAMEmbeddingWeb.security import same_origin
+
+    assert same_origin(None, ["127.0.0.1:8080"])  # no page made it: the token alone guards it
+    assert same_origin("http://127.0.0.1:8080", ["127.0.0.1:8080"])
+    assert not same_origin("http://127.0.0.1:47999", ["127.0.0.1:8080"])
+    assert not same_origin("http://localhost:8080", ["127.0.0.1:8080"])
+    assert same_origin("https://sam.example.org", ["127.0.0.1:8080", "sam.example.org"])  # a proxy's forwarded host
+    assert same_origin("http://[::1]:8080", ["[::1]:8080"])
+    assert not same_origin("null", ["127.0.0.1:8080"]) and not same_origin("http://a:x", ["a:1"])
+
+
+def test_the_server_runs_until_stopped_unless_an_idle_timeout_is_asked_and_a_missing_image_is_said_at_once(capsys):
+    """wslink stopped the server 300 s after its last page closed (or after its start, with none), losing every
+    landmark without a word; a missing image on the command line was said only in the page (a review)."""
+    from samembed.cli import build_parser, main
+
+    assert build_parser().parse_args(["web"]).idle_timeout == 0.0
+    server = WebServer("--idle-timeout", "2")
+    try:
+        server.process.wait(60)
+        assert "stopped, no page connected for 2 s (--idle-timeout)" in server.output()
+    finally:
+        server.stop()
+    assert main(["web", "no_such_scan.nii.gz"]) == 2
+    assert "no_such_scan.nii.gz: file not found" in capsys.readouterr().err

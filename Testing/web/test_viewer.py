@@ -470,6 +470,13 @@ def test_the_model_and_device_choices_do_what_they_say(a_page):
         assert "choose 'cpu' or 'auto'" in _wait_status(page, "not available on this server")
         _until(lambda: _shown(page, "device-select") == "cpu", 5, "the device choice to go back")
 
+    # a path instead of a name, set by the page's own script: the server read it as a checkpoint, anywhere on its
+    # disk (a review); only the models the page offers are taken
+    page.evaluate("window.trame.state.set('model', '/etc/hostname')")
+    text, error = _wait_refusal(page, "not one this server offers")
+    assert error, text
+    _until(lambda: _shown(page, "model-select") == "sam-lite-ct", 5, "the model choice to go back")
+
     # another device: kept, and used from the next match on
     _choose(page, "device-select", "auto")
     assert "used from the next match" in _wait_status(page, "Model 'sam-lite-ct' on device 'auto'")
