@@ -177,12 +177,13 @@ class MatchController:
             return chosen
         return targets[0] if targets else None
 
-    def canMatch(self) -> tuple[bool, str]:
-        """``(True, "")`` when "propagate all" can run, else ``(False, reason)``."""
+    def canMatch(self, pointIndices: list[int] | None = None) -> tuple[bool, str]:
+        """``(True, "")`` when these points (None: all, as "propagate all") can be matched, else
+        ``(False, reason)``."""
         p = self.parameters
         if p is None:
             return False, "no parameter node"
-        return self.logic.canMatch(p.sourceVolume, p.sourcePoints, self.targets())
+        return self.logic.canMatch(p.sourceVolume, p.sourcePoints, self.targets(), pointIndices)
 
     # -- preparing ahead of the first click -----------------------------------------------------
     def _preparationKey(self) -> tuple | None:
@@ -394,15 +395,17 @@ class MatchController:
         not be prepared before (``prepareEngine`` said False: its packages were declined or failed to install), it
         is not prepared again, and the status says how to try again."""
         p = self.parameters
-        ok, reason = self.canMatch()
-        if not ok:
-            self._onStatus(reason)
-            return None
-        if pointIndices is not None:
+        if pointIndices is not None and p is not None and p.sourcePoints is not None:
             defined = set(mrml_io.defined_point_indices(p.sourcePoints))
             pointIndices = [i for i in pointIndices if i in defined]
             if not pointIndices:
                 return None
+        # the points to match only: one placed outside the source (a stray click, a file in the other frame)
+        # refused every later click's match (a review of the web viewer, which shares this controller)
+        ok, reason = self.canMatch(pointIndices)
+        if not ok:
+            self._onStatus(reason)
+            return None
         if automatic and self._engineRefused:
             self._onStatus("Points are not matched: the engine's packages (PyTorch) are not installed. Press "
                            "'Propagate all' to install them, or to see why not.")

@@ -556,10 +556,12 @@ class MatchLogic:
                 raise failed
         return [images[node.GetID()] for node in volumeNodes]
 
-    def canMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence) -> tuple[bool, str]:
-        """``(True, "")`` when :meth:`matchPoints` would accept these inputs, else ``(False, reason)``."""
+    def canMatch(self, sourceVolume, sourcePointList, targetVolumes: Sequence,
+                 pointIndices: Sequence[int] | None = None) -> tuple[bool, str]:
+        """``(True, "")`` when :meth:`matchPoints` would accept these inputs (these points; None: every placed one),
+        else ``(False, reason)``."""
         try:
-            self._validate(sourceVolume, sourcePointList, self.liveTargets(targetVolumes), None)
+            self._validate(sourceVolume, sourcePointList, self.liveTargets(targetVolumes), pointIndices)
         except InputError as e:
             return False, str(e)
         return True, ""

@@ -654,3 +654,19 @@ def test_a_declined_engine_install_is_not_asked_again_at_every_point_but_at_prop
     finally:
         controller.cleanup()
         worker.shutdown()
+
+
+def test_a_point_outside_the_source_does_not_stop_the_next_points_from_being_matched(a_scene, harness, a_small_ct,
+                                                                                    no_vtk_errors):
+    """One point placed outside the source (a click beside the image, a file in the other frame) refused the match of
+    every later point: each click's check looked at every point of the list (a review of the web viewer). It is
+    said at its own click, and "propagate all" still names it."""
+    points = slicer.vtkMRMLMarkupsFiducialNode()
+    a_scene.AddNode(points)
+    harness.controller.setParameters(_parameters(a_small_ct, points, [a_small_ct]))
+    points.AddControlPoint(vtk.vtkVector3d(9999.0, 9999.0, 9999.0), "OUT")
+    assert harness.settle() == [] and "lies outside the source volume" in harness.status[-1]
+    points.AddControlPoint(vtk.vtkVector3d(*_ras(a_small_ct, (64, 70, 10))), "L1")
+    assert harness.settle() == [[1]]
+    assert _matched(harness.logic, points, a_small_ct)[0] == ["L1"]
+    assert harness.controller.propagateAll() is None and "point 'OUT'" in harness.status[-1]
