@@ -470,6 +470,13 @@ class MatchController:
         return self.worker.busy or self.waiting
 
     @property
+    def cancellable(self) -> bool:
+        """Whether :meth:`cancel` has something to stop: "propagate all", running or waiting (a click's match of
+        one point is not cancelled: a Cancel button shown for it did nothing, a review of the web viewer)."""
+        task = self.propagateTask
+        return self._deferredAll or (task is not None and not task.finished.is_set())
+
+    @property
     def matching(self) -> bool:
         """A match or "propagate all" is queued, running, or waiting for running work to end (for a model
         switch). Preparing ahead does not count: a user's job started during it is queued behind it (and then

@@ -136,7 +136,7 @@ class WebApp:
             "orientation": "Axial", "wl_presets": list(WINDOW_LEVEL_PRESETS), "placing": False,
             "show_heatmap": False, "heatmap_opacity": 0.5, "heatmap_range": None,
             "rows": [], "landmarks": [], "status": "Load a source and a target volume, then place landmarks.",
-            "status_error": False, "busy": False, "progress": 0, "progress_text": "",
+            "status_error": False, "busy": False, "cancellable": False, "progress": 0, "progress_text": "",
             "models": _registered_models(self.options.model), "model": self.options.model,
             "devices": ["auto", "cpu", "cuda"], "device": self.options.device, "engine": "",
             "source_centre": None, "target_centre": None, "window_level": None,
@@ -198,7 +198,7 @@ class WebApp:
             self.state.landmarks = sess.landmarks()
             self.state.status = sess.status or self.state.status
             self.state.status_error = sess.status_is_error
-            self.state.busy = sess.busy
+            self.state.busy, self.state.cancellable = sess.busy, sess.cancellable
             done, total, phase = sess.progress or (0, 0, "")
             self.state.progress = 100.0 * done / total if total else 0
             self.state.progress_text = phase
@@ -280,7 +280,8 @@ class WebApp:
         while True:
             try:
                 self.session.poll()
-                if self.session.take_changes() or self.state.busy != self.session.busy:
+                if (self.session.take_changes() or self.state.busy != self.session.busy
+                        or self.state.cancellable != self.session.cancellable):
                     self.push()
                 else:  # the views moved (scrolled, panned, window/level dragged): only their numbers
                     view = self.session.view_state()

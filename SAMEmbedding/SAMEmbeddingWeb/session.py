@@ -345,6 +345,11 @@ class MatchSession:
         """A match or "propagate all" is queued or running (preparing the volumes ahead does not count)."""
         return self.controller.matching
 
+    @property
+    def cancellable(self) -> bool:
+        """Cancel has something to stop: "propagate all" (a click's match is not cancelled)."""
+        return self.controller.cancellable
+
     def poll(self) -> None:
         """Deliver the worker's results into MRML (call from the server's event loop)."""
         if self.controller.busy:  # (also when work waits for the running work to end: the poll starts it)

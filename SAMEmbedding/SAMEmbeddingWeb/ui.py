@@ -73,7 +73,8 @@ def build_ui(app: WebApp):
                 with html.Div(classes="d-flex", style="gap: 4px"):
                     v.VBtn("Propagate all", click=app.propagate, disabled=("busy || !landmarks.length",),
                            density="compact", id="propagate")
-                    v.VBtn("Cancel", click=app.cancel, v_show="busy", density="compact", color="warning", id="cancel")
+                    v.VBtn("Cancel", click=app.cancel, v_show="cancellable", density="compact", color="warning",
+                           id="cancel")
                 v.VProgressLinear(v_show="busy", model_value=("progress",), height=8, color="primary",
                                   indeterminate=("progress <= 0",), id="progress")
                 html.Div("{{ progress_text }}", v_show="busy", classes="text-caption", id="progress-text")

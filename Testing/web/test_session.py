@@ -175,3 +175,17 @@ def test_numbered_one_slice_radiographs_load_alone_and_take_label_x_y_landmarks(
         assert position == pytest.approx([-60.0, -80.0, 12.5])  # RAS, on the slice
     finally:
         app.close()
+
+
+def test_cancel_is_offered_for_propagate_all_and_not_for_a_clicks_match(an_app):
+    """Cancel showed while a click's landmark was matched, and did nothing (a review): it is offered while
+    "propagate all" runs, which it stops."""
+    s = an_app.session
+    s.set_placing(True)
+    _click(an_app)
+    assert s.busy and not s.cancellable
+    _idle(an_app)
+    assert s.propagate_all() is not None or s.controller.waiting
+    assert s.cancellable
+    _idle(an_app)
+    assert not s.cancellable
