@@ -972,8 +972,8 @@ class Matcher:
 
     def clear_cache(self) -> None:
         """Drop every in-memory embedding (and the affine priors fitted between them), and give the memory they held
-        back to the system (:func:`samembed.allocator.release_free_memory`; else the process kept much of it). A disk cache folder that could not be written (full, read-only) is
-        tried again from now on."""
+        back to the system (:func:`samembed.allocator.release_free_memory`; else the process kept much of it). A
+        disk cache folder that could not be written (full, read-only) is tried again from now on."""
         from .allocator import release_free_memory
 
         self.cache.clear()

@@ -733,9 +733,9 @@ def _older_entry(path: Path) -> bool:
 
 def cache_info(cache_dir: str | Path) -> dict:
     """Entries and bytes in a cache folder (``samembed cache info``): per entry its file name, size (bytes),
-    modification time (seconds since the epoch: when it was last written or used, :func:`mark_used`) and :func:`_entry_summary`'s fields. Only
-    the headers are read: a corrupt payload of the right size shows when the entry is next used (and is recomputed
-    then)."""
+    modification time (seconds since the epoch: when it was last written or used, :func:`mark_used`) and
+    :func:`_entry_summary`'s fields. Only the headers are read: a corrupt payload of the right size shows when the
+    entry is next used (and is recomputed then)."""
     folder = Path(cache_dir)
     files = entry_files(folder)
     entries = []
