@@ -812,7 +812,7 @@ def _entries_to_clear(entries: list[Path], limits: ClearLimits) -> list[Path]:
             st = f.stat()
         except FileNotFoundError:  # removed meanwhile (another process's clear)
             continue
-        older = OLDER_ENTRY_NAME.fullmatch(f.name) is not None or _entry_summary(f, st.st_size).get("older", False)
+        older = _entry_summary(f, st.st_size).get("older", False)  # (an older-format name is told by its name alone)
         dated.append((st.st_mtime, st.st_size, f, older))
     dated.sort(key=lambda e: -e[0])  # the most recently used first
     gone, kept_bytes, full = [], 0, False
