@@ -389,7 +389,7 @@ class Trainer:
             if cfg.schedule_by_time and cfg.time_limit_min:
                 frac = max(frac, min(1.0, (clock() - t0) / (cfg.time_limit_min * 60)))
             self._progress = frac  # fraction of the run done; curricula (Adam's levels) follow it
-            return min(1.0, (it + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * frac))
+            return lr_factor(it, cfg.warmup, frac)
 
         bar = _bar(cfg.iterations, "train", self.show_progress and self.rank == 0, initial=start)
         # "cpu" budgets process CPU time (all threads), so runs that share a machine get equal compute
@@ -534,8 +534,8 @@ class Trainer:
         before = int((ck.get("train_config") or {}).get("iterations") or cfg.iterations)
         if before != cfg.iterations and 0 < start < cfg.iterations:
             def lr_at(iterations: int) -> float:
-                frac = min(start, iterations) / iterations
-                return cfg.lr * min(1.0, (start + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * frac))
+                return cfg.lr * lr_factor(start, cfg.warmup, min(start, iterations) / iterations)
+
             log.warning("iterations %d -> %d: the learning rate's cosine schedule spans the iterations, so it goes "
                         "from %.3g to %.3g at iteration %d", before, cfg.iterations, lr_at(before), lr_at(cfg.iterations),
                         start + 1)
@@ -788,6 +788,12 @@ def _same_setting(before, now) -> bool:
         except ValueError:
             return False
     return False
+
+
+def lr_factor(it: int, warmup: int, frac: float) -> float:
+    """The learning rate's factor at iteration ``it`` (0-based): a linear warm-up over ``warmup`` iterations, then a
+    cosine decay over the run, ``frac`` of which is done."""
+    return min(1.0, (it + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 #: a run whose every iteration (this many at least) took no step is refused: its model would be its starting weights
