@@ -337,7 +337,8 @@ def model_training_facts(model: str, images: Sequence[str | os.PathLike]) -> tup
     if not path.is_file():
         return None, []
     header = checkpoint_header(path) or {}
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    with path.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()[:12]
     facts = f"{path.name}, iteration {header.get('iteration', '?')}, SHA-256 {digest}"
     sources = [str(f) for f in header.get("training_sources") or []]
     if sources:

@@ -71,9 +71,15 @@ def source_licence(folder: Path) -> str | None:
             found = re.search(r"^#+[^\n]*licen[cs]e[^\n]*\n\s*(.+?)(?:\n\s*\n|\n#|\Z)", text, flags=re.M | re.S | re.I)
         if found is None:
             return None
-        words = " ".join(found.group(1).split())
-        return words if len(words) <= LICENCE_CHARS else words[:LICENCE_CHARS].rsplit(" ", 1)[0] + " ..."
+        return clipped_words(found.group(1), LICENCE_CHARS)
     return None
+
+
+def clipped_words(text: str, chars: int) -> str:
+    """``text`` with its whitespace collapsed, cut at a word within ``chars`` characters, and " ..." where it was
+    cut."""
+    words = " ".join(text.split())
+    return words if len(words) <= chars else words[:chars].rsplit(" ", 1)[0] + " ..."
 
 
 def _data_folders(sources: list[str]) -> list[tuple[Path, int]]:
@@ -107,11 +113,8 @@ def _losses(log_csv: Path) -> tuple[float | None, float | None, int, int]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _yaml(settings: dict) -> str:

@@ -39,7 +39,7 @@ from .pairs import (  # noqa: F401 (re-exported)
     pair_points,
     sample_at,
 )
-from .record import Chunk, started_utc, this_command, write_training_record
+from .record import Chunk, clipped_words, started_utc, this_command, write_training_record
 from .sampling import augment, random_body_point, sample_view
 from .semantic import SemanticBatch
 
@@ -610,8 +610,7 @@ class Trainer:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: torch's words, the file named
-            words = " ".join(str(e).split())  # (cut at a word, and said so: it stopped mid-sentence at 200 characters)
-            words = words if len(words) <= 300 else words[:300].rsplit(" ", 1)[0] + " ..."
+            words = clipped_words(str(e), 300)  # (cut at a word, and said so: it stopped mid-sentence at 200)
             raise InputError(f"{path}: not a readable training checkpoint ({words}); resume from another last.pt, "
                              "or start a new run in another folder") from None
         if not isinstance(ck, dict) or not {"state_dict", "optimizer", "iteration", "rng_torch"} <= set(ck):
